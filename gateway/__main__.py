@@ -1,0 +1,108 @@
+"""``python -m gateway``: run the gateway, or ``token`` to mint a token."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import resource
+import signal
+import sys
+from collections.abc import Sequence
+
+from gateway.app import make_app
+from gateway.auth import ensure_key_material, mint_token
+from gateway.logs import configure_logging
+from gateway.settings import Settings, SettingsError
+
+__all__ = ["main"]
+
+log = logging.getLogger("gateway")
+
+
+def _raise_file_limit() -> int:
+    """Lift the soft open-file limit to the hard one; return the limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass
+    return soft
+
+
+async def serve(settings: Settings) -> None:
+    gateway = await make_app(settings)
+    port = gateway.listen()
+    limit = _raise_file_limit()
+    log.info(
+        "gateway listening on http://%s:%d (WebSocket at /ws); open-file limit %d",
+        settings.host,
+        port,
+        limit,
+    )
+    if not settings.redis_url:
+        log.info("REDIS_URL not set: in-memory broker, single process (no cross-process fan-out)")
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down")
+    await gateway.close()
+
+
+def _run(coro: object) -> None:
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(coro)  # type: ignore[arg-type]
+    else:
+        uvloop.run(coro)  # type: ignore[arg-type]
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m gateway",
+        description="Real-time WebSocket gateway. Configured by environment variables:",
+        epilog="Environment:\n" + Settings.describe(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command")
+    sub.add_parser("run", help="run the gateway (the default)")
+    token = sub.add_parser("token", help="mint a token for the running configuration")
+    token.add_argument("--sub", required=True, help="subject (user id)")
+    token.add_argument(
+        "--channels", action="append", default=[], help="channel pattern (repeatable, or comma list)"
+    )
+    token.add_argument("--pub", choices=["yes", "no"], help="client publishing allowed (claim pub)")
+    token.add_argument("--ttl", type=float, default=3600.0, help="seconds until exp (default 3600)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        settings = Settings.from_env()
+    except SettingsError as exc:
+        print(f"configuration error: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(settings.log_level)
+    if args.command == "token":
+        logging.getLogger("gateway.auth").setLevel(logging.ERROR)
+        settings = ensure_key_material(settings)
+        channels = [c.strip() for arg in args.channels for c in arg.split(",") if c.strip()]
+        pub = None if args.pub is None else args.pub == "yes"
+        try:
+            print(mint_token(settings, args.sub, channels, pub=pub, ttl=args.ttl))
+        except ValueError as exc:
+            print(f"cannot mint: {exc}", file=sys.stderr)
+            return 2
+        return 0
+    _run(serve(settings))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,131 @@
+"""Wiring: `make_app` builds a running gateway from Settings and closes it.
+
+Everything stateful (metrics registry, hub, broker, node, verifier) is made
+here and passed to handlers through ``initialize(ctx=...)``; nothing is
+created at import time, so tests run several gateways in one process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import tornado.web
+from prometheus_client import CollectorRegistry
+from tornado.httpserver import HTTPServer
+from tornado.ioloop import PeriodicCallback
+from tornado.netutil import bind_sockets
+
+from gateway.auth import Verifier, ensure_key_material
+from gateway.broker import Broker, make_broker
+from gateway.context import Context
+from gateway.http import (
+    ApiError,
+    HealthHandler,
+    JsonHandler,
+    MetricsHandler,
+    PublishHandler,
+    ReadyHandler,
+)
+from gateway.hub import Hub
+from gateway.logs import log_request
+from gateway.metrics import Metrics
+from gateway.node import Node
+from gateway.settings import Settings
+from gateway.transport.websocket import WebSocketHandler
+from proto import CloseCode
+
+__all__ = ["Gateway", "make_app"]
+
+log = logging.getLogger("gateway")
+
+
+class NotFoundHandler(JsonHandler):
+    def prepare(self) -> None:
+        raise ApiError(404, "not_found", f"no route for {self.request.path}")
+
+
+class Gateway:
+    """A gateway's application and everything it owns."""
+
+    def __init__(self, settings: Settings, ctx: Context, app: tornado.web.Application) -> None:
+        self.settings = settings
+        self.ctx = ctx
+        self.app = app
+        self.server: HTTPServer | None = None
+        self.port: int | None = None
+        self._sweeper = PeriodicCallback(self._sweep, 1000)
+        self._sweeper.start()
+
+    @property
+    def hub(self) -> Hub:
+        return self.ctx.node.hub
+
+    def _sweep(self) -> None:
+        n = self.hub.close_expired(time.time())
+        if n:
+            log.info("closed %d connections whose token expired", n)
+
+    def listen(self, port: int | None = None, host: str | None = None) -> int:
+        """Start serving; returns the bound port (useful with port 0)."""
+        sockets = bind_sockets(
+            self.settings.port if port is None else port,
+            self.settings.host if host is None else host,
+        )
+        self.server = HTTPServer(self.app, max_body_size=self.settings.max_publish_bytes + 65536)
+        self.server.add_sockets(sockets)
+        self.port = sockets[0].getsockname()[1]
+        return self.port
+
+    async def close(self, code: CloseCode = CloseCode.SHUTDOWN) -> None:
+        """Stop accepting, close every socket with ``code``, release all."""
+        self._sweeper.stop()
+        if self.server is not None:
+            self.server.stop()
+        for member in self.hub.connections:
+            member.close(code)
+        # Sockets leave the hub once their close handshake ends (or after
+        # Tornado's 5 s close timeout for peers that never answer).
+        try:
+            await asyncio.wait_for(self.hub.wait_idle(), self.settings.shutdown_timeout)
+        except TimeoutError:
+            log.warning("%d connections still open at shutdown", self.hub.connection_count())
+        if self.server is not None:
+            await self.server.close_all_connections()
+        await self.ctx.node.close()
+
+
+def routes(ctx: Context) -> list[tuple[str, type[tornado.web.RequestHandler], dict[str, Context]]]:
+    kw = {"ctx": ctx}
+    return [
+        (r"/ws", WebSocketHandler, kw),
+        (r"/api/publish", PublishHandler, kw),
+        (r"/healthz", HealthHandler, kw),
+        (r"/readyz", ReadyHandler, kw),
+        (r"/metrics", MetricsHandler, kw),
+    ]
+
+
+async def make_app(
+    settings: Settings,
+    *,
+    broker: Broker | None = None,
+    registry: CollectorRegistry | None = None,
+) -> Gateway:
+    """Build and start a gateway (broker connected); `Gateway.close` undoes it."""
+    settings = ensure_key_material(settings)
+    verifier = Verifier(settings)
+    metrics = Metrics(registry)
+    hub = Hub(metrics)
+    node = Node(hub, broker if broker is not None else make_broker(settings), metrics)
+    await node.start()
+    ctx = Context(settings=settings, node=node, verifier=verifier, metrics=metrics)
+    app = tornado.web.Application(
+        routes(ctx),
+        default_handler_class=NotFoundHandler,
+        default_handler_args={"ctx": ctx},
+        websocket_max_message_size=settings.max_frame_bytes,
+        log_function=log_request,
+    )
+    return Gateway(settings, ctx, app)

@@ -1,0 +1,25 @@
+"""Brokers move publications between gateway processes (see base.py)."""
+
+from __future__ import annotations
+
+from gateway.broker.base import Broker, BrokerUnavailable, PublicationHandler, StateListener
+from gateway.broker.memory import MemoryBroker
+from gateway.broker.redis import RedisBroker
+from gateway.settings import Settings
+
+__all__ = [
+    "Broker",
+    "BrokerUnavailable",
+    "MemoryBroker",
+    "PublicationHandler",
+    "RedisBroker",
+    "StateListener",
+    "make_broker",
+]
+
+
+def make_broker(settings: Settings) -> Broker:
+    """Redis when ``REDIS_URL`` is set, else the single-process memory broker."""
+    if settings.redis_url:
+        return RedisBroker(settings.redis_url, settings.redis_prefix)
+    return MemoryBroker()

@@ -1,0 +1,68 @@
+"""The Broker interface: moves publications between gateway processes.
+
+A broker knows channels, not connections. The node asks it to subscribe to
+a channel when the first local subscriber arrives and to unsubscribe when
+the last one leaves; the broker calls the node's handler once for every
+publication on a subscribed channel, whichever process published it.
+
+Contract (tests/test_broker_contract.py runs it against every broker):
+
+* ``start(handler, on_state)`` connects and calls ``handler(channel, data)`` for each
+  publication afterwards, in publication order per channel. ``data`` is the
+  publication's JSON bytes exactly as published.
+* ``subscribe(ch)`` returns once publications on ``ch`` will be delivered; it
+  raises `BrokerUnavailable` when it cannot promise that (the caller rolls
+  back). Subscribing twice is harmless.
+* ``unsubscribe(ch)`` stops delivery; it never raises for a lost backend.
+* ``publish(ch, data)`` returns once the backend accepted the publication;
+  it raises `BrokerUnavailable` otherwise. Publishing to a channel nobody
+  subscribes to succeeds and delivers nothing.
+* After the backend is lost and comes back, the broker reconnects by itself
+  (with backoff) and resubscribes every channel it holds; ``connected``
+  tells whether it currently can deliver.
+* ``close()`` releases everything; the handler is not called afterwards.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable
+
+__all__ = ["Broker", "BrokerUnavailable", "PublicationHandler", "StateListener"]
+
+#: ``handler(channel, data_json)``; must not block or raise.
+PublicationHandler = Callable[[str, bytes], None]
+#: ``listener(up)``: called when the backend link goes up or down.
+StateListener = Callable[[bool], None]
+
+
+class BrokerUnavailable(Exception):
+    """The backend cannot take the request now; retrying later may work."""
+
+
+class Broker(abc.ABC):
+    @abc.abstractmethod
+    async def start(
+        self, handler: PublicationHandler, on_state: StateListener | None = None
+    ) -> None: ...
+
+    @abc.abstractmethod
+    async def close(self) -> None: ...
+
+    @abc.abstractmethod
+    async def subscribe(self, ch: str) -> None: ...
+
+    @abc.abstractmethod
+    async def unsubscribe(self, ch: str) -> None: ...
+
+    @abc.abstractmethod
+    async def publish(self, ch: str, data: bytes) -> None: ...
+
+    @property
+    @abc.abstractmethod
+    def connected(self) -> bool: ...
+
+    @property
+    @abc.abstractmethod
+    def description(self) -> str:
+        """One line for logs, without credentials."""

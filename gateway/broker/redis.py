@@ -1,0 +1,229 @@
+"""Redis pub/sub broker: one subscriber connection per process.
+
+Channel ``room:1`` is the Redis channel ``<prefix>room:1`` (prefix ``gw:`` by
+default), so a backend publishes with a plain ``PUBLISH gw:room:1 '{...}'``.
+
+The subscriber connection always holds ``<prefix>__control``, which keeps it
+established while no client channel is subscribed (redis-py's PubSub has no
+connection until its first SUBSCRIBE) and gives later features a node-wide
+control channel. A reader task owns the connection; when it is lost, the task
+drops it, waits with jittered exponential backoff, opens a new one and
+resubscribes every channel in one SUBSCRIBE.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.asyncio.client import PubSub
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+
+from gateway.broker.base import Broker, BrokerUnavailable, PublicationHandler, StateListener
+
+__all__ = ["RedisBroker", "backoff_delay"]
+
+log = logging.getLogger("gateway.broker")
+
+CONTROL = "__control"
+
+
+def backoff_delay(attempt: int, initial: float, maximum: float, rand: float) -> float:
+    """Full-jitter exponential backoff: a pure function of the attempt number."""
+    return float(min(maximum, initial * 2.0 ** min(attempt, 32)) * (0.5 + rand / 2))
+
+
+def _redact(url: str) -> str:
+    if "@" not in url:
+        return url
+    scheme, _, rest = url.partition("://")
+    return f"{scheme}://***@{rest.rpartition('@')[2]}"
+
+
+class RedisBroker(Broker):
+    def __init__(
+        self,
+        url: str,
+        prefix: str = "gw:",
+        *,
+        backoff_initial: float = 0.05,
+        backoff_max: float = 5.0,
+        subscribe_timeout: float = 5.0,
+    ) -> None:
+        self._url = url
+        self._prefix = prefix
+        self._prefix_b = prefix.encode()
+        self._control = (prefix + CONTROL).encode()
+        self._backoff = (backoff_initial, backoff_max)
+        self._subscribe_timeout = subscribe_timeout
+        self._on_state: StateListener | None = None
+        self._handler: PublicationHandler | None = None
+        self._channels: set[str] = set()
+        self._confirm: dict[bytes, list[asyncio.Future[None]]] = {}
+        self._pubsub: PubSub | None = None
+        self._connected = False
+        self._task: asyncio.Task[None] | None = None
+        self._first_connect: asyncio.Event = asyncio.Event()
+        self.reconnects = 0
+        # Publishing goes through a small pool; subscribing through one
+        # dedicated connection with retries off, so that a lost connection
+        # surfaces at once in the reader loop, which owns recovery.
+        self._pub_client: aioredis.Redis = aioredis.Redis.from_url(url, socket_timeout=5)
+        self._sub_client: aioredis.Redis = aioredis.Redis.from_url(
+            url, retry=Retry(NoBackoff(), 0), socket_keepalive=True, socket_connect_timeout=5
+        )
+
+    @property
+    def description(self) -> str:
+        return f"Redis broker at {_redact(self._url)} (prefix {self._prefix!r})"
+
+    @property
+    def connected(self) -> bool:
+        return self._connected
+
+    async def start(
+        self, handler: PublicationHandler, on_state: StateListener | None = None, wait: float = 5.0
+    ) -> None:
+        self._handler = handler
+        self._on_state = on_state
+        self._task = asyncio.create_task(self._run(), name="redis-broker-reader")
+        # Give a reachable Redis the chance to be ready before the first
+        # client arrives; an unreachable one does not stop the gateway.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._first_connect.wait(), wait)
+
+    async def close(self) -> None:
+        self._handler = None
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        self._fail_confirmations()
+        await self._pub_client.aclose()
+        await self._sub_client.aclose()
+
+    # -- commands ----------------------------------------------------------
+
+    async def subscribe(self, ch: str) -> None:
+        if ch in self._channels:
+            return
+        pubsub = self._pubsub
+        if pubsub is None or not self._connected:
+            raise BrokerUnavailable("Redis is not connected")
+        key = (self._prefix + ch).encode()
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._confirm.setdefault(key, []).append(waiter)
+        self._channels.add(ch)
+        try:
+            await pubsub.subscribe(key)
+            await asyncio.wait_for(waiter, self._subscribe_timeout)
+        except (RedisError, OSError, TimeoutError, BrokerUnavailable) as exc:
+            self._channels.discard(ch)
+            raise BrokerUnavailable(f"SUBSCRIBE failed: {exc}") from exc
+        finally:
+            waiters = self._confirm.get(key)
+            if waiters is not None:
+                with contextlib.suppress(ValueError):
+                    waiters.remove(waiter)
+                if not waiters:
+                    del self._confirm[key]
+
+    async def unsubscribe(self, ch: str) -> None:
+        if ch not in self._channels:
+            return
+        self._channels.discard(ch)
+        pubsub = self._pubsub
+        if pubsub is None:
+            return  # not resubscribed on reconnect: nothing to undo
+        try:
+            await pubsub.unsubscribe((self._prefix + ch).encode())
+        except (RedisError, OSError) as exc:
+            log.debug("UNSUBSCRIBE %s failed (%s); the reconnect drops it", ch, exc)
+
+    async def publish(self, ch: str, data: bytes) -> None:
+        try:
+            await self._pub_client.publish(self._prefix + ch, data)
+        except (RedisError, OSError) as exc:
+            raise BrokerUnavailable(f"PUBLISH failed: {exc}") from exc
+
+    # -- reader ------------------------------------------------------------
+
+    async def _run(self) -> None:
+        attempt = 0
+        while True:
+            pubsub = self._sub_client.pubsub()
+            try:
+                keys = [self._control, *((self._prefix + c).encode() for c in self._channels)]
+                await pubsub.subscribe(*keys)
+                self._pubsub = pubsub
+                while True:
+                    message = await pubsub.get_message(timeout=None)
+                    if message is not None:
+                        if self._dispatch(message):
+                            attempt = 0
+            except (RedisError, OSError) as exc:
+                self._set_connected(False)
+                self._fail_confirmations()
+                delay = backoff_delay(attempt, *self._backoff, random.random())
+                attempt += 1
+                log.warning(
+                    "Redis pub/sub connection lost (%s); retrying in %.2fs", exc, delay
+                )
+                await self._drop(pubsub)
+                await asyncio.sleep(delay)
+            except asyncio.CancelledError:
+                self._set_connected(False)
+                await self._drop(pubsub)
+                raise
+
+    def _dispatch(self, message: dict[str, Any]) -> bool:
+        """Handle one pub/sub message; True when it proves the link is up."""
+        kind = message["type"]
+        channel: bytes = message["channel"]
+        if kind == "message":
+            handler = self._handler
+            if handler is not None and channel.startswith(self._prefix_b):
+                ch = channel[len(self._prefix_b) :].decode("utf-8", "replace")
+                handler(ch, message["data"])
+            return False
+        if kind == "subscribe":
+            if channel == self._control:
+                if self.reconnects or self._first_connect.is_set():
+                    log.info("Redis pub/sub reconnected; %d channels resubscribed", len(self._channels))
+                self._set_connected(True)
+                self._first_connect.set()
+                return True
+            for waiter in self._confirm.pop(channel, ()):
+                if not waiter.done():
+                    waiter.set_result(None)
+        return False
+
+    def _set_connected(self, up: bool) -> None:
+        if up == self._connected:
+            return
+        self._connected = up
+        if not up:
+            self._pubsub = None
+            self.reconnects += 1
+        if self._on_state is not None:
+            self._on_state(up)
+
+    def _fail_confirmations(self) -> None:
+        confirm, self._confirm = self._confirm, {}
+        for waiters in confirm.values():
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_exception(BrokerUnavailable("Redis connection lost"))
+                    waiter.exception()  # retrieved: the subscriber reports it
+
+    @staticmethod
+    async def _drop(pubsub: PubSub) -> None:
+        with contextlib.suppress(RedisError, OSError):
+            await pubsub.aclose()  # type: ignore[no-untyped-call]

@@ -1,0 +1,20 @@
+"""The collaborators every handler receives through ``initialize(ctx=...)``."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from gateway.auth import Verifier
+from gateway.metrics import Metrics
+from gateway.node import Node
+from gateway.settings import Settings
+
+__all__ = ["Context"]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Context:
+    settings: Settings
+    node: Node
+    verifier: Verifier
+    metrics: Metrics

@@ -1,0 +1,177 @@
+"""HTTP endpoints of the gateway and its one JSON error shape.
+
+Every error answer, whatever raised it, has the body::
+
+    {"error": {"status": 422, "code": "validation_error", "message": "...",
+               "details": [...]}}        # details only where there are some
+
+`ApiError` carries a status, a stable machine-readable ``code`` and a message
+safe to show the caller; any other exception becomes 500 ``internal`` with
+no internals in the body (they go to the log).
+"""
+
+from __future__ import annotations
+
+import logging
+from http import HTTPStatus
+from types import TracebackType
+from typing import Any
+
+import msgspec
+import tornado.web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from gateway.auth import AuthError, Identity, token_from_header
+from gateway.broker import BrokerUnavailable
+from gateway.context import Context
+from proto.frames import Channel
+
+__all__ = [
+    "ApiError",
+    "HealthHandler",
+    "JsonHandler",
+    "MetricsHandler",
+    "PublishHandler",
+    "ReadyHandler",
+]
+
+log = logging.getLogger("gateway.http")
+
+ExcInfo = tuple[type[BaseException], BaseException, TracebackType] | None
+
+
+class ApiError(tornado.web.HTTPError):
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        *,
+        details: list[dict[str, Any]] | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(status, log_message=None)
+        self.code = code
+        self.message = message
+        self.details = details
+        self.headers = headers or {}
+
+    @staticmethod
+    def write_json(handler: tornado.web.RequestHandler, status: int, exc_info: object) -> None:
+        """Write the error body for ``status`` from the exception in ``exc_info``."""
+        exc = exc_info[1] if isinstance(exc_info, tuple) and len(exc_info) == 3 else None
+        body: dict[str, Any] = {"status": status}
+        if isinstance(exc, ApiError):
+            body["code"] = exc.code
+            body["message"] = exc.message
+            if exc.details is not None:
+                body["details"] = exc.details
+            for name, value in exc.headers.items():
+                handler.set_header(name, value)
+            if status == 401:
+                handler.set_header("WWW-Authenticate", "Bearer")
+        else:
+            try:
+                phrase = HTTPStatus(status).phrase
+            except ValueError:
+                phrase = "error"
+            body["code"] = "internal" if status >= 500 else phrase.lower().replace(" ", "_")
+            body["message"] = "internal error" if status >= 500 else phrase
+        handler.set_header("Content-Type", "application/json")
+        handler.finish(msgspec.json.encode({"error": body}))
+
+
+class JsonHandler(tornado.web.RequestHandler):
+    ctx: Context
+
+    def initialize(self, ctx: Context) -> None:
+        self.ctx = ctx
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        ApiError.write_json(self, status_code, kwargs.get("exc_info"))
+
+    def write_json(self, obj: Any, status: int = 200) -> None:
+        self.set_status(status)
+        self.set_header("Content-Type", "application/json")
+        self.finish(msgspec.json.encode(obj))
+
+    def authenticate(self) -> Identity:
+        """The caller's identity from ``Authorization: Bearer``, or 401."""
+        token = token_from_header(self.request.headers.get("Authorization"))
+        try:
+            return self.ctx.verifier.verify(token or "")
+        except AuthError as exc:
+            self.ctx.metrics.handshake_failures.labels(exc.reason).inc()
+            raise ApiError(401, "unauthorized", exc.message) from None
+
+
+class PublishRequest(msgspec.Struct, forbid_unknown_fields=True):
+    ch: Channel
+    data: msgspec.Raw
+
+
+_publish_decoder = msgspec.json.Decoder(PublishRequest)
+
+
+class PublishHandler(JsonHandler):
+    """``POST /api/publish {"ch": ..., "data": ...}`` for backend services."""
+
+    async def post(self) -> None:
+        identity = self.authenticate()
+        limit = self.ctx.settings.max_publish_bytes
+        if len(self.request.body) > limit + 1024:
+            raise ApiError(413, "payload_too_large", f"body over {limit + 1024} bytes")
+        try:
+            req = _publish_decoder.decode(self.request.body)
+        except msgspec.ValidationError as exc:
+            raise ApiError(
+                422,
+                "validation_error",
+                "invalid request body",
+                details=[{"path": _path_of(str(exc)), "message": str(exc)}],
+            ) from None
+        except msgspec.DecodeError as exc:
+            raise ApiError(400, "malformed_json", str(exc)) from None
+        if not identity.grants.can_publish(req.ch):
+            raise ApiError(403, "forbidden", f"token does not allow publishing on {req.ch}")
+        if len(req.data) > limit:
+            raise ApiError(413, "payload_too_large", f"data over {limit} bytes")
+        try:
+            await self.ctx.node.publish(req.ch, bytes(req.data))
+        except BrokerUnavailable as exc:
+            log.warning("publish on %s failed: %s", req.ch, exc)
+            raise ApiError(
+                503, "unavailable", "broker unavailable, retry later", headers={"Retry-After": "1"}
+            ) from None
+        self.write_json({"ok": True})
+
+
+def _path_of(message: str) -> str:
+    """msgspec says ``... - at `$.ch```; keep the JSON path, or ``$``."""
+    _, sep, rest = message.rpartition(" - at `")
+    return rest.rstrip("`") if sep else "$"
+
+
+class HealthHandler(JsonHandler):
+    """Liveness: the event loop answers."""
+
+    def get(self) -> None:
+        self.write_json({"status": "ok"})
+
+
+class ReadyHandler(JsonHandler):
+    """Readiness: the broker link is up."""
+
+    def get(self) -> None:
+        broker = self.ctx.node.broker
+        ok = broker.connected
+        self.write_json({"status": "ok" if ok else "unavailable", "broker": ok}, 200 if ok else 503)
+
+
+class MetricsHandler(tornado.web.RequestHandler):
+    def initialize(self, ctx: Context) -> None:
+        self.ctx = ctx
+
+    def get(self) -> None:
+        self.set_header("Content-Type", CONTENT_TYPE_LATEST)
+        self.finish(generate_latest(self.ctx.metrics.registry))

@@ -1,0 +1,157 @@
+"""The Hub: local connections and their channel membership, and fan-out.
+
+Fan-out encodes a publication once per codec and frames it once per
+transport kind (`Prepared`), then hands the same bytes object to every
+subscriber. Members never block and never change the hub synchronously from
+`deliver` (a slow consumer schedules its own close), so broadcast iterates
+the live member dict without copying it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Protocol
+
+from gateway.expiry import ExpiryWheel
+from gateway.metrics import Metrics
+from proto import CODECS, CloseCode, Codec, frame
+
+__all__ = ["Hub", "Member", "Prepared"]
+
+
+class Prepared:
+    """One publication, encoded lazily once per codec."""
+
+    __slots__ = ("_frames", "_payloads", "ch", "data")
+
+    def __init__(self, ch: str, data: bytes) -> None:
+        self.ch = ch
+        self.data = data
+        self._payloads: list[bytes | None] = [None] * len(CODECS)
+        self._frames: list[bytes | None] = [None] * len(CODECS)
+
+    def payload(self, codec: Codec) -> bytes:
+        """The encoded push (``{"op":"msg",...}``) in this codec."""
+        p = self._payloads[codec.index]
+        if p is None:
+            p = self._payloads[codec.index] = codec.encode_push(self.ch, self.data)
+        return p
+
+    def ws_frame(self, codec: Codec) -> bytes:
+        """The push as a complete, unmasked WebSocket frame."""
+        f = self._frames[codec.index]
+        if f is None:
+            f = self._frames[codec.index] = frame(self.payload(codec), codec.binary)
+        return f
+
+
+class Member(Protocol):
+    """What the hub needs of a connection (the session implements it)."""
+
+    def deliver(self, prepared: Prepared) -> None:
+        """Queue a publication; must neither block nor touch the hub."""
+
+    def close(self, code: CloseCode) -> None:
+        """Ask the connection to close; it leaves the hub once closed."""
+
+
+class Hub:
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+        self._channels: dict[str, dict[Member, None]] = {}
+        self._connections: set[Member] = set()
+        self._subscriptions = 0
+        self._expiry: ExpiryWheel[Member] = ExpiryWheel()
+        self._idle: asyncio.Event | None = None
+        metrics.watch(
+            connections=lambda: len(self._connections),
+            channels=lambda: len(self._channels),
+            subscriptions=lambda: self._subscriptions,
+        )
+
+    # -- connections -------------------------------------------------------
+
+    def connect(self, member: Member, exp: float | None = None) -> None:
+        """Register a connection; one with ``exp`` is closed when it passes."""
+        self._connections.add(member)
+        if exp is not None:
+            self._expiry.add(member, exp)
+
+    def disconnect(self, member: Member, exp: float | None = None) -> None:
+        self._connections.discard(member)
+        if exp is not None:
+            self._expiry.discard(member, exp)
+        if not self._connections and self._idle is not None:
+            self._idle.set()
+
+    async def wait_idle(self) -> None:
+        """Return once no connection is left."""
+        if self._connections:
+            self._idle = asyncio.Event()
+            await self._idle.wait()
+
+    def close_expired(self, now: float) -> int:
+        """Close every connection whose token expired by ``now``."""
+        due = self._expiry.pop_due(now)
+        for member in due:
+            member.close(CloseCode.TOKEN_EXPIRED)
+        return len(due)
+
+    @property
+    def connections(self) -> frozenset[Member]:
+        return frozenset(self._connections)
+
+    def connection_count(self) -> int:
+        return len(self._connections)
+
+    # -- membership --------------------------------------------------------
+
+    def add(self, ch: str, member: Member) -> bool:
+        """Add a subscriber; True when it is the channel's first."""
+        members = self._channels.get(ch)
+        if members is None:
+            self._channels[ch] = {member: None}
+            self._subscriptions += 1
+            return True
+        if member not in members:
+            members[member] = None
+            self._subscriptions += 1
+        return False
+
+    def remove(self, ch: str, member: Member) -> bool:
+        """Remove a subscriber; True when the channel has none left."""
+        members = self._channels.get(ch)
+        if members is None or member not in members:
+            return False
+        del members[member]
+        self._subscriptions -= 1
+        if members:
+            return False
+        del self._channels[ch]
+        return True
+
+    def has_subscribers(self, ch: str) -> bool:
+        return ch in self._channels
+
+    def subscriber_count(self, ch: str) -> int:
+        return len(self._channels.get(ch, ()))
+
+    def channels(self) -> list[str]:
+        return list(self._channels)
+
+    # -- fan-out -----------------------------------------------------------
+
+    def broadcast(self, ch: str, data: bytes) -> int:
+        """Deliver ``data`` (JSON bytes) to every local subscriber of ``ch``."""
+        members = self._channels.get(ch)
+        if not members:
+            return 0
+        started = time.perf_counter()
+        prepared = Prepared(ch, data)
+        for member in members:
+            member.deliver(prepared)
+        n = len(members)
+        self._metrics.messages_out.inc(n)
+        self._metrics.fanout_seconds.observe(time.perf_counter() - started)
+        return n

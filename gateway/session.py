@@ -1,0 +1,127 @@
+"""A client session: one authenticated connection, whatever its transport.
+
+The transport hands the session every frame the client sent; the session
+runs it through the protocol state (`proto.Connection`), executes the
+command against the node, and sends the reply back through the transport.
+It never raises into the transport: protocol errors become error replies,
+a lost broker becomes a temporary ``UNAVAILABLE`` error, and anything else
+is logged and becomes ``INTERNAL`` with no internals sent to the peer.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Protocol
+
+from gateway.auth import Identity
+from gateway.broker import BrokerUnavailable
+from gateway.hub import Prepared
+from gateway.metrics import Metrics
+from gateway.node import Node
+from proto import (
+    CloseCode,
+    Codec,
+    Connection,
+    ErrorCode,
+    Ping,
+    ProtocolError,
+    Pub,
+    State,
+    Sub,
+    Unsub,
+)
+
+__all__ = ["Session", "Transport"]
+
+log = logging.getLogger("gateway.session")
+
+
+class Transport(Protocol):
+    """What a session needs from the I/O side."""
+
+    def send(self, payload: bytes) -> None:
+        """Queue one encoded reply; never blocks."""
+
+    def deliver(self, prepared: Prepared, codec: Codec) -> None:
+        """Queue one publication; never blocks nor touches the hub."""
+
+    def disconnect(self, code: CloseCode) -> None:
+        """End the connection with a close code (idempotent)."""
+
+
+class Session:
+    __slots__ = ("codec", "conn", "identity", "metrics", "node", "transport")
+
+    def __init__(
+        self,
+        transport: Transport,
+        conn: Connection,
+        identity: Identity,
+        node: Node,
+        metrics: Metrics,
+    ) -> None:
+        self.transport = transport
+        self.conn = conn
+        self.codec = conn.codec
+        self.identity = identity
+        self.node = node
+        self.metrics = metrics
+
+    def open(self) -> None:
+        self.node.hub.connect(self, self.identity.exp)
+
+    async def handle(self, data: bytes | str) -> None:
+        """Run one client frame to completion; never raises."""
+        conn = self.conn
+        try:
+            cmd = conn.receive(data)
+        except ProtocolError as exc:
+            self._reply_error(conn.error(exc), exc.code)
+            return
+        self.metrics.messages_in.labels(type(cmd).__name__.lower()).inc()
+        try:
+            if isinstance(cmd, Sub):
+                await self.node.subscribe(cmd.ch, self)
+                if conn.closed:
+                    # The socket went away while SUBSCRIBE was in flight.
+                    self.node.unsubscribe(cmd.ch, self)
+                    return
+                conn.subscribed(cmd.ch)
+            elif isinstance(cmd, Unsub):
+                conn.unsubscribed(cmd.ch)
+                self.node.unsubscribe(cmd.ch, self)
+            elif isinstance(cmd, Pub):
+                await self.node.publish(cmd.ch, self.codec.data_to_json(cmd.data))
+            else:
+                assert isinstance(cmd, Ping)
+        except BrokerUnavailable as exc:
+            log.warning("command %s failed: %s", type(cmd).__name__, exc)
+            self._reply_error(conn.error_reply(cmd, ErrorCode.UNAVAILABLE), ErrorCode.UNAVAILABLE)
+            return
+        except Exception:
+            log.exception("command %s failed for %s", type(cmd).__name__, self.identity.sub)
+            self._reply_error(conn.error_reply(cmd, ErrorCode.INTERNAL), ErrorCode.INTERNAL)
+            return
+        if not conn.closed:
+            self.transport.send(conn.ok(cmd))
+
+    def _reply_error(self, payload: bytes, code: ErrorCode) -> None:
+        self.metrics.errors.labels(str(int(code))).inc()
+        if not self.conn.closed:
+            self.transport.send(payload)
+
+    def deliver(self, prepared: Prepared) -> None:
+        self.transport.deliver(prepared, self.codec)
+
+    def close(self, code: CloseCode) -> None:
+        """Server-initiated close (expiry, drain, slow consumer)."""
+        self.transport.disconnect(code)
+
+    def closed(self) -> None:
+        """The transport is gone: leave every channel. Idempotent."""
+        if self.conn.state is State.CLOSED:
+            return
+        self.conn.transition(State.CLOSED)
+        self.node.leave_all(self, self.conn.subscriptions)
+        self.conn.subscriptions.clear()
+        self.node.hub.disconnect(self, self.identity.exp)

@@ -1,0 +1,158 @@
+"""All configuration, read once from the environment into one frozen object.
+
+Every field names its environment variable and help text; ``python -m
+gateway --help`` prints this table. Nothing else in the package reads
+``os.environ``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable, Mapping
+from typing import Any
+
+__all__ = ["Settings", "SettingsError"]
+
+
+class SettingsError(ValueError):
+    """An environment variable holds a value the gateway cannot use."""
+
+
+def _bool(raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"expected a boolean, got {raw!r}")
+
+
+def _list(raw: str) -> tuple[str, ...]:
+    return tuple(item.strip() for item in raw.split(",") if item.strip())
+
+
+def _optional(raw: str) -> str | None:
+    return raw or None
+
+
+def _positive_int(raw: str) -> int:
+    value = int(raw)
+    if value <= 0:
+        raise ValueError(f"expected a positive integer, got {raw!r}")
+    return value
+
+
+def _port(raw: str) -> int:
+    value = int(raw)
+    if not 0 <= value <= 65535:
+        raise ValueError(f"expected a port number, got {raw!r}")
+    return value
+
+
+def _non_negative_float(raw: str) -> float:
+    value = float(raw)
+    if value < 0:
+        raise ValueError(f"expected a number >= 0, got {raw!r}")
+    return value
+
+
+def _setting(default: Any, env: str, help: str, parse: Callable[[str], Any]) -> Any:
+    return dataclasses.field(default=default, metadata={"env": env, "help": help, "parse": parse})
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Settings:
+    host: str = _setting("127.0.0.1", "HOST", "Interface to listen on.", str)
+    port: int = _setting(8888, "PORT", "TCP port to listen on (0: any free port).", _port)
+    redis_url: str | None = _setting(
+        None, "REDIS_URL", "Redis for cross-process fan-out; unset: in-memory broker.", _optional
+    )
+    redis_prefix: str = _setting(
+        "gw:", "REDIS_PREFIX", "Prefix of Redis channel names (gw:room:1 for room:1).", str
+    )
+    database_url: str | None = _setting(
+        None, "DATABASE_URL", "PostgreSQL for the REST core.", _optional
+    )
+    jwt_secret: str | None = _setting(
+        None, "JWT_SECRET", "HMAC secret for HS256/384/512 tokens.", _optional
+    )
+    jwt_public_key: str | None = _setting(
+        None,
+        "JWT_PUBLIC_KEY",
+        "PEM public key (text or file path) for RS*/ES*/PS* tokens.",
+        _optional,
+    )
+    jwt_jwks_file: str | None = _setting(
+        None, "JWT_JWKS_FILE", "JWKS file with public keys, chosen by the token's kid.", _optional
+    )
+    jwt_algorithms: tuple[str, ...] = _setting(
+        (), "JWT_ALGORITHMS", "Accepted algorithms (default: those the keys allow).", _list
+    )
+    jwt_issuer: str | None = _setting(None, "JWT_ISSUER", "Required iss claim.", _optional)
+    jwt_audience: str | None = _setting(None, "JWT_AUDIENCE", "Required aud claim.", _optional)
+    jwt_leeway: float = _setting(
+        0.0, "JWT_LEEWAY", "Seconds of clock skew allowed on exp/nbf.", _non_negative_float
+    )
+    max_token_bytes: int = _setting(
+        8192, "MAX_TOKEN_BYTES", "Longest token accepted (bytes).", _positive_int
+    )
+    max_frame_bytes: int = _setting(
+        65536,
+        "MAX_FRAME_BYTES",
+        "Largest client frame; larger closes with 1009.",
+        _positive_int,
+    )
+    max_publish_bytes: int = _setting(
+        65536, "MAX_PUBLISH_BYTES", "Largest publication data (bytes).", _positive_int
+    )
+    max_subscriptions: int = _setting(
+        128, "MAX_SUBSCRIPTIONS", "Subscriptions per connection.", _positive_int
+    )
+    send_buffer_bytes: int = _setting(
+        1048576,
+        "SEND_BUFFER_BYTES",
+        "Unsent bytes a connection may queue before it is closed as a slow consumer (4001).",
+        _positive_int,
+    )
+    allowed_origins: tuple[str, ...] = _setting(
+        ("*",), "ALLOWED_ORIGINS", "Origins allowed to open sockets (comma list, * for any).", _list
+    )
+    data_dir: str = _setting(".data", "DATA_DIR", "Folder for embedded-mode state.", str)
+    log_level: str = _setting("INFO", "LOG_LEVEL", "DEBUG, INFO, WARNING or ERROR.", str)
+    shutdown_timeout: float = _setting(
+        10.0, "SHUTDOWN_TIMEOUT", "Seconds allowed for a graceful stop.", _non_negative_float
+    )
+    embedded: bool = _setting(
+        False,
+        "EMBEDDED",
+        "Allow embedded defaults (generated JWT secret). Set by `make run`.",
+        _bool,
+    )
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            raw = env.get(f.metadata["env"])
+            if raw is None:
+                continue
+            try:
+                values[f.name] = f.metadata["parse"](raw)
+            except ValueError as exc:
+                raise SettingsError(f"{f.metadata['env']}: {exc}") from None
+        values.update(overrides)
+        return cls(**values)
+
+    def replace(self, **changes: Any) -> Settings:
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def describe(cls) -> str:
+        """The table printed by ``python -m gateway --help``."""
+        rows = []
+        for f in dataclasses.fields(cls):
+            default = f.default if not isinstance(f.default, tuple) else ",".join(f.default)
+            rows.append(f"  {f.metadata['env']:<20} {f.metadata['help']} [default: {default}]")
+        return "\n".join(rows)

@@ -1,0 +1,55 @@
+"""Wire protocol v1 of the gateway: frames, codecs and per-connection state.
+
+Pure library: no I/O, no event loop (tests/test_proto_purity.py checks the
+imports). See docs/protocol.md for the frames on the wire.
+"""
+
+from proto.codec import CODECS, Codec, JsonCodec, MsgpackCodec, ProtocolError, select_codec
+from proto.codec import JSON as JSON_CODEC
+from proto.codec import MSGPACK as MSGPACK_CODEC
+from proto.codes import (
+    CLOSE_REASON_MAX_BYTES,
+    CloseCode,
+    ErrorCode,
+    close_reason,
+    error_message,
+    is_temporary,
+    should_reconnect,
+)
+from proto.connection import TRANSITIONS, Connection, State, StateError
+from proto.frames import Command, ErrorBody, Ping, Pub, Push, Reply, Sub, Unsub
+from proto.grants import Grants, InvalidGrants
+from proto.wsframe import frame
+
+__all__ = [
+    "CLOSE_REASON_MAX_BYTES",
+    "CODECS",
+    "JSON_CODEC",
+    "MSGPACK_CODEC",
+    "TRANSITIONS",
+    "CloseCode",
+    "Codec",
+    "Command",
+    "Connection",
+    "ErrorBody",
+    "ErrorCode",
+    "Grants",
+    "InvalidGrants",
+    "JsonCodec",
+    "MsgpackCodec",
+    "Ping",
+    "ProtocolError",
+    "Pub",
+    "Push",
+    "Reply",
+    "State",
+    "StateError",
+    "Sub",
+    "Unsub",
+    "close_reason",
+    "error_message",
+    "frame",
+    "is_temporary",
+    "select_codec",
+    "should_reconnect",
+]

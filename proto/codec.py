@@ -1,0 +1,177 @@
+"""JSON and MessagePack codecs over the same frame schema.
+
+The codec is chosen once per connection from ``Sec-WebSocket-Protocol``:
+``gw.v1.json`` (text frames) or ``gw.v1.msgpack`` (binary frames); JSON when
+the client offers neither.
+
+Publications travel between processes as JSON bytes (what a backend sends
+with a plain ``PUBLISH``). Each codec turns such bytes into a push frame once
+per publication; the hub then writes the same bytes to every subscriber.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+import msgspec
+
+from proto.codes import ErrorCode, error_message, is_temporary
+from proto.frames import (
+    MAX_ID,
+    ClientFrame,
+    Command,
+    ErrorBody,
+    Push,
+    Reply,
+)
+
+__all__ = [
+    "CODECS",
+    "Codec",
+    "JsonCodec",
+    "MsgpackCodec",
+    "ProtocolError",
+    "select_codec",
+]
+
+_KNOWN_OPS: Final = frozenset({"sub", "unsub", "pub", "ping"})
+
+
+class ProtocolError(Exception):
+    """A client frame that cannot be executed; becomes one error reply."""
+
+    def __init__(self, code: ErrorCode, id: int | None = None, detail: str | None = None) -> None:
+        self.code = code
+        self.id = id
+        self.detail = detail
+        super().__init__(self.message)
+
+    @property
+    def message(self) -> str:
+        base = error_message(self.code)
+        return f"{base}: {self.detail}" if self.detail else base
+
+
+class Codec:
+    """Base codec: subclasses set the msgspec encoder/decoder pair."""
+
+    name: str
+    binary: bool
+    index: int  # position in CODECS; lets the hub cache one frame per codec
+
+    __slots__ = ()
+
+    _decoder: msgspec.json.Decoder[Command] | msgspec.msgpack.Decoder[Command]
+    _lenient: msgspec.json.Decoder[ClientFrame] | msgspec.msgpack.Decoder[ClientFrame]
+
+    def decode(self, data: bytes | str) -> Command:
+        """Decode and validate one client frame or raise `ProtocolError`."""
+        try:
+            return self._decoder.decode(data)  # type: ignore[arg-type]
+        except msgspec.DecodeError as exc:
+            try:
+                lenient: ClientFrame | None = self._lenient.decode(data)  # type: ignore[arg-type]
+            except msgspec.DecodeError:
+                lenient = None
+            raise self._explain(lenient, exc) from None
+
+    def encode(self, obj: object) -> bytes:
+        raise NotImplementedError
+
+    def encode_push(self, ch: str, data_json: bytes) -> bytes:
+        raise NotImplementedError
+
+    def data_to_json(self, data: msgspec.Raw) -> bytes:
+        """The JSON bytes of a client's ``data`` (the inter-process form)."""
+        raise NotImplementedError
+
+    def ok(self, id: int) -> bytes:
+        return self.encode(Reply(id=id, ok=True))
+
+    def error(self, id: int | None, code: ErrorCode, detail: str | None = None) -> bytes:
+        message = error_message(code) if detail is None else f"{error_message(code)}: {detail}"
+        body = ErrorBody(code=int(code), message=message, temporary=is_temporary(code))
+        return self.encode(Reply(id=id, ok=False, error=body))
+
+    def error_for(self, exc: ProtocolError) -> bytes:
+        return self.error(exc.id, exc.code, exc.detail)
+
+    def _explain(self, lenient: ClientFrame | None, exc: msgspec.DecodeError) -> ProtocolError:
+        if lenient is None:
+            return ProtocolError(ErrorCode.BAD_FRAME, None, str(exc))
+        fid = lenient.id
+        id = fid if type(fid) is int and 0 <= fid <= MAX_ID else None
+        if isinstance(lenient.op, str) and lenient.op not in _KNOWN_OPS:
+            return ProtocolError(ErrorCode.UNKNOWN_OP, id, repr(lenient.op)[:64])
+        if "`$.ch`" in str(exc):
+            return ProtocolError(ErrorCode.INVALID_CHANNEL, id, str(exc))
+        return ProtocolError(ErrorCode.BAD_FRAME, id, str(exc))
+
+
+class JsonCodec(Codec):
+    name = "gw.v1.json"
+    binary = False
+    index = 0
+
+    __slots__ = ()
+
+    _decoder = msgspec.json.Decoder(Command)
+    _lenient = msgspec.json.Decoder(ClientFrame)
+    _encoder: Final = msgspec.json.Encoder()
+
+    def encode(self, obj: object) -> bytes:
+        return self._encoder.encode(obj)
+
+    def encode_push(self, ch: str, data_json: bytes) -> bytes:
+        # Concatenation keeps the publisher's bytes untouched: no re-encode.
+        return b'{"op":"msg","ch":' + self._encoder.encode(ch) + b',"data":' + data_json + b"}"
+
+    def data_to_json(self, data: msgspec.Raw) -> bytes:
+        return bytes(data)
+
+
+class MsgpackCodec(Codec):
+    name = "gw.v1.msgpack"
+    binary = True
+    index = 1
+
+    __slots__ = ()
+
+    _decoder = msgspec.msgpack.Decoder(Command)
+    _lenient = msgspec.msgpack.Decoder(ClientFrame)
+    _encoder: Final = msgspec.msgpack.Encoder()
+    _any_msgpack: Final = msgspec.msgpack.Decoder()
+    _json: Final = msgspec.json.Encoder()
+
+    def decode(self, data: bytes | str) -> Command:
+        if isinstance(data, str):
+            raise ProtocolError(ErrorCode.BAD_FRAME, None, "text frame on a msgpack connection")
+        return super().decode(data)
+
+    def encode(self, obj: object) -> bytes:
+        return self._encoder.encode(obj)
+
+    def encode_push(self, ch: str, data_json: bytes) -> bytes:
+        return self._encoder.encode(Push(ch=ch, data=msgspec.json.decode(data_json)))
+
+    def data_to_json(self, data: msgspec.Raw) -> bytes:
+        # bytes values become base64 strings in JSON (documented).
+        return self._json.encode(self._any_msgpack.decode(data))
+
+
+JSON: Final = JsonCodec()
+MSGPACK: Final = MsgpackCodec()
+CODECS: Final[tuple[Codec, ...]] = (JSON, MSGPACK)
+_BY_NAME: Final = {c.name: c for c in CODECS}
+
+
+def select_codec(offered: list[str]) -> tuple[Codec, str | None]:
+    """Pick the codec for a handshake: the client's first supported offer.
+
+    Returns the codec and the subprotocol to echo (None: send no header).
+    """
+    for name in offered:
+        codec = _BY_NAME.get(name.strip())
+        if codec is not None:
+            return codec, codec.name
+    return JSON, None

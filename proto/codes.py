@@ -1,0 +1,128 @@
+"""The two error vocabularies of protocol v1.
+
+A *reply error* fails one command and keeps the socket open. A *close code*
+ends the connection. Both tables are data: every code has a fixed name, a
+message safe to show a peer, and whether retrying makes sense.
+
+Close-code ranges tell a client what to do without knowing every code:
+
+* 1000-2999 are RFC 6455 codes (1009 "message too big" is sent by the
+  transport when a frame exceeds the configured limit).
+* 4000-4499: the server ended the connection for a reason that a reconnect
+  may cure (drain, slow consumer, token expiry, internal error). Clients
+  reconnect with backoff, refreshing their token first on 4002.
+* 4500-4999: reconnecting with the same credentials will fail the same way
+  (bad protocol use, revoked access). Clients must not reconnect blindly.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import NamedTuple
+
+__all__ = [
+    "CLOSE_REASON_MAX_BYTES",
+    "CloseCode",
+    "ErrorCode",
+    "close_reason",
+    "error_message",
+    "is_temporary",
+    "should_reconnect",
+]
+
+#: RFC 6455 limits a close frame's payload to 125 bytes: 2 for the code.
+CLOSE_REASON_MAX_BYTES = 123
+
+
+class ErrorCode(enum.IntEnum):
+    """Reply error codes (``{"ok": false, "error": {"code": ...}}``)."""
+
+    BAD_FRAME = 100
+    UNKNOWN_OP = 101
+    INVALID_CHANNEL = 102
+    PERMISSION_DENIED = 103
+    ALREADY_SUBSCRIBED = 104
+    NOT_SUBSCRIBED = 105
+    LIMIT_EXCEEDED = 106
+    PAYLOAD_TOO_LARGE = 107
+    UNAVAILABLE = 110
+    INTERNAL = 111
+    RATE_LIMITED = 112
+    CLOSING = 113
+
+
+class CloseCode(enum.IntEnum):
+    """WebSocket close codes sent by the gateway."""
+
+    NORMAL = 1000
+    GOING_AWAY = 1001
+    MESSAGE_TOO_BIG = 1009
+    SERVER_ERROR = 1011
+    # 4000-4499: reconnect.
+    SHUTDOWN = 4000
+    SLOW_CONSUMER = 4001
+    TOKEN_EXPIRED = 4002
+    INTERNAL = 4003
+    # 4500-4999: do not reconnect blindly.
+    BAD_REQUEST = 4500
+    FORBIDDEN = 4501
+
+
+class _Error(NamedTuple):
+    message: str
+    temporary: bool
+
+
+_ERRORS: dict[ErrorCode, _Error] = {
+    ErrorCode.BAD_FRAME: _Error("malformed frame", False),
+    ErrorCode.UNKNOWN_OP: _Error("unknown op", False),
+    ErrorCode.INVALID_CHANNEL: _Error("invalid channel name", False),
+    ErrorCode.PERMISSION_DENIED: _Error("permission denied", False),
+    ErrorCode.ALREADY_SUBSCRIBED: _Error("already subscribed", False),
+    ErrorCode.NOT_SUBSCRIBED: _Error("not subscribed", False),
+    ErrorCode.LIMIT_EXCEEDED: _Error("limit exceeded", False),
+    ErrorCode.PAYLOAD_TOO_LARGE: _Error("payload too large", False),
+    ErrorCode.UNAVAILABLE: _Error("service unavailable, retry later", True),
+    ErrorCode.INTERNAL: _Error("internal error", True),
+    ErrorCode.RATE_LIMITED: _Error("rate limited", True),
+    ErrorCode.CLOSING: _Error("connection is closing", True),
+}
+
+_CLOSE_REASONS: dict[CloseCode, str] = {
+    CloseCode.NORMAL: "normal closure",
+    CloseCode.GOING_AWAY: "going away",
+    CloseCode.MESSAGE_TOO_BIG: "message too big",
+    CloseCode.SERVER_ERROR: "server error",
+    CloseCode.SHUTDOWN: "server shutting down, reconnect",
+    CloseCode.SLOW_CONSUMER: "slow consumer",
+    CloseCode.TOKEN_EXPIRED: "token expired",
+    CloseCode.INTERNAL: "internal error, reconnect",
+    CloseCode.BAD_REQUEST: "bad request",
+    CloseCode.FORBIDDEN: "forbidden",
+}
+
+
+def error_message(code: ErrorCode) -> str:
+    return _ERRORS[code].message
+
+
+def is_temporary(code: ErrorCode) -> bool:
+    """Whether the same command may succeed if retried later."""
+    return _ERRORS[code].temporary
+
+
+def close_reason(code: CloseCode) -> str:
+    return _CLOSE_REASONS[code]
+
+
+def should_reconnect(code: int) -> bool:
+    """The client-side rule: reconnect after this close code?
+
+    Unknown 4xxx codes follow their range; RFC codes other than the
+    policy/size violations are treated as transient network events.
+    """
+    if 4000 <= code <= 4499:
+        return True
+    if 4500 <= code <= 4999:
+        return False
+    return code not in (1002, 1003, 1007, 1008, 1009, 1010)

@@ -1,0 +1,102 @@
+"""Frame types of protocol v1.
+
+Client commands are a tagged union on ``op``. ``data`` is kept as
+``msgspec.Raw`` so that what a client publishes reaches subscribers byte for
+byte, without a decode/encode round trip.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Final
+
+import msgspec
+
+__all__ = [
+    "CHANNEL_PATTERN",
+    "MAX_CHANNEL_LENGTH",
+    "MAX_ID",
+    "Channel",
+    "ClientFrame",
+    "Command",
+    "ErrorBody",
+    "Ping",
+    "Pub",
+    "Push",
+    "Reply",
+    "Sub",
+    "Unsub",
+]
+
+MAX_ID: Final = 2**53 - 1  # the largest integer a JavaScript client holds exactly
+MAX_CHANNEL_LENGTH: Final = 200
+#: Printable ASCII less space, quotes, backslash and the glob characters
+#: ``* ? [ ]`` (which belong to grant patterns, never to names).
+CHANNEL_PATTERN: Final = r"^[A-Za-z0-9_.:@/#=+,;!$%&'()<>^`{|}~-]+$"
+
+CommandId = Annotated[int, msgspec.Meta(ge=0, le=MAX_ID)]
+Channel = Annotated[
+    str,
+    msgspec.Meta(min_length=1, max_length=MAX_CHANNEL_LENGTH, pattern=CHANNEL_PATTERN),
+]
+
+
+class Sub(msgspec.Struct, tag_field="op", tag="sub", frozen=True, forbid_unknown_fields=True):
+    """Subscribe this connection to a channel."""
+
+    id: CommandId
+    ch: Channel
+
+
+class Unsub(msgspec.Struct, tag_field="op", tag="unsub", frozen=True, forbid_unknown_fields=True):
+    """Leave a channel."""
+
+    id: CommandId
+    ch: Channel
+
+
+class Pub(msgspec.Struct, tag_field="op", tag="pub", frozen=True, forbid_unknown_fields=True):
+    """Publish ``data`` (any JSON value) to every subscriber of ``ch``."""
+
+    id: CommandId
+    ch: Channel
+    data: msgspec.Raw
+
+
+class Ping(msgspec.Struct, tag_field="op", tag="ping", frozen=True, forbid_unknown_fields=True):
+    """Application-level ping; the reply proves the command path is alive."""
+
+    id: CommandId
+
+
+Command = Sub | Unsub | Pub | Ping
+
+
+class ClientFrame(msgspec.Struct):
+    """The lenient shape used only to report errors for a frame that failed."""
+
+    id: Any = None
+    op: Any = None
+
+
+class ErrorBody(msgspec.Struct, frozen=True):
+    code: int
+    message: str
+    temporary: bool = False
+
+
+class Reply(msgspec.Struct, frozen=True, omit_defaults=True):
+    """``{"id": 1, "ok": true}`` or ``{"id": 1, "ok": false, "error": {...}}``.
+
+    ``id`` is null when the failed frame carried no usable id.
+    """
+
+    id: int | None
+    ok: bool
+    error: ErrorBody | None = None
+
+
+class Push(msgspec.Struct, frozen=True, tag_field="op", tag="msg"):
+    """A publication delivered to a subscriber."""
+
+    ch: str
+    data: Any

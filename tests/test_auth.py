@@ -1,0 +1,204 @@
+"""JWT verification: every way a token can be wrong is refused, with a reason."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import time
+
+import jwt
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+from gateway.auth import AuthError, Verifier, ensure_key_material, mint_token, token_from_header
+from gateway.settings import Settings
+
+SECRET = "s3cret-for-tests-only-" + "0123456789abcdef" * 4
+OTHER = "another-secret-" + "fedcba9876543210" * 4
+
+
+@pytest.fixture(scope="module")
+def rsa_key():
+    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+
+
+@pytest.fixture(scope="module")
+def ec_key():
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def pem(private_key) -> str:
+    return (
+        private_key.public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        .decode()
+    )
+
+
+def hs(claims: dict, secret: str = SECRET, **kw) -> str:
+    return jwt.encode(claims, secret, algorithm=kw.pop("algorithm", "HS256"), **kw)
+
+
+def base_claims(**extra) -> dict:
+    return {"sub": "alice", "channels": ["room:*"], "exp": int(time.time()) + 60, **extra}
+
+
+def refused(verifier: Verifier, token: str) -> str:
+    with pytest.raises(AuthError) as info:
+        verifier.verify(token)
+    return info.value.reason
+
+
+def test_valid_hs256_token_gives_identity():
+    v = Verifier(Settings(jwt_secret=SECRET))
+    ident = v.verify(hs(base_claims()))
+    assert ident.sub == "alice" and ident.grants.can_subscribe("room:1")
+    assert ident.exp is not None and ident.exp > time.time()
+
+
+def test_minted_token_verifies_and_carries_pub():
+    s = Settings(jwt_secret=SECRET, jwt_issuer="gw", jwt_audience="clients")
+    token = mint_token(s, "bob", ["user:bob"], pub=False, ttl=30)
+    ident = Verifier(s).verify(token)
+    assert ident.sub == "bob" and ident.grants.can_subscribe("user:bob")
+    assert not ident.grants.can_publish("user:bob")
+
+
+@pytest.mark.parametrize(
+    "claims, reason",
+    [
+        (base_claims(exp=int(time.time()) - 5), "expired"),
+        (base_claims(nbf=int(time.time()) + 60), "not_yet_valid"),
+        ({"channels": ["a"]}, "invalid"),  # sub is required
+        (base_claims(sub=""), "bad_claims"),
+        (base_claims(channels="room:*"), "bad_claims"),
+        (base_claims(pub="sometimes"), "bad_claims"),
+    ],
+)
+def test_bad_claims_are_refused(claims, reason):
+    assert refused(Verifier(Settings(jwt_secret=SECRET)), hs(claims)) == reason
+
+
+def test_wrong_signature_is_refused():
+    assert refused(Verifier(Settings(jwt_secret=SECRET)), hs(base_claims(), OTHER)) == "bad_signature"
+
+
+def test_tampered_payload_is_refused():
+    token = hs(base_claims())
+    head, body, sig = token.split(".")
+    claims = json.loads(base64.urlsafe_b64decode(body + "=="))
+    claims["channels"] = ["*"]
+    forged = base64.urlsafe_b64encode(json.dumps(claims).encode()).rstrip(b"=").decode()
+    assert refused(Verifier(Settings(jwt_secret=SECRET)), f"{head}.{forged}.{sig}") == "bad_signature"
+
+
+def test_alg_none_is_refused():
+    header = base64.urlsafe_b64encode(b'{"alg":"none","typ":"JWT"}').rstrip(b"=").decode()
+    body = base64.urlsafe_b64encode(json.dumps(base_claims()).encode()).rstrip(b"=").decode()
+    assert refused(Verifier(Settings(jwt_secret=SECRET)), f"{header}.{body}.") == "algorithm"
+
+
+def test_issuer_and_audience_are_checked_when_configured():
+    v = Verifier(Settings(jwt_secret=SECRET, jwt_issuer="gw", jwt_audience="clients"))
+    assert v.verify(hs(base_claims(iss="gw", aud="clients"))).sub == "alice"
+    assert refused(v, hs(base_claims(iss="evil", aud="clients"))) == "wrong_audience_or_issuer"
+    assert refused(v, hs(base_claims(iss="gw", aud="others"))) == "wrong_audience_or_issuer"
+    assert refused(v, hs(base_claims(aud="clients"))) == "invalid"  # iss missing
+
+
+def test_oversized_and_garbage_tokens_are_refused():
+    v = Verifier(Settings(jwt_secret=SECRET, max_token_bytes=300))
+    assert refused(v, hs(base_claims(pad="x" * 400))) == "too_large"
+    assert refused(v, "") == "missing"
+    for junk in ("a.b.c", "not-a-token", "....", "eyJ.eyJ.x"):
+        assert refused(v, junk) in ("invalid", "algorithm")
+
+
+def test_rs256_with_public_key(rsa_key):
+    v = Verifier(Settings(jwt_public_key=pem(rsa_key)))
+    token = jwt.encode(base_claims(), rsa_key, algorithm="RS256")
+    assert v.verify(token).sub == "alice"
+    assert "HS256" not in v.algorithms
+
+
+def test_hs256_signed_with_the_public_key_is_refused(rsa_key):
+    """Algorithm confusion: the public key must never act as an HMAC secret."""
+    public_pem = pem(rsa_key)
+    header = base64.urlsafe_b64encode(b'{"alg":"HS256","typ":"JWT"}').rstrip(b"=")
+    body = base64.urlsafe_b64encode(json.dumps(base_claims()).encode()).rstrip(b"=")
+    signing_input = header + b"." + body
+    sig = base64.urlsafe_b64encode(
+        hmac.new(public_pem.encode(), signing_input, hashlib.sha256).digest()
+    ).rstrip(b"=")
+    token = signing_input.decode() + "." + sig.decode()
+    assert refused(Verifier(Settings(jwt_public_key=public_pem)), token) == "algorithm"
+    # Even with a secret configured as well, the HS256 token is checked with the secret only.
+    both = Verifier(Settings(jwt_public_key=public_pem, jwt_secret=SECRET))
+    assert refused(both, token) == "bad_signature"
+
+
+def test_es256_key_admits_only_es256(ec_key, rsa_key, tmp_path):
+    path = tmp_path / "ec.pem"
+    path.write_text(pem(ec_key))
+    v = Verifier(Settings(jwt_public_key=str(path)))  # a file path works too
+    assert v.algorithms == {"ES256"}
+    assert v.verify(jwt.encode(base_claims(), ec_key, algorithm="ES256")).sub == "alice"
+    assert refused(v, jwt.encode(base_claims(), rsa_key, algorithm="RS256")) == "algorithm"
+
+
+def test_jwks_file_selects_key_by_kid(rsa_key, ec_key, tmp_path):
+    rsa_jwk = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(rsa_key.public_key()))
+    rsa_jwk.update(kid="r1", alg="RS256")
+    ec_jwk = json.loads(jwt.algorithms.ECAlgorithm.to_jwk(ec_key.public_key()))
+    ec_jwk.update(kid="e1", alg="ES256")
+    path = tmp_path / "jwks.json"
+    path.write_text(json.dumps({"keys": [rsa_jwk, ec_jwk]}))
+    v = Verifier(Settings(jwt_jwks_file=str(path)))
+    assert v.verify(jwt.encode(base_claims(), rsa_key, "RS256", headers={"kid": "r1"})).sub == "alice"
+    assert v.verify(jwt.encode(base_claims(), ec_key, "ES256", headers={"kid": "e1"})).sub == "alice"
+    # A kid pointing at a key of another algorithm is refused.
+    assert refused(v, jwt.encode(base_claims(), ec_key, "ES256", headers={"kid": "r1"})) == "algorithm"
+    assert refused(v, jwt.encode(base_claims(), rsa_key, "RS256", headers={"kid": "nope"})) == "unknown_key"
+
+
+def test_leeway_admits_recent_expiry_and_extends_the_socket_deadline():
+    exp = int(time.time()) - 5
+    v = Verifier(Settings(jwt_secret=SECRET, jwt_leeway=30))
+    assert v.verify(hs(base_claims(exp=exp))).exp == exp + 30
+    assert refused(Verifier(Settings(jwt_secret=SECRET)), hs(base_claims(exp=exp))) == "expired"
+
+
+def test_configured_algorithms_narrow_what_keys_allow():
+    v = Verifier(Settings(jwt_secret=SECRET, jwt_algorithms=("HS512",)))
+    assert refused(v, hs(base_claims())) == "algorithm"
+    assert v.verify(hs(base_claims(), algorithm="HS512")).sub == "alice"
+    with pytest.raises(ValueError):
+        Verifier(Settings(jwt_secret=SECRET, jwt_algorithms=("none",)))
+
+
+def test_no_key_material_is_a_startup_error():
+    with pytest.raises(ValueError, match="no usable JWT key"):
+        Verifier(Settings())
+
+
+def test_embedded_secret_is_generated_once_and_reused(tmp_path, caplog):
+    s = Settings(data_dir=str(tmp_path))
+    first = ensure_key_material(s)
+    second = ensure_key_material(s)
+    assert first.jwt_secret and first.jwt_secret == second.jwt_secret
+    assert (tmp_path / "jwt-secret").stat().st_mode & 0o777 == 0o600
+    assert "JWT_SECRET is not set" in caplog.text
+    assert first.jwt_secret not in caplog.text
+    configured = Settings(jwt_secret="x", data_dir=str(tmp_path / "other"))
+    assert ensure_key_material(configured) is configured
+
+
+def test_bearer_header_parsing():
+    assert token_from_header("Bearer abc") == "abc"
+    assert token_from_header("bearer  abc ") == "abc"
+    assert token_from_header("Basic abc") is None
+    assert token_from_header("Bearer") is None
+    assert token_from_header(None) is None

@@ -1,0 +1,199 @@
+"""One contract suite, run against every Broker: memory always, Redis really."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+import redis.asyncio as aioredis
+
+from gateway.broker import Broker, BrokerUnavailable, MemoryBroker, RedisBroker
+from tests.harness import unique_prefix
+from tests.servers import UNIT
+
+
+class Inbox:
+    def __init__(self) -> None:
+        self.items: list[tuple[str, bytes]] = []
+        self.states: list[bool] = []
+        self._changed = asyncio.Event()
+
+    def __call__(self, ch: str, data: bytes) -> None:
+        self.items.append((ch, data))
+        self._changed.set()
+
+    def state(self, up: bool) -> None:
+        self.states.append(up)
+        self._changed.set()
+
+    async def wait_state(self, up: bool, timeout: float = 2 * UNIT) -> None:
+        """Return once the broker last reported the link ``up`` (or down)."""
+        async with asyncio.timeout(timeout):
+            while not self.states or self.states[-1] is not up:
+                self._changed.clear()
+                await self._changed.wait()
+
+    async def wait_for(self, n: int, timeout: float = 2 * UNIT) -> list[tuple[str, bytes]]:
+        async with asyncio.timeout(timeout):
+            while len(self.items) < n:
+                self._changed.clear()
+                await self._changed.wait()
+        return self.items
+
+    async def quiet(self, seconds: float = 0.1 * UNIT) -> list[tuple[str, bytes]]:
+        await asyncio.sleep(seconds)
+        return self.items
+
+
+@pytest.fixture(params=["memory", "redis"])
+def broker_factory(request):
+    """Makes brokers that share one backend (one process for memory)."""
+    if request.param == "memory":
+        shared = MemoryBroker()
+        return lambda: shared, True
+    url = request.getfixturevalue("redis_url")
+    prefix = unique_prefix()
+    return lambda: RedisBroker(url, prefix), False
+
+
+@pytest.fixture
+async def started(broker_factory):
+    make, single = broker_factory
+    brokers: list[tuple[Broker, Inbox]] = []
+
+    async def start() -> tuple[Broker, Inbox]:
+        broker, inbox = make(), Inbox()
+        await broker.start(inbox, inbox.state)
+        brokers.append((broker, inbox))
+        return broker, inbox
+
+    start.single_process = single  # type: ignore[attr-defined]
+    yield start
+    for broker, _ in brokers:
+        await broker.close()
+
+
+async def test_start_reports_connected(started):
+    broker, inbox = await started()
+    assert broker.connected and inbox.states[-1] is True
+    assert "password" not in broker.description
+
+
+async def test_subscribed_channel_receives_in_order(started):
+    broker, inbox = await started()
+    await broker.subscribe("room:1")
+    for i in range(50):
+        await broker.publish("room:1", json.dumps({"i": i}).encode())
+    items = await inbox.wait_for(50)
+    assert [json.loads(d)["i"] for _, d in items] == list(range(50))
+    assert {ch for ch, _ in items} == {"room:1"}
+
+
+async def test_data_arrives_byte_for_byte(started):
+    broker, inbox = await started()
+    await broker.subscribe("room:1")
+    payload = '{"b": [1, 2.50],  "é": "\\u00e9"}'.encode()
+    await broker.publish("room:1", payload)
+    assert (await inbox.wait_for(1))[0] == ("room:1", payload)
+
+
+async def test_unsubscribed_and_other_channels_deliver_nothing(started):
+    broker, inbox = await started()
+    await broker.subscribe("room:1")
+    await broker.publish("room:2", b"1")
+    await broker.unsubscribe("room:1")
+    await broker.publish("room:1", b"2")
+    assert await inbox.quiet() == []
+
+
+async def test_subscribe_twice_and_unsubscribe_unknown_are_harmless(started):
+    broker, inbox = await started()
+    await broker.subscribe("room:1")
+    await broker.subscribe("room:1")
+    await broker.unsubscribe("never")
+    await broker.publish("room:1", b"1")
+    assert await inbox.wait_for(1) == [("room:1", b"1")]
+    assert await inbox.quiet() == [("room:1", b"1")]  # delivered once
+
+
+async def test_publish_without_subscribers_succeeds(started):
+    broker, _ = await started()
+    await broker.publish("nobody:here", b"{}")
+
+
+async def test_publications_cross_brokers(started):
+    a, inbox_a = await started()
+    b, inbox_b = await started()
+    await b.subscribe("room:x")
+    await a.publish("room:x", b'"hello"')
+    assert await inbox_b.wait_for(1) == [("room:x", b'"hello"')]
+    if not started.single_process:
+        assert await inbox_a.quiet() == []  # a never subscribed
+
+
+async def test_closed_broker_refuses_and_stops_delivering(started):
+    broker, _ = await started()
+    await broker.subscribe("room:1")
+    await broker.close()
+    assert not broker.connected
+    with pytest.raises(BrokerUnavailable):
+        await broker.subscribe("room:2")
+
+
+async def test_plain_redis_publish_reaches_the_broker(redis_url):
+    prefix = unique_prefix()
+    broker, inbox = RedisBroker(redis_url, prefix), Inbox()
+    await broker.start(inbox)
+    try:
+        await broker.subscribe("room:1")
+        client = aioredis.Redis.from_url(redis_url)
+        try:
+            assert await client.publish(f"{prefix}room:1", '{"any":"json"}') == 1
+        finally:
+            await client.aclose()
+        assert await inbox.wait_for(1) == [("room:1", b'{"any":"json"}')]
+    finally:
+        await broker.close()
+
+
+async def test_unreachable_redis_fails_clearly():
+    broker, inbox = RedisBroker("redis://127.0.0.1:1/0", backoff_max=0.1), Inbox()
+    await broker.start(inbox, inbox.state, wait=0.2)
+    try:
+        assert not broker.connected
+        with pytest.raises(BrokerUnavailable):
+            await broker.subscribe("room:1")
+        with pytest.raises(BrokerUnavailable):
+            await broker.publish("room:1", b"1")
+    finally:
+        await broker.close()
+
+
+async def test_redis_restart_reconnects_and_resubscribes(throwaway_redis):
+    prefix = unique_prefix()
+    broker = RedisBroker(throwaway_redis.url, prefix, backoff_initial=0.02, backoff_max=0.2)
+    inbox = Inbox()
+    await broker.start(inbox, inbox.state)
+    try:
+        await broker.subscribe("room:1")
+        await broker.subscribe("room:2")
+        throwaway_redis.kill()
+        await inbox.wait_state(False)
+        assert not broker.connected
+        with pytest.raises(BrokerUnavailable):
+            await broker.publish("room:1", b"lost")
+        throwaway_redis.start()
+        await inbox.wait_state(True, timeout=5 * UNIT)
+        assert broker.connected
+        client = aioredis.Redis.from_url(throwaway_redis.url)
+        try:
+            for ch in ("room:1", "room:2"):
+                assert await client.publish(f"{prefix}{ch}", b"1") == 1, ch
+        finally:
+            await client.aclose()
+        assert sorted(await inbox.wait_for(2)) == [("room:1", b"1"), ("room:2", b"1")]
+        assert inbox.states[:3] == [True, False, True]
+        assert broker.reconnects == 1
+    finally:
+        await broker.close()

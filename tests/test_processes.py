@@ -1,0 +1,190 @@
+"""Real gateway processes: two nodes on one Redis, the CLI, embedded mode."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import redis.asyncio as aioredis
+from websockets.exceptions import ConnectionClosed
+
+from proto import CloseCode
+from tests.harness import SECRET, unique_prefix, ws_client
+from tests.servers import UNIT, free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class GatewayProcess:
+    def __init__(self, tmp: Path, **env: str) -> None:
+        self.port = free_port()
+        self.log = tmp / f"gateway-{self.port}.log"
+        self.env = {
+            **os.environ,
+            "PORT": str(self.port),
+            "HOST": "127.0.0.1",
+            "DATA_DIR": str(tmp / "data"),
+            "PYTHONUNBUFFERED": "1",
+            **env,
+        }
+        for name in ("REDIS_URL", "JWT_SECRET"):
+            if env.get(name) is None:
+                self.env.pop(name, None)
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> GatewayProcess:
+        with open(self.log, "wb") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "gateway"], cwd=ROOT, env=self.env, stdout=out, stderr=out
+            )
+        deadline = time.monotonic() + 15 * UNIT
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"gateway exited: {self.log.read_text()}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/readyz", timeout=1):
+                    return self
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError(f"gateway did not become ready: {self.log.read_text()}")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise
+
+    def output(self) -> str:
+        return self.log.read_text()
+
+
+@pytest.fixture
+def processes(tmp_path):
+    started: list[GatewayProcess] = []
+
+    def spawn(**env: str) -> GatewayProcess:
+        gp = GatewayProcess(tmp_path, **env).start()
+        started.append(gp)
+        return gp
+
+    yield spawn
+    for gp in started:
+        if gp.proc is not None and gp.proc.poll() is None:
+            gp.stop(signal.SIGKILL)
+
+
+def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "gateway", *args],
+        cwd=ROOT,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+
+
+def mint(tmp_path: Path, *extra: str, secret: str | None = SECRET) -> str:
+    env = {"DATA_DIR": str(tmp_path / "data")}
+    if secret:
+        env["JWT_SECRET"] = secret
+    out = cli("token", "--sub", "alice", "--channels", "room:*", *extra, env=env)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip()
+
+
+async def test_plain_redis_publish_reaches_sockets_on_two_processes(processes, redis_url, tmp_path):
+    prefix = unique_prefix()
+    env = {"REDIS_URL": redis_url, "REDIS_PREFIX": prefix, "JWT_SECRET": SECRET}
+    a, b = processes(**env), processes(**env)
+    token = mint(tmp_path)
+    async with ws_client(a.port, token) as ca, ws_client(b.port, token) as cb:
+        assert (await ca.request("sub", ch="room:1"))["ok"]
+        assert (await cb.request("sub", ch="room:1"))["ok"]
+        client = aioredis.Redis.from_url(redis_url)
+        try:
+            # One subscriber connection per process, whatever the socket count.
+            assert await client.publish(f"{prefix}room:1", '{"any":"json"}') == 2
+        finally:
+            await client.aclose()
+        for c in (ca, cb):
+            assert await c.next_push() == {"op": "msg", "ch": "room:1", "data": {"any": "json"}}
+        # A socket's publish on process A reaches process B.
+        assert (await ca.request("pub", ch="room:1", data={"from": "a"}))["ok"]
+        assert await cb.next_push() == {"op": "msg", "ch": "room:1", "data": {"from": "a"}}
+        assert await ca.next_push() == {"op": "msg", "ch": "room:1", "data": {"from": "a"}}
+
+
+async def test_sigterm_closes_sockets_with_reconnect_code_and_exits(processes, redis_url, tmp_path):
+    gp = processes(REDIS_URL=redis_url, REDIS_PREFIX=unique_prefix(), JWT_SECRET=SECRET)
+    async with ws_client(gp.port, mint(tmp_path)) as c:
+        assert (await c.request("sub", ch="room:1"))["ok"]
+        gp.proc.send_signal(signal.SIGTERM)
+        with pytest.raises(ConnectionClosed) as info:
+            await c.recv(timeout=5 * UNIT)
+        assert info.value.rcvd.code == CloseCode.SHUTDOWN
+    assert await asyncio.to_thread(gp.stop) == 0
+    assert "shutting down" in gp.output()
+
+
+async def test_embedded_mode_runs_without_redis_or_secret(processes, tmp_path):
+    gp = processes()  # no REDIS_URL, no JWT_SECRET: as `make run` on a fresh machine
+    log = gp.output()
+    assert "in-memory broker" in log and "JWT_SECRET is not set" in log
+    token = mint(tmp_path, secret=None)  # reads the secret the gateway generated
+    async with ws_client(gp.port, token) as c, ws_client(gp.port, token) as d:
+        assert (await c.request("sub", ch="room:1"))["ok"]
+        assert (await d.request("pub", ch="room:1", data=[1, 2]))["ok"]
+        assert await c.next_push() == {"op": "msg", "ch": "room:1", "data": [1, 2]}
+    body = json.dumps({"ch": "room:1", "data": "via http"}).encode()
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{gp.port}/api/publish",
+        data=body,
+        headers={"Authorization": f"Bearer {token}"},
+        method="POST",
+    )
+    assert json.loads(await asyncio.to_thread(_read, req)) == {"ok": True}
+    assert token not in gp.output()
+
+
+def _read(req: urllib.request.Request) -> bytes:
+    with urllib.request.urlopen(req, timeout=5 * UNIT) as r:
+        body: bytes = r.read()
+        return body
+
+
+def test_help_lists_every_setting():
+    out = cli("--help")
+    assert out.returncode == 0
+    for name in ("HOST", "PORT", "REDIS_URL", "DATABASE_URL", "JWT_SECRET", "JWT_PUBLIC_KEY",
+                 "JWT_JWKS_FILE", "JWT_ISSUER", "JWT_AUDIENCE", "SEND_BUFFER_BYTES"):
+        assert name in out.stdout, name
+
+
+def test_bad_setting_is_a_clear_error():
+    out = cli(env={"PORT": "eighty"})
+    assert out.returncode == 2 and "PORT" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_token_command_mints_verifiable_tokens(tmp_path):
+    import jwt
+
+    token = mint(tmp_path, "--channels", "user:alice", "--pub", "no", "--ttl", "60")
+    claims = jwt.decode(token, SECRET, algorithms=["HS256"])
+    assert claims["sub"] == "alice" and claims["channels"] == ["room:*", "user:alice"]
+    assert claims["pub"] is False and 55 <= claims["exp"] - claims["iat"] <= 60
