@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
-import resource
-import signal
 import sys
 from collections.abc import Sequence
 
 from gateway.app import make_app
 from gateway.auth import ensure_key_material, mint_token
 from gateway.logs import configure_logging
+from gateway.runtime import raise_file_limit, run, wait_for_stop_signal
 from gateway.settings import Settings, SettingsError
 
 __all__ = ["main"]
@@ -20,22 +18,10 @@ __all__ = ["main"]
 log = logging.getLogger("gateway")
 
 
-def _raise_file_limit() -> int:
-    """Lift the soft open-file limit to the hard one; return the limit."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-            soft = hard
-        except (ValueError, OSError):
-            pass
-    return soft
-
-
 async def serve(settings: Settings) -> None:
     gateway = await make_app(settings)
     port = gateway.listen()
-    limit = _raise_file_limit()
+    limit = raise_file_limit()
     log.info(
         "gateway listening on http://%s:%d (WebSocket at /ws); open-file limit %d",
         settings.host,
@@ -44,22 +30,9 @@ async def serve(settings: Settings) -> None:
     )
     if not settings.redis_url:
         log.info("REDIS_URL not set: in-memory broker, single process (no cross-process fan-out)")
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    await wait_for_stop_signal()
     log.info("shutting down")
     await gateway.close()
-
-
-def _run(coro: object) -> None:
-    try:
-        import uvloop
-    except ImportError:
-        asyncio.run(coro)  # type: ignore[arg-type]
-    else:
-        uvloop.run(coro)  # type: ignore[arg-type]
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -100,7 +73,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"cannot mint: {exc}", file=sys.stderr)
             return 2
         return 0
-    _run(serve(settings))
+    run(serve(settings))
     return 0
 
 

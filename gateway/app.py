@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from typing import Any
 
 import tornado.web
 from prometheus_client import CollectorRegistry
@@ -17,6 +18,9 @@ from tornado.httpserver import HTTPServer
 from tornado.ioloop import PeriodicCallback
 from tornado.netutil import bind_sockets
 
+from core import __version__
+from core.app import Core, CoreUnavailable
+from core.web import ApiHandler, doc_routes
 from gateway.auth import Verifier, ensure_key_material
 from gateway.broker import Broker, make_broker
 from gateway.context import Context
@@ -73,7 +77,8 @@ class Gateway:
             self.settings.port if port is None else port,
             self.settings.host if host is None else host,
         )
-        self.server = HTTPServer(self.app, max_body_size=self.settings.max_publish_bytes + 65536)
+        limit = max(self.settings.max_publish_bytes + 65536, 4 * self.settings.max_body_bytes)
+        self.server = HTTPServer(self.app, max_body_size=limit)
         self.server.add_sockets(sockets)
         self.port = sockets[0].getsockname()[1]
         return self.port
@@ -93,18 +98,28 @@ class Gateway:
             log.warning("%d connections still open at shutdown", self.hub.connection_count())
         if self.server is not None:
             await self.server.close_all_connections()
+        await self.ctx.core.close()
         await self.ctx.node.close()
 
 
-def routes(ctx: Context) -> list[tuple[str, type[tornado.web.RequestHandler], dict[str, Context]]]:
+def routes(ctx: Context) -> list[Any]:
     kw = {"ctx": ctx}
     return [
         (r"/ws", WebSocketHandler, kw),
         (r"/api/publish", PublishHandler, kw),
+        (r"/api/.*", ApiHandler, {"core": ctx.core, "verifier": ctx.verifier}),
         (r"/healthz", HealthHandler, kw),
         (r"/readyz", ReadyHandler, kw),
         (r"/metrics", MetricsHandler, kw),
+        *doc_routes(ctx.core.routes, "tornado-gateway", __version__),
     ]
+
+
+async def open_core(settings: Settings, node: Node) -> Core | CoreUnavailable:
+    """The REST core on DATABASE_URL, publishing change events through the node."""
+    if not settings.database_url:
+        return CoreUnavailable("the REST core has no database (set DATABASE_URL)")
+    return await Core.open(settings, node)
 
 
 async def make_app(
@@ -120,7 +135,12 @@ async def make_app(
     hub = Hub(metrics)
     node = Node(hub, broker if broker is not None else make_broker(settings), metrics)
     await node.start()
-    ctx = Context(settings=settings, node=node, verifier=verifier, metrics=metrics)
+    try:
+        core = await open_core(settings, node)
+    except BaseException:
+        await node.close()
+        raise
+    ctx = Context(settings=settings, node=node, verifier=verifier, metrics=metrics, core=core)
     app = tornado.web.Application(
         routes(ctx),
         default_handler_class=NotFoundHandler,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from core.app import Core, CoreUnavailable
 from gateway.auth import Verifier
 from gateway.metrics import Metrics
 from gateway.node import Node
@@ -18,3 +19,4 @@ class Context:
     node: Node
     verifier: Verifier
     metrics: Metrics
+    core: Core | CoreUnavailable

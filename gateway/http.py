@@ -1,19 +1,14 @@
 """HTTP endpoints of the gateway and its one JSON error shape.
 
-Every error answer, whatever raised it, has the body::
-
-    {"error": {"status": 422, "code": "validation_error", "message": "...",
-               "details": [...]}}        # details only where there are some
-
-`ApiError` carries a status, a stable machine-readable ``code`` and a message
-safe to show the caller; any other exception becomes 500 ``internal`` with
-no internals in the body (they go to the log).
+Every error answer has the REST core's one error body (core/errors.py).
+`ApiError` is the Tornado-raisable form: a status, a stable machine-readable
+``code`` and a message safe to show the caller; any other exception becomes
+500 ``internal`` with no internals in the body (they go to the log).
 """
 
 from __future__ import annotations
 
 import logging
-from http import HTTPStatus
 from types import TracebackType
 from typing import Any
 
@@ -21,6 +16,7 @@ import msgspec
 import tornado.web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from core.errors import ErrorDetail, default_code, error_body
 from gateway.auth import AuthError, Identity, token_from_header
 from gateway.broker import BrokerUnavailable
 from gateway.context import Context
@@ -60,25 +56,21 @@ class ApiError(tornado.web.HTTPError):
     def write_json(handler: tornado.web.RequestHandler, status: int, exc_info: object) -> None:
         """Write the error body for ``status`` from the exception in ``exc_info``."""
         exc = exc_info[1] if isinstance(exc_info, tuple) and len(exc_info) == 3 else None
-        body: dict[str, Any] = {"status": status}
         if isinstance(exc, ApiError):
-            body["code"] = exc.code
-            body["message"] = exc.message
-            if exc.details is not None:
-                body["details"] = exc.details
             for name, value in exc.headers.items():
                 handler.set_header(name, value)
             if status == 401:
                 handler.set_header("WWW-Authenticate", "Bearer")
+            body = error_body(status, exc.code, exc.message, _details(exc.details))
         else:
-            try:
-                phrase = HTTPStatus(status).phrase
-            except ValueError:
-                phrase = "error"
-            body["code"] = "internal" if status >= 500 else phrase.lower().replace(" ", "_")
-            body["message"] = "internal error" if status >= 500 else phrase
+            message = "internal error" if status >= 500 else handler._reason
+            body = error_body(status, default_code(status), message)
         handler.set_header("Content-Type", "application/json")
-        handler.finish(msgspec.json.encode({"error": body}))
+        handler.finish(body)
+
+
+def _details(details: list[dict[str, Any]] | None) -> list[ErrorDetail] | None:
+    return None if details is None else [ErrorDetail(d["path"], d["message"]) for d in details]
 
 
 class JsonHandler(tornado.web.RequestHandler):

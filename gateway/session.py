@@ -11,8 +11,11 @@ is logged and becomes ``INTERNAL`` with no internals sent to the peer.
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Protocol
+from urllib.parse import parse_qs
 
+from core.request import Request, Response
 from gateway.auth import Identity
 from gateway.broker import BrokerUnavailable
 from gateway.hub import Prepared
@@ -26,12 +29,13 @@ from proto import (
     Ping,
     ProtocolError,
     Pub,
+    Rpc,
     State,
     Sub,
     Unsub,
 )
 
-__all__ = ["Session", "Transport"]
+__all__ = ["Dispatch", "Session", "Transport"]
 
 log = logging.getLogger("gateway.session")
 
@@ -49,8 +53,12 @@ class Transport(Protocol):
         """End the connection with a close code (idempotent)."""
 
 
+#: The REST core's entry point (`core.app.Core.dispatch`).
+Dispatch = Callable[[Request], Awaitable[Response]]
+
+
 class Session:
-    __slots__ = ("codec", "conn", "identity", "metrics", "node", "transport")
+    __slots__ = ("codec", "conn", "dispatch", "identity", "metrics", "node", "transport")
 
     def __init__(
         self,
@@ -59,6 +67,7 @@ class Session:
         identity: Identity,
         node: Node,
         metrics: Metrics,
+        dispatch: Dispatch | None = None,
     ) -> None:
         self.transport = transport
         self.conn = conn
@@ -66,6 +75,7 @@ class Session:
         self.identity = identity
         self.node = node
         self.metrics = metrics
+        self.dispatch = dispatch
 
     def open(self) -> None:
         self.node.hub.connect(self, self.identity.exp)
@@ -92,6 +102,9 @@ class Session:
                 self.node.unsubscribe(cmd.ch, self)
             elif isinstance(cmd, Pub):
                 await self.node.publish(cmd.ch, self.codec.data_to_json(cmd.data))
+            elif isinstance(cmd, Rpc):
+                await self._rpc(cmd)
+                return
             else:
                 assert isinstance(cmd, Ping)
         except BrokerUnavailable as exc:
@@ -104,6 +117,27 @@ class Session:
             return
         if not conn.closed:
             self.transport.send(conn.ok(cmd))
+
+    async def _rpc(self, cmd: Rpc) -> None:
+        if self.dispatch is None:
+            self._reply_error(
+                self.conn.error_reply(cmd, ErrorCode.UNAVAILABLE, "no REST core"),
+                ErrorCode.UNAVAILABLE,
+            )
+            return
+        path, _, query = cmd.path.partition("?")
+        body = self.codec.data_to_json(cmd.body) if len(cmd.body) else b""
+        req = Request(
+            cmd.method,
+            path,
+            query=parse_qs(query, keep_blank_values=True) if query else None,
+            headers={k.lower(): v for k, v in cmd.headers.items()},
+            body=body,
+            caller=self.identity,
+        )
+        resp = await self.dispatch(req)
+        if not self.conn.closed:
+            self.transport.send(self.codec.rpc_reply(cmd.id, resp.status, resp.headers, resp.body))
 
     def _reply_error(self, payload: bytes, code: ErrorCode) -> None:
         self.metrics.errors.labels(str(int(code))).inc()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -17,15 +18,6 @@ __all__ = ["Settings", "SettingsError"]
 
 class SettingsError(ValueError):
     """An environment variable holds a value the gateway cannot use."""
-
-
-def _bool(raw: str) -> bool:
-    value = raw.strip().lower()
-    if value in ("1", "true", "yes", "on"):
-        return True
-    if value in ("0", "false", "no", "off", ""):
-        return False
-    raise ValueError(f"expected a boolean, got {raw!r}")
 
 
 def _list(raw: str) -> tuple[str, ...]:
@@ -50,6 +42,26 @@ def _port(raw: str) -> int:
     return value
 
 
+def _non_negative_int(raw: str) -> int:
+    value = int(raw)
+    if value < 0:
+        raise ValueError(f"expected an integer >= 0, got {raw!r}")
+    return value
+
+
+def _positive_float(raw: str) -> float:
+    value = float(raw)
+    if not value > 0:
+        raise ValueError(f"expected a number > 0, got {raw!r}")
+    return value
+
+
+def _identifier(raw: str) -> str:
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,62}", raw):
+        raise ValueError(f"expected an SQL identifier, got {raw!r}")
+    return raw
+
+
 def _non_negative_float(raw: str) -> float:
     value = float(raw)
     if value < 0:
@@ -72,7 +84,32 @@ class Settings:
         "gw:", "REDIS_PREFIX", "Prefix of Redis channel names (gw:room:1 for room:1).", str
     )
     database_url: str | None = _setting(
-        None, "DATABASE_URL", "PostgreSQL for the REST core.", _optional
+        None,
+        "DATABASE_URL",
+        "PostgreSQL for the REST core; unset: embedded PostgreSQL under DATA_DIR (make run).",
+        _optional,
+    )
+    database_schema: str = _setting(
+        "public", "DATABASE_SCHEMA", "Schema of the core's tables (created if missing).", _identifier
+    )
+    db_pool_min: int = _setting(2, "DB_POOL_MIN", "Connections the pool keeps open.", _non_negative_int)
+    db_pool_max: int = _setting(10, "DB_POOL_MAX", "Most connections the pool opens.", _positive_int)
+    db_connect_timeout: float = _setting(
+        10.0, "DB_CONNECT_TIMEOUT", "Seconds to connect or acquire a connection.", _positive_float
+    )
+    db_command_timeout: float = _setting(
+        10.0, "DB_COMMAND_TIMEOUT", "Seconds a query may run.", _positive_float
+    )
+    db_statement_cache_size: int = _setting(
+        100, "DB_STATEMENT_CACHE", "Prepared statements cached per connection (0: off).",
+        _non_negative_int,
+    )
+    max_body_bytes: int = _setting(
+        1048576, "MAX_BODY_BYTES", "Largest REST request body (larger: 413).", _positive_int
+    )
+    idempotency_ttl: float = _setting(
+        86400.0, "IDEMPOTENCY_TTL", "Seconds an Idempotency-Key's response is kept.",
+        _positive_float,
     )
     jwt_secret: str | None = _setting(
         None, "JWT_SECRET", "HMAC secret for HS256/384/512 tokens.", _optional
@@ -122,12 +159,6 @@ class Settings:
     log_level: str = _setting("INFO", "LOG_LEVEL", "DEBUG, INFO, WARNING or ERROR.", str)
     shutdown_timeout: float = _setting(
         10.0, "SHUTDOWN_TIMEOUT", "Seconds allowed for a graceful stop.", _non_negative_float
-    )
-    embedded: bool = _setting(
-        False,
-        "EMBEDDED",
-        "Allow embedded defaults (generated JWT secret). Set by `make run`.",
-        _bool,
     )
 
     @classmethod

@@ -17,7 +17,7 @@ from proto.codes import (
     should_reconnect,
 )
 from proto.connection import TRANSITIONS, Connection, State, StateError
-from proto.frames import Command, ErrorBody, Ping, Pub, Push, Reply, Sub, Unsub
+from proto.frames import Command, ErrorBody, Ping, Pub, Push, Reply, Rpc, Sub, Unsub
 from proto.grants import Grants, InvalidGrants
 from proto.wsframe import frame
 
@@ -42,6 +42,7 @@ __all__ = [
     "Pub",
     "Push",
     "Reply",
+    "Rpc",
     "State",
     "StateError",
     "Sub",

@@ -34,7 +34,7 @@ __all__ = [
     "select_codec",
 ]
 
-_KNOWN_OPS: Final = frozenset({"sub", "unsub", "pub", "ping"})
+_KNOWN_OPS: Final = frozenset({"sub", "unsub", "pub", "ping", "rpc"})
 
 
 class ProtocolError(Exception):
@@ -88,6 +88,17 @@ class Codec:
     def ok(self, id: int) -> bytes:
         return self.encode(Reply(id=id, ok=True))
 
+    def rpc_reply(
+        self, id: int, status: int, headers: dict[str, str], body_json: bytes | None
+    ) -> bytes:
+        """The reply to an ``rpc``: the core's status, headers and JSON body."""
+        body = None if body_json is None else self.json_to_raw(body_json)
+        return self.encode(Reply(id=id, ok=True, status=status, headers=headers or None, body=body))
+
+    def json_to_raw(self, data_json: bytes) -> msgspec.Raw:
+        """JSON bytes as a value embedded in this codec's frames."""
+        raise NotImplementedError
+
     def error(self, id: int | None, code: ErrorCode, detail: str | None = None) -> bytes:
         message = error_message(code) if detail is None else f"{error_message(code)}: {detail}"
         body = ErrorBody(code=int(code), message=message, temporary=is_temporary(code))
@@ -129,6 +140,9 @@ class JsonCodec(Codec):
     def data_to_json(self, data: msgspec.Raw) -> bytes:
         return bytes(data)
 
+    def json_to_raw(self, data_json: bytes) -> msgspec.Raw:
+        return msgspec.Raw(data_json)
+
 
 class MsgpackCodec(Codec):
     name = "gw.v1.msgpack"
@@ -157,6 +171,9 @@ class MsgpackCodec(Codec):
     def data_to_json(self, data: msgspec.Raw) -> bytes:
         # bytes values become base64 strings in JSON (documented).
         return self._json.encode(self._any_msgpack.decode(data))
+
+    def json_to_raw(self, data_json: bytes) -> msgspec.Raw:
+        return msgspec.Raw(self._encoder.encode(msgspec.json.decode(data_json)))
 
 
 JSON: Final = JsonCodec()

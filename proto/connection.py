@@ -24,7 +24,7 @@ from typing import Final
 
 from proto.codec import Codec, ProtocolError
 from proto.codes import ErrorCode
-from proto.frames import Command, Ping, Pub, Sub, Unsub
+from proto.frames import Command, Ping, Pub, Rpc, Sub, Unsub
 from proto.grants import Grants
 
 __all__ = ["TRANSITIONS", "Connection", "State", "StateError"]
@@ -100,7 +100,8 @@ class Connection:
                     ErrorCode.PAYLOAD_TOO_LARGE, cmd.id, f"limit is {self.max_publish_bytes} bytes"
                 )
         else:
-            assert isinstance(cmd, Ping)
+            # rpc: the REST core authorizes the call as this identity.
+            assert isinstance(cmd, Ping | Rpc)
         return cmd
 
     def _check_sub(self, cmd: Sub) -> None:

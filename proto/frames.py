@@ -7,7 +7,7 @@ byte, without a decode/encode round trip.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Final
+from typing import Annotated, Any, Final, Literal
 
 import msgspec
 
@@ -23,6 +23,7 @@ __all__ = [
     "Pub",
     "Push",
     "Reply",
+    "Rpc",
     "Sub",
     "Unsub",
 ]
@@ -68,7 +69,27 @@ class Ping(msgspec.Struct, tag_field="op", tag="ping", frozen=True, forbid_unkno
     id: CommandId
 
 
-Command = Sub | Unsub | Pub | Ping
+RpcMethod = Literal["GET", "POST", "PUT", "PATCH", "DELETE"]
+RpcPath = Annotated[str, msgspec.Meta(min_length=1, max_length=2048, pattern=r"^/api/")]
+RpcHeaders = Annotated[dict[str, str], msgspec.Meta(max_length=16)]
+
+
+class Rpc(msgspec.Struct, tag_field="op", tag="rpc", frozen=True, forbid_unknown_fields=True):
+    """Call the REST core as the connection's identity: ``method`` ``path`` with ``body``.
+
+    ``path`` may carry a query string (``/api/projects?limit=5``); ``headers``
+    carries request headers such as ``If-Match`` or ``Idempotency-Key``. An
+    empty ``body`` means none.
+    """
+
+    id: CommandId
+    method: RpcMethod
+    path: RpcPath
+    body: msgspec.Raw = msgspec.Raw()
+    headers: RpcHeaders = {}
+
+
+Command = Sub | Unsub | Pub | Ping | Rpc
 
 
 class ClientFrame(msgspec.Struct):
@@ -87,12 +108,17 @@ class ErrorBody(msgspec.Struct, frozen=True):
 class Reply(msgspec.Struct, frozen=True, omit_defaults=True):
     """``{"id": 1, "ok": true}`` or ``{"id": 1, "ok": false, "error": {...}}``.
 
-    ``id`` is null when the failed frame carried no usable id.
+    ``id`` is null when the failed frame carried no usable id. The reply to
+    an ``rpc`` adds the REST core's answer: ``status``, ``headers`` (when
+    any) and ``body`` (absent for 204/304).
     """
 
     id: int | None
     ok: bool
     error: ErrorBody | None = None
+    status: int | None = None
+    headers: dict[str, str] | None = None
+    body: msgspec.Raw | None = None
 
 
 class Push(msgspec.Struct, frozen=True, tag_field="op", tag="msg"):

@@ -86,7 +86,9 @@ class WebSocketHandler(tornado.websocket.WebSocketHandler):
             max_subscriptions=settings.max_subscriptions,
             max_publish_bytes=settings.max_publish_bytes,
         )
-        self.session = Session(self, conn, self._identity, self.ctx.node, self.ctx.metrics)
+        self.session = Session(
+            self, conn, self._identity, self.ctx.node, self.ctx.metrics, self.ctx.core.dispatch
+        )
         self._identity = None
         self.session.open()
 

@@ -1,0 +1,75 @@
+"""``python -m core``: serve the REST core alone, or ``migrate`` its schema."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Sequence
+
+import asyncpg
+
+from core.migrate import migrate
+from core.server import CoreServer
+from gateway.logs import configure_logging
+from gateway.runtime import run, wait_for_stop_signal
+from gateway.settings import Settings, SettingsError
+
+__all__ = ["main"]
+
+log = logging.getLogger("core")
+
+
+async def _serve(settings: Settings) -> None:
+    server = await CoreServer.start(settings)
+    log.info("REST core listening on http://%s:%d (docs at /docs)", settings.host, server.port)
+    await wait_for_stop_signal()
+    log.info("shutting down")
+    await server.close()
+
+
+async def _migrate(settings: Settings) -> None:
+    assert settings.database_url
+    conn = await asyncpg.connect(settings.database_url, timeout=settings.db_connect_timeout)
+    try:
+        applied = await migrate(conn, settings.database_schema)
+    finally:
+        await conn.close()
+    names = ", ".join(f"{m.version:04d}_{m.name}" for m in applied) or "none (up to date)"
+    print(f"schema {settings.database_schema}: applied {names}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m core",
+        description="The REST core alone. Configured by environment variables:",
+        epilog="Environment:\n" + Settings.describe(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command")
+    sub.add_parser("serve", help="serve the REST API (the default)")
+    sub.add_parser("migrate", help="apply pending migrations and exit")
+    args = parser.parse_args(argv)
+    try:
+        settings = Settings.from_env()
+    except SettingsError as exc:
+        print(f"configuration error: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(settings.log_level)
+    if not settings.database_url:
+        print("configuration error: DATABASE_URL is required", file=sys.stderr)
+        return 2
+    try:
+        if args.command == "migrate":
+            asyncio.run(_migrate(settings))
+        else:
+            run(_serve(settings))
+    except (OSError, asyncpg.PostgresError) as exc:
+        print(f"database error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

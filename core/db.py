@@ -1,0 +1,82 @@
+"""The asyncpg pool of the REST core, configured from Settings."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import asyncpg
+from asyncpg.pool import PoolConnectionProxy
+
+from core.migrate import migrate
+from gateway.settings import Settings
+
+__all__ = ["Database", "one"]
+
+log = logging.getLogger("core.db")
+
+
+#: What `one` runs on: a pool, a connection, or a pool's connection proxy.
+Queryable = asyncpg.Pool | asyncpg.Connection | PoolConnectionProxy
+
+
+async def one(db: Queryable, sql: str, *args: Any) -> asyncpg.Record:
+    """The row of a statement that always returns exactly one (aggregates, RETURNING)."""
+    row = await db.fetchrow(sql, *args)
+    if row is None:
+        raise RuntimeError("statement returned no row")
+    return row
+
+
+class Database:
+    """A started pool on ``DATABASE_URL``, with ``DATABASE_SCHEMA`` as search path."""
+
+    def __init__(self, pool: asyncpg.Pool, schema: str) -> None:
+        self.pool = pool
+        self.schema = schema
+
+    @classmethod
+    async def open(cls, settings: Settings, *, migrate_now: bool = True) -> Database:
+        if not settings.database_url:
+            raise ValueError("DATABASE_URL is not set")
+        url, schema = settings.database_url, settings.database_schema
+        if migrate_now:
+            conn = await asyncpg.connect(url, timeout=settings.db_connect_timeout)
+            try:
+                applied = await migrate(conn, schema)
+            finally:
+                await conn.close()
+            if applied:
+                log.info("applied %d migration(s) to schema %s", len(applied), schema)
+        pool = await asyncpg.create_pool(
+            url,
+            min_size=settings.db_pool_min,
+            max_size=settings.db_pool_max,
+            timeout=settings.db_connect_timeout,
+            command_timeout=settings.db_command_timeout,
+            statement_cache_size=settings.db_statement_cache_size,
+            max_inactive_connection_lifetime=300.0,
+            server_settings={
+                "search_path": schema,
+                "timezone": "UTC",
+                "application_name": "tornado-gateway",
+            },
+        )
+        assert pool is not None
+        return cls(pool, schema)
+
+    async def close(self, grace: float = 5.0) -> None:
+        try:
+            await asyncio.wait_for(self.pool.close(), grace)
+        except TimeoutError:
+            log.warning("database pool did not close within %.1fs; terminating", grace)
+            self.pool.terminate()
+
+    async def healthy(self) -> bool:
+        try:
+            async with asyncio.timeout(1.0):
+                await self.pool.fetchval("select 1")
+        except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+            return False
+        return True

@@ -1,0 +1,60 @@
+"""Change events: every successful write is published to the resource's channels.
+
+A write to project 7 publishes one event to ``projects`` and to
+``projects:7``::
+
+    {"type": "updated", "id": 7, "version": 3, "data": {...the project...}}
+
+``data`` is null for ``deleted``. Events go through the gateway's Broker, so
+a socket subscribed on any gateway process sees them. The write is already
+committed when its event is published: a broker failure is logged and
+counted, never turned into a failed write (delivery that survives broker
+loss is the history work of issue 5).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Literal, Protocol
+
+__all__ = ["ChangeKind", "Events", "Publisher"]
+
+log = logging.getLogger("core.events")
+
+ChangeKind = Literal["created", "updated", "deleted"]
+
+
+class Publisher(Protocol):
+    async def publish(self, ch: str, data: bytes) -> None:
+        """Publish JSON bytes to every subscriber of ``ch`` on every node."""
+
+
+class Events:
+    def __init__(self, publisher: Publisher | None) -> None:
+        self._publisher = publisher
+        self.failures = 0
+
+    async def changed(
+        self, resource: str, kind: ChangeKind, id: int, version: int, data: bytes | None
+    ) -> None:
+        if self._publisher is None:
+            return
+        event = b"".join(
+            (
+                b'{"type":"',
+                kind.encode(),
+                b'","id":',
+                str(id).encode(),
+                b',"version":',
+                str(version).encode(),
+                b',"data":',
+                b"null" if data is None else data,
+                b"}",
+            )
+        )
+        for ch in (resource, f"{resource}:{id}"):
+            try:
+                await self._publisher.publish(ch, event)
+            except Exception as exc:
+                self.failures += 1
+                log.warning("change event %s %s:%d not published: %s", kind, resource, id, exc)

@@ -1,0 +1,196 @@
+"""``/api/projects``: the benchmark resource.
+
+Reads hand back the JSON PostgreSQL builds (``project_json``), so the hot
+path decodes no rows in Python. Writes are validated by `ProjectIn`, and
+each successful one publishes a change event (core/events.py).
+"""
+
+from __future__ import annotations
+
+from typing import Any, NoReturn
+
+import asyncpg
+import msgspec
+
+from core.db import one
+from core.errors import NotFound, PreconditionFailed, ValidationFailed
+from core.events import ChangeKind, Events
+from core.paging import ANY, decode_cursor, etag, if_match, none_match, page_body
+from core.request import Request, Response
+from core.routing import HeaderParam, Route
+from core.schemas import Project, ProjectIn, ProjectPage, ProjectPatch, ProjectQuery
+
+__all__ = ["Projects"]
+
+_JSON = "application/json"
+_encode_json = msgspec.json.Encoder(decimal_format="number").encode
+_project = msgspec.json.Decoder(Project)
+
+IF_MATCH = HeaderParam("If-Match", "Only write if the project's ETag (its version) matches.")
+IF_NONE_MATCH = HeaderParam("If-None-Match", "Answer 304 if the project's ETag still matches.")
+IDEMPOTENCY_KEY = HeaderParam(
+    "Idempotency-Key", "A retry with the same key and body replays the first response."
+)
+
+_LIST = """
+select coalesce(json_agg(j order by id) filter (where rn <= $4), '[]')::text,
+       max(id) filter (where rn <= $4), count(*)
+from (select p.id, project_json(p) as j, row_number() over (order by p.id) as rn
+      from projects p
+      where p.id > $1
+        and ($2::text is null or p.status = $2)
+        and ($3::text is null or p.tags @> array[$3::text])
+      order by p.id
+      limit $4 + 1) page
+"""
+_GET = "select project_json(p)::text, p.version from projects p where p.id = $1"
+_COLUMNS = "name, description, owner_email, budget, status, tags, starts_on, ends_on, milestones"
+_CREATE = f"""
+insert into projects ({_COLUMNS}) values ($1, $2, $3, $4, $5, $6, $7, $8, $9::jsonb)
+returning id, version, project_json(projects)::text
+"""
+_REPLACE = """
+update projects set name = $2, description = $3, owner_email = $4, budget = $5, status = $6,
+       tags = $7, starts_on = $8, ends_on = $9, milestones = $10::jsonb,
+       version = version + 1, updated_at = now()
+where id = $1 and ($11::integer is null or version = $11)
+returning id, version, project_json(projects)::text
+"""
+_DELETE = """
+delete from projects where id = $1 and ($2::integer is null or version = $2) returning version
+"""
+_VERSION = "select version from projects where id = $1"
+_LOCK = "select project_json(p)::text, p.version from projects p where p.id = $1 for update"
+
+
+def _values(p: ProjectIn) -> tuple[Any, ...]:
+    milestones = _encode_json(p.milestones).decode()
+    return (p.name, p.description, p.owner_email, p.budget, p.status, p.tags,
+            p.starts_on, p.ends_on, milestones)  # fmt: skip
+
+
+def _id(req: Request) -> int:
+    raw = req.params["id"]
+    if not raw.isdigit() or len(raw) > 18:
+        raise NotFound(f"no project {raw[:40]}")
+    return int(raw)
+
+
+def _expected(req: Request) -> int | None:
+    """The version If-Match demands (None: any, including no header)."""
+    version = if_match(req.header("if-match"))
+    return None if version == ANY else version
+
+
+class Projects:
+    def __init__(self, pool: asyncpg.Pool, events: Events) -> None:
+        self._pool = pool
+        self._events = events
+
+    def routes(self) -> list[Route]:
+        tag = "projects"
+        return [
+            Route("GET", "/api/projects", self.list, "List projects", "listProjects", tag,
+                  responses={200: ProjectPage}, query=ProjectQuery),
+            Route("POST", "/api/projects", self.create, "Create a project", "createProject", tag,
+                  responses={201: Project}, body=ProjectIn, headers=(IDEMPOTENCY_KEY,),
+                  errors=(409,), idempotent=True),
+            Route("GET", "/api/projects/{id}", self.get, "Get a project", "getProject", tag,
+                  responses={200: Project, 304: None}, headers=(IF_NONE_MATCH,),
+                  errors=(404,)),
+            Route("PUT", "/api/projects/{id}", self.replace, "Replace a project",
+                  "replaceProject", tag, responses={200: Project}, body=ProjectIn,
+                  headers=(IF_MATCH,), errors=(404, 412)),
+            Route("PATCH", "/api/projects/{id}", self.patch, "Update a project (merge patch)",
+                  "updateProject", tag, responses={200: Project}, body=ProjectPatch,
+                  headers=(IF_MATCH,), errors=(404, 412)),
+            Route("DELETE", "/api/projects/{id}", self.delete, "Delete a project",
+                  "deleteProject", tag, responses={204: None}, headers=(IF_MATCH,),
+                  errors=(404, 412)),
+        ]  # fmt: skip
+
+    async def list(self, req: Request) -> Response:
+        q: ProjectQuery = req.args
+        after = decode_cursor(q.cursor)
+        items, last, n = await one(self._pool, _LIST, after, q.status, q.tag, q.limit)
+        return Response(200, page_body(items, last if n > q.limit else None))
+
+    async def get(self, req: Request) -> Response:
+        row = await self._pool.fetchrow(_GET, _id(req))
+        if row is None:
+            raise NotFound("no such project")
+        body, version = row
+        headers = {"ETag": etag(version)}
+        if none_match(req.header("if-none-match"), version):
+            return Response(304, None, headers)
+        return Response(200, body.encode(), headers)
+
+    async def create(self, req: Request) -> Response:
+        id, version, body = await one(self._pool, _CREATE, *_values(req.data))
+        return await self._written("created", id, version, body, 201)
+
+    async def replace(self, req: Request) -> Response:
+        id = _id(req)
+        row = await self._pool.fetchrow(_REPLACE, id, *_values(req.data), _expected(req))
+        if row is None:
+            await self._missing_or_stale(id)
+        return await self._written("updated", *row)
+
+    async def patch(self, req: Request) -> Response:
+        id = _id(req)
+        patch: ProjectPatch = req.data
+        expected = _expected(req)
+        async with self._pool.acquire() as conn, conn.transaction():
+            row = await conn.fetchrow(_LOCK, id)
+            if row is None:
+                raise NotFound("no such project")
+            current_json, version = row
+            if expected is not None and expected != version:
+                raise PreconditionFailed()
+            merged = _merge(_project.decode(current_json), patch)
+            row = await one(conn, _REPLACE, id, *_values(merged), None)
+        return await self._written("updated", *row)
+
+    async def delete(self, req: Request) -> Response:
+        id = _id(req)
+        version = await self._pool.fetchval(_DELETE, id, _expected(req))
+        if version is None:
+            await self._missing_or_stale(id)
+        await self._events.changed("projects", "deleted", id, version, None)
+        return Response(204)
+
+    async def _missing_or_stale(self, id: int) -> NoReturn:
+        if await self._pool.fetchval(_VERSION, id) is None:
+            raise NotFound("no such project")
+        raise PreconditionFailed()
+
+    async def _written(
+        self, kind: ChangeKind, id: int, version: int, body: str, status: int = 200
+    ) -> Response:
+        data = body.encode()
+        await self._events.changed("projects", kind, id, version, data)
+        headers = {"ETag": etag(version)}
+        if status == 201:
+            headers["Location"] = f"/api/projects/{id}"
+        return Response(status, data, headers)
+
+
+_WRITABLE = tuple(f.name for f in msgspec.structs.fields(ProjectIn))
+
+
+def _merge(current: Project, patch: ProjectPatch) -> ProjectIn:
+    """The project after a merge patch; 422 if the whole breaks a rule (dates).
+
+    Each patched field was validated when the body was decoded, and stored
+    values were valid when written, so only the cross-field rules remain.
+    """
+    values = {name: getattr(current, name) for name in _WRITABLE}
+    for name in _WRITABLE:
+        value = getattr(patch, name)
+        if value is not msgspec.UNSET:
+            values[name] = value
+    merged = ProjectIn(**values)
+    problems = ProjectIn.problems(lambda name: getattr(merged, name))
+    if problems:
+        raise ValidationFailed(problems)
+    return merged

@@ -1,0 +1,61 @@
+"""The small request and response objects every core handler speaks.
+
+Transports (HTTP in the gateway, the standalone server, the socket's ``rpc``
+frame, Lambda) build a `Request` and send back the `Response`; handlers
+never see the transport. Header names are lower-case.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Protocol
+
+__all__ = ["Caller", "Request", "Response"]
+
+
+class Caller(Protocol):
+    """Who is calling: the verified identity (JWT ``sub``)."""
+
+    @property
+    def sub(self) -> str: ...
+
+
+class Request:
+    __slots__ = ("args", "body", "caller", "data", "headers", "method", "params", "path", "query")
+
+    def __init__(
+        self,
+        method: str,
+        path: str,
+        *,
+        query: Mapping[str, list[str]] | None = None,
+        headers: Mapping[str, str] | None = None,
+        body: bytes = b"",
+        caller: Caller | None = None,
+    ) -> None:
+        self.method = method
+        self.path = path
+        self.query: Mapping[str, list[str]] = query or {}
+        self.headers: Mapping[str, str] = headers or {}
+        self.body = body
+        self.caller = caller
+        self.params: dict[str, str] = {}
+        self.args: Any = None  # the route's query Struct, once validated
+        self.data: Any = None  # the route's body Struct, once validated
+
+    def header(self, name: str) -> str | None:
+        return self.headers.get(name)
+
+
+class Response:
+    __slots__ = ("body", "headers", "status")
+
+    def __init__(
+        self, status: int, body: bytes | None = None, headers: dict[str, str] | None = None
+    ) -> None:
+        self.status = status
+        self.body = body
+        self.headers = headers if headers is not None else {}
+
+    def __repr__(self) -> str:
+        return f"Response({self.status}, {self.body!r})"

@@ -1,0 +1,97 @@
+"""The route table: one list of `Route` serves HTTP, ``rpc`` frames and OpenAPI.
+
+A route names its method, path template (``/api/projects/{id}``), handler,
+and the types of its query string, body and success responses. The router
+decodes and validates the query and body before the handler runs, so a
+handler receives typed values; the OpenAPI document is generated from the
+same fields.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+
+from core.errors import ApiError, NotFound
+from core.request import Request, Response
+
+__all__ = ["Handler", "HeaderParam", "Route", "Router"]
+
+Handler = Callable[[Request], Awaitable[Response]]
+
+_PARAM = re.compile(r"\{([a-z_]+)\}")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class HeaderParam:
+    """A request header a route reads, for the document."""
+
+    name: str
+    description: str
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Route:
+    method: str
+    path: str
+    handler: Handler
+    summary: str
+    operation_id: str
+    tag: str
+    #: success status -> response body type (None: no body)
+    responses: Mapping[int, object]
+    body: type | None = None
+    query: type | None = None
+    headers: tuple[HeaderParam, ...] = ()
+    #: error statuses this route may answer besides 400/401/413/422/503
+    errors: tuple[int, ...] = ()
+    auth: bool = True
+    #: POST routes that honour Idempotency-Key
+    idempotent: bool = False
+    description: str = ""
+
+    def pattern(self) -> re.Pattern[str]:
+        return re.compile("^" + _PARAM.sub(r"(?P<\1>[^/]+)", self.path) + "$")
+
+    def path_params(self) -> list[str]:
+        return _PARAM.findall(self.path)
+
+
+class Router:
+    """Matches (method, path) to a route: 404 for no path, 405 for no method."""
+
+    def __init__(self, routes: Sequence[Route]) -> None:
+        self.routes = tuple(routes)
+        by_path: dict[str, dict[str, Route]] = {}
+        for route in self.routes:
+            methods = by_path.setdefault(route.path, {})
+            if route.method in methods:
+                raise ValueError(f"duplicate route {route.method} {route.path}")
+            methods[route.method] = route
+        # Static paths by dict lookup; templated ones by regex, in order.
+        self._static = {p: m for p, m in by_path.items() if "{" not in p}
+        self._dynamic = [
+            (methods[next(iter(methods))].pattern(), methods)
+            for p, methods in by_path.items()
+            if "{" in p
+        ]
+
+    def match(self, method: str, path: str) -> tuple[Route, dict[str, str]]:
+        methods = self._static.get(path)
+        params: dict[str, str] = {}
+        if methods is None:
+            for pattern, candidates in self._dynamic:
+                m = pattern.match(path)
+                if m is not None:
+                    methods, params = candidates, m.groupdict()
+                    break
+            else:
+                raise NotFound(f"no route for {path}")
+        route = methods.get(method)
+        if route is None:
+            allow = ", ".join(sorted(methods))
+            raise ApiError(
+                405, "method_not_allowed", f"{method} not allowed", headers={"Allow": allow}
+            )
+        return route, params

@@ -1,0 +1,202 @@
+"""Request and response types of the REST core (msgspec), and their rules.
+
+These types validate requests and are the source of the OpenAPI schemas.
+Responses are built by PostgreSQL (``project_json``/``user_json`` in the
+migrations) in exactly the shapes `Project` and `User` declare; a test
+checks real responses against these types.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Callable
+from decimal import Decimal, InvalidOperation
+from typing import Annotated, Any, Final, Literal
+
+import msgspec
+from msgspec import UNSET, Meta, UnsetType
+
+from core.errors import ErrorDetail
+from core.validation import Checked
+
+__all__ = [
+    "BUDGET_MAX",
+    "Milestone",
+    "Page",
+    "Project",
+    "ProjectIn",
+    "ProjectPage",
+    "ProjectPatch",
+    "ProjectQuery",
+    "User",
+    "UserIn",
+    "UserPage",
+    "UserPatch",
+    "UserQuery",
+]
+
+BUDGET_MAX: Final = Decimal(1_000_000_000)
+_CENT: Final = Decimal("0.01")
+
+#: Pragmatic syntax check (one @, no spaces, a dot in the domain); delivery is
+#: the caller's business.
+EMAIL_PATTERN: Final = r"^[^@\s]+@[^@\s]+\.[^@\s]+$"
+
+Email = Annotated[
+    str,
+    Meta(
+        min_length=3,
+        max_length=254,
+        pattern=EMAIL_PATTERN,
+        extra_json_schema={"format": "email"},
+        examples=["ada@example.com"],
+    ),
+]
+Name = Annotated[str, Meta(min_length=1, max_length=200)]
+Description = Annotated[str, Meta(max_length=5000)]
+Tag = Annotated[str, Meta(min_length=1, max_length=40)]
+Tags = Annotated[list[Tag], Meta(max_length=20)]
+Status = Literal["draft", "active", "done"]
+#: The range and the two places are checked by `ProjectIn.problems`; msgspec
+#: cannot put bounds on Decimal, so core/openapi.py writes them into the
+#: document (number, minimum 0, maximum 1e9, multiple of 0.01).
+Budget = Annotated[
+    Decimal,
+    Meta(description="Amount with at most two decimal places, 0 to 1,000,000,000."),
+]
+DisplayName = Annotated[str, Meta(min_length=1, max_length=100)]
+Limit = Annotated[int, Meta(ge=1, le=100, description="Page size (default 20).")]
+Cursor = Annotated[
+    str, Meta(max_length=200, description="`next_cursor` of the previous page (opaque).")
+]
+
+
+class Milestone(msgspec.Struct, forbid_unknown_fields=True):
+    title: Name
+    due: dt.date
+    done: bool = False
+
+
+Milestones = Annotated[list[Milestone], Meta(max_length=50)]
+
+
+def budget_problems(budget: Decimal | None) -> list[ErrorDetail]:
+    if budget is None:
+        return []
+    try:
+        ok = budget.is_finite() and 0 <= budget <= BUDGET_MAX
+        if ok and budget != budget.quantize(_CENT):
+            return [ErrorDetail("$.budget", "at most two decimal places")]
+    except InvalidOperation:
+        ok = False
+    if not ok:
+        return [ErrorDetail("$.budget", "must be between 0 and 1000000000")]
+    return []
+
+
+def dates_problems(starts_on: dt.date | None, ends_on: dt.date | None) -> list[ErrorDetail]:
+    if starts_on is not None and ends_on is not None and ends_on < starts_on:
+        return [ErrorDetail("$.ends_on", "must not be before starts_on")]
+    return []
+
+
+class ProjectIn(Checked, forbid_unknown_fields=True, kw_only=True):
+    """A project as clients create or replace it."""
+
+    name: Name
+    description: Description = ""
+    owner_email: Email
+    budget: Budget
+    status: Status = "draft"
+    tags: Tags = []
+    starts_on: dt.date
+    ends_on: dt.date | None = None
+    milestones: Milestones = []
+
+    @classmethod
+    def problems(cls, get: Callable[[str], Any]) -> list[ErrorDetail]:
+        return budget_problems(get("budget")) + dates_problems(get("starts_on"), get("ends_on"))
+
+
+class ProjectPatch(Checked, forbid_unknown_fields=True, kw_only=True):
+    """A JSON merge patch (RFC 7396) of a project: absent fields stay as they are.
+
+    Only ``ends_on`` may be null. The merged project is validated as a whole.
+    """
+
+    name: Name | UnsetType = UNSET
+    description: Description | UnsetType = UNSET
+    owner_email: Email | UnsetType = UNSET
+    budget: Budget | UnsetType = UNSET
+    status: Status | UnsetType = UNSET
+    tags: Tags | UnsetType = UNSET
+    starts_on: dt.date | UnsetType = UNSET
+    ends_on: dt.date | UnsetType | None = UNSET
+    milestones: Milestones | UnsetType = UNSET
+
+    @classmethod
+    def problems(cls, get: Callable[[str], Any]) -> list[ErrorDetail]:
+        budget = get("budget")
+        return budget_problems(None if budget is UNSET else budget)
+
+
+class Project(msgspec.Struct, kw_only=True):
+    """A stored project. ``version`` is also its ETag."""
+
+    id: int
+    name: Name
+    description: Description
+    owner_email: Email
+    budget: Budget
+    status: Status
+    tags: Tags
+    starts_on: dt.date
+    ends_on: dt.date | None
+    milestones: Milestones
+    created_at: dt.datetime
+    updated_at: dt.datetime
+    version: int
+
+
+class Page(msgspec.Struct, kw_only=True):
+    next_cursor: str | None
+
+
+class ProjectPage(Page, kw_only=True):
+    """One page of projects by ascending id; ``next_cursor`` is null on the last."""
+
+    items: list[Project]
+
+
+class ProjectQuery(msgspec.Struct, forbid_unknown_fields=True):
+    limit: Limit = 20
+    cursor: Cursor | None = None
+    status: Status | None = None
+    tag: Tag | None = None
+
+
+class UserIn(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    email: Email
+    display_name: DisplayName
+
+
+class UserPatch(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    email: Email | UnsetType = UNSET
+    display_name: DisplayName | UnsetType = UNSET
+
+
+class User(msgspec.Struct, kw_only=True):
+    id: int
+    email: Email
+    display_name: DisplayName
+    created_at: dt.datetime
+    updated_at: dt.datetime
+
+
+class UserPage(Page, kw_only=True):
+    items: list[User]
+
+
+class UserQuery(msgspec.Struct, forbid_unknown_fields=True):
+    limit: Limit = 20
+    cursor: Cursor | None = None

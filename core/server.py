@@ -1,0 +1,75 @@
+"""``python -m core``: the REST core alone, to scale it apart from the socket tier.
+
+It serves the same route table as the gateway's ``/api/``, the documents,
+``/healthz`` and ``/readyz``, and publishes change events through the broker
+configured by ``REDIS_URL`` (none without it: events need Redis to reach
+gateways in other processes).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import tornado.web
+from tornado.httpserver import HTTPServer
+
+from core import __version__
+from core.app import Core
+from core.web import ApiHandler, doc_routes
+from gateway.auth import Verifier, ensure_key_material
+from gateway.broker import Broker, RedisBroker
+from gateway.logs import log_request
+from gateway.settings import Settings
+
+__all__ = ["CoreServer"]
+
+log = logging.getLogger("core")
+
+
+class _Health(tornado.web.RequestHandler):
+    def initialize(self, core: Core | None = None) -> None:
+        self.core = core
+
+    async def get(self) -> None:
+        ok = True if self.core is None else await self.core.db.healthy()
+        self.set_status(200 if ok else 503)
+        self.set_header("Content-Type", "application/json")
+        self.finish(b'{"status":"ok"}' if ok else b'{"status":"unavailable","database":false}')
+
+
+class CoreServer:
+    """A started core with its HTTP server; `close` releases everything."""
+
+    def __init__(self, core: Core, broker: Broker | None, server: HTTPServer, port: int) -> None:
+        self.core = core
+        self.broker = broker
+        self.server = server
+        self.port = port
+
+    @classmethod
+    async def start(cls, settings: Settings) -> CoreServer:
+        settings = ensure_key_material(settings)
+        broker: Broker | None = None
+        if settings.redis_url:
+            broker = RedisBroker(settings.redis_url, settings.redis_prefix)
+            await broker.start(lambda ch, data: None)
+        core = await Core.open(settings, broker)
+        handlers: list[Any] = [
+            (r"/api/.*", ApiHandler, {"core": core, "verifier": Verifier(settings)}),
+            (r"/healthz", _Health),
+            (r"/readyz", _Health, {"core": core}),
+            *doc_routes(core.routes, "tornado-gateway REST core", __version__),
+        ]
+        app = tornado.web.Application(handlers, log_function=log_request)
+        server = HTTPServer(app, max_body_size=4 * settings.max_body_bytes, xheaders=False)
+        server.listen(settings.port, settings.host)
+        port = next(iter(server._sockets.values())).getsockname()[1]
+        return cls(core, broker, server, port)
+
+    async def close(self) -> None:
+        self.server.stop()
+        await self.server.close_all_connections()
+        await self.core.close()
+        if self.broker is not None:
+            await self.broker.close()

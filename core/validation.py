@@ -1,0 +1,153 @@
+"""Request validation: one fast decode when the input is good, every problem when not.
+
+msgspec stops at the first bad field. Good requests take that fast path
+only; a bad one is examined again field by field (recursing into lists of
+objects) so the 422 lists every bad field as ``{path, message}``.
+
+Rules msgspec cannot express (a Decimal's range, one field against
+another) live in a Struct's ``problems()`` classmethod, which takes a getter
+and returns details; both paths run it.
+"""
+
+from __future__ import annotations
+
+import re
+import typing
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
+
+import msgspec
+
+from core.errors import ApiError, ErrorDetail, ValidationFailed
+
+__all__ = ["Checked", "decode_body", "parse_query", "validate"]
+
+T = TypeVar("T")
+
+_AT = re.compile(r"^(.*) - at `\$(.*)`$")
+
+
+class Checked(msgspec.Struct):
+    """A Struct with rules beyond its field types."""
+
+    @classmethod
+    def problems(cls, get: Callable[[str], Any]) -> list[ErrorDetail]:
+        """Problems of the values ``get(field)`` returns (None for absent or bad)."""
+        return []
+
+
+def _split(message: str, path: str) -> ErrorDetail:
+    """msgspec's ``"Expected int - at `$[1].x`"`` as a detail under ``path``."""
+    m = _AT.match(message)
+    if m is None:
+        return ErrorDetail(path, message)
+    return ErrorDetail(path + m.group(2), m.group(1))
+
+
+def _unwrap(tp: Any) -> Any:
+    while typing.get_origin(tp) is typing.Annotated:
+        tp = typing.get_args(tp)[0]
+    return tp
+
+
+def _struct_items(tp: Any) -> type[msgspec.Struct] | None:
+    """The item type of ``list[SomeStruct]`` (annotated or not), else None."""
+    tp = _unwrap(tp)
+    if typing.get_origin(tp) is list:
+        (item,) = typing.get_args(tp)
+        item = _unwrap(item)
+        if isinstance(item, type) and issubclass(item, msgspec.Struct):
+            return item
+    return None
+
+
+def _collect(tp: type[msgspec.Struct], value: Any, path: str) -> list[ErrorDetail]:
+    """Every problem of ``value`` (decoded JSON) as an instance of ``tp``."""
+    if not isinstance(value, dict):
+        return [ErrorDetail(path or "$", f"Expected `object`, got `{type(value).__name__}`")]
+    problems: list[ErrorDetail] = []
+    good: dict[str, Any] = {}
+    fields = msgspec.structs.fields(tp)
+    known = {f.encode_name for f in fields}
+    for name in value:
+        if name not in known:
+            problems.append(ErrorDetail(f"{path}.{name}", "unknown field"))
+    for f in fields:
+        where = f"{path}.{f.encode_name}"
+        if f.encode_name not in value:
+            if f.required:
+                problems.append(ErrorDetail(where, "required field is missing"))
+            continue
+        raw = value[f.encode_name]
+        try:
+            good[f.name] = msgspec.convert(raw, f.type)
+            continue
+        except msgspec.ValidationError as exc:
+            first = _split(str(exc), where)
+        item = _struct_items(f.type)
+        inner: list[ErrorDetail] = []
+        if item is not None and isinstance(raw, list):
+            for i, element in enumerate(raw):
+                inner += _collect(item, element, f"{where}[{i}]")
+        problems += inner or [first]
+    if issubclass(tp, Checked):
+        problems += [
+            ErrorDetail(path + d.path[1:], d.message) for d in tp.problems(good.get)
+        ]
+    return problems
+
+
+def validate(tp: type[T], value: Any) -> T:
+    """``value`` (decoded JSON) as ``tp``, or `ValidationFailed` with every problem."""
+    try:
+        obj = msgspec.convert(value, tp)
+    except msgspec.ValidationError:
+        obj = None
+    if obj is not None:
+        _check(obj)
+        return obj
+    details = _collect(tp, value, "$") if issubclass(tp, msgspec.Struct) else []
+    raise ValidationFailed(details or [ErrorDetail("$", "invalid value")])
+
+
+def _check(obj: object) -> None:
+    if isinstance(obj, Checked):
+        details = type(obj).problems(lambda name: getattr(obj, name, None))
+        if details:
+            raise ValidationFailed(details)
+
+
+_decoders: dict[type, msgspec.json.Decoder[Any]] = {}
+
+
+def decode_body(tp: type[T], body: bytes) -> T:
+    """The JSON ``body`` as ``tp``: 400 if it is not JSON, 422 listing every problem."""
+    decoder = _decoders.get(tp)
+    if decoder is None:
+        decoder = _decoders[tp] = msgspec.json.Decoder(tp)
+    try:
+        obj: T = decoder.decode(body)
+    except msgspec.ValidationError:
+        pass  # examined again below, for every problem
+    except msgspec.DecodeError as exc:
+        raise ApiError(400, "malformed_json", f"request body is not JSON: {exc}") from None
+    else:
+        _check(obj)
+        return obj
+    return validate(tp, msgspec.json.decode(body))
+
+
+def parse_query(tp: type[T], query: Mapping[str, list[str]]) -> T:
+    """Query parameters as ``tp`` (last value wins; numbers parsed from text)."""
+    flat = {k: v[-1] for k, v in query.items() if v}
+    names = {f.encode_name for f in msgspec.structs.fields(tp)}  # type: ignore[arg-type]
+    unknown = sorted(set(flat) - names)
+    if unknown:
+        raise ValidationFailed(
+            [ErrorDetail(f"query.{n}", "unknown query parameter") for n in unknown]
+        )
+    try:
+        return msgspec.convert(flat, tp, strict=False)
+    except msgspec.ValidationError as exc:
+        detail = _split(str(exc), "query")
+        raise ValidationFailed([detail]) from None
