@@ -47,6 +47,7 @@ class CoreUnavailable:
     def __init__(self, reason: str) -> None:
         self.reason = reason
         self.routes = api_routes(typing.cast(asyncpg.Pool, None), Events(None))
+        self.router = Router(self.routes)
 
     async def dispatch(self, req: Request) -> Response:
         err = ApiError(503, "unavailable", self.reason, headers={"Retry-After": "5"})

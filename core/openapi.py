@@ -50,15 +50,6 @@ def _fix_decimals(node: Any) -> Any:
     return node
 
 
-def _not_null(schema: dict[str, Any]) -> dict[str, Any]:
-    branches = schema.get("anyOf")
-    if branches is None:
-        return schema
-    rest = [b for b in branches if b != {"type": "null"}]
-    out = {k: v for k, v in schema.items() if k != "anyOf"}
-    return {**rest[0], **out} if len(rest) == 1 else {**out, "anyOf": rest}
-
-
 def _error_response(status: int) -> dict[str, Any]:
     return {
         "description": _ERRORS[status],
@@ -82,7 +73,7 @@ def _operation(route: Route, query_params: list[dict[str, Any]]) -> dict[str, An
     params += query_params
     params += [
         {"name": h.name, "in": "header", "required": False, "description": h.description,
-         "schema": {"type": "string", "maxLength": 255}}
+         "schema": dict(h.schema)}
         for h in route.headers
     ]  # fmt: skip
     if params:
@@ -147,7 +138,6 @@ def document(
             schema = components[r.query.__name__]
             required = set(schema.get("required", ()))
             for name, prop in schema["properties"].items():
-                prop = _not_null(prop)  # an absent parameter is the null
                 query_params.append(
                     {"name": name, "in": "query", "required": name in required, "schema": prop}
                 )

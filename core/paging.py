@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import base64
 import binascii
+import re
 
 import msgspec
+from msgspec import UNSET, UnsetType
 
-from core.errors import ErrorDetail, PreconditionFailed, ValidationFailed
+from core.errors import ApiError, ErrorDetail, ValidationFailed
 
 __all__ = [
     "ANY",
+    "ETAG_PATTERN",
     "decode_cursor",
     "encode_cursor",
     "etag",
@@ -21,15 +24,17 @@ __all__ = [
 
 _cursor_decoder = msgspec.json.Decoder(tuple[int])
 ANY = -1  # If-Match: * (any current version)
+#: What an If-Match header may hold: ``*`` or one of our ETags, weak or strong.
+ETAG_PATTERN = r'^(\*|(W/)?"[0-9]{1,9}")$'
 
 
 def encode_cursor(last_id: int) -> str:
     return base64.urlsafe_b64encode(msgspec.json.encode((last_id,))).rstrip(b"=").decode()
 
 
-def decode_cursor(cursor: str | None) -> int:
+def decode_cursor(cursor: str | UnsetType) -> int:
     """The last id of the previous page (0 for the first page), or 422."""
-    if cursor is None:
+    if cursor is UNSET:
         return 0
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
@@ -50,16 +55,19 @@ def etag(version: int) -> str:
 
 
 def if_match(header: str | None) -> int | None:
-    """The version an ``If-Match`` header demands: None (no header), `ANY`, or 412."""
+    """The version an ``If-Match`` header demands: None (no header), `ANY`, or 400.
+
+    A well-formed ETag that is not current is the caller's 412; a header that
+    cannot be one of ours at all is a malformed request.
+    """
     if header is None:
         return None
     value = header.strip()
     if value == "*":
         return ANY
-    value = value.removeprefix("W/").strip('"')
-    if value.isdigit() and len(value) <= 10:
-        return int(value)
-    raise PreconditionFailed("If-Match must be an ETag of this resource, like \"3\"")
+    if not re.fullmatch(ETAG_PATTERN, value):
+        raise ApiError(400, "invalid_header", 'If-Match must be "*" or an ETag like "3"')
+    return int(value.removeprefix("W/").strip('"'))
 
 
 def none_match(header: str | None, version: int) -> bool:

@@ -11,11 +11,12 @@ from typing import Any, NoReturn
 
 import asyncpg
 import msgspec
+from msgspec import UNSET
 
 from core.db import one
 from core.errors import NotFound, PreconditionFailed, ValidationFailed
 from core.events import ChangeKind, Events
-from core.paging import ANY, decode_cursor, etag, if_match, none_match, page_body
+from core.paging import ANY, ETAG_PATTERN, decode_cursor, etag, if_match, none_match, page_body
 from core.request import Request, Response
 from core.routing import HeaderParam, Route
 from core.schemas import Project, ProjectIn, ProjectPage, ProjectPatch, ProjectQuery
@@ -26,8 +27,16 @@ _JSON = "application/json"
 _encode_json = msgspec.json.Encoder(decimal_format="number").encode
 _project = msgspec.json.Decoder(Project)
 
-IF_MATCH = HeaderParam("If-Match", "Only write if the project's ETag (its version) matches.")
-IF_NONE_MATCH = HeaderParam("If-None-Match", "Answer 304 if the project's ETag still matches.")
+IF_MATCH = HeaderParam(
+    "If-Match",
+    "Only write if the project's ETag (its version) matches; 412 if not.",
+    {"type": "string", "pattern": ETAG_PATTERN},
+)
+IF_NONE_MATCH = HeaderParam(
+    "If-None-Match",
+    "Answer 304 if one of these ETags is current.",
+    {"type": "string"},
+)
 IDEMPOTENCY_KEY = HeaderParam(
     "Idempotency-Key", "A retry with the same key and body replays the first response."
 )
@@ -112,7 +121,9 @@ class Projects:
     async def list(self, req: Request) -> Response:
         q: ProjectQuery = req.args
         after = decode_cursor(q.cursor)
-        items, last, n = await one(self._pool, _LIST, after, q.status, q.tag, q.limit)
+        status = None if q.status is UNSET else q.status
+        tag = None if q.tag is UNSET else q.tag
+        items, last, n = await one(self._pool, _LIST, after, status, tag, q.limit)
         return Response(200, page_body(items, last if n > q.limit else None))
 
     async def get(self, req: Request) -> Response:
@@ -187,7 +198,7 @@ def _merge(current: Project, patch: ProjectPatch) -> ProjectIn:
     values = {name: getattr(current, name) for name in _WRITABLE}
     for name in _WRITABLE:
         value = getattr(patch, name)
-        if value is not msgspec.UNSET:
+        if value is not UNSET:
             values[name] = value
     merged = ProjectIn(**values)
     problems = ProjectIn.problems(lambda name: getattr(merged, name))

@@ -29,6 +29,9 @@ class HeaderParam:
 
     name: str
     description: str
+    schema: Mapping[str, object] = dataclasses.field(
+        default_factory=lambda: {"type": "string", "minLength": 1, "maxLength": 255}
+    )
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -77,17 +80,26 @@ class Router:
             if "{" in p
         ]
 
-    def match(self, method: str, path: str) -> tuple[Route, dict[str, str]]:
+    def _find(self, path: str) -> tuple[dict[str, Route], dict[str, str]]:
         methods = self._static.get(path)
-        params: dict[str, str] = {}
-        if methods is None:
-            for pattern, candidates in self._dynamic:
-                m = pattern.match(path)
-                if m is not None:
-                    methods, params = candidates, m.groupdict()
-                    break
-            else:
-                raise NotFound(f"no route for {path}")
+        if methods is not None:
+            return methods, {}
+        for pattern, candidates in self._dynamic:
+            m = pattern.match(path)
+            if m is not None:
+                return candidates, m.groupdict()
+        raise NotFound(f"no route for {path}")
+
+    def allow(self, path: str) -> str | None:
+        """The ``Allow`` header for ``path``; None when no route has it."""
+        try:
+            methods, _ = self._find(path)
+        except NotFound:
+            return None
+        return ", ".join(sorted(methods))
+
+    def match(self, method: str, path: str) -> tuple[Route, dict[str, str]]:
+        methods, params = self._find(path)
         route = methods.get(method)
         if route is None:
             allow = ", ".join(sorted(methods))

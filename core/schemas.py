@@ -38,9 +38,15 @@ __all__ = [
 BUDGET_MAX: Final = Decimal(1_000_000_000)
 _CENT: Final = Decimal("0.01")
 
-#: Pragmatic syntax check (one @, no spaces, a dot in the domain); delivery is
-#: the caller's business.
-EMAIL_PATTERN: Final = r"^[^@\s]+@[^@\s]+\.[^@\s]+$"
+#: An addr-spec with a dot-atom local part of at most 64 characters (RFC 5322
+#: §3.4.1, RFC 5321 §4.5.3.1.1; no quoted strings) and a domain of LDH labels with at least one dot: ASCII only.
+EMAIL_PATTERN: Final = (
+    r"^(?=[^@]{1,64}@)[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*"
+    r"@[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+    r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)+$"
+)
+#: PostgreSQL text cannot hold NUL; refuse it at the door, documented.
+NO_NUL: Final = r"^[^\x00]*$"
 
 Email = Annotated[
     str,
@@ -52,9 +58,9 @@ Email = Annotated[
         examples=["ada@example.com"],
     ),
 ]
-Name = Annotated[str, Meta(min_length=1, max_length=200)]
-Description = Annotated[str, Meta(max_length=5000)]
-Tag = Annotated[str, Meta(min_length=1, max_length=40)]
+Name = Annotated[str, Meta(min_length=1, max_length=200, pattern=NO_NUL)]
+Description = Annotated[str, Meta(max_length=5000, pattern=NO_NUL)]
+Tag = Annotated[str, Meta(min_length=1, max_length=40, pattern=NO_NUL)]
 Tags = Annotated[list[Tag], Meta(max_length=20)]
 Status = Literal["draft", "active", "done"]
 #: The range and the two places are checked by `ProjectIn.problems`; msgspec
@@ -64,7 +70,7 @@ Budget = Annotated[
     Decimal,
     Meta(description="Amount with at most two decimal places, 0 to 1,000,000,000."),
 ]
-DisplayName = Annotated[str, Meta(min_length=1, max_length=100)]
+DisplayName = Annotated[str, Meta(min_length=1, max_length=100, pattern=NO_NUL)]
 Limit = Annotated[int, Meta(ge=1, le=100, description="Page size (default 20).")]
 Cursor = Annotated[
     str, Meta(max_length=200, description="`next_cursor` of the previous page (opaque).")
@@ -169,10 +175,12 @@ class ProjectPage(Page, kw_only=True):
 
 
 class ProjectQuery(msgspec.Struct, forbid_unknown_fields=True):
+    # UNSET, not None, for absent parameters: query text is parsed leniently,
+    # and ``?status=null`` must be a bad status, not "no filter".
     limit: Limit = 20
-    cursor: Cursor | None = None
-    status: Status | None = None
-    tag: Tag | None = None
+    cursor: Cursor | UnsetType = UNSET
+    status: Status | UnsetType = UNSET
+    tag: Tag | UnsetType = UNSET
 
 
 class UserIn(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -199,4 +207,4 @@ class UserPage(Page, kw_only=True):
 
 class UserQuery(msgspec.Struct, forbid_unknown_fields=True):
     limit: Limit = 20
-    cursor: Cursor | None = None
+    cursor: Cursor | UnsetType = UNSET

@@ -19,7 +19,7 @@ from openapi_ui_bundles import redoc, swagger_ui
 from core.errors import default_code, error_body
 from core.openapi import document
 from core.request import Request, Response
-from core.routing import Route
+from core.routing import Route, Router
 from gateway.auth import AuthError, Verifier, token_from_header
 
 __all__ = ["ApiHandler", "CoreLike", "DocsHandler", "doc_routes"]
@@ -27,12 +27,16 @@ __all__ = ["ApiHandler", "CoreLike", "DocsHandler", "doc_routes"]
 
 class CoreLike(Protocol):
     routes: tuple[Route, ...]
+    router: Router
 
     async def dispatch(self, req: Request) -> Response: ...
 
 
 class ApiHandler(tornado.web.RequestHandler):
-    SUPPORTED_METHODS = ("GET", "HEAD", "POST", "DELETE", "PATCH", "PUT", "OPTIONS")
+    # Every method reaches the router, so an unsupported one is a 405 with Allow.
+    SUPPORTED_METHODS = (
+        "GET", "HEAD", "POST", "DELETE", "PATCH", "PUT", "OPTIONS", "TRACE", "CONNECT",
+    )  # fmt: skip
 
     def initialize(self, core: CoreLike, verifier: Verifier) -> None:
         self.core = core
@@ -59,7 +63,7 @@ class ApiHandler(tornado.web.RequestHandler):
         )
         self._answer(await self.core.dispatch(req))
 
-    get = post = put = patch = delete = head = options = _serve
+    get = post = put = patch = delete = head = options = trace = connect = _serve
 
     def _answer(self, resp: Response) -> None:
         self.set_status(resp.status)
@@ -73,6 +77,10 @@ class ApiHandler(tornado.web.RequestHandler):
         self.finish(resp.body)
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:
+        # Tornado itself answers 405 for methods it does not know (QUERY).
+        allow = self.core.router.allow(self.request.path) if status_code == 405 else None
+        if allow is not None:
+            self.set_header("Allow", allow)
         self.set_header("Content-Type", "application/json")
         message = "internal error" if status_code >= 500 else self._reason
         self.finish(error_body(status_code, default_code(status_code), message))

