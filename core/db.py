@@ -29,6 +29,19 @@ async def one(db: Queryable, sql: str, *args: Any) -> asyncpg.Record:
     return row
 
 
+async def _release(conn: asyncpg.Connection) -> None:
+    """What the pool runs when a connection comes back: only what our queries need.
+
+    asyncpg's default reset is a round trip per release (unlock advisory locks,
+    CLOSE ALL, UNLISTEN *, RESET ALL) for session state the core never
+    creates: no session locks, cursors, LISTEN or SET outside a transaction.
+    A transaction left open (it never is; `transaction()` blocks close theirs)
+    is still rolled back.
+    """
+    if conn.is_in_transaction():
+        await conn.execute("ROLLBACK")
+
+
 class Database:
     """A started pool on ``DATABASE_URL``, with ``DATABASE_SCHEMA`` as search path."""
 
@@ -57,6 +70,7 @@ class Database:
             command_timeout=settings.db_command_timeout,
             statement_cache_size=settings.db_statement_cache_size,
             max_inactive_connection_lifetime=300.0,
+            reset=_release,
             server_settings={
                 "search_path": schema,
                 "timezone": "UTC",

@@ -13,6 +13,7 @@ import asyncpg
 import msgspec
 from msgspec import UNSET
 
+from core.batch import Batcher
 from core.db import one
 from core.errors import NotFound, PreconditionFailed, ValidationFailed
 from core.events import ChangeKind, Events
@@ -54,9 +55,18 @@ from (select p.id, project_json(p) as j, row_number() over (order by p.id) as rn
 """
 _GET = "select project_json(p)::text, p.version from projects p where p.id = $1"
 _COLUMNS = "name, description, owner_email, budget, status, tags, starts_on, ends_on, milestones"
-_CREATE = f"""
-insert into projects ({_COLUMNS}) values ($1, $2, $3, $4, $5, $6, $7, $8, $9::jsonb)
-returning id, version, project_json(projects)::text
+#: Many creations in one statement (core/batch.py): rows are inserted in the
+#: order given, so ids ascend in that order and the result sorted by id
+#: matches it.
+_CREATE_MANY = f"""
+with created as (
+    insert into projects ({_COLUMNS})
+    select {_COLUMNS}
+    from json_populate_recordset(null::projects, $1::json) with ordinality
+    order by ordinality
+    returning id, version, project_json(projects)::text as body
+)
+select id, version, body from created order by id
 """
 _REPLACE = """
 update projects set name = $2, description = $3, owner_email = $4, budget = $5, status = $6,
@@ -95,6 +105,7 @@ class Projects:
     def __init__(self, pool: asyncpg.Pool, events: Events) -> None:
         self._pool = pool
         self._events = events
+        self._creations = Batcher(pool, _CREATE_MANY)
 
     def routes(self) -> list[Route]:
         tag = "projects"
@@ -137,7 +148,7 @@ class Projects:
         return Response(200, body.encode(), headers)
 
     async def create(self, req: Request) -> Response:
-        id, version, body = await one(self._pool, _CREATE, *_values(req.data))
+        id, version, body = await self._creations.submit(_encode_json(req.data))
         return await self._written("created", id, version, body, 201)
 
     async def replace(self, req: Request) -> Response:

@@ -16,7 +16,8 @@ from tornado.httpserver import HTTPServer
 
 from core import __version__
 from core.app import Core
-from core.web import ApiHandler, doc_routes
+from core.docs import doc_routes
+from core.http import CoreHTTP, api_router
 from gateway.auth import Verifier, ensure_key_material
 from gateway.broker import Broker, RedisBroker
 from gateway.logs import log_request
@@ -56,13 +57,13 @@ class CoreServer:
             await broker.start(lambda ch, data: None)
         core = await Core.open(settings, broker)
         handlers: list[Any] = [
-            (r"/api/.*", ApiHandler, {"core": core, "verifier": Verifier(settings)}),
             (r"/healthz", _Health),
             (r"/readyz", _Health, {"core": core}),
             *doc_routes(core.routes, "tornado-gateway REST core", __version__),
         ]
         app = tornado.web.Application(handlers, log_function=log_request)
-        server = HTTPServer(app, max_body_size=4 * settings.max_body_bytes, xheaders=False)
+        api = CoreHTTP(core, Verifier(settings), settings.max_body_bytes)
+        server = HTTPServer(api_router(api, app), max_body_size=4 * settings.max_body_bytes)
         server.listen(settings.port, settings.host)
         port = next(iter(server._sockets.values())).getsockname()[1]
         return cls(core, broker, server, port)

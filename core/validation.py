@@ -137,11 +137,21 @@ def decode_body(tp: type[T], body: bytes) -> T:
     return validate(tp, msgspec.json.decode(body))
 
 
+_names: dict[type, frozenset[str]] = {}
+
+
+def _field_names(tp: type) -> frozenset[str]:
+    # msgspec.structs.fields evaluates annotations on every call: cache per type.
+    names = _names.get(tp)
+    if names is None:
+        names = _names[tp] = frozenset(f.encode_name for f in msgspec.structs.fields(tp))
+    return names
+
+
 def parse_query(tp: type[T], query: Mapping[str, list[str]]) -> T:
     """Query parameters as ``tp`` (last value wins; numbers parsed from text)."""
     flat = {k: v[-1] for k, v in query.items() if v}
-    names = {f.encode_name for f in msgspec.structs.fields(tp)}  # type: ignore[arg-type]
-    unknown = sorted(set(flat) - names)
+    unknown = sorted(set(flat) - _field_names(tp))
     if unknown:
         raise ValidationFailed(
             [ErrorDetail(f"query.{n}", "unknown query parameter") for n in unknown]

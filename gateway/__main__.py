@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import sys
 from collections.abc import Sequence
 
+from core.embedded import EmbeddedPostgres
 from gateway.app import make_app
 from gateway.auth import ensure_key_material, mint_token
 from gateway.logs import configure_logging
@@ -18,7 +20,32 @@ __all__ = ["main"]
 log = logging.getLogger("gateway")
 
 
+async def _embedded_database(settings: Settings) -> tuple[Settings, EmbeddedPostgres | None]:
+    """Settings with a database: the configured one, or an embedded PostgreSQL."""
+    if settings.database_url:
+        return settings, None
+    embedded = EmbeddedPostgres(settings.data_dir)
+    try:
+        url = await asyncio.to_thread(embedded.start)
+    except ImportError:
+        log.warning(
+            "DATABASE_URL not set and pgserver not installed: the REST core answers 503 "
+            "(pip install 'tornado-gateway[embedded]' or set DATABASE_URL)"
+        )
+        return settings, None
+    return settings.replace(database_url=url, database_schema="public"), embedded
+
+
 async def serve(settings: Settings) -> None:
+    settings, embedded = await _embedded_database(settings)
+    try:
+        await _serve(settings)
+    finally:
+        if embedded is not None:
+            await asyncio.to_thread(embedded.stop)
+
+
+async def _serve(settings: Settings) -> None:
     gateway = await make_app(settings)
     port = gateway.listen()
     limit = raise_file_limit()

@@ -20,7 +20,8 @@ from tornado.netutil import bind_sockets
 
 from core import __version__
 from core.app import Core, CoreUnavailable
-from core.web import ApiHandler, doc_routes
+from core.docs import doc_routes
+from core.http import CoreHTTP, api_router
 from gateway.auth import Verifier, ensure_key_material
 from gateway.broker import Broker, make_broker
 from gateway.context import Context
@@ -78,7 +79,8 @@ class Gateway:
             self.settings.host if host is None else host,
         )
         limit = max(self.settings.max_publish_bytes + 65536, 4 * self.settings.max_body_bytes)
-        self.server = HTTPServer(self.app, max_body_size=limit)
+        api = CoreHTTP(self.ctx.core, self.ctx.verifier, self.settings.max_body_bytes)
+        self.server = HTTPServer(api_router(api, self.app), max_body_size=limit)
         self.server.add_sockets(sockets)
         self.port = sockets[0].getsockname()[1]
         return self.port
@@ -107,7 +109,6 @@ def routes(ctx: Context) -> list[Any]:
     return [
         (r"/ws", WebSocketHandler, kw),
         (r"/api/publish", PublishHandler, kw),
-        (r"/api/.*", ApiHandler, {"core": ctx.core, "verifier": ctx.verifier}),
         (r"/healthz", HealthHandler, kw),
         (r"/readyz", ReadyHandler, kw),
         (r"/metrics", MetricsHandler, kw),

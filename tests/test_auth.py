@@ -202,3 +202,27 @@ def test_bearer_header_parsing():
     assert token_from_header("Basic abc") is None
     assert token_from_header("Bearer") is None
     assert token_from_header(None) is None
+
+
+def test_a_remembered_token_still_expires_at_exp():
+    v = Verifier(Settings(jwt_secret=SECRET))
+    exp = int(time.time()) + 60
+    token = hs(base_claims(exp=exp))
+    assert v.verify(token, now=exp - 30).exp == exp  # verified, then remembered
+    assert v.verify(token, now=exp - 1).exp == exp
+    with pytest.raises(AuthError) as info:
+        v.verify(token, now=exp)
+    assert info.value.reason == "expired"
+
+
+def test_remembered_tokens_are_bounded(monkeypatch):
+    monkeypatch.setattr(Verifier, "CACHE_SIZE", 3)
+    v = Verifier(Settings(jwt_secret=SECRET))
+    tokens = [hs(base_claims(sub=f"u{i}")) for i in range(5)]
+    for t in tokens:
+        v.verify(t)
+    assert len(v._cache) == 3 and tokens[-1] in v._cache and tokens[0] not in v._cache
+
+
+def test_non_numeric_exp_is_refused():
+    assert refused(Verifier(Settings(jwt_secret=SECRET)), hs(base_claims(exp="soon"))) == "invalid"

@@ -17,8 +17,9 @@ import redis.asyncio as aioredis
 from websockets.exceptions import ConnectionClosed
 
 from proto import CloseCode
-from tests.harness import SECRET, unique_prefix, ws_client
+from tests.harness import SECRET, ApiClient, unique_prefix, ws_client
 from tests.servers import UNIT, free_port
+from tests.test_core_rest import PROJECT
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -35,7 +36,7 @@ class GatewayProcess:
             "PYTHONUNBUFFERED": "1",
             **env,
         }
-        for name in ("REDIS_URL", "JWT_SECRET"):
+        for name in ("REDIS_URL", "JWT_SECRET", "DATABASE_URL", "DATABASE_SCHEMA"):
             if env.get(name) is None:
                 self.env.pop(name, None)
         self.proc: subprocess.Popen[bytes] | None = None
@@ -160,6 +161,26 @@ async def test_embedded_mode_runs_without_redis_or_secret(processes, tmp_path):
     )
     assert json.loads(await asyncio.to_thread(_read, req)) == {"ok": True}
     assert token not in gp.output()
+
+
+async def test_embedded_postgres_keeps_data_across_a_restart(processes, tmp_path):
+    gp = processes()  # no DATABASE_URL: `make run` starts PostgreSQL under DATA_DIR
+    assert "embedded PostgreSQL" in gp.output()
+    token = mint(tmp_path, secret=None)
+    api = ApiClient(gp.port, token)
+    try:
+        status, _, created = await api.call("POST", "/api/projects", PROJECT)
+    finally:
+        api.close()
+    assert status == 201, created
+    assert await asyncio.to_thread(gp.stop) == 0
+    again = processes()
+    api = ApiClient(again.port, token)
+    try:
+        status, _, body = await api.call("GET", f"/api/projects/{created['id']}")
+    finally:
+        api.close()
+    assert status == 200 and body == created
 
 
 def _read(req: urllib.request.Request) -> bytes:

@@ -1,0 +1,65 @@
+"""The core's documents: ``/openapi.json``, Swagger UI at ``/docs``, ReDoc at ``/redoc``.
+
+The UI assets come from the openapi-ui-bundles package and are served from
+this process: the pages load nothing from a CDN.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import tornado.web
+from openapi_ui_bundles import redoc, swagger_ui
+
+from core.openapi import document
+from core.routing import Route
+
+__all__ = ["DocsHandler", "doc_routes"]
+
+
+_SWAGGER = """<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>{title} - Swagger UI</title>
+<link rel="stylesheet" href="/docs/static/swagger-ui.css"></head>
+<body><div id="swagger-ui"></div>
+<script src="/docs/static/swagger-ui-bundle.js"></script>
+<script>window.ui = SwaggerUIBundle({{url: "/openapi.json", dom_id: "#swagger-ui",
+  deepLinking: true, persistAuthorization: true}});</script>
+</body></html>
+"""
+_REDOC = """<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>{title} - ReDoc</title>
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<style>body {{ margin: 0; padding: 0; }}</style></head>
+<body><redoc spec-url="/openapi.json"></redoc>
+<script src="/redoc/static/redoc.standalone.js"></script>
+</body></html>
+"""
+
+
+class DocsHandler(tornado.web.RequestHandler):
+    """Serves one prebuilt document (the OpenAPI JSON or a UI page)."""
+
+    def initialize(self, content: bytes, content_type: str) -> None:
+        self.content = content
+        self.content_type = content_type
+
+    def get(self) -> None:
+        self.set_header("Content-Type", self.content_type)
+        self.finish(self.content)
+
+
+def doc_routes(routes: tuple[Route, ...], title: str, version: str) -> list[Any]:
+    """``/openapi.json``, ``/docs`` (Swagger UI) and ``/redoc``, all from package files."""
+    spec = json.dumps(document(routes, title=title, version=version), indent=1).encode()
+    static = tornado.web.StaticFileHandler
+    return [
+        (r"/openapi\.json", DocsHandler, {"content": spec, "content_type": "application/json"}),
+        (r"/docs/?", DocsHandler,
+         {"content": _SWAGGER.format(title=title).encode(), "content_type": "text/html"}),
+        (r"/redoc/?", DocsHandler,
+         {"content": _REDOC.format(title=title).encode(), "content_type": "text/html"}),
+        (r"/docs/static/(.*)", static, {"path": str(Path(swagger_ui.static_path))}),
+        (r"/redoc/static/(.*)", static, {"path": str(Path(redoc.static_path))}),
+    ]  # fmt: skip
