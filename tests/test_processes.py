@@ -25,14 +25,14 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 class GatewayProcess:
-    def __init__(self, tmp: Path, **env: str) -> None:
+    def __init__(self, tmp: Path, data_dir: Path, **env: str) -> None:
         self.port = free_port()
         self.log = tmp / f"gateway-{self.port}.log"
         self.env = {
             **os.environ,
             "PORT": str(self.port),
             "HOST": "127.0.0.1",
-            "DATA_DIR": str(tmp / "data"),
+            "DATA_DIR": str(data_dir),
             "PYTHONUNBUFFERED": "1",
             **env,
         }
@@ -73,11 +73,11 @@ class GatewayProcess:
 
 
 @pytest.fixture
-def processes(tmp_path):
+def processes(tmp_path, data_dir):
     started: list[GatewayProcess] = []
 
     def spawn(**env: str) -> GatewayProcess:
-        gp = GatewayProcess(tmp_path, **env).start()
+        gp = GatewayProcess(tmp_path, data_dir, **env).start()
         started.append(gp)
         return gp
 
@@ -99,8 +99,8 @@ def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedPr
     )
 
 
-def mint(tmp_path: Path, *extra: str, secret: str | None = SECRET) -> str:
-    env = {"DATA_DIR": str(tmp_path / "data")}
+def mint(data_dir: Path, *extra: str, secret: str | None = SECRET) -> str:
+    env = {"DATA_DIR": str(data_dir)}
     if secret:
         env["JWT_SECRET"] = secret
     out = cli("token", "--sub", "alice", "--channels", "room:*", *extra, env=env)
@@ -108,11 +108,11 @@ def mint(tmp_path: Path, *extra: str, secret: str | None = SECRET) -> str:
     return out.stdout.strip()
 
 
-async def test_plain_redis_publish_reaches_sockets_on_two_processes(processes, redis_url, tmp_path):
+async def test_plain_redis_publish_reaches_sockets_on_two_processes(processes, redis_url, data_dir):
     prefix = unique_prefix()
     env = {"REDIS_URL": redis_url, "REDIS_PREFIX": prefix, "JWT_SECRET": SECRET}
     a, b = processes(**env), processes(**env)
-    token = mint(tmp_path)
+    token = mint(data_dir)
     async with ws_client(a.port, token) as ca, ws_client(b.port, token) as cb:
         assert (await ca.request("sub", ch="room:1"))["ok"]
         assert (await cb.request("sub", ch="room:1"))["ok"]
@@ -130,9 +130,9 @@ async def test_plain_redis_publish_reaches_sockets_on_two_processes(processes, r
         assert await ca.next_push() == {"op": "msg", "ch": "room:1", "data": {"from": "a"}}
 
 
-async def test_sigterm_closes_sockets_with_reconnect_code_and_exits(processes, redis_url, tmp_path):
+async def test_sigterm_closes_sockets_with_reconnect_code_and_exits(processes, redis_url, data_dir):
     gp = processes(REDIS_URL=redis_url, REDIS_PREFIX=unique_prefix(), JWT_SECRET=SECRET)
-    async with ws_client(gp.port, mint(tmp_path)) as c:
+    async with ws_client(gp.port, mint(data_dir)) as c:
         assert (await c.request("sub", ch="room:1"))["ok"]
         gp.proc.send_signal(signal.SIGTERM)
         with pytest.raises(ConnectionClosed) as info:
@@ -143,11 +143,11 @@ async def test_sigterm_closes_sockets_with_reconnect_code_and_exits(processes, r
     assert "shutting down" in gp.output()
 
 
-async def test_embedded_mode_runs_without_redis_or_secret(processes, tmp_path):
+async def test_embedded_mode_runs_without_redis_or_secret(processes, data_dir):
     gp = processes()  # no REDIS_URL, no JWT_SECRET: as `make run` on a fresh machine
     log = gp.output()
     assert "in-memory broker" in log and "JWT_SECRET is not set" in log
-    token = mint(tmp_path, secret=None)  # reads the secret the gateway generated
+    token = mint(data_dir, secret=None)  # reads the secret the gateway generated
     async with ws_client(gp.port, token) as c, ws_client(gp.port, token) as d:
         assert (await c.request("sub", ch="room:1"))["ok"]
         assert (await d.request("pub", ch="room:1", data=[1, 2]))["ok"]
@@ -163,10 +163,10 @@ async def test_embedded_mode_runs_without_redis_or_secret(processes, tmp_path):
     assert token not in gp.output()
 
 
-async def test_embedded_postgres_keeps_data_across_a_restart(processes, tmp_path):
+async def test_embedded_postgres_keeps_data_across_a_restart(processes, data_dir):
     gp = processes()  # no DATABASE_URL: `make run` starts PostgreSQL under DATA_DIR
     assert "embedded PostgreSQL" in gp.output()
-    token = mint(tmp_path, secret=None)
+    token = mint(data_dir, secret=None)
     api = ApiClient(gp.port, token)
     try:
         status, _, created = await api.call("POST", "/api/projects", PROJECT)
@@ -203,10 +203,10 @@ def test_bad_setting_is_a_clear_error():
     assert "Traceback" not in out.stderr
 
 
-def test_token_command_mints_verifiable_tokens(tmp_path):
+def test_token_command_mints_verifiable_tokens(data_dir):
     import jwt
 
-    token = mint(tmp_path, "--channels", "user:alice", "--pub", "no", "--ttl", "60")
+    token = mint(data_dir, "--channels", "user:alice", "--pub", "no", "--ttl", "60")
     claims = jwt.decode(token, SECRET, algorithms=["HS256"])
     assert claims["sub"] == "alice" and claims["channels"] == ["room:*", "user:alice"]
     assert claims["pub"] is False and 55 <= claims["exp"] - claims["iat"] <= 60
