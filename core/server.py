@@ -13,6 +13,7 @@ from typing import Any
 
 import tornado.web
 from tornado.httpserver import HTTPServer
+from tornado.netutil import bind_sockets
 
 from core import __version__
 from core.app import Core
@@ -64,8 +65,9 @@ class CoreServer:
         app = tornado.web.Application(handlers, log_function=log_request)
         api = CoreHTTP(core, Verifier(settings), settings.max_body_bytes)
         server = HTTPServer(api_router(api, app), max_body_size=4 * settings.max_body_bytes)
-        server.listen(settings.port, settings.host)
-        port = next(iter(server._sockets.values())).getsockname()[1]
+        sockets = bind_sockets(settings.port, settings.host)
+        server.add_sockets(sockets)
+        port: int = sockets[0].getsockname()[1]
         return cls(core, broker, server, port)
 
     async def close(self) -> None:

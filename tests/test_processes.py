@@ -25,9 +25,12 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 class GatewayProcess:
-    def __init__(self, tmp: Path, data_dir: Path, **env: str) -> None:
+    """``python -m gateway`` (or, with ``module="core"``, the REST core alone)."""
+
+    def __init__(self, tmp: Path, data_dir: Path, module: str = "gateway", **env: str) -> None:
+        self.module = module
         self.port = free_port()
-        self.log = tmp / f"gateway-{self.port}.log"
+        self.log = tmp / f"{module}-{self.port}.log"
         self.env = {
             **os.environ,
             "PORT": str(self.port),
@@ -44,7 +47,7 @@ class GatewayProcess:
     def start(self) -> GatewayProcess:
         with open(self.log, "wb") as out:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "gateway"], cwd=ROOT, env=self.env, stdout=out, stderr=out
+                [sys.executable, "-m", self.module], cwd=ROOT, env=self.env, stdout=out, stderr=out
             )
         deadline = time.monotonic() + 15 * UNIT
         while time.monotonic() < deadline:
@@ -76,8 +79,8 @@ class GatewayProcess:
 def processes(tmp_path, data_dir):
     started: list[GatewayProcess] = []
 
-    def spawn(**env: str) -> GatewayProcess:
-        gp = GatewayProcess(tmp_path, data_dir, **env).start()
+    def spawn(module: str = "gateway", **env: str) -> GatewayProcess:
+        gp = GatewayProcess(tmp_path, data_dir, module, **env).start()
         started.append(gp)
         return gp
 
@@ -181,6 +184,31 @@ async def test_embedded_postgres_keeps_data_across_a_restart(processes, data_dir
     finally:
         api.close()
     assert status == 200 and body == created
+
+
+async def test_standalone_core_serves_the_api_and_its_writes_reach_gateway_sockets(
+    processes, redis_url, clean_db, data_dir
+):
+    prefix = unique_prefix()
+    shared = {"REDIS_URL": redis_url, "REDIS_PREFIX": prefix, "JWT_SECRET": SECRET}
+    db = {"DATABASE_URL": clean_db["database_url"], "DATABASE_SCHEMA": clean_db["database_schema"]}
+    core = processes("core", **shared, **db)
+    gateway = processes(**shared, **db)  # the socket tier, on the same database
+    token = mint(data_dir, "--channels", "projects")
+    api = ApiClient(core.port, token)
+    try:
+        async with ws_client(gateway.port, token) as c:
+            assert (await c.request("sub", ch="projects"))["ok"]
+            status, headers, created = await api.call("POST", "/api/projects", PROJECT)
+            assert status == 201 and headers["Location"] == f"/api/projects/{created['id']}"
+            push = await c.next_push()
+        status, _, doc = await api.call("GET", "/openapi.json")
+        assert status == 200 and "/api/projects/{id}" in doc["paths"]
+        assert (await api.call("GET", "/api/nope"))[0] == 404
+    finally:
+        api.close()
+    assert push["data"] == {"type": "created", "id": created["id"], "version": 1, "data": created}
+    assert await asyncio.to_thread(core.stop) == 0
 
 
 def _read(req: urllib.request.Request) -> bytes:
