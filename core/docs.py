@@ -38,6 +38,15 @@ _REDOC = """<!DOCTYPE html>
 """
 
 
+DESCRIPTION = (
+    "The REST core of tornado-gateway. Every operation takes a bearer JWT (the same "
+    "token a socket uses) and answers errors in one shape: "
+    '`{"error": {"status", "code", "message", "details"?}}`. '
+    "The same operations run over a WebSocket as `rpc` frames, and every write is "
+    "published to the channels `projects` and `projects:<id>`."
+)
+
+
 class DocsHandler(tornado.web.RequestHandler):
     """Serves one prebuilt document (the OpenAPI JSON or a UI page)."""
 
@@ -52,7 +61,8 @@ class DocsHandler(tornado.web.RequestHandler):
 
 def doc_routes(routes: tuple[Route, ...], title: str, version: str) -> list[Any]:
     """``/openapi.json``, ``/docs`` (Swagger UI) and ``/redoc``, all from package files."""
-    spec = json.dumps(document(routes, title=title, version=version), indent=1).encode()
+    doc = document(routes, title=title, version=version, description=DESCRIPTION)
+    spec = json.dumps(doc, indent=1).encode()
     static = tornado.web.StaticFileHandler
     return [
         (r"/openapi\.json", DocsHandler, {"content": spec, "content_type": "application/json"}),

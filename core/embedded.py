@@ -29,6 +29,8 @@ class EmbeddedPostgres:
             # platformdirs warns when XDG_RUNTIME_DIR is unset (containers).
             warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
             import pgserver
+        # pgserver logs every initdb/pg_ctl command line and its output at INFO.
+        logging.getLogger("pgserver").setLevel(logging.WARNING)
         self.directory.mkdir(parents=True, exist_ok=True)
         self._server = pgserver.get_server(  # type: ignore[attr-defined]
             self.directory, cleanup_mode="stop"

@@ -39,14 +39,23 @@ _ERRORS = {
 }
 
 
-def _fix_decimals(node: Any) -> Any:
-    """msgspec writes Decimal as a string with format decimal; ours are bounded numbers."""
+def _polish(node: Any) -> Any:
+    """What msgspec's schemas leave unsaid.
+
+    Decimal is written as a string with format decimal; ours are bounded
+    numbers. String enums carry no ``type``, which viewers show as "any".
+    """
     if isinstance(node, dict):
         if node.get("format") == "decimal":
-            return {**_DECIMAL, **({"description": node["description"]} if "description" in node else {})}
-        return {k: _fix_decimals(v) for k, v in node.items()}
+            described = {"description": node["description"]} if "description" in node else {}
+            return {**_DECIMAL, **described}
+        out = {k: _polish(v) for k, v in node.items()}
+        enum = out.get("enum")
+        if enum and "type" not in out and all(isinstance(v, str) for v in enum):
+            out["type"] = "string"
+        return out
     if isinstance(node, list):
-        return [_fix_decimals(v) for v in node]
+        return [_polish(v) for v in node]
     return node
 
 
@@ -129,7 +138,7 @@ def document(
         types += [t for t in (r.body, r.query, *r.responses.values()) if t is not None]
     unique = list(dict.fromkeys(types))
     _, components = msgspec.json.schema_components(unique, ref_template=_REF)
-    components = _fix_decimals(components)
+    components = _polish(components)
     query_names = {r.query.__name__ for r in routes if r.query is not None}
     paths: dict[str, dict[str, Any]] = {}
     for r in routes:

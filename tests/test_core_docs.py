@@ -58,6 +58,7 @@ def test_query_parameters_are_typed():
     params = {p["name"]: p for p in spec()["paths"]["/api/projects"]["get"]["parameters"]}
     assert params["limit"]["schema"]["maximum"] == 100
     assert set(params["status"]["schema"]["enum"]) == {"draft", "active", "done"}
+    assert params["status"]["schema"]["type"] == "string"
     assert not any(p["required"] for p in params.values())
 
 
