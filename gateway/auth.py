@@ -14,7 +14,7 @@ import logging
 import os
 import secrets
 import time
-from collections.abc import Mapping
+from collections.abc import Container, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -53,18 +53,32 @@ class Identity:
     """Who is on a connection: only what the gateway needs after the handshake.
 
     ``exp`` is when the connection must close: the token's ``exp`` plus the
-    configured leeway, or None for a token without ``exp``.
+    configured leeway, or None for a token without ``exp``. ``sid`` is the
+    login session of tokens this system issued (claim ``sid``), None for
+    tokens from elsewhere; ``role`` is ``admin`` or ``user`` (the default).
     """
 
-    __slots__ = ("exp", "grants", "sub")
+    __slots__ = ("exp", "grants", "role", "sid", "sub")
 
-    def __init__(self, sub: str, grants: Grants, exp: float | None) -> None:
+    def __init__(
+        self,
+        sub: str,
+        grants: Grants,
+        exp: float | None,
+        sid: str | None = None,
+        role: str = "user",
+    ) -> None:
         self.sub = sub
         self.grants = grants
         self.exp = exp
+        self.sid = sid
+        self.role = role
 
     def __repr__(self) -> str:
-        return f"Identity(sub={self.sub!r}, exp={self.exp!r}, grants={self.grants!r})"
+        return (
+            f"Identity(sub={self.sub!r}, sid={self.sid!r}, role={self.role!r}, "
+            f"exp={self.exp!r}, grants={self.grants!r})"
+        )
 
 
 def _algorithms_for(key: Any) -> tuple[str, ...]:
@@ -81,8 +95,9 @@ def _algorithms_for(key: Any) -> tuple[str, ...]:
 class Verifier:
     CACHE_SIZE = 8192
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, revoked: Container[str] = frozenset()) -> None:
         self._cache: dict[str, Identity] = {}
+        self._revoked = revoked
         self._issuer = settings.jwt_issuer
         self._audience = settings.jwt_audience
         self._leeway = settings.jwt_leeway
@@ -140,14 +155,14 @@ class Verifier:
         """
         now = time.time() if now is None else now
         identity = self._cache.get(token)
-        if identity is not None:
-            if identity.exp is None or now < identity.exp:
-                return identity
-            del self._cache[token]
-        identity = self._verify(token, now)
-        if len(self._cache) >= self.CACHE_SIZE:
-            del self._cache[next(iter(self._cache))]
-        self._cache[token] = identity
+        if identity is None or (identity.exp is not None and now >= identity.exp):
+            self._cache.pop(token, None)
+            identity = self._verify(token, now)
+            if len(self._cache) >= self.CACHE_SIZE:
+                del self._cache[next(iter(self._cache))]
+            self._cache[token] = identity
+        if identity.sid is not None and identity.sid in self._revoked:
+            raise AuthError("revoked", "session revoked")
         return identity
 
     def _verify(self, token: str, now: float) -> Identity:
@@ -198,7 +213,11 @@ class Verifier:
         expires = None if exp is None else float(exp) + self._leeway
         if expires is not None and now >= expires:
             raise AuthError("expired", "token expired")
-        return Identity(sub, grants, expires)
+        sid = claims.get("sid")
+        role = claims.get("role", "user")
+        if (sid is not None and not isinstance(sid, str)) or role not in ("user", "admin"):
+            raise AuthError("bad_claims", "claims 'sid' or 'role' have the wrong shape")
+        return Identity(sub, grants, expires, sid, role)
 
 
 def ensure_key_material(settings: Settings) -> Settings:

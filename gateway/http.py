@@ -20,6 +20,7 @@ from core.errors import ErrorDetail, default_code, error_body
 from gateway.auth import AuthError, Identity, token_from_header
 from gateway.broker import BrokerUnavailable
 from gateway.context import Context
+from proto import RESERVED_PREFIX
 from proto.frames import Channel
 
 __all__ = [
@@ -124,7 +125,7 @@ class PublishHandler(JsonHandler):
             ) from None
         except msgspec.DecodeError as exc:
             raise ApiError(400, "malformed_json", str(exc)) from None
-        if not identity.grants.can_publish(req.ch):
+        if req.ch.startswith(RESERVED_PREFIX) or not identity.grants.can_publish(req.ch):
             raise ApiError(403, "forbidden", f"token does not allow publishing on {req.ch}")
         if len(req.data) > limit:
             raise ApiError(413, "payload_too_large", f"data over {limit} bytes")

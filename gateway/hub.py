@@ -63,6 +63,7 @@ class Hub:
         self._connections: set[Member] = set()
         self._subscriptions = 0
         self._expiry: ExpiryWheel[Member] = ExpiryWheel()
+        self._by_session: dict[str, set[Member]] = {}
         self._idle: asyncio.Event | None = None
         metrics.watch(
             connections=lambda: len(self._connections),
@@ -72,16 +73,25 @@ class Hub:
 
     # -- connections -------------------------------------------------------
 
-    def connect(self, member: Member, exp: float | None = None) -> None:
-        """Register a connection; one with ``exp`` is closed when it passes."""
+    def connect(self, member: Member, exp: float | None = None, sid: str | None = None) -> None:
+        """Register a connection; one with ``exp`` is closed when it passes,
+        one with a login session ``sid`` when the session is revoked."""
         self._connections.add(member)
         if exp is not None:
             self._expiry.add(member, exp)
+        if sid is not None:
+            self._by_session.setdefault(sid, set()).add(member)
 
-    def disconnect(self, member: Member, exp: float | None = None) -> None:
+    def disconnect(self, member: Member, exp: float | None = None, sid: str | None = None) -> None:
         self._connections.discard(member)
         if exp is not None:
             self._expiry.discard(member, exp)
+        if sid is not None:
+            members = self._by_session.get(sid)
+            if members is not None:
+                members.discard(member)
+                if not members:
+                    del self._by_session[sid]
         if not self._connections and self._idle is not None:
             self._idle.set()
 
@@ -97,6 +107,13 @@ class Hub:
         for member in due:
             member.close(CloseCode.TOKEN_EXPIRED)
         return len(due)
+
+    def close_session(self, sid: str) -> int:
+        """Close every connection of a revoked login session."""
+        members = list(self._by_session.get(sid, ()))
+        for member in members:
+            member.close(CloseCode.SESSION_REVOKED)
+        return len(members)
 
     @property
     def connections(self) -> frozenset[Member]:

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Coroutine, Iterable
+from collections.abc import Callable, Coroutine, Iterable
 from typing import Any
 
 import msgspec
 
-from gateway.broker import Broker
+from gateway.broker import CONTROL, Broker
 from gateway.hub import Hub, Member
 from gateway.metrics import Metrics
 
@@ -57,6 +57,8 @@ class Node:
         self._metrics = metrics
         self._pending: dict[str, _Pending] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        #: Called with each message on the control channel (revocations).
+        self.on_control: Callable[[bytes], None] | None = None
 
     async def start(self) -> None:
         await self.broker.start(self._on_publication, self._metrics.broker_state)
@@ -112,6 +114,10 @@ class Node:
     # -- broker side -------------------------------------------------------
 
     def _on_publication(self, ch: str, data: bytes) -> None:
+        if ch == CONTROL:
+            if self.on_control is not None:
+                self.on_control(data)
+            return
         self._metrics.publications.inc()
         if not self.hub.has_subscribers(ch):
             return

@@ -78,7 +78,7 @@ class Session:
         self.dispatch = dispatch
 
     def open(self) -> None:
-        self.node.hub.connect(self, self.identity.exp)
+        self.node.hub.connect(self, self.identity.exp, self.identity.sid)
 
     async def handle(self, data: bytes | str) -> None:
         """Run one client frame to completion; never raises."""
@@ -158,4 +158,4 @@ class Session:
         self.conn.transition(State.CLOSED)
         self.node.leave_all(self, self.conn.subscriptions)
         self.conn.subscriptions.clear()
-        self.node.hub.disconnect(self, self.identity.exp)
+        self.node.hub.disconnect(self, self.identity.exp, self.identity.sid)

@@ -20,6 +20,15 @@ class SettingsError(ValueError):
     """An environment variable holds a value the gateway cannot use."""
 
 
+def _bool(raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"expected true or false, got {raw!r}")
+
+
 def _list(raw: str) -> tuple[str, ...]:
     return tuple(item.strip() for item in raw.split(",") if item.strip())
 
@@ -133,6 +142,33 @@ class Settings:
     )
     max_token_bytes: int = _setting(
         8192, "MAX_TOKEN_BYTES", "Longest token accepted (bytes).", _positive_int
+    )
+    access_token_ttl: float = _setting(
+        900.0, "ACCESS_TOKEN_TTL", "Seconds an issued access token lives.", _positive_float
+    )
+    session_ttl: float = _setting(
+        30 * 86400.0,
+        "SESSION_TTL",
+        "Seconds a login session (its refresh tokens) lives at most.",
+        _positive_float,
+    )
+    registration_open: bool = _setting(
+        True, "REGISTRATION_OPEN", "Whether POST /api/auth/register creates accounts.", _bool
+    )
+    user_channels: tuple[str, ...] = _setting(
+        ("user:{sub}", "projects", "projects:*"),
+        "USER_CHANNELS",
+        "Channel patterns in issued user tokens ({sub} is the user id).",
+        _list,
+    )
+    admin_channels: tuple[str, ...] = _setting(
+        ("*",), "ADMIN_CHANNELS", "Channel patterns in issued admin tokens.", _list
+    )
+    password_time_cost: int = _setting(
+        3, "PASSWORD_TIME_COST", "argon2id passes (RFC 9106 default 3).", _positive_int
+    )
+    password_memory_kib: int = _setting(
+        65536, "PASSWORD_MEMORY_KIB", "argon2id memory in KiB (default 64 MiB).", _positive_int
     )
     max_frame_bytes: int = _setting(
         65536,

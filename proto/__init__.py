@@ -16,7 +16,7 @@ from proto.codes import (
     is_temporary,
     should_reconnect,
 )
-from proto.connection import TRANSITIONS, Connection, State, StateError
+from proto.connection import RESERVED_PREFIX, TRANSITIONS, Connection, State, StateError
 from proto.frames import Command, ErrorBody, Ping, Pub, Push, Reply, Rpc, Sub, Unsub
 from proto.grants import Grants, InvalidGrants
 from proto.wsframe import frame
@@ -26,6 +26,7 @@ __all__ = [
     "CODECS",
     "JSON_CODEC",
     "MSGPACK_CODEC",
+    "RESERVED_PREFIX",
     "TRANSITIONS",
     "CloseCode",
     "Codec",

@@ -66,6 +66,7 @@ class CloseCode(enum.IntEnum):
     # 4500-4999: do not reconnect blindly.
     BAD_REQUEST = 4500
     FORBIDDEN = 4501
+    SESSION_REVOKED = 4502
 
 
 class _Error(NamedTuple):
@@ -99,6 +100,7 @@ _CLOSE_REASONS: dict[CloseCode, str] = {
     CloseCode.INTERNAL: "internal error, reconnect",
     CloseCode.BAD_REQUEST: "bad request",
     CloseCode.FORBIDDEN: "forbidden",
+    CloseCode.SESSION_REVOKED: "session revoked, log in again",
 }
 
 

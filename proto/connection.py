@@ -27,7 +27,11 @@ from proto.codes import ErrorCode
 from proto.frames import Command, Ping, Pub, Rpc, Sub, Unsub
 from proto.grants import Grants
 
-__all__ = ["TRANSITIONS", "Connection", "State", "StateError"]
+__all__ = ["RESERVED_PREFIX", "TRANSITIONS", "Connection", "State", "StateError"]
+
+#: Channel names the system keeps for itself (``__control``): no client may
+#: subscribe or publish there, whatever its grants say.
+RESERVED_PREFIX: Final = "__"
 
 
 class State(enum.Enum):
@@ -93,7 +97,7 @@ class Connection:
             if cmd.ch not in self.subscriptions:
                 raise ProtocolError(ErrorCode.NOT_SUBSCRIBED, cmd.id, cmd.ch)
         elif isinstance(cmd, Pub):
-            if not self.grants.can_publish(cmd.ch):
+            if cmd.ch.startswith(RESERVED_PREFIX) or not self.grants.can_publish(cmd.ch):
                 raise ProtocolError(ErrorCode.PERMISSION_DENIED, cmd.id, cmd.ch)
             if len(cmd.data) > self.max_publish_bytes:
                 raise ProtocolError(
@@ -107,7 +111,7 @@ class Connection:
     def _check_sub(self, cmd: Sub) -> None:
         if self.state is State.DRAINING:
             raise ProtocolError(ErrorCode.CLOSING, cmd.id)
-        if not self.grants.can_subscribe(cmd.ch):
+        if cmd.ch.startswith(RESERVED_PREFIX) or not self.grants.can_subscribe(cmd.ch):
             raise ProtocolError(ErrorCode.PERMISSION_DENIED, cmd.id, cmd.ch)
         if cmd.ch in self.subscriptions:
             raise ProtocolError(ErrorCode.ALREADY_SUBSCRIBED, cmd.id, cmd.ch)

@@ -120,10 +120,9 @@ async def clean_db(database_url: str, core_schema: str) -> dict[str, str]:
     """Empty core tables; returns the settings that point a gateway at them."""
     conn = await asyncpg.connect(database_url)
     try:
-        await conn.execute(
-            f'truncate "{core_schema}".projects, "{core_schema}".users,'
-            f' "{core_schema}".idempotency_keys restart identity'
-        )
+        tables = ("projects", "users", "idempotency_keys", "accounts", "auth_sessions")
+        names = ", ".join(f'"{core_schema}".{t}' for t in tables)
+        await conn.execute(f"truncate {names} restart identity cascade")
     finally:
         await conn.close()
     return {"database_url": database_url, "database_schema": core_schema}

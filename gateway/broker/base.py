@@ -20,6 +20,8 @@ Contract (tests/test_broker_contract.py runs it against every broker):
 * After the backend is lost and comes back, the broker reconnects by itself
   (with backoff) and resubscribes every channel it holds; ``connected``
   tells whether it currently can deliver.
+* Publications on `CONTROL` (``__control``) are always delivered, subscribed
+  or not: it carries node-wide messages such as session revocations.
 * ``close()`` releases everything; the handler is not called afterwards.
 """
 
@@ -28,7 +30,11 @@ from __future__ import annotations
 import abc
 from collections.abc import Callable
 
-__all__ = ["Broker", "BrokerUnavailable", "PublicationHandler", "StateListener"]
+__all__ = ["CONTROL", "Broker", "BrokerUnavailable", "PublicationHandler", "StateListener"]
+
+#: The node-wide channel every broker always delivers. Client channels may not
+#: start with ``__`` (proto/connection.py), so no client reads or forges it.
+CONTROL = "__control"
 
 #: ``handler(channel, data_json)``; must not block or raise.
 PublicationHandler = Callable[[str, bytes], None]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from gateway.broker.base import Broker, BrokerUnavailable, PublicationHandler, StateListener
+from gateway.broker.base import CONTROL, Broker, BrokerUnavailable, PublicationHandler, StateListener
 
 __all__ = ["MemoryBroker"]
 
@@ -12,7 +12,7 @@ __all__ = ["MemoryBroker"]
 class MemoryBroker(Broker):
     def __init__(self) -> None:
         self._handler: PublicationHandler | None = None
-        self._channels: set[str] = set()
+        self._channels: set[str] = {CONTROL}
 
     async def start(
         self, handler: PublicationHandler, on_state: StateListener | None = None
@@ -23,7 +23,7 @@ class MemoryBroker(Broker):
 
     async def close(self) -> None:
         self._handler = None
-        self._channels.clear()
+        self._channels = {CONTROL}
 
     async def subscribe(self, ch: str) -> None:
         if self._handler is None:
@@ -31,7 +31,8 @@ class MemoryBroker(Broker):
         self._channels.add(ch)
 
     async def unsubscribe(self, ch: str) -> None:
-        self._channels.discard(ch)
+        if ch != CONTROL:
+            self._channels.discard(ch)
 
     async def publish(self, ch: str, data: bytes) -> None:
         if self._handler is None:

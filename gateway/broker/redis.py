@@ -25,14 +25,17 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
-from gateway.broker.base import Broker, BrokerUnavailable, PublicationHandler, StateListener
+from gateway.broker.base import (
+    CONTROL,
+    Broker,
+    BrokerUnavailable,
+    PublicationHandler,
+    StateListener,
+)
 
 __all__ = ["RedisBroker", "backoff_delay"]
 
 log = logging.getLogger("gateway.broker")
-
-CONTROL = "__control"
-
 
 def backoff_delay(attempt: int, initial: float, maximum: float, rand: float) -> float:
     """Full-jitter exponential backoff: a pure function of the attempt number."""
