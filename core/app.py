@@ -9,21 +9,25 @@ HTTP, ``rpc`` frames and Lambda answer alike.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import typing
+from collections.abc import Awaitable, Callable
 
 import asyncpg
 
+from core.accounts import Accounts
 from core.db import Database
 from core.errors import ApiError, from_exception
 from core.events import Events, Publisher
 from core.idempotency import IdempotencyStore
+from core.passwords import Passwords
 from core.projects import Projects
 from core.request import Request, Response
 from core.routing import Route, Router
+from core.tokens import Issuer
 from core.users import Users
-from core.validation import decode_body, parse_query
+from core.validation import decode_body, parse_form, parse_query
+from gateway.revocation import Revocations
 from gateway.settings import Settings
 
 __all__ = ["Core", "CoreUnavailable", "api_routes"]
@@ -33,9 +37,14 @@ log = logging.getLogger("core")
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 
 
-def api_routes(pool: asyncpg.Pool, events: Events) -> tuple[Route, ...]:
+def api_routes(pool: asyncpg.Pool, events: Events, accounts: Accounts) -> tuple[Route, ...]:
     """The core's route table."""
-    return (*Projects(pool, events).routes(), *Users(pool).routes())
+    return (*accounts.routes(), *Projects(pool, events).routes(), *Users(pool).routes())
+
+
+class _NoRevoker:
+    async def revoke(self, sids: list[str]) -> None:
+        return None
 
 
 class CoreUnavailable:
@@ -46,7 +55,10 @@ class CoreUnavailable:
 
     def __init__(self, reason: str) -> None:
         self.reason = reason
-        self.routes = api_routes(typing.cast(asyncpg.Pool, None), Events(None))
+        settings = Settings()
+        pool = typing.cast(asyncpg.Pool, None)
+        accounts = Accounts(pool, settings, Passwords(settings), Issuer(settings), _NoRevoker())
+        self.routes = api_routes(pool, Events(None), accounts)
         self.router = Router(self.routes)
 
     async def dispatch(self, req: Request) -> Response:
@@ -58,25 +70,62 @@ class CoreUnavailable:
 
 
 class Core:
-    def __init__(self, settings: Settings, db: Database, publisher: Publisher | None) -> None:
+    #: Seconds between catch-ups on revocations a process may have missed.
+    REVOCATION_SYNC = 30.0
+
+    def __init__(
+        self,
+        settings: Settings,
+        db: Database,
+        publisher: Publisher | None,
+        revocations: Revocations,
+    ) -> None:
         self.settings = settings
         self.db = db
         self.events = Events(publisher)
+        self.revocations = revocations
         self.idempotency = IdempotencyStore(db.pool, settings.idempotency_ttl)
-        self.routes = api_routes(db.pool, self.events)
+        self.accounts = Accounts(
+            db.pool, settings, Passwords(settings), Issuer(settings), revocations
+        )
+        self.routes = api_routes(db.pool, self.events, self.accounts)
         self.router = Router(self.routes)
-        self._purger = asyncio.ensure_future(self._purge_forever())
+        self._upkeep = [
+            asyncio.ensure_future(self._every(600.0, self._purge)),
+            asyncio.ensure_future(self._every(self.REVOCATION_SYNC, self.sync_revocations)),
+        ]
 
     @classmethod
-    async def open(cls, settings: Settings, publisher: Publisher | None = None) -> Core:
-        """Migrate, open the pool and serve; `close` undoes it."""
-        return cls(settings, await Database.open(settings), publisher)
+    async def open(
+        cls,
+        settings: Settings,
+        publisher: Publisher | None = None,
+        revocations: Revocations | None = None,
+    ) -> Core:
+        """Migrate, open the pool, load recent revocations and serve; `close` undoes it."""
+        if revocations is None:
+            revocations = Revocations(settings.access_token_ttl + settings.jwt_leeway, publisher)
+        core = cls(settings, await Database.open(settings), publisher, revocations)
+        try:
+            await core.sync_revocations()
+        except BaseException:
+            await core.close()
+            raise
+        return core
 
     async def close(self) -> None:
-        self._purger.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._purger
+        for task in self._upkeep:
+            task.cancel()
+        await asyncio.gather(*self._upkeep, return_exceptions=True)
         await self.db.close()
+
+    async def sync_revocations(self) -> None:
+        """Apply revocations made while this process may have missed their broadcast."""
+        self.revocations.purge()
+        sids = await self.accounts.recently_revoked(self.revocations.ttl)
+        n = self.revocations.apply(sids)
+        if n:
+            log.info("applied %d session revocation(s) from the database", n)
 
     async def dispatch(self, req: Request) -> Response:
         try:
@@ -91,6 +140,8 @@ class Core:
                         413, "payload_too_large", f"body over {self.settings.max_body_bytes} bytes"
                     )
                 req.data = decode_body(route.body, req.body)
+            elif route.form is not None:
+                req.data = parse_form(route.form, req.body)
             elif req.body and req.method in _BODY_METHODS:
                 raise ApiError(400, "unexpected_body", "this operation takes no body")
             if route.idempotent:
@@ -102,16 +153,19 @@ class Core:
             err = from_exception(exc, f"{req.method} {req.path}")
             return Response(err.status, err.body(), err.headers)
 
-    async def _purge_forever(self, every: float = 600.0) -> None:
+    async def _purge(self) -> None:
+        keys = await self.idempotency.purge()
+        sessions = await self.accounts.purge()
+        if keys or sessions:
+            log.info("purged %d idempotency keys and %d expired sessions", keys, sessions)
+
+    async def _every(self, seconds: float, job: Callable[[], Awaitable[None]]) -> None:
         while True:
-            await asyncio.sleep(every)
+            await asyncio.sleep(seconds)
             try:
-                n = await self.idempotency.purge()
+                await job()
             except Exception as exc:
-                log.warning("purging expired idempotency keys failed: %s", exc)
-            else:
-                if n:
-                    log.info("purged %d expired idempotency keys", n)
+                log.warning("%s failed: %s", job.__name__.strip("_"), exc)
 
 
 _BEARER = {"WWW-Authenticate": "Bearer"}

@@ -148,6 +148,7 @@ class _Exchange(httputil.HTTPMessageDelegate):
             headers=headers,
             body=b"".join(self._chunks),
             caller=caller,
+            client=_remote_ip(self._conn),
         )
         self._chunks = []
         return await server.core.dispatch(req)
@@ -183,6 +184,11 @@ class _Exchange(httputil.HTTPMessageDelegate):
                 self._start.path.partition("?")[0],
                 ms,
             )
+
+
+def _remote_ip(conn: httputil.HTTPConnection) -> str:
+    # HTTP1Connection carries the server's request context (not on the ABC).
+    return str(getattr(getattr(conn, "context", None), "remote_ip", ""))
 
 
 def api_router(core_http: CoreHTTP, rest: httputil.HTTPServerConnectionDelegate) -> RuleRouter:

@@ -27,8 +27,9 @@ _DECIMAL = {
     "examples": [12500.5],
 }
 _ERRORS = {
-    400: "Malformed JSON, or a body where none is taken.",
+    400: "Malformed JSON, or a body where none is taken; `invalid_grant` for a refused login.",
     401: "Missing or invalid bearer token.",
+    403: "Not allowed for this caller.",
     404: "No such resource.",
     405: "Method not allowed (see the Allow header).",
     409: "Conflict with the current state (e.g. a duplicate), or a key still in use.",
@@ -87,13 +88,11 @@ def _operation(route: Route, query_params: list[dict[str, Any]]) -> dict[str, An
     ]  # fmt: skip
     if params:
         op["parameters"] = params
-    if route.body is not None:
-        op["requestBody"] = {
-            "required": True,
-            "content": {
-                "application/json": {"schema": {"$ref": _REF.format(name=route.body.__name__)}}
-            },
-        }
+    for media, body in (("application/json", route.body),
+                        ("application/x-www-form-urlencoded", route.form)):  # fmt: skip
+        if body is not None:
+            ref = {"$ref": _REF.format(name=body.__name__)}
+            op["requestBody"] = {"required": True, "content": {media: {"schema": ref}}}
     responses: dict[str, Any] = {}
     for status, tp in route.responses.items():
         resp: dict[str, Any] = {"description": _describe(status)}
@@ -111,7 +110,7 @@ def _operation(route: Route, query_params: list[dict[str, Any]]) -> dict[str, An
     errors = {400, 405, 503, *route.errors}
     if route.auth:
         errors.add(401)
-    if route.body is not None or route.query is not None or route.idempotent:
+    if route.body or route.form or route.query or route.idempotent:
         errors.add(422)
     if route.body is not None:
         errors.add(413)
@@ -121,7 +120,7 @@ def _operation(route: Route, query_params: list[dict[str, Any]]) -> dict[str, An
         responses[str(status)] = _error_response(status)
     op["responses"] = responses
     if route.auth:
-        op["security"] = [{"bearerAuth": []}]
+        op["security"] = [{"bearerAuth": []}, {"password": []}]
     return op
 
 
@@ -135,7 +134,7 @@ def document(
     """The OpenAPI 3.1 document of ``routes``."""
     types: list[Any] = [ErrorResponse]
     for r in routes:
-        types += [t for t in (r.body, r.query, *r.responses.values()) if t is not None]
+        types += [t for t in (r.body, r.form, r.query, *r.responses.values()) if t is not None]
     unique = list(dict.fromkeys(types))
     _, components = msgspec.json.schema_components(unique, ref_template=_REF)
     components = _polish(components)
@@ -160,7 +159,18 @@ def document(
         "components": {
             "schemas": components,
             "securitySchemes": {
-                "bearerAuth": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"}
+                "bearerAuth": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "bearerFormat": "JWT",
+                    "description": "An access token from /api/auth/token, or any JWT the "
+                    "gateway is configured to verify.",
+                },
+                "password": {
+                    "type": "oauth2",
+                    "description": "Log in with e-mail and password (Swagger UI: Authorize).",
+                    "flows": {"password": {"tokenUrl": "/api/auth/token", "scopes": {}}},
+                },
             },
         },
     }

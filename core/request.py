@@ -21,7 +21,9 @@ class Caller(Protocol):
 
 
 class Request:
-    __slots__ = ("args", "body", "caller", "data", "headers", "method", "params", "path", "query")
+    __slots__ = (
+        "args", "body", "caller", "client", "data", "headers", "method", "params", "path", "query",
+    )  # fmt: skip
 
     def __init__(
         self,
@@ -32,6 +34,7 @@ class Request:
         headers: Mapping[str, str] | None = None,
         body: bytes = b"",
         caller: Caller | None = None,
+        client: str = "",
     ) -> None:
         self.method = method
         self.path = path
@@ -39,6 +42,7 @@ class Request:
         self.headers: Mapping[str, str] = headers or {}
         self.body = body
         self.caller = caller
+        self.client = client  # the peer's IP address, where the transport knows it
         self.params: dict[str, str] = {}
         self.args: Any = None  # the route's query Struct, once validated
         self.data: Any = None  # the route's body Struct, once validated

@@ -45,6 +45,8 @@ class Route:
     #: success status -> response body type (None: no body)
     responses: Mapping[int, object]
     body: type | None = None
+    #: a form-encoded body (``application/x-www-form-urlencoded``), as OAuth2 wants
+    form: type | None = None
     query: type | None = None
     headers: tuple[HeaderParam, ...] = ()
     #: error statuses this route may answer besides 400/401/413/422/503

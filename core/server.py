@@ -20,8 +20,9 @@ from core.app import Core
 from core.docs import doc_routes
 from core.http import CoreHTTP, api_router
 from gateway.auth import Verifier, ensure_key_material
-from gateway.broker import Broker, RedisBroker
+from gateway.broker import CONTROL, Broker, RedisBroker
 from gateway.logs import log_request
+from gateway.revocation import Revocations
 from gateway.settings import Settings
 
 __all__ = ["CoreServer"]
@@ -53,17 +54,24 @@ class CoreServer:
     async def start(cls, settings: Settings) -> CoreServer:
         settings = ensure_key_material(settings)
         broker: Broker | None = None
+        revocations = Revocations(settings.access_token_ttl + settings.jwt_leeway)
         if settings.redis_url:
             broker = RedisBroker(settings.redis_url, settings.redis_prefix)
-            await broker.start(lambda ch, data: None)
-        core = await Core.open(settings, broker)
+            revocations.publisher = broker
+
+            def on_publication(ch: str, data: bytes) -> None:
+                if ch == CONTROL:  # the only channel a core listens to
+                    revocations.on_control(data)
+
+            await broker.start(on_publication)
+        core = await Core.open(settings, broker, revocations)
         handlers: list[Any] = [
             (r"/healthz", _Health),
             (r"/readyz", _Health, {"core": core}),
             *doc_routes(core.routes, "tornado-gateway REST core", __version__),
         ]
         app = tornado.web.Application(handlers, log_function=log_request)
-        api = CoreHTTP(core, Verifier(settings), settings.max_body_bytes)
+        api = CoreHTTP(core, Verifier(settings, revocations), settings.max_body_bytes)
         server = HTTPServer(api_router(api, app), max_body_size=4 * settings.max_body_bytes)
         sockets = bind_sockets(settings.port, settings.host)
         server.add_sockets(sockets)

@@ -15,12 +15,13 @@ import re
 import typing
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
+from urllib.parse import parse_qs
 
 import msgspec
 
 from core.errors import ApiError, ErrorDetail, ValidationFailed
 
-__all__ = ["Checked", "decode_body", "parse_query", "validate"]
+__all__ = ["Checked", "decode_body", "parse_form", "parse_query", "validate"]
 
 T = TypeVar("T")
 
@@ -148,16 +149,31 @@ def _field_names(tp: type) -> frozenset[str]:
     return names
 
 
-def parse_query(tp: type[T], query: Mapping[str, list[str]]) -> T:
-    """Query parameters as ``tp`` (last value wins; numbers parsed from text)."""
-    flat = {k: v[-1] for k, v in query.items() if v}
-    unknown = sorted(set(flat) - _field_names(tp))
+def parse_query(
+    tp: type[T], query: Mapping[str, list[str]], where: str = "query", strict: bool = True
+) -> T:
+    """Query parameters as ``tp`` (last value wins; numbers parsed from text).
+
+    ``strict``: unknown parameters are errors (query strings); forms ignore them.
+    """
+    names = _field_names(tp)
+    flat = {k: v[-1] for k, v in query.items() if v and (strict or k in names)}
+    unknown = sorted(set(flat) - names)
     if unknown:
         raise ValidationFailed(
-            [ErrorDetail(f"query.{n}", "unknown query parameter") for n in unknown]
+            [ErrorDetail(f"{where}.{n}", f"unknown {where} parameter") for n in unknown]
         )
     try:
         return msgspec.convert(flat, tp, strict=False)
     except msgspec.ValidationError as exc:
-        detail = _split(str(exc), "query")
+        detail = _split(str(exc), where)
         raise ValidationFailed([detail]) from None
+
+
+def parse_form(tp: type[T], body: bytes) -> T:
+    """An ``application/x-www-form-urlencoded`` body as ``tp``; unknown fields ignored."""
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ApiError(400, "malformed_form", "form body is not UTF-8") from None
+    return parse_query(tp, parse_qs(text, keep_blank_values=True), "form", strict=False)

@@ -37,6 +37,7 @@ from gateway.hub import Hub
 from gateway.logs import log_request
 from gateway.metrics import Metrics
 from gateway.node import Node
+from gateway.revocation import Revocations
 from gateway.settings import Settings
 from gateway.transport.websocket import WebSocketHandler
 from proto import CloseCode
@@ -116,11 +117,13 @@ def routes(ctx: Context) -> list[Any]:
     ]
 
 
-async def open_core(settings: Settings, node: Node) -> Core | CoreUnavailable:
+async def open_core(
+    settings: Settings, node: Node, revocations: Revocations
+) -> Core | CoreUnavailable:
     """The REST core on DATABASE_URL, publishing change events through the node."""
     if not settings.database_url:
         return CoreUnavailable("the REST core has no database (set DATABASE_URL)")
-    return await Core.open(settings, node)
+    return await Core.open(settings, node, revocations)
 
 
 async def make_app(
@@ -131,13 +134,17 @@ async def make_app(
 ) -> Gateway:
     """Build and start a gateway (broker connected); `Gateway.close` undoes it."""
     settings = ensure_key_material(settings)
-    verifier = Verifier(settings)
     metrics = Metrics(registry)
     hub = Hub(metrics)
     node = Node(hub, broker if broker is not None else make_broker(settings), metrics)
+    revocations = Revocations(
+        settings.access_token_ttl + settings.jwt_leeway, node, on_revoked=hub.close_session
+    )
+    node.on_control = revocations.on_control
+    verifier = Verifier(settings, revocations)
     await node.start()
     try:
-        core = await open_core(settings, node)
+        core = await open_core(settings, node, revocations)
     except BaseException:
         await node.close()
         raise

@@ -55,7 +55,7 @@ class Revocations:
         self.on_revoked = on_revoked
         self._until: dict[str, float] = {}
 
-    def __contains__(self, sid: str) -> bool:
+    def __contains__(self, sid: object) -> bool:
         return sid in self._until
 
     def __len__(self) -> int:

@@ -34,7 +34,14 @@ def unique_prefix() -> str:
 
 @contextlib.asynccontextmanager
 async def running_gateway(broker: Broker | None = None, **overrides: Any) -> AsyncIterator[Gateway]:
-    values: dict[str, Any] = {"jwt_secret": SECRET, "host": "127.0.0.1", "port": 0}
+    values: dict[str, Any] = {
+        "jwt_secret": SECRET,
+        "host": "127.0.0.1",
+        "port": 0,
+        # argon2id at its production cost takes ~0.2 s a hash; tests need no such cost.
+        "password_time_cost": 1,
+        "password_memory_kib": 8192,
+    }
     values.update(overrides)
     gw = await make_app(Settings(**values), broker=broker)
     gw.listen()

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-from gateway.broker.base import CONTROL, Broker, BrokerUnavailable, PublicationHandler, StateListener
+from gateway.broker.base import (
+    CONTROL,
+    Broker,
+    BrokerUnavailable,
+    PublicationHandler,
+    StateListener,
+)
 from gateway.broker.memory import MemoryBroker
 from gateway.broker.redis import RedisBroker
 from gateway.settings import Settings

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import asyncio
 
-from gateway.broker.base import CONTROL, Broker, BrokerUnavailable, PublicationHandler, StateListener
+from gateway.broker.base import (
+    CONTROL,
+    Broker,
+    BrokerUnavailable,
+    PublicationHandler,
+    StateListener,
+)
 
 __all__ = ["MemoryBroker"]
 

@@ -1,0 +1,306 @@
+"""``/api/auth/…``: registration, the OAuth2 token endpoint, refresh, sessions, logout.
+
+Each login is a session (``auth_sessions``). Its refresh tokens form a
+family: a refresh uses up the presented token and issues the next; a used
+token presented again means a copy is in someone else's hands, and the whole
+session is revoked (OAuth 2.0 Security BCP, refresh token rotation with
+reuse detection). Revocation reaches every process and closes the session's
+open sockets (gateway/revocation.py).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Literal, Protocol
+
+import asyncpg
+import msgspec
+from msgspec import Meta
+
+from core.db import one
+from core.errors import ApiError, NotFound
+from core.passwords import Passwords
+from core.request import Request, Response
+from core.routing import Route
+from core.schemas import DisplayName, Email, User
+from core.tokens import Issuer, new_refresh_token, refresh_hash
+from gateway.settings import Settings
+
+__all__ = ["Accounts", "Revoker", "TokenOut"]
+
+Password = Annotated[str, Meta(min_length=8, max_length=1024)]
+_UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+
+
+class Revoker(Protocol):
+    async def revoke(self, sids: list[str]) -> None:
+        """Apply session revocations here and broadcast them to every process."""
+
+
+class RegisterIn(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    email: Email
+    display_name: DisplayName
+    password: Password
+
+
+class TokenForm(msgspec.Struct, kw_only=True):
+    """The OAuth2 token request (form-encoded, RFC 6749 §4.3 and §6).
+
+    Unrecognized parameters (``scope``, ``client_id``…) are ignored, as the
+    RFC requires.
+    """
+
+    grant_type: Literal["password", "refresh_token"]
+    username: Annotated[str, Meta(max_length=254)] | None = None
+    password: Annotated[str, Meta(max_length=1024)] | None = None
+    refresh_token: Annotated[str, Meta(max_length=200)] | None = None
+
+
+class RefreshIn(msgspec.Struct, forbid_unknown_fields=True):
+    refresh_token: Annotated[str, Meta(max_length=200)]
+
+
+class TokenOut(msgspec.Struct):
+    """Tokens for a session. Keep ``refresh_token`` secret: it is used up by a refresh."""
+
+    access_token: str
+    token_type: Literal["bearer"]
+    expires_in: int
+    refresh_token: str
+    session_id: str
+
+
+class SessionOut(msgspec.Struct):
+    id: str
+    created_at: str
+    last_used_at: str
+    expires_at: str
+    user_agent: str
+    ip: str
+    current: bool
+
+
+class SessionList(msgspec.Struct):
+    items: list[SessionOut]
+
+
+_LOGIN = """
+select u.id, a.password_hash, a.role from users u join accounts a on a.user_id = u.id
+where lower(u.email) = lower($1)
+"""
+_REHASH = "update accounts set password_hash = $2, updated_at = now() where user_id = $1"
+_NEW_USER = "insert into users (email, display_name) values ($1, $2) returning id, user_json(users)::text"
+_NEW_ACCOUNT = "insert into accounts (user_id, password_hash) values ($1, $2)"
+_NEW_SESSION = """
+insert into auth_sessions (user_id, expires_at, user_agent, ip)
+values ($1, now() + make_interval(secs => $2), $3, $4) returning id::text
+"""
+_NEW_REFRESH = "insert into refresh_tokens (token_hash, session_id) values ($1, $2::uuid)"
+_FIND_REFRESH = """
+select r.session_id::text as sid, r.used_at is not null as used, s.user_id,
+       s.revoked_at is not null as revoked, s.expires_at <= now() as expired, a.role
+from refresh_tokens r
+join auth_sessions s on s.id = r.session_id
+join accounts a on a.user_id = s.user_id
+where r.token_hash = $1
+for update of r
+"""
+_USE_REFRESH = "update refresh_tokens set used_at = now() where token_hash = $1"
+_TOUCH = "update auth_sessions set last_used_at = now() where id = $1::uuid"
+_REVOKE_ONE = """
+update auth_sessions set revoked_at = now(), revoked_reason = $3
+where id = $1::uuid and user_id = $2 and revoked_at is null returning id::text
+"""
+_REVOKE_ALL = """
+update auth_sessions set revoked_at = now(), revoked_reason = $2
+where user_id = $1 and revoked_at is null returning id::text
+"""
+_LIST = """
+select coalesce(json_agg(json_build_object(
+    'id', id, 'created_at', created_at, 'last_used_at', last_used_at,
+    'expires_at', expires_at, 'user_agent', user_agent, 'ip', ip,
+    'current', id = $2::uuid) order by created_at desc), '[]')::text
+from auth_sessions
+where user_id = $1 and revoked_at is null and expires_at > now()
+"""
+_RECENTLY_REVOKED = """
+select id::text from auth_sessions where revoked_at > now() - make_interval(secs => $1)
+"""
+_PURGE = "delete from auth_sessions where expires_at < now() - interval '1 day'"
+
+_encode = msgspec.json.encode
+
+
+def _invalid_grant(message: str) -> ApiError:
+    return ApiError(400, "invalid_grant", message)
+
+
+class Accounts:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        settings: Settings,
+        passwords: Passwords,
+        issuer: Issuer,
+        revoker: Revoker,
+    ) -> None:
+        self._pool = pool
+        self._settings = settings
+        self._passwords = passwords
+        self._issuer = issuer
+        self._revoker = revoker
+
+    def routes(self) -> list[Route]:
+        tag = "auth"
+        return [
+            Route("POST", "/api/auth/register", self.register, "Create an account",
+                  "register", tag, responses={201: User}, body=RegisterIn,
+                  errors=(403, 409), auth=False),
+            Route("POST", "/api/auth/token", self.token, "Log in or refresh (OAuth2)",
+                  "token", tag, responses={200: TokenOut}, form=TokenForm, auth=False,
+                  description="OAuth2 password grant (`grant_type=password`, `username` is "
+                  "the e-mail) or refresh grant (`grant_type=refresh_token`), form-encoded. "
+                  "Wrong credentials and unusable refresh tokens are 400 `invalid_grant`."),
+            Route("POST", "/api/auth/refresh", self.refresh, "Rotate a refresh token",
+                  "refresh", tag, responses={200: TokenOut}, body=RefreshIn, auth=False,
+                  description="Uses up the refresh token and returns new tokens. Presenting "
+                  "a used refresh token again revokes the whole session."),
+            Route("GET", "/api/auth/sessions", self.sessions, "List my sessions",
+                  "listSessions", tag, responses={200: SessionList}, errors=(403,)),
+            Route("DELETE", "/api/auth/sessions/{id}", self.end_session, "End one of my sessions",
+                  "deleteSession", tag, responses={204: None}, errors=(403, 404)),
+            Route("POST", "/api/auth/logout", self.logout, "End this session",
+                  "logout", tag, responses={204: None}, errors=(403,)),
+            Route("POST", "/api/auth/logout-all", self.logout_all, "End all my sessions",
+                  "logoutAll", tag, responses={204: None}, errors=(403,)),
+        ]  # fmt: skip
+
+    # -- accounts and logins ------------------------------------------------------
+
+    async def register(self, req: Request) -> Response:
+        if not self._settings.registration_open:
+            raise ApiError(403, "registration_closed", "registration is closed")
+        data: RegisterIn = req.data
+        password_hash = await self._passwords.hash(data.password)
+        async with self._pool.acquire() as conn, conn.transaction():
+            user_id, body = await one(conn, _NEW_USER, data.email, data.display_name)
+            await conn.execute(_NEW_ACCOUNT, user_id, password_hash)
+        return Response(201, body.encode(), {"Location": f"/api/users/{user_id}"})
+
+    async def token(self, req: Request) -> Response:
+        form: TokenForm = req.data
+        if form.grant_type == "refresh_token":
+            if not form.refresh_token:
+                raise _invalid_grant("refresh_token is required")
+            return await self._rotate(form.refresh_token)
+        if not form.username or not form.password:
+            raise _invalid_grant("username and password are required")
+        return await self._login(req, form.username, form.password)
+
+    async def refresh(self, req: Request) -> Response:
+        data: RefreshIn = req.data
+        return await self._rotate(data.refresh_token)
+
+    async def _login(self, req: Request, email: str, password: str) -> Response:
+        self._require_issuer()
+        row = await self._pool.fetchrow(_LOGIN, email)
+        ok, rehash = await self._passwords.verify(row["password_hash"] if row else None, password)
+        if row is None or not ok:
+            raise _invalid_grant("wrong e-mail or password")
+        user_id, role = row["id"], row["role"]
+        if rehash:
+            await self._pool.execute(_REHASH, user_id, await self._passwords.hash(password))
+        user_agent = (req.header("user-agent") or "")[:256]
+        refresh = new_refresh_token()
+        async with self._pool.acquire() as conn, conn.transaction():
+            sid = await conn.fetchval(
+                _NEW_SESSION, user_id, self._settings.session_ttl, user_agent, req.client
+            )
+            await conn.execute(_NEW_REFRESH, refresh_hash(refresh), sid)
+        return self._tokens(user_id, role, sid, refresh)
+
+    async def _rotate(self, token: str) -> Response:
+        self._require_issuer()
+        digest = refresh_hash(token)
+        reused: str | None = None
+        async with self._pool.acquire() as conn, conn.transaction():
+            row = await conn.fetchrow(_FIND_REFRESH, digest)
+            if row is None or row["revoked"] or row["expired"]:
+                raise _invalid_grant("refresh token is not valid")
+            sid = row["sid"]
+            if row["used"]:
+                reused = await conn.fetchval(
+                    _REVOKE_ONE, sid, row["user_id"], "refresh_token_reuse"
+                )
+            else:
+                refresh = new_refresh_token()
+                await conn.execute(_USE_REFRESH, digest)
+                await conn.execute(_NEW_REFRESH, refresh_hash(refresh), sid)
+                await conn.execute(_TOUCH, sid)
+        if row["used"]:
+            if reused is not None:
+                await self._revoker.revoke([reused])
+            raise _invalid_grant("refresh token was already used: the session is revoked")
+        return self._tokens(row["user_id"], row["role"], sid, refresh)
+
+    def _tokens(self, user_id: int, role: str, sid: str, refresh: str) -> Response:
+        access = self._issuer.access_token(user_id, role, sid)
+        out = TokenOut(access, "bearer", self._issuer.ttl, refresh, sid)
+        return Response(200, _encode(out), {"Cache-Control": "no-store"})
+
+    def _require_issuer(self) -> None:
+        if not self._issuer.ready:
+            raise ApiError(
+                503, "unavailable", "this deployment verifies tokens but issues none"
+            )
+
+    # -- sessions -------------------------------------------------------------------
+
+    async def sessions(self, req: Request) -> Response:
+        user_id, sid = _session_caller(req)
+        items = await self._pool.fetchval(_LIST, user_id, sid)
+        return Response(200, b'{"items":' + items.encode() + b"}")
+
+    async def end_session(self, req: Request) -> Response:
+        user_id, _ = _session_caller(req)
+        target = req.params["id"]
+        revoked = None
+        if _UUID.match(target):
+            revoked = await self._pool.fetchval(_REVOKE_ONE, target, user_id, "ended")
+        if revoked is None:
+            raise NotFound("no such session of yours")
+        await self._revoker.revoke([revoked])
+        return Response(204)
+
+    async def logout(self, req: Request) -> Response:
+        user_id, sid = _session_caller(req)
+        revoked = await self._pool.fetchval(_REVOKE_ONE, sid, user_id, "logout")
+        if revoked is not None:
+            await self._revoker.revoke([revoked])
+        return Response(204)
+
+    async def logout_all(self, req: Request) -> Response:
+        user_id, _ = _session_caller(req)
+        rows = await self._pool.fetch(_REVOKE_ALL, user_id, "logout_all")
+        await self._revoker.revoke([r[0] for r in rows])
+        return Response(204)
+
+    # -- upkeep ----------------------------------------------------------------------
+
+    async def recently_revoked(self, within: float) -> list[str]:
+        """Sessions revoked in the last ``within`` seconds (for processes catching up)."""
+        return [r[0] for r in await self._pool.fetch(_RECENTLY_REVOKED, within)]
+
+    async def purge(self) -> int:
+        status = await self._pool.execute(_PURGE)
+        return int(status.rsplit(" ", 1)[-1])
+
+
+def _session_caller(req: Request) -> tuple[int, str]:
+    """(user id, session id) of a caller logged in here; 403 for other tokens."""
+    caller = req.caller
+    sid = getattr(caller, "sid", None)
+    sub = caller.sub if caller is not None else ""
+    if sid is None or not sub.isdigit():
+        raise ApiError(403, "no_session", "this token was not issued by a login here")
+    return int(sub), sid

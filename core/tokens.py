@@ -1,0 +1,47 @@
+"""Access and refresh tokens issued by the accounts API.
+
+Access tokens are short-lived JWTs the gateway verifies like any other:
+``sub`` (the user id), ``sid`` (the login session), ``role``, ``channels``
+(``USER_CHANNELS`` or ``ADMIN_CHANNELS`` with ``{sub}`` filled in), ``iat``,
+``exp`` (``ACCESS_TOKEN_TTL``), and ``iss``/``aud`` when configured.
+
+Refresh tokens are 256-bit random strings; only their SHA-256 is stored.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+
+from gateway.auth import mint_token
+from gateway.settings import Settings
+
+__all__ = ["Issuer", "new_refresh_token", "refresh_hash"]
+
+
+def new_refresh_token() -> str:
+    return secrets.token_urlsafe(32)
+
+
+def refresh_hash(token: str) -> bytes:
+    return hashlib.sha256(token.encode()).digest()
+
+
+class Issuer:
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self.ttl = int(settings.access_token_ttl)
+
+    @property
+    def ready(self) -> bool:
+        """Whether tokens can be issued (needs JWT_SECRET)."""
+        return bool(self._settings.jwt_secret)
+
+    def access_token(self, user_id: int, role: str, sid: str, now: float | None = None) -> str:
+        s = self._settings
+        sub = str(user_id)
+        patterns = s.admin_channels if role == "admin" else s.user_channels
+        channels = [p.replace("{sub}", sub) for p in patterns]
+        return mint_token(
+            s, sub, channels, ttl=self.ttl, now=now, extra={"sid": sid, "role": role}
+        )
