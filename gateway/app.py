@@ -135,7 +135,7 @@ async def make_app(
     """Build and start a gateway (broker connected); `Gateway.close` undoes it."""
     settings = ensure_key_material(settings)
     metrics = Metrics(registry)
-    hub = Hub(metrics)
+    hub = Hub(metrics, notice=settings.token_notice, grace=settings.token_grace)
     node = Node(hub, broker if broker is not None else make_broker(settings), metrics)
     revocations = Revocations(
         settings.access_token_ttl + settings.jwt_leeway, node, on_revoked=hub.close_session

@@ -55,10 +55,22 @@ class Member(Protocol):
     def close(self, code: CloseCode) -> None:
         """Ask the connection to close; it leaves the hub once closed."""
 
+    def expiring(self) -> None:
+        """Its token expires soon: tell the client to refresh it."""
+
 
 class Hub:
-    def __init__(self, metrics: Metrics) -> None:
+    """Local connections, their channels, and when their tokens run out.
+
+    A connection whose token expires at ``exp`` is told so (``expiring``)
+    ``notice`` seconds before, and closed with 4002 at ``exp + grace``.
+    """
+
+    def __init__(self, metrics: Metrics, *, notice: float = 60.0, grace: float = 5.0) -> None:
         self._metrics = metrics
+        self._notice = notice
+        self._grace = grace
+        self._notices: ExpiryWheel[Member] = ExpiryWheel()
         self._channels: dict[str, dict[Member, None]] = {}
         self._connections: set[Member] = set()
         self._subscriptions = 0
@@ -77,23 +89,41 @@ class Hub:
         """Register a connection; one with ``exp`` is closed when it passes,
         one with a login session ``sid`` when the session is revoked."""
         self._connections.add(member)
-        if exp is not None:
-            self._expiry.add(member, exp)
-        if sid is not None:
-            self._by_session.setdefault(sid, set()).add(member)
+        self._schedule(member, exp, sid)
 
     def disconnect(self, member: Member, exp: float | None = None, sid: str | None = None) -> None:
         self._connections.discard(member)
+        self._unschedule(member, exp, sid)
+        if not self._connections and self._idle is not None:
+            self._idle.set()
+
+    def reidentify(
+        self,
+        member: Member,
+        old: tuple[float | None, str | None],
+        new: tuple[float | None, str | None],
+    ) -> None:
+        """A connection continues under a new token: move its (exp, sid) schedule."""
+        self._unschedule(member, *old)
+        self._schedule(member, *new)
+
+    def _schedule(self, member: Member, exp: float | None, sid: str | None) -> None:
         if exp is not None:
-            self._expiry.discard(member, exp)
+            self._expiry.add(member, exp + self._grace)
+            self._notices.add(member, exp - self._notice)
+        if sid is not None:
+            self._by_session.setdefault(sid, set()).add(member)
+
+    def _unschedule(self, member: Member, exp: float | None, sid: str | None) -> None:
+        if exp is not None:
+            self._expiry.discard(member, exp + self._grace)
+            self._notices.discard(member, exp - self._notice)
         if sid is not None:
             members = self._by_session.get(sid)
             if members is not None:
                 members.discard(member)
                 if not members:
                     del self._by_session[sid]
-        if not self._connections and self._idle is not None:
-            self._idle.set()
 
     async def wait_idle(self) -> None:
         """Return once no connection is left."""
@@ -102,7 +132,9 @@ class Hub:
             await self._idle.wait()
 
     def close_expired(self, now: float) -> int:
-        """Close every connection whose token expired by ``now``."""
+        """Warn connections whose token expires soon; close those past it (4002)."""
+        for member in self._notices.pop_due(now):
+            member.expiring()
         due = self._expiry.pop_due(now)
         for member in due:
             member.close(CloseCode.TOKEN_EXPIRED)

@@ -16,7 +16,7 @@ from typing import Protocol
 from urllib.parse import parse_qs
 
 from core.request import Request, Response
-from gateway.auth import Identity
+from gateway.auth import AuthError, Identity
 from gateway.broker import BrokerUnavailable
 from gateway.hub import Prepared
 from gateway.metrics import Metrics
@@ -26,16 +26,19 @@ from proto import (
     Codec,
     Connection,
     ErrorCode,
+    Expiring,
     Ping,
     ProtocolError,
     Pub,
+    Refresh,
     Rpc,
     State,
     Sub,
     Unsub,
+    Unsubscribed,
 )
 
-__all__ = ["Dispatch", "Session", "Transport"]
+__all__ = ["Dispatch", "Session", "Transport", "Verify"]
 
 log = logging.getLogger("gateway.session")
 
@@ -55,10 +58,12 @@ class Transport(Protocol):
 
 #: The REST core's entry point (`core.app.Core.dispatch`).
 Dispatch = Callable[[Request], Awaitable[Response]]
+#: Token verification (`gateway.auth.Verifier.verify`); raises `AuthError`.
+Verify = Callable[[str], Identity]
 
 
 class Session:
-    __slots__ = ("codec", "conn", "dispatch", "identity", "metrics", "node", "transport")
+    __slots__ = ("codec", "conn", "dispatch", "identity", "metrics", "node", "transport", "verify")
 
     def __init__(
         self,
@@ -68,6 +73,7 @@ class Session:
         node: Node,
         metrics: Metrics,
         dispatch: Dispatch | None = None,
+        verify: Verify | None = None,
     ) -> None:
         self.transport = transport
         self.conn = conn
@@ -76,6 +82,7 @@ class Session:
         self.node = node
         self.metrics = metrics
         self.dispatch = dispatch
+        self.verify = verify
 
     def open(self) -> None:
         self.node.hub.connect(self, self.identity.exp, self.identity.sid)
@@ -105,6 +112,9 @@ class Session:
             elif isinstance(cmd, Rpc):
                 await self._rpc(cmd)
                 return
+            elif isinstance(cmd, Refresh):
+                self._refresh(cmd)
+                return
             else:
                 assert isinstance(cmd, Ping)
         except BrokerUnavailable as exc:
@@ -117,6 +127,40 @@ class Session:
             return
         if not conn.closed:
             self.transport.send(conn.ok(cmd))
+
+    def _refresh(self, cmd: Refresh) -> None:
+        """Continue under a new token: new expiry and grants, same subject."""
+        conn = self.conn
+        if self.verify is None:
+            self._reply_error(conn.error_reply(cmd, ErrorCode.UNAVAILABLE), ErrorCode.UNAVAILABLE)
+            return
+        try:
+            identity = self.verify(cmd.token)
+        except AuthError as exc:
+            self._reply_error(
+                conn.error_reply(cmd, ErrorCode.TOKEN_INVALID, exc.message), ErrorCode.TOKEN_INVALID
+            )
+            return
+        if identity.sub != self.identity.sub:
+            self._reply_error(
+                conn.error_reply(cmd, ErrorCode.PERMISSION_DENIED, "token is for another subject"),
+                ErrorCode.PERMISSION_DENIED,
+            )
+            return
+        old, self.identity = self.identity, identity
+        self.node.hub.reidentify(self, (old.exp, old.sid), (identity.exp, identity.sid))
+        for ch in conn.regrant(identity.grants):
+            self.node.unsubscribe(ch, self)
+            code = ErrorCode.PERMISSION_DENIED
+            message = "the refreshed token does not allow this channel"
+            self.transport.send(self.codec.encode(Unsubscribed(ch, int(code), message)))
+        self.transport.send(conn.ok(cmd))
+
+    def expiring(self) -> None:
+        """Tell the client its token runs out soon (hub's notice)."""
+        exp = self.identity.exp
+        if exp is not None and not self.conn.closed:
+            self.transport.send(self.codec.encode(Expiring(int(exp))))
 
     async def _rpc(self, cmd: Rpc) -> None:
         if self.dispatch is None:

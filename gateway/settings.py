@@ -146,6 +146,18 @@ class Settings:
     access_token_ttl: float = _setting(
         900.0, "ACCESS_TOKEN_TTL", "Seconds an issued access token lives.", _positive_float
     )
+    token_notice: float = _setting(
+        60.0,
+        "TOKEN_NOTICE",
+        "Seconds before a socket's token expires that it is sent an `expiring` push.",
+        _non_negative_float,
+    )
+    token_grace: float = _setting(
+        5.0,
+        "TOKEN_GRACE",
+        "Seconds a socket may stay open past its token's exp (to refresh) before 4002.",
+        _non_negative_float,
+    )
     session_ttl: float = _setting(
         30 * 86400.0,
         "SESSION_TTL",

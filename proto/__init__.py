@@ -17,7 +17,20 @@ from proto.codes import (
     should_reconnect,
 )
 from proto.connection import RESERVED_PREFIX, TRANSITIONS, Connection, State, StateError
-from proto.frames import Command, ErrorBody, Ping, Pub, Push, Reply, Rpc, Sub, Unsub
+from proto.frames import (
+    Command,
+    ErrorBody,
+    Expiring,
+    Ping,
+    Pub,
+    Push,
+    Refresh,
+    Reply,
+    Rpc,
+    Sub,
+    Unsub,
+    Unsubscribed,
+)
 from proto.grants import Grants, InvalidGrants
 from proto.wsframe import frame
 
@@ -34,6 +47,7 @@ __all__ = [
     "Connection",
     "ErrorBody",
     "ErrorCode",
+    "Expiring",
     "Grants",
     "InvalidGrants",
     "JsonCodec",
@@ -42,12 +56,14 @@ __all__ = [
     "ProtocolError",
     "Pub",
     "Push",
+    "Refresh",
     "Reply",
     "Rpc",
     "State",
     "StateError",
     "Sub",
     "Unsub",
+    "Unsubscribed",
     "close_reason",
     "error_message",
     "frame",

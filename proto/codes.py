@@ -49,6 +49,7 @@ class ErrorCode(enum.IntEnum):
     INTERNAL = 111
     RATE_LIMITED = 112
     CLOSING = 113
+    TOKEN_INVALID = 114
 
 
 class CloseCode(enum.IntEnum):
@@ -87,6 +88,7 @@ _ERRORS: dict[ErrorCode, _Error] = {
     ErrorCode.INTERNAL: _Error("internal error", True),
     ErrorCode.RATE_LIMITED: _Error("rate limited", True),
     ErrorCode.CLOSING: _Error("connection is closing", True),
+    ErrorCode.TOKEN_INVALID: _Error("token refused", False),
 }
 
 _CLOSE_REASONS: dict[CloseCode, str] = {

@@ -24,7 +24,7 @@ from typing import Final
 
 from proto.codec import Codec, ProtocolError
 from proto.codes import ErrorCode
-from proto.frames import Command, Ping, Pub, Rpc, Sub, Unsub
+from proto.frames import Command, Ping, Pub, Refresh, Rpc, Sub, Unsub
 from proto.grants import Grants
 
 __all__ = ["RESERVED_PREFIX", "TRANSITIONS", "Connection", "State", "StateError"]
@@ -104,8 +104,9 @@ class Connection:
                     ErrorCode.PAYLOAD_TOO_LARGE, cmd.id, f"limit is {self.max_publish_bytes} bytes"
                 )
         else:
-            # rpc: the REST core authorizes the call as this identity.
-            assert isinstance(cmd, Ping | Rpc)
+            # rpc: the REST core authorizes the call as this identity;
+            # refresh: the session verifies the new token.
+            assert isinstance(cmd, Ping | Rpc | Refresh)
         return cmd
 
     def _check_sub(self, cmd: Sub) -> None:
@@ -127,6 +128,13 @@ class Connection:
 
     def unsubscribed(self, ch: str) -> None:
         self.subscriptions.discard(ch)
+
+    def regrant(self, grants: Grants) -> list[str]:
+        """Take new grants; returns the subscriptions they no longer allow (now dropped)."""
+        self.grants = grants
+        lost = sorted(ch for ch in self.subscriptions if not grants.can_subscribe(ch))
+        self.subscriptions.difference_update(lost)
+        return lost
 
     # -- output ------------------------------------------------------------
 

@@ -19,13 +19,16 @@ __all__ = [
     "ClientFrame",
     "Command",
     "ErrorBody",
+    "Expiring",
     "Ping",
     "Pub",
     "Push",
+    "Refresh",
     "Reply",
     "Rpc",
     "Sub",
     "Unsub",
+    "Unsubscribed",
 ]
 
 MAX_ID: Final = 2**53 - 1  # the largest integer a JavaScript client holds exactly
@@ -89,7 +92,14 @@ class Rpc(msgspec.Struct, tag_field="op", tag="rpc", frozen=True, forbid_unknown
     headers: RpcHeaders = {}
 
 
-Command = Sub | Unsub | Pub | Ping | Rpc
+class Refresh(msgspec.Struct, tag_field="op", tag="refresh", frozen=True, forbid_unknown_fields=True):
+    """Continue the connection under a new access token (same ``sub``), before ``exp``."""
+
+    id: CommandId
+    token: Annotated[str, msgspec.Meta(min_length=1, max_length=8192)]
+
+
+Command = Sub | Unsub | Pub | Ping | Rpc | Refresh
 
 
 class ClientFrame(msgspec.Struct):
@@ -126,3 +136,17 @@ class Push(msgspec.Struct, frozen=True, tag_field="op", tag="msg"):
 
     ch: str
     data: Any
+
+
+class Expiring(msgspec.Struct, frozen=True, tag_field="op", tag="expiring"):
+    """The token expires at ``exp`` (Unix seconds): send ``refresh`` before then."""
+
+    exp: int
+
+
+class Unsubscribed(msgspec.Struct, frozen=True, tag_field="op", tag="unsubscribed"):
+    """The server ended a subscription (e.g. a refreshed token no longer allows it)."""
+
+    ch: str
+    code: int
+    message: str

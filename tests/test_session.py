@@ -5,16 +5,19 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 
+import jwt
 import msgspec
 import pytest
 
-from gateway.auth import Identity
+from gateway.auth import Identity, Verifier
 from gateway.broker import BrokerUnavailable, MemoryBroker
 from gateway.hub import Hub, Prepared
 from gateway.metrics import Metrics
 from gateway.node import Node, as_json
 from gateway.session import Session
+from gateway.settings import Settings
 from proto import JSON_CODEC, MSGPACK_CODEC, CloseCode, Codec, Connection, ErrorCode, Grants
 from tests.servers import UNIT
 
@@ -221,3 +224,31 @@ def test_non_json_publications_become_strings():
     assert as_json(b"hello") == (b'"hello"', False)
     assert as_json(b'{"a": tru}') == (b'"{\\"a\\": tru}"', False)
     assert as_json(b"\xff") == (b'"\xef\xbf\xbd"', False)
+
+
+async def test_expiry_notice_then_close_follow_the_hub_schedule(node):
+    _, t = session(node, exp=100.0)  # hub defaults: notice 60 s before, grace 5 s after
+    node.hub.close_expired(now=39.0)
+    assert t.sent == []
+    node.hub.close_expired(now=40.0)
+    assert t.sent == [{"op": "expiring", "exp": 100}]
+    node.hub.close_expired(now=104.9)
+    assert t.closed_with == [] and len(t.sent) == 1  # noticed once, not yet closed
+    assert node.hub.close_expired(now=105.0) == 1
+    assert t.closed_with == [CloseCode.TOKEN_EXPIRED]
+
+
+async def test_refresh_moves_the_schedule(node):
+
+    verifier = Verifier(Settings(jwt_secret="s" * 40))
+    s, t = session(node, exp=100.0)
+    s.verify = verifier.verify
+
+
+    later = int(time.time()) + 3600
+    token = jwt.encode({"sub": "alice", "channels": ["room:*"], "exp": later}, "s" * 40)
+    await s.handle(cmd(JSON_CODEC, id=1, op="refresh", token=token))
+    assert t.replies() == [{"id": 1, "ok": True}]
+    assert node.hub.close_expired(now=10_000.0) == 0  # the old deadline is gone
+    assert t.closed_with == []
+    assert node.hub.close_expired(now=later + 5.0) == 1

@@ -139,14 +139,52 @@ async def test_publication_over_data_limit_is_an_error_reply():
             assert reply["error"]["code"] == ErrorCode.PAYLOAD_TOO_LARGE
 
 
-async def test_token_expiry_closes_the_socket_with_4002(gw):
-    async with ws_client(gw.port, token_for(gw, ttl=1)) as c:
-        assert (await c.request("sub", ch="room:1"))["ok"]
-        with pytest.raises(ConnectionClosed) as info:
-            await c.recv(timeout=4 * UNIT)
-        assert info.value.rcvd.code == CloseCode.TOKEN_EXPIRED
-    await asyncio.wait_for(gw.hub.wait_idle(), 2 * UNIT)
-    assert gw.hub.channels() == []
+async def test_token_expiry_is_announced_then_closes_the_socket_with_4002():
+    async with running_gateway(token_grace=0.5) as gw:
+        async with ws_client(gw.port, token_for(gw, ttl=1)) as c:
+            assert (await c.request("sub", ch="room:1"))["ok"]
+            seen = []
+            with pytest.raises(ConnectionClosed) as info:
+                while True:
+                    seen.append(await c.recv(timeout=4 * UNIT))
+            assert info.value.rcvd.code == CloseCode.TOKEN_EXPIRED
+            assert [m["op"] for m in seen] == ["expiring"] and isinstance(seen[0]["exp"], int)
+        await asyncio.wait_for(gw.hub.wait_idle(), 2 * UNIT)
+        assert gw.hub.channels() == []
+
+
+async def test_refresh_in_band_extends_the_socket_and_regrants():
+    async with running_gateway(token_grace=0.2) as gw:
+        first = token_for(gw, ttl=1, channels=("room:*", "user:alice"))
+        async with ws_client(gw.port, first) as c:
+            assert (await c.request("sub", ch="room:1"))["ok"]
+            assert (await c.request("sub", ch="user:alice"))["ok"]
+            fresh = token_for(gw, ttl=60, channels=("room:*",))
+            assert (await c.request("refresh", token=fresh))["ok"] is True
+            # The refreshed grants drop what they no longer allow, with a reason.
+            dropped = [m for m in c.pushes if m["op"] == "unsubscribed"]
+            assert dropped == [
+                {"op": "unsubscribed", "ch": "user:alice", "code": ErrorCode.PERMISSION_DENIED,
+                 "message": "the refreshed token does not allow this channel"}
+            ]  # fmt: skip
+            assert gw.hub.subscriber_count("user:alice") == 0
+            await asyncio.sleep(2.0 * UNIT)  # past the first token's exp + grace
+            assert (await c.request("ping"))["ok"]
+            assert (await c.request("sub", ch="user:alice"))["error"]["code"] == (
+                ErrorCode.PERMISSION_DENIED
+            )
+
+
+async def test_refresh_refuses_bad_tokens_and_other_subjects(gw):
+    async with ws_client(gw.port, token_for(gw, "alice")) as c:
+        bad = await c.request("refresh", token="garbage")
+        assert bad["ok"] is False and bad["error"]["code"] == ErrorCode.TOKEN_INVALID
+        expired = await c.request("refresh", token=token_for(gw, "alice", ttl=-5))
+        assert expired["error"]["code"] == ErrorCode.TOKEN_INVALID
+        assert "expired" in expired["error"]["message"]
+        other = await c.request("refresh", token=token_for(gw, "mallory"))
+        assert other["error"]["code"] == ErrorCode.PERMISSION_DENIED
+        assert (await c.request("ping"))["ok"]  # the socket lives on, as it was
 
 
 async def test_shutdown_closes_sockets_with_reconnect_code():

@@ -86,8 +86,9 @@ class WebSocketHandler(tornado.websocket.WebSocketHandler):
             max_subscriptions=settings.max_subscriptions,
             max_publish_bytes=settings.max_publish_bytes,
         )
+        ctx = self.ctx
         self.session = Session(
-            self, conn, self._identity, self.ctx.node, self.ctx.metrics, self.ctx.core.dispatch
+            self, conn, self._identity, ctx.node, ctx.metrics, ctx.core.dispatch, ctx.verifier.verify
         )
         self._identity = None
         self.session.open()
