@@ -147,7 +147,7 @@ class Accounts:
         self._pool = pool
         self._settings = settings
         self._passwords = passwords
-        self._issuer = issuer
+        self.issuer = issuer
         self._revoker = revoker
 
     def routes(self) -> list[Route]:
@@ -244,12 +244,12 @@ class Accounts:
         return self._tokens(row["user_id"], row["role"], sid, refresh)
 
     def _tokens(self, user_id: int, role: str, sid: str, refresh: str) -> Response:
-        access = self._issuer.access_token(user_id, role, sid)
-        out = TokenOut(access, "bearer", self._issuer.ttl, refresh, sid)
+        access = self.issuer.access_token(user_id, role, sid)
+        out = TokenOut(access, "bearer", self.issuer.ttl, refresh, sid)
         return Response(200, _encode(out), {"Cache-Control": "no-store"})
 
     def _require_issuer(self) -> None:
-        if not self._issuer.ready:
+        if not self.issuer.ready:
             raise ApiError(
                 503, "unavailable", "this deployment verifies tokens but issues none"
             )

@@ -16,7 +16,7 @@ from openapi_ui_bundles import redoc, swagger_ui
 from core.openapi import document
 from core.routing import Route
 
-__all__ = ["DocsHandler", "doc_routes"]
+__all__ = ["DocsHandler", "doc_routes", "jwks_route"]
 
 
 _SWAGGER = """<!DOCTYPE html>
@@ -57,6 +57,13 @@ class DocsHandler(tornado.web.RequestHandler):
     def get(self) -> None:
         self.set_header("Content-Type", self.content_type)
         self.finish(self.content)
+
+
+def jwks_route(jwks: dict[str, Any]) -> tuple[str, type[DocsHandler], dict[str, Any]]:
+    """``/.well-known/jwks.json``: the public keys of the tokens this system issues."""
+    content = json.dumps(jwks).encode()
+    return (r"/\.well-known/jwks\.json", DocsHandler,
+            {"content": content, "content_type": "application/json"})  # fmt: skip
 
 
 def doc_routes(routes: tuple[Route, ...], title: str, version: str) -> list[Any]:

@@ -17,7 +17,7 @@ from tornado.netutil import bind_sockets
 
 from core import __version__
 from core.app import Core
-from core.docs import doc_routes
+from core.docs import doc_routes, jwks_route
 from core.http import CoreHTTP, api_router
 from gateway.auth import Verifier, ensure_key_material
 from gateway.broker import CONTROL, Broker, RedisBroker
@@ -69,6 +69,7 @@ class CoreServer:
             (r"/healthz", _Health),
             (r"/readyz", _Health, {"core": core}),
             *doc_routes(core.routes, "tornado-gateway REST core", __version__),
+            jwks_route(core.accounts.issuer.jwks()),
         ]
         app = tornado.web.Application(handlers, log_function=log_request)
         api = CoreHTTP(core, Verifier(settings, revocations), settings.max_body_bytes)

@@ -1,6 +1,8 @@
 """Access and refresh tokens issued by the accounts API.
 
-Access tokens are short-lived JWTs the gateway verifies like any other:
+Access tokens are short-lived JWTs the gateway verifies like any other,
+signed by the first of ``JWT_SIGNING_KEYS`` (with its ``kid``) or with
+``JWT_SECRET`` (HS256):
 ``sub`` (the user id), ``sid`` (the login session), ``role``, ``channels``
 (``USER_CHANNELS`` or ``ADMIN_CHANNELS`` with ``{sub}`` filled in), ``iat``,
 ``exp`` (``ACCESS_TOKEN_TTL``), and ``iss``/``aud`` when configured.
@@ -14,6 +16,7 @@ import hashlib
 import secrets
 
 from gateway.auth import mint_token
+from gateway.keys import SigningKeys
 from gateway.settings import Settings
 
 __all__ = ["Issuer", "new_refresh_token", "refresh_hash"]
@@ -31,17 +34,21 @@ class Issuer:
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
         self.ttl = int(settings.access_token_ttl)
+        self.keys = SigningKeys.load(settings.jwt_signing_keys) if settings.jwt_signing_keys else None
 
     @property
     def ready(self) -> bool:
-        """Whether tokens can be issued (needs JWT_SECRET)."""
-        return bool(self._settings.jwt_secret)
+        """Whether tokens can be issued (needs JWT_SIGNING_KEYS or JWT_SECRET)."""
+        return self.keys is not None or bool(self._settings.jwt_secret)
+
+    def jwks(self) -> dict[str, object]:
+        """The public keys of issued tokens (none for HS256: a secret is not published)."""
+        return self.keys.jwks() if self.keys is not None else {"keys": []}
 
     def access_token(self, user_id: int, role: str, sid: str, now: float | None = None) -> str:
         s = self._settings
         sub = str(user_id)
         patterns = s.admin_channels if role == "admin" else s.user_channels
         channels = [p.replace("{sub}", sub) for p in patterns]
-        return mint_token(
-            s, sub, channels, ttl=self.ttl, now=now, extra={"sid": sid, "role": role}
-        )
+        extra = {"sid": sid, "role": role}
+        return mint_token(s, sub, channels, ttl=self.ttl, now=now, extra=extra, signer=self.keys)

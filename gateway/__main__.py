@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from core.embedded import EmbeddedPostgres
 from gateway.app import make_app
 from gateway.auth import ensure_key_material, mint_token
+from gateway.keys import generate_jwk
 from gateway.logs import configure_logging
 from gateway.runtime import raise_file_limit, run, wait_for_stop_signal
 from gateway.settings import Settings, SettingsError
@@ -78,7 +81,26 @@ def _parser() -> argparse.ArgumentParser:
     )
     token.add_argument("--pub", choices=["yes", "no"], help="client publishing allowed (claim pub)")
     token.add_argument("--ttl", type=float, default=3600.0, help="seconds until exp (default 3600)")
+    keygen = sub.add_parser("keygen", help="make a signing key (JWKS) for JWT_SIGNING_KEYS")
+    keygen.add_argument("--alg", default="ES256", choices=["ES256", "ES384", "RS256", "EdDSA"])
+    keygen.add_argument("--kid", help="key id (default: date and random)")
+    keygen.add_argument(
+        "--add-to", metavar="FILE", help="put the new key first in this JWKS file (rotation)"
+    )
     return parser
+
+
+def _keygen(args: argparse.Namespace) -> int:
+    jwk = generate_jwk(args.alg, args.kid)
+    if not args.add_to:
+        print(json.dumps({"keys": [jwk]}, indent=2))
+        return 0
+    path = Path(args.add_to)
+    keys = json.loads(path.read_text())["keys"] if path.exists() else []
+    path.write_text(json.dumps({"keys": [jwk, *keys]}, indent=2) + "\n")
+    path.chmod(0o600)
+    print(f"{path}: {jwk['kid']} ({args.alg}) now signs; {len(keys)} older key(s) kept")
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -89,6 +111,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"configuration error: {exc}", file=sys.stderr)
         return 2
     configure_logging(settings.log_level)
+    if args.command == "keygen":
+        return _keygen(args)
     if args.command == "token":
         logging.getLogger("gateway.auth").setLevel(logging.ERROR)
         settings = ensure_key_material(settings)

@@ -20,8 +20,9 @@ from tornado.netutil import bind_sockets
 
 from core import __version__
 from core.app import Core, CoreUnavailable
-from core.docs import doc_routes
+from core.docs import doc_routes, jwks_route
 from core.http import CoreHTTP, api_router
+from core.tokens import Issuer
 from gateway.auth import Verifier, ensure_key_material
 from gateway.broker import Broker, make_broker
 from gateway.context import Context
@@ -114,6 +115,7 @@ def routes(ctx: Context) -> list[Any]:
         (r"/readyz", ReadyHandler, kw),
         (r"/metrics", MetricsHandler, kw),
         *doc_routes(ctx.core.routes, "tornado-gateway", __version__),
+        jwks_route(Issuer(ctx.settings).jwks()),
     ]
 
 

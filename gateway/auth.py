@@ -22,6 +22,7 @@ import jwt
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
+from gateway.keys import SigningKeys
 from gateway.settings import Settings
 from proto import Grants, InvalidGrants
 
@@ -115,6 +116,9 @@ class Verifier:
         if settings.jwt_jwks_file:
             keyset = jwt.PyJWKSet.from_json(Path(settings.jwt_jwks_file).read_text())
             self._jwks = {k.key_id: k for k in keyset.keys if k.key_id}
+        if settings.jwt_signing_keys:
+            # Tokens we issue verify with the public halves of our signing keys.
+            self._jwks.update(SigningKeys.load(settings.jwt_signing_keys).verification_keys())
         allowed: set[str] = set()
         if self._secret:
             allowed.update(_HMAC)
@@ -227,7 +231,12 @@ def ensure_key_material(settings: Settings) -> Settings:
     ``DATA_DIR`` (mode 0600) and reused, so that ``python -m gateway token``
     mints tokens the running gateway accepts.
     """
-    if settings.jwt_secret or settings.jwt_public_key or settings.jwt_jwks_file:
+    if (
+        settings.jwt_secret
+        or settings.jwt_public_key
+        or settings.jwt_jwks_file
+        or settings.jwt_signing_keys
+    ):
         return settings
     path = Path(settings.data_dir) / "jwt-secret"
     if path.exists():
@@ -255,10 +264,16 @@ def mint_token(
     ttl: float | None = 3600.0,
     now: float | None = None,
     extra: Mapping[str, Any] | None = None,
+    signer: SigningKeys | None = None,
 ) -> str:
-    """An HS256 token for ``sub`` signed with the configured secret."""
-    if not settings.jwt_secret:
-        raise ValueError("minting needs JWT_SECRET (tokens for public keys come from your IdP)")
+    """A token for ``sub``: signed by ``signer``, the JWT_SIGNING_KEYS, or JWT_SECRET (HS256)."""
+    if signer is None and settings.jwt_signing_keys:
+        signer = SigningKeys.load(settings.jwt_signing_keys)
+    secret = settings.jwt_secret
+    if signer is None and not secret:
+        raise ValueError(
+            "minting needs JWT_SIGNING_KEYS or JWT_SECRET (tokens for public keys come from your IdP)"
+        )
     issued = int(time.time() if now is None else now)
     claims: dict[str, Any] = {"sub": sub, "channels": channels, "iat": issued}
     if pub is not None:
@@ -271,7 +286,10 @@ def mint_token(
         claims["aud"] = settings.jwt_audience
     if extra:
         claims.update(extra)
-    return jwt.encode(claims, settings.jwt_secret, algorithm="HS256")
+    if signer is not None:
+        return signer.sign(claims)
+    assert secret is not None
+    return jwt.encode(claims, secret, algorithm="HS256")
 
 
 def token_from_header(value: str | None) -> str | None:

@@ -132,6 +132,12 @@ class Settings:
     jwt_jwks_file: str | None = _setting(
         None, "JWT_JWKS_FILE", "JWKS file with public keys, chosen by the token's kid.", _optional
     )
+    jwt_signing_keys: str | None = _setting(
+        None,
+        "JWT_SIGNING_KEYS",
+        "JWKS file of private keys for issued tokens (first signs; all are published).",
+        _optional,
+    )
     jwt_algorithms: tuple[str, ...] = _setting(
         (), "JWT_ALGORITHMS", "Accepted algorithms (default: those the keys allow).", _list
     )

@@ -1,0 +1,89 @@
+"""Signing keys for the tokens this system issues, and their public JWKS.
+
+``JWT_SIGNING_KEYS`` names a JWKS file of *private* keys (RSA, P-256/384/521
+or Ed25519). The first key signs; every key's public half is published at
+``/.well-known/jwks.json`` and accepted by `gateway.auth.Verifier`. Rotating
+is two restarts apart: put a new key first (``python -m gateway keygen
+--alg ES256 --add-to keys.json`` does it) and keep the old one second until
+tokens signed with it have expired, then drop it. Without the file, tokens
+are signed with ``JWT_SECRET`` (HS256) and no JWKS is published.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from pathlib import Path
+from typing import Any
+
+import jwt
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+
+__all__ = ["SigningKeys", "generate_jwk"]
+
+_PUBLIC_FIELDS = {
+    "RSA": ("kty", "n", "e"),
+    "EC": ("kty", "crv", "x", "y"),
+    "OKP": ("kty", "crv", "x"),
+}
+
+
+class SigningKeys:
+    def __init__(self, keys: list[dict[str, Any]]) -> None:
+        if not keys:
+            raise ValueError("the signing key file holds no key")
+        self._private: list[jwt.PyJWK] = []
+        self.public: list[dict[str, Any]] = []
+        for jwk in keys:
+            if "d" not in jwk or not jwk.get("kid") or not jwk.get("alg"):
+                raise ValueError("every signing key needs 'kid', 'alg' and its private part")
+            self._private.append(jwt.PyJWK(jwk))
+            public = {k: jwk[k] for k in _PUBLIC_FIELDS[jwk["kty"]]}
+            public.update(kid=jwk["kid"], alg=jwk["alg"], use="sig")
+            self.public.append(public)
+        if len({k["kid"] for k in keys}) != len(keys):
+            raise ValueError("signing key ids must be unique")
+
+    @classmethod
+    def load(cls, path: str) -> SigningKeys:
+        return cls(json.loads(Path(path).read_text())["keys"])
+
+    @property
+    def kid(self) -> str:
+        return str(self.public[0]["kid"])
+
+    @property
+    def algorithm(self) -> str:
+        return str(self.public[0]["alg"])
+
+    def jwks(self) -> dict[str, Any]:
+        """The public key set, as served at /.well-known/jwks.json."""
+        return {"keys": self.public}
+
+    def verification_keys(self) -> dict[str, jwt.PyJWK]:
+        """kid -> public key, for the verifier."""
+        return {k["kid"]: jwt.PyJWK(k) for k in self.public}
+
+    def sign(self, claims: dict[str, Any]) -> str:
+        key = self._private[0]
+        return jwt.encode(claims, key.key, algorithm=self.algorithm, headers={"kid": self.kid})
+
+
+def generate_jwk(alg: str, kid: str | None = None) -> dict[str, Any]:
+    """A new private JWK for ``alg`` (RS256, ES256, ES384, EdDSA)."""
+    key: Any
+    if alg == "RS256":
+        key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        jwk = jwt.algorithms.RSAAlgorithm.to_jwk(key, as_dict=True)
+    elif alg in ("ES256", "ES384"):
+        curve = ec.SECP256R1() if alg == "ES256" else ec.SECP384R1()
+        jwk = jwt.algorithms.ECAlgorithm.to_jwk(ec.generate_private_key(curve), as_dict=True)
+    elif alg == "EdDSA":
+        key = ed25519.Ed25519PrivateKey.generate()
+        jwk = jwt.algorithms.OKPAlgorithm.to_jwk(key, as_dict=True)
+    else:
+        raise ValueError(f"unsupported algorithm {alg!r}")
+    stamp = time.strftime("%Y%m%d", time.gmtime())
+    jwk.update(kid=kid or f"{stamp}-{secrets.token_hex(4)}", alg=alg, use="sig")
+    return dict(jwk)

@@ -1,0 +1,240 @@
+"""Rate limits: at most ``limit`` requests per ``period`` seconds per key.
+
+Both limiters use GCRA (the generic cell rate algorithm of redis-cell and
+throttled): each key stores one *theoretical arrival time* (TAT). A request
+of ``cost`` is allowed when ``max(TAT, now) + cost * period / limit`` is no
+more than ``period`` ahead of now, and that becomes the new TAT. So an idle
+key allows a burst of ``limit``, then one request every ``period / limit``
+seconds. A refused request changes nothing: hammering does not lengthen the
+wait. Arithmetic is in integer microseconds (the interval rounded up, so the
+limit is never exceeded), which makes ``retry_after`` exact: a hit at
+``now + retry_after`` is allowed, any earlier one refused.
+
+Arguments: ``limit >= 1``, finite ``period > 0`` and ``1 <= cost <= limit``,
+else ValueError. A cost above the limit could never be allowed, so it is a
+caller's bug rather than a refusal with an infinite ``retry_after``.
+
+`MemoryRateLimiter` holds the TATs of one process (single-process mode,
+per-connection limits); its clock is ``time.monotonic()``. `RedisRateLimiter`
+keeps them in Redis under ``prefix + key`` and updates them with one Lua
+script, atomically, on the *Redis server's* clock (``TIME``) so that every
+process agrees; each key expires when it no longer restricts anything. Both
+take ``now`` (seconds) to override the clock in tests.
+
+Failure policy: a rate limiter must neither take the gateway down with Redis
+nor hang it. When Redis fails (an error, a refused connection or no answer
+within ``timeout``), `RedisRateLimiter.hit` fails open to an in-process
+`MemoryRateLimiter`, so limits still hold per process (N processes allow up
+to N times the limit). It logs one warning per outage, tries Redis again at
+most once per ``retry_interval`` meanwhile, and logs once when Redis answers
+again; from then on it uses Redis, whose counts were kept (or were lost with
+a restart). `reset` never raises either; during an outage it reaches only
+the fallback.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import itertools
+import logging
+import math
+import time
+from typing import NamedTuple
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+
+__all__ = ["Decision", "MemoryRateLimiter", "RateLimiter", "RedisRateLimiter"]
+
+log = logging.getLogger("gateway.ratelimit")
+
+_US = 1_000_000
+
+
+class Decision(NamedTuple):
+    allowed: bool
+    remaining: int
+    """Requests of cost 1 still allowed right now (0 when refused)."""
+    retry_after: float
+    """Seconds until this request would be allowed (0.0 when allowed)."""
+
+
+class RateLimiter(abc.ABC):
+    @abc.abstractmethod
+    async def hit(
+        self, key: str, limit: int, period: float, *, cost: int = 1, now: float | None = None
+    ) -> Decision:
+        """Count ``cost`` requests against ``key`` if the limit allows them."""
+
+    @abc.abstractmethod
+    async def reset(self, key: str) -> None:
+        """Forget ``key`` (e.g. after a successful login): its next hit starts afresh."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Release connections; the limiter is not used afterwards."""
+
+
+def _interval(limit: int, period: float, cost: int) -> int:
+    """Microseconds per request, after checking the arguments."""
+    if limit < 1:
+        raise ValueError(f"limit must be at least 1, not {limit}")
+    if not (period > 0 and math.isfinite(period)):
+        raise ValueError(f"period must be a positive number of seconds, not {period}")
+    if not 1 <= cost <= limit:
+        raise ValueError(f"cost must be between 1 and the limit ({limit}), not {cost}")
+    return max(1, -(-round(period * _US) // limit))
+
+
+def _gcra(tat: int, now: int, interval: int, limit: int, cost: int) -> tuple[Decision, int]:
+    """The decision and the TAT to store; the Lua script below is this, line for line."""
+    tat = max(tat, now)
+    new_tat = tat + cost * interval
+    over = new_tat - now - interval * limit
+    if over > 0:
+        return Decision(False, 0, over / _US), tat
+    return Decision(True, (interval * limit - (new_tat - now)) // interval, 0.0), new_tat
+
+
+class MemoryRateLimiter(RateLimiter):
+    """TATs in a dict, in order of last hit, holding at most ``max_keys`` keys.
+
+    When full, a new key first drops the expired entries; if more than 15/16
+    of ``max_keys`` are still live, the least recently hit are forgotten down
+    to that (one sweep per max_keys/16 new keys, however many keys are sprayed).
+    """
+
+    def __init__(self, max_keys: int = 100_000) -> None:
+        if max_keys < 1:
+            raise ValueError(f"max_keys must be at least 1, not {max_keys}")
+        self._max_keys = max_keys
+        self._tats: dict[str, int] = {}
+
+    async def hit(
+        self, key: str, limit: int, period: float, *, cost: int = 1, now: float | None = None
+    ) -> Decision:
+        interval = _interval(limit, period, cost)
+        now_us = round((time.monotonic() if now is None else now) * _US)
+        old = self._tats.pop(key, None)
+        if old is None and len(self._tats) >= self._max_keys:
+            self._make_room(now_us)
+        decision, tat = _gcra(now_us if old is None else old, now_us, interval, limit, cost)
+        self._tats[key] = tat
+        return decision
+
+    def _make_room(self, now: int) -> None:
+        tats = self._tats
+        for key in [k for k, tat in tats.items() if tat <= now]:
+            del tats[key]
+        excess = len(tats) - (self._max_keys - max(1, self._max_keys // 16))
+        for key in list(itertools.islice(tats, max(0, excess))):
+            del tats[key]
+
+    async def reset(self, key: str) -> None:
+        self._tats.pop(key, None)
+
+    async def close(self) -> None:
+        self._tats.clear()
+
+
+# KEYS[1] = key; ARGV = interval (µs), limit, cost, now (µs, or "" for the server's clock).
+# Numbers stay below 2^53, where Lua's doubles are exact; "%.0f" stores them whole.
+_GCRA_LUA = """
+local interval, limit, cost = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local now = tonumber(ARGV[4])
+if not now then
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+end
+local tat = tonumber(redis.call('GET', KEYS[1]) or now)
+if tat < now then tat = now end
+local new_tat = tat + cost * interval
+local over = new_tat - now - interval * limit
+if over > 0 then return {0, 0, over} end
+redis.call('SET', KEYS[1], string.format('%.0f', new_tat), 'PX', math.ceil((new_tat - now) / 1000))
+return {1, math.floor((interval * limit - (new_tat - now)) / interval), 0}
+"""
+
+
+class RedisRateLimiter(RateLimiter):
+    """Limits shared by every process using the same Redis and ``prefix``.
+
+    ``timeout`` bounds one Redis round trip; ``retry_interval`` is how often
+    Redis is tried again during an outage (see the module's failure policy).
+    """
+
+    def __init__(
+        self,
+        url: str,
+        prefix: str = "gw:rl:",
+        *,
+        timeout: float = 0.5,
+        retry_interval: float = 1.0,
+        max_keys: int = 100_000,
+    ) -> None:
+        self._prefix = prefix
+        self._timeout = timeout
+        self._retry_interval = retry_interval
+        self._max_keys = max_keys
+        self._fallback = MemoryRateLimiter(max_keys)
+        self._down_until: float | None = None
+        # One immediate retry replaces a pooled connection that a Redis
+        # restart closed; more would only delay the fallback.
+        self._client: aioredis.Redis = aioredis.Redis.from_url(
+            url, socket_timeout=timeout, socket_connect_timeout=timeout, retry=Retry(NoBackoff(), 1)
+        )
+        self._script = self._client.register_script(_GCRA_LUA)
+
+    @property
+    def degraded(self) -> bool:
+        """True during an outage, while hits are counted in this process only."""
+        return self._down_until is not None
+
+    async def hit(
+        self, key: str, limit: int, period: float, *, cost: int = 1, now: float | None = None
+    ) -> Decision:
+        interval = _interval(limit, period, cost)
+        if self._down_until is None or time.monotonic() >= self._down_until:
+            args = (interval, limit, cost, "" if now is None else round(now * _US))
+            try:
+                async with asyncio.timeout(self._timeout):
+                    reply = await self._script(keys=[self._prefix + key], args=args)  # type: ignore[no-untyped-call]
+            except (RedisError, OSError, TimeoutError) as exc:
+                self._failed(exc)
+            else:
+                self._recovered()
+                allowed, remaining, over = (int(v) for v in reply)
+                return Decision(bool(allowed), remaining, over / _US)
+        return await self._fallback.hit(key, limit, period, cost=cost, now=now)
+
+    async def reset(self, key: str) -> None:
+        await self._fallback.reset(key)
+        if self._down_until is not None:
+            return
+        try:
+            async with asyncio.timeout(self._timeout):
+                await self._client.delete(self._prefix + key)
+        except (RedisError, OSError, TimeoutError) as exc:
+            self._failed(exc)
+
+    async def close(self) -> None:
+        await self._fallback.close()
+        await self._client.aclose()
+
+    def _failed(self, exc: BaseException) -> None:
+        if self._down_until is None:
+            log.warning(
+                "Redis rate limiter unavailable (%s); limiting per process until it answers",
+                str(exc) or type(exc).__name__,
+            )
+        self._down_until = time.monotonic() + self._retry_interval
+
+    def _recovered(self) -> None:
+        if self._down_until is not None:
+            log.info("Redis rate limiter answers again; limits are shared again")
+            self._down_until = None
+            # Counts made during the outage are stale once Redis has them again.
+            self._fallback = MemoryRateLimiter(self._max_keys)
