@@ -40,6 +40,29 @@ async def _migrate(settings: Settings) -> None:
     print(f"schema {settings.database_schema}: applied {names}")
 
 
+async def _promote(settings: Settings, email: str, role: str) -> int:
+    assert settings.database_url
+    conn = await asyncpg.connect(
+        settings.database_url,
+        timeout=settings.db_connect_timeout,
+        server_settings={"search_path": settings.database_schema},
+    )
+    try:
+        user_id = await conn.fetchval(
+            "update accounts a set role = $2, updated_at = now() from users u"
+            " where a.user_id = u.id and lower(u.email) = lower($1) returning u.id",
+            email,
+            role,
+        )
+    finally:
+        await conn.close()
+    if user_id is None:
+        print(f"no account for {email}", file=sys.stderr)
+        return 1
+    print(f"{email} (user {user_id}) is now {role}; it takes effect at the next login")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m core",
@@ -50,6 +73,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command")
     sub.add_parser("serve", help="serve the REST API (the default)")
     sub.add_parser("migrate", help="apply pending migrations and exit")
+    promote = sub.add_parser("promote", help="give an account a role (the first admin)")
+    promote.add_argument("email")
+    promote.add_argument("--role", choices=["admin", "user"], default="admin")
     args = parser.parse_args(argv)
     try:
         settings = Settings.from_env()
@@ -63,6 +89,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "migrate":
             asyncio.run(_migrate(settings))
+        elif args.command == "promote":
+            return asyncio.run(_promote(settings, args.email, args.role))
         else:
             run(_serve(settings))
     except (OSError, asyncpg.PostgresError) as exc:

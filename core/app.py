@@ -11,11 +11,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import typing
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, MutableMapping
 
 import asyncpg
 
 from core.accounts import Accounts
+from core.apikeys import ApiKeys
 from core.db import Database
 from core.errors import ApiError, from_exception
 from core.events import Events, Publisher
@@ -27,6 +28,7 @@ from core.routing import Route, Router
 from core.tokens import Issuer
 from core.users import Users
 from core.validation import decode_body, parse_form, parse_query
+from gateway.auth import Identity
 from gateway.revocation import Revocations
 from gateway.settings import Settings
 
@@ -37,9 +39,16 @@ log = logging.getLogger("core")
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 
 
-def api_routes(pool: asyncpg.Pool, events: Events, accounts: Accounts) -> tuple[Route, ...]:
+def api_routes(
+    pool: asyncpg.Pool, events: Events, accounts: Accounts, keys: ApiKeys
+) -> tuple[Route, ...]:
     """The core's route table."""
-    return (*accounts.routes(), *Projects(pool, events).routes(), *Users(pool).routes())
+    return (
+        *accounts.routes(),
+        *keys.routes(),
+        *Projects(pool, events).routes(),
+        *Users(pool).routes(),
+    )
 
 
 class _NoRevoker:
@@ -58,7 +67,7 @@ class CoreUnavailable:
         settings = Settings()
         pool = typing.cast(asyncpg.Pool, None)
         accounts = Accounts(pool, settings, Passwords(settings), Issuer(settings), _NoRevoker())
-        self.routes = api_routes(pool, Events(None), accounts)
+        self.routes = api_routes(pool, Events(None), accounts, ApiKeys(pool, {}, None))
         self.router = Router(self.routes)
 
     async def dispatch(self, req: Request) -> Response:
@@ -79,6 +88,7 @@ class Core:
         db: Database,
         publisher: Publisher | None,
         revocations: Revocations,
+        api_keys: MutableMapping[bytes, Identity],
     ) -> None:
         self.settings = settings
         self.db = db
@@ -88,11 +98,12 @@ class Core:
         self.accounts = Accounts(
             db.pool, settings, Passwords(settings), Issuer(settings), revocations
         )
-        self.routes = api_routes(db.pool, self.events, self.accounts)
+        self.api_keys = ApiKeys(db.pool, api_keys, publisher)
+        self.routes = api_routes(db.pool, self.events, self.accounts, self.api_keys)
         self.router = Router(self.routes)
         self._upkeep = [
             asyncio.ensure_future(self._every(600.0, self._purge)),
-            asyncio.ensure_future(self._every(self.REVOCATION_SYNC, self.sync_revocations)),
+            asyncio.ensure_future(self._every(self.REVOCATION_SYNC, self.sync)),
         ]
 
     @classmethod
@@ -101,13 +112,18 @@ class Core:
         settings: Settings,
         publisher: Publisher | None = None,
         revocations: Revocations | None = None,
+        api_keys: MutableMapping[bytes, Identity] | None = None,
     ) -> Core:
-        """Migrate, open the pool, load recent revocations and serve; `close` undoes it."""
+        """Migrate, open the pool, load revocations and API keys, serve; `close` undoes it.
+
+        ``api_keys`` is the verifier's mapping of active keys, kept current here.
+        """
         if revocations is None:
             revocations = Revocations(settings.access_token_ttl + settings.jwt_leeway, publisher)
-        core = cls(settings, await Database.open(settings), publisher, revocations)
+        keys = api_keys if api_keys is not None else {}
+        core = cls(settings, await Database.open(settings), publisher, revocations, keys)
         try:
-            await core.sync_revocations()
+            await core.sync()
         except BaseException:
             await core.close()
             raise
@@ -118,6 +134,16 @@ class Core:
             task.cancel()
         await asyncio.gather(*self._upkeep, return_exceptions=True)
         await self.db.close()
+
+    async def sync(self) -> None:
+        """Catch up on what other processes changed: revocations and API keys."""
+        await self.sync_revocations()
+        await self.api_keys.reload()
+
+    def on_control(self, data: bytes) -> None:
+        """A control-channel message from any process."""
+        self.revocations.on_control(data)
+        self.api_keys.on_control(data)
 
     async def sync_revocations(self) -> None:
         """Apply revocations made while this process may have missed their broadcast."""
@@ -130,8 +156,14 @@ class Core:
     async def dispatch(self, req: Request) -> Response:
         try:
             route, req.params = self.router.match(req.method, req.path)
-            if route.auth and req.caller is None:
-                raise ApiError(401, "unauthorized", "missing token", headers=_BEARER)
+            caller = req.caller
+            if route.auth:
+                if caller is None:
+                    raise ApiError(401, "unauthorized", "missing token", headers=_BEARER)
+                if not getattr(caller, "rest", True):
+                    raise ApiError(403, "forbidden", "this API key may not call the REST API")
+                if route.admin and getattr(caller, "role", None) != "admin":
+                    raise ApiError(403, "forbidden", "admins only")
             if route.query is not None:
                 req.args = parse_query(route.query, req.query)
             if route.body is not None:

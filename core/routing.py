@@ -52,6 +52,8 @@ class Route:
     #: error statuses this route may answer besides 400/401/413/422/503
     errors: tuple[int, ...] = ()
     auth: bool = True
+    #: only callers with role ``admin``
+    admin: bool = False
     #: POST routes that honour Idempotency-Key
     idempotent: bool = False
     description: str = ""

@@ -19,7 +19,7 @@ from core import __version__
 from core.app import Core
 from core.docs import doc_routes, jwks_route
 from core.http import CoreHTTP, api_router
-from gateway.auth import Verifier, ensure_key_material
+from gateway.auth import Identity, Verifier, ensure_key_material
 from gateway.broker import CONTROL, Broker, RedisBroker
 from gateway.logs import log_request
 from gateway.revocation import Revocations
@@ -55,16 +55,19 @@ class CoreServer:
         settings = ensure_key_material(settings)
         broker: Broker | None = None
         revocations = Revocations(settings.access_token_ttl + settings.jwt_leeway)
+        api_keys: dict[bytes, Identity] = {}
+        control: list[Core] = []
         if settings.redis_url:
             broker = RedisBroker(settings.redis_url, settings.redis_prefix)
             revocations.publisher = broker
 
             def on_publication(ch: str, data: bytes) -> None:
-                if ch == CONTROL:  # the only channel a core listens to
-                    revocations.on_control(data)
+                if ch == CONTROL and control:  # the only channel a core listens to
+                    control[0].on_control(data)
 
             await broker.start(on_publication)
-        core = await Core.open(settings, broker, revocations)
+        core = await Core.open(settings, broker, revocations, api_keys)
+        control.append(core)
         handlers: list[Any] = [
             (r"/healthz", _Health),
             (r"/readyz", _Health, {"core": core}),
@@ -72,7 +75,7 @@ class CoreServer:
             jwks_route(core.accounts.issuer.jwks()),
         ]
         app = tornado.web.Application(handlers, log_function=log_request)
-        api = CoreHTTP(core, Verifier(settings, revocations), settings.max_body_bytes)
+        api = CoreHTTP(core, Verifier(settings, revocations, api_keys), settings.max_body_bytes)
         server = HTTPServer(api_router(api, app), max_body_size=4 * settings.max_body_bytes)
         sockets = bind_sockets(settings.port, settings.host)
         server.add_sockets(sockets)

@@ -23,7 +23,7 @@ from core.app import Core, CoreUnavailable
 from core.docs import doc_routes, jwks_route
 from core.http import CoreHTTP, api_router
 from core.tokens import Issuer
-from gateway.auth import Verifier, ensure_key_material
+from gateway.auth import Identity, Verifier, ensure_key_material
 from gateway.broker import Broker, make_broker
 from gateway.context import Context
 from gateway.http import (
@@ -120,12 +120,15 @@ def routes(ctx: Context) -> list[Any]:
 
 
 async def open_core(
-    settings: Settings, node: Node, revocations: Revocations
+    settings: Settings,
+    node: Node,
+    revocations: Revocations,
+    api_keys: dict[bytes, Identity],
 ) -> Core | CoreUnavailable:
     """The REST core on DATABASE_URL, publishing change events through the node."""
     if not settings.database_url:
         return CoreUnavailable("the REST core has no database (set DATABASE_URL)")
-    return await Core.open(settings, node, revocations)
+    return await Core.open(settings, node, revocations, api_keys)
 
 
 async def make_app(
@@ -143,13 +146,16 @@ async def make_app(
         settings.access_token_ttl + settings.jwt_leeway, node, on_revoked=hub.close_session
     )
     node.on_control = revocations.on_control
-    verifier = Verifier(settings, revocations)
+    api_keys: dict[bytes, Identity] = {}
+    verifier = Verifier(settings, revocations, api_keys)
     await node.start()
     try:
-        core = await open_core(settings, node, revocations)
+        core = await open_core(settings, node, revocations, api_keys)
     except BaseException:
         await node.close()
         raise
+    if isinstance(core, Core):
+        node.on_control = core.on_control
     ctx = Context(settings=settings, node=node, verifier=verifier, metrics=metrics, core=core)
     app = tornado.web.Application(
         routes(ctx),

@@ -10,6 +10,7 @@ HMAC secret (algorithm confusion).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import secrets
@@ -27,6 +28,7 @@ from gateway.settings import Settings
 from proto import Grants, InvalidGrants
 
 __all__ = [
+    "API_KEY_PREFIX",
     "AuthError",
     "Identity",
     "Verifier",
@@ -38,6 +40,8 @@ __all__ = [
 log = logging.getLogger("gateway.auth")
 
 _HMAC = ("HS256", "HS384", "HS512")
+#: API keys look like ``gwk_<43 characters>``; anything else is a JWT.
+API_KEY_PREFIX = "gwk_"
 _EC_ALGS = {"secp256r1": "ES256", "secp384r1": "ES384", "secp521r1": "ES512"}
 
 
@@ -56,10 +60,11 @@ class Identity:
     ``exp`` is when the connection must close: the token's ``exp`` plus the
     configured leeway, or None for a token without ``exp``. ``sid`` is the
     login session of tokens this system issued (claim ``sid``), None for
-    tokens from elsewhere; ``role`` is ``admin`` or ``user`` (the default).
+    tokens from elsewhere; ``role`` is ``admin``, ``user`` (the default) or
+    ``service`` (an API key); ``rest`` says whether it may call the REST API.
     """
 
-    __slots__ = ("exp", "grants", "role", "sid", "sub")
+    __slots__ = ("exp", "grants", "rest", "role", "sid", "sub")
 
     def __init__(
         self,
@@ -68,12 +73,14 @@ class Identity:
         exp: float | None,
         sid: str | None = None,
         role: str = "user",
+        rest: bool = True,
     ) -> None:
         self.sub = sub
         self.grants = grants
         self.exp = exp
         self.sid = sid
         self.role = role
+        self.rest = rest
 
     def __repr__(self) -> str:
         return (
@@ -96,9 +103,16 @@ def _algorithms_for(key: Any) -> tuple[str, ...]:
 class Verifier:
     CACHE_SIZE = 8192
 
-    def __init__(self, settings: Settings, revoked: Container[str] = frozenset()) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        revoked: Container[str] = frozenset(),
+        api_keys: Mapping[bytes, Identity] | None = None,
+    ) -> None:
         self._cache: dict[str, Identity] = {}
         self._revoked = revoked
+        #: SHA-256 of each active API key -> its identity (kept current by the core).
+        self.api_keys: Mapping[bytes, Identity] = api_keys if api_keys is not None else {}
         self._issuer = settings.jwt_issuer
         self._audience = settings.jwt_audience
         self._leeway = settings.jwt_leeway
@@ -157,6 +171,11 @@ class Verifier:
         first) until their ``exp``: clients send one token many times, and a
         signature check costs more than the rest of a small REST request.
         """
+        if token.startswith(API_KEY_PREFIX):
+            found = self.api_keys.get(hashlib.sha256(token.encode()).digest())
+            if found is None:
+                raise AuthError("unknown_key", "unknown or revoked API key")
+            return found
         now = time.time() if now is None else now
         identity = self._cache.get(token)
         if identity is None or (identity.exp is not None and now >= identity.exp):

@@ -5,10 +5,12 @@ throttled): each key stores one *theoretical arrival time* (TAT). A request
 of ``cost`` is allowed when ``max(TAT, now) + cost * period / limit`` is no
 more than ``period`` ahead of now, and that becomes the new TAT. So an idle
 key allows a burst of ``limit``, then one request every ``period / limit``
-seconds. A refused request changes nothing: hammering does not lengthen the
-wait. Arithmetic is in integer microseconds (the interval rounded up, so the
-limit is never exceeded), which makes ``retry_after`` exact: a hit at
-``now + retry_after`` is allowed, any earlier one refused.
+seconds: the long-run rate is ``limit / period``, but a window of ``period``
+seconds that starts with a full burst can see up to ``2 * limit - 1``. A
+refused request changes nothing: hammering does not lengthen the wait.
+Arithmetic is in integer microseconds, the interval rounded up (so the rate
+is never exceeded), which makes ``retry_after`` exact: a hit at ``now +
+retry_after`` is allowed, any earlier one refused.
 
 Arguments: ``limit >= 1``, finite ``period > 0`` and ``1 <= cost <= limit``,
 else ValueError. A cost above the limit could never be allowed, so it is a
@@ -201,7 +203,7 @@ class RedisRateLimiter(RateLimiter):
             args = (interval, limit, cost, "" if now is None else round(now * _US))
             try:
                 async with asyncio.timeout(self._timeout):
-                    reply = await self._script(keys=[self._prefix + key], args=args)  # type: ignore[no-untyped-call]
+                    reply = await self._script(keys=[self._prefix + key], args=args)
             except (RedisError, OSError, TimeoutError) as exc:
                 self._failed(exc)
             else:

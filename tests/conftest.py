@@ -120,7 +120,7 @@ async def clean_db(database_url: str, core_schema: str) -> dict[str, str]:
     """Empty core tables; returns the settings that point a gateway at them."""
     conn = await asyncpg.connect(database_url)
     try:
-        tables = ("projects", "users", "idempotency_keys", "accounts", "auth_sessions")
+        tables = ("projects", "users", "idempotency_keys", "accounts", "auth_sessions", "api_keys")
         names = ", ".join(f'"{core_schema}".{t}' for t in tables)
         await conn.execute(f"truncate {names} restart identity cascade")
     finally:

@@ -74,6 +74,19 @@ async def test_retry_after_is_exact(limiter, limit, period):
     assert on_time == Decision(True, 0, 0.0)
 
 
+@pytest.mark.parametrize(("limit", "period"), [(3, 1.0), (7, 0.1)])
+async def test_sustained_rate_never_exceeds_limit_per_period(limiter, limit, period):
+    await hits(limiter, limit, limit=limit, period=period, now=T0)
+    now, allowed = T0, 0
+    while allowed < 10 * limit:  # each as early as retry_after says
+        decision = await limiter.hit("k", limit, period, now=now)
+        if decision.allowed:
+            allowed += 1
+        else:
+            now += decision.retry_after
+    assert 10 * period <= now - T0 < 10 * period + 1e-3
+
+
 async def test_keys_are_independent(limiter):
     await hits(limiter, 2, "a", limit=2, period=60, now=T0)
     assert not (await limiter.hit("a", 2, 60, now=T0)).allowed
@@ -216,8 +229,14 @@ async def test_redis_outage_fails_open_per_process_then_recovers(throwaway_redis
         assert 1199 < during[3].retry_after <= 1200
         # Another process has its own fallback: the limit is per process now.
         assert (await b.hit("k", 3, 3600)).allowed
-        with_a = [r for r in caplog.records if r.levelno == logging.WARNING]
-        assert len(with_a) == 2  # one per limiter and outage, not one per hit
+        await asyncio.sleep(0.1)  # past the retry interval: the next hit tries Redis again
+        assert not (await a.hit("k", 3, 3600)).allowed
+        warned = [
+            r
+            for r in caplog.records
+            if r.name == "gateway.ratelimit" and r.levelno == logging.WARNING
+        ]
+        assert len(warned) == 2  # one per limiter and outage, not one per hit
         await a.reset("k")  # never raises, outage or not
 
         throwaway_redis.start()

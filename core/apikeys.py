@@ -1,0 +1,156 @@
+"""``/api/keys``: API keys for backend services, made and revoked by admins.
+
+A key (``gwk_`` and 43 random characters) is shown once, when created; only
+its SHA-256 is stored. It is scoped: ``channels`` are the patterns it may
+publish on (``POST /api/publish``, or a socket's ``pub``), and ``rest`` says
+whether it may call the REST API. Every process keeps the active keys in
+memory (the verifier looks a key up without a query); creating or revoking
+one reloads them here and broadcasts ``{"type": "api_keys_changed"}`` on the
+control channel so every other process reloads too, and each process also
+reloads on its periodic sync.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import re
+import secrets
+from collections.abc import MutableMapping
+from typing import Annotated
+
+import asyncpg
+import msgspec
+from msgspec import Meta
+
+from core.db import one
+from core.errors import NotFound
+from core.events import Publisher
+from core.request import Request, Response
+from core.routing import Route
+from gateway.auth import API_KEY_PREFIX, Identity
+from gateway.broker.base import CONTROL
+from proto import Grants
+
+__all__ = ["ApiKeys"]
+
+log = logging.getLogger("core.apikeys")
+
+Pattern = Annotated[str, Meta(min_length=1, max_length=200, pattern=r"^[^\x00\s]+$")]
+_UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+_CHANGED = b'{"type":"api_keys_changed"}'
+
+
+class ApiKeyIn(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    name: Annotated[str, Meta(min_length=1, max_length=100, pattern=r"^[^\x00]*$")]
+    channels: Annotated[list[Pattern], Meta(max_length=50)] = []
+    rest: bool = False
+
+
+class ApiKeyOut(msgspec.Struct, kw_only=True):
+    id: str
+    name: str
+    hint: str
+    channels: list[str]
+    rest: bool
+    created_at: str
+
+
+class ApiKeyCreated(ApiKeyOut, kw_only=True):
+    """As listed, plus the key itself: shown this once, never again."""
+
+    key: str
+
+
+class ApiKeyList(msgspec.Struct):
+    items: list[ApiKeyOut]
+
+
+_FIELDS = "'id', id, 'name', name, 'hint', hint, 'channels', channels, 'rest', rest, 'created_at', created_at"
+_CREATE = f"""
+insert into api_keys (name, key_hash, hint, channels, rest, created_by)
+values ($1, $2, $3, $4, $5, $6) returning json_build_object({_FIELDS})::text
+"""
+_LIST = f"""
+select coalesce(json_agg(json_build_object({_FIELDS}) order by created_at), '[]')::text
+from api_keys where revoked_at is null
+"""
+_REVOKE = "update api_keys set revoked_at = now() where id = $1::uuid and revoked_at is null returning id"
+_ACTIVE = "select id::text, key_hash, channels, rest from api_keys where revoked_at is null"
+
+
+class ApiKeys:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        ring: MutableMapping[bytes, Identity],
+        publisher: Publisher | None,
+    ) -> None:
+        self._pool = pool
+        self._ring = ring
+        self._publisher = publisher
+        self._reloads: set[asyncio.Task[None]] = set()
+
+    def routes(self) -> list[Route]:
+        tag = "keys"
+        return [
+            Route("POST", "/api/keys", self.create, "Create an API key (admin)", "createApiKey",
+                  tag, responses={201: ApiKeyCreated}, body=ApiKeyIn, errors=(403,), admin=True),
+            Route("GET", "/api/keys", self.list, "List API keys (admin)", "listApiKeys", tag,
+                  responses={200: ApiKeyList}, errors=(403,), admin=True),
+            Route("DELETE", "/api/keys/{id}", self.revoke, "Revoke an API key (admin)",
+                  "revokeApiKey", tag, responses={204: None}, errors=(403, 404), admin=True),
+        ]  # fmt: skip
+
+    async def create(self, req: Request) -> Response:
+        data: ApiKeyIn = req.data
+        key = API_KEY_PREFIX + secrets.token_urlsafe(32)
+        digest = hashlib.sha256(key.encode()).digest()
+        creator = int(req.caller.sub) if req.caller and req.caller.sub.isdigit() else None
+        (body,) = await one(
+            self._pool, _CREATE, data.name, digest, key[:10], data.channels, data.rest, creator
+        )
+        await self._changed()
+        out = body.encode()
+        return Response(201, out[:-1] + b',"key":' + msgspec.json.encode(key) + b"}")
+
+    async def list(self, req: Request) -> Response:
+        return Response(200, b'{"items":' + (await self._pool.fetchval(_LIST)).encode() + b"}")
+
+    async def revoke(self, req: Request) -> Response:
+        target = req.params["id"]
+        if not _UUID.match(target) or await self._pool.fetchval(_REVOKE, target) is None:
+            raise NotFound("no such API key")
+        await self._changed()
+        return Response(204)
+
+    async def reload(self) -> None:
+        """Replace the in-memory keys with the active ones in the database."""
+        fresh: dict[bytes, Identity] = {}
+        for id, digest, channels, rest in await self._pool.fetch(_ACTIVE):
+            grants = Grants.from_claims({"channels": list(channels), "pub": True})
+            fresh[bytes(digest)] = Identity(f"apikey:{id}", grants, None, None, "service", rest)
+        # No await between these two lines: no request sees a half-updated ring.
+        self._ring.clear()
+        self._ring.update(fresh)
+
+    def on_control(self, data: bytes) -> None:
+        if data.strip() == _CHANGED:
+            task = asyncio.ensure_future(self._reload_logged())
+            self._reloads.add(task)
+            task.add_done_callback(self._reloads.discard)
+
+    async def _reload_logged(self) -> None:
+        try:
+            await self.reload()
+        except Exception as exc:  # the periodic sync will try again
+            log.warning("reloading API keys failed: %s", exc)
+
+    async def _changed(self) -> None:
+        await self.reload()
+        if self._publisher is not None:
+            try:
+                await self._publisher.publish(CONTROL, _CHANGED)
+            except Exception as exc:
+                log.warning("API key change not broadcast (others reload within a sync): %s", exc)
