@@ -18,12 +18,13 @@ import msgspec
 from msgspec import Meta
 
 from core.db import one
-from core.errors import ApiError, NotFound
+from core.errors import ApiError, NotFound, TooManyRequests
 from core.passwords import Passwords
 from core.request import Request, Response
 from core.routing import Route
 from core.schemas import DisplayName, Email, User
 from core.tokens import Issuer, new_refresh_token, refresh_hash
+from gateway.ratelimit import Rate, RateLimiter
 from gateway.settings import Settings
 
 __all__ = ["Accounts", "Revoker", "TokenOut"]
@@ -143,7 +144,9 @@ class Accounts:
         passwords: Passwords,
         issuer: Issuer,
         revoker: Revoker,
+        limiter: RateLimiter,
     ) -> None:
+        self._limiter = limiter
         self._pool = pool
         self._settings = settings
         self._passwords = passwords
@@ -180,6 +183,7 @@ class Accounts:
     async def register(self, req: Request) -> Response:
         if not self._settings.registration_open:
             raise ApiError(403, "registration_closed", "registration is closed")
+        await self._limit(f"login-ip:{req.client}", self._settings.rate_login_ip, "attempts")
         data: RegisterIn = req.data
         password_hash = await self._passwords.hash(data.password)
         async with self._pool.acquire() as conn, conn.transaction():
@@ -203,10 +207,15 @@ class Accounts:
 
     async def _login(self, req: Request, email: str, password: str) -> Response:
         self._require_issuer()
+        settings = self._settings
+        account_key = f"login-account:{email.lower()}"
+        await self._limit(f"login-ip:{req.client}", settings.rate_login_ip, "login attempts")
+        await self._limit(account_key, settings.rate_login_account, "login attempts")
         row = await self._pool.fetchrow(_LOGIN, email)
         ok, rehash = await self._passwords.verify(row["password_hash"] if row else None, password)
         if row is None or not ok:
             raise _invalid_grant("wrong e-mail or password")
+        await self._limiter.reset(account_key)  # the owner got in: no lockout for them
         user_id, role = row["id"], row["role"]
         if rehash:
             await self._pool.execute(_REHASH, user_id, await self._passwords.hash(password))
@@ -242,6 +251,12 @@ class Accounts:
                 await self._revoker.revoke([reused])
             raise _invalid_grant("refresh token was already used: the session is revoked")
         return self._tokens(row["user_id"], row["role"], sid, refresh)
+
+    async def _limit(self, key: str, rate: Rate | None, what: str) -> None:
+        if rate is not None:
+            decision = await self._limiter.hit(key, *rate)
+            if not decision.allowed:
+                raise TooManyRequests(decision.retry_after, what)
 
     def _tokens(self, user_id: int, role: str, sid: str, refresh: str) -> Response:
         access = self.issuer.access_token(user_id, role, sid)

@@ -18,7 +18,7 @@ import asyncpg
 from core.accounts import Accounts
 from core.apikeys import ApiKeys
 from core.db import Database
-from core.errors import ApiError, from_exception
+from core.errors import ApiError, TooManyRequests, from_exception
 from core.events import Events, Publisher
 from core.idempotency import IdempotencyStore
 from core.passwords import Passwords
@@ -29,6 +29,7 @@ from core.tokens import Issuer
 from core.users import Users
 from core.validation import decode_body, parse_form, parse_query
 from gateway.auth import Identity
+from gateway.ratelimit import MemoryRateLimiter, RateLimiter
 from gateway.revocation import Revocations
 from gateway.settings import Settings
 
@@ -66,7 +67,9 @@ class CoreUnavailable:
         self.reason = reason
         settings = Settings()
         pool = typing.cast(asyncpg.Pool, None)
-        accounts = Accounts(pool, settings, Passwords(settings), Issuer(settings), _NoRevoker())
+        accounts = Accounts(
+            pool, settings, Passwords(settings), Issuer(settings), _NoRevoker(), MemoryRateLimiter()
+        )
         self.routes = api_routes(pool, Events(None), accounts, ApiKeys(pool, {}, None))
         self.router = Router(self.routes)
 
@@ -89,14 +92,16 @@ class Core:
         publisher: Publisher | None,
         revocations: Revocations,
         api_keys: MutableMapping[bytes, Identity],
+        limiter: RateLimiter,
     ) -> None:
         self.settings = settings
+        self.limiter = limiter
         self.db = db
         self.events = Events(publisher)
         self.revocations = revocations
         self.idempotency = IdempotencyStore(db.pool, settings.idempotency_ttl)
         self.accounts = Accounts(
-            db.pool, settings, Passwords(settings), Issuer(settings), revocations
+            db.pool, settings, Passwords(settings), Issuer(settings), revocations, limiter
         )
         self.api_keys = ApiKeys(db.pool, api_keys, publisher)
         self.routes = api_routes(db.pool, self.events, self.accounts, self.api_keys)
@@ -113,6 +118,7 @@ class Core:
         publisher: Publisher | None = None,
         revocations: Revocations | None = None,
         api_keys: MutableMapping[bytes, Identity] | None = None,
+        limiter: RateLimiter | None = None,
     ) -> Core:
         """Migrate, open the pool, load revocations and API keys, serve; `close` undoes it.
 
@@ -121,7 +127,8 @@ class Core:
         if revocations is None:
             revocations = Revocations(settings.access_token_ttl + settings.jwt_leeway, publisher)
         keys = api_keys if api_keys is not None else {}
-        core = cls(settings, await Database.open(settings), publisher, revocations, keys)
+        limits = limiter if limiter is not None else MemoryRateLimiter()
+        core = cls(settings, await Database.open(settings), publisher, revocations, keys, limits)
         try:
             await core.sync()
         except BaseException:
@@ -164,6 +171,11 @@ class Core:
                     raise ApiError(403, "forbidden", "this API key may not call the REST API")
                 if route.admin and getattr(caller, "role", None) != "admin":
                     raise ApiError(403, "forbidden", "admins only")
+                rate = self.settings.rate_rest
+                if rate is not None:
+                    decision = await self.limiter.hit(f"rest:{caller.sub}", *rate)
+                    if not decision.allowed:
+                        raise TooManyRequests(decision.retry_after)
             if route.query is not None:
                 req.args = parse_query(route.query, req.query)
             if route.body is not None:

@@ -15,6 +15,7 @@ log).
 from __future__ import annotations
 
 import logging
+import math
 from http import HTTPStatus
 from typing import Any
 
@@ -29,6 +30,7 @@ __all__ = [
     "ErrorResponse",
     "NotFound",
     "PreconditionFailed",
+    "TooManyRequests",
     "Unavailable",
     "ValidationFailed",
     "error_body",
@@ -97,6 +99,19 @@ class PreconditionFailed(ApiError):
 class ValidationFailed(ApiError):
     def __init__(self, details: list[ErrorDetail], message: str = "invalid request") -> None:
         super().__init__(422, "validation_error", message, details=details)
+
+
+class TooManyRequests(ApiError):
+    """429 with ``Retry-After`` (whole seconds, rounded up)."""
+
+    def __init__(self, retry_after: float, what: str = "requests") -> None:
+        seconds = max(1, math.ceil(retry_after))
+        super().__init__(
+            429,
+            "rate_limited",
+            f"too many {what}; retry in {seconds} s",
+            headers={"Retry-After": str(seconds)},
+        )
 
 
 class Unavailable(ApiError):

@@ -36,6 +36,7 @@ _ERRORS = {
     412: "If-Match does not match the current version.",
     413: "Body too large.",
     422: "Validation failed: `details` lists every bad field.",
+    429: "Rate limited: retry after `Retry-After` seconds.",
     503: "A dependency is unavailable; retry after Retry-After seconds.",
 }
 
@@ -107,7 +108,7 @@ def _operation(route: Route, query_params: list[dict[str, Any]]) -> dict[str, An
         if headers:
             resp["headers"] = headers
         responses[str(status)] = resp
-    errors = {400, 405, 503, *route.errors}
+    errors = {400, 405, 429, 503, *route.errors}
     if route.auth:
         errors.add(401)
     if route.body or route.form or route.query or route.idempotent:

@@ -19,6 +19,7 @@ from core import __version__
 from core.app import Core
 from core.docs import doc_routes, jwks_route
 from core.http import CoreHTTP, api_router
+from gateway.app import make_limiter
 from gateway.auth import Identity, Verifier, ensure_key_material
 from gateway.broker import CONTROL, Broker, RedisBroker
 from gateway.logs import log_request
@@ -66,7 +67,8 @@ class CoreServer:
                     control[0].on_control(data)
 
             await broker.start(on_publication)
-        core = await Core.open(settings, broker, revocations, api_keys)
+        limiter = make_limiter(settings)
+        core = await Core.open(settings, broker, revocations, api_keys, limiter)
         control.append(core)
         handlers: list[Any] = [
             (r"/healthz", _Health),
@@ -86,5 +88,6 @@ class CoreServer:
         self.server.stop()
         await self.server.close_all_connections()
         await self.core.close()
+        await self.core.limiter.close()
         if self.broker is not None:
             await self.broker.close()

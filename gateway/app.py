@@ -38,6 +38,7 @@ from gateway.hub import Hub
 from gateway.logs import log_request
 from gateway.metrics import Metrics
 from gateway.node import Node
+from gateway.ratelimit import MemoryRateLimiter, RateLimiter, RedisRateLimiter
 from gateway.revocation import Revocations
 from gateway.settings import Settings
 from gateway.transport.websocket import WebSocketHandler
@@ -104,6 +105,7 @@ class Gateway:
             await self.server.close_all_connections()
         await self.ctx.core.close()
         await self.ctx.node.close()
+        await self.ctx.limiter.close()
 
 
 def routes(ctx: Context) -> list[Any]:
@@ -124,11 +126,19 @@ async def open_core(
     node: Node,
     revocations: Revocations,
     api_keys: dict[bytes, Identity],
+    limiter: RateLimiter,
 ) -> Core | CoreUnavailable:
     """The REST core on DATABASE_URL, publishing change events through the node."""
     if not settings.database_url:
         return CoreUnavailable("the REST core has no database (set DATABASE_URL)")
-    return await Core.open(settings, node, revocations, api_keys)
+    return await Core.open(settings, node, revocations, api_keys, limiter)
+
+
+def make_limiter(settings: Settings) -> RateLimiter:
+    """Limits shared by every process through Redis, or this process's own."""
+    if settings.redis_url:
+        return RedisRateLimiter(settings.redis_url, settings.redis_prefix + "rl:")
+    return MemoryRateLimiter()
 
 
 async def make_app(
@@ -148,15 +158,19 @@ async def make_app(
     node.on_control = revocations.on_control
     api_keys: dict[bytes, Identity] = {}
     verifier = Verifier(settings, revocations, api_keys)
+    limiter = make_limiter(settings)
     await node.start()
     try:
-        core = await open_core(settings, node, revocations, api_keys)
+        core = await open_core(settings, node, revocations, api_keys, limiter)
     except BaseException:
         await node.close()
+        await limiter.close()
         raise
     if isinstance(core, Core):
         node.on_control = core.on_control
-    ctx = Context(settings=settings, node=node, verifier=verifier, metrics=metrics, core=core)
+    ctx = Context(
+        settings=settings, node=node, verifier=verifier, metrics=metrics, core=core, limiter=limiter
+    )
     app = tornado.web.Application(
         routes(ctx),
         default_handler_class=NotFoundHandler,

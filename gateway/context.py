@@ -8,6 +8,7 @@ from core.app import Core, CoreUnavailable
 from gateway.auth import Verifier
 from gateway.metrics import Metrics
 from gateway.node import Node
+from gateway.ratelimit import RateLimiter
 from gateway.settings import Settings
 
 __all__ = ["Context"]
@@ -20,3 +21,4 @@ class Context:
     verifier: Verifier
     metrics: Metrics
     core: Core | CoreUnavailable
+    limiter: RateLimiter

@@ -9,6 +9,7 @@ Every error answer has the REST core's one error body (core/errors.py).
 from __future__ import annotations
 
 import logging
+import math
 from types import TracebackType
 from typing import Any
 
@@ -111,6 +112,17 @@ class PublishHandler(JsonHandler):
 
     async def post(self) -> None:
         identity = self.authenticate()
+        rate = self.ctx.settings.rate_rest
+        if rate is not None:
+            decision = await self.ctx.limiter.hit(f"rest:{identity.sub}", *rate)
+            if not decision.allowed:
+                seconds = str(max(1, math.ceil(decision.retry_after)))
+                raise ApiError(
+                    429,
+                    "rate_limited",
+                    f"too many requests; retry in {seconds} s",
+                    headers={"Retry-After": seconds},
+                )
         limit = self.ctx.settings.max_publish_bytes
         if len(self.request.body) > limit + 1024:
             raise ApiError(413, "payload_too_large", f"body over {limit + 1024} bytes")

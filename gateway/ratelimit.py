@@ -49,7 +49,14 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
-__all__ = ["Decision", "MemoryRateLimiter", "RateLimiter", "RedisRateLimiter"]
+__all__ = [
+    "Decision",
+    "LocalLimit",
+    "MemoryRateLimiter",
+    "Rate",
+    "RateLimiter",
+    "RedisRateLimiter",
+]
 
 log = logging.getLogger("gateway.ratelimit")
 
@@ -99,6 +106,43 @@ def _gcra(tat: int, now: int, interval: int, limit: int, cost: int) -> tuple[Dec
     if over > 0:
         return Decision(False, 0, over / _US), tat
     return Decision(True, (interval * limit - (new_tat - now)) // interval, 0.0), new_tat
+
+
+class Rate(NamedTuple):
+    """A limit as configured: ``limit`` requests per ``period`` seconds (``"20/60"``)."""
+
+    limit: int
+    period: float
+
+    @classmethod
+    def parse(cls, raw: str) -> Rate | None:
+        """``"20/60"`` -> Rate(20, 60.0); ``"off"`` or ``"0"`` -> None (no limit)."""
+        text = raw.strip().lower()
+        if text in ("", "0", "off", "none"):
+            return None
+        count, sep, seconds = text.partition("/")
+        rate = cls(int(count), float(seconds) if sep else 1.0)
+        _interval(rate.limit, rate.period, 1)  # raises ValueError when out of range
+        return rate
+
+    def __str__(self) -> str:
+        return f"{self.limit}/{self.period:g}"
+
+
+class LocalLimit:
+    """One allowance held by its owner (a connection): no dict, no lock, no await."""
+
+    __slots__ = ("_tat", "rate")
+
+    def __init__(self, rate: Rate) -> None:
+        self.rate = rate
+        self._tat = 0
+
+    def hit(self, now: float | None = None) -> Decision:
+        interval = _interval(self.rate.limit, self.rate.period, 1)
+        now_us = round((time.monotonic() if now is None else now) * _US)
+        decision, self._tat = _gcra(self._tat, now_us, interval, self.rate.limit, 1)
+        return decision
 
 
 class MemoryRateLimiter(RateLimiter):

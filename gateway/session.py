@@ -21,9 +21,11 @@ from gateway.broker import BrokerUnavailable
 from gateway.hub import Prepared
 from gateway.metrics import Metrics
 from gateway.node import Node
+from gateway.ratelimit import LocalLimit, Rate
 from proto import (
     CloseCode,
     Codec,
+    Command,
     Connection,
     ErrorCode,
     Expiring,
@@ -63,7 +65,10 @@ Verify = Callable[[str], Identity]
 
 
 class Session:
-    __slots__ = ("codec", "conn", "dispatch", "identity", "metrics", "node", "transport", "verify")
+    __slots__ = (
+        "codec", "commands", "conn", "dispatch", "identity", "metrics", "node", "publishes",
+        "refused", "transport", "verify",
+    )  # fmt: skip
 
     def __init__(
         self,
@@ -74,6 +79,9 @@ class Session:
         metrics: Metrics,
         dispatch: Dispatch | None = None,
         verify: Verify | None = None,
+        *,
+        commands: Rate | None = None,
+        publishes: Rate | None = None,
     ) -> None:
         self.transport = transport
         self.conn = conn
@@ -83,6 +91,9 @@ class Session:
         self.metrics = metrics
         self.dispatch = dispatch
         self.verify = verify
+        self.commands = LocalLimit(commands) if commands else None
+        self.publishes = LocalLimit(publishes) if publishes else None
+        self.refused = 0  # refusals in a row, for the abuse close
 
     def open(self) -> None:
         self.node.hub.connect(self, self.identity.exp, self.identity.sid)
@@ -94,6 +105,8 @@ class Session:
             cmd = conn.receive(data)
         except ProtocolError as exc:
             self._reply_error(conn.error(exc), exc.code)
+            return
+        if not self._allowed(cmd):
             return
         self.metrics.messages_in.labels(type(cmd).__name__.lower()).inc()
         try:
@@ -127,6 +140,26 @@ class Session:
             return
         if not conn.closed:
             self.transport.send(conn.ok(cmd))
+
+    def _allowed(self, cmd: Command) -> bool:
+        """Per-connection rate limits; a client that keeps going once told is closed."""
+        for limit in (self.commands, self.publishes if isinstance(cmd, Pub) else None):
+            if limit is None:
+                continue
+            decision = limit.hit()
+            if decision.allowed:
+                continue
+            self.refused += 1
+            if self.refused > limit.rate.limit:
+                log.warning("closing %s: kept sending while rate limited", self.identity.sub)
+                self.transport.disconnect(CloseCode.RATE_LIMITED)
+                return False
+            detail = f"retry in {decision.retry_after:.2f} s"
+            code = ErrorCode.RATE_LIMITED
+            self._reply_error(self.conn.error_reply(cmd, code, detail), code)
+            return False
+        self.refused = 0
+        return True
 
     def _refresh(self, cmd: Refresh) -> None:
         """Continue under a new token: new expiry and grants, same subject."""

@@ -13,6 +13,8 @@ import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from gateway.ratelimit import Rate
+
 __all__ = ["Settings", "SettingsError"]
 
 
@@ -27,6 +29,10 @@ def _bool(raw: str) -> bool:
     if value in ("0", "false", "no", "off"):
         return False
     raise ValueError(f"expected true or false, got {raw!r}")
+
+
+def _rate(raw: str) -> Rate | None:
+    return Rate.parse(raw)
 
 
 def _list(raw: str) -> tuple[str, ...]:
@@ -182,6 +188,24 @@ class Settings:
     admin_channels: tuple[str, ...] = _setting(
         ("*",), "ADMIN_CHANNELS", "Channel patterns in issued admin tokens.", _list
     )
+    rate_login_ip: Rate | None = _setting(
+        Rate(20, 60.0), "RATE_LOGIN_IP", "Logins and registrations per client IP (n/seconds).", _rate
+    )
+    rate_login_account: Rate | None = _setting(
+        Rate(5, 60.0), "RATE_LOGIN_ACCOUNT", "Login attempts per account (n/seconds).", _rate
+    )
+    rate_rest: Rate | None = _setting(
+        Rate(1200, 60.0), "RATE_REST", "REST requests per identity (n/seconds; off: none).", _rate
+    )
+    rate_connect_ip: Rate | None = _setting(
+        Rate(300, 10.0), "RATE_CONNECT_IP", "New socket connections per client IP.", _rate
+    )
+    rate_socket_commands: Rate | None = _setting(
+        Rate(100, 1.0), "RATE_SOCKET_COMMANDS", "Commands per socket connection.", _rate
+    )
+    rate_socket_publish: Rate | None = _setting(
+        Rate(20, 1.0), "RATE_SOCKET_PUBLISH", "Publications (pub) per socket connection.", _rate
+    )
     password_time_cost: int = _setting(
         3, "PASSWORD_TIME_COST", "argon2id passes (RFC 9106 default 3).", _positive_int
     )
@@ -238,6 +262,10 @@ class Settings:
         """The table printed by ``python -m gateway --help``."""
         rows = []
         for f in dataclasses.fields(cls):
-            default = f.default if not isinstance(f.default, tuple) else ",".join(f.default)
+            default = f.default
+            if isinstance(default, Rate):
+                default = str(default)
+            elif isinstance(default, tuple):
+                default = ",".join(default)
             rows.append(f"  {f.metadata['env']:<20} {f.metadata['help']} [default: {default}]")
         return "\n".join(rows)

@@ -68,6 +68,7 @@ class CloseCode(enum.IntEnum):
     BAD_REQUEST = 4500
     FORBIDDEN = 4501
     SESSION_REVOKED = 4502
+    RATE_LIMITED = 4503
 
 
 class _Error(NamedTuple):
@@ -103,6 +104,7 @@ _CLOSE_REASONS: dict[CloseCode, str] = {
     CloseCode.BAD_REQUEST: "bad request",
     CloseCode.FORBIDDEN: "forbidden",
     CloseCode.SESSION_REVOKED: "session revoked, log in again",
+    CloseCode.RATE_LIMITED: "too many commands after being told to slow down",
 }
 
 

@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import logging
+import math
 
 import tornado.websocket
 from tornado.ioloop import IOLoop
@@ -47,7 +48,19 @@ class WebSocketHandler(tornado.websocket.WebSocketHandler):
 
     # -- handshake ---------------------------------------------------------
 
-    def prepare(self) -> None:
+    async def prepare(self) -> None:
+        rate = self.ctx.settings.rate_connect_ip
+        if rate is not None:
+            decision = await self.ctx.limiter.hit(f"connect-ip:{self.request.remote_ip}", *rate)
+            if not decision.allowed:
+                self.ctx.metrics.handshake_failures.labels("rate_limited").inc()
+                seconds = str(max(1, math.ceil(decision.retry_after)))
+                raise ApiError(
+                    429,
+                    "rate_limited",
+                    f"too many new connections; retry in {seconds} s",
+                    headers={"Retry-After": seconds},
+                )
         token = token_from_header(self.request.headers.get("Authorization"))
         if token is None:
             token = self.get_query_argument("token", None)
@@ -88,8 +101,9 @@ class WebSocketHandler(tornado.websocket.WebSocketHandler):
         )
         ctx = self.ctx
         self.session = Session(
-            self, conn, self._identity, ctx.node, ctx.metrics, ctx.core.dispatch, ctx.verifier.verify
-        )
+            self, conn, self._identity, ctx.node, ctx.metrics, ctx.core.dispatch, ctx.verifier.verify,
+            commands=settings.rate_socket_commands, publishes=settings.rate_socket_publish,
+        )  # fmt: skip
         self._identity = None
         self.session.open()
 

@@ -1,0 +1,122 @@
+"""Rate limits as users meet them: 429 with Retry-After, error replies, and a close for abuse."""
+
+from __future__ import annotations
+
+import pytest
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+from gateway.broker import RedisBroker
+from gateway.ratelimit import Rate
+from proto import CloseCode, ErrorCode
+from tests.harness import ApiClient, running_gateway, token_for, unique_prefix, ws_client
+from tests.test_accounts import ADA, login, register
+
+
+def per_minute(n: int) -> Rate:
+    return Rate(n, 60.0)
+
+
+async def test_login_attempts_per_account_then_429_and_success_resets(clean_db):
+    async with running_gateway(**clean_db, rate_login_account=per_minute(2)) as gw:
+        anon = ApiClient(gw.port, None)
+        try:
+            await register(anon)
+            assert (await login(anon, ADA["email"], "wrong one 1"))[0] == 400
+            assert (await login(anon, ADA["email"], ADA["password"]))[0] == 200  # resets
+            assert (await login(anon, ADA["email"], "wrong one 2"))[0] == 400
+            assert (await login(anon, ADA["email"], "wrong one 3"))[0] == 400
+            status, body = await login(anon, ADA["email"], ADA["password"])
+            assert status == 429 and body["error"]["code"] == "rate_limited"
+            # Another account is not locked out by this one's attempts.
+            assert (await login(anon, "other@example.com", "whatever 123"))[0] == 400
+        finally:
+            anon.close()
+
+
+async def test_login_attempts_per_ip(clean_db):
+    async with running_gateway(**clean_db, rate_login_ip=per_minute(3)) as gw:
+        anon = ApiClient(gw.port, None)
+        try:
+            for i in range(3):
+                assert (await login(anon, f"u{i}@example.com", "nope nope"))[0] == 400
+            status, headers, body = await anon.call(
+                "POST",
+                "/api/auth/token",
+                raw=b"grant_type=password&username=z@example.com&password=x",
+            )
+            assert status == 429 and body["error"]["code"] == "rate_limited"
+            assert int(headers["Retry-After"]) >= 1
+        finally:
+            anon.close()
+
+
+async def test_rest_requests_per_identity_answer_429_with_retry_after(clean_db):
+    async with running_gateway(**clean_db, rate_rest=per_minute(3)) as gw:
+        alice, bob = ApiClient(gw.port, token_for(gw, "alice")), ApiClient(gw.port, token_for(gw, "bob"))
+        try:
+            for _ in range(3):
+                assert (await alice.call("GET", "/api/projects"))[0] == 200
+            status, headers, body = await alice.call("GET", "/api/projects")
+            assert status == 429 and body["error"]["code"] == "rate_limited"
+            assert 1 <= int(headers["Retry-After"]) <= 20
+            assert (await bob.call("GET", "/api/projects"))[0] == 200
+            status, _, _ = await alice.call("POST", "/api/publish", {"ch": "room:1", "data": 1})
+            assert status == 429  # the same allowance covers HTTP publishing
+        finally:
+            alice.close()
+            bob.close()
+
+
+async def test_new_connections_per_ip():
+    async with running_gateway(rate_connect_ip=per_minute(2)) as gw:
+        for _ in range(2):
+            async with ws_client(gw.port, token_for(gw)) as c:
+                assert (await c.request("ping"))["ok"]
+        with pytest.raises(InvalidStatus) as info:
+            async with ws_client(gw.port, token_for(gw)):
+                pass
+        response = info.value.response
+        assert response.status_code == 429 and int(response.headers["Retry-After"]) >= 1
+
+
+async def test_socket_commands_are_refused_then_the_abuser_is_closed():
+    async with running_gateway(rate_socket_commands=per_minute(5)) as gw:
+        async with ws_client(gw.port, token_for(gw)) as c:
+            for _ in range(5):
+                assert (await c.request("ping"))["ok"]
+            refused = await c.request("ping")
+            assert refused["ok"] is False and refused["error"]["code"] == ErrorCode.RATE_LIMITED
+            assert refused["error"]["temporary"] is True
+            with pytest.raises(ConnectionClosed) as info:
+                for _ in range(10):
+                    await c.request("ping")
+            assert info.value.rcvd.code == CloseCode.RATE_LIMITED
+
+
+async def test_publishes_have_their_own_smaller_allowance():
+    async with running_gateway(rate_socket_publish=per_minute(2)) as gw:
+        async with ws_client(gw.port, token_for(gw)) as c:
+            assert (await c.request("pub", ch="room:1", data=1))["ok"]
+            assert (await c.request("pub", ch="room:1", data=2))["ok"]
+            third = await c.request("pub", ch="room:1", data=3)
+            assert third["error"]["code"] == ErrorCode.RATE_LIMITED
+            assert (await c.request("ping"))["ok"]  # other commands go on
+
+
+async def test_limits_hold_across_processes_through_redis(clean_db, redis_url):
+    prefix = unique_prefix()
+    shared = {"redis_url": redis_url, "redis_prefix": prefix, "rate_rest": per_minute(3)}
+    async with (
+        running_gateway(RedisBroker(redis_url, prefix), **clean_db, **shared) as a,
+        running_gateway(RedisBroker(redis_url, prefix), **clean_db, **shared) as b,
+    ):
+        on_a, on_b = ApiClient(a.port, token_for(a, "carol")), ApiClient(b.port, token_for(b, "carol"))
+        try:
+            assert (await on_a.call("GET", "/api/projects"))[0] == 200
+            assert (await on_a.call("GET", "/api/projects"))[0] == 200
+            assert (await on_b.call("GET", "/api/projects"))[0] == 200
+            assert (await on_b.call("GET", "/api/projects"))[0] == 429
+            assert (await on_a.call("GET", "/api/projects"))[0] == 429
+        finally:
+            on_a.close()
+            on_b.close()
