@@ -63,12 +63,27 @@ class _Date:
 
 
 class CoreHTTP(httputil.HTTPServerConnectionDelegate):
-    """Serves the core's routes; one `_Exchange` per request."""
+    """Serves the core's routes; one `_Exchange` per request.
 
-    def __init__(self, core: CoreLike, verifier: Verifier, max_body_bytes: int) -> None:
+    CORS: a request whose ``Origin`` is in ``cors_origins`` (or any, with
+    ``*``) gets ``Access-Control-Allow-Origin`` and the response headers a
+    script needs exposed; a preflight (``OPTIONS`` with
+    ``Access-Control-Request-Method``) is answered 204 with the path's methods.
+    Tokens travel in ``Authorization``, never in cookies, so credentials are
+    not allowed.
+    """
+
+    def __init__(
+        self,
+        core: CoreLike,
+        verifier: Verifier,
+        max_body_bytes: int,
+        cors_origins: tuple[str, ...] = (),
+    ) -> None:
         self.core = core
         self.verifier = verifier
         self.max_body_bytes = max_body_bytes
+        self.cors_origins = frozenset(cors_origins)
         self.date = _Date()
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -76,6 +91,14 @@ class CoreHTTP(httputil.HTTPServerConnectionDelegate):
         self, server_conn: object, request_conn: httputil.HTTPConnection
     ) -> httputil.HTTPMessageDelegate:
         return _Exchange(self, request_conn)
+
+    def cors_origin(self, origin: str | None) -> str | None:
+        """The ``Access-Control-Allow-Origin`` value for ``origin``, None if not allowed."""
+        if origin is None or not self.cors_origins:
+            return None
+        if "*" in self.cors_origins:
+            return "*"
+        return origin if origin in self.cors_origins else None
 
     def spawn(self, exchange: _Exchange) -> None:
         task = asyncio.ensure_future(exchange.run())
@@ -119,12 +142,38 @@ class _Exchange(httputil.HTTPMessageDelegate):
         self._chunks.clear()
 
     async def run(self) -> None:
+        assert self._headers is not None and self._start is not None
+        origin = self._server.cors_origin(self._headers.get("Origin"))
         try:
-            resp = await self._respond()
+            if origin is not None and self._is_preflight():
+                resp = self._preflight()
+            else:
+                resp = await self._respond()
         except Exception:
             log.exception("unexpected error answering %s", self._start)
             resp = Response(500, error_body(500, "internal", "internal error"))
+        if origin is not None:
+            resp.headers.update(_cors_headers(origin))
         self._write(resp)
+
+    def _is_preflight(self) -> bool:
+        assert self._start is not None and self._headers is not None
+        return self._start.method == "OPTIONS" and "Access-Control-Request-Method" in self._headers
+
+    def _preflight(self) -> Response:
+        assert self._start is not None
+        allow = self._server.core.router.allow(self._start.path.partition("?")[0])
+        if allow is None:
+            return Response(404, error_body(404, "not_found", "no such route"))
+        return Response(
+            204,
+            None,
+            {
+                "Access-Control-Allow-Methods": allow,
+                "Access-Control-Allow-Headers": _CORS_REQUEST_HEADERS,
+                "Access-Control-Max-Age": "600",
+            },
+        )
 
     async def _respond(self) -> Response:
         start, headers, server = self._start, self._headers, self._server
@@ -184,6 +233,17 @@ class _Exchange(httputil.HTTPMessageDelegate):
                 self._start.path.partition("?")[0],
                 ms,
             )
+
+
+_CORS_REQUEST_HEADERS = "Authorization, Content-Type, If-Match, If-None-Match, Idempotency-Key"
+_CORS_EXPOSED = "ETag, Location, Retry-After, Idempotent-Replayed"
+
+
+def _cors_headers(origin: str) -> dict[str, str]:
+    headers = {"Access-Control-Allow-Origin": origin, "Access-Control-Expose-Headers": _CORS_EXPOSED}
+    if origin != "*":
+        headers["Vary"] = "Origin"
+    return headers
 
 
 def _remote_ip(conn: httputil.HTTPConnection) -> str:

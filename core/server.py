@@ -77,7 +77,8 @@ class CoreServer:
             jwks_route(core.accounts.issuer.jwks()),
         ]
         app = tornado.web.Application(handlers, log_function=log_request)
-        api = CoreHTTP(core, Verifier(settings, revocations, api_keys), settings.max_body_bytes)
+        verifier = Verifier(settings, revocations, api_keys)
+        api = CoreHTTP(core, verifier, settings.max_body_bytes, settings.cors_origins)
         server = HTTPServer(api_router(api, app), max_body_size=4 * settings.max_body_bytes)
         sockets = bind_sockets(settings.port, settings.host)
         server.add_sockets(sockets)

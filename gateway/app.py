@@ -82,7 +82,8 @@ class Gateway:
             self.settings.host if host is None else host,
         )
         limit = max(self.settings.max_publish_bytes + 65536, 4 * self.settings.max_body_bytes)
-        api = CoreHTTP(self.ctx.core, self.ctx.verifier, self.settings.max_body_bytes)
+        s = self.settings
+        api = CoreHTTP(self.ctx.core, self.ctx.verifier, s.max_body_bytes, s.cors_origins)
         self.server = HTTPServer(api_router(api, self.app), max_body_size=limit)
         self.server.add_sockets(sockets)
         self.port = sockets[0].getsockname()[1]

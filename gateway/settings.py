@@ -233,6 +233,12 @@ class Settings:
     allowed_origins: tuple[str, ...] = _setting(
         ("*",), "ALLOWED_ORIGINS", "Origins allowed to open sockets (comma list, * for any).", _list
     )
+    cors_origins: tuple[str, ...] = _setting(
+        (),
+        "CORS_ORIGINS",
+        "Browser origins allowed to call the REST API (comma list, * for any; default none).",
+        _list,
+    )
     data_dir: str = _setting(".data", "DATA_DIR", "Folder for embedded-mode state.", str)
     log_level: str = _setting("INFO", "LOG_LEVEL", "DEBUG, INFO, WARNING or ERROR.", str)
     shutdown_timeout: float = _setting(
