@@ -24,7 +24,7 @@ from core.request import Request, Response
 from core.routing import Route
 from core.schemas import DisplayName, Email, User
 from core.tokens import Issuer, new_refresh_token, refresh_hash
-from gateway.ratelimit import Rate, RateLimiter
+from gateway.ratelimit import Rate, RateLimiter, over_limit
 from gateway.settings import Settings
 
 __all__ = ["Accounts", "Revoker", "TokenOut"]
@@ -253,10 +253,9 @@ class Accounts:
         return self._tokens(row["user_id"], row["role"], sid, refresh)
 
     async def _limit(self, key: str, rate: Rate | None, what: str) -> None:
-        if rate is not None:
-            decision = await self._limiter.hit(key, *rate)
-            if not decision.allowed:
-                raise TooManyRequests(decision.retry_after, what)
+        wait = await over_limit(self._limiter, key, rate)
+        if wait is not None:
+            raise TooManyRequests(wait, what)
 
     def _tokens(self, user_id: int, role: str, sid: str, refresh: str) -> Response:
         access = self.issuer.access_token(user_id, role, sid)

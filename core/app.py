@@ -29,7 +29,7 @@ from core.tokens import Issuer
 from core.users import Users
 from core.validation import decode_body, parse_form, parse_query
 from gateway.auth import Identity
-from gateway.ratelimit import MemoryRateLimiter, RateLimiter
+from gateway.ratelimit import MemoryRateLimiter, RateLimiter, over_limit
 from gateway.revocation import Revocations
 from gateway.settings import Settings
 
@@ -171,11 +171,9 @@ class Core:
                     raise ApiError(403, "forbidden", "this API key may not call the REST API")
                 if route.admin and getattr(caller, "role", None) != "admin":
                     raise ApiError(403, "forbidden", "admins only")
-                rate = self.settings.rate_rest
-                if rate is not None:
-                    decision = await self.limiter.hit(f"rest:{caller.sub}", *rate)
-                    if not decision.allowed:
-                        raise TooManyRequests(decision.retry_after)
+                wait = await over_limit(self.limiter, f"rest:{caller.sub}", self.settings.rate_rest)
+                if wait is not None:
+                    raise TooManyRequests(wait)
             if route.query is not None:
                 req.args = parse_query(route.query, req.query)
             if route.body is not None:

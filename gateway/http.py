@@ -9,7 +9,6 @@ Every error answer has the REST core's one error body (core/errors.py).
 from __future__ import annotations
 
 import logging
-import math
 from types import TracebackType
 from typing import Any
 
@@ -17,10 +16,12 @@ import msgspec
 import tornado.web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from core.errors import ErrorDetail, default_code, error_body
+from core.errors import ApiError as CoreError
+from core.errors import ErrorDetail, TooManyRequests, default_code, error_body
 from gateway.auth import AuthError, Identity, token_from_header
 from gateway.broker import BrokerUnavailable
 from gateway.context import Context
+from gateway.ratelimit import over_limit
 from proto import RESERVED_PREFIX
 from proto.frames import Channel
 
@@ -53,6 +54,11 @@ class ApiError(tornado.web.HTTPError):
         self.message = message
         self.details = details
         self.headers = headers or {}
+
+    @classmethod
+    def from_core(cls, exc: CoreError) -> ApiError:
+        """The Tornado-raisable form of a core error (same status, code, headers)."""
+        return cls(exc.status, exc.code, exc.message, headers=exc.headers)
 
     @staticmethod
     def write_json(handler: tornado.web.RequestHandler, status: int, exc_info: object) -> None:
@@ -112,17 +118,9 @@ class PublishHandler(JsonHandler):
 
     async def post(self) -> None:
         identity = self.authenticate()
-        rate = self.ctx.settings.rate_rest
-        if rate is not None:
-            decision = await self.ctx.limiter.hit(f"rest:{identity.sub}", *rate)
-            if not decision.allowed:
-                seconds = str(max(1, math.ceil(decision.retry_after)))
-                raise ApiError(
-                    429,
-                    "rate_limited",
-                    f"too many requests; retry in {seconds} s",
-                    headers={"Retry-After": seconds},
-                )
+        wait = await over_limit(self.ctx.limiter, f"rest:{identity.sub}", self.ctx.settings.rate_rest)
+        if wait is not None:
+            raise ApiError.from_core(TooManyRequests(wait))
         limit = self.ctx.settings.max_publish_bytes
         if len(self.request.body) > limit + 1024:
             raise ApiError(413, "payload_too_large", f"body over {limit + 1024} bytes")

@@ -56,6 +56,7 @@ __all__ = [
     "Rate",
     "RateLimiter",
     "RedisRateLimiter",
+    "over_limit",
 ]
 
 log = logging.getLogger("gateway.ratelimit")
@@ -143,6 +144,14 @@ class LocalLimit:
         now_us = round((time.monotonic() if now is None else now) * _US)
         decision, self._tat = _gcra(self._tat, now_us, interval, self.rate.limit, 1)
         return decision
+
+
+async def over_limit(limiter: RateLimiter, key: str, rate: Rate | None) -> float | None:
+    """Seconds ``key`` must wait when over ``rate``; None when allowed (or no limit)."""
+    if rate is None:
+        return None
+    decision = await limiter.hit(key, *rate)
+    return None if decision.allowed else decision.retry_after
 
 
 class MemoryRateLimiter(RateLimiter):

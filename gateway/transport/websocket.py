@@ -14,16 +14,17 @@
 from __future__ import annotations
 
 import logging
-import math
 
 import tornado.websocket
 from tornado.ioloop import IOLoop
 from tornado.iostream import IOStream, StreamBufferFullError, StreamClosedError
 
+from core.errors import TooManyRequests
 from gateway.auth import AuthError, Identity, token_from_header
 from gateway.context import Context
 from gateway.http import ApiError
 from gateway.hub import Prepared
+from gateway.ratelimit import over_limit
 from gateway.session import Session
 from proto import JSON_CODEC, CloseCode, Codec, Connection, close_reason, frame, select_codec
 
@@ -49,18 +50,12 @@ class WebSocketHandler(tornado.websocket.WebSocketHandler):
     # -- handshake ---------------------------------------------------------
 
     async def prepare(self) -> None:
-        rate = self.ctx.settings.rate_connect_ip
-        if rate is not None:
-            decision = await self.ctx.limiter.hit(f"connect-ip:{self.request.remote_ip}", *rate)
-            if not decision.allowed:
-                self.ctx.metrics.handshake_failures.labels("rate_limited").inc()
-                seconds = str(max(1, math.ceil(decision.retry_after)))
-                raise ApiError(
-                    429,
-                    "rate_limited",
-                    f"too many new connections; retry in {seconds} s",
-                    headers={"Retry-After": seconds},
-                )
+        ctx = self.ctx
+        key = f"connect-ip:{self.request.remote_ip}"
+        wait = await over_limit(ctx.limiter, key, ctx.settings.rate_connect_ip)
+        if wait is not None:
+            ctx.metrics.handshake_failures.labels("rate_limited").inc()
+            raise ApiError.from_core(TooManyRequests(wait, "new connections"))
         token = token_from_header(self.request.headers.get("Authorization"))
         if token is None:
             token = self.get_query_argument("token", None)
