@@ -25,7 +25,7 @@ ChangeKind = Literal["created", "updated", "deleted"]
 
 
 class Publisher(Protocol):
-    async def publish(self, ch: str, data: bytes) -> None:
+    async def publish(self, ch: str, data: bytes) -> object:
         """Publish JSON bytes to every subscriber of ``ch`` on every node."""
 
 

@@ -21,7 +21,7 @@ from core.docs import doc_routes, jwks_route
 from core.http import CoreHTTP, api_router
 from gateway.app import make_limiter
 from gateway.auth import Identity, Verifier, ensure_key_material
-from gateway.broker import CONTROL, Broker, RedisBroker
+from gateway.broker import CONTROL, Broker, Position, RedisBroker
 from gateway.logs import log_request
 from gateway.revocation import Revocations
 from gateway.settings import Settings
@@ -62,7 +62,7 @@ class CoreServer:
             broker = RedisBroker(settings.redis_url, settings.redis_prefix)
             revocations.publisher = broker
 
-            def on_publication(ch: str, data: bytes) -> None:
+            def on_publication(ch: str, data: bytes, position: Position | None) -> None:
                 if ch == CONTROL and control:  # the only channel a core listens to
                     control[0].on_control(data)
 

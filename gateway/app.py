@@ -26,6 +26,7 @@ from core.tokens import Issuer
 from gateway.auth import Identity, Verifier, ensure_key_material
 from gateway.broker import Broker, make_broker
 from gateway.context import Context
+from gateway.history import HistoryPolicy
 from gateway.http import (
     ApiError,
     HealthHandler,
@@ -152,7 +153,8 @@ async def make_app(
     settings = ensure_key_material(settings)
     metrics = Metrics(registry)
     hub = Hub(metrics, notice=settings.token_notice, grace=settings.token_grace)
-    node = Node(hub, broker if broker is not None else make_broker(settings), metrics)
+    history = HistoryPolicy(settings.history_channels, settings.history_size, settings.history_ttl)
+    node = Node(hub, broker if broker is not None else make_broker(settings), metrics, history)
     revocations = Revocations(
         settings.access_token_ttl + settings.jwt_leeway, node, on_revoked=hub.close_session
     )

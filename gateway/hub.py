@@ -15,7 +15,7 @@ from typing import Protocol
 
 from gateway.expiry import ExpiryWheel
 from gateway.metrics import Metrics
-from proto import CODECS, CloseCode, Codec, frame
+from proto import CODECS, CloseCode, Codec, Position, frame
 
 __all__ = ["Hub", "Member", "Prepared"]
 
@@ -23,11 +23,13 @@ __all__ = ["Hub", "Member", "Prepared"]
 class Prepared:
     """One publication, encoded lazily once per codec."""
 
-    __slots__ = ("_frames", "_payloads", "ch", "data")
+    __slots__ = ("_frames", "_payloads", "ch", "data", "epoch", "offset")
 
-    def __init__(self, ch: str, data: bytes) -> None:
+    def __init__(self, ch: str, data: bytes, position: Position | None = None) -> None:
         self.ch = ch
         self.data = data
+        self.offset = position.offset if position is not None else None
+        self.epoch = position.epoch if position is not None else None
         self._payloads: list[bytes | None] = [None] * len(CODECS)
         self._frames: list[bytes | None] = [None] * len(CODECS)
 
@@ -35,7 +37,9 @@ class Prepared:
         """The encoded push (``{"op":"msg",...}``) in this codec."""
         p = self._payloads[codec.index]
         if p is None:
-            p = self._payloads[codec.index] = codec.encode_push(self.ch, self.data)
+            p = self._payloads[codec.index] = codec.encode_push(
+                self.ch, self.data, self.offset, self.epoch
+            )
         return p
 
     def ws_frame(self, codec: Codec) -> bytes:
@@ -191,13 +195,13 @@ class Hub:
 
     # -- fan-out -----------------------------------------------------------
 
-    def broadcast(self, ch: str, data: bytes) -> int:
+    def broadcast(self, ch: str, data: bytes, position: Position | None = None) -> int:
         """Deliver ``data`` (JSON bytes) to every local subscriber of ``ch``."""
         members = self._channels.get(ch)
         if not members:
             return 0
         started = time.perf_counter()
-        prepared = Prepared(ch, data)
+        prepared = Prepared(ch, data, position)
         for member in members:
             member.deliver(prepared)
         n = len(members)

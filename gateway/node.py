@@ -17,7 +17,8 @@ from typing import Any
 
 import msgspec
 
-from gateway.broker import CONTROL, Broker
+from gateway.broker import CONTROL, Broker, Entry, Position
+from gateway.history import HistoryPolicy
 from gateway.hub import Hub, Member
 from gateway.metrics import Metrics
 
@@ -51,9 +52,12 @@ class _Pending:
 
 
 class Node:
-    def __init__(self, hub: Hub, broker: Broker, metrics: Metrics) -> None:
+    def __init__(
+        self, hub: Hub, broker: Broker, metrics: Metrics, history: HistoryPolicy | None = None
+    ) -> None:
         self.hub = hub
         self.broker = broker
+        self.history_policy = history if history is not None else HistoryPolicy((), 1, 1.0)
         self._metrics = metrics
         self._pending: dict[str, _Pending] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -107,13 +111,27 @@ class Node:
         for ch in channels:
             self.unsubscribe(ch, member)
 
-    async def publish(self, ch: str, data: bytes) -> None:
-        """Publish JSON bytes to every subscriber of ``ch`` on every node."""
+    async def publish(self, ch: str, data: bytes) -> Position | None:
+        """Publish JSON bytes to every subscriber of ``ch`` on every node.
+
+        On a history channel the publication is also kept, and its position
+        returned.
+        """
+        policy = self.history_policy
+        if policy.applies(ch):
+            return await self.broker.publish_history(ch, data, policy.size, policy.ttl)
         await self.broker.publish(ch, data)
+        return None
+
+    async def history(
+        self, ch: str, after: int, limit: int
+    ) -> tuple[list[Entry], Position | None]:
+        """Kept publications of ``ch`` after offset ``after``, and where it stands."""
+        return await self.broker.history(ch, after, limit)
 
     # -- broker side -------------------------------------------------------
 
-    def _on_publication(self, ch: str, data: bytes) -> None:
+    def _on_publication(self, ch: str, data: bytes, position: Position | None) -> None:
         if ch == CONTROL:
             if self.on_control is not None:
                 self.on_control(data)
@@ -125,7 +143,7 @@ class Node:
         if not was_json:
             self._metrics.invalid_publications.inc()
             log.debug("publication on %s was not JSON; delivered as a string", ch)
-        self.hub.broadcast(ch, payload)
+        self.hub.broadcast(ch, payload, position)
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.ensure_future(coro)

@@ -40,7 +40,7 @@ _decode = msgspec.json.Decoder(SessionsRevoked)
 
 
 class Publisher(Protocol):
-    async def publish(self, ch: str, data: bytes) -> None: ...
+    async def publish(self, ch: str, data: bytes) -> object: ...
 
 
 class Revocations:

@@ -212,6 +212,21 @@ class Settings:
     password_memory_kib: int = _setting(
         65536, "PASSWORD_MEMORY_KIB", "argon2id memory in KiB (default 64 MiB).", _positive_int
     )
+    history_channels: tuple[str, ...] = _setting(
+        ("projects", "projects:*"),
+        "HISTORY_CHANNELS",
+        "Channel patterns whose publications are kept, with offsets, for recovery.",
+        _list,
+    )
+    history_size: int = _setting(
+        100, "HISTORY_SIZE", "Publications kept per history channel.", _positive_int
+    )
+    history_ttl: float = _setting(
+        300.0,
+        "HISTORY_TTL",
+        "Seconds a channel's history lives after its last publication.",
+        _positive_float,
+    )
     max_frame_bytes: int = _setting(
         65536,
         "MAX_FRAME_BYTES",

@@ -78,7 +78,10 @@ class Codec:
     def encode(self, obj: object) -> bytes:
         raise NotImplementedError
 
-    def encode_push(self, ch: str, data_json: bytes) -> bytes:
+    def encode_push(
+        self, ch: str, data_json: bytes, offset: int | None = None, epoch: str | None = None
+    ) -> bytes:
+        """The push of a publication (with its position on history channels)."""
         raise NotImplementedError
 
     def data_to_json(self, data: msgspec.Raw) -> bytes:
@@ -133,9 +136,14 @@ class JsonCodec(Codec):
     def encode(self, obj: object) -> bytes:
         return self._encoder.encode(obj)
 
-    def encode_push(self, ch: str, data_json: bytes) -> bytes:
+    def encode_push(
+        self, ch: str, data_json: bytes, offset: int | None = None, epoch: str | None = None
+    ) -> bytes:
         # Concatenation keeps the publisher's bytes untouched: no re-encode.
-        return b'{"op":"msg","ch":' + self._encoder.encode(ch) + b',"data":' + data_json + b"}"
+        head = b'{"op":"msg","ch":' + self._encoder.encode(ch)
+        if offset is not None:
+            head += b',"offset":%d,"epoch":' % offset + self._encoder.encode(epoch)
+        return head + b',"data":' + data_json + b"}"
 
     def data_to_json(self, data: msgspec.Raw) -> bytes:
         return bytes(data)
@@ -165,8 +173,11 @@ class MsgpackCodec(Codec):
     def encode(self, obj: object) -> bytes:
         return self._encoder.encode(obj)
 
-    def encode_push(self, ch: str, data_json: bytes) -> bytes:
-        return self._encoder.encode(Push(ch=ch, data=msgspec.json.decode(data_json)))
+    def encode_push(
+        self, ch: str, data_json: bytes, offset: int | None = None, epoch: str | None = None
+    ) -> bytes:
+        data = msgspec.json.decode(data_json)
+        return self._encoder.encode(Push(ch=ch, data=data, offset=offset, epoch=epoch))
 
     def data_to_json(self, data: msgspec.Raw) -> bytes:
         # bytes values become base64 strings in JSON (documented).

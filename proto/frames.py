@@ -21,6 +21,7 @@ __all__ = [
     "ErrorBody",
     "Expiring",
     "Ping",
+    "Position",
     "Pub",
     "Push",
     "Refresh",
@@ -44,11 +45,23 @@ Channel = Annotated[
 ]
 
 
+class Position(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Where a channel's stream stands: the last ``offset`` in ``epoch``.
+
+    Offsets count a history channel's publications (1, 2, 3…); the epoch
+    names one unbroken run of them and changes when history is lost.
+    """
+
+    offset: Annotated[int, msgspec.Meta(ge=0, le=MAX_ID)]
+    epoch: Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+
+
 class Sub(msgspec.Struct, tag_field="op", tag="sub", frozen=True, forbid_unknown_fields=True):
-    """Subscribe this connection to a channel."""
+    """Subscribe this connection to a channel, recovering what it missed ``since``."""
 
     id: CommandId
     ch: Channel
+    since: Position | None = None
 
 
 class Unsub(msgspec.Struct, tag_field="op", tag="unsub", frozen=True, forbid_unknown_fields=True):
@@ -129,13 +142,20 @@ class Reply(msgspec.Struct, frozen=True, omit_defaults=True):
     status: int | None = None
     headers: dict[str, str] | None = None
     body: msgspec.Raw | None = None
+    #: ``sub`` on a history channel: whether ``since`` was recovered, and the
+    #: channel's position when the subscription took effect.
+    recovered: bool | None = None
+    offset: int | None = None
+    epoch: str | None = None
 
 
-class Push(msgspec.Struct, frozen=True, tag_field="op", tag="msg"):
-    """A publication delivered to a subscriber."""
+class Push(msgspec.Struct, frozen=True, tag_field="op", tag="msg", omit_defaults=True):
+    """A publication delivered to a subscriber; history channels add its position."""
 
     ch: str
     data: Any
+    offset: int | None = None
+    epoch: str | None = None
 
 
 class Expiring(msgspec.Struct, frozen=True, tag_field="op", tag="expiring"):

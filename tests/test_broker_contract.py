@@ -8,7 +8,7 @@ import json
 import pytest
 import redis.asyncio as aioredis
 
-from gateway.broker import Broker, BrokerUnavailable, MemoryBroker, RedisBroker
+from gateway.broker import Broker, BrokerUnavailable, MemoryBroker, Position, RedisBroker
 from tests.harness import unique_prefix
 from tests.servers import UNIT
 
@@ -16,11 +16,13 @@ from tests.servers import UNIT
 class Inbox:
     def __init__(self) -> None:
         self.items: list[tuple[str, bytes]] = []
+        self.positions: list[Position | None] = []
         self.states: list[bool] = []
         self._changed = asyncio.Event()
 
-    def __call__(self, ch: str, data: bytes) -> None:
+    def __call__(self, ch: str, data: bytes, position: Position | None = None) -> None:
         self.items.append((ch, data))
+        self.positions.append(position)
         self._changed.set()
 
     def state(self, up: bool) -> None:
@@ -195,5 +197,63 @@ async def test_redis_restart_reconnects_and_resubscribes(throwaway_redis):
         assert sorted(await inbox.wait_for(2)) == [("room:1", b"1"), ("room:2", b"1")]
         assert inbox.states[:3] == [True, False, True]
         assert broker.reconnects == 1
+    finally:
+        await broker.close()
+
+
+# -- history ------------------------------------------------------------------------
+
+
+async def test_history_offsets_are_assigned_in_order_with_one_epoch(started):
+    broker, inbox = await started()
+    await broker.subscribe("feed:1")
+    positions = [await broker.publish_history("feed:1", b'{"n":%d}' % i, 10, 60) for i in range(3)]
+    assert [p.offset for p in positions] == [1, 2, 3]
+    assert len({p.epoch for p in positions}) == 1
+    await inbox.wait_for(3)
+    assert inbox.positions == positions  # subscribers see the same positions
+    await broker.publish("feed:1", b'"plain"')
+    await inbox.wait_for(4)
+    assert inbox.positions[-1] is None  # a plain publication has none
+
+
+async def test_history_returns_what_came_after_an_offset(started):
+    broker, _ = await started()
+    for i in range(1, 6):
+        await broker.publish_history("feed:2", b"%d" % i, 10, 60)
+    entries, top = await broker.history("feed:2", 2, 100)
+    assert entries == [(3, b"3"), (4, b"4"), (5, b"5")] and top is not None and top.offset == 5
+    entries, _ = await broker.history("feed:2", 0, 2)
+    assert entries == [(1, b"1"), (2, b"2")]
+    entries, _ = await broker.history("feed:2", 5, 10)
+    assert entries == []
+
+
+async def test_history_keeps_the_last_size_publications(started):
+    broker, _ = await started()
+    for i in range(1, 8):
+        await broker.publish_history("feed:3", b"%d" % i, 3, 60)
+    entries, top = await broker.history("feed:3", 0, 100)
+    assert [o for o, _ in entries] == [5, 6, 7] and top is not None and top.offset == 7
+
+
+async def test_a_channel_without_history_has_no_position(started):
+    broker, _ = await started()
+    assert await broker.history("never:published", 0, 10) == ([], None)
+
+
+async def test_history_lost_with_redis_starts_a_new_epoch(throwaway_redis):
+    broker = RedisBroker(throwaway_redis.url, unique_prefix(), backoff_initial=0.02, backoff_max=0.2)
+    inbox = Inbox()
+    await broker.start(inbox, inbox.state)
+    try:
+        first = await broker.publish_history("feed:4", b"1", 10, 60)
+        throwaway_redis.kill()  # no persistence: the history is gone
+        await inbox.wait_state(False)
+        throwaway_redis.start()
+        await inbox.wait_state(True, timeout=5 * UNIT)
+        again = await broker.publish_history("feed:4", b"2", 10, 60)
+        assert again.offset == 1 and again.epoch != first.epoch
+        assert (await broker.history("feed:4", 0, 10))[0] == [(1, b"2")]
     finally:
         await broker.close()

@@ -95,6 +95,8 @@ async def test_writes_publish_change_events_to_both_channels(gw):
             assert (await all_.request("sub", ch="projects"))["ok"]
             _, _, p = await api.call("POST", "/api/projects", PROJECT)
             created = await all_.next_push()
+            # Live resources keep history: every push says where it stands.
+            assert created.pop("offset") == 1 and created.pop("epoch")
             assert created == {
                 "op": "msg",
                 "ch": "projects",
@@ -103,9 +105,10 @@ async def test_writes_publish_change_events_to_both_channels(gw):
             assert (await one.request("sub", ch=f"projects:{p['id']}"))["ok"]
             url = f"/api/projects/{p['id']}"
             _, _, updated = await api.call("PATCH", url, {"name": "renamed"})
-            for c, ch in ((all_, "projects"), (one, f"projects:{p['id']}")):
+            for c, ch, offset in ((all_, "projects", 2), (one, f"projects:{p['id']}", 2)):
                 push = await c.next_push()
                 assert push["ch"] == ch and push["data"]["type"] == "updated"
+                assert push["offset"] == offset
                 assert push["data"]["version"] == 2 and push["data"]["data"] == updated
             assert (await api.call("DELETE", url))[0] == 204
             for c in (all_, one):

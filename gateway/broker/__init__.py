@@ -6,6 +6,8 @@ from gateway.broker.base import (
     CONTROL,
     Broker,
     BrokerUnavailable,
+    Entry,
+    Position,
     PublicationHandler,
     StateListener,
 )
@@ -17,7 +19,9 @@ __all__ = [
     "CONTROL",
     "Broker",
     "BrokerUnavailable",
+    "Entry",
     "MemoryBroker",
+    "Position",
     "PublicationHandler",
     "RedisBroker",
     "StateListener",

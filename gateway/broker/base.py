@@ -22,6 +22,16 @@ Contract (tests/test_broker_contract.py runs it against every broker):
   tells whether it currently can deliver.
 * Publications on `CONTROL` (``__control``) are always delivered, subscribed
   or not: it carries node-wide messages such as session revocations.
+* ``publish_history(ch, data, size, ttl)`` also appends to the channel's
+  history and returns its `Position`: the next offset (1, 2, 3…) in the
+  channel's epoch, assigned atomically with the publication, so every
+  process sees one order. The handler then receives the position too. The
+  history keeps the last ``size`` publications and disappears ``ttl``
+  seconds after the last one; when it is gone (or the backend lost it), the
+  next publication starts a new epoch at offset 1.
+* ``history(ch, after, limit)`` returns up to ``limit`` publications with
+  offsets above ``after``, oldest first, and the channel's current position
+  (None when it has no history).
 * ``close()`` releases everything; the handler is not called afterwards.
 """
 
@@ -30,14 +40,27 @@ from __future__ import annotations
 import abc
 from collections.abc import Callable
 
-__all__ = ["CONTROL", "Broker", "BrokerUnavailable", "PublicationHandler", "StateListener"]
+from proto import Position
+
+__all__ = [
+    "CONTROL",
+    "Broker",
+    "BrokerUnavailable",
+    "Entry",
+    "Position",
+    "PublicationHandler",
+    "StateListener",
+]
 
 #: The node-wide channel every broker always delivers. Client channels may not
 #: start with ``__`` (proto/connection.py), so no client reads or forges it.
 CONTROL = "__control"
 
-#: ``handler(channel, data_json)``; must not block or raise.
-PublicationHandler = Callable[[str, bytes], None]
+#: ``handler(channel, data_json, position)``; must not block or raise.
+#: ``position`` is None for publications without history.
+PublicationHandler = Callable[[str, bytes, Position | None], None]
+#: (offset, data_json) of one publication in a history.
+Entry = tuple[int, bytes]
 #: ``listener(up)``: called when the backend link goes up or down.
 StateListener = Callable[[bool], None]
 
@@ -63,6 +86,14 @@ class Broker(abc.ABC):
 
     @abc.abstractmethod
     async def publish(self, ch: str, data: bytes) -> None: ...
+
+    @abc.abstractmethod
+    async def publish_history(self, ch: str, data: bytes, size: int, ttl: float) -> Position: ...
+
+    @abc.abstractmethod
+    async def history(
+        self, ch: str, after: int, limit: int
+    ) -> tuple[list[Entry], Position | None]: ...
 
     @property
     @abc.abstractmethod

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import collections
+import secrets
+import time
 
 from gateway.broker.base import (
     CONTROL,
     Broker,
     BrokerUnavailable,
+    Entry,
+    Position,
     PublicationHandler,
     StateListener,
 )
@@ -15,10 +20,21 @@ from gateway.broker.base import (
 __all__ = ["MemoryBroker"]
 
 
+class _History:
+    __slots__ = ("entries", "epoch", "expires", "offset")
+
+    def __init__(self, size: int) -> None:
+        self.epoch = secrets.token_hex(4)
+        self.offset = 0
+        self.entries: collections.deque[Entry] = collections.deque(maxlen=size)
+        self.expires = 0.0
+
+
 class MemoryBroker(Broker):
     def __init__(self) -> None:
         self._handler: PublicationHandler | None = None
         self._channels: set[str] = {CONTROL}
+        self._histories: dict[str, _History] = {}
 
     async def start(
         self, handler: PublicationHandler, on_state: StateListener | None = None
@@ -41,16 +57,47 @@ class MemoryBroker(Broker):
             self._channels.discard(ch)
 
     async def publish(self, ch: str, data: bytes) -> None:
+        self._send(ch, data, None)
+
+    async def publish_history(self, ch: str, data: bytes, size: int, ttl: float) -> Position:
+        now = time.monotonic()
+        history = self._live(ch, now)
+        if history is None or history.entries.maxlen != size:
+            history = self._histories[ch] = _History(size)
+        history.offset += 1
+        history.entries.append((history.offset, data))
+        history.expires = now + ttl
+        position = Position(history.offset, history.epoch)
+        self._send(ch, data, position)
+        return position
+
+    async def history(
+        self, ch: str, after: int, limit: int
+    ) -> tuple[list[Entry], Position | None]:
+        history = self._live(ch, time.monotonic())
+        if history is None:
+            return [], None
+        entries = [e for e in history.entries if e[0] > after][:limit]
+        return entries, Position(history.offset, history.epoch)
+
+    def _live(self, ch: str, now: float) -> _History | None:
+        history = self._histories.get(ch)
+        if history is not None and history.expires <= now:
+            del self._histories[ch]
+            return None
+        return history
+
+    def _send(self, ch: str, data: bytes, position: Position | None) -> None:
         if self._handler is None:
             raise BrokerUnavailable("broker is not running")
         if ch in self._channels:
             # Deliver on the next loop turn, as a remote broker would: the
             # publisher's reply never waits for the fan-out.
-            asyncio.get_running_loop().call_soon(self._deliver, ch, data)
+            asyncio.get_running_loop().call_soon(self._deliver, ch, data, position)
 
-    def _deliver(self, ch: str, data: bytes) -> None:
+    def _deliver(self, ch: str, data: bytes, position: Position | None) -> None:
         if self._handler is not None and ch in self._channels:
-            self._handler(ch, data)
+            self._handler(ch, data, position)
 
     @property
     def connected(self) -> bool:

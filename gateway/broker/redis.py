@@ -16,24 +16,29 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import random
+import secrets
 from typing import Any
 
 import redis.asyncio as aioredis
 from redis.asyncio.client import PubSub
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from gateway.broker.base import (
     CONTROL,
     Broker,
     BrokerUnavailable,
+    Entry,
+    Position,
     PublicationHandler,
     StateListener,
 )
 
-__all__ = ["RedisBroker", "backoff_delay"]
+__all__ = ["PUBLISH_WITH_HISTORY", "RedisBroker", "backoff_delay"]
 
 log = logging.getLogger("gateway.broker")
 
@@ -47,6 +52,30 @@ def _redact(url: str) -> str:
         return url
     scheme, _, rest = url.partition("://")
     return f"{scheme}://***@{rest.rpartition('@')[2]}"
+
+
+#: Publications with history reach subscribers as ``\x1e<offset> <epoch> <data>``:
+#: a byte no JSON starts with, so plain PUBLISHes pass untouched.
+_HISTORY_MARK = b"\x1e"
+
+#: Append to a channel's history and publish, atomically. KEYS: stream, meta.
+#: ARGV: Redis channel, data, size, ttl seconds, a fresh epoch (used when the
+#: history is gone). Backends in other languages may run it (EVALSHA) to
+#: publish with history; docs/protocol.md gives the recipe.
+PUBLISH_WITH_HISTORY = r"""
+local epoch = redis.call('HGET', KEYS[2], 'e')
+if not epoch then
+    epoch = ARGV[5]
+    redis.call('DEL', KEYS[1])
+    redis.call('HSET', KEYS[2], 'e', epoch, 'o', 0)
+end
+local offset = redis.call('HINCRBY', KEYS[2], 'o', 1)
+redis.call('XADD', KEYS[1], 'MAXLEN', ARGV[3], offset .. '-1', 'd', ARGV[2])
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+redis.call('EXPIRE', KEYS[2], ARGV[4])
+redis.call('PUBLISH', ARGV[1], '\30' .. offset .. ' ' .. epoch .. ' ' .. ARGV[2])
+return {offset, epoch}
+"""
 
 
 class RedisBroker(Broker):
@@ -77,10 +106,18 @@ class RedisBroker(Broker):
         # Publishing goes through a small pool; subscribing through one
         # dedicated connection with retries off, so that a lost connection
         # surfaces at once in the reader loop, which owns recovery.
-        self._pub_client: aioredis.Redis = aioredis.Redis.from_url(url, socket_timeout=5)
+        # One retry on a lost connection: after a Redis restart every pooled
+        # connection is stale, and the first command on each would fail.
+        self._pub_client: aioredis.Redis = aioredis.Redis.from_url(
+            url,
+            socket_timeout=5,
+            retry=Retry(NoBackoff(), 1),
+            retry_on_error=[RedisConnectionError],
+        )
         self._sub_client: aioredis.Redis = aioredis.Redis.from_url(
             url, retry=Retry(NoBackoff(), 0), socket_keepalive=True, socket_connect_timeout=5
         )
+        self._publish_script = self._pub_client.register_script(PUBLISH_WITH_HISTORY)
 
     @property
     def description(self) -> str:
@@ -156,6 +193,36 @@ class RedisBroker(Broker):
         except (RedisError, OSError) as exc:
             raise BrokerUnavailable(f"PUBLISH failed: {exc}") from exc
 
+    def _history_keys(self, ch: str) -> list[str]:
+        # One hash tag: a channel's stream and meta share a Redis Cluster slot.
+        return [f"{self._prefix}h:{{{ch}}}", f"{self._prefix}m:{{{ch}}}"]
+
+    async def publish_history(self, ch: str, data: bytes, size: int, ttl: float) -> Position:
+        args: list[bytes | str | int] = [
+            self._prefix + ch, data, size, max(1, math.ceil(ttl)), secrets.token_hex(4)
+        ]  # fmt: skip
+        try:
+            offset, epoch = await self._publish_script(keys=self._history_keys(ch), args=args)
+        except (RedisError, OSError) as exc:
+            raise BrokerUnavailable(f"publish with history failed: {exc}") from exc
+        return Position(int(offset), epoch.decode())
+
+    async def history(
+        self, ch: str, after: int, limit: int
+    ) -> tuple[list[Entry], Position | None]:
+        stream, meta = self._history_keys(ch)
+        try:
+            async with self._pub_client.pipeline(transaction=True) as pipe:
+                pipe.hmget(meta, "e", "o")
+                pipe.xrange(stream, f"{after + 1}-0", "+", count=limit)
+                (epoch, top), rows = await pipe.execute()
+        except (RedisError, OSError) as exc:
+            raise BrokerUnavailable(f"history read failed: {exc}") from exc
+        if epoch is None:
+            return [], None
+        entries = [(int(id.split(b"-", 1)[0]), fields[b"d"]) for id, fields in rows]
+        return entries, Position(int(top), epoch.decode())
+
     # -- reader ------------------------------------------------------------
 
     async def _run(self) -> None:
@@ -194,7 +261,12 @@ class RedisBroker(Broker):
             handler = self._handler
             if handler is not None and channel.startswith(self._prefix_b):
                 ch = channel[len(self._prefix_b) :].decode("utf-8", "replace")
-                handler(ch, message["data"])
+                data: bytes = message["data"]
+                if data[:1] == _HISTORY_MARK:
+                    offset, epoch, payload = data[1:].split(b" ", 2)
+                    handler(ch, payload, Position(int(offset), epoch.decode()))
+                else:
+                    handler(ch, data, None)
             return False
         if kind == "subscribe":
             if channel == self._control:

@@ -1,0 +1,32 @@
+"""Which channels keep history, and how much.
+
+Channels matching ``HISTORY_CHANNELS`` (glob patterns, as in grants) keep
+their last ``HISTORY_SIZE`` publications for ``HISTORY_TTL`` seconds after
+the last one (the broker's stream expires as a whole, as in Centrifugo).
+Their publications carry an offset and an epoch, and a subscriber that comes
+back can recover what it missed (gateway/session.py).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import functools
+import re
+
+__all__ = ["HistoryPolicy"]
+
+
+class HistoryPolicy:
+    def __init__(self, patterns: tuple[str, ...], size: int, ttl: float) -> None:
+        self.patterns = patterns
+        self.size = size
+        self.ttl = ttl
+        self._match = (
+            re.compile("|".join(f"(?:{fnmatch.translate(p)})" for p in patterns)).match
+            if patterns
+            else None
+        )
+        self.applies = functools.lru_cache(maxsize=65536)(self._applies)
+
+    def _applies(self, ch: str) -> bool:
+        return self._match is not None and self._match(ch) is not None
