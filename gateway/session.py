@@ -30,9 +30,11 @@ from proto import (
     ErrorCode,
     Expiring,
     Ping,
+    Position,
     ProtocolError,
     Pub,
     Refresh,
+    Reply,
     Rpc,
     State,
     Sub,
@@ -64,10 +66,32 @@ Dispatch = Callable[[Request], Awaitable[Response]]
 Verify = Callable[[str], Identity]
 
 
+#: Live publications held per channel while its history is read.
+MAX_HELD = 10_000
+MAX_OFFSET = 2**53 - 1
+
+
+def _recovers(since: Position, entries: list[tuple[int, bytes]], top: Position | None) -> bool:
+    """Whether ``entries`` hold every publication after ``since`` (same epoch, no gap)."""
+    if top is None or top.epoch != since.epoch or since.offset > top.offset:
+        return False
+    return since.offset == top.offset or (bool(entries) and entries[0][0] == since.offset + 1)
+
+
 class Session:
     __slots__ = (
-        "codec", "commands", "conn", "dispatch", "identity", "metrics", "node", "publishes",
-        "refused", "transport", "verify",
+        "codec",
+        "commands",
+        "conn",
+        "dispatch",
+        "held",
+        "identity",
+        "metrics",
+        "node",
+        "publishes",
+        "refused",
+        "transport",
+        "verify",
     )  # fmt: skip
 
     def __init__(
@@ -94,6 +118,7 @@ class Session:
         self.commands = LocalLimit(commands) if commands else None
         self.publishes = LocalLimit(publishes) if publishes else None
         self.refused = 0  # refusals in a row, for the abuse close
+        self.held: dict[str, list[Prepared]] | None = None  # channels being recovered
 
     def open(self) -> None:
         self.node.hub.connect(self, self.identity.exp, self.identity.sid)
@@ -110,6 +135,9 @@ class Session:
             return
         self.metrics.messages_in.labels(type(cmd).__name__.lower()).inc()
         try:
+            if isinstance(cmd, Sub) and self.node.history_policy.applies(cmd.ch):
+                await self._subscribe_with_history(cmd)
+                return
             if isinstance(cmd, Sub):
                 await self.node.subscribe(cmd.ch, self)
                 if conn.closed:
@@ -222,7 +250,64 @@ class Session:
             self.transport.send(payload)
 
     def deliver(self, prepared: Prepared) -> None:
+        held = self.held
+        if held is not None and prepared.ch in held:
+            buffer = held[prepared.ch]
+            if len(buffer) >= MAX_HELD:
+                log.warning("closing %s: recovery of %s fell too far behind", self.identity.sub, prepared.ch)
+                self.transport.disconnect(CloseCode.SLOW_CONSUMER)
+                return
+            buffer.append(prepared)
+            return
         self.transport.deliver(prepared, self.codec)
+
+    async def _subscribe_with_history(self, cmd: Sub) -> None:
+        """Subscribe, recovering what was missed ``since``, with no gap or repeat at the seam.
+
+        Live publications are held while the history is read; afterwards the
+        reply, the missed publications and the held ones (those after the
+        last offset sent) go out in one synchronous run, so nothing live can
+        slip in between.
+        """
+        ch, since, conn = cmd.ch, cmd.since, self.conn
+        held = self.held = self.held if self.held is not None else {}
+        held[ch] = []
+        try:
+            await self.node.subscribe(ch, self)
+            after = since.offset if since is not None else MAX_OFFSET
+            entries, top = await self.node.history(ch, after, self.node.history_policy.size)
+        except BaseException:
+            held.pop(ch, None)
+            self.node.unsubscribe(ch, self)
+            raise
+        buffered = held.pop(ch)
+        if conn.closed:
+            self.node.unsubscribe(ch, self)
+            return
+        conn.subscribed(ch)
+        recovered = None
+        last = top.offset if top is not None else 0
+        if since is not None:
+            recovered = _recovers(since, entries, top)
+            if recovered:
+                last = since.offset
+        reply = Reply(
+            id=cmd.id,
+            ok=True,
+            recovered=recovered,
+            offset=top.offset if top is not None else None,
+            epoch=top.epoch if top is not None else None,
+        )
+        self.transport.send(self.codec.encode(reply))
+        epoch = top.epoch if top is not None else None
+        if recovered:
+            assert epoch is not None  # recovery implies a history
+            for offset, data in entries:
+                self.transport.deliver(Prepared(ch, data, Position(offset, epoch)), self.codec)
+                last = offset
+        for prepared in buffered:
+            if prepared.offset is None or prepared.epoch != epoch or prepared.offset > last:
+                self.transport.deliver(prepared, self.codec)
 
     def close(self, code: CloseCode) -> None:
         """Server-initiated close (expiry, drain, slow consumer)."""

@@ -1,0 +1,136 @@
+"""History and recovery: after a reconnect, exactly what was missed, or a plain 'no'."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+
+import pytest
+from websockets.exceptions import ConnectionClosed
+
+from gateway.broker import RedisBroker
+from tests.harness import SECRET, running_gateway, token_for, unique_prefix, ws_client
+from tests.servers import UNIT
+from tests.test_processes import mint, processes  # noqa: F401  (fixture)
+
+FEED = {"history_channels": ("feed:*",), "history_size": 50}
+
+
+async def publish(gw, ch: str, *values: int) -> None:
+    for v in values:
+        await gw.ctx.node.publish(ch, b'{"n":%d}' % v)
+
+
+async def test_sub_reports_the_position_and_pushes_carry_offsets():
+    async with running_gateway(**FEED) as gw, ws_client(gw.port, token_for(gw, channels=("feed:*",))) as c:
+        await publish(gw, "feed:1", 1, 2)
+        reply = await c.request("sub", ch="feed:1")
+        assert reply["ok"] and reply["offset"] == 2 and reply["epoch"] and "recovered" not in reply
+        await publish(gw, "feed:1", 3)
+        push = await c.next_push()
+        assert push == {"op": "msg", "ch": "feed:1", "offset": 3, "epoch": reply["epoch"],
+                        "data": {"n": 3}}  # fmt: skip
+
+
+async def test_reconnect_with_since_recovers_exactly_what_was_missed():
+    async with running_gateway(**FEED) as gw:
+        token = token_for(gw, channels=("feed:*",))
+        async with ws_client(gw.port, token) as c:
+            first = await c.request("sub", ch="feed:2")
+            assert "epoch" not in first  # nothing published yet: no position
+            await publish(gw, "feed:2", 1, 2)
+            seen = [await c.next_push() for _ in range(2)]
+        await publish(gw, "feed:2", 3, 4, 5)  # while the client is away
+        async with ws_client(gw.port, token) as c:
+            since = {"offset": seen[-1]["offset"], "epoch": seen[-1]["epoch"]}
+            reply = await c.request("sub", ch="feed:2", since=since)
+            assert reply["recovered"] is True and reply["offset"] == 5
+            await publish(gw, "feed:2", 6)
+            got = [await c.next_push() for _ in range(4)]
+        assert [m["data"]["n"] for m in got] == [3, 4, 5, 6]
+        assert [m["offset"] for m in got] == [3, 4, 5, 6]
+
+
+@pytest.mark.parametrize("case", ["gap", "epoch", "ahead"])
+async def test_unrecoverable_gaps_say_recovered_false(case):
+    async with running_gateway(history_channels=("feed:*",), history_size=3) as gw:
+        token = token_for(gw, channels=("feed:*",))
+        await publish(gw, "feed:3", *range(1, 9))  # only 6, 7, 8 are kept
+        async with ws_client(gw.port, token) as c:
+            epoch = (await c.request("sub", ch="feed:3"))["epoch"]
+        since = {"gap": {"offset": 2, "epoch": epoch}, "epoch": {"offset": 7, "epoch": "other"},
+                 "ahead": {"offset": 99, "epoch": epoch}}[case]  # fmt: skip
+        async with ws_client(gw.port, token) as c:
+            reply = await c.request("sub", ch="feed:3", since=since)
+            assert reply["ok"] and reply["recovered"] is False and reply["offset"] == 8
+            await publish(gw, "feed:3", 9)
+            push = await c.next_push()  # live goes on from the current position
+            assert push["offset"] == 9 and c.pushes == []
+
+
+async def test_nothing_missed_is_recovered_with_nothing_to_send():
+    async with running_gateway(**FEED) as gw:
+        token = token_for(gw, channels=("feed:*",))
+        await publish(gw, "feed:4", 1)
+        async with ws_client(gw.port, token) as c:
+            epoch = (await c.request("sub", ch="feed:4"))["epoch"]
+        async with ws_client(gw.port, token) as c:
+            reply = await c.request("sub", ch="feed:4", since={"offset": 1, "epoch": epoch})
+            assert reply["recovered"] is True
+            assert (await c.request("ping"))["ok"] and c.pushes == []
+
+
+async def test_killed_node_client_resumes_on_another_with_every_message_once(
+    processes, redis_url, data_dir  # noqa: F811
+):
+    prefix = unique_prefix()
+    env = {"REDIS_URL": redis_url, "REDIS_PREFIX": prefix, "JWT_SECRET": SECRET,
+           "HISTORY_CHANNELS": "feed:*", "HISTORY_SIZE": "1000"}  # fmt: skip
+    a, b = processes(**env), processes(**env)
+    token = mint(data_dir, "--channels", "feed:*")
+    publisher = RedisBroker(redis_url, prefix)  # a backend publishing with history
+    await publisher.start(lambda *_: None)
+    total = 400
+    published = asyncio.Event()
+
+    async def publish_steadily() -> None:
+        for n in range(1, total + 1):
+            await publisher.publish_history("feed:live", b'{"n":%d}' % n, 1000, 300)
+            if n % 20 == 0:
+                await asyncio.sleep(0.01)
+        published.set()
+
+    received: list[int] = []
+    offsets: list[int] = []
+    try:
+        async with ws_client(a.port, token) as c:
+            assert (await c.request("sub", ch="feed:live"))["ok"]
+            epoch = None
+            task = asyncio.ensure_future(publish_steadily())
+            try:
+                while len(received) < 100:
+                    push = await c.next_push(timeout=5 * UNIT)
+                    received.append(push["data"]["n"])
+                    offsets.append(push["offset"])
+                    epoch = push["epoch"]
+                a.proc.send_signal(signal.SIGKILL)  # mid-stream, no goodbye
+                with pytest.raises(ConnectionClosed):
+                    while True:
+                        push = await c.next_push(timeout=5 * UNIT)
+                        received.append(push["data"]["n"])
+                        offsets.append(push["offset"])
+            except BaseException:
+                task.cancel()
+                raise
+        async with ws_client(b.port, token) as c:
+            since = {"offset": offsets[-1], "epoch": epoch}
+            reply = await c.request("sub", ch="feed:live", since=since)
+            assert reply["recovered"] is True
+            async with asyncio.timeout(20 * UNIT):
+                while not received or received[-1] != total:
+                    push = await c.next_push(timeout=5 * UNIT)
+                    received.append(push["data"]["n"])
+            await task
+    finally:
+        await publisher.close()
+    assert received == list(range(1, total + 1))  # every message exactly once, in order
