@@ -12,8 +12,12 @@ from __future__ import annotations
 import fnmatch
 import functools
 import re
+from typing import TYPE_CHECKING
 
-__all__ = ["HistoryPolicy"]
+if TYPE_CHECKING:
+    from gateway.broker.base import Broker, Position
+
+__all__ = ["HistoryPolicy", "publish"]
 
 
 class HistoryPolicy:
@@ -30,3 +34,11 @@ class HistoryPolicy:
 
     def _applies(self, ch: str) -> bool:
         return self._match is not None and self._match(ch) is not None
+
+
+async def publish(broker: Broker, policy: HistoryPolicy, ch: str, data: bytes) -> Position | None:
+    """Publish on ``ch``, through history when the policy says so (its position)."""
+    if policy.applies(ch):
+        return await broker.publish_history(ch, data, policy.size, policy.ttl)
+    await broker.publish(ch, data)
+    return None

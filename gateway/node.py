@@ -18,7 +18,7 @@ from typing import Any
 import msgspec
 
 from gateway.broker import CONTROL, Broker, Entry, Position
-from gateway.history import HistoryPolicy
+from gateway.history import HistoryPolicy, publish
 from gateway.hub import Hub, Member
 from gateway.metrics import Metrics
 
@@ -117,11 +117,7 @@ class Node:
         On a history channel the publication is also kept, and its position
         returned.
         """
-        policy = self.history_policy
-        if policy.applies(ch):
-            return await self.broker.publish_history(ch, data, policy.size, policy.ttl)
-        await self.broker.publish(ch, data)
-        return None
+        return await publish(self.broker, self.history_policy, ch, data)
 
     async def history(
         self, ch: str, after: int, limit: int

@@ -29,6 +29,8 @@ from proto import (
     Connection,
     ErrorCode,
     Expiring,
+    History,
+    HistoryItem,
     Ping,
     Position,
     ProtocolError,
@@ -156,6 +158,9 @@ class Session:
             elif isinstance(cmd, Refresh):
                 self._refresh(cmd)
                 return
+            elif isinstance(cmd, History):
+                await self._history(cmd)
+                return
             else:
                 assert isinstance(cmd, Ping)
         except BrokerUnavailable as exc:
@@ -216,6 +221,23 @@ class Session:
             message = "the refreshed token does not allow this channel"
             self.transport.send(self.codec.encode(Unsubscribed(ch, int(code), message)))
         self.transport.send(conn.ok(cmd))
+
+    async def _history(self, cmd: History) -> None:
+        if not self.node.history_policy.applies(cmd.ch):
+            code = ErrorCode.NO_HISTORY
+            self._reply_error(self.conn.error_reply(cmd, code, cmd.ch), code)
+            return
+        entries, top = await self.node.history(cmd.ch, cmd.since, cmd.limit)
+        items = [HistoryItem(offset, self.codec.json_to_raw(data)) for offset, data in entries]
+        reply = Reply(
+            id=cmd.id,
+            ok=True,
+            offset=top.offset if top is not None else None,
+            epoch=top.epoch if top is not None else None,
+            publications=items,
+        )
+        if not self.conn.closed:
+            self.transport.send(self.codec.encode(reply))
 
     def expiring(self) -> None:
         """Tell the client its token runs out soon (hub's notice)."""

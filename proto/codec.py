@@ -34,7 +34,7 @@ __all__ = [
     "select_codec",
 ]
 
-_KNOWN_OPS: Final = frozenset({"sub", "unsub", "pub", "ping", "rpc", "refresh"})
+_KNOWN_OPS: Final = frozenset({"sub", "unsub", "pub", "ping", "rpc", "refresh", "history"})
 
 
 class ProtocolError(Exception):

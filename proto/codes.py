@@ -50,6 +50,7 @@ class ErrorCode(enum.IntEnum):
     RATE_LIMITED = 112
     CLOSING = 113
     TOKEN_INVALID = 114
+    NO_HISTORY = 115
 
 
 class CloseCode(enum.IntEnum):
@@ -90,6 +91,7 @@ _ERRORS: dict[ErrorCode, _Error] = {
     ErrorCode.RATE_LIMITED: _Error("rate limited", True),
     ErrorCode.CLOSING: _Error("connection is closing", True),
     ErrorCode.TOKEN_INVALID: _Error("token refused", False),
+    ErrorCode.NO_HISTORY: _Error("this channel keeps no history", False),
 }
 
 _CLOSE_REASONS: dict[CloseCode, str] = {

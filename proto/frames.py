@@ -20,6 +20,8 @@ __all__ = [
     "Command",
     "ErrorBody",
     "Expiring",
+    "History",
+    "HistoryItem",
     "Ping",
     "Position",
     "Pub",
@@ -112,7 +114,21 @@ class Refresh(msgspec.Struct, tag_field="op", tag="refresh", frozen=True, forbid
     token: Annotated[str, msgspec.Meta(min_length=1, max_length=8192)]
 
 
-Command = Sub | Unsub | Pub | Ping | Rpc | Refresh
+class History(msgspec.Struct, tag_field="op", tag="history", frozen=True, forbid_unknown_fields=True):
+    """Page through a history channel: up to ``limit`` publications after offset ``since``."""
+
+    id: CommandId
+    ch: Channel
+    since: Annotated[int, msgspec.Meta(ge=0, le=MAX_ID)] = 0
+    limit: Annotated[int, msgspec.Meta(ge=1, le=100)] = 100
+
+
+class HistoryItem(msgspec.Struct, frozen=True):
+    offset: int
+    data: msgspec.Raw
+
+
+Command = Sub | Unsub | Pub | Ping | Rpc | Refresh | History
 
 
 class ClientFrame(msgspec.Struct):
@@ -147,6 +163,8 @@ class Reply(msgspec.Struct, frozen=True, omit_defaults=True):
     recovered: bool | None = None
     offset: int | None = None
     epoch: str | None = None
+    #: ``history``: the page, oldest first.
+    publications: list[HistoryItem] | None = None
 
 
 class Push(msgspec.Struct, frozen=True, tag_field="op", tag="msg", omit_defaults=True):

@@ -9,6 +9,7 @@ import pytest
 from websockets.exceptions import ConnectionClosed
 
 from gateway.broker import RedisBroker
+from proto import ErrorCode
 from tests.harness import SECRET, running_gateway, token_for, unique_prefix, ws_client
 from tests.servers import UNIT
 from tests.test_processes import mint, processes  # noqa: F401  (fixture)
@@ -134,3 +135,51 @@ async def test_killed_node_client_resumes_on_another_with_every_message_once(
     finally:
         await publisher.close()
     assert received == list(range(1, total + 1))  # every message exactly once, in order
+
+
+@pytest.mark.parametrize("msgpack", [False, True])
+async def test_history_pages_through_kept_publications(msgpack):
+    async with running_gateway(**FEED) as gw:
+        await publish(gw, "feed:5", *range(1, 8))
+        async with ws_client(gw.port, token_for(gw, channels=("feed:*",)), msgpack=msgpack) as c:
+            page = await c.request("history", ch="feed:5", since=2, limit=3)
+            assert page["ok"] and page["offset"] == 7
+            assert page["publications"] == [
+                {"offset": 3, "data": {"n": 3}},
+                {"offset": 4, "data": {"n": 4}},
+                {"offset": 5, "data": {"n": 5}},
+            ]
+            rest = await c.request("history", ch="feed:5", since=5)
+            assert [p["offset"] for p in rest["publications"]] == [6, 7]
+
+
+async def test_history_refusals():
+    async with running_gateway(**FEED) as gw:
+        async with ws_client(gw.port, token_for(gw, channels=("feed:*", "room:*"))) as c:
+            no = await c.request("history", ch="room:1")
+            assert no["error"]["code"] == ErrorCode.NO_HISTORY
+            denied = await c.request("history", ch="feed-other")
+            assert denied["error"]["code"] == ErrorCode.PERMISSION_DENIED
+            bad = await c.request("history", ch="feed:1", limit=1000)
+            assert bad["error"]["code"] == ErrorCode.BAD_FRAME
+
+
+async def test_python_publisher_reaches_sockets_with_offsets(redis_url):
+    from gateway.publisher import Publisher
+
+    prefix = unique_prefix()
+    async with (
+        running_gateway(RedisBroker(redis_url, prefix), redis_url=redis_url,
+                        redis_prefix=prefix, **FEED) as gw,  # fmt: skip
+        ws_client(gw.port, token_for(gw, channels=("feed:*", "room:*"))) as c,
+        Publisher(redis_url, prefix, history_channels=("feed:*",), history_size=50) as pub,
+    ):
+        assert (await c.request("sub", ch="feed:9"))["ok"]
+        assert (await c.request("sub", ch="room:9"))["ok"]
+        position = await pub.publish("feed:9", {"status": "paid"})
+        assert position is not None and position.offset == 1
+        assert await pub.publish("room:9", b'{"plain":true}') is None
+        first, second = await c.next_push(), await c.next_push()
+    assert first == {"op": "msg", "ch": "feed:9", "offset": 1, "epoch": position.epoch,
+                     "data": {"status": "paid"}}  # fmt: skip
+    assert second == {"op": "msg", "ch": "room:9", "data": {"plain": True}}

@@ -1,0 +1,66 @@
+"""Publish from a backend service, with history where the channel keeps it.
+
+::
+
+    from gateway.publisher import Publisher
+
+    async with Publisher("redis://127.0.0.1:6379/0", history_channels=("orders:*",)) as pub:
+        position = await pub.publish("orders:42", {"status": "paid"})
+
+It writes to the Redis the gateways use, with the same prefix, history
+patterns, size and TTL as they are configured with (pass the same values),
+so subscribers on every gateway get the publication with its offset, and
+clients that reconnect recover it. Channels outside ``history_channels`` get
+a plain PUBLISH. No gateway process is involved; Redis must be reachable
+(and private).
+"""
+
+from __future__ import annotations
+
+from types import TracebackType
+from typing import Any, Self
+
+import msgspec
+
+from gateway.broker.redis import RedisBroker
+from gateway.history import HistoryPolicy, publish
+from proto import Position
+
+__all__ = ["Publisher"]
+
+
+class Publisher:
+    def __init__(
+        self,
+        redis_url: str,
+        prefix: str = "gw:",
+        *,
+        history_channels: tuple[str, ...] = ("projects", "projects:*"),
+        history_size: int = 100,
+        history_ttl: float = 300.0,
+    ) -> None:
+        self._broker = RedisBroker(redis_url, prefix)  # its publishing side only
+        self._policy = HistoryPolicy(history_channels, history_size, history_ttl)
+
+    async def publish(self, ch: str, data: Any) -> Position | None:
+        """Publish ``data`` (JSON-serializable, or JSON bytes) on ``ch``.
+
+        Returns the publication's position on a history channel, else None.
+        Raises `gateway.broker.BrokerUnavailable` when Redis cannot take it.
+        """
+        payload = data if isinstance(data, bytes) else msgspec.json.encode(data)
+        return await publish(self._broker, self._policy, ch, payload)
+
+    async def close(self) -> None:
+        await self._broker.close()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
