@@ -100,6 +100,11 @@ class CoreHTTP(httputil.HTTPServerConnectionDelegate):
             return "*"
         return origin if origin in self.cors_origins else None
 
+    async def wait_idle(self) -> None:
+        """Return once every request being answered has been answered."""
+        while self._tasks:
+            await asyncio.wait(list(self._tasks))
+
     def spawn(self, exchange: _Exchange) -> None:
         task = asyncio.ensure_future(exchange.run())
         self._tasks.add(task)

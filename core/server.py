@@ -8,6 +8,7 @@ gateways in other processes).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
@@ -45,8 +46,11 @@ class _Health(tornado.web.RequestHandler):
 class CoreServer:
     """A started core with its HTTP server; `close` releases everything."""
 
-    def __init__(self, core: Core, broker: Broker | None, server: HTTPServer, port: int) -> None:
+    def __init__(
+        self, core: Core, broker: Broker | None, server: HTTPServer, api: CoreHTTP, port: int
+    ) -> None:
         self.core = core
+        self.api = api
         self.broker = broker
         self.server = server
         self.port = port
@@ -83,10 +87,15 @@ class CoreServer:
         sockets = bind_sockets(settings.port, settings.host)
         server.add_sockets(sockets)
         port: int = sockets[0].getsockname()[1]
-        return cls(core, broker, server, port)
+        return cls(core, broker, server, api, port)
 
     async def close(self) -> None:
+        """Stop accepting, finish the requests being answered, release everything."""
         self.server.stop()
+        try:
+            await asyncio.wait_for(self.api.wait_idle(), self.core.settings.shutdown_timeout)
+        except TimeoutError:
+            log.warning("requests still running at shutdown")
         await self.server.close_all_connections()
         await self.core.close()
         await self.core.limiter.close()

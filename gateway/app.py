@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from typing import Any
 
@@ -63,6 +64,7 @@ class Gateway:
         self.ctx = ctx
         self.app = app
         self.server: HTTPServer | None = None
+        self.api: CoreHTTP | None = None
         self.port: int | None = None
         self._sweeper = PeriodicCallback(self._sweep, 1000)
         self._sweeper.start()
@@ -76,6 +78,18 @@ class Gateway:
         if n:
             log.info("closed %d connections whose token expired", n)
 
+    async def _close_paced(self, code: CloseCode, seconds: float, tick: float = 0.05) -> None:
+        members = list(self.hub.connections)
+        if not members:
+            return
+        per_tick = max(1, math.ceil(len(members) * tick / seconds)) if seconds > 0 else len(members)
+        log.info("draining %d connections over %.1fs", len(members), seconds)
+        for start in range(0, len(members), per_tick):
+            if start:
+                await asyncio.sleep(tick)
+            for member in members[start : start + per_tick]:
+                member.close(code)
+
     def listen(self, port: int | None = None, host: str | None = None) -> int:
         """Start serving; returns the bound port (useful with port 0)."""
         sockets = bind_sockets(
@@ -84,30 +98,45 @@ class Gateway:
         )
         limit = max(self.settings.max_publish_bytes + 65536, 4 * self.settings.max_body_bytes)
         s = self.settings
-        api = CoreHTTP(self.ctx.core, self.ctx.verifier, s.max_body_bytes, s.cors_origins)
+        api = self.api = CoreHTTP(self.ctx.core, self.ctx.verifier, s.max_body_bytes, s.cors_origins)
         self.server = HTTPServer(api_router(api, self.app), max_body_size=limit)
         self.server.add_sockets(sockets)
         self.port = sockets[0].getsockname()[1]
         return self.port
 
     async def close(self, code: CloseCode = CloseCode.SHUTDOWN) -> None:
-        """Stop accepting, close every socket with ``code``, release all."""
+        """Drain, then release everything, within SHUTDOWN_TIMEOUT.
+
+        Readiness turns red and new sockets are refused (503) at once, while
+        the listener stays open so probes see it. Sockets are closed with
+        ``code`` evenly over DRAIN_SECONDS, so that their clients do not all
+        reconnect elsewhere in the same instant; REST requests being answered
+        are finished; then the listener and the rest close.
+        """
+        deadline = time.monotonic() + self.settings.shutdown_timeout
+        self.ctx.status.draining = True
         self._sweeper.stop()
-        if self.server is not None:
-            self.server.stop()
-        for member in self.hub.connections:
-            member.close(code)
+        await self._close_paced(code, min(self.settings.drain_seconds, self.settings.shutdown_timeout))
         # Sockets leave the hub once their close handshake ends (or after
         # Tornado's 5 s close timeout for peers that never answer).
         try:
-            await asyncio.wait_for(self.hub.wait_idle(), self.settings.shutdown_timeout)
+            async with asyncio.timeout_at(_loop_time(deadline)):
+                await self.hub.wait_idle()
+                if self.api is not None:
+                    await self.api.wait_idle()
         except TimeoutError:
             log.warning("%d connections still open at shutdown", self.hub.connection_count())
         if self.server is not None:
+            self.server.stop()
             await self.server.close_all_connections()
         await self.ctx.core.close()
         await self.ctx.node.close()
         await self.ctx.limiter.close()
+
+
+def _loop_time(monotonic_deadline: float) -> float:
+    """A time.monotonic() deadline on the running loop's clock."""
+    return asyncio.get_running_loop().time() + (monotonic_deadline - time.monotonic())
 
 
 def routes(ctx: Context) -> list[Any]:

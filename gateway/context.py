@@ -11,7 +11,14 @@ from gateway.node import Node
 from gateway.ratelimit import RateLimiter
 from gateway.settings import Settings
 
-__all__ = ["Context"]
+__all__ = ["Context", "Status"]
+
+
+@dataclasses.dataclass(slots=True)
+class Status:
+    """What changes over a gateway's life: set once it starts draining."""
+
+    draining: bool = False
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -22,3 +29,4 @@ class Context:
     metrics: Metrics
     core: Core | CoreUnavailable
     limiter: RateLimiter
+    status: Status = dataclasses.field(default_factory=Status)

@@ -163,9 +163,12 @@ class HealthHandler(JsonHandler):
 
 
 class ReadyHandler(JsonHandler):
-    """Readiness: the broker link is up."""
+    """Readiness: the broker link is up and the gateway is not draining."""
 
     def get(self) -> None:
+        if self.ctx.status.draining:
+            self.write_json({"status": "draining"}, 503)
+            return
         broker = self.ctx.node.broker
         ok = broker.connected
         self.write_json({"status": "ok" if ok else "unavailable", "broker": ok}, 200 if ok else 503)

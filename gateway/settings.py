@@ -256,6 +256,12 @@ class Settings:
     )
     data_dir: str = _setting(".data", "DATA_DIR", "Folder for embedded-mode state.", str)
     log_level: str = _setting("INFO", "LOG_LEVEL", "DEBUG, INFO, WARNING or ERROR.", str)
+    drain_seconds: float = _setting(
+        5.0,
+        "DRAIN_SECONDS",
+        "On SIGTERM, sockets are closed (4000) evenly over this many seconds.",
+        _non_negative_float,
+    )
     shutdown_timeout: float = _setting(
         10.0, "SHUTDOWN_TIMEOUT", "Seconds allowed for a graceful stop.", _non_negative_float
     )

@@ -51,6 +51,10 @@ class WebSocketHandler(tornado.websocket.WebSocketHandler):
 
     async def prepare(self) -> None:
         ctx = self.ctx
+        if ctx.status.draining:
+            raise ApiError(
+                503, "draining", "this gateway is shutting down", headers={"Retry-After": "1"}
+            )
         key = f"connect-ip:{self.request.remote_ip}"
         wait = await over_limit(ctx.limiter, key, ctx.settings.rate_connect_ip)
         if wait is not None:
