@@ -62,6 +62,9 @@ class Member(Protocol):
     def expiring(self) -> None:
         """Its token expires soon: tell the client to refresh it."""
 
+    def gap(self, ch: str) -> None:
+        """Publications on ``ch`` may have been missed: tell the client."""
+
 
 class Hub:
     """Local connections, their channels, and when their tokens run out.
@@ -183,6 +186,15 @@ class Hub:
             return False
         del self._channels[ch]
         return True
+
+    def notify_gap(self) -> int:
+        """Tell every subscriber of every channel that it may have missed publications."""
+        notified = 0
+        for ch, members in list(self._channels.items()):
+            for member in list(members):
+                member.gap(ch)
+                notified += 1
+        return notified
 
     def has_subscribers(self, ch: str) -> bool:
         return ch in self._channels

@@ -61,11 +61,12 @@ class Node:
         self._metrics = metrics
         self._pending: dict[str, _Pending] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self._was_down = False
         #: Called with each message on the control channel (revocations).
         self.on_control: Callable[[bytes], None] | None = None
 
     async def start(self) -> None:
-        await self.broker.start(self._on_publication, self._metrics.broker_state)
+        await self.broker.start(self._on_publication, self._on_state)
         log.info("using the %s", self.broker.description)
 
     async def close(self) -> None:
@@ -126,6 +127,15 @@ class Node:
         return await self.broker.history(ch, after, limit)
 
     # -- broker side -------------------------------------------------------
+
+    def _on_state(self, up: bool) -> None:
+        self._metrics.broker_state(up)
+        if not up:
+            self._was_down = True
+        elif self._was_down:
+            # Whatever was published while the link was down did not reach us.
+            n = self.hub.notify_gap()
+            log.info("broker link back: %d subscriptions told they may have a gap", n)
 
     def _on_publication(self, ch: str, data: bytes, position: Position | None) -> None:
         if ch == CONTROL:

@@ -29,6 +29,7 @@ from proto import (
     Connection,
     ErrorCode,
     Expiring,
+    Gap,
     History,
     HistoryItem,
     Ping,
@@ -238,6 +239,11 @@ class Session:
         )
         if not self.conn.closed:
             self.transport.send(self.codec.encode(reply))
+
+    def gap(self, ch: str) -> None:
+        """The broker link was down: publications on ``ch`` may be missing."""
+        if not self.conn.closed:
+            self.transport.send(self.codec.encode(Gap(ch)))
 
     def expiring(self) -> None:
         """Tell the client its token runs out soon (hub's notice)."""

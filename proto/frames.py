@@ -20,6 +20,7 @@ __all__ = [
     "Command",
     "ErrorBody",
     "Expiring",
+    "Gap",
     "History",
     "HistoryItem",
     "Ping",
@@ -180,6 +181,16 @@ class Expiring(msgspec.Struct, frozen=True, tag_field="op", tag="expiring"):
     """The token expires at ``exp`` (Unix seconds): send ``refresh`` before then."""
 
     exp: int
+
+
+class Gap(msgspec.Struct, frozen=True, tag_field="op", tag="gap"):
+    """Publications on ``ch`` may have been missed (the broker link was down).
+
+    Recover: ``history`` (or ``sub`` with ``since``) from the last offset on a
+    history channel; reload the state otherwise.
+    """
+
+    ch: str
 
 
 class Unsubscribed(msgspec.Struct, frozen=True, tag_field="op", tag="unsubscribed"):

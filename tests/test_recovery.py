@@ -183,3 +183,38 @@ async def test_python_publisher_reaches_sockets_with_offsets(redis_url):
     assert first == {"op": "msg", "ch": "feed:9", "offset": 1, "epoch": position.epoch,
                      "data": {"status": "paid"}}  # fmt: skip
     assert second == {"op": "msg", "ch": "room:9", "data": {"plain": True}}
+
+
+async def test_redis_restart_mid_stream_tells_clients_and_starts_a_new_epoch(throwaway_redis):
+    prefix = unique_prefix()
+    broker = RedisBroker(throwaway_redis.url, prefix, backoff_initial=0.02, backoff_max=0.2)
+    async with (
+        running_gateway(broker, **FEED) as gw,
+        ws_client(gw.port, token_for(gw, channels=("feed:*",))) as c,
+    ):
+        assert (await c.request("sub", ch="feed:x"))["ok"]
+        await publish(gw, "feed:x", 1, 2, 3)
+        before = [await c.next_push() for _ in range(3)]
+        epoch = before[-1]["epoch"]
+        throwaway_redis.kill()
+        # Sockets stay up; publishing fails plainly and temporarily.
+        async with asyncio.timeout(5 * UNIT):
+            while True:
+                reply = await c.request("pub", ch="feed:x", data={"n": 0})
+                if not reply["ok"]:
+                    break
+                await asyncio.sleep(0.05)
+        assert reply["error"]["code"] == ErrorCode.UNAVAILABLE and reply["error"]["temporary"]
+        throwaway_redis.start()
+        gap = None
+        async with asyncio.timeout(10 * UNIT):
+            while gap is None:
+                msg = await c.recv(timeout=10 * UNIT)
+                if msg.get("op") == "gap":
+                    gap = msg
+        assert gap == {"op": "gap", "ch": "feed:x"}
+        await publish(gw, "feed:x", 4)
+        after = await c.next_push()
+        assert after["data"] == {"n": 4} and after["offset"] == 1 and after["epoch"] != epoch
+        page = await c.request("history", ch="feed:x", since=3)
+        assert page["epoch"] != epoch  # the client sees its old position is gone: reload
