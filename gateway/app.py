@@ -59,6 +59,9 @@ class NotFoundHandler(JsonHandler):
 class Gateway:
     """A gateway's application and everything it owns."""
 
+    #: Seconds between sweeps (token expiry, liveness): one timer per process.
+    SWEEP = 1.0
+
     def __init__(self, settings: Settings, ctx: Context, app: tornado.web.Application) -> None:
         self.settings = settings
         self.ctx = ctx
@@ -66,7 +69,7 @@ class Gateway:
         self.server: HTTPServer | None = None
         self.api: CoreHTTP | None = None
         self.port: int | None = None
-        self._sweeper = PeriodicCallback(self._sweep, 1000)
+        self._sweeper = PeriodicCallback(self._sweep, self.SWEEP * 1000)
         self._sweeper.start()
 
     @property
@@ -77,6 +80,9 @@ class Gateway:
         n = self.hub.close_expired(time.time())
         if n:
             log.info("closed %d connections whose token expired", n)
+        s = self.settings
+        if s.ping_interval > 0:
+            self.hub.heartbeat(time.monotonic(), s.ping_interval, s.pong_timeout, self.SWEEP)
 
     async def _close_paced(self, code: CloseCode, seconds: float, tick: float = 0.05) -> None:
         members = list(self.hub.connections)

@@ -10,6 +10,8 @@ the live member dict without copying it.
 from __future__ import annotations
 
 import asyncio
+import collections
+import math
 import time
 from typing import Protocol
 
@@ -65,6 +67,9 @@ class Member(Protocol):
     def gap(self, ch: str) -> None:
         """Publications on ``ch`` may have been missed: tell the client."""
 
+    def heartbeat(self, now: float, dead_after: float) -> None:
+        """Ping the peer, or drop it if nothing came from it for ``dead_after`` seconds."""
+
 
 class Hub:
     """Local connections, their channels, and when their tokens run out.
@@ -80,6 +85,7 @@ class Hub:
         self._notices: ExpiryWheel[Member] = ExpiryWheel()
         self._channels: dict[str, dict[Member, None]] = {}
         self._connections: set[Member] = set()
+        self._rounds: collections.deque[Member] = collections.deque()  # liveness walk
         self._subscriptions = 0
         self._expiry: ExpiryWheel[Member] = ExpiryWheel()
         self._by_session: dict[str, set[Member]] = {}
@@ -186,6 +192,26 @@ class Hub:
             return False
         del self._channels[ch]
         return True
+
+    def heartbeat(self, now: float, interval: float, timeout: float, tick: float = 1.0) -> int:
+        """One tick of liveness: visit the next share of connections, round-robin.
+
+        Each connection is visited about every ``interval`` seconds: pinged,
+        or dropped when silent for ``interval + timeout``. No connection has a
+        timer of its own; the cost per tick is ``connections * tick / interval``.
+        """
+        if not self._rounds:
+            self._rounds.extend(self._connections)
+        share = math.ceil(len(self._connections) * tick / interval) if interval > 0 else 0
+        # A connection is visited every `interval`, or every tick if that is longer.
+        dead_after = max(interval, tick) + timeout
+        visited = 0
+        while visited < share and self._rounds:
+            member = self._rounds.popleft()
+            if member in self._connections:
+                member.heartbeat(now, dead_after)
+                visited += 1
+        return visited
 
     def notify_gap(self) -> int:
         """Tell every subscriber of every channel that it may have missed publications."""

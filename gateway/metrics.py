@@ -62,6 +62,11 @@ class Metrics:
         self.errors = Counter(
             "gateway_command_errors", "Error replies sent, by code.", ["code"], registry=r
         )
+        self.dead_peers = Counter(
+            "gateway_dead_peer_disconnects",
+            "Connections dropped because nothing came from the peer in time.",
+            registry=r,
+        )
         self.broker_connected = Gauge(
             "gateway_broker_connected", "1 when the broker link is up.", registry=r
         )

@@ -62,6 +62,9 @@ class Transport(Protocol):
     def disconnect(self, code: CloseCode) -> None:
         """End the connection with a close code (idempotent)."""
 
+    def heartbeat(self, now: float, dead_after: float) -> None:
+        """Ping the peer, or drop it when nothing arrived for ``dead_after`` seconds."""
+
 
 #: The REST core's entry point (`core.app.Core.dispatch`).
 Dispatch = Callable[[Request], Awaitable[Response]]
@@ -239,6 +242,9 @@ class Session:
         )
         if not self.conn.closed:
             self.transport.send(self.codec.encode(reply))
+
+    def heartbeat(self, now: float, dead_after: float) -> None:
+        self.transport.heartbeat(now, dead_after)
 
     def gap(self, ch: str) -> None:
         """The broker link was down: publications on ``ch`` may be missing."""

@@ -256,6 +256,18 @@ class Settings:
     )
     data_dir: str = _setting(".data", "DATA_DIR", "Folder for embedded-mode state.", str)
     log_level: str = _setting("INFO", "LOG_LEVEL", "DEBUG, INFO, WARNING or ERROR.", str)
+    ping_interval: float = _setting(
+        25.0,
+        "PING_INTERVAL",
+        "Seconds between server pings of a socket (0: none).",
+        _non_negative_float,
+    )
+    pong_timeout: float = _setting(
+        10.0,
+        "PONG_TIMEOUT",
+        "A socket silent (no frame, no pong) for PING_INTERVAL + this is dropped.",
+        _non_negative_float,
+    )
     drain_seconds: float = _setting(
         5.0,
         "DRAIN_SECONDS",

@@ -30,6 +30,7 @@ class RecordingTransport:
         self.sent: list[dict] = []
         self.frames: list[bytes] = []
         self.closed_with: list[CloseCode] = []
+        self.heartbeats: list[float] = []
 
     def _decode(self, raw: bytes) -> dict:
         return json.loads(raw) if self.codec is JSON_CODEC else msgspec.msgpack.decode(raw)
@@ -43,6 +44,9 @@ class RecordingTransport:
 
     def disconnect(self, code: CloseCode) -> None:
         self.closed_with.append(code)
+
+    def heartbeat(self, now: float, dead_after: float) -> None:
+        self.heartbeats.append(now)
 
     def pushes(self) -> list[dict]:
         return [m for m in self.sent if m.get("op") == "msg"]
@@ -252,3 +256,12 @@ async def test_refresh_moves_the_schedule(node):
     assert node.hub.close_expired(now=10_000.0) == 0  # the old deadline is gone
     assert t.closed_with == []
     assert node.hub.close_expired(now=later + 5.0) == 1
+
+
+async def test_liveness_visits_every_connection_once_per_interval_round_robin(node):
+    transports = [session(node)[1] for _ in range(10)]
+    for tick in range(5):  # interval 5 s, one tick a second: 2 connections a tick
+        assert node.hub.heartbeat(now=float(tick), interval=5.0, timeout=1.0) == 2
+    assert [len(t.heartbeats) for t in transports] == [1] * 10
+    node.hub.heartbeat(now=5.0, interval=5.0, timeout=1.0)
+    assert sum(len(t.heartbeats) for t in transports) == 12  # the next round began

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 
@@ -315,3 +316,21 @@ async def test_tokens_never_reach_the_logs(gw, caplog):
 
 def test_harness_secret_is_long_enough_for_hs256():
     assert len(SECRET) >= 32
+
+
+async def test_peers_that_answer_stay_and_silent_ones_are_dropped():
+    async with running_gateway(ping_interval=0.3, pong_timeout=0.3) as gw:
+        # One sweep a second visits every connection (interval < tick).
+        async with ws_client(gw.port, token_for(gw), ping_interval=None) as alive:
+            with contextlib.suppress(ConnectionClosed):  # the silent side never learns
+                async with ws_client(
+                    gw.port, token_for(gw), ping_interval=None, close_timeout=0.1
+                ) as silent:
+                    silent.ws.transport.pause_reading()  # reads nothing, answers no ping
+                    await asyncio.sleep(3.0 * UNIT)
+                    assert gw.ctx.metrics.dead_peers._value.get() == 1
+                    assert gw.hub.connection_count() == 1
+                    silent.ws.transport.abort()
+            await asyncio.sleep(2.0 * UNIT)  # more sweeps: the live one is never dropped
+            assert (await alive.request("ping"))["ok"]
+            assert gw.ctx.metrics.dead_peers._value.get() == 1

@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import logging
+import time
 
 import tornado.websocket
 from tornado.ioloop import IOLoop
@@ -46,6 +47,7 @@ class WebSocketHandler(tornado.websocket.WebSocketHandler):
         self._identity = None
         self._codec = JSON_CODEC
         self._stream = None
+        self._last_seen = time.monotonic()
 
     # -- handshake ---------------------------------------------------------
 
@@ -107,8 +109,32 @@ class WebSocketHandler(tornado.websocket.WebSocketHandler):
         self.session.open()
 
     async def on_message(self, message: str | bytes) -> None:
+        self._last_seen = time.monotonic()
         if self.session is not None:
             await self.session.handle(message)
+
+    def on_pong(self, data: bytes) -> None:
+        self._last_seen = time.monotonic()
+
+    def on_ping(self, data: bytes) -> None:
+        self._last_seen = time.monotonic()
+
+    def heartbeat(self, now: float, dead_after: float) -> None:
+        if self.ws_connection is None or self.ws_connection.is_closing():
+            return
+        if now - self._last_seen > dead_after:
+            sub = self.session.identity.sub if self.session else "?"
+            log.info("dropping %s: nothing heard for %.0fs", sub, now - self._last_seen)
+            self.ctx.metrics.dead_peers.inc()
+            # No close handshake: a peer that answers nothing would not answer it.
+            stream = self.ws_connection.stream
+            if stream is not None:
+                stream.close()
+            return
+        try:
+            self.ping()
+        except tornado.websocket.WebSocketClosedError:
+            pass
 
     def on_close(self) -> None:
         if self.session is not None:
