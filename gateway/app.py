@@ -43,6 +43,7 @@ from gateway.node import Node
 from gateway.ratelimit import MemoryRateLimiter, RateLimiter, RedisRateLimiter
 from gateway.revocation import Revocations
 from gateway.settings import Settings
+from gateway.transport.sse import SSEHandler
 from gateway.transport.websocket import WebSocketHandler
 from proto import CloseCode
 
@@ -149,6 +150,7 @@ def routes(ctx: Context) -> list[Any]:
     kw = {"ctx": ctx}
     return [
         (r"/ws", WebSocketHandler, kw),
+        (r"/sse", SSEHandler, kw),
         (r"/api/publish", PublishHandler, kw),
         (r"/healthz", HealthHandler, kw),
         (r"/readyz", ReadyHandler, kw),

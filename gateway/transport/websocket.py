@@ -20,13 +20,12 @@ import tornado.websocket
 from tornado.ioloop import IOLoop
 from tornado.iostream import IOStream, StreamBufferFullError, StreamClosedError
 
-from core.errors import TooManyRequests
-from gateway.auth import AuthError, Identity, token_from_header
+from gateway.auth import Identity
 from gateway.context import Context
 from gateway.http import ApiError
 from gateway.hub import Prepared
-from gateway.ratelimit import over_limit
 from gateway.session import Session
+from gateway.transport.admission import admit
 from proto import JSON_CODEC, CloseCode, Codec, Connection, close_reason, frame, select_codec
 
 __all__ = ["WebSocketHandler"]
@@ -52,25 +51,7 @@ class WebSocketHandler(tornado.websocket.WebSocketHandler):
     # -- handshake ---------------------------------------------------------
 
     async def prepare(self) -> None:
-        ctx = self.ctx
-        if ctx.status.draining:
-            raise ApiError(
-                503, "draining", "this gateway is shutting down", headers={"Retry-After": "1"}
-            )
-        key = f"connect-ip:{self.request.remote_ip}"
-        wait = await over_limit(ctx.limiter, key, ctx.settings.rate_connect_ip)
-        if wait is not None:
-            ctx.metrics.handshake_failures.labels("rate_limited").inc()
-            raise ApiError.from_core(TooManyRequests(wait, "new connections"))
-        token = token_from_header(self.request.headers.get("Authorization"))
-        if token is None:
-            token = self.get_query_argument("token", None)
-        try:
-            self._identity = self.ctx.verifier.verify(token or "")
-        except AuthError as exc:
-            self.ctx.metrics.handshake_failures.labels(exc.reason).inc()
-            log.info("handshake refused from %s: %s", self.request.remote_ip, exc.reason)
-            raise ApiError(401, "unauthorized", exc.message) from None
+        self._identity = await admit(self, self.ctx)
 
     def write_error(self, status_code: int, **kwargs: object) -> None:
         ApiError.write_json(self, status_code, kwargs.get("exc_info"))

@@ -1,0 +1,43 @@
+"""Admission of a long-lived connection, whatever its transport: before any upgrade or stream.
+
+Refused while draining (503), over ``RATE_CONNECT_IP`` (429), or without a
+valid token (401), each with the JSON error body; otherwise the identity.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import tornado.web
+
+from core.errors import TooManyRequests
+from gateway.auth import AuthError, Identity, token_from_header
+from gateway.context import Context
+from gateway.http import ApiError
+from gateway.ratelimit import over_limit
+
+__all__ = ["admit"]
+
+log = logging.getLogger("gateway.admission")
+
+
+async def admit(handler: tornado.web.RequestHandler, ctx: Context) -> Identity:
+    """The caller's identity, or an `ApiError` to answer the request with."""
+    request = handler.request
+    if ctx.status.draining:
+        raise ApiError(
+            503, "draining", "this gateway is shutting down", headers={"Retry-After": "1"}
+        )
+    wait = await over_limit(ctx.limiter, f"connect-ip:{request.remote_ip}", ctx.settings.rate_connect_ip)
+    if wait is not None:
+        ctx.metrics.handshake_failures.labels("rate_limited").inc()
+        raise ApiError.from_core(TooManyRequests(wait, "new connections"))
+    token = token_from_header(request.headers.get("Authorization"))
+    if token is None:
+        token = handler.get_query_argument("token", None)
+    try:
+        return ctx.verifier.verify(token or "")
+    except AuthError as exc:
+        ctx.metrics.handshake_failures.labels(exc.reason).inc()
+        log.info("connection refused from %s: %s", request.remote_ip, exc.reason)
+        raise ApiError(401, "unauthorized", exc.message) from None

@@ -1,0 +1,161 @@
+"""Server-Sent Events: ``GET /sse?ch=projects&ch=user:42`` for ``EventSource``.
+
+Admission is the socket's (token in ``Authorization`` or ``?token=``,
+grants, limits); each ``ch`` is subscribed through the same session, so
+errors and recovery are the socket's too. The stream carries:
+
+* ``event: reply`` - the reply to each subscription (``recovered``,
+  ``offset``, ``epoch``, or an error), as on the socket;
+* ``event: msg`` - a publication, the socket's push as ``data``; on history
+  channels with an ``id:`` holding every history channel's position, so the
+  browser's automatic reconnect (``Last-Event-ID``) recovers what it missed
+  on all of them;
+* ``event: expiring`` / ``gap`` / ``unsubscribed`` - the socket's pushes;
+* ``event: close`` - ``{"code": 4002}`` and the like, then the stream ends;
+* ``: ping`` comments on the liveness schedule, which keep proxies from
+  timing out an idle stream.
+
+The stream's write buffer is bounded like a socket's: a reader that falls
+behind by ``SEND_BUFFER_BYTES`` is cut off (and recovers on reconnect).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import logging
+
+import msgspec
+import tornado.web
+from tornado.iostream import StreamBufferFullError, StreamClosedError
+
+from gateway.auth import Identity
+from gateway.context import Context
+from gateway.http import ApiError
+from gateway.hub import Prepared
+from gateway.session import Session
+from gateway.transport.admission import admit
+from proto import JSON_CODEC, CloseCode, Codec, Connection
+
+__all__ = ["SSEHandler", "decode_positions", "encode_positions"]
+
+log = logging.getLogger("gateway.sse")
+
+_positions = msgspec.json.Decoder(dict[str, tuple[int, str]])
+
+
+class _Op(msgspec.Struct):
+    op: str | None = None
+
+
+_push_op = msgspec.json.Decoder(_Op)
+
+
+def encode_positions(positions: dict[str, tuple[int, str]]) -> str:
+    return base64.urlsafe_b64encode(msgspec.json.encode(positions)).rstrip(b"=").decode()
+
+
+def decode_positions(event_id: str | None) -> dict[str, tuple[int, str]]:
+    """The positions in a ``Last-Event-ID``; none when it is absent or not ours."""
+    if not event_id:
+        return {}
+    try:
+        raw = base64.urlsafe_b64decode(event_id + "=" * (-len(event_id) % 4))
+        return _positions.decode(raw)
+    except (binascii.Error, ValueError, msgspec.DecodeError):
+        return {}
+
+
+class SSEHandler(tornado.web.RequestHandler):
+    ctx: Context
+
+    def initialize(self, ctx: Context) -> None:
+        self.ctx = ctx
+        self._identity: Identity | None = None
+        self._positions: dict[str, tuple[int, str]] = {}
+        self._ended: asyncio.Event = asyncio.Event()
+        self._session: Session | None = None
+
+    async def prepare(self) -> None:
+        self._identity = await admit(self, self.ctx)
+
+    def write_error(self, status_code: int, **kwargs: object) -> None:
+        ApiError.write_json(self, status_code, kwargs.get("exc_info"))
+
+    async def get(self) -> None:
+        ctx, identity = self.ctx, self._identity
+        assert identity is not None
+        channels = list(dict.fromkeys(self.get_query_arguments("ch")))
+        if not 1 <= len(channels) <= ctx.settings.max_subscriptions:
+            limit = ctx.settings.max_subscriptions
+            raise ApiError(400, "bad_request", f"give 1 to {limit} channels as ?ch=")
+        last = self.request.headers.get("Last-Event-ID") or self.get_query_argument(
+            "last_event_id", None
+        )
+        self._positions = decode_positions(last)
+        self.set_header("Content-Type", "text/event-stream")
+        self.set_header("Cache-Control", "no-store")
+        self.set_header("X-Accel-Buffering", "no")  # nginx: do not buffer the stream
+        # HTTP1Connection has the stream (not the HTTPConnection interface).
+        stream = getattr(self.request.connection, "stream", None)
+        if stream is not None:
+            stream.max_write_buffer_size = ctx.settings.send_buffer_bytes
+        self.flush()
+        limit = ctx.settings.max_subscriptions
+        conn = Connection(JSON_CODEC, identity.grants, max_subscriptions=limit)
+        session = self._session = Session(self, conn, identity, ctx.node, ctx.metrics)
+        session.open()
+        try:
+            for n, ch in enumerate(channels, 1):
+                frame: dict[str, object] = {"id": n, "op": "sub", "ch": ch}
+                if ch in self._positions:
+                    offset, epoch = self._positions[ch]
+                    frame["since"] = {"offset": offset, "epoch": epoch}
+                await session.handle(msgspec.json.encode(frame))
+            await self._ended.wait()
+        finally:
+            session.closed()
+
+    def on_connection_close(self) -> None:
+        self._ended.set()
+
+    # -- Transport -------------------------------------------------------------
+
+    def send(self, payload: bytes) -> None:
+        # Replies carry an "id"; the socket's other pushes name their "op".
+        op = _push_op.decode(payload).op if payload.startswith(b'{"op"') else "reply"
+        self._event(op or "reply", payload)
+
+    def deliver(self, prepared: Prepared, codec: Codec) -> None:
+        event_id = None
+        if prepared.offset is not None and prepared.epoch is not None:
+            self._positions[prepared.ch] = (prepared.offset, prepared.epoch)
+            event_id = encode_positions(self._positions)
+        self._event("msg", prepared.payload(JSON_CODEC), event_id)
+
+    def disconnect(self, code: CloseCode) -> None:
+        self._event("close", b'{"code":%d}' % int(code))
+        self._ended.set()
+
+    def heartbeat(self, now: float, dead_after: float) -> None:
+        self._write(b": ping\n\n")
+
+    def _event(self, name: str, data: bytes, event_id: str | None = None) -> None:
+        head = b"event: " + name.encode() + b"\n"
+        if event_id is not None:
+            head = b"id: " + event_id.encode() + b"\n" + head
+        self._write(head + b"data: " + data + b"\n\n")
+
+    def _write(self, chunk: bytes) -> None:
+        if self._ended.is_set():
+            return
+        try:
+            self.write(chunk)
+            self.flush()
+        except StreamBufferFullError:
+            self.ctx.metrics.slow_consumers.inc()
+            log.warning("cutting off a slow event-stream reader")
+            self._ended.set()
+        except StreamClosedError:
+            self._ended.set()

@@ -1,0 +1,110 @@
+"""Server-Sent Events: the socket's session over an event stream, with Last-Event-ID recovery."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator
+from urllib.parse import urlencode
+
+from tests.harness import running_gateway, token_for
+from tests.servers import UNIT
+
+FEED = {"history_channels": ("feed:*",), "history_size": 50}
+
+
+class EventStream:
+    """A raw HTTP/1.0 reader of one event stream (no chunking to undo)."""
+
+    def __init__(self, reader: asyncio.StreamReader, status: int) -> None:
+        self.reader = reader
+        self.status = status
+
+    async def next(self, timeout: float = 3 * UNIT) -> dict[str, str]:
+        event: dict[str, str] = {}
+        async with asyncio.timeout(timeout):
+            while True:
+                line = (await self.reader.readline()).decode().rstrip("\n")
+                if not line:
+                    if event:
+                        return event
+                    if self.reader.at_eof():
+                        raise EOFError
+                    continue
+                if line.startswith(":"):
+                    continue  # a keep-alive comment
+                field, _, value = line.partition(": ")
+                event[field] = value
+
+    async def next_of(self, name: str) -> dict[str, str]:
+        while True:
+            event = await self.next()
+            if event.get("event") == name:
+                return event
+
+
+@contextlib.asynccontextmanager
+async def sse(port: int, token: str | None, channels: list[str], last_id: str | None = None
+              ) -> AsyncIterator[EventStream]:  # fmt: skip
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    headers = f"Authorization: Bearer {token}\r\n" if token else ""
+    if last_id:
+        headers += f"Last-Event-ID: {last_id}\r\n"
+    query = urlencode([("ch", c) for c in channels])
+    writer.write(f"GET /sse?{query} HTTP/1.0\r\nHost: test\r\n{headers}\r\n".encode())
+    status = int((await reader.readline()).split()[1])
+    while (await reader.readline()) not in (b"\r\n", b""):
+        pass
+    try:
+        yield EventStream(reader, status)
+    finally:
+        writer.close()
+
+
+async def test_events_carry_replies_publications_and_positions():
+    async with running_gateway(**FEED) as gw:
+        token = token_for(gw, channels=("feed:*", "room:*"))
+        async with sse(gw.port, token, ["feed:1", "room:1"]) as s:
+            assert s.status == 200
+            replies = [json.loads((await s.next_of("reply"))["data"]) for _ in range(2)]
+            assert [r["ok"] for r in replies] == [True, True]
+            await gw.ctx.node.publish("feed:1", b'{"n":1}')
+            await gw.ctx.node.publish("room:1", b'{"plain":true}')
+            first, second = await s.next_of("msg"), await s.next_of("msg")
+        assert json.loads(first["data"])["data"] == {"n": 1} and first["id"]
+        assert json.loads(second["data"]) == {"op": "msg", "ch": "room:1", "data": {"plain": True}}
+        assert "id" not in second
+
+
+async def test_last_event_id_recovers_what_was_missed():
+    async with running_gateway(**FEED) as gw:
+        token = token_for(gw, channels=("feed:*",))
+        async with sse(gw.port, token, ["feed:a", "feed:b"]) as s:
+            await s.next_of("reply")
+            await s.next_of("reply")
+            await gw.ctx.node.publish("feed:a", b'{"n":1}')
+            await gw.ctx.node.publish("feed:b", b'{"n":1}')
+            await s.next_of("msg")
+            last_id = (await s.next_of("msg"))["id"]
+        for ch, n in (("feed:a", 2), ("feed:b", 2), ("feed:a", 3)):  # while away
+            await gw.ctx.node.publish(ch, b'{"n":%d}' % n)
+        async with sse(gw.port, token, ["feed:a", "feed:b"], last_id) as s:
+            events = [await s.next() for _ in range(5)]  # 2 replies, 3 recovered
+        replies = [json.loads(e["data"]) for e in events if e["event"] == "reply"]
+        assert [r["recovered"] for r in replies] == [True, True]
+        got = [json.loads(e["data"]) for e in events if e["event"] == "msg"]
+        assert [(m["ch"], m["data"]["n"]) for m in got] == [
+            ("feed:a", 2), ("feed:a", 3), ("feed:b", 2)
+        ]  # fmt: skip
+
+
+async def test_refusals_are_plain_http():
+    async with running_gateway(**FEED) as gw:
+        async with sse(gw.port, None, ["feed:1"]) as s:
+            assert s.status == 401
+        async with sse(gw.port, token_for(gw), []) as s:
+            assert s.status == 400
+        async with sse(gw.port, token_for(gw, channels=("feed:*",)), ["admin:1"]) as s:
+            reply = json.loads((await s.next_of("reply"))["data"])
+            assert reply["ok"] is False and reply["error"]["code"] == 103
