@@ -43,6 +43,7 @@ from gateway.node import Node
 from gateway.ratelimit import MemoryRateLimiter, RateLimiter, RedisRateLimiter
 from gateway.revocation import Revocations
 from gateway.settings import Settings
+from gateway.transport.longpoll import LongPollHandler
 from gateway.transport.sse import SSEHandler
 from gateway.transport.websocket import WebSocketHandler
 from proto import CloseCode
@@ -82,6 +83,7 @@ class Gateway:
         if n:
             log.info("closed %d connections whose token expired", n)
         s = self.settings
+        self.ctx.longpoll.expire(time.monotonic(), s.longpoll_idle)
         if s.ping_interval > 0:
             self.hub.heartbeat(time.monotonic(), s.ping_interval, s.pong_timeout, self.SWEEP)
 
@@ -151,6 +153,8 @@ def routes(ctx: Context) -> list[Any]:
     return [
         (r"/ws", WebSocketHandler, kw),
         (r"/sse", SSEHandler, kw),
+        (r"/lp", LongPollHandler, kw),
+        (r"/lp/([A-Za-z0-9_-]{1,64})", LongPollHandler, kw),
         (r"/api/publish", PublishHandler, kw),
         (r"/healthz", HealthHandler, kw),
         (r"/readyz", ReadyHandler, kw),

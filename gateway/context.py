@@ -8,6 +8,7 @@ from core.app import Core, CoreUnavailable
 from gateway.auth import Verifier
 from gateway.metrics import Metrics
 from gateway.node import Node
+from gateway.polling import LongPollSessions
 from gateway.ratelimit import RateLimiter
 from gateway.settings import Settings
 
@@ -30,3 +31,4 @@ class Context:
     core: Core | CoreUnavailable
     limiter: RateLimiter
     status: Status = dataclasses.field(default_factory=Status)
+    longpoll: LongPollSessions = dataclasses.field(default_factory=LongPollSessions)

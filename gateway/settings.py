@@ -268,6 +268,15 @@ class Settings:
         "A socket silent (no frame, no pong) for PING_INTERVAL + this is dropped.",
         _non_negative_float,
     )
+    longpoll_timeout: float = _setting(
+        25.0, "LONGPOLL_TIMEOUT", "Seconds a long-poll waits for a message.", _positive_float
+    )
+    longpoll_idle: float = _setting(
+        60.0,
+        "LONGPOLL_IDLE",
+        "Seconds without a poll after which a long-poll session is closed.",
+        _positive_float,
+    )
     drain_seconds: float = _setting(
         5.0,
         "DRAIN_SECONDS",

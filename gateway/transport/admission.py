@@ -21,14 +21,21 @@ __all__ = ["admit"]
 log = logging.getLogger("gateway.admission")
 
 
-async def admit(handler: tornado.web.RequestHandler, ctx: Context) -> Identity:
-    """The caller's identity, or an `ApiError` to answer the request with."""
+async def admit(
+    handler: tornado.web.RequestHandler, ctx: Context, *, new_connection: bool = True
+) -> Identity:
+    """The caller's identity, or an `ApiError` to answer the request with.
+
+    ``new_connection``: counts against ``RATE_CONNECT_IP`` (a long-poll's later
+    requests belong to a connection already admitted).
+    """
     request = handler.request
     if ctx.status.draining:
         raise ApiError(
             503, "draining", "this gateway is shutting down", headers={"Retry-After": "1"}
         )
-    wait = await over_limit(ctx.limiter, f"connect-ip:{request.remote_ip}", ctx.settings.rate_connect_ip)
+    rate = ctx.settings.rate_connect_ip if new_connection else None
+    wait = await over_limit(ctx.limiter, f"connect-ip:{request.remote_ip}", rate)
     if wait is not None:
         ctx.metrics.handshake_failures.labels("rate_limited").inc()
         raise ApiError.from_core(TooManyRequests(wait, "new connections"))

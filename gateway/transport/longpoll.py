@@ -1,0 +1,105 @@
+"""Long-poll: the socket's session for clients that cannot hold a WebSocket.
+
+::
+
+    POST /lp                      -> 201 {"session": "…", "cursor": 0}
+    POST /lp/<session>   [frames] -> 202 (each frame as on the socket)
+    GET  /lp/<session>?cursor=N   -> 200 {"messages": [...], "cursor": M}
+
+Every request carries the same token (``Authorization: Bearer``); a session
+belongs to the ``sub`` that made it. Everything the session would send on a
+socket (replies, pushes) goes into its outbox, numbered 1, 2, 3… A poll
+returns what is numbered above ``cursor``, waiting up to
+``LONGPOLL_TIMEOUT`` seconds (25) for something; the ``cursor`` of a poll
+acknowledges everything up to it, which is then dropped. So a poll retried
+after a lost answer gets the same messages again: nothing is lost between
+two polls and, as the client moves its cursor, nothing is duplicated.
+
+The outbox is bounded (``SEND_BUFFER_BYTES``): a client that stops polling
+while publications arrive is closed as a slow consumer. A session not polled
+for ``LONGPOLL_IDLE`` seconds (60) is closed and its memory released. A
+closed session answers ``410`` with ``{"close": {"code": …}}`` and the
+messages still unacknowledged.
+"""
+
+from __future__ import annotations
+
+import secrets
+
+import msgspec
+
+from gateway.context import Context
+from gateway.http import ApiError, JsonHandler
+from gateway.polling import PollSession
+from gateway.session import Session
+from gateway.transport.admission import admit
+from proto import JSON_CODEC, Connection
+
+__all__ = ["LongPollHandler"]
+
+_frames = msgspec.json.Decoder(list[msgspec.Raw])
+
+
+def _session(poll: PollSession | None) -> PollSession:
+    if poll is None:
+        raise ApiError(404, "not_found", "no such long-poll session")
+    return poll
+
+
+class LongPollHandler(JsonHandler):
+    def initialize(self, ctx: Context) -> None:
+        self.ctx = ctx
+
+    async def prepare(self) -> None:
+        # Making a session is a new connection; its polls and sends are not.
+        is_new = self.request.method == "POST" and self.path_args == []
+        self.identity = await admit(self, self.ctx, new_connection=is_new)
+
+    async def post(self, sid: str | None = None) -> None:
+        ctx = self.ctx
+        sessions = ctx.longpoll
+        if sid is None:
+            if len(sessions) >= sessions.max_sessions:
+                raise ApiError(
+                    503, "unavailable", "too many long-poll sessions", headers={"Retry-After": "5"}
+                )
+            poll = PollSession(secrets.token_urlsafe(16), ctx.settings.send_buffer_bytes)
+            s = ctx.settings
+            conn = Connection(JSON_CODEC, self.identity.grants, max_subscriptions=s.max_subscriptions,
+                              max_publish_bytes=s.max_publish_bytes)  # fmt: skip
+            poll.session = Session(poll, conn, self.identity, ctx.node, ctx.metrics,
+                                   ctx.core.dispatch, ctx.verifier.verify,
+                                   commands=s.rate_socket_commands, publishes=s.rate_socket_publish)  # fmt: skip
+            poll.session.open()
+            sessions.add(self.identity.sub, poll)
+            self.write_json({"session": poll.sid, "cursor": 0}, 201)
+            return
+        poll = _session(sessions.get(sid, self.identity.sub))
+        if poll.closed is not None or poll.session is None:
+            raise ApiError(410, "gone", "this long-poll session is closed")
+        try:
+            frames = _frames.decode(self.request.body)
+        except msgspec.DecodeError as exc:
+            raise ApiError(400, "malformed_json", f"send a JSON array of frames: {exc}") from None
+        for frame in frames:
+            await poll.session.handle(bytes(frame))
+        self.write_json({"accepted": len(frames)}, 202)
+
+    async def get(self, sid: str) -> None:
+        poll = _session(self.ctx.longpoll.get(sid, self.identity.sub))
+        try:
+            cursor = int(self.get_query_argument("cursor", "0"))
+        except ValueError:
+            raise ApiError(422, "validation_error", "cursor must be an integer") from None
+        messages, new_cursor = await poll.poll(cursor, self.ctx.settings.longpoll_timeout)
+        body = b'{"messages":[' + b",".join(messages) + b'],"cursor":%d' % new_cursor
+        if poll.closed is not None and not messages:
+            self.set_status(410)
+            body += b',"close":{"code":%d}' % int(poll.closed)
+        self.set_header("Content-Type", "application/json")
+        self.set_header("Cache-Control", "no-store")
+        self.finish(body + b"}")
+
+    def on_connection_close(self) -> None:
+        return None  # the outbox keeps what this poll would have carried
+
