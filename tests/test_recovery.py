@@ -218,3 +218,69 @@ async def test_redis_restart_mid_stream_tells_clients_and_starts_a_new_epoch(thr
         assert after["data"] == {"n": 4} and after["offset"] == 1 and after["epoch"] != epoch
         page = await c.request("history", ch="feed:x", since=3)
         assert page["epoch"] != epoch  # the client sees its old position is gone: reload
+
+
+async def test_killed_node_long_poll_client_resumes_on_another_with_every_message_once(
+    processes, redis_url, data_dir  # noqa: F811
+):
+    from tests.harness import ApiClient
+
+    prefix = unique_prefix()
+    env = {"REDIS_URL": redis_url, "REDIS_PREFIX": prefix, "JWT_SECRET": SECRET,
+           "HISTORY_CHANNELS": "feed:*", "HISTORY_SIZE": "1000", "LONGPOLL_TIMEOUT": "1"}  # fmt: skip
+    a, b = processes(**env), processes(**env)
+    token = mint(data_dir, "--channels", "feed:*")
+    publisher = RedisBroker(redis_url, prefix)
+    await publisher.start(lambda *_: None)
+    total = 300
+
+    async def publish_steadily() -> None:
+        for n in range(1, total + 1):
+            await publisher.publish_history("feed:lp", b'{"n":%d}' % n, 1000, 300)
+            if n % 10 == 0:
+                await asyncio.sleep(0.01)
+
+    async def session(port: int, frame: dict) -> tuple[ApiClient, str]:
+        api = ApiClient(port, token)
+        status, _, made = await api.call("POST", "/lp", raw=b"")
+        assert status == 201
+        assert (await api.call("POST", f"/lp/{made['session']}", [frame]))[0] == 202
+        return api, made["session"]
+
+    received: list[int] = []
+    last: tuple[int, str] | None = None
+    task = None
+    api, sid = await session(a.port, {"id": 1, "op": "sub", "ch": "feed:lp"})
+    try:
+        cursor = 0
+        task = asyncio.ensure_future(publish_steadily())
+        while len(received) < 80:
+            _, _, body = await api.call("GET", f"/lp/{sid}?cursor={cursor}")
+            cursor = body["cursor"]
+            for m in body["messages"]:
+                if m.get("op") == "msg":
+                    received.append(m["data"]["n"])
+                    last = (m["offset"], m["epoch"])
+        a.proc.send_signal(signal.SIGKILL)
+        api.close()
+        assert last is not None
+        since = {"offset": last[0], "epoch": last[1]}
+        api, sid = await session(b.port, {"id": 1, "op": "sub", "ch": "feed:lp", "since": since})
+        cursor, recovered = 0, None
+        async with asyncio.timeout(30 * UNIT):
+            while not received or received[-1] != total:
+                _, _, body = await api.call("GET", f"/lp/{sid}?cursor={cursor}")
+                cursor = body["cursor"]
+                for m in body["messages"]:
+                    if m.get("id") == 1:
+                        recovered = m["recovered"]
+                    elif m.get("op") == "msg":
+                        received.append(m["data"]["n"])
+        await task
+    finally:
+        if task is not None and not task.done():
+            task.cancel()
+        api.close()
+        await publisher.close()
+    assert recovered is True
+    assert received == list(range(1, total + 1))  # every message exactly once, in order
