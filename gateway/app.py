@@ -83,7 +83,9 @@ class Gateway:
         if n:
             log.info("closed %d connections whose token expired", n)
         s = self.settings
-        self.ctx.longpoll.expire(time.monotonic(), s.longpoll_idle)
+        now = time.monotonic()
+        self.ctx.longpoll.expire(now, s.longpoll_idle)
+        self.ctx.node.presence.tick(now)
         if s.ping_interval > 0:
             self.hub.heartbeat(time.monotonic(), s.ping_interval, s.pong_timeout, self.SWEEP)
 
@@ -195,7 +197,10 @@ async def make_app(
     metrics = Metrics(registry)
     hub = Hub(metrics, notice=settings.token_notice, grace=settings.token_grace)
     history = HistoryPolicy(settings.history_channels, settings.history_size, settings.history_ttl)
-    node = Node(hub, broker if broker is not None else make_broker(settings), metrics, history)
+    presence = (settings.presence_channels, settings.presence_ttl)
+    node = Node(
+        hub, broker if broker is not None else make_broker(settings), metrics, history, presence
+    )
     revocations = Revocations(
         settings.access_token_ttl + settings.jwt_leeway, node, on_revoked=hub.close_session
     )

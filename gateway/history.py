@@ -17,14 +17,14 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from gateway.broker.base import Broker, Position
 
-__all__ = ["HistoryPolicy", "publish"]
+__all__ = ["ChannelPatterns", "HistoryPolicy", "publish"]
 
 
-class HistoryPolicy:
-    def __init__(self, patterns: tuple[str, ...], size: int, ttl: float) -> None:
+class ChannelPatterns:
+    """Glob patterns (as in grants) deciding which channels a feature is on for."""
+
+    def __init__(self, patterns: tuple[str, ...]) -> None:
         self.patterns = patterns
-        self.size = size
-        self.ttl = ttl
         self._match = (
             re.compile("|".join(f"(?:{fnmatch.translate(p)})" for p in patterns)).match
             if patterns
@@ -34,6 +34,13 @@ class HistoryPolicy:
 
     def _applies(self, ch: str) -> bool:
         return self._match is not None and self._match(ch) is not None
+
+
+class HistoryPolicy(ChannelPatterns):
+    def __init__(self, patterns: tuple[str, ...], size: int, ttl: float) -> None:
+        super().__init__(patterns)
+        self.size = size
+        self.ttl = ttl
 
 
 async def publish(broker: Broker, policy: HistoryPolicy, ch: str, data: bytes) -> Position | None:

@@ -21,6 +21,7 @@ from gateway.broker import CONTROL, Broker, Entry, Position
 from gateway.history import HistoryPolicy, publish
 from gateway.hub import Hub, Member
 from gateway.metrics import Metrics
+from gateway.presence import Presence
 
 __all__ = ["Node", "as_json"]
 
@@ -53,10 +54,16 @@ class _Pending:
 
 class Node:
     def __init__(
-        self, hub: Hub, broker: Broker, metrics: Metrics, history: HistoryPolicy | None = None
+        self,
+        hub: Hub,
+        broker: Broker,
+        metrics: Metrics,
+        history: HistoryPolicy | None = None,
+        presence: tuple[tuple[str, ...], float] = ((), 60.0),
     ) -> None:
         self.hub = hub
         self.broker = broker
+        self.presence = Presence(broker, *presence)
         self.history_policy = history if history is not None else HistoryPolicy((), 1, 1.0)
         self._metrics = metrics
         self._pending: dict[str, _Pending] = {}

@@ -11,6 +11,7 @@ is logged and becomes ``INTERNAL`` with no internals sent to the peer.
 from __future__ import annotations
 
 import logging
+import secrets
 from collections.abc import Awaitable, Callable
 from typing import Protocol
 from urllib.parse import parse_qs
@@ -34,6 +35,9 @@ from proto import (
     HistoryItem,
     Ping,
     Position,
+    PresenceInfo,
+    PresenceQuery,
+    PresenceStats,
     ProtocolError,
     Pub,
     Refresh,
@@ -86,6 +90,7 @@ def _recovers(since: Position, entries: list[tuple[int, bytes]], top: Position |
 
 class Session:
     __slots__ = (
+        "client_id",
         "codec",
         "commands",
         "conn",
@@ -125,6 +130,7 @@ class Session:
         self.publishes = LocalLimit(publishes) if publishes else None
         self.refused = 0  # refusals in a row, for the abuse close
         self.held: dict[str, list[Prepared]] | None = None  # channels being recovered
+        self.client_id = secrets.token_hex(8)  # this connection, in presence
 
     def open(self) -> None:
         self.node.hub.connect(self, self.identity.exp, self.identity.sid)
@@ -143,6 +149,7 @@ class Session:
         try:
             if isinstance(cmd, Sub) and self.node.history_policy.applies(cmd.ch):
                 await self._subscribe_with_history(cmd)
+                await self._join(cmd.ch)
                 return
             if isinstance(cmd, Sub):
                 await self.node.subscribe(cmd.ch, self)
@@ -151,9 +158,11 @@ class Session:
                     self.node.unsubscribe(cmd.ch, self)
                     return
                 conn.subscribed(cmd.ch)
+                await self._join(cmd.ch)
             elif isinstance(cmd, Unsub):
                 conn.unsubscribed(cmd.ch)
                 self.node.unsubscribe(cmd.ch, self)
+                self.node.presence.leave(cmd.ch, self.client_id)
             elif isinstance(cmd, Pub):
                 await self.node.publish(cmd.ch, self.codec.data_to_json(cmd.data))
             elif isinstance(cmd, Rpc):
@@ -164,6 +173,9 @@ class Session:
                 return
             elif isinstance(cmd, History):
                 await self._history(cmd)
+                return
+            elif isinstance(cmd, PresenceQuery | PresenceStats):
+                await self._presence(cmd)
                 return
             else:
                 assert isinstance(cmd, Ping)
@@ -225,6 +237,31 @@ class Session:
             message = "the refreshed token does not allow this channel"
             self.transport.send(self.codec.encode(Unsubscribed(ch, int(code), message)))
         self.transport.send(conn.ok(cmd))
+
+    async def _join(self, ch: str) -> None:
+        """Enter presence on ``ch`` (if it keeps presence) once subscribed."""
+        presence = self.node.presence
+        if not presence.applies(ch) or ch not in self.conn.subscriptions:
+            return
+        try:
+            await presence.join(ch, self.identity.sub, self.client_id)
+        except Exception as exc:  # presence is best effort; the subscription stands
+            log.warning("presence join on %s failed: %s", ch, exc)
+
+    async def _presence(self, cmd: PresenceQuery | PresenceStats) -> None:
+        if not self.node.presence.applies(cmd.ch):
+            code = ErrorCode.NO_PRESENCE
+            self._reply_error(self.conn.error_reply(cmd, code, cmd.ch), code)
+            return
+        entries = await self.node.presence.who(cmd.ch)
+        if isinstance(cmd, PresenceStats):
+            users = len({e.user for e in entries})
+            reply = Reply(id=cmd.id, ok=True, num_clients=len(entries), num_users=users)
+        else:
+            who = [PresenceInfo(e.user, e.client) for e in entries]
+            reply = Reply(id=cmd.id, ok=True, presence=who)
+        if not self.conn.closed:
+            self.transport.send(self.codec.encode(reply))
 
     async def _history(self, cmd: History) -> None:
         if not self.node.history_policy.applies(cmd.ch):
@@ -353,5 +390,7 @@ class Session:
             return
         self.conn.transition(State.CLOSED)
         self.node.leave_all(self, self.conn.subscriptions)
+        for ch in self.conn.subscriptions:
+            self.node.presence.leave(ch, self.client_id)
         self.conn.subscriptions.clear()
         self.node.hub.disconnect(self, self.identity.exp, self.identity.sid)

@@ -227,6 +227,18 @@ class Settings:
         "Seconds a channel's history lives after its last publication.",
         _positive_float,
     )
+    presence_channels: tuple[str, ...] = _setting(
+        (),
+        "PRESENCE_CHANNELS",
+        "Channel patterns that keep presence (who is subscribed); default none.",
+        _list,
+    )
+    presence_ttl: float = _setting(
+        60.0,
+        "PRESENCE_TTL",
+        "Seconds a presence entry lives unless refreshed (a dead node's entries vanish).",
+        _positive_float,
+    )
     max_frame_bytes: int = _setting(
         65536,
         "MAX_FRAME_BYTES",

@@ -34,7 +34,7 @@ __all__ = [
     "select_codec",
 ]
 
-_KNOWN_OPS: Final = frozenset({"sub", "unsub", "pub", "ping", "rpc", "refresh", "history"})
+_KNOWN_OPS: Final = frozenset({"sub", "unsub", "pub", "ping", "rpc", "refresh", "history", "presence", "presence_stats"})
 
 
 class ProtocolError(Exception):

@@ -51,6 +51,7 @@ class ErrorCode(enum.IntEnum):
     CLOSING = 113
     TOKEN_INVALID = 114
     NO_HISTORY = 115
+    NO_PRESENCE = 116
 
 
 class CloseCode(enum.IntEnum):
@@ -92,6 +93,7 @@ _ERRORS: dict[ErrorCode, _Error] = {
     ErrorCode.CLOSING: _Error("connection is closing", True),
     ErrorCode.TOKEN_INVALID: _Error("token refused", False),
     ErrorCode.NO_HISTORY: _Error("this channel keeps no history", False),
+    ErrorCode.NO_PRESENCE: _Error("this channel keeps no presence", False),
 }
 
 _CLOSE_REASONS: dict[CloseCode, str] = {

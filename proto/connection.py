@@ -24,7 +24,18 @@ from typing import Final
 
 from proto.codec import Codec, ProtocolError
 from proto.codes import ErrorCode
-from proto.frames import Command, History, Ping, Pub, Refresh, Rpc, Sub, Unsub
+from proto.frames import (
+    Command,
+    History,
+    Ping,
+    PresenceQuery,
+    PresenceStats,
+    Pub,
+    Refresh,
+    Rpc,
+    Sub,
+    Unsub,
+)
 from proto.grants import Grants
 
 __all__ = ["RESERVED_PREFIX", "TRANSITIONS", "Connection", "State", "StateError"]
@@ -96,7 +107,7 @@ class Connection:
         elif isinstance(cmd, Unsub):
             if cmd.ch not in self.subscriptions:
                 raise ProtocolError(ErrorCode.NOT_SUBSCRIBED, cmd.id, cmd.ch)
-        elif isinstance(cmd, History):
+        elif isinstance(cmd, History | PresenceQuery | PresenceStats):
             if cmd.ch.startswith(RESERVED_PREFIX) or not self.grants.can_subscribe(cmd.ch):
                 raise ProtocolError(ErrorCode.PERMISSION_DENIED, cmd.id, cmd.ch)
         elif isinstance(cmd, Pub):

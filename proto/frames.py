@@ -25,6 +25,9 @@ __all__ = [
     "HistoryItem",
     "Ping",
     "Position",
+    "PresenceInfo",
+    "PresenceQuery",
+    "PresenceStats",
     "Pub",
     "Push",
     "Refresh",
@@ -124,12 +127,33 @@ class History(msgspec.Struct, tag_field="op", tag="history", frozen=True, forbid
     limit: Annotated[int, msgspec.Meta(ge=1, le=100)] = 100
 
 
+class PresenceQuery(msgspec.Struct, tag_field="op", tag="presence", frozen=True, forbid_unknown_fields=True):
+    """Who is subscribed to ``ch`` (on a presence channel), on every process."""
+
+    id: CommandId
+    ch: Channel
+
+
+class PresenceStats(
+    msgspec.Struct, tag_field="op", tag="presence_stats", frozen=True, forbid_unknown_fields=True
+):
+    """How many clients and users are subscribed to ``ch``: cheap for big rooms."""
+
+    id: CommandId
+    ch: Channel
+
+
+class PresenceInfo(msgspec.Struct, frozen=True):
+    user: str
+    client: str
+
+
 class HistoryItem(msgspec.Struct, frozen=True):
     offset: int
     data: msgspec.Raw
 
 
-Command = Sub | Unsub | Pub | Ping | Rpc | Refresh | History
+Command = Sub | Unsub | Pub | Ping | Rpc | Refresh | History | PresenceQuery | PresenceStats
 
 
 class ClientFrame(msgspec.Struct):
@@ -166,6 +190,10 @@ class Reply(msgspec.Struct, frozen=True, omit_defaults=True):
     epoch: str | None = None
     #: ``history``: the page, oldest first.
     publications: list[HistoryItem] | None = None
+    #: ``presence`` and ``presence_stats``.
+    presence: list[PresenceInfo] | None = None
+    num_clients: int | None = None
+    num_users: int | None = None
 
 
 class Push(msgspec.Struct, frozen=True, tag_field="op", tag="msg", omit_defaults=True):

@@ -91,6 +91,17 @@ class Broker(abc.ABC):
     async def publish_history(self, ch: str, data: bytes, size: int, ttl: float) -> Position: ...
 
     @abc.abstractmethod
+    async def presence_add(self, ch: str, entries: dict[str, bytes], ttl: float) -> None:
+        """Add or refresh presence entries (client id -> info JSON), each living ``ttl`` s."""
+
+    @abc.abstractmethod
+    async def presence_remove(self, ch: str, clients: list[str]) -> None: ...
+
+    @abc.abstractmethod
+    async def presence(self, ch: str) -> dict[str, bytes]:
+        """The live presence entries of ``ch`` (expired ones are dropped)."""
+
+    @abc.abstractmethod
     async def history(
         self, ch: str, after: int, limit: int
     ) -> tuple[list[Entry], Position | None]: ...

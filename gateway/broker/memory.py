@@ -35,6 +35,7 @@ class MemoryBroker(Broker):
         self._handler: PublicationHandler | None = None
         self._channels: set[str] = {CONTROL}
         self._histories: dict[str, _History] = {}
+        self._presence: dict[str, dict[str, tuple[bytes, float]]] = {}
 
     async def start(
         self, handler: PublicationHandler, on_state: StateListener | None = None
@@ -79,6 +80,26 @@ class MemoryBroker(Broker):
             return [], None
         entries = [e for e in history.entries if e[0] > after][:limit]
         return entries, Position(history.offset, history.epoch)
+
+    async def presence_add(self, ch: str, entries: dict[str, bytes], ttl: float) -> None:
+        until = time.monotonic() + ttl
+        room = self._presence.setdefault(ch, {})
+        for client, info in entries.items():
+            room[client] = (info, until)
+
+    async def presence_remove(self, ch: str, clients: list[str]) -> None:
+        room = self._presence.get(ch, {})
+        for client in clients:
+            room.pop(client, None)
+        if not room:
+            self._presence.pop(ch, None)
+
+    async def presence(self, ch: str) -> dict[str, bytes]:
+        now = time.monotonic()
+        room = self._presence.get(ch, {})
+        for client in [c for c, (_, until) in room.items() if until <= now]:
+            del room[client]
+        return {client: info for client, (info, _) in room.items()}
 
     def _live(self, ch: str, now: float) -> _History | None:
         history = self._histories.get(ch)

@@ -38,7 +38,7 @@ from gateway.broker.base import (
     StateListener,
 )
 
-__all__ = ["PUBLISH_WITH_HISTORY", "RedisBroker", "backoff_delay"]
+__all__ = ["PRESENCE_ADD", "PRESENCE_READ", "PUBLISH_WITH_HISTORY", "RedisBroker", "backoff_delay"]
 
 log = logging.getLogger("gateway.broker")
 
@@ -75,6 +75,37 @@ redis.call('EXPIRE', KEYS[1], ARGV[4])
 redis.call('EXPIRE', KEYS[2], ARGV[4])
 redis.call('PUBLISH', ARGV[1], '\30' .. offset .. ' ' .. epoch .. ' ' .. ARGV[2])
 return {offset, epoch}
+"""
+
+
+#: Presence of a channel: KEYS hash (client -> info) and zset (client -> expiry,
+#: Redis server time in ms). Reading drops expired entries first, so a
+#: killed node's clients vanish by themselves. ARGV: now-override (or 0).
+PRESENCE_READ = r"""
+local now = tonumber(ARGV[1])
+if now == 0 then
+    local t = redis.call('TIME')
+    now = t[1] * 1000 + math.floor(t[2] / 1000)
+end
+local gone = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now)
+if #gone > 0 then
+    redis.call('HDEL', KEYS[1], unpack(gone))
+    redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
+end
+return redis.call('HGETALL', KEYS[1])
+"""
+
+#: ARGV: ttl ms, then client, info pairs. Expiry times use the server clock.
+PRESENCE_ADD = r"""
+local t = redis.call('TIME')
+local expires = t[1] * 1000 + math.floor(t[2] / 1000) + tonumber(ARGV[1])
+for i = 2, #ARGV, 2 do
+    redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
+    redis.call('ZADD', KEYS[2], expires, ARGV[i])
+end
+redis.call('PEXPIRE', KEYS[1], ARGV[1])
+redis.call('PEXPIRE', KEYS[2], ARGV[1])
+return 1
 """
 
 
@@ -118,6 +149,8 @@ class RedisBroker(Broker):
             url, retry=Retry(NoBackoff(), 0), socket_keepalive=True, socket_connect_timeout=5
         )
         self._publish_script = self._pub_client.register_script(PUBLISH_WITH_HISTORY)
+        self._presence_read = self._pub_client.register_script(PRESENCE_READ)
+        self._presence_add = self._pub_client.register_script(PRESENCE_ADD)
 
     @property
     def description(self) -> str:
@@ -206,6 +239,37 @@ class RedisBroker(Broker):
         except (RedisError, OSError) as exc:
             raise BrokerUnavailable(f"publish with history failed: {exc}") from exc
         return Position(int(offset), epoch.decode())
+
+    def _presence_keys(self, ch: str) -> list[str]:
+        return [f"{self._prefix}p:{{{ch}}}", f"{self._prefix}pz:{{{ch}}}"]
+
+    async def presence_add(self, ch: str, entries: dict[str, bytes], ttl: float) -> None:
+        args: list[bytes | str | int] = [max(1, round(ttl * 1000))]
+        for client, info in entries.items():
+            args += [client, info]
+        try:
+            await self._presence_add(keys=self._presence_keys(ch), args=args)
+        except (RedisError, OSError) as exc:
+            raise BrokerUnavailable(f"presence update failed: {exc}") from exc
+
+    async def presence_remove(self, ch: str, clients: list[str]) -> None:
+        if not clients:
+            return
+        room, expiry = self._presence_keys(ch)
+        try:
+            async with self._pub_client.pipeline(transaction=True) as pipe:
+                pipe.hdel(room, *clients)
+                pipe.zrem(expiry, *clients)
+                await pipe.execute()
+        except (RedisError, OSError) as exc:
+            log.debug("presence removal on %s failed (%s); the entries expire", ch, exc)
+
+    async def presence(self, ch: str) -> dict[str, bytes]:
+        try:
+            flat = await self._presence_read(keys=self._presence_keys(ch), args=[0])
+        except (RedisError, OSError) as exc:
+            raise BrokerUnavailable(f"presence read failed: {exc}") from exc
+        return {flat[i].decode(): flat[i + 1] for i in range(0, len(flat), 2)}
 
     async def history(
         self, ch: str, after: int, limit: int

@@ -1,0 +1,96 @@
+"""Presence: who is subscribed, across processes, and dead nodes' entries vanish."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from gateway.broker import MemoryBroker, RedisBroker
+from proto import ErrorCode
+from tests.harness import running_gateway, token_for, unique_prefix, ws_client
+from tests.servers import UNIT
+
+ROOMS = {"presence_channels": ("room:*",)}
+
+
+def who(reply: dict) -> list[tuple[str, str]]:
+    return sorted((p["user"], p["client"]) for p in reply["presence"])
+
+
+async def test_presence_lists_subscribers_and_forgets_those_who_leave():
+    async with running_gateway(**ROOMS) as gw:
+        async with (
+            ws_client(gw.port, token_for(gw, "alice")) as a,
+            ws_client(gw.port, token_for(gw, "bob")) as b,
+        ):
+            assert (await a.request("sub", ch="room:1"))["ok"]
+            assert (await b.request("sub", ch="room:1"))["ok"]
+            reply = await a.request("presence", ch="room:1")
+            assert [user for user, _ in who(reply)] == ["alice", "bob"]
+            assert len({client for _, client in who(reply)}) == 2
+            stats = await a.request("presence_stats", ch="room:1")
+            assert (stats["num_clients"], stats["num_users"]) == (2, 2)
+            assert (await b.request("unsub", ch="room:1"))["ok"]
+            await asyncio.sleep(0.05)
+            assert [u for u, _ in who(await a.request("presence", ch="room:1"))] == ["alice"]
+        async with ws_client(gw.port, token_for(gw, "carol")) as c:
+            await asyncio.sleep(0.05)  # the others disconnected: their entries are gone
+            assert who(await c.request("presence", ch="room:1")) == []
+
+
+async def test_presence_refusals():
+    async with running_gateway(**ROOMS) as gw:
+        async with ws_client(gw.port, token_for(gw, channels=("room:*", "feed:*"))) as c:
+            assert (await c.request("presence", ch="feed:1"))["error"]["code"] == ErrorCode.NO_PRESENCE
+            denied = await c.request("presence_stats", ch="admin:1")
+            assert denied["error"]["code"] == ErrorCode.PERMISSION_DENIED
+
+
+async def test_presence_is_shared_across_processes(redis_url):
+    prefix = unique_prefix()
+    async with (
+        running_gateway(RedisBroker(redis_url, prefix), **ROOMS) as a,
+        running_gateway(RedisBroker(redis_url, prefix), **ROOMS) as b,
+        ws_client(a.port, token_for(a, "alice")) as on_a,
+        ws_client(b.port, token_for(b, "bob")) as on_b,
+    ):
+        assert (await on_a.request("sub", ch="room:9"))["ok"]
+        assert (await on_b.request("sub", ch="room:9"))["ok"]
+        assert [u for u, _ in who(await on_a.request("presence", ch="room:9"))] == ["alice", "bob"]
+        stats = await on_b.request("presence_stats", ch="room:9")
+        assert stats["num_clients"] == 2
+
+
+@pytest.mark.parametrize("kind", ["memory", "redis"])
+async def test_entries_of_a_node_that_stops_refreshing_expire(kind, request):
+    if kind == "redis":
+        broker = RedisBroker(request.getfixturevalue("redis_url"), unique_prefix())
+    else:
+        broker = MemoryBroker()
+    await broker.start(lambda *_: None)
+    try:
+        await broker.presence_add("room:x", {"c1": b'{"user":"u","client":"c1"}'}, 0.3)
+        assert list(await broker.presence("room:x")) == ["c1"]
+        await asyncio.sleep(0.5 * UNIT)  # the node died: nobody refreshes
+        assert await broker.presence("room:x") == {}
+    finally:
+        await broker.close()
+
+
+async def test_a_live_node_keeps_its_entries_by_refreshing_them():
+    import time
+
+    from gateway.presence import Presence
+
+    broker = MemoryBroker()
+    await broker.start(lambda *_: None)
+    presence = Presence(broker, ("room:*",), ttl=0.6)
+    await presence.join("room:1", "alice", "c1")
+    await asyncio.sleep(0.4)
+    presence.tick(time.monotonic())  # a third of the TTL has passed: refresh
+    await asyncio.sleep(0.4)  # past the first expiry
+    assert [e.client for e in await presence.who("room:1")] == ["c1"]
+    presence.leave("room:1", "c1")
+    await asyncio.sleep(0.01)
+    assert await presence.who("room:1") == []
