@@ -197,7 +197,7 @@ async def make_app(
     metrics = Metrics(registry)
     hub = Hub(metrics, notice=settings.token_notice, grace=settings.token_grace)
     history = HistoryPolicy(settings.history_channels, settings.history_size, settings.history_ttl)
-    presence = (settings.presence_channels, settings.presence_ttl)
+    presence = (settings.presence_channels, settings.presence_ttl, settings.presence_pushes)
     node = Node(
         hub, broker if broker is not None else make_broker(settings), metrics, history, presence
     )

@@ -19,7 +19,7 @@ from gateway.expiry import ExpiryWheel
 from gateway.metrics import Metrics
 from proto import CODECS, CloseCode, Codec, Position, frame
 
-__all__ = ["Hub", "Member", "Prepared"]
+__all__ = ["Hub", "Member", "Prepared", "PreparedEvent"]
 
 
 class Prepared:
@@ -50,6 +50,22 @@ class Prepared:
         if f is None:
             f = self._frames[codec.index] = frame(self.payload(codec), codec.binary)
         return f
+
+
+class PreparedEvent(Prepared):
+    """A push other than a publication (join, leave), encoded once per codec."""
+
+    __slots__ = ("event",)
+
+    def __init__(self, ch: str, event: object) -> None:
+        super().__init__(ch, b"")
+        self.event = event
+
+    def payload(self, codec: Codec) -> bytes:
+        p = self._payloads[codec.index]
+        if p is None:
+            p = self._payloads[codec.index] = codec.encode(self.event)
+        return p
 
 
 class Member(Protocol):
@@ -232,6 +248,16 @@ class Hub:
         return list(self._channels)
 
     # -- fan-out -----------------------------------------------------------
+
+    def broadcast_event(self, ch: str, event: object) -> int:
+        """Push ``event`` (a proto frame) to every local subscriber of ``ch``."""
+        members = self._channels.get(ch)
+        if not members:
+            return 0
+        prepared = PreparedEvent(ch, event)
+        for member in members:
+            member.deliver(prepared)
+        return len(members)
 
     def broadcast(self, ch: str, data: bytes, position: Position | None = None) -> int:
         """Deliver ``data`` (JSON bytes) to every local subscriber of ``ch``."""

@@ -21,7 +21,8 @@ from gateway.broker import CONTROL, Broker, Entry, Position
 from gateway.history import HistoryPolicy, publish
 from gateway.hub import Hub, Member
 from gateway.metrics import Metrics
-from gateway.presence import Presence
+from gateway.presence import Presence, decode_change
+from proto import Join, Leave, PresenceInfo
 
 __all__ = ["Node", "as_json"]
 
@@ -59,7 +60,7 @@ class Node:
         broker: Broker,
         metrics: Metrics,
         history: HistoryPolicy | None = None,
-        presence: tuple[tuple[str, ...], float] = ((), 60.0),
+        presence: tuple[tuple[str, ...], float, bool] = ((), 60.0, True),
     ) -> None:
         self.hub = hub
         self.broker = broker
@@ -148,6 +149,12 @@ class Node:
         if ch == CONTROL:
             if self.on_control is not None:
                 self.on_control(data)
+            return
+        change = decode_change(data)
+        if change is not None:
+            info = PresenceInfo(change.user, change.client)
+            event = Join(ch, info) if change.op == "join" else Leave(ch, info)
+            self.hub.broadcast_event(ch, event)
             return
         self._metrics.publications.inc()
         if not self.hub.has_subscribers(ch):

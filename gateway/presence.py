@@ -13,14 +13,14 @@ import asyncio
 import logging
 import time
 from collections.abc import Coroutine
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 
 from gateway.broker import Broker
 from gateway.history import ChannelPatterns
 
-__all__ = ["Presence", "PresenceEntry"]
+__all__ = ["PRESENCE_MARK", "Presence", "PresenceChange", "PresenceEntry", "decode_change"]
 
 log = logging.getLogger("gateway.presence")
 
@@ -30,14 +30,42 @@ class PresenceEntry(msgspec.Struct, frozen=True):
     client: str
 
 
+class PresenceChange(msgspec.Struct, frozen=True):
+    """A join or leave, as it travels between processes on the channel itself."""
+
+    op: Literal["join", "leave"]
+    user: str
+    client: str
+
+
+#: Presence changes travel on the channel behind this byte (no JSON starts
+#: with it), so they reach subscribers on every process like publications.
+PRESENCE_MARK = b"\x1d"
+_change = msgspec.json.Decoder(PresenceChange)
+
+
+def decode_change(data: bytes) -> PresenceChange | None:
+    """The presence change in a publication, or None for an ordinary one."""
+    if data[:1] != PRESENCE_MARK:
+        return None
+    try:
+        return _change.decode(data[1:])
+    except msgspec.DecodeError:
+        return None
+
+
 _entry = msgspec.json.Decoder(PresenceEntry)
 
 
 class Presence(ChannelPatterns):
-    def __init__(self, broker: Broker, patterns: tuple[str, ...], ttl: float) -> None:
+    def __init__(
+        self, broker: Broker, patterns: tuple[str, ...], ttl: float, pushes: bool = True
+    ) -> None:
         super().__init__(patterns)
         self._broker = broker
         self.ttl = ttl
+        #: Whether joins and leaves are pushed to the channel's subscribers.
+        self.pushes = pushes
         self._local: dict[str, dict[str, bytes]] = {}
         self._refreshed = time.monotonic()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -46,14 +74,29 @@ class Presence(ChannelPatterns):
         info = msgspec.json.encode(PresenceEntry(user, client))
         self._local.setdefault(ch, {})[client] = info
         await self._broker.presence_add(ch, {client: info}, self.ttl)
+        await self._announce(ch, "join", user, client)
 
     def leave(self, ch: str, client: str) -> None:
         room = self._local.get(ch)
-        if room is None or room.pop(client, None) is None:
+        info = room.pop(client, None) if room is not None else None
+        if room is None or info is None:
             return
         if not room:
             del self._local[ch]
-        self._spawn(self._broker.presence_remove(ch, [client]))
+        self._spawn(self._gone(ch, _entry.decode(info)))
+
+    async def _gone(self, ch: str, entry: PresenceEntry) -> None:
+        await self._broker.presence_remove(ch, [entry.client])
+        await self._announce(ch, "leave", entry.user, entry.client)
+
+    async def _announce(self, ch: str, op: Literal["join", "leave"], user: str, client: str) -> None:
+        if not self.pushes:
+            return
+        try:
+            change = PresenceChange(op, user, client)
+            await self._broker.publish(ch, PRESENCE_MARK + msgspec.json.encode(change))
+        except Exception as exc:
+            log.warning("presence %s on %s not announced: %s", op, ch, exc)
 
     async def who(self, ch: str) -> list[PresenceEntry]:
         return [_entry.decode(info) for info in (await self._broker.presence(ch)).values()]

@@ -239,6 +239,12 @@ class Settings:
         "Seconds a presence entry lives unless refreshed (a dead node's entries vanish).",
         _positive_float,
     )
+    presence_pushes: bool = _setting(
+        True,
+        "PRESENCE_PUSHES",
+        "Push join and leave events to subscribers of presence channels.",
+        _bool,
+    )
     max_frame_bytes: int = _setting(
         65536,
         "MAX_FRAME_BYTES",

@@ -23,6 +23,8 @@ __all__ = [
     "Gap",
     "History",
     "HistoryItem",
+    "Join",
+    "Leave",
     "Ping",
     "Position",
     "PresenceInfo",
@@ -146,6 +148,20 @@ class PresenceStats(
 class PresenceInfo(msgspec.Struct, frozen=True):
     user: str
     client: str
+
+
+class Join(msgspec.Struct, frozen=True, tag_field="op", tag="join"):
+    """Someone entered the presence of ``ch`` (pushed on presence channels)."""
+
+    ch: str
+    info: PresenceInfo
+
+
+class Leave(msgspec.Struct, frozen=True, tag_field="op", tag="leave"):
+    """Someone left the presence of ``ch``."""
+
+    ch: str
+    info: PresenceInfo
 
 
 class HistoryItem(msgspec.Struct, frozen=True):

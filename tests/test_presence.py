@@ -94,3 +94,46 @@ async def test_a_live_node_keeps_its_entries_by_refreshing_them():
     presence.leave("room:1", "c1")
     await asyncio.sleep(0.01)
     assert await presence.who("room:1") == []
+
+
+async def test_joins_and_leaves_are_pushed_to_subscribers():
+    async with running_gateway(**ROOMS) as gw:
+        async with ws_client(gw.port, token_for(gw, "alice")) as a:
+            assert (await a.request("sub", ch="room:2"))["ok"]
+            async with ws_client(gw.port, token_for(gw, "bob")) as b:
+                assert (await b.request("sub", ch="room:2"))["ok"]
+                joined = await next_event(a, "join")
+                assert joined["ch"] == "room:2" and joined["info"]["user"] == "bob"
+            left = await next_event(a, "leave")  # bob's socket closed
+            assert left["info"] == joined["info"]
+
+
+async def test_joins_reach_subscribers_on_other_processes(redis_url):
+    prefix = unique_prefix()
+    async with (
+        running_gateway(RedisBroker(redis_url, prefix), **ROOMS) as a,
+        running_gateway(RedisBroker(redis_url, prefix), **ROOMS) as b,
+        ws_client(a.port, token_for(a, "alice")) as on_a,
+        ws_client(b.port, token_for(b, "bob")) as on_b,
+    ):
+        assert (await on_a.request("sub", ch="room:3"))["ok"]
+        assert (await on_b.request("sub", ch="room:3"))["ok"]
+        assert (await next_event(on_a, "join"))["info"]["user"] == "bob"
+        assert (await on_b.request("unsub", ch="room:3"))["ok"]
+        assert (await next_event(on_a, "leave"))["info"]["user"] == "bob"
+
+
+async def next_event(client, op: str, user: str = "bob") -> dict:
+    """The next ``op`` push about ``user`` (a subscriber also sees its own join)."""
+
+    def wanted(msg: dict) -> bool:
+        return msg.get("op") == op and msg["info"]["user"] == user
+
+    for i, msg in enumerate(client.pushes):
+        if wanted(msg):
+            return client.pushes.pop(i)
+    async with asyncio.timeout(3 * UNIT):
+        while True:
+            msg = await client.recv()
+            if wanted(msg):
+                return msg
