@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import jwt
+import msgspec
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
@@ -40,6 +41,7 @@ __all__ = [
 log = logging.getLogger("gateway.auth")
 
 _HMAC = ("HS256", "HS384", "HS512")
+MAX_INFO_BYTES = 1024
 #: API keys look like ``gwk_<43 characters>``; anything else is a JWT.
 API_KEY_PREFIX = "gwk_"
 _EC_ALGS = {"secp256r1": "ES256", "secp384r1": "ES384", "secp521r1": "ES512"}
@@ -64,7 +66,7 @@ class Identity:
     ``service`` (an API key); ``rest`` says whether it may call the REST API.
     """
 
-    __slots__ = ("exp", "grants", "rest", "role", "sid", "sub")
+    __slots__ = ("exp", "grants", "info", "rest", "role", "sid", "sub")
 
     def __init__(
         self,
@@ -81,6 +83,8 @@ class Identity:
         self.sid = sid
         self.role = role
         self.rest = rest
+        #: The token's ``info`` claim (JSON object bytes), shown in presence.
+        self.info: bytes | None = None
 
     def __repr__(self) -> str:
         return (
@@ -240,7 +244,15 @@ class Verifier:
         role = claims.get("role", "user")
         if (sid is not None and not isinstance(sid, str)) or role not in ("user", "admin"):
             raise AuthError("bad_claims", "claims 'sid' or 'role' have the wrong shape")
-        return Identity(sub, grants, expires, sid, role)
+        identity = Identity(sub, grants, expires, sid, role)
+        info = claims.get("info")
+        if info is not None:
+            # Shown to others in presence: an object, small.
+            encoded = msgspec.json.encode(info) if isinstance(info, dict) else b""
+            if not encoded or len(encoded) > MAX_INFO_BYTES:
+                raise AuthError("bad_claims", f"claim 'info' must be an object of at most {MAX_INFO_BYTES} bytes")
+            identity.info = encoded
+        return identity
 
 
 def ensure_key_material(settings: Settings) -> Settings:

@@ -152,7 +152,7 @@ class Node:
             return
         change = decode_change(data)
         if change is not None:
-            info = PresenceInfo(change.user, change.client)
+            info = PresenceInfo(change.user, change.client, change.info)
             event = Join(ch, info) if change.op == "join" else Leave(ch, info)
             self.hub.broadcast_event(ch, event)
             return

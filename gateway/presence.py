@@ -25,17 +25,19 @@ __all__ = ["PRESENCE_MARK", "Presence", "PresenceChange", "PresenceEntry", "deco
 log = logging.getLogger("gateway.presence")
 
 
-class PresenceEntry(msgspec.Struct, frozen=True):
+class PresenceEntry(msgspec.Struct, frozen=True, omit_defaults=True):
     user: str
     client: str
+    info: dict[str, Any] | None = None
 
 
-class PresenceChange(msgspec.Struct, frozen=True):
+class PresenceChange(msgspec.Struct, frozen=True, omit_defaults=True):
     """A join or leave, as it travels between processes on the channel itself."""
 
     op: Literal["join", "leave"]
     user: str
     client: str
+    info: dict[str, Any] | None = None
 
 
 #: Presence changes travel on the channel behind this byte (no JSON starts
@@ -70,11 +72,13 @@ class Presence(ChannelPatterns):
         self._refreshed = time.monotonic()
         self._tasks: set[asyncio.Task[None]] = set()
 
-    async def join(self, ch: str, user: str, client: str) -> None:
-        info = msgspec.json.encode(PresenceEntry(user, client))
-        self._local.setdefault(ch, {})[client] = info
-        await self._broker.presence_add(ch, {client: info}, self.ttl)
-        await self._announce(ch, "join", user, client)
+    async def join(self, ch: str, user: str, client: str, info: bytes | None = None) -> None:
+        extra = msgspec.json.decode(info, type=dict[str, Any]) if info is not None else None
+        entry = PresenceEntry(user, client, extra)
+        encoded = msgspec.json.encode(entry)
+        self._local.setdefault(ch, {})[client] = encoded
+        await self._broker.presence_add(ch, {client: encoded}, self.ttl)
+        await self._announce(ch, "join", entry)
 
     def leave(self, ch: str, client: str) -> None:
         room = self._local.get(ch)
@@ -87,13 +91,13 @@ class Presence(ChannelPatterns):
 
     async def _gone(self, ch: str, entry: PresenceEntry) -> None:
         await self._broker.presence_remove(ch, [entry.client])
-        await self._announce(ch, "leave", entry.user, entry.client)
+        await self._announce(ch, "leave", entry)
 
-    async def _announce(self, ch: str, op: Literal["join", "leave"], user: str, client: str) -> None:
+    async def _announce(self, ch: str, op: Literal["join", "leave"], entry: PresenceEntry) -> None:
         if not self.pushes:
             return
         try:
-            change = PresenceChange(op, user, client)
+            change = PresenceChange(op, entry.user, entry.client, entry.info)
             await self._broker.publish(ch, PRESENCE_MARK + msgspec.json.encode(change))
         except Exception as exc:
             log.warning("presence %s on %s not announced: %s", op, ch, exc)

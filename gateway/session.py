@@ -244,7 +244,7 @@ class Session:
         if not presence.applies(ch) or ch not in self.conn.subscriptions:
             return
         try:
-            await presence.join(ch, self.identity.sub, self.client_id)
+            await presence.join(ch, self.identity.sub, self.client_id, self.identity.info)
         except Exception as exc:  # presence is best effort; the subscription stands
             log.warning("presence join on %s failed: %s", ch, exc)
 
@@ -258,7 +258,7 @@ class Session:
             users = len({e.user for e in entries})
             reply = Reply(id=cmd.id, ok=True, num_clients=len(entries), num_users=users)
         else:
-            who = [PresenceInfo(e.user, e.client) for e in entries]
+            who = [PresenceInfo(e.user, e.client, e.info) for e in entries]
             reply = Reply(id=cmd.id, ok=True, presence=who)
         if not self.conn.closed:
             self.transport.send(self.codec.encode(reply))

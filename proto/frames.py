@@ -145,9 +145,12 @@ class PresenceStats(
     ch: Channel
 
 
-class PresenceInfo(msgspec.Struct, frozen=True):
+class PresenceInfo(msgspec.Struct, frozen=True, omit_defaults=True):
+    """One present client: its user (``sub``), connection, and the token's ``info``."""
+
     user: str
     client: str
+    info: dict[str, Any] | None = None
 
 
 class Join(msgspec.Struct, frozen=True, tag_field="op", tag="join"):

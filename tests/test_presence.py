@@ -137,3 +137,27 @@ async def next_event(client, op: str, user: str = "bob") -> dict:
             msg = await client.recv()
             if wanted(msg):
                 return msg
+
+
+@pytest.mark.parametrize("msgpack", [False, True])
+async def test_the_tokens_info_claim_is_shown_in_presence(msgpack):
+    async with running_gateway(**ROOMS) as gw:
+        bob = token_for(gw, "bob", extra={"info": {"name": "Bob", "avatar": "b.png"}})
+        async with ws_client(gw.port, token_for(gw, "alice"), msgpack=msgpack) as a:
+            assert (await a.request("sub", ch="room:4"))["ok"]
+            async with ws_client(gw.port, bob) as b:
+                assert (await b.request("sub", ch="room:4"))["ok"]
+                joined = await next_event(a, "join")
+                assert joined["info"]["info"] == {"name": "Bob", "avatar": "b.png"}
+                listed = {p["user"]: p for p in (await a.request("presence", ch="room:4"))["presence"]}
+                assert listed["bob"]["info"] == {"name": "Bob", "avatar": "b.png"}
+                assert "info" not in listed["alice"]
+
+
+async def test_an_oversized_or_odd_info_claim_is_refused():
+    from gateway.auth import AuthError
+
+    async with running_gateway(**ROOMS) as gw:
+        for info in ({"x": "y" * 2000}, "a string"):
+            with pytest.raises(AuthError):
+                gw.ctx.verifier.verify(token_for(gw, "eve", extra={"info": info}))
