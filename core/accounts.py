@@ -10,7 +10,6 @@ open sockets (gateway/revocation.py).
 
 from __future__ import annotations
 
-import re
 from typing import Annotated, Literal, Protocol
 
 import asyncpg
@@ -21,7 +20,7 @@ from core.db import one
 from core.errors import ApiError, NotFound, TooManyRequests
 from core.passwords import Passwords
 from core.request import Request, Response
-from core.routing import Route
+from core.routing import Route, uuid_param
 from core.schemas import DisplayName, Email, User
 from core.tokens import Issuer, new_refresh_token, refresh_hash
 from gateway.ratelimit import Rate, RateLimiter, over_limit
@@ -30,7 +29,6 @@ from gateway.settings import Settings
 __all__ = ["Accounts", "Revoker", "TokenOut"]
 
 Password = Annotated[str, Meta(min_length=8, max_length=1024)]
-_UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 
 
 class Revoker(Protocol):
@@ -277,9 +275,9 @@ class Accounts:
 
     async def end_session(self, req: Request) -> Response:
         user_id, _ = _session_caller(req)
-        target = req.params["id"]
+        target = uuid_param(req)
         revoked = None
-        if _UUID.match(target):
+        if target is not None:
             revoked = await self._pool.fetchval(_REVOKE_ONE, target, user_id, "ended")
         if revoked is None:
             raise NotFound("no such session of yours")

@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-import re
 import secrets
 from collections.abc import MutableMapping
 from typing import Annotated
@@ -28,7 +27,7 @@ from core.db import one
 from core.errors import NotFound
 from core.events import Publisher
 from core.request import Request, Response
-from core.routing import Route
+from core.routing import Route, uuid_param
 from gateway.auth import API_KEY_PREFIX, Identity
 from gateway.broker.base import CONTROL
 from proto import Grants
@@ -38,7 +37,6 @@ __all__ = ["ApiKeys"]
 log = logging.getLogger("core.apikeys")
 
 Pattern = Annotated[str, Meta(min_length=1, max_length=200, pattern=r"^[^\x00\s]+$")]
-_UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 _CHANGED = b'{"type":"api_keys_changed"}'
 
 
@@ -119,8 +117,8 @@ class ApiKeys:
         return Response(200, b'{"items":' + (await self._pool.fetchval(_LIST)).encode() + b"}")
 
     async def revoke(self, req: Request) -> Response:
-        target = req.params["id"]
-        if not _UUID.match(target) or await self._pool.fetchval(_REVOKE, target) is None:
+        target = uuid_param(req)
+        if target is None or await self._pool.fetchval(_REVOKE, target) is None:
             raise NotFound("no such API key")
         await self._changed()
         return Response(204)

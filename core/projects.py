@@ -19,7 +19,7 @@ from core.errors import NotFound, PreconditionFailed, ValidationFailed
 from core.events import ChangeKind, Events
 from core.paging import ANY, ETAG_PATTERN, decode_cursor, etag, if_match, none_match, page_body
 from core.request import Request, Response
-from core.routing import HeaderParam, Route
+from core.routing import HeaderParam, Route, int_param
 from core.schemas import Project, ProjectIn, ProjectPage, ProjectPatch, ProjectQuery
 
 __all__ = ["Projects"]
@@ -89,10 +89,7 @@ def _values(p: ProjectIn) -> tuple[Any, ...]:
 
 
 def _id(req: Request) -> int:
-    raw = req.params["id"]
-    if not raw.isdigit() or len(raw) > 18:
-        raise NotFound(f"no project {raw[:40]}")
-    return int(raw)
+    return int_param(req, "project")
 
 
 def _expected(req: Request) -> int | None:

@@ -16,11 +16,26 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from core.errors import ApiError, NotFound
 from core.request import Request, Response
 
-__all__ = ["Handler", "HeaderParam", "Route", "Router"]
+__all__ = ["Handler", "HeaderParam", "Route", "Router", "int_param", "uuid_param"]
 
 Handler = Callable[[Request], Awaitable[Response]]
 
 _PARAM = re.compile(r"\{([a-z_]+)\}")
+_UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+
+
+def int_param(req: Request, what: str, name: str = "id") -> int:
+    """A path parameter that is a row id; anything else names no ``what``: 404."""
+    raw = req.params[name]
+    if not raw.isdigit() or len(raw) > 18:
+        raise NotFound(f"no {what} {raw[:40]}")
+    return int(raw)
+
+
+def uuid_param(req: Request, name: str = "id") -> str | None:
+    """A path parameter that is a UUID (lower-case), or None when it cannot be one."""
+    raw = req.params[name]
+    return raw if _UUID.match(raw) else None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -14,7 +14,7 @@ from core.errors import NotFound
 from core.paging import decode_cursor, page_body
 from core.projects import IDEMPOTENCY_KEY
 from core.request import Request, Response
-from core.routing import Route
+from core.routing import Route, int_param
 from core.schemas import User, UserIn, UserPage, UserPatch, UserQuery
 
 __all__ = ["Users"]
@@ -39,10 +39,7 @@ _DELETE = "delete from users where id = $1 returning id"
 
 
 def _id(req: Request) -> int:
-    raw = req.params["id"]
-    if not raw.isdigit() or len(raw) > 18:
-        raise NotFound(f"no user {raw[:40]}")
-    return int(raw)
+    return int_param(req, "user")
 
 
 class Users:

@@ -19,10 +19,10 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterable
-from typing import Protocol
 
 import msgspec
 
+from core.events import Publisher
 from gateway.broker.base import CONTROL
 
 __all__ = ["Revocations", "SessionsRevoked"]
@@ -37,10 +37,6 @@ class SessionsRevoked(msgspec.Struct, tag_field="type", tag="sessions_revoked"):
 
 
 _decode = msgspec.json.Decoder(SessionsRevoked)
-
-
-class Publisher(Protocol):
-    async def publish(self, ch: str, data: bytes) -> object: ...
 
 
 class Revocations:
