@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import sys
@@ -17,19 +18,20 @@ from gateway.keys import generate_jwk
 from gateway.logs import configure_logging
 from gateway.runtime import raise_file_limit, run, wait_for_stop_signal
 from gateway.settings import Settings, SettingsError
+from gateway.workers import Worker, supervise, worker_count
 
 __all__ = ["main"]
 
 log = logging.getLogger("gateway")
 
 
-async def _embedded_database(settings: Settings) -> tuple[Settings, EmbeddedPostgres | None]:
+def _embedded_database(settings: Settings) -> tuple[Settings, EmbeddedPostgres | None]:
     """Settings with a database: the configured one, or an embedded PostgreSQL."""
     if settings.database_url:
         return settings, None
     embedded = EmbeddedPostgres(settings.data_dir)
     try:
-        url = await asyncio.to_thread(embedded.start)
+        url = embedded.start()
     except ImportError:
         log.warning(
             "DATABASE_URL not set and pgserver not installed: the REST core answers 503 "
@@ -40,7 +42,8 @@ async def _embedded_database(settings: Settings) -> tuple[Settings, EmbeddedPost
 
 
 async def serve(settings: Settings) -> None:
-    settings, embedded = await _embedded_database(settings)
+    """One gateway process (WORKERS=1)."""
+    settings, embedded = await asyncio.to_thread(_embedded_database, settings)
     try:
         await _serve(settings)
     finally:
@@ -48,9 +51,20 @@ async def serve(settings: Settings) -> None:
             await asyncio.to_thread(embedded.stop)
 
 
-async def _serve(settings: Settings) -> None:
-    gateway = await make_app(settings)
-    port = gateway.listen()
+def serve_workers(settings: Settings, count: int) -> int:
+    """``count`` gateway processes on one port (gateway/workers.py); the exit status."""
+    settings, embedded = _embedded_database(settings)
+    try:
+        # Made once here: workers generating a secret each would disagree.
+        return supervise(ensure_key_material(settings), count, _serve)
+    finally:
+        if embedded is not None:
+            embedded.stop()
+
+
+async def _serve(settings: Settings, worker: Worker | None = None) -> None:
+    gateway = await make_app(settings, registry=None if worker is None else worker.registry)
+    port = gateway.listen(sockets=None if worker is None else worker.sockets())
     limit = raise_file_limit()
     log.info(
         "gateway listening on http://%s:%d (WebSocket at /ws); open-file limit %d",
@@ -58,11 +72,10 @@ async def _serve(settings: Settings) -> None:
         port,
         limit,
     )
-    if not settings.redis_url:
-        log.info("REDIS_URL not set: in-memory broker, single process (no cross-process fan-out)")
-    await wait_for_stop_signal()
-    log.info("shutting down")
-    await gateway.close()
+    with contextlib.nullcontext() if worker is None else worker.sharing_metrics():
+        await wait_for_stop_signal()
+        log.info("shutting down")
+        await gateway.close()
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -72,8 +85,10 @@ def _parser() -> argparse.ArgumentParser:
         epilog="Environment:\n" + Settings.describe(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    _workers_flag(parser, None)
     sub = parser.add_subparsers(dest="command")
-    sub.add_parser("run", help="run the gateway (the default)")
+    # SUPPRESS: `--workers N run` keeps N rather than the subcommand's default.
+    _workers_flag(sub.add_parser("run", help="run the gateway (the default)"), argparse.SUPPRESS)
     token = sub.add_parser("token", help="mint a token for the running configuration")
     token.add_argument("--sub", required=True, help="subject (user id)")
     token.add_argument(
@@ -88,6 +103,23 @@ def _parser() -> argparse.ArgumentParser:
         "--add-to", metavar="FILE", help="put the new key first in this JWKS file (rotation)"
     )
     return parser
+
+
+def _count(raw: str) -> int:
+    if not raw.isdigit():
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {raw!r}")
+    return int(raw)
+
+
+def _workers_flag(parser: argparse.ArgumentParser, default: object) -> None:
+    parser.add_argument(
+        "--workers",
+        type=_count,
+        default=default,
+        metavar="N",
+        help="gateway processes sharing the port (overrides WORKERS; 0: one per core; "
+        "one without REDIS_URL)",
+    )
 
 
 def _keygen(args: argparse.Namespace) -> int:
@@ -124,6 +156,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"cannot mint: {exc}", file=sys.stderr)
             return 2
         return 0
+    if args.workers is not None:
+        settings = settings.replace(workers=args.workers)
+    count, why = worker_count(settings)
+    if why:
+        log.info("%s", why)
+    if count > 1:
+        return serve_workers(settings, count)
     run(serve(settings))
     return 0
 

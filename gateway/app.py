@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import socket
 import time
 from typing import Any
 
@@ -42,6 +43,7 @@ from gateway.metrics import Metrics
 from gateway.node import Node
 from gateway.ratelimit import MemoryRateLimiter, RateLimiter, RedisRateLimiter
 from gateway.revocation import Revocations
+from gateway.runtime import LISTEN_BACKLOG
 from gateway.settings import Settings
 from gateway.transport.longpoll import LongPollHandler
 from gateway.transport.sse import SSEHandler
@@ -101,12 +103,23 @@ class Gateway:
             for member in members[start : start + per_tick]:
                 member.close(code)
 
-    def listen(self, port: int | None = None, host: str | None = None) -> int:
-        """Start serving; returns the bound port (useful with port 0)."""
-        sockets = bind_sockets(
-            self.settings.port if port is None else port,
-            self.settings.host if host is None else host,
-        )
+    def listen(
+        self,
+        port: int | None = None,
+        host: str | None = None,
+        sockets: list[socket.socket] | None = None,
+    ) -> int:
+        """Start serving; returns the bound port (useful with port 0).
+
+        ``sockets`` are listening sockets bound by the caller (a worker
+        process, gateway/workers.py); without them, bind ``host:port``.
+        """
+        if sockets is None:
+            sockets = bind_sockets(
+                self.settings.port if port is None else port,
+                self.settings.host if host is None else host,
+                backlog=LISTEN_BACKLOG,
+            )
         limit = max(self.settings.max_publish_bytes + 65536, 4 * self.settings.max_body_bytes)
         s = self.settings
         api = self.api = CoreHTTP(self.ctx.core, self.ctx.verifier, s.max_body_bytes, s.cors_origins)
@@ -224,7 +237,6 @@ async def make_app(
         routes(ctx),
         default_handler_class=NotFoundHandler,
         default_handler_args={"ctx": ctx},
-        websocket_max_message_size=settings.max_frame_bytes,
         log_function=log_request,
     )
     return Gateway(settings, ctx, app)

@@ -10,7 +10,9 @@ from gateway.metrics import Metrics
 from gateway.node import Node
 from gateway.polling import LongPollSessions
 from gateway.ratelimit import RateLimiter
+from gateway.runtime import connection_limit
 from gateway.settings import Settings
+from gateway.transport.wsconn import Coalescer
 
 __all__ = ["Context", "Status"]
 
@@ -32,3 +34,9 @@ class Context:
     limiter: RateLimiter
     status: Status = dataclasses.field(default_factory=Status)
     longpoll: LongPollSessions = dataclasses.field(default_factory=LongPollSessions)
+    coalescer: Coalescer = dataclasses.field(default_factory=Coalescer)
+
+    @property
+    def max_connections(self) -> int:
+        """Connections this process takes before refusing more (``MAX_CONNECTIONS``)."""
+        return connection_limit(self.settings.max_connections)

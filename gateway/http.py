@@ -9,6 +9,7 @@ Every error answer has the REST core's one error body (core/errors.py).
 from __future__ import annotations
 
 import logging
+import time
 from types import TracebackType
 from typing import Any
 
@@ -21,6 +22,7 @@ from core.errors import ErrorDetail, TooManyRequests, default_code, error_body
 from gateway.auth import AuthError, Identity, token_from_header
 from gateway.broker import BrokerUnavailable
 from gateway.context import Context
+from gateway.metricsmerge import scrape_view
 from gateway.ratelimit import over_limit
 from proto import RESERVED_PREFIX
 from proto.frames import Channel
@@ -175,9 +177,11 @@ class ReadyHandler(JsonHandler):
 
 
 class MetricsHandler(tornado.web.RequestHandler):
+    """Prometheus text; with worker processes, every worker's samples (gateway/metricsmerge.py)."""
+
     def initialize(self, ctx: Context) -> None:
         self.ctx = ctx
 
     def get(self) -> None:
         self.set_header("Content-Type", CONTENT_TYPE_LATEST)
-        self.finish(generate_latest(self.ctx.metrics.registry))
+        self.finish(generate_latest(scrape_view(self.ctx.metrics.registry, time.time())))

@@ -92,6 +92,13 @@ def _setting(default: Any, env: str, help: str, parse: Callable[[str], Any]) -> 
 class Settings:
     host: str = _setting("127.0.0.1", "HOST", "Interface to listen on.", str)
     port: int = _setting(8888, "PORT", "TCP port to listen on (0: any free port).", _port)
+    workers: int = _setting(
+        0,
+        "WORKERS",
+        "Gateway processes sharing the port (0: one per core; one without REDIS_URL). "
+        "--workers N overrides it.",
+        _non_negative_int,
+    )
     redis_url: str | None = _setting(
         None, "REDIS_URL", "Redis for cross-process fan-out; unset: in-memory broker.", _optional
     )
@@ -244,6 +251,13 @@ class Settings:
         "PRESENCE_PUSHES",
         "Push join and leave events to subscribers of presence channels.",
         _bool,
+    )
+    max_connections: int = _setting(
+        0,
+        "MAX_CONNECTIONS",
+        "Sockets one process holds before refusing more with 503 "
+        "(0: the open-file limit less 256 kept for everything else).",
+        _non_negative_int,
     )
     max_frame_bytes: int = _setting(
         65536,

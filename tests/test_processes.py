@@ -25,7 +25,10 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 class GatewayProcess:
-    """``python -m gateway`` (or, with ``module="core"``, the REST core alone)."""
+    """``python -m gateway`` (or, with ``module="core"``, the REST core alone).
+
+    One process (``WORKERS=1``) unless ``env`` says otherwise.
+    """
 
     def __init__(self, tmp: Path, data_dir: Path, module: str = "gateway", **env: str) -> None:
         self.module = module
@@ -37,6 +40,7 @@ class GatewayProcess:
             "HOST": "127.0.0.1",
             "DATA_DIR": str(data_dir),
             "PYTHONUNBUFFERED": "1",
+            "WORKERS": "1",
             **env,
         }
         for name in ("REDIS_URL", "JWT_SECRET", "DATABASE_URL", "DATABASE_SCHEMA"):

@@ -1,166 +1,128 @@
-"""WebSocket transport: a thin adapter from Tornado's handler to a Session.
+"""The WebSocket handshake (RFC 6455 §4.2), answered by a thin Tornado handler.
 
 * The token is verified in ``prepare()``, before the upgrade: a missing or
-  bad token is an HTTP 401 with a JSON body, never an accepted socket.
+  bad token is an HTTP 401 with a JSON body, never an accepted socket; so
+  are a refused origin (403), a request that is not an upgrade (400, or 426
+  for another protocol version) and a full process (503, see below).
 * The codec is chosen from ``Sec-WebSocket-Protocol``.
-* Replies and publications are written as complete pre-built frames to the
-  connection's IOStream. The stream's ``max_write_buffer_size`` bounds what
-  may queue for a client; when a write would pass it, the connection is
-  closed with 4001 (slow consumer) and leaves the hub at once.
-* ``on_message`` awaits the session, so one connection's commands run in
-  order; the session never raises.
+* Then the handler detaches the socket from Tornado's HTTP machinery and
+  gives it to the event loop's transport with a `WSConnection`, which
+  writes the 101 and carries the connection from there on: the handler,
+  its request and headers are garbage as soon as ``get`` returns.
+
+Capacity: a process refuses new sockets once it holds ``MAX_CONNECTIONS``
+(by default the open-file limit less a reserve for everything else), with a
+503 and a log line, so reaching the file limit is a clear refusal rather
+than failing ``accept`` calls.
 """
 
 from __future__ import annotations
 
+import asyncio
+import base64
+import hashlib
 import logging
 import time
 
-import tornado.websocket
-from tornado.ioloop import IOLoop
-from tornado.iostream import IOStream, StreamBufferFullError, StreamClosedError
+import tornado.web
 
 from gateway.auth import Identity
 from gateway.context import Context
 from gateway.http import ApiError
-from gateway.hub import Prepared
 from gateway.session import Session
 from gateway.transport.admission import admit
-from proto import JSON_CODEC, CloseCode, Codec, Connection, close_reason, frame, select_codec
+from gateway.transport.wsconn import WSConnection
+from proto import Connection, select_codec
 
-__all__ = ["WebSocketHandler"]
+__all__ = ["WebSocketHandler", "accept_value"]
 
 log = logging.getLogger("gateway.websocket")
 
+_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
-class WebSocketHandler(tornado.websocket.WebSocketHandler):
+
+def accept_value(key: str) -> str:
+    """``Sec-WebSocket-Accept`` for a ``Sec-WebSocket-Key``."""
+    return base64.b64encode(hashlib.sha1(key.encode() + _GUID).digest()).decode()
+
+
+class WebSocketHandler(tornado.web.RequestHandler):
     ctx: Context
-    session: Session | None
-    _identity: Identity | None
-    _codec: Codec
-    _stream: IOStream | None
 
     def initialize(self, ctx: Context) -> None:
         self.ctx = ctx
-        self.session = None
-        self._identity = None
-        self._codec = JSON_CODEC
-        self._stream = None
-        self._last_seen = time.monotonic()
-
-    # -- handshake ---------------------------------------------------------
 
     async def prepare(self) -> None:
-        self._identity = await admit(self, self.ctx)
+        self.identity = await admit(self, self.ctx)
 
     def write_error(self, status_code: int, **kwargs: object) -> None:
         ApiError.write_json(self, status_code, kwargs.get("exc_info"))
 
-    def check_origin(self, origin: str) -> bool:
-        allowed = self.ctx.settings.allowed_origins
-        if "*" in allowed or origin in allowed:
-            return True
-        self.ctx.metrics.handshake_failures.labels("origin").inc()
-        return False
-
-    def select_subprotocol(self, subprotocols: list[str]) -> str | None:
-        self._codec, name = select_codec(subprotocols)
-        return name
-
-    def open(self) -> None:
-        assert self._identity is not None and self.ws_connection is not None
-        settings = self.ctx.settings
-        stream = self.ws_connection.stream
-        assert stream is not None
-        stream.max_write_buffer_size = settings.send_buffer_bytes
-        self._stream = stream
-        self.set_nodelay(True)
-        conn = Connection(
-            self._codec,
-            self._identity.grants,
-            max_subscriptions=settings.max_subscriptions,
-            max_publish_bytes=settings.max_publish_bytes,
-        )
-        ctx = self.ctx
-        self.session = Session(
-            self, conn, self._identity, ctx.node, ctx.metrics, ctx.core.dispatch, ctx.verifier.verify,
-            commands=settings.rate_socket_commands, publishes=settings.rate_socket_publish,
+    async def get(self) -> None:
+        ctx, headers = self.ctx, self.request.headers
+        if headers.get("Upgrade", "").lower() != "websocket" or "upgrade" not in (
+            headers.get("Connection", "").lower()
+        ):
+            raise ApiError(400, "bad_request", "expected a WebSocket upgrade (Upgrade: websocket)")
+        if headers.get("Sec-WebSocket-Version") != "13":
+            raise ApiError(426, "upgrade_required", "WebSocket version 13 only",
+                           headers={"Sec-WebSocket-Version": "13"})  # fmt: skip
+        key = headers.get("Sec-WebSocket-Key", "")
+        if len(key) != 24:
+            raise ApiError(400, "bad_request", "missing or malformed Sec-WebSocket-Key")
+        origin = headers.get("Origin")
+        allowed = ctx.settings.allowed_origins
+        if origin is not None and "*" not in allowed and origin not in allowed:
+            ctx.metrics.handshake_failures.labels("origin").inc()
+            raise ApiError(403, "forbidden", f"origin {origin} is not allowed")
+        limit = ctx.max_connections
+        if ctx.node.hub.connection_count() >= limit:
+            ctx.metrics.handshake_failures.labels("capacity").inc()
+            _log_full(limit)
+            raise ApiError(503, "unavailable", f"this process holds its limit of {limit} connections",
+                           headers={"Retry-After": "1"})  # fmt: skip
+        offered = [p.strip() for p in headers.get("Sec-WebSocket-Protocol", "").split(",") if p.strip()]
+        codec, name = select_codec(offered)
+        response = (
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Accept: " + accept_value(key).encode() + b"\r\n"
+            + (b"Sec-WebSocket-Protocol: " + name.encode() + b"\r\n" if name else b"")
+            + b"\r\n"
         )  # fmt: skip
-        self._identity = None
-        self.session.open()
+        identity: Identity = self.identity
+        settings = ctx.settings
 
-    async def on_message(self, message: str | bytes) -> None:
-        self._last_seen = time.monotonic()
-        if self.session is not None:
-            await self.session.handle(message)
+        def make_session(ws: WSConnection) -> Session:
+            conn = Connection(codec, identity.grants, max_subscriptions=settings.max_subscriptions,
+                              max_publish_bytes=settings.max_publish_bytes)  # fmt: skip
+            return Session(ws, conn, identity, ctx.node, ctx.metrics, ctx.core.dispatch,
+                           ctx.verifier.verify, commands=settings.rate_socket_commands,
+                           publishes=settings.rate_socket_publish)  # fmt: skip
 
-    def on_pong(self, data: bytes) -> None:
-        self._last_seen = time.monotonic()
-
-    def on_ping(self, data: bytes) -> None:
-        self._last_seen = time.monotonic()
-
-    def heartbeat(self, now: float, dead_after: float) -> None:
-        if self.ws_connection is None or self.ws_connection.is_closing():
-            return
-        if now - self._last_seen > dead_after:
-            sub = self.session.identity.sub if self.session else "?"
-            log.info("dropping %s: nothing heard for %.0fs", sub, now - self._last_seen)
-            self.ctx.metrics.dead_peers.inc()
-            # No close handshake: a peer that answers nothing would not answer it.
-            stream = self.ws_connection.stream
-            if stream is not None:
-                stream.close()
-            return
+        ws = WSConnection(response, codec, make_session, ctx.metrics, settings.max_frame_bytes,
+                          ctx.coalescer)  # fmt: skip
+        stream = self.detach()
+        # The socket leaves Tornado's stream for the loop's transport; the
+        # stream (and its buffers) closes its own descriptor, a duplicate.
+        sock = stream.socket.dup()
+        stream.close()
+        loop = asyncio.get_running_loop()
         try:
-            self.ping()
-        except tornado.websocket.WebSocketClosedError:
-            pass
-
-    def on_close(self) -> None:
-        if self.session is not None:
-            self.session.closed()
-        self._stream = None
-
-    # -- Transport ---------------------------------------------------------
-
-    def send(self, payload: bytes) -> None:
-        self._write(frame(payload, self._codec.binary))
-
-    def deliver(self, prepared: Prepared, codec: Codec) -> None:
-        self._write(prepared.ws_frame(codec))
-
-    def disconnect(self, code: CloseCode) -> None:
-        if self.ws_connection is not None and not self.ws_connection.is_closing():
-            self.close(int(code), close_reason(code))
-
-    def _write(self, data: bytes) -> None:
-        stream = self._stream
-        if stream is None:
+            transport, _ = await loop.connect_accepted_socket(lambda: ws, sock)
+        except OSError as exc:
+            sock.close()
+            log.info("socket lost during the handshake: %s", exc)
             return
-        try:
-            # IOStream buffers what the socket does not take now and raises
-            # once the bound would be passed; the returned future resolves
-            # on flush and needs no awaiting (Tornado retrieves its errors).
-            stream.write(data)
-        except StreamBufferFullError:
-            self._slow_consumer(stream)
-        except StreamClosedError:
-            self._stream = None
+        transport.set_write_buffer_limits(high=settings.send_buffer_bytes)
 
-    def _slow_consumer(self, stream: IOStream) -> None:
-        self._stream = None  # nothing more is queued for this client
-        self.ctx.metrics.slow_consumers.inc()
-        sub = self.session.identity.sub if self.session else "?"
-        log.warning("closing slow consumer %s (send buffer full)", sub)
-        stream.max_write_buffer_size = None  # room for the close frame
-        # Deferred: this runs inside a hub broadcast, which must not see
-        # its member set change under it.
-        IOLoop.current().add_callback(self._close_slow)
 
-    def _close_slow(self) -> None:
-        if self.session is not None:
-            self.session.closed()
-        if self.ws_connection is not None and not self.ws_connection.is_closing():
-            self.close(int(CloseCode.SLOW_CONSUMER), close_reason(CloseCode.SLOW_CONSUMER))
+_last_full_log = 0.0
 
+
+def _log_full(limit: int) -> None:
+    """Log a full process at most every 10 s."""
+    global _last_full_log
+    now = time.monotonic()
+    if now - _last_full_log > 10:
+        _last_full_log = now
+        log.warning("refusing new sockets: this process holds its limit of %d connections", limit)

@@ -1,0 +1,293 @@
+"""An open WebSocket after the handshake: one small asyncio Protocol.
+
+Tornado answers the upgrade request (`gateway.transport.websocket`); then
+the socket moves to the event loop's own transport (C in uvloop) and this
+object, so an idle connection holds no handler, request, headers, stream,
+coroutine or task: only the transport, this protocol and its `Session`.
+
+* Frames are read by `proto.wsframe.read_frames` in ``data_received``.
+  Commands run in order, one task at a time, and only while there are
+  some; past `MAX_INBOX` waiting frames the socket stops reading.
+* Writes are coalesced: frames for a socket queue in a list until the end
+  of the event-loop iteration (or `MAX_PENDING` frames), then go to the
+  transport as one write, one system call. When publications arrive faster
+  than one at a time (a backlog read from Redis in one go), a socket gets
+  several in one write: fan-out degrades into batching, not into a queue.
+* The transport's high-water mark is the send buffer bound
+  (``SEND_BUFFER_BYTES``): when the event loop says to pause writing, the
+  client is a slow consumer and is closed with 4001.
+* Closing sends the close frame once, then waits up to `CLOSE_TIMEOUT`
+  seconds for the peer's before dropping the socket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from gateway.hub import Prepared
+from gateway.metrics import Metrics
+from gateway.session import Session
+from proto import CloseCode, Codec, close_reason, frame
+from proto.wsframe import (
+    OP_BINARY,
+    OP_CLOSE,
+    OP_CONT,
+    OP_PING,
+    OP_PONG,
+    OP_TEXT,
+    PROTOCOL_ERROR,
+    Fragments,
+    FrameError,
+    close_frame,
+    parse_close,
+    read_frames,
+)
+
+__all__ = ["CLOSE_TIMEOUT", "MAX_INBOX", "MAX_PENDING", "Coalescer", "WSConnection"]
+
+log = logging.getLogger("gateway.websocket")
+
+#: Seconds to wait for the peer's close frame after sending ours.
+CLOSE_TIMEOUT = 5.0
+#: Frames waiting for the connection's running command before reading pauses.
+MAX_INBOX = 32
+#: Frames queued for one socket within one loop iteration before they are written.
+MAX_PENDING = 64
+_PING = bytes((0x80 | OP_PING, 0))
+
+
+class Coalescer:
+    """The sockets with frames queued in this loop iteration; one per gateway."""
+
+    __slots__ = ("_dirty", "_scheduled")
+
+    def __init__(self) -> None:
+        self._dirty: list[WSConnection] = []
+        self._scheduled = False
+
+    def mark(self, conn: WSConnection) -> None:
+        self._dirty.append(conn)
+        if not self._scheduled:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self.flush)
+
+    def flush(self) -> None:
+        dirty, self._dirty = self._dirty, []
+        self._scheduled = False
+        for conn in dirty:
+            conn.flush()
+
+
+class WSConnection(asyncio.Protocol):
+    """One client socket: frames in, frames out, a Session in between."""
+
+    __slots__ = ("_buffer", "_closing", "_coalescer", "_fragments", "_inbox", "_last_seen",
+                 "_make_session", "_max_frame", "_metrics", "_pending", "_response", "_running",
+                 "_timer", "codec", "session", "transport")  # fmt: skip
+
+    def __init__(
+        self,
+        response: bytes,
+        codec: Codec,
+        make_session: Callable[[WSConnection], Session],
+        metrics: Metrics,
+        max_frame: int,
+        coalescer: Coalescer,
+    ) -> None:
+        self._response = response  # the 101, written first
+        self.codec = codec
+        self._make_session = make_session
+        self._metrics = metrics
+        self._max_frame = max_frame
+        self._coalescer = coalescer
+        self._pending: list[bytes] | None = None
+        self.transport: Any = None  # asyncio.Transport (uvloop's is not a subclass)
+        self.session: Session | None = None
+        self._buffer = b""
+        self._fragments: Fragments | None = None
+        self._inbox: collections.deque[bytes] | None = None
+        self._running = False
+        self._closing = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._last_seen = time.monotonic()
+
+    # -- asyncio.Protocol --------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+        transport.write(self._response)  # type: ignore[attr-defined]
+        self._response = b""
+        self.session = self._make_session(self)
+        self.session.open()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+        self._closing = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._inbox = None
+        if self.session is not None:
+            self.session.closed()
+
+    def pause_writing(self) -> None:
+        """The send buffer passed its bound: a slow consumer."""
+        if self._closing or self.transport is None:
+            return
+        self._metrics.slow_consumers.inc()
+        sub = self.session.identity.sub if self.session else "?"
+        log.warning("closing slow consumer %s (send buffer full)", sub)
+        # Deferred: this may run inside a hub broadcast, which must not see
+        # its member set change under it.
+        asyncio.get_running_loop().call_soon(self._close_slow)
+        self._closing = True  # nothing more is queued for this client
+
+    def _close_slow(self) -> None:
+        if self.session is not None:
+            self.session.closed()  # leaves the hub now, not when the socket ends
+        self._close(int(CloseCode.SLOW_CONSUMER), close_reason(CloseCode.SLOW_CONSUMER))
+
+    def data_received(self, data: bytes) -> None:
+        self._last_seen = time.monotonic()
+        if self._buffer:
+            data = self._buffer + data
+        try:
+            frames, used = read_frames(data, self._max_frame)
+        except FrameError as exc:
+            self._buffer = b""
+            self._fail(exc)
+            return
+        self._buffer = data[used:] if used < len(data) else b""
+        for opcode, fin, payload in frames:
+            try:
+                self._frame(opcode, fin, payload)
+            except FrameError as exc:
+                self._fail(exc)
+                return
+
+    def eof_received(self) -> bool:
+        return False  # close the transport
+
+    # -- frames in ---------------------------------------------------------
+
+    def _frame(self, opcode: int, fin: bool, payload: bytes) -> None:
+        if opcode == OP_TEXT or opcode == OP_BINARY:
+            if self._fragments is not None:
+                raise FrameError(PROTOCOL_ERROR, "new message inside a fragmented one")
+            if fin:
+                self._message(payload)
+            else:
+                self._fragments = Fragments(opcode, payload)
+        elif opcode == OP_CONT:
+            fragments = self._fragments
+            if fragments is None:
+                raise FrameError(PROTOCOL_ERROR, "continuation without a message")
+            fragments.add(payload, self._max_frame)
+            if fin:
+                self._fragments = None
+                self._message(fragments.message())
+        elif opcode == OP_PING:
+            self._write(bytes((0x80 | OP_PONG, len(payload))) + payload)
+        elif opcode == OP_CLOSE:
+            code = parse_close(payload)
+            if not self._closing:  # the peer started it: answer with its code
+                self._closing = True
+                reply = close_frame(code if code != 1005 else 1000)
+                if self.transport is not None:
+                    self.transport.write(reply)
+            if self.transport is not None:
+                self.transport.close()
+
+    def _message(self, payload: bytes) -> None:
+        if self._closing:
+            return
+        if self._running:
+            inbox = self._inbox
+            if inbox is None:
+                inbox = self._inbox = collections.deque()
+            inbox.append(payload)
+            if len(inbox) >= MAX_INBOX and self.transport is not None:
+                self.transport.pause_reading()
+            return
+        self._running = True
+        asyncio.get_running_loop().create_task(self._run(payload))
+
+    async def _run(self, payload: bytes) -> None:
+        """Run this connection's commands in order until none is waiting."""
+        try:
+            while self.session is not None:
+                await self.session.handle(payload)
+                inbox = self._inbox
+                if not inbox or self._closing:
+                    return
+                if len(inbox) == MAX_INBOX and self.transport is not None:
+                    self.transport.resume_reading()
+                payload = inbox.popleft()
+        finally:
+            self._running = False
+
+    def _fail(self, exc: FrameError) -> None:
+        log.info("closing a socket that broke the protocol: %s", exc.reason)
+        self._close(exc.code, exc.reason)
+
+    # -- Transport (what the Session uses) ---------------------------------
+
+    def send(self, payload: bytes) -> None:
+        self._write(frame(payload, self.codec.binary))
+
+    def deliver(self, prepared: Prepared, codec: Codec) -> None:
+        self._write(prepared.ws_frame(codec))
+
+    def disconnect(self, code: CloseCode) -> None:
+        self._close(int(code), close_reason(code))
+
+    def heartbeat(self, now: float, dead_after: float) -> None:
+        if self._closing or self.transport is None:
+            return
+        if now - self._last_seen > dead_after:
+            sub = self.session.identity.sub if self.session else "?"
+            log.info("dropping %s: nothing heard for %.0fs", sub, now - self._last_seen)
+            self._metrics.dead_peers.inc()
+            # No close handshake: a peer that answers nothing would not answer it.
+            self.transport.abort()
+            return
+        self.transport.write(_PING)
+
+    def _write(self, data: bytes) -> None:
+        if self._closing:
+            return
+        pending = self._pending
+        if pending is None:
+            self._pending = [data]
+            self._coalescer.mark(self)
+        else:
+            pending.append(data)
+            if len(pending) >= MAX_PENDING:
+                self._pending = []  # still marked: the coalescer flushes the rest
+                self._emit(pending)
+
+    def flush(self) -> None:
+        """Write what is queued, as one write (the coalescer calls this)."""
+        pending, self._pending = self._pending, None
+        if pending:
+            self._emit(pending)
+
+    def _emit(self, pending: list[bytes]) -> None:
+        if self.transport is not None and not self._closing:
+            self.transport.write(pending[0] if len(pending) == 1 else b"".join(pending))
+
+    def _close(self, code: int, reason: str) -> None:
+        transport = self.transport
+        if transport is None or self._timer is not None or transport.is_closing():
+            return
+        if self._pending:  # what was sent before the close goes before it
+            pending, self._pending = self._pending, []
+            self._emit(pending)
+        self._closing = True
+        transport.write(close_frame(code, reason))
+        self._timer = asyncio.get_running_loop().call_later(CLOSE_TIMEOUT, transport.abort)

@@ -1,0 +1,218 @@
+"""The lean WebSocket transport at the byte level: what a client on a raw socket sees.
+
+The `websockets` library (used by the other tests) never sends a broken
+frame; these tests do, and check the close codes RFC 6455 asks for.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator
+
+import pytest
+
+from gateway.loadtest.wsclient import client_frame, handshake_request
+from proto.wsframe import (
+    OP_BINARY,
+    OP_CLOSE,
+    OP_PING,
+    OP_TEXT,
+    Fragments,
+    FrameError,
+    parse_header,
+    read_frames,
+)
+from tests.harness import running_gateway, token_for
+from tests.servers import UNIT
+
+# -- proto.wsframe -------------------------------------------------------------
+
+
+def test_read_frames_unmasks_and_keeps_partial_frames_for_later():
+    one = client_frame(b'{"op":"ping","id":1}')
+    two = client_frame(b"x" * 300, OP_BINARY)
+    data = one + two
+    frames, used = read_frames(data[:-5], 1 << 20)
+    assert frames == [(OP_TEXT, True, b'{"op":"ping","id":1}')] and used == len(one)
+    frames, used = read_frames(data[used:], 1 << 20)
+    assert frames == [(OP_BINARY, True, b"x" * 300)] and used == len(two)
+
+
+@pytest.mark.parametrize(
+    ("raw", "code"),
+    [
+        (b"\x81\x05hello", 1002),  # unmasked
+        (b"\xc1\x80\x00\x00\x00\x00", 1002),  # RSV1 without an extension
+        (b"\x83\x80\x00\x00\x00\x00", 1002),  # unknown opcode 3
+        (b"\x09\x80\x00\x00\x00\x00", 1002),  # fragmented ping
+        (b"\x81\xfe\x10\x00", 1009),  # 4096 bytes announced, over the limit
+    ],
+)
+def test_read_frames_refuses_protocol_violations(raw, code):
+    with pytest.raises(FrameError) as info:
+        read_frames(raw, 1024)
+    assert info.value.code == code
+
+
+def test_fragments_are_reassembled_up_to_the_limit():
+    parts = Fragments(OP_TEXT, b"ab")
+    parts.add(b"cd", 10)
+    assert parts.message() == b"abcd"
+    with pytest.raises(FrameError) as info:
+        parts.add(b"x" * 10, 10)
+    assert info.value.code == 1009
+
+
+# -- the transport, over a raw socket -------------------------------------------
+
+
+class Raw:
+    """A client that writes whatever bytes a test gives it."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+
+    def send(self, data: bytes) -> None:
+        self.writer.write(data)
+
+    async def frame(self) -> tuple[int, bytes]:
+        head = await asyncio.wait_for(self.reader.readexactly(2), 5 * UNIT)
+        opcode, _, size, n = parse_header(head + b"\x00" * 8)
+        if size > 2:
+            n = int.from_bytes(await self.reader.readexactly(size - 2), "big")
+        return opcode, await self.reader.readexactly(n)
+
+    async def json(self) -> dict:
+        opcode, payload = await self.frame()
+        assert opcode == OP_TEXT, (opcode, payload)
+        return json.loads(payload)
+
+    async def close_code(self) -> int:
+        while True:
+            opcode, payload = await self.frame()
+            if opcode == OP_CLOSE:
+                return int.from_bytes(payload[:2], "big")
+
+
+@contextlib.asynccontextmanager
+async def raw_socket(gw, token: str) -> AsyncIterator[Raw]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+    writer.write(handshake_request(f"127.0.0.1:{gw.port}", "/ws", token))
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5 * UNIT)
+    assert head.startswith(b"HTTP/1.1 101"), head
+    try:
+        yield Raw(reader, writer)
+    finally:
+        writer.close()
+
+
+def _with_first_byte(first: int, payload: bytes) -> bytes:
+    """A masked frame with its FIN bit and opcode set by hand (fragments)."""
+    return bytes([first]) + client_frame(payload)[1:]
+
+
+@pytest.fixture
+async def gw():
+    async with running_gateway(max_frame_bytes=4096) as gateway:
+        yield gateway
+
+
+async def test_commands_split_across_reads_and_fragments_are_answered(gw):
+    async with raw_socket(gw, token_for(gw)) as ws:
+        frame = client_frame(b'{"op":"ping","id":1}')
+        for byte in frame:  # one byte per write
+            ws.send(bytes([byte]))
+            await ws.writer.drain()
+        assert (await ws.json()) == {"id": 1, "ok": True}
+        # {"op":"ping","id":2} in three fragments: text, continuation, final continuation
+        ws.send(_with_first_byte(0x01, b'{"op":'))
+        ws.send(_with_first_byte(0x00, b'"ping",'))
+        ws.send(_with_first_byte(0x80, b'"id":2}'))
+        assert (await ws.json()) == {"id": 2, "ok": True}
+
+
+async def test_ping_is_answered_with_a_pong_carrying_its_payload(gw):
+    async with raw_socket(gw, token_for(gw)) as ws:
+        ws.send(client_frame(b"are you there", OP_PING))
+        assert await ws.frame() == (0xA, b"are you there")
+
+
+@pytest.mark.parametrize(
+    ("raw", "code"),
+    [
+        (b"\x81\x05hello", 1002),
+        (b"\x83\x80\x00\x00\x00\x00", 1002),
+        (b"\x81\xfe\x20\x00", 1009),
+        (_with_first_byte(0x80, b"orphan continuation"), 1002),
+    ],
+)
+async def test_broken_frames_close_with_the_rfc_code_and_others_live_on(gw, raw, code):
+    async with raw_socket(gw, token_for(gw)) as bystander:
+        async with raw_socket(gw, token_for(gw)) as ws:
+            ws.send(raw)
+            assert await ws.close_code() == code
+        bystander.send(client_frame(b'{"op":"ping","id":7}'))
+        assert (await bystander.json()) == {"id": 7, "ok": True}
+
+
+async def test_client_close_is_echoed_and_the_connection_leaves_the_hub(gw):
+    async with raw_socket(gw, token_for(gw)) as ws:
+        await asyncio.sleep(0.05)
+        assert gw.hub.connection_count() == 1
+        ws.send(client_frame((1000).to_bytes(2, "big") + b"bye", OP_CLOSE))
+        assert await ws.close_code() == 1000
+    for _ in range(100):
+        if gw.hub.connection_count() == 0:
+            break
+        await asyncio.sleep(0.02)
+    assert gw.hub.connection_count() == 0
+
+
+async def _status(port: int, request: bytes) -> tuple[int, bytes]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(request)
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5 * UNIT)
+    length = next(
+        int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")
+    )
+    body = await reader.readexactly(length)
+    writer.close()
+    return int(head[9:12]), body
+
+
+async def test_requests_that_are_not_upgrades_get_json_errors(gw):
+    token = token_for(gw)
+    host = f"127.0.0.1:{gw.port}"
+    plain = f"GET /ws HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {token}\r\n\r\n".encode()
+    status, body = await _status(gw.port, plain)
+    assert status == 400 and json.loads(body)["error"]["code"] == "bad_request"
+    old = handshake_request(host, "/ws", token).replace(b"Version: 13", b"Version: 8")
+    status, body = await _status(gw.port, old)
+    assert status == 426
+
+
+async def test_a_full_process_refuses_new_sockets_with_503():
+    async with running_gateway(max_connections=2) as gw:
+        async with raw_socket(gw, token_for(gw)), raw_socket(gw, token_for(gw)):
+            request = handshake_request(f"127.0.0.1:{gw.port}", "/ws", token_for(gw))
+            status, body = await _status(gw.port, request)
+            assert status == 503 and json.loads(body)["error"]["code"] == "unavailable"
+        for _ in range(100):  # once one leaves, a new one gets in
+            if gw.hub.connection_count() < 2:
+                break
+            await asyncio.sleep(0.02)
+        async with raw_socket(gw, token_for(gw)) as ws:
+            ws.send(client_frame(b'{"op":"ping","id":1}'))
+            assert (await ws.json()) == {"id": 1, "ok": True}
+
+
+async def test_publications_queued_in_one_iteration_go_out_in_order(gw):
+    async with raw_socket(gw, token_for(gw)) as ws:
+        ws.send(client_frame(b'{"op":"sub","ch":"room:1","id":1}'))
+        assert (await ws.json())["ok"]
+        for i in range(200):  # more than one write's worth, all in one loop iteration
+            gw.hub.broadcast("room:1", b"%d" % i)
+        seen = [(await ws.json())["data"] for _ in range(200)]
+        assert seen == list(range(200))
