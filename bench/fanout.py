@@ -1,0 +1,233 @@
+"""Fan-out benchmark: the gateway against plain Tornado and FastAPI, in one run.
+
+Every scenario starts a fresh server, pinned to CPU 0 with ``taskset``, and
+runs the shipped load tool (``python -m gateway.loadtest --json``) pinned to
+CPU 1; Redis is not pinned. The servers are:
+
+* ``gateway``: ``python -m gateway`` (one worker, Redis broker, JWT HS256);
+* ``tornado``: ``bench/peers/tornado_broadcast.py``, the chat demo's loop;
+* ``fastapi``: ``bench/peers/fastapi_broadcast.py``, the docs' ConnectionManager.
+
+Scenarios (the issue's targets in brackets):
+
+* ``hold``: 19,500 sockets, each authenticated and subscribed; server memory
+  per connection [<= 12 KB], then 10 broadcasts at 1/s to all of them: time
+  for a publication to reach the last subscriber [<= 120 ms];
+* ``broadcast``: a burst of 10,000 new connections [<= 10 s], then 10
+  broadcasts at 1/s: time to the last of 10,000 subscribers [<= 60 ms];
+* ``sustained``: 10,000 subscribers and 25 publications/s for 10 s, offered
+  250,000 deliveries/s: deliveries per second achieved [>= 200,000].
+
+Each scenario runs ``--rounds`` times per server (servers alternate within a
+round); the table shows medians, and ratios gateway / peer. A scenario whose
+run lost messages or failed connections is marked.
+
+Rerun (from the repository root; needs Redis on 127.0.0.1:6379 and
+``pip install -e '.[bench]'``)::
+
+    .venv/bin/python -m bench.fanout --rounds 3 --save
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+JWT_SECRET = "bench-fanout-fixed-secret-0123456789abcdef"
+SERVERS = ("gateway", "tornado", "fastapi")
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    connections: int
+    rate: float
+    messages: int
+    target: str
+
+
+SCENARIOS = {
+    "hold": Scenario("hold", 19_500, 1, 10, "memory <= 12 KB/conn; last of 19,500 <= 120 ms"),
+    "broadcast": Scenario("broadcast", 10_000, 1, 10, "10,000 connect <= 10 s; last <= 60 ms"),
+    "sustained": Scenario("sustained", 10_000, 25, 250, ">= 200,000 deliveries/s"),
+}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def _pin(cpu: int) -> list[str]:
+    return ["taskset", "-c", str(cpu)] if shutil.which("taskset") and os.cpu_count() != 1 else []
+
+
+def _command(server: str, port: int) -> tuple[list[str], dict[str, str]]:
+    env = {**os.environ, "JWT_SECRET": JWT_SECRET, "PYTHONUNBUFFERED": "1",
+           "REDIS_URL": os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")}  # fmt: skip
+    if server == "gateway":
+        env.update(PORT=str(port), HOST="127.0.0.1", WORKERS="1", RATE_CONNECT_IP="off",
+                   LOG_LEVEL="warning",
+                   DATABASE_URL=os.environ.get("DATABASE_URL", "postgresql://127.0.0.1:5432/test"))  # fmt: skip
+        return [sys.executable, "-m", "gateway"], env
+    return [sys.executable, "-m", f"bench.peers.{server}_broadcast", "--port", str(port)], env
+
+
+@contextmanager
+def _server(server: str, log: Path) -> Iterator[tuple[int, int]]:
+    port = _free_port()
+    argv, env = _command(server, port)
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(_pin(0) + argv, cwd=ROOT, env=env, stdout=out, stderr=out)
+    try:
+        deadline = time.monotonic() + 60
+        path = "/readyz" if server == "gateway" else "/healthz"
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{server} exited; see {log}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=1):
+                    break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{server} did not start; see {log}") from None
+                time.sleep(0.2)
+        time.sleep(1)  # let start-up garbage settle before the memory baseline
+        yield port, proc.pid
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def run_scenario(server: str, scenario: Scenario, log: Path) -> dict[str, Any]:
+    with _server(server, log) as (port, pid):
+        argv = [
+            *_pin(1), sys.executable, "-W", "ignore", "-m", "gateway.loadtest", "--json", "--quiet",
+            "--url", f"http://127.0.0.1:{port}", "--secret", JWT_SECRET,
+            "-n", str(scenario.connections), "--rate", str(scenario.rate),
+            "--messages", str(scenario.messages), "--server-pid", str(pid),
+            "--channel", f"bench-{scenario.name}-{os.getpid()}-{time.monotonic_ns()}",
+            "--settle", "3", "--drain", "15", "--timeout", "60",
+        ]  # fmt: skip
+        done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    if not done.stdout.strip():
+        raise RuntimeError(f"load tool failed: {done.stderr[-2000:]}")
+    report: dict[str, Any] = json.loads(done.stdout)
+    return report
+
+
+def _figures(report: dict[str, Any]) -> dict[str, float]:
+    c, d = report["connections"], report["deliveries"]
+    per = report["server_memory"]["bytes_per_connection"]
+    return {
+        "opened": c["opened"],
+        "failed": c["failed"],
+        "connect_s": c["seconds"],
+        "kb_per_conn": round(per / 1000, 2) if per is not None else float("nan"),
+        "lost": d["lost"],
+        "deliveries_per_s": d["per_second"],
+        "latency_p50_ms": report["latency"]["p50_ms"],
+        "latency_p99_ms": report["latency"]["p99_ms"],
+        "last_p50_ms": report["completion"]["p50_ms"],
+        "last_max_ms": report["completion"]["max_ms"],
+    }
+
+
+_COLUMNS = [
+    ("connect_s", "connect s", "{:.2f}"),
+    ("kb_per_conn", "KB/conn", "{:.2f}"),
+    ("last_p50_ms", "to last p50 ms", "{:.1f}"),
+    ("last_max_ms", "to last max ms", "{:.1f}"),
+    ("latency_p99_ms", "p99 ms", "{:.1f}"),
+    ("deliveries_per_s", "deliveries/s", "{:,.0f}"),
+    ("lost", "lost", "{:.0f}"),
+    ("failed", "failed", "{:.0f}"),
+]
+
+
+def table(results: dict[str, dict[str, list[dict[str, float]]]]) -> str:
+    lines = []
+    for name, per_server in results.items():
+        lines.append(f"\n{name}: {SCENARIOS[name].connections:,} connections, "
+                     f"{SCENARIOS[name].rate:g} publications/s; target {SCENARIOS[name].target}")  # fmt: skip
+        lines.append(f"  {'server':<9}" + "".join(f"{title:>16}" for _, title, _ in _COLUMNS))
+        medians: dict[str, dict[str, float]] = {}
+        for server, runs in per_server.items():
+            med = {k: statistics.median(r[k] for r in runs) for k, _, _ in _COLUMNS}
+            medians[server] = med
+            cells = "".join(f"{fmt.format(med[k]):>16}" for k, _, fmt in _COLUMNS)
+            lines.append(f"  {server:<9}{cells}   ({len(runs)} runs)")
+        ours = medians.get("gateway")
+        for server, med in medians.items():
+            if server == "gateway" or ours is None:
+                continue
+            ratios = []
+            for key, title, lower_better in (("kb_per_conn", "memory", True),
+                                             ("last_p50_ms", "time to last", True),
+                                             ("deliveries_per_s", "deliveries/s", False)):  # fmt: skip
+                a, b = ours[key], med[key]
+                if a and b and a == a and b == b:
+                    ratios.append(f"{title} {(b / a if lower_better else a / b):.1f}x")
+            lines.append(f"  gateway vs {server}: " + ", ".join(ratios) + " (>1: gateway better)")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rounds", type=int, default=1)
+    p.add_argument("--servers", default=",".join(SERVERS))
+    p.add_argument("--scenarios", default=",".join(SCENARIOS))
+    p.add_argument("--save", action="store_true", help="write bench/results/fanout-<date>.json")
+    args = p.parse_args()
+    servers = [s for s in args.servers.split(",") if s]
+    scenarios = [SCENARIOS[s] for s in args.scenarios.split(",") if s]
+    RESULTS.mkdir(exist_ok=True)
+    log = RESULTS / "fanout-servers.log"
+    results: dict[str, dict[str, list[dict[str, float]]]] = {}
+    raw: list[dict[str, Any]] = []
+    for rnd in range(args.rounds):
+        order = servers if rnd % 2 == 0 else list(reversed(servers))
+        for scenario in scenarios:
+            for server in order:
+                print(f"round {rnd + 1}: {scenario.name} on {server}...", file=sys.stderr, flush=True)
+                report = run_scenario(server, scenario, log)
+                figures = _figures(report)
+                print(f"  {figures}", file=sys.stderr, flush=True)
+                results.setdefault(scenario.name, {}).setdefault(server, []).append(figures)
+                raw.append({"round": rnd, "scenario": scenario.name, "server": server, "report": report})
+    text = table(results)
+    print(text)
+    if args.save:
+        stamp = datetime.now(UTC).strftime("%Y-%m-%d")
+        out = RESULTS / f"fanout-{stamp}.json"
+        machine = {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()}
+        out.write_text(json.dumps({"machine": machine, "runs": raw, "table": text}, indent=1))
+        print(f"\nsaved {out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,5 @@
+import sys
+
+from gateway.loadtest.cli import main
+
+sys.exit(main())
