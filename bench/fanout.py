@@ -18,6 +18,10 @@ Scenarios (the issue's targets in brackets):
 * ``sustained``: 10,000 subscribers and 25 publications/s for 10 s, offered
   250,000 deliveries/s: deliveries per second achieved [>= 200,000].
 
+It also prints the kernel's floor (`bench.sendfloor`): the time one ``send``
+on each of N loopback sockets takes on CPU 0, which bounds "time to the last
+subscriber" from below for any server on this machine.
+
 Each scenario runs ``--rounds`` times per server (servers alternate within a
 round); the table shows medians, and ratios gateway / peer. A scenario whose
 run lost messages or failed connections is marked.
@@ -195,6 +199,14 @@ def table(results: dict[str, dict[str, list[dict[str, float]]]]) -> str:
     return "\n".join(lines)
 
 
+def kernel_floor(n: int) -> dict[str, Any]:
+    """`bench.sendfloor` pinned like the servers: the least time to reach ``n`` sockets."""
+    argv = [*_pin(0), sys.executable, "-m", "bench.sendfloor", "-n", str(n)]
+    done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=600, check=True)
+    floor: dict[str, Any] = json.loads(done.stdout)
+    return floor
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rounds", type=int, default=1)
@@ -218,13 +230,19 @@ def main() -> int:
                 print(f"  {figures}", file=sys.stderr, flush=True)
                 results.setdefault(scenario.name, {}).setdefault(server, []).append(figures)
                 raw.append({"round": rnd, "scenario": scenario.name, "server": server, "report": report})
-    text = table(results)
+                # Kept as it goes: a failure later does not lose the runs so far.
+                (RESULTS / "fanout-partial.json").write_text(json.dumps(raw, indent=1))
+    floors = [kernel_floor(n) for n in sorted({SCENARIOS[s].connections for s in results})]
+    text = table(results) + "\n\nkernel floor (bench.sendfloor, CPU 0): " + "; ".join(
+        f"one send to each of {f['sockets']:,} sockets {f['ms']} ms ({f['us_per_send']} us each)"
+        for f in floors
+    )
     print(text)
     if args.save:
         stamp = datetime.now(UTC).strftime("%Y-%m-%d")
         out = RESULTS / f"fanout-{stamp}.json"
         machine = {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()}
-        out.write_text(json.dumps({"machine": machine, "runs": raw, "table": text}, indent=1))
+        out.write_text(json.dumps({"machine": machine, "floors": floors, "runs": raw, "table": text}, indent=1))
         print(f"\nsaved {out}", file=sys.stderr)
     return 0
 
