@@ -19,6 +19,7 @@ from prometheus_client import CollectorRegistry
 from tornado.httpserver import HTTPServer
 from tornado.ioloop import PeriodicCallback
 from tornado.netutil import bind_sockets
+from tornado.routing import AnyMatches, PathMatches, Rule, RuleRouter
 
 from core import __version__
 from core.app import Core, CoreUnavailable
@@ -47,7 +48,7 @@ from gateway.runtime import LISTEN_BACKLOG
 from gateway.settings import Settings
 from gateway.transport.longpoll import LongPollHandler
 from gateway.transport.sse import SSEHandler
-from gateway.transport.websocket import WebSocketHandler
+from gateway.transport.websocket import WebSocketServer
 from proto import CloseCode
 
 __all__ = ["Gateway", "make_app"]
@@ -123,7 +124,11 @@ class Gateway:
         limit = max(self.settings.max_publish_bytes + 65536, 4 * self.settings.max_body_bytes)
         s = self.settings
         api = self.api = CoreHTTP(self.ctx.core, self.ctx.verifier, s.max_body_bytes, s.cors_origins)
-        self.server = HTTPServer(api_router(api, self.app), max_body_size=limit)
+        sockets_first = RuleRouter([
+            Rule(PathMatches(r"/ws"), WebSocketServer(self.ctx)),
+            Rule(AnyMatches(), api_router(api, self.app)),
+        ])  # fmt: skip
+        self.server = HTTPServer(sockets_first, max_body_size=limit)
         self.server.add_sockets(sockets)
         self.port = sockets[0].getsockname()[1]
         return self.port
@@ -166,7 +171,6 @@ def _loop_time(monotonic_deadline: float) -> float:
 def routes(ctx: Context) -> list[Any]:
     kw = {"ctx": ctx}
     return [
-        (r"/ws", WebSocketHandler, kw),
         (r"/sse", SSEHandler, kw),
         (r"/lp", LongPollHandler, kw),
         (r"/lp/([A-Za-z0-9_-]{1,64})", LongPollHandler, kw),

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 
 import tornado.web
+from tornado.httputil import HTTPHeaders
 
 from core.errors import TooManyRequests
 from gateway.auth import AuthError, Identity, token_from_header
@@ -16,7 +17,7 @@ from gateway.context import Context
 from gateway.http import ApiError
 from gateway.ratelimit import over_limit
 
-__all__ = ["admit"]
+__all__ = ["admit", "admit_request"]
 
 log = logging.getLogger("gateway.admission")
 
@@ -30,21 +31,35 @@ async def admit(
     requests belong to a connection already admitted).
     """
     request = handler.request
+    query_token = handler.get_query_argument("token", None)
+    return await admit_request(ctx, request.remote_ip or "", request.headers, query_token,
+                               new_connection=new_connection)  # fmt: skip
+
+
+async def admit_request(
+    ctx: Context,
+    remote_ip: str,
+    headers: HTTPHeaders,
+    query_token: str | None,
+    *,
+    new_connection: bool = True,
+) -> Identity:
+    """`admit` from the request's parts, for delegates without a RequestHandler."""
     if ctx.status.draining:
         raise ApiError(
             503, "draining", "this gateway is shutting down", headers={"Retry-After": "1"}
         )
     rate = ctx.settings.rate_connect_ip if new_connection else None
-    wait = await over_limit(ctx.limiter, f"connect-ip:{request.remote_ip}", rate)
+    wait = await over_limit(ctx.limiter, f"connect-ip:{remote_ip}", rate)
     if wait is not None:
         ctx.metrics.handshake_failures.labels("rate_limited").inc()
         raise ApiError.from_core(TooManyRequests(wait, "new connections"))
-    token = token_from_header(request.headers.get("Authorization"))
+    token = token_from_header(headers.get("Authorization"))
     if token is None:
-        token = handler.get_query_argument("token", None)
+        token = query_token
     try:
         return ctx.verifier.verify(token or "")
     except AuthError as exc:
         ctx.metrics.handshake_failures.labels(exc.reason).inc()
-        log.info("connection refused from %s: %s", request.remote_ip, exc.reason)
+        log.info("connection refused from %s: %s", remote_ip, exc.reason)
         raise ApiError(401, "unauthorized", exc.message) from None

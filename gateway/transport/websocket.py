@@ -1,14 +1,18 @@
-"""The WebSocket handshake (RFC 6455 §4.2), answered by a thin Tornado handler.
+"""The WebSocket handshake (RFC 6455 §4.2), answered below Tornado's web layer.
 
-* The token is verified in ``prepare()``, before the upgrade: a missing or
-  bad token is an HTTP 401 with a JSON body, never an accepted socket; so
-  are a refused origin (403), a request that is not an upgrade (400, or 426
-  for another protocol version) and a full process (503, see below).
-* The codec is chosen from ``Sec-WebSocket-Protocol``.
-* Then the handler detaches the socket from Tornado's HTTP machinery and
-  gives it to the event loop's transport with a `WSConnection`, which
-  writes the 101 and carries the connection from there on: the handler,
-  its request and headers are garbage as soon as ``get`` returns.
+``GET /ws`` is routed to `WebSocketServer` before Tornado's `Application`:
+no RequestHandler, no routing table, no per-request handler state. Tornado's
+HTTP/1.1 connection parses the request; `_Upgrade` checks it, and then:
+
+* the token is verified before the upgrade: a missing or bad token is an
+  HTTP 401 with a JSON body, never an accepted socket; so are a refused
+  origin (403), a request that is not an upgrade (400, or 426 for another
+  protocol version), draining (503), ``RATE_CONNECT_IP`` (429) and a full
+  process (503, see below);
+* the codec is chosen from ``Sec-WebSocket-Protocol``;
+* the socket is detached from Tornado's stream and given to the event
+  loop's transport with a `WSConnection`, which writes the 101 and carries
+  the connection from there on.
 
 Capacity: a process refuses new sockets once it holds ``MAX_CONNECTIONS``
 (by default the open-file limit less a reserve for everything else), with a
@@ -23,20 +27,26 @@ import base64
 import hashlib
 import logging
 import time
+from http import HTTPStatus
+from urllib.parse import parse_qs
 
-import tornado.web
+from tornado import httputil
+from tornado.http1connection import HTTP1Connection
 
+from core.errors import error_body
 from gateway.auth import Identity
 from gateway.context import Context
 from gateway.http import ApiError
+from gateway.logs import redact
 from gateway.session import Session
-from gateway.transport.admission import admit
+from gateway.transport.admission import admit_request
 from gateway.transport.wsconn import WSConnection
-from proto import Connection, select_codec
+from proto import Codec, Connection, select_codec
 
-__all__ = ["WebSocketHandler", "accept_value"]
+__all__ = ["WebSocketServer", "accept_value"]
 
 log = logging.getLogger("gateway.websocket")
+access_log = logging.getLogger("tornado.access")
 
 _GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
@@ -46,50 +56,70 @@ def accept_value(key: str) -> str:
     return base64.b64encode(hashlib.sha1(key.encode() + _GUID).digest()).decode()
 
 
-class WebSocketHandler(tornado.web.RequestHandler):
-    ctx: Context
+class WebSocketServer(httputil.HTTPServerConnectionDelegate):
+    """``/ws``: one `_Upgrade` per handshake request."""
 
-    def initialize(self, ctx: Context) -> None:
+    def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
+        self._tasks: set[asyncio.Task[None]] = set()
 
-    async def prepare(self) -> None:
-        self.identity = await admit(self, self.ctx)
+    def start_request(
+        self, server_conn: object, request_conn: httputil.HTTPConnection
+    ) -> httputil.HTTPMessageDelegate:
+        return _Upgrade(self, request_conn)
 
-    def write_error(self, status_code: int, **kwargs: object) -> None:
-        ApiError.write_json(self, status_code, kwargs.get("exc_info"))
+    def spawn(self, upgrade: _Upgrade) -> None:
+        task = asyncio.ensure_future(upgrade.run())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
-    async def get(self) -> None:
-        ctx, headers = self.ctx, self.request.headers
-        if headers.get("Upgrade", "").lower() != "websocket" or "upgrade" not in (
-            headers.get("Connection", "").lower()
-        ):
-            raise ApiError(400, "bad_request", "expected a WebSocket upgrade (Upgrade: websocket)")
-        if headers.get("Sec-WebSocket-Version") != "13":
-            raise ApiError(426, "upgrade_required", "WebSocket version 13 only",
-                           headers={"Sec-WebSocket-Version": "13"})  # fmt: skip
-        key = headers.get("Sec-WebSocket-Key", "")
-        if len(key) != 24:
-            raise ApiError(400, "bad_request", "missing or malformed Sec-WebSocket-Key")
-        origin = headers.get("Origin")
-        allowed = ctx.settings.allowed_origins
-        if origin is not None and "*" not in allowed and origin not in allowed:
-            ctx.metrics.handshake_failures.labels("origin").inc()
-            raise ApiError(403, "forbidden", f"origin {origin} is not allowed")
-        limit = ctx.max_connections
-        if ctx.node.hub.connection_count() >= limit:
-            ctx.metrics.handshake_failures.labels("capacity").inc()
-            _log_full(limit)
-            raise ApiError(503, "unavailable", f"this process holds its limit of {limit} connections",
-                           headers={"Retry-After": "1"})  # fmt: skip
-        offered = [p.strip() for p in headers.get("Sec-WebSocket-Protocol", "").split(",") if p.strip()]
-        codec, name = select_codec(offered)
-        response = (
-            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-            b"Sec-WebSocket-Accept: " + accept_value(key).encode() + b"\r\n"
-            + (b"Sec-WebSocket-Protocol: " + name.encode() + b"\r\n" if name else b"")
-            + b"\r\n"
-        )  # fmt: skip
-        identity: Identity = self.identity
+
+class _Upgrade(httputil.HTTPMessageDelegate):
+    __slots__ = ("_conn", "_headers", "_server", "_start")
+
+    def __init__(self, server: WebSocketServer, conn: httputil.HTTPConnection) -> None:
+        self._server = server
+        self._conn = conn
+        self._start: httputil.RequestStartLine | None = None
+        self._headers: httputil.HTTPHeaders | None = None
+
+    def headers_received(
+        self,
+        start_line: httputil.RequestStartLine | httputil.ResponseStartLine,
+        headers: httputil.HTTPHeaders,
+    ) -> None:
+        assert isinstance(start_line, httputil.RequestStartLine)
+        self._start, self._headers = start_line, headers
+
+    def data_received(self, chunk: bytes) -> None:
+        return None  # a handshake has no body; anything sent is ignored
+
+    def finish(self) -> None:
+        self._server.spawn(self)
+
+    async def run(self) -> None:
+        ctx, start, headers = self._server.ctx, self._start, self._headers
+        assert start is not None and headers is not None
+        remote_ip = str(getattr(getattr(self._conn, "context", None), "remote_ip", ""))
+        try:
+            if start.method != "GET":
+                raise ApiError(405, "method_not_allowed", "the socket opens with GET",
+                               headers={"Allow": "GET"})  # fmt: skip
+            _, _, query = start.path.partition("?")
+            token = parse_qs(query).get("token", [None])[0] if query else None
+            identity = await admit_request(ctx, remote_ip, headers, token)
+            codec, response = _handshake(ctx, headers)
+        except ApiError as exc:
+            self._refuse(exc)
+            return
+        except Exception:
+            log.exception("handshake failed")
+            self._refuse(ApiError(500, "internal", "internal error"))
+            return
+        await self._upgrade(identity, codec, response)
+
+    async def _upgrade(self, identity: Identity, codec: Codec, response: bytes) -> None:
+        ctx = self._server.ctx
         settings = ctx.settings
 
         def make_session(ws: WSConnection) -> Session:
@@ -101,19 +131,74 @@ class WebSocketHandler(tornado.web.RequestHandler):
 
         ws = WSConnection(response, codec, make_session, ctx.metrics, settings.max_frame_bytes,
                           ctx.coalescer)  # fmt: skip
-        stream = self.detach()
+        assert isinstance(self._conn, HTTP1Connection)
+        stream = self._conn.detach()
         # The socket leaves Tornado's stream for the loop's transport; the
         # stream (and its buffers) closes its own descriptor, a duplicate.
-        sock = stream.socket.dup()
-        stream.close()
-        loop = asyncio.get_running_loop()
         try:
-            transport, _ = await loop.connect_accepted_socket(lambda: ws, sock)
+            sock = stream.socket.dup()
+        except OSError:
+            return  # the client is already gone
+        finally:
+            stream.close()
+        try:
+            transport, _ = await asyncio.get_running_loop().connect_accepted_socket(lambda: ws, sock)
         except OSError as exc:
             sock.close()
             log.info("socket lost during the handshake: %s", exc)
             return
         transport.set_write_buffer_limits(high=settings.send_buffer_bytes)
+
+    def _refuse(self, exc: ApiError) -> None:
+        status = exc.status_code
+        body = error_body(status, exc.code, exc.message)
+        out = httputil.HTTPHeaders(exc.headers)
+        out["Content-Type"] = "application/json"
+        out["Content-Length"] = str(len(body))
+        if status == 401:
+            out["WWW-Authenticate"] = "Bearer"
+        line = httputil.ResponseStartLine("HTTP/1.1", status, HTTPStatus(status).phrase)
+        try:
+            self._conn.write_headers(line, out, body)
+            self._conn.finish()
+        except Exception as exc2:  # the client went away meanwhile
+            log.debug("refusal not written: %s", exc2)
+        assert self._start is not None
+        access_log.warning("%d %s %s", status, self._start.method, redact(self._start.path))
+
+
+def _handshake(ctx: Context, headers: httputil.HTTPHeaders) -> tuple[Codec, bytes]:
+    """The codec and the 101 response for a valid upgrade request; `ApiError` otherwise."""
+    if headers.get("Upgrade", "").lower() != "websocket" or "upgrade" not in (
+        headers.get("Connection", "").lower()
+    ):
+        raise ApiError(400, "bad_request", "expected a WebSocket upgrade (Upgrade: websocket)")
+    if headers.get("Sec-WebSocket-Version") != "13":
+        raise ApiError(426, "upgrade_required", "WebSocket version 13 only",
+                       headers={"Sec-WebSocket-Version": "13"})  # fmt: skip
+    key = headers.get("Sec-WebSocket-Key", "")
+    if len(key) != 24:
+        raise ApiError(400, "bad_request", "missing or malformed Sec-WebSocket-Key")
+    origin = headers.get("Origin")
+    allowed = ctx.settings.allowed_origins
+    if origin is not None and "*" not in allowed and origin not in allowed:
+        ctx.metrics.handshake_failures.labels("origin").inc()
+        raise ApiError(403, "forbidden", f"origin {origin} is not allowed")
+    limit = ctx.max_connections
+    if ctx.node.hub.connection_count() >= limit:
+        ctx.metrics.handshake_failures.labels("capacity").inc()
+        _log_full(limit)
+        raise ApiError(503, "unavailable", f"this process holds its limit of {limit} connections",
+                       headers={"Retry-After": "1"})  # fmt: skip
+    offered = [p.strip() for p in headers.get("Sec-WebSocket-Protocol", "").split(",") if p.strip()]
+    codec, name = select_codec(offered)
+    response = (
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Accept: " + accept_value(key).encode() + b"\r\n"
+        + (b"Sec-WebSocket-Protocol: " + name.encode() + b"\r\n" if name else b"")
+        + b"\r\n"
+    )  # fmt: skip
+    return codec, response
 
 
 _last_full_log = 0.0
