@@ -34,7 +34,7 @@ async def test_every_transport_is_loaded_timed_and_counted(mode):
         )  # fmt: skip
     assert code == 0, report
     conns, deliveries = report["connections"], report["deliveries"]
-    assert (conns["opened"], conns["failed"], conns["subscribed"]) == (40, 0, 40)
+    assert (conns["opened"], conns["failed"], conns["subscribed"], conns["closed_early"]) == (40, 0, 40, 0)
     assert (deliveries["expected"], deliveries["received"], deliveries["lost"]) == (200, 200, 0)
     assert 0 < report["latency"]["p50_ms"] <= report["latency"]["max_ms"]
     assert report["completion"]["count"] == 5

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 
 import pytest
 from tornado.httpclient import AsyncHTTPClient, HTTPResponse
@@ -334,3 +335,15 @@ async def test_peers_that_answer_stay_and_silent_ones_are_dropped():
             await asyncio.sleep(2.0 * UNIT)  # more sweeps: the live one is never dropped
             assert (await alive.request("ping"))["ok"]
             assert gw.ctx.metrics.dead_peers._value.get() == 1
+
+
+async def test_a_socket_is_never_dropped_before_it_was_pinged():
+    # A socket that joins in the middle of a liveness round can wait for its
+    # first visit longer than PING_INTERVAL + PONG_TIMEOUT: it is pinged then,
+    # not dropped (seen with 39,000 sockets connecting over 50 s).
+    async with running_gateway(ping_interval=25, pong_timeout=10) as gw:
+        async with ws_client(gw.port, token_for(gw)) as c:
+            later = time.monotonic() + 100
+            assert gw.hub.heartbeat(later, 25, 10, tick=25) == 1
+            assert gw.ctx.metrics.dead_peers._value.get() == 0
+            assert (await c.request("ping"))["ok"]

@@ -364,6 +364,7 @@ def _report(
         opened=tally.opened,
         failed=max(0, failed),
         subscribed=subscribed,
+        closed=tally.closed,
         connect_seconds=connect_seconds,
         handshake=tally.connect_seconds,
         rss_before=rss_before,

@@ -17,6 +17,7 @@ class Report:
     opened: int
     failed: int
     subscribed: int
+    closed: int  # opened, then closed by the server or the network before the end
     connect_seconds: float
     handshake: Histogram
     rss_before: float | None
@@ -64,6 +65,7 @@ class Report:
                 "opened": self.opened,
                 "failed": self.failed,
                 "subscribed": self.subscribed,
+                "closed_early": self.closed,
                 "seconds": round(self.connect_seconds, 3),
                 "per_second": round(self.connect_rate, 1),
                 "handshake": quantiles(self.handshake),
@@ -98,7 +100,7 @@ def render(r: Report) -> str:
     rows = [
         ("transport", r.mode),
         ("connections", f"{r.opened:,} opened, {r.failed:,} failed of {r.connections:,}; "
-                        f"{r.subscribed:,} subscribed"),
+                        f"{r.subscribed:,} subscribed; {r.closed:,} closed before the end"),
         ("connect", f"{r.connect_seconds:.2f} s, {r.connect_rate:,.0f}/s; handshake p50 "
                     f"{percentile_ms(r.handshake, 0.5)} ms p99 {percentile_ms(r.handshake, 0.99)} ms"),
         ("server memory", f"{_mb(r.rss_before)} before, {_mb(r.rss_after)} after: "

@@ -83,6 +83,8 @@ class Tally:
     #: seq -> latest arrival (wall clock) of that publication seen here
     last_arrival: dict[int, float] = field(default_factory=dict)
     connect_seconds: Histogram = field(default_factory=Histogram)
+    #: set when the tool closes its connections: closes after that are not counted
+    stopping: bool = False
 
     def delivered(self, seq: int, sent: float, now: float) -> None:
         self.received += 1

@@ -39,7 +39,7 @@ class StreamClient(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
-        if self.open:
+        if self.open and not self.tally.stopping:
             self.tally.closed += 1
         self.finish(False, "connection lost" if exc is None else type(exc).__name__)
 

@@ -64,6 +64,7 @@ class _Worker:
         self.pipe.send(("connected", self.counts()))
         await self.stop.wait()
         progress.cancel()
+        self.tally.stopping = True
         for client in self.clients:
             client.close()
         for task in self.tasks:

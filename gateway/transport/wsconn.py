@@ -87,7 +87,7 @@ class WSConnection(asyncio.Protocol):
     """One client socket: frames in, frames out, a Session in between."""
 
     __slots__ = ("_buffer", "_closing", "_coalescer", "_fragments", "_inbox", "_last_seen",
-                 "_make_session", "_max_frame", "_metrics", "_pending", "_response", "_running",
+                 "_make_session", "_max_frame", "_metrics", "_pending", "_pinged", "_response", "_running",
                  "_timer", "codec", "session", "transport")  # fmt: skip
 
     def __init__(
@@ -115,6 +115,7 @@ class WSConnection(asyncio.Protocol):
         self._closing = False
         self._timer: asyncio.TimerHandle | None = None
         self._last_seen = time.monotonic()
+        self._pinged = 0.0
 
     # -- asyncio.Protocol --------------------------------------------------
 
@@ -249,13 +250,17 @@ class WSConnection(asyncio.Protocol):
     def heartbeat(self, now: float, dead_after: float) -> None:
         if self._closing or self.transport is None:
             return
-        if now - self._last_seen > dead_after:
+        # Dropped only once pinged since it was last heard: a socket that
+        # joined in the middle of a liveness round may wait for its first
+        # visit longer than ``dead_after`` without being at fault.
+        if self._pinged > self._last_seen and now - self._last_seen > dead_after:
             sub = self.session.identity.sub if self.session else "?"
             log.info("dropping %s: nothing heard for %.0fs", sub, now - self._last_seen)
             self._metrics.dead_peers.inc()
             # No close handshake: a peer that answers nothing would not answer it.
             self.transport.abort()
             return
+        self._pinged = now
         self.transport.write(_PING)
 
     def _write(self, data: bytes) -> None:
