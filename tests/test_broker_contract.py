@@ -1,16 +1,29 @@
-"""One contract suite, run against every Broker: memory always, Redis really."""
+"""One contract suite, run against every Broker: memory always, Redis and Redis Cluster really."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Iterator
 
 import pytest
 import redis.asyncio as aioredis
 
-from gateway.broker import Broker, BrokerUnavailable, MemoryBroker, Position, RedisBroker
+from gateway.broker import (
+    Broker,
+    BrokerUnavailable,
+    MemoryBroker,
+    Position,
+    RedisBroker,
+    RedisClusterBroker,
+)
 from tests.harness import unique_prefix
-from tests.servers import UNIT
+from tests.servers import (
+    UNIT,
+    ThrowawayRedisCluster,
+    redis_cluster_executable,
+    shared_redis_cluster,
+)
 
 
 class Inbox:
@@ -48,14 +61,28 @@ class Inbox:
         return self.items
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ThrowawayRedisCluster]:
+    """Three private redis-server >= 7 cluster primaries for the session (skipped, saying
+    why, when no such binary exists); tests/test_redis_cluster.py shares it."""
+    executable, problem = redis_cluster_executable()
+    if executable is None:
+        pytest.skip(problem)
+    with shared_redis_cluster(tmp_path_factory.mktemp("redis-cluster"), executable) as cluster:
+        yield cluster
+
+
+@pytest.fixture(params=["memory", "redis", "cluster"])
 def broker_factory(request):
     """Makes brokers that share one backend (one process for memory)."""
     if request.param == "memory":
         shared = MemoryBroker()
         return lambda: shared, True
-    url = request.getfixturevalue("redis_url")
     prefix = unique_prefix()
+    if request.param == "cluster":
+        url = request.getfixturevalue("redis_cluster").url
+        return lambda: RedisClusterBroker(url, prefix), False
+    url = request.getfixturevalue("redis_url")
     return lambda: RedisBroker(url, prefix), False
 
 
@@ -159,8 +186,9 @@ async def test_plain_redis_publish_reaches_the_broker(redis_url):
         await broker.close()
 
 
-async def test_unreachable_redis_fails_clearly():
-    broker, inbox = RedisBroker("redis://127.0.0.1:1/0", backoff_max=0.1), Inbox()
+@pytest.mark.parametrize("kind", [RedisBroker, RedisClusterBroker])
+async def test_unreachable_redis_fails_clearly(kind):
+    broker, inbox = kind("redis://127.0.0.1:1/0", backoff_max=0.1), Inbox()
     await broker.start(inbox, inbox.state, wait=0.2)
     try:
         assert not broker.connected

@@ -11,6 +11,7 @@ from gateway.broker.base import (
     PublicationHandler,
     StateListener,
 )
+from gateway.broker.cluster import RedisClusterBroker
 from gateway.broker.memory import MemoryBroker
 from gateway.broker.redis import RedisBroker
 from gateway.settings import Settings
@@ -24,13 +25,17 @@ __all__ = [
     "Position",
     "PublicationHandler",
     "RedisBroker",
+    "RedisClusterBroker",
     "StateListener",
     "make_broker",
 ]
 
 
 def make_broker(settings: Settings) -> Broker:
-    """Redis when ``REDIS_URL`` is set, else the single-process memory broker."""
+    """Redis (a Redis Cluster with ``REDIS_CLUSTER``) when ``REDIS_URL`` is set,
+    else the single-process memory broker."""
+    if settings.redis_url and settings.redis_cluster:
+        return RedisClusterBroker(settings.redis_url, settings.redis_prefix)
     if settings.redis_url:
         return RedisBroker(settings.redis_url, settings.redis_prefix)
     return MemoryBroker()

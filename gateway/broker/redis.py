@@ -9,6 +9,9 @@ connection until its first SUBSCRIBE) and gives later features a node-wide
 control channel. A reader task owns the connection; when it is lost, the task
 drops it, waits with jittered exponential backoff, opens a new one and
 resubscribes every channel in one SUBSCRIBE.
+
+`RedisClusterBroker` (cluster.py) is this broker for a Redis Cluster: the
+same commands and scripts, sharded pub/sub instead.
 """
 
 from __future__ import annotations
@@ -19,14 +22,16 @@ import logging
 import math
 import random
 import secrets
+from collections.abc import Iterable
 from typing import Any
 
 import redis.asyncio as aioredis
 from redis.asyncio.client import PubSub
+from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from gateway.broker.base import (
     CONTROL,
@@ -38,9 +43,23 @@ from gateway.broker.base import (
     StateListener,
 )
 
-__all__ = ["PRESENCE_ADD", "PRESENCE_READ", "PUBLISH_WITH_HISTORY", "RedisBroker", "backoff_delay"]
+__all__ = [
+    "BACKEND_ERRORS",
+    "PRESENCE_ADD",
+    "PRESENCE_READ",
+    "PUBLISH_WITH_HISTORY",
+    "SUBSCRIBE_ERRORS",
+    "RedisBroker",
+    "backoff_delay",
+]
 
 log = logging.getLogger("gateway.broker")
+
+#: What a lost or refusing backend raises (redis-py's cluster errors are not RedisErrors).
+BACKEND_ERRORS: tuple[type[Exception], ...] = (RedisError, RedisClusterException, OSError)
+#: What makes a subscription fail (TimeoutError is an OSError).
+SUBSCRIBE_ERRORS: tuple[type[Exception], ...] = (*BACKEND_ERRORS, BrokerUnavailable)
+
 
 def backoff_delay(attempt: int, initial: float, maximum: float, rand: float) -> float:
     """Full-jitter exponential backoff: a pure function of the attempt number."""
@@ -110,6 +129,13 @@ return 1
 
 
 class RedisBroker(Broker):
+    #: The script behind `publish_history`; the cluster broker's SPUBLISHes.
+    publish_with_history = PUBLISH_WITH_HISTORY
+    #: How a plain publication is sent; the cluster broker's is SPUBLISH.
+    publish_command = "PUBLISH"
+    #: What `description` calls this broker.
+    kind = "Redis"
+
     def __init__(
         self,
         url: str,
@@ -137,24 +163,37 @@ class RedisBroker(Broker):
         # Publishing goes through a small pool; subscribing through one
         # dedicated connection with retries off, so that a lost connection
         # surfaces at once in the reader loop, which owns recovery.
+        self._pub_client: aioredis.Redis | RedisCluster = self._publisher(url)
+        self._sub_client: aioredis.Redis = aioredis.Redis.from_url(
+            url, retry=Retry(NoBackoff(), 0), socket_keepalive=True, socket_connect_timeout=5
+        )
+        self._publish_script = self._pub_client.register_script(self.publish_with_history)
+        self._presence_read = self._pub_client.register_script(PRESENCE_READ)
+        self._presence_add = self._pub_client.register_script(PRESENCE_ADD)
+
+    def _publisher(self, url: str) -> aioredis.Redis | RedisCluster:
         # One retry on a lost connection: after a Redis restart every pooled
         # connection is stale, and the first command on each would fail.
-        self._pub_client: aioredis.Redis = aioredis.Redis.from_url(
+        return aioredis.Redis.from_url(
             url,
             socket_timeout=5,
             retry=Retry(NoBackoff(), 1),
             retry_on_error=[RedisConnectionError],
         )
-        self._sub_client: aioredis.Redis = aioredis.Redis.from_url(
-            url, retry=Retry(NoBackoff(), 0), socket_keepalive=True, socket_connect_timeout=5
-        )
-        self._publish_script = self._pub_client.register_script(PUBLISH_WITH_HISTORY)
-        self._presence_read = self._pub_client.register_script(PRESENCE_READ)
-        self._presence_add = self._pub_client.register_script(PRESENCE_ADD)
+
+    def _channel_key(self, ch: str) -> bytes:
+        """The Redis channel that carries ``ch``."""
+        return (self._prefix + ch).encode()
+
+    def _channel_of(self, key: bytes) -> str | None:
+        """The channel a Redis channel carries, or None when it is not ours."""
+        if not key.startswith(self._prefix_b):
+            return None
+        return key[len(self._prefix_b) :].decode("utf-8", "replace")
 
     @property
     def description(self) -> str:
-        return f"Redis broker at {_redact(self._url)} (prefix {self._prefix!r})"
+        return f"{self.kind} broker at {_redact(self._url)} (prefix {self._prefix!r})"
 
     @property
     def connected(self) -> bool:
@@ -190,23 +229,31 @@ class RedisBroker(Broker):
         pubsub = self._pubsub
         if pubsub is None or not self._connected:
             raise BrokerUnavailable("Redis is not connected")
-        key = (self._prefix + ch).encode()
-        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._confirm.setdefault(key, []).append(waiter)
+        key = self._channel_key(ch)
+        waiter = self._expect(key)
         self._channels.add(ch)
         try:
             await pubsub.subscribe(key)
             await asyncio.wait_for(waiter, self._subscribe_timeout)
-        except (RedisError, OSError, TimeoutError, BrokerUnavailable) as exc:
+        except SUBSCRIBE_ERRORS as exc:
             self._channels.discard(ch)
             raise BrokerUnavailable(f"SUBSCRIBE failed: {exc}") from exc
         finally:
-            waiters = self._confirm.get(key)
-            if waiters is not None:
-                with contextlib.suppress(ValueError):
-                    waiters.remove(waiter)
-                if not waiters:
-                    del self._confirm[key]
+            self._unexpect(key, waiter)
+
+    def _expect(self, key: bytes) -> asyncio.Future[None]:
+        """A future that the subscription confirmation of ``key`` resolves."""
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._confirm.setdefault(key, []).append(waiter)
+        return waiter
+
+    def _unexpect(self, key: bytes, waiter: asyncio.Future[None]) -> None:
+        waiters = self._confirm.get(key)
+        if waiters is not None:
+            with contextlib.suppress(ValueError):
+                waiters.remove(waiter)
+            if not waiters:
+                del self._confirm[key]
 
     async def unsubscribe(self, ch: str) -> None:
         if ch not in self._channels:
@@ -216,15 +263,17 @@ class RedisBroker(Broker):
         if pubsub is None:
             return  # not resubscribed on reconnect: nothing to undo
         try:
-            await pubsub.unsubscribe((self._prefix + ch).encode())
-        except (RedisError, OSError) as exc:
+            await pubsub.unsubscribe(self._channel_key(ch))
+        except BACKEND_ERRORS as exc:
             log.debug("UNSUBSCRIBE %s failed (%s); the reconnect drops it", ch, exc)
 
     async def publish(self, ch: str, data: bytes) -> None:
         try:
-            await self._pub_client.publish(self._prefix + ch, data)
-        except (RedisError, OSError) as exc:
-            raise BrokerUnavailable(f"PUBLISH failed: {exc}") from exc
+            await self._pub_client.execute_command(
+                self.publish_command, self._channel_key(ch), data
+            )
+        except BACKEND_ERRORS as exc:
+            raise BrokerUnavailable(f"{self.publish_command} failed: {exc}") from exc
 
     def _history_keys(self, ch: str) -> list[str]:
         # One hash tag: a channel's stream and meta share a Redis Cluster slot.
@@ -232,11 +281,11 @@ class RedisBroker(Broker):
 
     async def publish_history(self, ch: str, data: bytes, size: int, ttl: float) -> Position:
         args: list[bytes | str | int] = [
-            self._prefix + ch, data, size, max(1, math.ceil(ttl)), secrets.token_hex(4)
+            self._channel_key(ch), data, size, max(1, math.ceil(ttl)), secrets.token_hex(4)
         ]  # fmt: skip
         try:
             offset, epoch = await self._publish_script(keys=self._history_keys(ch), args=args)
-        except (RedisError, OSError) as exc:
+        except BACKEND_ERRORS as exc:
             raise BrokerUnavailable(f"publish with history failed: {exc}") from exc
         return Position(int(offset), epoch.decode())
 
@@ -249,7 +298,7 @@ class RedisBroker(Broker):
             args += [client, info]
         try:
             await self._presence_add(keys=self._presence_keys(ch), args=args)
-        except (RedisError, OSError) as exc:
+        except BACKEND_ERRORS as exc:
             raise BrokerUnavailable(f"presence update failed: {exc}") from exc
 
     async def presence_remove(self, ch: str, clients: list[str]) -> None:
@@ -261,13 +310,13 @@ class RedisBroker(Broker):
                 pipe.hdel(room, *clients)
                 pipe.zrem(expiry, *clients)
                 await pipe.execute()
-        except (RedisError, OSError) as exc:
+        except BACKEND_ERRORS as exc:
             log.debug("presence removal on %s failed (%s); the entries expire", ch, exc)
 
     async def presence(self, ch: str) -> dict[str, bytes]:
         try:
             flat = await self._presence_read(keys=self._presence_keys(ch), args=[0])
-        except (RedisError, OSError) as exc:
+        except BACKEND_ERRORS as exc:
             raise BrokerUnavailable(f"presence read failed: {exc}") from exc
         return {flat[i].decode(): flat[i + 1] for i in range(0, len(flat), 2)}
 
@@ -280,7 +329,7 @@ class RedisBroker(Broker):
                 pipe.hmget(meta, "e", "o")
                 pipe.xrange(stream, f"{after + 1}-0", "+", count=limit)
                 (epoch, top), rows = await pipe.execute()
-        except (RedisError, OSError) as exc:
+        except BACKEND_ERRORS as exc:
             raise BrokerUnavailable(f"history read failed: {exc}") from exc
         if epoch is None:
             return [], None
@@ -294,7 +343,7 @@ class RedisBroker(Broker):
         while True:
             pubsub = self._sub_client.pubsub()
             try:
-                keys = [self._control, *((self._prefix + c).encode() for c in self._channels)]
+                keys = [self._control, *(self._channel_key(c) for c in self._channels)]
                 await pubsub.subscribe(*keys)
                 self._pubsub = pubsub
                 while True:
@@ -302,7 +351,7 @@ class RedisBroker(Broker):
                     if message is not None:
                         if self._dispatch(message):
                             attempt = 0
-            except (RedisError, OSError) as exc:
+            except BACKEND_ERRORS as exc:
                 self._set_connected(False)
                 self._fail_confirmations()
                 delay = backoff_delay(attempt, *self._backoff, random.random())
@@ -322,40 +371,51 @@ class RedisBroker(Broker):
         kind = message["type"]
         channel: bytes = message["channel"]
         if kind == "message":
-            handler = self._handler
-            if handler is not None and channel.startswith(self._prefix_b):
-                ch = channel[len(self._prefix_b) :].decode("utf-8", "replace")
-                data: bytes = message["data"]
-                if data[:1] == _HISTORY_MARK:
-                    offset, epoch, payload = data[1:].split(b" ", 2)
-                    handler(ch, payload, Position(int(offset), epoch.decode()))
-                else:
-                    handler(ch, data, None)
+            self._deliver(channel, message["data"])
             return False
         if kind == "subscribe":
             if channel == self._control:
-                if self.reconnects or self._first_connect.is_set():
-                    log.info("Redis pub/sub reconnected; %d channels resubscribed", len(self._channels))
                 self._set_connected(True)
-                self._first_connect.set()
                 return True
-            for waiter in self._confirm.pop(channel, ()):
-                if not waiter.done():
-                    waiter.set_result(None)
+            self._confirmed(channel)
         return False
+
+    def _deliver(self, channel: bytes, data: bytes) -> None:
+        handler = self._handler
+        ch = self._channel_of(channel)
+        if handler is None or ch is None:
+            return
+        if data[:1] == _HISTORY_MARK:
+            offset, epoch, payload = data[1:].split(b" ", 2)
+            handler(ch, payload, Position(int(offset), epoch.decode()))
+        else:
+            handler(ch, data, None)
+
+    def _confirmed(self, channel: bytes) -> None:
+        for waiter in self._confirm.pop(channel, ()):
+            if not waiter.done():
+                waiter.set_result(None)
 
     def _set_connected(self, up: bool) -> None:
         if up == self._connected:
             return
         self._connected = up
-        if not up:
+        if up:
+            if self.reconnects or self._first_connect.is_set():
+                log.info("Redis pub/sub reconnected; %d channels resubscribed", len(self._channels))
+            self._first_connect.set()
+        else:
             self._pubsub = None
             self.reconnects += 1
         if self._on_state is not None:
             self._on_state(up)
 
-    def _fail_confirmations(self) -> None:
-        confirm, self._confirm = self._confirm, {}
+    def _fail_confirmations(self, keys: Iterable[bytes] | None = None) -> None:
+        """Fail the subscriptions waiting for a confirmation (on ``keys``, or all)."""
+        if keys is None:
+            confirm, self._confirm = self._confirm, {}
+        else:
+            confirm = {key: self._confirm.pop(key) for key in keys if key in self._confirm}
         for waiters in confirm.values():
             for waiter in waiters:
                 if not waiter.done():
@@ -364,5 +424,5 @@ class RedisBroker(Broker):
 
     @staticmethod
     async def _drop(pubsub: PubSub) -> None:
-        with contextlib.suppress(RedisError, OSError):
+        with contextlib.suppress(*BACKEND_ERRORS):
             await pubsub.aclose()  # type: ignore[no-untyped-call]
