@@ -27,7 +27,7 @@ from gateway.logs import log_request
 from gateway.revocation import Revocations
 from gateway.settings import Settings
 
-__all__ = ["CoreServer"]
+__all__ = ["CoreServer", "StandaloneCore"]
 
 log = logging.getLogger("core")
 
@@ -43,24 +43,28 @@ class _Health(tornado.web.RequestHandler):
         self.finish(b'{"status":"ok"}' if ok else b'{"status":"unavailable","database":false}')
 
 
-class CoreServer:
-    """A started core with its HTTP server; `close` releases everything."""
+class StandaloneCore:
+    """The core opened without the gateway, with what serving it over HTTP needs.
 
-    def __init__(
-        self, core: Core, broker: Broker | None, server: HTTPServer, api: CoreHTTP, port: int
-    ) -> None:
+    Outside the gateway there is no node: with ``REDIS_URL`` a Redis broker
+    carries change events and revocations to the gateways and takes the
+    control channel in; without it events stay local. The limiter is Redis's
+    or this process's own (`make_limiter`), and `api` is the HTTP delegate
+    (bearer-token auth, CORS, 413) the standalone server and the Lambda
+    handler both drive. Key material must already be configured.
+    """
+
+    def __init__(self, core: Core, broker: Broker | None, api: CoreHTTP) -> None:
         self.core = core
-        self.api = api
         self.broker = broker
-        self.server = server
-        self.port = port
+        self.api = api
 
     @classmethod
-    async def start(cls, settings: Settings) -> CoreServer:
-        settings = ensure_key_material(settings)
+    async def open(cls, settings: Settings) -> StandaloneCore:
         broker: Broker | None = None
         revocations = Revocations(settings.access_token_ttl + settings.jwt_leeway)
         api_keys: dict[bytes, Identity] = {}
+        verifier = Verifier(settings, revocations, api_keys)
         control: list[Core] = []
         if settings.redis_url:
             broker = RedisBroker(settings.redis_url, settings.redis_prefix)
@@ -72,8 +76,40 @@ class CoreServer:
 
             await broker.start(on_publication)
         limiter = make_limiter(settings)
-        core = await Core.open(settings, broker, revocations, api_keys, limiter)
+        try:
+            core = await Core.open(settings, broker, revocations, api_keys, limiter)
+        except BaseException:
+            await limiter.close()
+            if broker is not None:
+                await broker.close()
+            raise
         control.append(core)
+        api = CoreHTTP(core, verifier, settings.max_body_bytes, settings.cors_origins)
+        return cls(core, broker, api)
+
+    async def close(self) -> None:
+        await self.core.close()
+        await self.core.limiter.close()
+        if self.broker is not None:
+            await self.broker.close()
+
+
+class CoreServer:
+    """A started core with its HTTP server; `close` releases everything."""
+
+    def __init__(self, stack: StandaloneCore, server: HTTPServer, port: int) -> None:
+        self.stack = stack
+        self.core = stack.core
+        self.api = stack.api
+        self.broker = stack.broker
+        self.server = server
+        self.port = port
+
+    @classmethod
+    async def start(cls, settings: Settings) -> CoreServer:
+        settings = ensure_key_material(settings)
+        stack = await StandaloneCore.open(settings)
+        core = stack.core
         handlers: list[Any] = [
             (r"/healthz", _Health),
             (r"/readyz", _Health, {"core": core}),
@@ -81,13 +117,11 @@ class CoreServer:
             jwks_route(core.accounts.issuer.jwks()),
         ]
         app = tornado.web.Application(handlers, log_function=log_request)
-        verifier = Verifier(settings, revocations, api_keys)
-        api = CoreHTTP(core, verifier, settings.max_body_bytes, settings.cors_origins)
-        server = HTTPServer(api_router(api, app), max_body_size=4 * settings.max_body_bytes)
+        server = HTTPServer(api_router(stack.api, app), max_body_size=4 * settings.max_body_bytes)
         sockets = bind_sockets(settings.port, settings.host)
         server.add_sockets(sockets)
         port: int = sockets[0].getsockname()[1]
-        return cls(core, broker, server, api, port)
+        return cls(stack, server, port)
 
     async def close(self) -> None:
         """Stop accepting, finish the requests being answered, release everything."""
@@ -97,7 +131,4 @@ class CoreServer:
         except TimeoutError:
             log.warning("requests still running at shutdown")
         await self.server.close_all_connections()
-        await self.core.close()
-        await self.core.limiter.close()
-        if self.broker is not None:
-            await self.broker.close()
+        await self.stack.close()
