@@ -82,7 +82,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SettingsError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
         return 2
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_format)
     if not settings.database_url:
         print("configuration error: DATABASE_URL is required", file=sys.stderr)
         return 2

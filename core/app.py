@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import typing
 from collections.abc import Awaitable, Callable, MutableMapping
 
@@ -97,6 +98,8 @@ class Core:
         self.settings = settings
         self.limiter = limiter
         self.db = db
+        #: metrics hook: (route operation id, status, seconds) per request
+        self.observe: Callable[[str, int, float], None] | None = None
         self.events = Events(publisher)
         self.revocations = revocations
         self.idempotency = IdempotencyStore(db.pool, settings.idempotency_ttl)
@@ -161,8 +164,18 @@ class Core:
             log.info("applied %d session revocation(s) from the database", n)
 
     async def dispatch(self, req: Request) -> Response:
+        """Answer ``req``; `observe`, when set, gets its route, status and duration."""
+        started = time.perf_counter()
+        match: list[str] = []
+        resp = await self._dispatch(req, match)
+        if self.observe is not None:
+            self.observe(match[0] if match else "unmatched", resp.status, time.perf_counter() - started)
+        return resp
+
+    async def _dispatch(self, req: Request, match: list[str]) -> Response:
         try:
             route, req.params = self.router.match(req.method, req.path)
+            match.append(route.operation_id)
             caller = req.caller
             if route.auth:
                 if caller is None:

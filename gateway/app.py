@@ -49,6 +49,7 @@ from gateway.settings import Settings
 from gateway.transport.longpoll import LongPollHandler
 from gateway.transport.sse import SSEHandler
 from gateway.transport.websocket import WebSocketServer
+from gateway.transport.wsconn import Coalescer
 from proto import CloseCode
 
 __all__ = ["Gateway", "make_app"]
@@ -235,8 +236,12 @@ async def make_app(
     if isinstance(core, Core):
         node.on_control = core.on_control
     ctx = Context(
-        settings=settings, node=node, verifier=verifier, metrics=metrics, core=core, limiter=limiter
-    )
+        settings=settings, node=node, verifier=verifier, metrics=metrics, core=core, limiter=limiter,
+        coalescer=Coalescer(metrics.write_lag),
+    )  # fmt: skip
+    if isinstance(core, Core):
+        metrics.watch_pool(core.db.pool)
+        core.observe = metrics.rest_request
     app = tornado.web.Application(
         routes(ctx),
         default_handler_class=NotFoundHandler,

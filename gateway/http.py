@@ -17,6 +17,7 @@ import msgspec
 import tornado.web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from core.app import Core
 from core.errors import ApiError as CoreError
 from core.errors import ErrorDetail, TooManyRequests, default_code, error_body
 from gateway.auth import AuthError, Identity, token_from_header
@@ -165,15 +166,22 @@ class HealthHandler(JsonHandler):
 
 
 class ReadyHandler(JsonHandler):
-    """Readiness: the broker link is up and the gateway is not draining."""
+    """Readiness: not draining, the broker link up, PostgreSQL answering within 1 s.
 
-    def get(self) -> None:
+    ``database`` is null when the REST core has no database configured (the
+    sockets still work, so the gateway is ready).
+    """
+
+    async def get(self) -> None:
         if self.ctx.status.draining:
             self.write_json({"status": "draining"}, 503)
             return
-        broker = self.ctx.node.broker
-        ok = broker.connected
-        self.write_json({"status": "ok" if ok else "unavailable", "broker": ok}, 200 if ok else 503)
+        broker = self.ctx.node.broker.connected
+        core = self.ctx.core
+        database = await core.db.healthy() if isinstance(core, Core) else None
+        ok = broker and database is not False
+        body = {"status": "ok" if ok else "unavailable", "broker": broker, "database": database}
+        self.write_json(body, 200 if ok else 503)
 
 
 class MetricsHandler(tornado.web.RequestHandler):

@@ -71,6 +71,10 @@ class PreparedEvent(Prepared):
 class Member(Protocol):
     """What the hub needs of a connection (the session implements it)."""
 
+    @property
+    def transport_kind(self) -> str:
+        """``websocket``, ``sse`` or ``longpoll``."""
+
     def deliver(self, prepared: Prepared) -> None:
         """Queue a publication; must neither block nor touch the hub."""
 
@@ -107,7 +111,7 @@ class Hub:
         self._by_session: dict[str, set[Member]] = {}
         self._idle: asyncio.Event | None = None
         metrics.watch(
-            connections=lambda: len(self._connections),
+            connections=self.count_by_transport,
             channels=lambda: len(self._channels),
             subscriptions=lambda: self._subscriptions,
         )
@@ -182,6 +186,10 @@ class Hub:
 
     def connection_count(self) -> int:
         return len(self._connections)
+
+    def count_by_transport(self, transport: str) -> int:
+        """Connections on ``transport`` (``websocket``, ``sse``, ``longpoll``), for metrics."""
+        return sum(1 for member in self._connections if member.transport_kind == transport)
 
     # -- membership --------------------------------------------------------
 

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import re
+import sys
+from datetime import UTC, datetime
 
 import tornado.web
 
-__all__ = ["configure_logging", "log_request", "redact"]
+__all__ = ["CONTEXT_FIELDS", "JsonFormatter", "TextFormatter", "configure_logging", "log_request", "redact"]
 
 access_log = logging.getLogger("gateway.access")
 
@@ -19,11 +22,53 @@ def redact(uri: str) -> str:
     return _SECRET_PARAMS.sub(r"\1[redacted]", uri)
 
 
-def configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-    )
+#: Fields a log call may add (``extra={...}``), carried into JSON lines.
+CONTEXT_FIELDS = ("request_id", "conn", "user", "code", "status", "method", "path", "ms", "worker")
+_TEXT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: ts, level, logger, message, context fields, exc.
+
+    The message goes through `redact`, so a URL with a token in its query
+    never reaches the log in full.
+    """
+
+    def format(self, record: logging.LogRecord) -> str:
+        line: dict[str, object] = {
+            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": redact(record.getMessage()),
+        }
+        for name in CONTEXT_FIELDS:
+            value = record.__dict__.get(name)
+            if value is not None:
+                line[name] = value
+        if record.exc_info:
+            line["exc"] = self.formatException(record.exc_info)
+        return json.dumps(line, default=str)
+
+
+class TextFormatter(logging.Formatter):
+    """The terminal's format, context fields appended as ``key=value``, redacted too."""
+
+    def __init__(self) -> None:
+        super().__init__(_TEXT)
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = redact(super().format(record))
+        extras = [f"{n}={record.__dict__[n]}" for n in CONTEXT_FIELDS if record.__dict__.get(n) is not None]
+        return f"{text} [{' '.join(extras)}]" if extras else text
+
+
+def configure_logging(level: str, fmt: str = "auto") -> None:
+    """Logs to stderr: ``json`` lines, ``text``, or ``auto`` (text on a terminal, else JSON)."""
+    if fmt == "auto":
+        fmt = "text" if sys.stderr.isatty() else "json"
+    handler = logging.StreamHandler()
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
 
 
 def log_request(handler: tornado.web.RequestHandler) -> None:

@@ -7,11 +7,16 @@ per recipient; gauges of sizes are read from the hub at scrape time.
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 
+import asyncpg
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 
-__all__ = ["Metrics"]
+__all__ = ["TRANSPORTS", "Metrics"]
 
+#: The transports a connection can use (label values of gateway_connections).
+TRANSPORTS = ("websocket", "sse", "longpoll")
+_COMMAND_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 _FANOUT_BUCKETS = (0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 
 
@@ -76,16 +81,75 @@ class Metrics:
             "gateway_broker_reconnects", "Times the broker link was lost.", registry=r
         )
 
+        self.handshakes = Counter(
+            "gateway_handshakes",
+            "Connections accepted (authenticated and upgraded), by transport.",
+            ["transport"],
+            registry=r,
+        )
+        self.command_seconds = Histogram(
+            "gateway_command_seconds",
+            "Time to run one client command and queue its reply, by op.",
+            ["op"],
+            buckets=_COMMAND_BUCKETS,
+            registry=r,
+        )
+        self.write_lag = Histogram(
+            "gateway_delivery_lag_seconds",
+            "Per event-loop iteration that wrote publications: from the first frame queued "
+            "to the last written to its socket (fan-out plus flush).",
+            buckets=_FANOUT_BUCKETS,
+            registry=r,
+        )
+        self.rate_limited = Counter(
+            "gateway_rate_limited",
+            "Requests and commands refused by a rate limit, by scope.",
+            ["scope"],
+            registry=r,
+        )
+        self.rest_seconds = Histogram(
+            "gateway_rest_request_seconds",
+            "REST requests (HTTP, rpc frames, Lambda) by route (operation id) and status.",
+            ["route", "status"],
+            buckets=_COMMAND_BUCKETS,
+            registry=r,
+        )
+        self.db_pool = Gauge(
+            "gateway_db_pool_connections",
+            "Connections of the REST core's PostgreSQL pool, by state (idle, in_use, max).",
+            ["state"],
+            registry=r,
+        )
+        self.db_waiters = Gauge(
+            "gateway_db_pool_waiters",
+            "Requests waiting for a connection of the PostgreSQL pool.",
+            registry=r,
+        )
+
     def watch(
         self,
-        connections: Callable[[], int],
+        connections: Callable[[str], int],
         channels: Callable[[], int],
         subscriptions: Callable[[], int],
     ) -> None:
-        """Read size gauges from the hub at scrape time."""
-        self.connections.labels("websocket").set_function(connections)
+        """Read size gauges from the hub at scrape time (``connections`` by transport)."""
+        for transport in TRANSPORTS:
+            self.connections.labels(transport).set_function(partial(connections, transport))
         self.channels.set_function(channels)
         self.subscriptions.set_function(subscriptions)
+
+    def watch_pool(self, pool: asyncpg.Pool) -> None:
+        """The PostgreSQL pool's sizes, read at scrape time."""
+        self.db_pool.labels("idle").set_function(pool.get_idle_size)
+        self.db_pool.labels("in_use").set_function(lambda: pool.get_size() - pool.get_idle_size())
+        self.db_pool.labels("max").set_function(pool.get_max_size)
+        # asyncpg exposes no waiter count: its queue's getters are the waiters.
+        self.db_waiters.set_function(lambda: len(getattr(getattr(pool, "_queue", None), "_getters", ())))
+
+    def rest_request(self, route: str, status: int, seconds: float) -> None:
+        self.rest_seconds.labels(route, str(status)).observe(seconds)
+        if status == 429:
+            self.rate_limited.labels("rest").inc()
 
     def broker_state(self, up: bool) -> None:
         self.broker_connected.set(1 if up else 0)

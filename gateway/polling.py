@@ -6,6 +6,7 @@ import asyncio
 import collections
 import logging
 import time
+from typing import ClassVar
 
 from gateway.hub import Prepared
 from gateway.session import Session
@@ -18,6 +19,8 @@ log = logging.getLogger("gateway.longpoll")
 
 class PollSession:
     """One long-poll client: its outbox, its waiter and its protocol session."""
+
+    kind: ClassVar[str] = "longpoll"
 
     def __init__(self, sid: str, limit_bytes: int) -> None:
         self.sid = sid

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import logging
 import secrets
+import time
 from collections.abc import Awaitable, Callable
-from typing import Protocol
+from typing import ClassVar, Protocol
 from urllib.parse import parse_qs
 
 from core.request import Request, Response
@@ -56,6 +57,9 @@ log = logging.getLogger("gateway.session")
 
 class Transport(Protocol):
     """What a session needs from the I/O side."""
+
+    #: ``websocket``, ``sse`` or ``longpoll`` (gateway.metrics.TRANSPORTS)
+    kind: ClassVar[str]
 
     def send(self, payload: bytes) -> None:
         """Queue one encoded reply; never blocks."""
@@ -132,8 +136,13 @@ class Session:
         self.held: dict[str, list[Prepared]] | None = None  # channels being recovered
         self.client_id = secrets.token_hex(8)  # this connection, in presence
 
+    @property
+    def transport_kind(self) -> str:
+        return self.transport.kind
+
     def open(self) -> None:
         self.node.hub.connect(self, self.identity.exp, self.identity.sid)
+        self.metrics.handshakes.labels(self.transport.kind).inc()
 
     async def handle(self, data: bytes | str) -> None:
         """Run one client frame to completion; never raises."""
@@ -145,7 +154,16 @@ class Session:
             return
         if not self._allowed(cmd):
             return
-        self.metrics.messages_in.labels(type(cmd).__name__.lower()).inc()
+        op = type(cmd).__name__.lower()
+        self.metrics.messages_in.labels(op).inc()
+        started = time.perf_counter()
+        try:
+            await self._run(cmd)
+        finally:
+            self.metrics.command_seconds.labels(op).observe(time.perf_counter() - started)
+
+    async def _run(self, cmd: Command) -> None:
+        conn = self.conn
         try:
             if isinstance(cmd, Sub) and self.node.history_policy.applies(cmd.ch):
                 await self._subscribe_with_history(cmd)
@@ -199,6 +217,8 @@ class Session:
             if decision.allowed:
                 continue
             self.refused += 1
+            scope = "socket_publish" if limit is self.publishes else "socket_commands"
+            self.metrics.rate_limited.labels(scope).inc()
             if self.refused > limit.rate.limit:
                 log.warning("closing %s: kept sending while rate limited", self.identity.sub)
                 self.transport.disconnect(CloseCode.RATE_LIMITED)

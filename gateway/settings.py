@@ -50,6 +50,16 @@ def _positive_int(raw: str) -> int:
     return value
 
 
+def _choice(*allowed: str) -> Callable[[str], str]:
+    def parse(raw: str) -> str:
+        value = raw.strip().lower()
+        if value not in allowed:
+            raise ValueError(f"expected one of {', '.join(allowed)}, got {raw!r}")
+        return value
+
+    return parse
+
+
 def _port(raw: str) -> int:
     value = int(raw)
     if not 0 <= value <= 65535:
@@ -104,6 +114,13 @@ class Settings:
     )
     redis_prefix: str = _setting(
         "gw:", "REDIS_PREFIX", "Prefix of Redis channel names (gw:room:1 for room:1).", str
+    )
+    redis_cluster: bool = _setting(
+        False,
+        "REDIS_CLUSTER",
+        "REDIS_URL names a node of a Redis Cluster (Redis >= 7): sharded pub/sub, channel "
+        "room:1 is SPUBLISH gw:{room:1}. See docs/redis-cluster.md.",
+        _bool,
     )
     database_url: str | None = _setting(
         None,
@@ -288,6 +305,12 @@ class Settings:
     )
     data_dir: str = _setting(".data", "DATA_DIR", "Folder for embedded-mode state.", str)
     log_level: str = _setting("INFO", "LOG_LEVEL", "DEBUG, INFO, WARNING or ERROR.", str)
+    log_format: str = _setting(
+        "auto",
+        "LOG_FORMAT",
+        "json (one object per line), text, or auto: text on a terminal, JSON otherwise.",
+        _choice("auto", "json", "text"),
+    )
     ping_interval: float = _setting(
         25.0,
         "PING_INTERVAL",

@@ -34,7 +34,7 @@ Metrics: every worker writes a snapshot of its registry every second into
 a private temporary directory that the master creates, hands to the
 workers at fork and removes at the end; ``/metrics``, on whichever worker
 answers, shows every worker's samples labelled ``worker="<index>"``
-(gateway/metricsmerge.py). Log lines of a worker start with ``[worker <index>]``.
+(gateway/metricsmerge.py). Log lines of a worker carry its index (``worker``: a JSON field, or ``worker=<index>`` in text).
 """
 
 from __future__ import annotations
@@ -256,7 +256,7 @@ class _Supervisor:
                 for sock in inherited:
                     sock.close()
                 inherited = []
-            _tag_log_lines(f"[worker {index}]")
+            _tag_log_lines(index)
             registry = WorkerRegistry(index, self.directory)
             worker = Worker(index, registry, inherited, self.settings.host, self.port)
             run(self.serve(self.settings, worker))
@@ -331,16 +331,18 @@ def _describe(code: int) -> str:
         return f"killed by signal {-code}"
 
 
-class _Tagged(logging.Formatter):
-    def __init__(self, inner: logging.Formatter, tag: str) -> None:
+class _WorkerField(logging.Filter):
+    """Puts the worker's index on every record (the ``worker`` field of JSON lines)."""
+
+    def __init__(self, index: int) -> None:
         super().__init__()
-        self.inner = inner
-        self.tag = tag
+        self.index = index
 
-    def format(self, record: logging.LogRecord) -> str:
-        return f"{self.tag} {self.inner.format(record)}"
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.worker = self.index
+        return True
 
 
-def _tag_log_lines(tag: str) -> None:
+def _tag_log_lines(index: int) -> None:
     for handler in logging.getLogger().handlers:
-        handler.setFormatter(_Tagged(handler.formatter or logging.Formatter(), tag))
+        handler.addFilter(_WorkerField(index))

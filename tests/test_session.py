@@ -25,6 +25,8 @@ from tests.servers import UNIT
 class RecordingTransport:
     """A transport that keeps what the session sent, decoded."""
 
+    kind = "websocket"
+
     def __init__(self, codec: Codec = JSON_CODEC) -> None:
         self.codec = codec
         self.sent: list[dict] = []

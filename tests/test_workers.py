@@ -97,7 +97,8 @@ async def per_worker(port: int, name: str, until, timeout: float = 5 * UNIT) -> 
     """{worker: value} of metric ``name`` once ``until`` of it holds (snapshots lag ~1 s)."""
     deadline = time.monotonic() + timeout
     while True:
-        values = {s.labels["worker"]: s.value for s in (await scrape(port))[name]}
+        samples = (await scrape(port))[name]
+        values = {s.labels["worker"]: s.value for s in samples if s.labels.get("transport", "websocket") == "websocket"}
         if until(values):
             return values
         assert time.monotonic() < deadline, f"{name}: {values}"

@@ -25,6 +25,7 @@ import asyncio
 import base64
 import binascii
 import logging
+from typing import ClassVar
 
 import msgspec
 import tornado.web
@@ -68,6 +69,7 @@ def decode_positions(event_id: str | None) -> dict[str, tuple[int, str]]:
 
 
 class SSEHandler(tornado.web.RequestHandler):
+    kind: ClassVar[str] = "sse"
     ctx: Context
 
     def initialize(self, ctx: Context) -> None:

@@ -27,7 +27,9 @@ import collections
 import logging
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
+
+from prometheus_client import Histogram
 
 from gateway.hub import Prepared
 from gateway.metrics import Metrics
@@ -64,16 +66,19 @@ _PING = bytes((0x80 | OP_PING, 0))
 class Coalescer:
     """The sockets with frames queued in this loop iteration; one per gateway."""
 
-    __slots__ = ("_dirty", "_scheduled")
+    __slots__ = ("_dirty", "_lag", "_scheduled", "_since")
 
-    def __init__(self) -> None:
+    def __init__(self, lag: Histogram | None = None) -> None:
         self._dirty: list[WSConnection] = []
         self._scheduled = False
+        self._lag = lag  # gateway_delivery_lag_seconds
+        self._since = 0.0
 
     def mark(self, conn: WSConnection) -> None:
         self._dirty.append(conn)
         if not self._scheduled:
             self._scheduled = True
+            self._since = time.perf_counter()
             asyncio.get_running_loop().call_soon(self.flush)
 
     def flush(self) -> None:
@@ -81,14 +86,35 @@ class Coalescer:
         self._scheduled = False
         for conn in dirty:
             conn.flush()
+        if self._lag is not None:
+            self._lag.observe(time.perf_counter() - self._since)
 
 
 class WSConnection(asyncio.Protocol):
     """One client socket: frames in, frames out, a Session in between."""
 
-    __slots__ = ("_buffer", "_closing", "_coalescer", "_fragments", "_inbox", "_last_seen",
-                 "_make_session", "_max_frame", "_metrics", "_pending", "_pinged", "_response", "_running",
-                 "_timer", "codec", "session", "transport")  # fmt: skip
+    kind: ClassVar[str] = "websocket"
+
+    __slots__ = (
+        "_buffer",
+        "_closing",
+        "_coalescer",
+        "_code",
+        "_fragments",
+        "_inbox",
+        "_last_seen",
+        "_make_session",
+        "_max_frame",
+        "_metrics",
+        "_pending",
+        "_pinged",
+        "_response",
+        "_running",
+        "_timer",
+        "codec",
+        "session",
+        "transport",
+    )  # fmt: skip
 
     def __init__(
         self,
@@ -116,6 +142,7 @@ class WSConnection(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self._last_seen = time.monotonic()
         self._pinged = 0.0
+        self._code = 1006  # the close code, once one was sent or received
 
     # -- asyncio.Protocol --------------------------------------------------
 
@@ -123,8 +150,9 @@ class WSConnection(asyncio.Protocol):
         self.transport = transport
         transport.write(self._response)  # type: ignore[attr-defined]
         self._response = b""
-        self.session = self._make_session(self)
-        self.session.open()
+        self.session = session = self._make_session(self)
+        session.open()
+        log.info("socket open", extra={"conn": session.client_id, "user": session.identity.sub})
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
@@ -133,8 +161,11 @@ class WSConnection(asyncio.Protocol):
             self._timer.cancel()
             self._timer = None
         self._inbox = None
-        if self.session is not None:
-            self.session.closed()
+        session = self.session
+        if session is not None:
+            session.closed()
+            log.info("socket closed", extra={"conn": session.client_id, "user": session.identity.sub,
+                                             "code": self._code})  # fmt: skip
 
     def pause_writing(self) -> None:
         """The send buffer passed its bound: a slow consumer."""
@@ -197,6 +228,7 @@ class WSConnection(asyncio.Protocol):
         elif opcode == OP_CLOSE:
             code = parse_close(payload)
             if not self._closing:  # the peer started it: answer with its code
+                self._code = code
                 self._closing = True
                 reply = close_frame(code if code != 1005 else 1000)
                 if self.transport is not None:
@@ -294,5 +326,6 @@ class WSConnection(asyncio.Protocol):
             pending, self._pending = self._pending, []
             self._emit(pending)
         self._closing = True
+        self._code = code
         transport.write(close_frame(code, reason))
         self._timer = asyncio.get_running_loop().call_later(CLOSE_TIMEOUT, transport.abort)
