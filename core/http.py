@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
+import secrets
 import time
 from email.utils import formatdate
 from http import HTTPStatus
@@ -36,6 +38,7 @@ log = logging.getLogger("core.http")
 access_log = logging.getLogger("gateway.access")
 
 _REASONS = {s.value: s.phrase for s in HTTPStatus}
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 _NO_BODY = frozenset({204, 304})
 
 
@@ -159,7 +162,14 @@ class _Exchange(httputil.HTTPMessageDelegate):
             resp = Response(500, error_body(500, "internal", "internal error"))
         if origin is not None:
             resp.headers.update(_cors_headers(origin))
+        resp.headers["X-Request-Id"] = self._request_id()
         self._write(resp)
+
+    def _request_id(self) -> str:
+        """The caller's ``X-Request-Id`` when it is a sane one, else a new one."""
+        assert self._headers is not None
+        given = self._headers.get("X-Request-Id", "")
+        return given if _REQUEST_ID.fullmatch(given) else secrets.token_hex(8)
 
     def _is_preflight(self) -> bool:
         assert self._start is not None and self._headers is not None
@@ -230,14 +240,10 @@ class _Exchange(httputil.HTTPMessageDelegate):
         if access_log.isEnabledFor(level):
             ms = 1000.0 * (time.perf_counter() - self._t0)
             # The query is left out: it may carry anything; the path names the resource.
-            access_log.log(
-                level,
-                "%d %s %s %.2fms",
-                status,
-                self._start.method,
-                self._start.path.partition("?")[0],
-                ms,
-            )
+            path = self._start.path.partition("?")[0]
+            context = {"request_id": resp.headers.get("X-Request-Id"), "status": status,
+                       "method": self._start.method, "path": path, "ms": round(ms, 2)}  # fmt: skip
+            access_log.log(level, "%d %s %s %.2fms", status, self._start.method, path, ms, extra=context)
 
 
 _CORS_REQUEST_HEADERS = "Authorization, Content-Type, If-Match, If-None-Match, Idempotency-Key"

@@ -13,6 +13,7 @@ import logging
 from typing import Any
 
 import tornado.web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from tornado.httpserver import HTTPServer
 from tornado.netutil import bind_sockets
 
@@ -22,8 +23,9 @@ from core.docs import doc_routes, jwks_route
 from core.http import CoreHTTP, api_router
 from gateway.app import make_limiter
 from gateway.auth import Identity, Verifier, ensure_key_material
-from gateway.broker import CONTROL, Broker, Position, RedisBroker
+from gateway.broker import CONTROL, Broker, Position, make_broker
 from gateway.logs import log_request
+from gateway.metrics import Metrics
 from gateway.revocation import Revocations
 from gateway.settings import Settings
 
@@ -41,6 +43,17 @@ class _Health(tornado.web.RequestHandler):
         self.set_status(200 if ok else 503)
         self.set_header("Content-Type", "application/json")
         self.finish(b'{"status":"ok"}' if ok else b'{"status":"unavailable","database":false}')
+
+
+class _Metrics(tornado.web.RequestHandler):
+    """The core's own Prometheus metrics: REST durations, the pool, the process."""
+
+    def initialize(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+
+    def get(self) -> None:
+        self.set_header("Content-Type", CONTENT_TYPE_LATEST)
+        self.finish(generate_latest(self.registry))
 
 
 class StandaloneCore:
@@ -67,7 +80,7 @@ class StandaloneCore:
         verifier = Verifier(settings, revocations, api_keys)
         control: list[Core] = []
         if settings.redis_url:
-            broker = RedisBroker(settings.redis_url, settings.redis_prefix)
+            broker = make_broker(settings)  # a Redis Cluster too, with REDIS_CLUSTER
             revocations.publisher = broker
 
             def on_publication(ch: str, data: bytes, position: Position | None) -> None:
@@ -110,9 +123,13 @@ class CoreServer:
         settings = ensure_key_material(settings)
         stack = await StandaloneCore.open(settings)
         core = stack.core
+        metrics = Metrics()
+        core.observe = metrics.rest_request
+        metrics.watch_pool(core.db.pool)
         handlers: list[Any] = [
             (r"/healthz", _Health),
             (r"/readyz", _Health, {"core": core}),
+            (r"/metrics", _Metrics, {"registry": metrics.registry}),
             *doc_routes(core.routes, "tornado-gateway REST core", __version__),
             jwks_route(core.accounts.issuer.jwks()),
         ]

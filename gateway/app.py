@@ -200,7 +200,9 @@ async def open_core(
 def make_limiter(settings: Settings) -> RateLimiter:
     """Limits shared by every process through Redis, or this process's own."""
     if settings.redis_url:
-        return RedisRateLimiter(settings.redis_url, settings.redis_prefix + "rl:")
+        return RedisRateLimiter(
+            settings.redis_url, settings.redis_prefix + "rl:", cluster=settings.redis_cluster
+        )
     return MemoryRateLimiter()
 
 

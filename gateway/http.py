@@ -176,7 +176,7 @@ class ReadyHandler(JsonHandler):
         if self.ctx.status.draining:
             self.write_json({"status": "draining"}, 503)
             return
-        broker = self.ctx.node.broker.connected
+        broker = await self.ctx.node.broker.healthy()
         core = self.ctx.core
         database = await core.db.healthy() if isinstance(core, Core) else None
         ok = broker and database is not False

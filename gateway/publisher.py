@@ -22,6 +22,7 @@ from typing import Any, Self
 
 import msgspec
 
+from gateway.broker.cluster import RedisClusterBroker
 from gateway.broker.redis import RedisBroker
 from gateway.history import HistoryPolicy, publish
 from proto import Position
@@ -38,8 +39,11 @@ class Publisher:
         history_channels: tuple[str, ...] = ("projects", "projects:*"),
         history_size: int = 100,
         history_ttl: float = 300.0,
+        cluster: bool = False,
     ) -> None:
-        self._broker = RedisBroker(redis_url, prefix)  # its publishing side only
+        # Its publishing side only; SPUBLISH on a Redis Cluster (REDIS_CLUSTER).
+        broker = RedisClusterBroker if cluster else RedisBroker
+        self._broker = broker(redis_url, prefix)
         self._policy = HistoryPolicy(history_channels, history_size, history_ttl)
 
     async def publish(self, ch: str, data: Any) -> Position | None:

@@ -42,7 +42,7 @@ import itertools
 import logging
 import math
 import time
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
@@ -229,6 +229,7 @@ class RedisRateLimiter(RateLimiter):
         timeout: float = 0.5,
         retry_interval: float = 1.0,
         max_keys: int = 100_000,
+        cluster: bool = False,
     ) -> None:
         self._prefix = prefix
         self._timeout = timeout
@@ -238,8 +239,12 @@ class RedisRateLimiter(RateLimiter):
         self._down_until: float | None = None
         # One immediate retry replaces a pooled connection that a Redis
         # restart closed; more would only delay the fallback.
-        self._client: aioredis.Redis = aioredis.Redis.from_url(
-            url, socket_timeout=timeout, socket_connect_timeout=timeout, retry=Retry(NoBackoff(), 1)
+        options: dict[str, Any] = {"socket_timeout": timeout, "socket_connect_timeout": timeout}
+        # Each key is its own slot on a cluster: the client sends it to its shard.
+        self._client: aioredis.Redis | aioredis.RedisCluster = (
+            aioredis.RedisCluster.from_url(url, **options)
+            if cluster
+            else aioredis.Redis.from_url(url, retry=Retry(NoBackoff(), 1), **options)
         )
         self._script = self._client.register_script(_GCRA_LUA)
 

@@ -484,6 +484,7 @@ def test_cookies_are_ignored(core_http, auth):
     plain.pop("cookies")
     with_cookies = make_event("http_api_v2", "GET", "/api/projects", headers=auth)
     with_cookies["headers"]["cookie"] = "session=abc123"
+    plain["headers"]["x-request-id"] = with_cookies["headers"]["x-request-id"] = "req-1"
     assert invoke(plain) == invoke(with_cookies)
 
 

@@ -209,6 +209,11 @@ async def test_standalone_core_serves_the_api_and_its_writes_reach_gateway_socke
         status, _, doc = await api.call("GET", "/openapi.json")
         assert status == 200 and "/api/projects/{id}" in doc["paths"]
         assert (await api.call("GET", "/api/nope"))[0] == 404
+        assert headers["X-Request-Id"]  # every REST answer names its request (and its log line)
+        url = f"http://127.0.0.1:{core.port}/metrics"
+        metrics = (await asyncio.to_thread(_read, urllib.request.Request(url))).decode()
+        assert 'gateway_rest_request_seconds_count{route="createProject",status="201"} 1.0' in metrics
+        assert 'gateway_db_pool_connections{state="max"}' in metrics
     finally:
         api.close()
     assert push["data"] == {"type": "created", "id": created["id"], "version": 1, "data": created}

@@ -22,6 +22,8 @@ from redis.crc import key_slot
 from gateway.broker import RedisBroker, RedisClusterBroker, make_broker
 from gateway.broker.cluster import SPUBLISH_WITH_HISTORY
 from gateway.broker.redis import PUBLISH_WITH_HISTORY
+from gateway.publisher import Publisher
+from gateway.ratelimit import RedisRateLimiter
 from gateway.settings import Settings
 from tests.harness import running_gateway, token_for, unique_prefix, ws_client
 from tests.servers import UNIT, ThrowawayRedisCluster
@@ -237,3 +239,27 @@ async def test_a_publication_reaches_a_socket_through_the_gateway(redis_cluster)
             assert (await c.next_push())["data"] == {"after": "gap"}
         finally:
             await backend.aclose()
+
+
+async def test_rate_limits_are_shared_through_the_cluster(redis_cluster):  # noqa: F811
+    prefix = unique_prefix() + "rl:"
+    one = RedisRateLimiter(redis_cluster.url, prefix, cluster=True)
+    two = RedisRateLimiter(redis_cluster.url, prefix, cluster=True)
+    try:
+        keys = [f"connect-ip:10.0.0.{i}" for i in range(8)]  # several slots, several shards
+        for key in keys:
+            assert (await one.hit(key, 2, 60)).allowed
+            assert (await two.hit(key, 2, 60)).allowed
+            assert not (await one.hit(key, 2, 60)).allowed  # the third hit, from either process
+        assert not one.degraded and not two.degraded
+    finally:
+        await one.close()
+        await two.close()
+
+
+async def test_the_backend_publisher_reaches_cluster_subscribers(redis_cluster):  # noqa: F811
+    prefix = unique_prefix()
+    async with cluster_broker(redis_cluster, prefix, ["orders:7"]) as (_, inbox):
+        async with Publisher(redis_cluster.url, prefix, history_channels=(), cluster=True) as pub:
+            await pub.publish("orders:7", {"status": "paid"})
+        assert await inbox.wait_for(1) == [("orders:7", b'{"status":"paid"}')]

@@ -110,6 +110,10 @@ class Broker(abc.ABC):
     @abc.abstractmethod
     def connected(self) -> bool: ...
 
+    async def healthy(self) -> bool:
+        """For readiness: the link is up (brokers with a server also ping it, 1 s at most)."""
+        return self.connected
+
     @property
     @abc.abstractmethod
     def description(self) -> str:

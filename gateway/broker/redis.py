@@ -199,6 +199,17 @@ class RedisBroker(Broker):
     def connected(self) -> bool:
         return self._connected
 
+    async def healthy(self) -> bool:
+        """The subscriber link is up and Redis answers PING within a second."""
+        if not self._connected:
+            return False
+        try:
+            async with asyncio.timeout(1.0):
+                await self._pub_client.ping()
+        except BACKEND_ERRORS:
+            return False
+        return True
+
     async def start(
         self, handler: PublicationHandler, on_state: StateListener | None = None, wait: float = 5.0
     ) -> None:
