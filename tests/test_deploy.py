@@ -374,17 +374,19 @@ def test_base_has_every_object() -> None:
             for kind in ["Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget"]
         ],
         ("ServiceMonitor", "gateway"),
+        ("ServiceMonitor", "core"),
     }
 
 
+@pytest.mark.parametrize("name", ["gateway", "core"])
 @pytest.mark.parametrize("folder", FOLDERS)
-def test_servicemonitor_scrapes_the_gateway_service(folder: str) -> None:
+def test_servicemonitors_scrape_their_service(folder: str, name: str) -> None:
     # A custom resource: no schema in kubernetes-validate, so its required
     # fields are checked here by hand (monitoring.coreos.com/v1).
-    monitor = find(folder, "ServiceMonitor", "gateway")
+    monitor = find(folder, "ServiceMonitor", name)
     assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
     assert set(monitor) == {"apiVersion", "kind", "metadata", "spec"}
-    service = find(folder, "Service", "gateway")
+    service = find(folder, "Service", name)
     labels = monitor["spec"]["selector"]["matchLabels"]
     assert labels.items() <= service["metadata"]["labels"].items()
     ports = {port["name"] for port in service["spec"]["ports"]}
