@@ -24,6 +24,7 @@ from core.http import CoreHTTP, api_router
 from gateway.app import make_limiter
 from gateway.auth import Identity, Verifier, ensure_key_material
 from gateway.broker import CONTROL, Broker, Position, make_broker
+from gateway.history import HistoryPolicy, publish
 from gateway.logs import log_request
 from gateway.metrics import Metrics
 from gateway.revocation import Revocations
@@ -54,6 +55,21 @@ class _Metrics(tornado.web.RequestHandler):
     def get(self) -> None:
         self.set_header("Content-Type", CONTENT_TYPE_LATEST)
         self.finish(generate_latest(self.registry))
+
+
+class HistoryPublisher:
+    """Publishes as the gateway's node does: with history on HISTORY_CHANNELS.
+
+    Without it, change events of ``python -m core`` on ``projects`` would
+    carry no offset, and sockets could not recover them after a reconnect.
+    """
+
+    def __init__(self, broker: Broker, policy: HistoryPolicy) -> None:
+        self.broker = broker
+        self.policy = policy
+
+    async def publish(self, ch: str, data: bytes) -> Position | None:
+        return await publish(self.broker, self.policy, ch, data)
 
 
 class StandaloneCore:
@@ -90,7 +106,9 @@ class StandaloneCore:
             await broker.start(on_publication)
         limiter = make_limiter(settings)
         try:
-            core = await Core.open(settings, broker, revocations, api_keys, limiter)
+            publisher = None if broker is None else HistoryPublisher(broker, HistoryPolicy(
+                settings.history_channels, settings.history_size, settings.history_ttl))  # fmt: skip
+            core = await Core.open(settings, publisher, revocations, api_keys, limiter)
         except BaseException:
             await limiter.close()
             if broker is not None:

@@ -217,6 +217,7 @@ async def test_standalone_core_serves_the_api_and_its_writes_reach_gateway_socke
     finally:
         api.close()
     assert push["data"] == {"type": "created", "id": created["id"], "version": 1, "data": created}
+    assert push["offset"] >= 1 and push["epoch"]  # through history: recoverable after a reconnect
     assert await asyncio.to_thread(core.stop) == 0
 
 
