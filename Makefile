@@ -25,7 +25,7 @@ run: $(STAMP)
 	$(BIN)/python -m gateway
 
 lint: $(STAMP)
-	$(BIN)/python -m ruff check proto gateway core tests $(wildcard bench)
+	$(BIN)/python -m ruff check proto gateway core tests $(wildcard bench) $(wildcard examples)
 
 typecheck: $(STAMP)
 	$(BIN)/python -m mypy

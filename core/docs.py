@@ -43,7 +43,9 @@ DESCRIPTION = (
     "token a socket uses) and answers errors in one shape: "
     '`{"error": {"status", "code", "message", "details"?}}`. '
     "The same operations run over a WebSocket as `rpc` frames, and every write is "
-    "published to the channels `projects` and `projects:<id>`."
+    "published to the channels `projects` and `projects:<id>`. The gateway describes its "
+    "socket, Server-Sent Events and long-poll protocol in [/asyncapi.json](/asyncapi.json) "
+    "(AsyncAPI 3.0)."
 )
 
 

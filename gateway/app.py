@@ -26,9 +26,11 @@ from core.app import Core, CoreUnavailable
 from core.docs import doc_routes, jwks_route
 from core.http import CoreHTTP, api_router
 from core.tokens import Issuer
+from gateway.asyncapi import asyncapi_route
 from gateway.auth import Identity, Verifier, ensure_key_material
 from gateway.broker import Broker, make_broker
 from gateway.context import Context
+from gateway.demo import browser_routes
 from gateway.history import HistoryPolicy
 from gateway.http import (
     ApiError,
@@ -180,7 +182,9 @@ def routes(ctx: Context) -> list[Any]:
         (r"/readyz", ReadyHandler, kw),
         (r"/metrics", MetricsHandler, kw),
         *doc_routes(ctx.core.routes, "tornado-gateway", __version__),
+        asyncapi_route(__version__, f"{ctx.settings.host}:{ctx.settings.port}"),
         jwks_route(Issuer(ctx.settings).jwks()),
+        *browser_routes(),
     ]
 
 

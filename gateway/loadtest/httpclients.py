@@ -13,9 +13,11 @@ from urllib.parse import quote
 
 import msgspec
 
+from gateway.client.encoding import JSON
 from gateway.loadtest.stats import Tally
 from gateway.loadtest.stream import StreamClient
 from gateway.loadtest.wsclient import parse_push
+from proto import Sub
 
 __all__ = ["SSEClient", "longpoll_client", "sse_request"]
 
@@ -155,9 +157,7 @@ async def longpoll_client(
         sid = _decode_poll(body).session
         tally.opened += 1
         tally.connect_seconds.add(time.monotonic() - started)
-        subs = b",".join(
-            b'{"op":"sub","ch":"%s","id":%d}' % (ch.encode(), i) for i, ch in enumerate(channels, 1)
-        )
+        subs = b",".join(JSON.command(Sub(id=i, ch=ch)) for i, ch in enumerate(channels, 1))
         status, _ = await _request(reader, writer, head.format("POST", f"/lp/{sid}"), b"[" + subs + b"]")
         if status != 202:
             raise _Refused(f"HTTP {status}")

@@ -5,17 +5,25 @@ object with no task, no future and no buffer while idle: the handshake is
 written on connect, frames are parsed in ``data_received``, pings are
 answered at once, and publications are timed and counted into the
 process's `Tally`. Client frames are masked (RFC 6455 §5.3).
+
+The framing, the handshake and the commands are the Python client's
+(`gateway.client.frames`, `.handshake`, `.encoding`); only the decoding of
+pushes is the tool's own, straight into `Payload`, the cheapest way to time
+a delivery.
 """
 
 from __future__ import annotations
 
-import base64
-import os
 import time
 
 import msgspec
 
+from gateway.client.encoding import JSON
+from gateway.client.frames import client_frame, read_frames
+from gateway.client.handshake import handshake_request
 from gateway.loadtest.stream import StreamClient
+from proto import Sub
+from proto.wsframe import FrameError
 
 __all__ = ["Payload", "WSClient", "client_frame", "handshake_request", "parse_push"]
 
@@ -50,32 +58,6 @@ def parse_push(payload: bytes) -> _Push | None:
         return None
 
 
-def handshake_request(host: str, path: str, token: str | None, extra: str = "") -> bytes:
-    key = base64.b64encode(os.urandom(16)).decode()
-    auth = f"Authorization: Bearer {token}\r\n" if token else ""
-    return (
-        f"GET {path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-        f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n{auth}{extra}\r\n"
-    ).encode()
-
-
-def client_frame(payload: bytes, opcode: int = 0x1) -> bytes:
-    """One masked frame from client to server."""
-    n = len(payload)
-    if n < 126:
-        head = bytes((0x80 | opcode, 0x80 | n))
-    elif n <= 0xFFFF:
-        head = bytes((0x80 | opcode, 0xFE)) + n.to_bytes(2, "big")
-    else:
-        head = bytes((0x80 | opcode, 0xFF)) + n.to_bytes(8, "big")
-    mask = os.urandom(4)
-    if not n:
-        return head + mask
-    key = (mask * (n // 4 + 1))[:n]
-    masked = (int.from_bytes(payload, "big") ^ int.from_bytes(key, "big")).to_bytes(n, "big")
-    return head + mask + masked
-
-
 class WSClient(StreamClient):
     """One load socket: handshake, subscribe, then count publications."""
 
@@ -93,34 +75,18 @@ class WSClient(StreamClient):
                 return
             assert self.transport is not None
             for i, ch in enumerate(self.channels, 1):
-                sub = b'{"op":"sub","ch":"%s","id":%d}' % (ch.encode(), i)
-                self.transport.write(client_frame(sub))
+                self.transport.write(client_frame(JSON.command(Sub(id=i, ch=ch))))
             data = rest
-        pos = 0
-        size = len(data)
-        while size - pos >= 2:
-            b1 = data[pos + 1]
-            n = b1 & 0x7F
-            head = 2
-            if n == 126:
-                if size - pos < 4:
-                    break
-                n = int.from_bytes(data[pos + 2 : pos + 4], "big")
-                head = 4
-            elif n == 127:
-                if size - pos < 10:
-                    break
-                n = int.from_bytes(data[pos + 2 : pos + 10], "big")
-                head = 10
-            end = pos + head + n
-            if end > size:
-                break
-            self._frame(data[pos] & 0x0F, data[pos + head : end])
-            pos = end
-        if pos < size:
+        try:
+            pos = read_frames(data, self._frame)
+        except FrameError as exc:
+            self.tally.errors[f"frame error {exc.code}"] += 1
+            self.close()
+            return
+        if pos < len(data):
             self.buffer = data[pos:]
 
-    def _frame(self, opcode: int, payload: bytes) -> None:
+    def _frame(self, opcode: int, fin: bool, payload: bytes) -> None:
         if opcode == 0x1 or opcode == 0x2:
             push = parse_push(payload)
             if push is None:

@@ -1,0 +1,480 @@
+"""`Connection`: one gateway connection that stays up, under `gateway.client.Client`.
+
+It owns the socket, the commands in flight and the subscriptions' routing;
+`Client` adds the commands (``subscribe``, ``rpc``…) on top.
+
+Lifecycle (the legal transitions are the table `TRANSITIONS`):
+
+* ``IDLE``: made, not connected. ``connect()`` (or ``async with``) starts it.
+* ``CONNECTING``: the first connection. Refusals that may pass (503 while a
+  gateway drains, 429, an unreachable host) are retried with backoff until
+  ``open_timeout``; anything else raises from ``connect()``.
+* ``OPEN``: commands run. Subscriptions receive their events.
+* ``RECONNECTING``: the socket closed with a code that `should_reconnect`
+  allows. After a backoff delay (full jitter) the client connects again,
+  refreshing the token first on 4002 or a 401, and resubscribes every
+  channel with ``since`` = its last position, so history channels replay
+  what was missed; where that is not possible the subscription gets a `Gap`.
+  Commands wait for ``OPEN`` within their timeout.
+* ``CLOSED``: terminal, after ``close()`` or a close code that must not be
+  retried (4500-4999, 1009…). Commands raise `ConnectionClosed`;
+  subscriptions end (or raise it, when the gateway ended the connection).
+
+Any other transition is a bug here and raises `StateError`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import itertools
+import logging
+import ssl
+from collections.abc import Awaitable, Callable
+from types import TracebackType
+from typing import Final, Self
+
+import msgspec
+
+from gateway.client.backoff import Backoff
+from gateway.client.encoding import ENCODINGS, ServerFrame
+from gateway.client.errors import (
+    ClientError,
+    ConnectionClosed,
+    HandshakeError,
+    ReplyError,
+    SubscriptionEnded,
+)
+from gateway.client.subscription import Gap, Publication, Subscription
+from gateway.client.transport import WebSocket, open_websocket
+from proto import (
+    CloseCode,
+    Command,
+    Expiring,
+    History,
+    Join,
+    Leave,
+    Ping,
+    Position,
+    Push,
+    Refresh,
+    Reply,
+    Sub,
+    Unsubscribed,
+    should_reconnect,
+)
+from proto import Gap as GapPush
+
+__all__ = ["TRANSITIONS", "Connection", "State", "StateError", "TokenSource", "position_of"]
+
+log = logging.getLogger("gateway.client")
+
+TokenSource = Callable[[], Awaitable[str]]
+DEFAULT_BACKOFF: Final = Backoff()
+
+
+class State(enum.Enum):
+    IDLE = "idle"
+    CONNECTING = "connecting"
+    OPEN = "open"
+    RECONNECTING = "reconnecting"
+    CLOSED = "closed"
+
+
+TRANSITIONS: Final[dict[State, frozenset[State]]] = {
+    State.IDLE: frozenset({State.CONNECTING, State.CLOSED}),
+    State.CONNECTING: frozenset({State.OPEN, State.CLOSED}),
+    State.OPEN: frozenset({State.RECONNECTING, State.CLOSED}),
+    State.RECONNECTING: frozenset({State.OPEN, State.CLOSED}),
+    State.CLOSED: frozenset(),
+}
+
+
+class StateError(RuntimeError):
+    """An illegal lifecycle transition was requested."""
+
+
+class Connection:
+    """The connection machinery of a `Client` (see the module docstring).
+
+    ``token`` is sent as ``Authorization: Bearer``; ``get_token`` (an async
+    callable) gives a fresh one when the gateway announces expiry
+    (``expiring``: refreshed in band, the socket stays), after a 4002 close,
+    or when a reconnect is refused with 401. ``encoding`` is ``"json"`` or
+    ``"msgpack"`` (the ``gw.v1.*`` subprotocols). Commands fail with
+    `TimeoutError` after ``request_timeout`` seconds. Every ``ping_interval``
+    seconds an app-level ``ping`` proves the gateway alive; no reply within
+    ``ping_timeout`` drops the socket and reconnects.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        token: str | None = None,
+        get_token: TokenSource | None = None,
+        encoding: str = "json",
+        request_timeout: float = 10.0,
+        open_timeout: float = 10.0,
+        ping_interval: float | None = 20.0,
+        ping_timeout: float = 10.0,
+        backoff: Backoff = DEFAULT_BACKOFF,
+        max_queue: int = 1024,
+        max_size: int = 2**24,
+        ssl: ssl.SSLContext | None = None,
+    ) -> None:
+        if encoding not in ENCODINGS:
+            raise ValueError(f"encoding must be one of {sorted(ENCODINGS)}")
+        self.url = url
+        self.encoding = ENCODINGS[encoding]
+        self.request_timeout = request_timeout
+        self.open_timeout = open_timeout
+        self.ping_interval = ping_interval
+        self.ping_timeout = ping_timeout
+        self.backoff = backoff
+        self.max_queue = max_queue
+        self.max_size = max_size
+        self.ssl = ssl
+        self.state = State.IDLE
+        #: How many times a socket was opened (1 + reconnects).
+        self.connections = 0
+        self._token = token
+        self._get_token = get_token
+        self._ws: WebSocket | None = None
+        self._ids = itertools.count(1)
+        # Each command in flight: its future, and what to do with a success
+        # before anything received after it (a `sub` reply and its pushes).
+        self._pending: dict[int, tuple[asyncio.Future[Reply], Callable[[Reply], None] | None]] = {}
+        self._subs: dict[str, Subscription] = {}
+        self._full: set[Subscription] = set()
+        self._ready = asyncio.Event()  # OPEN and resubscribed, or CLOSED
+        self._stopped: ConnectionClosed | None = None
+        self._runner: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._done: asyncio.Future[ConnectionClosed] | None = None
+
+    # -- lifecycle ---------------------------------------------------------
+
+    async def __aenter__(self) -> Self:
+        await self.connect()
+        return self
+
+    async def __aexit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    def _transition(self, new: State) -> None:
+        if new not in TRANSITIONS[self.state]:
+            raise StateError(f"illegal transition {self.state.value} -> {new.value}")
+        log.debug("client %s -> %s", self.state.value, new.value)
+        self.state = new
+
+    async def connect(self) -> None:
+        """Open the first connection; raises what refused it."""
+        self._transition(State.CONNECTING)
+        self._done = asyncio.get_running_loop().create_future()
+        try:
+            async with asyncio.timeout(self.open_timeout):
+                ws = await self._dial(first=True)
+        except BaseException as exc:
+            self._stop(ConnectionClosed(1006, f"could not connect: {exc}"))
+            raise
+        self._opened(ws)
+        self._ready.set()
+        self._runner = asyncio.create_task(self._run())
+
+    async def close(self) -> None:
+        """Close the socket (1000) and end every subscription; idempotent."""
+        if self.state is State.CLOSED:
+            return
+        ws = self._ws
+        self._stop(ConnectionClosed(CloseCode.NORMAL, "closed by the client"), graceful=True)
+        if ws is not None:
+            await ws.close(CloseCode.NORMAL)
+        if self._runner is not None:
+            await asyncio.gather(self._runner, return_exceptions=True)
+
+    async def wait_closed(self) -> ConnectionClosed:
+        """Wait until the client stops for good; returns why (its close code)."""
+        if self._done is None:
+            raise StateError("the client was never connected")
+        return await asyncio.shield(self._done)
+
+    def _stop(self, why: ConnectionClosed, graceful: bool = False) -> None:
+        if self.state is State.CLOSED:
+            return
+        self._transition(State.CLOSED)
+        self._stopped = why
+        for task in [*self._tasks, *([self._runner] if self._runner else [])]:
+            if task is not asyncio.current_task():
+                task.cancel()
+        self._fail_pending(why)
+        subs, self._subs = list(self._subs.values()), {}
+        for sub in subs:
+            sub.end(None if graceful else why)
+        self._ready.set()
+        if self._done is not None and not self._done.done():
+            self._done.set_result(why)
+        if not graceful and self._ws is not None:
+            self._ws.abort()
+
+    def _opened(self, ws: WebSocket) -> None:
+        self._ws = ws
+        self.connections += 1
+        self._transition(State.OPEN)
+        if self._full:
+            ws.pause_reading()
+        if self.ping_interval:
+            self._spawn(self._heartbeat(ws, self.ping_interval))
+
+    async def _dial(self, first: bool) -> WebSocket:
+        """A new socket, retrying what may pass with backoff (forever unless ``first``'s timeout)."""
+        attempt = 0
+        refreshed = False
+        retry_after: float | None = None
+        while True:
+            if attempt or not first:
+                await asyncio.sleep(self.backoff.delay(attempt, retry_after))
+            attempt += 1
+            try:
+                async with asyncio.timeout(self.open_timeout):
+                    return await open_websocket(
+                        self.url, token=self._token, subprotocols=(self.encoding.name,),
+                        on_message=self._on_message, max_size=self.max_size, ssl=self.ssl,
+                    )  # fmt: skip
+            except HandshakeError as exc:
+                if exc.status == 401 and self._get_token is not None and not refreshed:
+                    self._token = await self._get_token()
+                    refreshed, attempt = True, 0
+                    continue
+                if not exc.retryable:
+                    raise
+                retry_after = exc.retry_after
+                log.info("gateway refused the connection (%s), retrying", exc)
+            except (OSError, TimeoutError) as exc:
+                retry_after = None
+                log.info("cannot reach the gateway (%s), retrying", exc)
+
+    async def _run(self) -> None:
+        """Watch the socket; reconnect and resubscribe while the close codes allow."""
+        while True:
+            assert self._ws is not None
+            closed = await asyncio.shield(self._ws.closed)
+            if self.state is State.CLOSED:
+                return
+            why = ConnectionClosed(closed.code, closed.reason)
+            self._ready.clear()
+            self._fail_pending(why)
+            for task in list(self._tasks):
+                task.cancel()
+            if not should_reconnect(closed.code):
+                log.warning(
+                    "the gateway closed the connection with %d: not reconnecting", closed.code
+                )
+                self._stop(why)
+                return
+            self._transition(State.RECONNECTING)
+            log.info("connection closed with %d, reconnecting", closed.code)
+            try:
+                if closed.code == CloseCode.TOKEN_EXPIRED and self._get_token is not None:
+                    self._token = await self._get_token()
+                ws = await self._dial(first=False)
+            except ClientError as exc:
+                log.warning("reconnect refused: %s", exc)
+                code = why.code if not isinstance(exc, ConnectionClosed) else exc.code
+                self._stop(ConnectionClosed(code, str(exc)))
+                return
+            except Exception as exc:  # get_token failed: nothing left to retry with
+                log.exception("reconnect failed")
+                self._stop(ConnectionClosed(why.code, f"reconnect failed: {exc!r}"))
+                return
+            self._opened(ws)
+            await self._resubscribe(ws)
+            if not ws.closed.done():
+                self._ready.set()
+
+    async def _resubscribe(self, ws: WebSocket) -> None:
+        async def one(sub: Subscription) -> None:
+            since = sub.position
+            try:
+                await self._call(
+                    ws,
+                    lambda id: Sub(id=id, ch=sub.channel, since=since),
+                    lambda r: sub.subscribed(since, r.recovered, position_of(r), again=True),
+                )
+            except ReplyError as exc:
+                if self._subs.get(sub.channel) is sub:
+                    del self._subs[sub.channel]
+                sub.end(exc)
+            except (ConnectionClosed, TimeoutError):
+                pass  # the next round of _run resubscribes
+
+        subs = [sub for sub in self._subs.values() if sub.confirmed]  # others are on their way
+        try:
+            async with asyncio.timeout(self.request_timeout):
+                await asyncio.gather(*(one(sub) for sub in subs))
+        except TimeoutError:
+            ws.abort()
+
+    def _fail_pending(self, why: ConnectionClosed) -> None:
+        pending, self._pending = self._pending, {}
+        for fut, _ in pending.values():
+            if not fut.done():
+                fut.set_exception(why)
+
+    def _spawn(self, coro: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _heartbeat(self, ws: WebSocket, interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                async with asyncio.timeout(self.ping_timeout):
+                    await self._call(ws, lambda id: Ping(id=id))
+            except TimeoutError:
+                log.warning("no reply to ping within %.1fs: reconnecting", self.ping_timeout)
+                ws.abort()
+                return
+            except ClientError:
+                return
+
+    # -- requests ----------------------------------------------------------
+
+    async def _request(
+        self, make: Callable[[int], Command], on_ok: Callable[[Reply], None] | None = None
+    ) -> Reply:
+        async with asyncio.timeout(self.request_timeout):
+            while not self._ready.is_set() or self.state is not State.OPEN:
+                if self.state is State.CLOSED:
+                    raise self._stopped or ConnectionClosed(CloseCode.NORMAL, "closed")
+                if self.state is State.IDLE:
+                    raise StateError("connect() first")
+                await self._ready.wait()
+            assert self._ws is not None
+            return await self._call(self._ws, make, on_ok)
+
+    async def _call(
+        self,
+        ws: WebSocket,
+        make: Callable[[int], Command],
+        on_ok: Callable[[Reply], None] | None = None,
+    ) -> Reply:
+        """Send one command on ``ws``; its reply, or `ReplyError`.
+
+        ``on_ok`` runs as the successful reply is read, before the frames after it.
+        """
+        cid = next(self._ids)
+        fut: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
+        self._pending[cid] = (fut, on_ok)
+        try:
+            await ws.send(self.encoding.command(make(cid)), self.encoding.binary)
+            reply = await fut
+        finally:
+            self._pending.pop(cid, None)
+        if not reply.ok:
+            raise ReplyError.from_body(reply.error)
+        return reply
+
+    async def refresh(self, token: str) -> None:
+        """Continue this connection under ``token`` (same subject); used after reconnects too."""
+        await self._request(lambda id: Refresh(id=id, token=token))
+        self._token = token
+
+    # -- frames in ---------------------------------------------------------
+
+    def _on_message(self, payload: bytes) -> None:
+        try:
+            frame: ServerFrame = self.encoding.decode(payload)
+        except msgspec.DecodeError as exc:
+            log.warning("undecodable frame from the gateway: %s", exc)
+            return
+        if type(frame) is Push:
+            sub = self._subs.get(frame.ch)
+            if sub is not None:
+                sub.publication(Publication(frame.ch, frame.data, frame.offset, frame.epoch))
+        elif isinstance(frame, Reply):
+            pending = self._pending.get(frame.id) if frame.id is not None else None
+            if pending is not None and not pending[0].done():
+                fut, on_ok = pending
+                if on_ok is not None and frame.ok:
+                    on_ok(frame)
+                fut.set_result(frame)
+            elif frame.error is not None:
+                log.warning("error reply to no pending command: %s", frame.error.message)
+        elif isinstance(frame, Join | Leave):
+            sub = self._subs.get(frame.ch)
+            if sub is not None:
+                sub.put(frame)
+        elif isinstance(frame, GapPush):
+            sub = self._subs.get(frame.ch)
+            if sub is not None and sub.position is None:
+                sub.put(Gap(frame.ch, "broker", None))
+            elif sub is not None and not sub.holding:  # a repair under way covers this one
+                sub.hold()
+                self._spawn(self._repair(sub))
+        elif isinstance(frame, Unsubscribed):
+            ended = self._subs.pop(frame.ch, None)
+            if ended is not None:
+                ended.end(SubscriptionEnded(frame.ch, frame.code, frame.message))
+        elif isinstance(frame, Expiring):
+            if self._get_token is not None:
+                self._spawn(self._refresh_token())
+            else:
+                log.warning("the token expires at %d and no get_token was given", frame.exp)
+
+    async def _repair(self, sub: Subscription) -> None:
+        """Fill a ``gap`` from history: what was missed, in order, then the live pushes held.
+
+        A `Gap` when history cannot: another epoch, or more missed than it keeps.
+        """
+        try:
+            while (since := sub.position) is not None:
+                reply = await self._request(
+                    lambda id: History(id=id, ch=sub.channel, since=since.offset, limit=100)
+                )
+                now, items = position_of(reply), reply.publications or []
+                if (
+                    now is None
+                    or now.epoch != since.epoch
+                    or (bool(items) and items[0].offset > since.offset + 1)
+                ):
+                    sub.put(Gap(sub.channel, "broker", now))
+                    return
+                for item in items:
+                    value = self.encoding.value(item.data)
+                    sub.publication(
+                        Publication(sub.channel, value, item.offset, now.epoch), live=False
+                    )
+                if not items or items[-1].offset >= now.offset:
+                    return
+        except (ClientError, TimeoutError) as exc:
+            log.warning("could not repair a gap on %s: %s", sub.channel, exc)
+            sub.put(Gap(sub.channel, "broker", sub.position))
+        finally:
+            sub.release()
+
+    async def _refresh_token(self) -> None:
+        assert self._get_token is not None
+        try:
+            await self.refresh(await self._get_token())
+        except Exception as exc:  # the gateway closes with 4002 later: reconnect refreshes again
+            log.warning("token refresh failed: %s", exc)
+
+    def _pause(self, sub: Subscription) -> None:
+        self._full.add(sub)
+        if self._ws is not None:
+            self._ws.pause_reading()
+
+    def _resume(self, sub: Subscription) -> None:
+        self._full.discard(sub)
+        if not self._full and self._ws is not None:
+            self._ws.resume_reading()
+
+
+def position_of(reply: Reply) -> Position | None:
+    if reply.offset is None or reply.epoch is None:
+        return None
+    return Position(offset=reply.offset, epoch=reply.epoch)

@@ -1,0 +1,265 @@
+"""The AsyncAPI 3.0 document: generated from proto's types, served, and valid.
+
+The structural checks always run; the official ``@asyncapi/parser`` runs too
+when ``node`` and ``npm`` are on PATH (installed once into a cache outside
+the repository).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+from jsonschema import Draft202012Validator
+from referencing import Registry, Resource
+from referencing.jsonschema import DRAFT202012
+
+import proto.frames
+from core import __version__
+from gateway.asyncapi import COMMANDS, PUSHES, document
+from proto import (
+    JSON_CODEC,
+    ErrorBody,
+    Expiring,
+    Gap,
+    History,
+    Join,
+    Leave,
+    Ping,
+    Position,
+    PresenceInfo,
+    PresenceQuery,
+    PresenceStats,
+    Pub,
+    Push,
+    Refresh,
+    Reply,
+    Rpc,
+    Sub,
+    Unsub,
+    Unsubscribed,
+)
+from tests.harness import ApiClient, running_gateway
+
+PARSER_DIR = Path(
+    os.environ.get(
+        "ASYNCAPI_PARSER_DIR", Path.home() / ".cache" / "gateway-tests" / "asyncapi-parser"
+    )
+)
+INFO = PresenceInfo(user="bob", client="c1", info={"name": "Bob"})
+#: One instance of every frame type, as the gateway or a client encodes it.
+EXAMPLES: list[msgspec.Struct] = [
+    Sub(id=1, ch="projects", since=Position(offset=4, epoch="9f3a")),
+    Unsub(id=2, ch="room:1"),
+    Pub(id=3, ch="room:1", data=msgspec.Raw(b'{"text":"hi"}')),
+    Ping(id=4),
+    Rpc(
+        id=5,
+        method="POST",
+        path="/api/projects",
+        body=msgspec.Raw(b"{}"),
+        headers={"If-Match": '"1"'},
+    ),
+    Refresh(id=6, token="a.b.c"),
+    History(id=7, ch="projects", since=40, limit=20),
+    PresenceQuery(id=8, ch="room:1"),
+    PresenceStats(id=9, ch="room:1"),
+    Reply(id=1, ok=True, recovered=True, offset=45, epoch="9f3a"),
+    Reply(id=None, ok=False, error=ErrorBody(code=100, message="malformed frame")),
+    Reply(id=5, ok=True, status=201, headers={"ETag": '"1"'}, body=msgspec.Raw(b'{"id":7}')),
+    Reply(id=10, ok=True, presence=[INFO], num_clients=1, num_users=1),
+    Push(ch="projects", data={"type": "created"}, offset=46, epoch="9f3a"),
+    Expiring(exp=1795600000),
+    Gap(ch="projects"),
+    Unsubscribed(ch="user:42", code=103, message="the refreshed token does not allow this channel"),
+    Join(ch="room:1", info=INFO),
+    Leave(ch="room:1", info=INFO),
+]
+
+
+@pytest.fixture(scope="module")
+def doc() -> dict[str, Any]:
+    return document("1.0.0")
+
+
+def resolve(doc: dict[str, Any], ref: str) -> Any:
+    assert ref.startswith("#/"), ref
+    node: Any = doc
+    for part in ref[2:].split("/"):
+        node = node[part.replace("~1", "/").replace("~0", "~")]
+    return node
+
+
+def refs(node: Any) -> list[str]:
+    if isinstance(node, dict):
+        found = [node["$ref"]] if isinstance(node.get("$ref"), str) else []
+        return found + [r for v in node.values() for r in refs(v)]
+    if isinstance(node, list):
+        return [r for v in node for r in refs(v)]
+    return []
+
+
+def payload_schema(doc: dict[str, Any], message: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    ref = message["payload"]["$ref"]
+    return ref.rsplit("/", 1)[1], resolve(doc, ref)
+
+
+def validator(doc: dict[str, Any], name: str) -> Draft202012Validator:
+    resource = Resource.from_contents(doc, default_specification=DRAFT202012)
+    registry = Registry().with_resource("urn:asyncapi", resource)
+    schema = {"$ref": f"urn:asyncapi#/components/schemas/{name}"}
+    return Draft202012Validator(schema, registry=registry)
+
+
+def test_structure_and_every_reference_resolves(doc):
+    assert doc["asyncapi"] == "3.0.0"
+    assert doc["info"]["version"] == "1.0.0" and doc["info"]["title"]
+    assert {c["address"] for c in doc["channels"].values()} == {
+        "/ws",
+        "/sse",
+        "/lp",
+        "/lp/{session}",
+    }
+    all_refs = refs(doc)
+    assert len(all_refs) > 50
+    for ref in all_refs:
+        resolve(doc, ref)  # raises KeyError when dangling
+    for name, op in doc["operations"].items():
+        assert op["action"] in ("send", "receive"), name
+        channel = op["channel"]["$ref"]
+        for message in op.get("messages", []):
+            assert message["$ref"].startswith(channel + "/messages/"), (name, message)
+
+
+def test_every_message_payload_is_a_proto_struct(doc):
+    frame_types = {
+        t.__name__: t
+        for t in vars(proto.frames).values()
+        if isinstance(t, type) and issubclass(t, msgspec.Struct)
+    }
+    checked = set()
+    for message in doc["components"]["messages"].values():
+        name, schema = payload_schema(doc, message)
+        if name not in frame_types:
+            continue
+        t = frame_types[name]
+        config = t.__struct_config__
+        expected = ([config.tag_field] if config.tag_field else []) + [
+            f.encode_name for f in msgspec.structs.fields(t)
+        ]
+        assert list(schema["properties"]) == expected, name
+        required = [f.encode_name for f in msgspec.structs.fields(t) if f.required]
+        assert (
+            schema.get("required", [])
+            == ([config.tag_field] if config.tag_field else []) + required
+        )
+        checked.add(name)
+    assert checked >= {t.__name__ for t in (*COMMANDS, Reply, *PUSHES)}
+
+
+def test_every_command_and_push_is_a_socket_message(doc):
+    socket = doc["channels"]["socket"]["messages"]
+    on_socket = {payload_schema(doc, resolve(doc, m["$ref"]))[0] for m in socket.values()}
+    tagged = {
+        t.__name__
+        for t in vars(proto.frames).values()
+        if isinstance(t, type) and issubclass(t, msgspec.Struct) and t.__struct_config__.tag
+    }
+    assert tagged == {t.__name__ for t in (*COMMANDS, *PUSHES)}
+    assert on_socket == tagged | {"Reply"}
+    commands = {op["messages"][0]["$ref"] for op in doc["operations"].values()
+                if op["action"] == "receive" and op["channel"]["$ref"] == "#/channels/socket"}  # fmt: skip
+    assert len(commands) == len(COMMANDS)
+    close_codes = resolve(doc, "#/components/schemas/CloseCode")["enum"]
+    assert 4000 in close_codes and 4502 in close_codes
+    assert "| 4501 | `FORBIDDEN` | no |" in doc["channels"]["socket"]["description"]
+
+
+@pytest.mark.parametrize("frame", EXAMPLES, ids=lambda f: type(f).__name__)
+def test_what_proto_encodes_validates_against_the_document(doc, frame):
+    instance = json.loads(JSON_CODEC.encode(frame))
+    validator(doc, type(frame).__name__).validate(instance)
+
+
+def test_the_schemas_refuse_what_proto_refuses(doc):
+    assert not validator(doc, "Sub").is_valid({"op": "sub", "id": 1, "ch": "room 1"})
+    assert not validator(doc, "Sub").is_valid({"op": "sub", "id": 1, "ch": "x", "extra": 1})
+    assert not validator(doc, "Rpc").is_valid({"op": "rpc", "id": 1, "method": "GET", "path": "/x"})
+    batch = {"messages": [{"id": 1, "ok": True}, {"op": "gap", "ch": "projects"}], "cursor": 2}
+    assert validator(doc, "LongPollBatch").is_valid(batch)
+
+
+async def test_served_and_linked_from_the_rest_docs():
+    async with running_gateway() as gw:
+        api = ApiClient(gw.port, None)
+        try:
+            status, headers, served = await api.call("GET", "/asyncapi.json")
+            _, _, openapi = await api.call("GET", "/openapi.json")
+        finally:
+            api.close()
+    assert status == 200 and headers["Content-Type"] == "application/json"
+    assert served == document(__version__, "127.0.0.1:0")
+    assert "(/asyncapi.json)" in openapi["info"]["description"]
+
+
+_PARSE = """
+const { Parser } = require('@asyncapi/parser');
+const fs = require('fs');
+(async () => {
+  const { document, diagnostics } = await new Parser().parse(fs.readFileSync(process.argv[2], 'utf8'));
+  for (const d of diagnostics) {
+    console.log(JSON.stringify({ severity: d.severity, code: d.code, message: d.message, path: d.path }));
+  }
+  const errors = diagnostics.filter((d) => d.severity === 0);
+  process.exit(errors.length === 0 && document ? 0 : 1);
+})().catch((e) => { console.error(e); process.exit(2); });
+"""
+
+
+def official_parser() -> Path:
+    """The directory holding ``@asyncapi/parser``, installed on first use."""
+    node, npm = shutil.which("node"), shutil.which("npm")
+    if node is None or npm is None:
+        pytest.skip("node and npm are not on PATH: the official AsyncAPI parser cannot run")
+    if not (PARSER_DIR / "node_modules" / "@asyncapi" / "parser" / "package.json").exists():
+        PARSER_DIR.mkdir(parents=True, exist_ok=True)
+        try:
+            done = subprocess.run(
+                [npm, "install", "--prefix", str(PARSER_DIR), "--no-audit", "--no-fund",
+                 "@asyncapi/parser@3"],
+                capture_output=True, text=True, timeout=540,
+            )  # fmt: skip
+        except subprocess.TimeoutExpired:
+            pytest.skip("npm install @asyncapi/parser@3 timed out")
+        if done.returncode != 0:
+            pytest.skip(f"npm install @asyncapi/parser@3 failed: {done.stderr.strip()[-500:]}")
+    return PARSER_DIR
+
+
+@pytest.mark.timeout(600)
+def test_the_official_asyncapi_parser_accepts_the_document(doc, tmp_path):
+    directory = official_parser()
+    script = directory / "parse.cjs"
+    script.write_text(_PARSE)
+    spec = tmp_path / "asyncapi.json"
+    node = shutil.which("node")
+    assert node is not None
+
+    def parse(document: dict[str, Any]) -> subprocess.CompletedProcess[str]:
+        spec.write_text(json.dumps(document))
+        return subprocess.run([node, str(script), str(spec)], capture_output=True, text=True,
+                              timeout=120, cwd=directory)  # fmt: skip
+
+    done = parse(doc)
+    assert done.returncode == 0, done.stdout + done.stderr
+    # The parser does find errors: an operation's message from another channel.
+    broken = json.loads(json.dumps(doc))
+    broken["operations"]["ws_sub"]["messages"] = [{"$ref": "#/channels/events/messages/SSE_msg"}]
+    refused = parse(broken)
+    assert refused.returncode == 1 and "asyncapi3-operation-messages" in refused.stdout

@@ -1,0 +1,340 @@
+"""The browser client (gateway/static/gateway.js) and the /demo page in a real Chromium.
+
+Debian's ``chromium`` driven by Playwright (never a downloaded browser). The
+client's pure parts (backoff, close codes, codecs) are checked in the page
+against the Python implementation; its transports against an in-process
+gateway; the demo against real gateway processes on real Redis and
+PostgreSQL, through a SIGKILL and a restart on the same port. Screenshots go
+to ``test-output/browser/`` (gitignored); the path is printed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+from tornado.httpclient import AsyncHTTPClient
+
+from gateway.auth import mint_token
+from gateway.settings import Settings
+from proto.codes import should_reconnect
+from tests import test_processes
+from tests.harness import SECRET, ApiClient, running_gateway, token_for, unique_prefix
+from tests.servers import UNIT
+from tests.test_core_rest import PROJECT
+
+async_api = pytest.importorskip(
+    "playwright.async_api", reason="playwright is not installed (pip install -e '.[test]')"
+)
+expect = async_api.expect
+
+CHROMIUM = "/usr/bin/chromium"
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync"]  # fmt: skip
+SHOTS = Path(__file__).resolve().parent.parent / "test-output" / "browser"
+WAIT = 10_000 * UNIT  # ms, for Playwright's expectations
+
+processes = test_processes.processes  # the fixture: real `python -m gateway` processes
+
+# Installing Chromium on a fresh machine may take minutes; the tests themselves do not.
+pytestmark = pytest.mark.timeout(int(420 * UNIT))
+
+
+def _apt_install_chromium() -> str | None:
+    """Try ``apt-get install -y chromium``; None if it is there now, else why not."""
+    if os.geteuid() != 0 or shutil.which("apt-get") is None:
+        return f"{CHROMIUM} is missing (install Debian's chromium package; not root with apt-get here)"
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    last = ""
+    # A stale package list makes the first install fail: update, then try again.
+    for step in (["install", "-y", "chromium"], ["update"], ["install", "-y", "chromium"]):
+        try:
+            run = subprocess.run(["apt-get", *step], env=env, capture_output=True, text=True, timeout=180)
+        except subprocess.TimeoutExpired:
+            return f"apt-get {' '.join(step)} timed out"
+        last = (run.stderr.strip().splitlines() or [""])[-1]
+        if os.path.exists(CHROMIUM):
+            return None
+    return f"{CHROMIUM} is missing and apt-get install -y chromium failed: {last}"
+
+
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    if not os.path.exists(CHROMIUM):
+        reason = _apt_install_chromium()
+        if reason is not None:
+            pytest.skip(reason)
+    return CHROMIUM
+
+
+@contextlib.asynccontextmanager
+async def browser(executable: str) -> AsyncIterator[Any]:
+    async with async_api.async_playwright() as pw:
+        b = await pw.chromium.launch(executable_path=executable, args=ARGS, headless=True)
+        try:
+            yield b
+        finally:
+            await b.close()
+
+
+class Page:
+    """One browser context and page, keeping the page's uncaught errors."""
+
+    def __init__(self, page: Any) -> None:
+        self.page = page
+        self.errors: list[str] = []
+        page.on("pageerror", lambda exc: self.errors.append(str(exc)))
+
+    @classmethod
+    async def open(cls, b: Any, url: str) -> Page:
+        context = await b.new_context()
+        page = cls(await context.new_page())
+        await page.page.goto(url)
+        return page
+
+    async def sign_in(self, email: str, name: str) -> None:
+        p = self.page
+        await p.fill("#email", email)
+        await p.fill("#password", "correct horse battery")
+        await p.fill("#name", name)
+        await p.get_by_role("button", name="Sign in").click()
+        await self.expect_state("connected")
+
+    async def expect_state(self, state: str, timeout: float = WAIT) -> None:
+        await expect(self.page.locator("#status")).to_have_attribute("data-state", state, timeout=timeout)
+
+    def project(self, name: str) -> Any:
+        return self.page.locator("#projects li", has_text=name)
+
+    async def create(self, name: str) -> None:
+        await self.page.fill("#project-name", name)
+        await self.page.get_by_role("button", name="Create").click()
+
+    async def screenshot(self, name: str) -> Path:
+        SHOTS.mkdir(parents=True, exist_ok=True)
+        path = SHOTS / name
+        await self.page.screenshot(path=str(path), full_page=True)
+        return path
+
+
+# -- The client's pure parts, and its transports, in the browser ------------------
+
+UNITS_JS = """async () => {
+  const m = await import("/client/gateway.js");
+  const bounds = { minDelay: 100, maxDelay: 5000 };
+  const samples = Array.from({ length: 2000 }, (_, i) => m.backoff(i % 12, bounds));
+  const frame = { id: 7, op: "sub", ch: "projects", since: { offset: 42, epoch: "9f3ac2d1" } };
+  const values = [0, 127, 128, -1, -33, 65536, 2 ** 32, 2 ** 53 - 1, -(2 ** 40), 1.5, "", "é".repeat(40),
+                  "x".repeat(70000), null, true, [1, [2]], Array(20).fill(0), { a: { b: "c" } }];
+  return {
+    lowest: [0, 1, 2, 5, 6, 20].map((a) => m.backoff(a, bounds, () => 0)),
+    highest: [0, 1, 2, 5, 6, 20].map((a) => m.backoff(a, bounds, () => 1)),
+    sampleMin: Math.min(...samples), sampleMax: Math.max(...samples),
+    distinct: new Set(samples).size,
+    reconnect: CODES.map((c) => m.shouldReconnect(c)),
+    msgpack: Array.from(m.msgpackEncode(frame)),
+    json: m.JSON_CODEC.encode(frame),
+    decoded: m.msgpackDecode(new Uint8Array(PACKED)),
+    binary: Array.from(m.msgpackDecode(new Uint8Array(PACKED)).data[4]),
+    roundTrips: values.every((v) => JSON.stringify(m.msgpackDecode(m.msgpackEncode(v))) === JSON.stringify(v)),
+    endpoints: [m.endpoints("http://h:1/"), m.endpoints("wss://h/x/ws")],
+  };
+}"""
+
+CODES = [1000, 1001, 1002, 1006, 1008, 1009, 1011, 4000, 4001, 4002, 4499, 4500, 4502, 4999]
+PACKED_VALUE = {"op": "msg", "ch": "room:1", "offset": 2**40, "data": [1.25, -5, "ü", None, b"\x00\xff"]}
+
+
+async def test_client_backoff_close_codes_and_codecs(chromium):
+    async with running_gateway() as gw, browser(chromium) as b:
+        page = await Page.open(b, f"http://127.0.0.1:{gw.port}/demo")
+        script = UNITS_JS.replace("CODES", str(CODES)).replace(
+            "PACKED", str(list(msgspec.msgpack.encode(PACKED_VALUE)))
+        )
+        out = await page.page.evaluate(script)
+    # Full jitter: 0 at worst, min(maxDelay, minDelay * 2^attempt) at best.
+    assert out["lowest"] == [0] * 6
+    assert out["highest"] == [100, 200, 400, 3200, 5000, 5000]
+    assert 0 <= out["sampleMin"] < 50 and 4000 < out["sampleMax"] < 5000 and out["distinct"] > 1900
+    assert out["reconnect"] == [should_reconnect(c) for c in CODES]
+    frame = {"id": 7, "op": "sub", "ch": "projects", "since": {"offset": 42, "epoch": "9f3ac2d1"}}
+    assert bytes(out["msgpack"]) == msgspec.msgpack.encode(frame)
+    assert msgspec.json.decode(out["json"]) == frame
+    assert out["decoded"]["data"][:4] == PACKED_VALUE["data"][:4] and out["binary"] == [0, 255]
+    assert {k: out["decoded"][k] for k in ("op", "ch", "offset")} == {"op": "msg", "ch": "room:1", "offset": 2**40}
+    assert out["roundTrips"] is True
+    assert out["endpoints"] == [{"http": "http://h:1", "ws": "ws://h:1/ws"},
+                                {"http": "https://h/x", "ws": "wss://h/x/ws"}]  # fmt: skip
+    assert page.errors == []
+
+
+TRANSPORT_JS = """async ([options, token]) => {
+  const { Gateway } = await import("/client/gateway.js");
+  if (options.brokenWebSocket) {
+    // A proxy that refuses sockets: every open fails, while plain HTTP works.
+    window.WebSocket = class { constructor() { setTimeout(() => this.onclose({ code: 1006, reason: "" }), 5); }
+                               close() {} send() {} };
+  }
+  const gw = new Gateway(location.origin, { token, minDelay: 10, maxDelay: 50, ...options });
+  const states = [];
+  gw.on("state", (s) => states.push(s));
+  const got = [];
+  const sub = gw.subscribe("room:1", { onMessage: (data) => got.push(data) });
+  await gw.connect();
+  await sub.ready;
+  await gw.publish("room:1", { n: 1, text: "é" });
+  const refused = await gw.publish("admin:1", 1).then(() => null, (e) => e.code);
+  const rpc = await gw.rpc("GET", "/api/projects").then((r) => r.status, (e) => e.code);
+  while (got.length < 1) await new Promise((r) => setTimeout(r, 10));
+  const transport = gw.transport.kind;
+  await sub.unsubscribe();
+  gw.disconnect();
+  return { got, refused, rpc, transport, states };
+}"""
+
+
+@pytest.mark.parametrize(
+    ("options", "transport"),
+    [
+        ({"codec": "msgpack"}, "websocket"),
+        ({"transports": ["sse"]}, "sse"),
+        ({"transports": ["longpoll"]}, "longpoll"),
+        ({"brokenWebSocket": True, "openAttempts": 2, "transports": ["websocket", "longpoll"]}, "longpoll"),
+    ],
+    ids=["websocket-msgpack", "sse", "longpoll", "fallback"],
+)
+async def test_client_transports_against_a_gateway(chromium, options, transport):
+    async with running_gateway() as gw, browser(chromium) as b:
+        page = await Page.open(b, f"http://127.0.0.1:{gw.port}/demo")
+        out = await page.page.evaluate(TRANSPORT_JS, [options, token_for(gw)])
+    assert out["transport"] == transport
+    assert out["got"] == [{"n": 1, "text": "é"}]
+    assert out["refused"] == 103  # the token allows room:* only
+    assert out["rpc"] == 503  # this gateway has no database: the core answers 503
+    assert out["states"][0] == "connecting" and out["states"][-2:] == ["connected", "disconnected"]
+    assert page.errors == []
+
+
+REFRESH_JS = """async ([short, long, seconds]) => {
+  const { Gateway } = await import("/client/gateway.js");
+  const reasons = [];
+  const getToken = async ({ reason }) => { reasons.push(reason); return reason === "connect" ? short : long; };
+  const gw = new Gateway(location.origin, { getToken });
+  const states = [];
+  gw.on("state", (s) => states.push(s));
+  const got = [];
+  gw.subscribe("room:1", { onMessage: (data) => got.push(data) });
+  await gw.connect();
+  // Past the first token's exp and grace: still the same connection.
+  await new Promise((r) => setTimeout(r, seconds * 1000));
+  await gw.publish("room:1", "still here");
+  while (got.length < 1) await new Promise((r) => setTimeout(r, 10));
+  gw.disconnect();
+  return { reasons, states, got };
+}"""
+
+
+async def test_client_refreshes_its_token_in_band_before_expiry(chromium):
+    async with running_gateway(token_grace=0.2) as gw, browser(chromium) as b:
+        page = await Page.open(b, f"http://127.0.0.1:{gw.port}/demo")
+        short, long = token_for(gw, ttl=2), token_for(gw, ttl=600)
+        out = await page.page.evaluate(REFRESH_JS, [short, long, 3 * UNIT])
+    # The `expiring` push (TOKEN_NOTICE is 60 s, more than the token has) asked for a new token.
+    assert out["reasons"] == ["connect", "expiring"]
+    assert out["states"] == ["connecting", "connected", "disconnected"]
+    assert out["got"] == ["still here"]
+    assert page.errors == []
+
+
+async def test_client_and_demo_are_served_with_cache_validators():
+    http = AsyncHTTPClient(force_instance=True)
+    try:
+        async with running_gateway() as gw:
+            base = f"http://127.0.0.1:{gw.port}"
+            for path, kind in (("/client/gateway.js", "text/javascript"), ("/demo", "text/html"),
+                               ("/demo/", "text/html"), ("/demo/demo.js", "text/javascript"),
+                               ("/demo/demo.css", "text/css")):  # fmt: skip
+                r = await http.fetch(base + path)
+                assert r.headers["Content-Type"].startswith(kind), path
+                assert r.headers["Cache-Control"] == "no-cache" and r.headers["ETag"], path
+            r = await http.fetch(base + "/client/gateway.js?v=1")
+            assert "max-age=31536000" in r.headers["Cache-Control"]
+            again = await http.fetch(base + "/client/gateway.js", raise_error=False,
+                                     headers={"If-None-Match": r.headers["ETag"]})  # fmt: skip
+            assert again.code == 304
+            assert (await http.fetch(base + "/demo/gateway.py", raise_error=False)).code == 404
+    finally:
+        http.close()
+
+
+# -- The demo, end to end ---------------------------------------------------------
+
+
+async def test_demo_is_live_across_pages_and_recovers_after_a_gateway_is_killed(
+    chromium, processes, tmp_path, data_dir, redis_url, clean_db, capsys
+):
+    env = {
+        "REDIS_URL": redis_url, "REDIS_PREFIX": unique_prefix(), "JWT_SECRET": SECRET,
+        "DATABASE_URL": clean_db["database_url"], "DATABASE_SCHEMA": clean_db["database_schema"],
+        "PRESENCE_CHANNELS": "projects", "PASSWORD_TIME_COST": "1", "PASSWORD_MEMORY_KIB": "8192",
+    }  # fmt: skip
+    gateway = processes(**env)
+    other = processes(**env)  # a second node on the same Redis and database
+    token = mint_token(Settings(jwt_secret=SECRET), "tester", ["projects"])
+    rest, rest_other = ApiClient(gateway.port, token), ApiClient(other.port, token)
+    restarted: test_processes.GatewayProcess | None = None
+    url = f"http://127.0.0.1:{gateway.port}/demo"
+    try:
+        async with browser(chromium) as b:
+            ada, bob = await Page.open(b, url), await Page.open(b, url)
+            await ada.sign_in("ada@example.com", "Ada")
+            await bob.sign_in("bob@example.com", "Bob")
+
+            await ada.create("Apollo")
+            status, _, _ = await rest.call("POST", "/api/projects", {**PROJECT, "name": "Borealis"})
+            assert status == 201
+            for page in (ada, bob):
+                await expect(page.project("Apollo")).to_have_count(1, timeout=WAIT)
+                await expect(page.project("Borealis")).to_have_count(1, timeout=WAIT)
+                await expect(page.page.locator("#presence")).to_contain_text("Ada", timeout=WAIT)
+                await expect(page.page.locator("#presence")).to_contain_text("Bob", timeout=WAIT)
+            await expect(ada.page.locator("#presence")).to_contain_text("Ada (you)")
+            await bob.project("Apollo").get_by_role("button", name="Delete").click()
+            await expect(ada.project("Apollo")).to_have_count(0, timeout=WAIT)
+            shots = [await ada.screenshot("1-live-ada.png"), await bob.screenshot("1-live-bob.png")]
+
+            gateway.stop(signal.SIGKILL)
+            for page in (ada, bob):
+                await page.expect_state("reconnecting")
+            shots.append(await ada.screenshot("2-reconnecting.png"))
+            # Written through the other node while the pages' node is down: kept
+            # in the channel's history in Redis.
+            status, _, _ = await rest_other.call("POST", "/api/projects", {**PROJECT, "name": "Cassini"})
+            assert status == 201
+
+            restarted = test_processes.GatewayProcess(tmp_path, data_dir, **env)
+            restarted.port, restarted.env["PORT"] = gateway.port, str(gateway.port)
+            restarted.start()
+            for page in (ada, bob):
+                await page.expect_state("connected", timeout=2 * WAIT)
+                await expect(page.project("Cassini")).to_have_count(1, timeout=WAIT)
+                await expect(page.page.locator("#recovery")).to_have_attribute("data-recovered", "true")
+                await expect(page.project("Borealis")).to_have_count(1)
+                await expect(page.project("Apollo")).to_have_count(0)
+            shots += [await ada.screenshot("3-recovered-ada.png"), await bob.screenshot("3-recovered-bob.png")]
+            assert ada.errors == [] and bob.errors == []
+    finally:
+        rest.close()
+        rest_other.close()
+        if restarted is not None and restarted.proc is not None and restarted.proc.poll() is None:
+            restarted.stop(signal.SIGKILL)
+    with capsys.disabled():
+        print(f"\nscreenshots: {SHOTS} ({', '.join(p.name for p in shots)})")

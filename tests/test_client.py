@@ -1,0 +1,375 @@
+"""The Python client (`gateway.client`) against in-process gateways, over real sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+from gateway.broker import RedisBroker
+from gateway.client import (
+    Backoff,
+    Client,
+    ConnectionClosed,
+    Gap,
+    HandshakeError,
+    Join,
+    Position,
+    Publication,
+    ReplyError,
+    State,
+    SubscriptionEnded,
+)
+from gateway.client.frames import client_frame, read_frames
+from gateway.client.handshake import accept_value, check_upgrade, parse_response
+from proto import CloseCode, ErrorCode
+from proto.wsframe import FrameError
+from tests.harness import ApiClient, running_gateway, token_for, unique_prefix, ws_client
+from tests.servers import UNIT
+from tests.test_core_rest import PROJECT
+
+FAST = Backoff(base=0.05, cap=0.2)
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def url(gw) -> str:
+    return f"ws://127.0.0.1:{gw.port}/ws"
+
+
+async def next_event(sub, timeout: float = 2 * UNIT):
+    return await asyncio.wait_for(anext(sub), timeout)
+
+
+async def eventually(check, timeout: float = 5 * UNIT) -> None:
+    for _ in range(int(timeout / 0.01)):
+        if check():
+            return
+        await asyncio.sleep(0.01)
+    pytest.fail("the condition never held")
+
+
+def close_all(gw, code: CloseCode) -> None:
+    for member in gw.hub.connections:
+        member.close(code)
+
+
+# -- sans-I/O pieces -----------------------------------------------------------
+
+
+def test_frames_round_trip_and_refuse_masked_server_frames():
+    frames: list[tuple[int, bool, bytes]] = []
+    big = b"x" * 70_000
+    # Server frames are client frames without the mask: strip it for the test.
+    data = bytes((0x81, 2)) + b"hi" + bytes((0x82, 126)) + (300).to_bytes(2, "big") + b"y" * 300
+    data += bytes((0x81, 127)) + len(big).to_bytes(8, "big") + big
+    used = read_frames(data + b"\x81", lambda *f: frames.append(f))
+    assert used == len(data) and [(op, fin, len(p)) for op, fin, p in frames] == [
+        (1, True, 2), (2, True, 300), (1, True, 70_000),
+    ]  # fmt: skip
+    with pytest.raises(FrameError) as info:
+        read_frames(client_frame(b"masked"), lambda *f: None)
+    assert info.value.code == 1002
+    with pytest.raises(FrameError) as info:
+        # refused from its header, before the rest is buffered
+        read_frames(
+            bytes((0x81, 126)) + (1000).to_bytes(2, "big") + b"x", lambda *f: None, max_size=100
+        )
+    assert info.value.code == 1009
+
+
+def test_handshake_response_is_checked_against_the_key_and_offer():
+    key = "dGhlIHNhbXBsZSBub25jZQ=="
+    head = (
+        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        f"Sec-WebSocket-Accept: {accept_value(key)}\r\nSec-WebSocket-Protocol: gw.v1.json"
+    ).encode()
+    assert accept_value(key) == "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="  # RFC 6455 §1.3
+    assert check_upgrade(parse_response(head), key, ["gw.v1.json"]) == "gw.v1.json"
+    with pytest.raises(HandshakeError):
+        check_upgrade(parse_response(head), "AAAAAAAAAAAAAAAAAAAAAA==", ["gw.v1.json"])
+    with pytest.raises(HandshakeError):
+        check_upgrade(parse_response(head), key, ["gw.v1.msgpack"])
+
+
+def test_backoff_is_exponential_with_full_jitter_and_honours_retry_after():
+    b = Backoff(base=0.5, cap=8.0)
+    assert [b.delay(n, rand=lambda: 1.0) for n in range(6)] == [0.5, 1.0, 2.0, 4.0, 8.0, 8.0]
+    assert b.delay(3, rand=lambda: 0.0) == 0.0
+    assert b.delay(0, retry_after=3.0, rand=lambda: 0.0) == 3.0
+    assert b.delay(0, retry_after=60.0, rand=lambda: 0.0) == 8.0  # bounded by the cap
+
+
+# -- against a gateway ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("encoding", ["json", "msgpack"])
+async def test_subscribe_publish_receive_and_presence(encoding):
+    async with running_gateway(presence_channels=("room:*",)) as gw:
+        token = token_for(gw, extra={"info": {"name": "Alice"}})
+        async with Client(url(gw), token=token, encoding=encoding, backoff=FAST) as c:
+            sub = await c.subscribe("room:1")
+            joined = await next_event(sub)
+            assert isinstance(joined, Join) and joined.info.user == "alice"
+            await c.publish("room:1", {"text": "hello", "n": [1, 2]})
+            got = await next_event(sub)
+            assert got == Publication("room:1", {"text": "hello", "n": [1, 2]})
+            assert sub.recovered is None and sub.position is None
+            present = await c.presence("room:1")
+            assert [(p.user, p.info) for p in present] == [("alice", {"name": "Alice"})]
+            assert await c.presence_stats("room:1") == (1, 1)
+            with pytest.raises(ReplyError) as info:
+                await c.subscribe("room:1")
+            assert info.value.code == ErrorCode.ALREADY_SUBSCRIBED
+            await c.unsubscribe("room:1")
+            with pytest.raises(StopAsyncIteration):
+                await next_event(sub)
+            await c.ping()
+        assert c.state is State.CLOSED
+        with pytest.raises(ConnectionClosed):
+            await c.ping()
+
+
+async def test_refusals_are_errors_and_the_connection_goes_on():
+    async with running_gateway() as gw, Client(url(gw), token=token_for(gw), backoff=FAST) as c:
+        with pytest.raises(ReplyError) as info:
+            await c.subscribe("admin:1")
+        assert info.value.code == ErrorCode.PERMISSION_DENIED and not info.value.temporary
+        with pytest.raises(ReplyError) as info:
+            await c.history("room:1")
+        assert info.value.code == ErrorCode.NO_HISTORY
+        await c.ping()
+
+
+async def test_handshake_refusal_and_token_source():
+    async with running_gateway() as gw:
+        with pytest.raises(HandshakeError) as info:
+            async with Client(url(gw), token="not-a-token", backoff=FAST):
+                pass
+        assert info.value.status == 401 and info.value.message
+
+        calls = []
+
+        async def get_token() -> str:
+            calls.append(1)
+            return token_for(gw)
+
+        async with Client(url(gw), token="expired-or-bad", get_token=get_token, backoff=FAST) as c:
+            await c.ping()
+        assert calls == [1]
+
+
+async def test_history_pages_and_subscribe_since():
+    async with running_gateway(history_channels=("feed:*",)) as gw:
+        for n in range(1, 6):
+            await gw.ctx.node.publish("feed:1", b'{"n":%d}' % n)
+        token = token_for(gw, channels=("feed:*",))
+        async with Client(url(gw), token=token, backoff=FAST) as c:
+            page = await c.history("feed:1", since=2, limit=2)
+            assert [(p.offset, p.data) for p in page.publications] == [(3, {"n": 3}), (4, {"n": 4})]
+            assert page.position is not None and page.position.offset == 5
+            sub = await c.subscribe("feed:1", since=Position(offset=3, epoch=page.position.epoch))
+            assert sub.recovered is True
+            assert [(await next_event(sub)).data for _ in range(2)] == [{"n": 4}, {"n": 5}]
+            assert sub.position == page.position
+
+
+async def test_rpc_calls_the_core(clean_db):
+    async with running_gateway(**clean_db) as gw:
+        async with Client(url(gw), token=token_for(gw), backoff=FAST) as c:
+            status, headers, body = await c.rpc(
+                "POST", "/api/projects", PROJECT, headers={"Idempotency-Key": "client-1"}
+            )
+            assert status == 201 and body["name"] == PROJECT["name"]
+            assert headers["Location"] == f"/api/projects/{body['id']}"
+            got = await c.rpc("GET", f"/api/projects/{body['id']}")
+            assert got.status == 200 and got.body == body
+            missing = await c.rpc("GET", "/api/projects/999999")
+            assert missing.status == 404 and missing.body["error"]["code"] == "not_found"
+            deleted = await c.rpc("DELETE", f"/api/projects/{body['id']}")
+            assert deleted == (204, deleted.headers, None)
+
+
+async def test_reconnect_after_shutdown_recovers_what_was_missed(redis_url):
+    broker = RedisBroker(redis_url, unique_prefix())
+    async with running_gateway(broker, history_channels=("feed:*",)) as gw:
+        token = token_for(gw, channels=("feed:*", "room:*"))
+
+        async def publish(n: int) -> None:
+            await gw.ctx.node.publish("feed:9", b'{"n":%d}' % n)
+
+        async with Client(url(gw), token=token, backoff=FAST) as c:
+            feed = await c.subscribe("feed:9")
+            room = await c.subscribe("room:9")  # no history: a reconnect is a gap
+            await publish(1)
+            first = await next_event(feed)
+            assert first.data == {"n": 1} and first.offset == 1
+            # The gateway drains: the socket closes with 4000 and reconnects
+            # are refused (503) while publications go on.
+            gw.ctx.status.draining = True
+            close_all(gw, CloseCode.SHUTDOWN)
+            await eventually(lambda: c.state is State.RECONNECTING)
+            await publish(2)
+            await publish(3)
+            gw.ctx.status.draining = False
+            got = [await next_event(feed) for _ in range(2)]
+            assert [(e.offset, e.data) for e in got] == [(2, {"n": 2}), (3, {"n": 3})]
+            assert feed.recovered is True and c.connections == 2
+            await publish(4)
+            assert (await next_event(feed)).data == {"n": 4}
+            gap = await next_event(room)
+            assert isinstance(gap, Gap) and gap.reason == "no_position"
+            await c.publish("room:9", "after")
+            assert (await next_event(room)).data == "after"
+
+
+async def test_unrecoverable_position_is_a_gap():
+    async with running_gateway(history_channels=("feed:*",), history_size=2) as gw:
+        token = token_for(gw, channels=("feed:*",))
+        async with Client(url(gw), token=token, backoff=FAST) as c:
+            await gw.ctx.node.publish("feed:2", b"1")
+            sub = await c.subscribe("feed:2", since=Position(offset=1, epoch="gone"))
+            gap = await next_event(sub)
+            assert sub.recovered is False and isinstance(gap, Gap) and gap.reason == "not_recovered"
+            assert gap.position == sub.position and sub.position is not None
+
+
+async def test_a_gap_push_is_repaired_from_history(monkeypatch):
+    async with running_gateway(history_channels=("feed:*",)) as gw:
+        token = token_for(gw, channels=("feed:*", "room:*"))
+        async with Client(url(gw), token=token, backoff=FAST) as c:
+            feed = await c.subscribe("feed:5")
+            room = await c.subscribe("room:5")
+            await gw.ctx.node.publish("feed:5", b"1")
+            assert (await next_event(feed)).offset == 1
+            # The broker link is down: history keeps publications, nobody gets them.
+            monkeypatch.setattr(gw.ctx.node.broker, "_send", lambda *args: None)
+            await gw.ctx.node.publish("feed:5", b"2")
+            await gw.ctx.node.publish("feed:5", b"3")
+            monkeypatch.undo()
+            for member in gw.hub.connections:
+                member.gap("feed:5")
+                member.gap("room:5")
+            await gw.ctx.node.publish("feed:5", b"4")
+            got = [await next_event(feed) for _ in range(3)]
+            assert [(e.offset, e.data) for e in got] == [(2, 2), (3, 3), (4, 4)]
+            gap = await next_event(room)  # no history to repair from
+            assert isinstance(gap, Gap) and gap.reason == "broker"
+
+
+async def test_token_is_refreshed_in_band_on_expiring():
+    async with running_gateway(token_grace=0.2) as gw:
+        fetched = asyncio.Event()
+
+        async def get_token() -> str:
+            fetched.set()
+            return token_for(gw, ttl=60)
+
+        async with Client(
+            url(gw), token=token_for(gw, ttl=1), get_token=get_token, backoff=FAST
+        ) as c:
+            sub = await c.subscribe("room:1")
+            (member,) = gw.hub.connections
+            await asyncio.wait_for(fetched.wait(), 3 * UNIT)
+            await asyncio.sleep(2 * UNIT)  # past the first token's exp + grace
+            assert gw.hub.connections == {member} and c.connections == 1
+            await c.publish("room:1", 1)
+            assert (await next_event(sub)).data == 1
+
+
+async def test_a_close_code_that_must_not_reconnect_stops_the_client():
+    async with running_gateway() as gw:
+        async with Client(url(gw), token=token_for(gw), backoff=FAST) as c:
+            sub = await c.subscribe("room:1")
+            close_all(gw, CloseCode.FORBIDDEN)
+            why = await asyncio.wait_for(c.wait_closed(), 2 * UNIT)
+            assert why.code == CloseCode.FORBIDDEN and not why.reconnects
+            assert c.state is State.CLOSED
+            with pytest.raises(ConnectionClosed):
+                await next_event(sub)
+            with pytest.raises(ConnectionClosed):
+                await c.publish("room:1", 1)
+            await asyncio.sleep(0.3)
+            assert gw.hub.connection_count() == 0 and c.connections == 1
+
+
+async def test_gateway_ended_subscription_raises_from_its_iterator():
+    async with running_gateway() as gw:
+        token = token_for(gw, channels=("room:*", "user:alice"))
+        async with Client(url(gw), token=token, backoff=FAST) as c:
+            sub = await c.subscribe("user:alice")
+            await c.refresh(token_for(gw, channels=("room:*",)))
+            with pytest.raises(SubscriptionEnded) as info:
+                await next_event(sub)
+            assert info.value.code == ErrorCode.PERMISSION_DENIED
+
+
+async def test_a_slow_consumer_pauses_reading_and_catches_up():
+    async with running_gateway() as gw, Client(url(gw), token=token_for(gw), max_queue=4) as c:
+        sub = await c.subscribe("room:1")
+        for n in range(20):
+            gw.hub.broadcast("room:1", b"%d" % n)
+        await asyncio.sleep(0.1)
+        assert [(await next_event(sub)).data for _ in range(20)] == list(range(20))
+        await c.ping()
+
+
+# -- examples --------------------------------------------------------------------
+
+
+def load_example(name: str):
+    spec = importlib.util.spec_from_file_location(f"examples_{name}", EXAMPLES / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+async def test_backend_worker_example_reacts_to_project_changes(clean_db):
+    worker = load_example("backend_worker")
+    async with running_gateway(**clean_db) as gw:
+        token = token_for(gw, "worker", channels=("projects",))
+        task = asyncio.create_task(worker.main(url(gw), token))
+        api = ApiClient(gw.port, token_for(gw))
+        try:
+            await asyncio.sleep(0.2)  # the worker subscribes
+            status, _, created = await api.call("POST", "/api/projects", PROJECT)
+            assert status == 201
+
+            for _ in range(100):  # the worker reacts asynchronously
+                _, _, now = await api.call("GET", f"/api/projects/{created['id']}")
+                if worker.TAG in now["tags"]:
+                    break
+                await asyncio.sleep(0.05 * UNIT)
+            else:
+                pytest.fail(f"the worker never tagged the project: {now}")
+        finally:
+            task.cancel()
+            api.close()
+            await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_chat_bot_example_answers_and_shows_presence():
+    bot = load_example("chat_bot")
+    async with running_gateway(presence_channels=("chat:*",)) as gw:
+        task = asyncio.create_task(bot.main(url(gw), token_for(gw, "bot", channels=("chat:*",))))
+        try:
+            async with ws_client(gw.port, token_for(gw, "bob", channels=("chat:*",))) as bob:
+                await eventually(lambda: gw.hub.subscriber_count("chat:lobby") == 1)
+                assert (await bob.request("sub", ch="chat:lobby"))["ok"]
+                await bob.request("pub", ch="chat:lobby", data={"from": "bob", "text": "!who"})
+                answers = []
+                async with asyncio.timeout(3 * UNIT):
+                    while True:
+                        msg = await bob.next_push()
+                        if msg["op"] == "msg" and msg["data"].get("from") == bot.NAME:
+                            answers.append(msg["data"]["text"])
+                            if msg["data"]["text"].startswith("here:"):
+                                break
+                assert answers == ["welcome, bob", "here: bob, bot"]
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
