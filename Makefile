@@ -21,8 +21,9 @@ $(STAMP): $(BIN)/python setup.cfg pyproject.toml
 
 venv: $(STAMP)
 
+# Presence on `projects` lets /demo show who is looking (PRESENCE_CHANNELS overrides it).
 run: $(STAMP)
-	$(BIN)/python -m gateway
+	PRESENCE_CHANNELS=$${PRESENCE_CHANNELS-projects} $(BIN)/python -m gateway
 
 lint: $(STAMP)
 	$(BIN)/python -m ruff check proto gateway core tests $(wildcard bench) $(wildcard examples)
