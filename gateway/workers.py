@@ -128,6 +128,16 @@ Serve = Callable[[Settings, Worker], Coroutine[Any, Any, None]]
 def supervise(settings: Settings, count: int, serve: Serve) -> int:
     """Run ``count`` workers on one port until SIGTERM or SIGINT; returns the exit status."""
     reuse_port = hasattr(socket, "SO_REUSEPORT")
+    if reuse_port and settings.port:
+        # SO_REUSEPORT would let this gateway share the port with another one
+        # already listening there (same user), splitting its traffic: bind
+        # once without it first, so a taken port fails as it would for one process.
+        try:
+            for probe in bind_sockets(settings.port, settings.host):
+                probe.close()
+        except OSError as exc:
+            log.error("cannot listen on %s:%d: %s", settings.host, settings.port, exc.strerror)
+            return 2
     sockets = bind_sockets(settings.port, settings.host, reuse_port=reuse_port, backlog=LISTEN_BACKLOG)
     port: int = sockets[0].getsockname()[1]
     directory = tempfile.mkdtemp(prefix="gateway-metrics-")

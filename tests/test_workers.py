@@ -164,6 +164,14 @@ async def test_sigterm_drains_every_worker_and_the_master_exits_0(spawn):
     assert gp.output().count("shutting down") == 2
 
 
+async def test_a_second_gateway_cannot_share_a_port_in_use(spawn):
+    # SO_REUSEPORT would let it: the two would split the port's connections.
+    gp = spawn(WORKERS="2")
+    await logged(gp, LISTENING, 2)
+    with pytest.raises(RuntimeError, match=r"cannot listen on .*Address already in use"):
+        spawn(WORKERS="2", PORT=str(gp.port))
+
+
 async def test_a_killed_worker_is_restarted_and_the_port_keeps_answering(spawn):
     gp = spawn(WORKERS="2")
     await logged(gp, LISTENING, 2)
