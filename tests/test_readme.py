@@ -9,6 +9,9 @@ bash session (``set -euo pipefail``, so a failing command fails the test):
   the background, its output kept;
 * ``sh tour``: typed in another terminal: run, must succeed.
 
+The README's other blocks are the two commands themselves (``make test``
+is what runs this test; the tour starts ``make run``) and configuration.
+
 An untagged block right after a ``tour-listen`` block holds lines the
 listener must print (``< `` prefixed), checked at the end. The test only
 changes what a shared machine needs: a free port instead of 8888, its own
