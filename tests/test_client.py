@@ -373,3 +373,45 @@ async def test_chat_bot_example_answers_and_shows_presence():
         finally:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
+
+
+async def _no_websocket_proxy(port: int) -> asyncio.Server:
+    """A proxy to the gateway on ``port`` that drops every WebSocket upgrade."""
+
+    async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        except OSError:
+            pass
+        finally:
+            writer.close()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        if b"upgrade: websocket" in head.lower():
+            writer.close()  # what some proxies do to upgrades
+            return
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", port)
+        up_writer.write(head)
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+    return await asyncio.start_server(handle, "127.0.0.1", 0)
+
+
+async def test_without_websocket_the_client_falls_back_to_long_poll():
+    async with running_gateway(longpoll_timeout=1.0) as gw:
+        proxy = await _no_websocket_proxy(gw.port)
+        port = proxy.sockets[0].getsockname()[1]
+        try:
+            async with Client(f"ws://127.0.0.1:{port}/ws", token=token_for(gw), backoff=FAST) as c:
+                assert c.transport == "longpoll"
+                sub = await c.subscribe("room:1")
+                await c.publish("room:1", {"via": "long-poll"})
+                assert await next_event(sub) == Publication("room:1", {"via": "long-poll"})
+                gw.hub.broadcast("room:1", b'{"from":"the hub"}')
+                assert await next_event(sub) == Publication("room:1", {"from": "the hub"})
+                assert (await c.rpc("GET", "/api/nope")).status in (404, 503)
+        finally:
+            proxy.close()

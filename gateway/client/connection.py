@@ -35,6 +35,7 @@ from types import TracebackType
 from typing import Final, Self
 
 import msgspec
+from tornado.httpclient import AsyncHTTPClient
 
 from gateway.client.backoff import Backoff
 from gateway.client.encoding import ENCODINGS, ServerFrame
@@ -45,6 +46,7 @@ from gateway.client.errors import (
     ReplyError,
     SubscriptionEnded,
 )
+from gateway.client.longpoll import LongPoll, http_base, open_longpoll
 from gateway.client.subscription import Gap, Publication, Subscription
 from gateway.client.transport import WebSocket, open_websocket
 from proto import (
@@ -64,6 +66,9 @@ from proto import (
     should_reconnect,
 )
 from proto import Gap as GapPush
+
+#: What carries the frames: a socket, or the long-poll fallback.
+Link = WebSocket | LongPoll
 
 __all__ = ["TRANSITIONS", "Connection", "State", "StateError", "TokenSource", "position_of"]
 
@@ -122,6 +127,7 @@ class Connection:
         max_queue: int = 1024,
         max_size: int = 2**24,
         ssl: ssl.SSLContext | None = None,
+        transports: tuple[str, ...] = ("websocket", "longpoll"),
     ) -> None:
         if encoding not in ENCODINGS:
             raise ValueError(f"encoding must be one of {sorted(ENCODINGS)}")
@@ -135,12 +141,16 @@ class Connection:
         self.max_queue = max_queue
         self.max_size = max_size
         self.ssl = ssl
+        #: ``longpoll`` after WebSocket failed where plain HTTP works (JSON only).
+        self.transports = transports if encoding == "json" else ("websocket",)
+        self.transport = "websocket"
+        self._ws_failures = 0
         self.state = State.IDLE
         #: How many times a socket was opened (1 + reconnects).
         self.connections = 0
         self._token = token
         self._get_token = get_token
-        self._ws: WebSocket | None = None
+        self._ws: Link | None = None
         self._ids = itertools.count(1)
         # Each command in flight: its future, and what to do with a success
         # before anything received after it (a `sub` reply and its pushes).
@@ -219,7 +229,7 @@ class Connection:
         if not graceful and self._ws is not None:
             self._ws.abort()
 
-    def _opened(self, ws: WebSocket) -> None:
+    def _opened(self, ws: Link) -> None:
         self._ws = ws
         self.connections += 1
         self._transition(State.OPEN)
@@ -228,7 +238,7 @@ class Connection:
         if self.ping_interval:
             self._spawn(self._heartbeat(ws, self.ping_interval))
 
-    async def _dial(self, first: bool) -> WebSocket:
+    async def _dial(self, first: bool) -> Link:
         """A new socket, retrying what may pass with backoff (forever unless ``first``'s timeout)."""
         attempt = 0
         refreshed = False
@@ -237,6 +247,18 @@ class Connection:
             if attempt or not first:
                 await asyncio.sleep(self.backoff.delay(attempt, retry_after))
             attempt += 1
+            if self.transport == "longpoll":
+                try:
+                    async with asyncio.timeout(self.open_timeout):
+                        return await open_longpoll(self.url, self._token, self._on_message)
+                except HandshakeError as exc:
+                    if not exc.retryable:
+                        raise
+                    retry_after = exc.retry_after
+                except (OSError, TimeoutError) as exc:
+                    retry_after = None
+                    log.info("cannot reach the gateway (%s), retrying", exc)
+                continue
             try:
                 async with asyncio.timeout(self.open_timeout):
                     return await open_websocket(
@@ -255,6 +277,25 @@ class Connection:
             except (OSError, TimeoutError) as exc:
                 retry_after = None
                 log.info("cannot reach the gateway (%s), retrying", exc)
+                await self._maybe_fall_back()
+
+    async def _maybe_fall_back(self) -> None:
+        """After two failed upgrades to a gateway that answers plain HTTP, use long-poll."""
+        if "longpoll" not in self.transports or not await self._http_answers():
+            return
+        self._ws_failures += 1
+        if self._ws_failures >= 2:
+            log.warning("WebSocket fails where HTTP works: falling back to long-poll")
+            self.transport = "longpoll"
+
+    async def _http_answers(self) -> bool:
+        http = AsyncHTTPClient(force_instance=True)
+        try:
+            resp = await http.fetch(f"{http_base(self.url)}/healthz", raise_error=False,
+                                    request_timeout=2.0)  # fmt: skip
+        finally:
+            http.close()
+        return resp.code == 200
 
     async def _run(self) -> None:
         """Watch the socket; reconnect and resubscribe while the close codes allow."""
@@ -294,7 +335,7 @@ class Connection:
             if not ws.closed.done():
                 self._ready.set()
 
-    async def _resubscribe(self, ws: WebSocket) -> None:
+    async def _resubscribe(self, ws: Link) -> None:
         async def one(sub: Subscription) -> None:
             since = sub.position
             try:
@@ -328,7 +369,7 @@ class Connection:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _heartbeat(self, ws: WebSocket, interval: float) -> None:
+    async def _heartbeat(self, ws: Link, interval: float) -> None:
         while True:
             await asyncio.sleep(interval)
             try:
@@ -358,7 +399,7 @@ class Connection:
 
     async def _call(
         self,
-        ws: WebSocket,
+        ws: Link,
         make: Callable[[int], Command],
         on_ok: Callable[[Reply], None] | None = None,
     ) -> Reply:
