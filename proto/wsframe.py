@@ -77,7 +77,8 @@ def parse_header(data: bytes) -> tuple[int, bool, int, int]:
 
 def close_frame(code: int, reason: str = "") -> bytes:
     """A server close frame with ``code`` and a reason of at most 123 bytes."""
-    payload = code.to_bytes(2, "big") + reason.encode()[:123]
+    # Cut at 123 bytes without splitting a character: a reason must be valid UTF-8.
+    payload = code.to_bytes(2, "big") + reason.encode()[:123].decode(errors="ignore").encode()
     return bytes((_FIN | OP_CLOSE, len(payload))) + payload
 
 

@@ -21,6 +21,7 @@ from proto.wsframe import (
     OP_TEXT,
     Fragments,
     FrameError,
+    close_frame,
     parse_header,
     read_frames,
 )
@@ -216,3 +217,15 @@ async def test_publications_queued_in_one_iteration_go_out_in_order(gw):
             gw.hub.broadcast("room:1", b"%d" % i)
         seen = [(await ws.json())["data"] for _ in range(200)]
         assert seen == list(range(200))
+
+
+async def test_a_close_code_no_endpoint_may_send_is_answered_with_1002(gw):
+    async with raw_socket(gw, token_for(gw)) as ws:
+        ws.send(client_frame((1006).to_bytes(2, "big"), OP_CLOSE))  # reserved for "no close frame"
+        assert await ws.close_code() == 1002
+
+
+def test_close_reasons_are_cut_without_splitting_a_character():
+    frame = close_frame(4000, "é" * 100)  # 200 bytes of UTF-8
+    reason = frame[4:]
+    assert len(reason) <= 123 and reason.decode() == "é" * 61

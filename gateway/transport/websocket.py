@@ -136,6 +136,8 @@ class _Upgrade(httputil.HTTPMessageDelegate):
         # The socket leaves Tornado's stream for the loop's transport; the
         # stream (and its buffers) closes its own descriptor, a duplicate.
         try:
+            if stream.closed():
+                return  # the client went away while it was being admitted
             sock = stream.socket.dup()
         except OSError:
             return  # the client is already gone

@@ -63,6 +63,11 @@ MAX_PENDING = 64
 _PING = bytes((0x80 | OP_PING, 0))
 
 
+def _sendable(code: int) -> bool:
+    """Close codes an endpoint may send (RFC 6455 §7.4): not 1004-1006, 1015, or unassigned."""
+    return 1000 <= code <= 1003 or 1007 <= code <= 1014 or 3000 <= code <= 4999
+
+
 class Coalescer:
     """The sockets with frames queued in this loop iteration; one per gateway."""
 
@@ -83,11 +88,15 @@ class Coalescer:
 
     def flush(self) -> None:
         dirty, self._dirty = self._dirty, []
-        self._scheduled = False
+        since, self._scheduled = self._since, False
         for conn in dirty:
-            conn.flush()
+            try:
+                conn.flush()
+            except Exception:  # one broken socket must not strand the others' frames
+                log.exception("write failed; dropping the socket")
+                conn.abort()
         if self._lag is not None:
-            self._lag.observe(time.perf_counter() - self._since)
+            self._lag.observe(time.perf_counter() - since)
 
 
 class WSConnection(asyncio.Protocol):
@@ -230,7 +239,7 @@ class WSConnection(asyncio.Protocol):
             if not self._closing:  # the peer started it: answer with its code
                 self._code = code
                 self._closing = True
-                reply = close_frame(code if code != 1005 else 1000)
+                reply = close_frame(code if _sendable(code) else 1000 if code == 1005 else PROTOCOL_ERROR)
                 if self.transport is not None:
                     self.transport.write(reply)
             if self.transport is not None:
@@ -290,10 +299,16 @@ class WSConnection(asyncio.Protocol):
             log.info("dropping %s: nothing heard for %.0fs", sub, now - self._last_seen)
             self._metrics.dead_peers.inc()
             # No close handshake: a peer that answers nothing would not answer it.
-            self.transport.abort()
+            self.abort()
             return
         self._pinged = now
         self.transport.write(_PING)
+
+    def abort(self) -> None:
+        """Drop the socket at once; nothing more is written to it."""
+        self._closing = True
+        if self.transport is not None:
+            self.transport.abort()
 
     def _write(self, data: bytes) -> None:
         if self._closing:
