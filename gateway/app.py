@@ -223,7 +223,12 @@ async def make_app(
     history = HistoryPolicy(settings.history_channels, settings.history_size, settings.history_ttl)
     presence = (settings.presence_channels, settings.presence_ttl, settings.presence_pushes)
     node = Node(
-        hub, broker if broker is not None else make_broker(settings), metrics, history, presence
+        hub,
+        broker if broker is not None else make_broker(settings),
+        metrics,
+        history,
+        presence,
+        max_publication_bytes=settings.max_publication_bytes,
     )
     revocations = Revocations(
         settings.access_token_ttl + settings.jwt_leeway, node, on_revoked=hub.close_session

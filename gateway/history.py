@@ -14,6 +14,8 @@ import functools
 import re
 from typing import TYPE_CHECKING
 
+from proto.publication import DEFAULT_MAX_BYTES, check_json
+
 if TYPE_CHECKING:
     from gateway.broker.base import Broker, Position
 
@@ -43,8 +45,15 @@ class HistoryPolicy(ChannelPatterns):
         self.ttl = ttl
 
 
-async def publish(broker: Broker, policy: HistoryPolicy, ch: str, data: bytes) -> Position | None:
-    """Publish on ``ch``, through history when the policy says so (its position)."""
+async def publish(
+    broker: Broker, policy: HistoryPolicy, ch: str, data: bytes, max_bytes: int = DEFAULT_MAX_BYTES
+) -> Position | None:
+    """Publish JSON ``data`` on ``ch``, through history when the policy says so (its position).
+
+    Every writer comes through here, so nothing reaches the broker (or
+    history) that not every codec can carry: raises `proto.InvalidData`.
+    """
+    data = check_json(data, max_bytes)
     if policy.applies(ch):
         return await broker.publish_history(ch, data, policy.size, policy.ttl)
     await broker.publish(ch, data)

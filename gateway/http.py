@@ -25,7 +25,7 @@ from gateway.broker import BrokerUnavailable
 from gateway.context import Context
 from gateway.metricsmerge import scrape_view
 from gateway.ratelimit import over_limit
-from proto import RESERVED_PREFIX
+from proto import RESERVED_PREFIX, InvalidData
 from proto.frames import Channel
 
 __all__ = [
@@ -121,7 +121,9 @@ class PublishHandler(JsonHandler):
 
     async def post(self) -> None:
         identity = self.authenticate()
-        wait = await over_limit(self.ctx.limiter, f"rest:{identity.sub}", self.ctx.settings.rate_rest)
+        wait = await over_limit(
+            self.ctx.limiter, f"rest:{identity.sub}", self.ctx.settings.rate_rest
+        )
         if wait is not None:
             raise ApiError.from_core(TooManyRequests(wait))
         limit = self.ctx.settings.max_publish_bytes
@@ -144,6 +146,13 @@ class PublishHandler(JsonHandler):
             raise ApiError(413, "payload_too_large", f"data over {limit} bytes")
         try:
             await self.ctx.node.publish(req.ch, bytes(req.data))
+        except InvalidData as exc:
+            raise ApiError(
+                422,
+                "validation_error",
+                "data cannot be published",
+                details=[{"path": "$.data", "message": exc.reason}],
+            ) from None
         except BrokerUnavailable as exc:
             log.warning("publish on %s failed: %s", req.ch, exc)
             raise ApiError(

@@ -11,19 +11,39 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import logging
 import math
 import time
 from typing import Protocol
 
 from gateway.expiry import ExpiryWheel
 from gateway.metrics import Metrics
+from gateway.throttled import ThrottledLog
 from proto import CODECS, CloseCode, Codec, Position, frame
 
-__all__ = ["Hub", "Member", "Prepared", "PreparedEvent"]
+__all__ = ["EncodeFailed", "Hub", "Member", "Prepared", "PreparedEvent"]
+
+_failures = ThrottledLog(logging.getLogger("gateway.hub"))
+
+
+class EncodeFailed(Exception):
+    """A publication could not be encoded for one codec (its other codecs still work)."""
+
+    def __init__(self, codec: str, detail: str = "failed before") -> None:
+        super().__init__(f"{codec}: {detail}")
+        self.codec = codec
+
+
+#: Marks a codec slot whose encoding failed, so it is not retried per subscriber.
+_FAILED = b""
 
 
 class Prepared:
-    """One publication, encoded lazily once per codec."""
+    """One publication, encoded lazily once per codec.
+
+    An encoding that fails raises `EncodeFailed` for that codec's
+    subscribers only (and at once after the first), never for the others.
+    """
 
     __slots__ = ("_frames", "_payloads", "ch", "data", "epoch", "offset")
 
@@ -39,10 +59,18 @@ class Prepared:
         """The encoded push (``{"op":"msg",...}``) in this codec."""
         p = self._payloads[codec.index]
         if p is None:
-            p = self._payloads[codec.index] = codec.encode_push(
-                self.ch, self.data, self.offset, self.epoch
-            )
+            try:
+                p = self._encode(codec)
+            except Exception as exc:
+                self._payloads[codec.index] = _FAILED
+                raise EncodeFailed(codec.name, str(exc)) from exc
+            self._payloads[codec.index] = p
+        elif p is _FAILED:
+            raise EncodeFailed(codec.name)
         return p
+
+    def _encode(self, codec: Codec) -> bytes:
+        return codec.encode_push(self.ch, self.data, self.offset, self.epoch)
 
     def ws_frame(self, codec: Codec) -> bytes:
         """The push as a complete, unmasked WebSocket frame."""
@@ -61,11 +89,8 @@ class PreparedEvent(Prepared):
         super().__init__(ch, b"")
         self.event = event
 
-    def payload(self, codec: Codec) -> bytes:
-        p = self._payloads[codec.index]
-        if p is None:
-            p = self._payloads[codec.index] = codec.encode(self.event)
-        return p
+    def _encode(self, codec: Codec) -> bytes:
+        return codec.encode(self.event)
 
 
 class Member(Protocol):
@@ -262,10 +287,7 @@ class Hub:
         members = self._channels.get(ch)
         if not members:
             return 0
-        prepared = PreparedEvent(ch, event)
-        for member in members:
-            member.deliver(prepared)
-        return len(members)
+        return self._fan_out(members, PreparedEvent(ch, event))
 
     def broadcast(self, ch: str, data: bytes, position: Position | None = None) -> int:
         """Deliver ``data`` (JSON bytes) to every local subscriber of ``ch``."""
@@ -273,10 +295,21 @@ class Hub:
         if not members:
             return 0
         started = time.perf_counter()
-        prepared = Prepared(ch, data, position)
-        for member in members:
-            member.deliver(prepared)
-        n = len(members)
+        n = self._fan_out(members, Prepared(ch, data, position))
         self._metrics.messages_out.inc(n)
         self._metrics.fanout_seconds.observe(time.perf_counter() - started)
         return n
+
+    def _fan_out(self, members: dict[Member, None], prepared: Prepared) -> int:
+        """Hand ``prepared`` to every member; one that cannot take it costs no one else."""
+        failed = 0
+        for member in members:
+            try:
+                member.deliver(prepared)
+            except Exception as exc:
+                failed += 1
+                if failed == 1:  # counted and logged once per publication
+                    codec = exc.codec if isinstance(exc, EncodeFailed) else "unknown"
+                    self._metrics.encode_failures.labels(codec).inc()
+                    _failures.warning("delivery on %r failed: %s", prepared.ch, exc)
+        return len(members) - failed

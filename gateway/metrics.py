@@ -55,6 +55,26 @@ class Metrics:
             "Broker publications that were not JSON (delivered as a string).",
             registry=r,
         )
+        self.dropped_publications = Counter(
+            "gateway_publications_dropped",
+            "Broker publications dropped because not every codec and client could carry them "
+            "(invalid UTF-8, numbers out of range, too deep or too large), by source.",
+            ["source"],
+            registry=r,
+        )
+        self.encode_failures = Counter(
+            "gateway_encode_failures",
+            "Publications that could not be encoded for a codec (their subscribers on that "
+            "codec skipped, everyone else served), by codec.",
+            ["codec"],
+            registry=r,
+        )
+        self.broker_faults = Counter(
+            "gateway_broker_faults",
+            "Broker reader faults: malformed messages dropped, handler errors, reader restarts.",
+            ["kind"],
+            registry=r,
+        )
         self.fanout_seconds = Histogram(
             "gateway_fanout_seconds",
             "Time to hand one publication to every local subscriber.",
@@ -144,7 +164,9 @@ class Metrics:
         self.db_pool.labels("in_use").set_function(lambda: pool.get_size() - pool.get_idle_size())
         self.db_pool.labels("max").set_function(pool.get_max_size)
         # asyncpg exposes no waiter count: its queue's getters are the waiters.
-        self.db_waiters.set_function(lambda: len(getattr(getattr(pool, "_queue", None), "_getters", ())))
+        self.db_waiters.set_function(
+            lambda: len(getattr(getattr(pool, "_queue", None), "_getters", ()))
+        )
 
     def rest_request(self, route: str, status: int, seconds: float) -> None:
         self.rest_seconds.labels(route, str(status)).observe(seconds)

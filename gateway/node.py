@@ -15,34 +15,20 @@ import logging
 from collections.abc import Callable, Coroutine, Iterable
 from typing import Any
 
-import msgspec
-
 from gateway.broker import CONTROL, Broker, Entry, Position
 from gateway.history import HistoryPolicy, publish
 from gateway.hub import Hub, Member
 from gateway.metrics import Metrics
 from gateway.presence import Presence, decode_change
-from proto import Join, Leave, PresenceInfo
+from gateway.throttled import ThrottledLog
+from proto import InvalidData, Join, Leave, PresenceInfo
+from proto.publication import DEFAULT_MAX_BYTES, from_broker
 
-__all__ = ["Node", "as_json"]
+__all__ = ["Node"]
 
 log = logging.getLogger("gateway.node")
 
-_raw_json = msgspec.json.Decoder(msgspec.Raw)
-_encode = msgspec.json.encode
-
-
-def as_json(data: bytes) -> tuple[bytes, bool]:
-    """A publication's JSON form, and whether it was JSON to begin with.
-
-    Backends may ``PUBLISH`` anything. Valid JSON passes through (surrounding
-    whitespace trimmed); anything else is delivered as a JSON string of its
-    UTF-8 text, so subscribers always receive well-formed frames.
-    """
-    try:
-        return bytes(_raw_json.decode(data)), True
-    except msgspec.DecodeError:
-        return _encode(data.decode("utf-8", "replace")), False
+_dropped = ThrottledLog(log)
 
 
 class _Pending:
@@ -61,12 +47,15 @@ class Node:
         metrics: Metrics,
         history: HistoryPolicy | None = None,
         presence: tuple[tuple[str, ...], float, bool] = ((), 60.0, True),
+        max_publication_bytes: int = DEFAULT_MAX_BYTES,
     ) -> None:
         self.hub = hub
         self.broker = broker
         self.presence = Presence(broker, *presence)
         self.history_policy = history if history is not None else HistoryPolicy((), 1, 1.0)
         self._metrics = metrics
+        self.max_publication_bytes = max_publication_bytes
+        broker.on_fault = lambda kind: metrics.broker_faults.labels(kind).inc()
         self._pending: dict[str, _Pending] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._was_down = False
@@ -81,6 +70,7 @@ class Node:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.presence.close()
         await self.broker.close()
 
     # -- membership --------------------------------------------------------
@@ -124,15 +114,36 @@ class Node:
         """Publish JSON bytes to every subscriber of ``ch`` on every node.
 
         On a history channel the publication is also kept, and its position
-        returned.
+        returned. Raises `proto.InvalidData` for data that is not publishable.
         """
-        return await publish(self.broker, self.history_policy, ch, data)
+        return await publish(self.broker, self.history_policy, ch, data, self.max_publication_bytes)
 
-    async def history(
-        self, ch: str, after: int, limit: int
-    ) -> tuple[list[Entry], Position | None]:
-        """Kept publications of ``ch`` after offset ``after``, and where it stands."""
-        return await self.broker.history(ch, after, limit)
+    async def history(self, ch: str, after: int, limit: int) -> tuple[list[Entry], Position | None]:
+        """Kept publications of ``ch`` after offset ``after``, and where it stands.
+
+        Entries that are not publishable (a backend may append to history
+        itself) are left out, as their live publication was.
+        """
+        entries, top = await self.broker.history(ch, after, limit)
+        kept: list[Entry] = []
+        for offset, data in entries:
+            payload = self._publishable(ch, data, "history")
+            if payload is not None:
+                kept.append((offset, payload))
+        return kept, top
+
+    def _publishable(self, ch: str, data: bytes, source: str) -> bytes | None:
+        """The JSON form of a publication read from the broker, or None to drop it."""
+        try:
+            payload, was_json = from_broker(data, self.max_publication_bytes)
+        except InvalidData as exc:
+            self._metrics.dropped_publications.labels(source).inc()
+            _dropped.warning("dropped a publication on %r (%s): %s", ch, source, exc.reason)
+            return None
+        if not was_json:
+            self._metrics.invalid_publications.inc()
+            log.debug("publication on %s was not JSON; delivered as a string", ch)
+        return payload
 
     # -- broker side -------------------------------------------------------
 
@@ -159,14 +170,11 @@ class Node:
         self._metrics.publications.inc()
         if not self.hub.has_subscribers(ch):
             return
-        payload, was_json = as_json(data)
-        if not was_json:
-            self._metrics.invalid_publications.inc()
-            log.debug("publication on %s was not JSON; delivered as a string", ch)
-        self.hub.broadcast(ch, payload, position)
+        payload = self._publishable(ch, data, "live")
+        if payload is not None:
+            self.hub.broadcast(ch, payload, position)
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-

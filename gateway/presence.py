@@ -118,6 +118,14 @@ class Presence(ChannelPatterns):
             except Exception as exc:  # the next tick tries again
                 log.warning("presence refresh of %s failed: %s", ch, exc)
 
+    async def close(self, wait: float = 1.0) -> None:
+        """Let removals and announcements under way finish (``wait`` s at most)."""
+        if self._tasks:
+            _, pending = await asyncio.wait(list(self._tasks), timeout=wait)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)

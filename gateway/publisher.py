@@ -50,7 +50,9 @@ class Publisher:
         """Publish ``data`` (JSON-serializable, or JSON bytes) on ``ch``.
 
         Returns the publication's position on a history channel, else None.
-        Raises `gateway.broker.BrokerUnavailable` when Redis cannot take it.
+        Raises `gateway.broker.BrokerUnavailable` when Redis cannot take it,
+        and `proto.InvalidData` for data that not every codec and client can
+        carry (docs/protocol.md, Publishable data): nothing is published.
         """
         payload = data if isinstance(data, bytes) else msgspec.json.encode(data)
         return await publish(self._broker, self._policy, ch, payload)

@@ -34,6 +34,7 @@ from proto import (
     Gap,
     History,
     HistoryItem,
+    InvalidData,
     Ping,
     Position,
     PresenceInfo,
@@ -197,6 +198,10 @@ class Session:
                 return
             else:
                 assert isinstance(cmd, Ping)
+        except InvalidData as exc:
+            code = ErrorCode.INVALID_DATA
+            self._reply_error(conn.error_reply(cmd, code, exc.reason), code)
+            return
         except BrokerUnavailable as exc:
             log.warning("command %s failed: %s", type(cmd).__name__, exc)
             self._reply_error(conn.error_reply(cmd, ErrorCode.UNAVAILABLE), ErrorCode.UNAVAILABLE)
@@ -345,7 +350,9 @@ class Session:
         if held is not None and prepared.ch in held:
             buffer = held[prepared.ch]
             if len(buffer) >= MAX_HELD:
-                log.warning("closing %s: recovery of %s fell too far behind", self.identity.sub, prepared.ch)
+                log.warning(
+                    "closing %s: recovery of %s fell too far behind", self.identity.sub, prepared.ch
+                )
                 self.transport.disconnect(CloseCode.SLOW_CONSUMER)
                 return
             buffer.append(prepared)

@@ -283,7 +283,14 @@ class Settings:
         _positive_int,
     )
     max_publish_bytes: int = _setting(
-        65536, "MAX_PUBLISH_BYTES", "Largest publication data (bytes).", _positive_int
+        65536, "MAX_PUBLISH_BYTES", "Largest data a client may publish (bytes).", _positive_int
+    )
+    max_publication_bytes: int = _setting(
+        1 << 20,
+        "MAX_PUBLICATION_BYTES",
+        "Largest publication from any source, backends' plain PUBLISH included (bytes of JSON); "
+        "larger ones read from Redis are dropped and counted.",
+        _positive_int,
     )
     max_subscriptions: int = _setting(
         128, "MAX_SUBSCRIPTIONS", "Subscriptions per connection.", _positive_int

@@ -41,6 +41,7 @@ from proto.frames import (
     Unsubscribed,
 )
 from proto.grants import Grants, InvalidGrants
+from proto.publication import InvalidData
 from proto.wsframe import frame
 
 __all__ = [
@@ -61,6 +62,7 @@ __all__ = [
     "Grants",
     "History",
     "HistoryItem",
+    "InvalidData",
     "InvalidGrants",
     "Join",
     "JsonCodec",

@@ -24,6 +24,7 @@ from proto.frames import (
     Push,
     Reply,
 )
+from proto.publication import check_json, from_msgpack
 
 __all__ = [
     "CODECS",
@@ -34,7 +35,9 @@ __all__ = [
     "select_codec",
 ]
 
-_KNOWN_OPS: Final = frozenset({"sub", "unsub", "pub", "ping", "rpc", "refresh", "history", "presence", "presence_stats"})
+_KNOWN_OPS: Final = frozenset(
+    {"sub", "unsub", "pub", "ping", "rpc", "refresh", "history", "presence", "presence_stats"}
+)
 
 
 class ProtocolError(Exception):
@@ -68,10 +71,12 @@ class Codec:
         """Decode and validate one client frame or raise `ProtocolError`."""
         try:
             return self._decoder.decode(data)  # type: ignore[arg-type]
+        except RecursionError:
+            raise ProtocolError(ErrorCode.BAD_FRAME, None, "nested too deeply") from None
         except msgspec.DecodeError as exc:
             try:
                 lenient: ClientFrame | None = self._lenient.decode(data)  # type: ignore[arg-type]
-            except msgspec.DecodeError:
+            except (msgspec.DecodeError, RecursionError):
                 lenient = None
             raise self._explain(lenient, exc) from None
 
@@ -85,7 +90,11 @@ class Codec:
         raise NotImplementedError
 
     def data_to_json(self, data: msgspec.Raw) -> bytes:
-        """The JSON bytes of a client's ``data`` (the inter-process form)."""
+        """The JSON bytes of a client's ``data`` (the inter-process form).
+
+        Raises `proto.InvalidData` when not every codec could carry it
+        (proto/publication.py).
+        """
         raise NotImplementedError
 
     def ok(self, id: int) -> bytes:
@@ -146,7 +155,7 @@ class JsonCodec(Codec):
         return head + b',"data":' + data_json + b"}"
 
     def data_to_json(self, data: msgspec.Raw) -> bytes:
-        return bytes(data)
+        return check_json(bytes(data))
 
     def json_to_raw(self, data_json: bytes) -> msgspec.Raw:
         return msgspec.Raw(data_json)
@@ -162,8 +171,6 @@ class MsgpackCodec(Codec):
     _decoder = msgspec.msgpack.Decoder(Command)
     _lenient = msgspec.msgpack.Decoder(ClientFrame)
     _encoder: Final = msgspec.msgpack.Encoder()
-    _any_msgpack: Final = msgspec.msgpack.Decoder()
-    _json: Final = msgspec.json.Encoder()
 
     def decode(self, data: bytes | str) -> Command:
         if isinstance(data, str):
@@ -181,7 +188,7 @@ class MsgpackCodec(Codec):
 
     def data_to_json(self, data: msgspec.Raw) -> bytes:
         # bytes values become base64 strings in JSON (documented).
-        return self._json.encode(self._any_msgpack.decode(data))
+        return from_msgpack(bytes(data))
 
     def json_to_raw(self, data_json: bytes) -> msgspec.Raw:
         return msgspec.Raw(self._encoder.encode(msgspec.json.decode(data_json)))

@@ -52,6 +52,7 @@ class ErrorCode(enum.IntEnum):
     TOKEN_INVALID = 114
     NO_HISTORY = 115
     NO_PRESENCE = 116
+    INVALID_DATA = 117
 
 
 class CloseCode(enum.IntEnum):
@@ -94,6 +95,7 @@ _ERRORS: dict[ErrorCode, _Error] = {
     ErrorCode.TOKEN_INVALID: _Error("token refused", False),
     ErrorCode.NO_HISTORY: _Error("this channel keeps no history", False),
     ErrorCode.NO_PRESENCE: _Error("this channel keeps no presence", False),
+    ErrorCode.INVALID_DATA: _Error("data cannot be published", False),
 }
 
 _CLOSE_REASONS: dict[CloseCode, str] = {

@@ -15,7 +15,7 @@ from gateway.auth import Identity, Verifier
 from gateway.broker import BrokerUnavailable, MemoryBroker
 from gateway.hub import Hub, Prepared
 from gateway.metrics import Metrics
-from gateway.node import Node, as_json
+from gateway.node import Node
 from gateway.session import Session
 from gateway.settings import Settings
 from proto import JSON_CODEC, MSGPACK_CODEC, CloseCode, Codec, Connection, ErrorCode, Grants
@@ -97,7 +97,9 @@ async def node():
 def session(node: Node, channels=("room:*",), codec: Codec = JSON_CODEC, exp=None, pub=True):
     transport = RecordingTransport(codec)
     grants = Grants.from_claims({"channels": list(channels), "pub": pub})
-    s = Session(transport, Connection(codec, grants), Identity("alice", grants, exp), node, Metrics())
+    s = Session(
+        transport, Connection(codec, grants), Identity("alice", grants, exp), node, Metrics()
+    )
     s.open()
     return s, transport
 
@@ -225,13 +227,6 @@ async def test_expired_tokens_are_closed_by_the_sweep(node):
     assert tc.closed_with == []
 
 
-def test_non_json_publications_become_strings():
-    assert as_json(b'  {"a": 1} ') == (b'{"a": 1}', True)
-    assert as_json(b"hello") == (b'"hello"', False)
-    assert as_json(b'{"a": tru}') == (b'"{\\"a\\": tru}"', False)
-    assert as_json(b"\xff") == (b'"\xef\xbf\xbd"', False)
-
-
 async def test_expiry_notice_then_close_follow_the_hub_schedule(node):
     _, t = session(node, exp=100.0)  # hub defaults: notice 60 s before, grace 5 s after
     node.hub.close_expired(now=39.0)
@@ -249,7 +244,6 @@ async def test_refresh_moves_the_schedule(node):
     verifier = Verifier(Settings(jwt_secret="s" * 40))
     s, t = session(node, exp=100.0)
     s.verify = verifier.verify
-
 
     later = int(time.time()) + 3600
     token = jwt.encode({"sub": "alice", "channels": ["room:*"], "exp": later}, "s" * 40)

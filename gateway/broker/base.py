@@ -33,6 +33,10 @@ Contract (tests/test_broker_contract.py runs it against every broker):
   offsets above ``after``, oldest first, and the channel's current position
   (None when it has no history).
 * ``close()`` releases everything; the handler is not called afterwards.
+* The reader survives anything: a message it cannot parse is dropped, a
+  handler that raises is logged, and any unexpected error restarts the
+  reader with backoff like a lost link (``connected`` is False meanwhile);
+  each is reported to `on_fault`.
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ __all__ = [
     "Broker",
     "BrokerUnavailable",
     "Entry",
+    "FaultListener",
     "Position",
     "PublicationHandler",
     "StateListener",
@@ -63,6 +68,10 @@ PublicationHandler = Callable[[str, bytes, Position | None], None]
 Entry = tuple[int, bytes]
 #: ``listener(up)``: called when the backend link goes up or down.
 StateListener = Callable[[bool], None]
+#: ``listener(kind)``: the broker dropped a malformed message (``malformed``),
+#: its handler raised (``handler``), or its reader restarted after an
+#: unexpected error (``reader``); for metrics.
+FaultListener = Callable[[str], None]
 
 
 class BrokerUnavailable(Exception):
@@ -70,6 +79,9 @@ class BrokerUnavailable(Exception):
 
 
 class Broker(abc.ABC):
+    #: Told of every message dropped and every reader restart (set by the node).
+    on_fault: FaultListener | None = None
+
     @abc.abstractmethod
     async def start(
         self, handler: PublicationHandler, on_state: StateListener | None = None

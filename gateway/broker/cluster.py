@@ -303,7 +303,12 @@ class RedisClusterBroker(RedisBroker):
                     message = await pubsub.get_message(timeout=None)
                     if message is not None and self._on_message(link, message):
                         attempt = 0
-            except BACKEND_ERRORS as exc:
+            except asyncio.CancelledError:
+                if link.pubsub is pubsub:
+                    link.pubsub = None
+                await self._drop(pubsub)
+                raise
+            except Exception as exc:  # the reader survives anything (base.py)
                 link.up = False
                 link.pubsub = None
                 link.confirming.clear()
@@ -311,21 +316,21 @@ class RedisClusterBroker(RedisBroker):
                 self._update_state()
                 delay = backoff_delay(attempt, *self._backoff, random.random())
                 attempt += 1
-                log.warning(
-                    "Redis Cluster shard %s: sharded pub/sub lost (%s); retrying in %.2fs",
-                    link.name, exc, delay,
-                )  # fmt: skip
+                if isinstance(exc, BACKEND_ERRORS):
+                    log.warning(
+                        "Redis Cluster shard %s: sharded pub/sub lost (%s); retrying in %.2fs",
+                        link.name, exc, delay,
+                    )  # fmt: skip
+                else:
+                    self._fault("reader")
+                    log.exception("Redis Cluster shard %s: reader failed; restarting in %.2fs",
+                                  link.name, delay)  # fmt: skip
                 await self._drop(pubsub)
                 await asyncio.sleep(delay)
                 await self._relocate(link)
                 if not link.keys:
                     await self._retire(link)
                     return
-            except asyncio.CancelledError:
-                if link.pubsub is pubsub:
-                    link.pubsub = None
-                await self._drop(pubsub)
-                raise
 
     def _on_message(self, link: _ShardLink, message: dict[str, object]) -> bool:
         """Handle one message on a link; True when it proves the link is up."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import logging
 import secrets
 import time
 
@@ -18,6 +19,8 @@ from gateway.broker.base import (
 )
 
 __all__ = ["MemoryBroker"]
+
+log = logging.getLogger("gateway.broker")
 
 
 class _History:
@@ -72,9 +75,7 @@ class MemoryBroker(Broker):
         self._send(ch, data, position)
         return position
 
-    async def history(
-        self, ch: str, after: int, limit: int
-    ) -> tuple[list[Entry], Position | None]:
+    async def history(self, ch: str, after: int, limit: int) -> tuple[list[Entry], Position | None]:
         history = self._live(ch, time.monotonic())
         if history is None:
             return [], None
@@ -118,7 +119,12 @@ class MemoryBroker(Broker):
 
     def _deliver(self, ch: str, data: bytes, position: Position | None) -> None:
         if self._handler is not None and ch in self._channels:
-            self._handler(ch, data, position)
+            try:
+                self._handler(ch, data, position)
+            except Exception:
+                if self.on_fault is not None:
+                    self.on_fault("handler")
+                log.exception("publication handler failed on %r", ch)
 
     @property
     def connected(self) -> bool:

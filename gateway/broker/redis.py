@@ -42,6 +42,7 @@ from gateway.broker.base import (
     PublicationHandler,
     StateListener,
 )
+from gateway.throttled import ThrottledLog
 
 __all__ = [
     "BACKEND_ERRORS",
@@ -54,6 +55,7 @@ __all__ = [
 ]
 
 log = logging.getLogger("gateway.broker")
+_dropped = ThrottledLog(log)
 
 #: What a lost or refusing backend raises (redis-py's cluster errors are not RedisErrors).
 BACKEND_ERRORS: tuple[type[Exception], ...] = (RedisError, RedisClusterException, OSError)
@@ -331,9 +333,7 @@ class RedisBroker(Broker):
             raise BrokerUnavailable(f"presence read failed: {exc}") from exc
         return {flat[i].decode(): flat[i + 1] for i in range(0, len(flat), 2)}
 
-    async def history(
-        self, ch: str, after: int, limit: int
-    ) -> tuple[list[Entry], Position | None]:
+    async def history(self, ch: str, after: int, limit: int) -> tuple[list[Entry], Position | None]:
         stream, meta = self._history_keys(ch)
         try:
             async with self._pub_client.pipeline(transaction=True) as pipe:
@@ -362,20 +362,22 @@ class RedisBroker(Broker):
                     if message is not None:
                         if self._dispatch(message):
                             attempt = 0
-            except BACKEND_ERRORS as exc:
-                self._set_connected(False)
-                self._fail_confirmations()
-                delay = backoff_delay(attempt, *self._backoff, random.random())
-                attempt += 1
-                log.warning(
-                    "Redis pub/sub connection lost (%s); retrying in %.2fs", exc, delay
-                )
-                await self._drop(pubsub)
-                await asyncio.sleep(delay)
             except asyncio.CancelledError:
                 self._set_connected(False)
                 await self._drop(pubsub)
                 raise
+            except Exception as exc:  # the reader survives anything (base.py)
+                self._set_connected(False)
+                self._fail_confirmations()
+                delay = backoff_delay(attempt, *self._backoff, random.random())
+                attempt += 1
+                if isinstance(exc, BACKEND_ERRORS):
+                    log.warning("Redis pub/sub connection lost (%s); retrying in %.2fs", exc, delay)
+                else:
+                    self._fault("reader")
+                    log.exception("Redis pub/sub reader failed; restarting in %.2fs", delay)
+                await self._drop(pubsub)
+                await asyncio.sleep(delay)
 
     def _dispatch(self, message: dict[str, Any]) -> bool:
         """Handle one pub/sub message; True when it proves the link is up."""
@@ -392,15 +394,29 @@ class RedisBroker(Broker):
         return False
 
     def _deliver(self, channel: bytes, data: bytes) -> None:
+        """Hand one publication to the handler; never raises (one bad message is dropped)."""
         handler = self._handler
         ch = self._channel_of(channel)
         if handler is None or ch is None:
             return
+        position = None
         if data[:1] == _HISTORY_MARK:
-            offset, epoch, payload = data[1:].split(b" ", 2)
-            handler(ch, payload, Position(int(offset), epoch.decode()))
-        else:
-            handler(ch, data, None)
+            try:
+                offset, epoch, data = data[1:].split(b" ", 2)
+                position = Position(int(offset), epoch.decode())
+            except ValueError:  # also UnicodeDecodeError
+                self._fault("malformed")
+                _dropped.warning("dropped a malformed history publication on %r", ch)
+                return
+        try:
+            handler(ch, data, position)
+        except Exception:
+            self._fault("handler")
+            _dropped.warning("publication handler failed on %r", ch, exc_info=True)
+
+    def _fault(self, kind: str) -> None:
+        if self.on_fault is not None:
+            self.on_fault(kind)
 
     def _confirmed(self, channel: bytes) -> None:
         for waiter in self._confirm.pop(channel, ()):
