@@ -11,6 +11,7 @@ deliver.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 from collections.abc import Callable, Coroutine, Iterable
 from typing import Any
@@ -29,6 +30,9 @@ __all__ = ["Node"]
 log = logging.getLogger("gateway.node")
 
 _dropped = ThrottledLog(log)
+
+#: Channels in one UNSUBSCRIBE sent for channels that lost their last member.
+UNSUBSCRIBE_BATCH = 256
 
 
 class _Pending:
@@ -57,6 +61,9 @@ class Node:
         self.max_publication_bytes = max_publication_bytes
         broker.on_fault = lambda kind: metrics.broker_faults.labels(kind).inc()
         self._pending: dict[str, _Pending] = {}
+        #: Channels whose last local member left, to UNSUBSCRIBE in batches.
+        self._leaving: dict[str, None] = {}
+        self._flushing = False
         self._tasks: set[asyncio.Task[None]] = set()
         self._was_down = False
         #: Called with each message on the control channel (revocations).
@@ -99,12 +106,40 @@ class Node:
         del self._pending[ch]
         pending.future.set_result(None)
         if not self.hub.has_subscribers(ch):
-            # Everyone left while SUBSCRIBE was in flight.
-            await self.broker.unsubscribe(ch)
+            self._leave(ch)  # everyone left while SUBSCRIBE was in flight
 
     def unsubscribe(self, ch: str, member: Member) -> None:
         if self.hub.remove(ch, member) and ch not in self._pending:
-            self._spawn(self.broker.unsubscribe(ch))
+            self._leave(ch)
+
+    def _leave(self, ch: str) -> None:
+        """Unsubscribe the broker from ``ch`` soon, together with others leaving.
+
+        When hundreds of sockets drop hundreds of channels at once, one
+        UNSUBSCRIBE carries up to `UNSUBSCRIBE_BATCH` channels, and the loop
+        serves everyone else between two of them. A channel that gets a
+        member again before its batch is sent is simply kept.
+        """
+        self._leaving[ch] = None
+        if not self._flushing:
+            self._flushing = True
+            self._spawn(self._flush_leaving())
+
+    async def _flush_leaving(self) -> None:
+        try:
+            while self._leaving:
+                await asyncio.sleep(0)  # let the rest of a storm queue up first
+                batch: list[str] = []
+                for ch in list(itertools.islice(self._leaving, UNSUBSCRIBE_BATCH)):
+                    del self._leaving[ch]
+                    if not self.hub.has_subscribers(ch) and ch not in self._pending:
+                        batch.append(ch)
+                if batch:
+                    await self.broker.unsubscribe_many(batch)
+        except Exception:
+            log.exception("unsubscribing %d channels failed", len(self._leaving))
+        finally:
+            self._flushing = False
 
     def leave_all(self, member: Member, channels: Iterable[str]) -> None:
         for ch in channels:

@@ -14,6 +14,7 @@ Contract (tests/test_broker_contract.py runs it against every broker):
   raises `BrokerUnavailable` when it cannot promise that (the caller rolls
   back). Subscribing twice is harmless.
 * ``unsubscribe(ch)`` stops delivery; it never raises for a lost backend.
+  ``unsubscribe_many(channels)`` does it for many channels at once.
 * ``publish(ch, data)`` returns once the backend accepted the publication;
   it raises `BrokerUnavailable` otherwise. Publishing to a channel nobody
   subscribes to succeeds and delivers nothing.
@@ -95,6 +96,11 @@ class Broker(abc.ABC):
 
     @abc.abstractmethod
     async def unsubscribe(self, ch: str) -> None: ...
+
+    async def unsubscribe_many(self, channels: list[str]) -> None:
+        """`unsubscribe` each of ``channels``; brokers with a server send one command."""
+        for ch in channels:
+            await self.unsubscribe(ch)
 
     @abc.abstractmethod
     async def publish(self, ch: str, data: bytes) -> None: ...

@@ -269,16 +269,18 @@ class RedisBroker(Broker):
                 del self._confirm[key]
 
     async def unsubscribe(self, ch: str) -> None:
-        if ch not in self._channels:
-            return
-        self._channels.discard(ch)
+        await self.unsubscribe_many([ch])
+
+    async def unsubscribe_many(self, channels: list[str]) -> None:
+        keys = [self._channel_key(ch) for ch in channels if ch in self._channels]
+        self._channels.difference_update(channels)
         pubsub = self._pubsub
-        if pubsub is None:
+        if pubsub is None or not keys:
             return  # not resubscribed on reconnect: nothing to undo
         try:
-            await pubsub.unsubscribe(self._channel_key(ch))
+            await pubsub.unsubscribe(*keys)
         except BACKEND_ERRORS as exc:
-            log.debug("UNSUBSCRIBE %s failed (%s); the reconnect drops it", ch, exc)
+            log.debug("UNSUBSCRIBE of %d channels failed (%s); the reconnect drops them", len(keys), exc)
 
     async def publish(self, ch: str, data: bytes) -> None:
         try:

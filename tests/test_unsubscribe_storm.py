@@ -1,0 +1,114 @@
+"""Sockets dropping many channels at once: batched UNSUBSCRIBEs, nobody stalled, nothing leaked."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import redis.asyncio as aioredis
+
+from gateway.broker import RedisBroker
+from gateway.hub import Hub
+from gateway.metrics import Metrics
+from gateway.node import UNSUBSCRIBE_BATCH, Node
+from tests.harness import running_gateway, token_for, unique_prefix, ws_client
+from tests.servers import UNIT
+from tests.test_session import session, settle
+
+SOCKETS = 60
+CHANNELS = 50
+
+
+async def _unsubscribe_calls(client: aioredis.Redis) -> int:
+    stats = await client.info("commandstats")
+    return int(stats.get("cmdstat_unsubscribe", {}).get("calls", 0))
+
+
+async def test_a_storm_of_closing_sockets_sends_few_unsubscribes_and_leaks_no_channel(
+    throwaway_redis,
+):
+    prefix = unique_prefix()
+    redis = aioredis.Redis.from_url(throwaway_redis.url)
+    try:
+        async with running_gateway(RedisBroker(throwaway_redis.url, prefix)) as gw:
+            token = token_for(gw, channels=("room:*",))
+            channels = [f"room:{i}" for i in range(CHANNELS)]
+            async with contextlib.AsyncExitStack() as stack:
+                clients = [
+                    await stack.enter_async_context(ws_client(gw.port, token))
+                    for _ in range(SOCKETS)
+                ]
+                for c in clients:
+                    for ch in channels:
+                        await c.send_raw(f'{{"id": 1, "op": "sub", "ch": "{ch}"}}')
+                for c in clients:
+                    for _ in channels:
+                        assert (await c.recv(10 * UNIT))["ok"]
+                keys = [f"{prefix}{ch}" for ch in channels]
+                assert set((await redis.pubsub_numsub(*keys))) == {(k.encode(), 1) for k in keys}
+                before = await _unsubscribe_calls(redis)
+                async with ws_client(gw.port, token) as bystander:
+                    await asyncio.gather(*(c.ws.close() for c in clients))
+                    # The bystander is served during the storm.
+                    assert (await bystander.request("ping", timeout=5 * UNIT))["ok"]
+            async with asyncio.timeout(10 * UNIT):
+                while any(n for _, n in await redis.pubsub_numsub(*keys)):
+                    await asyncio.sleep(0.05)
+            sent = await _unsubscribe_calls(redis) - before
+            # 3,000 memberships, 50 channels: batched, not one command per channel.
+            assert 1 <= sent < CHANNELS // 2, sent
+            assert gw.hub.channels() == []
+    finally:
+        await redis.aclose()
+
+
+async def test_a_channel_joined_again_before_its_batch_is_sent_keeps_delivering(redis_url):
+    metrics = Metrics()
+    node = Node(Hub(metrics), RedisBroker(redis_url, unique_prefix()), metrics)
+    await node.start()
+    try:
+        (a, _), (b, tb) = session(node), session(node)
+        await a.handle('{"id": 1, "op": "sub", "ch": "room:1"}')
+        await a.handle('{"id": 2, "op": "unsub", "ch": "room:1"}')
+        # In the same loop iteration, before the batched UNSUBSCRIBE goes out:
+        await b.handle('{"id": 1, "op": "sub", "ch": "room:1"}')
+        for _ in range(5):
+            await settle()
+        await node.publish("room:1", b'{"still": "subscribed"}')
+        async with asyncio.timeout(5 * UNIT):
+            while not tb.pushes():
+                await asyncio.sleep(0.01)
+        assert tb.pushes() == [{"op": "msg", "ch": "room:1", "data": {"still": "subscribed"}}]
+    finally:
+        await node.close()
+
+
+async def test_unsubscribes_go_out_in_batches(redis_url):
+    """The node side: one broker call per `UNSUBSCRIBE_BATCH` channels."""
+    metrics = Metrics()
+
+    class Counting(RedisBroker):
+        batches: list[int] = []
+
+        async def unsubscribe_many(self, channels: list[str]) -> None:
+            self.batches.append(len(channels))
+            await super().unsubscribe_many(channels)
+
+    node = Node(Hub(metrics), Counting(redis_url, unique_prefix()), metrics)
+    await node.start()
+    try:
+        s, _ = session(node, channels=("c:*",))
+        s.conn.max_subscriptions = 1000
+        for i in range(600):
+            await s.handle(f'{{"id": {i}, "op": "sub", "ch": "c:{i}"}}')
+        s.closed()
+        async with asyncio.timeout(5 * UNIT):
+            while sum(Counting.batches) < 600:
+                await asyncio.sleep(0.01)
+        assert Counting.batches == [
+            UNSUBSCRIBE_BATCH,
+            UNSUBSCRIBE_BATCH,
+            600 - 2 * UNSUBSCRIBE_BATCH,
+        ]
+    finally:
+        await node.close()
