@@ -45,7 +45,7 @@ async def test_a_storm_of_closing_sockets_sends_few_unsubscribes_and_leaks_no_ch
                     for _ in channels:
                         assert (await c.recv(10 * UNIT))["ok"]
                 keys = [f"{prefix}{ch}" for ch in channels]
-                assert set((await redis.pubsub_numsub(*keys))) == {(k.encode(), 1) for k in keys}
+                assert set(await redis.pubsub_numsub(*keys)) == {(k.encode(), 1) for k in keys}
                 before = await _unsubscribe_calls(redis)
                 async with ws_client(gw.port, token) as bystander:
                     await asyncio.gather(*(c.ws.close() for c in clients))
