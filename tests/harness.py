@@ -51,7 +51,9 @@ async def running_gateway(broker: Broker | None = None, **overrides: Any) -> Asy
         await gw.close()
 
 
-def token_for(gw: Gateway, sub: str = "alice", channels: tuple[str, ...] = ("room:*",), **kw: Any) -> str:
+def token_for(
+    gw: Gateway, sub: str = "alice", channels: tuple[str, ...] = ("room:*",), **kw: Any
+) -> str:
     return mint_token(gw.settings, sub, list(channels), **kw)
 
 
@@ -170,3 +172,17 @@ class ApiClient:
         )
         data = json.loads(r.body) if r.body else None
         return r.code, r.headers, data
+
+
+async def until(check: Any, timeout: float = 5 * UNIT, step: float = 0.01) -> None:
+    """Wait until ``check()`` (a function, or a coroutine function) is true, or fail."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        result = check()
+        if asyncio.iscoroutine(result):
+            result = await result
+        if result:
+            return
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"the condition never held within {timeout} s")
+        await asyncio.sleep(step)

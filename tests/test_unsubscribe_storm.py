@@ -11,7 +11,7 @@ from gateway.broker import RedisBroker
 from gateway.hub import Hub
 from gateway.metrics import Metrics
 from gateway.node import UNSUBSCRIBE_BATCH, Node
-from tests.harness import running_gateway, token_for, unique_prefix, ws_client
+from tests.harness import running_gateway, token_for, unique_prefix, until, ws_client
 from tests.servers import UNIT
 from tests.test_session import session, settle
 
@@ -51,9 +51,11 @@ async def test_a_storm_of_closing_sockets_sends_few_unsubscribes_and_leaks_no_ch
                     await asyncio.gather(*(c.ws.close() for c in clients))
                     # The bystander is served during the storm.
                     assert (await bystander.request("ping", timeout=5 * UNIT))["ok"]
-            async with asyncio.timeout(10 * UNIT):
-                while any(n for _, n in await redis.pubsub_numsub(*keys)):
-                    await asyncio.sleep(0.05)
+
+            async def unsubscribed() -> bool:
+                return not any(n for _, n in await redis.pubsub_numsub(*keys))
+
+            await until(unsubscribed, 10 * UNIT)
             sent = await _unsubscribe_calls(redis) - before
             # 3,000 memberships, 50 channels: batched, not one command per channel.
             assert 1 <= sent < CHANNELS // 2, sent
@@ -75,9 +77,7 @@ async def test_a_channel_joined_again_before_its_batch_is_sent_keeps_delivering(
         for _ in range(5):
             await settle()
         await node.publish("room:1", b'{"still": "subscribed"}')
-        async with asyncio.timeout(5 * UNIT):
-            while not tb.pushes():
-                await asyncio.sleep(0.01)
+        await until(tb.pushes)
         assert tb.pushes() == [{"op": "msg", "ch": "room:1", "data": {"still": "subscribed"}}]
     finally:
         await node.close()
@@ -102,9 +102,7 @@ async def test_unsubscribes_go_out_in_batches(redis_url):
         for i in range(600):
             await s.handle(f'{{"id": {i}, "op": "sub", "ch": "c:{i}"}}')
         s.closed()
-        async with asyncio.timeout(5 * UNIT):
-            while sum(Counting.batches) < 600:
-                await asyncio.sleep(0.01)
+        await until(lambda: sum(Counting.batches) == 600)
         assert Counting.batches == [
             UNSUBSCRIBE_BATCH,
             UNSUBSCRIBE_BATCH,
