@@ -251,3 +251,26 @@ def _post(port: int, token: str, body: bytes) -> tuple[int, bytes]:
             return r.status, r.read()
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read()
+
+
+async def test_every_frame_gets_a_reply_however_deep_or_whatever_it_carries(node):
+    s, t = session(node)
+    deep = b"[" * 5000 + b"]" * 5000
+    await s.handle(deep)  # not even an object: too deep to decode
+    await s.handle(b'{"id": 2, "op": "pub", "ch": "room:1", "data": %s}' % deep)
+    m, mt = session(node, codec=MSGPACK_CODEC)
+    ext = msgspec.msgpack.Ext(3, b"\x00")
+    await m.handle(
+        msgspec.msgpack.encode(
+            {"id": 3, "op": "rpc", "method": "POST", "path": "/api/x", "body": ext}
+        )
+    )
+    await m.handle(b"\x91" * 5000 + b"\xc0")
+    replies = t.replies() + mt.replies()
+    assert [(r["id"], r["error"]["code"]) for r in replies] == [
+        (None, ErrorCode.BAD_FRAME),
+        (None, ErrorCode.BAD_FRAME),  # the id is inside what cannot be decoded
+        (3, ErrorCode.INVALID_DATA),  # permanent: a client does not retry it forever
+        (None, ErrorCode.BAD_FRAME),
+    ]
+    assert not any(r["error"]["temporary"] for r in replies)
