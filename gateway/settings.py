@@ -122,6 +122,18 @@ class Settings:
         "room:1 is SPUBLISH gw:{room:1}. See docs/redis-cluster.md.",
         _bool,
     )
+    redis_health_interval: float = _setting(
+        3.0,
+        "REDIS_HEALTH_INTERVAL",
+        "Seconds of quiet after which the pub/sub link is pinged (0: never).",
+        _non_negative_float,
+    )
+    redis_health_timeout: float = _setting(
+        2.0,
+        "REDIS_HEALTH_TIMEOUT",
+        "Seconds for a pinged pub/sub link to answer before it counts as lost (gap, reconnect).",
+        _positive_float,
+    )
     database_url: str | None = _setting(
         None,
         "DATABASE_URL",

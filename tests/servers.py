@@ -283,6 +283,15 @@ class ThrowawayRedis:
         self.stop()
         return self.start()
 
+    def pause(self) -> None:
+        """SIGSTOP: a stalled server (its connections stay open, nothing is answered)."""
+        assert self._proc is not None
+        self._proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self._proc is not None
+        self._proc.send_signal(signal.SIGCONT)
+
     def __enter__(self) -> Self:
         return self if self._proc is not None else self.start()
 

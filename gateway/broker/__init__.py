@@ -34,8 +34,12 @@ __all__ = [
 def make_broker(settings: Settings) -> Broker:
     """Redis (a Redis Cluster with ``REDIS_CLUSTER``) when ``REDIS_URL`` is set,
     else the single-process memory broker."""
+    health = {
+        "health_interval": settings.redis_health_interval,
+        "health_timeout": settings.redis_health_timeout,
+    }
     if settings.redis_url and settings.redis_cluster:
-        return RedisClusterBroker(settings.redis_url, settings.redis_prefix)
+        return RedisClusterBroker(settings.redis_url, settings.redis_prefix, **health)
     if settings.redis_url:
-        return RedisBroker(settings.redis_url, settings.redis_prefix)
+        return RedisBroker(settings.redis_url, settings.redis_prefix, **health)
     return MemoryBroker()

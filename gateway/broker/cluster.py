@@ -41,6 +41,7 @@ from gateway.broker.redis import (
     PUBLISH_WITH_HISTORY,
     SUBSCRIBE_ERRORS,
     RedisBroker,
+    _Liveness,
     backoff_delay,
 )
 
@@ -182,10 +183,14 @@ class RedisClusterBroker(RedisBroker):
             self._unexpect(key, waiter)
 
     async def unsubscribe(self, ch: str) -> None:
-        if ch not in self._channels:
-            return
-        self._channels.discard(ch)
-        await self._detach(self._channel_key(ch))
+        await self.unsubscribe_many([ch])
+
+    async def unsubscribe_many(self, channels: list[str]) -> None:
+        leaving = [ch for ch in channels if ch in self._channels]
+        self._channels.difference_update(leaving)
+        for ch in leaving:
+            if ch not in self._channels:  # else subscribed again while we awaited
+                await self._detach(self._channel_key(ch))
 
     def _owner(self, key: bytes) -> ClusterNode:
         """The primary that owns ``key``'s slot in the last slot map."""
@@ -299,8 +304,9 @@ class RedisClusterBroker(RedisBroker):
                 for group in _by_slot(link.keys):
                     await pubsub.ssubscribe(*group)
                 await pubsub.ping()  # answered after every confirmation above
+                live = _Liveness()
                 while True:
-                    message = await pubsub.get_message(timeout=None)
+                    message = await self._next_message(pubsub, live)
                     if message is not None and self._on_message(link, message):
                         attempt = 0
             except asyncio.CancelledError:

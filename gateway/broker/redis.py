@@ -50,6 +50,7 @@ __all__ = [
     "PRESENCE_READ",
     "PUBLISH_WITH_HISTORY",
     "SUBSCRIBE_ERRORS",
+    "LinkStalled",
     "RedisBroker",
     "backoff_delay",
 ]
@@ -130,6 +131,20 @@ return 1
 """
 
 
+class LinkStalled(RedisConnectionError):
+    """A subscriber link answered nothing within its health timeout."""
+
+
+class _Liveness:
+    """When a subscriber link was last heard from, and when it was pinged."""
+
+    __slots__ = ("heard", "pinged")
+
+    def __init__(self) -> None:
+        self.heard = asyncio.get_running_loop().time()
+        self.pinged: float | None = None
+
+
 class RedisBroker(Broker):
     #: The script behind `publish_history`; the cluster broker's SPUBLISHes.
     publish_with_history = PUBLISH_WITH_HISTORY
@@ -146,13 +161,19 @@ class RedisBroker(Broker):
         backoff_initial: float = 0.05,
         backoff_max: float = 5.0,
         subscribe_timeout: float = 5.0,
+        health_interval: float = 3.0,
+        health_timeout: float = 2.0,
     ) -> None:
+        """``health_interval``: ping a subscriber link quiet for that long (0: never);
+        ``health_timeout``: seconds for anything to come back before the link
+        counts as lost (a stalled Redis is a lost link: gap pushes, reconnect)."""
         self._url = url
         self._prefix = prefix
         self._prefix_b = prefix.encode()
         self._control = (prefix + CONTROL).encode()
         self._backoff = (backoff_initial, backoff_max)
         self._subscribe_timeout = subscribe_timeout
+        self._health = (health_interval, health_timeout)
         self._on_state: StateListener | None = None
         self._handler: PublicationHandler | None = None
         self._channels: set[str] = set()
@@ -280,7 +301,9 @@ class RedisBroker(Broker):
         try:
             await pubsub.unsubscribe(*keys)
         except BACKEND_ERRORS as exc:
-            log.debug("UNSUBSCRIBE of %d channels failed (%s); the reconnect drops them", len(keys), exc)
+            log.debug(
+                "UNSUBSCRIBE of %d channels failed (%s); the reconnect drops them", len(keys), exc
+            )
 
     async def publish(self, ch: str, data: bytes) -> None:
         try:
@@ -359,8 +382,9 @@ class RedisBroker(Broker):
                 keys = [self._control, *(self._channel_key(c) for c in self._channels)]
                 await pubsub.subscribe(*keys)
                 self._pubsub = pubsub
+                live = _Liveness()
                 while True:
-                    message = await pubsub.get_message(timeout=None)
+                    message = await self._next_message(pubsub, live)
                     if message is not None:
                         if self._dispatch(message):
                             attempt = 0
@@ -380,6 +404,30 @@ class RedisBroker(Broker):
                     log.exception("Redis pub/sub reader failed; restarting in %.2fs", delay)
                 await self._drop(pubsub)
                 await asyncio.sleep(delay)
+
+    async def _next_message(self, pubsub: PubSub, live: _Liveness) -> dict[str, Any] | None:
+        """The link's next message (None: none yet), pinging it when it is quiet.
+
+        Raises `LinkStalled` when nothing, not even the pong, came back within
+        the health timeout of a ping.
+        """
+        interval, timeout = self._health
+        if interval <= 0:
+            message: dict[str, Any] | None = await pubsub.get_message(timeout=None)
+            return message
+        loop = asyncio.get_running_loop()
+        message = await pubsub.get_message(timeout=interval if live.pinged is None else timeout)
+        now = loop.time()
+        if message is not None:
+            live.heard, live.pinged = now, None
+            return message
+        if live.pinged is not None:
+            if now - live.pinged >= timeout:
+                raise LinkStalled(f"no answer to PING within {timeout:.1f}s")
+        elif now - live.heard >= interval:
+            await pubsub.ping()
+            live.pinged = now
+        return None
 
     def _dispatch(self, message: dict[str, Any]) -> bool:
         """Handle one pub/sub message; True when it proves the link is up."""
