@@ -140,6 +140,18 @@ class Metrics:
             ["state"],
             registry=r,
         )
+        self.redis_pool = Gauge(
+            "gateway_redis_pool_connections",
+            "Connections of the Redis command pool (history, presence, publishing), by state "
+            "(in_use, max).",
+            ["state"],
+            registry=r,
+        )
+        self.redis_waiters = Gauge(
+            "gateway_redis_pool_waiters",
+            "Redis commands waiting for a pool connection (saturation).",
+            registry=r,
+        )
         self.db_waiters = Gauge(
             "gateway_db_pool_waiters",
             "Requests waiting for a connection of the PostgreSQL pool.",
@@ -157,6 +169,12 @@ class Metrics:
             self.connections.labels(transport).set_function(partial(connections, transport))
         self.channels.set_function(channels)
         self.subscriptions.set_function(subscriptions)
+
+    def watch_redis_pool(self, usage: Callable[[], tuple[int, int, int]]) -> None:
+        """The Redis command pool's use (in use, size, waiters), read at scrape time."""
+        self.redis_pool.labels("in_use").set_function(lambda: usage()[0])
+        self.redis_pool.labels("max").set_function(lambda: usage()[1])
+        self.redis_waiters.set_function(lambda: usage()[2])
 
     def watch_pool(self, pool: asyncpg.Pool) -> None:
         """The PostgreSQL pool's sizes, read at scrape time."""

@@ -60,6 +60,14 @@ class Node:
         self._metrics = metrics
         self.max_publication_bytes = max_publication_bytes
         broker.on_fault = lambda kind: metrics.broker_faults.labels(kind).inc()
+        usage = getattr(broker, "pool_usage", None)
+        if usage is not None:
+            metrics.watch_redis_pool(usage)
+        #: History reads under way, by (channel, after, limit): a storm of
+        #: sockets recovering one channel reads it once.
+        self._reading: dict[
+            tuple[str, int, int], asyncio.Future[tuple[list[Entry], Position | None]]
+        ] = {}
         self._pending: dict[str, _Pending] = {}
         #: Channels whose last local member left, to UNSUBSCRIBE in batches.
         self._leaving: dict[str, None] = {}
@@ -159,6 +167,21 @@ class Node:
         Entries that are not publishable (a backend may append to history
         itself) are left out, as their live publication was.
         """
+        key = (ch, after, limit)
+        reading = self._reading.get(key)
+        if reading is None:
+            reading = self._reading[key] = asyncio.ensure_future(self._read_history(*key))
+            reading.add_done_callback(lambda f: self._read(key, f))
+        return await asyncio.shield(reading)
+
+    def _read(self, key: tuple[str, int, int], reading: asyncio.Future[Any]) -> None:
+        del self._reading[key]
+        if not reading.cancelled():
+            reading.exception()  # retrieved: every waiter got it, or none was left
+
+    async def _read_history(
+        self, ch: str, after: int, limit: int
+    ) -> tuple[list[Entry], Position | None]:
         entries, top = await self.broker.history(ch, after, limit)
         kept: list[Entry] = []
         for offset, data in entries:

@@ -122,6 +122,19 @@ class Settings:
         "room:1 is SPUBLISH gw:{room:1}. See docs/redis-cluster.md.",
         _bool,
     )
+    redis_pool_size: int = _setting(
+        64,
+        "REDIS_POOL_SIZE",
+        "Redis connections for commands (history, presence, publishing, rate limits) per process; "
+        "a burst beyond it waits for one (REDIS_POOL_TIMEOUT) instead of failing.",
+        _positive_int,
+    )
+    redis_pool_timeout: float = _setting(
+        5.0,
+        "REDIS_POOL_TIMEOUT",
+        "Seconds a command waits for a pooled Redis connection before it fails (temporary error).",
+        _positive_float,
+    )
     redis_health_interval: float = _setting(
         3.0,
         "REDIS_HEALTH_INTERVAL",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from gateway.broker.base import (
     CONTROL,
     Broker,
@@ -34,9 +36,11 @@ __all__ = [
 def make_broker(settings: Settings) -> Broker:
     """Redis (a Redis Cluster with ``REDIS_CLUSTER``) when ``REDIS_URL`` is set,
     else the single-process memory broker."""
-    health = {
+    health: dict[str, Any] = {
         "health_interval": settings.redis_health_interval,
         "health_timeout": settings.redis_health_timeout,
+        "pool_size": settings.redis_pool_size,
+        "pool_timeout": settings.redis_pool_timeout,
     }
     if settings.redis_url and settings.redis_cluster:
         return RedisClusterBroker(settings.redis_url, settings.redis_prefix, **health)

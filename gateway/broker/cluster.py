@@ -28,6 +28,7 @@ import collections
 import contextlib
 import logging
 import random
+from typing import Any
 
 import redis.asyncio as aioredis
 from redis.asyncio.client import PubSub
@@ -95,7 +96,7 @@ class RedisClusterBroker(RedisBroker):
     publish_command = "SPUBLISH"
     kind = "Redis Cluster"
 
-    def __init__(self, url: str, prefix: str = "gw:", **timing: float) -> None:
+    def __init__(self, url: str, prefix: str = "gw:", **timing: Any) -> None:
         """``url`` names any node of the cluster; ``timing`` as for `RedisBroker`."""
         super().__init__(url, prefix, **timing)
         assert isinstance(self._pub_client, RedisCluster)

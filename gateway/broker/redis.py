@@ -163,10 +163,15 @@ class RedisBroker(Broker):
         subscribe_timeout: float = 5.0,
         health_interval: float = 3.0,
         health_timeout: float = 2.0,
+        pool_size: int = 64,
+        pool_timeout: float = 5.0,
     ) -> None:
         """``health_interval``: ping a subscriber link quiet for that long (0: never);
         ``health_timeout``: seconds for anything to come back before the link
-        counts as lost (a stalled Redis is a lost link: gap pushes, reconnect)."""
+        counts as lost (a stalled Redis is a lost link: gap pushes, reconnect);
+        ``pool_size``: connections for commands (history, presence, publishing),
+        beyond which a command waits up to ``pool_timeout`` seconds for one
+        instead of failing."""
         self._url = url
         self._prefix = prefix
         self._prefix_b = prefix.encode()
@@ -174,6 +179,7 @@ class RedisBroker(Broker):
         self._backoff = (backoff_initial, backoff_max)
         self._subscribe_timeout = subscribe_timeout
         self._health = (health_interval, health_timeout)
+        self._pool_size = (pool_size, pool_timeout)
         self._on_state: StateListener | None = None
         self._handler: PublicationHandler | None = None
         self._channels: set[str] = set()
@@ -197,12 +203,25 @@ class RedisBroker(Broker):
     def _publisher(self, url: str) -> aioredis.Redis | RedisCluster:
         # One retry on a lost connection: after a Redis restart every pooled
         # connection is stale, and the first command on each would fail.
-        return aioredis.Redis.from_url(
+        size, timeout = self._pool_size
+        pool = aioredis.BlockingConnectionPool.from_url(
             url,
+            max_connections=size,
+            timeout=timeout,
             socket_timeout=5,
             retry=Retry(NoBackoff(), 1),
             retry_on_error=[RedisConnectionError],
         )
+        return aioredis.Redis.from_pool(pool)
+
+    def pool_usage(self) -> tuple[int, int, int]:
+        """The command pool's connections in use, its size, and commands waiting for one."""
+        pool = getattr(self._pub_client, "connection_pool", None)  # none on a cluster client
+        if not isinstance(pool, aioredis.BlockingConnectionPool):
+            return 0, 0, 0
+        condition = getattr(pool, "_condition", None)
+        waiters = len(getattr(condition, "_waiters", None) or ())
+        return len(getattr(pool, "_in_use_connections", ())), pool.max_connections, waiters
 
     def _channel_key(self, ch: str) -> bytes:
         """The Redis channel that carries ``ch``."""
