@@ -67,6 +67,7 @@ class CloseCode(enum.IntEnum):
     SLOW_CONSUMER = 4001
     TOKEN_EXPIRED = 4002
     INTERNAL = 4003
+    UNAVAILABLE = 4004
     # 4500-4999: do not reconnect blindly.
     BAD_REQUEST = 4500
     FORBIDDEN = 4501
@@ -107,6 +108,7 @@ _CLOSE_REASONS: dict[CloseCode, str] = {
     CloseCode.SLOW_CONSUMER: "slow consumer",
     CloseCode.TOKEN_EXPIRED: "token expired",
     CloseCode.INTERNAL: "internal error, reconnect",
+    CloseCode.UNAVAILABLE: "a subscription could not be made now, reconnect",
     CloseCode.BAD_REQUEST: "bad request",
     CloseCode.FORBIDDEN: "forbidden",
     CloseCode.SESSION_REVOKED: "session revoked, log in again",

@@ -108,3 +108,32 @@ async def test_refusals_are_plain_http():
         async with sse(gw.port, token_for(gw, channels=("feed:*",)), ["admin:1"]) as s:
             reply = json.loads((await s.next_of("reply"))["data"])
             assert reply["ok"] is False and reply["error"]["code"] == 103
+
+
+async def test_a_subscription_that_cannot_be_made_ends_the_stream_with_4004():
+    """Never a silent open stream: EventSource (and gateway.js) reconnect with backoff."""
+    from gateway.broker import BrokerUnavailable, MemoryBroker
+
+    class Down(MemoryBroker):
+        async def subscribe(self, ch: str) -> None:
+            if ch == "room:down":
+                raise BrokerUnavailable("Redis is not connected")
+            await super().subscribe(ch)
+
+    async with running_gateway(Down()) as gw:
+        token = token_for(gw)
+        async with sse(gw.port, token, ["room:up", "room:down"]) as s:
+            replies = [json.loads((await s.next_of("reply"))["data"]) for _ in range(2)]
+            assert [r["ok"] for r in replies] == [True, False]
+            assert replies[1]["error"] == {
+                "code": 110,
+                "message": "service unavailable, retry later",
+                "temporary": True,
+            }
+            retry = await s.next()
+            assert 1000 <= int(retry["retry"]) <= 5000
+            assert json.loads((await s.next_of("close"))["data"]) == {"code": 4004}
+            with contextlib.suppress(EOFError):
+                await s.next()
+                raise AssertionError("the stream went on after its close event")
+        assert gw.hub.connection_count() == 0 and not gw.hub.has_subscribers("room:up")

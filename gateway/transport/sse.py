@@ -12,6 +12,9 @@ errors and recovery are the socket's too. The stream carries:
   on all of them;
 * ``event: expiring`` / ``gap`` / ``unsubscribed`` - the socket's pushes;
 * ``event: close`` - ``{"code": 4002}`` and the like, then the stream ends;
+  a subscription refused with a temporary error (Redis unavailable) ends
+  the stream at once with ``4004`` and a jittered ``retry:``, so that no
+  stream stays open with nothing on it;
 * ``: ping`` comments on the liveness schedule, which keep proxies from
   timing out an idle stream.
 
@@ -25,6 +28,7 @@ import asyncio
 import base64
 import binascii
 import logging
+import random
 from typing import ClassVar
 
 import msgspec
@@ -78,6 +82,7 @@ class SSEHandler(tornado.web.RequestHandler):
         self._positions: dict[str, tuple[int, str]] = {}
         self._ended: asyncio.Event = asyncio.Event()
         self._session: Session | None = None
+        self._refused = False  # a subscription failed with a temporary error
 
     async def prepare(self) -> None:
         self._identity = await admit(self, self.ctx)
@@ -115,6 +120,10 @@ class SSEHandler(tornado.web.RequestHandler):
                     offset, epoch = self._positions[ch]
                     frame["since"] = {"offset": offset, "epoch": epoch}
                 await session.handle(msgspec.json.encode(frame))
+            if self._refused:
+                log.warning("ending an event stream whose subscription failed; it reconnects")
+                self._write(b"retry: %d\n\n" % random.randint(1000, 5000))
+                self.disconnect(CloseCode.UNAVAILABLE)
             await self._ended.wait()
         finally:
             session.closed()
@@ -127,6 +136,8 @@ class SSEHandler(tornado.web.RequestHandler):
     def send(self, payload: bytes) -> None:
         # Replies carry an "id"; the socket's other pushes name their "op".
         op = _push_op.decode(payload).op if payload.startswith(b'{"op"') else "reply"
+        if op == "reply" and b'"temporary":true' in payload:
+            self._refused = True
         self._event(op or "reply", payload)
 
     def deliver(self, prepared: Prepared, codec: Codec) -> None:
