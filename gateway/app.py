@@ -248,8 +248,9 @@ async def make_app(
         node.on_control = core.on_control
     ctx = Context(
         settings=settings, node=node, verifier=verifier, metrics=metrics, core=core, limiter=limiter,
-        coalescer=Coalescer(metrics.write_lag),
+        coalescer=Coalescer(metrics.write_lag, settings.send_buffer_total_bytes),
     )  # fmt: skip
+    metrics.send_buffered.set_function(lambda: ctx.coalescer.buffered)
     if isinstance(core, Core):
         metrics.watch_pool(core.db.pool)
         core.observe = metrics.rest_request

@@ -140,6 +140,12 @@ class Metrics:
             ["state"],
             registry=r,
         )
+        self.send_buffered = Gauge(
+            "gateway_send_buffered_bytes",
+            "Bytes queued in the sockets' send buffers at the last budget check "
+            "(SEND_BUFFER_TOTAL_BYTES bounds it).",
+            registry=r,
+        )
         self.redis_pool = Gauge(
             "gateway_redis_pool_connections",
             "Connections of the Redis command pool (history, presence, publishing), by state "

@@ -326,6 +326,13 @@ class Settings:
         "Unsent bytes a connection may queue before it is closed as a slow consumer (4001).",
         _positive_int,
     )
+    send_buffer_total_bytes: int = _setting(
+        256 << 20,
+        "SEND_BUFFER_TOTAL_BYTES",
+        "Unsent bytes all sockets of a process may queue together; past it, the sockets holding "
+        "the most are closed first as slow consumers (4001).",
+        _positive_int,
+    )
     allowed_origins: tuple[str, ...] = _setting(
         ("*",), "ALLOWED_ORIGINS", "Origins allowed to open sockets (comma list, * for any).", _list
     )

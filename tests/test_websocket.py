@@ -14,7 +14,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from gateway.auth import mint_token
 from proto import CloseCode, ErrorCode
-from tests.harness import SECRET, http_url, running_gateway, token_for, ws_client
+from tests.harness import SECRET, http_url, running_gateway, token_for, until, ws_client
 from tests.servers import UNIT
 
 
@@ -347,3 +347,45 @@ async def test_a_socket_is_never_dropped_before_it_was_pinged():
             assert gw.hub.heartbeat(later, 25, 10, tick=25) == 1
             assert gw.ctx.metrics.dead_peers._value.get() == 0
             assert (await c.request("ping"))["ok"]
+
+
+async def test_a_process_wide_send_budget_sheds_the_biggest_backlogs_first():
+    """Per-socket bounds alone would let 10,000 sockets hold 10 GB: the budget holds all of them."""
+    budget = 512 * 1024
+    async with running_gateway(send_buffer_bytes=64 << 20, send_buffer_total_bytes=budget) as gw:
+        token = token_for(gw)
+        async with contextlib.AsyncExitStack() as stack:
+            slow = [
+                await stack.enter_async_context(ws_client(gw.port, token, max_queue=1, max_size=None))
+                for _ in range(4)
+            ]
+            fast = await stack.enter_async_context(ws_client(gw.port, token, max_size=None))
+            for c in (*slow, fast):
+                assert (await c.request("sub", ch="room:big"))["ok"]
+            received = 0
+
+            async def read_all() -> None:
+                nonlocal received
+                while True:
+                    msg = await fast.recv(10 * UNIT)
+                    if msg.get("op") == "msg":
+                        received += 1
+
+            reader = asyncio.ensure_future(read_all())
+            chunk = json.dumps("z" * 60_000).encode()
+            sent = 0
+            for _ in range(800):  # 48 MB: past the budget, short of the per-socket bound
+                gw.hub.broadcast("room:big", chunk)
+                sent += 1
+                if gw.ctx.metrics.slow_consumers._value.get() == len(slow):
+                    break
+                await asyncio.sleep(0.001)
+            assert gw.ctx.metrics.slow_consumers._value.get() == len(slow), "the budget shed no one"
+            assert gw.hub.subscriber_count("room:big") == 1  # only the reader is left
+            await until(lambda: received == sent, 10 * UNIT)
+            reader.cancel()
+            for c in slow:
+                with pytest.raises(ConnectionClosed) as info:
+                    while True:
+                        await c.ws.recv()
+                assert info.value.rcvd.code == CloseCode.SLOW_CONSUMER

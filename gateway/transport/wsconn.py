@@ -50,7 +50,7 @@ from proto.wsframe import (
     read_frames,
 )
 
-__all__ = ["CLOSE_TIMEOUT", "MAX_INBOX", "MAX_PENDING", "Coalescer", "WSConnection"]
+__all__ = ["BUDGET_CHECK", "CLOSE_TIMEOUT", "MAX_INBOX", "MAX_PENDING", "Coalescer", "WSConnection"]
 
 log = logging.getLogger("gateway.websocket")
 
@@ -60,6 +60,8 @@ CLOSE_TIMEOUT = 5.0
 MAX_INBOX = 32
 #: Frames queued for one socket within one loop iteration before they are written.
 MAX_PENDING = 64
+#: Seconds between two sums of the send buffers against the process-wide budget.
+BUDGET_CHECK = 0.1
 _PING = bytes((0x80 | OP_PING, 0))
 
 
@@ -69,15 +71,36 @@ def _sendable(code: int) -> bool:
 
 
 class Coalescer:
-    """The sockets with frames queued in this loop iteration; one per gateway."""
+    """The sockets with frames queued in this loop iteration; one per gateway.
 
-    __slots__ = ("_dirty", "_lag", "_scheduled", "_since")
+    It also keeps every socket's send buffer within one process-wide
+    ``budget`` (bytes): sockets left with unsent bytes after a flush are
+    remembered, and at most every `BUDGET_CHECK` seconds their buffers are
+    summed; past the budget, those holding the most are closed first as slow
+    consumers (4001) until the rest fit.
+    """
 
-    def __init__(self, lag: Histogram | None = None) -> None:
+    __slots__ = (
+        "_backlogged",
+        "_budget",
+        "_checked",
+        "_dirty",
+        "_lag",
+        "_scheduled",
+        "_since",
+        "buffered",
+    )
+
+    def __init__(self, lag: Histogram | None = None, budget: int | None = None) -> None:
         self._dirty: list[WSConnection] = []
         self._scheduled = False
         self._lag = lag  # gateway_delivery_lag_seconds
         self._since = 0.0
+        self._budget = budget
+        self._backlogged: set[WSConnection] = set()
+        self._checked = 0.0
+        #: Bytes in send buffers at the last check (gateway_send_buffered_bytes).
+        self.buffered = 0
 
     def mark(self, conn: WSConnection) -> None:
         self._dirty.append(conn)
@@ -89,14 +112,44 @@ class Coalescer:
     def flush(self) -> None:
         dirty, self._dirty = self._dirty, []
         since, self._scheduled = self._since, False
+        budget = self._budget
         for conn in dirty:
             try:
                 conn.flush()
             except Exception:  # one broken socket must not strand the others' frames
                 log.exception("write failed; dropping the socket")
                 conn.abort()
+                continue
+            if budget is not None and conn.buffered():
+                self._backlogged.add(conn)
+        now = time.perf_counter()
         if self._lag is not None:
-            self._lag.observe(time.perf_counter() - since)
+            self._lag.observe(now - since)
+        if self._backlogged and now - self._checked >= BUDGET_CHECK:
+            self.check_budget(now)
+
+    def check_budget(self, now: float) -> int:
+        """Sum the backlogged sockets' buffers; shed the largest past the budget."""
+        self._checked = now
+        sizes: list[tuple[int, WSConnection]] = []
+        for conn in list(self._backlogged):
+            size = conn.buffered()
+            if size:
+                sizes.append((size, conn))
+            else:
+                self._backlogged.discard(conn)
+        total = self.buffered = sum(size for size, _ in sizes)
+        shed = 0
+        if self._budget is not None and total > self._budget:
+            sizes.sort(key=lambda item: item[0], reverse=True)
+            for size, conn in sizes:
+                if total <= self._budget:
+                    break
+                conn.shed(f"{total} bytes queued in the process, over SEND_BUFFER_TOTAL_BYTES")
+                self._backlogged.discard(conn)
+                total -= size
+                shed += 1
+        return shed
 
 
 class WSConnection(asyncio.Protocol):
@@ -178,11 +231,20 @@ class WSConnection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         """The send buffer passed its bound: a slow consumer."""
+        self.shed("send buffer full")
+
+    def buffered(self) -> int:
+        """Bytes queued for this socket and not yet taken by the kernel (0 once closing)."""
+        transport = self.transport
+        return 0 if self._closing or transport is None else int(transport.get_write_buffer_size())
+
+    def shed(self, why: str) -> None:
+        """Close as a slow consumer (4001): what is queued goes first, then the close."""
         if self._closing or self.transport is None:
             return
         self._metrics.slow_consumers.inc()
         sub = self.session.identity.sub if self.session else "?"
-        log.warning("closing slow consumer %s (send buffer full)", sub)
+        log.warning("closing slow consumer %s (%s)", sub, why)
         # Deferred: this may run inside a hub broadcast, which must not see
         # its member set change under it.
         asyncio.get_running_loop().call_soon(self._close_slow)
@@ -239,7 +301,9 @@ class WSConnection(asyncio.Protocol):
             if not self._closing:  # the peer started it: answer with its code
                 self._code = code
                 self._closing = True
-                reply = close_frame(code if _sendable(code) else 1000 if code == 1005 else PROTOCOL_ERROR)
+                reply = close_frame(
+                    code if _sendable(code) else 1000 if code == 1005 else PROTOCOL_ERROR
+                )
                 if self.transport is not None:
                     self.transport.write(reply)
             if self.transport is not None:
