@@ -5,6 +5,8 @@ signed by the first of ``JWT_SIGNING_KEYS`` (with its ``kid``) or with
 ``JWT_SECRET`` (HS256):
 ``sub`` (the user id), ``sid`` (the login session), ``role``, ``channels``
 (``USER_CHANNELS`` or ``ADMIN_CHANNELS`` with ``{sub}`` filled in), ``iat``,
+``pub`` (``USER_PUBLISH`` or ``ADMIN_PUBLISH``, by default only the user's own
+``user:{sub}``: an absent ``pub`` would mean "everywhere it may subscribe"),
 ``exp`` (``ACCESS_TOKEN_TTL``), and ``iss``/``aud`` when configured.
 
 Refresh tokens are 256-bit random strings; only their SHA-256 is stored.
@@ -48,7 +50,11 @@ class Issuer:
     def access_token(self, user_id: int, role: str, sid: str, now: float | None = None) -> str:
         s = self._settings
         sub = str(user_id)
-        patterns = s.admin_channels if role == "admin" else s.user_channels
+        admin = role == "admin"
+        patterns = s.admin_channels if admin else s.user_channels
         channels = [p.replace("{sub}", sub) for p in patterns]
+        pub = [p.replace("{sub}", sub) for p in (s.admin_publish if admin else s.user_publish)]
         extra = {"sid": sid, "role": role}
-        return mint_token(s, sub, channels, ttl=self.ttl, now=now, extra=extra, signer=self.keys)
+        return mint_token(
+            s, sub, channels, pub=pub, ttl=self.ttl, now=now, extra=extra, signer=self.keys
+        )
