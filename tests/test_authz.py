@@ -10,7 +10,7 @@ its route's test. docs/security.md (## Authorization) is the same table.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlencode
@@ -106,7 +106,9 @@ class World:
         """A fresh owner, a project of theirs, and a key an admin may revoke."""
         owner = await new_person(self.gw, self.clean_db)
         async with self.client(owner.token) as api:
-            status, _, body = await api.call("POST", "/api/projects", project(owner_email=owner.email))
+            status, _, body = await api.call(
+                "POST", "/api/projects", project(owner_email=owner.email)
+            )
             assert status == 201, body
         return owner, body["id"], self.victim_keys.pop()
 
@@ -212,7 +214,9 @@ async def test_access_matrix_over_http(route, clean_db):
         for role in ROLES:
             # Fresh objects for each caller: a refused write must leave them as they were.
             owner, project_id, key_id = await world.owner_with_things()
-            method, path, kw = REQUESTS[route.operation_id](owner, project_id, key_id, "long enough pw")
+            method, path, kw = REQUESTS[route.operation_id](
+                owner, project_id, key_id, "long enough pw"
+            )
             async with world.client(_token(world, role, owner)) as api:
                 status, _, body = await api.call(method, path, **kw)
                 if status >= 400:
@@ -226,3 +230,47 @@ async def test_access_matrix_over_http(route, clean_db):
                     assert after["version"] == 1, f"{role} changed the project"
             got.append(status)
         assert tuple(got) == EXPECTED[route.operation_id], dict(zip(ROLES, got, strict=True))
+
+
+async def test_the_same_rules_hold_over_rpc(clean_db):
+    async with running_gateway(**clean_db, rate_login_ip=None) as gw:
+        world = await make_world(gw, clean_db)
+        owner, project_id, _ = await world.owner_with_things()
+        async with ws_client(gw.port, world.other.token) as c:
+
+            async def rpc(method: str, path: str, body: Any = None) -> tuple[int, Any]:
+                fields: dict[str, Any] = {"method": method, "path": path}
+                if body is not None:
+                    fields["body"] = body
+                reply = await c.request("rpc", **fields)
+                return reply["status"], reply.get("body")
+
+            status, body = await rpc(
+                "PATCH", f"/api/projects/{project_id}", {"owner_email": world.other.email}
+            )
+            assert status == 403 and body["error"]["code"] == "forbidden"
+            assert (
+                await rpc(
+                    "PUT", f"/api/projects/{project_id}", project(owner_email=world.other.email)
+                )
+            )[0] == 403
+            assert (await rpc("DELETE", f"/api/projects/{project_id}"))[0] == 403
+            assert (await rpc("POST", "/api/projects", project(owner_email=owner.email)))[0] == 403
+            assert (await rpc("GET", f"/api/projects/{project_id}"))[
+                0
+            ] == 200  # the board is shared
+            for method in ("GET", "DELETE"):
+                status, body = await rpc(method, f"/api/users/{owner.id}")
+                assert status == 404 and body["error"]["message"] == f"no user {owner.id}"
+            assert (await rpc("PATCH", f"/api/users/{owner.id}", {"email": "x@example.com"}))[
+                0
+            ] == 404
+            status, page = await rpc("GET", "/api/users")
+            assert [u["id"] for u in page["items"]] == [world.other.id]
+            assert (
+                await rpc("POST", "/api/users", {"email": "pre@example.com", "display_name": "P"})
+            )[0] == 403
+        async with ws_client(gw.port, owner.token) as c:
+            reply = await c.request("rpc", method="PATCH", path=f"/api/projects/{project_id}",
+                                    body={"name": "Mine"})  # fmt: skip
+            assert reply["status"] == 200 and reply["body"]["version"] == 2
