@@ -84,7 +84,7 @@ class SessionList(msgspec.Struct):
 
 
 _LOGIN = """
-select u.id, a.password_hash, a.role from users u join accounts a on a.user_id = u.id
+select u.id, a.password_hash, a.role, u.display_name from users u join accounts a on a.user_id = u.id
 where lower(u.email) = lower($1)
 """
 _REHASH = "update accounts set password_hash = $2, updated_at = now() where user_id = $1"
@@ -105,10 +105,12 @@ values ($1, now() + make_interval(secs => $2), $3, $4) returning id::text
 _NEW_REFRESH = "insert into refresh_tokens (token_hash, session_id) values ($1, $2::uuid)"
 _FIND_REFRESH = """
 select r.session_id::text as sid, r.used_at is not null as used, s.user_id,
-       s.revoked_at is not null as revoked, s.expires_at <= now() as expired, a.role
+       s.revoked_at is not null as revoked, s.expires_at <= now() as expired, a.role,
+       u.display_name
 from refresh_tokens r
 join auth_sessions s on s.id = r.session_id
 join accounts a on a.user_id = s.user_id
+join users u on u.id = s.user_id
 where r.token_hash = $1
 for update of r
 """
@@ -235,7 +237,7 @@ class Accounts:
                 _NEW_SESSION, user_id, self._settings.session_ttl, user_agent, req.client
             )
             await conn.execute(_NEW_REFRESH, refresh_hash(refresh), sid)
-        return self._tokens(user_id, role, sid, refresh)
+        return self._tokens(user_id, role, sid, refresh, row["display_name"])
 
     async def _rotate(self, token: str) -> Response:
         self._require_issuer()
@@ -259,15 +261,15 @@ class Accounts:
             if reused is not None:
                 await self._revoker.revoke([reused])
             raise _invalid_grant("refresh token was already used: the session is revoked")
-        return self._tokens(row["user_id"], row["role"], sid, refresh)
+        return self._tokens(row["user_id"], row["role"], sid, refresh, row["display_name"])
 
     async def _limit(self, key: str, rate: Rate | None, what: str) -> None:
         wait = await over_limit(self._limiter, key, rate)
         if wait is not None:
             raise TooManyRequests(wait, what)
 
-    def _tokens(self, user_id: int, role: str, sid: str, refresh: str) -> Response:
-        access = self.issuer.access_token(user_id, role, sid)
+    def _tokens(self, user_id: int, role: str, sid: str, refresh: str, name: str) -> Response:
+        access = self.issuer.access_token(user_id, role, sid, name=name)
         out = TokenOut(access, "bearer", self.issuer.ttl, refresh, sid)
         return Response(200, _encode(out), {"Cache-Control": "no-store"})
 
