@@ -16,8 +16,8 @@ import asyncpg
 import msgspec
 from msgspec import Meta
 
-from core.db import one
-from core.errors import ApiError, NotFound, TooManyRequests
+from core.access import Access
+from core.errors import ApiError, Conflict, NotFound, TooManyRequests
 from core.passwords import Passwords
 from core.request import Request, Response
 from core.routing import Route, uuid_param
@@ -84,11 +84,19 @@ class SessionList(msgspec.Struct):
 
 
 _LOGIN = """
-select u.id, a.password_hash, a.role from users u join accounts a on a.user_id = u.id
+select u.id, a.password_hash, a.role, u.display_name from users u join accounts a on a.user_id = u.id
 where lower(u.email) = lower($1)
 """
 _REHASH = "update accounts set password_hash = $2, updated_at = now() where user_id = $1"
-_NEW_USER = "insert into users (email, display_name) values ($1, $2) returning id, user_json(users)::text"
+#: A users row with no account (an admin made it for a project owner) is the
+#: registrant's to claim: nobody can block a registration by creating one.
+_NEW_USER = """
+insert into users (email, display_name) values ($1, $2)
+on conflict ((lower(email))) do update
+    set email = excluded.email, display_name = excluded.display_name, updated_at = now()
+    where not exists (select 1 from accounts a where a.user_id = users.id)
+returning id, user_json(users)::text
+"""
 _NEW_ACCOUNT = "insert into accounts (user_id, password_hash) values ($1, $2)"
 _NEW_SESSION = """
 insert into auth_sessions (user_id, expires_at, user_agent, ip)
@@ -97,10 +105,12 @@ values ($1, now() + make_interval(secs => $2), $3, $4) returning id::text
 _NEW_REFRESH = "insert into refresh_tokens (token_hash, session_id) values ($1, $2::uuid)"
 _FIND_REFRESH = """
 select r.session_id::text as sid, r.used_at is not null as used, s.user_id,
-       s.revoked_at is not null as revoked, s.expires_at <= now() as expired, a.role
+       s.revoked_at is not null as revoked, s.expires_at <= now() as expired, a.role,
+       u.display_name
 from refresh_tokens r
 join auth_sessions s on s.id = r.session_id
 join accounts a on a.user_id = s.user_id
+join users u on u.id = s.user_id
 where r.token_hash = $1
 for update of r
 """
@@ -156,24 +166,24 @@ class Accounts:
         return [
             Route("POST", "/api/auth/register", self.register, "Create an account",
                   "register", tag, responses={201: User}, body=RegisterIn,
-                  errors=(403, 409), auth=False),
+                  errors=(403, 409), access=Access.PUBLIC),
             Route("POST", "/api/auth/token", self.token, "Log in or refresh (OAuth2)",
-                  "token", tag, responses={200: TokenOut}, form=TokenForm, auth=False,
+                  "token", tag, responses={200: TokenOut}, form=TokenForm, access=Access.PUBLIC,
                   description="OAuth2 password grant (`grant_type=password`, `username` is "
                   "the e-mail) or refresh grant (`grant_type=refresh_token`), form-encoded. "
                   "Wrong credentials and unusable refresh tokens are 400 `invalid_grant`."),
             Route("POST", "/api/auth/refresh", self.refresh, "Rotate a refresh token",
-                  "refresh", tag, responses={200: TokenOut}, body=RefreshIn, auth=False,
+                  "refresh", tag, responses={200: TokenOut}, body=RefreshIn, access=Access.PUBLIC,
                   description="Uses up the refresh token and returns new tokens. Presenting "
                   "a used refresh token again revokes the whole session."),
             Route("GET", "/api/auth/sessions", self.sessions, "List my sessions",
-                  "listSessions", tag, responses={200: SessionList}, errors=(403,)),
+                  "listSessions", tag, responses={200: SessionList}, errors=(403,), access=Access.SESSION),
             Route("DELETE", "/api/auth/sessions/{id}", self.end_session, "End one of my sessions",
-                  "deleteSession", tag, responses={204: None}, errors=(403, 404)),
+                  "deleteSession", tag, responses={204: None}, errors=(403, 404), access=Access.SESSION),
             Route("POST", "/api/auth/logout", self.logout, "End this session",
-                  "logout", tag, responses={204: None}, errors=(403,)),
+                  "logout", tag, responses={204: None}, errors=(403,), access=Access.SESSION),
             Route("POST", "/api/auth/logout-all", self.logout_all, "End all my sessions",
-                  "logoutAll", tag, responses={204: None}, errors=(403,)),
+                  "logoutAll", tag, responses={204: None}, errors=(403,), access=Access.SESSION),
         ]  # fmt: skip
 
     # -- accounts and logins ------------------------------------------------------
@@ -185,7 +195,10 @@ class Accounts:
         data: RegisterIn = req.data
         password_hash = await self._passwords.hash(data.password)
         async with self._pool.acquire() as conn, conn.transaction():
-            user_id, body = await one(conn, _NEW_USER, data.email, data.display_name)
+            row = await conn.fetchrow(_NEW_USER, data.email, data.display_name)
+            if row is None:
+                raise Conflict("an account with this e-mail already exists")
+            user_id, body = row
             await conn.execute(_NEW_ACCOUNT, user_id, password_hash)
         return Response(201, body.encode(), {"Location": f"/api/users/{user_id}"})
 
@@ -224,7 +237,7 @@ class Accounts:
                 _NEW_SESSION, user_id, self._settings.session_ttl, user_agent, req.client
             )
             await conn.execute(_NEW_REFRESH, refresh_hash(refresh), sid)
-        return self._tokens(user_id, role, sid, refresh)
+        return self._tokens(user_id, role, sid, refresh, row["display_name"])
 
     async def _rotate(self, token: str) -> Response:
         self._require_issuer()
@@ -248,15 +261,15 @@ class Accounts:
             if reused is not None:
                 await self._revoker.revoke([reused])
             raise _invalid_grant("refresh token was already used: the session is revoked")
-        return self._tokens(row["user_id"], row["role"], sid, refresh)
+        return self._tokens(row["user_id"], row["role"], sid, refresh, row["display_name"])
 
     async def _limit(self, key: str, rate: Rate | None, what: str) -> None:
         wait = await over_limit(self._limiter, key, rate)
         if wait is not None:
             raise TooManyRequests(wait, what)
 
-    def _tokens(self, user_id: int, role: str, sid: str, refresh: str) -> Response:
-        access = self.issuer.access_token(user_id, role, sid)
+    def _tokens(self, user_id: int, role: str, sid: str, refresh: str, name: str) -> Response:
+        access = self.issuer.access_token(user_id, role, sid, name=name)
         out = TokenOut(access, "bearer", self.issuer.ttl, refresh, sid)
         return Response(200, _encode(out), {"Cache-Control": "no-store"})
 

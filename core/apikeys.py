@@ -7,7 +7,9 @@ whether it may call the REST API. Every process keeps the active keys in
 memory (the verifier looks a key up without a query); creating or revoking
 one reloads them here and broadcasts ``{"type": "api_keys_changed"}`` on the
 control channel so every other process reloads too, and each process also
-reloads on its periodic sync.
+reloads on its periodic sync. A key that disappears from the active set on a
+reload is revoked: ``on_revoked`` closes its open sockets on this process
+(close code 4510), so a revoked key stops publishing everywhere.
 """
 
 from __future__ import annotations
@@ -16,13 +18,14 @@ import asyncio
 import hashlib
 import logging
 import secrets
-from collections.abc import MutableMapping
+from collections.abc import Callable, MutableMapping
 from typing import Annotated
 
 import asyncpg
 import msgspec
 from msgspec import Meta
 
+from core.access import Access
 from core.db import one
 from core.errors import NotFound
 from core.events import Publisher
@@ -84,21 +87,25 @@ class ApiKeys:
         pool: asyncpg.Pool,
         ring: MutableMapping[bytes, Identity],
         publisher: Publisher | None,
+        reserved: tuple[str, ...] = (),
+        on_revoked: Callable[[str], object] | None = None,
     ) -> None:
         self._pool = pool
         self._ring = ring
         self._publisher = publisher
+        self._reserved = reserved  # channels only the core publishes on
+        self._on_revoked = on_revoked
         self._reloads: set[asyncio.Task[None]] = set()
 
     def routes(self) -> list[Route]:
         tag = "keys"
         return [
             Route("POST", "/api/keys", self.create, "Create an API key (admin)", "createApiKey",
-                  tag, responses={201: ApiKeyCreated}, body=ApiKeyIn, errors=(403,), admin=True),
+                  tag, responses={201: ApiKeyCreated}, body=ApiKeyIn, errors=(403,), access=Access.ADMIN),
             Route("GET", "/api/keys", self.list, "List API keys (admin)", "listApiKeys", tag,
-                  responses={200: ApiKeyList}, errors=(403,), admin=True),
+                  responses={200: ApiKeyList}, errors=(403,), access=Access.ADMIN),
             Route("DELETE", "/api/keys/{id}", self.revoke, "Revoke an API key (admin)",
-                  "revokeApiKey", tag, responses={204: None}, errors=(403, 404), admin=True),
+                  "revokeApiKey", tag, responses={204: None}, errors=(403, 404), access=Access.ADMIN),
         ]  # fmt: skip
 
     async def create(self, req: Request) -> Response:
@@ -127,11 +134,16 @@ class ApiKeys:
         """Replace the in-memory keys with the active ones in the database."""
         fresh: dict[bytes, Identity] = {}
         for id, digest, channels, rest in await self._pool.fetch(_ACTIVE):
-            grants = Grants.from_claims({"channels": list(channels), "pub": True})
+            claims = {"channels": list(channels), "pub": True}
+            grants = Grants.from_claims(claims, reserved=self._reserved)
             fresh[bytes(digest)] = Identity(f"apikey:{id}", grants, None, None, "service", rest)
+        gone = {i.sub for i in self._ring.values()} - {i.sub for i in fresh.values()}
         # No await between these two lines: no request sees a half-updated ring.
         self._ring.clear()
         self._ring.update(fresh)
+        if self._on_revoked is not None:
+            for sub in sorted(gone):
+                self._on_revoked(sub)
 
     def on_control(self, data: bytes) -> None:
         if data.strip() == _CHANGED:

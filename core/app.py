@@ -1,9 +1,10 @@
 """The REST core: one route table, one `dispatch`, served by every transport.
 
 `Core.dispatch` takes a `Request` whose caller the transport already
-authenticated (or None) and always returns a `Response`: routing, body and
-query validation, idempotency and the error mapping happen here once, so
-HTTP, ``rpc`` frames and Lambda answer alike.
+authenticated (or None) and always returns a `Response`: routing, the
+route's access rule (core/access.py), body and query validation,
+idempotency and the error mapping happen here once, so HTTP, ``rpc``
+frames and Lambda answer alike.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from collections.abc import Awaitable, Callable, MutableMapping
 
 import asyncpg
 
-from core.accounts import Accounts
+from core.access import Access, check
+from core.accounts import Accounts, Revoker
 from core.apikeys import ApiKeys
 from core.db import Database
 from core.errors import ApiError, TooManyRequests, from_exception
@@ -42,14 +44,14 @@ _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 
 
 def api_routes(
-    pool: asyncpg.Pool, events: Events, accounts: Accounts, keys: ApiKeys
+    pool: asyncpg.Pool, events: Events, accounts: Accounts, keys: ApiKeys, revoker: Revoker
 ) -> tuple[Route, ...]:
     """The core's route table."""
     return (
         *accounts.routes(),
         *keys.routes(),
         *Projects(pool, events).routes(),
-        *Users(pool).routes(),
+        *Users(pool, events, revoker).routes(),
     )
 
 
@@ -71,7 +73,8 @@ class CoreUnavailable:
         accounts = Accounts(
             pool, settings, Passwords(settings), Issuer(settings), _NoRevoker(), MemoryRateLimiter()
         )
-        self.routes = api_routes(pool, Events(None), accounts, ApiKeys(pool, {}, None))
+        keys = ApiKeys(pool, {}, None)
+        self.routes = api_routes(pool, Events(None), accounts, keys, _NoRevoker())
         self.router = Router(self.routes)
 
     async def dispatch(self, req: Request) -> Response:
@@ -94,6 +97,7 @@ class Core:
         revocations: Revocations,
         api_keys: MutableMapping[bytes, Identity],
         limiter: RateLimiter,
+        on_key_revoked: Callable[[str], object] | None = None,
     ) -> None:
         self.settings = settings
         self.limiter = limiter
@@ -106,8 +110,10 @@ class Core:
         self.accounts = Accounts(
             db.pool, settings, Passwords(settings), Issuer(settings), revocations, limiter
         )
-        self.api_keys = ApiKeys(db.pool, api_keys, publisher)
-        self.routes = api_routes(db.pool, self.events, self.accounts, self.api_keys)
+        self.api_keys = ApiKeys(
+            db.pool, api_keys, publisher, settings.core_channels, on_key_revoked
+        )
+        self.routes = api_routes(db.pool, self.events, self.accounts, self.api_keys, revocations)
         self.router = Router(self.routes)
         self._upkeep = [
             asyncio.ensure_future(self._every(600.0, self._purge)),
@@ -122,16 +128,20 @@ class Core:
         revocations: Revocations | None = None,
         api_keys: MutableMapping[bytes, Identity] | None = None,
         limiter: RateLimiter | None = None,
+        on_key_revoked: Callable[[str], object] | None = None,
     ) -> Core:
         """Migrate, open the pool, load revocations and API keys, serve; `close` undoes it.
 
-        ``api_keys`` is the verifier's mapping of active keys, kept current here.
+        ``api_keys`` is the verifier's mapping of active keys, kept current here;
+        ``on_key_revoked`` is called with the subject (``apikey:<id>``) of each
+        key found revoked, here or on another process, to close its sockets.
         """
         if revocations is None:
             revocations = Revocations(settings.access_token_ttl + settings.jwt_leeway, publisher)
         keys = api_keys if api_keys is not None else {}
         limits = limiter if limiter is not None else MemoryRateLimiter()
-        core = cls(settings, await Database.open(settings), publisher, revocations, keys, limits)
+        db = await Database.open(settings)
+        core = cls(settings, db, publisher, revocations, keys, limits, on_key_revoked)
         try:
             await core.sync()
         except BaseException:
@@ -177,13 +187,13 @@ class Core:
             route, req.params = self.router.match(req.method, req.path)
             match.append(route.operation_id)
             caller = req.caller
-            if route.auth:
+            if route.access is not Access.PUBLIC:
                 if caller is None:
                     raise ApiError(401, "unauthorized", "missing token", headers=_BEARER)
                 if not getattr(caller, "rest", True):
                     raise ApiError(403, "forbidden", "this API key may not call the REST API")
-                if route.admin and getattr(caller, "role", None) != "admin":
-                    raise ApiError(403, "forbidden", "admins only")
+                assert route.access is not None  # the Router refuses routes without a rule
+                check(route.access, caller, req.params)
                 wait = await over_limit(self.limiter, f"rest:{caller.sub}", self.settings.rate_rest)
                 if wait is not None:
                     raise TooManyRequests(wait)

@@ -110,7 +110,8 @@ def _operation(route: Route, query_params: list[dict[str, Any]]) -> dict[str, An
         responses[str(status)] = resp
     errors = {400, 405, 429, 503, *route.errors}
     if route.auth:
-        errors.add(401)
+        # 403: the route's access rule (core/access.py), or an API key without `rest`.
+        errors.update((401, 403))
     if route.body or route.form or route.query or route.idempotent:
         errors.add(422)
     if route.body is not None:

@@ -1,5 +1,9 @@
 """``/api/projects``: the benchmark resource.
 
+Every caller with a token reads every project (the board is shared); only
+the owner (``owner_email`` is their e-mail), an admin or an API key with
+``rest`` writes one (core/access.py, rule `Access.OWNER`).
+
 Reads hand back the JSON PostgreSQL builds (``project_json``), so the hot
 path decodes no rows in Python. Writes are validated by `ProjectIn`, and
 each successful one publishes a change event (core/events.py).
@@ -7,14 +11,17 @@ each successful one publishes a change event (core/events.py).
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator
 from typing import Any, NoReturn
 
 import asyncpg
 import msgspec
 from msgspec import UNSET
 
+from core.access import Access, privileged, require_owner
 from core.batch import Batcher
-from core.db import one
+from core.db import Queryable, one
 from core.errors import NotFound, PreconditionFailed, ValidationFailed
 from core.events import ChangeKind, Events
 from core.paging import ANY, ETAG_PATTERN, decode_cursor, etag, if_match, none_match, page_body
@@ -108,22 +115,22 @@ class Projects:
         tag = "projects"
         return [
             Route("GET", "/api/projects", self.list, "List projects", "listProjects", tag,
-                  responses={200: ProjectPage}, query=ProjectQuery),
+                  responses={200: ProjectPage}, query=ProjectQuery, access=Access.READ),
             Route("POST", "/api/projects", self.create, "Create a project", "createProject", tag,
                   responses={201: Project}, body=ProjectIn, headers=(IDEMPOTENCY_KEY,),
-                  errors=(409,), idempotent=True),
+                  errors=(409,), idempotent=True, access=Access.OWNER),
             Route("GET", "/api/projects/{id}", self.get, "Get a project", "getProject", tag,
                   responses={200: Project, 304: None}, headers=(IF_NONE_MATCH,),
-                  errors=(404,)),
+                  errors=(404,), access=Access.READ),
             Route("PUT", "/api/projects/{id}", self.replace, "Replace a project",
                   "replaceProject", tag, responses={200: Project}, body=ProjectIn,
-                  headers=(IF_MATCH,), errors=(404, 412)),
+                  headers=(IF_MATCH,), errors=(404, 412), access=Access.OWNER),
             Route("PATCH", "/api/projects/{id}", self.patch, "Update a project (merge patch)",
                   "updateProject", tag, responses={200: Project}, body=ProjectPatch,
-                  headers=(IF_MATCH,), errors=(404, 412)),
+                  headers=(IF_MATCH,), errors=(404, 412), access=Access.OWNER),
             Route("DELETE", "/api/projects/{id}", self.delete, "Delete a project",
                   "deleteProject", tag, responses={204: None}, headers=(IF_MATCH,),
-                  errors=(404, 412)),
+                  errors=(404, 412), access=Access.OWNER),
         ]  # fmt: skip
 
     async def list(self, req: Request) -> Response:
@@ -145,14 +152,16 @@ class Projects:
         return Response(200, body.encode(), headers)
 
     async def create(self, req: Request) -> Response:
+        await require_owner(self._pool, req.caller, None, req.data.owner_email)
         id, version, body = await self._creations.submit(_encode_json(req.data))
         return await self._written("created", id, version, body, 201)
 
     async def replace(self, req: Request) -> Response:
         id = _id(req)
-        row = await self._pool.fetchrow(_REPLACE, id, *_values(req.data), _expected(req))
-        if row is None:
-            await self._missing_or_stale(id)
+        async with self._writing(req, id, req.data.owner_email) as conn:
+            row = await conn.fetchrow(_REPLACE, id, *_values(req.data), _expected(req))
+            if row is None:
+                await self._missing_or_stale(id)
         return await self._written("updated", *row)
 
     async def patch(self, req: Request) -> Response:
@@ -160,6 +169,8 @@ class Projects:
         patch: ProjectPatch = req.data
         expected = _expected(req)
         async with self._pool.acquire() as conn, conn.transaction():
+            owner = None if patch.owner_email is UNSET else patch.owner_email
+            await require_owner(conn, req.caller, id, owner)
             row = await conn.fetchrow(_LOCK, id)
             if row is None:
                 raise NotFound("no such project")
@@ -172,11 +183,25 @@ class Projects:
 
     async def delete(self, req: Request) -> Response:
         id = _id(req)
-        version = await self._pool.fetchval(_DELETE, id, _expected(req))
-        if version is None:
-            await self._missing_or_stale(id)
+        async with self._writing(req, id, None) as conn:
+            version = await conn.fetchval(_DELETE, id, _expected(req))
+            if version is None:
+                await self._missing_or_stale(id)
         await self._events.changed("projects", "deleted", id, version, None)
         return Response(204)
+
+    @contextlib.asynccontextmanager
+    async def _writing(
+        self, req: Request, id: int, new_owner: str | None
+    ) -> AsyncIterator[Queryable]:
+        """Where to write project ``id``: for a user, a transaction that holds
+        the row locked once `require_owner` let them (admins need neither)."""
+        if privileged(req.caller):
+            yield self._pool
+            return
+        async with self._pool.acquire() as conn, conn.transaction():
+            await require_owner(conn, req.caller, id, new_owner)
+            yield conn
 
     async def _missing_or_stale(self, id: int) -> NoReturn:
         if await self._pool.fetchval(_VERSION, id) is None:

@@ -4,7 +4,8 @@ A route names its method, path template (``/api/projects/{id}``), handler,
 and the types of its query string, body and success responses. The router
 decodes and validates the query and body before the handler runs, so a
 handler receives typed values; the OpenAPI document is generated from the
-same fields.
+same fields. Each route declares its `Access` rule beside it; a route
+without one is refused when the router is built.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import dataclasses
 import re
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 
+from core.access import Access
 from core.errors import ApiError, NotFound
 from core.request import Request, Response
 
@@ -66,12 +68,16 @@ class Route:
     headers: tuple[HeaderParam, ...] = ()
     #: error statuses this route may answer besides 400/401/413/422/503
     errors: tuple[int, ...] = ()
-    auth: bool = True
-    #: only callers with role ``admin``
-    admin: bool = False
+    #: who may call it and act on its object (core/access.py); every route names one
+    access: Access | None = None
     #: POST routes that honour Idempotency-Key
     idempotent: bool = False
     description: str = ""
+
+    @property
+    def auth(self) -> bool:
+        """Whether the route needs a token."""
+        return self.access is not Access.PUBLIC
 
     def pattern(self) -> re.Pattern[str]:
         return re.compile("^" + _PARAM.sub(r"(?P<\1>[^/]+)", self.path) + "$")
@@ -87,6 +93,8 @@ class Router:
         self.routes = tuple(routes)
         by_path: dict[str, dict[str, Route]] = {}
         for route in self.routes:
+            if route.access is None:
+                raise ValueError(f"route {route.method} {route.path} declares no access rule")
             methods = by_path.setdefault(route.path, {})
             if route.method in methods:
                 raise ValueError(f"duplicate route {route.method} {route.path}")

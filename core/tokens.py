@@ -5,6 +5,9 @@ signed by the first of ``JWT_SIGNING_KEYS`` (with its ``kid``) or with
 ``JWT_SECRET`` (HS256):
 ``sub`` (the user id), ``sid`` (the login session), ``role``, ``channels``
 (``USER_CHANNELS`` or ``ADMIN_CHANNELS`` with ``{sub}`` filled in), ``iat``,
+``pub`` (``USER_PUBLISH`` or ``ADMIN_PUBLISH``, by default only the user's own
+``user:{sub}``: an absent ``pub`` would mean "everywhere it may subscribe"),
+``info`` (``{"name": display name}``, what presence shows others),
 ``exp`` (``ACCESS_TOKEN_TTL``), and ``iss``/``aud`` when configured.
 
 Refresh tokens are 256-bit random strings; only their SHA-256 is stored.
@@ -45,10 +48,18 @@ class Issuer:
         """The public keys of issued tokens (none for HS256: a secret is not published)."""
         return self.keys.jwks() if self.keys is not None else {"keys": []}
 
-    def access_token(self, user_id: int, role: str, sid: str, now: float | None = None) -> str:
+    def access_token(
+        self, user_id: int, role: str, sid: str, now: float | None = None, name: str | None = None
+    ) -> str:
         s = self._settings
         sub = str(user_id)
-        patterns = s.admin_channels if role == "admin" else s.user_channels
+        admin = role == "admin"
+        patterns = s.admin_channels if admin else s.user_channels
         channels = [p.replace("{sub}", sub) for p in patterns]
-        extra = {"sid": sid, "role": role}
-        return mint_token(s, sub, channels, ttl=self.ttl, now=now, extra=extra, signer=self.keys)
+        pub = [p.replace("{sub}", sub) for p in (s.admin_publish if admin else s.user_publish)]
+        extra: dict[str, object] = {"sid": sid, "role": role}
+        if name is not None:
+            extra["info"] = {"name": name}  # shown to others in presence
+        return mint_token(
+            s, sub, channels, pub=pub, ttl=self.ttl, now=now, extra=extra, signer=self.keys
+        )

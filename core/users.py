@@ -2,6 +2,13 @@
 
 E-mail addresses are unique regardless of case (409 otherwise). Users
 publish no change events: their addresses are not for every subscriber.
+
+Access (core/access.py): a user sees and changes only their own row (the
+list holds only them; another's id is 404), admins any; only admins create
+rows (accounts come from registration, which claims an account-less row).
+A changed e-mail takes the user's projects along (their ``owner_email``
+follows, with change events). Deleting a user revokes their login sessions
+everywhere, so their tokens stop working on REST and their sockets close.
 """
 
 from __future__ import annotations
@@ -9,8 +16,11 @@ from __future__ import annotations
 import asyncpg
 from msgspec import UNSET
 
+from core.access import Access, is_admin, user_id
+from core.accounts import Revoker
 from core.db import one
-from core.errors import NotFound
+from core.errors import Conflict, NotFound
+from core.events import Events
 from core.paging import decode_cursor, page_body
 from core.projects import IDEMPOTENCY_KEY
 from core.request import Request, Response
@@ -19,23 +29,37 @@ from core.schemas import User, UserIn, UserPage, UserPatch, UserQuery
 
 __all__ = ["Users"]
 
+#: $3: only this user (a non-admin's list), or null for everyone.
 _LIST = """
 select coalesce(json_agg(j order by id) filter (where rn <= $2), '[]')::text,
        max(id) filter (where rn <= $2), count(*)
 from (select u.id, user_json(u) as j, row_number() over (order by u.id) as rn
-      from users u where u.id > $1 order by u.id limit $2 + 1) page
+      from users u where u.id > $1 and ($3::bigint is null or u.id = $3)
+      order by u.id limit $2 + 1) page
 """
 _GET = "select user_json(u)::text from users u where u.id = $1"
 _CREATE = """
 insert into users (email, display_name) values ($1, $2)
 returning id, user_json(users)::text
 """
+_OLD_EMAIL = "select email from users where id = $1 for update"
 _UPDATE = """
 update users set email = coalesce($2, email), display_name = coalesce($3, display_name),
        updated_at = now()
 where id = $1 returning user_json(users)::text
 """
+#: The projects of a user whose e-mail changed follow them.
+_MOVE_PROJECTS = """
+update projects set owner_email = $2, version = version + 1, updated_at = now()
+where lower(owner_email) = lower($1)
+returning id, version, project_json(projects)::text
+"""
+_REVOKE_SESSIONS = """
+update auth_sessions set revoked_at = now(), revoked_reason = 'account_deleted'
+where user_id = $1 and revoked_at is null returning id::text
+"""
 _DELETE = "delete from users where id = $1 returning id"
+_TAKEN = "this e-mail address cannot be used"
 
 
 def _id(req: Request) -> int:
@@ -43,28 +67,34 @@ def _id(req: Request) -> int:
 
 
 class Users:
-    def __init__(self, pool: asyncpg.Pool) -> None:
+    def __init__(self, pool: asyncpg.Pool, events: Events, revoker: Revoker) -> None:
         self._pool = pool
+        self._events = events
+        self._revoker = revoker
 
     def routes(self) -> list[Route]:
         tag = "users"
         return [
-            Route("GET", "/api/users", self.list, "List users", "listUsers", tag,
-                  responses={200: UserPage}, query=UserQuery),
-            Route("POST", "/api/users", self.create, "Create a user", "createUser", tag,
+            Route("GET", "/api/users", self.list, "List users (yourself, unless admin)",
+                  "listUsers", tag, responses={200: UserPage}, query=UserQuery,
+                  errors=(403,), access=Access.SELF),
+            Route("POST", "/api/users", self.create, "Create a user (admin)", "createUser", tag,
                   responses={201: User}, body=UserIn, headers=(IDEMPOTENCY_KEY,),
-                  errors=(409,), idempotent=True),
-            Route("GET", "/api/users/{id}", self.get, "Get a user", "getUser", tag,
-                  responses={200: User}, errors=(404,)),
-            Route("PATCH", "/api/users/{id}", self.patch, "Update a user", "updateUser", tag,
-                  responses={200: User}, body=UserPatch, errors=(404, 409)),
-            Route("DELETE", "/api/users/{id}", self.delete, "Delete a user", "deleteUser", tag,
-                  responses={204: None}, errors=(404,)),
+                  errors=(403, 409), idempotent=True, access=Access.ADMIN),
+            Route("GET", "/api/users/{id}", self.get, "Get a user (yourself, unless admin)",
+                  "getUser", tag, responses={200: User}, errors=(403, 404), access=Access.SELF),
+            Route("PATCH", "/api/users/{id}", self.patch, "Update a user (yourself, unless admin)",
+                  "updateUser", tag, responses={200: User}, body=UserPatch,
+                  errors=(403, 404, 409), access=Access.SELF),
+            Route("DELETE", "/api/users/{id}", self.delete,
+                  "Delete a user and end their sessions (yourself, unless admin)", "deleteUser",
+                  tag, responses={204: None}, errors=(403, 404), access=Access.SELF),
         ]  # fmt: skip
 
     async def list(self, req: Request) -> Response:
         q: UserQuery = req.args
-        items, last, n = await one(self._pool, _LIST, decode_cursor(q.cursor), q.limit)
+        only = None if is_admin(req.caller) else (user_id(req.caller) or 0)
+        items, last, n = await one(self._pool, _LIST, decode_cursor(q.cursor), q.limit, only)
         return Response(200, page_body(items, last if n > q.limit else None))
 
     async def get(self, req: Request) -> Response:
@@ -82,12 +112,30 @@ class Users:
         data: UserPatch = req.data
         email = None if data.email is UNSET else data.email
         name = None if data.display_name is UNSET else data.display_name
-        body = await self._pool.fetchval(_UPDATE, _id(req), email, name)
-        if body is None:
-            raise NotFound("no such user")
+        id = _id(req)
+        moved: list[asyncpg.Record] = []
+        async with self._pool.acquire() as conn, conn.transaction():
+            old = await conn.fetchval(_OLD_EMAIL, id)
+            if old is None:
+                raise NotFound("no such user")
+            try:
+                body = await conn.fetchval(_UPDATE, id, email, name)
+            except asyncpg.UniqueViolationError:
+                # Generic on purpose: whose the address is stays unsaid.
+                raise Conflict(_TAKEN) from None
+            if email is not None and email.lower() != old.lower():
+                moved = await conn.fetch(_MOVE_PROJECTS, old, email)
+        for project, version, project_body in moved:
+            await self._events.changed(
+                "projects", "updated", project, version, project_body.encode()
+            )
         return Response(200, body.encode())
 
     async def delete(self, req: Request) -> Response:
-        if await self._pool.fetchval(_DELETE, _id(req)) is None:
-            raise NotFound("no such user")
+        id = _id(req)
+        async with self._pool.acquire() as conn, conn.transaction():
+            sids = [r[0] for r in await conn.fetch(_REVOKE_SESSIONS, id)]
+            if await conn.fetchval(_DELETE, id) is None:
+                raise NotFound("no such user")
+        await self._revoker.revoke(sids)
         return Response(204)

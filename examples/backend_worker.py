@@ -10,7 +10,10 @@ A PATCH that loses a race (412) needs nothing more: the other write's
 
 Run it against a gateway (``make run``)::
 
-    export GATEWAY_TOKEN=$(.venv/bin/python -m gateway token --sub worker --channels projects)
+    export GATEWAY_TOKEN=$(.venv/bin/python -m gateway token --sub worker --channels projects --role admin)
+
+(``--role admin``: the worker changes projects it does not own; an API key
+with ``rest``, made by an admin, serves as well.)
     GATEWAY_URL=ws://127.0.0.1:8888/ws .venv/bin/python examples/backend_worker.py
 
 A real worker would also store ``sub.position`` and pass it as ``since``

@@ -96,6 +96,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     token.add_argument("--pub", choices=["yes", "no"], help="client publishing allowed (claim pub)")
     token.add_argument("--ttl", type=float, default=3600.0, help="seconds until exp (default 3600)")
+    token.add_argument(
+        "--role", choices=["user", "admin"], help="claim role (admin: writes any project)"
+    )
     keygen = sub.add_parser("keygen", help="make a signing key (JWKS) for JWT_SIGNING_KEYS")
     keygen.add_argument("--alg", default="ES256", choices=["ES256", "ES384", "RS256", "EdDSA"])
     keygen.add_argument("--kid", help="key id (default: date and random)")
@@ -151,7 +154,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         channels = [c.strip() for arg in args.channels for c in arg.split(",") if c.strip()]
         pub = None if args.pub is None else args.pub == "yes"
         try:
-            print(mint_token(settings, args.sub, channels, pub=pub, ttl=args.ttl))
+            extra = None if args.role is None else {"role": args.role}
+            print(mint_token(settings, args.sub, channels, pub=pub, ttl=args.ttl, extra=extra))
         except ValueError as exc:
             print(f"cannot mint: {exc}", file=sys.stderr)
             return 2

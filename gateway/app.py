@@ -198,7 +198,11 @@ async def open_core(
     """The REST core on DATABASE_URL, publishing change events through the node."""
     if not settings.database_url:
         return CoreUnavailable("the REST core has no database (set DATABASE_URL)")
-    return await Core.open(settings, node, revocations, api_keys, limiter)
+
+    def close_key(sub: str) -> None:
+        node.hub.close_subject(sub, CloseCode.KEY_REVOKED)
+
+    return await Core.open(settings, node, revocations, api_keys, limiter, close_key)
 
 
 def make_limiter(settings: Settings) -> RateLimiter:

@@ -121,6 +121,7 @@ class Verifier:
         self._audience = settings.jwt_audience
         self._leeway = settings.jwt_leeway
         self._max_bytes = settings.max_token_bytes
+        self._reserved_channels = settings.core_channels
         self._secret = settings.jwt_secret
         self._public: Any = None
         self._public_algs: tuple[str, ...] = ()
@@ -230,7 +231,7 @@ class Verifier:
         if not isinstance(sub, str) or not sub:
             raise AuthError("bad_claims", "claim 'sub' must be a non-empty string")
         try:
-            grants = Grants.from_claims(claims)
+            grants = Grants.from_claims(claims, reserved=self._reserved_channels)
         except InvalidGrants as exc:
             raise AuthError("bad_claims", str(exc)) from None
         exp = claims.get("exp")

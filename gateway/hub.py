@@ -100,6 +100,10 @@ class Member(Protocol):
     def transport_kind(self) -> str:
         """``websocket``, ``sse`` or ``longpoll``."""
 
+    @property
+    def subject(self) -> str:
+        """Who is on it: the token's ``sub`` (``apikey:<id>`` for an API key)."""
+
     def deliver(self, prepared: Prepared) -> None:
         """Queue a publication; must neither block nor touch the hub."""
 
@@ -203,6 +207,13 @@ class Hub:
         members = list(self._by_session.get(sid, ()))
         for member in members:
             member.close(CloseCode.SESSION_REVOKED)
+        return len(members)
+
+    def close_subject(self, sub: str, code: CloseCode) -> int:
+        """Close every connection of ``sub`` (a revoked API key): rare, so a scan."""
+        members = [member for member in self._connections if member.subject == sub]
+        for member in members:
+            member.close(code)
         return len(members)
 
     @property

@@ -141,6 +141,10 @@ class Session:
     def transport_kind(self) -> str:
         return self.transport.kind
 
+    @property
+    def subject(self) -> str:
+        return self.identity.sub
+
     def open(self) -> None:
         self.node.hub.connect(self, self.identity.exp, self.identity.sid)
         self.metrics.handshakes.labels(self.transport.kind).inc()

@@ -237,6 +237,24 @@ class Settings:
     admin_channels: tuple[str, ...] = _setting(
         ("*",), "ADMIN_CHANNELS", "Channel patterns in issued admin tokens.", _list
     )
+    user_publish: tuple[str, ...] = _setting(
+        ("user:{sub}",),
+        "USER_PUBLISH",
+        "Channel patterns issued user tokens may publish on (claim pub; empty: none).",
+        _list,
+    )
+    admin_publish: tuple[str, ...] = _setting(
+        ("user:{sub}",),
+        "ADMIN_PUBLISH",
+        "Channel patterns issued admin tokens may publish on (claim pub; empty: none).",
+        _list,
+    )
+    core_channels: tuple[str, ...] = _setting(
+        ("projects", "projects:*"),
+        "CORE_CHANNELS",
+        "Channel patterns only the REST core publishes on: refused to every client publish.",
+        _list,
+    )
     rate_login_ip: Rate | None = _setting(
         Rate(20, 60.0), "RATE_LOGIN_IP", "Logins and registrations per client IP (n/seconds).", _rate
     )

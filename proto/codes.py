@@ -73,6 +73,7 @@ class CloseCode(enum.IntEnum):
     FORBIDDEN = 4501
     SESSION_REVOKED = 4502
     RATE_LIMITED = 4503
+    KEY_REVOKED = 4510
 
 
 class _Error(NamedTuple):
@@ -113,6 +114,7 @@ _CLOSE_REASONS: dict[CloseCode, str] = {
     CloseCode.FORBIDDEN: "forbidden",
     CloseCode.SESSION_REVOKED: "session revoked, log in again",
     CloseCode.RATE_LIMITED: "too many commands after being told to slow down",
+    CloseCode.KEY_REVOKED: "API key revoked",
 }
 
 

@@ -9,6 +9,9 @@ The rule (documented in docs/protocol.md):
 * ``pub``: absent or ``true`` - the connection may publish on every channel
   it may subscribe to; ``false`` - it may publish nowhere; a list of
   patterns - only on channels that match ``channels`` *and* this list.
+* ``reserved`` (not a claim: the deployment's ``CORE_CHANNELS``): no client
+  publishes on a channel that matches one of these, whatever its claims; the
+  core publishes its change events there itself.
 
 Identical claims share one `Grants` object (tokens minted for many users
 usually carry the same patterns), which keeps per-connection memory small.
@@ -36,16 +39,25 @@ def _compile(patterns: tuple[str, ...]) -> re.Pattern[str] | None:
 
 
 class Grants:
-    __slots__ = ("_pub", "_sub", "channels", "publish")
+    __slots__ = ("_pub", "_reserved", "_sub", "channels", "publish", "reserved")
 
     channels: tuple[str, ...]
     publish: bool | tuple[str, ...]
+    #: patterns no client may publish on, whatever its claims (the core's channels)
+    reserved: tuple[str, ...]
 
-    def __init__(self, channels: tuple[str, ...], publish: bool | tuple[str, ...]) -> None:
+    def __init__(
+        self,
+        channels: tuple[str, ...],
+        publish: bool | tuple[str, ...],
+        reserved: tuple[str, ...] = (),
+    ) -> None:
         self.channels = channels
         self.publish = publish
+        self.reserved = reserved
         self._sub = _compile(channels)
         self._pub = _compile(publish) if isinstance(publish, tuple) else None
+        self._reserved = _compile(reserved)
 
     def can_subscribe(self, ch: str) -> bool:
         return self._sub is not None and self._sub.match(ch) is not None
@@ -53,12 +65,14 @@ class Grants:
     def can_publish(self, ch: str) -> bool:
         if self.publish is False or not self.can_subscribe(ch):
             return False
+        if self._reserved is not None and self._reserved.match(ch) is not None:
+            return False
         if self.publish is True:
             return True
         return self._pub is not None and self._pub.match(ch) is not None
 
     @classmethod
-    def from_claims(cls, claims: Mapping[str, Any]) -> Grants:
+    def from_claims(cls, claims: Mapping[str, Any], reserved: tuple[str, ...] = ()) -> Grants:
         channels = claims.get("channels", [])
         publish = claims.get("pub", True)
         if not isinstance(channels, list) or not all(isinstance(p, str) for p in channels):
@@ -66,15 +80,17 @@ class Grants:
         if isinstance(publish, list):
             if not all(isinstance(p, str) for p in publish):
                 raise InvalidGrants("claim 'pub' must be a boolean or a list of strings")
-            return _shared(tuple(channels), tuple(publish))
+            return _shared(tuple(channels), tuple(publish), reserved)
         if not isinstance(publish, bool):
             raise InvalidGrants("claim 'pub' must be a boolean or a list of strings")
-        return _shared(tuple(channels), publish)
+        return _shared(tuple(channels), publish, reserved)
 
     def __repr__(self) -> str:
-        return f"Grants(channels={self.channels!r}, publish={self.publish!r})"
+        return f"Grants(channels={self.channels!r}, publish={self.publish!r}, reserved={self.reserved!r})"
 
 
 @functools.lru_cache(maxsize=4096)
-def _shared(channels: tuple[str, ...], publish: bool | tuple[str, ...]) -> Grants:
-    return Grants(channels, publish)
+def _shared(
+    channels: tuple[str, ...], publish: bool | tuple[str, ...], reserved: tuple[str, ...]
+) -> Grants:
+    return Grants(channels, publish, reserved)

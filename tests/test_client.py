@@ -178,7 +178,8 @@ async def test_history_pages_and_subscribe_since():
 
 async def test_rpc_calls_the_core(clean_db):
     async with running_gateway(**clean_db) as gw:
-        async with Client(url(gw), token=token_for(gw), backoff=FAST) as c:
+        admin = token_for(gw, extra={"role": "admin"})
+        async with Client(url(gw), token=admin, backoff=FAST) as c:
             status, headers, body = await c.rpc(
                 "POST", "/api/projects", PROJECT, headers={"Idempotency-Key": "client-1"}
             )
@@ -331,9 +332,9 @@ def load_example(name: str):
 async def test_backend_worker_example_reacts_to_project_changes(clean_db):
     worker = load_example("backend_worker")
     async with running_gateway(**clean_db) as gw:
-        token = token_for(gw, "worker", channels=("projects",))
+        token = token_for(gw, "worker", channels=("projects",), extra={"role": "admin"})
         task = asyncio.create_task(worker.main(url(gw), token))
-        api = ApiClient(gw.port, token_for(gw))
+        api = ApiClient(gw.port, token_for(gw, extra={"role": "admin"}))
         try:
             await asyncio.sleep(0.2)  # the worker subscribes
             status, _, created = await api.call("POST", "/api/projects", PROJECT)

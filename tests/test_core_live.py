@@ -18,7 +18,8 @@ async def gw(clean_db):
 
 @pytest.mark.parametrize("msgpack", [False, True])
 async def test_rpc_runs_the_same_route_table_as_http(gw, msgpack):
-    async with ws_client(gw.port, token_for(gw, channels=("projects*",)), msgpack=msgpack) as c:
+    admin = token_for(gw, channels=("projects*",), extra={"role": "admin"})
+    async with ws_client(gw.port, admin, msgpack=msgpack) as c:
         created = await c.request("rpc", method="POST", path="/api/projects", body=PROJECT)
         assert created["ok"] is True and created["status"] == 201
         body = created["body"]
@@ -88,7 +89,7 @@ async def test_rpc_without_database_is_unavailable():
 
 
 async def test_writes_publish_change_events_to_both_channels(gw):
-    api = ApiClient(gw.port, token_for(gw))
+    api = ApiClient(gw.port, token_for(gw, extra={"role": "admin"}))
     token = token_for(gw, "watcher", channels=("projects", "projects:*"))
     try:
         async with ws_client(gw.port, token) as all_, ws_client(gw.port, token) as one:
@@ -127,7 +128,7 @@ async def test_change_events_reach_sockets_on_another_gateway(clean_db, redis_ur
         running_gateway(RedisBroker(redis_url, prefix), **clean_db) as a,
         running_gateway(RedisBroker(redis_url, prefix), **clean_db) as b,
     ):
-        api = ApiClient(a.port, token_for(a))
+        api = ApiClient(a.port, token_for(a, extra={"role": "admin"}))
         try:
             async with ws_client(b.port, token_for(b, channels=("projects",))) as c:
                 assert (await c.request("sub", ch="projects"))["ok"]

@@ -43,7 +43,9 @@ async def gw(clean_db):
 
 @pytest.fixture
 async def api(gw):
-    client = ApiClient(gw.port, token_for(gw, "alice"))
+    # The REST mechanics, as an admin (who may write any project): tests/test_authz.py
+    # covers who may do what.
+    client = ApiClient(gw.port, token_for(gw, "alice", extra={"role": "admin"}))
     yield client
     client.close()
 
@@ -318,7 +320,7 @@ async def test_idempotency_key_replays_the_first_response(api):
 
 async def test_idempotency_keys_belong_to_their_caller(gw, api):
     key = {"Idempotency-Key": "shared-key"}
-    bob = ApiClient(gw.port, token_for(gw, "bob"))
+    bob = ApiClient(gw.port, token_for(gw, "bob", extra={"role": "admin"}))
     try:
         a = await api.call("POST", "/api/projects", PROJECT, headers=key)
         b = await bob.call("POST", "/api/projects", PROJECT, headers=key)

@@ -15,7 +15,7 @@ async def test_lost_database_is_a_quick_503_and_sockets_are_unaffected():
         pg = await asyncio.to_thread(ThrowawayPostgres(directory).start)
         try:
             async with running_gateway(database_url=pg.url, db_pool_min=1) as gw:
-                api = ApiClient(gw.port, token_for(gw))
+                api = ApiClient(gw.port, token_for(gw, extra={"role": "admin"}))
                 try:
                     assert (await api.call("POST", "/api/projects", PROJECT))[0] == 201
                     async with ws_client(gw.port, token_for(gw)) as c:

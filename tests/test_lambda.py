@@ -259,7 +259,7 @@ def core_http(env: dict[str, str]) -> Iterator[CoreThread]:
 
 @pytest.fixture
 def token(env: dict[str, str]) -> str:
-    return mint_token(Settings.from_env(), "alice", [])
+    return mint_token(Settings.from_env(), "alice", [], extra={"role": "admin"})
 
 
 @pytest.fixture

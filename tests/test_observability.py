@@ -51,7 +51,7 @@ async def scraped(clean_db):
             assert (await c.request("sub", ch="room:1"))["ok"]
             gw.hub.broadcast("room:1", b'{"x":1}')
             await c.next_push()
-            api = ApiClient(gw.port, token)
+            api = ApiClient(gw.port, token_for(gw, extra={"role": "admin"}))
             try:
                 status, _, _ = await api.call("POST", "/api/projects", PROJECT)
                 assert status == 201

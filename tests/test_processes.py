@@ -173,7 +173,7 @@ async def test_embedded_mode_runs_without_redis_or_secret(processes, data_dir):
 async def test_embedded_postgres_keeps_data_across_a_restart(processes, data_dir):
     gp = processes()  # no DATABASE_URL: `make run` starts PostgreSQL under DATA_DIR
     assert "embedded PostgreSQL" in gp.output()
-    token = mint(data_dir, secret=None)
+    token = mint(data_dir, "--role", "admin", secret=None)  # an admin writes any project
     api = ApiClient(gp.port, token)
     try:
         status, _, created = await api.call("POST", "/api/projects", PROJECT)
@@ -198,7 +198,7 @@ async def test_standalone_core_serves_the_api_and_its_writes_reach_gateway_socke
     db = {"DATABASE_URL": clean_db["database_url"], "DATABASE_SCHEMA": clean_db["database_schema"]}
     core = processes("core", **shared, **db)
     gateway = processes(**shared, **db)  # the socket tier, on the same database
-    token = mint(data_dir, "--channels", "projects")
+    token = mint(data_dir, "--channels", "projects", "--role", "admin")
     api = ApiClient(core.port, token)
     try:
         async with ws_client(gateway.port, token) as c:

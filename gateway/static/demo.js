@@ -11,7 +11,7 @@ let me = { sub: null, email: null };
 const projects = new Map(); // id -> project
 let held = null; // change events that arrive while the board loads
 const watchers = new Map(); // presence client id -> user id
-const names = new Map(); // user id -> display name (or a promise of it)
+const names = new Map(); // user id -> display name (from presence info)
 
 // -- Signing in: the core's accounts API (docs/auth.md) ------------------------
 
@@ -143,7 +143,7 @@ async function loadPresence() {
   try {
     const entries = await gw.presence(BOARD);
     watchers.clear();
-    for (const { client, user } of entries) watchers.set(client, user);
+    for (const { client, user, info } of entries) watch(client, user, info);
     renderPresence();
   } catch (err) {
     $("#presence").textContent = err.code === 116
@@ -152,14 +152,15 @@ async function loadPresence() {
   }
 }
 
+// Issued tokens carry {"info": {"name": display name}}, shown in presence:
+// another user's account is not readable (docs/security.md).
+function watch(client, user, info) {
+  watchers.set(client, user);
+  if (typeof info?.name === "string") names.set(user, info.name);
+}
+
 function nameOf(user) {
-  if (!names.has(user)) {
-    names.set(user, `user ${user}`);
-    gw.rpc("GET", `/api/users/${encodeURIComponent(user)}`).then((r) => {
-      if (r.status === 200) { names.set(user, r.body.display_name); renderPresence(); }
-    }, () => names.delete(user));
-  }
-  return names.get(user);
+  return names.get(user) ?? `user ${user}`;
 }
 
 function renderPresence() {
@@ -202,7 +203,7 @@ async function start() {
   gw.on("error", (err) => log(`error: ${err.message}`));
   gw.subscribe(BOARD, {
     onMessage: apply,
-    onJoin: ({ client, user }) => { watchers.set(client, user); renderPresence(); },
+    onJoin: ({ client, user, info }) => { watch(client, user, info); renderPresence(); },
     onLeave: ({ client }) => { watchers.delete(client); renderPresence(); },
   });
   await gw.connect();

@@ -1,0 +1,123 @@
+"""Who may call a route, and act on its object: one rule per route, in the route table.
+
+Every `Route` names an `Access` rule. `Core.dispatch` enforces the part a
+rule decides from the caller and the path alone (`check`); a rule about a
+stored object (`OWNER`) is finished by its handler, which calls
+`require_owner` with the row it loaded and locked, in the same transaction
+as the write.
+
+Callers, by their verified identity:
+
+* an *admin*: a token with ``role: admin``;
+* a *user*: any other token; a token issued here has ``sub`` = its users row id;
+* a *service*: an API key (``role: service``); without its ``rest`` flag it
+  may call no route that needs a token.
+
+The rules (docs/security.md has the table per route):
+
+* ``PUBLIC``: anyone, no token (registration, login, refresh).
+* ``SESSION``: a user or admin token from a login here (claim ``sid``), on
+  that login's own sessions; 403 for API keys and tokens from elsewhere.
+* ``READ``: any caller with a token, on the shared project board.
+* ``OWNER``: admins and services on any object; a user only on objects whose
+  ``owner_email`` is their own e-mail, before and after the write; else 403.
+* ``SELF``: a user's own account (``{id}`` = their ``sub``); admins on any;
+  another user's id answers 404 exactly like a missing one (no enumeration);
+  services 403 (accounts are not a service's business). A collection under
+  ``SELF`` lists only the caller's own row for a non-admin.
+* ``ADMIN``: admins only; 403 for everyone else.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+
+from core.db import Queryable
+from core.errors import ApiError, NotFound
+from core.request import Caller
+
+__all__ = ["Access", "check", "is_admin", "privileged", "require_owner", "user_id"]
+
+
+class Access(enum.Enum):
+    PUBLIC = "public"
+    SESSION = "session"
+    READ = "read"
+    OWNER = "owner"
+    SELF = "self"
+    ADMIN = "admin"
+
+
+def is_admin(caller: Caller | None) -> bool:
+    return getattr(caller, "role", None) == "admin"
+
+
+def privileged(caller: Caller | None) -> bool:
+    """Admins and services act on any object an `OWNER` rule guards."""
+    return getattr(caller, "role", None) in ("admin", "service")
+
+
+def user_id(caller: Caller | None) -> int | None:
+    """The caller's users row id (tokens issued here), or None (keys, foreign tokens)."""
+    if caller is None or getattr(caller, "role", None) == "service":
+        return None
+    sub = caller.sub
+    return int(sub) if sub.isdigit() and len(sub) <= 18 else None
+
+
+def check(access: Access, caller: Caller, params: Mapping[str, str]) -> None:
+    """Refuse an authenticated ``caller`` the rule refuses before any object is loaded."""
+    role = getattr(caller, "role", None)
+    if access is Access.ADMIN:
+        if role != "admin":
+            raise ApiError(403, "forbidden", "admins only")
+    elif access is Access.SESSION:
+        if getattr(caller, "sid", None) is None or user_id(caller) is None:
+            raise ApiError(403, "no_session", "this token was not issued by a login here")
+    elif access is Access.SELF:
+        if role == "service":
+            raise ApiError(403, "forbidden", "API keys may not act on accounts")
+        target = params.get("id")
+        if target is not None and role != "admin" and target != caller.sub:
+            raise NotFound(f"no user {target[:40]}")
+
+
+_OWNS = """
+select coalesce(lower(p.owner_email) = lower(u.email)
+                and lower(coalesce($3::text, p.owner_email)) = lower(u.email), false)
+from projects p left join users u on u.id = $2
+where p.id = $1
+for update of p
+"""
+_IS_ME = "select lower(email) = lower($2::text) from users where id = $1"
+
+
+async def require_owner(
+    conn: Queryable,
+    caller: Caller | None,
+    project: int | None,
+    new_owner: str | None,
+) -> None:
+    """403 unless ``caller`` may write: its own ``project`` (locked here) and ``new_owner``.
+
+    ``project`` is None for a creation; ``new_owner`` is None when the write
+    keeps the owner. Call it inside the write's transaction: the row stays
+    locked until the write commits. Admins and services pass without a
+    query. A missing project is 404.
+    """
+    if privileged(caller):
+        return
+    me = user_id(caller)
+    if project is None:
+        mine = None if me is None else await conn.fetchval(_IS_ME, me, new_owner)
+        if not mine:
+            raise ApiError(403, "forbidden", "owner_email must be your own e-mail")
+        return
+    row = await conn.fetchrow(_OWNS, project, me, new_owner)
+    if row is None:
+        raise NotFound("no such project")
+    if not row[0]:
+        raise ApiError(
+            403, "forbidden", "only the owner or an admin may change a project, or its owner"
+        )

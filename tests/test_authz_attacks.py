@@ -1,0 +1,226 @@
+"""The findings of issue 12, replayed by an ordinary self-registered account.
+
+Each test is one attack from the report; it must fail now. Revocation runs
+across two real gateway processes (``python -m gateway``) on one Redis and
+one PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import asyncpg
+import pytest
+from websockets.exceptions import ConnectionClosed
+
+from proto import CloseCode, ErrorCode
+from tests.harness import SECRET, ApiClient, running_gateway, token_for, unique_prefix, ws_client
+from tests.servers import UNIT
+from tests.test_authz import make_world, new_person
+from tests.test_core_rest import project
+from tests.test_processes import GatewayProcess
+
+
+@pytest.fixture
+async def gw(clean_db):
+    async with running_gateway(**clean_db, rate_login_ip=None) as gateway:
+        yield gateway
+
+
+async def test_an_address_taken_by_another_account_cannot_be_taken_over(gw, clean_db):
+    victim = await new_person(gw, clean_db)
+    attacker = await new_person(gw, clean_db)
+    api = ApiClient(gw.port, attacker.token)
+    try:
+        for email in (victim.email, victim.email.upper()):
+            status, _, body = await api.call("PATCH", f"/api/users/{attacker.id}", {"email": email})
+            assert (
+                status == 409 and body["error"]["message"] == "this e-mail address cannot be used"
+            )
+        status, _, me = await api.call("GET", f"/api/users/{attacker.id}")
+        assert me["email"] == attacker.email
+    finally:
+        api.close()
+
+
+async def test_registration_cannot_be_blocked_by_a_pre_created_users_row(gw, clean_db):
+    world = await make_world(gw, clean_db)
+    admin = ApiClient(gw.port, world.admin.token)
+    anon = ApiClient(gw.port, None)
+    try:
+        row = {"email": "late@example.com", "display_name": "Placeholder"}
+        status, _, made = await admin.call("POST", "/api/users", row)
+        assert status == 201
+        who = {"email": "Late@example.com", "display_name": "Late", "password": "long enough pw"}
+        status, _, user = await anon.call("POST", "/api/auth/register", who)
+        assert status == 201 and user["id"] == made["id"] and user["display_name"] == "Late"
+        assert (await anon.call("POST", "/api/auth/register", who))[
+            0
+        ] == 409  # an account exists now: this one is not claimable
+    finally:
+        admin.close()
+        anon.close()
+
+
+async def test_owners_keep_their_projects_when_their_e_mail_changes(gw, clean_db):
+    owner = await new_person(gw, clean_db)
+    api = ApiClient(gw.port, owner.token)
+    try:
+        _, _, p = await api.call("POST", "/api/projects", project(owner_email=owner.email))
+        status, _, _ = await api.call("PATCH", f"/api/projects/{p['id']}", {"owner_email": "x@y.z"})
+        assert status == 403  # giving it away is taking it from yourself: admins only
+        async with ws_client(gw.port, token_for(gw, channels=("projects",))) as c:
+            assert (await c.request("sub", ch="projects"))["ok"]
+            new = {"email": "renamed@example.com"}
+            assert (await api.call("PATCH", f"/api/users/{owner.id}", new))[0] == 200
+            event = (await c.next_push())["data"]
+            assert event["type"] == "updated" and event["data"]["owner_email"] == new["email"]
+        status, _, after = await api.call(
+            "PATCH", f"/api/projects/{p['id']}", {"name": "Still mine"}
+        )
+        assert status == 200 and after["owner_email"] == "renamed@example.com"
+    finally:
+        api.close()
+
+
+# -- change channels belong to the core ----------------------------------------------
+
+
+async def test_issued_tokens_publish_only_on_their_own_user_channel(gw, clean_db):
+    user = await new_person(gw, clean_db)
+    async with ws_client(gw.port, user.token) as c:
+        for ch in ("projects", "projects:1"):
+            assert (await c.request("sub", ch=ch))["ok"]
+            reply = await c.request("pub", ch=ch, data={"type": "deleted", "version": 2147483648})
+            assert reply["ok"] is False and reply["error"]["code"] == ErrorCode.PERMISSION_DENIED
+        mine = f"user:{user.id}"
+        assert (await c.request("sub", ch=mine))["ok"]
+        assert (await c.request("pub", ch=mine, data={"note": 1}))["ok"]
+        assert (await c.next_push())["data"] == {"note": 1}
+
+
+async def test_no_client_publishes_on_core_channels_whatever_its_grants(gw, clean_db):
+    world = await make_world(gw, clean_db)
+    # A token minted with pub on everything, and an admin's socket: refused alike.
+    for token in (token_for(gw, channels=("*",), pub=True), world.admin.token):
+        async with ws_client(gw.port, token) as c:
+            assert (await c.request("sub", ch="projects"))["ok"]
+            reply = await c.request("pub", ch="projects", data={"type": "deleted"})
+            assert reply["error"]["code"] == ErrorCode.PERMISSION_DENIED
+    admin = ApiClient(gw.port, world.admin.token)
+    try:
+        _, _, key = await admin.call("POST", "/api/keys", {"name": "all", "channels": ["*"]})
+    finally:
+        admin.close()
+    service = ApiClient(gw.port, key["key"])
+    try:
+        forged = {"ch": "projects:1", "data": {"type": "deleted", "version": 2147483648}}
+        status, _, body = await service.call("POST", "/api/publish", forged)
+        assert status == 403 and body["error"]["code"] == "forbidden"
+        assert (await service.call("POST", "/api/publish", {"ch": "orders:1", "data": 1}))[0] == 200
+    finally:
+        service.close()
+
+
+# -- revocation reaches every process ---------------------------------------------------
+
+
+@pytest.fixture
+def two_processes(tmp_path, data_dir, redis_url, clean_db):
+    env = {
+        "REDIS_URL": redis_url,
+        "REDIS_PREFIX": unique_prefix(),
+        "JWT_SECRET": SECRET,
+        "DATABASE_URL": clean_db["database_url"],
+        "DATABASE_SCHEMA": clean_db["database_schema"],
+        "PASSWORD_TIME_COST": "1",
+        "PASSWORD_MEMORY_KIB": "8192",
+        "RATE_LOGIN_IP": "off",
+    }
+    started = [GatewayProcess(tmp_path, data_dir, **env).start() for _ in range(2)]
+    yield started
+    for gp in started:
+        gp.stop()
+
+
+async def _closed_with(c, code: CloseCode) -> None:
+    with pytest.raises(ConnectionClosed) as closed:
+        async with asyncio.timeout(5 * UNIT):
+            while True:
+                await c.recv(5 * UNIT)
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == code
+
+
+async def _until(check, what: str) -> None:
+    for _ in range(100):
+        if await check():
+            return
+        await asyncio.sleep(0.05 * UNIT)
+    pytest.fail(what)
+
+
+@pytest.mark.timeout(90)
+async def test_a_revoked_key_is_cut_off_on_every_process(two_processes, clean_db):
+    a, b = two_processes
+    world = await make_world(a, clean_db)
+    admin = ApiClient(a.port, world.admin.token)
+    _, _, key = await admin.call(
+        "POST", "/api/keys", {"name": "feed", "channels": ["feed:*"], "rest": True}
+    )
+    on_b = ApiClient(b.port, key["key"])
+    try:
+        await _until(
+            lambda: _status(on_b, "GET", "/api/projects", 200), "the key never worked on B"
+        )
+        async with ws_client(b.port, key["key"]) as c:
+            assert (await c.request("pub", ch="feed:1", data=1))["ok"]
+            assert (await admin.call("DELETE", f"/api/keys/{key['id']}"))[0] == 204
+            await _closed_with(c, CloseCode.KEY_REVOKED)
+        status, _, body = await on_b.call("GET", "/api/projects")
+        assert status == 401 and body["error"]["status"] == 401
+    finally:
+        on_b.close()
+        admin.close()
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("by", ["self", "admin"])
+async def test_a_deleted_account_is_cut_off_on_every_process(two_processes, clean_db, by):
+    a, b = two_processes
+    world = await make_world(a, clean_db)
+    victim = await new_person(a, clean_db)
+    deleter = ApiClient(a.port, victim.token if by == "self" else world.admin.token)
+    on_b = ApiClient(b.port, victim.token)
+    try:
+        assert (await on_b.call("GET", f"/api/users/{victim.id}"))[0] == 200
+        async with ws_client(b.port, victim.token) as c:
+            assert (await c.request("sub", ch=f"user:{victim.id}"))["ok"]
+            assert (await deleter.call("DELETE", f"/api/users/{victim.id}"))[0] == 204
+            await _closed_with(c, CloseCode.SESSION_REVOKED)
+        status, _, body = await on_b.call("GET", "/api/projects")
+        assert status == 401 and body["error"]["message"] == "session revoked"
+        anon = ApiClient(b.port, None)
+        try:
+            form = {"refresh_token": victim.tokens["refresh_token"]}
+            assert (await anon.call("POST", "/api/auth/refresh", form))[0] == 400
+        finally:
+            anon.close()
+    finally:
+        deleter.close()
+        on_b.close()
+    # Sessions outlive the deleted row, revoked, so a process that missed the
+    # broadcast still learns of it from the database.
+    conn = await asyncpg.connect(clean_db["database_url"])
+    try:
+        reason = await conn.fetchval(
+            f'select revoked_reason from "{clean_db["database_schema"]}".auth_sessions '
+            "where id = $1::uuid",
+            victim.tokens["session_id"],
+        )
+    finally:
+        await conn.close()
+    assert reason == "account_deleted"
+
+
+async def _status(api: ApiClient, method: str, path: str, expected: int) -> bool:
+    return (await api.call(method, path))[0] == expected
