@@ -92,6 +92,7 @@ class Gateway:
         now = time.monotonic()
         self.ctx.longpoll.expire(now, s.longpoll_idle)
         self.ctx.node.presence.tick(now)
+        self.ctx.node.tick(now)
         if s.ping_interval > 0:
             self.hub.heartbeat(time.monotonic(), s.ping_interval, s.pong_timeout, self.SWEEP)
 

@@ -140,6 +140,12 @@ class Metrics:
             ["state"],
             registry=r,
         )
+        self.subscription_repairs = Counter(
+            "gateway_subscription_repairs",
+            "Channels with local members that the broker did not deliver, found and "
+            "resubscribed by the periodic reconciliation (should stay 0).",
+            registry=r,
+        )
         self.send_buffered = Gauge(
             "gateway_send_buffered_bytes",
             "Bytes queued in the sockets' send buffers at the last budget check "

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import time
 from collections.abc import Callable, Coroutine, Iterable
 from typing import Any
 
@@ -33,6 +34,8 @@ _dropped = ThrottledLog(log)
 
 #: Channels in one UNSUBSCRIBE sent for channels that lost their last member.
 UNSUBSCRIBE_BATCH = 256
+#: Seconds between two reconciliations of the node's channels with the broker's.
+RECONCILE_EVERY = 30.0
 
 
 class _Pending:
@@ -72,7 +75,9 @@ class Node:
         #: Channels whose last local member left, to UNSUBSCRIBE in batches.
         self._leaving: dict[str, None] = {}
         self._flushing = False
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._reconciled = time.monotonic()
+        self._reconciling = False
+        self._tasks: set[asyncio.Task[object]] = set()
         self._was_down = False
         #: Called with each message on the control channel (revocations).
         self.on_control: Callable[[bytes], None] | None = None
@@ -153,6 +158,46 @@ class Node:
         for ch in channels:
             self.unsubscribe(ch, member)
 
+    def tick(self, now: float) -> None:
+        """Called every second: reconcile subscriptions every `RECONCILE_EVERY` seconds."""
+        if now - self._reconciled >= RECONCILE_EVERY and not self._reconciling:
+            self._reconciled = now
+            self._spawn(self.reconcile())
+
+    async def reconcile(self) -> int:
+        """Subscribe the broker again to channels with members it does not deliver.
+
+        The node and the broker must agree on every channel; should they
+        not (a lost race, a command lost with a connection), this repairs it,
+        counts it and says so. Returns the number of channels repaired.
+        """
+        if not self.broker.connected:
+            return 0  # the reconnect resubscribes everything
+        self._reconciling = True
+        try:
+            expected = [ch for ch in self.hub.channels() if self._settled(ch)]
+            repaired = 0
+            for ch in await self.broker.verify(expected):
+                if self._settled(ch):
+                    await self.broker.resubscribe(ch)
+                    repaired += 1
+        except Exception as exc:  # BrokerUnavailable, mostly: the next round tries again
+            log.warning("subscription reconciliation failed: %s", exc)
+            return 0
+        finally:
+            self._reconciling = False
+        if repaired:
+            self._metrics.subscription_repairs.inc(repaired)
+            log.warning(
+                "reconciliation: %d channel(s) had members but no broker subscription; repaired",
+                repaired,
+            )
+        return repaired
+
+    def _settled(self, ch: str) -> bool:
+        """``ch`` has members and is neither being subscribed nor left."""
+        return self.hub.has_subscribers(ch) and ch not in self._pending and ch not in self._leaving
+
     async def publish(self, ch: str, data: bytes) -> Position | None:
         """Publish JSON bytes to every subscriber of ``ch`` on every node.
 
@@ -232,7 +277,7 @@ class Node:
         if payload is not None:
             self.hub.broadcast(ch, payload, position)
 
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+    def _spawn(self, coro: Coroutine[Any, Any, object]) -> None:
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)

@@ -110,3 +110,32 @@ async def test_unsubscribes_go_out_in_batches(redis_url):
         ]
     finally:
         await node.close()
+
+
+async def test_reconciliation_repairs_a_channel_redis_no_longer_delivers(redis_url):
+    prefix = unique_prefix()
+    metrics = Metrics()
+    node = Node(Hub(metrics), RedisBroker(redis_url, prefix), metrics)
+    await node.start()
+    try:
+        s, t = session(node)
+        await s.handle('{"id": 1, "op": "sub", "ch": "room:1"}')
+        assert await node.reconcile() == 0  # nothing to repair
+        # The broker believes it holds room:1, but Redis lost the subscription.
+        await node.broker._pubsub.unsubscribe(f"{prefix}room:1".encode())
+        redis = aioredis.Redis.from_url(redis_url)
+        try:
+            await until(lambda: _numsub(redis, f"{prefix}room:1", 0))
+            assert await node.reconcile() == 1
+            assert metrics.subscription_repairs._value.get() == 1
+            await until(lambda: _numsub(redis, f"{prefix}room:1", 1))
+            await redis.publish(f"{prefix}room:1", b'"delivered again"')
+            await until(t.pushes)
+        finally:
+            await redis.aclose()
+    finally:
+        await node.close()
+
+
+async def _numsub(redis: aioredis.Redis, key: str, n: int) -> bool:
+    return (await redis.pubsub_numsub(key))[0][1] == n

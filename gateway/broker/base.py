@@ -97,6 +97,18 @@ class Broker(abc.ABC):
     @abc.abstractmethod
     async def unsubscribe(self, ch: str) -> None: ...
 
+    async def verify(self, channels: list[str]) -> list[str]:
+        """Of ``channels`` (the node has members for them), those not delivered now.
+
+        For the node's periodic reconciliation. An in-process broker cannot
+        diverge from the node: none.
+        """
+        return []
+
+    async def resubscribe(self, ch: str) -> None:
+        """Subscribe ``ch`` again, even if this broker believes it holds it."""
+        await self.subscribe(ch)
+
     async def unsubscribe_many(self, channels: list[str]) -> None:
         """`unsubscribe` each of ``channels``; brokers with a server send one command."""
         for ch in channels:

@@ -186,6 +186,10 @@ class RedisClusterBroker(RedisBroker):
     async def unsubscribe(self, ch: str) -> None:
         await self.unsubscribe_many([ch])
 
+    async def verify(self, channels: list[str]) -> list[str]:
+        # Shard channels live on their shards: checked against this broker's own view.
+        return [ch for ch in channels if ch not in self._channels]
+
     async def unsubscribe_many(self, channels: list[str]) -> None:
         leaving = [ch for ch in channels if ch in self._channels]
         self._channels.difference_update(leaving)

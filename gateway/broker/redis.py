@@ -76,6 +76,9 @@ def _redact(url: str) -> str:
     return f"{scheme}://***@{rest.rpartition('@')[2]}"
 
 
+#: Channels per PUBSUB NUMSUB when the node reconciles its subscriptions.
+VERIFY_BATCH = 500
+
 #: Publications with history reach subscribers as ``\x1e<offset> <epoch> <data>``:
 #: a byte no JSON starts with, so plain PUBLISHes pass untouched.
 _HISTORY_MARK = b"\x1e"
@@ -310,6 +313,28 @@ class RedisBroker(Broker):
 
     async def unsubscribe(self, ch: str) -> None:
         await self.unsubscribe_many([ch])
+
+    async def verify(self, channels: list[str]) -> list[str]:
+        """Channels this broker does not hold, or that have no subscriber on the server.
+
+        ``PUBSUB NUMSUB`` counts every process's subscriber, so a channel held
+        elsewhere too passes: what this finds for sure is a channel nobody
+        delivers (the divergence a lost UNSUBSCRIBE race leaves).
+        """
+        missing = [ch for ch in channels if ch not in self._channels]
+        held = [ch for ch in channels if ch in self._channels]
+        for start in range(0, len(held), VERIFY_BATCH):
+            batch = held[start : start + VERIFY_BATCH]
+            try:
+                counts = await self._pub_client.pubsub_numsub(*(self._channel_key(c) for c in batch))
+            except BACKEND_ERRORS as exc:
+                raise BrokerUnavailable(f"PUBSUB NUMSUB failed: {exc}") from exc
+            missing += [ch for ch, (_, n) in zip(batch, counts, strict=True) if not n]
+        return missing
+
+    async def resubscribe(self, ch: str) -> None:
+        self._channels.discard(ch)
+        await self.subscribe(ch)
 
     async def unsubscribe_many(self, channels: list[str]) -> None:
         keys = [self._channel_key(ch) for ch in channels if ch in self._channels]
