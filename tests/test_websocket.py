@@ -389,3 +389,31 @@ async def test_a_process_wide_send_budget_sheds_the_biggest_backlogs_first():
                     while True:
                         await c.ws.recv()
                 assert info.value.rcvd.code == CloseCode.SLOW_CONSUMER
+
+
+async def test_a_closed_slow_consumer_that_reads_slowly_still_gets_its_close_frame(monkeypatch):
+    from gateway.transport import wsconn
+
+    monkeypatch.setattr(wsconn, "CLOSE_TIMEOUT", 0.3 * UNIT)  # far less than the reading takes
+    # Shed by the process budget with 2 MiB queued in the gateway itself (not the kernel's).
+    settings = {"send_buffer_bytes": 64 << 20, "send_buffer_total_bytes": 2 << 20}
+    async with running_gateway(**settings) as gw:
+        async with ws_client(gw.port, token_for(gw), max_queue=1, max_size=None) as slow:
+            assert (await slow.request("sub", ch="room:big"))["ok"]
+            chunk = json.dumps("z" * 60_000).encode()
+            for _ in range(2000):
+                gw.hub.broadcast("room:big", chunk)
+                if gw.ctx.metrics.slow_consumers._value.get():
+                    break
+                await asyncio.sleep(0.001)
+            assert gw.ctx.metrics.slow_consumers._value.get() == 1
+            started, n = asyncio.get_running_loop().time(), 0
+            with pytest.raises(ConnectionClosed) as info:
+                while True:
+                    await slow.ws.recv()
+                    n += 1
+                    await asyncio.sleep(0.02 * UNIT)  # a slow reader, but a reader
+            took = asyncio.get_running_loop().time() - started
+            assert info.value.rcvd is not None, f"dropped without a close frame after {n} messages"
+            assert info.value.rcvd.code == CloseCode.SLOW_CONSUMER
+            assert took > 0.6 * UNIT, "the test must read for longer than the close timeout"

@@ -17,7 +17,9 @@ coroutine or task: only the transport, this protocol and its `Session`.
   (``SEND_BUFFER_BYTES``): when the event loop says to pause writing, the
   client is a slow consumer and is closed with 4001.
 * Closing sends the close frame once, then waits up to `CLOSE_TIMEOUT`
-  seconds for the peer's before dropping the socket.
+  seconds for the peer's before dropping the socket; a peer still reading
+  through what was queued before the close (a closed slow consumer) gets
+  another `CLOSE_TIMEOUT` while its backlog shrinks, a minute at most.
 """
 
 from __future__ import annotations
@@ -54,8 +56,11 @@ __all__ = ["BUDGET_CHECK", "CLOSE_TIMEOUT", "MAX_INBOX", "MAX_PENDING", "Coalesc
 
 log = logging.getLogger("gateway.websocket")
 
-#: Seconds to wait for the peer's close frame after sending ours.
+#: Seconds to wait for the peer's close frame after sending ours, or for a
+#: closing slow consumer to read on through what was queued before it.
 CLOSE_TIMEOUT = 5.0
+#: Rounds of `CLOSE_TIMEOUT` a closing peer that keeps reading is given, at most.
+MAX_CLOSE_ROUNDS = 12
 #: Frames waiting for the connection's running command before reading pauses.
 MAX_INBOX = 32
 #: Frames queued for one socket within one loop iteration before they are written.
@@ -407,4 +412,22 @@ class WSConnection(asyncio.Protocol):
         self._closing = True
         self._code = code
         transport.write(close_frame(code, reason))
-        self._timer = asyncio.get_running_loop().call_later(CLOSE_TIMEOUT, transport.abort)
+        left = transport.get_write_buffer_size()
+        self._timer = asyncio.get_running_loop().call_later(CLOSE_TIMEOUT, self._closing_timer, left, 1)
+
+    def _closing_timer(self, left: int, rounds: int) -> None:
+        """Drop the socket, unless the peer is still reading what precedes our close.
+
+        A slow consumer closed with 4001 that reads again gets everything
+        queued and then the close frame: while its backlog shrinks, it is
+        given another `CLOSE_TIMEOUT` (`MAX_CLOSE_ROUNDS` at most).
+        """
+        transport = self.transport
+        if transport is None:
+            return
+        now_left = transport.get_write_buffer_size()
+        if now_left < left and rounds < MAX_CLOSE_ROUNDS:  # progress (even to the last byte)
+            loop = asyncio.get_running_loop()
+            self._timer = loop.call_later(CLOSE_TIMEOUT, self._closing_timer, now_left, rounds + 1)
+            return
+        transport.abort()
