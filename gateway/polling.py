@@ -6,6 +6,7 @@ import asyncio
 import collections
 import logging
 import time
+from collections.abc import Callable
 from typing import ClassVar
 
 from gateway.hub import Prepared
@@ -31,6 +32,7 @@ class PollSession:
         self.seq = 0
         self.closed: CloseCode | None = None
         self.last_poll = time.monotonic()
+        self.on_close: Callable[[], None] | None = None
         self._wake = asyncio.Event()
 
     # -- Transport -------------------------------------------------------------
@@ -46,6 +48,8 @@ class PollSession:
             self.closed = code
             if self.session is not None:
                 self.session.closed()
+            if self.on_close is not None:
+                self.on_close()
             self._wake.set()
 
     def heartbeat(self, now: float, dead_after: float) -> None:
@@ -85,17 +89,50 @@ class PollSession:
 
 
 class LongPollSessions:
-    """The long-poll sessions of this process, bounded in number."""
+    """The long-poll sessions of this process, bounded in number and per user.
 
-    def __init__(self, max_sessions: int = 10_000) -> None:
+    ``max_sessions`` counts every session held (a closed one until it is
+    forgotten, as its outbox is); ``max_per_user`` counts a user's open ones.
+    Neither counts against the sockets' ``MAX_CONNECTIONS``.
+    """
+
+    def __init__(self, max_sessions: int = 2000, max_per_user: int = 8) -> None:
         self._sessions: dict[str, tuple[str, PollSession]] = {}
+        self._open: dict[str, int] = {}
+        self._open_total = 0
         self.max_sessions = max_sessions
+        self.max_per_user = max_per_user
 
     def __len__(self) -> int:
         return len(self._sessions)
 
+    @property
+    def open_count(self) -> int:
+        """Open sessions (each is a member of the hub)."""
+        return self._open_total
+
+    def refusal(self, sub: str) -> str | None:
+        """Why ``sub`` may not open one more session now: ``"user"``, ``"process"``, or None."""
+        if self._open.get(sub, 0) >= self.max_per_user:
+            return "user"
+        if len(self._sessions) >= self.max_sessions:
+            return "process"
+        return None
+
     def add(self, sub: str, poll: PollSession) -> None:
         self._sessions[poll.sid] = (sub, poll)
+        if poll.closed is None:
+            self._open[sub] = self._open.get(sub, 0) + 1
+            self._open_total += 1
+            poll.on_close = lambda: self._closed(sub)
+
+    def _closed(self, sub: str) -> None:
+        self._open_total -= 1
+        left = self._open.get(sub, 0) - 1
+        if left > 0:
+            self._open[sub] = left
+        else:
+            self._open.pop(sub, None)
 
     def get(self, sid: str, sub: str) -> PollSession | None:
         """The session ``sid`` if it belongs to ``sub``."""

@@ -106,7 +106,7 @@ async def test_recovery_works_over_long_poll_too():
 
 
 async def test_a_client_that_stops_polling_is_closed_as_slow_consumer():
-    async with running_gateway(**FEED, send_buffer_bytes=2000, longpoll_timeout=0.3) as gw:
+    async with running_gateway(**FEED, longpoll_outbox_bytes=2000, longpoll_timeout=0.3) as gw:
         p = await Poller(gw, token_for(gw, channels=("feed:*",))).open()
         try:
             await p.send({"id": 1, "op": "sub", "ch": "feed:4"})
