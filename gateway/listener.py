@@ -8,7 +8,9 @@ client reaches first:
   connection is closed: Tornado's own header timeout, set here.
   ``MAX_HEADER_BYTES`` bounds their size likewise.
 * ``MAX_PENDING_PER_IP``: connections from one TCP peer that have not
-  finished their headers; one more is answered 429 and closed at accept.
+  finished their first request's headers; one more is answered 429 and
+  closed at accept. (A kept-alive connection is not pending between
+  requests: it has spoken HTTP, and ``HEADER_TIMEOUT`` still bounds it.)
   Trusted proxies are exempt (they hold many clients' connections).
 * The accept loop survives running out of file descriptors: on ``EMFILE``
   or ``ENFILE`` it stops listening for `ACCEPT_PAUSE` seconds (the kernel
@@ -115,8 +117,7 @@ class Listener(HTTPServer):
         self.proxies = proxies
         self.max_pending_per_ip = settings.max_pending_per_ip
         self._pending: dict[str, int] = {}
-        self._pending_conns: dict[object, str] = {}
-        self._peers: dict[object, str] = {}
+        self._pending_streams: dict[object, str] = {}
         self._log_files = _Throttled()
         self._log_pending = _Throttled()
         self._resume: dict[int, object] = {}
@@ -189,23 +190,21 @@ class Listener(HTTPServer):
                     b"Retry-After: 1\r\nConnection: close\r\nContent-Length: %d\r\n\r\n" % len(body))  # fmt: skip
             stream.write(head + body).add_done_callback(partial(_close_after_write, stream))
             return
+        # Counted here, not when the request loop starts (a task later): one
+        # readiness event accepts many connections before any of them runs.
+        self._pending_streams[stream] = peer
+        self._pending[peer] = self._pending.get(peer, 0) + 1
         super().handle_stream(stream, address)
 
     def start_request(
         self, server_conn: object, request_conn: httputil.HTTPConnection
     ) -> httputil.HTTPMessageDelegate:
-        if server_conn not in self._peers:
-            context = getattr(request_conn, "context", None)
-            self._peers[server_conn] = str(getattr(context, "remote_ip", ""))
-        peer = self._peers[server_conn]
-        if server_conn not in self._pending_conns:
-            self._pending_conns[server_conn] = peer
-            self._pending[peer] = self._pending.get(peer, 0) + 1
         inner = super().start_request(server_conn, request_conn)
-        return _Guard(self, server_conn, request_conn, peer, inner)
+        return _Guard(self, _stream_of(server_conn), request_conn, inner)
 
-    def headers_done(self, server_conn: object) -> None:
-        peer = self._pending_conns.pop(server_conn, None)
+    def headers_done(self, stream: object) -> None:
+        """The connection on ``stream`` sent its first headers: it is pending no more."""
+        peer = self._pending_streams.pop(stream, None)
         if peer is not None:
             left = self._pending[peer] - 1
             if left:
@@ -214,13 +213,16 @@ class Listener(HTTPServer):
                 del self._pending[peer]
 
     def on_close(self, server_conn: object) -> None:
-        self.headers_done(server_conn)
-        self._peers.pop(server_conn, None)
+        self.headers_done(_stream_of(server_conn))
         super().on_close(server_conn)
 
     def pending(self, ip: str) -> int:
         """Connections from ``ip`` that have not finished their headers."""
         return self._pending.get(ip, 0)
+
+
+def _stream_of(server_conn: object) -> object:
+    return getattr(server_conn, "stream", server_conn)
 
 
 def _close_after_write(stream: IOStream, written: Future[None]) -> None:
@@ -248,27 +250,25 @@ def write_refusal(conn: httputil.HTTPConnection, refusal: Refusal) -> None:
 class _Guard(httputil.HTTPMessageDelegate):
     """One request's way through the limits, in front of the routed delegate."""
 
-    __slots__ = ("_client", "_conn", "_inner", "_limit", "_listener", "_peer", "_refused",
-                 "_server_conn", "_size", "_start")  # fmt: skip
+    __slots__ = ("_client", "_conn", "_inner", "_limit", "_listener", "_refused", "_size",
+                 "_start", "_stream")  # fmt: skip
 
     def __init__(
         self,
         listener: Listener,
-        server_conn: object,
+        stream: object,
         conn: httputil.HTTPConnection,
-        peer: str,
         inner: httputil.HTTPMessageDelegate,
     ) -> None:
         self._listener = listener
-        self._server_conn = server_conn
+        self._stream = stream
         self._conn = conn
-        self._peer = peer
         self._inner = inner
         self._limit = _UNBOUNDED
         self._size = 0
         self._refused = False
         self._start: httputil.RequestStartLine | None = None
-        self._client = peer
+        self._client = ""
 
     def headers_received(
         self,
@@ -277,10 +277,12 @@ class _Guard(httputil.HTTPMessageDelegate):
     ) -> Any:
         assert isinstance(start_line, httputil.RequestStartLine)
         listener = self._listener
-        listener.headers_done(self._server_conn)
-        context = getattr(self._conn, "context", None)
+        listener.headers_done(self._stream)
         self._start = start_line
-        client = self._client = listener.proxies.client_ip(self._peer, headers)
+        # The context outlives this request (keep-alive): resolve from the TCP peer each time.
+        context = getattr(self._conn, "context", None)
+        peer = str(getattr(context, "_orig_remote_ip", getattr(context, "remote_ip", "")))
+        client = self._client = listener.proxies.client_ip(peer, headers)
         if context is not None:
             context.remote_ip = client
         if _has_body(headers):
