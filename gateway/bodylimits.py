@@ -67,7 +67,9 @@ class RouteLimits:
             return self.core_limit
         request = httputil.HTTPServerRequest(start_line=start, headers=headers)
         handler = self.app.find_handler(request).handler_class
-        if handler is self.app.settings.get("default_handler_class"):
+        if handler is tornado.web.ErrorHandler or handler is self.app.settings.get(
+            "default_handler_class"
+        ):
             raise Refusal(404, "not_found", f"no route for {path}")
         limit, required, in_query = self.handlers.get(handler, (0, False, False))
         query_token = parse_qs(query).get("token", [None])[0] if in_query and query else None
