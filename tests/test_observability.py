@@ -31,7 +31,7 @@ DOCUMENTED: dict[str, set[str]] = {
     "gateway_command_errors": {"code"}, "gateway_rest_request_seconds": {"route", "status"},
     "gateway_db_pool_connections": {"state"}, "gateway_db_pool_waiters": set(),
     "gateway_broker_connected": set(), "gateway_broker_reconnects": set(),
-    "gateway_rate_limited": {"scope"},
+    "gateway_rate_limited": {"scope"}, "gateway_accept_errors": {"errno"},
 }  # fmt: skip
 _SUFFIXES = ("_total", "_bucket", "_count", "_sum", "_created")
 #: PromQL words that look like metric names but are not.
