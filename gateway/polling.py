@@ -91,14 +91,17 @@ class PollSession:
 class LongPollSessions:
     """The long-poll sessions of this process, bounded in number and per user.
 
-    ``max_sessions`` counts every session held (a closed one until it is
-    forgotten, as its outbox is); ``max_per_user`` counts a user's open ones.
-    Neither counts against the sockets' ``MAX_CONNECTIONS``.
+    Both bounds count every session held, a closed one too until it is
+    forgotten (its outbox still answers the client's last poll). A user at
+    ``max_per_user`` who opens another has their closed sessions forgotten
+    first, so only open ones can hold them back; one user's closed sessions
+    thus never fill the process. Neither bound counts against the sockets'
+    ``MAX_CONNECTIONS``.
     """
 
     def __init__(self, max_sessions: int = 2000, max_per_user: int = 8) -> None:
         self._sessions: dict[str, tuple[str, PollSession]] = {}
-        self._open: dict[str, int] = {}
+        self._by_user: dict[str, set[str]] = {}
         self._open_total = 0
         self.max_sessions = max_sessions
         self.max_per_user = max_per_user
@@ -113,26 +116,32 @@ class LongPollSessions:
 
     def refusal(self, sub: str) -> str | None:
         """Why ``sub`` may not open one more session now: ``"user"``, ``"process"``, or None."""
-        if self._open.get(sub, 0) >= self.max_per_user:
-            return "user"
+        held = self._by_user.get(sub, set())
+        if len(held) >= self.max_per_user:
+            for sid in [sid for sid in held if self._sessions[sid][1].closed is not None]:
+                self._forget(sid)
+            if len(held) >= self.max_per_user:
+                return "user"
         if len(self._sessions) >= self.max_sessions:
             return "process"
         return None
 
     def add(self, sub: str, poll: PollSession) -> None:
         self._sessions[poll.sid] = (sub, poll)
+        self._by_user.setdefault(sub, set()).add(poll.sid)
         if poll.closed is None:
-            self._open[sub] = self._open.get(sub, 0) + 1
             self._open_total += 1
-            poll.on_close = lambda: self._closed(sub)
+            poll.on_close = self._closed
 
-    def _closed(self, sub: str) -> None:
+    def _closed(self) -> None:
         self._open_total -= 1
-        left = self._open.get(sub, 0) - 1
-        if left > 0:
-            self._open[sub] = left
-        else:
-            self._open.pop(sub, None)
+
+    def _forget(self, sid: str) -> None:
+        sub, _ = self._sessions.pop(sid)
+        held = self._by_user[sub]
+        held.discard(sid)
+        if not held:
+            del self._by_user[sub]
 
     def get(self, sid: str, sub: str) -> PollSession | None:
         """The session ``sid`` if it belongs to ``sub``."""
@@ -148,5 +157,5 @@ class LongPollSessions:
             if poll.closed is not None and now - poll.last_poll > idle:
                 gone.append(sid)
         for sid in gone:
-            del self._sessions[sid]
+            self._forget(sid)
         return len(gone)

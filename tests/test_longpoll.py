@@ -135,11 +135,15 @@ async def test_long_poll_sessions_are_capped_per_user():
             assert int(headers["Retry-After"]) >= 1
             bob = await Poller(gw, token_for(gw, "bob")).open()  # another user is not held back
             bob.close()
-            # A closed session frees its place.
+            # A closed session gives its place up to the user's next one, and is forgotten.
             session = gw.ctx.longpoll.get(alice[0].sid, "alice")
             assert session is not None
             session.disconnect(CloseCode.GOING_AWAY)
+            assert (await alice[0].poll())[0] == 410
             assert (await extra.call("POST", "/lp", raw=b""))[0] == 201
+            assert (await alice[0].poll(0))[0] == 404
+            assert (await alice[1].poll(0))[0] == 200  # the open one is untouched
+            assert (await extra.call("POST", "/lp", raw=b""))[0] == 429
         finally:
             extra.close()
             for p in alice:
