@@ -126,7 +126,7 @@ async def test_a_client_that_stops_polling_is_closed_as_slow_consumer():
 
 
 async def test_long_poll_sessions_are_capped_per_user():
-    async with running_gateway(longpoll_max_per_user=2) as gw:
+    async with running_gateway(longpoll_max_per_user=2, longpoll_timeout=0.2) as gw:
         alice = [await Poller(gw, token_for(gw, "alice")).open() for _ in range(2)]
         extra = ApiClient(gw.port, token_for(gw, "alice"))
         try:
