@@ -12,6 +12,10 @@ client reaches first:
   closed at accept. (A kept-alive connection is not pending between
   requests: it has spoken HTTP, and ``HEADER_TIMEOUT`` still bounds it.)
   Trusted proxies are exempt (they hold many clients' connections).
+* ``PROXY_PROTOCOL``: every connection starts with a PROXY protocol header
+  (an NLB's); its source address is the client's when the TCP peer is in
+  ``TRUSTED_PROXIES`` (and ``MAX_PENDING_PER_IP`` counts that address). A
+  connection without one within ``HEADER_TIMEOUT`` is closed.
 * The accept loop survives running out of file descriptors: on ``EMFILE``
   or ``ENFILE`` it stops listening for `ACCEPT_PAUSE` seconds (the kernel
   keeps new connections in the backlog), logs at most once a second and
@@ -25,6 +29,7 @@ client reaches first:
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import logging
 import socket
@@ -38,11 +43,12 @@ from typing import Any
 from tornado import httputil
 from tornado.httpserver import HTTPServer
 from tornado.ioloop import IOLoop
-from tornado.iostream import IOStream, StreamClosedError
+from tornado.iostream import IOStream, StreamClosedError, UnsatisfiableReadError
 
 from core.errors import error_body
 from gateway.clientip import TrustedProxies
 from gateway.metrics import Metrics
+from gateway.proxyprotocol import ProxyHeaderError, read_proxy_header
 from gateway.settings import Settings
 
 __all__ = ["ACCEPT_PAUSE", "BodyPolicy", "Listener", "Refusal", "write_refusal"]
@@ -116,6 +122,10 @@ class Listener(HTTPServer):
         self.policy = policy
         self.proxies = proxies
         self.max_pending_per_ip = settings.max_pending_per_ip
+        self.header_timeout = settings.header_timeout
+        self.proxy_protocol = settings.proxy_protocol
+        self._log_proxy = _Throttled()
+        self._proxy_reads: set[asyncio.Future[None]] = set()
         self._pending: dict[str, int] = {}
         self._pending_streams: dict[object, str] = {}
         self._log_files = _Throttled()
@@ -181,19 +191,53 @@ class Listener(HTTPServer):
 
     def handle_stream(self, stream: IOStream, address: tuple[Any, ...]) -> None:
         peer = str(address[0]) if isinstance(address, tuple) and address else ""
-        if not self.proxies.trusts(peer) and self._pending.get(peer, 0) >= self.max_pending_per_ip:
+        if not self._admit(stream, peer):
+            return
+        if self.proxy_protocol:
+            task = asyncio.ensure_future(self._proxied(stream, address, peer))
+            self._proxy_reads.add(task)
+            task.add_done_callback(self._proxy_reads.discard)
+            return
+        super().handle_stream(stream, address)
+
+    def _admit(self, stream: IOStream, ip: str) -> bool:
+        """Count ``stream`` as pending for ``ip``, or answer 429 when ``ip`` has too many."""
+        if not self.proxies.trusts(ip) and self._pending.get(ip, 0) >= self.max_pending_per_ip:
             self.metrics.handshake_failures.labels("pending_per_ip").inc()
             self._log_pending(logging.WARNING, "refused a connection from %s: %d connections "
-                              "without complete headers", peer, self.max_pending_per_ip)  # fmt: skip
+                              "without complete headers", ip, self.max_pending_per_ip)  # fmt: skip
             body = error_body(429, "rate_limited", "too many connections waiting to send headers")
             head = (b"HTTP/1.1 429 Too Many Requests\r\nContent-Type: application/json\r\n"
                     b"Retry-After: 1\r\nConnection: close\r\nContent-Length: %d\r\n\r\n" % len(body))  # fmt: skip
             stream.write(head + body).add_done_callback(partial(_close_after_write, stream))
+            return False
+        # Counted at accept, not when the request loop starts (a task later):
+        # one readiness event accepts many connections before any of them runs.
+        self._pending_streams[stream] = ip
+        self._pending[ip] = self._pending.get(ip, 0) + 1
+        return True
+
+    async def _proxied(self, stream: IOStream, address: tuple[Any, ...], peer: str) -> None:
+        """Read the PROXY protocol header, then serve as from the client it names."""
+        try:
+            source = await asyncio.wait_for(read_proxy_header(stream), self.header_timeout)
+        except (ProxyHeaderError, StreamClosedError, UnsatisfiableReadError, TimeoutError) as exc:
+            self.headers_done(stream)
+            self.metrics.handshake_failures.labels("proxy_protocol").inc()
+            self._log_proxy(logging.WARNING, "closed a connection from %s: %s", peer,
+                            exc or "no PROXY header in time")  # fmt: skip
+            stream.close()
             return
-        # Counted here, not when the request loop starts (a task later): one
-        # readiness event accepts many connections before any of them runs.
-        self._pending_streams[stream] = peer
-        self._pending[peer] = self._pending.get(peer, 0) + 1
+        except Exception:
+            self.headers_done(stream)
+            log.exception("reading a PROXY header from %s failed", peer)
+            stream.close()
+            return
+        if source is not None and source != peer and self.proxies.trusts(peer):
+            self.headers_done(stream)
+            if not self._admit(stream, source):
+                return
+            address = (source, *address[1:])
         super().handle_stream(stream, address)
 
     def start_request(

@@ -323,6 +323,13 @@ class Settings:
         "CIDRs of load balancers whose forwarding header names the client IP (default none).",
         _cidrs,
     )
+    proxy_protocol: bool = _setting(
+        False,
+        "PROXY_PROTOCOL",
+        "Connections start with a PROXY protocol v1/v2 header (an NLB's); its client address "
+        "is used when the peer is in TRUSTED_PROXIES. Connections without one are closed.",
+        _bool,
+    )
     forwarded_header: str = _setting(
         "x-forwarded-for",
         "FORWARDED_HEADER",

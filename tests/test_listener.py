@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from gateway.clientip import TrustedProxies
+from gateway.proxyprotocol import V2_SIGNATURE, ProxyHeaderError, parse_v1, parse_v2
 from gateway.ratelimit import Rate
 from tests.harness import ApiClient, running_gateway, token_for
 from tests.servers import UNIT
@@ -248,3 +249,85 @@ def test_client_ip_resolution():
                            "X-Forwarded-For": "7.7.7.7"})  # fmt: skip
     assert rfc.client_ip("10.0.0.5", headers) == "2001:db8::2"
     assert rfc.client_ip("10.0.0.5", HTTPHeaders({"Forwarded": "for=unknown"})) == "10.0.0.5"
+
+
+# -- PROXY protocol --------------------------------------------------------------
+
+
+def proxy_v1(source: str) -> bytes:
+    family = "TCP6" if ":" in source else "TCP4"
+    dest = "::1" if ":" in source else "127.0.0.1"
+    return f"PROXY {family} {source} {dest} 51234 80\r\n".encode()
+
+
+def proxy_v2(source: str, command: int = 1) -> bytes:
+    import ipaddress
+
+    addresses = ipaddress.IPv4Address(source).packed + bytes([127, 0, 0, 1]) + b"\xc8\x22\x00\x50"
+    tlv = b"\xea\x00\x05vpce1"  # AWS puts its endpoint id in a TLV: skipped
+    body = addresses + tlv
+    return V2_SIGNATURE + bytes([0x20 | command, 0x11]) + len(body).to_bytes(2, "big") + body
+
+
+async def _lp_through_proxy(port: int, token: str, header: bytes) -> int:
+    async with raw(port) as c:
+        await c.send(header + request("POST", "/lp", {"Authorization": f"Bearer {token}",
+                                                      "Content-Length": "0"}))  # fmt: skip
+        return (await c.response())[0]
+
+
+async def test_proxy_protocol_names_the_client_for_per_ip_limits():
+    settings = {"proxy_protocol": True, "trusted_proxies": ("127.0.0.0/8",), "rate_connect_ip": Rate(2, 60.0)}
+    async with running_gateway(**settings) as gw:
+        token = token_for(gw)
+        assert await _lp_through_proxy(gw.port, token, proxy_v1("203.0.113.9")) == 201
+        assert await _lp_through_proxy(gw.port, token, proxy_v2("203.0.113.9")) == 201
+        assert await _lp_through_proxy(gw.port, token, proxy_v1("203.0.113.9")) == 429
+        assert await _lp_through_proxy(gw.port, token, proxy_v2("198.51.100.4")) == 201
+        assert await _lp_through_proxy(gw.port, token, proxy_v1("2001:db8::7")) == 201
+        # LOCAL (the balancer's health check) is served as from the balancer.
+        async with raw(gw.port) as c:
+            await c.send(proxy_v2("0.0.0.0", command=0) + request("GET", "/healthz"))
+            assert (await c.response())[0] == 200
+        # No header at all: closed unanswered.
+        async with raw(gw.port) as c:
+            await c.send(request("GET", "/healthz"))
+            assert await c.closed_within(1 * UNIT)
+            assert c.reader.at_eof()
+
+
+async def test_proxy_protocol_from_an_untrusted_peer_is_not_believed():
+    settings = {"proxy_protocol": True, "trusted_proxies": ("10.0.0.0/8",), "rate_connect_ip": Rate(2, 60.0)}
+    async with running_gateway(**settings) as gw:
+        token = token_for(gw)
+        assert await _lp_through_proxy(gw.port, token, proxy_v1("203.0.113.1")) == 201
+        assert await _lp_through_proxy(gw.port, token, proxy_v1("203.0.113.2")) == 201
+        assert await _lp_through_proxy(gw.port, token, proxy_v1("203.0.113.3")) == 429
+
+
+async def test_proxy_protocol_pending_connections_count_per_client():
+    settings = {"proxy_protocol": True, "trusted_proxies": ("127.0.0.0/8",), "max_pending_per_ip": 1}
+    async with running_gateway(**settings) as gw, raw(gw.port) as first:
+        await first.send(proxy_v1("203.0.113.9") + b"GET /hea")  # pending for 203.0.113.9
+        await asyncio.sleep(0.1 * UNIT)
+        async with raw(gw.port) as second:
+            await second.send(proxy_v1("203.0.113.9"))
+            assert (await second.response())[0] == 429
+        async with raw(gw.port) as other:
+            await other.send(proxy_v1("198.51.100.4") + request("GET", "/healthz"))
+            assert (await other.response())[0] == 200
+
+
+def test_proxy_header_parsing():
+    assert parse_v1(b"PROXY TCP4 192.0.2.1 10.0.0.1 1 2\r\n") == "192.0.2.1"
+    assert parse_v1(b"PROXY UNKNOWN\r\n") is None
+    for bad in (b"PROXY TCP4 nope 10.0.0.1 1 2\r\n", b"PROXY TCP6 192.0.2.1 ::1 1 2\r\n",
+                b"PROXY UDP4 192.0.2.1 10.0.0.1 1 2\r\n", b"PROXY TCP4 192.0.2.1\r\n"):  # fmt: skip
+        with pytest.raises(ProxyHeaderError):
+            parse_v1(bad)
+    header = proxy_v2("192.0.2.9")
+    assert parse_v2(header[:16], header[16:]) == "192.0.2.9"
+    with pytest.raises(ProxyHeaderError):
+        parse_v2(header[:16], header[16:20])  # short address block
+    with pytest.raises(ProxyHeaderError):
+        parse_v2(b"\x00" * 16, b"")
