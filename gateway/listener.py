@@ -12,10 +12,10 @@ client reaches first:
   closed at accept. (A kept-alive connection is not pending between
   requests: it has spoken HTTP, and ``HEADER_TIMEOUT`` still bounds it.)
   Trusted proxies are exempt (they hold many clients' connections).
-* ``PROXY_PROTOCOL``: every connection starts with a PROXY protocol header
+* ``PROXY_PROTOCOL``: a connection may start with a PROXY protocol header
   (an NLB's); its source address is the client's when the TCP peer is in
   ``TRUSTED_PROXIES`` (and ``MAX_PENDING_PER_IP`` counts that address). A
-  connection without one within ``HEADER_TIMEOUT`` is closed.
+  malformed one, or none of it within ``HEADER_TIMEOUT``, closes it.
 * The accept loop survives running out of file descriptors: on ``EMFILE``
   or ``ENFILE`` it stops listening for `ACCEPT_PAUSE` seconds (the kernel
   keeps new connections in the backlog), logs at most once a second and

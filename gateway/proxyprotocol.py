@@ -9,16 +9,23 @@ client's bytes, naming the client's address:
 
 `read_proxy_header` reads it from a Tornado stream and returns the source
 address, or None when the header names none (v1 ``UNKNOWN``, v2 ``LOCAL``:
-the balancer's own health checks). Anything else is a `ProxyHeaderError`.
-Whether the address is believed is the listener's decision (the TCP peer
-must be in ``TRUSTED_PROXIES``).
+the balancer's own health checks) or there is no header (a probe that
+reached the pod directly). A malformed header is a `ProxyHeaderError`.
+The header is optional because it is believed only from a trusted proxy
+(the listener's decision, ``TRUSTED_PROXIES``), and a balancer always
+writes its own before anything a client sends: a client's forged header
+arrives after it, where it is a malformed HTTP request.
 """
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
+import socket
+from functools import partial
 
-from tornado.iostream import IOStream
+from tornado.ioloop import IOLoop
+from tornado.iostream import IOStream, StreamClosedError
 
 __all__ = ["V2_SIGNATURE", "ProxyHeaderError", "parse_v1", "parse_v2", "read_proxy_header"]
 
@@ -69,8 +76,45 @@ def parse_v2(head: bytes, body: bytes) -> str | None:
     return None  # UNSPEC or a Unix socket: no IP to take
 
 
+def _set_once(ready: asyncio.Future[None], fd: object, events: int) -> None:
+    if not ready.done():
+        ready.set_result(None)
+
+
+async def _peek(stream: IOStream, size: int) -> bytes:
+    """Up to ``size`` bytes at the start of ``stream``, left unread (``MSG_PEEK``)."""
+    loop = IOLoop.current()
+    sock = stream.socket
+    assert sock is not None
+    while True:
+        ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        loop.add_handler(sock.fileno(), partial(_set_once, ready), IOLoop.READ)
+        try:
+            await ready
+        finally:
+            loop.remove_handler(sock.fileno())
+        try:
+            data = sock.recv(size, socket.MSG_PEEK)
+        except BlockingIOError:
+            continue
+        except OSError:
+            raise StreamClosedError() from None
+        if not data:
+            raise StreamClosedError()
+        if len(data) >= size or not (b"PROXY".startswith(data) or V2_SIGNATURE.startswith(data)):
+            return data
+        await asyncio.sleep(0.01)  # part of a signature: wait for the rest
+
+
 async def read_proxy_header(stream: IOStream) -> str | None:
-    """Read the header at the start of ``stream``; its source address or None."""
+    """Read the header at the start of ``stream``; its source address or None.
+
+    A stream that does not start with one is left untouched (None): it is
+    served as from its TCP peer, as the kubelet's probes must be.
+    """
+    first = await _peek(stream, 5)
+    if first not in (b"PROXY", V2_SIGNATURE[:5]):
+        return None
     first = await stream.read_bytes(5)
     if first == b"PROXY":
         line = first + await stream.read_until(b"\r\n", max_bytes=_V1_MAX - 5)
@@ -82,4 +126,4 @@ async def read_proxy_header(stream: IOStream) -> str | None:
             raise ProxyHeaderError("PROXY v2 header too long")
         body = await stream.read_bytes(length) if length else b""
         return parse_v2(head, body)
-    raise ProxyHeaderError("no PROXY protocol header")
+    raise AssertionError("unreachable: the peeked prefix was a signature")

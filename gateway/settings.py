@@ -326,8 +326,8 @@ class Settings:
     proxy_protocol: bool = _setting(
         False,
         "PROXY_PROTOCOL",
-        "Connections start with a PROXY protocol v1/v2 header (an NLB's); its client address "
-        "is used when the peer is in TRUSTED_PROXIES. Connections without one are closed.",
+        "Read a PROXY protocol v1/v2 header (an NLB's) at the start of connections; its client "
+        "address is used when the peer is in TRUSTED_PROXIES.",
         _bool,
     )
     forwarded_header: str = _setting(

@@ -289,11 +289,23 @@ async def test_proxy_protocol_names_the_client_for_per_ip_limits():
         async with raw(gw.port) as c:
             await c.send(proxy_v2("0.0.0.0", command=0) + request("GET", "/healthz"))
             assert (await c.response())[0] == 200
-        # No header at all: closed unanswered.
+        # No header at all (the kubelet's probe): served as from the TCP peer.
         async with raw(gw.port) as c:
             await c.send(request("GET", "/healthz"))
+            assert (await c.response())[0] == 200
+        # A malformed one: closed unanswered.
+        async with raw(gw.port) as c:
+            await c.send(b"PROXY TCP4 nonsense\r\n" + request("GET", "/healthz"))
             assert await c.closed_within(1 * UNIT)
             assert c.reader.at_eof()
+
+
+async def test_a_header_a_client_sends_through_the_balancer_is_not_a_proxy_header():
+    settings = {"proxy_protocol": True, "trusted_proxies": ("127.0.0.0/8",)}
+    async with running_gateway(**settings) as gw, raw(gw.port) as c:
+        # The balancer's header first, then what the client sent: a forged header.
+        await c.send(proxy_v1("203.0.113.9") + proxy_v1("198.51.100.1") + request("GET", "/healthz"))
+        assert (await c.response())[0] == 400
 
 
 async def test_proxy_protocol_from_an_untrusted_peer_is_not_believed():
