@@ -225,7 +225,7 @@ class Listener(HTTPServer):
             self.headers_done(stream)
             self.metrics.handshake_failures.labels("proxy_protocol").inc()
             self._log_proxy(logging.WARNING, "closed a connection from %s: %s", peer,
-                            exc or "no PROXY header in time")  # fmt: skip
+                            str(exc) or "no PROXY header in time")  # fmt: skip
             stream.close()
             return
         except Exception:
