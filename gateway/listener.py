@@ -6,6 +6,8 @@ client reaches first:
 * ``HEADER_TIMEOUT``: a request line and headers (and the wait for the next
   request on a kept-alive connection) must arrive within it, or the
   connection is closed: Tornado's own header timeout, set here.
+  ``BODY_TIMEOUT`` likewise bounds the time to send a body, so a route
+  open to anyone (login) cannot be held by a dripped body.
   ``MAX_HEADER_BYTES`` bounds their size likewise.
 * ``MAX_PENDING_PER_IP``: connections from one TCP peer that have not
   finished their first request's headers; one more is answered 429 and
@@ -115,6 +117,7 @@ class Listener(HTTPServer):
         super().initialize(
             router,
             idle_connection_timeout=settings.header_timeout,
+            body_timeout=settings.body_timeout,
             max_header_size=settings.max_header_bytes,
             max_body_size=_UNBOUNDED,  # each route's own limit is the guard's
         )

@@ -291,6 +291,12 @@ class Settings:
         "keep-alive wait); slower: closed.",
         _positive_float,
     )
+    body_timeout: float = _setting(
+        60.0,
+        "BODY_TIMEOUT",
+        "Seconds a request has to send its whole body once its headers are in; slower: closed.",
+        _positive_float,
+    )
     max_header_bytes: int = _setting(
         65536, "MAX_HEADER_BYTES", "Largest request line plus headers; larger: closed.", _positive_int
     )

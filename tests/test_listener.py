@@ -93,6 +93,26 @@ async def test_a_dripped_request_is_cut_within_the_header_timeout(path):
         assert time.monotonic() - started < 2.5 * UNIT
 
 
+async def test_a_dripped_body_is_cut_within_the_body_timeout():
+    async with running_gateway(body_timeout=1.0 * UNIT) as gw, raw(gw.port) as c:
+        # The token route takes anyone's body (it is the login).
+        head = {"Content-Type": "application/x-www-form-urlencoded", "Content-Length": "1000"}
+        await c.send(request("POST", "/api/auth/token", head))
+        started = time.monotonic()
+        cut = False
+        for _ in range(int(10 / 0.2)):
+            try:
+                await c.send(b"x")
+            except ConnectionError:
+                cut = True
+                break
+            if await c.closed_within(0.2 * UNIT):
+                cut = True
+                break
+        assert cut
+        assert time.monotonic() - started < 2.5 * UNIT
+
+
 async def test_pending_connections_per_ip_are_capped_and_freed_by_finished_headers():
     async with running_gateway(max_pending_per_ip=3, header_timeout=30.0) as gw:
         async with raw(gw.port) as a, raw(gw.port), raw(gw.port):
