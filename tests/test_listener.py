@@ -33,7 +33,9 @@ class Raw:
         async with asyncio.timeout(timeout):
             head = await self.reader.readuntil(b"\r\n\r\n")
             lines = head.decode("latin-1").split("\r\n")
-            headers = {k.lower(): v.strip() for k, _, v in (h.partition(":") for h in lines[1:] if h)}
+            headers = {
+                k.lower(): v.strip() for k, _, v in (h.partition(":") for h in lines[1:] if h)
+            }
             body = await self.reader.readexactly(int(headers.get("content-length", "0")))
         return int(lines[0].split()[1]), headers, json.loads(body) if body else None
 
@@ -129,7 +131,9 @@ async def test_pending_connections_per_ip_are_capped_and_freed_by_finished_heade
             async with raw(gw.port) as e:
                 await e.send(request("GET", "/healthz", {"Connection": "close"}))
                 assert (await e.response())[0] == 200
-            assert gw.server is not None and gw.server.pending("127.0.0.1") == 2  # b and c; a has spoken HTTP
+            assert (
+                gw.server is not None and gw.server.pending("127.0.0.1") == 2
+            )  # b and c; a has spoken HTTP
         await asyncio.sleep(0.1 * UNIT)
         assert gw.server.pending("127.0.0.1") == 0
 
@@ -237,6 +241,32 @@ async def test_a_trusted_proxy_names_the_client_and_its_limits_are_per_client():
         assert await _new_lp_session(gw.port, token, "203.0.113.8") == 201  # another client
 
 
+async def test_the_core_counts_logins_per_forwarded_client(clean_db):
+    from tests.test_accounts import login
+
+    settings = {"trusted_proxies": ("127.0.0.0/8",), "rate_login_ip": Rate(2, 60.0)}
+    async with running_gateway(**clean_db, **settings) as gw:
+        anon = ApiClient(gw.port, None)
+        try:
+            for i in range(2):
+                status, _ = await login(
+                    anon, f"u{i}@example.com", "nope nope", **{"X-Forwarded-For": "203.0.113.5"}
+                )
+                assert status == 400
+            status, body = await login(
+                anon, "z@example.com", "nope nope", **{"X-Forwarded-For": "203.0.113.5"}
+            )
+            assert status == 429 and body["error"]["code"] == "rate_limited"
+            # Another client behind the same balancer is not held back.
+            assert (
+                await login(
+                    anon, "z@example.com", "nope nope", **{"X-Forwarded-For": "203.0.113.6"}
+                )
+            )[0] == 400
+        finally:
+            anon.close()
+
+
 async def test_forwarding_headers_from_an_untrusted_peer_are_ignored():
     rate = Rate(2, 60.0)
     async with running_gateway(trusted_proxies=("10.0.0.0/8",), rate_connect_ip=rate) as gw:
@@ -252,7 +282,9 @@ def test_client_ip_resolution():
     proxies = TrustedProxies(["10.0.0.0/8", "fd00::/8"])
 
     def ip(peer: str, **headers: str) -> str:
-        return proxies.client_ip(peer, HTTPHeaders({k.replace("_", "-"): v for k, v in headers.items()}))
+        return proxies.client_ip(
+            peer, HTTPHeaders({k.replace("_", "-"): v for k, v in headers.items()})
+        )
 
     assert ip("192.0.2.1", X_Forwarded_For="198.51.100.1") == "192.0.2.1"  # untrusted peer
     assert ip("10.0.0.5", X_Forwarded_For="198.51.100.1") == "198.51.100.1"
@@ -297,7 +329,11 @@ async def _lp_through_proxy(port: int, token: str, header: bytes) -> int:
 
 
 async def test_proxy_protocol_names_the_client_for_per_ip_limits():
-    settings = {"proxy_protocol": True, "trusted_proxies": ("127.0.0.0/8",), "rate_connect_ip": Rate(2, 60.0)}
+    settings = {
+        "proxy_protocol": True,
+        "trusted_proxies": ("127.0.0.0/8",),
+        "rate_connect_ip": Rate(2, 60.0),
+    }
     async with running_gateway(**settings) as gw:
         token = token_for(gw)
         assert await _lp_through_proxy(gw.port, token, proxy_v1("203.0.113.9")) == 201
@@ -324,12 +360,18 @@ async def test_a_header_a_client_sends_through_the_balancer_is_not_a_proxy_heade
     settings = {"proxy_protocol": True, "trusted_proxies": ("127.0.0.0/8",)}
     async with running_gateway(**settings) as gw, raw(gw.port) as c:
         # The balancer's header first, then what the client sent: a forged header.
-        await c.send(proxy_v1("203.0.113.9") + proxy_v1("198.51.100.1") + request("GET", "/healthz"))
+        await c.send(
+            proxy_v1("203.0.113.9") + proxy_v1("198.51.100.1") + request("GET", "/healthz")
+        )
         assert (await c.response())[0] == 400
 
 
 async def test_proxy_protocol_from_an_untrusted_peer_is_not_believed():
-    settings = {"proxy_protocol": True, "trusted_proxies": ("10.0.0.0/8",), "rate_connect_ip": Rate(2, 60.0)}
+    settings = {
+        "proxy_protocol": True,
+        "trusted_proxies": ("10.0.0.0/8",),
+        "rate_connect_ip": Rate(2, 60.0),
+    }
     async with running_gateway(**settings) as gw:
         token = token_for(gw)
         assert await _lp_through_proxy(gw.port, token, proxy_v1("203.0.113.1")) == 201
@@ -338,7 +380,11 @@ async def test_proxy_protocol_from_an_untrusted_peer_is_not_believed():
 
 
 async def test_proxy_protocol_pending_connections_count_per_client():
-    settings = {"proxy_protocol": True, "trusted_proxies": ("127.0.0.0/8",), "max_pending_per_ip": 1}
+    settings = {
+        "proxy_protocol": True,
+        "trusted_proxies": ("127.0.0.0/8",),
+        "max_pending_per_ip": 1,
+    }
     async with running_gateway(**settings) as gw, raw(gw.port) as first:
         await first.send(proxy_v1("203.0.113.9") + b"GET /hea")  # pending for 203.0.113.9
         await asyncio.sleep(0.1 * UNIT)
