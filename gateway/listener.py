@@ -6,6 +6,9 @@ client reaches first:
 * ``HEADER_TIMEOUT``: a request line and headers (and the wait for the next
   request on a kept-alive connection) must arrive within it, or the
   connection is closed: Tornado's own header timeout, set here.
+  ``MAX_HEADER_BYTES`` bounds their size: past it the answer is 414 (a
+  longer request target) or 431, and past twice it Tornado closes the
+  connection unanswered.
   ``BODY_TIMEOUT`` likewise bounds the time to send a body, so a route
   open to anyone (login) cannot be held by a dripped body.
   ``MAX_HEADER_BYTES`` bounds their size likewise.
@@ -118,13 +121,15 @@ class Listener(HTTPServer):
             router,
             idle_connection_timeout=settings.header_timeout,
             body_timeout=settings.body_timeout,
-            max_header_size=settings.max_header_bytes,
+            # Past this Tornado closes the connection; between the two the guard answers 414/431.
+            max_header_size=2 * settings.max_header_bytes,
             max_body_size=_UNBOUNDED,  # each route's own limit is the guard's
         )
         self.metrics = metrics
         self.policy = policy
         self.proxies = proxies
         self.max_pending_per_ip = settings.max_pending_per_ip
+        self.max_header_bytes = settings.max_header_bytes
         self.header_timeout = settings.header_timeout
         self.proxy_protocol = settings.proxy_protocol
         self._log_proxy = _Throttled()
@@ -332,6 +337,10 @@ class _Guard(httputil.HTTPMessageDelegate):
         client = self._client = listener.proxies.client_ip(peer, headers)
         if context is not None:
             context.remote_ip = client
+        oversized = _oversized(start_line, headers, listener.max_header_bytes)
+        if oversized is not None:
+            self._refuse(start_line, client, oversized)
+            return None
         if _has_body(headers):
             try:
                 self._limit = listener.policy(start_line, headers)
@@ -373,6 +382,19 @@ class _Guard(httputil.HTTPMessageDelegate):
     def on_connection_close(self) -> None:
         if not self._refused:
             self._inner.on_connection_close()
+
+
+def _oversized(
+    start: httputil.RequestStartLine, headers: httputil.HTTPHeaders, limit: int
+) -> Refusal | None:
+    if len(start.path) > limit:
+        return Refusal(414, "uri_too_long", f"request target over {limit} bytes")
+    size = (
+        len(start.method) + len(start.path) + sum(len(k) + len(v) + 4 for k, v in headers.get_all())
+    )
+    if size > limit:
+        return Refusal(431, "headers_too_large", f"request line and headers over {limit} bytes")
+    return None
 
 
 def _has_body(headers: httputil.HTTPHeaders) -> bool:

@@ -298,7 +298,9 @@ class Settings:
         _positive_float,
     )
     max_header_bytes: int = _setting(
-        65536, "MAX_HEADER_BYTES", "Largest request line plus headers; larger: closed.", _positive_int
+        65536, "MAX_HEADER_BYTES",
+        "Largest request line plus headers; larger: 414 or 431 (over twice this: closed).",
+        _positive_int,
     )
     max_pending_per_ip: int = _setting(
         32,

@@ -138,6 +138,24 @@ async def test_pending_connections_per_ip_are_capped_and_freed_by_finished_heade
         assert gw.server.pending("127.0.0.1") == 0
 
 
+async def test_oversized_request_targets_and_headers_are_answered_414_and_431():
+    async with running_gateway(max_header_bytes=4096) as gw:
+        async with raw(gw.port) as c:
+            await c.send(request("GET", "/healthz?" + "a" * 5000))
+            status, _, body = await c.response()
+            assert status == 414 and body["error"]["code"] == "uri_too_long"
+        async with raw(gw.port) as c:
+            await c.send(request("GET", "/ws", {f"X-Big-{i}": "b" * 1000 for i in range(5)}))
+            status, _, body = await c.response()
+            assert status == 431 and body["error"]["code"] == "headers_too_large"
+        async with raw(gw.port) as c:  # past twice the limit: closed unanswered
+            await c.send(request("GET", "/healthz", {"X-Huge": "h" * 9000}))
+            assert await c.closed_within(1 * UNIT)
+        async with raw(gw.port) as c:
+            await c.send(request("GET", "/healthz", {"X-Fine": "f" * 3000, "Connection": "close"}))
+            assert (await c.response())[0] == 200
+
+
 # -- bodies: refused at the headers ---------------------------------------------
 
 HUGE = {"Content-Length": str(10**9), "Content-Type": "application/json"}
