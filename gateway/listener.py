@@ -11,7 +11,6 @@ client reaches first:
   connection unanswered.
   ``BODY_TIMEOUT`` likewise bounds the time to send a body, so a route
   open to anyone (login) cannot be held by a dripped body.
-  ``MAX_HEADER_BYTES`` bounds their size likewise.
 * ``MAX_PENDING_PER_IP``: connections from one TCP peer that have not
   finished their first request's headers; one more is answered 429 and
   closed at accept. (A kept-alive connection is not pending between
