@@ -19,7 +19,7 @@ client reaches first:
 * ``PROXY_PROTOCOL``: a connection may start with a PROXY protocol header
   (an NLB's); its source address is the client's when the TCP peer is in
   ``TRUSTED_PROXIES`` (and ``MAX_PENDING_PER_IP`` counts that address). A
-  malformed one, or none of it within ``HEADER_TIMEOUT``, closes it.
+  malformed one, or silence past ``HEADER_TIMEOUT``, closes it.
 * The accept loop survives running out of file descriptors: on ``EMFILE``
   or ``ENFILE`` it stops listening for `ACCEPT_PAUSE` seconds (the kernel
   keeps new connections in the backlog), logs at most once a second and
