@@ -14,7 +14,6 @@ from typing import Any
 
 import tornado.web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-from tornado.httpserver import HTTPServer
 from tornado.netutil import bind_sockets
 
 from core import __version__
@@ -23,8 +22,11 @@ from core.docs import doc_routes, jwks_route
 from core.http import CoreHTTP, api_router
 from gateway.app import make_limiter
 from gateway.auth import Identity, Verifier, ensure_key_material
+from gateway.bodylimits import RouteLimits
 from gateway.broker import CONTROL, Broker, Position, make_broker
+from gateway.clientip import TrustedProxies
 from gateway.history import HistoryPolicy, publish
+from gateway.listener import Listener
 from gateway.logs import log_request
 from gateway.metrics import Metrics
 from gateway.revocation import Revocations
@@ -128,7 +130,7 @@ class StandaloneCore:
 class CoreServer:
     """A started core with its HTTP server; `close` releases everything."""
 
-    def __init__(self, stack: StandaloneCore, server: HTTPServer, port: int) -> None:
+    def __init__(self, stack: StandaloneCore, server: Listener, port: int) -> None:
         self.stack = stack
         self.core = stack.core
         self.api = stack.api
@@ -152,7 +154,10 @@ class CoreServer:
             jwks_route(core.accounts.issuer.jwks()),
         ]
         app = tornado.web.Application(handlers, log_function=log_request)
-        server = HTTPServer(api_router(stack.api, app), max_body_size=4 * settings.max_body_bytes)
+        # The gateway's listener: header timeout, pending cap, body limits, trusted proxies.
+        policy = RouteLimits(settings, stack.api.verifier, core.router, app)
+        proxies = TrustedProxies(settings.trusted_proxies, settings.forwarded_header)
+        server = Listener(api_router(stack.api, app), settings, metrics, policy, proxies)
         sockets = bind_sockets(settings.port, settings.host)
         server.add_sockets(sockets)
         port: int = sockets[0].getsockname()[1]

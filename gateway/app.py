@@ -16,7 +16,6 @@ from typing import Any
 
 import tornado.web
 from prometheus_client import CollectorRegistry
-from tornado.httpserver import HTTPServer
 from tornado.ioloop import PeriodicCallback
 from tornado.netutil import bind_sockets
 from tornado.routing import AnyMatches, PathMatches, Rule, RuleRouter
@@ -28,7 +27,9 @@ from core.http import CoreHTTP, api_router
 from core.tokens import Issuer
 from gateway.asyncapi import asyncapi_route
 from gateway.auth import Identity, Verifier, ensure_key_material
+from gateway.bodylimits import RouteLimits
 from gateway.broker import Broker, make_broker
+from gateway.clientip import TrustedProxies
 from gateway.context import Context
 from gateway.demo import browser_routes
 from gateway.history import HistoryPolicy
@@ -41,9 +42,11 @@ from gateway.http import (
     ReadyHandler,
 )
 from gateway.hub import Hub
+from gateway.listener import Listener
 from gateway.logs import log_request
 from gateway.metrics import Metrics
 from gateway.node import Node
+from gateway.polling import LongPollSessions
 from gateway.ratelimit import MemoryRateLimiter, RateLimiter, RedisRateLimiter
 from gateway.revocation import Revocations
 from gateway.runtime import LISTEN_BACKLOG
@@ -74,7 +77,7 @@ class Gateway:
         self.settings = settings
         self.ctx = ctx
         self.app = app
-        self.server: HTTPServer | None = None
+        self.server: Listener | None = None
         self.api: CoreHTTP | None = None
         self.port: int | None = None
         self._sweeper = PeriodicCallback(self._sweep, self.SWEEP * 1000)
@@ -125,14 +128,15 @@ class Gateway:
                 self.settings.host if host is None else host,
                 backlog=LISTEN_BACKLOG,
             )
-        limit = max(self.settings.max_publish_bytes + 65536, 4 * self.settings.max_body_bytes)
-        s = self.settings
-        api = self.api = CoreHTTP(self.ctx.core, self.ctx.verifier, s.max_body_bytes, s.cors_origins)
+        s, ctx = self.settings, self.ctx
+        api = self.api = CoreHTTP(ctx.core, ctx.verifier, s.max_body_bytes, s.cors_origins)
         sockets_first = RuleRouter([
-            Rule(PathMatches(r"/ws"), WebSocketServer(self.ctx)),
+            Rule(PathMatches(r"/ws"), WebSocketServer(ctx)),
             Rule(AnyMatches(), api_router(api, self.app)),
         ])  # fmt: skip
-        self.server = HTTPServer(sockets_first, max_body_size=limit)
+        policy = RouteLimits(s, ctx.verifier, ctx.core.router, self.app)
+        proxies = TrustedProxies(s.trusted_proxies, s.forwarded_header)
+        self.server = Listener(sockets_first, s, ctx.metrics, policy, proxies)
         self.server.add_sockets(sockets)
         self.port = sockets[0].getsockname()[1]
         return self.port
@@ -254,6 +258,7 @@ async def make_app(
     ctx = Context(
         settings=settings, node=node, verifier=verifier, metrics=metrics, core=core, limiter=limiter,
         coalescer=Coalescer(metrics.write_lag, settings.send_buffer_total_bytes),
+        longpoll=LongPollSessions(settings.max_longpoll_sessions, settings.longpoll_max_per_user),
     )  # fmt: skip
     metrics.send_buffered.set_function(lambda: ctx.coalescer.buffered)
     if isinstance(core, Core):

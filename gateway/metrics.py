@@ -121,6 +121,12 @@ class Metrics:
             buckets=_FANOUT_BUCKETS,
             registry=r,
         )
+        self.accept_errors = Counter(
+            "gateway_accept_errors",
+            "Failed accepts (out of file descriptors: the listener pauses), by errno.",
+            ["errno"],
+            registry=r,
+        )
         self.rate_limited = Counter(
             "gateway_rate_limited",
             "Requests and commands refused by a rate limit, by scope.",

@@ -6,6 +6,7 @@ import asyncio
 import collections
 import logging
 import time
+from collections.abc import Callable
 from typing import ClassVar
 
 from gateway.hub import Prepared
@@ -31,6 +32,7 @@ class PollSession:
         self.seq = 0
         self.closed: CloseCode | None = None
         self.last_poll = time.monotonic()
+        self.on_close: Callable[[], None] | None = None
         self._wake = asyncio.Event()
 
     # -- Transport -------------------------------------------------------------
@@ -46,6 +48,8 @@ class PollSession:
             self.closed = code
             if self.session is not None:
                 self.session.closed()
+            if self.on_close is not None:
+                self.on_close()
             self._wake.set()
 
     def heartbeat(self, now: float, dead_after: float) -> None:
@@ -85,17 +89,59 @@ class PollSession:
 
 
 class LongPollSessions:
-    """The long-poll sessions of this process, bounded in number."""
+    """The long-poll sessions of this process, bounded in number and per user.
 
-    def __init__(self, max_sessions: int = 10_000) -> None:
+    Both bounds count every session held, a closed one too until it is
+    forgotten (its outbox still answers the client's last poll). A user at
+    ``max_per_user`` who opens another has their closed sessions forgotten
+    first, so only open ones can hold them back; one user's closed sessions
+    thus never fill the process. Neither bound counts against the sockets'
+    ``MAX_CONNECTIONS``.
+    """
+
+    def __init__(self, max_sessions: int = 2000, max_per_user: int = 8) -> None:
         self._sessions: dict[str, tuple[str, PollSession]] = {}
+        self._by_user: dict[str, set[str]] = {}
+        self._open_total = 0
         self.max_sessions = max_sessions
+        self.max_per_user = max_per_user
 
     def __len__(self) -> int:
         return len(self._sessions)
 
+    @property
+    def open_count(self) -> int:
+        """Open sessions (each is a member of the hub)."""
+        return self._open_total
+
+    def refusal(self, sub: str) -> str | None:
+        """Why ``sub`` may not open one more session now: ``"user"``, ``"process"``, or None."""
+        held = self._by_user.get(sub, set())
+        if len(held) >= self.max_per_user:
+            for sid in [sid for sid in held if self._sessions[sid][1].closed is not None]:
+                self._forget(sid)
+            if len(held) >= self.max_per_user:
+                return "user"
+        if len(self._sessions) >= self.max_sessions:
+            return "process"
+        return None
+
     def add(self, sub: str, poll: PollSession) -> None:
         self._sessions[poll.sid] = (sub, poll)
+        self._by_user.setdefault(sub, set()).add(poll.sid)
+        if poll.closed is None:
+            self._open_total += 1
+            poll.on_close = self._closed
+
+    def _closed(self) -> None:
+        self._open_total -= 1
+
+    def _forget(self, sid: str) -> None:
+        sub, _ = self._sessions.pop(sid)
+        held = self._by_user[sub]
+        held.discard(sid)
+        if not held:
+            del self._by_user[sub]
 
     def get(self, sid: str, sub: str) -> PollSession | None:
         """The session ``sid`` if it belongs to ``sub``."""
@@ -111,5 +157,5 @@ class LongPollSessions:
             if poll.closed is not None and now - poll.last_poll > idle:
                 gone.append(sid)
         for sid in gone:
-            del self._sessions[sid]
+            self._forget(sid)
         return len(gone)

@@ -8,6 +8,7 @@ gateway --help`` prints this table. Nothing else in the package reads
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -92,6 +93,13 @@ def _non_negative_float(raw: str) -> float:
     if value < 0:
         raise ValueError(f"expected a number >= 0, got {raw!r}")
     return value
+
+
+def _cidrs(raw: str) -> tuple[str, ...]:
+    networks = _list(raw)
+    for net in networks:
+        ipaddress.ip_network(net, strict=False)  # ValueError names the bad one
+    return networks
 
 
 def _setting(default: Any, env: str, help: str, parse: Callable[[str], Any]) -> Any:
@@ -318,6 +326,66 @@ class Settings:
         "Sockets one process holds before refusing more with 503 "
         "(0: the open-file limit less 256 kept for everything else).",
         _non_negative_int,
+    )
+    header_timeout: float = _setting(
+        10.0,
+        "HEADER_TIMEOUT",
+        "Seconds a connection has to send a request line and headers (also the idle "
+        "keep-alive wait); slower: closed.",
+        _positive_float,
+    )
+    body_timeout: float = _setting(
+        60.0,
+        "BODY_TIMEOUT",
+        "Seconds a request has to send its whole body once its headers are in; slower: closed.",
+        _positive_float,
+    )
+    max_header_bytes: int = _setting(
+        65536, "MAX_HEADER_BYTES",
+        "Largest request line plus headers; larger: 414 or 431 (over twice this: closed).",
+        _positive_int,
+    )
+    max_pending_per_ip: int = _setting(
+        32,
+        "MAX_PENDING_PER_IP",
+        "Connections one client IP may hold that have not finished their headers; more: 429 "
+        "(peers in TRUSTED_PROXIES are exempt).",
+        _positive_int,
+    )
+    longpoll_max_per_user: int = _setting(
+        8, "LONGPOLL_MAX_PER_USER", "Open long-poll sessions per user (token sub); more: 429.",
+        _positive_int,
+    )
+    max_longpoll_sessions: int = _setting(
+        2000,
+        "MAX_LONGPOLL_SESSIONS",
+        "Long-poll sessions one process holds (apart from MAX_CONNECTIONS); more: 503.",
+        _positive_int,
+    )
+    longpoll_outbox_bytes: int = _setting(
+        131072,
+        "LONGPOLL_OUTBOX_BYTES",
+        "Unacknowledged bytes a long-poll session may hold; more: closed as a slow consumer (4001).",
+        _positive_int,
+    )
+    trusted_proxies: tuple[str, ...] = _setting(
+        (),
+        "TRUSTED_PROXIES",
+        "CIDRs of load balancers whose forwarding header names the client IP (default none).",
+        _cidrs,
+    )
+    proxy_protocol: bool = _setting(
+        False,
+        "PROXY_PROTOCOL",
+        "Read a PROXY protocol v1/v2 header (an NLB's) at the start of connections; its client "
+        "address is used when the peer is in TRUSTED_PROXIES.",
+        _bool,
+    )
+    forwarded_header: str = _setting(
+        "x-forwarded-for",
+        "FORWARDED_HEADER",
+        "The header trusted proxies set: x-forwarded-for or forwarded (RFC 7239).",
+        _choice("x-forwarded-for", "forwarded"),
     )
     max_frame_bytes: int = _setting(
         65536,

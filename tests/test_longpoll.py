@@ -6,8 +6,11 @@ import asyncio
 import json
 import time
 
+import pytest
+from websockets.exceptions import InvalidStatus
+
 from proto import CloseCode
-from tests.harness import ApiClient, running_gateway, token_for
+from tests.harness import ApiClient, running_gateway, token_for, ws_client
 
 FEED = {"history_channels": ("feed:*",), "history_size": 50}
 
@@ -106,7 +109,7 @@ async def test_recovery_works_over_long_poll_too():
 
 
 async def test_a_client_that_stops_polling_is_closed_as_slow_consumer():
-    async with running_gateway(**FEED, send_buffer_bytes=2000, longpoll_timeout=0.3) as gw:
+    async with running_gateway(**FEED, longpoll_outbox_bytes=2000, longpoll_timeout=0.3) as gw:
         p = await Poller(gw, token_for(gw, channels=("feed:*",))).open()
         try:
             await p.send({"id": 1, "op": "sub", "ch": "feed:4"})
@@ -120,3 +123,48 @@ async def test_a_client_that_stops_polling_is_closed_as_slow_consumer():
             assert await p.send({"id": 2, "op": "ping"}) == 410
         finally:
             p.close()
+
+
+async def test_long_poll_sessions_are_capped_per_user():
+    async with running_gateway(longpoll_max_per_user=2, longpoll_timeout=0.2) as gw:
+        alice = [await Poller(gw, token_for(gw, "alice")).open() for _ in range(2)]
+        extra = ApiClient(gw.port, token_for(gw, "alice"))
+        try:
+            status, headers, body = await extra.call("POST", "/lp", raw=b"")
+            assert status == 429 and body["error"]["code"] == "rate_limited"
+            assert int(headers["Retry-After"]) >= 1
+            bob = await Poller(gw, token_for(gw, "bob")).open()  # another user is not held back
+            bob.close()
+            # A closed session gives its place up to the user's next one, and is forgotten.
+            session = gw.ctx.longpoll.get(alice[0].sid, "alice")
+            assert session is not None
+            session.disconnect(CloseCode.GOING_AWAY)
+            assert (await alice[0].poll())[0] == 410
+            assert (await extra.call("POST", "/lp", raw=b""))[0] == 201
+            assert (await alice[0].poll(0))[0] == 404
+            assert (await alice[1].poll(0))[0] == 200  # the open one is untouched
+            assert (await extra.call("POST", "/lp", raw=b""))[0] == 429
+        finally:
+            extra.close()
+            for p in alice:
+                p.close()
+
+
+async def test_long_poll_sessions_have_their_own_capacity_apart_from_sockets():
+    async with running_gateway(max_connections=2, max_longpoll_sessions=3) as gw:
+        polls = [await Poller(gw, token_for(gw, f"user{i}")).open() for i in range(3)]
+        extra = ApiClient(gw.port, token_for(gw, "user9"))
+        try:
+            status, _, body = await extra.call("POST", "/lp", raw=b"")
+            assert status == 503 and body["error"]["code"] == "unavailable"
+            # Three long-poll sessions take none of the two sockets.
+            async with ws_client(gw.port, token_for(gw)) as a, ws_client(gw.port, token_for(gw)) as b:
+                assert (await a.request("ping"))["ok"] and (await b.request("ping"))["ok"]
+                with pytest.raises(InvalidStatus) as info:
+                    async with ws_client(gw.port, token_for(gw)):
+                        pass
+                assert info.value.response.status_code == 503
+        finally:
+            extra.close()
+            for p in polls:
+                p.close()

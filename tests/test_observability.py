@@ -35,6 +35,7 @@ DOCUMENTED: dict[str, set[str]] = {
     "gateway_encode_failures": {"codec"}, "gateway_broker_faults": {"kind"},
     "gateway_redis_pool_connections": {"state"}, "gateway_redis_pool_waiters": set(),
     "gateway_send_buffered_bytes": set(), "gateway_subscription_repairs": set(),
+    "gateway_accept_errors": {"errno"},
 }  # fmt: skip
 _SUFFIXES = ("_total", "_bucket", "_count", "_sum", "_created")
 #: PromQL words that look like metric names but are not.

@@ -15,9 +15,12 @@ acknowledges everything up to it, which is then dropped. So a poll retried
 after a lost answer gets the same messages again: nothing is lost between
 two polls and, as the client moves its cursor, nothing is duplicated.
 
-The outbox is bounded (``SEND_BUFFER_BYTES``): a client that stops polling
-while publications arrive is closed as a slow consumer. A session not polled
-for ``LONGPOLL_IDLE`` seconds (60) is closed and its memory released. A
+The outbox is bounded (``LONGPOLL_OUTBOX_BYTES``, 128 KiB): a client that
+stops polling while publications arrive is closed as a slow consumer (4001).
+A user holds at most ``LONGPOLL_MAX_PER_USER`` open sessions (429 past it), a
+process ``MAX_LONGPOLL_SESSIONS`` (503), counted apart from the sockets.
+
+A session not polled for ``LONGPOLL_IDLE`` seconds (60) is closed and its memory released. A
 closed session answers ``410`` with ``{"close": {"code": …}}`` and the
 messages still unacknowledged.
 """
@@ -59,11 +62,17 @@ class LongPollHandler(JsonHandler):
         ctx = self.ctx
         sessions = ctx.longpoll
         if sid is None:
-            if len(sessions) >= sessions.max_sessions:
+            refusal = sessions.refusal(self.identity.sub)
+            if refusal == "user":
+                ctx.metrics.handshake_failures.labels("longpoll_per_user").inc()
+                raise ApiError(429, "rate_limited", f"at most {sessions.max_per_user} open "
+                               "long-poll sessions per user", headers={"Retry-After": "5"})  # fmt: skip
+            if refusal == "process":
+                ctx.metrics.handshake_failures.labels("longpoll_capacity").inc()
                 raise ApiError(
                     503, "unavailable", "too many long-poll sessions", headers={"Retry-After": "5"}
                 )
-            poll = PollSession(secrets.token_urlsafe(16), ctx.settings.send_buffer_bytes)
+            poll = PollSession(secrets.token_urlsafe(16), ctx.settings.longpoll_outbox_bytes)
             s = ctx.settings
             conn = Connection(JSON_CODEC, self.identity.grants, max_subscriptions=s.max_subscriptions,
                               max_publish_bytes=s.max_publish_bytes)  # fmt: skip
@@ -102,4 +111,3 @@ class LongPollHandler(JsonHandler):
 
     def on_connection_close(self) -> None:
         return None  # the outbox keeps what this poll would have carried
-

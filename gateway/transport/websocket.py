@@ -15,7 +15,7 @@ HTTP/1.1 connection parses the request; `_Upgrade` checks it, and then:
   the connection from there on.
 
 Capacity: a process refuses new sockets once it holds ``MAX_CONNECTIONS``
-(by default the open-file limit less a reserve for everything else), with a
+sockets (long-poll sessions have their own ``MAX_LONGPOLL_SESSIONS``; by default the open-file limit less a reserve for everything else), with a
 503 and a log line, so reaching the file limit is a clear refusal rather
 than failing ``accept`` calls.
 """
@@ -144,7 +144,9 @@ class _Upgrade(httputil.HTTPMessageDelegate):
         finally:
             stream.close()
         try:
-            transport, _ = await asyncio.get_running_loop().connect_accepted_socket(lambda: ws, sock)
+            transport, _ = await asyncio.get_running_loop().connect_accepted_socket(
+                lambda: ws, sock
+            )
         except OSError as exc:
             sock.close()
             log.info("socket lost during the handshake: %s", exc)
@@ -187,7 +189,7 @@ def _handshake(ctx: Context, headers: httputil.HTTPHeaders) -> tuple[Codec, byte
         ctx.metrics.handshake_failures.labels("origin").inc()
         raise ApiError(403, "forbidden", f"origin {origin} is not allowed")
     limit = ctx.max_connections
-    if ctx.node.hub.connection_count() >= limit:
+    if ctx.node.hub.connection_count() - ctx.longpoll.open_count >= limit:
         ctx.metrics.handshake_failures.labels("capacity").inc()
         _log_full(limit)
         raise ApiError(503, "unavailable", f"this process holds its limit of {limit} connections",

@@ -1,0 +1,90 @@
+"""Each route's largest request body, and who may send one: decided at the headers.
+
+`RouteLimits` is the `Listener`'s body policy. A request that announces a
+body (``Content-Length`` > 0 or ``Transfer-Encoding``) is refused before one
+byte of it is read when
+
+* no route has its path: 404 (for the core's routes also 405);
+* the route needs a token and the request has none, or a bad one: 401 (a
+  bad token is 401 on every route, as the routes themselves would answer);
+* its ``Content-Length`` is over the route's limit: 413 (a chunked body is
+  cut with 413 when it passes the limit).
+
+Limits: the REST core's routes ``MAX_BODY_BYTES``; ``POST /api/publish``
+``MAX_PUBLISH_BYTES`` + 1024 for the envelope; ``POST /lp/<session>``
+``MAX_BODY_BYTES``; every other route (``/ws``, ``/lp``, documents, health,
+metrics) takes no body (0).
+"""
+
+from __future__ import annotations
+
+import re
+from urllib.parse import parse_qs
+
+import tornado.web
+from tornado import httputil
+
+from core.errors import ApiError as CoreError
+from core.routing import Router
+from gateway.auth import AuthError, Verifier, token_from_header
+from gateway.http import PublishHandler
+from gateway.listener import Refusal
+from gateway.settings import Settings
+from gateway.transport.longpoll import LongPollHandler
+
+__all__ = ["CORE_PATHS", "RouteLimits"]
+
+#: Paths the core's delegate serves (gateway/app.py routes them there).
+CORE_PATHS = re.compile(r"/api/(?!publish$).*")
+
+
+class RouteLimits:
+    """The body policy of one gateway: the core's router, the web application, the verifier."""
+
+    def __init__(
+        self, settings: Settings, verifier: Verifier, core: Router, app: tornado.web.Application
+    ) -> None:
+        self.verifier = verifier
+        self.core = core
+        self.app = app
+        self.core_limit = settings.max_body_bytes
+        #: handler class -> (body limit, token needed, token may be in the query)
+        self.handlers: dict[type, tuple[int, bool, bool]] = {
+            PublishHandler: (settings.max_publish_bytes + 1024, True, False),
+            LongPollHandler: (settings.max_body_bytes, True, True),
+        }
+
+    def __call__(self, start: httputil.RequestStartLine, headers: httputil.HTTPHeaders) -> int:
+        path, _, query = start.path.partition("?")
+        if path == "/ws":
+            return 0
+        if CORE_PATHS.fullmatch(path):
+            try:
+                route, _ = self.core.match(start.method, path)
+            except CoreError as exc:
+                raise Refusal(exc.status, exc.code, exc.message, exc.headers) from None
+            self._authenticate(headers, None, required=route.auth)
+            return self.core_limit
+        request = httputil.HTTPServerRequest(start_line=start, headers=headers)
+        handler = self.app.find_handler(request).handler_class
+        if handler is tornado.web.ErrorHandler or handler is self.app.settings.get(
+            "default_handler_class"
+        ):
+            raise Refusal(404, "not_found", f"no route for {path}")
+        limit, required, in_query = self.handlers.get(handler, (0, False, False))
+        query_token = parse_qs(query).get("token", [None])[0] if in_query and query else None
+        self._authenticate(headers, query_token, required=required)
+        return limit
+
+    def _authenticate(
+        self, headers: httputil.HTTPHeaders, query_token: str | None, *, required: bool
+    ) -> None:
+        token = token_from_header(headers.get("Authorization")) or query_token
+        if token is None:
+            if required:
+                raise Refusal(401, "unauthorized", "missing token")
+            return
+        try:
+            self.verifier.verify(token)
+        except AuthError as exc:
+            raise Refusal(401, "unauthorized", exc.message) from None

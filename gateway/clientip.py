@@ -1,0 +1,86 @@
+"""The client's IP address behind trusted proxies (``TRUSTED_PROXIES``).
+
+A forwarding header is believed only when the TCP peer is a trusted proxy,
+and only as far as it was written by trusted proxies: the list is read from
+the right (the hop nearest to us) and the first address that is not a trusted
+proxy is the client. Whatever a client writes itself sits to the left of what
+its proxy appends, so it is never reached. A hop that is not an IP address
+(``unknown``, an obfuscated ``_name``) ends the walk at the last trusted hop.
+
+Only one header is read (``FORWARDED_HEADER``): a proxy that sets
+``X-Forwarded-For`` passes a client's own ``Forwarded`` through untouched,
+so reading both would let the client choose.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable
+
+from tornado.httputil import HTTPHeaders
+
+__all__ = ["TrustedProxies", "parse_ip"]
+
+_Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+_Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def parse_ip(raw: str) -> _Address | None:
+    """An address from a header hop (``1.2.3.4``, ``1.2.3.4:80``, ``[::1]:80``, ``"[::1]"``)."""
+    text = raw.strip().strip('"')
+    if text.startswith("["):
+        text = text[1:].partition("]")[0]
+    elif text.count(":") == 1:
+        text = text.partition(":")[0]  # IPv4 with a port
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
+class TrustedProxies:
+    """Resolves the client IP of a request from its TCP peer and forwarding header."""
+
+    def __init__(self, cidrs: Iterable[str], header: str = "x-forwarded-for") -> None:
+        self.networks: tuple[_Network, ...] = tuple(
+            ipaddress.ip_network(c, strict=False) for c in cidrs
+        )
+        self.header = header
+
+    def __bool__(self) -> bool:
+        return bool(self.networks)
+
+    def trusts(self, ip: str | _Address | None) -> bool:
+        address = parse_ip(ip) if isinstance(ip, str) else ip
+        return address is not None and any(address in net for net in self.networks)
+
+    def client_ip(self, peer: str, headers: HTTPHeaders) -> str:
+        """The client's address: ``peer`` unless ``peer`` is a trusted proxy that forwarded one."""
+        if not self.networks or not self.trusts(peer):
+            return peer
+        hops = self._hops(headers)
+        client = peer
+        for hop in reversed(hops):
+            address = parse_ip(hop)
+            if address is None:
+                break
+            client = str(address)
+            if not self.trusts(address):
+                break
+        return client
+
+    def _hops(self, headers: HTTPHeaders) -> list[str]:
+        if self.header == "forwarded":
+            hops = []
+            for element in ",".join(headers.get_list("Forwarded")).split(","):
+                fors = [
+                    pair.partition("=")[2]
+                    for pair in element.split(";")
+                    if pair.strip().lower().startswith("for=")
+                ]
+                hops.append(fors[0] if fors else "")
+            return hops
+        return ",".join(headers.get_list("X-Forwarded-For")).split(",")

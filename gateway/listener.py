@@ -1,0 +1,409 @@
+"""The gateway's HTTP server: what every connection meets before any route.
+
+`Listener` is Tornado's `HTTPServer` with the limits an unauthenticated
+client reaches first:
+
+* ``HEADER_TIMEOUT``: a request line and headers (and the wait for the next
+  request on a kept-alive connection) must arrive within it, or the
+  connection is closed: Tornado's own header timeout, set here.
+  ``MAX_HEADER_BYTES`` bounds their size: past it the answer is 414 (a
+  longer request target) or 431, and past twice it Tornado closes the
+  connection unanswered.
+  ``BODY_TIMEOUT`` likewise bounds the time to send a body, so a route
+  open to anyone (login) cannot be held by a dripped body.
+* ``MAX_PENDING_PER_IP``: connections from one TCP peer that have not
+  finished their first request's headers; one more is answered 429 and
+  closed at accept. (A kept-alive connection is not pending between
+  requests: it has spoken HTTP, and ``HEADER_TIMEOUT`` still bounds it.)
+  Trusted proxies are exempt (they hold many clients' connections).
+* ``PROXY_PROTOCOL``: a connection may start with a PROXY protocol header
+  (an NLB's); its source address is the client's when the TCP peer is in
+  ``TRUSTED_PROXIES`` (and ``MAX_PENDING_PER_IP`` counts that address). A
+  malformed one, or silence past ``HEADER_TIMEOUT``, closes it.
+* The accept loop survives running out of file descriptors: on ``EMFILE``
+  or ``ENFILE`` it stops listening for `ACCEPT_PAUSE` seconds (the kernel
+  keeps new connections in the backlog), logs at most once a second and
+  counts ``gateway_accept_errors``, then tries again.
+* Every request passes a `_Guard` at its headers: the client IP is resolved
+  (`TrustedProxies`) into the request context that every later reader
+  (rate limits, logs, ``Request.client``) uses, and the route's `BodyPolicy`
+  may refuse it (401, 404, 413) before a byte of its body is read; a chunked
+  body is cut with 413 once it passes the route's limit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import socket
+import time
+from asyncio import Future
+from collections.abc import Callable, Iterable
+from functools import partial
+from http import HTTPStatus
+from typing import Any
+
+from tornado import httputil
+from tornado.httpserver import HTTPServer
+from tornado.ioloop import IOLoop
+from tornado.iostream import IOStream, StreamClosedError, UnsatisfiableReadError
+
+from core.errors import error_body
+from gateway.clientip import TrustedProxies
+from gateway.metrics import Metrics
+from gateway.proxyprotocol import ProxyHeaderError, read_proxy_header
+from gateway.settings import Settings
+
+__all__ = ["ACCEPT_PAUSE", "BodyPolicy", "Listener", "Refusal", "write_refusal"]
+
+log = logging.getLogger("gateway.listener")
+access_log = logging.getLogger("gateway.access")
+
+#: Seconds the accept loop rests after running out of file descriptors.
+ACCEPT_PAUSE = 0.1
+_OUT_OF_FILES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+#: Accepts per readiness event, as Tornado's own loop (its listen backlog).
+_ACCEPTS_PER_EVENT = 128
+#: No body may be larger than this whatever the route (Tornado's own backstop).
+_UNBOUNDED = 1 << 62
+
+
+class Refusal(Exception):
+    """An answer given at headers time: the JSON error body, then the connection closes."""
+
+    def __init__(
+        self, status: int, code: str, message: str, headers: dict[str, str] | None = None
+    ) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+        self.headers = headers or {}
+
+
+BodyPolicy = Callable[[httputil.RequestStartLine, httputil.HTTPHeaders], int]
+"""The largest body a request may send, called at its headers (only when it has a body).
+
+Raises `Refusal` to answer before the body is read (unknown route, missing
+token); the `_Guard` answers 413 itself when the body is over the limit.
+"""
+
+
+class _Throttled:
+    """A log line at most once per ``every`` seconds, with the count of those held back."""
+
+    def __init__(self, every: float = 1.0) -> None:
+        self.every, self._last, self._held = every, -1e9, 0
+
+    def __call__(self, level: int, msg: str, *args: object) -> None:
+        now = time.monotonic()
+        if now - self._last < self.every:
+            self._held += 1
+            return
+        held, self._last, self._held = self._held, now, 0
+        suffix = f" ({held} more since the last line)" if held else ""
+        log.log(level, msg + suffix, *args)
+
+
+class Listener(HTTPServer):
+    """`HTTPServer` with the limits above; ``policy`` and the proxies come from `Gateway.listen`."""
+
+    # HTTPServer is a tornado Configurable: its arguments go to `initialize`.
+    def initialize(  # type: ignore[override]
+        self,
+        router: httputil.HTTPServerConnectionDelegate,
+        settings: Settings,
+        metrics: Metrics,
+        policy: BodyPolicy,
+        proxies: TrustedProxies,
+    ) -> None:
+        super().initialize(
+            router,
+            idle_connection_timeout=settings.header_timeout,
+            body_timeout=settings.body_timeout,
+            # Past this Tornado closes the connection; between the two the guard answers 414/431.
+            max_header_size=2 * settings.max_header_bytes,
+            max_body_size=_UNBOUNDED,  # each route's own limit is the guard's
+        )
+        self.metrics = metrics
+        self.policy = policy
+        self.proxies = proxies
+        self.max_pending_per_ip = settings.max_pending_per_ip
+        self.max_header_bytes = settings.max_header_bytes
+        self.header_timeout = settings.header_timeout
+        self.proxy_protocol = settings.proxy_protocol
+        self._log_proxy = _Throttled()
+        self._proxy_reads: set[asyncio.Future[None]] = set()
+        self._pending: dict[str, int] = {}
+        self._pending_streams: dict[object, str] = {}
+        self._log_files = _Throttled()
+        self._log_pending = _Throttled()
+        self._resume: dict[int, object] = {}
+
+    # -- accept ----------------------------------------------------------------
+
+    def add_sockets(self, sockets: Iterable[socket.socket]) -> None:
+        for sock in sockets:
+            self._sockets[sock.fileno()] = sock
+            self._handlers[sock.fileno()] = self._watch(sock)
+
+    def _watch(self, sock: socket.socket) -> Callable[[], None]:
+        """Accept on ``sock``; returns what stops it (as Tornado's ``add_accept_handler``)."""
+        loop = IOLoop.current()
+        fd = sock.fileno()
+        state = {"listening": True, "stopped": False}
+
+        def resume() -> None:
+            self._resume.pop(fd, None)
+            if not state["stopped"]:
+                loop.add_handler(sock, on_readable, IOLoop.READ)
+                state["listening"] = True
+                on_readable(sock, IOLoop.READ)
+
+        def on_readable(_: Any, events: int) -> None:
+            for _ in range(_ACCEPTS_PER_EVENT):
+                if state["stopped"]:
+                    return
+                try:
+                    conn, address = sock.accept()
+                except (BlockingIOError, InterruptedError):
+                    return
+                except ConnectionAbortedError:
+                    continue
+                except OSError as exc:
+                    if exc.errno not in _OUT_OF_FILES:
+                        raise
+                    self.metrics.accept_errors.labels(
+                        errno.errorcode.get(exc.errno or 0, "?")
+                    ).inc()
+                    self._log_files(logging.ERROR, "accept paused %.1fs: %s", ACCEPT_PAUSE, exc)
+                    if state["listening"]:
+                        loop.remove_handler(sock)
+                        state["listening"] = False
+                    self._resume[fd] = loop.call_later(ACCEPT_PAUSE, resume)
+                    return
+                self._handle_connection(conn, address)
+
+        def stop() -> None:
+            state["stopped"] = True
+            handle = self._resume.pop(fd, None)
+            if handle is not None:
+                loop.remove_timeout(handle)
+            if state["listening"]:
+                loop.remove_handler(sock)
+
+        loop.add_handler(sock, on_readable, IOLoop.READ)
+        return stop
+
+    # -- connections -----------------------------------------------------------
+
+    def handle_stream(self, stream: IOStream, address: tuple[Any, ...]) -> None:
+        peer = str(address[0]) if isinstance(address, tuple) and address else ""
+        if not self._admit(stream, peer):
+            return
+        if self.proxy_protocol:
+            task = asyncio.ensure_future(self._proxied(stream, address, peer))
+            self._proxy_reads.add(task)
+            task.add_done_callback(self._proxy_reads.discard)
+            return
+        super().handle_stream(stream, address)
+
+    def _admit(self, stream: IOStream, ip: str) -> bool:
+        """Count ``stream`` as pending for ``ip``, or answer 429 when ``ip`` has too many."""
+        if not self.proxies.trusts(ip) and self._pending.get(ip, 0) >= self.max_pending_per_ip:
+            self.metrics.handshake_failures.labels("pending_per_ip").inc()
+            self._log_pending(logging.WARNING, "refused a connection from %s: %d connections "
+                              "without complete headers", ip, self.max_pending_per_ip)  # fmt: skip
+            body = error_body(429, "rate_limited", "too many connections waiting to send headers")
+            head = (b"HTTP/1.1 429 Too Many Requests\r\nContent-Type: application/json\r\n"
+                    b"Retry-After: 1\r\nConnection: close\r\nContent-Length: %d\r\n\r\n" % len(body))  # fmt: skip
+            stream.write(head + body).add_done_callback(partial(_close_after_write, stream))
+            return False
+        # Counted at accept, not when the request loop starts (a task later):
+        # one readiness event accepts many connections before any of them runs.
+        self._pending_streams[stream] = ip
+        self._pending[ip] = self._pending.get(ip, 0) + 1
+        return True
+
+    async def _proxied(self, stream: IOStream, address: tuple[Any, ...], peer: str) -> None:
+        """Read the PROXY protocol header, then serve as from the client it names."""
+        try:
+            source = await asyncio.wait_for(read_proxy_header(stream), self.header_timeout)
+        except (ProxyHeaderError, StreamClosedError, UnsatisfiableReadError, TimeoutError) as exc:
+            self.headers_done(stream)
+            self.metrics.handshake_failures.labels("proxy_protocol").inc()
+            self._log_proxy(logging.WARNING, "closed a connection from %s: %s", peer,
+                            str(exc) or "no PROXY header in time")  # fmt: skip
+            stream.close()
+            return
+        except Exception:
+            self.headers_done(stream)
+            log.exception("reading a PROXY header from %s failed", peer)
+            stream.close()
+            return
+        if source is not None and source != peer and self.proxies.trusts(peer):
+            self.headers_done(stream)
+            if not self._admit(stream, source):
+                return
+            address = (source, *address[1:])
+        super().handle_stream(stream, address)
+
+    def start_request(
+        self, server_conn: object, request_conn: httputil.HTTPConnection
+    ) -> httputil.HTTPMessageDelegate:
+        inner = super().start_request(server_conn, request_conn)
+        return _Guard(self, _stream_of(server_conn), request_conn, inner)
+
+    def headers_done(self, stream: object) -> None:
+        """The connection on ``stream`` sent its first headers: it is pending no more."""
+        peer = self._pending_streams.pop(stream, None)
+        if peer is not None:
+            left = self._pending[peer] - 1
+            if left:
+                self._pending[peer] = left
+            else:
+                del self._pending[peer]
+
+    def on_close(self, server_conn: object) -> None:
+        self.headers_done(_stream_of(server_conn))
+        super().on_close(server_conn)
+
+    def pending(self, ip: str) -> int:
+        """Connections from ``ip`` that have not finished their headers."""
+        return self._pending.get(ip, 0)
+
+
+def _stream_of(server_conn: object) -> object:
+    return getattr(server_conn, "stream", server_conn)
+
+
+def _close_after_write(stream: IOStream, written: Future[None]) -> None:
+    written.exception()  # a peer already gone is no error here
+    stream.close()
+
+
+def write_refusal(conn: httputil.HTTPConnection, refusal: Refusal) -> None:
+    """Answer with ``refusal``'s JSON error body and close once it is written."""
+    body = error_body(refusal.status, refusal.code, refusal.message)
+    out = httputil.HTTPHeaders(refusal.headers)
+    out["Content-Type"] = "application/json"
+    out["Content-Length"] = str(len(body))
+    out["Connection"] = "close"
+    if refusal.status == 401:
+        out["WWW-Authenticate"] = "Bearer"
+    line = httputil.ResponseStartLine("HTTP/1.1", refusal.status, HTTPStatus(refusal.status).phrase)
+    try:
+        conn.write_headers(line, out, body)
+        conn.finish()  # the body still unread is dropped, and the connection closed
+    except (StreamClosedError, OSError) as exc:
+        log.debug("refusal not written: %s", exc)
+
+
+class _Guard(httputil.HTTPMessageDelegate):
+    """One request's way through the limits, in front of the routed delegate."""
+
+    __slots__ = ("_client", "_conn", "_inner", "_limit", "_listener", "_refused", "_size",
+                 "_start", "_stream")  # fmt: skip
+
+    def __init__(
+        self,
+        listener: Listener,
+        stream: object,
+        conn: httputil.HTTPConnection,
+        inner: httputil.HTTPMessageDelegate,
+    ) -> None:
+        self._listener = listener
+        self._stream = stream
+        self._conn = conn
+        self._inner = inner
+        self._limit = _UNBOUNDED
+        self._size = 0
+        self._refused = False
+        self._start: httputil.RequestStartLine | None = None
+        self._client = ""
+
+    def headers_received(
+        self,
+        start_line: httputil.RequestStartLine | httputil.ResponseStartLine,
+        headers: httputil.HTTPHeaders,
+    ) -> Any:
+        assert isinstance(start_line, httputil.RequestStartLine)
+        listener = self._listener
+        listener.headers_done(self._stream)
+        self._start = start_line
+        # The context outlives this request (keep-alive): resolve from the TCP peer each time.
+        context = getattr(self._conn, "context", None)
+        peer = str(getattr(context, "_orig_remote_ip", getattr(context, "remote_ip", "")))
+        client = self._client = listener.proxies.client_ip(peer, headers)
+        if context is not None:
+            context.remote_ip = client
+        oversized = _oversized(start_line, headers, listener.max_header_bytes)
+        if oversized is not None:
+            self._refuse(start_line, client, oversized)
+            return None
+        if _has_body(headers):
+            try:
+                self._limit = listener.policy(start_line, headers)
+                length = headers.get("Content-Length")
+                if length is not None and length.strip().isdigit() and int(length) > self._limit:
+                    raise _too_large(self._limit)
+            except Refusal as refusal:
+                self._refuse(start_line, client, refusal)
+                return None
+            except Exception:
+                log.exception("body policy failed for %s %s", start_line.method, start_line.path)
+                self._refuse(start_line, client, Refusal(500, "internal", "internal error"))
+                return None
+        return self._inner.headers_received(start_line, headers)
+
+    def _refuse(self, start: httputil.RequestStartLine, client: str, refusal: Refusal) -> None:
+        self._refused = True
+        write_refusal(self._conn, refusal)
+        path = start.path.partition("?")[0]
+        access_log.warning("%d %s %s (%s) refused before its body", refusal.status, start.method,
+                           path, client, extra={"status": refusal.status, "method": start.method,
+                                                "path": path})  # fmt: skip
+
+    def data_received(self, chunk: bytes) -> Any:
+        if self._refused:
+            return None
+        self._size += len(chunk)
+        if self._size > self._limit:
+            self._inner.on_connection_close()  # drops what it buffered
+            assert self._start is not None
+            self._refuse(self._start, self._client, _too_large(self._limit))
+            return None
+        return self._inner.data_received(chunk)
+
+    def finish(self) -> None:
+        if not self._refused:
+            self._inner.finish()
+
+    def on_connection_close(self) -> None:
+        if not self._refused:
+            self._inner.on_connection_close()
+
+
+def _oversized(
+    start: httputil.RequestStartLine, headers: httputil.HTTPHeaders, limit: int
+) -> Refusal | None:
+    if len(start.path) > limit:
+        return Refusal(414, "uri_too_long", f"request target over {limit} bytes")
+    size = (
+        len(start.method) + len(start.path) + sum(len(k) + len(v) + 4 for k, v in headers.get_all())
+    )
+    if size > limit:
+        return Refusal(431, "headers_too_large", f"request line and headers over {limit} bytes")
+    return None
+
+
+def _has_body(headers: httputil.HTTPHeaders) -> bool:
+    length = headers.get("Content-Length")
+    if length is not None:
+        return length.strip() != "0"
+    return "Transfer-Encoding" in headers
+
+
+def _too_large(limit: int) -> Refusal:
+    if limit == 0:
+        return Refusal(413, "payload_too_large", "this route takes no request body")
+    return Refusal(413, "payload_too_large", f"body over {limit} bytes")
