@@ -26,7 +26,11 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
+import fcntl
 import logging
+import struct
+import termios
 import time
 from collections.abc import Callable
 from typing import Any, ClassVar
@@ -68,6 +72,21 @@ MAX_PENDING = 64
 #: Seconds between two sums of the send buffers against the process-wide budget.
 BUDGET_CHECK = 0.1
 _PING = bytes((0x80 | OP_PING, 0))
+
+
+def _unsent(transport: Any) -> int:
+    """Bytes written to ``transport`` that the peer has not yet acknowledged.
+
+    The transport's own buffer plus the kernel's send queue (Linux
+    ``SIOCOUTQ``): the kernel moves bytes on only in large steps, so its
+    queue is what shows a slow reader making progress.
+    """
+    size = int(transport.get_write_buffer_size())
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError, ValueError):
+            size += struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0"))[0]
+    return size
 
 
 def _sendable(code: int) -> bool:
@@ -412,7 +431,7 @@ class WSConnection(asyncio.Protocol):
         self._closing = True
         self._code = code
         transport.write(close_frame(code, reason))
-        left = transport.get_write_buffer_size()
+        left = _unsent(transport)
         self._timer = asyncio.get_running_loop().call_later(CLOSE_TIMEOUT, self._closing_timer, left, 1)
 
     def _closing_timer(self, left: int, rounds: int) -> None:
@@ -425,7 +444,7 @@ class WSConnection(asyncio.Protocol):
         transport = self.transport
         if transport is None:
             return
-        now_left = transport.get_write_buffer_size()
+        now_left = _unsent(transport)
         if now_left < left and rounds < MAX_CLOSE_ROUNDS:  # progress (even to the last byte)
             loop = asyncio.get_running_loop()
             self._timer = loop.call_later(CLOSE_TIMEOUT, self._closing_timer, now_left, rounds + 1)
