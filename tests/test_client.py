@@ -416,3 +416,30 @@ async def test_without_websocket_the_client_falls_back_to_long_poll():
                 assert (await c.rpc("GET", "/api/nope")).status in (404, 503)
         finally:
             proxy.close()
+
+
+async def test_a_resubscription_refused_for_now_is_asked_again_not_dropped():
+    """Never a silently dead channel: a temporary refusal after a reconnect is retried."""
+    from gateway.broker import BrokerUnavailable, MemoryBroker
+
+    class Flaky(MemoryBroker):
+        refuse = 0
+
+        async def subscribe(self, ch: str) -> None:
+            if self.refuse:
+                self.refuse -= 1
+                raise BrokerUnavailable("Redis is not connected")
+            await super().subscribe(ch)
+
+    broker = Flaky()
+    async with running_gateway(broker) as gw:
+        async with Client(url(gw), token=token_for(gw), backoff=FAST) as c:
+            room = await c.subscribe("room:1")
+            broker.refuse = 2  # the next two SUBSCRIBEs fail, as in a Redis blip
+            close_all(gw, CloseCode.SHUTDOWN)
+            await eventually(lambda: c.connections == 2 and gw.hub.has_subscribers("room:1"))
+            await gw.ctx.node.publish("room:1", b'"still subscribed"')
+            got = await next_event(room)
+            while isinstance(got, Gap):
+                got = await next_event(room)
+            assert got.data == "still subscribed"

@@ -72,6 +72,8 @@ Link = WebSocket | LongPoll
 
 __all__ = ["TRANSITIONS", "Connection", "State", "StateError", "TokenSource", "position_of"]
 
+#: Tries at one resubscription refused with a temporary error, before it ends.
+RESUBSCRIBE_ATTEMPTS: Final = 5
 log = logging.getLogger("gateway.client")
 
 TokenSource = Callable[[], Awaitable[str]]
@@ -336,20 +338,31 @@ class Connection:
                 self._ready.set()
 
     async def _resubscribe(self, ws: Link) -> None:
+        async def ask(sub: Subscription, since: Position | None) -> None:
+            await self._call(
+                ws,
+                lambda id: Sub(id=id, ch=sub.channel, since=since),
+                lambda r: sub.subscribed(since, r.recovered, position_of(r), again=True),
+            )
+
         async def one(sub: Subscription) -> None:
-            since = sub.position
-            try:
-                await self._call(
-                    ws,
-                    lambda id: Sub(id=id, ch=sub.channel, since=since),
-                    lambda r: sub.subscribed(since, r.recovered, position_of(r), again=True),
-                )
-            except ReplyError as exc:
-                if self._subs.get(sub.channel) is sub:
-                    del self._subs[sub.channel]
-                sub.end(exc)
-            except (ConnectionClosed, TimeoutError):
-                pass  # the next round of _run resubscribes
+            for attempt in range(RESUBSCRIBE_ATTEMPTS):
+                try:
+                    await ask(sub, sub.position)
+                    return
+                except ReplyError as exc:
+                    if exc.temporary and attempt + 1 < RESUBSCRIBE_ATTEMPTS:
+                        # Never a silently dead channel: ask again, with backoff.
+                        await asyncio.sleep(self.backoff.delay(attempt))
+                        if self._subs.get(sub.channel) is not sub:
+                            return
+                        continue
+                    if self._subs.get(sub.channel) is sub:
+                        del self._subs[sub.channel]
+                    sub.end(exc)
+                    return
+                except (ConnectionClosed, TimeoutError):
+                    return  # the next round of _run resubscribes
 
         subs = [sub for sub in self._subs.values() if sub.confirmed]  # others are on their way
         try:

@@ -852,11 +852,21 @@ export class Gateway {
     } catch (err) {
       if (this.subscriptions.get(sub.channel) !== sub) return;
       if (err.code === "disconnected") return; // sent again on reconnect
-      if (err.temporary || err.code === 104) { this.emit("error", err); return; }
+      if (err.code === 104) { this.emit("error", err); return; }
+      if (err.temporary) {
+        // Never a silently dead channel: ask again, with backoff, while it is wanted.
+        this.emit("error", err);
+        sub.retries = (sub.retries ?? 0) + 1;
+        setTimeout(() => {
+          if (this.subscriptions.get(sub.channel) === sub && this.transport) this.sendSub(sub);
+        }, backoff(sub.retries, this.options));
+        return;
+      }
       this.drop(sub, err);
       return;
     }
     if (this.subscriptions.get(sub.channel) !== sub) return;
+    sub.retries = 0;
     // recovered: the missed pushes follow the reply; otherwise live pushes
     // continue from where the reply says the channel stands.
     if (reply.recovered !== true && reply.offset != null) sub.position = { offset: reply.offset, epoch: reply.epoch };
