@@ -18,6 +18,7 @@ from msgspec import Meta
 
 from core.db import one
 from core.errors import ApiError, NotFound, TooManyRequests
+from core.logins import LoginGuard
 from core.passwords import Passwords
 from core.request import Request, Response
 from core.routing import Route, uuid_param
@@ -145,6 +146,7 @@ class Accounts:
         limiter: RateLimiter,
     ) -> None:
         self._limiter = limiter
+        self._logins = LoginGuard(limiter, settings.rate_login_ip, settings.rate_login_account)
         self._pool = pool
         self._settings = settings
         self._passwords = passwords
@@ -205,15 +207,12 @@ class Accounts:
 
     async def _login(self, req: Request, email: str, password: str) -> Response:
         self._require_issuer()
-        settings = self._settings
-        account_key = f"login-account:{email.lower()}"
-        await self._limit(f"login-ip:{req.client}", settings.rate_login_ip, "login attempts")
-        await self._limit(account_key, settings.rate_login_account, "login attempts")
+        attempt = await self._logins.begin(email, req.client)
         row = await self._pool.fetchrow(_LOGIN, email)
         ok, rehash = await self._passwords.verify(row["password_hash"] if row else None, password)
         if row is None or not ok:
             raise _invalid_grant("wrong e-mail or password")
-        await self._limiter.reset(account_key)  # the owner got in: no lockout for them
+        await attempt.succeeded()  # only failures count (core/logins.py)
         user_id, role = row["id"], row["role"]
         if rehash:
             await self._pool.execute(_REHASH, user_id, await self._passwords.hash(password))
