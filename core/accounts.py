@@ -10,20 +10,22 @@ open sockets (gateway/revocation.py).
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, Protocol
+from collections.abc import Callable
+from typing import Annotated, Any, Literal, Protocol
 
 import asyncpg
 import msgspec
 from msgspec import Meta
 
 from core.db import one
-from core.errors import ApiError, NotFound, TooManyRequests
+from core.errors import ApiError, ErrorDetail, NotFound, TooManyRequests
 from core.logins import LoginGuard
-from core.passwords import Passwords
+from core.passwords import Passwords, password_problems
 from core.request import Request, Response
 from core.routing import Route, uuid_param
 from core.schemas import DisplayName, Email, User
 from core.tokens import Issuer, new_refresh_token, refresh_hash
+from core.validation import Checked
 from gateway.ratelimit import Rate, RateLimiter, over_limit
 from gateway.settings import Settings
 
@@ -37,10 +39,14 @@ class Revoker(Protocol):
         """Apply session revocations here and broadcast them to every process."""
 
 
-class RegisterIn(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+class RegisterIn(Checked, forbid_unknown_fields=True, kw_only=True):
     email: Email
     display_name: DisplayName
     password: Password
+
+    @classmethod
+    def problems(cls, get: Callable[[str], Any]) -> list[ErrorDetail]:
+        return password_problems(get("password"), get("email"))  # common, repeated, own name
 
 
 class TokenForm(msgspec.Struct, kw_only=True):
