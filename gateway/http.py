@@ -138,6 +138,8 @@ class PublishHandler(JsonHandler):
             ) from None
         except msgspec.DecodeError as exc:
             raise ApiError(400, "malformed_json", str(exc)) from None
+        except RecursionError:  # data nested beyond what the decoder follows
+            raise ApiError(400, "malformed_json", "request body is nested too deeply") from None
         if req.ch.startswith(RESERVED_PREFIX) or not identity.grants.can_publish(req.ch):
             raise ApiError(403, "forbidden", f"token does not allow publishing on {req.ch}")
         if len(req.data) > limit:

@@ -2,21 +2,36 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
+import msgspec
 import pytest
+from jsonschema import Draft202012Validator
 from tornado.httpclient import AsyncHTTPClient
 from websockets.asyncio.client import connect
 
+from core.apikeys import ApiKeyIn
+from core.app import CoreUnavailable
+from core.openapi import document as core_document
+from core.paging import ETAG_PATTERN
+from core.request import Request, Response
+from core.routing import Route, uuid_param
+from core.schemas import EMAIL_PATTERN, NO_NUL, Email
+from gateway.asyncapi import document as asyncapi_document
 from gateway.keys import generate_jwk, write_key_file
 from gateway.logs import JsonFormatter, TextFormatter, redact
-from tests.harness import http_url, running_gateway, token_for
+from proto import ErrorCode
+from proto.frames import CHANNEL_PATTERN, Channel
+from tests.harness import ApiClient, http_url, running_gateway, token_for, ws_client
 from tests.servers import UNIT
+from tests.test_accounts import ADA, register
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -99,3 +114,122 @@ def test_keygen_under_a_permissive_umask_makes_an_owner_only_file(tmp_path):
         assert done.returncode == 0, done.stderr
         assert path.stat().st_mode & 0o777 == 0o600
     assert [k["kid"] for k in json.loads(path.read_text())["keys"]] == ["new", "old"]
+
+
+# -- trailing newlines ---------------------------------------------------------------------
+
+
+def _patterns(node: object) -> set[str]:
+    if isinstance(node, dict):
+        found = set()
+        for key, value in node.items():
+            found |= {value} if key == "pattern" and isinstance(value, str) else _patterns(value)
+        return found
+    if isinstance(node, list):
+        return set().union(*map(_patterns, node)) if node else set()
+    return set()
+
+
+#: Every pattern either document publishes: (a good value, whether a newline may end one).
+PATTERNS = {
+    CHANNEL_PATTERN: ("room:1", False),
+    EMAIL_PATTERN: ("ada@example.com", False),
+    NO_NUL: ("multi-line\ntext", True),
+    ETAG_PATTERN: ('W/"3"', False),
+    r"^[^\x00\s]+(?![\s\S])": ("projects:*", False),  # API key channel patterns
+    r"^/api/": ("/api/projects", True),  # a prefix: the router matches the whole path
+}
+
+
+def test_every_published_pattern_refuses_a_trailing_newline_in_python_and_ecma_262():
+    openapi = core_document(CoreUnavailable("docs").routes, title="t", version="1")
+    published = _patterns(openapi) | _patterns(asyncapi_document("1"))
+    assert published == set(PATTERNS)  # a new pattern needs its line here
+    for pattern, (good, newline_ok) in PATTERNS.items():
+        assert re.search(pattern, good), pattern
+        assert bool(re.search(pattern, good + "\n")) is newline_ok, pattern
+        assert not pattern.endswith("$"), pattern  # $ matches before a final newline
+        # JSON Schema validators check "pattern" with Python's re: same answer there.
+        schema = {"type": "string", "pattern": pattern}
+        assert Draft202012Validator(schema).is_valid(good + "\n") is newline_ok
+
+
+@pytest.mark.parametrize(
+    ("tp", "value"),
+    [
+        (Channel, "room:1\n"),
+        (Email, "ada@example.com\n"),
+        (ApiKeyIn, {"name": "ci", "channels": ["room:*\n"]}),
+    ],
+)
+def test_trailing_newlines_fail_validation(tp, value):
+    with pytest.raises(msgspec.ValidationError):
+        msgspec.convert(value, tp)
+
+
+def test_uuid_path_parameters_end_at_the_end():
+    good = "0b4c7f52-1f2e-4b7a-9a3c-2d1e5f6a7b8c"
+    req = Request("DELETE", "/x")
+    for raw, expected in ((good, good), (good + "\n", None)):
+        req.params = {"id": raw}
+        assert uuid_param(req) == expected
+    route = Route("GET", "/api/things/{id}/parts", _no_handler, "s", "o", "t", {200: None})
+    assert route.pattern().match("/api/things/1/parts")
+    assert not route.pattern().match("/api/things/1/parts\n")
+
+
+async def _no_handler(req: Request) -> Response:
+    return Response(204)
+
+
+async def test_a_trailing_newline_registers_no_second_account_nor_subscribes(clean_db):
+    async with running_gateway(**clean_db) as gw:
+        anon = ApiClient(gw.port, None)
+        try:
+            await register(anon)
+            twin = {**ADA, "email": ADA["email"] + "\n"}
+            status, _, body = await anon.call("POST", "/api/auth/register", twin)
+            assert status == 422 and body["error"]["details"][0]["path"] == "$.email"
+        finally:
+            anon.close()
+        async with ws_client(gw.port, token_for(gw)) as c:
+            reply = await c.request("sub", ch="room:1\n")
+            assert reply["error"]["code"] in (ErrorCode.BAD_FRAME, ErrorCode.INVALID_CHANNEL)
+            assert (await c.request("sub", ch="room:1"))["ok"]
+            rpc = await c.request("rpc", method="GET", path="/api/projects\n")
+            assert rpc["status"] == 404
+
+
+# -- numbers beyond a double, JSON nested beyond the decoder -----------------------------------
+
+DEEP = b"[" * 5_000 + b"]" * 5_000
+DEEP_OBJECT = b'{"a":' * 5_000 + b"1" + b"}" * 5_000
+
+
+async def test_odd_json_in_a_rest_body_is_a_4xx_with_the_error_body(clean_db):
+    async with running_gateway(**clean_db) as gw:
+        user = ApiClient(gw.port, token_for(gw, "alice", channels=("projects*",)))
+        try:
+            cases = [
+                ("POST", "/api/projects", b'{"name": "x", "budget": 1e999}', 422),
+                ("POST", "/api/projects", b'{"name": "x", "tags": [-1e999]}', 422),
+                ("POST", "/api/projects", b"1e999", 422),
+                ("POST", "/api/projects", DEEP, 400),
+                ("POST", "/api/projects", DEEP_OBJECT, 400),
+                ("POST", "/api/auth/register", b'{"email": "a@b.co", "x": ' + DEEP + b"}", 400),
+                ("POST", "/api/users", b"9d", 400),
+                ("POST", "/api/publish", b'{"ch": "room:1", "data": ' + DEEP + b"}", 400),
+            ]
+            for method, path, raw, expected in cases:
+                status, _, body = await user.call(
+                    method, path, raw=raw, headers={"Content-Type": "application/json"}
+                )
+                assert status == expected, (path, raw[:40], body)
+                assert body["error"]["status"] == expected and body["error"]["message"]
+            cursor = base64.urlsafe_b64encode(b"[" * 2_000 + b"]" * 2_000).decode()
+            status, _, body = await user.call("GET", f"/api/projects?cursor={cursor}")
+            assert status == 422 and body["error"]["details"][0]["path"] == "query.cursor"
+            # And the process still serves everyone.
+            assert (await user.call("GET", "/api/projects"))[0] == 200
+        finally:
+            user.close()
