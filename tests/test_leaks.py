@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import asyncpg
 import msgspec
 import pytest
 from jsonschema import Draft202012Validator
@@ -19,6 +20,7 @@ from websockets.asyncio.client import connect
 
 from core.apikeys import ApiKeyIn
 from core.app import CoreUnavailable
+from core.errors import from_exception
 from core.openapi import document as core_document
 from core.paging import ETAG_PATTERN
 from core.request import Request, Response
@@ -233,3 +235,32 @@ async def test_odd_json_in_a_rest_body_is_a_4xx_with_the_error_body(clean_db):
             assert (await user.call("GET", "/api/projects"))[0] == 200
         finally:
             user.close()
+
+
+# -- database names in 409s -------------------------------------------------------------------
+
+
+async def test_a_conflict_names_no_table_nor_constraint(clean_db, caplog):
+    async with running_gateway(**clean_db) as gw:
+        anon = ApiClient(gw.port, None)
+        try:
+            await register(anon)
+            with caplog.at_level(logging.INFO, logger="core"):
+                status, _, body = await anon.call("POST", "/api/auth/register", ADA)
+        finally:
+            anon.close()
+    assert status == 409 and body["error"]["code"] == "conflict"
+    message = body["error"]["message"]
+    assert not {"users", "_key", "constraint", "email", "unique"} & set(re.split(r"\W+", message))
+    assert "_key" not in message and "users" not in message
+    assert any(
+        "conflict in" in r.getMessage() for r in caplog.records
+    )  # the operator still sees it
+
+
+@pytest.mark.parametrize("kind", [asyncpg.UniqueViolationError, asyncpg.ForeignKeyViolationError])
+def test_constraint_violations_map_to_generic_409s(kind):
+    exc = kind("insert or update violates constraint")
+    exc.constraint_name = "projects_owner_fkey"
+    body = from_exception(exc, "POST /api/projects").body()
+    assert b"409" in body and b"projects" not in body and b"fkey" not in body
