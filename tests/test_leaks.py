@@ -14,6 +14,7 @@ from pathlib import Path
 import asyncpg
 import msgspec
 import pytest
+import yaml
 from jsonschema import Draft202012Validator
 from tornado.httpclient import AsyncHTTPClient
 from websockets.asyncio.client import connect
@@ -26,12 +27,14 @@ from core.paging import ETAG_PATTERN
 from core.request import Request, Response
 from core.routing import Route, uuid_param
 from core.schemas import EMAIL_PATTERN, NO_NUL, Email
+from core.server import CoreServer
 from gateway.asyncapi import document as asyncapi_document
 from gateway.keys import generate_jwk, write_key_file
 from gateway.logs import JsonFormatter, TextFormatter, redact
+from gateway.settings import Settings
 from proto import ErrorCode
 from proto.frames import CHANNEL_PATTERN, Channel
-from tests.harness import ApiClient, http_url, running_gateway, token_for, ws_client
+from tests.harness import SECRET, ApiClient, http_url, running_gateway, token_for, ws_client
 from tests.servers import UNIT
 from tests.test_accounts import ADA, register
 
@@ -264,3 +267,66 @@ def test_constraint_violations_map_to_generic_409s(kind):
     exc.constraint_name = "projects_owner_fkey"
     body = from_exception(exc, "POST /api/projects").body()
     assert b"409" in body and b"projects" not in body and b"fkey" not in body
+
+
+# -- /metrics ------------------------------------------------------------------------------
+
+METRICS_TOKEN = "scrape-" + "x" * 40
+
+
+async def _scrape(port: int, authorization: str | None) -> tuple[int, str, str | None]:
+    http = AsyncHTTPClient(force_instance=True)
+    headers = {"Authorization": authorization} if authorization else {}
+    try:
+        r = await http.fetch(f"http://127.0.0.1:{port}/metrics", headers=headers, raise_error=False)
+    finally:
+        http.close()
+    return r.code, r.body.decode(), r.headers.get("WWW-Authenticate")
+
+
+async def test_metrics_need_the_token_when_one_is_set():
+    async with running_gateway(metrics_token=METRICS_TOKEN) as gw:
+        for authorization in (None, "Bearer wrong", f"Basic {METRICS_TOKEN}", "Bearer"):
+            status, body, challenge = await _scrape(gw.port, authorization)
+            assert status == 401 and "gateway_" not in body
+            assert json.loads(body)["error"]["code"] == "unauthorized"
+            assert challenge is not None and challenge.startswith("Bearer")
+        status, body, _ = await _scrape(gw.port, f"Bearer {METRICS_TOKEN}")
+        assert status == 200 and "gateway_connections" in body
+
+
+async def test_open_metrics_are_announced_at_start(caplog):
+    with caplog.at_level(logging.WARNING, logger="gateway.metrics"):
+        async with running_gateway() as gw:
+            status, body, _ = await _scrape(gw.port, None)
+    assert status == 200 and "gateway_connections" in body
+    assert any("METRICS_TOKEN is not set" in r.getMessage() for r in caplog.records)
+
+
+async def test_the_standalone_cores_metrics_need_the_token_too(clean_db):
+    settings = Settings(jwt_secret=SECRET, host="127.0.0.1", port=0, metrics_token=METRICS_TOKEN,
+                        password_time_cost=1, password_memory_kib=8192, **clean_db)  # fmt: skip
+    server = await CoreServer.start(settings)
+    try:
+        status, body, challenge = await _scrape(server.port, "Bearer nope")
+        assert status == 401 and json.loads(body)["error"]["status"] == 401 and challenge
+        status, body, _ = await _scrape(server.port, f"Bearer {METRICS_TOKEN}")
+        assert status == 200 and "gateway_rest_request_seconds" in body
+    finally:
+        await server.close()
+
+
+def test_every_scrape_config_sends_the_metrics_token():
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    token = compose["x-app"]["environment"]["METRICS_TOKEN"]
+    prometheus = yaml.safe_load((ROOT / "deploy/prometheus/prometheus.yml").read_text())
+    for job in prometheus["scrape_configs"]:
+        if job["job_name"] in ("gateway", "core"):
+            assert job["authorization"] == {"type": "Bearer", "credentials": token}
+    base = ROOT / "deploy/k8s/base"
+    secret = yaml.safe_load((base / "secret.yaml").read_text())
+    for name in ("gateway-servicemonitor.yaml", "core-servicemonitor.yaml"):
+        (endpoint,) = yaml.safe_load((base / name).read_text())["spec"]["endpoints"]
+        credentials = endpoint["authorization"]["credentials"]
+        assert credentials["name"] == secret["metadata"]["name"]
+        assert credentials["key"] == "METRICS_TOKEN" in secret["stringData"]
