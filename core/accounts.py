@@ -10,19 +10,22 @@ open sockets (gateway/revocation.py).
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, Protocol
+from collections.abc import Callable
+from typing import Annotated, Any, Literal, Protocol
 
 import asyncpg
 import msgspec
 from msgspec import Meta
 
 from core.access import Access
-from core.errors import ApiError, Conflict, NotFound, TooManyRequests
-from core.passwords import Passwords
+from core.errors import ApiError, Conflict, ErrorDetail, NotFound, TooManyRequests
+from core.logins import LoginGuard
+from core.passwords import Passwords, password_problems
 from core.request import Request, Response
 from core.routing import Route, uuid_param
 from core.schemas import DisplayName, Email, User
 from core.tokens import Issuer, new_refresh_token, refresh_hash
+from core.validation import Checked
 from gateway.ratelimit import Rate, RateLimiter, over_limit
 from gateway.settings import Settings
 
@@ -36,10 +39,14 @@ class Revoker(Protocol):
         """Apply session revocations here and broadcast them to every process."""
 
 
-class RegisterIn(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+class RegisterIn(Checked, forbid_unknown_fields=True, kw_only=True):
     email: Email
     display_name: DisplayName
     password: Password
+
+    @classmethod
+    def problems(cls, get: Callable[[str], Any]) -> list[ErrorDetail]:
+        return password_problems(get("password"), get("email"))  # common, repeated, own name
 
 
 class TokenForm(msgspec.Struct, kw_only=True):
@@ -155,6 +162,7 @@ class Accounts:
         limiter: RateLimiter,
     ) -> None:
         self._limiter = limiter
+        self._logins = LoginGuard(limiter, settings.rate_login_ip, settings.rate_login_account)
         self._pool = pool
         self._settings = settings
         self._passwords = passwords
@@ -218,15 +226,12 @@ class Accounts:
 
     async def _login(self, req: Request, email: str, password: str) -> Response:
         self._require_issuer()
-        settings = self._settings
-        account_key = f"login-account:{email.lower()}"
-        await self._limit(f"login-ip:{req.client}", settings.rate_login_ip, "login attempts")
-        await self._limit(account_key, settings.rate_login_account, "login attempts")
+        attempt = await self._logins.begin(email, req.client)
         row = await self._pool.fetchrow(_LOGIN, email)
         ok, rehash = await self._passwords.verify(row["password_hash"] if row else None, password)
         if row is None or not ok:
             raise _invalid_grant("wrong e-mail or password")
-        await self._limiter.reset(account_key)  # the owner got in: no lockout for them
+        await attempt.succeeded()  # only failures count (core/logins.py)
         user_id, role = row["id"], row["role"]
         if rehash:
             await self._pool.execute(_REHASH, user_id, await self._passwords.hash(password))

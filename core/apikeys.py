@@ -39,12 +39,12 @@ __all__ = ["ApiKeys"]
 
 log = logging.getLogger("core.apikeys")
 
-Pattern = Annotated[str, Meta(min_length=1, max_length=200, pattern=r"^[^\x00\s]+$")]
+Pattern = Annotated[str, Meta(min_length=1, max_length=200, pattern=r"^[^\x00\s]+(?![\s\S])")]
 _CHANGED = b'{"type":"api_keys_changed"}'
 
 
 class ApiKeyIn(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    name: Annotated[str, Meta(min_length=1, max_length=100, pattern=r"^[^\x00]*$")]
+    name: Annotated[str, Meta(min_length=1, max_length=100, pattern=r"^[^\x00]*(?![\s\S])")]
     channels: Annotated[list[Pattern], Meta(max_length=50)] = []
     rest: bool = False
 

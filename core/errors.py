@@ -143,9 +143,9 @@ def from_exception(exc: BaseException, context: str = "") -> ApiError:
     if isinstance(exc, ApiError):
         return exc
     if isinstance(exc, asyncpg.UniqueViolationError):
-        return Conflict(_constraint_message(exc, "already exists"))
+        return _conflict(exc, context, "this conflicts with something that already exists")
     if isinstance(exc, asyncpg.ForeignKeyViolationError):
-        return Conflict(_constraint_message(exc, "refers to a missing or used row"))
+        return _conflict(exc, context, "this refers to something missing, or something in use")
     if isinstance(exc, asyncpg.CheckViolationError | asyncpg.DataError):
         # Validation runs first; reaching this means a rule exists only in SQL.
         log.warning("database refused a value in %s: %s", context, exc)
@@ -169,6 +169,7 @@ _UNAVAILABLE: tuple[type[BaseException], ...] = (
 )
 
 
-def _constraint_message(exc: Any, what: str) -> str:
-    constraint = getattr(exc, "constraint_name", None)
-    return f"{constraint}: {what}" if constraint else what
+def _conflict(exc: Any, context: str, message: str) -> Conflict:
+    # The constraint's name is for the operator: the schema is no business of the caller's.
+    log.info("conflict in %s: %s", context, getattr(exc, "constraint_name", None) or exc)
+    return Conflict(message)

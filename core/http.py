@@ -158,7 +158,8 @@ class _Exchange(httputil.HTTPMessageDelegate):
             else:
                 resp = await self._respond()
         except Exception:
-            log.exception("unexpected error answering %s", self._start)
+            start = self._start  # the path only: a query may hold a token
+            log.exception("unexpected error answering %s %s", start.method, start.path.partition("?")[0])
             resp = Response(500, error_body(500, "internal", "internal error"))
         if origin is not None:
             resp.headers.update(_cors_headers(origin))

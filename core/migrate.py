@@ -19,7 +19,7 @@ __all__ = ["Migration", "migrate", "migrations"]
 
 log = logging.getLogger("core.migrate")
 
-_NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
+_NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql\Z")
 
 
 class Migration(NamedTuple):

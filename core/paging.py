@@ -25,7 +25,7 @@ __all__ = [
 _cursor_decoder = msgspec.json.Decoder(tuple[int])
 ANY = -1  # If-Match: * (any current version)
 #: What an If-Match header may hold: ``*`` or one of our ETags, weak or strong.
-ETAG_PATTERN = r'^(\*|(W/)?"[0-9]{1,9}")$'
+ETAG_PATTERN = r'^(\*|(W/)?"[0-9]{1,9}")(?![\s\S])'
 
 
 def encode_cursor(last_id: int) -> str:
@@ -39,7 +39,7 @@ def decode_cursor(cursor: str | UnsetType) -> int:
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
         (last_id,) = _cursor_decoder.decode(raw)
-    except (binascii.Error, ValueError, msgspec.DecodeError):
+    except (binascii.Error, ValueError, msgspec.DecodeError, RecursionError):
         raise ValidationFailed([ErrorDetail("query.cursor", "invalid cursor")]) from None
     return last_id
 

@@ -1,21 +1,76 @@
-"""Password hashing with argon2id (argon2-cffi), off the event loop.
+"""Password hashing with argon2id (argon2-cffi), off the event loop, and password rules.
 
 A hash costs tens to hundreds of milliseconds by design, so it runs in a
 worker thread. The cost comes from Settings (RFC 9106's second recommended
 profile by default: 3 passes, 64 MiB); hashes made with other parameters
 still verify and are re-hashed at the next login.
+
+New passwords follow NIST SP 800-63B: at least 8 characters (1024 at most,
+so passphrases fit), any Unicode, no composition rules; refused when common
+(a shipped list of 10,000, `common_passwords`), only whitespace, one or two
+characters repeated, a run like ``abcdefgh``, or built on the account's
+e-mail name. `password_problems` says which, for a 422.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
+import gzip
+import itertools
+from importlib.resources import files
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 
+from core.errors import ErrorDetail
 from gateway.settings import Settings
 
-__all__ = ["Passwords"]
+__all__ = ["Passwords", "common_passwords", "password_problems"]
+
+#: Where the rules put their message in a 422 (the registration body's field).
+_FIELD = "$.password"
+#: An e-mail name this long or longer is refused inside a password, shorter only alone.
+_MIN_NAME_INSIDE = 4
+
+
+@functools.cache
+def common_passwords() -> frozenset[str]:
+    """The shipped list (lower-case), read once on first use; see common_passwords.LICENSE."""
+    raw = files("core").joinpath("common_passwords.txt.gz").read_bytes()
+    return frozenset(gzip.decompress(raw).decode("utf-8").split())
+
+
+def password_problems(password: str | None, email: str | None = None) -> list[ErrorDetail]:
+    """Why ``password`` may not be chosen (by the owner of ``email``); [] when it may."""
+    if password is None:
+        return []  # absent or of the wrong type: reported by the field's own check
+    folded = password.strip().casefold()
+    if not folded:
+        message = "password must not be only whitespace"
+    elif len(set(folded)) <= 2:
+        message = "password must have more than two different characters"
+    elif _is_run(folded):
+        message = "password must not be a run of consecutive characters (abcdefgh, 98765432)"
+    elif folded in common_passwords():
+        message = "this is one of the most common passwords; choose another (a few unrelated words make a good one)"
+    elif email and _uses_email(folded, email.casefold()):
+        message = "password must not contain your e-mail address or the name before its @"
+    else:
+        return []
+    return [ErrorDetail(_FIELD, message)]
+
+
+def _is_run(text: str) -> bool:
+    steps = {ord(b) - ord(a) for a, b in itertools.pairwise(text)}
+    return steps in ({1}, {-1})
+
+
+def _uses_email(folded: str, email: str) -> bool:
+    name = email.rpartition("@")[0]
+    if email in folded or folded == name:
+        return True
+    return len(name) >= _MIN_NAME_INSIDE and name in folded
 
 
 class Passwords:

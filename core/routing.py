@@ -37,7 +37,7 @@ def int_param(req: Request, what: str, name: str = "id") -> int:
 def uuid_param(req: Request, name: str = "id") -> str | None:
     """A path parameter that is a UUID (lower-case), or None when it cannot be one."""
     raw = req.params[name]
-    return raw if _UUID.match(raw) else None
+    return raw if _UUID.fullmatch(raw) else None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -80,7 +80,7 @@ class Route:
         return self.access is not Access.PUBLIC
 
     def pattern(self) -> re.Pattern[str]:
-        return re.compile("^" + _PARAM.sub(r"(?P<\1>[^/]+)", self.path) + "$")
+        return re.compile("^" + _PARAM.sub(r"(?P<\1>[^/]+)", self.path) + r"\Z")
 
     def path_params(self) -> list[str]:
         return _PARAM.findall(self.path)

@@ -43,10 +43,12 @@ _CENT: Final = Decimal("0.01")
 EMAIL_PATTERN: Final = (
     r"^(?=[^@]{1,64}@)[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*"
     r"@[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
-    r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)+$"
+    r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)+(?![\s\S])"
 )
-#: PostgreSQL text cannot hold NUL; refuse it at the door, documented.
-NO_NUL: Final = r"^[^\x00]*$"
+#: PostgreSQL text cannot hold NUL; refuse it at the door, documented. Every
+#: pattern ends with ``(?![\s\S])`` (end of text in Python and ECMA-262 alike;
+#: ``$`` would also match before a final newline): see proto.frames.CHANNEL_PATTERN.
+NO_NUL: Final = r"^[^\x00]*(?![\s\S])"
 
 Email = Annotated[
     str,

@@ -19,6 +19,7 @@ from tornado.netutil import bind_sockets
 from core import __version__
 from core.app import Core
 from core.docs import doc_routes, jwks_route
+from core.errors import error_body
 from core.http import CoreHTTP, api_router
 from gateway.app import make_limiter
 from gateway.auth import Identity, Verifier, ensure_key_material
@@ -28,7 +29,13 @@ from gateway.clientip import TrustedProxies
 from gateway.history import HistoryPolicy, publish
 from gateway.listener import Listener
 from gateway.logs import log_request
-from gateway.metrics import Metrics
+from gateway.metrics import (
+    METRICS_CHALLENGE,
+    METRICS_REFUSED,
+    Metrics,
+    scrape_allowed,
+    warn_open_metrics,
+)
 from gateway.revocation import Revocations
 from gateway.settings import Settings
 
@@ -51,10 +58,18 @@ class _Health(tornado.web.RequestHandler):
 class _Metrics(tornado.web.RequestHandler):
     """The core's own Prometheus metrics: REST durations, the pool, the process."""
 
-    def initialize(self, registry: CollectorRegistry) -> None:
+    def initialize(self, registry: CollectorRegistry, token: str | None) -> None:
         self.registry = registry
+        self.token = token
 
     def get(self) -> None:
+        if not scrape_allowed(self.token, self.request.headers.get("Authorization")):
+            self.set_status(401)
+            for name, value in METRICS_CHALLENGE.items():
+                self.set_header(name, value)
+            self.set_header("Content-Type", "application/json")
+            self.finish(error_body(401, "unauthorized", METRICS_REFUSED))
+            return
         self.set_header("Content-Type", CONTENT_TYPE_LATEST)
         self.finish(generate_latest(self.registry))
 
@@ -144,12 +159,14 @@ class CoreServer:
         stack = await StandaloneCore.open(settings)
         core = stack.core
         metrics = Metrics()
+        scrape_token = settings.metrics_token
+        warn_open_metrics(scrape_token)
         core.observe = metrics.rest_request
         metrics.watch_pool(core.db.pool)
         handlers: list[Any] = [
             (r"/healthz", _Health),
             (r"/readyz", _Health, {"core": core}),
-            (r"/metrics", _Metrics, {"registry": metrics.registry}),
+            (r"/metrics", _Metrics, {"registry": metrics.registry, "token": scrape_token}),
             *doc_routes(core.routes, "tornado-gateway REST core", __version__),
             jwks_route(core.accounts.issuer.jwks()),
         ]

@@ -21,7 +21,7 @@ import msgspec
 
 from core.errors import ApiError, ErrorDetail, ValidationFailed
 
-__all__ = ["Checked", "decode_body", "parse_form", "parse_query", "validate"]
+__all__ = ["Checked", "decode_body", "parse_form", "parse_query", "too_deep", "validate"]
 
 T = TypeVar("T")
 
@@ -121,8 +121,17 @@ def _check(obj: object) -> None:
 _decoders: dict[type, msgspec.json.Decoder[Any]] = {}
 
 
+def too_deep() -> ApiError:
+    """The 400 for JSON nested beyond what the decoder follows (about 1000 levels)."""
+    return ApiError(400, "malformed_json", "request body is nested too deeply")
+
+
 def decode_body(tp: type[T], body: bytes) -> T:
-    """The JSON ``body`` as ``tp``: 400 if it is not JSON, 422 listing every problem."""
+    """The JSON ``body`` as ``tp``: 400 if it is not JSON, 422 listing every problem.
+
+    Numbers beyond a float's range (``1e999``) are a 422 at their path, and
+    nesting deeper than the decoder follows a 400, never a 500.
+    """
     decoder = _decoders.get(tp)
     if decoder is None:
         decoder = _decoders[tp] = msgspec.json.Decoder(tp)
@@ -132,10 +141,23 @@ def decode_body(tp: type[T], body: bytes) -> T:
         pass  # examined again below, for every problem
     except msgspec.DecodeError as exc:
         raise ApiError(400, "malformed_json", f"request body is not JSON: {exc}") from None
+    except RecursionError:
+        raise too_deep() from None
     else:
         _check(obj)
         return obj
-    return validate(tp, msgspec.json.decode(body))
+    try:
+        value = msgspec.json.decode(body)
+    except msgspec.ValidationError as exc:  # "Number out of range": not a float, not an int64
+        raise ValidationFailed([_split(str(exc), "$")]) from None
+    except msgspec.DecodeError as exc:
+        raise ApiError(400, "malformed_json", f"request body is not JSON: {exc}") from None
+    except RecursionError:
+        raise too_deep() from None
+    try:
+        return validate(tp, value)
+    except RecursionError:  # an Any field holding what the decoder barely followed
+        raise too_deep() from None
 
 
 _names: dict[type, frozenset[str]] = {}

@@ -14,7 +14,7 @@ from pathlib import Path
 from core.embedded import EmbeddedPostgres
 from gateway.app import make_app
 from gateway.auth import ensure_key_material, mint_token
-from gateway.keys import generate_jwk
+from gateway.keys import generate_jwk, write_key_file
 from gateway.logs import configure_logging
 from gateway.runtime import raise_file_limit, run, wait_for_stop_signal
 from gateway.settings import Settings, SettingsError
@@ -132,8 +132,7 @@ def _keygen(args: argparse.Namespace) -> int:
         return 0
     path = Path(args.add_to)
     keys = json.loads(path.read_text())["keys"] if path.exists() else []
-    path.write_text(json.dumps({"keys": [jwk, *keys]}, indent=2) + "\n")
-    path.chmod(0o600)
+    write_key_file(path, [jwk, *keys])  # 0600 from the first byte
     print(f"{path}: {jwk['kid']} ({args.alg}) now signs; {len(keys)} older key(s) kept")
     return 0
 

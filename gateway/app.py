@@ -44,7 +44,7 @@ from gateway.http import (
 from gateway.hub import Hub
 from gateway.listener import Listener
 from gateway.logs import log_request
-from gateway.metrics import Metrics
+from gateway.metrics import Metrics, warn_open_metrics
 from gateway.node import Node
 from gateway.polling import LongPollSessions
 from gateway.ratelimit import MemoryRateLimiter, RateLimiter, RedisRateLimiter
@@ -228,6 +228,7 @@ async def make_app(
     """Build and start a gateway (broker connected); `Gateway.close` undoes it."""
     settings = ensure_key_material(settings)
     metrics = Metrics(registry)
+    warn_open_metrics(settings.metrics_token)
     hub = Hub(metrics, notice=settings.token_notice, grace=settings.token_grace)
     history = HistoryPolicy(settings.history_channels, settings.history_size, settings.history_ttl)
     presence = (settings.presence_channels, settings.presence_ttl, settings.presence_pushes)

@@ -23,6 +23,7 @@ from core.errors import ErrorDetail, TooManyRequests, default_code, error_body
 from gateway.auth import AuthError, Identity, token_from_header
 from gateway.broker import BrokerUnavailable
 from gateway.context import Context
+from gateway.metrics import METRICS_CHALLENGE, METRICS_REFUSED, scrape_allowed
 from gateway.metricsmerge import scrape_view
 from gateway.ratelimit import over_limit
 from proto import RESERVED_PREFIX, InvalidData
@@ -140,6 +141,8 @@ class PublishHandler(JsonHandler):
             ) from None
         except msgspec.DecodeError as exc:
             raise ApiError(400, "malformed_json", str(exc)) from None
+        except RecursionError:  # data nested beyond what the decoder follows
+            raise ApiError(400, "malformed_json", "request body is nested too deeply") from None
         if req.ch.startswith(RESERVED_PREFIX) or not identity.grants.can_publish(req.ch):
             raise ApiError(403, "forbidden", f"token does not allow publishing on {req.ch}")
         if len(req.data) > limit:
@@ -193,12 +196,15 @@ class ReadyHandler(JsonHandler):
         self.write_json(body, 200 if ok else 503)
 
 
-class MetricsHandler(tornado.web.RequestHandler):
-    """Prometheus text; with worker processes, every worker's samples (gateway/metricsmerge.py)."""
+class MetricsHandler(JsonHandler):
+    """Prometheus text; with worker processes, every worker's samples (gateway/metricsmerge.py).
 
-    def initialize(self, ctx: Context) -> None:
-        self.ctx = ctx
+    With ``METRICS_TOKEN`` set, only for ``Authorization: Bearer <METRICS_TOKEN>``.
+    """
 
     def get(self) -> None:
+        authorization = self.request.headers.get("Authorization")
+        if not scrape_allowed(self.ctx.settings.metrics_token, authorization):
+            raise ApiError(401, "unauthorized", METRICS_REFUSED, headers=METRICS_CHALLENGE)
         self.set_header("Content-Type", CONTENT_TYPE_LATEST)
         self.finish(generate_latest(scrape_view(self.ctx.metrics.registry, time.time())))

@@ -12,6 +12,7 @@ are signed with ``JWT_SECRET`` (HS256) and no JWKS is published.
 from __future__ import annotations
 
 import json
+import os
 import secrets
 import time
 from pathlib import Path
@@ -20,7 +21,7 @@ from typing import Any
 import jwt
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
-__all__ = ["SigningKeys", "generate_jwk"]
+__all__ = ["SigningKeys", "generate_jwk", "write_key_file"]
 
 _PUBLIC_FIELDS = {
     "RSA": ("kty", "n", "e"),
@@ -87,3 +88,28 @@ def generate_jwk(alg: str, kid: str | None = None) -> dict[str, Any]:
     stamp = time.strftime("%Y%m%d", time.gmtime())
     jwk.update(kid=kid or f"{stamp}-{secrets.token_hex(4)}", alg=alg, use="sig")
     return dict(jwk)
+
+
+def write_key_file(path: Path, keys: list[dict[str, Any]]) -> None:
+    """Replace ``path`` with a JWKS of ``keys``, readable by its owner only from the first byte.
+
+    The keys go to a new file beside it, created 0600 (whatever the umask),
+    then renamed over ``path``: no moment where another user could read a
+    private key, and a crash midway leaves the old file whole.
+    """
+    data = (json.dumps({"keys": keys}, indent=2) + "\n").encode()
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    try:
+        try:
+            os.fchmod(fd, 0o600)  # the mode os.open was given, even if the umask took more off
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

@@ -7,6 +7,7 @@ import logging
 import re
 import sys
 from datetime import UTC, datetime
+from urllib.parse import unquote_plus
 
 import tornado.web
 
@@ -14,12 +15,23 @@ __all__ = ["CONTEXT_FIELDS", "JsonFormatter", "TextFormatter", "configure_loggin
 
 access_log = logging.getLogger("gateway.access")
 
-_SECRET_PARAMS = re.compile(r"(?i)((?:^|[?&])(?:token|access_token|api_key)=)[^&#]*")
+#: Query parameters whose values are secrets, compared after percent-decoding.
+_SECRET_PARAMS = frozenset({"token", "access_token", "refresh_token", "api_key", "password"})
+# A parameter: its name as sent (after ?, &, ; or a space) up to =, then its value.
+_PARAM = re.compile(r"(^|[?&;\s])([^?&;=#\s]*)=([^&;#\s]*)")
+
+
+def _redact_param(m: re.Match[str]) -> str:
+    # The server decodes names (?%74oken= is ?token=), so the log must too.
+    name = unquote_plus(m.group(2)).strip().casefold()
+    if name in _SECRET_PARAMS:
+        return f"{m.group(1)}{m.group(2)}=[redacted]"
+    return m.group(0)
 
 
 def redact(uri: str) -> str:
-    """``/ws?token=abc&x=1`` -> ``/ws?token=[redacted]&x=1``."""
-    return _SECRET_PARAMS.sub(r"\1[redacted]", uri)
+    """``/ws?token=abc&x=1`` -> ``/ws?token=[redacted]&x=1``, whatever spelling of the name."""
+    return _PARAM.sub(_redact_param, uri)
 
 
 #: Fields a log call may add (``extra={...}``), carried into JSON lines.
@@ -46,7 +58,7 @@ class JsonFormatter(logging.Formatter):
             if value is not None:
                 line[name] = value
         if record.exc_info:
-            line["exc"] = self.formatException(record.exc_info)
+            line["exc"] = redact(self.formatException(record.exc_info))
         return json.dumps(line, default=str)
 
 

@@ -6,13 +6,24 @@ per recipient; gauges of sizes are read from the hub at scrape time.
 
 from __future__ import annotations
 
+import hmac
+import logging
 from collections.abc import Callable
 from functools import partial
 
 import asyncpg
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 
-__all__ = ["TRANSPORTS", "Metrics"]
+__all__ = [
+    "METRICS_CHALLENGE",
+    "METRICS_REFUSED",
+    "TRANSPORTS",
+    "Metrics",
+    "scrape_allowed",
+    "warn_open_metrics",
+]
+
+log = logging.getLogger("gateway.metrics")
 
 #: The transports a connection can use (label values of gateway_connections).
 TRANSPORTS = ("websocket", "sse", "longpoll")
@@ -213,3 +224,30 @@ class Metrics:
         self.broker_connected.set(1 if up else 0)
         if not up:
             self.broker_reconnects.inc()
+
+
+#: The 401 of a scrape without the token: message and ``WWW-Authenticate`` (RFC 6750).
+METRICS_REFUSED = "/metrics needs Authorization: Bearer <METRICS_TOKEN>"
+METRICS_CHALLENGE = {"WWW-Authenticate": 'Bearer realm="metrics"'}
+
+
+def scrape_allowed(token: str | None, authorization: str | None) -> bool:
+    """Whether a scrape may read /metrics: no ``METRICS_TOKEN``, or ``Bearer <it>``.
+
+    Compared in constant time, so timing tells nothing about the token.
+    """
+    if token is None:
+        return True
+    scheme, _, given = (authorization or "").partition(" ")
+    if scheme.lower() != "bearer":
+        return False
+    return hmac.compare_digest(given.strip().encode(), token.encode())
+
+
+def warn_open_metrics(token: str | None) -> None:
+    """Say at start that /metrics is open (the default, kept so existing scrapes go on)."""
+    if token is None:
+        log.warning(
+            "METRICS_TOKEN is not set: /metrics is open to whoever reaches this port "
+            "(set it, or keep the port private; docs/operations.md)"
+        )

@@ -30,8 +30,8 @@ within ``timeout``), `RedisRateLimiter.hit` fails open to an in-process
 to N times the limit). It logs one warning per outage, tries Redis again at
 most once per ``retry_interval`` meanwhile, and logs once when Redis answers
 again; from then on it uses Redis, whose counts were kept (or were lost with
-a restart). `reset` never raises either; during an outage it reaches only
-the fallback.
+a restart). `reset` and `refund` never raise either; during an outage they
+reach only the fallback.
 """
 
 from __future__ import annotations
@@ -82,6 +82,16 @@ class RateLimiter(abc.ABC):
     @abc.abstractmethod
     async def reset(self, key: str) -> None:
         """Forget ``key`` (e.g. after a successful login): its next hit starts afresh."""
+
+    @abc.abstractmethod
+    async def refund(
+        self, key: str, limit: int, period: float, *, cost: int = 1, now: float | None = None
+    ) -> None:
+        """Give back ``cost`` requests an allowed `hit` counted (e.g. a login that succeeded).
+
+        Counting first and refunding after keeps concurrent requests from all
+        passing one check; the TAT never moves back before ``now``.
+        """
 
     @abc.abstractmethod
     async def close(self) -> None:
@@ -191,6 +201,19 @@ class MemoryRateLimiter(RateLimiter):
     async def reset(self, key: str) -> None:
         self._tats.pop(key, None)
 
+    async def refund(
+        self, key: str, limit: int, period: float, *, cost: int = 1, now: float | None = None
+    ) -> None:
+        interval = _interval(limit, period, cost)
+        now_us = round((time.monotonic() if now is None else now) * _US)
+        tat = self._tats.get(key)
+        if tat is None:
+            return
+        if tat - cost * interval <= now_us:
+            del self._tats[key]
+        else:
+            self._tats[key] = tat - cost * interval
+
     async def close(self) -> None:
         self._tats.clear()
 
@@ -211,6 +234,25 @@ local over = new_tat - now - interval * limit
 if over > 0 then return {0, 0, over} end
 redis.call('SET', KEYS[1], string.format('%.0f', new_tat), 'PX', math.ceil((new_tat - now) / 1000))
 return {1, math.floor((interval * limit - (new_tat - now)) / interval), 0}
+"""
+
+# KEYS[1] = key; ARGV = interval (µs), cost, now (µs, or ""): the TAT moves back, not past now.
+_REFUND_LUA = """
+local interval, cost = tonumber(ARGV[1]), tonumber(ARGV[2])
+local now = tonumber(ARGV[3])
+if not now then
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+end
+local tat = tonumber(redis.call('GET', KEYS[1]))
+if not tat then return 0 end
+tat = tat - cost * interval
+if tat <= now then
+  redis.call('DEL', KEYS[1])
+else
+  redis.call('SET', KEYS[1], string.format('%.0f', tat), 'PX', math.ceil((tat - now) / 1000))
+end
+return 1
 """
 
 
@@ -247,6 +289,7 @@ class RedisRateLimiter(RateLimiter):
             else aioredis.Redis.from_url(url, retry=Retry(NoBackoff(), 1), **options)
         )
         self._script = self._client.register_script(_GCRA_LUA)
+        self._refund = self._client.register_script(_REFUND_LUA)
 
     @property
     def degraded(self) -> bool:
@@ -279,6 +322,20 @@ class RedisRateLimiter(RateLimiter):
                 await self._client.delete(self._prefix + key)
         except (RedisError, OSError, TimeoutError) as exc:
             self._failed(exc)
+
+    async def refund(
+        self, key: str, limit: int, period: float, *, cost: int = 1, now: float | None = None
+    ) -> None:
+        interval = _interval(limit, period, cost)
+        if self._down_until is None:
+            args = (interval, cost, "" if now is None else round(now * _US))
+            try:
+                async with asyncio.timeout(self._timeout):
+                    await self._refund(keys=[self._prefix + key], args=args)
+                return
+            except (RedisError, OSError, TimeoutError) as exc:
+                self._failed(exc)
+        await self._fallback.refund(key, limit, period, cost=cost, now=now)
 
     async def close(self) -> None:
         await self._fallback.close()

@@ -106,6 +106,7 @@ class Session:
         "node",
         "publishes",
         "refused",
+        "remote_ip",
         "transport",
         "verify",
     )  # fmt: skip
@@ -122,6 +123,7 @@ class Session:
         *,
         commands: Rate | None = None,
         publishes: Rate | None = None,
+        remote_ip: str = "",
     ) -> None:
         self.transport = transport
         self.conn = conn
@@ -136,6 +138,7 @@ class Session:
         self.refused = 0  # refusals in a row, for the abuse close
         self.held: dict[str, list[Prepared]] | None = None  # channels being recovered
         self.client_id = secrets.token_hex(8)  # this connection, in presence
+        self.remote_ip = remote_ip  # the client's IP, for the core's per-IP limits (rpc)
 
     @property
     def transport_kind(self) -> str:
@@ -339,6 +342,7 @@ class Session:
             headers={k.lower(): v for k, v in cmd.headers.items()},
             body=body,
             caller=self.identity,
+            client=self.remote_ip,
         )
         resp = await self.dispatch(req)
         if not self.conn.closed:

@@ -264,10 +264,22 @@ class Settings:
         _list,
     )
     rate_login_ip: Rate | None = _setting(
-        Rate(20, 60.0), "RATE_LOGIN_IP", "Logins and registrations per client IP (n/seconds).", _rate
+        Rate(20, 60.0),
+        "RATE_LOGIN_IP",
+        "Failed logins (any account), and registrations, per client IP (n/seconds).",
+        _rate,
     )
     rate_login_account: Rate | None = _setting(
-        Rate(5, 60.0), "RATE_LOGIN_ACCOUNT", "Login attempts per account (n/seconds).", _rate
+        Rate(5, 60.0),
+        "RATE_LOGIN_ACCOUNT",
+        "Failed logins per account per client IP (n/seconds); a success resets it.",
+        _rate,
+    )
+    metrics_token: str | None = _setting(
+        None,
+        "METRICS_TOKEN",
+        "Bearer token /metrics requires (unset: /metrics is open, with a warning at start).",
+        _optional,
     )
     rate_rest: Rate | None = _setting(
         Rate(1200, 60.0), "RATE_REST", "REST requests per identity (n/seconds; off: none).", _rate

@@ -43,8 +43,11 @@ __all__ = [
 MAX_ID: Final = 2**53 - 1  # the largest integer a JavaScript client holds exactly
 MAX_CHANNEL_LENGTH: Final = 200
 #: Printable ASCII less space, quotes, backslash and the glob characters
-#: ``* ? [ ]`` (which belong to grant patterns, never to names).
-CHANNEL_PATTERN: Final = r"^[A-Za-z0-9_.:@/#=+,;!$%&'()<>^`{|}~-]+$"
+#: ``* ? [ ]`` (which belong to grant patterns, never to names). Patterns end
+#: with ``(?![\s\S])``, "no character follows", in Python and in JSON Schema
+#: (ECMA-262) alike: ``$`` would let a trailing newline through (msgspec uses
+#: ``re.search``) and ``\Z`` is Python's alone.
+CHANNEL_PATTERN: Final = r"^[A-Za-z0-9_.:@/#=+,;!$%&'()<>^`{|}~-]+(?![\s\S])"
 
 CommandId = Annotated[int, msgspec.Meta(ge=0, le=MAX_ID)]
 Channel = Annotated[

@@ -137,9 +137,10 @@ async def ws_client(
 class ApiClient:
     """JSON over HTTP against a gateway's (or the core's) port, as one caller."""
 
-    def __init__(self, port: int, token: str | None) -> None:
+    def __init__(self, port: int, token: str | None, *, source_ip: str | None = None) -> None:
         self.base = f"http://127.0.0.1:{port}"
         self.token = token
+        self.source_ip = source_ip  # another loopback address (127.0.0.2) plays another client
         self._http = AsyncHTTPClient(force_instance=True)
 
     def close(self) -> None:
@@ -169,6 +170,7 @@ class ApiClient:
             raise_error=False,
             request_timeout=10 * UNIT,
             allow_nonstandard_methods=True,
+            network_interface=self.source_ip,
         )
         data = json.loads(r.body) if r.body else None
         return r.code, r.headers, data

@@ -110,6 +110,19 @@ async def test_cost_counts_several_requests(limiter):
     assert await limiter.hit("k", 10, 10, cost=10, now=T0 + 10) == Decision(True, 0, 0.0)
 
 
+async def test_refund_gives_back_what_an_allowed_hit_counted(limiter):
+    await hits(limiter, 3, limit=3, period=60, now=T0)
+    assert not (await limiter.hit("k", 3, 60, now=T0)).allowed
+    await limiter.refund("k", 3, 60, now=T0)
+    assert await limiter.hit("k", 3, 60, now=T0) == Decision(True, 0, 0.0)
+    # Refunds never bank credit beyond a full burst, and unknown keys are no-ops.
+    for _ in range(10):
+        await limiter.refund("k", 3, 60, now=T0)
+    await limiter.refund("never-hit", 3, 60, now=T0)
+    decisions = await hits(limiter, 4, limit=3, period=60, now=T0)
+    assert [d.allowed for d in decisions] == [True] * 3 + [False]
+
+
 async def test_refused_hit_does_not_consume(limiter):
     await hits(limiter, 2, limit=2, period=4, now=T0)
     for _ in range(20):

@@ -78,7 +78,8 @@ class LongPollHandler(JsonHandler):
                               max_publish_bytes=s.max_publish_bytes)  # fmt: skip
             poll.session = Session(poll, conn, self.identity, ctx.node, ctx.metrics,
                                    ctx.core.dispatch, ctx.verifier.verify,
-                                   commands=s.rate_socket_commands, publishes=s.rate_socket_publish)  # fmt: skip
+                                   commands=s.rate_socket_commands, publishes=s.rate_socket_publish,
+                                   remote_ip=self.request.remote_ip or "")  # fmt: skip
             poll.session.open()
             sessions.add(self.identity.sub, poll)
             self.write_json({"session": poll.sid, "cursor": 0}, 201)

@@ -116,9 +116,11 @@ class _Upgrade(httputil.HTTPMessageDelegate):
             log.exception("handshake failed")
             self._refuse(ApiError(500, "internal", "internal error"))
             return
-        await self._upgrade(identity, codec, response)
+        await self._upgrade(identity, codec, response, remote_ip)
 
-    async def _upgrade(self, identity: Identity, codec: Codec, response: bytes) -> None:
+    async def _upgrade(
+        self, identity: Identity, codec: Codec, response: bytes, remote_ip: str
+    ) -> None:
         ctx = self._server.ctx
         settings = ctx.settings
 
@@ -127,7 +129,7 @@ class _Upgrade(httputil.HTTPMessageDelegate):
                               max_publish_bytes=settings.max_publish_bytes)  # fmt: skip
             return Session(ws, conn, identity, ctx.node, ctx.metrics, ctx.core.dispatch,
                            ctx.verifier.verify, commands=settings.rate_socket_commands,
-                           publishes=settings.rate_socket_publish)  # fmt: skip
+                           publishes=settings.rate_socket_publish, remote_ip=remote_ip)  # fmt: skip
 
         ws = WSConnection(response, codec, make_session, ctx.metrics, settings.max_frame_bytes,
                           ctx.coalescer)  # fmt: skip

@@ -1,0 +1,68 @@
+"""Login throttling that stops guessing without locking the owner out.
+
+Two allowances are counted before a password is checked, and only failures
+keep what they counted:
+
+- ``RATE_LOGIN_ACCOUNT`` per (account, client IP): an attacker hammering
+  an account from one address uses up that address's allowance for it and
+  nobody else's, so the owner still logs in from hers. A success resets it
+  (whoever succeeds knows the password).
+- ``RATE_LOGIN_IP`` per client IP, over every account: bounds password
+  spraying from one address. A success refunds its own attempt only, so
+  logging in to one's own account cannot reset the count of failures
+  against others.
+
+Counting first and refunding on success (rather than checking, then
+counting failures) means a thousand concurrent guesses cannot all pass one
+check. Requests with no known IP (none should remain) share the key ``-``.
+"""
+
+from __future__ import annotations
+
+from core.errors import TooManyRequests
+from gateway.ratelimit import Rate, RateLimiter
+
+__all__ = ["LoginGuard"]
+
+
+class LoginGuard:
+    def __init__(self, limiter: RateLimiter, per_ip: Rate | None, per_account: Rate | None) -> None:
+        self._limiter = limiter
+        self._per_ip = per_ip
+        self._per_account = per_account
+
+    async def begin(self, email: str, client: str) -> LoginAttempt:
+        """Count an attempt for ``email`` from ``client``; `TooManyRequests` when over a limit."""
+        ip = client or "-"
+        # An IP never holds "|", so no (IP, e-mail) pair can stand for another.
+        attempt = LoginAttempt(self, f"login-fail-ip:{ip}", f"login-fail:{ip}|{email.lower()}")
+        counted: list[tuple[str, Rate]] = []
+        for key, rate in attempt.keys():
+            decision = await self._limiter.hit(key, *rate)
+            if not decision.allowed:
+                for done_key, done_rate in counted:  # a refused attempt costs nothing
+                    await self._limiter.refund(done_key, *done_rate)
+                raise TooManyRequests(decision.retry_after, "failed login attempts")
+            counted.append((key, rate))
+        return attempt
+
+
+class LoginAttempt:
+    """One counted attempt: a failure keeps it counted, `succeeded` gives it back."""
+
+    def __init__(self, guard: LoginGuard, ip_key: str, account_key: str) -> None:
+        self._guard = guard
+        self.ip_key = ip_key
+        self.account_key = account_key
+
+    def keys(self) -> list[tuple[str, Rate]]:
+        guard = self._guard
+        pairs = ((self.ip_key, guard._per_ip), (self.account_key, guard._per_account))
+        return [(key, rate) for key, rate in pairs if rate is not None]
+
+    async def succeeded(self) -> None:
+        guard = self._guard
+        if guard._per_ip is not None:
+            await guard._limiter.refund(self.ip_key, *guard._per_ip)
+        if guard._per_account is not None:
+            await guard._limiter.reset(self.account_key)

@@ -1,0 +1,118 @@
+"""Login throttling against a real gateway: guesses are stopped, the owner is never locked out.
+
+Clients on other loopback addresses (127.0.0.2, 127.0.0.3) play attackers on
+other machines: the gateway sees their real source address.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from urllib.parse import urlencode
+
+from gateway.ratelimit import Rate
+from tests.harness import ApiClient, running_gateway, token_for, ws_client
+from tests.test_accounts import ADA, login, register
+
+EVE = {"email": "eve@example.com", "display_name": "Eve", "password": "eve's own passphrase"}
+OWNER_IP, ATTACKER_IP, OTHER_IP = "127.0.0.1", "127.0.0.2", "127.0.0.3"
+
+
+def per_minute(n: int) -> Rate:
+    return Rate(n, 60.0)
+
+
+async def test_an_attacker_elsewhere_cannot_lock_the_owner_out(clean_db):
+    async with running_gateway(
+        **clean_db, rate_login_account=per_minute(3), rate_login_ip=per_minute(50)
+    ) as gw:
+        owner = ApiClient(gw.port, None, source_ip=OWNER_IP)
+        attacker = ApiClient(gw.port, None, source_ip=ATTACKER_IP)
+        try:
+            await register(owner)
+            statuses = [(await login(attacker, ADA["email"], f"guess {i}"))[0] for i in range(8)]
+            assert statuses == [400] * 3 + [429] * 5
+            # Even the right password is refused from the attacker's address now...
+            assert (await login(attacker))[0] == 429
+            # ...while the owner, from hers, gets in as often as she likes.
+            for _ in range(5):
+                status, tokens = await login(owner)
+                assert status == 200, tokens
+        finally:
+            owner.close()
+            attacker.close()
+
+
+async def test_concurrent_guesses_cannot_slip_past_the_count(clean_db):
+    async with running_gateway(
+        **clean_db, rate_login_account=per_minute(3), rate_login_ip=per_minute(50)
+    ) as gw:
+        attacker = ApiClient(gw.port, None, source_ip=ATTACKER_IP)
+        try:
+            await register(attacker)
+            results = await asyncio.gather(
+                *(login(attacker, ADA["email"], f"guess {i}") for i in range(12))
+            )
+            statuses = sorted(status for status, _ in results)
+            assert statuses == [400] * 3 + [429] * 9
+        finally:
+            attacker.close()
+
+
+async def test_successes_never_count_and_cannot_wipe_failures_against_others(clean_db):
+    async with running_gateway(
+        **clean_db, rate_login_account=per_minute(100), rate_login_ip=per_minute(3)
+    ) as gw:
+        eve = ApiClient(gw.port, None, source_ip=ATTACKER_IP)
+        try:
+            await register(eve, ADA)
+            await register(eve, EVE)
+            for _ in range(6):  # twice the per-IP allowance, all successful
+                assert (await login(eve, EVE["email"], EVE["password"]))[0] == 200
+            # Eve's own logins between guesses give back their own attempt, no more.
+            for i in range(2):
+                assert (await login(eve, ADA["email"], f"guess {i}"))[0] == 400
+                assert (await login(eve, EVE["email"], EVE["password"]))[0] == 200
+            assert (await login(eve, ADA["email"], "guess 2"))[0] == 400
+            status, body = await login(eve, ADA["email"], "guess 3")
+            assert status == 429 and body["error"]["code"] == "rate_limited"
+            # Other addresses keep their own allowance.
+            other = ApiClient(gw.port, None, source_ip=OTHER_IP)
+            try:
+                assert (await login(other, ADA["email"], "guess 4"))[0] == 400
+            finally:
+                other.close()
+        finally:
+            eve.close()
+
+
+def _rpc_form(**fields: str) -> str:
+    """A form-encoded body that survives the rpc frame's JSON: a JSON string."""
+    return "_=&" + urlencode(fields) + "&_="
+
+
+async def test_rpc_logins_are_limited_per_socket_address(clean_db):
+    async with running_gateway(
+        **clean_db, rate_login_account=per_minute(2), rate_login_ip=per_minute(50)
+    ) as gw:
+        owner = ApiClient(gw.port, None, source_ip=OWNER_IP)
+        try:
+            await register(owner)
+        finally:
+            owner.close()
+
+        async def rpc_login(client, password: str) -> int:
+            form = _rpc_form(grant_type="password", username=ADA["email"], password=password)
+            reply = await client.request("rpc", method="POST", path="/api/auth/token", body=form)
+            return int(reply["status"])
+
+        token = token_for(gw, "anyone")
+        async with ws_client(gw.port, token, local_addr=(ATTACKER_IP, 0)) as attacker:
+            statuses = [await rpc_login(attacker, f"guess {i}") for i in range(5)]
+            assert statuses == [400, 400, 429, 429, 429]
+        async with ws_client(gw.port, token, local_addr=(OWNER_IP, 0)) as mine:
+            assert await rpc_login(mine, ADA["password"]) == 200
+        owner = ApiClient(gw.port, None, source_ip=OWNER_IP)
+        try:
+            assert (await login(owner))[0] == 200
+        finally:
+            owner.close()
