@@ -329,6 +329,7 @@ def make_servers(only: str | None, env: dict[str, str], ports: dict[str, int]) -
             "HOST": "127.0.0.1",
             "LOG_LEVEL": "WARNING",
             "RATE_REST": "off",
+            "MAX_PENDING_PER_IP": "1000000",  # wrk opens its 64 connections at once
         },
     )
     fastapi = Server(

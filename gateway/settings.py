@@ -358,7 +358,7 @@ class Settings:
         _positive_int,
     )
     max_pending_per_ip: int = _setting(
-        32,
+        256,
         "MAX_PENDING_PER_IP",
         "Connections one client IP may hold that have not finished their headers; more: 429 "
         "(peers in TRUSTED_PROXIES are exempt).",
