@@ -81,18 +81,20 @@ async def test_a_dripped_request_is_cut_within_the_header_timeout(path):
     async with running_gateway(header_timeout=1.0 * UNIT) as gw, raw(gw.port) as c:
         started = time.monotonic()
         await c.send(f"GET {path} HTTP/1.1\r\n".encode())
-        cut = False
-        for _ in range(int(10 / 0.2)):  # a header line every 0.2 s for up to 10 s
-            try:
-                await c.send(b"X-Drip: 1\r\n")
-            except ConnectionError:
-                cut = True
-                break
-            if await c.closed_within(0.2 * UNIT):
-                cut = True
-                break
-        assert cut
+        assert await _cut_while_dripping(c, b"X-Drip: 1\r\n")  # a header line every 0.2 s
         assert time.monotonic() - started < 2.5 * UNIT
+
+
+async def _cut_while_dripping(c: Any, drop: bytes) -> bool:
+    """Send ``drop`` every 0.2 s for up to 10 s; True once the server cut the connection."""
+    for _ in range(int(10 / 0.2)):
+        try:
+            await c.send(drop)
+        except ConnectionError:
+            return True
+        if await c.closed_within(0.2 * UNIT):
+            return True
+    return False
 
 
 async def test_a_dripped_body_is_cut_within_the_body_timeout():
@@ -101,17 +103,7 @@ async def test_a_dripped_body_is_cut_within_the_body_timeout():
         head = {"Content-Type": "application/x-www-form-urlencoded", "Content-Length": "1000"}
         await c.send(request("POST", "/api/auth/token", head))
         started = time.monotonic()
-        cut = False
-        for _ in range(int(10 / 0.2)):
-            try:
-                await c.send(b"x")
-            except ConnectionError:
-                cut = True
-                break
-            if await c.closed_within(0.2 * UNIT):
-                cut = True
-                break
-        assert cut
+        assert await _cut_while_dripping(c, b"x")
         assert time.monotonic() - started < 2.5 * UNIT
 
 
