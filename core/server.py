@@ -121,7 +121,7 @@ class StandaloneCore:
                     control[0].on_control(data)
 
             await broker.start(on_publication)
-        limiter = make_limiter(settings)
+        limiter = make_limiter(settings, broker)
         try:
             publisher = None if broker is None else HistoryPublisher(broker, HistoryPolicy(
                 settings.history_channels, settings.history_size, settings.history_ttl))  # fmt: skip

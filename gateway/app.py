@@ -28,7 +28,7 @@ from core.tokens import Issuer
 from gateway.asyncapi import asyncapi_route
 from gateway.auth import Identity, Verifier, ensure_key_material
 from gateway.bodylimits import RouteLimits
-from gateway.broker import Broker, make_broker
+from gateway.broker import Broker, RedisBroker, make_broker
 from gateway.clientip import TrustedProxies
 from gateway.context import Context
 from gateway.demo import browser_routes
@@ -210,11 +210,19 @@ async def open_core(
     return await Core.open(settings, node, revocations, api_keys, limiter, close_key)
 
 
-def make_limiter(settings: Settings) -> RateLimiter:
-    """Limits shared by every process through Redis, or this process's own."""
+def make_limiter(settings: Settings, broker: Broker | None = None) -> RateLimiter:
+    """Limits shared by every process through Redis, or this process's own.
+
+    With a (single-node) Redis broker, the limiter uses its command pool:
+    one bounded pool per process (REDIS_POOL_SIZE) for every Redis user.
+    """
     if settings.redis_url:
+        shared = broker.command_client if isinstance(broker, RedisBroker) else None
         return RedisRateLimiter(
-            settings.redis_url, settings.redis_prefix + "rl:", cluster=settings.redis_cluster
+            settings.redis_url,
+            settings.redis_prefix + "rl:",
+            cluster=settings.redis_cluster,
+            client=shared,
         )
     return MemoryRateLimiter()
 
@@ -246,7 +254,7 @@ async def make_app(
     node.on_control = revocations.on_control
     api_keys: dict[bytes, Identity] = {}
     verifier = Verifier(settings, revocations, api_keys)
-    limiter = make_limiter(settings)
+    limiter = make_limiter(settings, node.broker)
     await node.start()
     try:
         core = await open_core(settings, node, revocations, api_keys, limiter)

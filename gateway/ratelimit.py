@@ -272,7 +272,10 @@ class RedisRateLimiter(RateLimiter):
         retry_interval: float = 1.0,
         max_keys: int = 100_000,
         cluster: bool = False,
+        client: aioredis.Redis | None = None,
     ) -> None:
+        """``client``: a Redis client to share (the broker's command pool), which
+        this limiter then never closes; else it opens its own from ``url``."""
         self._prefix = prefix
         self._timeout = timeout
         self._retry_interval = retry_interval
@@ -283,8 +286,11 @@ class RedisRateLimiter(RateLimiter):
         # restart closed; more would only delay the fallback.
         options: dict[str, Any] = {"socket_timeout": timeout, "socket_connect_timeout": timeout}
         # Each key is its own slot on a cluster: the client sends it to its shard.
+        self._owned = client is None
         self._client: aioredis.Redis | aioredis.RedisCluster = (
-            aioredis.RedisCluster.from_url(url, **options)
+            client
+            if client is not None
+            else aioredis.RedisCluster.from_url(url, **options)
             if cluster
             else aioredis.Redis.from_url(url, retry=Retry(NoBackoff(), 1), **options)
         )
@@ -339,7 +345,8 @@ class RedisRateLimiter(RateLimiter):
 
     async def close(self) -> None:
         await self._fallback.close()
-        await self._client.aclose()
+        if self._owned:
+            await self._client.aclose()
 
     def _failed(self, exc: BaseException) -> None:
         if self._down_until is None:

@@ -217,6 +217,12 @@ class RedisBroker(Broker):
         )
         return aioredis.Redis.from_pool(pool)
 
+    @property
+    def command_client(self) -> aioredis.Redis | None:
+        """The client of the command pool, for other Redis users of the process (None on a cluster)."""
+        client = self._pub_client
+        return client if isinstance(client, aioredis.Redis) else None
+
     def pool_usage(self) -> tuple[int, int, int]:
         """The command pool's connections in use, its size, and commands waiting for one."""
         pool = getattr(self._pub_client, "connection_pool", None)  # none on a cluster client
