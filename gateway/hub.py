@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-import math
 import time
 from typing import Protocol
 
@@ -135,6 +134,7 @@ class Hub:
         self._channels: dict[str, dict[Member, None]] = {}
         self._connections: set[Member] = set()
         self._rounds: collections.deque[Member] = collections.deque()  # liveness walk
+        self._credit = 0.0  # visits owed to the walk, a fraction of one
         self._subscriptions = 0
         self._expiry: ExpiryWheel[Member] = ExpiryWheel()
         self._by_session: dict[str, set[Member]] = {}
@@ -262,7 +262,13 @@ class Hub:
         """
         if not self._rounds:
             self._rounds.extend(self._connections)
-        share = math.ceil(len(self._connections) * tick / interval) if interval > 0 else 0
+        if interval <= 0:
+            return 0
+        # Fractional shares carry over, so a handful of connections is still
+        # visited once per interval (not once per tick).
+        credit = self._credit + len(self._connections) * tick / interval
+        share = int(credit)
+        self._credit = min(credit - share, 1.0)
         # A connection is visited every `interval`, or every tick if that is longer.
         dead_after = max(interval, tick) + timeout
         visited = 0

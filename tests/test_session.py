@@ -261,3 +261,11 @@ async def test_liveness_visits_every_connection_once_per_interval_round_robin(no
     assert [len(t.heartbeats) for t in transports] == [1] * 10
     node.hub.heartbeat(now=5.0, interval=5.0, timeout=1.0)
     assert sum(len(t.heartbeats) for t in transports) == 12  # the next round began
+
+
+async def test_liveness_honours_the_interval_with_only_a_few_connections(node):
+    transports = [session(node)[1] for _ in range(3)]
+    for tick in range(25):  # interval 25 s, one tick a second, 3 connections
+        node.hub.heartbeat(now=float(tick), interval=25.0, timeout=5.0)
+    # Each once per interval: not once every 3 ticks.
+    assert [len(t.heartbeats) for t in transports] == [1, 1, 1]
