@@ -152,6 +152,7 @@ class Gateway:
         """
         deadline = time.monotonic() + self.settings.shutdown_timeout
         self.ctx.status.draining = True
+        self.hub.drain()  # sockets waiting for their turn take no new subscriptions
         self._sweeper.stop()
         await self._close_paced(code, min(self.settings.drain_seconds, self.settings.shutdown_timeout))
         # Sockets leave the hub once their close handshake ends (or after

@@ -118,6 +118,9 @@ class Member(Protocol):
     def heartbeat(self, now: float, dead_after: float) -> None:
         """Ping the peer, or drop it if nothing came from it for ``dead_after`` seconds."""
 
+    def drain(self) -> None:
+        """The process is going away: refuse new subscriptions from now on."""
+
 
 class Hub:
     """Local connections, their channels, and when their tokens run out.
@@ -192,6 +195,11 @@ class Hub:
         if self._connections:
             self._idle = asyncio.Event()
             await self._idle.wait()
+
+    def drain(self) -> None:
+        """Put every connection in the draining state (new subscriptions refused)."""
+        for member in self._connections:
+            member.drain()
 
     def close_expired(self, now: float) -> int:
         """Warn connections whose token expires soon; close those past it (4002)."""

@@ -415,6 +415,11 @@ class Session:
             if prepared.offset is None or prepared.epoch != epoch or prepared.offset > last:
                 self.transport.deliver(prepared, self.codec)
 
+    def drain(self) -> None:
+        """The gateway drains: new ``sub``s get the temporary ``113 CLOSING``."""
+        if self.conn.state is State.OPEN:
+            self.conn.transition(State.DRAINING)
+
     def close(self, code: CloseCode) -> None:
         """Server-initiated close (expiry, drain, slow consumer)."""
         self.transport.disconnect(code)

@@ -64,3 +64,24 @@ async def test_sigterm_drains_1000_sockets_paced_before_the_deadline(processes, 
     assert exit_code == 0
     print(f"\n{SOCKETS} sockets closed with 4000 over {spread:.2f}s; "
           f"last {max(closed_at) - started:.2f}s after SIGTERM; exit {exit_code}")  # fmt: skip
+
+
+async def test_a_socket_waiting_for_its_drain_turn_takes_no_new_subscription():
+    import contextlib
+
+    from proto import ErrorCode
+    from tests.harness import running_gateway, token_for, ws_client
+
+    async with running_gateway(drain_seconds=3.0 * UNIT, shutdown_timeout=10.0 * UNIT) as gw:
+        token = token_for(gw)
+        async with contextlib.AsyncExitStack() as stack:
+            clients = [await stack.enter_async_context(ws_client(gw.port, token)) for _ in range(40)]
+            closing = asyncio.ensure_future(gw.close())
+            await asyncio.sleep(0.1 * UNIT)  # draining: one socket closed every 75 ms
+            waiting = [c for c in clients if c.ws.state.name == "OPEN"]
+            assert len(waiting) > 20, "the drain is paced: most sockets wait for their turn"
+            last = waiting[-1]
+            reply = await last.request("sub", ch="room:2")
+            assert reply["error"]["code"] == ErrorCode.CLOSING and reply["error"]["temporary"]
+            assert (await last.request("ping"))["ok"]  # what it had goes on until its close
+        await closing
