@@ -49,18 +49,27 @@ class Access(enum.Enum):
     ADMIN = "admin"
 
 
+def _role(caller: Caller | None) -> str | None:
+    """The caller's role as the core honours it: a token from an outside identity
+    provider (not signed with this deployment's keys) is a plain user, whatever it says."""
+    if caller is None:
+        return None
+    role = getattr(caller, "role", None)
+    return role if getattr(caller, "local", True) else "user"
+
+
 def is_admin(caller: Caller | None) -> bool:
-    return getattr(caller, "role", None) == "admin"
+    return _role(caller) == "admin"
 
 
 def privileged(caller: Caller | None) -> bool:
     """Admins and services act on any object an `OWNER` rule guards."""
-    return getattr(caller, "role", None) in ("admin", "service")
+    return _role(caller) in ("admin", "service")
 
 
 def user_id(caller: Caller | None) -> int | None:
     """The caller's users row id (tokens issued here), or None (keys, foreign tokens)."""
-    if caller is None or getattr(caller, "role", None) == "service":
+    if caller is None or _role(caller) == "service" or not getattr(caller, "local", True):
         return None
     sub = caller.sub
     return int(sub) if sub.isdigit() and len(sub) <= 18 else None
@@ -68,7 +77,7 @@ def user_id(caller: Caller | None) -> int | None:
 
 def check(access: Access, caller: Caller, params: Mapping[str, str]) -> None:
     """Refuse an authenticated ``caller`` the rule refuses before any object is loaded."""
-    role = getattr(caller, "role", None)
+    role = _role(caller)
     if access is Access.ADMIN:
         if role != "admin":
             raise ApiError(403, "forbidden", "admins only")
@@ -79,7 +88,7 @@ def check(access: Access, caller: Caller, params: Mapping[str, str]) -> None:
         if role == "service":
             raise ApiError(403, "forbidden", "API keys may not act on accounts")
         target = params.get("id")
-        if target is not None and role != "admin" and target != caller.sub:
+        if target is not None and role != "admin" and target != str(user_id(caller)):
             raise NotFound(f"no user {target[:40]}")
 
 

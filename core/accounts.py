@@ -95,10 +95,14 @@ select u.id, a.password_hash, a.role, u.display_name from users u join accounts 
 where lower(u.email) = lower($1)
 """
 _REHASH = "update accounts set password_hash = $2, updated_at = now() where user_id = $1"
-#: A users row with no account (an admin made it for a project owner) is the
-#: registrant's to claim: nobody can block a registration by creating one.
+#: A users row with no account (an admin made it) is the registrant's to claim,
+#: unless projects name the address: with no e-mail verification, whoever
+#: registers an address first would own them. Such an address is refused, and an
+#: admin hands the projects over once their owner has an account.
 _NEW_USER = """
-insert into users (email, display_name) values ($1, $2)
+insert into users (email, display_name)
+select $1, $2
+where not exists (select 1 from projects p where lower(p.owner_email) = lower($1))
 on conflict ((lower(email))) do update
     set email = excluded.email, display_name = excluded.display_name, updated_at = now()
     where not exists (select 1 from accounts a where a.user_id = users.id)
@@ -205,7 +209,7 @@ class Accounts:
         async with self._pool.acquire() as conn, conn.transaction():
             row = await conn.fetchrow(_NEW_USER, data.email, data.display_name)
             if row is None:
-                raise Conflict("an account with this e-mail already exists")
+                raise Conflict("this e-mail address cannot be used")
             user_id, body = row
             await conn.execute(_NEW_ACCOUNT, user_id, password_hash)
         return Response(201, body.encode(), {"Location": f"/api/users/{user_id}"})

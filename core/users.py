@@ -54,6 +54,7 @@ update projects set owner_email = $2, version = version + 1, updated_at = now()
 where lower(owner_email) = lower($1)
 returning id, version, project_json(projects)::text
 """
+_OWNS_PROJECTS = "select exists(select 1 from projects where lower(owner_email) = lower($1))"
 _REVOKE_SESSIONS = """
 update auth_sessions set revoked_at = now(), revoked_reason = 'account_deleted'
 where user_id = $1 and revoked_at is null returning id::text
@@ -124,6 +125,10 @@ class Users:
                 # Generic on purpose: whose the address is stays unsaid.
                 raise Conflict(_TAKEN) from None
             if email is not None and email.lower() != old.lower():
+                if not is_admin(req.caller) and await conn.fetchval(_OWNS_PROJECTS, email):
+                    # Projects name that address (a deleted account's, or an owner an
+                    # admin recorded): only an admin hands them to someone.
+                    raise Conflict(_TAKEN)
                 moved = await conn.fetch(_MOVE_PROJECTS, old, email)
         for project, version, project_body in moved:
             await self._events.changed(

@@ -66,7 +66,7 @@ class Identity:
     ``service`` (an API key); ``rest`` says whether it may call the REST API.
     """
 
-    __slots__ = ("exp", "grants", "info", "rest", "role", "sid", "sub")
+    __slots__ = ("exp", "grants", "info", "local", "rest", "role", "sid", "sub")
 
     def __init__(
         self,
@@ -85,6 +85,10 @@ class Identity:
         self.rest = rest
         #: The token's ``info`` claim (JSON object bytes), shown in presence.
         self.info: bytes | None = None
+        #: Signed with this deployment's own keys (JWT_SECRET, JWT_SIGNING_KEYS) or an
+        #: API key: only then is ``sub`` a users row of the core and ``role`` honoured
+        #: by it. A token from an outside identity provider is neither.
+        self.local = True
 
     def __repr__(self) -> str:
         return (
@@ -139,6 +143,12 @@ class Verifier:
             # Tokens we issue verify with the public halves of our signing keys.
             self._jwks.update(SigningKeys.load(settings.jwt_signing_keys).verification_keys())
         allowed: set[str] = set()
+        #: Key ids of our own signing keys: tokens this deployment issued.
+        self._own_kids: frozenset[str] = frozenset(
+            SigningKeys.load(settings.jwt_signing_keys).verification_keys()
+            if settings.jwt_signing_keys
+            else ()
+        )
         if self._secret:
             allowed.update(_HMAC)
         allowed.update(self._public_algs)
@@ -246,6 +256,8 @@ class Verifier:
         if (sid is not None and not isinstance(sid, str)) or role not in ("user", "admin"):
             raise AuthError("bad_claims", "claims 'sid' or 'role' have the wrong shape")
         identity = Identity(sub, grants, expires, sid, role)
+        alg, kid = header.get("alg"), header.get("kid")
+        identity.local = alg in _HMAC or (isinstance(kid, str) and kid in self._own_kids)
         info = claims.get("info")
         if info is not None:
             # Shown to others in presence: an object, small.

@@ -224,3 +224,66 @@ async def test_a_deleted_account_is_cut_off_on_every_process(two_processes, clea
 
 async def _status(api: ApiClient, method: str, path: str, expected: int) -> bool:
     return (await api.call(method, path))[0] == expected
+
+
+async def test_a_token_from_an_outside_identity_provider_is_no_core_user_nor_admin(clean_db):
+    """An IdP (JWT_PUBLIC_KEY) that hands out ``sub: "<n>"`` and ``role: admin`` must not
+    make its holder the core's user n, nor a core admin."""
+    import time
+
+    import jwt
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    idp = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    public = idp.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    ).decode()
+    async with running_gateway(**clean_db, jwt_public_key=public, rate_login_ip=None) as gw:
+        victim = await new_person(gw, clean_db)
+        owner = ApiClient(gw.port, victim.tokens["access_token"])
+        claims = {"sub": str(victim.id), "role": "admin", "exp": int(time.time()) + 600}
+        outsider = ApiClient(gw.port, jwt.encode(claims, idp, algorithm="RS256"))
+        try:
+            status, _, created = await owner.call("POST", "/api/projects", project(owner_email=victim.email))
+            assert status == 201
+            pid = created["id"]
+            assert (await outsider.call("GET", f"/api/projects/{pid}"))[0] == 200  # READ
+            assert (await outsider.call("GET", f"/api/users/{victim.id}"))[0] == 404
+            assert (await outsider.call("PATCH", f"/api/users/{victim.id}", {"display_name": "x"}))[0] == 404
+            assert (await outsider.call("DELETE", f"/api/users/{victim.id}"))[0] == 404
+            status, _, page = await outsider.call("GET", "/api/users")
+            assert status == 200 and page["items"] == []
+            assert (await outsider.call("DELETE", f"/api/projects/{pid}"))[0] == 403
+            assert (await outsider.call("GET", "/api/keys"))[0] == 403  # no core admin
+            assert (await owner.call("GET", f"/api/projects/{pid}"))[0] == 200
+        finally:
+            owner.close()
+            outsider.close()
+
+
+async def test_no_one_takes_over_projects_by_claiming_their_owners_address(gw, clean_db):
+    """No e-mail verification: an address that projects name is no one's to claim,
+    neither by registering it nor by changing one's own e-mail to it."""
+    admin = await new_person(gw, clean_db, role="admin")
+    attacker = await new_person(gw, clean_db)
+    root = ApiClient(gw.port, admin.tokens["access_token"])
+    mallory = ApiClient(gw.port, attacker.tokens["access_token"])
+    anon = ApiClient(gw.port, None)
+    try:
+        # An admin records a project for someone who has no account yet.
+        status, _, _ = await root.call("POST", "/api/projects", project(owner_email="bob@example.com"))
+        assert status == 201
+        status, _, body = await anon.call(
+            "POST", "/api/auth/register",
+            {"email": "Bob@example.com", "display_name": "Not Bob", "password": "long enough pw"},
+        )  # fmt: skip
+        assert status == 409 and "bob" not in body["error"]["message"].lower()
+        status, _, _ = await mallory.call("PATCH", f"/api/users/{attacker.id}", {"email": "bob@example.com"})
+        assert status == 409
+        # The admin may still hand the project to whoever it belongs to.
+        status, _, _ = await root.call("PATCH", f"/api/users/{attacker.id}", {"email": "bob@example.com"})
+        assert status == 200
+    finally:
+        for c in (root, mallory, anon):
+            c.close()
