@@ -37,7 +37,6 @@ import asyncio
 import errno
 import logging
 import socket
-import time
 from asyncio import Future
 from collections.abc import Callable, Iterable
 from functools import partial
@@ -54,6 +53,7 @@ from gateway.clientip import TrustedProxies
 from gateway.metrics import Metrics
 from gateway.proxyprotocol import ProxyHeaderError, read_proxy_header
 from gateway.settings import Settings
+from gateway.throttled import ThrottledLog
 
 __all__ = ["ACCEPT_PAUSE", "BodyPolicy", "Listener", "Refusal", "write_refusal"]
 
@@ -88,22 +88,6 @@ token); the `_Guard` answers 413 itself when the body is over the limit.
 """
 
 
-class _Throttled:
-    """A log line at most once per ``every`` seconds, with the count of those held back."""
-
-    def __init__(self, every: float = 1.0) -> None:
-        self.every, self._last, self._held = every, -1e9, 0
-
-    def __call__(self, level: int, msg: str, *args: object) -> None:
-        now = time.monotonic()
-        if now - self._last < self.every:
-            self._held += 1
-            return
-        held, self._last, self._held = self._held, now, 0
-        suffix = f" ({held} more since the last line)" if held else ""
-        log.log(level, msg + suffix, *args)
-
-
 class Listener(HTTPServer):
     """`HTTPServer` with the limits above; ``policy`` and the proxies come from `Gateway.listen`."""
 
@@ -131,12 +115,12 @@ class Listener(HTTPServer):
         self.max_header_bytes = settings.max_header_bytes
         self.header_timeout = settings.header_timeout
         self.proxy_protocol = settings.proxy_protocol
-        self._log_proxy = _Throttled()
+        self._log_proxy = ThrottledLog(log)
         self._proxy_reads: set[asyncio.Future[None]] = set()
         self._pending: dict[str, int] = {}
         self._pending_streams: dict[object, str] = {}
-        self._log_files = _Throttled()
-        self._log_pending = _Throttled()
+        self._log_files = ThrottledLog(log)
+        self._log_pending = ThrottledLog(log)
         self._resume: dict[int, object] = {}
 
     # -- accept ----------------------------------------------------------------
@@ -175,7 +159,7 @@ class Listener(HTTPServer):
                     self.metrics.accept_errors.labels(
                         errno.errorcode.get(exc.errno or 0, "?")
                     ).inc()
-                    self._log_files(logging.ERROR, "accept paused %.1fs: %s", ACCEPT_PAUSE, exc)
+                    self._log_files.log(logging.ERROR, "accept paused %.1fs: %s", ACCEPT_PAUSE, exc)
                     if state["listening"]:
                         loop.remove_handler(sock)
                         state["listening"] = False
@@ -200,7 +184,9 @@ class Listener(HTTPServer):
         peer = str(address[0]) if isinstance(address, tuple) and address else ""
         if not self._admit(stream, peer):
             return
-        if self.proxy_protocol:
+        if self.proxy_protocol and self.proxies.trusts(peer):
+            # Only a trusted balancer's header is read; from anyone else a
+            # "PROXY ..." line is just a bad request line (400).
             task = asyncio.ensure_future(self._proxied(stream, address, peer))
             self._proxy_reads.add(task)
             task.add_done_callback(self._proxy_reads.discard)
@@ -211,7 +197,7 @@ class Listener(HTTPServer):
         """Count ``stream`` as pending for ``ip``, or answer 429 when ``ip`` has too many."""
         if not self.proxies.trusts(ip) and self._pending.get(ip, 0) >= self.max_pending_per_ip:
             self.metrics.handshake_failures.labels("pending_per_ip").inc()
-            self._log_pending(logging.WARNING, "refused a connection from %s: %d connections "
+            self._log_pending.log(logging.WARNING, "refused a connection from %s: %d connections "
                               "without complete headers", ip, self.max_pending_per_ip)  # fmt: skip
             body = error_body(429, "rate_limited", "too many connections waiting to send headers")
             head = (b"HTTP/1.1 429 Too Many Requests\r\nContent-Type: application/json\r\n"
@@ -231,7 +217,7 @@ class Listener(HTTPServer):
         except (ProxyHeaderError, StreamClosedError, UnsatisfiableReadError, TimeoutError) as exc:
             self.headers_done(stream)
             self.metrics.handshake_failures.labels("proxy_protocol").inc()
-            self._log_proxy(logging.WARNING, "closed a connection from %s: %s", peer,
+            self._log_proxy.log(logging.WARNING, "closed a connection from %s: %s", peer,
                             str(exc) or "no PROXY header in time")  # fmt: skip
             stream.close()
             return
@@ -240,7 +226,7 @@ class Listener(HTTPServer):
             log.exception("reading a PROXY header from %s failed", peer)
             stream.close()
             return
-        if source is not None and source != peer and self.proxies.trusts(peer):
+        if source is not None and source != peer:
             self.headers_done(stream)
             if not self._admit(stream, source):
                 return

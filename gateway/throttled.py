@@ -27,6 +27,12 @@ class ThrottledLog:
         self, msg: str, *args: object, exc_info: bool = False, now: float | None = None
     ) -> bool:
         """Log ``msg`` unless one was logged within the interval; True when logged."""
+        return self.log(logging.WARNING, msg, *args, exc_info=exc_info, now=now)
+
+    def log(
+        self, level: int, msg: str, *args: object, exc_info: bool = False, now: float | None = None
+    ) -> bool:
+        """`warning` at another ``level``."""
         now = time.monotonic() if now is None else now
         if now - self._last < self._interval:
             self._suppressed += 1
@@ -35,5 +41,5 @@ class ThrottledLog:
             msg += " (and %d more like it since the last such line)"
             args = (*args, self._suppressed)
         self._last, self._suppressed = now, 0
-        self._logger.warning(msg, *args, exc_info=exc_info)
+        self._logger.log(level, msg, *args, exc_info=exc_info)
         return True

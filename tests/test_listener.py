@@ -384,9 +384,13 @@ async def test_proxy_protocol_from_an_untrusted_peer_is_not_believed():
     }
     async with running_gateway(**settings) as gw:
         token = token_for(gw)
-        assert await _lp_through_proxy(gw.port, token, proxy_v1("203.0.113.1")) == 201
-        assert await _lp_through_proxy(gw.port, token, proxy_v1("203.0.113.2")) == 201
-        assert await _lp_through_proxy(gw.port, token, proxy_v1("203.0.113.3")) == 429
+        # Not even read: from an untrusted peer, "PROXY ..." is a bad request line.
+        for n in range(3):
+            assert await _lp_through_proxy(gw.port, token, proxy_v1(f"203.0.113.{n}")) == 400
+        # Its own requests are served, and limited, as from its own address.
+        assert await _lp_through_proxy(gw.port, token, b"") == 201
+        assert await _lp_through_proxy(gw.port, token, b"") == 201
+        assert await _lp_through_proxy(gw.port, token, b"") == 429
 
 
 async def test_proxy_protocol_pending_connections_count_per_client():
