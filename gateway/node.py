@@ -66,11 +66,13 @@ class Node:
         usage = getattr(broker, "pool_usage", None)
         if usage is not None:
             metrics.watch_redis_pool(usage)
-        #: History reads under way, by (channel, after, limit): a storm of
-        #: sockets recovering one channel reads it once.
+        #: History reads under way, by (channel, after, limit), with the number
+        #: each was issued as: a storm of sockets recovering one channel reads it
+        #: once (`history`).
         self._reading: dict[
-            tuple[str, int, int], asyncio.Future[tuple[list[Entry], Position | None]]
+            tuple[str, int, int], tuple[int, asyncio.Future[tuple[list[Entry], Position | None]]]
         ] = {}
+        self._reads = 0
         self._pending: dict[str, _Pending] = {}
         #: Channels whose last local member left, to UNSUBSCRIBE in batches.
         self._leaving: dict[str, None] = {}
@@ -206,21 +208,38 @@ class Node:
         """
         return await publish(self.broker, self.history_policy, ch, data, self.max_publication_bytes)
 
-    async def history(self, ch: str, after: int, limit: int) -> tuple[list[Entry], Position | None]:
+    def history_mark(self) -> int:
+        """Where history reads stand now: pass it to `history` as ``after_mark``."""
+        return self._reads
+
+    async def history(
+        self, ch: str, after: int, limit: int, *, after_mark: int | None = None
+    ) -> tuple[list[Entry], Position | None]:
         """Kept publications of ``ch`` after offset ``after``, and where it stands.
 
         Entries that are not publishable (a backend may append to history
         itself) are left out, as their live publication was.
+
+        With ``after_mark`` (a `history_mark` taken when the caller began to
+        hold live publications), the caller may share a read under way for the
+        same arguments, but only one issued after that mark: an older read
+        could miss publications that came before the caller held them.
         """
         key = (ch, after, limit)
-        reading = self._reading.get(key)
-        if reading is None:
-            reading = self._reading[key] = asyncio.ensure_future(self._read_history(*key))
-            reading.add_done_callback(lambda f: self._read(key, f))
+        under_way = self._reading.get(key)
+        if after_mark is not None and under_way is not None and under_way[0] > after_mark:
+            return await asyncio.shield(under_way[1])
+        self._reads += 1
+        index = self._reads
+        reading = asyncio.ensure_future(self._read_history(*key))
+        reading.add_done_callback(lambda f: self._read(key, index, f))
+        self._reading[key] = (index, reading)
         return await asyncio.shield(reading)
 
-    def _read(self, key: tuple[str, int, int], reading: asyncio.Future[Any]) -> None:
-        del self._reading[key]
+    def _read(self, key: tuple[str, int, int], index: int, reading: asyncio.Future[Any]) -> None:
+        under_way = self._reading.get(key)
+        if under_way is not None and under_way[0] == index:
+            del self._reading[key]
         if not reading.cancelled():
             reading.exception()  # retrieved: every waiter got it, or none was left
 

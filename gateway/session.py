@@ -378,10 +378,13 @@ class Session:
         ch, since, conn = cmd.ch, cmd.since, self.conn
         held = self.held = self.held if self.held is not None else {}
         held[ch] = []
+        mark = self.node.history_mark()  # from here on, live publications are held
         try:
             await self.node.subscribe(ch, self)
             after = since.offset if since is not None else MAX_OFFSET
-            entries, top = await self.node.history(ch, after, self.node.history_policy.size)
+            entries, top = await self.node.history(
+                ch, after, self.node.history_policy.size, after_mark=mark
+            )
         except BaseException:
             held.pop(ch, None)
             self.node.unsubscribe(ch, self)

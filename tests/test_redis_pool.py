@@ -62,11 +62,40 @@ async def test_a_storm_recovering_one_channel_reads_its_history_once(redis_url):
     try:
         for i in range(5):
             await node.broker.publish_history("projects:1", b'{"n": %d}' % i, 100, 60)
-        results = await asyncio.gather(*(node.history("projects:1", 2, 100) for _ in range(200)))
+        mark = node.history_mark()  # 200 sockets began to hold live publications here
+        reads = [node.history("projects:1", 2, 100, after_mark=mark) for _ in range(200)]
+        results = await asyncio.gather(*reads)
         assert Counting.reads == 1
         assert all(r == results[0] for r in results) and [o for o, _ in results[0][0]] == [3, 4, 5]
         await node.history("projects:1", 2, 100)  # a later read is a new read
         assert Counting.reads == 2
+    finally:
+        await node.close()
+
+
+async def test_a_read_issued_before_a_socket_held_its_publications_is_not_shared(redis_url):
+    """Sharing it could miss what was published between that read and the socket's hold."""
+
+    class Slow(RedisBroker):
+        reads = 0
+
+        async def history(self, ch: str, after: int, limit: int):  # type: ignore[no-untyped-def]
+            Slow.reads += 1
+            await asyncio.sleep(0.05 * UNIT)
+            return await super().history(ch, after, limit)
+
+    metrics = Metrics()
+    node = Node(Hub(metrics), Slow(redis_url, unique_prefix()), metrics)
+    await node.start()
+    try:
+        early = asyncio.ensure_future(
+            node.history("projects:1", 0, 100, after_mark=node.history_mark())
+        )
+        await asyncio.sleep(0)
+        late_mark = node.history_mark()  # a socket begins to hold after the early read went out
+        await node.history("projects:1", 0, 100, after_mark=late_mark)
+        await early
+        assert Slow.reads == 2
     finally:
         await node.close()
 
