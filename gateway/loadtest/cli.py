@@ -478,8 +478,7 @@ def _drive(
     drain_seconds = late_seconds = 0.0
     if args.publish != "none" and args.messages > 0 and subscribed:
         run.phase = "publishing"
-        run.kill.arm(time.monotonic())
-        asyncio.run(publish_all(publishing, lambda: run.pump(0)))
+        asyncio.run(publish_all(publishing, lambda: run.pump(0), run.kill.arm))
         run.send(("sent", publishing.sent))
         run.counts = {
             i: {k: v for k, v in c.items() if k != "incomplete"} for i, c in run.counts.items()
@@ -561,9 +560,11 @@ def _report(
     notes = []
     if tally.no_history:
         notes.append(
-            f"{tally.no_history:,} resubscriptions could not recover: the channels keep no history "
-            "(set HISTORY_CHANNELS on the gateways to match them"
+            f"{tally.no_history:,} resubscriptions had no position to recover from: the "
+            "channel keeps no history (set HISTORY_CHANNELS on the gateways to match them"
             + (", and --history-channels here)" if args.publish == "redis" else ")")
+            + ", or it had none yet when the socket subscribed and nothing reached the socket "
+            "before its connection was lost"
         )
     if tally.unrecovered:
         notes.append(f"{tally.unrecovered:,} resubscriptions answered recovered: false "

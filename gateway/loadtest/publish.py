@@ -103,12 +103,19 @@ async def _sender(p: Publishing) -> tuple[Send, Callable[[], Awaitable[None]]]:
     return post, close
 
 
-async def publish_all(p: Publishing, tick: Callable[[], None]) -> None:
-    """Send ``p.messages`` publications at ``p.rate``; ``tick`` runs about twice a second."""
+async def publish_all(
+    p: Publishing, tick: Callable[[], None], started: Callable[[float], None]
+) -> None:
+    """Send ``p.messages`` publications at ``p.rate``.
+
+    ``started`` is called with the monotonic time of the first publication;
+    ``tick`` about ten times a second.
+    """
     send, close = await _sender(p)
     p.sent = [0] * len(p.names)
     pad = b',"pad":"' + b"x" * p.payload_bytes + b'"' if p.payload_bytes else b""
     start = time.monotonic()
+    started(start)
     next_tick = start
     try:
         for k in range(p.messages):
@@ -117,7 +124,7 @@ async def publish_all(p: Publishing, tick: Callable[[], None]) -> None:
                 now = time.monotonic()
                 if now >= next_tick:
                     tick()
-                    next_tick = now + 0.5
+                    next_tick = now + 0.1
                 if now >= due:
                     break
                 await asyncio.sleep(min(due - now, 0.05))

@@ -79,6 +79,9 @@ class StreamClient(asyncio.Protocol):
             self.close()
             return None
         self.open = True
+        self.count_open()
+        return data[end + 4 :]
+
+    def count_open(self) -> None:
         self.tally.opened += 1
         self.tally.connect_seconds.add(time.monotonic() - self.started)
-        return data[end + 4 :]

@@ -110,6 +110,10 @@ class WSClient(StreamClient):
         self.code = 0
         self.started = time.monotonic()
 
+    def count_open(self) -> None:
+        if not self.ever:  # reconnections are counted once subscribed again
+            super().count_open()
+
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
         if self.owner is not None and self.ever and not self.tally.stopping:
