@@ -144,22 +144,24 @@ async def test_a_killed_gateways_sockets_reconnect_to_another_and_recover_late_n
     assert report["sockets"]["exact"] == 200
 
 
-async def test_recovery_refused_without_history_is_an_explicit_figure(
-    tmp_path, data_dir, redis_url
-):
+@pytest.mark.parametrize("history", ["none", "too short"])
+async def test_what_recovery_cannot_bring_back_is_reported(tmp_path, data_dir, redis_url, history):
     prefix = unique_prefix()
+    patterns = "elsewhere" if history == "none" else "load:*"
     env = {"REDIS_URL": redis_url, "REDIS_PREFIX": prefix, "JWT_SECRET": SECRET,
-           "RATE_CONNECT_IP": "off", "HISTORY_CHANNELS": "elsewhere"}  # fmt: skip
+           "RATE_CONNECT_IP": "off", "HISTORY_CHANNELS": patterns, "HISTORY_SIZE": "2"}  # fmt: skip
     a = GatewayProcess(tmp_path, data_dir, **env).start()
     b = GatewayProcess(tmp_path, data_dir, **env).start()
     try:
         assert a.proc is not None
+        # Away for 0.5-1 s at 20 publications/s over 2 channels: more than 2 per channel.
         code, report = await loadtest(
             "--urls", f"http://127.0.0.1:{a.port},http://127.0.0.1:{b.port}",
             "--secret", SECRET, "--channels", "2", "--group", "5", "--processes", "1",
             "--publish", "redis", "--redis-url", redis_url, "--prefix", prefix,
-            "--rate", "20", "--messages", "30", "--settle", "0.2", "--drain", "2",
-            "--late-wait", "0", "--backoff", "0.2", "--backoff-max", "0.2",
+            "--history-channels", patterns, "--history-size", "2",
+            "--rate", "20", "--messages", "40", "--settle", "0.2", "--drain", "1",
+            "--late-wait", "0", "--backoff", "1", "--backoff-max", "1",
             "--kill-after", "0.5", "--kill-pid", str(a.proc.pid),
         )  # fmt: skip
     finally:
@@ -167,11 +169,17 @@ async def test_recovery_refused_without_history_is_an_explicit_figure(
             if gp.proc is not None and gp.proc.poll() is None:
                 gp.stop(signal.SIGKILL)
     assert code == 1
-    assert report["reconnects"]["reconnects"] == 10
-    assert report["reconnects"]["no_history"] == 10
-    assert report["deliveries"]["lost"] > 0  # published while away, not recoverable
-    assert report["sockets"]["gaps"] == 10
-    assert any("HISTORY_CHANNELS" in note for note in report["notes"])
+    reconnects, deliveries = report["reconnects"], report["deliveries"]
+    assert reconnects["reconnects"] == 10 and reconnects["recovered"] == 0
+    assert report["sockets"]["gaps"] == 10 and deliveries["lost"] > 0
+    if history == "none":
+        assert reconnects["no_history"] == 10
+        assert deliveries["lost_silent"] == deliveries["lost"]
+        assert any("HISTORY_CHANNELS" in note for note in report["notes"])
+    else:
+        assert reconnects["not_recovered"] == 10
+        assert deliveries["lost_explicit"] == deliveries["lost"]  # the server said so
+        assert any("recovered: false" in note for note in report["notes"])
 
 
 def test_the_ledger_tells_gaps_duplicates_and_reordering_apart():
