@@ -17,11 +17,12 @@ Each publication carries its channel, its sequence number in that channel
 and its send time, so every delivery is timed (wall clock: the tool and the
 server share a machine or synchronised clocks) and every missing, repeated
 or reordered one is counted. After the last publication the tool waits up
-to ``--drain`` seconds for every socket to have everything, then up to
-``--late-wait`` more: what arrives then is *late*, what never arrives
-*lost*. Sockets that lose their connection reconnect with jittered backoff
-(to the next of ``--urls``) and recover with ``since``; ``--kill-after``
-SIGKILLs a local server mid-run to make that happen.
+to ``--drain`` seconds for every socket to have everything, then as long as
+deliveries still arrive (until none came for ``--late-wait`` seconds): what
+arrives then is *late*, what never arrives *lost*. Sockets that lose their
+connection reconnect with jittered backoff (to the next of ``--urls``) and
+recover with ``since``; ``--kill-after`` SIGKILLs a local server mid-run to
+make that happen.
 """
 
 from __future__ import annotations
@@ -157,7 +158,7 @@ def _parser() -> argparse.ArgumentParser:
         "--late-wait",
         type=float,
         default=30.0,
-        help="seconds after the drain window to wait for late deliveries",
+        help="after the drain window, wait for late deliveries until none came for this long",
     )
     p.add_argument(
         "--reconnect",
@@ -491,9 +492,12 @@ def _drive(
         if not run.complete():
             run.phase = "late"
             run.send("late")
-            started = time.monotonic()
-            while not run.complete() and time.monotonic() - started < args.late_wait:
+            started = quiet_since = time.monotonic()
+            last = run.total("received")
+            while not run.complete() and time.monotonic() - quiet_since < args.late_wait:
                 run.pump(0.25)
+                if run.total("received") != last:  # still arriving: keep waiting
+                    last, quiet_since = run.total("received"), time.monotonic()
             late_seconds = time.monotonic() - started
     run.phase = "closing"
     run.send("stop")
