@@ -365,6 +365,10 @@ def _check(args: argparse.Namespace, urls: list[str]) -> str | None:
     """What is wrong with the arguments, or None."""
     if args.channels < 1 or args.group < 0:
         return "--channels must be at least 1 and --group at least 0"
+    if args.publish != "none" and args.messages > 0 and not args.rate > 0:
+        return "--rate must be above 0"
+    if args.drain < 0 or args.late_wait < 0 or args.backoff <= 0 or args.backoff_max <= 0:
+        return "--drain and --late-wait must be at least 0, --backoff and --backoff-max above 0"
     if args.kill_after is not None and not (args.kill_pid or args.kill_cmd):
         return "--kill-after needs --kill-pid or --kill-cmd"
     if (args.kill_pid or args.kill_cmd) and args.kill_after is None:
@@ -573,6 +577,8 @@ def _report(
     if tally.unrecovered:
         notes.append(f"{tally.unrecovered:,} resubscriptions answered recovered: false "
                      "(history lost or too short): their losses are explicit")  # fmt: skip
+    if run.kill.after is not None and run.kill.done_at is None:
+        notes.append("the kill was not reached: the run ended (or never published) before it")
     if publishing.errors:
         notes.append(f"{publishing.errors:,} publications could not be sent and were not counted")
     return Report(
