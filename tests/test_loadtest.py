@@ -9,8 +9,8 @@ import sys
 
 import pytest
 
-from gateway.loadtest.cli import parse_sources
 from gateway.loadtest.ledger import Ledger
+from gateway.loadtest.options import parse_sources
 from gateway.loadtest.stats import Histogram
 from tests.harness import SECRET, running_gateway, unique_prefix
 from tests.servers import UNIT
