@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import sys
 
 import pytest
 
-from gateway.loadtest.cli import parse_sources
+from gateway.loadtest.ledger import Ledger
+from gateway.loadtest.options import parse_sources
 from gateway.loadtest.stats import Histogram
-from tests.harness import SECRET, running_gateway
+from tests.harness import SECRET, running_gateway, unique_prefix
 from tests.servers import UNIT
+from tests.test_processes import GatewayProcess
 
 
 async def loadtest(*args: str) -> tuple[int, dict]:
@@ -34,7 +37,12 @@ async def test_every_transport_is_loaded_timed_and_counted(mode):
         )  # fmt: skip
     assert code == 0, report
     conns, deliveries = report["connections"], report["deliveries"]
-    assert (conns["opened"], conns["failed"], conns["subscribed"], conns["closed_early"]) == (40, 0, 40, 0)
+    assert (conns["opened"], conns["failed"], conns["subscribed"], conns["closed_early"]) == (
+        40,
+        0,
+        40,
+        0,
+    )
     assert (deliveries["expected"], deliveries["received"], deliveries["lost"]) == (200, 200, 0)
     assert 0 < report["latency"]["p50_ms"] <= report["latency"]["max_ms"]
     assert report["completion"]["count"] == 5
@@ -62,3 +70,129 @@ def test_source_ranges_and_percentiles():
     assert h.quantile(0.5) == pytest.approx(0.050, rel=0.02)
     assert h.quantile(0.99) == pytest.approx(0.099, rel=0.02)
     assert h.max == 0.1
+
+
+async def test_many_channels_each_socket_gets_each_publication_exactly_once():
+    async with running_gateway(rate_connect_ip=None, rate_rest=None) as gw:
+        code, report = await loadtest(
+            "--url", f"http://127.0.0.1:{gw.port}", "--secret", SECRET,
+            "--channels", "10", "--group", "6", "--broadcast", "everyone", "--spread", "random",
+            "--processes", "2", "--sources", "127.0.0.2-127.0.0.3",
+            "--publish", "http", "--rate", "100", "--messages", "66", "--settle", "0.2",
+        )  # fmt: skip
+    assert code == 0, report
+    assert report["connections"]["subscribed"] == 60
+    sent = {c["name"]: c["sent"] for c in report["channels"]["per_channel"]}
+    assert sum(sent.values()) == 66 and set(sent) == {f"load:{i}" for i in range(10)} | {"everyone"}
+    for channel in report["channels"]["per_channel"]:
+        members = 60 if channel["name"] == "everyone" else 6
+        assert channel["members"] == members
+        assert channel["min_received"] == channel["sent"]
+        assert channel["received"] == channel["sent"] * members
+    deliveries = report["deliveries"]
+    assert deliveries["expected"] == sum(sent.values()) * 6 + sent["everyone"] * 54
+    assert (deliveries["lost"], deliveries["late"], deliveries["duplicates"]) == (0, 0, 0)
+    assert report["sockets"] == {
+        "accounted": 60, "exact": 60, "gaps": 0, "duplicates": 0, "out_of_order": 0,
+    }  # fmt: skip
+    assert report["channels"]["dead"] == [] and report["channels"]["starved"] == []
+
+
+async def test_a_killed_gateways_sockets_reconnect_to_another_and_recover_late_not_lost(
+    tmp_path, data_dir, redis_url
+):
+    prefix = unique_prefix()
+    env = {
+        "REDIS_URL": redis_url, "REDIS_PREFIX": prefix, "JWT_SECRET": SECRET,
+        "RATE_CONNECT_IP": "off", "HISTORY_CHANNELS": "load:*,everyone",
+    }  # fmt: skip
+    a = GatewayProcess(tmp_path, data_dir, **env).start()
+    b = GatewayProcess(tmp_path, data_dir, **env).start()
+    try:
+        assert a.proc is not None
+        # 200 sockets on A; A is SIGKILLed 1.5 s into 3 s of publishing (when every channel
+        # has had a publication: a socket must have a position to recover from). The sockets
+        # come back on B 1-2 s later (backoff 2 s x jitter), after the drain window of 0.3 s
+        # has closed for the last publications: what they recover then is late, not lost.
+        code, report = await loadtest(
+            "--urls", f"http://127.0.0.1:{a.port},http://127.0.0.1:{b.port}",
+            "--secret", SECRET, "--channels", "20", "--group", "10", "--broadcast", "everyone",
+            "--processes", "2", "--publish", "redis", "--redis-url", redis_url,
+            "--prefix", prefix, "--history-channels", "load:*,everyone",
+            "--rate", "20", "--messages", "60", "--settle", "0.2",
+            "--drain", "0.3", "--backoff", "2", "--backoff-max", "2",
+            "--kill-after", "1.5", "--kill-pid", str(a.proc.pid), "--server-pid", str(b.proc.pid),
+        )  # fmt: skip
+        assert a.proc.wait(5 * UNIT) == -signal.SIGKILL
+    finally:
+        for gp in (a, b):
+            if gp.proc is not None and gp.proc.poll() is None:
+                gp.stop(signal.SIGKILL)
+    assert code == 0, json.dumps(report, indent=1)
+    assert report["kill"]["outcome"] == f"SIGKILL {a.proc.pid}"
+    assert report["connections"]["subscribed"] == 200
+    assert report["reconnects"]["reconnects"] == 200
+    assert report["reconnects"]["recovered"] == 400  # each socket's two channels
+    assert report["reconnects"]["not_recovered"] == report["reconnects"]["no_history"] == 0
+    deliveries = report["deliveries"]
+    broadcast = report["channels"]["per_channel"][-1]
+    assert broadcast["name"] == "everyone" and broadcast["min_received"] == broadcast["sent"] > 0
+    assert deliveries["expected"] == (60 - broadcast["sent"]) * 10 + broadcast["sent"] * 200
+    assert deliveries["lost"] == 0 and deliveries["duplicates"] == 0
+    assert deliveries["late"] > 0
+    assert report["latency"]["count"] == deliveries["expected"]  # late ones timed too
+    assert report["sockets"]["exact"] == 200
+
+
+@pytest.mark.parametrize("history", ["none", "too short"])
+async def test_what_recovery_cannot_bring_back_is_reported(tmp_path, data_dir, redis_url, history):
+    prefix = unique_prefix()
+    patterns = "elsewhere" if history == "none" else "load:*"
+    env = {"REDIS_URL": redis_url, "REDIS_PREFIX": prefix, "JWT_SECRET": SECRET,
+           "RATE_CONNECT_IP": "off", "HISTORY_CHANNELS": patterns, "HISTORY_SIZE": "2"}  # fmt: skip
+    a = GatewayProcess(tmp_path, data_dir, **env).start()
+    b = GatewayProcess(tmp_path, data_dir, **env).start()
+    try:
+        assert a.proc is not None
+        # Away for 0.5-1 s at 20 publications/s over 2 channels: more than 2 per channel.
+        code, report = await loadtest(
+            "--urls", f"http://127.0.0.1:{a.port},http://127.0.0.1:{b.port}",
+            "--secret", SECRET, "--channels", "2", "--group", "5", "--processes", "1",
+            "--publish", "redis", "--redis-url", redis_url, "--prefix", prefix,
+            "--history-channels", patterns, "--history-size", "2",
+            "--rate", "20", "--messages", "40", "--settle", "0.2", "--drain", "1",
+            "--late-wait", "0", "--backoff", "1", "--backoff-max", "1",
+            "--kill-after", "0.5", "--kill-pid", str(a.proc.pid),
+        )  # fmt: skip
+    finally:
+        for gp in (a, b):
+            if gp.proc is not None and gp.proc.poll() is None:
+                gp.stop(signal.SIGKILL)
+    assert code == 1
+    reconnects, deliveries = report["reconnects"], report["deliveries"]
+    assert reconnects["reconnects"] == 10 and reconnects["recovered"] == 0
+    assert report["sockets"]["gaps"] == 10 and deliveries["lost"] > 0
+    if history == "none":
+        assert reconnects["no_history"] == 10
+        assert deliveries["lost_silent"] == deliveries["lost"]
+        assert any("HISTORY_CHANNELS" in note for note in report["notes"])
+    else:
+        assert reconnects["not_recovered"] == 10
+        assert deliveries["lost_explicit"] == deliveries["lost"]  # the server said so
+        assert any("recovered: false" in note for note in report["notes"])
+
+
+def test_the_ledger_tells_gaps_duplicates_and_reordering_apart():
+    ledger = Ledger((3, 7))
+    for c, s in [(3, 0), (3, 1), (3, 3), (3, 2), (3, 3), (7, 0), (7, 2)]:
+        ledger.record(c, s)
+    assert ledger.record(5, 0) is None  # not one of its channels
+    assert (ledger.dups, ledger.disorder) == (1, 1)
+    assert ledger.got(0, 4) == 4 and ledger.lost(0, 4) == 0
+    assert ledger.got(1, 4) == 2 and ledger.lost(1, 4) == 2  # 1 skipped, 3 never came
+    assert not ledger.complete([0, 0, 0, 4, 0, 0, 0, 3])
+    ledger.record(7, 1)
+    assert ledger.complete([0, 0, 0, 4, 0, 0, 0, 3])
+    assert ledger.since(0) is None
+    ledger.position(1, 42, "e1")
+    assert ledger.since(1) is not None and ledger.since(1).offset == 42

@@ -2,17 +2,27 @@
 
 Opens ``--connections`` authenticated sockets (or SSE streams, or long-poll
 sessions) over ``--processes`` client processes and the loopback source
-addresses of ``--sources``, subscribes each to ``--channel``, publishes
-``--messages`` publications at ``--rate`` per second through Redis or the
-gateway's HTTP API, and reports connections, connect rate, the server's
-memory per connection, delivery latency, deliveries per second and messages
-lost. Example, against ``make run`` with ``JWT_SECRET=s REDIS_URL=...``::
+addresses of ``--sources``, subscribes each to its channel (``--channels N
+--group M``: M sockets on each of N channels, and every socket also on
+``--broadcast``), publishes ``--messages`` publications spread over the
+channels at ``--rate`` per second through Redis or the gateway's HTTP API,
+and reports connections, connect rate, the server's memory per connection,
+delivery latency, deliveries per second, and whether every socket got every
+publication of its channels exactly once and in order. Example, against
+``make run`` with ``JWT_SECRET=s REDIS_URL=...``::
 
     python -m gateway.loadtest --secret s --connections 10000 --rate 20 --messages 200
 
-Each publication carries its sequence number and send time, so every
-delivery is timed (wall clock: the tool and the server share a machine or
-synchronised clocks) and every missing one is counted.
+Each publication carries its channel, its sequence number in that channel
+and its send time, so every delivery is timed (wall clock: the tool and the
+server share a machine or synchronised clocks) and every missing, repeated
+or reordered one is counted. After the last publication the tool waits up
+to ``--drain`` seconds for every socket to have everything, then as long as
+deliveries still arrive (until none came for ``--late-wait`` seconds): what
+arrives then is *late*, what never arrives *lost*. Sockets that lose their
+connection reconnect with jittered backoff (to the next of ``--urls``) and
+recover with ``since``; ``--kill-after`` SIGKILLs a local server mid-run to
+make that happen.
 """
 
 from __future__ import annotations
@@ -26,9 +36,9 @@ import re
 import sys
 import time
 import urllib.request
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from ipaddress import IPv4Address
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import Any
@@ -36,74 +46,19 @@ from urllib.parse import urlsplit
 
 import jwt
 
-from gateway.loadtest.report import Report, render
+from gateway.loadtest.kill import Kill
+from gateway.loadtest.options import PER_PROCESS, check, parse_sources, parser
+from gateway.loadtest.publish import Publishing, publish_all
+from gateway.loadtest.report import ChannelFigure, Report, render
 from gateway.loadtest.stats import Histogram, Tally
 from gateway.loadtest.worker import WorkerSpec, worker_main
 
 __all__ = ["main"]
 
-#: Connections per client process by default: well under a 20,000 open-file limit.
-PER_PROCESS = 5000
 
-
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m gateway.loadtest",
-        description="Open many authenticated connections to a gateway, publish, and measure.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    p.add_argument("--url", default="http://127.0.0.1:8888", help="the gateway's base URL")
-    p.add_argument("--path", default="/ws", help="WebSocket path")
-    p.add_argument("--mode", choices=["ws", "sse", "longpoll"], default="ws", help="transport")
-    p.add_argument("-n", "--connections", type=int, default=1000, help="connections to open")
-    p.add_argument("--channel", default="load", help="channel every connection subscribes to")
-    auth = p.add_mutually_exclusive_group()
-    auth.add_argument("--secret", help="JWT_SECRET of the gateway: mint one HS256 token per connection")
-    auth.add_argument("--tokens", type=Path, help="file of tokens, one per line (reused round-robin)")
-    p.add_argument("--ttl", type=float, default=3600.0, help="lifetime of minted tokens, seconds")
-    p.add_argument("--processes", type=int, default=0,
-                   help=f"client processes (default: one per {PER_PROCESS} connections)")
-    p.add_argument("--sources", default="127.0.0.2-127.0.0.9",
-                   help="local source addresses, a range or comma list ('' for the default)")
-    p.add_argument("--concurrency", type=int, default=200, help="handshakes in flight per process")
-    p.add_argument("--connect-rate", type=float, default=0.0,
-                   help="new connections per second in all (0: as fast as the server takes them)")
-    p.add_argument("--timeout", type=float, default=30.0,
-                   help="seconds for one connection's handshake and subscription")
-    p.add_argument("--publish", choices=["redis", "http", "none"], default="redis",
-                   help="how publications are sent")
-    p.add_argument("--redis-url", default="redis://127.0.0.1:6379/0", help="for --publish redis")
-    p.add_argument("--prefix", default="gw:", help="the gateway's REDIS_PREFIX")
-    p.add_argument("--rate", type=float, default=10.0, help="publications per second")
-    p.add_argument("--messages", type=int, default=100, help="publications to send")
-    p.add_argument("--payload-bytes", type=int, default=0, help="padding added to each publication")
-    p.add_argument("--drain", type=float, default=10.0,
-                   help="seconds to wait for the last deliveries after the last publication")
-    p.add_argument("--metrics-url", help="the server's /metrics (default: URL + /metrics)")
-    p.add_argument("--server-pid", type=int, action="append", default=[],
-                   help="read server memory from /proc/PID instead of /metrics (repeatable)")
-    p.add_argument("--settle", type=float, default=2.0,
-                   help="seconds to wait after connecting before reading server memory")
-    p.add_argument("--json", action="store_true", help="print the report as JSON")
-    p.add_argument("--quiet", action="store_true", help="no progress line")
-    return p  # fmt: skip
-
-
-def parse_sources(spec: str) -> list[str]:
-    """``127.0.0.2-127.0.0.9`` or ``127.0.0.2,127.0.0.3`` to a list of addresses."""
-    out: list[str] = []
-    for part in filter(None, (s.strip() for s in spec.split(","))):
-        if "-" in part:
-            lo, hi = (IPv4Address(x) for x in part.split("-", 1))
-            out.extend(str(IPv4Address(i)) for i in range(int(lo), int(hi) + 1))
-        else:
-            out.append(str(IPv4Address(part)))
-    return out
-
-
-def mint(secret: str, n: int, channel: str, ttl: float, pub: bool = False) -> list[str]:
+def mint(secret: str, n: int, channels: list[str], ttl: float, pub: bool = False) -> list[str]:
     now = int(time.time())
-    claims: dict[str, Any] = {"channels": [channel], "iat": now, "exp": now + int(ttl)}
+    claims: dict[str, Any] = {"channels": channels, "iat": now, "exp": now + int(ttl)}
     if pub:
         claims["pub"] = True
     return [jwt.encode({**claims, "sub": f"load-{i}"}, secret, algorithm="HS256") for i in range(n)]
@@ -133,6 +88,7 @@ def server_rss(metrics_url: str | None, pids: Sequence[int]) -> float | None:
 class _Run:
     args: argparse.Namespace
     pipes: list[Connection]
+    kill: Kill
     counts: dict[int, dict[str, int]] = field(default_factory=dict)
     connected: set[int] = field(default_factory=set)
     results: dict[int, dict[str, Any]] = field(default_factory=dict)
@@ -143,16 +99,30 @@ class _Run:
     def total(self, key: str) -> int:
         return sum(c.get(key, 0) for c in self.counts.values())
 
+    def complete(self) -> bool:
+        """Whether every process says each of its sockets has every publication sent."""
+        counts = [self.counts.get(i, {}) for i in range(len(self.pipes))]
+        return all(c.get("incomplete", 1) == 0 for c in counts)
+
+    def send(self, message: object) -> None:
+        for pipe in self.pipes:
+            try:
+                pipe.send(message)
+            except OSError:
+                pass
+
     def pump(self, timeout: float) -> None:
         """Read what the processes sent within ``timeout``."""
-        for pipe in wait(self.pipes, timeout):
+        self.kill.check(time.monotonic())
+        live = [p for i, p in enumerate(self.pipes) if i not in self.results]
+        for pipe in wait(live, timeout):
             assert isinstance(pipe, Connection)
+            index = self.pipes.index(pipe)
             try:
                 kind, body = pipe.recv()
             except EOFError:
-                self.pipes.remove(pipe)
+                self.results.setdefault(index, {})
                 continue
-            index = self.pipes.index(pipe)
             if kind in ("progress", "connected"):
                 self.counts[index] = body
                 if kind == "connected":
@@ -175,82 +145,47 @@ class _Run:
         line = (f"\r[{now - self.started:6.1f}s] {self.phase:<10} opened {self.total('opened'):>6}"
                 f"/{self.args.connections} failed {self.total('failed'):>5} "
                 f"subscribed {self.total('subscribed'):>6} received {received:>9} "
-                f"({rate:,.0f}/s)   ")  # fmt: skip
+                f"({rate:,.0f}/s) reconnects {self.total('reconnects')}   ")  # fmt: skip
         print(line if tty else line.strip(), end="" if tty else "\n", file=sys.stderr, flush=True)
 
 
-async def _publisher(args: argparse.Namespace, token: str | None) -> tuple[Any, Any]:
-    if args.publish == "redis":
-        import redis.asyncio as aioredis
-
-        client = aioredis.Redis.from_url(args.redis_url)
-        key = args.prefix + args.channel
-
-        async def send(data: bytes) -> None:
-            await client.publish(key, data)
-
-        return send, client.aclose
-    from tornado.httpclient import AsyncHTTPClient
-
-    http = AsyncHTTPClient()
-    url = args.url.rstrip("/") + "/api/publish"
-    headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
-    channel = json.dumps(args.channel)
-
-    async def post(data: bytes) -> None:
-        body = b'{"ch":' + channel.encode() + b',"data":' + data + b"}"
-        await http.fetch(url, method="POST", headers=headers, body=body)
-
-    async def close() -> None:
-        http.close()
-
-    return post, close
-
-
-async def _publish(run: _Run, args: argparse.Namespace, token: str | None) -> dict[int, float]:
-    """Send the publications at the rate asked; returns seq -> send time."""
-    send, close = await _publisher(args, token)
-    sent: dict[int, float] = {}
-    pad = "x" * args.payload_bytes
-    start = time.monotonic()
-    next_pump = start
-    try:
-        for seq in range(args.messages):
-            due = start + seq / args.rate
-            while True:
-                now = time.monotonic()
-                if now >= next_pump:
-                    run.pump(0)
-                    next_pump = now + 0.5
-                if now >= due:
-                    break
-                await asyncio.sleep(min(due - now, 0.05))
-            t = time.time()
-            body = b'{"s":%d,"t":%.6f' % (seq, t) + (b',"pad":"%s"' % pad.encode() if pad else b"")
-            await send(body + b"}")
-            sent[seq] = t
-    finally:
-        await close()
-    return sent
-
-
-def _split(items: list[str], n: int) -> list[list[str]]:
+def _split(items: list[Any], n: int) -> list[list[Any]]:
     return [items[i::n] for i in range(n)]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    url = urlsplit(args.url)
-    host, port = url.hostname or "127.0.0.1", url.port or 80
-    metrics_url = args.metrics_url or (args.url.rstrip("/") + "/metrics")
+    cmdline = parser()
+    args = cmdline.parse_args(argv)
+    urls = [u.strip() for u in args.urls.split(",") if u.strip()] or [args.url]
+    problem = check(args, urls)
+    if problem:
+        cmdline.error(problem)
+    endpoints = []
+    for u in urls:
+        parts = urlsplit(u)
+        endpoints.append((parts.hostname or "127.0.0.1", parts.port or 80))
+    metrics_url = args.metrics_url or (urls[0].rstrip("/") + "/metrics")
+    if args.group:
+        args.connections = args.channels * args.group
     n = args.connections
+    names = (
+        [args.channel]
+        if args.channels == 1
+        else [f"{args.channel}:{i}" for i in range(args.channels)]
+    )
+    if args.broadcast:
+        names.append(args.broadcast)
+    groups = [i // args.group if args.group else i % args.channels for i in range(n)]
+    grants = sorted(
+        {args.channel, f"{args.channel}:*", *([args.broadcast] if args.broadcast else [])}
+    )
     if args.tokens:
         lines = [line.strip() for line in args.tokens.read_text().splitlines() if line.strip()]
         tokens = [lines[i % len(lines)] for i in range(n)]
-        pub_token = lines[0]
+        pub_token: str | None = lines[0]
     elif args.secret:
-        tokens = mint(args.secret, n, args.channel, args.ttl)
-        pub_token = mint(args.secret, 1, args.channel, args.ttl, pub=True)[0]
+        tokens = mint(args.secret, n, grants, args.ttl)
+        pub_token = mint(args.secret, 1, grants, args.ttl, pub=True)[0]
     else:
         tokens = [""] * n
         pub_token = None
@@ -258,9 +193,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     sources = parse_sources(args.sources)
     per_process_rate = args.connect_rate / processes
     specs = [
-        WorkerSpec(i, host, port, args.path, args.mode, share, sources, [args.channel],
-                   args.concurrency, per_process_rate, args.timeout)
-        for i, share in enumerate(_split(tokens, processes))
+        WorkerSpec(i, endpoints, args.path, args.mode, share, sources, names, group_share,
+                   args.concurrency, per_process_rate, args.timeout, bool(args.broadcast),
+                   args.reconnect and args.mode == "ws", args.backoff, args.backoff_max)
+        for i, (share, group_share) in enumerate(zip(_split(tokens, processes),
+                                                     _split(groups, processes), strict=True))
     ]  # fmt: skip
     rss_before = server_rss(metrics_url, args.server_pid)
     ctx = multiprocessing.get_context("spawn")
@@ -272,9 +209,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         proc.start()
         procs.append(proc)
         pipes.append(mine)
-    run = _Run(args, list(pipes))
+    publishing = Publishing(
+        names, args.messages, args.rate, args.publish, args.spread, args.payload_bytes,
+        args.redis_url, args.prefix,
+        tuple(p.strip() for p in args.history_channels.split(",") if p.strip()),
+        args.history_size, args.history_ttl, urls, pub_token,
+    )  # fmt: skip
+    run = _Run(args, pipes, Kill(args.kill_after, args.kill_pid, args.kill_cmd))
     try:
-        report = _drive(run, args, metrics_url, rss_before, pub_token, pipes)
+        report = _drive(run, args, metrics_url, rss_before, publishing)
     finally:
         for proc in procs:
             proc.join(5)
@@ -286,7 +229,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(json.dumps(report.as_dict(), indent=2))
     else:
         print(render(report))
-    return 0 if report.failed == 0 and report.lost == 0 else 1
+    return 0 if report.ok else 1
 
 
 def _drive(
@@ -294,11 +237,10 @@ def _drive(
     args: argparse.Namespace,
     metrics_url: str,
     rss_before: float | None,
-    pub_token: str | None,
-    pipes: list[Connection],
+    publishing: Publishing,
 ) -> Report:
     connect_start = time.monotonic()
-    while len(run.connected) < len(pipes) and run.pipes:
+    while len(run.connected) < len(run.pipes) and len(run.results) < len(run.pipes):
         run.pump(0.5)
     connect_seconds = time.monotonic() - connect_start
     run.phase = "settling"
@@ -307,25 +249,36 @@ def _drive(
         run.pump(0.25)
     rss_after = server_rss(metrics_url, args.server_pid)
     subscribed = run.total("subscribed")
-    sent: dict[int, float] = {}
+    drain_seconds = late_seconds = 0.0
     if args.publish != "none" and args.messages > 0 and subscribed:
         run.phase = "publishing"
-        sent = asyncio.run(_publish(run, args, pub_token))
+        asyncio.run(publish_all(publishing, lambda: run.pump(0), run.kill.arm))
+        run.send(("sent", publishing.sent))
+        run.counts = {
+            i: {k: v for k, v in c.items() if k != "incomplete"} for i, c in run.counts.items()
+        }
         run.phase = "draining"
-        expected = len(sent) * subscribed
-        quiet_since = time.monotonic()
-        last = run.total("received")
-        while run.total("received") < expected and time.monotonic() - quiet_since < args.drain:
-            run.pump(0.25)
-            if run.total("received") != last:
-                last, quiet_since = run.total("received"), time.monotonic()
+        started = time.monotonic()
+        while not run.complete() and time.monotonic() - started < args.drain:
+            run.pump(0.1)
+        drain_seconds = time.monotonic() - started
+        if not run.complete():
+            run.phase = "late"
+            run.send("late")
+            started = quiet_since = time.monotonic()
+            last = run.total("received")
+            while not run.complete() and time.monotonic() - quiet_since < args.late_wait:
+                run.pump(0.25)
+                if run.total("received") != last:  # still arriving: keep waiting
+                    last, quiet_since = run.total("received"), time.monotonic()
+            late_seconds = time.monotonic() - started
     run.phase = "closing"
-    for pipe in pipes:
-        pipe.send("stop")
+    run.send("stop")
     deadline = time.monotonic() + 60
-    while len(run.results) < len(pipes) and run.pipes and time.monotonic() < deadline:
+    while len(run.results) < len(run.pipes) and time.monotonic() < deadline:
         run.pump(0.5)
-    return _report(run, args, connect_seconds, rss_before, rss_after, subscribed, sent)
+    return _report(run, args, connect_seconds, rss_before, rss_after, subscribed, publishing,
+                   drain_seconds, late_seconds)  # fmt: skip
 
 
 def _report(
@@ -335,29 +288,68 @@ def _report(
     rss_before: float | None,
     rss_after: float | None,
     subscribed: int,
-    sent: dict[int, float],
+    publishing: Publishing,
+    drain_seconds: float,
+    late_seconds: float,
 ) -> Report:
     tally = Tally()
     last_arrival: dict[int, float] = {}
+    names = publishing.names
+    sent = publishing.sent or [0] * len(names)
+    figures: Counter[str] = Counter()
+    members = [0] * len(names)
+    got_sum = [0] * len(names)
+    got_min: list[int | None] = [None] * len(names)
     for state in run.results.values():
-        tally.opened += state["opened"]
-        tally.failed += state["failed"]
-        tally.closed += state["closed"]
-        tally.received += state["received"]
+        if not state:
+            continue
+        for key in ("opened", "failed", "closed", "received", "late", "reconnects",
+                    "reconnect_attempts", "recovered", "unrecovered", "no_history"):  # fmt: skip
+            setattr(tally, key, getattr(tally, key) + state[key])
         tally.errors.update(state["errors"])
         tally.latency.merge(Histogram.from_state(state["latency"]))
         tally.connect_seconds.merge(Histogram.from_state(state["connect_seconds"]))
-        tally.per_seq.update(state["per_seq"])
-        for seq, at in state["last_arrival"].items():
-            last_arrival[seq] = max(at, last_arrival.get(seq, 0.0))
+        for pub, at in state["last_arrival"].items():
+            last_arrival[pub] = max(at, last_arrival.get(pub, 0.0))
+        figures["expected"] += state["expected"]
+        figures["lost_silent"] += state["lost_silent"]
+        figures["lost_explicit"] += state["lost_explicit"]
+        figures.update({f"sockets_{k}": v for k, v in state["sockets"].items()})
+        per = state["channels"]
+        for c in range(len(names)):
+            members[c] += per["members"][c]
+            got_sum[c] += per["sum"][c]
+            low, theirs = got_min[c], per["min"][c]
+            if theirs is not None:
+                got_min[c] = theirs if low is None else min(low, theirs)
     completion = Histogram()
-    for seq, t in sent.items():
-        if seq in last_arrival:
-            completion.add(last_arrival[seq] - t)
-    delivered_once = sum(min(tally.per_seq.get(seq, 0), subscribed) for seq in sent)
-    lost = len(sent) * subscribed - delivered_once
-    window = (max(last_arrival.values()) - min(sent.values())) if sent and last_arrival else 0.0
+    for pub, t in publishing.times.items():
+        if pub in last_arrival:
+            completion.add(last_arrival[pub] - t)
+    window = (max(last_arrival.values()) - min(publishing.times.values())
+              if publishing.times and last_arrival else 0.0)  # fmt: skip
+    channels = [
+        ChannelFigure(names[c], sent[c], members[c], got_min[c] or 0, got_sum[c])
+        for c in range(len(names))
+    ]
+    lost = figures["lost_silent"] + figures["lost_explicit"]
     failed = tally.failed + (args.connections - tally.opened - tally.failed)
+    notes = []
+    if tally.no_history:
+        notes.append(
+            f"{tally.no_history:,} resubscriptions had no position to recover from: the "
+            "channel keeps no history (set HISTORY_CHANNELS on the gateways to match them"
+            + (", and --history-channels here)" if args.publish == "redis" else ")")
+            + ", or it had none yet when the socket subscribed and nothing reached the socket "
+            "before its connection was lost"
+        )
+    if tally.unrecovered:
+        notes.append(f"{tally.unrecovered:,} resubscriptions answered recovered: false "
+                     "(history lost or too short): their losses are explicit")  # fmt: skip
+    if run.kill.after is not None and run.kill.done_at is None:
+        notes.append("the kill was not reached: the run ended (or never published) before it")
+    if publishing.errors:
+        notes.append(f"{publishing.errors:,} publications could not be sent and were not counted")
     return Report(
         mode=args.mode,
         connections=args.connections,
@@ -369,14 +361,33 @@ def _report(
         handshake=tally.connect_seconds,
         rss_before=rss_before,
         rss_after=rss_after,
-        publications=len(sent),
+        publications=sum(sent),
         rate=args.rate,
         publish=args.publish,
         received=tally.received,
+        expected=figures["expected"],
         lost=lost,
-        duplicates=max(0, tally.received - delivered_once),
+        lost_explicit=figures["lost_explicit"],
+        late=tally.late,
+        duplicates=max(0, tally.received - (figures["expected"] - lost)),
         window=window,
+        drain_seconds=drain_seconds,
+        late_seconds=late_seconds,
         latency=tally.latency,
         completion=completion,
         errors=dict(tally.errors),
+        sockets={k[8:]: v for k, v in figures.items() if k.startswith("sockets_")},
+        channels=channels,
+        reconnects={
+            "reconnects": tally.reconnects,
+            "attempts": tally.reconnect_attempts,
+            "recovered": tally.recovered,
+            "not_recovered": tally.unrecovered,
+            "no_history": tally.no_history,
+        },
+        publish_errors=publishing.errors,
+        kill=None
+        if run.kill.done_at is None
+        else {"at_seconds": round(run.kill.done_at, 3), "outcome": run.kill.outcome},
+        notes=notes,
     )

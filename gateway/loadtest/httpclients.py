@@ -14,6 +14,7 @@ from urllib.parse import quote
 import msgspec
 
 from gateway.client.encoding import JSON
+from gateway.loadtest.ledger import Ledger
 from gateway.loadtest.stats import Tally
 from gateway.loadtest.stream import StreamClient
 from gateway.loadtest.wsclient import parse_push
@@ -36,9 +37,14 @@ class SSEClient(StreamClient):
     __slots__ = ("body", "chunk", "replies")
 
     def __init__(
-        self, request: bytes, channels: list[str], tally: Tally, done: asyncio.Future[bool]
+        self,
+        request: bytes,
+        channels: list[str],
+        tally: Tally,
+        done: asyncio.Future[bool],
+        ledger: Ledger,
     ) -> None:
-        super().__init__(request, channels, tally, done)
+        super().__init__(request, channels, tally, done, ledger)
         self.body = b""  # de-chunked bytes not yet split into events
         self.chunk = 0  # bytes left in the current chunk (self.buffer: not yet de-chunked)
         self.replies = 0
@@ -87,7 +93,8 @@ class SSEClient(StreamClient):
             if kind == b"msg":
                 push = parse_push(payload)
                 if push is not None and push.data is not None:
-                    self.tally.delivered(push.data.s, push.data.t, time.time())
+                    d = push.data
+                    self.tally.delivered(self.ledger, d.c, d.s, d.t, time.time())
                 else:
                     self.tally.errors["unparsed event"] += 1
             elif kind == b"reply":
@@ -138,6 +145,7 @@ async def longpoll_client(
     token: str | None,
     tally: Tally,
     done: asyncio.Future[bool],
+    ledger: Ledger,
 ) -> None:
     """One long-poll session: create, subscribe, then poll until cancelled."""
     started = time.monotonic()
@@ -158,13 +166,17 @@ async def longpoll_client(
         tally.opened += 1
         tally.connect_seconds.add(time.monotonic() - started)
         subs = b",".join(JSON.command(Sub(id=i, ch=ch)) for i, ch in enumerate(channels, 1))
-        status, _ = await _request(reader, writer, head.format("POST", f"/lp/{sid}"), b"[" + subs + b"]")
+        status, _ = await _request(
+            reader, writer, head.format("POST", f"/lp/{sid}"), b"[" + subs + b"]"
+        )
         if status != 202:
             raise _Refused(f"HTTP {status}")
         cursor = 0
         replies = 0
         while True:
-            status, body = await _request(reader, writer, head.format("GET", f"/lp/{sid}?cursor={cursor}"))
+            status, body = await _request(
+                reader, writer, head.format("GET", f"/lp/{sid}?cursor={cursor}")
+            )
             if status != 200:
                 tally.closed += 1
                 raise _Refused(f"HTTP {status}")
@@ -176,7 +188,7 @@ async def longpoll_client(
                 if push is None:
                     tally.errors["unparsed message"] += 1
                 elif push.data is not None:
-                    tally.delivered(push.data.s, push.data.t, now)
+                    tally.delivered(ledger, push.data.c, push.data.s, push.data.t, now)
                 elif push.id is not None:
                     replies += 1
                     if replies == len(channels) and not done.done():

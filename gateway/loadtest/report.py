@@ -7,7 +7,23 @@ from typing import Any
 
 from gateway.loadtest.stats import Histogram, percentile_ms
 
-__all__ = ["Report", "render"]
+__all__ = ["ChannelFigure", "Report", "render"]
+
+
+@dataclass
+class ChannelFigure:
+    """One channel's deliveries: ``sent`` publications to ``members`` subscribed sockets."""
+
+    name: str
+    sent: int
+    members: int
+    min_received: int  # distinct publications the worst-served member got
+    received: int  # distinct deliveries over all members
+
+    @property
+    def dead(self) -> bool:
+        """Publications were sent to members and not one arrived anywhere."""
+        return self.sent > 0 and self.members > 0 and self.received == 0
 
 
 @dataclass
@@ -25,13 +41,39 @@ class Report:
     publications: int
     rate: float
     publish: str
-    received: int
-    lost: int
+    received: int  # publication frames, duplicates included
+    expected: int  # per subscribed socket, the publications sent on its channels
+    lost: int  # never delivered (lost_explicit of them after a recovered: false)
+    lost_explicit: int
+    late: int  # delivered after the drain window, before the tool stopped
     duplicates: int
     window: float  # first publication sent to last delivery, seconds
-    latency: Histogram
+    drain_seconds: float  # waited after the last publication for everything (the window)
+    late_seconds: float  # waited after that for late deliveries
+    latency: Histogram  # late deliveries included
     completion: Histogram  # per publication: send to its last delivery
     errors: dict[str, int]
+    sockets: dict[str, int]  # exact, gaps, duplicates, out_of_order: sockets with each
+    channels: list[ChannelFigure]
+    reconnects: dict[str, int]
+    publish_errors: int
+    kill: dict[str, object] | None
+    notes: list[str]
+
+    @property
+    def ok(self) -> bool:
+        """No failed connection, and every socket got everything exactly once, in order."""
+        s = self.sockets
+        return not (self.failed or self.lost or s.get("duplicates") or s.get("out_of_order"))
+
+    @property
+    def dead_channels(self) -> list[str]:
+        return [c.name for c in self.channels if c.dead]
+
+    @property
+    def starved_channels(self) -> list[str]:
+        """Channels with a member that got none of their publications."""
+        return [c.name for c in self.channels if c.sent and c.members and not c.min_received]
 
     @property
     def connect_rate(self) -> float:
@@ -77,16 +119,45 @@ class Report:
             },
             "publications": {"sent": self.publications, "rate": self.rate, "via": self.publish},
             "deliveries": {
-                "expected": self.publications * self.subscribed,
+                "expected": self.expected,
                 "received": self.received,
+                "on_time": self.expected - self.lost - self.late,
+                "late": self.late,
                 "lost": self.lost,
+                "lost_explicit": self.lost_explicit,
+                "lost_silent": self.lost - self.lost_explicit,
                 "duplicates": self.duplicates,
                 "per_second": round(self.deliveries_per_second),
                 "window_seconds": round(self.window, 3),
+                "drain_seconds": round(self.drain_seconds, 3),
+                "late_wait_seconds": round(self.late_seconds, 3),
             },
+            "sockets": {"accounted": self.subscribed, **self.sockets},
+            "channels": {
+                "count": len(self.channels),
+                "dead": self.dead_channels,
+                "starved": self.starved_channels,
+                "min_received": min(
+                    (c.min_received for c in self.channels if c.members), default=0
+                ),
+                "per_channel": [
+                    {
+                        "name": c.name,
+                        "sent": c.sent,
+                        "members": c.members,
+                        "min_received": c.min_received,
+                        "received": c.received,
+                    }
+                    for c in self.channels
+                ],
+            },
+            "reconnects": self.reconnects,
+            "publish_errors": self.publish_errors,
+            "kill": self.kill,
             "latency": quantiles(self.latency),
             "completion": quantiles(self.completion),
             "errors": self.errors,
+            "notes": self.notes,
         }
 
 
@@ -94,9 +165,25 @@ def _mb(value: float | None) -> str:
     return "n/a" if value is None else f"{value / 2**20:,.1f} MiB"
 
 
+def _few(names: list[str]) -> str:
+    return f" ({', '.join(names[:5])}{', …' if len(names) > 5 else ''})" if names else ""
+
+
+def _share(c: ChannelFigure) -> float:
+    return c.min_received / c.sent if c.sent else 1.0
+
+
 def render(r: Report) -> str:
     per = r.bytes_per_connection
     lat, comp = r.latency, r.completion
+    sk, rc = r.sockets, r.reconnects
+    dead, starved = r.dead_channels, r.starved_channels
+    worst_channel = min((c for c in r.channels if c.members), key=_share, default=None)
+    worst = (
+        "n/a"
+        if worst_channel is None
+        else f"{worst_channel.min_received:,} of {worst_channel.sent:,} on {worst_channel.name}"
+    )
     rows = [
         ("transport", r.mode),
         ("connections", f"{r.opened:,} opened, {r.failed:,} failed of {r.connections:,}; "
@@ -106,14 +193,28 @@ def render(r: Report) -> str:
         ("server memory", f"{_mb(r.rss_before)} before, {_mb(r.rss_after)} after: "
                           + ("n/a" if per is None else f"{per / 1024:.2f} KiB per connection")),
         ("publications", f"{r.publications:,} at {r.rate:g}/s via {r.publish}"),
-        ("deliveries", f"{r.received:,} of {r.publications * r.subscribed:,}; lost {r.lost:,}, "
-                       f"duplicates {r.duplicates:,}"),
+        ("deliveries", f"{r.expected - r.lost:,} of {r.expected:,}: {r.late:,} late; lost {r.lost:,} "
+                       f"({r.lost_explicit:,} explicit), duplicates {r.duplicates:,}; waited "
+                       f"{r.drain_seconds:.2f} s + {r.late_seconds:.2f} s late"),
+        ("exactly once", f"{sk.get('exact', 0):,} sockets with all, {sk.get('gaps', 0):,} with gaps, "
+                         f"{sk.get('duplicates', 0):,} with duplicates, "
+                         f"{sk.get('out_of_order', 0):,} out of order"),
+        ("channels", f"{len(r.channels):,}; dead {len(dead):,}{_few(dead)}; with a starved member "
+                     f"{len(starved):,}{_few(starved)}; worst member got {worst}"),
+        ("reconnects", f"{rc.get('reconnects', 0):,} ({rc.get('attempts', 0):,} attempts); "
+                       f"recovered {rc.get('recovered', 0):,}, not recovered "
+                       f"{rc.get('not_recovered', 0):,}, no history {rc.get('no_history', 0):,}"),
         ("throughput", f"{r.deliveries_per_second:,.0f} deliveries/s over {r.window:.2f} s"),
         ("latency", f"p50 {percentile_ms(lat, 0.5)} ms  p95 {percentile_ms(lat, 0.95)} ms  "
                     f"p99 {percentile_ms(lat, 0.99)} ms  max {lat.max * 1000:.2f} ms"),
         ("to last subscriber", f"p50 {percentile_ms(comp, 0.5)} ms  p95 {percentile_ms(comp, 0.95)} ms"
                                f"  max {comp.max * 1000:.2f} ms (per publication)"),
     ]  # fmt: skip
+    if r.kill is not None:
+        rows.append(("kill", f"at {r.kill['at_seconds']} s: {r.kill['outcome']}"))
+    if r.publish_errors:
+        rows.append(("publish errors", f"{r.publish_errors:,}"))
+    rows.extend(("note", note) for note in r.notes)
     if r.errors:
         rows.append(("errors", ", ".join(f"{k}: {v}" for k, v in sorted(r.errors.items()))))
     width = max(len(k) for k, _ in rows)

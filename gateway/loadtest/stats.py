@@ -11,6 +11,8 @@ import math
 from collections import Counter
 from dataclasses import dataclass, field
 
+from gateway.loadtest.ledger import Ledger
+
 __all__ = ["Histogram", "Tally", "percentile_ms"]
 
 #: Buckets per doubling: 64 gives about 1.1 % resolution.
@@ -75,22 +77,38 @@ class Tally:
     failed: int = 0
     closed: int = 0
     subscribed: int = 0
+    #: every publication frame received, duplicates included
     received: int = 0
+    #: distinct deliveries that arrived after the drain window (see `late_phase`)
+    late: int = 0
+    #: reconnections that subscribed again, and the attempts made
+    reconnects: int = 0
+    reconnect_attempts: int = 0
+    #: resubscription replies: ``recovered`` true, false, and absent (no history)
+    recovered: int = 0
+    unrecovered: int = 0
+    no_history: int = 0
     errors: Counter[str] = field(default_factory=Counter)
     latency: Histogram = field(default_factory=Histogram)
-    #: seq -> deliveries of that publication seen here
-    per_seq: Counter[int] = field(default_factory=Counter)
-    #: seq -> latest arrival (wall clock) of that publication seen here
+    #: (channel << 32 | seq) -> latest arrival (wall clock) of that publication seen here
     last_arrival: dict[int, float] = field(default_factory=dict)
     connect_seconds: Histogram = field(default_factory=Histogram)
+    #: set when the drain window is over: new deliveries from then on are late
+    late_phase: bool = False
     #: set when the tool closes its connections: closes after that are not counted
     stopping: bool = False
 
-    def delivered(self, seq: int, sent: float, now: float) -> None:
+    def delivered(self, ledger: Ledger, c: int, s: int, sent: float, now: float) -> None:
+        """Count a publication frame: timed and counted once, duplicates aside."""
         self.received += 1
-        self.latency.add(now - sent)
-        self.per_seq[seq] += 1
-        self.last_arrival[seq] = now
+        new = ledger.record(c, s)
+        if new is None:
+            self.errors["publication of another channel"] += 1
+        elif new:
+            self.latency.add(now - sent)
+            self.last_arrival[c << 32 | s] = now
+            if self.late_phase:
+                self.late += 1
 
     def state(self) -> dict[str, object]:
         return {
@@ -99,9 +117,14 @@ class Tally:
             "closed": self.closed,
             "subscribed": self.subscribed,
             "received": self.received,
+            "late": self.late,
+            "reconnects": self.reconnects,
+            "reconnect_attempts": self.reconnect_attempts,
+            "recovered": self.recovered,
+            "unrecovered": self.unrecovered,
+            "no_history": self.no_history,
             "errors": dict(self.errors),
             "latency": self.latency.state(),
-            "per_seq": dict(self.per_seq),
             "last_arrival": self.last_arrival,
             "connect_seconds": self.connect_seconds.state(),
         }

@@ -6,6 +6,7 @@ import asyncio
 import time
 import typing
 
+from gateway.loadtest.ledger import Ledger
 from gateway.loadtest.stats import Tally
 
 __all__ = ["StreamClient"]
@@ -16,17 +17,26 @@ class StreamClient(asyncio.Protocol):
 
     ``done`` resolves True once every channel is subscribed, False when the
     connection fails first (the reason is counted in the tally's errors).
+    Deliveries go into ``ledger``, the socket's account of its channels.
     """
 
-    __slots__ = ("buffer", "channels", "done", "open", "request", "started", "tally", "transport")
+    __slots__ = (
+        "buffer", "channels", "done", "ledger", "open", "request", "started", "tally", "transport"
+    )  # fmt: skip
 
     def __init__(
-        self, request: bytes, channels: list[str], tally: Tally, done: asyncio.Future[bool]
+        self,
+        request: bytes,
+        channels: list[str],
+        tally: Tally,
+        done: asyncio.Future[bool],
+        ledger: Ledger,
     ) -> None:
         self.request = request
         self.channels = channels
         self.tally = tally
         self.done = done
+        self.ledger = ledger
         self.transport: asyncio.Transport | None = None
         self.buffer = b""
         self.open = False
@@ -69,6 +79,9 @@ class StreamClient(asyncio.Protocol):
             self.close()
             return None
         self.open = True
+        self.count_open()
+        return data[end + 4 :]
+
+    def count_open(self) -> None:
         self.tally.opened += 1
         self.tally.connect_seconds.add(time.monotonic() - self.started)
-        return data[end + 4 :]

@@ -2,19 +2,28 @@
 
 The driver (`gateway.loadtest.cli`) talks to each process over a pipe:
 the process sends ``("progress", counts)`` twice a second, ``("connected",
-counts)`` once every connection was tried, and ``("result", tally)`` after
-the driver says ``"stop"``.
+counts)`` once every connection was tried, and ``("result", state)`` after
+the driver says ``"stop"``. Before that the driver sends ``("sent",
+counts)`` (publications sent per channel, so the process can tell which of
+its sockets still miss some: ``incomplete`` in its counts) and ``"late"``
+when the drain window is over (deliveries from then on are late).
+
+Sockets whose connection ends before the stop reconnect (``reconnect``)
+after a jittered exponential backoff, to the next URL of ``urls`` as a load
+balancer would send them, and resubscribe with ``since``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+import random
 import time
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 
 from gateway.loadtest.httpclients import SSEClient, longpoll_client, sse_request
+from gateway.loadtest.ledger import Ledger
 from gateway.loadtest.stats import Tally
 from gateway.loadtest.wsclient import WSClient, handshake_request
 from gateway.runtime import raise_file_limit, run
@@ -25,16 +34,22 @@ __all__ = ["WorkerSpec", "worker_main"]
 @dataclass
 class WorkerSpec:
     index: int
-    host: str
-    port: int
+    urls: list[tuple[str, int]]  # (host, port): the first for connecting, the rest for reconnecting
     path: str
     mode: str  # "ws", "sse" or "longpoll"
     tokens: list[str]
     sources: list[str]
-    channels: list[str]
+    #: every channel of the run, by index; with ``broadcast`` the last is the shared one
+    names: list[str]
+    #: per token: the index of its group's channel
+    groups: list[int]
     concurrency: int
     connect_rate: float  # new connections per second from this process; 0: no limit
     timeout: float = 30.0  # seconds for connect, handshake and subscription
+    broadcast: bool = False
+    reconnect: bool = True
+    backoff: float = 0.5  # first reconnection delay, seconds (doubled per failure, jittered)
+    backoff_max: float = 10.0
 
 
 def worker_main(spec: WorkerSpec, pipe: Connection) -> None:
@@ -48,13 +63,23 @@ class _Worker:
         self.pipe = pipe
         self.tally = Tally()
         self.clients: list[WSClient | SSEClient] = []
+        self.ledgers: list[Ledger] = []
         self.tasks: list[asyncio.Task[None]] = []
         self.stop = asyncio.Event()
+        self.sent: list[int] | None = None
+        self.reconnecting: set[asyncio.Task[None]] = set()
+        b = len(spec.names) - 1
+        self.chans = [(g, b) if spec.broadcast else (g,) for g in range(len(spec.names))]
 
     def counts(self) -> dict[str, int]:
         t = self.tally
-        return {"opened": t.opened, "failed": t.failed, "subscribed": t.subscribed,
-                "received": t.received, "closed": t.closed}  # fmt: skip
+        counts = {"opened": t.opened, "failed": t.failed, "subscribed": t.subscribed,
+                  "received": t.received, "closed": t.closed, "reconnects": t.reconnects,
+                  "late": t.late}  # fmt: skip
+        if self.sent is not None:
+            sent = self.sent
+            counts["incomplete"] = sum(1 for ledger in self.ledgers if not ledger.complete(sent))
+        return counts
 
     async def main(self) -> None:
         loop = asyncio.get_running_loop()
@@ -67,10 +92,10 @@ class _Worker:
         self.tally.stopping = True
         for client in self.clients:
             client.close()
-        for task in self.tasks:
+        for task in [*self.tasks, *self.reconnecting]:
             task.cancel()
         await asyncio.sleep(0)
-        self.pipe.send(("result", self.tally.state()))
+        self.pipe.send(("result", {**self.tally.state(), **self._account()}))
 
     def _command(self) -> None:
         try:
@@ -80,11 +105,52 @@ class _Worker:
         if message == "stop":
             asyncio.get_running_loop().remove_reader(self.pipe.fileno())
             self.stop.set()
+        elif message == "late":
+            self.tally.late_phase = True
+        elif isinstance(message, tuple) and message[0] == "sent":
+            self.sent = list(message[1])
 
     async def _progress(self) -> None:
         while True:
             await asyncio.sleep(0.5)
             self.pipe.send(("progress", self.counts()))
+
+    def _account(self) -> dict[str, object]:
+        """Exactly-once per socket and per channel, over the sockets that ever subscribed."""
+        sent = self.sent or [0] * len(self.spec.names)
+        channels = len(self.spec.names)
+        members = [0] * channels
+        got_min: list[int | None] = [None] * channels
+        got_sum = [0] * channels
+        exact = gaps = dups = disorder = lost = explicit = expected = 0
+        for ledger in self.ledgers:
+            short = 0
+            for slot, c in enumerate(ledger.chans):
+                got = ledger.got(slot, sent[c])
+                missed = sent[c] - got
+                members[c] += 1
+                got_sum[c] += got
+                low = got_min[c]
+                got_min[c] = got if low is None else min(low, got)
+                expected += sent[c]
+                short += missed
+                if ledger.unrecovered >> slot & 1:
+                    explicit += missed
+                else:
+                    lost += missed
+            gaps += short > 0
+            dups += ledger.dups > 0
+            disorder += ledger.disorder > 0
+            exact += short == 0 and ledger.dups == 0 and ledger.disorder == 0
+        return {
+            "expected": expected,
+            "lost_silent": lost,
+            "lost_explicit": explicit,
+            "sockets": {"exact": exact, "gaps": gaps, "duplicates": dups, "out_of_order": disorder},
+            "channels": {"members": members, "min": got_min, "sum": got_sum},
+        }
+
+    # -- connecting --------------------------------------------------------
 
     async def _connect_all(self) -> None:
         spec = self.spec
@@ -101,39 +167,95 @@ class _Worker:
                 if delay > 0:
                     await asyncio.sleep(delay)
             await gate.acquire()
-            task = asyncio.create_task(self._connect(token, next(sources), gate))
+            chans = self.chans[spec.groups[i]]
+            task = asyncio.create_task(self._connect(token, chans, next(sources), gate))
             pending.add(task)
             task.add_done_callback(pending.discard)
         if pending:
             await asyncio.wait(pending)
 
-    async def _connect(self, token: str, source: str, gate: asyncio.Semaphore) -> None:
+    async def _connect(
+        self, token: str, chans: tuple[int, ...], source: str, gate: asyncio.Semaphore
+    ) -> None:
         spec = self.spec
         loop = asyncio.get_running_loop()
         done: asyncio.Future[bool] = loop.create_future()
         local = (source, 0) if source else None
-        host = f"{spec.host}:{spec.port}"
+        host, port = spec.urls[0]
+        channels = [spec.names[c] for c in chans]
+        ledger = Ledger(chans)
         try:
             if spec.mode == "longpoll":
                 client_run = longpoll_client(
-                    spec.host, spec.port, source or None, spec.channels, token, self.tally, done
+                    host, port, source or None, channels, token, self.tally, done, ledger
                 )
                 task = asyncio.create_task(client_run)
                 self.tasks.append(task)
             else:
                 client: WSClient | SSEClient
                 if spec.mode == "sse":
-                    request = sse_request(host, spec.channels, token)
-                    client = SSEClient(request, spec.channels, self.tally, done)
+                    request = sse_request(f"{host}:{port}", channels, token)
+                    client = SSEClient(request, channels, self.tally, done, ledger)
                 else:
-                    request = handshake_request(host, spec.path, token)
-                    client = WSClient(request, spec.channels, self.tally, done)
+                    request = handshake_request(f"{host}:{port}", spec.path, token)
+                    owner = self if spec.reconnect else None
+                    client = WSClient(request, channels, self.tally, done, ledger, owner)
                 self.clients.append(client)
-                await loop.create_connection(lambda: client, spec.host, spec.port, local_addr=local)
-            if not await asyncio.wait_for(done, spec.timeout):
+                await loop.create_connection(lambda: client, host, port, local_addr=local)
+            if await asyncio.wait_for(done, spec.timeout):
+                self.ledgers.append(ledger)  # only subscribed sockets owe an account
+            else:
                 self.tally.failed += 1
         except (OSError, TimeoutError) as exc:
             self.tally.failed += 1
             self.tally.errors[type(exc).__name__] += 1
         finally:
             gate.release()
+
+    # -- reconnecting ------------------------------------------------------
+
+    def lost(self, client: WSClient) -> None:
+        if 4500 <= client.code <= 4999:
+            self.tally.errors[f"not reconnected after {client.code}"] += 1
+            return
+        spec = self.spec
+        delay = min(spec.backoff_max, spec.backoff * 2**client.attempt) * random.uniform(0.5, 1.0)
+        client.attempt += 1
+        asyncio.get_running_loop().call_later(delay, self._start_reconnect, client)
+
+    def _start_reconnect(self, client: WSClient) -> None:
+        if self.tally.stopping:
+            return
+        task = asyncio.create_task(self._reconnect(client))
+        self.reconnecting.add(task)
+        task.add_done_callback(self.reconnecting.discard)
+
+    async def _reconnect(self, client: WSClient) -> None:
+        spec = self.spec
+        loop = asyncio.get_running_loop()
+        old = spec.urls[client.url]
+        client.url = (client.url + 1) % len(spec.urls)
+        host, port = spec.urls[client.url]
+        request = client.request.replace(
+            f"Host: {old[0]}:{old[1]}\r\n".encode(), f"Host: {host}:{port}\r\n".encode(), 1
+        )
+        done: asyncio.Future[bool] = loop.create_future()
+        client.renew(request, done)
+        self.tally.reconnect_attempts += 1
+        source = random.choice(spec.sources) if spec.sources else ""
+        try:
+            await asyncio.wait_for(
+                loop.create_connection(
+                    lambda: client, host, port, local_addr=(source, 0) if source else None
+                ),
+                spec.timeout,
+            )
+        except (OSError, TimeoutError) as exc:
+            self.tally.errors[f"reconnect {type(exc).__name__}"] += 1
+            self.lost(client)
+            return
+        try:
+            await asyncio.wait_for(done, spec.timeout)
+        except TimeoutError:
+            self.tally.errors["reconnect timeout"] += 1
+            client.close()  # connection_lost schedules the next attempt

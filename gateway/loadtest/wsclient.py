@@ -4,7 +4,14 @@ Tens of thousands of these live in a few processes, so each is a slotted
 object with no task, no future and no buffer while idle: the handshake is
 written on connect, frames are parsed in ``data_received``, pings are
 answered at once, and publications are timed and counted into the
-process's `Tally`. Client frames are masked (RFC 6455 §5.3).
+process's `Tally` and the socket's `Ledger`. Client frames are masked
+(RFC 6455 §5.3).
+
+When the connection ends before the tool stops (the server was killed,
+drained with 4000, closed it as a slow consumer with 4001…), the socket
+tells its ``owner``, which reconnects it later (docs/protocol.md: 4000-4499
+and 1006 reconnect, 4500-4999 do not). The same object then serves the new
+connection and resubscribes each channel with ``since`` its last position.
 
 The framing, the handshake and the commands are the Python client's
 (`gateway.client.frames`, `.handshake`, `.encoding`); only the decoding of
@@ -14,25 +21,30 @@ a delivery.
 
 from __future__ import annotations
 
+import asyncio
 import time
+from typing import Protocol
 
 import msgspec
 
 from gateway.client.encoding import JSON
 from gateway.client.frames import client_frame, read_frames
 from gateway.client.handshake import handshake_request
+from gateway.loadtest.ledger import Ledger
+from gateway.loadtest.stats import Tally
 from gateway.loadtest.stream import StreamClient
 from proto import Sub
 from proto.wsframe import FrameError
 
-__all__ = ["Payload", "WSClient", "client_frame", "handshake_request", "parse_push"]
+__all__ = ["Owner", "Payload", "WSClient", "client_frame", "handshake_request", "parse_push"]
 
 
 class Payload(msgspec.Struct):
-    """What the load tool publishes: a sequence number and the wall-clock send time."""
+    """What the load tool publishes: the channel's sequence number, the send time, the channel."""
 
     s: int
     t: float
+    c: int = 0
 
 
 class _Error(msgspec.Struct):
@@ -45,6 +57,9 @@ class _Push(msgspec.Struct):
     id: int | None = None
     ok: bool | None = None
     error: _Error | None = None
+    recovered: bool | None = None
+    offset: int | None = None
+    epoch: str | None = None
 
 
 _decode_push = msgspec.json.Decoder(_Push).decode
@@ -58,10 +73,51 @@ def parse_push(payload: bytes) -> _Push | None:
         return None
 
 
-class WSClient(StreamClient):
-    """One load socket: handshake, subscribe, then count publications."""
+class Owner(Protocol):
+    def lost(self, client: WSClient) -> None:
+        """``client``'s connection ended before the tool stopped: reconnect it, or not."""
 
-    __slots__ = ()
+
+class WSClient(StreamClient):
+    """One load socket: handshake, subscribe, count publications; reconnects through its owner."""
+
+    __slots__ = ("acked", "attempt", "code", "ever", "owner", "url")
+
+    def __init__(
+        self,
+        request: bytes,
+        channels: list[str],
+        tally: Tally,
+        done: asyncio.Future[bool],
+        ledger: Ledger,
+        owner: Owner | None = None,
+    ) -> None:
+        super().__init__(request, channels, tally, done, ledger)
+        self.owner = owner
+        self.url = 0  # index of the URL connected to, in the worker's list
+        self.attempt = 0  # reconnection attempts since the last subscription
+        self.acked = 0  # subscription replies on this connection
+        self.code = 0  # the close code the server sent, 0 when none
+        self.ever = False  # subscribed at least once: later connections are reconnects
+
+    def renew(self, request: bytes, done: asyncio.Future[bool]) -> None:
+        """Ready the object for its next connection."""
+        self.request = request
+        self.done = done
+        self.buffer = b""
+        self.open = False
+        self.acked = 0
+        self.code = 0
+        self.started = time.monotonic()
+
+    def count_open(self) -> None:
+        if not self.ever:  # reconnections are counted once subscribed again
+            super().count_open()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        if self.owner is not None and self.ever and not self.tally.stopping:
+            self.owner.lost(self)
 
     # -- bytes in ----------------------------------------------------------
 
@@ -74,8 +130,9 @@ class WSClient(StreamClient):
             if rest is None:
                 return
             assert self.transport is not None
-            for i, ch in enumerate(self.channels, 1):
-                self.transport.write(client_frame(JSON.command(Sub(id=i, ch=ch))))
+            for slot, ch in enumerate(self.channels):
+                sub = Sub(id=slot + 1, ch=ch, since=self.ledger.since(slot))
+                self.transport.write(client_frame(JSON.command(sub)))
             data = rest
         try:
             pos = read_frames(data, self._frame)
@@ -92,24 +149,48 @@ class WSClient(StreamClient):
             if push is None:
                 self.tally.errors["unparsed frame"] += 1
             elif push.data is not None:
-                self.tally.delivered(push.data.s, push.data.t, time.time())
+                d = push.data
+                self.tally.delivered(self.ledger, d.c, d.s, d.t, time.time())
+                if push.offset is not None:
+                    self.ledger.position_of(d.c, push.offset, push.epoch)
             elif push.id is not None:
                 self._reply(push)
+            elif push.op == "gap":
+                self.tally.errors["gap push"] += 1
         elif opcode == 0x9 and self.transport is not None:
             self.transport.write(client_frame(payload, 0xA))
         elif opcode == 0x8:
             code = int.from_bytes(payload[:2], "big") if len(payload) >= 2 else 1005
+            self.code = code
             self.tally.errors[f"closed {code}"] += 1
             if self.transport is not None:
                 self.transport.write(client_frame(payload[:2], 0x8))
                 self.transport.close()
 
     def _reply(self, push: _Push) -> None:
-        if push.ok:
-            if push.id == len(self.channels):
-                self.tally.subscribed += 1
-                self.finish(True)
-        else:
+        slot = (push.id or 0) - 1
+        if not push.ok or not 0 <= slot < len(self.channels):
             code = push.error.code if push.error is not None else "?"
             self.tally.errors[f"error reply {code}"] += 1
             self.finish(False)
+            if self.ever:  # a refused resubscription: try again on a new connection
+                self.close()
+            return
+        self.ledger.position(slot, push.offset, push.epoch)
+        if self.ever:
+            if push.recovered is None:
+                self.tally.no_history += 1
+            elif push.recovered:
+                self.tally.recovered += 1
+            else:
+                self.tally.unrecovered += 1
+                self.ledger.unrecovered |= 1 << slot
+        self.acked += 1
+        if self.acked == len(self.channels):
+            if self.ever:
+                self.tally.reconnects += 1
+            else:
+                self.tally.subscribed += 1
+                self.ever = True
+            self.attempt = 0
+            self.finish(True)
