@@ -34,6 +34,11 @@ __all__ = ["Accounts", "Revoker", "TokenOut"]
 Password = Annotated[str, Meta(min_length=8, max_length=1024)]
 
 
+#: The largest body of the routes anyone may call without a token: a login or a
+#: registration is far smaller, and nobody may make the gateway buffer more.
+AUTH_BODY = 8192
+
+
 class Revoker(Protocol):
     async def revoke(self, sids: list[str]) -> None:
         """Apply session revocations here and broadcast them to every process."""
@@ -178,14 +183,16 @@ class Accounts:
         return [
             Route("POST", "/api/auth/register", self.register, "Create an account",
                   "register", tag, responses={201: User}, body=RegisterIn,
-                  errors=(403, 409), access=Access.PUBLIC),
+                  errors=(403, 409), access=Access.PUBLIC, max_body=AUTH_BODY),
             Route("POST", "/api/auth/token", self.token, "Log in or refresh (OAuth2)",
                   "token", tag, responses={200: TokenOut}, form=TokenForm, access=Access.PUBLIC,
+                  max_body=AUTH_BODY,
                   description="OAuth2 password grant (`grant_type=password`, `username` is "
                   "the e-mail) or refresh grant (`grant_type=refresh_token`), form-encoded. "
                   "Wrong credentials and unusable refresh tokens are 400 `invalid_grant`."),
             Route("POST", "/api/auth/refresh", self.refresh, "Rotate a refresh token",
                   "refresh", tag, responses={200: TokenOut}, body=RefreshIn, access=Access.PUBLIC,
+                  max_body=AUTH_BODY,
                   description="Uses up the refresh token and returns new tokens. Presenting "
                   "a used refresh token again revokes the whole session."),
             Route("GET", "/api/auth/sessions", self.sessions, "List my sessions",
@@ -193,9 +200,11 @@ class Accounts:
             Route("DELETE", "/api/auth/sessions/{id}", self.end_session, "End one of my sessions",
                   "deleteSession", tag, responses={204: None}, errors=(403, 404), access=Access.SESSION),
             Route("POST", "/api/auth/logout", self.logout, "End this session",
-                  "logout", tag, responses={204: None}, errors=(403,), access=Access.SESSION),
+                  "logout", tag, responses={204: None}, errors=(403,), access=Access.SESSION,
+                  max_body=0),
             Route("POST", "/api/auth/logout-all", self.logout_all, "End all my sessions",
-                  "logoutAll", tag, responses={204: None}, errors=(403,), access=Access.SESSION),
+                  "logoutAll", tag, responses={204: None}, errors=(403,), access=Access.SESSION,
+                  max_body=0),
         ]  # fmt: skip
 
     # -- accounts and logins ------------------------------------------------------

@@ -70,6 +70,9 @@ class Route:
     errors: tuple[int, ...] = ()
     #: who may call it and act on its object (core/access.py); every route names one
     access: Access | None = None
+    #: the largest body it takes, in bytes (None: MAX_BODY_BYTES); checked at
+    #: the headers, before a byte of the body is read
+    max_body: int | None = None
     #: POST routes that honour Idempotency-Key
     idempotent: bool = False
     description: str = ""

@@ -7,10 +7,14 @@ byte of it is read when
 * no route has its path: 404 (for the core's routes also 405);
 * the route needs a token and the request has none, or a bad one: 401 (a
   bad token is 401 on every route, as the routes themselves would answer);
+* the route would refuse this caller anyway (403, or 404 for another
+  user's account), as core/access.py decides from the token and the path;
 * its ``Content-Length`` is over the route's limit: 413 (a chunked body is
   cut with 413 when it passes the limit).
 
-Limits: the REST core's routes ``MAX_BODY_BYTES``; ``POST /api/publish``
+Limits: the REST core's routes ``MAX_BODY_BYTES``, or their own
+``max_body`` (8 KiB for those anyone may call without a token: login,
+registration, refresh; none for logout); ``POST /api/publish``
 ``MAX_PUBLISH_BYTES`` + 1024 for the envelope; ``POST /lp/<session>``
 ``MAX_BODY_BYTES``; every other route (``/ws``, ``/lp``, documents, health,
 metrics) takes no body (0).
@@ -24,9 +28,10 @@ from urllib.parse import parse_qs
 import tornado.web
 from tornado import httputil
 
+from core.access import check
 from core.errors import ApiError as CoreError
 from core.routing import Router
-from gateway.auth import AuthError, Verifier, token_from_header
+from gateway.auth import AuthError, Identity, Verifier, token_from_header
 from gateway.http import PublishHandler
 from gateway.listener import Refusal
 from gateway.settings import Settings
@@ -60,11 +65,16 @@ class RouteLimits:
             return 0
         if CORE_PATHS.fullmatch(path):
             try:
-                route, _ = self.core.match(start.method, path)
+                route, params = self.core.match(start.method, path)
+                identity = self._authenticate(headers, None, required=route.auth)
+                if identity is not None and route.auth and route.access is not None:
+                    # What the route would refuse from this caller, it refuses unread.
+                    if not getattr(identity, "rest", True):
+                        raise CoreError(403, "forbidden", "this API key may not call the REST API")
+                    check(route.access, identity, params)
             except CoreError as exc:
                 raise Refusal(exc.status, exc.code, exc.message, exc.headers) from None
-            self._authenticate(headers, None, required=route.auth)
-            return self.core_limit
+            return self.core_limit if route.max_body is None else route.max_body
         request = httputil.HTTPServerRequest(start_line=start, headers=headers)
         handler = self.app.find_handler(request).handler_class
         if handler is tornado.web.ErrorHandler or handler is self.app.settings.get(
@@ -78,13 +88,13 @@ class RouteLimits:
 
     def _authenticate(
         self, headers: httputil.HTTPHeaders, query_token: str | None, *, required: bool
-    ) -> None:
+    ) -> Identity | None:
         token = token_from_header(headers.get("Authorization")) or query_token
         if token is None:
             if required:
                 raise Refusal(401, "unauthorized", "missing token")
-            return
+            return None
         try:
-            self.verifier.verify(token)
+            return self.verifier.verify(token)
         except AuthError as exc:
             raise Refusal(401, "unauthorized", exc.message) from None

@@ -183,6 +183,31 @@ async def test_a_body_over_the_route_limit_is_refused_before_it_is_sent():
             api.close()
 
 
+async def test_routes_anyone_may_call_take_small_bodies_and_refusals_are_made_unread():
+    """Without a token, at most 8 KiB is buffered; a body the route would refuse
+    from this caller (403, or 404 for another user's account) is never read."""
+    async with running_gateway() as gw:
+        user = token_for(gw, "7")
+        key_like = token_for(gw, "8")
+        cases = [
+            ("/api/auth/token", {"Content-Length": "9000"}, 413),
+            ("/api/auth/register", {"Content-Length": "9000"}, 413),
+            ("/api/auth/refresh", {"Content-Length": "9000"}, 413),
+            ("/api/keys", {"Authorization": f"Bearer {user}", **HUGE}, 403),  # admins only
+            ("/api/users", {"Authorization": f"Bearer {key_like}", **HUGE}, 403),  # admins only
+        ]
+        for path, headers, expected in cases:
+            async with raw(gw.port) as c:
+                await c.send(request("POST", path, headers))  # and no body
+                status, _, body = await c.response(1 * UNIT)
+                assert (status, path) == (expected, path), body
+        async with raw(gw.port) as c:  # another user's account: 404, as the route says
+            await c.send(
+                request("PATCH", "/api/users/8", {"Authorization": f"Bearer {user}", **HUGE})
+            )
+            assert (await c.response(1 * UNIT))[0] == 404
+
+
 async def test_a_route_that_needs_a_token_answers_401_before_reading_the_body():
     async with running_gateway() as gw:
         for path, headers in [
