@@ -14,7 +14,7 @@ import functools
 import re
 from typing import TYPE_CHECKING
 
-from proto.publication import DEFAULT_MAX_BYTES, check_json
+from proto.publication import DEFAULT_MAX_BYTES, InvalidData, check_json
 
 if TYPE_CHECKING:
     from gateway.broker.base import Broker, Position
@@ -46,14 +46,24 @@ class HistoryPolicy(ChannelPatterns):
 
 
 async def publish(
-    broker: Broker, policy: HistoryPolicy, ch: str, data: bytes, max_bytes: int = DEFAULT_MAX_BYTES
+    broker: Broker,
+    policy: HistoryPolicy,
+    ch: str,
+    data: bytes,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    *,
+    checked: bool = False,
 ) -> Position | None:
     """Publish JSON ``data`` on ``ch``, through history when the policy says so (its position).
 
     Every writer comes through here, so nothing reaches the broker (or
     history) that not every codec can carry: raises `proto.InvalidData`.
+    ``checked``: a codec's `data_to_json` already checked ``data``.
     """
-    data = check_json(data, max_bytes)
+    if not checked:
+        data = check_json(data, max_bytes)
+    elif len(data) > max_bytes:
+        raise InvalidData(f"data over {max_bytes} bytes")
     if policy.applies(ch):
         return await broker.publish_history(ch, data, policy.size, policy.ttl)
     await broker.publish(ch, data)

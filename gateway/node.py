@@ -155,6 +155,9 @@ class Node:
             log.exception("unsubscribing %d channels failed", len(self._leaving))
         finally:
             self._flushing = False
+            if self._leaving and self.broker.connected:
+                self._flushing = True  # what is left goes in the next round
+                self._spawn(self._flush_leaving())
 
     def leave_all(self, member: Member, channels: Iterable[str]) -> None:
         for ch in channels:
@@ -200,13 +203,16 @@ class Node:
         """``ch`` has members and is neither being subscribed nor left."""
         return self.hub.has_subscribers(ch) and ch not in self._pending and ch not in self._leaving
 
-    async def publish(self, ch: str, data: bytes) -> Position | None:
+    async def publish(self, ch: str, data: bytes, *, checked: bool = False) -> Position | None:
         """Publish JSON bytes to every subscriber of ``ch`` on every node.
 
         On a history channel the publication is also kept, and its position
-        returned. Raises `proto.InvalidData` for data that is not publishable.
+        returned. Raises `proto.InvalidData` for data that is not publishable
+        (``checked``: the caller's codec checked it already).
         """
-        return await publish(self.broker, self.history_policy, ch, data, self.max_publication_bytes)
+        return await publish(
+            self.broker, self.history_policy, ch, data, self.max_publication_bytes, checked=checked
+        )
 
     def history_mark(self) -> int:
         """Where history reads stand now: pass it to `history` as ``after_mark``."""

@@ -190,7 +190,7 @@ class Session:
                 self.node.unsubscribe(cmd.ch, self)
                 self.node.presence.leave(cmd.ch, self.client_id)
             elif isinstance(cmd, Pub):
-                await self.node.publish(cmd.ch, self.codec.data_to_json(cmd.data))
+                await self.node.publish(cmd.ch, self.codec.data_to_json(cmd.data), checked=True)
             elif isinstance(cmd, Rpc):
                 await self._rpc(cmd)
                 return

@@ -153,7 +153,12 @@ class Coalescer:
             self.check_budget(now)
 
     def check_budget(self, now: float) -> int:
-        """Sum the backlogged sockets' buffers; shed the largest past the budget."""
+        """Sum the backlogged sockets' buffers; shed the largest past the budget.
+
+        Sockets already closing count too (their backlog is held until the
+        peer reads it or the close times out): when shedding every open one
+        is not enough, the closing ones holding the most are dropped at once.
+        """
         self._checked = now
         sizes: list[tuple[int, WSConnection]] = []
         for conn in list(self._backlogged):
@@ -163,16 +168,26 @@ class Coalescer:
             else:
                 self._backlogged.discard(conn)
         total = self.buffered = sum(size for size, _ in sizes)
+        budget = self._budget
+        if budget is None or total <= budget:
+            return 0
+        sizes.sort(key=lambda item: item[0], reverse=True)
         shed = 0
-        if self._budget is not None and total > self._budget:
-            sizes.sort(key=lambda item: item[0], reverse=True)
-            for size, conn in sizes:
-                if total <= self._budget:
-                    break
-                conn.shed(f"{total} bytes queued in the process, over SEND_BUFFER_TOTAL_BYTES")
-                self._backlogged.discard(conn)
+        why = f"{total} bytes queued in the process, over SEND_BUFFER_TOTAL_BYTES"
+        for size, conn in sizes:  # open ones first: they get their close frame
+            if total <= budget:
+                break
+            if not conn.closing:
+                conn.shed(why)
                 total -= size
                 shed += 1
+        for size, conn in sizes:  # then what closing ones still hold
+            if total <= budget:
+                break
+            if conn.closing:
+                conn.abort()
+                self._backlogged.discard(conn)
+                total -= size
         return shed
 
 
@@ -258,9 +273,13 @@ class WSConnection(asyncio.Protocol):
         self.shed("send buffer full")
 
     def buffered(self) -> int:
-        """Bytes queued for this socket and not yet taken by the kernel (0 once closing)."""
+        """Bytes queued for this socket and not yet taken by the kernel (closing or not)."""
         transport = self.transport
-        return 0 if self._closing or transport is None else int(transport.get_write_buffer_size())
+        return 0 if transport is None else int(transport.get_write_buffer_size())
+
+    @property
+    def closing(self) -> bool:
+        return self._closing
 
     def shed(self, why: str) -> None:
         """Close as a slow consumer (4001): what is queued goes first, then the close."""
