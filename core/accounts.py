@@ -26,6 +26,7 @@ from core.routing import Route, uuid_param
 from core.schemas import DisplayName, Email, User
 from core.tokens import Issuer, new_refresh_token, refresh_hash
 from core.validation import Checked
+from gateway.clientip import limit_key
 from gateway.ratelimit import Rate, RateLimiter, over_limit
 from gateway.settings import Settings
 
@@ -212,7 +213,7 @@ class Accounts:
     async def register(self, req: Request) -> Response:
         if not self._settings.registration_open:
             raise ApiError(403, "registration_closed", "registration is closed")
-        await self._limit(f"login-ip:{req.client}", self._settings.rate_login_ip, "attempts")
+        await self._limit(f"login-ip:{limit_key(req.client)}", self._settings.rate_login_ip, "attempts")
         data: RegisterIn = req.data
         password_hash = await self._passwords.hash(data.password)
         async with self._pool.acquire() as conn, conn.transaction():

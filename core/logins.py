@@ -7,7 +7,7 @@ keep what they counted:
   an account from one address uses up that address's allowance for it and
   nobody else's, so the owner still logs in from hers. A success resets it
   (whoever succeeds knows the password).
-- ``RATE_LOGIN_IP`` per client IP, over every account: bounds password
+- ``RATE_LOGIN_IP`` per client IP (an IPv6 address by its /64), over every account: bounds password
   spraying from one address. A success refunds its own attempt only, so
   logging in to one's own account cannot reset the count of failures
   against others.
@@ -20,6 +20,7 @@ check. Requests with no known IP (none should remain) share the key ``-``.
 from __future__ import annotations
 
 from core.errors import TooManyRequests
+from gateway.clientip import limit_key
 from gateway.ratelimit import Rate, RateLimiter
 
 __all__ = ["LoginGuard"]
@@ -33,7 +34,7 @@ class LoginGuard:
 
     async def begin(self, email: str, client: str) -> LoginAttempt:
         """Count an attempt for ``email`` from ``client``; `TooManyRequests` when over a limit."""
-        ip = client or "-"
+        ip = limit_key(client) if client else "-"
         # An IP never holds "|", so no (IP, e-mail) pair can stand for another.
         attempt = LoginAttempt(self, f"login-fail-ip:{ip}", f"login-fail:{ip}|{email.lower()}")
         counted: list[tuple[str, Rate]] = []

@@ -19,7 +19,7 @@ from collections.abc import Iterable
 
 from tornado.httputil import HTTPHeaders
 
-__all__ = ["TrustedProxies", "parse_ip"]
+__all__ = ["TrustedProxies", "limit_key", "parse_ip"]
 
 _Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 _Address = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -39,6 +39,20 @@ def parse_ip(raw: str) -> _Address | None:
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
         return address.ipv4_mapped
     return address
+
+
+def limit_key(ip: str) -> str:
+    """The key per-address limits count ``ip`` under: an IPv6 address by its /64.
+
+    One host is routinely given a whole /64, so counting each IPv6 address
+    alone would give it 2**64 allowances.
+    """
+    if ":" not in ip:
+        return ip
+    try:
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    except ValueError:
+        return ip
 
 
 class TrustedProxies:

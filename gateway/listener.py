@@ -49,7 +49,7 @@ from tornado.ioloop import IOLoop
 from tornado.iostream import IOStream, StreamClosedError, UnsatisfiableReadError
 
 from core.errors import error_body
-from gateway.clientip import TrustedProxies
+from gateway.clientip import TrustedProxies, limit_key
 from gateway.metrics import Metrics
 from gateway.proxyprotocol import ProxyHeaderError, read_proxy_header
 from gateway.settings import Settings
@@ -193,9 +193,10 @@ class Listener(HTTPServer):
             return
         super().handle_stream(stream, address)
 
-    def _admit(self, stream: IOStream, ip: str) -> bool:
-        """Count ``stream`` as pending for ``ip``, or answer 429 when ``ip`` has too many."""
-        if not self.proxies.trusts(ip) and self._pending.get(ip, 0) >= self.max_pending_per_ip:
+    def _admit(self, stream: IOStream, peer: str) -> bool:
+        """Count ``stream`` as pending for ``peer``, or answer 429 when it has too many."""
+        ip = limit_key(peer)
+        if not self.proxies.trusts(peer) and self._pending.get(ip, 0) >= self.max_pending_per_ip:
             self.metrics.handshake_failures.labels("pending_per_ip").inc()
             self._log_pending.log(logging.WARNING, "refused a connection from %s: %d connections "
                               "without complete headers", ip, self.max_pending_per_ip)  # fmt: skip

@@ -13,6 +13,7 @@ from tornado.httputil import HTTPHeaders
 
 from core.errors import TooManyRequests
 from gateway.auth import AuthError, Identity, token_from_header
+from gateway.clientip import limit_key
 from gateway.context import Context
 from gateway.http import ApiError
 from gateway.ratelimit import over_limit
@@ -50,7 +51,7 @@ async def admit_request(
             503, "draining", "this gateway is shutting down", headers={"Retry-After": "1"}
         )
     rate = ctx.settings.rate_connect_ip if new_connection else None
-    wait = await over_limit(ctx.limiter, f"connect-ip:{remote_ip}", rate)
+    wait = await over_limit(ctx.limiter, f"connect-ip:{limit_key(remote_ip)}", rate)
     if wait is not None:
         ctx.metrics.handshake_failures.labels("rate_limited").inc()
         raise ApiError.from_core(TooManyRequests(wait, "new connections"))
