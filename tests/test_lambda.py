@@ -630,3 +630,23 @@ def test_the_sam_template_parses_and_names_the_real_handler():
     assert {"DATABASE_URL", "DATABASE_SCHEMA"} <= set(env)
     assert set(env) <= {f.metadata["env"] for f in dataclasses.fields(Settings)}
     assert "VpcConfig" in props
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_authorization_is_the_same_on_lambda(core_http, auth, kind):
+    """An ordinary user is refused another's project and account on Lambda as over HTTP."""
+    created = create(core_http, auth)  # an admin's, owned by someone else
+    user = {"Authorization": f"Bearer {mint_token(Settings.from_env(), '424242', [])}"}
+    patch = json.dumps({"name": "mine now"}).encode()
+    for method, path, body, expected in [
+        ("PATCH", f"/api/projects/{created['id']}", patch, 403),
+        ("DELETE", f"/api/projects/{created['id']}", None, 403),
+        ("GET", "/api/users/1", None, 404),
+        ("GET", "/api/keys", None, 403),
+        ("GET", f"/api/projects/{created['id']}", None, 200),
+    ]:
+        request: dict[str, Any] = {"headers": user}
+        if body is not None:
+            request["body"] = body
+        lam, web = both(core_http, kind, method, path, **request)
+        assert lam.status == web.status == expected, (method, path, lam, web)
