@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import json
 import logging
 import sys
@@ -64,6 +65,12 @@ def serve_workers(settings: Settings, count: int) -> int:
 
 async def _serve(settings: Settings, worker: Worker | None = None) -> None:
     gateway = await make_app(settings, registry=None if worker is None else worker.registry)
+    # What start-up made lives as long as the process: out of the collector's
+    # way. Then its thresholds (GC_THRESHOLD): each full collection walks
+    # every session's objects, so with many of them, fewer collections.
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*settings.gc_threshold)
     port = gateway.listen(sockets=None if worker is None else worker.sockets())
     limit = raise_file_limit()
     log.info(
@@ -92,7 +99,10 @@ def _parser() -> argparse.ArgumentParser:
     token = sub.add_parser("token", help="mint a token for the running configuration")
     token.add_argument("--sub", required=True, help="subject (user id)")
     token.add_argument(
-        "--channels", action="append", default=[], help="channel pattern (repeatable, or comma list)"
+        "--channels",
+        action="append",
+        default=[],
+        help="channel pattern (repeatable, or comma list)",
     )
     token.add_argument("--pub", choices=["yes", "no"], help="client publishing allowed (claim pub)")
     token.add_argument("--ttl", type=float, default=3600.0, help="seconds until exp (default 3600)")

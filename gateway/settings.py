@@ -40,6 +40,13 @@ def _list(raw: str) -> tuple[str, ...]:
     return tuple(item.strip() for item in raw.split(",") if item.strip())
 
 
+def _gc_thresholds(raw: str) -> tuple[int, int, int]:
+    parts = [int(part) for part in raw.split(",")]
+    if len(parts) != 3 or parts[0] <= 0 or min(parts) < 0:
+        raise ValueError(f"expected three thresholds like 700,10,10, got {raw!r}")
+    return parts[0], parts[1], parts[2]
+
+
 def _optional(raw: str) -> str | None:
     return raw or None
 
@@ -162,10 +169,17 @@ class Settings:
         _optional,
     )
     database_schema: str = _setting(
-        "public", "DATABASE_SCHEMA", "Schema of the core's tables (created if missing).", _identifier
+        "public",
+        "DATABASE_SCHEMA",
+        "Schema of the core's tables (created if missing).",
+        _identifier,
     )
-    db_pool_min: int = _setting(2, "DB_POOL_MIN", "Connections the pool keeps open.", _non_negative_int)
-    db_pool_max: int = _setting(10, "DB_POOL_MAX", "Most connections the pool opens.", _positive_int)
+    db_pool_min: int = _setting(
+        2, "DB_POOL_MIN", "Connections the pool keeps open.", _non_negative_int
+    )
+    db_pool_max: int = _setting(
+        10, "DB_POOL_MAX", "Most connections the pool opens.", _positive_int
+    )
     db_connect_timeout: float = _setting(
         10.0, "DB_CONNECT_TIMEOUT", "Seconds to connect or acquire a connection.", _positive_float
     )
@@ -173,14 +187,18 @@ class Settings:
         10.0, "DB_COMMAND_TIMEOUT", "Seconds a query may run.", _positive_float
     )
     db_statement_cache_size: int = _setting(
-        100, "DB_STATEMENT_CACHE", "Prepared statements cached per connection (0: off).",
+        100,
+        "DB_STATEMENT_CACHE",
+        "Prepared statements cached per connection (0: off).",
         _non_negative_int,
     )
     max_body_bytes: int = _setting(
         1048576, "MAX_BODY_BYTES", "Largest REST request body (larger: 413).", _positive_int
     )
     idempotency_ttl: float = _setting(
-        86400.0, "IDEMPOTENCY_TTL", "Seconds an Idempotency-Key's response is kept.",
+        86400.0,
+        "IDEMPOTENCY_TTL",
+        "Seconds an Idempotency-Key's response is kept.",
         _positive_float,
     )
     jwt_secret: str | None = _setting(
@@ -353,7 +371,8 @@ class Settings:
         _positive_float,
     )
     max_header_bytes: int = _setting(
-        65536, "MAX_HEADER_BYTES",
+        65536,
+        "MAX_HEADER_BYTES",
         "Largest request line plus headers; larger: 414 or 431 (over twice this: closed).",
         _positive_int,
     )
@@ -365,7 +384,9 @@ class Settings:
         _positive_int,
     )
     longpoll_max_per_user: int = _setting(
-        8, "LONGPOLL_MAX_PER_USER", "Open long-poll sessions per user (token sub); more: 429.",
+        8,
+        "LONGPOLL_MAX_PER_USER",
+        "Open long-poll sessions per user (token sub); more: 429.",
         _positive_int,
     )
     max_longpoll_sessions: int = _setting(
@@ -462,6 +483,13 @@ class Settings:
     )
     longpoll_timeout: float = _setting(
         25.0, "LONGPOLL_TIMEOUT", "Seconds a long-poll waits for a message.", _positive_float
+    )
+    gc_threshold: tuple[int, int, int] = _setting(
+        (700, 10, 10),
+        "GC_THRESHOLD",
+        "The cyclic garbage collector's thresholds (gen0,gen1,gen2; Python's default 700,10,10). "
+        "Many long-poll sessions: 10000,10,100 (docs/performance.md).",
+        _gc_thresholds,
     )
     longpoll_idle: float = _setting(
         60.0,
