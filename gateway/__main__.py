@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import json
 import logging
 import sys
@@ -64,6 +65,12 @@ def serve_workers(settings: Settings, count: int) -> int:
 
 async def _serve(settings: Settings, worker: Worker | None = None) -> None:
     gateway = await make_app(settings, registry=None if worker is None else worker.registry)
+    # What start-up made lives as long as the process: out of the collector's
+    # way. Then its thresholds (GC_THRESHOLD): each full collection walks
+    # every session's objects, so with many of them, fewer collections.
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*settings.gc_threshold)
     port = gateway.listen(sockets=None if worker is None else worker.sockets())
     limit = raise_file_limit()
     log.info(

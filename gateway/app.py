@@ -52,6 +52,7 @@ from gateway.revocation import Revocations
 from gateway.runtime import LISTEN_BACKLOG
 from gateway.settings import Settings
 from gateway.transport.longpoll import LongPollHandler
+from gateway.transport.polls import PollMatches, PollServer
 from gateway.transport.sse import SSEHandler
 from gateway.transport.websocket import WebSocketServer
 from gateway.transport.wsconn import Coalescer
@@ -132,6 +133,7 @@ class Gateway:
         api = self.api = CoreHTTP(ctx.core, ctx.verifier, s.max_body_bytes, s.cors_origins)
         sockets_first = RuleRouter([
             Rule(PathMatches(r"/ws"), WebSocketServer(ctx)),
+            Rule(PollMatches(), PollServer(ctx)),
             Rule(AnyMatches(), api_router(api, self.app)),
         ])  # fmt: skip
         policy = RouteLimits(s, ctx.verifier, ctx.core.router, self.app)

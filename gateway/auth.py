@@ -179,6 +179,11 @@ class Verifier:
             return self._public
         raise AuthError("unknown_key", "no key for this token")
 
+    @property
+    def revoked(self) -> Container[str]:
+        """The revoked login sessions (``sid`` claims)."""
+        return self._revoked
+
     def verify(self, token: str, now: float | None = None) -> Identity:
         """The identity in ``token``, or `AuthError`.
 

@@ -5,7 +5,8 @@ client reaches first:
 
 * ``HEADER_TIMEOUT``: a request line and headers (and the wait for the next
   request on a kept-alive connection) must arrive within it, or the
-  connection is closed: Tornado's own header timeout, set here.
+  connection is closed (checked a few times per timeout by one timer over
+  the connections reading headers, rather than a timeout per read).
   ``MAX_HEADER_BYTES`` bounds their size: past it the answer is 414 (a
   longer request target) or 431, and past twice it Tornado closes the
   connection unanswered.
@@ -45,7 +46,7 @@ from typing import Any
 
 from tornado import httputil
 from tornado.httpserver import HTTPServer
-from tornado.ioloop import IOLoop
+from tornado.ioloop import IOLoop, PeriodicCallback
 from tornado.iostream import IOStream, StreamClosedError, UnsatisfiableReadError
 
 from core.errors import error_body
@@ -102,8 +103,11 @@ class Listener(HTTPServer):
     ) -> None:
         super().initialize(
             router,
-            idle_connection_timeout=settings.header_timeout,
-            body_timeout=settings.body_timeout,
+            # Both timeouts are this class's (`_expire`), not Tornado's: Tornado
+            # wraps each read of every request in a `gen.with_timeout`, a third of
+            # the CPU of a long-poll (many small requests); here it is a dict entry.
+            idle_connection_timeout=None,
+            body_timeout=None,
             # Past this Tornado closes the connection; between the two the guard answers 414/431.
             max_header_size=2 * settings.max_header_bytes,
             max_body_size=_UNBOUNDED,  # each route's own limit is the guard's
@@ -114,6 +118,11 @@ class Listener(HTTPServer):
         self.max_pending_per_ip = settings.max_pending_per_ip
         self.max_header_bytes = settings.max_header_bytes
         self.header_timeout = settings.header_timeout
+        self.body_timeout = settings.body_timeout
+        #: Stream -> monotonic time by which its headers (or its body) must be in.
+        self._deadlines: dict[object, float] = {}
+        every = max(0.05, min(settings.header_timeout, settings.body_timeout, 4.0) / 4)
+        self._expiry = PeriodicCallback(self._expire, every * 1000)
         self.proxy_protocol = settings.proxy_protocol
         self._log_proxy = ThrottledLog(log)
         self._proxy_reads: set[asyncio.Future[None]] = set()
@@ -126,6 +135,8 @@ class Listener(HTTPServer):
     # -- accept ----------------------------------------------------------------
 
     def add_sockets(self, sockets: Iterable[socket.socket]) -> None:
+        if not self._expiry.is_running():
+            self._expiry.start()
         for sock in sockets:
             self._sockets[sock.fileno()] = sock
             self._handlers[sock.fileno()] = self._watch(sock)
@@ -234,11 +245,35 @@ class Listener(HTTPServer):
             address = (source, *address[1:])
         super().handle_stream(stream, address)
 
+    def stop(self) -> None:
+        self._expiry.stop()
+        super().stop()
+
     def start_request(
         self, server_conn: object, request_conn: httputil.HTTPConnection
     ) -> httputil.HTTPMessageDelegate:
+        # Called as each request's headers start to be read (also the keep-alive wait).
+        stream = _stream_of(server_conn)
+        self._deadlines[stream] = time.monotonic() + self.header_timeout
         inner = super().start_request(server_conn, request_conn)
-        return _Guard(self, _stream_of(server_conn), request_conn, inner)
+        return _Guard(self, stream, request_conn, inner)
+
+    def reading(self, stream: object, body: bool) -> None:
+        """``stream``'s headers are in: it now has ``BODY_TIMEOUT`` for a body, or no deadline."""
+        if body:
+            self._deadlines[stream] = time.monotonic() + self.body_timeout
+        else:
+            self._deadlines.pop(stream, None)
+
+    def _expire(self) -> None:
+        """Close the connections past their header or body deadline (``HEADER_TIMEOUT``...)."""
+        now = time.monotonic()
+        late = [stream for stream, deadline in self._deadlines.items() if deadline <= now]
+        for stream in late:
+            del self._deadlines[stream]
+            if isinstance(stream, IOStream):
+                log.debug("closing a connection that sent no complete request in time")
+                stream.close()
 
     def headers_done(self, stream: object) -> None:
         """The connection on ``stream`` sent its first headers: it is pending no more."""
@@ -251,6 +286,7 @@ class Listener(HTTPServer):
                 del self._pending[peer]
 
     def on_close(self, server_conn: object) -> None:
+        self._deadlines.pop(_stream_of(server_conn), None)
         self.headers_done(_stream_of(server_conn))
         super().on_close(server_conn)
 
@@ -316,6 +352,8 @@ class _Guard(httputil.HTTPMessageDelegate):
         assert isinstance(start_line, httputil.RequestStartLine)
         listener = self._listener
         listener.headers_done(self._stream)
+        has_body = _has_body(headers)
+        listener.reading(self._stream, has_body)
         self._start = start_line
         # The context outlives this request (keep-alive): resolve from the TCP peer each time.
         context = getattr(self._conn, "context", None)
@@ -327,7 +365,7 @@ class _Guard(httputil.HTTPMessageDelegate):
         if oversized is not None:
             self._refuse(start_line, client, oversized)
             return None
-        if _has_body(headers):
+        if has_body:
             try:
                 self._limit = listener.policy(start_line, headers)
                 length = headers.get("Content-Length")
@@ -362,6 +400,7 @@ class _Guard(httputil.HTTPMessageDelegate):
         return self._inner.data_received(chunk)
 
     def finish(self) -> None:
+        self._listener.reading(self._stream, False)
         if not self._refused:
             self._inner.finish()
 

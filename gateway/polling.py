@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import hmac
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Container
 from typing import ClassVar
 
+from gateway.auth import Identity
 from gateway.hub import Prepared
 from gateway.session import Session
 from proto import JSON_CODEC, CloseCode, Codec
@@ -33,7 +35,11 @@ class PollSession:
         self.closed: CloseCode | None = None
         self.last_poll = time.monotonic()
         self.on_close: Callable[[], None] | None = None
-        self._wake = asyncio.Event()
+        #: The token of the last request whose signature was checked, and its identity.
+        self.token = ""
+        self.identity: Identity | None = None
+        self._waiter: Callable[[], None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
 
     # -- Transport -------------------------------------------------------------
 
@@ -50,7 +56,7 @@ class PollSession:
                 self.session.closed()
             if self.on_close is not None:
                 self.on_close()
-            self._wake.set()
+            self._release()
 
     def heartbeat(self, now: float, dead_after: float) -> None:
         return None  # polls are the heartbeat: see LongPollSessions.expire
@@ -67,25 +73,70 @@ class PollSession:
         self.seq += 1
         self.outbox.append((self.seq, payload))
         self.size += len(payload)
-        self._wake.set()
+        self._release()
 
     def ack(self, cursor: int) -> None:
         while self.outbox and self.outbox[0][0] <= cursor:
             self.size -= len(self.outbox.popleft()[1])
 
-    async def poll(self, cursor: int, wait: float) -> tuple[list[bytes], int]:
-        """Messages after ``cursor`` (waiting up to ``wait`` seconds for one), and the new cursor."""
+    def holds(self, token: str, now: float, revoked: Container[str]) -> bool:
+        """Whether ``token`` is the one last verified for this session, still valid at ``now``.
+
+        A poll carrying it needs no signature check: the same bytes were
+        verified (compared in constant time); expiry and revocation are still
+        checked here.
+        """
+        identity = self.identity
+        if identity is None or not token or not hmac.compare_digest(token, self.token):
+            return False
+        if identity.exp is not None and now >= identity.exp:
+            return False
+        return identity.sid is None or identity.sid not in revoked
+
+    def remember(self, token: str, identity: Identity) -> None:
+        """``token`` was verified and belongs to this session's subject."""
+        self.token, self.identity = token, identity
+
+    def answer(self, cursor: int) -> tuple[list[bytes], int]:
+        """Messages after ``cursor`` and the new cursor (everything up to ``cursor`` acknowledged)."""
         self.last_poll = time.monotonic()
         self.ack(cursor)
-        if not self.outbox and self.closed is None:
-            self._wake.clear()
-            try:
-                await asyncio.wait_for(self._wake.wait(), wait)
-            except TimeoutError:
-                pass
-        self.last_poll = time.monotonic()
         messages = [payload for seq, payload in self.outbox if seq > cursor]
         return messages, self.outbox[-1][0] if self.outbox else max(cursor, 0)
+
+    def ready(self) -> bool:
+        """A poll would be answered now (something to carry, or the session closed)."""
+        return bool(self.outbox) or self.closed is not None
+
+    def wait(self, on_ready: Callable[[], None], timeout: float) -> None:
+        """Call ``on_ready`` once something arrives, the session closes or ``timeout`` passes.
+
+        A session holds one waiting poll: a second one answers the first at
+        once (its client has moved on, or retries after losing the answer).
+        """
+        self._release()
+        self.last_poll = time.monotonic()
+        self._waiter = on_ready
+        self._timer = asyncio.get_running_loop().call_later(timeout, self._release)
+
+    def cancel_wait(self, on_ready: Callable[[], None]) -> None:
+        """Forget ``on_ready`` (its connection closed): the outbox keeps what it would carry."""
+        if self._waiter == on_ready:  # (bound methods: equal, not identical)
+            self._waiter = None
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+
+    def _release(self) -> None:
+        waiter, self._waiter = self._waiter, None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if waiter is not None:
+            # Called on the loop's next pass, not inside the delivery: messages
+            # queued together (a reply and its pushes) leave in one answer.
+            self.last_poll = time.monotonic()
+            asyncio.get_running_loop().call_soon(waiter)
 
 
 class LongPollSessions:
@@ -142,6 +193,10 @@ class LongPollSessions:
         held.discard(sid)
         if not held:
             del self._by_user[sub]
+
+    def find(self, sid: str) -> tuple[str, PollSession] | None:
+        """The session ``sid`` and the ``sub`` it belongs to."""
+        return self._sessions.get(sid)
 
     def get(self, sid: str, sub: str) -> PollSession | None:
         """The session ``sid`` if it belongs to ``sub``."""

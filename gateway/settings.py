@@ -40,6 +40,13 @@ def _list(raw: str) -> tuple[str, ...]:
     return tuple(item.strip() for item in raw.split(",") if item.strip())
 
 
+def _gc_thresholds(raw: str) -> tuple[int, int, int]:
+    parts = [int(part) for part in raw.split(",")]
+    if len(parts) != 3 or parts[0] <= 0 or min(parts) < 0:
+        raise ValueError(f"expected three thresholds like 700,10,10, got {raw!r}")
+    return parts[0], parts[1], parts[2]
+
+
 def _optional(raw: str) -> str | None:
     return raw or None
 
@@ -463,6 +470,13 @@ class Settings:
     longpoll_timeout: float = _setting(
         25.0, "LONGPOLL_TIMEOUT", "Seconds a long-poll waits for a message.", _positive_float
     )
+    gc_threshold: tuple[int, int, int] = _setting(
+        (700, 10, 10),
+        "GC_THRESHOLD",
+        "The cyclic garbage collector's thresholds (gen0,gen1,gen2; Python's default 700,10,10). "
+        "Many long-poll sessions: 10000,10,100 (docs/performance.md).",
+        _gc_thresholds,
+    )
     longpoll_idle: float = _setting(
         60.0,
         "LONGPOLL_IDLE",
@@ -506,6 +520,6 @@ class Settings:
             if isinstance(default, Rate):
                 default = str(default)
             elif isinstance(default, tuple):
-                default = ",".join(default)
+                default = ",".join(map(str, default))
             rows.append(f"  {f.metadata['env']:<20} {f.metadata['help']} [default: {default}]")
         return "\n".join(rows)

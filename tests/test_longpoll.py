@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import time
 
@@ -168,3 +169,127 @@ async def test_long_poll_sessions_have_their_own_capacity_apart_from_sockets():
             extra.close()
             for p in polls:
                 p.close()
+
+
+# -- polls are answered below tornado.web (gateway/transport/polls.py) ----------
+
+
+async def test_a_poll_proves_its_token_each_time_and_another_users_token_finds_nothing():
+    async with running_gateway(**FEED, longpoll_timeout=0.2) as gw:
+        token = token_for(gw, "alice", channels=("feed:*",))
+        p = await Poller(gw, token).open()
+        mallory = ApiClient(gw.port, token_for(gw, "mallory", channels=("feed:*",)))
+        forged = ApiClient(gw.port, token[:-4] + ("AAAA" if not token.endswith("AAAA") else "BBBB"))
+        anonymous = ApiClient(gw.port, None)
+        try:
+            assert (await p.poll())[0] == 200  # verified once, then held by the session
+            assert (await p.poll())[0] == 200
+            status, _, body = await mallory.call("GET", f"/lp/{p.sid}?cursor=0")
+            assert status == 404 and body["error"]["code"] == "not_found"
+            status, headers, body = await forged.call("GET", f"/lp/{p.sid}?cursor=0")
+            assert status == 401 and body["error"]["code"] == "unauthorized"
+            assert headers["WWW-Authenticate"] == "Bearer"
+            assert (await anonymous.call("GET", f"/lp/{p.sid}?cursor=0"))[0] == 401
+            assert (await anonymous.call("GET", f"/lp/{p.sid}?cursor=0&token={token}"))[0] == 200
+            # Another token of the same user (a refreshed one) is verified and then held.
+            p.api.token = token_for(gw, "alice", channels=("feed:*",), ttl=7200)
+            assert (await p.poll())[0] == 200
+            assert (await mallory.call("GET", "/lp/nosuchsession?cursor=0"))[0] == 404
+            status, _, body = await p.api.call("GET", f"/lp/{p.sid}?cursor=x")
+            assert status == 422 and body["error"]["code"] == "validation_error"
+            # Other methods still go to the web layer.
+            assert (await p.api.call("PUT", f"/lp/{p.sid}", raw=b""))[0] == 405
+            assert await p.send({"id": 1, "op": "ping"}) == 202
+            _, body = await p.poll()
+            assert body["messages"][0]["id"] == 1
+        finally:
+            for c in (mallory, forged, anonymous):
+                c.close()
+            p.close()
+
+
+async def test_a_token_that_expires_during_a_session_no_longer_polls():
+    async with running_gateway(**FEED, longpoll_timeout=0.2, token_grace=30) as gw:
+        token = token_for(gw, "alice", channels=("feed:*",), ttl=2)
+        exp = json.loads(base64.urlsafe_b64decode(token.split(".")[1] + "=="))["exp"]
+        p = await Poller(gw, token).open()
+        try:
+            assert (await p.poll())[0] == 200
+            assert (await p.poll())[0] == 200  # the session's held token
+            await asyncio.sleep(max(0.0, exp - time.time()) + 0.1)
+            status, body = await p.poll(0)
+            assert status == 401 and "expired" in body["error"]["message"]
+        finally:
+            p.close()
+
+
+async def test_a_revoked_login_session_no_longer_polls():
+    async with running_gateway(**FEED, longpoll_timeout=0.2) as gw:
+        token = token_for(gw, "alice", channels=("feed:*",), extra={"sid": "login-1"})
+        other = await Poller(gw, token_for(gw, "alice", channels=("feed:*",))).open()
+        p = await Poller(gw, token).open()
+        try:
+            assert (await p.poll())[0] == 200
+            assert (await p.poll())[0] == 200
+            gw.ctx.verifier.revoked.apply(["login-1"])  # what a logout does
+            status, body = await p.poll(0)
+            assert status == 401 and body["error"]["code"] == "unauthorized"
+            assert (await other.poll())[0] == 200  # the user's other login is untouched
+        finally:
+            other.close()
+            p.close()
+
+
+async def test_a_waiting_poll_is_answered_by_a_publication_or_a_close():
+    async with running_gateway(**FEED, longpoll_timeout=5.0) as gw:
+        p = await Poller(gw, token_for(gw, channels=("feed:*",))).open()
+        try:
+            await p.send({"id": 1, "op": "sub", "ch": "feed:5"})
+            await p.poll()
+            started = time.monotonic()
+            waiting = asyncio.ensure_future(p.poll())
+            await asyncio.sleep(0.2)
+            await gw.ctx.node.publish("feed:5", b'{"n":1}')
+            status, body = await asyncio.wait_for(waiting, 2)
+            assert status == 200 and [m["data"] for m in body["messages"]] == [{"n": 1}]
+            waiting = asyncio.ensure_future(p.poll())
+            await asyncio.sleep(0.2)
+            session = gw.ctx.longpoll.get(p.sid, "alice")
+            assert session is not None
+            session.disconnect(CloseCode.GOING_AWAY)
+            status, body = await asyncio.wait_for(waiting, 2)
+            assert status == 410 and body["close"] == {"code": CloseCode.GOING_AWAY}
+            assert time.monotonic() - started < 3  # neither waited for the timeout
+        finally:
+            p.close()
+
+
+async def test_a_poll_whose_client_went_away_loses_nothing_and_a_second_poll_ends_the_first():
+    async with running_gateway(**FEED, longpoll_timeout=5.0) as gw:
+        token = token_for(gw, channels=("feed:*",))
+        p = await Poller(gw, token).open()
+        try:
+            await p.send({"id": 1, "op": "sub", "ch": "feed:6"})
+            await p.poll()
+            # A poll waits, then its client hangs up before anything arrives.
+            _reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+            writer.write(f"GET /lp/{p.sid}?cursor={p.cursor} HTTP/1.1\r\nHost: x\r\n"
+                         f"Authorization: Bearer {token}\r\n\r\n".encode())  # fmt: skip
+            await writer.drain()
+            await asyncio.sleep(0.2)
+            writer.close()
+            await asyncio.sleep(0.2)
+            await gw.ctx.node.publish("feed:6", b'{"n":1}')
+            status, body = await p.poll()
+            assert status == 200 and [m["data"] for m in body["messages"]] == [{"n": 1}]
+            # Two polls at once: the second answers the first (empty), then gets the next message.
+            first = asyncio.ensure_future(p.poll(body["cursor"]))
+            await asyncio.sleep(0.2)
+            second = asyncio.ensure_future(p.poll(body["cursor"]))
+            status, early = await asyncio.wait_for(first, 2)
+            assert status == 200 and early == {"messages": [], "cursor": body["cursor"]}
+            await gw.ctx.node.publish("feed:6", b'{"n":2}')
+            status, late = await asyncio.wait_for(second, 2)
+            assert [m["data"] for m in late["messages"]] == [{"n": 2}]
+        finally:
+            p.close()

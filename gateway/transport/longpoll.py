@@ -6,6 +6,8 @@
     POST /lp/<session>   [frames] -> 202 (each frame as on the socket)
     GET  /lp/<session>?cursor=N   -> 200 {"messages": [...], "cursor": M}
 
+(Polls, the hot path, are answered by gateway/transport/polls.py, below tornado.web.)
+
 Every request carries the same token (``Authorization: Bearer``); a session
 belongs to the ``sub`` that made it. Everything the session would send on a
 socket (replies, pushes) goes into its outbox, numbered 1, 2, 3… A poll
@@ -94,21 +96,6 @@ class LongPollHandler(JsonHandler):
         for frame in frames:
             await poll.session.handle(bytes(frame))
         self.write_json({"accepted": len(frames)}, 202)
-
-    async def get(self, sid: str) -> None:
-        poll = _session(self.ctx.longpoll.get(sid, self.identity.sub))
-        try:
-            cursor = int(self.get_query_argument("cursor", "0"))
-        except ValueError:
-            raise ApiError(422, "validation_error", "cursor must be an integer") from None
-        messages, new_cursor = await poll.poll(cursor, self.ctx.settings.longpoll_timeout)
-        body = b'{"messages":[' + b",".join(messages) + b'],"cursor":%d' % new_cursor
-        if poll.closed is not None and not messages:
-            self.set_status(410)
-            body += b',"close":{"code":%d}' % int(poll.closed)
-        self.set_header("Content-Type", "application/json")
-        self.set_header("Cache-Control", "no-store")
-        self.finish(body + b"}")
 
     def on_connection_close(self) -> None:
         return None  # the outbox keeps what this poll would have carried

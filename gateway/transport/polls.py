@@ -1,0 +1,209 @@
+"""``GET /lp/<session>?cursor=N``: the long-poll's hot path, answered below Tornado's web layer.
+
+Every broadcast answers one poll per session and the client asks again at
+once, so a channel with 10,000 long-poll subscribers costs 10,000 HTTP
+requests a publication. Like ``/ws`` (gateway/transport/websocket.py), these
+requests are routed to `PollServer` before Tornado's `Application`: no
+RequestHandler, no coroutine, no per-poll task. Tornado's HTTP/1.1 connection
+parses the request (behind the listener's limits), then:
+
+* the token is checked as on every long-poll request: draining is 503, a
+  missing or bad token 401, a session of another ``sub`` (or none) 404. A
+  token byte-identical (constant-time compare) to the one last verified for
+  this session skips the signature check; its expiry and its login
+  session's revocation are still checked, and any other token is verified
+  in full (and then remembered for the session if its ``sub`` owns it);
+* the cursor acknowledges, and the answer is written at once when the
+  outbox holds something after it or the session is closed (410), or
+  else when something arrives, the session closes, or ``LONGPOLL_TIMEOUT``
+  passes: one callback from the session, no Event or task per poll;
+* the body is built from the outbox's already-encoded messages in one
+  concatenation: ``{"messages":[…],"cursor":N}``.
+
+The other long-poll requests (``POST /lp``, ``POST /lp/<session>``) stay on
+`LongPollHandler`; answers are the same on both paths.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from http import HTTPStatus
+from typing import Any
+from urllib.parse import parse_qs
+
+from tornado import httputil
+from tornado.routing import Matcher
+
+from core.errors import error_body
+from gateway.auth import API_KEY_PREFIX, AuthError, Identity, token_from_header
+from gateway.context import Context
+from gateway.http import ApiError
+from gateway.logs import redact
+from gateway.polling import PollSession
+
+__all__ = ["PollMatches", "PollServer"]
+
+log = logging.getLogger("gateway.longpoll")
+access_log = logging.getLogger("gateway.access")
+
+_PATH = re.compile(r"/lp/([A-Za-z0-9_-]{1,64})\Z")
+
+
+class PollMatches(Matcher):
+    """``GET /lp/<session>``: polls (the other methods go on to tornado.web)."""
+
+    def match(self, request: httputil.HTTPServerRequest) -> dict[str, Any] | None:
+        if request.method == "GET" and _PATH.match(request.path):
+            return {}
+        return None
+
+
+class PollServer(httputil.HTTPServerConnectionDelegate):
+    """One `_Poll` per poll request."""
+
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+
+    def start_request(
+        self, server_conn: object, request_conn: httputil.HTTPConnection
+    ) -> httputil.HTTPMessageDelegate:
+        return _Poll(self.ctx, request_conn)
+
+
+def _cursor(query: str) -> int:
+    value = "0"
+    for part in query.split("&"):
+        name, _, found = part.partition("=")
+        if name == "cursor":
+            value = found
+    try:
+        return int(value)
+    except ValueError:
+        raise ApiError(422, "validation_error", "cursor must be an integer") from None
+
+
+class _Poll(httputil.HTTPMessageDelegate):
+    __slots__ = ("_conn", "_ctx", "_cursor", "_done", "_headers", "_poll", "_start", "_started")
+
+    def __init__(self, ctx: Context, conn: httputil.HTTPConnection) -> None:
+        self._ctx = ctx
+        self._conn = conn
+        self._start: httputil.RequestStartLine | None = None
+        self._headers: httputil.HTTPHeaders | None = None
+        self._poll: PollSession | None = None
+        self._cursor = 0
+        self._done = False
+        self._started = time.monotonic()
+
+    def headers_received(
+        self,
+        start_line: httputil.RequestStartLine | httputil.ResponseStartLine,
+        headers: httputil.HTTPHeaders,
+    ) -> None:
+        assert isinstance(start_line, httputil.RequestStartLine)
+        self._start, self._headers = start_line, headers
+
+    def data_received(self, chunk: bytes) -> None:
+        return None  # a poll has no body; anything sent is ignored
+
+    def finish(self) -> None:
+        try:
+            poll = self._admit()
+        except ApiError as exc:
+            self._refuse(exc)
+            return
+        except Exception:
+            log.exception("long-poll failed")
+            self._refuse(ApiError(500, "internal", "internal error"))
+            return
+        self._poll = poll
+        poll.ack(self._cursor)
+        if poll.ready():
+            self._answer()
+        else:
+            poll.wait(self._answer, self._ctx.settings.longpoll_timeout)
+
+    def on_connection_close(self) -> None:
+        # The outbox keeps what this poll would have carried.
+        self._done = True
+        if self._poll is not None:
+            self._poll.cancel_wait(self._answer)
+
+    def _admit(self) -> PollSession:
+        ctx, start, headers = self._ctx, self._start, self._headers
+        assert start is not None and headers is not None
+        if ctx.status.draining:
+            raise ApiError(
+                503, "draining", "this gateway is shutting down", headers={"Retry-After": "1"}
+            )
+        path, _, query = start.path.partition("?")
+        match = _PATH.match(path)
+        assert match is not None  # PollMatches routed it here
+        self._cursor = _cursor(query) if query else 0
+        token = token_from_header(headers.get("Authorization"))
+        if token is None and query:
+            token = parse_qs(query).get("token", [""])[0]
+        token = token or ""
+        found = ctx.longpoll.find(match.group(1))
+        if found is not None and found[1].holds(token, time.time(), ctx.verifier.revoked):
+            return found[1]
+        identity = self._verify(token)
+        if found is None or found[0] != identity.sub:
+            raise ApiError(404, "not_found", "no such long-poll session")
+        if not token.startswith(API_KEY_PREFIX):  # a key's revocation is not in its bytes
+            found[1].remember(token, identity)
+        return found[1]
+
+    def _verify(self, token: str) -> Identity:
+        ctx = self._ctx
+        try:
+            return ctx.verifier.verify(token)
+        except AuthError as exc:
+            ctx.metrics.handshake_failures.labels(exc.reason).inc()
+            log.info("long-poll refused: %s", exc.reason)
+            raise ApiError(401, "unauthorized", exc.message) from None
+
+    def _answer(self) -> None:
+        poll = self._poll
+        if self._done or poll is None:
+            return
+        messages, cursor = poll.answer(self._cursor)
+        body = b'{"messages":[' + b",".join(messages) + b'],"cursor":%d' % cursor
+        status = 200
+        if poll.closed is not None and not messages:
+            status = 410
+            body += b',"close":{"code":%d}' % int(poll.closed)
+        self._write(status, {}, body + b"}")
+
+    def _refuse(self, exc: ApiError) -> None:
+        status = exc.status_code
+        headers = dict(exc.headers)
+        if status == 401:
+            headers["WWW-Authenticate"] = "Bearer"
+        self._write(status, headers, error_body(status, exc.code, exc.message))
+
+    def _write(self, status: int, extra: dict[str, str], body: bytes) -> None:
+        self._done = True
+        out = httputil.HTTPHeaders(extra)
+        out["Content-Type"] = "application/json"
+        out["Cache-Control"] = "no-store"
+        out["Content-Length"] = str(len(body))
+        line = httputil.ResponseStartLine("HTTP/1.1", status, HTTPStatus(status).phrase)
+        try:
+            self._conn.write_headers(line, out, body)
+            self._conn.finish()
+        except Exception as exc:  # the client went away meanwhile
+            log.debug("long-poll answer not written: %s", exc)
+            return
+        self._log(status)
+
+    def _log(self, status: int) -> None:
+        level = logging.INFO if status < 400 else logging.WARNING
+        if access_log.isEnabledFor(level):
+            start = self._start
+            remote_ip = getattr(getattr(self._conn, "context", None), "remote_ip", "")
+            access_log.log(level, "%d GET %s (%s) %.2fms", status,
+                           redact(start.path if start else ""), remote_ip,
+                           1000.0 * (time.monotonic() - self._started))  # fmt: skip
