@@ -38,6 +38,7 @@ import asyncio
 import errno
 import logging
 import socket
+import time
 from asyncio import Future
 from collections.abc import Callable, Iterable
 from functools import partial
