@@ -114,7 +114,7 @@ def _operation(route: Route, query_params: list[dict[str, Any]]) -> dict[str, An
         errors.update((401, 403))
     if route.body or route.form or route.query or route.idempotent:
         errors.add(422)
-    if route.body is not None:
+    if route.body is not None or route.form is not None:
         errors.add(413)
     if route.idempotent:
         errors.add(409)
