@@ -66,13 +66,13 @@ class Node:
         usage = getattr(broker, "pool_usage", None)
         if usage is not None:
             metrics.watch_redis_pool(usage)
-        #: History reads under way, by (channel, after, limit), with the number
-        #: each was issued as: a storm of sockets recovering one channel reads it
-        #: once (`history`).
+        #: History reads under way, by (channel, after, limit): a storm of
+        #: sockets recovering one channel reads it once (`history`).
         self._reading: dict[
-            tuple[str, int, int], tuple[int, asyncio.Future[tuple[list[Entry], Position | None]]]
+            tuple[str, int, int], asyncio.Future[tuple[list[Entry], Position | None]]
         ] = {}
-        self._reads = 0
+        #: The last position broadcast here, per history channel with members.
+        self._seen: dict[str, Position] = {}
         self._pending: dict[str, _Pending] = {}
         #: Channels whose last local member left, to UNSUBSCRIBE in batches.
         self._leaving: dict[str, None] = {}
@@ -149,6 +149,7 @@ class Node:
                     del self._leaving[ch]
                     if not self.hub.has_subscribers(ch) and ch not in self._pending:
                         batch.append(ch)
+                        self._seen.pop(ch, None)
                 if batch:
                     await self.broker.unsubscribe_many(batch)
         except Exception:
@@ -214,37 +215,34 @@ class Node:
             self.broker, self.history_policy, ch, data, self.max_publication_bytes, checked=checked
         )
 
-    def history_mark(self) -> int:
-        """Where history reads stand now: pass it to `history` as ``after_mark``."""
-        return self._reads
+    def seen(self, ch: str) -> Position | None:
+        """The last position of ``ch`` broadcast to this node's members (None: none yet).
+
+        A subscriber that begins to hold live publications notes it: a history
+        read that stands before it (`history` may hand out one already under
+        way) misses what came in between, and must be read again.
+        """
+        return self._seen.get(ch)
 
     async def history(
-        self, ch: str, after: int, limit: int, *, after_mark: int | None = None
+        self, ch: str, after: int, limit: int, *, fresh: bool = False
     ) -> tuple[list[Entry], Position | None]:
         """Kept publications of ``ch`` after offset ``after``, and where it stands.
 
         Entries that are not publishable (a backend may append to history
-        itself) are left out, as their live publication was.
-
-        With ``after_mark`` (a `history_mark` taken when the caller began to
-        hold live publications), the caller may share a read under way for the
-        same arguments, but only one issued after that mark: an older read
-        could miss publications that came before the caller held them.
+        itself) are left out, as their live publication was. Callers asking
+        the same at once share one read (``fresh``: start a new one, which
+        later callers then share).
         """
         key = (ch, after, limit)
-        under_way = self._reading.get(key)
-        if after_mark is not None and under_way is not None and under_way[0] > after_mark:
-            return await asyncio.shield(under_way[1])
-        self._reads += 1
-        index = self._reads
-        reading = asyncio.ensure_future(self._read_history(*key))
-        reading.add_done_callback(lambda f: self._read(key, index, f))
-        self._reading[key] = (index, reading)
+        reading = None if fresh else self._reading.get(key)
+        if reading is None:
+            reading = self._reading[key] = asyncio.ensure_future(self._read_history(*key))
+            reading.add_done_callback(lambda f: self._read(key, f))
         return await asyncio.shield(reading)
 
-    def _read(self, key: tuple[str, int, int], index: int, reading: asyncio.Future[Any]) -> None:
-        under_way = self._reading.get(key)
-        if under_way is not None and under_way[0] == index:
+    def _read(self, key: tuple[str, int, int], reading: asyncio.Future[Any]) -> None:
+        if self._reading.get(key) is reading:
             del self._reading[key]
         if not reading.cancelled():
             reading.exception()  # retrieved: every waiter got it, or none was left
@@ -300,6 +298,8 @@ class Node:
             return
         payload = self._publishable(ch, data, "live")
         if payload is not None:
+            if position is not None:
+                self._seen[ch] = position
             self.hub.broadcast(ch, payload, position)
 
     def _spawn(self, coro: Coroutine[Any, Any, object]) -> None:

@@ -378,13 +378,18 @@ class Session:
         ch, since, conn = cmd.ch, cmd.since, self.conn
         held = self.held = self.held if self.held is not None else {}
         held[ch] = []
-        mark = self.node.history_mark()  # from here on, live publications are held
+        seen = self.node.seen(ch)  # from here on, live publications are held
         try:
             await self.node.subscribe(ch, self)
             after = since.offset if since is not None else MAX_OFFSET
-            entries, top = await self.node.history(
-                ch, after, self.node.history_policy.size, after_mark=mark
-            )
+            size = self.node.history_policy.size
+            entries, top = await self.node.history(ch, after, size)
+            if seen is not None and (
+                top is None or top.epoch != seen.epoch or top.offset < seen.offset
+            ):
+                # A read shared with others that stands before what this node had
+                # broadcast when we began to hold: what came between is in neither.
+                entries, top = await self.node.history(ch, after, size, fresh=True)
         except BaseException:
             held.pop(ch, None)
             self.node.unsubscribe(ch, self)
