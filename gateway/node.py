@@ -68,8 +68,11 @@ class Node:
             metrics.watch_redis_pool(usage)
         #: History reads under way, by (channel, after, limit): a storm of
         #: sockets recovering one channel reads it once (`history`).
+        #: Each with the last position broadcast here when it was issued (its
+        #: answer holds at least that much).
         self._reading: dict[
-            tuple[str, int, int], asyncio.Future[tuple[list[Entry], Position | None]]
+            tuple[str, int, int],
+            tuple[Position | None, asyncio.Future[tuple[list[Entry], Position | None]]],
         ] = {}
         #: The last position broadcast here, per history channel with members.
         self._seen: dict[str, Position] = {}
@@ -149,7 +152,7 @@ class Node:
                     del self._leaving[ch]
                     if not self.hub.has_subscribers(ch) and ch not in self._pending:
                         batch.append(ch)
-                        self._seen.pop(ch, None)
+                        self._forget(ch)
                 if batch:
                     await self.broker.unsubscribe_many(batch)
         except Exception:
@@ -218,31 +221,38 @@ class Node:
     def seen(self, ch: str) -> Position | None:
         """The last position of ``ch`` broadcast to this node's members (None: none yet).
 
-        A subscriber that begins to hold live publications notes it: a history
-        read that stands before it (`history` may hand out one already under
-        way) misses what came in between, and must be read again.
+        A subscriber notes it when it begins to hold live publications and
+        passes it to `history` as ``covering``.
         """
         return self._seen.get(ch)
 
     async def history(
-        self, ch: str, after: int, limit: int, *, fresh: bool = False
+        self, ch: str, after: int, limit: int, *, covering: Position | None = None
     ) -> tuple[list[Entry], Position | None]:
         """Kept publications of ``ch`` after offset ``after``, and where it stands.
 
         Entries that are not publishable (a backend may append to history
-        itself) are left out, as their live publication was. Callers asking
-        the same at once share one read (``fresh``: start a new one, which
-        later callers then share).
+        itself) are left out, as their live publication was.
+
+        Callers asking the same at once share one read, when it covers what
+        they need: a subscriber that began to hold live publications once
+        this node had broadcast ``covering`` shares a read only if it was
+        issued after that broadcast (so its answer holds it, and everything
+        later was held). A reconnect storm on one channel reads it a few
+        times, not once per socket.
         """
         key = (ch, after, limit)
-        reading = None if fresh else self._reading.get(key)
-        if reading is None:
-            reading = self._reading[key] = asyncio.ensure_future(self._read_history(*key))
-            reading.add_done_callback(lambda f: self._read(key, f))
+        under_way = self._reading.get(key)
+        if under_way is not None and _covers(under_way[0], covering):
+            return await asyncio.shield(under_way[1])
+        reading = asyncio.ensure_future(self._read_history(*key))
+        reading.add_done_callback(lambda f: self._read(key, f))
+        self._reading[key] = (self._seen.get(ch), reading)
         return await asyncio.shield(reading)
 
     def _read(self, key: tuple[str, int, int], reading: asyncio.Future[Any]) -> None:
-        if self._reading.get(key) is reading:
+        under_way = self._reading.get(key)
+        if under_way is not None and under_way[1] is reading:
             del self._reading[key]
         if not reading.cancelled():
             reading.exception()  # retrieved: every waiter got it, or none was left
@@ -302,7 +312,20 @@ class Node:
                 self._seen[ch] = position
             self.hub.broadcast(ch, payload, position)
 
+    def _forget(self, ch: str) -> None:
+        """``ch`` leaves the broker: what was seen and read before never covers a later member."""
+        self._seen.pop(ch, None)
+        for key in [key for key in self._reading if key[0] == ch]:
+            del self._reading[key]
+
     def _spawn(self, coro: Coroutine[Any, Any, object]) -> None:
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+
+def _covers(issued: Position | None, needed: Position | None) -> bool:
+    """Whether a read issued when ``issued`` had been broadcast holds ``needed``."""
+    if needed is None:
+        return True
+    return issued is not None and issued.epoch == needed.epoch and issued.offset >= needed.offset

@@ -383,13 +383,7 @@ class Session:
             await self.node.subscribe(ch, self)
             after = since.offset if since is not None else MAX_OFFSET
             size = self.node.history_policy.size
-            entries, top = await self.node.history(ch, after, size)
-            if seen is not None and (
-                top is None or top.epoch != seen.epoch or top.offset < seen.offset
-            ):
-                # A read shared with others that stands before what this node had
-                # broadcast when we began to hold: what came between is in neither.
-                entries, top = await self.node.history(ch, after, size, fresh=True)
+            entries, top = await self.node.history(ch, after, size, covering=seen)
         except BaseException:
             held.pop(ch, None)
             self.node.unsubscribe(ch, self)
