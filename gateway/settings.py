@@ -145,9 +145,11 @@ class Settings:
         _positive_int,
     )
     redis_pool_timeout: float = _setting(
-        5.0,
+        15.0,
         "REDIS_POOL_TIMEOUT",
-        "Seconds a command waits for a pooled Redis connection before it fails (temporary error).",
+        "Seconds a command waits for a pooled Redis connection before it fails (temporary error); "
+        "long, because in a reconnect storm the wait is the event loop's, and a failure makes "
+        "the client ask again.",
         _positive_float,
     )
     redis_health_interval: float = _setting(

@@ -167,7 +167,7 @@ class RedisBroker(Broker):
         health_interval: float = 3.0,
         health_timeout: float = 2.0,
         pool_size: int = 64,
-        pool_timeout: float = 5.0,
+        pool_timeout: float = 15.0,
     ) -> None:
         """``health_interval``: ping a subscriber link quiet for that long (0: never);
         ``health_timeout``: seconds for anything to come back before the link
