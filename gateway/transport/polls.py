@@ -29,24 +29,24 @@ from __future__ import annotations
 import logging
 import re
 import time
-from http import HTTPStatus
 from typing import Any
 from urllib.parse import parse_qs
 
 from tornado import httputil
 from tornado.routing import Matcher
 
-from core.errors import error_body
 from gateway.auth import API_KEY_PREFIX, AuthError, Identity, token_from_header
 from gateway.context import Context
 from gateway.http import ApiError
 from gateway.logs import redact
 from gateway.polling import PollSession
+from gateway.transport.delegate import BodylessRequest
 
 __all__ = ["PollMatches", "PollServer"]
 
 log = logging.getLogger("gateway.longpoll")
 access_log = logging.getLogger("gateway.access")
+_NO_STORE = {"Cache-Control": "no-store"}
 
 _PATH = re.compile(r"/lp/([A-Za-z0-9_-]{1,64})\Z")
 
@@ -84,29 +84,16 @@ def _cursor(query: str) -> int:
         raise ApiError(422, "validation_error", "cursor must be an integer") from None
 
 
-class _Poll(httputil.HTTPMessageDelegate):
-    __slots__ = ("_conn", "_ctx", "_cursor", "_done", "_headers", "_poll", "_start", "_started")
+class _Poll(BodylessRequest):
+    __slots__ = ("_ctx", "_cursor", "_done", "_poll", "_started")
 
     def __init__(self, ctx: Context, conn: httputil.HTTPConnection) -> None:
+        super().__init__(conn)
         self._ctx = ctx
-        self._conn = conn
-        self._start: httputil.RequestStartLine | None = None
-        self._headers: httputil.HTTPHeaders | None = None
         self._poll: PollSession | None = None
         self._cursor = 0
         self._done = False
         self._started = time.monotonic()
-
-    def headers_received(
-        self,
-        start_line: httputil.RequestStartLine | httputil.ResponseStartLine,
-        headers: httputil.HTTPHeaders,
-    ) -> None:
-        assert isinstance(start_line, httputil.RequestStartLine)
-        self._start, self._headers = start_line, headers
-
-    def data_received(self, chunk: bytes) -> None:
-        return None  # a poll has no body; anything sent is ignored
 
     def finish(self) -> None:
         try:
@@ -178,26 +165,14 @@ class _Poll(httputil.HTTPMessageDelegate):
         self._write(status, {}, body + b"}")
 
     def _refuse(self, exc: ApiError) -> None:
-        status = exc.status_code
-        headers = dict(exc.headers)
-        if status == 401:
-            headers["WWW-Authenticate"] = "Bearer"
-        self._write(status, headers, error_body(status, exc.code, exc.message))
+        self._done = True
+        if self.refuse(exc, _NO_STORE):
+            self._log(exc.status_code)
 
     def _write(self, status: int, extra: dict[str, str], body: bytes) -> None:
         self._done = True
-        out = httputil.HTTPHeaders(extra)
-        out["Content-Type"] = "application/json"
-        out["Cache-Control"] = "no-store"
-        out["Content-Length"] = str(len(body))
-        line = httputil.ResponseStartLine("HTTP/1.1", status, HTTPStatus(status).phrase)
-        try:
-            self._conn.write_headers(line, out, body)
-            self._conn.finish()
-        except Exception as exc:  # the client went away meanwhile
-            log.debug("long-poll answer not written: %s", exc)
-            return
-        self._log(status)
+        if self.answer(status, {**extra, **_NO_STORE}, body):
+            self._log(status)
 
     def _log(self, status: int) -> None:
         level = logging.INFO if status < 400 else logging.WARNING

@@ -27,19 +27,18 @@ import base64
 import hashlib
 import logging
 import time
-from http import HTTPStatus
 from urllib.parse import parse_qs
 
 from tornado import httputil
 from tornado.http1connection import HTTP1Connection
 
-from core.errors import error_body
 from gateway.auth import Identity
 from gateway.context import Context
 from gateway.http import ApiError
 from gateway.logs import redact
 from gateway.session import Session
 from gateway.transport.admission import admit_request
+from gateway.transport.delegate import BodylessRequest
 from gateway.transport.wsconn import WSConnection
 from proto import Codec, Connection, select_codec
 
@@ -74,25 +73,12 @@ class WebSocketServer(httputil.HTTPServerConnectionDelegate):
         task.add_done_callback(self._tasks.discard)
 
 
-class _Upgrade(httputil.HTTPMessageDelegate):
-    __slots__ = ("_conn", "_headers", "_server", "_start")
+class _Upgrade(BodylessRequest):
+    __slots__ = ("_server",)
 
     def __init__(self, server: WebSocketServer, conn: httputil.HTTPConnection) -> None:
+        super().__init__(conn)
         self._server = server
-        self._conn = conn
-        self._start: httputil.RequestStartLine | None = None
-        self._headers: httputil.HTTPHeaders | None = None
-
-    def headers_received(
-        self,
-        start_line: httputil.RequestStartLine | httputil.ResponseStartLine,
-        headers: httputil.HTTPHeaders,
-    ) -> None:
-        assert isinstance(start_line, httputil.RequestStartLine)
-        self._start, self._headers = start_line, headers
-
-    def data_received(self, chunk: bytes) -> None:
-        return None  # a handshake has no body; anything sent is ignored
 
     def finish(self) -> None:
         self._server.spawn(self)
@@ -156,21 +142,9 @@ class _Upgrade(httputil.HTTPMessageDelegate):
         transport.set_write_buffer_limits(high=settings.send_buffer_bytes)
 
     def _refuse(self, exc: ApiError) -> None:
-        status = exc.status_code
-        body = error_body(status, exc.code, exc.message)
-        out = httputil.HTTPHeaders(exc.headers)
-        out["Content-Type"] = "application/json"
-        out["Content-Length"] = str(len(body))
-        if status == 401:
-            out["WWW-Authenticate"] = "Bearer"
-        line = httputil.ResponseStartLine("HTTP/1.1", status, HTTPStatus(status).phrase)
-        try:
-            self._conn.write_headers(line, out, body)
-            self._conn.finish()
-        except Exception as exc2:  # the client went away meanwhile
-            log.debug("refusal not written: %s", exc2)
+        self.refuse(exc)
         assert self._start is not None
-        access_log.warning("%d %s %s", status, self._start.method, redact(self._start.path))
+        access_log.warning("%d %s %s", exc.status_code, self._start.method, redact(self._start.path))
 
 
 def _handshake(ctx: Context, headers: httputil.HTTPHeaders) -> tuple[Codec, bytes]:
