@@ -326,7 +326,7 @@ class WebSocketProtocol:
                 decoder, self._utf8 = self._utf8, None
                 if self._text and not payload.isascii():
                     if decoder is None:
-                        _decode(_utf8_decoder(), payload, final=True)
+                        _check_utf8(payload)
                     else:
                         _decode(decoder, payload[checked:], final=True)
                 return payload
@@ -360,6 +360,13 @@ class WebSocketProtocol:
 def _decode(decoder: codecs.IncrementalDecoder, data: bytes, final: bool) -> None:
     try:
         decoder.decode(data, final)
+    except UnicodeDecodeError as exc:
+        raise FrameError(INVALID_DATA, "invalid UTF-8 in a text message") from exc
+
+
+def _check_utf8(data: bytes) -> None:
+    try:
+        data.decode()
     except UnicodeDecodeError as exc:
         raise FrameError(INVALID_DATA, "invalid UTF-8 in a text message") from exc
 
