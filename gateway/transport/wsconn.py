@@ -65,6 +65,8 @@ MAX_PENDING = 64
 #: Seconds between two sums of the send buffers against the process-wide budget.
 BUDGET_CHECK = 0.1
 _PING = bytes((0x80 | OP_PING, 0))
+#: The command tasks running now, one per busy connection (idle ones hold none).
+_RUNNING: set[asyncio.Task[None]] = set()
 
 
 def _unsent(transport: Any) -> int:
@@ -354,7 +356,9 @@ class WSConnection(asyncio.Protocol):
                 self.transport.pause_reading()
             return
         self._running = True
-        asyncio.get_running_loop().create_task(self._run(payload))
+        task = asyncio.get_running_loop().create_task(self._run(payload))
+        _RUNNING.add(task)  # the loop keeps only a weak reference to a task
+        task.add_done_callback(_RUNNING.discard)
 
     async def _run(self, payload: bytes) -> None:
         """Run this connection's commands in order until none is waiting."""
