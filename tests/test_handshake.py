@@ -23,6 +23,7 @@ from gateway.loadtest.wsclient import client_frame
 from tests.harness import SECRET, running_gateway, token_for, unique_prefix
 from tests.servers import UNIT
 from tests.test_listener import Raw, raw, request
+from tests.test_longpoll import Poller
 from tests.test_processes import GatewayProcess
 
 
@@ -195,3 +196,34 @@ async def test_a_command_sent_with_the_upgrade_request_is_answered(writes):
                 assert json.loads(payload) == {"id": cid, "ok": True}
         finally:
             writer.close()
+
+
+@pytest.mark.parametrize("token", [None, "bad-token"])
+async def test_a_refused_upgrade_closes_and_the_frames_behind_it_are_not_read_as_a_request(token):
+    async with running_gateway() as gw, raw(gw.port) as c:
+        upgrade = handshake_request(f"127.0.0.1:{gw.port}", "/ws", token)
+        # A frame that ends like a request head, which a kept-alive connection would answer 400.
+        await c.send(upgrade + client_frame(b'{"op":"ping","id":1}') + b"\r\n\r\n")
+        status, headers, body = await c.response()
+        assert status == 401 and body["error"]["code"] == "unauthorized"
+        assert headers["connection"] == "close" and headers["www-authenticate"] == "Bearer"
+        assert await asyncio.wait_for(c.reader.read(), 2 * UNIT) == b""  # nothing more: closed
+
+
+async def test_requests_pipelined_behind_a_poll_are_still_served_in_order():
+    # A poll is answered on Tornado's connection (no detach): what follows it is the next request.
+    async with running_gateway() as gw:
+        token = token_for(gw)
+        p = await Poller(gw, token).open()
+        try:
+            assert await p.send({"id": 1, "op": "ping"}) == 202
+            auth = {"Authorization": f"Bearer {token}"}
+            async with raw(gw.port) as c:
+                await c.send(
+                    request("GET", f"/lp/{p.sid}?cursor=0", auth) + request("GET", "/healthz")
+                )
+                status, _, body = await c.response()
+                assert status == 200 and body["messages"] == [{"id": 1, "ok": True}]
+                assert (await c.response())[0] == 200
+        finally:
+            p.close()

@@ -30,11 +30,13 @@ import base64
 import hashlib
 import logging
 import time
+from http import HTTPStatus
 from urllib.parse import parse_qs
 
 from tornado import httputil
 from tornado.http1connection import HTTP1Connection
 
+from core.errors import error_body
 from gateway.auth import Identity
 from gateway.context import Context
 from gateway.http import ApiError
@@ -149,9 +151,27 @@ class _Upgrade(BodylessRequest):
         transport.set_write_buffer_limits(high=settings.send_buffer_bytes)
 
     def _refuse(self, exc: ApiError) -> None:
-        self.refuse(exc)
-        assert self._start is not None
+        # A refused upgrade ends the connection, as python-websockets does:
+        # what the client sent behind its request are frames, not a request.
+        assert isinstance(self._conn, HTTP1Connection) and self._start is not None
+        stream = self._conn.detach()
+        if not stream.closed():
+            answer = _refusal(exc, head_only=self._start.method == "HEAD")
+            stream.write(answer).add_done_callback(lambda _: stream.close())
         access_log.warning("%d %s %s", exc.status_code, self._start.method, redact(self._start.path))
+
+
+def _refusal(exc: ApiError, head_only: bool) -> bytes:
+    """The response refusing an upgrade: the JSON error body, then the connection closes."""
+    status = exc.status_code
+    body = error_body(status, exc.code, exc.message)
+    headers = {**exc.headers, "Content-Type": "application/json",
+               "Content-Length": str(len(body)), "Connection": "close"}  # fmt: skip
+    if status == 401:
+        headers["WWW-Authenticate"] = "Bearer"
+    lines = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
+    head = f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\n{lines}\r\n".encode("latin-1")
+    return head if head_only else head + body
 
 
 def _handshake(
