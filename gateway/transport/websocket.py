@@ -229,7 +229,7 @@ def _upgrade_key(start: httputil.RequestStartLine, headers: httputil.HTTPHeaders
         valid = False
     if not valid:
         raise ApiError(400, "bad_request",
-                       "Sec-WebSocket-Key must be the base64 of 16 bytes (RFC 6455 4.1)")  # fmt: skip
+                       "Sec-WebSocket-Key must be the base64 of 16 bytes (RFC 6455 section 4.2.1)")  # fmt: skip
     return key
 
 
