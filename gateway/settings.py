@@ -363,7 +363,7 @@ class Settings:
     )
     max_header_bytes: int = _setting(
         65536, "MAX_HEADER_BYTES",
-        "Largest request line plus headers; larger: 414 or 431 (over twice this: closed).",
+        "Largest request line plus headers, in bytes as sent; larger: 414 or 431, then closed.",
         _positive_int,
     )
     max_pending_per_ip: int = _setting(

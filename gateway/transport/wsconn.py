@@ -190,6 +190,7 @@ class WSConnection(asyncio.Protocol):
         "_closing",
         "_coalescer",
         "_code",
+        "_early",
         "_end",
         "_inbox",
         "_last_seen",
@@ -215,8 +216,10 @@ class WSConnection(asyncio.Protocol):
         metrics: Metrics,
         max_frame: int,
         coalescer: Coalescer,
+        early: bytes = b"",
     ) -> None:
         self._response = response  # the 101, written first
+        self._early = early  # what the client sent behind its upgrade request
         self.codec = codec
         self._make_session = make_session
         self._metrics = metrics
@@ -244,6 +247,9 @@ class WSConnection(asyncio.Protocol):
         self.session = session = self._make_session(self)
         session.open()
         log.info("socket open", extra={"conn": session.client_id, "user": session.identity.sub})
+        if self._early:
+            early, self._early = self._early, b""
+            self.data_received(early)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
