@@ -17,10 +17,9 @@ coroutine or task: only the transport, this protocol and its `Session`.
 * The transport's high-water mark is the send buffer bound
   (``SEND_BUFFER_BYTES``): when the event loop says to pause writing, the
   client is a slow consumer and is closed with 4001.
-* A peer's close is answered at once and the TCP connection closed behind
-  it; a peer that breaks the protocol gets the replies to the commands it
-  sent before the violation, then the close frame (1002, 1007 or 1009), and
-  the TCP connection is closed.
+* A peer that sends its close frame, or breaks the protocol, gets the
+  replies to the commands it sent before, then the close frame (its own
+  code, or 1002, 1007, 1009), and the TCP connection is closed.
 * Closing sends the close frame once, then waits up to `CLOSE_TIMEOUT`
   seconds for the peer's before dropping the socket; a peer still reading
   through what was queued before the close (a closed slow consumer) gets
@@ -312,12 +311,12 @@ class WSConnection(asyncio.Protocol):
     # -- frames in ---------------------------------------------------------
 
     def _ended(self) -> None:
-        """The protocol closed: the peer's close was answered, or the connection failed.
+        """The protocol closed: the peer's close frame came, or the peer broke the protocol.
 
-        After a close frame from the peer, the answer goes out at once and the
-        TCP connection is closed behind it. After a violation, the commands
-        that came before it still run (reading stops meanwhile), their replies
-        go out, then the close frame, then the TCP connection is closed.
+        Either way the commands that came before (in the same read or
+        earlier) still run, for at most `CLOSE_TIMEOUT`, with reading
+        stopped; their replies go out, then the close frame (the answer to
+        the peer's, or 1002/1007/1009), then the TCP connection is closed.
         """
         protocol = self._protocol
         transport = self.transport
@@ -325,13 +324,12 @@ class WSConnection(asyncio.Protocol):
             return
         self._end = protocol.data_to_send()
         self._code = protocol.close_code or 1005
-        failure = protocol.failure
-        if failure is not None:
-            log.info("closing a socket that broke the protocol: %s", failure.reason)
-            if self._running and not self._closing:
-                transport.pause_reading()
-                self._timer = asyncio.get_running_loop().call_later(CLOSE_TIMEOUT, self._hang_up)
-                return
+        if protocol.failure is not None:
+            log.info("closing a socket that broke the protocol: %s", protocol.failure.reason)
+        if self._running and not self._closing:
+            transport.pause_reading()
+            self._timer = asyncio.get_running_loop().call_later(CLOSE_TIMEOUT, self._hang_up)
+            return
         self._hang_up()
 
     def _hang_up(self) -> None:
