@@ -121,6 +121,9 @@ class Database:
             async with pool.acquire() as conn:
                 apply = settings.migrate_on_start if migrate_now is None else migrate_now
                 await _prepare(conn, schema, apply)
+        except Exception:
+            await cls(pool, schema).close()
+            raise
         except BaseException:
             pool.terminate()
             raise
