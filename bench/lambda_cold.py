@@ -197,7 +197,7 @@ def main() -> int:
     from gateway.auth import mint_token
     from gateway.settings import Settings
 
-    token = mint_token(Settings(jwt_secret=JWT_SECRET), "bench", [])
+    token = mint_token(Settings(jwt_secret=JWT_SECRET), "bench", [], extra={"role": "admin"})
     try:
         prepare(env, token)
         runs = []
