@@ -92,7 +92,8 @@ class Database:
 
     @classmethod
     async def open(cls, settings: Settings, *, migrate_now: bool | None = None) -> Database:
-        """Check (or, with ``migrate_now``, default MIGRATE_ON_START, apply) the migrations, then pool.
+        """Open the pool, then check the schema's migrations, or apply them when
+        ``migrate_now`` (by default MIGRATE_ON_START) says so.
 
         Raises `SchemaError` when the schema lacks a shipped migration or holds
         an edited one: this code cannot serve from it.
