@@ -173,6 +173,15 @@ class Settings:
     database_schema: str = _setting(
         "public", "DATABASE_SCHEMA", "Schema of the core's tables (created if missing).", _identifier
     )
+    migrate_on_start: bool = _setting(
+        False,
+        "MIGRATE_ON_START",
+        "Apply pending migrations at start-up (every process, every Lambda cold start). Off: "
+        "`python -m core migrate` is a deploy step, and start-up only checks that every "
+        "migration is applied and unedited, refusing to start if not (the embedded PostgreSQL "
+        "of make run is always migrated).",
+        _bool,
+    )
     db_pool_min: int = _setting(2, "DB_POOL_MIN", "Connections the pool keeps open.", _non_negative_int)
     db_pool_max: int = _setting(10, "DB_POOL_MAX", "Most connections the pool opens.", _positive_int)
     db_connect_timeout: float = _setting(
