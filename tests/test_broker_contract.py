@@ -147,8 +147,16 @@ async def test_subscribe_twice_and_unsubscribe_unknown_are_harmless(started):
 
 
 async def test_publish_without_subscribers_succeeds(started):
-    broker, _ = await started()
-    await broker.publish("nobody:here", b"{}")
+    """No subscriber anywhere: the publication is dropped (not kept for a later subscriber,
+    not delivered to another channel's) and the broker goes on."""
+    broker, inbox = await started()
+    await broker.subscribe("room:1")  # a subscriber, of another channel
+    await broker.publish("nobody:here", b'"dropped"')
+    assert broker.connected
+    await broker.subscribe("nobody:here")
+    await broker.publish("nobody:here", b'"after"')
+    assert await inbox.wait_for(1) == [("nobody:here", b'"after"')]
+    assert await inbox.quiet() == [("nobody:here", b'"after"')]
 
 
 async def test_publications_cross_brokers(started):

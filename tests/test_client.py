@@ -27,7 +27,7 @@ from gateway.client.frames import client_frame, read_frames
 from gateway.client.handshake import accept_value, check_upgrade, parse_response
 from proto import CloseCode, ErrorCode
 from proto.wsframe import FrameError
-from tests.harness import ApiClient, running_gateway, token_for, unique_prefix, ws_client
+from tests.harness import ApiClient, running_gateway, token_for, unique_prefix, until, ws_client
 from tests.servers import UNIT
 from tests.test_core_rest import PROJECT
 
@@ -41,14 +41,6 @@ def url(gw) -> str:
 
 async def next_event(sub, timeout: float = 2 * UNIT):
     return await asyncio.wait_for(anext(sub), timeout)
-
-
-async def eventually(check, timeout: float = 5 * UNIT) -> None:
-    for _ in range(int(timeout / 0.01)):
-        if check():
-            return
-        await asyncio.sleep(0.01)
-    pytest.fail("the condition never held")
 
 
 def close_all(gw, code: CloseCode) -> None:
@@ -211,7 +203,7 @@ async def test_reconnect_after_shutdown_recovers_what_was_missed(redis_url):
             # are refused (503) while publications go on.
             gw.ctx.status.draining = True
             close_all(gw, CloseCode.SHUTDOWN)
-            await eventually(lambda: c.state is State.RECONNECTING)
+            await until(lambda: c.state is State.RECONNECTING)
             await publish(2)
             await publish(3)
             gw.ctx.status.draining = False
@@ -274,7 +266,8 @@ async def test_token_is_refreshed_in_band_on_expiring():
             sub = await c.subscribe("room:1")
             (member,) = gw.hub.connections
             await asyncio.wait_for(fetched.wait(), 3 * UNIT)
-            await asyncio.sleep(2 * UNIT)  # past the first token's exp + grace
+            # Waiting out the first token's exp + grace is the point: its socket would be closed.
+            await asyncio.sleep(2 * UNIT)
             assert gw.hub.connections == {member} and c.connections == 1
             await c.publish("room:1", 1)
             assert (await next_event(sub)).data == 1
@@ -292,7 +285,9 @@ async def test_a_close_code_that_must_not_reconnect_stops_the_client():
                 await next_event(sub)
             with pytest.raises(ConnectionClosed):
                 await c.publish("room:1", 1)
-            await asyncio.sleep(0.3)
+            await until(lambda: gw.hub.connection_count() == 0)
+            # Waiting out the backoff is the point: a client that reconnects would have by now.
+            await asyncio.sleep(2 * FAST.cap)
             assert gw.hub.connection_count() == 0 and c.connections == 1
 
 
@@ -308,12 +303,26 @@ async def test_gateway_ended_subscription_raises_from_its_iterator():
 
 
 async def test_a_slow_consumer_pauses_reading_and_catches_up():
-    async with running_gateway() as gw, Client(url(gw), token=token_for(gw), max_queue=4) as c:
+    """With ``max_queue`` events waiting the client stops reading its socket: what it has not
+    taken waits in the gateway's send buffer (the kernel's are full), not in the client, and
+    all of it arrives, in order, once the consumer catches up."""
+    pad = "x" * (64 * 1024)
+    count = 160  # 10 MiB: more than the loopback socket buffers take while nobody reads
+    async with (
+        running_gateway(send_buffer_bytes=64 << 20) as gw,
+        Client(url(gw), token=token_for(gw), max_queue=4) as c,
+    ):
         sub = await c.subscribe("room:1")
-        for n in range(20):
-            gw.hub.broadcast("room:1", b"%d" % n)
-        await asyncio.sleep(0.1)
-        assert [(await next_event(sub)).data for _ in range(20)] == list(range(20))
+        (member,) = gw.hub.connections
+        for n in range(count):
+            gw.hub.broadcast("room:1", b'{"n":%d,"pad":"%s"}' % (n, pad.encode()))
+        sent = member.transport.buffered
+        # The client's queue is full: it paused reading, so the gateway keeps a backlog.
+        await until(lambda: sent() > 1 << 20 and not c._ws._transport.is_reading())
+        assert len(sub._events) < 16, "the client queued far past its bound"
+        got = [(await next_event(sub)).data["n"] for _ in range(count)]
+        assert got == list(range(count))
+        assert sent() == 0 and c._ws._transport.is_reading()
         await c.ping()
 
 
@@ -336,7 +345,7 @@ async def test_backend_worker_example_reacts_to_project_changes(clean_db):
         task = asyncio.create_task(worker.main(url(gw), token))
         api = ApiClient(gw.port, token_for(gw, extra={"role": "admin"}))
         try:
-            await asyncio.sleep(0.2)  # the worker subscribes
+            await until(lambda: gw.hub.subscriber_count("projects") == 1)  # the worker subscribed
             status, _, created = await api.call("POST", "/api/projects", PROJECT)
             assert status == 201
 
@@ -359,7 +368,7 @@ async def test_chat_bot_example_answers_and_shows_presence():
         task = asyncio.create_task(bot.main(url(gw), token_for(gw, "bot", channels=("chat:*",))))
         try:
             async with ws_client(gw.port, token_for(gw, "bob", channels=("chat:*",))) as bob:
-                await eventually(lambda: gw.hub.subscriber_count("chat:lobby") == 1)
+                await until(lambda: gw.hub.subscriber_count("chat:lobby") == 1)
                 assert (await bob.request("sub", ch="chat:lobby"))["ok"]
                 await bob.request("pub", ch="chat:lobby", data={"from": "bob", "text": "!who"})
                 answers = []
@@ -437,7 +446,7 @@ async def test_a_resubscription_refused_for_now_is_asked_again_not_dropped():
             room = await c.subscribe("room:1")
             broker.refuse = 2  # the next two SUBSCRIBEs fail, as in a Redis blip
             close_all(gw, CloseCode.SHUTDOWN)
-            await eventually(lambda: c.connections == 2 and gw.hub.has_subscribers("room:1"))
+            await until(lambda: c.connections == 2 and gw.hub.has_subscribers("room:1"))
             await gw.ctx.node.publish("room:1", b'"still subscribed"')
             got = await next_event(room)
             while isinstance(got, Gap):
@@ -475,5 +484,5 @@ async def test_a_server_sending_invalid_utf8_is_failed_with_1007_like_the_gatewa
     finally:
         listener.close()
     assert got == [b"ok"] and closed.code == 1007
-    await asyncio.sleep(0.05)
+    await until(lambda: heard)  # the server read the client's close frame
     assert heard == [1007]

@@ -13,7 +13,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from proto import CloseCode
-from tests.harness import SECRET
+from tests.harness import SECRET, until
 from tests.servers import UNIT
 from tests.test_processes import mint, processes  # noqa: F401  (fixture)
 
@@ -47,7 +47,11 @@ async def test_sigterm_drains_1000_sockets_paced_before_the_deadline(processes, 
     waiters = [asyncio.ensure_future(wait_close(ws)) for ws in sockets]
     started = time.monotonic()
     gp.proc.send_signal(signal.SIGTERM)
-    await asyncio.sleep(0.2)
+
+    async def red() -> bool:
+        return (await asyncio.to_thread(_status, f"http://127.0.0.1:{gp.port}/readyz"))[0] == 503
+
+    await until(red, 1.0 * UNIT)  # at once: well within the 2 s drain
     ready = await asyncio.to_thread(_status, f"http://127.0.0.1:{gp.port}/readyz")
     assert ready == (503, {"status": "draining"})
     try:
@@ -77,7 +81,8 @@ async def test_a_socket_waiting_for_its_drain_turn_takes_no_new_subscription():
         async with contextlib.AsyncExitStack() as stack:
             clients = [await stack.enter_async_context(ws_client(gw.port, token)) for _ in range(40)]
             closing = asyncio.ensure_future(gw.close())
-            await asyncio.sleep(0.1 * UNIT)  # draining: one socket closed every 75 ms
+            # Draining: one socket closed every 75 ms; the first has gone.
+            await until(lambda: any(c.ws.state.name != "OPEN" for c in clients))
             waiting = [c for c in clients if c.ws.state.name == "OPEN"]
             assert len(waiting) > 20, "the drain is paced: most sockets wait for their turn"
             last = waiting[-1]

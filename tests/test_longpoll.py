@@ -11,7 +11,8 @@ import pytest
 from websockets.exceptions import InvalidStatus
 
 from proto import CloseCode
-from tests.harness import ApiClient, running_gateway, token_for, ws_client
+from tests.harness import ApiClient, running_gateway, token_for, until, ws_client
+from tests.servers import UNIT
 
 FEED = {"history_channels": ("feed:*",), "history_size": 50}
 
@@ -43,18 +44,34 @@ class Poller:
         self.api.close()
 
 
-async def test_commands_replies_and_pushes_flow_through_polls():
-    async with running_gateway(**FEED, longpoll_timeout=2.0) as gw:
+async def test_commands_replies_and_pushes_flow_through_polls(monkeypatch):
+    timeout = 5.0 * UNIT
+    async with running_gateway(**FEED, longpoll_timeout=timeout) as gw:
         p = await Poller(gw, token_for(gw, channels=("feed:*",))).open()
         try:
             assert await p.send({"id": 1, "op": "sub", "ch": "feed:1"}) == 202
             status, body = await p.poll()
             assert status == 200 and body["messages"] == [{"id": 1, "ok": True}]
+            session = gw.ctx.longpoll.get(p.sid, "alice")
+            parked: list[float] = []  # when the gateway set the poll waiting
+            wait = session.wait
+
+            def recording_wait(*args) -> None:
+                parked.append(time.monotonic())
+                wait(*args)
+
+            monkeypatch.setattr(session, "wait", recording_wait)
             waiting = asyncio.ensure_future(p.poll())  # waits: nothing yet
-            await asyncio.sleep(0.2)
+            await until(lambda: parked)
+            await asyncio.sleep(0.2 * UNIT)  # the point: a poll that waits has not returned
+            assert not waiting.done(), "the poll returned with nothing to carry"
+            published = time.monotonic()
             await gw.ctx.node.publish("feed:1", b'{"n":1}')
-            status, body = await asyncio.wait_for(waiting, 2)
-            assert [m["data"] for m in body["messages"]] == [{"n": 1}]
+            status, body = await asyncio.wait_for(waiting, 2 * timeout)
+            woken = time.monotonic()
+            assert status == 200 and [m["data"] for m in body["messages"]] == [{"n": 1}]
+            late = woken - published
+            assert woken - parked[0] < timeout, f"woken by its timeout, {late:.2f} s after the publication"
         finally:
             p.close()
 

@@ -8,7 +8,7 @@ import pytest
 
 from gateway.broker import MemoryBroker, RedisBroker
 from proto import ErrorCode
-from tests.harness import running_gateway, token_for, unique_prefix, ws_client
+from tests.harness import running_gateway, token_for, unique_prefix, until, ws_client
 from tests.servers import UNIT
 
 ROOMS = {"presence_channels": ("room:*",)}
@@ -16,6 +16,11 @@ ROOMS = {"presence_channels": ("room:*",)}
 
 def who(reply: dict) -> list[tuple[str, str]]:
     return sorted((p["user"], p["client"]) for p in reply["presence"])
+
+
+async def present(client, ch: str, users: list[str]) -> bool:
+    """Whether ``client`` is told that exactly ``users`` are on ``ch``."""
+    return [user for user, _ in who(await client.request("presence", ch=ch))] == users
 
 
 async def test_presence_lists_subscribers_and_forgets_those_who_leave():
@@ -32,11 +37,9 @@ async def test_presence_lists_subscribers_and_forgets_those_who_leave():
             stats = await a.request("presence_stats", ch="room:1")
             assert (stats["num_clients"], stats["num_users"]) == (2, 2)
             assert (await b.request("unsub", ch="room:1"))["ok"]
-            await asyncio.sleep(0.05)
-            assert [u for u, _ in who(await a.request("presence", ch="room:1"))] == ["alice"]
+            await until(lambda: present(a, "room:1", ["alice"]))
         async with ws_client(gw.port, token_for(gw, "carol")) as c:
-            await asyncio.sleep(0.05)  # the others disconnected: their entries are gone
-            assert who(await c.request("presence", ch="room:1")) == []
+            await until(lambda: present(c, "room:1", []))  # the others disconnected: gone
 
 
 async def test_presence_refusals():
@@ -72,7 +75,7 @@ async def test_entries_of_a_node_that_stops_refreshing_expire(kind, request):
     try:
         await broker.presence_add("room:x", {"c1": b'{"user":"u","client":"c1"}'}, 0.3)
         assert list(await broker.presence("room:x")) == ["c1"]
-        await asyncio.sleep(0.5 * UNIT)  # the node died: nobody refreshes
+        await asyncio.sleep(0.5 * UNIT)  # the point: past the TTL, nobody refreshing (node died)
         assert await broker.presence("room:x") == {}
     finally:
         await broker.close()
@@ -87,13 +90,17 @@ async def test_a_live_node_keeps_its_entries_by_refreshing_them():
     await broker.start(lambda *_: None)
     presence = Presence(broker, ("room:*",), ttl=0.6)
     await presence.join("room:1", "alice", "c1")
+    # The sleeps are the point: time passes past the first entry's expiry.
     await asyncio.sleep(0.4)
     presence.tick(time.monotonic())  # a third of the TTL has passed: refresh
     await asyncio.sleep(0.4)  # past the first expiry
     assert [e.client for e in await presence.who("room:1")] == ["c1"]
     presence.leave("room:1", "c1")
-    await asyncio.sleep(0.01)
-    assert await presence.who("room:1") == []
+
+    async def gone() -> bool:
+        return await presence.who("room:1") == []
+
+    await until(gone)
 
 
 async def test_joins_and_leaves_are_pushed_to_subscribers():

@@ -122,6 +122,7 @@ def test_the_tour_runs_as_written(tour_env, tmp_path):
     listeners: list[tuple[subprocess.Popen[bytes], Path, list[str]]] = []
     state = tmp_path / "state.sh"  # variables one block sets for the next ones
     state.write_text("")
+    subscriptions = 0  # what the listeners started so far hold on the gateway
     try:
         for i, (kind, body) in enumerate(blocks):
             body = _localize(body, port, prefix, redis_url)
@@ -144,7 +145,9 @@ def test_the_tour_runs_as_written(tour_env, tmp_path):
                     proc = subprocess.Popen(["bash", "-c", script], cwd=ROOT, env=env, stdout=out,
                                             stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
                 listeners.append((proc, out_path, []))
-                time.sleep(1.5 * UNIT)  # connected and subscribed before anything is published
+                # Subscribed before anything is published: the gateway counts its channels.
+                subscriptions += len(body.split(" listen ", 1)[1].split())
+                _wait_subscribed(port, subscriptions, proc, out_path)
             else:
                 done = subprocess.run(["bash", "-c", script], cwd=ROOT, env=env, capture_output=True,
                                       text=True, timeout=60 * UNIT)  # fmt: skip
@@ -177,6 +180,26 @@ def _contains(got: object, wanted: object) -> bool:
     if isinstance(wanted, dict) and isinstance(got, dict):
         return all(k in got and _contains(got[k], v) for k, v in wanted.items())
     return bool(got == wanted)
+
+
+def _subscriptions(port: int) -> float:
+    """The gateway's ``gateway_subscriptions`` gauge (0 while /metrics does not answer)."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=1) as r:
+            text = r.read().decode()
+    except OSError:
+        return 0.0
+    names = ("gateway_subscriptions ", "gateway_subscriptions{")
+    lines = [line for line in text.splitlines() if line.startswith(names)]
+    return sum(float(line.rsplit(" ", 1)[1]) for line in lines)
+
+
+def _wait_subscribed(port: int, count: int, proc: subprocess.Popen[bytes], out: Path) -> None:
+    deadline = time.monotonic() + 10 * UNIT
+    while _subscriptions(port) < count:
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise AssertionError(f"the listener did not subscribe:\n{out.read_text()}")
+        time.sleep(0.05)
 
 
 def _wait_ready(port: int, server: subprocess.Popen[bytes], log: Path) -> None:
