@@ -61,6 +61,7 @@ MARKS: dict[str, tuple[str, ...]] = {
     "test_loadtest.py::test_many_channels_each_socket_gets_each_publication_exactly_once": _E2E,
     "test_loadtest.py::test_a_killed_gateways_sockets_reconnect_to_another_and_recover_late_not_lost": _E2E,
     "test_loadtest.py::test_what_recovery_cannot_bring_back_is_reported": _E2E,
+    "test_migrate_on_start.py": _E2E,
     "test_publication.py::test_poison_from_another_process_or_redis_silences_no_one": _E2E,
     "test_readme.py::test_the_tour_runs_as_written": _E2E,
     "test_workers.py::test_workers_that_die_at_start_again_and_again_stop_the_gateway": _E2E,
