@@ -29,6 +29,7 @@ import collections
 import contextlib
 import fcntl
 import logging
+import socket
 import struct
 import termios
 import time
@@ -72,6 +73,7 @@ MAX_PENDING = 64
 #: Seconds between two sums of the send buffers against the process-wide budget.
 BUDGET_CHECK = 0.1
 _PING = bytes((0x80 | OP_PING, 0))
+_LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() resets the connection
 
 
 def _unsent(transport: Any) -> int:
@@ -87,6 +89,20 @@ def _unsent(transport: Any) -> int:
         with contextlib.suppress(OSError, ValueError):
             size += struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0"))[0]
     return size
+
+
+def _reset(transport: Any) -> None:
+    """Abort ``transport`` with a TCP reset, so the kernel frees its send queue at once.
+
+    A plain close leaves what the peer has not read to an orphan socket that
+    keeps probing a peer that reads nothing (a zero window) for minutes,
+    holding that queue (up to the kernel's send buffer, 4 MB) the while.
+    """
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError, ValueError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+    transport.abort()
 
 
 def _sendable(code: int) -> bool:
@@ -412,10 +428,10 @@ class WSConnection(asyncio.Protocol):
         self.transport.write(_PING)
 
     def abort(self) -> None:
-        """Drop the socket at once; nothing more is written to it."""
+        """Drop the socket at once (a reset); nothing more is written to it."""
         self._closing = True
         if self.transport is not None:
-            self.transport.abort()
+            _reset(self.transport)
 
     def _write(self, data: bytes) -> None:
         if self._closing:
@@ -468,4 +484,4 @@ class WSConnection(asyncio.Protocol):
             loop = asyncio.get_running_loop()
             self._timer = loop.call_later(CLOSE_TIMEOUT, self._closing_timer, now_left, rounds + 1)
             return
-        transport.abort()
+        _reset(transport)
