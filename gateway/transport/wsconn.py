@@ -169,11 +169,13 @@ class Coalescer:
             self.check_budget(now)
 
     def check_budget(self, now: float) -> int:
-        """Sum the backlogged sockets' buffers; shed the largest past the budget.
+        """Sum the backlogged sockets' buffers; past the budget, end the largest first.
 
         Sockets already closing count too (their backlog is held until the
-        peer reads it or the close times out): when shedding every open one
-        is not enough, the closing ones holding the most are dropped at once.
+        peer reads it or the close times out). Until the rest fit, the
+        largest backlog goes first: an open socket is shed (4001, after its
+        backlog), one already closing is dropped at once, without its close
+        frame.
         """
         self._checked = now
         sizes: list[tuple[int, WSConnection]] = []
@@ -187,23 +189,22 @@ class Coalescer:
         budget = self._budget
         if budget is None or total <= budget:
             return 0
+        # The largest first, open or closing: shedding a small open backlog
+        # (a reader a moment behind) while closing ones hold the budget would
+        # cost a reader and free nothing.
         sizes.sort(key=lambda item: item[0], reverse=True)
         shed = 0
         why = f"{total} bytes queued in the process, over SEND_BUFFER_TOTAL_BYTES"
-        for size, conn in sizes:  # open ones first: they get their close frame
+        for size, conn in sizes:
             if total <= budget:
                 break
-            if not conn.closing:
-                conn.shed(why)
-                total -= size
-                shed += 1
-        for size, conn in sizes:  # then what closing ones still hold
-            if total <= budget:
-                break
-            if conn.closing:
+            if conn.closing:  # its close frame waits behind a backlog: drop it, freeing that
                 conn.abort()
                 self._backlogged.discard(conn)
-                total -= size
+            else:
+                conn.shed(why)
+                shed += 1
+            total -= size
         return shed
 
 
