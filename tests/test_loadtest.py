@@ -100,8 +100,9 @@ async def test_many_channels_each_socket_gets_each_publication_exactly_once():
     assert report["channels"]["dead"] == [] and report["channels"]["starved"] == []
 
 
+@pytest.mark.parametrize("mode", ["ws", "sse"])
 async def test_a_killed_gateways_sockets_reconnect_to_another_and_recover_late_not_lost(
-    tmp_path, data_dir, redis_url
+    tmp_path, data_dir, redis_url, mode
 ):
     prefix = unique_prefix()
     env = {
@@ -117,7 +118,7 @@ async def test_a_killed_gateways_sockets_reconnect_to_another_and_recover_late_n
         # come back on B 1-2 s later (backoff 2 s x jitter), after the drain window of 0.3 s
         # has closed for the last publications: what they recover then is late, not lost.
         code, report = await loadtest(
-            "--urls", f"http://127.0.0.1:{a.port},http://127.0.0.1:{b.port}",
+            "--urls", f"http://127.0.0.1:{a.port},http://127.0.0.1:{b.port}", "--mode", mode,
             "--secret", SECRET, "--channels", "20", "--group", "10", "--broadcast", "everyone",
             "--processes", "2", "--publish", "redis", "--redis-url", redis_url,
             "--prefix", prefix, "--history-channels", "load:*,everyone",

@@ -197,7 +197,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     specs = [
         WorkerSpec(i, endpoints, args.path, args.mode, share, sources, names, group_share,
                    args.concurrency, per_process_rate, args.timeout, bool(args.broadcast),
-                   args.reconnect and args.mode == "ws", args.backoff, args.backoff_max,
+                   args.reconnect and args.mode != "longpoll", args.backoff, args.backoff_max,
                    role_shares[i], args.slow_rate, args.laggard_mss, args.laggard_rcvbuf)
         for i, (share, group_share) in enumerate(zip(_split(tokens, processes),
                                                      _split(groups, processes), strict=True))

@@ -120,7 +120,8 @@ def parser() -> argparse.ArgumentParser:
         "--reconnect",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="reconnect sockets closed before the end (ws), recovering with since",
+        help="reconnect sockets (ws) and streams (sse) closed before the end, recovering "
+        "with since (sse: Last-Event-ID); long-poll sessions do not reconnect",
     )
     p.add_argument(
         "--backoff",

@@ -8,9 +8,10 @@ counts)`` (publications sent per channel, so the process can tell which of
 its sockets still miss some: ``incomplete`` in its counts) and ``"late"``
 when the drain window is over (deliveries from then on are late).
 
-Sockets whose connection ends before the stop reconnect (``reconnect``)
-after a jittered exponential backoff, to the next URL of ``urls`` as a load
-balancer would send them, and resubscribe with ``since``.
+Sockets and SSE streams whose connection ends before the stop reconnect
+(``reconnect``) after a jittered exponential backoff, to the next URL of
+``urls`` as a load balancer would send them, and resubscribe with ``since``
+(a stream: with the ``Last-Event-ID`` of its last event, as a browser does).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from gateway.loadtest.httpclients import SSEClient, longpoll_client, sse_request
 from gateway.loadtest.laggard import READER, ROLES, LaggardClient, account, laggard_socket
 from gateway.loadtest.ledger import Ledger
 from gateway.loadtest.stats import Tally
+from gateway.loadtest.stream import StreamClient
 from gateway.loadtest.wsclient import WSClient, handshake_request
 from gateway.runtime import raise_file_limit, run
 
@@ -237,12 +239,12 @@ class _Worker:
                 self.tasks.append(task)
             else:
                 client: WSClient | SSEClient
+                owner = self if spec.reconnect else None
                 if spec.mode == "sse":
                     request = sse_request(f"{host}:{port}", channels, token)
-                    client = SSEClient(request, channels, self.tally, done, ledger)
+                    client = SSEClient(request, channels, self.tally, done, ledger, owner)
                 else:
                     request = handshake_request(f"{host}:{port}", spec.path, token)
-                    owner = self if spec.reconnect else None
                     client = WSClient(request, channels, self.tally, done, ledger, owner)
                 self.clients.append(client)
                 await loop.create_connection(lambda: client, host, port, local_addr=local)
@@ -261,7 +263,7 @@ class _Worker:
 
     # -- reconnecting ------------------------------------------------------
 
-    def lost(self, client: WSClient) -> None:
+    def lost(self, client: StreamClient) -> None:
         if 4500 <= client.code <= 4999:
             self.tally.errors[f"not reconnected after {client.code}"] += 1
             return
@@ -270,14 +272,14 @@ class _Worker:
         client.attempt += 1
         asyncio.get_running_loop().call_later(delay, self._start_reconnect, client)
 
-    def _start_reconnect(self, client: WSClient) -> None:
+    def _start_reconnect(self, client: StreamClient) -> None:
         if self.tally.stopping:
             return
         task = asyncio.create_task(self._reconnect(client))
         self.reconnecting.add(task)
         task.add_done_callback(self.reconnecting.discard)
 
-    async def _reconnect(self, client: WSClient) -> None:
+    async def _reconnect(self, client: StreamClient) -> None:
         spec = self.spec
         loop = asyncio.get_running_loop()
         old = spec.urls[client.url]
