@@ -9,14 +9,17 @@ it answers, and prints, per run: RSS before publishing, its peak, the
 peak's growth, the peak of the buffered sum, the sockets shed (4001) and
 dropped as dead peers, and the readers' account (lost, late, exactly once).
 
-Scenarios (each run three ways: no stalled socket (the fan-out's own
-memory), the default budget of 256 MiB, and a budget of 4 GiB that never
-binds, to show what the budget saves):
+Scenarios (each run three ways: ``baseline``, the readers alone, no
+laggard opened (what the fan-out itself needs); ``budget``, with the
+laggards and the default budget of 256 MiB; ``unbudgeted``, the same with a
+budget of 4 GiB that never binds, to show what the budget saves). A run is
+stopped if the machine's TCP memory (shared with everyone on it) passes 60%
+of its pressure threshold (``net.ipv4.tcp_mem``).
 
 ``stalled``
     10,000 sockets on one channel, 1,000 of them stalled; 16 KiB
-    publications at 1.5/s (24 KiB/s a socket, 240 MB/s of fan-out: about
-    what this shared 2-core machine sustains) for 60 s, so 1,000 stalled
+    publications at 1/s (16 KiB/s a socket, 160 MB/s of fan-out: this shared
+    2-core machine sustains ~280 MB/s) for 90 s, so 1,000 stalled
     buffers would hold 1,000 x 1 MiB without the budget. ``PING_INTERVAL``
     is raised to 120 s so that liveness does not drop the stalled sockets
     before their buffers fill: the budget alone is measured.
@@ -50,6 +53,7 @@ import threading
 import time
 import urllib.request
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -59,6 +63,17 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 SECRET = "bench-slow-fixed-secret-0123456789abcdef"
 MIB = 1 << 20
+
+
+def _tcp_guard() -> int:
+    """Pages of TCP memory (the whole machine's) past which a run is stopped: 60% of pressure."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/tcp_mem").read_text().split()[1]) * 6 // 10
+    except (OSError, ValueError, IndexError):
+        return 1 << 62
+
+
+_TCP_GUARD = _tcp_guard()
 
 
 @dataclass(frozen=True)
@@ -74,10 +89,11 @@ class Scenario:
 
 
 SCENARIOS = {
-    "stalled": Scenario(10_000, 1_000, 16 * 1024, 1.5, 90, (("PING_INTERVAL", "120"),)),
+    "stalled": Scenario(10_000, 1_000, 16 * 1024, 1, 90, (("PING_INTERVAL", "120"),)),
     "fast": Scenario(500, 300, 32 * 1024, 32, 320, slow=100, slow_rate=256 * 1024),
 }
-#: run name -> (stalled sockets kept?, SEND_BUFFER_TOTAL_BYTES)
+#: run name -> (laggards opened?, SEND_BUFFER_TOTAL_BYTES); without laggards, only the readers
+#: are opened: what the fan-out to them needs.
 RUNS = {
     "baseline": (False, 256 * MIB),
     "budget": (True, 256 * MIB),
@@ -108,7 +124,7 @@ def _gateway(
         "RATE_CONNECT_IP": "off",
         "MAX_PENDING_PER_IP": "1000000",  # the load tool is one address
         "SEND_BUFFER_TOTAL_BYTES": str(budget),
-        "LOG_LEVEL": "error",  # not a warning line per slow consumer
+        "LOG_LEVEL": "warning",  # a line per slow consumer, with the reason
         "DATABASE_URL": os.environ.get("DATABASE_URL", "postgresql://127.0.0.1:5432/test"),
         **extra,
     }
@@ -143,6 +159,8 @@ class Sampler:
         self.buffered: list[tuple[float, float]] = []  # gateway_send_buffered_bytes
         self.counters: dict[str, float] = {}
         self.stop = threading.Event()
+        self.tripped = False
+        self.on_pressure: Callable[[], None] = lambda: None
         self.start = time.monotonic()
         self.threads = [threading.Thread(target=self._proc, daemon=True),
                         threading.Thread(target=self._metrics, daemon=True)]  # fmt: skip
@@ -175,6 +193,9 @@ class Sampler:
             tcp = re.search(r"^TCP:.* mem (\d+)", Path("/proc/net/sockstat").read_text(), re.M)
             if tcp:
                 self.tcp_pages.append((now, int(tcp.group(1))))
+                if int(tcp.group(1)) > _TCP_GUARD and not self.tripped:
+                    self.tripped = True  # other people's sockets share this memory: stop
+                    self.on_pressure()
 
     def _metrics(self) -> None:
         while not self.stop.is_set():
@@ -198,14 +219,16 @@ def run(name: str, scenario: str, run_name: str, log: Path) -> dict[str, Any]:
     keep_stalled, budget = RUNS[run_name]
     stalled = sc.stalled if keep_stalled else 0
     slow = sc.slow if keep_stalled else 0
+    sockets = sc.sockets - (sc.stalled + sc.slow - stalled - slow)
     port = _free_port()
     prefix = f"slow{uuid.uuid4().hex[:6]}:"
+    mark = log.stat().st_size if log.exists() else 0
     proc = _gateway(port, prefix, budget, dict(sc.env), log)
     try:
         tool = [
             sys.executable, "-m", "gateway.loadtest", "--json", "--quiet",
             "--url", f"http://127.0.0.1:{port}", "--secret", SECRET, "--prefix", prefix,
-            "-n", str(sc.sockets), "--stall", str(stalled),
+            "-n", str(sockets), "--stall", str(stalled),
             "--slow", str(slow), "--slow-rate", str(sc.slow_rate),
             "--laggard-mss", "1448", "--laggard-rcvbuf", "16384",
             "--publish", "redis", "--rate", str(sc.rate), "--messages", str(sc.messages),
@@ -213,17 +236,28 @@ def run(name: str, scenario: str, run_name: str, log: Path) -> dict[str, Any]:
             "--drain", "30", "--late-wait", "30", "--laggard-wait", "15",
         ]  # fmt: skip
         with Sampler(proc.pid, port) as sampler:
-            done = subprocess.run(tool, cwd=ROOT, capture_output=True, text=True)
+            tool_proc = subprocess.Popen(
+                tool, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            )
+            sampler.on_pressure = tool_proc.terminate
+            out, err = tool_proc.communicate()
             time.sleep(1.0)  # the last /metrics after the tool's sockets closed
-        if not done.stdout.strip():
-            raise RuntimeError(f"the load tool printed no report: {done.stderr[-2000:]}")
-        report = json.loads(done.stdout)
+        if sampler.tripped:
+            raise RuntimeError("stopped: the machine's TCP memory neared its pressure threshold")
+        if not out.strip():
+            raise RuntimeError(f"the load tool printed no report: {err[-2000:]}")
+        report = json.loads(out)
     finally:
         proc.terminate()
         try:
             proc.wait(30)
         except subprocess.TimeoutExpired:
             proc.kill()
+    with open(log, "rb") as lines:
+        lines.seek(mark)
+        text = lines.read().decode(errors="replace")
+    reasons = {"send buffer full": text.count("(send buffer full)"),
+               "over the budget": text.count("over SEND_BUFFER_TOTAL_BYTES")}  # fmt: skip
     before = report["server_memory"]["rss_after_bytes"]  # after connecting, before publishing
     peak = max(v for _, v in sampler.rss)
     tcp0 = sampler.tcp_pages[0][1] if sampler.tcp_pages else 0
@@ -231,7 +265,7 @@ def run(name: str, scenario: str, run_name: str, log: Path) -> dict[str, Any]:
         "name": name,
         "scenario": scenario,
         "run": run_name,
-        "sockets": sc.sockets,
+        "sockets": sockets,
         "stalled": stalled,
         "slow": slow,
         "slow_rate": sc.slow_rate,
@@ -249,7 +283,8 @@ def run(name: str, scenario: str, run_name: str, log: Path) -> dict[str, Any]:
         "tcp_mem_peak_bytes": (max(v for _, v in sampler.tcp_pages) - tcp0)
         * os.sysconf("SC_PAGE_SIZE"),
         "counters": sampler.counters,
-        "exit_status": done.returncode,
+        "shed_reasons": reasons,
+        "exit_status": tool_proc.returncode,
         "load": os.getloadavg(),
         "report": report,
         "rss_series": sampler.rss[::5],  # every 0.5 s
@@ -284,7 +319,8 @@ def table(rows: list[dict[str, Any]]) -> str:
             f"{r['budget_bytes'] // MIB:,} MiB | {r['rss_before_publishing'] / MIB:,.0f} MiB | "
             f"{r['rss_peak'] / MIB:,.0f} MiB | **{r['rss_growth'] / MIB:,.0f} MiB** | "
             f"{r['buffered_peak'] / MIB:,.0f} MiB | {r['tcp_mem_peak_bytes'] / MIB:,.0f} MiB | "
-            f"{r['counters'].get('slow_consumers', 0):,.0f} | "
+            f"{r['counters'].get('slow_consumers', 0):,.0f} ({r['shed_reasons']['over the budget']:,} "
+            "by the budget) | "
             f"{r['counters'].get('dead_peers', 0):,.0f} | {sk['exact']:,} of {sk['accounted']:,} | "
             f"{d['lost']:,} / {d['late']:,} | {_laggards(lag.get('stalled'), r['messages'])} | "
             f"{_laggards(lag.get('slow'), r['messages'])} | {r['load'][0]:.1f} |"
