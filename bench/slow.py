@@ -86,6 +86,7 @@ class Scenario:
     env: tuple[tuple[str, str], ...] = ()
     slow: int = 0
     slow_rate: float = 0.0  # bytes a second a slow socket reads
+    processes: int = 2  # the load tool's: one process cannot read 100 MB/s on a busy machine
 
 
 SCENARIOS = {
@@ -214,7 +215,9 @@ class Sampler:
             self.stop.wait(max(0.0, 0.1 - (time.monotonic() - began)))
 
 
-def run(name: str, scenario: str, run_name: str, log: Path) -> dict[str, Any]:
+def run(
+    name: str, scenario: str, run_name: str, log: Path, env: dict[str, str] | None = None
+) -> dict[str, Any]:
     sc = SCENARIOS[scenario]
     keep_stalled, budget = RUNS[run_name]
     stalled = sc.stalled if keep_stalled else 0
@@ -223,14 +226,14 @@ def run(name: str, scenario: str, run_name: str, log: Path) -> dict[str, Any]:
     port = _free_port()
     prefix = f"slow{uuid.uuid4().hex[:6]}:"
     mark = log.stat().st_size if log.exists() else 0
-    proc = _gateway(port, prefix, budget, dict(sc.env), log)
+    proc = _gateway(port, prefix, budget, {**dict(sc.env), **(env or {})}, log)
     try:
         tool = [
             sys.executable, "-m", "gateway.loadtest", "--json", "--quiet",
             "--url", f"http://127.0.0.1:{port}", "--secret", SECRET, "--prefix", prefix,
             "-n", str(sockets), "--stall", str(stalled),
             "--slow", str(slow), "--slow-rate", str(sc.slow_rate),
-            "--laggard-mss", "1448", "--laggard-rcvbuf", "16384",
+            "--laggard-mss", "1448", "--laggard-rcvbuf", "16384", "--processes", str(sc.processes),
             "--publish", "redis", "--rate", str(sc.rate), "--messages", str(sc.messages),
             "--payload-bytes", str(sc.payload), "--server-pid", str(proc.pid),
             "--drain", "30", "--late-wait", "30", "--laggard-wait", "15",
@@ -273,7 +276,7 @@ def run(name: str, scenario: str, run_name: str, log: Path) -> dict[str, Any]:
         "payload_bytes": sc.payload,
         "rate": sc.rate,
         "messages": sc.messages,
-        "env": dict(sc.env),
+        "env": {**dict(sc.env), **(env or {})},
         "rss_before_publishing": before,
         "rss_peak": peak,
         "rss_growth": peak - before,
@@ -336,7 +339,15 @@ def main() -> int:
     p.add_argument(
         "--runs", default="baseline,budget,unbudgeted", help="comma list of " + ", ".join(RUNS)
     )
+    p.add_argument(
+        "--gateway-env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="more environment for the gateway (repeatable), e.g. MALLOC_MMAP_THRESHOLD_=65536",
+    )
     p.add_argument("--save", action="store_true", help="write bench/results/slow-<date>.json")
+    p.add_argument("--tag", default="", help="with --save: slow-<date>-<tag>.json")
     args = p.parse_args()
     RESULTS.mkdir(exist_ok=True)
     log = RESULTS / "slow-servers.log"
@@ -348,14 +359,15 @@ def main() -> int:
                 file=sys.stderr,
                 flush=True,
             )
-            row = run(f"{scenario}-{run_name}", scenario, run_name, log)
+            env = dict(item.split("=", 1) for item in args.gateway_env)
+            row = run(f"{scenario}-{run_name}", scenario, run_name, log, env)
             rows.append(row)
             print(table([row]).splitlines()[-1], file=sys.stderr, flush=True)
     text = table(rows)
     print(text)
     if args.save:
         stamp = datetime.now(UTC).strftime("%Y-%m-%d")
-        out = RESULTS / f"slow-{stamp}.json"
+        out = RESULTS / f"slow-{stamp}{'-' + args.tag if args.tag else ''}.json"
         machine = {
             "cpus": os.cpu_count(),
             "python": platform.python_version(),
