@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import multiprocessing
 import signal
 import sys
+import threading
+import time
 
 import pytest
 
@@ -13,6 +16,8 @@ from gateway.loadtest.laggard import Throttle, roles
 from gateway.loadtest.ledger import Ledger
 from gateway.loadtest.options import parse_sources
 from gateway.loadtest.stats import Histogram
+from gateway.loadtest.worker import WorkerSpec, _Worker
+from gateway.runtime import run
 from gateway.transport import wsconn
 from tests.harness import SECRET, running_gateway, unique_prefix
 from tests.servers import UNIT
@@ -242,3 +247,38 @@ async def test_stalled_and_slow_sockets_are_shed_and_counted_apart_while_readers
         assert lag["publications"]["max"] < 100  # not all
     assert stalled["publications"]["max"] < slow["publications"]["min"]  # the slow read on
     assert shed == 10
+
+
+def test_a_process_sends_its_result_whole_however_large():
+    # The result holds a time per publication (a 10-minute soak: 30,000); the pipe, which the
+    # process's event loop watches, must not refuse it half-written (EAGAIN) while the
+    # driver, busy, is not reading.
+    mine, theirs = multiprocessing.Pipe()
+    spec = WorkerSpec(0, [("127.0.0.1", 1)], "/ws", "ws", [], [], ["load"], [], 1, 0.0)
+    worker = _Worker(spec, theirs)
+    worker.tally.last_arrival = {i: float(i) for i in range(200_000)}
+    errors: list[BaseException] = []
+
+    def process() -> None:
+        try:
+            run(worker.main())
+        except BaseException as exc:
+            errors.append(exc)
+
+    def receive() -> tuple:
+        assert mine.poll(10 * UNIT), "the process sent nothing more"
+        return mine.recv()
+
+    thread = threading.Thread(target=process)
+    thread.start()
+    try:
+        assert receive()[0] == "connected"
+        mine.send("stop")
+        time.sleep(0.5 * UNIT)  # not reading yet
+        assert not errors
+        while (message := receive())[0] != "result":
+            pass
+        assert len(message[1]["last_arrival"]) == 200_000
+    finally:
+        thread.join(10 * UNIT)
+    assert not thread.is_alive() and not errors

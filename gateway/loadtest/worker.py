@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -112,6 +113,8 @@ class _Worker:
         for task in [*self.tasks, *self.reconnecting]:
             task.cancel()
         await asyncio.sleep(0)
+        # add_reader made the pipe non-blocking; the result is large (a time per publication)
+        os.set_blocking(self.pipe.fileno(), True)
         self.pipe.send(("result", state))
 
     def _command(self) -> None:
