@@ -21,7 +21,6 @@ import os
 import platform
 import subprocess
 import sys
-import time
 import uuid
 from datetime import UTC, datetime
 
@@ -59,9 +58,7 @@ def main() -> int:
             "--payload-bytes", str(args.payload_bytes), "--server-pid", str(proc.pid),
         ]  # fmt: skip
         with Sampler(proc.pid, port) as sampler:
-            began = time.monotonic()
             done = subprocess.run(tool, cwd=ROOT, stdout=subprocess.PIPE, text=True)
-            wall = time.monotonic() - began
         report = json.loads(done.stdout)
     finally:
         proc.terminate()
@@ -70,10 +67,11 @@ def main() -> int:
         except subprocess.TimeoutExpired:
             proc.kill()
     d, sk = report["deliveries"], report["sockets"]
-    # publishing starts after connecting and settling, and lasts messages / rate seconds
-    pub_end = wall - d["drain_seconds"] - d["late_wait_seconds"]
-    pub_start = pub_end - messages / args.rate
-    rss0, rss1 = _at(sampler.rss, pub_start), _at(sampler.rss, pub_end)
+    # publishing starts after the processes start (~1 s), connect and settle (2 s)
+    pub_start = 1.0 + report["connections"]["seconds"] + 2.0
+    pub_end = pub_start + messages / args.rate
+    rss0 = report["server_memory"]["rss_after_bytes"]  # the tool's, right before publishing
+    rss1 = _at(sampler.rss, pub_end)
     fd0, fd1 = _at(sampler.fds, pub_start), _at(sampler.fds, pub_end)
     rows = [
         ("sockets", f"{report['connections']['subscribed']:,} subscribed of {report['connections']['asked']:,}, "
