@@ -22,8 +22,10 @@ $(STAMP): $(BIN)/python setup.cfg pyproject.toml
 venv: $(STAMP)
 
 # Presence on `projects` lets /demo show who is looking (PRESENCE_CHANNELS overrides it).
+# A developer's run migrates its database at start (MIGRATE_ON_START overrides it).
 run: $(STAMP)
-	PRESENCE_CHANNELS=$${PRESENCE_CHANNELS-projects} $(BIN)/python -m gateway
+	PRESENCE_CHANNELS=$${PRESENCE_CHANNELS-projects} MIGRATE_ON_START=$${MIGRATE_ON_START-true} \
+		$(BIN)/python -m gateway
 
 lint: $(STAMP)
 	$(BIN)/python -m ruff check proto gateway core tests $(wildcard bench) $(wildcard examples)

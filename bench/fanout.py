@@ -93,6 +93,7 @@ def _command(server: str, port: int) -> tuple[list[str], dict[str, str]]:
                    MAX_PENDING_PER_IP="1000000",  # the load tool is one address
                    LOG_LEVEL="warning",
                    DATABASE_URL=os.environ.get("DATABASE_URL", "postgresql://127.0.0.1:5432/test"))  # fmt: skip
+        env["MIGRATE_ON_START"] = "true"  # a bench database: migrated at start, as `make run`
         return [sys.executable, "-m", "gateway"], env
     return [sys.executable, "-m", f"bench.peers.{server}_broadcast", "--port", str(port)], env
 

@@ -4,11 +4,13 @@ Each run is a fresh Python process (as a new Lambda container is) that:
 
 1. imports ``core.lambda_handler`` (tornado, asyncpg, msgspec, jwt, the core);
 2. answers a first function-URL event ``GET /api/projects?limit=20`` with a
-   bearer token: reading the settings, checking the schema's migrations,
-   opening the asyncpg pool, loading revocations and API keys, then the query;
+   bearer token: reading the settings, opening the asyncpg pool, checking
+   the schema's migrations (one query: ``MIGRATE_ON_START`` off, the default),
+   loading revocations and API keys, then the query;
 3. answers the same event again, warm (the pool and loop reused).
 
-The schema is migrated and seeded with 20 projects beforehand, so every run
+The schema is migrated (``core.migrate.migrate``, what ``python -m core
+migrate`` runs) and seeded with 20 projects beforehand, so every run
 finds it as a deployed function would; ``REDIS_URL`` is left out (no broker). The table shows medians over the
 runs with the range. It is measured on this machine against its PostgreSQL,
 not on AWS: Lambda adds its own init (runtime start, code download, VPC
@@ -89,10 +91,21 @@ def event(token: str) -> dict[str, Any]:
     }
 
 
+async def _migrate(url: str, schema: str) -> None:
+    from core.migrate import migrate
+
+    conn = await asyncpg.connect(url)
+    try:
+        await migrate(conn, schema)
+    finally:
+        await conn.close()
+
+
 def prepare(env: dict[str, str], token: str) -> None:
-    """Migrate the schema and seed it, through the handler itself, in this process."""
+    """Migrate the schema (the deploy step), then seed it through the handler itself."""
     from core import lambda_handler
 
+    asyncio.run(_migrate(env["DATABASE_URL"], env["DATABASE_SCHEMA"]))
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:
@@ -178,12 +191,13 @@ def main() -> int:
         "DATABASE_URL": args.database_url,
         "DATABASE_SCHEMA": schema,
         "JWT_SECRET": JWT_SECRET,
+        "MIGRATE_ON_START": "false",  # the default: a cold start checks, the deploy migrated
     }
     os.environ.pop("REDIS_URL", None)  # the database alone: no broker, the memory limiter
     from gateway.auth import mint_token
     from gateway.settings import Settings
 
-    token = mint_token(Settings(jwt_secret=JWT_SECRET), "bench", [])
+    token = mint_token(Settings(jwt_secret=JWT_SECRET), "bench", [], extra={"role": "admin"})
     try:
         prepare(env, token)
         runs = []

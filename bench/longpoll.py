@@ -60,6 +60,7 @@ def run(sessions: int, log: Path) -> dict[str, Any]:
            "MAX_LONGPOLL_SESSIONS": str(2 * sessions), "LONGPOLL_MAX_PER_USER": "100000",
            "LOG_LEVEL": "warning",
            "DATABASE_URL": os.environ.get("DATABASE_URL", "postgresql://127.0.0.1:5432/test")}  # fmt: skip
+    env["MIGRATE_ON_START"] = "true"  # a bench database: migrated at start, as `make run`
     with open(log, "ab") as out:
         server = subprocess.Popen([*_pin(0), sys.executable, "-m", "gateway"], cwd=ROOT, env=env,
                                   stdout=out, stderr=out)  # fmt: skip

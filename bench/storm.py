@@ -55,6 +55,7 @@ def _gateway(port: int, prefix: str, log: Path) -> subprocess.Popen[bytes]:
         "LOG_LEVEL": "warning",
         "DATABASE_URL": os.environ.get("DATABASE_URL", "postgresql://127.0.0.1:5432/test"),
     }
+    env["MIGRATE_ON_START"] = "true"  # a bench database: migrated at start, as `make run`
     with open(log, "wb") as out:
         proc = subprocess.Popen([sys.executable, "-m", "gateway"], cwd=ROOT, env=env, stdout=out, stderr=out)
     for _ in range(200):

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import asyncpg
 
-from core.migrate import migrate
+from core.migrate import SchemaError, migrate
 from core.server import CoreServer
 from gateway.logs import configure_logging
 from gateway.runtime import run, wait_for_stop_signal
@@ -93,6 +93,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(_promote(settings, args.email, args.role))
         else:
             run(_serve(settings))
+    except SchemaError as exc:
+        if args.command == "migrate":
+            print(f"migrate refused, nothing applied: {exc}", file=sys.stderr)
+        else:
+            log.error("not starting: %s", exc)
+        return 1
     except (OSError, asyncpg.PostgresError) as exc:
         print(f"database error: {exc}", file=sys.stderr)
         return 1

@@ -130,7 +130,8 @@ class Core:
         limiter: RateLimiter | None = None,
         on_key_revoked: Callable[[str], object] | None = None,
     ) -> Core:
-        """Migrate, open the pool, load revocations and API keys, serve; `close` undoes it.
+        """Open the pool, check (or apply) migrations, load revocations and API keys;
+        `close` undoes it. A schema not ready raises `core.migrate.SchemaError`.
 
         ``api_keys`` is the verifier's mapping of active keys, kept current here;
         ``on_key_revoked`` is called with the subject (``apikey:<id>``) of each

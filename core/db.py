@@ -9,10 +9,10 @@ from typing import Any
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
-from core.migrate import migrate
+from core.migrate import Conn, SchemaError, inspect, migrate
 from gateway.settings import Settings
 
-__all__ = ["Database", "one"]
+__all__ = ["Database", "check_schema", "one", "prepare_schema"]
 
 log = logging.getLogger("core.db")
 
@@ -42,6 +42,47 @@ async def _release(conn: asyncpg.Connection) -> None:
         await conn.execute("ROLLBACK")
 
 
+async def check_schema(conn: Conn, schema: str) -> None:
+    """Refuse (`SchemaError`) a schema this code cannot serve from; log what else is odd."""
+    state = await inspect(conn, schema)
+    if not state.ok:
+        raise SchemaError(state.problem())
+    if state.newer:
+        log.info(
+            "schema %s holds migration(s) %s that this release does not ship "
+            "(a newer release's; starting, as migrations only expand the schema)",
+            schema,
+            ", ".join(state.newer),
+        )
+    if state.unrecorded:
+        log.info(
+            "schema %s: checksums of %d migration(s) not recorded yet (`python -m core migrate` "
+            "records them)",
+            schema,
+            len(state.unrecorded),
+        )
+
+
+async def prepare_schema(settings: Settings) -> None:
+    """What `Database.open` does to the schema, on a connection of its own."""
+    if not settings.database_url:
+        raise ValueError("DATABASE_URL is not set")
+    conn = await asyncpg.connect(settings.database_url, timeout=settings.db_connect_timeout)
+    try:
+        await _prepare(conn, settings.database_schema, settings.migrate_on_start)
+    finally:
+        await conn.close()
+
+
+async def _prepare(conn: Conn, schema: str, apply: bool) -> None:
+    if apply:
+        applied = await migrate(conn, schema)
+        if applied:
+            log.info("applied %d migration(s) to schema %s", len(applied), schema)
+    else:
+        await check_schema(conn, schema)
+
+
 class Database:
     """A started pool on ``DATABASE_URL``, with ``DATABASE_SCHEMA`` as search path."""
 
@@ -50,18 +91,16 @@ class Database:
         self.schema = schema
 
     @classmethod
-    async def open(cls, settings: Settings, *, migrate_now: bool = True) -> Database:
+    async def open(cls, settings: Settings, *, migrate_now: bool | None = None) -> Database:
+        """Open the pool, then check the schema's migrations, or apply them when
+        ``migrate_now`` (by default MIGRATE_ON_START) says so.
+
+        Raises `SchemaError` when the schema lacks a shipped migration or holds
+        an edited one: this code cannot serve from it.
+        """
         if not settings.database_url:
             raise ValueError("DATABASE_URL is not set")
         url, schema = settings.database_url, settings.database_schema
-        if migrate_now:
-            conn = await asyncpg.connect(url, timeout=settings.db_connect_timeout)
-            try:
-                applied = await migrate(conn, schema)
-            finally:
-                await conn.close()
-            if applied:
-                log.info("applied %d migration(s) to schema %s", len(applied), schema)
         pool = await asyncpg.create_pool(
             url,
             min_size=settings.db_pool_min,
@@ -78,6 +117,17 @@ class Database:
             },
         )
         assert pool is not None
+        try:
+            # On a pool connection: no extra connection (and handshake) at start.
+            async with pool.acquire() as conn:
+                apply = settings.migrate_on_start if migrate_now is None else migrate_now
+                await _prepare(conn, schema, apply)
+        except Exception:
+            await cls(pool, schema).close()
+            raise
+        except BaseException:
+            pool.terminate()
+            raise
         return cls(pool, schema)
 
     async def close(self, grace: float = 5.0) -> None:

@@ -50,7 +50,8 @@ import msgspec
 from tornado import httputil
 
 from core.app import Core
-from core.errors import error_body, from_exception
+from core.errors import Unavailable, error_body, from_exception
+from core.migrate import SchemaError
 from core.server import StandaloneCore
 from gateway.settings import Settings
 
@@ -302,6 +303,10 @@ class _Container:
     async def answer(self, req: _Incoming) -> dict[str, Any]:
         try:
             stack = await self.open()
+        except SchemaError as exc:  # not migrated yet (or edited): the next invocation retries
+            log.error("not serving: %s", exc)
+            down = Unavailable()
+            return _error(down.status, down.code, down.message, down.headers, req.multi_value)
         except Exception as exc:
             err = from_exception(exc, "opening the core")  # logs; 503 when unreachable
             return _error(err.status, err.code, err.message, err.headers, req.multi_value)

@@ -12,7 +12,9 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from core.db import prepare_schema
 from core.embedded import EmbeddedPostgres
+from core.migrate import SchemaError
 from gateway.app import make_app
 from gateway.auth import ensure_key_material, mint_token
 from gateway.keys import generate_jwk, write_key_file
@@ -39,7 +41,11 @@ def _embedded_database(settings: Settings) -> tuple[Settings, EmbeddedPostgres |
             "(pip install 'tornado-gateway[embedded]' or set DATABASE_URL)"
         )
         return settings, None
-    return settings.replace(database_url=url, database_schema="public"), embedded
+    # The process owns this database: it migrates it, whatever MIGRATE_ON_START says.
+    embedded_settings = settings.replace(
+        database_url=url, database_schema="public", migrate_on_start=True
+    )
+    return embedded_settings, embedded
 
 
 async def serve(settings: Settings) -> None:
@@ -56,6 +62,16 @@ def serve_workers(settings: Settings, count: int) -> int:
     """``count`` gateway processes on one port (gateway/workers.py); the exit status."""
     settings, embedded = _embedded_database(settings)
     try:
+        if settings.database_url:
+            # Once here, before the workers (each checks again, cheaply): a
+            # schema that is not ready stops the start with one line, rather
+            # than with every worker dying and being restarted.
+            try:
+                asyncio.run(prepare_schema(settings))
+            except SchemaError:
+                raise
+            except Exception as exc:  # unreachable now: the workers retry as they would
+                log.warning("could not check the schema before starting workers: %s", exc)
         # Made once here: workers generating a secret each would disagree.
         return supervise(ensure_key_material(settings), count, _serve)
     finally:
@@ -171,9 +187,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     count, why = worker_count(settings)
     if why:
         log.info("%s", why)
-    if count > 1:
-        return serve_workers(settings, count)
-    run(serve(settings))
+    try:
+        if count > 1:
+            return serve_workers(settings, count)
+        run(serve(settings))
+    except SchemaError as exc:
+        log.error("not starting: %s", exc)
+        return 1
     return 0
 
 

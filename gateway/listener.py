@@ -8,8 +8,9 @@ client reaches first:
   connection is closed (checked a few times per timeout by one timer over
   the connections reading headers, rather than a timeout per read).
   ``MAX_HEADER_BYTES`` bounds their size: past it the answer is 414 (a
-  longer request target) or 431, and past twice it Tornado closes the
-  connection unanswered.
+  longer request line) or 431, then the connection closes; Tornado's read
+  stops at the limit (`gateway.httpstream.HTTPStream` answers there), and
+  the guard measures each parsed request against it as well.
   ``BODY_TIMEOUT`` likewise bounds the time to send a body, so a route
   open to anyone (login) cannot be held by a dripped body.
 * ``MAX_PENDING_PER_IP``: connections from one TCP peer that have not
@@ -52,6 +53,7 @@ from tornado.iostream import IOStream, StreamClosedError, UnsatisfiableReadError
 
 from core.errors import error_body
 from gateway.clientip import TrustedProxies, limit_key
+from gateway.httpstream import HTTPStream
 from gateway.metrics import Metrics
 from gateway.proxyprotocol import ProxyHeaderError, read_proxy_header
 from gateway.settings import Settings
@@ -109,8 +111,8 @@ class Listener(HTTPServer):
             # the CPU of a long-poll (many small requests); here it is a dict entry.
             idle_connection_timeout=None,
             body_timeout=None,
-            # Past this Tornado closes the connection; between the two the guard answers 414/431.
-            max_header_size=2 * settings.max_header_bytes,
+            # Past this the stream answers 414/431 (HTTPStream); the guard checks each request too.
+            max_header_size=settings.max_header_bytes,
             max_body_size=_UNBOUNDED,  # each route's own limit is the guard's
         )
         self.metrics = metrics
@@ -177,7 +179,7 @@ class Listener(HTTPServer):
                         state["listening"] = False
                     self._resume[fd] = loop.call_later(ACCEPT_PAUSE, resume)
                     return
-                self._handle_connection(conn, address)
+                self._serve(conn, address)
 
         def stop() -> None:
             state["stopped"] = True
@@ -191,6 +193,19 @@ class Listener(HTTPServer):
         return stop
 
     # -- connections -----------------------------------------------------------
+
+    def _serve(self, conn: socket.socket, address: Any) -> None:
+        """Serve an accepted connection on an `HTTPStream` (Tornado's own loop makes an IOStream)."""
+        if self.ssl_options is not None:
+            self._handle_connection(conn, address)
+            return
+        try:
+            stream = HTTPStream(conn, max_buffer_size=self.max_buffer_size,
+                                read_chunk_size=self.read_chunk_size)  # fmt: skip
+            self.handle_stream(stream, address)
+        except Exception:
+            log.exception("serving a new connection failed")
+            conn.close()
 
     def handle_stream(self, stream: IOStream, address: tuple[Any, ...]) -> None:
         peer = str(address[0]) if isinstance(address, tuple) and address else ""

@@ -173,6 +173,15 @@ class Settings:
     database_schema: str = _setting(
         "public", "DATABASE_SCHEMA", "Schema of the core's tables (created if missing).", _identifier
     )
+    migrate_on_start: bool = _setting(
+        False,
+        "MIGRATE_ON_START",
+        "Apply pending migrations at start-up (every process, every Lambda cold start). Off: "
+        "`python -m core migrate` is a deploy step, and start-up only checks that every "
+        "migration is applied and unedited, refusing to start if not (the embedded PostgreSQL "
+        "of make run is always migrated).",
+        _bool,
+    )
     db_pool_min: int = _setting(2, "DB_POOL_MIN", "Connections the pool keeps open.", _non_negative_int)
     db_pool_max: int = _setting(10, "DB_POOL_MAX", "Most connections the pool opens.", _positive_int)
     db_connect_timeout: float = _setting(
@@ -363,7 +372,7 @@ class Settings:
     )
     max_header_bytes: int = _setting(
         65536, "MAX_HEADER_BYTES",
-        "Largest request line plus headers; larger: 414 or 431 (over twice this: closed).",
+        "Largest request line plus headers, in bytes as sent; larger: 414 or 431, then closed.",
         _positive_int,
     )
     max_pending_per_ip: int = _setting(

@@ -5,11 +5,10 @@ of a frame do not depend on the recipient. Fan-out builds one frame per
 publication and encoding and hands the same ``bytes`` object to every
 subscriber's stream.
 
-In: `read_frames` takes the bytes a client sent and returns its whole
-frames, unmasked, and how many bytes they used; a violation raises
-`FrameError` with the close code to send (1002 protocol error, 1009 too big).
-Fragmented messages are reassembled by the caller (`Fragments`), which is
-rare enough that a connection holds no state for it until it happens.
+In: frames from the peer are read by `proto.wsprotocol.WebSocketProtocol`
+(framing, fragments, UTF-8, the closing handshake); a violation is a
+`FrameError` with the close code to send (1002 protocol error, 1007 invalid
+UTF-8, 1009 too big).
 """
 
 from __future__ import annotations
@@ -24,13 +23,11 @@ __all__ = [
     "OP_PING",
     "OP_PONG",
     "OP_TEXT",
-    "Fragments",
     "FrameError",
     "close_frame",
+    "close_payload",
     "frame",
-    "parse_close",
     "parse_header",
-    "read_frames",
     "unmask",
 ]
 
@@ -41,7 +38,6 @@ OP_CLOSE: Final = 0x8
 OP_PING: Final = 0x9
 OP_PONG: Final = 0xA
 _FIN: Final = 0x80
-_KNOWN = frozenset((OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG))
 PROTOCOL_ERROR: Final = 1002
 TOO_BIG: Final = 1009
 _U16: Final = struct.Struct("!BBH")
@@ -75,20 +71,18 @@ def parse_header(data: bytes) -> tuple[int, bool, int, int]:
     return b0 & 0x0F, bool(b0 & _FIN), 2, n
 
 
+def close_payload(code: int, reason: str = "") -> bytes:
+    """A close frame's payload: ``code``, then the reason cut to at most 123 bytes.
+
+    The cut never splits a character: a close reason must be valid UTF-8.
+    """
+    return code.to_bytes(2, "big") + reason.encode()[:123].decode(errors="ignore").encode()
+
+
 def close_frame(code: int, reason: str = "") -> bytes:
     """A server close frame with ``code`` and a reason of at most 123 bytes."""
-    # Cut at 123 bytes without splitting a character: a reason must be valid UTF-8.
-    payload = code.to_bytes(2, "big") + reason.encode()[:123].decode(errors="ignore").encode()
+    payload = close_payload(code, reason)
     return bytes((_FIN | OP_CLOSE, len(payload))) + payload
-
-
-def parse_close(payload: bytes) -> int:
-    """The code of a close frame's payload: 1005 when it has none."""
-    if len(payload) < 2:
-        if payload:
-            raise FrameError(PROTOCOL_ERROR, "close frame of one byte")
-        return 1005
-    return int.from_bytes(payload[:2], "big")
 
 
 class FrameError(Exception):
@@ -101,71 +95,9 @@ class FrameError(Exception):
 
 
 def unmask(mask: bytes, data: bytes) -> bytes:
+    """``data`` XORed with the 4-byte ``mask`` repeated (masking and unmasking alike)."""
     n = len(data)
     if not n:
         return data
     key = (mask * (n // 4 + 1))[:n]
     return (int.from_bytes(data, "big") ^ int.from_bytes(key, "big")).to_bytes(n, "big")
-
-
-def read_frames(data: bytes, max_size: int) -> tuple[list[tuple[int, bool, bytes]], int]:
-    """The complete client frames at the start of ``data`` and the bytes they take.
-
-    Each frame is ``(opcode, fin, payload)`` with the payload unmasked. A
-    frame over ``max_size`` bytes is refused as soon as its header is read.
-    """
-    frames: list[tuple[int, bool, bytes]] = []
-    pos = 0
-    size = len(data)
-    while size - pos >= 2:
-        b0, b1 = data[pos], data[pos + 1]
-        opcode = b0 & 0x0F
-        if b0 & 0x70:
-            raise FrameError(PROTOCOL_ERROR, "reserved bits set")
-        if opcode not in _KNOWN:
-            raise FrameError(PROTOCOL_ERROR, f"unknown opcode {opcode}")
-        if not b1 & 0x80:
-            raise FrameError(PROTOCOL_ERROR, "client frames must be masked")
-        n = b1 & 0x7F
-        head = 6
-        if n == 126:
-            if size - pos < 4:
-                break
-            n = int.from_bytes(data[pos + 2 : pos + 4], "big")
-            head = 8
-        elif n == 127:
-            if size - pos < 10:
-                break
-            n = int.from_bytes(data[pos + 2 : pos + 10], "big")
-            head = 14
-        if opcode >= OP_CLOSE and (n > 125 or not b0 & _FIN):
-            raise FrameError(PROTOCOL_ERROR, "control frames are short and unfragmented")
-        if n > max_size:
-            raise FrameError(TOO_BIG, f"frame over {max_size} bytes")
-        end = pos + head + n
-        if end > size:
-            break
-        mask = data[pos + head - 4 : pos + head]
-        frames.append((opcode, bool(b0 & _FIN), unmask(mask, data[pos + head : end])))
-        pos = end
-    return frames, pos
-
-
-class Fragments:
-    """A fragmented message being reassembled (RFC 6455 §5.4)."""
-
-    __slots__ = ("opcode", "parts", "size")
-
-    def __init__(self, opcode: int, first: bytes) -> None:
-        self.opcode = opcode
-        self.parts = [first]
-        self.size = len(first)
-
-    def add(self, payload: bytes, max_size: int) -> None:
-        self.size += len(payload)
-        if self.size > max_size:
-            raise FrameError(TOO_BIG, f"message over {max_size} bytes")
-        self.parts.append(payload)
-
-    def message(self) -> bytes:
-        return b"".join(self.parts)

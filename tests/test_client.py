@@ -443,3 +443,37 @@ async def test_a_resubscription_refused_for_now_is_asked_again_not_dropped():
             while isinstance(got, Gap):
                 got = await next_event(room)
             assert got.data == "still subscribed"
+
+
+async def test_a_server_sending_invalid_utf8_is_failed_with_1007_like_the_gateway_would():
+    """The client applies the server's own RFC 6455 rules (proto.wsprotocol), masked."""
+    from gateway.client.transport import open_websocket
+    from proto.wsprotocol import WebSocketProtocol
+
+    heard: list[int | None] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        key = next(line.split(b":", 1)[1].strip() for line in head.split(b"\r\n")
+                   if line.lower().startswith(b"sec-websocket-key"))  # fmt: skip
+        writer.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                     b"Sec-WebSocket-Accept: " + accept_value(key.decode()).encode() + b"\r\n\r\n"
+                     b"\x81\x02ok\x81\x03\xed\xa0\x80")  # fmt: skip
+        server = WebSocketProtocol(1 << 16)  # reads the client's masked close frame
+        while not server.close_code and (data := await reader.read(4096)):
+            server.receive(data)
+        heard.append(server.close_code)
+        writer.close()
+
+    listener = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = listener.sockets[0].getsockname()[1]
+    got: list[bytes] = []
+    try:
+        ws = await open_websocket(f"ws://127.0.0.1:{port}/ws", token=None, subprotocols=(),
+                                  on_message=got.append)  # fmt: skip
+        closed = await asyncio.wait_for(ws.closed, 5 * UNIT)
+    finally:
+        listener.close()
+    assert got == [b"ok"] and closed.code == 1007
+    await asyncio.sleep(0.05)
+    assert heard == [1007]

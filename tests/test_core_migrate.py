@@ -1,16 +1,21 @@
-"""Migrations: applied once each, in order, even by replicas starting together."""
+"""Migrations: applied once each, in order, even by replicas starting together; an
+applied migration whose file was edited is refused, by `migrate` and by the start-up check."""
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import subprocess
 import sys
 import uuid
+from pathlib import Path
 
 import asyncpg
 import pytest
 
-from core.migrate import migrate, migrations
+import core.migrate
+from core.db import check_schema
+from core.migrate import Migration, SchemaError, inspect, migrate, migrations
 
 
 @pytest.fixture
@@ -68,3 +73,130 @@ def test_migrate_command_without_database_is_a_clear_error():
         timeout=60,
     )
     assert out.returncode == 2 and "DATABASE_URL" in out.stderr and "Traceback" not in out.stderr
+
+
+# -- checksums ---------------------------------------------------------------------
+
+
+def shipping(monkeypatch: pytest.MonkeyPatch, shipped: list[Migration]) -> None:
+    """Make the package ship ``shipped`` (an older release, or edited files)."""
+    monkeypatch.setattr(core.migrate, "migrations", lambda: list(shipped))
+
+
+def edited(m: Migration) -> Migration:
+    return m._replace(sql=m.sql + "\n-- edited after it was applied\n")
+
+
+async def recorded(conn: asyncpg.Connection, schema: str) -> dict[int, str | None]:
+    rows = await conn.fetch(f'select version, checksum from "{schema}".schema_migrations')
+    return {r["version"]: r["checksum"] for r in rows}
+
+
+async def test_each_migration_is_recorded_with_the_sha256_of_its_file(database_url, fresh_schema):
+    conn = await asyncpg.connect(database_url)
+    try:
+        await migrate(conn, fresh_schema)
+        checksums = await recorded(conn, fresh_schema)
+    finally:
+        await conn.close()
+    folder = Path(core.migrate.__file__).parent / "migrations"
+    files = {int(p.name[:4]): p for p in folder.glob("[0-9][0-9][0-9][0-9]_*.sql")}
+    assert checksums == {
+        v: hashlib.sha256(p.read_text("utf-8").encode()).hexdigest() for v, p in files.items()
+    }
+
+
+async def test_an_edited_migration_is_refused_and_nothing_is_applied(
+    database_url, fresh_schema, monkeypatch
+):
+    *older, last = migrations()
+    conn = await asyncpg.connect(database_url)
+    try:
+        shipping(monkeypatch, older)  # the previous release migrated the schema
+        assert await migrate(conn, fresh_schema) == older
+        before = await recorded(conn, fresh_schema)
+        shipping(monkeypatch, [older[0], edited(older[1]), *older[2:], last])
+        with pytest.raises(SchemaError) as refused:
+            await migrate(conn, fresh_schema)
+        after = await recorded(conn, fresh_schema)
+        state = await inspect(conn, fresh_schema)  # what the start-up check sees
+        with pytest.raises(SchemaError, match=older[1].label):
+            await check_schema(conn, fresh_schema)
+    finally:
+        await conn.close()
+    assert older[1].label in str(refused.value) and "checksum" in str(refused.value)
+    assert last.label not in str(refused.value)
+    assert after == before and last.version not in after  # the pending one was not applied
+    assert not state.ok and state.edited == (edited(older[1]),)
+    assert state.missing == (last,)
+
+
+async def test_rows_from_before_checksums_are_trusted_then_recorded(database_url, fresh_schema):
+    """A schema migrated before this change has no checksum column: it serves, and the
+    next `migrate` records the files' checksums (trust on first check)."""
+    conn = await asyncpg.connect(database_url)
+    try:
+        await migrate(conn, fresh_schema)
+        await conn.execute(f'alter table "{fresh_schema}".schema_migrations drop column checksum')
+        state = await inspect(conn, fresh_schema)
+        await check_schema(conn, fresh_schema)  # starts: nothing missing, nothing known edited
+        assert await migrate(conn, fresh_schema) == []
+        checksums = await recorded(conn, fresh_schema)
+        again = await inspect(conn, fresh_schema)
+    finally:
+        await conn.close()
+    assert state.ok and state.unrecorded == tuple(migrations())
+    assert checksums == {m.version: m.checksum for m in migrations()}
+    assert again.ok and again.unrecorded == ()
+
+
+async def test_a_schema_with_newer_migrations_is_usable(database_url, fresh_schema):
+    """A release rolled back after migrating: the older code still serves (expand/contract)."""
+    conn = await asyncpg.connect(database_url)
+    try:
+        await migrate(conn, fresh_schema)
+        await conn.execute(
+            f'insert into "{fresh_schema}".schema_migrations (version, name, checksum)'
+            " values (9999, 'from_a_newer_release', 'abc')"
+        )
+        state = await inspect(conn, fresh_schema)
+        await check_schema(conn, fresh_schema)
+        assert await migrate(conn, fresh_schema) == []
+    finally:
+        await conn.close()
+    assert state.ok and state.newer == ("9999_from_a_newer_release",)
+
+
+async def test_an_unmigrated_schema_lacks_every_migration(database_url, fresh_schema):
+    conn = await asyncpg.connect(database_url)
+    try:
+        state = await inspect(conn, fresh_schema)  # the schema does not even exist
+        with pytest.raises(SchemaError) as refused:
+            await check_schema(conn, fresh_schema)
+    finally:
+        await conn.close()
+    assert state.missing == tuple(migrations()) and not state.ok
+    message = str(refused.value)
+    assert all(m.label in message for m in migrations())
+    assert "python -m core migrate" in message and fresh_schema in message
+
+
+def test_migrate_command_refuses_an_edited_migration(database_url, fresh_schema):
+    env = {"DATABASE_URL": database_url, "DATABASE_SCHEMA": fresh_schema, "PATH": "/usr/bin:/bin"}
+    run = [sys.executable, "-m", "core", "migrate"]
+    assert subprocess.run(run, env=env, capture_output=True, timeout=60).returncode == 0
+
+    async def tamper() -> None:
+        conn = await asyncpg.connect(database_url)
+        try:
+            await conn.execute(
+                f'update "{fresh_schema}".schema_migrations set checksum = $1 where version = 1',
+                "0" * 64,
+            )
+        finally:
+            await conn.close()
+
+    asyncio.run(tamper())
+    out = subprocess.run(run, env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert "refused" in out.stderr and "0001_users_projects" in out.stderr

@@ -15,6 +15,7 @@ same objects.
 
 from __future__ import annotations
 
+import asyncio
 import configparser
 import copy
 import fnmatch
@@ -84,7 +85,7 @@ def merge(base: Any, patch: Any) -> Any:
 
 def set_images(doc: dict[str, Any], images: list[dict[str, str]]) -> None:
     pod = doc.get("spec", {}).get("template", {}).get("spec", {})
-    for container in pod.get("containers", []):
+    for container in [*pod.get("initContainers", []), *pod.get("containers", [])]:
         name, _, tag = container["image"].partition(":")
         for image in images:
             if image["name"] == name:
@@ -132,6 +133,12 @@ def pod_spec(folder: str, name: str) -> dict[str, Any]:
 def container(folder: str, name: str) -> dict[str, Any]:
     (only,) = pod_spec(folder, name)["containers"]
     return only
+
+
+def migrate_step(folder: str, name: str) -> dict[str, Any]:
+    """The init container of a Deployment that applies the migrations."""
+    (step,) = pod_spec(folder, name)["initContainers"]
+    return step
 
 
 def setting(folder: str, name: str, env: str) -> str:
@@ -458,12 +465,69 @@ def test_only_real_settings_are_configured(folder: str) -> None:
     names = set(find(folder, "ConfigMap", "gateway-config")["data"])
     names |= set(find("base", "Secret", "gateway-secrets")["stringData"])
     names |= {
-        var["name"] for n in ["gateway", "core"] for var in container(folder, n).get("env", [])
+        var["name"]
+        for n in ["gateway", "core"]
+        for c in [container(folder, n), migrate_step(folder, n)]
+        for var in c.get("env", [])
     }
     assert names <= SETTING_NAMES, names - SETTING_NAMES
     Settings.from_env(
         {k: str(v) for k, v in find(folder, "ConfigMap", "gateway-config")["data"].items()}
     )
+
+
+@pytest.mark.parametrize("folder", FOLDERS)
+def test_every_pod_migrates_before_its_app_starts(folder: str) -> None:
+    """Migrations are a deploy step: an init container runs `python -m core migrate`
+    (under the advisory lock) with the app's image and configuration, locked down
+    like the app; the app itself only checks (MIGRATE_ON_START off)."""
+    config = find(folder, "ConfigMap", "gateway-config")["data"]
+    assert Settings.from_env({k: str(v) for k, v in config.items()}).migrate_on_start is False
+    for name in ["gateway", "core"]:
+        step, app = migrate_step(folder, name), container(folder, name)
+        assert step["name"] == "migrate"
+        assert [*step["command"], *step["args"]] == ["python", "-m", "core", "migrate"]
+        assert step["image"] == app["image"]  # the release's own migrations
+        assert step["envFrom"] == app["envFrom"]  # the same DATABASE_URL and schema
+        assert step["securityContext"] == app["securityContext"]
+        assert "restartPolicy" not in step, "a sidecar would not finish before the app"
+        for kind in ["cpu", "memory"]:  # the pod's request is the larger of init and app
+            requests = step["resources"]["requests"][kind]
+            assert quantity(requests) <= quantity(app["resources"]["requests"][kind])
+            assert quantity(requests) <= quantity(step["resources"]["limits"][kind])
+
+
+def test_the_migrate_command_is_the_one_the_init_containers_run(
+    database_url: str, tmp_path: Path
+) -> None:
+    """What the init container runs, run here: on an empty schema it applies every
+    migration; run again (the next pod) it applies none."""
+    import uuid
+
+    import asyncpg
+
+    from core.migrate import migrations
+
+    step = migrate_step("base", "gateway")
+    schema = f"deploy_{uuid.uuid4().hex[:10]}"
+    env = {"PATH": "/usr/bin:/bin", "DATABASE_URL": database_url, "DATABASE_SCHEMA": schema}
+    command = [sys.executable, *step["command"][1:], *step["args"]]
+    try:
+        first = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)
+        again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)
+    finally:
+
+        async def drop() -> None:
+            conn = await asyncpg.connect(database_url)
+            try:
+                await conn.execute(f'drop schema if exists "{schema}" cascade')
+            finally:
+                await conn.close()
+
+        asyncio.run(drop())
+    assert first.returncode == 0, first.stderr
+    assert all(m.label in first.stdout for m in migrations())
+    assert again.returncode == 0 and "none (up to date)" in again.stdout
 
 
 @pytest.mark.parametrize("folder", FOLDERS)
@@ -618,6 +682,22 @@ def test_compose_health_and_start_order() -> None:
                 assert "healthcheck" in SERVICES[target] or built_here(SERVICES[target])
     for name in ["redis", "postgres"]:
         assert "ports" not in SERVICES[name], f"{name} is not published on the host"
+
+
+def test_compose_migrates_once_before_the_app_starts() -> None:
+    migrate = SERVICES["migrate"]
+    assert built_here(migrate)
+    assert migrate["entrypoint"] == ["python", "-m", "core", "migrate"]
+    assert "command" not in migrate and migrate["restart"] == "no"
+    assert migrate["depends_on"] == {"postgres": {"condition": "service_healthy"}}
+    apps = [n for n, s in SERVICES.items() if built_here(s) and n != "migrate"]
+    assert len(apps) == 3
+    for name in apps:
+        environment = SERVICES[name]["environment"]
+        assert environment["DATABASE_URL"] == migrate["environment"]["DATABASE_URL"]
+        assert environment.get("MIGRATE_ON_START", "false") == "false"
+        condition = SERVICES[name]["depends_on"]["migrate"]["condition"]
+        assert condition == "service_completed_successfully", name
 
 
 def mounts() -> dict[str, dict[str, Path]]:

@@ -16,56 +16,14 @@ import pytest
 from gateway.loadtest.wsclient import client_frame, handshake_request
 from gateway.transport.wsconn import Coalescer
 from proto.wsframe import (
-    OP_BINARY,
     OP_CLOSE,
     OP_PING,
     OP_TEXT,
-    Fragments,
-    FrameError,
     close_frame,
     parse_header,
-    read_frames,
 )
 from tests.harness import running_gateway, token_for
 from tests.servers import UNIT
-
-# -- proto.wsframe -------------------------------------------------------------
-
-
-def test_read_frames_unmasks_and_keeps_partial_frames_for_later():
-    one = client_frame(b'{"op":"ping","id":1}')
-    two = client_frame(b"x" * 300, OP_BINARY)
-    data = one + two
-    frames, used = read_frames(data[:-5], 1 << 20)
-    assert frames == [(OP_TEXT, True, b'{"op":"ping","id":1}')] and used == len(one)
-    frames, used = read_frames(data[used:], 1 << 20)
-    assert frames == [(OP_BINARY, True, b"x" * 300)] and used == len(two)
-
-
-@pytest.mark.parametrize(
-    ("raw", "code"),
-    [
-        (b"\x81\x05hello", 1002),  # unmasked
-        (b"\xc1\x80\x00\x00\x00\x00", 1002),  # RSV1 without an extension
-        (b"\x83\x80\x00\x00\x00\x00", 1002),  # unknown opcode 3
-        (b"\x09\x80\x00\x00\x00\x00", 1002),  # fragmented ping
-        (b"\x81\xfe\x10\x00", 1009),  # 4096 bytes announced, over the limit
-    ],
-)
-def test_read_frames_refuses_protocol_violations(raw, code):
-    with pytest.raises(FrameError) as info:
-        read_frames(raw, 1024)
-    assert info.value.code == code
-
-
-def test_fragments_are_reassembled_up_to_the_limit():
-    parts = Fragments(OP_TEXT, b"ab")
-    parts.add(b"cd", 10)
-    assert parts.message() == b"abcd"
-    with pytest.raises(FrameError) as info:
-        parts.add(b"x" * 10, 10)
-    assert info.value.code == 1009
-
 
 # -- the transport, over a raw socket -------------------------------------------
 
@@ -230,6 +188,55 @@ def test_close_reasons_are_cut_without_splitting_a_character():
     frame = close_frame(4000, "é" * 100)  # 200 bytes of UTF-8
     reason = frame[4:]
     assert len(reason) <= 123 and reason.decode() == "é" * 61
+
+
+async def _eof_within(ws: Raw, seconds: float) -> None:
+    """The server closed the TCP connection within ``seconds`` (what is left unread is skipped)."""
+    async with asyncio.timeout(seconds):
+        while await ws.reader.read(65536):
+            pass
+
+
+async def test_invalid_utf8_fails_with_1007_and_the_tcp_connection_is_closed_at_once(gw):
+    async with raw_socket(gw, token_for(gw)) as bystander:
+        bystander.send(client_frame(b'{"op":"sub","ch":"room:u","id":1}'))
+        assert (await bystander.json())["ok"]
+        async with raw_socket(gw, token_for(gw)) as ws:
+            ws.send(client_frame(b'{"op":"ping","id":"\xed\xa0\x80"}'))
+            assert await ws.close_code() == 1007
+            await _eof_within(ws, 1.0)  # CLOSE_TIMEOUT is 5 s: not waited for
+        gw.hub.broadcast("room:u", b"1")
+        assert (await bystander.json())["data"] == 1
+
+
+async def test_commands_before_a_violation_in_the_same_write_are_answered_first(gw):
+    async with raw_socket(gw, token_for(gw)) as ws:
+        ws.send(client_frame(b'{"op":"ping","id":1}') + client_frame(b'{"op":"ping","id":2}') + b"\x83\x80abcd")
+        assert (await ws.json()) == {"id": 1, "ok": True}
+        assert (await ws.json()) == {"id": 2, "ok": True}
+        assert await ws.close_code() == 1002
+        await _eof_within(ws, 1.0)
+
+
+async def test_a_peers_close_with_1005_is_refused_and_a_valid_one_ends_the_tcp_connection(gw):
+    async with raw_socket(gw, token_for(gw)) as ws:
+        ws.send(client_frame((1005).to_bytes(2, "big"), OP_CLOSE))
+        assert await ws.close_code() == 1002
+    async with raw_socket(gw, token_for(gw)) as ws:
+        ws.send(client_frame((3123).to_bytes(2, "big") + "motivo ✓".encode(), OP_CLOSE))
+        assert await ws.close_code() == 3123
+        await _eof_within(ws, 1.0)
+    async with raw_socket(gw, token_for(gw)) as ws:
+        ws.send(client_frame((1000).to_bytes(2, "big") + b"\xff", OP_CLOSE))
+        assert await ws.close_code() == 1007
+
+
+async def test_commands_before_the_peers_close_in_the_same_write_are_answered_first(gw):
+    async with raw_socket(gw, token_for(gw)) as ws:
+        ws.send(client_frame(b'{"op":"ping","id":1}') + client_frame((1000).to_bytes(2, "big"), OP_CLOSE))
+        assert (await ws.json()) == {"id": 1, "ok": True}
+        assert await ws.close_code() == 1000
+        await _eof_within(ws, 1.0)
 
 
 class _Backlog:

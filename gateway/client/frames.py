@@ -11,11 +11,11 @@ like a reserved bit, is a protocol error (`FrameError` with code 1002).
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from typing import Final
 
-from proto.wsframe import OP_TEXT, PROTOCOL_ERROR, TOO_BIG, FrameError
+from proto.wsframe import OP_TEXT, PROTOCOL_ERROR, TOO_BIG, FrameError, close_payload
+from proto.wsprotocol import masked_frame
 
 __all__ = ["UNLIMITED", "client_frame", "close_payload", "read_frames"]
 
@@ -25,24 +25,7 @@ UNLIMITED: Final = 2**63
 
 def client_frame(payload: bytes, opcode: int = OP_TEXT) -> bytes:
     """One masked, unfragmented frame from client to server."""
-    n = len(payload)
-    if n < 126:
-        head = bytes((0x80 | opcode, 0x80 | n))
-    elif n <= 0xFFFF:
-        head = bytes((0x80 | opcode, 0xFE)) + n.to_bytes(2, "big")
-    else:
-        head = bytes((0x80 | opcode, 0xFF)) + n.to_bytes(8, "big")
-    mask = os.urandom(4)
-    if not n:
-        return head + mask
-    key = (mask * (n // 4 + 1))[:n]
-    masked = (int.from_bytes(payload, "big") ^ int.from_bytes(key, "big")).to_bytes(n, "big")
-    return head + mask + masked
-
-
-def close_payload(code: int, reason: str = "") -> bytes:
-    """The payload of a close frame: the code, then at most 123 bytes of reason."""
-    return code.to_bytes(2, "big") + reason.encode()[:123]
+    return masked_frame(opcode, payload)
 
 
 def read_frames(

@@ -10,9 +10,12 @@ shares its framing with the load tool, which must stay one slotted Protocol
 per socket. So one implementation of the client side of RFC 6455 serves both.
 
 `open_websocket` connects (``ws://`` or ``wss://``), writes the handshake and
-returns once the 101 is checked. Messages (reassembled, at most ``max_size``
-bytes) go to ``on_message``; pings are answered at once; ``closed`` resolves
-with the close code when the TCP connection ends (1006: no close frame came).
+returns once the 101 is checked. From there the RFC 6455 rules are the
+server's own: `proto.wsprotocol.WebSocketProtocol`, client side. Messages
+(reassembled, at most ``max_size`` bytes, text checked as UTF-8) go to
+``on_message``; pings are answered at once; a server that breaks the protocol
+is failed (1002, 1007, 1009); ``closed`` resolves with the close code when the
+TCP connection ends (1006: no close frame came).
 """
 
 from __future__ import annotations
@@ -24,7 +27,6 @@ from typing import Final, NamedTuple, cast
 from urllib.parse import urlsplit
 
 from gateway.client.errors import ConnectionClosed, HandshakeError
-from gateway.client.frames import client_frame, close_payload, read_frames
 from gateway.client.handshake import (
     Response,
     check_upgrade,
@@ -33,18 +35,7 @@ from gateway.client.handshake import (
     parse_response,
     refusal,
 )
-from proto.wsframe import (
-    OP_BINARY,
-    OP_CLOSE,
-    OP_CONT,
-    OP_PING,
-    OP_PONG,
-    OP_TEXT,
-    TOO_BIG,
-    Fragments,
-    FrameError,
-    parse_close,
-)
+from proto.wsprotocol import WebSocketProtocol, WSState
 
 __all__ = ["Closed", "WebSocket", "open_websocket"]
 
@@ -78,13 +69,11 @@ class WebSocket(asyncio.Protocol):
         self._key = key
         self._offered = offered
         self._on_message = on_message
-        self._max_size = max_size
+        self._protocol = WebSocketProtocol(max_size, client=True)
         self._transport: asyncio.Transport | None = None
         self._buffer = b""
         self._refused: tuple[Response, int] | None = None  # a refusal and its body length
-        self._fragments: Fragments | None = None
         self._received: Closed | None = None
-        self._close_sent = False
         self._drain: asyncio.Future[None] | None = None
 
     # -- asyncio.Protocol --------------------------------------------------
@@ -119,28 +108,29 @@ class WebSocket(asyncio.Protocol):
             data = self._handshake(data)
             if not data:
                 return
-        try:
-            used = read_frames(data, self._frame, self._max_size)
-        except FrameError as exc:
-            self.fail(exc.code, exc.reason)
-            return
-        if used < len(data):
-            self._buffer = data[used:]
+        protocol = self._protocol
+        for message in protocol.receive(data):
+            self._on_message(message)
+        self._write(protocol.data_to_send())
+        if protocol.state is WSState.CLOSED and self._received is None:
+            self._received = Closed(protocol.close_code or _NO_STATUS, protocol.close_reason)
+            if protocol.failure is not None:  # the client closes at once when it fails
+                self.abort()
 
     # -- use ---------------------------------------------------------------
 
     async def send(self, payload: bytes, binary: bool) -> None:
         """Write one message; waits while the kernel and transport buffers are full."""
-        if self._transport is None or self._close_sent:
+        if self._transport is None or self._protocol.state is not WSState.OPEN:
             code, reason = self._received or (_ABNORMAL, "")
             raise ConnectionClosed(code, reason)
-        self._transport.write(client_frame(payload, OP_BINARY if binary else OP_TEXT))
+        self._transport.write(self._protocol.message(payload, binary))
         if self._drain is not None and not self._drain.done():
             await self._drain
 
     async def close(self, code: int = 1000, reason: str = "") -> Closed:
         """The closing handshake: send a close frame, await the server's end of it."""
-        self._send_close(code, reason)
+        self._write(self._protocol.close(code, reason))
         try:
             return await asyncio.wait_for(asyncio.shield(self.closed), _CLOSE_TIMEOUT)
         except TimeoutError:
@@ -150,7 +140,7 @@ class WebSocket(asyncio.Protocol):
     def fail(self, code: int, reason: str) -> None:
         """Close at once after a protocol violation by the peer; ``closed`` says ``code``."""
         self._received = self._received or Closed(code, reason)
-        self._send_close(code, reason)
+        self._write(self._protocol.close(code, reason))
         self.abort()
 
     def abort(self) -> None:
@@ -206,41 +196,9 @@ class WebSocket(asyncio.Protocol):
             self.opened.set_exception(exc)
         self.abort()
 
-    def _frame(self, opcode: int, fin: bool, payload: bytes) -> None:
-        if len(payload) > self._max_size:
-            raise FrameError(TOO_BIG, f"frame over {self._max_size} bytes")
-        if opcode >= OP_CLOSE:
-            if opcode == OP_PING:
-                if self._transport is not None and not self._close_sent:
-                    self._transport.write(client_frame(payload, OP_PONG))
-            elif opcode == OP_CLOSE:
-                try:
-                    code = parse_close(payload)
-                except FrameError as exc:
-                    self.fail(exc.code, exc.reason)
-                    return
-                self._received = Closed(code, payload[2:].decode("utf-8", "replace"))
-                self._send_close(code if code != _NO_STATUS else 1000, "")
-            return
-        if opcode == OP_CONT:
-            if self._fragments is None:
-                raise FrameError(1002, "continuation without a first fragment")
-            self._fragments.add(payload, self._max_size)
-            if not fin:
-                return
-            payload = self._fragments.message()
-            self._fragments = None
-        elif opcode != OP_TEXT and opcode != OP_BINARY:
-            raise FrameError(1002, f"unknown opcode {opcode}")
-        elif not fin:
-            self._fragments = Fragments(opcode, payload)
-            return
-        self._on_message(payload)
-
-    def _send_close(self, code: int, reason: str) -> None:
-        if not self._close_sent and self._transport is not None:
-            self._close_sent = True
-            self._transport.write(client_frame(close_payload(code, reason), OP_CLOSE))
+    def _write(self, data: bytes) -> None:
+        if data and self._transport is not None:
+            self._transport.write(data)
 
 
 async def open_websocket(

@@ -9,10 +9,13 @@ HTTP/1.1 connection parses the request; `_Upgrade` checks it, and then:
   origin (403), a request that is not an upgrade (400, or 426 for another
   protocol version), draining (503), ``RATE_CONNECT_IP`` (429) and a full
   process (503, see below);
+* the request must be well formed (RFC 6455 §4.2.1): HTTP/1.1 (else 505)
+  and a ``Sec-WebSocket-Key`` that is the base64 of 16 bytes (else 400);
 * the codec is chosen from ``Sec-WebSocket-Protocol``;
 * the socket is detached from Tornado's stream and given to the event
   loop's transport with a `WSConnection`, which writes the 101 and carries
-  the connection from there on.
+  the connection from there on, starting with any bytes the client sent
+  behind its request (Tornado's stream had already read them).
 
 Capacity: a process refuses new sockets once it holds ``MAX_CONNECTIONS``
 sockets (long-poll sessions have their own ``MAX_LONGPOLL_SESSIONS``; by default the open-file limit less a reserve for everything else), with a
@@ -27,14 +30,17 @@ import base64
 import hashlib
 import logging
 import time
+from http import HTTPStatus
 from urllib.parse import parse_qs
 
 from tornado import httputil
 from tornado.http1connection import HTTP1Connection
 
+from core.errors import error_body
 from gateway.auth import Identity
 from gateway.context import Context
 from gateway.http import ApiError
+from gateway.httpstream import unread
 from gateway.logs import redact
 from gateway.session import Session
 from gateway.transport.admission import admit_request
@@ -94,7 +100,7 @@ class _Upgrade(BodylessRequest):
             _, _, query = start.path.partition("?")
             token = parse_qs(query).get("token", [None])[0] if query else None
             identity = await admit_request(ctx, remote_ip, headers, token)
-            codec, response = _handshake(ctx, headers)
+            codec, response = _handshake(ctx, start, headers)
         except ApiError as exc:
             self._refuse(exc)
             return
@@ -117,20 +123,23 @@ class _Upgrade(BodylessRequest):
                            ctx.verifier.verify, commands=settings.rate_socket_commands,
                            publishes=settings.rate_socket_publish, remote_ip=remote_ip)  # fmt: skip
 
-        ws = WSConnection(response, codec, make_session, ctx.metrics, settings.max_frame_bytes,
-                          ctx.coalescer)  # fmt: skip
         assert isinstance(self._conn, HTTP1Connection)
         stream = self._conn.detach()
         # The socket leaves Tornado's stream for the loop's transport; the
-        # stream (and its buffers) closes its own descriptor, a duplicate.
+        # stream closes its own descriptor, a duplicate. What the client sent
+        # behind its request (frames, in the same packet or while it was being
+        # admitted) is in the stream's buffer: the socket's first input.
         try:
             if stream.closed():
                 return  # the client went away while it was being admitted
             sock = stream.socket.dup()
+            early = unread(stream)
         except OSError:
             return  # the client is already gone
         finally:
             stream.close()
+        ws = WSConnection(response, codec, make_session, ctx.metrics, settings.max_frame_bytes,
+                          ctx.coalescer, early)  # fmt: skip
         try:
             transport, _ = await asyncio.get_running_loop().connect_accepted_socket(
                 lambda: ws, sock
@@ -142,23 +151,38 @@ class _Upgrade(BodylessRequest):
         transport.set_write_buffer_limits(high=settings.send_buffer_bytes)
 
     def _refuse(self, exc: ApiError) -> None:
-        self.refuse(exc)
-        assert self._start is not None
+        # A refused upgrade ends the connection, as python-websockets does:
+        # what the client sent behind its request are frames, not a request.
+        assert isinstance(self._conn, HTTP1Connection) and self._start is not None
+        stream = self._conn.detach()
+        if not stream.closed():
+            answer = _refusal(exc, head_only=self._start.method == "HEAD")
+            stream.write(answer).add_done_callback(lambda _: stream.close())
         access_log.warning("%d %s %s", exc.status_code, self._start.method, redact(self._start.path))
 
 
-def _handshake(ctx: Context, headers: httputil.HTTPHeaders) -> tuple[Codec, bytes]:
+def _refusal(exc: ApiError, head_only: bool) -> bytes:
+    """The response refusing an upgrade: the JSON error body, then the connection closes."""
+    status = exc.status_code
+    body = error_body(status, exc.code, exc.message)
+    headers = {**exc.headers, "Content-Type": "application/json",
+               "Content-Length": str(len(body)), "Connection": "close"}  # fmt: skip
+    if status == 401:
+        headers["WWW-Authenticate"] = "Bearer"
+    lines = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
+    head = f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\n{lines}\r\n".encode("latin-1")
+    return head if head_only else head + body
+
+
+def _handshake(
+    ctx: Context, start: httputil.RequestStartLine, headers: httputil.HTTPHeaders
+) -> tuple[Codec, bytes]:
     """The codec and the 101 response for a valid upgrade request; `ApiError` otherwise."""
-    if headers.get("Upgrade", "").lower() != "websocket" or "upgrade" not in (
-        headers.get("Connection", "").lower()
-    ):
-        raise ApiError(400, "bad_request", "expected a WebSocket upgrade (Upgrade: websocket)")
-    if headers.get("Sec-WebSocket-Version") != "13":
-        raise ApiError(426, "upgrade_required", "WebSocket version 13 only",
-                       headers={"Sec-WebSocket-Version": "13"})  # fmt: skip
-    key = headers.get("Sec-WebSocket-Key", "")
-    if len(key) != 24:
-        raise ApiError(400, "bad_request", "missing or malformed Sec-WebSocket-Key")
+    try:
+        key = _upgrade_key(start, headers)
+    except ApiError:
+        ctx.metrics.handshake_failures.labels("malformed").inc()
+        raise
     origin = headers.get("Origin")
     allowed = ctx.settings.allowed_origins
     if origin is not None and "*" not in allowed and origin not in allowed:
@@ -179,6 +203,34 @@ def _handshake(ctx: Context, headers: httputil.HTTPHeaders) -> tuple[Codec, byte
         + b"\r\n"
     )  # fmt: skip
     return codec, response
+
+
+def _upgrade_key(start: httputil.RequestStartLine, headers: httputil.HTTPHeaders) -> str:
+    """The ``Sec-WebSocket-Key`` of a well-formed upgrade request (RFC 6455 §4.2.1); `ApiError` otherwise.
+
+    An upgrade over any HTTP version but 1.1 is 505, as python-websockets
+    answers (Tornado's own handler does not check); Tornado's parser has
+    already answered 400 to anything that is not ``HTTP/1.x``.
+    """
+    if start.version != "HTTP/1.1":
+        raise ApiError(505, "http_version_not_supported",
+                       f"the WebSocket handshake needs HTTP/1.1, not {start.version}")  # fmt: skip
+    if headers.get("Upgrade", "").lower() != "websocket" or "upgrade" not in (
+        headers.get("Connection", "").lower()
+    ):
+        raise ApiError(400, "bad_request", "expected a WebSocket upgrade (Upgrade: websocket)")
+    if headers.get("Sec-WebSocket-Version") != "13":
+        raise ApiError(426, "upgrade_required", "WebSocket version 13 only",
+                       headers={"Sec-WebSocket-Version": "13"})  # fmt: skip
+    key = headers.get("Sec-WebSocket-Key", "")
+    try:
+        valid = len(key) == 24 and len(base64.b64decode(key, validate=True)) == 16
+    except ValueError:  # binascii.Error, or a character outside ASCII
+        valid = False
+    if not valid:
+        raise ApiError(400, "bad_request",
+                       "Sec-WebSocket-Key must be the base64 of 16 bytes (RFC 6455 section 4.2.1)")  # fmt: skip
+    return key
 
 
 _last_full_log = 0.0

@@ -5,7 +5,8 @@ the socket moves to the event loop's own transport (C in uvloop) and this
 object, so an idle connection holds no handler, request, headers, stream,
 coroutine or task: only the transport, this protocol and its `Session`.
 
-* Frames are read by `proto.wsframe.read_frames` in ``data_received``.
+* Bytes in go to a `proto.wsprotocol.WebSocketProtocol` (framing, UTF-8,
+  the closing handshake), which returns the messages they complete.
   Commands run in order, one task at a time, and only while there are
   some; past `MAX_INBOX` waiting frames the socket stops reading.
 * Writes are coalesced: frames for a socket queue in a list until the end
@@ -16,6 +17,9 @@ coroutine or task: only the transport, this protocol and its `Session`.
 * The transport's high-water mark is the send buffer bound
   (``SEND_BUFFER_BYTES``): when the event loop says to pause writing, the
   client is a slow consumer and is closed with 4001.
+* A peer that sends its close frame, or breaks the protocol, gets the
+  replies to the commands it sent before, then the close frame (its own
+  code, or 1002, 1007, 1009), and the TCP connection is closed.
 * Closing sends the close frame once, then waits up to `CLOSE_TIMEOUT`
   seconds for the peer's before dropping the socket; a peer still reading
   through what was queued before the close (a closed slow consumer) gets
@@ -42,20 +46,8 @@ from gateway.hub import Prepared
 from gateway.metrics import Metrics
 from gateway.session import Session
 from proto import CloseCode, Codec, close_reason, frame
-from proto.wsframe import (
-    OP_BINARY,
-    OP_CLOSE,
-    OP_CONT,
-    OP_PING,
-    OP_PONG,
-    OP_TEXT,
-    PROTOCOL_ERROR,
-    Fragments,
-    FrameError,
-    close_frame,
-    parse_close,
-    read_frames,
-)
+from proto.wsframe import OP_PING
+from proto.wsprotocol import WebSocketProtocol, WSState
 
 __all__ = ["BUDGET_CHECK", "CLOSE_TIMEOUT", "MAX_INBOX", "MAX_PENDING", "Coalescer", "WSConnection"]
 
@@ -73,6 +65,8 @@ MAX_PENDING = 64
 #: Seconds between two sums of the send buffers against the process-wide budget.
 BUDGET_CHECK = 0.1
 _PING = bytes((0x80 | OP_PING, 0))
+#: The command tasks running now, one per busy connection (idle ones hold none).
+_RUNNING: set[asyncio.Task[None]] = set()
 _LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() resets the connection
 
 
@@ -103,11 +97,6 @@ def _reset(transport: Any) -> None:
         with contextlib.suppress(OSError, ValueError):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
     transport.abort()
-
-
-def _sendable(code: int) -> bool:
-    """Close codes an endpoint may send (RFC 6455 §7.4): not 1004-1006, 1015, or unassigned."""
-    return 1000 <= code <= 1003 or 1007 <= code <= 1014 or 3000 <= code <= 4999
 
 
 class Coalescer:
@@ -214,11 +203,11 @@ class WSConnection(asyncio.Protocol):
     kind: ClassVar[str] = "websocket"
 
     __slots__ = (
-        "_buffer",
         "_closing",
         "_coalescer",
         "_code",
-        "_fragments",
+        "_early",
+        "_end",
         "_inbox",
         "_last_seen",
         "_make_session",
@@ -226,6 +215,7 @@ class WSConnection(asyncio.Protocol):
         "_metrics",
         "_pending",
         "_pinged",
+        "_protocol",
         "_response",
         "_running",
         "_timer",
@@ -242,8 +232,10 @@ class WSConnection(asyncio.Protocol):
         metrics: Metrics,
         max_frame: int,
         coalescer: Coalescer,
+        early: bytes = b"",
     ) -> None:
         self._response = response  # the 101, written first
+        self._early = early  # what the client sent behind its upgrade request
         self.codec = codec
         self._make_session = make_session
         self._metrics = metrics
@@ -252,8 +244,8 @@ class WSConnection(asyncio.Protocol):
         self._pending: list[bytes] | None = None
         self.transport: Any = None  # asyncio.Transport (uvloop's is not a subclass)
         self.session: Session | None = None
-        self._buffer = b""
-        self._fragments: Fragments | None = None
+        self._protocol = WebSocketProtocol(max_frame)
+        self._end: bytes | None = None  # the protocol's last frames, once it closed
         self._inbox: collections.deque[bytes] | None = None
         self._running = False
         self._closing = False
@@ -271,6 +263,9 @@ class WSConnection(asyncio.Protocol):
         self.session = session = self._make_session(self)
         session.open()
         log.info("socket open", extra={"conn": session.client_id, "user": session.identity.sub})
+        if self._early:
+            early, self._early = self._early, b""
+            self.data_received(early)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
@@ -317,57 +312,58 @@ class WSConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self._last_seen = time.monotonic()
-        if self._buffer:
-            data = self._buffer + data
-        try:
-            frames, used = read_frames(data, self._max_frame)
-        except FrameError as exc:
-            self._buffer = b""
-            self._fail(exc)
-            return
-        self._buffer = data[used:] if used < len(data) else b""
-        for opcode, fin, payload in frames:
-            try:
-                self._frame(opcode, fin, payload)
-            except FrameError as exc:
-                self._fail(exc)
-                return
+        protocol = self._protocol
+        for payload in protocol.receive(data):
+            self._message(payload)
+        if protocol.state is WSState.OPEN:
+            pongs = protocol.data_to_send()
+            if pongs:
+                self._write(pongs)
+        elif self._end is None:
+            self._ended()
 
     def eof_received(self) -> bool:
         return False  # close the transport
 
     # -- frames in ---------------------------------------------------------
 
-    def _frame(self, opcode: int, fin: bool, payload: bytes) -> None:
-        if opcode == OP_TEXT or opcode == OP_BINARY:
-            if self._fragments is not None:
-                raise FrameError(PROTOCOL_ERROR, "new message inside a fragmented one")
-            if fin:
-                self._message(payload)
-            else:
-                self._fragments = Fragments(opcode, payload)
-        elif opcode == OP_CONT:
-            fragments = self._fragments
-            if fragments is None:
-                raise FrameError(PROTOCOL_ERROR, "continuation without a message")
-            fragments.add(payload, self._max_frame)
-            if fin:
-                self._fragments = None
-                self._message(fragments.message())
-        elif opcode == OP_PING:
-            self._write(bytes((0x80 | OP_PONG, len(payload))) + payload)
-        elif opcode == OP_CLOSE:
-            code = parse_close(payload)
-            if not self._closing:  # the peer started it: answer with its code
-                self._code = code
-                self._closing = True
-                reply = close_frame(
-                    code if _sendable(code) else 1000 if code == 1005 else PROTOCOL_ERROR
-                )
-                if self.transport is not None:
-                    self.transport.write(reply)
-            if self.transport is not None:
-                self.transport.close()
+    def _ended(self) -> None:
+        """The protocol closed: the peer's close frame came, or the peer broke the protocol.
+
+        Either way the commands that came before (in the same read or
+        earlier) still run, for at most `CLOSE_TIMEOUT`, with reading
+        stopped; their replies go out, then the close frame (the answer to
+        the peer's, or 1002/1007/1009), then the TCP connection is closed.
+        """
+        protocol = self._protocol
+        transport = self.transport
+        if transport is None:
+            return
+        self._end = protocol.data_to_send()
+        self._code = protocol.close_code or 1005
+        if protocol.failure is not None:
+            log.info("closing a socket that broke the protocol: %s", protocol.failure.reason)
+        if self._running and not self._closing:
+            transport.pause_reading()
+            self._timer = asyncio.get_running_loop().call_later(CLOSE_TIMEOUT, self._hang_up)
+            return
+        self._hang_up()
+
+    def _hang_up(self) -> None:
+        """Write what is queued and the protocol's last frames, then close the TCP connection."""
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        if self._pending and not self._closing:
+            pending, self._pending = self._pending, []
+            self._emit(pending)
+        self._closing = True
+        if self._end:
+            transport.write(self._end)
+        transport.close()  # after what is buffered, which a peer that does not read never takes
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = asyncio.get_running_loop().call_later(CLOSE_TIMEOUT, self.abort)
 
     def _message(self, payload: bytes) -> None:
         if self._closing:
@@ -381,7 +377,9 @@ class WSConnection(asyncio.Protocol):
                 self.transport.pause_reading()
             return
         self._running = True
-        asyncio.get_running_loop().create_task(self._run(payload))
+        task = asyncio.get_running_loop().create_task(self._run(payload))
+        _RUNNING.add(task)  # the loop keeps only a weak reference to a task
+        task.add_done_callback(_RUNNING.discard)
 
     async def _run(self, payload: bytes) -> None:
         """Run this connection's commands in order until none is waiting."""
@@ -396,10 +394,8 @@ class WSConnection(asyncio.Protocol):
                 payload = inbox.popleft()
         finally:
             self._running = False
-
-    def _fail(self, exc: FrameError) -> None:
-        log.info("closing a socket that broke the protocol: %s", exc.reason)
-        self._close(exc.code, exc.reason)
+            if self._end is not None:  # the connection failed while commands were waiting
+                self._hang_up()
 
     # -- Transport (what the Session uses) ---------------------------------
 
@@ -413,7 +409,7 @@ class WSConnection(asyncio.Protocol):
         self._close(int(code), close_reason(code))
 
     def heartbeat(self, now: float, dead_after: float) -> None:
-        if self._closing or self.transport is None:
+        if self._closing or self.transport is None or self._end is not None:
             return
         # Dropped only once pinged since it was last heard: a socket that
         # joined in the middle of a liveness round may wait for its first
@@ -461,12 +457,15 @@ class WSConnection(asyncio.Protocol):
         transport = self.transport
         if transport is None or self._timer is not None or transport.is_closing():
             return
+        frame = self._protocol.close(code, reason)
+        if not frame:
+            return
         if self._pending:  # what was sent before the close goes before it
             pending, self._pending = self._pending, []
             self._emit(pending)
         self._closing = True
         self._code = code
-        transport.write(close_frame(code, reason))
+        transport.write(frame)
         left = _unsent(transport)
         self._timer = asyncio.get_running_loop().call_later(CLOSE_TIMEOUT, self._closing_timer, left, 1)
 

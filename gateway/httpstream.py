@@ -1,0 +1,101 @@
+"""The listener's connections as Tornado streams, where Tornado falls short.
+
+`HTTPStream` is the `IOStream` the listener serves every connection on. It
+differs from Tornado's in one place: when a request line and headers pass
+their limit (``max_header_size``), Tornado's stream closes the connection
+without a word (`UnsatisfiableReadError`); this one first answers ``414``
+(the request line alone is over) or ``431`` (headers), with the JSON error
+body and ``Connection: close``. The answer is written straight to the
+socket: a stream reading a request has nothing else to write (the previous
+response was flushed before the read began). What the client had already
+sent is read and dropped first, so that closing sends a FIN after the
+answer rather than a reset that could destroy it.
+
+`unread` is what a stream read past the request it served: the bytes a
+client sent right behind an upgrade request, which belong to the protocol
+it upgrades to.
+"""
+
+from __future__ import annotations
+
+import logging
+from http import HTTPStatus
+from types import TracebackType
+
+from tornado.iostream import IOStream, UnsatisfiableReadError
+
+from core.errors import error_body
+from gateway.throttled import ThrottledLog
+
+__all__ = ["DRAIN_BYTES", "HTTPStream", "oversized_answer", "unread"]
+
+log = logging.getLogger("gateway.listener")
+_log_oversized = ThrottledLog(log)
+
+#: At most this much already-sent input is dropped before an oversized request is closed.
+DRAIN_BYTES = 1 << 20
+
+_ExcInfo = (
+    None
+    | bool
+    | BaseException
+    | tuple[type[BaseException] | None, BaseException | None, TracebackType | None]
+)
+
+
+def oversized_answer(head: bytes, limit: int) -> bytes:
+    """The 414 or 431 response to a request whose first ``limit`` bytes are ``head``."""
+    if b"\n" not in head.lstrip(b"\r\n"):  # Tornado skips blank lines before a request
+        status, code, what = 414, "uri_too_long", "request line"
+    else:
+        status, code, what = 431, "headers_too_large", "request line and headers"
+    body = error_body(status, code, f"{what} over {limit} bytes")
+    head_lines = (
+        f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    )
+    return head_lines.encode() + body
+
+
+class HTTPStream(IOStream):
+    """An `IOStream` that answers 414/431 rather than closing on an oversized header read."""
+
+    def close(self, exc_info: _ExcInfo = False) -> None:
+        if (
+            isinstance(exc_info, UnsatisfiableReadError)
+            and self._read_regex is not None  # the header read (chunk sizes are read_until)
+            and self._read_max_bytes is not None
+            and not self.closed()
+            and not self.writing()
+        ):
+            self._answer_oversized(self._read_max_bytes)
+        super().close(exc_info)
+
+    def _answer_oversized(self, limit: int) -> None:
+        head = bytes(self._read_buffer[:limit])
+        answer = oversized_answer(head, limit)
+        sock = self.socket
+        try:
+            peer = sock.getpeername()[0]
+        except OSError:
+            peer = "?"
+        _log_oversized.log(logging.WARNING, "answered %s to a request from %s over %d bytes",
+                           answer[9:12].decode(), peer, limit)  # fmt: skip
+        try:
+            sock.send(answer)  # a few hundred bytes into an empty send buffer
+            drained = 0
+            while drained < DRAIN_BYTES:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                drained += len(chunk)
+        except OSError:
+            pass  # BlockingIOError: nothing more sent yet; otherwise the client is gone
+        del self._read_buffer[:]
+        self._read_buffer_size = 0
+
+
+def unread(stream: IOStream) -> bytes:
+    """What ``stream`` has read from its socket and nobody has consumed yet."""
+    size = stream._read_buffer_size
+    return bytes(stream._read_buffer[:size]) if size else b""

@@ -1,0 +1,387 @@
+"""One end of a WebSocket connection after the handshake (RFC 6455), sans I/O.
+
+`WebSocketProtocol` takes the bytes the peer sent (`receive`) and returns the
+data messages they complete, reassembled and checked; what the connection must
+send in answer (pongs, the closing handshake) waits in `data_to_send`. It does
+no I/O and holds no timer: the transport adapters (`gateway.transport.wsconn`
+for the server, `gateway.client.transport` for the client) write, time out and
+close the TCP connection as its `state` says.
+
+The rules it enforces, per RFC 6455:
+
+* framing (§5.2): reserved bits clear, known opcodes, client frames masked and
+  server frames not, control frames unfragmented and at most 125 bytes, a frame
+  or a reassembled message at most ``max_size`` bytes (1009, refused at the
+  frame's header, before its payload is buffered);
+* fragmentation (§5.4): a continuation only inside a message, no new message
+  inside one, control frames allowed between fragments;
+* UTF-8 (§8.1): text messages and close reasons must be valid UTF-8 (1007). The
+  check is incremental: a text message is failed at the first invalid byte, in
+  whichever fragment, or part of a fragment, it arrives;
+* closing (§5.5.1, §7.4): a close frame of one byte, with a code no endpoint may
+  send (0-999, 1004-1006, 1015, 1016-2999, 5000 and up) fails with 1002; a valid
+  one is answered with its own code (an empty one with an empty one).
+
+Every frame that precedes a violation in the same `receive` is processed: its
+messages are returned along with the failure.
+
+The states, and what moves between them (anything else changes nothing; in
+`CLOSED` input is ignored):
+
+    OPEN     --close sent-->       CLOSING   our close frame is out; the peer's is awaited
+    OPEN     --close received-->   CLOSED    answered with a close frame in the same step
+    OPEN     --violation-->        CLOSED    a close frame with the violation's code
+    CLOSING  --close received-->   CLOSED
+    CLOSING  --violation-->        CLOSED    no second close frame
+
+In `CLOSED` only the TCP connection is left to close: a server closes it once
+`data_to_send` is written (§7.1.1); a client, after failing, too, and after a
+clean closing handshake it waits a while for the server to do it.
+"""
+
+from __future__ import annotations
+
+import codecs
+import enum
+import os
+from typing import Final
+
+from proto.wsframe import (
+    OP_BINARY,
+    OP_CLOSE,
+    OP_CONT,
+    OP_PING,
+    OP_PONG,
+    OP_TEXT,
+    PROTOCOL_ERROR,
+    TOO_BIG,
+    FrameError,
+    close_payload,
+    frame,
+    unmask,
+)
+
+__all__ = [
+    "INVALID_DATA",
+    "TRANSITIONS",
+    "Event",
+    "WSState",
+    "WebSocketProtocol",
+    "masked_frame",
+    "receivable",
+]
+
+#: Close code for a text message or close reason that is not UTF-8 (RFC 6455 §7.4.1).
+INVALID_DATA: Final = 1007
+_NO_STATUS: Final = 1005
+
+
+class WSState(enum.Enum):
+    OPEN = "open"
+    CLOSING = "closing"
+    CLOSED = "closed"
+
+
+class Event(enum.Enum):
+    CLOSE_SENT = "close sent"
+    CLOSE_RECEIVED = "close received"
+    VIOLATION = "violation"
+
+
+TRANSITIONS: Final[dict[tuple[WSState, Event], WSState]] = {
+    (WSState.OPEN, Event.CLOSE_SENT): WSState.CLOSING,
+    (WSState.OPEN, Event.CLOSE_RECEIVED): WSState.CLOSED,
+    (WSState.OPEN, Event.VIOLATION): WSState.CLOSED,
+    (WSState.CLOSING, Event.CLOSE_RECEIVED): WSState.CLOSED,
+    (WSState.CLOSING, Event.VIOLATION): WSState.CLOSED,
+}
+
+_KNOWN = frozenset((OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG))
+_utf8_decoder = codecs.getincrementaldecoder("utf-8")
+
+
+def receivable(code: int) -> bool:
+    """Whether a close frame may carry ``code`` (RFC 6455 §7.4.1, §7.4.2, IANA registry).
+
+    1004 is reserved; 1005, 1006 and 1015 are for reporting, never sent;
+    1016-2999 are unassigned; 3000-4999 are for libraries and applications.
+    """
+    return 1000 <= code <= 1003 or 1007 <= code <= 1014 or 3000 <= code <= 4999
+
+
+def masked_frame(opcode: int, payload: bytes, mask: bytes | None = None) -> bytes:
+    """One masked, unfragmented frame, as a client sends it (RFC 6455 §5.3)."""
+    n = len(payload)
+    if n < 126:
+        head = bytes((0x80 | opcode, 0x80 | n))
+    elif n <= 0xFFFF:
+        head = bytes((0x80 | opcode, 0xFE)) + n.to_bytes(2, "big")
+    else:
+        head = bytes((0x80 | opcode, 0xFF)) + n.to_bytes(8, "big")
+    if mask is None:
+        mask = os.urandom(4)
+    return head + mask + unmask(mask, payload)
+
+
+class WebSocketProtocol:
+    """The RFC 6455 state of one connection, server side or (``client=True``) client side."""
+
+    __slots__ = (
+        "_buffer",
+        "_checked",
+        "_client",
+        "_fragments",
+        "_max_size",
+        "_out",
+        "_size",
+        "_text",
+        "_utf8",
+        "close_code",
+        "close_reason",
+        "failure",
+        "state",
+    )
+
+    def __init__(self, max_size: int, *, client: bool = False) -> None:
+        self._max_size = max_size
+        self._client = client
+        self.state = WSState.OPEN
+        self._buffer = b""
+        self._out: list[bytes] = []
+        self._fragments: list[bytes] | None = None  # the message being reassembled
+        self._size = 0  # its bytes so far
+        self._text = False  # whether it is a text message
+        self._utf8: codecs.IncrementalDecoder | None = None  # its UTF-8 check, when spread out
+        self._checked = 0  # payload bytes of the buffered, incomplete frame already checked
+        #: The peer's close code and reason, or ours when the connection failed.
+        self.close_code: int | None = None
+        self.close_reason = ""
+        #: The violation that failed the connection, if one did.
+        self.failure: FrameError | None = None
+
+    # -- in ----------------------------------------------------------------
+
+    def receive(self, data: bytes) -> list[bytes]:
+        """Take bytes from the peer; returns the data messages they complete, in order."""
+        if self._closed():
+            return []
+        if self._buffer:
+            data = self._buffer + data
+            self._buffer = b""
+        messages: list[bytes] = []
+        try:
+            used = self._parse(data, messages)
+        except FrameError as exc:
+            self._violation(exc)
+            return messages
+        if used < len(data) and not self._closed():
+            self._buffer = data[used:]
+        return messages
+
+    def data_to_send(self) -> bytes:
+        """The control frames to send now (pongs, a close frame), once; b"" if none."""
+        out = self._out
+        if not out:
+            return b""
+        self._out = []
+        return out[0] if len(out) == 1 else b"".join(out)
+
+    # -- out ---------------------------------------------------------------
+
+    def close(self, code: int, reason: str = "") -> bytes:
+        """Start the closing handshake: the close frame to send, or b"" when not open."""
+        if self.state is not WSState.OPEN:
+            return b""
+        self._move(Event.CLOSE_SENT)
+        self.close_code = code
+        return self._frame(OP_CLOSE, close_payload(code, reason))
+
+    def pong(self, payload: bytes) -> bytes:
+        """A pong frame (for a heartbeat the adapter sends itself)."""
+        return self._frame(OP_PONG, payload)
+
+    def ping(self, payload: bytes = b"") -> bytes:
+        return self._frame(OP_PING, payload)
+
+    def message(self, payload: bytes, binary: bool) -> bytes:
+        """One data frame for ``payload`` (b"" once the connection is closing)."""
+        if self.state is not WSState.OPEN:
+            return b""
+        return self._frame(OP_BINARY if binary else OP_TEXT, payload)
+
+    # -- internals ---------------------------------------------------------
+
+    def _frame(self, opcode: int, payload: bytes) -> bytes:
+        if self._client:
+            return masked_frame(opcode, payload)
+        if opcode == OP_TEXT or opcode == OP_BINARY:
+            return frame(payload, opcode == OP_BINARY)
+        return bytes((0x80 | opcode, len(payload))) + payload
+
+    def _closed(self) -> bool:
+        return self.state is WSState.CLOSED
+
+    def _move(self, event: Event) -> None:
+        self.state = TRANSITIONS.get((self.state, event), self.state)
+
+    def _violation(self, exc: FrameError) -> None:
+        if self.state is WSState.OPEN:
+            self._out.append(self._frame(OP_CLOSE, close_payload(exc.code, exc.reason)))
+        self._move(Event.VIOLATION)
+        self.failure = exc
+        self.close_code = exc.code
+        self.close_reason = exc.reason
+        self._buffer = b""
+        self._fragments = None
+        self._utf8 = None
+
+    def _parse(self, data: bytes, messages: list[bytes]) -> int:
+        """Handle the complete frames at the start of ``data``; returns the bytes they took."""
+        pos = 0
+        size = len(data)
+        masked = 0 if self._client else 0x80
+        max_size = self._max_size
+        while size - pos >= 2:
+            b0, b1 = data[pos], data[pos + 1]
+            opcode = b0 & 0x0F
+            if b0 & 0x70:
+                raise FrameError(PROTOCOL_ERROR, "reserved bits set")
+            if opcode not in _KNOWN:
+                raise FrameError(PROTOCOL_ERROR, f"unknown opcode {opcode}")
+            if b1 & 0x80 != masked:
+                raise FrameError(PROTOCOL_ERROR, "client frames must be masked"
+                                 if masked else "server frames must not be masked")  # fmt: skip
+            n = b1 & 0x7F
+            head = 2
+            if n == 126:
+                if size - pos < 4:
+                    break
+                n = int.from_bytes(data[pos + 2 : pos + 4], "big")
+                head = 4
+            elif n == 127:
+                if size - pos < 10:
+                    break
+                n = int.from_bytes(data[pos + 2 : pos + 10], "big")
+                head = 10
+            if opcode >= OP_CLOSE and (n > 125 or not b0 & 0x80):
+                raise FrameError(PROTOCOL_ERROR, "control frames are short and unfragmented")
+            if n > max_size:
+                raise FrameError(TOO_BIG, f"frame over {max_size} bytes")
+            mask = b""
+            if masked:
+                mask = data[pos + head : pos + head + 4]
+                head += 4
+            end = pos + head + n
+            if end > size:
+                if size - pos > head:
+                    self._check_partial(opcode, data, pos + head, size, mask)
+                break
+            payload = data[pos + head : end]
+            if masked:
+                payload = unmask(mask, payload)
+            pos = end
+            if opcode >= OP_CLOSE:
+                self._control(opcode, payload)
+                if self.state is WSState.CLOSED:
+                    return pos
+            else:
+                message = self._data(opcode, bool(b0 & 0x80), payload)
+                if message is not None and self.state is WSState.OPEN:
+                    messages.append(message)
+        return pos
+
+    def _check_partial(self, opcode: int, data: bytes, start: int, end: int, mask: bytes) -> None:
+        """Check the UTF-8 of a text frame's payload as far as it has arrived."""
+        if self._fragments is None:
+            text = opcode == OP_TEXT
+        else:
+            text = opcode == OP_CONT and self._text
+        if not text or start + self._checked >= end:
+            return
+        chunk = data[start + self._checked : end]
+        if mask:
+            k = self._checked % 4
+            chunk = unmask(mask[k:] + mask[:k], chunk)
+        decoder = self._utf8
+        if decoder is None:
+            decoder = self._utf8 = _utf8_decoder()
+        self._checked += len(chunk)
+        _decode(decoder, chunk, final=False)
+
+    def _data(self, opcode: int, fin: bool, payload: bytes) -> bytes | None:
+        checked, self._checked = self._checked, 0
+        fragments = self._fragments
+        if opcode == OP_CONT:
+            if fragments is None:
+                raise FrameError(PROTOCOL_ERROR, "continuation frame without a message")
+            self._size += len(payload)
+            if self._size > self._max_size:
+                raise FrameError(TOO_BIG, f"message over {self._max_size} bytes")
+            fragments.append(payload)
+        elif fragments is not None:
+            raise FrameError(PROTOCOL_ERROR, "new message inside a fragmented one")
+        else:
+            self._text = opcode == OP_TEXT
+            if fin:  # the common case: one frame, one message
+                decoder, self._utf8 = self._utf8, None
+                if self._text and not payload.isascii():
+                    if decoder is None:
+                        _check_utf8(payload)
+                    else:
+                        _decode(decoder, payload[checked:], final=True)
+                return payload
+            self._fragments = fragments = [payload]
+            self._size = len(payload)
+        if self._text:
+            decoder = self._utf8
+            if decoder is None:
+                decoder = self._utf8 = _utf8_decoder()
+            _decode(decoder, payload[checked:], final=fin)
+        if not fin:
+            return None
+        self._fragments = None
+        self._utf8 = None
+        return fragments[0] if len(fragments) == 1 else b"".join(fragments)
+
+    def _control(self, opcode: int, payload: bytes) -> None:
+        if opcode == OP_PING:
+            if self.state is WSState.OPEN:
+                self._out.append(self._frame(OP_PONG, payload))
+        elif opcode == OP_CLOSE:
+            code, reason = _parse_close(payload)
+            if self.state is WSState.OPEN:
+                self.close_code, self.close_reason = code, reason
+                reply = b"" if code == _NO_STATUS else code.to_bytes(2, "big")
+                self._out.append(self._frame(OP_CLOSE, reply))
+            self._move(Event.CLOSE_RECEIVED)
+            self._buffer = b""
+
+
+def _decode(decoder: codecs.IncrementalDecoder, data: bytes, final: bool) -> None:
+    try:
+        decoder.decode(data, final)
+    except UnicodeDecodeError as exc:
+        raise FrameError(INVALID_DATA, "invalid UTF-8 in a text message") from exc
+
+
+def _check_utf8(data: bytes) -> None:
+    try:
+        data.decode()
+    except UnicodeDecodeError as exc:
+        raise FrameError(INVALID_DATA, "invalid UTF-8 in a text message") from exc
+
+
+def _parse_close(payload: bytes) -> tuple[int, str]:
+    """The code and reason of a close frame's payload (1005 when it has none)."""
+    if not payload:
+        return _NO_STATUS, ""
+    if len(payload) == 1:
+        raise FrameError(PROTOCOL_ERROR, "close frame of one byte")
+    code = int.from_bytes(payload[:2], "big")
+    if not receivable(code):
+        raise FrameError(PROTOCOL_ERROR, f"close code {code} may not be sent")
+    try:
+        reason = payload[2:].decode()
+    except UnicodeDecodeError:
+        raise FrameError(INVALID_DATA, "invalid UTF-8 in a close reason") from None
+    return code, reason

@@ -1,0 +1,341 @@
+"""The sans-I/O WebSocket protocol object: bytes in, messages and answers out, no event loop."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from proto.wsframe import OP_BINARY, OP_CLOSE, OP_CONT, OP_PING, OP_PONG, OP_TEXT, parse_header
+from proto.wsprotocol import WebSocketProtocol, WSState, masked_frame, receivable
+
+MAX = 1 << 16
+
+
+def raw(
+    opcode: int, payload: bytes = b"", fin: bool = True, rsv: int = 0, mask: bytes = b"k3y!"
+) -> bytes:
+    """A client frame with any flags, masked with ``mask`` (b"" for an unmasked one)."""
+    b0 = (0x80 if fin else 0) | rsv << 4 | opcode
+    n = len(payload)
+    bit = 0x80 if mask else 0
+    if n < 126:
+        head = bytes((b0, bit | n))
+    elif n < 1 << 16:
+        head = bytes((b0, bit | 126)) + n.to_bytes(2, "big")
+    else:
+        head = bytes((b0, bit | 127)) + n.to_bytes(8, "big")
+    if not mask:
+        return head + payload
+    return head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+
+def server_frames(data: bytes) -> list[tuple[int, bytes]]:
+    """The (opcode, payload) of each unmasked frame in ``data``."""
+    out = []
+    while data:
+        opcode, _, head, n = parse_header(data)
+        out.append((opcode, data[head : head + n]))
+        data = data[head + n :]
+    return out
+
+
+def close_of(data: bytes) -> int | None:
+    """The code of the close frame in ``data``; 1005 for an empty one; None without one."""
+    for opcode, payload in server_frames(data):
+        if opcode == OP_CLOSE:
+            return int.from_bytes(payload[:2], "big") if payload else 1005
+    return None
+
+
+# -- messages -----------------------------------------------------------------
+
+
+def test_whole_and_fragmented_messages_with_a_ping_between_fragments():
+    p = WebSocketProtocol(MAX)
+    data = raw(OP_TEXT, b"one") + raw(OP_TEXT, b"t", fin=False) + raw(OP_PING, b"hi")
+    data += raw(OP_CONT, b"w", fin=False) + raw(OP_CONT, b"o") + raw(OP_BINARY, b"\xff\x00")
+    assert p.receive(data) == [b"one", b"two", b"\xff\x00"]
+    assert server_frames(p.data_to_send()) == [(OP_PONG, b"hi")]
+    assert p.data_to_send() == b"" and p.state is WSState.OPEN
+
+
+def test_bytes_split_anywhere_give_the_same_messages():
+    data = raw(OP_TEXT, "héllo wörld ✓".encode()) + raw(OP_BINARY, b"x" * 300)
+    data += raw(OP_TEXT, "ü".encode()[:1], fin=False) + raw(OP_CONT, "ü".encode()[1:])
+    for cut in range(len(data)):
+        p = WebSocketProtocol(MAX)
+        got = p.receive(data[:cut]) + p.receive(data[cut:])
+        assert got == ["héllo wörld ✓".encode(), b"x" * 300, "ü".encode()], cut
+        assert p.failure is None
+
+
+def test_frames_before_a_violation_in_the_same_read_are_processed():
+    p = WebSocketProtocol(MAX)
+    got = p.receive(raw(OP_TEXT, b"first") + raw(OP_PING, b"p") + raw(0xB) + raw(OP_TEXT, b"never"))
+    assert got == [b"first"]
+    assert server_frames(p.data_to_send()) == [
+        (OP_PONG, b"p"),
+        (OP_CLOSE, b"\x03\xeaunknown opcode 11"),
+    ]
+    assert p.state is WSState.CLOSED and p.close_code == 1002
+    assert p.receive(raw(OP_TEXT, b"more")) == [] and p.data_to_send() == b""
+
+
+# -- framing ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("data", "code"),
+    [
+        (raw(OP_TEXT, b"x", rsv=1), 1002),
+        (raw(OP_PING, b"", rsv=4), 1002),
+        (raw(3), 1002),
+        (raw(0xF), 1002),
+        (raw(OP_TEXT, b"x", mask=b""), 1002),
+        (raw(OP_PING, b"x" * 126), 1002),
+        (raw(OP_PING, b"x", fin=False), 1002),
+        (raw(OP_CONT, b"x"), 1002),
+        (raw(OP_TEXT, b"a", fin=False) + raw(OP_TEXT, b"b"), 1002),
+        (raw(OP_BINARY, b"a", fin=False) + raw(OP_BINARY, b"b"), 1002),
+        (raw(OP_TEXT, b"x" * (MAX + 1))[:20], 1009),
+        (raw(OP_TEXT, b"x" * MAX, fin=False) + raw(OP_CONT, b"x"), 1009),
+    ],
+    ids=[
+        "rsv-data",
+        "rsv-control",
+        "opcode-3",
+        "opcode-15",
+        "unmasked",
+        "long-ping",
+        "fragmented-ping",
+        "lone-continuation",
+        "text-in-text",
+        "binary-in-binary",
+        "frame-too-big-at-header",
+        "message-too-big",
+    ],
+)
+def test_framing_violations_fail_the_connection(data, code):
+    p = WebSocketProtocol(MAX)
+    p.receive(data)
+    assert p.state is WSState.CLOSED and p.close_code == code
+    assert close_of(p.data_to_send()) == code
+
+
+# -- UTF-8 --------------------------------------------------------------------
+
+INVALID = [
+    b"\xff",
+    b"\xc0\xaf",
+    b"\xed\xa0\x80",
+    b"\xf4\x90\x80\x80",
+    b"\xce\xba\xe1\xbd\xb9\xcf\x83\xce\xbc\xce\xb5\xed\xa0\x80edited",
+]
+
+
+@pytest.mark.parametrize("bad", INVALID)
+def test_invalid_utf8_in_a_text_message_fails_with_1007(bad):
+    p = WebSocketProtocol(MAX)
+    assert p.receive(raw(OP_TEXT, bad)) == []
+    assert p.close_code == 1007 and close_of(p.data_to_send()) == 1007
+    # binary messages carry any bytes
+    assert WebSocketProtocol(MAX).receive(raw(OP_BINARY, bad)) == [bad]
+
+
+def test_invalid_utf8_fails_at_its_fragment_before_the_message_ends():
+    p = WebSocketProtocol(MAX)
+    p.receive(raw(OP_TEXT, "κόσμε".encode(), fin=False))
+    assert p.state is WSState.OPEN
+    p.receive(raw(OP_CONT, b"\xce\xba\xed\xa0\x80", fin=False))
+    assert p.close_code == 1007 and p.state is WSState.CLOSED
+
+
+def test_invalid_utf8_fails_inside_a_frame_before_the_frame_ends():
+    frame = raw(OP_TEXT, b"valid " * 10 + b"\xf4\x90\x80\x80" + b"x" * 1000)
+    p = WebSocketProtocol(MAX)
+    p.receive(frame[:40])
+    assert p.state is WSState.OPEN  # nothing wrong yet
+    p.receive(frame[40:80])  # the bad bytes are in, the frame is not
+    assert p.close_code == 1007
+
+
+def test_a_character_split_across_fragments_and_reads_is_valid():
+    text = "€𝄞".encode()  # 3 and 4 bytes
+    frames = (
+        raw(OP_TEXT, text[:2], fin=False)
+        + raw(OP_CONT, text[2:5], fin=False)
+        + raw(OP_CONT, text[5:])
+    )
+    p = WebSocketProtocol(MAX)
+    got = []
+    for i in range(len(frames)):
+        got += p.receive(frames[i : i + 1])
+    assert got == [text] and p.failure is None
+
+
+def test_a_message_cut_in_the_middle_of_a_character_fails():
+    p = WebSocketProtocol(MAX)
+    p.receive(raw(OP_TEXT, "€".encode()[:2], fin=False) + raw(OP_CONT, b""))
+    assert p.close_code == 1007
+
+
+# -- closing ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "code",
+    [
+        0,
+        999,
+        1000,
+        1001,
+        1003,
+        1004,
+        1005,
+        1006,
+        1007,
+        1011,
+        1012,
+        1014,
+        1015,
+        1016,
+        2999,
+        3000,
+        4999,
+        5000,
+        65535,
+    ],
+)
+def test_a_peers_close_is_answered_with_its_code_or_1002(code):
+    p = WebSocketProtocol(MAX)
+    p.receive(raw(OP_CLOSE, code.to_bytes(2, "big") + b"bye"))
+    assert p.state is WSState.CLOSED
+    sent = close_of(p.data_to_send())
+    if receivable(code):
+        assert (
+            sent == code and p.close_code == code and p.close_reason == "bye" and p.failure is None
+        )
+    else:
+        assert sent == 1002 and p.failure is not None
+
+
+def test_close_payload_rules():
+    empty = WebSocketProtocol(MAX)
+    empty.receive(raw(OP_CLOSE))
+    assert server_frames(empty.data_to_send()) == [(OP_CLOSE, b"")] and empty.close_code == 1005
+    one = WebSocketProtocol(MAX)
+    one.receive(raw(OP_CLOSE, b"\x03"))
+    assert close_of(one.data_to_send()) == 1002
+    bad = WebSocketProtocol(MAX)
+    bad.receive(raw(OP_CLOSE, b"\x03\xe8\xce\xba\xed\xa0\x80"))
+    assert close_of(bad.data_to_send()) == 1007
+
+
+def test_frames_after_the_peers_close_are_ignored():
+    p = WebSocketProtocol(MAX)
+    assert p.receive(
+        raw(OP_TEXT, b"a") + raw(OP_CLOSE, b"\x03\xe8") + raw(OP_TEXT, b"b") + raw(0xB)
+    ) == [b"a"]
+    assert p.failure is None and close_of(p.data_to_send()) == 1000
+
+
+def test_our_close_then_theirs_then_nothing():
+    p = WebSocketProtocol(MAX)
+    sent = p.close(4001, "slow consumer")
+    assert (
+        server_frames(sent) == [(OP_CLOSE, b"\x0f\xa1slow consumer")] and p.state is WSState.CLOSING
+    )
+    assert p.close(1000) == b""  # once
+    assert (
+        p.receive(raw(OP_TEXT, b"late") + raw(OP_PING)) == []
+    )  # nothing more is delivered or answered
+    p.receive(raw(OP_CLOSE, b"\x0f\xa1"))
+    assert p.state is WSState.CLOSED and p.data_to_send() == b""
+
+
+def test_a_violation_while_closing_sends_no_second_close():
+    p = WebSocketProtocol(MAX)
+    p.close(1001)
+    p.receive(raw(OP_TEXT, b"x", rsv=2))
+    assert p.state is WSState.CLOSED and p.data_to_send() == b""
+
+
+def test_a_close_reason_is_cut_between_characters():
+    p = WebSocketProtocol(MAX)
+    payload = server_frames(p.close(1000, "é" * 100))[0][1]
+    assert len(payload) == 2 + 122 and payload[2:].decode() == "é" * 61
+
+
+# -- the client side ----------------------------------------------------------
+
+
+def test_the_client_side_wants_unmasked_frames_and_masks_its_own():
+    c = WebSocketProtocol(MAX, client=True)
+    assert c.receive(raw(OP_TEXT, b"hi", mask=b"") + raw(OP_PING, b"p", mask=b"")) == [b"hi"]
+    pong = c.data_to_send()
+    assert pong[1] & 0x80  # masked
+    assert WebSocketProtocol(MAX).receive(pong) == []  # a server reads it as a pong
+    c.receive(raw(OP_TEXT, b"masked"))
+    assert c.close_code == 1002 and c.data_to_send()[1] & 0x80
+    reason = WebSocketProtocol(MAX, client=True).close(1000, "ü" * 100)
+    server = WebSocketProtocol(MAX)
+    server.receive(reason)
+    assert server.close_reason == "ü" * 61
+
+
+# -- fuzzing ------------------------------------------------------------------
+
+
+def feed(p: WebSocketProtocol, data: bytes, cuts: list[int]) -> list[bytes]:
+    got: list[bytes] = []
+    last = 0
+    for cut in [*sorted({c % (len(data) + 1) for c in cuts}), len(data)]:
+        got += p.receive(data[last:cut])
+        last = cut
+    return got
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    data=st.binary(max_size=400),
+    cuts=st.lists(st.integers(0, 400), max_size=6),
+    client=st.booleans(),
+)
+def test_arbitrary_bytes_give_messages_or_a_documented_close(data, cuts, client):
+    p = WebSocketProtocol(300, client=client)
+    got = feed(p, data, cuts)
+    if p.failure is not None:
+        assert p.failure.code in (1002, 1007, 1009) and p.state is WSState.CLOSED
+    assert all(len(m) <= 300 for m in got)
+    # however the bytes are split, the outcome is the same
+    q = WebSocketProtocol(300, client=client)
+    assert q.receive(data) == got and q.close_code == p.close_code
+
+
+frames = st.one_of(
+    st.tuples(st.sampled_from([OP_TEXT, OP_BINARY, OP_CONT, OP_PING, OP_PONG, OP_CLOSE, 3, 0xB]),
+              st.binary(max_size=140) | st.text(max_size=40).map(str.encode),
+              st.booleans(), st.sampled_from([0, 0, 0, 1, 4])),
+)  # fmt: skip
+
+
+@settings(max_examples=300, deadline=None)
+@given(parts=st.lists(frames, max_size=8), cuts=st.lists(st.integers(0, 2000), max_size=6))
+def test_structured_frames_split_anywhere_give_one_outcome(parts, cuts):
+    data = b"".join(raw(op, payload, fin=fin, rsv=rsv) for op, payload, fin, rsv in parts)
+    whole = WebSocketProtocol(MAX)
+    expected = whole.receive(data)
+    split = WebSocketProtocol(MAX)
+    assert feed(split, data, cuts) == expected
+    assert (split.close_code, split.state) == (whole.close_code, whole.state)
+    for message in expected:
+        assert len(message) <= MAX
+
+
+def test_masked_frame_round_trips_through_the_server_side():
+    p = WebSocketProtocol(MAX)
+    assert p.receive(masked_frame(OP_TEXT, b"x" * 70000)) == []  # over MAX: 1009
+    assert p.close_code == 1009
+    q = WebSocketProtocol(1 << 20)
+    assert q.receive(masked_frame(OP_BINARY, b"y" * 70000)) == [b"y" * 70000]
