@@ -446,7 +446,8 @@ class Settings:
         256 << 20,
         "SEND_BUFFER_TOTAL_BYTES",
         "Unsent bytes all sockets of a process may queue together; past it, the sockets holding "
-        "the most are closed first as slow consumers (4001).",
+        "the most are ended first: open ones closed as slow consumers (4001), ones already "
+        "closing dropped.",
         _positive_int,
     )
     allowed_origins: tuple[str, ...] = _setting(

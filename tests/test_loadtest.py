@@ -4,14 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import json
+import multiprocessing
 import signal
 import sys
+import threading
+import time
 
 import pytest
 
+from gateway.loadtest.laggard import Throttle, roles
 from gateway.loadtest.ledger import Ledger
 from gateway.loadtest.options import parse_sources
 from gateway.loadtest.stats import Histogram
+from gateway.loadtest.worker import WorkerSpec, _Worker
+from gateway.runtime import run
+from gateway.transport import wsconn
 from tests.harness import SECRET, running_gateway, unique_prefix
 from tests.servers import UNIT
 from tests.test_processes import GatewayProcess
@@ -98,8 +105,9 @@ async def test_many_channels_each_socket_gets_each_publication_exactly_once():
     assert report["channels"]["dead"] == [] and report["channels"]["starved"] == []
 
 
+@pytest.mark.parametrize("mode", ["ws", "sse"])
 async def test_a_killed_gateways_sockets_reconnect_to_another_and_recover_late_not_lost(
-    tmp_path, data_dir, redis_url
+    tmp_path, data_dir, redis_url, mode
 ):
     prefix = unique_prefix()
     env = {
@@ -115,7 +123,7 @@ async def test_a_killed_gateways_sockets_reconnect_to_another_and_recover_late_n
         # come back on B 1-2 s later (backoff 2 s x jitter), after the drain window of 0.3 s
         # has closed for the last publications: what they recover then is late, not lost.
         code, report = await loadtest(
-            "--urls", f"http://127.0.0.1:{a.port},http://127.0.0.1:{b.port}",
+            "--urls", f"http://127.0.0.1:{a.port},http://127.0.0.1:{b.port}", "--mode", mode,
             "--secret", SECRET, "--channels", "20", "--group", "10", "--broadcast", "everyone",
             "--processes", "2", "--publish", "redis", "--redis-url", redis_url,
             "--prefix", prefix, "--history-channels", "load:*,everyone",
@@ -196,3 +204,81 @@ def test_the_ledger_tells_gaps_duplicates_and_reordering_apart():
     assert ledger.since(0) is None
     ledger.position(1, 42, "e1")
     assert ledger.since(1) is not None and ledger.since(1).offset == 42
+
+
+def test_laggards_are_spread_evenly_and_throttled_to_their_rate():
+    assert roles(10, 2, 3) == [2, 0, 2, 0, 1, 0, 2, 0, 1, 0]
+    assert roles(4, 0, 0) == [0, 0, 0, 0]
+    assert roles(3, 3, 0) == [1, 1, 1]
+    throttle = Throttle(1000.0)
+    throttle.restart(10.0)
+    assert throttle.pause_for(500, 10.25) == pytest.approx(0.25)  # 500 bytes are 0.5 s' worth
+    assert throttle.pause_for(500, 11.5) == 0.0  # behind its rate: read on
+
+
+async def test_stalled_and_slow_sockets_are_shed_and_counted_apart_while_readers_lose_nothing(
+    monkeypatch,
+):
+    # A 32 KiB send buffer per socket; 32 KiB publications at 100/s (3.2 MB/s a socket) fill
+    # it (and the ~300 KB the kernel holds on the way) within a second for a socket that does
+    # not read, or reads 100 KB/s. A shed socket that reads nothing is dropped CLOSE_TIMEOUT
+    # after its 4001; one that reads on gets its backlog, then the close frame.
+    monkeypatch.setattr(wsconn, "CLOSE_TIMEOUT", 0.5 * UNIT)
+    async with running_gateway(rate_connect_ip=None, send_buffer_bytes=32768) as gw:
+        code, report = await loadtest(
+            "--url", f"http://127.0.0.1:{gw.port}", "--secret", SECRET, "-n", "30",
+            "--stall", "5", "--slow", "5", "--slow-rate", "100000",
+            "--laggard-mss", "1448", "--laggard-rcvbuf", "16384", "--processes", "1",
+            "--publish", "http", "--rate", "100", "--messages", "100", "--payload-bytes", "32768",
+            "--settle", "0.2", "--laggard-wait", str(10 * UNIT),
+        )  # fmt: skip
+        shed = gw.ctx.metrics.slow_consumers._value.get()
+    assert code == 0, json.dumps(report, indent=1)
+    assert report["connections"]["subscribed"] == 30 and report["connections"]["failed"] == 0
+    assert report["sockets"] == {
+        "accounted": 20, "exact": 20, "gaps": 0, "duplicates": 0, "out_of_order": 0,
+    }  # fmt: skip
+    assert report["deliveries"]["expected"] == report["deliveries"]["received"] == 20 * 100
+    stalled, slow = report["laggards"]["stalled"], report["laggards"]["slow"]
+    assert (stalled["subscribed"], stalled["closed"], stalled["dropped"]) == (5, {}, 5)
+    assert (slow["subscribed"], slow["closed"], slow["dropped"]) == (5, {"4001": 5}, 0)
+    for lag in (stalled, slow):
+        assert lag["open_at_end"] == 0
+        assert lag["publications"]["max"] < 100  # not all
+    assert stalled["publications"]["max"] < slow["publications"]["min"]  # the slow read on
+    assert shed == 10
+
+
+def test_a_process_sends_its_result_whole_however_large():
+    # The result holds a time per publication (a 10-minute soak: 30,000); the pipe, which the
+    # process's event loop watches, must not refuse it half-written (EAGAIN) while the
+    # driver, busy, is not reading.
+    mine, theirs = multiprocessing.Pipe()
+    spec = WorkerSpec(0, [("127.0.0.1", 1)], "/ws", "ws", [], [], ["load"], [], 1, 0.0)
+    worker = _Worker(spec, theirs)
+    worker.tally.last_arrival = {i: float(i) for i in range(200_000)}
+    errors: list[BaseException] = []
+
+    def process() -> None:
+        try:
+            run(worker.main())
+        except BaseException as exc:
+            errors.append(exc)
+
+    def receive() -> tuple:
+        assert mine.poll(10 * UNIT), "the process sent nothing more"
+        return mine.recv()
+
+    thread = threading.Thread(target=process)
+    thread.start()
+    try:
+        assert receive()[0] == "connected"
+        mine.send("stop")
+        time.sleep(0.5 * UNIT)  # not reading yet
+        assert not errors
+        while (message := receive())[0] != "result":
+            pass
+        assert len(message[1]["last_arrival"]) == 200_000
+    finally:
+        thread.join(10 * UNIT)
+    assert not thread.is_alive() and not errors

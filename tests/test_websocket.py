@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import socket
 import time
 
 import pytest
@@ -389,6 +390,41 @@ async def test_a_process_wide_send_budget_sheds_the_biggest_backlogs_first():
                     while True:
                         await c.ws.recv()
                 assert info.value.rcvd.code == CloseCode.SLOW_CONSUMER
+
+
+async def test_a_shed_socket_that_reads_nothing_is_reset_and_its_kernel_queue_freed(monkeypatch):
+    # A plain close would leave the queue to an orphan probing the peer's zero window for
+    # minutes; the peer would still see an open connection. A reset ends both at once.
+    from gateway.loadtest.wsclient import client_frame, handshake_request
+    from gateway.transport import wsconn
+
+    monkeypatch.setattr(wsconn, "CLOSE_TIMEOUT", 0.2 * UNIT)
+    loop = asyncio.get_running_loop()
+    async with running_gateway(send_buffer_bytes=64 * 1024) as gw:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+        sock.setblocking(False)
+        try:
+            await loop.sock_connect(sock, ("127.0.0.1", gw.port))
+            await loop.sock_sendall(sock, handshake_request(f"127.0.0.1:{gw.port}", "/ws",
+                                                            token_for(gw)))  # fmt: skip
+            assert (await loop.sock_recv(sock, 4096)).startswith(b"HTTP/1.1 101")
+            await loop.sock_sendall(sock, client_frame(b'{"id":1,"op":"sub","ch":"room:big"}'))
+            await until(lambda: gw.hub.subscriber_count("room:big") == 1)
+            chunk = json.dumps("z" * 60_000).encode()
+            for _ in range(2000):  # it reads nothing from here on
+                gw.hub.broadcast("room:big", chunk)
+                if gw.ctx.metrics.slow_consumers._value.get():
+                    break
+                await asyncio.sleep(0)
+            assert gw.ctx.metrics.slow_consumers._value.get() == 1
+
+            def reset() -> bool:
+                return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)[0] == 7  # CLOSE
+
+            await until(reset, 5 * UNIT)
+        finally:
+            sock.close()
 
 
 async def test_a_closed_slow_consumer_that_reads_slowly_still_gets_its_close_frame(monkeypatch):

@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from gateway.loadtest.wsclient import client_frame, handshake_request
+from gateway.transport.wsconn import Coalescer
 from proto.wsframe import (
     OP_CLOSE,
     OP_PING,
@@ -236,3 +237,34 @@ async def test_commands_before_the_peers_close_in_the_same_write_are_answered_fi
         assert (await ws.json()) == {"id": 1, "ok": True}
         assert await ws.close_code() == 1000
         await _eof_within(ws, 1.0)
+
+
+class _Backlog:
+    """A socket as the send budget sees it, recording what the budget did to it."""
+
+    def __init__(self, size: int, closing: bool = False) -> None:
+        self.size, self.closing, self.ended = size, closing, ""
+
+    def buffered(self) -> int:
+        return 0 if self.ended == "dropped" else self.size
+
+    def shed(self, why: str) -> None:
+        self.ended, self.closing = "shed", True
+
+    def abort(self) -> None:
+        self.ended, self.closing = "dropped", True
+
+
+def test_the_send_budget_ends_the_largest_backlogs_first_open_or_closing():
+    # Closing sockets (shed earlier, their peers reading nothing) hold most of the budget; a
+    # reader a moment behind must not be shed for it: that would free nothing.
+    coalescer = Coalescer(budget=100)
+    big, old_big, old_small, reader = (
+        _Backlog(70), _Backlog(60, closing=True), _Backlog(50, closing=True), _Backlog(5),
+    )  # fmt: skip
+    coalescer._backlogged.update([big, old_big, old_small, reader])
+    assert coalescer.check_budget(0.0) == 1
+    assert (big.ended, old_big.ended, old_small.ended, reader.ended) == ("shed", "dropped", "", "")
+    assert coalescer.buffered == 185
+    big.size = 0  # its peer read on; the rest fit
+    assert coalescer.check_budget(0.2) == 0 and reader.ended == ""

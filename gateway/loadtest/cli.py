@@ -47,6 +47,7 @@ from urllib.parse import urlsplit
 import jwt
 
 from gateway.loadtest.kill import Kill
+from gateway.loadtest.laggard import merge, roles
 from gateway.loadtest.options import PER_PROCESS, check, parse_sources, parser
 from gateway.loadtest.publish import Publishing, publish_all
 from gateway.loadtest.report import ChannelFigure, Report, render
@@ -192,10 +193,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     processes = args.processes or max(1, math.ceil(n / PER_PROCESS))
     sources = parse_sources(args.sources)
     per_process_rate = args.connect_rate / processes
+    role_shares = _split(roles(n, args.stall, args.slow), processes)
     specs = [
         WorkerSpec(i, endpoints, args.path, args.mode, share, sources, names, group_share,
                    args.concurrency, per_process_rate, args.timeout, bool(args.broadcast),
-                   args.reconnect and args.mode == "ws", args.backoff, args.backoff_max)
+                   args.reconnect and args.mode != "longpoll", args.backoff, args.backoff_max,
+                   role_shares[i], args.slow_rate, args.laggard_mss, args.laggard_rcvbuf)
         for i, (share, group_share) in enumerate(zip(_split(tokens, processes),
                                                      _split(groups, processes), strict=True))
     ]  # fmt: skip
@@ -272,6 +275,11 @@ def _drive(
                 if run.total("received") != last:  # still arriving: keep waiting
                     last, quiet_since = run.total("received"), time.monotonic()
             late_seconds = time.monotonic() - started
+        if args.stall or args.slow:
+            run.phase = "laggards"
+            started = time.monotonic()
+            while run.total("laggards_open") and time.monotonic() - started < args.laggard_wait:
+                run.pump(0.25)
     run.phase = "closing"
     run.send("stop")
     deadline = time.monotonic() + 60
@@ -300,9 +308,13 @@ def _report(
     members = [0] * len(names)
     got_sum = [0] * len(names)
     got_min: list[int | None] = [None] * len(names)
+    laggards: dict[str, list[dict[str, Any]]] = {}
     for state in run.results.values():
         if not state:
             continue
+        for role, part in state.get("laggards", {}).items():
+            laggards.setdefault(role, []).append(part)
+            tally.opened += part["opened"]
         for key in ("opened", "failed", "closed", "received", "late", "reconnects",
                     "reconnect_attempts", "recovered", "unrecovered", "no_history"):  # fmt: skip
             setattr(tally, key, getattr(tally, key) + state[key])
@@ -390,4 +402,5 @@ def _report(
         if run.kill.done_at is None
         else {"at_seconds": round(run.kill.done_at, 3), "outcome": run.kill.outcome},
         notes=notes,
+        laggards={role: merge(parts) for role, parts in laggards.items()},
     )

@@ -16,7 +16,7 @@ import msgspec
 from gateway.client.encoding import JSON
 from gateway.loadtest.ledger import Ledger
 from gateway.loadtest.stats import Tally
-from gateway.loadtest.stream import StreamClient
+from gateway.loadtest.stream import Owner, StreamClient
 from gateway.loadtest.wsclient import parse_push
 from proto import Sub
 
@@ -31,10 +31,17 @@ def sse_request(host: str, channels: list[str], token: str | None) -> bytes:
     ).encode()
 
 
-class SSEClient(StreamClient):
-    """One ``EventSource``-like stream: headers, then chunked events."""
+_LAST_ID = b"Last-Event-ID: "
 
-    __slots__ = ("body", "chunk", "replies")
+
+class SSEClient(StreamClient):
+    """One ``EventSource``-like stream: headers, then chunked events.
+
+    Like a browser's, it remembers the ``id:`` of the last event that had
+    one and sends it as ``Last-Event-ID`` when it reconnects (`renew`).
+    """
+
+    __slots__ = ("body", "chunk", "last_id")
 
     def __init__(
         self,
@@ -43,11 +50,22 @@ class SSEClient(StreamClient):
         tally: Tally,
         done: asyncio.Future[bool],
         ledger: Ledger,
+        owner: Owner | None = None,
     ) -> None:
-        super().__init__(request, channels, tally, done, ledger)
+        super().__init__(request, channels, tally, done, ledger, owner)
         self.body = b""  # de-chunked bytes not yet split into events
         self.chunk = 0  # bytes left in the current chunk (self.buffer: not yet de-chunked)
-        self.replies = 0
+        self.last_id = b""
+
+    def renew(self, request: bytes, done: asyncio.Future[bool]) -> None:
+        cut = request.find(b"\r\n" + _LAST_ID)
+        if cut >= 0:  # the previous connection's
+            request = request[:cut] + b"\r\n\r\n"
+        if self.last_id:
+            request = request[:-2] + _LAST_ID + self.last_id + b"\r\n\r\n"
+        super().renew(request, done)
+        self.body = b""
+        self.chunk = 0
 
     def data_received(self, data: bytes) -> None:
         raw = self.buffer + data
@@ -90,6 +108,8 @@ class SSEClient(StreamClient):
                     kind = line[7:]
                 elif line.startswith(b"data: "):
                     payload = line[6:]
+                elif line.startswith(b"id: "):
+                    self.last_id = line[4:]
             if kind == b"msg":
                 push = parse_push(payload)
                 if push is not None and push.data is not None:
@@ -99,16 +119,17 @@ class SSEClient(StreamClient):
                     self.tally.errors["unparsed event"] += 1
             elif kind == b"reply":
                 reply = parse_push(payload)
-                if reply is None or not reply.ok:
-                    self.tally.errors["subscription refused"] += 1
-                    self.finish(False)
+                if reply is None:
+                    self.tally.errors["unparsed event"] += 1
                     continue
-                self.replies += 1
-                if self.replies == len(self.channels):
-                    self.tally.subscribed += 1
-                    self.finish(True)
+                error = reply.error.code if reply.error is not None else "?"
+                self.reply((reply.id or 0) - 1, reply.ok, error, reply.recovered, reply.offset,
+                           reply.epoch)  # fmt: skip
             elif kind == b"close":
                 self.tally.errors[f"close event {payload.decode('latin-1')}"] += 1
+                close = parse_push(payload)
+                if close is not None and close.code is not None:
+                    self.code = close.code
 
 
 async def _request(

@@ -120,7 +120,8 @@ def parser() -> argparse.ArgumentParser:
         "--reconnect",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="reconnect sockets closed before the end (ws), recovering with since",
+        help="reconnect sockets (ws) and streams (sse) closed before the end, recovering "
+        "with since (sse: Last-Event-ID); long-poll sessions do not reconnect",
     )
     p.add_argument(
         "--backoff",
@@ -143,6 +144,40 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--kill-cmd", help="a command to run instead (split like a shell, not run by one)"
+    )
+    p.add_argument(
+        "--stall",
+        type=int,
+        default=0,
+        help="sockets (of -n, ws) that stop reading once subscribed and stay open: stalled "
+        "consumers, counted apart from the readers",
+    )
+    p.add_argument(
+        "--slow",
+        type=int,
+        default=0,
+        help="sockets (of -n, ws) that read at most --slow-rate bytes a second, counted apart",
+    )
+    p.add_argument("--slow-rate", type=float, default=0.0, help="bytes a second a --slow socket reads")
+    p.add_argument(
+        "--laggard-mss",
+        type=int,
+        default=0,
+        help="TCP_MAXSEG of stalled and slow sockets (e.g. 1448: a network path's, so the "
+        "server's kernel holds ~200 KB for one, not loopback's ~4 MB; 0: the system's)",
+    )
+    p.add_argument(
+        "--laggard-rcvbuf",
+        type=int,
+        default=0,
+        help="SO_RCVBUF of stalled and slow sockets (bytes; 0: the system's)",
+    )
+    p.add_argument(
+        "--laggard-wait",
+        type=float,
+        default=10.0,
+        help="after the readers are done, wait until every stalled and slow socket was closed "
+        "or dropped, at most this long (the gateway gives a closed one 5 s to read on)",
     )
     p.add_argument("--metrics-url", help="the server's /metrics (default: URL + /metrics)")
     p.add_argument(
@@ -193,6 +228,13 @@ def check(args: argparse.Namespace, urls: list[str]) -> str | None:
         return "--rate must be above 0"
     if args.drain < 0 or args.late_wait < 0 or args.backoff <= 0 or args.backoff_max <= 0:
         return "--drain and --late-wait must be at least 0, --backoff and --backoff-max above 0"
+    n = args.channels * args.group if args.group else args.connections
+    if args.stall < 0 or args.slow < 0 or args.stall + args.slow > n:
+        return "--stall and --slow must be at least 0 and together at most the connections"
+    if (args.stall or args.slow) and args.mode != "ws":
+        return "--stall and --slow need --mode ws"
+    if args.slow and not args.slow_rate > 0:
+        return "--slow needs --slow-rate above 0"
     if args.kill_after is not None and not (args.kill_pid or args.kill_cmd):
         return "--kill-after needs --kill-pid or --kill-cmd"
     if (args.kill_pid or args.kill_cmd) and args.kill_after is None:

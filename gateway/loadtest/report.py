@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from gateway.loadtest.stats import Histogram, percentile_ms
@@ -59,6 +59,13 @@ class Report:
     publish_errors: int
     kill: dict[str, object] | None
     notes: list[str]
+    #: per laggard role (stalled, slow): `gateway.loadtest.laggard.merge`'s summary
+    laggards: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def readers(self) -> int:
+        """Subscribed sockets that are not laggards: the ones the exactly-once account covers."""
+        return self.subscribed - sum(int(x["subscribed"]) for x in self.laggards.values())
 
     @property
     def ok(self) -> bool:
@@ -132,7 +139,8 @@ class Report:
                 "drain_seconds": round(self.drain_seconds, 3),
                 "late_wait_seconds": round(self.late_seconds, 3),
             },
-            "sockets": {"accounted": self.subscribed, **self.sockets},
+            "sockets": {"accounted": self.readers, **self.sockets},
+            "laggards": self.laggards,
             "channels": {
                 "count": len(self.channels),
                 "dead": self.dead_channels,
@@ -173,6 +181,16 @@ def _share(c: ChannelFigure) -> float:
     return c.min_received / c.sent if c.sent else 1.0
 
 
+def _laggard(lag: dict[str, Any]) -> str:
+    closed = ", ".join(f"{n:,} closed with {code}" for code, n in sorted(lag["closed"].items()))
+    got, nbytes, lived = lag["publications"], lag["bytes"], lag["seconds_subscribed"]
+    return (f"{lag['subscribed']:,} sockets: {closed or 'none closed with a close frame read'}, "
+            f"{lag['dropped']:,} dropped (no close frame read), {lag['open_at_end']:,} open at "
+            f"the end; got {got['median']:,g} publications each (min {got['min']:,}, max "
+            f"{got['max']:,}), {_mb(nbytes['median'])} median; subscribed for "
+            f"{lived['median']:g} s median, {lived['max']:g} s max before the end")  # fmt: skip
+
+
 def render(r: Report) -> str:
     per = r.bytes_per_connection
     lat, comp = r.latency, r.completion
@@ -210,6 +228,8 @@ def render(r: Report) -> str:
         ("to last subscriber", f"p50 {percentile_ms(comp, 0.5)} ms  p95 {percentile_ms(comp, 0.95)} ms"
                                f"  max {comp.max * 1000:.2f} ms (per publication)"),
     ]  # fmt: skip
+    for role, lag in r.laggards.items():
+        rows.append((role, _laggard(lag)))
     if r.kill is not None:
         rows.append(("kill", f"at {r.kill['at_seconds']} s: {r.kill['outcome']}"))
     if r.publish_errors:

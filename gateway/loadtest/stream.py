@@ -1,15 +1,28 @@
-"""What the socket and SSE load clients share: an HTTP request, then a stream."""
+"""What the socket and SSE load clients share: an HTTP request, then a stream.
+
+Both reconnect the same way: when the connection ends before the tool
+stops, the client tells its ``owner`` (`gateway.loadtest.worker`), which
+calls `StreamClient.renew` and connects the same object again; the
+subscription replies on the new connection are counted as recovered, not
+recovered, or without history (`StreamClient.reply`).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import time
 import typing
+from typing import Protocol
 
 from gateway.loadtest.ledger import Ledger
 from gateway.loadtest.stats import Tally
 
-__all__ = ["StreamClient"]
+__all__ = ["Owner", "StreamClient"]
+
+
+class Owner(Protocol):
+    def lost(self, client: StreamClient) -> None:
+        """``client``'s connection ended before the tool stopped: reconnect it, or not."""
 
 
 class StreamClient(asyncio.Protocol):
@@ -21,7 +34,8 @@ class StreamClient(asyncio.Protocol):
     """
 
     __slots__ = (
-        "buffer", "channels", "done", "ledger", "open", "request", "started", "tally", "transport"
+        "acked", "attempt", "buffer", "channels", "code", "done", "ever", "ledger", "open", "owner",
+        "request", "started", "tally", "transport", "url",
     )  # fmt: skip
 
     def __init__(
@@ -31,7 +45,14 @@ class StreamClient(asyncio.Protocol):
         tally: Tally,
         done: asyncio.Future[bool],
         ledger: Ledger,
+        owner: Owner | None = None,
     ) -> None:
+        self.owner = owner
+        self.url = 0  # index of the URL connected to, in the worker's list
+        self.attempt = 0  # reconnection attempts since the last subscription
+        self.acked = 0  # subscription replies on this connection
+        self.code = 0  # the close code the server sent, 0 when none
+        self.ever = False  # subscribed at least once: later connections are reconnects
         self.request = request
         self.channels = channels
         self.tally = tally
@@ -47,11 +68,58 @@ class StreamClient(asyncio.Protocol):
         self.transport = typing.cast(asyncio.Transport, transport)
         self.transport.write(self.request)
 
+    def renew(self, request: bytes, done: asyncio.Future[bool]) -> None:
+        """Ready the object for its next connection."""
+        self.request = request
+        self.done = done
+        self.buffer = b""
+        self.open = False
+        self.acked = 0
+        self.code = 0
+        self.started = time.monotonic()
+
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
         if self.open and not self.tally.stopping:
             self.tally.closed += 1
         self.finish(False, "connection lost" if exc is None else type(exc).__name__)
+        if self.owner is not None and self.ever and not self.tally.stopping:
+            self.owner.lost(self)
+
+    def reply(
+        self,
+        slot: int,
+        ok: bool | None,
+        error: int | str,
+        recovered: bool | None,
+        offset: int | None,
+        epoch: str | None,
+    ) -> None:
+        """Count the reply to the subscription of ``slot``; done once every channel has one."""
+        if not ok or not 0 <= slot < len(self.channels):
+            self.tally.errors[f"error reply {error}"] += 1
+            self.finish(False)
+            if self.ever:  # a refused resubscription: try again on a new connection
+                self.close()
+            return
+        self.ledger.position(slot, offset, epoch)
+        if self.ever:
+            if recovered is None:
+                self.tally.no_history += 1
+            elif recovered:
+                self.tally.recovered += 1
+            else:
+                self.tally.unrecovered += 1
+                self.ledger.unrecovered |= 1 << slot
+        self.acked += 1
+        if self.acked == len(self.channels):
+            if self.ever:
+                self.tally.reconnects += 1
+            else:
+                self.tally.subscribed += 1
+                self.ever = True
+            self.attempt = 0
+            self.finish(True)
 
     def finish(self, ok: bool, error: str | None = None) -> None:
         if not self.done.done():
@@ -83,5 +151,6 @@ class StreamClient(asyncio.Protocol):
         return data[end + 4 :]
 
     def count_open(self) -> None:
-        self.tally.opened += 1
-        self.tally.connect_seconds.add(time.monotonic() - self.started)
+        if not self.ever:  # reconnections are counted once subscribed again
+            self.tally.opened += 1
+            self.tally.connect_seconds.add(time.monotonic() - self.started)

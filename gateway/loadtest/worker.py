@@ -8,23 +8,27 @@ counts)`` (publications sent per channel, so the process can tell which of
 its sockets still miss some: ``incomplete`` in its counts) and ``"late"``
 when the drain window is over (deliveries from then on are late).
 
-Sockets whose connection ends before the stop reconnect (``reconnect``)
-after a jittered exponential backoff, to the next URL of ``urls`` as a load
-balancer would send them, and resubscribe with ``since``.
+Sockets and SSE streams whose connection ends before the stop reconnect
+(``reconnect``) after a jittered exponential backoff, to the next URL of
+``urls`` as a load balancer would send them, and resubscribe with ``since``
+(a stream: with the ``Last-Event-ID`` of its last event, as a browser does).
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+import os
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 
 from gateway.loadtest.httpclients import SSEClient, longpoll_client, sse_request
+from gateway.loadtest.laggard import READER, ROLES, LaggardClient, account, laggard_socket
 from gateway.loadtest.ledger import Ledger
 from gateway.loadtest.stats import Tally
+from gateway.loadtest.stream import StreamClient
 from gateway.loadtest.wsclient import WSClient, handshake_request
 from gateway.runtime import raise_file_limit, run
 
@@ -50,6 +54,11 @@ class WorkerSpec:
     reconnect: bool = True
     backoff: float = 0.5  # first reconnection delay, seconds (doubled per failure, jittered)
     backoff_max: float = 10.0
+    #: per token: its role (`gateway.loadtest.laggard`: reader, stalled or slow); empty: readers
+    roles: list[int] = field(default_factory=list)
+    slow_rate: float = 0.0  # bytes a second a slow socket reads
+    laggard_mss: int = 0  # TCP_MAXSEG of the laggards' sockets (0: the system's)
+    laggard_rcvbuf: int = 0  # SO_RCVBUF of the laggards' sockets (0: the system's)
 
 
 def worker_main(spec: WorkerSpec, pipe: Connection) -> None:
@@ -61,7 +70,10 @@ class _Worker:
     def __init__(self, spec: WorkerSpec, pipe: Connection) -> None:
         self.spec = spec
         self.pipe = pipe
-        self.tally = Tally()
+        self.tally = Tally()  # the readers'
+        #: per laggard role: its own tally (their losses are expected, and apart)
+        self.laggard_tallies = {role: Tally() for role in range(1, len(ROLES))}
+        self.laggards: list[tuple[LaggardClient, Ledger]] = []
         self.clients: list[WSClient | SSEClient] = []
         self.ledgers: list[Ledger] = []
         self.tasks: list[asyncio.Task[None]] = []
@@ -73,9 +85,12 @@ class _Worker:
 
     def counts(self) -> dict[str, int]:
         t = self.tally
-        counts = {"opened": t.opened, "failed": t.failed, "subscribed": t.subscribed,
-                  "received": t.received, "closed": t.closed, "reconnects": t.reconnects,
-                  "late": t.late}  # fmt: skip
+        lag = self.laggard_tallies.values()
+        counts = {"opened": t.opened + sum(x.opened for x in lag), "failed": t.failed,
+                  "subscribed": t.subscribed + sum(x.subscribed for x in lag),
+                  "received": t.received + sum(x.received for x in lag), "closed": t.closed,
+                  "reconnects": t.reconnects, "late": t.late,
+                  "laggards_open": sum(1 for c, _ in self.laggards if not c.ended)}  # fmt: skip
         if self.sent is not None:
             sent = self.sent
             counts["incomplete"] = sum(1 for ledger in self.ledgers if not ledger.complete(sent))
@@ -90,12 +105,17 @@ class _Worker:
         await self.stop.wait()
         progress.cancel()
         self.tally.stopping = True
+        for tally in self.laggard_tallies.values():
+            tally.stopping = True
+        state = {**self.tally.state(), **self._account(), "laggards": self._laggards()}
         for client in self.clients:
             client.close()
         for task in [*self.tasks, *self.reconnecting]:
             task.cancel()
         await asyncio.sleep(0)
-        self.pipe.send(("result", {**self.tally.state(), **self._account()}))
+        # add_reader made the pipe non-blocking; the result is large (a time per publication)
+        os.set_blocking(self.pipe.fileno(), True)
+        self.pipe.send(("result", state))
 
     def _command(self) -> None:
         try:
@@ -113,6 +133,8 @@ class _Worker:
     async def _progress(self) -> None:
         while True:
             await asyncio.sleep(0.5)
+            for client, _ in self.laggards:
+                client.probe()
             self.pipe.send(("progress", self.counts()))
 
     def _account(self) -> dict[str, object]:
@@ -150,6 +172,17 @@ class _Worker:
             "channels": {"members": members, "min": got_min, "sum": got_sum},
         }
 
+    def _laggards(self) -> dict[str, object]:
+        """Per laggard role present: what its sockets got, and how they ended (still open)."""
+        sent = self.sent or [0] * len(self.spec.names)
+        out: dict[str, object] = {}
+        for role, tally in self.laggard_tallies.items():
+            mine = [(c, ledger) for c, ledger in self.laggards if c.role == role]
+            if role in self.spec.roles:
+                out[ROLES[role]] = {**account(mine, sent), "opened": tally.opened,
+                                    "errors": dict(tally.errors)}  # fmt: skip
+        return out
+
     # -- connecting --------------------------------------------------------
 
     async def _connect_all(self) -> None:
@@ -168,14 +201,20 @@ class _Worker:
                     await asyncio.sleep(delay)
             await gate.acquire()
             chans = self.chans[spec.groups[i]]
-            task = asyncio.create_task(self._connect(token, chans, next(sources), gate))
+            role = spec.roles[i] if spec.roles else READER
+            task = asyncio.create_task(self._connect(token, chans, next(sources), gate, role))
             pending.add(task)
             task.add_done_callback(pending.discard)
         if pending:
             await asyncio.wait(pending)
 
     async def _connect(
-        self, token: str, chans: tuple[int, ...], source: str, gate: asyncio.Semaphore
+        self,
+        token: str,
+        chans: tuple[int, ...],
+        source: str,
+        gate: asyncio.Semaphore,
+        role: int = READER,
     ) -> None:
         spec = self.spec
         loop = asyncio.get_running_loop()
@@ -184,8 +223,18 @@ class _Worker:
         host, port = spec.urls[0]
         channels = [spec.names[c] for c in chans]
         ledger = Ledger(chans)
+        laggard: LaggardClient | None = None
         try:
-            if spec.mode == "longpoll":
+            if role != READER:
+                request = handshake_request(f"{host}:{port}", spec.path, token)
+                lag = laggard = LaggardClient(request, channels, self.laggard_tallies[role], done,
+                                              ledger, role=role, rate=spec.slow_rate)  # fmt: skip
+                self.clients.append(lag)
+                sock = await asyncio.wait_for(
+                    laggard_socket(host, port, source or None, spec.laggard_mss,
+                                   spec.laggard_rcvbuf), spec.timeout)  # fmt: skip
+                await loop.create_connection(lambda: lag, sock=sock)
+            elif spec.mode == "longpoll":
                 client_run = longpoll_client(
                     host, port, source or None, channels, token, self.tally, done, ledger
                 )
@@ -193,17 +242,20 @@ class _Worker:
                 self.tasks.append(task)
             else:
                 client: WSClient | SSEClient
+                owner = self if spec.reconnect else None
                 if spec.mode == "sse":
                     request = sse_request(f"{host}:{port}", channels, token)
-                    client = SSEClient(request, channels, self.tally, done, ledger)
+                    client = SSEClient(request, channels, self.tally, done, ledger, owner)
                 else:
                     request = handshake_request(f"{host}:{port}", spec.path, token)
-                    owner = self if spec.reconnect else None
                     client = WSClient(request, channels, self.tally, done, ledger, owner)
                 self.clients.append(client)
                 await loop.create_connection(lambda: client, host, port, local_addr=local)
             if await asyncio.wait_for(done, spec.timeout):
-                self.ledgers.append(ledger)  # only subscribed sockets owe an account
+                if laggard is not None:
+                    self.laggards.append((laggard, ledger))
+                else:
+                    self.ledgers.append(ledger)  # only subscribed readers owe an account
             else:
                 self.tally.failed += 1
         except (OSError, TimeoutError) as exc:
@@ -214,7 +266,7 @@ class _Worker:
 
     # -- reconnecting ------------------------------------------------------
 
-    def lost(self, client: WSClient) -> None:
+    def lost(self, client: StreamClient) -> None:
         if 4500 <= client.code <= 4999:
             self.tally.errors[f"not reconnected after {client.code}"] += 1
             return
@@ -223,14 +275,14 @@ class _Worker:
         client.attempt += 1
         asyncio.get_running_loop().call_later(delay, self._start_reconnect, client)
 
-    def _start_reconnect(self, client: WSClient) -> None:
+    def _start_reconnect(self, client: StreamClient) -> None:
         if self.tally.stopping:
             return
         task = asyncio.create_task(self._reconnect(client))
         self.reconnecting.add(task)
         task.add_done_callback(self.reconnecting.discard)
 
-    async def _reconnect(self, client: WSClient) -> None:
+    async def _reconnect(self, client: StreamClient) -> None:
         spec = self.spec
         loop = asyncio.get_running_loop()
         old = spec.urls[client.url]

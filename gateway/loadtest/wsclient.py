@@ -21,18 +21,14 @@ a delivery.
 
 from __future__ import annotations
 
-import asyncio
 import time
-from typing import Protocol
 
 import msgspec
 
 from gateway.client.encoding import JSON
 from gateway.client.frames import client_frame, read_frames
 from gateway.client.handshake import handshake_request
-from gateway.loadtest.ledger import Ledger
-from gateway.loadtest.stats import Tally
-from gateway.loadtest.stream import StreamClient
+from gateway.loadtest.stream import Owner, StreamClient
 from proto import Sub
 from proto.wsframe import FrameError
 
@@ -60,6 +56,7 @@ class _Push(msgspec.Struct):
     recovered: bool | None = None
     offset: int | None = None
     epoch: str | None = None
+    code: int | None = None  # an SSE close event's
 
 
 _decode_push = msgspec.json.Decoder(_Push).decode
@@ -73,51 +70,10 @@ def parse_push(payload: bytes) -> _Push | None:
         return None
 
 
-class Owner(Protocol):
-    def lost(self, client: WSClient) -> None:
-        """``client``'s connection ended before the tool stopped: reconnect it, or not."""
-
-
 class WSClient(StreamClient):
     """One load socket: handshake, subscribe, count publications; reconnects through its owner."""
 
-    __slots__ = ("acked", "attempt", "code", "ever", "owner", "url")
-
-    def __init__(
-        self,
-        request: bytes,
-        channels: list[str],
-        tally: Tally,
-        done: asyncio.Future[bool],
-        ledger: Ledger,
-        owner: Owner | None = None,
-    ) -> None:
-        super().__init__(request, channels, tally, done, ledger)
-        self.owner = owner
-        self.url = 0  # index of the URL connected to, in the worker's list
-        self.attempt = 0  # reconnection attempts since the last subscription
-        self.acked = 0  # subscription replies on this connection
-        self.code = 0  # the close code the server sent, 0 when none
-        self.ever = False  # subscribed at least once: later connections are reconnects
-
-    def renew(self, request: bytes, done: asyncio.Future[bool]) -> None:
-        """Ready the object for its next connection."""
-        self.request = request
-        self.done = done
-        self.buffer = b""
-        self.open = False
-        self.acked = 0
-        self.code = 0
-        self.started = time.monotonic()
-
-    def count_open(self) -> None:
-        if not self.ever:  # reconnections are counted once subscribed again
-            super().count_open()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        super().connection_lost(exc)
-        if self.owner is not None and self.ever and not self.tally.stopping:
-            self.owner.lost(self)
+    __slots__ = ()
 
     # -- bytes in ----------------------------------------------------------
 
@@ -168,29 +124,5 @@ class WSClient(StreamClient):
                 self.transport.close()
 
     def _reply(self, push: _Push) -> None:
-        slot = (push.id or 0) - 1
-        if not push.ok or not 0 <= slot < len(self.channels):
-            code = push.error.code if push.error is not None else "?"
-            self.tally.errors[f"error reply {code}"] += 1
-            self.finish(False)
-            if self.ever:  # a refused resubscription: try again on a new connection
-                self.close()
-            return
-        self.ledger.position(slot, push.offset, push.epoch)
-        if self.ever:
-            if push.recovered is None:
-                self.tally.no_history += 1
-            elif push.recovered:
-                self.tally.recovered += 1
-            else:
-                self.tally.unrecovered += 1
-                self.ledger.unrecovered |= 1 << slot
-        self.acked += 1
-        if self.acked == len(self.channels):
-            if self.ever:
-                self.tally.reconnects += 1
-            else:
-                self.tally.subscribed += 1
-                self.ever = True
-            self.attempt = 0
-            self.finish(True)
+        error = push.error.code if push.error is not None else "?"
+        self.reply((push.id or 0) - 1, push.ok, error, push.recovered, push.offset, push.epoch)

@@ -33,6 +33,7 @@ import collections
 import contextlib
 import fcntl
 import logging
+import socket
 import struct
 import termios
 import time
@@ -66,6 +67,7 @@ BUDGET_CHECK = 0.1
 _PING = bytes((0x80 | OP_PING, 0))
 #: The command tasks running now, one per busy connection (idle ones hold none).
 _RUNNING: set[asyncio.Task[None]] = set()
+_LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() resets the connection
 
 
 def _unsent(transport: Any) -> int:
@@ -81,6 +83,20 @@ def _unsent(transport: Any) -> int:
         with contextlib.suppress(OSError, ValueError):
             size += struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0"))[0]
     return size
+
+
+def _reset(transport: Any) -> None:
+    """Abort ``transport`` with a TCP reset, so the kernel frees its send queue at once.
+
+    A plain close leaves what the peer has not read to an orphan socket that
+    keeps probing a peer that reads nothing (a zero window) for minutes,
+    holding that queue (up to the kernel's send buffer, 4 MB) the while.
+    """
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError, ValueError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+    transport.abort()
 
 
 class Coalescer:
@@ -142,11 +158,13 @@ class Coalescer:
             self.check_budget(now)
 
     def check_budget(self, now: float) -> int:
-        """Sum the backlogged sockets' buffers; shed the largest past the budget.
+        """Sum the backlogged sockets' buffers; past the budget, end the largest first.
 
         Sockets already closing count too (their backlog is held until the
-        peer reads it or the close times out): when shedding every open one
-        is not enough, the closing ones holding the most are dropped at once.
+        peer reads it or the close times out). Until the rest fit, the
+        largest backlog goes first: an open socket is shed (4001, after its
+        backlog), one already closing is dropped at once, without its close
+        frame.
         """
         self._checked = now
         sizes: list[tuple[int, WSConnection]] = []
@@ -160,23 +178,22 @@ class Coalescer:
         budget = self._budget
         if budget is None or total <= budget:
             return 0
+        # The largest first, open or closing: shedding a small open backlog
+        # (a reader a moment behind) while closing ones hold the budget would
+        # cost a reader and free nothing.
         sizes.sort(key=lambda item: item[0], reverse=True)
         shed = 0
         why = f"{total} bytes queued in the process, over SEND_BUFFER_TOTAL_BYTES"
-        for size, conn in sizes:  # open ones first: they get their close frame
+        for size, conn in sizes:
             if total <= budget:
                 break
-            if not conn.closing:
-                conn.shed(why)
-                total -= size
-                shed += 1
-        for size, conn in sizes:  # then what closing ones still hold
-            if total <= budget:
-                break
-            if conn.closing:
+            if conn.closing:  # its close frame waits behind a backlog: drop it, freeing that
                 conn.abort()
                 self._backlogged.discard(conn)
-                total -= size
+            else:
+                conn.shed(why)
+                shed += 1
+            total -= size
         return shed
 
 
@@ -408,10 +425,10 @@ class WSConnection(asyncio.Protocol):
         self.transport.write(_PING)
 
     def abort(self) -> None:
-        """Drop the socket at once; nothing more is written to it."""
+        """Drop the socket at once (a reset); nothing more is written to it."""
         self._closing = True
         if self.transport is not None:
-            self.transport.abort()
+            _reset(self.transport)
 
     def _write(self, data: bytes) -> None:
         if self._closing:
@@ -467,4 +484,4 @@ class WSConnection(asyncio.Protocol):
             loop = asyncio.get_running_loop()
             self._timer = loop.call_later(CLOSE_TIMEOUT, self._closing_timer, now_left, rounds + 1)
             return
-        transport.abort()
+        _reset(transport)
