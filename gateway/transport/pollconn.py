@@ -123,6 +123,7 @@ class PollConnection(asyncio.Protocol):
         "_listener",
         "_max_buffer",
         "_max_head",
+        "_on_ready",
         "_paused",
         "_poll",
         "_reading",
@@ -157,6 +158,7 @@ class PollConnection(asyncio.Protocol):
         self._paused = False  # the last answer is not all sent yet
         self._reading = True
         self._gone = False  # closed, or handed back to Tornado
+        self._on_ready = self._ready  # one bound method for every wait
 
     # -- asyncio.Protocol --------------------------------------------------------
 
@@ -197,7 +199,7 @@ class PollConnection(asyncio.Protocol):
         self._listener.release(self)
         poll, self._poll = self._poll, None
         if poll is not None:
-            poll.cancel_wait(self._ready)  # the outbox keeps what it would have carried
+            poll.cancel_wait(self._on_ready)  # the outbox keeps what it would have carried
 
     def close(self) -> None:
         """Close the connection (``HEADER_TIMEOUT`` passed, or the listener stops)."""
@@ -258,7 +260,7 @@ class PollConnection(asyncio.Protocol):
         if poll.ready():
             self._answer()
             return not self._gone
-        poll.wait(self._ready, self._ctx.settings.longpoll_timeout)
+        poll.wait(self._on_ready, self._ctx.settings.longpoll_timeout)
         return False
 
     def _ready(self) -> None:
