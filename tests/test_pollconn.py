@@ -12,6 +12,7 @@ import json
 import time
 from typing import Any
 
+from gateway.polling import PollSession, Waits
 from proto import CloseCode
 from tests.harness import ApiClient, running_gateway, token_for, until
 from tests.servers import UNIT
@@ -335,3 +336,28 @@ async def test_a_gateway_that_closes_closes_its_adopted_connections():
         assert await c.ended()
     finally:
         c.close()
+
+
+async def test_released_polls_run_together_and_one_failing_costs_the_others_nothing():
+    waits = Waits()
+    ran: list[str] = []
+
+    def broken() -> None:
+        ran.append("broken")
+        raise RuntimeError("boom")
+
+    first = PollSession("a", 1000, waits)
+    second = PollSession("b", 1000, waits)
+    first.wait(broken, 60)
+    second.wait(lambda: ran.append("second"), 60)
+    assert len(waits.waiting) == 2
+    first.send(b"{}")
+    second.send(b"{}")
+    assert ran == [] and not waits.waiting  # called on the loop's next pass, not inside
+    await asyncio.sleep(0)
+    assert ran == ["broken", "second"]
+    # The timeout is one sweep: a poll is answered (empty) once it has passed.
+    third = PollSession("c", 1000, waits)
+    third.wait(lambda: ran.append("timeout"), 0.2 * UNIT)
+    await until(lambda: "timeout" in ran, 2 * UNIT)
+    assert not waits.waiting
