@@ -11,7 +11,9 @@ at 1/s and reports, per N, the medians over ``--rounds``:
 * deliveries per second, server memory per session, lost messages, failed
   or refused sessions (``110 UNAVAILABLE`` and the like) [target: none];
 * CPU seconds used by the server and by the load tool during the run, to
-  tell which side limits (a side near the run's wall time is saturated).
+  tell which side limits (a side near the run's wall time is saturated),
+  and the seconds the server was ready to run but waited for its CPU
+  (``/proc/<pid>/schedstat``): other processes on a shared machine.
 
 Rerun (from the repository root; needs Redis on 127.0.0.1:6379 and
 ``pip install -e '.[bench]'``)::
@@ -42,6 +44,14 @@ def _cpu_seconds(pid: int) -> float:
     """User and system CPU seconds of a live process, from /proc."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _waited_seconds(pid: int) -> float:
+    """Seconds the process's main thread has spent runnable but waiting for a CPU (schedstat)."""
+    try:
+        return int(Path(f"/proc/{pid}/schedstat").read_text().split()[1]) / 1e9
+    except (OSError, IndexError, ValueError):
+        return float("nan")
 
 
 def _children_cpu() -> float:
@@ -80,6 +90,7 @@ def run(sessions: int, log: Path) -> dict[str, Any]:
             _children_cpu(),
             time.monotonic(),
         )
+        server_wait = _waited_seconds(server.pid)
         argv = [
             *_pin(1), sys.executable, "-W", "ignore", "-m", "gateway.loadtest", "--json", "--quiet",
             "--url", f"http://127.0.0.1:{port}", "--mode", "longpoll", "--secret", JWT_SECRET,
@@ -89,6 +100,7 @@ def run(sessions: int, log: Path) -> dict[str, Any]:
         done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=900)
         wall = time.monotonic() - started
         server_cpu = _cpu_seconds(server.pid) - server_cpu
+        server_wait = _waited_seconds(server.pid) - server_wait
         client_cpu = _children_cpu() - client_cpu
     finally:
         server.terminate()
@@ -110,6 +122,7 @@ def run(sessions: int, log: Path) -> dict[str, Any]:
         "lost": d["lost"],
         "failed": c["failed"],
         "server_cpu_s": round(server_cpu, 1),
+        "server_wait_s": round(server_wait, 1),
         "client_cpu_s": round(client_cpu, 1),
         "wall_s": round(wall, 1),
     }
@@ -123,6 +136,7 @@ _COLUMNS = [
     ("lost", "lost", "{:.0f}"),
     ("failed", "failed", "{:.0f}"),
     ("server_cpu_s", "server CPU s", "{:.1f}"),
+    ("server_wait_s", "server waited s", "{:.1f}"),
     ("client_cpu_s", "client CPU s", "{:.1f}"),
     ("wall_s", "wall s", "{:.1f}"),
 ]

@@ -131,14 +131,16 @@ class Gateway:
             )
         s, ctx = self.settings, self.ctx
         api = self.api = CoreHTTP(ctx.core, ctx.verifier, s.max_body_bytes, s.cors_origins)
+        polls = PollServer(ctx)
         sockets_first = RuleRouter([
             Rule(PathMatches(r"/ws"), WebSocketServer(ctx)),
-            Rule(PollMatches(), PollServer(ctx)),
+            Rule(PollMatches(), polls),
             Rule(AnyMatches(), api_router(api, self.app)),
         ])  # fmt: skip
         policy = RouteLimits(s, ctx.verifier, ctx.core.router, self.app)
         proxies = TrustedProxies(s.trusted_proxies, s.forwarded_header)
         self.server = Listener(sockets_first, s, ctx.metrics, policy, proxies)
+        polls.listener = self.server  # kept-alive polls are then served off Tornado
         self.server.add_sockets(sockets)
         self.port = sockets[0].getsockname()[1]
         return self.port

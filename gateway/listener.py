@@ -26,6 +26,11 @@ client reaches first:
   or ``ENFILE`` it stops listening for `ACCEPT_PAUSE` seconds (the kernel
   keeps new connections in the backlog), logs at most once a second and
   counts ``gateway_accept_errors``, then tries again.
+* Connections taken off Tornado between requests (a long-poll's, see
+  gateway/transport/pollconn.py) are *adopted*: the listener keeps their
+  ``HEADER_TIMEOUT`` between requests as for its own, closes them when it
+  closes its connections, and takes them back with `resume` (the bytes
+  already read first) for any request they do not serve themselves.
 * Every request passes a `_Guard` at its headers: the client IP is resolved
   (`TrustedProxies`) into the request context that every later reader
   (rate limits, logs, ``Request.client``) uses, and the route's `BodyPolicy`
@@ -44,7 +49,7 @@ from asyncio import Future
 from collections.abc import Callable, Iterable
 from functools import partial
 from http import HTTPStatus
-from typing import Any
+from typing import Any, Protocol
 
 from tornado import httputil
 from tornado.httpserver import HTTPServer
@@ -59,7 +64,8 @@ from gateway.proxyprotocol import ProxyHeaderError, read_proxy_header
 from gateway.settings import Settings
 from gateway.throttled import ThrottledLog
 
-__all__ = ["ACCEPT_PAUSE", "BodyPolicy", "Listener", "Refusal", "write_refusal"]
+__all__ = ["ACCEPT_PAUSE", "Adopted", "BodyPolicy", "Listener", "Refusal", "unread",
+           "write_refusal"]  # fmt: skip
 
 log = logging.getLogger("gateway.listener")
 access_log = logging.getLogger("gateway.access")
@@ -92,6 +98,13 @@ token); the `_Guard` answers 413 itself when the body is over the limit.
 """
 
 
+class Adopted(Protocol):
+    """A connection served off Tornado's stream between requests (`Listener.adopt`)."""
+
+    def close(self) -> None:
+        """Close it (its ``HEADER_TIMEOUT`` passed, or the listener closes its connections)."""
+
+
 class Listener(HTTPServer):
     """`HTTPServer` with the limits above; ``policy`` and the proxies come from `Gateway.listen`."""
 
@@ -122,8 +135,10 @@ class Listener(HTTPServer):
         self.max_header_bytes = settings.max_header_bytes
         self.header_timeout = settings.header_timeout
         self.body_timeout = settings.body_timeout
-        #: Stream -> monotonic time by which its headers (or its body) must be in.
+        #: Stream (or adopted connection) -> monotonic time by which its headers
+        #: (or its body) must be in.
         self._deadlines: dict[object, float] = {}
+        self._adopted: set[Adopted] = set()
         every = max(0.05, min(settings.header_timeout, settings.body_timeout, 4.0) / 4)
         self._expiry = PeriodicCallback(self._expire, every * 1000)
         self.proxy_protocol = settings.proxy_protocol
@@ -290,6 +305,51 @@ class Listener(HTTPServer):
             if isinstance(stream, IOStream):
                 log.debug("closing a connection that sent no complete request in time")
                 stream.close()
+            elif stream in self._adopted:
+                log.debug("closing a connection that sent no complete request in time")
+                self._adopted.discard(stream)
+                stream.close()
+
+    # -- adopted connections ---------------------------------------------------
+
+    def adopt(self, conn: Adopted) -> None:
+        """``conn`` now serves itself; it is closed with the listener's connections."""
+        self._adopted.add(conn)
+
+    @property
+    def adopted(self) -> int:
+        """Connections serving themselves now (long-poll connections after their first poll)."""
+        return len(self._adopted)
+
+    def await_request(self, conn: Adopted) -> None:
+        """``conn`` waits for its next request: it has ``HEADER_TIMEOUT`` from now.
+
+        ``reading(conn, False)`` once its headers are in.
+        """
+        self._deadlines[conn] = time.monotonic() + self.header_timeout
+
+    def release(self, conn: Adopted) -> None:
+        """``conn`` closed, or went back to Tornado (`resume`)."""
+        self._adopted.discard(conn)
+        self._deadlines.pop(conn, None)
+
+    def resume(self, sock: socket.socket, address: Any, buffered: bytes) -> None:
+        """Serve ``sock`` with Tornado again from its next request, ``buffered`` read already.
+
+        A connection that has spoken HTTP: not pending, and from the same
+        client ``address`` as when it was accepted (a PROXY header's source).
+        """
+        stream = IOStream(sock, max_buffer_size=self.max_buffer_size,
+                          read_chunk_size=self.read_chunk_size)  # fmt: skip
+        if buffered:
+            _refill(stream, buffered)
+        HTTPServer.handle_stream(self, stream, address)
+
+    async def close_all_connections(self) -> None:
+        for conn in list(self._adopted):
+            conn.close()
+        self._adopted.clear()
+        await super().close_all_connections()
 
     def headers_done(self, stream: object) -> None:
         """The connection on ``stream`` sent its first headers: it is pending no more."""
@@ -313,6 +373,26 @@ class Listener(HTTPServer):
 
 def _stream_of(server_conn: object) -> object:
     return getattr(server_conn, "stream", server_conn)
+
+
+# Tornado has no public way to take the bytes a stream has read ahead, or to
+# give them to a new one; these two keep that knowledge of its read buffer
+# (``_read_buffer``, with ``_read_buffer_size`` its length) in one place.
+
+
+def unread(stream: IOStream) -> bytes:
+    """The bytes ``stream`` has read from its socket and not yet handed out."""
+    buffer = stream._read_buffer
+    if stream._user_read_buffer or len(buffer) != stream._read_buffer_size:
+        raise RuntimeError("an IOStream read buffer this code does not know")  # not from HTTP1
+    return bytes(buffer)
+
+
+def _refill(stream: IOStream, data: bytes) -> None:
+    """Give a new ``stream`` ``data`` as if it had read them first."""
+    assert not stream._read_buffer_size
+    stream._read_buffer += data
+    stream._read_buffer_size += len(data)
 
 
 def _close_after_write(stream: IOStream, written: Future[None]) -> None:

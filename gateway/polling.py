@@ -15,9 +15,62 @@ from gateway.hub import Prepared
 from gateway.session import Session
 from proto import JSON_CODEC, CloseCode, Codec
 
-__all__ = ["LongPollSessions", "PollSession"]
+__all__ = ["LongPollSessions", "PollSession", "Waits"]
 
 log = logging.getLogger("gateway.longpoll")
+
+
+class Waits:
+    """The process's waiting polls: their callbacks, and their timeouts by one sweep.
+
+    With 10,000 sessions on a channel, a publication releases 10,000 waiting
+    polls and they all wait again a moment later. Rather than a timer and a
+    callback handle per poll, a released poll's callback joins one list run
+    on the loop's next pass, and a waiting session joins one set that a
+    timer sweeps every quarter of the timeout (at most every second): a
+    poll is answered empty between its timeout and a quarter of it (at most
+    a second) later.
+    """
+
+    __slots__ = ("_every", "_ready", "_scheduled", "_sweep", "waiting")
+
+    def __init__(self) -> None:
+        self.waiting: set[PollSession] = set()
+        self._ready: list[Callable[[], None]] = []
+        self._scheduled = False
+        self._sweep: asyncio.TimerHandle | None = None
+        self._every = 1.0
+
+    def release(self, waiter: Callable[[], None]) -> None:
+        """Call ``waiter`` on the loop's next pass."""
+        self._ready.append(waiter)
+        if not self._scheduled:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self._run)
+
+    def _run(self) -> None:
+        ready, self._ready = self._ready, []
+        self._scheduled = False
+        for waiter in ready:
+            try:
+                waiter()
+            except Exception:  # one poll's failure is its own
+                log.exception("answering a long-poll failed")
+
+    def wait(self, poll: PollSession, timeout: float) -> None:
+        """``poll`` waits: it is released by the sweep once ``timeout`` has passed."""
+        self.waiting.add(poll)
+        if self._sweep is None:
+            self._every = min(1.0, timeout / 4)
+            self._sweep = asyncio.get_running_loop().call_later(self._every, self._expire)
+
+    def _expire(self) -> None:
+        self._sweep = None
+        now = time.monotonic()
+        for poll in [poll for poll in self.waiting if poll.deadline <= now]:
+            poll.expire()
+        if self.waiting:
+            self._sweep = asyncio.get_running_loop().call_later(self._every, self._expire)
 
 
 class PollSession:
@@ -25,8 +78,9 @@ class PollSession:
 
     kind: ClassVar[str] = "longpoll"
 
-    def __init__(self, sid: str, limit_bytes: int) -> None:
+    def __init__(self, sid: str, limit_bytes: int, waits: Waits | None = None) -> None:
         self.sid = sid
+        self.waits = waits if waits is not None else Waits()
         self.session: Session | None = None
         self.outbox: collections.deque[tuple[int, bytes]] = collections.deque()
         self.size = 0
@@ -39,7 +93,8 @@ class PollSession:
         self.token = ""
         self.identity: Identity | None = None
         self._waiter: Callable[[], None] | None = None
-        self._timer: asyncio.TimerHandle | None = None
+        #: Monotonic time at which the waiting poll is answered empty.
+        self.deadline = 0.0
 
     # -- Transport -------------------------------------------------------------
 
@@ -115,28 +170,29 @@ class PollSession:
         once (its client has moved on, or retries after losing the answer).
         """
         self._release()
-        self.last_poll = time.monotonic()
+        self.last_poll = now = time.monotonic()
         self._waiter = on_ready
-        self._timer = asyncio.get_running_loop().call_later(timeout, self._release)
+        self.deadline = now + timeout
+        self.waits.wait(self, timeout)
 
     def cancel_wait(self, on_ready: Callable[[], None]) -> None:
         """Forget ``on_ready`` (its connection closed): the outbox keeps what it would carry."""
         if self._waiter == on_ready:  # (bound methods: equal, not identical)
             self._waiter = None
-            if self._timer is not None:
-                self._timer.cancel()
-                self._timer = None
+            self.waits.waiting.discard(self)
+
+    def expire(self) -> None:
+        """The waiting poll's timeout passed (`Waits`): it is answered, empty."""
+        self._release()
 
     def _release(self) -> None:
         waiter, self._waiter = self._waiter, None
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
         if waiter is not None:
+            self.waits.waiting.discard(self)
             # Called on the loop's next pass, not inside the delivery: messages
             # queued together (a reply and its pushes) leave in one answer.
             self.last_poll = time.monotonic()
-            asyncio.get_running_loop().call_soon(waiter)
+            self.waits.release(waiter)
 
 
 class LongPollSessions:
@@ -154,6 +210,8 @@ class LongPollSessions:
         self._sessions: dict[str, tuple[str, PollSession]] = {}
         self._by_user: dict[str, set[str]] = {}
         self._open_total = 0
+        #: The waiting polls of every session here.
+        self.waits = Waits()
         self.max_sessions = max_sessions
         self.max_per_user = max_per_user
 

@@ -480,7 +480,9 @@ class Settings:
         _non_negative_float,
     )
     longpoll_timeout: float = _setting(
-        25.0, "LONGPOLL_TIMEOUT", "Seconds a long-poll waits for a message.", _positive_float
+        25.0, "LONGPOLL_TIMEOUT",
+        "Seconds a long-poll waits for a message (then answered empty, within a quarter of it, "
+        "at most 1 s, more).", _positive_float
     )
     gc_threshold: tuple[int, int, int] = _setting(
         (700, 10, 10),

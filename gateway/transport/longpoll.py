@@ -74,7 +74,8 @@ class LongPollHandler(JsonHandler):
                 raise ApiError(
                     503, "unavailable", "too many long-poll sessions", headers={"Retry-After": "5"}
                 )
-            poll = PollSession(secrets.token_urlsafe(16), ctx.settings.longpoll_outbox_bytes)
+            poll = PollSession(secrets.token_urlsafe(16), ctx.settings.longpoll_outbox_bytes,
+                               sessions.waits)  # fmt: skip
             s = ctx.settings
             conn = Connection(JSON_CODEC, self.identity.grants, max_subscriptions=s.max_subscriptions,
                               max_publish_bytes=s.max_publish_bytes)  # fmt: skip

@@ -26,21 +26,25 @@ The other long-poll requests (``POST /lp``, ``POST /lp/<session>``) stay on
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import time
 from typing import Any
-from urllib.parse import parse_qs
 
 from tornado import httputil
+from tornado.http1connection import HTTP1Connection
 from tornado.routing import Matcher
 
-from gateway.auth import API_KEY_PREFIX, AuthError, Identity, token_from_header
+from gateway.auth import API_KEY_PREFIX, AuthError, Identity
 from gateway.context import Context
 from gateway.http import ApiError
+from gateway.listener import Listener
 from gateway.logs import redact
 from gateway.polling import PollSession
 from gateway.transport.delegate import BodylessRequest
+from gateway.transport.pollconn import adopt
+from gateway.transport.pollrequest import cursor_of, token_of
 
 __all__ = ["PollMatches", "PollServer"]
 
@@ -61,37 +65,45 @@ class PollMatches(Matcher):
 
 
 class PollServer(httputil.HTTPServerConnectionDelegate):
-    """One `_Poll` per poll request."""
+    """One `_Poll` per poll request; kept-alive connections then go to `PollConnection`.
+
+    ``listener`` is set once the gateway listens (`Gateway.listen`); until
+    then (or with None) every poll is answered through Tornado.
+    """
 
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
+        self.listener: Listener | None = None
+        self._adopting: set[asyncio.Task[Any]] = set()
 
     def start_request(
         self, server_conn: object, request_conn: httputil.HTTPConnection
     ) -> httputil.HTTPMessageDelegate:
-        return _Poll(self.ctx, request_conn)
+        return _Poll(self, request_conn)
+
+    def adopt(self, conn: HTTP1Connection, poll: PollSession, cursor: int, target: str) -> None:
+        """Serve ``conn``'s admitted poll, and its later ones, with a `PollConnection`."""
+        assert self.listener is not None
+        adopt(self.ctx, self.listener, conn, poll, cursor, target, self._adopting)
 
 
 def _cursor(query: str) -> int:
-    value = "0"
-    for part in query.split("&"):
-        name, _, found = part.partition("=")
-        if name == "cursor":
-            value = found
-    try:
-        return int(value)
-    except ValueError:
-        raise ApiError(422, "validation_error", "cursor must be an integer") from None
+    cursor = cursor_of(query)
+    if cursor is None:
+        raise ApiError(422, "validation_error", "cursor must be an integer")
+    return cursor
 
 
 class _Poll(BodylessRequest):
-    __slots__ = ("_ctx", "_cursor", "_done", "_poll", "_started")
+    __slots__ = ("_ctx", "_cursor", "_done", "_poll", "_server", "_started", "_token")
 
-    def __init__(self, ctx: Context, conn: httputil.HTTPConnection) -> None:
+    def __init__(self, server: PollServer, conn: httputil.HTTPConnection) -> None:
         super().__init__(conn)
-        self._ctx = ctx
+        self._server = server
+        self._ctx = server.ctx
         self._poll: PollSession | None = None
         self._cursor = 0
+        self._token = ""
         self._done = False
         self._started = time.monotonic()
 
@@ -104,6 +116,12 @@ class _Poll(BodylessRequest):
         except Exception:
             log.exception("long-poll failed")
             self._refuse(ApiError(500, "internal", "internal error"))
+            return
+        if self._adoptable(poll):
+            assert isinstance(self._conn, HTTP1Connection)
+            self._done = True
+            assert self._start is not None
+            self._server.adopt(self._conn, poll, self._cursor, self._start.path)
             return
         self._poll = poll
         poll.ack(self._cursor)
@@ -129,10 +147,7 @@ class _Poll(BodylessRequest):
         match = _PATH.match(path)
         assert match is not None  # PollMatches routed it here
         self._cursor = _cursor(query) if query else 0
-        token = token_from_header(headers.get("Authorization"))
-        if token is None and query:
-            token = parse_qs(query).get("token", [""])[0]
-        token = token or ""
+        token = self._token = token_of(headers.get("Authorization"), query)
         found = ctx.longpoll.find(match.group(1))
         if found is not None and found[1].holds(token, time.time(), ctx.verifier.revoked):
             return found[1]
@@ -142,6 +157,23 @@ class _Poll(BodylessRequest):
         if not token.startswith(API_KEY_PREFIX):  # a key's revocation is not in its bytes
             found[1].remember(token, identity)
         return found[1]
+
+    def _adoptable(self, poll: PollSession) -> bool:
+        """Whether this connection's next polls can be served by a `PollConnection`.
+
+        A kept-alive HTTP/1.1 connection whose token the session now holds
+        (its later polls with that token pass without Tornado); not an API
+        key's (checked in full every time), not ``Connection: close``.
+        """
+        start, headers = self._start, self._headers
+        assert start is not None and headers is not None
+        return (
+            self._server.listener is not None
+            and isinstance(self._conn, HTTP1Connection)
+            and start.version == "HTTP/1.1"
+            and headers.get("Connection", "").lower() != "close"
+            and poll.holds(self._token, time.time(), self._ctx.verifier.revoked)
+        )
 
     def _verify(self, token: str) -> Identity:
         ctx = self._ctx

@@ -1,0 +1,95 @@
+"""The strict recogniser of a kept-alive connection's polls (gateway/transport/pollrequest.py)."""
+
+from __future__ import annotations
+
+import pytest
+
+from gateway.transport.pollrequest import (
+    INCOMPLETE,
+    OTHER,
+    PollRequest,
+    cursor_of,
+    parse,
+    token_of,
+)
+
+POLL = b"GET /lp/abc_DEF-1?cursor=7 HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer t.o.k\r\n\r\n"
+
+
+def test_a_plain_poll_is_recognised_with_what_the_poll_needs():
+    request = parse(POLL + b"GET /next", 65536)
+    assert isinstance(request, PollRequest)
+    assert (request.sid, request.query, request.authorization, request.close) == (
+        "abc_DEF-1",
+        "cursor=7",
+        "Bearer t.o.k",
+        False,
+    )
+    assert request.target == b"/lp/abc_DEF-1?cursor=7"
+    assert request.size == len(POLL)  # the next request starts there
+
+
+def test_connection_close_and_an_empty_body_are_understood():
+    request = parse(POLL[:-2] + b"Connection: Close\r\nContent-Length: 0\r\n\r\n", 65536)
+    assert isinstance(request, PollRequest) and request.close
+    request = parse(POLL[:-2] + b"connection: keep-alive\r\n\r\n", 65536)
+    assert isinstance(request, PollRequest) and not request.close
+    request = parse(b"GET /lp/s HTTP/1.1\r\n\r\n", 65536)  # no headers, no query
+    assert (
+        isinstance(request, PollRequest) and request.query == "" and request.authorization is None
+    )
+
+
+def test_a_head_not_yet_complete_is_read_on_until_it_is_over_the_limit():
+    for cut in range(len(POLL) - 1):
+        assert parse(POLL[:cut], 65536) == INCOMPLETE
+    assert parse(POLL[:-1], len(POLL) - 2) == OTHER
+    assert parse(POLL, len(POLL) - 5) == OTHER  # complete, but over the limit (Tornado's 431)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"POST /lp/abc HTTP/1.1\r\nContent-Length: 2\r\n\r\n[]",
+        b"get /lp/abc HTTP/1.1\r\n\r\n",
+        b"GET /lp/abc HTTP/1.0\r\n\r\n",
+        b"GET /lp/abc HTTP/1.1 \r\n\r\n",
+        b"GET  /lp/abc HTTP/1.1\r\n\r\n",
+        b"GET /lp/abc/x HTTP/1.1\r\n\r\n",
+        b"GET /lp/a%2Fb HTTP/1.1\r\n\r\n",
+        b"GET /lp/" + b"a" * 65 + b" HTTP/1.1\r\n\r\n",
+        b"GET /lp HTTP/1.1\r\n\r\n",
+        b"GET /ws HTTP/1.1\r\n\r\n",
+        b"GET http://x/lp/abc HTTP/1.1\r\n\r\n",
+        b"GET /lp/abc?c=\xff HTTP/1.1\r\n\r\n",
+        b"\r\nGET /lp/abc HTTP/1.1\r\n\r\n",
+        b"GET /lp/abc HTTP/1.1\nHost: x\n\n",
+        b"GET /lp/abc HTTP/1.1\r\nHost: x\n\r\n",
+        b"GET /lp/abc HTTP/1.1\r\nHost: x\r\n folded\r\n\r\n",
+        b"GET /lp/abc HTTP/1.1\r\nHost : x\r\n\r\n",
+        b"GET /lp/abc HTTP/1.1\r\nNo colon\r\n\r\n",
+        b"GET /lp/abc HTTP/1.1\r\n: empty name\r\n\r\n",
+        b"GET /lp/abc HTTP/1.1\r\nX: a\x00b\r\n\r\n",
+        b"GET /lp/abc HTTP/1.1\r\nX: caf\xc3\xa9\r\n\r\n",
+        b"GET /lp/abc HTTP/1.1\r\nContent-Length: 5\r\n\r\nhello",
+        b"GET /lp/abc HTTP/1.1\r\nContent-Length: 0\r\nContent-Length: 0\r\n\r\n",
+        b"GET /lp/abc HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        b"GET /lp/abc HTTP/1.1\r\nExpect: 100-continue\r\n\r\n",
+        b"GET /lp/abc HTTP/1.1\r\nUpgrade: websocket\r\n\r\n",
+        b"GET /lp/abc HTTP/1.1\r\nAuthorization: Bearer a\r\nAuthorization: Bearer b\r\n\r\n",
+        b"GET /lp/abc HTTP/1.1\r\nConnection: close\r\nConnection: keep-alive\r\n\r\n",
+        b"PROXY TCP4 1.2.3.4 5.6.7.8 1 2\r\nGET /lp/abc HTTP/1.1\r\n\r\n",
+    ],
+)
+def test_anything_else_goes_back_to_tornado(data):
+    assert parse(data, 65536) == OTHER
+
+
+def test_cursor_and_token_are_read_as_on_tornados_path():
+    assert cursor_of("") == 0 and cursor_of("cursor=12") == 12
+    assert cursor_of("cursor=1&cursor=5") == 5
+    assert cursor_of("cursor=x") is None and cursor_of("cursor=") is None
+    assert token_of("Bearer abc", "token=zzz") == "abc"
+    assert token_of(None, "cursor=1&token=zzz") == "zzz"
+    assert token_of("Basic abc", "token=zzz") == "zzz"
+    assert token_of(None, "") == "" and token_of("Bearer ", "") == ""
