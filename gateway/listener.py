@@ -339,8 +339,8 @@ class Listener(HTTPServer):
         A connection that has spoken HTTP: not pending, and from the same
         client ``address`` as when it was accepted (a PROXY header's source).
         """
-        stream = IOStream(sock, max_buffer_size=self.max_buffer_size,
-                          read_chunk_size=self.read_chunk_size)  # fmt: skip
+        stream = HTTPStream(sock, max_buffer_size=self.max_buffer_size,
+                            read_chunk_size=self.read_chunk_size)  # fmt: skip
         if buffered:
             _refill(stream, buffered)
         HTTPServer.handle_stream(self, stream, address)

@@ -180,13 +180,15 @@ async def test_malformed_and_oversized_requests_get_tornados_answers_and_close()
             finally:
                 c.close()
             await until(lambda: gw.server.adopted == 0)
-        # A request line alone that outgrows the limit without its end is cut as well.
+        # A request line alone that outgrows the limit without its end is answered 414 as well.
         c = await Raw.open(gw.port)
         try:
             c.send(poll(sid, 0, token))
             assert (await c.answer())[0] == 200
             await until(lambda: gw.server.adopted == 1)
             c.send(b"GET /lp/" + b"x" * 5000)
+            got = await c.answer()
+            assert got[0] == 414 and got[2]["error"]["code"] == "uri_too_long"
             assert await c.ended()
         finally:
             c.close()
