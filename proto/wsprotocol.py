@@ -147,7 +147,7 @@ class WebSocketProtocol:
         self._client = client
         self.state = WSState.OPEN
         self._buffer = b""
-        self._out: list[bytes] = []
+        self._out = b""  # control frames to send (rare: no list held per connection)
         self._fragments: list[bytes] | None = None  # the message being reassembled
         self._size = 0  # its bytes so far
         self._text = False  # whether it is a text message
@@ -180,11 +180,8 @@ class WebSocketProtocol:
 
     def data_to_send(self) -> bytes:
         """The control frames to send now (pongs, a close frame), once; b"" if none."""
-        out = self._out
-        if not out:
-            return b""
-        self._out = []
-        return out[0] if len(out) == 1 else b"".join(out)
+        out, self._out = self._out, b""
+        return out
 
     # -- out ---------------------------------------------------------------
 
@@ -226,7 +223,7 @@ class WebSocketProtocol:
 
     def _violation(self, exc: FrameError) -> None:
         if self.state is WSState.OPEN:
-            self._out.append(self._frame(OP_CLOSE, close_payload(exc.code, exc.reason)))
+            self._out += self._frame(OP_CLOSE, close_payload(exc.code, exc.reason))
         self._move(Event.VIOLATION)
         self.failure = exc
         self.close_code = exc.code
@@ -346,13 +343,13 @@ class WebSocketProtocol:
     def _control(self, opcode: int, payload: bytes) -> None:
         if opcode == OP_PING:
             if self.state is WSState.OPEN:
-                self._out.append(self._frame(OP_PONG, payload))
+                self._out += self._frame(OP_PONG, payload)
         elif opcode == OP_CLOSE:
             code, reason = _parse_close(payload)
             if self.state is WSState.OPEN:
                 self.close_code, self.close_reason = code, reason
                 reply = b"" if code == _NO_STATUS else code.to_bytes(2, "big")
-                self._out.append(self._frame(OP_CLOSE, reply))
+                self._out += self._frame(OP_CLOSE, reply)
             self._move(Event.CLOSE_RECEIVED)
             self._buffer = b""
 
