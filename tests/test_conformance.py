@@ -15,21 +15,14 @@ cannot outlive its reason).
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Iterator
 
 import pytest
 
 from tests.conformance.cases import CASES, GROUPS, Case, Target
-from tests.conformance.known import GATEWAY_FAILS
+from tests.conformance.known import GATEWAY_FAILS, READ_DEPENDENT
 from tests.conformance.processes import ServerProcess, gateway_process, reference_process
 from tests.conformance.runner import run_case, run_cases
-
-#: Cases whose outcome against today's gateway depends on how its reads split
-#: the bytes that follow a violation: it parses them as frames and may or may
-#: not swallow the client's close. Not strict, or the suite would be flaky;
-#: they pass every time once input is discarded after a failure (issue 14).
-_READ_DEPENDENT = frozenset({"3.4", "4.1.5", "4.2.5", "9.1", "9.2"})
 
 
 def _param(case: Case) -> object:
@@ -37,7 +30,7 @@ def _param(case: Case) -> object:
     marks = (
         []
         if reason is None
-        else [pytest.mark.xfail(strict=case.id not in _READ_DEPENDENT, reason=reason)]
+        else [pytest.mark.xfail(strict=case.id not in READ_DEPENDENT, reason=reason)]
     )
     return pytest.param(case, id=case.id, marks=marks)
 
@@ -90,11 +83,10 @@ async def test_reference_fails_every_exempted_case(reference: tuple[ServerProces
 def test_known_failures_name_existing_cases() -> None:
     ids = {c.id for c in CASES}
     assert set(GATEWAY_FAILS) <= ids
-    assert _READ_DEPENDENT <= set(GATEWAY_FAILS)
+    assert READ_DEPENDENT <= set(GATEWAY_FAILS)
     assert all(reason.startswith("issue 14: ") for reason in GATEWAY_FAILS.values())
 
 
 def test_the_suite_is_the_size_issue_14_asks_for() -> None:
     assert 150 <= len(CASES) <= 300
     assert {c.group for c in CASES} == set(GROUPS)
-    assert asyncio.iscoroutinefunction(run_case)

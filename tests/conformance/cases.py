@@ -293,13 +293,13 @@ def _reserved_bits() -> list[Case]:
         Case(
             "3.3",
             "message, then RSV = 3 message, then ping, frame by frame",
-            (Send(first), Pause(0.1), _s(TEXT, HELLO, rsv=3), Pause(0.1), _s(PING)),
+            (Send(first), Pause(0.2), _s(TEXT, HELLO, rsv=3), Pause(0.2), _s(PING)),
             Closes(PROTOCOL, before=1),
         ),
         Case(
             "3.4",
             "message, then RSV = 4 message, then ping, a byte at a time",
-            (Send(first, 1), _s(TEXT, HELLO, 1, rsv=4), _s(PING, b"", 1)),
+            (Send(first, 1), Pause(0.2), _s(TEXT, HELLO, 1, rsv=4), _s(PING, b"", 1)),
             Closes(PROTOCOL, before=1),
         ),
         Case(
@@ -377,7 +377,7 @@ def _opcodes() -> list[Case]:
             Case(
                 f"4.{sub}.5",
                 f"message, reserved {kind} opcode {e}, ping, a byte at a time",
-                (Send(first, 1), _s(e, HELLO, 1), _s(PING, b"", 1)),
+                (Send(first, 1), Pause(0.2), _s(e, HELLO, 1), _s(PING, b"", 1)),
                 Closes(PROTOCOL, before=1),
             ),
         ]
@@ -1003,8 +1003,12 @@ def _close_cases() -> list[Case]:
 
 
 def _split(data: bytes) -> tuple[Step, ...]:
-    """A frame's header and first bytes, then (after a pause) the rest."""
-    return Send(data[:1024]), Pause(0.1), Send(data[1024:])
+    """A frame's header and first bytes, then (after a pause) the rest.
+
+    The rest is not written once the server has closed, as Autobahn's client
+    does: the verdict is on the refusal at the header (9.7 sends it all).
+    """
+    return Send(data[:1024]), Pause(0.5), Send(data[1024:])
 
 
 def _limits(max_size: int) -> list[Case]:
@@ -1062,6 +1066,12 @@ def _limits(max_size: int) -> list[Case]:
             "9.6",
             "a frame of exactly MAX_FRAME_BYTES, then one more byte in a continuation",
             (Send(frame(TEXT, b"*" * max_size, fin=False) + frame(CONT, b"*")),),
+            Closes(big),
+        ),
+        Case(
+            "9.7",
+            "text frame of MAX_FRAME_BYTES + 1 in one write: refused, the rest discarded",
+            (Send(frame(TEXT, b"*" * (max_size + 1))),),
             Closes(big),
         ),
     ]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from tests.conformance.cases import CASES, Closes
 
-__all__ = ["GATEWAY_FAILS"]
+__all__ = ["GATEWAY_FAILS", "READ_DEPENDENT"]
 
 _SAME_READ = (
     "issue 14: frames that precede a violation in the same read get no reply (read_frames raises "
@@ -38,7 +38,7 @@ GATEWAY_FAILS: dict[str, str] = {
         case: _SAME_READ
         for case in ("1.3.6", "3.2", "3.11", "4.1.3", "4.1.4", "4.2.3", "4.2.4", "5.15")
     },
-    **{case: _AFTER_FAIL for case in ("3.4", "4.1.5", "4.2.5", "9.1", "9.2")},
+    **{case: _AFTER_FAIL for case in ("3.4", "4.1.5", "4.2.5", "9.7")},
     **{c.id: _UTF8 for c in CASES if c.group == "6" and isinstance(c.expect, Closes)},
     "7.1.7": "issue 14: a close read with a message is answered before the message's reply",
     "7.3.2": _BAD_CLOSE,
@@ -53,3 +53,10 @@ GATEWAY_FAILS: dict[str, str] = {
     "H.16": _EARLY,
     "H.17": _EARLY,
 }
+
+#: Known failures whose outcome today depends on how the gateway's reads
+#: split the bytes that follow a violation (it parses them as frames and may
+#: or may not swallow the client's close): marked xfail without ``strict``,
+#: or the suite would be flaky. They pass every time once input is
+#: discarded after a failure.
+READ_DEPENDENT: frozenset[str] = frozenset({"3.4", "4.1.5", "4.2.5", "9.7"})
