@@ -370,6 +370,7 @@ def test_random_bytes_on_fresh_sockets_never_stop_the_gateway(
     fuzzed_gateway: tuple[ServerProcess, int, str], bystander: _Raw, data: bytes, upgrade: bool
 ) -> None:
     proc, port, path = fuzzed_gateway
+    bystander.sock.sendall(frame(10, b"still here"))  # heard from: never dropped as dead
     try:
         raw = _Raw(port, path, upgrade)
     except (AssertionError, OSError) as exc:
