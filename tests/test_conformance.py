@@ -20,18 +20,14 @@ from collections.abc import Iterator
 import pytest
 
 from tests.conformance.cases import CASES, GROUPS, Case, Target
-from tests.conformance.known import GATEWAY_FAILS, READ_DEPENDENT
+from tests.conformance.known import GATEWAY_FAILS
 from tests.conformance.processes import ServerProcess, gateway_process, reference_process
 from tests.conformance.runner import run_case, run_cases
 
 
 def _param(case: Case) -> object:
     reason = GATEWAY_FAILS.get(case.id)
-    marks = (
-        []
-        if reason is None
-        else [pytest.mark.xfail(strict=case.id not in READ_DEPENDENT, reason=reason)]
-    )
+    marks = [] if reason is None else [pytest.mark.xfail(strict=True, reason=reason)]
     return pytest.param(case, id=case.id, marks=marks)
 
 
@@ -83,7 +79,6 @@ async def test_reference_fails_every_exempted_case(reference: tuple[ServerProces
 def test_known_failures_name_existing_cases() -> None:
     ids = {c.id for c in CASES}
     assert set(GATEWAY_FAILS) <= ids
-    assert READ_DEPENDENT <= set(GATEWAY_FAILS)
     assert all(reason.startswith("issue 14: ") for reason in GATEWAY_FAILS.values())
 
 

@@ -1,9 +1,11 @@
 """Property-based fuzzing (issue 14): arbitrary bytes in, only the documented errors out.
 
-* `proto.wsframe.read_frames` (client frames) and `gateway.client.frames.read_frames`
-  (server frames): only `FrameError` with 1002 or 1009; what comes out does
-  not depend on where the bytes are split; valid frames come back exactly,
-  and the first invalid one is refused with the code RFC 6455 gives it.
+* the frame reader of `proto.wsprotocol.WebSocketProtocol` (client frames):
+  valid frames come back exactly (messages, pongs), the first invalid one
+  fails the connection with the code RFC 6455 gives it (an independent model,
+  `FrameSpec.error`), whatever the split; `gateway.client.frames.read_frames`
+  (server frames): only `FrameError` with 1002 or 1009, the same frames for
+  any split. (tests/test_wsprotocol.py fuzzes the protocol object's outcome.)
 * Both codecs (`proto.codec`) and the per-connection `proto.Connection`:
   only `ProtocolError` from ``decode`` / ``receive``; a decoded ``pub``'s
   data only `InvalidData` on its way to JSON.
@@ -30,7 +32,8 @@ from hypothesis import strategies as st
 from gateway.client.frames import read_frames as read_server_frames
 from proto import CODECS, Connection, InvalidData, ProtocolError, Pub
 from proto.grants import Grants
-from proto.wsframe import FrameError, read_frames
+from proto.wsframe import FrameError
+from proto.wsprotocol import WebSocketProtocol, WSState
 from tests.conformance.processes import ServerProcess, gateway_process, token
 from tests.conformance.strategies import (
     FrameSpec,
@@ -53,71 +56,63 @@ FAST = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCh
 cuts = st.lists(st.integers(0, 4096), max_size=6)
 
 
-def _incremental(
-    data: bytes, points: list[int]
-) -> tuple[list[tuple[int, bool, bytes]], int | None, bytes]:
-    """What a connection reading ``data`` in pieces gets: frames, the error code, the leftover."""
-    frames: list[tuple[int, bool, bytes]] = []
-    buffer = b""
+def _feed(data: bytes, points: list[int]) -> tuple[list[bytes], int | None, bytes, WSState]:
+    """What a server-side protocol object makes of ``data`` read in pieces."""
+    protocol = WebSocketProtocol(MAX)
+    messages: list[bytes] = []
+    out = b""
     for piece in chunked(data, points):
-        buffer += piece
-        try:
-            got, used = read_frames(buffer, MAX)
-        except FrameError as exc:
-            assert exc.code in (1002, 1009), exc.code
-            return frames, exc.code, b""
-        frames += got
-        buffer = buffer[used:]
-    return frames, None, buffer
+        messages += protocol.receive(piece)
+        out += protocol.data_to_send()
+    code = None if protocol.failure is None else protocol.failure.code
+    assert code in (None, 1002, 1007, 1009), code
+    return messages, code, out, protocol.state
 
 
-# -- proto.wsframe.read_frames -------------------------------------------------
+def _pong(payload: bytes) -> bytes:
+    return bytes((0x8A, len(payload))) + payload
 
 
-@FAST
-@given(data=st.binary(max_size=300), points=cuts)
-def test_read_frames_takes_any_bytes_and_any_split(data: bytes, points: list[int]) -> None:
-    whole = _incremental(data, [])
-    split = _incremental(data, points)
-    assert split[1] == whole[1]
-    if whole[1] is None:
-        assert split == whole
-    else:
-        # Frames that precede the violation come out of earlier pieces; fed a
-        # byte at a time, every one of them does. Never anything else.
-        bytewise = _incremental(data, list(range(len(data) + 1)))
-        assert bytewise[1] == whole[1]
-        assert split[0] == bytewise[0][: len(split[0])]
+# -- proto.wsprotocol: the frame reader inside the protocol object -------------
+# (tests/test_wsprotocol.py fuzzes its outcome for arbitrary bytes and splits;
+# here, the RFC's verdict on each frame, from an independent model.)
 
 
 @FAST
-@given(specs=st.lists(frame_specs(MAX + 40), max_size=6), points=cuts)
-def test_read_frames_accepts_valid_frames_and_refuses_the_first_invalid_one(
-    specs: list[FrameSpec], points: list[int]
+@given(
+    valid=st.lists(
+        st.one_of(
+            st.tuples(st.just(2), st.binary(max_size=MAX)),
+            st.tuples(st.sampled_from((9, 10)), st.binary(max_size=125)),
+        ),
+        max_size=5,
+    ),
+    bad=frame_specs(MAX + 40).filter(lambda s: s.error(MAX) is not None),
+    key=st.binary(min_size=4, max_size=4),
+    points=cuts,
+)
+def test_protocol_object_processes_valid_frames_and_fails_the_first_invalid_one_with_the_rfc_code(
+    valid: list[tuple[int, bytes]], bad: FrameSpec, key: bytes, points: list[int]
 ) -> None:
-    data = b"".join(s.encode() for s in specs)
-    frames, code, leftover = _incremental(data, points)
-    expected = []
-    for spec in specs:
-        error = spec.error(MAX)
-        if error is not None:
-            assert code == error, (spec, code)
-            break
-        expected.append((spec.opcode, spec.fin, spec.payload))
-    else:
-        assert code is None and leftover == b""
-        assert frames == expected
-        return
-    assert frames == expected[: len(frames)]  # which precede it depends on the split
+    data = b"".join(frame(op, payload, key=key) for op, payload in valid) + bad.encode()
+    messages, code, out, state = _feed(data, points)
+    assert messages == [payload for op, payload in valid if op == 2]
+    assert code == bad.error(MAX), bad
+    assert state is WSState.CLOSED
+    pongs = b"".join(_pong(payload) for op, payload in valid if op == 9)
+    assert out.startswith(pongs)
+    close = parse_server_frames(out[len(pongs) :])[0]
+    assert len(close) == 1 and close[0][0] == 8
+    assert int.from_bytes(close[0][2][:2], "big") == code
 
 
 @FAST
 @given(specs=st.lists(frame_specs(MAX, valid=True), min_size=1, max_size=5), points=cuts)
-def test_read_frames_splits_change_nothing_for_valid_streams(
+def test_protocol_object_gives_one_outcome_for_any_split(
     specs: list[FrameSpec], points: list[int]
 ) -> None:
     data = b"".join(s.encode() for s in specs)
-    assert _incremental(data, points) == ([(s.opcode, s.fin, s.payload) for s in specs], None, b"")
+    assert _feed(data, points) == _feed(data, [])
 
 
 # -- gateway.client.frames.read_frames -------------------------------------------

@@ -18,7 +18,7 @@ import time
 from collections.abc import Iterator
 
 from tests.conformance.cases import CASES, GROUPS, Case
-from tests.conformance.known import GATEWAY_FAILS, READ_DEPENDENT
+from tests.conformance.known import GATEWAY_FAILS
 from tests.conformance.processes import gateway_process, reference_process
 from tests.conformance.runner import Verdict, run_cases
 from tests.servers import DEFAULT_DATABASE_URL, ensure_postgres, postgres_dir
@@ -82,9 +82,7 @@ def main() -> int:
         f"reference (each with its reason in tests/conformance/cases.py)"
     )
     unexpected = [v for v in gateway if not v.passed and v.case not in GATEWAY_FAILS]
-    fixed = [
-        v for v in gateway if v.passed and v.case in GATEWAY_FAILS and v.case not in READ_DEPENDENT
-    ]
+    fixed = [v for v in gateway if v.passed and v.case in GATEWAY_FAILS]
     if fixed:
         print(
             "now passing against the gateway (remove from tests/conformance/known.py): "

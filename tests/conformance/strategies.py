@@ -1,15 +1,15 @@
 """Hypothesis strategies for what a client can send, and the RFC's verdict on each frame.
 
-Used by tests/test_fuzz.py, and meant for fuzzing the sans-I/O WebSocket
-protocol object (proto/websocket.py) once it lands; the hook is
-`client_streams` plus `chunked`:
+Used by tests/test_fuzz.py; reusable for the sans-I/O protocol object
+(proto/wsprotocol.py, fuzzed in tests/test_wsprotocol.py): `client_streams`
+for bytes, `chunked` for the reads they arrive in:
 
     @given(stream=client_streams(), cuts=st.lists(st.integers(0, 1 << 16)))
     def test_protocol_object(stream, cuts):
-        protocol = ...
+        protocol = WebSocketProtocol(MAX)
         for piece in chunked(stream, cuts):
-            protocol.receive_data(piece)   # only the documented errors may come out
-        # and the result must not depend on ``cuts``
+            protocol.receive(piece)   # only the documented failures may come out
+        # and the outcome must not depend on ``cuts``
 
 `FrameSpec.error(max_size)` is the close code RFC 6455 requires for one
 frame on its own (None when the frame is acceptable); stream-level rules
