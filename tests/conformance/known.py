@@ -11,7 +11,7 @@ __all__ = ["GATEWAY_FAILS"]
 
 GATEWAY_FAILS: dict[str, str] = {
     "7.1.7": (
-        "issue 14: a close read in the same write as a message is answered before the message's "
-        "reply, which is then dropped"
+        "issue 14: a close read in the same write as a message is answered at once and the "
+        "message's reply dropped (after a violation, earlier commands reply first)"
     ),
 }
