@@ -34,7 +34,7 @@ from proto import CODECS, Connection, InvalidData, ProtocolError, Pub
 from proto.grants import Grants
 from proto.wsframe import FrameError
 from proto.wsprotocol import WebSocketProtocol, WSState
-from tests.conformance.processes import ServerProcess, gateway_process, token
+from tests.conformance.processes import ServerProcess, gateway_process
 from tests.conformance.strategies import (
     FrameSpec,
     chunked,
@@ -263,14 +263,12 @@ def test_codecs_take_any_command_shape(cmd: dict[str, object]) -> None:
 @FAST
 @given(value=JSONISH | MSGPACKISH)
 def test_published_data_of_any_shape_is_carried_or_refused_as_invalid(value: object) -> None:
-    for frame_bytes in (_encode_msgpack({"id": 1, "op": "pub", "ch": "room:1", "data": value}),):
-        _receive_only_documented(frame_bytes)
+    _receive_only_documented(_encode_msgpack({"id": 1, "op": "pub", "ch": "room:1", "data": value}))
     try:
-        _receive_only_documented(
-            b'{"id":1,"op":"pub","ch":"room:1","data":' + msgspec.json.encode(value) + b"}"
-        )
+        data = msgspec.json.encode(value)
     except (OverflowError, TypeError, ValueError):
-        pass
+        return  # not JSON at all: nothing a JSON client could send
+    _receive_only_documented(b'{"id":1,"op":"pub","ch":"room:1","data":' + data + b"}")
 
 
 # -- end to end: a real gateway process ----------------------------------------
@@ -390,4 +388,3 @@ def test_the_bystander_is_still_served_after_the_fuzzing(
     push = next((m for m in bystander.messages(2 * UNIT) if b'"room:fuzz"' in m), None)
     assert push is not None and b'"n":1' in push, push
     assert "Traceback" not in proc.output(), proc.output()[-4000:]
-    assert token()  # the processes' token helper stays importable for the lead's fuzzing
