@@ -76,10 +76,11 @@ async def test_reference_fails_every_exempted_case(reference: tuple[ServerProces
     assert not passed, f"exempted from the reference but passing there (calibrate them): {passed}"
 
 
-def test_known_failures_name_existing_cases() -> None:
-    ids = {c.id for c in CASES}
-    assert set(GATEWAY_FAILS) <= ids
-    assert all(reason.startswith("issue 14: ") for reason in GATEWAY_FAILS.values())
+def test_case_ids_are_unique_and_known_failures_name_cases() -> None:
+    ids = [c.id for c in CASES]
+    assert len(ids) == len(set(ids))
+    assert set(GATEWAY_FAILS) <= set(ids)
+    assert all(reason.startswith("issue ") for reason in GATEWAY_FAILS.values())
 
 
 def test_the_suite_is_the_size_issue_14_asks_for() -> None:

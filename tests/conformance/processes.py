@@ -125,6 +125,7 @@ def gateway_process(database_url: str, **env: str) -> Iterator[tuple[ServerProce
             "JWT_SECRET": SECRET,
             "DATABASE_URL": database_url,
             "DATABASE_SCHEMA": schema,
+            "MIGRATE_ON_START": "1",  # a private schema, new for this process
             "DATA_DIR": tmp,
             "MAX_FRAME_BYTES": str(MAX_FRAME_BYTES),
             "HEADER_TIMEOUT": str(HEADER_TIMEOUT),
