@@ -13,8 +13,11 @@ from collections.abc import AsyncIterator
 
 import pytest
 
+from gateway.hub import Prepared
 from gateway.loadtest.wsclient import client_frame, handshake_request
-from gateway.transport.wsconn import Coalescer
+from gateway.metrics import Metrics
+from gateway.transport.wsconn import Coalescer, WSConnection
+from proto.codec import JSON
 from proto.wsframe import (
     OP_CLOSE,
     OP_PING,
@@ -268,3 +271,54 @@ def test_the_send_budget_ends_the_largest_backlogs_first_open_or_closing():
     assert coalescer.buffered == 185
     big.size = 0  # its peer read on; the rest fit
     assert coalescer.check_budget(0.2) == 0 and reader.ended == ""
+
+
+class _Stalled:
+    """A transport whose peer reads nothing, holding what it is given as the event loop's does.
+
+    uvloop's (like asyncio's since 3.12) keeps a reference to every object
+    written until its last byte is sent, a partly sent one whole; nothing
+    here is ever sent.
+    """
+
+    def __init__(self) -> None:
+        self.held: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self.held.append(data)
+
+    def writelines(self, data: list[bytes]) -> None:
+        self.held.extend(data)
+
+    def get_write_buffer_size(self) -> int:
+        return sum(map(len, self.held))
+
+
+async def test_backlogs_fed_the_same_publications_hold_them_once_not_once_per_socket():
+    # Publications reaching a loop that lags come several at a time; each socket's were
+    # joined into one write, its own copy: 300 stalled sockets held 300 copies of what the
+    # send budget, summing each socket's unsent bytes, took for shared frames.
+    coalescer, metrics = Coalescer(budget=1 << 30), Metrics()
+    conns = []
+    for _ in range(50):
+        conn = WSConnection(b"", JSON, lambda c: None, metrics, 1 << 20, coalescer)  # type: ignore
+        conn.transport = _Stalled()
+        conns.append(conn)
+
+    def held() -> int:  # distinct objects: a frame shared by many backlogs is held once
+        return sum(len(obj) for obj in {id(obj): obj for c in conns for obj in c.transport.held}.values())
+
+    async def publish(n: int) -> int:
+        batch = [Prepared("room:1", b'"%s"' % (b"x" * 4096)) for _ in range(n)]
+        for prepared in batch:
+            for conn in conns:
+                conn.deliver(prepared, JSON)
+        await asyncio.sleep(0)  # the coalescer's flush, at the end of this iteration
+        return sum(len(p.ws_frame(JSON)) for p in batch)
+
+    await publish(4)  # sockets with no backlog yet: one joined write each, as before
+    first, queued = held(), sum(c.buffered() for c in conns)
+    assert first == queued > 0  # joined: each socket's own copy
+    published = sum([await publish(4) for _ in range(9)])
+    assert sum(c.buffered() for c in conns) - queued == 50 * published  # what the budget counts
+    assert held() - first == published  # what memory holds: each frame once

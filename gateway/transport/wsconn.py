@@ -14,6 +14,9 @@ coroutine or task: only the transport, this protocol and its `Session`.
   transport as one write, one system call. When publications arrive faster
   than one at a time (a backlog read from Redis in one go), a socket gets
   several in one write: fan-out degrades into batching, not into a queue.
+  A socket that already has a backlog is given the frames themselves
+  (shared by all their recipients) rather than its own joined copy, so
+  what the send budget counts is what the backlogs really hold.
 * The transport's high-water mark is the send buffer bound
   (``SEND_BUFFER_BYTES``): when the event loop says to pause writing, the
   client is a slow consumer and is closed with 4001.
@@ -450,8 +453,18 @@ class WSConnection(asyncio.Protocol):
             self._emit(pending)
 
     def _emit(self, pending: list[bytes]) -> None:
-        if self.transport is not None and not self._closing:
-            self.transport.write(pending[0] if len(pending) == 1 else b"".join(pending))
+        transport = self.transport
+        if transport is None or self._closing:
+            return
+        if len(pending) == 1:
+            transport.write(pending[0])
+        elif transport.get_write_buffer_size():
+            # A backlog: the transport keeps what it is given until sent, a
+            # partly sent object whole. The frames themselves are shared with
+            # every socket they go to; a join would be this socket's own copy.
+            transport.writelines(pending)
+        else:
+            transport.write(b"".join(pending))
 
     def _close(self, code: int, reason: str) -> None:
         transport = self.transport
