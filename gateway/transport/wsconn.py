@@ -214,7 +214,6 @@ class WSConnection(asyncio.Protocol):
         "_inbox",
         "_last_seen",
         "_make_session",
-        "_max_frame",
         "_metrics",
         "_pending",
         "_pinged",
@@ -242,7 +241,6 @@ class WSConnection(asyncio.Protocol):
         self.codec = codec
         self._make_session = make_session
         self._metrics = metrics
-        self._max_frame = max_frame
         self._coalescer = coalescer
         self._pending: list[bytes] | None = None
         self.transport: Any = None  # asyncio.Transport (uvloop's is not a subclass)
