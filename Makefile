@@ -29,6 +29,7 @@ run: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/python -m ruff check proto gateway core tests $(wildcard bench) $(wildcard examples)
+	$(BIN)/python -m ruff format --check proto gateway core tests $(wildcard bench) $(wildcard examples)
 
 typecheck: $(STAMP)
 	$(BIN)/python -m mypy

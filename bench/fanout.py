@@ -210,7 +210,9 @@ def kernel_floor(n: int) -> dict[str, Any]:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--rounds", type=int, default=1)
     p.add_argument("--servers", default=",".join(SERVERS))
     p.add_argument("--scenarios", default=",".join(SCENARIOS))
@@ -226,25 +228,39 @@ def main() -> int:
         order = servers if rnd % 2 == 0 else list(reversed(servers))
         for scenario in scenarios:
             for server in order:
-                print(f"round {rnd + 1}: {scenario.name} on {server}...", file=sys.stderr, flush=True)
+                print(
+                    f"round {rnd + 1}: {scenario.name} on {server}...", file=sys.stderr, flush=True
+                )
                 report = run_scenario(server, scenario, log)
                 figures = _figures(report)
                 print(f"  {figures}", file=sys.stderr, flush=True)
                 results.setdefault(scenario.name, {}).setdefault(server, []).append(figures)
-                raw.append({"round": rnd, "scenario": scenario.name, "server": server, "report": report})
+                raw.append(
+                    {"round": rnd, "scenario": scenario.name, "server": server, "report": report}
+                )
                 # Kept as it goes: a failure later does not lose the runs so far.
                 (RESULTS / "fanout-partial.json").write_text(json.dumps(raw, indent=1))
     floors = [kernel_floor(n) for n in sorted({SCENARIOS[s].connections for s in results})]
-    text = table(results) + "\n\nkernel floor (bench.sendfloor, CPU 0): " + "; ".join(
-        f"one send to each of {f['sockets']:,} sockets {f['ms']} ms ({f['us_per_send']} us each)"
-        for f in floors
+    text = (
+        table(results)
+        + "\n\nkernel floor (bench.sendfloor, CPU 0): "
+        + "; ".join(
+            f"one send to each of {f['sockets']:,} sockets {f['ms']} ms ({f['us_per_send']} us each)"
+            for f in floors
+        )
     )
     print(text)
     if args.save:
         stamp = datetime.now(UTC).strftime("%Y-%m-%d")
         out = RESULTS / f"fanout-{stamp}.json"
-        machine = {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()}
-        out.write_text(json.dumps({"machine": machine, "floors": floors, "runs": raw, "table": text}, indent=1))
+        machine = {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+        }
+        out.write_text(
+            json.dumps({"machine": machine, "floors": floors, "runs": raw, "table": text}, indent=1)
+        )
         print(f"\nsaved {out}", file=sys.stderr)
     return 0
 

@@ -73,12 +73,22 @@ def measure(n: int, rounds: int = 5) -> float:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("-n", type=int, default=10_000)
     p.add_argument("--rounds", type=int, default=5)
     args = p.parse_args()
     seconds = measure(args.n, args.rounds)
-    print(json.dumps({"sockets": args.n, "ms": round(seconds * 1000, 1), "us_per_send": round(seconds / args.n * 1e6, 2)}))
+    print(
+        json.dumps(
+            {
+                "sockets": args.n,
+                "ms": round(seconds * 1000, 1),
+                "us_per_send": round(seconds / args.n * 1e6, 2),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -57,7 +57,9 @@ def _gateway(port: int, prefix: str, log: Path) -> subprocess.Popen[bytes]:
     }
     env["MIGRATE_ON_START"] = "true"  # a bench database: migrated at start, as `make run`
     with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "gateway"], cwd=ROOT, env=env, stdout=out, stderr=out)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "gateway"], cwd=ROOT, env=env, stdout=out, stderr=out
+        )
     for _ in range(200):
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1):

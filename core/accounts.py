@@ -213,7 +213,9 @@ class Accounts:
     async def register(self, req: Request) -> Response:
         if not self._settings.registration_open:
             raise ApiError(403, "registration_closed", "registration is closed")
-        await self._limit(f"login-ip:{limit_key(req.client)}", self._settings.rate_login_ip, "attempts")
+        await self._limit(
+            f"login-ip:{limit_key(req.client)}", self._settings.rate_login_ip, "attempts"
+        )
         data: RegisterIn = req.data
         password_hash = await self._passwords.hash(data.password)
         async with self._pool.acquire() as conn, conn.transaction():
@@ -294,9 +296,7 @@ class Accounts:
 
     def _require_issuer(self) -> None:
         if not self.issuer.ready:
-            raise ApiError(
-                503, "unavailable", "this deployment verifies tokens but issues none"
-            )
+            raise ApiError(503, "unavailable", "this deployment verifies tokens but issues none")
 
     # -- sessions -------------------------------------------------------------------
 

@@ -77,7 +77,9 @@ _LIST = f"""
 select coalesce(json_agg(json_build_object({_FIELDS}) order by created_at), '[]')::text
 from api_keys where revoked_at is null
 """
-_REVOKE = "update api_keys set revoked_at = now() where id = $1::uuid and revoked_at is null returning id"
+_REVOKE = (
+    "update api_keys set revoked_at = now() where id = $1::uuid and revoked_at is null returning id"
+)
 _ACTIVE = "select id::text, key_hash, channels, rest from api_keys where revoked_at is null"
 
 

@@ -180,7 +180,9 @@ class Core:
         match: list[str] = []
         resp = await self._dispatch(req, match)
         if self.observe is not None:
-            self.observe(match[0] if match else "unmatched", resp.status, time.perf_counter() - started)
+            self.observe(
+                match[0] if match else "unmatched", resp.status, time.perf_counter() - started
+            )
         return resp
 
     async def _dispatch(self, req: Request, match: list[str]) -> Response:

@@ -159,7 +159,9 @@ class _Exchange(httputil.HTTPMessageDelegate):
                 resp = await self._respond()
         except Exception:
             start = self._start  # the path only: a query may hold a token
-            log.exception("unexpected error answering %s %s", start.method, start.path.partition("?")[0])
+            log.exception(
+                "unexpected error answering %s %s", start.method, start.path.partition("?")[0]
+            )
             resp = Response(500, error_body(500, "internal", "internal error"))
         if origin is not None:
             resp.headers.update(_cors_headers(origin))
@@ -244,7 +246,9 @@ class _Exchange(httputil.HTTPMessageDelegate):
             path = self._start.path.partition("?")[0]
             context = {"request_id": resp.headers.get("X-Request-Id"), "status": status,
                        "method": self._start.method, "path": path, "ms": round(ms, 2)}  # fmt: skip
-            access_log.log(level, "%d %s %s %.2fms", status, self._start.method, path, ms, extra=context)
+            access_log.log(
+                level, "%d %s %s %.2fms", status, self._start.method, path, ms, extra=context
+            )
 
 
 _CORS_REQUEST_HEADERS = "Authorization, Content-Type, If-Match, If-None-Match, Idempotency-Key"
@@ -252,7 +256,10 @@ _CORS_EXPOSED = "ETag, Location, Retry-After, Idempotent-Replayed"
 
 
 def _cors_headers(origin: str) -> dict[str, str]:
-    headers = {"Access-Control-Allow-Origin": origin, "Access-Control-Expose-Headers": _CORS_EXPOSED}
+    headers = {
+        "Access-Control-Allow-Origin": origin,
+        "Access-Control-Expose-Headers": _CORS_EXPOSED,
+    }
     if origin != "*":
         headers["Vary"] = "Origin"
     return headers

@@ -150,9 +150,7 @@ def _compare(schema: str, rows: list[asyncpg.Record]) -> SchemaState:
             unrecorded.append(m)
         elif recorded != m.checksum:
             edited.append(m)
-    newer = tuple(
-        f"{v:04d}_{applied[v]['name']}" for v in sorted(applied) if v not in shipped
-    )
+    newer = tuple(f"{v:04d}_{applied[v]['name']}" for v in sorted(applied) if v not in shipped)
     return SchemaState(schema, missing, tuple(edited), tuple(unrecorded), newer)
 
 

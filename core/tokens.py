@@ -37,7 +37,9 @@ class Issuer:
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
         self.ttl = int(settings.access_token_ttl)
-        self.keys = SigningKeys.load(settings.jwt_signing_keys) if settings.jwt_signing_keys else None
+        self.keys = (
+            SigningKeys.load(settings.jwt_signing_keys) if settings.jwt_signing_keys else None
+        )
 
     @property
     def ready(self) -> bool:

@@ -92,9 +92,7 @@ def _collect(tp: type[msgspec.Struct], value: Any, path: str) -> list[ErrorDetai
                 inner += _collect(item, element, f"{where}[{i}]")
         problems += inner or [first]
     if issubclass(tp, Checked):
-        problems += [
-            ErrorDetail(path + d.path[1:], d.message) for d in tp.problems(good.get)
-        ]
+        problems += [ErrorDetail(path + d.path[1:], d.message) for d in tp.problems(good.get)]
     return problems
 
 

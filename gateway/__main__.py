@@ -115,7 +115,10 @@ def _parser() -> argparse.ArgumentParser:
     token = sub.add_parser("token", help="mint a token for the running configuration")
     token.add_argument("--sub", required=True, help="subject (user id)")
     token.add_argument(
-        "--channels", action="append", default=[], help="channel pattern (repeatable, or comma list)"
+        "--channels",
+        action="append",
+        default=[],
+        help="channel pattern (repeatable, or comma list)",
     )
     token.add_argument("--pub", choices=["yes", "no"], help="client publishing allowed (claim pub)")
     token.add_argument("--ttl", type=float, default=3600.0, help="seconds until exp (default 3600)")

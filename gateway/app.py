@@ -158,7 +158,9 @@ class Gateway:
         self.ctx.status.draining = True
         self.hub.drain()  # sockets waiting for their turn take no new subscriptions
         self._sweeper.stop()
-        await self._close_paced(code, min(self.settings.drain_seconds, self.settings.shutdown_timeout))
+        await self._close_paced(
+            code, min(self.settings.drain_seconds, self.settings.shutdown_timeout)
+        )
         # Sockets leave the hub once their close handshake ends (or after
         # Tornado's 5 s close timeout for peers that never answer).
         try:

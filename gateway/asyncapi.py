@@ -141,7 +141,11 @@ def _schemas() -> dict[str, Any]:
         "items": {"anyOf": [_ref(_SCHEMA.format(name=t.__name__)) for t in COMMANDS]},
     }
     codes: tuple[tuple[type[enum.IntEnum], str, str], ...] = (
-        (CloseCode, "CloseEvent", "Close codes of the gateway; 4000-4499 reconnect, 4500-4999 do not."),
+        (
+            CloseCode,
+            "CloseEvent",
+            "Close codes of the gateway; 4000-4499 reconnect, 4500-4999 do not.",
+        ),
         (ErrorCode, "ErrorBody", "Reply error codes (``error.code``)."),
     )
     for table, user, description in codes:

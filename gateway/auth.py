@@ -237,7 +237,9 @@ class Verifier:
         except jwt.ImmatureSignatureError:
             raise AuthError("not_yet_valid", "token not yet valid") from None
         except (jwt.InvalidAudienceError, jwt.InvalidIssuerError):
-            raise AuthError("wrong_audience_or_issuer", "token audience or issuer refused") from None
+            raise AuthError(
+                "wrong_audience_or_issuer", "token audience or issuer refused"
+            ) from None
         except jwt.InvalidSignatureError:
             raise AuthError("bad_signature", "token signature invalid") from None
         except (jwt.PyJWTError, ValueError, TypeError, KeyError):
@@ -268,7 +270,10 @@ class Verifier:
             # Shown to others in presence: an object, small.
             encoded = msgspec.json.encode(info) if isinstance(info, dict) else b""
             if not encoded or len(encoded) > MAX_INFO_BYTES:
-                raise AuthError("bad_claims", f"claim 'info' must be an object of at most {MAX_INFO_BYTES} bytes")
+                raise AuthError(
+                    "bad_claims",
+                    f"claim 'info' must be an object of at most {MAX_INFO_BYTES} bytes",
+                )
             identity.info = encoded
         return identity
 
@@ -349,4 +354,3 @@ def token_from_header(value: str | None) -> str | None:
     if scheme.lower() != "bearer":
         return None
     return token.strip() or None
-

@@ -11,7 +11,14 @@ from urllib.parse import unquote_plus
 
 import tornado.web
 
-__all__ = ["CONTEXT_FIELDS", "JsonFormatter", "TextFormatter", "configure_logging", "log_request", "redact"]
+__all__ = [
+    "CONTEXT_FIELDS",
+    "JsonFormatter",
+    "TextFormatter",
+    "configure_logging",
+    "log_request",
+    "redact",
+]
 
 access_log = logging.getLogger("gateway.access")
 
@@ -70,7 +77,11 @@ class TextFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         text = redact(super().format(record))
-        extras = [f"{n}={record.__dict__[n]}" for n in CONTEXT_FIELDS if record.__dict__.get(n) is not None]
+        extras = [
+            f"{n}={record.__dict__[n]}"
+            for n in CONTEXT_FIELDS
+            if record.__dict__.get(n) is not None
+        ]
         return f"{text} [{' '.join(extras)}]" if extras else text
 
 

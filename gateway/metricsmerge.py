@@ -65,7 +65,12 @@ def encode(families: Iterable[Metric]) -> bytes:
                 m.documentation,
                 m.unit,
                 [
-                    _Sample(s.name, s.labels, s.value, None if s.timestamp is None else float(s.timestamp))
+                    _Sample(
+                        s.name,
+                        s.labels,
+                        s.value,
+                        None if s.timestamp is None else float(s.timestamp),
+                    )
                     for s in m.samples
                 ],
             )

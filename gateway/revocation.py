@@ -97,5 +97,3 @@ class Revocations:
         for sid in gone:
             del self._until[sid]
         return len(gone)
-
-

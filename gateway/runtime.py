@@ -8,7 +8,15 @@ import signal
 from collections.abc import Coroutine
 from typing import Any
 
-__all__ = ["FILE_RESERVE", "LISTEN_BACKLOG", "STOP_SIGNALS", "connection_limit", "raise_file_limit", "run", "wait_for_stop_signal"]
+__all__ = [
+    "FILE_RESERVE",
+    "LISTEN_BACKLOG",
+    "STOP_SIGNALS",
+    "connection_limit",
+    "raise_file_limit",
+    "run",
+    "wait_for_stop_signal",
+]
 
 #: Signals that ask a process to stop gracefully (drain, then exit).
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)

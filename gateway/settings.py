@@ -171,7 +171,10 @@ class Settings:
         _optional,
     )
     database_schema: str = _setting(
-        "public", "DATABASE_SCHEMA", "Schema of the core's tables (created if missing).", _identifier
+        "public",
+        "DATABASE_SCHEMA",
+        "Schema of the core's tables (created if missing).",
+        _identifier,
     )
     migrate_on_start: bool = _setting(
         False,
@@ -182,8 +185,12 @@ class Settings:
         "of make run is always migrated).",
         _bool,
     )
-    db_pool_min: int = _setting(2, "DB_POOL_MIN", "Connections the pool keeps open.", _non_negative_int)
-    db_pool_max: int = _setting(10, "DB_POOL_MAX", "Most connections the pool opens.", _positive_int)
+    db_pool_min: int = _setting(
+        2, "DB_POOL_MIN", "Connections the pool keeps open.", _non_negative_int
+    )
+    db_pool_max: int = _setting(
+        10, "DB_POOL_MAX", "Most connections the pool opens.", _positive_int
+    )
     db_connect_timeout: float = _setting(
         10.0, "DB_CONNECT_TIMEOUT", "Seconds to connect or acquire a connection.", _positive_float
     )
@@ -191,14 +198,18 @@ class Settings:
         10.0, "DB_COMMAND_TIMEOUT", "Seconds a query may run.", _positive_float
     )
     db_statement_cache_size: int = _setting(
-        100, "DB_STATEMENT_CACHE", "Prepared statements cached per connection (0: off).",
+        100,
+        "DB_STATEMENT_CACHE",
+        "Prepared statements cached per connection (0: off).",
         _non_negative_int,
     )
     max_body_bytes: int = _setting(
         1048576, "MAX_BODY_BYTES", "Largest REST request body (larger: 413).", _positive_int
     )
     idempotency_ttl: float = _setting(
-        86400.0, "IDEMPOTENCY_TTL", "Seconds an Idempotency-Key's response is kept.",
+        86400.0,
+        "IDEMPOTENCY_TTL",
+        "Seconds an Idempotency-Key's response is kept.",
         _positive_float,
     )
     jwt_secret: str | None = _setting(
@@ -371,7 +382,8 @@ class Settings:
         _positive_float,
     )
     max_header_bytes: int = _setting(
-        65536, "MAX_HEADER_BYTES",
+        65536,
+        "MAX_HEADER_BYTES",
         "Largest request line plus headers, in bytes as sent; larger: 414 or 431, then closed.",
         _positive_int,
     )
@@ -383,7 +395,9 @@ class Settings:
         _positive_int,
     )
     longpoll_max_per_user: int = _setting(
-        8, "LONGPOLL_MAX_PER_USER", "Open long-poll sessions per user (token sub); more: 429.",
+        8,
+        "LONGPOLL_MAX_PER_USER",
+        "Open long-poll sessions per user (token sub); more: 429.",
         _positive_int,
     )
     max_longpoll_sessions: int = _setting(
@@ -480,9 +494,11 @@ class Settings:
         _non_negative_float,
     )
     longpoll_timeout: float = _setting(
-        25.0, "LONGPOLL_TIMEOUT",
+        25.0,
+        "LONGPOLL_TIMEOUT",
         "Seconds a long-poll waits for a message (then answered empty, within a quarter of it, "
-        "at most 1 s, more).", _positive_float
+        "at most 1 s, more).",
+        _positive_float,
     )
     gc_threshold: tuple[int, int, int] = _setting(
         (700, 10, 10),

@@ -106,7 +106,9 @@ class Worker:
 
     def sockets(self) -> list[socket.socket]:
         """Sockets to serve on: the inherited ones, or this worker's own reuse-port ones."""
-        return self.inherited or bind_sockets(self.port, self.host, reuse_port=True, backlog=LISTEN_BACKLOG)
+        return self.inherited or bind_sockets(
+            self.port, self.host, reuse_port=True, backlog=LISTEN_BACKLOG
+        )
 
     @contextmanager
     def sharing_metrics(self) -> Iterator[None]:
@@ -138,7 +140,9 @@ def supervise(settings: Settings, count: int, serve: Serve) -> int:
         except OSError as exc:
             log.error("cannot listen on %s:%d: %s", settings.host, settings.port, exc.strerror)
             return 2
-    sockets = bind_sockets(settings.port, settings.host, reuse_port=reuse_port, backlog=LISTEN_BACKLOG)
+    sockets = bind_sockets(
+        settings.port, settings.host, reuse_port=reuse_port, backlog=LISTEN_BACKLOG
+    )
     port: int = sockets[0].getsockname()[1]
     directory = tempfile.mkdtemp(prefix="gateway-metrics-")
     log.info(
@@ -294,7 +298,9 @@ class _Supervisor:
             elif code in (0, -signal.SIGTERM, -signal.SIGINT):
                 log.info("worker %d (pid %d) stopped", child.index, pid)
             else:
-                log.warning("worker %d (pid %d) %s while stopping", child.index, pid, _describe(code))
+                log.warning(
+                    "worker %d (pid %d) %s while stopping", child.index, pid, _describe(code)
+                )
                 self.failed = True
 
     def _died(self, child: _Child, pid: int, code: int, now: float) -> None:

@@ -63,7 +63,14 @@ class StateError(RuntimeError):
 
 
 class Connection:
-    __slots__ = ("codec", "grants", "max_publish_bytes", "max_subscriptions", "state", "subscriptions")
+    __slots__ = (
+        "codec",
+        "grants",
+        "max_publish_bytes",
+        "max_subscriptions",
+        "state",
+        "subscriptions",
+    )
 
     def __init__(
         self,

@@ -116,14 +116,18 @@ class Rpc(msgspec.Struct, tag_field="op", tag="rpc", frozen=True, forbid_unknown
     headers: RpcHeaders = {}
 
 
-class Refresh(msgspec.Struct, tag_field="op", tag="refresh", frozen=True, forbid_unknown_fields=True):
+class Refresh(
+    msgspec.Struct, tag_field="op", tag="refresh", frozen=True, forbid_unknown_fields=True
+):
     """Continue the connection under a new access token (same ``sub``), before ``exp``."""
 
     id: CommandId
     token: Annotated[str, msgspec.Meta(min_length=1, max_length=8192)]
 
 
-class History(msgspec.Struct, tag_field="op", tag="history", frozen=True, forbid_unknown_fields=True):
+class History(
+    msgspec.Struct, tag_field="op", tag="history", frozen=True, forbid_unknown_fields=True
+):
     """Page through a history channel: up to ``limit`` publications after offset ``since``."""
 
     id: CommandId
@@ -132,7 +136,9 @@ class History(msgspec.Struct, tag_field="op", tag="history", frozen=True, forbid
     limit: Annotated[int, msgspec.Meta(ge=1, le=100)] = 100
 
 
-class PresenceQuery(msgspec.Struct, tag_field="op", tag="presence", frozen=True, forbid_unknown_fields=True):
+class PresenceQuery(
+    msgspec.Struct, tag_field="op", tag="presence", frozen=True, forbid_unknown_fields=True
+):
     """Who is subscribed to ``ch`` (on a presence channel), on every process."""
 
     id: CommandId

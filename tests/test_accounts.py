@@ -87,7 +87,9 @@ async def test_wrong_credentials_are_one_invalid_grant(anon, email, password):
 
 async def test_registration_rules(anon, clean_db):
     await register(anon)
-    status, _, body = await anon.call("POST", "/api/auth/register", {**ADA, "email": "ADA@example.com"})
+    status, _, body = await anon.call(
+        "POST", "/api/auth/register", {**ADA, "email": "ADA@example.com"}
+    )
     assert status == 409
     status, _, body = await anon.call("POST", "/api/auth/register", {**ADA, "password": "short"})
     assert status == 422 and body["error"]["details"][0]["path"] == "$.password"
@@ -169,7 +171,9 @@ async def test_sessions_are_listed_and_ended_by_their_owner_only(gw, anon):
         assert listed[phone["session_id"]]["user_agent"] == "phone-app/1.0"
         assert listed[phone["session_id"]]["ip"] == "127.0.0.1"
         # Someone else's session is not theirs to end: it does not exist for them.
-        assert (await intruder.call("DELETE", f"/api/auth/sessions/{phone['session_id']}"))[0] == 404
+        assert (await intruder.call("DELETE", f"/api/auth/sessions/{phone['session_id']}"))[
+            0
+        ] == 404
         assert (await intruder.call("DELETE", "/api/auth/sessions/not-a-uuid"))[0] == 404
         assert (await me.call("DELETE", f"/api/auth/sessions/{phone['session_id']}"))[0] == 204
         status, _, body = await me.call("GET", "/api/auth/sessions")

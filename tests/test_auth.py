@@ -84,7 +84,9 @@ def test_bad_claims_are_refused(claims, reason):
 
 
 def test_wrong_signature_is_refused():
-    assert refused(Verifier(Settings(jwt_secret=SECRET)), hs(base_claims(), OTHER)) == "bad_signature"
+    assert (
+        refused(Verifier(Settings(jwt_secret=SECRET)), hs(base_claims(), OTHER)) == "bad_signature"
+    )
 
 
 def test_tampered_payload_is_refused():
@@ -93,7 +95,9 @@ def test_tampered_payload_is_refused():
     claims = json.loads(base64.urlsafe_b64decode(body + "=="))
     claims["channels"] = ["*"]
     forged = base64.urlsafe_b64encode(json.dumps(claims).encode()).rstrip(b"=").decode()
-    assert refused(Verifier(Settings(jwt_secret=SECRET)), f"{head}.{forged}.{sig}") == "bad_signature"
+    assert (
+        refused(Verifier(Settings(jwt_secret=SECRET)), f"{head}.{forged}.{sig}") == "bad_signature"
+    )
 
 
 def test_alg_none_is_refused():
@@ -158,11 +162,20 @@ def test_jwks_file_selects_key_by_kid(rsa_key, ec_key, tmp_path):
     path = tmp_path / "jwks.json"
     path.write_text(json.dumps({"keys": [rsa_jwk, ec_jwk]}))
     v = Verifier(Settings(jwt_jwks_file=str(path)))
-    assert v.verify(jwt.encode(base_claims(), rsa_key, "RS256", headers={"kid": "r1"})).sub == "alice"
-    assert v.verify(jwt.encode(base_claims(), ec_key, "ES256", headers={"kid": "e1"})).sub == "alice"
+    assert (
+        v.verify(jwt.encode(base_claims(), rsa_key, "RS256", headers={"kid": "r1"})).sub == "alice"
+    )
+    assert (
+        v.verify(jwt.encode(base_claims(), ec_key, "ES256", headers={"kid": "e1"})).sub == "alice"
+    )
     # A kid pointing at a key of another algorithm is refused.
-    assert refused(v, jwt.encode(base_claims(), ec_key, "ES256", headers={"kid": "r1"})) == "algorithm"
-    assert refused(v, jwt.encode(base_claims(), rsa_key, "RS256", headers={"kid": "nope"})) == "unknown_key"
+    assert (
+        refused(v, jwt.encode(base_claims(), ec_key, "ES256", headers={"kid": "r1"})) == "algorithm"
+    )
+    assert (
+        refused(v, jwt.encode(base_claims(), rsa_key, "RS256", headers={"kid": "nope"}))
+        == "unknown_key"
+    )
 
 
 def test_leeway_admits_recent_expiry_and_extends_the_socket_deadline():

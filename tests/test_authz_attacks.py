@@ -236,21 +236,27 @@ async def test_a_token_from_an_outside_identity_provider_is_no_core_user_nor_adm
     from cryptography.hazmat.primitives.asymmetric import rsa
 
     idp = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    public = idp.public_key().public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-    ).decode()
+    public = (
+        idp.public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        .decode()
+    )
     async with running_gateway(**clean_db, jwt_public_key=public, rate_login_ip=None) as gw:
         victim = await new_person(gw, clean_db)
         owner = ApiClient(gw.port, victim.tokens["access_token"])
         claims = {"sub": str(victim.id), "role": "admin", "exp": int(time.time()) + 600}
         outsider = ApiClient(gw.port, jwt.encode(claims, idp, algorithm="RS256"))
         try:
-            status, _, created = await owner.call("POST", "/api/projects", project(owner_email=victim.email))
+            status, _, created = await owner.call(
+                "POST", "/api/projects", project(owner_email=victim.email)
+            )
             assert status == 201
             pid = created["id"]
             assert (await outsider.call("GET", f"/api/projects/{pid}"))[0] == 200  # READ
             assert (await outsider.call("GET", f"/api/users/{victim.id}"))[0] == 404
-            assert (await outsider.call("PATCH", f"/api/users/{victim.id}", {"display_name": "x"}))[0] == 404
+            assert (await outsider.call("PATCH", f"/api/users/{victim.id}", {"display_name": "x"}))[
+                0
+            ] == 404
             assert (await outsider.call("DELETE", f"/api/users/{victim.id}"))[0] == 404
             status, _, page = await outsider.call("GET", "/api/users")
             assert status == 200 and page["items"] == []
@@ -272,17 +278,23 @@ async def test_no_one_takes_over_projects_by_claiming_their_owners_address(gw, c
     anon = ApiClient(gw.port, None)
     try:
         # An admin records a project for someone who has no account yet.
-        status, _, _ = await root.call("POST", "/api/projects", project(owner_email="bob@example.com"))
+        status, _, _ = await root.call(
+            "POST", "/api/projects", project(owner_email="bob@example.com")
+        )
         assert status == 201
         status, _, body = await anon.call(
             "POST", "/api/auth/register",
             {"email": "Bob@example.com", "display_name": "Not Bob", "password": "long enough pw"},
         )  # fmt: skip
         assert status == 409 and "bob" not in body["error"]["message"].lower()
-        status, _, _ = await mallory.call("PATCH", f"/api/users/{attacker.id}", {"email": "bob@example.com"})
+        status, _, _ = await mallory.call(
+            "PATCH", f"/api/users/{attacker.id}", {"email": "bob@example.com"}
+        )
         assert status == 409
         # The admin may still hand the project to whoever it belongs to.
-        status, _, _ = await root.call("PATCH", f"/api/users/{attacker.id}", {"email": "bob@example.com"})
+        status, _, _ = await root.call(
+            "PATCH", f"/api/users/{attacker.id}", {"email": "bob@example.com"}
+        )
         assert status == 200
     finally:
         for c in (root, mallory, anon):

@@ -279,7 +279,9 @@ async def test_a_channel_without_history_has_no_position(started):
 
 
 async def test_history_lost_with_redis_starts_a_new_epoch(throwaway_redis):
-    broker = RedisBroker(throwaway_redis.url, unique_prefix(), backoff_initial=0.02, backoff_max=0.2)
+    broker = RedisBroker(
+        throwaway_redis.url, unique_prefix(), backoff_initial=0.02, backoff_max=0.2
+    )
     inbox = Inbox()
     await broker.start(inbox, inbox.state)
     try:

@@ -51,13 +51,17 @@ pytestmark = pytest.mark.timeout(int(420 * UNIT))
 def _apt_install_chromium() -> str | None:
     """Try ``apt-get install -y chromium``; None if it is there now, else why not."""
     if os.geteuid() != 0 or shutil.which("apt-get") is None:
-        return f"{CHROMIUM} is missing (install Debian's chromium package; not root with apt-get here)"
+        return (
+            f"{CHROMIUM} is missing (install Debian's chromium package; not root with apt-get here)"
+        )
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     last = ""
     # A stale package list makes the first install fail: update, then try again.
     for step in (["install", "-y", "chromium"], ["update"], ["install", "-y", "chromium"]):
         try:
-            run = subprocess.run(["apt-get", *step], env=env, capture_output=True, text=True, timeout=180)
+            run = subprocess.run(
+                ["apt-get", *step], env=env, capture_output=True, text=True, timeout=180
+            )
         except subprocess.TimeoutExpired:
             return f"apt-get {' '.join(step)} timed out"
         last = (run.stderr.strip().splitlines() or [""])[-1]
@@ -109,7 +113,9 @@ class Page:
         await self.expect_state("connected")
 
     async def expect_state(self, state: str, timeout: float = WAIT) -> None:
-        await expect(self.page.locator("#status")).to_have_attribute("data-state", state, timeout=timeout)
+        await expect(self.page.locator("#status")).to_have_attribute(
+            "data-state", state, timeout=timeout
+        )
 
     def project(self, name: str) -> Any:
         return self.page.locator("#projects li", has_text=name)
@@ -150,7 +156,12 @@ UNITS_JS = """async () => {
 }"""
 
 CODES = [1000, 1001, 1002, 1006, 1008, 1009, 1011, 4000, 4001, 4002, 4499, 4500, 4502, 4999]
-PACKED_VALUE = {"op": "msg", "ch": "room:1", "offset": 2**40, "data": [1.25, -5, "ü", None, b"\x00\xff"]}
+PACKED_VALUE = {
+    "op": "msg",
+    "ch": "room:1",
+    "offset": 2**40,
+    "data": [1.25, -5, "ü", None, b"\x00\xff"],
+}
 
 
 async def test_client_backoff_close_codes_and_codecs(chromium):
@@ -169,7 +180,11 @@ async def test_client_backoff_close_codes_and_codecs(chromium):
     assert bytes(out["msgpack"]) == msgspec.msgpack.encode(frame)
     assert msgspec.json.decode(out["json"]) == frame
     assert out["decoded"]["data"][:4] == PACKED_VALUE["data"][:4] and out["binary"] == [0, 255]
-    assert {k: out["decoded"][k] for k in ("op", "ch", "offset")} == {"op": "msg", "ch": "room:1", "offset": 2**40}
+    assert {k: out["decoded"][k] for k in ("op", "ch", "offset")} == {
+        "op": "msg",
+        "ch": "room:1",
+        "offset": 2**40,
+    }
     assert out["roundTrips"] is True
     assert out["endpoints"] == [{"http": "http://h:1", "ws": "ws://h:1/ws"},
                                 {"http": "https://h/x", "ws": "wss://h/x/ws"}]  # fmt: skip
@@ -207,7 +222,10 @@ TRANSPORT_JS = """async ([options, token]) => {
         ({"codec": "msgpack"}, "websocket"),
         ({"transports": ["sse"]}, "sse"),
         ({"transports": ["longpoll"]}, "longpoll"),
-        ({"brokenWebSocket": True, "openAttempts": 2, "transports": ["websocket", "longpoll"]}, "longpoll"),
+        (
+            {"brokenWebSocket": True, "openAttempts": 2, "transports": ["websocket", "longpoll"]},
+            "longpoll",
+        ),
     ],
     ids=["websocket-msgpack", "sse", "longpoll", "fallback"],
 )
@@ -318,7 +336,9 @@ async def test_demo_is_live_across_pages_and_recovers_after_a_gateway_is_killed(
             shots.append(await ada.screenshot("2-reconnecting.png"))
             # Written through the other node while the pages' node is down: kept
             # in the channel's history in Redis.
-            status, _, _ = await rest_other.call("POST", "/api/projects", {**PROJECT, "name": "Cassini"})
+            status, _, _ = await rest_other.call(
+                "POST", "/api/projects", {**PROJECT, "name": "Cassini"}
+            )
             assert status == 201
 
             restarted = test_processes.GatewayProcess(tmp_path, data_dir, **env)
@@ -327,10 +347,15 @@ async def test_demo_is_live_across_pages_and_recovers_after_a_gateway_is_killed(
             for page in (ada, bob):
                 await page.expect_state("connected", timeout=2 * WAIT)
                 await expect(page.project("Cassini")).to_have_count(1, timeout=WAIT)
-                await expect(page.page.locator("#recovery")).to_have_attribute("data-recovered", "true")
+                await expect(page.page.locator("#recovery")).to_have_attribute(
+                    "data-recovered", "true"
+                )
                 await expect(page.project("Borealis")).to_have_count(1)
                 await expect(page.project("Apollo")).to_have_count(0)
-            shots += [await ada.screenshot("3-recovered-ada.png"), await bob.screenshot("3-recovered-bob.png")]
+            shots += [
+                await ada.screenshot("3-recovered-ada.png"),
+                await bob.screenshot("3-recovered-bob.png"),
+            ]
             assert ada.errors == [] and bob.errors == []
     finally:
         rest.close()

@@ -56,7 +56,11 @@ async def test_a_bad_row_fails_alone_and_the_rest_are_written(pool):
     rows = [row("a"), row("b"), row("bad", budget=-1), row("c")]  # -1 breaks a CHECK
     results = await asyncio.gather(*(batcher.submit(r) for r in rows), return_exceptions=True)
     assert isinstance(results[2], asyncpg.CheckViolationError)
-    assert [json.loads(r["body"])["name"] for i, r in enumerate(results) if i != 2] == ["a", "b", "c"]
+    assert [json.loads(r["body"])["name"] for i, r in enumerate(results) if i != 2] == [
+        "a",
+        "b",
+        "c",
+    ]
     assert await pool.fetchval("select count(*) from projects") == 3
 
 

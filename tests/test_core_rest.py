@@ -262,7 +262,9 @@ async def test_replace_and_patch_check_if_match(api):
     url = f"/api/projects/{p['id']}"
     status, _, body = await api.call("PUT", url, project(name="v2"), headers={"If-Match": '"9"'})
     assert status == 412 and body["error"]["code"] == "precondition_failed"
-    status, headers, body = await api.call("PUT", url, project(name="v2"), headers={"If-Match": '"1"'})
+    status, headers, body = await api.call(
+        "PUT", url, project(name="v2"), headers={"If-Match": '"1"'}
+    )
     assert status == 200 and body["name"] == "v2" and body["version"] == 2
     assert headers["ETag"] == '"2"' and body["created_at"] == p["created_at"]
     status, _, body = await api.call("PATCH", url, {"status": "done"}, headers={"If-Match": '"1"'})
@@ -279,7 +281,9 @@ async def test_patch_validates_the_merged_project(api):
     url = f"/api/projects/{p['id']}"
     status, _, body = await api.call("PATCH", url, {"starts_on": "2027-06-01"})
     assert status == 422
-    assert body["error"]["details"] == [{"path": "$.ends_on", "message": "must not be before starts_on"}]
+    assert body["error"]["details"] == [
+        {"path": "$.ends_on", "message": "must not be before starts_on"}
+    ]
     assert (await api.call("GET", url))[2]["version"] == 1  # nothing was written
 
 
@@ -352,7 +356,9 @@ async def test_idempotency_in_progress_and_expired_keys(api, clean_db):
         )
     finally:
         await conn.close()
-    running = await api.call("POST", "/api/projects", PROJECT, headers={"Idempotency-Key": "running"})
+    running = await api.call(
+        "POST", "/api/projects", PROJECT, headers={"Idempotency-Key": "running"}
+    )
     assert running[0] in (409, 422)  # a different request hash wins over "running"
     status, headers, body = await api.call(
         "POST", "/api/projects", PROJECT, headers={"Idempotency-Key": "old"}

@@ -14,7 +14,9 @@ async def test_lost_database_is_a_quick_503_and_sockets_are_unaffected():
     with postgres_dir() as directory:
         pg = await asyncio.to_thread(ThrowawayPostgres(directory).start)
         try:
-            async with running_gateway(database_url=pg.url, db_pool_min=1, migrate_on_start=True) as gw:
+            async with running_gateway(
+                database_url=pg.url, db_pool_min=1, migrate_on_start=True
+            ) as gw:
                 api = ApiClient(gw.port, token_for(gw, extra={"role": "admin"}))
                 try:
                     assert (await api.call("POST", "/api/projects", PROJECT))[0] == 201

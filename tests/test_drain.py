@@ -33,7 +33,9 @@ async def test_sigterm_drains_1000_sockets_paced_before_the_deadline(processes, 
                    SHUTDOWN_TIMEOUT="10")  # fmt: skip
     token = mint(data_dir)
     url = f"ws://127.0.0.1:{gp.port}/ws?token={token}"
-    sockets = [await connect(url, open_timeout=10 * UNIT, ping_interval=None) for _ in range(SOCKETS)]
+    sockets = [
+        await connect(url, open_timeout=10 * UNIT, ping_interval=None) for _ in range(SOCKETS)
+    ]
     closed_at: list[float] = []
     codes: list[int] = []
 
@@ -79,7 +81,9 @@ async def test_a_socket_waiting_for_its_drain_turn_takes_no_new_subscription():
     async with running_gateway(drain_seconds=3.0 * UNIT, shutdown_timeout=10.0 * UNIT) as gw:
         token = token_for(gw)
         async with contextlib.AsyncExitStack() as stack:
-            clients = [await stack.enter_async_context(ws_client(gw.port, token)) for _ in range(40)]
+            clients = [
+                await stack.enter_async_context(ws_client(gw.port, token)) for _ in range(40)
+            ]
             closing = asyncio.ensure_future(gw.close())
             # Draining: one socket closed every 75 ms; the first has gone.
             await until(lambda: any(c.ws.state.name != "OPEN" for c in clients))

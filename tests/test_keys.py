@@ -43,7 +43,9 @@ def test_keygen_rotates_a_key_file(tmp_path):
 
 
 def test_public_jwks_holds_no_private_part():
-    keys = SigningKeys([generate_jwk("ES256", "a"), generate_jwk("RS256", "b"), generate_jwk("EdDSA", "c")])
+    keys = SigningKeys(
+        [generate_jwk("ES256", "a"), generate_jwk("RS256", "b"), generate_jwk("EdDSA", "c")]
+    )
     published = keys.jwks()["keys"]
     assert [k["kid"] for k in published] == ["a", "b", "c"]
     for k in published:
@@ -75,6 +77,7 @@ def test_hs256_token_keyed_with_the_public_key_is_refused(tmp_path):
     path = tmp_path / "keys.json"
     path.write_text(json.dumps({"keys": [key]}))
     public = json.dumps(SigningKeys([key]).jwks()["keys"][0]).encode()
+
     # pyjwt will not make this token (it refuses a JWK as an HMAC secret): forge it.
     def b64(raw: bytes) -> bytes:
         return base64.urlsafe_b64encode(raw).rstrip(b"=")
@@ -89,7 +92,9 @@ def test_hs256_token_keyed_with_the_public_key_is_refused(tmp_path):
 
 async def test_gateway_issues_with_the_first_key_and_publishes_the_set(clean_db, tmp_path):
     path = tmp_path / "keys.json"
-    path.write_text(json.dumps({"keys": [generate_jwk("ES256", "k2"), generate_jwk("EdDSA", "k1")]}))
+    path.write_text(
+        json.dumps({"keys": [generate_jwk("ES256", "k2"), generate_jwk("EdDSA", "k1")]})
+    )
     async with running_gateway(**clean_db, jwt_secret=None, jwt_signing_keys=str(path)) as gw:
         anon = ApiClient(gw.port, None)
         try:

@@ -221,7 +221,12 @@ async def test_odd_json_in_a_rest_body_is_a_4xx_with_the_error_body(clean_db):
                 ("POST", "/api/projects", b"1e999", 422),
                 ("POST", "/api/projects", DEEP, 400),
                 ("POST", "/api/projects", DEEP_OBJECT, 400),
-                ("POST", "/api/auth/register", b'{"email": "a@b.co", "x": ' + b"[" * 3000 + b"]" * 3000 + b"}", 400),
+                (
+                    "POST",
+                    "/api/auth/register",
+                    b'{"email": "a@b.co", "x": ' + b"[" * 3000 + b"]" * 3000 + b"}",
+                    400,
+                ),
                 ("PATCH", "/api/users/1", b"9d", 400),  # was a 500 (its own id: SELF)
                 ("POST", "/api/publish", b'{"ch": "room:1", "data": ' + DEEP + b"}", 400),
             ]
@@ -252,14 +257,20 @@ async def test_a_conflict_names_no_table_nor_constraint(clean_db, caplog):
             answers = [await anon.call("POST", "/api/auth/register", ADA)]
             with caplog.at_level(logging.INFO, logger="core"):
                 # A unique index refuses this one: the database's words stay in the log.
-                answers.append(await admin.call("POST", "/api/users", {"email": ADA["email"], "display_name": "Ada"}))
+                answers.append(
+                    await admin.call(
+                        "POST", "/api/users", {"email": ADA["email"], "display_name": "Ada"}
+                    )
+                )
         finally:
             anon.close()
             admin.close()
     for status, _, body in answers:
         assert status == 409 and body["error"]["code"] == "conflict"
         message = body["error"]["message"]
-        assert not {"users", "_key", "constraint", "email", "unique"} & set(re.split(r"\W+", message))
+        assert not {"users", "_key", "constraint", "email", "unique"} & set(
+            re.split(r"\W+", message)
+        )
         assert "_key" not in message and "users" not in message
     assert any(
         "conflict in" in r.getMessage() for r in caplog.records

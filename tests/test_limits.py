@@ -52,7 +52,10 @@ async def test_login_attempts_per_ip(clean_db):
 
 async def test_rest_requests_per_identity_answer_429_with_retry_after(clean_db):
     async with running_gateway(**clean_db, rate_rest=per_minute(3)) as gw:
-        alice, bob = ApiClient(gw.port, token_for(gw, "alice")), ApiClient(gw.port, token_for(gw, "bob"))
+        alice, bob = (
+            ApiClient(gw.port, token_for(gw, "alice")),
+            ApiClient(gw.port, token_for(gw, "bob")),
+        )
         try:
             for _ in range(3):
                 assert (await alice.call("GET", "/api/projects"))[0] == 200
@@ -110,7 +113,10 @@ async def test_limits_hold_across_processes_through_redis(clean_db, redis_url):
         running_gateway(RedisBroker(redis_url, prefix), **clean_db, **shared) as a,
         running_gateway(RedisBroker(redis_url, prefix), **clean_db, **shared) as b,
     ):
-        on_a, on_b = ApiClient(a.port, token_for(a, "carol")), ApiClient(b.port, token_for(b, "carol"))
+        on_a, on_b = (
+            ApiClient(a.port, token_for(a, "carol")),
+            ApiClient(b.port, token_for(b, "carol")),
+        )
         try:
             assert (await on_a.call("GET", "/api/projects"))[0] == 200
             assert (await on_a.call("GET", "/api/projects"))[0] == 200

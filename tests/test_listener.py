@@ -454,7 +454,11 @@ def test_proxy_header_parsing():
 def test_per_address_limits_count_an_ipv6_host_by_its_64():
     from gateway.clientip import limit_key
 
-    assert limit_key("2001:db8:1:2:aaaa::1") == limit_key("2001:db8:1:2:ffff::9") == "2001:db8:1:2::/64"
+    assert (
+        limit_key("2001:db8:1:2:aaaa::1")
+        == limit_key("2001:db8:1:2:ffff::9")
+        == "2001:db8:1:2::/64"
+    )
     assert limit_key("2001:db8:1:3::1") != limit_key("2001:db8:1:2::1")
     assert limit_key("203.0.113.7") == "203.0.113.7"
     assert limit_key("") == "" and limit_key("not an ip:") == "not an ip:"

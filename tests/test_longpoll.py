@@ -71,7 +71,9 @@ async def test_commands_replies_and_pushes_flow_through_polls(monkeypatch):
             woken = time.monotonic()
             assert status == 200 and [m["data"] for m in body["messages"]] == [{"n": 1}]
             late = woken - published
-            assert woken - parked[0] < timeout, f"woken by its timeout, {late:.2f} s after the publication"
+            assert woken - parked[0] < timeout, (
+                f"woken by its timeout, {late:.2f} s after the publication"
+            )
         finally:
             p.close()
 
@@ -117,7 +119,9 @@ async def test_recovery_works_over_long_poll_too():
         epoch = (await gw.ctx.node.history("feed:3", 0, 1))[1].epoch
         p = await Poller(gw, token).open()
         try:
-            await p.send({"id": 1, "op": "sub", "ch": "feed:3", "since": {"offset": 1, "epoch": epoch}})
+            await p.send(
+                {"id": 1, "op": "sub", "ch": "feed:3", "since": {"offset": 1, "epoch": epoch}}
+            )
             _, body = await p.poll()
             reply, *pushes = body["messages"]
             assert reply["recovered"] is True
@@ -176,7 +180,10 @@ async def test_long_poll_sessions_have_their_own_capacity_apart_from_sockets():
             status, _, body = await extra.call("POST", "/lp", raw=b"")
             assert status == 503 and body["error"]["code"] == "unavailable"
             # Three long-poll sessions take none of the two sockets.
-            async with ws_client(gw.port, token_for(gw)) as a, ws_client(gw.port, token_for(gw)) as b:
+            async with (
+                ws_client(gw.port, token_for(gw)) as a,
+                ws_client(gw.port, token_for(gw)) as b,
+            ):
                 assert (await a.request("ping"))["ok"] and (await b.request("ping"))["ok"]
                 with pytest.raises(InvalidStatus) as info:
                     async with ws_client(gw.port, token_for(gw)):

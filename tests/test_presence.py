@@ -45,7 +45,9 @@ async def test_presence_lists_subscribers_and_forgets_those_who_leave():
 async def test_presence_refusals():
     async with running_gateway(**ROOMS) as gw:
         async with ws_client(gw.port, token_for(gw, channels=("room:*", "feed:*"))) as c:
-            assert (await c.request("presence", ch="feed:1"))["error"]["code"] == ErrorCode.NO_PRESENCE
+            assert (await c.request("presence", ch="feed:1"))["error"][
+                "code"
+            ] == ErrorCode.NO_PRESENCE
             denied = await c.request("presence_stats", ch="admin:1")
             assert denied["error"]["code"] == ErrorCode.PERMISSION_DENIED
 
@@ -156,7 +158,9 @@ async def test_the_tokens_info_claim_is_shown_in_presence(msgpack):
                 assert (await b.request("sub", ch="room:4"))["ok"]
                 joined = await next_event(a, "join")
                 assert joined["info"]["info"] == {"name": "Bob", "avatar": "b.png"}
-                listed = {p["user"]: p for p in (await a.request("presence", ch="room:4"))["presence"]}
+                listed = {
+                    p["user"]: p for p in (await a.request("presence", ch="room:4"))["presence"]
+                }
                 assert listed["bob"]["info"] == {"name": "Bob", "avatar": "b.png"}
                 assert "info" not in listed["alice"]
 

@@ -212,7 +212,9 @@ async def test_standalone_core_serves_the_api_and_its_writes_reach_gateway_socke
         assert headers["X-Request-Id"]  # every REST answer names its request (and its log line)
         url = f"http://127.0.0.1:{core.port}/metrics"
         metrics = (await asyncio.to_thread(_read, urllib.request.Request(url))).decode()
-        assert 'gateway_rest_request_seconds_count{route="createProject",status="201"} 1.0' in metrics
+        assert (
+            'gateway_rest_request_seconds_count{route="createProject",status="201"} 1.0' in metrics
+        )
         assert 'gateway_db_pool_connections{state="max"}' in metrics
     finally:
         api.close()
@@ -230,8 +232,18 @@ def _read(req: urllib.request.Request) -> bytes:
 def test_help_lists_every_setting():
     out = cli("--help")
     assert out.returncode == 0
-    for name in ("HOST", "PORT", "REDIS_URL", "DATABASE_URL", "JWT_SECRET", "JWT_PUBLIC_KEY",
-                 "JWT_JWKS_FILE", "JWT_ISSUER", "JWT_AUDIENCE", "SEND_BUFFER_BYTES"):
+    for name in (
+        "HOST",
+        "PORT",
+        "REDIS_URL",
+        "DATABASE_URL",
+        "JWT_SECRET",
+        "JWT_PUBLIC_KEY",
+        "JWT_JWKS_FILE",
+        "JWT_ISSUER",
+        "JWT_AUDIENCE",
+        "SEND_BUFFER_BYTES",
+    ):
         assert name in out.stdout, name
 
 

@@ -59,7 +59,9 @@ def test_commands_decode_in_both_codecs(codec, frame_obj, expected):
 
 
 def test_json_pub_keeps_the_publishers_bytes():
-    cmd = JSON_CODEC.decode('{"id": 3, "op": "pub", "ch": "room:1", "data": {"b": [1, 2.50], "a": null}}')
+    cmd = JSON_CODEC.decode(
+        '{"id": 3, "op": "pub", "ch": "room:1", "data": {"b": [1, 2.50], "a": null}}'
+    )
     assert isinstance(cmd, Pub)
     assert JSON_CODEC.data_to_json(cmd.data) == b'{"b": [1, 2.50], "a": null}'
 
@@ -79,7 +81,9 @@ def test_push_round_trips_what_was_published(codec):
 
 
 def test_json_push_embeds_data_verbatim():
-    assert JSON_CODEC.encode_push('we"ird', b"[1, 2]") == b'{"op":"msg","ch":"we\\"ird","data":[1, 2]}'
+    assert (
+        JSON_CODEC.encode_push('we"ird', b"[1, 2]") == b'{"op":"msg","ch":"we\\"ird","data":[1, 2]}'
+    )
 
 
 @pytest.mark.parametrize(

@@ -80,7 +80,7 @@ def _redis_cli_shim(bin_dir: Path, redis_url: str) -> None:
         "#!/bin/sh\n"
         f'exec {sys.executable} -c "import sys, redis; '
         f"r = redis.Redis.from_url('{redis_url}'); "
-        "assert sys.argv[1].upper() == 'PUBLISH'; print(r.publish(sys.argv[2], sys.argv[3]))\" \"$@\"\n"
+        'assert sys.argv[1].upper() == \'PUBLISH\'; print(r.publish(sys.argv[2], sys.argv[3]))" "$@"\n'
     )
     script.chmod(0o755)
 
@@ -151,12 +151,16 @@ def test_the_tour_runs_as_written(tour_env, tmp_path):
             else:
                 done = subprocess.run(["bash", "-c", script], cwd=ROOT, env=env, capture_output=True,
                                       text=True, timeout=60 * UNIT)  # fmt: skip
-                assert done.returncode == 0, f"tour block {i} failed:\n{body}\n{done.stdout}\n{done.stderr}"
+                assert done.returncode == 0, (
+                    f"tour block {i} failed:\n{body}\n{done.stdout}\n{done.stderr}"
+                )
         for _, out_path, expected in listeners:
             deadline = time.monotonic() + 10 * UNIT
             while time.monotonic() < deadline and not _has_all(out_path, expected):
                 time.sleep(0.1)
-            assert _has_all(out_path, expected), f"expected {expected}, got:\n{out_path.read_text()}"
+            assert _has_all(out_path, expected), (
+                f"expected {expected}, got:\n{out_path.read_text()}"
+            )
     finally:
         for proc, _, _ in listeners:
             _stop(proc)

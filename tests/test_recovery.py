@@ -23,7 +23,10 @@ async def publish(gw, ch: str, *values: int) -> None:
 
 
 async def test_sub_reports_the_position_and_pushes_carry_offsets():
-    async with running_gateway(**FEED) as gw, ws_client(gw.port, token_for(gw, channels=("feed:*",))) as c:
+    async with (
+        running_gateway(**FEED) as gw,
+        ws_client(gw.port, token_for(gw, channels=("feed:*",))) as c,
+    ):
         await publish(gw, "feed:1", 1, 2)
         reply = await c.request("sub", ch="feed:1")
         assert reply["ok"] and reply["offset"] == 2 and reply["epoch"] and "recovered" not in reply
@@ -82,7 +85,9 @@ async def test_nothing_missed_is_recovered_with_nothing_to_send():
 
 
 async def test_killed_node_client_resumes_on_another_with_every_message_once(
-    processes, redis_url, data_dir  # noqa: F811
+    processes,  # noqa: F811
+    redis_url,
+    data_dir,
 ):
     prefix = unique_prefix()
     env = {"REDIS_URL": redis_url, "REDIS_PREFIX": prefix, "JWT_SECRET": SECRET,
@@ -169,8 +174,9 @@ async def test_python_publisher_reaches_sockets_with_offsets(redis_url):
 
     prefix = unique_prefix()
     async with (
-        running_gateway(RedisBroker(redis_url, prefix), redis_url=redis_url,
-                        redis_prefix=prefix, **FEED) as gw,  # fmt: skip
+        running_gateway(
+            RedisBroker(redis_url, prefix), redis_url=redis_url, redis_prefix=prefix, **FEED
+        ) as gw,  # fmt: skip
         ws_client(gw.port, token_for(gw, channels=("feed:*", "room:*"))) as c,
         Publisher(redis_url, prefix, history_channels=("feed:*",), history_size=50) as pub,
     ):
@@ -221,7 +227,9 @@ async def test_redis_restart_mid_stream_tells_clients_and_starts_a_new_epoch(thr
 
 
 async def test_killed_node_long_poll_client_resumes_on_another_with_every_message_once(
-    processes, redis_url, data_dir  # noqa: F811
+    processes,  # noqa: F811
+    redis_url,
+    data_dir,
 ):
     from tests.harness import ApiClient
 

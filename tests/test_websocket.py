@@ -105,7 +105,9 @@ async def test_channel_outside_claims_is_an_error_reply(gw):
 async def test_pub_claim_false_forbids_client_publishing(gw):
     async with ws_client(gw.port, token_for(gw, pub=False)) as c:
         assert (await c.request("sub", ch="room:1"))["ok"]
-        assert (await c.request("pub", ch="room:1", data=1))["error"]["code"] == ErrorCode.PERMISSION_DENIED
+        assert (await c.request("pub", ch="room:1", data=1))["error"][
+            "code"
+        ] == ErrorCode.PERMISSION_DENIED
 
 
 async def test_malformed_frames_get_error_replies_and_the_socket_lives(gw):
@@ -302,7 +304,10 @@ async def test_health_readiness_and_metrics(gw, http):
 
 async def test_tokens_never_reach_the_logs(gw, caplog):
     token = token_for(gw)
-    with caplog.at_level(logging.DEBUG, logger="gateway"), caplog.at_level(logging.DEBUG, logger="tornado"):
+    with (
+        caplog.at_level(logging.DEBUG, logger="gateway"),
+        caplog.at_level(logging.DEBUG, logger="tornado"),
+    ):
         async with ws_client(gw.port, token) as c:
             await c.request("ping")
         with pytest.raises(InvalidStatus):
@@ -357,7 +362,9 @@ async def test_a_process_wide_send_budget_sheds_the_biggest_backlogs_first():
         token = token_for(gw)
         async with contextlib.AsyncExitStack() as stack:
             slow = [
-                await stack.enter_async_context(ws_client(gw.port, token, max_queue=1, max_size=None))
+                await stack.enter_async_context(
+                    ws_client(gw.port, token, max_queue=1, max_size=None)
+                )
                 for _ in range(4)
             ]
             fast = await stack.enter_async_context(ws_client(gw.port, token, max_size=None))

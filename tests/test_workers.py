@@ -98,7 +98,11 @@ async def per_worker(port: int, name: str, until, timeout: float = 5 * UNIT) -> 
     deadline = time.monotonic() + timeout
     while True:
         samples = (await scrape(port))[name]
-        values = {s.labels["worker"]: s.value for s in samples if s.labels.get("transport", "websocket") == "websocket"}
+        values = {
+            s.labels["worker"]: s.value
+            for s in samples
+            if s.labels.get("transport", "websocket") == "websocket"
+        }
         if until(values):
             return values
         assert time.monotonic() < deadline, f"{name}: {values}"
@@ -203,7 +207,9 @@ def test_workers_that_die_at_start_again_and_again_stop_the_gateway(
     tmp_path, data_dir, gateway_env
 ):
     unreachable = f"postgresql://127.0.0.1:{free_port()}/none"
-    gp = GatewayProcess(tmp_path, data_dir, **{**gateway_env, "DATABASE_URL": unreachable, "WORKERS": "3"})
+    gp = GatewayProcess(
+        tmp_path, data_dir, **{**gateway_env, "DATABASE_URL": unreachable, "WORKERS": "3"}
+    )
     try:
         with pytest.raises(RuntimeError, match="5 quick deaths in a row, giving up"):
             gp.start()
@@ -233,7 +239,12 @@ def test_worker_count_defaults_to_one_per_core_and_needs_redis():
 
 @pytest.mark.parametrize(
     ("argv", "workers"),
-    [([], None), (["--workers", "2"], 2), (["run", "--workers", "3"], 3), (["--workers", "4", "run"], 4)],
+    [
+        ([], None),
+        (["--workers", "2"], 2),
+        (["run", "--workers", "3"], 3),
+        (["--workers", "4", "run"], 4),
+    ],
 )
 def test_workers_flag_on_the_command_line(argv, workers):
     assert _parser().parse_args(argv).workers == workers

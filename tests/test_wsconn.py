@@ -138,7 +138,9 @@ async def _status(port: int, request: bytes) -> tuple[int, bytes]:
     writer.write(request)
     head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5 * UNIT)
     length = next(
-        int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")
+        int(line.split(b":")[1])
+        for line in head.split(b"\r\n")
+        if line.lower().startswith(b"content-length")
     )
     body = await reader.readexactly(length)
     writer.close()
@@ -214,7 +216,11 @@ async def test_invalid_utf8_fails_with_1007_and_the_tcp_connection_is_closed_at_
 
 async def test_commands_before_a_violation_in_the_same_write_are_answered_first(gw):
     async with raw_socket(gw, token_for(gw)) as ws:
-        ws.send(client_frame(b'{"op":"ping","id":1}') + client_frame(b'{"op":"ping","id":2}') + b"\x83\x80abcd")
+        ws.send(
+            client_frame(b'{"op":"ping","id":1}')
+            + client_frame(b'{"op":"ping","id":2}')
+            + b"\x83\x80abcd"
+        )
         assert (await ws.json()) == {"id": 1, "ok": True}
         assert (await ws.json()) == {"id": 2, "ok": True}
         assert await ws.close_code() == 1002
@@ -236,7 +242,10 @@ async def test_a_peers_close_with_1005_is_refused_and_a_valid_one_ends_the_tcp_c
 
 async def test_commands_before_the_peers_close_in_the_same_write_are_answered_first(gw):
     async with raw_socket(gw, token_for(gw)) as ws:
-        ws.send(client_frame(b'{"op":"ping","id":1}') + client_frame((1000).to_bytes(2, "big"), OP_CLOSE))
+        ws.send(
+            client_frame(b'{"op":"ping","id":1}')
+            + client_frame((1000).to_bytes(2, "big"), OP_CLOSE)
+        )
         assert (await ws.json()) == {"id": 1, "ok": True}
         assert await ws.close_code() == 1000
         await _eof_within(ws, 1.0)
@@ -306,7 +315,9 @@ async def test_backlogs_fed_the_same_publications_hold_them_once_not_once_per_so
         conns.append(conn)
 
     def held() -> int:  # distinct objects: a frame shared by many backlogs is held once
-        return sum(len(obj) for obj in {id(obj): obj for c in conns for obj in c.transport.held}.values())
+        return sum(
+            len(obj) for obj in {id(obj): obj for c in conns for obj in c.transport.held}.values()
+        )
 
     async def publish(n: int) -> int:
         batch = [Prepared("room:1", b'"%s"' % (b"x" * 4096)) for _ in range(n)]

@@ -332,7 +332,9 @@ class RedisBroker(Broker):
         for start in range(0, len(held), VERIFY_BATCH):
             batch = held[start : start + VERIFY_BATCH]
             try:
-                counts = await self._pub_client.pubsub_numsub(*(self._channel_key(c) for c in batch))
+                counts = await self._pub_client.pubsub_numsub(
+                    *(self._channel_key(c) for c in batch)
+                )
             except BACKEND_ERRORS as exc:
                 raise BrokerUnavailable(f"PUBSUB NUMSUB failed: {exc}") from exc
             missing += [ch for ch, (_, n) in zip(batch, counts, strict=True) if not n]

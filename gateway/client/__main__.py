@@ -31,7 +31,9 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m gateway.client", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("--url", default="ws://127.0.0.1:8888/ws", help="the gateway's /ws")
-    p.add_argument("--token", default=os.environ.get("TOKEN"), help="JWT or API key (default: $TOKEN)")
+    p.add_argument(
+        "--token", default=os.environ.get("TOKEN"), help="JWT or API key (default: $TOKEN)"
+    )
     p.add_argument("--msgpack", action="store_true", help="use the MessagePack subprotocol")
     sub = p.add_subparsers(dest="command", required=True)
     listen = sub.add_parser("listen", help="subscribe and print publications as JSON lines")

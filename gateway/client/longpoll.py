@@ -122,7 +122,9 @@ class LongPoll:
         self._reading.set()
 
 
-async def open_longpoll(url: str, token: str | None, on_message: Callable[[bytes], None]) -> LongPoll:
+async def open_longpoll(
+    url: str, token: str | None, on_message: Callable[[bytes], None]
+) -> LongPoll:
     """Make a session on the gateway of ``url`` (its ``/ws`` address is fine)."""
     base = http_base(url)
     headers = {"Content-Type": "application/json"}

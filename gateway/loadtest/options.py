@@ -158,7 +158,9 @@ def parser() -> argparse.ArgumentParser:
         default=0,
         help="sockets (of -n, ws) that read at most --slow-rate bytes a second, counted apart",
     )
-    p.add_argument("--slow-rate", type=float, default=0.0, help="bytes a second a --slow socket reads")
+    p.add_argument(
+        "--slow-rate", type=float, default=0.0, help="bytes a second a --slow socket reads"
+    )
     p.add_argument(
         "--laggard-mss",
         type=int,

@@ -158,7 +158,9 @@ class _Upgrade(BodylessRequest):
         if not stream.closed():
             answer = _refusal(exc, head_only=self._start.method == "HEAD")
             stream.write(answer).add_done_callback(lambda _: stream.close())
-        access_log.warning("%d %s %s", exc.status_code, self._start.method, redact(self._start.path))
+        access_log.warning(
+            "%d %s %s", exc.status_code, self._start.method, redact(self._start.path)
+        )
 
 
 def _refusal(exc: ApiError, head_only: bool) -> bytes:

@@ -478,7 +478,9 @@ class WSConnection(asyncio.Protocol):
         self._code = code
         transport.write(frame)
         left = _unsent(transport)
-        self._timer = asyncio.get_running_loop().call_later(CLOSE_TIMEOUT, self._closing_timer, left, 1)
+        self._timer = asyncio.get_running_loop().call_later(
+            CLOSE_TIMEOUT, self._closing_timer, left, 1
+        )
 
     def _closing_timer(self, left: int, rounds: int) -> None:
         """Drop the socket, unless the peer is still reading what precedes our close.
