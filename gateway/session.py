@@ -109,7 +109,7 @@ class Session:
         "remote_ip",
         "transport",
         "verify",
-    )  # fmt: skip
+    )
 
     def __init__(
         self,

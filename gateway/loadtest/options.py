@@ -197,7 +197,7 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress line")
-    return p  # fmt: skip
+    return p
 
 
 def parse_sources(spec: str) -> list[str]:
