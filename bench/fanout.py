@@ -209,6 +209,21 @@ def kernel_floor(n: int) -> dict[str, Any]:
     return floor
 
 
+def save_results(name: str, report: dict[str, Any]) -> Path:
+    """Write ``report`` and the machine's description to bench/results/<name>-<date>.json."""
+    stamp = datetime.now(UTC).strftime("%Y-%m-%d")
+    out = RESULTS / f"{name}-{stamp}.json"
+    machine = {
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
+    RESULTS.mkdir(exist_ok=True)
+    out.write_text(json.dumps({"machine": machine, **report}, indent=1))
+    print(f"\nsaved {out}", file=sys.stderr)
+    return out
+
+
 def main() -> int:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -251,17 +266,7 @@ def main() -> int:
     )
     print(text)
     if args.save:
-        stamp = datetime.now(UTC).strftime("%Y-%m-%d")
-        out = RESULTS / f"fanout-{stamp}.json"
-        machine = {
-            "cpus": os.cpu_count(),
-            "python": platform.python_version(),
-            "platform": platform.platform(),
-        }
-        out.write_text(
-            json.dumps({"machine": machine, "floors": floors, "runs": raw, "table": text}, indent=1)
-        )
-        print(f"\nsaved {out}", file=sys.stderr)
+        save_results("fanout", {"floors": floors, "runs": raw, "table": text})
     return 0
 
 

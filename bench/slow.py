@@ -45,7 +45,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import subprocess
 import sys
@@ -55,9 +54,10 @@ import urllib.request
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+from bench.fanout import save_results
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -366,15 +366,7 @@ def main() -> int:
     text = table(rows)
     print(text)
     if args.save:
-        stamp = datetime.now(UTC).strftime("%Y-%m-%d")
-        out = RESULTS / f"slow-{stamp}{'-' + args.tag if args.tag else ''}.json"
-        machine = {
-            "cpus": os.cpu_count(),
-            "python": platform.python_version(),
-            "platform": platform.platform(),
-        }
-        out.write_text(json.dumps({"machine": machine, "runs": rows, "table": text}, indent=1))
-        print(f"\nsaved {out}", file=sys.stderr)
+        save_results("slow" + ("-" + args.tag if args.tag else ""), {"runs": rows, "table": text})
     return 0 if all(r["report"]["deliveries"]["lost"] == 0 for r in rows) else 1
 
 

@@ -18,12 +18,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import uuid
-from datetime import UTC, datetime
 
+from bench.fanout import save_results
 from bench.slow import MIB, RESULTS, ROOT, SECRET, Sampler, _free_port, _gateway
 
 
@@ -91,27 +90,13 @@ def main() -> int:
     text = "\n".join(f"| {k} | {v} |" for k, v in rows)
     print("| figure | result |\n|---|---|\n" + text)
     if args.save:
-        stamp = datetime.now(UTC).strftime("%Y-%m-%d")
-        out = RESULTS / f"soak-{stamp}.json"
-        machine = {
-            "cpus": os.cpu_count(),
-            "python": platform.python_version(),
-            "platform": platform.platform(),
-        }
-        out.write_text(
-            json.dumps(
-                {
-                    "machine": machine,
-                    "args": vars(args),
-                    "report": report,
-                    "table": text,
-                    "rss_series": sampler.rss[::50],
-                    "fd_series": sampler.fds[::10],
-                },
-                indent=1,
-            )
-        )
-        print(f"\nsaved {out}", file=sys.stderr)
+        save_results("soak", {
+            "args": vars(args),
+            "report": report,
+            "table": text,
+            "rss_series": sampler.rss[::50],
+            "fd_series": sampler.fds[::10],
+        })  # fmt: skip
     return done.returncode
 
 
