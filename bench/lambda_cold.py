@@ -194,8 +194,8 @@ def main() -> int:
         "MIGRATE_ON_START": "false",  # the default: a cold start checks, the deploy migrated
     }
     os.environ.pop("REDIS_URL", None)  # the database alone: no broker, the memory limiter
-    from gateway.auth import mint_token
-    from gateway.settings import Settings
+    from core.infra.mint import mint_token
+    from core.infra.settings import Settings
 
     token = mint_token(Settings(jwt_secret=JWT_SECRET), "bench", [], extra={"role": "admin"})
     try:

@@ -1,6 +1,6 @@
 """REST core: a slim JSON handler layer on an asyncpg pool.
 
-One route table (`core.app.api_routes`) is served in-process by the gateway
+One route table (`core.service.api_routes`) is served in-process by the gateway
 under ``/api/``, alone by ``python -m core``, and over the socket by ``rpc``
 frames. See docs/rest.md.
 """

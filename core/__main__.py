@@ -10,11 +10,11 @@ from collections.abc import Sequence
 
 import asyncpg
 
+from core.infra.logs import configure_logging
+from core.infra.runtime import run, wait_for_stop_signal
+from core.infra.settings import Settings, SettingsError
 from core.migrate import SchemaError, migrate
 from core.server import CoreServer
-from gateway.logs import configure_logging
-from gateway.runtime import run, wait_for_stop_signal
-from gateway.settings import Settings, SettingsError
 
 __all__ = ["main"]
 

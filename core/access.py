@@ -34,7 +34,7 @@ import enum
 from collections.abc import Mapping
 
 from core.db import Queryable
-from core.errors import ApiError, NotFound
+from core.infra.errors import ApiError, NotFound
 from core.request import Caller
 
 __all__ = ["Access", "check", "is_admin", "privileged", "require_owner", "user_id"]

@@ -5,7 +5,7 @@ family: a refresh uses up the presented token and issues the next; a used
 token presented again means a copy is in someone else's hands, and the whole
 session is revoked (OAuth 2.0 Security BCP, refresh token rotation with
 reuse detection). Revocation reaches every process and closes the session's
-open sockets (gateway/revocation.py).
+open sockets (core/infra/revocation.py).
 """
 
 from __future__ import annotations
@@ -18,7 +18,11 @@ import msgspec
 from msgspec import Meta
 
 from core.access import Access
-from core.errors import ApiError, Conflict, ErrorDetail, NotFound, TooManyRequests
+from core.infra.clientip import limit_key
+from core.infra.errors import ApiError, Conflict, ErrorDetail, NotFound, TooManyRequests
+from core.infra.rate import Rate
+from core.infra.ratelimit import RateLimiter, over_limit
+from core.infra.settings import Settings
 from core.logins import LoginGuard
 from core.passwords import Passwords, password_problems
 from core.request import Request, Response
@@ -26,9 +30,6 @@ from core.routing import Route, uuid_param
 from core.schemas import DisplayName, Email, User
 from core.tokens import Issuer, new_refresh_token, refresh_hash
 from core.validation import Checked
-from gateway.clientip import limit_key
-from gateway.ratelimit import Rate, RateLimiter, over_limit
-from gateway.settings import Settings
 
 __all__ = ["Accounts", "Revoker", "TokenOut"]
 

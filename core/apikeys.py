@@ -14,7 +14,6 @@ reload is revoked: ``on_revoked`` closes its open sockets on this process
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import logging
 import secrets
@@ -27,12 +26,13 @@ from msgspec import Meta
 
 from core.access import Access
 from core.db import one
-from core.errors import NotFound
-from core.events import Publisher
+from core.infra import control
+from core.infra.broker.base import Publisher
+from core.infra.errors import NotFound
+from core.infra.identity import API_KEY_PREFIX, Identity
+from core.infra.tasks import TaskSet
 from core.request import Request, Response
 from core.routing import Route, uuid_param
-from gateway.auth import API_KEY_PREFIX, Identity
-from gateway.broker.base import CONTROL
 from proto import Grants
 
 __all__ = ["ApiKeys"]
@@ -40,7 +40,6 @@ __all__ = ["ApiKeys"]
 log = logging.getLogger("core.apikeys")
 
 Pattern = Annotated[str, Meta(min_length=1, max_length=200, pattern=r"^[^\x00\s]+(?![\s\S])")]
-_CHANGED = b'{"type":"api_keys_changed"}'
 
 
 class ApiKeyIn(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -97,7 +96,7 @@ class ApiKeys:
         self._publisher = publisher
         self._reserved = reserved  # channels only the core publishes on
         self._on_revoked = on_revoked
-        self._reloads: set[asyncio.Task[None]] = set()
+        self._reloads = TaskSet(log)
 
     def routes(self) -> list[Route]:
         tag = "keys"
@@ -147,11 +146,9 @@ class ApiKeys:
             for sub in sorted(gone):
                 self._on_revoked(sub)
 
-    def on_control(self, data: bytes) -> None:
-        if data.strip() == _CHANGED:
-            task = asyncio.ensure_future(self._reload_logged())
-            self._reloads.add(task)
-            task.add_done_callback(self._reloads.discard)
+    def on_control(self, message: control.ControlMessage) -> None:
+        if isinstance(message, control.ApiKeysChanged):
+            self._reloads.spawn(self._reload_logged(), "api-keys-reload")
 
     async def _reload_logged(self) -> None:
         try:
@@ -163,6 +160,6 @@ class ApiKeys:
         await self.reload()
         if self._publisher is not None:
             try:
-                await self._publisher.publish(CONTROL, _CHANGED)
+                await control.broadcast(self._publisher, control.ApiKeysChanged())
             except Exception as exc:
                 log.warning("API key change not broadcast (others reload within a sync): %s", exc)

@@ -19,7 +19,8 @@ import logging
 
 import asyncpg
 
-from core.errors import Unavailable
+from core.infra.errors import Unavailable
+from core.infra.tasks import TaskSet
 
 __all__ = ["Batcher"]
 
@@ -45,7 +46,7 @@ class Batcher:
         self._max_queued = max_queued
         self._queue: list[_Pending] = []
         self._inflight = 0
-        self._drains: set[asyncio.Task[None]] = set()  # referenced until done
+        self._drains = TaskSet(log)
         self.statements = 0  # for tests and metrics: statements sent
 
     async def submit(self, row_json: bytes) -> asyncpg.Record:
@@ -56,9 +57,7 @@ class Batcher:
         self._queue.append((row_json, future))
         if self._inflight < self._max_inflight:
             self._inflight += 1
-            task = asyncio.ensure_future(self._drain())
-            self._drains.add(task)
-            task.add_done_callback(self._drains.discard)
+            self._drains.spawn(self._drain())
         return await future
 
     async def _drain(self) -> None:

@@ -9,8 +9,8 @@ from typing import Any
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
+from core.infra.settings import Settings
 from core.migrate import Conn, SchemaError, inspect, migrate
-from gateway.settings import Settings
 
 __all__ = ["Database", "check_schema", "one", "prepare_schema"]
 

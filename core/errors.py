@@ -1,147 +1,42 @@
-"""The REST core's one error shape, and the one place exceptions map to it.
+"""The one place an exception becomes an answer: `from_exception`.
 
-Every error answer, whatever raised it, has the body::
-
-    {"error": {"status": 422, "code": "validation_error", "message": "...",
-               "details": [{"path": "$.budget", "message": "..."}]}}
-
-``details`` appears only where there are some. `ApiError` carries a status,
-a stable machine-readable ``code`` and a message safe to show the caller;
-`from_exception` turns database errors into the same shape, and anything
-unknown into 500 ``internal`` with no internals in the body (they go to the
-log).
+REST (core/http.py, core/service.py), the Lambda handler, the gateway's own
+HTTP handlers, the socket handshake and ``rpc`` all answer an exception with
+the `ApiError` this returns (the error type and body: core/infra/errors.py).
+Database errors become 409, 422 or 503; anything unknown becomes 500
+``internal`` with no internals in the body (they go to the log).
 """
 
 from __future__ import annotations
 
 import logging
-import math
 from http import HTTPStatus
 from typing import Any
 
 import asyncpg
-import msgspec
+import tornado.web
 
-__all__ = [
-    "ApiError",
-    "Conflict",
-    "ErrorBody",
-    "ErrorDetail",
-    "ErrorResponse",
-    "NotFound",
-    "PreconditionFailed",
-    "TooManyRequests",
-    "Unavailable",
-    "ValidationFailed",
-    "error_body",
-    "from_exception",
-]
+from core.infra.errors import (
+    ApiError,
+    Conflict,
+    ErrorDetail,
+    Unavailable,
+    ValidationFailed,
+    default_code,
+)
+
+__all__ = ["JsonErrors", "from_exception", "write_error"]
 
 log = logging.getLogger("core.errors")
-
-
-class ErrorDetail(msgspec.Struct, frozen=True):
-    path: str
-    message: str
-
-
-class ErrorBody(msgspec.Struct, frozen=True, omit_defaults=True):
-    status: int
-    code: str
-    message: str
-    details: list[ErrorDetail] | None = None
-
-
-class ErrorResponse(msgspec.Struct, frozen=True):
-    """The body of every error answer."""
-
-    error: ErrorBody
-
-
-class ApiError(Exception):
-    """An answer other than success: status, stable code, safe message."""
-
-    def __init__(
-        self,
-        status: int,
-        code: str,
-        message: str,
-        *,
-        details: list[ErrorDetail] | None = None,
-        headers: dict[str, str] | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
-        self.details = details
-        self.headers = headers or {}
-
-    def body(self) -> bytes:
-        return error_body(self.status, self.code, self.message, self.details)
-
-
-class NotFound(ApiError):
-    def __init__(self, message: str = "not found") -> None:
-        super().__init__(404, "not_found", message)
-
-
-class Conflict(ApiError):
-    def __init__(self, message: str) -> None:
-        super().__init__(409, "conflict", message)
-
-
-class PreconditionFailed(ApiError):
-    def __init__(self, message: str = "If-Match does not match the current version") -> None:
-        super().__init__(412, "precondition_failed", message)
-
-
-class ValidationFailed(ApiError):
-    def __init__(self, details: list[ErrorDetail], message: str = "invalid request") -> None:
-        super().__init__(422, "validation_error", message, details=details)
-
-
-class TooManyRequests(ApiError):
-    """429 with ``Retry-After`` (whole seconds, rounded up)."""
-
-    def __init__(self, retry_after: float, what: str = "requests") -> None:
-        seconds = max(1, math.ceil(retry_after))
-        super().__init__(
-            429,
-            "rate_limited",
-            f"too many {what}; retry in {seconds} s",
-            headers={"Retry-After": str(seconds)},
-        )
-
-
-class Unavailable(ApiError):
-    def __init__(self, message: str = "service unavailable, retry later") -> None:
-        super().__init__(503, "unavailable", message, headers={"Retry-After": "1"})
-
-
-_encode = msgspec.json.Encoder().encode
-
-
-def error_body(
-    status: int, code: str, message: str, details: list[ErrorDetail] | None = None
-) -> bytes:
-    return _encode(ErrorResponse(ErrorBody(status, code, message, details)))
-
-
-def default_code(status: int) -> str:
-    """``method_not_allowed`` for 405, and so on; ``internal`` for any 5xx."""
-    if status >= 500:
-        return "internal"
-    try:
-        return HTTPStatus(status).phrase.lower().replace(" ", "_").replace("-", "_")
-    except ValueError:
-        return "error"
 
 
 def from_exception(exc: BaseException, context: str = "") -> ApiError:
     """The `ApiError` for any exception a handler raised."""
     if isinstance(exc, ApiError):
         return exc
+    if isinstance(exc, tornado.web.HTTPError):  # Tornado's own: 405, a malformed request
+        status = exc.status_code
+        return ApiError(status, default_code(status), exc.reason or _phrase(status))
     if isinstance(exc, asyncpg.UniqueViolationError):
         return _conflict(exc, context, "this conflicts with something that already exists")
     if isinstance(exc, asyncpg.ForeignKeyViolationError):
@@ -173,3 +68,47 @@ def _conflict(exc: Any, context: str, message: str) -> Conflict:
     # The constraint's name is for the operator: the schema is no business of the caller's.
     log.info("conflict in %s: %s", context, getattr(exc, "constraint_name", None) or exc)
     return Conflict(message)
+
+
+def _phrase(status: int) -> str:
+    if status >= 500:
+        return "internal error"
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return "error"
+
+
+def write_error(handler: tornado.web.RequestHandler, status: int, exc_info: object) -> None:
+    """`RequestHandler.write_error` for every Tornado handler: the one body and its headers.
+
+    ``exc_info`` is what Tornado passes; without an exception (a handler
+    called ``send_error`` itself), the answer is ``status`` with its code.
+    """
+    exc = exc_info[1] if isinstance(exc_info, tuple) and len(exc_info) == 3 else None
+    if isinstance(exc, BaseException):
+        err = from_exception(exc, f"{handler.request.method} {handler.request.path}")
+    else:
+        err = ApiError(status, default_code(status), _phrase(status))
+    handler.set_status(err.status)
+    for name, value in err.headers.items():
+        handler.set_header(name, value)
+    if err.status == 401:
+        handler.set_header("WWW-Authenticate", "Bearer")
+    handler.set_header("Content-Type", "application/json")
+    handler.finish(err.body())
+
+
+class JsonErrors(tornado.web.RequestHandler):
+    """A Tornado handler whose errors are the one JSON body (`write_error`).
+
+    `from_exception` logs what needs logging (an unexpected exception, with
+    its traceback); an `ApiError` is an answer, not an event, so Tornado's
+    own "Uncaught exception" line is not written as well.
+    """
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        write_error(self, status_code, kwargs.get("exc_info"))
+
+    def log_exception(self, *args: Any) -> None:
+        pass

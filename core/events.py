@@ -15,18 +15,15 @@ loss is the history work of issue 5).
 from __future__ import annotations
 
 import logging
-from typing import Literal, Protocol
+from typing import Literal
 
-__all__ = ["ChangeKind", "Events", "Publisher"]
+from core.infra.broker.base import Publisher
+
+__all__ = ["ChangeKind", "Events"]
 
 log = logging.getLogger("core.events")
 
 ChangeKind = Literal["created", "updated", "deleted"]
-
-
-class Publisher(Protocol):
-    async def publish(self, ch: str, data: bytes) -> object:
-        """Publish JSON bytes to every subscriber of ``ch`` on every node."""
 
 
 class Events:

@@ -14,7 +14,6 @@ writes the response. It never raises into Tornado.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import re
 import secrets
@@ -27,10 +26,13 @@ from urllib.parse import parse_qs
 from tornado import httputil
 from tornado.routing import AnyMatches, PathMatches, Rule, RuleRouter
 
-from core.errors import error_body
+from core.errors import from_exception
+from core.infra.errors import ApiError, NotFound
+from core.infra.identity import AuthError, token_from_header
+from core.infra.tasks import TaskSet
+from core.infra.verify import Verifier
 from core.request import Request, Response
 from core.routing import Route, Router
-from gateway.auth import AuthError, Verifier, token_from_header
 
 __all__ = ["CoreHTTP", "CoreLike", "api_router"]
 
@@ -88,7 +90,7 @@ class CoreHTTP(httputil.HTTPServerConnectionDelegate):
         self.max_body_bytes = max_body_bytes
         self.cors_origins = frozenset(cors_origins)
         self.date = _Date()
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks = TaskSet(log)
 
     def start_request(
         self, server_conn: object, request_conn: httputil.HTTPConnection
@@ -105,13 +107,10 @@ class CoreHTTP(httputil.HTTPServerConnectionDelegate):
 
     async def wait_idle(self) -> None:
         """Return once every request being answered has been answered."""
-        while self._tasks:
-            await asyncio.wait(list(self._tasks))
+        await self._tasks.wait()
 
     def spawn(self, exchange: _Exchange) -> None:
-        task = asyncio.ensure_future(exchange.run())
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._tasks.spawn(exchange.run())
 
 
 class _Exchange(httputil.HTTPMessageDelegate):
@@ -157,12 +156,11 @@ class _Exchange(httputil.HTTPMessageDelegate):
                 resp = self._preflight()
             else:
                 resp = await self._respond()
-        except Exception:
+        except Exception as exc:  # logged with its traceback; the body says "internal error"
             start = self._start  # the path only: a query may hold a token
-            log.exception(
-                "unexpected error answering %s %s", start.method, start.path.partition("?")[0]
+            resp = Response.error(
+                from_exception(exc, f"{start.method} {start.path.partition('?')[0]}")
             )
-            resp = Response(500, error_body(500, "internal", "internal error"))
         if origin is not None:
             resp.headers.update(_cors_headers(origin))
         resp.headers["X-Request-Id"] = self._request_id()
@@ -182,7 +180,7 @@ class _Exchange(httputil.HTTPMessageDelegate):
         assert self._start is not None
         allow = self._server.core.router.allow(self._start.path.partition("?")[0])
         if allow is None:
-            return Response(404, error_body(404, "not_found", "no such route"))
+            return Response.error(NotFound("no such route"))
         return Response(
             204,
             None,
@@ -198,15 +196,15 @@ class _Exchange(httputil.HTTPMessageDelegate):
         assert start is not None and headers is not None
         if self._size > server.max_body_bytes:
             limit = server.max_body_bytes
-            return Response(413, error_body(413, "payload_too_large", f"body over {limit} bytes"))
+            return Response.error(ApiError(413, "payload_too_large", f"body over {limit} bytes"))
         caller = None
         authorization = headers.get("Authorization")
         if authorization is not None:
             try:
                 caller = server.verifier.verify(token_from_header(authorization) or "")
             except AuthError as exc:
-                body = error_body(401, "unauthorized", exc.message)
-                return Response(401, body, {"WWW-Authenticate": "Bearer"})
+                refused = ApiError(401, "unauthorized", exc.message)
+                return Response.error(refused, {"WWW-Authenticate": "Bearer"})
         path, _, query = start.path.partition("?")
         req = Request(
             start.method,

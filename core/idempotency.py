@@ -21,7 +21,7 @@ import logging
 import asyncpg
 import msgspec
 
-from core.errors import ApiError, ErrorDetail, ValidationFailed
+from core.infra.errors import ApiError, ErrorDetail, ValidationFailed
 from core.request import Request, Response
 from core.routing import Handler
 
@@ -105,7 +105,7 @@ class IdempotencyStore:
             if exc.status >= 500:
                 await self._pool.execute(_RELEASE, owner, key)
             else:
-                await self._store(owner, key, Response(exc.status, exc.body(), exc.headers))
+                await self._store(owner, key, Response.error(exc))
             raise
         except BaseException:
             await self._pool.execute(_RELEASE, owner, key)

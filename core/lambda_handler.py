@@ -13,7 +13,8 @@ One handler takes the three HTTP-shaped events Lambda receives:
 An event becomes the request line, headers and body an HTTP connection
 would have delivered, and is answered by the very `CoreHTTP` delegate the
 standalone server runs, through a connection that records the response
-(`_Recorder`). Bearer-token auth, CORS and preflights, the 413 limit and the
+(`_Recorder`; the events' shapes and their parsing are in
+core/lambda_events.py). Bearer-token auth, CORS and preflights, the 413 limit and the
 500 for an unexpected error are therefore the server's own, not a copy.
 
 A path that starts with ``/{stage}/`` (the HTTP API's ``rawPath`` on a named
@@ -38,22 +39,20 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import binascii
 import logging
 import time
 import types
-from collections.abc import Iterable
-from typing import Any, Literal
-from urllib.parse import urlencode
+from typing import Any
 
-import msgspec
 from tornado import httputil
 
-from core.app import Core
-from core.errors import Unavailable, error_body, from_exception
+from core.errors import from_exception
+from core.infra.errors import ApiError, Unavailable
+from core.infra.settings import Settings
+from core.lambda_events import BadEvent, Incoming, headers_of, parse_event
 from core.migrate import SchemaError
 from core.server import StandaloneCore
-from gateway.settings import Settings
+from core.service import Core
 
 __all__ = ["handler", "opened", "shutdown"]
 
@@ -61,146 +60,6 @@ log = logging.getLogger("core.lambda")
 
 #: Response headers the service in front sets itself (from the body it sends on).
 _SERVICE_HEADERS = frozenset({"content-length", "date"})
-
-
-# -- events -----------------------------------------------------------------------
-
-
-class _Http(msgspec.Struct, rename="camel"):
-    method: str
-    source_ip: str = ""
-
-
-class _ContextV2(msgspec.Struct, rename="camel"):
-    http: _Http
-    stage: str = "$default"
-
-
-class _EventV2(msgspec.Struct, rename="camel"):
-    """HTTP API payload 2.0 and function URLs: only the fields the core needs."""
-
-    version: Literal["2.0"]
-    raw_path: str
-    request_context: _ContextV2
-    raw_query_string: str = ""
-    headers: dict[str, str] | None = None
-    body: str | None = None
-    is_base64_encoded: bool = False
-
-
-class _Identity(msgspec.Struct, rename="camel"):
-    source_ip: str | None = None
-
-
-class _ContextV1(msgspec.Struct, rename="camel"):
-    stage: str = ""
-    identity: _Identity | None = None
-
-
-class _EventV1(msgspec.Struct, rename="camel"):
-    """REST API proxy events (and HTTP API payload 1.0)."""
-
-    http_method: str
-    path: str
-    request_context: _ContextV1
-    headers: dict[str, str] | None = None
-    multi_value_headers: dict[str, list[str]] | None = None
-    query_string_parameters: dict[str, str] | None = None
-    multi_value_query_string_parameters: dict[str, list[str]] | None = None
-    body: str | None = None
-    is_base64_encoded: bool | None = False
-
-
-class _BadEvent(ValueError):
-    """The event is not one of the three shapes, or its body does not decode."""
-
-
-class _Incoming:
-    """An event as an HTTP connection would have delivered it."""
-
-    __slots__ = ("body", "headers", "method", "multi_value", "source_ip", "target")
-
-    def __init__(
-        self,
-        method: str,
-        target: str,
-        headers: httputil.HTTPHeaders,
-        body: bytes,
-        source_ip: str,
-        multi_value: bool,
-    ) -> None:
-        self.method = method
-        self.target = target  # path?query, as in a request line
-        self.headers = headers
-        self.body = body
-        self.source_ip = source_ip
-        self.multi_value = multi_value  # answer with multiValueHeaders (format 1.0)
-
-
-def _parse(event: object) -> _Incoming:
-    if not isinstance(event, dict):
-        raise _BadEvent("an HTTP event is a JSON object")
-    try:
-        if event.get("version") == "2.0":
-            return _from_v2(msgspec.convert(event, _EventV2))
-        if "httpMethod" in event:
-            return _from_v1(msgspec.convert(event, _EventV1))
-    except msgspec.ValidationError as exc:
-        raise _BadEvent(str(exc)) from None
-    raise _BadEvent("not an API Gateway (payload 1.0 or 2.0) or function URL event")
-
-
-def _from_v2(ev: _EventV2) -> _Incoming:
-    headers = _headers((ev.headers or {}).items())
-    path = _without_stage(ev.raw_path, ev.request_context.stage)
-    target = path + ("?" + ev.raw_query_string if ev.raw_query_string else "")
-    body = _body(ev.body, ev.is_base64_encoded)
-    method = ev.request_context.http.method.upper()
-    return _Incoming(method, target, headers, body, ev.request_context.http.source_ip, False)
-
-
-def _from_v1(ev: _EventV1) -> _Incoming:
-    if ev.multi_value_headers is not None:
-        pairs = [(k, v) for k, values in ev.multi_value_headers.items() for v in values]
-    else:
-        pairs = list((ev.headers or {}).items())
-    if ev.multi_value_query_string_parameters is not None:
-        query = urlencode(ev.multi_value_query_string_parameters, doseq=True)
-    else:
-        query = urlencode(ev.query_string_parameters or {})
-    path = _without_stage(ev.path, ev.request_context.stage)
-    identity = ev.request_context.identity
-    source_ip = (identity.source_ip if identity is not None else None) or ""
-    body = _body(ev.body, bool(ev.is_base64_encoded))
-    target = path + ("?" + query if query else "")
-    return _Incoming(ev.http_method.upper(), target, _headers(pairs), body, source_ip, True)
-
-
-def _headers(pairs: Iterable[tuple[str, str]]) -> httputil.HTTPHeaders:
-    headers = httputil.HTTPHeaders()
-    for name, value in pairs:
-        headers.add(name, value)
-    return headers
-
-
-def _without_stage(path: str, stage: str) -> str:
-    path = (path or "/").replace("?", "%3F")  # a decoded "?" is not the query's
-    if stage and stage != "$default":
-        prefix = "/" + stage
-        if path == prefix or path.startswith(prefix + "/"):
-            return path[len(prefix) :] or "/"
-    return path
-
-
-def _body(body: str | None, encoded: bool) -> bytes:
-    if not body:
-        return b""
-    if not encoded:
-        return body.encode()
-    try:
-        return base64.b64decode(body, validate=True)
-    except binascii.Error:
-        raise _BadEvent("isBase64Encoded is true but the body is not base64") from None
 
 
 # -- responses ----------------------------------------------------------------------
@@ -262,22 +121,16 @@ def _reply(
     return reply
 
 
-def _error(
-    status: int,
-    code: str,
-    message: str,
-    extra: dict[str, str] | None = None,
-    multi_value: bool = False,
-) -> dict[str, Any]:
-    headers = _headers([("Content-Type", "application/json"), *(extra or {}).items()])
-    return _reply(status, headers, error_body(status, code, message), multi_value)
+def _error(err: ApiError, multi_value: bool = False) -> dict[str, Any]:
+    headers = headers_of([("Content-Type", "application/json"), *err.headers.items()])
+    return _reply(err.status, headers, err.body(), multi_value)
 
 
 # -- the container --------------------------------------------------------------------
 
 
 def _new_loop() -> asyncio.AbstractEventLoop:
-    """uvloop where installed, as the servers run (`gateway.runtime.run`)."""
+    """uvloop where installed, as the servers run (`core.infra.runtime.run`)."""
     try:
         import uvloop
     except ImportError:
@@ -300,16 +153,14 @@ class _Container:
             log.info("core opened (pool of schema %s)", self.stack.core.db.schema)
         return self.stack
 
-    async def answer(self, req: _Incoming) -> dict[str, Any]:
+    async def answer(self, req: Incoming) -> dict[str, Any]:
         try:
             stack = await self.open()
         except SchemaError as exc:  # not migrated yet (or edited): the next invocation retries
             log.error("not serving: %s", exc)
-            down = Unavailable()
-            return _error(down.status, down.code, down.message, down.headers, req.multi_value)
-        except Exception as exc:
-            err = from_exception(exc, "opening the core")  # logs; 503 when unreachable
-            return _error(err.status, err.code, err.message, err.headers, req.multi_value)
+            return _error(Unavailable(), req.multi_value)
+        except Exception as exc:  # logged; 503 when the database is unreachable
+            return _error(from_exception(exc, "opening the core"), req.multi_value)
         await self._catch_up(stack.core)
         conn = _Recorder(req.source_ip)
         exchange = stack.api.start_request(None, conn)
@@ -347,16 +198,16 @@ def handler(event: object, context: object) -> dict[str, Any]:
     """The Lambda entry point: an HTTP event in, its response out; never raises."""
     global _container
     try:
-        req = _parse(event)
-    except _BadEvent as exc:
-        return _error(400, "bad_request", str(exc))
+        req = parse_event(event)
+    except BadEvent as exc:
+        return _error(ApiError(400, "bad_request", str(exc)))
     try:
         if _container is None:
             _container = _Container()
         return _container.loop.run_until_complete(_container.answer(req))
-    except Exception:
-        log.exception("unexpected error answering %s %s", req.method, req.target.partition("?")[0])
-        return _error(500, "internal", "internal error", None, req.multi_value)
+    except Exception as exc:  # logged with its traceback; the body says "internal error"
+        context = f"{req.method} {req.target.partition('?')[0]}"  # the query may carry anything
+        return _error(from_exception(exc, context), req.multi_value)
 
 
 def opened() -> StandaloneCore | None:

@@ -19,9 +19,10 @@ check. Requests with no known IP (none should remain) share the key ``-``.
 
 from __future__ import annotations
 
-from core.errors import TooManyRequests
-from gateway.clientip import limit_key
-from gateway.ratelimit import Rate, RateLimiter
+from core.infra.clientip import limit_key
+from core.infra.errors import TooManyRequests
+from core.infra.rate import Rate
+from core.infra.ratelimit import RateLimiter
 
 __all__ = ["LoginGuard"]
 

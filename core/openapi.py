@@ -12,7 +12,7 @@ from typing import Any
 
 import msgspec
 
-from core.errors import ErrorResponse
+from core.infra.errors import ErrorResponse
 from core.routing import Route
 from core.schemas import BUDGET_MAX
 

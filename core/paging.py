@@ -9,7 +9,7 @@ import re
 import msgspec
 from msgspec import UNSET, UnsetType
 
-from core.errors import ApiError, ErrorDetail, ValidationFailed
+from core.infra.errors import ApiError, ErrorDetail, ValidationFailed
 
 __all__ = [
     "ANY",

@@ -23,8 +23,8 @@ from importlib.resources import files
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 
-from core.errors import ErrorDetail
-from gateway.settings import Settings
+from core.infra.errors import ErrorDetail
+from core.infra.settings import Settings
 
 __all__ = ["Passwords", "common_passwords", "password_problems"]
 

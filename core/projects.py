@@ -22,8 +22,8 @@ from msgspec import UNSET
 from core.access import Access, privileged, require_owner
 from core.batch import Batcher
 from core.db import Queryable, one
-from core.errors import NotFound, PreconditionFailed, ValidationFailed
 from core.events import ChangeKind, Events
+from core.infra.errors import NotFound, PreconditionFailed, ValidationFailed
 from core.paging import ANY, ETAG_PATTERN, decode_cursor, etag, if_match, none_match, page_body
 from core.request import Request, Response
 from core.routing import HeaderParam, Route, int_param

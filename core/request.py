@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, Protocol
 
+from core.infra.errors import ApiError
+
 __all__ = ["Caller", "Request", "Response"]
 
 
@@ -60,6 +62,11 @@ class Response:
         self.status = status
         self.body = body
         self.headers = headers if headers is not None else {}
+
+    @classmethod
+    def error(cls, err: ApiError, extra: dict[str, str] | None = None) -> Response:
+        """The answer for ``err``: its status, the one error body, its headers."""
+        return cls(err.status, err.body(), {**err.headers, **(extra or {})})
 
     def __repr__(self) -> str:
         return f"Response({self.status}, {self.body!r})"

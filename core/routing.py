@@ -15,7 +15,7 @@ import re
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 
 from core.access import Access
-from core.errors import ApiError, NotFound
+from core.infra.errors import ApiError, NotFound
 from core.request import Request, Response
 
 __all__ = ["Handler", "HeaderParam", "Route", "Router", "int_param", "uuid_param"]

@@ -16,7 +16,7 @@ from typing import Annotated, Any, Final, Literal
 import msgspec
 from msgspec import UNSET, Meta, UnsetType
 
-from core.errors import ErrorDetail
+from core.infra.errors import ErrorDetail
 from core.validation import Checked
 
 __all__ = [

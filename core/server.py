@@ -17,27 +17,30 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from tornado.netutil import bind_sockets
 
 from core import __version__
-from core.app import Core
+from core.bodylimits import RouteLimits
 from core.docs import doc_routes, jwks_route
-from core.errors import error_body
 from core.http import CoreHTTP, api_router
-from gateway.app import make_limiter
-from gateway.auth import Identity, Verifier, ensure_key_material
-from gateway.bodylimits import RouteLimits
-from gateway.broker import CONTROL, Broker, Position, make_broker
-from gateway.clientip import TrustedProxies
-from gateway.history import HistoryPolicy, publish
-from gateway.listener import Listener
-from gateway.logs import log_request
-from gateway.metrics import (
+from core.infra.broker import CONTROL, Broker, Position, make_broker
+from core.infra.clientip import TrustedProxies
+from core.infra.control import decode as decode_control
+from core.infra.errors import error_body
+from core.infra.history import HistoryPolicy, HistoryPublisher
+from core.infra.identity import Identity
+from core.infra.keys import ensure_key_material
+from core.infra.listener import Listener
+from core.infra.logs import log_request
+from core.infra.metrics import (
     METRICS_CHALLENGE,
     METRICS_REFUSED,
     Metrics,
     scrape_allowed,
     warn_open_metrics,
 )
-from gateway.revocation import Revocations
-from gateway.settings import Settings
+from core.infra.ratelimit import make_limiter
+from core.infra.revocation import Revocations
+from core.infra.settings import Settings
+from core.infra.verify import Verifier
+from core.service import Core
 
 __all__ = ["CoreServer", "StandaloneCore"]
 
@@ -74,21 +77,6 @@ class _Metrics(tornado.web.RequestHandler):
         self.finish(generate_latest(self.registry))
 
 
-class HistoryPublisher:
-    """Publishes as the gateway's node does: with history on HISTORY_CHANNELS.
-
-    Without it, change events of ``python -m core`` on ``projects`` would
-    carry no offset, and sockets could not recover them after a reconnect.
-    """
-
-    def __init__(self, broker: Broker, policy: HistoryPolicy) -> None:
-        self.broker = broker
-        self.policy = policy
-
-    async def publish(self, ch: str, data: bytes) -> Position | None:
-        return await publish(self.broker, self.policy, ch, data)
-
-
 class StandaloneCore:
     """The core opened without the gateway, with what serving it over HTTP needs.
 
@@ -118,7 +106,9 @@ class StandaloneCore:
 
             def on_publication(ch: str, data: bytes, position: Position | None) -> None:
                 if ch == CONTROL and control:  # the only channel a core listens to
-                    control[0].on_control(data)
+                    message = decode_control(data)
+                    if message is not None:
+                        control[0].on_control(message)
 
             await broker.start(on_publication)
         limiter = make_limiter(settings, broker)

@@ -18,9 +18,9 @@ from __future__ import annotations
 import hashlib
 import secrets
 
-from gateway.auth import mint_token
-from gateway.keys import SigningKeys
-from gateway.settings import Settings
+from core.infra.keys import SigningKeys
+from core.infra.mint import mint_token
+from core.infra.settings import Settings
 
 __all__ = ["Issuer", "new_refresh_token", "refresh_hash"]
 

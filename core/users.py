@@ -19,8 +19,8 @@ from msgspec import UNSET
 from core.access import Access, is_admin, user_id
 from core.accounts import Revoker
 from core.db import one
-from core.errors import Conflict, NotFound
 from core.events import Events
+from core.infra.errors import Conflict, NotFound
 from core.paging import decode_cursor, page_body
 from core.projects import IDEMPOTENCY_KEY
 from core.request import Request, Response

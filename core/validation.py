@@ -19,7 +19,7 @@ from urllib.parse import parse_qs
 
 import msgspec
 
-from core.errors import ApiError, ErrorDetail, ValidationFailed
+from core.infra.errors import ApiError, ErrorDetail, ValidationFailed
 
 __all__ = ["Checked", "decode_body", "parse_form", "parse_query", "too_deep", "validate"]
 

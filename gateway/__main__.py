@@ -13,14 +13,14 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from core.db import prepare_schema
-from core.embedded import EmbeddedPostgres
+from core.infra.keys import ensure_key_material, generate_jwk, write_key_file
+from core.infra.logs import configure_logging
+from core.infra.mint import mint_token
+from core.infra.runtime import raise_file_limit, run, wait_for_stop_signal
+from core.infra.settings import Settings, SettingsError
 from core.migrate import SchemaError
 from gateway.app import make_app
-from gateway.auth import ensure_key_material, mint_token
-from gateway.keys import generate_jwk, write_key_file
-from gateway.logs import configure_logging
-from gateway.runtime import raise_file_limit, run, wait_for_stop_signal
-from gateway.settings import Settings, SettingsError
+from gateway.embedded import EmbeddedPostgres
 from gateway.workers import Worker, supervise, worker_count
 
 __all__ = ["main"]
@@ -174,7 +174,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "keygen":
         return _keygen(args)
     if args.command == "token":
-        logging.getLogger("gateway.auth").setLevel(logging.ERROR)
+        logging.getLogger("core.infra.keys").setLevel(logging.ERROR)
         settings = ensure_key_material(settings)
         channels = [c.strip() for arg in args.channels for c in arg.split(",") if c.strip()]
         pub = None if args.pub is None else args.pub == "yes"

@@ -21,20 +21,29 @@ from tornado.netutil import bind_sockets
 from tornado.routing import AnyMatches, PathMatches, Rule, RuleRouter
 
 from core import __version__
-from core.app import Core, CoreUnavailable
+from core.bodylimits import RouteLimits
 from core.docs import doc_routes, jwks_route
 from core.http import CoreHTTP, api_router
+from core.infra.broker import Broker, make_broker
+from core.infra.clientip import TrustedProxies
+from core.infra.errors import ApiError
+from core.infra.history import HistoryPolicy
+from core.infra.identity import Identity
+from core.infra.keys import ensure_key_material
+from core.infra.listener import Listener
+from core.infra.logs import log_request
+from core.infra.metrics import Metrics, warn_open_metrics
+from core.infra.ratelimit import RateLimiter, make_limiter
+from core.infra.revocation import Revocations
+from core.infra.runtime import LISTEN_BACKLOG
+from core.infra.settings import Settings
+from core.infra.verify import Verifier
+from core.service import Core, CoreUnavailable
 from core.tokens import Issuer
 from gateway.asyncapi import asyncapi_route
-from gateway.auth import Identity, Verifier, ensure_key_material
-from gateway.bodylimits import RouteLimits
-from gateway.broker import Broker, RedisBroker, make_broker
-from gateway.clientip import TrustedProxies
 from gateway.context import Context
 from gateway.demo import browser_routes
-from gateway.history import HistoryPolicy
-from gateway.http import (
-    ApiError,
+from gateway.endpoints import (
     HealthHandler,
     JsonHandler,
     MetricsHandler,
@@ -42,17 +51,10 @@ from gateway.http import (
     ReadyHandler,
 )
 from gateway.hub import Hub
-from gateway.listener import Listener
-from gateway.logs import log_request
-from gateway.metrics import Metrics, warn_open_metrics
 from gateway.node import Node
-from gateway.polling import LongPollSessions
-from gateway.ratelimit import MemoryRateLimiter, RateLimiter, RedisRateLimiter
-from gateway.revocation import Revocations
-from gateway.runtime import LISTEN_BACKLOG
-from gateway.settings import Settings
 from gateway.transport.longpoll import LongPollHandler
 from gateway.transport.polls import PollMatches, PollServer
+from gateway.transport.pollsessions import LongPollSessions
 from gateway.transport.sse import SSEHandler
 from gateway.transport.websocket import WebSocketServer
 from gateway.transport.wsconn import Coalescer
@@ -137,7 +139,10 @@ class Gateway:
             Rule(PollMatches(), polls),
             Rule(AnyMatches(), api_router(api, self.app)),
         ])  # fmt: skip
-        policy = RouteLimits(s, ctx.verifier, ctx.core.router, self.app)
+        policy = RouteLimits(s, ctx.verifier, ctx.core.router, self.app, {
+            PublishHandler: (s.max_publish_bytes + 1024, True, False),
+            LongPollHandler: (s.max_body_bytes, True, True),
+        })  # fmt: skip
         proxies = TrustedProxies(s.trusted_proxies, s.forwarded_header)
         self.server = Listener(sockets_first, s, ctx.metrics, policy, proxies)
         polls.listener = self.server  # kept-alive polls are then served off Tornado
@@ -215,23 +220,6 @@ async def open_core(
         node.hub.close_subject(sub, CloseCode.KEY_REVOKED)
 
     return await Core.open(settings, node, revocations, api_keys, limiter, close_key)
-
-
-def make_limiter(settings: Settings, broker: Broker | None = None) -> RateLimiter:
-    """Limits shared by every process through Redis, or this process's own.
-
-    With a (single-node) Redis broker, the limiter uses its command pool:
-    one bounded pool per process (REDIS_POOL_SIZE) for every Redis user.
-    """
-    if settings.redis_url:
-        shared = broker.command_client if isinstance(broker, RedisBroker) else None
-        return RedisRateLimiter(
-            settings.redis_url,
-            settings.redis_prefix + "rl:",
-            cluster=settings.redis_cluster,
-            client=shared,
-        )
-    return MemoryRateLimiter()
 
 
 async def make_app(

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 
-from core.app import Core, CoreUnavailable
-from gateway.auth import Verifier
-from gateway.metrics import Metrics
+from core.infra.metrics import Metrics
+from core.infra.ratelimit import RateLimiter
+from core.infra.runtime import connection_limit
+from core.infra.settings import Settings
+from core.infra.verify import Verifier
+from core.service import Core, CoreUnavailable
 from gateway.node import Node
-from gateway.polling import LongPollSessions
-from gateway.ratelimit import RateLimiter
-from gateway.runtime import connection_limit
-from gateway.settings import Settings
+from gateway.transport.pollsessions import LongPollSessions
 from gateway.transport.wsconn import Coalescer
 
 __all__ = ["Context", "Status"]

@@ -15,9 +15,9 @@ import logging
 import time
 from typing import Protocol
 
+from core.infra.metrics import Metrics
+from core.infra.throttled import ThrottledLog
 from gateway.expiry import ExpiryWheel
-from gateway.metrics import Metrics
-from gateway.throttled import ThrottledLog
 from proto import CODECS, CloseCode, Codec, Position, frame
 
 __all__ = ["EncodeFailed", "Hub", "Member", "Prepared", "PreparedEvent"]

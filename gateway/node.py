@@ -17,12 +17,14 @@ import time
 from collections.abc import Callable, Coroutine, Iterable
 from typing import Any
 
-from gateway.broker import CONTROL, Broker, Entry, Position
-from gateway.history import HistoryPolicy, publish
+from core.infra import control
+from core.infra.broker import CONTROL, Broker, Entry, Position
+from core.infra.history import HistoryPolicy, HistoryPublisher
+from core.infra.metrics import Metrics
+from core.infra.tasks import TaskSet
+from core.infra.throttled import ThrottledLog
 from gateway.hub import Hub, Member
-from gateway.metrics import Metrics
 from gateway.presence import Presence, decode_change
-from gateway.throttled import ThrottledLog
 from proto import InvalidData, Join, Leave, PresenceInfo
 from proto.publication import DEFAULT_MAX_BYTES, from_broker
 
@@ -62,6 +64,7 @@ class Node:
         self.history_policy = history if history is not None else HistoryPolicy((), 1, 1.0)
         self._metrics = metrics
         self.max_publication_bytes = max_publication_bytes
+        self.publisher = HistoryPublisher(broker, self.history_policy, max_publication_bytes)
         broker.on_fault = lambda kind: metrics.broker_faults.labels(kind).inc()
         usage = getattr(broker, "pool_usage", None)
         if usage is not None:
@@ -82,19 +85,17 @@ class Node:
         self._flushing = False
         self._reconciled = time.monotonic()
         self._reconciling = False
-        self._tasks: set[asyncio.Task[object]] = set()
+        self._tasks = TaskSet(log)
         self._was_down = False
         #: Called with each message on the control channel (revocations).
-        self.on_control: Callable[[bytes], None] | None = None
+        self.on_control: Callable[[control.ControlMessage], None] | None = None
 
     async def start(self) -> None:
         await self.broker.start(self._on_publication, self._on_state)
         log.info("using the %s", self.broker.description)
 
     async def close(self) -> None:
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._tasks.cancel()
         await self.presence.close()
         await self.broker.close()
 
@@ -214,9 +215,7 @@ class Node:
         returned. Raises `proto.InvalidData` for data that is not publishable
         (``checked``: the caller's codec checked it already).
         """
-        return await publish(
-            self.broker, self.history_policy, ch, data, self.max_publication_bytes, checked=checked
-        )
+        return await self.publisher.publish(ch, data, checked=checked)
 
     def seen(self, ch: str) -> Position | None:
         """The last position of ``ch`` broadcast to this node's members (None: none yet).
@@ -294,8 +293,9 @@ class Node:
 
     def _on_publication(self, ch: str, data: bytes, position: Position | None) -> None:
         if ch == CONTROL:
-            if self.on_control is not None:
-                self.on_control(data)
+            message = control.decode(data)
+            if message is not None and self.on_control is not None:
+                self.on_control(message)
             return
         change = decode_change(data)
         if change is not None:
@@ -319,9 +319,7 @@ class Node:
             del self._reading[key]
 
     def _spawn(self, coro: Coroutine[Any, Any, object]) -> None:
-        task = asyncio.ensure_future(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._tasks.spawn(coro)
 
 
 def _covers(issued: Position | None, needed: Position | None) -> bool:

@@ -9,7 +9,6 @@ of a process that dies without saying so expire by themselves.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import Coroutine
@@ -17,8 +16,9 @@ from typing import Any, Literal
 
 import msgspec
 
-from gateway.broker import Broker
-from gateway.history import ChannelPatterns
+from core.infra.broker import Broker
+from core.infra.history import ChannelPatterns
+from core.infra.tasks import TaskSet
 
 __all__ = ["PRESENCE_MARK", "Presence", "PresenceChange", "PresenceEntry", "decode_change"]
 
@@ -70,7 +70,7 @@ class Presence(ChannelPatterns):
         self.pushes = pushes
         self._local: dict[str, dict[str, bytes]] = {}
         self._refreshed = time.monotonic()
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks = TaskSet(log)
 
     async def join(self, ch: str, user: str, client: str, info: bytes | None = None) -> None:
         extra = msgspec.json.decode(info, type=dict[str, Any]) if info is not None else None
@@ -120,13 +120,8 @@ class Presence(ChannelPatterns):
 
     async def close(self, wait: float = 1.0) -> None:
         """Let removals and announcements under way finish (``wait`` s at most)."""
-        if self._tasks:
-            _, pending = await asyncio.wait(list(self._tasks), timeout=wait)
-            for task in pending:
-                task.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
+        await self._tasks.wait(wait)
+        await self._tasks.cancel()
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.ensure_future(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._tasks.spawn(coro)

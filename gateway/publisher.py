@@ -22,9 +22,9 @@ from typing import Any, Self
 
 import msgspec
 
-from gateway.broker.cluster import RedisClusterBroker
-from gateway.broker.redis import RedisBroker
-from gateway.history import HistoryPolicy, publish
+from core.infra.broker.cluster import RedisClusterBroker
+from core.infra.broker.redis import RedisBroker
+from core.infra.history import HistoryPolicy, HistoryPublisher
 from proto import Position
 
 __all__ = ["Publisher"]
@@ -44,18 +44,19 @@ class Publisher:
         # Its publishing side only; SPUBLISH on a Redis Cluster (REDIS_CLUSTER).
         broker = RedisClusterBroker if cluster else RedisBroker
         self._broker = broker(redis_url, prefix)
-        self._policy = HistoryPolicy(history_channels, history_size, history_ttl)
+        policy = HistoryPolicy(history_channels, history_size, history_ttl)
+        self._publisher = HistoryPublisher(self._broker, policy)
 
     async def publish(self, ch: str, data: Any) -> Position | None:
         """Publish ``data`` (JSON-serializable, or JSON bytes) on ``ch``.
 
         Returns the publication's position on a history channel, else None.
-        Raises `gateway.broker.BrokerUnavailable` when Redis cannot take it,
+        Raises `core.infra.broker.BrokerUnavailable` when Redis cannot take it,
         and `proto.InvalidData` for data that not every codec and client can
         carry (docs/protocol.md, Publishable data): nothing is published.
         """
         payload = data if isinstance(data, bytes) else msgspec.json.encode(data)
-        return await publish(self._broker, self._policy, ch, payload)
+        return await self._publisher.publish(ch, payload)
 
     async def close(self) -> None:
         await self._broker.close()

@@ -17,13 +17,15 @@ from collections.abc import Awaitable, Callable
 from typing import ClassVar, Protocol
 from urllib.parse import parse_qs
 
+from core.infra.broker import BrokerUnavailable
+from core.infra.identity import AuthError, Identity
+from core.infra.metrics import Metrics
+from core.infra.rate import Rate
+from core.infra.ratelimit import LocalLimit
 from core.request import Request, Response
-from gateway.auth import AuthError, Identity
-from gateway.broker import BrokerUnavailable
 from gateway.hub import Prepared
-from gateway.metrics import Metrics
 from gateway.node import Node
-from gateway.ratelimit import LocalLimit, Rate
+from gateway.recovery import MAX_HELD, history, subscribe_recovering
 from proto import (
     CloseCode,
     Codec,
@@ -33,10 +35,8 @@ from proto import (
     Expiring,
     Gap,
     History,
-    HistoryItem,
     InvalidData,
     Ping,
-    Position,
     PresenceInfo,
     PresenceQuery,
     PresenceStats,
@@ -59,7 +59,7 @@ log = logging.getLogger("gateway.session")
 class Transport(Protocol):
     """What a session needs from the I/O side."""
 
-    #: ``websocket``, ``sse`` or ``longpoll`` (gateway.metrics.TRANSPORTS)
+    #: ``websocket``, ``sse`` or ``longpoll`` (core.infra.metrics.TRANSPORTS)
     kind: ClassVar[str]
 
     def send(self, payload: bytes) -> None:
@@ -75,22 +75,10 @@ class Transport(Protocol):
         """Ping the peer, or drop it when nothing arrived for ``dead_after`` seconds."""
 
 
-#: The REST core's entry point (`core.app.Core.dispatch`).
+#: The REST core's entry point (`core.service.Core.dispatch`).
 Dispatch = Callable[[Request], Awaitable[Response]]
-#: Token verification (`gateway.auth.Verifier.verify`); raises `AuthError`.
+#: Token verification (`core.infra.verify.Verifier.verify`); raises `AuthError`.
 Verify = Callable[[str], Identity]
-
-
-#: Live publications held per channel while its history is read.
-MAX_HELD = 10_000
-MAX_OFFSET = 2**53 - 1
-
-
-def _recovers(since: Position, entries: list[tuple[int, bytes]], top: Position | None) -> bool:
-    """Whether ``entries`` hold every publication after ``since`` (same epoch, no gap)."""
-    if top is None or top.epoch != since.epoch or since.offset > top.offset:
-        return False
-    return since.offset == top.offset or (bool(entries) and entries[0][0] == since.offset + 1)
 
 
 class Session:
@@ -174,7 +162,7 @@ class Session:
         conn = self.conn
         try:
             if isinstance(cmd, Sub) and self.node.history_policy.applies(cmd.ch):
-                await self._subscribe_with_history(cmd)
+                await subscribe_recovering(self, cmd)
                 await self._join(cmd.ch)
                 return
             if isinstance(cmd, Sub):
@@ -198,7 +186,7 @@ class Session:
                 self._refresh(cmd)
                 return
             elif isinstance(cmd, History):
-                await self._history(cmd)
+                await history(self, cmd)
                 return
             elif isinstance(cmd, PresenceQuery | PresenceStats):
                 await self._presence(cmd)
@@ -295,23 +283,6 @@ class Session:
         if not self.conn.closed:
             self.transport.send(self.codec.encode(reply))
 
-    async def _history(self, cmd: History) -> None:
-        if not self.node.history_policy.applies(cmd.ch):
-            code = ErrorCode.NO_HISTORY
-            self._reply_error(self.conn.error_reply(cmd, code, cmd.ch), code)
-            return
-        entries, top = await self.node.history(cmd.ch, cmd.since, cmd.limit)
-        items = [HistoryItem(offset, self.codec.json_to_raw(data)) for offset, data in entries]
-        reply = Reply(
-            id=cmd.id,
-            ok=True,
-            offset=top.offset if top is not None else None,
-            epoch=top.epoch if top is not None else None,
-            publications=items,
-        )
-        if not self.conn.closed:
-            self.transport.send(self.codec.encode(reply))
-
     def heartbeat(self, now: float, dead_after: float) -> None:
         self.transport.heartbeat(now, dead_after)
 
@@ -366,56 +337,6 @@ class Session:
             buffer.append(prepared)
             return
         self.transport.deliver(prepared, self.codec)
-
-    async def _subscribe_with_history(self, cmd: Sub) -> None:
-        """Subscribe, recovering what was missed ``since``, with no gap or repeat at the seam.
-
-        Live publications are held while the history is read; afterwards the
-        reply, the missed publications and the held ones (those after the
-        last offset sent) go out in one synchronous run, so nothing live can
-        slip in between.
-        """
-        ch, since, conn = cmd.ch, cmd.since, self.conn
-        held = self.held = self.held if self.held is not None else {}
-        held[ch] = []
-        seen = self.node.seen(ch)  # from here on, live publications are held
-        try:
-            await self.node.subscribe(ch, self)
-            after = since.offset if since is not None else MAX_OFFSET
-            size = self.node.history_policy.size
-            entries, top = await self.node.history(ch, after, size, covering=seen)
-        except BaseException:
-            held.pop(ch, None)
-            self.node.unsubscribe(ch, self)
-            raise
-        buffered = held.pop(ch)
-        if conn.closed:
-            self.node.unsubscribe(ch, self)
-            return
-        conn.subscribed(ch)
-        recovered = None
-        last = top.offset if top is not None else 0
-        if since is not None:
-            recovered = _recovers(since, entries, top)
-            if recovered:
-                last = since.offset
-        reply = Reply(
-            id=cmd.id,
-            ok=True,
-            recovered=recovered,
-            offset=top.offset if top is not None else None,
-            epoch=top.epoch if top is not None else None,
-        )
-        self.transport.send(self.codec.encode(reply))
-        epoch = top.epoch if top is not None else None
-        if recovered:
-            assert epoch is not None  # recovery implies a history
-            for offset, data in entries:
-                self.transport.deliver(Prepared(ch, data, Position(offset, epoch)), self.codec)
-                last = offset
-        for prepared in buffered:
-            if prepared.offset is None or prepared.epoch != epoch or prepared.offset > last:
-                self.transport.deliver(prepared, self.codec)
 
     def drain(self) -> None:
         """The gateway drains: new ``sub``s get the temporary ``113 CLOSING``."""

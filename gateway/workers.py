@@ -56,9 +56,9 @@ from typing import Any, NoReturn
 from tornado.ioloop import PeriodicCallback
 from tornado.netutil import bind_sockets
 
+from core.infra.runtime import LISTEN_BACKLOG, STOP_SIGNALS, run
+from core.infra.settings import Settings
 from gateway.metricsmerge import WorkerRegistry, snapshot_path
-from gateway.runtime import LISTEN_BACKLOG, STOP_SIGNALS, run
-from gateway.settings import Settings
 
 __all__ = ["Serve", "Worker", "supervise", "worker_count"]
 

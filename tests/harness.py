@@ -18,10 +18,10 @@ from tornado.httpclient import AsyncHTTPClient
 from tornado.httputil import HTTPHeaders
 from websockets.asyncio.client import ClientConnection, connect
 
+from core.infra.broker import Broker
+from core.infra.mint import mint_token
+from core.infra.settings import Settings
 from gateway.app import Gateway, make_app
-from gateway.auth import mint_token
-from gateway.broker import Broker
-from gateway.settings import Settings
 from tests.servers import UNIT
 
 SECRET = "harness-secret-" + "0123456789abcdef" * 4

@@ -9,7 +9,7 @@ import jwt
 import pytest
 from websockets.exceptions import ConnectionClosed
 
-from gateway.broker import RedisBroker
+from core.infra.broker import RedisBroker
 from proto import CloseCode, ErrorCode
 from tests.harness import SECRET, ApiClient, running_gateway, token_for, unique_prefix, ws_client
 from tests.servers import UNIT

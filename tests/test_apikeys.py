@@ -9,7 +9,7 @@ import sys
 import asyncpg
 import pytest
 
-from gateway.broker import RedisBroker
+from core.infra.broker import RedisBroker
 from tests.harness import ApiClient, running_gateway, token_for, unique_prefix, ws_client
 from tests.servers import UNIT
 from tests.test_accounts import ADA, login, register

@@ -13,8 +13,11 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from gateway.auth import AuthError, Verifier, ensure_key_material, mint_token, token_from_header
-from gateway.settings import Settings
+from core.infra.identity import AuthError, token_from_header
+from core.infra.keys import ensure_key_material
+from core.infra.mint import mint_token
+from core.infra.settings import Settings
+from core.infra.verify import Verifier
 
 SECRET = "s3cret-for-tests-only-" + "0123456789abcdef" * 4
 OTHER = "another-secret-" + "fedcba9876543210" * 4

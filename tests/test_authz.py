@@ -18,7 +18,7 @@ from urllib.parse import urlencode
 import asyncpg
 import pytest
 
-from core.app import CoreUnavailable
+from core.service import CoreUnavailable
 from tests.harness import ApiClient, running_gateway, ws_client
 from tests.test_accounts import login, register
 from tests.test_core_rest import project

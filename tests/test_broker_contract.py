@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import pytest
 import redis.asyncio as aioredis
 
-from gateway.broker import (
+from core.infra.broker import (
     Broker,
     BrokerUnavailable,
     MemoryBroker,

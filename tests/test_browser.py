@@ -23,8 +23,8 @@ import msgspec
 import pytest
 from tornado.httpclient import AsyncHTTPClient
 
-from gateway.auth import mint_token
-from gateway.settings import Settings
+from core.infra.mint import mint_token
+from core.infra.settings import Settings
 from proto.codes import should_reconnect
 from tests import test_processes
 from tests.harness import SECRET, ApiClient, running_gateway, token_for, unique_prefix

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.broker import RedisBroker
+from core.infra.broker import RedisBroker
 from gateway.client import (
     Backoff,
     Client,
@@ -429,7 +429,7 @@ async def test_without_websocket_the_client_falls_back_to_long_poll():
 
 async def test_a_resubscription_refused_for_now_is_asked_again_not_dropped():
     """Never a silently dead channel: a temporary refusal after a reconnect is retried."""
-    from gateway.broker import BrokerUnavailable, MemoryBroker
+    from core.infra.broker import BrokerUnavailable, MemoryBroker
 
     class Flaky(MemoryBroker):
         refuse = 0

@@ -65,7 +65,7 @@ async def test_a_bad_row_fails_alone_and_the_rest_are_written(pool):
 
 
 async def test_a_full_queue_refuses_more(pool):
-    from core.errors import Unavailable
+    from core.infra.errors import Unavailable
 
     batcher = Batcher(pool, _CREATE_MANY, max_inflight=1, max_queued=3)
     tasks = [asyncio.ensure_future(batcher.submit(row(f"q{i}"))) for i in range(3)]

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from openapi_spec_validator import validate
 
-from core.app import CoreUnavailable
 from core.openapi import document
+from core.service import CoreUnavailable
 from tests.harness import ApiClient, running_gateway, token_for
 from tests.servers import UNIT
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.broker import RedisBroker
+from core.infra.broker import RedisBroker
 from proto import ErrorCode
 from tests.harness import ApiClient, running_gateway, token_for, unique_prefix, ws_client
 from tests.test_core_rest import PROJECT, project

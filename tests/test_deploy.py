@@ -4,7 +4,7 @@ None of this needs a Docker engine, a cluster or the network. hadolint lints
 the Dockerfile; kubernetes-validate checks every manifest, base and rendered
 overlays, against the Kubernetes schemas in strict mode (an unknown field
 fails); the rest reads the files and checks that what they name exists and
-that their numbers agree with each other and with gateway/settings.py.
+that their numbers agree with each other and with core/infra/settings.py.
 
 Overlays are rendered by `render` below, a small kustomize: resources,
 namespace, images and strategic-merge patches (lists of named items merge by
@@ -32,8 +32,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from gateway.metrics import Metrics
-from gateway.settings import Settings
+from core.infra.metrics import Metrics
+from core.infra.settings import Settings
 from gateway.workers import KILL_AFTER
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -13,9 +13,11 @@ from pathlib import Path
 import jwt
 import pytest
 
-from gateway.auth import AuthError, Verifier, mint_token
-from gateway.keys import SigningKeys, generate_jwk
-from gateway.settings import Settings
+from core.infra.identity import AuthError
+from core.infra.keys import SigningKeys, generate_jwk
+from core.infra.mint import mint_token
+from core.infra.settings import Settings
+from core.infra.verify import Verifier
 from tests.harness import ApiClient, running_gateway
 from tests.test_accounts import ADA, login, register
 

@@ -32,10 +32,10 @@ import pytest
 import yaml
 
 from core import lambda_handler
-from core.app import Core
+from core.infra.mint import mint_token
+from core.infra.settings import Settings
 from core.server import CoreServer
-from gateway.auth import mint_token
-from gateway.settings import Settings
+from core.service import Core
 from tests.servers import UNIT, free_port, run_in_thread
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -560,7 +560,7 @@ def test_an_unexpected_error_is_500_without_internals(core_http, auth, monkeypat
         raise RuntimeError("secret internals")
 
     monkeypatch.setattr(lambda_handler._Container, "answer", broken)
-    with caplog.at_level(logging.ERROR, logger="core.lambda"):
+    with caplog.at_level(logging.ERROR, logger="core.errors"):
         reply = invoke(make_event(kind, "GET", "/api/projects", headers=auth))
     assert reply["statusCode"] == 500
     assert ("multiValueHeaders" in reply) == (kind == "rest_api_v1")
@@ -568,7 +568,8 @@ def test_an_unexpected_error_is_500_without_internals(core_http, auth, monkeypat
         "error": {"status": 500, "code": "internal", "message": "internal error"}
     }
     assert "secret" not in reply["body"]
-    [record] = [r for r in caplog.records if r.name == "core.lambda"]
+    # Logged once, by the one exception mapping, with the traceback.
+    [record] = [r for r in caplog.records if r.name == "core.errors"]
     assert "GET /api/projects" in record.getMessage() and record.exc_info is not None
 
 

@@ -20,18 +20,18 @@ from tornado.httpclient import AsyncHTTPClient
 from websockets.asyncio.client import connect
 
 from core.apikeys import ApiKeyIn
-from core.app import CoreUnavailable
 from core.errors import from_exception
+from core.infra.keys import generate_jwk, write_key_file
+from core.infra.logs import JsonFormatter, TextFormatter, redact
+from core.infra.settings import Settings
 from core.openapi import document as core_document
 from core.paging import ETAG_PATTERN
 from core.request import Request, Response
 from core.routing import Route, uuid_param
 from core.schemas import EMAIL_PATTERN, NO_NUL, Email
 from core.server import CoreServer
+from core.service import CoreUnavailable
 from gateway.asyncapi import document as asyncapi_document
-from gateway.keys import generate_jwk, write_key_file
-from gateway.logs import JsonFormatter, TextFormatter, redact
-from gateway.settings import Settings
 from proto import ErrorCode
 from proto.frames import CHANNEL_PATTERN, Channel
 from tests.harness import SECRET, ApiClient, http_url, running_gateway, token_for, ws_client
@@ -312,7 +312,7 @@ async def test_metrics_need_the_token_when_one_is_set():
 
 
 async def test_open_metrics_are_announced_at_start(caplog):
-    with caplog.at_level(logging.WARNING, logger="gateway.metrics"):
+    with caplog.at_level(logging.WARNING, logger="core.infra.metrics"):
         async with running_gateway() as gw:
             status, body, _ = await _scrape(gw.port, None)
     assert status == 200 and "gateway_connections" in body

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from gateway.broker import RedisBroker
-from gateway.ratelimit import Rate
+from core.infra.broker import RedisBroker
+from core.infra.rate import Rate
 from proto import CloseCode, ErrorCode
 from tests.harness import ApiClient, running_gateway, token_for, unique_prefix, ws_client
 from tests.test_accounts import ADA, login, register

@@ -11,9 +11,9 @@ from typing import Any
 
 import pytest
 
-from gateway.clientip import TrustedProxies
-from gateway.proxyprotocol import V2_SIGNATURE, ProxyHeaderError, parse_v1, parse_v2
-from gateway.ratelimit import Rate
+from core.infra.clientip import TrustedProxies
+from core.infra.proxyprotocol import V2_SIGNATURE, ProxyHeaderError, parse_v1, parse_v2
+from core.infra.rate import Rate
 from tests.harness import ApiClient, running_gateway, token_for
 from tests.servers import UNIT
 
@@ -452,7 +452,7 @@ def test_proxy_header_parsing():
 
 
 def test_per_address_limits_count_an_ipv6_host_by_its_64():
-    from gateway.clientip import limit_key
+    from core.infra.clientip import limit_key
 
     assert (
         limit_key("2001:db8:1:2:aaaa::1")

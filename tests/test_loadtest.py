@@ -12,12 +12,12 @@ import time
 
 import pytest
 
+from core.infra.runtime import run
 from gateway.loadtest.laggard import Throttle, roles
 from gateway.loadtest.ledger import Ledger
 from gateway.loadtest.options import parse_sources
 from gateway.loadtest.stats import Histogram
 from gateway.loadtest.worker import WorkerSpec, _Worker
-from gateway.runtime import run
 from gateway.transport import wsconn
 from tests.harness import SECRET, running_gateway, unique_prefix
 from tests.servers import UNIT

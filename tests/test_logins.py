@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 from urllib.parse import urlencode
 
-from gateway.ratelimit import Rate
+from core.infra.rate import Rate
 from tests.harness import ApiClient, running_gateway, token_for, ws_client
 from tests.test_accounts import ADA, login, register
 

@@ -201,8 +201,8 @@ def lambda_env(monkeypatch, database_url, schema) -> dict[str, str]:
 
 
 def get_projects() -> int:
-    from gateway.auth import mint_token
-    from gateway.settings import Settings
+    from core.infra.mint import mint_token
+    from core.infra.settings import Settings
 
     token = mint_token(Settings(jwt_secret=SECRET), "alice", [], extra={"role": "admin"})
     event = make_event(

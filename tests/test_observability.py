@@ -12,7 +12,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.logs import JsonFormatter, TextFormatter
+from core.infra.logs import JsonFormatter, TextFormatter
 from tests.harness import ApiClient, http_url, running_gateway, token_for, ws_client
 from tests.test_core_rest import PROJECT
 from tests.test_websocket import fetch

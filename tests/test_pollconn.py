@@ -12,7 +12,7 @@ import json
 import time
 from typing import Any
 
-from gateway.polling import PollSession, Waits
+from gateway.transport.pollsessions import PollSession, Waits
 from proto import CloseCode
 from tests.harness import ApiClient, running_gateway, token_for, until
 from tests.servers import UNIT

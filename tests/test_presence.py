@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from gateway.broker import MemoryBroker, RedisBroker
+from core.infra.broker import MemoryBroker, RedisBroker
 from proto import ErrorCode
 from tests.harness import running_gateway, token_for, unique_prefix, until, ws_client
 from tests.servers import UNIT
@@ -166,7 +166,7 @@ async def test_the_tokens_info_claim_is_shown_in_presence(msgpack):
 
 
 async def test_an_oversized_or_odd_info_claim_is_refused():
-    from gateway.auth import AuthError
+    from core.infra.identity import AuthError
 
     async with running_gateway(**ROOMS) as gw:
         for info in ({"x": "y" * 2000}, "a string"):

@@ -16,9 +16,9 @@ import msgspec
 import pytest
 import redis.asyncio as aioredis
 
-from gateway.broker import MemoryBroker
+from core.infra.broker import MemoryBroker
+from core.infra.metrics import Metrics
 from gateway.hub import Hub, Prepared
-from gateway.metrics import Metrics
 from gateway.node import Node
 from proto import JSON_CODEC, MSGPACK_CODEC, ErrorCode, InvalidData
 from proto.publication import MAX_DEPTH, check_json, from_broker, from_msgpack

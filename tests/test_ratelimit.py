@@ -14,7 +14,7 @@ import uuid
 import pytest
 import redis.asyncio as aioredis
 
-from gateway.ratelimit import Decision, MemoryRateLimiter, RateLimiter, RedisRateLimiter
+from core.infra.ratelimit import Decision, MemoryRateLimiter, RateLimiter, RedisRateLimiter
 from tests.servers import UNIT
 
 T0 = 1000.0
@@ -224,7 +224,7 @@ async def test_redis_key_is_prefixed_and_expires_when_irrelevant(redis_url):
 
 
 async def test_redis_outage_fails_open_per_process_then_recovers(throwaway_redis, caplog):
-    caplog.set_level(logging.INFO, logger="gateway.ratelimit")
+    caplog.set_level(logging.INFO, logger="core.infra.ratelimit")
     url, prefix = throwaway_redis.url, rl_prefix()
     a = RedisRateLimiter(url, prefix, timeout=0.5 * UNIT, retry_interval=0.05)
     b = RedisRateLimiter(url, prefix, timeout=0.5 * UNIT, retry_interval=0.05)
@@ -247,7 +247,7 @@ async def test_redis_outage_fails_open_per_process_then_recovers(throwaway_redis
         warned = [
             r
             for r in caplog.records
-            if r.name == "gateway.ratelimit" and r.levelno == logging.WARNING
+            if r.name == "core.infra.ratelimit" and r.levelno == logging.WARNING
         ]
         assert len(warned) == 2  # one per limiter and outage, not one per hit
         await a.reset("k")  # never raises, outage or not
@@ -268,7 +268,7 @@ async def test_redis_outage_fails_open_per_process_then_recovers(throwaway_redis
         assert await a.hit("shared", 2, 3600) == Decision(True, 1, 0.0)
         assert await b.hit("shared", 2, 3600) == Decision(True, 0, 0.0)
         assert not (await a.hit("shared", 2, 3600)).allowed
-        messages = [r.getMessage() for r in caplog.records if r.name == "gateway.ratelimit"]
+        messages = [r.getMessage() for r in caplog.records if r.name == "core.infra.ratelimit"]
         assert sum("answers again" in m for m in messages) == 2
         assert sum("unavailable" in m for m in messages) == 2
     finally:

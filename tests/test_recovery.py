@@ -8,7 +8,7 @@ import signal
 import pytest
 from websockets.exceptions import ConnectionClosed
 
-from gateway.broker import RedisBroker
+from core.infra.broker import RedisBroker
 from proto import ErrorCode
 from tests.harness import SECRET, running_gateway, token_for, unique_prefix, ws_client
 from tests.servers import UNIT

@@ -19,12 +19,12 @@ import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 from redis.crc import key_slot
 
-from gateway.broker import RedisBroker, RedisClusterBroker, make_broker
-from gateway.broker.cluster import SPUBLISH_WITH_HISTORY
-from gateway.broker.redis import PUBLISH_WITH_HISTORY
+from core.infra.broker import RedisBroker, RedisClusterBroker, make_broker
+from core.infra.broker.cluster import SPUBLISH_WITH_HISTORY
+from core.infra.broker.redis import PUBLISH_WITH_HISTORY
+from core.infra.ratelimit import RedisRateLimiter
+from core.infra.settings import Settings
 from gateway.publisher import Publisher
-from gateway.ratelimit import RedisRateLimiter
-from gateway.settings import Settings
 from tests.harness import running_gateway, token_for, unique_prefix, ws_client
 from tests.servers import UNIT, ThrowawayRedisCluster
 from tests.test_broker_contract import Inbox, redis_cluster  # noqa: F401  (fixture)

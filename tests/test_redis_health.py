@@ -6,7 +6,7 @@ import asyncio
 
 from tornado.httpclient import AsyncHTTPClient
 
-from gateway.broker import RedisBroker
+from core.infra.broker import RedisBroker
 from tests.harness import http_url, running_gateway, token_for, unique_prefix, until, ws_client
 from tests.servers import UNIT
 

@@ -9,10 +9,10 @@ import json
 
 import pytest
 
-from gateway.broker import BrokerUnavailable, RedisBroker
-from gateway.history import HistoryPolicy
+from core.infra.broker import BrokerUnavailable, RedisBroker
+from core.infra.history import HistoryPolicy
+from core.infra.metrics import Metrics
 from gateway.hub import Hub
-from gateway.metrics import Metrics
 from gateway.node import Node
 from tests.harness import running_gateway, token_for, unique_prefix, until, ws_client
 from tests.servers import UNIT

@@ -11,13 +11,14 @@ import jwt
 import msgspec
 import pytest
 
-from gateway.auth import Identity, Verifier
-from gateway.broker import BrokerUnavailable, MemoryBroker
+from core.infra.broker import BrokerUnavailable, MemoryBroker
+from core.infra.identity import Identity
+from core.infra.metrics import Metrics
+from core.infra.settings import Settings
+from core.infra.verify import Verifier
 from gateway.hub import Hub, Prepared
-from gateway.metrics import Metrics
 from gateway.node import Node
 from gateway.session import Session
-from gateway.settings import Settings
 from proto import JSON_CODEC, MSGPACK_CODEC, CloseCode, Codec, Connection, ErrorCode, Grants
 from tests.servers import UNIT
 

@@ -112,7 +112,7 @@ async def test_refusals_are_plain_http():
 
 async def test_a_subscription_that_cannot_be_made_ends_the_stream_with_4004():
     """Never a silent open stream: EventSource (and gateway.js) reconnect with backoff."""
-    from gateway.broker import BrokerUnavailable, MemoryBroker
+    from core.infra.broker import BrokerUnavailable, MemoryBroker
 
     class Down(MemoryBroker):
         async def subscribe(self, ch: str) -> None:

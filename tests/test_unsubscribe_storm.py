@@ -7,9 +7,9 @@ import contextlib
 
 import redis.asyncio as aioredis
 
-from gateway.broker import RedisBroker
+from core.infra.broker import RedisBroker
+from core.infra.metrics import Metrics
 from gateway.hub import Hub
-from gateway.metrics import Metrics
 from gateway.node import UNSUBSCRIBE_BATCH, Node
 from tests.harness import running_gateway, token_for, unique_prefix, until, ws_client
 from tests.servers import UNIT

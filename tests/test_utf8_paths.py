@@ -19,7 +19,7 @@ import msgspec
 import redis.asyncio as aioredis
 from tornado.httpclient import AsyncHTTPClient, HTTPRequest
 
-from gateway.broker import RedisBroker
+from core.infra.broker import RedisBroker
 from gateway.loadtest.wsclient import client_frame, handshake_request
 from proto import ErrorCode
 from tests.harness import running_gateway, token_for, unique_prefix, ws_client

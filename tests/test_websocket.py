@@ -13,7 +13,7 @@ import pytest
 from tornado.httpclient import AsyncHTTPClient, HTTPResponse
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from gateway.auth import mint_token
+from core.infra.mint import mint_token
 from proto import CloseCode, ErrorCode
 from tests.harness import SECRET, http_url, running_gateway, token_for, until, ws_client
 from tests.servers import UNIT

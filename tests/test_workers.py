@@ -19,10 +19,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 from websockets.exceptions import ConnectionClosed
 
+from core.infra.mint import mint_token
+from core.infra.settings import Settings
 from gateway.__main__ import _parser
-from gateway.auth import mint_token
 from gateway.metricsmerge import MAX_AGE, WorkerRegistry, scrape_view
-from gateway.settings import Settings
 from gateway.workers import worker_count
 from proto import CloseCode
 from tests.harness import SECRET, unique_prefix, ws_client

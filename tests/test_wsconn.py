@@ -13,9 +13,9 @@ from collections.abc import AsyncIterator
 
 import pytest
 
+from core.infra.metrics import Metrics
 from gateway.hub import Prepared
 from gateway.loadtest.wsclient import client_frame, handshake_request
-from gateway.metrics import Metrics
 from gateway.transport.wsconn import Coalescer, WSConnection
 from proto.codec import JSON
 from proto.wsframe import (

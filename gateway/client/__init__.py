@@ -28,7 +28,7 @@ the runtime dependencies hold none but Tornado's, and the load tool
 See docs/clients.md.
 """
 
-from gateway.client.backoff import Backoff
+from core.infra.backoff import Backoff
 from gateway.client.client import Client, HistoryPage, PresenceCount, RpcResponse
 from gateway.client.connection import TRANSITIONS, State, StateError
 from gateway.client.errors import (

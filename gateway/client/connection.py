@@ -37,7 +37,7 @@ from typing import Final, Self
 import msgspec
 from tornado.httpclient import AsyncHTTPClient
 
-from gateway.client.backoff import Backoff
+from core.infra.backoff import Backoff
 from gateway.client.encoding import ENCODINGS, ServerFrame
 from gateway.client.errors import (
     ClientError,

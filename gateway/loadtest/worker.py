@@ -24,13 +24,13 @@ import time
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 
+from core.infra.runtime import raise_file_limit, run
 from gateway.loadtest.httpclients import SSEClient, longpoll_client, sse_request
 from gateway.loadtest.laggard import READER, ROLES, LaggardClient, account, laggard_socket
 from gateway.loadtest.ledger import Ledger
 from gateway.loadtest.stats import Tally
 from gateway.loadtest.stream import StreamClient
 from gateway.loadtest.wsclient import WSClient, handshake_request
-from gateway.runtime import raise_file_limit, run
 
 __all__ = ["WorkerSpec", "worker_main"]
 

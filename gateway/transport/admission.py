@@ -11,12 +11,11 @@ import logging
 import tornado.web
 from tornado.httputil import HTTPHeaders
 
-from core.errors import TooManyRequests
-from gateway.auth import AuthError, Identity, token_from_header
-from gateway.clientip import limit_key
+from core.infra.clientip import limit_key
+from core.infra.errors import ApiError, TooManyRequests
+from core.infra.identity import AuthError, Identity, token_from_header
+from core.infra.ratelimit import over_limit
 from gateway.context import Context
-from gateway.http import ApiError
-from gateway.ratelimit import over_limit
 
 __all__ = ["admit", "admit_request"]
 
@@ -54,7 +53,7 @@ async def admit_request(
     wait = await over_limit(ctx.limiter, f"connect-ip:{limit_key(remote_ip)}", rate)
     if wait is not None:
         ctx.metrics.handshake_failures.labels("rate_limited").inc()
-        raise ApiError.from_core(TooManyRequests(wait, "new connections"))
+        raise TooManyRequests(wait, "new connections")
     token = token_from_header(headers.get("Authorization"))
     if token is None:
         token = query_token

@@ -13,12 +13,11 @@ from http import HTTPStatus
 
 from tornado import httputil
 
-from core.errors import error_body
-from gateway.http import ApiError
+from core.infra.errors import ApiError
 
 __all__ = ["BodylessRequest"]
 
-log = logging.getLogger("gateway.http")
+log = logging.getLogger("gateway.endpoints")
 
 
 class BodylessRequest(httputil.HTTPMessageDelegate):
@@ -59,6 +58,4 @@ class BodylessRequest(httputil.HTTPMessageDelegate):
     def refuse(self, exc: ApiError, headers: dict[str, str] | None = None) -> bool:
         """Answer with the error body of ``exc`` (its status and headers)."""
         status = exc.status_code
-        return self.answer(
-            status, {**exc.headers, **(headers or {})}, error_body(status, exc.code, exc.message)
-        )
+        return self.answer(status, {**exc.headers, **(headers or {})}, exc.body())

@@ -33,11 +33,12 @@ import secrets
 
 import msgspec
 
+from core.infra.errors import ApiError
 from gateway.context import Context
-from gateway.http import ApiError, JsonHandler
-from gateway.polling import PollSession
+from gateway.endpoints import JsonHandler
 from gateway.session import Session
 from gateway.transport.admission import admit
+from gateway.transport.pollsessions import PollSession
 from proto import JSON_CODEC, Connection
 
 __all__ = ["LongPollHandler"]

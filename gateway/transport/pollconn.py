@@ -44,11 +44,11 @@ from typing import Any, cast
 from tornado.http1connection import HTTP1Connection
 from tornado.httputil import HTTPHeaders
 
+from core.infra.listener import Listener, unread
+from core.infra.logs import redact
 from gateway.context import Context
-from gateway.listener import Listener, unread
-from gateway.logs import redact
-from gateway.polling import PollSession
 from gateway.transport.pollrequest import INCOMPLETE, PollRequest, cursor_of, parse, token_of
+from gateway.transport.pollsessions import PollSession
 
 __all__ = ["PollConnection", "adopt"]
 

@@ -25,7 +25,7 @@ import re
 from typing import Final
 from urllib.parse import parse_qs
 
-from gateway.auth import token_from_header
+from core.infra.identity import token_from_header
 
 __all__ = ["INCOMPLETE", "OTHER", "PollRequest", "cursor_of", "parse", "token_of"]
 

@@ -36,15 +36,16 @@ from tornado import httputil
 from tornado.http1connection import HTTP1Connection
 from tornado.routing import Matcher
 
-from gateway.auth import API_KEY_PREFIX, AuthError, Identity
+from core.errors import from_exception
+from core.infra.errors import ApiError
+from core.infra.identity import API_KEY_PREFIX, AuthError, Identity
+from core.infra.listener import Listener
+from core.infra.logs import redact
 from gateway.context import Context
-from gateway.http import ApiError
-from gateway.listener import Listener
-from gateway.logs import redact
-from gateway.polling import PollSession
 from gateway.transport.delegate import BodylessRequest
 from gateway.transport.pollconn import adopt
 from gateway.transport.pollrequest import cursor_of, token_of
+from gateway.transport.pollsessions import PollSession
 
 __all__ = ["PollMatches", "PollServer"]
 
@@ -113,9 +114,8 @@ class _Poll(BodylessRequest):
         except ApiError as exc:
             self._refuse(exc)
             return
-        except Exception:
-            log.exception("long-poll failed")
-            self._refuse(ApiError(500, "internal", "internal error"))
+        except Exception as exc:
+            self._refuse(from_exception(exc, "a long-poll request"))
             return
         if self._adoptable(poll):
             assert isinstance(self._conn, HTTP1Connection)

@@ -32,12 +32,12 @@ import random
 from typing import ClassVar
 
 import msgspec
-import tornado.web
 from tornado.iostream import StreamBufferFullError, StreamClosedError
 
-from gateway.auth import Identity
+from core.errors import JsonErrors
+from core.infra.errors import ApiError
+from core.infra.identity import Identity
 from gateway.context import Context
-from gateway.http import ApiError
 from gateway.hub import Prepared
 from gateway.session import Session
 from gateway.transport.admission import admit
@@ -72,7 +72,7 @@ def decode_positions(event_id: str | None) -> dict[str, tuple[int, str]]:
         return {}
 
 
-class SSEHandler(tornado.web.RequestHandler):
+class SSEHandler(JsonErrors):
     kind: ClassVar[str] = "sse"
     ctx: Context
 
@@ -86,9 +86,6 @@ class SSEHandler(tornado.web.RequestHandler):
 
     async def prepare(self) -> None:
         self._identity = await admit(self, self.ctx)
-
-    def write_error(self, status_code: int, **kwargs: object) -> None:
-        ApiError.write_json(self, status_code, kwargs.get("exc_info"))
 
     async def get(self) -> None:
         ctx, identity = self.ctx, self._identity

@@ -36,12 +36,13 @@ from urllib.parse import parse_qs
 from tornado import httputil
 from tornado.http1connection import HTTP1Connection
 
-from core.errors import error_body
-from gateway.auth import Identity
+from core.errors import from_exception
+from core.infra.errors import ApiError
+from core.infra.httpstream import unread
+from core.infra.identity import Identity
+from core.infra.logs import redact
+from core.infra.tasks import TaskSet
 from gateway.context import Context
-from gateway.http import ApiError
-from gateway.httpstream import unread
-from gateway.logs import redact
 from gateway.session import Session
 from gateway.transport.admission import admit_request
 from gateway.transport.delegate import BodylessRequest
@@ -66,7 +67,7 @@ class WebSocketServer(httputil.HTTPServerConnectionDelegate):
 
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks = TaskSet(log)
 
     def start_request(
         self, server_conn: object, request_conn: httputil.HTTPConnection
@@ -74,9 +75,7 @@ class WebSocketServer(httputil.HTTPServerConnectionDelegate):
         return _Upgrade(self, request_conn)
 
     def spawn(self, upgrade: _Upgrade) -> None:
-        task = asyncio.ensure_future(upgrade.run())
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._tasks.spawn(upgrade.run())
 
 
 class _Upgrade(BodylessRequest):
@@ -104,9 +103,8 @@ class _Upgrade(BodylessRequest):
         except ApiError as exc:
             self._refuse(exc)
             return
-        except Exception:
-            log.exception("handshake failed")
-            self._refuse(ApiError(500, "internal", "internal error"))
+        except Exception as exc:
+            self._refuse(from_exception(exc, "the WebSocket handshake"))
             return
         await self._upgrade(identity, codec, response, remote_ip)
 
@@ -166,7 +164,7 @@ class _Upgrade(BodylessRequest):
 def _refusal(exc: ApiError, head_only: bool) -> bytes:
     """The response refusing an upgrade: the JSON error body, then the connection closes."""
     status = exc.status_code
-    body = error_body(status, exc.code, exc.message)
+    body = exc.body()
     headers = {**exc.headers, "Content-Type": "application/json",
                "Content-Length": str(len(body)), "Connection": "close"}  # fmt: skip
     if status == 401:

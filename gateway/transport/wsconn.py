@@ -45,8 +45,9 @@ from typing import Any, ClassVar
 
 from prometheus_client import Histogram
 
+from core.infra.metrics import Metrics
+from core.infra.tasks import TaskSet
 from gateway.hub import Prepared
-from gateway.metrics import Metrics
 from gateway.session import Session
 from proto import CloseCode, Codec, close_reason, frame
 from proto.wsframe import OP_PING
@@ -69,7 +70,7 @@ MAX_PENDING = 64
 BUDGET_CHECK = 0.1
 _PING = bytes((0x80 | OP_PING, 0))
 #: The command tasks running now, one per busy connection (idle ones hold none).
-_RUNNING: set[asyncio.Task[None]] = set()
+_RUNNING = TaskSet(log)
 _LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() resets the connection
 
 
@@ -378,9 +379,7 @@ class WSConnection(asyncio.Protocol):
                 self.transport.pause_reading()
             return
         self._running = True
-        task = asyncio.get_running_loop().create_task(self._run(payload))
-        _RUNNING.add(task)  # the loop keeps only a weak reference to a task
-        task.add_done_callback(_RUNNING.discard)
+        _RUNNING.spawn(self._run(payload))
 
     async def _run(self, payload: bytes) -> None:
         """Run this connection's commands in order until none is waiting."""

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import asyncpg
 
-from gateway.auth import mint_token
-from gateway.settings import Settings
+from core.infra.mint import mint_token
+from core.infra.settings import Settings
 from tests.conformance.cases import Target
 from tests.servers import UNIT, free_port, run_in_thread
 

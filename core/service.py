@@ -21,9 +21,16 @@ from core.access import Access, check
 from core.accounts import Accounts, Revoker
 from core.apikeys import ApiKeys
 from core.db import Database
-from core.errors import ApiError, TooManyRequests, from_exception
-from core.events import Events, Publisher
+from core.errors import from_exception
+from core.events import Events
 from core.idempotency import IdempotencyStore
+from core.infra.broker.base import Publisher
+from core.infra.control import ControlMessage
+from core.infra.errors import ApiError, TooManyRequests
+from core.infra.identity import Identity
+from core.infra.ratelimit import MemoryRateLimiter, RateLimiter, over_limit
+from core.infra.revocation import Revocations
+from core.infra.settings import Settings
 from core.passwords import Passwords
 from core.projects import Projects
 from core.request import Request, Response
@@ -31,10 +38,6 @@ from core.routing import Route, Router
 from core.tokens import Issuer
 from core.users import Users
 from core.validation import decode_body, parse_form, parse_query
-from gateway.auth import Identity
-from gateway.ratelimit import MemoryRateLimiter, RateLimiter, over_limit
-from gateway.revocation import Revocations
-from gateway.settings import Settings
 
 __all__ = ["Core", "CoreUnavailable", "api_routes"]
 
@@ -79,7 +82,7 @@ class CoreUnavailable:
 
     async def dispatch(self, req: Request) -> Response:
         err = ApiError(503, "unavailable", self.reason, headers={"Retry-After": "5"})
-        return Response(err.status, err.body(), err.headers)
+        return Response.error(err)
 
     async def close(self) -> None:
         return None
@@ -161,10 +164,10 @@ class Core:
         await self.sync_revocations()
         await self.api_keys.reload()
 
-    def on_control(self, data: bytes) -> None:
-        """A control-channel message from any process."""
-        self.revocations.on_control(data)
-        self.api_keys.on_control(data)
+    def on_control(self, message: ControlMessage) -> None:
+        """A control-channel message from any process (core/infra/control.py)."""
+        self.revocations.on_control(message)
+        self.api_keys.on_control(message)
 
     async def sync_revocations(self) -> None:
         """Apply revocations made while this process may have missed their broadcast."""
@@ -219,7 +222,7 @@ class Core:
             raise
         except Exception as exc:
             err = from_exception(exc, f"{req.method} {req.path}")
-            return Response(err.status, err.body(), err.headers)
+            return Response.error(err)
 
     async def _purge(self) -> None:
         keys = await self.idempotency.purge()

@@ -14,7 +14,7 @@ from typing import Any
 
 __all__ = ["EmbeddedPostgres"]
 
-log = logging.getLogger("core.embedded")
+log = logging.getLogger("gateway.embedded")
 
 
 class EmbeddedPostgres:

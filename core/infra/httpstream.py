@@ -24,12 +24,12 @@ from types import TracebackType
 
 from tornado.iostream import IOStream, UnsatisfiableReadError
 
-from core.errors import error_body
-from gateway.throttled import ThrottledLog
+from core.infra.errors import error_body
+from core.infra.throttled import ThrottledLog
 
 __all__ = ["DRAIN_BYTES", "HTTPStream", "oversized_answer", "unread"]
 
-log = logging.getLogger("gateway.listener")
+log = logging.getLogger("core.infra.listener")
 _log_oversized = ThrottledLog(log)
 
 #: At most this much already-sent input is dropped before an oversized request is closed.

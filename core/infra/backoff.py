@@ -1,10 +1,13 @@
-"""Reconnect delays: exponential backoff with full jitter.
+"""Reconnect delays: exponential backoff with full jitter, the one backoff of the product.
 
-After attempt ``n`` (0, 1, 2…) the client waits a uniformly random time in
-``[0, min(cap, base * 2**n)]`` ("full jitter"): when a draining gateway
-closes twenty thousand sockets, their clients come back spread over the
-window instead of at once. A server's ``Retry-After`` raises the wait, up
-to ``cap``. A pure function of its inputs: tests pass their own ``random``.
+After attempt ``n`` (0, 1, 2…) the wait is a uniformly random time in
+``[0, min(cap, base * 2**n)]`` ("full jitter", as AWS's architecture blog
+names it): when a draining gateway closes twenty thousand sockets, their
+clients come back spread over the window instead of at once, and brokers
+whose Redis came back do not reconnect in step. A server's ``Retry-After``
+raises the wait, up to ``cap``. A pure function of its inputs: tests pass
+their own ``random``. Used by the Python client (gateway.client) and the
+brokers' reconnect loops (core/infra/broker/).
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ __all__ = [
     "warn_open_metrics",
 ]
 
-log = logging.getLogger("gateway.metrics")
+log = logging.getLogger("core.infra.metrics")
 
 #: The transports a connection can use (label values of gateway_connections).
 TRANSPORTS = ("websocket", "sse", "longpoll")

@@ -8,7 +8,7 @@ import logging
 import secrets
 import time
 
-from gateway.broker.base import (
+from core.infra.broker.base import (
     CONTROL,
     Broker,
     BrokerUnavailable,
@@ -20,7 +20,7 @@ from gateway.broker.base import (
 
 __all__ = ["MemoryBroker"]
 
-log = logging.getLogger("gateway.broker")
+log = logging.getLogger("core.infra.broker")
 
 
 class _History:

@@ -20,7 +20,6 @@ import asyncio
 import contextlib
 import logging
 import math
-import random
 import secrets
 from collections.abc import Iterable
 from typing import Any
@@ -33,7 +32,8 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisClusterException, RedisError
 
-from gateway.broker.base import (
+from core.infra.backoff import Backoff
+from core.infra.broker.base import (
     CONTROL,
     Broker,
     BrokerUnavailable,
@@ -42,7 +42,8 @@ from gateway.broker.base import (
     PublicationHandler,
     StateListener,
 )
-from gateway.throttled import ThrottledLog
+from core.infra.lua import script
+from core.infra.throttled import ThrottledLog
 
 __all__ = [
     "BACKEND_ERRORS",
@@ -52,21 +53,15 @@ __all__ = [
     "SUBSCRIBE_ERRORS",
     "LinkStalled",
     "RedisBroker",
-    "backoff_delay",
 ]
 
-log = logging.getLogger("gateway.broker")
+log = logging.getLogger("core.infra.broker")
 _dropped = ThrottledLog(log)
 
 #: What a lost or refusing backend raises (redis-py's cluster errors are not RedisErrors).
 BACKEND_ERRORS: tuple[type[Exception], ...] = (RedisError, RedisClusterException, OSError)
 #: What makes a subscription fail (TimeoutError is an OSError).
 SUBSCRIBE_ERRORS: tuple[type[Exception], ...] = (*BACKEND_ERRORS, BrokerUnavailable)
-
-
-def backoff_delay(attempt: int, initial: float, maximum: float, rand: float) -> float:
-    """Full-jitter exponential backoff: a pure function of the attempt number."""
-    return float(min(maximum, initial * 2.0 ** min(attempt, 32)) * (0.5 + rand / 2))
 
 
 def _redact(url: str) -> str:
@@ -83,55 +78,15 @@ VERIFY_BATCH = 500
 #: a byte no JSON starts with, so plain PUBLISHes pass untouched.
 _HISTORY_MARK = b"\x1e"
 
-#: Append to a channel's history and publish, atomically. KEYS: stream, meta.
-#: ARGV: Redis channel, data, size, ttl seconds, a fresh epoch (used when the
-#: history is gone). Backends in other languages may run it (EVALSHA) to
-#: publish with history; docs/protocol.md gives the recipe.
-PUBLISH_WITH_HISTORY = r"""
-local epoch = redis.call('HGET', KEYS[2], 'e')
-if not epoch then
-    epoch = ARGV[5]
-    redis.call('DEL', KEYS[1])
-    redis.call('HSET', KEYS[2], 'e', epoch, 'o', 0)
-end
-local offset = redis.call('HINCRBY', KEYS[2], 'o', 1)
-redis.call('XADD', KEYS[1], 'MAXLEN', ARGV[3], offset .. '-1', 'd', ARGV[2])
-redis.call('EXPIRE', KEYS[1], ARGV[4])
-redis.call('EXPIRE', KEYS[2], ARGV[4])
-redis.call('PUBLISH', ARGV[1], '\30' .. offset .. ' ' .. epoch .. ' ' .. ARGV[2])
-return {offset, epoch}
-"""
+#: Append to a channel's history and publish, atomically (lua/publish_with_history.lua).
+PUBLISH_WITH_HISTORY = script("publish_with_history")
 
 
-#: Presence of a channel: KEYS hash (client -> info) and zset (client -> expiry,
-#: Redis server time in ms). Reading drops expired entries first, so a
-#: killed node's clients vanish by themselves. ARGV: now-override (or 0).
-PRESENCE_READ = r"""
-local now = tonumber(ARGV[1])
-if now == 0 then
-    local t = redis.call('TIME')
-    now = t[1] * 1000 + math.floor(t[2] / 1000)
-end
-local gone = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now)
-if #gone > 0 then
-    redis.call('HDEL', KEYS[1], unpack(gone))
-    redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
-end
-return redis.call('HGETALL', KEYS[1])
-"""
+#: Read a channel's presence, dropping expired entries (lua/presence_read.lua).
+PRESENCE_READ = script("presence_read")
 
-#: ARGV: ttl ms, then client, info pairs. Expiry times use the server clock.
-PRESENCE_ADD = r"""
-local t = redis.call('TIME')
-local expires = t[1] * 1000 + math.floor(t[2] / 1000) + tonumber(ARGV[1])
-for i = 2, #ARGV, 2 do
-    redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
-    redis.call('ZADD', KEYS[2], expires, ARGV[i])
-end
-redis.call('PEXPIRE', KEYS[1], ARGV[1])
-redis.call('PEXPIRE', KEYS[2], ARGV[1])
-return 1
-"""
+#: Add or refresh presence entries (lua/presence_add.lua).
+PRESENCE_ADD = script("presence_add")
 
 
 class LinkStalled(RedisConnectionError):
@@ -179,7 +134,7 @@ class RedisBroker(Broker):
         self._prefix = prefix
         self._prefix_b = prefix.encode()
         self._control = (prefix + CONTROL).encode()
-        self._backoff = (backoff_initial, backoff_max)
+        self._backoff = Backoff(backoff_initial, backoff_max)
         self._subscribe_timeout = subscribe_timeout
         self._health = (health_interval, health_timeout)
         self._pool_size = (pool_size, pool_timeout)
@@ -447,7 +402,7 @@ class RedisBroker(Broker):
             except Exception as exc:  # the reader survives anything (base.py)
                 self._set_connected(False)
                 self._fail_confirmations()
-                delay = backoff_delay(attempt, *self._backoff, random.random())
+                delay = self._backoff.delay(attempt)
                 attempt += 1
                 if isinstance(exc, BACKEND_ERRORS):
                     log.warning("Redis pub/sub connection lost (%s); retrying in %.2fs", exc, delay)

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Callable
+from typing import Protocol
 
 from proto import Position
 
@@ -55,6 +56,7 @@ __all__ = [
     "FaultListener",
     "Position",
     "PublicationHandler",
+    "Publisher",
     "StateListener",
 ]
 
@@ -73,6 +75,16 @@ StateListener = Callable[[bool], None]
 #: its handler raised (``handler``), or its reader restarted after an
 #: unexpected error (``reader``); for metrics.
 FaultListener = Callable[[str], None]
+
+
+class Publisher(Protocol):
+    """Anything that publishes to every subscriber of a channel on every node.
+
+    A `Broker`, the gateway's node, `core.infra.history.HistoryPublisher`.
+    """
+
+    async def publish(self, ch: str, data: bytes) -> object:
+        """Publish JSON bytes to every subscriber of ``ch`` on every node."""
 
 
 class BrokerUnavailable(Exception):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from gateway.broker.base import (
+from core.infra.broker.base import (
     CONTROL,
     Broker,
     BrokerUnavailable,
@@ -13,10 +13,10 @@ from gateway.broker.base import (
     PublicationHandler,
     StateListener,
 )
-from gateway.broker.cluster import RedisClusterBroker
-from gateway.broker.memory import MemoryBroker
-from gateway.broker.redis import RedisBroker
-from gateway.settings import Settings
+from core.infra.broker.cluster import RedisClusterBroker
+from core.infra.broker.memory import MemoryBroker
+from core.infra.broker.redis import RedisBroker
+from core.infra.settings import Settings
 
 __all__ = [
     "CONTROL",

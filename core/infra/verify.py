@@ -1,4 +1,4 @@
-"""JWT verification before the upgrade, and token minting.
+"""JWT and API-key verification: `Verifier` turns a token into an `Identity`.
 
 Keys decide the algorithms, never the token: an HMAC secret admits HS*, a
 public key admits the algorithms of its type (RSA: RS*/PS*, EC: the ES* of
@@ -11,9 +11,6 @@ HMAC secret (algorithm confusion).
 from __future__ import annotations
 
 import hashlib
-import logging
-import os
-import secrets
 import time
 from collections.abc import Container, Mapping
 from pathlib import Path
@@ -24,77 +21,15 @@ import msgspec
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
-from gateway.keys import SigningKeys
-from gateway.settings import Settings
+from core.infra.identity import API_KEY_PREFIX, AuthError, Identity
+from core.infra.keys import HMAC_ALGORITHMS, SigningKeys
+from core.infra.settings import Settings
 from proto import Grants, InvalidGrants
 
-__all__ = [
-    "API_KEY_PREFIX",
-    "AuthError",
-    "Identity",
-    "Verifier",
-    "ensure_key_material",
-    "mint_token",
-    "token_from_header",
-]
+__all__ = ["MAX_INFO_BYTES", "Verifier"]
 
-log = logging.getLogger("gateway.auth")
-
-_HMAC = ("HS256", "HS384", "HS512")
 MAX_INFO_BYTES = 1024
-#: API keys look like ``gwk_<43 characters>``; anything else is a JWT.
-API_KEY_PREFIX = "gwk_"
 _EC_ALGS = {"secp256r1": "ES256", "secp384r1": "ES384", "secp521r1": "ES512"}
-
-
-class AuthError(Exception):
-    """The request carries no usable token; ``reason`` is a metric label."""
-
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.reason = reason
-        self.message = message
-
-
-class Identity:
-    """Who is on a connection: only what the gateway needs after the handshake.
-
-    ``exp`` is when the connection must close: the token's ``exp`` plus the
-    configured leeway, or None for a token without ``exp``. ``sid`` is the
-    login session of tokens this system issued (claim ``sid``), None for
-    tokens from elsewhere; ``role`` is ``admin``, ``user`` (the default) or
-    ``service`` (an API key); ``rest`` says whether it may call the REST API.
-    """
-
-    __slots__ = ("exp", "grants", "info", "local", "rest", "role", "sid", "sub")
-
-    def __init__(
-        self,
-        sub: str,
-        grants: Grants,
-        exp: float | None,
-        sid: str | None = None,
-        role: str = "user",
-        rest: bool = True,
-    ) -> None:
-        self.sub = sub
-        self.grants = grants
-        self.exp = exp
-        self.sid = sid
-        self.role = role
-        self.rest = rest
-        #: The token's ``info`` claim (JSON object bytes), shown in presence.
-        self.info: bytes | None = None
-        #: Signed with this deployment's own keys (JWT_SECRET, JWT_SIGNING_KEYS) or an
-        #: API key: only then is ``sub`` a users row of the core and ``role`` honoured
-        #: by it. A token from an outside identity provider is neither.
-        self.local = True
-
-    def __repr__(self) -> str:
-        return (
-            f"Identity(sub={self.sub!r}, sid={self.sid!r}, role={self.role!r}, "
-            f"exp={self.exp!r}, grants={self.grants!r})"
-        )
 
 
 def _algorithms_for(key: Any) -> tuple[str, ...]:
@@ -150,7 +85,7 @@ class Verifier:
             else ()
         )
         if self._secret:
-            allowed.update(_HMAC)
+            allowed.update(HMAC_ALGORITHMS)
         allowed.update(self._public_algs)
         allowed.update(k.algorithm_name for k in self._jwks.values())
         if settings.jwt_algorithms:
@@ -167,7 +102,7 @@ class Verifier:
         alg = header.get("alg")
         if not isinstance(alg, str) or alg not in self.algorithms:
             raise AuthError("algorithm", "token algorithm not accepted")
-        if alg in _HMAC:
+        if alg in HMAC_ALGORITHMS:
             return self._secret
         kid = header.get("kid")
         if isinstance(kid, str) and kid in self._jwks:
@@ -264,7 +199,7 @@ class Verifier:
             raise AuthError("bad_claims", "claims 'sid' or 'role' have the wrong shape")
         identity = Identity(sub, grants, expires, sid, role)
         alg, kid = header.get("alg"), header.get("kid")
-        identity.local = alg in _HMAC or (isinstance(kid, str) and kid in self._own_kids)
+        identity.local = alg in HMAC_ALGORITHMS or (isinstance(kid, str) and kid in self._own_kids)
         info = claims.get("info")
         if info is not None:
             # Shown to others in presence: an object, small.
@@ -276,81 +211,3 @@ class Verifier:
                 )
             identity.info = encoded
         return identity
-
-
-def ensure_key_material(settings: Settings) -> Settings:
-    """Settings with a JWT secret: the configured keys, or a generated one.
-
-    With no key configured, a random secret is created once under
-    ``DATA_DIR`` (mode 0600) and reused, so that ``python -m gateway token``
-    mints tokens the running gateway accepts.
-    """
-    if (
-        settings.jwt_secret
-        or settings.jwt_public_key
-        or settings.jwt_jwks_file
-        or settings.jwt_signing_keys
-    ):
-        return settings
-    path = Path(settings.data_dir) / "jwt-secret"
-    if path.exists():
-        secret = path.read_text().strip()
-    else:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        secret = secrets.token_urlsafe(48)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(secret + "\n")
-    log.warning(
-        "JWT_SECRET is not set: using the generated secret in %s (embedded mode; "
-        "set JWT_SECRET or a public key in production)",
-        path,
-    )
-    return settings.replace(jwt_secret=secret)
-
-
-def mint_token(
-    settings: Settings,
-    sub: str,
-    channels: list[str],
-    *,
-    pub: bool | list[str] | None = None,
-    ttl: float | None = 3600.0,
-    now: float | None = None,
-    extra: Mapping[str, Any] | None = None,
-    signer: SigningKeys | None = None,
-) -> str:
-    """A token for ``sub``: signed by ``signer``, the JWT_SIGNING_KEYS, or JWT_SECRET (HS256)."""
-    if signer is None and settings.jwt_signing_keys:
-        signer = SigningKeys.load(settings.jwt_signing_keys)
-    secret = settings.jwt_secret
-    if signer is None and not secret:
-        raise ValueError(
-            "minting needs JWT_SIGNING_KEYS or JWT_SECRET (tokens for public keys come from your IdP)"
-        )
-    issued = int(time.time() if now is None else now)
-    claims: dict[str, Any] = {"sub": sub, "channels": channels, "iat": issued}
-    if pub is not None:
-        claims["pub"] = pub
-    if ttl is not None:
-        claims["exp"] = issued + int(ttl)
-    if settings.jwt_issuer:
-        claims["iss"] = settings.jwt_issuer
-    if settings.jwt_audience:
-        claims["aud"] = settings.jwt_audience
-    if extra:
-        claims.update(extra)
-    if signer is not None:
-        return signer.sign(claims)
-    assert secret is not None
-    return jwt.encode(claims, secret, algorithm="HS256")
-
-
-def token_from_header(value: str | None) -> str | None:
-    """The token of an ``Authorization: Bearer ...`` header."""
-    if not value:
-        return None
-    scheme, _, token = value.partition(" ")
-    if scheme.lower() != "bearer":
-        return None
-    return token.strip() or None

@@ -2,16 +2,18 @@
 
 ``JWT_SIGNING_KEYS`` names a JWKS file of *private* keys (RSA, P-256/384/521
 or Ed25519). The first key signs; every key's public half is published at
-``/.well-known/jwks.json`` and accepted by `gateway.auth.Verifier`. Rotating
+``/.well-known/jwks.json`` and accepted by `core.infra.verify.Verifier`. Rotating
 is two restarts apart: put a new key first (``python -m gateway keygen
 --alg ES256 --add-to keys.json`` does it) and keep the old one second until
 tokens signed with it have expired, then drop it. Without the file, tokens
-are signed with ``JWT_SECRET`` (HS256) and no JWKS is published.
+are signed with ``JWT_SECRET`` (HS256) and no JWKS is published;
+`ensure_key_material` makes one up (embedded mode) when no key is set.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import secrets
 import time
@@ -21,7 +23,20 @@ from typing import Any
 import jwt
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
-__all__ = ["SigningKeys", "generate_jwk", "write_key_file"]
+from core.infra.settings import Settings
+
+__all__ = [
+    "HMAC_ALGORITHMS",
+    "SigningKeys",
+    "ensure_key_material",
+    "generate_jwk",
+    "write_key_file",
+]
+
+log = logging.getLogger("core.infra.keys")
+
+#: The algorithms a shared secret (JWT_SECRET) signs and verifies.
+HMAC_ALGORITHMS = ("HS256", "HS384", "HS512")
 
 _PUBLIC_FIELDS = {
     "RSA": ("kty", "n", "e"),
@@ -113,3 +128,34 @@ def write_key_file(path: Path, keys: list[dict[str, Any]]) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def ensure_key_material(settings: Settings) -> Settings:
+    """Settings with a JWT secret: the configured keys, or a generated one.
+
+    With no key configured, a random secret is created once under
+    ``DATA_DIR`` (mode 0600) and reused, so that ``python -m gateway token``
+    mints tokens the running gateway accepts.
+    """
+    if (
+        settings.jwt_secret
+        or settings.jwt_public_key
+        or settings.jwt_jwks_file
+        or settings.jwt_signing_keys
+    ):
+        return settings
+    path = Path(settings.data_dir) / "jwt-secret"
+    if path.exists():
+        secret = path.read_text().strip()
+    else:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        secret = secrets.token_urlsafe(48)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secret + "\n")
+    log.warning(
+        "JWT_SECRET is not set: using the generated secret in %s (embedded mode; "
+        "set JWT_SECRET or a public key in production)",
+        path,
+    )
+    return settings.replace(jwt_secret=secret)

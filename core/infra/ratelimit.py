@@ -40,7 +40,6 @@ import abc
 import asyncio
 import itertools
 import logging
-import math
 import time
 from typing import Any, NamedTuple
 
@@ -49,19 +48,23 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
+from core.infra.broker.base import Broker
+from core.infra.broker.redis import RedisBroker
+from core.infra.lua import script
+from core.infra.rate import US, Rate, interval_us
+from core.infra.settings import Settings
+
 __all__ = [
     "Decision",
     "LocalLimit",
     "MemoryRateLimiter",
-    "Rate",
     "RateLimiter",
     "RedisRateLimiter",
+    "make_limiter",
     "over_limit",
 ]
 
-log = logging.getLogger("gateway.ratelimit")
-
-_US = 1_000_000
+log = logging.getLogger("core.infra.ratelimit")
 
 
 class Decision(NamedTuple):
@@ -98,46 +101,14 @@ class RateLimiter(abc.ABC):
         """Release connections; the limiter is not used afterwards."""
 
 
-def _interval(limit: int, period: float, cost: int) -> int:
-    """Microseconds per request, after checking the arguments."""
-    if limit < 1:
-        raise ValueError(f"limit must be at least 1, not {limit}")
-    if not (period > 0 and math.isfinite(period)):
-        raise ValueError(f"period must be a positive number of seconds, not {period}")
-    if not 1 <= cost <= limit:
-        raise ValueError(f"cost must be between 1 and the limit ({limit}), not {cost}")
-    return max(1, -(-round(period * _US) // limit))
-
-
 def _gcra(tat: int, now: int, interval: int, limit: int, cost: int) -> tuple[Decision, int]:
     """The decision and the TAT to store; the Lua script below is this, line for line."""
     tat = max(tat, now)
     new_tat = tat + cost * interval
     over = new_tat - now - interval * limit
     if over > 0:
-        return Decision(False, 0, over / _US), tat
+        return Decision(False, 0, over / US), tat
     return Decision(True, (interval * limit - (new_tat - now)) // interval, 0.0), new_tat
-
-
-class Rate(NamedTuple):
-    """A limit as configured: ``limit`` requests per ``period`` seconds (``"20/60"``)."""
-
-    limit: int
-    period: float
-
-    @classmethod
-    def parse(cls, raw: str) -> Rate | None:
-        """``"20/60"`` -> Rate(20, 60.0); ``"off"`` or ``"0"`` -> None (no limit)."""
-        text = raw.strip().lower()
-        if text in ("", "0", "off", "none"):
-            return None
-        count, sep, seconds = text.partition("/")
-        rate = cls(int(count), float(seconds) if sep else 1.0)
-        _interval(rate.limit, rate.period, 1)  # raises ValueError when out of range
-        return rate
-
-    def __str__(self) -> str:
-        return f"{self.limit}/{self.period:g}"
 
 
 class LocalLimit:
@@ -150,8 +121,8 @@ class LocalLimit:
         self._tat = 0
 
     def hit(self, now: float | None = None) -> Decision:
-        interval = _interval(self.rate.limit, self.rate.period, 1)
-        now_us = round((time.monotonic() if now is None else now) * _US)
+        interval = interval_us(self.rate.limit, self.rate.period, 1)
+        now_us = round((time.monotonic() if now is None else now) * US)
         decision, self._tat = _gcra(self._tat, now_us, interval, self.rate.limit, 1)
         return decision
 
@@ -181,8 +152,8 @@ class MemoryRateLimiter(RateLimiter):
     async def hit(
         self, key: str, limit: int, period: float, *, cost: int = 1, now: float | None = None
     ) -> Decision:
-        interval = _interval(limit, period, cost)
-        now_us = round((time.monotonic() if now is None else now) * _US)
+        interval = interval_us(limit, period, cost)
+        now_us = round((time.monotonic() if now is None else now) * US)
         old = self._tats.pop(key, None)
         if old is None and len(self._tats) >= self._max_keys:
             self._make_room(now_us)
@@ -204,8 +175,8 @@ class MemoryRateLimiter(RateLimiter):
     async def refund(
         self, key: str, limit: int, period: float, *, cost: int = 1, now: float | None = None
     ) -> None:
-        interval = _interval(limit, period, cost)
-        now_us = round((time.monotonic() if now is None else now) * _US)
+        interval = interval_us(limit, period, cost)
+        now_us = round((time.monotonic() if now is None else now) * US)
         tat = self._tats.get(key)
         if tat is None:
             return
@@ -218,42 +189,9 @@ class MemoryRateLimiter(RateLimiter):
         self._tats.clear()
 
 
-# KEYS[1] = key; ARGV = interval (µs), limit, cost, now (µs, or "" for the server's clock).
-# Numbers stay below 2^53, where Lua's doubles are exact; "%.0f" stores them whole.
-_GCRA_LUA = """
-local interval, limit, cost = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-local now = tonumber(ARGV[4])
-if not now then
-  local t = redis.call('TIME')
-  now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-end
-local tat = tonumber(redis.call('GET', KEYS[1]) or now)
-if tat < now then tat = now end
-local new_tat = tat + cost * interval
-local over = new_tat - now - interval * limit
-if over > 0 then return {0, 0, over} end
-redis.call('SET', KEYS[1], string.format('%.0f', new_tat), 'PX', math.ceil((new_tat - now) / 1000))
-return {1, math.floor((interval * limit - (new_tat - now)) / interval), 0}
-"""
+_GCRA_LUA = script("gcra")
 
-# KEYS[1] = key; ARGV = interval (µs), cost, now (µs, or ""): the TAT moves back, not past now.
-_REFUND_LUA = """
-local interval, cost = tonumber(ARGV[1]), tonumber(ARGV[2])
-local now = tonumber(ARGV[3])
-if not now then
-  local t = redis.call('TIME')
-  now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-end
-local tat = tonumber(redis.call('GET', KEYS[1]))
-if not tat then return 0 end
-tat = tat - cost * interval
-if tat <= now then
-  redis.call('DEL', KEYS[1])
-else
-  redis.call('SET', KEYS[1], string.format('%.0f', tat), 'PX', math.ceil((tat - now) / 1000))
-end
-return 1
-"""
+_REFUND_LUA = script("gcra_refund")
 
 
 class RedisRateLimiter(RateLimiter):
@@ -305,9 +243,9 @@ class RedisRateLimiter(RateLimiter):
     async def hit(
         self, key: str, limit: int, period: float, *, cost: int = 1, now: float | None = None
     ) -> Decision:
-        interval = _interval(limit, period, cost)
+        interval = interval_us(limit, period, cost)
         if self._down_until is None or time.monotonic() >= self._down_until:
-            args = (interval, limit, cost, "" if now is None else round(now * _US))
+            args = (interval, limit, cost, "" if now is None else round(now * US))
             try:
                 async with asyncio.timeout(self._timeout):
                     reply = await self._script(keys=[self._prefix + key], args=args)
@@ -316,7 +254,7 @@ class RedisRateLimiter(RateLimiter):
             else:
                 self._recovered()
                 allowed, remaining, over = (int(v) for v in reply)
-                return Decision(bool(allowed), remaining, over / _US)
+                return Decision(bool(allowed), remaining, over / US)
         return await self._fallback.hit(key, limit, period, cost=cost, now=now)
 
     async def reset(self, key: str) -> None:
@@ -332,9 +270,9 @@ class RedisRateLimiter(RateLimiter):
     async def refund(
         self, key: str, limit: int, period: float, *, cost: int = 1, now: float | None = None
     ) -> None:
-        interval = _interval(limit, period, cost)
+        interval = interval_us(limit, period, cost)
         if self._down_until is None:
-            args = (interval, cost, "" if now is None else round(now * _US))
+            args = (interval, cost, "" if now is None else round(now * US))
             try:
                 async with asyncio.timeout(self._timeout):
                     await self._refund(keys=[self._prefix + key], args=args)
@@ -362,3 +300,20 @@ class RedisRateLimiter(RateLimiter):
             self._down_until = None
             # Counts made during the outage are stale once Redis has them again.
             self._fallback = MemoryRateLimiter(self._max_keys)
+
+
+def make_limiter(settings: Settings, broker: Broker | None = None) -> RateLimiter:
+    """Limits shared by every process through Redis, or this process's own.
+
+    With a (single-node) Redis broker, the limiter uses its command pool:
+    one bounded pool per process (REDIS_POOL_SIZE) for every Redis user.
+    """
+    if settings.redis_url:
+        shared = broker.command_client if isinstance(broker, RedisBroker) else None
+        return RedisRateLimiter(
+            settings.redis_url,
+            settings.redis_prefix + "rl:",
+            cluster=settings.redis_cluster,
+            client=shared,
+        )
+    return MemoryRateLimiter()

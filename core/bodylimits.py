@@ -14,10 +14,11 @@ byte of it is read when
 
 Limits: the REST core's routes ``MAX_BODY_BYTES``, or their own
 ``max_body`` (8 KiB for those anyone may call without a token: login,
-registration, refresh; none for logout); ``POST /api/publish``
+registration, refresh; none for logout); the server that uses the policy
+adds its own handlers' limits (the gateway: ``POST /api/publish``
 ``MAX_PUBLISH_BYTES`` + 1024 for the envelope; ``POST /lp/<session>``
-``MAX_BODY_BYTES``; every other route (``/ws``, ``/lp``, documents, health,
-metrics) takes no body (0).
+``MAX_BODY_BYTES``); every other route (``/ws``, ``/lp``, documents,
+health, metrics) takes no body (0).
 """
 
 from __future__ import annotations
@@ -29,35 +30,43 @@ import tornado.web
 from tornado import httputil
 
 from core.access import check
-from core.errors import ApiError as CoreError
+from core.infra.errors import ApiError as CoreError
+from core.infra.identity import AuthError, Identity, token_from_header
+from core.infra.listener import Refusal
+from core.infra.settings import Settings
+from core.infra.verify import Verifier
 from core.routing import Router
-from gateway.auth import AuthError, Identity, Verifier, token_from_header
-from gateway.http import PublishHandler
-from gateway.listener import Refusal
-from gateway.settings import Settings
-from gateway.transport.longpoll import LongPollHandler
 
-__all__ = ["CORE_PATHS", "RouteLimits"]
+__all__ = ["CORE_PATHS", "HandlerLimit", "RouteLimits"]
 
-#: Paths the core's delegate serves (gateway/app.py routes them there).
+#: Paths the core's delegate serves (`core.http.api_router` routes them there).
 CORE_PATHS = re.compile(r"/api/(?!publish$).*")
 
 
+#: A handler's body limit, whether it needs a token, and whether the token may be in the query.
+HandlerLimit = tuple[int, bool, bool]
+
+
 class RouteLimits:
-    """The body policy of one gateway: the core's router, the web application, the verifier."""
+    """The body policy of one server: the core's router, the web application, the verifier.
+
+    ``handlers`` gives the limits of the application's own handlers that take
+    a body (any other takes none).
+    """
 
     def __init__(
-        self, settings: Settings, verifier: Verifier, core: Router, app: tornado.web.Application
+        self,
+        settings: Settings,
+        verifier: Verifier,
+        core: Router,
+        app: tornado.web.Application,
+        handlers: dict[type, HandlerLimit] | None = None,
     ) -> None:
         self.verifier = verifier
         self.core = core
         self.app = app
         self.core_limit = settings.max_body_bytes
-        #: handler class -> (body limit, token needed, token may be in the query)
-        self.handlers: dict[type, tuple[int, bool, bool]] = {
-            PublishHandler: (settings.max_publish_bytes + 1024, True, False),
-            LongPollHandler: (settings.max_body_bytes, True, True),
-        }
+        self.handlers: dict[type, HandlerLimit] = dict(handlers or {})
 
     def __call__(self, start: httputil.RequestStartLine, headers: httputil.HTTPHeaders) -> int:
         path, _, query = start.path.partition("?")

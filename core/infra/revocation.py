@@ -20,23 +20,12 @@ import logging
 import time
 from collections.abc import Callable, Iterable
 
-import msgspec
+from core.infra import control
+from core.infra.broker.base import Publisher
 
-from core.events import Publisher
-from gateway.broker.base import CONTROL
+__all__ = ["Revocations"]
 
-__all__ = ["Revocations", "SessionsRevoked"]
-
-log = logging.getLogger("gateway.revocation")
-
-
-class SessionsRevoked(msgspec.Struct, tag_field="type", tag="sessions_revoked"):
-    """The control message: ``{"type": "sessions_revoked", "sids": [...]}``."""
-
-    sids: list[str]
-
-
-_decode = msgspec.json.Decoder(SessionsRevoked)
+log = logging.getLogger("core.infra.revocation")
 
 
 class Revocations:
@@ -77,18 +66,15 @@ class Revocations:
         if self.publisher is None:
             return
         try:
-            await self.publisher.publish(CONTROL, msgspec.json.encode(SessionsRevoked(sids)))
+            await control.broadcast(self.publisher, control.SessionsRevoked(sids))
         except Exception as exc:
             # Other processes catch up from the database within a sync period.
             log.warning("revocation of %d session(s) not broadcast: %s", len(sids), exc)
 
-    def on_control(self, data: bytes) -> None:
+    def on_control(self, message: control.ControlMessage) -> None:
         """Handle a control-channel message (others are not ours: ignored)."""
-        try:
-            message = _decode.decode(data)
-        except msgspec.DecodeError:
-            return
-        self.apply(message.sids)
+        if isinstance(message, control.SessionsRevoked):
+            self.apply(message.sids)
 
     def purge(self, now: float | None = None) -> int:
         """Forget revocations whose access tokens have all expired."""

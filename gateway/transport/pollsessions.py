@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable, Container
 from typing import ClassVar
 
-from gateway.auth import Identity
+from core.infra.identity import Identity
 from gateway.hub import Prepared
 from gateway.session import Session
 from proto import JSON_CODEC, CloseCode, Codec

@@ -9,7 +9,7 @@ client reaches first:
   the connections reading headers, rather than a timeout per read).
   ``MAX_HEADER_BYTES`` bounds their size: past it the answer is 414 (a
   longer request line) or 431, then the connection closes; Tornado's read
-  stops at the limit (`gateway.httpstream.HTTPStream` answers there), and
+  stops at the limit (`core.infra.httpstream.HTTPStream` answers there), and
   the guard measures each parsed request against it as well.
   ``BODY_TIMEOUT`` likewise bounds the time to send a body, so a route
   open to anyone (login) cannot be held by a dripped body.
@@ -56,18 +56,18 @@ from tornado.httpserver import HTTPServer
 from tornado.ioloop import IOLoop, PeriodicCallback
 from tornado.iostream import IOStream, StreamClosedError, UnsatisfiableReadError
 
-from core.errors import error_body
-from gateway.clientip import TrustedProxies, limit_key
-from gateway.httpstream import HTTPStream
-from gateway.metrics import Metrics
-from gateway.proxyprotocol import ProxyHeaderError, read_proxy_header
-from gateway.settings import Settings
-from gateway.throttled import ThrottledLog
+from core.infra.clientip import TrustedProxies, limit_key
+from core.infra.errors import error_body
+from core.infra.httpstream import HTTPStream
+from core.infra.metrics import Metrics
+from core.infra.proxyprotocol import ProxyHeaderError, read_proxy_header
+from core.infra.settings import Settings
+from core.infra.throttled import ThrottledLog
 
 __all__ = ["ACCEPT_PAUSE", "Adopted", "BodyPolicy", "Listener", "Refusal", "unread",
            "write_refusal"]  # fmt: skip
 
-log = logging.getLogger("gateway.listener")
+log = logging.getLogger("core.infra.listener")
 access_log = logging.getLogger("gateway.access")
 
 #: Seconds the accept loop rests after running out of file descriptors.

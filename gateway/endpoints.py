@@ -1,9 +1,8 @@
-"""HTTP endpoints of the gateway and its one JSON error shape.
+"""The gateway's own HTTP endpoints: publish, health, readiness, metrics.
 
-Every error answer has the REST core's one error body (core/errors.py).
-`ApiError` is the Tornado-raisable form: a status, a stable machine-readable
-``code`` and a message safe to show the caller; any other exception becomes
-500 ``internal`` with no internals in the body (they go to the log).
+Their errors are the one `ApiError` (core/infra/errors.py) with the one
+body, and `core.errors.write_error` answers any exception they raise: 500
+``internal`` with no internals in the body (they go to the log).
 """
 
 from __future__ import annotations
@@ -14,23 +13,21 @@ from types import TracebackType
 from typing import Any
 
 import msgspec
-import tornado.web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from core.app import Core
-from core.errors import ApiError as CoreError
-from core.errors import ErrorDetail, TooManyRequests, default_code, error_body
-from gateway.auth import AuthError, Identity, token_from_header
-from gateway.broker import BrokerUnavailable
+from core.errors import JsonErrors
+from core.infra.broker import BrokerUnavailable
+from core.infra.errors import ApiError, ErrorDetail, TooManyRequests, Unavailable
+from core.infra.identity import AuthError, Identity, token_from_header
+from core.infra.metrics import METRICS_CHALLENGE, METRICS_REFUSED, scrape_allowed
+from core.infra.ratelimit import over_limit
+from core.service import Core
 from gateway.context import Context
-from gateway.metrics import METRICS_CHALLENGE, METRICS_REFUSED, scrape_allowed
 from gateway.metricsmerge import scrape_view
-from gateway.ratelimit import over_limit
 from proto import RESERVED_PREFIX, InvalidData
 from proto.frames import Channel
 
 __all__ = [
-    "ApiError",
     "HealthHandler",
     "JsonHandler",
     "MetricsHandler",
@@ -38,61 +35,16 @@ __all__ = [
     "ReadyHandler",
 ]
 
-log = logging.getLogger("gateway.http")
+log = logging.getLogger("gateway.endpoints")
 
 ExcInfo = tuple[type[BaseException], BaseException, TracebackType] | None
 
 
-class ApiError(tornado.web.HTTPError):
-    def __init__(
-        self,
-        status: int,
-        code: str,
-        message: str,
-        *,
-        details: list[dict[str, Any]] | None = None,
-        headers: dict[str, str] | None = None,
-    ) -> None:
-        super().__init__(status, log_message=None)
-        self.code = code
-        self.message = message
-        self.details = details
-        self.headers = headers or {}
-
-    @classmethod
-    def from_core(cls, exc: CoreError) -> ApiError:
-        """The Tornado-raisable form of a core error (same status, code, headers)."""
-        return cls(exc.status, exc.code, exc.message, headers=exc.headers)
-
-    @staticmethod
-    def write_json(handler: tornado.web.RequestHandler, status: int, exc_info: object) -> None:
-        """Write the error body for ``status`` from the exception in ``exc_info``."""
-        exc = exc_info[1] if isinstance(exc_info, tuple) and len(exc_info) == 3 else None
-        if isinstance(exc, ApiError):
-            for name, value in exc.headers.items():
-                handler.set_header(name, value)
-            if status == 401:
-                handler.set_header("WWW-Authenticate", "Bearer")
-            body = error_body(status, exc.code, exc.message, _details(exc.details))
-        else:
-            message = "internal error" if status >= 500 else handler._reason
-            body = error_body(status, default_code(status), message)
-        handler.set_header("Content-Type", "application/json")
-        handler.finish(body)
-
-
-def _details(details: list[dict[str, Any]] | None) -> list[ErrorDetail] | None:
-    return None if details is None else [ErrorDetail(d["path"], d["message"]) for d in details]
-
-
-class JsonHandler(tornado.web.RequestHandler):
+class JsonHandler(JsonErrors):
     ctx: Context
 
     def initialize(self, ctx: Context) -> None:
         self.ctx = ctx
-
-    def write_error(self, status_code: int, **kwargs: Any) -> None:
-        ApiError.write_json(self, status_code, kwargs.get("exc_info"))
 
     def write_json(self, obj: Any, status: int = 200) -> None:
         self.set_status(status)
@@ -126,7 +78,7 @@ class PublishHandler(JsonHandler):
             self.ctx.limiter, f"rest:{identity.sub}", self.ctx.settings.rate_rest
         )
         if wait is not None:
-            raise ApiError.from_core(TooManyRequests(wait))
+            raise TooManyRequests(wait)
         limit = self.ctx.settings.max_publish_bytes
         if len(self.request.body) > limit + 1024:
             raise ApiError(413, "payload_too_large", f"body over {limit + 1024} bytes")
@@ -137,7 +89,7 @@ class PublishHandler(JsonHandler):
                 422,
                 "validation_error",
                 "invalid request body",
-                details=[{"path": _path_of(str(exc)), "message": str(exc)}],
+                details=[ErrorDetail(_path_of(str(exc)), str(exc))],
             ) from None
         except msgspec.DecodeError as exc:
             raise ApiError(400, "malformed_json", str(exc)) from None
@@ -154,13 +106,11 @@ class PublishHandler(JsonHandler):
                 422,
                 "validation_error",
                 "data cannot be published",
-                details=[{"path": "$.data", "message": exc.reason}],
+                details=[ErrorDetail("$.data", exc.reason)],
             ) from None
         except BrokerUnavailable as exc:
             log.warning("publish on %s failed: %s", req.ch, exc)
-            raise ApiError(
-                503, "unavailable", "broker unavailable, retry later", headers={"Retry-After": "1"}
-            ) from None
+            raise Unavailable("broker unavailable, retry later") from None
         self.write_json({"ok": True})
 
 

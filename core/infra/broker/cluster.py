@@ -27,7 +27,6 @@ import asyncio
 import collections
 import contextlib
 import logging
-import random
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -36,19 +35,18 @@ from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.crc import key_slot
 from redis.exceptions import ResponseError
 
-from gateway.broker.base import CONTROL, BrokerUnavailable
-from gateway.broker.redis import (
+from core.infra.broker.base import CONTROL, BrokerUnavailable
+from core.infra.broker.redis import (
     BACKEND_ERRORS,
     PUBLISH_WITH_HISTORY,
     SUBSCRIBE_ERRORS,
     RedisBroker,
     _Liveness,
-    backoff_delay,
 )
 
 __all__ = ["SPUBLISH_WITH_HISTORY", "RedisClusterBroker"]
 
-log = logging.getLogger("gateway.broker")
+log = logging.getLogger("core.infra.broker")
 
 #: `PUBLISH_WITH_HISTORY` for a cluster: the same keys and arguments, but the
 #: publication goes out with SPUBLISH on the channel's own shard.
@@ -292,7 +290,7 @@ class RedisClusterBroker(RedisBroker):
                 node = self._owner(self._control)
                 break
             except BACKEND_ERRORS as exc:
-                delay = backoff_delay(attempt, *self._backoff, random.random())
+                delay = self._backoff.delay(attempt)
                 attempt += 1
                 log.warning("Redis Cluster unreachable (%s); retrying in %.2fs", exc, delay)
                 await asyncio.sleep(delay)
@@ -325,7 +323,7 @@ class RedisClusterBroker(RedisBroker):
                 link.confirming.clear()
                 self._fail_confirmations(list(link.keys))
                 self._update_state()
-                delay = backoff_delay(attempt, *self._backoff, random.random())
+                delay = self._backoff.delay(attempt)
                 attempt += 1
                 if isinstance(exc, BACKEND_ERRORS):
                     log.warning(

@@ -14,7 +14,7 @@ import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from gateway.ratelimit import Rate
+from core.infra.rate import Rate
 
 __all__ = ["Settings", "SettingsError"]
 

@@ -1,0 +1,79 @@
+"""Which channels keep history, and how much.
+
+Channels matching ``HISTORY_CHANNELS`` (glob patterns, as in grants) keep
+their last ``HISTORY_SIZE`` publications for ``HISTORY_TTL`` seconds after
+the last one (the broker's stream expires as a whole, as in Centrifugo).
+Their publications carry an offset and an epoch, and a subscriber that comes
+back can recover what it missed (gateway/recovery.py).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import functools
+import re
+from typing import TYPE_CHECKING
+
+from proto.publication import DEFAULT_MAX_BYTES, InvalidData, check_json
+
+if TYPE_CHECKING:
+    from core.infra.broker.base import Broker, Position
+
+__all__ = ["ChannelPatterns", "HistoryPolicy", "HistoryPublisher"]
+
+
+class ChannelPatterns:
+    """Glob patterns (as in grants) deciding which channels a feature is on for."""
+
+    def __init__(self, patterns: tuple[str, ...]) -> None:
+        self.patterns = patterns
+        self._match = (
+            re.compile("|".join(f"(?:{fnmatch.translate(p)})" for p in patterns)).match
+            if patterns
+            else None
+        )
+        self.applies = functools.lru_cache(maxsize=65536)(self._applies)
+
+    def _applies(self, ch: str) -> bool:
+        return self._match is not None and self._match(ch) is not None
+
+
+class HistoryPolicy(ChannelPatterns):
+    def __init__(self, patterns: tuple[str, ...], size: int, ttl: float) -> None:
+        super().__init__(patterns)
+        self.size = size
+        self.ttl = ttl
+
+
+class HistoryPublisher:
+    """The one way anything publishes: with history on the channels the policy names.
+
+    The gateway's node, ``python -m core`` (its change events) and
+    `gateway.publisher.Publisher` (a backend service) all publish through
+    one of these, so a publication on a history channel always carries an
+    offset and an epoch, and sockets that reconnect can recover it.
+    """
+
+    def __init__(
+        self, broker: Broker, policy: HistoryPolicy, max_bytes: int = DEFAULT_MAX_BYTES
+    ) -> None:
+        self.broker = broker
+        self.policy = policy
+        self.max_bytes = max_bytes
+
+    async def publish(self, ch: str, data: bytes, *, checked: bool = False) -> Position | None:
+        """Publish JSON ``data`` on ``ch``, through history when the policy says so (its position).
+
+        Every writer comes through here, so nothing reaches the broker (or
+        history) that not every codec can carry: raises `proto.InvalidData`.
+        ``checked``: a codec's `data_to_json` already checked ``data``.
+        """
+        if not checked:
+            data = check_json(data, self.max_bytes)
+        elif len(data) > self.max_bytes:
+            raise InvalidData(f"data over {self.max_bytes} bytes")
+        policy = self.policy
+        if policy.applies(ch):
+            return await self.broker.publish_history(ch, data, policy.size, policy.ttl)
+        await self.broker.publish(ch, data)
+        return None

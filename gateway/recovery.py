@@ -1,0 +1,103 @@
+"""Recovery: a subscriber that comes back gets what it missed, with no gap or repeat.
+
+A ``sub`` with ``since`` (offset and epoch) on a history channel
+(HISTORY_CHANNELS) subscribes, reads the channel's history after that
+offset, and answers ``recovered: true`` when the history still holds every
+publication since (same epoch, no gap), followed by those publications and
+then the live ones. A ``history`` command reads the history alone. The
+session (gateway/session.py) calls these; how positions and epochs work is
+in docs/protocol.md.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from gateway.hub import Prepared
+from proto import ErrorCode, History, HistoryItem, Position, Reply, Sub
+
+if TYPE_CHECKING:
+    from gateway.session import Session
+
+__all__ = ["MAX_HELD", "MAX_OFFSET", "history", "recovers", "subscribe_recovering"]
+
+
+#: Live publications held per channel while its history is read.
+MAX_HELD = 10_000
+MAX_OFFSET = 2**53 - 1
+
+
+def recovers(since: Position, entries: list[tuple[int, bytes]], top: Position | None) -> bool:
+    """Whether ``entries`` hold every publication after ``since`` (same epoch, no gap)."""
+    if top is None or top.epoch != since.epoch or since.offset > top.offset:
+        return False
+    return since.offset == top.offset or (bool(entries) and entries[0][0] == since.offset + 1)
+
+
+async def subscribe_recovering(session: Session, cmd: Sub) -> None:
+    """Subscribe, recovering what was missed ``since``, with no gap or repeat at the seam.
+
+    Live publications are held while the history is read; afterwards the
+    reply, the missed publications and the held ones (those after the
+    last offset sent) go out in one synchronous run, so nothing live can
+    slip in between.
+    """
+    ch, since, conn = cmd.ch, cmd.since, session.conn
+    held = session.held = session.held if session.held is not None else {}
+    held[ch] = []
+    seen = session.node.seen(ch)  # from here on, live publications are held
+    try:
+        await session.node.subscribe(ch, session)
+        after = since.offset if since is not None else MAX_OFFSET
+        size = session.node.history_policy.size
+        entries, top = await session.node.history(ch, after, size, covering=seen)
+    except BaseException:
+        held.pop(ch, None)
+        session.node.unsubscribe(ch, session)
+        raise
+    buffered = held.pop(ch)
+    if conn.closed:
+        session.node.unsubscribe(ch, session)
+        return
+    conn.subscribed(ch)
+    recovered = None
+    last = top.offset if top is not None else 0
+    if since is not None:
+        recovered = recovers(since, entries, top)
+        if recovered:
+            last = since.offset
+    reply = Reply(
+        id=cmd.id,
+        ok=True,
+        recovered=recovered,
+        offset=top.offset if top is not None else None,
+        epoch=top.epoch if top is not None else None,
+    )
+    session.transport.send(session.codec.encode(reply))
+    epoch = top.epoch if top is not None else None
+    if recovered:
+        assert epoch is not None  # recovery implies a history
+        for offset, data in entries:
+            session.transport.deliver(Prepared(ch, data, Position(offset, epoch)), session.codec)
+            last = offset
+    for prepared in buffered:
+        if prepared.offset is None or prepared.epoch != epoch or prepared.offset > last:
+            session.transport.deliver(prepared, session.codec)
+
+
+async def history(session: Session, cmd: History) -> None:
+    if not session.node.history_policy.applies(cmd.ch):
+        code = ErrorCode.NO_HISTORY
+        session._reply_error(session.conn.error_reply(cmd, code, cmd.ch), code)
+        return
+    entries, top = await session.node.history(cmd.ch, cmd.since, cmd.limit)
+    items = [HistoryItem(offset, session.codec.json_to_raw(data)) for offset, data in entries]
+    reply = Reply(
+        id=cmd.id,
+        ok=True,
+        offset=top.offset if top is not None else None,
+        epoch=top.epoch if top is not None else None,
+        publications=items,
+    )
+    if not session.conn.closed:
+        session.transport.send(session.codec.encode(reply))
