@@ -26,7 +26,7 @@ from urllib.parse import parse_qs
 from tornado import httputil
 from tornado.routing import AnyMatches, PathMatches, Rule, RuleRouter
 
-from core.errors import from_exception
+from core.errormap import from_exception
 from core.infra.errors import ApiError, NotFound
 from core.infra.identity import AuthError, token_from_header
 from core.infra.tasks import TaskSet

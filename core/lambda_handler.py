@@ -46,7 +46,7 @@ from typing import Any
 
 from tornado import httputil
 
-from core.errors import from_exception
+from core.errormap import from_exception
 from core.infra.errors import ApiError, Unavailable
 from core.infra.settings import Settings
 from core.lambda_events import BadEvent, Incoming, headers_of, parse_event

@@ -21,7 +21,7 @@ from core.access import Access, check
 from core.accounts import Accounts, Revoker
 from core.apikeys import ApiKeys
 from core.db import Database
-from core.errors import from_exception
+from core.errormap import from_exception
 from core.events import Events
 from core.idempotency import IdempotencyStore
 from core.infra.broker.base import Publisher

@@ -1,7 +1,7 @@
 """The gateway's own HTTP endpoints: publish, health, readiness, metrics.
 
 Their errors are the one `ApiError` (core/infra/errors.py) with the one
-body, and `core.errors.write_error` answers any exception they raise: 500
+body, and `core.errormap.write_error` answers any exception they raise: 500
 ``internal`` with no internals in the body (they go to the log).
 """
 
@@ -15,7 +15,7 @@ from typing import Any
 import msgspec
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from core.errors import JsonErrors
+from core.errormap import JsonErrors
 from core.infra.broker import BrokerUnavailable
 from core.infra.errors import ApiError, ErrorDetail, TooManyRequests, Unavailable
 from core.infra.identity import AuthError, Identity, token_from_header

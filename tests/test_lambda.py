@@ -560,7 +560,7 @@ def test_an_unexpected_error_is_500_without_internals(core_http, auth, monkeypat
         raise RuntimeError("secret internals")
 
     monkeypatch.setattr(lambda_handler._Container, "answer", broken)
-    with caplog.at_level(logging.ERROR, logger="core.errors"):
+    with caplog.at_level(logging.ERROR, logger="core.errormap"):
         reply = invoke(make_event(kind, "GET", "/api/projects", headers=auth))
     assert reply["statusCode"] == 500
     assert ("multiValueHeaders" in reply) == (kind == "rest_api_v1")
@@ -569,7 +569,7 @@ def test_an_unexpected_error_is_500_without_internals(core_http, auth, monkeypat
     }
     assert "secret" not in reply["body"]
     # Logged once, by the one exception mapping, with the traceback.
-    [record] = [r for r in caplog.records if r.name == "core.errors"]
+    [record] = [r for r in caplog.records if r.name == "core.errormap"]
     assert "GET /api/projects" in record.getMessage() and record.exc_info is not None
 
 

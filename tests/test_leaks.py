@@ -20,7 +20,7 @@ from tornado.httpclient import AsyncHTTPClient
 from websockets.asyncio.client import connect
 
 from core.apikeys import ApiKeyIn
-from core.errors import from_exception
+from core.errormap import from_exception
 from core.infra.keys import generate_jwk, write_key_file
 from core.infra.logs import JsonFormatter, TextFormatter, redact
 from core.infra.settings import Settings

@@ -8,7 +8,7 @@ Every error answer, whatever raised it, has the body::
 ``details`` appears only where there are some. `ApiError` carries a status,
 a stable machine-readable ``code``, a message safe to show the caller and
 the headers to answer with. Which exception becomes which `ApiError` is
-decided in one place, `core.errors.from_exception`.
+decided in one place, `core.errormap.from_exception`.
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ class ApiError(tornado.web.HTTPError):
 
     The one error type of REST, the socket handshake, long-poll, SSE and
     ``rpc``. It is a Tornado `HTTPError`, so a handler may raise it and
-    Tornado answers with its status; `core.errors.from_exception` maps any
+    Tornado answers with its status; `core.errormap.from_exception` maps any
     other exception to one.
     """
 

@@ -36,7 +36,7 @@ from tornado import httputil
 from tornado.http1connection import HTTP1Connection
 from tornado.routing import Matcher
 
-from core.errors import from_exception
+from core.errormap import from_exception
 from core.infra.errors import ApiError
 from core.infra.identity import API_KEY_PREFIX, AuthError, Identity
 from core.infra.listener import Listener

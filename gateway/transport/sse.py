@@ -34,7 +34,7 @@ from typing import ClassVar
 import msgspec
 from tornado.iostream import StreamBufferFullError, StreamClosedError
 
-from core.errors import JsonErrors
+from core.errormap import JsonErrors
 from core.infra.errors import ApiError
 from core.infra.identity import Identity
 from gateway.context import Context

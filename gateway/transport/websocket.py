@@ -36,7 +36,7 @@ from urllib.parse import parse_qs
 from tornado import httputil
 from tornado.http1connection import HTTP1Connection
 
-from core.errors import from_exception
+from core.errormap import from_exception
 from core.infra.errors import ApiError
 from core.infra.httpstream import unread
 from core.infra.identity import Identity

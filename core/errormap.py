@@ -27,7 +27,7 @@ from core.infra.errors import (
 
 __all__ = ["JsonErrors", "from_exception", "write_error"]
 
-log = logging.getLogger("core.errors")
+log = logging.getLogger("core.errormap")
 
 
 def from_exception(exc: BaseException, context: str = "") -> ApiError:
