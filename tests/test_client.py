@@ -23,10 +23,8 @@ from gateway.client import (
     State,
     SubscriptionEnded,
 )
-from gateway.client.frames import client_frame, read_frames
-from gateway.client.handshake import accept_value, check_upgrade, parse_response
 from proto import CloseCode, ErrorCode
-from proto.wsframe import FrameError
+from tests.conformance.wire import accept_for
 from tests.harness import ApiClient, running_gateway, token_for, unique_prefix, until, ws_client
 from tests.servers import UNIT
 from tests.test_core_rest import PROJECT
@@ -48,42 +46,7 @@ def close_all(gw, code: CloseCode) -> None:
         member.close(code)
 
 
-# -- sans-I/O pieces -----------------------------------------------------------
-
-
-def test_frames_round_trip_and_refuse_masked_server_frames():
-    frames: list[tuple[int, bool, bytes]] = []
-    big = b"x" * 70_000
-    # Server frames are client frames without the mask: strip it for the test.
-    data = bytes((0x81, 2)) + b"hi" + bytes((0x82, 126)) + (300).to_bytes(2, "big") + b"y" * 300
-    data += bytes((0x81, 127)) + len(big).to_bytes(8, "big") + big
-    used = read_frames(data + b"\x81", lambda *f: frames.append(f))
-    assert used == len(data) and [(op, fin, len(p)) for op, fin, p in frames] == [
-        (1, True, 2), (2, True, 300), (1, True, 70_000),
-    ]  # fmt: skip
-    with pytest.raises(FrameError) as info:
-        read_frames(client_frame(b"masked"), lambda *f: None)
-    assert info.value.code == 1002
-    with pytest.raises(FrameError) as info:
-        # refused from its header, before the rest is buffered
-        read_frames(
-            bytes((0x81, 126)) + (1000).to_bytes(2, "big") + b"x", lambda *f: None, max_size=100
-        )
-    assert info.value.code == 1009
-
-
-def test_handshake_response_is_checked_against_the_key_and_offer():
-    key = "dGhlIHNhbXBsZSBub25jZQ=="
-    head = (
-        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-        f"Sec-WebSocket-Accept: {accept_value(key)}\r\nSec-WebSocket-Protocol: gw.v1.json"
-    ).encode()
-    assert accept_value(key) == "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="  # RFC 6455 §1.3
-    assert check_upgrade(parse_response(head), key, ["gw.v1.json"]) == "gw.v1.json"
-    with pytest.raises(HandshakeError):
-        check_upgrade(parse_response(head), "AAAAAAAAAAAAAAAAAAAAAA==", ["gw.v1.json"])
-    with pytest.raises(HandshakeError):
-        check_upgrade(parse_response(head), key, ["gw.v1.msgpack"])
+# -- pure pieces -----------------------------------------------------------------
 
 
 def test_backoff_is_exponential_with_full_jitter_and_honours_retry_after():
@@ -318,11 +281,11 @@ async def test_a_slow_consumer_pauses_reading_and_catches_up():
             gw.hub.broadcast("room:1", b'{"n":%d,"pad":"%s"}' % (n, pad.encode()))
         sent = member.transport.buffered
         # The client's queue is full: it paused reading, so the gateway keeps a backlog.
-        await until(lambda: sent() > 1 << 20 and not c._ws._transport.is_reading())
+        await until(lambda: sent() > 1 << 20 and not c._ws.conn.transport.is_reading())
         assert len(sub._events) < 16, "the client queued far past its bound"
         got = [(await next_event(sub)).data["n"] for _ in range(count)]
         assert got == list(range(count))
-        assert sent() == 0 and c._ws._transport.is_reading()
+        assert sent() == 0 and c._ws.conn.transport.is_reading()
         await c.ping()
 
 
@@ -455,7 +418,8 @@ async def test_a_resubscription_refused_for_now_is_asked_again_not_dropped():
 
 
 async def test_a_server_sending_invalid_utf8_is_failed_with_1007_like_the_gateway_would():
-    """The client applies the server's own RFC 6455 rules (proto.wsprotocol), masked."""
+    """`websockets` checks what the server sends by RFC 6455's rules, and the client reports its
+    failure's code as it would the gateway's."""
     from gateway.client.transport import open_websocket
     from proto.wsprotocol import WebSocketProtocol
 
@@ -466,7 +430,7 @@ async def test_a_server_sending_invalid_utf8_is_failed_with_1007_like_the_gatewa
         key = next(line.split(b":", 1)[1].strip() for line in head.split(b"\r\n")
                    if line.lower().startswith(b"sec-websocket-key"))  # fmt: skip
         writer.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                     b"Sec-WebSocket-Accept: " + accept_value(key.decode()).encode() + b"\r\n\r\n"
+                     b"Sec-WebSocket-Accept: " + accept_for(key.decode()).encode() + b"\r\n\r\n"
                      b"\x81\x02ok\x81\x03\xed\xa0\x80")  # fmt: skip
         server = WebSocketProtocol(1 << 16)  # reads the client's masked close frame
         while not server.close_code and (data := await reader.read(4096)):
@@ -476,13 +440,13 @@ async def test_a_server_sending_invalid_utf8_is_failed_with_1007_like_the_gatewa
 
     listener = await asyncio.start_server(handle, "127.0.0.1", 0)
     port = listener.sockets[0].getsockname()[1]
-    got: list[bytes] = []
+    got: list[bytes | str] = []
     try:
         ws = await open_websocket(f"ws://127.0.0.1:{port}/ws", token=None, subprotocols=(),
                                   on_message=got.append)  # fmt: skip
         closed = await asyncio.wait_for(ws.closed, 5 * UNIT)
     finally:
         listener.close()
-    assert got == [b"ok"] and closed.code == 1007
+    assert got == ["ok"] and closed.code == 1007
     await until(lambda: heard)  # the server read the client's close frame
     assert heard == [1007]

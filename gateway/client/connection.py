@@ -439,7 +439,7 @@ class Connection:
 
     # -- frames in ---------------------------------------------------------
 
-    def _on_message(self, payload: bytes) -> None:
+    def _on_message(self, payload: bytes | str) -> None:
         try:
             frame: ServerFrame = self.encoding.decode(payload)
         except msgspec.DecodeError as exc:
