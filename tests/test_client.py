@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import datetime
 import importlib.util
+import ipaddress
+import ssl
 import sys
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from gateway.broker import RedisBroker
@@ -348,8 +352,15 @@ async def test_chat_bot_example_answers_and_shows_presence():
             await asyncio.gather(task, return_exceptions=True)
 
 
-async def _no_websocket_proxy(port: int) -> asyncio.Server:
-    """A proxy to the gateway on ``port`` that drops every WebSocket upgrade."""
+async def _proxy(
+    port: int,
+    *,
+    drop_upgrades: bool = False,
+    tls: ssl.SSLContext | None = None,
+    heads: list[bytes] | None = None,
+) -> asyncio.Server:
+    """A proxy to the gateway on ``port``: one that drops every WebSocket upgrade (what some
+    proxies do), or one that terminates TLS (``tls``); ``heads`` gets each request's head."""
 
     async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -363,19 +374,21 @@ async def _no_websocket_proxy(port: int) -> asyncio.Server:
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         head = await reader.readuntil(b"\r\n\r\n")
-        if b"upgrade: websocket" in head.lower():
-            writer.close()  # what some proxies do to upgrades
+        if heads is not None:
+            heads.append(head)
+        if drop_upgrades and b"upgrade: websocket" in head.lower():
+            writer.close()
             return
         up_reader, up_writer = await asyncio.open_connection("127.0.0.1", port)
         up_writer.write(head)
         await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
 
-    return await asyncio.start_server(handle, "127.0.0.1", 0)
+    return await asyncio.start_server(handle, "127.0.0.1", 0, ssl=tls)
 
 
 async def test_without_websocket_the_client_falls_back_to_long_poll():
     async with running_gateway(longpoll_timeout=1.0) as gw:
-        proxy = await _no_websocket_proxy(gw.port)
+        proxy = await _proxy(gw.port, drop_upgrades=True)
         port = proxy.sockets[0].getsockname()[1]
         try:
             async with Client(f"ws://127.0.0.1:{port}/ws", token=token_for(gw), backoff=FAST) as c:
@@ -450,3 +463,150 @@ async def test_a_server_sending_invalid_utf8_is_failed_with_1007_like_the_gatewa
     assert got == ["ok"] and closed.code == 1007
     await until(lambda: heard)  # the server read the client's close frame
     assert heard == [1007]
+
+
+# -- what a user of the client notices -------------------------------------------
+
+
+async def test_the_client_reconnects_when_its_gateway_restarts_on_the_same_port():
+    async with running_gateway(drain_seconds=0) as first:
+        port = first.port
+        c = Client(f"ws://127.0.0.1:{port}/ws", token=token_for(first), backoff=FAST)
+        await c.connect()
+        sub = await c.subscribe("room:1")
+    try:
+        await until(lambda: c.state is State.RECONNECTING)
+        # Waiting through refused attempts is the point: the client must keep trying.
+        await asyncio.sleep(3 * FAST.cap)
+        assert c.state is State.RECONNECTING
+        async with running_gateway(port=port) as second:
+            await until(lambda: second.hub.has_subscribers("room:1"))
+            gap = await next_event(sub)  # a channel without history: what was missed is lost
+            assert isinstance(gap, Gap) and gap.reason == "no_position"
+            await second.ctx.node.publish("room:1", b'"from the new process"')
+            assert (await next_event(sub)).data == "from the new process"
+            assert c.state is State.OPEN and c.connections == 2
+    finally:
+        await c.close()
+
+
+async def test_close_codes_reconnect_or_stop_the_client_as_proto_says():
+    async with running_gateway() as gw:
+        calls = []
+
+        async def get_token() -> str:
+            calls.append(1)
+            return token_for(gw)
+
+        async with Client(url(gw), token=token_for(gw), get_token=get_token, backoff=FAST) as c:
+            sub = await c.subscribe("room:1")
+            again = (CloseCode.SHUTDOWN, CloseCode.SLOW_CONSUMER, CloseCode.TOKEN_EXPIRED)
+            for n, code in enumerate(again, start=2):
+                close_all(gw, code)
+                await until(lambda n=n: c.connections == n and gw.hub.has_subscribers("room:1"))
+            assert calls == [1]  # 4002: a fresh token before reconnecting
+            await c.publish("room:1", "still here")
+            events = [await next_event(sub) for _ in range(len(again) + 1)]
+            assert [getattr(e, "reason", None) for e in events[:-1]] == ["no_position"] * 3
+            assert events[-1].data == "still here"
+
+        for code in (CloseCode.SESSION_REVOKED, CloseCode.RATE_LIMITED):
+            async with Client(url(gw), token=token_for(gw), backoff=FAST) as c:
+                sub = await c.subscribe("room:1")
+                close_all(gw, code)
+                why = await asyncio.wait_for(c.wait_closed(), 2 * UNIT)
+                assert why.code == code and not why.reconnects and c.state is State.CLOSED
+                with pytest.raises(ConnectionClosed) as info:
+                    await next_event(sub)
+                assert info.value.code == code
+
+
+async def test_a_frame_over_the_gateways_limit_is_1009_and_stops_the_client():
+    async with running_gateway() as gw, Client(url(gw), token=token_for(gw), backoff=FAST) as c:
+        with pytest.raises(ConnectionClosed) as info:
+            await c.publish("room:1", "x" * (gw.settings.max_frame_bytes + 1))
+        assert info.value.code == CloseCode.MESSAGE_TOO_BIG
+        why = await asyncio.wait_for(c.wait_closed(), 2 * UNIT)
+        assert why.code == CloseCode.MESSAGE_TOO_BIG and c.state is State.CLOSED
+
+
+@pytest.mark.parametrize("encoding", ["json", "msgpack"])
+async def test_large_messages_both_ways_and_over_max_size(encoding):
+    big = {"blob": "b" * (2 << 20), "n": list(range(1000))}  # far over websockets' 1 MiB default
+    up = {"blob": "u" * (600 << 10)}  # sent in one masked frame, through the write buffer
+    limits = {"max_frame_bytes": 1 << 20, "max_publish_bytes": 1 << 20,
+              "max_publication_bytes": 4 << 20, "send_buffer_bytes": 16 << 20}  # fmt: skip
+    async with running_gateway(**limits) as gw:
+        async with Client(url(gw), token=token_for(gw), encoding=encoding, backoff=FAST) as c:
+            sub = await c.subscribe("room:1")
+            await c.publish("room:1", up)
+            assert (await next_event(sub)).data == up
+            await gw.ctx.node.publish("room:1", msgspec.json.encode(big))
+            assert (await next_event(sub, 5 * UNIT)).data == big
+        small = Client(url(gw), token=token_for(gw), encoding=encoding, max_size=1 << 20)
+        async with small:
+            await small.subscribe("room:1")
+            await gw.ctx.node.publish("room:1", msgspec.json.encode(big))
+            why = await asyncio.wait_for(small.wait_closed(), 5 * UNIT)
+            assert why.code == CloseCode.MESSAGE_TOO_BIG and small.state is State.CLOSED
+
+
+def _tls_contexts(tmp_path: Path) -> tuple[ssl.SSLContext, ssl.SSLContext]:
+    """A server context with a fresh self-signed certificate for 127.0.0.1, and a client one
+    that trusts it."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "gateway test")])
+    now = datetime.datetime.now(datetime.UTC)
+    ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=False, data_encipherment=False, key_agreement=False, key_cert_sign=True, crl_sign=False, encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(ski, critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski), critical=False)
+        .sign(key, hashes.SHA256())
+    )  # fmt: skip
+    pem = cert.public_bytes(serialization.Encoding.PEM)
+    (tmp_path / "cert.pem").write_bytes(pem)
+    (tmp_path / "key.pem").write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                          serialization.NoEncryption())
+    )  # fmt: skip
+    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server.load_cert_chain(tmp_path / "cert.pem", tmp_path / "key.pem")
+    return server, ssl.create_default_context(cadata=pem.decode())
+
+
+async def test_wss_with_an_ssl_context_and_the_token_in_a_header(tmp_path):
+    server_tls, client_tls = _tls_contexts(tmp_path)
+    heads: list[bytes] = []
+    async with running_gateway() as gw:
+        proxy = await _proxy(gw.port, tls=server_tls, heads=heads)
+        wss = f"wss://127.0.0.1:{proxy.sockets[0].getsockname()[1]}/ws"
+        token = token_for(gw)
+        try:
+            async with Client(wss, token=token, ssl=client_tls, encoding="msgpack") as c:
+                sub = await c.subscribe("room:1")
+                await c.publish("room:1", {"over": "tls"})
+                assert (await next_event(sub)).data == {"over": "tls"}
+            request_line, _, headers = heads[0].partition(b"\r\n")
+            assert token.encode() not in request_line
+            assert f"\r\nAuthorization: Bearer {token}\r\n".encode() in b"\r\n" + headers
+            # The default context does not trust a self-signed certificate: never connected.
+            with pytest.raises(TimeoutError):
+                async with Client(wss, token=token, open_timeout=0.5 * UNIT, backoff=FAST):
+                    pass
+        finally:
+            proxy.close()
