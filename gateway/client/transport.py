@@ -39,17 +39,8 @@ from collections.abc import Callable, Sequence
 from typing import Final, NamedTuple
 from urllib.parse import urlsplit, urlunsplit
 
+from websockets import exceptions as ws
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import (
-    ConnectionClosed as WSConnectionClosed,
-)
-from websockets.exceptions import (
-    InvalidHandshake,
-    InvalidHeader,
-    InvalidMessage,
-    InvalidStatus,
-    NegotiationError,
-)
 from websockets.protocol import State
 from websockets.typing import Subprotocol
 
@@ -102,7 +93,7 @@ class WebSocket:
                     if not self._reading.is_set():
                         break  # the connection ended while paused: what it held is dropped
                 self._on_message(await conn.recv())
-        except WSConnectionClosed:
+        except ws.ConnectionClosed:
             pass  # every message before the close was handed over
         except Exception:
             log.exception("the client failed on a message: dropping the socket")
@@ -125,7 +116,7 @@ class WebSocket:
             raise ConnectionClosed(*self._ending())
         try:
             await self.conn.send(payload, text=not binary)
-        except WSConnectionClosed:
+        except ws.ConnectionClosed:
             raise ConnectionClosed(*self._ending()) from None
 
     async def close(self, code: int = 1000, reason: str = "") -> Closed:
@@ -144,16 +135,16 @@ class WebSocket:
         self._reading.set()
 
 
-def _error(exc: InvalidHandshake) -> Exception:
+def _error(exc: ws.InvalidHandshake) -> Exception:
     """The client's error for a failed opening handshake."""
-    if isinstance(exc, InvalidStatus):
+    if isinstance(exc, ws.InvalidStatus):
         response = exc.response
         return HandshakeError.refused(
             response.status_code, bytes(response.body or b""), response.headers.get("Retry-After")
         )
-    if isinstance(exc, InvalidMessage) and isinstance(exc.__cause__, EOFError):
+    if isinstance(exc, ws.InvalidMessage) and isinstance(exc.__cause__, EOFError):
         return ConnectionError(f"connection lost in the handshake: {exc}")
-    if isinstance(exc, InvalidHeader | NegotiationError):
+    if isinstance(exc, ws.InvalidHeader | ws.NegotiationError):
         return HandshakeError(101, f"invalid upgrade response: {exc}")
     return HandshakeError(0, str(exc))
 
@@ -190,6 +181,6 @@ async def open_websocket(
             max_queue=_FRAMES_AHEAD,
             ssl=(ssl or True) if scheme == "wss" else None,  # True: a default context
         )
-    except InvalidHandshake as exc:
+    except ws.InvalidHandshake as exc:
         raise _error(exc) from exc
     return WebSocket(conn, on_message)

@@ -23,7 +23,6 @@ way to time a delivery.
 
 from __future__ import annotations
 
-import asyncio
 import time
 from typing import Final
 
@@ -31,8 +30,6 @@ import msgspec
 
 from gateway.client.encoding import JSON
 from gateway.loadtest.handshake import handshake_request
-from gateway.loadtest.ledger import Ledger
-from gateway.loadtest.stats import Tally
 from gateway.loadtest.stream import Owner, StreamClient
 from proto import Sub
 from proto.wsframe import OP_TEXT
@@ -96,22 +93,7 @@ class WSClient(StreamClient):
     """One load socket: handshake, subscribe, count publications; reconnects through its owner."""
 
     __slots__ = ("ws",)
-
-    def __init__(
-        self,
-        request: bytes,
-        channels: list[str],
-        tally: Tally,
-        done: asyncio.Future[bool],
-        ledger: Ledger,
-        owner: Owner | None = None,
-    ) -> None:
-        super().__init__(request, channels, tally, done, ledger, owner)
-        self.ws = WebSocketProtocol(MAX_MESSAGE, client=True)
-
-    def renew(self, request: bytes, done: asyncio.Future[bool]) -> None:
-        super().renew(request, done)
-        self.ws = WebSocketProtocol(MAX_MESSAGE, client=True)
+    ws: WebSocketProtocol  # made when the 101 arrives, for each connection
 
     # -- bytes in ----------------------------------------------------------
 
@@ -124,6 +106,7 @@ class WSClient(StreamClient):
             if rest is None:
                 return
             assert self.transport is not None
+            self.ws = WebSocketProtocol(MAX_MESSAGE, client=True)
             for slot, ch in enumerate(self.channels):
                 sub = Sub(id=slot + 1, ch=ch, since=self.ledger.since(slot))
                 self.transport.write(client_frame(JSON.command(sub)))
