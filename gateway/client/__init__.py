@@ -21,11 +21,9 @@ band when the gateway pushes ``expiring``, and gives every command an id, a
 future and a timeout. Frames are proto's types, JSON by default or
 MessagePack (``encoding="msgpack"``).
 
-The transport is a small asyncio Protocol over sans-I/O framing and
-handshake modules (`frames`, `handshake`) rather than a WebSocket library:
-the runtime dependencies hold none but Tornado's, and the load tool
-(`gateway.loadtest`) shares these pieces; `gateway.client.transport` says why.
-See docs/clients.md.
+The socket is the `websockets` library's asyncio client, adapted in
+`gateway.client.transport` (which says why); the long-poll fallback carries
+the same frames where upgrades do not pass. See docs/clients.md.
 """
 
 from core.infra.backoff import Backoff

@@ -291,10 +291,13 @@ class Connection:
             self.transport = "longpoll"
 
     async def _http_answers(self) -> bool:
+        """Whether the gateway answers plain HTTP; False, not an error, when it is down too."""
         http = AsyncHTTPClient(force_instance=True)
         try:
             resp = await http.fetch(f"{http_base(self.url)}/healthz", raise_error=False,
                                     request_timeout=2.0)  # fmt: skip
+        except OSError:  # Tornado raises network errors whatever raise_error says
+            return False
         finally:
             http.close()
         return resp.code == 200
@@ -439,7 +442,7 @@ class Connection:
 
     # -- frames in ---------------------------------------------------------
 
-    def _on_message(self, payload: bytes) -> None:
+    def _on_message(self, payload: bytes | str) -> None:
         try:
             frame: ServerFrame = self.encoding.decode(payload)
         except msgspec.DecodeError as exc:
