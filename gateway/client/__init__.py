@@ -28,14 +28,14 @@ the same frames where upgrades do not pass. See docs/clients.md.
 
 from core.infra.backoff import Backoff
 from gateway.client.client import Client, HistoryPage, PresenceCount, RpcResponse
-from gateway.client.connection import TRANSITIONS, State, StateError
-from gateway.client.errors import (
+from gateway.client.exceptions import (
     ClientError,
     ConnectionClosed,
     HandshakeError,
     ReplyError,
     SubscriptionEnded,
 )
+from gateway.client.link import TRANSITIONS, State, StateError
 from gateway.client.subscription import Event, Gap, GapReason, Publication, Subscription
 from proto import Join, Leave, Position, PresenceInfo
 

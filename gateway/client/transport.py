@@ -44,7 +44,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.protocol import State
 from websockets.typing import Subprotocol
 
-from gateway.client.errors import ConnectionClosed, HandshakeError
+from gateway.client.exceptions import ConnectionClosed, HandshakeError
 
 __all__ = ["Closed", "OnMessage", "WebSocket", "open_websocket"]
 

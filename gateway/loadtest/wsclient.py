@@ -29,7 +29,6 @@ from typing import Final
 import msgspec
 
 from gateway.client.encoding import JSON
-from gateway.loadtest.handshake import handshake_request
 from gateway.loadtest.stream import Owner, StreamClient
 from proto import Sub
 from proto.wsframe import OP_TEXT
@@ -41,7 +40,6 @@ __all__ = [
     "Payload",
     "WSClient",
     "client_frame",
-    "handshake_request",
     "parse_push",
 ]
 

@@ -19,7 +19,7 @@ from urllib.parse import urlsplit, urlunsplit
 import msgspec
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest, HTTPResponse
 
-from gateway.client.errors import ConnectionClosed, HandshakeError
+from gateway.client.exceptions import ConnectionClosed, HandshakeError
 from gateway.client.transport import Closed, OnMessage
 
 __all__ = ["LongPoll", "http_base", "open_longpoll"]

@@ -39,14 +39,14 @@ from tornado.httpclient import AsyncHTTPClient
 
 from core.infra.backoff import Backoff
 from gateway.client.encoding import ENCODINGS, ServerFrame
-from gateway.client.errors import (
+from gateway.client.exceptions import (
     ClientError,
     ConnectionClosed,
     HandshakeError,
     ReplyError,
     SubscriptionEnded,
 )
-from gateway.client.longpoll import LongPoll, http_base, open_longpoll
+from gateway.client.polling import LongPoll, http_base, open_longpoll
 from gateway.client.subscription import Gap, Publication, Subscription
 from gateway.client.transport import WebSocket, open_websocket
 from proto import (
