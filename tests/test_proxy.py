@@ -249,3 +249,8 @@ async def test_an_api_key_made_at_the_core_works_on_the_gateway_and_dies_there(t
         service.close()
     finally:
         admin.close()
+
+
+def test_a_gateway_with_core_url_starts_no_embedded_database(tier):
+    assert "embedded PostgreSQL" not in tier.gateway.output()
+    assert not (tier.data_dir / "pg").exists()
