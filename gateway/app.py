@@ -142,10 +142,16 @@ class Gateway:
             Rule(PollMatches(), polls),
             Rule(AnyMatches(), api_router(api, self.app)),
         ])  # fmt: skip
-        policy = RouteLimits(s, ctx.verifier, ctx.core.router, self.app, {
-            PublishHandler: (s.max_publish_bytes + 1024, True, False),
-            LongPollHandler: (s.max_body_bytes, True, True),
-        })  # fmt: skip
+        policy = RouteLimits(
+            s,
+            ctx.verifier,
+            ctx.core.router,
+            self.app,
+            {
+                PublishHandler: (s.max_publish_bytes + 1024, True, False),
+                LongPollHandler: (s.max_body_bytes, True, True),
+            },
+        )
         proxies = TrustedProxies(s.trusted_proxies, s.forwarded_header)
         self.server = Listener(sockets_first, s, ctx.metrics, policy, proxies)
         polls.listener = self.server  # kept-alive polls are then served off Tornado

@@ -146,8 +146,10 @@ class ReadyHandler(JsonHandler):
         database = await core.db.healthy() if isinstance(core, Core) else None
         ok = broker and database is not False
         body: dict[str, Any] = {
-            "status": "ok" if ok else "unavailable", "broker": broker, "database": database,
-        }  # fmt: skip
+            "status": "ok" if ok else "unavailable",
+            "broker": broker,
+            "database": database,
+        }
         if isinstance(core, UpstreamCore):
             body["core"] = {"reachable": await core.healthy(), **core.state()}
         self.write_json(body, 200 if ok else 503)

@@ -64,17 +64,35 @@ _FORWARDED = ("authorization", "content-type", "if-match", "if-none-match", "ide
 #: Response headers that belong to the hop, not to the answer (the gateway's
 #: delegate writes its own Content-Type, Content-Length, Date, request id and CORS).
 _HOP = frozenset(
-    {"connection", "keep-alive", "transfer-encoding", "content-length", "content-type", "date",
-     "server", "x-request-id", "content-encoding", "access-control-allow-origin",
-     "access-control-expose-headers", "vary"}
-)  # fmt: skip
+    {
+        "connection",
+        "keep-alive",
+        "transfer-encoding",
+        "content-length",
+        "content-type",
+        "date",
+        "server",
+        "x-request-id",
+        "content-encoding",
+        "access-control-allow-origin",
+        "access-control-expose-headers",
+        "vary",
+    }
+)
 #: The spelling the core's handlers give its headers (HTTP/1.1 writes them in its own
 #: case): an rpc reply through the gateway names them as the in-process core does.
 _SPELLING = {
     name.lower(): name
-    for name in ("ETag", "Location", "Retry-After", "Allow", "WWW-Authenticate",
-                 "Idempotent-Replayed", "Cache-Control")
-}  # fmt: skip
+    for name in (
+        "ETag",
+        "Location",
+        "Retry-After",
+        "Allow",
+        "WWW-Authenticate",
+        "Idempotent-Replayed",
+        "Cache-Control",
+    )
+}
 _RETRY_STATUS = frozenset({502, 503})
 _FAILURE_STATUS = frozenset({502, 503, 504})
 
@@ -174,7 +192,9 @@ class UpstreamCore:
                     if k.lower() not in _HOP
                 }
         except TimeoutError:
-            return self._failed("timeout", ApiError(504, "gateway_timeout", "the REST core did not answer in time"))  # fmt: skip
+            return self._failed(
+                "timeout", ApiError(504, "gateway_timeout", "the REST core did not answer in time")
+            )
         except (aiohttp.ClientError, OSError) as exc:
             self.last_error = f"{type(exc).__name__}: {exc}"
             return self._failed("unreachable", _unavailable("the REST core is unreachable", 1))
@@ -191,7 +211,9 @@ class UpstreamCore:
     def _failed(self, kind: str, err: ApiError) -> ApiError:
         self._metrics.core_upstream_errors.labels(kind).inc()
         if self.breaker.failure(time.monotonic()):
-            log.warning("REST core failing (%s): answering 503 for %.0f s", kind, self.breaker.open_for)  # fmt: skip
+            log.warning(
+                "REST core failing (%s): answering 503 for %.0f s", kind, self.breaker.open_for
+            )
         return err
 
     async def healthy(self) -> bool:

@@ -30,8 +30,14 @@ GRACE = {"email": "grace@example.com", "display_name": "Grace", "password": "ano
 class Tier:
     """One core process and one gateway process in front of it."""
 
-    def __init__(self, tmp_path: Any, data_dir: Any, redis_url: str, clean_db: dict[str, str],
-                 **core_env: str) -> None:  # fmt: skip
+    def __init__(
+        self,
+        tmp_path: Any,
+        data_dir: Any,
+        redis_url: str,
+        clean_db: dict[str, str],
+        **core_env: str,
+    ) -> None:
         self.shared = {
             "REDIS_URL": redis_url,
             "REDIS_PREFIX": unique_prefix(),
@@ -43,18 +49,25 @@ class Tier:
         }
         self.tmp_path, self.data_dir = tmp_path, data_dir
         self.core_env = {"TRUSTED_PROXIES": "127.0.0.1/32", **core_env}
-        self.core = GatewayProcess(tmp_path, data_dir, "core", **self.shared, **self.db,
-                                   **self.core_env).start()  # fmt: skip
+        self.core = GatewayProcess(
+            tmp_path, data_dir, "core", **self.shared, **self.db, **self.core_env
+        ).start()
         self.gateway = GatewayProcess(
-            tmp_path, data_dir, "gateway", **self.shared,
-            CORE_URL=f"http://127.0.0.1:{self.core.port}", CORE_BREAKER_FAILURES="2",
-            CORE_BREAKER_SECONDS="1", CORE_TIMEOUT="3",
-        ).start()  # fmt: skip
+            tmp_path,
+            data_dir,
+            "gateway",
+            **self.shared,
+            CORE_URL=f"http://127.0.0.1:{self.core.port}",
+            CORE_BREAKER_FAILURES="2",
+            CORE_BREAKER_SECONDS="1",
+            CORE_TIMEOUT="3",
+        ).start()
 
     def restart_core(self) -> None:
         """The core again, on the same port."""
-        again = GatewayProcess(self.tmp_path, self.data_dir, "core", **self.shared, **self.db,
-                               **self.core_env)  # fmt: skip
+        again = GatewayProcess(
+            self.tmp_path, self.data_dir, "core", **self.shared, **self.db, **self.core_env
+        )
         again.port, again.env["PORT"] = self.core.port, str(self.core.port)
         again.log = self.tmp_path / "core-again.log"
         self.core = again.start()
@@ -108,7 +121,9 @@ async def test_http_crud_through_the_gateway_is_the_core_s_answer(tier, clean_db
             "PATCH", path, {"status": "done"}, headers={"If-Match": '"1"'}
         )
         assert status == 200 and patched["version"] == 2
-        status, _, stale = await ada.call("PATCH", path, {"status": "active"}, headers={"If-Match": '"1"'})  # fmt: skip
+        status, _, stale = await ada.call(
+            "PATCH", path, {"status": "active"}, headers={"If-Match": '"1"'}
+        )
         assert status == 412 and stale["error"]["code"] == "precondition_failed"
         status, _, invalid = await ada.call("POST", "/api/projects", project(name=""))
         assert status == 422 and invalid["error"]["details"][0]["path"] == "$.name"
@@ -137,9 +152,11 @@ async def test_rpc_through_the_gateway_keeps_its_shape_and_the_socket_s_identity
         async with ws_client(tier.gateway.port, grace.token) as c:
             # Grace's socket, carrying Ada's token in the frame: still Grace (403).
             forged = await c.request(
-                "rpc", method="DELETE", path=f"/api/projects/{body['id']}",
+                "rpc",
+                method="DELETE",
+                path=f"/api/projects/{body['id']}",
                 headers={"Authorization": f"Bearer {ada.token}"},
-            )  # fmt: skip
+            )
             assert forged["status"] == 403 and forged["body"]["error"]["code"] == "forbidden"
         assert (await grace.call("DELETE", f"/api/projects/{body['id']}"))[0] == 403
         assert (await ada.call("DELETE", f"/api/projects/{body['id']}"))[0] == 204
@@ -171,8 +188,10 @@ async def test_the_core_sees_the_client_s_address_and_no_one_can_forge_it(
         # Another client through the same gateway has its own allowance.
         assert await register_from(gw, "127.0.0.3", 3) == 201
         # Straight to the core from an address it does not trust: the header is ignored.
-        assert [await register_from(core, "127.0.0.4", n, **{"X-Forwarded-For": f"198.51.100.{n}"})
-                for n in range(3)] == [201, 201, 429]  # fmt: skip
+        assert [
+            await register_from(core, "127.0.0.4", n, **{"X-Forwarded-For": f"198.51.100.{n}"})
+            for n in range(3)
+        ] == [201, 201, 429]
     finally:
         t.stop()
 
@@ -188,7 +207,9 @@ async def test_change_events_reach_sockets_and_are_recovered_after_a_reconnect(t
         assert push["data"]["type"] == "created" and push["data"]["id"] == created["id"]
         since = {"offset": push["offset"], "epoch": push["epoch"]}
         path = f"/api/projects/{created['id']}"
-        assert (await ada.call("PATCH", path, {"status": "done"}, headers={"If-Match": '"1"'}))[0] == 200  # fmt: skip
+        assert (await ada.call("PATCH", path, {"status": "done"}, headers={"If-Match": '"1"'}))[
+            0
+        ] == 200
         async with ws_client(tier.gateway.port, ada.token) as c:
             reply = await c.request("sub", ch="projects", since=since)
             assert reply["recovered"] is True
@@ -208,8 +229,14 @@ async def test_core_down_then_back_sockets_unaffected(tier):
             for _ in range(4):
                 started = time.monotonic()
                 status, headers, body = await ada.call("GET", "/api/projects")
-                answers.append((status, body["error"]["code"], headers.get("Retry-After"),
-                                time.monotonic() - started))  # fmt: skip
+                answers.append(
+                    (
+                        status,
+                        body["error"]["code"],
+                        headers.get("Retry-After"),
+                        time.monotonic() - started,
+                    )
+                )
             assert {a[:2] for a in answers} == {(503, "unavailable")}
             assert all(a[2] and int(a[2]) >= 1 for a in answers)
             assert answers[-1][3] < 0.5 * UNIT  # the breaker answers at once
@@ -234,7 +261,9 @@ async def test_an_api_key_made_at_the_core_works_on_the_gateway_and_dies_there(t
     status, tokens = await login(ApiClient(tier.gateway.port, None))
     admin = ApiClient(tier.gateway.port, tokens["access_token"])
     try:
-        status, _, created = await admin.call("POST", "/api/keys", {"name": "orders", "channels": ["orders:*"]})  # fmt: skip
+        status, _, created = await admin.call(
+            "POST", "/api/keys", {"name": "orders", "channels": ["orders:*"]}
+        )
         assert status == 201
         service = ApiClient(tier.gateway.port, created["key"])
         deadline = time.monotonic() + 5 * UNIT

@@ -33,7 +33,9 @@ class _Flaky(tornado.web.RequestHandler):
             self.finish(b'{"error":{"status":503,"code":"unavailable","message":"busy"}}')
             return
         self.set_header("ETag", '"3"')
-        self.finish(b'{"ok":true,"ip":"' + self.request.headers.get("X-Forwarded-For", "").encode() + b'"}')  # fmt: skip
+        self.finish(
+            b'{"ok":true,"ip":"' + self.request.headers.get("X-Forwarded-For", "").encode() + b'"}'
+        )
 
     get = post = put = patch = delete = _answer
 
@@ -45,10 +47,14 @@ async def flaky():
     server = HTTPServer(tornado.web.Application([(r"/api/.*", _Flaky, {"state": state})]))
     server.add_sockets(sockets)
     core = UpstreamCore(
-        Settings(core_url=f"http://127.0.0.1:{sockets[0].getsockname()[1]}", core_retries=1,
-                 core_breaker_failures=3, core_breaker_seconds=60.0),
+        Settings(
+            core_url=f"http://127.0.0.1:{sockets[0].getsockname()[1]}",
+            core_retries=1,
+            core_breaker_failures=3,
+            core_breaker_seconds=60.0,
+        ),
         Metrics(),
-    )  # fmt: skip
+    )
     await core.open()
     yield core, state
     await core.close()
