@@ -207,9 +207,8 @@ async def test_change_events_reach_sockets_and_are_recovered_after_a_reconnect(t
         assert push["data"]["type"] == "created" and push["data"]["id"] == created["id"]
         since = {"offset": push["offset"], "epoch": push["epoch"]}
         path = f"/api/projects/{created['id']}"
-        assert (await ada.call("PATCH", path, {"status": "done"}, headers={"If-Match": '"1"'}))[
-            0
-        ] == 200
+        done = await ada.call("PATCH", path, {"status": "done"}, headers={"If-Match": '"1"'})
+        assert done[0] == 200
         async with ws_client(tier.gateway.port, ada.token) as c:
             reply = await c.request("sub", ch="projects", since=since)
             assert reply["recovered"] is True
