@@ -282,3 +282,96 @@ async def test_an_api_key_made_at_the_core_works_on_the_gateway_and_dies_there(t
 def test_a_gateway_with_core_url_starts_no_embedded_database(tier):
     assert "embedded PostgreSQL" not in tier.gateway.output()
     assert not (tier.data_dir / "pg").exists()
+
+
+class Dropper:
+    """A TCP relay between the gateway and the core that can swallow the next requests.
+
+    A swallowed request reached the core's network but not the core: its
+    connection closes with no answer, as when a core pod dies mid-request.
+    """
+
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream_port = upstream_port
+        self.drop = 0
+        self.dropped = 0
+        self.server: asyncio.Server | None = None
+        self.port = 0
+
+    async def start(self) -> Dropper:
+        self.server = await asyncio.start_server(self._relay, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port)
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter, check: bool) -> None:
+            try:
+                while data := await src.read(65536):
+                    if check and self.drop > 0:
+                        self.drop -= 1
+                        self.dropped += 1
+                        break
+                    dst.write(data)
+                    await dst.drain()
+            except OSError:
+                pass
+            finally:
+                writer.close()
+                up_writer.close()
+
+        await asyncio.gather(pipe(reader, up_writer, True), pipe(up_reader, writer, False))
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+
+
+async def test_a_request_lost_on_the_way_is_retried_only_when_repeating_it_is_harmless(
+    tmp_path, data_dir, redis_url, clean_db
+):
+    core = GatewayProcess(
+        tmp_path,
+        data_dir,
+        "core",
+        REDIS_URL=redis_url,
+        JWT_SECRET=SECRET,
+        DATABASE_URL=clean_db["database_url"],
+        DATABASE_SCHEMA=clean_db["database_schema"],
+    ).start()
+    dropper = await Dropper(core.port).start()
+    gateway = await asyncio.to_thread(
+        GatewayProcess(
+            tmp_path,
+            data_dir,
+            "gateway",
+            REDIS_URL=redis_url,
+            JWT_SECRET=SECRET,
+            CORE_URL=f"http://127.0.0.1:{dropper.port}",
+        ).start
+    )
+    ada = await user(gateway.port, ADA)
+    try:
+
+        async def count() -> int:
+            return len((await ada.call("GET", "/api/projects?limit=100"))[2]["items"])
+
+        dropper.drop = 1
+        assert (await ada.call("GET", "/api/projects"))[0] == 200  # retried
+        dropper.drop = 1
+        status, _, body = await ada.call("POST", "/api/projects", PROJECT)
+        assert status == 503 and body["error"]["code"] == "unavailable"  # not retried
+        assert dropper.dropped == 2 and await count() == 0  # and the core never saw it
+        dropper.drop = 1
+        keyed = {"Idempotency-Key": "create-apollo-1"}
+        status, _, created = await ada.call("POST", "/api/projects", PROJECT, headers=keyed)
+        assert status == 201 and dropper.dropped == 3  # retried, created once
+        again = await ada.call("POST", "/api/projects", PROJECT, headers=keyed)
+        assert again[0] == 201 and again[2] == created and again[1]["Idempotent-Replayed"] == "true"
+        assert await count() == 1
+    finally:
+        ada.close()
+        dropper.close()
+        for process in (gateway, core):
+            await asyncio.to_thread(process.stop)
