@@ -26,6 +26,8 @@ The rules (docs/security.md has the table per route):
   services 403 (accounts are not a service's business). A collection under
   ``SELF`` lists only the caller's own row for a non-admin.
 * ``ADMIN``: admins only; 403 for everyone else.
+* ``SERVER``: admins, and API keys with the ``server`` scope; 403 for
+  everyone else (the gateway's server API, ``/api/server/``).
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ class Access(enum.Enum):
     OWNER = "owner"
     SELF = "self"
     ADMIN = "admin"
+    SERVER = "server"
 
 
 def _role(caller: Caller | None) -> str | None:
@@ -81,6 +84,9 @@ def check(access: Access, caller: Caller, params: Mapping[str, str]) -> None:
     if access is Access.ADMIN:
         if role != "admin":
             raise ApiError(403, "forbidden", "admins only")
+    elif access is Access.SERVER:
+        if role != "admin" and not (role == "service" and getattr(caller, "server", False)):
+            raise ApiError(403, "forbidden", "admins and API keys with the server scope only")
     elif access is Access.SESSION:
         if getattr(caller, "sid", None) is None or user_id(caller) is None:
             raise ApiError(403, "no_session", "this token was not issued by a login here")

@@ -2,8 +2,10 @@
 
 A key (``gwk_`` and 43 random characters) is shown once, when created; only
 its SHA-256 is stored. It is scoped: ``channels`` are the patterns it may
-publish on (``POST /api/publish``, or a socket's ``pub``), and ``rest`` says
-whether it may call the REST API. Every process keeps the active keys in
+publish on (``POST /api/publish``, or a socket's ``pub``), ``rest`` says
+whether it may call the REST API, and ``server`` whether it may call the
+server API (``/api/server/``: disconnect, subscribe, list connections… of
+anyone, on every gateway; docs/security.md). Every process keeps the active keys in
 memory (the verifier looks a key up without a query); creating or revoking
 one reloads them here and broadcasts ``{"type": "api_keys_changed"}`` on the
 control channel so every other process reloads too, and each process also
@@ -46,6 +48,7 @@ class ApiKeyIn(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     name: Annotated[str, Meta(min_length=1, max_length=100, pattern=r"^[^\x00]*(?![\s\S])")]
     channels: Annotated[list[Pattern], Meta(max_length=50)] = []
     rest: bool = False
+    server: bool = False
 
 
 class ApiKeyOut(msgspec.Struct, kw_only=True):
@@ -54,6 +57,7 @@ class ApiKeyOut(msgspec.Struct, kw_only=True):
     hint: str
     channels: list[str]
     rest: bool
+    server: bool
     created_at: str
 
 
@@ -67,10 +71,13 @@ class ApiKeyList(msgspec.Struct):
     items: list[ApiKeyOut]
 
 
-_FIELDS = "'id', id, 'name', name, 'hint', hint, 'channels', channels, 'rest', rest, 'created_at', created_at"
+_FIELDS = (
+    "'id', id, 'name', name, 'hint', hint, 'channels', channels, 'rest', rest, "
+    "'server', server, 'created_at', created_at"
+)
 _CREATE = f"""
-insert into api_keys (name, key_hash, hint, channels, rest, created_by)
-values ($1, $2, $3, $4, $5, $6) returning json_build_object({_FIELDS})::text
+insert into api_keys (name, key_hash, hint, channels, rest, server, created_by)
+values ($1, $2, $3, $4, $5, $6, $7) returning json_build_object({_FIELDS})::text
 """
 _LIST = f"""
 select coalesce(json_agg(json_build_object({_FIELDS}) order by created_at), '[]')::text
@@ -79,7 +86,7 @@ from api_keys where revoked_at is null
 _REVOKE = (
     "update api_keys set revoked_at = now() where id = $1::uuid and revoked_at is null returning id"
 )
-_ACTIVE = "select id::text, key_hash, channels, rest from api_keys where revoked_at is null"
+_ACTIVE = "select id::text, key_hash, channels, rest, server from api_keys where revoked_at is null"
 
 
 class ApiKeys:
@@ -115,7 +122,15 @@ class ApiKeys:
         digest = hashlib.sha256(key.encode()).digest()
         creator = int(req.caller.sub) if req.caller and req.caller.sub.isdigit() else None
         (body,) = await one(
-            self._pool, _CREATE, data.name, digest, key[:10], data.channels, data.rest, creator
+            self._pool,
+            _CREATE,
+            data.name,
+            digest,
+            key[:10],
+            data.channels,
+            data.rest,
+            data.server,
+            creator,
         )
         await self._changed()
         out = body.encode()
@@ -139,8 +154,8 @@ class ApiKeys:
         next sync).
         """
         entries = [
-            KeyEntry(bytes(digest).hex(), str(id), list(channels), rest)
-            for id, digest, channels, rest in await self._pool.fetch(_ACTIVE)
+            KeyEntry(bytes(digest).hex(), str(id), list(channels), rest, server)
+            for id, digest, channels, rest, server in await self._pool.fetch(_ACTIVE)
         ]
         self._ring.replace(entries)
         if self._store is not None:

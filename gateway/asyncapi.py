@@ -31,6 +31,7 @@ from proto import (
     Leave,
     Push,
     Reply,
+    Subscribed,
     Unsubscribed,
     close_reason,
     error_message,
@@ -44,7 +45,15 @@ __all__ = ["COMMANDS", "PUSHES", "asyncapi_route", "document"]
 #: Client commands, in the order of docs/protocol.md.
 COMMANDS: Final[tuple[type[msgspec.Struct], ...]] = typing.get_args(Command)
 #: Frames the gateway sends besides replies.
-PUSHES: Final[tuple[type[msgspec.Struct], ...]] = (Push, Expiring, Gap, Unsubscribed, Join, Leave)
+PUSHES: Final[tuple[type[msgspec.Struct], ...]] = (
+    Push,
+    Expiring,
+    Gap,
+    Subscribed,
+    Unsubscribed,
+    Join,
+    Leave,
+)
 _FRAMES: Final[tuple[type[msgspec.Struct], ...]] = (*COMMANDS, Reply, *PUSHES)
 _SCHEMA: Final = "#/components/schemas/{name}"
 _WS_BINDING: Final = "0.1.0"
@@ -52,9 +61,13 @@ _HTTP_BINDING: Final = "0.3.0"
 
 
 class CloseEvent(msgspec.Struct, frozen=True):
-    """SSE ``close`` event and long-poll ``close``: the connection ended with ``code``."""
+    """SSE ``close`` event and long-poll ``close``: the connection ended with ``code``.
+
+    ``reason`` is the close code's own, or the one the server API gave.
+    """
 
     code: int
+    reason: str = ""
 
 
 class LongPollOpened(msgspec.Struct, frozen=True):
@@ -196,7 +209,8 @@ def _messages() -> dict[str, Any]:
     out["Close"] = _message("close", "CloseEvent", CloseEvent.__doc__)
     sse = "Server-Sent Event ``event: {name}``; ``data:`` is the frame as JSON on one line."
     for name, schema in (("reply", "Reply"), ("msg", "Push"), ("expiring", "Expiring"),
-                         ("gap", "Gap"), ("unsubscribed", "Unsubscribed"), ("close", "CloseEvent")):  # fmt: skip
+                         ("gap", "Gap"), ("subscribed", "Subscribed"),
+                         ("unsubscribed", "Unsubscribed"), ("close", "CloseEvent")):  # fmt: skip
         out[f"SSE_{name}"] = _message(name, schema, sse.format(name=name), "text/event-stream")
     return out
 
@@ -207,7 +221,10 @@ def _channel_messages(names: list[str]) -> dict[str, Any]:
 
 def _channels() -> dict[str, Any]:
     ws_names = [t.__name__ for t in _FRAMES]
-    sse_names = [f"SSE_{n}" for n in ("reply", "msg", "expiring", "gap", "unsubscribed", "close")]
+    sse_names = [
+        f"SSE_{n}"
+        for n in ("reply", "msg", "expiring", "gap", "subscribed", "unsubscribed", "close")
+    ]
     token = {
         "type": "string",
         "description": "The JWT (or API key) when no Authorization header can be set.",

@@ -11,15 +11,16 @@ in docs/protocol.md.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from gateway.hub import Prepared
-from proto import ErrorCode, History, HistoryItem, Position, Reply, Sub
+from proto import ErrorCode, History, HistoryItem, Position, Reply, Subscribed
 
 if TYPE_CHECKING:
     from gateway.session import Session
 
-__all__ = ["MAX_HELD", "MAX_OFFSET", "history", "recovers", "subscribe_recovering"]
+__all__ = ["MAX_HELD", "MAX_OFFSET", "Answer", "history", "recovers", "subscribe_recovering"]
 
 
 #: Live publications held per channel while its history is read.
@@ -34,15 +35,22 @@ def recovers(since: Position, entries: list[tuple[int, bytes]], top: Position | 
     return since.offset == top.offset or (bool(entries) and entries[0][0] == since.offset + 1)
 
 
-async def subscribe_recovering(session: Session, cmd: Sub) -> None:
+#: The frame that answers a subscription, from ``recovered`` (None: no ``since``)
+#: and where the channel stands: a reply to a ``sub``, or a ``subscribed`` push.
+Answer = Callable[[bool | None, Position | None], Reply | Subscribed]
+
+
+async def subscribe_recovering(
+    session: Session, ch: str, since: Position | None, answer: Answer
+) -> None:
     """Subscribe, recovering what was missed ``since``, with no gap or repeat at the seam.
 
     Live publications are held while the history is read; afterwards the
-    reply, the missed publications and the held ones (those after the
+    answer, the missed publications and the held ones (those after the
     last offset sent) go out in one synchronous run, so nothing live can
     slip in between.
     """
-    ch, since, conn = cmd.ch, cmd.since, session.conn
+    conn = session.conn
     held = session.held = session.held if session.held is not None else {}
     held[ch] = []
     seen = session.node.seen(ch)  # from here on, live publications are held
@@ -66,14 +74,7 @@ async def subscribe_recovering(session: Session, cmd: Sub) -> None:
         recovered = recovers(since, entries, top)
         if recovered:
             last = since.offset
-    reply = Reply(
-        id=cmd.id,
-        ok=True,
-        recovered=recovered,
-        offset=top.offset if top is not None else None,
-        epoch=top.epoch if top is not None else None,
-    )
-    session.transport.send(session.codec.encode(reply))
+    session.transport.send(session.codec.encode(answer(recovered, top)))
     epoch = top.epoch if top is not None else None
     if recovered:
         assert epoch is not None  # recovery implies a history

@@ -18,6 +18,7 @@ from typing import ClassVar, Protocol
 from urllib.parse import parse_qs
 
 from core.infra.broker import BrokerUnavailable
+from core.infra.control import ConnectionInfo
 from core.infra.identity import AuthError, Identity
 from core.infra.metrics import Metrics
 from core.infra.rate import Rate
@@ -47,6 +48,7 @@ from proto import (
     Rpc,
     State,
     Sub,
+    Subscribed,
     Unsub,
     Unsubscribed,
 )
@@ -68,8 +70,9 @@ class Transport(Protocol):
     def deliver(self, prepared: Prepared, codec: Codec) -> None:
         """Queue one publication; never blocks nor touches the hub."""
 
-    def disconnect(self, code: CloseCode) -> None:
-        """End the connection with a close code (idempotent)."""
+    def disconnect(self, code: int, reason: str | None = None) -> None:
+        """End the connection with a close code (idempotent); ``reason``: the
+        code's own (proto's table) when None."""
 
     def heartbeat(self, now: float, dead_after: float) -> None:
         """Ping the peer, or drop it when nothing arrived for ``dead_after`` seconds."""
@@ -79,6 +82,16 @@ class Transport(Protocol):
 Dispatch = Callable[[Request], Awaitable[Response]]
 #: Token verification (`core.infra.verify.Verifier.verify`); raises `AuthError`.
 Verify = Callable[[str], Identity]
+
+_clock: list[int] = [0]
+
+
+def _second() -> int:
+    """The Unix second now, one shared int per second (a socket's ``opened`` costs a slot)."""
+    now = int(time.time())
+    if now != _clock[0]:
+        _clock[0] = now
+    return _clock[0]
 
 
 class Session:
@@ -92,6 +105,7 @@ class Session:
         "identity",
         "metrics",
         "node",
+        "opened",
         "publishes",
         "refused",
         "remote_ip",
@@ -127,6 +141,7 @@ class Session:
         self.held: dict[str, list[Prepared]] | None = None  # channels being recovered
         self.client_id = secrets.token_hex(8)  # this connection, in presence
         self.remote_ip = remote_ip  # the client's IP, for the core's per-IP limits (rpc)
+        self.opened = _second()  # when, in Unix seconds (the server API lists it)
 
     @property
     def transport_kind(self) -> str:
@@ -162,7 +177,19 @@ class Session:
         conn = self.conn
         try:
             if isinstance(cmd, Sub) and self.node.history_policy.applies(cmd.ch):
-                await subscribe_recovering(self, cmd)
+                cid = cmd.id
+                await subscribe_recovering(
+                    self,
+                    cmd.ch,
+                    cmd.since,
+                    lambda recovered, top: Reply(
+                        id=cid,
+                        ok=True,
+                        recovered=recovered,
+                        offset=top.offset if top is not None else None,
+                        epoch=top.epoch if top is not None else None,
+                    ),
+                )
                 await self._join(cmd.ch)
                 return
             if isinstance(cmd, Sub):
@@ -252,11 +279,75 @@ class Session:
         old, self.identity = self.identity, identity
         self.node.hub.reidentify(self, (old.exp, old.sid), (identity.exp, identity.sid))
         for ch in conn.regrant(identity.grants):
-            self.node.unsubscribe(ch, self)
-            code = ErrorCode.PERMISSION_DENIED
             message = "the refreshed token does not allow this channel"
-            self.transport.send(self.codec.encode(Unsubscribed(ch, int(code), message)))
+            self._drop(ch, ErrorCode.PERMISSION_DENIED, message)
         self.transport.send(conn.ok(cmd))
+
+    def _drop(self, ch: str, code: ErrorCode, message: str) -> None:
+        """End the subscription to ``ch`` from this side, with an ``unsubscribed`` push."""
+        self.conn.unsubscribed(ch)
+        self.node.unsubscribe(ch, self)
+        self.node.presence.leave(ch, self.client_id)
+        if not self.conn.closed:
+            self.transport.send(self.codec.encode(Unsubscribed(ch, int(code), message)))
+
+    # -- the server API's actions (gateway/serverapi/agent.py) ------------------
+
+    def kick(self, code: int, reason: str) -> None:
+        """Close on the server API's word, with its code and reason."""
+        self.transport.disconnect(code, reason)
+
+    async def server_subscribe(self, ch: str) -> bool:
+        """Subscribe on the server API's word (grants are not asked): True when done.
+
+        The client is told with a ``subscribed`` push (and, on a history
+        channel, where the channel stands) before the publications that follow.
+        False for a connection that holds ``ch`` already, is at its limit, or is
+        draining or closed. Raises `BrokerUnavailable` as a ``sub`` would.
+        """
+        conn = self.conn
+        if conn.state is not State.OPEN or ch in conn.subscriptions:
+            return False
+        if len(conn.subscriptions) >= conn.max_subscriptions:
+            return False
+        if self.node.history_policy.applies(ch):
+            await subscribe_recovering(
+                self,
+                ch,
+                None,
+                lambda _, top: Subscribed(
+                    ch, top.offset if top else None, top.epoch if top else None
+                ),
+            )
+        else:
+            await self.node.subscribe(ch, self)
+            if conn.closed:
+                self.node.unsubscribe(ch, self)
+                return False
+            conn.subscribed(ch)
+            self.transport.send(self.codec.encode(Subscribed(ch)))
+        await self._join(ch)
+        return ch in conn.subscriptions
+
+    def server_unsubscribe(self, ch: str) -> bool:
+        """End the subscription on the server API's word (``unsubscribed``, code 118)."""
+        if ch not in self.conn.subscriptions:
+            return False
+        self._drop(ch, ErrorCode.UNSUBSCRIBED, "unsubscribed by the server")
+        return True
+
+    def describe(self, node: str) -> ConnectionInfo:
+        """This connection as the server API lists it."""
+        return ConnectionInfo(
+            client=self.client_id,
+            user=self.identity.sub,
+            transport=self.transport.kind,
+            codec=self.codec.name,
+            node=node,
+            remote=self.remote_ip,
+            since=float(self.opened),
+            subscriptions=sorted(self.conn.subscriptions),
+        )
 
     async def _join(self, ch: str) -> None:
         """Enter presence on ``ch`` (if it keeps presence) once subscribed."""

@@ -14,9 +14,17 @@ from proto.codes import (
     close_reason,
     error_message,
     is_temporary,
+    reason_for,
     should_reconnect,
 )
-from proto.connection import RESERVED_PREFIX, TRANSITIONS, Connection, State, StateError
+from proto.connection import (
+    ADMIN_CHANNEL,
+    RESERVED_PREFIX,
+    TRANSITIONS,
+    Connection,
+    State,
+    StateError,
+)
 from proto.frames import (
     Command,
     ErrorBody,
@@ -37,6 +45,7 @@ from proto.frames import (
     Reply,
     Rpc,
     Sub,
+    Subscribed,
     Unsub,
     Unsubscribed,
 )
@@ -45,6 +54,7 @@ from proto.publication import InvalidData
 from proto.wsframe import frame
 
 __all__ = [
+    "ADMIN_CHANNEL",
     "CLOSE_REASON_MAX_BYTES",
     "CODECS",
     "JSON_CODEC",
@@ -82,12 +92,14 @@ __all__ = [
     "State",
     "StateError",
     "Sub",
+    "Subscribed",
     "Unsub",
     "Unsubscribed",
     "close_reason",
     "error_message",
     "frame",
     "is_temporary",
+    "reason_for",
     "select_codec",
     "should_reconnect",
 ]

@@ -27,6 +27,7 @@ __all__ = [
     "close_reason",
     "error_message",
     "is_temporary",
+    "reason_for",
     "should_reconnect",
 ]
 
@@ -53,6 +54,7 @@ class ErrorCode(enum.IntEnum):
     NO_HISTORY = 115
     NO_PRESENCE = 116
     INVALID_DATA = 117
+    UNSUBSCRIBED = 118
 
 
 class CloseCode(enum.IntEnum):
@@ -74,6 +76,7 @@ class CloseCode(enum.IntEnum):
     SESSION_REVOKED = 4502
     RATE_LIMITED = 4503
     KEY_REVOKED = 4510
+    DISCONNECTED = 4511
 
 
 class _Error(NamedTuple):
@@ -98,6 +101,7 @@ _ERRORS: dict[ErrorCode, _Error] = {
     ErrorCode.NO_HISTORY: _Error("this channel keeps no history", False),
     ErrorCode.NO_PRESENCE: _Error("this channel keeps no presence", False),
     ErrorCode.INVALID_DATA: _Error("data cannot be published", False),
+    ErrorCode.UNSUBSCRIBED: _Error("the server ended this subscription", False),
 }
 
 _CLOSE_REASONS: dict[CloseCode, str] = {
@@ -115,6 +119,7 @@ _CLOSE_REASONS: dict[CloseCode, str] = {
     CloseCode.SESSION_REVOKED: "session revoked, log in again",
     CloseCode.RATE_LIMITED: "too many commands after being told to slow down",
     CloseCode.KEY_REVOKED: "API key revoked",
+    CloseCode.DISCONNECTED: "disconnected by the server",
 }
 
 
@@ -129,6 +134,14 @@ def is_temporary(code: ErrorCode) -> bool:
 
 def close_reason(code: CloseCode) -> str:
     return _CLOSE_REASONS[code]
+
+
+def reason_for(code: int) -> str:
+    """The reason proto's table gives ``code``; "" for a code it does not name."""
+    try:
+        return _CLOSE_REASONS[CloseCode(code)]
+    except ValueError:
+        return ""
 
 
 def should_reconnect(code: int) -> bool:

@@ -38,11 +38,15 @@ from proto.frames import (
 )
 from proto.grants import Grants
 
-__all__ = ["RESERVED_PREFIX", "TRANSITIONS", "Connection", "State", "StateError"]
+__all__ = ["ADMIN_CHANNEL", "RESERVED_PREFIX", "TRANSITIONS", "Connection", "State", "StateError"]
 
 #: Channel names the system keeps for itself (``__control``): no client may
-#: subscribe or publish there, whatever its grants say.
+#: subscribe or publish there, whatever its grants say, but for the system
+#: channels its grants name (`Grants.system`).
 RESERVED_PREFIX: Final = "__"
+#: The admin console's channel: each gateway's live figures, once a second
+#: while someone watches. Only admins subscribe; nobody publishes.
+ADMIN_CHANNEL: Final = "__admin"
 
 
 class State(enum.Enum):
@@ -115,7 +119,7 @@ class Connection:
             if cmd.ch not in self.subscriptions:
                 raise ProtocolError(ErrorCode.NOT_SUBSCRIBED, cmd.id, cmd.ch)
         elif isinstance(cmd, History | PresenceQuery | PresenceStats):
-            if cmd.ch.startswith(RESERVED_PREFIX) or not self.grants.can_subscribe(cmd.ch):
+            if not self.may_read(cmd.ch):
                 raise ProtocolError(ErrorCode.PERMISSION_DENIED, cmd.id, cmd.ch)
         elif isinstance(cmd, Pub):
             if cmd.ch.startswith(RESERVED_PREFIX) or not self.grants.can_publish(cmd.ch):
@@ -130,10 +134,16 @@ class Connection:
             assert isinstance(cmd, Ping | Rpc | Refresh)
         return cmd
 
+    def may_read(self, ch: str) -> bool:
+        """Whether this connection may subscribe to ``ch`` (and read its history, presence)."""
+        if ch.startswith(RESERVED_PREFIX):
+            return ch in self.grants.system
+        return self.grants.can_subscribe(ch)
+
     def _check_sub(self, cmd: Sub) -> None:
         if self.state is State.DRAINING:
             raise ProtocolError(ErrorCode.CLOSING, cmd.id)
-        if cmd.ch.startswith(RESERVED_PREFIX) or not self.grants.can_subscribe(cmd.ch):
+        if not self.may_read(cmd.ch):
             raise ProtocolError(ErrorCode.PERMISSION_DENIED, cmd.id, cmd.ch)
         if cmd.ch in self.subscriptions:
             raise ProtocolError(ErrorCode.ALREADY_SUBSCRIBED, cmd.id, cmd.ch)

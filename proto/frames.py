@@ -36,6 +36,7 @@ __all__ = [
     "Reply",
     "Rpc",
     "Sub",
+    "Subscribed",
     "Unsub",
     "Unsubscribed",
 ]
@@ -255,3 +256,17 @@ class Unsubscribed(msgspec.Struct, frozen=True, tag_field="op", tag="unsubscribe
     ch: str
     code: int
     message: str
+
+
+class Subscribed(msgspec.Struct, frozen=True, tag_field="op", tag="subscribed", omit_defaults=True):
+    """The server subscribed this connection to ``ch`` (the server API, not a ``sub``).
+
+    On a history channel, ``offset`` and ``epoch`` say where the channel
+    stood when the subscription took effect: the pushes that follow come
+    after it, and a client that reconnects recovers from it (``sub`` with
+    ``since``) as from any position it saw.
+    """
+
+    ch: str
+    offset: int | None = None
+    epoch: str | None = None

@@ -278,6 +278,22 @@ async def test_a_channel_without_history_has_no_position(started):
     assert await broker.history("never:published", 0, 10) == ([], None)
 
 
+async def test_expiring_sets_are_shared_and_forget_what_expired(started):
+    one, _ = await started()
+    other = one if started.single_process else (await started())[0]
+    await one.expiring_add("nodes", "a", 1000.0)
+    await one.expiring_add("nodes", "b", 2000.0)
+    await other.expiring_add("nodes", "a", 3000.0)  # again: moved, not doubled
+    assert await other.expiring_members("nodes", 500.0) == {"a": 3000.0, "b": 2000.0}
+    assert await one.expiring_members("nodes", 2500.0) == {"a": 3000.0}
+    # What expired is gone for good, whatever `now` a later reader passes.
+    assert await other.expiring_members("nodes", 0.0) == {"a": 3000.0}
+    await other.expiring_remove("nodes", "a")
+    await other.expiring_remove("nodes", "never-there")
+    assert await one.expiring_members("nodes", 0.0) == {}
+    assert await one.expiring_members("other-key", 0.0) == {}
+
+
 async def test_history_lost_with_redis_starts_a_new_epoch(throwaway_redis):
     broker = RedisBroker(
         throwaway_redis.url, unique_prefix(), backoff_initial=0.02, backoff_max=0.2

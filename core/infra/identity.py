@@ -32,10 +32,12 @@ class Identity:
     configured leeway, or None for a token without ``exp``. ``sid`` is the
     login session of tokens this system issued (claim ``sid``), None for
     tokens from elsewhere; ``role`` is ``admin``, ``user`` (the default) or
-    ``service`` (an API key); ``rest`` says whether it may call the REST API.
+    ``service`` (an API key); ``rest`` says whether it may call the REST API,
+    ``server`` whether it may call the server API (``/api/server/``: API keys
+    with the ``server`` scope; admins may without it).
     """
 
-    __slots__ = ("exp", "grants", "info", "local", "rest", "role", "sid", "sub", "token")
+    __slots__ = ("exp", "grants", "info", "local", "rest", "role", "server", "sid", "sub", "token")
 
     def __init__(
         self,
@@ -45,6 +47,7 @@ class Identity:
         sid: str | None = None,
         role: str = "user",
         rest: bool = True,
+        server: bool = False,
     ) -> None:
         self.sub = sub
         self.grants = grants
@@ -52,6 +55,7 @@ class Identity:
         self.sid = sid
         self.role = role
         self.rest = rest
+        self.server = server
         #: The token's ``info`` claim (JSON object bytes), shown in presence.
         self.info: bytes | None = None
         #: Signed with this deployment's own keys (JWT_SECRET, JWT_SIGNING_KEYS) or an

@@ -2,7 +2,7 @@
 
 The core reads the active keys from PostgreSQL (core/apikeys.py) and writes
 them, as a snapshot, through the broker (Redis): SHA-256 digests, never the
-keys, with each key's channel patterns and REST flag. A gateway that runs
+keys, with each key's channel patterns and its REST and server scopes. A gateway that runs
 without a database (``CORE_URL``) reads that snapshot instead, at start, on
 every ``api_keys_changed`` control message and on each sync period, so an
 API key works on its sockets and ``POST /api/publish`` as it does on a
@@ -33,12 +33,16 @@ SNAPSHOT_KEY = "api_keys"
 
 
 class KeyEntry(msgspec.Struct, frozen=True):
-    """One active key: the hex SHA-256 of the key, its id, what it may do."""
+    """One active key: the hex SHA-256 of the key, its id, what it may do.
+
+    ``server`` is absent from snapshots written before the scope existed: False.
+    """
 
     digest: str
     id: str
     channels: list[str]
     rest: bool
+    server: bool = False
 
 
 _encoder = msgspec.json.Encoder()
@@ -77,7 +81,9 @@ class KeyRing:
         for entry in entries:
             claims = {"channels": entry.channels, "pub": True}
             grants = Grants.from_claims(claims, reserved=self._reserved)
-            identity = Identity(f"apikey:{entry.id}", grants, None, None, "service", entry.rest)
+            identity = Identity(
+                f"apikey:{entry.id}", grants, None, None, "service", entry.rest, entry.server
+            )
             fresh[bytes.fromhex(entry.digest)] = identity
         gone = {i.sub for i in self.ring.values()} - {i.sub for i in fresh.values()}
         # No await between these two lines: no request sees a half-updated ring.

@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives.serialization import load_pem_public_key
 from core.infra.identity import API_KEY_PREFIX, AuthError, Identity
 from core.infra.keys import HMAC_ALGORITHMS, SigningKeys
 from core.infra.settings import Settings
-from proto import Grants, InvalidGrants
+from proto import ADMIN_CHANNEL, Grants, InvalidGrants
 
 __all__ = ["MAX_INFO_BYTES", "Verifier"]
 
@@ -184,8 +184,16 @@ class Verifier:
         sub = claims.get("sub")
         if not isinstance(sub, str) or not sub:
             raise AuthError("bad_claims", "claim 'sub' must be a non-empty string")
+        sid = claims.get("sid")
+        role = claims.get("role", "user")
+        if (sid is not None and not isinstance(sid, str)) or role not in ("user", "admin"):
+            raise AuthError("bad_claims", "claims 'sid' or 'role' have the wrong shape")
+        alg, kid = header.get("alg"), header.get("kid")
+        local = alg in HMAC_ALGORITHMS or (isinstance(kid, str) and kid in self._own_kids)
+        # Only an admin of this deployment watches the console's channel.
+        system = (ADMIN_CHANNEL,) if role == "admin" and local else ()
         try:
-            grants = Grants.from_claims(claims, reserved=self._reserved_channels)
+            grants = Grants.from_claims(claims, reserved=self._reserved_channels, system=system)
         except InvalidGrants as exc:
             raise AuthError("bad_claims", str(exc)) from None
         exp = claims.get("exp")
@@ -195,13 +203,8 @@ class Verifier:
         expires = None if exp is None else float(exp) + self._leeway
         if expires is not None and now >= expires:
             raise AuthError("expired", "token expired")
-        sid = claims.get("sid")
-        role = claims.get("role", "user")
-        if (sid is not None and not isinstance(sid, str)) or role not in ("user", "admin"):
-            raise AuthError("bad_claims", "claims 'sid' or 'role' have the wrong shape")
         identity = Identity(sub, grants, expires, sid, role)
-        alg, kid = header.get("alg"), header.get("kid")
-        identity.local = alg in HMAC_ALGORITHMS or (isinstance(kid, str) and kid in self._own_kids)
+        identity.local = local
         info = claims.get("info")
         if info is not None:
             # Shown to others in presence: an object, small.

@@ -280,7 +280,7 @@ class PollConnection(asyncio.Protocol):
         status = 200
         if poll.closed is not None and not messages:
             status = 410
-            body += b',"close":{"code":%d}' % int(poll.closed)
+            body += poll.close_field()
         body += b"}"
         transport.write(
             b"%s%d%s%s" % (_HEADS[status], len(body), _CLOSE if self._close else _KEEP, body)

@@ -193,7 +193,7 @@ class _Poll(BodylessRequest):
         status = 200
         if poll.closed is not None and not messages:
             status = 410
-            body += b',"close":{"code":%d}' % int(poll.closed)
+            body += poll.close_field()
         self._write(status, {}, body + b"}")
 
     def _refuse(self, exc: ApiError) -> None:

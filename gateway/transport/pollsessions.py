@@ -10,10 +10,12 @@ import time
 from collections.abc import Callable, Container
 from typing import ClassVar
 
+import msgspec
+
 from core.infra.identity import Identity
 from gateway.hub import Prepared
 from gateway.session import Session
-from proto import JSON_CODEC, CloseCode, Codec
+from proto import JSON_CODEC, CloseCode, Codec, reason_for
 
 __all__ = ["LongPollSessions", "PollSession", "Waits"]
 
@@ -86,7 +88,9 @@ class PollSession:
         self.size = 0
         self.limit_bytes = limit_bytes
         self.seq = 0
-        self.closed: CloseCode | None = None
+        #: The close code once closed, and its reason.
+        self.closed: int | None = None
+        self.reason = ""
         self.last_poll = time.monotonic()
         self.on_close: Callable[[], None] | None = None
         #: The token of the last request whose signature was checked, and its identity.
@@ -104,9 +108,10 @@ class PollSession:
     def deliver(self, prepared: Prepared, codec: Codec) -> None:
         self._queue(prepared.payload(JSON_CODEC))
 
-    def disconnect(self, code: CloseCode) -> None:
+    def disconnect(self, code: int, reason: str | None = None) -> None:
         if self.closed is None:
-            self.closed = code
+            self.closed = int(code)
+            self.reason = reason_for(code) if reason is None else reason
             if self.session is not None:
                 self.session.closed()
             if self.on_close is not None:
@@ -115,6 +120,10 @@ class PollSession:
 
     def heartbeat(self, now: float, dead_after: float) -> None:
         return None  # polls are the heartbeat: see LongPollSessions.expire
+
+    def close_field(self) -> bytes:
+        """``,"close":{"code":…,"reason":…}`` for the answer of a closed session's last poll."""
+        return b',"close":' + msgspec.json.encode({"code": self.closed, "reason": self.reason})
 
     # -- polling ---------------------------------------------------------------
 

@@ -41,7 +41,7 @@ from gateway.context import Context
 from gateway.hub import Prepared
 from gateway.session import Session
 from gateway.transport.admission import admit
-from proto import JSON_CODEC, CloseCode, Codec, Connection
+from proto import JSON_CODEC, CloseCode, Codec, Connection, reason_for
 
 __all__ = ["SSEHandler", "decode_positions", "encode_positions"]
 
@@ -108,7 +108,8 @@ class SSEHandler(JsonErrors):
         self.flush()
         limit = ctx.settings.max_subscriptions
         conn = Connection(JSON_CODEC, identity.grants, max_subscriptions=limit)
-        session = self._session = Session(self, conn, identity, ctx.node, ctx.metrics)
+        session = self._session = Session(self, conn, identity, ctx.node, ctx.metrics,
+                                          remote_ip=self.request.remote_ip or "")  # fmt: skip
         session.open()
         try:
             for n, ch in enumerate(channels, 1):
@@ -144,8 +145,9 @@ class SSEHandler(JsonErrors):
             event_id = encode_positions(self._positions)
         self._event("msg", prepared.payload(JSON_CODEC), event_id)
 
-    def disconnect(self, code: CloseCode) -> None:
-        self._event("close", b'{"code":%d}' % int(code))
+    def disconnect(self, code: int, reason: str | None = None) -> None:
+        close = {"code": int(code), "reason": reason_for(code) if reason is None else reason}
+        self._event("close", msgspec.json.encode(close))
         self._ended.set()
 
     def heartbeat(self, now: float, dead_after: float) -> None:

@@ -49,7 +49,7 @@ from core.infra.metrics import Metrics
 from core.infra.tasks import TaskSet
 from gateway.hub import Prepared
 from gateway.session import Session
-from proto import CloseCode, Codec, close_reason, frame
+from proto import CloseCode, Codec, close_reason, frame, reason_for
 from proto.wsframe import OP_PING
 from proto.wsprotocol import WebSocketProtocol, WSState
 
@@ -405,8 +405,8 @@ class WSConnection(asyncio.Protocol):
     def deliver(self, prepared: Prepared, codec: Codec) -> None:
         self._write(prepared.ws_frame(codec))
 
-    def disconnect(self, code: CloseCode) -> None:
-        self._close(int(code), close_reason(code))
+    def disconnect(self, code: int, reason: str | None = None) -> None:
+        self._close(int(code), reason_for(code) if reason is None else reason)
 
     def heartbeat(self, now: float, dead_after: float) -> None:
         if self._closing or self.transport is None or self._end is not None:

@@ -33,6 +33,12 @@ Contract (tests/test_broker_contract.py runs it against every broker):
 * ``history(ch, after, limit)`` returns up to ``limit`` publications with
   offsets above ``after``, oldest first, and the channel's current position
   (None when it has no history).
+* ``expiring_add(key, member, until)`` keeps ``member`` in the shared set
+  ``key`` until ``until`` (Unix seconds, this host's clock; adding again
+  moves it); ``expiring_members(key, now)`` returns the members live at
+  ``now`` with their ``until``, forgetting the others; ``expiring_remove``
+  drops one. The gateways' registry of live nodes and the block list of
+  the server API are such sets.
 * ``close()`` releases everything; the handler is not called afterwards.
 * The reader survives anything: a message it cannot parse is dropped, a
   handler that raises is logged, and any unexpected error restarts the
@@ -136,6 +142,17 @@ class Broker(abc.ABC):
     @abc.abstractmethod
     async def get_value(self, key: str) -> bytes | None:
         """What `put_value` last stored under ``key`` (by any process), or None."""
+
+    @abc.abstractmethod
+    async def expiring_add(self, key: str, member: str, until: float) -> None:
+        """Keep ``member`` in the set ``key`` until ``until`` (Unix seconds), for every process."""
+
+    @abc.abstractmethod
+    async def expiring_remove(self, key: str, member: str) -> None: ...
+
+    @abc.abstractmethod
+    async def expiring_members(self, key: str, now: float) -> dict[str, float]:
+        """The members of ``key`` live at ``now`` (Unix seconds), each with its ``until``."""
 
     @abc.abstractmethod
     async def publish_history(self, ch: str, data: bytes, size: int, ttl: float) -> Position: ...

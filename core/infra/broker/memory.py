@@ -40,6 +40,7 @@ class MemoryBroker(Broker):
         self._histories: dict[str, _History] = {}
         self._presence: dict[str, dict[str, tuple[bytes, float]]] = {}
         self._values: dict[str, bytes] = {}
+        self._expiring: dict[str, dict[str, float]] = {}
 
     async def start(
         self, handler: PublicationHandler, on_state: StateListener | None = None
@@ -94,6 +95,18 @@ class MemoryBroker(Broker):
 
     async def get_value(self, key: str) -> bytes | None:
         return self._values.get(key)
+
+    async def expiring_add(self, key: str, member: str, until: float) -> None:
+        self._expiring.setdefault(key, {})[member] = until
+
+    async def expiring_remove(self, key: str, member: str) -> None:
+        self._expiring.get(key, {}).pop(member, None)
+
+    async def expiring_members(self, key: str, now: float) -> dict[str, float]:
+        members = self._expiring.get(key, {})
+        for member in [m for m, until in members.items() if until <= now]:
+            del members[member]
+        return dict(members)
 
     async def presence_remove(self, ch: str, clients: list[str]) -> None:
         room = self._presence.get(ch, {})

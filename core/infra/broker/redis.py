@@ -359,6 +359,37 @@ class RedisBroker(Broker):
             raise BrokerUnavailable(f"reading {key} failed: {exc}") from exc
         return value.encode() if isinstance(value, str) else value
 
+    def _expiring_key(self, key: str) -> str:
+        return f"{self._prefix}z:{key}"
+
+    async def expiring_add(self, key: str, member: str, until: float) -> None:
+        try:
+            await self._pub_client.zadd(self._expiring_key(key), {member: until})
+        except BACKEND_ERRORS as exc:
+            raise BrokerUnavailable(f"updating {key} failed: {exc}") from exc
+
+    async def expiring_remove(self, key: str, member: str) -> None:
+        try:
+            await self._pub_client.zrem(self._expiring_key(key), member)
+        except BACKEND_ERRORS as exc:
+            raise BrokerUnavailable(f"updating {key} failed: {exc}") from exc
+
+    async def expiring_members(self, key: str, now: float) -> dict[str, float]:
+        # Two commands on one key (a cluster has no transaction across nodes, and
+        # needs none here): forget the expired, then read the rest.
+        name = self._expiring_key(key)
+        try:
+            await self._pub_client.zremrangebyscore(name, "-inf", now)
+            rows = await self._pub_client.zrange(name, 0, -1, withscores=True)
+        except BACKEND_ERRORS as exc:
+            raise BrokerUnavailable(f"reading {key} failed: {exc}") from exc
+        live: dict[str, float] = {}
+        for row in rows:
+            member, until = row[0], float(row[1])
+            if until > now:
+                live[member.decode() if isinstance(member, bytes) else str(member)] = until
+        return live
+
     async def presence_remove(self, ch: str, clients: list[str]) -> None:
         if not clients:
             return
