@@ -12,6 +12,7 @@ import logging
 import math
 import socket
 import time
+from collections.abc import Callable
 from typing import Any
 
 import tornado.web
@@ -26,6 +27,7 @@ from core.docs import doc_routes, jwks_route
 from core.http import CoreHTTP, api_router
 from core.infra.broker import Broker, make_broker
 from core.infra.clientip import TrustedProxies
+from core.infra.control import ControlMessage
 from core.infra.errors import ApiError
 from core.infra.history import HistoryPolicy
 from core.infra.identity import Identity
@@ -39,6 +41,7 @@ from core.infra.revocation import Revocations
 from core.infra.runtime import LISTEN_BACKLOG
 from core.infra.settings import Settings
 from core.infra.verify import Verifier
+from core.routing import Route
 from core.service import Core, CoreUnavailable
 from core.tokens import Issuer
 from gateway.asyncapi import asyncapi_route
@@ -54,6 +57,9 @@ from gateway.endpoints import (
 from gateway.hub import Hub
 from gateway.keymirror import KeyMirror
 from gateway.node import Node
+from gateway.serverapi.dispatch import ServerAPI, ServerBodyPolicy
+from gateway.serverapi.operations import Operations
+from gateway.serverapi.routes import ServerRoutes
 from gateway.transport.longpoll import LongPollHandler
 from gateway.transport.polls import PollMatches, PollServer
 from gateway.transport.pollsessions import LongPollSessions
@@ -79,12 +85,20 @@ class Gateway:
     #: Seconds between sweeps (token expiry, liveness): one timer per process.
     SWEEP = 1.0
 
-    def __init__(self, settings: Settings, ctx: Context, app: tornado.web.Application) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        ctx: Context,
+        app: tornado.web.Application,
+        server_api: ServerAPI,
+    ) -> None:
         self.settings = settings
         self.ctx = ctx
         self.app = app
+        self.server_api = server_api
         self.server: Listener | None = None
         self.api: CoreHTTP | None = None
+        self.server_http: CoreHTTP | None = None
         self.port: int | None = None
         self._sweeper = PeriodicCallback(self._sweep, self.SWEEP * 1000)
         self._sweeper.start()
@@ -102,6 +116,8 @@ class Gateway:
         self.ctx.longpoll.expire(now, s.longpoll_idle)
         self.ctx.node.presence.tick(now)
         self.ctx.node.tick(now)
+        if self.ctx.ops is not None:
+            self.ctx.ops.tick(now)
         if s.ping_interval > 0:
             self.hub.heartbeat(time.monotonic(), s.ping_interval, s.pong_timeout, self.SWEEP)
 
@@ -136,13 +152,16 @@ class Gateway:
             )
         s, ctx = self.settings, self.ctx
         api = self.api = CoreHTTP(ctx.core, ctx.verifier, s.max_body_bytes, s.cors_origins)
+        server_api = self.server_api
+        self.server_http = CoreHTTP(server_api, ctx.verifier, server_api.max_body, s.cors_origins)
         polls = PollServer(ctx)
         sockets_first = RuleRouter([
             Rule(PathMatches(r"/ws"), WebSocketServer(ctx)),
             Rule(PollMatches(), polls),
+            Rule(PathMatches(r"/api/server/.*"), self.server_http),
             Rule(AnyMatches(), api_router(api, self.app)),
         ])  # fmt: skip
-        policy = RouteLimits(
+        limits = RouteLimits(
             s,
             ctx.verifier,
             ctx.core.router,
@@ -152,6 +171,7 @@ class Gateway:
                 LongPollHandler: (s.max_body_bytes, True, True),
             },
         )
+        policy = ServerBodyPolicy(server_api, ctx.verifier, limits)
         proxies = TrustedProxies(s.trusted_proxies, s.forwarded_header)
         self.server = Listener(sockets_first, s, ctx.metrics, policy, proxies)
         polls.listener = self.server  # kept-alive polls are then served off Tornado
@@ -180,14 +200,17 @@ class Gateway:
         try:
             async with asyncio.timeout_at(_loop_time(deadline)):
                 await self.hub.wait_idle()
-                if self.api is not None:
-                    await self.api.wait_idle()
+                for http in (self.api, self.server_http):
+                    if http is not None:
+                        await http.wait_idle()
         except TimeoutError:
             log.warning("%d connections still open at shutdown", self.hub.connection_count())
         if self.server is not None:
             self.server.stop()
             await self.server.close_all_connections()
         await self.ctx.core.close()
+        if self.ctx.ops is not None:
+            await self.ctx.ops.close()
         await self.ctx.node.close()
         await self.ctx.limiter.close()
 
@@ -197,7 +220,7 @@ def _loop_time(monotonic_deadline: float) -> float:
     return asyncio.get_running_loop().time() + (monotonic_deadline - time.monotonic())
 
 
-def routes(ctx: Context) -> list[Any]:
+def routes(ctx: Context, server_routes: tuple[Route, ...] = ()) -> list[Any]:
     kw = {"ctx": ctx}
     return [
         (r"/sse", SSEHandler, kw),
@@ -207,7 +230,7 @@ def routes(ctx: Context) -> list[Any]:
         (r"/healthz", HealthHandler, kw),
         (r"/readyz", ReadyHandler, kw),
         (r"/metrics", MetricsHandler, kw),
-        *doc_routes(ctx.core.routes, "tornado-gateway", __version__),
+        *doc_routes((*ctx.core.routes, *server_routes), "tornado-gateway", __version__),
         asyncapi_route(__version__, f"{ctx.settings.host}:{ctx.settings.port}"),
         jwks_route(Issuer(ctx.settings).jwks()),
         *browser_routes(),
@@ -276,19 +299,45 @@ async def make_app(
         raise
     if not isinstance(core, CoreUnavailable):
         node.on_control = core.on_control
+
+    async def health() -> tuple[bool, bool | None]:
+        """Redis answers; PostgreSQL answers (None: no database here)."""
+        database = await core.db.healthy() if isinstance(core, Core) else None
+        return await node.broker.healthy(), database
+
+    ops = Operations(node, metrics, __version__, health)
+    node.on_control = _both(node.on_control, ops.on_control)
+    await ops.start()
     ctx = Context(
         settings=settings, node=node, verifier=verifier, metrics=metrics, core=core, limiter=limiter,
         coalescer=Coalescer(metrics.write_lag, settings.send_buffer_total_bytes),
         longpoll=LongPollSessions(settings.max_longpoll_sessions, settings.longpoll_max_per_user),
+        ops=ops,
     )  # fmt: skip
     metrics.send_buffered.set_function(lambda: ctx.coalescer.buffered)
     if isinstance(core, Core):
         metrics.watch_pool(core.db.pool)
         core.observe = metrics.rest_request
+    server_api = ServerAPI(ServerRoutes(ctx, ops).routes(), settings, limiter)
+    server_api.observe = metrics.rest_request
     app = tornado.web.Application(
-        routes(ctx),
+        routes(ctx, server_api.routes),
         default_handler_class=NotFoundHandler,
         default_handler_args={"ctx": ctx},
         log_function=log_request,
     )
-    return Gateway(settings, ctx, app)
+    return Gateway(settings, ctx, app, server_api)
+
+
+def _both(
+    first: Callable[[ControlMessage], None] | None, then: Callable[[ControlMessage], None]
+) -> Callable[[ControlMessage], None]:
+    """One control-message listener that tells ``first`` (when set), then ``then``."""
+    if first is None:
+        return then
+
+    def both(message: ControlMessage) -> None:
+        first(message)
+        then(message)
+
+    return both

@@ -11,6 +11,7 @@ from core.infra.settings import Settings
 from core.infra.verify import Verifier
 from core.service import Core, CoreUnavailable
 from gateway.node import Node
+from gateway.serverapi.operations import Operations
 from gateway.transport.pollsessions import LongPollSessions
 from gateway.transport.wsconn import Coalescer
 from gateway.upstream import UpstreamCore
@@ -36,6 +37,8 @@ class Context:
     status: Status = dataclasses.field(default_factory=Status)
     longpoll: LongPollSessions = dataclasses.field(default_factory=LongPollSessions)
     coalescer: Coalescer = dataclasses.field(default_factory=Coalescer)
+    #: The server API's reach (registry, fleet, agent, block list), set by make_app.
+    ops: Operations | None = None
 
     @property
     def max_connections(self) -> int:

@@ -231,6 +231,10 @@ class Hub:
     def connection_count(self) -> int:
         return len(self._connections)
 
+    def transport_counts(self) -> dict[str, int]:
+        """Connections by transport, in one pass (for the server API and the console)."""
+        return dict(collections.Counter(m.transport_kind for m in self._connections))
+
     def count_by_transport(self, transport: str) -> int:
         """Connections on ``transport`` (``websocket``, ``sse``, ``longpoll``), for metrics."""
         return sum(1 for member in self._connections if member.transport_kind == transport)
@@ -304,6 +308,16 @@ class Hub:
 
     def channels(self) -> list[str]:
         return list(self._channels)
+
+    def channel_count(self) -> int:
+        return len(self._channels)
+
+    def subscription_count(self) -> int:
+        return self._subscriptions
+
+    def subscriber_counts(self) -> dict[str, int]:
+        """Every channel with its local subscriber count (a copy)."""
+        return {ch: len(members) for ch, members in self._channels.items()}
 
     # -- fan-out -----------------------------------------------------------
 

@@ -89,6 +89,10 @@ class Node:
         self._was_down = False
         #: Called with each message on the control channel (revocations).
         self.on_control: Callable[[control.ControlMessage], None] | None = None
+        #: This gateway's inbox (``__reply:<node id>``), and what reads it: the
+        #: server API's replies (gateway/serverapi/fleet.py).
+        self.inbox: str | None = None
+        self.on_reply: Callable[[bytes], None] | None = None
 
     async def start(self) -> None:
         await self.broker.start(self._on_publication, self._on_state)
@@ -296,6 +300,10 @@ class Node:
             message = control.decode(data)
             if message is not None and self.on_control is not None:
                 self.on_control(message)
+            return
+        if ch == self.inbox:
+            if self.on_reply is not None:
+                self.on_reply(data)
             return
         change = decode_change(data)
         if change is not None:

@@ -52,6 +52,7 @@ __all__ = [
     "SessionsRevoked",
     "Subscribe",
     "Unsubscribe",
+    "action_name",
     "broadcast",
     "decode",
     "decode_reply",
@@ -207,6 +208,12 @@ class NodeInfo(msgspec.Struct, kw_only=True):
 _decoder = msgspec.json.Decoder(ControlMessage)
 _replies = msgspec.json.Decoder(ServerReply)
 _encoder = msgspec.json.Encoder()
+
+
+def action_name(action: Action) -> str:
+    """``disconnect``, ``subscribe``…: the action's tag, as logs and metrics name it."""
+    tag = type(action).__struct_config__.tag
+    return tag if isinstance(tag, str) else type(action).__name__
 
 
 def decode(data: bytes) -> ControlMessage | None:

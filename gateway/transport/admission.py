@@ -1,12 +1,16 @@
 """Admission of a long-lived connection, whatever its transport: before any upgrade or stream.
 
-Refused while draining (503), over ``RATE_CONNECT_IP`` (429), or without a
-valid token (401), each with the JSON error body; otherwise the identity.
+Refused while draining (503), over ``RATE_CONNECT_IP`` (429), without a
+valid token (401), or for a user the server API blocked (403 ``blocked``,
+gateway/serverapi/blocks.py), each with the JSON error body; otherwise the
+identity.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+import time
 
 import tornado.web
 from tornado.httputil import HTTPHeaders
@@ -58,8 +62,20 @@ async def admit_request(
     if token is None:
         token = query_token
     try:
-        return ctx.verifier.verify(token or "")
+        identity = ctx.verifier.verify(token or "")
     except AuthError as exc:
         ctx.metrics.handshake_failures.labels(exc.reason).inc()
         log.info("connection refused from %s: %s", remote_ip, exc.reason)
         raise ApiError(401, "unauthorized", exc.message) from None
+    until = ctx.ops.blocks.refuses(identity.sub, time.time()) if ctx.ops is not None else None
+    if until is not None:
+        ctx.metrics.handshake_failures.labels("blocked").inc()
+        log.info("connection of %s refused: blocked", identity.sub, extra={"user": identity.sub})
+        retry = str(max(1, math.ceil(until - time.time())))
+        raise ApiError(
+            403,
+            "blocked",
+            "this user's connections are refused for now",
+            headers={"Retry-After": retry},
+        )
+    return identity
