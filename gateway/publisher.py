@@ -13,6 +13,13 @@ so subscribers on every gateway get the publication with its offset, and
 clients that reconnect recover it. Channels outside ``history_channels`` get
 a plain PUBLISH. No gateway process is involved; Redis must be reachable
 (and private).
+
+The rest of the server API (disconnect, subscribe and unsubscribe users,
+list connections and channels, presence, history, info) acts on the
+gateways' connections, so it goes to a gateway, over HTTP, with an API key
+of the ``server`` scope: `ServerClient` (gateway/serverclient.py), exported
+here too. It publishes and broadcasts as well, for a backend that reaches
+the gateways but not Redis.
 """
 
 from __future__ import annotations
@@ -25,9 +32,11 @@ import msgspec
 from core.infra.broker.cluster import RedisClusterBroker
 from core.infra.broker.redis import RedisBroker
 from core.infra.history import HistoryPolicy, HistoryPublisher
+from gateway.serverclient import ServerClient, ServerError
 from proto import Position
+from proto.publication import check_json
 
-__all__ = ["Publisher"]
+__all__ = ["Publisher", "ServerClient", "ServerError"]
 
 
 class Publisher:
@@ -57,6 +66,17 @@ class Publisher:
         """
         payload = data if isinstance(data, bytes) else msgspec.json.encode(data)
         return await self._publisher.publish(ch, payload)
+
+    async def broadcast(self, channels: list[str], data: Any) -> list[Position | None]:
+        """Publish ``data`` on each of ``channels`` (history kept per channel, as `publish`).
+
+        The positions, in the order of ``channels``. The data is checked once:
+        `proto.InvalidData` publishes nothing; a broker failure midway raises
+        with the channels before it published.
+        """
+        payload = data if isinstance(data, bytes) else msgspec.json.encode(data)
+        payload = check_json(payload, self._publisher.max_bytes)
+        return [await self._publisher.publish(ch, payload, checked=True) for ch in channels]
 
     async def close(self) -> None:
         await self._broker.close()

@@ -21,9 +21,9 @@ from core.infra.mint import mint_token
 from core.infra.settings import Settings
 from gateway.serverapi.registry import TTL
 from proto import CloseCode
+from tests import test_processes
 from tests.harness import SECRET, ApiClient, unique_prefix, until, ws_client
 from tests.servers import UNIT
-from tests import test_processes
 from tests.test_processes import GatewayProcess
 
 pytestmark = pytest.mark.timeout(int(120 * UNIT))

@@ -10,6 +10,13 @@
 history channels, ``offset`` and ``epoch``) and a ``gap`` line when missed
 publications could not be recovered; it reconnects by itself until
 interrupted or ``--count`` publications arrived.
+
+``server …`` calls the server API of the gateway ``--url`` names, with an API
+key of the ``server`` scope (or an admin's token) in ``--token``::
+
+    python -m gateway.client --token "$KEY" server disconnect --user 42 --block 3600
+    python -m gateway.client --token "$KEY" server connections --user 42
+    python -m gateway.client --token "$KEY" server info
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from gateway.client import Client, Gap, Publication, Subscription
+from gateway.client import Client, Gap, Publication, Subscription, servercli
 
 __all__ = ["main"]
 
@@ -46,6 +53,7 @@ def _parser() -> argparse.ArgumentParser:
     rpc.add_argument("method", choices=["GET", "POST", "PUT", "PATCH", "DELETE"])
     rpc.add_argument("path")
     rpc.add_argument("body", nargs="?", help="a JSON body")
+    servercli.add_parser(sub)
     return p
 
 
@@ -65,6 +73,8 @@ async def _pump(sub: Subscription, out: asyncio.Queue[dict[str, Any]]) -> None:
 
 
 async def _run(args: argparse.Namespace) -> int:
+    if args.command == "server":
+        return await servercli.run(args)
     encoding = "msgpack" if args.msgpack else "json"
     async with Client(args.url, token=args.token, encoding=encoding) as gw:
         if args.command == "publish":

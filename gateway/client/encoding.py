@@ -25,12 +25,13 @@ from proto import (
     Push,
     Reply,
     Rpc,
+    Subscribed,
     Unsubscribed,
 )
 
 __all__ = ["ENCODINGS", "JSON", "MSGPACK", "Encoding", "RpcCommand", "ServerFrame", "ServerPush"]
 
-ServerPush = Push | Expiring | Gap | Unsubscribed | Join | Leave
+ServerPush = Push | Expiring | Gap | Subscribed | Unsubscribed | Join | Leave
 ServerFrame = Reply | ServerPush
 
 

@@ -62,6 +62,7 @@ from proto import (
     Refresh,
     Reply,
     Sub,
+    Subscribed,
     Unsubscribed,
     should_reconnect,
 )
@@ -111,7 +112,10 @@ class Connection:
     ``"msgpack"`` (the ``gw.v1.*`` subprotocols). Commands fail with
     `TimeoutError` after ``request_timeout`` seconds. Every ``ping_interval``
     seconds an app-level ``ping`` proves the gateway alive; no reply within
-    ``ping_timeout`` drops the socket and reconnects.
+    ``ping_timeout`` drops the socket and reconnects. ``on_subscribed`` is
+    called with each `Subscription` the server made (the server API's
+    ``subscribe``, a ``subscribed`` push): it is kept, recovered after a
+    reconnect and ended like one of the client's own.
     """
 
     def __init__(
@@ -130,6 +134,7 @@ class Connection:
         max_size: int = 2**24,
         ssl: ssl.SSLContext | None = None,
         transports: tuple[str, ...] = ("websocket", "longpoll"),
+        on_subscribed: Callable[[Subscription], None] | None = None,
     ) -> None:
         if encoding not in ENCODINGS:
             raise ValueError(f"encoding must be one of {sorted(ENCODINGS)}")
@@ -158,6 +163,7 @@ class Connection:
         # before anything received after it (a `sub` reply and its pushes).
         self._pending: dict[int, tuple[asyncio.Future[Reply], Callable[[Reply], None] | None]] = {}
         self._subs: dict[str, Subscription] = {}
+        self.on_subscribed = on_subscribed
         self._full: set[Subscription] = set()
         self._ready = asyncio.Event()  # OPEN and resubscribed, or CLOSED
         self._stopped: ConnectionClosed | None = None
@@ -472,6 +478,8 @@ class Connection:
             elif sub is not None and not sub.holding:  # a repair under way covers this one
                 sub.hold()
                 self._spawn(self._repair(sub))
+        elif isinstance(frame, Subscribed):
+            self._server_subscribed(frame)
         elif isinstance(frame, Unsubscribed):
             ended = self._subs.pop(frame.ch, None)
             if ended is not None:
@@ -481,6 +489,37 @@ class Connection:
                 self._spawn(self._refresh_token())
             else:
                 log.warning("the token expires at %d and no get_token was given", frame.exp)
+
+    def subscription(self, channel: str) -> Subscription | None:
+        """The live subscription to ``channel`` (the client's, or one the server made)."""
+        return self._subs.get(channel)
+
+    def _server_subscribed(self, frame: Subscribed) -> None:
+        """The server subscribed this connection: a subscription like the client's own."""
+        if frame.ch in self._subs:
+            return
+        now = None
+        if frame.offset is not None and frame.epoch is not None:
+            now = Position(offset=frame.offset, epoch=frame.epoch)
+        sub = Subscription(
+            frame.ch,
+            now,
+            max_queue=self.max_queue,
+            pause=self._pause,
+            resume=self._resume,
+            unsubscribe=self.unsubscribe,
+        )
+        sub.confirmed = True  # resubscribed with its position after a reconnect
+        self._subs[frame.ch] = sub
+        if self.on_subscribed is not None:
+            try:
+                self.on_subscribed(sub)
+            except Exception:
+                log.exception("on_subscribed failed for %s", frame.ch)
+
+    async def unsubscribe(self, channel: str) -> None:
+        """Leave ``channel``: `Client` has the commands."""
+        raise NotImplementedError
 
     async def _repair(self, sub: Subscription) -> None:
         """Fill a ``gap`` from history: what was missed, in order, then the live pushes held.

@@ -12,6 +12,7 @@
  *   });
  *   gw.on("state", (state, info) => …);        // connecting | connected | reconnecting | disconnected
  *   gw.on("recovered", ({ ch, recovered }) => …);  // false: reload that state over REST
+ *   gw.on("subscribed", (sub) => { sub.handlers.onMessage = (data) => …; });  // made by the server
  *   await gw.connect();
  *
  *   const sub = gw.subscribe("projects", { onMessage(data, { ch, offset, epoch }) {…},
@@ -53,6 +54,11 @@
  *   missed. The "recovered" event says, per channel, whether that worked;
  *   `recovered: false` (history lost, too much missed, or a channel without
  *   history) means the caller must reload the state.
+ * - A `subscribed` push (the server API subscribed this connection) makes a
+ *   Subscription like the app's own, announced by the "subscribed" event
+ *   (set its handlers there); it is sent again after a reconnect with its
+ *   last position, and dropped ("unsubscribed") if the token does not allow
+ *   it. An `unsubscribed` push ends any subscription.
  * - A `gap` push on a history channel is repaired with `history` frames;
  *   pushes arriving meanwhile wait, so nothing is delivered twice or out of
  *   order.
@@ -323,7 +329,7 @@ class WebSocketTransport {
 /** Receives over EventSource; sends what can be sent over HTTP; answers the rest itself. */
 class SSETransport {
   static available = () => typeof EventSource !== "undefined" && typeof fetch !== "undefined";
-  static PUSHES = ["msg", "expiring", "gap", "unsubscribed", "join", "leave"];
+  static PUSHES = ["msg", "expiring", "gap", "subscribed", "unsubscribed", "join", "leave"];
 
   constructor(urls, token, codec, sink) {
     Object.assign(this, { urls, token, sink, kind: "sse", es: null, closed: false, timer: null });
@@ -404,6 +410,9 @@ class SSETransport {
         const push = JSON.parse(event.data);
         if (push.op === "msg" && push.offset != null) this.channels.set(push.ch, { offset: push.offset, epoch: push.epoch });
         if (push.op === "unsubscribed") this.channels.delete(push.ch);
+        if (push.op === "subscribed") { // the server's: a restarted stream carries it on
+          this.channels.set(push.ch, push.offset != null ? { offset: push.offset, epoch: push.epoch } : null);
+        }
         this.sink.frame(push);
       });
     }
@@ -544,6 +553,7 @@ export class Subscription {
     /** The last {offset, epoch} seen on a history channel, or null. */
     this.position = since ?? null;
     this.active = false; // the server confirmed it at least once
+    this.server = false; // made by the server (a `subscribed` push), not by subscribe()
     this.held = null; // pushes held back while a gap is being repaired
     this.ready = new Promise((resolve, reject) => { this.settle = { resolve, reject }; });
     this.ready.catch(() => {}); // awaited or not, a refusal is also reported to onError
@@ -579,8 +589,9 @@ export class Gateway {
 
   // -- Events --------------------------------------------------------------------
 
-  /** Calls fn on "state" (state, info), "recovered" ({ch, recovered}), "unsubscribed"
-   *  ({ch, code, message}), "error" (error). Returns a function that removes it. */
+  /** Calls fn on "state" (state, info), "recovered" ({ch, recovered}), "subscribed"
+   *  (the Subscription the server made), "unsubscribed" ({ch, code, message}), "error"
+   *  (error). Returns a function that removes it. */
   on(event, fn) {
     if (!this.listeners.has(event)) this.listeners.set(event, new Set());
     this.listeners.get(event).add(fn);
@@ -793,6 +804,7 @@ export class Gateway {
       case "leave": if (sub) this.call(sub.handlers.onLeave, frame.info); break;
       case "gap": if (sub) this.repairGap(sub); break;
       case "expiring": this.refresh(); break;
+      case "subscribed": this.serverSubscribed(frame); break;
       case "unsubscribed":
         if (sub) this.drop(sub, new GatewayError(frame.code, frame.message));
         break;
@@ -873,6 +885,18 @@ export class Gateway {
     sub.active = true;
     sub.settle.resolve(reply);
     if (recovering) this.recovered(sub, reply.recovered === true);
+  }
+
+  serverSubscribed({ ch, offset, epoch }) {
+    // The server subscribed this connection (the server API): the pushes that
+    // follow come after {offset, epoch}, from which a reconnect recovers.
+    if (this.subscriptions.has(ch)) return;
+    const sub = new Subscription(this, ch, {}, offset != null ? { offset, epoch } : null);
+    sub.active = true;
+    sub.server = true;
+    this.subscriptions.set(ch, sub);
+    sub.settle.resolve({ ok: true, offset, epoch });
+    this.emit("subscribed", sub);
   }
 
   recovered(sub, recovered) {
