@@ -1,6 +1,9 @@
-"""The browser client and the live demo: ``/client/gateway.js`` and ``/demo``.
+"""The browser client, the live demo and the admin console: ``/client/gateway.js``,
+``/demo`` and ``/admin``.
 
-Both are package files (gateway/static/), served as they are: no build step.
+All are package files (gateway/static/), served as they are: no build step.
+The console's chart library (uPlot) is vendored in gateway/static/vendor/
+with its licence; nothing is loaded from elsewhere.
 They carry validators (``ETag``, ``Last-Modified``) and ``Cache-Control:
 no-cache``, so a browser revalidates each use and gets a new release at once
 (a ``304`` otherwise); a URL with ``?v=…`` (a version the page chose) may be
@@ -23,6 +26,7 @@ _TYPES = {
     ".js": "text/javascript; charset=utf-8",
     ".html": "text/html; charset=utf-8",
     ".css": "text/css; charset=utf-8",
+    ".LICENSE": "text/plain; charset=utf-8",
 }
 
 # The demo loads nothing from elsewhere; its sockets go to the same host.
@@ -61,10 +65,17 @@ class BrowserFileHandler(tornado.web.StaticFileHandler):
 
 
 def browser_routes() -> list[Any]:
-    """The client module, and the demo page with its script and style."""
+    """The client module, the demo page and the admin console, with their scripts and styles."""
     kw = {"path": str(STATIC_DIR)}
     return [
         (r"/client/(gateway\.js)", BrowserFileHandler, kw),
         (r"/demo/?", BrowserFileHandler, {**kw, "filename": "demo.html"}),
         (r"/demo/(demo\.js|demo\.css)", BrowserFileHandler, kw),
+        (r"/admin/?", BrowserFileHandler, {**kw, "filename": "admin.html"}),
+        (r"/admin/(admin\.js|admin\.css)", BrowserFileHandler, kw),
+        (
+            r"/admin/(vendor/uPlot\.iife\.min\.js|vendor/uPlot\.min\.css|vendor/uPlot\.LICENSE)",
+            BrowserFileHandler,
+            kw,
+        ),
     ]

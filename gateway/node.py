@@ -93,6 +93,10 @@ class Node:
         #: server API's replies (gateway/serverapi/fleet.py).
         self.inbox: str | None = None
         self.on_reply: Callable[[bytes], None] | None = None
+        #: Where a publication goes: the hub, or, while the admin console
+        #: watches, `_tallied` (`count_deliveries`): nothing per message otherwise.
+        self._broadcast: Callable[[str, bytes, Position | None], int] = hub.broadcast
+        self._tally: dict[str, int] = {}
 
     async def start(self) -> None:
         await self.broker.start(self._on_publication, self._on_state)
@@ -318,7 +322,27 @@ class Node:
         if payload is not None:
             if position is not None:
                 self._seen[ch] = position
-            self.hub.broadcast(ch, payload, position)
+            self._broadcast(ch, payload, position)
+
+    # -- the admin console's busiest channels ------------------------------
+
+    def count_deliveries(self, on: bool) -> None:
+        """Count deliveries per channel (`take_tally`) from now on, or stop counting."""
+        if on:
+            self._broadcast = self._tallied
+        elif self._broadcast != self.hub.broadcast:
+            self._broadcast = self.hub.broadcast
+            self._tally = {}
+
+    def _tallied(self, ch: str, payload: bytes, position: Position | None) -> int:
+        n = self.hub.broadcast(ch, payload, position)
+        self._tally[ch] = self._tally.get(ch, 0) + n
+        return n
+
+    def take_tally(self) -> dict[str, int]:
+        """Deliveries per channel since the last call (while counting)."""
+        tally, self._tally = self._tally, {}
+        return tally
 
     def _forget(self, ch: str) -> None:
         """``ch`` leaves the broker: what was seen and read before never covers a later member."""

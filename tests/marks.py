@@ -53,6 +53,7 @@ _E2E = ("e2e",)
 MARKS: dict[str, tuple[str, ...]] = {
     # -- browser, deploy ---------------------------------------------------------------------
     "test_browser.py": ("browser", "e2e"),
+    "test_console.py": ("browser", "e2e"),
     "test_deploy.py": _DEPLOY,
     "test_proxy.py": _E2E,
     # -- e2e: real processes, beyond those using E2E_FIXTURES ---------------------------------

@@ -2,8 +2,9 @@
 
 Made in `gateway.app.make_app`: this node's id and figures (`NodeStats`), its
 place in the registry of live nodes, the `Fleet` that asks every node, the
-`Agent` that answers for this one, and the block list checked at admission.
-The gateway's one-second sweep calls `tick`.
+`Agent` that answers for this one, the block list checked at admission, and
+the admin console's figures (`Console`). The gateway's one-second sweep
+calls `tick`.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import logging
 from core.infra import control
 from core.infra.broker import BrokerUnavailable
 from core.infra.metrics import Metrics
+from gateway.console import Console
 from gateway.node import Node
 from gateway.nodestats import NodeStats
 from gateway.serverapi.agent import Agent, Health
@@ -43,6 +45,8 @@ class Operations:
         self.agent = Agent(node, self.stats, self.blocks, health)
         node.inbox = self.fleet.inbox
         node.on_reply = self.fleet.on_reply
+        self.console = Console(node, self.stats, health)
+        self.agent.on_watched = self.console.watched
 
     def on_control(self, message: control.ControlMessage) -> None:
         self.agent.on_control(message)
@@ -61,8 +65,10 @@ class Operations:
         self.stats.tick(now)
         self.registry.tick(now)
         self.blocks.tick(now)
+        self.console.tick(now)
 
     async def close(self) -> None:
+        await self.console.close()
         await self.agent.close()
         await self.blocks.close()
         await self.registry.leave()
