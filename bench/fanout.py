@@ -6,7 +6,13 @@ CPU 1; Redis is not pinned. The servers are:
 
 * ``gateway``: ``python -m gateway`` (one worker, Redis broker, JWT HS256);
 * ``tornado``: ``bench/peers/tornado_broadcast.py``, the chat demo's loop;
-* ``fastapi``: ``bench/peers/fastapi_broadcast.py``, the docs' ConnectionManager.
+* ``fastapi``: ``bench/peers/fastapi_broadcast.py``, the docs' ConnectionManager;
+* ``console`` (asked for with ``--servers``): the gateway while the admin console
+  watches: one admin socket subscribed to ``__admin`` for the whole scenario
+  (``python -m gateway.client listen __admin``, pinned with the load tool), so the
+  gateway publishes its figures once a second and counts deliveries per channel;
+* ``baseline`` (with ``--baseline DIR``): ``python -m gateway`` of another checkout
+  (``main``), the same settings: what a change costs, in the same run.
 
 Scenarios (the issue's targets in brackets):
 
@@ -56,6 +62,10 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 JWT_SECRET = "bench-fanout-fixed-secret-0123456789abcdef"
 SERVERS = ("gateway", "tornado", "fastapi")
+#: Servers that are the gateway (``console``: watched; ``baseline``: another checkout's).
+GATEWAYS = ("gateway", "console", "baseline")
+#: The checkout ``baseline`` runs (``--baseline``).
+BASELINE: list[Path] = []
 
 
 @dataclass(frozen=True)
@@ -88,7 +98,7 @@ def _pin(cpu: int) -> list[str]:
 def _command(server: str, port: int) -> tuple[list[str], dict[str, str]]:
     env = {**os.environ, "JWT_SECRET": JWT_SECRET, "PYTHONUNBUFFERED": "1",
            "REDIS_URL": os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")}  # fmt: skip
-    if server == "gateway":
+    if server in GATEWAYS:
         env.update(PORT=str(port), HOST="127.0.0.1", WORKERS="1", RATE_CONNECT_IP="off",
                    MAX_PENDING_PER_IP="1000000",  # the load tool is one address
                    LOG_LEVEL="warning",
@@ -98,15 +108,41 @@ def _command(server: str, port: int) -> tuple[list[str], dict[str, str]]:
     return [sys.executable, "-m", f"bench.peers.{server}_broadcast", "--port", str(port)], env
 
 
+def _watch(port: int) -> subprocess.Popen[bytes]:
+    """An admin console's socket on ``__admin`` (pinned with the load tool): the gateway
+    then publishes its figures once a second, as for the page at /admin."""
+    from core.infra.mint import mint_token
+    from core.infra.settings import Settings
+
+    token = mint_token(
+        Settings(jwt_secret=JWT_SECRET), "bench-admin", [], extra={"role": "admin"}, ttl=None
+    )
+    argv = [
+        *_pin(1),
+        sys.executable,
+        "-m",
+        "gateway.client",
+        "--url",
+        f"ws://127.0.0.1:{port}/ws",
+        "--token",
+        token,
+        "listen",
+        "__admin",
+    ]
+    return subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
 @contextmanager
 def _server(server: str, log: Path) -> Iterator[tuple[int, int]]:
     port = _free_port()
     argv, env = _command(server, port)
+    cwd = BASELINE[0] if server == "baseline" else ROOT
     with open(log, "ab") as out:
-        proc = subprocess.Popen(_pin(0) + argv, cwd=ROOT, env=env, stdout=out, stderr=out)
+        proc = subprocess.Popen(_pin(0) + argv, cwd=cwd, env=env, stdout=out, stderr=out)
+    watcher = None
     try:
         deadline = time.monotonic() + 60
-        path = "/readyz" if server == "gateway" else "/healthz"
+        path = "/readyz" if server in GATEWAYS else "/healthz"
         while True:
             if proc.poll() is not None:
                 raise RuntimeError(f"{server} exited; see {log}")
@@ -117,9 +153,15 @@ def _server(server: str, log: Path) -> Iterator[tuple[int, int]]:
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"{server} did not start; see {log}") from None
                 time.sleep(0.2)
+        if server == "console":
+            watcher = _watch(port)
+            time.sleep(2)  # connected, and the gateway told that someone watches
         time.sleep(1)  # let start-up garbage settle before the memory baseline
         yield port, proc.pid
     finally:
+        if watcher is not None:
+            watcher.terminate()
+            watcher.wait(30)
         proc.terminate()
         try:
             proc.wait(30)
@@ -190,6 +232,21 @@ def table(results: dict[str, dict[str, list[dict[str, float]]]]) -> str:
         for server, med in medians.items():
             if server == "gateway" or ours is None:
                 continue
+            if server in GATEWAYS:  # the same gateway, watched or before the change
+                lines.append(
+                    f"  {server} / gateway: "
+                    + ", ".join(
+                        f"{title} {med[key] / ours[key]:.3f}"
+                        for key, title in (
+                            ("connect_s", "connect s"),
+                            ("kb_per_conn", "KB/conn"),
+                            ("last_p50_ms", "to last p50"),
+                            ("deliveries_per_s", "deliveries/s"),
+                        )
+                        if ours[key]
+                    )
+                )
+                continue
             ratios = []
             for key, title, lower_better in (("kb_per_conn", "memory", True),
                                              ("last_p50_ms", "time to last", True),
@@ -231,8 +288,12 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=1)
     p.add_argument("--servers", default=",".join(SERVERS))
     p.add_argument("--scenarios", default=",".join(SCENARIOS))
-    p.add_argument("--save", action="store_true", help="write bench/results/fanout-<date>.json")
+    p.add_argument("--save", action="store_true", help="write bench/results/<name>-<date>.json")
+    p.add_argument("--name", default="fanout", help="the saved file's name (default fanout)")
+    p.add_argument("--baseline", type=Path, help="a checkout whose gateway runs as 'baseline'")
     args = p.parse_args()
+    if args.baseline is not None:
+        BASELINE.append(args.baseline.resolve())
     servers = [s for s in args.servers.split(",") if s]
     scenarios = [SCENARIOS[s] for s in args.scenarios.split(",") if s]
     RESULTS.mkdir(exist_ok=True)
@@ -266,7 +327,7 @@ def main() -> int:
     )
     print(text)
     if args.save:
-        save_results("fanout", {"floors": floors, "runs": raw, "table": text})
+        save_results(args.name, {"floors": floors, "runs": raw, "table": text})
     return 0
 
 
