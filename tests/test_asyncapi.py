@@ -43,6 +43,7 @@ from proto import (
     Rpc,
     Sub,
     Unsub,
+    Subscribed,
     Unsubscribed,
 )
 from tests.harness import ApiClient, running_gateway
@@ -77,7 +78,10 @@ EXAMPLES: list[msgspec.Struct] = [
     Push(ch="projects", data={"type": "created"}, offset=46, epoch="9f3a"),
     Expiring(exp=1795600000),
     Gap(ch="projects"),
+    Subscribed(ch="room:7"),
+    Subscribed(ch="projects:7", offset=42, epoch="9f3a"),
     Unsubscribed(ch="user:42", code=103, message="the refreshed token does not allow this channel"),
+    Unsubscribed(ch="room:7", code=118, message="unsubscribed by the server"),
     Join(ch="room:1", info=INFO),
     Leave(ch="room:1", info=INFO),
 ]
