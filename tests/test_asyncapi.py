@@ -42,8 +42,8 @@ from proto import (
     Reply,
     Rpc,
     Sub,
-    Unsub,
     Subscribed,
+    Unsub,
     Unsubscribed,
 )
 from tests.harness import ApiClient, running_gateway
