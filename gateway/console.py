@@ -24,10 +24,11 @@ import msgspec
 
 from core.infra import control
 from core.infra.broker import BrokerUnavailable
+from core.infra.control import NodeInfo
 from core.infra.tasks import TaskSet
 from core.infra.throttled import ThrottledLog
 from gateway.node import Node
-from gateway.nodestats import NodeStats, resident_memory
+from gateway.nodestats import NodeStats
 from gateway.serverapi.agent import Health
 from proto import ADMIN_CHANNEL, RESERVED_PREFIX
 
@@ -52,26 +53,16 @@ class Busy(msgspec.Struct):
     deliveries: int
 
 
-class Figures(msgspec.Struct, kw_only=True):
-    """One gateway's figures over the last second, as published on ``__admin``."""
+class Figures(NodeInfo, kw_only=True):
+    """One gateway's figures over the last second, as published on ``__admin``:
+    its `NodeInfo` (what the server API's ``info`` answers), and more."""
 
-    node: str
-    version: str
     #: Unix seconds
     t: float
-    uptime: float
-    connections: dict[str, int]
-    subscriptions: int
-    channels: int
-    connects_per_second: float
-    deliveries_per_second: float
     #: delivery lag (first frame queued to last written) over the last second
     lag_ms: float
     lag_p99_ms: float
-    memory_bytes: int
     busiest: list[Busy]
-    #: ``redis``, ``postgres`` (null: no database here), checked every few seconds
-    health: dict[str, bool | None]
 
 
 class Console:
@@ -79,7 +70,8 @@ class Console:
         self._node = node
         self._stats = stats
         self._health_check = health
-        self._health: dict[str, bool | None] = {"redis": node.broker.connected, "postgres": None}
+        #: Redis, PostgreSQL (None: no database here): checked every `HEALTH_EVERY` s
+        self._health: tuple[bool, bool | None] = (node.broker.connected, None)
         self._checked = float("-inf")
         self._announced = float("-inf")
         self.watched_until = float("-inf")
@@ -111,21 +103,13 @@ class Console:
             (ch, n) for ch, n in node.take_tally().items() if not ch.startswith(RESERVED_PREFIX)
         ]
         busiest = heapq.nlargest(BUSIEST, tally, key=lambda item: item[1])
+        info = stats.info(*self._health)
         return Figures(
-            node=stats.node,
-            version=stats.version,
+            **msgspec.structs.asdict(info),
             t=time.time(),
-            uptime=time.time() - stats.started,
-            connections=stats.connections(),
-            subscriptions=node.hub.subscription_count(),
-            channels=node.hub.channel_count(),
-            connects_per_second=stats.connects_per_second,
-            deliveries_per_second=stats.deliveries_per_second,
             lag_ms=stats.lag_ms,
             lag_p99_ms=stats.lag_p99_ms,
-            memory_bytes=resident_memory(),
             busiest=[Busy(ch, n) for ch, n in busiest],
-            health=dict(self._health),
         )
 
     async def _publish(self) -> None:
@@ -141,8 +125,7 @@ class Console:
             _failed.warning("console watch not announced: %s", exc)
 
     async def _check(self) -> None:
-        redis, postgres = await self._health_check()
-        self._health = {"redis": redis, "postgres": postgres}
+        self._health = await self._health_check()
 
     async def close(self) -> None:
         await self._publishing.cancel()

@@ -24,22 +24,21 @@ the gateways but not Redis.
 
 from __future__ import annotations
 
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
 import msgspec
 
 from core.infra.broker.cluster import RedisClusterBroker
 from core.infra.broker.redis import RedisBroker
 from core.infra.history import HistoryPolicy, HistoryPublisher
-from gateway.serverclient import ServerClient, ServerError
+from gateway.serverclient import Closing, ServerClient, ServerError
 from proto import Position
 from proto.publication import check_json
 
 __all__ = ["Publisher", "ServerClient", "ServerError"]
 
 
-class Publisher:
+class Publisher(Closing):
     def __init__(
         self,
         redis_url: str,
@@ -80,14 +79,3 @@ class Publisher:
 
     async def close(self) -> None:
         await self._broker.close()
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()

@@ -40,7 +40,7 @@ from gateway.serverapi.schemas import (
 )
 from proto import CloseCode, Position
 
-__all__ = ["ServerClient", "ServerError"]
+__all__ = ["Closing", "ServerClient", "ServerError"]
 
 T = TypeVar("T")
 
@@ -56,7 +56,25 @@ class ServerError(Exception):
         self.body = body
 
 
-class ServerClient:
+class Closing:
+    """``async with`` closes it: `close` is all a subclass writes."""
+
+    async def close(self) -> None:
+        raise NotImplementedError
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+
+class ServerClient(Closing):
     def __init__(self, url: str, credential: str, *, timeout: float = 30.0) -> None:
         self.url = url.rstrip("/")
         self._headers = {"Authorization": f"Bearer {credential}"}
@@ -151,20 +169,7 @@ class ServerClient:
     async def info(self, *, wait: float = 2.0) -> InfoOut:
         return await self._typed("info", {"timeout": wait}, InfoOut)
 
-    # -- lifecycle ---------------------------------------------------------------------
-
     async def close(self) -> None:
         if self._session is not None:
             await self._session.close()
             self._session = None
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()

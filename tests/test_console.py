@@ -20,9 +20,10 @@ import pytest
 from core.infra.mint import mint_token
 from core.infra.settings import Settings
 from tests import test_browser, test_processes
-from tests.harness import SECRET, ApiClient, unique_prefix
+from tests.harness import SECRET, ApiClient
 from tests.test_authz import new_person
 from tests.test_browser import WAIT, Page, browser, expect
+from tests.test_serverapi_processes import gateway_env
 
 processes = test_processes.processes  # the fixture: real `python -m gateway` processes
 chromium = test_browser.chromium  # the fixture: Debian's chromium
@@ -56,17 +57,14 @@ async def _got(page: Page) -> list[list[Any]]:
 async def test_an_admin_watches_finds_disconnects_and_publishes(
     chromium, processes, redis_url, clean_db
 ):
-    env = {
-        "REDIS_URL": redis_url,
-        "REDIS_PREFIX": unique_prefix(),
-        "JWT_SECRET": SECRET,
-        "DATABASE_URL": clean_db["database_url"],
-        "DATABASE_SCHEMA": clean_db["database_schema"],
-        "PRESENCE_CHANNELS": "room:*",
-        "HISTORY_CHANNELS": "room:*",
-        "PASSWORD_TIME_COST": "1",
-        "PASSWORD_MEMORY_KIB": "8192",
-    }
+    env = gateway_env(
+        redis_url,
+        clean_db,
+        PRESENCE_CHANNELS="room:*",
+        HISTORY_CHANNELS="room:*",
+        PASSWORD_TIME_COST="1",
+        PASSWORD_MEMORY_KIB="8192",
+    )
     a, b = processes(**env), processes(**env)
     admin = await new_person(a, clean_db, "admin")
     settings = Settings(jwt_secret=SECRET)

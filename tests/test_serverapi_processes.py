@@ -34,16 +34,19 @@ SETTINGS = Settings(jwt_secret=SECRET)
 FEATURES = {"HISTORY_CHANNELS": "feed:*", "PRESENCE_CHANNELS": "room:*"}
 
 
+def gateway_env(redis_url: str, clean_db: dict[str, str] | None = None, **extra: str) -> dict:
+    """The environment of gateway processes sharing one Redis (and one database)."""
+    env = {"REDIS_URL": redis_url, "REDIS_PREFIX": unique_prefix(), "JWT_SECRET": SECRET}
+    if clean_db is not None:
+        env.update(
+            DATABASE_URL=clean_db["database_url"], DATABASE_SCHEMA=clean_db["database_schema"]
+        )
+    return {**env, **extra}
+
+
 @pytest.fixture
 def two_processes(tmp_path, data_dir, redis_url, clean_db):
-    env = {
-        "REDIS_URL": redis_url,
-        "REDIS_PREFIX": unique_prefix(),
-        "JWT_SECRET": SECRET,
-        "DATABASE_URL": clean_db["database_url"],
-        "DATABASE_SCHEMA": clean_db["database_schema"],
-        **FEATURES,
-    }
+    env = gateway_env(redis_url, clean_db, **FEATURES)
     started = [GatewayProcess(tmp_path, data_dir, **env).start() for _ in range(2)]
     yield started
     for gp in started:
@@ -163,12 +166,7 @@ async def test_every_call_made_to_a_acts_on_b(two_processes):
 async def test_presence_across_processes_and_a_killed_node_named_until_it_expires(
     processes, redis_url, data_dir
 ):
-    env = {
-        "REDIS_URL": redis_url,
-        "REDIS_PREFIX": unique_prefix(),
-        "JWT_SECRET": SECRET,
-        "PRESENCE_CHANNELS": "room:*",
-    }
+    env = gateway_env(redis_url, **FEATURES)
     a, b = processes(**env), processes(**env)
     on_a = Server(a, token("root", role="admin"))
     try:

@@ -148,8 +148,8 @@ function tables() {
     cell(row, `${c.websocket ?? 0} / ${c.sse ?? 0} / ${c.longpoll ?? 0}`);
     cell(row, f.subscriptions);
     cell(row, mb(f.memory_bytes));
-    health(row, f.health.redis);
-    health(row, f.health.postgres);
+    health(row, f.redis);
+    health(row, f.postgres);
   }
   const busy = new Map();
   for (const f of latest.values()) for (const { ch, deliveries } of f.busiest) busy.set(ch, (busy.get(ch) ?? 0) + deliveries);
