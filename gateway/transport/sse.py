@@ -108,8 +108,9 @@ class SSEHandler(JsonErrors):
         self.flush()
         limit = ctx.settings.max_subscriptions
         conn = Connection(JSON_CODEC, identity.grants, max_subscriptions=limit)
-        session = self._session = Session(self, conn, identity, ctx.node, ctx.metrics,
-                                          remote_ip=self.request.remote_ip or "")  # fmt: skip
+        session = self._session = Session(
+            self, conn, identity, ctx.node, ctx.metrics, remote_ip=self.request.remote_ip or ""
+        )
         session.open()
         try:
             for n, ch in enumerate(channels, 1):
