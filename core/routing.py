@@ -128,6 +128,15 @@ class Router:
             return None
         return ", ".join(sorted(methods))
 
+    def is_public(self, method: str, path: str) -> bool:
+        """Whether ``method path`` is an operation anyone may call (its token is not read)."""
+        try:
+            methods, _ = self._find(path)
+        except NotFound:
+            return False
+        route = methods.get(method)
+        return route is not None and not route.auth
+
     def match(self, method: str, path: str) -> tuple[Route, dict[str, str]]:
         methods, params = self._find(path)
         route = methods.get(method)
