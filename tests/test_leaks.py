@@ -21,11 +21,11 @@ from websockets.asyncio.client import connect
 
 from core.apikeys import KEY_CHANNEL_PATTERN, ApiKeyIn
 from core.errormap import from_exception
+from core.idempotency import IDEMPOTENCY_KEY_SCHEMA
 from core.infra.keys import generate_jwk, write_key_file
 from core.infra.logs import JsonFormatter, TextFormatter, redact
 from core.infra.settings import Settings
 from core.openapi import document as core_document
-from core.idempotency import IDEMPOTENCY_KEY_SCHEMA
 from core.paging import CURSOR_PATTERN, ETAG_PATTERN, ETAG_SCHEMA
 from core.request import Request, Response
 from core.routing import UUID_ID, Route, uuid_param
