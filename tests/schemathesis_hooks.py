@@ -19,6 +19,11 @@ operation:
   ``FUZZ_TOKEN``, its bearer token) are neither deleted nor patched (its
   e-mail is its login): such a request is sent for an id that names nothing,
   and answered 404;
+* ``If-Match``: a well-formed ETag in a valid write (outside the stateful
+  phase, whose links carry the ETags they read) is made the project's current
+  one, as a client sends the version it read; a made-up version is a stale
+  one, refused with 412 as documented, and a run that only ever sends stale
+  ones never sees a write succeed;
 * credentials: a valid login or refresh request (outside the stateful phase,
   whose links carry real ones) is sent with the run's account
   (``FUZZ_EMAIL``, ``FUZZ_PASSWORD``) or a refresh token of a fresh login of
@@ -52,6 +57,8 @@ _DATE = re.compile(r"^[0-9]{4}-[0-9]{2}-[0-9]{2}$")
 _KEY = re.compile(str(IDEMPOTENCY_KEY_SCHEMA["pattern"]))
 #: The largest row id the document allows, and names nothing here.
 _NO_ROW = "999999999999999999"
+#: The writes that take If-Match.
+_CONDITIONAL = ("PUT /api/projects/{id}", "PATCH /api/projects/{id}", "DELETE /api/projects/{id}")
 #: Deleting the run's account ends its session; patching it may change the e-mail it logs in with.
 _OWN_ACCOUNT = ("DELETE /api/users/{id}", "PATCH /api/users/{id}")
 
@@ -120,11 +127,33 @@ def _login(case: Any) -> dict[str, Any]:
     return tokens
 
 
-def _live_credentials(case: Any, body: MutableMapping[str, Any], operation: str) -> None:
+def _generated_valid(case: Any) -> bool:
+    """A valid request made up by the generator (not one a stateful link built)."""
     meta = case.meta
-    if meta is None or meta.generation.mode != GenerationMode.POSITIVE:
+    return (
+        meta is not None
+        and meta.generation.mode == GenerationMode.POSITIVE
+        and meta.phase.name.value != "stateful"
+    )
+
+
+def _current_version(case: Any, operation: str) -> None:
+    headers, params = case.headers, case.path_parameters
+    if operation not in _CONDITIONAL or not isinstance(headers, MutableMapping) or not params:
         return
-    if meta.phase.name.value == "stateful" or "FUZZ_EMAIL" not in os.environ:
+    tag = headers.get("If-Match")
+    if not isinstance(tag, str) or tag == "*" or not _generated_valid(case):
+        return
+    url = f"{case.operation.schema.get_base_url().rstrip('/')}/api/projects/{params['id']}"
+    auth = {"Authorization": f"Bearer {os.environ.get('FUZZ_TOKEN', '')}"}
+    current = requests.get(url, headers=auth, timeout=10)
+    if current.status_code == 200:
+        weak = "W/" if tag.startswith("W/") else ""
+        headers["If-Match"] = weak + current.headers["ETag"]
+
+
+def _live_credentials(case: Any, body: MutableMapping[str, Any], operation: str) -> None:
+    if not _generated_valid(case) or "FUZZ_EMAIL" not in os.environ:
         return
     if operation == "POST /api/auth/token" and body.get("grant_type") == "password":
         body["username"] = os.environ["FUZZ_EMAIL"]
@@ -153,4 +182,5 @@ def before_call(context: Any, case: Any, kwargs: dict[str, Any]) -> None:
         key = headers.get("Idempotency-Key")
         if isinstance(key, str) and _KEY.match(key):
             headers["Idempotency-Key"] = str(uuid.uuid4())
+    _current_version(case, operation)
     _spare_own(case, operation)
