@@ -11,7 +11,7 @@ open sockets (core/infra/revocation.py).
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Annotated, Any, Literal, Protocol
+from typing import Annotated, Any, ClassVar, Literal, Protocol
 
 import asyncpg
 import msgspec
@@ -57,6 +57,14 @@ class Revoker(Protocol):
 
 
 class RegisterIn(Checked, forbid_unknown_fields=True, kw_only=True):
+    rules: ClassVar[tuple[str, ...]] = (
+        "The password is not one of the 10,000 most common ones, not only white space, has "
+        "more than two different characters, is not a run (`abcdefgh`, `98765432`) and does "
+        "not contain the e-mail address, nor the name before its `@` (if 4 characters or "
+        "more; a shorter one is refused only as the whole password): 422 `validation_error` "
+        "at `$.password` (core/passwords.py).",
+    )
+
     email: Email
     display_name: DisplayName
     password: Password
