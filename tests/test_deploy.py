@@ -76,10 +76,12 @@ def merge(base: Any, patch: Any) -> Any:
         and isinstance(patch, list)
         and all(isinstance(item, dict) and "name" in item for item in [*base, *patch])
     ):
+        # As kustomize orders them: the patch's items (merged into the base's
+        # of the same name) first, then the base's items the patch leaves alone.
         by_name = {item["name"]: item for item in base}
-        for item in patch:
-            by_name[item["name"]] = merge(by_name.get(item["name"], {}), item)
-        return list(by_name.values())
+        patched = [merge(by_name.get(item["name"], {}), item) for item in patch]
+        named = {item["name"] for item in patch}
+        return patched + [item for item in base if item["name"] not in named]
     return patch
 
 
