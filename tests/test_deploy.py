@@ -892,9 +892,20 @@ def built_here(service: dict[str, Any]) -> bool:
     return service.get("build") == "."
 
 
+def compose_gateways() -> list[str]:
+    return [n for n, s in SERVICES.items() if built_here(s) and "entrypoint" not in s]
+
+
+def compose_cores() -> list[str]:
+    return [n for n, s in SERVICES.items() if s.get("entrypoint") == ["python", "-m", "core"]]
+
+
+def compose_settings(name: str) -> Settings:
+    return Settings.from_env({k: str(v) for k, v in SERVICES[name]["environment"].items()})
+
+
 def test_compose_runs_the_whole_stack() -> None:
-    gateways = [n for n, s in SERVICES.items() if built_here(s) and "entrypoint" not in s]
-    cores = [n for n, s in SERVICES.items() if s.get("entrypoint") == ["python", "-m", "core"]]
+    gateways, cores = compose_gateways(), compose_cores()
     assert len(gateways) == 2 and len(cores) == 1
     assert all(built_here(SERVICES[n]) for n in cores)
     images = {n: s.get("image", "") for n, s in SERVICES.items()}
@@ -907,7 +918,6 @@ def test_compose_runs_the_whole_stack() -> None:
         environment = SERVICES[name]["environment"]
         assert set(environment) <= SETTING_NAMES
         assert environment["REDIS_URL"].startswith("redis://redis:")
-        assert "@postgres:5432/" in environment["DATABASE_URL"]
         grace = float(SERVICES[name]["stop_grace_period"].removesuffix("s"))
         assert grace > SETTINGS.shutdown_timeout + KILL_AFTER
 
@@ -934,13 +944,48 @@ def test_compose_migrates_once_before_the_app_starts() -> None:
     assert "command" not in migrate and migrate["restart"] == "no"
     assert migrate["depends_on"] == {"postgres": {"condition": "service_healthy"}}
     apps = [n for n, s in SERVICES.items() if built_here(s) and n != "migrate"]
-    assert len(apps) == 3
+    assert sorted(apps) == sorted([*compose_gateways(), *compose_cores()])
     for name in apps:
+        assert SERVICES[name]["environment"].get("MIGRATE_ON_START", "false") == "false"
+    # The core uses the database and waits for the migrations; the gateways wait
+    # for the core (the test below).
+    for name in compose_cores():
         environment = SERVICES[name]["environment"]
         assert environment["DATABASE_URL"] == migrate["environment"]["DATABASE_URL"]
-        assert environment.get("MIGRATE_ON_START", "false") == "false"
+        assert "@postgres:5432/" in environment["DATABASE_URL"]
         condition = SERVICES[name]["depends_on"]["migrate"]["condition"]
         assert condition == "service_completed_successfully", name
+
+
+def test_compose_gateways_forward_to_the_core_with_no_database_credentials() -> None:
+    """As in Kubernetes: gateways have CORE_URL and no DATABASE_URL, and do not wait
+    for the database; the core believes X-Forwarded-For from the gateways' fixed
+    addresses and nothing else (not the host, whose requests to the published port
+    arrive from the network's first address)."""
+    (core,) = compose_cores()
+    settings = compose_settings(core)
+    assert settings.database_url and settings.core_url is None
+    (network,) = COMPOSE["networks"]["default"]["ipam"]["config"]
+    subnet = ipaddress.ip_network(network["subnet"])
+    addresses = set()
+    for name in compose_gateways():
+        service = SERVICES[name]
+        assert "env_file" not in service
+        assert "DATABASE_URL" not in service["environment"]
+        gateway = compose_settings(name)
+        assert gateway.database_url is None and gateway.core_url
+        url = urllib.parse.urlsplit(gateway.core_url)
+        assert (url.scheme, url.hostname, url.port) == ("http", core, settings.port)
+        assert service["depends_on"] == {
+            "redis": {"condition": "service_healthy"},
+            core: {"condition": "service_healthy"},
+        }
+        address = ipaddress.ip_address(service["networks"]["default"]["ipv4_address"])
+        assert address in subnet
+        addresses.add(ipaddress.ip_network(address))
+    assert len(addresses) == 2
+    assert {ipaddress.ip_network(c) for c in settings.trusted_proxies} == addresses
+    assert ipaddress.ip_network(next(subnet.hosts())) not in addresses
 
 
 def mounts() -> dict[str, dict[str, Path]]:
@@ -966,8 +1011,7 @@ def test_compose_mounts_and_monitoring_files_exist() -> None:
     (gateway_job,) = [job for job in config["scrape_configs"] if job["job_name"] == "gateway"]
     assert gateway_job["metrics_path"] == "/metrics"
     (targets,) = [c["targets"] for c in gateway_job["static_configs"]]
-    gateways = {n for n, s in SERVICES.items() if built_here(s) and "entrypoint" not in s}
-    assert set(targets) == {f"{n}:{SETTINGS.port}" for n in gateways}
+    assert set(targets) == {f"{n}:{SETTINGS.port}" for n in compose_gateways()}
 
     grafana = mounts()["grafana"]
     provisioning = grafana["/etc/grafana/provisioning"]
