@@ -1031,6 +1031,24 @@ def test_compose_mounts_and_monitoring_files_exist() -> None:
 # --- documentation -------------------------------------------------------
 
 
+def test_deploy_docs_count_connections_as_the_manifests_do() -> None:
+    """docs/deploy.md's figures at the prod maxima: database connections (only the
+    core pods' pools, with CORE_URL) and connections into the core tier (a pool in
+    every gateway process)."""
+    guide = " ".join((ROOT / "docs/deploy.md").read_text().split())
+    prod = "overlays/prod"
+    most = {
+        n: find(prod, "HorizontalPodAutoscaler", n)["spec"]["maxReplicas"]
+        for n in ["gateway", "core"]
+    }
+    pool = int(setting(prod, "core", "DB_POOL_MAX"))
+    assert f"{most['core']} x {pool} = {most['core'] * pool}" in guide
+    workers = int(setting(prod, "gateway", "WORKERS"))
+    core_pool = int(setting(prod, "gateway", "CORE_POOL_SIZE"))
+    into_core = most["gateway"] * workers * core_pool
+    assert f"{most['gateway']} x {workers} x {core_pool} = {into_core:,}" in guide
+
+
 def test_deploy_docs_name_files_that_exist() -> None:
     guide = (ROOT / "docs/deploy.md").read_text()
     assert "kubectl apply -k deploy/k8s/overlays/prod" in guide
