@@ -27,13 +27,13 @@ from msgspec import Meta
 from core.access import Access
 from core.db import one
 from core.infra import control
-from core.infra.broker.base import Publisher
+from core.infra.broker.base import Broker, BrokerUnavailable, Publisher
 from core.infra.errors import NotFound
 from core.infra.identity import API_KEY_PREFIX, Identity
+from core.infra.keyring import SNAPSHOT_KEY, KeyEntry, KeyRing, encode_snapshot
 from core.infra.tasks import TaskSet
 from core.request import Request, Response
 from core.routing import UUID_ID, Route, uuid_param
-from proto import Grants
 
 __all__ = ["ApiKeys"]
 
@@ -94,12 +94,12 @@ class ApiKeys:
         publisher: Publisher | None,
         reserved: tuple[str, ...] = (),
         on_revoked: Callable[[str], object] | None = None,
+        store: Broker | None = None,
     ) -> None:
         self._pool = pool
-        self._ring = ring
+        self._ring = KeyRing(ring, reserved, on_revoked)
         self._publisher = publisher
-        self._reserved = reserved  # channels only the core publishes on
-        self._on_revoked = on_revoked
+        self._store = store  # where gateways without a database read the keys (keyring.py)
         self._reloads = TaskSet(log)
 
     def routes(self) -> list[Route]:
@@ -137,19 +137,22 @@ class ApiKeys:
         return Response(204)
 
     async def reload(self) -> None:
-        """Replace the in-memory keys with the active ones in the database."""
-        fresh: dict[bytes, Identity] = {}
-        for id, digest, channels, rest in await self._pool.fetch(_ACTIVE):
-            claims = {"channels": list(channels), "pub": True}
-            grants = Grants.from_claims(claims, reserved=self._reserved)
-            fresh[bytes(digest)] = Identity(f"apikey:{id}", grants, None, None, "service", rest)
-        gone = {i.sub for i in self._ring.values()} - {i.sub for i in fresh.values()}
-        # No await between these two lines: no request sees a half-updated ring.
-        self._ring.clear()
-        self._ring.update(fresh)
-        if self._on_revoked is not None:
-            for sub in sorted(gone):
-                self._on_revoked(sub)
+        """Replace the in-memory keys with the active ones in the database.
+
+        With a store, the snapshot for gateways without a database is
+        written too (a failure is logged: they keep the last one until the
+        next sync).
+        """
+        entries = [
+            KeyEntry(bytes(digest).hex(), str(id), list(channels), rest)
+            for id, digest, channels, rest in await self._pool.fetch(_ACTIVE)
+        ]
+        self._ring.replace(entries)
+        if self._store is not None:
+            try:
+                await self._store.put_value(SNAPSHOT_KEY, encode_snapshot(entries))
+            except BrokerUnavailable as exc:
+                log.warning("API key snapshot not stored (gateways keep the last one): %s", exc)
 
     def on_control(self, message: control.ControlMessage) -> None:
         if isinstance(message, control.ApiKeysChanged):

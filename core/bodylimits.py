@@ -30,9 +30,8 @@ import tornado.web
 from tornado import httputil
 
 from core.access import check
-from core.infra.errors import ApiError as CoreError
+from core.infra.errors import ApiError
 from core.infra.identity import AuthError, Identity, token_from_header
-from core.infra.listener import Refusal
 from core.infra.settings import Settings
 from core.infra.verify import Verifier
 from core.routing import Router
@@ -73,25 +72,22 @@ class RouteLimits:
         if path == "/ws":
             return 0
         if CORE_PATHS.fullmatch(path):
-            try:
-                route, params = self.core.match(start.method, path)
-                if not route.auth:  # anyone may call it: a token, good or bad, is not read
-                    return self.core_limit if route.max_body is None else route.max_body
-                identity = self._authenticate(headers, None, required=True)
-                if identity is not None and route.access is not None:
-                    # What the route would refuse from this caller, it refuses unread.
-                    if not getattr(identity, "rest", True):
-                        raise CoreError(403, "forbidden", "this API key may not call the REST API")
-                    check(route.access, identity, params)
-            except CoreError as exc:
-                raise Refusal(exc.status, exc.code, exc.message, exc.headers) from None
+            route, params = self.core.match(start.method, path)
+            if not route.auth:  # anyone may call it: a token, good or bad, is not read
+                return self.core_limit if route.max_body is None else route.max_body
+            identity = self._authenticate(headers, None, required=True)
+            if identity is not None and route.access is not None:
+                # What the route would refuse from this caller, it refuses unread.
+                if not getattr(identity, "rest", True):
+                    raise ApiError(403, "forbidden", "this API key may not call the REST API")
+                check(route.access, identity, params)
             return self.core_limit if route.max_body is None else route.max_body
         request = httputil.HTTPServerRequest(start_line=start, headers=headers)
         handler = self.app.find_handler(request).handler_class
         if handler is tornado.web.ErrorHandler or handler is self.app.settings.get(
             "default_handler_class"
         ):
-            raise Refusal(404, "not_found", f"no route for {path}")
+            raise ApiError(404, "not_found", f"no route for {path}")
         limit, required, in_query = self.handlers.get(handler, (0, False, False))
         query_token = parse_qs(query).get("token", [None])[0] if in_query and query else None
         self._authenticate(headers, query_token, required=required)
@@ -103,9 +99,9 @@ class RouteLimits:
         token = token_from_header(headers.get("Authorization")) or query_token
         if token is None:
             if required:
-                raise Refusal(401, "unauthorized", "missing token")
+                raise ApiError(401, "unauthorized", "missing token")
             return None
         try:
             return self.verifier.verify(token)
         except AuthError as exc:
-            raise Refusal(401, "unauthorized", exc.message) from None
+            raise ApiError(401, "unauthorized", exc.message) from None

@@ -125,6 +125,7 @@ class _Exchange(httputil.HTTPMessageDelegate):
         self._start: httputil.RequestStartLine | None = None
         self._headers: httputil.HTTPHeaders | None = None
         self._t0 = 0.0
+        self._id = ""  # X-Request-Id of the answer
 
     def headers_received(
         self,
@@ -152,6 +153,7 @@ class _Exchange(httputil.HTTPMessageDelegate):
     async def run(self) -> None:
         assert self._headers is not None and self._start is not None
         origin = self._server.cors_origin(self._headers.get("Origin"))
+        self._id = self._request_id()
         try:
             if origin is not None and self._is_preflight():
                 resp = self._preflight()
@@ -164,7 +166,7 @@ class _Exchange(httputil.HTTPMessageDelegate):
             )
         if origin is not None:
             resp.headers.update(_cors_headers(origin))
-        resp.headers["X-Request-Id"] = self._request_id()
+        resp.headers["X-Request-Id"] = self._id
         self._write(resp)
 
     def _request_id(self) -> str:
@@ -215,6 +217,8 @@ class _Exchange(httputil.HTTPMessageDelegate):
             body=b"".join(self._chunks),
             caller=caller,
             client=_remote_ip(self._conn),
+            query_string=query,
+            request_id=self._id,
         )
         self._chunks = []
         return await server.core.dispatch(req)

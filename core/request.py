@@ -25,6 +25,7 @@ class Caller(Protocol):
 class Request:
     __slots__ = (
         "args", "body", "caller", "client", "data", "headers", "method", "params", "path", "query",
+        "query_string", "request_id",
     )  # fmt: skip
 
     def __init__(
@@ -37,6 +38,8 @@ class Request:
         body: bytes = b"",
         caller: Caller | None = None,
         client: str = "",
+        query_string: str = "",
+        request_id: str = "",
     ) -> None:
         self.method = method
         self.path = path
@@ -45,6 +48,8 @@ class Request:
         self.body = body
         self.caller = caller
         self.client = client  # the peer's IP address, where the transport knows it
+        self.query_string = query_string  # as received, for a core elsewhere (gateway/upstream.py)
+        self.request_id = request_id  # X-Request-Id of the answer, where the transport set one
         self.params: dict[str, str] = {}
         self.args: Any = None  # the route's query Struct, once validated
         self.data: Any = None  # the route's body Struct, once validated

@@ -115,7 +115,9 @@ class StandaloneCore:
         try:
             publisher = None if broker is None else HistoryPublisher(broker, HistoryPolicy(
                 settings.history_channels, settings.history_size, settings.history_ttl))  # fmt: skip
-            core = await Core.open(settings, publisher, revocations, api_keys, limiter)
+            core = await Core.open(
+                settings, publisher, revocations, api_keys, limiter, store=broker
+            )
         except BaseException:
             await limiter.close()
             if broker is not None:

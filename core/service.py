@@ -24,7 +24,7 @@ from core.db import Database
 from core.errormap import from_exception
 from core.events import Events
 from core.idempotency import IdempotencyStore
-from core.infra.broker.base import Publisher
+from core.infra.broker.base import Broker, Publisher
 from core.infra.control import ControlMessage
 from core.infra.errors import ApiError, TooManyRequests
 from core.infra.identity import Identity
@@ -39,7 +39,7 @@ from core.tokens import Issuer
 from core.users import Users
 from core.validation import decode_body, parse_form, parse_query
 
-__all__ = ["Core", "CoreUnavailable", "api_routes"]
+__all__ = ["Core", "CoreUnavailable", "api_routes", "offline_routes"]
 
 log = logging.getLogger("core")
 
@@ -63,6 +63,22 @@ class _NoRevoker:
         return None
 
 
+def offline_routes() -> tuple[tuple[Route, ...], Router]:
+    """The real route table with no database behind it: no handler of it may run.
+
+    For a gateway whose core is elsewhere (or absent): its documents, and the
+    body policy that judges requests at their headers (core/bodylimits.py).
+    """
+    settings = Settings()
+    pool = typing.cast(asyncpg.Pool, None)
+    accounts = Accounts(
+        pool, settings, Passwords(settings), Issuer(settings), _NoRevoker(), MemoryRateLimiter()
+    )
+    keys = ApiKeys(pool, {}, None)
+    routes = api_routes(pool, Events(None), accounts, keys, _NoRevoker())
+    return routes, Router(routes)
+
+
 class CoreUnavailable:
     """Stands in for the core where no database is configured: every call is 503.
 
@@ -71,14 +87,7 @@ class CoreUnavailable:
 
     def __init__(self, reason: str) -> None:
         self.reason = reason
-        settings = Settings()
-        pool = typing.cast(asyncpg.Pool, None)
-        accounts = Accounts(
-            pool, settings, Passwords(settings), Issuer(settings), _NoRevoker(), MemoryRateLimiter()
-        )
-        keys = ApiKeys(pool, {}, None)
-        self.routes = api_routes(pool, Events(None), accounts, keys, _NoRevoker())
-        self.router = Router(self.routes)
+        self.routes, self.router = offline_routes()
 
     async def dispatch(self, req: Request) -> Response:
         err = ApiError(503, "unavailable", self.reason, headers={"Retry-After": "5"})
@@ -101,6 +110,7 @@ class Core:
         api_keys: MutableMapping[bytes, Identity],
         limiter: RateLimiter,
         on_key_revoked: Callable[[str], object] | None = None,
+        store: Broker | None = None,
     ) -> None:
         self.settings = settings
         self.limiter = limiter
@@ -114,7 +124,7 @@ class Core:
             db.pool, settings, Passwords(settings), Issuer(settings), revocations, limiter
         )
         self.api_keys = ApiKeys(
-            db.pool, api_keys, publisher, settings.core_channels, on_key_revoked
+            db.pool, api_keys, publisher, settings.core_channels, on_key_revoked, store
         )
         self.routes = api_routes(db.pool, self.events, self.accounts, self.api_keys, revocations)
         self.router = Router(self.routes)
@@ -132,6 +142,7 @@ class Core:
         api_keys: MutableMapping[bytes, Identity] | None = None,
         limiter: RateLimiter | None = None,
         on_key_revoked: Callable[[str], object] | None = None,
+        store: Broker | None = None,
     ) -> Core:
         """Open the pool, check (or apply) migrations, load revocations and API keys;
         `close` undoes it. A schema not ready raises `core.migrate.SchemaError`.
@@ -139,13 +150,15 @@ class Core:
         ``api_keys`` is the verifier's mapping of active keys, kept current here;
         ``on_key_revoked`` is called with the subject (``apikey:<id>``) of each
         key found revoked, here or on another process, to close its sockets.
+        ``store`` (the broker) receives the API-key snapshot that gateways
+        without a database read (core/infra/keyring.py).
         """
         if revocations is None:
             revocations = Revocations(settings.access_token_ttl + settings.jwt_leeway, publisher)
         keys = api_keys if api_keys is not None else {}
         limits = limiter if limiter is not None else MemoryRateLimiter()
         db = await Database.open(settings)
-        core = cls(settings, db, publisher, revocations, keys, limits, on_key_revoked)
+        core = cls(settings, db, publisher, revocations, keys, limits, on_key_revoked, store)
         try:
             await core.sync()
         except BaseException:

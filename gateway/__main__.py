@@ -29,8 +29,11 @@ log = logging.getLogger("gateway")
 
 
 def _embedded_database(settings: Settings) -> tuple[Settings, EmbeddedPostgres | None]:
-    """Settings with a database: the configured one, or an embedded PostgreSQL."""
-    if settings.database_url:
+    """Settings with a database: the configured one, or an embedded PostgreSQL.
+
+    None with ``CORE_URL``: the core, and its database, are elsewhere.
+    """
+    if settings.database_url or settings.core_url:
         return settings, None
     embedded = EmbeddedPostgres(settings.data_dir)
     try:
@@ -62,7 +65,7 @@ def serve_workers(settings: Settings, count: int) -> int:
     """``count`` gateway processes on one port (gateway/workers.py); the exit status."""
     settings, embedded = _embedded_database(settings)
     try:
-        if settings.database_url:
+        if settings.database_url and not settings.core_url:
             # Once here, before the workers (each checks again, cheaply): a
             # schema that is not ready stops the start with one line, rather
             # than with every worker dying and being restarted.

@@ -29,6 +29,7 @@ from core.infra.clientip import TrustedProxies
 from core.infra.errors import ApiError
 from core.infra.history import HistoryPolicy
 from core.infra.identity import Identity
+from core.infra.keyring import KeyRing
 from core.infra.keys import ensure_key_material
 from core.infra.listener import Listener
 from core.infra.logs import log_request
@@ -51,6 +52,7 @@ from gateway.endpoints import (
     ReadyHandler,
 )
 from gateway.hub import Hub
+from gateway.keymirror import KeyMirror
 from gateway.node import Node
 from gateway.transport.longpoll import LongPollHandler
 from gateway.transport.polls import PollMatches, PollServer
@@ -58,6 +60,7 @@ from gateway.transport.pollsessions import LongPollSessions
 from gateway.transport.sse import SSEHandler
 from gateway.transport.websocket import WebSocketServer
 from gateway.transport.wsconn import Coalescer
+from gateway.upstream import UpstreamCore
 from proto import CloseCode
 
 __all__ = ["Gateway", "make_app"]
@@ -139,10 +142,16 @@ class Gateway:
             Rule(PollMatches(), polls),
             Rule(AnyMatches(), api_router(api, self.app)),
         ])  # fmt: skip
-        policy = RouteLimits(s, ctx.verifier, ctx.core.router, self.app, {
-            PublishHandler: (s.max_publish_bytes + 1024, True, False),
-            LongPollHandler: (s.max_body_bytes, True, True),
-        })  # fmt: skip
+        policy = RouteLimits(
+            s,
+            ctx.verifier,
+            ctx.core.router,
+            self.app,
+            {
+                PublishHandler: (s.max_publish_bytes + 1024, True, False),
+                LongPollHandler: (s.max_body_bytes, True, True),
+            },
+        )
         proxies = TrustedProxies(s.trusted_proxies, s.forwarded_header)
         self.server = Listener(sockets_first, s, ctx.metrics, policy, proxies)
         polls.listener = self.server  # kept-alive polls are then served off Tornado
@@ -211,15 +220,23 @@ async def open_core(
     revocations: Revocations,
     api_keys: dict[bytes, Identity],
     limiter: RateLimiter,
-) -> Core | CoreUnavailable:
-    """The REST core on DATABASE_URL, publishing change events through the node."""
-    if not settings.database_url:
-        return CoreUnavailable("the REST core has no database (set DATABASE_URL)")
+    metrics: Metrics,
+) -> Core | UpstreamCore | CoreUnavailable:
+    """The REST core: elsewhere (CORE_URL), or here on DATABASE_URL, publishing through the node."""
 
     def close_key(sub: str) -> None:
         node.hub.close_subject(sub, CloseCode.KEY_REVOKED)
 
-    return await Core.open(settings, node, revocations, api_keys, limiter, close_key)
+    if settings.core_url:
+        if settings.database_url:
+            log.warning("CORE_URL is set: DATABASE_URL is not used by the gateway (remove it)")
+        mirror = KeyMirror(node.broker, KeyRing(api_keys, settings.core_channels, close_key))
+        return await UpstreamCore(settings, metrics, revocations, mirror).open()
+    if not settings.database_url:
+        return CoreUnavailable("the REST core has no database (set DATABASE_URL or CORE_URL)")
+    return await Core.open(
+        settings, node, revocations, api_keys, limiter, close_key, store=node.broker
+    )
 
 
 async def make_app(
@@ -252,12 +269,12 @@ async def make_app(
     limiter = make_limiter(settings, node.broker)
     await node.start()
     try:
-        core = await open_core(settings, node, revocations, api_keys, limiter)
+        core = await open_core(settings, node, revocations, api_keys, limiter, metrics)
     except BaseException:
         await node.close()
         await limiter.close()
         raise
-    if isinstance(core, Core):
+    if not isinstance(core, CoreUnavailable):
         node.on_control = core.on_control
     ctx = Context(
         settings=settings, node=node, verifier=verifier, metrics=metrics, core=core, limiter=limiter,

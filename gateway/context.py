@@ -13,6 +13,7 @@ from core.service import Core, CoreUnavailable
 from gateway.node import Node
 from gateway.transport.pollsessions import LongPollSessions
 from gateway.transport.wsconn import Coalescer
+from gateway.upstream import UpstreamCore
 
 __all__ = ["Context", "Status"]
 
@@ -30,7 +31,7 @@ class Context:
     node: Node
     verifier: Verifier
     metrics: Metrics
-    core: Core | CoreUnavailable
+    core: Core | UpstreamCore | CoreUnavailable
     limiter: RateLimiter
     status: Status = dataclasses.field(default_factory=Status)
     longpoll: LongPollSessions = dataclasses.field(default_factory=LongPollSessions)

@@ -24,6 +24,7 @@ from core.infra.ratelimit import over_limit
 from core.service import Core
 from gateway.context import Context
 from gateway.metricsmerge import scrape_view
+from gateway.upstream import UpstreamCore
 from proto import RESERVED_PREFIX, InvalidData
 from proto.frames import Channel
 
@@ -130,8 +131,10 @@ class HealthHandler(JsonHandler):
 class ReadyHandler(JsonHandler):
     """Readiness: not draining, the broker link up, PostgreSQL answering within 1 s.
 
-    ``database`` is null when the REST core has no database configured (the
-    sockets still work, so the gateway is ready).
+    ``database`` is null when the REST core has no database here (none
+    configured, or the core is elsewhere: ``CORE_URL``). A core elsewhere is
+    shown under ``core`` (reachable, and its breaker's state) but does not
+    make the gateway unready: its sockets work without it.
     """
 
     async def get(self) -> None:
@@ -142,7 +145,13 @@ class ReadyHandler(JsonHandler):
         core = self.ctx.core
         database = await core.db.healthy() if isinstance(core, Core) else None
         ok = broker and database is not False
-        body = {"status": "ok" if ok else "unavailable", "broker": broker, "database": database}
+        body: dict[str, Any] = {
+            "status": "ok" if ok else "unavailable",
+            "broker": broker,
+            "database": database,
+        }
+        if isinstance(core, UpstreamCore):
+            body["core"] = {"reachable": await core.healthy(), **core.state()}
         self.write_json(body, 200 if ok else 503)
 
 

@@ -314,6 +314,7 @@ class Session:
             body=body,
             caller=self.identity,
             client=self.remote_ip,
+            query_string=query,
         )
         resp = await self.dispatch(req)
         if not self.conn.closed:

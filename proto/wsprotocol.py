@@ -4,8 +4,8 @@
 data messages they complete, reassembled and checked; what the connection must
 send in answer (pongs, the closing handshake) waits in `data_to_send`. It does
 no I/O and holds no timer: the transport adapters (`gateway.transport.wsconn`
-for the server, `gateway.client.transport` for the client) write, time out and
-close the TCP connection as its `state` says.
+for the server, the load tool's `gateway.loadtest.wsclient` for the client)
+write, time out and close the TCP connection as its `state` says.
 
 The rules it enforces, per RFC 6455:
 

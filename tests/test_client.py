@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import datetime
 import importlib.util
+import ipaddress
+import ssl
 import sys
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from core.infra.broker import RedisBroker
@@ -23,10 +27,8 @@ from gateway.client import (
     State,
     SubscriptionEnded,
 )
-from gateway.client.frames import client_frame, read_frames
-from gateway.client.handshake import accept_value, check_upgrade, parse_response
 from proto import CloseCode, ErrorCode
-from proto.wsframe import FrameError
+from tests.conformance.wire import accept_for
 from tests.harness import ApiClient, running_gateway, token_for, unique_prefix, until, ws_client
 from tests.servers import UNIT
 from tests.test_core_rest import PROJECT
@@ -48,42 +50,7 @@ def close_all(gw, code: CloseCode) -> None:
         member.close(code)
 
 
-# -- sans-I/O pieces -----------------------------------------------------------
-
-
-def test_frames_round_trip_and_refuse_masked_server_frames():
-    frames: list[tuple[int, bool, bytes]] = []
-    big = b"x" * 70_000
-    # Server frames are client frames without the mask: strip it for the test.
-    data = bytes((0x81, 2)) + b"hi" + bytes((0x82, 126)) + (300).to_bytes(2, "big") + b"y" * 300
-    data += bytes((0x81, 127)) + len(big).to_bytes(8, "big") + big
-    used = read_frames(data + b"\x81", lambda *f: frames.append(f))
-    assert used == len(data) and [(op, fin, len(p)) for op, fin, p in frames] == [
-        (1, True, 2), (2, True, 300), (1, True, 70_000),
-    ]  # fmt: skip
-    with pytest.raises(FrameError) as info:
-        read_frames(client_frame(b"masked"), lambda *f: None)
-    assert info.value.code == 1002
-    with pytest.raises(FrameError) as info:
-        # refused from its header, before the rest is buffered
-        read_frames(
-            bytes((0x81, 126)) + (1000).to_bytes(2, "big") + b"x", lambda *f: None, max_size=100
-        )
-    assert info.value.code == 1009
-
-
-def test_handshake_response_is_checked_against_the_key_and_offer():
-    key = "dGhlIHNhbXBsZSBub25jZQ=="
-    head = (
-        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-        f"Sec-WebSocket-Accept: {accept_value(key)}\r\nSec-WebSocket-Protocol: gw.v1.json"
-    ).encode()
-    assert accept_value(key) == "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="  # RFC 6455 §1.3
-    assert check_upgrade(parse_response(head), key, ["gw.v1.json"]) == "gw.v1.json"
-    with pytest.raises(HandshakeError):
-        check_upgrade(parse_response(head), "AAAAAAAAAAAAAAAAAAAAAA==", ["gw.v1.json"])
-    with pytest.raises(HandshakeError):
-        check_upgrade(parse_response(head), key, ["gw.v1.msgpack"])
+# -- pure pieces -----------------------------------------------------------------
 
 
 def test_backoff_is_exponential_with_full_jitter_and_honours_retry_after():
@@ -318,11 +285,11 @@ async def test_a_slow_consumer_pauses_reading_and_catches_up():
             gw.hub.broadcast("room:1", b'{"n":%d,"pad":"%s"}' % (n, pad.encode()))
         sent = member.transport.buffered
         # The client's queue is full: it paused reading, so the gateway keeps a backlog.
-        await until(lambda: sent() > 1 << 20 and not c._ws._transport.is_reading())
+        await until(lambda: sent() > 1 << 20 and not c._ws.conn.transport.is_reading())
         assert len(sub._events) < 16, "the client queued far past its bound"
         got = [(await next_event(sub)).data["n"] for _ in range(count)]
         assert got == list(range(count))
-        assert sent() == 0 and c._ws._transport.is_reading()
+        assert sent() == 0 and c._ws.conn.transport.is_reading()
         await c.ping()
 
 
@@ -385,8 +352,15 @@ async def test_chat_bot_example_answers_and_shows_presence():
             await asyncio.gather(task, return_exceptions=True)
 
 
-async def _no_websocket_proxy(port: int) -> asyncio.Server:
-    """A proxy to the gateway on ``port`` that drops every WebSocket upgrade."""
+async def _proxy(
+    port: int,
+    *,
+    drop_upgrades: bool = False,
+    tls: ssl.SSLContext | None = None,
+    heads: list[bytes] | None = None,
+) -> asyncio.Server:
+    """A proxy to the gateway on ``port``: one that drops every WebSocket upgrade (what some
+    proxies do), or one that terminates TLS (``tls``); ``heads`` gets each request's head."""
 
     async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -400,19 +374,21 @@ async def _no_websocket_proxy(port: int) -> asyncio.Server:
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         head = await reader.readuntil(b"\r\n\r\n")
-        if b"upgrade: websocket" in head.lower():
-            writer.close()  # what some proxies do to upgrades
+        if heads is not None:
+            heads.append(head)
+        if drop_upgrades and b"upgrade: websocket" in head.lower():
+            writer.close()
             return
         up_reader, up_writer = await asyncio.open_connection("127.0.0.1", port)
         up_writer.write(head)
         await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
 
-    return await asyncio.start_server(handle, "127.0.0.1", 0)
+    return await asyncio.start_server(handle, "127.0.0.1", 0, ssl=tls)
 
 
 async def test_without_websocket_the_client_falls_back_to_long_poll():
     async with running_gateway(longpoll_timeout=1.0) as gw:
-        proxy = await _no_websocket_proxy(gw.port)
+        proxy = await _proxy(gw.port, drop_upgrades=True)
         port = proxy.sockets[0].getsockname()[1]
         try:
             async with Client(f"ws://127.0.0.1:{port}/ws", token=token_for(gw), backoff=FAST) as c:
@@ -455,7 +431,8 @@ async def test_a_resubscription_refused_for_now_is_asked_again_not_dropped():
 
 
 async def test_a_server_sending_invalid_utf8_is_failed_with_1007_like_the_gateway_would():
-    """The client applies the server's own RFC 6455 rules (proto.wsprotocol), masked."""
+    """`websockets` checks what the server sends by RFC 6455's rules, and the client reports its
+    failure's code as it would the gateway's."""
     from gateway.client.transport import open_websocket
     from proto.wsprotocol import WebSocketProtocol
 
@@ -466,7 +443,7 @@ async def test_a_server_sending_invalid_utf8_is_failed_with_1007_like_the_gatewa
         key = next(line.split(b":", 1)[1].strip() for line in head.split(b"\r\n")
                    if line.lower().startswith(b"sec-websocket-key"))  # fmt: skip
         writer.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                     b"Sec-WebSocket-Accept: " + accept_value(key.decode()).encode() + b"\r\n\r\n"
+                     b"Sec-WebSocket-Accept: " + accept_for(key.decode()).encode() + b"\r\n\r\n"
                      b"\x81\x02ok\x81\x03\xed\xa0\x80")  # fmt: skip
         server = WebSocketProtocol(1 << 16)  # reads the client's masked close frame
         while not server.close_code and (data := await reader.read(4096)):
@@ -476,13 +453,160 @@ async def test_a_server_sending_invalid_utf8_is_failed_with_1007_like_the_gatewa
 
     listener = await asyncio.start_server(handle, "127.0.0.1", 0)
     port = listener.sockets[0].getsockname()[1]
-    got: list[bytes] = []
+    got: list[bytes | str] = []
     try:
         ws = await open_websocket(f"ws://127.0.0.1:{port}/ws", token=None, subprotocols=(),
                                   on_message=got.append)  # fmt: skip
         closed = await asyncio.wait_for(ws.closed, 5 * UNIT)
     finally:
         listener.close()
-    assert got == [b"ok"] and closed.code == 1007
+    assert got == ["ok"] and closed.code == 1007
     await until(lambda: heard)  # the server read the client's close frame
     assert heard == [1007]
+
+
+# -- what a user of the client notices -------------------------------------------
+
+
+async def test_the_client_reconnects_when_its_gateway_restarts_on_the_same_port():
+    async with running_gateway(drain_seconds=0) as first:
+        port = first.port
+        c = Client(f"ws://127.0.0.1:{port}/ws", token=token_for(first), backoff=FAST)
+        await c.connect()
+        sub = await c.subscribe("room:1")
+    try:
+        await until(lambda: c.state is State.RECONNECTING)
+        # Waiting through refused attempts is the point: the client must keep trying.
+        await asyncio.sleep(3 * FAST.cap)
+        assert c.state is State.RECONNECTING
+        async with running_gateway(port=port) as second:
+            await until(lambda: second.hub.has_subscribers("room:1"))
+            gap = await next_event(sub)  # a channel without history: what was missed is lost
+            assert isinstance(gap, Gap) and gap.reason == "no_position"
+            await second.ctx.node.publish("room:1", b'"from the new process"')
+            assert (await next_event(sub)).data == "from the new process"
+            assert c.state is State.OPEN and c.connections == 2
+    finally:
+        await c.close()
+
+
+async def test_close_codes_reconnect_or_stop_the_client_as_proto_says():
+    async with running_gateway() as gw:
+        calls = []
+
+        async def get_token() -> str:
+            calls.append(1)
+            return token_for(gw)
+
+        async with Client(url(gw), token=token_for(gw), get_token=get_token, backoff=FAST) as c:
+            sub = await c.subscribe("room:1")
+            again = (CloseCode.SHUTDOWN, CloseCode.SLOW_CONSUMER, CloseCode.TOKEN_EXPIRED)
+            for n, code in enumerate(again, start=2):
+                close_all(gw, code)
+                await until(lambda n=n: c.connections == n and gw.hub.has_subscribers("room:1"))
+            assert calls == [1]  # 4002: a fresh token before reconnecting
+            await c.publish("room:1", "still here")
+            events = [await next_event(sub) for _ in range(len(again) + 1)]
+            assert [getattr(e, "reason", None) for e in events[:-1]] == ["no_position"] * 3
+            assert events[-1].data == "still here"
+
+        for code in (CloseCode.SESSION_REVOKED, CloseCode.RATE_LIMITED):
+            async with Client(url(gw), token=token_for(gw), backoff=FAST) as c:
+                sub = await c.subscribe("room:1")
+                close_all(gw, code)
+                why = await asyncio.wait_for(c.wait_closed(), 2 * UNIT)
+                assert why.code == code and not why.reconnects and c.state is State.CLOSED
+                with pytest.raises(ConnectionClosed) as info:
+                    await next_event(sub)
+                assert info.value.code == code
+
+
+async def test_a_frame_over_the_gateways_limit_is_1009_and_stops_the_client():
+    async with running_gateway() as gw, Client(url(gw), token=token_for(gw), backoff=FAST) as c:
+        with pytest.raises(ConnectionClosed) as info:
+            await c.publish("room:1", "x" * (gw.settings.max_frame_bytes + 1))
+        assert info.value.code == CloseCode.MESSAGE_TOO_BIG
+        why = await asyncio.wait_for(c.wait_closed(), 2 * UNIT)
+        assert why.code == CloseCode.MESSAGE_TOO_BIG and c.state is State.CLOSED
+
+
+@pytest.mark.parametrize("encoding", ["json", "msgpack"])
+async def test_large_messages_both_ways_and_over_max_size(encoding):
+    big = {"blob": "b" * (2 << 20), "n": list(range(1000))}  # far over websockets' 1 MiB default
+    up = {"blob": "u" * (600 << 10)}  # sent in one masked frame, through the write buffer
+    limits = {"max_frame_bytes": 1 << 20, "max_publish_bytes": 1 << 20,
+              "max_publication_bytes": 4 << 20, "send_buffer_bytes": 16 << 20}  # fmt: skip
+    async with running_gateway(**limits) as gw:
+        async with Client(url(gw), token=token_for(gw), encoding=encoding, backoff=FAST) as c:
+            sub = await c.subscribe("room:1")
+            await c.publish("room:1", up)
+            assert (await next_event(sub)).data == up
+            await gw.ctx.node.publish("room:1", msgspec.json.encode(big))
+            assert (await next_event(sub, 5 * UNIT)).data == big
+        small = Client(url(gw), token=token_for(gw), encoding=encoding, max_size=1 << 20)
+        async with small:
+            await small.subscribe("room:1")
+            await gw.ctx.node.publish("room:1", msgspec.json.encode(big))
+            why = await asyncio.wait_for(small.wait_closed(), 5 * UNIT)
+            assert why.code == CloseCode.MESSAGE_TOO_BIG and small.state is State.CLOSED
+
+
+def _tls_contexts(tmp_path: Path) -> tuple[ssl.SSLContext, ssl.SSLContext]:
+    """A server context with a fresh self-signed certificate for 127.0.0.1, and a client one
+    that trusts it."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "gateway test")])
+    now = datetime.datetime.now(datetime.UTC)
+    ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=False, data_encipherment=False, key_agreement=False, key_cert_sign=True, crl_sign=False, encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(ski, critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski), critical=False)
+        .sign(key, hashes.SHA256())
+    )  # fmt: skip
+    pem = cert.public_bytes(serialization.Encoding.PEM)
+    (tmp_path / "cert.pem").write_bytes(pem)
+    (tmp_path / "key.pem").write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                          serialization.NoEncryption())
+    )  # fmt: skip
+    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server.load_cert_chain(tmp_path / "cert.pem", tmp_path / "key.pem")
+    return server, ssl.create_default_context(cadata=pem.decode())
+
+
+async def test_wss_with_an_ssl_context_and_the_token_in_a_header(tmp_path):
+    server_tls, client_tls = _tls_contexts(tmp_path)
+    heads: list[bytes] = []
+    async with running_gateway() as gw:
+        proxy = await _proxy(gw.port, tls=server_tls, heads=heads)
+        wss = f"wss://127.0.0.1:{proxy.sockets[0].getsockname()[1]}/ws"
+        token = token_for(gw)
+        try:
+            async with Client(wss, token=token, ssl=client_tls, encoding="msgpack") as c:
+                sub = await c.subscribe("room:1")
+                await c.publish("room:1", {"over": "tls"})
+                assert (await next_event(sub)).data == {"over": "tls"}
+            request_line, _, headers = heads[0].partition(b"\r\n")
+            assert token.encode() not in request_line
+            assert f"\r\nAuthorization: Bearer {token}\r\n".encode() in b"\r\n" + headers
+            # The default context does not trust a self-signed certificate: never connected.
+            with pytest.raises(TimeoutError):
+                async with Client(wss, token=token, open_timeout=0.5 * UNIT, backoff=FAST):
+                    pass
+        finally:
+            proxy.close()

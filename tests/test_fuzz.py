@@ -3,9 +3,10 @@
 * the frame reader of `proto.wsprotocol.WebSocketProtocol` (client frames):
   valid frames come back exactly (messages, pongs), the first invalid one
   fails the connection with the code RFC 6455 gives it (an independent model,
-  `FrameSpec.error`), whatever the split; `gateway.client.frames.read_frames`
-  (server frames): only `FrameError` with 1002 or 1009, the same frames for
-  any split. (tests/test_wsprotocol.py fuzzes the protocol object's outcome.)
+  `FrameSpec.error`), whatever the split; its client side (server frames, as
+  the load tool reads them): only 1002, 1007 or 1009, one outcome for any
+  split, and no message the bytes do not hold. (tests/test_wsprotocol.py
+  fuzzes the protocol object's outcome.)
 * Both codecs (`proto.codec`) and the per-connection `proto.Connection`:
   only `ProtocolError` from ``decode`` / ``receive``; a decoded ``pub``'s
   data only `InvalidData` on its way to JSON.
@@ -22,17 +23,15 @@ from __future__ import annotations
 
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import msgspec
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gateway.client.frames import read_frames as read_server_frames
 from proto import CODECS, Connection, InvalidData, ProtocolError, Pub
 from proto.grants import Grants
-from proto.wsframe import FrameError
 from proto.wsprotocol import WebSocketProtocol, WSState
 from tests.conformance.processes import ServerProcess, gateway_process
 from tests.conformance.strategies import (
@@ -56,9 +55,11 @@ FAST = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCh
 cuts = st.lists(st.integers(0, 4096), max_size=6)
 
 
-def _feed(data: bytes, points: list[int]) -> tuple[list[bytes], int | None, bytes, WSState]:
-    """What a server-side protocol object makes of ``data`` read in pieces."""
-    protocol = WebSocketProtocol(MAX)
+def _feed(
+    data: bytes, points: list[int], client: bool = False
+) -> tuple[list[bytes], int | None, bytes, WSState]:
+    """What a server-side (or ``client``-side) protocol object makes of ``data`` read in pieces."""
+    protocol = WebSocketProtocol(MAX, client=client)
     messages: list[bytes] = []
     out = b""
     for piece in chunked(data, points):
@@ -115,55 +116,39 @@ def test_protocol_object_gives_one_outcome_for_any_split(
     assert _feed(data, points) == _feed(data, [])
 
 
-# -- gateway.client.frames.read_frames -------------------------------------------
+# -- proto.wsprotocol, client side: server frames, as the load tool reads them ----
 
 
-def _collect(into: list[tuple[int, bool, bytes]]) -> Callable[[int, bool, bytes], None]:
-    def on_frame(opcode: int, fin: bool, payload: bytes) -> None:
-        into.append((opcode, fin, payload))
-
-    return on_frame
-
-
-def _server_incremental(
-    data: bytes, points: list[int]
-) -> tuple[list[tuple[int, bool, bytes]], int | None]:
-    frames: list[tuple[int, bool, bytes]] = []
-    buffer = b""
-    for piece in chunked(data, points):
-        buffer += piece
-        seen: list[tuple[int, bool, bytes]] = []
-        try:
-            used = read_server_frames(buffer, _collect(seen), MAX)
-        except FrameError as exc:
-            assert exc.code in (1002, 1009), exc.code
-            return frames + seen, exc.code
-        frames += seen
-        buffer = buffer[used:]
-    return frames, None
+def _messages_in(data: bytes) -> list[bytes]:
+    """The data messages an independent parse finds in ``data``, up to the first doubtful frame."""
+    messages: list[bytes] = []
+    parts: list[bytes] | None = None
+    for opcode, fin, payload, wrong in parse_server_frames(data)[0]:
+        if wrong or opcode == 8 or (opcode == 0) != (parts is not None):
+            break
+        if opcode in (1, 2, 0):
+            parts = (parts or []) + [payload]
+            if fin:
+                messages.append(b"".join(parts))
+                parts = None
+    return messages
 
 
 @FAST
 @given(data=st.one_of(st.binary(max_size=600), server_streams()), points=cuts)
-def test_client_read_frames_takes_any_bytes_and_any_split(data: bytes, points: list[int]) -> None:
-    whole = _server_incremental(data, [])
-    split = _server_incremental(data, points)
-    # 1009 is decided on an incomplete frame, so it depends on the split; 1002 never does.
-    if 1009 not in (whole[1], split[1]):
-        assert split == whole
-    else:
-        assert split[0] == whole[0][: len(split[0])] or whole[0] == split[0][: len(whole[0])]
+def test_client_side_takes_any_server_bytes_with_one_outcome_for_any_split(
+    data: bytes, points: list[int]
+) -> None:
+    messages, code, _, state = _feed(data, points, client=True)
+    whole, whole_code, _, whole_state = _feed(data, [], client=True)
+    assert (messages, code, state) == (whole, whole_code, whole_state)  # (what it sends is masked)
 
 
 @FAST
 @given(data=server_streams())
-def test_client_read_frames_returns_only_what_the_bytes_hold(data: bytes) -> None:
-    frames, code = _server_incremental(data, [])
-    reference, _ = parse_server_frames(data)
-    clean = [(op, fin, p) for op, fin, p, wrong in reference]
-    assert frames == clean[: len(frames)]
-    if code is None:
-        assert not any(wrong for *_, wrong in reference[: len(frames)])
+def test_client_side_returns_only_the_messages_the_bytes_hold(data: bytes) -> None:
+    messages = _feed(data, [], client=True)[0]
+    assert messages == _messages_in(data)[: len(messages)]
 
 
 # -- codecs and the per-connection protocol state ------------------------------

@@ -18,8 +18,9 @@ from typing import Any
 
 import pytest
 
-from gateway.client.handshake import accept_value, handshake_request, new_key
+from gateway.loadtest.handshake import handshake_request, new_key
 from gateway.loadtest.wsclient import client_frame
+from tests.conformance.wire import accept_for
 from tests.harness import SECRET, running_gateway, token_for, unique_prefix
 from tests.servers import UNIT
 from tests.test_listener import Raw, raw, request
@@ -109,7 +110,7 @@ async def test_a_key_without_the_header_is_refused_and_a_valid_one_is_accepted()
         assert (await _answer(gw.port, missing))[0] == 400
         key = new_key()
         status, headers, _ = await _answer(gw.port, handshake_request(host, "/ws", token, key=key))
-        assert status == 101 and headers["sec-websocket-accept"] == accept_value(key)
+        assert status == 101 and headers["sec-websocket-accept"] == accept_for(key)
 
 
 @pytest.mark.parametrize("version", ["HTTP/1.0", "HTTP/1.2"])

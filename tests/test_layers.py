@@ -89,11 +89,11 @@ def test_the_check_sees_an_upward_import(tmp_path, monkeypatch):
     assert upward_imports() == ["core/infra/bad.py:2 (core.infra) imports gateway.hub"]
 
 
-def _loaded_by(statement: str) -> list[str]:
+def _loaded_by(statement: str, tops: tuple[str, ...] = FIRST_PARTY) -> list[str]:
+    """The modules under ``tops`` that ``statement`` loads in a fresh interpreter."""
     code = (
         f"import sys; {statement}; "
-        "print('\\n'.join(sorted(m for m in sys.modules if m.split('.')[0] in "
-        f"{FIRST_PARTY!r})))"
+        f"print('\\n'.join(sorted(m for m in sys.modules if m.split('.')[0] in {tops!r})))"
     )
     out = subprocess.run(
         [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
@@ -110,15 +110,7 @@ def _loaded_by(statement: str) -> list[str]:
     ],
 )
 def test_what_a_module_loads_in_a_fresh_interpreter(statement, forbidden):
-    code = (
-        f"import sys; {statement}; "
-        "print('\\n'.join(sorted(m for m in sys.modules if m.split('.')[0] in "
-        f"{forbidden!r})))"
-    )
-    out = subprocess.run(
-        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
-    )
-    assert out.stdout.split() == []
+    assert _loaded_by(statement, forbidden) == []
 
 
 def test_the_lambda_handler_loads_the_core_and_not_the_socket_tier():

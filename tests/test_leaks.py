@@ -339,12 +339,14 @@ async def test_the_standalone_cores_metrics_need_the_token_too(clean_db):
 
 
 def test_every_scrape_config_sends_the_metrics_token():
-    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
-    token = compose["x-app"]["environment"]["METRICS_TOKEN"]
+    services = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]
     prometheus = yaml.safe_load((ROOT / "deploy/prometheus/prometheus.yml").read_text())
     for job in prometheus["scrape_configs"]:
         if job["job_name"] in ("gateway", "core"):
-            assert job["authorization"] == {"type": "Bearer", "credentials": token}
+            # Each scraped service's own token: what its /metrics checks.
+            for target in (t for config in job["static_configs"] for t in config["targets"]):
+                token = services[target.partition(":")[0]]["environment"]["METRICS_TOKEN"]
+                assert job["authorization"] == {"type": "Bearer", "credentials": token}
     base = ROOT / "deploy/k8s/base"
     secret = yaml.safe_load((base / "secret.yaml").read_text())
     for name in ("gateway-servicemonitor.yaml", "core-servicemonitor.yaml"):

@@ -36,6 +36,9 @@ DOCUMENTED: dict[str, set[str]] = {
     "gateway_redis_pool_connections": {"state"}, "gateway_redis_pool_waiters": set(),
     "gateway_send_buffered_bytes": set(), "gateway_subscription_repairs": set(),
     "gateway_accept_errors": {"errno"},
+    "gateway_core_upstream_seconds": set(), "gateway_core_upstream_errors": {"kind"},
+    "gateway_core_pool_in_use": set(), "gateway_core_pool_size": set(),
+    "gateway_core_breaker_open": set(),
 }  # fmt: skip
 _SUFFIXES = ("_total", "_bucket", "_count", "_sum", "_created")
 #: PromQL words that look like metric names but are not.

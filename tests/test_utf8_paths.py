@@ -20,7 +20,8 @@ import redis.asyncio as aioredis
 from tornado.httpclient import AsyncHTTPClient, HTTPRequest
 
 from core.infra.broker import RedisBroker
-from gateway.loadtest.wsclient import client_frame, handshake_request
+from gateway.loadtest.handshake import handshake_request
+from gateway.loadtest.wsclient import client_frame
 from proto import ErrorCode
 from tests.harness import running_gateway, token_for, unique_prefix, ws_client
 from tests.servers import UNIT

@@ -402,7 +402,8 @@ async def test_a_process_wide_send_budget_sheds_the_biggest_backlogs_first():
 async def test_a_shed_socket_that_reads_nothing_is_reset_and_its_kernel_queue_freed(monkeypatch):
     # A plain close would leave the queue to an orphan probing the peer's zero window for
     # minutes; the peer would still see an open connection. A reset ends both at once.
-    from gateway.loadtest.wsclient import client_frame, handshake_request
+    from gateway.loadtest.handshake import handshake_request
+    from gateway.loadtest.wsclient import client_frame
     from gateway.transport import wsconn
 
     monkeypatch.setattr(wsconn, "CLOSE_TIMEOUT", 0.2 * UNIT)

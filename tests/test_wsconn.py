@@ -15,7 +15,8 @@ import pytest
 
 from core.infra.metrics import Metrics
 from gateway.hub import Prepared
-from gateway.loadtest.wsclient import client_frame, handshake_request
+from gateway.loadtest.handshake import handshake_request
+from gateway.loadtest.wsclient import client_frame
 from gateway.transport.wsconn import Coalescer, WSConnection
 from proto.codec import JSON
 from proto.wsframe import (

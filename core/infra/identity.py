@@ -35,7 +35,7 @@ class Identity:
     ``service`` (an API key); ``rest`` says whether it may call the REST API.
     """
 
-    __slots__ = ("exp", "grants", "info", "local", "rest", "role", "sid", "sub")
+    __slots__ = ("exp", "grants", "info", "local", "rest", "role", "sid", "sub", "token")
 
     def __init__(
         self,
@@ -58,6 +58,9 @@ class Identity:
         #: API key: only then is ``sub`` a users row of the core and ``role`` honoured
         #: by it. A token from an outside identity provider is neither.
         self.local = True
+        #: The credential (JWT or API key) this identity was verified from, which a
+        #: gateway forwards to a core elsewhere (gateway/upstream.py); never logged.
+        self.token: str | None = None
 
     def __repr__(self) -> str:
         return (

@@ -57,14 +57,14 @@ from tornado.ioloop import IOLoop, PeriodicCallback
 from tornado.iostream import IOStream, StreamClosedError, UnsatisfiableReadError
 
 from core.infra.clientip import TrustedProxies, limit_key
-from core.infra.errors import error_body
+from core.infra.errors import ApiError, error_body
 from core.infra.httpstream import HTTPStream
 from core.infra.metrics import Metrics
 from core.infra.proxyprotocol import ProxyHeaderError, read_proxy_header
 from core.infra.settings import Settings
 from core.infra.throttled import ThrottledLog
 
-__all__ = ["ACCEPT_PAUSE", "Adopted", "BodyPolicy", "Listener", "Refusal", "unread",
+__all__ = ["ACCEPT_PAUSE", "Adopted", "BodyPolicy", "Listener", "unread",
            "write_refusal"]  # fmt: skip
 
 log = logging.getLogger("core.infra.listener")
@@ -79,21 +79,10 @@ _ACCEPTS_PER_EVENT = 128
 _UNBOUNDED = 1 << 62
 
 
-class Refusal(Exception):
-    """An answer given at headers time: the JSON error body, then the connection closes."""
-
-    def __init__(
-        self, status: int, code: str, message: str, headers: dict[str, str] | None = None
-    ) -> None:
-        super().__init__(message)
-        self.status, self.code, self.message = status, code, message
-        self.headers = headers or {}
-
-
 BodyPolicy = Callable[[httputil.RequestStartLine, httputil.HTTPHeaders], int]
 """The largest body a request may send, called at its headers (only when it has a body).
 
-Raises `Refusal` to answer before the body is read (unknown route, missing
+Raises `ApiError` to answer before the body is read (unknown route, missing
 token); the `_Guard` answers 413 itself when the body is over the limit.
 """
 
@@ -400,9 +389,9 @@ def _close_after_write(stream: IOStream, written: Future[None]) -> None:
     stream.close()
 
 
-def write_refusal(conn: httputil.HTTPConnection, refusal: Refusal) -> None:
+def write_refusal(conn: httputil.HTTPConnection, refusal: ApiError) -> None:
     """Answer with ``refusal``'s JSON error body and close once it is written."""
-    body = error_body(refusal.status, refusal.code, refusal.message)
+    body = refusal.body()
     out = httputil.HTTPHeaders(refusal.headers)
     out["Content-Type"] = "application/json"
     out["Content-Length"] = str(len(body))
@@ -467,16 +456,16 @@ class _Guard(httputil.HTTPMessageDelegate):
                 length = headers.get("Content-Length")
                 if length is not None and length.strip().isdigit() and int(length) > self._limit:
                     raise _too_large(self._limit)
-            except Refusal as refusal:
+            except ApiError as refusal:
                 self._refuse(start_line, client, refusal)
                 return None
             except Exception:
                 log.exception("body policy failed for %s %s", start_line.method, start_line.path)
-                self._refuse(start_line, client, Refusal(500, "internal", "internal error"))
+                self._refuse(start_line, client, ApiError(500, "internal", "internal error"))
                 return None
         return self._inner.headers_received(start_line, headers)
 
-    def _refuse(self, start: httputil.RequestStartLine, client: str, refusal: Refusal) -> None:
+    def _refuse(self, start: httputil.RequestStartLine, client: str, refusal: ApiError) -> None:
         self._refused = True
         write_refusal(self._conn, refusal)
         path = start.path.partition("?")[0]
@@ -507,14 +496,14 @@ class _Guard(httputil.HTTPMessageDelegate):
 
 def _oversized(
     start: httputil.RequestStartLine, headers: httputil.HTTPHeaders, limit: int
-) -> Refusal | None:
+) -> ApiError | None:
     if len(start.path) > limit:
-        return Refusal(414, "uri_too_long", f"request target over {limit} bytes")
+        return ApiError(414, "uri_too_long", f"request target over {limit} bytes")
     size = (
         len(start.method) + len(start.path) + sum(len(k) + len(v) + 4 for k, v in headers.get_all())
     )
     if size > limit:
-        return Refusal(431, "headers_too_large", f"request line and headers over {limit} bytes")
+        return ApiError(431, "headers_too_large", f"request line and headers over {limit} bytes")
     return None
 
 
@@ -525,7 +514,7 @@ def _has_body(headers: httputil.HTTPHeaders) -> bool:
     return "Transfer-Encoding" in headers
 
 
-def _too_large(limit: int) -> Refusal:
+def _too_large(limit: int) -> ApiError:
     if limit == 0:
-        return Refusal(413, "payload_too_large", "this route takes no request body")
-    return Refusal(413, "payload_too_large", f"body over {limit} bytes")
+        return ApiError(413, "payload_too_large", "this route takes no request body")
+    return ApiError(413, "payload_too_large", f"body over {limit} bytes")

@@ -186,6 +186,35 @@ class Metrics:
             "Requests waiting for a connection of the PostgreSQL pool.",
             registry=r,
         )
+        # A core elsewhere (CORE_URL): gateway/upstream.py.
+        self.core_upstream_seconds = Histogram(
+            "gateway_core_upstream_seconds",
+            "Requests forwarded to the REST core (CORE_URL) that it answered, by time to answer.",
+            buckets=_COMMAND_BUCKETS,
+            registry=r,
+        )
+        self.core_upstream_errors = Counter(
+            "gateway_core_upstream_errors",
+            "Forwarded requests the REST core did not answer well, by kind (unreachable, "
+            "timeout, status_502/503/504, breaker_open: refused at once while it is down).",
+            ["kind"],
+            registry=r,
+        )
+        self.core_pool_in_use = Gauge(
+            "gateway_core_pool_in_use",
+            "Requests to the REST core in flight (each holds one pooled connection).",
+            registry=r,
+        )
+        self.core_pool_size = Gauge(
+            "gateway_core_pool_size",
+            "Connections to the REST core the pool may hold (CORE_POOL_SIZE).",
+            registry=r,
+        )
+        self.core_breaker_open = Gauge(
+            "gateway_core_breaker_open",
+            "1 while the breaker in front of the REST core is open or probing, else 0.",
+            registry=r,
+        )
 
     def watch(
         self,

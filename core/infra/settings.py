@@ -203,6 +203,54 @@ class Settings:
         "Prepared statements cached per connection (0: off).",
         _non_negative_int,
     )
+    core_url: str | None = _setting(
+        None,
+        "CORE_URL",
+        "The REST core as a separate service (http://core:8081): the gateway then holds no "
+        "database pool or credentials and forwards /api/* and socket rpc frames to it. "
+        "Unset: the core runs inside the gateway on DATABASE_URL.",
+        _optional,
+    )
+    core_pool_size: int = _setting(
+        64,
+        "CORE_POOL_SIZE",
+        "Keep-alive connections to CORE_URL per process (requests beyond wait for one).",
+        _positive_int,
+    )
+    core_connection_max_age: float = _setting(
+        60.0,
+        "CORE_CONNECTION_MAX_AGE",
+        "Seconds a gateway uses one pool of connections to CORE_URL before a fresh pool takes "
+        "new requests (the old one closes once its requests are answered), so core pods added "
+        "under steady load get their share.",
+        _positive_float,
+    )
+    core_timeout: float = _setting(
+        10.0,
+        "CORE_TIMEOUT",
+        "Seconds a forwarded request may take, connecting included (then 504).",
+        _positive_float,
+    )
+    core_retries: int = _setting(
+        1,
+        "CORE_RETRIES",
+        "Retries of a forwarded request that failed to connect or got 502/503 from the core: "
+        "only for GET, HEAD, PUT, DELETE, OPTIONS, and POST/PATCH with an Idempotency-Key.",
+        _non_negative_int,
+    )
+    core_breaker_failures: int = _setting(
+        5,
+        "CORE_BREAKER_FAILURES",
+        "Failures in a row (no answer, or 502/503/504) after which the gateway stops forwarding "
+        "and answers 503 at once.",
+        _positive_int,
+    )
+    core_breaker_seconds: float = _setting(
+        5.0,
+        "CORE_BREAKER_SECONDS",
+        "Seconds the breaker stays open before one request probes the core again.",
+        _positive_float,
+    )
     max_body_bytes: int = _setting(
         1048576, "MAX_BODY_BYTES", "Largest REST request body (larger: 413).", _positive_int
     )

@@ -130,12 +130,14 @@ class Verifier:
             found = self.api_keys.get(hashlib.sha256(token.encode()).digest())
             if found is None:
                 raise AuthError("unknown_key", "unknown or revoked API key")
+            found.token = token  # one key, one identity: the digest is the key's
             return found
         now = time.time() if now is None else now
         identity = self._cache.get(token)
         if identity is None or (identity.exp is not None and now >= identity.exp):
             self._cache.pop(token, None)
             identity = self._verify(token, now)
+            identity.token = token
             if len(self._cache) >= self.CACHE_SIZE:
                 del self._cache[next(iter(self._cache))]
             self._cache[token] = identity

@@ -21,23 +21,21 @@ band when the gateway pushes ``expiring``, and gives every command an id, a
 future and a timeout. Frames are proto's types, JSON by default or
 MessagePack (``encoding="msgpack"``).
 
-The transport is a small asyncio Protocol over sans-I/O framing and
-handshake modules (`frames`, `handshake`) rather than a WebSocket library:
-the runtime dependencies hold none but Tornado's, and the load tool
-(`gateway.loadtest`) shares these pieces; `gateway.client.transport` says why.
-See docs/clients.md.
+The socket is the `websockets` library's asyncio client, adapted in
+`gateway.client.transport` (which says why); the long-poll fallback carries
+the same frames where upgrades do not pass. See docs/clients.md.
 """
 
 from core.infra.backoff import Backoff
 from gateway.client.client import Client, HistoryPage, PresenceCount, RpcResponse
-from gateway.client.connection import TRANSITIONS, State, StateError
-from gateway.client.errors import (
+from gateway.client.exceptions import (
     ClientError,
     ConnectionClosed,
     HandshakeError,
     ReplyError,
     SubscriptionEnded,
 )
+from gateway.client.link import TRANSITIONS, State, StateError
 from gateway.client.subscription import Event, Gap, GapReason, Publication, Subscription
 from proto import Join, Leave, Position, PresenceInfo
 

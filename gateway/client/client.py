@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-from gateway.client.connection import Connection, position_of
 from gateway.client.encoding import RpcCommand
-from gateway.client.errors import ReplyError
+from gateway.client.exceptions import ReplyError
+from gateway.client.link import Connection, position_of
 from gateway.client.subscription import Publication, Subscription
 from proto import (
     ErrorCode,

@@ -84,7 +84,7 @@ class Encoding:
         """The value of embedded bytes (``body`` of a reply, ``data`` of history)."""
         return self._value_decode(raw)
 
-    def decode(self, data: bytes) -> ServerFrame:
+    def decode(self, data: bytes | str) -> ServerFrame:
         """One server frame; `msgspec.DecodeError` when it is none."""
         try:
             frame: ServerFrame = self._pushes.decode(data)

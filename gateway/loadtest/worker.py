@@ -25,12 +25,13 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 
 from core.infra.runtime import raise_file_limit, run
+from gateway.loadtest.handshake import handshake_request
 from gateway.loadtest.httpclients import SSEClient, longpoll_client, sse_request
 from gateway.loadtest.laggard import READER, ROLES, LaggardClient, account, laggard_socket
 from gateway.loadtest.ledger import Ledger
 from gateway.loadtest.stats import Tally
 from gateway.loadtest.stream import StreamClient
-from gateway.loadtest.wsclient import WSClient, handshake_request
+from gateway.loadtest.wsclient import WSClient
 
 __all__ = ["WorkerSpec", "worker_main"]
 

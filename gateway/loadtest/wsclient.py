@@ -2,37 +2,54 @@
 
 Tens of thousands of these live in a few processes, so each is a slotted
 object with no task, no future and no buffer while idle: the handshake is
-written on connect, frames are parsed in ``data_received``, pings are
-answered at once, and publications are timed and counted into the
-process's `Tally` and the socket's `Ledger`. Client frames are masked
-(RFC 6455 §5.3).
+written on connect (`gateway.loadtest.handshake`), and from the 101 on the
+bytes go through the gateway's own sans-I/O protocol object, client side
+(`proto.wsprotocol.WebSocketProtocol`: framing, fragments, UTF-8, pongs and
+the closing handshake by RFC 6455's rules), whose messages are timed and
+counted into the process's `Tally` and the socket's `Ledger`. Client frames
+are masked (RFC 6455 §5.3).
 
 When the connection ends before the tool stops (the server was killed,
 drained with 4000, closed it as a slow consumer with 4001…), the socket
 tells its ``owner``, which reconnects it later (docs/protocol.md: 4000-4499
 and 1006 reconnect, 4500-4999 do not). The same object then serves the new
-connection and resubscribes each channel with ``since`` its last position.
+connection, with a new protocol object, and resubscribes each channel with
+``since`` its last position.
 
-The framing, the handshake and the commands are the Python client's
-(`gateway.client.frames`, `.handshake`, `.encoding`); only the decoding of
-pushes is the tool's own, straight into `Payload`, the cheapest way to time
-a delivery.
+The commands are the Python client's (`gateway.client.encoding`); only the
+decoding of pushes is the tool's own, straight into `Payload`, the cheapest
+way to time a delivery.
 """
 
 from __future__ import annotations
 
 import time
+from typing import Final
 
 import msgspec
 
 from gateway.client.encoding import JSON
-from gateway.client.frames import client_frame, read_frames
-from gateway.client.handshake import handshake_request
 from gateway.loadtest.stream import Owner, StreamClient
 from proto import Sub
-from proto.wsframe import FrameError
+from proto.wsframe import OP_TEXT
+from proto.wsprotocol import WebSocketProtocol, WSState, masked_frame
 
-__all__ = ["Owner", "Payload", "WSClient", "client_frame", "handshake_request", "parse_push"]
+__all__ = [
+    "MAX_MESSAGE",
+    "Owner",
+    "Payload",
+    "WSClient",
+    "client_frame",
+    "parse_push",
+]
+
+#: The largest message a load socket takes (as the Python client's ``max_size``); larger: 1009.
+MAX_MESSAGE: Final = 2**24
+
+
+def client_frame(payload: bytes, opcode: int = OP_TEXT) -> bytes:
+    """One masked, unfragmented frame from client to server."""
+    return masked_frame(opcode, payload)
 
 
 class Payload(msgspec.Struct):
@@ -73,7 +90,8 @@ def parse_push(payload: bytes) -> _Push | None:
 class WSClient(StreamClient):
     """One load socket: handshake, subscribe, count publications; reconnects through its owner."""
 
-    __slots__ = ()
+    __slots__ = ("ws",)
+    ws: WebSocketProtocol  # made when the 101 arrives, for each connection
 
     # -- bytes in ----------------------------------------------------------
 
@@ -86,42 +104,42 @@ class WSClient(StreamClient):
             if rest is None:
                 return
             assert self.transport is not None
+            self.ws = WebSocketProtocol(MAX_MESSAGE, client=True)
             for slot, ch in enumerate(self.channels):
                 sub = Sub(id=slot + 1, ch=ch, since=self.ledger.since(slot))
                 self.transport.write(client_frame(JSON.command(sub)))
             data = rest
-        try:
-            pos = read_frames(data, self._frame)
-        except FrameError as exc:
-            self.tally.errors[f"frame error {exc.code}"] += 1
-            self.close()
+        ws = self.ws
+        for message in ws.receive(data):
+            self._message(message)
+        transport = self.transport
+        if transport is None:
             return
-        if pos < len(data):
-            self.buffer = data[pos:]
+        out = ws.data_to_send()  # pongs, the answer to a close frame, or our failure's
+        if out:
+            transport.write(out)
+        if ws.state is WSState.CLOSED and not transport.is_closing():
+            if ws.failure is not None:
+                self.tally.errors[f"frame error {ws.failure.code}"] += 1
+                self.close()
+            else:
+                self.code = ws.close_code or 1005
+                self.tally.errors[f"closed {self.code}"] += 1
+                transport.close()
 
-    def _frame(self, opcode: int, fin: bool, payload: bytes) -> None:
-        if opcode == 0x1 or opcode == 0x2:
-            push = parse_push(payload)
-            if push is None:
-                self.tally.errors["unparsed frame"] += 1
-            elif push.data is not None:
-                d = push.data
-                self.tally.delivered(self.ledger, d.c, d.s, d.t, time.time())
-                if push.offset is not None:
-                    self.ledger.position_of(d.c, push.offset, push.epoch)
-            elif push.id is not None:
-                self._reply(push)
-            elif push.op == "gap":
-                self.tally.errors["gap push"] += 1
-        elif opcode == 0x9 and self.transport is not None:
-            self.transport.write(client_frame(payload, 0xA))
-        elif opcode == 0x8:
-            code = int.from_bytes(payload[:2], "big") if len(payload) >= 2 else 1005
-            self.code = code
-            self.tally.errors[f"closed {code}"] += 1
-            if self.transport is not None:
-                self.transport.write(client_frame(payload[:2], 0x8))
-                self.transport.close()
+    def _message(self, payload: bytes) -> None:
+        push = parse_push(payload)
+        if push is None:
+            self.tally.errors["unparsed frame"] += 1
+        elif push.data is not None:
+            d = push.data
+            self.tally.delivered(self.ledger, d.c, d.s, d.t, time.time())
+            if push.offset is not None:
+                self.ledger.position_of(d.c, push.offset, push.epoch)
+        elif push.id is not None:
+            self._reply(push)
+        elif push.op == "gap":
+            self.tally.errors["gap push"] += 1
 
     def _reply(self, push: _Push) -> None:
         error = push.error.code if push.error is not None else "?"

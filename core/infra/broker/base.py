@@ -130,6 +130,14 @@ class Broker(abc.ABC):
     async def publish(self, ch: str, data: bytes) -> None: ...
 
     @abc.abstractmethod
+    async def put_value(self, key: str, data: bytes) -> None:
+        """Store ``data`` under ``key`` for every process to read (a snapshot, not a log)."""
+
+    @abc.abstractmethod
+    async def get_value(self, key: str) -> bytes | None:
+        """What `put_value` last stored under ``key`` (by any process), or None."""
+
+    @abc.abstractmethod
     async def publish_history(self, ch: str, data: bytes, size: int, ttl: float) -> Position: ...
 
     @abc.abstractmethod

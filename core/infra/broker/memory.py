@@ -39,6 +39,7 @@ class MemoryBroker(Broker):
         self._channels: set[str] = {CONTROL}
         self._histories: dict[str, _History] = {}
         self._presence: dict[str, dict[str, tuple[bytes, float]]] = {}
+        self._values: dict[str, bytes] = {}
 
     async def start(
         self, handler: PublicationHandler, on_state: StateListener | None = None
@@ -87,6 +88,12 @@ class MemoryBroker(Broker):
         room = self._presence.setdefault(ch, {})
         for client, info in entries.items():
             room[client] = (info, until)
+
+    async def put_value(self, key: str, data: bytes) -> None:
+        self._values[key] = data
+
+    async def get_value(self, key: str) -> bytes | None:
+        return self._values.get(key)
 
     async def presence_remove(self, ch: str, clients: list[str]) -> None:
         room = self._presence.get(ch, {})

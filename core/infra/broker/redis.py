@@ -346,6 +346,19 @@ class RedisBroker(Broker):
         except BACKEND_ERRORS as exc:
             raise BrokerUnavailable(f"presence update failed: {exc}") from exc
 
+    async def put_value(self, key: str, data: bytes) -> None:
+        try:
+            await self._pub_client.set(f"{self._prefix}v:{key}", data)
+        except BACKEND_ERRORS as exc:
+            raise BrokerUnavailable(f"storing {key} failed: {exc}") from exc
+
+    async def get_value(self, key: str) -> bytes | None:
+        try:
+            value = await self._pub_client.get(f"{self._prefix}v:{key}")
+        except BACKEND_ERRORS as exc:
+            raise BrokerUnavailable(f"reading {key} failed: {exc}") from exc
+        return value.encode() if isinstance(value, str) else value
+
     async def presence_remove(self, ch: str, clients: list[str]) -> None:
         if not clients:
             return

@@ -13,16 +13,14 @@ dropped socket. JSON only (the long-poll endpoint speaks JSON).
 from __future__ import annotations
 
 import asyncio
-import json
-from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import msgspec
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest, HTTPResponse
 
-from gateway.client.errors import ConnectionClosed, HandshakeError
-from gateway.client.transport import Closed
+from gateway.client.exceptions import ConnectionClosed, HandshakeError
+from gateway.client.transport import Closed, OnMessage
 
 __all__ = ["LongPoll", "http_base", "open_longpoll"]
 
@@ -50,9 +48,7 @@ def http_base(url: str) -> str:
 class LongPoll:
     """One long-poll session; ``send``, ``close``, ``closed`` as on `WebSocket`."""
 
-    def __init__(
-        self, base: str, sid: str, headers: dict[str, str], on_message: Callable[[bytes], None]
-    ) -> None:
+    def __init__(self, base: str, sid: str, headers: dict[str, str], on_message: OnMessage) -> None:
         self.closed: asyncio.Future[Closed] = asyncio.get_running_loop().create_future()
         self._base = f"{base}/lp/{sid}"
         self._headers = headers
@@ -122,9 +118,7 @@ class LongPoll:
         self._reading.set()
 
 
-async def open_longpoll(
-    url: str, token: str | None, on_message: Callable[[bytes], None]
-) -> LongPoll:
+async def open_longpoll(url: str, token: str | None, on_message: OnMessage) -> LongPoll:
     """Make a session on the gateway of ``url`` (its ``/ws`` address is fine)."""
     base = http_base(url)
     headers = {"Content-Type": "application/json"}
@@ -139,12 +133,7 @@ async def open_longpoll(
     if resp.code == 599:
         raise OSError(f"cannot reach {base}: {resp.error}")
     if resp.code != 201:
-        try:
-            message = json.loads(resp.body)["error"]["message"]
-        except (ValueError, KeyError, TypeError):
-            message = resp.reason or "refused"
-        retry = resp.headers.get("Retry-After")
-        raise HandshakeError(resp.code, message, float(retry) if retry else None)
+        raise HandshakeError.refused(resp.code, resp.body or b"", resp.headers.get("Retry-After"))
     sid = _decode(resp.body).session
     assert sid is not None
     return LongPoll(base, sid, headers, on_message)

@@ -39,14 +39,14 @@ from tornado.httpclient import AsyncHTTPClient
 
 from core.infra.backoff import Backoff
 from gateway.client.encoding import ENCODINGS, ServerFrame
-from gateway.client.errors import (
+from gateway.client.exceptions import (
     ClientError,
     ConnectionClosed,
     HandshakeError,
     ReplyError,
     SubscriptionEnded,
 )
-from gateway.client.longpoll import LongPoll, http_base, open_longpoll
+from gateway.client.polling import LongPoll, http_base, open_longpoll
 from gateway.client.subscription import Gap, Publication, Subscription
 from gateway.client.transport import WebSocket, open_websocket
 from proto import (
@@ -291,10 +291,13 @@ class Connection:
             self.transport = "longpoll"
 
     async def _http_answers(self) -> bool:
+        """Whether the gateway answers plain HTTP; False, not an error, when it is down too."""
         http = AsyncHTTPClient(force_instance=True)
         try:
             resp = await http.fetch(f"{http_base(self.url)}/healthz", raise_error=False,
                                     request_timeout=2.0)  # fmt: skip
+        except OSError:  # Tornado raises network errors whatever raise_error says
+            return False
         finally:
             http.close()
         return resp.code == 200
@@ -439,7 +442,7 @@ class Connection:
 
     # -- frames in ---------------------------------------------------------
 
-    def _on_message(self, payload: bytes) -> None:
+    def _on_message(self, payload: bytes | str) -> None:
         try:
             frame: ServerFrame = self.encoding.decode(payload)
         except msgspec.DecodeError as exc:

@@ -13,6 +13,8 @@
 
 from __future__ import annotations
 
+import msgspec
+
 from proto import ErrorBody, ErrorCode, should_reconnect
 
 __all__ = ["ClientError", "ConnectionClosed", "HandshakeError", "ReplyError", "SubscriptionEnded"]
@@ -61,10 +63,35 @@ class HandshakeError(ClientError):
         self.message = message
         self.retry_after = retry_after
 
+    @classmethod
+    def refused(cls, status: int, body: bytes, retry_after: str | None) -> HandshakeError:
+        """A refusal over HTTP: the message of the gateway's JSON error body, ``Retry-After``.
+
+        For the socket's upgrade and the long-poll fallback's session alike.
+        """
+        try:
+            error = msgspec.json.decode(body, type=_Refusal).error
+            message = error.message if error is not None else ""
+        except msgspec.DecodeError:
+            message = ""
+        try:
+            delay = float(retry_after) if retry_after is not None else None
+        except ValueError:
+            delay = None
+        return cls(status, message or f"HTTP {status}", delay)
+
     @property
     def retryable(self) -> bool:
         """Whether the same handshake may succeed later (overload, draining, a gateway down)."""
         return self.status in (408, 429, 500, 502, 503, 504)
+
+
+class _RefusalBody(msgspec.Struct):
+    message: str = ""
+
+
+class _Refusal(msgspec.Struct):
+    error: _RefusalBody | None = None
 
 
 class SubscriptionEnded(ClientError):

@@ -1,0 +1,300 @@
+"""The REST core as a separate service: ``/api/*`` and ``rpc`` forwarded over HTTP (CORE_URL).
+
+With ``CORE_URL`` set, the gateway holds no database pool and no database
+credentials. `UpstreamCore` stands where the in-process `Core` would: the
+gateway's HTTP delegate (`core.http.CoreHTTP`: CORS, request ids, the body
+limit) and every socket's ``rpc`` frames call its `dispatch`, which sends
+the request to the core over a bounded pool of keep-alive HTTP/1.1
+connections (aiohttp; CORE_POOL_SIZE per process) and answers with the
+core's status, headers and body unchanged.
+
+What the core is told, and why it can trust it:
+
+* **who calls**: the caller's own bearer token (JWT or API key), not an
+  assertion signed by the gateway. The core verifies it exactly as it does
+  for a direct call (signature, expiry, revoked sessions, revoked keys), so a
+  gateway can never act for anyone it does not hold a credential of, and no
+  new shared secret exists to leak or rotate.
+* **from where**: ``X-Forwarded-For`` with the client's address as the
+  gateway resolved it (its own trusted proxies applied), replacing whatever
+  the client sent. The core believes it only from peers in its
+  ``TRUSTED_PROXIES`` (the gateways' addresses), like any proxy header.
+* **which request**: ``X-Request-Id``, the same id the gateway answers with.
+
+Failure (docs/rest.md, "A separate core tier"): each request may take
+``CORE_TIMEOUT`` (then 504); one that got no answer, or 502/503 from the
+core, is retried ``CORE_RETRIES`` times if repeating it is harmless (GET,
+HEAD, PUT, DELETE, OPTIONS, and POST/PATCH with an ``Idempotency-Key``);
+after ``CORE_BREAKER_FAILURES`` failures in a row the breaker opens and
+every call is answered 503 with ``Retry-After`` at once, until one probe
+request after ``CORE_BREAKER_SECONDS`` succeeds. Sockets are unaffected.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import secrets
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import aiohttp
+
+from core.infra import control
+from core.infra.backoff import Backoff
+from core.infra.errors import ApiError, Unavailable
+from core.infra.metrics import Metrics
+from core.infra.revocation import Revocations
+from core.infra.settings import Settings
+from core.infra.tasks import TaskSet
+from core.request import Request, Response
+from core.service import offline_routes
+from gateway.breaker import Breaker
+from gateway.keymirror import KeyMirror
+
+__all__ = ["IDEMPOTENT", "UpstreamCore"]
+
+log = logging.getLogger("gateway.upstream")
+
+#: Methods a retry cannot make do twice what was asked once.
+IDEMPOTENT = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS"})
+#: Request headers the core reads; nothing else is forwarded.
+_FORWARDED = ("authorization", "content-type", "if-match", "if-none-match", "idempotency-key")
+#: Response headers that belong to the hop, not to the answer (the gateway's
+#: delegate writes its own Content-Type, Content-Length, Date, request id and CORS).
+_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "transfer-encoding",
+        "content-length",
+        "content-type",
+        "date",
+        "server",
+        "x-request-id",
+        "content-encoding",
+        "access-control-allow-origin",
+        "access-control-expose-headers",
+        "vary",
+    }
+)
+#: The spelling the core's handlers give its headers (HTTP/1.1 writes them in its own
+#: case): an rpc reply through the gateway names them as the in-process core does.
+_SPELLING = {
+    name.lower(): name
+    for name in (
+        "ETag",
+        "Location",
+        "Retry-After",
+        "Allow",
+        "WWW-Authenticate",
+        "Idempotent-Replayed",
+        "Cache-Control",
+    )
+}
+_RETRY_STATUS = frozenset({502, 503})
+_FAILURE_STATUS = frozenset({502, 503, 504})
+
+
+class UpstreamCore:
+    """Where the gateway's REST core would be: a client of the core service."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        metrics: Metrics,
+        revocations: Revocations | None = None,
+        keys: KeyMirror | None = None,
+    ) -> None:
+        assert settings.core_url is not None
+        self.revocations = revocations
+        self.keys = keys
+        self.url = settings.core_url.rstrip("/")
+        self.routes, self.router = offline_routes()
+        self.breaker = Breaker(settings.core_breaker_failures, settings.core_breaker_seconds)
+        self._retries = settings.core_retries
+        self._timeout = aiohttp.ClientTimeout(total=settings.core_timeout)
+        self._pool_size = settings.core_pool_size
+        self._backoff = Backoff(0.05, 0.5)
+        self._metrics = metrics
+        self._session: aiohttp.ClientSession | None = None
+        self._max_age = settings.core_connection_max_age
+        self._born = 0.0
+        #: Requests in flight per pool; a replaced pool closes when its count reaches 0.
+        self._using: dict[aiohttp.ClientSession, int] = {}
+        self._closing = TaskSet(log)
+        self.in_flight = 0
+        self.last_error: str | None = None
+        metrics.core_pool_size.set(self._pool_size)
+        metrics.core_pool_in_use.set_function(lambda: self.in_flight)
+        metrics.core_breaker_open.set_function(lambda: 0 if self.breaker.state == "closed" else 1)
+
+    def _new_pool(self) -> aiohttp.ClientSession:
+        connector = aiohttp.TCPConnector(
+            limit=self._pool_size, limit_per_host=0, keepalive_timeout=30.0, ttl_dns_cache=10
+        )
+        self._born = time.monotonic()
+        session = aiohttp.ClientSession(
+            connector=connector,
+            timeout=self._timeout,
+            auto_decompress=False,
+            skip_auto_headers=("User-Agent", "Accept-Encoding"),
+        )
+        self._using[session] = 0
+        return session
+
+    def _pool(self) -> aiohttp.ClientSession:
+        """The pool new requests use: a fresh one once the current is CORE_CONNECTION_MAX_AGE old.
+
+        Keep-alive connections stay with the core pod they were opened to;
+        replacing the pool now and then spreads them again over the pods
+        behind the Service, new ones included.
+        """
+        assert self._session is not None, "UpstreamCore.open() first"
+        if time.monotonic() - self._born >= self._max_age:
+            old, self._session = self._session, self._new_pool()
+            if self._using[old] == 0:
+                self._retire(old)
+        return self._session
+
+    def _retire(self, session: aiohttp.ClientSession) -> None:
+        del self._using[session]
+        self._closing.spawn(session.close(), "core-pool-close")
+
+    async def open(self) -> UpstreamCore:
+        self._session = self._new_pool()
+        log.info("REST core at %s (up to %d connections)", self.url, self._pool_size)
+        if self.keys is not None:
+            if not await self.keys.reload():
+                log.info("no API-key snapshot yet: API keys work once the core has stored one")
+            self.keys.start()
+        return self
+
+    def on_control(self, message: control.ControlMessage) -> None:
+        """A control-channel message: revoked sessions, changed API keys."""
+        if self.revocations is not None:
+            self.revocations.on_control(message)
+        if self.keys is not None:
+            self.keys.on_control(message)
+
+    async def close(self) -> None:
+        if self.keys is not None:
+            await self.keys.close()
+        for session in list(self._using):
+            await session.close()
+        self._using.clear()
+        self._session = None
+        await self._closing.wait()
+
+    async def dispatch(self, req: Request) -> Response:
+        """The core's answer to ``req``, or 503/504 when there is none; never raises."""
+        wait = self.breaker.refuse(time.monotonic())
+        if wait is not None:
+            self._metrics.core_upstream_errors.labels("breaker_open").inc()
+            seconds = max(1, math.ceil(wait))
+            return Response.error(_unavailable("the REST core is unavailable", seconds))
+        target = self.url + req.path + ("?" + req.query_string if req.query_string else "")
+        headers = _headers(req)
+        retries = self._retries if _repeatable(req) else 0
+        for attempt in range(retries + 1):
+            if attempt:
+                await asyncio.sleep(self._backoff.delay(attempt - 1))
+            resp = await self._once(req.method, target, headers, req.body)
+            if isinstance(resp, Response) and resp.status not in _RETRY_STATUS:
+                return resp
+        return resp if isinstance(resp, Response) else Response.error(resp)
+
+    async def _once(
+        self, method: str, target: str, headers: dict[str, str], body: bytes
+    ) -> Response | ApiError:
+        session = self._pool()
+        started = time.perf_counter()
+        self.in_flight += 1
+        self._using[session] += 1
+        try:
+            async with session.request(
+                method, target, headers=headers, data=body or None, allow_redirects=False
+            ) as answer:
+                payload = await answer.read()
+                status = answer.status
+                out = {
+                    _SPELLING.get(k.lower(), k): v
+                    for k, v in answer.headers.items()
+                    if k.lower() not in _HOP
+                }
+        except TimeoutError:
+            return self._failed(
+                "timeout", ApiError(504, "gateway_timeout", "the REST core did not answer in time")
+            )
+        except (aiohttp.ClientError, OSError) as exc:
+            self.last_error = f"{type(exc).__name__}: {exc}"
+            return self._failed("unreachable", _unavailable("the REST core is unreachable", 1))
+        finally:
+            self.in_flight -= 1
+            self._using[session] -= 1
+            if not self._using[session] and session is not self._session:
+                self._retire(session)
+        self._metrics.core_upstream_seconds.observe(time.perf_counter() - started)
+        if status in _FAILURE_STATUS:
+            self._metrics.core_upstream_errors.labels(f"status_{status}").inc()
+            self.breaker.failure(time.monotonic())
+        else:
+            self.breaker.success()
+        return Response(status, payload if payload or status not in (204, 304) else None, out)
+
+    def _failed(self, kind: str, err: ApiError) -> ApiError:
+        self._metrics.core_upstream_errors.labels(kind).inc()
+        if self.breaker.failure(time.monotonic()):
+            log.warning(
+                "REST core failing (%s): answering 503 for %.0f s", kind, self.breaker.open_for
+            )
+        return err
+
+    async def healthy(self) -> bool:
+        """The core answers its readiness probe within a second."""
+        if self._session is None:
+            return False
+        try:
+            async with self._session.get(
+                self.url + "/readyz", timeout=aiohttp.ClientTimeout(total=1.0)
+            ) as answer:
+                return answer.status == 200
+        except (TimeoutError, aiohttp.ClientError, OSError):
+            return False
+
+    def state(self) -> dict[str, Any]:
+        """For readiness: where the core is and what the breaker thinks of it."""
+        return {
+            "url": self.url,
+            "breaker": self.breaker.state,
+            "in_flight": self.in_flight,
+            "pool": self._pool_size,
+            "last_error": self.last_error,
+        }
+
+
+def _repeatable(req: Request) -> bool:
+    return req.method in IDEMPOTENT or (
+        req.method in ("POST", "PATCH") and bool(req.headers.get("idempotency-key"))
+    )
+
+
+def _headers(req: Request) -> dict[str, str]:
+    """What the core is told: the credential, the body's type, conditions, who and which."""
+    given: Mapping[str, str] = req.headers
+    out = {name: value for name in _FORWARDED if (value := given.get(name))}
+    token = getattr(req.caller, "token", None)
+    if token:  # the credential the gateway verified (an rpc frame's: its socket's)
+        out["authorization"] = f"Bearer {token}"
+    if req.client:
+        out["x-forwarded-for"] = req.client  # replaces what the client sent (resolved already)
+    out["x-request-id"] = req.request_id or secrets.token_hex(8)
+    return out
+
+
+def _unavailable(message: str, retry_after: int) -> ApiError:
+    err = Unavailable(message)
+    err.headers["Retry-After"] = str(retry_after)
+    return err

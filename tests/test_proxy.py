@@ -1,0 +1,377 @@
+"""A gateway without a database in front of a separate core (CORE_URL): real processes.
+
+The gateway runs with ``CORE_URL`` and no ``DATABASE_URL``; the core runs
+alone (``python -m core``) with the database, trusting ``X-Forwarded-For``
+only from 127.0.0.1 (the gateway's address here). Other loopback addresses
+play clients.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import urllib.request
+from typing import Any
+
+import pytest
+
+from proto import CloseCode
+from tests.harness import SECRET, ApiClient, unique_prefix, ws_client
+from tests.servers import UNIT
+from tests.test_accounts import ADA, login, register
+from tests.test_apikeys import promote
+from tests.test_authz_attacks import _closed_with
+from tests.test_core_rest import PROJECT, project
+from tests.test_processes import GatewayProcess
+
+GRACE = {"email": "grace@example.com", "display_name": "Grace", "password": "another long phrase"}
+
+
+class Tier:
+    """One core process and one gateway process in front of it."""
+
+    def __init__(
+        self,
+        tmp_path: Any,
+        data_dir: Any,
+        redis_url: str,
+        clean_db: dict[str, str],
+        **core_env: str,
+    ) -> None:
+        self.shared = {
+            "REDIS_URL": redis_url,
+            "REDIS_PREFIX": unique_prefix(),
+            "JWT_SECRET": SECRET,
+        }
+        self.db = {
+            "DATABASE_URL": clean_db["database_url"],
+            "DATABASE_SCHEMA": clean_db["database_schema"],
+        }
+        self.tmp_path, self.data_dir = tmp_path, data_dir
+        self.core_env = {"TRUSTED_PROXIES": "127.0.0.1/32", **core_env}
+        self.core = GatewayProcess(
+            tmp_path, data_dir, "core", **self.shared, **self.db, **self.core_env
+        ).start()
+        self.gateway = GatewayProcess(
+            tmp_path,
+            data_dir,
+            "gateway",
+            **self.shared,
+            CORE_URL=f"http://127.0.0.1:{self.core.port}",
+            CORE_BREAKER_FAILURES="2",
+            CORE_BREAKER_SECONDS="1",
+            CORE_TIMEOUT="3",
+        ).start()
+
+    def restart_core(self) -> None:
+        """The core again, on the same port."""
+        again = GatewayProcess(
+            self.tmp_path, self.data_dir, "core", **self.shared, **self.db, **self.core_env
+        )
+        again.port, again.env["PORT"] = self.core.port, str(self.core.port)
+        again.log = self.tmp_path / "core-again.log"
+        self.core = again.start()
+
+    def stop(self) -> None:
+        for process in (self.gateway, self.core):
+            if process.proc is not None and process.proc.poll() is None:
+                process.stop()
+
+
+@pytest.fixture
+def tier(tmp_path, data_dir, redis_url, clean_db):
+    t = Tier(tmp_path, data_dir, redis_url, clean_db)
+    yield t
+    t.stop()
+
+
+async def user(port: int, who: dict[str, str], **kw: Any) -> ApiClient:
+    anon = ApiClient(port, None)
+    try:
+        await register(anon, who)
+        status, tokens = await login(anon, who["email"], who["password"])
+        assert status == 200, tokens
+    finally:
+        anon.close()
+    return ApiClient(port, tokens["access_token"], **kw)
+
+
+def _get(port: int, path: str) -> tuple[int, str]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5 * UNIT) as r:
+        return r.status, r.read().decode()
+
+
+def test_the_gateway_holds_no_database(tier):
+    assert "DATABASE_URL" not in tier.gateway.env
+    status, ready = _get(tier.gateway.port, "/readyz")
+    assert status == 200 and '"database":null' in ready and '"reachable":true' in ready
+
+
+async def test_http_crud_through_the_gateway_is_the_core_s_answer(tier, clean_db):
+    ada = await user(tier.gateway.port, ADA)
+    try:
+        status, headers, created = await ada.call(
+            "POST", "/api/projects", PROJECT, headers={"X-Request-Id": "proxy-test-1"}
+        )
+        assert status == 201 and headers["Location"] == f"/api/projects/{created['id']}"
+        assert headers["X-Request-Id"] == "proxy-test-1" and headers["ETag"] == '"1"'
+        path = f"/api/projects/{created['id']}"
+        assert (await ada.call("GET", path))[2] == created
+        status, _, patched = await ada.call(
+            "PATCH", path, {"status": "done"}, headers={"If-Match": '"1"'}
+        )
+        assert status == 200 and patched["version"] == 2
+        status, _, stale = await ada.call(
+            "PATCH", path, {"status": "active"}, headers={"If-Match": '"1"'}
+        )
+        assert status == 412 and stale["error"]["code"] == "precondition_failed"
+        status, _, invalid = await ada.call("POST", "/api/projects", project(name=""))
+        assert status == 422 and invalid["error"]["details"][0]["path"] == "$.name"
+        assert (await ada.call("DELETE", path))[0] == 204
+        assert (await ada.call("GET", path))[0] == 404
+    finally:
+        ada.close()
+    # The core logged the request under the id the gateway answered with.
+    assert '"request_id": "proxy-test-1"' in tier.core.output()
+
+
+async def test_rpc_through_the_gateway_keeps_its_shape_and_the_socket_s_identity(tier):
+    ada = await user(tier.gateway.port, ADA)
+    grace = await user(tier.gateway.port, GRACE)
+    try:
+        async with ws_client(tier.gateway.port, ada.token) as c:
+            created = await c.request("rpc", method="POST", path="/api/projects", body=PROJECT)
+            assert created["status"] == 201
+            body = created["body"]
+            assert created["headers"]["Location"] == f"/api/projects/{body['id']}"
+            assert created["headers"]["ETag"] == '"1"'
+            got = await c.request("rpc", method="GET", path=f"/api/projects/{body['id']}")
+            assert got["status"] == 200 and got["body"] == body
+            page = await c.request("rpc", method="GET", path="/api/projects?limit=1")
+            assert page["body"]["items"] == [body]
+        async with ws_client(tier.gateway.port, grace.token) as c:
+            # Grace's socket, carrying Ada's token in the frame: still Grace (403).
+            forged = await c.request(
+                "rpc",
+                method="DELETE",
+                path=f"/api/projects/{body['id']}",
+                headers={"Authorization": f"Bearer {ada.token}"},
+            )
+            assert forged["status"] == 403 and forged["body"]["error"]["code"] == "forbidden"
+        assert (await grace.call("DELETE", f"/api/projects/{body['id']}"))[0] == 403
+        assert (await ada.call("DELETE", f"/api/projects/{body['id']}"))[0] == 204
+    finally:
+        ada.close()
+        grace.close()
+
+
+async def test_the_core_sees_the_client_s_address_and_no_one_can_forge_it(
+    tmp_path, data_dir, redis_url, clean_db
+):
+    """Registrations per client IP: 2 a minute at the core (RATE_LOGIN_IP)."""
+    t = Tier(tmp_path, data_dir, redis_url, clean_db, RATE_LOGIN_IP="2/60")
+    try:
+
+        async def register_from(port: int, ip: str, n: int, **headers: str) -> int:
+            api = ApiClient(port, None, source_ip=ip)
+            try:
+                who = {**ADA, "email": f"u{n}-{ip}-{port}@example.com"}
+                status, _, _ = await api.call("POST", "/api/auth/register", who, headers=headers)
+                return status
+            finally:
+                api.close()
+
+        gw, core = t.gateway.port, t.core.port
+        assert [await register_from(gw, "127.0.0.2", n) for n in range(2)] == [201, 201]
+        # Spent for 127.0.0.2, whatever it claims to be.
+        assert await register_from(gw, "127.0.0.2", 2, **{"X-Forwarded-For": "203.0.113.9"}) == 429
+        # Another client through the same gateway has its own allowance.
+        assert await register_from(gw, "127.0.0.3", 3) == 201
+        # Straight to the core from an address it does not trust: the header is ignored.
+        assert [
+            await register_from(core, "127.0.0.4", n, **{"X-Forwarded-For": f"198.51.100.{n}"})
+            for n in range(3)
+        ] == [201, 201, 429]
+    finally:
+        t.stop()
+
+
+async def test_change_events_reach_sockets_and_are_recovered_after_a_reconnect(tier):
+    ada = await user(tier.gateway.port, ADA)
+    try:
+        async with ws_client(tier.gateway.port, ada.token) as c:
+            assert (await c.request("sub", ch="projects"))["ok"]
+            status, _, created = await ada.call("POST", "/api/projects", PROJECT)
+            assert status == 201
+            push = await c.next_push()
+        assert push["data"]["type"] == "created" and push["data"]["id"] == created["id"]
+        since = {"offset": push["offset"], "epoch": push["epoch"]}
+        path = f"/api/projects/{created['id']}"
+        done = await ada.call("PATCH", path, {"status": "done"}, headers={"If-Match": '"1"'})
+        assert done[0] == 200
+        async with ws_client(tier.gateway.port, ada.token) as c:
+            reply = await c.request("sub", ch="projects", since=since)
+            assert reply["recovered"] is True
+            missed = await c.next_push()
+        assert missed["data"]["type"] == "updated" and missed["data"]["version"] == 2
+    finally:
+        ada.close()
+
+
+async def test_core_down_then_back_sockets_unaffected(tier):
+    ada = await user(tier.gateway.port, ADA)
+    try:
+        async with ws_client(tier.gateway.port, ada.token) as c:
+            assert (await c.request("sub", ch="projects"))["ok"]
+            await asyncio.to_thread(tier.core.stop)
+            answers = []
+            for _ in range(4):
+                started = time.monotonic()
+                status, headers, body = await ada.call("GET", "/api/projects")
+                answers.append(
+                    (
+                        status,
+                        body["error"]["code"],
+                        headers.get("Retry-After"),
+                        time.monotonic() - started,
+                    )
+                )
+            assert {a[:2] for a in answers} == {(503, "unavailable")}
+            assert all(a[2] and int(a[2]) >= 1 for a in answers)
+            assert answers[-1][3] < 0.5 * UNIT  # the breaker answers at once
+            rpc = await c.request("rpc", method="GET", path="/api/projects")
+            assert rpc["status"] == 503
+            assert (await c.request("ping"))["ok"]  # the socket carries on
+            status, ready = await asyncio.to_thread(_get, tier.gateway.port, "/readyz")
+            assert status == 200 and '"reachable":false' in ready and '"breaker":"open"' in ready
+            await asyncio.to_thread(tier.restart_core)
+            deadline = time.monotonic() + 10 * UNIT
+            while (await ada.call("GET", "/api/projects"))[0] != 200:
+                assert time.monotonic() < deadline, "the gateway never used the core again"
+                await asyncio.sleep(0.2)
+            assert (await c.request("ping"))["ok"]
+    finally:
+        ada.close()
+
+
+async def test_an_api_key_made_at_the_core_works_on_the_gateway_and_dies_there(tier, clean_db):
+    (await user(tier.gateway.port, ADA)).close()
+    await asyncio.to_thread(promote, clean_db, ADA["email"])
+    status, tokens = await login(ApiClient(tier.gateway.port, None))
+    admin = ApiClient(tier.gateway.port, tokens["access_token"])
+    try:
+        status, _, created = await admin.call(
+            "POST", "/api/keys", {"name": "orders", "channels": ["orders:*"]}
+        )
+        assert status == 201
+        service = ApiClient(tier.gateway.port, created["key"])
+        deadline = time.monotonic() + 5 * UNIT
+        while (await service.call("POST", "/api/publish", {"ch": "orders:1", "data": 1}))[0] != 200:
+            assert time.monotonic() < deadline, "the gateway never learnt the new key"
+            await asyncio.sleep(0.05)
+        async with ws_client(tier.gateway.port, created["key"]) as socket:
+            assert (await socket.request("ping"))["ok"]
+            assert (await admin.call("DELETE", f"/api/keys/{created['id']}"))[0] == 204
+            await _closed_with(socket, CloseCode.KEY_REVOKED)
+        assert (await service.call("POST", "/api/publish", {"ch": "orders:1", "data": 1}))[0] == 401
+        service.close()
+    finally:
+        admin.close()
+
+
+def test_a_gateway_with_core_url_starts_no_embedded_database(tier):
+    assert "embedded PostgreSQL" not in tier.gateway.output()
+    assert not (tier.data_dir / "pg").exists()
+
+
+class Dropper:
+    """A TCP relay between the gateway and the core that can swallow the next requests.
+
+    A swallowed request reached the core's network but not the core: its
+    connection closes with no answer, as when a core pod dies mid-request.
+    """
+
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream_port = upstream_port
+        self.drop = 0
+        self.dropped = 0
+        self.server: asyncio.Server | None = None
+        self.port = 0
+
+    async def start(self) -> Dropper:
+        self.server = await asyncio.start_server(self._relay, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port)
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter, check: bool) -> None:
+            try:
+                while data := await src.read(65536):
+                    if check and self.drop > 0:
+                        self.drop -= 1
+                        self.dropped += 1
+                        break
+                    dst.write(data)
+                    await dst.drain()
+            except OSError:
+                pass
+            finally:
+                writer.close()
+                up_writer.close()
+
+        await asyncio.gather(pipe(reader, up_writer, True), pipe(up_reader, writer, False))
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+
+
+async def test_a_request_lost_on_the_way_is_retried_only_when_repeating_it_is_harmless(
+    tmp_path, data_dir, redis_url, clean_db
+):
+    core = GatewayProcess(
+        tmp_path,
+        data_dir,
+        "core",
+        REDIS_URL=redis_url,
+        JWT_SECRET=SECRET,
+        DATABASE_URL=clean_db["database_url"],
+        DATABASE_SCHEMA=clean_db["database_schema"],
+    ).start()
+    dropper = await Dropper(core.port).start()
+    gateway = await asyncio.to_thread(
+        GatewayProcess(
+            tmp_path,
+            data_dir,
+            "gateway",
+            REDIS_URL=redis_url,
+            JWT_SECRET=SECRET,
+            CORE_URL=f"http://127.0.0.1:{dropper.port}",
+        ).start
+    )
+    ada = await user(gateway.port, ADA)
+    try:
+
+        async def count() -> int:
+            return len((await ada.call("GET", "/api/projects?limit=100"))[2]["items"])
+
+        dropper.drop = 1
+        assert (await ada.call("GET", "/api/projects"))[0] == 200  # retried
+        dropper.drop = 1
+        status, _, body = await ada.call("POST", "/api/projects", PROJECT)
+        assert status == 503 and body["error"]["code"] == "unavailable"  # not retried
+        assert dropper.dropped == 2 and await count() == 0  # and the core never saw it
+        dropper.drop = 1
+        keyed = {"Idempotency-Key": "create-apollo-1"}
+        status, _, created = await ada.call("POST", "/api/projects", PROJECT, headers=keyed)
+        assert status == 201 and dropper.dropped == 3  # retried, created once
+        again = await ada.call("POST", "/api/projects", PROJECT, headers=keyed)
+        assert again[0] == 201 and again[2] == created and again[1]["Idempotent-Replayed"] == "true"
+        assert await count() == 1
+    finally:
+        ada.close()
+        dropper.close()
+        for process in (gateway, core):
+            await asyncio.to_thread(process.stop)

@@ -1,0 +1,147 @@
+"""Forwarding to a core elsewhere: retries only where repeating is harmless, and the breaker.
+
+The core here is a stand-in HTTP server on a real port that fails as told
+and counts what reaches it; the gateway side is the real `UpstreamCore`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import tornado.web
+from tornado.httpserver import HTTPServer
+from tornado.netutil import bind_sockets
+
+from core.infra.metrics import Metrics
+from core.infra.settings import Settings
+from core.request import Request
+from gateway.breaker import Breaker
+from gateway.upstream import UpstreamCore
+
+
+class _Flaky(tornado.web.RequestHandler):
+    """Answers 503 to the first ``fail`` requests, then 200; counts every request."""
+
+    def initialize(self, state: dict[str, int]) -> None:
+        self.state = state
+
+    def _answer(self) -> None:
+        self.state["hits"] += 1
+        peers = self.state.setdefault("peers", set())  # type: ignore[arg-type]
+        peers.add(self.request.connection.stream.socket.getpeername()[1])  # type: ignore[union-attr]
+        if self.state["hits"] <= self.state["fail"]:
+            self.set_status(503)
+            self.finish(b'{"error":{"status":503,"code":"unavailable","message":"busy"}}')
+            return
+        self.set_header("ETag", '"3"')
+        self.finish(
+            b'{"ok":true,"ip":"' + self.request.headers.get("X-Forwarded-For", "").encode() + b'"}'
+        )
+
+    get = post = put = patch = delete = _answer
+
+
+@pytest.fixture
+async def flaky(request):
+    state: dict = {"hits": 0, "fail": 1}
+    sockets = bind_sockets(0, "127.0.0.1")
+    server = HTTPServer(tornado.web.Application([(r"/api/.*", _Flaky, {"state": state})]))
+    server.add_sockets(sockets)
+    settings = {"core_retries": 1, "core_breaker_failures": 3, "core_breaker_seconds": 60.0}
+    settings.update(getattr(request, "param", {}))
+    core = UpstreamCore(
+        Settings(core_url=f"http://127.0.0.1:{sockets[0].getsockname()[1]}", **settings),
+        Metrics(),
+    )
+    await core.open()
+    yield core, state
+    await core.close()
+    server.stop()
+
+
+@pytest.mark.parametrize(
+    ("method", "headers", "hits", "status"),
+    [
+        ("GET", {}, 2, 200),
+        ("PUT", {}, 2, 200),
+        ("DELETE", {}, 2, 200),
+        ("POST", {}, 1, 503),
+        ("PATCH", {}, 1, 503),
+        ("POST", {"idempotency-key": "k-1"}, 2, 200),
+    ],
+)
+async def test_only_harmless_requests_are_retried(flaky, method, headers, hits, status):
+    core, state = flaky
+    resp = await core.dispatch(Request(method, "/api/projects", headers=headers, body=b"{}"))
+    assert (state["hits"], resp.status) == (hits, status)
+    if status == 503:  # the core's own error passes through unchanged
+        assert resp.body == b'{"error":{"status":503,"code":"unavailable","message":"busy"}}'
+    else:
+        assert resp.headers["ETag"] == '"3"'
+
+
+async def test_the_client_address_replaces_what_the_client_claimed(flaky):
+    core, state = flaky
+    state["fail"] = 0
+    claimed = {"x-forwarded-for": "203.0.113.9"}
+    resp = await core.dispatch(Request("GET", "/api/x", headers=claimed, client="127.0.0.7"))
+    assert resp.body == b'{"ok":true,"ip":"127.0.0.7"}'
+
+
+async def test_a_core_that_keeps_failing_opens_the_breaker(flaky):
+    core, state = flaky
+    state["fail"] = 1000
+    for _ in range(2):  # each GET tries twice: four failures in a row
+        assert (await core.dispatch(Request("GET", "/api/x"))).status == 503
+    hits = state["hits"]
+    refused = await core.dispatch(Request("GET", "/api/x"))
+    assert refused.status == 503 and int(refused.headers["Retry-After"]) > 50
+    assert state["hits"] == hits  # answered at once, without calling the core
+    assert core.state()["breaker"] == "open"
+
+
+async def test_an_unreachable_core_is_503_with_retry_after_quickly():
+    core = UpstreamCore(Settings(core_url="http://127.0.0.1:9", core_timeout=2.0), Metrics())
+    await core.open()
+    try:
+        async with asyncio.timeout(1.5):
+            resp = await core.dispatch(Request("GET", "/api/projects"))
+    finally:
+        await core.close()
+    assert resp.status == 503 and resp.headers["Retry-After"] == "1"
+    assert b'"code":"unavailable"' in (resp.body or b"")
+
+
+def test_breaker_opens_after_failures_in_a_row_and_one_probe_closes_it():
+    b = Breaker(failures=3, open_for=10.0)
+    assert [b.failure(0.0), b.failure(0.0)] == [False, False] and b.refuse(0.0) is None
+    b.success()  # not in a row
+    assert [b.failure(1.0), b.failure(1.0), b.failure(1.0)] == [False, False, True]
+    assert b.refuse(5.0) == pytest.approx(6.0)
+    assert b.refuse(11.0) is None and b.state == "half_open"  # the probe goes
+    assert b.refuse(11.0) == 1.0  # the others wait for its answer
+    assert b.failure(12.0) is True and b.refuse(13.0) == pytest.approx(9.0)
+    assert b.refuse(22.0) is None
+    b.success()
+    assert b.state == "closed" and b.refuse(22.0) is None
+
+
+@pytest.mark.parametrize("flaky", [{"core_connection_max_age": 0.05}], indirect=True)
+async def test_connections_are_renewed_so_new_core_pods_get_their_share(flaky):
+    core, state = flaky
+    state["fail"] = 0
+    for _ in range(4):
+        assert (await core.dispatch(Request("GET", "/api/x"))).status == 200
+        await asyncio.sleep(0.06)
+    assert len(state["peers"]) == 4  # a fresh connection each time the pool aged
+    await asyncio.sleep(0.05)
+    assert len(core._using) == 1  # the old pools were closed once idle
+
+
+async def test_a_pool_younger_than_its_max_age_keeps_its_connection(flaky):
+    core, state = flaky
+    state["fail"] = 0
+    for _ in range(4):
+        assert (await core.dispatch(Request("GET", "/api/x"))).status == 200
+    assert len(state["peers"]) == 1
