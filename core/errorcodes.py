@@ -127,6 +127,11 @@ ERRORS: Final[dict[str, ErrorDoc]] = {
         "request line and headers over 65536 bytes",
     ),
     "internal": ErrorDoc(500, "A bug: nothing about it is sent, the log has it.", "internal error"),
+    "gateway_timeout": ErrorDoc(
+        504,
+        "A gateway that forwards to a separate core (`CORE_URL`) got no answer in `CORE_TIMEOUT`.",
+        "the REST core did not answer in time",
+    ),
     "unavailable": ErrorDoc(
         503,
         "The database is unreachable or overloaded (retry after `Retry-After` seconds), or "
@@ -149,10 +154,11 @@ def route_errors(route: Route) -> tuple[str, ...]:
     Implied by its fields: a body (400 malformed, 422), a query (422), a
     token (401, 403, the per-caller rate), a session (403 ``no_session``), a
     path parameter (404), ``Idempotency-Key`` (409, 422), ``If-Match`` (400,
-    412); every operation may meet 413, 429, 500 and 503. ``route.errors``
+    412); every operation may meet 413, 429, 500, 503 and 504 (behind a
+    gateway, gateway/upstream.py). ``route.errors``
     adds what its handler alone decides (409 for a taken e-mail address...).
     """
-    codes = ["payload_too_large", "rate_limited", "internal", "unavailable"]
+    codes = ["payload_too_large", "rate_limited", "internal", "unavailable", "gateway_timeout"]
     if route.body is not None:
         codes += ["malformed_json", "validation_error"]
     elif route.form is not None:
