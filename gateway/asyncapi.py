@@ -24,13 +24,6 @@ import msgspec
 
 from core.docs import DocsHandler
 from proto import (
-    ANY_COMMAND_ERRORS,
-    COMMAND_CLOSES,
-    COMMAND_ERRORS,
-    FRAME_ERRORS,
-    LONGPOLL_CLOSES,
-    SERVER_CLOSES,
-    SSE_CLOSES,
     CloseCode,
     Command,
     ErrorCode,
@@ -42,6 +35,7 @@ from proto import (
     Reply,
     Unsubscribed,
     close_reason,
+    codes,
     error_message,
     is_temporary,
     should_reconnect,
@@ -233,7 +227,7 @@ def _channels() -> dict[str, Any]:
             "servers": [_ref("#/servers/websocket")],
             "messages": _channel_messages(ws_names),
             # A frame that is no command's (each operation lists its own errors and closes).
-            "x-errors": [int(e) for e in FRAME_ERRORS],
+            "x-errors": [int(e) for e in codes.FRAME_ERRORS],
             "bindings": {
                 "ws": {
                     "method": "GET",
@@ -323,7 +317,11 @@ def _codes(
 
 
 def _every_command_error() -> tuple[ErrorCode, ...]:
-    return (*FRAME_ERRORS, *ANY_COMMAND_ERRORS, *(e for v in COMMAND_ERRORS.values() for e in v))
+    return (
+        *codes.FRAME_ERRORS,
+        *codes.ANY_COMMAND_ERRORS,
+        *(e for v in codes.COMMAND_ERRORS.values() for e in v),
+    )
 
 
 def _operations() -> dict[str, Any]:
@@ -339,7 +337,9 @@ def _operations() -> dict[str, Any]:
             "summary": (t.__doc__ or name).strip().splitlines()[0],
             "messages": [_ref(f"#/channels/socket/messages/{t.__name__}")],
             "reply": reply,
-            **_codes((*ANY_COMMAND_ERRORS, *COMMAND_ERRORS[name]), COMMAND_CLOSES),
+            **_codes(
+                (*codes.ANY_COMMAND_ERRORS, *codes.COMMAND_ERRORS[name]), codes.COMMAND_CLOSES
+            ),
         }
     ops["ws_pushes"] = {
         "action": "send",
@@ -347,7 +347,7 @@ def _operations() -> dict[str, Any]:
         "summary": "Publications and notices pushed to the socket.",
         "messages": [_ref(f"#/channels/socket/messages/{t.__name__}") for t in PUSHES],
         # ``unsubscribed`` carries the code that ended the subscription.
-        **_codes((ErrorCode.PERMISSION_DENIED,), SERVER_CLOSES),
+        **_codes((ErrorCode.PERMISSION_DENIED,), codes.SERVER_CLOSES),
     }
     events = _ref("#/channels/events")
     ops["sse_stream"] = {
@@ -359,7 +359,7 @@ def _operations() -> dict[str, Any]:
             _ref(f"#/channels/events/messages/SSE_{n}")
             for n in ("reply", "msg", "expiring", "gap", "unsubscribed", "close")
         ],
-        **_codes((*ANY_COMMAND_ERRORS, *COMMAND_ERRORS["sub"]), SSE_CLOSES),
+        **_codes((*codes.ANY_COMMAND_ERRORS, *codes.COMMAND_ERRORS["sub"]), codes.SSE_CLOSES),
     }
     cursor = {"type": "object", "properties": {"cursor": {"type": "integer", "minimum": 0}}}
     ops["lp_open"] = _http_op("longPollSessions", "POST", "`POST /lp`: open a session.",
@@ -370,7 +370,7 @@ def _operations() -> dict[str, Any]:
     ops["lp_poll"] = _http_op("longPollSession", "GET",
                               "`GET /lp/{session}?cursor=n`: wait for replies and pushes.",
                               None, "LongPollBatch", query=cursor)  # fmt: skip
-    ops["lp_poll"].update(_codes((ErrorCode.PERMISSION_DENIED,), LONGPOLL_CLOSES))
+    ops["lp_poll"].update(_codes((ErrorCode.PERMISSION_DENIED,), codes.LONGPOLL_CLOSES))
     return ops
 
 
