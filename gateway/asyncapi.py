@@ -8,6 +8,8 @@ What this module adds is the shape around the frames: channels (``/ws``,
 
 The document describes the gateway: ``receive`` operations are what clients
 send to it (with the reply it answers), ``send`` operations what it pushes.
+Each operation lists the reply error codes (``x-errors``) and close codes
+(``x-close-codes``) it can meet, from the tables in `proto.codes`.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from proto import (
     Subscribed,
     Unsubscribed,
     close_reason,
+    codes,
     error_message,
     is_temporary,
     should_reconnect,
@@ -240,6 +243,8 @@ def _channels() -> dict[str, Any]:
             ),
             "servers": [_ref("#/servers/websocket")],
             "messages": _channel_messages(ws_names),
+            # A frame that is no command's (each operation lists its own errors and closes).
+            "x-errors": [int(e) for e in codes.FRAME_ERRORS],
             "bindings": {
                 "ws": {
                     "method": "GET",
@@ -311,6 +316,31 @@ def _http_op(
     return op
 
 
+def _codes(
+    errors: tuple[ErrorCode, ...] = (), closes: tuple[CloseCode, ...] = ()
+) -> dict[str, Any]:
+    """``x-errors`` and ``x-close-codes`` of an operation, and a sentence naming them."""
+    errs, ends = sorted(set(errors)), sorted(set(closes))
+    out: dict[str, Any] = {}
+    text = []
+    if errs:
+        out["x-errors"] = [int(e) for e in errs]
+        text.append("Reply errors: " + ", ".join(f"`{int(e)}` {e.name}" for e in errs) + ".")
+    if ends:
+        out["x-close-codes"] = [int(c) for c in ends]
+        text.append("Close codes: " + ", ".join(f"`{int(c)}` {c.name}" for c in ends) + ".")
+    out["description"] = " ".join(text)
+    return out
+
+
+def _every_command_error() -> tuple[ErrorCode, ...]:
+    return (
+        *codes.FRAME_ERRORS,
+        *codes.ANY_COMMAND_ERRORS,
+        *(e for v in codes.COMMAND_ERRORS.values() for e in v),
+    )
+
+
 def _operations() -> dict[str, Any]:
     socket = _ref("#/channels/socket")
     reply = {"channel": socket, "messages": [_ref("#/channels/socket/messages/Reply")]}
@@ -324,12 +354,17 @@ def _operations() -> dict[str, Any]:
             "summary": (t.__doc__ or name).strip().splitlines()[0],
             "messages": [_ref(f"#/channels/socket/messages/{t.__name__}")],
             "reply": reply,
+            **_codes(
+                (*codes.ANY_COMMAND_ERRORS, *codes.COMMAND_ERRORS[name]), codes.COMMAND_CLOSES
+            ),
         }
     ops["ws_pushes"] = {
         "action": "send",
         "channel": socket,
         "summary": "Publications and notices pushed to the socket.",
         "messages": [_ref(f"#/channels/socket/messages/{t.__name__}") for t in PUSHES],
+        # ``unsubscribed`` carries the code that ended the subscription.
+        **_codes((ErrorCode.PERMISSION_DENIED,), codes.SERVER_CLOSES),
     }
     events = _ref("#/channels/events")
     ops["sse_stream"] = {
@@ -341,15 +376,18 @@ def _operations() -> dict[str, Any]:
             _ref(f"#/channels/events/messages/SSE_{n}")
             for n in ("reply", "msg", "expiring", "gap", "unsubscribed", "close")
         ],
+        **_codes((*codes.ANY_COMMAND_ERRORS, *codes.COMMAND_ERRORS["sub"]), codes.SSE_CLOSES),
     }
     cursor = {"type": "object", "properties": {"cursor": {"type": "integer", "minimum": 0}}}
     ops["lp_open"] = _http_op("longPollSessions", "POST", "`POST /lp`: open a session.",
                               None, "LongPollOpened")  # fmt: skip
     ops["lp_send"] = _http_op("longPollSession", "POST", "`POST /lp/{session}`: client frames.",
                               "CommandBatch", "LongPollAccepted")  # fmt: skip
+    ops["lp_send"].update(_codes(_every_command_error()))
     ops["lp_poll"] = _http_op("longPollSession", "GET",
                               "`GET /lp/{session}?cursor=n`: wait for replies and pushes.",
                               None, "LongPollBatch", query=cursor)  # fmt: skip
+    ops["lp_poll"].update(_codes((ErrorCode.PERMISSION_DENIED,), codes.LONGPOLL_CLOSES))
     return ops
 
 

@@ -8,7 +8,14 @@ from proto.codec import CODECS, Codec, JsonCodec, MsgpackCodec, ProtocolError, s
 from proto.codec import JSON as JSON_CODEC
 from proto.codec import MSGPACK as MSGPACK_CODEC
 from proto.codes import (
+    ANY_COMMAND_ERRORS,
     CLOSE_REASON_MAX_BYTES,
+    COMMAND_CLOSES,
+    COMMAND_ERRORS,
+    FRAME_ERRORS,
+    LONGPOLL_CLOSES,
+    SERVER_CLOSES,
+    SSE_CLOSES,
     CloseCode,
     ErrorCode,
     close_reason,
@@ -55,11 +62,18 @@ from proto.wsframe import frame
 
 __all__ = [
     "ADMIN_CHANNEL",
+    "ANY_COMMAND_ERRORS",
     "CLOSE_REASON_MAX_BYTES",
     "CODECS",
+    "COMMAND_CLOSES",
+    "COMMAND_ERRORS",
+    "FRAME_ERRORS",
     "JSON_CODEC",
+    "LONGPOLL_CLOSES",
     "MSGPACK_CODEC",
     "RESERVED_PREFIX",
+    "SERVER_CLOSES",
+    "SSE_CLOSES",
     "TRANSITIONS",
     "CloseCode",
     "Codec",

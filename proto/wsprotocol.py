@@ -46,6 +46,7 @@ import enum
 import os
 from typing import Final
 
+from proto.codes import CloseCode
 from proto.wsframe import (
     OP_BINARY,
     OP_CLOSE,
@@ -72,7 +73,7 @@ __all__ = [
 ]
 
 #: Close code for a text message or close reason that is not UTF-8 (RFC 6455 §7.4.1).
-INVALID_DATA: Final = 1007
+INVALID_DATA: Final = int(CloseCode.INVALID_DATA)
 _NO_STATUS: Final = 1005
 
 

@@ -217,6 +217,14 @@ class Settings:
         "Keep-alive connections to CORE_URL per process (requests beyond wait for one).",
         _positive_int,
     )
+    core_connection_max_age: float = _setting(
+        60.0,
+        "CORE_CONNECTION_MAX_AGE",
+        "Seconds a gateway uses one pool of connections to CORE_URL before a fresh pool takes "
+        "new requests (the old one closes once its requests are answered), so core pods added "
+        "under steady load get their share.",
+        _positive_float,
+    )
     core_timeout: float = _setting(
         10.0,
         "CORE_TIMEOUT",
