@@ -363,8 +363,9 @@ def _operations() -> dict[str, Any]:
         "channel": socket,
         "summary": "Publications and notices pushed to the socket.",
         "messages": [_ref(f"#/channels/socket/messages/{t.__name__}") for t in PUSHES],
-        # ``unsubscribed`` carries the code that ended the subscription.
-        **_codes((ErrorCode.PERMISSION_DENIED,), codes.SERVER_CLOSES),
+        # ``unsubscribed`` carries the code that ended the subscription: a refreshed
+        # token's grants, or the server API.
+        **_codes((ErrorCode.PERMISSION_DENIED, ErrorCode.UNSUBSCRIBED), codes.SERVER_CLOSES),
     }
     events = _ref("#/channels/events")
     ops["sse_stream"] = {
@@ -374,7 +375,7 @@ def _operations() -> dict[str, Any]:
         "bindings": {"http": {"method": "GET", "bindingVersion": _HTTP_BINDING}},
         "messages": [
             _ref(f"#/channels/events/messages/SSE_{n}")
-            for n in ("reply", "msg", "expiring", "gap", "unsubscribed", "close")
+            for n in ("reply", "msg", "expiring", "gap", "subscribed", "unsubscribed", "close")
         ],
         **_codes((*codes.ANY_COMMAND_ERRORS, *codes.COMMAND_ERRORS["sub"]), codes.SSE_CLOSES),
     }

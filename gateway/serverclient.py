@@ -105,8 +105,8 @@ class ServerClient(Closing):
         raise ServerError(status, error.get("code", "http_error"), message, error)
 
     @staticmethod
-    def _target(user: str | None, client: str | None) -> dict[str, Any]:
-        return {"user": user} if user is not None else {"client": client}
+    def _target(user: str, client: str | None) -> dict[str, Any]:
+        return {"user": user} if client is None else {"user": user, "client": client}
 
     # -- the calls -------------------------------------------------------------------
 
@@ -120,7 +120,7 @@ class ServerClient(Closing):
 
     async def disconnect(
         self,
-        user: str | None = None,
+        user: str,
         client: str | None = None,
         *,
         code: int = int(CloseCode.DISCONNECTED),
@@ -128,27 +128,27 @@ class ServerClient(Closing):
         block: float = 0.0,
         wait: float = 2.0,
     ) -> ActionOut:
-        """Close a user's connections everywhere (or one ``client``); ``block``: refuse
-        the user's new ones for that many seconds."""
+        """Close a user's connections everywhere (only ``client``, when given); ``block``:
+        refuse the user's new ones for that many seconds."""
         body = {**self._target(user, client), "code": code, "reason": reason, "timeout": wait}
         if block:
             body["block_seconds"] = block
         return await self._typed("disconnect", body, ActionOut)
 
     async def subscribe(
-        self, ch: str, user: str | None = None, client: str | None = None, *, wait: float = 2.0
+        self, ch: str, user: str, client: str | None = None, *, wait: float = 2.0
     ) -> ActionOut:
         body = {**self._target(user, client), "ch": ch, "timeout": wait}
         return await self._typed("subscribe", body, ActionOut)
 
     async def unsubscribe(
-        self, ch: str, user: str | None = None, client: str | None = None, *, wait: float = 2.0
+        self, ch: str, user: str, client: str | None = None, *, wait: float = 2.0
     ) -> ActionOut:
         body = {**self._target(user, client), "ch": ch, "timeout": wait}
         return await self._typed("unsubscribe", body, ActionOut)
 
     async def connections(
-        self, user: str | None = None, client: str | None = None, *, wait: float = 2.0
+        self, user: str, client: str | None = None, *, wait: float = 2.0
     ) -> ConnectionsOut:
         body = {**self._target(user, client), "timeout": wait}
         return await self._typed("connections", body, ConnectionsOut)

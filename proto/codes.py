@@ -167,9 +167,11 @@ C = CloseCode
 COMMAND_CLOSES: tuple[CloseCode, ...] = (C.PROTOCOL_ERROR, C.INVALID_DATA, C.MESSAGE_TOO_BIG,
                                          C.RATE_LIMITED)  # fmt: skip
 #: What the gateway ends any connection with on its own: draining, a client that does not
-#: read, an expired token, an ended login session, a revoked API key.
+#: read, an expired token, an ended login session, a revoked API key, the server API's
+#: ``disconnect`` (which may also give any code of 4000-4999).
 SERVER_CLOSES: tuple[CloseCode, ...] = (C.SHUTDOWN, C.SLOW_CONSUMER, C.TOKEN_EXPIRED,
-                                        C.SESSION_REVOKED, C.KEY_REVOKED)  # fmt: skip
+                                        C.SESSION_REVOKED, C.KEY_REVOKED,
+                                        C.DISCONNECTED)  # fmt: skip
 #: An event stream also ends when one of its subscriptions could not be made.
 SSE_CLOSES: tuple[CloseCode, ...] = (*SERVER_CLOSES, C.UNAVAILABLE)
 #: A long-poll session also ends when it is not polled (1001), or keeps sending while limited.

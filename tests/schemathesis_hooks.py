@@ -24,6 +24,9 @@ operation:
   one, as a client sends the version it read; a made-up version is a stale
   one, refused with 412 as documented, and a run that only ever sends stale
   ones never sees a write succeed;
+* the server API (/api/server/): ``data`` publishable by every codec
+  (integers in MessagePack's range, valid UTF-8, at most 64 levels), and
+  presence and history asked of a channel that keeps them (``FUZZ_CHANNEL``);
 * credentials: a valid login or refresh request (outside the stateful phase,
   whose links carry real ones) is sent with the run's account
   (``FUZZ_EMAIL``, ``FUZZ_PASSWORD``) or a refresh token of a fresh login of
@@ -164,6 +167,40 @@ def _live_credentials(case: Any, body: MutableMapping[str, Any], operation: str)
         body["refresh_token"] = _login(case)["refresh_token"]
 
 
+def _publishable(value: Any, depth: int = 0) -> Any:
+    """``value`` as data every codec and client carries (docs/protocol.md, Publishable
+    data, which JSON Schema cannot state): integers in MessagePack's range, strings
+    of valid UTF-8, at most 64 levels."""
+    if isinstance(value, bool) or value is None:
+        return value
+    if isinstance(value, int):
+        return max(-(2**63), min(value, 2**64 - 1))
+    if isinstance(value, str):
+        return value.encode("utf-8", "replace").decode()
+    if depth >= 60 and isinstance(value, list | dict):
+        return None
+    if isinstance(value, list):
+        return [_publishable(v, depth + 1) for v in value]
+    if isinstance(value, dict):
+        return {_publishable(k): _publishable(v, depth + 1) for k, v in value.items()}
+    return value
+
+
+def _server_api(case: Any, body: MutableMapping[str, Any], operation: str) -> None:
+    """The server API's prose rules: publishable data; presence and history asked of a
+    channel that keeps them (``FUZZ_CHANNEL``), as a caller would."""
+    if not _generated_valid(case):
+        return
+    if operation in ("POST /api/server/publish", "POST /api/server/broadcast") and "data" in body:
+        body["data"] = _publishable(body["data"])
+    elif operation in _KEEPS and "ch" in body and "FUZZ_CHANNEL" in os.environ:
+        body["ch"] = os.environ["FUZZ_CHANNEL"]
+
+
+#: The server API's operations on what a channel keeps (history, presence).
+_KEEPS = {f"POST /api/server/{name}" for name in ("presence", "presence_stats", "history")}
+
+
 @schemathesis.hook
 def before_call(context: Any, case: Any, kwargs: dict[str, Any]) -> None:
     operation = f"{case.operation.method.upper()} {case.operation.path}"
@@ -175,6 +212,8 @@ def before_call(context: Any, case: Any, kwargs: dict[str, Any]) -> None:
             _order_dates(body, patch=True)
         elif operation == "POST /api/auth/register":
             _strong_password(body)
+        elif operation.startswith("POST /api/server/"):
+            _server_api(case, body, operation)
         else:
             _live_credentials(case, body, operation)
     headers = case.headers

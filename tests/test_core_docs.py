@@ -236,11 +236,18 @@ def schemathesis_command(url: str, token: str, examples: str) -> list[str]:
 async def test_schemathesis_with_every_check_finds_nothing(clean_db):
     """Every check over every operation, stateful links included, against a live gateway:
     no failure and no warning (tests/schemathesis.toml makes warnings fail the run)."""
-    settings = {"rate_rest": None, "rate_login_ip": None, "rate_login_account": None}
+    # The server API's presence and history are asked of "fuzz" (tests/schemathesis_hooks.py).
+    settings = {
+        "rate_rest": None,
+        "rate_login_ip": None,
+        "rate_login_account": None,
+        "presence_channels": ("fuzz",),
+        "history_channels": ("projects", "projects:*", "fuzz"),
+    }
     async with running_gateway(**clean_db, **settings) as gw:
         token = await fuzzing_account(gw, clean_db)
         env = {**os.environ, "FUZZ_TOKEN": token, "FUZZ_EMAIL": FUZZER["email"],
-               "FUZZ_PASSWORD": FUZZER["password"]}  # fmt: skip
+               "FUZZ_PASSWORD": FUZZER["password"], "FUZZ_CHANNEL": "fuzz"}  # fmt: skip
         url = f"http://127.0.0.1:{gw.port}/openapi.json"
         examples = os.environ.get("SCHEMATHESIS_EXAMPLES", "30")
         proc = await asyncio.create_subprocess_exec(

@@ -31,7 +31,7 @@ async def test_every_call_of_the_python_library(redis_url):
             assert (await c.request("sub", ch="room:1"))["ok"]
             (conn,) = (await api.connections(user="alice")).connections
             assert conn.user == "alice" and conn.subscriptions == ["room:1"]
-            assert (await api.connections(client=conn.client)).connections == [conn]
+            assert (await api.connections("alice", conn.client)).connections == [conn]
             assert (await api.subscribe("feed:1", user="alice")).count == 1
             position = await api.publish("feed:1", {"n": 1})
             assert position is not None and position.offset == 1
@@ -46,7 +46,7 @@ async def test_every_call_of_the_python_library(redis_url):
             assert page.next == 1 and bytes(page.publications[0].data) == b'{"n":1}'
             (node,) = (await api.info()).nodes
             assert node.connections["websocket"] == 1
-            assert (await api.unsubscribe("feed:1", client=conn.client)).count == 1
+            assert (await api.unsubscribe("feed:1", "alice", conn.client)).count == 1
             done = await api.disconnect(user="alice", reason="bye", block=60)
             assert done.count == 1 and done.missing == []
             with pytest.raises(ConnectionClosed):

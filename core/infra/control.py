@@ -77,15 +77,15 @@ class ConsoleWatched(msgspec.Struct, tag_field="type", tag="console_watched"):
 
 
 # -- The server API's actions: what every gateway does with its own connections.
-# ``user`` (a token's ``sub``) names all of a user's connections, ``client``
-# one connection (its id, as in presence); exactly one of them is set.
+# ``user`` (a token's ``sub``) names all of a user's connections; with
+# ``client`` (a connection's id, as in presence), only that one of them.
 
 
 class Disconnect(msgspec.Struct, tag_field="action", tag="disconnect", kw_only=True):
     """Close the connections with ``code`` and ``reason``; ``block_until`` (Unix
     seconds) refuses the user's new connections until then."""
 
-    user: str | None = None
+    user: str
     client: str | None = None
     code: int
     reason: str
@@ -93,19 +93,19 @@ class Disconnect(msgspec.Struct, tag_field="action", tag="disconnect", kw_only=T
 
 
 class Subscribe(msgspec.Struct, tag_field="action", tag="subscribe", kw_only=True):
-    user: str | None = None
+    user: str
     client: str | None = None
     ch: str
 
 
 class Unsubscribe(msgspec.Struct, tag_field="action", tag="unsubscribe", kw_only=True):
-    user: str | None = None
+    user: str
     client: str | None = None
     ch: str
 
 
 class Connections(msgspec.Struct, tag_field="action", tag="connections", kw_only=True):
-    user: str | None = None
+    user: str
     client: str | None = None
 
 

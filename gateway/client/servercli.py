@@ -28,9 +28,8 @@ __all__ = ["add_parser", "run"]
 
 
 def _who(p: argparse.ArgumentParser) -> None:
-    who = p.add_mutually_exclusive_group(required=True)
-    who.add_argument("--user", help="all connections of this user (a token's sub)")
-    who.add_argument("--client", help="one connection (its id, as listed)")
+    p.add_argument("--user", required=True, help="all connections of this user (a token's sub)")
+    p.add_argument("--client", help="only this connection of the user (its id, as listed)")
 
 
 def add_parser(commands: Any) -> None:

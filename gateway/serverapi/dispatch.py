@@ -23,7 +23,9 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
+from typing import Any
 
+import msgspec
 from tornado import httputil
 
 from core.access import Access, check
@@ -94,9 +96,37 @@ class ServerAPI:
         wait = await over_limit(self._limiter, f"rest:{caller.sub}", self._settings.rate_rest)
         if wait is not None:
             raise TooManyRequests(wait)
-        assert route.body is not None  # every server route takes a body
-        req.data = decode_body(route.body, req.body.strip() or b"{}")
+        assert route.body is not None  # every server route takes a JSON body (``{}`` at least)
+        body = req.body if _keeps_bytes(route.body) else _integral(req.body)
+        req.data = decode_body(route.body, body)
         return await route.handler(req)
+
+
+def _keeps_bytes(tp: type) -> bool:
+    """Whether a body type holds data as sent (``data``), which must not be rewritten."""
+    return any(f.type is msgspec.Raw for f in msgspec.structs.fields(tp))
+
+
+def _integral(body: bytes) -> bytes:
+    """``body`` with integral numbers written as integers (``755.0`` as ``755``).
+
+    JSON Schema's integers include them, so a field the document says is an
+    integer takes them; anything else is left for the decoder to judge.
+    """
+    try:
+        return msgspec.json.encode(_ints(msgspec.json.decode(body)))
+    except (msgspec.DecodeError, RecursionError):
+        return body
+
+
+def _ints(value: Any) -> Any:
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**63:
+        return int(value)
+    if isinstance(value, list):
+        return [_ints(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _ints(v) for k, v in value.items()}
+    return value
 
 
 class ServerBodyPolicy:

@@ -77,7 +77,7 @@ class Fleet:
         if len(self._waiting) >= MAX_IN_FLIGHT:
             raise ApiError(
                 503,
-                "busy",
+                "unavailable",
                 "too many server API calls under way here, retry",
                 headers={"Retry-After": "1"},
             )

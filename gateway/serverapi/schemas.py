@@ -78,18 +78,18 @@ class BroadcastOut(msgspec.Struct):
 
 
 class _Target(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    """Exactly one of ``user`` (all of a user's connections) and ``client`` (one connection)."""
+    """All connections of ``user`` (a token's ``sub``), or only its connection ``client``."""
 
-    user: User | None = None
+    user: User
     client: ClientId | None = None
     timeout: Timeout = 2.0
 
 
 class DisconnectIn(_Target, kw_only=True):
     code: Annotated[int, Meta(ge=4000, le=4999)] = int(CloseCode.DISCONNECTED)
-    #: at most 123 bytes of UTF-8 (the close frame's limit); "": the code's own
+    #: cut to 123 bytes of UTF-8 (what a close frame carries); "": the code's own
     reason: Annotated[str, Meta(max_length=123)] = ""
-    #: refuse the user's new connections for this long (0: do not); needs ``user``
+    #: refuse the user's new connections for this long (0: do not)
     block_seconds: Annotated[float, Meta(ge=0, le=31_536_000)] = 0.0
 
 

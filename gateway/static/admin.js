@@ -187,7 +187,7 @@ async function searchUser(user) {
 
 async function disconnect(user, client) {
   if (!confirm(`Disconnect connection ${client} of ${user}?`)) return;
-  const { count } = await api("disconnect", { client });
+  const { count } = await api("disconnect", { user, client });
   $("#user-note").textContent = `disconnected ${count} connection(s)`;
   setTimeout(() => searchUser(user).catch(note("#user-note")), 500);
 }
