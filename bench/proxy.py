@@ -42,6 +42,7 @@ import json
 import os
 import secrets
 import shlex
+import signal
 import statistics
 import subprocess
 import sys
@@ -172,21 +173,26 @@ def _ppid(pid: int) -> int:
     return int(Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[1])
 
 
+def _parent_if_postgres(pid: int) -> int | None:
+    try:
+        if Path(f"/proc/{pid}/comm").read_text().strip() == "postgres":
+            return _ppid(pid)
+    except OSError:
+        pass
+    return None  # PostgreSQL is not on this machine
+
+
 def postmaster(database_url: str) -> int | None:
     """The PID of PostgreSQL's postmaster when it runs on this machine, else None."""
 
-    async def backend() -> int:
+    async def parent_of_backend() -> int | None:
         conn = await asyncpg.connect(database_url)
-        try:
-            pid: int = await conn.fetchval("select pg_backend_pid()")
-            return pid
+        try:  # while the backend lives: it exits with the connection
+            return _parent_if_postgres(await conn.fetchval("select pg_backend_pid()"))
         finally:
             await conn.close()
 
-    try:
-        return _ppid(asyncio.run(backend()))
-    except OSError:
-        return None
+    return asyncio.run(parent_of_backend())
 
 
 def _processes_of(parent: int) -> list[int]:
@@ -587,6 +593,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    # SIGTERM (or SIGINT, which a shell's background job ignores) unwinds: servers are stopped.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     python = Path(sys.executable)
     python = python.relative_to(ROOT) if python.is_relative_to(ROOT) else python
     given = sys.argv[1:] if argv is None else argv
