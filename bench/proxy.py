@@ -87,8 +87,20 @@ BACK_CPU = "1"
 MAX_ADDED_P50 = 0.15
 MIN_SCALING = 1.6
 #: Settings the bench sets itself: never inherited from the caller's environment.
-_OURS = frozenset({"DATABASE_URL", "DATABASE_SCHEMA", "CORE_URL", "REDIS_URL", "REDIS_PREFIX",
-                   "WORKERS", "PORT", "HOST", "DATA_DIR", "TRUSTED_PROXIES"})  # fmt: skip
+_OURS = frozenset(
+    {
+        "DATABASE_URL",
+        "DATABASE_SCHEMA",
+        "CORE_URL",
+        "REDIS_URL",
+        "REDIS_PREFIX",
+        "WORKERS",
+        "PORT",
+        "HOST",
+        "DATA_DIR",
+        "TRUSTED_PROXIES",
+    }
+)
 
 
 # -- processes -------------------------------------------------------------------------------
@@ -284,18 +296,27 @@ class Sample:
 
 
 def wrk_sample(
-    url: str, endpoint: Endpoint, args: argparse.Namespace, connections: int,
-    watch: CpuWatch, round_: int, load_cpu: str | None = LOAD_CPU,
-) -> Sample:  # fmt: skip
+    url: str,
+    endpoint: Endpoint,
+    args: argparse.Namespace,
+    connections: int,
+    watch: CpuWatch,
+    round_: int,
+    load_cpu: str | None = LOAD_CPU,
+) -> Sample:
     """A warm-up, then one timed wrk run with the processes' CPU."""
     if args.warmup:
         wrk(url, endpoint, args.warmup, connections, load_cpu)
     with watch:
         result = parse_wrk(wrk(url, endpoint, args.duration, connections, load_cpu))
     return Sample(
-        round_, result.requests_per_s, result.p50_ms, result.p99_ms,
-        result.non_2xx + result.socket_errors, watch.result(),
-    )  # fmt: skip
+        round_,
+        result.requests_per_s,
+        result.p50_ms,
+        result.p99_ms,
+        result.non_2xx + result.socket_errors,
+        watch.result(),
+    )
 
 
 def rpc_sample(
@@ -314,9 +335,13 @@ def rpc_sample(
     report = json.loads(line)
     failures = sum(report["failures"].values()) + connections - report["connections"]
     return Sample(
-        round_, report["requests_per_s"], report["p50_ms"], report["p99_ms"], failures,
+        round_,
+        report["requests_per_s"],
+        report["p50_ms"],
+        report["p99_ms"],
+        failures,
         watch.result(load=report["client_cpu"]),
-    )  # fmt: skip
+    )
 
 
 def log_sample(what: str, sample: Sample) -> None:
@@ -346,14 +371,21 @@ def alternate(modes: list[str], round_: int) -> list[str]:
 
 
 def measure_rest_and_rpc(
-    tier: Tier, args: argparse.Namespace, token: str, endpoints: list[Endpoint],
-    logs: Path, pg: int | None, records: list[tuple[Any, ...]],
-) -> Results:  # fmt: skip
+    tier: Tier,
+    args: argparse.Namespace,
+    token: str,
+    endpoints: list[Endpoint],
+    logs: Path,
+    pg: int | None,
+    records: list[tuple[Any, ...]],
+) -> Results:
     """Measurements 1 and 2: one core, the CORE_URL gateway in front, a gateway hosting the core."""
     results: Results = {}
     ports = {"core": free_port(), "front": free_port(), "hosting": free_port()}
     with ExitStack() as stack:
-        core = stack.enter_context(serve(tier.core(ports["core"]), ports["core"], token, logs, BACK_CPU))  # fmt: skip
+        core = stack.enter_context(
+            serve(tier.core(ports["core"]), ports["core"], token, logs, BACK_CPU)
+        )
         front_server = tier.gateway(ports["front"], ports["core"], key="gateway-core-url")
         front = stack.enter_context(serve(front_server, ports["front"], token, logs, FRONT_CPU))
         hosting = None
@@ -370,8 +402,10 @@ def measure_rest_and_rpc(
                 for n in args.connections:
                     for mode in alternate(["direct", "gateway"], round_):
                         port, watch = (
-                            (ports["core"], direct) if mode == "direct" else (ports["front"], proxied)
-                        )  # fmt: skip
+                            (ports["core"], direct)
+                            if mode == "direct"
+                            else (ports["front"], proxied)
+                        )
                         url = f"http://127.0.0.1:{port}"
                         sample = wrk_sample(url, endpoint, args, n, watch, round_)
                         add(results, f"rest|{endpoint.name}|{n}|{mode}", sample)
@@ -381,16 +415,23 @@ def measure_rest_and_rpc(
             for n in args.connections:
                 for mode in alternate(["in-process", "CORE_URL"], round_):
                     port, watch = (
-                        (ports["hosting"], hosted) if mode == "in-process" else (ports["front"], proxied)
-                    )  # fmt: skip
+                        (ports["hosting"], hosted)
+                        if mode == "in-process"
+                        else (ports["front"], proxied)
+                    )
                     add(results, f"rpc|{n}|{mode}", rpc_sample(port, token, args, n, watch, round_))
     return results
 
 
 def measure_scaling(
-    tier: Tier, args: argparse.Namespace, token: str, endpoints: list[Endpoint],
-    logs: Path, pg: int | None, records: list[tuple[Any, ...]],
-) -> Results:  # fmt: skip
+    tier: Tier,
+    args: argparse.Namespace,
+    token: str,
+    endpoints: list[Endpoint],
+    logs: Path,
+    pg: int | None,
+    records: list[tuple[Any, ...]],
+) -> Results:
     """Measurement 3: one gateway process in front of one, then two, core processes."""
     results: Results = {}
     n = max(args.connections)
@@ -402,11 +443,16 @@ def measure_scaling(
             with ExitStack() as stack:
                 pids = [
                     stack.enter_context(
-                        serve_shared(tier.core(core_port, shared=True, key=f"core-{i}"),
-                                     core_port, token, logs, None)
+                        serve_shared(
+                            tier.core(core_port, shared=True, key=f"core-{i}"),
+                            core_port,
+                            token,
+                            logs,
+                            None,
+                        )
                     ).pid
                     for i in range(int(cores))
-                ]  # fmt: skip
+                ]
                 front = stack.enter_context(
                     serve(tier.gateway(front_port, core_port), front_port, token, logs, None)
                 )
@@ -445,13 +491,19 @@ def _num(value: float | None, fmt: str) -> str:
 
 
 def _added(base: dict[str, Any], other: dict[str, Any]) -> tuple[str, str]:
-    """The p50 ``other`` adds to ``base``: in ms, and in % with the goal's verdict."""
-    if base["p50_ms"] is None or other["p50_ms"] is None:
+    """The p50 ``other`` adds to ``base``, in ms and in % with the goal's verdict.
+
+    Medians over rounds of each round's pair of runs (made one after the
+    other), which a machine whose load changes by the minute upsets less
+    than a difference of medians taken over all rounds.
+    """
+    pairs = _by_round(base, other)
+    if not pairs:
         return "—", "—"
-    ms = other["p50_ms"] - base["p50_ms"]
-    share = ms / base["p50_ms"]
+    ms = statistics.median(y["p50_ms"] - x["p50_ms"] for x, y in pairs)
+    share = statistics.median(y["p50_ms"] / x["p50_ms"] - 1 for x, y in pairs)
     verdict = "met" if share <= MAX_ADDED_P50 else "missed"
-    return f"{ms:+.2f} ms", f"{share:+.0%} ({verdict})"
+    return f"{ms:+.2f} ms", f"{share:+.1%} ({verdict})"
 
 
 _ROLES = ("gateway", "core", "core 0", "core 1", "postgres", "load")
@@ -476,10 +528,18 @@ def _per_request(run: dict[str, Any], *roles: str) -> float | None:
     return sum(run["cpu"][r] for r in roles) / run["requests_per_s"]
 
 
+def _by_round(x: dict[str, Any], y: dict[str, Any]) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """The runs of ``x`` and ``y`` made in the same round (side by side), both valid."""
+    ys = {r["round"]: r for r in y["runs"] if not r["failures"]}
+    return [(r, ys[r["round"]]) for r in x["runs"] if not r["failures"] and r["round"] in ys]
+
+
 def _pair_table(
-    title: str, head: tuple[str, ...], rows: list[tuple[str, dict[str, Any], dict[str, Any]]],
+    title: str,
+    head: tuple[str, ...],
+    rows: list[tuple[str, dict[str, Any], dict[str, Any]]],
     names: tuple[str, str],
-) -> list[str]:  # fmt: skip
+) -> list[str]:
     a, b = names
     lines = [
         f"**{title}**",
@@ -489,12 +549,17 @@ def _pair_table(
         "|" + " --- |" * len(head) + " ---: |" * 8,
     ]
     for label, x, y in rows:
-        ms, share = _added(x, y)
-        lines.append(
-            f"| {label} | {_num(x['requests_per_s'], '{:,.0f}')} | {_num(y['requests_per_s'], '{:,.0f}')}"
-            f" | {_num(x['p50_ms'], '{:.2f} ms')} | {_num(y['p50_ms'], '{:.2f} ms')} | {ms} | {share}"
-            f" | {_num(x['p99_ms'], '{:.2f} ms')} | {_num(y['p99_ms'], '{:.2f} ms')} |"
-        )
+        cells = [label, *(_num(r["requests_per_s"], "{:,.0f}") for r in (x, y))]
+        cells += [_num(r["p50_ms"], "{:.2f} ms") for r in (x, y)]
+        cells += _added(x, y)
+        cells += [_num(r["p99_ms"], "{:.2f} ms") for r in (x, y)]
+        lines.append(f"| {' | '.join(cells)} |")
+    lines += ["", f"Round by round, {b} against {a} in the same round: added p50, req/s ratio:", ""]
+    for label, x, y in rows:
+        pairs = _by_round(x, y)
+        added = ", ".join(f"{ry['p50_ms'] / rx['p50_ms'] - 1:+.0%}" for rx, ry in pairs)
+        ratio = ", ".join(f"{ry['requests_per_s'] / rx['requests_per_s']:.2f}x" for rx, ry in pairs)
+        lines.append(f"* {label}: {added}; {ratio}")
     lines += ["", f"CPU, median shares of one CPU ({a}; {b}):", ""]
     lines += [f"* {label}: {_cpu(x)}; {_cpu(y)}" for label, x, y in rows]
     return [*lines, ""]
@@ -504,7 +569,8 @@ def _scaling_table(s: dict[str, dict[str, Any]]) -> list[str]:
     lines = [
         "**3. REST through one gateway process: one and two core processes**",
         "",
-        f"| load generator | endpoint | 1 core req/s | 2 cores req/s | ratio (goal ≥ {MIN_SCALING}x) |",
+        "| load generator | endpoint | 1 core req/s | 2 cores req/s "
+        f"| ratio (goal ≥ {MIN_SCALING}x) |",
         "| --- | --- | ---: | ---: | ---: |",
     ]
     keys = sorted({k.rpartition("|")[0] for k in s if k.startswith("scaling|")}, reverse=True)
@@ -513,15 +579,19 @@ def _scaling_table(s: dict[str, dict[str, Any]]) -> list[str]:
         _, load, endpoint = key.split("|")
         one, two = s[f"{key}|1"], s[f"{key}|2"]
         r1, r2 = one["requests_per_s"], two["requests_per_s"]
-        ratio = (
-            f"{r2 / r1:.2f}x ({'met' if r2 / r1 >= MIN_SCALING else 'missed'})"
-            if r1 and r2
-            else "—"
-        )
+        pairs = _by_round(one, two)  # as _added: the median of the rounds' own ratios
+        ratio = "—"
+        if pairs:
+            median = statistics.median(b["requests_per_s"] / a["requests_per_s"] for a, b in pairs)
+            ratio = f"{median:.2f}x ({'met' if median >= MIN_SCALING else 'missed'})"
         lines.append(
             f"| {load} | {endpoint} | {_num(r1, '{:,.0f}')} | {_num(r2, '{:,.0f}')} | {ratio} |"
         )
-        cpu_lines.append(f"* {load}, {endpoint}: 1 core: {_cpu(one)}; 2 cores: {_cpu(two)}")
+        rounds = ", ".join(
+            f"{r2['requests_per_s'] / r1['requests_per_s']:.2f}x" for r1, r2 in _by_round(one, two)
+        )
+        cpu_lines.append(f"* {load}, {endpoint}: round by round {rounds}")
+        cpu_lines.append(f"  * 1 core: {_cpu(one)}; 2 cores: {_cpu(two)}")
         gateway, core = _per_request(two, "gateway"), _per_request(one, "core 0")
         if gateway and core:
             cpu_lines.append(
@@ -533,29 +603,33 @@ def _scaling_table(s: dict[str, dict[str, Any]]) -> list[str]:
     return [*lines, "", "CPU, median shares of one CPU:", "", *cpu_lines, ""]
 
 
-def report(results: Results) -> tuple[str, dict[str, dict[str, Any]]]:
-    s = {key: summary(samples) for key, samples in results.items()}
+def render(s: dict[str, dict[str, Any]]) -> str:
+    """The tables of the summaries ``s`` (a saved report's ``results``)."""
     lines: list[str] = []
     rest = sorted({k.rpartition("|")[0] for k in s if k.startswith("rest|")}, reverse=True)
     if rest:
         rows = [
             (f"{k.split('|')[1]} | {k.split('|')[2]}", s[f"{k}|direct"], s[f"{k}|gateway"])
             for k in sorted(rest, key=lambda k: (k.split("|")[1], int(k.split("|")[2])))
-        ]  # fmt: skip
+        ]
         lines += _pair_table(
             "1. REST: straight to the core, and through the gateway (CORE_URL)",
-            ("endpoint", "connections"), rows, ("core", "gateway → core"),
-        )  # fmt: skip
+            ("endpoint", "connections"),
+            rows,
+            ("core", "gateway → core"),
+        )
     rpc = sorted({int(k.split("|")[1]) for k in s if k.startswith("rpc|")})
     if rpc:
         rows = [(str(n), s[f"rpc|{n}|in-process"], s[f"rpc|{n}|CORE_URL"]) for n in rpc]
         lines += _pair_table(
             "2. Socket rpc (GET /api/projects?limit=20): core in the gateway, and behind CORE_URL",
-            ("sockets",), rows, ("in-process", "CORE_URL"),
-        )  # fmt: skip
+            ("sockets",),
+            rows,
+            ("in-process", "CORE_URL"),
+        )
     if any(k.startswith("scaling|") for k in s):
         lines += _scaling_table(s)
-    return "\n".join(lines), s
+    return "\n".join(lines)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -568,9 +642,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=2, help="seconds of warm-up before each")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument(
-        "--connections", default="1,64",
+        "--connections",
+        default="1,64",
         help="comma-separated connection (socket) counts; 3 uses the largest",
-    )  # fmt: skip
+    )
     parser.add_argument("--parts", default="rest,rpc,scaling", help="which of rest,rpc,scaling")
     parser.add_argument("--endpoints", default="GET,POST", help="GET, POST or both (REST runs)")
     parser.add_argument(
@@ -584,6 +659,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="Redis for every process (change events, control channel); '' for none",
     )
     parser.add_argument("--save", action="store_true", help="write bench/results/proxy-<date>.json")
+    parser.add_argument(
+        "--table-from",
+        type=Path,
+        metavar="JSON",
+        help="run nothing: print the tables of a saved report again",
+    )
     args = parser.parse_args(argv)
     args.connections = [int(n) for n in args.connections.split(",")]
     args.parts = set(args.parts.split(","))
@@ -593,6 +674,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.table_from:
+        print(render(json.loads(args.table_from.read_text())["results"]))
+        return 0
     # SIGTERM (or SIGINT, which a shell's background job ignores) unwinds: servers are stopped.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     python = Path(sys.executable)
@@ -615,7 +699,8 @@ def main(argv: list[str] | None = None) -> int:
             results |= measure_rest_and_rpc(tier, args, token, endpoints, logs, pg, records)
         if "scaling" in args.parts:
             results |= measure_scaling(tier, args, token, endpoints, logs, pg, records)
-    table, summaries = report(results)
+    summaries = {key: summary(samples) for key, samples in results.items()}
+    table = render(summaries)
     print(table)
     print(f"Command: `{command}`")
     print(
@@ -629,8 +714,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     if args.save:
         settings = {k: sorted(v) if isinstance(v, set) else v for k, v in vars(args).items()}
-        save_results("proxy", {"command": command, "host": machine, "settings": settings,
-                               "results": summaries, "table": table})  # fmt: skip
+        save_results(
+            "proxy",
+            {
+                "command": command,
+                "host": machine,
+                "settings": settings,
+                "results": summaries,
+                "table": table,
+            },
+        )
     valid = all(s.valid for samples in results.values() for s in samples)
     return 0 if valid else 1
 
