@@ -184,8 +184,11 @@ async def drive(args: argparse.Namespace, out: dict[str, typing.Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.rpcload", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.rpcload",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--url", required=True, help="ws://host:port/ws")
     parser.add_argument("--token", required=True)
     parser.add_argument("--path", default="/api/projects?limit=20", help="the rpc's GET path")

@@ -1,4 +1,4 @@
-"""``python -m core serve`` whose listening socket is bound with ``SO_REUSEPORT``, for bench/proxy.py.
+"""``python -m core serve`` bound with ``SO_REUSEPORT``, so that bench/proxy.py runs two on a port.
 
 ``python -m core`` is one process: it does not read ``WORKERS`` (that is
 the gateway's, gateway/workers.py) and binds its port without
