@@ -1,7 +1,10 @@
 """A separate core tier (CORE_URL): what the gateway's hop to the core costs, in one run.
 
-Three measurements, each run ``--rounds`` times with the modes alternating,
-reported as medians over rounds (a run with any failed request is left out):
+Three measurements, each run ``--rounds`` times, the two modes side by side
+in each round (their order alternating), reported as medians over rounds; the
+added p50 and the ratios are the medians of each round's own pair, which a
+machine whose load changes by the minute upsets less. A run with any failed
+request is left out (and the exit status is 1).
 
 1. **REST, through the gateway or straight to the core.** ``wrk`` (one thread,
    keep-alive, ``--latency``) on ``GET /api/projects?limit=20`` and ``POST
@@ -26,12 +29,17 @@ Placement (``taskset``) for 1 and 2: the process that queries PostgreSQL
 Every run records the CPU share of each process (of one CPU: 1.0 is a whole
 core), of PostgreSQL (all of its processes, other users' included), of the
 load generator, and of everything else on the machine ("other"), so a
-machine that is full, or busy with other work, shows in the report.
+machine that is full, or busy with other work, shows in the report, with
+each process's CPU time per request.
 
 Rerun (from the repository root; PostgreSQL, Redis on 127.0.0.1:6379 unless
 ``--redis-url ''``, ``wrk``, and ``pip install -e '.[bench]'``)::
 
-    .venv/bin/python -m bench.proxy --duration 10 --rounds 3 --save
+    .venv/bin/python -m bench.proxy --duration 10 --rounds 5 --save
+
+(about 25 minutes; docs/performance.md, "A separate core tier (CORE_URL)",
+has the figures and what they mean). ``--table-from FILE`` draws the tables
+of a saved report again.
 """
 
 from __future__ import annotations
