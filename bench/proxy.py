@@ -71,6 +71,7 @@ from bench.rest import (
     SEED_ROWS,
     Endpoint,
     Server,
+    add_database_arguments,
     children_cpu_seconds,
     cpu_seconds,
     create_schema,
@@ -378,16 +379,22 @@ def alternate(modes: list[str], round_: int) -> list[str]:
 # -- the three measurements -----------------------------------------------------------------
 
 
-def measure_rest_and_rpc(
-    tier: Tier,
-    args: argparse.Namespace,
-    token: str,
-    endpoints: list[Endpoint],
-    logs: Path,
-    pg: int | None,
-    records: list[tuple[Any, ...]],
-) -> Results:
+@dataclass(frozen=True)
+class Setup:
+    """What every measurement is given."""
+
+    tier: Tier
+    args: argparse.Namespace
+    token: str
+    endpoints: list[Endpoint]
+    logs: Path
+    pg: int | None  # PostgreSQL's postmaster, when it runs here
+    records: list[tuple[Any, ...]]  # the seed, written again at each round
+
+
+def measure_rest_and_rpc(setup: Setup) -> Results:
     """Measurements 1 and 2: one core, the CORE_URL gateway in front, a gateway hosting the core."""
+    tier, args, token, logs, pg = setup.tier, setup.args, setup.token, setup.logs, setup.pg
     results: Results = {}
     ports = {"core": free_port(), "front": free_port(), "hosting": free_port()}
     with ExitStack() as stack:
@@ -402,50 +409,35 @@ def measure_rest_and_rpc(
             hosting = stack.enter_context(
                 serve(hosting_server, ports["hosting"], token, logs, BACK_CPU)
             )
-        direct = CpuWatch({"core": [core.pid]}, pg)
-        proxied = CpuWatch({"gateway": [front.pid], "core": [core.pid]}, pg)
+        proxied = (ports["front"], CpuWatch({"gateway": [front.pid], "core": [core.pid]}, pg))
+        rest = {"direct": (ports["core"], CpuWatch({"core": [core.pid]}, pg)), "gateway": proxied}
+        rpc = {"CORE_URL": proxied}
+        if hosting is not None:
+            rpc["in-process"] = (ports["hosting"], CpuWatch({"gateway": [hosting.pid]}, pg))
         for round_ in range(1, args.rounds + 1):
-            asyncio.run(reseed(args.database_url, args.schema, records))
-            for endpoint in endpoints if "rest" in args.parts else []:
+            asyncio.run(reseed(args.database_url, args.schema, setup.records))
+            for endpoint in setup.endpoints if "rest" in args.parts else []:
                 for n in args.connections:
                     for mode in alternate(["direct", "gateway"], round_):
-                        port, watch = (
-                            (ports["core"], direct)
-                            if mode == "direct"
-                            else (ports["front"], proxied)
-                        )
+                        port, watch = rest[mode]
                         url = f"http://127.0.0.1:{port}"
                         sample = wrk_sample(url, endpoint, args, n, watch, round_)
                         add(results, f"rest|{endpoint.name}|{n}|{mode}", sample)
-            if hosting is None:
-                continue
-            hosted = CpuWatch({"gateway": [hosting.pid]}, pg)
-            for n in args.connections:
+            for n in args.connections if hosting is not None else []:
                 for mode in alternate(["in-process", "CORE_URL"], round_):
-                    port, watch = (
-                        (ports["hosting"], hosted)
-                        if mode == "in-process"
-                        else (ports["front"], proxied)
-                    )
+                    port, watch = rpc[mode]
                     add(results, f"rpc|{n}|{mode}", rpc_sample(port, token, args, n, watch, round_))
     return results
 
 
-def measure_scaling(
-    tier: Tier,
-    args: argparse.Namespace,
-    token: str,
-    endpoints: list[Endpoint],
-    logs: Path,
-    pg: int | None,
-    records: list[tuple[Any, ...]],
-) -> Results:
+def measure_scaling(setup: Setup) -> Results:
     """Measurement 3: one gateway process in front of one, then two, core processes."""
+    tier, args, token, logs = setup.tier, setup.args, setup.token, setup.logs
     results: Results = {}
     n = max(args.connections)
     loads = {"unpinned": None, "load on CPU 0": LOAD_CPU}
     for round_ in range(1, args.rounds + 1):
-        asyncio.run(reseed(args.database_url, args.schema, records))
+        asyncio.run(reseed(args.database_url, args.schema, setup.records))
         for cores in alternate(["1", "2"], round_):
             core_port, front_port = free_port(), free_port()
             with ExitStack() as stack:
@@ -465,9 +457,9 @@ def measure_scaling(
                     serve(tier.gateway(front_port, core_port), front_port, token, logs, None)
                 )
                 roles = {"gateway": [front.pid]} | {f"core {i}": [p] for i, p in enumerate(pids)}
-                watch = CpuWatch(roles, pg)
+                watch = CpuWatch(roles, setup.pg)
                 for load, cpu in loads.items():
-                    for endpoint in endpoints:
+                    for endpoint in setup.endpoints:
                         url = f"http://127.0.0.1:{front_port}"
                         sample = wrk_sample(url, endpoint, args, n, watch, round_, cpu)
                         add(results, f"scaling|{load}|{endpoint.name}|{cores}", sample)
@@ -656,11 +648,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--parts", default="rest,rpc,scaling", help="which of rest,rpc,scaling")
     parser.add_argument("--endpoints", default="GET,POST", help="GET, POST or both (REST runs)")
-    parser.add_argument(
-        "--database-url",
-        default=os.environ.get("DATABASE_URL", "postgresql://127.0.0.1:5432/test"),
-    )
-    parser.add_argument("--schema", default="bench_proxy")
+    add_database_arguments(parser, "bench_proxy")
     parser.add_argument(
         "--redis-url",
         default=os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"),
@@ -703,10 +691,11 @@ def main(argv: list[str] | None = None) -> int:
         migrate = [sys.executable, "-m", "core", "migrate"]
         subprocess.run(migrate, cwd=ROOT, env=tier.env | tier.db, check=True, capture_output=True)
         endpoints = [e for e in make_endpoints(token, logs) if e.name.split()[0] in args.endpoints]
+        setup = Setup(tier, args, token, endpoints, logs, pg, records)
         if args.parts & {"rest", "rpc"}:
-            results |= measure_rest_and_rpc(tier, args, token, endpoints, logs, pg, records)
+            results |= measure_rest_and_rpc(setup)
         if "scaling" in args.parts:
-            results |= measure_scaling(tier, args, token, endpoints, logs, pg, records)
+            results |= measure_scaling(setup)
     summaries = {key: summary(samples) for key, samples in results.items()}
     table = render(summaries)
     print(table)

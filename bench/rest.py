@@ -438,6 +438,15 @@ def markdown(results: dict[str, dict[str, dict[str, Any]]]) -> str:
     return "\n".join(lines)
 
 
+def add_database_arguments(parser: argparse.ArgumentParser, schema: str) -> None:
+    """``--database-url`` (DATABASE_URL, else the local test database) and ``--schema``."""
+    parser.add_argument(
+        "--database-url",
+        default=os.environ.get("DATABASE_URL", "postgresql://127.0.0.1:5432/test"),
+    )
+    parser.add_argument("--schema", default=schema)
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m bench.rest", description="Benchmark our REST core against a FastAPI peer."
@@ -446,11 +455,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--only", choices=["core", "fastapi"], help="benchmark one server")
-    parser.add_argument(
-        "--database-url",
-        default=os.environ.get("DATABASE_URL", "postgresql://127.0.0.1:5432/test"),
-    )
-    parser.add_argument("--schema", default="bench_rest")
+    add_database_arguments(parser, "bench_rest")
     parser.add_argument(
         "--self-migrate",
         action="store_true",
