@@ -135,6 +135,10 @@ class ServerClient(Closing):
             body["block_seconds"] = block
         return await self._typed("disconnect", body, ActionOut)
 
+    async def unblock(self, user: str, *, wait: float = 2.0) -> ActionOut:
+        """End a block of ``user`` (`disconnect`'s ``block``) on every gateway."""
+        return await self._typed("unblock", {"user": user, "timeout": wait}, ActionOut)
+
     async def subscribe(
         self, ch: str, user: str, client: str | None = None, *, wait: float = 2.0
     ) -> ActionOut:

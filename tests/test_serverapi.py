@@ -30,6 +30,7 @@ ROUTES: dict[str, dict[str, Any]] = {
     "publish": {"ch": "room:1", "data": {"n": 1}},
     "broadcast": {"channels": ["room:1", "room:2"], "data": 1},
     "disconnect": {"user": "nobody"},
+    "unblock": {"user": "nobody"},
     "subscribe": {"user": "nobody", "ch": "room:1"},
     "unsubscribe": {"user": "nobody", "ch": "room:1"},
     "connections": {"user": "nobody"},
@@ -339,6 +340,12 @@ async def test_disconnect_closes_every_transport_everywhere_and_blocks_reconnect
                 api.close()
             assert status == 403 and body["error"]["code"] == "blocked"
             assert 0 < int(headers["Retry-After"]) <= 60
+        # Unblocked through one gateway, taken again by both at once.
+        done = (await call(b, root, "unblock", {"user": "alice"}))[2]
+        assert done["missing"] == [] and done["count"] == 0
+        for gw in (a, b):
+            async with ws_client(gw.port, token) as again:
+                assert (await again.request("ping"))["ok"]
         # Someone else still connects; a disconnect without a block blocks no one, and
         # a reason longer than a close frame carries is cut at a character.
         async with ws_client(b.port, token_for(b, "dave")) as f:

@@ -52,6 +52,9 @@ async def test_every_call_of_the_python_library(redis_url):
             with pytest.raises(ConnectionClosed):
                 while True:
                     await c.recv()
+            assert (await api.unblock("alice")).missing == []
+            async with ws_client(gw.port, token_for(gw, "alice")) as again:
+                assert (await again.request("ping"))["ok"]
             with pytest.raises(ServerError) as refused:
                 await api.publish("__admin", 1)
             assert refused.value.status == 403 and refused.value.code == "forbidden"

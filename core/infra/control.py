@@ -51,6 +51,7 @@ __all__ = [
     "ServerRequest",
     "SessionsRevoked",
     "Subscribe",
+    "Unblock",
     "Unsubscribe",
     "action_name",
     "broadcast",
@@ -119,7 +120,13 @@ class Info(msgspec.Struct, tag_field="action", tag="info"):
     pass
 
 
-Action = Disconnect | Subscribe | Unsubscribe | Connections | Channels | Info
+class Unblock(msgspec.Struct, tag_field="action", tag="unblock", kw_only=True):
+    """Take ``user``'s connections again (a ``disconnect`` blocked them)."""
+
+    user: str
+
+
+Action = Disconnect | Subscribe | Unsubscribe | Connections | Channels | Info | Unblock
 
 
 class ServerRequest(msgspec.Struct, tag_field="type", tag="server_request", kw_only=True):

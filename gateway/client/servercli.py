@@ -47,6 +47,8 @@ def add_parser(commands: Any) -> None:
     p.add_argument("--code", type=int, default=4511, help="close code, 4000-4999")
     p.add_argument("--reason", default="")
     p.add_argument("--block", type=float, default=0.0, help="refuse the user for N seconds")
+    p = calls.add_parser("unblock", help="take a blocked user's connections again")
+    p.add_argument("--user", required=True)
     for name in ("subscribe", "unsubscribe"):
         p = calls.add_parser(name, help=f"{name} a user's or a client's connections")
         p.add_argument("channel")

@@ -74,8 +74,10 @@ class Agent:
             log.warning("server request %s ignored: reply_to %r", message.id, message.reply_to[:80])
             return
         action = message.action
-        if isinstance(action, control.Disconnect) and action.user and action.block_until:
+        if isinstance(action, control.Disconnect) and action.block_until:
             self.blocks.note(action.user, action.block_until)
+        elif isinstance(action, control.Unblock):
+            self.blocks.forget(action.user)
         self._tasks.spawn(self._serve(message), "server-request")
 
     async def _serve(self, request: control.ServerRequest) -> None:
@@ -126,6 +128,8 @@ class Agent:
         if isinstance(action, control.Unsubscribe):
             sessions = self._find(action.user, action.client)
             return control.Count(sum(s.server_unsubscribe(action.ch) for s in sessions))
+        if isinstance(action, control.Unblock):
+            return control.Count(0)  # done on receipt (`on_control`): no connection to act on
         if isinstance(action, control.Connections):
             sessions = self._find(action.user, action.client)
             listed = [s.describe(self.node_id) for s in sessions[:MAX_LISTED]]
@@ -136,16 +140,14 @@ class Agent:
         redis, postgres = await self._health()
         return self.stats.info(redis, postgres)
 
-    def _find(self, user: str | None, client: str | None) -> list[Session]:
-        """This gateway's connections of ``user``, or the one ``client``."""
-        if client is not None:
-            return [
-                m
-                for m in self.node.hub.connections
-                if isinstance(m, Session) and m.client_id == client
-            ]
+    def _find(self, user: str, client: str | None) -> list[Session]:
+        """This gateway's connections of ``user`` (only ``client``, when given)."""
         return [
-            m for m in self.node.hub.connections if isinstance(m, Session) and m.subject == user
+            m
+            for m in self.node.hub.connections
+            if isinstance(m, Session)
+            and m.subject == user
+            and (client is None or m.client_id == client)
         ]
 
     def _channels(self, pattern: str) -> control.ChannelList:
@@ -165,8 +167,12 @@ class Agent:
         await self._tasks.cancel()
 
 
-def _target(action: control.Disconnect | control.Subscribe | control.Unsubscribe) -> str:
-    who = f"user {action.user!r}" if action.user is not None else f"client {action.client!r}"
+def _target(
+    action: control.Disconnect | control.Subscribe | control.Unsubscribe | control.Unblock,
+) -> str:
+    if isinstance(action, control.Unblock):
+        return f"user {action.user!r}"
+    who = f"user {action.user!r}" + (f" client {action.client!r}" if action.client else "")
     if isinstance(action, control.Disconnect):
         block = f", blocked until {action.block_until:.0f}" if action.block_until else ""
         return f"{who} with {action.code} {action.reason!r}{block}"

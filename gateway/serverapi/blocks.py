@@ -58,6 +58,15 @@ class BlockList:
         await self._broker.expiring_add(KEY, user, until)
         self.note(user, until)
 
+    async def unblock(self, user: str) -> None:
+        """Take ``user`` again everywhere: out of the shared set, and here."""
+        await self._broker.expiring_remove(KEY, user)
+        self.forget(user)
+
+    def forget(self, user: str) -> None:
+        """Take ``user`` again here (another gateway unblocked it)."""
+        self._until.pop(user, None)
+
     def tick(self, now: float) -> None:
         """Called every second (``now``: monotonic): a sync every `SYNC` seconds."""
         if now - self._synced >= SYNC and not self._tasks:

@@ -9,8 +9,8 @@ gateway receives the call does not matter:
   every gateway;
 * ``presence``, ``presence_stats`` and ``history`` read the broker (Redis),
   which holds them for every gateway;
-* ``disconnect``, ``subscribe``, ``unsubscribe``, ``connections``,
-  ``channels`` and ``info`` ask every live gateway through the control
+* ``disconnect``, ``unblock``, ``subscribe``, ``unsubscribe``,
+  ``connections``, ``channels`` and ``info`` ask every live gateway through the control
   channel (gateway/serverapi/fleet.py) and answer once each has acted, or
   the ``timeout`` passed: ``missing`` names the gateways that did not answer,
   ``failed`` those that answered with an error.
@@ -55,6 +55,7 @@ from gateway.serverapi.schemas import (
     PublishIn,
     PublishOut,
     SubscriptionIn,
+    UnblockIn,
 )
 from proto import RESERVED_PREFIX, HistoryItem, InvalidData, reason_for
 from proto.codes import CLOSE_REASON_MAX_BYTES
@@ -142,6 +143,14 @@ class ServerRoutes:
                 ActionOut,
                 "Every transport, every gateway; `block_seconds` refuses the user's new "
                 "connections (403 `blocked`) for that long." + fanned,
+            ),
+            post(
+                "unblock",
+                self.unblock,
+                "Take a blocked user's connections again",
+                UnblockIn,
+                ActionOut,
+                "Ends a `disconnect`'s block at once, on every gateway." + fanned,
             ),
             post(
                 "subscribe",
@@ -280,6 +289,14 @@ class ServerRoutes:
             user=body.user, client=body.client, code=body.code, reason=reason, block_until=until
         )
         return _ok(_counted(await self._ask(req, action, body.timeout)))
+
+    async def unblock(self, req: Request) -> Response:
+        body: UnblockIn = req.data
+        try:  # the shared list first: a gateway that syncs meanwhile reads it
+            await self.ops.blocks.unblock(body.user)
+        except BrokerUnavailable as exc:
+            raise Unavailable(f"broker unavailable, retry later: {exc}") from None
+        return _ok(_counted(await self._ask(req, control.Unblock(user=body.user), body.timeout)))
 
     async def subscribe(self, req: Request) -> Response:
         body: SubscriptionIn = req.data

@@ -37,6 +37,7 @@ __all__ = [
     "PublishIn",
     "PublishOut",
     "SubscriptionIn",
+    "UnblockIn",
 ]
 
 #: A token's ``sub``.
@@ -91,6 +92,11 @@ class DisconnectIn(_Target, kw_only=True):
     reason: Annotated[str, Meta(max_length=123)] = ""
     #: refuse the user's new connections for this long (0: do not)
     block_seconds: Annotated[float, Meta(ge=0, le=31_536_000)] = 0.0
+
+
+class UnblockIn(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    user: User
+    timeout: Timeout = 2.0
 
 
 class SubscriptionIn(_Target, kw_only=True):
