@@ -8,6 +8,8 @@ from proto.codec import CODECS, Codec, JsonCodec, MsgpackCodec, ProtocolError, s
 from proto.codec import JSON as JSON_CODEC
 from proto.codec import MSGPACK as MSGPACK_CODEC
 from proto.codes import (
+    APP_CLOSES,
+    APP_ERRORS,
     CLOSE_REASON_MAX_BYTES,
     CloseCode,
     ErrorCode,
@@ -18,6 +20,7 @@ from proto.codes import (
 )
 from proto.connection import RESERVED_PREFIX, TRANSITIONS, Connection, State, StateError
 from proto.frames import (
+    Call,
     Command,
     ErrorBody,
     Expiring,
@@ -45,12 +48,15 @@ from proto.publication import InvalidData
 from proto.wsframe import frame
 
 __all__ = [
+    "APP_CLOSES",
+    "APP_ERRORS",
     "CLOSE_REASON_MAX_BYTES",
     "CODECS",
     "JSON_CODEC",
     "MSGPACK_CODEC",
     "RESERVED_PREFIX",
     "TRANSITIONS",
+    "Call",
     "CloseCode",
     "Codec",
     "Command",

@@ -13,6 +13,11 @@ Close-code ranges tell a client what to do without knowing every code:
   reconnect with backoff, refreshing their token first on 4002.
 * 4500-4999: reconnecting with the same credentials will fail the same way
   (bad protocol use, revoked access). Clients must not reconnect blindly.
+
+The application's backend (a hook, docs/hooks.md) speaks both vocabularies
+too: its reply errors use codes `APP_ERRORS` (400-1999), passed to the client
+unchanged, and its disconnects codes `APP_CLOSES` (4000-4999), whose ranges
+mean what they mean above.
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ import enum
 from typing import NamedTuple
 
 __all__ = [
+    "APP_CLOSES",
+    "APP_ERRORS",
     "CLOSE_REASON_MAX_BYTES",
     "CloseCode",
     "ErrorCode",
@@ -32,6 +39,10 @@ __all__ = [
 
 #: RFC 6455 limits a close frame's payload to 125 bytes: 2 for the code.
 CLOSE_REASON_MAX_BYTES = 123
+#: Reply error codes a backend may answer with; any other is sent as 103.
+APP_ERRORS = range(400, 2000)
+#: Close codes a backend may end a connection with.
+APP_CLOSES = range(4000, 5000)
 
 
 class ErrorCode(enum.IntEnum):
