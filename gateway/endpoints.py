@@ -134,7 +134,9 @@ class ReadyHandler(JsonHandler):
     ``database`` is null when the REST core has no database here (none
     configured, or the core is elsewhere: ``CORE_URL``). A core elsewhere is
     shown under ``core`` (reachable, and its breaker's state) but does not
-    make the gateway unready: its sockets work without it.
+    make the gateway unready: its sockets work without it. Nor do hooks'
+    backends (``hooks``: each one's breaker and last error): connections that
+    need no hook are served whatever they do.
     """
 
     async def get(self) -> None:
@@ -152,6 +154,8 @@ class ReadyHandler(JsonHandler):
         }
         if isinstance(core, UpstreamCore):
             body["core"] = {"reachable": await core.healthy(), **core.state()}
+        if self.ctx.hooks is not None:
+            body["hooks"] = self.ctx.hooks.state()
         self.write_json(body, 200 if ok else 503)
 
 
