@@ -151,7 +151,9 @@ class Gateway:
             self.app,
             {
                 PublishHandler: (s.max_publish_bytes + 1024, True, False),
-                LongPollHandler: (s.max_body_bytes, True, True),
+                # With hooks, a long-poll session may hold a secret of its own rather
+                # than a token (admitted by its cookies): the handler checks either.
+                LongPollHandler: (s.max_body_bytes, True if ctx.hooks is None else None, True),
             },
         )
         proxies = TrustedProxies(s.trusted_proxies, s.forwarded_header)

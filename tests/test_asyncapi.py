@@ -25,6 +25,7 @@ from core import __version__
 from gateway.asyncapi import COMMANDS, PUSHES, document
 from proto import (
     JSON_CODEC,
+    Call,
     ErrorBody,
     Expiring,
     Gap,
@@ -67,6 +68,8 @@ EXAMPLES: list[msgspec.Struct] = [
         headers={"If-Match": '"1"'},
     ),
     Refresh(id=6, token="a.b.c"),
+    Call(id=11, method="orders.quote", data=msgspec.Raw(b'{"items":3}')),
+    Sub(id=12, ch="private:ada", data=msgspec.Raw(b'{"invite":"x1"}')),
     History(id=7, ch="projects", since=40, limit=20),
     PresenceQuery(id=8, ch="room:1"),
     PresenceStats(id=9, ch="room:1"),
@@ -74,6 +77,8 @@ EXAMPLES: list[msgspec.Struct] = [
     Reply(id=None, ok=False, error=ErrorBody(code=100, message="malformed frame")),
     Reply(id=5, ok=True, status=201, headers={"ETag": '"1"'}, body=msgspec.Raw(b'{"id":7}')),
     Reply(id=10, ok=True, presence=[INFO], num_clients=1, num_users=1),
+    Reply(id=11, ok=True, data=msgspec.Raw(b'{"total":12.5}')),
+    Reply(id=11, ok=False, error=ErrorBody(code=404, message="no method x")),
     Push(ch="projects", data={"type": "created"}, offset=46, epoch="9f3a"),
     Expiring(exp=1795600000),
     Gap(ch="projects"),

@@ -65,7 +65,6 @@ _read_subscribe = decoder(SubscribeAnswer)
 _read_publish = decoder(PublishAnswer)
 _read_call = decoder(CallAnswer)
 _read_refresh = decoder(RefreshAnswer)
-_NONE = msgspec.Raw()
 #: Seconds between two refresh calls while the refresh hook fails (at random, within).
 RETRY = (1.0, 5.0)
 
@@ -148,8 +147,11 @@ class HookedSession(Session):
 
     async def _hooked_subscribe(self, endpoint: Endpoint, cmd: Sub) -> None:
         data = self.codec.data_to_json(cmd.data) if len(cmd.data) else None
-        raw = _NONE if data is None else msgspec.Raw(data)
-        request = SubscribeRequest(self.client_id, self.subject, cmd.ch, raw)
+        request = (
+            SubscribeRequest(self.client_id, self.subject, cmd.ch)
+            if data is None  # (omit_defaults leaves out the default itself, not an equal value)
+            else SubscribeRequest(self.client_id, self.subject, cmd.ch, msgspec.Raw(data))
+        )
         max_bytes = self.node.max_publication_bytes
         checked: list[tuple[bytes | None, bytes | None]] = []
 
@@ -205,8 +207,11 @@ class HookedSession(Session):
 
     async def _call(self, endpoint: Endpoint, cmd: Call) -> None:
         data = self.codec.data_to_json(cmd.data) if len(cmd.data) else None
-        raw = _NONE if data is None else msgspec.Raw(data)
-        request = CallRequest(self.client_id, self.subject, cmd.method, raw)
+        request = (
+            CallRequest(self.client_id, self.subject, cmd.method)
+            if data is None
+            else CallRequest(self.client_id, self.subject, cmd.method, msgspec.Raw(data))
+        )
         max_bytes = self.node.max_publication_bytes
         answered: list[bytes | None] = []
 
