@@ -149,6 +149,8 @@ class Connection:
             raise ProtocolError(
                 ErrorCode.LIMIT_EXCEEDED, cmd.id, f"at most {self.max_subscriptions} subscriptions"
             )
+        if cmd.data:  # for a subscribe hook's backend, bounded as a publication is
+            self._check_size(cmd.id, cmd.data)
 
     # -- bookkeeping after the session executed a command ------------------
 

@@ -22,11 +22,22 @@ from tornado.httpclient import AsyncHTTPClient, HTTPClientError
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
+from core.infra.mint import mint_token
 from core.infra.settings import Settings, SettingsError
 from gateway.app import Gateway
 from gateway.hooks import SIGNATURE_HEADER, TIMESTAMP_HEADER, sign, signed_headers, verify_signature
 from proto import CloseCode
-from tests.harness import Client, http_url, running_gateway, token_for, until, ws_client
+from tests import test_processes
+from tests.harness import SECRET as JWT_SECRET
+from tests.harness import (
+    Client,
+    http_url,
+    running_gateway,
+    token_for,
+    unique_prefix,
+    until,
+    ws_client,
+)
 from tests.hookbackend import SECRET, HookBackend
 from tests.servers import UNIT
 
@@ -56,7 +67,7 @@ def hooked(backend: HookBackend, **overrides: Any) -> dict[str, Any]:
 
 @contextlib.asynccontextmanager
 async def cookie_client(
-    gw: Gateway, cookie: str | None, *, msgpack: bool = False, **headers: str
+    gw: Any, cookie: str | None, *, msgpack: bool = False, **headers: str
 ) -> AsyncIterator[Client]:
     """A socket with no token at all: a browser's cookie (and other headers) only."""
     if cookie is not None:
@@ -542,3 +553,38 @@ def test_a_hook_request_is_one_small_json_object():
         "channel": "chat:1",
         "data": {"a": 1},
     }
+
+
+# -- real gateway processes ------------------------------------------------------------
+
+processes = test_processes.processes  # the fixture: real `python -m gateway` processes
+
+
+async def test_a_rewritten_publication_reaches_every_subscriber_on_two_processes(
+    processes, redis_url, backend
+):
+    env = {
+        "REDIS_URL": redis_url,
+        "REDIS_PREFIX": unique_prefix(),
+        "JWT_SECRET": JWT_SECRET,
+        "HOOK_SECRET": SECRET,
+        "HOOK_CONNECT_URL": backend.url("/connect"),
+        "HOOK_PUBLISH_URL": backend.url("/publish"),
+        "HOOK_PUBLISH_CHANNELS": "chat:*",
+    }
+    a, b = processes(**env), processes(**env)
+    carol = mint_token(Settings(jwt_secret=JWT_SECRET), "carol", ["room:*"])
+    async with (
+        cookie_client(a, backend.login("ada")) as ada,
+        cookie_client(b, backend.login("bob"), msgpack=True) as bob,
+        ws_client(b.port, carol) as carol_socket,
+    ):
+        everyone = (ada, bob, carol_socket)
+        for c in everyone:
+            assert (await c.request("sub", ch="chat:lobby"))["ok"]
+        assert (await ada.request("pub", ch="chat:lobby", data={"text": "darn, on a"}))["ok"]
+        for c in everyone:
+            assert (await c.next_push())["data"] == {"from": "ada", "text": "****, on a"}
+        assert (await carol_socket.request("pub", ch="chat:lobby", data="heck, on b"))["ok"]
+        for c in everyone:
+            assert (await c.next_push())["data"] == {"from": "carol", "text": "****, on b"}

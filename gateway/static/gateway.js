@@ -602,10 +602,10 @@ export class Gateway {
   }
 
   emit(event, ...args) {
-    for (const fn of [...(this.listeners.get(event) ?? [])]) this.call(fn, ...args);
+    for (const fn of [...(this.listeners.get(event) ?? [])]) this.invoke(fn, ...args);
   }
 
-  call(fn, ...args) {
+  invoke(fn, ...args) {
     // A throwing handler must not break the frame loop.
     try {
       fn?.(...args);
@@ -807,8 +807,8 @@ export class Gateway {
         if (sub) this.deliver(sub, frame);
         else this.emit("publication", { ch: frame.ch, data: frame.data, offset: frame.offset, epoch: frame.epoch });
         break;
-      case "join": if (sub) this.call(sub.handlers.onJoin, frame.info); break;
-      case "leave": if (sub) this.call(sub.handlers.onLeave, frame.info); break;
+      case "join": if (sub) this.invoke(sub.handlers.onJoin, frame.info); break;
+      case "leave": if (sub) this.invoke(sub.handlers.onLeave, frame.info); break;
       case "gap": if (sub) this.repairGap(sub); break;
       case "expiring": this.refresh(); break;
       case "unsubscribed":
@@ -826,7 +826,7 @@ export class Gateway {
       if (seen && seen.epoch === epoch && offset <= seen.offset) return; // already delivered
       sub.position = { offset, epoch };
     }
-    this.call(sub.handlers.onMessage, data, { ch, offset, epoch });
+    this.invoke(sub.handlers.onMessage, data, { ch, offset, epoch });
   }
 
   async refresh() {
@@ -894,14 +894,14 @@ export class Gateway {
   }
 
   recovered(sub, recovered) {
-    this.call(sub.handlers.onRecovered, recovered);
+    this.invoke(sub.handlers.onRecovered, recovered);
     this.emit("recovered", { ch: sub.channel, recovered });
   }
 
   drop(sub, err) {
     this.subscriptions.delete(sub.channel);
     sub.settle.reject(err);
-    this.call(sub.handlers.onError, err);
+    this.invoke(sub.handlers.onError, err);
     this.emit("unsubscribed", { ch: sub.channel, code: err.code, message: err.message });
   }
 
@@ -916,7 +916,7 @@ export class Gateway {
   async repairGap(sub) {
     // Publications may have been missed (the gateway lost Redis for a while):
     // fetch them from history, holding live pushes back until done.
-    this.call(sub.handlers.onGap);
+    this.invoke(sub.handlers.onGap);
     if (sub.held) return;
     let recovered = false;
     sub.held = [];
@@ -942,7 +942,7 @@ export class Gateway {
       for (const { offset: at, data } of publications) {
         if (at <= sub.position.offset) continue;
         sub.position = { offset: at, epoch };
-        this.call(sub.handlers.onMessage, data, { ch: sub.channel, offset: at, epoch });
+        this.invoke(sub.handlers.onMessage, data, { ch: sub.channel, offset: at, epoch });
       }
       if (sub.position.offset >= offset || publications.length === 0) return true;
     }
