@@ -3,10 +3,11 @@
 What it does (docs/hooks.md explains each hook):
 
 * **connect**: admits browsers by their session cookie, with no token at all
-  (``GET /login?user=ada`` sets one, as a cookie-session app's login would);
-  a client with a token is admitted as its ``sub``. Everyone may use
-  ``room:*``, ``chat:*`` and ask for ``private:*``, and is subscribed by the
-  server to ``user:<user>``. ``mallory`` is shown the door (4501).
+  (``GET /login?user=ada`` sets one, as a cookie-session app's login would):
+  they may use ``room:*``, ``chat:*`` and ask for ``private:*``, and are
+  subscribed by the server to ``user:<user>``. A client with a token is
+  admitted as its ``sub`` with what its token grants. ``mallory`` is shown
+  the door (4501).
 * **subscribe** (``HOOK_SUBSCRIBE_CHANNELS=private:*``): only ``private:<you>``;
   anyone else's is refused with the application's code 403.
 * **publish** (``HOOK_PUBLISH_CHANNELS=chat:*``): rewrites every chat message
@@ -81,6 +82,8 @@ def connect(request: dict[str, Any]) -> dict[str, Any]:
         return {"error": {"code": 401, "message": "log in first"}}
     if user in BANNED:
         return {"disconnect": {"code": 4501, "reason": "banned"}}
+    if request["user"] is not None:
+        return {"result": {}}  # a token's client: what its token grants stands
     return {
         "result": {
             "user": user,

@@ -24,6 +24,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from core.infra.mint import mint_token
 from core.infra.settings import Settings, SettingsError
+from core.infra.verify import Verifier
 from gateway.app import Gateway
 from gateway.hooks import SIGNATURE_HEADER, TIMESTAMP_HEADER, sign, signed_headers, verify_signature
 from proto import CloseCode
@@ -156,17 +157,46 @@ async def test_refused_and_disconnected_before_anything_opens(backend):
         assert sample(failures, "gateway_handshake_failures_total", reason=reason) == 1
 
 
-async def test_a_token_s_claims_go_to_the_hook_which_cannot_change_its_user(backend):
+async def test_a_token_s_claims_go_to_the_hook_and_its_grants_stand(backend):
     backend.forget()
     async with running_gateway(**hooked(backend)) as gw:
         token = token_for(gw, "alice", channels=("room:*",))
         async with ws_client(gw.port, token, via="header") as c:
-            # The hook's grants replace the token's: chat:* now, and private:*.
-            assert (await c.request("sub", ch="chat:1"))["ok"]
+            # The example answers {"result": {}} to a token: what it grants stands.
+            assert (await c.request("sub", ch="room:1"))["ok"]
+            assert (await c.request("sub", ch="chat:1"))["error"]["code"] == 103
             assert (await c.request("call", method="whoami"))["data"] == {"user": "alice"}
         asked = backend.requests("connect")[-1]
         assert asked["user"] == "alice" and asked["claims"]["channels"] == ["room:*"]
+        assert asked["claims"]["sub"] == "alice" and "exp" in asked["claims"]
         assert asked["headers"]["Authorization"] == f"Bearer {token}"
+
+
+def test_a_connect_result_cannot_make_a_token_someone_else():
+    from core.infra.metrics import Metrics
+    from gateway.hooks.answers import BadAnswer, ConnectResult
+    from gateway.hooks.connect import _identity
+    from gateway.hooks.service import Hooks
+
+    settings = Settings(hook_secret=SECRET, hook_connect_url="http://127.0.0.1:1/connect")
+    hooks = Hooks(settings, Metrics())
+    token = Verifier(Settings(jwt_secret=JWT_SECRET)).verify(
+        mint_token(Settings(jwt_secret=JWT_SECRET), "alice", ["room:*"])
+    )
+    for bad in (
+        ConnectResult(user="bob"),  # another user than the token's
+        ConnectResult(subscribe=["__control"]),  # the system's channel
+        ConnectResult(subscribe=[f"c{n}" for n in range(200)]),  # over MAX_SUBSCRIPTIONS
+        ConnectResult(info={"x": "y" * 2000}),  # over 1 KiB
+        ConnectResult(channels=["room:*"], pub=[1]),  # type: ignore[list-item]
+    ):
+        with pytest.raises(BadAnswer):
+            _identity(hooks, bad, token, "c1")
+    with pytest.raises(BadAnswer):  # without a token, the hook must name the user
+        _identity(hooks, ConnectResult(), None, "c1")
+    same = _identity(hooks, ConnectResult(user="alice", expire_at=5.0), token, "c1")
+    assert (same.sub, same.exp, same.grants, same.client) == ("alice", 5.0, token.grants, "c1")
+    assert token.exp != 5.0  # the verified (cached, shared) identity is untouched
 
 
 async def test_a_spoofed_user_in_frames_or_headers_changes_nothing(backend):
@@ -449,8 +479,9 @@ async def test_calls_beyond_the_concurrency_fail_at_once_rather_than_queue(backe
     overrides = hooked(
         backend,
         hook_connect_url=None,
-        hook_call_url=backend.url("/slow/call?seconds=1"),
+        hook_call_url=backend.url("/slow/call?seconds=0.5"),
         hook_concurrency=1,
+        hook_queue=1,
         hook_timeout=3.0,
     )
     async with running_gateway(**overrides) as gw:
@@ -573,7 +604,7 @@ async def test_a_rewritten_publication_reaches_every_subscriber_on_two_processes
         "HOOK_PUBLISH_CHANNELS": "chat:*",
     }
     a, b = processes(**env), processes(**env)
-    carol = mint_token(Settings(jwt_secret=JWT_SECRET), "carol", ["room:*"])
+    carol = mint_token(Settings(jwt_secret=JWT_SECRET), "carol", ["chat:*"])
     async with (
         cookie_client(a, backend.login("ada")) as ada,
         cookie_client(b, backend.login("bob"), msgpack=True) as bob,

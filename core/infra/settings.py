@@ -329,9 +329,15 @@ class Settings:
     hook_concurrency: int = _setting(
         64,
         "HOOK_CONCURRENCY",
-        "Hook calls in flight per process (keep-alive connections to the backends); as many "
-        "again may wait, more fail at once.",
+        "Hook calls in flight per process (keep-alive connections to the backends).",
         _positive_int,
+    )
+    hook_queue: int = _setting(
+        256,
+        "HOOK_QUEUE",
+        "Hook calls per process that may wait for one of HOOK_CONCURRENCY slots (within "
+        "HOOK_TIMEOUT); more fail at once (overloaded: their failure policy applies).",
+        _non_negative_int,
     )
     hook_breaker_failures: int = _setting(
         5,

@@ -2,8 +2,8 @@
 
 One `HookClient` per process sends every hook call over one aiohttp session:
 HTTP/1.1 keep-alive connections, at most ``HOOK_CONCURRENCY`` of them and as
-many calls in flight; as many more may wait for a slot, and beyond that a call
-fails at once (``overloaded``) rather than queue without end. Each call, the
+many calls in flight; ``HOOK_QUEUE`` more may wait for a slot, and beyond that
+a call fails at once (``overloaded``) rather than queue without end. Each call, the
 wait for a slot included, has ``HOOK_TIMEOUT`` seconds. An answer is read up
 to a bound (``MAX_PUBLICATION_BYTES`` plus 64 KiB; more: ``too_large``),
 must be a ``200``, and must decode as its hook's answer (``bad_answer``
@@ -80,8 +80,9 @@ class HookClient:
         self._timeout = settings.hook_timeout
         self._concurrency = settings.hook_concurrency
         self._slots = asyncio.Semaphore(settings.hook_concurrency)
-        #: Calls under way or waiting for a slot; at most twice the concurrency.
+        #: Calls under way or waiting for a slot: at most HOOK_CONCURRENCY + HOOK_QUEUE.
         self.pending = 0
+        self._max_pending = settings.hook_concurrency + settings.hook_queue
         self._max_answer = settings.max_publication_bytes + 65536
         self._metrics = metrics
         self._session: aiohttp.ClientSession | None = None
@@ -105,7 +106,7 @@ class HookClient:
     async def ask(self, endpoint: Endpoint, body: bytes, read: Callable[[bytes], A]) -> A:
         """``endpoint``'s answer to ``body`` (JSON), read by ``read``; or `HookFailed`."""
         hook, breaker = endpoint.name, endpoint.breaker
-        if self.pending >= 2 * self._concurrency:
+        if self.pending >= self._max_pending:
             raise self._failed(endpoint, "overloaded", "too many hook calls waiting")
         if breaker.refuse(time.monotonic()) is not None:
             raise self._failed(endpoint, "breaker_open", "its backend keeps failing")
