@@ -8,8 +8,9 @@ What it does (docs/hooks.md explains each hook):
   subscribed by the server to ``user:<user>``. A client with a token is
   admitted as its ``sub`` with what its token grants. ``mallory`` is shown
   the door (4501).
-* **subscribe** (``HOOK_SUBSCRIBE_CHANNELS=private:*``): only ``private:<you>``;
-  anyone else's is refused with the application's code 403.
+* **subscribe** (``HOOK_SUBSCRIBE_CHANNELS=private:*``): only ``private:<you>``
+  (welcomed in the reply, shown as its owner in presence); anyone else's is
+  refused with the application's code 403.
 * **publish** (``HOOK_PUBLISH_CHANNELS=chat:*``): rewrites every chat message
   to ``{"from": <user>, "text": <text, censored>}``, refuses empty ones (400),
   and keeps ``"ephemeral": true`` ones out of history.
@@ -98,7 +99,7 @@ def connect(request: dict[str, Any]) -> dict[str, Any]:
 def subscribe(request: dict[str, Any]) -> dict[str, Any]:
     if request["channel"] != f"private:{request['user']}":
         return {"error": {"code": 403, "message": "not your private channel"}}
-    return {"result": {"data": {"welcome": request["user"]}}}
+    return {"result": {"data": {"welcome": request["user"]}, "info": {"owner": True}}}
 
 
 def publish(request: dict[str, Any]) -> dict[str, Any]:

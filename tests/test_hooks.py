@@ -220,7 +220,7 @@ async def test_a_spoofed_user_in_frames_or_headers_changes_nothing(backend):
 
 
 async def test_a_subscription_the_backend_refuses_is_not_made(backend):
-    async with running_gateway(**hooked(backend)) as gw:
+    async with running_gateway(**hooked(backend, presence_channels=("private:*",))) as gw:
         async with cookie_client(gw, backend.login("ada")) as c:
             refused = await c.request("sub", ch="private:bob")
             assert refused["ok"] is False
@@ -234,7 +234,11 @@ async def test_a_subscription_the_backend_refuses_is_not_made(backend):
             ok = await c.request("sub", ch="private:ada")
             assert ok == {"id": ok["id"], "ok": True, "data": {"welcome": "ada"}}
             await gw.ctx.node.publish("private:ada", b'"mine"')
-            assert (await c.next_push())["data"] == "mine"  # never "secret"
+            while (push := await c.next_push())["op"] != "msg":  # presence: a join first
+                assert push["op"] == "join"
+            assert push["data"] == "mine"  # never "secret"
+            who = await c.request("presence", ch="private:ada")
+            assert [p["info"] for p in who["presence"]] == [{"owner": True}]  # the hook's info
 
 
 async def test_a_publication_is_rewritten_or_refused_by_the_backend(backend):
@@ -619,3 +623,28 @@ async def test_a_rewritten_publication_reaches_every_subscriber_on_two_processes
         assert (await carol_socket.request("pub", ch="chat:lobby", data="heck, on b"))["ok"]
         for c in everyone:
             assert (await c.next_push())["data"] == {"from": "carol", "text": "****, on b"}
+
+
+async def test_the_connect_hook_s_disconnect_and_a_refused_sub_over_sse_and_long_poll(backend):
+    async with running_gateway(**hooked(backend)) as gw:
+        banned = {"Cookie": backend.login("mallory")}
+        http = AsyncHTTPClient(force_instance=True)
+        try:
+            stream = await http.fetch(http_url(gw, "/sse?ch=room:1"), headers=banned)
+            assert stream.body == b'event: close\ndata: {"code":4501,"reason":"banned"}\n\n'
+            ada = {"Cookie": backend.login("ada")}
+            chunks: list[bytes] = []
+            refused = http.fetch(
+                http_url(gw, "/sse?ch=private:bob"), headers=ada, streaming_callback=chunks.append
+            )
+            await until(
+                lambda: b'"code":403,"message":"not your private channel"' in b"".join(chunks)
+            )
+            gw.hub.close_subject("ada", CloseCode.SHUTDOWN)  # the stream stays open: user:ada
+            await refused
+        finally:
+            http.close()
+        status, closed = await _http(gw, "POST", "/lp", headers=banned)
+        assert status == 410
+        assert closed == {"messages": [], "cursor": 0, "close": {"code": 4501, "reason": "banned"}}
+        assert gw.hub.connection_count() == 0

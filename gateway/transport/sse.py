@@ -139,6 +139,8 @@ class SSEHandler(JsonErrors):
             boot = session.boot()
             if boot is not None:
                 await boot
+                if self._ended.is_set():  # its server-side subscriptions failed (4004)
+                    return
             for n, ch in enumerate(channels, 1):
                 frame: dict[str, object] = {"id": n, "op": "sub", "ch": ch}
                 if ch in self._positions:
