@@ -16,7 +16,7 @@ Unknown fields are ignored, so a backend may send more than is read.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Annotated, Any, ClassVar, TypeVar
+from typing import Annotated, Any, Generic, TypeVar
 
 import msgspec
 
@@ -27,17 +27,21 @@ __all__ = [
     "BadAnswer",
     "CallAnswer",
     "CallRequest",
+    "CallResult",
     "ConnectAnswer",
     "ConnectRequest",
     "ConnectResult",
     "Goodbye",
     "PublishAnswer",
     "PublishRequest",
+    "PublishResult",
     "RefreshAnswer",
     "RefreshRequest",
+    "RefreshResult",
     "Refusal",
     "SubscribeAnswer",
     "SubscribeRequest",
+    "SubscribeResult",
     "decoder",
 ]
 
@@ -64,30 +68,29 @@ class ConnectRequest(msgspec.Struct, frozen=True, omit_defaults=True):
     claims: dict[str, Any] | None = None
 
 
-class SubscribeRequest(msgspec.Struct, frozen=True, omit_defaults=True):
+class _Asked(msgspec.Struct, frozen=True, omit_defaults=True):
+    """What every request about an open connection starts with: which one, and whose."""
+
     client: str
     user: str
+
+
+class SubscribeRequest(_Asked, frozen=True, omit_defaults=True):
     channel: str
     data: msgspec.Raw = msgspec.Raw()
 
 
-class PublishRequest(msgspec.Struct, frozen=True):
-    client: str
-    user: str
+class PublishRequest(_Asked, frozen=True, omit_defaults=True):
     channel: str
     data: msgspec.Raw
 
 
-class CallRequest(msgspec.Struct, frozen=True, omit_defaults=True):
-    client: str
-    user: str
+class CallRequest(_Asked, frozen=True, omit_defaults=True):
     method: str
     data: msgspec.Raw = msgspec.Raw()
 
 
-class RefreshRequest(msgspec.Struct, frozen=True):
-    client: str
-    user: str
+class RefreshRequest(_Asked, frozen=True, omit_defaults=True):
     transport: str
     expire_at: float | None
 
@@ -159,11 +162,13 @@ class RefreshResult(msgspec.Struct, frozen=True):
     expire_at: Annotated[float, msgspec.Meta(gt=0)]
 
 
-class Answer(msgspec.Struct, frozen=True):
-    """One of ``result``, ``error`` or ``disconnect`` (subclasses type ``result``)."""
+R = TypeVar("R")
 
-    hook: ClassVar[str]
-    result: Any = None
+
+class Answer(msgspec.Struct, Generic[R], frozen=True):
+    """One of ``result`` (of the hook's own type ``R``), ``error`` or ``disconnect``."""
+
+    result: R | None = None
     error: Refusal | None = None
     disconnect: Goodbye | None = None
 
@@ -180,32 +185,14 @@ class Answer(msgspec.Struct, frozen=True):
             raise BadAnswer("expected exactly one of result, error, disconnect")
 
 
-class ConnectAnswer(Answer, frozen=True):
-    hook = "connect"
-    result: ConnectResult | None = None
+ConnectAnswer = Answer[ConnectResult]
+SubscribeAnswer = Answer[SubscribeResult]
+PublishAnswer = Answer[PublishResult]
+CallAnswer = Answer[CallResult]
+RefreshAnswer = Answer[RefreshResult]
 
 
-class SubscribeAnswer(Answer, frozen=True):
-    hook = "subscribe"
-    result: SubscribeResult | None = None
-
-
-class PublishAnswer(Answer, frozen=True):
-    hook = "publish"
-    result: PublishResult | None = None
-
-
-class CallAnswer(Answer, frozen=True):
-    hook = "call"
-    result: CallResult | None = None
-
-
-class RefreshAnswer(Answer, frozen=True):
-    hook = "refresh"
-    result: RefreshResult | None = None
-
-
-A = TypeVar("A", bound=Answer)
+A = TypeVar("A", bound=Answer[Any])
 
 
 def decoder(kind: type[A]) -> Callable[[bytes], A]:
@@ -214,7 +201,7 @@ def decoder(kind: type[A]) -> Callable[[bytes], A]:
 
     def read(body: bytes) -> A:
         try:
-            answer = decode(body)
+            answer: A = decode(body)
         except msgspec.DecodeError as exc:  # ValidationError too
             raise BadAnswer(str(exc)[:200]) from None
         except RecursionError:

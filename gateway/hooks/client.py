@@ -40,7 +40,7 @@ __all__ = ["Endpoint", "HookClient", "HookFailed"]
 
 log = logging.getLogger("gateway.hooks")
 
-A = TypeVar("A", bound=Answer)
+A = TypeVar("A", bound=Answer[Any])
 
 
 class HookFailed(Exception):

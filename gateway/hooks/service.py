@@ -26,7 +26,7 @@ __all__ = ["Hooks"]
 
 log = logging.getLogger("gateway.hooks")
 
-A = TypeVar("A", bound=Answer)
+A = TypeVar("A", bound=Answer[Any])
 _encode = msgspec.json.Encoder().encode
 
 

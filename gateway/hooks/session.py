@@ -31,7 +31,7 @@ import logging
 import random
 import time
 from collections.abc import Callable, Container, Coroutine
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 
@@ -42,12 +42,15 @@ from gateway.hooks.answers import (
     BadAnswer,
     CallAnswer,
     CallRequest,
+    CallResult,
     PublishAnswer,
     PublishRequest,
+    PublishResult,
     RefreshAnswer,
     RefreshRequest,
     SubscribeAnswer,
     SubscribeRequest,
+    SubscribeResult,
     decoder,
 )
 from gateway.hooks.client import Endpoint, HookFailed
@@ -61,7 +64,7 @@ __all__ = ["HookedSession", "session_factory"]
 
 log = logging.getLogger("gateway.hooks")
 
-_read_subscribe = decoder(SubscribeAnswer)
+_read_answer = decoder(SubscribeAnswer)
 _read_publish = decoder(PublishAnswer)
 _read_call = decoder(CallAnswer)
 _read_refresh = decoder(RefreshAnswer)
@@ -72,6 +75,23 @@ RETRY = (1.0, 5.0)
 def session_factory(hooks: Hooks | None) -> Callable[..., Session]:
     """What the transports make their sessions with: a plain `Session` without hooks."""
     return Session if hooks is None else functools.partial(HookedSession, hooks)
+
+
+D = TypeVar("D", SubscribeResult, PublishResult, CallResult)
+S = TypeVar("S", SubscribeRequest, CallRequest)
+
+
+def _with_data(kind: type[S], data: bytes | None, client: str, user: str, name: str) -> S:
+    """A request with ``data`` when there is some: none is the default itself (left out)."""
+    return kind(client, user, name) if data is None else kind(client, user, name, msgspec.Raw(data))
+
+
+def _read_subscribe(body: bytes) -> SubscribeAnswer:
+    answer = _read_answer(body)
+    info = answer.result.info if answer.result is not None else None
+    if info is not None and len(msgspec.json.encode(info)) > MAX_INFO_BYTES:
+        raise BadAnswer(f"result.info over {MAX_INFO_BYTES} bytes")
+    return answer
 
 
 def _data(raw: msgspec.Raw, max_bytes: int) -> bytes | None:
@@ -146,27 +166,11 @@ class HookedSession(Session):
         await super()._run(cmd)
 
     async def _hooked_subscribe(self, endpoint: Endpoint, cmd: Sub) -> None:
-        data = self.codec.data_to_json(cmd.data) if len(cmd.data) else None
-        request = (
-            SubscribeRequest(self.client_id, self.subject, cmd.ch)
-            if data is None  # (omit_defaults leaves out the default itself, not an equal value)
-            else SubscribeRequest(self.client_id, self.subject, cmd.ch, msgspec.Raw(data))
+        request = _with_data(
+            SubscribeRequest, self._client_data(cmd.data), self.client_id, self.subject, cmd.ch
         )
-        max_bytes = self.node.max_publication_bytes
-        checked: list[tuple[bytes | None, bytes | None]] = []
-
-        def read(body: bytes) -> SubscribeAnswer:
-            answer = _read_subscribe(body)
-            if answer.result is not None:
-                info = answer.result.info
-                encoded = None if info is None else msgspec.json.encode(info)
-                if encoded is not None and len(encoded) > MAX_INFO_BYTES:
-                    raise BadAnswer(f"result.info over {MAX_INFO_BYTES} bytes")
-                checked.append((_data(answer.result.data, max_bytes), encoded))
-            return answer
-
         try:
-            answer = await self.hooks.ask(endpoint, request, read)
+            answer, data = await self._ask(endpoint, request, _read_subscribe)
         except HookFailed:
             if self.hooks.subscribe_fail_open:
                 await self._subscribe(cmd)
@@ -174,23 +178,15 @@ class HookedSession(Session):
                 self._unavailable(cmd, "the subscribe hook did not answer")
             return
         if not self._refused(cmd, answer) and not self.conn.closed:
-            reply_data, info = checked[0]
-            await self._subscribe(cmd, reply_data, info)
+            assert answer.result is not None
+            info = answer.result.info
+            await self._subscribe(cmd, data, None if info is None else msgspec.json.encode(info))
 
     async def _hooked_publish(self, endpoint: Endpoint, cmd: Pub) -> None:
         data = self.codec.data_to_json(cmd.data)
         request = PublishRequest(self.client_id, self.subject, cmd.ch, msgspec.Raw(data))
-        max_bytes = self.node.max_publication_bytes
-        replaced: list[bytes | None] = []
-
-        def read(body: bytes) -> PublishAnswer:
-            answer = _read_publish(body)
-            if answer.result is not None:
-                replaced.append(_data(answer.result.data, max_bytes))
-            return answer
-
         try:
-            answer = await self.hooks.ask(endpoint, request, read)
+            answer, replaced = await self._ask(endpoint, request, _read_publish)
         except HookFailed:
             if not self.hooks.publish_fail_open:
                 self._unavailable(cmd, "the publish hook did not answer")
@@ -201,35 +197,43 @@ class HookedSession(Session):
                 return
             assert answer.result is not None
             keep = not answer.result.skip_history
-            await self.node.publish(cmd.ch, replaced[0] or data, checked=True, history=keep)
+            await self.node.publish(cmd.ch, replaced or data, checked=True, history=keep)
         if not self.conn.closed:
             self.transport.send(self.conn.ok(cmd))
 
     async def _call(self, endpoint: Endpoint, cmd: Call) -> None:
-        data = self.codec.data_to_json(cmd.data) if len(cmd.data) else None
-        request = (
-            CallRequest(self.client_id, self.subject, cmd.method)
-            if data is None
-            else CallRequest(self.client_id, self.subject, cmd.method, msgspec.Raw(data))
+        request = _with_data(
+            CallRequest, self._client_data(cmd.data), self.client_id, self.subject, cmd.method
         )
-        max_bytes = self.node.max_publication_bytes
-        answered: list[bytes | None] = []
-
-        def read(body: bytes) -> CallAnswer:
-            answer = _read_call(body)
-            if answer.result is not None:
-                answered.append(_data(answer.result.data, max_bytes))
-            return answer
-
         try:
-            answer = await self.hooks.ask(endpoint, request, read)
+            answer, data = await self._ask(endpoint, request, _read_call)
         except HookFailed:
             self._unavailable(cmd, "the call hook did not answer")
             return
         if not self._refused(cmd, answer) and not self.conn.closed:
-            self.transport.send(self.codec.data_reply(cmd.id, answered[0]))
+            self.transport.send(self.codec.data_reply(cmd.id, data))
 
-    def _refused(self, cmd: Command, answer: Answer) -> bool:
+    def _client_data(self, raw: msgspec.Raw) -> bytes | None:
+        """A frame's optional ``data`` as JSON (`InvalidData` when not publishable)."""
+        return self.codec.data_to_json(raw) if len(raw) else None
+
+    async def _ask(
+        self, endpoint: Endpoint, request: msgspec.Struct, read: Callable[[bytes], Answer[D]]
+    ) -> tuple[Answer[D], bytes | None]:
+        """The backend's answer, and its ``result.data`` checked as a publication (None: none)."""
+        max_bytes = self.node.max_publication_bytes
+        checked: list[bytes | None] = []
+
+        def checking(body: bytes) -> Answer[D]:
+            answer = read(body)
+            if answer.result is not None:
+                checked.append(_data(answer.result.data, max_bytes))
+            return answer
+
+        answer = await self.hooks.ask(endpoint, request, checking)
+        return answer, checked[0] if checked else None
+
+    def _refused(self, cmd: Command, answer: Answer[Any]) -> bool:
         """Act on an ``error`` or ``disconnect`` answer; False for a ``result``."""
         if answer.disconnect is not None:
             goodbye = answer.disconnect

@@ -21,8 +21,9 @@ from core.infra.ratelimit import over_limit
 from gateway.context import Context
 from gateway.hooks.connect import admit as hook_admit
 from gateway.hooks.connect import new_client_id
+from proto import JSON_CODEC
 
-__all__ = ["admit", "admit_hooked", "admit_request", "hooked_admission"]
+__all__ = ["admit", "admit_hooked", "admit_hooked_request", "admit_request", "hooked_admission"]
 
 log = logging.getLogger("gateway.admission")
 
@@ -41,6 +42,21 @@ async def admit(
     query_token = handler.get_query_argument("token", None)
     return await admit_request(ctx, request.remote_ip or "", request.headers, query_token,
                                new_connection=new_connection)  # fmt: skip
+
+
+async def admit_hooked_request(
+    handler: tornado.web.RequestHandler, ctx: Context, identity: Identity | None, transport: str
+) -> Identity:
+    """`admit_hooked` for a JSON transport served by a RequestHandler (SSE, long-poll)."""
+    request = handler.request
+    return await admit_hooked(
+        ctx,
+        identity,
+        transport=transport,
+        protocol=JSON_CODEC.name,
+        remote_ip=request.remote_ip or "",
+        headers=request.headers,
+    )
 
 
 async def admit_request(

@@ -39,7 +39,7 @@ from core.infra.identity import Identity
 from gateway.context import Context
 from gateway.endpoints import JsonHandler
 from gateway.hooks.connect import Disconnected, hooked
-from gateway.transport.admission import admit, admit_hooked
+from gateway.transport.admission import admit, admit_hooked_request
 from gateway.transport.pollrequest import token_of
 from gateway.transport.pollsessions import PollSession
 from proto import JSON_CODEC, Connection
@@ -76,14 +76,7 @@ class LongPollHandler(JsonHandler):
         identity = await admit(self, ctx, new_connection=is_new)
         if is_new and ctx.hooks is not None and ctx.hooks.connect is not None:
             try:
-                identity = await admit_hooked(
-                    ctx,
-                    identity,
-                    transport=PollSession.kind,
-                    protocol=JSON_CODEC.name,
-                    remote_ip=request.remote_ip or "",
-                    headers=request.headers,
-                )
+                identity = await admit_hooked_request(self, ctx, identity, PollSession.kind)
             except Disconnected as goodbye:
                 self.goodbye = goodbye
                 return

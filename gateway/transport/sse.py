@@ -41,7 +41,7 @@ from gateway.context import Context
 from gateway.hooks.connect import Disconnected
 from gateway.hub import Prepared
 from gateway.session import Session
-from gateway.transport.admission import admit, admit_hooked
+from gateway.transport.admission import admit, admit_hooked_request
 from proto import JSON_CODEC, CloseCode, Codec, Connection
 
 __all__ = ["SSEHandler", "decode_positions", "encode_positions"]
@@ -91,16 +91,8 @@ class SSEHandler(JsonErrors):
         identity = await admit(self, ctx)
         if ctx.hooks is not None and ctx.hooks.connect is not None:
             self._channels()  # a request the gateway refuses is not the backend's to see
-            request = self.request
             try:
-                identity = await admit_hooked(
-                    ctx,
-                    identity,
-                    transport=self.kind,
-                    protocol=JSON_CODEC.name,
-                    remote_ip=request.remote_ip or "",
-                    headers=request.headers,
-                )
+                identity = await admit_hooked_request(self, ctx, identity, self.kind)
             except Disconnected as goodbye:
                 self._goodbye = goodbye
         self._identity = identity
