@@ -41,6 +41,8 @@ __all__ = ["Endpoint", "HookClient", "HookFailed"]
 log = logging.getLogger("gateway.hooks")
 
 A = TypeVar("A", bound=Answer[Any])
+#: Seconds an idle kept-alive connection to a backend is kept.
+KEEPALIVE = 4.0
 
 
 class HookFailed(Exception):
@@ -89,8 +91,10 @@ class HookClient:
         metrics.hook_in_flight.set_function(lambda: self.pending)
 
     async def open(self) -> None:
+        # An idle connection is dropped after KEEPALIVE s, before a backend's own idle timeout
+        # (uvicorn's and Node's are 5 s) can close it under a request, which could not be retried.
         connector = aiohttp.TCPConnector(
-            limit=self._concurrency, limit_per_host=0, keepalive_timeout=30.0, ttl_dns_cache=10
+            limit=self._concurrency, limit_per_host=0, keepalive_timeout=KEEPALIVE, ttl_dns_cache=10
         )
         self._session = aiohttp.ClientSession(
             connector=connector,
