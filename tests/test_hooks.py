@@ -31,6 +31,7 @@ from proto import CloseCode
 from tests import test_processes
 from tests.harness import SECRET as JWT_SECRET
 from tests.harness import (
+    ApiClient,
     Client,
     http_url,
     running_gateway,
@@ -648,3 +649,28 @@ async def test_the_connect_hook_s_disconnect_and_a_refused_sub_over_sse_and_long
         assert status == 410
         assert closed == {"messages": [], "cursor": 0, "close": {"code": 4501, "reason": "banned"}}
         assert gw.hub.connection_count() == 0
+
+
+async def test_a_client_publishing_over_http_is_asked_about_too(backend):
+    backend.forget()
+    async with running_gateway(**hooked(backend, hook_connect_url=None)) as gw:
+        token = token_for(gw, "ada", channels=("chat:*",))
+        api = ApiClient(gw.port, token)
+        try:
+            async with ws_client(gw.port, token) as c:
+                assert (await c.request("sub", ch="chat:1"))["ok"]
+                publish = {"ch": "chat:1", "data": {"text": "darn, over http"}}
+                status, _, _ = await api.call("POST", "/api/publish", publish)
+                assert status == 200
+                assert (await c.next_push())["data"] == {"from": "ada", "text": "****, over http"}
+                empty = {"ch": "chat:1", "data": {"text": " "}}
+                status, _, body = await api.call("POST", "/api/publish", empty)
+                assert status == 400 and body["error"]["message"] == "empty message"
+        finally:
+            api.close()
+    assert backend.requests("publish")[0] == {
+        "client": "",  # no connection: an HTTP request
+        "user": "ada",
+        "channel": "chat:1",
+        "data": {"text": "darn, over http"},
+    }

@@ -42,23 +42,18 @@ from gateway.hooks.answers import (
     BadAnswer,
     CallAnswer,
     CallRequest,
-    CallResult,
     PublishAnswer,
-    PublishRequest,
-    PublishResult,
     RefreshAnswer,
     RefreshRequest,
     SubscribeAnswer,
     SubscribeRequest,
-    SubscribeResult,
     decoder,
 )
 from gateway.hooks.client import Endpoint, HookFailed
 from gateway.hooks.connect import HookedIdentity, close_reason_of, hooked
 from gateway.hooks.service import Hooks
 from gateway.session import Session
-from proto import APP_ERRORS, Call, CloseCode, Command, ErrorCode, InvalidData, Pub, Sub
-from proto.publication import check_json
+from proto import APP_ERRORS, Call, CloseCode, Command, ErrorCode, Pub, Sub
 
 __all__ = ["HookedSession", "session_factory"]
 
@@ -77,7 +72,6 @@ def session_factory(hooks: Hooks | None) -> Callable[..., Session]:
     return Session if hooks is None else functools.partial(HookedSession, hooks)
 
 
-D = TypeVar("D", SubscribeResult, PublishResult, CallResult)
 S = TypeVar("S", SubscribeRequest, CallRequest)
 
 
@@ -92,16 +86,6 @@ def _read_subscribe(body: bytes) -> SubscribeAnswer:
     if info is not None and len(msgspec.json.encode(info)) > MAX_INFO_BYTES:
         raise BadAnswer(f"result.info over {MAX_INFO_BYTES} bytes")
     return answer
-
-
-def _data(raw: msgspec.Raw, max_bytes: int) -> bytes | None:
-    """A backend's ``data`` as publishable JSON (None when absent); `BadAnswer` otherwise."""
-    if not len(raw):
-        return None
-    try:
-        return check_json(bytes(raw), max_bytes)
-    except InvalidData as exc:
-        raise BadAnswer(f"result.data: {exc.reason}") from None
 
 
 class HookedSession(Session):
@@ -155,7 +139,7 @@ class HookedSession(Session):
                     return
             elif isinstance(cmd, Pub):
                 if hooks.publish is not None and hooks.publish_channels.applies(cmd.ch):
-                    await self._hooked_publish(hooks.publish, cmd)
+                    await self._hooked_publish(cmd)
                     return
             elif isinstance(cmd, Call) and hooks.call is not None:
                 await self._call(hooks.call, cmd)
@@ -170,7 +154,9 @@ class HookedSession(Session):
             SubscribeRequest, self._client_data(cmd.data), self.client_id, self.subject, cmd.ch
         )
         try:
-            answer, data = await self._ask(endpoint, request, _read_subscribe)
+            answer, data = await self.hooks.ask_with_data(
+                endpoint, request, _read_subscribe, self.node.max_publication_bytes
+            )
         except HookFailed:
             if self.hooks.subscribe_fail_open:
                 await self._subscribe(cmd)
@@ -182,22 +168,20 @@ class HookedSession(Session):
             info = answer.result.info
             await self._subscribe(cmd, data, None if info is None else msgspec.json.encode(info))
 
-    async def _hooked_publish(self, endpoint: Endpoint, cmd: Pub) -> None:
-        data = self.codec.data_to_json(cmd.data)
-        request = PublishRequest(self.client_id, self.subject, cmd.ch, msgspec.Raw(data))
+    async def _hooked_publish(self, cmd: Pub) -> None:
+        data, max_bytes = self.codec.data_to_json(cmd.data), self.node.max_publication_bytes
         try:
-            answer, replaced = await self._ask(endpoint, request, _read_publish)
+            decided = await self.hooks.decide_publish(
+                self.client_id, self.subject, cmd.ch, data, max_bytes
+            )
         except HookFailed:
-            if not self.hooks.publish_fail_open:
-                self._unavailable(cmd, "the publish hook did not answer")
-                return
-            await self.node.publish(cmd.ch, data, checked=True)
-        else:
-            if self._refused(cmd, answer):
-                return
-            assert answer.result is not None
-            keep = not answer.result.skip_history
-            await self.node.publish(cmd.ch, replaced or data, checked=True, history=keep)
+            self._unavailable(cmd, "the publish hook did not answer")
+            return
+        if isinstance(decided, Answer):
+            self._refused(cmd, decided)
+            return
+        published, history = decided
+        await self.node.publish(cmd.ch, published, checked=True, history=history)
         if not self.conn.closed:
             self.transport.send(self.conn.ok(cmd))
 
@@ -206,7 +190,9 @@ class HookedSession(Session):
             CallRequest, self._client_data(cmd.data), self.client_id, self.subject, cmd.method
         )
         try:
-            answer, data = await self._ask(endpoint, request, _read_call)
+            answer, data = await self.hooks.ask_with_data(
+                endpoint, request, _read_call, self.node.max_publication_bytes
+            )
         except HookFailed:
             self._unavailable(cmd, "the call hook did not answer")
             return
@@ -216,22 +202,6 @@ class HookedSession(Session):
     def _client_data(self, raw: msgspec.Raw) -> bytes | None:
         """A frame's optional ``data`` as JSON (`InvalidData` when not publishable)."""
         return self.codec.data_to_json(raw) if len(raw) else None
-
-    async def _ask(
-        self, endpoint: Endpoint, request: msgspec.Struct, read: Callable[[bytes], Answer[D]]
-    ) -> tuple[Answer[D], bytes | None]:
-        """The backend's answer, and its ``result.data`` checked as a publication (None: none)."""
-        max_bytes = self.node.max_publication_bytes
-        checked: list[bytes | None] = []
-
-        def checking(body: bytes) -> Answer[D]:
-            answer = read(body)
-            if answer.result is not None:
-                checked.append(_data(answer.result.data, max_bytes))
-            return answer
-
-        answer = await self.hooks.ask(endpoint, request, checking)
-        return answer, checked[0] if checked else None
 
     def _refused(self, cmd: Command, answer: Answer[Any]) -> bool:
         """Act on an ``error`` or ``disconnect`` answer; False for a ``result``."""
