@@ -225,6 +225,8 @@ async def test_a_subscription_the_backend_refuses_is_not_made(backend):
         async with cookie_client(gw, backend.login("ada")) as c:
             refused = await c.request("sub", ch="private:bob")
             assert refused["ok"] is False
+            for op in ("history", "presence", "presence_stats"):  # no reading around the hook
+                assert (await c.request(op, ch="private:bob"))["error"]["code"] == 103
             assert refused["error"] == {
                 "code": 403,
                 "message": "not your private channel",
@@ -238,7 +240,7 @@ async def test_a_subscription_the_backend_refuses_is_not_made(backend):
             while (push := await c.next_push())["op"] != "msg":  # presence: a join first
                 assert push["op"] == "join"
             assert push["data"] == "mine"  # never "secret"
-            who = await c.request("presence", ch="private:ada")
+            who = await c.request("presence", ch="private:ada")  # subscribed: allowed
             assert [p["info"] for p in who["presence"]] == [{"owner": True}]  # the hook's info
 
 

@@ -53,7 +53,18 @@ from gateway.hooks.client import Endpoint, HookFailed
 from gateway.hooks.connect import HookedIdentity, close_reason_of, hooked
 from gateway.hooks.service import Hooks
 from gateway.session import Session
-from proto import APP_ERRORS, Call, CloseCode, Command, ErrorCode, Pub, Sub
+from proto import (
+    APP_ERRORS,
+    Call,
+    CloseCode,
+    Command,
+    ErrorCode,
+    History,
+    PresenceQuery,
+    PresenceStats,
+    Pub,
+    Sub,
+)
 
 __all__ = ["HookedSession", "session_factory"]
 
@@ -144,6 +155,16 @@ class HookedSession(Session):
             elif isinstance(cmd, Call) and hooks.call is not None:
                 await self._call(hooks.call, cmd)
                 return
+            elif isinstance(cmd, History | PresenceQuery | PresenceStats):
+                if (
+                    hooks.subscribe is not None
+                    and cmd.ch not in self.conn.subscriptions
+                    and hooks.subscribe_channels.applies(cmd.ch)
+                ):
+                    # Reading a channel is the subscribe hook's to allow: no way around it.
+                    code, why = ErrorCode.PERMISSION_DENIED, f"subscribe to {cmd.ch} first"
+                    self._reply_error(self.conn.error_reply(cmd, code, why), code)
+                    return
         except Exception as exc:
             self._failed(cmd, exc)
             return
