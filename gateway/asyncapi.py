@@ -63,11 +63,16 @@ class CloseEvent(msgspec.Struct, frozen=True, omit_defaults=True):
     reason: str | None = None
 
 
-class LongPollOpened(msgspec.Struct, frozen=True):
-    """``201`` to ``POST /lp``: the new session and the cursor to poll from."""
+class LongPollOpened(msgspec.Struct, frozen=True, omit_defaults=True):
+    """``201`` to ``POST /lp``: the new session and the cursor to poll from.
+
+    ``token``: the session's own secret, for a session a connect hook admitted
+    without any token; its later requests carry it as a bearer token.
+    """
 
     session: str
     cursor: int
+    token: str | None = None
 
 
 class LongPollAccepted(msgspec.Struct, frozen=True):
