@@ -170,8 +170,12 @@ def _schemas() -> dict[str, Any]:
     )
     for table, user, description, own, own_description in codes:
         name, app = table.__name__, "Application" + table.__name__
-        components[name] = {"title": name, "description": description, "type": "integer",
-                            "enum": [int(c) for c in table]}  # fmt: skip
+        components[name] = {
+            "title": name,
+            "description": description,
+            "type": "integer",
+            "enum": [int(c) for c in table],
+        }
         components[app] = {
             "title": app,
             "description": own_description,

@@ -123,10 +123,18 @@ class LongPollHandler(JsonHandler):
             s = ctx.settings
             conn = Connection(JSON_CODEC, self.identity.grants, max_subscriptions=s.max_subscriptions,
                               max_publish_bytes=s.max_publish_bytes)  # fmt: skip
-            poll.session = ctx.new_session(poll, conn, self.identity, ctx.node, ctx.metrics,
-                                   ctx.core.dispatch, ctx.verifier.verify,
-                                   commands=s.rate_socket_commands, publishes=s.rate_socket_publish,
-                                   remote_ip=self.request.remote_ip or "")  # fmt: skip
+            poll.session = ctx.new_session(
+                poll,
+                conn,
+                self.identity,
+                ctx.node,
+                ctx.metrics,
+                ctx.core.dispatch,
+                ctx.verifier.verify,
+                commands=s.rate_socket_commands,
+                publishes=s.rate_socket_publish,
+                remote_ip=self.request.remote_ip or "",
+            )
             poll.session.open()
             sessions.add(self.identity.sub, poll)
             opened: dict[str, object] = {"session": poll.sid, "cursor": 0}

@@ -134,9 +134,18 @@ class _Upgrade(BodylessRequest):
         def make_session(ws: WSConnection) -> Session:
             conn = Connection(codec, identity.grants, max_subscriptions=settings.max_subscriptions,
                               max_publish_bytes=settings.max_publish_bytes)  # fmt: skip
-            return ctx.new_session(ws, conn, identity, ctx.node, ctx.metrics, ctx.core.dispatch,
-                                   ctx.verifier.verify, commands=settings.rate_socket_commands,
-                                   publishes=settings.rate_socket_publish, remote_ip=remote_ip)  # fmt: skip
+            return ctx.new_session(
+                ws,
+                conn,
+                identity,
+                ctx.node,
+                ctx.metrics,
+                ctx.core.dispatch,
+                ctx.verifier.verify,
+                commands=settings.rate_socket_commands,
+                publishes=settings.rate_socket_publish,
+                remote_ip=remote_ip,
+            )
 
         assert isinstance(self._conn, HTTP1Connection)
         stream = self._conn.detach()
