@@ -9,6 +9,8 @@ from proto.codec import JSON as JSON_CODEC
 from proto.codec import MSGPACK as MSGPACK_CODEC
 from proto.codes import (
     ANY_COMMAND_ERRORS,
+    APP_CLOSES,
+    APP_ERRORS,
     CLOSE_REASON_MAX_BYTES,
     COMMAND_CLOSES,
     COMMAND_ERRORS,
@@ -25,6 +27,7 @@ from proto.codes import (
 )
 from proto.connection import RESERVED_PREFIX, TRANSITIONS, Connection, State, StateError
 from proto.frames import (
+    Call,
     Command,
     ErrorBody,
     Expiring,
@@ -53,6 +56,8 @@ from proto.wsframe import frame
 
 __all__ = [
     "ANY_COMMAND_ERRORS",
+    "APP_CLOSES",
+    "APP_ERRORS",
     "CLOSE_REASON_MAX_BYTES",
     "CODECS",
     "COMMAND_CLOSES",
@@ -65,6 +70,7 @@ __all__ = [
     "SERVER_CLOSES",
     "SSE_CLOSES",
     "TRANSITIONS",
+    "Call",
     "CloseCode",
     "Codec",
     "Command",
