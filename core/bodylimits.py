@@ -42,8 +42,9 @@ __all__ = ["CORE_PATHS", "HandlerLimit", "RouteLimits"]
 CORE_PATHS = re.compile(r"/api/(?!publish$).*")
 
 
-#: A handler's body limit, whether it needs a token, and whether the token may be in the query.
-HandlerLimit = tuple[int, bool, bool]
+#: A handler's body limit, whether it needs a token (None: it authenticates its callers
+#: itself, with credentials of its own), and whether the token may be in the query.
+HandlerLimit = tuple[int, bool | None, bool]
 
 
 class RouteLimits:
@@ -89,6 +90,8 @@ class RouteLimits:
         ):
             raise ApiError(404, "not_found", f"no route for {path}")
         limit, required, in_query = self.handlers.get(handler, (0, False, False))
+        if required is None:
+            return limit
         query_token = parse_qs(query).get("token", [None])[0] if in_query and query else None
         self._authenticate(headers, query_token, required=required)
         return limit

@@ -54,6 +54,8 @@ from gateway.endpoints import (
     PublishHandler,
     ReadyHandler,
 )
+from gateway.hooks.service import Hooks
+from gateway.hooks.session import session_factory
 from gateway.hub import Hub
 from gateway.keymirror import KeyMirror
 from gateway.node import Node
@@ -168,7 +170,9 @@ class Gateway:
             self.app,
             {
                 PublishHandler: (s.max_publish_bytes + 1024, True, False),
-                LongPollHandler: (s.max_body_bytes, True, True),
+                # With hooks, a long-poll session may hold a secret of its own rather
+                # than a token (admitted by its cookies): the handler checks either.
+                LongPollHandler: (s.max_body_bytes, True if ctx.hooks is None else None, True),
             },
         )
         policy = ServerBodyPolicy(server_api, ctx.verifier, limits)
@@ -211,6 +215,8 @@ class Gateway:
         await self.ctx.core.close()
         if self.ctx.ops is not None:
             await self.ctx.ops.close()
+        if self.ctx.hooks is not None:
+            await self.ctx.hooks.close()
         await self.ctx.node.close()
         await self.ctx.limiter.close()
 
@@ -308,11 +314,12 @@ async def make_app(
     ops = Operations(node, metrics, __version__, health)
     node.on_control = _both(node.on_control, ops.on_control)
     await ops.start()
+    hooks = await Hooks.open(settings, metrics)
     ctx = Context(
         settings=settings, node=node, verifier=verifier, metrics=metrics, core=core, limiter=limiter,
         coalescer=Coalescer(metrics.write_lag, settings.send_buffer_total_bytes),
         longpoll=LongPollSessions(settings.max_longpoll_sessions, settings.longpoll_max_per_user),
-        ops=ops,
+        ops=ops, hooks=hooks, new_session=session_factory(hooks),
     )  # fmt: skip
     metrics.send_buffered.set_function(lambda: ctx.coalescer.buffered)
     if isinstance(core, Core):

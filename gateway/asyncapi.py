@@ -24,6 +24,8 @@ import msgspec
 
 from core.docs import DocsHandler
 from proto import (
+    APP_CLOSES,
+    APP_ERRORS,
     CloseCode,
     Command,
     ErrorCode,
@@ -66,18 +68,24 @@ _HTTP_BINDING: Final = "0.3.0"
 class CloseEvent(msgspec.Struct, frozen=True):
     """SSE ``close`` event and long-poll ``close``: the connection ended with ``code``.
 
-    ``reason`` is the close code's own, or the one the server API gave.
+    ``reason``: the close code's own, or the one the server API's ``disconnect``
+    or an application's backend (a hook's disconnect) gave.
     """
 
     code: int
     reason: str = ""
 
 
-class LongPollOpened(msgspec.Struct, frozen=True):
-    """``201`` to ``POST /lp``: the new session and the cursor to poll from."""
+class LongPollOpened(msgspec.Struct, frozen=True, omit_defaults=True):
+    """``201`` to ``POST /lp``: the new session and the cursor to poll from.
+
+    ``token``: the session's own secret, for a session a connect hook admitted
+    without any token; its later requests carry it as a bearer token.
+    """
 
     session: str
     cursor: int
+    token: str | None = None
 
 
 class LongPollAccepted(msgspec.Struct, frozen=True):
@@ -156,19 +164,41 @@ def _schemas() -> dict[str, Any]:
         "type": "array",
         "items": {"anyOf": [_ref(_SCHEMA.format(name=t.__name__)) for t in COMMANDS]},
     }
-    codes: tuple[tuple[type[enum.IntEnum], str, str], ...] = (
+    codes: tuple[tuple[type[enum.IntEnum], str, str, range, str], ...] = (
         (
             CloseCode,
             "CloseEvent",
             "Close codes of the gateway; 4000-4499 reconnect, 4500-4999 do not.",
+            APP_CLOSES,
+            "A close code chosen by the application's backend (a hook's disconnect); "
+            "4000-4499 reconnect, 4500-4999 do not.",
         ),
-        (ErrorCode, "ErrorBody", "Reply error codes (``error.code``)."),
+        (
+            ErrorCode,
+            "ErrorBody",
+            "Reply error codes (``error.code``).",
+            APP_ERRORS,
+            "An error code of the application's backend (a hook's error), passed on unchanged.",
+        ),
     )
-    for table, user, description in codes:
-        name = table.__name__
-        components[name] = {"title": name, "description": description, "type": "integer",
-                             "enum": [int(c) for c in table]}  # fmt: skip
-        components[user]["properties"]["code"] = _ref(_SCHEMA.format(name=name))
+    for table, user, description, own, own_description in codes:
+        name, app = table.__name__, "Application" + table.__name__
+        components[name] = {
+            "title": name,
+            "description": description,
+            "type": "integer",
+            "enum": [int(c) for c in table],
+        }
+        components[app] = {
+            "title": app,
+            "description": own_description,
+            "type": "integer",
+            "minimum": own.start,
+            "maximum": own.stop - 1,
+        }
+        components[user]["properties"]["code"] = {
+            "anyOf": [_ref(_SCHEMA.format(name=name)), _ref(_SCHEMA.format(name=app))]
+        }
     return components
 
 
@@ -182,6 +212,11 @@ def _tables() -> str:
         rows.append(
             f"| {int(e)} | `{e.name}` | {'yes' if is_temporary(e) else 'no'} | {error_message(e)} |"
         )
+    own = (
+        "Codes 400-1999 (errors) and other 4000-4999 (closes) are the application's own, "
+        "answered by its backend through a hook (docs/hooks.md)."
+    )
+    rows += ["", own]
     return "\n".join(rows)
 
 

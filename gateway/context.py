@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 from core.infra.metrics import Metrics
 from core.infra.ratelimit import RateLimiter
@@ -10,8 +11,10 @@ from core.infra.runtime import connection_limit
 from core.infra.settings import Settings
 from core.infra.verify import Verifier
 from core.service import Core, CoreUnavailable
+from gateway.hooks.service import Hooks
 from gateway.node import Node
 from gateway.serverapi.operations import Operations
+from gateway.session import Session
 from gateway.transport.pollsessions import LongPollSessions
 from gateway.transport.wsconn import Coalescer
 from gateway.upstream import UpstreamCore
@@ -39,6 +42,10 @@ class Context:
     coalescer: Coalescer = dataclasses.field(default_factory=Coalescer)
     #: The server API's reach (registry, fleet, agent, block list), set by make_app.
     ops: Operations | None = None
+    #: The application's backends in the loop (None: no hook configured).
+    hooks: Hooks | None = None
+    #: What sessions are made with: `Session`, or with hooks `gateway.hooks.HookedSession`.
+    new_session: Callable[..., Session] = Session
 
     @property
     def max_connections(self) -> int:

@@ -13,8 +13,8 @@ from __future__ import annotations
 import logging
 import secrets
 import time
-from collections.abc import Awaitable, Callable
-from typing import ClassVar, Protocol
+from collections.abc import Awaitable, Callable, Container, Coroutine
+from typing import Any, ClassVar, Protocol
 from urllib.parse import parse_qs
 
 from core.infra.broker import BrokerUnavailable
@@ -28,6 +28,7 @@ from gateway.hub import Prepared
 from gateway.node import Node
 from gateway.recovery import MAX_HELD, history, subscribe_recovering
 from proto import (
+    Call,
     CloseCode,
     Codec,
     Command,
@@ -71,8 +72,10 @@ class Transport(Protocol):
         """Queue one publication; never blocks nor touches the hub."""
 
     def disconnect(self, code: int, reason: str | None = None) -> None:
-        """End the connection with a close code (idempotent); ``reason``: the
-        code's own (proto's table) when None."""
+        """End the connection with a close code (idempotent); ``reason``: the code's own.
+
+        ``code`` is a `CloseCode`, or one a hook's backend chose (4000-4999).
+        """
 
     def heartbeat(self, now: float, dead_after: float) -> None:
         """Ping the peer, or drop it when nothing arrived for ``dead_after`` seconds."""
@@ -126,6 +129,7 @@ class Session:
         commands: Rate | None = None,
         publishes: Rate | None = None,
         remote_ip: str = "",
+        client_id: str | None = None,
     ) -> None:
         self.transport = transport
         self.conn = conn
@@ -139,7 +143,8 @@ class Session:
         self.publishes = LocalLimit(publishes) if publishes else None
         self.refused = 0  # refusals in a row, for the abuse close
         self.held: dict[str, list[Prepared]] | None = None  # channels being recovered
-        self.client_id = secrets.token_hex(8)  # this connection, in presence
+        #: This connection, in presence (and to hooks, which named it before it opened).
+        self.client_id = client_id if client_id is not None else secrets.token_hex(8)
         self.remote_ip = remote_ip  # the client's IP, for the core's per-IP limits (rpc)
         self.opened = _second()  # when, in Unix seconds (the server API lists it)
 
@@ -154,6 +159,14 @@ class Session:
     def open(self) -> None:
         self.node.hub.connect(self, self.identity.exp, self.identity.sid)
         self.metrics.handshakes.labels(self.transport.kind).inc()
+
+    def boot(self) -> Coroutine[Any, Any, None] | None:
+        """What must run once opened, before the client's first command (None: nothing).
+
+        The transport awaits it, then runs the client's commands; a hooked
+        session subscribes there to the channels its connect hook named.
+        """
+        return None
 
     async def handle(self, data: bytes | str) -> None:
         """Run one client frame to completion; never raises."""
@@ -176,31 +189,10 @@ class Session:
     async def _run(self, cmd: Command) -> None:
         conn = self.conn
         try:
-            if isinstance(cmd, Sub) and self.node.history_policy.applies(cmd.ch):
-                cid = cmd.id
-                await subscribe_recovering(
-                    self,
-                    cmd.ch,
-                    cmd.since,
-                    lambda recovered, top: Reply(
-                        id=cid,
-                        ok=True,
-                        recovered=recovered,
-                        offset=top.offset if top is not None else None,
-                        epoch=top.epoch if top is not None else None,
-                    ),
-                )
-                await self._join(cmd.ch)
-                return
             if isinstance(cmd, Sub):
-                await self.node.subscribe(cmd.ch, self)
-                if conn.closed:
-                    # The socket went away while SUBSCRIBE was in flight.
-                    self.node.unsubscribe(cmd.ch, self)
-                    return
-                conn.subscribed(cmd.ch)
-                await self._join(cmd.ch)
-            elif isinstance(cmd, Unsub):
+                await self._subscribe(cmd)
+                return
+            if isinstance(cmd, Unsub):
                 conn.unsubscribed(cmd.ch)
                 self.node.unsubscribe(cmd.ch, self)
                 self.node.presence.leave(cmd.ch, self.client_id)
@@ -218,22 +210,64 @@ class Session:
             elif isinstance(cmd, PresenceQuery | PresenceStats):
                 await self._presence(cmd)
                 return
+            elif isinstance(cmd, Call):
+                code = ErrorCode.UNAVAILABLE
+                self._reply_error(conn.error_reply(cmd, code, "no call handler here"), code)
+                return
             else:
                 assert isinstance(cmd, Ping)
-        except InvalidData as exc:
-            code = ErrorCode.INVALID_DATA
-            self._reply_error(conn.error_reply(cmd, code, exc.reason), code)
-            return
-        except BrokerUnavailable as exc:
-            log.warning("command %s failed: %s", type(cmd).__name__, exc)
-            self._reply_error(conn.error_reply(cmd, ErrorCode.UNAVAILABLE), ErrorCode.UNAVAILABLE)
-            return
-        except Exception:
-            log.exception("command %s failed for %s", type(cmd).__name__, self.identity.sub)
-            self._reply_error(conn.error_reply(cmd, ErrorCode.INTERNAL), ErrorCode.INTERNAL)
+        except Exception as exc:
+            self._failed(cmd, exc)
             return
         if not conn.closed:
             self.transport.send(conn.ok(cmd))
+
+    async def _subscribe(
+        self, cmd: Sub, data_json: bytes | None = None, info: bytes | None = None
+    ) -> None:
+        """Subscribe and reply (with ``data_json`` when given); enter presence with ``info``."""
+        conn = self.conn
+        if self.node.history_policy.applies(cmd.ch):
+            cid, data = cmd.id, None if data_json is None else self.codec.json_to_raw(data_json)
+            await subscribe_recovering(
+                self,
+                cmd.ch,
+                cmd.since,
+                lambda recovered, top: Reply(
+                    id=cid,
+                    ok=True,
+                    recovered=recovered,
+                    offset=top.offset if top is not None else None,
+                    epoch=top.epoch if top is not None else None,
+                    data=data,
+                ),
+            )
+            await self._join(cmd.ch, info)
+            return
+        await self.node.subscribe(cmd.ch, self)
+        if conn.closed:
+            # The socket went away while SUBSCRIBE was in flight.
+            self.node.unsubscribe(cmd.ch, self)
+            return
+        conn.subscribed(cmd.ch)
+        await self._join(cmd.ch, info)
+        if not conn.closed:
+            reply = conn.ok(cmd) if data_json is None else self.codec.data_reply(cmd.id, data_json)
+            self.transport.send(reply)
+
+    def _failed(self, cmd: Command, exc: Exception) -> None:
+        """The error reply for a command that raised ``exc``."""
+        conn = self.conn
+        if isinstance(exc, InvalidData):
+            code = ErrorCode.INVALID_DATA
+            self._reply_error(conn.error_reply(cmd, code, exc.reason), code)
+        elif isinstance(exc, BrokerUnavailable):
+            log.warning("command %s failed: %s", type(cmd).__name__, exc)
+            self._reply_error(conn.error_reply(cmd, ErrorCode.UNAVAILABLE), ErrorCode.UNAVAILABLE)
+        else:
+            name, sub = type(cmd).__name__, self.identity.sub
+            log.error("command %s failed for %s", name, sub, exc_info=exc)
+            self._reply_error(conn.error_reply(cmd, ErrorCode.INTERNAL), ErrorCode.INTERNAL)
 
     def _allowed(self, cmd: Command) -> bool:
         """Per-connection rate limits; a client that keeps going once told is closed."""
@@ -276,9 +310,10 @@ class Session:
                 ErrorCode.PERMISSION_DENIED,
             )
             return
-        old, self.identity = self.identity, identity
+        old, self.identity = self.identity, self._adopt(identity)
+        identity = self.identity
         self.node.hub.reidentify(self, (old.exp, old.sid), (identity.exp, identity.sid))
-        for ch in conn.regrant(identity.grants):
+        for ch in conn.regrant(identity.grants, self._server_channels()):
             message = "the refreshed token does not allow this channel"
             self._drop(ch, ErrorCode.PERMISSION_DENIED, message)
         self.transport.send(conn.ok(cmd))
@@ -349,13 +384,23 @@ class Session:
             subscriptions=sorted(self.conn.subscriptions),
         )
 
-    async def _join(self, ch: str) -> None:
-        """Enter presence on ``ch`` (if it keeps presence) once subscribed."""
+    def _adopt(self, identity: Identity) -> Identity:
+        """The identity to continue under after an in-band refresh verified ``identity``."""
+        return identity
+
+    def _server_channels(self) -> Container[str]:
+        """Channels the server subscribed this connection to, which no regrant ends."""
+        return ()
+
+    async def _join(self, ch: str, info: bytes | None = None) -> None:
+        """Enter presence on ``ch`` (if it keeps presence) once subscribed, shown with ``info``."""
         presence = self.node.presence
         if not presence.applies(ch) or ch not in self.conn.subscriptions:
             return
+        if info is None:
+            info = self.identity.info
         try:
-            await presence.join(ch, self.identity.sub, self.client_id, self.identity.info)
+            await presence.join(ch, self.identity.sub, self.client_id, info)
         except Exception as exc:  # presence is best effort; the subscription stands
             log.warning("presence join on %s failed: %s", ch, exc)
 

@@ -9,6 +9,8 @@ from proto.codec import JSON as JSON_CODEC
 from proto.codec import MSGPACK as MSGPACK_CODEC
 from proto.codes import (
     ANY_COMMAND_ERRORS,
+    APP_CLOSES,
+    APP_ERRORS,
     CLOSE_REASON_MAX_BYTES,
     COMMAND_CLOSES,
     COMMAND_ERRORS,
@@ -33,6 +35,7 @@ from proto.connection import (
     StateError,
 )
 from proto.frames import (
+    Call,
     Command,
     ErrorBody,
     Expiring,
@@ -63,6 +66,8 @@ from proto.wsframe import frame
 __all__ = [
     "ADMIN_CHANNEL",
     "ANY_COMMAND_ERRORS",
+    "APP_CLOSES",
+    "APP_ERRORS",
     "CLOSE_REASON_MAX_BYTES",
     "CODECS",
     "COMMAND_CLOSES",
@@ -75,6 +80,7 @@ __all__ = [
     "SERVER_CLOSES",
     "SSE_CLOSES",
     "TRANSITIONS",
+    "Call",
     "CloseCode",
     "Codec",
     "Command",

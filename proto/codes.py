@@ -18,6 +18,11 @@ Which of them each command and each transport can meet is data too
 (`COMMAND_ERRORS`, `COMMAND_CLOSES`, `SERVER_CLOSES`...): the AsyncAPI
 document lists them per operation from these tables, and a test holds the
 tables to what the gateway's code sends.
+
+The application's backend (a hook, docs/hooks.md) speaks both vocabularies
+too: its reply errors use codes `APP_ERRORS` (400-1999), passed to the client
+unchanged, and its disconnects codes `APP_CLOSES` (4000-4999), whose ranges
+mean what they mean above.
 """
 
 from __future__ import annotations
@@ -27,6 +32,8 @@ from typing import NamedTuple
 
 __all__ = [
     "ANY_COMMAND_ERRORS",
+    "APP_CLOSES",
+    "APP_ERRORS",
     "CLOSE_REASON_MAX_BYTES",
     "COMMAND_CLOSES",
     "COMMAND_ERRORS",
@@ -45,6 +52,10 @@ __all__ = [
 
 #: RFC 6455 limits a close frame's payload to 125 bytes: 2 for the code.
 CLOSE_REASON_MAX_BYTES = 123
+#: Reply error codes a backend may answer with; any other is sent as 103.
+APP_ERRORS = range(400, 2000)
+#: Close codes a backend may end a connection with.
+APP_CLOSES = range(4000, 5000)
 
 
 class ErrorCode(enum.IntEnum):
@@ -158,6 +169,7 @@ COMMAND_ERRORS: dict[str, tuple[ErrorCode, ...]] = {
     "history": (E.INVALID_CHANNEL, E.PERMISSION_DENIED, E.NO_HISTORY, E.UNAVAILABLE),
     "presence": (E.INVALID_CHANNEL, E.PERMISSION_DENIED, E.NO_PRESENCE, E.UNAVAILABLE),
     "presence_stats": (E.INVALID_CHANNEL, E.PERMISSION_DENIED, E.NO_PRESENCE, E.UNAVAILABLE),
+    "call": (E.PERMISSION_DENIED, E.INVALID_DATA, E.UNAVAILABLE),
 }  # fmt: skip
 
 C = CloseCode

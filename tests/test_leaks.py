@@ -34,7 +34,7 @@ from core.server import CoreServer
 from core.service import CoreUnavailable
 from gateway.asyncapi import document as asyncapi_document
 from proto import ErrorCode
-from proto.frames import CHANNEL_PATTERN, Channel
+from proto.frames import CALL_METHOD_PATTERN, CHANNEL_PATTERN, Channel
 from tests.harness import SECRET, ApiClient, http_url, running_gateway, token_for, ws_client
 from tests.servers import UNIT
 from tests.test_accounts import ADA, register
@@ -139,6 +139,7 @@ def _patterns(node: object) -> set[str]:
 #: Every pattern either document publishes: (a good value, whether a newline may end one).
 PATTERNS = {
     CHANNEL_PATTERN: ("room:1", False),
+    CALL_METHOD_PATTERN: ("orders.create", False),
     EMAIL_PATTERN: ("ada@example.com", False),
     NO_NUL: ("multi-line\ntext", True),
     ETAG_PATTERN: ('W/"3"', False),

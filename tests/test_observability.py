@@ -39,6 +39,9 @@ DOCUMENTED: dict[str, set[str]] = {
     "gateway_core_upstream_seconds": set(), "gateway_core_upstream_errors": {"kind"},
     "gateway_core_pool_in_use": set(), "gateway_core_pool_size": set(),
     "gateway_core_breaker_open": set(),
+    "gateway_hook_calls": {"hook", "answer"}, "gateway_hook_errors": {"hook", "kind"},
+    "gateway_hook_seconds": {"hook"}, "gateway_hook_breaker_open": {"hook"},
+    "gateway_hook_in_flight": set(),
 }  # fmt: skip
 _SUFFIXES = ("_total", "_bucket", "_count", "_sum", "_created")
 #: PromQL words that look like metric names but are not.

@@ -3,7 +3,10 @@
 Refused while draining (503), over ``RATE_CONNECT_IP`` (429), without a
 valid token (401), or for a user the server API blocked (403 ``blocked``,
 gateway/serverapi/blocks.py), each with the JSON error body; otherwise the
-identity.
+identity. With a connect hook (gateway/hooks/connect.py), a new connection
+without any token goes on to the hook (`admit_request` answers None), and
+every new connection is then admitted by the hook (`admit_hooked`), and
+refused as blocked by the identity it gives.
 """
 
 from __future__ import annotations
@@ -20,16 +23,21 @@ from core.infra.errors import ApiError, TooManyRequests
 from core.infra.identity import AuthError, Identity, token_from_header
 from core.infra.ratelimit import over_limit
 from gateway.context import Context
+from gateway.hooks.connect import admit as hook_admit
+from gateway.hooks.connect import new_client_id
+from proto import JSON_CODEC
 
-__all__ = ["admit", "admit_request"]
+__all__ = ["admit", "admit_hooked", "admit_hooked_request", "admit_request", "hooked_admission"]
 
 log = logging.getLogger("gateway.admission")
 
 
 async def admit(
     handler: tornado.web.RequestHandler, ctx: Context, *, new_connection: bool = True
-) -> Identity:
+) -> Identity | None:
     """The caller's identity, or an `ApiError` to answer the request with.
+
+    None: a new connection without a token, for the connect hook to admit.
 
     ``new_connection``: counts against ``RATE_CONNECT_IP`` (a long-poll's later
     requests belong to a connection already admitted).
@@ -40,6 +48,21 @@ async def admit(
                                new_connection=new_connection)  # fmt: skip
 
 
+async def admit_hooked_request(
+    handler: tornado.web.RequestHandler, ctx: Context, identity: Identity | None, transport: str
+) -> Identity:
+    """`admit_hooked` for a JSON transport served by a RequestHandler (SSE, long-poll)."""
+    request = handler.request
+    return await admit_hooked(
+        ctx,
+        identity,
+        transport=transport,
+        protocol=JSON_CODEC.name,
+        remote_ip=request.remote_ip or "",
+        headers=request.headers,
+    )
+
+
 async def admit_request(
     ctx: Context,
     remote_ip: str,
@@ -47,7 +70,7 @@ async def admit_request(
     query_token: str | None,
     *,
     new_connection: bool = True,
-) -> Identity:
+) -> Identity | None:
     """`admit` from the request's parts, for delegates without a RequestHandler."""
     if ctx.status.draining:
         raise ApiError(
@@ -61,21 +84,60 @@ async def admit_request(
     token = token_from_header(headers.get("Authorization"))
     if token is None:
         token = query_token
+    if not token and new_connection and hooked_admission(ctx):
+        return None  # the connect hook may admit it (by its cookies, say)
     try:
         identity = ctx.verifier.verify(token or "")
     except AuthError as exc:
         ctx.metrics.handshake_failures.labels(exc.reason).inc()
         log.info("connection refused from %s: %s", remote_ip, exc.reason)
         raise ApiError(401, "unauthorized", exc.message) from None
+    return refuse_blocked(ctx, identity)
+
+
+def refuse_blocked(ctx: Context, identity: Identity) -> Identity:
+    """``identity``, unless the server API blocked its user: 403 ``blocked`` then."""
     until = ctx.ops.blocks.refuses(identity.sub, time.time()) if ctx.ops is not None else None
-    if until is not None:
-        ctx.metrics.handshake_failures.labels("blocked").inc()
-        log.info("connection of %s refused: blocked", identity.sub, extra={"user": identity.sub})
-        retry = str(max(1, math.ceil(until - time.time())))
-        raise ApiError(
-            403,
-            "blocked",
-            "this user's connections are refused for now",
-            headers={"Retry-After": retry},
-        )
-    return identity
+    if until is None:
+        return identity
+    ctx.metrics.handshake_failures.labels("blocked").inc()
+    log.info("connection of %s refused: blocked", identity.sub, extra={"user": identity.sub})
+    retry = str(max(1, math.ceil(until - time.time())))
+    raise ApiError(
+        403,
+        "blocked",
+        "this user's connections are refused for now",
+        headers={"Retry-After": retry},
+    )
+
+
+def hooked_admission(ctx: Context) -> bool:
+    """Whether new connections go through the connect hook."""
+    return ctx.hooks is not None and ctx.hooks.connect is not None
+
+
+async def admit_hooked(
+    ctx: Context,
+    identity: Identity | None,
+    *,
+    transport: str,
+    protocol: str,
+    remote_ip: str,
+    headers: HTTPHeaders,
+) -> Identity:
+    """The identity the connect hook admits a new connection as (`ApiError` if refused).
+
+    Raises `gateway.hooks.connect.Disconnected` when the hook ends the connection at once.
+    """
+    assert ctx.hooks is not None
+    admitted = await hook_admit(
+        ctx.hooks,
+        identity,
+        client=new_client_id(),
+        transport=transport,
+        protocol=protocol,
+        remote_ip=remote_ip,
+        headers=headers,
+        metrics=ctx.metrics,
+    )
+    return refuse_blocked(ctx, admitted)

@@ -88,7 +88,7 @@ class PollSession:
         self.size = 0
         self.limit_bytes = limit_bytes
         self.seq = 0
-        #: The close code once closed, and its reason.
+        #: The close code once closed (a `CloseCode`, or a hook backend's own), and its reason.
         self.closed: int | None = None
         self.reason = ""
         self.last_poll = time.monotonic()

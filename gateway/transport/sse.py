@@ -38,9 +38,10 @@ from core.errormap import JsonErrors
 from core.infra.errors import ApiError
 from core.infra.identity import Identity
 from gateway.context import Context
+from gateway.hooks.connect import Disconnected
 from gateway.hub import Prepared
 from gateway.session import Session
-from gateway.transport.admission import admit
+from gateway.transport.admission import admit, admit_hooked_request
 from proto import JSON_CODEC, CloseCode, Codec, Connection, reason_for
 
 __all__ = ["SSEHandler", "decode_positions", "encode_positions"]
@@ -83,17 +84,29 @@ class SSEHandler(JsonErrors):
         self._ended: asyncio.Event = asyncio.Event()
         self._session: Session | None = None
         self._refused = False  # a subscription failed with a temporary error
+        self._goodbye: Disconnected | None = None
 
     async def prepare(self) -> None:
-        self._identity = await admit(self, self.ctx)
+        ctx = self.ctx
+        identity = await admit(self, ctx)
+        if ctx.hooks is not None and ctx.hooks.connect is not None:
+            self._channels()  # a request the gateway refuses is not the backend's to see
+            try:
+                identity = await admit_hooked_request(self, ctx, identity, self.kind)
+            except Disconnected as goodbye:
+                self._goodbye = goodbye
+        self._identity = identity
+
+    def _channels(self) -> list[str]:
+        channels = list(dict.fromkeys(self.get_query_arguments("ch")))
+        if not 1 <= len(channels) <= self.ctx.settings.max_subscriptions:
+            limit = self.ctx.settings.max_subscriptions
+            raise ApiError(400, "bad_request", f"give 1 to {limit} channels as ?ch=")
+        return channels
 
     async def get(self) -> None:
         ctx, identity = self.ctx, self._identity
-        assert identity is not None
-        channels = list(dict.fromkeys(self.get_query_arguments("ch")))
-        if not 1 <= len(channels) <= ctx.settings.max_subscriptions:
-            limit = ctx.settings.max_subscriptions
-            raise ApiError(400, "bad_request", f"give 1 to {limit} channels as ?ch=")
+        channels = self._channels()
         last = self.request.headers.get("Last-Event-ID") or self.get_query_argument(
             "last_event_id", None
         )
@@ -106,13 +119,22 @@ class SSEHandler(JsonErrors):
         if stream is not None:
             stream.max_write_buffer_size = ctx.settings.send_buffer_bytes
         self.flush()
+        if self._goodbye is not None:  # the connect hook's disconnect: the stream's only event
+            self.disconnect(self._goodbye.code, self._goodbye.reason)
+            return
+        assert identity is not None  # without a connect hook, a token is required
         limit = ctx.settings.max_subscriptions
         conn = Connection(JSON_CODEC, identity.grants, max_subscriptions=limit)
-        session = self._session = Session(
+        session = self._session = ctx.new_session(
             self, conn, identity, ctx.node, ctx.metrics, remote_ip=self.request.remote_ip or ""
         )
         session.open()
         try:
+            boot = session.boot()
+            if boot is not None:
+                await boot
+                if self._ended.is_set():  # its server-side subscriptions failed (4004)
+                    return
             for n, ch in enumerate(channels, 1):
                 frame: dict[str, object] = {"id": n, "op": "sub", "ch": ch}
                 if ch in self._positions:
