@@ -65,15 +65,15 @@ _WS_BINDING: Final = "0.1.0"
 _HTTP_BINDING: Final = "0.3.0"
 
 
-class CloseEvent(msgspec.Struct, frozen=True):
+class CloseEvent(msgspec.Struct, frozen=True, omit_defaults=True):
     """SSE ``close`` event and long-poll ``close``: the connection ended with ``code``.
 
-    ``reason``: the close code's own, or the one the server API's ``disconnect``
-    or an application's backend (a hook's disconnect) gave.
+    ``reason``: the one given by the server API's ``disconnect`` or by the
+    application's backend (a hook's disconnect), when they ended it.
     """
 
     code: int
-    reason: str = ""
+    reason: str | None = None
 
 
 class LongPollOpened(msgspec.Struct, frozen=True, omit_defaults=True):

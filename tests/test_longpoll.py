@@ -141,10 +141,7 @@ async def test_a_client_that_stops_polling_is_closed_as_slow_consumer():
             status, body = await p.poll()
             assert status == 200 and body["messages"]  # what fit is still delivered
             status, body = await p.poll()
-            assert status == 410 and body["close"] == {
-                "code": CloseCode.SLOW_CONSUMER,
-                "reason": "slow consumer",
-            }
+            assert status == 410 and body["close"] == {"code": CloseCode.SLOW_CONSUMER}
             assert await p.send({"id": 2, "op": "ping"}) == 410
         finally:
             p.close()
@@ -285,10 +282,7 @@ async def test_a_waiting_poll_is_answered_by_a_publication_or_a_close():
             assert session is not None
             session.disconnect(CloseCode.GOING_AWAY)
             status, body = await asyncio.wait_for(waiting, 2)
-            assert status == 410 and body["close"] == {
-                "code": CloseCode.GOING_AWAY,
-                "reason": "going away",
-            }
+            assert status == 410 and body["close"] == {"code": CloseCode.GOING_AWAY}
             assert time.monotonic() - started < 3  # neither waited for the timeout
         finally:
             p.close()

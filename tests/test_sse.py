@@ -132,7 +132,7 @@ async def test_a_subscription_that_cannot_be_made_ends_the_stream_with_4004():
             }
             retry = await s.next()
             assert 1000 <= int(retry["retry"]) <= 5000
-            assert json.loads((await s.next_of("close"))["data"])["code"] == 4004
+            assert json.loads((await s.next_of("close"))["data"]) == {"code": 4004}
             with contextlib.suppress(EOFError):
                 await s.next()
                 raise AssertionError("the stream went on after its close event")

@@ -15,7 +15,7 @@ import msgspec
 from core.infra.identity import Identity
 from gateway.hub import Prepared
 from gateway.session import Session
-from proto import JSON_CODEC, CloseCode, Codec, reason_for
+from proto import JSON_CODEC, CloseCode, Codec
 
 __all__ = ["LongPollSessions", "PollSession", "Waits"]
 
@@ -90,7 +90,7 @@ class PollSession:
         self.seq = 0
         #: The close code once closed (a `CloseCode`, or a hook backend's own), and its reason.
         self.closed: int | None = None
-        self.reason = ""
+        self.reason: str | None = None
         self.last_poll = time.monotonic()
         self.on_close: Callable[[], None] | None = None
         #: The token of the last request whose signature was checked, and its identity.
@@ -111,7 +111,7 @@ class PollSession:
     def disconnect(self, code: int, reason: str | None = None) -> None:
         if self.closed is None:
             self.closed = int(code)
-            self.reason = reason_for(code) if reason is None else reason
+            self.reason = reason
             if self.session is not None:
                 self.session.closed()
             if self.on_close is not None:
@@ -122,8 +122,12 @@ class PollSession:
         return None  # polls are the heartbeat: see LongPollSessions.expire
 
     def close_field(self) -> bytes:
-        """``,"close":{"code":…,"reason":…}`` for the answer of a closed session's last poll."""
-        return b',"close":' + msgspec.json.encode({"code": self.closed, "reason": self.reason})
+        """``,"close":{"code":…}`` for the answer of a closed session's last poll, with
+        the ``reason`` the server API or the application's backend gave."""
+        close: dict[str, object] = {"code": self.closed}
+        if self.reason is not None:
+            close["reason"] = self.reason
+        return b',"close":' + msgspec.json.encode(close)
 
     # -- polling ---------------------------------------------------------------
 

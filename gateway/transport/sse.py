@@ -42,7 +42,7 @@ from gateway.hooks.connect import Disconnected
 from gateway.hub import Prepared
 from gateway.session import Session
 from gateway.transport.admission import admit, admit_hooked_request
-from proto import JSON_CODEC, CloseCode, Codec, Connection, reason_for
+from proto import JSON_CODEC, CloseCode, Codec, Connection
 
 __all__ = ["SSEHandler", "decode_positions", "encode_positions"]
 
@@ -169,8 +169,8 @@ class SSEHandler(JsonErrors):
         self._event("msg", prepared.payload(JSON_CODEC), event_id)
 
     def disconnect(self, code: int, reason: str | None = None) -> None:
-        close = {"code": int(code), "reason": reason_for(code) if reason is None else reason}
-        self._event("close", msgspec.json.encode(close))
+        event = {"code": int(code)} if reason is None else {"code": int(code), "reason": reason}
+        self._event("close", msgspec.json.encode(event))
         self._ended.set()
 
     def heartbeat(self, now: float, dead_after: float) -> None:
