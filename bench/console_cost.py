@@ -47,8 +47,8 @@ class Socket:
         return None
 
 
-async def _health() -> tuple[bool, bool | None]:
-    return True, None
+async def _health() -> tuple[bool, bool | None, dict[str, bool]]:
+    return True, None, {}
 
 
 async def main() -> None:

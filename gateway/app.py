@@ -306,10 +306,12 @@ async def make_app(
     if not isinstance(core, CoreUnavailable):
         node.on_control = core.on_control
 
-    async def health() -> tuple[bool, bool | None]:
-        """Redis answers; PostgreSQL answers (None: no database here)."""
+    async def health() -> tuple[bool, bool | None, dict[str, bool]]:
+        """Redis answers; PostgreSQL answers (None: no database here); each hook's breaker."""
         database = await core.db.healthy() if isinstance(core, Core) else None
-        return await node.broker.healthy(), database
+        hooked = {} if hooks is None else hooks.endpoints()
+        backends = {name: e.breaker.state == "closed" for name, e in hooked.items()}
+        return await node.broker.healthy(), database, backends
 
     ops = Operations(node, metrics, __version__, health)
     node.on_control = _both(node.on_control, ops.on_control)

@@ -70,8 +70,8 @@ class Console:
         self._node = node
         self._stats = stats
         self._health_check = health
-        #: Redis, PostgreSQL (None: no database here): checked every `HEALTH_EVERY` s
-        self._health: tuple[bool, bool | None] = (node.broker.connected, None)
+        #: Redis, PostgreSQL (None: no database here), hooks: checked every `HEALTH_EVERY` s
+        self._health: tuple[bool, bool | None, dict[str, bool]] = (node.broker.connected, None, {})
         self._checked = float("-inf")
         self._announced = float("-inf")
         self.watched_until = float("-inf")

@@ -110,7 +110,9 @@ class NodeStats:
         counts.update(self._hub.transport_counts())
         return counts
 
-    def info(self, redis: bool, postgres: bool | None) -> NodeInfo:
+    def info(
+        self, redis: bool, postgres: bool | None, hooks: dict[str, bool] | None = None
+    ) -> NodeInfo:
         hub = self._hub
         return NodeInfo(
             node=self.node,
@@ -125,4 +127,5 @@ class NodeStats:
             memory_bytes=resident_memory(),
             redis=redis,
             postgres=postgres,
+            hooks=hooks or {},
         )

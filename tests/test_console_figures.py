@@ -99,11 +99,12 @@ async def test_figures_are_rates_of_the_last_second():
                 gw.hub.broadcast("room:1", b"1")
             await drain(c)
             stats.tick(time.monotonic())
-            info = stats.info(True, None)
+            info = stats.info(True, None, {"connect": False})
         assert 10 / 2 < stats.deliveries_per_second < 10 / 0.05  # 10 in 0.1 to 2 s
         assert stats.lag_ms > 0 and stats.lag_p99_ms > 0
         assert info.connections == {"websocket": 1, "sse": 0, "longpoll": 0}
         assert info.subscriptions == 1 and info.channels == 1 and info.redis is True
+        assert info.hooks == {"connect": False}
 
 
 @pytest.mark.parametrize("watched", [False, True])

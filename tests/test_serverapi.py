@@ -390,7 +390,7 @@ async def test_info_lists_every_gateway_and_a_silent_one_is_named_missing(redis_
         on_b = nodes[b.ctx.ops.node_id]
         assert on_b["connections"] == {"websocket": 1, "sse": 0, "longpoll": 0}
         assert on_b["subscriptions"] == 1 and on_b["channels"] == 1
-        assert on_b["redis"] is True and on_b["postgres"] is None
+        assert on_b["redis"] is True and on_b["postgres"] is None and on_b["hooks"] == {}
         assert on_b["memory_bytes"] > 10_000_000 and on_b["uptime"] >= 0
         assert on_b["version"] and on_b["deliveries_per_second"] >= 0
 

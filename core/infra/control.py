@@ -210,6 +210,8 @@ class NodeInfo(msgspec.Struct, kw_only=True):
     redis: bool
     #: None where no database is configured here
     postgres: bool | None
+    #: each configured hook (gateway/hooks/): whether its backend's breaker is closed
+    hooks: dict[str, bool] = {}
 
 
 _decoder = msgspec.json.Decoder(ControlMessage)

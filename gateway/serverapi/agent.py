@@ -46,8 +46,8 @@ log = logging.getLogger("gateway.serverapi")
 MAX_LISTED = 1000
 MAX_CHANNELS = 10_000
 
-#: Whether Redis answers, and PostgreSQL (None: no database here).
-Health = Callable[[], Awaitable[tuple[bool, bool | None]]]
+#: Whether Redis answers, PostgreSQL (None: no database here), and each hook's backend.
+Health = Callable[[], Awaitable[tuple[bool, bool | None, dict[str, bool]]]]
 
 _encoder = msgspec.json.Encoder()
 
@@ -137,8 +137,7 @@ class Agent:
         if isinstance(action, control.Channels):
             return self._channels(action.pattern)
         assert isinstance(action, control.Info)
-        redis, postgres = await self._health()
-        return self.stats.info(redis, postgres)
+        return self.stats.info(*await self._health())
 
     def _find(self, user: str, client: str | None) -> list[Session]:
         """This gateway's connections of ``user`` (only ``client``, when given)."""

@@ -150,6 +150,12 @@ function tables() {
     cell(row, mb(f.memory_bytes));
     health(row, f.redis);
     health(row, f.postgres);
+    const hooks = Object.entries(f.hooks ?? {});
+    if (!hooks.length) cell(row, "—");
+    else {
+      const down = hooks.filter(([, ok]) => !ok).map(([name]) => name);
+      cell(row, down.length ? `open: ${down.join(", ")}` : "ok", down.length ? "bad" : "good");
+    }
   }
   const busy = new Map();
   for (const f of latest.values()) for (const { ch, deliveries } of f.busiest) busy.set(ch, (busy.get(ch) ?? 0) + deliveries);
