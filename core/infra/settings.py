@@ -243,6 +243,63 @@ class Settings:
         "Seconds the breaker stays open before one request probes the core again.",
         _positive_float,
     )
+    events_stream: bool = _setting(
+        False,
+        "EVENTS_STREAM",
+        "Append every connect, disconnect, subscribe and unsubscribe to the Redis Stream "
+        "<REDIS_PREFIX>events, for backends reading it with consumer groups; a node that dies "
+        "has its connections' disconnects appended by another once PRESENCE_TTL has passed. "
+        "See docs/events.md.",
+        _bool,
+    )
+    events_maxlen: int = _setting(
+        1_000_000,
+        "EVENTS_MAXLEN",
+        "Events the stream keeps (XADD MAXLEN ~, so a little more); older ones are trimmed.",
+        _positive_int,
+    )
+    events_buffer: int = _setting(
+        100_000,
+        "EVENTS_BUFFER",
+        "Events one process holds while Redis cannot take them; more are dropped and counted.",
+        _positive_int,
+    )
+    events_webhook_url: str | None = _setting(
+        None,
+        "EVENTS_WEBHOOK_URL",
+        "Also POST the events, in signed batches, to this URL (needs EVENTS_STREAM and "
+        "HOOK_SECRET).",
+        _optional,
+    )
+    events_webhook_batch: int = _setting(
+        100, "EVENTS_WEBHOOK_BATCH", "Most events in one webhook POST.", _positive_int
+    )
+    events_webhook_queue: int = _setting(
+        10_000,
+        "EVENTS_WEBHOOK_QUEUE",
+        "Events waiting for the webhook per process; more are dropped and counted.",
+        _positive_int,
+    )
+    events_webhook_retries: int = _setting(
+        5,
+        "EVENTS_WEBHOOK_RETRIES",
+        "Retries of a webhook batch that failed (no answer, or not 2xx), with backoff; then "
+        "the batch is dropped and counted.",
+        _non_negative_int,
+    )
+    events_webhook_timeout: float = _setting(
+        5.0,
+        "EVENTS_WEBHOOK_TIMEOUT",
+        "Seconds a webhook POST may take, connecting included.",
+        _positive_float,
+    )
+    hook_secret: str | None = _setting(
+        None,
+        "HOOK_SECRET",
+        "Secret signing the gateway's requests to backends (X-Gateway-Signature: sha256= HMAC "
+        "of timestamp.body); see docs/events.md.",
+        _optional,
+    )
     max_body_bytes: int = _setting(
         1048576, "MAX_BODY_BYTES", "Largest REST request body (larger: 413).", _positive_int
     )
@@ -562,6 +619,12 @@ class Settings:
     shutdown_timeout: float = _setting(
         10.0, "SHUTDOWN_TIMEOUT", "Seconds allowed for a graceful stop.", _non_negative_float
     )
+
+    def __post_init__(self) -> None:
+        if self.events_webhook_url and not self.events_stream:
+            raise SettingsError("EVENTS_WEBHOOK_URL: needs EVENTS_STREAM=true")
+        if self.events_webhook_url and not self.hook_secret:
+            raise SettingsError("EVENTS_WEBHOOK_URL: needs HOOK_SECRET to sign its requests")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
