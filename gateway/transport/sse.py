@@ -83,6 +83,7 @@ class SSEHandler(JsonErrors):
         self._ended: asyncio.Event = asyncio.Event()
         self._session: Session | None = None
         self._refused = False  # a subscription failed with a temporary error
+        self._code = 1006  # the close code sent, once one was (1006: the client went away)
 
     async def prepare(self) -> None:
         self._identity = await admit(self, self.ctx)
@@ -123,7 +124,7 @@ class SSEHandler(JsonErrors):
                 self.disconnect(CloseCode.UNAVAILABLE)
             await self._ended.wait()
         finally:
-            session.closed()
+            session.closed(self._code)
 
     def on_connection_close(self) -> None:
         self._ended.set()
@@ -146,6 +147,8 @@ class SSEHandler(JsonErrors):
 
     def disconnect(self, code: CloseCode) -> None:
         self._event("close", b'{"code":%d}' % int(code))
+        if not self._ended.is_set():
+            self._code = int(code)
         self._ended.set()
 
     def heartbeat(self, now: float, dead_after: float) -> None:
@@ -166,6 +169,7 @@ class SSEHandler(JsonErrors):
         except StreamBufferFullError:
             self.ctx.metrics.slow_consumers.inc()
             log.warning("cutting off a slow event-stream reader")
+            self._code = int(CloseCode.SLOW_CONSUMER)
             self._ended.set()
         except StreamClosedError:
             self._ended.set()
