@@ -39,6 +39,9 @@ DOCUMENTED: dict[str, set[str]] = {
     "gateway_core_upstream_seconds": set(), "gateway_core_upstream_errors": {"kind"},
     "gateway_core_pool_in_use": set(), "gateway_core_pool_size": set(),
     "gateway_core_breaker_open": set(),
+    "gateway_events_appended": {"type"}, "gateway_events_dropped": {"target"},
+    "gateway_events_queued": {"target"}, "gateway_events_nodes_lost": set(),
+    "gateway_events_webhook_deliveries": set(), "gateway_events_webhook_failures": {"kind"},
 }  # fmt: skip
 _SUFFIXES = ("_total", "_bucket", "_count", "_sum", "_created")
 #: PromQL words that look like metric names but are not.
