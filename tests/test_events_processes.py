@@ -9,6 +9,7 @@ import signal
 import urllib.request
 from typing import Any
 
+import pytest
 import redis.asyncio as aioredis
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -55,6 +56,20 @@ class Consumer:
         return [event for _, event in self.read]
 
 
+@pytest.fixture
+def env(redis_url: str, database_url: str, core_schema: str) -> dict[str, str]:
+    """Gateways with connection events on a Redis prefix of their own (and the test
+    database, so that no embedded PostgreSQL starts)."""
+    return {
+        "REDIS_URL": redis_url,
+        "REDIS_PREFIX": unique_prefix(),
+        "JWT_SECRET": SECRET,
+        "DATABASE_URL": database_url,
+        "DATABASE_SCHEMA": core_schema,
+        "EVENTS_STREAM": "true",
+    }
+
+
 def life(events: list[dict[str, Any]], user: str) -> list[tuple[Any, ...]]:
     rows: list[tuple[Any, ...]] = []
     for e in events:
@@ -81,19 +96,10 @@ async def metric(port: int, name: str, **labels: str) -> float:
 async def test_a_killed_nodes_connections_reach_the_stream_and_a_group_loses_nothing(
     processes,  # noqa: F811
     redis_url,
-    database_url,
-    core_schema,
+    env,
 ):
-    prefix = unique_prefix()
-    # A mark of life lasts 3 s, refreshed every second (the sweep's tick).
-    env = {
-        "REDIS_URL": redis_url,
-        "REDIS_PREFIX": prefix,
-        "JWT_SECRET": SECRET,
-        "DATABASE_URL": database_url,
-        "DATABASE_SCHEMA": core_schema,
-    }  # no embedded PostgreSQL
-    env.update(EVENTS_STREAM="true", PRESENCE_TTL="3")
+    prefix = env["REDIS_PREFIX"]
+    env["PRESENCE_TTL"] = "3"  # a mark of life lasts 3 s, refreshed every second (the tick)
     redis = aioredis.Redis.from_url(redis_url)
     consumer = Consumer(redis, f"{prefix}events")
     await consumer.create()
@@ -160,19 +166,11 @@ async def test_a_killed_nodes_connections_reach_the_stream_and_a_group_loses_not
 async def test_the_webhook_gets_signed_batches_retried_and_its_queue_is_bounded(
     processes,  # noqa: F811
     redis_url,
-    database_url,
-    core_schema,
+    env,
 ):
-    prefix = unique_prefix()
+    prefix = env["REDIS_PREFIX"]
     async with backend_server(failures=2) as (backend, url):
-        env = {
-            "REDIS_URL": redis_url,
-            "REDIS_PREFIX": prefix,
-            "JWT_SECRET": SECRET,
-            "DATABASE_URL": database_url,
-            "DATABASE_SCHEMA": core_schema,
-        }
-        env.update(EVENTS_STREAM="true", EVENTS_WEBHOOK_URL=url, HOOK_SECRET=HOOK_SECRET)
+        env.update(EVENTS_WEBHOOK_URL=url, HOOK_SECRET=HOOK_SECRET)
         env.update(EVENTS_WEBHOOK_BATCH="2", EVENTS_WEBHOOK_QUEUE="4", EVENTS_WEBHOOK_RETRIES="2")
         gw = processes(**env)
         token = mint_token(TOKENS, "hooked", ["room:*"])

@@ -143,6 +143,7 @@ class EventRecorder:
         self._swept = time.monotonic() + random.uniform(0, ttl / 3)  # spread the processes
         self._sweeping = False
         self._closing = False
+        self._closed = False  # nothing is appended any more (what comes is left queued)
         self._tasks = TaskSet(log)
         metrics.events_queued.labels("stream").set_function(lambda: len(self._items))
 
@@ -219,7 +220,7 @@ class EventRecorder:
     # -- appending -----------------------------------------------------------
 
     def _wake(self) -> None:
-        if self._flushing is None:
+        if self._flushing is None and not self._closed:
             self._flushing = self._tasks.spawn(self._flush(), name="events-append")
 
     async def _flush(self) -> None:
@@ -337,6 +338,7 @@ class EventRecorder:
         flushing = self._flushing
         if flushing is not None:
             await asyncio.wait([flushing], timeout=wait)
+        self._closed = True
         await self._tasks.cancel()
         left = len(self._live())
         if self._items or left:
