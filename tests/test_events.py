@@ -88,6 +88,7 @@ async def test_a_sockets_life_is_recorded_in_order_with_its_close_code():
         ("unsubscribe", "room:1"),
         ("disconnect", 1000, "normal closure"),  # no unsubscribe for room:2: the disconnect ends it
     ]
+    assert not gw.ctx.node.events._items  # nothing held per connection once appended
     mine = [e for e in events if e["user"] == "ws-1"]
     assert len({e["id"] for e in mine}) == len(mine) and len({e["client"] for e in mine}) == 1
     assert all(abs(e["ts"] / 1000 - time.time()) < 60 for e in mine)
@@ -117,15 +118,16 @@ async def test_sse_long_poll_and_shutdown_are_recorded_too():
     assert await broker.lost_nodes() == [] and not broker._nodes  # it said it stopped
 
 
-async def test_events_off_records_nothing_and_adds_nothing_to_a_session():
+@pytest.mark.parametrize("on", [False, True])
+async def test_a_session_holds_nothing_for_events_and_off_records_nothing(on):
     broker = MemoryBroker()
-    async with running_gateway(broker) as gw:
-        assert gw.ctx.node.events is None
+    async with running_gateway(broker, events_stream=on) as gw:
+        assert (gw.ctx.node.events is not None) is on
         async with ws_client(gw.port, token_for(gw)) as c:
             assert (await c.request("sub", ch="room:1"))["ok"]
             (session,) = gw.hub.connections
-            assert not hasattr(session, "__dict__")  # slots only, none added for events
-    assert await broker.read_events("0", 10) == [] and not broker._nodes
+            assert not hasattr(session, "__dict__")  # slots only: nothing added for events
+    assert bool(await broker.read_events("0", 10)) is on
 
 
 # -- the recorder alone: Redis outages, lost nodes ---------------------------------------
