@@ -343,7 +343,6 @@ async def test_a_lost_nodes_live_connections_are_reported_once_whoever_claims(st
     opened["c3"] = b'{"type":"disconnect","client":"c3"}'
     await a.append_events(node, EventBatch([_event(1)], opened), 0.2, 1000)
     await a.append_events(node, EventBatch(closed=["c2"]), 0.2, 1000)
-    assert node not in await b.lost_nodes()
     await asyncio.sleep(0.3)
     assert node in await b.lost_nodes()
     claims = await asyncio.gather(*(x.claim_node(node, 1000, 100) for x in (a, b, a, b)))

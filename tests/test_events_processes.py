@@ -99,7 +99,7 @@ async def test_a_killed_nodes_connections_reach_the_stream_and_a_group_loses_not
     env,
 ):
     prefix = env["REDIS_PREFIX"]
-    env["PRESENCE_TTL"] = "3"  # a mark of life lasts 3 s, refreshed every second (the tick)
+    env["PRESENCE_TTL"] = "4"  # a mark of life lasts 4 s, refreshed every second or so
     redis = aioredis.Redis.from_url(redis_url)
     consumer = Consumer(redis, f"{prefix}events")
     await consumer.create()
