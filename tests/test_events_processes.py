@@ -99,7 +99,7 @@ async def test_a_killed_nodes_connections_reach_the_stream_and_a_group_loses_not
     env,
 ):
     prefix = env["REDIS_PREFIX"]
-    env["PRESENCE_TTL"] = "4"  # a mark of life lasts 4 s, refreshed every second or so
+    env["PRESENCE_TTL"] = "5"  # a mark of life lasts 5 s, refreshed every 2 s (ticks of 1 s)
     redis = aioredis.Redis.from_url(redis_url)
     consumer = Consumer(redis, f"{prefix}events")
     await consumer.create()
