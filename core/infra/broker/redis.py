@@ -495,6 +495,12 @@ class RedisBroker(Broker):
         Raises `LinkStalled` when nothing, not even the pong, came back within
         the health timeout of a ping.
         """
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            # Asked to stop, but the cancellation was lost: on Python 3.11 a read
+            # timeout expiring as cancel() comes can turn it into a TimeoutError,
+            # which redis-py reads as "no message yet". Stop all the same.
+            raise asyncio.CancelledError
         interval, timeout = self._health
         if interval <= 0:
             message: dict[str, Any] | None = await pubsub.get_message(timeout=None)
