@@ -44,12 +44,21 @@ class Inbox:
         self.states.append(up)
         self._changed.set()
 
-    async def wait_state(self, up: bool, timeout: float = 2 * UNIT) -> None:
-        """Return once the broker last reported the link ``up`` (or down)."""
+    async def wait_state(
+        self, up: bool, timeout: float = 2 * UNIT, since: int | None = None
+    ) -> None:
+        """Return once the broker last reported the link ``up`` (or down); with ``since``,
+        once it reported it after its first ``since`` reports (a drop and the recovery may
+        both come before the caller looks)."""
         async with asyncio.timeout(timeout):
-            while not self.states or self.states[-1] is not up:
+            while not self._reported(up, since):
                 self._changed.clear()
                 await self._changed.wait()
+
+    def _reported(self, up: bool, since: int | None) -> bool:
+        if since is not None:
+            return up in self.states[since:]
+        return bool(self.states) and self.states[-1] is up
 
     async def wait_for(self, n: int, timeout: float = 2 * UNIT) -> list[tuple[str, bytes]]:
         async with asyncio.timeout(timeout):
@@ -102,6 +111,8 @@ async def started(broker_factory):
     start.single_process = single  # type: ignore[attr-defined]
     yield start
     for broker, _ in brokers:
+        if isinstance(broker, RedisBroker):  # the event stream has no expiry: leave none behind
+            await broker._pub_client.delete(broker._events_keys()[0])
         await broker.close()
 
 

@@ -157,6 +157,7 @@ async def test_a_killed_nodes_connections_reach_the_stream_and_a_group_loses_not
     try:
         entries = await redis.xrange(f"{prefix}events")
         pending = await redis.xpending(f"{prefix}events", GROUP)
+        await redis.delete(f"{prefix}events")
     finally:
         await redis.aclose()
     assert [id for id, _ in entries] == [id for id, _ in consumer.read]
@@ -197,6 +198,7 @@ async def test_the_webhook_gets_signed_batches_retried_and_its_queue_is_bounded(
     redis = aioredis.Redis.from_url(redis_url)
     try:
         stream = decoded([f[b"event"] for _, f in await redis.xrange(f"{prefix}events")])
+        await redis.delete(f"{prefix}events")
     finally:
         await redis.aclose()
     assert sum(1 for e in stream if e.get("channel", "").startswith("room:flood-")) == 12
