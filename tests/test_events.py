@@ -30,7 +30,7 @@ from tests.test_longpoll import Poller
 from tests.test_sse import sse
 
 ROOT = Path(__file__).resolve().parent.parent
-SECRET = "hook-secret-for-tests"
+SECRET = "hook-secret-for-tests-0123456789abcdef"
 _events = msgspec.json.Decoder(Event)  # every event read is checked against the schema's types
 
 
@@ -302,7 +302,10 @@ def test_a_webhook_needs_the_stream_and_a_secret():
         Settings.from_env({"EVENTS_WEBHOOK_URL": "http://backend/events", "HOOK_SECRET": "s"})
     with pytest.raises(SettingsError, match="HOOK_SECRET"):
         Settings.from_env({"EVENTS_WEBHOOK_URL": "http://backend/events", "EVENTS_STREAM": "1"})
-    env = {"EVENTS_WEBHOOK_URL": "http://b/e", "EVENTS_STREAM": "on", "HOOK_SECRET": "s"}
+    env = {"EVENTS_WEBHOOK_URL": "http://b/e", "EVENTS_STREAM": "on", "HOOK_SECRET": "s" * 31}
+    with pytest.raises(SettingsError, match="32 characters"):
+        Settings.from_env(env)
+    env["HOOK_SECRET"] = SECRET
     assert Settings.from_env(env).events_webhook_url == "http://b/e"
 
 

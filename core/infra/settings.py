@@ -296,8 +296,8 @@ class Settings:
     hook_secret: str | None = _setting(
         None,
         "HOOK_SECRET",
-        "Secret signing the gateway's requests to backends (X-Gateway-Signature: sha256= HMAC "
-        "of timestamp.body); see docs/events.md.",
+        "HMAC-SHA256 key signing the gateway's requests to backends (X-Gateway-Signature); "
+        "32 characters or more; required with EVENTS_WEBHOOK_URL (docs/events.md).",
         _optional,
     )
     max_body_bytes: int = _setting(
@@ -623,8 +623,10 @@ class Settings:
     def __post_init__(self) -> None:
         if self.events_webhook_url and not self.events_stream:
             raise SettingsError("EVENTS_WEBHOOK_URL: needs EVENTS_STREAM=true")
-        if self.events_webhook_url and not self.hook_secret:
-            raise SettingsError("EVENTS_WEBHOOK_URL: needs HOOK_SECRET to sign its requests")
+        if self.events_webhook_url and len(self.hook_secret or "") < 32:
+            raise SettingsError(
+                "EVENTS_WEBHOOK_URL: needs HOOK_SECRET (32 characters or more) to sign its requests"
+            )
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:

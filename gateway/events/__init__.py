@@ -13,7 +13,7 @@ from gateway.events.schema import (
     Unsubscribe,
     json_schema,
 )
-from gateway.events.signing import signature_headers
+from gateway.events.signing import signed_headers
 from gateway.events.webhook import Webhook
 
 __all__ = [
@@ -29,5 +29,5 @@ __all__ = [
     "json_schema",
     "node_name",
     "reason_for",
-    "signature_headers",
+    "signed_headers",
 ]

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import time
 
-__all__ = ["signature_headers"]
+__all__ = ["signed_headers"]
 
 
-def signature_headers(secret: str, body: bytes, timestamp: int) -> dict[str, str]:
-    """The two headers that sign ``body`` sent at ``timestamp``."""
-    signed = b"%d.%s" % (timestamp, body)
-    mac = hmac.new(secret.encode(), signed, hashlib.sha256).hexdigest()
-    return {"X-Gateway-Timestamp": str(timestamp), "X-Gateway-Signature": f"sha256={mac}"}
+def signed_headers(secret: str | bytes, body: bytes, now: float | None = None) -> dict[str, str]:
+    """The two headers that sign ``body``, sent now (or at ``now``)."""
+    timestamp = str(int(time.time() if now is None else now))
+    key = secret.encode() if isinstance(secret, str) else secret
+    mac = hmac.new(key, timestamp.encode() + b"." + body, hashlib.sha256).hexdigest()
+    return {"X-Gateway-Timestamp": timestamp, "X-Gateway-Signature": f"sha256={mac}"}

@@ -26,7 +26,7 @@ import aiohttp
 from core.infra.backoff import Backoff
 from core.infra.metrics import Metrics
 from core.infra.throttled import ThrottledLog
-from gateway.events.signing import signature_headers
+from gateway.events.signing import signed_headers
 
 __all__ = ["Webhook"]
 
@@ -127,7 +127,7 @@ class Webhook:
         """One POST; None when accepted, else the kind of failure."""
         assert self._session is not None
         headers = {"Content-Type": "application/json"}
-        headers.update(signature_headers(self._secret, body, int(self._clock())))
+        headers.update(signed_headers(self._secret, body, self._clock()))
         try:
             async with self._session.post(
                 self.url, data=body, headers=headers, allow_redirects=False
