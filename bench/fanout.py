@@ -91,7 +91,9 @@ def _pin(cpu: int) -> list[str]:
     return ["taskset", "-c", str(cpu)] if shutil.which("taskset") and os.cpu_count() != 1 else []
 
 
-def _command(server: str, port: int) -> tuple[list[str], dict[str, str]]:
+def _command(
+    server: str, port: int, extra: dict[str, str] | None = None
+) -> tuple[list[str], dict[str, str]]:
     env = {**os.environ, "JWT_SECRET": JWT_SECRET, "PYTHONUNBUFFERED": "1",
            "REDIS_URL": os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")}  # fmt: skip
     if server == "gateway" or server in VARIANTS:
@@ -101,14 +103,17 @@ def _command(server: str, port: int) -> tuple[list[str], dict[str, str]]:
                    LOG_LEVEL="warning",
                    DATABASE_URL=os.environ.get("DATABASE_URL", "postgresql://127.0.0.1:5432/test"))  # fmt: skip
         env["MIGRATE_ON_START"] = "true"  # a bench database: migrated at start, as `make run`
+        env.update(extra or {})
         return [sys.executable, "-m", "gateway"], env
     return [sys.executable, "-m", f"bench.peers.{server}_broadcast", "--port", str(port)], env
 
 
 @contextmanager
-def _server(server: str, log: Path) -> Iterator[tuple[int, int]]:
+def _server(
+    server: str, log: Path, extra: dict[str, str] | None = None
+) -> Iterator[tuple[int, int]]:
     port = _free_port()
-    argv, env = _command(server, port)
+    argv, env = _command(server, port, extra)
     with open(log, "ab") as out:
         proc = subprocess.Popen(_pin(0) + argv, cwd=ROOT, env=env, stdout=out, stderr=out)
     try:
@@ -135,21 +140,37 @@ def _server(server: str, log: Path) -> Iterator[tuple[int, int]]:
             proc.wait()
 
 
-def run_scenario(server: str, scenario: Scenario, log: Path) -> dict[str, Any]:
-    with _server(server, log) as (port, pid):
+def run_scenario(
+    server: str,
+    scenario: Scenario,
+    log: Path,
+    extra: dict[str, str] | None = None,
+    channel: str = "bench",
+) -> dict[str, Any]:
+    """One run of the load tool against a fresh ``server`` (the gateway's ``extra`` settings)."""
+    with _server(server, log, extra) as (port, pid):
         argv = [
             *_pin(1), sys.executable, "-W", "ignore", "-m", "gateway.loadtest", "--json", "--quiet",
             "--url", f"http://127.0.0.1:{port}", "--secret", JWT_SECRET,
             "-n", str(scenario.connections), "--rate", str(scenario.rate),
             "--messages", str(scenario.messages), "--server-pid", str(pid),
-            "--channel", f"bench-{scenario.name}-{os.getpid()}-{time.monotonic_ns()}",
+            "--channel", f"{channel}-{scenario.name}-{os.getpid()}-{time.monotonic_ns()}",
             "--settle", "3", "--drain", "15", "--timeout", "60",
         ]  # fmt: skip
+        cpu = cpu_seconds(pid)
         done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=900)
+        cpu = cpu_seconds(pid) - cpu
     if not done.stdout.strip():
         raise RuntimeError(f"load tool failed: {done.stderr[-2000:]}")
     report: dict[str, Any] = json.loads(done.stdout)
+    report["server_cpu_seconds"] = round(cpu, 3)
     return report
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) process ``pid`` has used so far (Linux ``/proc``)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _figures(report: dict[str, Any]) -> dict[str, float]:

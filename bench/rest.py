@@ -108,18 +108,25 @@ class Server:
 
 
 @dataclass(frozen=True)
-class Run:
-    round: int
+class WrkResult:
+    """What one wrk run reports: throughput, latency percentiles, failures."""
+
     requests_per_s: float
+    p50_ms: float
     p99_ms: float
     non_2xx: int
     socket_errors: int
-    server_cpu: float
-    wrk_cpu: float
 
     @property
     def valid(self) -> bool:
         return self.non_2xx == 0 and self.socket_errors == 0
+
+
+@dataclass(frozen=True)
+class Run(WrkResult):
+    round: int
+    server_cpu: float
+    wrk_cpu: float
 
 
 def quote_ident(name: str) -> str:
@@ -222,12 +229,20 @@ def wait_ready(proc: subprocess.Popen[bytes], url: str, token: str, log: Path) -
     raise RuntimeError(f"{url} not 200 after {READY_TIMEOUT_S:.0f} s:\n{log.read_text()}")
 
 
+def pinned(cpu: str | None, argv: list[str] | tuple[str, ...]) -> list[str]:
+    """``argv`` run on CPU ``cpu`` with ``taskset``; as it is when ``cpu`` is None."""
+    return [*argv] if cpu is None else ["taskset", "-c", cpu, *argv]
+
+
 @contextmanager
-def serve(server: Server, port: int, token: str, logs: Path) -> Iterator[subprocess.Popen[bytes]]:
+def serve(
+    server: Server, port: int, token: str, logs: Path, cpu: str | None = SERVER_CPU
+) -> Iterator[subprocess.Popen[bytes]]:
+    """``server`` started (on CPU ``cpu``), once it answers an authenticated GET; stopped after."""
     log = logs / f"{server.key}.log"
     with log.open("wb") as out:
         proc = subprocess.Popen(
-            ["taskset", "-c", SERVER_CPU, *server.argv],
+            pinned(cpu, server.argv),
             cwd=ROOT,
             env=server.env,
             stdout=out,
@@ -258,10 +273,31 @@ def children_cpu_seconds() -> float:
 _LATENCY_UNITS_MS = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60_000.0}
 
 
-def wrk(url: str, endpoint: Endpoint, duration: int, connections: int) -> str:
-    argv = ["taskset", "-c", WRK_CPU, "wrk", "-t1", f"-c{connections}", f"-d{duration}s"]
-    argv += ["--latency", *endpoint.wrk_args, url + endpoint.path]
-    return subprocess.run(argv, capture_output=True, text=True, check=True).stdout
+def wrk(
+    url: str, endpoint: Endpoint, duration: float, connections: int, cpu: str | None = WRK_CPU
+) -> str:
+    argv = ["wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--latency"]
+    argv += [*endpoint.wrk_args, url + endpoint.path]
+    return subprocess.run(pinned(cpu, argv), capture_output=True, text=True, check=True).stdout
+
+
+def parse_wrk(out: str) -> WrkResult:
+    """The figures of wrk's ``--latency`` report."""
+    rps = re.search(r"^Requests/sec:\s+([\d.]+)", out, re.MULTILINE)
+    p50, p99 = (
+        re.search(rf"^\s+{p}%\s+([\d.]+)(us|ms|s|m)\s*$", out, re.MULTILINE) for p in (50, 99)
+    )
+    if rps is None or p50 is None or p99 is None:
+        raise RuntimeError(f"unexpected wrk output:\n{out}")
+    non_2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    return WrkResult(
+        requests_per_s=float(rps[1]),
+        p50_ms=float(p50[1]) * _LATENCY_UNITS_MS[p50[2]],
+        p99_ms=float(p99[1]) * _LATENCY_UNITS_MS[p99[2]],
+        non_2xx=int(non_2xx[1]) if non_2xx else 0,
+        socket_errors=sum(map(int, errors.groups())) if errors else 0,
+    )
 
 
 def measure(
@@ -272,22 +308,13 @@ def measure(
         cpu_seconds(server_pid),
         children_cpu_seconds(),
     )
-    out = wrk(url, endpoint, duration, connections)
+    result = parse_wrk(wrk(url, endpoint, duration, connections))
     elapsed = time.monotonic() - started
     server_cpu = (cpu_seconds(server_pid) - server_before) / elapsed
     wrk_cpu = (children_cpu_seconds() - wrk_before) / elapsed
-    rps = re.search(r"^Requests/sec:\s+([\d.]+)", out, re.MULTILINE)
-    p99 = re.search(r"^\s+99%\s+([\d.]+)(us|ms|s|m)\s*$", out, re.MULTILINE)
-    if rps is None or p99 is None:
-        raise RuntimeError(f"unexpected wrk output:\n{out}")
-    non_2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
     return Run(
+        **asdict(result),
         round=round_,
-        requests_per_s=float(rps[1]),
-        p99_ms=float(p99[1]) * _LATENCY_UNITS_MS[p99[2]],
-        non_2xx=int(non_2xx[1]) if non_2xx else 0,
-        socket_errors=sum(map(int, errors.groups())) if errors else 0,
         server_cpu=round(server_cpu, 3),
         wrk_cpu=round(wrk_cpu, 3),
     )
@@ -411,6 +438,15 @@ def markdown(results: dict[str, dict[str, dict[str, Any]]]) -> str:
     return "\n".join(lines)
 
 
+def add_database_arguments(parser: argparse.ArgumentParser, schema: str) -> None:
+    """``--database-url`` (DATABASE_URL, else the local test database) and ``--schema``."""
+    parser.add_argument(
+        "--database-url",
+        default=os.environ.get("DATABASE_URL", "postgresql://127.0.0.1:5432/test"),
+    )
+    parser.add_argument("--schema", default=schema)
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m bench.rest", description="Benchmark our REST core against a FastAPI peer."
@@ -419,11 +455,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--only", choices=["core", "fastapi"], help="benchmark one server")
-    parser.add_argument(
-        "--database-url",
-        default=os.environ.get("DATABASE_URL", "postgresql://127.0.0.1:5432/test"),
-    )
-    parser.add_argument("--schema", default="bench_rest")
+    add_database_arguments(parser, "bench_rest")
     parser.add_argument(
         "--self-migrate",
         action="store_true",

@@ -11,7 +11,7 @@ open sockets (core/infra/revocation.py).
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Annotated, Any, Literal, Protocol
+from typing import Annotated, Any, ClassVar, Literal, Protocol
 
 import asyncpg
 import msgspec
@@ -26,7 +26,7 @@ from core.infra.settings import Settings
 from core.logins import LoginGuard
 from core.passwords import Passwords, password_problems
 from core.request import Request, Response
-from core.routing import Route, uuid_param
+from core.routing import UUID_ID, Route, uuid_param
 from core.schemas import DisplayName, Email, User
 from core.tokens import Issuer, new_refresh_token, refresh_hash
 from core.validation import Checked
@@ -41,12 +41,30 @@ Password = Annotated[str, Meta(min_length=8, max_length=1024)]
 AUTH_BODY = 8192
 
 
+#: After a login or a refresh: refresh again, by either route.
+_AFTER_LOGIN = {
+    "refresh": {"operationId": "refresh",
+                "requestBody": {"refresh_token": "$response.body#/refresh_token"}},
+    "refreshGrant": {"operationId": "token",
+                     "requestBody": {"grant_type": "refresh_token",
+                                     "refresh_token": "$response.body#/refresh_token"}},
+}  # fmt: skip
+
+
 class Revoker(Protocol):
     async def revoke(self, sids: list[str]) -> None:
         """Apply session revocations here and broadcast them to every process."""
 
 
 class RegisterIn(Checked, forbid_unknown_fields=True, kw_only=True):
+    rules: ClassVar[tuple[str, ...]] = (
+        "The password is not one of the 10,000 most common ones, not only white space, has "
+        "more than two different characters, is not a run (`abcdefgh`, `98765432`) and does "
+        "not contain the e-mail address, nor the name before its `@` (if 4 characters or "
+        "more; a shorter one is refused only as the whole password): 422 `validation_error` "
+        "at `$.password` (core/passwords.py).",
+    )
+
     email: Email
     display_name: DisplayName
     password: Password
@@ -185,28 +203,36 @@ class Accounts:
         return [
             Route("POST", "/api/auth/register", self.register, "Create an account",
                   "register", tag, responses={201: User}, body=RegisterIn,
-                  errors=(403, 409), access=Access.PUBLIC, max_body=AUTH_BODY),
+                  errors=("registration_closed", "conflict"), access=Access.PUBLIC,
+                  max_body=AUTH_BODY, location="/api/users/{id}",
+                  description="Anyone may call it; an `Authorization` header is ignored.",
+                  links={"logIn": {"operationId": "token", "requestBody": {
+                      "grant_type": "password", "username": "$request.body#/email",
+                      "password": "$request.body#/password"}}}),
             Route("POST", "/api/auth/token", self.token, "Log in or refresh (OAuth2)",
                   "token", tag, responses={200: TokenOut}, form=TokenForm, access=Access.PUBLIC,
-                  max_body=AUTH_BODY,
+                  max_body=AUTH_BODY, errors=("invalid_grant",), links=_AFTER_LOGIN,
                   description="OAuth2 password grant (`grant_type=password`, `username` is "
                   "the e-mail) or refresh grant (`grant_type=refresh_token`), form-encoded. "
-                  "Wrong credentials and unusable refresh tokens are 400 `invalid_grant`."),
+                  "Wrong credentials and unusable refresh tokens are 400 `invalid_grant`. "
+                  "Anyone may call it; an `Authorization` header is ignored."),
             Route("POST", "/api/auth/refresh", self.refresh, "Rotate a refresh token",
                   "refresh", tag, responses={200: TokenOut}, body=RefreshIn, access=Access.PUBLIC,
-                  max_body=AUTH_BODY,
+                  max_body=AUTH_BODY, errors=("invalid_grant",), links=_AFTER_LOGIN,
                   description="Uses up the refresh token and returns new tokens. Presenting "
-                  "a used refresh token again revokes the whole session."),
+                  "a used refresh token again revokes the whole session. Anyone may call it; "
+                  "an `Authorization` header is ignored."),
             Route("GET", "/api/auth/sessions", self.sessions, "List my sessions",
-                  "listSessions", tag, responses={200: SessionList}, errors=(403,), access=Access.SESSION),
+                  "listSessions", tag, responses={200: SessionList}, access=Access.SESSION,
+                  links={"endNewest": {"operationId": "deleteSession",
+                                       "parameters": {"path.id": "$response.body#/items/0/id"}}}),
             Route("DELETE", "/api/auth/sessions/{id}", self.end_session, "End one of my sessions",
-                  "deleteSession", tag, responses={204: None}, errors=(403, 404), access=Access.SESSION),
+                  "deleteSession", tag, responses={204: None}, access=Access.SESSION,
+                  params={"id": UUID_ID}),
             Route("POST", "/api/auth/logout", self.logout, "End this session",
-                  "logout", tag, responses={204: None}, errors=(403,), access=Access.SESSION,
-                  max_body=0),
+                  "logout", tag, responses={204: None}, access=Access.SESSION, max_body=0),
             Route("POST", "/api/auth/logout-all", self.logout_all, "End all my sessions",
-                  "logoutAll", tag, responses={204: None}, errors=(403,), access=Access.SESSION,
-                  max_body=0),
+                  "logoutAll", tag, responses={204: None}, access=Access.SESSION, max_body=0),
         ]  # fmt: skip
 
     # -- accounts and logins ------------------------------------------------------

@@ -5,8 +5,8 @@ body (``Content-Length`` > 0 or ``Transfer-Encoding``) is refused before one
 byte of it is read when
 
 * no route has its path: 404 (for the core's routes also 405);
-* the route needs a token and the request has none, or a bad one: 401 (a
-  bad token is 401 on every route, as the routes themselves would answer);
+* the route needs a token and the request has none, or a bad one: 401 (the
+  routes anyone may call ignore a token, as the core does);
 * the route would refuse this caller anyway (403, or 404 for another
   user's account), as core/access.py decides from the token and the path;
 * its ``Content-Length`` is over the route's limit: 413 (a chunked body is
@@ -42,8 +42,9 @@ __all__ = ["CORE_PATHS", "HandlerLimit", "RouteLimits"]
 CORE_PATHS = re.compile(r"/api/(?!publish$).*")
 
 
-#: A handler's body limit, whether it needs a token, and whether the token may be in the query.
-HandlerLimit = tuple[int, bool, bool]
+#: A handler's body limit, whether it needs a token (None: it authenticates its callers
+#: itself, with credentials of its own), and whether the token may be in the query.
+HandlerLimit = tuple[int, bool | None, bool]
 
 
 class RouteLimits:
@@ -73,8 +74,10 @@ class RouteLimits:
             return 0
         if CORE_PATHS.fullmatch(path):
             route, params = self.core.match(start.method, path)
-            identity = self._authenticate(headers, None, required=route.auth)
-            if identity is not None and route.auth and route.access is not None:
+            if not route.auth:  # anyone may call it: a token, good or bad, is not read
+                return self.core_limit if route.max_body is None else route.max_body
+            identity = self._authenticate(headers, None, required=True)
+            if identity is not None and route.access is not None:
                 # What the route would refuse from this caller, it refuses unread.
                 if not getattr(identity, "rest", True):
                     raise ApiError(403, "forbidden", "this API key may not call the REST API")
@@ -87,6 +90,8 @@ class RouteLimits:
         ):
             raise ApiError(404, "not_found", f"no route for {path}")
         limit, required, in_query = self.handlers.get(handler, (0, False, False))
+        if required is None:
+            return limit
         query_token = parse_qs(query).get("token", [None])[0] if in_query and query else None
         self._authenticate(headers, query_token, required=required)
         return limit

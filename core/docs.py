@@ -39,9 +39,10 @@ _REDOC = """<!DOCTYPE html>
 
 
 DESCRIPTION = (
-    "The REST core of tornado-gateway. Every operation takes a bearer JWT (the same "
-    "token a socket uses) and answers errors in one shape: "
-    '`{"error": {"status", "code", "message", "details"?}}`. '
+    "The REST core of tornado-gateway. Every operation but registration, login and refresh "
+    "takes a bearer JWT (the same token a socket uses); those three ignore one. Errors have "
+    'one shape, `{"error": {"status", "code", "message", "details"?}}`, and each operation '
+    "lists the codes it can answer under each status. "
     "The same operations run over a WebSocket as `rpc` frames, and every write is "
     "published to the channels `projects` and `projects:<id>`. The gateway describes its "
     "socket, Server-Sent Events and long-poll protocol in [/asyncapi.json](/asyncapi.json) "

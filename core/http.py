@@ -8,8 +8,9 @@ metrics) to the `tornado.web.Application`.
 
 Per request this delegate collects the body (at most ``max_body_bytes``;
 past it the body is dropped and the answer is 413), authenticates the bearer
-token (401 before the core sees the request), calls `Core.dispatch`, and
-writes the response. It never raises into Tornado.
+token (401 before the core sees the request; not on the operations anyone
+may call, which ignore it), calls `Core.dispatch`, and writes the response.
+It never raises into Tornado.
 """
 
 from __future__ import annotations
@@ -200,14 +201,14 @@ class _Exchange(httputil.HTTPMessageDelegate):
             limit = server.max_body_bytes
             return Response.error(ApiError(413, "payload_too_large", f"body over {limit} bytes"))
         caller = None
+        path, _, query = start.path.partition("?")
         authorization = headers.get("Authorization")
-        if authorization is not None:
+        if authorization is not None and not server.core.router.is_public(start.method, path):
             try:
                 caller = server.verifier.verify(token_from_header(authorization) or "")
             except AuthError as exc:
                 refused = ApiError(401, "unauthorized", exc.message)
                 return Response.error(refused, {"WWW-Authenticate": "Bearer"})
-        path, _, query = start.path.partition("?")
         req = Request(
             start.method,
             path,

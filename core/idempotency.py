@@ -10,13 +10,16 @@ dropped so a retry runs again). A later request with the same key:
 * first one still running: 409 ``idempotency_in_progress`` with Retry-After.
 
 Keys belong to the caller (JWT ``sub``), expire after ``IDEMPOTENCY_TTL``
-seconds, and expired rows are purged periodically.
+seconds, and expired rows are purged periodically. A key is 1 to 255
+printable ASCII characters (`IDEMPOTENCY_KEY_SCHEMA`, which the document
+states); any other is 422.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import re
 
 import asyncpg
 import msgspec
@@ -25,11 +28,20 @@ from core.infra.errors import ApiError, ErrorDetail, ValidationFailed
 from core.request import Request, Response
 from core.routing import Handler
 
-__all__ = ["IdempotencyStore"]
+__all__ = ["IDEMPOTENCY_KEY_SCHEMA", "IdempotencyStore"]
 
 log = logging.getLogger("core.idempotency")
 
 MAX_KEY_LENGTH = 255
+#: Printable ASCII, no space at either end (HTTP drops it before the server sees the key).
+_KEY_PATTERN = rf"^[!-~](?:[ -~]{{0,{MAX_KEY_LENGTH - 2}}}[!-~])?(?![\s\S])"
+IDEMPOTENCY_KEY_SCHEMA = {
+    "type": "string",
+    "minLength": 1,
+    "maxLength": MAX_KEY_LENGTH,
+    "pattern": _KEY_PATTERN,
+    "examples": ["3f2b8c1e-7d4a-4e8b-9c2d-5a6f7e8d9c0b"],
+}
 
 _CLAIM = """
 insert into idempotency_keys (owner, key, method, path, request_hash, expires_at)
@@ -61,9 +73,14 @@ class IdempotencyStore:
         key = req.header("idempotency-key")
         if key is None or req.caller is None:
             return await handler(req)
-        if not 1 <= len(key) <= MAX_KEY_LENGTH:
+        if not re.match(_KEY_PATTERN, key):
             raise ValidationFailed(
-                [ErrorDetail("header.Idempotency-Key", f"1 to {MAX_KEY_LENGTH} characters")]
+                [
+                    ErrorDetail(
+                        "header.Idempotency-Key",
+                        f"1 to {MAX_KEY_LENGTH} printable ASCII characters",
+                    )
+                ]
             )
         owner = req.caller.sub
         digest = hashlib.sha256(b"%s %s\n%s" % (req.method.encode(), req.path.encode(), req.body))

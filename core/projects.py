@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator
+from decimal import Decimal
 from typing import Any, NoReturn
 
 import asyncpg
@@ -23,8 +24,9 @@ from core.access import Access, privileged, require_owner
 from core.batch import Batcher
 from core.db import Queryable, one
 from core.events import ChangeKind, Events
+from core.idempotency import IDEMPOTENCY_KEY_SCHEMA
 from core.infra.errors import NotFound, PreconditionFailed, ValidationFailed
-from core.paging import ANY, ETAG_PATTERN, decode_cursor, etag, if_match, none_match, page_body
+from core.paging import ANY, IF_MATCH_SCHEMA, decode_cursor, etag, if_match, none_match, page_body
 from core.request import Request, Response
 from core.routing import HeaderParam, Route, int_param
 from core.schemas import Project, ProjectIn, ProjectPage, ProjectPatch, ProjectQuery
@@ -32,13 +34,16 @@ from core.schemas import Project, ProjectIn, ProjectPage, ProjectPatch, ProjectQ
 __all__ = ["Projects"]
 
 _JSON = "application/json"
-_encode_json = msgspec.json.Encoder(decimal_format="number").encode
+#: A request's `Amount` is written as the plain Decimal it is.
+_encode_json = msgspec.json.Encoder(decimal_format="number", enc_hook=Decimal).encode
 _project = msgspec.json.Decoder(Project)
 
+ITEM = "/api/projects/{id}"
 IF_MATCH = HeaderParam(
     "If-Match",
-    "Only write if the project's ETag (its version) matches; 412 if not.",
-    {"type": "string", "pattern": ETAG_PATTERN},
+    "Only write if the project's ETag (its version) is this one (412 if not), or if it "
+    "exists at all (`*`). A list of ETags is not taken.",
+    IF_MATCH_SCHEMA,
 )
 IF_NONE_MATCH = HeaderParam(
     "If-None-Match",
@@ -46,7 +51,10 @@ IF_NONE_MATCH = HeaderParam(
     {"type": "string"},
 )
 IDEMPOTENCY_KEY = HeaderParam(
-    "Idempotency-Key", "A retry with the same key and body replays the first response."
+    "Idempotency-Key",
+    "A retry with the same key, path and body replays the first response; the same key with "
+    "another request is 422 `idempotency_key_reused`. Printable ASCII, 1 to 255 characters.",
+    IDEMPOTENCY_KEY_SCHEMA,
 )
 
 _LIST = """
@@ -118,19 +126,18 @@ class Projects:
                   responses={200: ProjectPage}, query=ProjectQuery, access=Access.READ),
             Route("POST", "/api/projects", self.create, "Create a project", "createProject", tag,
                   responses={201: Project}, body=ProjectIn, headers=(IDEMPOTENCY_KEY,),
-                  errors=(409,), idempotent=True, access=Access.OWNER),
-            Route("GET", "/api/projects/{id}", self.get, "Get a project", "getProject", tag,
+                  idempotent=True, access=Access.OWNER, location=ITEM, etag=True),
+            Route("GET", ITEM, self.get, "Get a project", "getProject", tag,
                   responses={200: Project, 304: None}, headers=(IF_NONE_MATCH,),
-                  errors=(404,), access=Access.READ),
-            Route("PUT", "/api/projects/{id}", self.replace, "Replace a project",
-                  "replaceProject", tag, responses={200: Project}, body=ProjectIn,
-                  headers=(IF_MATCH,), errors=(404, 412), access=Access.OWNER),
-            Route("PATCH", "/api/projects/{id}", self.patch, "Update a project (merge patch)",
-                  "updateProject", tag, responses={200: Project}, body=ProjectPatch,
-                  headers=(IF_MATCH,), errors=(404, 412), access=Access.OWNER),
-            Route("DELETE", "/api/projects/{id}", self.delete, "Delete a project",
-                  "deleteProject", tag, responses={204: None}, headers=(IF_MATCH,),
-                  errors=(404, 412), access=Access.OWNER),
+                  access=Access.READ, etag=True),
+            Route("PUT", ITEM, self.replace, "Replace a project", "replaceProject", tag,
+                  responses={200: Project}, body=ProjectIn, headers=(IF_MATCH,),
+                  access=Access.OWNER, etag=True),
+            Route("PATCH", ITEM, self.patch, "Update a project (merge patch)", "updateProject",
+                  tag, responses={200: Project}, body=ProjectPatch, headers=(IF_MATCH,),
+                  access=Access.OWNER, etag=True),
+            Route("DELETE", ITEM, self.delete, "Delete a project", "deleteProject", tag,
+                  responses={204: None}, headers=(IF_MATCH,), access=Access.OWNER),
         ]  # fmt: skip
 
     async def list(self, req: Request) -> Response:

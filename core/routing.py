@@ -6,6 +6,10 @@ decodes and validates the query and body before the handler runs, so a
 handler receives typed values; the OpenAPI document is generated from the
 same fields. Each route declares its `Access` rule beside it; a route
 without one is refused when the router is built.
+
+Path parameters are row ids (`ROW_ID`: what `int_param` accepts) unless a
+route names another schema in ``params`` (`UUID_ID`: what `uuid_param`
+accepts); the document states exactly what the parsers take.
 """
 
 from __future__ import annotations
@@ -18,18 +22,35 @@ from core.access import Access
 from core.infra.errors import ApiError, NotFound
 from core.request import Request, Response
 
-__all__ = ["Handler", "HeaderParam", "Route", "Router", "int_param", "uuid_param"]
+__all__ = [
+    "ROW_ID",
+    "UUID_ID",
+    "Handler",
+    "HeaderParam",
+    "Route",
+    "Router",
+    "int_param",
+    "uuid_param",
+]
 
 Handler = Callable[[Request], Awaitable[Response]]
 
 _PARAM = re.compile(r"\{([a-z_]+)\}")
-_UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+_ROW_ID_DIGITS = 18
+_UUID = r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}(?![\s\S])"
+#: The schema of a row id in a path (`int_param`), and of a UUID (`uuid_param`).
+ROW_ID: Mapping[str, object] = {
+    "type": "integer",
+    "minimum": 1,
+    "maximum": 10**_ROW_ID_DIGITS - 1,
+}
+UUID_ID: Mapping[str, object] = {"type": "string", "format": "uuid", "pattern": _UUID}
 
 
 def int_param(req: Request, what: str, name: str = "id") -> int:
     """A path parameter that is a row id; anything else names no ``what``: 404."""
     raw = req.params[name]
-    if not raw.isdigit() or len(raw) > 18:
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > _ROW_ID_DIGITS:
         raise NotFound(f"no {what} {raw[:40]}")
     return int(raw)
 
@@ -37,7 +58,7 @@ def int_param(req: Request, what: str, name: str = "id") -> int:
 def uuid_param(req: Request, name: str = "id") -> str | None:
     """A path parameter that is a UUID (lower-case), or None when it cannot be one."""
     raw = req.params[name]
-    return raw if _UUID.fullmatch(raw) else None
+    return raw if re.match(_UUID, raw) else None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -66,8 +87,9 @@ class Route:
     form: type | None = None
     query: type | None = None
     headers: tuple[HeaderParam, ...] = ()
-    #: error statuses this route may answer besides 400/401/413/422/503
-    errors: tuple[int, ...] = ()
+    #: error codes (core/errorcodes.py) this route answers besides those its
+    #: other fields imply (`core.errorcodes.route_errors` says which those are)
+    errors: tuple[str, ...] = ()
     #: who may call it and act on its object (core/access.py); every route names one
     access: Access | None = None
     #: the largest body it takes, in bytes (None: MAX_BODY_BYTES); checked at
@@ -76,6 +98,15 @@ class Route:
     #: POST routes that honour Idempotency-Key
     idempotent: bool = False
     description: str = ""
+    #: path parameter -> its schema, for those that are not row ids (`ROW_ID`)
+    params: Mapping[str, Mapping[str, object]] = dataclasses.field(default_factory=dict)
+    #: where a 201's ``Location`` points (a path template; None: no Location)
+    location: str | None = None
+    #: whether success answers carry an ``ETag`` (the resource's version)
+    etag: bool = False
+    #: OpenAPI links from the success answer beyond those the route table implies
+    #: (core/openapilinks.py): link name -> Link Object
+    links: Mapping[str, Mapping[str, object]] = dataclasses.field(default_factory=dict)
 
     @property
     def auth(self) -> bool:
@@ -87,6 +118,10 @@ class Route:
 
     def path_params(self) -> list[str]:
         return _PARAM.findall(self.path)
+
+    def param_schema(self, name: str) -> Mapping[str, object]:
+        """The schema of path parameter ``name``: a row id unless ``params`` says otherwise."""
+        return self.params.get(name, ROW_ID)
 
 
 class Router:
@@ -127,6 +162,15 @@ class Router:
         except NotFound:
             return None
         return ", ".join(sorted(methods))
+
+    def is_public(self, method: str, path: str) -> bool:
+        """Whether ``method path`` is an operation anyone may call (its token is not read)."""
+        try:
+            methods, _ = self._find(path)
+        except NotFound:
+            return False
+        route = methods.get(method)
+        return route is not None and not route.auth
 
     def match(self, method: str, path: str) -> tuple[Route, dict[str, str]]:
         methods, params = self._find(path)

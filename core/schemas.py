@@ -9,18 +9,21 @@ checks real responses against these types.
 from __future__ import annotations
 
 import datetime as dt
+import re
 from collections.abc import Callable
 from decimal import Decimal, InvalidOperation
-from typing import Annotated, Any, Final, Literal
+from typing import Annotated, Any, ClassVar, Final, Literal
 
 import msgspec
 from msgspec import UNSET, Meta, UnsetType
 
 from core.infra.errors import ErrorDetail
+from core.paging import CURSOR_PATTERN
 from core.validation import Checked
 
 __all__ = [
     "BUDGET_MAX",
+    "Amount",
     "Milestone",
     "Page",
     "Project",
@@ -65,17 +68,51 @@ Description = Annotated[str, Meta(max_length=5000, pattern=NO_NUL)]
 Tag = Annotated[str, Meta(min_length=1, max_length=40, pattern=NO_NUL)]
 Tags = Annotated[list[Tag], Meta(max_length=20)]
 Status = Literal["draft", "active", "done"]
-#: The range and the two places are checked by `ProjectIn.problems`; msgspec
-#: cannot put bounds on Decimal, so core/openapi.py writes them into the
-#: document (number, minimum 0, maximum 1e9, multiple of 0.01).
+#: A budget as the server stores it: numeric(12, 2), 0 to 1e9.
+BUDGET_NUMBER: Final = {"type": "number", "minimum": 0, "maximum": int(BUDGET_MAX),
+                        "multipleOf": 0.01, "examples": [12500.5]}  # fmt: skip
+#: The same as text: at most two decimal places, 0 to 1000000000(.00).
+BUDGET_TEXT: Final = (
+    r"^(?:1000000000(?:\.0{1,2})?|(?:0|[1-9][0-9]{0,8})(?:\.[0-9]{1,2})?)(?![\s\S])"
+)
+_BUDGET_TEXT = re.compile(BUDGET_TEXT)
+
+
+class Amount(Decimal):
+    """A budget as a client sends it: a JSON number (read exactly, never as a binary
+    float), or a string in `BUDGET_TEXT` form. msgspec hands the raw value to
+    `from_json` (core/validation.py), so strings are held to the documented form."""
+
+    @classmethod
+    def from_json(cls, value: object) -> Amount:
+        if isinstance(value, str):
+            if not _BUDGET_TEXT.match(value):
+                raise ValueError("a budget as text is digits with at most two decimal places")
+            return cls(value)
+        if isinstance(value, int | Decimal) and not isinstance(value, bool):
+            return cls(value)
+        raise TypeError(f"Expected `number | str`, got `{type(value).__name__}`")
+
+
+_BUDGET_DOC = "Amount with at most two decimal places, 0 to 1,000,000,000."
+#: A budget in a request: the range and the places are checked by `budget_problems`.
 Budget = Annotated[
-    Decimal,
-    Meta(description="Amount with at most two decimal places, 0 to 1,000,000,000."),
-]
+    Amount,
+    Meta(extra_json_schema={
+        "description": _BUDGET_DOC + " A JSON number, or the same as a string (`\"12.30\"`).",
+        "anyOf": [BUDGET_NUMBER, {"type": "string", "pattern": BUDGET_TEXT, "examples": ["12.30"]}],
+    }),
+]  # fmt: skip
+#: A budget in a response: always a number.
+StoredBudget = Annotated[Decimal, Meta(description=_BUDGET_DOC, extra_json_schema=BUDGET_NUMBER)]
 DisplayName = Annotated[str, Meta(min_length=1, max_length=100, pattern=NO_NUL)]
 Limit = Annotated[int, Meta(ge=1, le=100, description="Page size (default 20).")]
 Cursor = Annotated[
-    str, Meta(max_length=200, description="`next_cursor` of the previous page (opaque).")
+    str,
+    Meta(
+        pattern=CURSOR_PATTERN,
+        description="`next_cursor` of the previous page (opaque: pass it back as it came).",
+    ),
 ]
 
 
@@ -111,6 +148,10 @@ def dates_problems(starts_on: dt.date | None, ends_on: dt.date | None) -> list[E
 class ProjectIn(Checked, forbid_unknown_fields=True, kw_only=True):
     """A project as clients create or replace it."""
 
+    rules: ClassVar[tuple[str, ...]] = (
+        "`ends_on` is not before `starts_on` (422 `validation_error` at `$.ends_on`).",
+    )
+
     name: Name
     description: Description = ""
     owner_email: Email
@@ -131,6 +172,11 @@ class ProjectPatch(Checked, forbid_unknown_fields=True, kw_only=True):
 
     Only ``ends_on`` may be null. The merged project is validated as a whole.
     """
+
+    rules: ClassVar[tuple[str, ...]] = (
+        "The project after the merge keeps `ends_on` not before `starts_on` (422 "
+        "`validation_error` at `$.ends_on`), whichever of them the patch sets.",
+    )
 
     name: Name | UnsetType = UNSET
     description: Description | UnsetType = UNSET
@@ -155,7 +201,7 @@ class Project(msgspec.Struct, kw_only=True):
     name: Name
     description: Description
     owner_email: Email
-    budget: Budget
+    budget: StoredBudget
     status: Status
     tags: Tags
     starts_on: dt.date

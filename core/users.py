@@ -61,6 +61,7 @@ where user_id = $1 and revoked_at is null returning id::text
 """
 _DELETE = "delete from users where id = $1 returning id"
 _TAKEN = "this e-mail address cannot be used"
+ITEM = "/api/users/{id}"
 
 
 def _id(req: Request) -> int:
@@ -78,18 +79,18 @@ class Users:
         return [
             Route("GET", "/api/users", self.list, "List users (yourself, unless admin)",
                   "listUsers", tag, responses={200: UserPage}, query=UserQuery,
-                  errors=(403,), access=Access.SELF),
+                  access=Access.SELF),
             Route("POST", "/api/users", self.create, "Create a user (admin)", "createUser", tag,
                   responses={201: User}, body=UserIn, headers=(IDEMPOTENCY_KEY,),
-                  errors=(403, 409), idempotent=True, access=Access.ADMIN),
-            Route("GET", "/api/users/{id}", self.get, "Get a user (yourself, unless admin)",
-                  "getUser", tag, responses={200: User}, errors=(403, 404), access=Access.SELF),
-            Route("PATCH", "/api/users/{id}", self.patch, "Update a user (yourself, unless admin)",
+                  errors=("conflict",), idempotent=True, access=Access.ADMIN, location=ITEM),
+            Route("GET", ITEM, self.get, "Get a user (yourself, unless admin)",
+                  "getUser", tag, responses={200: User}, access=Access.SELF),
+            Route("PATCH", ITEM, self.patch, "Update a user (yourself, unless admin)",
                   "updateUser", tag, responses={200: User}, body=UserPatch,
-                  errors=(403, 404, 409), access=Access.SELF),
-            Route("DELETE", "/api/users/{id}", self.delete,
+                  errors=("conflict",), access=Access.SELF),
+            Route("DELETE", ITEM, self.delete,
                   "Delete a user and end their sessions (yourself, unless admin)", "deleteUser",
-                  tag, responses={204: None}, errors=(403, 404), access=Access.SELF),
+                  tag, responses={204: None}, access=Access.SELF),
         ]  # fmt: skip
 
     async def list(self, req: Request) -> Response:

@@ -6,7 +6,11 @@ objects) so the 422 lists every bad field as ``{path, message}``.
 
 Rules msgspec cannot express (a Decimal's range, one field against
 another) live in a Struct's ``problems()`` classmethod, which takes a getter
-and returns details; both paths run it.
+and returns details; both paths run it, and its ``rules`` say them in words
+for the document.
+
+A field type with a ``from_json`` classmethod (`core.schemas.Amount`) gets
+the raw JSON value: numbers arrive as exact `Decimal`, never binary floats.
 """
 
 from __future__ import annotations
@@ -14,7 +18,8 @@ from __future__ import annotations
 import re
 import typing
 from collections.abc import Callable, Mapping
-from typing import Any, TypeVar
+from decimal import Decimal
+from typing import Any, ClassVar, TypeVar
 from urllib.parse import parse_qs
 
 import msgspec
@@ -31,10 +36,25 @@ _AT = re.compile(r"^(.*) - at `\$(.*)`$")
 class Checked(msgspec.Struct):
     """A Struct with rules beyond its field types."""
 
+    #: `problems`' rules in words (Markdown), for the document
+    rules: ClassVar[tuple[str, ...]] = ()
+
     @classmethod
     def problems(cls, get: Callable[[str], Any]) -> list[ErrorDetail]:
         """Problems of the values ``get(field)`` returns (None for absent or bad)."""
         return []
+
+
+def _from_json(tp: type, value: Any) -> Any:
+    """msgspec's ``dec_hook``: a type's own ``from_json`` (TypeError/ValueError: a 422)."""
+    convert = getattr(tp, "from_json", None)
+    if convert is None:
+        raise NotImplementedError(f"no decoder for {tp!r}")
+    return convert(value)
+
+
+#: Untyped JSON, numbers exact: what `validate` examines after a failed fast decode.
+_untyped = msgspec.json.Decoder(dec_hook=_from_json, float_hook=Decimal)
 
 
 def _split(message: str, path: str) -> ErrorDetail:
@@ -81,7 +101,7 @@ def _collect(tp: type[msgspec.Struct], value: Any, path: str) -> list[ErrorDetai
             continue
         raw = value[f.encode_name]
         try:
-            good[f.name] = msgspec.convert(raw, f.type)
+            good[f.name] = msgspec.convert(raw, f.type, dec_hook=_from_json)
             continue
         except msgspec.ValidationError as exc:
             first = _split(str(exc), where)
@@ -99,7 +119,7 @@ def _collect(tp: type[msgspec.Struct], value: Any, path: str) -> list[ErrorDetai
 def validate(tp: type[T], value: Any) -> T:
     """``value`` (decoded JSON) as ``tp``, or `ValidationFailed` with every problem."""
     try:
-        obj = msgspec.convert(value, tp)
+        obj = msgspec.convert(value, tp, dec_hook=_from_json)
     except msgspec.ValidationError:
         obj = None
     if obj is not None:
@@ -132,7 +152,7 @@ def decode_body(tp: type[T], body: bytes) -> T:
     """
     decoder = _decoders.get(tp)
     if decoder is None:
-        decoder = _decoders[tp] = msgspec.json.Decoder(tp)
+        decoder = _decoders[tp] = msgspec.json.Decoder(tp, dec_hook=_from_json, float_hook=Decimal)
     try:
         obj: T = decoder.decode(body)
     except msgspec.ValidationError:
@@ -145,7 +165,7 @@ def decode_body(tp: type[T], body: bytes) -> T:
         _check(obj)
         return obj
     try:
-        value = msgspec.json.decode(body)
+        value = _untyped.decode(body)
     except msgspec.ValidationError as exc:  # "Number out of range": not a float, not an int64
         raise ValidationFailed([_split(str(exc), "$")]) from None
     except msgspec.DecodeError as exc:

@@ -52,6 +52,8 @@ from gateway.endpoints import (
     ReadyHandler,
 )
 from gateway.events import EventRecorder, Webhook
+from gateway.hooks.service import Hooks
+from gateway.hooks.session import session_factory
 from gateway.hub import Hub
 from gateway.keymirror import KeyMirror
 from gateway.node import Node
@@ -150,7 +152,9 @@ class Gateway:
             self.app,
             {
                 PublishHandler: (s.max_publish_bytes + 1024, True, False),
-                LongPollHandler: (s.max_body_bytes, True, True),
+                # With hooks, a long-poll session may hold a secret of its own rather
+                # than a token (admitted by its cookies): the handler checks either.
+                LongPollHandler: (s.max_body_bytes, True if ctx.hooks is None else None, True),
             },
         )
         proxies = TrustedProxies(s.trusted_proxies, s.forwarded_header)
@@ -189,6 +193,8 @@ class Gateway:
             self.server.stop()
             await self.server.close_all_connections()
         await self.ctx.core.close()
+        if self.ctx.hooks is not None:
+            await self.ctx.hooks.close()
         await self.ctx.node.close()
         await self.ctx.limiter.close()
 
@@ -304,10 +310,12 @@ async def make_app(
         raise
     if not isinstance(core, CoreUnavailable):
         node.on_control = core.on_control
+    hooks = await Hooks.open(settings, metrics)
     ctx = Context(
         settings=settings, node=node, verifier=verifier, metrics=metrics, core=core, limiter=limiter,
         coalescer=Coalescer(metrics.write_lag, settings.send_buffer_total_bytes),
         longpoll=LongPollSessions(settings.max_longpoll_sessions, settings.longpoll_max_per_user),
+        hooks=hooks, new_session=session_factory(hooks),
     )  # fmt: skip
     metrics.send_buffered.set_function(lambda: ctx.coalescer.buffered)
     if isinstance(core, Core):

@@ -8,6 +8,8 @@ What this module adds is the shape around the frames: channels (``/ws``,
 
 The document describes the gateway: ``receive`` operations are what clients
 send to it (with the reply it answers), ``send`` operations what it pushes.
+Each operation lists the reply error codes (``x-errors``) and close codes
+(``x-close-codes``) it can meet, from the tables in `proto.codes`.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ import msgspec
 
 from core.docs import DocsHandler
 from proto import (
+    APP_CLOSES,
+    APP_ERRORS,
     CloseCode,
     Command,
     ErrorCode,
@@ -33,6 +37,7 @@ from proto import (
     Reply,
     Unsubscribed,
     close_reason,
+    codes,
     error_message,
     is_temporary,
     should_reconnect,
@@ -51,17 +56,26 @@ _WS_BINDING: Final = "0.1.0"
 _HTTP_BINDING: Final = "0.3.0"
 
 
-class CloseEvent(msgspec.Struct, frozen=True):
-    """SSE ``close`` event and long-poll ``close``: the connection ended with ``code``."""
+class CloseEvent(msgspec.Struct, frozen=True, omit_defaults=True):
+    """SSE ``close`` event and long-poll ``close``: the connection ended with ``code``.
+
+    ``reason``: the application's, when its backend ended the connection (a hook's disconnect).
+    """
 
     code: int
+    reason: str | None = None
 
 
-class LongPollOpened(msgspec.Struct, frozen=True):
-    """``201`` to ``POST /lp``: the new session and the cursor to poll from."""
+class LongPollOpened(msgspec.Struct, frozen=True, omit_defaults=True):
+    """``201`` to ``POST /lp``: the new session and the cursor to poll from.
+
+    ``token``: the session's own secret, for a session a connect hook admitted
+    without any token; its later requests carry it as a bearer token.
+    """
 
     session: str
     cursor: int
+    token: str | None = None
 
 
 class LongPollAccepted(msgspec.Struct, frozen=True):
@@ -140,19 +154,41 @@ def _schemas() -> dict[str, Any]:
         "type": "array",
         "items": {"anyOf": [_ref(_SCHEMA.format(name=t.__name__)) for t in COMMANDS]},
     }
-    codes: tuple[tuple[type[enum.IntEnum], str, str], ...] = (
+    codes: tuple[tuple[type[enum.IntEnum], str, str, range, str], ...] = (
         (
             CloseCode,
             "CloseEvent",
             "Close codes of the gateway; 4000-4499 reconnect, 4500-4999 do not.",
+            APP_CLOSES,
+            "A close code chosen by the application's backend (a hook's disconnect); "
+            "4000-4499 reconnect, 4500-4999 do not.",
         ),
-        (ErrorCode, "ErrorBody", "Reply error codes (``error.code``)."),
+        (
+            ErrorCode,
+            "ErrorBody",
+            "Reply error codes (``error.code``).",
+            APP_ERRORS,
+            "An error code of the application's backend (a hook's error), passed on unchanged.",
+        ),
     )
-    for table, user, description in codes:
-        name = table.__name__
-        components[name] = {"title": name, "description": description, "type": "integer",
-                             "enum": [int(c) for c in table]}  # fmt: skip
-        components[user]["properties"]["code"] = _ref(_SCHEMA.format(name=name))
+    for table, user, description, own, own_description in codes:
+        name, app = table.__name__, "Application" + table.__name__
+        components[name] = {
+            "title": name,
+            "description": description,
+            "type": "integer",
+            "enum": [int(c) for c in table],
+        }
+        components[app] = {
+            "title": app,
+            "description": own_description,
+            "type": "integer",
+            "minimum": own.start,
+            "maximum": own.stop - 1,
+        }
+        components[user]["properties"]["code"] = {
+            "anyOf": [_ref(_SCHEMA.format(name=name)), _ref(_SCHEMA.format(name=app))]
+        }
     return components
 
 
@@ -166,6 +202,11 @@ def _tables() -> str:
         rows.append(
             f"| {int(e)} | `{e.name}` | {'yes' if is_temporary(e) else 'no'} | {error_message(e)} |"
         )
+    own = (
+        "Codes 400-1999 (errors) and other 4000-4999 (closes) are the application's own, "
+        "answered by its backend through a hook (docs/hooks.md)."
+    )
+    rows += ["", own]
     return "\n".join(rows)
 
 
@@ -223,6 +264,8 @@ def _channels() -> dict[str, Any]:
             ),
             "servers": [_ref("#/servers/websocket")],
             "messages": _channel_messages(ws_names),
+            # A frame that is no command's (each operation lists its own errors and closes).
+            "x-errors": [int(e) for e in codes.FRAME_ERRORS],
             "bindings": {
                 "ws": {
                     "method": "GET",
@@ -294,6 +337,31 @@ def _http_op(
     return op
 
 
+def _codes(
+    errors: tuple[ErrorCode, ...] = (), closes: tuple[CloseCode, ...] = ()
+) -> dict[str, Any]:
+    """``x-errors`` and ``x-close-codes`` of an operation, and a sentence naming them."""
+    errs, ends = sorted(set(errors)), sorted(set(closes))
+    out: dict[str, Any] = {}
+    text = []
+    if errs:
+        out["x-errors"] = [int(e) for e in errs]
+        text.append("Reply errors: " + ", ".join(f"`{int(e)}` {e.name}" for e in errs) + ".")
+    if ends:
+        out["x-close-codes"] = [int(c) for c in ends]
+        text.append("Close codes: " + ", ".join(f"`{int(c)}` {c.name}" for c in ends) + ".")
+    out["description"] = " ".join(text)
+    return out
+
+
+def _every_command_error() -> tuple[ErrorCode, ...]:
+    return (
+        *codes.FRAME_ERRORS,
+        *codes.ANY_COMMAND_ERRORS,
+        *(e for v in codes.COMMAND_ERRORS.values() for e in v),
+    )
+
+
 def _operations() -> dict[str, Any]:
     socket = _ref("#/channels/socket")
     reply = {"channel": socket, "messages": [_ref("#/channels/socket/messages/Reply")]}
@@ -307,12 +375,17 @@ def _operations() -> dict[str, Any]:
             "summary": (t.__doc__ or name).strip().splitlines()[0],
             "messages": [_ref(f"#/channels/socket/messages/{t.__name__}")],
             "reply": reply,
+            **_codes(
+                (*codes.ANY_COMMAND_ERRORS, *codes.COMMAND_ERRORS[name]), codes.COMMAND_CLOSES
+            ),
         }
     ops["ws_pushes"] = {
         "action": "send",
         "channel": socket,
         "summary": "Publications and notices pushed to the socket.",
         "messages": [_ref(f"#/channels/socket/messages/{t.__name__}") for t in PUSHES],
+        # ``unsubscribed`` carries the code that ended the subscription.
+        **_codes((ErrorCode.PERMISSION_DENIED,), codes.SERVER_CLOSES),
     }
     events = _ref("#/channels/events")
     ops["sse_stream"] = {
@@ -324,15 +397,18 @@ def _operations() -> dict[str, Any]:
             _ref(f"#/channels/events/messages/SSE_{n}")
             for n in ("reply", "msg", "expiring", "gap", "unsubscribed", "close")
         ],
+        **_codes((*codes.ANY_COMMAND_ERRORS, *codes.COMMAND_ERRORS["sub"]), codes.SSE_CLOSES),
     }
     cursor = {"type": "object", "properties": {"cursor": {"type": "integer", "minimum": 0}}}
     ops["lp_open"] = _http_op("longPollSessions", "POST", "`POST /lp`: open a session.",
                               None, "LongPollOpened")  # fmt: skip
     ops["lp_send"] = _http_op("longPollSession", "POST", "`POST /lp/{session}`: client frames.",
                               "CommandBatch", "LongPollAccepted")  # fmt: skip
+    ops["lp_send"].update(_codes(_every_command_error()))
     ops["lp_poll"] = _http_op("longPollSession", "GET",
                               "`GET /lp/{session}?cursor=n`: wait for replies and pushes.",
                               None, "LongPollBatch", query=cursor)  # fmt: skip
+    ops["lp_poll"].update(_codes((ErrorCode.PERMISSION_DENIED,), codes.LONGPOLL_CLOSES))
     return ops
 
 

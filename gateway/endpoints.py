@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from http import HTTPStatus
 from types import TracebackType
 from typing import Any
 
@@ -23,10 +24,14 @@ from core.infra.metrics import METRICS_CHALLENGE, METRICS_REFUSED, scrape_allowe
 from core.infra.ratelimit import over_limit
 from core.service import Core
 from gateway.context import Context
+from gateway.hooks.answers import Answer
+from gateway.hooks.client import HookFailed
+from gateway.hooks.service import Hooks
 from gateway.metricsmerge import scrape_view
 from gateway.upstream import UpstreamCore
 from proto import RESERVED_PREFIX, InvalidData
 from proto.frames import Channel
+from proto.publication import check_json
 
 __all__ = [
     "HealthHandler",
@@ -101,7 +106,16 @@ class PublishHandler(JsonHandler):
         if len(req.data) > limit:
             raise ApiError(413, "payload_too_large", f"data over {limit} bytes")
         try:
-            await self.ctx.node.publish(req.ch, bytes(req.data))
+            data, history = check_json(bytes(req.data), limit), True
+            hooks = self.ctx.hooks
+            if (
+                hooks is not None
+                and hooks.publish is not None
+                and identity.role != "service"  # an API key is a backend's: not asked
+                and hooks.publish_channels.applies(req.ch)
+            ):
+                data, history = await _hooked(hooks, identity, req.ch, data, self.ctx)
+            await self.ctx.node.publish(req.ch, data, checked=True, history=history)
         except InvalidData as exc:
             raise ApiError(
                 422,
@@ -113,6 +127,28 @@ class PublishHandler(JsonHandler):
             log.warning("publish on %s failed: %s", req.ch, exc)
             raise Unavailable("broker unavailable, retry later") from None
         self.write_json({"ok": True})
+
+
+#: The statuses a publish hook's refusal keeps (its other codes answer 403).
+_CLIENT_ERRORS = frozenset(s.value for s in HTTPStatus if 400 <= s.value < 500)
+
+
+async def _hooked(
+    hooks: Hooks, identity: Identity, ch: str, data: bytes, ctx: Context
+) -> tuple[bytes, bool]:
+    """A client's publication over HTTP goes through the publish hook as its ``pub`` would."""
+    max_bytes = ctx.node.max_publication_bytes
+    try:
+        decided = await hooks.decide_publish("", identity.sub, ch, data, max_bytes)
+    except HookFailed:
+        raise Unavailable("the publish hook did not answer, retry later") from None
+    if not isinstance(decided, Answer):
+        return decided
+    error = decided.error
+    message = error.text if error is not None else "refused by the application"
+    if error is not None and error.code in _CLIENT_ERRORS:
+        raise ApiError(error.code, "refused", message)
+    raise ApiError(403, "forbidden", message)
 
 
 def _path_of(message: str) -> str:
@@ -134,7 +170,9 @@ class ReadyHandler(JsonHandler):
     ``database`` is null when the REST core has no database here (none
     configured, or the core is elsewhere: ``CORE_URL``). A core elsewhere is
     shown under ``core`` (reachable, and its breaker's state) but does not
-    make the gateway unready: its sockets work without it.
+    make the gateway unready: its sockets work without it. Nor do hooks'
+    backends (``hooks``: each one's breaker and last error): connections that
+    need no hook are served whatever they do.
     """
 
     async def get(self) -> None:
@@ -152,6 +190,8 @@ class ReadyHandler(JsonHandler):
         }
         if isinstance(core, UpstreamCore):
             body["core"] = {"reachable": await core.healthy(), **core.state()}
+        if self.ctx.hooks is not None:
+            body["hooks"] = self.ctx.hooks.state()
         self.write_json(body, 200 if ok else 503)
 
 

@@ -219,14 +219,17 @@ class Node:
         """``ch`` has members and is neither being subscribed nor left."""
         return self.hub.has_subscribers(ch) and ch not in self._pending and ch not in self._leaving
 
-    async def publish(self, ch: str, data: bytes, *, checked: bool = False) -> Position | None:
+    async def publish(
+        self, ch: str, data: bytes, *, checked: bool = False, history: bool = True
+    ) -> Position | None:
         """Publish JSON bytes to every subscriber of ``ch`` on every node.
 
-        On a history channel the publication is also kept, and its position
-        returned. Raises `proto.InvalidData` for data that is not publishable
-        (``checked``: the caller's codec checked it already).
+        On a history channel the publication is also kept (unless not
+        ``history``), and its position returned. Raises `proto.InvalidData`
+        for data that is not publishable (``checked``: the caller's codec
+        checked it already).
         """
-        return await self.publisher.publish(ch, data, checked=checked)
+        return await self.publisher.publish(ch, data, checked=checked, history=history)
 
     def seen(self, ch: str) -> Position | None:
         """The last position of ``ch`` broadcast to this node's members (None: none yet).

@@ -34,13 +34,13 @@ def recovers(since: Position, entries: list[tuple[int, bytes]], top: Position | 
     return since.offset == top.offset or (bool(entries) and entries[0][0] == since.offset + 1)
 
 
-async def subscribe_recovering(session: Session, cmd: Sub) -> None:
+async def subscribe_recovering(session: Session, cmd: Sub, data_json: bytes | None = None) -> None:
     """Subscribe, recovering what was missed ``since``, with no gap or repeat at the seam.
 
     Live publications are held while the history is read; afterwards the
     reply, the missed publications and the held ones (those after the
     last offset sent) go out in one synchronous run, so nothing live can
-    slip in between.
+    slip in between. ``data_json``: a subscribe hook's ``data``, carried by the reply.
     """
     ch, since, conn = cmd.ch, cmd.since, session.conn
     held = session.held = session.held if session.held is not None else {}
@@ -72,6 +72,7 @@ async def subscribe_recovering(session: Session, cmd: Sub) -> None:
         recovered=recovered,
         offset=top.offset if top is not None else None,
         epoch=top.epoch if top is not None else None,
+        data=None if data_json is None else session.codec.json_to_raw(data_json),
     )
     session.transport.send(session.codec.encode(reply))
     epoch = top.epoch if top is not None else None

@@ -13,8 +13,8 @@ from __future__ import annotations
 import logging
 import secrets
 import time
-from collections.abc import Awaitable, Callable
-from typing import ClassVar, Protocol
+from collections.abc import Awaitable, Callable, Container, Coroutine
+from typing import Any, ClassVar, Protocol
 from urllib.parse import parse_qs
 
 from core.infra.broker import BrokerUnavailable
@@ -27,6 +27,7 @@ from gateway.hub import Prepared
 from gateway.node import Node
 from gateway.recovery import MAX_HELD, history, subscribe_recovering
 from proto import (
+    Call,
     CloseCode,
     Codec,
     Command,
@@ -68,8 +69,11 @@ class Transport(Protocol):
     def deliver(self, prepared: Prepared, codec: Codec) -> None:
         """Queue one publication; never blocks nor touches the hub."""
 
-    def disconnect(self, code: CloseCode) -> None:
-        """End the connection with a close code (idempotent)."""
+    def disconnect(self, code: int, reason: str | None = None) -> None:
+        """End the connection with a close code (idempotent); ``reason``: the code's own.
+
+        ``code`` is a `CloseCode`, or one a hook's backend chose (4000-4999).
+        """
 
     def heartbeat(self, now: float, dead_after: float) -> None:
         """Ping the peer, or drop it when nothing arrived for ``dead_after`` seconds."""
@@ -112,6 +116,7 @@ class Session:
         commands: Rate | None = None,
         publishes: Rate | None = None,
         remote_ip: str = "",
+        client_id: str | None = None,
     ) -> None:
         self.transport = transport
         self.conn = conn
@@ -125,7 +130,8 @@ class Session:
         self.publishes = LocalLimit(publishes) if publishes else None
         self.refused = 0  # refusals in a row, for the abuse close
         self.held: dict[str, list[Prepared]] | None = None  # channels being recovered
-        self.client_id = secrets.token_hex(8)  # this connection, in presence
+        #: This connection, in presence (and to hooks, which named it before it opened).
+        self.client_id = client_id if client_id is not None else secrets.token_hex(8)
         self.remote_ip = remote_ip  # the client's IP, for the core's per-IP limits (rpc)
 
     @property
@@ -141,6 +147,14 @@ class Session:
         self.metrics.handshakes.labels(self.transport.kind).inc()
         if self.node.events is not None:
             self.node.events.connected(self)
+
+    def boot(self) -> Coroutine[Any, Any, None] | None:
+        """What must run once opened, before the client's first command (None: nothing).
+
+        The transport awaits it, then runs the client's commands; a hooked
+        session subscribes there to the channels its connect hook named.
+        """
+        return None
 
     async def handle(self, data: bytes | str) -> None:
         """Run one client frame to completion; never raises."""
@@ -163,19 +177,10 @@ class Session:
     async def _run(self, cmd: Command) -> None:
         conn = self.conn
         try:
-            if isinstance(cmd, Sub) and self.node.history_policy.applies(cmd.ch):
-                await subscribe_recovering(self, cmd)
-                await self._joined(cmd.ch)
-                return
             if isinstance(cmd, Sub):
-                await self.node.subscribe(cmd.ch, self)
-                if conn.closed:
-                    # The socket went away while SUBSCRIBE was in flight.
-                    self.node.unsubscribe(cmd.ch, self)
-                    return
-                conn.subscribed(cmd.ch)
-                await self._joined(cmd.ch)
-            elif isinstance(cmd, Unsub):
+                await self._subscribe(cmd)
+                return
+            if isinstance(cmd, Unsub):
                 conn.unsubscribed(cmd.ch)
                 self._left(cmd.ch)
                 self.node.presence.leave(cmd.ch, self.client_id)
@@ -193,22 +198,51 @@ class Session:
             elif isinstance(cmd, PresenceQuery | PresenceStats):
                 await self._presence(cmd)
                 return
+            elif isinstance(cmd, Call):
+                code = ErrorCode.UNAVAILABLE
+                self._reply_error(conn.error_reply(cmd, code, "no call handler here"), code)
+                return
             else:
                 assert isinstance(cmd, Ping)
-        except InvalidData as exc:
-            code = ErrorCode.INVALID_DATA
-            self._reply_error(conn.error_reply(cmd, code, exc.reason), code)
-            return
-        except BrokerUnavailable as exc:
-            log.warning("command %s failed: %s", type(cmd).__name__, exc)
-            self._reply_error(conn.error_reply(cmd, ErrorCode.UNAVAILABLE), ErrorCode.UNAVAILABLE)
-            return
-        except Exception:
-            log.exception("command %s failed for %s", type(cmd).__name__, self.identity.sub)
-            self._reply_error(conn.error_reply(cmd, ErrorCode.INTERNAL), ErrorCode.INTERNAL)
+        except Exception as exc:
+            self._failed(cmd, exc)
             return
         if not conn.closed:
             self.transport.send(conn.ok(cmd))
+
+    async def _subscribe(
+        self, cmd: Sub, data_json: bytes | None = None, info: bytes | None = None
+    ) -> None:
+        """Subscribe and reply (with ``data_json`` when given); enter presence with ``info``."""
+        conn = self.conn
+        if self.node.history_policy.applies(cmd.ch):
+            await subscribe_recovering(self, cmd, data_json)
+            await self._join(cmd.ch, info)
+            return
+        await self.node.subscribe(cmd.ch, self)
+        if conn.closed:
+            # The socket went away while SUBSCRIBE was in flight.
+            self.node.unsubscribe(cmd.ch, self)
+            return
+        conn.subscribed(cmd.ch)
+        await self._join(cmd.ch, info)
+        if not conn.closed:
+            reply = conn.ok(cmd) if data_json is None else self.codec.data_reply(cmd.id, data_json)
+            self.transport.send(reply)
+
+    def _failed(self, cmd: Command, exc: Exception) -> None:
+        """The error reply for a command that raised ``exc``."""
+        conn = self.conn
+        if isinstance(exc, InvalidData):
+            code = ErrorCode.INVALID_DATA
+            self._reply_error(conn.error_reply(cmd, code, exc.reason), code)
+        elif isinstance(exc, BrokerUnavailable):
+            log.warning("command %s failed: %s", type(cmd).__name__, exc)
+            self._reply_error(conn.error_reply(cmd, ErrorCode.UNAVAILABLE), ErrorCode.UNAVAILABLE)
+        else:
+            name, sub = type(cmd).__name__, self.identity.sub
+            log.error("command %s failed for %s", name, sub, exc_info=exc)
+            self._reply_error(conn.error_reply(cmd, ErrorCode.INTERNAL), ErrorCode.INTERNAL)
 
     def _allowed(self, cmd: Command) -> bool:
         """Per-connection rate limits; a client that keeps going once told is closed."""
@@ -251,17 +285,27 @@ class Session:
                 ErrorCode.PERMISSION_DENIED,
             )
             return
-        old, self.identity = self.identity, identity
+        old, self.identity = self.identity, self._adopt(identity)
+        identity = self.identity
         self.node.hub.reidentify(self, (old.exp, old.sid), (identity.exp, identity.sid))
-        for ch in conn.regrant(identity.grants):
+        for ch in conn.regrant(identity.grants, self._server_channels()):
             self._left(ch)
             code = ErrorCode.PERMISSION_DENIED
             message = "the refreshed token does not allow this channel"
             self.transport.send(self.codec.encode(Unsubscribed(ch, int(code), message)))
         self.transport.send(conn.ok(cmd))
 
-    async def _joined(self, ch: str) -> None:
-        """Once subscribed to ``ch``: record the event, enter presence (if it keeps presence)."""
+    def _adopt(self, identity: Identity) -> Identity:
+        """The identity to continue under after an in-band refresh verified ``identity``."""
+        return identity
+
+    def _server_channels(self) -> Container[str]:
+        """Channels the server subscribed this connection to, which no regrant ends."""
+        return ()
+
+    async def _join(self, ch: str, info: bytes | None = None) -> None:
+        """Once subscribed to ``ch``: record the event, and enter presence (if ``ch`` keeps
+        presence), shown with ``info``."""
         if ch not in self.conn.subscriptions:
             return
         if self.node.events is not None:
@@ -269,8 +313,10 @@ class Session:
         presence = self.node.presence
         if not presence.applies(ch):
             return
+        if info is None:
+            info = self.identity.info
         try:
-            await presence.join(ch, self.identity.sub, self.client_id, self.identity.info)
+            await presence.join(ch, self.identity.sub, self.client_id, info)
         except Exception as exc:  # presence is best effort; the subscription stands
             log.warning("presence join on %s failed: %s", ch, exc)
 

@@ -48,6 +48,7 @@ from core.infra.errors import ApiError, Unavailable
 from core.infra.metrics import Metrics
 from core.infra.revocation import Revocations
 from core.infra.settings import Settings
+from core.infra.tasks import TaskSet
 from core.request import Request, Response
 from core.service import offline_routes
 from gateway.breaker import Breaker
@@ -119,22 +120,51 @@ class UpstreamCore:
         self._backoff = Backoff(0.05, 0.5)
         self._metrics = metrics
         self._session: aiohttp.ClientSession | None = None
+        self._max_age = settings.core_connection_max_age
+        self._born = 0.0
+        #: Requests in flight per pool; a replaced pool closes when its count reaches 0.
+        self._using: dict[aiohttp.ClientSession, int] = {}
+        self._closing = TaskSet(log)
         self.in_flight = 0
         self.last_error: str | None = None
         metrics.core_pool_size.set(self._pool_size)
         metrics.core_pool_in_use.set_function(lambda: self.in_flight)
         metrics.core_breaker_open.set_function(lambda: 0 if self.breaker.state == "closed" else 1)
 
-    async def open(self) -> UpstreamCore:
+    def _new_pool(self) -> aiohttp.ClientSession:
         connector = aiohttp.TCPConnector(
             limit=self._pool_size, limit_per_host=0, keepalive_timeout=30.0, ttl_dns_cache=10
         )
-        self._session = aiohttp.ClientSession(
+        self._born = time.monotonic()
+        session = aiohttp.ClientSession(
             connector=connector,
             timeout=self._timeout,
             auto_decompress=False,
             skip_auto_headers=("User-Agent", "Accept-Encoding"),
         )
+        self._using[session] = 0
+        return session
+
+    def _pool(self) -> aiohttp.ClientSession:
+        """The pool new requests use: a fresh one once the current is CORE_CONNECTION_MAX_AGE old.
+
+        Keep-alive connections stay with the core pod they were opened to;
+        replacing the pool now and then spreads them again over the pods
+        behind the Service, new ones included.
+        """
+        assert self._session is not None, "UpstreamCore.open() first"
+        if time.monotonic() - self._born >= self._max_age:
+            old, self._session = self._session, self._new_pool()
+            if self._using[old] == 0:
+                self._retire(old)
+        return self._session
+
+    def _retire(self, session: aiohttp.ClientSession) -> None:
+        del self._using[session]
+        self._closing.spawn(session.close(), "core-pool-close")
+
+    async def open(self) -> UpstreamCore:
+        self._session = self._new_pool()
         log.info("REST core at %s (up to %d connections)", self.url, self._pool_size)
         if self.keys is not None:
             if not await self.keys.reload():
@@ -152,9 +182,11 @@ class UpstreamCore:
     async def close(self) -> None:
         if self.keys is not None:
             await self.keys.close()
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        for session in list(self._using):
+            await session.close()
+        self._using.clear()
+        self._session = None
+        await self._closing.wait()
 
     async def dispatch(self, req: Request) -> Response:
         """The core's answer to ``req``, or 503/504 when there is none; never raises."""
@@ -177,11 +209,12 @@ class UpstreamCore:
     async def _once(
         self, method: str, target: str, headers: dict[str, str], body: bytes
     ) -> Response | ApiError:
-        assert self._session is not None, "UpstreamCore.open() first"
+        session = self._pool()
         started = time.perf_counter()
         self.in_flight += 1
+        self._using[session] += 1
         try:
-            async with self._session.request(
+            async with session.request(
                 method, target, headers=headers, data=body or None, allow_redirects=False
             ) as answer:
                 payload = await answer.read()
@@ -200,6 +233,9 @@ class UpstreamCore:
             return self._failed("unreachable", _unavailable("the REST core is unreachable", 1))
         finally:
             self.in_flight -= 1
+            self._using[session] -= 1
+            if not self._using[session] and session is not self._session:
+                self._retire(session)
         self._metrics.core_upstream_seconds.observe(time.perf_counter() - started)
         if status in _FAILURE_STATUS:
             self._metrics.core_upstream_errors.labels(f"status_{status}").inc()

@@ -8,7 +8,16 @@ from proto.codec import CODECS, Codec, JsonCodec, MsgpackCodec, ProtocolError, s
 from proto.codec import JSON as JSON_CODEC
 from proto.codec import MSGPACK as MSGPACK_CODEC
 from proto.codes import (
+    ANY_COMMAND_ERRORS,
+    APP_CLOSES,
+    APP_ERRORS,
     CLOSE_REASON_MAX_BYTES,
+    COMMAND_CLOSES,
+    COMMAND_ERRORS,
+    FRAME_ERRORS,
+    LONGPOLL_CLOSES,
+    SERVER_CLOSES,
+    SSE_CLOSES,
     CloseCode,
     ErrorCode,
     close_reason,
@@ -18,6 +27,7 @@ from proto.codes import (
 )
 from proto.connection import RESERVED_PREFIX, TRANSITIONS, Connection, State, StateError
 from proto.frames import (
+    Call,
     Command,
     ErrorBody,
     Expiring,
@@ -45,12 +55,22 @@ from proto.publication import InvalidData
 from proto.wsframe import frame
 
 __all__ = [
+    "ANY_COMMAND_ERRORS",
+    "APP_CLOSES",
+    "APP_ERRORS",
     "CLOSE_REASON_MAX_BYTES",
     "CODECS",
+    "COMMAND_CLOSES",
+    "COMMAND_ERRORS",
+    "FRAME_ERRORS",
     "JSON_CODEC",
+    "LONGPOLL_CLOSES",
     "MSGPACK_CODEC",
     "RESERVED_PREFIX",
+    "SERVER_CLOSES",
+    "SSE_CLOSES",
     "TRANSITIONS",
+    "Call",
     "CloseCode",
     "Codec",
     "Command",

@@ -36,7 +36,18 @@ __all__ = [
 ]
 
 _KNOWN_OPS: Final = frozenset(
-    {"sub", "unsub", "pub", "ping", "rpc", "refresh", "history", "presence", "presence_stats"}
+    {
+        "sub",
+        "unsub",
+        "pub",
+        "ping",
+        "rpc",
+        "call",
+        "refresh",
+        "history",
+        "presence",
+        "presence_stats",
+    }
 )
 
 
@@ -107,6 +118,11 @@ class Codec:
         body = None if body_json is None else self.json_to_raw(body_json)
         return self.encode(Reply(id=id, ok=True, status=status, headers=headers or None, body=body))
 
+    def data_reply(self, id: int, data_json: bytes | None) -> bytes:
+        """A success carrying ``data`` (JSON bytes; None: none): a ``call``'s, a hooked ``sub``'s."""
+        data = None if data_json is None else self.json_to_raw(data_json)
+        return self.encode(Reply(id=id, ok=True, data=data))
+
     def json_to_raw(self, data_json: bytes) -> msgspec.Raw:
         """JSON bytes as a value embedded in this codec's frames."""
         raise NotImplementedError
@@ -114,6 +130,11 @@ class Codec:
     def error(self, id: int | None, code: ErrorCode, detail: str | None = None) -> bytes:
         message = error_message(code) if detail is None else f"{error_message(code)}: {detail}"
         body = ErrorBody(code=int(code), message=message, temporary=is_temporary(code))
+        return self.encode(Reply(id=id, ok=False, error=body))
+
+    def app_error(self, id: int, code: int, message: str, temporary: bool) -> bytes:
+        """An error reply in the application's own words (a hook backend's, `APP_ERRORS`)."""
+        body = ErrorBody(code=code, message=message, temporary=temporary)
         return self.encode(Reply(id=id, ok=False, error=body))
 
     def error_for(self, exc: ProtocolError) -> bytes:

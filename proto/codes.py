@@ -13,6 +13,16 @@ Close-code ranges tell a client what to do without knowing every code:
   reconnect with backoff, refreshing their token first on 4002.
 * 4500-4999: reconnecting with the same credentials will fail the same way
   (bad protocol use, revoked access). Clients must not reconnect blindly.
+
+Which of them each command and each transport can meet is data too
+(`COMMAND_ERRORS`, `COMMAND_CLOSES`, `SERVER_CLOSES`...): the AsyncAPI
+document lists them per operation from these tables, and a test holds the
+tables to what the gateway's code sends.
+
+The application's backend (a hook, docs/hooks.md) speaks both vocabularies
+too: its reply errors use codes `APP_ERRORS` (400-1999), passed to the client
+unchanged, and its disconnects codes `APP_CLOSES` (4000-4999), whose ranges
+mean what they mean above.
 """
 
 from __future__ import annotations
@@ -21,7 +31,16 @@ import enum
 from typing import NamedTuple
 
 __all__ = [
+    "ANY_COMMAND_ERRORS",
+    "APP_CLOSES",
+    "APP_ERRORS",
     "CLOSE_REASON_MAX_BYTES",
+    "COMMAND_CLOSES",
+    "COMMAND_ERRORS",
+    "FRAME_ERRORS",
+    "LONGPOLL_CLOSES",
+    "SERVER_CLOSES",
+    "SSE_CLOSES",
     "CloseCode",
     "ErrorCode",
     "close_reason",
@@ -32,6 +51,10 @@ __all__ = [
 
 #: RFC 6455 limits a close frame's payload to 125 bytes: 2 for the code.
 CLOSE_REASON_MAX_BYTES = 123
+#: Reply error codes a backend may answer with; any other is sent as 103.
+APP_ERRORS = range(400, 2000)
+#: Close codes a backend may end a connection with.
+APP_CLOSES = range(4000, 5000)
 
 
 class ErrorCode(enum.IntEnum):
@@ -60,6 +83,8 @@ class CloseCode(enum.IntEnum):
 
     NORMAL = 1000
     GOING_AWAY = 1001
+    PROTOCOL_ERROR = 1002
+    INVALID_DATA = 1007
     MESSAGE_TOO_BIG = 1009
     SERVER_ERROR = 1011
     # 4000-4499: reconnect.
@@ -103,6 +128,8 @@ _ERRORS: dict[ErrorCode, _Error] = {
 _CLOSE_REASONS: dict[CloseCode, str] = {
     CloseCode.NORMAL: "normal closure",
     CloseCode.GOING_AWAY: "going away",
+    CloseCode.PROTOCOL_ERROR: "protocol error",
+    CloseCode.INVALID_DATA: "invalid data",
     CloseCode.MESSAGE_TOO_BIG: "message too big",
     CloseCode.SERVER_ERROR: "server error",
     CloseCode.SHUTDOWN: "server shutting down, reconnect",
@@ -116,6 +143,45 @@ _CLOSE_REASONS: dict[CloseCode, str] = {
     CloseCode.RATE_LIMITED: "too many commands after being told to slow down",
     CloseCode.KEY_REVOKED: "API key revoked",
 }
+
+
+E = ErrorCode
+#: Errors a frame can get before it is any command's: not decodable, or an unknown ``op``.
+FRAME_ERRORS: tuple[ErrorCode, ...] = (E.BAD_FRAME, E.UNKNOWN_OP)
+#: Errors every command can get: a wrongly typed field, a closing connection, the
+#: connection's command rate, a failure of the server's own.
+ANY_COMMAND_ERRORS: tuple[ErrorCode, ...] = (E.BAD_FRAME, E.CLOSING, E.RATE_LIMITED, E.INTERNAL)
+#: The errors of each command besides `ANY_COMMAND_ERRORS`, by ``op``.
+COMMAND_ERRORS: dict[str, tuple[ErrorCode, ...]] = {
+    "sub": (E.INVALID_CHANNEL, E.PERMISSION_DENIED, E.ALREADY_SUBSCRIBED, E.LIMIT_EXCEEDED,
+            E.UNAVAILABLE),
+    "unsub": (E.INVALID_CHANNEL, E.NOT_SUBSCRIBED),
+    "pub": (E.INVALID_CHANNEL, E.PERMISSION_DENIED, E.PAYLOAD_TOO_LARGE, E.INVALID_DATA,
+            E.UNAVAILABLE),
+    "ping": (),
+    "rpc": (E.INVALID_DATA, E.UNAVAILABLE),
+    "refresh": (E.TOKEN_INVALID, E.PERMISSION_DENIED, E.UNAVAILABLE),
+    "history": (E.INVALID_CHANNEL, E.PERMISSION_DENIED, E.NO_HISTORY, E.UNAVAILABLE),
+    "presence": (E.INVALID_CHANNEL, E.PERMISSION_DENIED, E.NO_PRESENCE, E.UNAVAILABLE),
+    "presence_stats": (E.INVALID_CHANNEL, E.PERMISSION_DENIED, E.NO_PRESENCE, E.UNAVAILABLE),
+    "call": (E.PERMISSION_DENIED, E.INVALID_DATA, E.UNAVAILABLE),
+}  # fmt: skip
+
+C = CloseCode
+#: What a client's frames can make a socket close with: broken framing (1002), text that
+#: is not UTF-8 (1007), a frame over MAX_FRAME_BYTES (1009), commands kept up while
+#: rate limited (4503). A close the client starts is answered with its own code.
+COMMAND_CLOSES: tuple[CloseCode, ...] = (C.PROTOCOL_ERROR, C.INVALID_DATA, C.MESSAGE_TOO_BIG,
+                                         C.RATE_LIMITED)  # fmt: skip
+#: What the gateway ends any connection with on its own: draining, a client that does not
+#: read, an expired token, an ended login session, a revoked API key.
+SERVER_CLOSES: tuple[CloseCode, ...] = (C.SHUTDOWN, C.SLOW_CONSUMER, C.TOKEN_EXPIRED,
+                                        C.SESSION_REVOKED, C.KEY_REVOKED)  # fmt: skip
+#: An event stream also ends when one of its subscriptions could not be made.
+SSE_CLOSES: tuple[CloseCode, ...] = (*SERVER_CLOSES, C.UNAVAILABLE)
+#: A long-poll session also ends when it is not polled (1001), or keeps sending while limited.
+LONGPOLL_CLOSES: tuple[CloseCode, ...] = (*SERVER_CLOSES, C.GOING_AWAY, C.RATE_LIMITED)
+del E, C
 
 
 def error_message(code: ErrorCode) -> str:

@@ -10,8 +10,8 @@ Lifecycle (the legal transitions are the table `TRANSITIONS`):
 * ``OPEN``: after a successful, authenticated handshake. All commands run.
 * ``DRAINING``: the server is going away (SIGTERM) and has asked the client
   to reconnect elsewhere. New subscriptions are refused with the temporary
-  ``CLOSING`` error; publishes, unsubscribes and pings still run so that a
-  client can finish what it was doing.
+  ``CLOSING`` error; publishes, calls, unsubscribes and pings still run so
+  that a client can finish what it was doing.
 * ``CLOSED``: terminal. Every command is refused; nothing is sent.
 
 Any other transition is a bug in the caller and raises `StateError`.
@@ -20,11 +20,13 @@ Any other transition is a bug in the caller and raises `StateError`.
 from __future__ import annotations
 
 import enum
+from collections.abc import Container
 from typing import Final
 
 from proto.codec import Codec, ProtocolError
 from proto.codes import ErrorCode
 from proto.frames import (
+    Call,
     Command,
     History,
     Ping,
@@ -120,15 +122,21 @@ class Connection:
         elif isinstance(cmd, Pub):
             if cmd.ch.startswith(RESERVED_PREFIX) or not self.grants.can_publish(cmd.ch):
                 raise ProtocolError(ErrorCode.PERMISSION_DENIED, cmd.id, cmd.ch)
-            if len(cmd.data) > self.max_publish_bytes:
-                raise ProtocolError(
-                    ErrorCode.PAYLOAD_TOO_LARGE, cmd.id, f"limit is {self.max_publish_bytes} bytes"
-                )
+            self._check_size(cmd.id, cmd.data)
+        elif isinstance(cmd, Call):
+            # The backend decides who may call what; the size bound is the gateway's.
+            self._check_size(cmd.id, cmd.data)
         else:
             # rpc: the REST core authorizes the call as this identity;
             # refresh: the session verifies the new token.
             assert isinstance(cmd, Ping | Rpc | Refresh)
         return cmd
+
+    def _check_size(self, id: int, data: bytes) -> None:
+        if len(data) > self.max_publish_bytes:
+            raise ProtocolError(
+                ErrorCode.PAYLOAD_TOO_LARGE, id, f"limit is {self.max_publish_bytes} bytes"
+            )
 
     def _check_sub(self, cmd: Sub) -> None:
         if self.state is State.DRAINING:
@@ -141,6 +149,8 @@ class Connection:
             raise ProtocolError(
                 ErrorCode.LIMIT_EXCEEDED, cmd.id, f"at most {self.max_subscriptions} subscriptions"
             )
+        if cmd.data:  # for a subscribe hook's backend, bounded as a publication is
+            self._check_size(cmd.id, cmd.data)
 
     # -- bookkeeping after the session executed a command ------------------
 
@@ -150,10 +160,15 @@ class Connection:
     def unsubscribed(self, ch: str) -> None:
         self.subscriptions.discard(ch)
 
-    def regrant(self, grants: Grants) -> list[str]:
-        """Take new grants; returns the subscriptions they no longer allow (now dropped)."""
+    def regrant(self, grants: Grants, keep: Container[str] = ()) -> list[str]:
+        """Take new grants; returns the subscriptions they no longer allow (now dropped).
+
+        Channels in ``keep`` (the server subscribed the connection there itself) stay.
+        """
         self.grants = grants
-        lost = sorted(ch for ch in self.subscriptions if not grants.can_subscribe(ch))
+        lost = sorted(
+            ch for ch in self.subscriptions if not grants.can_subscribe(ch) and ch not in keep
+        )
         self.subscriptions.difference_update(lost)
         return lost
 

@@ -12,9 +12,11 @@ from typing import Annotated, Any, Final, Literal
 import msgspec
 
 __all__ = [
+    "CALL_METHOD_PATTERN",
     "CHANNEL_PATTERN",
     "MAX_CHANNEL_LENGTH",
     "MAX_ID",
+    "Call",
     "Channel",
     "ClientFrame",
     "Command",
@@ -67,12 +69,24 @@ class Position(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     epoch: Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
 
 
-class Sub(msgspec.Struct, tag_field="op", tag="sub", frozen=True, forbid_unknown_fields=True):
-    """Subscribe this connection to a channel, recovering what it missed ``since``."""
+class Sub(
+    msgspec.Struct,
+    tag_field="op",
+    tag="sub",
+    frozen=True,
+    forbid_unknown_fields=True,
+    omit_defaults=True,
+):
+    """Subscribe this connection to a channel, recovering what it missed ``since``.
+
+    ``data`` (any value) is handed to the subscribe hook's backend, when the
+    gateway has one for the channel (docs/hooks.md); absent: none.
+    """
 
     id: CommandId
     ch: Channel
     since: Position | None = None
+    data: msgspec.Raw = msgspec.Raw()
 
 
 class Unsub(msgspec.Struct, tag_field="op", tag="unsub", frozen=True, forbid_unknown_fields=True):
@@ -114,6 +128,32 @@ class Rpc(msgspec.Struct, tag_field="op", tag="rpc", frozen=True, forbid_unknown
     path: RpcPath
     body: msgspec.Raw = msgspec.Raw()
     headers: RpcHeaders = {}
+
+
+#: What a ``call``'s method may be named: it is logged, so printable and plain.
+CALL_METHOD_PATTERN: Final = r"^[A-Za-z0-9_.:/-]+(?![\s\S])"
+CallMethod = Annotated[
+    str, msgspec.Meta(min_length=1, max_length=MAX_CHANNEL_LENGTH, pattern=CALL_METHOD_PATTERN)
+]
+
+
+class Call(
+    msgspec.Struct,
+    tag_field="op",
+    tag="call",
+    frozen=True,
+    forbid_unknown_fields=True,
+    omit_defaults=True,
+):
+    """Call the application's backend (the call hook, docs/hooks.md): ``method`` with ``data``.
+
+    The reply carries the backend's answer as ``data``, or its error. An
+    empty ``data`` means none.
+    """
+
+    id: CommandId
+    method: CallMethod
+    data: msgspec.Raw = msgspec.Raw()
 
 
 class Refresh(
@@ -181,7 +221,7 @@ class HistoryItem(msgspec.Struct, frozen=True):
     data: msgspec.Raw
 
 
-Command = Sub | Unsub | Pub | Ping | Rpc | Refresh | History | PresenceQuery | PresenceStats
+Command = Sub | Unsub | Pub | Ping | Rpc | Call | Refresh | History | PresenceQuery | PresenceStats
 
 
 class ClientFrame(msgspec.Struct):
@@ -202,7 +242,9 @@ class Reply(msgspec.Struct, frozen=True, omit_defaults=True):
 
     ``id`` is null when the failed frame carried no usable id. The reply to
     an ``rpc`` adds the REST core's answer: ``status``, ``headers`` (when
-    any) and ``body`` (absent for 204/304).
+    any) and ``body`` (absent for 204/304). The reply to a ``call`` carries
+    the backend's ``data``, as may the reply to a ``sub`` its subscribe hook
+    answered.
     """
 
     id: int | None
@@ -222,6 +264,8 @@ class Reply(msgspec.Struct, frozen=True, omit_defaults=True):
     presence: list[PresenceInfo] | None = None
     num_clients: int | None = None
     num_users: int | None = None
+    #: ``call`` (and ``sub`` through a subscribe hook): the backend's answer.
+    data: msgspec.Raw | None = None
 
 
 class Push(msgspec.Struct, frozen=True, tag_field="op", tag="msg", omit_defaults=True):

@@ -16,6 +16,8 @@ from __future__ import annotations
 import struct
 from typing import Final
 
+from proto.codes import CloseCode
+
 __all__ = [
     "OP_BINARY",
     "OP_CLOSE",
@@ -38,8 +40,8 @@ OP_CLOSE: Final = 0x8
 OP_PING: Final = 0x9
 OP_PONG: Final = 0xA
 _FIN: Final = 0x80
-PROTOCOL_ERROR: Final = 1002
-TOO_BIG: Final = 1009
+PROTOCOL_ERROR: Final = int(CloseCode.PROTOCOL_ERROR)
+TOO_BIG: Final = int(CloseCode.MESSAGE_TOO_BIG)
 _U16: Final = struct.Struct("!BBH")
 _U64: Final = struct.Struct("!BBQ")
 

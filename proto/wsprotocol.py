@@ -46,6 +46,7 @@ import enum
 import os
 from typing import Final
 
+from proto.codes import CloseCode
 from proto.wsframe import (
     OP_BINARY,
     OP_CLOSE,
@@ -72,7 +73,7 @@ __all__ = [
 ]
 
 #: Close code for a text message or close reason that is not UTF-8 (RFC 6455 §7.4.1).
-INVALID_DATA: Final = 1007
+INVALID_DATA: Final = int(CloseCode.INVALID_DATA)
 _NO_STATUS: Final = 1005
 
 
@@ -153,7 +154,8 @@ class WebSocketProtocol:
         self._text = False  # whether it is a text message
         self._utf8: codecs.IncrementalDecoder | None = None  # its UTF-8 check, when spread out
         self._checked = 0  # payload bytes of the buffered, incomplete frame already checked
-        #: The peer's close code and reason, or ours when the connection failed.
+        #: The close code and reason of the closing handshake's first frame: the
+        #: peer's, or ours when we closed first or the connection failed.
         self.close_code: int | None = None
         self.close_reason = ""
         #: The violation that failed the connection, if one did.
@@ -190,7 +192,7 @@ class WebSocketProtocol:
         if self.state is not WSState.OPEN:
             return b""
         self._move(Event.CLOSE_SENT)
-        self.close_code = code
+        self.close_code, self.close_reason = code, reason
         return self._frame(OP_CLOSE, close_payload(code, reason))
 
     def pong(self, payload: bytes) -> bytes:

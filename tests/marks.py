@@ -56,6 +56,7 @@ MARKS: dict[str, tuple[str, ...]] = {
     "test_deploy.py": _DEPLOY,
     "test_proxy.py": _E2E,
     # -- e2e: real processes, beyond those using E2E_FIXTURES ---------------------------------
+    "test_bench_proxy.py": _E2E,  # the gateway, the core, wrk and bench/rpcload.py
     "test_accept.py::test_out_of_file_descriptors_pauses_accept_with_bounded_logs_then_serves_again": _E2E,
     "test_loadtest.py::test_every_transport_is_loaded_timed_and_counted": _E2E,
     "test_loadtest.py::test_refused_connections_and_lost_messages_fail_the_run": _E2E,

@@ -241,6 +241,33 @@ async def test_logout_all_ends_every_session(gw, anon):
             client.close()
 
 
+@pytest.mark.parametrize("bearer", ["revoked", "garbage"])
+async def test_the_operations_anyone_may_call_ignore_a_bearer_token(gw, anon, bearer):
+    """A logged-out client that still sends its old token can register, log in and refresh:
+    those operations need no token, so they read none (401 is not among their answers)."""
+    await register(anon)
+    _, old = await login(anon)
+    me = as_user(gw, old)
+    try:
+        assert (await me.call("POST", "/api/auth/logout"))[0] == 204
+    finally:
+        me.close()
+    token = old["access_token"] if bearer == "revoked" else "not.a.token"
+    stale = ApiClient(gw.port, token)
+    try:
+        assert (await stale.call("GET", "/api/projects"))[0] == 401
+        bob = {**ADA, "email": "bob@example.com", "display_name": "Bob"}
+        status, _, _ = await stale.call("POST", "/api/auth/register", bob)
+        assert status == 201
+        status, tokens = await login(stale)
+        assert status == 200, tokens
+        body = {"refresh_token": tokens["refresh_token"]}
+        status, _, _ = await stale.call("POST", "/api/auth/refresh", body)
+        assert status == 200
+    finally:
+        stale.close()
+
+
 async def test_revocation_reaches_sockets_on_another_process(clean_db, redis_url):
     prefix = unique_prefix()
     async with (

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -22,12 +23,28 @@ from referencing.jsonschema import DRAFT202012
 
 import proto.frames
 from core import __version__
+from core.infra.broker import BrokerUnavailable
+from core.infra.identity import AuthError, Identity
+from core.infra.metrics import Metrics
+from core.infra.rate import Rate
 from gateway.asyncapi import COMMANDS, PUSHES, document
+from gateway.hub import Hub
+from gateway.node import Node
+from gateway.session import Session
 from proto import (
+    ANY_COMMAND_ERRORS,
+    COMMAND_CLOSES,
+    COMMAND_ERRORS,
     JSON_CODEC,
+    SERVER_CLOSES,
+    Call,
+    CloseCode,
+    Connection,
     ErrorBody,
+    ErrorCode,
     Expiring,
     Gap,
+    Grants,
     History,
     Join,
     Leave,
@@ -41,11 +58,13 @@ from proto import (
     Refresh,
     Reply,
     Rpc,
+    State,
     Sub,
     Unsub,
     Unsubscribed,
 )
 from tests.harness import ApiClient, running_gateway
+from tests.test_session import RecordingBroker, RecordingTransport
 
 PARSER_DIR = Path(
     os.environ.get(
@@ -67,6 +86,8 @@ EXAMPLES: list[msgspec.Struct] = [
         headers={"If-Match": '"1"'},
     ),
     Refresh(id=6, token="a.b.c"),
+    Call(id=11, method="orders.quote", data=msgspec.Raw(b'{"items":3}')),
+    Sub(id=12, ch="private:ada", data=msgspec.Raw(b'{"invite":"x1"}')),
     History(id=7, ch="projects", since=40, limit=20),
     PresenceQuery(id=8, ch="room:1"),
     PresenceStats(id=9, ch="room:1"),
@@ -74,6 +95,8 @@ EXAMPLES: list[msgspec.Struct] = [
     Reply(id=None, ok=False, error=ErrorBody(code=100, message="malformed frame")),
     Reply(id=5, ok=True, status=201, headers={"ETag": '"1"'}, body=msgspec.Raw(b'{"id":7}')),
     Reply(id=10, ok=True, presence=[INFO], num_clients=1, num_users=1),
+    Reply(id=11, ok=True, data=msgspec.Raw(b'{"total":12.5}')),
+    Reply(id=11, ok=False, error=ErrorBody(code=404, message="no method x")),
     Push(ch="projects", data={"type": "created"}, offset=46, epoch="9f3a"),
     Expiring(exp=1795600000),
     Gap(ch="projects"),
@@ -263,3 +286,119 @@ def test_the_official_asyncapi_parser_accepts_the_document(doc, tmp_path):
     broken["operations"]["ws_sub"]["messages"] = [{"$ref": "#/channels/events/messages/SSE_msg"}]
     refused = parse(broken)
     assert refused.returncode == 1 and "asyncapi3-operation-messages" in refused.stdout
+
+
+# -- every code the gateway sends is in the document, per operation ----------------------
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _documented(doc: dict[str, Any], key: str) -> set[int]:
+    found = set(doc["channels"]["socket"].get(key, []))
+    for op in doc["operations"].values():
+        found |= set(op.get(key, []))
+    return found
+
+
+def _sources() -> list[Path]:
+    """The modules that answer clients: the gateway (not its client or load tool) and proto."""
+    gateway = [p for p in (ROOT / "gateway").rglob("*.py")
+               if not {"client", "loadtest"} & set(p.parts) and p.name != "asyncapi.py"]  # fmt: skip
+    return gateway + [p for p in (ROOT / "proto").rglob("*.py") if p.name != "codes.py"]
+
+
+def test_every_error_and_close_code_in_the_code_is_documented(doc):
+    text = "\n".join(p.read_text() for p in _sources())
+    errors = {ErrorCode[n] for n in re.findall(r"ErrorCode\.([A-Z_]+)", text)}
+    closes = {CloseCode[n] for n in re.findall(r"CloseCode\.([A-Z_]+)", text)}
+    assert len(errors) >= 15 and {CloseCode.PROTOCOL_ERROR, CloseCode.INVALID_DATA} <= closes
+    assert {int(e) for e in errors} <= _documented(doc, "x-errors")
+    assert {int(c) for c in closes} <= _documented(doc, "x-close-codes")
+
+
+def test_each_command_operation_lists_its_errors_and_closes(doc):
+    assert set(COMMAND_ERRORS) == {t.__struct_config__.tag for t in COMMANDS}
+    for op, specific in COMMAND_ERRORS.items():
+        documented = doc["operations"][f"ws_{op}"]
+        assert documented["x-errors"] == sorted({*ANY_COMMAND_ERRORS, *specific})
+        assert documented["x-close-codes"] == sorted(COMMAND_CLOSES)
+        for code in documented["x-errors"]:
+            assert f"`{code}` {ErrorCode(code).name}" in documented["description"]
+    assert doc["operations"]["ws_pushes"]["x-close-codes"] == sorted(SERVER_CLOSES)
+
+
+async def test_what_each_command_is_answered_is_in_its_operation(doc):
+    """Commands that fail every way they can, through a session: each error reply's code is
+    one its operation lists, and the close after too many refusals one it lists too."""
+    broker = RecordingBroker()
+    node = Node(Hub(Metrics()), broker, Metrics())
+    await node.start()
+    grants = Grants.from_claims({"channels": ["room:*"], "pub": True})
+
+    def refuse(token: str) -> Identity:
+        if token == "other":
+            return Identity("bob", grants, None)
+        raise AuthError("invalid", "token refused")
+
+    transport = RecordingTransport()
+    conn = Connection(JSON_CODEC, grants, max_subscriptions=2, max_publish_bytes=64)
+    s = Session(transport, conn, Identity("alice", grants, None), node, Metrics(), verify=refuse)
+    s.open()
+    frames: list[dict[str, Any]] = [
+        {"op": "sub", "ch": "room 1"}, {"op": "sub", "ch": "secret"}, {"op": "sub"},
+        {"op": "sub", "ch": "room:1"}, {"op": "sub", "ch": "room:1"}, {"op": "sub", "ch": "room:2"},
+        {"op": "sub", "ch": "room:3"}, {"op": "unsub", "ch": "room:9"},
+        {"op": "unsub", "ch": "room 9"}, {"op": "pub", "ch": "secret", "data": 1},
+        {"op": "pub", "ch": "room:1", "data": "x" * 100}, {"op": "pub", "ch": "room:1", "data": 2**70},
+        {"op": "history", "ch": "room:1"}, {"op": "history", "ch": "secret"},
+        {"op": "presence", "ch": "room:1"}, {"op": "presence_stats", "ch": "room:1"},
+        {"op": "refresh", "token": "bad"}, {"op": "refresh", "token": "other"},
+        {"op": "rpc", "method": "GET", "path": "/api/projects"}, {"op": "ping", "extra": 1},
+        {"op": "nope"},
+    ]  # fmt: skip
+    ops = {}
+    try:
+        for n, frame in enumerate(frames, 1):
+            ops[n] = frame["op"]
+            await s.handle(json.dumps({"id": n, **frame}))
+        broker.fail_subscribe = broker.fail_publish = BrokerUnavailable("down")
+        for n, frame in enumerate([{"op": "sub", "ch": "room:5"},
+                                   {"op": "pub", "ch": "room:1", "data": 1}], 100):  # fmt: skip
+            ops[n] = frame["op"]
+            await s.handle(json.dumps({"id": n, **frame}))
+        broker.fail_subscribe = broker.fail_publish = None
+        conn.transition(State.DRAINING)
+        ops[200] = "sub"
+        await s.handle(json.dumps({"id": 200, "op": "sub", "ch": "room:6"}))
+    finally:
+        s.closed()
+        await node.close()
+    seen = set()
+    for reply in transport.replies():
+        if reply["ok"]:
+            continue
+        code, op = reply["error"]["code"], ops.get(reply["id"])
+        where = doc["operations"].get(f"ws_{op}", doc["channels"]["socket"])
+        assert code in where["x-errors"], (op, code, reply)
+        seen.add(code)
+    assert seen >= {100, 101, 102, 103, 104, 105, 106, 107, 110, 113, 114, 115, 116, 117}
+
+
+async def test_a_client_that_keeps_going_while_limited_gets_a_documented_close(doc):
+    node = Node(Hub(Metrics()), RecordingBroker(), Metrics())
+    await node.start()
+    grants = Grants.from_claims({"channels": ["room:*"]})
+    transport = RecordingTransport()
+    s = Session(transport, Connection(JSON_CODEC, grants), Identity("alice", grants, None),
+                node, Metrics(), commands=Rate(1, 60.0))  # fmt: skip
+    s.open()
+    try:
+        for n in range(1, 4):  # one allowed, one refused, one too many
+            await s.handle(json.dumps({"id": n, "op": "ping"}))
+    finally:
+        s.closed()
+        await node.close()
+    refused = [r["error"]["code"] for r in transport.replies() if not r["ok"]]
+    assert refused and set(refused) <= set(doc["operations"]["ws_ping"]["x-errors"])
+    assert transport.closed_with == [CloseCode.RATE_LIMITED]
+    assert int(CloseCode.RATE_LIMITED) in doc["operations"]["ws_ping"]["x-close-codes"]

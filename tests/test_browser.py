@@ -10,6 +10,7 @@ to ``test-output/browser/`` (gitignored); the path is printed.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import shutil
@@ -27,9 +28,11 @@ from core.infra.mint import mint_token
 from core.infra.settings import Settings
 from proto.codes import should_reconnect
 from tests import test_processes
-from tests.harness import SECRET, ApiClient, running_gateway, token_for, unique_prefix
+from tests.harness import SECRET, ApiClient, running_gateway, token_for, unique_prefix, until
+from tests.hookbackend import HookBackend
 from tests.servers import UNIT
 from tests.test_core_rest import PROJECT
+from tests.test_hooks import hooked
 
 async_api = pytest.importorskip(
     "playwright.async_api", reason="playwright is not installed (pip install -e '.[test]')"
@@ -364,3 +367,49 @@ async def test_demo_is_live_across_pages_and_recovers_after_a_gateway_is_killed(
             restarted.stop(signal.SIGKILL)
     with capsys.disabled():
         print(f"\nscreenshots: {SHOTS} ({', '.join(p.name for p in shots)})")
+
+
+# -- Hooks: a browser with no token, admitted by its cookie -----------------------------
+
+COOKIE_JS = """async ([kind]) => {
+  const { Gateway } = await import("/client/gateway.js");
+  const gw = new Gateway(location.origin, { tokenless: true, transports: [kind] });
+  const got = [], server = [];
+  gw.on("publication", (p) => server.push(p));
+  await gw.connect();
+  const sub = gw.subscribe("chat:lobby", { onMessage: (data) => got.push(data) });
+  await sub.ready;
+  const who = await gw.call("whoami");
+  await gw.publish("chat:lobby", { text: "darn browsers" });
+  const refused = await new Promise((resolve) => gw.subscribe("private:bob", { onError: (e) => resolve(e.code) }));
+  while (got.length < 1 || server.length < 1) await new Promise((r) => setTimeout(r, 10));
+  const transport = gw.transport.kind;
+  gw.disconnect();
+  return { who, got, server, refused, transport, cookie: document.cookie };
+}"""
+
+
+@pytest.mark.parametrize("kind", ["websocket", "longpoll"])
+async def test_a_browser_without_a_token_is_admitted_by_its_cookie(chromium, tmp_path, kind):
+    backend = HookBackend(tmp_path / "backend.log")
+    try:
+        async with running_gateway(**hooked(backend)) as gw, browser(chromium) as b:
+            page = await Page.open(b, backend.url("/login?user=ada"))  # the application's login
+            await page.page.goto(f"http://127.0.0.1:{gw.port}/demo")
+            run = asyncio.create_task(page.page.evaluate(COOKIE_JS, [kind]))
+            await until(lambda: gw.hub.subscriber_count("user:ada") == 1 or run.done())
+            await gw.ctx.node.publish("user:ada", b'{"note":"for ada"}')
+            out = await run
+        asked = backend.requests("connect")
+    finally:
+        backend.stop()
+    assert out["transport"] == kind
+    assert out["who"] == {"user": "ada"}
+    assert out["got"] == [{"from": "ada", "text": "**** browsers"}]  # rewritten by the backend
+    server_side = {"ch": "user:ada", "data": {"note": "for ada"}, "offset": None, "epoch": None}
+    assert out["server"] == [server_side]  # no Subscription object: a "publication" event
+    assert out["refused"] == 403  # the backend's own code
+    assert out["cookie"] == ""  # HttpOnly: the page never sees it, the gateway gets it
+    assert asked[0]["user"] is None and asked[0]["headers"]["Cookie"].startswith("session=")
+    assert asked[0]["headers"]["Origin"] == f"http://127.0.0.1:{gw.port}"
+    assert page.errors == []

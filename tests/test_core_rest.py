@@ -137,7 +137,8 @@ async def test_list_filters_by_status_and_tag(api):
         ("limit=ten", "query.limit"),
         ("status=lost", "query.status"),
         ("cursor=!!!", "query.cursor"),
-        ("cursor=bm90LWpzb24", "query.cursor"),
+        ("cursor=WzVd", "query.cursor"),  # base64 of [5], the cursors before issue 17
+        ("cursor=AAAAAAAAAAB", "query.cursor"),  # spare bits set
         ("colour=red", "query.colour"),
     ],
 )

@@ -19,12 +19,15 @@ import asyncio
 import configparser
 import copy
 import fnmatch
+import ipaddress
 import json
 import re
 import shlex
 import shutil
 import subprocess
 import sys
+import urllib.parse
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +54,29 @@ SOCKET_BYTES = 3584
 
 SETTINGS = Settings()
 SETTING_NAMES = {f.metadata["env"] for f in Settings.__dataclass_fields__.values()}
+#: The Secret with the database's credentials: referenced by core pods (and their
+#: migrate step) only. Gateways forward to the core (CORE_URL) and never see it.
+DATABASE_SECRET = "core-database"
+#: What the two tiers must agree on: the core publishes change events that reach
+#: the gateways' sockets (Redis, its prefix, channels with history, channels only
+#: the core publishes on), and both verify the same tokens.
+SHARED_SETTINGS = [
+    "REDIS_URL",
+    "REDIS_PREFIX",
+    "REDIS_CLUSTER",
+    "HISTORY_CHANNELS",
+    "HISTORY_SIZE",
+    "HISTORY_TTL",
+    "CORE_CHANNELS",
+    "JWT_SECRET",
+    "JWT_PUBLIC_KEY",
+    "JWT_JWKS_FILE",
+    "JWT_SIGNING_KEYS",
+    "JWT_ALGORITHMS",
+    "JWT_ISSUER",
+    "JWT_AUDIENCE",
+    "JWT_LEEWAY",
+]
 
 
 # --- reading and rendering ------------------------------------------------
@@ -76,10 +102,12 @@ def merge(base: Any, patch: Any) -> Any:
         and isinstance(patch, list)
         and all(isinstance(item, dict) and "name" in item for item in [*base, *patch])
     ):
+        # As kustomize orders them: the patch's items (merged into the base's
+        # of the same name) first, then the base's items the patch leaves alone.
         by_name = {item["name"]: item for item in base}
-        for item in patch:
-            by_name[item["name"]] = merge(by_name.get(item["name"], {}), item)
-        return list(by_name.values())
+        patched = [merge(by_name.get(item["name"], {}), item) for item in patch]
+        named = {item["name"] for item in patch}
+        return patched + [item for item in base if item["name"] not in named]
     return patch
 
 
@@ -141,16 +169,73 @@ def migrate_step(folder: str, name: str) -> dict[str, Any]:
     return step
 
 
+Sources = dict[tuple[str, str], dict[str, str]]
+
+
+def env_sources(folder: str) -> Sources:
+    """What a container's environment can come from: the folder's ConfigMaps, and
+    the Secrets as the base defines them (prod applies none: they are made by hand
+    or by External Secrets with the same keys, docs/deploy.md)."""
+    sources = {key(d): d["data"] for d in RENDERED[folder] if d["kind"] == "ConfigMap"}
+    sources |= {key(d): d["stringData"] for d in RENDERED["base"] if d["kind"] == "Secret"}
+    return sources
+
+
+#: What envFrom and valueFrom entries name, by their key.
+REFERENCES = {
+    "configMapRef": "ConfigMap",
+    "secretRef": "Secret",
+    "configMapKeyRef": "ConfigMap",
+    "secretKeyRef": "Secret",
+}
+
+
+def environment(spec: dict[str, Any], sources: Sources) -> dict[str, str]:
+    """The variables a container sees, built as the kubelet does: every envFrom
+    source in order (a later one wins), then env over them all."""
+    result: dict[str, str] = {}
+    for source in spec.get("envFrom", []):
+        (ref,) = source.keys() & REFERENCES
+        data = sources[(REFERENCES[ref], source[ref]["name"])]
+        result |= {source.get("prefix", "") + k: str(v) for k, v in data.items()}
+    for var in spec.get("env", []):
+        value_from = var.get("valueFrom", {})
+        refs = value_from.keys() & REFERENCES
+        if refs:
+            (ref,) = refs
+            selector = value_from[ref]
+            result[var["name"]] = str(sources[(REFERENCES[ref], selector["name"])][selector["key"]])
+        else:  # a value, or a fieldRef / resourceFieldRef the kubelet fills in
+            result[var["name"]] = str(var.get("value", ""))
+    return result
+
+
+def settings_of(folder: str, spec: dict[str, Any]) -> Settings:
+    """The settings a container starts with."""
+    return Settings.from_env(environment(spec, env_sources(folder)))
+
+
 def setting(folder: str, name: str, env: str) -> str:
     """The value a Deployment's container sees for a setting, or its default."""
-    for var in container(folder, name).get("env", []):
-        if var["name"] == env:
-            return str(var["value"])
-    config = find(folder, "ConfigMap", "gateway-config")["data"]
-    if env in config:
-        return str(config[env])
+    seen = environment(container(folder, name), env_sources(folder))
+    if env in seen:
+        return seen[env]
     (field,) = [f for f in Settings.__dataclass_fields__.values() if f.metadata["env"] == env]
     return str(getattr(SETTINGS, field.name))
+
+
+def database_exposure(pod: dict[str, Any], sources: Sources) -> list[str]:
+    """How a pod could get at the database's credentials: a container (init ones
+    included) that sees DATABASE_URL by any path, or any mention of the database's
+    Secret (env, envFrom, a volume). Empty: no way."""
+    found = [
+        f"{spec['name']} sees DATABASE_URL"
+        for spec in [*pod.get("initContainers", []), *pod["containers"]]
+        if "DATABASE_URL" in environment(spec, sources)
+    ]
+    if f'"{DATABASE_SECRET}"' in json.dumps(pod):
+        found.append(f"names the Secret {DATABASE_SECRET}")
+    return found
 
 
 def quantity(raw: str | int) -> float:
@@ -361,6 +446,7 @@ def test_manifests_validate_against_the_kubernetes_schemas(folder: str, version:
         "Service",
         "HorizontalPodAutoscaler",
         "PodDisruptionBudget",
+        "NetworkPolicy",
     }
 
 
@@ -375,6 +461,8 @@ def test_base_has_every_object() -> None:
     assert {key(d) for d in RENDERED["base"]} == {
         ("ConfigMap", "gateway-config"),
         ("Secret", "gateway-secrets"),
+        ("Secret", DATABASE_SECRET),
+        ("NetworkPolicy", "core"),
         *[
             (kind, name)
             for name in ["gateway", "core"]
@@ -425,10 +513,9 @@ def test_selectors_and_references_meet(folder: str) -> None:
         }
         assert 1 <= hpa["minReplicas"] <= hpa["maxReplicas"]
         sources = container(folder, name)["envFrom"]
-        assert [s.get("configMapRef", s.get("secretRef"))["name"] for s in sources] == [
-            "gateway-config",
-            "gateway-secrets",
-        ]
+        names = [s.get("configMapRef", s.get("secretRef"))["name"] for s in sources]
+        shared = ["gateway-config", "gateway-secrets"]
+        assert names == (shared if name == "gateway" else [*shared, DATABASE_SECRET])
 
 
 @pytest.mark.parametrize("folder", FOLDERS)
@@ -462,12 +549,11 @@ def test_pods_run_locked_down(folder: str) -> None:
 
 @pytest.mark.parametrize("folder", FOLDERS)
 def test_only_real_settings_are_configured(folder: str) -> None:
-    names = set(find(folder, "ConfigMap", "gateway-config")["data"])
-    names |= set(find("base", "Secret", "gateway-secrets")["stringData"])
+    names = {name for data in env_sources(folder).values() for name in data}
     names |= {
         var["name"]
         for n in ["gateway", "core"]
-        for c in [container(folder, n), migrate_step(folder, n)]
+        for c in [*pod_spec(folder, n).get("initContainers", []), container(folder, n)]
         for var in c.get("env", [])
     }
     assert names <= SETTING_NAMES, names - SETTING_NAMES
@@ -477,24 +563,29 @@ def test_only_real_settings_are_configured(folder: str) -> None:
 
 
 @pytest.mark.parametrize("folder", FOLDERS)
-def test_every_pod_migrates_before_its_app_starts(folder: str) -> None:
-    """Migrations are a deploy step: an init container runs `python -m core migrate`
-    (under the advisory lock) with the app's image and configuration, locked down
-    like the app; the app itself only checks (MIGRATE_ON_START off)."""
+def test_core_pods_migrate_before_their_app_starts(folder: str) -> None:
+    """Migrations are a deploy step: an init container of the core runs `python -m
+    core migrate` (under the advisory lock) with the app's image and database, locked
+    down like the app; the app itself only checks (MIGRATE_ON_START off). Gateway
+    pods have no database to migrate."""
     config = find(folder, "ConfigMap", "gateway-config")["data"]
     assert Settings.from_env({k: str(v) for k, v in config.items()}).migrate_on_start is False
-    for name in ["gateway", "core"]:
-        step, app = migrate_step(folder, name), container(folder, name)
-        assert step["name"] == "migrate"
-        assert [*step["command"], *step["args"]] == ["python", "-m", "core", "migrate"]
-        assert step["image"] == app["image"]  # the release's own migrations
-        assert step["envFrom"] == app["envFrom"]  # the same DATABASE_URL and schema
-        assert step["securityContext"] == app["securityContext"]
-        assert "restartPolicy" not in step, "a sidecar would not finish before the app"
-        for kind in ["cpu", "memory"]:  # the pod's request is the larger of init and app
-            requests = step["resources"]["requests"][kind]
-            assert quantity(requests) <= quantity(app["resources"]["requests"][kind])
-            assert quantity(requests) <= quantity(step["resources"]["limits"][kind])
+    assert "initContainers" not in pod_spec(folder, "gateway")
+    step, app = migrate_step(folder, "core"), container(folder, "core")
+    assert step["name"] == "migrate"
+    assert [*step["command"], *step["args"]] == ["python", "-m", "core", "migrate"]
+    assert step["image"] == app["image"]  # the release's own migrations
+    assert all(source in app["envFrom"] for source in step["envFrom"])
+    sees = {spec["name"]: environment(spec, env_sources(folder)) for spec in [step, app]}
+    for env in ["DATABASE_URL", "DATABASE_SCHEMA"]:  # the app's database and schema
+        assert sees["migrate"].get(env) == sees["core"].get(env), env
+    assert "JWT_SECRET" not in sees["migrate"], "it needs the database, nothing more"
+    assert step["securityContext"] == app["securityContext"]
+    assert "restartPolicy" not in step, "a sidecar would not finish before the app"
+    for kind in ["cpu", "memory"]:  # the pod's request is the larger of init and app
+        requests = step["resources"]["requests"][kind]
+        assert quantity(requests) <= quantity(app["resources"]["requests"][kind])
+        assert quantity(requests) <= quantity(step["resources"]["limits"][kind])
 
 
 def test_the_migrate_command_is_the_one_the_init_containers_run(
@@ -508,7 +599,7 @@ def test_the_migrate_command_is_the_one_the_init_containers_run(
 
     from core.migrate import migrations
 
-    step = migrate_step("base", "gateway")
+    step = migrate_step("base", "core")
     schema = f"deploy_{uuid.uuid4().hex[:10]}"
     env = {"PATH": "/usr/bin:/bin", "DATABASE_URL": database_url, "DATABASE_SCHEMA": schema}
     command = [sys.executable, *step["command"][1:], *step["args"]]
@@ -528,6 +619,154 @@ def test_the_migrate_command_is_the_one_the_init_containers_run(
     assert first.returncode == 0, first.stderr
     assert all(m.label in first.stdout for m in migrations())
     assert again.returncode == 0 and "none (up to date)" in again.stdout
+
+
+@pytest.mark.parametrize("folder", FOLDERS)
+def test_gateways_forward_to_the_core_with_no_database_credentials(folder: str) -> None:
+    """Least privilege: the socket-facing pods see no DATABASE_URL and name no
+    database Secret by any path (env, envFrom, the ConfigMap, an init container, a
+    volume); /api/* and rpc frames go to the core Service in the same namespace."""
+    pod = pod_spec(folder, "gateway")
+    assert database_exposure(pod, env_sources(folder)) == []
+    gateway = settings_of(folder, container(folder, "gateway"))
+    assert gateway.database_url is None and gateway.core_url
+    url = urllib.parse.urlsplit(gateway.core_url)
+    ports = {port["port"] for port in find(folder, "Service", "core")["spec"]["ports"]}
+    assert url.scheme == "http" and url.hostname == "core" and url.path in {"", "/"}
+    assert (url.port or 80) in ports
+
+
+@pytest.mark.parametrize("folder", FOLDERS)
+def test_only_core_pods_hold_the_database_credentials(folder: str) -> None:
+    """The core and its migrate step have the database, from the Secret that only
+    they reference; nothing else in the namespace names that Secret."""
+    sources = env_sources(folder)
+    assert set(sources[("Secret", DATABASE_SECRET)]) == {"DATABASE_URL"}
+    assert "DATABASE_URL" not in sources[("Secret", "gateway-secrets")]
+    assert not any("DATABASE_URL" in sources[k] for k in sources if k[0] == "ConfigMap")
+    for spec in [migrate_step(folder, "core"), container(folder, "core")]:
+        assert settings_of(folder, spec).database_url, spec["name"]
+    assert settings_of(folder, container(folder, "core")).core_url is None
+    exposed = {
+        doc["metadata"]["name"]
+        for doc in RENDERED[folder]
+        if doc["kind"] == "Deployment"
+        and database_exposure(doc["spec"]["template"]["spec"], sources)
+    }
+    assert exposed == {"core"}
+    # Nothing else names it: the ServiceMonitors read the shared Secret.
+    for doc in RENDERED[folder]:
+        if DATABASE_SECRET in json.dumps(doc):
+            assert key(doc) in {("Deployment", "core"), ("Secret", DATABASE_SECRET)}, key(doc)
+
+
+def _in_env(pod: dict[str, Any], sources: Sources) -> None:
+    pod["containers"][0]["env"].append({"name": "DATABASE_URL", "value": "postgresql://db/x"})
+
+
+def _in_env_from(pod: dict[str, Any], sources: Sources) -> None:
+    pod["containers"][0]["envFrom"].append({"secretRef": {"name": DATABASE_SECRET}})
+
+
+def _by_key_ref(pod: dict[str, Any], sources: Sources) -> None:
+    ref = {"secretKeyRef": {"name": DATABASE_SECRET, "key": "DATABASE_URL"}}
+    pod["containers"][0]["env"].append({"name": "DB", "valueFrom": ref})
+
+
+def _in_the_config_map(pod: dict[str, Any], sources: Sources) -> None:
+    sources[("ConfigMap", "gateway-config")]["DATABASE_URL"] = "postgresql://db/x"
+
+
+def _in_the_shared_secret(pod: dict[str, Any], sources: Sources) -> None:
+    sources[("Secret", "gateway-secrets")]["DATABASE_URL"] = "postgresql://db/x"
+
+
+def _in_an_init_container(pod: dict[str, Any], sources: Sources) -> None:
+    pod["initContainers"] = [copy.deepcopy(migrate_step("base", "core"))]
+
+
+def _as_a_volume(pod: dict[str, Any], sources: Sources) -> None:
+    pod["volumes"].append({"name": "db", "secret": {"secretName": DATABASE_SECRET}})
+
+
+@pytest.mark.parametrize(
+    "give",
+    [
+        _in_env,
+        _in_env_from,
+        _by_key_ref,
+        _in_the_config_map,
+        _in_the_shared_secret,
+        _in_an_init_container,
+        _as_a_volume,
+    ],
+)
+def test_database_credentials_given_to_a_gateway_are_found(
+    give: Callable[[dict[str, Any], Sources], None],
+) -> None:
+    """The least-privilege checks can fail: each way of handing a gateway pod the
+    database's credentials is found."""
+    pod, sources = copy.deepcopy(pod_spec("base", "gateway")), copy.deepcopy(env_sources("base"))
+    assert database_exposure(pod, sources) == []
+    give(pod, sources)
+    assert database_exposure(pod, sources)
+
+
+@pytest.mark.parametrize("folder", FOLDERS)
+def test_the_core_believes_forwarded_addresses_only_from_gateways(folder: str) -> None:
+    """The gateways send each client's address in X-Forwarded-For; the core believes it
+    only from TRUSTED_PROXIES (the pod range), and its NetworkPolicy lets only gateway
+    pods (and Prometheus) connect, so no client reaches a core pod to write its own."""
+    core = settings_of(folder, container(folder, "core"))
+    assert core.forwarded_header == "x-forwarded-for" and core.proxy_protocol is False
+    assert core.trusted_proxies
+    for cidr in core.trusted_proxies:
+        network = ipaddress.ip_network(cidr)
+        assert network.is_private and network.prefixlen >= 8, cidr
+    labels = {
+        name: find(folder, "Deployment", name)["spec"]["template"]["metadata"]["labels"]
+        for name in ["gateway", "core"]
+    }
+    policy = find(folder, "NetworkPolicy", "core")["spec"]
+    assert policy["podSelector"]["matchLabels"].items() <= labels["core"].items()
+    assert policy["policyTypes"] == ["Ingress"]
+    ports = {port["name"] for port in container(folder, "core")["ports"]}
+    peers = []
+    for rule in policy["ingress"]:
+        # An empty or missing `from` or `ports` would allow every source or port.
+        assert rule["from"] and rule["ports"]
+        assert {port["port"] for port in rule["ports"]} <= ports
+        peers += rule["from"]
+    gateways, *others = peers
+    assert set(gateways) == {"podSelector"}, "this namespace's gateway pods"
+    assert gateways["podSelector"]["matchLabels"].items() <= labels["gateway"].items()
+    for peer in others:  # Prometheus: pods of one name in one namespace, no address range
+        assert set(peer) == {"namespaceSelector", "podSelector"}, peer
+        assert peer["podSelector"]["matchLabels"] and peer["namespaceSelector"]["matchLabels"]
+
+
+@pytest.mark.parametrize("folder", FOLDERS)
+def test_gateways_and_core_agree_on_redis_and_tokens(folder: str) -> None:
+    """The core's change events reach sockets through Redis only if both tiers use
+    the same Redis, prefix and history settings, and a token works on both only if
+    both verify it the same way: these come from the shared ConfigMap and Secret."""
+    assert set(SHARED_SETTINGS) <= SETTING_NAMES, set(SHARED_SETTINGS) - SETTING_NAMES
+    for env in SHARED_SETTINGS:
+        assert setting(folder, "gateway", env) == setting(folder, "core", env), env
+    assert settings_of(folder, container(folder, "core")).redis_url
+    mounts = {}
+    for name in ["gateway", "core"]:
+        (volume,) = [v for v in pod_spec(folder, name)["volumes"] if "secret" in v]
+        assert volume["secret"]["secretName"] == "gateway-signing-keys"
+        (mount,) = [
+            m for m in container(folder, name)["volumeMounts"] if m["name"] == volume["name"]
+        ]
+        mounts[name] = mount["mountPath"]
+    assert mounts["gateway"] == mounts["core"]
+    # Where the docs and the Secret's comment say JWT_SIGNING_KEYS points.
+    for path in [ROOT / "docs/deploy.md", K8S / "base/secret.yaml"]:
+        (documented,) = set(re.findall(r"JWT_SIGNING_KEYS=([\w./-]+)", path.read_text()))
+        assert Path(documented).parent == Path(mounts["core"]), path
 
 
 @pytest.mark.parametrize("folder", FOLDERS)
@@ -589,9 +828,12 @@ def test_overlays_set_a_namespace_and_an_image_tag() -> None:
 
 def test_prod_applies_no_placeholder_secret() -> None:
     assert "Secret" not in {d["kind"] for d in RENDERED["overlays/prod"]}
-    placeholders = find("base", "Secret", "gateway-secrets")["stringData"]
-    assert all("replace-me" in value for value in placeholders.values())
-    assert {"JWT_SECRET", "DATABASE_URL", "REDIS_URL"} <= set(placeholders)
+    secrets = {name: data for (kind, name), data in env_sources("base").items() if kind == "Secret"}
+    assert set(secrets) == {"gateway-secrets", DATABASE_SECRET}
+    for placeholders in secrets.values():
+        assert all("replace-me" in value for value in placeholders.values())
+    assert {"JWT_SECRET", "REDIS_URL", "METRICS_TOKEN"} == set(secrets["gateway-secrets"])
+    assert {"DATABASE_URL"} == set(secrets[DATABASE_SECRET])
 
 
 def test_prod_load_balancer_waits_for_the_drain() -> None:
@@ -611,6 +853,7 @@ def test_prod_load_balancer_waits_for_the_drain() -> None:
     assert float(attributes["deregistration_delay.timeout_seconds"]) >= drain
     # The gateway's per-IP limits read the TCP peer, not X-Forwarded-For.
     assert attributes["preserve_client_ip.enabled"] == "true"
+    assert settings_of("overlays/prod", container("overlays/prod", "gateway")).trusted_proxies == ()
     assert float(setting("overlays/prod", "gateway", "PING_INTERVAL")) < 60
 
 
@@ -649,9 +892,20 @@ def built_here(service: dict[str, Any]) -> bool:
     return service.get("build") == "."
 
 
+def compose_gateways() -> list[str]:
+    return [n for n, s in SERVICES.items() if built_here(s) and "entrypoint" not in s]
+
+
+def compose_cores() -> list[str]:
+    return [n for n, s in SERVICES.items() if s.get("entrypoint") == ["python", "-m", "core"]]
+
+
+def compose_settings(name: str) -> Settings:
+    return Settings.from_env({k: str(v) for k, v in SERVICES[name]["environment"].items()})
+
+
 def test_compose_runs_the_whole_stack() -> None:
-    gateways = [n for n, s in SERVICES.items() if built_here(s) and "entrypoint" not in s]
-    cores = [n for n, s in SERVICES.items() if s.get("entrypoint") == ["python", "-m", "core"]]
+    gateways, cores = compose_gateways(), compose_cores()
     assert len(gateways) == 2 and len(cores) == 1
     assert all(built_here(SERVICES[n]) for n in cores)
     images = {n: s.get("image", "") for n, s in SERVICES.items()}
@@ -664,7 +918,6 @@ def test_compose_runs_the_whole_stack() -> None:
         environment = SERVICES[name]["environment"]
         assert set(environment) <= SETTING_NAMES
         assert environment["REDIS_URL"].startswith("redis://redis:")
-        assert "@postgres:5432/" in environment["DATABASE_URL"]
         grace = float(SERVICES[name]["stop_grace_period"].removesuffix("s"))
         assert grace > SETTINGS.shutdown_timeout + KILL_AFTER
 
@@ -691,13 +944,48 @@ def test_compose_migrates_once_before_the_app_starts() -> None:
     assert "command" not in migrate and migrate["restart"] == "no"
     assert migrate["depends_on"] == {"postgres": {"condition": "service_healthy"}}
     apps = [n for n, s in SERVICES.items() if built_here(s) and n != "migrate"]
-    assert len(apps) == 3
+    assert sorted(apps) == sorted([*compose_gateways(), *compose_cores()])
     for name in apps:
+        assert SERVICES[name]["environment"].get("MIGRATE_ON_START", "false") == "false"
+    # The core uses the database and waits for the migrations; the gateways wait
+    # for the core (the test below).
+    for name in compose_cores():
         environment = SERVICES[name]["environment"]
         assert environment["DATABASE_URL"] == migrate["environment"]["DATABASE_URL"]
-        assert environment.get("MIGRATE_ON_START", "false") == "false"
+        assert "@postgres:5432/" in environment["DATABASE_URL"]
         condition = SERVICES[name]["depends_on"]["migrate"]["condition"]
         assert condition == "service_completed_successfully", name
+
+
+def test_compose_gateways_forward_to_the_core_with_no_database_credentials() -> None:
+    """As in Kubernetes: gateways have CORE_URL and no DATABASE_URL, and do not wait
+    for the database; the core believes X-Forwarded-For from the gateways' fixed
+    addresses and nothing else (not the host, whose requests to the published port
+    arrive from the network's first address)."""
+    (core,) = compose_cores()
+    settings = compose_settings(core)
+    assert settings.database_url and settings.core_url is None
+    (network,) = COMPOSE["networks"]["default"]["ipam"]["config"]
+    subnet = ipaddress.ip_network(network["subnet"])
+    addresses = set()
+    for name in compose_gateways():
+        service = SERVICES[name]
+        assert "env_file" not in service
+        assert "DATABASE_URL" not in service["environment"]
+        gateway = compose_settings(name)
+        assert gateway.database_url is None and gateway.core_url
+        url = urllib.parse.urlsplit(gateway.core_url)
+        assert (url.scheme, url.hostname, url.port) == ("http", core, settings.port)
+        assert service["depends_on"] == {
+            "redis": {"condition": "service_healthy"},
+            core: {"condition": "service_healthy"},
+        }
+        address = ipaddress.ip_address(service["networks"]["default"]["ipv4_address"])
+        assert address in subnet
+        addresses.add(ipaddress.ip_network(address))
+    assert len(addresses) == 2
+    assert {ipaddress.ip_network(c) for c in settings.trusted_proxies} == addresses
+    assert ipaddress.ip_network(next(subnet.hosts())) not in addresses
 
 
 def mounts() -> dict[str, dict[str, Path]]:
@@ -723,8 +1011,7 @@ def test_compose_mounts_and_monitoring_files_exist() -> None:
     (gateway_job,) = [job for job in config["scrape_configs"] if job["job_name"] == "gateway"]
     assert gateway_job["metrics_path"] == "/metrics"
     (targets,) = [c["targets"] for c in gateway_job["static_configs"]]
-    gateways = {n for n, s in SERVICES.items() if built_here(s) and "entrypoint" not in s}
-    assert set(targets) == {f"{n}:{SETTINGS.port}" for n in gateways}
+    assert set(targets) == {f"{n}:{SETTINGS.port}" for n in compose_gateways()}
 
     grafana = mounts()["grafana"]
     provisioning = grafana["/etc/grafana/provisioning"]
@@ -742,6 +1029,24 @@ def test_compose_mounts_and_monitoring_files_exist() -> None:
 
 
 # --- documentation -------------------------------------------------------
+
+
+def test_deploy_docs_count_connections_as_the_manifests_do() -> None:
+    """docs/deploy.md's figures at the prod maxima: database connections (only the
+    core pods' pools, with CORE_URL) and connections into the core tier (a pool in
+    every gateway process)."""
+    guide = " ".join((ROOT / "docs/deploy.md").read_text().split())
+    prod = "overlays/prod"
+    most = {
+        n: find(prod, "HorizontalPodAutoscaler", n)["spec"]["maxReplicas"]
+        for n in ["gateway", "core"]
+    }
+    pool = int(setting(prod, "core", "DB_POOL_MAX"))
+    assert f"{most['core']} x {pool} = {most['core'] * pool}" in guide
+    workers = int(setting(prod, "gateway", "WORKERS"))
+    core_pool = int(setting(prod, "gateway", "CORE_POOL_SIZE"))
+    into_core = most["gateway"] * workers * core_pool
+    assert f"{most['gateway']} x {workers} x {core_pool} = {into_core:,}" in guide
 
 
 def test_deploy_docs_name_files_that_exist() -> None:

@@ -19,21 +19,22 @@ from jsonschema import Draft202012Validator
 from tornado.httpclient import AsyncHTTPClient
 from websockets.asyncio.client import connect
 
-from core.apikeys import ApiKeyIn
+from core.apikeys import KEY_CHANNEL_PATTERN, ApiKeyIn
 from core.errormap import from_exception
+from core.idempotency import IDEMPOTENCY_KEY_SCHEMA
 from core.infra.keys import generate_jwk, write_key_file
 from core.infra.logs import JsonFormatter, TextFormatter, redact
 from core.infra.settings import Settings
 from core.openapi import document as core_document
-from core.paging import ETAG_PATTERN
+from core.paging import CURSOR_PATTERN, ETAG_PATTERN, ETAG_SCHEMA
 from core.request import Request, Response
-from core.routing import Route, uuid_param
-from core.schemas import EMAIL_PATTERN, NO_NUL, Email
+from core.routing import UUID_ID, Route, uuid_param
+from core.schemas import BUDGET_TEXT, EMAIL_PATTERN, NO_NUL, Email
 from core.server import CoreServer
 from core.service import CoreUnavailable
 from gateway.asyncapi import document as asyncapi_document
 from proto import ErrorCode
-from proto.frames import CHANNEL_PATTERN, Channel
+from proto.frames import CALL_METHOD_PATTERN, CHANNEL_PATTERN, Channel
 from tests.harness import SECRET, ApiClient, http_url, running_gateway, token_for, ws_client
 from tests.servers import UNIT
 from tests.test_accounts import ADA, register
@@ -138,10 +139,16 @@ def _patterns(node: object) -> set[str]:
 #: Every pattern either document publishes: (a good value, whether a newline may end one).
 PATTERNS = {
     CHANNEL_PATTERN: ("room:1", False),
+    CALL_METHOD_PATTERN: ("orders.create", False),
     EMAIL_PATTERN: ("ada@example.com", False),
     NO_NUL: ("multi-line\ntext", True),
     ETAG_PATTERN: ('W/"3"', False),
-    r"^[^\x00\s]+(?![\s\S])": ("projects:*", False),  # API key channel patterns
+    str(ETAG_SCHEMA["pattern"]): ('"3"', False),
+    KEY_CHANNEL_PATTERN: ("projects:*", False),  # API key channel patterns
+    CURSOR_PATTERN: ("AAAAAAAAAAE", False),
+    BUDGET_TEXT: ("12.30", False),
+    str(IDEMPOTENCY_KEY_SCHEMA["pattern"]): ("k-1", False),
+    str(UUID_ID["pattern"]): ("0b4c7f52-1f2e-4b7a-9a3c-2d1e5f6a7b8c", False),
     r"^/api/": ("/api/projects", True),  # a prefix: the router matches the whole path
 }
 
@@ -333,12 +340,14 @@ async def test_the_standalone_cores_metrics_need_the_token_too(clean_db):
 
 
 def test_every_scrape_config_sends_the_metrics_token():
-    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
-    token = compose["x-app"]["environment"]["METRICS_TOKEN"]
+    services = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]
     prometheus = yaml.safe_load((ROOT / "deploy/prometheus/prometheus.yml").read_text())
     for job in prometheus["scrape_configs"]:
         if job["job_name"] in ("gateway", "core"):
-            assert job["authorization"] == {"type": "Bearer", "credentials": token}
+            # Each scraped service's own token: what its /metrics checks.
+            for target in (t for config in job["static_configs"] for t in config["targets"]):
+                token = services[target.partition(":")[0]]["environment"]["METRICS_TOKEN"]
+                assert job["authorization"] == {"type": "Bearer", "credentials": token}
     base = ROOT / "deploy/k8s/base"
     secret = yaml.safe_load((base / "secret.yaml").read_text())
     for name in ("gateway-servicemonitor.yaml", "core-servicemonitor.yaml"):

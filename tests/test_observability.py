@@ -42,6 +42,9 @@ DOCUMENTED: dict[str, set[str]] = {
     "gateway_events_appended": {"type"}, "gateway_events_dropped": {"target"},
     "gateway_events_queued": {"target"}, "gateway_events_nodes_lost": set(),
     "gateway_events_webhook_deliveries": set(), "gateway_events_webhook_failures": {"kind"},
+    "gateway_hook_calls": {"hook", "answer"}, "gateway_hook_errors": {"hook", "kind"},
+    "gateway_hook_seconds": {"hook"}, "gateway_hook_breaker_open": {"hook"},
+    "gateway_hook_in_flight": set(),
 }  # fmt: skip
 _SUFFIXES = ("_total", "_bucket", "_count", "_sum", "_created")
 #: PromQL words that look like metric names but are not.

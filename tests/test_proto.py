@@ -8,9 +8,12 @@ import msgspec
 import pytest
 
 from proto import (
+    APP_CLOSES,
+    APP_ERRORS,
     JSON_CODEC,
     MSGPACK_CODEC,
     TRANSITIONS,
+    Call,
     CloseCode,
     Connection,
     ErrorCode,
@@ -269,3 +272,72 @@ def test_server_frames_have_rfc6455_headers(size, binary):
     assert fin and length == size and opcode == (OP_BINARY if binary else OP_TEXT)
     assert data[1] & 0x80 == 0  # unmasked
     assert data[header:] == payload
+
+
+# -- call, and what a hook's backend may answer -----------------------------------
+
+
+@pytest.mark.parametrize("codec", [JSON_CODEC, MSGPACK_CODEC])
+def test_call_decodes_with_and_without_data(codec):
+    def encode(obj: dict) -> bytes | str:
+        return json.dumps(obj) if codec is JSON_CODEC else msgspec.msgpack.encode(obj)
+
+    bare = conn(codec).receive(encode({"id": 7, "op": "call", "method": "orders.quote"}))
+    assert bare == Call(id=7, method="orders.quote") and not bare.data
+    full = conn(codec).receive(encode({"id": 8, "op": "call", "method": "a/b-c:d_e", "data": [1]}))
+    assert isinstance(full, Call) and json.loads(codec.data_to_json(full.data)) == [1]
+
+
+@pytest.mark.parametrize("method", ["", "has space", "new\nline", "é", "x" * 201])
+def test_a_call_method_is_short_and_plain(method):
+    with pytest.raises(ProtocolError) as refused:
+        conn().receive(json.dumps({"id": 1, "op": "call", "method": method}))
+    assert refused.value.code is ErrorCode.BAD_FRAME and refused.value.id == 1
+
+
+def test_call_and_sub_data_are_bounded_as_a_publication_is():
+    c = conn(max_publish_bytes=10)
+    for frame_obj in (
+        {"id": 1, "op": "call", "method": "m", "data": "x" * 20},
+        {"id": 2, "op": "sub", "ch": "room:1", "data": "x" * 20},
+    ):
+        with pytest.raises(ProtocolError) as refused:
+            c.receive(json.dumps(frame_obj))
+        assert refused.value.code is ErrorCode.PAYLOAD_TOO_LARGE
+    assert c.receive('{"id": 3, "op": "sub", "ch": "room:1", "data": {"a": 1}}').ch == "room:1"
+
+
+def test_a_draining_connection_still_calls():
+    c = conn()
+    c.transition(State.DRAINING)
+    assert isinstance(c.receive('{"id": 1, "op": "call", "method": "m"}'), Call)
+
+
+@pytest.mark.parametrize("codec", [JSON_CODEC, MSGPACK_CODEC])
+def test_data_replies_and_application_errors(codec):
+    assert reply(codec.data_reply(3, b'{"total": 2}'), codec) == {
+        "id": 3,
+        "ok": True,
+        "data": {"total": 2},
+    }
+    assert reply(codec.data_reply(4, None), codec) == {"id": 4, "ok": True}
+    assert reply(codec.app_error(5, 404, "no such order", False), codec) == {
+        "id": 5,
+        "ok": False,
+        "error": {"code": 404, "message": "no such order", "temporary": False},
+    }
+    assert 400 in APP_ERRORS and 1999 in APP_ERRORS and 100 not in APP_ERRORS
+    assert 4000 in APP_CLOSES and 4999 in APP_CLOSES and 1000 not in APP_CLOSES
+
+
+def test_sub_written_by_a_client_leaves_out_what_it_does_not_carry():
+    assert JSON_CODEC.encode(Sub(id=1, ch="room:1")) == b'{"op":"sub","id":1,"ch":"room:1"}'
+    assert JSON_CODEC.encode(Call(id=2, method="m")) == b'{"op":"call","id":2,"method":"m"}'
+
+
+def test_a_regrant_keeps_the_channels_the_server_subscribed():
+    c = conn(grants=Grants.from_claims({"channels": ["room:*", "user:ada"]}))
+    for ch in ("room:1", "user:ada"):
+        c.subscribed(ch)
+    assert c.regrant(Grants.from_claims({"channels": []}), keep={"user:ada"}) == ["room:1"]
+    assert c.subscriptions == {"user:ada"}

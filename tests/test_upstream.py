@@ -28,6 +28,8 @@ class _Flaky(tornado.web.RequestHandler):
 
     def _answer(self) -> None:
         self.state["hits"] += 1
+        peers = self.state.setdefault("peers", set())  # type: ignore[arg-type]
+        peers.add(self.request.connection.stream.socket.getpeername()[1])  # type: ignore[union-attr]
         if self.state["hits"] <= self.state["fail"]:
             self.set_status(503)
             self.finish(b'{"error":{"status":503,"code":"unavailable","message":"busy"}}')
@@ -41,18 +43,15 @@ class _Flaky(tornado.web.RequestHandler):
 
 
 @pytest.fixture
-async def flaky():
-    state = {"hits": 0, "fail": 1}
+async def flaky(request):
+    state: dict = {"hits": 0, "fail": 1}
     sockets = bind_sockets(0, "127.0.0.1")
     server = HTTPServer(tornado.web.Application([(r"/api/.*", _Flaky, {"state": state})]))
     server.add_sockets(sockets)
+    settings = {"core_retries": 1, "core_breaker_failures": 3, "core_breaker_seconds": 60.0}
+    settings.update(getattr(request, "param", {}))
     core = UpstreamCore(
-        Settings(
-            core_url=f"http://127.0.0.1:{sockets[0].getsockname()[1]}",
-            core_retries=1,
-            core_breaker_failures=3,
-            core_breaker_seconds=60.0,
-        ),
+        Settings(core_url=f"http://127.0.0.1:{sockets[0].getsockname()[1]}", **settings),
         Metrics(),
     )
     await core.open()
@@ -126,3 +125,23 @@ def test_breaker_opens_after_failures_in_a_row_and_one_probe_closes_it():
     assert b.refuse(22.0) is None
     b.success()
     assert b.state == "closed" and b.refuse(22.0) is None
+
+
+@pytest.mark.parametrize("flaky", [{"core_connection_max_age": 0.05}], indirect=True)
+async def test_connections_are_renewed_so_new_core_pods_get_their_share(flaky):
+    core, state = flaky
+    state["fail"] = 0
+    for _ in range(4):
+        assert (await core.dispatch(Request("GET", "/api/x"))).status == 200
+        await asyncio.sleep(0.06)
+    assert len(state["peers"]) == 4  # a fresh connection each time the pool aged
+    await asyncio.sleep(0.05)
+    assert len(core._using) == 1  # the old pools were closed once idle
+
+
+async def test_a_pool_younger_than_its_max_age_keeps_its_connection(flaky):
+    core, state = flaky
+    state["fail"] = 0
+    for _ in range(4):
+        assert (await core.dispatch(Request("GET", "/api/x"))).status == 200
+    assert len(state["peers"]) == 1

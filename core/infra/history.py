@@ -61,19 +61,23 @@ class HistoryPublisher:
         self.policy = policy
         self.max_bytes = max_bytes
 
-    async def publish(self, ch: str, data: bytes, *, checked: bool = False) -> Position | None:
+    async def publish(
+        self, ch: str, data: bytes, *, checked: bool = False, history: bool = True
+    ) -> Position | None:
         """Publish JSON ``data`` on ``ch``, through history when the policy says so (its position).
 
         Every writer comes through here, so nothing reaches the broker (or
         history) that not every codec can carry: raises `proto.InvalidData`.
         ``checked``: a codec's `data_to_json` already checked ``data``.
+        ``history=False``: live only, even on a history channel (a publish hook's
+        ``skip_history``).
         """
         if not checked:
             data = check_json(data, self.max_bytes)
         elif len(data) > self.max_bytes:
             raise InvalidData(f"data over {self.max_bytes} bytes")
         policy = self.policy
-        if policy.applies(ch):
+        if history and policy.applies(ch):
             return await self.broker.publish_history(ch, data, policy.size, policy.ttl)
         await self.broker.publish(ch, data)
         return None

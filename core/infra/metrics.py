@@ -215,6 +215,39 @@ class Metrics:
             "1 while the breaker in front of the REST core is open or probing, else 0.",
             registry=r,
         )
+        # Hooks: the application's backends in the loop (gateway/hooks/).
+        self.hook_calls = Counter(
+            "gateway_hook_calls",
+            "Hook requests sent to a backend, by hook and by what it answered (result, error, "
+            "disconnect; none: no usable answer).",
+            ["hook", "answer"],
+            registry=r,
+        )
+        self.hook_errors = Counter(
+            "gateway_hook_errors",
+            "Hook calls that failed (their failure policy applied), by hook and kind (timeout, "
+            "unreachable, status, bad_answer, too_large, breaker_open, overloaded).",
+            ["hook", "kind"],
+            registry=r,
+        )
+        self.hook_seconds = Histogram(
+            "gateway_hook_seconds",
+            "Time from sending a hook request to its answer (or its failure), by hook.",
+            ["hook"],
+            buckets=_COMMAND_BUCKETS,
+            registry=r,
+        )
+        self.hook_breaker_open = Gauge(
+            "gateway_hook_breaker_open",
+            "1 while a hook's breaker is open or probing (its backend is not called), else 0.",
+            ["hook"],
+            registry=r,
+        )
+        self.hook_in_flight = Gauge(
+            "gateway_hook_in_flight",
+            "Hook calls under way or waiting for a slot (HOOK_CONCURRENCY bounds those under way).",
+            registry=r,
+        )
 
         # Connection events (EVENTS_STREAM): gateway/events/.
         self.events_appended = Counter(

@@ -11,6 +11,7 @@ import dataclasses
 import ipaddress
 import os
 import re
+import urllib.parse
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -107,6 +108,23 @@ def _cidrs(raw: str) -> tuple[str, ...]:
     for net in networks:
         ipaddress.ip_network(net, strict=False)  # ValueError names the bad one
     return networks
+
+
+def _url(raw: str) -> str | None:
+    if not raw:
+        return None
+    parts = urllib.parse.urlsplit(raw)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"expected an http:// or https:// URL, got {raw!r}")
+    return raw
+
+
+def _header_names(raw: str) -> tuple[str, ...]:
+    names = _list(raw)
+    for name in names:
+        if not re.fullmatch(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+", name):
+            raise ValueError(f"expected header names, got {name!r}")
+    return names
 
 
 def _setting(default: Any, env: str, help: str, parse: Callable[[str], Any]) -> Any:
@@ -217,6 +235,14 @@ class Settings:
         "Keep-alive connections to CORE_URL per process (requests beyond wait for one).",
         _positive_int,
     )
+    core_connection_max_age: float = _setting(
+        60.0,
+        "CORE_CONNECTION_MAX_AGE",
+        "Seconds a gateway uses one pool of connections to CORE_URL before a fresh pool takes "
+        "new requests (the old one closes once its requests are answered), so core pods added "
+        "under steady load get their share.",
+        _positive_float,
+    )
     core_timeout: float = _setting(
         10.0,
         "CORE_TIMEOUT",
@@ -293,12 +319,111 @@ class Settings:
         "Seconds a webhook POST may take, connecting included.",
         _positive_float,
     )
+    hook_connect_url: str | None = _setting(
+        None,
+        "HOOK_CONNECT_URL",
+        "Backend asked before every new connection (socket, SSE, long-poll) is admitted; it "
+        "may admit clients without a token (docs/hooks.md). Unset: no connect hook.",
+        _url,
+    )
+    hook_subscribe_url: str | None = _setting(
+        None,
+        "HOOK_SUBSCRIBE_URL",
+        "Backend asked before a subscription to a channel of HOOK_SUBSCRIBE_CHANNELS is made.",
+        _url,
+    )
+    hook_subscribe_channels: tuple[str, ...] = _setting(
+        ("*",),
+        "HOOK_SUBSCRIBE_CHANNELS",
+        "Channel patterns whose subscriptions go through HOOK_SUBSCRIBE_URL.",
+        _list,
+    )
+    hook_publish_url: str | None = _setting(
+        None,
+        "HOOK_PUBLISH_URL",
+        "Backend asked before a client's pub on a channel of HOOK_PUBLISH_CHANNELS is published; "
+        "it may refuse it or replace its data.",
+        _url,
+    )
+    hook_publish_channels: tuple[str, ...] = _setting(
+        ("*",),
+        "HOOK_PUBLISH_CHANNELS",
+        "Channel patterns whose client publications go through HOOK_PUBLISH_URL.",
+        _list,
+    )
+    hook_call_url: str | None = _setting(
+        None,
+        "HOOK_CALL_URL",
+        "Backend that answers the call op (unset: calls fail with 110).",
+        _url,
+    )
+    hook_refresh_url: str | None = _setting(
+        None,
+        "HOOK_REFRESH_URL",
+        "Backend asked TOKEN_NOTICE seconds before a connection's identity expires, for a new "
+        "expire_at (or a disconnect).",
+        _url,
+    )
     hook_secret: str | None = _setting(
         None,
         "HOOK_SECRET",
-        "HMAC-SHA256 key signing the gateway's requests to backends (X-Gateway-Signature); "
-        "32 characters or more; required with EVENTS_WEBHOOK_URL (docs/events.md).",
+        "HMAC-SHA256 key signing every hook request and events webhook POST "
+        "(X-Gateway-Signature); at least 32 characters; required when a HOOK_*_URL or "
+        "EVENTS_WEBHOOK_URL is set.",
         _optional,
+    )
+    hook_forward_headers: tuple[str, ...] = _setting(
+        ("Cookie", "Authorization", "Origin", "User-Agent"),
+        "HOOK_FORWARD_HEADERS",
+        "Request headers of a new connection passed to the connect hook (in its JSON body).",
+        _header_names,
+    )
+    hook_timeout: float = _setting(
+        1.0,
+        "HOOK_TIMEOUT",
+        "Seconds a hook call may take, waiting for a free slot included; then its failure policy "
+        "applies.",
+        _positive_float,
+    )
+    hook_concurrency: int = _setting(
+        64,
+        "HOOK_CONCURRENCY",
+        "Hook calls in flight per process (keep-alive connections to the backends).",
+        _positive_int,
+    )
+    hook_queue: int = _setting(
+        256,
+        "HOOK_QUEUE",
+        "Hook calls per process that may wait for one of HOOK_CONCURRENCY slots (within "
+        "HOOK_TIMEOUT); more fail at once (overloaded: their failure policy applies).",
+        _non_negative_int,
+    )
+    hook_breaker_failures: int = _setting(
+        5,
+        "HOOK_BREAKER_FAILURES",
+        "Failures in a row (no answer in time, unreachable, not 200, a bad answer) after which a "
+        "hook is not called for HOOK_BREAKER_SECONDS (its failure policy applies at once).",
+        _positive_int,
+    )
+    hook_breaker_seconds: float = _setting(
+        5.0,
+        "HOOK_BREAKER_SECONDS",
+        "Seconds a hook's breaker stays open before one call probes its backend again.",
+        _positive_float,
+    )
+    hook_subscribe_fail_open: bool = _setting(
+        False,
+        "HOOK_SUBSCRIBE_FAIL_OPEN",
+        "When the subscribe hook fails (no answer, breaker open), subscribe anyway "
+        "(default: refuse with 110).",
+        _bool,
+    )
+    hook_publish_fail_open: bool = _setting(
+        False,
+        "HOOK_PUBLISH_FAIL_OPEN",
+        "When the publish hook fails, publish the client's data unchanged (default: refuse with "
+        "110).",
+        _bool,
     )
     max_body_bytes: int = _setting(
         1048576, "MAX_BODY_BYTES", "Largest REST request body (larger: 413).", _positive_int
@@ -627,6 +752,22 @@ class Settings:
             raise SettingsError(
                 "EVENTS_WEBHOOK_URL: needs HOOK_SECRET (32 characters or more) to sign its requests"
             )
+        if self.hook_urls() and (self.hook_secret is None or len(self.hook_secret) < 32):
+            raise SettingsError(
+                "HOOK_SECRET: hook requests are signed: set it (32 characters or more) "
+                "with any HOOK_*_URL"
+            )
+
+    def hook_urls(self) -> dict[str, str]:
+        """The configured hooks' URLs, by hook name (``connect``, ``subscribe``, …)."""
+        urls = {
+            "connect": self.hook_connect_url,
+            "subscribe": self.hook_subscribe_url,
+            "publish": self.hook_publish_url,
+            "call": self.hook_call_url,
+            "refresh": self.hook_refresh_url,
+        }
+        return {name: url for name, url in urls.items() if url}
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:

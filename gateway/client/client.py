@@ -13,6 +13,7 @@ from gateway.client.exceptions import ReplyError
 from gateway.client.link import Connection, position_of
 from gateway.client.subscription import Publication, Subscription
 from proto import (
+    Call,
     ErrorCode,
     History,
     Ping,
@@ -114,6 +115,20 @@ class Client(Connection):
             )
         value = None if not reply.body else self.encoding.value(reply.body)
         return RpcResponse(reply.status or 0, reply.headers or {}, value)
+
+    async def call(self, method: str, data: Any = None) -> Any:
+        """Ask the application's backend (the gateway's call hook): its answer's data.
+
+        ``data`` None sends none; the answer is None when the backend gave no
+        data. Raises `ReplyError` when the backend refuses (its own code, e.g.
+        404) or does not answer (110, temporary).
+        """
+        if data is None:  # the default itself, which the encoder leaves out
+            reply = await self._request(lambda id: Call(id=id, method=method))
+        else:
+            raw = self.encoding.raw(data)
+            reply = await self._request(lambda id: Call(id=id, method=method, data=raw))
+        return self.encoding.value(reply.data) if reply.data else None
 
     async def presence(self, channel: str) -> list[PresenceInfo]:
         """Who is subscribed to ``channel`` (a presence channel), on every gateway process."""

@@ -38,10 +38,12 @@ class _Reply(Reply, frozen=True, omit_defaults=True):
     """proto's `Reply` as a client decodes it.
 
     msgspec decodes a ``Raw | None`` field from ``null`` only, so ``body``
-    is a plain ``Raw`` here, empty when absent (204/304 and non-rpc replies).
+    and ``data`` are plain ``Raw`` here, empty when absent (204/304 and
+    non-rpc replies; replies without a backend's data).
     """
 
     body: msgspec.Raw = msgspec.Raw()
+    data: msgspec.Raw = msgspec.Raw()
 
 
 class RpcCommand(Rpc, frozen=True, omit_defaults=True):

@@ -13,7 +13,6 @@ from gateway.events.schema import (
     Unsubscribe,
     json_schema,
 )
-from gateway.events.signing import signed_headers
 from gateway.events.webhook import Webhook
 
 __all__ = [
@@ -29,5 +28,4 @@ __all__ = [
     "json_schema",
     "node_name",
     "reason_for",
-    "signed_headers",
 ]

@@ -3,12 +3,13 @@
 The recorder offers each batch it appended to the stream; they wait in one
 bounded queue (``queue`` events; more are dropped, counted and logged) and
 one task sends them in order, ``batch`` at a time, as
-``{"events": [...]}``, signed with HOOK_SECRET (`signing`). A POST that
-gets no 2xx answer within ``timeout`` seconds is sent again, the same
-bytes with a fresh signature, after a jittered backoff, up to ``retries``
-times; then its events are dropped and counted. Redirects are not
-followed. The stream is the durable copy; the webhook is at least once
-while the gateway runs and the backend answers within the retries.
+``{"events": [...]}``, signed with HOOK_SECRET as the hooks' requests are
+(`gateway.hooks.signature`). A POST that gets no 2xx answer within
+``timeout`` seconds is sent again, the same bytes with a fresh signature,
+after a jittered backoff, up to ``retries`` times; then its events are
+dropped and counted. Redirects are not followed. The stream is the durable
+copy; the webhook is at least once while the gateway runs and the backend
+answers within the retries.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import aiohttp
 from core.infra.backoff import Backoff
 from core.infra.metrics import Metrics
 from core.infra.throttled import ThrottledLog
-from gateway.events.signing import signed_headers
+from gateway.hooks.signature import signed_headers
 
 __all__ = ["Webhook"]
 

@@ -19,15 +19,18 @@
  *   await sub.ready;                           // the server's reply to the first `sub`
  *   await gw.publish("room:1", { text: "hi" });
  *   const { status, headers, body } = await gw.rpc("GET", "/api/projects?limit=5");
+ *   const answer = await gw.call("orders.quote", { items: 3 });  // the call hook's data
  *   await gw.presence("room:1");               // [{user, client, info?}, …]
  *   await gw.presenceStats("room:1");          // {numClients, numUsers}
  *   await gw.history("projects", { since: 40, limit: 20 });  // {offset, epoch, publications}
  *   sub.unsubscribe();
  *   gw.disconnect();
  *
- * Options (all optional but a token or getToken):
+ * Options (all optional but a token, getToken or tokenless):
  *
  *   token          a fixed access token
+ *   tokenless      true: connect without any token, the gateway's connect hook
+ *                  admitting the browser by its cookies (docs/hooks.md)
  *   getToken       async ({reason}) => token; called before every (re)connect
  *                  (reason "connect", or "expired" after close 4002) and when
  *                  the server pushes `expiring` (reason "expiring": return a
@@ -63,8 +66,12 @@
  *   transport in use).
  * - Transports: WebSocket carries everything. SSE (EventSource, the token in
  *   the query) receives; publish and rpc then go over HTTP (POST
- *   /api/publish, fetch /api/…), and presence and history are "unsupported".
+ *   /api/publish, fetch /api/…), and presence, history and call are
+ *   "unsupported".
  *   Long-poll carries everything over plain HTTP.
+ * - Publications on channels the server subscribed the connection to (the
+ *   connect hook's `subscribe`) have no Subscription: they are emitted as
+ *   "publication" events ({ch, data, offset, epoch}).
  * - MessagePack: a small encoder/decoder is built in (msgpackEncode,
  *   msgpackDecode): nil, booleans, integers (64-bit beyond 2^53 as BigInt),
  *   floats, strings, binary (Uint8Array), arrays and maps; no extension types.
@@ -281,9 +288,10 @@ function reachable(urls) {
   return fetch(`${urls.http}/healthz`, { cache: "no-store" }).then((r) => r.ok, () => false);
 }
 
-/** fetch() with the token, and a JSON body when there is one. */
+/** fetch() with the token (if any: else the browser's cookies), and a JSON body when there is one. */
 function send(url, token, method, body, { headers = {}, signal } = {}) {
-  const init = { method, cache: "no-store", signal, headers: { ...headers, Authorization: `Bearer ${token}` } };
+  const init = { method, cache: "no-store", signal, headers: { ...headers } };
+  if (token) init.headers.Authorization = `Bearer ${token}`;
   if (body !== undefined) {
     init.body = JSON.stringify(body);
     init.headers["Content-Type"] = "application/json";
@@ -299,8 +307,8 @@ class WebSocketTransport {
   }
 
   open() {
-    const ws = (this.ws = new WebSocket(`${this.urls.ws}?token=${encodeURIComponent(this.token)}`,
-                                        [this.codec.subprotocol]));
+    const query = this.token ? `?token=${encodeURIComponent(this.token)}` : "";
+    const ws = (this.ws = new WebSocket(`${this.urls.ws}${query}`, [this.codec.subprotocol]));
     ws.binaryType = "arraybuffer";
     ws.onopen = () => this.sink.open();
     ws.onmessage = (event) => this.sink.frame(this.codec.decode(event.data));
@@ -390,7 +398,7 @@ class SSETransport {
     this.order = [...this.channels.keys()];
     const positions = {};
     for (const [ch, since] of this.channels) if (since) positions[ch] = [since.offset, since.epoch];
-    const query = new URLSearchParams({ token: this.token });
+    const query = new URLSearchParams(this.token ? { token: this.token } : {});
     for (const ch of this.order) query.append("ch", ch);
     if (Object.keys(positions).length) {
       // The gateway's Last-Event-ID format (gateway/transport/sse.py): base64url JSON.
@@ -407,7 +415,10 @@ class SSETransport {
         this.sink.frame(push);
       });
     }
-    es.addEventListener("close", (event) => this.fail(JSON.parse(event.data).code, "closed by the gateway"));
+    es.addEventListener("close", (event) => {
+      const { code, reason } = JSON.parse(event.data);
+      this.fail(code, reason ?? "closed by the gateway");
+    });
     // EventSource would reconnect by itself; the Gateway does it instead, with backoff.
     es.onerror = () => this.fail(1006, "event stream lost");
   }
@@ -467,9 +478,11 @@ class LongPollTransport {
   async open() {
     try {
       const r = await this.call("POST", "/lp");
+      if (r.status === 410 && r.body.close) return this.fail(r.body.close.code, r.body.close.reason ?? "");
       if (r.status !== 201) return this.fail(1006, `long-poll session refused: HTTP ${r.status}`);
       this.sid = r.body.session;
       this.cursor = r.body.cursor;
+      if (r.body.token) this.token = r.body.token; // the session's own secret (admitted by cookie)
     } catch (err) {
       return this.fail(1006, String(err));
     }
@@ -580,7 +593,8 @@ export class Gateway {
   // -- Events --------------------------------------------------------------------
 
   /** Calls fn on "state" (state, info), "recovered" ({ch, recovered}), "unsubscribed"
-   *  ({ch, code, message}), "error" (error). Returns a function that removes it. */
+   *  ({ch, code, message}), "publication" ({ch, data, offset, epoch}: a channel the
+   *  server subscribed this connection to), "error" (error). Returns a function that removes it. */
   on(event, fn) {
     if (!this.listeners.has(event)) this.listeners.set(event, new Set());
     this.listeners.get(event).add(fn);
@@ -588,10 +602,10 @@ export class Gateway {
   }
 
   emit(event, ...args) {
-    for (const fn of [...(this.listeners.get(event) ?? [])]) this.call(fn, ...args);
+    for (const fn of [...(this.listeners.get(event) ?? [])]) this.invoke(fn, ...args);
   }
 
-  call(fn, ...args) {
+  invoke(fn, ...args) {
     // A throwing handler must not break the frame loop.
     try {
       fn?.(...args);
@@ -641,7 +655,8 @@ export class Gateway {
   }
 
   async token(reason) {
-    const { getToken, token } = this.options;
+    const { getToken, token, tokenless } = this.options;
+    if (tokenless) return null; // the browser's cookies go with every request instead
     const value = getToken ? await getToken({ reason }) : token;
     if (!value) throw new GatewayError("unauthorized", "no token: give token or getToken");
     return value;
@@ -788,9 +803,12 @@ export class Gateway {
     }
     const sub = this.subscriptions.get(frame.ch);
     switch (frame.op) {
-      case "msg": if (sub) this.deliver(sub, frame); break;
-      case "join": if (sub) this.call(sub.handlers.onJoin, frame.info); break;
-      case "leave": if (sub) this.call(sub.handlers.onLeave, frame.info); break;
+      case "msg":
+        if (sub) this.deliver(sub, frame);
+        else this.emit("publication", { ch: frame.ch, data: frame.data, offset: frame.offset, epoch: frame.epoch });
+        break;
+      case "join": if (sub) this.invoke(sub.handlers.onJoin, frame.info); break;
+      case "leave": if (sub) this.invoke(sub.handlers.onLeave, frame.info); break;
       case "gap": if (sub) this.repairGap(sub); break;
       case "expiring": this.refresh(); break;
       case "unsubscribed":
@@ -808,7 +826,7 @@ export class Gateway {
       if (seen && seen.epoch === epoch && offset <= seen.offset) return; // already delivered
       sub.position = { offset, epoch };
     }
-    this.call(sub.handlers.onMessage, data, { ch, offset, epoch });
+    this.invoke(sub.handlers.onMessage, data, { ch, offset, epoch });
   }
 
   async refresh() {
@@ -876,14 +894,14 @@ export class Gateway {
   }
 
   recovered(sub, recovered) {
-    this.call(sub.handlers.onRecovered, recovered);
+    this.invoke(sub.handlers.onRecovered, recovered);
     this.emit("recovered", { ch: sub.channel, recovered });
   }
 
   drop(sub, err) {
     this.subscriptions.delete(sub.channel);
     sub.settle.reject(err);
-    this.call(sub.handlers.onError, err);
+    this.invoke(sub.handlers.onError, err);
     this.emit("unsubscribed", { ch: sub.channel, code: err.code, message: err.message });
   }
 
@@ -898,7 +916,7 @@ export class Gateway {
   async repairGap(sub) {
     // Publications may have been missed (the gateway lost Redis for a while):
     // fetch them from history, holding live pushes back until done.
-    this.call(sub.handlers.onGap);
+    this.invoke(sub.handlers.onGap);
     if (sub.held) return;
     let recovered = false;
     sub.held = [];
@@ -924,7 +942,7 @@ export class Gateway {
       for (const { offset: at, data } of publications) {
         if (at <= sub.position.offset) continue;
         sub.position = { offset: at, epoch };
-        this.call(sub.handlers.onMessage, data, { ch: sub.channel, offset: at, epoch });
+        this.invoke(sub.handlers.onMessage, data, { ch: sub.channel, offset: at, epoch });
       }
       if (sub.position.offset >= offset || publications.length === 0) return true;
     }
@@ -943,6 +961,13 @@ export class Gateway {
     if (headers) frame.headers = headers;
     const reply = await this.request(frame);
     return { status: reply.status, headers: reply.headers ?? {}, body: reply.body };
+  }
+
+  /** The application's backend answers (the call hook): its data, or a GatewayError. */
+  async call(method, data) {
+    const frame = { op: "call", method };
+    if (data !== undefined) frame.data = data;
+    return (await this.request(frame)).data;
   }
 
   async presence(ch) {

@@ -2,6 +2,9 @@
 
 Refused while draining (503), over ``RATE_CONNECT_IP`` (429), or without a
 valid token (401), each with the JSON error body; otherwise the identity.
+With a connect hook (gateway/hooks/connect.py), a new connection without
+any token goes on to the hook (`admit_request` answers None), and every new
+connection is then admitted by the hook (`admit_hooked`).
 """
 
 from __future__ import annotations
@@ -16,16 +19,21 @@ from core.infra.errors import ApiError, TooManyRequests
 from core.infra.identity import AuthError, Identity, token_from_header
 from core.infra.ratelimit import over_limit
 from gateway.context import Context
+from gateway.hooks.connect import admit as hook_admit
+from gateway.hooks.connect import new_client_id
+from proto import JSON_CODEC
 
-__all__ = ["admit", "admit_request"]
+__all__ = ["admit", "admit_hooked", "admit_hooked_request", "admit_request", "hooked_admission"]
 
 log = logging.getLogger("gateway.admission")
 
 
 async def admit(
     handler: tornado.web.RequestHandler, ctx: Context, *, new_connection: bool = True
-) -> Identity:
+) -> Identity | None:
     """The caller's identity, or an `ApiError` to answer the request with.
+
+    None: a new connection without a token, for the connect hook to admit.
 
     ``new_connection``: counts against ``RATE_CONNECT_IP`` (a long-poll's later
     requests belong to a connection already admitted).
@@ -36,6 +44,21 @@ async def admit(
                                new_connection=new_connection)  # fmt: skip
 
 
+async def admit_hooked_request(
+    handler: tornado.web.RequestHandler, ctx: Context, identity: Identity | None, transport: str
+) -> Identity:
+    """`admit_hooked` for a JSON transport served by a RequestHandler (SSE, long-poll)."""
+    request = handler.request
+    return await admit_hooked(
+        ctx,
+        identity,
+        transport=transport,
+        protocol=JSON_CODEC.name,
+        remote_ip=request.remote_ip or "",
+        headers=request.headers,
+    )
+
+
 async def admit_request(
     ctx: Context,
     remote_ip: str,
@@ -43,7 +66,7 @@ async def admit_request(
     query_token: str | None,
     *,
     new_connection: bool = True,
-) -> Identity:
+) -> Identity | None:
     """`admit` from the request's parts, for delegates without a RequestHandler."""
     if ctx.status.draining:
         raise ApiError(
@@ -57,9 +80,42 @@ async def admit_request(
     token = token_from_header(headers.get("Authorization"))
     if token is None:
         token = query_token
+    if not token and new_connection and hooked_admission(ctx):
+        return None  # the connect hook may admit it (by its cookies, say)
     try:
         return ctx.verifier.verify(token or "")
     except AuthError as exc:
         ctx.metrics.handshake_failures.labels(exc.reason).inc()
         log.info("connection refused from %s: %s", remote_ip, exc.reason)
         raise ApiError(401, "unauthorized", exc.message) from None
+
+
+def hooked_admission(ctx: Context) -> bool:
+    """Whether new connections go through the connect hook."""
+    return ctx.hooks is not None and ctx.hooks.connect is not None
+
+
+async def admit_hooked(
+    ctx: Context,
+    identity: Identity | None,
+    *,
+    transport: str,
+    protocol: str,
+    remote_ip: str,
+    headers: HTTPHeaders,
+) -> Identity:
+    """The identity the connect hook admits a new connection as (`ApiError` if refused).
+
+    Raises `gateway.hooks.connect.Disconnected` when the hook ends the connection at once.
+    """
+    assert ctx.hooks is not None
+    return await hook_admit(
+        ctx.hooks,
+        identity,
+        client=new_client_id(),
+        transport=transport,
+        protocol=protocol,
+        remote_ip=remote_ip,
+        headers=headers,
+        metrics=ctx.metrics,
+    )

@@ -30,18 +30,24 @@ messages still unacknowledged.
 from __future__ import annotations
 
 import secrets
+import time
 
 import msgspec
 
 from core.infra.errors import ApiError
+from core.infra.identity import Identity
 from gateway.context import Context
 from gateway.endpoints import JsonHandler
-from gateway.session import Session
-from gateway.transport.admission import admit
+from gateway.hooks.connect import Disconnected, hooked
+from gateway.transport.admission import admit, admit_hooked_request
+from gateway.transport.pollrequest import token_of
 from gateway.transport.pollsessions import PollSession
 from proto import JSON_CODEC, Connection
 
-__all__ = ["LongPollHandler"]
+__all__ = ["SESSION_SECRET_PREFIX", "LongPollHandler"]
+
+#: Starts the secret of a session admitted without a token (by the connect hook).
+SESSION_SECRET_PREFIX = "gwlp_"
 
 _frames = msgspec.json.Decoder(list[msgspec.Raw])
 
@@ -58,12 +64,49 @@ class LongPollHandler(JsonHandler):
 
     async def prepare(self) -> None:
         # Making a session is a new connection; its polls and sends are not.
-        is_new = self.request.method == "POST" and self.path_args == []
-        self.identity = await admit(self, self.ctx, new_connection=is_new)
+        ctx, request = self.ctx, self.request
+        self.goodbye: Disconnected | None = None
+        self.secret: str | None = None
+        is_new = request.method == "POST" and self.path_args == []
+        if not is_new and ctx.hooks is not None:
+            known = self._known()
+            if known is not None:
+                self.identity = known
+                return
+        identity = await admit(self, ctx, new_connection=is_new)
+        if is_new and ctx.hooks is not None and ctx.hooks.connect is not None:
+            try:
+                identity = await admit_hooked_request(self, ctx, identity, PollSession.kind)
+            except Disconnected as goodbye:
+                self.goodbye = goodbye
+                return
+            if identity.token is None:
+                # Admitted without a token (by its cookies): the session's own secret
+                # authenticates its later requests, as a token would.
+                self.secret = SESSION_SECRET_PREFIX + secrets.token_urlsafe(32)
+        assert identity is not None  # without a connect hook, a token is required
+        self.identity = identity
+
+    def _known(self) -> Identity | None:
+        """The identity of a hooked session whose secret (or token) the request carries."""
+        if self.ctx.status.draining:
+            return None  # answered 503 by admission
+        found = self.ctx.longpoll.find(self.path_args[0]) if self.path_args else None
+        token = token_of(self.request.headers.get("Authorization"), self.request.query)
+        if found is None or not token.startswith(SESSION_SECRET_PREFIX):
+            return None
+        if not found[1].holds(token, time.time(), self.ctx.verifier.revoked):
+            return None
+        return found[1].identity
 
     async def post(self, sid: str | None = None) -> None:
         ctx = self.ctx
         sessions = ctx.longpoll
+        if sid is None and self.goodbye is not None:
+            # The connect hook's disconnect: the session ends as it starts, as a closed one answers.
+            close = {"code": self.goodbye.code, "reason": self.goodbye.reason}
+            self.write_json({"messages": [], "cursor": 0, "close": close}, 410)
+            return
         if sid is None:
             refusal = sessions.refusal(self.identity.sub)
             if refusal == "user":
@@ -80,13 +123,30 @@ class LongPollHandler(JsonHandler):
             s = ctx.settings
             conn = Connection(JSON_CODEC, self.identity.grants, max_subscriptions=s.max_subscriptions,
                               max_publish_bytes=s.max_publish_bytes)  # fmt: skip
-            poll.session = Session(poll, conn, self.identity, ctx.node, ctx.metrics,
-                                   ctx.core.dispatch, ctx.verifier.verify,
-                                   commands=s.rate_socket_commands, publishes=s.rate_socket_publish,
-                                   remote_ip=self.request.remote_ip or "")  # fmt: skip
+            poll.session = ctx.new_session(
+                poll,
+                conn,
+                self.identity,
+                ctx.node,
+                ctx.metrics,
+                ctx.core.dispatch,
+                ctx.verifier.verify,
+                commands=s.rate_socket_commands,
+                publishes=s.rate_socket_publish,
+                remote_ip=self.request.remote_ip or "",
+            )
             poll.session.open()
             sessions.add(self.identity.sub, poll)
-            self.write_json({"session": poll.sid, "cursor": 0}, 201)
+            opened: dict[str, object] = {"session": poll.sid, "cursor": 0}
+            if self.secret is not None:
+                # Never expires by itself: the session closes when its identity does.
+                client = poll.session.client_id
+                poll.remember(self.secret, hooked(self.identity, client, keep_exp=False))
+                opened["token"] = self.secret
+            boot = poll.session.boot()
+            if boot is not None:
+                await boot
+            self.write_json(opened, 201)
             return
         poll = _session(sessions.get(sid, self.identity.sub))
         if poll.closed is not None or poll.session is None:

@@ -86,7 +86,8 @@ class PollSession:
         self.size = 0
         self.limit_bytes = limit_bytes
         self.seq = 0
-        self.closed: CloseCode | None = None
+        #: The close code, once closed (a `CloseCode`, or a hook backend's own).
+        self.closed: int | None = None
         self.last_poll = time.monotonic()
         self.on_close: Callable[[], None] | None = None
         #: The token of the last request whose signature was checked, and its identity.
@@ -104,11 +105,11 @@ class PollSession:
     def deliver(self, prepared: Prepared, codec: Codec) -> None:
         self._queue(prepared.payload(JSON_CODEC))
 
-    def disconnect(self, code: CloseCode) -> None:
+    def disconnect(self, code: int, reason: str | None = None) -> None:
         if self.closed is None:
             self.closed = code
             if self.session is not None:
-                self.session.closed(int(code))
+                self.session.closed(int(code), reason or "")
             if self.on_close is not None:
                 self.on_close()
             self._release()

@@ -38,9 +38,10 @@ from core.errormap import JsonErrors
 from core.infra.errors import ApiError
 from core.infra.identity import Identity
 from gateway.context import Context
+from gateway.hooks.connect import Disconnected
 from gateway.hub import Prepared
 from gateway.session import Session
-from gateway.transport.admission import admit
+from gateway.transport.admission import admit, admit_hooked_request
 from proto import JSON_CODEC, CloseCode, Codec, Connection
 
 __all__ = ["SSEHandler", "decode_positions", "encode_positions"]
@@ -83,18 +84,31 @@ class SSEHandler(JsonErrors):
         self._ended: asyncio.Event = asyncio.Event()
         self._session: Session | None = None
         self._refused = False  # a subscription failed with a temporary error
-        self._code = 1006  # the close code sent, once one was (1006: the client went away)
+        self._goodbye: Disconnected | None = None
+        #: The close code and reason sent, once one was (1006: the client went away).
+        self._code, self._reason = 1006, ""
 
     async def prepare(self) -> None:
-        self._identity = await admit(self, self.ctx)
+        ctx = self.ctx
+        identity = await admit(self, ctx)
+        if ctx.hooks is not None and ctx.hooks.connect is not None:
+            self._channels()  # a request the gateway refuses is not the backend's to see
+            try:
+                identity = await admit_hooked_request(self, ctx, identity, self.kind)
+            except Disconnected as goodbye:
+                self._goodbye = goodbye
+        self._identity = identity
+
+    def _channels(self) -> list[str]:
+        channels = list(dict.fromkeys(self.get_query_arguments("ch")))
+        if not 1 <= len(channels) <= self.ctx.settings.max_subscriptions:
+            limit = self.ctx.settings.max_subscriptions
+            raise ApiError(400, "bad_request", f"give 1 to {limit} channels as ?ch=")
+        return channels
 
     async def get(self) -> None:
         ctx, identity = self.ctx, self._identity
-        assert identity is not None
-        channels = list(dict.fromkeys(self.get_query_arguments("ch")))
-        if not 1 <= len(channels) <= ctx.settings.max_subscriptions:
-            limit = ctx.settings.max_subscriptions
-            raise ApiError(400, "bad_request", f"give 1 to {limit} channels as ?ch=")
+        channels = self._channels()
         last = self.request.headers.get("Last-Event-ID") or self.get_query_argument(
             "last_event_id", None
         )
@@ -107,11 +121,20 @@ class SSEHandler(JsonErrors):
         if stream is not None:
             stream.max_write_buffer_size = ctx.settings.send_buffer_bytes
         self.flush()
+        if self._goodbye is not None:  # the connect hook's disconnect: the stream's only event
+            self.disconnect(self._goodbye.code, self._goodbye.reason)
+            return
+        assert identity is not None  # without a connect hook, a token is required
         limit = ctx.settings.max_subscriptions
         conn = Connection(JSON_CODEC, identity.grants, max_subscriptions=limit)
-        session = self._session = Session(self, conn, identity, ctx.node, ctx.metrics)
+        session = self._session = ctx.new_session(self, conn, identity, ctx.node, ctx.metrics)
         session.open()
         try:
+            boot = session.boot()
+            if boot is not None:
+                await boot
+                if self._ended.is_set():  # its server-side subscriptions failed (4004)
+                    return
             for n, ch in enumerate(channels, 1):
                 frame: dict[str, object] = {"id": n, "op": "sub", "ch": ch}
                 if ch in self._positions:
@@ -124,7 +147,7 @@ class SSEHandler(JsonErrors):
                 self.disconnect(CloseCode.UNAVAILABLE)
             await self._ended.wait()
         finally:
-            session.closed(self._code)
+            session.closed(self._code, self._reason)
 
     def on_connection_close(self) -> None:
         self._ended.set()
@@ -145,10 +168,11 @@ class SSEHandler(JsonErrors):
             event_id = encode_positions(self._positions)
         self._event("msg", prepared.payload(JSON_CODEC), event_id)
 
-    def disconnect(self, code: CloseCode) -> None:
-        self._event("close", b'{"code":%d}' % int(code))
+    def disconnect(self, code: int, reason: str | None = None) -> None:
+        event = {"code": int(code)} if reason is None else {"code": int(code), "reason": reason}
+        self._event("close", msgspec.json.encode(event))
         if not self._ended.is_set():
-            self._code = int(code)
+            self._code, self._reason = int(code), reason or ""
         self._ended.set()
 
     def heartbeat(self, now: float, dead_after: float) -> None:

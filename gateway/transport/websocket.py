@@ -43,11 +43,13 @@ from core.infra.identity import Identity
 from core.infra.logs import redact
 from core.infra.tasks import TaskSet
 from gateway.context import Context
+from gateway.hooks.connect import Disconnected
 from gateway.session import Session
-from gateway.transport.admission import admit_request
+from gateway.transport.admission import admit_hooked, admit_request
 from gateway.transport.delegate import BodylessRequest
 from gateway.transport.wsconn import WSConnection
 from proto import Codec, Connection, select_codec
+from proto.wsprotocol import WebSocketProtocol
 
 __all__ = ["WebSocketServer", "accept_value"]
 
@@ -100,6 +102,21 @@ class _Upgrade(BodylessRequest):
             token = parse_qs(query).get("token", [None])[0] if query else None
             identity = await admit_request(ctx, remote_ip, headers, token)
             codec, response = _handshake(ctx, start, headers)
+            if ctx.hooks is not None and ctx.hooks.connect is not None:
+                # After every check of its own: the backend is asked only about
+                # requests the gateway would admit.
+                identity = await admit_hooked(
+                    ctx,
+                    identity,
+                    transport="websocket",
+                    protocol=codec.name,
+                    remote_ip=remote_ip,
+                    headers=headers,
+                )
+            assert identity is not None  # without a connect hook, a token is required
+        except Disconnected as goodbye:
+            self._goodbye(response, goodbye)
+            return
         except ApiError as exc:
             self._refuse(exc)
             return
@@ -117,9 +134,18 @@ class _Upgrade(BodylessRequest):
         def make_session(ws: WSConnection) -> Session:
             conn = Connection(codec, identity.grants, max_subscriptions=settings.max_subscriptions,
                               max_publish_bytes=settings.max_publish_bytes)  # fmt: skip
-            return Session(ws, conn, identity, ctx.node, ctx.metrics, ctx.core.dispatch,
-                           ctx.verifier.verify, commands=settings.rate_socket_commands,
-                           publishes=settings.rate_socket_publish, remote_ip=remote_ip)  # fmt: skip
+            return ctx.new_session(
+                ws,
+                conn,
+                identity,
+                ctx.node,
+                ctx.metrics,
+                ctx.core.dispatch,
+                ctx.verifier.verify,
+                commands=settings.rate_socket_commands,
+                publishes=settings.rate_socket_publish,
+                remote_ip=remote_ip,
+            )
 
         assert isinstance(self._conn, HTTP1Connection)
         stream = self._conn.detach()
@@ -147,6 +173,15 @@ class _Upgrade(BodylessRequest):
             log.info("socket lost during the handshake: %s", exc)
             return
         transport.set_write_buffer_limits(high=settings.send_buffer_bytes)
+
+    def _goodbye(self, response: bytes, goodbye: Disconnected) -> None:
+        """The connect hook's ``disconnect``: the upgrade, then at once its close frame."""
+        assert isinstance(self._conn, HTTP1Connection)
+        stream = self._conn.detach()
+        if not stream.closed():
+            close = WebSocketProtocol(125).close(goodbye.code, goodbye.reason)
+            stream.write(response + close).add_done_callback(lambda _: stream.close())
+        log.info("socket closed at once by the connect hook: %d", goodbye.code)
 
     def _refuse(self, exc: ApiError) -> None:
         # A refused upgrade ends the connection, as python-websockets does:

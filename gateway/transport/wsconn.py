@@ -40,7 +40,7 @@ import socket
 import struct
 import termios
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Any, ClassVar
 
 from prometheus_client import Histogram
@@ -265,6 +265,10 @@ class WSConnection(asyncio.Protocol):
         self.session = session = self._make_session(self)
         session.open()
         log.info("socket open", extra={"conn": session.client_id, "user": session.identity.sub})
+        boot = session.boot()
+        if boot is not None:  # the client's frames wait in the inbox until it is done
+            self._running = True
+            _RUNNING.spawn(self._boot(boot))
         if self._early:
             early, self._early = self._early, b""
             self.data_received(early)
@@ -381,6 +385,22 @@ class WSConnection(asyncio.Protocol):
         self._running = True
         _RUNNING.spawn(self._run(payload))
 
+    async def _boot(self, boot: Coroutine[Any, Any, None]) -> None:
+        """Run the session's opening work, then the frames that came meanwhile."""
+        try:
+            await boot
+        except Exception:
+            log.exception("opening a socket's session failed")
+        inbox = self._inbox
+        if inbox and not self._closing and self.session is not None:
+            if len(inbox) == MAX_INBOX and self.transport is not None:
+                self.transport.resume_reading()
+            await self._run(inbox.popleft())
+            return
+        self._running = False
+        if self._end is not None:  # the connection failed while its session was opening
+            self._hang_up()
+
     async def _run(self, payload: bytes) -> None:
         """Run this connection's commands in order until none is waiting."""
         try:
@@ -405,8 +425,8 @@ class WSConnection(asyncio.Protocol):
     def deliver(self, prepared: Prepared, codec: Codec) -> None:
         self._write(prepared.ws_frame(codec))
 
-    def disconnect(self, code: CloseCode) -> None:
-        self._close(int(code), close_reason(code))
+    def disconnect(self, code: int, reason: str | None = None) -> None:
+        self._close(int(code), close_reason(CloseCode(code)) if reason is None else reason)
 
     def heartbeat(self, now: float, dead_after: float) -> None:
         if self._closing or self.transport is None or self._end is not None:

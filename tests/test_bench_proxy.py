@@ -1,0 +1,36 @@
+"""bench/proxy.py runs end to end, so that it cannot rot.
+
+One round of one-second runs of every part, on the test database and Redis.
+No figure is checked against a bound: timed assertions flake on a shared
+machine (docs/performance.md). What is checked is that every process
+started, every request of every run succeeded (the bench exits 1 when one
+failed) and the report holds its three tables.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.servers import UNIT
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.skipif(
+    shutil.which("wrk") is None, reason="wrk is not installed (apt-get install wrk)"
+)
+def test_the_proxy_bench_runs_every_part(clean_db, redis_url):
+    argv = [sys.executable, "-m", "bench.proxy", "--duration", "1", "--warmup", "0"]
+    argv += ["--rounds", "1", "--connections", "2", "--endpoints", "GET"]
+    argv += ["--database-url", clean_db["database_url"], "--schema", clean_db["database_schema"]]
+    argv += ["--redis-url", redis_url]
+    done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=300 * UNIT)
+    assert done.returncode == 0, done.stdout + done.stderr
+    for table in ("1. REST: straight to the core", "2. Socket rpc", "3. REST through one gateway"):
+        assert table in done.stdout
+    assert "INVALID" not in done.stderr
