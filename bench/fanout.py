@@ -8,6 +8,10 @@ CPU 1; Redis is not pinned. The servers are:
 * ``tornado``: ``bench/peers/tornado_broadcast.py``, the chat demo's loop;
 * ``fastapi``: ``bench/peers/fastapi_broadcast.py``, the docs' ConnectionManager.
 
+and, when asked for (``--servers gateway,gateway-events``), ``gateway-events``:
+the gateway with ``EVENTS_STREAM=true`` (docs/events.md), to compare with
+the same gateway without it.
+
 Scenarios (the issue's targets in brackets):
 
 * ``hold``: 19,500 sockets, each authenticated and subscribed; server memory
@@ -56,6 +60,8 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 JWT_SECRET = "bench-fanout-fixed-secret-0123456789abcdef"
 SERVERS = ("gateway", "tornado", "fastapi")
+#: Gateways with settings of their own, by name (not run unless named in --servers).
+VARIANTS = {"gateway-events": {"EVENTS_STREAM": "true"}}
 
 
 @dataclass(frozen=True)
@@ -90,7 +96,8 @@ def _command(
 ) -> tuple[list[str], dict[str, str]]:
     env = {**os.environ, "JWT_SECRET": JWT_SECRET, "PYTHONUNBUFFERED": "1",
            "REDIS_URL": os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")}  # fmt: skip
-    if server == "gateway":
+    if server == "gateway" or server in VARIANTS:
+        env.update(VARIANTS.get(server, {}))
         env.update(PORT=str(port), HOST="127.0.0.1", WORKERS="1", RATE_CONNECT_IP="off",
                    MAX_PENDING_PER_IP="1000000",  # the load tool is one address
                    LOG_LEVEL="warning",
@@ -111,7 +118,7 @@ def _server(
         proc = subprocess.Popen(_pin(0) + argv, cwd=ROOT, env=env, stdout=out, stderr=out)
     try:
         deadline = time.monotonic() + 60
-        path = "/readyz" if server == "gateway" else "/healthz"
+        path = "/readyz" if server.startswith("gateway") else "/healthz"
         while True:
             if proc.poll() is not None:
                 raise RuntimeError(f"{server} exited; see {log}")

@@ -23,6 +23,7 @@ from core.infra.history import HistoryPolicy, HistoryPublisher
 from core.infra.metrics import Metrics
 from core.infra.tasks import TaskSet
 from core.infra.throttled import ThrottledLog
+from gateway.events import EventRecorder
 from gateway.hub import Hub, Member
 from gateway.presence import Presence, decode_change
 from proto import InvalidData, Join, Leave, PresenceInfo
@@ -89,12 +90,19 @@ class Node:
         self._was_down = False
         #: Called with each message on the control channel (revocations).
         self.on_control: Callable[[control.ControlMessage], None] | None = None
+        #: Records connection events (EVENTS_STREAM); None when off.
+        self.events: EventRecorder | None = None
 
     async def start(self) -> None:
         await self.broker.start(self._on_publication, self._on_state)
         log.info("using the %s", self.broker.description)
+        if self.events is not None:
+            await self.events.start()
+            log.info("connection events on, as node %s", self.events.node)
 
     async def close(self) -> None:
+        if self.events is not None:
+            await self.events.close()
         await self._tasks.cancel()
         await self.presence.close()
         await self.broker.close()
@@ -169,7 +177,10 @@ class Node:
             self.unsubscribe(ch, member)
 
     def tick(self, now: float) -> None:
-        """Called every second: reconcile subscriptions every `RECONCILE_EVERY` seconds."""
+        """Called every second: reconcile subscriptions every `RECONCILE_EVERY` seconds;
+        keep the events' mark of life and look for lost processes."""
+        if self.events is not None:
+            self.events.tick(now)
         if now - self._reconciled >= RECONCILE_EVERY and not self._reconciling:
             self._reconciled = now
             self._spawn(self.reconcile())

@@ -109,7 +109,7 @@ class PollSession:
         if self.closed is None:
             self.closed = code
             if self.session is not None:
-                self.session.closed()
+                self.session.closed(int(code), reason or "")
             if self.on_close is not None:
                 self.on_close()
             self._release()
