@@ -14,6 +14,10 @@ CPU 1; Redis is not pinned. The servers are:
 * ``baseline`` (with ``--baseline DIR``): ``python -m gateway`` of another checkout
   (``main``), the same settings: what a change costs, in the same run.
 
+and, when asked for (``--servers gateway,gateway-events``), ``gateway-events``:
+the gateway with ``EVENTS_STREAM=true`` (docs/events.md), to compare with
+the same gateway without it.
+
 Scenarios (the issue's targets in brackets):
 
 * ``hold``: 19,500 sockets, each authenticated and subscribed; server memory
@@ -66,6 +70,8 @@ SERVERS = ("gateway", "tornado", "fastapi")
 GATEWAYS = ("gateway", "console", "baseline")
 #: The checkout ``baseline`` runs (``--baseline``).
 BASELINE: list[Path] = []
+#: Gateways with settings of their own, by name (not run unless named in --servers).
+VARIANTS = {"gateway-events": {"EVENTS_STREAM": "true"}}
 
 
 @dataclass(frozen=True)
@@ -100,7 +106,8 @@ def _command(
 ) -> tuple[list[str], dict[str, str]]:
     env = {**os.environ, "JWT_SECRET": JWT_SECRET, "PYTHONUNBUFFERED": "1",
            "REDIS_URL": os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")}  # fmt: skip
-    if server in GATEWAYS:
+    if server in GATEWAYS or server in VARIANTS:
+        env.update(VARIANTS.get(server, {}))
         env.update(PORT=str(port), HOST="127.0.0.1", WORKERS="1", RATE_CONNECT_IP="off",
                    MAX_PENDING_PER_IP="1000000",  # the load tool is one address
                    LOG_LEVEL="warning",
@@ -147,7 +154,7 @@ def _server(
     watcher = None
     try:
         deadline = time.monotonic() + 60
-        path = "/readyz" if server in GATEWAYS else "/healthz"
+        path = "/readyz" if server in GATEWAYS or server in VARIANTS else "/healthz"
         while True:
             if proc.poll() is not None:
                 raise RuntimeError(f"{server} exited; see {log}")

@@ -54,6 +54,7 @@ from gateway.endpoints import (
     PublishHandler,
     ReadyHandler,
 )
+from gateway.events import EventRecorder, Webhook
 from gateway.hooks.service import Hooks
 from gateway.hooks.session import session_factory
 from gateway.hub import Hub
@@ -268,6 +269,32 @@ async def open_core(
     )
 
 
+def event_recorder(settings: Settings, node: Node, metrics: Metrics) -> EventRecorder | None:
+    """The connection events' recorder (and webhook) with EVENTS_STREAM; None without."""
+    if not settings.events_stream:
+        return None
+    webhook = None
+    if settings.events_webhook_url and settings.hook_secret:
+        webhook = Webhook(
+            settings.events_webhook_url,
+            settings.hook_secret,
+            metrics,
+            batch=settings.events_webhook_batch,
+            queue=settings.events_webhook_queue,
+            retries=settings.events_webhook_retries,
+            timeout=settings.events_webhook_timeout,
+        )
+    return EventRecorder(
+        node.broker,
+        metrics,
+        lambda: node.hub.connections,
+        ttl=settings.presence_ttl,
+        maxlen=settings.events_maxlen,
+        buffer=settings.events_buffer,
+        webhook=webhook,
+    )
+
+
 async def make_app(
     settings: Settings,
     *,
@@ -289,6 +316,7 @@ async def make_app(
         presence,
         max_publication_bytes=settings.max_publication_bytes,
     )
+    node.events = event_recorder(settings, node, metrics)
     revocations = Revocations(
         settings.access_token_ttl + settings.jwt_leeway, node, on_revoked=hub.close_session
     )

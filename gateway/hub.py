@@ -103,6 +103,10 @@ class Member(Protocol):
     def subject(self) -> str:
         """Who is on it: the token's ``sub`` (``apikey:<id>`` for an API key)."""
 
+    @property
+    def client_id(self) -> str:
+        """The connection's id (in presence and connection events)."""
+
     def deliver(self, prepared: Prepared) -> None:
         """Queue a publication; must neither block nor touch the hub."""
 

@@ -23,6 +23,7 @@ from core.infra.history import HistoryPolicy, HistoryPublisher
 from core.infra.metrics import Metrics
 from core.infra.tasks import TaskSet
 from core.infra.throttled import ThrottledLog
+from gateway.events import EventRecorder
 from gateway.hub import Hub, Member
 from gateway.presence import Presence, decode_change
 from proto import InvalidData, Join, Leave, PresenceInfo
@@ -97,12 +98,19 @@ class Node:
         #: watches, `_tallied` (`count_deliveries`): nothing per message otherwise.
         self._broadcast: Callable[[str, bytes, Position | None], int] = hub.broadcast
         self._tally: dict[str, int] = {}
+        #: Records connection events (EVENTS_STREAM); None when off.
+        self.events: EventRecorder | None = None
 
     async def start(self) -> None:
         await self.broker.start(self._on_publication, self._on_state)
         log.info("using the %s", self.broker.description)
+        if self.events is not None:
+            await self.events.start()
+            log.info("connection events on, as node %s", self.events.node)
 
     async def close(self) -> None:
+        if self.events is not None:
+            await self.events.close()
         await self._tasks.cancel()
         await self.presence.close()
         await self.broker.close()
@@ -177,7 +185,10 @@ class Node:
             self.unsubscribe(ch, member)
 
     def tick(self, now: float) -> None:
-        """Called every second: reconcile subscriptions every `RECONCILE_EVERY` seconds."""
+        """Called every second: reconcile subscriptions every `RECONCILE_EVERY` seconds;
+        keep the events' mark of life and look for lost processes."""
+        if self.events is not None:
+            self.events.tick(now)
         if now - self._reconciled >= RECONCILE_EVERY and not self._reconciling:
             self._reconciled = now
             self._spawn(self.reconcile())

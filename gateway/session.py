@@ -159,6 +159,8 @@ class Session:
     def open(self) -> None:
         self.node.hub.connect(self, self.identity.exp, self.identity.sid)
         self.metrics.handshakes.labels(self.transport.kind).inc()
+        if self.node.events is not None:
+            self.node.events.connected(self)
 
     def boot(self) -> Coroutine[Any, Any, None] | None:
         """What must run once opened, before the client's first command (None: nothing).
@@ -194,7 +196,7 @@ class Session:
                 return
             if isinstance(cmd, Unsub):
                 conn.unsubscribed(cmd.ch)
-                self.node.unsubscribe(cmd.ch, self)
+                self._left(cmd.ch)
                 self.node.presence.leave(cmd.ch, self.client_id)
             elif isinstance(cmd, Pub):
                 await self.node.publish(cmd.ch, self.codec.data_to_json(cmd.data), checked=True)
@@ -321,7 +323,7 @@ class Session:
     def _drop(self, ch: str, code: ErrorCode, message: str) -> None:
         """End the subscription to ``ch`` from this side, with an ``unsubscribed`` push."""
         self.conn.unsubscribed(ch)
-        self.node.unsubscribe(ch, self)
+        self._left(ch)
         self.node.presence.leave(ch, self.client_id)
         if not self.conn.closed:
             self.transport.send(self.codec.encode(Unsubscribed(ch, int(code), message)))
@@ -393,9 +395,14 @@ class Session:
         return ()
 
     async def _join(self, ch: str, info: bytes | None = None) -> None:
-        """Enter presence on ``ch`` (if it keeps presence) once subscribed, shown with ``info``."""
+        """Once subscribed to ``ch``: record the event, and enter presence (if ``ch`` keeps
+        presence), shown with ``info``."""
+        if ch not in self.conn.subscriptions:
+            return
+        if self.node.events is not None:
+            self.node.events.subscribed(self, ch)
         presence = self.node.presence
-        if not presence.applies(ch) or ch not in self.conn.subscriptions:
+        if not presence.applies(ch):
             return
         if info is None:
             info = self.identity.info
@@ -403,6 +410,12 @@ class Session:
             await presence.join(ch, self.identity.sub, self.client_id, info)
         except Exception as exc:  # presence is best effort; the subscription stands
             log.warning("presence join on %s failed: %s", ch, exc)
+
+    def _left(self, ch: str) -> None:
+        """The subscription to ``ch`` ended: its unsub, or a refresh that no longer allows it."""
+        self.node.unsubscribe(ch, self)
+        if self.node.events is not None:
+            self.node.events.unsubscribed(self, ch)
 
     async def _presence(self, cmd: PresenceQuery | PresenceStats) -> None:
         if not self.node.presence.applies(cmd.ch):
@@ -484,8 +497,9 @@ class Session:
         """Server-initiated close (expiry, drain, slow consumer)."""
         self.transport.disconnect(code)
 
-    def closed(self) -> None:
-        """The transport is gone: leave every channel. Idempotent."""
+    def closed(self, code: int = 1006, reason: str = "") -> None:
+        """The transport is gone (``code``: the close code sent or received, 1006 if none):
+        leave every channel. Idempotent: the first call's code is the one recorded."""
         if self.conn.state is State.CLOSED:
             return
         self.conn.transition(State.CLOSED)
@@ -494,3 +508,5 @@ class Session:
             self.node.presence.leave(ch, self.client_id)
         self.conn.subscriptions.clear()
         self.node.hub.disconnect(self, self.identity.exp, self.identity.sid)
+        if self.node.events is not None:
+            self.node.events.disconnected(self, code, reason)

@@ -154,7 +154,8 @@ class WebSocketProtocol:
         self._text = False  # whether it is a text message
         self._utf8: codecs.IncrementalDecoder | None = None  # its UTF-8 check, when spread out
         self._checked = 0  # payload bytes of the buffered, incomplete frame already checked
-        #: The peer's close code and reason, or ours when the connection failed.
+        #: The close code and reason of the closing handshake's first frame: the
+        #: peer's, or ours when we closed first or the connection failed.
         self.close_code: int | None = None
         self.close_reason = ""
         #: The violation that failed the connection, if one did.
@@ -191,7 +192,7 @@ class WebSocketProtocol:
         if self.state is not WSState.OPEN:
             return b""
         self._move(Event.CLOSE_SENT)
-        self.close_code = code
+        self.close_code, self.close_reason = code, reason
         return self._frame(OP_CLOSE, close_payload(code, reason))
 
     def pong(self, payload: bytes) -> bytes:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -12,6 +13,7 @@ import redis.asyncio as aioredis
 from core.infra.broker import (
     Broker,
     BrokerUnavailable,
+    EventBatch,
     MemoryBroker,
     Position,
     RedisBroker,
@@ -42,12 +44,21 @@ class Inbox:
         self.states.append(up)
         self._changed.set()
 
-    async def wait_state(self, up: bool, timeout: float = 2 * UNIT) -> None:
-        """Return once the broker last reported the link ``up`` (or down)."""
+    async def wait_state(
+        self, up: bool, timeout: float = 2 * UNIT, since: int | None = None
+    ) -> None:
+        """Return once the broker last reported the link ``up`` (or down); with ``since``,
+        once it reported it after its first ``since`` reports (a drop and the recovery may
+        both come before the caller looks)."""
         async with asyncio.timeout(timeout):
-            while not self.states or self.states[-1] is not up:
+            while not self._reported(up, since):
                 self._changed.clear()
                 await self._changed.wait()
+
+    def _reported(self, up: bool, since: int | None) -> bool:
+        if since is not None:
+            return up in self.states[since:]
+        return bool(self.states) and self.states[-1] is up
 
     async def wait_for(self, n: int, timeout: float = 2 * UNIT) -> list[tuple[str, bytes]]:
         async with asyncio.timeout(timeout):
@@ -100,6 +111,8 @@ async def started(broker_factory):
     start.single_process = single  # type: ignore[attr-defined]
     yield start
     for broker, _ in brokers:
+        if isinstance(broker, RedisBroker):  # the event stream has no expiry: leave none behind
+            await broker._pub_client.delete(broker._events_keys()[0])
         await broker.close()
 
 
@@ -204,6 +217,8 @@ async def test_unreachable_redis_fails_clearly(kind):
             await broker.subscribe("room:1")
         with pytest.raises(BrokerUnavailable):
             await broker.publish("room:1", b"1")
+        with pytest.raises(BrokerUnavailable):
+            await broker.append_events("node", EventBatch([b"{}"]), 60, 1000)
     finally:
         await broker.close()
 
@@ -311,3 +326,89 @@ async def test_history_lost_with_redis_starts_a_new_epoch(throwaway_redis):
         assert (await broker.history("feed:4", 0, 10))[0] == [(1, b"2")]
     finally:
         await broker.close()
+
+
+# -- connection events (docs/events.md) ---------------------------------------------
+
+
+def _event(n: int) -> bytes:
+    return b'{"type":"connect","n":%d}' % n
+
+
+async def test_appended_events_read_back_in_order_with_increasing_ids(started):
+    broker, _ = await started()
+    node = unique_prefix()
+    assert await broker.append_events(node, EventBatch([_event(1), _event(2)]), 60, 1000)
+    assert not await broker.append_events(node, EventBatch([_event(3)]), 60, 1000)
+    entries = await broker.read_events("0", 100)
+    mine = [event for _, event in entries if event in {_event(1), _event(2), _event(3)}]
+    assert mine == [_event(1), _event(2), _event(3)]
+    ids = [tuple(map(int, id.split("-"))) for id, _ in entries]
+    assert ids == sorted(ids) and len(set(ids)) == len(ids)
+    after = await broker.read_events(entries[-2][0], 100)
+    assert after == entries[-1:]
+    assert await broker.read_events(entries[-1][0], 100) == []
+    await broker.forget_node(node)
+
+
+async def test_the_stream_keeps_about_maxlen_events_and_always_the_last(started):
+    broker, _ = await started()
+    node = unique_prefix()
+    await broker.append_events(node, EventBatch([_event(i) for i in range(300)]), 60, 10)
+    kept = [event for _, event in await broker.read_events("0", 1000)]
+    # Redis trims whole nodes of its radix tree (MAXLEN ~): about, never fewer.
+    assert 10 <= len(kept) <= 200
+    assert kept[-10:] == [_event(i) for i in range(290, 300)]
+    await broker.forget_node(node)
+
+
+async def test_a_lost_nodes_live_connections_are_reported_once_whoever_claims(started):
+    a, _ = await started()
+    b, _ = await started()
+    node = unique_prefix()
+    opened = {"c1": b'{"type":"disconnect","client":"c1"}', "c2": b'{"type":"disconnect"}'}
+    opened["c3"] = b'{"type":"disconnect","client":"c3"}'
+    await a.append_events(node, EventBatch([_event(1)], opened), 0.2, 1000)
+    await a.append_events(node, EventBatch(closed=["c2"]), 0.2, 1000)
+    await asyncio.sleep(0.3)
+    assert node in await b.lost_nodes()
+    claims = await asyncio.gather(*(x.claim_node(node, 1000, 100) for x in (a, b, a, b)))
+    reported = [event for events, _ in claims for event in events]
+    assert sorted(json.loads(e)["client"] for e in reported) == ["c1", "c3"]
+    assert [done for _, done in claims].count(True) == 1
+    ts = {json.loads(e)["ts"] for e in reported}
+    assert len(ts) == 1 and abs(ts.pop() / 1000 - time.time()) < 5
+    stream = [event for _, event in await a.read_events("0", 1000)]
+    assert sorted(stream[-2:]) == sorted(reported)
+    assert node not in await b.lost_nodes()
+    assert await b.claim_node(node, 1000, 100) == ([], False)
+    # Once claimed, the node's next call finds it unmarked (it was reported lost).
+    assert await a.append_events(node, EventBatch(), 60, 1000)
+    await a.forget_node(node)
+
+
+async def test_a_lost_node_is_claimed_in_parts_of_limit(started):
+    broker, _ = await started()
+    node = unique_prefix()
+    opened = {f"c{i}": b'{"client":"c%d"}' % i for i in range(5)}
+    await broker.append_events(node, EventBatch([], opened), 0.1, 1000)
+    await asyncio.sleep(0.2)
+    parts = [await broker.claim_node(node, 1000, 2) for _ in range(3)]
+    assert [(len(events), done) for events, done in parts] == [(2, False), (2, False), (1, True)]
+    clients = {json.loads(e)["client"] for events, _ in parts for e in events}
+    assert clients == set(opened)
+
+
+async def test_a_node_that_comes_back_in_time_or_stops_cleanly_is_not_claimed(started):
+    broker, _ = await started()
+    node, gone = unique_prefix(), unique_prefix()
+    live = EventBatch([], {"c1": b'{"client":"c1"}'})
+    await broker.append_events(node, live, 0.1, 1000)
+    await broker.append_events(gone, live, 0.1, 1000)
+    await asyncio.sleep(0.2)
+    assert not await broker.append_events(node, EventBatch(), 60, 1000)  # back: still marked
+    await broker.forget_node(gone)
+    assert {node, gone}.isdisjoint(await broker.lost_nodes())
+    assert await broker.claim_node(node, 1000, 10) == ([], False)
+    assert await broker.claim_node(gone, 1000, 10) == ([], False)
+    await broker.forget_node(node)

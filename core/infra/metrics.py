@@ -249,6 +249,45 @@ class Metrics:
             registry=r,
         )
 
+        # Connection events (EVENTS_STREAM): gateway/events/.
+        self.events_appended = Counter(
+            "gateway_events_appended",
+            "Connection events appended to the event stream by this process, by type "
+            "(node_lost disconnects it reported for a dead process included).",
+            ["type"],
+            registry=r,
+        )
+        self.events_dropped = Counter(
+            "gateway_events_dropped",
+            "Connection events dropped, by target: stream (Redis unreachable for long, "
+            "EVENTS_BUFFER full), webhook (EVENTS_WEBHOOK_QUEUE full, or retries exhausted).",
+            ["target"],
+            registry=r,
+        )
+        self.events_queued = Gauge(
+            "gateway_events_queued",
+            "Connection events waiting in this process, by target (stream, webhook).",
+            ["target"],
+            registry=r,
+        )
+        self.events_nodes_lost = Counter(
+            "gateway_events_nodes_lost",
+            "Dead gateway processes whose connections this process reported (node_lost).",
+            registry=r,
+        )
+        self.webhook_deliveries = Counter(
+            "gateway_events_webhook_deliveries",
+            "Batches of connection events the webhook (EVENTS_WEBHOOK_URL) accepted (2xx).",
+            registry=r,
+        )
+        self.webhook_failures = Counter(
+            "gateway_events_webhook_failures",
+            "Webhook POSTs that failed, by kind (timeout, unreachable, status_4xx, status_5xx, "
+            "...); each is retried until EVENTS_WEBHOOK_RETRIES.",
+            ["kind"],
+            registry=r,
+        )
+
     def watch(
         self,
         connections: Callable[[str], int],

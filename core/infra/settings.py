@@ -269,6 +269,56 @@ class Settings:
         "Seconds the breaker stays open before one request probes the core again.",
         _positive_float,
     )
+    events_stream: bool = _setting(
+        False,
+        "EVENTS_STREAM",
+        "Append every connect, disconnect, subscribe and unsubscribe to the Redis Stream "
+        "<REDIS_PREFIX>events, for backends reading it with consumer groups; a node that dies "
+        "has its connections' disconnects appended by another once PRESENCE_TTL has passed. "
+        "See docs/events.md.",
+        _bool,
+    )
+    events_maxlen: int = _setting(
+        1_000_000,
+        "EVENTS_MAXLEN",
+        "Events the stream keeps (XADD MAXLEN ~, so a little more); older ones are trimmed.",
+        _positive_int,
+    )
+    events_buffer: int = _setting(
+        100_000,
+        "EVENTS_BUFFER",
+        "Events one process holds while Redis cannot take them; more are dropped and counted.",
+        _positive_int,
+    )
+    events_webhook_url: str | None = _setting(
+        None,
+        "EVENTS_WEBHOOK_URL",
+        "Also POST the events, in signed batches, to this URL (needs EVENTS_STREAM and "
+        "HOOK_SECRET).",
+        _optional,
+    )
+    events_webhook_batch: int = _setting(
+        100, "EVENTS_WEBHOOK_BATCH", "Most events in one webhook POST.", _positive_int
+    )
+    events_webhook_queue: int = _setting(
+        10_000,
+        "EVENTS_WEBHOOK_QUEUE",
+        "Events waiting for the webhook per process; more are dropped and counted.",
+        _positive_int,
+    )
+    events_webhook_retries: int = _setting(
+        5,
+        "EVENTS_WEBHOOK_RETRIES",
+        "Retries of a webhook batch that failed (no answer, or not 2xx), with backoff; then "
+        "the batch is dropped and counted.",
+        _non_negative_int,
+    )
+    events_webhook_timeout: float = _setting(
+        5.0,
+        "EVENTS_WEBHOOK_TIMEOUT",
+        "Seconds a webhook POST may take, connecting included.",
+        _positive_float,
+    )
     hook_connect_url: str | None = _setting(
         None,
         "HOOK_CONNECT_URL",
@@ -317,8 +367,9 @@ class Settings:
     hook_secret: str | None = _setting(
         None,
         "HOOK_SECRET",
-        "HMAC-SHA256 key signing every hook request (X-Gateway-Signature); at least 32 "
-        "characters; required when a HOOK_*_URL is set.",
+        "HMAC-SHA256 key signing every hook request and events webhook POST "
+        "(X-Gateway-Signature); at least 32 characters; required when a HOOK_*_URL or "
+        "EVENTS_WEBHOOK_URL is set.",
         _optional,
     )
     hook_forward_headers: tuple[str, ...] = _setting(
@@ -695,6 +746,12 @@ class Settings:
     )
 
     def __post_init__(self) -> None:
+        if self.events_webhook_url and not self.events_stream:
+            raise SettingsError("EVENTS_WEBHOOK_URL: needs EVENTS_STREAM=true")
+        if self.events_webhook_url and len(self.hook_secret or "") < 32:
+            raise SettingsError(
+                "EVENTS_WEBHOOK_URL: needs HOOK_SECRET (32 characters or more) to sign its requests"
+            )
         if self.hook_urls() and (self.hook_secret is None or len(self.hook_secret) < 32):
             raise SettingsError(
                 "HOOK_SECRET: hook requests are signed: set it (32 characters or more) "

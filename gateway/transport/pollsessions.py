@@ -113,7 +113,7 @@ class PollSession:
             self.closed = int(code)
             self.reason = reason
             if self.session is not None:
-                self.session.closed()
+                self.session.closed(int(code), reason or "")
             if self.on_close is not None:
                 self.on_close()
             self._release()

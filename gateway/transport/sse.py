@@ -85,6 +85,8 @@ class SSEHandler(JsonErrors):
         self._session: Session | None = None
         self._refused = False  # a subscription failed with a temporary error
         self._goodbye: Disconnected | None = None
+        #: The close code and reason sent, once one was (1006: the client went away).
+        self._code, self._reason = 1006, ""
 
     async def prepare(self) -> None:
         ctx = self.ctx
@@ -147,7 +149,7 @@ class SSEHandler(JsonErrors):
                 self.disconnect(CloseCode.UNAVAILABLE)
             await self._ended.wait()
         finally:
-            session.closed()
+            session.closed(self._code, self._reason)
 
     def on_connection_close(self) -> None:
         self._ended.set()
@@ -171,6 +173,8 @@ class SSEHandler(JsonErrors):
     def disconnect(self, code: int, reason: str | None = None) -> None:
         event = {"code": int(code)} if reason is None else {"code": int(code), "reason": reason}
         self._event("close", msgspec.json.encode(event))
+        if not self._ended.is_set():
+            self._code, self._reason = int(code), reason or ""
         self._ended.set()
 
     def heartbeat(self, now: float, dead_after: float) -> None:
@@ -191,6 +195,7 @@ class SSEHandler(JsonErrors):
         except StreamBufferFullError:
             self.ctx.metrics.slow_consumers.inc()
             log.warning("cutting off a slow event-stream reader")
+            self._code = int(CloseCode.SLOW_CONSUMER)
             self._ended.set()
         except StreamClosedError:
             self._ended.set()

@@ -282,7 +282,7 @@ class WSConnection(asyncio.Protocol):
         self._inbox = None
         session = self.session
         if session is not None:
-            session.closed()
+            session.closed(self._code, self._protocol.close_reason)
             log.info("socket closed", extra={"conn": session.client_id, "user": session.identity.sub,
                                              "code": self._code})  # fmt: skip
 
@@ -312,8 +312,8 @@ class WSConnection(asyncio.Protocol):
         self._closing = True  # nothing more is queued for this client
 
     def _close_slow(self) -> None:
-        if self.session is not None:
-            self.session.closed()  # leaves the hub now, not when the socket ends
+        if self.session is not None:  # leaves the hub now, not when the socket ends
+            self.session.closed(int(CloseCode.SLOW_CONSUMER))
         self._close(int(CloseCode.SLOW_CONSUMER), close_reason(CloseCode.SLOW_CONSUMER))
 
     def data_received(self, data: bytes) -> None:
@@ -438,6 +438,8 @@ class WSConnection(asyncio.Protocol):
             sub = self.session.identity.sub if self.session else "?"
             log.info("dropping %s: nothing heard for %.0fs", sub, now - self._last_seen)
             self._metrics.dead_peers.inc()
+            if self.session is not None:
+                self.session.closed(1006, "no answer to ping")
             # No close handshake: a peer that answers nothing would not answer it.
             self.abort()
             return

@@ -39,6 +39,23 @@ Contract (tests/test_broker_contract.py runs it against every broker):
   ``now`` with their ``until``, forgetting the others; ``expiring_remove``
   drops one. The gateways' registry of live nodes and the block list of
   the server API are such sets.
+* ``append_events(node, batch, ttl, maxlen)`` does in one atomic step, for
+  process ``node``: appends ``batch.events`` (JSON objects) to the event
+  stream, trimmed to about ``maxlen`` entries (never fewer); records
+  ``batch.opened`` (client -> the disconnect event to report should the node
+  die) among the node's live connections, then forgets ``batch.closed``; and
+  marks the node alive for ``ttl`` seconds. It returns True when the node was
+  not marked alive (its first call, or it was reported lost meanwhile).
+* ``lost_nodes()`` lists the nodes whose mark expired. ``claim_node(node,
+  maxlen, limit)``, if the node's mark is still expired, appends the recorded
+  disconnect event of up to ``limit`` of its live connections, each with a
+  ``ts`` member added (milliseconds, the backend's clock), forgets them, and
+  forgets the node once none is left; atomically, so that of many processes
+  claiming at once, each connection is reported by exactly one. It returns
+  the events it appended and whether the node is now forgotten.
+  ``forget_node(node)`` forgets a node that stops cleanly.
+* ``read_events(after, limit)`` returns up to ``limit`` stream entries with
+  ids after ``after`` (``"0"``: from the start), oldest first.
 * ``close()`` releases everything; the handler is not called afterwards.
 * The reader survives anything: a message it cannot parse is dropped, a
   handler that raises is logged, and any unexpected error restarts the
@@ -49,6 +66,7 @@ Contract (tests/test_broker_contract.py runs it against every broker):
 from __future__ import annotations
 
 import abc
+import dataclasses
 from collections.abc import Callable
 from typing import Protocol
 
@@ -59,11 +77,13 @@ __all__ = [
     "Broker",
     "BrokerUnavailable",
     "Entry",
+    "EventBatch",
     "FaultListener",
     "Position",
     "PublicationHandler",
     "Publisher",
     "StateListener",
+    "stamped",
 ]
 
 #: The node-wide channel every broker always delivers. Client channels may not
@@ -91,6 +111,24 @@ class Publisher(Protocol):
 
     async def publish(self, ch: str, data: bytes) -> object:
         """Publish JSON bytes to every subscriber of ``ch`` on every node."""
+
+
+@dataclasses.dataclass(slots=True)
+class EventBatch:
+    """What one process appends to the event stream in one step (`Broker.append_events`)."""
+
+    #: Events to append, each a JSON object, in order.
+    events: list[bytes] = dataclasses.field(default_factory=list)
+    #: Connections that opened: client id -> its disconnect event, a JSON
+    #: object without ``ts``, appended (with ``ts``) if the node is lost.
+    opened: dict[str, bytes] = dataclasses.field(default_factory=dict)
+    #: Connections that closed (after those that opened, if in both).
+    closed: list[str] = dataclasses.field(default_factory=list)
+
+
+def stamped(event: bytes, ms: int) -> bytes:
+    """``event`` (a JSON object) with a last member ``"ts": ms``."""
+    return b'%s,"ts":%d}' % (event[:-1], ms)
 
 
 class BrokerUnavailable(Exception):
@@ -172,6 +210,28 @@ class Broker(abc.ABC):
     async def history(
         self, ch: str, after: int, limit: int
     ) -> tuple[list[Entry], Position | None]: ...
+
+    # -- connection events (docs/events.md) ---------------------------------
+
+    @abc.abstractmethod
+    async def append_events(self, node: str, batch: EventBatch, ttl: float, maxlen: int) -> bool:
+        """Append, record and mark ``node`` alive, atomically; True if it was not marked."""
+
+    @abc.abstractmethod
+    async def lost_nodes(self) -> list[str]:
+        """The nodes whose mark of life expired (not yet claimed)."""
+
+    @abc.abstractmethod
+    async def claim_node(self, node: str, maxlen: int, limit: int) -> tuple[list[bytes], bool]:
+        """Report up to ``limit`` live connections of a lost ``node``: (events, node forgotten)."""
+
+    @abc.abstractmethod
+    async def forget_node(self, node: str) -> None:
+        """``node`` stops cleanly: forget its mark and its live connections."""
+
+    @abc.abstractmethod
+    async def read_events(self, after: str, limit: int) -> list[tuple[str, bytes]]:
+        """Up to ``limit`` (id, event) entries of the stream after id ``after``."""
 
     @property
     @abc.abstractmethod

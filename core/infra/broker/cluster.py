@@ -138,6 +138,13 @@ class RedisClusterBroker(RedisBroker):
     def _presence_keys(self, ch: str) -> list[str]:
         return [self._named("p:", ch), self._named("pz:", ch)]
 
+    def _events_keys(self, node: str | None = None) -> list[str]:
+        # `<prefix>events` hashes whole; the others are tagged with its name, so all
+        # share its slot (the scripts touch them together).
+        stream = f"{self._prefix}events"
+        keys = [stream, f"{{{stream}}}:nodes"]
+        return keys if node is None else [*keys, f"{{{stream}}}:node:{node}"]
+
     def shard_links(self) -> dict[str, set[str]]:
         """Each primary (``host:port``) this broker subscribes on, and its channels."""
         return {

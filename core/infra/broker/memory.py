@@ -13,9 +13,11 @@ from core.infra.broker.base import (
     Broker,
     BrokerUnavailable,
     Entry,
+    EventBatch,
     Position,
     PublicationHandler,
     StateListener,
+    stamped,
 )
 
 __all__ = ["MemoryBroker"]
@@ -33,6 +35,30 @@ class _History:
         self.expires = 0.0
 
 
+class _Stream:
+    """The event stream: entries with ids ``<ms>-<seq>`` as Redis gives them."""
+
+    __slots__ = ("entries", "last")
+
+    def __init__(self) -> None:
+        self.entries: collections.deque[tuple[tuple[int, int], bytes]] = collections.deque()
+        self.last = (0, 0)
+
+    def append(self, events: list[bytes], maxlen: int) -> None:
+        for event in events:
+            ms = int(time.time() * 1000)
+            self.last = (ms, 0) if ms > self.last[0] else (self.last[0], self.last[1] + 1)
+            self.entries.append((self.last, event))
+        while len(self.entries) > maxlen:
+            self.entries.popleft()
+
+    def read(self, after: str, limit: int) -> list[tuple[str, bytes]]:
+        ms, _, seq = after.partition("-")
+        start = (int(ms), int(seq or 0))
+        found = [(f"{i[0]}-{i[1]}", event) for i, event in self.entries if i > start]
+        return found[:limit]
+
+
 class MemoryBroker(Broker):
     def __init__(self) -> None:
         self._handler: PublicationHandler | None = None
@@ -41,6 +67,10 @@ class MemoryBroker(Broker):
         self._presence: dict[str, dict[str, tuple[bytes, float]]] = {}
         self._values: dict[str, bytes] = {}
         self._expiring: dict[str, dict[str, float]] = {}
+        self._events = _Stream()
+        #: Node -> when its mark of life expires (time.time()); its live connections.
+        self._nodes: dict[str, float] = {}
+        self._clients: dict[str, dict[str, bytes]] = {}
 
     async def start(
         self, handler: PublicationHandler, on_state: StateListener | None = None
@@ -121,6 +151,40 @@ class MemoryBroker(Broker):
         for client in [c for c, (_, until) in room.items() if until <= now]:
             del room[client]
         return {client: info for client, (info, _) in room.items()}
+
+    async def append_events(self, node: str, batch: EventBatch, ttl: float, maxlen: int) -> bool:
+        self._events.append(batch.events, maxlen)
+        live = self._clients.setdefault(node, {})
+        live.update(batch.opened)
+        for client in batch.closed:
+            live.pop(client, None)
+        absent = node not in self._nodes
+        self._nodes[node] = time.time() + ttl
+        return absent
+
+    async def lost_nodes(self) -> list[str]:
+        now = time.time()
+        return [node for node, until in self._nodes.items() if until <= now]
+
+    async def claim_node(self, node: str, maxlen: int, limit: int) -> tuple[list[bytes], bool]:
+        now = time.time()
+        if self._nodes.get(node, now + 1) > now:
+            return [], False
+        live = self._clients.get(node, {})
+        ms = int(now * 1000)
+        events = [stamped(live.pop(client), ms) for client in list(live)[:limit]]
+        self._events.append(events, maxlen)
+        if live:
+            return events, False
+        await self.forget_node(node)
+        return events, True
+
+    async def forget_node(self, node: str) -> None:
+        self._nodes.pop(node, None)
+        self._clients.pop(node, None)
+
+    async def read_events(self, after: str, limit: int) -> list[tuple[str, bytes]]:
+        return self._events.read(after, limit)
 
     def _live(self, ch: str, now: float) -> _History | None:
         history = self._histories.get(ch)

@@ -38,6 +38,7 @@ from core.infra.broker.base import (
     Broker,
     BrokerUnavailable,
     Entry,
+    EventBatch,
     Position,
     PublicationHandler,
     StateListener,
@@ -87,6 +88,13 @@ PRESENCE_READ = script("presence_read")
 
 #: Add or refresh presence entries (lua/presence_add.lua).
 PRESENCE_ADD = script("presence_add")
+
+#: The connection events' scripts (lua/events_*.lua, docs/events.md).
+EVENTS_APPEND = script("events_append")
+EVENTS_LOST = script("events_lost")
+EVENTS_CLAIM = script("events_claim")
+#: Lost nodes one `lost_nodes` call returns at most.
+LOST_NODES_LIMIT = 100
 
 
 class LinkStalled(RedisConnectionError):
@@ -157,6 +165,9 @@ class RedisBroker(Broker):
         self._publish_script = self._pub_client.register_script(self.publish_with_history)
         self._presence_read = self._pub_client.register_script(PRESENCE_READ)
         self._presence_add = self._pub_client.register_script(PRESENCE_ADD)
+        self._events_append = self._pub_client.register_script(EVENTS_APPEND)
+        self._events_lost = self._pub_client.register_script(EVENTS_LOST)
+        self._events_claim = self._pub_client.register_script(EVENTS_CLAIM)
 
     def _publisher(self, url: str) -> aioredis.Redis | RedisCluster:
         # One retry on a lost connection: after a Redis restart every pooled
@@ -409,6 +420,59 @@ class RedisBroker(Broker):
             raise BrokerUnavailable(f"presence read failed: {exc}") from exc
         return {flat[i].decode(): flat[i + 1] for i in range(0, len(flat), 2)}
 
+    def _events_keys(self, node: str | None = None) -> list[str]:
+        """The event stream, the nodes' marks, and ``node``'s live connections."""
+        keys = [f"{self._prefix}events", f"{self._prefix}events:nodes"]
+        return keys if node is None else [*keys, f"{self._prefix}events:node:{node}"]
+
+    async def append_events(self, node: str, batch: EventBatch, ttl: float, maxlen: int) -> bool:
+        args: list[bytes | str | int] = [node, max(1, round(ttl * 1000)), maxlen, len(batch.events)]
+        args += batch.events
+        args.append(len(batch.opened))
+        for client, event in batch.opened.items():
+            args += [client, event]
+        args += batch.closed
+        try:
+            absent = await self._events_append(keys=self._events_keys(node), args=args)
+        except BACKEND_ERRORS as exc:
+            raise BrokerUnavailable(f"appending events failed: {exc}") from exc
+        return bool(absent)
+
+    async def lost_nodes(self) -> list[str]:
+        try:
+            nodes = await self._events_lost(keys=self._events_keys()[1:], args=[LOST_NODES_LIMIT])
+        except BACKEND_ERRORS as exc:
+            raise BrokerUnavailable(f"reading lost nodes failed: {exc}") from exc
+        return [node.decode() for node in nodes]
+
+    async def claim_node(self, node: str, maxlen: int, limit: int) -> tuple[list[bytes], bool]:
+        try:
+            events, done = await self._events_claim(
+                keys=self._events_keys(node), args=[node, maxlen, limit]
+            )
+        except BACKEND_ERRORS as exc:
+            raise BrokerUnavailable(f"claiming node {node} failed: {exc}") from exc
+        return list(events), bool(done)
+
+    async def forget_node(self, node: str) -> None:
+        _, nodes, live = self._events_keys(node)
+        try:
+            async with self._pub_client.pipeline(transaction=True) as pipe:
+                pipe.zrem(nodes, node)
+                pipe.delete(live)
+                await pipe.execute()
+        except BACKEND_ERRORS as exc:
+            raise BrokerUnavailable(f"forgetting node {node} failed: {exc}") from exc
+
+    async def read_events(self, after: str, limit: int) -> list[tuple[str, bytes]]:
+        try:
+            rows: list[tuple[bytes, dict[bytes, bytes]]] = await self._pub_client.xrange(
+                self._events_keys()[0], f"({after}", "+", limit
+            )  # type: ignore[assignment]  # redis-py types every reply as bytes | str
+        except BACKEND_ERRORS as exc:
+            raise BrokerUnavailable(f"reading events failed: {exc}") from exc
+        return [(id.decode(), fields[b"event"]) for id, fields in rows]
+
     async def history(self, ch: str, after: int, limit: int) -> tuple[list[Entry], Position | None]:
         stream, meta = self._history_keys(ch)
         try:
@@ -462,6 +526,12 @@ class RedisBroker(Broker):
         Raises `LinkStalled` when nothing, not even the pong, came back within
         the health timeout of a ping.
         """
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            # Asked to stop, but the cancellation was lost: on Python 3.11 a read
+            # timeout expiring as cancel() comes can turn it into a TimeoutError,
+            # which redis-py reads as "no message yet". Stop all the same.
+            raise asyncio.CancelledError
         interval, timeout = self._health
         if interval <= 0:
             message: dict[str, Any] | None = await pubsub.get_message(timeout=None)
