@@ -14,6 +14,7 @@ from typing import Any
 
 import msgspec
 import pytest
+import redis.asyncio as aioredis
 import tornado.httpserver
 import tornado.web
 from tornado.netutil import bind_sockets
@@ -321,3 +322,56 @@ def test_a_webhook_needs_the_stream_and_a_secret():
 def test_the_documented_schema_is_the_one_the_code_generates():
     doc = (ROOT / "docs" / "events.md").read_text()
     assert json.dumps(json_schema(), indent=2) in doc
+
+
+# -- the example consumer ----------------------------------------------------------------
+
+
+async def test_the_example_consumer_follows_who_is_online_and_takes_over_a_dead_consumer(
+    redis_url,
+):
+    from tests.test_client import load_example
+
+    example = load_example("events_consumer")
+    prefix = unique_prefix()
+    stream = prefix + "events"
+    r = aioredis.Redis.from_url(redis_url)
+    online = example.Online()
+
+    async def consume_until(check, consumer: str, **kw: Any) -> None:
+        stop = asyncio.Event()
+        task = asyncio.create_task(
+            example.consume(r, stream, online, consumer, stop=stop, block_ms=50, **kw)
+        )
+        try:
+            await until(check)
+        finally:
+            stop.set()
+            await task
+
+    try:
+        async with running_gateway(
+            redis_url=redis_url, redis_prefix=prefix, events_stream=True
+        ) as gw:
+            # Before any consumer exists: nothing is lost while the backend is down.
+            async with ws_client(gw.port, token_for(gw, sub="bob")):
+                pass
+            async with ws_client(gw.port, token_for(gw, sub="alice")):
+                await consume_until(lambda: "alice" in online.connections, "worker-1")
+                assert "bob" not in online.connections  # came and went, both events handled
+
+            # A consumer that dies after reading, before acknowledging:
+            async def all_four() -> bool:  # bob's connect and disconnect, alice's
+                return int(await r.xlen(stream)) >= 4
+
+            await until(all_four)
+            dead = await r.xreadgroup(example.GROUP, "worker-dead", {stream: ">"}, count=100)
+            assert dead and dead[0][1]  # alice's disconnect, read and never acknowledged
+            await consume_until(
+                lambda: "alice" not in online.connections, "worker-2", claim_idle_ms=0
+            )
+            pending = await r.xpending(stream, example.GROUP)
+            assert pending["pending"] == 0
+    finally:
+        await r.delete(stream)
+        await r.aclose()
