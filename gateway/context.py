@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 
+from core.infra.identity import Identity
 from core.infra.metrics import Metrics
 from core.infra.ratelimit import RateLimiter
 from core.infra.runtime import connection_limit
@@ -14,10 +15,11 @@ from core.service import Core, CoreUnavailable
 from gateway.hooks.service import Hooks
 from gateway.node import Node
 from gateway.serverapi.operations import Operations
-from gateway.session import Session
+from gateway.session import Session, Transport
 from gateway.transport.pollsessions import LongPollSessions
 from gateway.transport.wsconn import Coalescer
 from gateway.upstream import UpstreamCore
+from proto import Codec, Connection
 
 __all__ = ["Context", "Status"]
 
@@ -46,6 +48,30 @@ class Context:
     hooks: Hooks | None = None
     #: What sessions are made with: `Session`, or with hooks `gateway.hooks.HookedSession`.
     new_session: Callable[..., Session] = Session
+
+    def open_session(
+        self, transport: Transport, codec: Codec, identity: Identity, remote_ip: str
+    ) -> Session:
+        """A session for a client that sends commands (socket, long-poll), with its limits."""
+        s = self.settings
+        conn = Connection(
+            codec,
+            identity.grants,
+            max_subscriptions=s.max_subscriptions,
+            max_publish_bytes=s.max_publish_bytes,
+        )
+        return self.new_session(
+            transport,
+            conn,
+            identity,
+            self.node,
+            self.metrics,
+            self.core.dispatch,
+            self.verifier.verify,
+            commands=s.rate_socket_commands,
+            publishes=s.rate_socket_publish,
+            remote_ip=remote_ip,
+        )
 
     @property
     def max_connections(self) -> int:

@@ -52,6 +52,7 @@ from core.infra.tasks import TaskSet
 from core.request import Request, Response
 from core.service import offline_routes
 from gateway.breaker import Breaker
+from gateway.httppool import keepalive_pool
 from gateway.keymirror import KeyMirror
 
 __all__ = ["IDEMPOTENT", "UpstreamCore"]
@@ -132,16 +133,8 @@ class UpstreamCore:
         metrics.core_breaker_open.set_function(lambda: 0 if self.breaker.state == "closed" else 1)
 
     def _new_pool(self) -> aiohttp.ClientSession:
-        connector = aiohttp.TCPConnector(
-            limit=self._pool_size, limit_per_host=0, keepalive_timeout=30.0, ttl_dns_cache=10
-        )
         self._born = time.monotonic()
-        session = aiohttp.ClientSession(
-            connector=connector,
-            timeout=self._timeout,
-            auto_decompress=False,
-            skip_auto_headers=("User-Agent", "Accept-Encoding"),
-        )
+        session = keepalive_pool(self._pool_size, 30.0, self._timeout)
         self._using[session] = 0
         return session
 

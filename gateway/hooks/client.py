@@ -35,6 +35,7 @@ from core.infra.throttled import ThrottledLog
 from gateway.breaker import Breaker
 from gateway.hooks.answers import Answer, BadAnswer
 from gateway.hooks.signature import signed_headers
+from gateway.httppool import keepalive_pool
 
 __all__ = ["Endpoint", "HookClient", "HookFailed"]
 
@@ -93,14 +94,7 @@ class HookClient:
     async def open(self) -> None:
         # An idle connection is dropped after KEEPALIVE s, before a backend's own idle timeout
         # (uvicorn's and Node's are 5 s) can close it under a request, which could not be retried.
-        connector = aiohttp.TCPConnector(
-            limit=self._concurrency, limit_per_host=0, keepalive_timeout=KEEPALIVE, ttl_dns_cache=10
-        )
-        self._session = aiohttp.ClientSession(
-            connector=connector,
-            auto_decompress=False,  # an answer is read as sent, within its bound
-            skip_auto_headers=("User-Agent", "Accept-Encoding"),
-        )
+        self._session = keepalive_pool(self._concurrency, KEEPALIVE)
 
     async def close(self) -> None:
         if self._session is not None:

@@ -42,7 +42,7 @@ from gateway.hooks.connect import Disconnected, hooked
 from gateway.transport.admission import admit, admit_hooked_request
 from gateway.transport.pollrequest import token_of
 from gateway.transport.pollsessions import PollSession
-from proto import JSON_CODEC, Connection
+from proto import JSON_CODEC
 
 __all__ = ["SESSION_SECRET_PREFIX", "LongPollHandler"]
 
@@ -120,20 +120,8 @@ class LongPollHandler(JsonHandler):
                 )
             poll = PollSession(secrets.token_urlsafe(16), ctx.settings.longpoll_outbox_bytes,
                                sessions.waits)  # fmt: skip
-            s = ctx.settings
-            conn = Connection(JSON_CODEC, self.identity.grants, max_subscriptions=s.max_subscriptions,
-                              max_publish_bytes=s.max_publish_bytes)  # fmt: skip
-            poll.session = ctx.new_session(
-                poll,
-                conn,
-                self.identity,
-                ctx.node,
-                ctx.metrics,
-                ctx.core.dispatch,
-                ctx.verifier.verify,
-                commands=s.rate_socket_commands,
-                publishes=s.rate_socket_publish,
-                remote_ip=self.request.remote_ip or "",
+            poll.session = ctx.open_session(
+                poll, JSON_CODEC, self.identity, self.request.remote_ip or ""
             )
             poll.session.open()
             sessions.add(self.identity.sub, poll)

@@ -48,7 +48,7 @@ from gateway.session import Session
 from gateway.transport.admission import admit_hooked, admit_request
 from gateway.transport.delegate import BodylessRequest
 from gateway.transport.wsconn import WSConnection
-from proto import Codec, Connection, select_codec
+from proto import Codec, select_codec
 from proto.wsprotocol import WebSocketProtocol
 
 __all__ = ["WebSocketServer", "accept_value"]
@@ -132,20 +132,7 @@ class _Upgrade(BodylessRequest):
         settings = ctx.settings
 
         def make_session(ws: WSConnection) -> Session:
-            conn = Connection(codec, identity.grants, max_subscriptions=settings.max_subscriptions,
-                              max_publish_bytes=settings.max_publish_bytes)  # fmt: skip
-            return ctx.new_session(
-                ws,
-                conn,
-                identity,
-                ctx.node,
-                ctx.metrics,
-                ctx.core.dispatch,
-                ctx.verifier.verify,
-                commands=settings.rate_socket_commands,
-                publishes=settings.rate_socket_publish,
-                remote_ip=remote_ip,
-            )
+            return ctx.open_session(ws, codec, identity, remote_ip)
 
         assert isinstance(self._conn, HTTP1Connection)
         stream = self._conn.detach()
