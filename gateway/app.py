@@ -71,6 +71,7 @@ from gateway.transport.websocket import WebSocketServer
 from gateway.transport.wsconn import Coalescer
 from gateway.upstream import UpstreamCore
 from proto import CloseCode
+from proto.deflate import Compressor
 
 __all__ = ["Gateway", "make_app"]
 
@@ -350,6 +351,7 @@ async def make_app(
         coalescer=Coalescer(metrics.write_lag, settings.send_buffer_total_bytes),
         longpoll=LongPollSessions(settings.max_longpoll_sessions, settings.longpoll_max_per_user),
         ops=ops, hooks=hooks, new_session=session_factory(hooks),
+        compressor=_compressor(settings, metrics),
     )  # fmt: skip
     metrics.send_buffered.set_function(lambda: ctx.coalescer.buffered)
     if isinstance(core, Core):
@@ -364,6 +366,15 @@ async def make_app(
         log_function=log_request,
     )
     return Gateway(settings, ctx, app, server_api)
+
+
+def _compressor(settings: Settings, metrics: Metrics) -> Compressor | None:
+    """The permessage-deflate compressor of ``COMPRESSION=on``, its counts exported."""
+    if not settings.compression:
+        return None
+    compressor = Compressor(settings.compression_level, settings.compression_min_bytes)
+    metrics.watch_compression(compressor)
+    return compressor
 
 
 def _both(

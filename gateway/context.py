@@ -20,6 +20,7 @@ from gateway.transport.pollsessions import LongPollSessions
 from gateway.transport.wsconn import Coalescer
 from gateway.upstream import UpstreamCore
 from proto import Codec, Connection
+from proto.deflate import Compressor
 
 __all__ = ["Context", "Status"]
 
@@ -46,6 +47,8 @@ class Context:
     ops: Operations | None = None
     #: The application's backends in the loop (None: no hook configured).
     hooks: Hooks | None = None
+    #: The process's permessage-deflate compressor (None: ``COMPRESSION=off``).
+    compressor: Compressor | None = None
     #: What sessions are made with: `Session`, or with hooks `gateway.hooks.HookedSession`.
     new_session: Callable[..., Session] = Session
 

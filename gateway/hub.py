@@ -2,7 +2,8 @@
 
 Fan-out encodes a publication once per codec and frames it once per
 transport kind (`Prepared`), then hands the same bytes object to every
-subscriber. Members never block and never change the hub synchronously from
+subscriber; sockets that negotiated permessage-deflate share one compressed
+frame per codec (`Prepared.ws_frame_deflated`). Members never block and never change the hub synchronously from
 `deliver` (a slow consumer schedules its own close), so broadcast iterates
 the live member dict without copying it.
 """
@@ -19,6 +20,7 @@ from core.infra.metrics import Metrics
 from core.infra.throttled import ThrottledLog
 from gateway.expiry import ExpiryWheel
 from proto import CODECS, CloseCode, Codec, Position, frame
+from proto.deflate import Agreement, Compressor
 
 __all__ = ["EncodeFailed", "Hub", "Member", "Prepared", "PreparedEvent"]
 
@@ -33,6 +35,8 @@ class EncodeFailed(Exception):
         self.codec = codec
 
 
+_NONE_SENT: list[int] = []
+
 #: Marks a codec slot whose encoding failed, so it is not retried per subscriber.
 _FAILED = b""
 
@@ -44,7 +48,17 @@ class Prepared:
     subscribers only (and at once after the first), never for the others.
     """
 
-    __slots__ = ("_frames", "_payloads", "ch", "data", "epoch", "offset")
+    __slots__ = (
+        "_compressor",
+        "_deflated",
+        "_frames",
+        "_payloads",
+        "_sent",
+        "ch",
+        "data",
+        "epoch",
+        "offset",
+    )
 
     def __init__(self, ch: str, data: bytes, position: Position | None = None) -> None:
         self.ch = ch
@@ -53,6 +67,10 @@ class Prepared:
         self.epoch = position.epoch if position is not None else None
         self._payloads: list[bytes | None] = [None] * len(CODECS)
         self._frames: list[bytes | None] = [None] * len(CODECS)
+        # Made for the first socket with permessage-deflate: per codec, see `_deflate`.
+        self._deflated: list[tuple[int, bytes, bytes] | None] | None = None
+        self._sent: list[int] = _NONE_SENT  # compressed deliveries per codec
+        self._compressor: Compressor | None = None
 
     def payload(self, codec: Codec) -> bytes:
         """The encoded push (``{"op":"msg",...}``) in this codec."""
@@ -77,6 +95,49 @@ class Prepared:
         if f is None:
             f = self._frames[codec.index] = frame(self.payload(codec), codec.binary)
         return f
+
+    def ws_frame_deflated(
+        self, codec: Codec, compressor: Compressor, agreement: Agreement
+    ) -> bytes:
+        """The push as a frame for a socket with permessage-deflate: compressed once per codec.
+
+        The plain frame when the payload is too short or too long for that
+        socket (`Compressor.worth`), or when compressing did not make it smaller.
+        """
+        entries = self._deflated
+        if entries is None:
+            entries = self._deflated = [None] * len(CODECS)
+            self._sent = [0] * len(CODECS)
+            self._compressor = compressor
+        entry = entries[codec.index]
+        if entry is None:
+            entry = entries[codec.index] = self._deflate(codec, compressor)
+        size, f, plain = entry
+        if size > agreement.max_bytes:
+            return plain
+        self._sent[codec.index] += 1
+        return f
+
+    def _deflate(self, codec: Codec, compressor: Compressor) -> tuple[int, bytes, bytes]:
+        """(payload size, the frame for compressing sockets, the plain frame) in ``codec``."""
+        payload = self.payload(codec)
+        plain = self.ws_frame(codec)
+        if not compressor.worth(len(payload)):
+            return 0, plain, plain
+        f = frame(compressor.compress(payload), codec.binary, compressed=True)
+        return len(payload), f if len(f) < len(plain) else plain, plain
+
+    def settle(self) -> None:
+        """Count this fan-out's compressed deliveries in the compressor's totals (once)."""
+        compressor, entries = self._compressor, self._deflated
+        if compressor is None or entries is None:
+            return
+        for entry, sent in zip(entries, self._sent, strict=True):
+            if entry is not None and sent and entry[1] is not entry[2]:
+                compressor.delivered += sent
+                compressor.delivered_plain += sent * len(entry[2])
+                compressor.delivered_bytes += sent * len(entry[1])
+        self._sent = [0] * len(CODECS)
 
 
 class PreparedEvent(Prepared):
@@ -330,7 +391,10 @@ class Hub:
         members = self._channels.get(ch)
         if not members:
             return 0
-        return self._fan_out(members, PreparedEvent(ch, event))
+        prepared = PreparedEvent(ch, event)
+        n = self._fan_out(members, prepared)
+        prepared.settle()
+        return n
 
     def broadcast(self, ch: str, data: bytes, position: Position | None = None) -> int:
         """Deliver ``data`` (JSON bytes) to every local subscriber of ``ch``."""
@@ -338,7 +402,9 @@ class Hub:
         if not members:
             return 0
         started = time.perf_counter()
-        n = self._fan_out(members, Prepared(ch, data, position))
+        prepared = Prepared(ch, data, position)
+        n = self._fan_out(members, prepared)
+        prepared.settle()
         self._metrics.messages_out.inc(n)
         self._metrics.fanout_seconds.observe(time.perf_counter() - started)
         return n

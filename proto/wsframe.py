@@ -40,15 +40,19 @@ OP_CLOSE: Final = 0x8
 OP_PING: Final = 0x9
 OP_PONG: Final = 0xA
 _FIN: Final = 0x80
+_RSV1: Final = 0x40
 PROTOCOL_ERROR: Final = int(CloseCode.PROTOCOL_ERROR)
 TOO_BIG: Final = int(CloseCode.MESSAGE_TOO_BIG)
 _U16: Final = struct.Struct("!BBH")
 _U64: Final = struct.Struct("!BBQ")
 
 
-def frame(payload: bytes, binary: bool = False) -> bytes:
-    """One unfragmented, unmasked, uncompressed data frame."""
-    first = _FIN | (OP_BINARY if binary else OP_TEXT)
+def frame(payload: bytes, binary: bool = False, compressed: bool = False) -> bytes:
+    """One unfragmented, unmasked data frame; ``compressed``: RSV1 set (RFC 7692 §6).
+
+    A compressed frame's ``payload`` is what `proto.deflate.Compressor` made.
+    """
+    first = _FIN | (OP_BINARY if binary else OP_TEXT) | (_RSV1 if compressed else 0)
     n = len(payload)
     if n < 126:
         return bytes((first, n)) + payload
@@ -58,7 +62,7 @@ def frame(payload: bytes, binary: bool = False) -> bytes:
 
 
 def parse_header(data: bytes) -> tuple[int, bool, int, int]:
-    """(opcode, fin, header length, payload length) of an unmasked frame.
+    """(opcode, fin, header length, payload length) of an unmasked frame (RSV bits ignored).
 
     For tests and tools; the gateway never parses its own frames.
     """

@@ -9,7 +9,8 @@ write, time out and close the TCP connection as its `state` says.
 
 The rules it enforces, per RFC 6455:
 
-* framing (§5.2): reserved bits clear, known opcodes, client frames masked and
+* framing (§5.2): reserved bits clear (but RSV1 on the first frame of a
+  message once permessage-deflate was negotiated, RFC 7692 §6), known opcodes, client frames masked and
   server frames not, control frames unfragmented and at most 125 bytes, a frame
   or a reassembled message at most ``max_size`` bytes (1009, refused at the
   frame's header, before its payload is buffered);
@@ -17,7 +18,12 @@ The rules it enforces, per RFC 6455:
   inside one, control frames allowed between fragments;
 * UTF-8 (§8.1): text messages and close reasons must be valid UTF-8 (1007). The
   check is incremental: a text message is failed at the first invalid byte, in
-  whichever fragment, or part of a fragment, it arrives;
+  whichever fragment, or part of a fragment, it arrives (a compressed one,
+  once inflated);
+* compression (RFC 7692, with ``deflate=True``): a compressed message is
+  inflated once complete (`proto.deflate.inflate`: no context kept between
+  messages, at most ``max_size`` bytes out, 1009 past it, 1002 if it is not
+  deflate);
 * closing (§5.5.1, §7.4): a close frame of one byte, with a code no endpoint may
   send (0-999, 1004-1006, 1015, 1016-2999, 5000 and up) fails with 1002; a valid
   one is answered with its own code (an empty one with an empty one).
@@ -47,6 +53,7 @@ import os
 from typing import Final
 
 from proto.codes import CloseCode
+from proto.deflate import inflate
 from proto.wsframe import (
     OP_BINARY,
     OP_CLOSE,
@@ -98,6 +105,7 @@ TRANSITIONS: Final[dict[tuple[WSState, Event], WSState]] = {
 }
 
 _KNOWN = frozenset((OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG))
+_DATA = frozenset((OP_TEXT, OP_BINARY))  # the frames RSV1 may mark as compressed
 _utf8_decoder = codecs.getincrementaldecoder("utf-8")
 
 
@@ -131,6 +139,8 @@ class WebSocketProtocol:
         "_buffer",
         "_checked",
         "_client",
+        "_compressed",
+        "_deflate",
         "_fragments",
         "_max_size",
         "_out",
@@ -143,9 +153,11 @@ class WebSocketProtocol:
         "state",
     )
 
-    def __init__(self, max_size: int, *, client: bool = False) -> None:
+    def __init__(self, max_size: int, *, client: bool = False, deflate: bool = False) -> None:
         self._max_size = max_size
         self._client = client
+        self._deflate = deflate  # permessage-deflate negotiated: RSV1 marks a compressed message
+        self._compressed = False  # whether the message being reassembled is
         self.state = WSState.OPEN
         self._buffer = b""
         self._out = b""  # control frames to send (rare: no list held per connection)
@@ -232,6 +244,7 @@ class WebSocketProtocol:
         self.close_reason = exc.reason
         self._buffer = b""
         self._fragments = None
+        self._compressed = False
         self._utf8 = None
 
     def _parse(self, data: bytes, messages: list[bytes]) -> int:
@@ -243,7 +256,8 @@ class WebSocketProtocol:
         while size - pos >= 2:
             b0, b1 = data[pos], data[pos + 1]
             opcode = b0 & 0x0F
-            if b0 & 0x70:
+            rsv = b0 & 0x70
+            if rsv and (rsv != 0x40 or not self._deflate or opcode not in _DATA):
                 raise FrameError(PROTOCOL_ERROR, "reserved bits set")
             if opcode not in _KNOWN:
                 raise FrameError(PROTOCOL_ERROR, f"unknown opcode {opcode}")
@@ -272,7 +286,7 @@ class WebSocketProtocol:
                 head += 4
             end = pos + head + n
             if end > size:
-                if size - pos > head:
+                if size - pos > head and not rsv:
                     self._check_partial(opcode, data, pos + head, size, mask)
                 break
             payload = data[pos + head : end]
@@ -284,7 +298,7 @@ class WebSocketProtocol:
                 if self.state is WSState.CLOSED:
                     return pos
             else:
-                message = self._data(opcode, bool(b0 & 0x80), payload)
+                message = self._data(opcode, bool(b0 & 0x80), payload, bool(rsv))
                 if message is not None and self.state is WSState.OPEN:
                     messages.append(message)
         return pos
@@ -294,7 +308,7 @@ class WebSocketProtocol:
         if self._fragments is None:
             text = opcode == OP_TEXT
         else:
-            text = opcode == OP_CONT and self._text
+            text = opcode == OP_CONT and self._text and not self._compressed
         if not text or start + self._checked >= end:
             return
         chunk = data[start + self._checked : end]
@@ -307,7 +321,7 @@ class WebSocketProtocol:
         self._checked += len(chunk)
         _decode(decoder, chunk, final=False)
 
-    def _data(self, opcode: int, fin: bool, payload: bytes) -> bytes | None:
+    def _data(self, opcode: int, fin: bool, payload: bytes, compressed: bool) -> bytes | None:
         checked, self._checked = self._checked, 0
         fragments = self._fragments
         if opcode == OP_CONT:
@@ -323,6 +337,8 @@ class WebSocketProtocol:
             self._text = opcode == OP_TEXT
             if fin:  # the common case: one frame, one message
                 decoder, self._utf8 = self._utf8, None
+                if compressed:
+                    payload = inflate(payload, self._max_size)
                 if self._text and not payload.isascii():
                     if decoder is None:
                         _check_utf8(payload)
@@ -331,6 +347,16 @@ class WebSocketProtocol:
                 return payload
             self._fragments = fragments = [payload]
             self._size = len(payload)
+            self._compressed = compressed
+        if self._compressed:
+            if not fin:
+                return None
+            self._fragments = None
+            self._compressed = False
+            message = inflate(b"".join(fragments), self._max_size)
+            if self._text and not message.isascii():
+                _check_utf8(message)
+            return message
         if self._text:
             decoder = self._utf8
             if decoder is None:

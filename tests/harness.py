@@ -123,12 +123,12 @@ async def ws_client(
     elif token is not None:
         headers["Authorization"] = f"Bearer {token}"
     kw.setdefault("open_timeout", 5 * UNIT)
+    kw.setdefault("compression", None)
     async with connect(
         url,
         subprotocols=["gw.v1.msgpack" if msgpack else "gw.v1.json"],  # type: ignore[list-item]
         additional_headers=headers,
         proxy=None,
-        compression=None,
         **kw,
     ) as ws:
         yield Client(ws, msgpack)

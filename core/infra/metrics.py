@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import hmac
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from functools import partial
+from typing import Protocol
 
 import asyncpg
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 
 __all__ = [
     "METRICS_CHALLENGE",
@@ -300,6 +303,14 @@ class Metrics:
         self.channels.set_function(channels)
         self.subscriptions.set_function(subscriptions)
 
+    def watch_compression(self, counts: CompressionCounts) -> None:
+        """permessage-deflate's counters, read from the compressor at scrape time.
+
+        The compressor counts in plain integers (once per compressed message,
+        once per fan-out for the deliveries), so the hot path touches no metric.
+        """
+        self.registry.register(_CompressionCollector(counts))
+
     def watch_redis_pool(self, usage: Callable[[], tuple[int, int, int]]) -> None:
         """The Redis command pool's use (in use, size, waiters), read at scrape time."""
         self.redis_pool.labels("in_use").set_function(lambda: usage()[0])
@@ -325,6 +336,59 @@ class Metrics:
         self.broker_connected.set(1 if up else 0)
         if not up:
             self.broker_reconnects.inc()
+
+
+class CompressionCounts(Protocol):
+    """What `proto.deflate.Compressor` counts."""
+
+    frames: int
+    bytes_in: int
+    bytes_out: int
+    seconds: float
+    delivered: int
+    delivered_plain: int
+    delivered_bytes: int
+
+
+class _CompressionCollector(Collector):
+    def __init__(self, counts: CompressionCounts) -> None:
+        self._counts = counts
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        c = self._counts
+        yield CounterMetricFamily(
+            "gateway_compressed_frames",
+            "Messages compressed with permessage-deflate (once per publication per codec, "
+            "once per reply).",
+            value=c.frames,
+        )
+        payload = CounterMetricFamily(
+            "gateway_compression_payload_bytes",
+            "Bytes of the messages compressed, by stage: before and after compression.",
+            labels=["stage"],
+        )
+        payload.add_metric(["before"], c.bytes_in)
+        payload.add_metric(["after"], c.bytes_out)
+        yield payload
+        yield CounterMetricFamily(
+            "gateway_compression_seconds",
+            "Time spent compressing (divide by gateway_compressed_frames for the mean).",
+            value=c.seconds,
+        )
+        yield CounterMetricFamily(
+            "gateway_compressed_deliveries",
+            "Publications and events delivered as a shared compressed frame.",
+            value=c.delivered,
+        )
+        sent = CounterMetricFamily(
+            "gateway_compressed_delivery_bytes",
+            "Frame bytes of those deliveries, by stage: as they would have been sent without "
+            "compression (before) and as sent (after).",
+            labels=["stage"],
+        )
+        sent.add_metric(["before"], c.delivered_plain)
+        sent.add_metric(["after"], c.delivered_bytes)
+        yield sent
 
 
 #: The 401 of a scrape without the token: message and ``WWW-Authenticate`` (RFC 6750).

@@ -69,6 +69,13 @@ def _choice(*allowed: str) -> Callable[[str], str]:
     return parse
 
 
+def _zlib_level(raw: str) -> int:
+    value = int(raw)
+    if not 1 <= value <= 9:
+        raise ValueError(f"expected a zlib level from 1 to 9, got {raw!r}")
+    return value
+
+
 def _port(raw: str) -> int:
     value = int(raw)
     if not 0 <= value <= 65535:
@@ -658,6 +665,25 @@ class Settings:
         "MAX_FRAME_BYTES",
         "Largest client frame; larger closes with 1009.",
         _positive_int,
+    )
+    compression: bool = _setting(
+        False,
+        "COMPRESSION",
+        "permessage-deflate (RFC 7692) for sockets whose client offers it (browsers do): off or "
+        "on. Each publication is compressed once per codec for every compressing subscriber.",
+        _bool,
+    )
+    compression_min_bytes: int = _setting(
+        256,
+        "COMPRESSION_MIN_BYTES",
+        "With COMPRESSION: messages shorter than this (bytes) are sent uncompressed.",
+        _non_negative_int,
+    )
+    compression_level: int = _setting(
+        6,
+        "COMPRESSION_LEVEL",
+        "With COMPRESSION: the zlib level, 1 (fastest) to 9 (smallest).",
+        _zlib_level,
     )
     max_publish_bytes: int = _setting(
         65536, "MAX_PUBLISH_BYTES", "Largest data a client may publish (bytes).", _positive_int

@@ -11,7 +11,9 @@ HTTP/1.1 connection parses the request; `_Upgrade` checks it, and then:
   process (503, see below);
 * the request must be well formed (RFC 6455 §4.2.1): HTTP/1.1 (else 505)
   and a ``Sec-WebSocket-Key`` that is the base64 of 16 bytes (else 400);
-* the codec is chosen from ``Sec-WebSocket-Protocol``;
+* the codec is chosen from ``Sec-WebSocket-Protocol``; with
+  ``COMPRESSION=on``, permessage-deflate is agreed from
+  ``Sec-WebSocket-Extensions`` (`proto.deflate.negotiate`);
 * the socket is detached from Tornado's stream and given to the event
   loop's transport with a `WSConnection`, which writes the 101 and carries
   the connection from there on, starting with any bytes the client sent
@@ -49,6 +51,7 @@ from gateway.transport.admission import admit_hooked, admit_request
 from gateway.transport.delegate import BodylessRequest
 from gateway.transport.wsconn import WSConnection
 from proto import Codec, select_codec
+from proto.deflate import Agreement, negotiate
 from proto.wsprotocol import WebSocketProtocol
 
 __all__ = ["WebSocketServer", "accept_value"]
@@ -101,7 +104,7 @@ class _Upgrade(BodylessRequest):
             _, _, query = start.path.partition("?")
             token = parse_qs(query).get("token", [None])[0] if query else None
             identity = await admit_request(ctx, remote_ip, headers, token)
-            codec, response = _handshake(ctx, start, headers)
+            codec, agreement, response = _handshake(ctx, start, headers)
             if ctx.hooks is not None and ctx.hooks.connect is not None:
                 # After every check of its own: the backend is asked only about
                 # requests the gateway would admit.
@@ -123,10 +126,15 @@ class _Upgrade(BodylessRequest):
         except Exception as exc:
             self._refuse(from_exception(exc, "the WebSocket handshake"))
             return
-        await self._upgrade(identity, codec, response, remote_ip)
+        await self._upgrade(identity, codec, response, remote_ip, agreement)
 
     async def _upgrade(
-        self, identity: Identity, codec: Codec, response: bytes, remote_ip: str
+        self,
+        identity: Identity,
+        codec: Codec,
+        response: bytes,
+        remote_ip: str,
+        agreement: Agreement | None = None,
     ) -> None:
         ctx = self._server.ctx
         settings = ctx.settings
@@ -150,7 +158,7 @@ class _Upgrade(BodylessRequest):
         finally:
             stream.close()
         ws = WSConnection(response, codec, make_session, ctx.metrics, settings.max_frame_bytes,
-                          ctx.coalescer, early)  # fmt: skip
+                          ctx.coalescer, early, ctx.compressor if agreement else None, agreement)  # fmt: skip
         try:
             transport, _ = await asyncio.get_running_loop().connect_accepted_socket(
                 lambda: ws, sock
@@ -198,8 +206,8 @@ def _refusal(exc: ApiError, head_only: bool) -> bytes:
 
 def _handshake(
     ctx: Context, start: httputil.RequestStartLine, headers: httputil.HTTPHeaders
-) -> tuple[Codec, bytes]:
-    """The codec and the 101 response for a valid upgrade request; `ApiError` otherwise."""
+) -> tuple[Codec, Agreement | None, bytes]:
+    """The codec, compression and 101 response for a valid upgrade request; `ApiError` otherwise."""
     try:
         key = _upgrade_key(start, headers)
     except ApiError:
@@ -218,13 +226,18 @@ def _handshake(
                        headers={"Retry-After": "1"})  # fmt: skip
     offered = [p.strip() for p in headers.get("Sec-WebSocket-Protocol", "").split(",") if p.strip()]
     codec, name = select_codec(offered)
+    agreement = None
+    if ctx.compressor is not None:
+        agreement = negotiate(headers.get_list("Sec-WebSocket-Extensions"))
     response = (
         b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
         b"Sec-WebSocket-Accept: " + accept_value(key).encode() + b"\r\n"
         + (b"Sec-WebSocket-Protocol: " + name.encode() + b"\r\n" if name else b"")
+        + (b"Sec-WebSocket-Extensions: " + agreement.response.encode() + b"\r\n"
+           if agreement else b"")
         + b"\r\n"
     )  # fmt: skip
-    return codec, response
+    return codec, agreement, response
 
 
 def _upgrade_key(start: httputil.RequestStartLine, headers: httputil.HTTPHeaders) -> str:

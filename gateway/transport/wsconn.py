@@ -6,7 +6,8 @@ object, so an idle connection holds no handler, request, headers, stream,
 coroutine or task: only the transport, this protocol and its `Session`.
 
 * Bytes in go to a `proto.wsprotocol.WebSocketProtocol` (framing, UTF-8,
-  the closing handshake), which returns the messages they complete.
+  the closing handshake, inflating compressed messages), which returns the
+  messages they complete.
   Commands run in order, one task at a time, and only while there are
   some; past `MAX_INBOX` waiting frames the socket stops reading.
 * Writes are coalesced: frames for a socket queue in a list until the end
@@ -17,6 +18,10 @@ coroutine or task: only the transport, this protocol and its `Session`.
   A socket that already has a backlog is given the frames themselves
   (shared by all their recipients) rather than its own joined copy, so
   what the send budget counts is what the backlogs really hold.
+* With permessage-deflate agreed (`proto.deflate`), a publication goes as
+  the frame compressed once per codec for every such socket
+  (`Prepared.ws_frame_deflated`), a reply compressed by the process's one
+  compressor; the socket itself holds no zlib state, only two references.
 * The transport's high-water mark is the send buffer bound
   (``SEND_BUFFER_BYTES``): when the event loop says to pause writing, the
   client is a slow consumer and is closed with 4001.
@@ -50,6 +55,7 @@ from core.infra.tasks import TaskSet
 from gateway.hub import Prepared
 from gateway.session import Session
 from proto import CloseCode, Codec, close_reason, frame, reason_for
+from proto.deflate import Agreement, Compressor
 from proto.wsframe import OP_PING
 from proto.wsprotocol import WebSocketProtocol, WSState
 
@@ -207,9 +213,11 @@ class WSConnection(asyncio.Protocol):
     kind: ClassVar[str] = "websocket"
 
     __slots__ = (
+        "_agreement",
         "_closing",
         "_coalescer",
         "_code",
+        "_compressor",
         "_early",
         "_end",
         "_inbox",
@@ -236,6 +244,8 @@ class WSConnection(asyncio.Protocol):
         max_frame: int,
         coalescer: Coalescer,
         early: bytes = b"",
+        compressor: Compressor | None = None,
+        agreement: Agreement | None = None,
     ) -> None:
         self._response = response  # the 101, written first
         self._early = early  # what the client sent behind its upgrade request
@@ -246,7 +256,9 @@ class WSConnection(asyncio.Protocol):
         self._pending: list[bytes] | None = None
         self.transport: Any = None  # asyncio.Transport (uvloop's is not a subclass)
         self.session: Session | None = None
-        self._protocol = WebSocketProtocol(max_frame)
+        self._protocol = WebSocketProtocol(max_frame, deflate=agreement is not None)
+        self._compressor = compressor if agreement is not None else None
+        self._agreement = agreement
         self._end: bytes | None = None  # the protocol's last frames, once it closed
         self._inbox: collections.deque[bytes] | None = None
         self._running = False
@@ -420,10 +432,23 @@ class WSConnection(asyncio.Protocol):
     # -- Transport (what the Session uses) ---------------------------------
 
     def send(self, payload: bytes) -> None:
+        compressor = self._compressor
+        if compressor is not None and self._agreement is not None:
+            n = len(payload)
+            if compressor.worth(n) and n <= self._agreement.max_bytes:
+                compressed = compressor.compress(payload)
+                if len(compressed) < n:
+                    self._write(frame(compressed, self.codec.binary, compressed=True))
+                    return
         self._write(frame(payload, self.codec.binary))
 
     def deliver(self, prepared: Prepared, codec: Codec) -> None:
-        self._write(prepared.ws_frame(codec))
+        compressor = self._compressor
+        if compressor is None:
+            self._write(prepared.ws_frame(codec))
+        else:
+            assert self._agreement is not None
+            self._write(prepared.ws_frame_deflated(codec, compressor, self._agreement))
 
     def disconnect(self, code: int, reason: str | None = None) -> None:
         self._close(int(code), reason_for(code) if reason is None else reason)
