@@ -188,8 +188,13 @@ def run_scenario(
     log: Path,
     extra: dict[str, str] | None = None,
     channel: str = "bench",
+    load_args: tuple[str, ...] = (),
 ) -> dict[str, Any]:
-    """One run of the load tool against a fresh ``server`` (the gateway's ``extra`` settings)."""
+    """One run of the load tool against a fresh ``server`` (the gateway's ``extra`` settings).
+
+    ``load_args``: more options for the load tool. The report gains the
+    server's CPU seconds and the bytes it wrote to sockets (``wchar``) during the run.
+    """
     with _server(server, log, extra) as (port, pid):
         argv = [
             *_pin(1), sys.executable, "-W", "ignore", "-m", "gateway.loadtest", "--json", "--quiet",
@@ -197,15 +202,16 @@ def run_scenario(
             "-n", str(scenario.connections), "--rate", str(scenario.rate),
             "--messages", str(scenario.messages), "--server-pid", str(pid),
             "--channel", f"{channel}-{scenario.name}-{os.getpid()}-{time.monotonic_ns()}",
-            "--settle", "3", "--drain", "15", "--timeout", "60",
+            "--settle", "3", "--drain", "15", "--timeout", "60", *load_args,
         ]  # fmt: skip
-        cpu = cpu_seconds(pid)
+        cpu, wrote = cpu_seconds(pid), written_bytes(pid)
         done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=900)
-        cpu = cpu_seconds(pid) - cpu
+        cpu, wrote = cpu_seconds(pid) - cpu, written_bytes(pid) - wrote
     if not done.stdout.strip():
         raise RuntimeError(f"load tool failed: {done.stderr[-2000:]}")
     report: dict[str, Any] = json.loads(done.stdout)
     report["server_cpu_seconds"] = round(cpu, 3)
+    report["server_written_bytes"] = wrote
     return report
 
 
@@ -213,6 +219,14 @@ def cpu_seconds(pid: int) -> float:
     """CPU time (user + system) process ``pid`` has used so far (Linux ``/proc``)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def written_bytes(pid: int) -> int:
+    """Bytes process ``pid`` has passed to write and send calls so far (Linux ``/proc``, wchar)."""
+    for line in Path(f"/proc/{pid}/io").read_text().splitlines():
+        if line.startswith("wchar:"):
+            return int(line.split()[1])
+    return 0
 
 
 def _figures(report: dict[str, Any]) -> dict[str, float]:

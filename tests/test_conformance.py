@@ -84,5 +84,5 @@ def test_case_ids_are_unique_and_known_failures_name_cases() -> None:
 
 
 def test_the_suite_is_the_size_issue_14_asks_for() -> None:
-    assert 150 <= len(CASES) <= 300
+    assert 150 <= len(CASES) <= 350  # issue 14 asked for 150-300; issue 20 added 50 (12, 13)
     assert {c.group for c in CASES} == set(GROUPS)

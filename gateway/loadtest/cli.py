@@ -41,7 +41,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 from urllib.parse import urlsplit
 
 import jwt
@@ -150,6 +150,14 @@ class _Run:
         print(line if tty else line.strip(), end="" if tty else "\n", file=sys.stderr, flush=True)
 
 
+def _pad_json(file: BinaryIO | None) -> bytes:
+    """The JSON value of ``--payload-json``, checked, as one line of bytes."""
+    if file is None:
+        return b""
+    with file:
+        return json.dumps(json.load(file), separators=(",", ":")).encode()
+
+
 def _split(items: list[Any], n: int) -> list[list[Any]]:
     return [items[i::n] for i in range(n)]
 
@@ -198,7 +206,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         WorkerSpec(i, endpoints, args.path, args.mode, share, sources, names, group_share,
                    args.concurrency, per_process_rate, args.timeout, bool(args.broadcast),
                    args.reconnect and args.mode != "longpoll", args.backoff, args.backoff_max,
-                   role_shares[i], args.slow_rate, args.laggard_mss, args.laggard_rcvbuf)
+                   role_shares[i], args.slow_rate, args.laggard_mss, args.laggard_rcvbuf,
+                   args.compression)
         for i, (share, group_share) in enumerate(zip(_split(tokens, processes),
                                                      _split(groups, processes), strict=True))
     ]  # fmt: skip
@@ -217,6 +226,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.redis_url, args.prefix,
         tuple(p.strip() for p in args.history_channels.split(",") if p.strip()),
         args.history_size, args.history_ttl, urls, pub_token,
+        _pad_json(args.payload_json),
     )  # fmt: skip
     run = _Run(args, pipes, Kill(args.kill_after, args.kill_pid, args.kill_cmd))
     try:

@@ -10,7 +10,10 @@ from __future__ import annotations
 import base64
 import os
 
-__all__ = ["handshake_request", "new_key"]
+__all__ = ["OFFER", "handshake_request", "new_key"]
+
+#: What Chromium offers (RFC 7692).
+OFFER = "permessage-deflate; client_max_window_bits"
 
 
 def new_key() -> str:
@@ -18,9 +21,16 @@ def new_key() -> str:
     return base64.b64encode(os.urandom(16)).decode()
 
 
-def handshake_request(host: str, path: str, token: str | None, *, key: str | None = None) -> bytes:
-    """The upgrade request (JSON, the default subprotocol); the token travels in ``Authorization``."""
+def handshake_request(
+    host: str, path: str, token: str | None, *, key: str | None = None, compression: bool = False
+) -> bytes:
+    """The upgrade request (JSON, the default subprotocol); the token travels in ``Authorization``.
+
+    ``compression``: it offers permessage-deflate as Chromium does.
+    """
     auth = f"Authorization: Bearer {token}\r\n" if token else ""
+    if compression:
+        auth += f"Sec-WebSocket-Extensions: {OFFER}\r\n"
     return (
         f"GET {path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
         f"Sec-WebSocket-Key: {key or new_key()}\r\nSec-WebSocket-Version: 13\r\n{auth}\r\n"

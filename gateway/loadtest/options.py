@@ -105,6 +105,18 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--messages", type=int, default=100, help="publications to send")
     p.add_argument("--payload-bytes", type=int, default=0, help="padding added to each publication")
     p.add_argument(
+        "--payload-json",
+        type=argparse.FileType("rb"),
+        help="a file holding a JSON value added to each publication (as its pad): a realistic "
+        "body, which compresses as real data does (--payload-bytes pads with x's)",
+    )
+    p.add_argument(
+        "--compression",
+        action="store_true",
+        help="offer permessage-deflate on every socket, as browsers do (the gateway's "
+        "COMPRESSION=on accepts it)",
+    )
+    p.add_argument(
         "--drain",
         type=float,
         default=10.0,

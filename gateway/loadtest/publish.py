@@ -48,6 +48,7 @@ class Publishing:
     history_ttl: float = 300.0
     urls: list[str] = field(default_factory=list)
     token: str | None = None
+    pad_json: bytes = b""  # a JSON value sent as each publication's "pad" (--payload-json)
     #: per channel: publications sent (the next sequence number)
     sent: list[int] = field(default_factory=list)
     #: (channel << 32 | seq) -> wall-clock send time
@@ -114,6 +115,8 @@ async def publish_all(
     send, close = await _sender(p)
     p.sent = [0] * len(p.names)
     pad = b',"pad":"' + b"x" * p.payload_bytes + b'"' if p.payload_bytes else b""
+    if p.pad_json:
+        pad = b',"pad":' + p.pad_json
     start = time.monotonic()
     started(start)
     next_tick = start

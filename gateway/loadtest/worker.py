@@ -60,6 +60,7 @@ class WorkerSpec:
     slow_rate: float = 0.0  # bytes a second a slow socket reads
     laggard_mss: int = 0  # TCP_MAXSEG of the laggards' sockets (0: the system's)
     laggard_rcvbuf: int = 0  # SO_RCVBUF of the laggards' sockets (0: the system's)
+    compression: bool = False  # offer permessage-deflate (--compression)
 
 
 def worker_main(spec: WorkerSpec, pipe: Connection) -> None:
@@ -227,7 +228,8 @@ class _Worker:
         laggard: LaggardClient | None = None
         try:
             if role != READER:
-                request = handshake_request(f"{host}:{port}", spec.path, token)
+                request = handshake_request(f"{host}:{port}", spec.path, token,
+                                            compression=spec.compression)  # fmt: skip
                 lag = laggard = LaggardClient(request, channels, self.laggard_tallies[role], done,
                                               ledger, role=role, rate=spec.slow_rate)  # fmt: skip
                 self.clients.append(lag)
@@ -248,7 +250,8 @@ class _Worker:
                     request = sse_request(f"{host}:{port}", channels, token)
                     client = SSEClient(request, channels, self.tally, done, ledger, owner)
                 else:
-                    request = handshake_request(f"{host}:{port}", spec.path, token)
+                    request = handshake_request(f"{host}:{port}", spec.path, token,
+                                                compression=spec.compression)  # fmt: skip
                     client = WSClient(request, channels, self.tally, done, ledger, owner)
                 self.clients.append(client)
                 await loop.create_connection(lambda: client, host, port, local_addr=local)

@@ -5,7 +5,8 @@ object with no task, no future and no buffer while idle: the handshake is
 written on connect (`gateway.loadtest.handshake`), and from the 101 on the
 bytes go through the gateway's own sans-I/O protocol object, client side
 (`proto.wsprotocol.WebSocketProtocol`: framing, fragments, UTF-8, pongs and
-the closing handshake by RFC 6455's rules), whose messages are timed and
+the closing handshake by RFC 6455's rules, compressed messages inflated once
+``--compression`` was agreed), whose messages are timed and
 counted into the process's `Tally` and the socket's `Ledger`. Client frames
 are masked (RFC 6455 §5.3).
 
@@ -104,7 +105,9 @@ class WSClient(StreamClient):
             if rest is None:
                 return
             assert self.transport is not None
-            self.ws = WebSocketProtocol(MAX_MESSAGE, client=True)
+            # The server agreed to compress (it offers nothing a request did not).
+            deflate = b"permessage-deflate" in data[: len(data) - len(rest)].lower()
+            self.ws = WebSocketProtocol(MAX_MESSAGE, client=True, deflate=deflate)
             for slot, ch in enumerate(self.channels):
                 sub = Sub(id=slot + 1, ch=ch, since=self.ledger.since(slot))
                 self.transport.write(client_frame(JSON.command(sub)))

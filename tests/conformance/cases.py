@@ -3,7 +3,10 @@
 Ids follow Autobahn's where a case does what Autobahn's case of that id
 does (``1.1.1`` ... ``7.13.1``; its group 9 is performance, ours is
 limits). Ids past Autobahn's last one in a group are ours. ``H.n`` is the
-handshake, which Autobahn does not test.
+handshake, which Autobahn does not test. Groups 12 and 13 are
+permessage-deflate (RFC 7692) as Autobahn groups it: compressed messages,
+and the negotiation (``offer`` on a case: its ``Sec-WebSocket-Extensions``,
+``agreed``: whether the server must accept it).
 
 Every case is a script of writes (`Send`, `Pause`) on a fresh connection and
 one *expected verdict*, observable on the wire and the same for every
@@ -30,11 +33,13 @@ against the gateway is the gateway's, not the suite's.
 
 from __future__ import annotations
 
+import os
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from tests.conformance.utf8 import kuhn_sequences
-from tests.conformance.wire import close_payload, frame, upgrade_request
+from tests.conformance.wire import close_payload, deflate, frame, upgrade_request
 
 __all__ = [
     "CASES",
@@ -62,6 +67,8 @@ GROUPS: dict[str, str] = {
     "6": "UTF-8",
     "7": "close",
     "9": "limits",
+    "12": "compression",
+    "13": "compression negotiation",
     "H": "handshake",
 }
 
@@ -138,6 +145,8 @@ class Case:
     with_request: bool = False  # the first Send goes out in the upgrade request's write
     reference: str | None = None  # why the reference is not held to this case
     drip: bool = False  # the request is written a byte at a time (`Cut`)
+    offer: str | None = None  # Sec-WebSocket-Extensions of the request
+    agreed: bool | None = None  # whether the server must accept ``offer`` (None: either)
 
     @property
     def group(self) -> str:
@@ -1047,6 +1056,270 @@ def _handshake() -> list[Case]:
     ]
 
 
+CHROME = "permessage-deflate; client_max_window_bits"
+NO_CLIENT_CONTEXT = (
+    "websockets does not answer client_no_context_takeover, so its clients may keep their "
+    "context between messages: the case does not apply to it"
+)
+
+
+def _z(opcode: int, data: bytes, chop: int | None = None, **kw: object) -> Send:
+    """A compressed message in one frame (RSV1), compressed on its own."""
+    return _s(opcode, deflate(data), chop, rsv=4, **kw)
+
+
+def _compressed(
+    id: str, title: str, steps: tuple[Step, ...], expect: Expect, reference: str | None = None
+) -> Case:
+    """A case on a connection that offered what Chromium offers, which must be accepted."""
+    return Case(id, title, steps, expect, offer=CHROME, agreed=True, reference=reference)
+
+
+def _compression(max_size: int) -> list[Case]:
+    cases: list[Case] = []
+    for i, n in enumerate((32, 125, 1024, 4096, 16384, 65535, max_size), 1):
+        cases.append(
+            _compressed(
+                f"12.1.{i}",
+                f"compressed text message of {n} bytes",
+                (_z(TEXT, command(n)),),
+                Replies(),
+            )
+        )
+    for i, n in enumerate((128, 4096, max_size), 1):
+        cases.append(
+            _compressed(
+                f"12.2.{i}",
+                f"compressed binary message of {n} bytes",
+                (_z(BINARY, b"\xfe" * n),),
+                Replies(),
+            )
+        )
+    z = deflate(command(300))
+    f1 = frame(TEXT, z[:7], fin=False, rsv=4)
+    f2 = frame(CONT, z[7:])
+    ping = frame(PING, b"between")
+    ten = b"".join(frame(TEXT, deflate(command(200, id=i)), rsv=4) for i in range(1, 11))
+    one_byte = b"".join(
+        frame(TEXT if i == 0 else CONT, z[i : i + 1], fin=i == len(z) - 1, rsv=4 if i == 0 else 0)
+        for i in range(len(z))
+    )
+    cases += [
+        _compressed("12.3.1", "compressed message in two fragments", (Send(f1 + f2),), Replies()),
+        _compressed(
+            "12.3.2",
+            "compressed message in two fragments, frame by frame",
+            (Send(f1), Pause(0.05), Send(f2)),
+            Replies(),
+        ),
+        _compressed(
+            "12.3.3",
+            "compressed message in two fragments, a byte at a time",
+            (Send(f1 + f2, 1),),
+            Replies(),
+        ),
+        _compressed(
+            "12.3.4",
+            "compressed fragments with a ping between",
+            (Send(f1 + ping + f2),),
+            Replies(1, (b"between",)),
+        ),
+        _compressed(
+            "12.3.5", "compressed message in one-byte fragments", (Send(one_byte),), Replies()
+        ),
+        _compressed(
+            "12.4.1",
+            "a plain message on a compressing connection",
+            (_s(TEXT, command(300)),),
+            Replies(),
+        ),
+        _compressed(
+            "12.4.2",
+            "ten compressed messages in one write; the server's compressed replies inflate as "
+            "its answer says (each on its own after server_no_context_takeover)",
+            (Send(ten),),
+            Replies(10),
+        ),
+        _compressed(
+            "12.4.3",
+            "compressed, plain, compressed",
+            (_z(TEXT, command(400, 1)), _s(TEXT, command(400, 2)), _z(TEXT, command(400, 3))),
+            Replies(3),
+        ),
+        _compressed(
+            "12.4.4",
+            "an empty message compressed as one 0x00 byte (RFC 7692 §7.2.3.6)",
+            (_s(BINARY, b"\x00", rsv=4),),
+            Replies(),
+        ),
+        _compressed(
+            "12.5.1",
+            "RSV1 on a continuation frame",
+            (Send(f1 + frame(CONT, z[7:], rsv=4)),),
+            Closes(PROTOCOL),
+        ),
+        _compressed("12.5.2", "RSV1 on a ping", (_s(PING, b"x", rsv=4),), Closes(PROTOCOL)),
+        _compressed(
+            "12.5.3",
+            "RSV1 on a close",
+            (_s(CLOSE, close_payload(1000), rsv=4),),
+            Closes(PROTOCOL, drop_ok=True),
+        ),
+        _compressed(
+            "12.5.4",
+            "RSV2 on a compressed message",
+            (_s(TEXT, deflate(command()), rsv=6),),
+            Closes(PROTOCOL),
+        ),
+        _compressed(
+            "12.5.5",
+            "a compressed message that is not deflate",
+            (_s(TEXT, b"\xff\xff\xff\xff", rsv=4),),
+            Closes(PROTOCOL),
+        ),
+        _compressed(
+            "12.5.6",
+            "a compressed text message that is not UTF-8 once inflated",
+            (_z(TEXT, b"\xed\xa0\x80 " * 50),),
+            Closes(_codes(1007)),
+        ),
+        _compressed(
+            "12.5.7",
+            "a message, then data that is not deflate, in one write: the reply comes first",
+            (Send(frame(TEXT, command()) + frame(TEXT, b"\xff\xff\xff\xff", rsv=4)),),
+            Closes(PROTOCOL, before=1),
+            reference=NOT_ECHOED,
+        ),
+        Case(
+            "12.5.8",
+            "RSV1 on a real compressed message, the extension not offered",
+            (_z(TEXT, command(300)),),
+            Closes(PROTOCOL),
+        ),
+        _compressed(
+            "12.6.1",
+            "the second message refers back into the first (the client kept its context "
+            "after client_no_context_takeover)",
+            (Send(_takeover_pair()),),
+            Closes(PROTOCOL, before=1),
+            reference=NO_CLIENT_CONTEXT,
+        ),
+        _compressed(
+            "12.7.1",
+            "a compressed message of MAX_FRAME_BYTES + 1 once inflated",
+            (_z(TEXT, b" " * (max_size + 1)),),
+            Closes(_codes(1009)),
+        ),
+        _compressed(
+            "12.7.2",
+            "a decompression bomb: 32 KiB compressed, 32 MiB inflated",
+            (_z(BINARY, b"\x00" * (32 << 20)),),
+            Closes(_codes(1009)),
+        ),
+        _compressed(
+            "12.7.3",
+            "a fragmented decompression bomb, every fragment small",
+            (Send(_fragments(deflate(b"\x00" * (16 << 20)), 4096)),),
+            Closes(_codes(1009)),
+        ),
+        _compressed(
+            "12.7.4",
+            "a compressed frame of MAX_FRAME_BYTES + 1 (incompressible), refused at its header",
+            _split(frame(BINARY, os.urandom(max_size + 1), rsv=4)),
+            Closes(_codes(1009)),
+        ),
+    ]
+    return cases
+
+
+def _takeover_pair() -> bytes:
+    """Two messages compressed in one stream: the second refers back into the first."""
+    z = zlib.compressobj(9, zlib.DEFLATED, -9)
+    body = command(200)
+    one = z.compress(body) + z.flush(zlib.Z_SYNC_FLUSH)
+    two = z.compress(body) + z.flush(zlib.Z_SYNC_FLUSH)
+    assert len(two) < 20  # nothing but a reference into the first
+    return frame(TEXT, one[:-4], rsv=4) + frame(TEXT, two[:-4], rsv=4)
+
+
+def _fragments(data: bytes, size: int) -> bytes:
+    """``data`` as one compressed binary message in fragments of ``size`` bytes."""
+    parts = [data[i : i + size] for i in range(0, len(data), size)]
+    return b"".join(
+        frame(BINARY if i == 0 else CONT, part, fin=i == len(parts) - 1, rsv=4 if i == 0 else 0)
+        for i, part in enumerate(parts)
+    )
+
+
+_ACCEPTED = (
+    ("permessage-deflate", "the bare offer (Firefox, Safari)"),
+    (CHROME, "client_max_window_bits without a value (Chromium, websockets)"),
+    ("permessage-deflate; client_no_context_takeover", "client_no_context_takeover"),
+    ("permessage-deflate; server_no_context_takeover", "server_no_context_takeover"),
+    (
+        "permessage-deflate; server_no_context_takeover; client_no_context_takeover",
+        "both no_context_takeover",
+    ),
+    ("permessage-deflate; server_max_window_bits=9", "server_max_window_bits=9"),
+    ("permessage-deflate; client_max_window_bits=9", "client_max_window_bits=9"),
+    (
+        "permessage-deflate; server_max_window_bits=15; client_max_window_bits=15",
+        "both windows at 15",
+    ),
+    ('permessage-deflate; client_max_window_bits="10"', "a quoted value"),
+    ("permessage-deflate; x_unknown=1, permessage-deflate", "a bad offer, then a good one"),
+)
+_DECLINED = (
+    ("permessage-deflate; x_unknown", "an unknown parameter"),
+    ("permessage-deflate; server_max_window_bits=16", "server_max_window_bits=16"),
+    ("permessage-deflate; server_max_window_bits=7", "server_max_window_bits=7"),
+    ("permessage-deflate; server_max_window_bits", "server_max_window_bits without a value"),
+    (
+        "permessage-deflate; client_no_context_takeover; client_no_context_takeover",
+        "a repeated parameter",
+    ),
+    ("permessage-deflate; server_no_context_takeover=1", "a value on a flag"),
+    ("x-webkit-deflate-frame", "another extension only"),
+)
+
+
+def _negotiation() -> list[Case]:
+    big = command(4096)  # over a 512-byte window: its compressed reply must respect it
+    cases = [
+        Case(
+            f"13.{i}",
+            f"offer accepted: {title}",
+            (_z(TEXT, big),),
+            Replies(),
+            offer=offer,
+            agreed=True,
+        )
+        for i, (offer, title) in enumerate(_ACCEPTED, 1)
+    ]
+    cases += [
+        Case(
+            f"13.{i}",
+            f"offer declined, the socket still opens: {title}",
+            (_s(TEXT, big),),
+            Replies(),
+            offer=offer,
+            agreed=False,
+        )
+        for i, (offer, title) in enumerate(_DECLINED, len(cases) + 1)
+    ]
+    cases.append(
+        Case(
+            f"13.{len(cases) + 1}",
+            "RSV1 after a declined offer",
+            (_z(TEXT, big),),
+            Closes(PROTOCOL),
+            offer=_DECLINED[0][0],
+            agreed=False,
+        )
+    )
+    return cases
+
+
 def build_cases(max_size: int = 65536) -> list[Case]:
     """Every case, for servers whose largest message is ``max_size`` bytes."""
     cases = (
@@ -1058,6 +1331,8 @@ def build_cases(max_size: int = 65536) -> list[Case]:
         + _utf8()
         + _close_cases()
         + _limits(max_size)
+        + _compression(max_size)
+        + _negotiation()
         + _handshake()
     )
     ids = [c.id for c in cases]

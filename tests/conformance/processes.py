@@ -132,6 +132,9 @@ def gateway_process(database_url: str, **env: str) -> Iterator[tuple[ServerProce
             "MAX_HEADER_BYTES": str(MAX_HEADER_BYTES),
             # Every case connects from 127.0.0.1: the per-IP connect rate is not under test.
             "RATE_CONNECT_IP": "off",
+            # Compression for the cases that offer it (groups 12, 13), every reply compressed.
+            "COMPRESSION": "on",
+            "COMPRESSION_MIN_BYTES": "0",
             "PYTHONUNBUFFERED": "1",
             **env,
         }

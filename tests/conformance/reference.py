@@ -37,7 +37,7 @@ async def _serve(port: int, max_size: int, open_timeout: float) -> None:
         port,
         max_size=max_size,
         open_timeout=open_timeout,
-        compression=None,
+        compression="deflate",  # only for the cases that offer it (groups 12, 13)
         ping_interval=None,
     ):
         print("ready", flush=True)

@@ -14,9 +14,11 @@ from dataclasses import dataclass
 from tests.conformance.cases import Case, Closes, Cut, Http, Pause, Replies, Send, Target
 from tests.conformance.wire import (
     Event,
+    Inflater,
     Recorder,
     accept_for,
     close_payload,
+    extension_answer,
     frame,
     read_head,
     set_nodelay,
@@ -72,7 +74,10 @@ async def _play(case: Case, target: Target) -> str:
     try:
         if isinstance(case.expect, Cut):
             return await _cut(case, target, reader, writer)
-        build = case.request or (lambda t: upgrade_request(t.path, f"{t.host}:{t.port}"))
+        extra = () if case.offer is None else (("Sec-WebSocket-Extensions", case.offer),)
+        build = case.request or (
+            lambda t: upgrade_request(t.path, f"{t.host}:{t.port}", extra=extra)
+        )
         request, key = build(target)
         steps = list(case.steps)
         if case.with_request and steps and isinstance(first := steps[0], Send):
@@ -91,7 +96,8 @@ async def _play(case: Case, target: Target) -> str:
             raise _Failed(f"upgrade answered {status or 'by closing'}")
         if headers.get("sec-websocket-accept") != accept_for(key):
             raise _Failed("wrong Sec-WebSocket-Accept")
-        recorder = Recorder(reader, rest)
+        answer = _judge_answer(case, headers)
+        recorder = Recorder(reader, rest, inflater=None if answer is None else Inflater(answer))
         task = asyncio.create_task(recorder.run())
         try:
             return await _session(case, steps, recorder, writer)
@@ -103,6 +109,44 @@ async def _play(case: Case, target: Target) -> str:
         writer.close()
         with contextlib.suppress(OSError):
             await writer.wait_closed()
+
+
+def _judge_answer(case: Case, headers: dict[str, str]) -> dict[str, str | None] | None:
+    """The permessage-deflate the server agreed to, checked against the offer (RFC 7692 §7.1)."""
+    answer = extension_answer(headers)
+    if answer is None and "sec-websocket-extensions" in headers:
+        raise _Failed(f"an extension nobody offered: {headers['sec-websocket-extensions']}")
+    if case.agreed is not None and (answer is not None) != case.agreed:
+        raise _Failed(f"offer {case.offer!r} {'declined' if case.agreed else 'accepted'}")
+    if answer is None:
+        return None
+    if case.offer is None:
+        raise _Failed("permessage-deflate agreed without an offer")
+    offered = [
+        {p.split("=")[0].strip(): p.partition("=")[2].strip().strip('"') for p in o.split(";")[1:]}
+        for o in case.offer.split(",")
+        if o.split(";")[0].strip().lower() == "permessage-deflate"
+    ]
+    known = {"server_no_context_takeover", "client_no_context_takeover",
+             "server_max_window_bits", "client_max_window_bits"}  # fmt: skip
+    if set(answer) - known:
+        raise _Failed(f"unknown parameters in the answer: {sorted(set(answer) - known)}")
+    for name in ("server_max_window_bits", "client_max_window_bits"):
+        value = answer.get(name)
+        if name in answer and (value is None or not value.isdigit() or not 8 <= int(value) <= 15):
+            raise _Failed(f"{name}={value} in the answer")
+    # Some offer must allow the answer: a server window no wider than asked, a client
+    # window only if offered, server_no_context_takeover if asked for.
+    for params in offered:
+        limit = params.get("server_max_window_bits")
+        if limit and int(answer.get("server_max_window_bits") or 15) > int(limit):
+            continue
+        if "client_max_window_bits" in answer and "client_max_window_bits" not in params:
+            continue
+        if "server_no_context_takeover" in params and "server_no_context_takeover" not in answer:
+            continue
+        return answer
+    raise _Failed(f"an answer no offer allows: {headers['sec-websocket-extensions']}")
 
 
 def _judge_http(expect: Http, status: int, headers: dict[str, str]) -> str:

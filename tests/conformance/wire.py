@@ -4,7 +4,9 @@ Nothing here comes from the gateway or from `websockets`: the suite must not
 share a parser with either server it judges. Frames are built bit by bit
 (any opcode, reserved bits, FIN, mask or length encoding, valid or not) and
 the server's frames are parsed with a deliberately small reader that records
-what it sees instead of judging it.
+what it sees instead of judging it. Compressed messages (RFC 7692) are made
+and inflated with `zlib` directly, as the answer to the offer says: the
+server's window, and whether it keeps its context between messages.
 """
 
 from __future__ import annotations
@@ -14,13 +16,17 @@ import base64
 import hashlib
 import os
 import socket
+import zlib
 from dataclasses import dataclass, field
 
 __all__ = [
     "Event",
+    "Inflater",
     "Recorder",
     "accept_for",
     "close_payload",
+    "deflate",
+    "extension_answer",
     "frame",
     "parse_server_frames",
     "read_head",
@@ -128,13 +134,64 @@ async def read_head(
     return status, headers, rest
 
 
+_TAIL = b"\x00\x00\xff\xff"
+
+
+def deflate(data: bytes, bits: int = 9) -> bytes:
+    """One message as a client compresses it on its own (RFC 7692 §7.2.1), tail removed.
+
+    A 512-byte window by default: valid whatever window the server allows.
+    """
+    z = zlib.compressobj(9, zlib.DEFLATED, -bits)
+    out = z.compress(data) + z.flush(zlib.Z_SYNC_FLUSH)
+    return out[:-4] if out.endswith(_TAIL) else out
+
+
+def extension_answer(headers: dict[str, str]) -> dict[str, str | None] | None:
+    """The parameters of the permessage-deflate the server agreed to; None if it declined."""
+    value = headers.get("sec-websocket-extensions")
+    if value is None:
+        return None
+    for offer in value.split(","):
+        name, *params = (part.strip() for part in offer.split(";"))
+        if name.lower() == "permessage-deflate":
+            answer: dict[str, str | None] = {}
+            for param in params:
+                key, eq, val = param.partition("=")
+                answer[key.strip()] = val.strip().strip('"') if eq else None
+            return answer
+    return None
+
+
+class Inflater:
+    """Inflates the server's compressed messages the way its answer says it compresses them."""
+
+    def __init__(self, answer: dict[str, str | None]) -> None:
+        bits = answer.get("server_max_window_bits")
+        self.bits = int(bits) if bits else 15
+        self.takeover = "server_no_context_takeover" not in answer
+        self._z = zlib.decompressobj(-self.bits)
+
+    def inflate(self, data: bytes) -> bytes:
+        """Raises `zlib.error` when the message does not inflate under those rules."""
+        if not self.takeover:
+            self._z = zlib.decompressobj(-self.bits)
+        return self._z.decompress(data + _TAIL)
+
+
 def parse_server_frames(data: bytes) -> tuple[list[tuple[int, bool, bytes, bool]], int]:
     """The whole frames at the start of ``data`` and the bytes they take.
 
     Each is ``(opcode, fin, payload, wrong)``; ``wrong`` when no server may
     send it (masked, or reserved bits set). Nothing is judged beyond that.
     """
-    frames: list[tuple[int, bool, bytes, bool]] = []
+    frames, used = _server_frames(data)
+    return [(op, fin, payload, wrong or rsv1) for op, fin, payload, wrong, rsv1 in frames], used
+
+
+def _server_frames(data: bytes) -> tuple[list[tuple[int, bool, bytes, bool, bool]], int]:
+    """As `parse_server_frames`, with RSV1 apart: ``(opcode, fin, payload, wrong, rsv1)``."""
+    frames: list[tuple[int, bool, bytes, bool, bool]] = []
     pos = 0
     while len(data) - pos >= 2:
         b0, b1 = data[pos], data[pos + 1]
@@ -154,7 +211,13 @@ def parse_server_frames(data: bytes) -> tuple[list[tuple[int, bool, bytes, bool]
         if end > len(data):
             break
         frames.append(
-            (b0 & 0x0F, bool(b0 & 0x80), data[pos + head : end], bool(b1 & 0x80 or b0 & 0x70))
+            (
+                b0 & 0x0F,
+                bool(b0 & 0x80),
+                data[pos + head : end],
+                bool(b1 & 0x80 or b0 & 0x30),
+                bool(b0 & 0x40),
+            )
         )
         pos = end
     return frames, pos
@@ -183,8 +246,10 @@ class Recorder:
     buffer: bytes = b""
     events: list[Event] = field(default_factory=list)
     changed: asyncio.Event = field(default_factory=asyncio.Event)
+    inflater: Inflater | None = None  # permessage-deflate was agreed
     _message: list[bytes] | None = None
     _message_kind: str = ""
+    _compressed: bool = False
 
     def data_count(self) -> int:
         return sum(1 for e in self.events if e.kind in ("text", "binary"))
@@ -226,20 +291,22 @@ class Recorder:
 
     def _parse(self) -> None:
         now = asyncio.get_running_loop().time()
-        frames, used = parse_server_frames(self.buffer)
+        frames, used = _server_frames(self.buffer)
         self.buffer = self.buffer[used:]
-        for opcode, fin, payload, wrong in frames:
-            if wrong:
+        for opcode, fin, payload, wrong, rsv1 in frames:
+            # RSV1 marks the first frame of a compressed message, once agreed (RFC 7692 §6).
+            if wrong or (rsv1 and (self.inflater is None or opcode not in (1, 2))):
                 self._add(Event("bad", now, payload))
             else:
-                self._frame(opcode, fin, payload, now)
+                self._frame(opcode, fin, payload, now, rsv1)
 
-    def _frame(self, opcode: int, fin: bool, payload: bytes, now: float) -> None:
+    def _frame(self, opcode: int, fin: bool, payload: bytes, now: float, rsv1: bool) -> None:
         if opcode in (1, 2):
             if self._message is not None:
                 self._add(Event("bad", now, payload))
                 return
             self._message, self._message_kind = [payload], "text" if opcode == 1 else "binary"
+            self._compressed = rsv1
         elif opcode == 0:
             if self._message is None:
                 self._add(Event("bad", now, payload))
@@ -257,6 +324,12 @@ class Recorder:
             return
         if fin and self._message is not None:
             message, self._message = b"".join(self._message), None
+            if self._compressed and self.inflater is not None:
+                try:
+                    message = self.inflater.inflate(message)
+                except zlib.error:
+                    self._add(Event("bad", now, message))
+                    return
             self._add(Event(self._message_kind, now, message))
 
 
