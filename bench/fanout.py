@@ -193,7 +193,8 @@ def run_scenario(
     """One run of the load tool against a fresh ``server`` (the gateway's ``extra`` settings).
 
     ``load_args``: more options for the load tool. The report gains the
-    server's CPU seconds and the bytes it wrote to sockets (``wchar``) during the run.
+    server's CPU seconds and the bytes it wrote to sockets (``wchar``) during the run,
+    and, for a gateway, its /metrics samples at the end (``server_metrics``).
     """
     with _server(server, log, extra) as (port, pid):
         argv = [
@@ -207,11 +208,13 @@ def run_scenario(
         cpu, wrote = cpu_seconds(pid), written_bytes(pid)
         done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=900)
         cpu, wrote = cpu_seconds(pid) - cpu, written_bytes(pid) - wrote
+        samples = scrape(port) if server in GATEWAYS or server in VARIANTS else {}
     if not done.stdout.strip():
         raise RuntimeError(f"load tool failed: {done.stderr[-2000:]}")
     report: dict[str, Any] = json.loads(done.stdout)
     report["server_cpu_seconds"] = round(cpu, 3)
     report["server_written_bytes"] = wrote
+    report["server_metrics"] = samples
     return report
 
 
@@ -219,6 +222,21 @@ def cpu_seconds(pid: int) -> float:
     """CPU time (user + system) process ``pid`` has used so far (Linux ``/proc``)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def scrape(port: int) -> dict[str, float]:
+    """The gateway's /metrics samples by name and labels (histogram buckets left out)."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+            text = response.read().decode()
+    except OSError:
+        return {}
+    samples = {}
+    for line in text.splitlines():
+        if line.startswith("gateway_") and "_bucket{" not in line:
+            name, _, value = line.rpartition(" ")
+            samples[name] = float(value)
+    return samples
 
 
 def written_bytes(pid: int) -> int:

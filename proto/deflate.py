@@ -44,6 +44,7 @@ from proto.wsframe import PROTOCOL_ERROR, TOO_BIG, FrameError
 
 __all__ = [
     "EXTENSION",
+    "UNLIMITED",
     "Agreement",
     "Compressor",
     "inflate",
@@ -62,19 +63,23 @@ _FLAGS: Final = ("server_no_context_takeover", "client_no_context_takeover")
 class Agreement:
     """What one connection agreed to: the answer to send, and the largest message to compress.
 
-    ``max_bytes`` is ``2**server_max_window_bits`` (32 KB when the client set
-    no limit): longer messages are sent uncompressed to this client.
+    ``max_bytes`` is ``2**server_max_window_bits`` when the client asked for
+    a window under the compressor's 32 KB (longer messages are sent
+    uncompressed to it), else `UNLIMITED`.
     """
 
     response: str
     max_bytes: int
 
 
+#: No limit on the size of a message to compress (the client's window is the compressor's).
+UNLIMITED: Final = 1 << 62
+
 _AGREEMENTS: Final = {
     bits: Agreement(
         f"{EXTENSION}; server_no_context_takeover; client_no_context_takeover"
         + (f"; server_max_window_bits={bits}" if bits is not None else ""),
-        1 << (bits or 15),
+        1 << bits if bits is not None and bits < 15 else UNLIMITED,
     )
     for bits in (None, *range(8, 16))
 }

@@ -413,3 +413,45 @@ async def test_a_browser_without_a_token_is_admitted_by_its_cookie(chromium, tmp
     assert asked[0]["user"] is None and asked[0]["headers"]["Cookie"].startswith("session=")
     assert asked[0]["headers"]["Origin"] == f"http://127.0.0.1:{gw.port}"
     assert page.errors == []
+
+
+# -- permessage-deflate (issue 20): the browser negotiates, gateway.js needs nothing -----
+
+COMPRESSED_JS = """async ([token, big]) => {
+  const raw = new WebSocket(`ws://${location.host}/ws?token=${token}`, "gw.v1.json");
+  await new Promise((resolve, reject) => { raw.onopen = resolve; raw.onerror = reject; });
+  const extensions = raw.extensions;
+  raw.close();
+  const { Gateway } = await import("/client/gateway.js");
+  const gw = new Gateway(location.origin, { token });
+  const got = [];
+  const sub = gw.subscribe("room:z", { onMessage: (data) => got.push(data) });
+  await gw.connect();
+  await sub.ready;
+  // Chromium compresses what it sends too: two publications, each inflated on its own.
+  await gw.publish("room:z", big);
+  await gw.publish("room:z", big);
+  while (got.length < 2) await new Promise((r) => setTimeout(r, 10));
+  gw.disconnect();
+  return { extensions, got };
+}"""
+
+
+async def test_chromium_negotiates_compression_and_gets_compressed_publications(chromium):
+    big = {
+        "items": [{"id": i, "name": "widget", "price": 9.5, "tags": ["a", "b"]} for i in range(40)]
+    }
+    async with running_gateway(compression=True) as gw, browser(chromium) as b:
+        page = await Page.open(b, f"http://127.0.0.1:{gw.port}/demo")
+        out = await page.page.evaluate(COMPRESSED_JS, [token_for(gw), big])
+        compressor = gw.ctx.compressor
+        assert compressor is not None
+    # What Chromium agreed to: the gateway's answer to its offer.
+    assert out["extensions"] == (
+        "permessage-deflate; server_no_context_takeover; client_no_context_takeover"
+    )
+    assert out["got"] == [big, big]
+    # The two deliveries went out as the shared compressed frame, a fraction of the plain one.
+    assert compressor.delivered == 2
+    assert compressor.delivered_bytes < compressor.delivered_plain / 4
+    assert page.errors == []

@@ -16,7 +16,7 @@ from websockets.exceptions import ConnectionClosed
 from core.infra.metrics import Metrics
 from gateway.hub import Prepared
 from proto import JSON_CODEC, MSGPACK_CODEC
-from proto.deflate import Compressor, inflate, negotiate
+from proto.deflate import UNLIMITED, Compressor, inflate, negotiate
 from proto.wsframe import OP_BINARY, OP_CLOSE, OP_CONT, OP_PING, OP_TEXT, FrameError
 from proto.wsprotocol import WebSocketProtocol, WSState
 from tests.harness import running_gateway, token_for, until, ws_client
@@ -53,7 +53,7 @@ def test_what_browsers_and_libraries_offer_is_accepted_without_context_takeover(
     agreement = negotiate([offer])
     assert agreement is not None
     assert agreement.response == ANSWER
-    assert agreement.max_bytes == 1 << 15
+    assert agreement.max_bytes == UNLIMITED  # the client's window is the compressor's 32 KB
 
 
 def test_a_server_window_limit_is_echoed_and_caps_what_is_compressed():
@@ -285,3 +285,30 @@ def test_metrics_export_the_compressors_counts():
     assert "gateway_compressed_frames_total 1.0" in text
     assert 'gateway_compression_payload_bytes_total{stage="before"} 300.0' in text
     assert "gateway_compressed_delivery_bytes_total" in text
+
+
+@pytest.mark.parametrize("encoding", ["json", "msgpack"])
+async def test_the_python_client_compresses_both_ways_with_large_messages(encoding):
+    from gateway.client import Client
+    from tests.test_client import FAST, next_event, url
+
+    big = {"blob": "b" * (2 << 20), "n": list(range(1000))}  # far over a 32 KB window
+    up = {"blob": "u" * (600 << 10)}
+    limits = {"max_frame_bytes": 1 << 20, "max_publish_bytes": 1 << 20,
+              "max_publication_bytes": 4 << 20, "send_buffer_bytes": 16 << 20}  # fmt: skip
+    async with running_gateway(compression=True, **limits) as gw:
+        async with Client(url(gw), token=token_for(gw), encoding=encoding, backoff=FAST) as c:
+            sub = await c.subscribe("room:1")
+            await c.publish("room:1", up)  # compressed by the client, inflated by the gateway
+            assert (await next_event(sub)).data == up
+            await gw.ctx.node.publish("room:1", json.dumps(big).encode())
+            assert (await next_event(sub)).data == big
+        compressor = gw.ctx.compressor
+        assert compressor is not None and compressor.delivered == 2
+        assert compressor.delivered_bytes < compressor.delivered_plain / 100
+        # compression=False offers nothing: the same gateway sends plain frames.
+        async with Client(url(gw), token=token_for(gw), compression=False, backoff=FAST) as c:
+            sub = await c.subscribe("room:1")
+            await c.publish("room:1", up)
+            assert (await next_event(sub)).data == up
+        assert compressor.delivered == 2

@@ -112,7 +112,9 @@ class Connection:
     ``"msgpack"`` (the ``gw.v1.*`` subprotocols). Commands fail with
     `TimeoutError` after ``request_timeout`` seconds. Every ``ping_interval``
     seconds an app-level ``ping`` proves the gateway alive; no reply within
-    ``ping_timeout`` drops the socket and reconnects. ``on_subscribed`` is
+    ``ping_timeout`` drops the socket and reconnects. ``compression``
+    offers permessage-deflate (a gateway with ``COMPRESSION=on`` accepts it;
+    gateway/client/transport.py). ``on_subscribed`` is
     called with each `Subscription` the server made (the server API's
     ``subscribe``, a ``subscribed`` push): it is kept, recovered after a
     reconnect and ended like one of the client's own.
@@ -133,6 +135,7 @@ class Connection:
         max_queue: int = 1024,
         max_size: int = 2**24,
         ssl: ssl.SSLContext | None = None,
+        compression: bool = True,
         transports: tuple[str, ...] = ("websocket", "longpoll"),
         on_subscribed: Callable[[Subscription], None] | None = None,
     ) -> None:
@@ -148,6 +151,7 @@ class Connection:
         self.max_queue = max_queue
         self.max_size = max_size
         self.ssl = ssl
+        self.compression = compression
         #: ``longpoll`` after WebSocket failed where plain HTTP works (JSON only).
         self.transports = transports if encoding == "json" else ("websocket",)
         self.transport = "websocket"
@@ -272,6 +276,7 @@ class Connection:
                     return await open_websocket(
                         self.url, token=self._token, subprotocols=(self.encoding.name,),
                         on_message=self._on_message, max_size=self.max_size, ssl=self.ssl,
+                        compression=self.compression,
                     )  # fmt: skip
             except HandshakeError as exc:
                 if exc.status == 401 and self._get_token is not None and not refreshed:

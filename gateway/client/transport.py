@@ -25,9 +25,16 @@ handshake code of its own. What stays here is the adapter that gives the
 
 The token travels in ``Authorization`` (never in the URL); ``wss://`` uses
 ``ssl`` or a default context. Pings are the client's own app-level ``ping``
-commands (`Connection`), so `websockets`' keepalive is off; so are
-permessage-deflate (the gateway frames each publication once, uncompressed)
-and proxies from the environment (as the long-poll fallback's HTTP client).
+commands (`Connection`), so `websockets`' keepalive is off; so are proxies
+from the environment (as the long-poll fallback's HTTP client).
+
+permessage-deflate is offered unless ``compression=False`` (as browsers
+offer it): a gateway with ``COMPRESSION=on`` accepts it, answering
+``server_no_context_takeover; client_no_context_takeover``, and then sends
+each publication compressed once for all its compressing subscribers;
+`websockets` inflates each message on its own and compresses what the client
+sends without keeping a context either. A gateway with ``COMPRESSION=off``
+declines, and nothing changes.
 """
 
 from __future__ import annotations
@@ -157,6 +164,7 @@ async def open_websocket(
     on_message: OnMessage,
     max_size: int = 2**24,
     ssl: ssl_module.SSLContext | None = None,
+    compression: bool = True,
 ) -> WebSocket:
     """Connect to ``url`` (``ws://host:port/ws``) and complete the handshake.
 
@@ -172,7 +180,7 @@ async def open_websocket(
             urlunsplit((scheme, *parts[1:])),
             subprotocols=[Subprotocol(p) for p in subprotocols],
             additional_headers={"Authorization": f"Bearer {token}"} if token else None,
-            compression=None,
+            compression="deflate" if compression else None,
             proxy=None,
             open_timeout=None,
             ping_interval=None,
