@@ -11,6 +11,8 @@ import json
 import zlib
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from websockets.exceptions import ConnectionClosed
 
 from core.infra.metrics import Metrics
@@ -165,6 +167,31 @@ def test_what_fails_a_compressing_connection(data, code):
     assert p.receive(raw(OP_TEXT, b"before") + data) == [b"before"]
     assert close_of(p.data_to_send()) == code
     assert p.state is WSState.CLOSED
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from([OP_TEXT, OP_BINARY, OP_CONT, OP_PING]),
+            st.booleans(),
+            st.integers(0, 7),
+            st.one_of(st.binary(max_size=300), st.binary(max_size=300).map(deflated)),
+        ),
+        max_size=6,
+    ),
+    st.integers(1, 64),
+)
+def test_any_frames_on_a_compressing_connection_fail_only_with_a_close_code(frames, chop):
+    """Whatever arrives, compressed or not, split anywhere: messages, or 1002/1007/1009."""
+    data = b"".join(raw(op, payload, fin=fin, rsv=rsv) for op, fin, rsv, payload in frames)
+    p = WebSocketProtocol(1024, deflate=True)
+    for i in range(0, len(data), chop):
+        for message in p.receive(data[i : i + chop]):
+            assert len(message) <= 1024
+    if p.failure is not None:
+        assert p.failure.code in (1002, 1007, 1009)
+        assert p.state is WSState.CLOSED
 
 
 def test_rsv1_without_the_extension_is_a_protocol_error():

@@ -282,3 +282,23 @@ def test_a_process_sends_its_result_whole_however_large():
     finally:
         thread.join(10 * UNIT)
     assert not thread.is_alive() and not errors
+
+
+async def test_compression_is_offered_and_compressed_publications_are_counted(tmp_path):
+    body = tmp_path / "body.json"
+    body.write_text(
+        json.dumps({"items": [{"id": i, "name": "widget", "tag": "x"} for i in range(30)]})
+    )
+    async with running_gateway(rate_connect_ip=None, compression=True) as gw:
+        code, report = await loadtest(
+            "--url", f"http://127.0.0.1:{gw.port}", "--secret", SECRET, "-n", "20",
+            "--compression", "--payload-json", str(body),
+            "--publish", "http", "--rate", "50", "--messages", "5", "--settle", "0.2",
+        )  # fmt: skip
+        compressor = gw.ctx.compressor
+        assert compressor is not None
+    assert code == 0, report
+    assert report["deliveries"]["received"] == 100 and report["deliveries"]["lost"] == 0
+    # Every delivery went out as the frame compressed once per publication.
+    assert compressor.delivered == 100 and compressor.frames >= 5
+    assert compressor.delivered_bytes < compressor.delivered_plain / 3
