@@ -32,6 +32,7 @@ import asyncio
 import json
 import math
 import multiprocessing
+import os
 import re
 import sys
 import time
@@ -65,6 +66,18 @@ def mint(secret: str, n: int, channels: list[str], ttl: float, pub: bool = False
     return [jwt.encode({**claims, "sub": f"load-{i}"}, secret, algorithm="HS256") for i in range(n)]
 
 
+def server_cpu(pids: Sequence[int]) -> float | None:
+    """CPU seconds (user + system) the server's processes (``--server-pid``) used so far."""
+    total = 0.0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+        except OSError:
+            return None
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total if pids else None
+
+
 def server_rss(metrics_url: str | None, pids: Sequence[int]) -> float | None:
     """Resident bytes of the server: its processes in /proc, or its /metrics (summed over workers)."""
     if pids:
@@ -96,6 +109,8 @@ class _Run:
     phase: str = "connecting"
     started: float = field(default_factory=time.monotonic)
     last_line: tuple[float, int] = (0.0, 0)
+    #: the server's CPU seconds from the first publication to the end of the drain
+    publish_cpu: float | None = None
 
     def total(self, key: str) -> int:
         return sum(c.get(key, 0) for c in self.counts.values())
@@ -265,6 +280,7 @@ def _drive(
     drain_seconds = late_seconds = 0.0
     if args.publish != "none" and args.messages > 0 and subscribed:
         run.phase = "publishing"
+        cpu_before = server_cpu(args.server_pid)
         asyncio.run(publish_all(publishing, lambda: run.pump(0), run.kill.arm))
         run.send(("sent", publishing.sent))
         run.counts = {
@@ -275,6 +291,9 @@ def _drive(
         while not run.complete() and time.monotonic() - started < args.drain:
             run.pump(0.1)
         drain_seconds = time.monotonic() - started
+        cpu_after = server_cpu(args.server_pid)
+        if cpu_before is not None and cpu_after is not None:
+            run.publish_cpu = cpu_after - cpu_before
         if not run.complete():
             run.phase = "late"
             run.send("late")
@@ -413,4 +432,5 @@ def _report(
         else {"at_seconds": round(run.kill.done_at, 3), "outcome": run.kill.outcome},
         notes=notes,
         laggards={role: merge(parts) for role, parts in laggards.items()},
+        server_cpu_publishing=run.publish_cpu,
     )

@@ -61,6 +61,8 @@ class Report:
     notes: list[str]
     #: per laggard role (stalled, slow): `gateway.loadtest.laggard.merge`'s summary
     laggards: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: the server's CPU seconds while publishing and draining (with --server-pid)
+    server_cpu_publishing: float | None = None
 
     @property
     def readers(self) -> int:
@@ -141,6 +143,11 @@ class Report:
             },
             "sockets": {"accounted": self.readers, **self.sockets},
             "laggards": self.laggards,
+            "server_cpu": {
+                "publishing_seconds": None
+                if self.server_cpu_publishing is None
+                else round(self.server_cpu_publishing, 3)
+            },
             "channels": {
                 "count": len(self.channels),
                 "dead": self.dead_channels,
