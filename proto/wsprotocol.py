@@ -50,6 +50,7 @@ from __future__ import annotations
 import codecs
 import enum
 import os
+from collections.abc import Callable
 from typing import Final
 
 from proto.codes import CloseCode
@@ -140,8 +141,8 @@ class WebSocketProtocol:
         "_checked",
         "_client",
         "_compressed",
-        "_deflate",
         "_fragments",
+        "_inflate",
         "_max_size",
         "_out",
         "_size",
@@ -153,10 +154,19 @@ class WebSocketProtocol:
         "state",
     )
 
-    def __init__(self, max_size: int, *, client: bool = False, deflate: bool = False) -> None:
+    def __init__(
+        self,
+        max_size: int,
+        *,
+        client: bool = False,
+        deflate: bool = False,
+        inflate: Callable[[bytes, int], bytes] = inflate,
+    ) -> None:
+        """``deflate``: permessage-deflate was agreed; ``inflate`` inflates a message then."""
         self._max_size = max_size
         self._client = client
-        self._deflate = deflate  # permessage-deflate negotiated: RSV1 marks a compressed message
+        # permessage-deflate agreed (RSV1 marks a compressed message): how to inflate one
+        self._inflate = inflate if deflate else None
         self._compressed = False  # whether the message being reassembled is
         self.state = WSState.OPEN
         self._buffer = b""
@@ -257,7 +267,7 @@ class WebSocketProtocol:
             b0, b1 = data[pos], data[pos + 1]
             opcode = b0 & 0x0F
             rsv = b0 & 0x70
-            if rsv and (rsv != 0x40 or not self._deflate or opcode not in _DATA):
+            if rsv and (rsv != 0x40 or self._inflate is None or opcode not in _DATA):
                 raise FrameError(PROTOCOL_ERROR, "reserved bits set")
             if opcode not in _KNOWN:
                 raise FrameError(PROTOCOL_ERROR, f"unknown opcode {opcode}")
@@ -337,8 +347,8 @@ class WebSocketProtocol:
             self._text = opcode == OP_TEXT
             if fin:  # the common case: one frame, one message
                 decoder, self._utf8 = self._utf8, None
-                if compressed:
-                    payload = inflate(payload, self._max_size)
+                if compressed and self._inflate is not None:
+                    payload = self._inflate(payload, self._max_size)
                 if self._text and not payload.isascii():
                     if decoder is None:
                         _check_utf8(payload)
@@ -353,7 +363,8 @@ class WebSocketProtocol:
                 return None
             self._fragments = None
             self._compressed = False
-            message = inflate(b"".join(fragments), self._max_size)
+            assert self._inflate is not None
+            message = self._inflate(b"".join(fragments), self._max_size)
             if self._text and not message.isascii():
                 _check_utf8(message)
             return message
