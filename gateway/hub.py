@@ -2,10 +2,11 @@
 
 Fan-out encodes a publication once per codec and frames it once per
 transport kind (`Prepared`), then hands the same bytes object to every
-subscriber; sockets that negotiated permessage-deflate share one compressed
-frame per codec (`Prepared.ws_frame_deflated`). Members never block and never change the hub synchronously from
-`deliver` (a slow consumer schedules its own close), so broadcast iterates
-the live member dict without copying it.
+subscriber; sockets that agreed to permessage-deflate share one compressed
+frame per codec (`Prepared.ws_frame_deflated`). Members never block and
+never change the hub synchronously from `deliver` (a slow consumer
+schedules its own close), so broadcast iterates the live member dict
+without copying it.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ class EncodeFailed(Exception):
         self.codec = codec
 
 
-_NONE_SENT: list[int] = []
+_NONE_SENT: list[int] = []  # `Prepared._sent` until a compressing socket takes one
 
 #: Marks a codec slot whose encoding failed, so it is not retried per subscriber.
 _FAILED = b""
@@ -137,7 +138,7 @@ class Prepared:
                 compressor.delivered += sent
                 compressor.delivered_plain += sent * len(entry[2])
                 compressor.delivered_bytes += sent * len(entry[1])
-        self._sent = [0] * len(CODECS)
+        self._compressor = None  # counted once
 
 
 class PreparedEvent(Prepared):
