@@ -21,7 +21,7 @@ from core.infra.metrics import Metrics
 from core.infra.throttled import ThrottledLog
 from gateway.expiry import ExpiryWheel
 from proto import CODECS, CloseCode, Codec, Position, frame
-from proto.deflate import Agreement, Compressor
+from proto.deflate import Compressor
 
 __all__ = ["EncodeFailed", "Hub", "Member", "Prepared", "PreparedEvent"]
 
@@ -36,7 +36,24 @@ class EncodeFailed(Exception):
         self.codec = codec
 
 
-_NONE_SENT: list[int] = []  # `Prepared._sent` until a compressing socket takes one
+class _Deflated:
+    """One publication in one codec for the sockets with permessage-deflate."""
+
+    __slots__ = ("frame", "plain", "sent", "size")
+
+    def __init__(self, payload: bytes, plain: bytes, codec: Codec, compressor: Compressor) -> None:
+        #: Payload bytes: a socket whose window is smaller gets ``plain`` (0: it is anyway).
+        self.size = 0
+        self.plain = plain
+        #: What compressing sockets get: the compressed frame, or ``plain`` when the
+        #: payload is too short to be worth it or compressing did not make it smaller.
+        self.frame = plain
+        self.sent = 0  # deliveries, counted into the compressor's totals once (`settle`)
+        if compressor.worth(len(payload)):
+            compressed = frame(compressor.compress(payload), codec.binary, compressed=True)
+            if len(compressed) < len(plain):
+                self.size, self.frame = len(payload), compressed
+
 
 #: Marks a codec slot whose encoding failed, so it is not retried per subscriber.
 _FAILED = b""
@@ -54,7 +71,6 @@ class Prepared:
         "_deflated",
         "_frames",
         "_payloads",
-        "_sent",
         "ch",
         "data",
         "epoch",
@@ -68,9 +84,8 @@ class Prepared:
         self.epoch = position.epoch if position is not None else None
         self._payloads: list[bytes | None] = [None] * len(CODECS)
         self._frames: list[bytes | None] = [None] * len(CODECS)
-        # Made for the first socket with permessage-deflate: per codec, see `_deflate`.
-        self._deflated: list[tuple[int, bytes, bytes] | None] | None = None
-        self._sent: list[int] = _NONE_SENT  # compressed deliveries per codec
+        # Made for the first socket with permessage-deflate, then per codec.
+        self._deflated: list[_Deflated | None] | None = None
         self._compressor: Compressor | None = None
 
     def payload(self, codec: Codec) -> bytes:
@@ -97,47 +112,39 @@ class Prepared:
             f = self._frames[codec.index] = frame(self.payload(codec), codec.binary)
         return f
 
-    def ws_frame_deflated(
-        self, codec: Codec, compressor: Compressor, agreement: Agreement
-    ) -> bytes:
+    def ws_frame_deflated(self, codec: Codec, compressor: Compressor, max_bytes: int) -> bytes:
         """The push as a frame for a socket with permessage-deflate: compressed once per codec.
 
-        The plain frame when the payload is too short or too long for that
-        socket (`Compressor.worth`), or when compressing did not make it smaller.
+        The plain frame when the payload is too short (`Compressor.worth`) or
+        longer than ``max_bytes`` (that client's `Agreement.max_bytes`), or
+        when compressing did not make it smaller.
         """
         entries = self._deflated
-        if entries is None:
+        if entries is not None:
+            entry = entries[codec.index]
+            if entry is not None:  # every socket but the first: a few lookups and a count
+                if entry.size > max_bytes:
+                    return entry.plain
+                entry.sent += 1
+                return entry.frame
+        else:
             entries = self._deflated = [None] * len(CODECS)
-            self._sent = [0] * len(CODECS)
             self._compressor = compressor
-        entry = entries[codec.index]
-        if entry is None:
-            entry = entries[codec.index] = self._deflate(codec, compressor)
-        size, f, plain = entry
-        if size > agreement.max_bytes:
-            return plain
-        self._sent[codec.index] += 1
-        return f
-
-    def _deflate(self, codec: Codec, compressor: Compressor) -> tuple[int, bytes, bytes]:
-        """(payload size, the frame for compressing sockets, the plain frame) in ``codec``."""
-        payload = self.payload(codec)
-        plain = self.ws_frame(codec)
-        if not compressor.worth(len(payload)):
-            return 0, plain, plain
-        f = frame(compressor.compress(payload), codec.binary, compressed=True)
-        return len(payload), f if len(f) < len(plain) else plain, plain
+        entries[codec.index] = _Deflated(
+            self.payload(codec), self.ws_frame(codec), codec, compressor
+        )
+        return self.ws_frame_deflated(codec, compressor, max_bytes)
 
     def settle(self) -> None:
         """Count this fan-out's compressed deliveries in the compressor's totals (once)."""
         compressor, entries = self._compressor, self._deflated
         if compressor is None or entries is None:
             return
-        for entry, sent in zip(entries, self._sent, strict=True):
-            if entry is not None and sent and entry[1] is not entry[2]:
-                compressor.delivered += sent
-                compressor.delivered_plain += sent * len(entry[2])
-                compressor.delivered_bytes += sent * len(entry[1])
+        for entry in entries:
+            if entry is not None and entry.sent and entry.frame is not entry.plain:
+                compressor.delivered += entry.sent
+                compressor.delivered_plain += entry.sent * len(entry.plain)
+                compressor.delivered_bytes += entry.sent * len(entry.frame)
         self._compressor = None  # counted once
 
 

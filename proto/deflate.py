@@ -72,8 +72,9 @@ class Agreement:
     max_bytes: int
 
 
-#: No limit on the size of a message to compress (the client's window is the compressor's).
-UNLIMITED: Final = 1 << 62
+#: No limit on the size of a message to compress (the client's window is the compressor's);
+#: under 2**30, a one-digit int for Python, cheap to compare on every delivery.
+UNLIMITED: Final = (1 << 30) - 1
 
 _AGREEMENTS: Final = {
     bits: Agreement(

@@ -221,21 +221,22 @@ def test_a_publication_is_compressed_once_per_codec_for_every_socket():
     assert wide is not None and narrow is not None
     data = json.dumps({"items": [{"id": i, "name": "widget", "price": 9.5} for i in range(40)]})
     prepared = Prepared("room:1", data.encode())
-    first = prepared.ws_frame_deflated(JSON_CODEC, compressor, wide)
-    assert prepared.ws_frame_deflated(JSON_CODEC, compressor, wide) is first  # shared bytes
+    first = prepared.ws_frame_deflated(JSON_CODEC, compressor, wide.max_bytes)
+    assert prepared.ws_frame_deflated(JSON_CODEC, compressor, wide.max_bytes) is first  # shared
     assert first[0] == 0xC1  # FIN, RSV1, text
     assert len(first) < len(prepared.ws_frame(JSON_CODEC)) // 3
-    assert prepared.ws_frame_deflated(MSGPACK_CODEC, compressor, wide)[0] == 0xC2
+    assert prepared.ws_frame_deflated(MSGPACK_CODEC, compressor, wide.max_bytes)[0] == 0xC2
     assert compressor.frames == 2  # once per codec, not per socket
     # Too long for a 256-byte window: the plain frame, the one other sockets share.
-    assert prepared.ws_frame_deflated(JSON_CODEC, compressor, narrow) is prepared.ws_frame(
-        JSON_CODEC
-    )
+    plain = prepared.ws_frame(JSON_CODEC)
+    assert prepared.ws_frame_deflated(JSON_CODEC, compressor, narrow.max_bytes) is plain
     prepared.settle()
     assert compressor.delivered == 3
     assert compressor.delivered_bytes < compressor.delivered_plain // 3
     short = Prepared("room:1", b'{"a":1}')
-    assert short.ws_frame_deflated(JSON_CODEC, compressor, wide) is short.ws_frame(JSON_CODEC)
+    assert short.ws_frame_deflated(JSON_CODEC, compressor, wide.max_bytes) is short.ws_frame(
+        JSON_CODEC
+    )
     short.settle()
     assert compressor.frames == 2 and compressor.delivered == 3
 

@@ -213,11 +213,11 @@ class WSConnection(asyncio.Protocol):
     kind: ClassVar[str] = "websocket"
 
     __slots__ = (
-        "_agreement",
         "_closing",
         "_coalescer",
         "_code",
         "_compressor",
+        "_deflate_max",
         "_early",
         "_end",
         "_inbox",
@@ -258,7 +258,8 @@ class WSConnection(asyncio.Protocol):
         self.session: Session | None = None
         self._protocol = WebSocketProtocol(max_frame, deflate=agreement is not None)
         self._compressor = compressor if agreement is not None else None
-        self._agreement = agreement
+        # The longest message compressed for this client (its window, RFC 7692 §7.1.2.1).
+        self._deflate_max = agreement.max_bytes if agreement is not None else 0
         self._end: bytes | None = None  # the protocol's last frames, once it closed
         self._inbox: collections.deque[bytes] | None = None
         self._running = False
@@ -433,9 +434,9 @@ class WSConnection(asyncio.Protocol):
 
     def send(self, payload: bytes) -> None:
         compressor = self._compressor
-        if compressor is not None and self._agreement is not None:
+        if compressor is not None:
             n = len(payload)
-            if compressor.worth(n) and n <= self._agreement.max_bytes:
+            if compressor.worth(n) and n <= self._deflate_max:
                 compressed = compressor.compress(payload)
                 if len(compressed) < n:
                     self._write(frame(compressed, self.codec.binary, compressed=True))
@@ -447,8 +448,7 @@ class WSConnection(asyncio.Protocol):
         if compressor is None:
             self._write(prepared.ws_frame(codec))
         else:
-            assert self._agreement is not None
-            self._write(prepared.ws_frame_deflated(codec, compressor, self._agreement))
+            self._write(prepared.ws_frame_deflated(codec, compressor, self._deflate_max))
 
     def disconnect(self, code: int, reason: str | None = None) -> None:
         self._close(int(code), reason_for(code) if reason is None else reason)
