@@ -49,7 +49,7 @@ the same each keeping the inflate context a client's context takeover would
 need, after one 1.6 KB message and after one of 40 KB (its 32 KB window touched).
 
 Rerun (from the repository root; Redis on 127.0.0.1:6379, PostgreSQL as for
-bench.fanout; about 6 minutes with --rounds 3, noisy on a shared machine)::
+bench.fanout; about 12 minutes with --rounds 3, noisy on a shared machine)::
 
     .venv/bin/python -m bench.compression --rounds 3 --save
     .venv/bin/python -m bench.compression --contexts-only   # the per-socket cost, 5 s
