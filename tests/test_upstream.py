@@ -144,3 +144,11 @@ async def test_a_pool_younger_than_its_max_age_keeps_its_connection(flaky):
     for _ in range(4):
         assert (await core.dispatch(Request("GET", "/api/x"))).status == 200
     assert len(state["peers"]) == 1
+
+
+async def test_a_header_that_would_split_the_request_is_refused_not_sent(flaky):
+    core, state = flaky
+    forged = {"if-match": '"1"\r\nX-Forwarded-For: 10.0.0.1'}  # as an rpc frame may carry
+    resp = await core.dispatch(Request("PUT", "/api/x", headers=forged, body=b"{}"))
+    assert resp.status == 400 and b'"code":"bad_request"' in (resp.body or b"")
+    assert state["hits"] == 0 and core.state()["breaker"] == "closed"
