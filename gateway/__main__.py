@@ -18,10 +18,10 @@ from core.infra.logs import configure_logging
 from core.infra.mint import mint_token
 from core.infra.runtime import raise_file_limit, run, wait_for_stop_signal
 from core.infra.settings import Settings, SettingsError
+from core.infra.workers import Worker, supervise, worker_count
 from core.migrate import SchemaError
 from gateway.app import make_app
 from gateway.embedded import EmbeddedPostgres
-from gateway.workers import Worker, supervise, worker_count
 
 __all__ = ["main"]
 
@@ -62,7 +62,7 @@ async def serve(settings: Settings) -> None:
 
 
 def serve_workers(settings: Settings, count: int) -> int:
-    """``count`` gateway processes on one port (gateway/workers.py); the exit status."""
+    """``count`` gateway processes on one port (core/infra/workers.py); the exit status."""
     settings, embedded = _embedded_database(settings)
     try:
         if settings.database_url and not settings.core_url:

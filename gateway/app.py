@@ -145,7 +145,7 @@ class Gateway:
         """Start serving; returns the bound port (useful with port 0).
 
         ``sockets`` are listening sockets bound by the caller (a worker
-        process, gateway/workers.py); without them, bind ``host:port``.
+        process, core/infra/workers.py); without them, bind ``host:port``.
         """
         if sockets is None:
             sockets = bind_sockets(
