@@ -60,6 +60,7 @@ from gateway.hooks.session import session_factory
 from gateway.hub import Hub
 from gateway.keymirror import KeyMirror
 from gateway.node import Node
+from gateway.router import FirstRoute
 from gateway.serverapi.dispatch import ServerAPI, ServerBodyPolicy
 from gateway.serverapi.operations import Operations
 from gateway.serverapi.routes import ServerRoutes
@@ -178,7 +179,8 @@ class Gateway:
         )
         policy = ServerBodyPolicy(server_api, ctx.verifier, limits)
         proxies = TrustedProxies(s.trusted_proxies, s.forwarded_header)
-        self.server = Listener(sockets_first, s, ctx.metrics, policy, proxies)
+        routes = FirstRoute(api, sockets_first)  # the core's /api/ first, without parsing
+        self.server = Listener(routes, s, ctx.metrics, policy, proxies)
         polls.listener = self.server  # kept-alive polls are then served off Tornado
         self.server.add_sockets(sockets)
         self.port = sockets[0].getsockname()[1]
