@@ -133,7 +133,7 @@ class ResponseReader:
 
     def feed(self, data: bytes) -> Answer | None:
         buf = self._buf + data if self._buf else data
-        if self._head is None:
+        while self._head is None:
             end = buf.find(b"\r\n\r\n")
             if end < 0:
                 if len(buf) > MAX_HEAD:
@@ -142,9 +142,8 @@ class ResponseReader:
                 return None
             status, headers, keep_alive, length, chunked = _parse_head(buf[:end])
             buf = buf[end + 4 :]
-            if status < 200:
-                self._buf = b""
-                return self.feed(buf) if buf else None
+            if status < 200:  # informational: the answer follows
+                continue
             self._head = (status, headers, keep_alive)
             if self._no_body or status in _NO_BODY:
                 self._mode, self._body_left = "length", 0

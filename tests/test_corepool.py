@@ -59,6 +59,9 @@ def test_head_204_and_informational_answers_have_no_body():
         b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
     )
     assert after_continue is not None and after_continue.body == b"ok"
+    many = b"HTTP/1.1 102 Processing\r\n\r\n" * 5000  # no recursion, however many
+    last = ResponseReader().feed(many + b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+    assert last is not None and last.status == 200
 
 
 def test_an_answer_the_close_delimits_ends_at_eof_and_is_not_kept_alive():
