@@ -8,11 +8,13 @@ created at import time, so tests run several gateways in one process.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import math
 import socket
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import tornado.web
@@ -241,9 +243,17 @@ def routes(ctx: Context, server_routes: tuple[Route, ...] = ()) -> list[Any]:
         (r"/metrics", MetricsHandler, kw),
         *doc_routes((*ctx.core.routes, *server_routes), "tornado-gateway", __version__),
         asyncapi_route(__version__, f"{ctx.settings.host}:{ctx.settings.port}"),
-        jwks_route(Issuer(ctx.settings).jwks()),
+        jwks_route(_published_keys(ctx.settings)),
         *browser_routes(),
     ]
+
+
+def _published_keys(settings: Settings) -> dict[str, object]:
+    """The JWKS this gateway serves: its signing keys' public halves, or JWT_ISSUED_KEYS."""
+    if settings.jwt_signing_keys or not settings.jwt_issued_keys:
+        return Issuer(settings).jwks()
+    published: dict[str, object] = json.loads(Path(settings.jwt_issued_keys).read_text())
+    return published
 
 
 async def open_core(

@@ -452,6 +452,14 @@ class Settings:
         "JWKS file of private keys for issued tokens (first signs; all are published).",
         _optional,
     )
+    jwt_issued_keys: str | None = _setting(
+        None,
+        "JWT_ISSUED_KEYS",
+        "JWKS file of the public halves of JWT_SIGNING_KEYS (python -m gateway keygen "
+        "--public-of FILE): a gateway with CORE_URL verifies the tokens the core issues as "
+        "its own with these, holding no private key.",
+        _optional,
+    )
     jwt_algorithms: tuple[str, ...] = _setting(
         (), "JWT_ALGORITHMS", "Accepted algorithms (default: those the keys allow).", _list
     )
