@@ -14,7 +14,7 @@ from tornado.httpserver import HTTPServer
 from tornado.netutil import bind_sockets
 
 from core.infra.metrics import Metrics
-from core.infra.settings import Settings
+from core.infra.settings import Settings, SettingsError
 from core.request import Request
 from gateway.breaker import Breaker
 from gateway.upstream import UpstreamCore
@@ -152,3 +152,10 @@ async def test_a_header_that_would_split_the_request_is_refused_not_sent(flaky):
     resp = await core.dispatch(Request("PUT", "/api/x", headers=forged, body=b"{}"))
     assert resp.status == 400 and b'"code":"bad_request"' in (resp.body or b"")
     assert state["hits"] == 0 and core.state()["breaker"] == "closed"
+
+
+@pytest.mark.parametrize("url", ["ftp://core", "core:8081", "http://"])
+def test_a_core_url_that_is_not_http_is_a_configuration_error(monkeypatch, url):
+    monkeypatch.setenv("CORE_URL", url)
+    with pytest.raises(SettingsError, match="CORE_URL"):
+        Settings.from_env()

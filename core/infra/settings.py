@@ -227,7 +227,7 @@ class Settings:
         "The REST core as a separate service (http://core:8081): the gateway then holds no "
         "database pool or credentials and forwards /api/* and socket rpc frames to it. "
         "Unset: the core runs inside the gateway on DATABASE_URL.",
-        _optional,
+        _url,
     )
     core_pool_size: int = _setting(
         64,
