@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import os
 import shutil
 import signal
@@ -65,11 +66,11 @@ def netns_problem() -> str | None:
     return None
 
 
-def leftovers(prefix: str = PREFIX) -> list[str]:
-    """What a `Network` named with ``prefix`` left: namespaces, root devices, qdiscs, rules.
+def leftovers(prefix: str = PREFIX, workdir: Path | None = None) -> list[str]:
+    """What a `Network` named with ``prefix`` left: namespaces, root devices, qdiscs, rules,
+    and processes whose command line names ``workdir`` (a daemon escaping its process group).
 
-    Its processes die with it (`Network.close`); its policy rules and addresses live in its
-    namespaces, so deleting them deletes those too.
+    Its policy rules and addresses live in its namespaces: deleting them deletes those too.
     """
     found = [f"namespace {n}" for n in _run("ip", "netns", "list").split() if n.startswith(prefix)]
     for line in _run("ip", "-o", "link", "show").splitlines():
@@ -83,6 +84,12 @@ def leftovers(prefix: str = PREFIX) -> list[str]:
         if shutil.which(binary):
             rules = _run(binary, *(("list", "ruleset") if binary == "nft" else ()), check=False)
             found.extend(f"{binary}: {r}" for r in rules.splitlines() if prefix in r)
+    if workdir is not None:
+        for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+            with contextlib.suppress(OSError):
+                args = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                if str(workdir) in args:
+                    found.append(f"process {cmdline.parent.name}: {args[:200]}")
     return found
 
 
@@ -109,9 +116,9 @@ class Process:
         return self.popen.wait(timeout)
 
     def kill(self) -> None:
-        """SIGKILL and reap. Idempotent."""
-        if self.running():
-            self.popen.kill()
+        """SIGKILL its process group (what it started, too) and reap. Idempotent."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.popen.pid, signal.SIGKILL)
         self.popen.wait(10)
 
     def output(self) -> str:
@@ -188,6 +195,7 @@ class Host:
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,
+                start_new_session=True,  # a group of its own, killed whole (`Process.kill`)
             )
         process = Process(f"{self.name}/{name}", popen, log)
         self.network.processes.append(process)
