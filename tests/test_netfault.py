@@ -13,47 +13,58 @@ with the reason in the pytest header, where the machine cannot build namespaces 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import importlib.util
 import json
-import os
-import re
-import shutil
 import signal
-import sys
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from redis.crc import key_slot
-from websockets.asyncio.client import connect
 
-from core.infra.backoff import Backoff
-from core.infra.mint import mint_token
-from core.infra.settings import Settings
-from gateway.client import Client, Gap, Publication, Subscription
-from tests.harness import SECRET
+from gateway.client import Client, Publication
+from tests.netclients import (
+    FAST,
+    Verdict,
+    hold_socket,
+    load,
+    percentile,
+    present_at_least,
+    published_between,
+    watch_raw,
+)
 from tests.netfault import record
-from tests.netns import Host, Network, Process, leftovers, netns_problem
-from tests.servers import UNIT, postgres_dir, redis_cluster_executable
+from tests.nethosts import (
+    CLUSTER_PORTS,
+    PING_INTERVAL,
+    PONG_TIMEOUT,
+    SWEEP,
+    TOKEN,
+    accepts,
+    balance,
+    base,
+    cli,
+    http,
+    is_ready,
+    log_lines,
+    metric,
+    metric_at_most,
+    owner,
+    ready,
+    start_cluster,
+    start_gateway,
+    start_postgres,
+    start_redis,
+    unready,
+    wait_for,
+    ws_url,
+)
+from tests.netns import Network, leftovers, netns_problem
+from tests.servers import UNIT, postgres_dir
 
 PROBLEM = netns_problem()
 pytestmark = pytest.mark.skipif(PROBLEM is not None, reason=f"netfault: {PROBLEM}")
-
-PORT = 8000  # every host has its own ports: the same one everywhere
-PING_INTERVAL = 1.0
-PONG_TIMEOUT = 2.0
-SWEEP = 1.0  # gateway/app.py: liveness is checked once a second
-TOKEN = mint_token(Settings(jwt_secret=SECRET), "netfault", ["nf:*"], ttl=None)
-FAST = Backoff(base=0.1, cap=1.0)
-#: Inherited settings that would point a gateway at the machine's own servers.
-FOREIGN = ("REDIS_URL", "REDIS_CLUSTER", "DATABASE_URL", "DATABASE_SCHEMA", "CORE_URL")
-#: The REST core elsewhere, as gateway pods have it (docs/deploy.md); none answers here,
-#: which leaves the sockets and readiness alone, and starts no embedded PostgreSQL.
-NO_CORE = "http://127.0.0.1:9"
 
 
 @pytest.fixture
@@ -66,296 +77,6 @@ def network(tmp_path: Path) -> Iterator[Network]:
         net.close()
         left = leftovers(net.prefix, tmp_path)
         assert not left, f"left behind: {left}"
-
-
-# -- processes ---------------------------------------------------------------------
-
-
-def start_gateway(host: Host, **env: str) -> Process:
-    """``python -m gateway`` on ``host``, port 8000, with the short intervals of these tests."""
-    environ = {k: v for k, v in os.environ.items() if k not in FOREIGN}
-    environ.update(
-        PORT=str(PORT), HOST="0.0.0.0", WORKERS="1", JWT_SECRET=SECRET, PYTHONUNBUFFERED="1",
-        DATA_DIR=str(host.network.workdir / f"data-{host.name}"), LOG_FORMAT="json",
-        PING_INTERVAL=str(PING_INTERVAL), PONG_TIMEOUT=str(PONG_TIMEOUT),
-        REDIS_HEALTH_INTERVAL="0.5", REDIS_HEALTH_TIMEOUT="0.5",
-        HISTORY_CHANNELS="nf:*", HISTORY_SIZE="5000", PRESENCE_CHANNELS="nf:presence",
-        PRESENCE_TTL="5", RATE_CONNECT_IP="off", RATE_SOCKET_COMMANDS="off",
-        RATE_SOCKET_PUBLISH="off", RATE_REST="off", DRAIN_SECONDS="1", SHUTDOWN_TIMEOUT="5",
-        CORE_URL=NO_CORE,
-    )  # fmt: skip
-    environ.update(env)
-    environ = {k: v for k, v in environ.items() if v != ""}  # "": unset
-    return host.spawn("gateway", [sys.executable, "-m", "gateway"], environ)
-
-
-def start_redis(host: Host, port: int = 6379, *args: str) -> Process:
-    executable, why = redis_cluster_executable()
-    assert executable is not None, why
-    directory = host.network.workdir / f"redis-{host.name}-{port}"
-    directory.mkdir(parents=True, exist_ok=True)
-    argv = [executable, "--port", str(port), "--bind", host.ip, "--protected-mode", "no",
-            "--save", "", "--appendonly", "no", "--dir", str(directory), *args]  # fmt: skip
-    return host.spawn(f"redis-{port}", argv)
-
-
-def base(host: Host, port: int = PORT) -> str:
-    return f"http://{host.ip}:{port}"
-
-
-def ws_url(host: Host, port: int = PORT) -> str:
-    return f"ws://{host.ip}:{port}/ws"
-
-
-async def http(
-    url: str, timeout: float = 2.0, method: str = "GET", headers: dict[str, str] | None = None
-) -> tuple[int, bytes]:
-    """One HTTP/1.0 request with asyncio streams (in whichever host's loop awaits it)."""
-    found = re.match(r"http://([^:/]+):(\d+)(/.*)", url)
-    assert found, url
-    lines = [f"{method} {found[3]} HTTP/1.0", f"Host: {found[1]}"]
-    lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
-    async with asyncio.timeout(timeout):
-        reader, writer = await asyncio.open_connection(found[1], int(found[2]))
-        try:
-            writer.write(("\r\n".join(lines) + "\r\n\r\n").encode())
-            raw = await reader.read()
-        finally:
-            writer.close()
-    head, _, body = raw.partition(b"\r\n\r\n")
-    return int(head.split()[1]), body
-
-
-async def status(url: str, timeout: float = 1.0) -> int:
-    """The HTTP status at ``url``, 0 when nothing answered in time."""
-    try:
-        return (await http(url, timeout))[0]
-    except (OSError, TimeoutError):
-        return 0
-
-
-async def wait_for(check: Callable[[], Any], timeout: float, step: float = 0.05) -> float:
-    """Poll ``check`` (maybe async) until true; the seconds it took. Fails after ``timeout``."""
-    started = time.monotonic()
-    while True:
-        result = check()
-        if asyncio.iscoroutine(result):
-            result = await result
-        if result:
-            return time.monotonic() - started
-        if time.monotonic() - started > timeout * UNIT:
-            raise AssertionError(f"not within {timeout * UNIT:.1f} s: {check}")
-        await asyncio.sleep(step)
-
-
-async def ready(client_host: Host, *gateways: Host) -> None:
-    for gw in gateways:
-
-        async def up(gw: Host = gw) -> bool:
-            return await client_host.run(status(base(gw) + "/readyz")) == 200
-
-        await wait_for(up, 20)
-
-
-async def metric(host: Host, via: Host, name: str) -> float:
-    """The sum of the samples of ``name`` on ``host``'s /metrics, read from ``via``."""
-    code, body = await via.run(http(base(host) + "/metrics"))
-    assert code == 200
-    total = 0.0
-    for line in body.decode().splitlines():
-        if line.startswith(name) and line[len(name)] in " {":
-            total += float(line.rsplit(" ", 1)[1])
-    return total
-
-
-def log_lines(process: Process, *words: str, limit: int = 3) -> list[str]:
-    """The first messages of ``process``'s JSON log that mention one of ``words``."""
-    found = []
-    for line in process.output().splitlines():
-        try:
-            entry = json.loads(line)
-        except ValueError:
-            continue
-        message = f"{entry.get('level', '')} {entry.get('msg', entry.get('message', ''))}"
-        if any(w in message.lower() for w in words) and message not in found:
-            found.append(message)
-    return found[:limit]
-
-
-# -- clients and their verdicts ------------------------------------------------------------
-
-
-@dataclass
-class Reader:
-    """A subscriber: every event it got, with the time it got it."""
-
-    name: str
-    events: list[tuple[float, Publication | Gap]] = field(default_factory=list)
-    client: Client | None = None
-    subs: list[Subscription] = field(default_factory=list)
-
-    def recovered(self) -> bool:
-        """Whether its last resubscription of every channel recovered all that it missed."""
-        return all(s.recovered for s in self.subs)
-
-    def numbers(self, channel: str | None = None) -> list[int]:
-        return [
-            e.data["n"]
-            for _, e in self.events
-            if isinstance(e, Publication) and (channel is None or e.channel == channel)
-        ]
-
-    def gaps(self, channel: str | None = None) -> int:
-        return sum(
-            isinstance(e, Gap) and (channel is None or e.channel == channel) for _, e in self.events
-        )
-
-    def verdict(self, owed: set[int], channel: str | None = None) -> Verdict:
-        """Each of ``owed`` exactly once, or missing where a Gap was reported around it."""
-        seen = self.numbers(channel)
-        stream = [
-            e for _, e in self.events if channel is None or getattr(e, "channel", None) == channel
-        ]
-        missing = sorted(owed - set(seen))
-        told = []
-        for n in missing:
-            before = max(
-                (i for i, e in enumerate(stream) if isinstance(e, Publication) and e.data["n"] < n),
-                default=-1,
-            )
-            after = min(
-                (i for i, e in enumerate(stream) if isinstance(e, Publication) and e.data["n"] > n),
-                default=len(stream),
-            )
-            if any(isinstance(e, Gap) for e in stream[before + 1 : after]):
-                told.append(n)
-        return Verdict(
-            duplicates=len(seen) - len(set(seen)),
-            missing=len(missing),
-            reported=len(told),
-            silently_lost=sorted(set(missing) - set(told)),
-        )
-
-
-@dataclass
-class Verdict:
-    duplicates: int
-    missing: int
-    reported: int
-    silently_lost: list[int]
-
-
-async def read(reader: Reader, url: str, channels: tuple[str, ...], subscribed: Any) -> None:
-    """Run on a host's loop: subscribe and keep every event until cancelled."""
-
-    async def drain(sub: Any) -> None:
-        async for event in sub:
-            if isinstance(event, Publication | Gap):
-                reader.events.append((time.monotonic(), event))
-
-    async with Client(
-        url, token=TOKEN, backoff=FAST, transports=("websocket",), request_timeout=5.0,
-        ping_interval=5.0, ping_timeout=10.0,
-    ) as client:  # fmt: skip
-        reader.client = client
-        subs = reader.subs = [await client.subscribe(ch) for ch in channels]
-        subscribed()
-        await asyncio.gather(*(drain(s) for s in subs))
-
-
-@dataclass
-class Publisher:
-    """Numbered publications through one gateway, round-robin over ``channels``."""
-
-    url: str
-    channels: tuple[str, ...]
-    interval: float = 0.02
-    acked: dict[str, set[int]] = field(default_factory=dict)
-    failed: int = 0
-    running: bool = True
-    sent: int = 0
-
-    def all_acked(self) -> set[int]:
-        return set().union(*self.acked.values()) if self.acked else set()
-
-    async def run(self) -> None:
-        async with Client(
-            self.url, token=TOKEN, backoff=FAST, transports=("websocket",), request_timeout=2.0
-        ) as client:
-            while self.running:
-                self.sent += 1
-                n = self.sent
-                ch = self.channels[n % len(self.channels)]
-                try:
-                    await client.publish(ch, {"n": n, "t": time.monotonic()})
-                    self.acked.setdefault(ch, set()).add(n)
-                except Exception:
-                    self.failed += 1
-                await asyncio.sleep(self.interval)
-
-
-class Load:
-    """Readers and a publisher on hosts' loops, started and stopped together."""
-
-    def __init__(self) -> None:
-        self.readers: list[Reader] = []
-        self._futures: list[Any] = []
-        self.publisher: Publisher | None = None
-
-    async def readers_on(
-        self, host: Host, url: str, count: int, channels: tuple[str, ...], name: str
-    ) -> list[Reader]:
-        started = []
-        main = asyncio.get_running_loop()
-        for i in range(count):
-            reader = Reader(f"{name}{i}")
-            ok = main.create_future()
-
-            def subscribed(ok: asyncio.Future[None] = ok) -> None:
-                main.call_soon_threadsafe(lambda: ok.done() or ok.set_result(None))
-
-            self._futures.append(host.submit(read(reader, url, channels, subscribed)))
-            await asyncio.wait_for(ok, 10 * UNIT)
-            started.append(reader)
-        self.readers.extend(started)
-        return started
-
-    def publish(self, host: Host, url: str, channels: tuple[str, ...], interval: float) -> None:
-        self.publisher = Publisher(url, channels, interval)
-        self._futures.append(host.submit(self.publisher.run()))
-
-    async def stop_publishing(self) -> set[int]:
-        assert self.publisher is not None
-        self.publisher.running = False
-        await asyncio.sleep(0.1)
-        return self.publisher.all_acked()
-
-    async def caught_up(self, readers: list[Reader], timeout: float = 15) -> None:
-        """Until each reader has the last acknowledged publication (or a gap after it)."""
-        assert self.publisher is not None
-        last = max(self.publisher.all_acked())
-
-        def done() -> bool:
-            return all(last in r.numbers() or r.gaps() for r in readers)
-
-        await wait_for(done, timeout)
-
-    def close(self) -> None:
-        for future in self._futures:
-            future.cancel()
-
-
-@contextlib.asynccontextmanager
-async def load() -> AsyncIterator[Load]:
-    running = Load()
-    try:
-        yield running
-    finally:
-        running.close()
-        await asyncio.sleep(0.2)
-
-
-# -- the scenarios ---------------------------------------------------------------------
 
 
 async def test_a_gateway_cut_off_from_redis_tells_its_clients_and_recovers(network: Network):
@@ -409,34 +130,6 @@ async def test_a_gateway_cut_off_from_redis_tells_its_clients_and_recovers(netwo
     )
 
 
-async def watch_raw(url: str, channel: str, pushes: list[dict[str, Any]]) -> None:
-    """A bare socket (no client library): the pushes as the gateway sends them."""
-    async with connect(f"{url}?token={TOKEN}", subprotocols=["gw.v1.json"]) as ws:  # type: ignore[list-item]
-        await ws.send(json.dumps({"id": 1, "op": "sub", "ch": channel}))
-        async for raw in ws:
-            pushes.append(json.loads(raw))
-
-
-async def unready(gw: Host) -> bool:
-    # Readiness waits up to 1 s for PostgreSQL: give it more.
-    return await status(base(gw) + "/readyz", 3.0) == 503
-
-
-async def is_ready(gw: Host) -> bool:
-    return await status(base(gw) + "/readyz") == 200
-
-
-def published_between(run: Load, start: float, end: float) -> int:
-    """How many publications readers on the healthy side got stamped between the two times."""
-    stamps = {
-        e.data["n"]: e.data["t"]
-        for r in run.readers
-        for _, e in r.events
-        if isinstance(e, Publication)
-    }
-    return sum(start <= t < end for t in stamps.values())
-
-
 async def test_a_client_host_that_vanishes_is_detected_freed_and_leaves_presence(
     network: Network,
 ):
@@ -480,67 +173,6 @@ async def test_a_client_host_that_vanishes_is_detected_freed_and_leaves_presence
         dead_peer_disconnects_metric=dead,
         log=log_lines(network.processes[0], "dropping"),
     )
-
-
-async def hold_socket(url: str, channel: str) -> None:
-    """A socket that answers pings and sends nothing else, subscribed to ``channel``."""
-    async with connect(
-        f"{url}?token={TOKEN}", subprotocols=["gw.v1.json"], ping_interval=None,  # type: ignore[list-item]
-        close_timeout=0.1,
-    ) as ws:  # fmt: skip
-        await ws.send(json.dumps({"id": 1, "op": "sub", "ch": channel}))
-        try:
-            await asyncio.Event().wait()
-        finally:
-            ws.transport.abort()
-
-
-async def present_at_least(count: Callable[[], Any], n: int, exactly: bool = False) -> bool:
-    have = await count()
-    return bool(have == n if exactly else have >= n)
-
-
-async def metric_at_most(host: Host, via: Host, name: str, most: float) -> bool:
-    return await metric(host, via, name) <= most
-
-
-async def balance(listen: Host, backends: tuple[Host, ...], chosen: list[str]) -> None:
-    """A TCP load balancer, as in front of gateway pods: new connections go to the first
-    backend whose /readyz said 200 at the last check (every 0.1 s); open ones are left be."""
-    healthy = list(backends)
-
-    async def check() -> None:
-        while True:
-            answers = await asyncio.gather(*(status(base(b) + "/readyz", 0.5) for b in backends))
-            healthy[:] = [b for b, code in zip(backends, answers, strict=True) if code == 200]
-            await asyncio.sleep(0.1)
-
-    async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            while data := await reader.read(65536):
-                writer.write(data)
-                await writer.drain()
-        except OSError:
-            pass
-        finally:
-            writer.close()
-
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if not healthy:
-            writer.close()
-            return
-        target = healthy[0]
-        chosen.append(target.name)
-        try:
-            up_reader, up_writer = await asyncio.open_connection(target.ip, PORT)
-        except OSError:
-            writer.close()
-            return
-        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
-
-    server = await asyncio.start_server(handle, listen.ip, PORT)
-    async with server:
-        await asyncio.gather(server.serve_forever(), check())
 
 
 async def test_a_draining_gateway_hands_its_clients_to_the_other_host(network: Network):
@@ -591,40 +223,6 @@ async def test_a_draining_gateway_hands_its_clients_to_the_other_host(network: N
         silently_lost=sum(len(v.silently_lost) for v in verdicts),
         log=log_lines(p1, "drain", "shutdown", "stopp"),
     )
-
-
-def postgres_binaries() -> Path | None:
-    """Debian's PostgreSQL (/usr/lib/postgresql/N/bin), else the one in the pgserver wheel."""
-    for candidate in sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True):
-        if (candidate / "postgres").is_file():
-            return candidate
-    spec = importlib.util.find_spec("pgserver")
-    for location in (spec.submodule_search_locations or []) if spec else []:
-        candidate = Path(location) / "pginstall" / "bin"
-        if (candidate / "postgres").is_file():
-            return candidate
-    return None
-
-
-def start_postgres(host: Host, directory: Path) -> Process:
-    """PostgreSQL on ``host``:5432, trusting the test network, run as an unprivileged user."""
-    binaries = postgres_binaries()
-    assert binaries is not None, "no PostgreSQL binaries (Debian postgresql, or pgserver)"
-    user = (
-        "postgres"
-        if shutil.which("id") and host.exec("id", "-u", "postgres", check=False)
-        else "nobody"
-    )
-    data = directory / "data"
-    directory.chmod(0o777)
-    as_user = ["setpriv", f"--reuid={user}", f"--regid={user}", "--init-groups"]
-    host.exec(*as_user, str(binaries / "initdb"), "-D", str(data), "-A", "trust",
-              "-U", "postgres", "--no-sync")  # fmt: skip
-    with open(data / "pg_hba.conf", "a") as hba:
-        hba.write("host all all 10.231.0.0/16 trust\n")
-    return host.spawn("postgres", [*as_user, str(binaries / "postgres"), "-D", str(data),
-                                    "-k", str(directory), "-h", host.ip, "-p", "5432",
-                                    "-c", "fsync=off"])  # fmt: skip
 
 
 async def test_postgresql_behind_a_partition_is_a_quick_503_and_the_pool_heals(
@@ -689,13 +287,10 @@ async def test_postgresql_behind_a_partition_is_a_quick_503_and_the_pool_heals(
     )
 
 
-async def accepts(ip: str, port: int) -> bool:
-    try:
-        _, writer = await asyncio.wait_for(asyncio.open_connection(ip, port), 1)
-    except (OSError, TimeoutError):
-        return False
-    writer.close()
-    return True
+#: netem's "delay 100ms loss 2%" on both ends of the clients' link, for this long.
+DELAY = 0.1
+LOSS = 0.02
+SHAPED_SECONDS = 8.0
 
 
 async def test_latency_and_loss_to_the_clients_drop_no_healthy_client(network: Network):
@@ -742,84 +337,6 @@ async def test_latency_and_loss_to_the_clients_drop_no_healthy_client(network: N
         reconnects=sum(r.client.connections - 1 for r in readers if r.client is not None),
         log=log_lines(gateways[0], "dropping", "slow"),
     )
-
-
-DELAY = 0.1
-LOSS = 0.02
-SHAPED_SECONDS = 8.0
-
-
-def percentile(values: list[float], q: float) -> float:
-    return values[min(len(values) - 1, int(q * len(values)))]
-
-
-CLUSTER_PORTS = tuple(range(7000, 7006))  # three primaries, then their replicas
-
-
-def start_cluster(host: Host) -> dict[int, Process]:
-    """Six cluster nodes on ``host``, joined as three primaries with one replica each."""
-    nodes = {
-        port: start_redis(
-            host,
-            port,
-            "--cluster-enabled",
-            "yes",
-            "--cluster-config-file",
-            f"nodes-{port}.conf",
-            "--cluster-node-timeout",
-            "1000",
-            "--cluster-replica-validity-factor",
-            "0",
-        )
-        for port in CLUSTER_PORTS
-    }
-    for port in CLUSTER_PORTS:
-        wait_sync(lambda port=port: "PONG" in cli(host, port, "ping"), 10)
-    host.exec(redis_cli(), "--cluster", "create", *(f"{host.ip}:{p}" for p in CLUSTER_PORTS),
-              "--cluster-replicas", "1", "--cluster-yes")  # fmt: skip
-    for port in CLUSTER_PORTS:
-        wait_sync(lambda port=port: "cluster_state:ok" in cli(host, port, "cluster", "info"), 20)
-    wait_sync(lambda: len(replicas_in_sync(host)) == 3, 20)
-    return nodes
-
-
-def redis_cli() -> str:
-    executable, _ = redis_cluster_executable()
-    beside = Path(executable or "").with_name("redis-cli")
-    return str(beside) if beside.is_file() else shutil.which("redis-cli") or "redis-cli"
-
-
-def cli(host: Host, port: int, *args: str) -> str:
-    return host.exec(redis_cli(), "-h", host.ip, "-p", str(port), *args, check=False)
-
-
-def wait_sync(check: Callable[[], bool], timeout: float) -> None:
-    deadline = time.monotonic() + timeout * UNIT
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout * UNIT:.1f} s: {check}")
-        time.sleep(0.05)
-
-
-def replicas_in_sync(host: Host) -> list[int]:
-    return [
-        port
-        for port in CLUSTER_PORTS
-        if "master_link_status:up" in cli(host, port, "info", "replication")
-    ]
-
-
-def owner(host: Host, ask: int, slot: int) -> int | None:
-    """The port of the primary serving ``slot``, as node ``ask`` sees the cluster."""
-    for line in cli(host, ask, "cluster", "nodes").splitlines():
-        words = line.split()
-        if len(words) < 9 or "master" not in words[2] or "fail" in words[2]:
-            continue
-        for span in words[8:]:
-            first, _, last = span.partition("-")
-            if first.isdigit() and int(first) <= slot <= int(last or first):
-                return int(words[1].split("@")[0].rsplit(":", 1)[1])
-    return None
 
 
 async def test_a_cluster_primary_killed_under_load_fails_over_and_clients_are_told(
