@@ -1,4 +1,5 @@
-"""Which tests are ``browser``, ``deploy``, ``e2e`` or ``slow``: one table, applied at collection.
+"""Which tests are ``browser``, ``deploy``, ``e2e``, ``netfault`` or ``slow``: one table, applied
+at collection.
 
 ``make test-fast`` runs ``-m "not browser and not deploy and not slow and not e2e"`` (the
 edit-test loop, under a minute); ``make test`` runs everything. The marks (registered in

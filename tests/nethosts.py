@@ -246,15 +246,21 @@ async def is_ready(gw: Host) -> bool:
     return await status(base(gw) + "/readyz") == 200
 
 
-async def metric(host: Host, via: Host, name: str) -> float:
-    """The sum of the samples of ``name`` on ``host``'s /metrics, read from ``via``."""
+async def samples(host: Host, via: Host, name: str) -> dict[str, float]:
+    """The samples of ``name`` on ``host``'s /metrics (``{"name{labels}": value}``), from ``via``."""
     code, body = await via.run(http(base(host) + "/metrics"))
     assert code == 200
-    total = 0.0
+    found = {}
     for line in body.decode().splitlines():
         if line.startswith(name) and line[len(name)] in " {":
-            total += float(line.rsplit(" ", 1)[1])
-    return total
+            sample, _, value = line.rpartition(" ")
+            found[sample] = float(value)
+    return found
+
+
+async def metric(host: Host, via: Host, name: str) -> float:
+    """The sum of the samples of ``name`` on ``host``'s /metrics, read from ``via``."""
+    return sum((await samples(host, via, name)).values())
 
 
 async def metric_at_most(host: Host, via: Host, name: str, most: float) -> bool:

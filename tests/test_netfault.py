@@ -52,6 +52,7 @@ from tests.nethosts import (
     metric_at_most,
     owner,
     ready,
+    samples,
     start_cluster,
     start_gateway,
     start_postgres,
@@ -97,6 +98,8 @@ async def test_a_gateway_cut_off_from_redis_tells_its_clients_and_recovers(netwo
         network.partition(gw1, redis)
         cut = time.monotonic()
         detect = await wait_for(lambda: clients.run(unready(gw1)), 10)
+        during = await samples(gw1, clients, "gateway_broker_connected")
+        readiness = json.loads((await clients.run(http(base(gw1) + "/readyz", 3)))[1])
         await asyncio.sleep(max(0.0, cut + 10.0 - time.monotonic()))
         network.heal(gw1, redis)
         healed = time.monotonic()
@@ -126,6 +129,8 @@ async def test_a_gateway_cut_off_from_redis_tells_its_clients_and_recovers(netwo
         reported_lost_per_client=max(verdicts[r.name].reported for r in cut_off),
         silently_lost=sum(len(v.silently_lost) for v in verdicts.values()),
         broker_reconnects_metric=reconnects,
+        metrics_during_partition=during,
+        readyz_during_partition=readiness,
         log=log_lines(p1, "redis", "broker", "gap"),
     )
 
@@ -247,13 +252,15 @@ async def test_postgresql_behind_a_partition_is_a_quick_503_and_the_pool_heals(
             run.publish(clients, ws_url(gw), ("nf:db",), 0.05)
             network.partition(gw, db)
             cut = time.monotonic()
+            red_task = asyncio.ensure_future(wait_for(lambda: clients.run(unready(gw)), 10))
             answers = []
             for _ in range(3):
                 asked = time.monotonic()
                 code, body = await clients.run(http(api, 10, headers=auth))
                 answers.append((code, time.monotonic() - asked))
-            await wait_for(lambda: clients.run(unready(gw)), 10)
-            red = time.monotonic() - cut
+            red = await red_task
+            readiness = json.loads((await clients.run(http(base(gw) + "/readyz", 3)))[1])
+            pool_during = await samples(gw, clients, "gateway_db_pool_connections")
             during = len(reader.numbers())
             await asyncio.sleep(1.0)
             assert len(reader.numbers()) > during, "the socket is served meanwhile"
@@ -267,7 +274,7 @@ async def test_postgresql_behind_a_partition_is_a_quick_503_and_the_pool_heals(
             owed = await run.stop_publishing()
             await run.caught_up([reader])
             verdict = reader.verdict(owed)
-            pool = await metric(gw, clients, "gateway_db_pool_connections")
+            pool = await samples(gw, clients, "gateway_db_pool_connections")
     assert [code for code, _ in answers] == [503] * 3
     assert json.loads(body)["error"]["code"] == "unavailable"
     assert verdict == Verdict(0, 0, 0, []) and reader.client is not None
@@ -282,7 +289,9 @@ async def test_postgresql_behind_a_partition_is_a_quick_503_and_the_pool_heals(
         partition_seconds=healed - cut,
         socket_publications_meanwhile=len(reader.numbers()),
         socket_publications_lost=verdict.missing,
-        pool_connections_metric=pool,
+        readyz_during_partition=readiness,
+        metrics_during_partition=pool_during,
+        metrics_after_heal=pool,
         log=log_lines(process, "database", "postgres", "pool", "unavailable"),
     )
 
