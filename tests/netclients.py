@@ -114,6 +114,7 @@ class Publisher:
     interval: float = 0.02
     acked: dict[str, set[int]] = field(default_factory=dict)
     failed: int = 0
+    errors: set[str] = field(default_factory=set)
     running: bool = True
     sent: int = 0
 
@@ -131,8 +132,9 @@ class Publisher:
                 try:
                     await client.publish(ch, {"n": n, "t": time.monotonic()})
                     self.acked.setdefault(ch, set()).add(n)
-                except Exception:
+                except Exception as exc:
                     self.failed += 1
+                    self.errors.add(str(exc)[:100])
                 await asyncio.sleep(self.interval)
 
 

@@ -405,6 +405,7 @@ async def test_a_cluster_primary_killed_under_load_fails_over_and_clients_are_to
         replica_promoted_after=failover,
         victim_channel_flowing_again_after=flowing,
         publishes_refused_during_failover=failed,
+        publish_errors=sorted(run.publisher.errors),
         missing_on_victim_channel_per_client=max(v.missing for v in victims),
         reported_lost_per_client=max(v.reported for v in victims),
         gaps_per_client=max(r.gaps("nf:c0") for r in readers),
