@@ -200,7 +200,7 @@ async def load() -> AsyncIterator[Load]:
 
 
 def published_between(run: Load, start: float, end: float) -> int:
-    """How many publications readers on the healthy side got stamped between the two times."""
+    """How many publications were sent between the two times (by their stamps, as read)."""
     stamps = {
         e.data["n"]: e.data["t"]
         for r in run.readers
