@@ -210,12 +210,12 @@ def published_between(run: Load, start: float, end: float) -> int:
     return sum(start <= t < end for t in stamps.values())
 
 
-async def watch_raw(url: str, channel: str, pushes: list[dict[str, Any]]) -> None:
-    """A bare socket (no client library): the pushes as the gateway sends them."""
+async def watch_raw(url: str, channel: str, pushes: list[tuple[float, dict[str, Any]]]) -> None:
+    """A bare socket (no client library): the frames as the gateway sends them, timed."""
     async with connect(f"{url}?token={TOKEN}", subprotocols=["gw.v1.json"]) as ws:  # type: ignore[list-item]
         await ws.send(json.dumps({"id": 1, "op": "sub", "ch": channel}))
         async for raw in ws:
-            pushes.append(json.loads(raw))
+            pushes.append((time.monotonic(), json.loads(raw)))
 
 
 async def hold_socket(url: str, channel: str) -> None:

@@ -90,7 +90,7 @@ async def test_a_gateway_cut_off_from_redis_tells_its_clients_and_recovers(netwo
     async with load() as run:
         cut_off = await run.readers_on(clients, ws_url(gw1), 3, channel, "gw1-")
         others = await run.readers_on(clients, ws_url(gw2), 2, channel, "gw2-")
-        pushes: list[dict[str, Any]] = []
+        pushes: list[tuple[float, dict[str, Any]]] = []
         raw = clients.submit(watch_raw(ws_url(gw1), "nf:1", pushes))
         run.publish(clients, ws_url(gw2), channel, 0.02)
         await asyncio.sleep(1.0)
@@ -104,14 +104,15 @@ async def test_a_gateway_cut_off_from_redis_tells_its_clients_and_recovers(netwo
         network.heal(gw1, redis)
         healed = time.monotonic()
         recover = await wait_for(lambda: clients.run(is_ready(gw1)), 15)
-        await wait_for(lambda: any(p.get("op") == "gap" for p in pushes), 10)
-        told = time.monotonic() - healed
+        await wait_for(lambda: any(p.get("op") == "gap" for _, p in pushes), 10)
+        told = min(at for at, p in pushes if p.get("op") == "gap") - healed
         await asyncio.sleep(1.0)
         owed = await run.stop_publishing()
         await run.caught_up(cut_off + others)
         raw.cancel()
         verdicts = {r.name: r.verdict(owed) for r in run.readers}
         reconnects = await metric(gw1, clients, "gateway_broker_reconnects_total")
+    assert during == {"gateway_broker_connected": 0.0} and readiness["broker"] is False
     for name, v in verdicts.items():
         assert v.duplicates == 0 and v.silently_lost == [], (name, v)
     assert all(r.client is not None and r.client.connections == 1 for r in cut_off), (
