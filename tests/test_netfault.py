@@ -140,7 +140,7 @@ async def test_a_client_host_that_vanishes_is_detected_freed_and_leaves_presence
     network: Network,
 ):
     gw, lost, clients = (network.host(n) for n in ("gw", "lost", "clients"))
-    start_gateway(gw)
+    gateway = start_gateway(gw)
     await ready(clients, gw)
     sockets = 20
     held = [lost.submit(hold_socket(ws_url(gw), "nf:presence")) for _ in range(sockets)]
@@ -157,7 +157,6 @@ async def test_a_client_host_that_vanishes_is_detected_freed_and_leaves_presence
     detect = await wait_for(
         lambda: metric_at_most(gw, clients, "gateway_connections", connections - sockets), 15
     )
-    left = time.monotonic() - cut
     await wait_for(lambda: present_at_least(present, 0, exactly=True), 5)
     presence_gone = time.monotonic() - cut
     dead = await metric(gw, clients, "gateway_dead_peer_disconnects_total")
@@ -174,10 +173,10 @@ async def test_a_client_host_that_vanishes_is_detected_freed_and_leaves_presence
         sockets=sockets,
         ping_interval=PING_INTERVAL,
         pong_timeout=PONG_TIMEOUT,
-        all_dropped_after=left,
+        all_dropped_after=detect,
         presence_empty_after=presence_gone,
         dead_peer_disconnects_metric=dead,
-        log=log_lines(network.processes[0], "dropping"),
+        log=log_lines(gateway, "dropping"),
     )
 
 
