@@ -79,7 +79,7 @@ static int start(conn_t *c) {
 static int reasons[4];  /* connect, write, read/closed, refused or error reply */
 
 static void fail(conn_t *c, int why) {
-    if (why == 3 && reasons[3] < 3) fprintf(stderr, "connclient: refused: %02x %02x %02x %02x %.200s\n", (unsigned char)c->buf[0], (unsigned char)c->buf[1], (unsigned char)c->buf[2], (unsigned char)c->buf[3], c->buf + 2);
+    if (why == 3 && reasons[3] < 3) fprintf(stderr, "connclient: refused: %.100s\n", c->buf);
     reasons[why]++;
     c->state = FAILED;
     epoll_ctl(epfd, EPOLL_CTL_DEL, c->fd, NULL);
@@ -125,11 +125,17 @@ static int step(conn_t *c, int i, uint32_t events) {
         if (write(c->fd, sub_frame, sub_len) != sub_len) { fail(c, 1); return 1; }
         c->state = WAIT_REPLY;
     }
-    if (c->state == WAIT_REPLY && c->len >= 2) {
-        /* One unmasked text frame from the server: the reply (small, so a short length). */
+    while (c->state == WAIT_REPLY && c->len >= 2) {
+        /* Unmasked frames from the server: a ping may come first; the reply is a short text frame. */
         int plen = c->buf[1] & 0x7f, off = 2;
         if (plen == 126) { if (c->len < 4) return 0; plen = ((unsigned char)c->buf[2] << 8) | (unsigned char)c->buf[3]; off = 4; }
+        if (plen > (int)sizeof c->buf - 8) { fail(c, 3); return 1; }
         if (c->len < off + plen) return 0;
+        if ((c->buf[0] & 0x0f) != 1) {  /* not text: skip it */
+            memmove(c->buf, c->buf + off + plen, c->len - off - plen);
+            c->len -= off + plen;
+            continue;
+        }
         c->buf[off + plen] = 0;
         if (!strstr(c->buf + off, "\"ok\":true")) { fail(c, 3); return 1; }
         c->subscribed = now() - c->started;
