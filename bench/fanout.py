@@ -62,6 +62,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import shutil
 import socket
 import statistics
@@ -225,14 +226,25 @@ def run_scenario(
             "--channel", f"{channel}-{scenario.name}-{os.getpid()}-{time.monotonic_ns()}",
             "--settle", "3", "--drain", "15", "--timeout", "60",
         ]  # fmt: skip
-        cpu = process_tree_cpu(pid)
+        cpu, client = process_tree_cpu(pid), _children_cpu()
+        started = time.monotonic()
         done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=900)
-        cpu = process_tree_cpu(pid) - cpu
+        cpu, client = process_tree_cpu(pid) - cpu, _children_cpu() - client
+        wall = time.monotonic() - started
     if not done.stdout.strip():
         raise RuntimeError(f"load tool failed: {done.stderr[-2000:]}")
     report: dict[str, Any] = json.loads(done.stdout)
     report["server_cpu_seconds"] = round(cpu, 3)
+    # The load tool and its client processes (waited for, so counted), over the whole run:
+    # on 2 cores with WORKERS=2 the client's CPU is taken from the workers'.
+    report["client_cpu_seconds"] = round(client, 3)
+    report["run_seconds"] = round(wall, 3)
     return report
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _children(pid: int) -> list[int]:
@@ -277,6 +289,9 @@ def _figures(report: dict[str, Any]) -> dict[str, float]:
         "latency_p99_ms": report["latency"]["p99_ms"],
         "last_p50_ms": report["completion"]["p50_ms"],
         "last_max_ms": report["completion"]["max_ms"],
+        "client_cpu_share": round(report.get("client_cpu_seconds", 0) / report["run_seconds"], 3)
+        if report.get("run_seconds")
+        else float("nan"),
     }
 
 
@@ -300,6 +315,7 @@ _COLUMNS = [
     ("deliveries_per_s", "deliveries/s", "{:,.0f}"),
     ("lost", "lost", "{:.0f}"),
     ("failed", "failed", "{:.0f}"),
+    ("client_cpu_share", "client CPU share", "{:.2f}"),
 ]
 
 
@@ -376,7 +392,12 @@ def _floor_ratios(
     out = {}
     for name, per_server in results.items():
         runs = per_server.get("gateway-w2")
-        if runs and SCENARIOS[name].connections == floor["sockets"] and floor["ms"]:
+        if (
+            runs
+            and name != "connect"
+            and SCENARIOS[name].connections == floor["sockets"]
+            and floor["ms"]
+        ):
             out[name] = statistics.median(r["last_p50_ms"] for r in runs) / floor["ms"]
     return out
 
@@ -406,6 +427,8 @@ def main() -> int:
     p.add_argument("--save", action="store_true", help="write bench/results/<name>-<date>.json")
     p.add_argument("--name", default="fanout", help="the saved file's name (default fanout)")
     p.add_argument("--baseline", type=Path, help="a checkout whose gateway runs as 'baseline'")
+    p.add_argument("--tabulate", type=Path, help="no runs: the table of a saved run's 'runs' "
+                   "(or of fanout-partial.json), with floors measured now")  # fmt: skip
     args = p.parse_args()
     if args.baseline is not None:
         BASELINE.append(args.baseline.resolve())
@@ -415,7 +438,13 @@ def main() -> int:
     log = RESULTS / "fanout-servers.log"
     results: dict[str, dict[str, list[dict[str, float]]]] = {}
     raw: list[dict[str, Any]] = []
-    for rnd in range(args.rounds):
+    if args.tabulate is not None:
+        saved = json.loads(args.tabulate.read_text())
+        raw = saved["runs"] if isinstance(saved, dict) else saved
+        for run in raw:
+            figures = _figures(run["report"])
+            results.setdefault(run["scenario"], {}).setdefault(run["server"], []).append(figures)
+    for rnd in range(0 if args.tabulate else args.rounds):
         order = servers if rnd % 2 == 0 else list(reversed(servers))
         for scenario in scenarios:
             for server in order:
