@@ -394,7 +394,7 @@ def _floor_ratios(
         runs = per_server.get("gateway-w2")
         if (
             runs
-            and name != "connect"
+            and SCENARIOS[name].rate == 1  # one publication in flight: one send each
             and SCENARIOS[name].connections == floor["sockets"]
             and floor["ms"]
         ):
