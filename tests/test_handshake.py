@@ -210,16 +210,24 @@ async def _two_pongs(reader: asyncio.StreamReader) -> None:
         assert json.loads(payload) == {"id": cid, "ok": True}
 
 
-@pytest.mark.parametrize("key", [_key_of(12), None])
-async def test_an_upgrade_already_sent_at_the_accept_is_checked_as_any_other(key):
+@pytest.mark.parametrize(
+    ("fault", "status"),
+    [("a 12-byte key", 400), ("no token", 401), ("no Host", 400), ("two Hosts", 400)],
+)
+async def test_an_upgrade_already_sent_at_the_accept_is_checked_as_any_other(fault, status):
     """The listener's fast route refuses what Tornado's path refuses, with the same answers."""
     async with running_gateway() as gw:
         host = f"127.0.0.1:{gw.port}"
-        upgrade = handshake_request(host, "/ws", token_for(gw) if key else None, key=key)
+        token = None if fault == "no token" else token_for(gw)
+        upgrade = handshake_request(host, "/ws", token, key=_key_of(12) if "key" in fault else None)
+        if fault == "no Host":
+            upgrade = upgrade.replace(f"Host: {host}\r\n".encode(), b"")
+        elif fault == "two Hosts":
+            upgrade = upgrade.replace(b"Host: ", b"Host: a.example\r\nHost: ")
         async with raw(gw.port, before_accept=upgrade) as c:
-            status, headers, body = await c.response()
-            assert status == (400 if key else 401), body
-            assert headers["connection"] == "close" and await c.closed_within(2 * UNIT)
+            answer, _, body = await c.response()
+            assert answer == status, body
+            assert await c.closed_within(2 * UNIT)
         assert gw.hub.connection_count() == 0
 
 

@@ -265,8 +265,10 @@ class Listener(HTTPServer):
             eol = text.find("\n")
             start = httputil.parse_request_start_line(text[:eol].rstrip("\r"))
             headers = httputil.HTTPHeaders.parse(text[eol:])
+            # As Tornado's router checks each request (a missing, malformed or repeated Host)
+            httputil.HTTPServerRequest(headers=headers, start_line=start)
         except httputil.HTTPInputError:
-            return data  # Tornado answers it
+            return data  # Tornado answers it (400)
         route = self.fast.get(start.path.partition("?")[0])
         if (
             route is None
