@@ -34,7 +34,8 @@ client reaches first:
 * Fast routes (``fast``, by exact path): a ``GET`` whose request line and
   headers, with no body, are already in the socket when it is accepted (as
   under a burst of connections, when accepting lags behind the clients) is
-  parsed at accept with Tornado's own parser and handed, with the bytes behind
+  parsed at accept with Tornado's own parser (and its router's ``Host`` checks)
+  and handed, with the bytes behind
   it, straight to its route (the WebSocket upgrade): no stream, no request
   loop, no routing for a connection that leaves HTTP at once. It has spoken
   HTTP in full, so it is not pending, and its client IP is resolved as the
