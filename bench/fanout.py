@@ -469,7 +469,7 @@ def main() -> int:
                  if any(server == "gateway-w2" for server in results[s]) and s != "connect"]  # fmt: skip
     text = (
         table(results)
-        + "\n\nkernel floor (bench.sendfloor, CPU 0): "
+        + ("\n\nkernel floor (bench.sendfloor, CPU 0): " if floors else "\n")
         + "; ".join(
             f"one send to each of {f['sockets']:,} sockets {f['ms']} ms ({f['us_per_send']} us each)"
             for f in floors
