@@ -17,11 +17,10 @@ request is left out (and the exit status is 1).
    gateway hosting the core on ``DATABASE_URL`` and to the ``CORE_URL``
    gateway. The client reports its own CPU share, to show it is not the limit.
 3. **One and two core processes behind one gateway process.** REST
-   requests/s through the gateway with one core process and with two on one
-   port (``bench/sharedport.py``: ``python -m core`` does not take
-   ``WORKERS`` and binds without ``SO_REUSEPORT``, so the bench binds it
-   with), every process unpinned, the load generator unpinned and then
-   pinned to CPU 0 (goal: two give at least 1.6x one).
+   requests/s through the gateway with ``python -m core`` at ``WORKERS=1``
+   and at ``WORKERS=2`` (two processes on one port, SO_REUSEPORT), every
+   process unpinned, the load generator unpinned and then pinned to CPU 0
+   (goal: two give at least 1.6x one).
 
 Placement (``taskset``) for 1 and 2: the process that queries PostgreSQL
 (the core, or the gateway hosting it) on CPU 1; the load generator, and the
@@ -30,14 +29,17 @@ Every run records the CPU share of each process (of one CPU: 1.0 is a whole
 core), of PostgreSQL (all of its processes, other users' included), of the
 load generator, and of everything else on the machine ("other"), so a
 machine that is full, or busy with other work, shows in the report, with
-each process's CPU time per request.
+each process's CPU time per request. From those the report derives what
+the machine cannot show with 2 CPUs: the gateway's hop as a fraction of the
+core's serving (CPU per request), and the throughput each would reach with
+a CPU of its own.
 
 Rerun (from the repository root; PostgreSQL, Redis on 127.0.0.1:6379 unless
 ``--redis-url ''``, ``wrk``, and ``pip install -e '.[bench]'``)::
 
     .venv/bin/python -m bench.proxy --duration 10 --rounds 5 --save
 
-(about 25 minutes; docs/performance.md, "A separate core tier (CORE_URL)",
+(about 25 minutes; ``--duration 5 --rounds 2`` about 7; docs/performance.md, "A separate core tier (CORE_URL)",
 has the figures and what they mean). ``--table-from FILE`` draws the tables
 of a saved report again.
 """
@@ -123,11 +125,11 @@ class Tier:
     db: dict[str, str]
     data_dir: Path
 
-    def core(self, port: int, shared: bool = False, key: str = "core") -> Server:
-        """``python -m core serve`` (``shared``: on a port others share, bench/sharedport.py)."""
-        module = ("bench.sharedport",) if shared else ("core", "serve")
+    def core(self, port: int, workers: int = 1, key: str = "core") -> Server:
+        """``python -m core serve`` with ``WORKERS=workers`` (processes on one port)."""
         env = self.env | self.db | {"PORT": str(port), "TRUSTED_PROXIES": "127.0.0.1/32"}
-        return Server(key, "core", (sys.executable, "-m", *module), env)
+        env["WORKERS"] = str(workers)
+        return Server(key, "core", (sys.executable, "-m", "core", "serve"), env)
 
     def gateway(self, port: int, core_port: int | None, key: str = "gateway") -> Server:
         """``python -m gateway``: with ``CORE_URL`` and no database, or hosting the core."""
@@ -174,17 +176,20 @@ def listening(pid: int, port: int) -> bool:
 
 
 @contextmanager
-def serve_shared(
-    server: Server, port: int, token: str, logs: Path, cpu: str | None
-) -> Iterator[subprocess.Popen[bytes]]:
-    """`serve` for a process on a shared port: also waits until it listens there itself."""
+def serve_workers(
+    server: Server, workers: int, port: int, token: str, logs: Path, cpu: str | None
+) -> Iterator[list[int]]:
+    """`serve` for ``workers`` processes on one port: their PIDs, once each listens there."""
     with serve(server, port, token, logs, cpu) as proc:
         deadline = time.monotonic() + 30
-        while not listening(proc.pid, port):
+        while True:
+            pids = [proc.pid] if workers == 1 else _processes_of(proc.pid)[1:]
+            if len(pids) == workers and all(listening(pid, port) for pid in pids):
+                break
             if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"{server.key} is not listening on {port}")
+                raise RuntimeError(f"{server.key}: {workers} processes not listening on {port}")
             time.sleep(0.1)
-        yield proc
+        yield pids
 
 
 # -- CPU -------------------------------------------------------------------------------------
@@ -441,23 +446,14 @@ def measure_scaling(setup: Setup) -> Results:
         for cores in alternate(["1", "2"], round_):
             core_port, front_port = free_port(), free_port()
             with ExitStack() as stack:
-                pids = [
-                    stack.enter_context(
-                        serve_shared(
-                            tier.core(core_port, shared=True, key=f"core-{i}"),
-                            core_port,
-                            token,
-                            logs,
-                            None,
-                        )
-                    ).pid
-                    for i in range(int(cores))
-                ]
+                core = tier.core(core_port, workers=int(cores))
+                pids = stack.enter_context(
+                    serve_workers(core, int(cores), core_port, token, logs, None)
+                )
                 front = stack.enter_context(
                     serve(tier.gateway(front_port, core_port), front_port, token, logs, None)
                 )
-                roles = {"gateway": [front.pid]} | {f"core {i}": [p] for i, p in enumerate(pids)}
-                watch = CpuWatch(roles, setup.pg)
+                watch = CpuWatch({"gateway": [front.pid], "core": pids}, setup.pg)
                 for load, cpu in loads.items():
                     for endpoint in setup.endpoints:
                         url = f"http://127.0.0.1:{front_port}"
@@ -506,7 +502,7 @@ def _added(base: dict[str, Any], other: dict[str, Any]) -> tuple[str, str]:
     return f"{ms:+.2f} ms", f"{share:+.1%} ({verdict})"
 
 
-_ROLES = ("gateway", "core", "core 0", "core 1", "postgres", "load")
+_ROLES = ("gateway", "core", "postgres", "load")
 
 
 def _cpu(run: dict[str, Any]) -> str:
@@ -526,6 +522,45 @@ def _per_request(run: dict[str, Any], *roles: str) -> float | None:
     if not run["requests_per_s"] or not all(r in run["cpu"] for r in roles):
         return None
     return sum(run["cpu"][r] for r in roles) / run["requests_per_s"]
+
+
+def _cost(summary_: dict[str, Any], role: str) -> float | None:
+    """``role``'s CPU seconds per request: the median over the valid runs."""
+    costs = [
+        r["cpu"][role] / r["requests_per_s"]
+        for r in summary_["runs"]
+        if not r["failures"] and r["requests_per_s"] and role in r["cpu"]
+    ]
+    return statistics.median(costs) if costs else None
+
+
+def _hop_table(rows: list[tuple[str, dict[str, Any], dict[str, Any]]]) -> list[str]:
+    """The hop against the serving, in CPU per request, and what that projects.
+
+    The gateway's cost comes from the runs through it, the core's from the
+    runs straight to it (its serving without the hop); both are medians of
+    each run's CPU seconds over its requests. "Projected" is what a CPU each
+    would give, PostgreSQL not the limit: one core process serves 1/core
+    req/s, one gateway process forwards 1/gateway req/s, so N core
+    processes behind one gateway give min(N/core, 1/gateway).
+    """
+    lines = [
+        "**The hop and the serving: CPU per request (from /proc/<pid>/stat)**",
+        "",
+        "| endpoint | connections | gateway hop | core serving | hop / serving "
+        "| hop req per CPU-s | serving req per CPU-s | projected 2 cores / 1 behind one gateway |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for label, direct, through in rows:
+        hop, serving = _cost(through, "gateway"), _cost(direct, "core")
+        if hop is None or serving is None:
+            continue
+        projected = min(2.0 / serving, 1.0 / hop) / min(1.0 / serving, 1.0 / hop)
+        lines.append(
+            f"| {label} | {1000 * hop:.3f} ms | {1000 * serving:.3f} ms | {hop / serving:.2f} "
+            f"| {1 / hop:,.0f} | {1 / serving:,.0f} | {projected:.2f}x |"
+        )
+    return [*lines, ""]
 
 
 def _by_round(x: dict[str, Any], y: dict[str, Any]) -> list[tuple[dict[str, Any], dict[str, Any]]]:
@@ -592,13 +627,21 @@ def _scaling_table(s: dict[str, dict[str, Any]]) -> list[str]:
         )
         cpu_lines.append(f"* {load}, {endpoint}: round by round {rounds}")
         cpu_lines.append(f"  * 1 core: {_cpu(one)}; 2 cores: {_cpu(two)}")
-        gateway, core = _per_request(two, "gateway"), _per_request(one, "core 0")
+        gateway, core = _cost(two, "gateway"), _cost(one, "core")
+        everything = _per_request(two, "gateway", "core", "postgres", "load")
         if gateway and core:
             cpu_lines.append(
                 f"  * extrapolated, not measured: with a whole CPU each and PostgreSQL not the"
                 f" limit, one core process would serve ~{1 / core:,.0f} req/s and one gateway"
                 f" process forward ~{1 / gateway:,.0f} req/s, so two core processes behind one"
                 f" gateway process could give at most {min(2.0, core / gateway):.2f}x one"
+            )
+        if everything:
+            cpu_lines.append(
+                f"  * this machine's bound: {os.cpu_count()} CPUs shared by the gateway, the core"
+                f" processes, PostgreSQL and the load generator, at"
+                f" {1000 * everything:.3f} CPU-ms per request together, allow at most"
+                f" ~{(os.cpu_count() or 1) / everything:,.0f} req/s through the gateway"
             )
     return [*lines, "", "CPU, median shares of one CPU:", "", *cpu_lines, ""]
 
@@ -618,6 +661,7 @@ def render(s: dict[str, dict[str, Any]]) -> str:
             rows,
             ("core", "gateway → core"),
         )
+        lines += _hop_table(rows)
     rpc = sorted({int(k.split("|")[1]) for k in s if k.startswith("rpc|")})
     if rpc:
         rows = [(str(n), s[f"rpc|{n}|in-process"], s[f"rpc|{n}|CORE_URL"]) for n in rpc]

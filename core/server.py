@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
+import time
 from typing import Any
 
 import tornado.web
@@ -36,6 +38,7 @@ from core.infra.metrics import (
     scrape_allowed,
     warn_open_metrics,
 )
+from core.infra.metricsmerge import scrape_view
 from core.infra.ratelimit import make_limiter
 from core.infra.revocation import Revocations
 from core.infra.settings import Settings
@@ -59,7 +62,11 @@ class _Health(tornado.web.RequestHandler):
 
 
 class _Metrics(tornado.web.RequestHandler):
-    """The core's own Prometheus metrics: REST durations, the pool, the process."""
+    """The core's own Prometheus metrics: REST durations, the pool, the process.
+
+    With worker processes (``WORKERS``), every worker's samples, labelled by
+    worker (core/infra/metricsmerge.py), whichever worker answers.
+    """
 
     def initialize(self, registry: CollectorRegistry, token: str | None) -> None:
         self.registry = registry
@@ -74,7 +81,7 @@ class _Metrics(tornado.web.RequestHandler):
             self.finish(error_body(401, "unauthorized", METRICS_REFUSED))
             return
         self.set_header("Content-Type", CONTENT_TYPE_LATEST)
-        self.finish(generate_latest(self.registry))
+        self.finish(generate_latest(scrape_view(self.registry, time.time())))
 
 
 class StandaloneCore:
@@ -146,11 +153,17 @@ class CoreServer:
         self.port = port
 
     @classmethod
-    async def start(cls, settings: Settings) -> CoreServer:
+    async def start(
+        cls,
+        settings: Settings,
+        sockets: list[socket.socket] | None = None,
+        registry: CollectorRegistry | None = None,
+    ) -> CoreServer:
+        """Serve on ``sockets`` (a worker's, core/infra/workers.py), else on ``host:port``."""
         settings = ensure_key_material(settings)
         stack = await StandaloneCore.open(settings)
         core = stack.core
-        metrics = Metrics()
+        metrics = Metrics(registry)
         scrape_token = settings.metrics_token
         warn_open_metrics(scrape_token)
         core.observe = metrics.rest_request
@@ -167,7 +180,8 @@ class CoreServer:
         policy = RouteLimits(settings, stack.api.verifier, core.router, app)
         proxies = TrustedProxies(settings.trusted_proxies, settings.forwarded_header)
         server = Listener(api_router(stack.api, app), settings, metrics, policy, proxies)
-        sockets = bind_sockets(settings.port, settings.host)
+        if sockets is None:
+            sockets = bind_sockets(settings.port, settings.host)
         server.add_sockets(sockets)
         port: int = sockets[0].getsockname()[1]
         return cls(stack, server, port)

@@ -13,15 +13,15 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from core.db import prepare_schema
-from core.infra.keys import ensure_key_material, generate_jwk, write_key_file
+from core.infra.keys import SigningKeys, ensure_key_material, generate_jwk, write_key_file
 from core.infra.logs import configure_logging
 from core.infra.mint import mint_token
 from core.infra.runtime import raise_file_limit, run, wait_for_stop_signal
 from core.infra.settings import Settings, SettingsError
+from core.infra.workers import Worker, supervise, worker_count
 from core.migrate import SchemaError
 from gateway.app import make_app
 from gateway.embedded import EmbeddedPostgres
-from gateway.workers import Worker, supervise, worker_count
 
 __all__ = ["main"]
 
@@ -62,7 +62,7 @@ async def serve(settings: Settings) -> None:
 
 
 def serve_workers(settings: Settings, count: int) -> int:
-    """``count`` gateway processes on one port (gateway/workers.py); the exit status."""
+    """``count`` gateway processes on one port (core/infra/workers.py); the exit status."""
     settings, embedded = _embedded_database(settings)
     try:
         if settings.database_url and not settings.core_url:
@@ -134,6 +134,11 @@ def _parser() -> argparse.ArgumentParser:
     keygen.add_argument(
         "--add-to", metavar="FILE", help="put the new key first in this JWKS file (rotation)"
     )
+    keygen.add_argument(
+        "--public-of",
+        metavar="FILE",
+        help="make no key: print the public JWKS of this signing key file (JWT_ISSUED_KEYS)",
+    )
     return parser
 
 
@@ -155,6 +160,14 @@ def _workers_flag(parser: argparse.ArgumentParser, default: object) -> None:
 
 
 def _keygen(args: argparse.Namespace) -> int:
+    if args.public_of:
+        try:
+            public = SigningKeys.load(args.public_of).jwks()
+        except (OSError, ValueError, KeyError) as exc:
+            print(f"cannot read {args.public_of}: {exc}", file=sys.stderr)
+            return 2
+        print(json.dumps(public, indent=2))
+        return 0
     jwk = generate_jwk(args.alg, args.kid)
     if not args.add_to:
         print(json.dumps({"keys": [jwk]}, indent=2))

@@ -8,11 +8,13 @@ created at import time, so tests run several gateways in one process.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import math
 import socket
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import tornado.web
@@ -60,6 +62,7 @@ from gateway.hooks.session import session_factory
 from gateway.hub import Hub
 from gateway.keymirror import KeyMirror
 from gateway.node import Node
+from gateway.router import FirstRoute
 from gateway.serverapi.dispatch import ServerAPI, ServerBodyPolicy
 from gateway.serverapi.operations import Operations
 from gateway.serverapi.routes import ServerRoutes
@@ -145,7 +148,7 @@ class Gateway:
         """Start serving; returns the bound port (useful with port 0).
 
         ``sockets`` are listening sockets bound by the caller (a worker
-        process, gateway/workers.py); without them, bind ``host:port``.
+        process, core/infra/workers.py); without them, bind ``host:port``.
         """
         if sockets is None:
             sockets = bind_sockets(
@@ -179,7 +182,8 @@ class Gateway:
         )
         policy = ServerBodyPolicy(server_api, ctx.verifier, limits)
         proxies = TrustedProxies(s.trusted_proxies, s.forwarded_header)
-        self.server = Listener(sockets_first, s, ctx.metrics, policy, proxies,
+        routes = FirstRoute(api, sockets_first)  # the core's /api/ first, without parsing
+        self.server = Listener(routes, s, ctx.metrics, policy, proxies,
                                fast={"/ws": websockets.accept})  # fmt: skip
         polls.listener = self.server  # kept-alive polls are then served off Tornado
         self.server.add_sockets(sockets)
@@ -241,9 +245,17 @@ def routes(ctx: Context, server_routes: tuple[Route, ...] = ()) -> list[Any]:
         (r"/metrics", MetricsHandler, kw),
         *doc_routes((*ctx.core.routes, *server_routes), "tornado-gateway", __version__),
         asyncapi_route(__version__, f"{ctx.settings.host}:{ctx.settings.port}"),
-        jwks_route(Issuer(ctx.settings).jwks()),
+        jwks_route(_published_keys(ctx.settings)),
         *browser_routes(),
     ]
+
+
+def _published_keys(settings: Settings) -> dict[str, object]:
+    """The JWKS this gateway serves: its signing keys' public halves, or JWT_ISSUED_KEYS."""
+    if settings.jwt_signing_keys or not settings.jwt_issued_keys:
+        return Issuer(settings).jwks()
+    published: dict[str, object] = json.loads(Path(settings.jwt_issued_keys).read_text())
+    return published
 
 
 async def open_core(

@@ -21,13 +21,13 @@ from core.infra.broker import BrokerUnavailable
 from core.infra.errors import ApiError, ErrorDetail, TooManyRequests, Unavailable
 from core.infra.identity import AuthError, Identity, token_from_header
 from core.infra.metrics import METRICS_CHALLENGE, METRICS_REFUSED, scrape_allowed
+from core.infra.metricsmerge import scrape_view
 from core.infra.ratelimit import over_limit
 from core.service import Core
 from gateway.context import Context
 from gateway.hooks.answers import Answer
 from gateway.hooks.client import HookFailed
 from gateway.hooks.service import Hooks
-from gateway.metricsmerge import scrape_view
 from gateway.upstream import UpstreamCore
 from proto import RESERVED_PREFIX, InvalidData
 from proto.frames import Channel
@@ -196,7 +196,7 @@ class ReadyHandler(JsonHandler):
 
 
 class MetricsHandler(JsonHandler):
-    """Prometheus text; with worker processes, every worker's samples (gateway/metricsmerge.py).
+    """Prometheus text; with worker processes, every worker's samples (core/infra/metricsmerge.py).
 
     With ``METRICS_TOKEN`` set, only for ``Authorization: Bearer <METRICS_TOKEN>``.
     """

@@ -5,8 +5,8 @@ credentials. `UpstreamCore` stands where the in-process `Core` would: the
 gateway's HTTP delegate (`core.http.CoreHTTP`: CORS, request ids, the body
 limit) and every socket's ``rpc`` frames call its `dispatch`, which sends
 the request to the core over a bounded pool of keep-alive HTTP/1.1
-connections (aiohttp; CORE_POOL_SIZE per process) and answers with the
-core's status, headers and body unchanged.
+connections (gateway/corepool.py; CORE_POOL_SIZE per process) and answers
+with the core's status, headers and body unchanged.
 
 What the core is told, and why it can trust it:
 
@@ -36,11 +36,10 @@ import asyncio
 import logging
 import math
 import secrets
+import ssl
 import time
-from collections.abc import Mapping
 from typing import Any
-
-import aiohttp
+from urllib.parse import urlsplit
 
 from core.infra import control
 from core.infra.backoff import Backoff
@@ -48,11 +47,10 @@ from core.infra.errors import ApiError, Unavailable
 from core.infra.metrics import Metrics
 from core.infra.revocation import Revocations
 from core.infra.settings import Settings
-from core.infra.tasks import TaskSet
 from core.request import Request, Response
 from core.service import offline_routes
 from gateway.breaker import Breaker
-from gateway.httppool import keepalive_pool
+from gateway.corepool import CorePool, ProtocolError
 from gateway.keymirror import KeyMirror
 
 __all__ = ["IDEMPOTENT", "UpstreamCore"]
@@ -61,8 +59,14 @@ log = logging.getLogger("gateway.upstream")
 
 #: Methods a retry cannot make do twice what was asked once.
 IDEMPOTENT = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS"})
-#: Request headers the core reads; nothing else is forwarded.
-_FORWARDED = ("authorization", "content-type", "if-match", "if-none-match", "idempotency-key")
+#: Request headers the core reads, as sent to it; nothing else is forwarded.
+_FORWARDED = (
+    ("authorization", "Authorization"),
+    ("content-type", "Content-Type"),
+    ("if-match", "If-Match"),
+    ("if-none-match", "If-None-Match"),
+    ("idempotency-key", "Idempotency-Key"),
+)
 #: Response headers that belong to the hop, not to the answer (the gateway's
 #: delegate writes its own Content-Type, Content-Length, Date, request id and CORS).
 _HOP = frozenset(
@@ -113,51 +117,36 @@ class UpstreamCore:
         self.revocations = revocations
         self.keys = keys
         self.url = settings.core_url.rstrip("/")
+        where = urlsplit(self.url)
+        if where.scheme not in ("http", "https") or not where.hostname:
+            raise ValueError(f"CORE_URL must be http://host[:port]: {settings.core_url!r}")
+        tls = ssl.create_default_context() if where.scheme == "https" else None
+        self._prefix = where.path
+        self.pool = CorePool(
+            where.hostname,
+            where.port or (443 if tls else 80),
+            settings.core_pool_size,
+            max_age=settings.core_connection_max_age,
+            tls=tls,
+        )
         self.routes, self.router = offline_routes()
         self.breaker = Breaker(settings.core_breaker_failures, settings.core_breaker_seconds)
         self._retries = settings.core_retries
-        self._timeout = aiohttp.ClientTimeout(total=settings.core_timeout)
+        self._timeout = settings.core_timeout
         self._pool_size = settings.core_pool_size
         self._backoff = Backoff(0.05, 0.5)
         self._metrics = metrics
-        self._session: aiohttp.ClientSession | None = None
-        self._max_age = settings.core_connection_max_age
-        self._born = 0.0
-        #: Requests in flight per pool; a replaced pool closes when its count reaches 0.
-        self._using: dict[aiohttp.ClientSession, int] = {}
-        self._closing = TaskSet(log)
-        self.in_flight = 0
+        self._seconds = metrics.core_upstream_seconds
         self.last_error: str | None = None
         metrics.core_pool_size.set(self._pool_size)
-        metrics.core_pool_in_use.set_function(lambda: self.in_flight)
+        metrics.core_pool_in_use.set_function(lambda: self.pool.in_use)
         metrics.core_breaker_open.set_function(lambda: 0 if self.breaker.state == "closed" else 1)
 
-    def _new_pool(self) -> aiohttp.ClientSession:
-        self._born = time.monotonic()
-        session = keepalive_pool(self._pool_size, 30.0, self._timeout)
-        self._using[session] = 0
-        return session
-
-    def _pool(self) -> aiohttp.ClientSession:
-        """The pool new requests use: a fresh one once the current is CORE_CONNECTION_MAX_AGE old.
-
-        Keep-alive connections stay with the core pod they were opened to;
-        replacing the pool now and then spreads them again over the pods
-        behind the Service, new ones included.
-        """
-        assert self._session is not None, "UpstreamCore.open() first"
-        if time.monotonic() - self._born >= self._max_age:
-            old, self._session = self._session, self._new_pool()
-            if self._using[old] == 0:
-                self._retire(old)
-        return self._session
-
-    def _retire(self, session: aiohttp.ClientSession) -> None:
-        del self._using[session]
-        self._closing.spawn(session.close(), "core-pool-close")
+    @property
+    def in_flight(self) -> int:
+        return self.pool.in_use
 
     async def open(self) -> UpstreamCore:
-        self._session = self._new_pool()
         log.info("REST core at %s (up to %d connections)", self.url, self._pool_size)
         if self.keys is not None:
             if not await self.keys.reload():
@@ -175,11 +164,7 @@ class UpstreamCore:
     async def close(self) -> None:
         if self.keys is not None:
             await self.keys.close()
-        for session in list(self._using):
-            await session.close()
-        self._using.clear()
-        self._session = None
-        await self._closing.wait()
+        await self.pool.close()
 
     async def dispatch(self, req: Request) -> Response:
         """The core's answer to ``req``, or 503/504 when there is none; never raises."""
@@ -188,53 +173,53 @@ class UpstreamCore:
             self._metrics.core_upstream_errors.labels("breaker_open").inc()
             seconds = max(1, math.ceil(wait))
             return Response.error(_unavailable("the REST core is unavailable", seconds))
-        target = self.url + req.path + ("?" + req.query_string if req.query_string else "")
+        query = req.query_string
+        target = self._prefix + req.path + ("?" + query if query else "")
         headers = _headers(req)
-        retries = self._retries if _repeatable(req) else 0
+        repeatable = _repeatable(req)
+        retries = self._retries if repeatable else 0
         for attempt in range(retries + 1):
             if attempt:
                 await asyncio.sleep(self._backoff.delay(attempt - 1))
-            resp = await self._once(req.method, target, headers, req.body)
+            resp = await self._once(req.method, target, headers, req.body, repeatable)
             if isinstance(resp, Response) and resp.status not in _RETRY_STATUS:
                 return resp
         return resp if isinstance(resp, Response) else Response.error(resp)
 
     async def _once(
-        self, method: str, target: str, headers: dict[str, str], body: bytes
+        self,
+        method: str,
+        target: str,
+        headers: list[tuple[str, str]],
+        body: bytes,
+        repeatable: bool,
     ) -> Response | ApiError:
-        session = self._pool()
         started = time.perf_counter()
-        self.in_flight += 1
-        self._using[session] += 1
         try:
-            async with session.request(
-                method, target, headers=headers, data=body or None, allow_redirects=False
-            ) as answer:
-                payload = await answer.read()
-                status = answer.status
-                out = {
-                    _SPELLING.get(k.lower(), k): v
-                    for k, v in answer.headers.items()
-                    if k.lower() not in _HOP
-                }
+            async with asyncio.timeout(self._timeout):
+                answer = await self.pool.request(method, target, headers, body, repeatable)
         except TimeoutError:
             return self._failed(
                 "timeout", ApiError(504, "gateway_timeout", "the REST core did not answer in time")
             )
-        except (aiohttp.ClientError, OSError) as exc:
+        except ValueError as exc:  # a header or path that cannot go over HTTP/1.1
+            return ApiError(400, "bad_request", str(exc))
+        except (OSError, ProtocolError) as exc:
             self.last_error = f"{type(exc).__name__}: {exc}"
             return self._failed("unreachable", _unavailable("the REST core is unreachable", 1))
-        finally:
-            self.in_flight -= 1
-            self._using[session] -= 1
-            if not self._using[session] and session is not self._session:
-                self._retire(session)
-        self._metrics.core_upstream_seconds.observe(time.perf_counter() - started)
+        self._seconds.observe(time.perf_counter() - started)
+        status = answer.status
+        out = {
+            _SPELLING.get(low, name): value
+            for name, value in answer.headers
+            if (low := name.lower()) not in _HOP
+        }
         if status in _FAILURE_STATUS:
             self._metrics.core_upstream_errors.labels(f"status_{status}").inc()
             self.breaker.failure(time.monotonic())
-        else:
+        elif self.breaker.state != "closed" or self.breaker.failures:
             self.breaker.success()
+        payload = answer.body
         return Response(status, payload if payload or status not in (204, 304) else None, out)
 
     def _failed(self, kind: str, err: ApiError) -> ApiError:
@@ -247,15 +232,12 @@ class UpstreamCore:
 
     async def healthy(self) -> bool:
         """The core answers its readiness probe within a second."""
-        if self._session is None:
-            return False
         try:
-            async with self._session.get(
-                self.url + "/readyz", timeout=aiohttp.ClientTimeout(total=1.0)
-            ) as answer:
-                return answer.status == 200
-        except (TimeoutError, aiohttp.ClientError, OSError):
+            async with asyncio.timeout(1.0):
+                answer = await self.pool.request("GET", self._prefix + "/readyz", [], b"", True)
+        except (TimeoutError, OSError, ProtocolError):
             return False
+        return answer.status == 200
 
     def state(self) -> dict[str, Any]:
         """For readiness: where the core is and what the breaker thinks of it."""
@@ -264,6 +246,7 @@ class UpstreamCore:
             "breaker": self.breaker.state,
             "in_flight": self.in_flight,
             "pool": self._pool_size,
+            "connections": self.pool.size,
             "last_error": self.last_error,
         }
 
@@ -274,16 +257,20 @@ def _repeatable(req: Request) -> bool:
     )
 
 
-def _headers(req: Request) -> dict[str, str]:
+def _headers(req: Request) -> list[tuple[str, str]]:
     """What the core is told: the credential, the body's type, conditions, who and which."""
-    given: Mapping[str, str] = req.headers
-    out = {name: value for name in _FORWARDED if (value := given.get(name))}
+    given = req.headers
     token = getattr(req.caller, "token", None)
+    out = [
+        (name, value)
+        for key, name in _FORWARDED
+        if (value := given.get(key)) and not (token and key == "authorization")
+    ]
     if token:  # the credential the gateway verified (an rpc frame's: its socket's)
-        out["authorization"] = f"Bearer {token}"
-    if req.client:
-        out["x-forwarded-for"] = req.client  # replaces what the client sent (resolved already)
-    out["x-request-id"] = req.request_id or secrets.token_hex(8)
+        out.append(("Authorization", f"Bearer {token}"))
+    if req.client:  # replaces what the client sent (resolved already)
+        out.append(("X-Forwarded-For", req.client))
+    out.append(("X-Request-Id", req.request_id or secrets.token_hex(8)))
     return out
 
 

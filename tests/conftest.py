@@ -19,6 +19,7 @@ if ROOT not in sys.path:
 
 from core.migrate import migrate  # noqa: E402
 from tests.marks import apply_marks  # noqa: E402
+from tests.netns import netns_problem  # noqa: E402
 from tests.servers import (  # noqa: E402
     DEFAULT_DATABASE_URL,
     DEFAULT_REDIS_URL,
@@ -53,7 +54,15 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
     return [
         *server_report(_configured_redis_url(), _configured_database_url()),
         f"throwaway redis-server: {_redis_server_bin()}",
+        _netfault_line(),
     ]
+
+
+def _netfault_line() -> str:
+    problem = netns_problem()
+    if problem is None:
+        return "netfault: network namespaces available, tests/test_netfault.py runs"
+    return f"netfault: SKIPPED, {problem}"
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,8 @@
 """A real hook backend for tests, run as its own process: the example's, and the ways one fails.
 
-``python -m tests.hookbackend --port N`` (with ``HOOK_SECRET``) serves
+``python -m tests.hookbackend --port-file F`` (with ``HOOK_SECRET``) binds a
+free port itself (a port picked by the test and bound later could be taken
+by another process meanwhile), writes it to F, and serves
 examples/hooks_backend.py's hooks at ``/<hook>``, and for any hook:
 
 * ``/slow/<hook>?seconds=S``: answers, but only after S seconds;
@@ -28,8 +30,10 @@ from pathlib import Path
 from typing import Any
 
 import tornado.web
+from tornado.httpserver import HTTPServer
+from tornado.netutil import bind_sockets
 
-from tests.servers import UNIT, free_port
+from tests.servers import UNIT
 
 ROOT = Path(__file__).resolve().parent.parent
 SECRET = "hook-secret-for-tests-" + "0123456789abcdef" * 2
@@ -106,12 +110,14 @@ class HookBackend:
     """``python -m tests.hookbackend`` on a free port, started and stopped by a test."""
 
     def __init__(self, log: Path, secret: str = SECRET) -> None:
-        self.port = free_port()
+        self.port = 0
         self.log = log
+        port_file = log.with_suffix(".port")
+        port_file.unlink(missing_ok=True)
         env = {**os.environ, "HOOK_SECRET": secret, "PYTHONUNBUFFERED": "1"}
         with open(log, "wb") as out:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "tests.hookbackend", "--port", str(self.port)],
+                [sys.executable, "-m", "tests.hookbackend", "--port-file", str(port_file)],
                 cwd=ROOT,
                 env=env,
                 stdout=out,
@@ -120,9 +126,10 @@ class HookBackend:
         deadline = time.monotonic() + 15 * UNIT
         while True:
             try:
+                self.port = self.port or int(port_file.read_text() or 0)
                 self.requests()
                 return
-            except OSError:
+            except (OSError, ValueError):  # not bound yet (no file, or no port in it)
                 if self.proc.poll() is not None or time.monotonic() > deadline:
                     self.stop()
                     raise RuntimeError(f"hook backend did not start: {log.read_text()}") from None
@@ -157,12 +164,17 @@ class HookBackend:
                 self.proc.wait()
 
 
-async def _main(port: int) -> None:
-    make_app(os.environ["HOOK_SECRET"]).listen(port, "127.0.0.1")
+async def _main(port_file: Path) -> None:
+    sockets = bind_sockets(0, "127.0.0.1")
+    server = HTTPServer(make_app(os.environ["HOOK_SECRET"]))
+    server.add_sockets(sockets)
+    written = port_file.with_suffix(".tmp")
+    written.write_text(str(sockets[0].getsockname()[1]))
+    written.rename(port_file)  # whole, or not there yet
     await asyncio.Event().wait()
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
-    parser.add_argument("--port", type=int, required=True)
-    asyncio.run(_main(parser.parse_args().port))
+    parser.add_argument("--port-file", type=Path, required=True)
+    asyncio.run(_main(parser.parse_args().port_file))

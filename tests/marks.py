@@ -1,4 +1,5 @@
-"""Which tests are ``browser``, ``deploy``, ``e2e`` or ``slow``: one table, applied at collection.
+"""Which tests are ``browser``, ``deploy``, ``e2e``, ``netfault`` or ``slow``: one table, applied
+at collection.
 
 ``make test-fast`` runs ``-m "not browser and not deploy and not slow and not e2e"`` (the
 edit-test loop, under a minute); ``make test`` runs everything. The marks (registered in
@@ -8,6 +9,8 @@ setup.cfg, strict):
 * ``deploy``: checks the deployment files with outside tools (hadolint, kubernetes-validate);
 * ``e2e``: runs the gateway (or the core, or ``make run``, or the load tool) as real processes.
   A test using one of ``E2E_FIXTURES`` is marked without being listed;
+* ``netfault``: builds hosts in network namespaces (tests/netns.py): whoever uses one of
+  ``NETFAULT_FIXTURES`` is marked ``netfault``, ``e2e`` and ``slow``;
 * ``slow``: those using the Redis Cluster, and the tests listed in ``tests/slow.txt``: measured
   over ``SLOW_SECONDS`` (setup and teardown included) in a whole run on the shared machine.
   When ``make test-fast`` nears a minute, or a new test is slow, measure again::
@@ -33,7 +36,7 @@ from pathlib import Path
 
 import pytest
 
-__all__ = ["E2E_FIXTURES", "MARKS", "SLOW_SECONDS", "apply_marks", "slow_keys"]
+__all__ = ["E2E_FIXTURES", "MARKS", "NETFAULT_FIXTURES", "SLOW_SECONDS", "apply_marks", "slow_keys"]
 
 #: What a test may take, setup and teardown included, before it is ``slow``: far below the
 #: ~2 s one would expect, because on the shared 2-core machine (load 5 to 9 from other
@@ -44,6 +47,8 @@ SLOW_LIST = Path(__file__).with_name("slow.txt")
 
 #: Fixtures that start gateway processes: whoever uses them is ``e2e``.
 E2E_FIXTURES = frozenset({"processes", "spawn", "two_processes"})
+#: Fixtures that build a network of hosts in namespaces (tests/test_netfault.py).
+NETFAULT_FIXTURES = frozenset({"network"})
 #: Whoever uses the Redis Cluster (three redis-server processes, seconds to start) is ``slow``.
 CLUSTER = "redis_cluster"
 
@@ -94,6 +99,8 @@ def apply_marks(items: Iterable[pytest.Item], whole_suite: bool) -> None:
         fixtures = getattr(item, "fixturenames", ())
         if E2E_FIXTURES.intersection(fixtures):
             names.append("e2e")
+        if NETFAULT_FIXTURES.intersection(fixtures):
+            names.extend(("netfault", "e2e", "slow"))
         callspec = getattr(item, "callspec", None)
         if CLUSTER in fixtures or (callspec and callspec.params.get("broker_factory") == "cluster"):
             names.append("slow")

@@ -31,6 +31,7 @@ def test_the_proxy_bench_runs_every_part(clean_db, redis_url):
     argv += ["--redis-url", redis_url]
     done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=300 * UNIT)
     assert done.returncode == 0, done.stdout + done.stderr
-    for table in ("1. REST: straight to the core", "2. Socket rpc", "3. REST through one gateway"):
+    tables = ("1. REST: straight to the core", "The hop and the serving", "2. Socket rpc")
+    for table in (*tables, "3. REST through one gateway"):
         assert table in done.stdout
     assert "INVALID" not in done.stderr

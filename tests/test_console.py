@@ -3,15 +3,18 @@
 An admin signs in (the core's token endpoint), sees the connection of a
 second browser appear in the live figures, finds that user's connection and
 disconnects it (confirming), and publishes into a channel that a third page
-shows (confirming). The screenshot in docs/operations.md is taken here
-(``docs/admin-console.png``). The browser client also follows a server-side
-subscription (a ``subscribed`` push).
+shows (confirming). The screenshot in docs/operations.md is taken here:
+with ``UPDATE_SCREENSHOTS=1`` it is written to ``docs/admin-console.png``,
+otherwise beside the test's other files (so a test run leaves the checkout
+as it found it). The browser client also follows a server-side subscription
+(a ``subscribed`` push).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +30,16 @@ from tests.test_serverapi_processes import gateway_env
 
 processes = test_processes.processes  # the fixture: real `python -m gateway` processes
 chromium = test_browser.chromium  # the fixture: Debian's chromium
-SCREENSHOT = Path(__file__).resolve().parent.parent / "docs" / "admin-console.png"
+DOCS_SCREENSHOT = Path(__file__).resolve().parent.parent / "docs" / "admin-console.png"
+
+
+@pytest.fixture
+def screenshot(tmp_path: Path) -> Path:
+    """Where the console's screenshot goes: docs/ only when asked to update it."""
+    if os.environ.get("UPDATE_SCREENSHOTS") == "1":
+        return DOCS_SCREENSHOT
+    return tmp_path / "admin-console.png"
+
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -55,7 +67,7 @@ async def _got(page: Page) -> list[list[Any]]:
 
 
 async def test_an_admin_watches_finds_disconnects_and_publishes(
-    chromium, processes, redis_url, clean_db
+    chromium, processes, redis_url, clean_db, screenshot
 ):
     env = gateway_env(
         redis_url,
@@ -106,7 +118,8 @@ async def test_an_admin_watches_finds_disconnects_and_publishes(
         finally:
             api.close()
         await expect(p.locator("#busiest tbody tr").first).to_contain_text("room:5")
-        await p.screenshot(path=str(SCREENSHOT), full_page=True)
+        await p.screenshot(path=str(screenshot), full_page=True)
+        assert screenshot.read_bytes().startswith(b"\x89PNG")
         await rows.first.get_by_role("button", name="Disconnect").click()
         await expect(p.locator("#user-note")).to_contain_text("disconnected 1", timeout=WAIT)
         await expect(total).to_have_text("2", timeout=WAIT)

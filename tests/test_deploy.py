@@ -37,7 +37,7 @@ import yaml
 
 from core.infra.metrics import Metrics
 from core.infra.settings import Settings
-from gateway.workers import KILL_AFTER
+from core.infra.workers import KILL_AFTER
 
 ROOT = Path(__file__).resolve().parent.parent
 K8S = ROOT / "deploy" / "k8s"

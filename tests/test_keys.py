@@ -115,3 +115,29 @@ async def test_gateway_issues_with_the_first_key_and_publishes_the_set(clean_db,
                 me.close()
         finally:
             anon.close()
+
+
+def test_a_gateway_verifies_the_core_s_tokens_with_public_keys_only(tmp_path):
+    """JWT_ISSUED_KEYS (keygen --public-of): a CORE_URL gateway holds no private key and still
+    knows the core's tokens for its own (an admin's reach the console), and no one else's."""
+    signing = tmp_path / "signing.jwks"
+    assert keygen("--alg", "ES256", "--kid", "k1", "--add-to", str(signing)).returncode == 0
+    out = keygen("--public-of", str(signing))
+    assert out.returncode == 0
+    public = json.loads(out.stdout)
+    assert [k["kid"] for k in public["keys"]] == ["k1"] and "d" not in public["keys"][0]
+    issued = tmp_path / "issued.jwks"
+    issued.write_text(out.stdout)
+    core = Settings(jwt_signing_keys=str(signing))
+    token = mint_token(core, "7", ["room:*"], extra={"role": "admin"})
+    gateway = Verifier(Settings(jwt_issued_keys=str(issued)))
+    with_keys = Verifier(core).verify(token)
+    assert gateway.verify(token).grants == with_keys.grants  # the console channel included
+    outsider = Settings(jwt_signing_keys=str(tmp_path / "other.jwks"))
+    assert (
+        keygen("--alg", "ES256", "--kid", "x", "--add-to", outsider.jwt_signing_keys).returncode
+        == 0
+    )
+    with pytest.raises(AuthError):
+        gateway.verify(mint_token(outsider, "7", ["room:*"]))
+    assert keygen("--public-of", str(tmp_path / "missing.jwks")).returncode == 2

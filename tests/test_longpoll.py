@@ -147,6 +147,29 @@ async def test_a_client_that_stops_polling_is_closed_as_slow_consumer():
             p.close()
 
 
+async def test_a_slow_long_poll_session_closed_mid_fan_out_costs_the_others_nothing():
+    # The slow session is closed while the publication is being handed out:
+    # every other subscriber of the channel still gets it, and every later one.
+    async with running_gateway(**FEED, longpoll_outbox_bytes=2000, longpoll_timeout=0.3) as gw:
+        token = token_for(gw, channels=("feed:*",))
+        slow = await Poller(gw, token).open()
+        try:
+            await slow.send({"id": 1, "op": "sub", "ch": "feed:5"})
+            async with ws_client(gw.port, token) as ws:
+                assert "error" not in await ws.request("sub", ch="feed:5")
+                for n in range(60):
+                    await gw.ctx.node.publish(
+                        "feed:5", json.dumps({"n": n, "pad": "x" * 50}).encode()
+                    )
+                got = [(await ws.next_push())["data"]["n"] for _ in range(60)]
+                assert got == list(range(60))
+            await slow.poll()
+            status, body = await slow.poll()
+            assert status == 410 and body["close"] == {"code": CloseCode.SLOW_CONSUMER}
+        finally:
+            slow.close()
+
+
 async def test_long_poll_sessions_are_capped_per_user():
     async with running_gateway(longpoll_max_per_user=2, longpoll_timeout=0.2) as gw:
         alice = [await Poller(gw, token_for(gw, "alice")).open() for _ in range(2)]

@@ -34,6 +34,7 @@ def test_tests_are_marked_by_module_name_fixture_and_broker():
         FakeItem("tests/test_new.py::test_contract[cluster]", params={"broker_factory": "cluster"}),
         FakeItem("tests/test_new.py::test_contract[memory]", params={"broker_factory": "memory"}),
         FakeItem("tests/test_new.py::test_plain"),
+        FakeItem("tests/test_new.py::test_on_hosts", "network"),
     ]
     apply_marks(items, whole_suite=False)
     assert [item.marks for item in items] == [
@@ -44,6 +45,7 @@ def test_tests_are_marked_by_module_name_fixture_and_broker():
         ["slow"],
         [],
         [],
+        ["netfault", "e2e", "slow"],  # tests/netns.py: hosts in network namespaces
     ]
 
 

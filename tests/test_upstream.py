@@ -14,7 +14,7 @@ from tornado.httpserver import HTTPServer
 from tornado.netutil import bind_sockets
 
 from core.infra.metrics import Metrics
-from core.infra.settings import Settings
+from core.infra.settings import Settings, SettingsError
 from core.request import Request
 from gateway.breaker import Breaker
 from gateway.upstream import UpstreamCore
@@ -134,9 +134,8 @@ async def test_connections_are_renewed_so_new_core_pods_get_their_share(flaky):
     for _ in range(4):
         assert (await core.dispatch(Request("GET", "/api/x"))).status == 200
         await asyncio.sleep(0.06)
-    assert len(state["peers"]) == 4  # a fresh connection each time the pool aged
-    await asyncio.sleep(0.05)
-    assert len(core._using) == 1  # the old pools were closed once idle
+    assert len(state["peers"]) == 4  # a fresh connection each time the last one aged
+    assert core.pool.size == 1  # the aged ones were closed
 
 
 async def test_a_pool_younger_than_its_max_age_keeps_its_connection(flaky):
@@ -145,3 +144,18 @@ async def test_a_pool_younger_than_its_max_age_keeps_its_connection(flaky):
     for _ in range(4):
         assert (await core.dispatch(Request("GET", "/api/x"))).status == 200
     assert len(state["peers"]) == 1
+
+
+async def test_a_header_that_would_split_the_request_is_refused_not_sent(flaky):
+    core, state = flaky
+    forged = {"if-match": '"1"\r\nX-Forwarded-For: 10.0.0.1'}  # as an rpc frame may carry
+    resp = await core.dispatch(Request("PUT", "/api/x", headers=forged, body=b"{}"))
+    assert resp.status == 400 and b'"code":"bad_request"' in (resp.body or b"")
+    assert state["hits"] == 0 and core.state()["breaker"] == "closed"
+
+
+@pytest.mark.parametrize("url", ["ftp://core", "core:8081", "http://"])
+def test_a_core_url_that_is_not_http_is_a_configuration_error(monkeypatch, url):
+    monkeypatch.setenv("CORE_URL", url)
+    with pytest.raises(SettingsError, match="CORE_URL"):
+        Settings.from_env()

@@ -19,11 +19,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 from websockets.exceptions import ConnectionClosed
 
+from core.infra.metricsmerge import MAX_AGE, WorkerRegistry, scrape_view
 from core.infra.mint import mint_token
 from core.infra.settings import Settings
+from core.infra.workers import worker_count
 from gateway.__main__ import _parser
-from gateway.metricsmerge import MAX_AGE, WorkerRegistry, scrape_view
-from gateway.workers import worker_count
 from proto import CloseCode
 from tests.harness import SECRET, unique_prefix, ws_client
 from tests.servers import UNIT, free_port
@@ -282,3 +282,32 @@ def test_one_process_scrape_is_the_registry_unlabelled():
     registry = CollectorRegistry()
     _registry(registry, 2, 1)
     assert generate_latest(scrape_view(registry, time.time())) == generate_latest(registry)
+
+
+async def test_the_rest_core_runs_workers_on_one_port_as_the_gateway_does(
+    tmp_path, data_dir, gateway_env
+):
+    core = GatewayProcess(tmp_path, data_dir, "core", **gateway_env, WORKERS="2").start()
+    try:
+        await logged(core, "REST core listening on", 2)
+        pids = worker_pids(core)
+        assert sorted(pids) == [0, 1] and core.proc.pid not in pids.values()
+        memory = await per_worker(
+            core.port, "process_resident_memory_bytes", lambda v: sorted(v) == ["0", "1"]
+        )
+        assert min(memory.values()) > 0  # either worker's /metrics shows both
+        core.proc.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(core.proc.wait, 15 * UNIT) == 0
+        assert not [pid for pid in pids.values() if alive(pid)]
+    finally:
+        if core.proc.poll() is None:
+            core.stop(signal.SIGKILL)
+
+
+def test_the_rest_core_takes_a_workers_flag(monkeypatch):
+    from core.__main__ import main
+
+    monkeypatch.delenv("DATABASE_URL", raising=False)
+    assert main(["--workers", "2", "serve"]) == 2  # parsed; refused for want of a database
+    with pytest.raises(SystemExit):
+        main(["--workers", "two"])

@@ -142,6 +142,7 @@ def ensure_key_material(settings: Settings) -> Settings:
         or settings.jwt_public_key
         or settings.jwt_jwks_file
         or settings.jwt_signing_keys
+        or settings.jwt_issued_keys
     ):
         return settings
     path = Path(settings.data_dir) / "jwt-secret"

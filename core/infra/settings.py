@@ -227,7 +227,7 @@ class Settings:
         "The REST core as a separate service (http://core:8081): the gateway then holds no "
         "database pool or credentials and forwards /api/* and socket rpc frames to it. "
         "Unset: the core runs inside the gateway on DATABASE_URL.",
-        _optional,
+        _url,
     )
     core_pool_size: int = _setting(
         64,
@@ -450,6 +450,14 @@ class Settings:
         None,
         "JWT_SIGNING_KEYS",
         "JWKS file of private keys for issued tokens (first signs; all are published).",
+        _optional,
+    )
+    jwt_issued_keys: str | None = _setting(
+        None,
+        "JWT_ISSUED_KEYS",
+        "JWKS file of the public halves of JWT_SIGNING_KEYS (python -m gateway keygen "
+        "--public-of FILE): a gateway with CORE_URL verifies the tokens the core issues as "
+        "its own with these, holding no private key.",
         _optional,
     )
     jwt_algorithms: tuple[str, ...] = _setting(

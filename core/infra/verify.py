@@ -103,12 +103,17 @@ class Verifier:
             # Tokens we issue verify with the public halves of our signing keys.
             self._jwks.update(SigningKeys.load(settings.jwt_signing_keys).verification_keys())
         allowed: set[str] = set()
+        issued: dict[str, jwt.PyJWK] = {}
+        if settings.jwt_issued_keys:  # the public halves only (a gateway with CORE_URL)
+            published = jwt.PyJWKSet.from_json(Path(settings.jwt_issued_keys).read_text())
+            issued = {k.key_id: k for k in published.keys if k.key_id}
+            self._jwks.update(issued)
         #: Key ids of our own signing keys: tokens this deployment issued.
         self._own_kids: frozenset[str] = frozenset(
             SigningKeys.load(settings.jwt_signing_keys).verification_keys()
             if settings.jwt_signing_keys
             else ()
-        )
+        ) | frozenset(issued)
         if self._secret:
             allowed.update(HMAC_ALGORITHMS)
         allowed.update(self._public_algs)

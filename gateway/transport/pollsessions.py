@@ -92,6 +92,8 @@ class PollSession:
         self.closed: int | None = None
         self.reason: str | None = None
         self.last_poll = time.monotonic()
+        #: The outbox overflowed: nothing more is queued, and the close follows.
+        self.overflowed = False
         self.on_close: Callable[[], None] | None = None
         #: The token of the last request whose signature was checked, and its identity.
         self.token = ""
@@ -132,11 +134,16 @@ class PollSession:
     # -- polling ---------------------------------------------------------------
 
     def _queue(self, payload: bytes) -> None:
-        if self.closed is not None:
+        if self.closed is not None or self.overflowed:
             return
         if self.size + len(payload) > self.limit_bytes:
+            # Closed on the next turn of the loop, not here: this is called
+            # while a publication is handed to every subscriber of a channel,
+            # and closing unsubscribes (the channel's members would change
+            # under the fan-out). Nothing more is queued meanwhile.
             log.warning("closing long-poll session %s: outbox full", self.sid[:8])
-            self.disconnect(CloseCode.SLOW_CONSUMER)
+            self.overflowed = True
+            asyncio.get_running_loop().call_soon(self.disconnect, CloseCode.SLOW_CONSUMER)
             return
         self.seq += 1
         self.outbox.append((self.seq, payload))

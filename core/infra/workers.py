@@ -1,12 +1,14 @@
-"""Worker processes: several gateway processes sharing one port.
+"""Worker processes: several processes of one server sharing one port.
 
-One event loop uses one core. ``WORKERS=N`` (or ``python -m gateway
---workers N``; 0, the default, means one per core) runs N processes, each a
-whole gateway with its own Hub, Broker connection and Core pool; Redis
-carries publications between them exactly as between machines. Without
-``REDIS_URL`` there is no cross-process fan-out, so the gateway runs one
-process and says so at start. ``WORKERS=1`` is the plain single process,
-with no supervisor.
+One event loop uses one core. ``WORKERS=N`` (or ``--workers N``; 0, the
+default, means one per core) runs N processes of ``python -m gateway`` or
+``python -m core``, each a whole server: a gateway with its own Hub, Broker
+connection and Core pool, or a REST core with its own database pool. Redis
+carries publications, revocations and rate-limit counters between them
+exactly as between machines. Without ``REDIS_URL`` those would stay in each
+process (no cross-process fan-out, a rate limit per process), so the server
+runs one process and says so at start. ``WORKERS=1`` is the plain single
+process, with no supervisor.
 
 Start-up, in the master process, before any event loop exists:
 
@@ -23,7 +25,8 @@ Start-up, in the master process, before any event loop exists:
    master keeps it to hand to restarted workers.
 
 Then the master only supervises. SIGTERM or SIGINT is forwarded to every
-worker, each drains as a single process does (``Gateway.close``), and a
+worker, each drains as a single process does (``Gateway.close``,
+``CoreServer.close``), and a
 worker still alive ``SHUTDOWN_TIMEOUT`` + 5 s later is killed; the master
 exits 0 when all stopped cleanly. A worker that dies unexpectedly is logged
 with its exit status and started again, after a 1 s pause if it died within
@@ -34,7 +37,7 @@ Metrics: every worker writes a snapshot of its registry every second into
 a private temporary directory that the master creates, hands to the
 workers at fork and removes at the end; ``/metrics``, on whichever worker
 answers, shows every worker's samples labelled ``worker="<index>"``
-(gateway/metricsmerge.py). Log lines of a worker carry its index (``worker``: a JSON field, or ``worker=<index>`` in text).
+(core/infra/metricsmerge.py). Log lines of a worker carry its index (``worker``: a JSON field, or ``worker=<index>`` in text).
 """
 
 from __future__ import annotations
@@ -56,13 +59,13 @@ from typing import Any, NoReturn
 from tornado.ioloop import PeriodicCallback
 from tornado.netutil import bind_sockets
 
+from core.infra.metricsmerge import WorkerRegistry, snapshot_path
 from core.infra.runtime import LISTEN_BACKLOG, STOP_SIGNALS, run
 from core.infra.settings import Settings
-from gateway.metricsmerge import WorkerRegistry, snapshot_path
 
 __all__ = ["Serve", "Worker", "supervise", "worker_count"]
 
-log = logging.getLogger("gateway.workers")
+log = logging.getLogger("core.infra.workers")
 
 #: A worker that dies within QUICK seconds of its start died quickly: it is
 #: restarted after BACKOFF seconds, and GIVE_UP quick deaths in a row stop all.
@@ -123,7 +126,8 @@ class Worker:
             self.registry.remove()
 
 
-#: How a worker serves: ``__main__._serve``, given the worker it runs as.
+#: How a worker serves (``gateway.__main__._serve``, ``core.__main__._serve``), given the
+#: worker it runs as.
 Serve = Callable[[Settings, Worker], Coroutine[Any, Any, None]]
 
 
@@ -131,7 +135,7 @@ def supervise(settings: Settings, count: int, serve: Serve) -> int:
     """Run ``count`` workers on one port until SIGTERM or SIGINT; returns the exit status."""
     reuse_port = hasattr(socket, "SO_REUSEPORT")
     if reuse_port and settings.port:
-        # SO_REUSEPORT would let this gateway share the port with another one
+        # SO_REUSEPORT would let this server share the port with another one
         # already listening there (same user), splitting its traffic: bind
         # once without it first, so a taken port fails as it would for one process.
         try:
@@ -144,7 +148,7 @@ def supervise(settings: Settings, count: int, serve: Serve) -> int:
         settings.port, settings.host, reuse_port=reuse_port, backlog=LISTEN_BACKLOG
     )
     port: int = sockets[0].getsockname()[1]
-    directory = tempfile.mkdtemp(prefix="gateway-metrics-")
+    directory = tempfile.mkdtemp(prefix="workers-metrics-")
     log.info(
         "%d worker processes on http://%s:%d (%s)",
         count,
