@@ -16,7 +16,11 @@ CPU 1; Redis is not pinned. The servers are:
 
 and, when asked for (``--servers gateway,gateway-events``), ``gateway-events``:
 the gateway with ``EVENTS_STREAM=true`` (docs/events.md), to compare with
-the same gateway without it.
+the same gateway without it; ``gateway-w2``: the gateway with ``WORKERS=2``
+(gateway/workers.py: two processes on one port with ``SO_REUSEPORT``), not
+pinned (it has both cores; the load client still runs on CPU 1, so on a
+2-core machine it shares a core with a worker: each report says how much
+CPU the client took).
 
 Scenarios (the issue's targets in brackets):
 
@@ -26,7 +30,17 @@ Scenarios (the issue's targets in brackets):
 * ``broadcast``: a burst of 10,000 new connections [<= 10 s], then 10
   broadcasts at 1/s: time to the last of 10,000 subscribers [<= 60 ms];
 * ``sustained``: 10,000 subscribers and 25 publications/s for 10 s, offered
-  250,000 deliveries/s: deliveries per second achieved [>= 200,000].
+  250,000 deliveries/s: deliveries per second achieved [>= 200,000];
+* ``connect``: a burst of 10,000 WebSocket handshakes, each with its own
+  HS256 token and one subscription, by ``bench/connclient.c`` (a C client,
+  one epoll, 500 in flight; `bench.connrate`) pinned to CPU 1: sockets/s,
+  handshake p50/p99, and handshakes per server CPU-second (the server's
+  processes' CPU from ``/proc`` over the burst) [>= 5,000 per core-second;
+  10,000 in <= 2 s; p99 <= 200 ms]; the client's own CPU share shows it was
+  not the bottleneck. Gateways only (the peers speak another protocol);
+* ``hold39k``: ``hold`` with 39,000 sockets, for ``gateway-w2`` (one process
+  may hold 20,000 descriptors): time to the last subscriber against the
+  kernel's floor for 39,000 sockets on two cores [<= 1.3x].
 
 It also prints the kernel's floor (`bench.sendfloor`): the time one ``send``
 on each of N loopback sockets takes on CPU 0, which bounds "time to the last
@@ -48,6 +62,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import shutil
 import socket
 import statistics
@@ -62,6 +77,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from bench import connrate
+from bench.connrate import process_tree_cpu
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 JWT_SECRET = "bench-fanout-fixed-secret-0123456789abcdef"
@@ -71,7 +89,7 @@ GATEWAYS = ("gateway", "console", "baseline")
 #: The checkout ``baseline`` runs (``--baseline``).
 BASELINE: list[Path] = []
 #: Gateways with settings of their own, by name (not run unless named in --servers).
-VARIANTS = {"gateway-events": {"EVENTS_STREAM": "true"}}
+VARIANTS = {"gateway-events": {"EVENTS_STREAM": "true"}, "gateway-w2": {"WORKERS": "2"}}
 
 
 @dataclass(frozen=True)
@@ -87,7 +105,11 @@ SCENARIOS = {
     "hold": Scenario("hold", 19_500, 1, 10, "memory <= 12 KB/conn; last of 19,500 <= 120 ms"),
     "broadcast": Scenario("broadcast", 10_000, 1, 10, "10,000 connect <= 10 s; last <= 60 ms"),
     "sustained": Scenario("sustained", 10_000, 25, 250, ">= 200,000 deliveries/s"),
+    "connect": Scenario("connect", 10_000, 0, 0, ">= 5,000 handshakes per server CPU-second"),
+    "hold39k": Scenario("hold39k", 39_000, 1, 10, "last of 39,000 <= 1.3x the kernel floor"),
 }
+#: Scenarios only some servers run (the rest are skipped for them).
+ONLY = {"connect": (*GATEWAYS, "gateway-w2"), "hold39k": ("gateway-w2",)}
 
 
 def _free_port() -> int:
@@ -107,12 +129,12 @@ def _command(
     env = {**os.environ, "JWT_SECRET": JWT_SECRET, "PYTHONUNBUFFERED": "1",
            "REDIS_URL": os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")}  # fmt: skip
     if server in GATEWAYS or server in VARIANTS:
-        env.update(VARIANTS.get(server, {}))
         env.update(PORT=str(port), HOST="127.0.0.1", WORKERS="1", RATE_CONNECT_IP="off",
                    MAX_PENDING_PER_IP="1000000",  # the load tool is one address
                    LOG_LEVEL="warning",
                    DATABASE_URL=os.environ.get("DATABASE_URL", "postgresql://127.0.0.1:5432/test"))  # fmt: skip
         env["MIGRATE_ON_START"] = "true"  # a bench database: migrated at start, as `make run`
+        env.update(VARIANTS.get(server, {}))
         env.update(extra or {})
         return [sys.executable, "-m", "gateway"], env
     return [sys.executable, "-m", f"bench.peers.{server}_broadcast", "--port", str(port)], env
@@ -149,8 +171,9 @@ def _server(
     port = _free_port()
     argv, env = _command(server, port, extra)
     cwd = BASELINE[0] if server == "baseline" else ROOT
+    pin = [] if server == "gateway-w2" else _pin(0)  # two workers: both cores
     with open(log, "ab") as out:
-        proc = subprocess.Popen(_pin(0) + argv, cwd=cwd, env=env, stdout=out, stderr=out)
+        proc = subprocess.Popen(pin + argv, cwd=cwd, env=env, stdout=out, stderr=out)
     watcher = None
     try:
         deadline = time.monotonic() + 60
@@ -193,21 +216,30 @@ def run_scenario(
     """One run of the load tool against a fresh ``server`` (the gateway's ``extra`` settings).
 
     ``load_args``: more options for the load tool. The report gains the
-    server's CPU seconds and the bytes it wrote to sockets (``wchar``) during the run,
-    and, for a gateway, its /metrics samples at the end (``server_metrics``).
+    server's CPU seconds (its workers' too) and the bytes it wrote to sockets
+    (``wchar``) during the run, the load tool's own CPU seconds, and, for a
+    gateway, its /metrics samples at the end (``server_metrics``).
     """
+    if scenario.name == "connect":
+        return _connect_run(server, scenario, log, extra)
     with _server(server, log, extra) as (port, pid):
+        workers = _children(pid) if server == "gateway-w2" else []
         argv = [
             *_pin(1), sys.executable, "-W", "ignore", "-m", "gateway.loadtest", "--json", "--quiet",
             "--url", f"http://127.0.0.1:{port}", "--secret", JWT_SECRET,
             "-n", str(scenario.connections), "--rate", str(scenario.rate),
-            "--messages", str(scenario.messages), "--server-pid", str(pid),
+            "--messages", str(scenario.messages),
+            *[a for p in (workers or [pid]) for a in ("--server-pid", str(p))],
             "--channel", f"{channel}-{scenario.name}-{os.getpid()}-{time.monotonic_ns()}",
             "--settle", "3", "--drain", "15", "--timeout", "60", *load_args,
         ]  # fmt: skip
-        cpu, wrote = cpu_seconds(pid), written_bytes(pid)
+        writers = workers or [pid]
+        cpu, client, wrote = process_tree_cpu(pid), _children_cpu(), written_bytes(writers)
+        started = time.monotonic()
         done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=900)
-        cpu, wrote = cpu_seconds(pid) - cpu, written_bytes(pid) - wrote
+        cpu, client = process_tree_cpu(pid) - cpu, _children_cpu() - client
+        wrote = written_bytes(writers) - wrote
+        wall = time.monotonic() - started
         samples = scrape(port) if server in GATEWAYS or server in VARIANTS else {}
     if not done.stdout.strip():
         raise RuntimeError(f"load tool failed: {done.stderr[-2000:]}")
@@ -215,13 +247,38 @@ def run_scenario(
     report["server_cpu_seconds"] = round(cpu, 3)
     report["server_written_bytes"] = wrote
     report["server_metrics"] = samples
+    # The load tool and its client processes (waited for, so counted), over the whole run:
+    # on 2 cores with WORKERS=2 the client's CPU is taken from the workers'.
+    report["client_cpu_seconds"] = round(client, 3)
+    report["run_seconds"] = round(wall, 3)
     return report
 
 
-def cpu_seconds(pid: int) -> float:
-    """CPU time (user + system) process ``pid`` has used so far (Linux ``/proc``)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _children(pid: int) -> list[int]:
+    """The worker processes of a supervisor (gateway/workers.py), once all are up."""
+    deadline = time.monotonic() + 30
+    while True:
+        kids = [int(k) for t in Path(f"/proc/{pid}/task").glob("*/children")
+                for k in t.read_text().split()]  # fmt: skip
+        if len(kids) >= 2 or time.monotonic() > deadline:
+            return kids
+        time.sleep(0.2)
+
+
+def _connect_run(
+    server: str, scenario: Scenario, log: Path, extra: dict[str, str] | None
+) -> dict[str, Any]:
+    """The ``connect`` scenario: one burst of the C client against a fresh ``server``."""
+    with _server(server, log, extra) as (port, pid):
+        channel = f"connect-{os.getpid()}-{time.monotonic_ns()}"
+        burst = connrate.burst(port, pid, JWT_SECRET, scenario.connections, channel, pin=_pin(1),
+                               hold=1.0)  # fmt: skip
+    return {"connect": burst}
 
 
 def scrape(port: int) -> dict[str, float]:
@@ -239,15 +296,23 @@ def scrape(port: int) -> dict[str, float]:
     return samples
 
 
-def written_bytes(pid: int) -> int:
-    """Bytes process ``pid`` has passed to write and send calls so far (Linux ``/proc``, wchar)."""
-    for line in Path(f"/proc/{pid}/io").read_text().splitlines():
-        if line.startswith("wchar:"):
-            return int(line.split()[1])
-    return 0
+def written_bytes(pids: list[int]) -> int:
+    """Bytes processes ``pids`` have passed to write and send calls so far (``/proc``, wchar)."""
+    total = 0
+    for pid in pids:
+        for line in Path(f"/proc/{pid}/io").read_text().splitlines():
+            if line.startswith("wchar:"):
+                total += int(line.split()[1])
+    return total
 
 
 def _figures(report: dict[str, Any]) -> dict[str, float]:
+    if "connect" in report:
+        b = report["connect"]
+        return {"failed": b["failed"], "connect_s": b["seconds"], "connects_per_s": b["per_second"],
+                "per_cpu_s": b["per_server_cpu_second"], "handshake_p50_ms": b["handshake_p50_ms"],
+                "handshake_p99_ms": b["handshake_p99_ms"], "server_cpu_share": b["server_cpu_share"],
+                "client_cpu_share": b["client_cpu_share"]}  # fmt: skip
     c, d = report["connections"], report["deliveries"]
     per = report["server_memory"]["bytes_per_connection"]
     return {
@@ -261,8 +326,22 @@ def _figures(report: dict[str, Any]) -> dict[str, float]:
         "latency_p99_ms": report["latency"]["p99_ms"],
         "last_p50_ms": report["completion"]["p50_ms"],
         "last_max_ms": report["completion"]["max_ms"],
+        "client_cpu_share": round(report.get("client_cpu_seconds", 0) / report["run_seconds"], 3)
+        if report.get("run_seconds")
+        else float("nan"),
     }
 
+
+_CONNECT_COLUMNS = [
+    ("connect_s", "seconds", "{:.2f}"),
+    ("connects_per_s", "sockets/s", "{:,.0f}"),
+    ("per_cpu_s", "per server CPU-s", "{:,.0f}"),
+    ("handshake_p50_ms", "handshake p50 ms", "{:.1f}"),
+    ("handshake_p99_ms", "handshake p99 ms", "{:.1f}"),
+    ("server_cpu_share", "server CPU share", "{:.2f}"),
+    ("client_cpu_share", "client CPU share", "{:.2f}"),
+    ("failed", "failed", "{:.0f}"),
+]
 
 _COLUMNS = [
     ("connect_s", "connect s", "{:.2f}"),
@@ -273,6 +352,7 @@ _COLUMNS = [
     ("deliveries_per_s", "deliveries/s", "{:,.0f}"),
     ("lost", "lost", "{:.0f}"),
     ("failed", "failed", "{:.0f}"),
+    ("client_cpu_share", "client CPU share", "{:.2f}"),
 ]
 
 
@@ -281,18 +361,26 @@ def table(results: dict[str, dict[str, list[dict[str, float]]]]) -> str:
     for name, per_server in results.items():
         lines.append(f"\n{name}: {SCENARIOS[name].connections:,} connections, "
                      f"{SCENARIOS[name].rate:g} publications/s; target {SCENARIOS[name].target}")  # fmt: skip
-        lines.append(f"  {'server':<9}" + "".join(f"{title:>16}" for _, title, _ in _COLUMNS))
+        columns = _CONNECT_COLUMNS if name == "connect" else _COLUMNS
+        lines.append(f"  {'server':<9}" + "".join(f"{title:>17}" for _, title, _ in columns))
         medians: dict[str, dict[str, float]] = {}
         for server, runs in per_server.items():
-            med = {k: statistics.median(r[k] for r in runs) for k, _, _ in _COLUMNS}
+            med = {k: statistics.median(r[k] for r in runs) for k, _, _ in columns}
             medians[server] = med
-            cells = "".join(f"{fmt.format(med[k]):>16}" for k, _, fmt in _COLUMNS)
+            cells = "".join(f"{fmt.format(med[k]):>17}" for k, _, fmt in columns)
             lines.append(f"  {server:<9}{cells}   ({len(runs)} runs)")
         ours = medians.get("gateway")
+        if name == "connect":
+            for server, med in medians.items():
+                if server != "gateway" and ours and ours["connects_per_s"]:
+                    lines.append(f"  {server} / gateway: sockets/s "
+                                 f"{med['connects_per_s'] / ours['connects_per_s']:.2f}, per server "
+                                 f"CPU-s {med['per_cpu_s'] / ours['per_cpu_s']:.2f}")  # fmt: skip
+            continue
         for server, med in medians.items():
             if server == "gateway" or ours is None:
                 continue
-            if server in GATEWAYS:  # the same gateway, watched or before the change
+            if server in GATEWAYS or server in VARIANTS:  # the gateway, watched, before, or varied
                 lines.append(
                     f"  {server} / gateway: "
                     + ", ".join(
@@ -326,6 +414,31 @@ def kernel_floor(n: int) -> dict[str, Any]:
     return floor
 
 
+def kernel_floor_cores(n: int, cores: int = 2) -> dict[str, Any]:
+    """The floor for ``n`` sockets over ``cores`` processes, one per core, sending at once."""
+    argvs = [[*_pin(cpu), sys.executable, "-m", "bench.sendfloor", "-n", str(n // cores)]
+             for cpu in range(cores)]  # fmt: skip
+    procs = [subprocess.Popen(a, cwd=ROOT, stdout=subprocess.PIPE, text=True) for a in argvs]
+    parts = [json.loads(p.communicate(timeout=600)[0]) for p in procs]
+    return {"sockets": n, "cores": cores, "ms": max(p["ms"] for p in parts), "parts": parts}
+
+
+def _floor_ratios(
+    results: dict[str, dict[str, list[dict[str, float]]]], floor: dict[str, Any]
+) -> dict[str, float]:
+    out = {}
+    for name, per_server in results.items():
+        runs = per_server.get("gateway-w2")
+        if (
+            runs
+            and SCENARIOS[name].rate == 1  # one publication in flight: one send each
+            and SCENARIOS[name].connections == floor["sockets"]
+            and floor["ms"]
+        ):
+            out[name] = statistics.median(r["last_p50_ms"] for r in runs) / floor["ms"]
+    return out
+
+
 def save_results(name: str, report: dict[str, Any]) -> Path:
     """Write ``report`` and the machine's description to bench/results/<name>-<date>.json."""
     stamp = datetime.now(UTC).strftime("%Y-%m-%d")
@@ -351,6 +464,8 @@ def main() -> int:
     p.add_argument("--save", action="store_true", help="write bench/results/<name>-<date>.json")
     p.add_argument("--name", default="fanout", help="the saved file's name (default fanout)")
     p.add_argument("--baseline", type=Path, help="a checkout whose gateway runs as 'baseline'")
+    p.add_argument("--tabulate", type=Path, help="no runs: the table of a saved run's 'runs' "
+                   "(or of fanout-partial.json), with floors measured now")  # fmt: skip
     args = p.parse_args()
     if args.baseline is not None:
         BASELINE.append(args.baseline.resolve())
@@ -360,10 +475,18 @@ def main() -> int:
     log = RESULTS / "fanout-servers.log"
     results: dict[str, dict[str, list[dict[str, float]]]] = {}
     raw: list[dict[str, Any]] = []
-    for rnd in range(args.rounds):
+    if args.tabulate is not None:
+        saved = json.loads(args.tabulate.read_text())
+        raw = saved["runs"] if isinstance(saved, dict) else saved
+        for run in raw:
+            figures = _figures(run["report"])
+            results.setdefault(run["scenario"], {}).setdefault(run["server"], []).append(figures)
+    for rnd in range(0 if args.tabulate else args.rounds):
         order = servers if rnd % 2 == 0 else list(reversed(servers))
         for scenario in scenarios:
             for server in order:
+                if server not in ONLY.get(scenario.name, (server,)):
+                    continue
                 print(
                     f"round {rnd + 1}: {scenario.name} on {server}...", file=sys.stderr, flush=True
                 )
@@ -376,18 +499,32 @@ def main() -> int:
                 )
                 # Kept as it goes: a failure later does not lose the runs so far.
                 (RESULTS / "fanout-partial.json").write_text(json.dumps(raw, indent=1))
-    floors = [kernel_floor(n) for n in sorted({SCENARIOS[s].connections for s in results})]
+    # One process holds at most 20,000 descriptors: 39,000 sockets have only the two-core floor.
+    one_core = {SCENARIOS[s].connections for s in results if s not in ("connect", "hold39k")}
+    floors = [kernel_floor(n) for n in sorted(one_core)]
+    two_cores = [kernel_floor_cores(SCENARIOS[s].connections) for s in results
+                 if any(server == "gateway-w2" for server in results[s]) and s != "connect"]  # fmt: skip
     text = (
         table(results)
-        + "\n\nkernel floor (bench.sendfloor, CPU 0): "
+        + ("\n\nkernel floor (bench.sendfloor, CPU 0): " if floors else "\n")
         + "; ".join(
             f"one send to each of {f['sockets']:,} sockets {f['ms']} ms ({f['us_per_send']} us each)"
             for f in floors
         )
+        + "".join(
+            f"\nkernel floor on both cores (two bench.sendfloor at once, half the sockets each): "
+            f"{f['sockets']:,} sockets {f['ms']} ms"
+            + "".join(
+                f"; {name}: gateway-w2 to last p50 / floor {ratio:.2f}"
+                for name, ratio in _floor_ratios(results, f).items()
+            )
+            for f in two_cores
+        )
     )
     print(text)
     if args.save:
-        save_results(args.name, {"floors": floors, "runs": raw, "table": text})
+        save_results(args.name, {"floors": floors, "floors_two_cores": two_cores, "runs": raw,
+                                 "table": text})  # fmt: skip
     return 0
 
 

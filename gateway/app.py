@@ -162,8 +162,9 @@ class Gateway:
         server_api = self.server_api
         self.server_http = CoreHTTP(server_api, ctx.verifier, server_api.max_body, s.cors_origins)
         polls = PollServer(ctx)
+        websockets = WebSocketServer(ctx)
         sockets_first = RuleRouter([
-            Rule(PathMatches(r"/ws"), WebSocketServer(ctx)),
+            Rule(PathMatches(r"/ws"), websockets),
             Rule(PollMatches(), polls),
             Rule(PathMatches(r"/api/server/.*"), self.server_http),
             Rule(AnyMatches(), api_router(api, self.app)),
@@ -183,7 +184,8 @@ class Gateway:
         policy = ServerBodyPolicy(server_api, ctx.verifier, limits)
         proxies = TrustedProxies(s.trusted_proxies, s.forwarded_header)
         routes = FirstRoute(api, sockets_first)  # the core's /api/ first, without parsing
-        self.server = Listener(routes, s, ctx.metrics, policy, proxies)
+        self.server = Listener(routes, s, ctx.metrics, policy, proxies,
+                               fast={"/ws": websockets.accept})  # fmt: skip
         polls.listener = self.server  # kept-alive polls are then served off Tornado
         self.server.add_sockets(sockets)
         self.port = sockets[0].getsockname()[1]

@@ -243,3 +243,74 @@ def test_remembered_tokens_are_bounded(monkeypatch):
 
 def test_non_numeric_exp_is_refused():
     assert refused(Verifier(Settings(jwt_secret=SECRET)), hs(base_claims(exp="soon"))) == "invalid"
+
+
+def _b64(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+
+def _forge(header: object, claims: object, secret: str = SECRET, alg=hashlib.sha256) -> str:
+    """A token with exactly this header and payload JSON, signed with ``secret``."""
+    head = _b64(json.dumps(header).encode())
+    body = _b64(json.dumps(claims).encode())
+    sig = hmac.new(secret.encode(), f"{head}.{body}".encode(), alg).digest()
+    return f"{head}.{body}.{_b64(sig)}"
+
+
+def _outcome(v: Verifier, token: str) -> str:
+    try:
+        ident = v.verify(token)
+    except AuthError as exc:
+        return exc.reason
+    return f"ok {ident.sub} {ident.exp} {ident.grants!r}"
+
+
+def test_the_secrets_own_check_decides_as_pyjwt_alone():
+    """HMAC tokens whose signature the verifier checks itself are judged as PyJWT judges them."""
+    now = int(time.time())
+    plain = {"alg": "HS256", "typ": "JWT"}
+    good = base_claims()
+    valid = _forge(plain, good)
+    head, body, sig = valid.split(".")
+    tokens = [
+        valid,
+        _forge({"alg": "HS256"}, good),
+        _forge({"alg": "HS256", "kid": "k1"}, good),
+        _forge({"alg": "HS384", "typ": "JWT"}, good, alg=hashlib.sha384),
+        _forge({"alg": "HS512"}, good, alg=hashlib.sha512),
+        _forge({"alg": "HS384"}, good),  # the HS256 MAC under an HS384 header
+        _forge(plain, good, OTHER),
+        _forge({"alg": "none"}, good),
+        _forge({"alg": "HS256", "crit": ["b64"], "b64": False}, good),
+        _forge({"alg": "HS256", "x": 1}, good),
+        _forge({"alg": 256}, good),
+        _forge(["HS256"], good),
+        _forge(plain, [1, 2]),
+        _forge(plain, {**good, "iat": now + 3600}),
+        _forge(plain, {**good, "iat": "yesterday"}),
+        _forge(plain, {**good, "nbf": now + 3600}),
+        _forge(plain, {**good, "nbf": "x"}),
+        _forge(plain, {**good, "exp": now - 10}),
+        _forge(plain, {**good, "exp": "never"}),
+        _forge(plain, {**good, "jti": 5}),
+        _forge(plain, {**good, "sub": 7}),
+        _forge(plain, {**good, "sub": ""}),
+        _forge(plain, {k: v for k, v in good.items() if k != "sub"}),
+        _forge(plain, {**good, "aud": "clients", "iss": "gw"}),
+        f"{head}.{body}.{sig}=",  # padding
+        f"{head}.{body}.{sig[:-1]}*",  # a character outside base64url
+        f"{head}.{body}.{sig}.x",
+        f"{head}.{body}",
+        f"{head}..{sig}",
+        f"{head}.{body}!.{sig}",
+        f"{head}.{body}.",
+        "é" + valid,
+        valid + "é",
+    ]
+    for settings in (Settings(jwt_secret=SECRET),
+                     Settings(jwt_secret=SECRET, jwt_issuer="gw", jwt_audience="clients"),
+                     Settings(jwt_secret=SECRET, jwt_algorithms=("HS384",))):  # fmt: skip
+        for token in tokens:
+            fast, slow = Verifier(settings), Verifier(settings)
+            slow._hmac_key = None  # PyJWT alone
+            assert _outcome(fast, token) == _outcome(slow, token), token

@@ -175,9 +175,16 @@ async def test_a_request_sent_behind_an_oversized_one_is_not_served():
 # -- bytes behind the upgrade request ---------------------------------------------
 
 
-@pytest.mark.parametrize("writes", ["one write", "two writes"])
+@pytest.mark.parametrize("writes", ["one write", "two writes", "before the accept"])
 async def test_a_command_sent_with_the_upgrade_request_is_answered(writes):
     async with running_gateway() as gw:
+        if writes == "before the accept":
+            upgrade = handshake_request(f"127.0.0.1:{gw.port}", "/ws", token_for(gw))
+            command = client_frame(b'{"op":"ping","id":1}') + client_frame(b'{"op":"ping","id":2}')
+            async with raw(gw.port, before_accept=upgrade + command) as c:
+                reader, writer = c.reader, c.writer
+                await _two_pongs(reader)
+            return
         reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
         try:
             upgrade = handshake_request(f"127.0.0.1:{gw.port}", "/ws", token_for(gw))
@@ -188,27 +195,54 @@ async def test_a_command_sent_with_the_upgrade_request_is_answered(writes):
                 writer.write(upgrade)
                 await writer.drain()
                 writer.write(command)
-            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5 * UNIT)
-            assert head.startswith(b"HTTP/1.1 101 "), head
-            for cid in (1, 2):
-                frame = await asyncio.wait_for(reader.readexactly(2), 5 * UNIT)
-                assert frame[0] == 0x81, frame  # a text frame, unmasked
-                payload = await asyncio.wait_for(reader.readexactly(frame[1]), 5 * UNIT)
-                assert json.loads(payload) == {"id": cid, "ok": True}
+            await _two_pongs(reader)
         finally:
             writer.close()
 
 
-@pytest.mark.parametrize("token", [None, "bad-token"])
-async def test_a_refused_upgrade_closes_and_the_frames_behind_it_are_not_read_as_a_request(token):
-    async with running_gateway() as gw, raw(gw.port) as c:
-        upgrade = handshake_request(f"127.0.0.1:{gw.port}", "/ws", token)
-        # A frame that ends like a request head, which a kept-alive connection would answer 400.
-        await c.send(upgrade + client_frame(b'{"op":"ping","id":1}') + b"\r\n\r\n")
-        status, headers, body = await c.response()
-        assert status == 401 and body["error"]["code"] == "unauthorized"
-        assert headers["connection"] == "close" and headers["www-authenticate"] == "Bearer"
-        assert await asyncio.wait_for(c.reader.read(), 2 * UNIT) == b""  # nothing more: closed
+async def _two_pongs(reader: asyncio.StreamReader) -> None:
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5 * UNIT)
+    assert head.startswith(b"HTTP/1.1 101 "), head
+    for cid in (1, 2):
+        frame = await asyncio.wait_for(reader.readexactly(2), 5 * UNIT)
+        assert frame[0] == 0x81, frame  # a text frame, unmasked
+        payload = await asyncio.wait_for(reader.readexactly(frame[1]), 5 * UNIT)
+        assert json.loads(payload) == {"id": cid, "ok": True}
+
+
+@pytest.mark.parametrize(
+    ("fault", "status"),
+    [("a 12-byte key", 400), ("no token", 401), ("no Host", 400), ("two Hosts", 400)],
+)
+async def test_an_upgrade_already_sent_at_the_accept_is_checked_as_any_other(fault, status):
+    """The listener's fast route refuses what Tornado's path refuses, with the same answers."""
+    async with running_gateway() as gw:
+        host = f"127.0.0.1:{gw.port}"
+        token = None if fault == "no token" else token_for(gw)
+        upgrade = handshake_request(host, "/ws", token, key=_key_of(12) if "key" in fault else None)
+        if fault == "no Host":
+            upgrade = upgrade.replace(f"Host: {host}\r\n".encode(), b"")
+        elif fault == "two Hosts":
+            upgrade = upgrade.replace(b"Host: ", b"Host: a.example\r\nHost: ")
+        async with raw(gw.port, before_accept=upgrade) as c:
+            answer, _, body = await c.response()
+            assert answer == status, body
+            assert await c.closed_within(2 * UNIT)
+        assert gw.hub.connection_count() == 0
+
+
+@pytest.mark.parametrize("kind", ["healthz", "another path", "a partial upgrade"])
+async def test_other_requests_already_sent_at_the_accept_are_served_by_tornado(kind):
+    async with running_gateway() as gw:
+        upgrade = handshake_request(f"127.0.0.1:{gw.port}", "/ws", token_for(gw))
+        first = {"healthz": request("GET", "/healthz"), "another path": request("GET", "/ws/x"),
+                 "a partial upgrade": upgrade[:30]}[kind]  # fmt: skip
+        async with raw(gw.port, before_accept=first) as c:
+            if kind == "a partial upgrade":  # Tornado reads the rest after what the accept read
+                await c.send(upgrade[30:])
+                assert (await c.response())[0] == 101
+            else:
+                assert (await c.response())[0] == (200 if kind == "healthz" else 404)
 
 
 async def test_requests_pipelined_behind_a_poll_are_still_served_in_order():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import socket
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -56,8 +57,18 @@ class Raw:
 
 
 @contextlib.asynccontextmanager
-async def raw(port: int) -> AsyncIterator[Raw]:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+async def raw(port: int, before_accept: bytes = b"") -> AsyncIterator[Raw]:
+    """A connection; with ``before_accept``, one whose first bytes are in before the accept.
+
+    The server runs on this event loop: it accepts only once this yields, as
+    a busy server accepts a burst of connections (the listener's fast routes).
+    """
+    if before_accept:
+        sock = socket.create_connection(("127.0.0.1", port))
+        sock.sendall(before_accept)
+        reader, writer = await asyncio.open_connection(sock=sock)
+    else:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
     conn = Raw(reader, writer)
     try:
         yield conn

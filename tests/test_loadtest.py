@@ -272,7 +272,7 @@ def test_a_process_sends_its_result_whole_however_large():
     thread = threading.Thread(target=process)
     thread.start()
     try:
-        assert receive()[0] == "connected"
+        assert [receive()[0], receive()[0]] == ["window", "connected"]
         mine.send("stop")
         time.sleep(0.5 * UNIT)  # not reading yet
         assert not errors

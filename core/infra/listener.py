@@ -31,6 +31,17 @@ client reaches first:
   ``HEADER_TIMEOUT`` between requests as for its own, closes them when it
   closes its connections, and takes them back with `resume` (the bytes
   already read first) for any request they do not serve themselves.
+* Fast routes (``fast``, by exact path): a ``GET`` whose request line and
+  headers, with no body, are already in the socket when it is accepted (as
+  under a burst of connections, when accepting lags behind the clients) is
+  parsed at accept with Tornado's own parser (and its router's ``Host`` checks)
+  and handed, with the bytes behind
+  it, straight to its route (the WebSocket upgrade): no stream, no request
+  loop, no routing for a connection that leaves HTTP at once. It has spoken
+  HTTP in full, so it is not pending, and its client IP is resolved as the
+  guard resolves it. Anything else (no bytes yet, a partial or oversized head,
+  another path or method, a body, TLS, a PROXY header) goes to Tornado with
+  the bytes read so far, as if Tornado had read them.
 * Every request passes a `_Guard` at its headers: the client IP is resolved
   (`TrustedProxies`) into the request context that every later reader
   (rate limits, logs, ``Request.client``) uses, and the route's `BodyPolicy`
@@ -64,7 +75,7 @@ from core.infra.proxyprotocol import ProxyHeaderError, read_proxy_header
 from core.infra.settings import Settings
 from core.infra.throttled import ThrottledLog
 
-__all__ = ["ACCEPT_PAUSE", "Adopted", "BodyPolicy", "Listener", "unread",
+__all__ = ["ACCEPT_PAUSE", "Adopted", "BodyPolicy", "FastRoute", "Listener", "unread",
            "write_refusal"]  # fmt: skip
 
 log = logging.getLogger("core.infra.listener")
@@ -87,6 +98,17 @@ token); the `_Guard` answers 413 itself when the body is over the limit.
 """
 
 
+FastRoute = Callable[
+    [socket.socket, httputil.RequestStartLine, httputil.HTTPHeaders, str, bytes], None
+]
+"""Serves a connection whose whole request head arrived with its accept (see above).
+
+Called with the socket (blocking, as accepted), the request line, the
+headers, the client IP and the bytes sent behind the head; from then on the
+socket is the route's.
+"""
+
+
 class Adopted(Protocol):
     """A connection served off Tornado's stream between requests (`Listener.adopt`)."""
 
@@ -105,6 +127,7 @@ class Listener(HTTPServer):
         metrics: Metrics,
         policy: BodyPolicy,
         proxies: TrustedProxies,
+        fast: dict[str, FastRoute] | None = None,
     ) -> None:
         super().initialize(
             router,
@@ -120,6 +143,7 @@ class Listener(HTTPServer):
         self.metrics = metrics
         self.policy = policy
         self.proxies = proxies
+        self.fast = fast or {}
         self.max_pending_per_ip = settings.max_pending_per_ip
         self.max_header_bytes = settings.max_header_bytes
         self.header_timeout = settings.header_timeout
@@ -204,12 +228,58 @@ class Listener(HTTPServer):
             self._handle_connection(conn, address)
             return
         try:
+            first: bytes | None = b""
+            if self.fast:
+                first = self._first_bytes(conn, address)
+                if first is None:
+                    return  # served by its fast route, or gone
             stream = HTTPStream(conn, max_buffer_size=self.max_buffer_size,
                                 read_chunk_size=self.read_chunk_size)  # fmt: skip
+            if first:
+                _refill(stream, first)
             self.handle_stream(stream, address)
         except Exception:
             log.exception("serving a new connection failed")
             conn.close()
+
+    def _first_bytes(self, conn: socket.socket, address: Any) -> bytes | None:
+        """What ``conn`` sent before its accept, for Tornado; None when a fast route took it."""
+        peer = str(address[0]) if isinstance(address, tuple) and address else ""
+        if self.proxy_protocol and self.proxies.trusts(peer):
+            return b""
+        try:
+            data = conn.recv(self.max_header_bytes, socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            return b""
+        except OSError:
+            conn.close()
+            return None
+        if not data:
+            conn.close()  # closed before a byte: nothing to serve
+            return None
+        end = data.find(b"\r\n\r\n")
+        if end < 0 or not data.startswith(b"GET /"):
+            return data
+        try:
+            # As HTTP1Connection._parse_headers reads a head.
+            text = data[: end + 4].decode("latin-1")
+            eol = text.find("\n")
+            start = httputil.parse_request_start_line(text[:eol].rstrip("\r"))
+            headers = httputil.HTTPHeaders.parse(text[eol:])
+            # As Tornado's router checks each request (a missing, malformed or repeated Host)
+            httputil.HTTPServerRequest(headers=headers, start_line=start)
+        except httputil.HTTPInputError:
+            return data  # Tornado answers it (400)
+        route = self.fast.get(start.path.partition("?")[0])
+        if (
+            route is None
+            or "Content-Length" in headers
+            or "Transfer-Encoding" in headers
+            or _oversized(start, headers, self.max_header_bytes) is not None
+        ):
+            return data
+        route(conn, start, headers, self.proxies.client_ip(peer, headers), data[end + 4 :])
+        return None
 
     def handle_stream(self, stream: IOStream, address: tuple[Any, ...]) -> None:
         peer = str(address[0]) if isinstance(address, tuple) and address else ""

@@ -6,11 +6,19 @@ its curve, Ed25519: EdDSA), a JWKS file admits what each key declares.
 ``alg: none`` is never accepted, and a token is always verified with the key
 of its algorithm's family, so an RS256 public key can never be used as an
 HMAC secret (algorithm confusion).
+
+An HMAC token with a plain header (``alg``, ``typ``, ``kid`` only) has its
+signature checked here, with the secret prepared once, and PyJWT then
+decodes it and validates its claims with ``verify_signature`` off (every
+``verify_*`` claim option still on): PyJWT re-prepares and re-checks the
+secret on every call (a third of a WebSocket handshake's CPU). Any other
+token, and any token this check cannot read, goes through PyJWT alone.
 """
 
 from __future__ import annotations
 
 import hashlib
+import hmac
 import time
 from collections.abc import Container, Mapping
 from pathlib import Path
@@ -20,6 +28,8 @@ import jwt
 import msgspec
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
+from jwt.algorithms import HMACAlgorithm
+from jwt.utils import base64url_decode
 
 from core.infra.identity import API_KEY_PREFIX, AuthError, Identity
 from core.infra.keys import HMAC_ALGORITHMS, SigningKeys
@@ -30,6 +40,9 @@ __all__ = ["MAX_INFO_BYTES", "Verifier"]
 
 MAX_INFO_BYTES = 1024
 _EC_ALGS = {"secp256r1": "ES256", "secp384r1": "ES384", "secp521r1": "ES512"}
+_HMAC_HASHES = {"HS256": hashlib.sha256, "HS384": hashlib.sha384, "HS512": hashlib.sha512}
+#: The header fields of a token whose HMAC signature `Verifier` checks itself.
+_PLAIN_HEADER = frozenset({"alg", "typ", "kid"})
 
 
 def _algorithms_for(key: Any) -> tuple[str, ...]:
@@ -62,6 +75,18 @@ class Verifier:
         self._max_bytes = settings.max_token_bytes
         self._reserved_channels = settings.core_channels
         self._secret = settings.jwt_secret
+        self._hmac_key: bytes | None = None
+        if self._secret:
+            try:  # as PyJWT prepares it for each token (refusing a PEM key as a secret)
+                self._hmac_key = HMACAlgorithm(HMACAlgorithm.SHA256).prepare_key(self._secret)
+            except jwt.InvalidKeyError:
+                pass  # PyJWT refuses each such token itself
+        #: What PyJWT checks after `_signed_by_secret` (claims; every verify_* but the signature).
+        self._claim_options: dict[str, Any] = {
+            "verify_signature": False, "verify_exp": False, "verify_nbf": True,
+            "verify_iat": True, "verify_aud": self._audience is not None, "verify_iss": True,
+            "verify_sub": True, "verify_jti": True, "require": ["sub"],
+        }  # fmt: skip
         self._public: Any = None
         self._public_algs: tuple[str, ...] = ()
         self._jwks: dict[str, jwt.PyJWK] = {}
@@ -150,28 +175,68 @@ class Verifier:
             raise AuthError("revoked", "session revoked")
         return identity
 
+    def _signed_by_secret(self, token: str) -> dict[str, Any] | None:
+        """The header of an HMAC token with a plain header signed with the secret.
+
+        None when the token is not such a token, is not signed so, or cannot
+        be read here: PyJWT alone then decides.
+        The token is split as PyJWT splits it (the signature after the last
+        dot, the header before the first), so the bytes checked are the
+        bytes PyJWT decodes next; PyJWT's stricter base64 then still refuses
+        a segment this lenient decoding read.
+        """
+        key = self._hmac_key
+        if key is None:
+            return None
+        signing_input, dot, crypto = token.rpartition(".")
+        header_segment, dot2, _ = signing_input.partition(".")
+        if not dot or not dot2:
+            return None
+        try:
+            header = msgspec.json.decode(base64url_decode(header_segment))
+            signature = base64url_decode(crypto)
+        except (ValueError, msgspec.DecodeError):  # binascii.Error is a ValueError
+            return None
+        if not isinstance(header, dict) or not header.keys() <= _PLAIN_HEADER:
+            return None
+        alg = header.get("alg")
+        digest = _HMAC_HASHES.get(alg) if isinstance(alg, str) else None
+        if digest is None or alg not in self.algorithms:
+            return None  # PyJWT refuses it (or verifies it with a public key)
+        expected = hmac.new(key, signing_input.encode(), digest).digest()
+        # A wrong signature is PyJWT's to refuse, with the reason it gives (a
+        # malformed segment is "invalid" before any signature is checked).
+        return header if hmac.compare_digest(expected, signature) else None
+
     def _verify(self, token: str, now: float) -> Identity:
         if not token:
             raise AuthError("missing", "missing token")
         if len(token) > self._max_bytes:
             raise AuthError("too_large", "token too large")
         try:
-            header = jwt.get_unverified_header(token)
-            key = self._key_for(header)
-            claims = jwt.decode(
-                token,
-                key,
-                algorithms=[header["alg"]],
-                audience=self._audience,
-                issuer=self._issuer,
-                leeway=self._leeway,
-                # exp is checked below against `now`, as the cache checks it.
-                options={
-                    "require": ["sub"],
-                    "verify_aud": self._audience is not None,
-                    "verify_exp": False,
-                },
-            )
+            signed = self._signed_by_secret(token)
+            if signed is not None:
+                header = signed
+                claims = jwt.decode(token, options=self._claim_options,  # type: ignore[arg-type]
+                                    audience=self._audience, issuer=self._issuer,
+                                    leeway=self._leeway)  # fmt: skip
+            else:
+                header = jwt.get_unverified_header(token)
+                key = self._key_for(header)
+                claims = jwt.decode(
+                    token,
+                    key,
+                    algorithms=[header["alg"]],
+                    audience=self._audience,
+                    issuer=self._issuer,
+                    leeway=self._leeway,
+                    # exp is checked below against `now`, as the cache checks it.
+                    options={
+                        "require": ["sub"],
+                        "verify_aud": self._audience is not None,
+                        "verify_exp": False,
+                    },
+                )
         except AuthError:
             raise
         except jwt.ExpiredSignatureError:

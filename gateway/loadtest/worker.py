@@ -1,8 +1,11 @@
 """One load process: opens its share of connections and reports to the driver.
 
 The driver (`gateway.loadtest.cli`) talks to each process over a pipe:
-the process sends ``("progress", counts)`` twice a second, ``("connected",
-counts)`` once every connection was tried, and ``("result", state)`` after
+the process sends ``("progress", counts)`` twice a second, ``("window",
+(first, last))`` (the monotonic times of its first connection attempt and
+of its last connection's end: the driver's connect time is theirs, not the
+processes' start-up) and then ``("connected", counts)`` once every
+connection was tried, and ``("result", state)`` after
 the driver says ``"stop"``. Before that the driver sends ``("sent",
 counts)`` (publications sent per channel, so the process can tell which of
 its sockets still miss some: ``incomplete`` in its counts) and ``"late"``
@@ -102,7 +105,9 @@ class _Worker:
         loop = asyncio.get_running_loop()
         loop.add_reader(self.pipe.fileno(), self._command)
         progress = asyncio.create_task(self._progress())
+        first = time.monotonic()
         await self._connect_all()
+        self.pipe.send(("window", (first, time.monotonic())))
         self.pipe.send(("connected", self.counts()))
         await self.stop.wait()
         progress.cancel()

@@ -2,7 +2,11 @@
 
 ``GET /ws`` is routed to `WebSocketServer` before Tornado's `Application`:
 no RequestHandler, no routing table, no per-request handler state. Tornado's
-HTTP/1.1 connection parses the request; `_Upgrade` checks it, and then:
+HTTP/1.1 connection parses the request (`_Upgrade`), or, when the whole
+request head came with the accept (as in a burst of connections), the
+listener parses it with Tornado's parser and hands the socket over at once
+(`WebSocketServer.accept`, core/infra/listener.py's fast routes). Either way
+`_handshake_on` checks it, and then:
 
 * the token is verified before the upgrade: a missing or bad token is an
   HTTP 401 with a JSON body, never an accepted socket; so are a refused
@@ -31,12 +35,14 @@ import asyncio
 import base64
 import hashlib
 import logging
+import socket
 import time
 from http import HTTPStatus
 from urllib.parse import parse_qs
 
 from tornado import httputil
 from tornado.http1connection import HTTP1Connection
+from tornado.iostream import IOStream
 
 from core.errormap import from_exception
 from core.infra.errors import ApiError
@@ -68,7 +74,7 @@ def accept_value(key: str) -> str:
 
 
 class WebSocketServer(httputil.HTTPServerConnectionDelegate):
-    """``/ws``: one `_Upgrade` per handshake request."""
+    """``/ws``: one handshake per request, from Tornado's connection or straight from accept."""
 
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
@@ -79,116 +85,167 @@ class WebSocketServer(httputil.HTTPServerConnectionDelegate):
     ) -> httputil.HTTPMessageDelegate:
         return _Upgrade(self, request_conn)
 
+    def accept(
+        self,
+        sock: socket.socket,
+        start: httputil.RequestStartLine,
+        headers: httputil.HTTPHeaders,
+        remote_ip: str,
+        early: bytes,
+    ) -> None:
+        """The listener's fast route (`core.infra.listener.FastRoute`): the head came with the accept."""
+        self._tasks.spawn(
+            _handshake_on(self.ctx, _Accepted(sock, early), start, headers, remote_ip)
+        )
+
     def spawn(self, upgrade: _Upgrade) -> None:
-        self._tasks.spawn(upgrade.run())
+        conn, start, headers = upgrade.conn, upgrade.start, upgrade.headers
+        assert isinstance(conn, HTTP1Connection) and start is not None and headers is not None
+        remote_ip = str(getattr(getattr(conn, "context", None), "remote_ip", ""))
+        self._tasks.spawn(_handshake_on(self.ctx, _Detached(conn), start, headers, remote_ip))
 
 
 class _Upgrade(BodylessRequest):
+    """A handshake request read by Tornado's HTTP/1.1 connection."""
+
     __slots__ = ("_server",)
 
     def __init__(self, server: WebSocketServer, conn: httputil.HTTPConnection) -> None:
         super().__init__(conn)
         self._server = server
 
+    @property
+    def conn(self) -> httputil.HTTPConnection:
+        return self._conn
+
+    @property
+    def start(self) -> httputil.RequestStartLine | None:
+        return self._start
+
+    @property
+    def headers(self) -> httputil.HTTPHeaders | None:
+        return self._headers
+
     def finish(self) -> None:
         self._server.spawn(self)
 
-    async def run(self) -> None:
-        ctx, start, headers = self._server.ctx, self._start, self._headers
-        assert start is not None and headers is not None
-        remote_ip = str(getattr(getattr(self._conn, "context", None), "remote_ip", ""))
-        try:
-            if start.method != "GET":
-                raise ApiError(405, "method_not_allowed", "the socket opens with GET",
-                               headers={"Allow": "GET"})  # fmt: skip
-            _, _, query = start.path.partition("?")
-            token = parse_qs(query).get("token", [None])[0] if query else None
-            identity = await admit_request(ctx, remote_ip, headers, token)
-            codec, agreement, response = _handshake(ctx, start, headers)
-            if ctx.hooks is not None and ctx.hooks.connect is not None:
-                # After every check of its own: the backend is asked only about
-                # requests the gateway would admit.
-                identity = await admit_hooked(
-                    ctx,
-                    identity,
-                    transport="websocket",
-                    protocol=codec.name,
-                    remote_ip=remote_ip,
-                    headers=headers,
-                )
-            assert identity is not None  # without a connect hook, a token is required
-        except Disconnected as goodbye:
-            self._goodbye(response, goodbye)
-            return
-        except ApiError as exc:
-            self._refuse(exc)
-            return
-        except Exception as exc:
-            self._refuse(from_exception(exc, "the WebSocket handshake"))
-            return
-        await self._upgrade(identity, codec, response, remote_ip, agreement)
 
-    async def _upgrade(
-        self,
-        identity: Identity,
-        codec: Codec,
-        response: bytes,
-        remote_ip: str,
-        agreement: Agreement | None = None,
-    ) -> None:
-        ctx = self._server.ctx
-        settings = ctx.settings
+class _Detached:
+    """The socket of a request Tornado read: taken off its stream (a duplicate descriptor)."""
 
-        def make_session(ws: WSConnection) -> Session:
-            return ctx.open_session(ws, codec, identity, remote_ip)
+    __slots__ = ("_conn",)
 
-        assert isinstance(self._conn, HTTP1Connection)
+    def __init__(self, conn: HTTP1Connection) -> None:
+        self._conn = conn
+
+    def take(self) -> tuple[socket.socket, bytes] | None:
         stream = self._conn.detach()
-        # The socket leaves Tornado's stream for the loop's transport; the
-        # stream closes its own descriptor, a duplicate. What the client sent
-        # behind its request (frames, in the same packet or while it was being
-        # admitted) is in the stream's buffer: the socket's first input.
+        # The stream closes its own descriptor, a duplicate. What the client
+        # sent behind its request (frames, in the same packet or while it was
+        # being admitted) is in the stream's buffer: the socket's first input.
         try:
             if stream.closed():
-                return  # the client went away while it was being admitted
-            sock = stream.socket.dup()
-            early = unread(stream)
+                return None  # the client went away while it was being admitted
+            return stream.socket.dup(), unread(stream)
         except OSError:
-            return  # the client is already gone
+            return None  # the client is already gone
         finally:
             stream.close()
-        ws = WSConnection(response, codec, make_session, ctx.metrics, settings.max_frame_bytes,
-                          ctx.coalescer, early, ctx.compressor if agreement else None, agreement)  # fmt: skip
-        try:
-            transport, _ = await asyncio.get_running_loop().connect_accepted_socket(
-                lambda: ws, sock
-            )
-        except OSError as exc:
-            sock.close()
-            log.info("socket lost during the handshake: %s", exc)
-            return
-        transport.set_write_buffer_limits(high=settings.send_buffer_bytes)
 
-    def _goodbye(self, response: bytes, goodbye: Disconnected) -> None:
-        """The connect hook's ``disconnect``: the upgrade, then at once its close frame."""
-        assert isinstance(self._conn, HTTP1Connection)
+    def answer(self, data: bytes) -> None:
         stream = self._conn.detach()
         if not stream.closed():
-            close = WebSocketProtocol(125).close(goodbye.code, goodbye.reason)
-            stream.write(response + close).add_done_callback(lambda _: stream.close())
-        log.info("socket closed at once by the connect hook: %d", goodbye.code)
+            stream.write(data).add_done_callback(lambda _: stream.close())
 
-    def _refuse(self, exc: ApiError) -> None:
+
+class _Accepted:
+    """The socket of a request whose head came with its accept (the listener's fast route)."""
+
+    __slots__ = ("_early", "_sock")
+
+    def __init__(self, sock: socket.socket, early: bytes) -> None:
+        self._sock, self._early = sock, early
+
+    def take(self) -> tuple[socket.socket, bytes] | None:
+        return self._sock, self._early
+
+    def answer(self, data: bytes) -> None:
+        stream = IOStream(self._sock)
+        stream.write(data).add_done_callback(lambda _: stream.close())
+
+
+async def _handshake_on(
+    ctx: Context,
+    io: _Detached | _Accepted,
+    start: httputil.RequestStartLine,
+    headers: httputil.HTTPHeaders,
+    remote_ip: str,
+) -> None:
+    """Admit the request, then upgrade it (or answer it with its refusal) on ``io``."""
+    try:
+        if start.method != "GET":
+            raise ApiError(405, "method_not_allowed", "the socket opens with GET",
+                           headers={"Allow": "GET"})  # fmt: skip
+        _, _, query = start.path.partition("?")
+        token = parse_qs(query).get("token", [None])[0] if query else None
+        identity = await admit_request(ctx, remote_ip, headers, token)
+        codec, agreement, response = _handshake(ctx, start, headers)
+        if ctx.hooks is not None and ctx.hooks.connect is not None:
+            # After every check of its own: the backend is asked only about
+            # requests the gateway would admit.
+            identity = await admit_hooked(
+                ctx,
+                identity,
+                transport="websocket",
+                protocol=codec.name,
+                remote_ip=remote_ip,
+                headers=headers,
+            )
+        assert identity is not None  # without a connect hook, a token is required
+    except Disconnected as goodbye:
+        # The connect hook's ``disconnect``: the upgrade, then at once its close frame.
+        io.answer(response + WebSocketProtocol(125).close(goodbye.code, goodbye.reason))
+        log.info("socket closed at once by the connect hook: %d", goodbye.code)
+        return
+    except Exception as exc:
+        refusal = (
+            exc if isinstance(exc, ApiError) else from_exception(exc, "the WebSocket handshake")
+        )
         # A refused upgrade ends the connection, as python-websockets does:
         # what the client sent behind its request are frames, not a request.
-        assert isinstance(self._conn, HTTP1Connection) and self._start is not None
-        stream = self._conn.detach()
-        if not stream.closed():
-            answer = _refusal(exc, head_only=self._start.method == "HEAD")
-            stream.write(answer).add_done_callback(lambda _: stream.close())
-        access_log.warning(
-            "%d %s %s", exc.status_code, self._start.method, redact(self._start.path)
-        )
+        io.answer(_refusal(refusal, head_only=start.method == "HEAD"))
+        access_log.warning("%d %s %s", refusal.status_code, start.method, redact(start.path))
+        return
+    taken = io.take()
+    if taken is not None:
+        await _upgrade(ctx, *taken, identity, codec, response, remote_ip, agreement)
+
+
+async def _upgrade(
+    ctx: Context,
+    sock: socket.socket,
+    early: bytes,
+    identity: Identity,
+    codec: Codec,
+    response: bytes,
+    remote_ip: str,
+    agreement: Agreement | None = None,
+) -> None:
+    """Give ``sock`` to the event loop's transport with a `WSConnection`, which writes the 101."""
+    settings = ctx.settings
+
+    def make_session(ws: WSConnection) -> Session:
+        return ctx.open_session(ws, codec, identity, remote_ip)
+
+    ws = WSConnection(response, codec, make_session, ctx.metrics, settings.max_frame_bytes,
+                      ctx.coalescer, early, ctx.compressor if agreement else None, agreement)  # fmt: skip
+    try:
+        transport, _ = await asyncio.get_running_loop().connect_accepted_socket(lambda: ws, sock)
+    except OSError as exc:
+        sock.close()
+        log.info("socket lost during the handshake: %s", exc)
+        return
+    transport.set_write_buffer_limits(high=settings.send_buffer_bytes)
 
 
 def _refusal(exc: ApiError, head_only: bool) -> bytes:
