@@ -179,6 +179,7 @@ class Database:
         #: Called once per call refused while the breaker is open (a metric).
         self.on_refused: Callable[[], None] | None = None
         self._probe: asyncio.Task[None] | None = None
+        self._closing = False
 
     @classmethod
     async def open(cls, settings: Settings, *, migrate_now: bool | None = None) -> Database:
@@ -235,11 +236,12 @@ class Database:
 
     def failed(self, exc: BaseException) -> None:
         """A call that needed the database failed with ``exc``: an outage opens the breaker."""
-        if not is_outage(exc) or not self.breaker.failure(time.monotonic()):
-            return
+        if not is_outage(exc) or self.breaker.state != "closed" or self._closing:
+            return  # open already: the probe alone decides when it closes
+        self.breaker.failure(time.monotonic())
         log.warning(
             "database unreachable (%s); refusing calls that need it until it answers again",
-            type(exc).__name__ if isinstance(exc, TimeoutError) else exc,
+            str(exc) or type(exc).__name__,
         )
         self._probe = asyncio.ensure_future(self._probe_until_back(time.monotonic()))
 
@@ -253,7 +255,7 @@ class Database:
         # server); each is replaced when it is next acquired.
         await self.pool.expire_connections()
         self.breaker.success()
-        log.warning("database reachable again after %.1fs; serving calls", time.monotonic() - since)
+        log.info("database reachable again after %.1fs; serving calls", time.monotonic() - since)
 
     async def _answers(self) -> bool:
         """Whether PostgreSQL accepts a new connection and answers on it within the probe timeout."""
@@ -263,14 +265,16 @@ class Database:
                 conn = await asyncpg.connect(self.url, timeout=self.probe_timeout)
                 await conn.fetchval("select 1")
                 await conn.close()
-        except (Exception, TimeoutError) as exc:
+        except Exception as exc:
             log.debug("database probe failed: %r", exc)
-            if conn is not None:
-                conn.terminate()
             return False
+        finally:
+            if conn is not None and not conn.is_closed():
+                conn.terminate()  # timed out or cancelled (at shutdown) on the way
         return True
 
     async def close(self, grace: float = 5.0) -> None:
+        self._closing = True
         if self._probe is not None:
             self._probe.cancel()
         try:
