@@ -46,7 +46,7 @@ def from_exception(exc: BaseException, context: str = "") -> ApiError:
         log.warning("database refused a value in %s: %s", context, exc)
         return ValidationFailed([ErrorDetail("$", "a value is out of range")])
     if isinstance(exc, _UNAVAILABLE):
-        log.warning("database unavailable in %s: %s", context, exc)
+        log.warning("database unavailable in %s: %s", context, str(exc) or type(exc).__name__)
         return Unavailable()
     log.error("unexpected error in %s", context, exc_info=exc)
     return ApiError(500, "internal", "internal error")

@@ -167,7 +167,8 @@ class CoreServer:
         scrape_token = settings.metrics_token
         warn_open_metrics(scrape_token)
         core.observe = metrics.rest_request
-        metrics.watch_pool(core.db.pool)
+        metrics.watch_pool(core.db.pool, core.db.breaker)
+        core.db.on_refused = metrics.db_refused.inc
         handlers: list[Any] = [
             (r"/healthz", _Health),
             (r"/readyz", _Health, {"core": core}),

@@ -228,12 +228,14 @@ class Core:
                 req.data = parse_form(route.form, req.body)
             elif req.body and req.method in _BODY_METHODS:
                 raise ApiError(400, "unexpected_body", "this operation takes no body")
+            self.db.check()  # every handler needs the database: 503 at once while it is out
             if route.idempotent:
                 return await self.idempotency.run(req, route.handler)
             return await route.handler(req)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
+            self.db.failed(exc)
             err = from_exception(exc, f"{req.method} {req.path}")
             return Response.error(err)
 

@@ -369,7 +369,8 @@ async def make_app(
     )  # fmt: skip
     metrics.send_buffered.set_function(lambda: ctx.coalescer.buffered)
     if isinstance(core, Core):
-        metrics.watch_pool(core.db.pool)
+        metrics.watch_pool(core.db.pool, core.db.breaker)
+        core.db.on_refused = metrics.db_refused.inc
         core.observe = metrics.rest_request
     server_api = ServerAPI(ServerRoutes(ctx, ops).routes(), settings, limiter)
     server_api.observe = metrics.rest_request

@@ -43,13 +43,13 @@ from urllib.parse import urlsplit
 
 from core.infra import control
 from core.infra.backoff import Backoff
+from core.infra.breaker import Breaker
 from core.infra.errors import ApiError, Unavailable
 from core.infra.metrics import Metrics
 from core.infra.revocation import Revocations
 from core.infra.settings import Settings
 from core.request import Request, Response
 from core.service import offline_routes
-from gateway.breaker import Breaker
 from gateway.corepool import CorePool, ProtocolError
 from gateway.keymirror import KeyMirror
 

@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 from redis.crc import key_slot
 
+from core.infra.settings import Settings
 from gateway.client import Client, Publication
 from tests.netclients import (
     FAST,
@@ -63,6 +64,9 @@ from tests.nethosts import (
 )
 from tests.netns import Network, leftovers, netns_problem
 from tests.servers import UNIT, postgres_dir
+
+#: The shipped DB_COMMAND_TIMEOUT, which the PostgreSQL partition runs with.
+DB_COMMAND_TIMEOUT = Settings().db_command_timeout
 
 PROBLEM = netns_problem()
 pytestmark = pytest.mark.skipif(PROBLEM is not None, reason=f"netfault: {PROBLEM}")
@@ -239,10 +243,13 @@ async def test_postgresql_behind_a_partition_is_a_quick_503_and_the_pool_heals(
         database = f"postgresql://postgres@{db.ip}:5432/postgres"
         await wait_for(lambda: clients.run(accepts(db.ip, 5432)), 20)
         process = start_gateway(
-            gw, CORE_URL="", DATABASE_URL=database, DATABASE_SCHEMA="netfault",
-            MIGRATE_ON_START="true", DB_POOL_MIN="2", DB_CONNECT_TIMEOUT="1",
-            DB_COMMAND_TIMEOUT="1",
-        )  # fmt: skip
+            gw,
+            CORE_URL="",
+            DATABASE_URL=database,
+            DATABASE_SCHEMA="netfault",
+            MIGRATE_ON_START="true",
+            DB_POOL_MIN="2",
+        )  # fmt: skip  (DB_COMMAND_TIMEOUT, DB_CONNECT_TIMEOUT, DB_PROBE_TIMEOUT: the defaults)
         await ready(clients, gw)
         api = base(gw) + "/api/projects"
         auth = {"Authorization": f"Bearer {TOKEN}"}
@@ -256,11 +263,13 @@ async def test_postgresql_behind_a_partition_is_a_quick_503_and_the_pool_heals(
             answers = []
             for _ in range(3):
                 asked = time.monotonic()
-                code, body = await clients.run(http(api, 10, headers=auth))
+                code, body = await clients.run(http(api, DB_COMMAND_TIMEOUT + 10, headers=auth))
                 answers.append((code, time.monotonic() - asked))
             red = await red_task
             readiness = json.loads((await clients.run(http(base(gw) + "/readyz", 3)))[1])
             pool_during = await samples(gw, clients, "gateway_db_pool_connections")
+            breaker_during = await metric(gw, clients, "gateway_db_breaker_open")
+            refused = await metric(gw, clients, "gateway_db_refused_total")
             during = len(reader.numbers())
             await asyncio.sleep(1.0)
             assert len(reader.numbers()) > during, "the socket is served meanwhile"
@@ -275,15 +284,24 @@ async def test_postgresql_behind_a_partition_is_a_quick_503_and_the_pool_heals(
             await run.caught_up([reader])
             verdict = reader.verdict(owed)
             pool = await samples(gw, clients, "gateway_db_pool_connections")
+            breaker_after = await metric(gw, clients, "gateway_db_breaker_open")
     assert [code for code, _ in answers] == [503] * 3
     assert json.loads(body)["error"]["code"] == "unavailable"
+    # The first call waits out the command timeout once (twice before: asyncpg's cancel
+    # round trip to a server out of reach); the ones after it are refused at once.
+    assert answers[0][1] < DB_COMMAND_TIMEOUT + 5.0, answers
+    assert all(seconds < DB_COMMAND_TIMEOUT / 4 for _, seconds in answers[1:]), answers
+    assert readiness["database"] is False
+    assert breaker_during == 1 and breaker_after == 0 and refused >= 2
     assert verdict == Verdict(0, 0, 0, []) and reader.client is not None
     assert reader.client.connections == 1
     record(
         "postgresql_partition",
         first_503_after=answers[0][1],
-        slowest_503=max(seconds for _, seconds in answers),
-        db_command_timeout=1.0,
+        later_503s_after=[seconds for _, seconds in answers[1:]],
+        db_command_timeout=DB_COMMAND_TIMEOUT,
+        breaker_open_during=breaker_during,
+        refused_during=refused,
         readiness_red_after=red,
         rest_200_after_heal=heal,
         partition_seconds=healed - cut,
@@ -292,7 +310,7 @@ async def test_postgresql_behind_a_partition_is_a_quick_503_and_the_pool_heals(
         readyz_during_partition=readiness,
         metrics_during_partition=pool_during,
         metrics_after_heal=pool,
-        log=log_lines(process, "database", "postgres", "pool", "unavailable"),
+        log=log_lines(process, "database", "postgres", "pool", "unavailable", limit=5),
     )
 
 

@@ -30,6 +30,7 @@ DOCUMENTED: dict[str, set[str]] = {
     "gateway_dead_peer_disconnects": set(), "gateway_command_seconds": {"op"},
     "gateway_command_errors": {"code"}, "gateway_rest_request_seconds": {"route", "status"},
     "gateway_db_pool_connections": {"state"}, "gateway_db_pool_waiters": set(),
+    "gateway_db_breaker_open": set(), "gateway_db_refused": set(),
     "gateway_broker_connected": set(), "gateway_broker_reconnects": set(),
     "gateway_rate_limited": {"scope"}, "gateway_publications_dropped": {"source"},
     "gateway_encode_failures": {"codec"}, "gateway_broker_faults": {"kind"},

@@ -13,10 +13,10 @@ import tornado.web
 from tornado.httpserver import HTTPServer
 from tornado.netutil import bind_sockets
 
+from core.infra.breaker import Breaker
 from core.infra.metrics import Metrics
 from core.infra.settings import Settings, SettingsError
 from core.request import Request
-from gateway.breaker import Breaker
 from gateway.upstream import UpstreamCore
 
 

@@ -17,6 +17,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Proc
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
 
+from core.infra.breaker import Breaker
+
 __all__ = [
     "METRICS_CHALLENGE",
     "METRICS_REFUSED",
@@ -184,6 +186,17 @@ class Metrics:
             "Redis commands waiting for a pool connection (saturation).",
             registry=r,
         )
+        self.db_breaker_open = Gauge(
+            "gateway_db_breaker_open",
+            "1 while PostgreSQL is held unreachable (the database's breaker is open: REST calls "
+            "that need it are refused at once, a probe runs), else 0.",
+            registry=r,
+        )
+        self.db_refused = Counter(
+            "gateway_db_refused",
+            "REST calls answered 503 at once because PostgreSQL is held unreachable.",
+            registry=r,
+        )
         self.db_waiters = Gauge(
             "gateway_db_pool_waiters",
             "Requests waiting for a connection of the PostgreSQL pool.",
@@ -317,8 +330,10 @@ class Metrics:
         self.redis_pool.labels("max").set_function(lambda: usage()[1])
         self.redis_waiters.set_function(lambda: usage()[2])
 
-    def watch_pool(self, pool: asyncpg.Pool) -> None:
-        """The PostgreSQL pool's sizes, read at scrape time."""
+    def watch_pool(self, pool: asyncpg.Pool, breaker: Breaker | None = None) -> None:
+        """The PostgreSQL pool's sizes and its breaker's state, read at scrape time."""
+        if breaker is not None:
+            self.db_breaker_open.set_function(lambda: 0 if breaker.state == "closed" else 1)
         self.db_pool.labels("idle").set_function(pool.get_idle_size)
         self.db_pool.labels("in_use").set_function(lambda: pool.get_size() - pool.get_idle_size())
         self.db_pool.labels("max").set_function(pool.get_max_size)

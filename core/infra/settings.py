@@ -222,6 +222,13 @@ class Settings:
     db_command_timeout: float = _setting(
         10.0, "DB_COMMAND_TIMEOUT", "Seconds a query may run.", _positive_float
     )
+    db_probe_timeout: float = _setting(
+        2.0,
+        "DB_PROBE_TIMEOUT",
+        "Seconds each probe of a PostgreSQL found unreachable may take (connect and select 1); "
+        "REST calls that need it are refused at once until a probe succeeds.",
+        _positive_float,
+    )
     db_statement_cache_size: int = _setting(
         100,
         "DB_STATEMENT_CACHE",

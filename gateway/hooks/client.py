@@ -10,7 +10,7 @@ must be a ``200``, and must decode as its hook's answer (``bad_answer``
 otherwise). No call is ever retried: a publish or a call must not happen
 twice because an answer was slow.
 
-Each hook has its own `gateway.breaker.Breaker` (``HOOK_BREAKER_FAILURES``
+Each hook has its own `core.infra.breaker.Breaker` (``HOOK_BREAKER_FAILURES``
 failures in a row open it for ``HOOK_BREAKER_SECONDS``; then one call probes):
 while it is open the backend is not called and the call fails at once
 (``breaker_open``). Every failure raises `HookFailed` with its kind, counted
@@ -29,10 +29,10 @@ from typing import Any, TypeVar
 
 import aiohttp
 
+from core.infra.breaker import Breaker
 from core.infra.metrics import Metrics
 from core.infra.settings import Settings
 from core.infra.throttled import ThrottledLog
-from gateway.breaker import Breaker
 from gateway.hooks.answers import Answer, BadAnswer
 from gateway.hooks.signature import signed_headers
 from gateway.httppool import keepalive_pool

@@ -15,11 +15,11 @@ from typing import Any, TypeVar
 
 import msgspec
 
+from core.infra.breaker import Breaker
 from core.infra.history import ChannelPatterns
 from core.infra.metrics import Metrics
 from core.infra.settings import Settings
 from core.infra.tasks import TaskSet
-from gateway.breaker import Breaker
 from gateway.hooks.answers import (
     Answer,
     BadAnswer,
