@@ -630,6 +630,10 @@ def main(argv: list[str] | None = None) -> int:
         RESULTS.mkdir(parents=True, exist_ok=True)
         now = datetime.now(UTC)
         path = RESULTS / f"rest-{now.date().isoformat()}.json"
+        for n in range(2, 100):  # never over an earlier report of the same day
+            if not path.exists():
+                break
+            path = RESULTS / f"rest-{now.date().isoformat()}-{n}.json"
         document = {
             "date": now.isoformat(timespec="seconds"),
             "command": command,
