@@ -16,7 +16,6 @@ It never raises into Tornado.
 from __future__ import annotations
 
 import logging
-import random
 import re
 import time
 from email.utils import formatdate
@@ -30,6 +29,7 @@ from tornado.routing import AnyMatches, PathMatches, Rule, RuleRouter
 from core.errormap import from_exception
 from core.infra.errors import ApiError, NotFound
 from core.infra.identity import AuthError, token_from_header
+from core.infra.ids import unique_hex
 from core.infra.tasks import TaskSet
 from core.infra.verify import Verifier
 from core.request import Request, Response
@@ -173,9 +173,7 @@ class _Exchange(httputil.HTTPMessageDelegate):
         """The caller's ``X-Request-Id`` when it is a sane one, else a new one."""
         assert self._headers is not None
         given = self._headers.get("X-Request-Id", "")
-        # Unique, not secret: Python's generator (seeded from the OS, and again
-        # in each forked worker) costs no system call, as secrets would per request.
-        return given if _REQUEST_ID.fullmatch(given) else f"{random.getrandbits(64):016x}"
+        return given if _REQUEST_ID.fullmatch(given) else unique_hex(16)
 
     def _is_preflight(self) -> bool:
         assert self._start is not None and self._headers is not None

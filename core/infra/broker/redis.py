@@ -20,7 +20,6 @@ import asyncio
 import contextlib
 import logging
 import math
-import random
 from collections.abc import Iterable
 from typing import Any
 
@@ -44,6 +43,7 @@ from core.infra.broker.base import (
     StateListener,
 )
 from core.infra.coalesce import Coalescer
+from core.infra.ids import unique_hex
 from core.infra.lua import script
 from core.infra.throttled import ThrottledLog
 
@@ -96,15 +96,6 @@ EVENTS_LOST = script("events_lost")
 EVENTS_CLAIM = script("events_claim")
 #: Lost nodes one `lost_nodes` call returns at most.
 LOST_NODES_LIMIT = 100
-
-
-def _new_epoch() -> str:
-    """An epoch for a history that may start with this publication.
-
-    Public (every publication carries it), so Python's generator will do: no
-    system call per publication, as ``secrets`` would make.
-    """
-    return f"{random.getrandbits(32):08x}"
 
 
 class LinkStalled(RedisConnectionError):
@@ -370,7 +361,7 @@ class RedisBroker(Broker):
 
     async def publish_history(self, ch: str, data: bytes, size: int, ttl: float) -> Position:
         args: list[bytes | str | int] = [
-            self._channel_key(ch), data, size, max(1, math.ceil(ttl)), _new_epoch()
+            self._channel_key(ch), data, size, max(1, math.ceil(ttl)), unique_hex(8)
         ]  # fmt: skip
         keys = self._history_keys(ch)
         try:
