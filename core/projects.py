@@ -151,7 +151,7 @@ class Projects:
 
         Requests for the same page share one query, but only one sent after
         each of them arrived (`core.infra.coalesce.Coalescer`: a request that
-        comes while a query runs waits for the next one), so an answer holds
+        comes while 4 queries run waits for the next one), so an answer holds
         every write committed before its request came: a client that was
         answered 201 and then lists sees its project.
         """

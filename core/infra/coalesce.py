@@ -2,10 +2,12 @@
 
 Under load most of a backend call's cost is per round trip (a system call
 each way, the backend's read and reply, on PostgreSQL a commit), not per
-item. A `Coalescer` sends an item at once while fewer than ``max_inflight``
-round trips are running, so a lone caller waits for nothing; items that
-arrive meanwhile queue up and leave together, up to ``max_batch`` per round
-trip, when a running one finishes. Items leave in the order they came.
+item. A `Coalescer` lets a caller make its round trip itself, in its own
+task, while fewer than ``max_inflight`` are running and nothing is queued,
+so a lone caller waits for nothing and its call keeps the timing of a
+plain one; items that arrive while the round trips are all taken queue up
+and leave together, up to ``max_batch`` per round trip, when one finishes.
+Queued items leave in the order they came.
 
 ``send(items)`` makes one round trip and returns one outcome per item, in
 order: a result, or an exception for that item alone. If it raises, every
@@ -53,6 +55,8 @@ class Coalescer(Generic[T, R]):
 
     async def submit(self, item: T) -> R:
         """``item``'s outcome, once the round trip that carried it is back."""
+        if self._inflight < self._max_inflight and not self._queue:
+            return await self._alone(item)
         if len(self._queue) >= self._max_queued:
             raise Unavailable(f"too many {self._what} queued")
         future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
@@ -61,6 +65,21 @@ class Coalescer(Generic[T, R]):
             self._inflight += 1
             self._drains.spawn(self._drain())
         return await future
+
+    async def _alone(self, item: T) -> R:
+        """``item``'s round trip, made by its caller (no task in between)."""
+        self._inflight += 1
+        self.round_trips += 1
+        try:
+            (outcome,) = await self._send([item])
+        finally:
+            self._inflight -= 1
+            if self._queue and self._inflight < self._max_inflight:
+                self._inflight += 1
+                self._drains.spawn(self._drain())
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
 
     async def _drain(self) -> None:
         try:
