@@ -29,9 +29,14 @@ The report gives each of ours against each peer: the ratio of the medians
 and the range of the ratios of the same round's runs.
 
 Rerun (from the repository root; needs ``wrk``, Redis on 127.0.0.1 and
-``pip install -e '.[bench]'``; about 5 minutes with these arguments)::
+``pip install -e '.[bench]'``; about 6 minutes with these arguments, 8 with
+``--baseline``)::
 
     .venv/bin/python -m bench.rest --duration 10 --connections 64 --rounds 3 --save
+
+``--baseline main`` adds the gateway of that commit (``git archive``) to
+every round, for a before/after measured under the same load; ``--only``
+picks servers.
 """
 
 from __future__ import annotations
