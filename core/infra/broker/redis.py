@@ -175,7 +175,9 @@ class RedisBroker(Broker):
         # cluster, whose channels live on different nodes.
         self._publishes: Coalescer[tuple[Any, ...], Any] | None = None
         if isinstance(self._pub_client, aioredis.Redis):
-            self._publishes = Coalescer(self._pipeline, max_batch=256, what="publications")
+            self._publishes = Coalescer(
+                self._pipeline, max_batch=256, max_inflight=2, what="publications"
+            )
 
     def _publisher(self, url: str) -> aioredis.Redis | RedisCluster:
         # One retry on a lost connection: after a Redis restart every pooled
