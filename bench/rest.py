@@ -1,14 +1,23 @@
-"""REST benchmark: our core against an idiomatic FastAPI peer, in the same run.
+"""REST benchmark: our gateway and core against two FastAPI peers, in the same run.
 
 What it measures: requests/s and p99 latency, from wrk (one thread, ``--latency``,
-keep-alive connections), of two endpoints served by our core (``python -m core
-serve``) and by the FastAPI + pydantic v2 + asyncpg peer in
-``bench/peers/fastapi_projects.py`` (uvicorn, one worker, uvloop, httptools):
+keep-alive connections), of two endpoints served by four servers:
+
+* ``gateway``: ``python -m gateway`` hosting the core (``DATABASE_URL``), with
+  Redis, so every write publishes its change events (history on, as shipped);
+* ``core``: the standalone core, ``python -m core serve`` (no Redis: no events);
+* ``fastapi``: ``bench/peers/fastapi_projects.py``, a FastAPI + pydantic v2 +
+  asyncpg peer that checks what our core checks (e-mail, bounds, dates);
+* ``tutorial``: ``bench/peers/fastapi_tutorial.py``, the same endpoints written
+  as FastAPI's tutorials show (OAuth2PasswordBearer, ``get_current_user``
+  decoding the HS256 token with pyjwt, plain models, ``response_model``).
+
+The peers run under uvicorn, one worker, uvloop and httptools. The endpoints:
 
 * ``GET /api/projects?limit=20``: one keyset page of 20 projects as JSON;
 * ``POST /api/projects``: validate a realistic project body, insert it, 201.
 
-Both servers use one PostgreSQL schema (``--schema``), migrated by our core
+All servers use one PostgreSQL schema (``--schema``), migrated by our core
 (or by applying ``core/migrations/*.sql`` with ``--self-migrate``) and reseeded
 with 2,000 projects at the start of every round. Each server is pinned to CPU 1
 and wrk to CPU 0 with ``taskset``; PostgreSQL is not pinned. Every round runs,
@@ -16,9 +25,18 @@ per endpoint and for each server (the order alternates between rounds), a 2 s
 warm-up and then the measured run. The table shows medians over rounds; a run
 with any non-2xx response or socket error is invalid and left out of them.
 
-Rerun (from the repository root; needs ``wrk`` and ``pip install -e '.[bench]'``)::
+The report gives each of ours against each peer: the ratio of the medians
+and the range of the ratios of the same round's runs.
+
+Rerun (from the repository root; needs ``wrk``, Redis on 127.0.0.1 and
+``pip install -e '.[bench]'``; about 6 minutes with these arguments, 8 with
+``--baseline``)::
 
     .venv/bin/python -m bench.rest --duration 10 --connections 64 --rounds 3 --save
+
+``--baseline main`` adds the gateway of that commit (``git archive``) to
+every round, for a before/after measured under the same load; ``--only``
+picks servers.
 """
 
 from __future__ import annotations
@@ -31,6 +49,7 @@ import platform
 import random
 import re
 import resource
+import secrets
 import shlex
 import socket
 import statistics
@@ -105,6 +124,8 @@ class Server:
     label: str
     argv: tuple[str, ...]
     env: dict[str, str]
+    #: Where it runs from: another checkout runs that checkout's code (``--baseline``).
+    cwd: Path = ROOT
 
 
 @dataclass(frozen=True)
@@ -243,7 +264,7 @@ def serve(
     with log.open("wb") as out:
         proc = subprocess.Popen(
             pinned(cpu, server.argv),
-            cwd=ROOT,
+            cwd=server.cwd,
             env=server.env,
             stdout=out,
             stderr=subprocess.STDOUT,
@@ -343,34 +364,73 @@ def base_env(url: str, schema: str) -> dict[str, str]:
     return env | {"DATABASE_URL": url, "DATABASE_SCHEMA": schema, "JWT_SECRET": JWT_SECRET}
 
 
-def make_servers(only: str | None, env: dict[str, str], ports: dict[str, int]) -> list[Server]:
-    core = Server(
-        "core",
-        "core",
-        (sys.executable, "-m", "core", "serve"),
-        # One token sends every request: the per-identity REST limit is off, as
-        # the peer has none (equal work); everything else runs as shipped.
-        env
+#: Ours, then the peers; ratios are ours / each peer.
+OURS = ("gateway", "core")
+#: The gateway of another commit (``--baseline``), beside ours in the same run.
+BASELINE = "gateway-baseline"
+PEERS = ("tutorial", "fastapi")
+
+
+def uvicorn_server(key: str, label: str, module: str, port: int, env: dict[str, str]) -> Server:
+    """A FastAPI peer as people run one: uvicorn, one worker, uvloop, httptools."""
+    argv = (
+        *(sys.executable, "-m", "uvicorn", f"{module}:app"),
+        *("--host", "127.0.0.1", "--port", str(port)),
+        *("--loop", "uvloop", "--http", "httptools", "--no-access-log"),
+        *("--log-level", "warning"),
+    )
+    return Server(key, label, argv, env)
+
+
+def make_servers(
+    only: list[str] | None,
+    env: dict[str, str],
+    ports: dict[str, int],
+    redis_url: str,
+    data_dir: Path,
+) -> list[Server]:
+    # One token sends every request: the per-identity REST limit is off, as
+    # the peers have none (equal work); everything else runs as shipped.
+    ours = env | {
+        "HOST": "127.0.0.1",
+        "LOG_LEVEL": "WARNING",
+        "RATE_REST": "off",
+        "MAX_PENDING_PER_IP": "1000000",  # wrk opens its 64 connections at once
+    }
+    gateway = Server(
+        "gateway",
+        "gateway",
+        (sys.executable, "-m", "gateway"),
+        ours
         | {
-            "PORT": str(ports["core"]),
-            "HOST": "127.0.0.1",
-            "LOG_LEVEL": "WARNING",
-            "RATE_REST": "off",
-            "MAX_PENDING_PER_IP": "1000000",  # wrk opens its 64 connections at once
+            "PORT": str(ports["gateway"]),
+            "WORKERS": "1",
+            "DATA_DIR": str(data_dir),
+            # Change events on: every write publishes to Redis (with history).
+            "REDIS_URL": redis_url,
+            "REDIS_PREFIX": f"bench-rest-{secrets.token_hex(4)}:",
         },
     )
-    fastapi = Server(
-        "fastapi",
-        "FastAPI",
-        (
-            *(sys.executable, "-m", "uvicorn", "bench.peers.fastapi_projects:app"),
-            *("--host", "127.0.0.1", "--port", str(ports["fastapi"])),
-            *("--loop", "uvloop", "--http", "httptools", "--no-access-log"),
-            *("--log-level", "warning"),
-        ),
-        env,
+    core = Server("core", "core", (sys.executable, "-m", "core", "serve"),
+                  ours | {"PORT": str(ports["core"])})  # fmt: skip
+    fastapi = uvicorn_server(
+        "fastapi", "FastAPI", "bench.peers.fastapi_projects", ports["fastapi"], env
     )
-    return [s for s in (core, fastapi) if only in (None, s.key)]
+    tutorial = uvicorn_server(
+        "tutorial", "FastAPI tutorial", "bench.peers.fastapi_tutorial", ports["tutorial"], env
+    )
+    every = (gateway, core, tutorial, fastapi)
+    return [s for s in every if only is None or s.key in only]
+
+
+def baseline_server(ref: str, gateway: Server, port: int, tmp: Path) -> Server:
+    """``gateway`` as of commit ``ref`` (from ``git archive``), on ``port``."""
+    where = tmp / "baseline"
+    where.mkdir()
+    archive = subprocess.run(["git", "archive", ref], cwd=ROOT, capture_output=True, check=True)
+    subprocess.run(["tar", "-x", "-C", str(where)], input=archive.stdout, check=True)
+    env = gateway.env | {"PORT": str(port), "DATA_DIR": str(tmp / "baseline-data")}
+    return Server(BASELINE, f"gateway @ {ref}", gateway.argv, env, where)
 
 
 def machine_info(url: str) -> dict[str, str]:
@@ -419,23 +479,48 @@ def cell(summary: dict[str, Any] | None, key: str, fmt: str) -> str:
     return text if summary["valid_runs"] == total else f"{text} ({summary['valid_runs']}/{total})"
 
 
-def markdown(results: dict[str, dict[str, dict[str, Any]]]) -> str:
+def markdown(results: dict[str, dict[str, dict[str, Any]]], labels: dict[str, str]) -> str:
+    """Per endpoint, each server's medians; then each of ours against each peer."""
     lines = [
-        "| endpoint | core req/s | FastAPI req/s | ratio | core p99 | FastAPI p99 |",
-        "| --- | ---: | ---: | ---: | ---: | ---: |",
+        "| endpoint | server | req/s | p99 | server CPU |",
+        "| --- | --- | ---: | ---: | ---: |",
     ]
     for endpoint, by_server in results.items():
-        core, peer = by_server.get("core"), by_server.get("fastapi")
-        core_rps = core and core["median_requests_per_s"]
-        peer_rps = peer and peer["median_requests_per_s"]
-        ratio = f"{core_rps / peer_rps:.2f}x" if core_rps and peer_rps else "—"
-        lines.append(
-            f"| {endpoint} | {cell(core, 'median_requests_per_s', '{:,.0f}')}"
-            f" | {cell(peer, 'median_requests_per_s', '{:,.0f}')} | {ratio}"
-            f" | {cell(core, 'median_p99_ms', '{:.2f} ms')}"
-            f" | {cell(peer, 'median_p99_ms', '{:.2f} ms')} |"
-        )
+        for key, summary in by_server.items():
+            cpu = statistics.median(r["server_cpu"] for r in summary["runs"])
+            lines.append(
+                f"| {endpoint} | {labels[key]}"
+                f" | {cell(summary, 'median_requests_per_s', '{:,.0f}')}"
+                f" | {cell(summary, 'median_p99_ms', '{:.2f} ms')} | {cpu:.0%} |"
+            )
+    lines += [
+        "",
+        "| endpoint | ours | peer | ratio of medians | same-round ratios |",
+        "| --- | --- | --- | ---: | --- |",
+    ]
+    for endpoint, by_server in results.items():
+        for ours in (*OURS, BASELINE):
+            for peer in PEERS:
+                if ours in by_server and peer in by_server:
+                    ratio, rounds = ratios(by_server[ours], by_server[peer])
+                    lines.append(
+                        f"| {endpoint} | {labels[ours]} | {labels[peer]} | {ratio} | {rounds} |"
+                    )
     return "\n".join(lines)
+
+
+def ratios(ours: dict[str, Any], peer: dict[str, Any]) -> tuple[str, str]:
+    """Ours / peer: of the medians, and the range over rounds of valid runs."""
+    a, b = ours["median_requests_per_s"], peer["median_requests_per_s"]
+    median = f"**{a / b:.2f}x**" if a and b else "—"
+    peer_by_round = {r["round"]: r for r in peer["runs"] if r["non_2xx"] + r["socket_errors"] == 0}
+    per_round = [
+        r["requests_per_s"] / peer_by_round[r["round"]]["requests_per_s"]
+        for r in ours["runs"]
+        if r["non_2xx"] + r["socket_errors"] == 0 and r["round"] in peer_by_round
+    ]
+    span = f"{min(per_round):.2f} to {max(per_round):.2f}x" if per_round else "—"
+    return median, span
 
 
 def add_database_arguments(parser: argparse.ArgumentParser, schema: str) -> None:
@@ -449,18 +534,34 @@ def add_database_arguments(parser: argparse.ArgumentParser, schema: str) -> None
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m bench.rest", description="Benchmark our REST core against a FastAPI peer."
+        prog="python -m bench.rest",
+        description="Benchmark our gateway and REST core against two FastAPI peers.",
     )
     parser.add_argument("--duration", type=int, default=10, help="seconds per measured wrk run")
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--only", choices=["core", "fastapi"], help="benchmark one server")
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        choices=[*OURS, *PEERS],
+        help="benchmark these servers only (default: all four)",
+    )
     add_database_arguments(parser, "bench_rest")
+    parser.add_argument(
+        "--redis-url",
+        default=os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"),
+        help="the gateway's Redis (its change events)",
+    )
     parser.add_argument(
         "--self-migrate",
         action="store_true",
         help="apply core/migrations/*.sql directly (when projects is missing) instead of "
         "running `python -m core migrate`; core's migrate cannot take over such a schema later",
+    )
+    parser.add_argument(
+        "--baseline",
+        metavar="REF",
+        help="also run the gateway of this commit (e.g. main), for a before/after in one run",
     )
     parser.add_argument("--save", action="store_true", help="write bench/results/rest-<date>.json")
     return parser.parse_args(argv)
@@ -473,9 +574,8 @@ def main(argv: list[str] | None = None) -> int:
     command = shlex.join(
         [str(python), "-m", "bench.rest", *(sys.argv[1:] if argv is None else argv)]
     )
-    ports = {"core": free_port(), "fastapi": free_port()}
+    ports = {key: free_port() for key in (*OURS, BASELINE, *PEERS)}
     env = base_env(args.database_url, args.schema)
-    servers = make_servers(args.only, env, ports)
     asyncio.run(create_schema(args.database_url, args.schema, args.self_migrate))
     if not args.self_migrate:
         subprocess.run([sys.executable, "-m", "core", "migrate"], cwd=ROOT, env=env, check=True)
@@ -485,6 +585,11 @@ def main(argv: list[str] | None = None) -> int:
     token = mint_token()
     runs: dict[tuple[str, str], list[Run]] = {}
     with tempfile.TemporaryDirectory(prefix="bench-rest-") as tmp, ExitStack() as stack:
+        servers = make_servers(args.only, env, ports, args.redis_url, Path(tmp))
+        if args.baseline:
+            gateway = make_servers(["gateway"], env, ports, args.redis_url, Path(tmp))[0]
+            servers.insert(1, baseline_server(args.baseline, gateway, ports[BASELINE], Path(tmp)))
+        labels = {s.key: s.label for s in servers}
         endpoints = make_endpoints(token, Path(tmp))
         pids = {
             s.key: stack.enter_context(serve(s, ports[s.key], token, Path(tmp))).pid
@@ -514,7 +619,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, dict[str, dict[str, Any]]] = {}
     for (endpoint_name, key), endpoint_runs in runs.items():
         results.setdefault(endpoint_name, {})[key] = summarize(endpoint_runs)
-    table = markdown(results)
+    table = markdown(results, labels)
     print(table)
     print(f"\nCommand: `{command}`")
     print(
@@ -523,12 +628,17 @@ def main(argv: list[str] | None = None) -> int:
         f"load average at start {machine['loadavg_at_start']}; "
         f"servers on CPU {SERVER_CPU}, wrk -t1 on CPU {WRK_CPU}, PostgreSQL unpinned; "
         f"{args.connections} connections, {args.duration} s runs after {WARMUP_S} s warm-up, "
-        f"medians of {args.rounds} round(s); ratio = core / FastAPI req/s."
+        f"medians of {args.rounds} round(s); ratio = ours / peer req/s; the gateway with "
+        f"change events on (Redis), the core without."
     )
     if args.save:
         RESULTS.mkdir(parents=True, exist_ok=True)
         now = datetime.now(UTC)
         path = RESULTS / f"rest-{now.date().isoformat()}.json"
+        for n in range(2, 100):  # never over an earlier report of the same day
+            if not path.exists():
+                break
+            path = RESULTS / f"rest-{now.date().isoformat()}-{n}.json"
         document = {
             "date": now.isoformat(timespec="seconds"),
             "command": command,

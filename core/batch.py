@@ -1,8 +1,9 @@
 """Write coalescing: concurrent inserts of one kind go to PostgreSQL as one statement.
 
 Under load most of an insert's cost is per statement, not per row: a round
-trip, a commit and a WAL flush. A `Batcher` sends a row at once when fewer
-than ``max_inflight`` statements are running, so a lone request waits for
+trip, a commit and a WAL flush. A `Batcher` hands its rows to a
+`core.infra.coalesce.Coalescer`: a row is sent at once when fewer than
+``max_inflight`` statements are running, so a lone request waits for
 nothing; rows that arrive meanwhile queue up and leave together, up to
 ``max_batch`` per statement, when a running statement finishes.
 
@@ -14,19 +15,15 @@ lost connection fails the whole batch (each request answers 503).
 
 from __future__ import annotations
 
-import asyncio
 import logging
 
 import asyncpg
 
-from core.infra.errors import Unavailable
-from core.infra.tasks import TaskSet
+from core.infra.coalesce import Coalescer
 
 __all__ = ["Batcher"]
 
 log = logging.getLogger("core.batch")
-
-_Pending = tuple[bytes, "asyncio.Future[asyncpg.Record]"]
 
 
 class Batcher:
@@ -41,61 +38,32 @@ class Batcher:
     ) -> None:
         self._pool = pool
         self._sql = sql
-        self._max_batch = max_batch
-        self._max_inflight = max_inflight
-        self._max_queued = max_queued
-        self._queue: list[_Pending] = []
-        self._inflight = 0
-        self._drains = TaskSet(log)
+        self._rows: Coalescer[bytes, asyncpg.Record] = Coalescer(
+            self._send,
+            max_batch=max_batch,
+            max_inflight=max_inflight,
+            max_queued=max_queued,
+            what="writes",
+        )
         self.statements = 0  # for tests and metrics: statements sent
 
     async def submit(self, row_json: bytes) -> asyncpg.Record:
         """Insert one row (JSON object bytes); its returned record."""
-        if len(self._queue) >= self._max_queued:
-            raise Unavailable("too many writes queued")
-        future: asyncio.Future[asyncpg.Record] = asyncio.get_running_loop().create_future()
-        self._queue.append((row_json, future))
-        if self._inflight < self._max_inflight:
-            self._inflight += 1
-            self._drains.spawn(self._drain())
-        return await future
+        return await self._rows.submit(row_json)
 
-    async def _drain(self) -> None:
+    async def _send(self, rows: list[bytes]) -> list[asyncpg.Record | BaseException]:
         try:
-            while self._queue:
-                batch = self._queue[: self._max_batch]
-                del self._queue[: self._max_batch]
-                await self._send(batch)
-        finally:
-            self._inflight -= 1
-
-    async def _send(self, batch: list[_Pending]) -> None:
-        payload = b"[" + b",".join(row for row, _ in batch) + b"]"
-        self.statements += 1
-        try:
-            records = await self._pool.fetch(self._sql, payload.decode())
+            records = await self._fetch(rows)
         except asyncpg.PostgresError as exc:
-            if len(batch) == 1:
-                _fail(batch, exc)
-                return
-            log.info("a batch of %d rows failed (%s); retrying each alone", len(batch), exc)
-            for one in batch:
-                await self._send([one])
-            return
-        except BaseException as exc:
-            _fail(batch, exc)
-            if not isinstance(exc, Exception):
-                raise
-            return
-        if len(records) != len(batch):
-            _fail(batch, RuntimeError(f"{len(records)} rows returned for {len(batch)}"))
-            return
-        for (_, future), record in zip(batch, records, strict=True):
-            if not future.done():  # the request may have gone away meanwhile
-                future.set_result(record)
+            if len(rows) == 1:
+                return [exc]
+            log.info("a batch of %d rows failed (%s); retrying each alone", len(rows), exc)
+            return [outcome for row in rows for outcome in await self._send([row])]
+        return list(records)
 
-
-def _fail(batch: list[_Pending], exc: BaseException) -> None:
-    for _, future in batch:
-        if not future.done():
-            future.set_exception(exc)
+    async def _fetch(self, rows: list[bytes]) -> list[asyncpg.Record]:
+        self.statements += 1
+        records: list[asyncpg.Record] = await self._pool.fetch(
+            self._sql, (b"[" + b",".join(rows) + b"]").decode()
+        )
+        return records

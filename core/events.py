@@ -14,6 +14,7 @@ loss is the history work of issue 5).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Literal
 
@@ -49,9 +50,14 @@ class Events:
                 b"}",
             )
         )
-        for ch in (resource, f"{resource}:{id}"):
-            try:
-                await self._publisher.publish(ch, event)
-            except Exception as exc:
+        # Both at once: with a Redis broker they share one pipeline (one round trip).
+        channels = (resource, f"{resource}:{id}")
+        outcomes = await asyncio.gather(
+            *(self._publisher.publish(ch, event) for ch in channels), return_exceptions=True
+        )
+        for ch, outcome in zip(channels, outcomes, strict=True):
+            if isinstance(outcome, Exception):
                 self.failures += 1
-                log.warning("change event %s %s:%d not published: %s", kind, resource, id, exc)
+                log.warning("change event %s %s not published: %s", kind, ch, outcome)
+            elif isinstance(outcome, BaseException):
+                raise outcome

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import re
-import secrets
 import time
 from email.utils import formatdate
 from http import HTTPStatus
@@ -30,6 +29,7 @@ from tornado.routing import AnyMatches, PathMatches, Rule, RuleRouter
 from core.errormap import from_exception
 from core.infra.errors import ApiError, NotFound
 from core.infra.identity import AuthError, token_from_header
+from core.infra.ids import unique_hex
 from core.infra.tasks import TaskSet
 from core.infra.verify import Verifier
 from core.request import Request, Response
@@ -173,7 +173,7 @@ class _Exchange(httputil.HTTPMessageDelegate):
         """The caller's ``X-Request-Id`` when it is a sane one, else a new one."""
         assert self._headers is not None
         given = self._headers.get("X-Request-Id", "")
-        return given if _REQUEST_ID.fullmatch(given) else secrets.token_hex(8)
+        return given if _REQUEST_ID.fullmatch(given) else unique_hex(16)
 
     def _is_preflight(self) -> bool:
         assert self._start is not None and self._headers is not None

@@ -5,14 +5,16 @@ the owner (``owner_email`` is their e-mail), an admin or an API key with
 ``rest`` writes one (core/access.py, rule `Access.OWNER`).
 
 Reads hand back the JSON PostgreSQL builds (``project_json``), so the hot
-path decodes no rows in Python. Writes are validated by `ProjectIn`, and
+path decodes no rows in Python. Lists asked for at once share their query
+(`Projects.list`). Writes are validated by `ProjectIn`, and
 each successful one publishes a change event (core/events.py).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from decimal import Decimal
 from typing import Any, NoReturn
 
@@ -25,6 +27,7 @@ from core.batch import Batcher
 from core.db import Queryable, one
 from core.events import ChangeKind, Events
 from core.idempotency import IDEMPOTENCY_KEY_SCHEMA
+from core.infra.coalesce import Coalescer
 from core.infra.errors import NotFound, PreconditionFailed, ValidationFailed
 from core.paging import ANY, IF_MATCH_SCHEMA, decode_cursor, etag, if_match, none_match, page_body
 from core.request import Request, Response
@@ -34,6 +37,8 @@ from core.schemas import Project, ProjectIn, ProjectPage, ProjectPatch, ProjectQ
 __all__ = ["Projects"]
 
 _JSON = "application/json"
+#: What a list asks for: after (the cursor's id), status, tag, limit.
+_Page = tuple[int, str | None, str | None, int]
 #: A request's `Amount` is written as the plain Decimal it is.
 _encode_json = msgspec.json.Encoder(decimal_format="number", enc_hook=Decimal).encode
 _project = msgspec.json.Decoder(Project)
@@ -118,6 +123,7 @@ class Projects:
         self._pool = pool
         self._events = events
         self._creations = Batcher(pool, _CREATE_MANY)
+        self._pages: Coalescer[_Page, bytes] = Coalescer(self._read_pages, what="reads")
 
     def routes(self) -> list[Route]:
         tag = "projects"
@@ -141,12 +147,30 @@ class Projects:
         ]  # fmt: skip
 
     async def list(self, req: Request) -> Response:
+        """A page of projects; every caller reads the same board (`Access.READ`).
+
+        Requests for the same page share one query, but only one sent after
+        each of them arrived (`core.infra.coalesce.Coalescer`: a request that
+        comes while 4 queries run waits for the next one), so an answer holds
+        every write committed before its request came: a client that was
+        answered 201 and then lists sees its project.
+        """
         q: ProjectQuery = req.args
         after = decode_cursor(q.cursor)
         status = None if q.status is UNSET else q.status
         tag = None if q.tag is UNSET else q.tag
-        items, last, n = await one(self._pool, _LIST, after, status, tag, q.limit)
-        return Response(200, page_body(items, last if n > q.limit else None))
+        return Response(200, await self._pages.submit((after, status, tag, q.limit)))
+
+    async def _read_pages(self, pages: Sequence[_Page]) -> Sequence[bytes | BaseException]:
+        """Each page's body: one query per distinct page, all at once."""
+        distinct = list(dict.fromkeys(pages))
+        bodies = await asyncio.gather(*map(self._read_page, distinct), return_exceptions=True)
+        read = dict(zip(distinct, bodies, strict=True))
+        return [read[page] for page in pages]
+
+    async def _read_page(self, page: _Page) -> bytes:
+        items, last, n = await one(self._pool, _LIST, *page)
+        return page_body(items, last if n > page[3] else None)
 
     async def get(self, req: Request) -> Response:
         row = await self._pool.fetchrow(_GET, _id(req))

@@ -156,6 +156,7 @@ class Metrics:
             buckets=_COMMAND_BUCKETS,
             registry=r,
         )
+        self._rest_children: dict[tuple[str, int], Histogram] = {}
         self.db_pool = Gauge(
             "gateway_db_pool_connections",
             "Connections of the REST core's PostgreSQL pool, by state (idle, in_use, max).",
@@ -343,7 +344,13 @@ class Metrics:
         )
 
     def rest_request(self, route: str, status: int, seconds: float) -> None:
-        self.rest_seconds.labels(route, str(status)).observe(seconds)
+        # The labelled child is kept: routes and statuses are few, and
+        # ``labels()`` per request costs a lock and a lookup by strings.
+        key = (route, status)
+        child = self._rest_children.get(key)
+        if child is None:
+            child = self._rest_children[key] = self.rest_seconds.labels(route, str(status))
+        child.observe(seconds)
         if status == 429:
             self.rate_limited.labels("rest").inc()
 

@@ -20,7 +20,6 @@ import asyncio
 import contextlib
 import logging
 import math
-import secrets
 from collections.abc import Iterable
 from typing import Any
 
@@ -30,7 +29,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisClusterException, RedisError
+from redis.exceptions import NoScriptError, RedisClusterException, RedisError
 
 from core.infra.backoff import Backoff
 from core.infra.broker.base import (
@@ -43,6 +42,8 @@ from core.infra.broker.base import (
     PublicationHandler,
     StateListener,
 )
+from core.infra.coalesce import Coalescer
+from core.infra.ids import unique_hex
 from core.infra.lua import script
 from core.infra.throttled import ThrottledLog
 
@@ -168,6 +169,15 @@ class RedisBroker(Broker):
         self._events_append = self._pub_client.register_script(EVENTS_APPEND)
         self._events_lost = self._pub_client.register_script(EVENTS_LOST)
         self._events_claim = self._pub_client.register_script(EVENTS_CLAIM)
+        # Publications made at once (a write's change events, a burst of
+        # socket publishes) share one pipeline: one round trip, one read and
+        # one reply on Redis for many (core/infra/coalesce.py). Not on a
+        # cluster, whose channels live on different nodes.
+        self._publishes: Coalescer[tuple[Any, ...], Any] | None = None
+        if isinstance(self._pub_client, aioredis.Redis):
+            self._publishes = Coalescer(
+                self._pipeline, max_batch=256, max_inflight=2, what="publications"
+            )
 
     def _publisher(self, url: str) -> aioredis.Redis | RedisCluster:
         # One retry on a lost connection: after a Redis restart every pooled
@@ -323,11 +333,27 @@ class RedisBroker(Broker):
                 "UNSUBSCRIBE of %d channels failed (%s); the reconnect drops them", len(keys), exc
             )
 
+    async def _pipeline(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        """Run ``commands`` in one round trip; each one's reply or error."""
+        if len(commands) == 1:
+            return [await self._pub_client.execute_command(*commands[0])]
+        client = self._pub_client
+        assert isinstance(client, aioredis.Redis)
+        pipe = client.pipeline(transaction=False)
+        for command in commands:
+            pipe.execute_command(*command)
+        replies: list[Any] = await pipe.execute(raise_on_error=False)
+        return replies
+
+    async def _command(self, *command: Any) -> Any:
+        """One publishing command, in a shared pipeline when there is one."""
+        if self._publishes is None:
+            return await self._pub_client.execute_command(*command)
+        return await self._publishes.submit(command)
+
     async def publish(self, ch: str, data: bytes) -> None:
         try:
-            await self._pub_client.execute_command(
-                self.publish_command, self._channel_key(ch), data
-            )
+            await self._command(self.publish_command, self._channel_key(ch), data)
         except BACKEND_ERRORS as exc:
             raise BrokerUnavailable(f"{self.publish_command} failed: {exc}") from exc
 
@@ -337,13 +363,23 @@ class RedisBroker(Broker):
 
     async def publish_history(self, ch: str, data: bytes, size: int, ttl: float) -> Position:
         args: list[bytes | str | int] = [
-            self._channel_key(ch), data, size, max(1, math.ceil(ttl)), secrets.token_hex(4)
+            self._channel_key(ch), data, size, max(1, math.ceil(ttl)), unique_hex(8)
         ]  # fmt: skip
+        keys = self._history_keys(ch)
         try:
-            offset, epoch = await self._publish_script(keys=self._history_keys(ch), args=args)
+            offset, epoch = await self._publish_with_history(keys, args)
         except BACKEND_ERRORS as exc:
             raise BrokerUnavailable(f"publish with history failed: {exc}") from exc
         return Position(int(offset), epoch.decode())
+
+    async def _publish_with_history(self, keys: list[str], args: list[bytes | str | int]) -> Any:
+        script = self._publish_script
+        if self._publishes is None:
+            return await script(keys=keys, args=args)
+        try:
+            return await self._publishes.submit(("EVALSHA", script.sha, len(keys), *keys, *args))
+        except NoScriptError:  # Redis restarted or flushed its scripts: load it again
+            return await script(keys=keys, args=args)
 
     def _presence_keys(self, ch: str) -> list[str]:
         return [f"{self._prefix}p:{{{ch}}}", f"{self._prefix}pz:{{{ch}}}"]

@@ -1,0 +1,77 @@
+"""Publications made at once share one Redis pipeline, and each still gets its own outcome."""
+
+from __future__ import annotations
+
+import asyncio
+
+import redis.asyncio as aioredis
+
+from core.infra.broker import RedisBroker
+from core.infra.coalesce import Coalescer
+from tests.harness import unique_prefix, until
+
+
+async def test_concurrent_publications_with_history_each_get_their_own_offset(redis_url):
+    got: list[tuple[str, bytes, int | None]] = []
+    broker = RedisBroker(redis_url, unique_prefix())
+    await broker.start(lambda ch, data, pos: got.append((ch, data, pos and pos.offset)))
+    try:
+        for ch in ("a", "b"):
+            await broker.subscribe(ch)
+        positions = await asyncio.gather(*(
+            broker.publish_history(ch, b'{"n":%d}' % i, 1000, 60)
+            for i in range(100) for ch in ("a", "b")
+        ))  # fmt: skip
+        for start in (0, 1):
+            assert sorted(p.offset for p in positions[start::2]) == list(range(1, 101))
+            assert len({p.epoch for p in positions[start::2]}) == 1
+        assert broker._publishes is not None and broker._publishes.round_trips < 200
+        await until(lambda: len(got) == 200)
+        received = {(ch, offset): data for ch, data, offset in got}
+        for i, (ch, position) in enumerate(zip(("a", "b") * 100, positions, strict=True)):
+            assert received[ch, position.offset] == b'{"n":%d}' % (i // 2)  # each its own
+        entries, _ = await broker.history("b", 0, 1000)
+        assert [offset for offset, _ in entries] == list(range(1, 101))
+    finally:
+        await broker.close()
+
+
+async def test_publishing_with_history_survives_a_script_flush(redis_url):
+    broker = RedisBroker(redis_url, unique_prefix())
+    await broker.start(lambda *_: None)
+    try:
+        first = await broker.publish_history("room", b"1", 10, 60)
+        admin = aioredis.Redis.from_url(redis_url)
+        await admin.script_flush()
+        await admin.aclose()
+        again = await asyncio.gather(
+            *(broker.publish_history("room", b"2", 10, 60) for _ in range(3))
+        )
+        assert sorted(p.offset for p in again) == [
+            first.offset + 1,
+            first.offset + 2,
+            first.offset + 3,
+        ]
+    finally:
+        await broker.close()
+
+
+async def test_an_item_that_fails_fails_alone_and_a_failed_trip_fails_its_batch():
+    trips: list[list[int]] = []
+
+    async def send(items: list[int]) -> list[int | BaseException]:
+        trips.append(items)
+        await asyncio.sleep(0)
+        if 13 in items:
+            raise ConnectionError("lost")
+        return [ValueError(i) if i < 0 else i * 2 for i in items]
+
+    coalescer: Coalescer[int, int] = Coalescer(send, max_inflight=1)
+    results = await asyncio.gather(
+        *(coalescer.submit(i) for i in (1, 2, -3, 4)), return_exceptions=True
+    )
+    assert results[:2] == [2, 4] and isinstance(results[2], ValueError) and results[3] == 8
+    assert trips == [[1], [2, -3, 4]]  # the first left alone at once, the rest together
+    lost = await asyncio.gather(*map(coalescer.submit, (5, 6, 13)), return_exceptions=True)
+    assert lost[0] == 10 and all(isinstance(r, ConnectionError) for r in lost[1:])
+    assert await coalescer.submit(7) == 14  # and the next trip goes
