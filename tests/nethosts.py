@@ -25,7 +25,7 @@ from core.infra.mint import mint_token
 from core.infra.settings import Settings
 from tests.harness import SECRET
 from tests.netns import Host, Process
-from tests.servers import UNIT, redis_cluster_executable
+from tests.servers import UNIT, pipe, redis_cluster_executable
 
 PORT = 8000  # every host has its own ports: the same one everywhere
 PING_INTERVAL = 1.0
@@ -291,16 +291,6 @@ async def balance(listen: Host, backends: tuple[Host, ...], chosen: list[str]) -
             answers = await asyncio.gather(*(status(base(b) + "/readyz", 0.5) for b in backends))
             healthy[:] = [b for b, code in zip(backends, answers, strict=True) if code == 200]
             await asyncio.sleep(0.1)
-
-    async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            while data := await reader.read(65536):
-                writer.write(data)
-                await writer.drain()
-        except OSError:
-            pass
-        finally:
-            writer.close()
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if not healthy:

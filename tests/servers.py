@@ -45,6 +45,7 @@ __all__ = [
     "ensure_postgres",
     "ensure_redis",
     "free_port",
+    "pipe",
     "postgres_answers",
     "postgres_dir",
     "postgres_problem",
@@ -64,6 +65,18 @@ _T = TypeVar("_T")
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_DATABASE_URL = "postgresql://127.0.0.1:5432/test"
+
+
+async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Copy ``reader`` to ``writer`` until either end closes (one direction of a TCP proxy)."""
+    try:
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+    except OSError:
+        pass
+    finally:
+        writer.close()
 
 
 def free_port() -> int:

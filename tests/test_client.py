@@ -30,7 +30,7 @@ from gateway.client import (
 from proto import CloseCode, ErrorCode
 from tests.conformance.wire import accept_for
 from tests.harness import ApiClient, running_gateway, token_for, unique_prefix, until, ws_client
-from tests.servers import UNIT
+from tests.servers import UNIT, pipe
 from tests.test_core_rest import PROJECT
 
 FAST = Backoff(base=0.05, cap=0.2)
@@ -361,16 +361,6 @@ async def _proxy(
 ) -> asyncio.Server:
     """A proxy to the gateway on ``port``: one that drops every WebSocket upgrade (what some
     proxies do), or one that terminates TLS (``tls``); ``heads`` gets each request's head."""
-
-    async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            while data := await reader.read(65536):
-                writer.write(data)
-                await writer.drain()
-        except OSError:
-            pass
-        finally:
-            writer.close()
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         head = await reader.readuntil(b"\r\n\r\n")
