@@ -18,9 +18,10 @@ from __future__ import annotations
 import logging
 import re
 import time
+from collections.abc import Coroutine
 from email.utils import formatdate
 from http import HTTPStatus
-from typing import Protocol
+from typing import Any, Protocol
 from urllib.parse import parse_qs
 
 from tornado import httputil
@@ -35,12 +36,13 @@ from core.infra.verify import Verifier
 from core.request import Request, Response
 from core.routing import Route, Router
 
-__all__ = ["CoreHTTP", "CoreLike", "api_router"]
+__all__ = ["REASONS", "CoreHTTP", "CoreLike", "api_router", "cors_headers", "request_id_of"]
 
 log = logging.getLogger("core.http")
 access_log = logging.getLogger("gateway.access")
 
-_REASONS = {s.value: s.phrase for s in HTTPStatus}
+#: Reason phrases of the status lines written.
+REASONS = {s.value: s.phrase for s in HTTPStatus}
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 _NO_BODY = frozenset({204, 304})
 
@@ -113,6 +115,10 @@ class CoreHTTP(httputil.HTTPServerConnectionDelegate):
     def spawn(self, exchange: _Exchange) -> None:
         self._tasks.spawn(exchange.run())
 
+    def track(self, answer: Coroutine[Any, Any, None]) -> None:
+        """Run ``answer`` (a request answered off Tornado, gateway/fastproxy.py) as `wait_idle` sees."""
+        self._tasks.spawn(answer)
+
 
 class _Exchange(httputil.HTTPMessageDelegate):
     __slots__ = ("_chunks", "_conn", "_headers", "_server", "_size", "_start")
@@ -165,15 +171,13 @@ class _Exchange(httputil.HTTPMessageDelegate):
                 from_exception(exc, f"{start.method} {start.path.partition('?')[0]}")
             )
         if origin is not None:
-            resp.headers.update(_cors_headers(origin))
+            resp.headers.update(cors_headers(origin))
         resp.headers["X-Request-Id"] = self._id
         self._write(resp)
 
     def _request_id(self) -> str:
-        """The caller's ``X-Request-Id`` when it is a sane one, else a new one."""
         assert self._headers is not None
-        given = self._headers.get("X-Request-Id", "")
-        return given if _REQUEST_ID.fullmatch(given) else unique_hex(16)
+        return request_id_of(self._headers.get("X-Request-Id", ""))
 
     def _is_preflight(self) -> bool:
         assert self._start is not None and self._headers is not None
@@ -236,7 +240,7 @@ class _Exchange(httputil.HTTPMessageDelegate):
                 body = None
         elif status not in _NO_BODY:
             out["Content-Length"] = "0"
-        line = httputil.ResponseStartLine("HTTP/1.1", status, _REASONS.get(status, "Unknown"))
+        line = httputil.ResponseStartLine("HTTP/1.1", status, REASONS.get(status, "Unknown"))
         try:
             self._conn.write_headers(line, out, body)
             self._conn.finish()
@@ -258,7 +262,13 @@ _CORS_REQUEST_HEADERS = "Authorization, Content-Type, If-Match, If-None-Match, I
 _CORS_EXPOSED = "ETag, Location, Retry-After, Idempotent-Replayed"
 
 
-def _cors_headers(origin: str) -> dict[str, str]:
+def request_id_of(given: str) -> str:
+    """The caller's ``X-Request-Id`` when it is a sane one, else a new one."""
+    return given if _REQUEST_ID.fullmatch(given) else unique_hex(16)
+
+
+def cors_headers(origin: str) -> dict[str, str]:
+    """The headers of an answer to an allowed ``origin``."""
     headers = {
         "Access-Control-Allow-Origin": origin,
         "Access-Control-Expose-Headers": _CORS_EXPOSED,
