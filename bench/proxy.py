@@ -20,7 +20,15 @@ request is left out (and the exit status is 1).
    requests/s through the gateway with ``python -m core`` at ``WORKERS=1``
    and at ``WORKERS=2`` (two processes on one port, SO_REUSEPORT), every
    process unpinned, the load generator unpinned and then pinned to CPU 0
-   (goal: two give at least 1.6x one).
+   (goal: two give at least 1.6x one); then (``--core-quota``, as root) with
+   each core process held to the same slice of a CPU by a cgroup quota
+   (bench/cpuquota.py), so that the core tier is the bottleneck, as when it
+   has hosts of its own, and the ratio says whether the gateway spreads the
+   load over the core processes. ``--quota-only`` runs only that layout.
+
+``--baseline REF`` adds to measurement 1 the gateway of commit REF (``git
+archive``) in front of the same core, in the same rounds: an A/B of the
+gateway's CPU per request and p50.
 
 Placement (``taskset``) for 1 and 2: the process that queries PostgreSQL
 (the core, or the gateway hosting it) on CPU 1; the load generator, and the
@@ -454,6 +462,7 @@ def measure_scaling(setup: Setup) -> Results:
     results: Results = {}
     n = max(args.connections)
     loads = {"unpinned": None, "load on CPU 0": LOAD_CPU}
+    loads = {k: v for k, v in loads.items() if not args.quota_only}
     for round_ in range(1, args.rounds + 1):
         asyncio.run(reseed(args.database_url, args.schema, setup.records))
         for cores in alternate(["1", "2"], round_):
@@ -776,10 +785,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--core-quota",
         type=float,
-        default=0.35 if cpuquota.available() else 0.0,
+        default=0.2 if cpuquota.available() else 0.0,
         metavar="CPUS",
         help="measurement 3 also with each core process held to CPUS of a CPU by a cgroup quota "
-        "(bench/cpuquota.py; needs root; 0: not), default 0.35 where available",
+        "(bench/cpuquota.py; needs root; 0: not), default 0.2 where available",
+    )
+    parser.add_argument(
+        "--quota-only",
+        action="store_true",
+        help="measurement 3 only with --core-quota (not unpinned, not with the load on CPU 0)",
     )
     parser.add_argument("--save", action="store_true", help="write bench/results/proxy-<date>.json")
     parser.add_argument(

@@ -293,6 +293,28 @@ async def test_a_forged_forwarded_for_is_replaced_on_adopted_connections(
             assert (await other.answer())[0] == 201
         finally:
             other.close()
+        # Behind a balancer the gateway trusts, the balancer's header names the client.
+        behind = GatewayProcess(
+            tmp_path,
+            data_dir,
+            "gateway",
+            **t.shared,
+            CORE_URL=f"http://127.0.0.1:{t.core.port}",
+            TRUSTED_PROXIES="127.0.0.5/32",
+        ).start()
+        try:
+            balancer = await Conn.open(behind.port, "127.0.0.5")
+            try:
+                statuses = []
+                for n, client in enumerate(["198.51.100.7"] * 3 + ["198.51.100.8"]):
+                    balancer.send(register(20 + n, X_Forwarded_For=f"6.6.6.6, {client}"))
+                    statuses.append((await balancer.answer())[0])
+                assert statuses == [201, 201, 429, 201]
+                assert adopted(behind.port) >= 1
+            finally:
+                balancer.close()
+        finally:
+            behind.stop()
     finally:
         t.stop()
 
