@@ -29,14 +29,22 @@ from tornado.routing import AnyMatches, PathMatches, Rule, RuleRouter
 
 from core.errormap import from_exception
 from core.infra.errors import ApiError, NotFound
-from core.infra.identity import AuthError, token_from_header
+from core.infra.identity import AuthError, Identity, token_from_header
 from core.infra.ids import unique_hex
 from core.infra.tasks import TaskSet
 from core.infra.verify import Verifier
 from core.request import Request, Response
 from core.routing import Route, Router
 
-__all__ = ["REASONS", "CoreHTTP", "CoreLike", "api_router", "cors_headers", "request_id_of"]
+__all__ = [
+    "REASONS",
+    "CoreHTTP",
+    "CoreLike",
+    "api_router",
+    "cors_headers",
+    "request_id_of",
+    "unauthorized",
+]
 
 log = logging.getLogger("core.http")
 access_log = logging.getLogger("gateway.access")
@@ -99,6 +107,12 @@ class CoreHTTP(httputil.HTTPServerConnectionDelegate):
         self, server_conn: object, request_conn: httputil.HTTPConnection
     ) -> httputil.HTTPMessageDelegate:
         return _Exchange(self, request_conn)
+
+    def caller(self, method: str, path: str, authorization: str | None) -> Identity | None:
+        """Who calls (None: no token, or an operation anyone may call); `AuthError` if refused."""
+        if authorization is None or self.core.router.is_public(method, path):
+            return None
+        return self.verifier.verify(token_from_header(authorization) or "")
 
     def cors_origin(self, origin: str | None) -> str | None:
         """The ``Access-Control-Allow-Origin`` value for ``origin``, None if not allowed."""
@@ -204,15 +218,11 @@ class _Exchange(httputil.HTTPMessageDelegate):
         if self._size > server.max_body_bytes:
             limit = server.max_body_bytes
             return Response.error(ApiError(413, "payload_too_large", f"body over {limit} bytes"))
-        caller = None
         path, _, query = start.path.partition("?")
-        authorization = headers.get("Authorization")
-        if authorization is not None and not server.core.router.is_public(start.method, path):
-            try:
-                caller = server.verifier.verify(token_from_header(authorization) or "")
-            except AuthError as exc:
-                refused = ApiError(401, "unauthorized", exc.message)
-                return Response.error(refused, {"WWW-Authenticate": "Bearer"})
+        try:
+            caller = server.caller(start.method, path, headers.get("Authorization"))
+        except AuthError as exc:
+            return unauthorized(exc)
         req = Request(
             start.method,
             path,
@@ -260,6 +270,13 @@ class _Exchange(httputil.HTTPMessageDelegate):
 
 _CORS_REQUEST_HEADERS = "Authorization, Content-Type, If-Match, If-None-Match, Idempotency-Key"
 _CORS_EXPOSED = "ETag, Location, Retry-After, Idempotent-Replayed"
+
+
+def unauthorized(refused: AuthError) -> Response:
+    """The 401 for a token `CoreHTTP.caller` refused."""
+    return Response.error(
+        ApiError(401, "unauthorized", refused.message), {"WWW-Authenticate": "Bearer"}
+    )
 
 
 def request_id_of(given: str) -> str:

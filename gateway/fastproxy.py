@@ -58,9 +58,8 @@ from tornado import httputil
 from tornado.http1connection import HTTP1Connection
 
 from core.errormap import from_exception
-from core.http import REASONS, CoreHTTP, cors_headers, request_id_of
-from core.infra.errors import ApiError
-from core.infra.identity import AuthError, token_from_header
+from core.http import REASONS, CoreHTTP, cors_headers, request_id_of, unauthorized
+from core.infra.identity import AuthError
 from core.infra.listener import Listener
 from core.request import Request, Response
 from gateway.router import is_core_path
@@ -458,14 +457,10 @@ class ProxyConnection(asyncio.Protocol):
 
     async def _respond(self, request: _Request, path: str, query: str, rid: str) -> Response:
         api = self._api
-        caller = None
-        authorization = request.headers.get("authorization")
-        if authorization is not None and not api.core.router.is_public(request.method, path):
-            try:
-                caller = api.verifier.verify(token_from_header(authorization) or "")
-            except AuthError as exc:
-                refused = ApiError(401, "unauthorized", exc.message)
-                return Response.error(refused, {"WWW-Authenticate": "Bearer"})
+        try:
+            caller = api.caller(request.method, path, request.headers.get("authorization"))
+        except AuthError as exc:
+            return unauthorized(exc)
         req = Request(
             request.method,
             path,

@@ -13,6 +13,8 @@ import asyncio
 import json
 import re
 import urllib.request
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
@@ -24,6 +26,8 @@ from tests.test_accounts import ADA
 from tests.test_core_rest import PROJECT
 from tests.test_processes import GatewayProcess
 from tests.test_proxy import Tier, user
+
+PROJECT_JSON = json.dumps(PROJECT).encode()
 
 
 class Conn:
@@ -68,8 +72,9 @@ class Conn:
         self.writer.close()
 
 
-def request(method: str, target: str, token: str | None, body: bytes | None = None,
-            **headers: str) -> bytes:  # fmt: skip
+def request(
+    method: str, target: str, token: str | None, body: bytes | None = None, **headers: str
+) -> bytes:
     lines = [f"{method} {target} HTTP/1.1", "Host: 127.0.0.1"]
     if token:
         lines.append(f"Authorization: Bearer {token}")
@@ -108,6 +113,18 @@ def tier(tmp_path, data_dir, redis_url, clean_db):
     t.stop()
 
 
+@asynccontextmanager
+async def adopted_conn(port: int, token: str) -> AsyncIterator[Conn]:
+    """A connection whose first request Tornado answered: the next ones are served off it."""
+    conn = await Conn.open(port)
+    try:
+        conn.send(request("GET", "/api/projects", token))
+        assert (await conn.answer())[0] == 200
+        yield conn
+    finally:
+        conn.close()
+
+
 async def token_of(port: int) -> str:
     ada = await user(port, ADA)
     ada.close()
@@ -122,15 +139,14 @@ async def test_kept_alive_connections_are_adopted_and_answer_as_tornado_does(tie
     try:
         created = []
         cases = [
-            request("POST", "/api/projects", token, json.dumps(PROJECT).encode(),
-                    Idempotency_Key="fast-1"),
+            request("POST", "/api/projects", token, PROJECT_JSON, Idempotency_Key="fast-1"),
             request("GET", "/api/projects?limit=5", token),
             request("HEAD", "/api/projects?limit=5", token),
             request("GET", "/api/projects/999999", token),  # 404
             request("GET", "/api/projects", "not-a-token"),  # 401 before the core
             request("GET", "/api/projects", None),  # 401 from the core
             request("POST", "/api/projects", token, b'{"name": ""}'),  # 422
-        ]  # fmt: skip
+        ]
         for case in cases:
             # Each once as a connection's first request (Tornado), once after (adopted).
             first = await Conn.open(port)
@@ -153,43 +169,33 @@ async def test_kept_alive_connections_are_adopted_and_answer_as_tornado_does(tie
 
 
 async def test_pipelined_requests_are_answered_in_order(tier):
-    port = tier.gateway.port
-    token = await token_of(port)
-    conn = await Conn.open(port)
-    try:
-        conn.send(request("GET", "/api/projects", token))
-        assert (await conn.answer())[0] == 200  # adopted after this one
-        ids = [f"pipelined-{n}" for n in range(6)]
-        burst = b"".join(
-            request("POST", "/api/projects", token, json.dumps({**PROJECT, "name": f"p{n}"}).encode(),
-                    X_Request_Id=rid)
-            if n % 2 else request("GET", "/api/projects?limit=1", token, X_Request_Id=rid)
-            for n, rid in enumerate(ids)
-        )  # fmt: skip
+    token = await token_of(tier.gateway.port)
+    ids = [f"pipelined-{n}" for n in range(6)]
+
+    def nth(n: int, rid: str) -> bytes:
+        if n % 2 == 0:
+            return request("GET", "/api/projects?limit=1", token, X_Request_Id=rid)
+        body = json.dumps({**PROJECT, "name": f"p{n}"}).encode()
+        return request("POST", "/api/projects", token, body, X_Request_Id=rid)
+
+    burst = b"".join(nth(n, rid) for n, rid in enumerate(ids))
+    async with adopted_conn(tier.gateway.port, token) as conn:
         conn.send(burst[:100])
         await asyncio.sleep(0.05)
         conn.send(burst[100:])
         answers = [await conn.answer() for _ in ids]
-        assert [a[1]["x-request-id"] for a in answers] == ids
-        assert [a[0] for a in answers] == [200, 201] * 3
-        assert [json.loads(a[2])["name"] for a in answers[1::2]] == ["p1", "p3", "p5"]
-    finally:
-        conn.close()
+    assert [a[1]["x-request-id"] for a in answers] == ids
+    assert [a[0] for a in answers] == [200, 201] * 3
+    assert [json.loads(a[2])["name"] for a in answers[1::2]] == ["p1", "p3", "p5"]
 
 
 async def test_connection_close_is_answered_then_closed(tier):
-    port = tier.gateway.port
-    token = await token_of(port)
-    conn = await Conn.open(port)
-    try:
-        conn.send(request("GET", "/api/projects", token))
-        await conn.answer()
+    token = await token_of(tier.gateway.port)
+    async with adopted_conn(tier.gateway.port, token) as conn:
         conn.send(request("GET", "/api/projects", token, Connection="close"))
         status, headers, _, _ = await conn.answer()
         assert status == 200 and headers["connection"] == "close"
         assert await conn.closed()
-    finally:
-        conn.close()
 
 
 @pytest.mark.parametrize(
@@ -221,15 +227,10 @@ async def test_smuggling_attempts_go_to_tornado_and_smuggle_nothing(tier, smuggl
     payload = smuggle.replace(b"/api/projects/1 ", target.encode() + b" ").replace(
         b"Host: x\r\n", f"Host: x\r\nAuthorization: Bearer {token}\r\n".encode(), 1
     )
-    conn = await Conn.open(port)
-    try:
-        conn.send(request("GET", "/api/projects", token))
-        await conn.answer()  # adopted
+    async with adopted_conn(port, token) as conn:
         conn.send(payload)
         status, _, body, _ = await conn.answer()
         assert status in (400, 413, 422), body
-    finally:
-        conn.close()
     # Whatever was hidden in the framing never ran.
     assert (await ApiClient(port, token).call("GET", target))[0] == 200
 
@@ -237,10 +238,7 @@ async def test_smuggling_attempts_go_to_tornado_and_smuggle_nothing(tier, smuggl
 async def test_unusual_requests_are_answered_by_tornado_on_the_same_connection(tier):
     port = tier.gateway.port
     token = await token_of(port)
-    conn = await Conn.open(port)
-    try:
-        conn.send(request("GET", "/api/projects", token))
-        await conn.answer()
+    async with adopted_conn(port, token) as conn:
         # A bare LF (Tornado reads it), then a plain request: the connection lives on.
         conn.send(
             f"GET /api/projects HTTP/1.1\nHost: x\nAuthorization: Bearer {token}\n\n".encode()
@@ -259,8 +257,6 @@ async def test_unusual_requests_are_answered_by_tornado_on_the_same_connection(t
         status, headers, _, _ = await conn.answer()
         assert status == 413 and headers["connection"] == "close"
         assert await conn.closed()
-    finally:
-        conn.close()
 
 
 async def test_a_forged_forwarded_for_is_replaced_on_adopted_connections(
@@ -275,8 +271,8 @@ async def test_a_forged_forwarded_for_is_replaced_on_adopted_connections(
 
             def register(n: int, **headers: str) -> bytes:
                 who = {**ADA, "email": f"forged{n}@example.com"}
-                return request("POST", "/api/auth/register", None, json.dumps(who).encode(),
-                               **headers)  # fmt: skip
+                body = json.dumps(who).encode()
+                return request("POST", "/api/auth/register", None, body, **headers)
 
             statuses = []
             for n in range(4):
