@@ -42,6 +42,7 @@ __all__ = [
     "CoreLike",
     "api_router",
     "cors_headers",
+    "is_api_path",
     "request_id_of",
     "unauthorized",
 ]
@@ -130,7 +131,7 @@ class CoreHTTP(httputil.HTTPServerConnectionDelegate):
         self._tasks.spawn(exchange.run())
 
     def track(self, answer: Coroutine[Any, Any, None]) -> None:
-        """Run ``answer`` (a request answered off Tornado, gateway/fastproxy.py) as `wait_idle` sees."""
+        """Run ``answer`` (a request answered off Tornado, core/fastrest.py) as `wait_idle` sees."""
         self._tasks.spawn(answer)
 
 
@@ -300,7 +301,14 @@ def _remote_ip(conn: httputil.HTTPConnection) -> str:
     return str(getattr(getattr(conn, "context", None), "remote_ip", ""))
 
 
-def api_router(core_http: CoreHTTP, rest: httputil.HTTPServerConnectionDelegate) -> RuleRouter:
+def is_api_path(path: str) -> bool:
+    """Whether ``path`` (no query) is the core's, as `api_router` routes it."""
+    return path.startswith("/api/") and path != "/api/publish"
+
+
+def api_router(
+    core_http: httputil.HTTPServerConnectionDelegate, rest: httputil.HTTPServerConnectionDelegate
+) -> RuleRouter:
     """``/api/…`` (except ``/api/publish``) to the core; anything else to ``rest``."""
     return RuleRouter(
         [

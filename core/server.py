@@ -21,6 +21,7 @@ from tornado.netutil import bind_sockets
 from core import __version__
 from core.bodylimits import RouteLimits
 from core.docs import doc_routes, jwks_route
+from core.fastrest import FastRest
 from core.http import CoreHTTP, api_router
 from core.infra.broker import CONTROL, Broker, Position, make_broker
 from core.infra.clientip import TrustedProxies
@@ -180,7 +181,11 @@ class CoreServer:
         # The gateway's listener: header timeout, pending cap, body limits, trusted proxies.
         policy = RouteLimits(settings, stack.api.verifier, core.router, app)
         proxies = TrustedProxies(settings.trusted_proxies, settings.forwarded_header)
-        server = Listener(api_router(stack.api, app), settings, metrics, policy, proxies)
+        # Kept-alive /api/ connections are served off Tornado after their first request.
+        fast = FastRest(stack.api, settings.max_body_bytes)
+        server = Listener(api_router(fast, app), settings, metrics, policy, proxies)
+        fast.listener = server
+        metrics.adopted_connections.set_function(lambda: server.adopted)
         if sockets is None:
             sockets = bind_sockets(settings.port, settings.host)
         server.add_sockets(sockets)

@@ -26,6 +26,7 @@ from tornado.routing import AnyMatches, PathMatches, Rule, RuleRouter
 from core import __version__
 from core.bodylimits import RouteLimits
 from core.docs import doc_routes, jwks_route
+from core.fastrest import FastRest
 from core.http import CoreHTTP, api_router
 from core.infra.broker import Broker, make_broker
 from core.infra.clientip import TrustedProxies
@@ -57,13 +58,12 @@ from gateway.endpoints import (
     ReadyHandler,
 )
 from gateway.events import EventRecorder, Webhook
-from gateway.fastproxy import FastProxy
 from gateway.hooks.service import Hooks
 from gateway.hooks.session import session_factory
 from gateway.hub import Hub
 from gateway.keymirror import KeyMirror
 from gateway.node import Node
-from gateway.router import FirstRoute
+from gateway.router import FirstRoute, is_core_path
 from gateway.serverapi.dispatch import ServerAPI, ServerBodyPolicy
 from gateway.serverapi.operations import Operations
 from gateway.serverapi.routes import ServerRoutes
@@ -184,13 +184,12 @@ class Gateway:
         )
         policy = ServerBodyPolicy(server_api, ctx.verifier, limits)
         proxies = TrustedProxies(s.trusted_proxies, s.forwarded_header)
-        # Behind CORE_URL, kept-alive REST connections are then served off Tornado.
-        fast = FastProxy(api, s.max_body_bytes) if isinstance(ctx.core, UpstreamCore) else None
-        routes = FirstRoute(api if fast is None else fast, sockets_first)  # /api/ first, unparsed
+        # Kept-alive REST connections are then served off Tornado (the core here or behind CORE_URL).
+        fast = FastRest(api, s.max_body_bytes, is_core_path)
+        routes = FirstRoute(fast, sockets_first)  # /api/ first, unparsed
         self.server = Listener(routes, s, ctx.metrics, policy, proxies,
                                fast={"/ws": websockets.accept})  # fmt: skip
-        if fast is not None:
-            fast.listener = self.server
+        fast.listener = self.server
         server = self.server
         ctx.metrics.adopted_connections.set_function(lambda: server.adopted)
         polls.listener = self.server  # kept-alive polls are then served off Tornado

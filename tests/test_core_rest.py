@@ -10,7 +10,7 @@ import msgspec
 import pytest
 
 from core.schemas import Project, ProjectPage, User
-from tests.harness import ApiClient, running_gateway, token_for
+from tests.harness import ApiClient, KeptAliveClient, running_gateway, token_for
 
 PROJECT = {
     "name": "Apollo",
@@ -41,13 +41,23 @@ async def gw(clean_db):
         yield gateway
 
 
-@pytest.fixture
-async def api(gw):
+@pytest.fixture(params=["tornado", "adopted"])
+async def api(request, gw):
     # The REST mechanics, as an admin (who may write any project): tests/test_authz.py
-    # covers who may do what.
-    client = ApiClient(gw.port, token_for(gw, "alice", extra={"role": "admin"}))
-    yield client
-    client.close()
+    # covers who may do what. Each test runs twice: through Tornado's HTTP server
+    # (one connection a request), and on kept-alive connections, whose requests
+    # after the first are served off Tornado (core/fastrest.py).
+    token = token_for(gw, "alice", extra={"role": "admin"})
+    if request.param == "tornado":
+        client = ApiClient(gw.port, token)
+        yield client
+        client.close()
+        return
+    kept = KeptAliveClient(gw.port, token)
+    yield kept
+    if kept.reused:
+        assert gw.server is not None and gw.server.adopted >= 1
+    kept.close()
 
 
 def as_project(body) -> Project:

@@ -1,8 +1,8 @@
-"""Kept-alive REST connections behind CORE_URL, served off Tornado (gateway/fastproxy.py).
+"""Kept-alive REST connections behind CORE_URL, served off Tornado (core/fastrest.py).
 
 Real processes: a gateway with ``CORE_URL`` and no database, a core with
 it. Each connection's first request is read by Tornado; the next ones by
-`gateway.fastproxy.ProxyConnection`, which must answer exactly as Tornado's
+`core.fastrest.RestConnection`, which must answer exactly as Tornado's
 path does and give anything unusual back to Tornado. Raw sockets, so that
 the bytes on the wire (pipelining, smuggling attempts) are the test's.
 """
@@ -19,8 +19,9 @@ from typing import Any
 
 import pytest
 
-from gateway.fastproxy import INCOMPLETE, Head, parse_head
-from tests.harness import ApiClient
+from core.fastrest import INCOMPLETE, Head, parse_head
+from gateway.router import is_core_path
+from tests.harness import SECRET, ApiClient, unique_prefix
 from tests.servers import UNIT
 from tests.test_accounts import ADA
 from tests.test_core_rest import PROJECT
@@ -106,9 +107,35 @@ def _same(tornado: tuple[Any, ...], fast: tuple[Any, ...]) -> None:
     )
 
 
-@pytest.fixture
-def tier(tmp_path, data_dir, redis_url, clean_db):
-    t = Tier(tmp_path, data_dir, redis_url, clean_db)
+class Alone:
+    """One process serving the core in-process: the gateway without CORE_URL, or the core."""
+
+    def __init__(
+        self, module: str, tmp_path: Any, data_dir: Any, redis_url: str, db: Any, **env: str
+    ) -> None:
+        shared = {"REDIS_URL": redis_url, "REDIS_PREFIX": unique_prefix(), "JWT_SECRET": SECRET}
+        self.gateway = GatewayProcess(
+            tmp_path,
+            data_dir,
+            module,
+            **shared,
+            DATABASE_URL=db["database_url"],
+            DATABASE_SCHEMA=db["database_schema"],
+            **env,
+        ).start()
+
+    def stop(self) -> None:
+        self.gateway.stop()
+
+
+@pytest.fixture(params=["core-url", "embedded", "core"])
+def tier(request, tmp_path, data_dir, redis_url, clean_db):
+    """What serves the REST calls: a gateway behind CORE_URL, one embedding the core, the core."""
+    if request.param == "core-url":
+        t: Tier | Alone = Tier(tmp_path, data_dir, redis_url, clean_db)
+    else:
+        module = "gateway" if request.param == "embedded" else "core"
+        t = Alone(module, tmp_path, data_dir, redis_url, clean_db)
     yield t
     t.stop()
 
@@ -166,6 +193,44 @@ async def test_kept_alive_connections_are_adopted_and_answer_as_tornado_does(tie
         assert len(set(created)) == 1
     finally:
         conn.close()
+
+
+async def test_answers_are_byte_for_byte_those_of_tornados_writer(tier):
+    """``Connection: close`` keeps a request on Tornado's path (`CoreHTTP` writes it): the same
+    request as an adopted connection's last gets the same bytes but Date and request id."""
+    port = tier.gateway.port
+    token = await token_of(port)
+    cases = [
+        request("POST", "/api/projects", token, PROJECT_JSON, Idempotency_Key="same-1"),
+        request("POST", "/api/projects", token, PROJECT_JSON, Idempotency_Key="same-1"),
+        request("POST", "/api/projects", token, b"{nope"),  # 400
+        request("POST", "/api/projects", token, b'{"name": ""}'),  # 422
+        request("GET", "/api/projects?limit=2&status=active", token),
+        request("HEAD", "/api/projects?limit=2", token),
+        request("GET", "/api/projects?limit=-1", token),  # 422
+        request("GET", "/api/projects/999999", token),  # 404
+        request("DELETE", "/api/projects", token),  # 405
+        request("GET", "/api/projects", "not-a-token"),  # 401 before the core
+        request("GET", "/api/projects", None),  # 401 from the core
+        request("GET", "/api/projects", token, X_Request_Id="mine-1"),
+    ]
+    for case in cases:
+        closing = case.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n", 1)
+        head_only = case.startswith(b"HEAD")
+        first = await Conn.open(port)
+        try:
+            first.send(closing)
+            tornado = await first.answer(head_only)
+        finally:
+            first.close()
+        async with adopted_conn(port, token) as conn:
+            conn.send(closing)
+            fast = await conn.answer(head_only)
+            assert await conn.closed()
+        _same(tornado, fast)
+        if b"X-Request-Id" in case:
+            assert tornado[1]["x-request-id"] == fast[1]["x-request-id"] == "mine-1"
+    assert adopted(port) >= 0  # the series is served by every kind of server
 
 
 async def test_pipelined_requests_are_answered_in_order(tier):
@@ -315,6 +380,58 @@ async def test_a_forged_forwarded_for_is_replaced_on_adopted_connections(
         t.stop()
 
 
+@pytest.mark.parametrize("module", ["gateway", "core"])
+async def test_client_ip_and_rate_limits_in_process_on_adopted_connections(
+    module, tmp_path, data_dir, redis_url, clean_db
+):
+    """The core in-process: the client is the peer, or a trusted balancer's X-Forwarded-For."""
+    alone = Alone(
+        module,
+        tmp_path,
+        data_dir,
+        redis_url,
+        clean_db,
+        RATE_LOGIN_IP="2/60",
+        TRUSTED_PROXIES="127.0.0.5/32",
+    )
+    served = alone.gateway
+    try:
+
+        def register(n: int, **headers: str) -> bytes:
+            body = json.dumps({**ADA, "email": f"inproc{n}@example.com"}).encode()
+            return request("POST", "/api/auth/register", None, body, **headers)
+
+        async def statuses(source: str, forwarded: list[str]) -> list[int]:
+            conn = await Conn.open(served.port, source)
+            try:
+                out = []
+                for n, value in enumerate(forwarded):
+                    conn.send(register(hash((source, n)) % 10**6, X_Forwarded_For=value))
+                    out.append((await conn.answer())[0])
+                return out
+            finally:
+                conn.close()
+
+        # Untrusted: counted for 127.0.0.2 whatever it claims.
+        assert await statuses("127.0.0.2", [f"203.0.113.{n}" for n in range(4)]) == [
+            201,
+            201,
+            429,
+            429,
+        ]
+        assert adopted(served.port) >= 1
+        # A trusted balancer: its header names the client.
+        clients = ["198.51.100.7"] * 3 + ["198.51.100.8"]
+        assert await statuses("127.0.0.5", [f"6.6.6.6, {c}" for c in clients]) == [
+            201,
+            201,
+            429,
+            201,
+        ]
+    finally:
+        served.stop()
+
+
 async def test_cors_and_the_core_going_away_on_an_adopted_connection(
     tmp_path, data_dir, redis_url, clean_db
 ):
@@ -391,5 +508,5 @@ def test_parse_head_takes_only_the_strict_subset():
         b"\r\n" + ok,
         ok.replace(b"Host: a\r\n", b"Host: a\r\nX: " + b"y" * 9000 + b"\r\n"),
     ]
-    assert [parse_head(r, 8192, 1000) for r in refused] == [None] * len(refused)
+    assert [parse_head(r, 8192, 1000, is_core_path) for r in refused] == [None] * len(refused)
     assert parse_head(b"GET /api/x HTTP/1.1\r\n" + b"X: y\r\n" * 2000, 8192, 1000) is None

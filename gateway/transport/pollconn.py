@@ -41,10 +41,10 @@ from typing import Any, cast
 from tornado.http1connection import HTTP1Connection
 from tornado.httputil import HTTPHeaders
 
+from core.infra.adoption import give_back, take_over
 from core.infra.listener import Listener
 from core.infra.logs import redact
 from gateway.context import Context
-from gateway.transport.adoption import give_back, take_over
 from gateway.transport.pollrequest import INCOMPLETE, PollRequest, cursor_of, parse, token_of
 from gateway.transport.pollsessions import PollSession
 

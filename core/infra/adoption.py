@@ -1,7 +1,7 @@
 """Moving a kept-alive connection between Tornado's stream and an asyncio transport.
 
 Long-poll connections (gateway/transport/pollconn.py) and, behind
-``CORE_URL``, REST connections (gateway/fastproxy.py) are served by a small
+``CORE_URL``, REST connections (core/fastrest.py) are served by a small
 `asyncio.Protocol` between requests once Tornado has read one request of
 theirs, and go back to Tornado for any request their protocol does not
 serve. Both moves keep the bytes read and not yet answered: `take_over`

@@ -1,19 +1,24 @@
-"""The core's ``/api/`` routes behind ``CORE_URL``, kept-alive connections served off Tornado.
+"""The core's ``/api/`` routes on kept-alive connections, served off Tornado.
 
-With ``CORE_URL`` the gateway's work for a REST call is being an HTTP/1.1
-server: Tornado reading and parsing the request (its `HTTP1Connection`, a
-coroutine and futures per request, `HTTPHeaders`, the listener's guard,
-the router) and writing the answer through its `IOStream`, about two
-thirds of the gateway's CPU per forwarded request (py-spy, bench/proxy.py).
-`FastProxy` stands in front of the core's delegate (`core.http.CoreHTTP`)
-and, once a kept-alive connection's ``/api/`` request has gone through
-Tornado and the listener's guard, takes its socket off Tornado (as
-long-poll connections are, gateway/transport/pollconn.py) and gives it to
-the event loop's transport with a `ProxyConnection`. From then on:
+For a REST call most of the server's own work is being an HTTP/1.1 server:
+Tornado reading and parsing the request (its `HTTP1Connection`, a coroutine
+and futures per request, `HTTPHeaders`, the listener's guard, the router)
+and writing the answer through its `IOStream`: about two thirds of the
+gateway's CPU per request forwarded behind ``CORE_URL``, half of it per
+``POST /api/projects`` answered by the core in-process (py-spy,
+bench/proxy.py, bench/rest.py). `FastRest` stands in front of the core's
+delegate (`core.http.CoreHTTP`, whichever core it drives: the one in this
+process, in the gateway or in ``python -m core``, or `UpstreamCore` behind
+``CORE_URL``) and, once a kept-alive connection's ``/api/`` request has gone
+through Tornado and the listener's guard, takes its socket off Tornado (as
+long-poll connections are, gateway/transport/pollconn.py; the move is
+core/infra/adoption.py) and gives it to the event loop's transport with a
+`RestConnection`. From then on:
 
 * each request head is read by `parse_head`, which accepts only a strict
   subset of HTTP/1.1: ``GET``, ``HEAD``, ``POST``, ``PUT``, ``PATCH`` or
-  ``DELETE`` of a core path (`gateway.router.is_core_path`), ``HTTP/1.1``,
+  ``DELETE`` of a core path (`core.http.is_api_path`, in the gateway
+  `gateway.router.is_core_path`), ``HTTP/1.1``,
   CRLF line ends, header names that are tokens followed at once by ``:``,
   printable ASCII values, each name at most once, a ``Host``, at most one
   ``Content-Length`` of digits within the body limits, ``Connection`` only
@@ -32,8 +37,10 @@ the event loop's transport with a `ProxyConnection`. From then on:
   and a new request id: the same token check (401 before the core is
   asked), request id, CORS headers, ``X-Forwarded-For`` replaced with the
   client's address as the listener resolves it (`TrustedProxies`), the
-  same call of `UpstreamCore.dispatch` (breaker, retries, 503 with
-  ``Retry-After``, 504), the same access log line;
+  same `Request` (its query parsed as Tornado's path parses it) given to the
+  same ``dispatch`` (the core's: rate limits, Idempotency-Key, ETags,
+  metrics; or `UpstreamCore`'s: breaker, retries, 503 with ``Retry-After``,
+  504), the same access log line;
 * requests are answered in order, one at a time; pipelined ones wait in a
   buffer (reading pauses past twice ``MAX_HEADER_BYTES``), and the next is
   not read while an answer is still unsent. ``Connection: close`` closes
@@ -50,24 +57,31 @@ import asyncio
 import logging
 import re
 import time
-from collections.abc import Awaitable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from functools import lru_cache
 from typing import Any, cast
+from urllib.parse import parse_qs
 
 from tornado import httputil
 from tornado.http1connection import HTTP1Connection
 
 from core.errormap import from_exception
-from core.http import REASONS, CoreHTTP, cors_headers, request_id_of, unauthorized
+from core.http import (
+    REASONS,
+    CoreHTTP,
+    cors_headers,
+    is_api_path,
+    request_id_of,
+    unauthorized,
+)
+from core.infra.adoption import give_back, take_over
 from core.infra.identity import AuthError
 from core.infra.listener import Listener
 from core.request import Request, Response
-from gateway.router import is_core_path
-from gateway.transport.adoption import give_back, take_over
 
-__all__ = ["FastProxy", "Head", "ProxyConnection", "parse_head"]
+__all__ = ["FastRest", "Head", "RestConnection", "parse_head"]
 
-log = logging.getLogger("gateway.fastproxy")
+log = logging.getLogger("core.fastrest")
 access_log = logging.getLogger("gateway.access")
 
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"})
@@ -101,12 +115,14 @@ class Head:
 INCOMPLETE = object()
 
 
-def parse_head(data: bytes, max_head: int, max_body: int) -> Head | object | None:
+def parse_head(
+    data: bytes, max_head: int, max_body: int, paths: Callable[[str], bool] = is_api_path
+) -> Head | object | None:
     """The head at the start of ``data``, `INCOMPLETE`, or None when it is not for this class.
 
     None for anything outside the strict subset in the module's docstring
-    (Tornado reads it), including a head over ``max_head`` bytes or a body
-    over ``max_body``; no input raises.
+    (Tornado reads it), including a path ``paths`` refuses, a head over
+    ``max_head`` bytes or a body over ``max_body``; no input raises.
     """
     end = data.find(b"\r\n\r\n", 0, max_head + 4)
     if end < 0:
@@ -135,7 +151,7 @@ def parse_head(data: bytes, max_head: int, max_body: int) -> Head | object | Non
     host = headers.get("host")
     if host is None or _HOST.fullmatch(host) is None:
         return None
-    if not is_core_path(target.partition("?")[0]):
+    if not paths(target.partition("?")[0]):
         return None
     connection = headers.get("connection")
     if connection is not None and connection.lower() not in ("keep-alive", "close"):
@@ -182,12 +198,15 @@ def answer_bytes(resp: Response, method: str, date: str, close: bool) -> bytes:
     return head + body if body else head
 
 
-class FastProxy(httputil.HTTPServerConnectionDelegate):
+class FastRest(httputil.HTTPServerConnectionDelegate):
     """The core's delegate (`CoreHTTP` over `UpstreamCore`), adopting kept-alive connections."""
 
-    def __init__(self, api: CoreHTTP, max_body: int) -> None:
+    def __init__(
+        self, api: CoreHTTP, max_body: int, paths: Callable[[str], bool] = is_api_path
+    ) -> None:
         self.api = api
         self.max_body = max_body
+        self.paths = paths  # the paths served here (the others go back to Tornado)
         self.listener: Listener | None = None  # set once the listener exists
         self.adopting: set[asyncio.Task[Any]] = set()
 
@@ -199,7 +218,7 @@ class FastProxy(httputil.HTTPServerConnectionDelegate):
     def adoptable(
         self, conn: httputil.HTTPConnection, start: httputil.RequestStartLine, headers: Any
     ) -> bool:
-        """Whether this request can be the first a `ProxyConnection` answers (after Tornado read it)."""
+        """Whether this request can be the first a `RestConnection` answers (after Tornado read it)."""
         if self.listener is None or not isinstance(conn, HTTP1Connection):
             return False
         if start.version != "HTTP/1.1" or start.method not in _METHODS:
@@ -212,12 +231,12 @@ class FastProxy(httputil.HTTPServerConnectionDelegate):
         return _LENGTH.fullmatch(length) is not None and int(length) <= self.max_body
 
     def adopt(self, conn: HTTP1Connection, first: _Request) -> None:
-        """Take ``conn``'s socket off Tornado; a `ProxyConnection` answers ``first``, then the rest."""
+        """Take ``conn``'s socket off Tornado; a `RestConnection` answers ``first``, then the rest."""
         listener = self.listener
         assert listener is not None
 
-        def make(address: Any, buffered: bytes) -> ProxyConnection:
-            return ProxyConnection(self, listener, address, first, buffered)
+        def make(address: Any, buffered: bytes) -> RestConnection:
+            return RestConnection(self, listener, address, first, buffered)
 
         take_over(conn, make, self.adopting, log)
 
@@ -250,7 +269,7 @@ class _First(httputil.HTTPMessageDelegate):
     __slots__ = ("_chunks", "_conn", "_headers", "_inner", "_proxy", "_server", "_start")
 
     def __init__(
-        self, proxy: FastProxy, server_conn: object, request_conn: httputil.HTTPConnection
+        self, proxy: FastRest, server_conn: object, request_conn: httputil.HTTPConnection
     ) -> None:
         self._proxy = proxy
         self._server = server_conn
@@ -295,12 +314,12 @@ class _First(httputil.HTTPMessageDelegate):
             self._inner.on_connection_close()
 
 
-class ProxyConnection(asyncio.Protocol):
+class RestConnection(asyncio.Protocol):
     """One kept-alive connection's ``/api/`` requests, in order, off Tornado."""
 
     def __init__(
         self,
-        proxy: FastProxy,
+        proxy: FastRest,
         listener: Listener,
         address: Any,
         first: _Request,
@@ -387,7 +406,11 @@ class ProxyConnection(asyncio.Protocol):
         if not self._waiting:
             self._waiting = "head"
             self._listener.await_request(self)  # HEADER_TIMEOUT from now
-        head = parse_head(buffer, self._max_head, self._proxy.max_body) if buffer else INCOMPLETE
+        head = (
+            parse_head(buffer, self._max_head, self._proxy.max_body, self._proxy.paths)
+            if buffer
+            else INCOMPLETE
+        )
         if head is INCOMPLETE:
             self._resume_reading()
             return None
@@ -464,6 +487,7 @@ class ProxyConnection(asyncio.Protocol):
         req = Request(
             request.method,
             path,
+            query=parse_qs(query, keep_blank_values=True) if query else None,
             headers=request.headers,
             body=request.body,
             caller=caller,
