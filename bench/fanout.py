@@ -52,8 +52,8 @@ Scenarios (the issue's targets in brackets):
   and Redis, and the rate those allow on this machine (``bound_per_s``).
 
 ``--worker-cpu 0.6`` holds each server process (each worker of
-``gateway-w2``) to 0.6 of a core with a cgroup quota (`bench.cpuquota`), each
-pinned to its own CPU, so one worker gets 0.6 and two get 0.6 each: the
+``gateway-w2``) to 0.6 of a core with a cgroup quota (`bench.cpuquota`; not
+pinned), so one worker gets 0.6 and two get 0.6 each: the
 ratio then says how the workers scale with the CPU they are given, not how
 the client and the servers share two cores. Report such runs beside
 unlimited ones (``--name``), never instead.
@@ -292,12 +292,19 @@ def run_scenario(
 
 
 def _limit(stack: ExitStack, server: str, pid: int, cores: float) -> None:
-    """Hold each server process to ``cores`` of a CPU, worker i pinned to CPU i (`CpuQuota`)."""
+    """Hold each server process to ``cores`` of a CPU (`CpuQuota`), free to run on any CPU.
+
+    Each worker gets a cgroup of its own: besides the quota, the scheduler then
+    weighs it as one entity against every other session's processes (each
+    session here is an autogroup, sched_autogroup_enabled), rather than
+    sharing this session's one weight with the load client. Not pinned: on a
+    shared machine a pinned worker waits behind whatever else is pinned there.
+    """
+    everywhere = set(range(os.cpu_count() or 1))
     for i, worker in enumerate(_children(pid) if server == "gateway-w2" else [pid]):
         quota = stack.enter_context(CpuQuota(f"bench-worker{i}", cores))
         quota.add(worker)
-        if os.cpu_count() != 1:
-            os.sched_setaffinity(worker, {i % (os.cpu_count() or 1)})
+        os.sched_setaffinity(worker, everywhere)
 
 
 def _children_cpu() -> float:
@@ -389,13 +396,19 @@ def _c_run(
                 )
             connects = [json.loads(c.stdout.readline() or "{}") for c in clients if c.stdout]
             time.sleep(1)  # the last subscriptions reach Redis
-            per_worker = {
+            per_worker: dict[str, Any] = {
                 k: v for k, v in scrape(port).items() if k.startswith("gateway_connections{")
             }
+            workers = _children(pid) if server == "gateway-w2" else [pid]
+            each = [process_tree_cpu(w) for w in workers]
             server_cpu, redis_cpu, started = process_tree_cpu(pid), _redis_cpu(rds), time.time()
             receivers = _publish(rds, channel, m, scenario.rate)
             received = [json.loads(c.stdout.readline() or "{}") for c in clients if c.stdout]
             server_cpu = process_tree_cpu(pid) - server_cpu
+            # Each worker's share: an even split says SO_REUSEPORT and Redis serve both alike.
+            per_worker["cpu_seconds"] = [
+                round(process_tree_cpu(w) - c, 3) for w, c in zip(workers, each, strict=True)
+            ]
             redis_cpu = _redis_cpu(rds) - redis_cpu
             span = time.time() - started
         finally:
@@ -428,7 +441,7 @@ def _c_report(
     redis_cpu: float,
     span: float,
     receivers: list[int],
-    per_worker: dict[str, float],
+    per_worker: dict[str, Any],
     workers: int,
 ) -> dict[str, Any]:
     """The C clients' reports merged: per publication over all clients, CPU per delivery."""
@@ -487,6 +500,10 @@ def _c_report(
         "redis_cpu_seconds": round(redis_cpu, 3),
         "span_seconds": round(span, 3),
         "us_per_delivery": {k: round(v * 1e6, 3) for k, v in per.items()},
+        # How much of the CPU it may use the server used (near 1: CPU-bound, or quota-bound).
+        "server_cpu_share": round(server_cpu / span / server_cores, 3) if span else 0.0,
+        # Server CPU per publication and worker: a time to last that no contention inflates.
+        "server_cpu_ms_per_publication": round(server_cpu / m / workers * 1e3, 1),
         # What the CPU allows: the server at most its cores (a worker one, or its quota),
         # everything together at most the machine's.
         "bound_per_s": round(bound, 1),
@@ -563,6 +580,8 @@ def _figures(report: dict[str, Any]) -> dict[str, float]:
             "client_us": us["client"],
             "redis_us": us["redis"],
             "bound_per_s": report["bound_per_s"],
+            "server_cpu_share": report.get("server_cpu_share", float("nan")),
+            "cpu_ms_per_pub": report.get("server_cpu_ms_per_publication", float("nan")),
         }
     c, d = report["connections"], report["deliveries"]
     per = report["server_memory"]["bytes_per_connection"]
@@ -601,6 +620,8 @@ _C_COLUMNS = [
     ("last_max_ms", "to last max ms", "{:.1f}"),
     ("deliveries_per_s", "deliveries/s", "{:,.0f}"),
     ("bound_per_s", "CPU bound /s", "{:,.0f}"),
+    ("server_cpu_share", "server CPU share", "{:.2f}"),
+    ("cpu_ms_per_pub", "CPU ms/pub/worker", "{:.1f}"),
     ("server_us", "server us/dlv", "{:.2f}"),
     ("client_us", "client us/dlv", "{:.2f}"),
     ("redis_us", "redis us/dlv", "{:.3f}"),
@@ -740,7 +761,7 @@ def main() -> int:
         "--worker-cpu",
         type=float,
         help="hold each server process (each worker) to "
-        "this many cores with a cgroup quota, worker i pinned to CPU i (bench.cpuquota)",
+        "this many cores with a cgroup quota (bench.cpuquota)",
     )
     p.add_argument("--tabulate", type=Path, help="no runs: the table of a saved run's 'runs' "
                    "(or of fanout-partial.json), with floors measured now")  # fmt: skip
