@@ -8,11 +8,13 @@ of its algorithm's family, so an RS256 public key can never be used as an
 HMAC secret (algorithm confusion).
 
 An HMAC token with a plain header (``alg``, ``typ``, ``kid`` only) has its
-signature checked here, with the secret prepared once, and PyJWT then
-decodes it and validates its claims with ``verify_signature`` off (every
-``verify_*`` claim option still on): PyJWT re-prepares and re-checks the
-secret on every call (a third of a WebSocket handshake's CPU). Any other
-token, and any token this check cannot read, goes through PyJWT alone.
+signature checked here, with the secret prepared once, and its claims are
+read by `core.infra.jwtclaims.plain_claims` when they are of the plain form
+PyJWT accepts, or else by PyJWT with ``verify_signature`` off (every
+``verify_*`` claim option still on), which then decides: PyJWT re-prepares
+and re-checks the secret on every call (a third of a WebSocket handshake's
+CPU). Any other token, and any token this check cannot read, goes through
+PyJWT alone.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from jwt.algorithms import HMACAlgorithm
 from jwt.utils import base64url_decode
 
 from core.infra.identity import API_KEY_PREFIX, AuthError, Identity
+from core.infra.jwtclaims import plain_claims
 from core.infra.keys import HMAC_ALGORITHMS, SigningKeys
 from core.infra.settings import Settings
 from proto import ADMIN_CHANNEL, Grants, InvalidGrants
@@ -217,9 +220,21 @@ class Verifier:
             signed = self._signed_by_secret(token)
             if signed is not None:
                 header = signed
-                claims = jwt.decode(token, options=self._claim_options,  # type: ignore[arg-type]
-                                    audience=self._audience, issuer=self._issuer,
-                                    leeway=self._leeway)  # fmt: skip
+                claims = plain_claims(
+                    token,
+                    signed,
+                    audience=self._audience,
+                    issuer=self._issuer,
+                    leeway=self._leeway,
+                )
+                if claims is None:  # PyJWT decides
+                    claims = jwt.decode(
+                        token,
+                        options=self._claim_options,  # type: ignore[arg-type]
+                        audience=self._audience,
+                        issuer=self._issuer,
+                        leeway=self._leeway,
+                    )
             else:
                 header = jwt.get_unverified_header(token)
                 key = self._key_for(header)
