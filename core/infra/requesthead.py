@@ -35,13 +35,13 @@ __all__ = ["MAX_QUERY_FIELDS", "parse_head"]
 
 #: Query fields past which `_plain` leaves the head to Tornado (its limit is larger).
 MAX_QUERY_FIELDS = 64
-_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
-_TARGET = re.compile(rb"/[\x21-\x7e]*")
-_VALUE = re.compile(rb"[\x20-\x7e\t]*")
-_HOST = re.compile(rb"(?:[A-Za-z0-9.\-_~]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?")
-_WHITESPACE = b" \t"
-#: Header names as Tornado normalizes them (``Http-Header-Case``), filled as met.
-_NAMES: dict[bytes, str] = {}
+#: Printable ASCII, spaces, tabs and line breaks (bare CR or LF are counted apart).
+_PRINTABLE = re.compile(rb"[\t\n\r\x20-\x7e]*")
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_HOST = re.compile(r"(?:[A-Za-z0-9.\-_~]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?")
+_WHITESPACE = " \t"
+#: Valid header names met, as Tornado normalizes them (``Http-Header-Case``).
+_NAMES: dict[str, str] = {}
 _MAX_NAMES = 512
 
 
@@ -67,26 +67,31 @@ def parse_head(data: bytes, end: int) -> tuple[httputil.RequestStartLine, httput
 def _plain(data: bytes, end: int) -> tuple[httputil.RequestStartLine, httputil.HTTPHeaders] | None:
     """The head parsed, when it is of the plain form above; None to leave it to Tornado."""
     head = data[:end]
-    lines = head.split(b"\r\n")
-    breaks = len(lines) - 1
-    if head.count(b"\n") != breaks or head.count(b"\r") != breaks:
-        return None  # a bare CR or LF
-    method, _, rest = lines[0].partition(b" ")
-    target, _, version = rest.partition(b" ")
-    if method != b"GET" or version != b"HTTP/1.1" or not _TARGET.fullmatch(target):
+    if not _PRINTABLE.fullmatch(head):
         return None
-    if target.count(b"&") >= MAX_QUERY_FIELDS:
+    text = head.decode("ascii")
+    lines = text.split("\r\n")
+    breaks = len(lines) - 1
+    if text.count("\n") != breaks or text.count("\r") != breaks:
+        return None  # a bare CR or LF
+    method, _, rest = lines[0].partition(" ")
+    target, _, version = rest.partition(" ")
+    if method != "GET" or version != "HTTP/1.1" or not target.startswith("/"):
+        return None
+    if " " in target or "\t" in target or target.count("&") >= MAX_QUERY_FIELDS:
         return None
     headers = httputil.HTTPHeaders()
     seen: set[str] = set()
     host = None
     for line in lines[1:]:
-        raw, colon, value = line.partition(b":")
-        if not colon or not _TOKEN.fullmatch(raw) or not _VALUE.fullmatch(value):
+        raw, colon, value = line.partition(":")
+        if not colon:
             return None
         name = _NAMES.get(raw)
         if name is None:
-            name = "-".join(w.capitalize() for w in raw.decode("ascii").split("-"))
+            if not _TOKEN.fullmatch(raw):
+                return None
+            name = "-".join(w.capitalize() for w in raw.split("-"))
             if len(_NAMES) < _MAX_NAMES:
                 _NAMES[raw] = name
         if name in seen:
@@ -95,8 +100,7 @@ def _plain(data: bytes, end: int) -> tuple[httputil.RequestStartLine, httputil.H
         value = value.strip(_WHITESPACE)
         if name == "Host":
             host = value
-        text = value.decode("ascii")
-        headers[name] = text
+        headers[name] = value
     if host is None or not _HOST.fullmatch(host):
         return None
-    return httputil.RequestStartLine("GET", target.decode("ascii"), "HTTP/1.1"), headers
+    return httputil.RequestStartLine("GET", target, "HTTP/1.1"), headers
