@@ -14,7 +14,9 @@ compares both over hostile tokens and settings).
 Answered only when:
 
 * the token is three segments of unpadded base64url, each canonical (the
-  encoding of what it decodes to, as PyJWT requires);
+  encoding of what it decodes to, as PyJWT requires: `segment`; the
+  verifier has read the header and the signature so before it checked the
+  signature, this module reads the payload);
 * its header's ``kid``, if any, is a string (PyJWT's header check);
 * its payload is a JSON object that msgspec reads (stricter than
   ``json.loads``: it refuses ``NaN``, lone surrogates, a BOM, which
@@ -42,14 +44,14 @@ from typing import Any
 
 import msgspec
 
-__all__ = ["MAX_NESTING", "plain_claims"]
+__all__ = ["MAX_NESTING", "plain_claims", "segment"]
 
 #: Opening brackets in a payload past which PyJWT reads it (``json.loads``'s depth is its own).
 MAX_NESTING = 32
 _SEGMENT = re.compile(r"[A-Za-z0-9_-]*")
 
 
-def _segment(text: str) -> bytes | None:
+def segment(text: str) -> bytes | None:
     """The bytes of a canonical unpadded base64url segment; None for any other."""
     if len(text) % 4 == 1 or not _SEGMENT.fullmatch(text):
         return None
@@ -71,14 +73,14 @@ def plain_claims(
     issuer: str | None,
     leeway: float,
 ) -> dict[str, Any] | None:
-    """The claims of ``token`` (its signature already checked, ``header`` read), or None for PyJWT."""
+    """The claims of ``token`` (its signature already checked, ``header`` read), or None for PyJWT.
+
+    Its header and signature segments were read with `segment`.
+    """
     parts = token.split(".")
     if len(parts) != 3:
         return None
-    head, body, signature = parts
-    if _segment(head) is None or _segment(signature) is None:
-        return None
-    payload = _segment(body)
+    payload = segment(parts[1])
     if payload is None or not payload.startswith(b"{"):
         return None
     if payload.count(b"{") + payload.count(b"[") > MAX_NESTING:
