@@ -14,7 +14,8 @@ import random
 import pytest
 from tornado import httputil
 
-from core.infra.requesthead import MAX_QUERY_FIELDS, _plain, parse_head
+from core.infra.listener import _oversized
+from core.infra.requesthead import MAX_QUERY_FIELDS, _plain, parse_head, within
 
 _HANDSHAKE = (
     b"GET /ws?token=abc.def.ghi HTTP/1.1\r\n"
@@ -143,3 +144,22 @@ def test_random_mutations_of_a_handshake_decide_as_tornado() -> None:
             continue  # the head ends earlier: another head
         answered += _check(head)
     assert answered > 500  # the strict parser still takes most small changes
+
+
+def test_a_head_said_within_the_limit_is_not_oversized():
+    """`within` spares the listener its measure only where the measure would pass."""
+    rng = random.Random(7)
+    spared = 0
+    for _ in range(3000):
+        lines = [f"X-{i}:{'v' * rng.randrange(0, 40)}" for i in range(rng.randrange(0, 30))]
+        path = "/ws?" + "t" * rng.randrange(0, 300)
+        data = _with(
+            b"Host: a", *(line.encode() for line in lines), start=f"GET {path} HTTP/1.1".encode()
+        )
+        end = data.find(b"\r\n\r\n")
+        start, headers = parse_head(data, end)
+        for limit in (end - 50, end - 10, end, end + 10, end + 100):
+            if within(data, end, limit):
+                spared += 1
+                assert _oversized(start, headers, limit) is None, (data, limit)
+    assert spared > 3000

@@ -73,7 +73,7 @@ from core.infra.errors import ApiError, error_body
 from core.infra.httpstream import HTTPStream
 from core.infra.metrics import Metrics
 from core.infra.proxyprotocol import ProxyHeaderError, read_proxy_header
-from core.infra.requesthead import parse_head
+from core.infra.requesthead import parse_head, within
 from core.infra.settings import Settings
 from core.infra.throttled import ThrottledLog
 
@@ -275,7 +275,10 @@ class Listener(HTTPServer):
             route is None
             or "Content-Length" in headers
             or "Transfer-Encoding" in headers
-            or _oversized(start, headers, self.max_header_bytes) is not None
+            or (
+                not within(data, end, self.max_header_bytes)
+                and _oversized(start, headers, self.max_header_bytes) is not None
+            )
         ):
             return data
         route(conn, start, headers, self.proxies.client_ip(peer, headers), data[end + 4 :])

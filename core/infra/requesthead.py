@@ -31,7 +31,7 @@ import re
 
 from tornado import httputil
 
-__all__ = ["MAX_QUERY_FIELDS", "parse_head"]
+__all__ = ["MAX_QUERY_FIELDS", "parse_head", "within"]
 
 #: Query fields past which `_plain` leaves the head to Tornado (its limit is larger).
 MAX_QUERY_FIELDS = 64
@@ -62,6 +62,20 @@ def parse_head(data: bytes, end: int) -> tuple[httputil.RequestStartLine, httput
     # As Tornado's router checks each request (a missing, malformed or repeated Host)
     httputil.HTTPServerRequest(headers=headers, start_line=start)
     return start, headers
+
+
+def within(data: bytes, end: int, limit: int) -> bool:
+    """Whether the head ``data[:end]`` is sure to be within ``limit`` as the listener measures it.
+
+    The listener's measure (`core.infra.listener._oversized`) is the method,
+    the target, and each header's name and stripped value plus 4. The head
+    holds the request line (method, target, two spaces and an 8-byte
+    version) and, for each header, a CRLF, its name, a colon and at least
+    its value: ``end >= measure - lines + 10`` with ``lines`` its CRLFs. So
+    a head with ``end + lines <= limit + 10`` is within it, and its
+    measure need not be taken (a tenth of the fast route's own work).
+    """
+    return end + data.count(b"\r\n", 0, end) <= limit + 10
 
 
 def _plain(data: bytes, end: int) -> tuple[httputil.RequestStartLine, httputil.HTTPHeaders] | None:
