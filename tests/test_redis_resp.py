@@ -216,3 +216,22 @@ async def test_a_write_s_events_survive_a_script_flush(redis_url):
     finally:
         await admin.aclose()
         await broker.close()
+
+
+async def test_a_write_s_events_fail_while_redis_is_down_and_flow_again_after(throwaway_redis):
+    broker = RedisBroker(throwaway_redis.url, unique_prefix())
+    publisher = HistoryPublisher(broker, HistoryPolicy(("projects", "projects:*"), 10, 60))
+    events = Events(publisher)
+    try:
+        await events.changed("projects", "created", 1, 1, b"{}")
+        assert events.failures == 0
+        throwaway_redis.kill()
+        await events.changed("projects", "updated", 1, 2, b"{}")  # the write is not failed
+        assert events.failures == 2
+        throwaway_redis.start()
+        after = await publisher.publish_each(["projects", "projects:1"], b"{}")
+        assert all(isinstance(p, Position) for p in after), after  # a new connection
+        entries, _ = await broker.history("projects", 0, 10)
+        assert entries[-1][1] == b"{}"
+    finally:
+        await broker.close()
