@@ -235,3 +235,32 @@ async def test_a_write_s_events_fail_while_redis_is_down_and_flow_again_after(th
         assert entries[-1][1] == b"{}"
     finally:
         await broker.close()
+
+
+async def test_a_write_s_events_on_two_history_channels_go_in_one_script_call(redis_url):
+    got: list[tuple[str, bytes, int | None]] = []
+    broker = RedisBroker(redis_url, unique_prefix())
+    await broker.start(lambda ch, data, pos: got.append((ch, data, pos and pos.offset)))
+    publisher = HistoryPublisher(broker, HistoryPolicy(("projects", "projects:*"), 10, 60))
+    try:
+        await broker.subscribe("projects")
+        await broker.subscribe("projects:7")
+        await publisher.publish_each(["projects"], b"{}")  # "projects" is one ahead
+        events = Events(publisher)
+        await events.changed("projects", "updated", 7, 3, b'{"id":7}')
+        assert events.failures == 0
+        event = b'{"type":"updated","id":7,"version":3,"data":{"id":7}}'
+        for _ in range(100):
+            if len(got) == 3:
+                break
+            await asyncio.sleep(0.01)
+        assert sorted(g for g in got if g[1] == event) == [
+            ("projects", event, 2),
+            ("projects:7", event, 1),
+        ]
+        for ch, offset in (("projects", 2), ("projects:7", 1)):
+            entries, position = await broker.history(ch, 0, 10)
+            assert entries[-1] == (offset, event) and position is not None
+            assert position.offset == offset
+    finally:
+        await broker.close()

@@ -86,6 +86,8 @@ _HISTORY_MARK = b"\x1e"
 
 #: Append to a channel's history and publish, atomically (lua/publish_with_history.lua).
 PUBLISH_WITH_HISTORY = script("publish_with_history")
+#: The same for one message on several channels, in one call (lua/publish_each_with_history.lua).
+PUBLISH_EACH_WITH_HISTORY = script("publish_each_with_history")
 
 
 #: Read a channel's presence, dropping expired entries (lua/presence_read.lua).
@@ -168,6 +170,7 @@ class RedisBroker(Broker):
             url, retry=Retry(NoBackoff(), 0), socket_keepalive=True, socket_connect_timeout=5
         )
         self._publish_script = self._pub_client.register_script(self.publish_with_history)
+        self._publish_each_script = self._pub_client.register_script(PUBLISH_EACH_WITH_HISTORY)
         self._presence_read = self._pub_client.register_script(PRESENCE_READ)
         self._presence_add = self._pub_client.register_script(PRESENCE_ADD)
         self._events_append = self._pub_client.register_script(EVENTS_APPEND)
@@ -407,6 +410,9 @@ class RedisBroker(Broker):
         """All in the shared pipeline: no task per channel, one round trip."""
         if self._publishes is None:
             return await super().publish_many(channels, data)
+        history = channels[0][1] if channels else None
+        if len(channels) > 1 and history is not None and all(h == history for _, h in channels):
+            return await self._publish_each_with_history([ch for ch, _ in channels], data, *history)
         sha = self._publish_script.sha
         calls: list[tuple[list[str], list[bytes | str | int]] | None] = []
         commands: list[tuple[Any, ...]] = []
@@ -434,6 +440,31 @@ class RedisBroker(Broker):
                 offset, epoch = outcome
                 outcomes.append(Position(int(offset), epoch.decode()))
         return outcomes
+
+    async def _publish_each_with_history(
+        self, channels: list[str], data: bytes, size: int, ttl: float
+    ) -> list[Position | Exception | None]:
+        """``data`` on every channel, each with history, in one script call."""
+        assert self._publishes is not None
+        keys = [key for ch in channels for key in self._history_keys(ch)]
+        args: list[bytes | str | int] = [data, size, max(1, math.ceil(ttl)), unique_hex(8)]
+        args += [self._channel_key(ch) for ch in channels]
+        script = self._publish_each_script
+        (outcome,) = await self._publishes.submit_many(
+            [("EVALSHA", script.sha, len(keys), *keys, *args)]
+        )
+        if isinstance(outcome, NoScriptError):  # Redis restarted or flushed its scripts
+            try:
+                outcome = await script(keys=keys, args=args)
+            except BACKEND_ERRORS as exc:
+                outcome = exc
+        if isinstance(outcome, BACKEND_ERRORS):
+            outcome = BrokerUnavailable(f"publish with history failed: {outcome}")
+        if isinstance(outcome, Exception):
+            return [outcome] * len(channels)
+        return [
+            Position(int(outcome[i]), outcome[i + 1].decode()) for i in range(0, len(outcome), 2)
+        ]
 
     def _presence_keys(self, ch: str) -> list[str]:
         return [f"{self._prefix}p:{{{ch}}}", f"{self._prefix}pz:{{{ch}}}"]
