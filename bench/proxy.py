@@ -20,7 +20,15 @@ request is left out (and the exit status is 1).
    requests/s through the gateway with ``python -m core`` at ``WORKERS=1``
    and at ``WORKERS=2`` (two processes on one port, SO_REUSEPORT), every
    process unpinned, the load generator unpinned and then pinned to CPU 0
-   (goal: two give at least 1.6x one).
+   (goal: two give at least 1.6x one); then (``--core-quota``, as root) with
+   each core process held to the same slice of a CPU by a cgroup quota
+   (bench/cpuquota.py), so that the core tier is the bottleneck, as when it
+   has hosts of its own, and the ratio says whether the gateway spreads the
+   load over the core processes. ``--quota-only`` runs only that layout.
+
+``--baseline REF`` adds to measurement 1 the gateway of commit REF (``git
+archive``) in front of the same core, in the same rounds: an A/B of the
+gateway's CPU per request and p50.
 
 Placement (``taskset``) for 1 and 2: the process that queries PostgreSQL
 (the core, or the gateway hosting it) on CPU 1; the load generator, and the
@@ -66,6 +74,7 @@ from typing import Any
 
 import asyncpg
 
+from bench import cpuquota
 from bench.fanout import save_results
 from bench.rest import (
     JWT_SECRET,
@@ -74,6 +83,7 @@ from bench.rest import (
     Endpoint,
     Server,
     add_database_arguments,
+    baseline_server,
     children_cpu_seconds,
     cpu_seconds,
     create_schema,
@@ -408,6 +418,12 @@ def measure_rest_and_rpc(setup: Setup) -> Results:
         )
         front_server = tier.gateway(ports["front"], ports["core"], key="gateway-core-url")
         front = stack.enter_context(serve(front_server, ports["front"], token, logs, FRONT_CPU))
+        modes = ["direct", "gateway"]
+        if args.baseline:  # the gateway of another commit, in front of the same core
+            port = ports["baseline"] = free_port()
+            before = baseline_server(args.baseline, front_server, port, logs)
+            old = stack.enter_context(serve(before, port, token, logs, FRONT_CPU))
+            modes.append("baseline")
         hosting = None
         if "rpc" in args.parts:
             hosting_server = tier.gateway(ports["hosting"], None, key="gateway-hosting")
@@ -416,6 +432,11 @@ def measure_rest_and_rpc(setup: Setup) -> Results:
             )
         proxied = (ports["front"], CpuWatch({"gateway": [front.pid], "core": [core.pid]}, pg))
         rest = {"direct": (ports["core"], CpuWatch({"core": [core.pid]}, pg)), "gateway": proxied}
+        if args.baseline:
+            rest["baseline"] = (
+                ports["baseline"],
+                CpuWatch({"gateway": [old.pid], "core": [core.pid]}, pg),
+            )
         rpc = {"CORE_URL": proxied}
         if hosting is not None:
             rpc["in-process"] = (ports["hosting"], CpuWatch({"gateway": [hosting.pid]}, pg))
@@ -423,7 +444,7 @@ def measure_rest_and_rpc(setup: Setup) -> Results:
             asyncio.run(reseed(args.database_url, args.schema, setup.records))
             for endpoint in setup.endpoints if "rest" in args.parts else []:
                 for n in args.connections:
-                    for mode in alternate(["direct", "gateway"], round_):
+                    for mode in alternate(modes, round_):
                         port, watch = rest[mode]
                         url = f"http://127.0.0.1:{port}"
                         sample = wrk_sample(url, endpoint, args, n, watch, round_)
@@ -441,6 +462,7 @@ def measure_scaling(setup: Setup) -> Results:
     results: Results = {}
     n = max(args.connections)
     loads = {"unpinned": None, "load on CPU 0": LOAD_CPU}
+    loads = {k: v for k, v in loads.items() if not args.quota_only}
     for round_ in range(1, args.rounds + 1):
         asyncio.run(reseed(args.database_url, args.schema, setup.records))
         for cores in alternate(["1", "2"], round_):
@@ -454,11 +476,20 @@ def measure_scaling(setup: Setup) -> Results:
                     serve(tier.gateway(front_port, core_port), front_port, token, logs, None)
                 )
                 watch = CpuWatch({"gateway": [front.pid], "core": pids}, setup.pg)
+                url = f"http://127.0.0.1:{front_port}"
                 for load, cpu in loads.items():
                     for endpoint in setup.endpoints:
-                        url = f"http://127.0.0.1:{front_port}"
                         sample = wrk_sample(url, endpoint, args, n, watch, round_, cpu)
                         add(results, f"scaling|{load}|{endpoint.name}|{cores}", sample)
+                if args.core_quota:
+                    load = f"core processes held to {args.core_quota:g} CPU each"
+                    with ExitStack() as quotas:
+                        for i, pid in enumerate(pids):
+                            name = f"bench-proxy-core{i}"
+                            quotas.enter_context(cpuquota.CpuQuota(name, args.core_quota)).add(pid)
+                        for endpoint in setup.endpoints:
+                            sample = wrk_sample(url, endpoint, args, n, watch, round_, None)
+                            add(results, f"scaling|{load}|{endpoint.name}|{cores}", sample)
     return results
 
 
@@ -646,6 +677,42 @@ def _scaling_table(s: dict[str, dict[str, Any]]) -> list[str]:
     return [*lines, "", "CPU, median shares of one CPU:", "", *cpu_lines, ""]
 
 
+def _ab_table(rows: list[tuple[str, dict[str, Any], dict[str, Any]]]) -> list[str]:
+    """The gateway before (``--baseline``) and now, in front of the same core, same rounds."""
+    lines = [
+        "**1b. A/B: the gateway of --baseline and this one, in front of the same core**",
+        "",
+        "| endpoint | connections | before req/s | now req/s | before p50 | now p50 | now - before p50 "
+        "| before p99 | now p99 | gateway CPU/request before | now | change |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for label, before, now in rows:
+        pairs = _by_round(before, now)
+        added = (
+            f"{statistics.median(y['p50_ms'] - x['p50_ms'] for x, y in pairs):+.2f} ms"
+            if pairs
+            else "—"
+        )
+        hop0, hop1 = _cost(before, "gateway"), _cost(now, "gateway")
+        change = f"{hop1 / hop0 - 1:+.0%}" if hop0 and hop1 else "—"
+        cells = [label, *(_num(r["requests_per_s"], "{:,.0f}") for r in (before, now))]
+        cells += [_num(r["p50_ms"], "{:.2f} ms") for r in (before, now)] + [added]
+        cells += [_num(r["p99_ms"], "{:.2f} ms") for r in (before, now)]
+        cells += [_num(h and 1000 * h, "{:.3f} ms") for h in (hop0, hop1)] + [change]
+        lines.append(f"| {' | '.join(cells)} |")
+    lines += ["", "Round by round, now against before: p50 change, gateway CPU/request change:", ""]
+    for label, before, now in rows:
+        pairs = _by_round(before, now)
+        p50 = ", ".join(f"{y['p50_ms'] / x['p50_ms'] - 1:+.0%}" for x, y in pairs)
+        cpu = ", ".join(
+            f"{(y['cpu']['gateway'] / y['requests_per_s']) / (x['cpu']['gateway'] / x['requests_per_s']) - 1:+.0%}"
+            for x, y in pairs
+            if x["requests_per_s"] and y["requests_per_s"] and x["cpu"].get("gateway")
+        )
+        lines.append(f"* {label}: p50 {p50}; gateway CPU/request {cpu}")
+    return [*lines, ""]
+
+
 def render(s: dict[str, dict[str, Any]]) -> str:
     """The tables of the summaries ``s`` (a saved report's ``results``)."""
     lines: list[str] = []
@@ -662,6 +729,17 @@ def render(s: dict[str, dict[str, Any]]) -> str:
             ("core", "gateway → core"),
         )
         lines += _hop_table(rows)
+        ab = [
+            (label, s[f"{k}|baseline"], s[f"{k}|gateway"])
+            for (label, _, _), k in zip(
+                rows,
+                sorted(rest, key=lambda k: (k.split("|")[1], int(k.split("|")[2]))),
+                strict=True,
+            )
+            if f"{k}|baseline" in s
+        ]
+        if ab:
+            lines += _ab_table(ab)
     rpc = sorted({int(k.split("|")[1]) for k in s if k.startswith("rpc|")})
     if rpc:
         rows = [(str(n), s[f"rpc|{n}|in-process"], s[f"rpc|{n}|CORE_URL"]) for n in rpc]
@@ -697,6 +775,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--redis-url",
         default=os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"),
         help="Redis for every process (change events, control channel); '' for none",
+    )
+    parser.add_argument(
+        "--baseline",
+        metavar="REF",
+        help="also measure the gateway of commit REF (git archive) in front of the same core, "
+        "in the same rounds (A/B)",
+    )
+    parser.add_argument(
+        "--core-quota",
+        type=float,
+        default=0.2 if cpuquota.available() else 0.0,
+        metavar="CPUS",
+        help="measurement 3 also with each core process held to CPUS of a CPU by a cgroup quota "
+        "(bench/cpuquota.py; needs root; 0: not), default 0.2 where available",
+    )
+    parser.add_argument(
+        "--quota-only",
+        action="store_true",
+        help="measurement 3 only with --core-quota (not unpinned, not with the load on CPU 0)",
     )
     parser.add_argument("--save", action="store_true", help="write bench/results/proxy-<date>.json")
     parser.add_argument(

@@ -18,9 +18,10 @@ from __future__ import annotations
 import logging
 import re
 import time
+from collections.abc import Coroutine
 from email.utils import formatdate
 from http import HTTPStatus
-from typing import Protocol
+from typing import Any, Protocol
 from urllib.parse import parse_qs
 
 from tornado import httputil
@@ -28,19 +29,28 @@ from tornado.routing import AnyMatches, PathMatches, Rule, RuleRouter
 
 from core.errormap import from_exception
 from core.infra.errors import ApiError, NotFound
-from core.infra.identity import AuthError, token_from_header
+from core.infra.identity import AuthError, Identity, token_from_header
 from core.infra.ids import unique_hex
 from core.infra.tasks import TaskSet
 from core.infra.verify import Verifier
 from core.request import Request, Response
 from core.routing import Route, Router
 
-__all__ = ["CoreHTTP", "CoreLike", "api_router"]
+__all__ = [
+    "REASONS",
+    "CoreHTTP",
+    "CoreLike",
+    "api_router",
+    "cors_headers",
+    "request_id_of",
+    "unauthorized",
+]
 
 log = logging.getLogger("core.http")
 access_log = logging.getLogger("gateway.access")
 
-_REASONS = {s.value: s.phrase for s in HTTPStatus}
+#: Reason phrases of the status lines written.
+REASONS = {s.value: s.phrase for s in HTTPStatus}
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 _NO_BODY = frozenset({204, 304})
 
@@ -98,6 +108,12 @@ class CoreHTTP(httputil.HTTPServerConnectionDelegate):
     ) -> httputil.HTTPMessageDelegate:
         return _Exchange(self, request_conn)
 
+    def caller(self, method: str, path: str, authorization: str | None) -> Identity | None:
+        """Who calls (None: no token, or an operation anyone may call); `AuthError` if refused."""
+        if authorization is None or self.core.router.is_public(method, path):
+            return None
+        return self.verifier.verify(token_from_header(authorization) or "")
+
     def cors_origin(self, origin: str | None) -> str | None:
         """The ``Access-Control-Allow-Origin`` value for ``origin``, None if not allowed."""
         if origin is None or not self.cors_origins:
@@ -112,6 +128,10 @@ class CoreHTTP(httputil.HTTPServerConnectionDelegate):
 
     def spawn(self, exchange: _Exchange) -> None:
         self._tasks.spawn(exchange.run())
+
+    def track(self, answer: Coroutine[Any, Any, None]) -> None:
+        """Run ``answer`` (a request answered off Tornado, gateway/fastproxy.py) as `wait_idle` sees."""
+        self._tasks.spawn(answer)
 
 
 class _Exchange(httputil.HTTPMessageDelegate):
@@ -165,15 +185,13 @@ class _Exchange(httputil.HTTPMessageDelegate):
                 from_exception(exc, f"{start.method} {start.path.partition('?')[0]}")
             )
         if origin is not None:
-            resp.headers.update(_cors_headers(origin))
+            resp.headers.update(cors_headers(origin))
         resp.headers["X-Request-Id"] = self._id
         self._write(resp)
 
     def _request_id(self) -> str:
-        """The caller's ``X-Request-Id`` when it is a sane one, else a new one."""
         assert self._headers is not None
-        given = self._headers.get("X-Request-Id", "")
-        return given if _REQUEST_ID.fullmatch(given) else unique_hex(16)
+        return request_id_of(self._headers.get("X-Request-Id", ""))
 
     def _is_preflight(self) -> bool:
         assert self._start is not None and self._headers is not None
@@ -200,15 +218,11 @@ class _Exchange(httputil.HTTPMessageDelegate):
         if self._size > server.max_body_bytes:
             limit = server.max_body_bytes
             return Response.error(ApiError(413, "payload_too_large", f"body over {limit} bytes"))
-        caller = None
         path, _, query = start.path.partition("?")
-        authorization = headers.get("Authorization")
-        if authorization is not None and not server.core.router.is_public(start.method, path):
-            try:
-                caller = server.verifier.verify(token_from_header(authorization) or "")
-            except AuthError as exc:
-                refused = ApiError(401, "unauthorized", exc.message)
-                return Response.error(refused, {"WWW-Authenticate": "Bearer"})
+        try:
+            caller = server.caller(start.method, path, headers.get("Authorization"))
+        except AuthError as exc:
+            return unauthorized(exc)
         req = Request(
             start.method,
             path,
@@ -236,7 +250,7 @@ class _Exchange(httputil.HTTPMessageDelegate):
                 body = None
         elif status not in _NO_BODY:
             out["Content-Length"] = "0"
-        line = httputil.ResponseStartLine("HTTP/1.1", status, _REASONS.get(status, "Unknown"))
+        line = httputil.ResponseStartLine("HTTP/1.1", status, REASONS.get(status, "Unknown"))
         try:
             self._conn.write_headers(line, out, body)
             self._conn.finish()
@@ -258,7 +272,20 @@ _CORS_REQUEST_HEADERS = "Authorization, Content-Type, If-Match, If-None-Match, I
 _CORS_EXPOSED = "ETag, Location, Retry-After, Idempotent-Replayed"
 
 
-def _cors_headers(origin: str) -> dict[str, str]:
+def unauthorized(refused: AuthError) -> Response:
+    """The 401 for a token `CoreHTTP.caller` refused."""
+    return Response.error(
+        ApiError(401, "unauthorized", refused.message), {"WWW-Authenticate": "Bearer"}
+    )
+
+
+def request_id_of(given: str) -> str:
+    """The caller's ``X-Request-Id`` when it is a sane one, else a new one."""
+    return given if _REQUEST_ID.fullmatch(given) else unique_hex(16)
+
+
+def cors_headers(origin: str) -> dict[str, str]:
+    """The headers of an answer to an allowed ``origin``."""
     headers = {
         "Access-Control-Allow-Origin": origin,
         "Access-Control-Expose-Headers": _CORS_EXPOSED,

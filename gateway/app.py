@@ -57,6 +57,7 @@ from gateway.endpoints import (
     ReadyHandler,
 )
 from gateway.events import EventRecorder, Webhook
+from gateway.fastproxy import FastProxy
 from gateway.hooks.service import Hooks
 from gateway.hooks.session import session_factory
 from gateway.hub import Hub
@@ -183,9 +184,15 @@ class Gateway:
         )
         policy = ServerBodyPolicy(server_api, ctx.verifier, limits)
         proxies = TrustedProxies(s.trusted_proxies, s.forwarded_header)
-        routes = FirstRoute(api, sockets_first)  # the core's /api/ first, without parsing
+        # Behind CORE_URL, kept-alive REST connections are then served off Tornado.
+        fast = FastProxy(api, s.max_body_bytes) if isinstance(ctx.core, UpstreamCore) else None
+        routes = FirstRoute(api if fast is None else fast, sockets_first)  # /api/ first, unparsed
         self.server = Listener(routes, s, ctx.metrics, policy, proxies,
                                fast={"/ws": websockets.accept})  # fmt: skip
+        if fast is not None:
+            fast.listener = self.server
+        server = self.server
+        ctx.metrics.adopted_connections.set_function(lambda: server.adopted)
         polls.listener = self.server  # kept-alive polls are then served off Tornado
         self.server.add_sockets(sockets)
         self.port = sockets[0].getsockname()[1]

@@ -39,7 +39,7 @@ DOCUMENTED: dict[str, set[str]] = {
     "gateway_accept_errors": {"errno"},
     "gateway_core_upstream_seconds": set(), "gateway_core_upstream_errors": {"kind"},
     "gateway_core_pool_in_use": set(), "gateway_core_pool_size": set(),
-    "gateway_core_breaker_open": set(),
+    "gateway_core_breaker_open": set(), "gateway_adopted_connections": set(),
     "gateway_events_appended": {"type"}, "gateway_events_dropped": {"target"},
     "gateway_events_queued": {"target"}, "gateway_events_nodes_lost": set(),
     "gateway_events_webhook_deliveries": set(), "gateway_events_webhook_failures": {"kind"},

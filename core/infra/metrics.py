@@ -222,6 +222,12 @@ class Metrics:
             "Requests to the REST core in flight (each holds one pooled connection).",
             registry=r,
         )
+        self.adopted_connections = Gauge(
+            "gateway_adopted_connections",
+            "Kept-alive connections served off Tornado's HTTP server now (long-poll, and REST "
+            "behind CORE_URL: gateway/fastproxy.py).",
+            registry=r,
+        )
         self.core_pool_size = Gauge(
             "gateway_core_pool_size",
             "Connections to the REST core the pool may hold (CORE_POOL_SIZE).",

@@ -35,18 +35,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import socket
 import time
-from functools import partial
 from typing import Any, cast
 
 from tornado.http1connection import HTTP1Connection
 from tornado.httputil import HTTPHeaders
 
-from core.infra.listener import Listener, unread
+from core.infra.listener import Listener
 from core.infra.logs import redact
 from gateway.context import Context
+from gateway.transport.adoption import give_back, take_over
 from gateway.transport.pollrequest import INCOMPLETE, PollRequest, cursor_of, parse, token_of
 from gateway.transport.pollsessions import PollSession
 
@@ -77,35 +75,15 @@ def adopt(
     tasks: set[asyncio.Task[Any]],
 ) -> None:
     """Take ``conn``'s socket off Tornado and serve its poll (to ``target``), then the next ones."""
-    context = conn.context
-    address = getattr(context, "address", None)
-    stream = conn.detach()
-    # The socket leaves Tornado's stream for the loop's transport; the stream
-    # (and its buffers) closes its own descriptor, a duplicate.
-    try:
-        if stream.closed():
-            return  # the client went away: the outbox keeps what this poll would carry
-        buffered = unread(stream)  # pipelined requests Tornado has read ahead
-        sock = stream.socket.dup()
-    except OSError:
-        return
-    finally:
-        stream.close()
-    pc = PollConnection(ctx, listener, address, poll, cursor, buffered)
-    if access_log.isEnabledFor(logging.INFO):
-        pc.logged(target, str(getattr(context, "remote_ip", "")))
-    task = asyncio.ensure_future(
-        asyncio.get_running_loop().connect_accepted_socket(lambda: pc, sock)
-    )
-    tasks.add(task)
-    task.add_done_callback(partial(_adopted, tasks, sock))
+    remote_ip = str(getattr(conn.context, "remote_ip", ""))
 
+    def make(address: Any, buffered: bytes) -> PollConnection:
+        pc = PollConnection(ctx, listener, address, poll, cursor, buffered)
+        if access_log.isEnabledFor(logging.INFO):
+            pc.logged(target, remote_ip)
+        return pc
 
-def _adopted(tasks: set[asyncio.Task[Any]], sock: socket.socket, task: asyncio.Task[Any]) -> None:
-    tasks.discard(task)
-    if not task.cancelled() and task.exception() is not None:
-        sock.close()
-        log.info("long-poll connection lost while adopted: %s", task.exception())
+    take_over(conn, make, tasks, log)
 
 
 class PollConnection(asyncio.Protocol):
@@ -324,17 +302,8 @@ class PollConnection(asyncio.Protocol):
         self._gone = True
         self._transport = None
         self._listener.release(self)
-        transport.pause_reading()
-        try:
-            sock = socket.socket(fileno=os.dup(transport.get_extra_info("socket").fileno()))
-        except OSError as exc:
-            log.info("long-poll connection lost while handed back: %s", exc)
-            transport.abort()
-            return
-        transport.abort()  # closes its descriptor; the duplicate holds the connection
-        sock.setblocking(False)
         buffered, self._buffer = self._buffer, b""
-        self._listener.resume(sock, self._address, buffered)
+        give_back(transport, self._listener, self._address, buffered, log)
 
     def _abort(self) -> None:
         if self._transport is not None:

@@ -1,0 +1,115 @@
+"""The p50 the CORE_URL hop adds at one connection, A/B against another commit's gateway.
+
+One kept-alive connection, one request at a time (``GET
+/api/projects?limit=20``, 15 KB), in blocks of ``--requests`` requests: to
+the core straight, through the gateway of ``--baseline`` (``git archive``)
+and through this tree's gateway, both with ``CORE_URL`` at the same core,
+the three taking turns block by block (order alternating). Each block's
+median is its p50; the added p50 is the median over blocks of each
+gateway's block minus the core's block next to it, which a machine whose
+load changes by the minute upsets less than wrk's runs of seconds. Same
+placement as bench/proxy.py: the core on CPU 1, the gateways and this
+client on CPU 0.
+
+    .venv/bin/python -m bench.proxylatency --blocks 9 --save    # ~1 minute
+
+Needs PostgreSQL with bench/proxy.py's schema seeded (run it once) and Redis.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import statistics
+import sys
+import tempfile
+import time
+from contextlib import ExitStack
+from pathlib import Path
+
+from bench.fanout import save_results
+from bench.proxy import BACK_CPU, FRONT_CPU, LOAD_CPU, make_tier
+from bench.rest import baseline_server, free_port, mint_token, serve
+
+TARGET = "/api/projects?limit=20"
+
+
+def block(port: int, token: str, requests: int) -> float:
+    """The median milliseconds of ``requests`` sequential GETs on one connection (20 warm-up)."""
+    sock = socket.create_connection(("127.0.0.1", port))
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    head = f"GET {TARGET} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\r\n".encode()
+    times = []
+    try:
+        for _ in range(requests + 20):
+            started = time.perf_counter()
+            sock.sendall(head)
+            data = b""
+            while b"\r\n\r\n" not in data:
+                data += sock.recv(65536)
+            answer, _, body = data.partition(b"\r\n\r\n")
+            if not answer.startswith(b"HTTP/1.1 200"):
+                raise RuntimeError(answer.decode("latin-1"))
+            length = next(
+                int(line.partition(b":")[2])
+                for line in answer.split(b"\r\n")
+                if line.lower().startswith(b"content-length:")
+            )
+            while len(body) < length:
+                body += sock.recv(65536)
+            times.append(time.perf_counter() - started)
+    finally:
+        sock.close()
+    return 1000 * statistics.median(times[20:])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.proxylatency", description=__doc__)
+    parser.add_argument("--blocks", type=int, default=9)
+    parser.add_argument("--requests", type=int, default=400, help="requests per block")
+    parser.add_argument("--baseline", default="main", help="the commit whose gateway is 'before'")
+    parser.add_argument("--database-url", default="postgresql://127.0.0.1:5432/test")
+    parser.add_argument("--schema", default="bench_proxy")
+    parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
+    parser.add_argument(
+        "--save", action="store_true", help="bench/results/proxylatency-<date>.json"
+    )
+    args = parser.parse_args(argv)
+    os.sched_setaffinity(0, {int(LOAD_CPU)})
+    token = mint_token()
+    found: dict[str, list[float]] = {"core": [], "before": [], "now": []}
+    with tempfile.TemporaryDirectory(prefix="bench-proxylatency-") as tmp, ExitStack() as stack:
+        logs = Path(tmp)
+        tier = make_tier(args.database_url, args.schema, args.redis_url, logs)
+        ports = {"core": free_port(), "now": free_port(), "before": free_port()}
+        stack.enter_context(serve(tier.core(ports["core"]), ports["core"], token, logs, BACK_CPU))
+        now = tier.gateway(ports["now"], ports["core"], key="gateway-now")
+        stack.enter_context(serve(now, ports["now"], token, logs, FRONT_CPU))
+        before = baseline_server(args.baseline, now, ports["before"], logs)
+        stack.enter_context(serve(before, ports["before"], token, logs, FRONT_CPU))
+        order = ["core", "before", "now"]
+        for n in range(args.blocks):
+            for name in order if n % 2 else order[::-1]:
+                found[name].append(block(ports[name], token, args.requests))
+    report: dict[str, object] = {"blocks_ms": found, "baseline": args.baseline}
+    for name in ("core", "before", "now"):
+        print(f"{name}: p50 per block " + ", ".join(f"{x:.2f}" for x in found[name]) + " ms")
+    for name in ("before", "now"):
+        added = [b - a for a, b in zip(found["core"], found[name], strict=True)]
+        share = [b / a - 1 for a, b in zip(found["core"], found[name], strict=True)]
+        report[f"added_{name}_ms"] = statistics.median(added)
+        report[f"added_{name}_share"] = statistics.median(share)
+        print(
+            f"{name} ({args.baseline if name == 'before' else 'this tree'}): added p50 "
+            f"{statistics.median(added):+.3f} ms ({statistics.median(share):+.0%}) over the core's "
+            f"{statistics.median(found['core']):.3f} ms, median of {args.blocks} blocks"
+        )
+    report["loadavg"] = os.getloadavg()
+    if args.save:
+        save_results("proxylatency", report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,522 @@
+"""The core's ``/api/`` routes behind ``CORE_URL``, kept-alive connections served off Tornado.
+
+With ``CORE_URL`` the gateway's work for a REST call is being an HTTP/1.1
+server: Tornado reading and parsing the request (its `HTTP1Connection`, a
+coroutine and futures per request, `HTTPHeaders`, the listener's guard,
+the router) and writing the answer through its `IOStream`, about two
+thirds of the gateway's CPU per forwarded request (py-spy, bench/proxy.py).
+`FastProxy` stands in front of the core's delegate (`core.http.CoreHTTP`)
+and, once a kept-alive connection's ``/api/`` request has gone through
+Tornado and the listener's guard, takes its socket off Tornado (as
+long-poll connections are, gateway/transport/pollconn.py) and gives it to
+the event loop's transport with a `ProxyConnection`. From then on:
+
+* each request head is read by `parse_head`, which accepts only a strict
+  subset of HTTP/1.1: ``GET``, ``HEAD``, ``POST``, ``PUT``, ``PATCH`` or
+  ``DELETE`` of a core path (`gateway.router.is_core_path`), ``HTTP/1.1``,
+  CRLF line ends, header names that are tokens followed at once by ``:``,
+  printable ASCII values, each name at most once, a ``Host``, at most one
+  ``Content-Length`` of digits within the body limits, ``Connection`` only
+  ``keep-alive`` or ``close``. Anything else (``Transfer-Encoding``,
+  ``Expect``, ``Upgrade``, obs-fold, a bare CR or LF, whitespace before a
+  colon, ``OPTIONS`` and preflights, another path, a head past
+  ``MAX_HEADER_BYTES``) goes back to Tornado with every byte not yet
+  answered (`Listener.resume`), and is answered there exactly as on any
+  connection: the same parser, limits, errors and logs. So there is one
+  reading of a request's framing for what this class accepts, and
+  Tornado's for everything else: no request can be cut in two ways;
+* a request with a body asks the listener's body policy first, as the
+  guard does; a refusal (401, 403, 404, 413) goes back to Tornado, which
+  refuses it in the same words;
+* the answer is what `CoreHTTP` would write, byte for byte but the ``Date``
+  and a new request id: the same token check (401 before the core is
+  asked), request id, CORS headers, ``X-Forwarded-For`` replaced with the
+  client's address as the listener resolves it (`TrustedProxies`), the
+  same call of `UpstreamCore.dispatch` (breaker, retries, 503 with
+  ``Retry-After``, 504), the same access log line;
+* requests are answered in order, one at a time; pipelined ones wait in a
+  buffer (reading pauses past twice ``MAX_HEADER_BYTES``), and the next is
+  not read while an answer is still unsent. ``Connection: close`` closes
+  after its answer;
+* between requests the connection has ``HEADER_TIMEOUT`` for the next head
+  and ``BODY_TIMEOUT`` for a body (kept by the listener, as for Tornado's
+  connections), and is closed with the listener's connections; answers
+  being computed count for `CoreHTTP.wait_idle` (a drain finishes them).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+from collections.abc import Awaitable, Mapping
+from functools import lru_cache
+from typing import Any, cast
+
+from tornado import httputil
+from tornado.http1connection import HTTP1Connection
+
+from core.errormap import from_exception
+from core.http import REASONS, CoreHTTP, cors_headers, request_id_of, unauthorized
+from core.infra.identity import AuthError
+from core.infra.listener import Listener
+from core.request import Request, Response
+from gateway.router import is_core_path
+from gateway.transport.adoption import give_back, take_over
+
+__all__ = ["FastProxy", "Head", "ProxyConnection", "parse_head"]
+
+log = logging.getLogger("gateway.fastproxy")
+access_log = logging.getLogger("gateway.access")
+
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"})
+_REQUEST_LINE = re.compile(rb"(GET|HEAD|POST|PUT|PATCH|DELETE) (/api/[\x21-\x7e]*) HTTP/1\.1")
+_NAME = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_VALUE = re.compile(rb"[\x20-\x7e]*")
+_HOST = re.compile(r"[A-Za-z0-9.\-]+(:[0-9]{1,5})?|\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?")
+_LENGTH = re.compile(r"[0-9]{1,18}")
+#: Request headers this class leaves to Tornado (framing and protocol changes).
+_UNUSUAL = frozenset({"transfer-encoding", "expect", "upgrade", "te", "trailer"})
+_NO_BODY = frozenset({204, 304})
+
+
+class Head:
+    """One request head `parse_head` accepted: its parts and its size in bytes (head + body)."""
+
+    __slots__ = ("body_length", "close", "headers", "method", "size", "target")
+
+    def __init__(
+        self, method: str, target: str, headers: dict[str, str], body_length: int, size: int
+    ) -> None:
+        self.method = method
+        self.target = target
+        self.headers = headers  # lower-case names
+        self.body_length = body_length
+        self.size = size  # the head's bytes, the blank line included
+        self.close = headers.get("connection", "").lower() == "close"
+
+
+#: `parse_head`: the head is not all there yet.
+INCOMPLETE = object()
+
+
+def parse_head(data: bytes, max_head: int, max_body: int) -> Head | object | None:
+    """The head at the start of ``data``, `INCOMPLETE`, or None when it is not for this class.
+
+    None for anything outside the strict subset in the module's docstring
+    (Tornado reads it), including a head over ``max_head`` bytes or a body
+    over ``max_body``; no input raises.
+    """
+    end = data.find(b"\r\n\r\n", 0, max_head + 4)
+    if end < 0:
+        if len(data) >= max_head + 4:
+            return None
+        rest = data.replace(b"\r\n", b"")
+        # A bare LF or CR: Tornado reads (or refuses) such a head, here it never ends.
+        return None if b"\n" in rest or b"\r" in rest[:-1] else INCOMPLETE
+    lines = data[:end].split(b"\r\n")
+    first = _REQUEST_LINE.fullmatch(lines[0])
+    if first is None:
+        return None
+    headers: dict[str, str] = {}
+    for line in lines[1:]:
+        name, colon, value = line.partition(b":")
+        if not colon or _NAME.fullmatch(name) is None:
+            return None  # obs-fold, whitespace before the colon, a bare CR or LF...
+        value = value.strip(b" \t")
+        if _VALUE.fullmatch(value) is None:
+            return None
+        key = name.decode("ascii").lower()
+        if key in headers or key in _UNUSUAL:
+            return None
+        headers[key] = value.decode("ascii")
+    method, target = first.group(1).decode("ascii"), first.group(2).decode("ascii")
+    host = headers.get("host")
+    if host is None or _HOST.fullmatch(host) is None:
+        return None
+    if not is_core_path(target.partition("?")[0]):
+        return None
+    connection = headers.get("connection")
+    if connection is not None and connection.lower() not in ("keep-alive", "close"):
+        return None
+    length = 0
+    given = headers.get("content-length")
+    if given is not None:
+        if _LENGTH.fullmatch(given) is None:
+            return None
+        length = int(given)
+        if length > max_body:
+            return None
+    return Head(method, target, headers, length, end + 4)
+
+
+@lru_cache(maxsize=256)
+def _spelled(name: str) -> str:
+    """A response header's name as Tornado's `HTTPHeaders` writes it (``Etag``)."""
+    return "-".join([word.capitalize() for word in name.split("-")])
+
+
+def answer_bytes(resp: Response, method: str, date: str, close: bool) -> bytes:
+    """What `CoreHTTP` writes for ``resp`` through Tornado's `HTTP1Connection`, in one piece."""
+    status = resp.status
+    out = {_spelled(name): value for name, value in resp.headers.items()}
+    out["Date"] = date
+    body = resp.body if status not in _NO_BODY else None
+    if body is not None:
+        out["Content-Type"] = "application/json"
+        out["Content-Length"] = str(len(body))
+        if method == "HEAD":
+            body = None
+    elif status not in _NO_BODY:
+        out["Content-Length"] = "0"
+    if close:
+        out["Connection"] = "close"
+    lines = [f"HTTP/1.1 {status} {REASONS.get(status, 'Unknown')}\r\n"]
+    for name, value in out.items():
+        if "\r" in value or "\n" in value:
+            raise ValueError(f"Illegal characters (CR or LF) in header {name}")
+        lines.append(f"{name}: {value}\r\n")
+    lines.append("\r\n")
+    head = "".join(lines).encode("latin-1")
+    return head + body if body else head
+
+
+class FastProxy(httputil.HTTPServerConnectionDelegate):
+    """The core's delegate (`CoreHTTP` over `UpstreamCore`), adopting kept-alive connections."""
+
+    def __init__(self, api: CoreHTTP, max_body: int) -> None:
+        self.api = api
+        self.max_body = max_body
+        self.listener: Listener | None = None  # set once the listener exists
+        self.adopting: set[asyncio.Task[Any]] = set()
+
+    def start_request(
+        self, server_conn: object, request_conn: httputil.HTTPConnection
+    ) -> httputil.HTTPMessageDelegate:
+        return _First(self, server_conn, request_conn)
+
+    def adoptable(
+        self, conn: httputil.HTTPConnection, start: httputil.RequestStartLine, headers: Any
+    ) -> bool:
+        """Whether this request can be the first a `ProxyConnection` answers (after Tornado read it)."""
+        if self.listener is None or not isinstance(conn, HTTP1Connection):
+            return False
+        if start.version != "HTTP/1.1" or start.method not in _METHODS:
+            return False
+        if headers.get("Connection", "").lower() not in ("", "keep-alive"):
+            return False
+        if any(name in headers for name in ("Transfer-Encoding", "Expect", "Upgrade")):
+            return False
+        length = headers.get("Content-Length", "0")
+        return _LENGTH.fullmatch(length) is not None and int(length) <= self.max_body
+
+    def adopt(self, conn: HTTP1Connection, first: _Request) -> None:
+        """Take ``conn``'s socket off Tornado; a `ProxyConnection` answers ``first``, then the rest."""
+        listener = self.listener
+        assert listener is not None
+
+        def make(address: Any, buffered: bytes) -> ProxyConnection:
+            return ProxyConnection(self, listener, address, first, buffered)
+
+        take_over(conn, make, self.adopting, log)
+
+
+class _Request:
+    """One request to answer: from Tornado (the first) or from `parse_head`."""
+
+    __slots__ = ("body", "client", "close", "headers", "method", "target")
+
+    def __init__(
+        self,
+        method: str,
+        target: str,
+        headers: Mapping[str, str],
+        body: bytes,
+        client: str,
+        close: bool,
+    ) -> None:
+        self.method = method
+        self.target = target
+        self.headers = headers  # .get() with lower-case names
+        self.body = body
+        self.client = client
+        self.close = close
+
+
+class _First(httputil.HTTPMessageDelegate):
+    """A request Tornado read: adopted at its end when it may be, else `CoreHTTP`'s as ever."""
+
+    __slots__ = ("_chunks", "_conn", "_headers", "_inner", "_proxy", "_server", "_start")
+
+    def __init__(
+        self, proxy: FastProxy, server_conn: object, request_conn: httputil.HTTPConnection
+    ) -> None:
+        self._proxy = proxy
+        self._server = server_conn
+        self._conn = request_conn
+        self._inner: httputil.HTTPMessageDelegate | None = None
+        self._start: httputil.RequestStartLine | None = None
+        self._headers: httputil.HTTPHeaders | None = None
+        self._chunks: list[bytes] = []
+
+    def headers_received(
+        self,
+        start_line: httputil.RequestStartLine | httputil.ResponseStartLine,
+        headers: httputil.HTTPHeaders,
+    ) -> Awaitable[None] | None:
+        assert isinstance(start_line, httputil.RequestStartLine)
+        if self._proxy.adoptable(self._conn, start_line, headers):
+            self._start, self._headers = start_line, headers
+            return None
+        self._inner = self._proxy.api.start_request(self._server, self._conn)
+        return self._inner.headers_received(start_line, headers)
+
+    def data_received(self, chunk: bytes) -> Awaitable[None] | None:
+        if self._inner is not None:
+            return self._inner.data_received(chunk)
+        self._chunks.append(chunk)
+        return None
+
+    def finish(self) -> None:
+        if self._inner is not None:
+            self._inner.finish()
+            return
+        start, headers = self._start, self._headers
+        assert start is not None and headers is not None
+        client = str(getattr(getattr(self._conn, "context", None), "remote_ip", ""))
+        first = _Request(start.method, start.path, headers, b"".join(self._chunks), client, False)
+        self._chunks = []
+        self._proxy.adopt(cast(HTTP1Connection, self._conn), first)
+
+    def on_connection_close(self) -> None:
+        self._chunks = []
+        if self._inner is not None:
+            self._inner.on_connection_close()
+
+
+class ProxyConnection(asyncio.Protocol):
+    """One kept-alive connection's ``/api/`` requests, in order, off Tornado."""
+
+    def __init__(
+        self,
+        proxy: FastProxy,
+        listener: Listener,
+        address: Any,
+        first: _Request,
+        buffered: bytes,
+    ) -> None:
+        self._proxy = proxy
+        self._api = proxy.api
+        self._listener = listener
+        self._address = address
+        self._peer = str(address[0]) if isinstance(address, tuple) and address else ""
+        self._first: _Request | None = first
+        self._buffer = buffered
+        self._transport: asyncio.Transport | None = None
+        self._busy = False  # a request is being answered
+        self._paused = False  # an answer is not all sent
+        self._reading = True
+        self._gone = False  # closed, or handed back to Tornado
+        self._waiting = ""  # "head" or "body": which deadline the listener keeps now
+        self._max_head = listener.max_header_bytes
+        self._max_buffer = 2 * listener.max_header_bytes
+
+    # -- asyncio.Protocol --------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)  # (uvloop's is not a subclass)
+        # Paused as soon as anything is left unsent: the next request waits for it.
+        self._transport.set_write_buffer_limits(high=0)
+        self._listener.adopt(self)
+        first, self._first = self._first, None
+        assert first is not None
+        self._start(first)
+
+    def data_received(self, data: bytes) -> None:
+        self._buffer = self._buffer + data if self._buffer else data
+        if not self._busy and not self._paused:
+            self._next()
+        elif len(self._buffer) > self._max_buffer and self._reading:
+            self._reading = False
+            assert self._transport is not None
+            self._transport.pause_reading()
+
+    def eof_received(self) -> bool:
+        return False  # the transport closes; an answer being computed is dropped
+
+    def pause_writing(self) -> None:
+        self._paused = True
+
+    def resume_writing(self) -> None:
+        self._paused = False
+        if not self._busy:
+            self._next()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._gone:
+            return  # handed back: the socket lives on in Tornado
+        self._gone = True
+        self._transport = None
+        self._listener.release(self)
+
+    def close(self) -> None:
+        """Close the connection (its ``HEADER_TIMEOUT`` passed, or the listener stops)."""
+        if self._transport is not None and not self._gone:
+            self._transport.close()
+
+    # -- requests ----------------------------------------------------------------
+
+    def _next(self) -> None:
+        """Start answering the next request buffered, or wait for the rest of it."""
+        if self._busy or self._paused or self._gone:
+            return
+        try:
+            request = self._take()
+        except Exception:
+            log.exception("reading a REST request failed")
+            self._abort()
+            return
+        if request is None:
+            return
+        self._start(request)
+
+    def _take(self) -> _Request | None:
+        """The next whole request off the buffer; None to wait (or once handed back)."""
+        buffer = self._buffer
+        if not self._waiting:
+            self._waiting = "head"
+            self._listener.await_request(self)  # HEADER_TIMEOUT from now
+        head = parse_head(buffer, self._max_head, self._proxy.max_body) if buffer else INCOMPLETE
+        if head is INCOMPLETE:
+            self._resume_reading()
+            return None
+        if not isinstance(head, Head) or (self._waiting == "head" and not self._admit(head)):
+            self._hand_back()
+            return None
+        end = head.size + head.body_length
+        if len(buffer) < end:
+            if self._waiting == "head":
+                self._waiting = "body"
+                self._listener.reading(self, True)  # BODY_TIMEOUT from now
+            self._resume_reading()
+            return None
+        self._waiting = ""
+        self._listener.reading(self, False)
+        self._buffer = buffer[end:]
+        client = self._peer
+        if self._listener.proxies.trusts(client):
+            client = self._listener.proxies.client_ip(client, _tornado_headers(head.headers))
+        body = buffer[head.size : end]
+        return _Request(head.method, head.target, head.headers, body, client, head.close)
+
+    def _admit(self, head: Head) -> bool:
+        """Whether the listener's body policy lets ``head``'s body in (else Tornado refuses it)."""
+        if not head.body_length and "content-length" not in head.headers:
+            return True
+        if head.body_length == 0:
+            return True  # as the guard: "Content-Length: 0" has no body
+        start = httputil.RequestStartLine(head.method, head.target, "HTTP/1.1")
+        try:
+            limit = self._listener.policy(start, _tornado_headers(head.headers))
+        except Exception:  # ApiError (refused) or a failure: Tornado's guard answers it
+            return False
+        return head.body_length <= limit
+
+    def _start(self, request: _Request) -> None:
+        self._busy = True
+        self._api.track(self._answer(request))
+
+    async def _answer(self, request: _Request) -> None:
+        t0 = time.perf_counter()
+        origin = self._api.cors_origin(request.headers.get("origin"))
+        rid = request_id_of(request.headers.get("x-request-id", ""))
+        path, _, query = request.target.partition("?")
+        try:
+            resp = await self._respond(request, path, query, rid)
+        except Exception as exc:  # logged with its traceback; the body says "internal error"
+            resp = Response.error(from_exception(exc, f"{request.method} {path}"))
+        if origin is not None:
+            resp.headers.update(cors_headers(origin))
+        resp.headers["X-Request-Id"] = rid
+        self._write(request, resp)
+        status = resp.status
+        level = logging.INFO if status < 400 else logging.WARNING if status < 500 else logging.ERROR
+        if access_log.isEnabledFor(level):
+            ms = 1000.0 * (time.perf_counter() - t0)
+            context = {
+                "request_id": rid,
+                "status": status,
+                "method": request.method,
+                "path": path,
+                "ms": round(ms, 2),
+            }
+            access_log.log(
+                level, "%d %s %s %.2fms", status, request.method, path, ms, extra=context
+            )
+
+    async def _respond(self, request: _Request, path: str, query: str, rid: str) -> Response:
+        api = self._api
+        try:
+            caller = api.caller(request.method, path, request.headers.get("authorization"))
+        except AuthError as exc:
+            return unauthorized(exc)
+        req = Request(
+            request.method,
+            path,
+            headers=request.headers,
+            body=request.body,
+            caller=caller,
+            client=request.client,
+            query_string=query,
+            request_id=rid,
+        )
+        return await api.core.dispatch(req)
+
+    def _write(self, request: _Request, resp: Response) -> None:
+        self._busy = False
+        transport = self._transport
+        if transport is None or self._gone:
+            return  # the client went away meanwhile
+        try:
+            data = answer_bytes(resp, request.method, self._api.date(), request.close)
+        except ValueError as exc:
+            log.warning("answer not written: %s", exc)
+            transport.abort()
+            return
+        transport.write(data)
+        if request.close:
+            self._gone = True
+            self._listener.release(self)
+            transport.close()  # once written
+            return
+        self._next()
+
+    # -- leaving -------------------------------------------------------------------
+
+    def _resume_reading(self) -> None:
+        if not self._reading and not self._gone:
+            self._reading = True
+            assert self._transport is not None
+            self._transport.resume_reading()
+
+    def _hand_back(self) -> None:
+        """Give the connection back to Tornado, the unread bytes first (nothing is unsent)."""
+        transport = self._transport
+        assert transport is not None and not self._busy and not self._paused
+        self._gone = True
+        self._transport = None
+        self._listener.release(self)
+        buffered, self._buffer = self._buffer, b""
+        give_back(transport, self._listener, self._address, buffered, log)
+
+    def _abort(self) -> None:
+        if self._transport is not None:
+            self._transport.abort()
+
+
+def _tornado_headers(headers: Mapping[str, str]) -> httputil.HTTPHeaders:
+    out = httputil.HTTPHeaders()
+    for name, value in headers.items():
+        out.add(name, value)
+    return out

@@ -1,0 +1,395 @@
+"""Kept-alive REST connections behind CORE_URL, served off Tornado (gateway/fastproxy.py).
+
+Real processes: a gateway with ``CORE_URL`` and no database, a core with
+it. Each connection's first request is read by Tornado; the next ones by
+`gateway.fastproxy.ProxyConnection`, which must answer exactly as Tornado's
+path does and give anything unusual back to Tornado. Raw sockets, so that
+the bytes on the wire (pipelining, smuggling attempts) are the test's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import urllib.request
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import pytest
+
+from gateway.fastproxy import INCOMPLETE, Head, parse_head
+from tests.harness import ApiClient
+from tests.servers import UNIT
+from tests.test_accounts import ADA
+from tests.test_core_rest import PROJECT
+from tests.test_processes import GatewayProcess
+from tests.test_proxy import Tier, user
+
+PROJECT_JSON = json.dumps(PROJECT).encode()
+
+
+class Conn:
+    """One kept-alive HTTP/1.1 connection: raw requests out, whole answers in."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+
+    @classmethod
+    async def open(cls, port: int, source_ip: str = "127.0.0.1") -> Conn:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=(source_ip, 0))
+        return cls(reader, writer)
+
+    def send(self, data: bytes) -> None:
+        self.writer.write(data)
+
+    async def answer(self, head_only: bool = False) -> tuple[int, dict[str, str], bytes, bytes]:
+        """(status, headers with lower-case names, body, the raw head)."""
+        raw = await asyncio.wait_for(self.reader.readuntil(b"\r\n\r\n"), 5 * UNIT)
+        lines = raw.decode("latin-1").split("\r\n")
+        status = int(lines[0].split()[1])
+        headers = {}
+        for line in lines[1:]:
+            if line:
+                name, _, value = line.partition(":")
+                assert name.lower() not in headers, f"{name} twice"
+                headers[name.lower()] = value.strip()
+        length = int(headers.get("content-length", "0"))
+        body = b""
+        if length and not head_only:
+            body = await asyncio.wait_for(self.reader.readexactly(length), 5 * UNIT)
+        return status, headers, body, raw
+
+    async def closed(self) -> bool:
+        """Whether the gateway closes the connection (nothing more comes)."""
+        try:
+            return await asyncio.wait_for(self.reader.read(1), 5 * UNIT) == b""
+        except ConnectionError:
+            return True
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def request(
+    method: str, target: str, token: str | None, body: bytes | None = None, **headers: str
+) -> bytes:
+    lines = [f"{method} {target} HTTP/1.1", "Host: 127.0.0.1"]
+    if token:
+        lines.append(f"Authorization: Bearer {token}")
+    for name, value in headers.items():
+        lines.append(f"{name.replace('_', '-')}: {value}")
+    if body is not None:
+        lines += ["Content-Type: application/json", f"Content-Length: {len(body)}"]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + (body or b"")
+
+
+def adopted(port: int) -> float:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5 * UNIT) as r:
+        text = r.read().decode()
+    match = re.search(r"^gateway_adopted_connections (\S+)$", text, re.M)
+    assert match is not None
+    return float(match.group(1))
+
+
+def _same(tornado: tuple[Any, ...], fast: tuple[Any, ...]) -> None:
+    """The same answer but for the Date and the request id (each request gets its own)."""
+
+    def strip(head: bytes) -> bytes:
+        return re.sub(rb"(?m)^(Date|X-Request-Id|Idempotent-Replayed): [^\r]*\r\n", b"", head)
+
+    assert strip(tornado[3]) == strip(fast[3])
+    assert tornado[2] == fast[2] or (
+        json.loads(tornado[2]).get("error", {}).get("code")
+        == json.loads(fast[2]).get("error", {}).get("code")
+    )
+
+
+@pytest.fixture
+def tier(tmp_path, data_dir, redis_url, clean_db):
+    t = Tier(tmp_path, data_dir, redis_url, clean_db)
+    yield t
+    t.stop()
+
+
+@asynccontextmanager
+async def adopted_conn(port: int, token: str) -> AsyncIterator[Conn]:
+    """A connection whose first request Tornado answered: the next ones are served off it."""
+    conn = await Conn.open(port)
+    try:
+        conn.send(request("GET", "/api/projects", token))
+        assert (await conn.answer())[0] == 200
+        yield conn
+    finally:
+        conn.close()
+
+
+async def token_of(port: int) -> str:
+    ada = await user(port, ADA)
+    ada.close()
+    assert ada.token is not None
+    return ada.token
+
+
+async def test_kept_alive_connections_are_adopted_and_answer_as_tornado_does(tier):
+    port = tier.gateway.port
+    token = await token_of(port)
+    conn = await Conn.open(port)
+    try:
+        created = []
+        cases = [
+            request("POST", "/api/projects", token, PROJECT_JSON, Idempotency_Key="fast-1"),
+            request("GET", "/api/projects?limit=5", token),
+            request("HEAD", "/api/projects?limit=5", token),
+            request("GET", "/api/projects/999999", token),  # 404
+            request("GET", "/api/projects", "not-a-token"),  # 401 before the core
+            request("GET", "/api/projects", None),  # 401 from the core
+            request("POST", "/api/projects", token, b'{"name": ""}'),  # 422
+        ]
+        for case in cases:
+            # Each once as a connection's first request (Tornado), once after (adopted).
+            first = await Conn.open(port)
+            try:
+                first.send(case)
+                tornado = await first.answer(head_only=case.startswith(b"HEAD"))
+            finally:
+                first.close()
+            conn.send(case)
+            fast = await conn.answer(head_only=case.startswith(b"HEAD"))
+            _same(tornado, fast)
+            if case.startswith(b"POST") and fast[0] == 201:
+                created.append(json.loads(fast[2])["id"])
+                assert fast[1]["idempotent-replayed"] == "true"
+        assert adopted(port) >= 1
+        # The Idempotency-Key made the two creations one.
+        assert len(set(created)) == 1
+    finally:
+        conn.close()
+
+
+async def test_pipelined_requests_are_answered_in_order(tier):
+    token = await token_of(tier.gateway.port)
+    ids = [f"pipelined-{n}" for n in range(6)]
+
+    def nth(n: int, rid: str) -> bytes:
+        if n % 2 == 0:
+            return request("GET", "/api/projects?limit=1", token, X_Request_Id=rid)
+        body = json.dumps({**PROJECT, "name": f"p{n}"}).encode()
+        return request("POST", "/api/projects", token, body, X_Request_Id=rid)
+
+    burst = b"".join(nth(n, rid) for n, rid in enumerate(ids))
+    async with adopted_conn(tier.gateway.port, token) as conn:
+        conn.send(burst[:100])
+        await asyncio.sleep(0.05)
+        conn.send(burst[100:])
+        answers = [await conn.answer() for _ in ids]
+    assert [a[1]["x-request-id"] for a in answers] == ids
+    assert [a[0] for a in answers] == [200, 201] * 3
+    assert [json.loads(a[2])["name"] for a in answers[1::2]] == ["p1", "p3", "p5"]
+
+
+async def test_connection_close_is_answered_then_closed(tier):
+    token = await token_of(tier.gateway.port)
+    async with adopted_conn(tier.gateway.port, token) as conn:
+        conn.send(request("GET", "/api/projects", token, Connection="close"))
+        status, headers, _, _ = await conn.answer()
+        assert status == 200 and headers["connection"] == "close"
+        assert await conn.closed()
+
+
+@pytest.mark.parametrize(
+    "smuggle",
+    [
+        # CL.TE: a proxy that read Content-Length would see one request, one reading
+        # Transfer-Encoding two; Tornado refuses the pair.
+        b"POST /api/projects HTTP/1.1\r\nHost: x\r\nContent-Length: 42\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\nDELETE /api/projects/1 HTTP/1.1\r\nHost: x\r\n\r\n",
+        # Two lengths.
+        b"POST /api/projects HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nContent-Length: 44\r\n\r\n"
+        b"DELETE /api/projects/1 HTTP/1.1\r\nHost: x\r\n\r\n",
+        # Obs-fold hiding a header.
+        b"GET /api/projects HTTP/1.1\r\nHost: x\r\nX-A: 1\r\n Transfer-Encoding: chunked\r\n\r\n",
+        # Whitespace before the colon.
+        b"POST /api/projects HTTP/1.1\r\nHost: x\r\nContent-Length : 5\r\n\r\n{}{}{",
+        # A chunked body whose chunk holds a whole request.
+        b"POST /api/projects HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"2e\r\nDELETE /api/projects/1 HTTP/1.1\r\nHost: x\r\n\r\n\r\n0\r\n\r\n",
+    ],
+    ids=["cl-te", "two-lengths", "obs-fold", "space-before-colon", "chunked"],
+)
+async def test_smuggling_attempts_go_to_tornado_and_smuggle_nothing(tier, smuggle):
+    port = tier.gateway.port
+    token = await token_of(port)
+    status, _, created = await ApiClient(port, token).call("POST", "/api/projects", PROJECT)
+    assert status == 201
+    target = f"/api/projects/{created['id']}"
+    payload = smuggle.replace(b"/api/projects/1 ", target.encode() + b" ").replace(
+        b"Host: x\r\n", f"Host: x\r\nAuthorization: Bearer {token}\r\n".encode(), 1
+    )
+    async with adopted_conn(port, token) as conn:
+        conn.send(payload)
+        status, _, body, _ = await conn.answer()
+        assert status in (400, 413, 422), body
+    # Whatever was hidden in the framing never ran.
+    assert (await ApiClient(port, token).call("GET", target))[0] == 200
+
+
+async def test_unusual_requests_are_answered_by_tornado_on_the_same_connection(tier):
+    port = tier.gateway.port
+    token = await token_of(port)
+    async with adopted_conn(port, token) as conn:
+        # A bare LF (Tornado reads it), then a plain request: the connection lives on.
+        conn.send(
+            f"GET /api/projects HTTP/1.1\nHost: x\nAuthorization: Bearer {token}\n\n".encode()
+        )
+        assert (await conn.answer())[0] == 200
+        conn.send(request("OPTIONS", "/api/projects", None, Origin="http://x"))
+        assert (await conn.answer())[0] in (204, 405)
+        conn.send(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert (await conn.answer())[0] == 200
+        conn.send(request("GET", "/api/projects", token))
+        assert (await conn.answer())[0] == 200
+        # A body over MAX_BODY_BYTES (1 MiB by default): the guard's 413, then the close.
+        conn.send(
+            request("POST", "/api/projects", token)[:-2] + b"Content-Length: 99999999\r\n\r\n"
+        )
+        status, headers, _, _ = await conn.answer()
+        assert status == 413 and headers["connection"] == "close"
+        assert await conn.closed()
+
+
+async def test_a_forged_forwarded_for_is_replaced_on_adopted_connections(
+    tmp_path, data_dir, redis_url, clean_db
+):
+    """Registrations per client IP: 2 a minute at the core (RATE_LOGIN_IP)."""
+    t = Tier(tmp_path, data_dir, redis_url, clean_db, RATE_LOGIN_IP="2/60")
+    try:
+        port = t.gateway.port
+        conn = await Conn.open(port, "127.0.0.2")
+        try:
+
+            def register(n: int, **headers: str) -> bytes:
+                who = {**ADA, "email": f"forged{n}@example.com"}
+                body = json.dumps(who).encode()
+                return request("POST", "/api/auth/register", None, body, **headers)
+
+            statuses = []
+            for n in range(4):
+                conn.send(register(n, X_Forwarded_For=f"203.0.113.{n}"))
+                statuses.append((await conn.answer())[0])
+            # Counted for 127.0.0.2 every time, whatever it claimed.
+            assert statuses == [201, 201, 429, 429]
+            assert adopted(port) >= 1
+        finally:
+            conn.close()
+        other = await Conn.open(port, "127.0.0.3")
+        try:
+            other.send(register(9))
+            assert (await other.answer())[0] == 201
+        finally:
+            other.close()
+        # Behind a balancer the gateway trusts, the balancer's header names the client.
+        behind = GatewayProcess(
+            tmp_path,
+            data_dir,
+            "gateway",
+            **t.shared,
+            CORE_URL=f"http://127.0.0.1:{t.core.port}",
+            TRUSTED_PROXIES="127.0.0.5/32",
+        ).start()
+        try:
+            balancer = await Conn.open(behind.port, "127.0.0.5")
+            try:
+                statuses = []
+                for n, client in enumerate(["198.51.100.7"] * 3 + ["198.51.100.8"]):
+                    balancer.send(register(20 + n, X_Forwarded_For=f"6.6.6.6, {client}"))
+                    statuses.append((await balancer.answer())[0])
+                assert statuses == [201, 201, 429, 201]
+                assert adopted(behind.port) >= 1
+            finally:
+                balancer.close()
+        finally:
+            behind.stop()
+    finally:
+        t.stop()
+
+
+async def test_cors_and_the_core_going_away_on_an_adopted_connection(
+    tmp_path, data_dir, redis_url, clean_db
+):
+    t = Tier(tmp_path, data_dir, redis_url, clean_db)
+    cors = GatewayProcess(
+        tmp_path,
+        data_dir,
+        "gateway",
+        **t.shared,
+        CORE_URL=f"http://127.0.0.1:{t.core.port}",
+        CORS_ORIGINS="https://app.example",
+        CORE_BREAKER_FAILURES="2",
+        CORE_BREAKER_SECONDS="30",
+    ).start()
+    try:
+        token = await token_of(cors.port)
+        conn = await Conn.open(cors.port)
+        try:
+            for _ in range(2):
+                conn.send(request("GET", "/api/projects", token, Origin="https://app.example"))
+                status, headers, _, _ = await conn.answer()
+                assert (
+                    status == 200
+                    and headers["access-control-allow-origin"] == "https://app.example"
+                )
+                assert headers["vary"] == "Origin"
+            conn.send(request("GET", "/api/projects", token, Origin="https://evil.example"))
+            assert "access-control-allow-origin" not in (await conn.answer())[1]
+            await asyncio.to_thread(t.core.stop)
+            answers = []
+            for _ in range(3):
+                conn.send(request("GET", "/api/projects", token))
+                answers.append(await conn.answer())
+            assert {a[0] for a in answers} == {503}
+            assert all(int(a[1]["retry-after"]) >= 1 for a in answers)
+        finally:
+            conn.close()
+    finally:
+        cors.stop()
+        t.stop()
+
+
+# -- the head parser alone -------------------------------------------------------------------
+
+
+def test_parse_head_takes_only_the_strict_subset():
+    ok = b"GET /api/projects?limit=1 HTTP/1.1\r\nHost: a\r\nX-Forwarded-For: 1.2.3.4\r\n\r\n"
+    head = parse_head(ok + b"GET", 8192, 1000)
+    assert (
+        isinstance(head, Head) and head.size == len(ok) and head.target == "/api/projects?limit=1"
+    )
+    assert head.headers["x-forwarded-for"] == "1.2.3.4"
+    assert parse_head(ok[:-2], 8192, 1000) is INCOMPLETE
+    assert parse_head(ok[:-1], 8192, 1000) is INCOMPLETE
+    assert parse_head(b"GET /api/projects HTTP/1.1\nHost: a\n\n", 8192, 1000) is None
+    refused = [
+        ok.replace(b"GET", b"OPTIONS"),
+        ok.replace(b"/api/projects", b"/api/server/info"),
+        ok.replace(b"/api/projects", b"/ws"),
+        ok.replace(b"HTTP/1.1", b"HTTP/1.0"),
+        ok.replace(b"Host: a\r\n", b""),
+        ok.replace(b"Host: a\r\n", b"Host: a\r\nHost: b\r\n"),
+        ok.replace(b"Host: a", b"Host : a"),
+        ok.replace(b"Host: a\r\n", b"Host: a\r\n folded\r\n"),
+        ok.replace(b"Host: a\r\n", b"Host: a\nX: y\r\n"),
+        ok.replace(b"Host: a\r\n", b"Host: a\rX: y\r\n"),
+        ok.replace(b"Host: a\r\n", b"Host: a\r\nTransfer-Encoding: chunked\r\n"),
+        ok.replace(b"Host: a\r\n", b"Host: a\r\nExpect: 100-continue\r\n"),
+        ok.replace(b"Host: a\r\n", b"Host: a\r\nUpgrade: h2c\r\nConnection: Upgrade\r\n"),
+        ok.replace(b"Host: a\r\n", b"Host: a\r\nContent-Length: 1\r\nContent-Length: 1\r\n"),
+        ok.replace(b"Host: a\r\n", b"Host: a\r\nContent-Length: +1\r\n"),
+        ok.replace(b"Host: a\r\n", b"Host: a\r\nContent-Length: 1001\r\n"),
+        ok.replace(b"Host: a\r\n", b"Host: a\r\nX: \xe9\r\n"),
+        b"\r\n" + ok,
+        ok.replace(b"Host: a\r\n", b"Host: a\r\nX: " + b"y" * 9000 + b"\r\n"),
+    ]
+    assert [parse_head(r, 8192, 1000) for r in refused] == [None] * len(refused)
+    assert parse_head(b"GET /api/x HTTP/1.1\r\n" + b"X: y\r\n" * 2000, 8192, 1000) is None
