@@ -40,7 +40,23 @@ Scenarios (the issue's targets in brackets):
   not the bottleneck. Gateways only (the peers speak another protocol);
 * ``hold39k``: ``hold`` with 39,000 sockets, for ``gateway-w2`` (one process
   may hold 20,000 descriptors): time to the last subscriber against the
-  kernel's floor for 39,000 sockets on two cores [<= 1.3x].
+  kernel's floor for 39,000 sockets on two cores [<= 1.3x];
+* ``burst-c`` and ``hold39k-c``: the receiving side is ``bench/connclient.c``
+  in its receiver mode (C, one thread, one epoll per 19,500 sockets; see
+  `_c_run`), not the Python load tool, so that the client is not the
+  bottleneck: ``burst-c`` opens 10,000 subscribed sockets, then publishes 200
+  publications at once (one Redis pipeline) and reports deliveries/s from the
+  first publication to the last delivery (2,000,000 deliveries) [``gateway-w2`` >= 1.7x ``gateway``];
+  ``hold39k-c`` is ``hold39k`` with the C receiver [<= 1.3x the two-core floor].
+  Each report carries the CPU seconds per delivery of the server, the client
+  and Redis, and the rate those allow on this machine (``bound_per_s``).
+
+``--worker-cpu 0.6`` holds each server process (each worker of
+``gateway-w2``) to 0.6 of a core with a cgroup quota (`bench.cpuquota`; not
+pinned), so one worker gets 0.6 and two get 0.6 each: the
+ratio then says how the workers scale with the CPU they are given, not how
+the client and the servers share two cores. Report such runs beside
+unlimited ones (``--name``), never instead.
 
 It also prints the kernel's floor (`bench.sendfloor`): the time one ``send``
 on each of N loopback sockets takes on CPU 0, which bounds "time to the last
@@ -68,10 +84,11 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -79,6 +96,7 @@ from typing import Any
 
 from bench import connrate
 from bench.connrate import process_tree_cpu
+from bench.cpuquota import CpuQuota
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -88,6 +106,10 @@ SERVERS = ("gateway", "tornado", "fastapi")
 GATEWAYS = ("gateway", "console", "baseline")
 #: The checkout ``baseline`` runs (``--baseline``).
 BASELINE: list[Path] = []
+#: Each server process's CPU quota in cores (``--worker-cpu``); empty: unlimited.
+WORKER_CPU: list[float] = []
+#: Sockets per receiving C client: one process may hold 20,000 descriptors.
+C_CLIENT_SOCKETS = 19_500
 #: Gateways with settings of their own, by name (not run unless named in --servers).
 VARIANTS = {"gateway-events": {"EVENTS_STREAM": "true"}, "gateway-w2": {"WORKERS": "2"}}
 
@@ -107,9 +129,19 @@ SCENARIOS = {
     "sustained": Scenario("sustained", 10_000, 25, 250, ">= 200,000 deliveries/s"),
     "connect": Scenario("connect", 10_000, 0, 0, ">= 5,000 handshakes per server CPU-second"),
     "hold39k": Scenario("hold39k", 39_000, 1, 10, "last of 39,000 <= 1.3x the kernel floor"),
+    # Rate 0: every publication at once (one Redis pipeline).
+    "burst-c": Scenario("burst-c", 10_000, 0, 200, "deliveries/s, gateway-w2 >= 1.7x gateway"),
+    "hold39k-c": Scenario("hold39k-c", 39_000, 1, 10, "last of 39,000 <= 1.3x the kernel floor"),
 }
+#: Scenarios whose receiving side is bench/connclient.c (`_c_run`), not the load tool.
+C_SCENARIOS = ("burst-c", "hold39k-c")
 #: Scenarios only some servers run (the rest are skipped for them).
-ONLY = {"connect": (*GATEWAYS, "gateway-w2"), "hold39k": ("gateway-w2",)}
+ONLY = {
+    "connect": (*GATEWAYS, "gateway-w2"),
+    "hold39k": ("gateway-w2",),
+    "burst-c": (*GATEWAYS, "gateway-w2"),
+    "hold39k-c": ("gateway-w2",),
+}
 
 
 def _free_port() -> int:
@@ -192,7 +224,10 @@ def _server(
             watcher = _watch(port)
             time.sleep(2)  # connected, and the gateway told that someone watches
         time.sleep(1)  # let start-up garbage settle before the memory baseline
-        yield port, proc.pid
+        with ExitStack() as quotas:
+            if WORKER_CPU:
+                _limit(quotas, server, proc.pid, WORKER_CPU[0])
+            yield port, proc.pid
     finally:
         if watcher is not None:
             watcher.terminate()
@@ -222,6 +257,8 @@ def run_scenario(
     """
     if scenario.name == "connect":
         return _connect_run(server, scenario, log, extra)
+    if scenario.name in C_SCENARIOS:
+        return _c_run(server, scenario, log, extra)
     with _server(server, log, extra) as (port, pid):
         workers = _children(pid) if server == "gateway-w2" else []
         argv = [
@@ -254,6 +291,22 @@ def run_scenario(
     return report
 
 
+def _limit(stack: ExitStack, server: str, pid: int, cores: float) -> None:
+    """Hold each server process to ``cores`` of a CPU (`CpuQuota`), free to run on any CPU.
+
+    Each worker gets a cgroup of its own: besides the quota, the scheduler then
+    weighs it as one entity against every other session's processes (each
+    session here is an autogroup, sched_autogroup_enabled), rather than
+    sharing this session's one weight with the load client. Not pinned: on a
+    shared machine a pinned worker waits behind whatever else is pinned there.
+    """
+    everywhere = set(range(os.cpu_count() or 1))
+    for i, worker in enumerate(_children(pid) if server == "gateway-w2" else [pid]):
+        quota = stack.enter_context(CpuQuota(f"bench-worker{i}", cores))
+        quota.add(worker)
+        os.sched_setaffinity(worker, everywhere)
+
+
 def _children_cpu() -> float:
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     return usage.ru_utime + usage.ru_stime
@@ -270,6 +323,193 @@ def _children(pid: int) -> list[int]:
         time.sleep(0.2)
 
 
+def _redis_cpu(client: Any) -> float:
+    """CPU seconds Redis has used (INFO cpu): shared with anything else using this Redis."""
+    info = client.info("cpu")
+    return float(info["used_cpu_sys"]) + float(info["used_cpu_user"])
+
+
+def _publish(client: Any, channel: str, messages: int, rate: float) -> list[int]:
+    """Publish ``messages`` as the load tool does (``{"s", "t", "c"}``); rate 0: all at once.
+
+    Returns how many subscribers (gateway processes) Redis gave each one to.
+    """
+    key = "gw:" + channel
+    if rate == 0:
+        pipe = client.pipeline(transaction=False)
+        for seq in range(messages):
+            pipe.publish(key, b'{"s":%d,"t":%.6f,"c":0}' % (seq, time.time()))
+        return [int(n) for n in pipe.execute()]
+    start, out = time.monotonic(), []
+    for seq in range(messages):
+        time.sleep(max(0.0, start + seq / rate - time.monotonic()))
+        out.append(int(client.publish(key, b'{"s":%d,"t":%.6f,"c":0}' % (seq, time.time()))))
+    return out
+
+
+def _c_run(
+    server: str, scenario: Scenario, log: Path, extra: dict[str, str] | None
+) -> dict[str, Any]:
+    """A fan-out scenario whose receivers are ``bench/connclient.c`` processes.
+
+    The C clients (pinned to CPU 1, 19,500 sockets each, client i from address
+    127.0.0.<2+i>: one address has ~28,000 ephemeral ports) connect and subscribe
+    every socket, each with its own token; then this process publishes
+    through Redis and each client reports its deliveries (per publication:
+    how many, first and last arrival), losses and duplicates, and its own CPU
+    over the receiving phase. Server, client and Redis CPU are read over the
+    same span, from the first publication to the last client's report.
+    """
+    import redis
+
+    n, m = scenario.connections, scenario.messages
+    parts = -(-n // C_CLIENT_SOCKETS)
+    sizes = [n // parts + (1 if i < n % parts else 0) for i in range(parts)]
+    binary = connrate.client_binary()
+    rds = redis.Redis.from_url(os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"))
+    files: list[str] = []
+    with _server(server, log, extra) as (port, pid):
+        channel = f"c-{scenario.name}-{os.getpid()}-{time.monotonic_ns()}"
+        tokens = connrate.mint_tokens(JWT_SECRET, n, channel)
+        clients = []
+        try:
+            for i, size in enumerate(sizes):
+                start = sum(sizes[:i])
+                with tempfile.NamedTemporaryFile("w", suffix=".tokens", delete=False) as f:
+                    f.write("\n".join(tokens[start : start + size]) + "\n")
+                files.append(f.name)
+                argv = [
+                    *_pin(1),
+                    str(binary),
+                    "127.0.0.1",
+                    str(port),
+                    str(size),
+                    str(connrate.WINDOW // len(sizes)),  # as many in flight as `connect`
+                    f.name,
+                    channel,
+                    str(m),
+                    "15",
+                    f"127.0.0.{2 + i}",
+                ]
+                clients.append(
+                    subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+                )
+            connects = [json.loads(c.stdout.readline() or "{}") for c in clients if c.stdout]
+            time.sleep(1)  # the last subscriptions reach Redis
+            per_worker: dict[str, Any] = {
+                k: v for k, v in scrape(port).items() if k.startswith("gateway_connections{")
+            }
+            workers = _children(pid) if server == "gateway-w2" else [pid]
+            each = [process_tree_cpu(w) for w in workers]
+            server_cpu, redis_cpu, started = process_tree_cpu(pid), _redis_cpu(rds), time.time()
+            receivers = _publish(rds, channel, m, scenario.rate)
+            received = [json.loads(c.stdout.readline() or "{}") for c in clients if c.stdout]
+            server_cpu = process_tree_cpu(pid) - server_cpu
+            # Each worker's share: an even split says SO_REUSEPORT and Redis serve both alike.
+            per_worker["cpu_seconds"] = [
+                round(process_tree_cpu(w) - c, 3) for w, c in zip(workers, each, strict=True)
+            ]
+            redis_cpu = _redis_cpu(rds) - redis_cpu
+            span = time.time() - started
+        finally:
+            for c in clients:
+                if c.stdin:
+                    c.stdin.close()
+                c.wait(60)
+            for name in files:
+                os.unlink(name)
+    return _c_report(
+        n,
+        m,
+        connects,
+        received,
+        server_cpu,
+        redis_cpu,
+        span,
+        receivers,
+        per_worker,
+        2 if server == "gateway-w2" else 1,
+    )
+
+
+def _c_report(
+    n: int,
+    m: int,
+    connects: list[dict[str, Any]],
+    received: list[dict[str, Any]],
+    server_cpu: float,
+    redis_cpu: float,
+    span: float,
+    receivers: list[int],
+    per_worker: dict[str, Any],
+    workers: int,
+) -> dict[str, Any]:
+    """The C clients' reports merged: per publication over all clients, CPU per delivery."""
+    if len(received) != len(connects) or not all("pubs" in r for r in received):
+        raise RuntimeError(f"a C client failed: {received}")
+    pubs = []
+    for s in range(m):
+        parts = [r["pubs"][s] for r in received if r["pubs"][s]["n"]]
+        if parts:
+            t = parts[0]["t"]
+            pubs.append(
+                {
+                    "s": s,
+                    "n": sum(p["n"] for p in parts),
+                    "t": t,
+                    "to_last_ms": round((max(p["last"] for p in parts) - t) * 1e3, 2),
+                }
+            )
+    deliveries = sum(r["deliveries"] for r in received)
+    first_t = min((p["t"] for p in pubs), default=0.0)
+    last = max((r["last_arrival"] for r in received), default=0.0)
+    client_cpu = sum(r["client_cpu_seconds"] for r in received)
+    cores = os.cpu_count() or 1
+    server_cores = workers * (WORKER_CPU[0] if WORKER_CPU else 1.0)
+    per = {
+        k: v / deliveries if deliveries else float("nan")
+        for k, v in (("server", server_cpu), ("client", client_cpu), ("redis", redis_cpu))
+    }
+    bound = min(server_cores / per["server"], cores / sum(per.values())) if deliveries else 0.0
+    to_last = sorted(p["to_last_ms"] for p in pubs)
+    return {
+        "c_receiver": True,
+        "worker_cpu": WORKER_CPU[0] if WORKER_CPU else None,
+        "connections": {
+            "opened": sum(c.get("subscribed", 0) for c in connects),
+            "failed": n - sum(c.get("subscribed", 0) for c in connects),
+            "seconds": max((c.get("seconds", 0) for c in connects), default=0),
+        },
+        "connects": connects,
+        "per_worker_connections": per_worker,
+        "receivers_per_publication": receivers,
+        "deliveries": {
+            "expected": sum(c.get("subscribed", 0) for c in connects) * m,
+            "delivered": deliveries,
+            "lost": sum(r["lost"] for r in received),
+            "duplicates": sum(r["duplicates"] for r in received),
+            "closed": sum(r["closed"] for r in received),
+            "per_second": round(deliveries / (last - first_t), 1) if last > first_t else 0.0,
+        },
+        "to_last_p50_ms": to_last[len(to_last) // 2] if to_last else float("nan"),
+        "to_last_max_ms": to_last[-1] if to_last else float("nan"),
+        "latency_p99_ms": max((r["latency_p99_ms"] for r in received), default=0.0),
+        "publications": pubs,
+        "server_cpu_seconds": round(server_cpu, 3),
+        "client_cpu_seconds": round(client_cpu, 3),
+        "redis_cpu_seconds": round(redis_cpu, 3),
+        "span_seconds": round(span, 3),
+        "us_per_delivery": {k: round(v * 1e6, 3) for k, v in per.items()},
+        # How much of the CPU it may use the server used (near 1: CPU-bound, or quota-bound).
+        "server_cpu_share": round(server_cpu / span / server_cores, 3) if span else 0.0,
+        # Server CPU per publication and worker: a time to last that no contention inflates.
+        "server_cpu_ms_per_publication": round(server_cpu / m / workers * 1e3, 1),
+        # What the CPU allows: the server at most its cores (a worker one, or its quota),
+        # everything together at most the machine's.
+        "bound_per_s": round(bound, 1),
+    }
+
+
 def _connect_run(
     server: str, scenario: Scenario, log: Path, extra: dict[str, str] | None
 ) -> dict[str, Any]:
@@ -278,6 +518,17 @@ def _connect_run(
         channel = f"connect-{os.getpid()}-{time.monotonic_ns()}"
         burst = connrate.burst(port, pid, JWT_SECRET, scenario.connections, channel, pin=_pin(1),
                                hold=1.0)  # fmt: skip
+    # What the CPU allows: the server at most its cores (a worker one, or its quota),
+    # server and client together at most the machine's.
+    done = burst["subscribed"]
+    if done and burst["server_cpu_seconds"]:
+        per_server = burst["server_cpu_seconds"] / done
+        per_client = burst["client_cpu_seconds"] / done
+        cores = (2 if server == "gateway-w2" else 1) * (WORKER_CPU[0] if WORKER_CPU else 1.0)
+        burst["bound_per_s"] = round(
+            min(cores / per_server, (os.cpu_count() or 1) / (per_server + per_client)), 1
+        )
+    burst["worker_cpu"] = WORKER_CPU[0] if WORKER_CPU else None
     return {"connect": burst}
 
 
@@ -312,7 +563,26 @@ def _figures(report: dict[str, Any]) -> dict[str, float]:
         return {"failed": b["failed"], "connect_s": b["seconds"], "connects_per_s": b["per_second"],
                 "per_cpu_s": b["per_server_cpu_second"], "handshake_p50_ms": b["handshake_p50_ms"],
                 "handshake_p99_ms": b["handshake_p99_ms"], "server_cpu_share": b["server_cpu_share"],
-                "client_cpu_share": b["client_cpu_share"]}  # fmt: skip
+                "client_cpu_share": b["client_cpu_share"],
+                "bound_per_s": b.get("bound_per_s", float("nan"))}  # fmt: skip
+    if report.get("c_receiver"):
+        d, us = report["deliveries"], report["us_per_delivery"]
+        return {
+            "opened": report["connections"]["opened"],
+            "failed": report["connections"]["failed"],
+            "connect_s": report["connections"]["seconds"],
+            "deliveries_per_s": d["per_second"],
+            "lost": d["lost"],
+            "duplicates": d["duplicates"],
+            "last_p50_ms": report["to_last_p50_ms"],
+            "last_max_ms": report["to_last_max_ms"],
+            "server_us": us["server"],
+            "client_us": us["client"],
+            "redis_us": us["redis"],
+            "bound_per_s": report["bound_per_s"],
+            "server_cpu_share": report.get("server_cpu_share", float("nan")),
+            "cpu_ms_per_pub": report.get("server_cpu_ms_per_publication", float("nan")),
+        }
     c, d = report["connections"], report["deliveries"]
     per = report["server_memory"]["bytes_per_connection"]
     return {
@@ -340,6 +610,23 @@ _CONNECT_COLUMNS = [
     ("handshake_p99_ms", "handshake p99 ms", "{:.1f}"),
     ("server_cpu_share", "server CPU share", "{:.2f}"),
     ("client_cpu_share", "client CPU share", "{:.2f}"),
+    ("bound_per_s", "CPU bound /s", "{:,.0f}"),
+    ("failed", "failed", "{:.0f}"),
+]
+
+_C_COLUMNS = [
+    ("connect_s", "connect s", "{:.2f}"),
+    ("last_p50_ms", "to last p50 ms", "{:.1f}"),
+    ("last_max_ms", "to last max ms", "{:.1f}"),
+    ("deliveries_per_s", "deliveries/s", "{:,.0f}"),
+    ("bound_per_s", "CPU bound /s", "{:,.0f}"),
+    ("server_cpu_share", "server CPU share", "{:.2f}"),
+    ("cpu_ms_per_pub", "CPU ms/pub/worker", "{:.1f}"),
+    ("server_us", "server us/dlv", "{:.2f}"),
+    ("client_us", "client us/dlv", "{:.2f}"),
+    ("redis_us", "redis us/dlv", "{:.3f}"),
+    ("lost", "lost", "{:.0f}"),
+    ("duplicates", "duplicates", "{:.0f}"),
     ("failed", "failed", "{:.0f}"),
 ]
 
@@ -361,7 +648,13 @@ def table(results: dict[str, dict[str, list[dict[str, float]]]]) -> str:
     for name, per_server in results.items():
         lines.append(f"\n{name}: {SCENARIOS[name].connections:,} connections, "
                      f"{SCENARIOS[name].rate:g} publications/s; target {SCENARIOS[name].target}")  # fmt: skip
-        columns = _CONNECT_COLUMNS if name == "connect" else _COLUMNS
+        columns = (
+            _CONNECT_COLUMNS
+            if name == "connect"
+            else _C_COLUMNS
+            if name in C_SCENARIOS
+            else _COLUMNS
+        )
         lines.append(f"  {'server':<9}" + "".join(f"{title:>17}" for _, title, _ in columns))
         medians: dict[str, dict[str, float]] = {}
         for server, runs in per_server.items():
@@ -391,7 +684,7 @@ def table(results: dict[str, dict[str, list[dict[str, float]]]]) -> str:
                             ("last_p50_ms", "to last p50"),
                             ("deliveries_per_s", "deliveries/s"),
                         )
-                        if ours[key]
+                        if ours.get(key) and key in med
                     )
                 )
                 continue
@@ -464,11 +757,19 @@ def main() -> int:
     p.add_argument("--save", action="store_true", help="write bench/results/<name>-<date>.json")
     p.add_argument("--name", default="fanout", help="the saved file's name (default fanout)")
     p.add_argument("--baseline", type=Path, help="a checkout whose gateway runs as 'baseline'")
+    p.add_argument(
+        "--worker-cpu",
+        type=float,
+        help="hold each server process (each worker) to "
+        "this many cores with a cgroup quota (bench.cpuquota)",
+    )
     p.add_argument("--tabulate", type=Path, help="no runs: the table of a saved run's 'runs' "
                    "(or of fanout-partial.json), with floors measured now")  # fmt: skip
     args = p.parse_args()
     if args.baseline is not None:
         BASELINE.append(args.baseline.resolve())
+    if args.worker_cpu is not None:
+        WORKER_CPU.append(args.worker_cpu)
     servers = [s for s in args.servers.split(",") if s]
     scenarios = [SCENARIOS[s] for s in args.scenarios.split(",") if s]
     RESULTS.mkdir(exist_ok=True)
@@ -500,10 +801,20 @@ def main() -> int:
                 # Kept as it goes: a failure later does not lose the runs so far.
                 (RESULTS / "fanout-partial.json").write_text(json.dumps(raw, indent=1))
     # One process holds at most 20,000 descriptors: 39,000 sockets have only the two-core floor.
-    one_core = {SCENARIOS[s].connections for s in results if s not in ("connect", "hold39k")}
+    # A floor is one send per socket: it bounds scenarios with one publication in flight.
+    timed = [s for s in results if SCENARIOS[s].rate == 1]
+    one_core = {SCENARIOS[s].connections for s in timed if s not in ("hold39k", "hold39k-c")}
     floors = [kernel_floor(n) for n in sorted(one_core)]
-    two_cores = [kernel_floor_cores(SCENARIOS[s].connections) for s in results
-                 if any(server == "gateway-w2" for server in results[s]) and s != "connect"]  # fmt: skip
+    two_cores = [
+        kernel_floor_cores(n)
+        for n in sorted(
+            {
+                SCENARIOS[s].connections
+                for s in timed
+                if any(server == "gateway-w2" for server in results[s])
+            }
+        )
+    ]
     text = (
         table(results)
         + ("\n\nkernel floor (bench.sendfloor, CPU 0): " if floors else "\n")
@@ -524,7 +835,7 @@ def main() -> int:
     print(text)
     if args.save:
         save_results(args.name, {"floors": floors, "floors_two_cores": two_cores, "runs": raw,
-                                 "table": text})  # fmt: skip
+                                 "worker_cpu": args.worker_cpu, "table": text})  # fmt: skip
     return 0
 
 

@@ -482,16 +482,21 @@ def cell(summary: dict[str, Any] | None, key: str, fmt: str) -> str:
 def markdown(results: dict[str, dict[str, dict[str, Any]]], labels: dict[str, str]) -> str:
     """Per endpoint, each server's medians; then each of ours against each peer."""
     lines = [
-        "| endpoint | server | req/s | p99 | server CPU |",
-        "| --- | --- | ---: | ---: | ---: |",
+        "| endpoint | server | req/s | p99 | server CPU | CPU per request |",
+        "| --- | --- | ---: | ---: | ---: | ---: |",
     ]
     for endpoint, by_server in results.items():
         for key, summary in by_server.items():
             cpu = statistics.median(r["server_cpu"] for r in summary["runs"])
+            # The server's CPU seconds (/proc) over the requests it answered, per run.
+            per_request = statistics.median(
+                1000 * r["server_cpu"] / r["requests_per_s"] for r in summary["runs"]
+            )
             lines.append(
                 f"| {endpoint} | {labels[key]}"
                 f" | {cell(summary, 'median_requests_per_s', '{:,.0f}')}"
-                f" | {cell(summary, 'median_p99_ms', '{:.2f} ms')} | {cpu:.0%} |"
+                f" | {cell(summary, 'median_p99_ms', '{:.2f} ms')} | {cpu:.0%}"
+                f" | {per_request:.3f} ms |"
             )
     lines += [
         "",
@@ -564,6 +569,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="also run the gateway of this commit (e.g. main), for a before/after in one run",
     )
     parser.add_argument("--save", action="store_true", help="write bench/results/rest-<date>.json")
+    parser.add_argument(
+        "--name", default="", help="with --save: bench/results/rest-<date>-<name>.json"
+    )
     return parser.parse_args(argv)
 
 
@@ -634,11 +642,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.save:
         RESULTS.mkdir(parents=True, exist_ok=True)
         now = datetime.now(UTC)
-        path = RESULTS / f"rest-{now.date().isoformat()}.json"
+        stem = f"rest-{now.date().isoformat()}" + (f"-{args.name}" if args.name else "")
+        path = RESULTS / f"{stem}.json"
         for n in range(2, 100):  # never over an earlier report of the same day
             if not path.exists():
                 break
-            path = RESULTS / f"rest-{now.date().isoformat()}-{n}.json"
+            path = RESULTS / f"{stem}-{n}.json"
         document = {
             "date": now.isoformat(timespec="seconds"),
             "command": command,

@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Sequence
 from typing import Literal
 
-from core.infra.broker.base import Publisher
+from core.infra.broker.base import EachPublisher, Publisher
 
 __all__ = ["ChangeKind", "Events"]
 
@@ -30,6 +31,9 @@ ChangeKind = Literal["created", "updated", "deleted"]
 class Events:
     def __init__(self, publisher: Publisher | None) -> None:
         self._publisher = publisher
+        # The node and HistoryPublisher check an event once and send its
+        # channels in one round trip, without a task per channel.
+        self._each = publisher if isinstance(publisher, EachPublisher) else None
         self.failures = 0
 
     async def changed(
@@ -52,9 +56,16 @@ class Events:
         )
         # Both at once: with a Redis broker they share one pipeline (one round trip).
         channels = (resource, f"{resource}:{id}")
-        outcomes = await asyncio.gather(
-            *(self._publisher.publish(ch, event) for ch in channels), return_exceptions=True
-        )
+        outcomes: Sequence[object]
+        if self._each is not None:
+            try:
+                outcomes = await self._each.publish_each(channels, event)
+            except Exception as exc:  # not publishable: on no channel
+                outcomes = [exc] * len(channels)
+        else:
+            outcomes = await asyncio.gather(
+                *(self._publisher.publish(ch, event) for ch in channels), return_exceptions=True
+            )
         for ch, outcome in zip(channels, outcomes, strict=True):
             if isinstance(outcome, Exception):
                 self.failures += 1

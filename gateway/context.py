@@ -15,7 +15,7 @@ from core.service import Core, CoreUnavailable
 from gateway.hooks.service import Hooks
 from gateway.node import Node
 from gateway.serverapi.operations import Operations
-from gateway.session import Session, Transport
+from gateway.session import Dispatch, Session, Transport, Verify
 from gateway.transport.pollsessions import LongPollSessions
 from gateway.transport.wsconn import Coalescer
 from gateway.upstream import UpstreamCore
@@ -51,6 +51,15 @@ class Context:
     compressor: Compressor | None = None
     #: What sessions are made with: `Session`, or with hooks `gateway.hooks.HookedSession`.
     new_session: Callable[..., Session] = Session
+    # Bound once: `core.dispatch` and `verifier.verify` make a new method
+    # object at each access, which each session would hold (two more objects
+    # per socket for every full collection to walk).
+    _dispatch: Dispatch = dataclasses.field(init=False, repr=False, compare=False)
+    _verify: Verify = dataclasses.field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_dispatch", self.core.dispatch)
+        object.__setattr__(self, "_verify", self.verifier.verify)
 
     def open_session(
         self, transport: Transport, codec: Codec, identity: Identity, remote_ip: str
@@ -69,8 +78,8 @@ class Context:
             identity,
             self.node,
             self.metrics,
-            self.core.dispatch,
-            self.verifier.verify,
+            self._dispatch,
+            self._verify,
             commands=s.rate_socket_commands,
             publishes=s.rate_socket_publish,
             remote_ip=remote_ip,

@@ -14,7 +14,7 @@ import asyncio
 import itertools
 import logging
 import time
-from collections.abc import Callable, Coroutine, Iterable
+from collections.abc import Callable, Coroutine, Iterable, Sequence
 from typing import Any
 
 from core.infra import control
@@ -238,6 +238,12 @@ class Node:
         checked it already).
         """
         return await self.publisher.publish(ch, data, checked=checked, history=history)
+
+    async def publish_each(
+        self, channels: Sequence[str], data: bytes
+    ) -> list[Position | Exception | None]:
+        """`publish` ``data`` on each of ``channels`` at once (`HistoryPublisher.publish_each`)."""
+        return await self.publisher.publish_each(channels, data)
 
     def seen(self, ch: str) -> Position | None:
         """The last position of ``ch`` broadcast to this node's members (None: none yet).

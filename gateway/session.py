@@ -22,7 +22,7 @@ from core.infra.control import ConnectionInfo
 from core.infra.identity import AuthError, Identity
 from core.infra.metrics import Metrics
 from core.infra.rate import Rate
-from core.infra.ratelimit import LocalLimit
+from core.infra.ratelimit import local_hit
 from core.request import Request, Response
 from gateway.hub import Prepared
 from gateway.node import Node
@@ -99,6 +99,8 @@ def _second() -> int:
 
 class Session:
     __slots__ = (
+        "_commands_tat",
+        "_publishes_tat",
         "client_id",
         "codec",
         "commands",
@@ -139,8 +141,11 @@ class Session:
         self.metrics = metrics
         self.dispatch = dispatch
         self.verify = verify
-        self.commands = LocalLimit(commands) if commands else None
-        self.publishes = LocalLimit(publishes) if publishes else None
+        # The per-connection limits: the settings' rates, shared, and this
+        # session's TATs as plain ints (no object per socket for the collector).
+        self.commands = commands or None
+        self.publishes = publishes or None
+        self._commands_tat = self._publishes_tat = 0
         self.refused = 0  # refusals in a row, for the abuse close
         self.held: dict[str, list[Prepared]] | None = None  # channels being recovered
         #: This connection, in presence (and to hooks, which named it before it opened).
@@ -273,16 +278,20 @@ class Session:
 
     def _allowed(self, cmd: Command) -> bool:
         """Per-connection rate limits; a client that keeps going once told is closed."""
-        for limit in (self.commands, self.publishes if isinstance(cmd, Pub) else None):
-            if limit is None:
+        for publish in (False, True) if isinstance(cmd, Pub) else (False,):
+            rate = self.publishes if publish else self.commands
+            if rate is None:
                 continue
-            decision = limit.hit()
+            if publish:
+                decision, self._publishes_tat = local_hit(rate, self._publishes_tat)
+            else:
+                decision, self._commands_tat = local_hit(rate, self._commands_tat)
             if decision.allowed:
                 continue
             self.refused += 1
-            scope = "socket_publish" if limit is self.publishes else "socket_commands"
+            scope = "socket_publish" if publish else "socket_commands"
             self.metrics.rate_limited.labels(scope).inc()
-            if self.refused > limit.rate.limit:
+            if self.refused > rate.limit:
                 log.warning("closing %s: kept sending while rate limited", self.identity.sub)
                 self.transport.disconnect(CloseCode.RATE_LIMITED)
                 return False

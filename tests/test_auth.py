@@ -250,9 +250,9 @@ def _b64(raw: bytes) -> str:
 
 
 def _forge(header: object, claims: object, secret: str = SECRET, alg=hashlib.sha256) -> str:
-    """A token with exactly this header and payload JSON, signed with ``secret``."""
+    """A token with exactly this header and payload JSON (or these bytes), signed with ``secret``."""
     head = _b64(json.dumps(header).encode())
-    body = _b64(json.dumps(claims).encode())
+    body = _b64(claims if isinstance(claims, bytes) else json.dumps(claims).encode())
     sig = hmac.new(secret.encode(), f"{head}.{body}".encode(), alg).digest()
     return f"{head}.{body}.{_b64(sig)}"
 
@@ -262,7 +262,7 @@ def _outcome(v: Verifier, token: str) -> str:
         ident = v.verify(token)
     except AuthError as exc:
         return exc.reason
-    return f"ok {ident.sub} {ident.exp} {ident.grants!r}"
+    return f"ok {ident.sub} {ident.exp} {ident.grants!r} {ident.sid} {ident.role} {ident.info!r}"
 
 
 def test_the_secrets_own_check_decides_as_pyjwt_alone():
@@ -306,11 +306,50 @@ def test_the_secrets_own_check_decides_as_pyjwt_alone():
         f"{head}.{body}.",
         "é" + valid,
         valid + "é",
+        # The claims core/infra/jwtclaims.py reads itself, or leaves to PyJWT:
+        _forge(plain, {**good, "iat": now - 10, "nbf": now - 10, "jti": "j", "sid": "s1"}),
+        _forge(plain, {**good, "iat": now + 0.5}),  # a float: PyJWT truncates it
+        _forge(plain, {**good, "iat": float(now + 3600)}),
+        _forge(plain, {**good, "iat": True}),
+        _forge(plain, {**good, "nbf": 10**40}),
+        _forge(plain, {**good, "nbf": -(10**40)}),
+        _forge(plain, {**good, "jti": None}),
+        _forge(plain, {**good, "sub": None}),
+        _forge(plain, {**good, "aud": "clients"}),
+        _forge(plain, {**good, "aud": ["x", "clients"], "iss": "gw"}),
+        _forge(plain, {**good, "aud": ["clients", 5], "iss": "gw"}),
+        _forge(plain, {**good, "aud": "", "iss": "gw"}),
+        _forge(plain, {**good, "aud": [], "iss": "gw"}),
+        _forge(plain, {**good, "aud": {"clients": 1}, "iss": "gw"}),
+        _forge(plain, {**good, "aud": "clients", "iss": 7}),
+        _forge(plain, {**good, "aud": "clients", "iss": ["gw"]}),
+        _forge(plain, {**good, "role": "admin", "info": {"name": "a"}}),
+        _forge({"alg": "HS256", "kid": 5}, good),
+        _forge({"alg": "HS256", "typ": 5}, good),
+        _forge(plain, b'{"sub": "alice", "sub": "bob", "channels": ["room:*"]}'),
+        _forge(plain, b'{"sub": "alice", "n": NaN}'),
+        _forge(plain, b'{"sub": "alice", "x": "\\ud800"}'),
+        _forge(plain, b'\xef\xbb\xbf{"sub": "alice"}'),
+        _forge(plain, b' {"sub": "alice"}'),
+        _forge(plain, b'{"sub": "alice", "n": 123456789012345678901234567890}'),
+        _forge(plain, b'{"sub": "alice", "x": ' + b"[" * 40 + b"]" * 40 + b"}"),
+        _forge(plain, b'{"sub": "alice", "x": ' + b"[" * 5000 + b"]" * 5000 + b"}"),
+        _forge(plain, b'{"sub": "alice"} x'),
+        f"{head}.{body[:-1]}{chr(ord(body[-1]) + 1)}.{sig}",  # leftover bits: not canonical
+        f"{head}.{body}=.{sig}",
     ]
     for settings in (Settings(jwt_secret=SECRET),
                      Settings(jwt_secret=SECRET, jwt_issuer="gw", jwt_audience="clients"),
+                     Settings(jwt_secret=SECRET, jwt_leeway=7200),
                      Settings(jwt_secret=SECRET, jwt_algorithms=("HS384",))):  # fmt: skip
         for token in tokens:
             fast, slow = Verifier(settings), Verifier(settings)
             slow._hmac_key = None  # PyJWT alone
             assert _outcome(fast, token) == _outcome(slow, token), token
+
+
+def test_plain_claims_are_read_without_pyjwt(monkeypatch):
+    """A plain HMAC token's claims are read by core/infra/jwtclaims.py: PyJWT is not called."""
+    valid = _forge({"alg": "HS256", "typ": "JWT"}, base_claims(iat=int(time.time())))
+    monkeypatch.setattr(jwt, "decode", lambda *a, **k: pytest.fail("PyJWT decoded a plain token"))
+    assert Verifier(Settings(jwt_secret=SECRET)).verify(valid).sub == "alice"

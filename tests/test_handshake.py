@@ -175,9 +175,15 @@ async def test_a_request_sent_behind_an_oversized_one_is_not_served():
 # -- bytes behind the upgrade request ---------------------------------------------
 
 
+#: The fast route's two ways: the connect limit (or a hook) awaited in a task,
+#: or, with neither, every check at the accept (`_handshake_now`).
+ADMISSIONS = {"limited": {}, "at once": {"rate_connect_ip": None}}
+
+
+@pytest.mark.parametrize("admission", ADMISSIONS)
 @pytest.mark.parametrize("writes", ["one write", "two writes", "before the accept"])
-async def test_a_command_sent_with_the_upgrade_request_is_answered(writes):
-    async with running_gateway() as gw:
+async def test_a_command_sent_with_the_upgrade_request_is_answered(writes, admission):
+    async with running_gateway(**ADMISSIONS[admission]) as gw:
         if writes == "before the accept":
             upgrade = handshake_request(f"127.0.0.1:{gw.port}", "/ws", token_for(gw))
             command = client_frame(b'{"op":"ping","id":1}') + client_frame(b'{"op":"ping","id":2}')
@@ -210,13 +216,17 @@ async def _two_pongs(reader: asyncio.StreamReader) -> None:
         assert json.loads(payload) == {"id": cid, "ok": True}
 
 
+@pytest.mark.parametrize("admission", ADMISSIONS)
 @pytest.mark.parametrize(
     ("fault", "status"),
-    [("a 12-byte key", 400), ("no token", 401), ("no Host", 400), ("two Hosts", 400)],
-)
-async def test_an_upgrade_already_sent_at_the_accept_is_checked_as_any_other(fault, status):
+    [("a 12-byte key", 400), ("no token", 401), ("no Host", 400), ("two Hosts", 400),
+     ("a bad token", 401), ("POST", 405), ("HTTP/1.0", 505)],
+)  # fmt: skip
+async def test_an_upgrade_already_sent_at_the_accept_is_checked_as_any_other(
+    fault, status, admission
+):
     """The listener's fast route refuses what Tornado's path refuses, with the same answers."""
-    async with running_gateway() as gw:
+    async with running_gateway(**ADMISSIONS[admission]) as gw:
         host = f"127.0.0.1:{gw.port}"
         token = None if fault == "no token" else token_for(gw)
         upgrade = handshake_request(host, "/ws", token, key=_key_of(12) if "key" in fault else None)
@@ -224,6 +234,11 @@ async def test_an_upgrade_already_sent_at_the_accept_is_checked_as_any_other(fau
             upgrade = upgrade.replace(f"Host: {host}\r\n".encode(), b"")
         elif fault == "two Hosts":
             upgrade = upgrade.replace(b"Host: ", b"Host: a.example\r\nHost: ")
+        elif fault == "a bad token":
+            upgrade = upgrade.replace(b"Bearer ", b"Bearer x")
+        elif fault in ("POST", "HTTP/1.0"):
+            line = b"POST /ws HTTP/1.1" if fault == "POST" else b"GET /ws HTTP/1.0"
+            upgrade = upgrade.replace(b"GET /ws HTTP/1.1", line)
         async with raw(gw.port, before_accept=upgrade) as c:
             answer, _, body = await c.response()
             assert answer == status, body
@@ -262,3 +277,20 @@ async def test_requests_pipelined_behind_a_poll_are_still_served_in_order():
                 assert (await c.response())[0] == 200
         finally:
             p.close()
+
+
+async def test_an_upgrade_admitted_at_once_is_checked_at_the_accept(monkeypatch):
+    """Without a connect limit or hook, the fast route runs no admission task: all at the accept."""
+    import gateway.transport.websocket as websocket
+
+    def no_task(*args: object) -> None:
+        raise AssertionError("an admission task for an upgrade admitted at once")
+
+    monkeypatch.setattr(websocket, "_handshake_on", no_task)
+    async with running_gateway(rate_connect_ip=None) as gw:
+        upgrade = handshake_request(f"127.0.0.1:{gw.port}", "/ws", token_for(gw))
+        async with raw(gw.port, before_accept=upgrade) as c:
+            assert (await c.response())[0] == 101
+        refused = handshake_request(f"127.0.0.1:{gw.port}", "/ws", "not-a-token")
+        async with raw(gw.port, before_accept=refused) as c:
+            assert (await c.response())[0] == 401

@@ -56,30 +56,60 @@ class Coalescer(Generic[T, R]):
     async def submit(self, item: T) -> R:
         """``item``'s outcome, once the round trip that carried it is back."""
         if self._inflight < self._max_inflight and not self._queue:
-            return await self._alone(item)
-        if len(self._queue) >= self._max_queued:
+            (outcome,) = await self._alone([item])
+            if isinstance(outcome, BaseException):
+                raise outcome
+            return outcome
+        return await self._enqueue([item])[0]
+
+    async def submit_many(self, items: Sequence[T]) -> list[R | Exception]:
+        """Each of ``items``' outcomes (a result, or its exception), in order.
+
+        They leave in one round trip when they can; never in a task of their own.
+        """
+        if self._inflight < self._max_inflight and not self._queue:
+            try:
+                outcomes = await self._alone(items)
+            except Exception as exc:
+                return [exc] * len(items)
+            return [_plain(outcome) for outcome in outcomes]
+        results: list[R | Exception] = []
+        for future in self._enqueue(items):
+            try:
+                results.append(await future)
+            except Exception as exc:
+                results.append(exc)
+        return results
+
+    def _enqueue(self, items: Sequence[T]) -> list[asyncio.Future[R]]:
+        """Futures of ``items``, queued for the next round trip."""
+        if len(self._queue) + len(items) > self._max_queued:
             raise Unavailable(f"too many {self._what} queued")
-        future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
-        self._queue.append((item, future))
+        loop = asyncio.get_running_loop()
+        futures: list[asyncio.Future[R]] = []
+        for item in items:
+            future: asyncio.Future[R] = loop.create_future()
+            self._queue.append((item, future))
+            futures.append(future)
         if self._inflight < self._max_inflight:
             self._inflight += 1
             self._drains.spawn(self._drain())
-        return await future
+        return futures
 
-    async def _alone(self, item: T) -> R:
-        """``item``'s round trip, made by its caller (no task in between)."""
+    async def _alone(self, items: Sequence[T]) -> Sequence[R | BaseException]:
+        """The round trip of ``items``, made by their caller (no task in between)."""
         self._inflight += 1
         self.round_trips += 1
         try:
-            (outcome,) = await self._send([item])
+            outcomes = await self._send(list(items))
         finally:
             self._inflight -= 1
             if self._queue and self._inflight < self._max_inflight:
                 self._inflight += 1
                 self._drains.spawn(self._drain())
-        if isinstance(outcome, BaseException):
-            raise outcome
-        return outcome
+        if len(outcomes) != len(items):
+            raise RuntimeError(f"{len(outcomes)} outcomes for {len(items)} items")
+        return outcomes
 
     async def _drain(self) -> None:
         try:
@@ -110,3 +140,10 @@ class Coalescer(Generic[T, R]):
                 future.set_exception(outcome)
             else:
                 future.set_result(outcome)
+
+
+def _plain(outcome: R | BaseException) -> R | Exception:
+    """An outcome to hand back; an exception that is not an `Exception` (a cancellation) is raised."""
+    if isinstance(outcome, BaseException) and not isinstance(outcome, Exception):
+        raise outcome
+    return outcome

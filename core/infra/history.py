@@ -12,6 +12,7 @@ from __future__ import annotations
 import fnmatch
 import functools
 import re
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from proto.publication import DEFAULT_MAX_BYTES, InvalidData, check_json
@@ -81,3 +82,18 @@ class HistoryPublisher:
             return await self.broker.publish_history(ch, data, policy.size, policy.ttl)
         await self.broker.publish(ch, data)
         return None
+
+    async def publish_each(
+        self, channels: Sequence[str], data: bytes
+    ) -> list[Position | Exception | None]:
+        """`publish` ``data`` on each of ``channels`` (checked once, sent in one
+        round trip where the broker can): each one's position, None, or its error.
+
+        Raises `proto.InvalidData` (for all) when ``data`` is not publishable.
+        """
+        data = check_json(data, self.max_bytes)
+        policy = self.policy
+        history = (policy.size, policy.ttl)
+        return await self.broker.publish_many(
+            [(ch, history if policy.applies(ch) else None) for ch in channels], data
+        )

@@ -34,8 +34,9 @@ client reaches first:
 * Fast routes (``fast``, by exact path): a ``GET`` whose request line and
   headers, with no body, are already in the socket when it is accepted (as
   under a burst of connections, when accepting lags behind the clients) is
-  parsed at accept with Tornado's own parser (and its router's ``Host`` checks)
-  and handed, with the bytes behind
+  parsed at accept (core/infra/requesthead.py: a strict parser for the
+  plainest heads, Tornado's own parser and its router's ``Host`` checks for
+  the rest) and handed, with the bytes behind
   it, straight to its route (the WebSocket upgrade): no stream, no request
   loop, no routing for a connection that leaves HTTP at once. It has spoken
   HTTP in full, so it is not pending, and its client IP is resolved as the
@@ -72,6 +73,7 @@ from core.infra.errors import ApiError, error_body
 from core.infra.httpstream import HTTPStream
 from core.infra.metrics import Metrics
 from core.infra.proxyprotocol import ProxyHeaderError, read_proxy_header
+from core.infra.requesthead import parse_head, within
 from core.infra.settings import Settings
 from core.infra.throttled import ThrottledLog
 
@@ -177,6 +179,9 @@ class Listener(HTTPServer):
         loop = IOLoop.current()
         fd = sock.fileno()
         state = {"listening": True, "stopped": False}
+        # `socket.accept` converts the listener's family and type to enums for
+        # each connection (a tenth of the accept under a burst): once here.
+        kind = (int(sock.family), int(sock.type), sock.proto)
 
         def resume() -> None:
             self._resume.pop(fd, None)
@@ -190,7 +195,8 @@ class Listener(HTTPServer):
                 if state["stopped"]:
                     return
                 try:
-                    conn, address = sock.accept()
+                    new, address = sock._accept()  # type: ignore[attr-defined]  # as accept()
+                    conn = socket.socket(*kind, fileno=new)
                 except (BlockingIOError, InterruptedError):
                     return
                 except ConnectionAbortedError:
@@ -261,13 +267,7 @@ class Listener(HTTPServer):
         if end < 0 or not data.startswith(b"GET /"):
             return data
         try:
-            # As HTTP1Connection._parse_headers reads a head.
-            text = data[: end + 4].decode("latin-1")
-            eol = text.find("\n")
-            start = httputil.parse_request_start_line(text[:eol].rstrip("\r"))
-            headers = httputil.HTTPHeaders.parse(text[eol:])
-            # As Tornado's router checks each request (a missing, malformed or repeated Host)
-            httputil.HTTPServerRequest(headers=headers, start_line=start)
+            start, headers = parse_head(data, end)
         except httputil.HTTPInputError:
             return data  # Tornado answers it (400)
         route = self.fast.get(start.path.partition("?")[0])
@@ -275,7 +275,10 @@ class Listener(HTTPServer):
             route is None
             or "Content-Length" in headers
             or "Transfer-Encoding" in headers
-            or _oversized(start, headers, self.max_header_bytes) is not None
+            or (
+                not within(data, end, self.max_header_bytes)
+                and _oversized(start, headers, self.max_header_bytes) is not None
+            )
         ):
             return data
         route(conn, start, headers, self.proxies.client_ip(peer, headers), data[end + 4 :])

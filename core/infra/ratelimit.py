@@ -60,6 +60,7 @@ __all__ = [
     "MemoryRateLimiter",
     "RateLimiter",
     "RedisRateLimiter",
+    "local_hit",
     "make_limiter",
     "over_limit",
 ]
@@ -111,8 +112,19 @@ def _gcra(tat: int, now: int, interval: int, limit: int, cost: int) -> tuple[Dec
     return Decision(True, (interval * limit - (new_tat - now)) // interval, 0.0), new_tat
 
 
+def local_hit(rate: Rate, tat: int, now: float | None = None) -> tuple[Decision, int]:
+    """One hit on an allowance its owner holds as a TAT (an int): the decision and the new TAT.
+
+    No dict, no lock, no await; and no object per owner: a socket's session
+    keeps its TATs in its own slots (`LocalLimit` wraps one).
+    """
+    interval = interval_us(rate.limit, rate.period, 1)
+    now_us = round((time.monotonic() if now is None else now) * US)
+    return _gcra(tat, now_us, interval, rate.limit, 1)
+
+
 class LocalLimit:
-    """One allowance held by its owner (a connection): no dict, no lock, no await."""
+    """One allowance held by its owner: `local_hit` on a TAT of its own."""
 
     __slots__ = ("_tat", "rate")
 
@@ -121,9 +133,7 @@ class LocalLimit:
         self._tat = 0
 
     def hit(self, now: float | None = None) -> Decision:
-        interval = interval_us(self.rate.limit, self.rate.period, 1)
-        now_us = round((time.monotonic() if now is None else now) * US)
-        decision, self._tat = _gcra(self._tat, now_us, interval, self.rate.limit, 1)
+        decision, self._tat = local_hit(self.rate, self._tat, now)
         return decision
 
 

@@ -8,11 +8,13 @@ of its algorithm's family, so an RS256 public key can never be used as an
 HMAC secret (algorithm confusion).
 
 An HMAC token with a plain header (``alg``, ``typ``, ``kid`` only) has its
-signature checked here, with the secret prepared once, and PyJWT then
-decodes it and validates its claims with ``verify_signature`` off (every
-``verify_*`` claim option still on): PyJWT re-prepares and re-checks the
-secret on every call (a third of a WebSocket handshake's CPU). Any other
-token, and any token this check cannot read, goes through PyJWT alone.
+signature checked here, with the secret prepared once, and its claims are
+read by `core.infra.jwtclaims.plain_claims` when they are of the plain form
+PyJWT accepts, or else by PyJWT with ``verify_signature`` off (every
+``verify_*`` claim option still on), which then decides: PyJWT re-prepares
+and re-checks the secret on every call (a third of a WebSocket handshake's
+CPU). Any other token, and any token this check cannot read, goes through
+PyJWT alone.
 """
 
 from __future__ import annotations
@@ -29,9 +31,9 @@ import msgspec
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 from jwt.algorithms import HMACAlgorithm
-from jwt.utils import base64url_decode
 
 from core.infra.identity import API_KEY_PREFIX, AuthError, Identity
+from core.infra.jwtclaims import plain_claims, segment
 from core.infra.keys import HMAC_ALGORITHMS, SigningKeys
 from core.infra.settings import Settings
 from proto import ADMIN_CHANNEL, Grants, InvalidGrants
@@ -181,9 +183,8 @@ class Verifier:
         None when the token is not such a token, is not signed so, or cannot
         be read here: PyJWT alone then decides.
         The token is split as PyJWT splits it (the signature after the last
-        dot, the header before the first), so the bytes checked are the
-        bytes PyJWT decodes next; PyJWT's stricter base64 then still refuses
-        a segment this lenient decoding read.
+        dot, the header before the first), and both segments are read as
+        strictly as PyJWT reads them (`core.infra.jwtclaims.segment`).
         """
         key = self._hmac_key
         if key is None:
@@ -192,10 +193,12 @@ class Verifier:
         header_segment, dot2, _ = signing_input.partition(".")
         if not dot or not dot2:
             return None
+        header_json, signature = segment(header_segment), segment(crypto)
+        if header_json is None or signature is None:
+            return None  # not canonical base64url: PyJWT refuses it
         try:
-            header = msgspec.json.decode(base64url_decode(header_segment))
-            signature = base64url_decode(crypto)
-        except (ValueError, msgspec.DecodeError):  # binascii.Error is a ValueError
+            header = msgspec.json.decode(header_json)
+        except msgspec.DecodeError:
             return None
         if not isinstance(header, dict) or not header.keys() <= _PLAIN_HEADER:
             return None
@@ -217,9 +220,21 @@ class Verifier:
             signed = self._signed_by_secret(token)
             if signed is not None:
                 header = signed
-                claims = jwt.decode(token, options=self._claim_options,  # type: ignore[arg-type]
-                                    audience=self._audience, issuer=self._issuer,
-                                    leeway=self._leeway)  # fmt: skip
+                claims = plain_claims(
+                    token,
+                    signed,
+                    audience=self._audience,
+                    issuer=self._issuer,
+                    leeway=self._leeway,
+                )
+                if claims is None:  # PyJWT decides
+                    claims = jwt.decode(
+                        token,
+                        options=self._claim_options,  # type: ignore[arg-type]
+                        audience=self._audience,
+                        issuer=self._issuer,
+                        leeway=self._leeway,
+                    )
             else:
                 header = jwt.get_unverified_header(token)
                 key = self._key_for(header)

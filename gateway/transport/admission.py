@@ -27,7 +27,15 @@ from gateway.hooks.connect import admit as hook_admit
 from gateway.hooks.connect import new_client_id
 from proto import JSON_CODEC
 
-__all__ = ["admit", "admit_hooked", "admit_hooked_request", "admit_request", "hooked_admission"]
+__all__ = [
+    "admit",
+    "admit_hooked",
+    "admit_hooked_request",
+    "admit_now",
+    "admit_request",
+    "admits_at_once",
+    "hooked_admission",
+]
 
 log = logging.getLogger("gateway.admission")
 
@@ -72,15 +80,46 @@ async def admit_request(
     new_connection: bool = True,
 ) -> Identity | None:
     """`admit` from the request's parts, for delegates without a RequestHandler."""
-    if ctx.status.draining:
-        raise ApiError(
-            503, "draining", "this gateway is shutting down", headers={"Retry-After": "1"}
-        )
+    _refuse_draining(ctx)
     rate = ctx.settings.rate_connect_ip if new_connection else None
     wait = await over_limit(ctx.limiter, f"connect-ip:{limit_key(remote_ip)}", rate)
     if wait is not None:
         ctx.metrics.handshake_failures.labels("rate_limited").inc()
         raise TooManyRequests(wait, "new connections")
+    return _admit_token(ctx, remote_ip, headers, query_token, new_connection)
+
+
+def admits_at_once(ctx: Context) -> bool:
+    """Whether a new connection is admitted without waiting: no connect limit, no connect hook."""
+    return ctx.settings.rate_connect_ip is None and not hooked_admission(ctx)
+
+
+def admit_now(
+    ctx: Context, remote_ip: str, headers: HTTPHeaders, query_token: str | None
+) -> Identity:
+    """`admit_request` for a new connection when `admits_at_once`: the same checks, no await."""
+    assert admits_at_once(ctx)
+    _refuse_draining(ctx)
+    identity = _admit_token(ctx, remote_ip, headers, query_token, True)
+    assert identity is not None  # without a connect hook, a token is required
+    return identity
+
+
+def _refuse_draining(ctx: Context) -> None:
+    if ctx.status.draining:
+        raise ApiError(
+            503, "draining", "this gateway is shutting down", headers={"Retry-After": "1"}
+        )
+
+
+def _admit_token(
+    ctx: Context,
+    remote_ip: str,
+    headers: HTTPHeaders,
+    query_token: str | None,
+    new_connection: bool,
+) -> Identity | None:
+    """The token's identity (None: none, for the connect hook), once the connection may come."""
     token = token_from_header(headers.get("Authorization"))
     if token is None:
         token = query_token

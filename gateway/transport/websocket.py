@@ -6,7 +6,9 @@ HTTP/1.1 connection parses the request (`_Upgrade`), or, when the whole
 request head came with the accept (as in a burst of connections), the
 listener parses it with Tornado's parser and hands the socket over at once
 (`WebSocketServer.accept`, core/infra/listener.py's fast routes). Either way
-`_handshake_on` checks it, and then:
+`_handshake_on` checks it (on the fast route, with no connect limit and no
+connect hook, nothing is awaited before the upgrade: `_handshake_now` runs
+the same checks at the accept, and only the upgrade is a task), and then:
 
 * the token is verified before the upgrade: a missing or bad token is an
   HTTP 401 with a JSON body, never an accepted socket; so are a refused
@@ -53,7 +55,7 @@ from core.infra.tasks import TaskSet
 from gateway.context import Context
 from gateway.hooks.connect import Disconnected
 from gateway.session import Session
-from gateway.transport.admission import admit_hooked, admit_request
+from gateway.transport.admission import admit_hooked, admit_now, admit_request, admits_at_once
 from gateway.transport.delegate import BodylessRequest
 from gateway.transport.wsconn import WSConnection
 from proto import Codec, select_codec
@@ -94,9 +96,13 @@ class WebSocketServer(httputil.HTTPServerConnectionDelegate):
         early: bytes,
     ) -> None:
         """The listener's fast route (`core.infra.listener.FastRoute`): the head came with the accept."""
-        self._tasks.spawn(
-            _handshake_on(self.ctx, _Accepted(sock, early), start, headers, remote_ip)
-        )
+        io = _Accepted(sock, early)
+        if admits_at_once(self.ctx):
+            # Nothing to wait for before the upgrade (no connect limit, no
+            # connect hook): checked here, and only the upgrade is a task.
+            _handshake_now(self.ctx, io, start, headers, remote_ip, self._tasks)
+            return
+        self._tasks.spawn(_handshake_on(self.ctx, io, start, headers, remote_ip))
 
     def spawn(self, upgrade: _Upgrade) -> None:
         conn, start, headers = upgrade.conn, upgrade.start, upgrade.headers
@@ -166,7 +172,7 @@ class _Accepted:
     def __init__(self, sock: socket.socket, early: bytes) -> None:
         self._sock, self._early = sock, early
 
-    def take(self) -> tuple[socket.socket, bytes] | None:
+    def take(self) -> tuple[socket.socket, bytes]:
         return self._sock, self._early
 
     def answer(self, data: bytes) -> None:
@@ -183,12 +189,8 @@ async def _handshake_on(
 ) -> None:
     """Admit the request, then upgrade it (or answer it with its refusal) on ``io``."""
     try:
-        if start.method != "GET":
-            raise ApiError(405, "method_not_allowed", "the socket opens with GET",
-                           headers={"Allow": "GET"})  # fmt: skip
-        _, _, query = start.path.partition("?")
-        token = parse_qs(query).get("token", [None])[0] if query else None
-        identity = await admit_request(ctx, remote_ip, headers, token)
+        _check_method(start)
+        identity = await admit_request(ctx, remote_ip, headers, _query_token(start))
         codec, agreement, response = _handshake(ctx, start, headers)
         if ctx.hooks is not None and ctx.hooks.connect is not None:
             # After every check of its own: the backend is asked only about
@@ -208,17 +210,51 @@ async def _handshake_on(
         log.info("socket closed at once by the connect hook: %d", goodbye.code)
         return
     except Exception as exc:
-        refusal = (
-            exc if isinstance(exc, ApiError) else from_exception(exc, "the WebSocket handshake")
-        )
-        # A refused upgrade ends the connection, as python-websockets does:
-        # what the client sent behind its request are frames, not a request.
-        io.answer(_refusal(refusal, head_only=start.method == "HEAD"))
-        access_log.warning("%d %s %s", refusal.status_code, start.method, redact(start.path))
+        _refuse(io, start, exc)
         return
     taken = io.take()
     if taken is not None:
         await _upgrade(ctx, *taken, identity, codec, response, remote_ip, agreement)
+
+
+def _handshake_now(
+    ctx: Context,
+    io: _Accepted,
+    start: httputil.RequestStartLine,
+    headers: httputil.HTTPHeaders,
+    remote_ip: str,
+    tasks: TaskSet,
+) -> None:
+    """`_handshake_on` when `admits_at_once`: the same checks in the same order, no await."""
+    try:
+        _check_method(start)
+        identity = admit_now(ctx, remote_ip, headers, _query_token(start))
+        codec, agreement, response = _handshake(ctx, start, headers)
+    except Exception as exc:
+        _refuse(io, start, exc)
+        return
+    sock, early = io.take()
+    tasks.spawn(_upgrade(ctx, sock, early, identity, codec, response, remote_ip, agreement))
+
+
+def _check_method(start: httputil.RequestStartLine) -> None:
+    if start.method != "GET":
+        raise ApiError(405, "method_not_allowed", "the socket opens with GET",
+                       headers={"Allow": "GET"})  # fmt: skip
+
+
+def _query_token(start: httputil.RequestStartLine) -> str | None:
+    _, _, query = start.path.partition("?")
+    return parse_qs(query).get("token", [None])[0] if query else None
+
+
+def _refuse(io: _Detached | _Accepted, start: httputil.RequestStartLine, exc: Exception) -> None:
+    """Answer ``io`` with the refusal ``exc`` stands for, and close it."""
+    refusal = exc if isinstance(exc, ApiError) else from_exception(exc, "the WebSocket handshake")
+    # A refused upgrade ends the connection, as python-websockets does:
+    # what the client sent behind its request are frames, not a request.
+    io.answer(_refusal(refusal, head_only=start.method == "HEAD"))
+    access_log.warning("%d %s %s", refusal.status_code, start.method, redact(start.path))
 
 
 async def _upgrade(

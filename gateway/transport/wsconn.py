@@ -250,7 +250,10 @@ class WSConnection(asyncio.Protocol):
         self._response = response  # the 101, written first
         self._early = early  # what the client sent behind its upgrade request
         self.codec = codec
-        self._make_session = make_session
+        #: Called once, then dropped: the closure it usually is (four cells, a
+        #: tuple, a function) would otherwise outlive the handshake, six more
+        #: objects per socket for every full collection to walk.
+        self._make_session: Callable[[WSConnection], Session] | None = make_session
         self._metrics = metrics
         self._coalescer = coalescer
         self._pending: list[bytes] | None = None
@@ -275,7 +278,9 @@ class WSConnection(asyncio.Protocol):
         self.transport = transport
         transport.write(self._response)  # type: ignore[attr-defined]
         self._response = b""
-        self.session = session = self._make_session(self)
+        make_session, self._make_session = self._make_session, None
+        assert make_session is not None  # the transport is made once
+        self.session = session = make_session(self)
         session.open()
         log.info("socket open", extra={"conn": session.client_id, "user": session.identity.sub})
         boot = session.boot()

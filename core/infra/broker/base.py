@@ -66,9 +66,10 @@ Contract (tests/test_broker_contract.py runs it against every broker):
 from __future__ import annotations
 
 import abc
+import asyncio
 import dataclasses
-from collections.abc import Callable
-from typing import Protocol
+from collections.abc import Callable, Sequence
+from typing import Protocol, cast, runtime_checkable
 
 from proto import Position
 
@@ -76,6 +77,7 @@ __all__ = [
     "CONTROL",
     "Broker",
     "BrokerUnavailable",
+    "EachPublisher",
     "Entry",
     "EventBatch",
     "FaultListener",
@@ -111,6 +113,19 @@ class Publisher(Protocol):
 
     async def publish(self, ch: str, data: bytes) -> object:
         """Publish JSON bytes to every subscriber of ``ch`` on every node."""
+
+
+@runtime_checkable
+class EachPublisher(Publisher, Protocol):
+    """A `Publisher` that publishes one message on several channels at once.
+
+    The gateway's node and `core.infra.history.HistoryPublisher`: the
+    message is checked once and, on Redis, sent in one round trip.
+    """
+
+    async def publish_each(self, channels: Sequence[str], data: bytes) -> Sequence[object]:
+        """Publish ``data`` on each of ``channels``: each one's outcome, an
+        exception for one that failed. Raises `proto.InvalidData` (for all)."""
 
 
 @dataclasses.dataclass(slots=True)
@@ -172,6 +187,29 @@ class Broker(abc.ABC):
 
     @abc.abstractmethod
     async def publish(self, ch: str, data: bytes) -> None: ...
+
+    async def publish_many(
+        self, channels: Sequence[tuple[str, tuple[int, float] | None]], data: bytes
+    ) -> list[Position | Exception | None]:
+        """Publish ``data`` on each channel, with history where it comes with its
+        ``(size, ttl)``: each one's position (None without history) or its error.
+
+        One failing does not stop the others. Brokers with a server send them
+        in one round trip.
+        """
+        outcomes = await asyncio.gather(
+            *(
+                self.publish(ch, data)
+                if history is None
+                else self.publish_history(ch, data, *history)
+                for ch, history in channels
+            ),
+            return_exceptions=True,
+        )
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException) and not isinstance(outcome, Exception):
+                raise outcome
+        return cast(list[Position | Exception | None], outcomes)
 
     @abc.abstractmethod
     async def put_value(self, key: str, data: bytes) -> None:

@@ -20,7 +20,7 @@ import asyncio
 import contextlib
 import logging
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -42,6 +42,7 @@ from core.infra.broker.base import (
     PublicationHandler,
     StateListener,
 )
+from core.infra.broker.resp import RespLink, link_for
 from core.infra.coalesce import Coalescer
 from core.infra.ids import unique_hex
 from core.infra.lua import script
@@ -73,6 +74,9 @@ def _redact(url: str) -> str:
     return f"{scheme}://***@{rest.rpartition('@')[2]}"
 
 
+#: Seconds a command (a publication) waits for Redis before it fails.
+PUBLISH_TIMEOUT = 5.0
+
 #: Channels per PUBSUB NUMSUB when the node reconciles its subscriptions.
 VERIFY_BATCH = 500
 
@@ -82,6 +86,8 @@ _HISTORY_MARK = b"\x1e"
 
 #: Append to a channel's history and publish, atomically (lua/publish_with_history.lua).
 PUBLISH_WITH_HISTORY = script("publish_with_history")
+#: The same for one message on several channels, in one call (lua/publish_each_with_history.lua).
+PUBLISH_EACH_WITH_HISTORY = script("publish_each_with_history")
 
 
 #: Read a channel's presence, dropping expired entries (lua/presence_read.lua).
@@ -164,6 +170,7 @@ class RedisBroker(Broker):
             url, retry=Retry(NoBackoff(), 0), socket_keepalive=True, socket_connect_timeout=5
         )
         self._publish_script = self._pub_client.register_script(self.publish_with_history)
+        self._publish_each_script = self._pub_client.register_script(PUBLISH_EACH_WITH_HISTORY)
         self._presence_read = self._pub_client.register_script(PRESENCE_READ)
         self._presence_add = self._pub_client.register_script(PRESENCE_ADD)
         self._events_append = self._pub_client.register_script(EVENTS_APPEND)
@@ -173,10 +180,18 @@ class RedisBroker(Broker):
         # socket publishes) share one pipeline: one round trip, one read and
         # one reply on Redis for many (core/infra/coalesce.py). Not on a
         # cluster, whose channels live on different nodes.
+        # They go on one connection of their own, packed and parsed by
+        # hiredis (resp.py), unless the URL is one it does not speak (TLS).
         self._publishes: Coalescer[tuple[Any, ...], Any] | None = None
+        self._link: RespLink | None = None
         if isinstance(self._pub_client, aioredis.Redis):
+            pool = self._pub_client.connection_pool
+            self._link = link_for(pool.connection_class, pool.connection_kwargs, PUBLISH_TIMEOUT)
             self._publishes = Coalescer(
-                self._pipeline, max_batch=256, max_inflight=2, what="publications"
+                self._pipeline if self._link is None else self._link.execute,
+                max_batch=256,
+                max_inflight=2,
+                what="publications",
             )
 
     def _publisher(self, url: str) -> aioredis.Redis | RedisCluster:
@@ -187,7 +202,7 @@ class RedisBroker(Broker):
             url,
             max_connections=size,
             timeout=timeout,
-            socket_timeout=5,
+            socket_timeout=PUBLISH_TIMEOUT,
             retry=Retry(NoBackoff(), 1),
             retry_on_error=[RedisConnectionError],
         )
@@ -256,6 +271,8 @@ class RedisBroker(Broker):
                 await self._task
             self._task = None
         self._fail_confirmations()
+        if self._link is not None:
+            await self._link.close()
         await self._pub_client.aclose()
         await self._sub_client.aclose()
 
@@ -361,11 +378,17 @@ class RedisBroker(Broker):
         # One hash tag: a channel's stream and meta share a Redis Cluster slot.
         return [f"{self._prefix}h:{{{ch}}}", f"{self._prefix}m:{{{ch}}}"]
 
-    async def publish_history(self, ch: str, data: bytes, size: int, ttl: float) -> Position:
+    def _history_call(
+        self, ch: str, data: bytes, size: int, ttl: float
+    ) -> tuple[list[str], list[bytes | str | int]]:
+        """The keys and arguments of the history script publishing ``data`` on ``ch``."""
         args: list[bytes | str | int] = [
             self._channel_key(ch), data, size, max(1, math.ceil(ttl)), unique_hex(8)
         ]  # fmt: skip
-        keys = self._history_keys(ch)
+        return self._history_keys(ch), args
+
+    async def publish_history(self, ch: str, data: bytes, size: int, ttl: float) -> Position:
+        keys, args = self._history_call(ch, data, size, ttl)
         try:
             offset, epoch = await self._publish_with_history(keys, args)
         except BACKEND_ERRORS as exc:
@@ -380,6 +403,68 @@ class RedisBroker(Broker):
             return await self._publishes.submit(("EVALSHA", script.sha, len(keys), *keys, *args))
         except NoScriptError:  # Redis restarted or flushed its scripts: load it again
             return await script(keys=keys, args=args)
+
+    async def publish_many(
+        self, channels: Sequence[tuple[str, tuple[int, float] | None]], data: bytes
+    ) -> list[Position | Exception | None]:
+        """All in the shared pipeline: no task per channel, one round trip."""
+        if self._publishes is None:
+            return await super().publish_many(channels, data)
+        history = channels[0][1] if channels else None
+        if len(channels) > 1 and history is not None and all(h == history for _, h in channels):
+            return await self._publish_each_with_history([ch for ch, _ in channels], data, *history)
+        sha = self._publish_script.sha
+        calls: list[tuple[list[str], list[bytes | str | int]] | None] = []
+        commands: list[tuple[Any, ...]] = []
+        for ch, history in channels:
+            if history is None:
+                calls.append(None)
+                commands.append((self.publish_command, self._channel_key(ch), data))
+            else:
+                keys, args = self._history_call(ch, data, *history)
+                calls.append((keys, args))
+                commands.append(("EVALSHA", sha, len(keys), *keys, *args))
+        outcomes: list[Position | Exception | None] = []
+        for call, outcome in zip(calls, await self._publishes.submit_many(commands), strict=True):
+            if isinstance(outcome, NoScriptError) and call is not None:
+                try:  # Redis restarted or flushed its scripts: load it again
+                    outcome = await self._publish_script(keys=call[0], args=call[1])
+                except BACKEND_ERRORS as exc:
+                    outcome = exc
+            if isinstance(outcome, BACKEND_ERRORS):
+                what = "publish with history" if call else self.publish_command
+                outcomes.append(BrokerUnavailable(f"{what} failed: {outcome}"))
+            elif isinstance(outcome, Exception) or call is None:
+                outcomes.append(outcome if isinstance(outcome, Exception) else None)
+            else:
+                offset, epoch = outcome
+                outcomes.append(Position(int(offset), epoch.decode()))
+        return outcomes
+
+    async def _publish_each_with_history(
+        self, channels: list[str], data: bytes, size: int, ttl: float
+    ) -> list[Position | Exception | None]:
+        """``data`` on every channel, each with history, in one script call."""
+        assert self._publishes is not None
+        keys = [key for ch in channels for key in self._history_keys(ch)]
+        args: list[bytes | str | int] = [data, size, max(1, math.ceil(ttl)), unique_hex(8)]
+        args += [self._channel_key(ch) for ch in channels]
+        script = self._publish_each_script
+        (outcome,) = await self._publishes.submit_many(
+            [("EVALSHA", script.sha, len(keys), *keys, *args)]
+        )
+        if isinstance(outcome, NoScriptError):  # Redis restarted or flushed its scripts
+            try:
+                outcome = await script(keys=keys, args=args)
+            except BACKEND_ERRORS as exc:
+                outcome = exc
+        if isinstance(outcome, BACKEND_ERRORS):
+            outcome = BrokerUnavailable(f"publish with history failed: {outcome}")
+        if isinstance(outcome, Exception):
+            return [outcome] * len(channels)
+        return [
+            Position(int(outcome[i]), outcome[i + 1].decode()) for i in range(0, len(outcome), 2)
+        ]
 
     def _presence_keys(self, ch: str) -> list[str]:
         return [f"{self._prefix}p:{{{ch}}}", f"{self._prefix}pz:{{{ch}}}"]

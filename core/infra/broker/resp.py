@@ -1,0 +1,243 @@
+"""One pipelined Redis connection for the broker's publishing commands.
+
+A write's change events are two ``EVALSHA``s; through redis-py each batch of
+them took a pooled connection, built command objects, packed them, went
+through the retry wrapper and parsed the replies in Python (about a quarter
+of the gateway's CPU per POST). A `RespLink` does only what publishing
+needs: it packs a batch with hiredis (in C), writes it on one connection
+and hands the replies, parsed by hiredis, back in order. Batches do not
+wait for each other: Redis answers a connection's commands in order, so
+several can be in flight on it at once.
+
+What it keeps from the pool it replaces: the connection opens on first use
+and again after it is lost (``AUTH`` and ``SELECT`` from the URL); a batch
+whose connection is lost before its replies come is sent once more on a new
+one, as redis-py's one retry did (after a Redis restart the first write meets
+the closed socket); replies are awaited for ``timeout`` seconds at most (one
+timer per connection, not per batch), after which the connection is dropped
+and every batch on it fails, not retried. An error reply fails its command
+alone; ``NOSCRIPT`` comes as redis-py's `NoScriptError`, which makes the
+broker load its script again.
+
+Plain TCP and Unix sockets only; a TLS URL keeps redis-py (`RedisBroker`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any, cast
+
+import hiredis
+from redis.asyncio.connection import Connection, UnixDomainSocketConnection
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError, ResponseError
+
+__all__ = ["RespLink", "link_for"]
+
+#: A command's words: what hiredis packs.
+Command = Sequence[bytes | str | int]
+
+#: hiredis's packer (its stub types the argument as a 1-tuple, though it takes any tuple).
+_pack: Callable[[tuple[Any, ...]], bytes] = hiredis.pack_command
+
+
+def link_for(kind: type, kwargs: dict[str, Any], timeout: float) -> RespLink | None:
+    """A link to where a redis-py pool's connections go (its ``connection_class``
+    and ``connection_kwargs``); None for one it does not speak (TLS)."""
+    address: str | tuple[str, int]
+    if kind is UnixDomainSocketConnection:
+        address = str(kwargs["path"])
+    elif kind is Connection:
+        address = (str(kwargs.get("host", "localhost")), int(kwargs.get("port", 6379)))
+    else:
+        return None
+    return RespLink(
+        address,
+        username=kwargs.get("username"),
+        password=kwargs.get("password"),
+        db=int(kwargs.get("db") or 0),
+        timeout=timeout,
+    )
+
+
+class _Batch:
+    __slots__ = ("count", "replies", "sent", "waiter")
+
+    def __init__(self, count: int, sent: float, waiter: asyncio.Future[list[Any]]) -> None:
+        self.count = count
+        self.replies: list[Any] = []
+        self.sent = sent
+        self.waiter = waiter
+
+
+class _Protocol(asyncio.Protocol):
+    """Replies in order to the batches that wait for them.
+
+    One timer per connection, not one per batch, watches that the oldest batch
+    waits less than ``timeout`` seconds (replies come in order, so the oldest
+    is the one that waited longest).
+    """
+
+    def __init__(self, timeout: float) -> None:
+        self.reader = hiredis.Reader(replyError=ResponseError)
+        #: Each batch on the wire, oldest first.
+        self.waiting: collections.deque[_Batch] = collections.deque()
+        self.transport: asyncio.Transport | None = None
+        self.lost = False
+        self.timeout = timeout
+        self._loop = asyncio.get_running_loop()
+        self._watch: asyncio.TimerHandle | None = None
+
+    def send(self, data: bytes, count: int) -> asyncio.Future[list[Any]]:
+        """Write ``data`` (``count`` commands); the future of their replies."""
+        assert self.transport is not None
+        waiter: asyncio.Future[list[Any]] = self._loop.create_future()
+        self.waiting.append(_Batch(count, self._loop.time(), waiter))
+        self.transport.write(data)
+        if self._watch is None:
+            self._watch = self._loop.call_later(self.timeout, self._check)
+        return waiter
+
+    def _check(self) -> None:
+        self._watch = None
+        if not self.waiting:
+            return
+        waited = self._loop.time() - self.waiting[0].sent
+        if waited >= self.timeout:
+            self.fail(TimeoutError(f"Redis answered nothing in {self.timeout:.1f}s"))
+        else:
+            self._watch = self._loop.call_later(self.timeout - waited, self._check)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not asyncio.Transport subclasses, but are one.
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        self.reader.feed(data)
+        waiting = self.waiting
+        while waiting:
+            batch = waiting[0]
+            replies = batch.replies
+            while len(replies) < batch.count:
+                try:
+                    reply = self.reader.gets()
+                except hiredis.ProtocolError as exc:
+                    self.fail(RedisConnectionError(f"Redis protocol error: {exc}"))
+                    return
+                if reply is False:
+                    return
+                replies.append(reply)
+            waiting.popleft()
+            if not batch.waiter.done():  # its caller may have gone (cancelled)
+                batch.waiter.set_result(replies)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.fail(RedisConnectionError(f"Connection closed by server ({exc or 'EOF'})"))
+
+    def fail(self, exc: Exception) -> None:
+        """Drop the connection; every batch on it fails with ``exc``."""
+        self.lost = True
+        if self._watch is not None:
+            self._watch.cancel()
+            self._watch = None
+        if self.transport is not None:
+            self.transport.abort()
+        while self.waiting:
+            waiter = self.waiting.popleft().waiter
+            if not waiter.done():
+                waiter.set_exception(exc)
+
+
+class RespLink:
+    def __init__(
+        self,
+        address: str | tuple[str, int],
+        *,
+        username: str | None = None,
+        password: str | None = None,
+        db: int = 0,
+        timeout: float = 5.0,
+    ) -> None:
+        """``address``: a Unix socket's path or (host, port); ``timeout``: seconds for a
+        connection to open and for a batch's replies."""
+        self._address = address
+        self._hello: list[Command] = []
+        if password:
+            self._hello.append(("AUTH", username, password) if username else ("AUTH", password))
+        if db:
+            self._hello.append(("SELECT", db))
+        self._timeout = timeout
+        self._protocol: _Protocol | None = None
+        self._opening = asyncio.Lock()
+        self.connects = 0  # for tests: connections opened
+
+    async def execute(self, commands: Sequence[Command]) -> list[Any]:
+        """Each command's reply (an error reply: its exception), in order.
+
+        Raises `redis.exceptions.ConnectionError` (or `TimeoutError`) when
+        the connection was lost or answered nothing in time: then any of
+        ``commands`` may or may not have run.
+        """
+        try:
+            replies = await self._send(commands)
+        except RedisConnectionError:  # once more, on a new connection (not after a timeout)
+            replies = await self._send(commands)
+        return [_raised(reply) if isinstance(reply, ResponseError) else reply for reply in replies]
+
+    async def _send(
+        self, commands: Sequence[Command], protocol: _Protocol | None = None
+    ) -> list[Any]:
+        if protocol is None:
+            protocol = self._protocol
+            if protocol is None or protocol.lost:
+                protocol = await self._open()
+        transport = protocol.transport
+        if transport is None or transport.is_closing():
+            protocol.fail(RedisConnectionError("Redis connection lost"))
+            raise RedisConnectionError("Redis connection lost")
+        data = b"".join([_pack(c if type(c) is tuple else tuple(c)) for c in commands])
+        return await protocol.send(data, len(commands))
+
+    async def _open(self) -> _Protocol:
+        """The connection, opened once however many batches ask for it at the same time."""
+        async with self._opening:
+            protocol = self._protocol
+            if protocol is None or protocol.lost:
+                protocol = self._protocol = await self._connect()
+            return protocol
+
+    async def _connect(self) -> _Protocol:
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(self._timeout):
+                make = functools.partial(_Protocol, self._timeout)
+                if isinstance(self._address, str):
+                    _, protocol = await loop.create_unix_connection(make, self._address)
+                else:
+                    host, port = self._address
+                    _, protocol = await loop.create_connection(make, host, port)
+        except OSError as exc:
+            raise RedisConnectionError(f"connecting to Redis failed: {exc}") from exc
+        self.connects += 1
+        if self._hello:
+            for reply in await self._send(self._hello, protocol):
+                if isinstance(reply, ResponseError):
+                    protocol.fail(RedisConnectionError(f"Redis refused the connection: {reply}"))
+                    raise reply
+        return protocol
+
+    async def close(self) -> None:
+        protocol, self._protocol = self._protocol, None
+        if protocol is not None:
+            protocol.fail(RedisConnectionError("closed"))
+
+
+def _raised(error: ResponseError) -> ResponseError:
+    """redis-py's class for an error reply (hiredis made it a plain `ResponseError`)."""
+    message = str(error)
+    if message.startswith("NOSCRIPT"):
+        return NoScriptError(message)
+    return error
