@@ -34,7 +34,7 @@ Rerun (from the repository root; needs ``wrk``, Redis on 127.0.0.1 and
 
     .venv/bin/python -m bench.rest --duration 10 --connections 64 --rounds 3 --save
 
-``--baseline main`` adds the gateway of that commit (``git archive``) to
+``--baseline main`` adds the gateway and the core of that commit (``git archive``) to
 every round, for a before/after measured under the same load; ``--only``
 picks servers.
 """
@@ -366,8 +366,9 @@ def base_env(url: str, schema: str) -> dict[str, str]:
 
 #: Ours, then the peers; ratios are ours / each peer.
 OURS = ("gateway", "core")
-#: The gateway of another commit (``--baseline``), beside ours in the same run.
+#: The gateway and the core of another commit (``--baseline``), beside ours in the same run.
 BASELINE = "gateway-baseline"
+CORE_BASELINE = "core-baseline"
 PEERS = ("tutorial", "fastapi")
 
 
@@ -423,14 +424,15 @@ def make_servers(
     return [s for s in every if only is None or s.key in only]
 
 
-def baseline_server(ref: str, gateway: Server, port: int, tmp: Path) -> Server:
-    """``gateway`` as of commit ``ref`` (from ``git archive``), on ``port``."""
+def baseline_server(ref: str, server: Server, key: str, port: int, tmp: Path) -> Server:
+    """``server`` as of commit ``ref`` (from ``git archive``), on ``port``."""
     where = tmp / "baseline"
-    where.mkdir()
-    archive = subprocess.run(["git", "archive", ref], cwd=ROOT, capture_output=True, check=True)
-    subprocess.run(["tar", "-x", "-C", str(where)], input=archive.stdout, check=True)
-    env = gateway.env | {"PORT": str(port), "DATA_DIR": str(tmp / "baseline-data")}
-    return Server(BASELINE, f"gateway @ {ref}", gateway.argv, env, where)
+    if not where.exists():
+        where.mkdir()
+        archive = subprocess.run(["git", "archive", ref], cwd=ROOT, capture_output=True, check=True)
+        subprocess.run(["tar", "-x", "-C", str(where)], input=archive.stdout, check=True)
+    env = server.env | {"PORT": str(port), "DATA_DIR": str(tmp / f"{key}-data")}
+    return Server(key, f"{server.label} @ {ref}", server.argv, env, where)
 
 
 def machine_info(url: str) -> dict[str, str]:
@@ -504,7 +506,7 @@ def markdown(results: dict[str, dict[str, dict[str, Any]]], labels: dict[str, st
         "| --- | --- | --- | ---: | --- |",
     ]
     for endpoint, by_server in results.items():
-        for ours in (*OURS, BASELINE):
+        for ours in (*OURS, BASELINE, CORE_BASELINE):
             for peer in PEERS:
                 if ours in by_server and peer in by_server:
                     ratio, rounds = ratios(by_server[ours], by_server[peer])
@@ -582,7 +584,7 @@ def main(argv: list[str] | None = None) -> int:
     command = shlex.join(
         [str(python), "-m", "bench.rest", *(sys.argv[1:] if argv is None else argv)]
     )
-    ports = {key: free_port() for key in (*OURS, BASELINE, *PEERS)}
+    ports = {key: free_port() for key in (*OURS, BASELINE, CORE_BASELINE, *PEERS)}
     env = base_env(args.database_url, args.schema)
     asyncio.run(create_schema(args.database_url, args.schema, args.self_migrate))
     if not args.self_migrate:
@@ -595,8 +597,12 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-rest-") as tmp, ExitStack() as stack:
         servers = make_servers(args.only, env, ports, args.redis_url, Path(tmp))
         if args.baseline:
-            gateway = make_servers(["gateway"], env, ports, args.redis_url, Path(tmp))[0]
-            servers.insert(1, baseline_server(args.baseline, gateway, ports[BASELINE], Path(tmp)))
+            for ours, key in (("gateway", BASELINE), ("core", CORE_BASELINE)):
+                if args.only is None or ours in args.only:
+                    now = make_servers([ours], env, ports, args.redis_url, Path(tmp))[0]
+                    at = [s.key for s in servers].index(ours)
+                    then = baseline_server(args.baseline, now, key, ports[key], Path(tmp))
+                    servers.insert(at + 1, then)
         labels = {s.key: s.label for s in servers}
         endpoints = make_endpoints(token, Path(tmp))
         pids = {

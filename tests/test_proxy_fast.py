@@ -313,6 +313,18 @@ async def test_unusual_requests_are_answered_by_tornado_on_the_same_connection(t
         assert (await conn.answer())[0] in (204, 405)
         conn.send(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
         assert (await conn.answer())[0] == 200
+        # HTTP/1.0 (kept alive on request) and Expect are Tornado's too.
+        conn.send(
+            request("GET", "/api/projects", token, Connection="keep-alive").replace(
+                b"HTTP/1.1", b"HTTP/1.0", 1
+            )
+        )
+        assert (await conn.answer())[0] == 200
+        conn.send(request("POST", "/api/projects", token, PROJECT_JSON, Expect="100-continue"))
+        status = (await conn.answer())[0]
+        if status == 100:
+            status = (await conn.answer())[0]
+        assert status == 201
         conn.send(request("GET", "/api/projects", token))
         assert (await conn.answer())[0] == 200
         # A body over MAX_BODY_BYTES (1 MiB by default): the guard's 413, then the close.
@@ -430,6 +442,30 @@ async def test_client_ip_and_rate_limits_in_process_on_adopted_connections(
         ]
     finally:
         served.stop()
+
+
+@pytest.mark.parametrize("module", ["gateway", "core"])
+async def test_slow_clients_on_adopted_connections_meet_the_timeouts(
+    module, tmp_path, data_dir, redis_url, clean_db
+):
+    """HEADER_TIMEOUT for a head that never ends, BODY_TIMEOUT for a body that never comes."""
+    alone = Alone(
+        module, tmp_path, data_dir, redis_url, clean_db, HEADER_TIMEOUT="1", BODY_TIMEOUT="1"
+    )
+    try:
+        port = alone.gateway.port
+        token = await token_of(port)
+        async with adopted_conn(port, token) as conn:
+            conn.send(b"GET /api/projects HTTP/1.1\r\nHost: x\r\n")
+            assert await conn.closed()
+        async with adopted_conn(port, token) as conn:
+            conn.send(request("POST", "/api/projects", token, PROJECT_JSON)[:-10])
+            assert await conn.closed()
+        async with adopted_conn(port, token) as conn:  # and a patient one is still served
+            conn.send(request("GET", "/api/projects", token))
+            assert (await conn.answer())[0] == 200
+    finally:
+        alone.stop()
 
 
 async def test_cors_and_the_core_going_away_on_an_adopted_connection(
