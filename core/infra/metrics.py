@@ -224,8 +224,8 @@ class Metrics:
         )
         self.adopted_connections = Gauge(
             "gateway_adopted_connections",
-            "Kept-alive connections served off Tornado's HTTP server now (long-poll, and REST "
-            "behind CORE_URL: core/fastrest.py).",
+            "Kept-alive connections served off Tornado's HTTP server now (long-poll, and REST: "
+            "core/fastrest.py).",
             registry=r,
         )
         self.core_pool_size = Gauge(
