@@ -74,7 +74,7 @@ from core.http import (
     request_id_of,
     unauthorized,
 )
-from core.infra.adoption import give_back, take_over
+from core.infra.adoption import Adopted, take_over
 from core.infra.identity import AuthError
 from core.infra.listener import Listener
 from core.request import Request, Response
@@ -314,8 +314,10 @@ class _First(httputil.HTTPMessageDelegate):
             self._inner.on_connection_close()
 
 
-class RestConnection(asyncio.Protocol):
+class RestConnection(Adopted):
     """One kept-alive connection's ``/api/`` requests, in order, off Tornado."""
+
+    _logger = log
 
     def __init__(
         self,
@@ -344,45 +346,16 @@ class RestConnection(asyncio.Protocol):
     # -- asyncio.Protocol --------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._transport = cast(asyncio.Transport, transport)  # (uvloop's is not a subclass)
-        # Paused as soon as anything is left unsent: the next request waits for it.
-        self._transport.set_write_buffer_limits(high=0)
-        self._listener.adopt(self)
+        self._made(transport)
         first, self._first = self._first, None
         assert first is not None
         self._start(first)
 
-    def data_received(self, data: bytes) -> None:
-        self._buffer = self._buffer + data if self._buffer else data
-        if not self._busy and not self._paused:
-            self._next()
-        elif len(self._buffer) > self._max_buffer and self._reading:
-            self._reading = False
-            assert self._transport is not None
-            self._transport.pause_reading()
-
-    def eof_received(self) -> bool:
-        return False  # the transport closes; an answer being computed is dropped
-
-    def pause_writing(self) -> None:
-        self._paused = True
-
-    def resume_writing(self) -> None:
-        self._paused = False
-        if not self._busy:
-            self._next()
+    def _idle(self) -> bool:
+        return not self._busy
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self._gone:
-            return  # handed back: the socket lives on in Tornado
-        self._gone = True
-        self._transport = None
-        self._listener.release(self)
-
-    def close(self) -> None:
-        """Close the connection (its ``HEADER_TIMEOUT`` passed, or the listener stops)."""
-        if self._transport is not None and not self._gone:
-            self._transport.close()
+        self._lost()
 
     # -- requests ----------------------------------------------------------------
 
@@ -523,20 +496,6 @@ class RestConnection(asyncio.Protocol):
             self._reading = True
             assert self._transport is not None
             self._transport.resume_reading()
-
-    def _hand_back(self) -> None:
-        """Give the connection back to Tornado, the unread bytes first (nothing is unsent)."""
-        transport = self._transport
-        assert transport is not None and not self._busy and not self._paused
-        self._gone = True
-        self._transport = None
-        self._listener.release(self)
-        buffered, self._buffer = self._buffer, b""
-        give_back(transport, self._listener, self._address, buffered, log)
-
-    def _abort(self) -> None:
-        if self._transport is not None:
-            self._transport.abort()
 
 
 def _tornado_headers(headers: Mapping[str, str]) -> httputil.HTTPHeaders:

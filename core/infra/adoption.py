@@ -17,13 +17,13 @@ import os
 import socket
 from collections.abc import Callable
 from functools import partial
-from typing import Any
+from typing import Any, cast
 
 from tornado.http1connection import HTTP1Connection
 
 from core.infra.listener import Listener, unread
 
-__all__ = ["give_back", "take_over"]
+__all__ = ["Adopted", "give_back", "take_over"]
 
 
 def take_over(
@@ -85,3 +85,97 @@ def give_back(
     transport.abort()  # closes its descriptor; the duplicate holds the connection
     sock.setblocking(False)
     listener.resume(sock, address, buffered)
+
+
+class Adopted(asyncio.Protocol):
+    """What the protocols of adopted connections do alike: the transport, the buffer, leaving.
+
+    A subclass sets ``_listener``, ``_address``, ``_buffer``, ``_max_buffer``
+    and ``_logger``, starts with ``_transport`` None, ``_gone``, ``_paused``
+    False and ``_reading`` True, and defines `_idle` (no answer being
+    computed) and `_next` (serve what is buffered).
+    """
+
+    __slots__ = (
+        "_address",
+        "_buffer",
+        "_gone",
+        "_listener",
+        "_max_buffer",
+        "_paused",
+        "_reading",
+        "_transport",
+    )
+    _listener: Listener
+    _address: Any
+    _buffer: bytes
+    _max_buffer: int
+    _logger: logging.Logger  # a class attribute
+    _transport: asyncio.Transport | None
+    _gone: bool  # closed, or handed back to Tornado
+    _paused: bool  # an answer is not all sent
+    _reading: bool
+
+    def _idle(self) -> bool:
+        raise NotImplementedError
+
+    def _next(self) -> None:
+        raise NotImplementedError
+
+    def _made(self, transport: asyncio.BaseTransport) -> None:
+        """`connection_made`'s common part: the transport kept, the listener told."""
+        self._transport = cast(asyncio.Transport, transport)  # (uvloop's is not a subclass)
+        # Paused as soon as anything is left unsent: the next request waits for it.
+        self._transport.set_write_buffer_limits(high=0)
+        self._listener.adopt(self)
+
+    def data_received(self, data: bytes) -> None:
+        self._buffer = self._buffer + data if self._buffer else data
+        if self._idle() and not self._paused:
+            self._next()
+        elif len(self._buffer) > self._max_buffer and self._reading:
+            self._pause_reading()
+
+    def eof_received(self) -> bool:
+        return False  # the transport closes; connection_lost forgets what was under way
+
+    def pause_writing(self) -> None:
+        self._paused = True
+
+    def resume_writing(self) -> None:
+        self._paused = False
+        if self._idle():
+            self._next()
+
+    def _lost(self) -> bool:
+        """`connection_lost`'s common part; False when handed back (the socket lives on)."""
+        if self._gone:
+            return False
+        self._gone = True
+        self._transport = None
+        self._listener.release(self)
+        return True
+
+    def close(self) -> None:
+        """Close the connection (``HEADER_TIMEOUT`` passed, or the listener stops)."""
+        if self._transport is not None and not self._gone:
+            self._transport.close()
+
+    def _pause_reading(self) -> None:
+        self._reading = False
+        assert self._transport is not None
+        self._transport.pause_reading()
+
+    def _hand_back(self) -> None:
+        """Give the connection back to Tornado, the unread bytes first (nothing is unsent)."""
+        transport = self._transport
+        assert transport is not None and self._idle() and not self._paused
+        self._gone = True
+        self._transport = None
+        self._listener.release(self)
+        buffered, self._buffer = self._buffer, b""
+        give_back(transport, self._listener, self._address, buffered, self._logger)
+
+    def _abort(self) -> None:
+        if self._transport is not None:
+            self._transport.abort()

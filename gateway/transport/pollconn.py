@@ -36,12 +36,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any, cast
+from typing import Any
 
 from tornado.http1connection import HTTP1Connection
 from tornado.httputil import HTTPHeaders
 
-from core.infra.adoption import give_back, take_over
+from core.infra.adoption import Adopted, take_over
 from core.infra.listener import Listener
 from core.infra.logs import redact
 from gateway.context import Context
@@ -86,28 +86,22 @@ def adopt(
     take_over(conn, make, tasks, log)
 
 
-class PollConnection(asyncio.Protocol):
+class PollConnection(Adopted):
     """One kept-alive connection's polls, in order."""
 
+    _logger = log
+
     __slots__ = (
-        "_address",
-        "_buffer",
         "_client",
         "_close",
         "_ctx",
         "_cursor",
         "_first",
-        "_gone",
-        "_listener",
-        "_max_buffer",
         "_max_head",
         "_on_ready",
-        "_paused",
         "_poll",
-        "_reading",
         "_started",
         "_target",
-        "_transport",
     )
 
     def __init__(
@@ -141,48 +135,22 @@ class PollConnection(asyncio.Protocol):
     # -- asyncio.Protocol --------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._transport = cast(asyncio.Transport, transport)  # (uvloop's is not a subclass)
-        # Paused as soon as anything is left unsent: the next request waits for it.
-        self._transport.set_write_buffer_limits(high=0)
-        self._listener.adopt(self)
+        self._made(transport)
         first, self._first = self._first, None
         assert first is not None
         self._started = time.monotonic()
         if self._begin(*first):
             self._next()
 
-    def data_received(self, data: bytes) -> None:
-        self._buffer = self._buffer + data if self._buffer else data
-        if self._poll is None and not self._paused:
-            self._next()
-        elif len(self._buffer) > self._max_buffer and self._reading:
-            self._pause_reading()
-
-    def eof_received(self) -> bool:
-        return False  # the transport closes; a waiting poll is forgotten in connection_lost
-
-    def pause_writing(self) -> None:
-        self._paused = True
-
-    def resume_writing(self) -> None:
-        self._paused = False
-        if self._poll is None:
-            self._next()
+    def _idle(self) -> bool:
+        return self._poll is None
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self._gone:
+        if not self._lost():
             return  # handed back: the socket lives on in Tornado
-        self._gone = True
-        self._transport = None
-        self._listener.release(self)
         poll, self._poll = self._poll, None
         if poll is not None:
             poll.cancel_wait(self._on_ready)  # the outbox keeps what it would have carried
-
-    def close(self) -> None:
-        """Close the connection (``HEADER_TIMEOUT`` passed, or the listener stops)."""
-        if self._transport is not None and not self._gone:
-            self._transport.close()
 
     # -- requests ----------------------------------------------------------------
 
@@ -287,24 +255,3 @@ class PollConnection(asyncio.Protocol):
             return peer
         head = request.head.decode("latin-1").partition("\r\n")[2]
         return self._listener.proxies.client_ip(peer, HTTPHeaders.parse(head))
-
-    # -- leaving -------------------------------------------------------------------
-
-    def _pause_reading(self) -> None:
-        self._reading = False
-        assert self._transport is not None
-        self._transport.pause_reading()
-
-    def _hand_back(self) -> None:
-        """Give the connection back to Tornado, the unread bytes first (nothing is unsent)."""
-        transport = self._transport
-        assert transport is not None and self._poll is None and not self._paused
-        self._gone = True
-        self._transport = None
-        self._listener.release(self)
-        buffered, self._buffer = self._buffer, b""
-        give_back(transport, self._listener, self._address, buffered, log)
-
-    def _abort(self) -> None:
-        if self._transport is not None:
-            self._transport.abort()
