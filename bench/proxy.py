@@ -421,7 +421,7 @@ def measure_rest_and_rpc(setup: Setup) -> Results:
         modes = ["direct", "gateway"]
         if args.baseline:  # the gateway of another commit, in front of the same core
             port = ports["baseline"] = free_port()
-            before = baseline_server(args.baseline, front_server, port, logs)
+            before = baseline_server(args.baseline, front_server, "gateway-baseline", port, logs)
             old = stack.enter_context(serve(before, port, token, logs, FRONT_CPU))
             modes.append("baseline")
         hosting = None

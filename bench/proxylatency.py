@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         stack.enter_context(serve(tier.core(ports["core"]), ports["core"], token, logs, BACK_CPU))
         now = tier.gateway(ports["now"], ports["core"], key="gateway-now")
         stack.enter_context(serve(now, ports["now"], token, logs, FRONT_CPU))
-        before = baseline_server(args.baseline, now, ports["before"], logs)
+        before = baseline_server(args.baseline, now, "gateway-before", ports["before"], logs)
         stack.enter_context(serve(before, ports["before"], token, logs, FRONT_CPU))
         order = ["core", "before", "now"]
         for n in range(args.blocks):

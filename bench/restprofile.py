@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-restprofile-") as tmp:
         (server,) = make_servers([args.server], env, ports, args.redis_url, Path(tmp))
         if args.baseline:
-            server = baseline_server(args.baseline, server, ports[BASELINE], Path(tmp))
+            server = baseline_server(args.baseline, server, BASELINE, ports[BASELINE], Path(tmp))
         endpoint = next(
             e for e in make_endpoints(token, Path(tmp)) if e.name.startswith(args.endpoint)
         )
