@@ -60,7 +60,6 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from functools import lru_cache
 from typing import Any, cast
-from urllib.parse import parse_qs
 
 from tornado import httputil
 from tornado.http1connection import HTTP1Connection
@@ -72,12 +71,10 @@ from core.http import (
     cors_headers,
     is_api_path,
     request_id_of,
-    unauthorized,
 )
 from core.infra.adoption import Adopted, take_over
-from core.infra.identity import AuthError
 from core.infra.listener import Listener
-from core.request import Request, Response
+from core.request import Response
 
 __all__ = ["FastRest", "Head", "RestConnection", "parse_head"]
 
@@ -429,7 +426,9 @@ class RestConnection(Adopted):
         rid = request_id_of(request.headers.get("x-request-id", ""))
         path, _, query = request.target.partition("?")
         try:
-            resp = await self._respond(request, path, query, rid)
+            resp = await self._api.serve(
+                request.method, path, query, request.headers, request.body, request.client, rid
+            )
         except Exception as exc:  # logged with its traceback; the body says "internal error"
             resp = Response.error(from_exception(exc, f"{request.method} {path}"))
         if origin is not None:
@@ -450,25 +449,6 @@ class RestConnection(Adopted):
             access_log.log(
                 level, "%d %s %s %.2fms", status, request.method, path, ms, extra=context
             )
-
-    async def _respond(self, request: _Request, path: str, query: str, rid: str) -> Response:
-        api = self._api
-        try:
-            caller = api.caller(request.method, path, request.headers.get("authorization"))
-        except AuthError as exc:
-            return unauthorized(exc)
-        req = Request(
-            request.method,
-            path,
-            query=parse_qs(query, keep_blank_values=True) if query else None,
-            headers=request.headers,
-            body=request.body,
-            caller=caller,
-            client=request.client,
-            query_string=query,
-            request_id=rid,
-        )
-        return await api.core.dispatch(req)
 
     def _write(self, request: _Request, resp: Response) -> None:
         self._busy = False

@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import re
 import time
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Mapping
 from email.utils import formatdate
 from http import HTTPStatus
 from typing import Any, Protocol
@@ -108,6 +108,35 @@ class CoreHTTP(httputil.HTTPServerConnectionDelegate):
         self, server_conn: object, request_conn: httputil.HTTPConnection
     ) -> httputil.HTTPMessageDelegate:
         return _Exchange(self, request_conn)
+
+    async def serve(
+        self,
+        method: str,
+        path: str,
+        query: str,
+        headers: Mapping[str, str],
+        body: bytes,
+        client: str,
+        request_id: str,
+    ) -> Response:
+        """Check the caller, then dispatch: the answer to one request, however it was read
+        (Tornado's `_Exchange` or an adopted connection's `core.fastrest.RestConnection`)."""
+        try:
+            caller = self.caller(method, path, headers.get("authorization"))
+        except AuthError as exc:
+            return unauthorized(exc)
+        req = Request(
+            method,
+            path,
+            query=parse_qs(query, keep_blank_values=True) if query else None,
+            headers=headers,
+            body=body,
+            caller=caller,
+            client=client,
+            query_string=query,
+            request_id=request_id,
+        )
+        return await self.core.dispatch(req)
 
     def caller(self, method: str, path: str, authorization: str | None) -> Identity | None:
         """Who calls (None: no token, or an operation anyone may call); `AuthError` if refused."""
@@ -220,23 +249,10 @@ class _Exchange(httputil.HTTPMessageDelegate):
             limit = server.max_body_bytes
             return Response.error(ApiError(413, "payload_too_large", f"body over {limit} bytes"))
         path, _, query = start.path.partition("?")
-        try:
-            caller = server.caller(start.method, path, headers.get("Authorization"))
-        except AuthError as exc:
-            return unauthorized(exc)
-        req = Request(
-            start.method,
-            path,
-            query=parse_qs(query, keep_blank_values=True) if query else None,
-            headers=headers,
-            body=b"".join(self._chunks),
-            caller=caller,
-            client=_remote_ip(self._conn),
-            query_string=query,
-            request_id=self._id,
+        body, self._chunks = b"".join(self._chunks), []
+        return await server.serve(
+            start.method, path, query, headers, body, _remote_ip(self._conn), self._id
         )
-        self._chunks = []
-        return await server.core.dispatch(req)
 
     def _write(self, resp: Response) -> None:
         assert self._start is not None
