@@ -194,7 +194,13 @@ async def http(
         finally:
             writer.close()
     head, _, body = raw.partition(b"\r\n\r\n")
-    return int(head.split()[1]), body
+    words = head.split(maxsplit=2)
+    if len(words) < 2 or not words[1].isdigit():
+        # A server that closes while answering (a gateway shutting down): no answer, as when
+        # the connection is refused. Once an IndexError here ended balance()'s health check,
+        # and with it the load balancer, while the gateway behind it drained.
+        raise ConnectionError(f"no HTTP answer from {url}: {raw[:60]!r}")
+    return int(words[1]), body
 
 
 async def status(url: str, timeout: float = 1.0) -> int:
@@ -214,8 +220,14 @@ async def accepts(ip: str, port: int) -> bool:
     return True
 
 
-async def wait_for(check: Callable[[], Any], timeout: float, step: float = 0.05) -> float:
-    """Poll ``check`` (maybe async) until true; the seconds it took. Fails after ``timeout``."""
+async def wait_for(
+    check: Callable[[], Any],
+    timeout: float,
+    step: float = 0.05,
+    state: Callable[[], object] | None = None,
+) -> float:
+    """Poll ``check`` (maybe async) until true; the seconds it took. Fails after ``timeout``,
+    saying what ``state()`` then returns (what a failure in CI needs to be understood)."""
     started = time.monotonic()
     while True:
         result = check()
@@ -224,7 +236,8 @@ async def wait_for(check: Callable[[], Any], timeout: float, step: float = 0.05)
         if result:
             return time.monotonic() - started
         if time.monotonic() - started > timeout * UNIT:
-            raise AssertionError(f"not within {timeout * UNIT:.1f} s: {check}")
+            seen = f"; then: {state()!r}" if state is not None else ""
+            raise AssertionError(f"not within {timeout * UNIT:.1f} s: {check}{seen}")
         await asyncio.sleep(step)
 
 

@@ -203,7 +203,17 @@ async def test_a_draining_gateway_hands_its_clients_to_the_other_host(network: N
         p1.signal(signal.SIGTERM)
         term = time.monotonic()
         moved = await wait_for(
-            lambda: all(r.client is not None and r.client.connections == 2 for r in readers), 15
+            lambda: all(r.client is not None and r.client.connections == 2 for r in readers),
+            15,
+            state=lambda: (
+                [
+                    (r.client.connections, r.client.state.value) if r.client else None
+                    for r in readers
+                ],
+                chosen,
+                balancer,
+                log_lines(p1, "", limit=20),
+            ),
         )
         exit_code = await asyncio.to_thread(p1.wait, 10 * UNIT)
         exited = time.monotonic() - term
