@@ -7,7 +7,15 @@ The receivers do not read during the timed loop, so this is the sender's
 cost alone: the least time any server on this machine needs to reach ``n``
 subscribers once. Medians over ``--rounds``.
 
+``--live`` keeps the receivers reading (one epoll in the child, pinned to
+another CPU than the sender's) while the sender is timed, as real
+subscribers do: a ``send`` to a socket whose reader waits in ``epoll_wait``
+also wakes it, which the idle floor does not pay. It also prints the
+sender's CPU per send (``time.process_time``), so that a run where the
+sender was descheduled shows it.
+
     taskset -c 0 .venv/bin/python -m bench.sendfloor -n 10000
+    taskset -c 0 .venv/bin/python -m bench.sendfloor -n 19500 --live
 """
 
 from __future__ import annotations
@@ -16,6 +24,7 @@ import argparse
 import json
 import os
 import resource
+import select
 import socket
 import statistics
 import time
@@ -34,11 +43,37 @@ def _hold_clients(address: tuple[str, int], n: int, ctl: socket.socket) -> None:
     os._exit(0)
 
 
-def measure(n: int, rounds: int = 5) -> float:
-    """Median seconds to send one 60-byte frame on each of ``n`` loopback sockets.
+def _read_always(address: tuple[str, int], n: int, ctl: socket.socket) -> None:
+    """Child process (``--live``): open ``n`` connections, then read whatever comes, at once."""
+    others = sorted(os.sched_getaffinity(0) ^ set(range(os.cpu_count() or 1)))
+    if others:  # the sender is pinned (taskset): read on another CPU, as a client would
+        os.sched_setaffinity(0, {others[0]})
+    clients = [socket.create_connection(address) for _ in range(n)]
+    poll = select.epoll()
+    by_fd = {}
+    for c in clients:
+        c.setblocking(False)
+        poll.register(c.fileno(), select.EPOLLIN)
+        by_fd[c.fileno()] = c
+    poll.register(ctl.fileno(), select.EPOLLIN)
+    ctl.sendall(b"r")
+    while True:
+        for fd, _ in poll.poll(1.0, 1024):
+            if fd == ctl.fileno():
+                os._exit(0)
+            try:
+                by_fd[fd].recv(4096)
+            except BlockingIOError:
+                pass
+
+
+def measure(n: int, rounds: int = 5, live: bool = False) -> tuple[float, float]:
+    """Median seconds to send one 60-byte frame on each of ``n`` loopback sockets, and the
+    sender's median CPU seconds for it.
 
     The client ends live in a child process (each side then needs only
-    ``n`` descriptors), which reads nothing while the parent is timed.
+    ``n`` descriptors), which reads nothing while the parent is timed,
+    unless ``live`` (then it reads all the time, on another CPU).
     """
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
@@ -50,23 +85,29 @@ def measure(n: int, rounds: int = 5) -> float:
     pid = os.fork()
     if pid == 0:
         listener.close()
-        _hold_clients(address, n, child_ctl)
+        (_read_always if live else _hold_clients)(address, n, child_ctl)
+    child_ctl.close()
     servers = [listener.accept()[0] for _ in range(n)]
     assert ctl.recv(1) == b"r"
     try:
         frame = b"\x81\x3a" + b"x" * 58
-        times = []
+        times, cpu = [], []
         for _ in range(rounds):
-            started = time.perf_counter()
+            if live:
+                time.sleep(0.3)  # the reader has taken the last round's frames
+            started, started_cpu = time.perf_counter(), time.process_time()
             for s in servers:
                 s.send(frame)
             times.append(time.perf_counter() - started)
-            ctl.sendall(b"d")
-            assert ctl.recv(1) == b"k"
-        return statistics.median(times)
+            cpu.append(time.process_time() - started_cpu)
+            if not live:
+                ctl.sendall(b"d")
+                assert ctl.recv(1) == b"k"
+        return statistics.median(times), statistics.median(cpu)
     finally:
         ctl.sendall(b"q")
         os.waitpid(pid, 0)
+        ctl.close()
         for s in servers:
             s.close()
         listener.close()
@@ -78,14 +119,17 @@ def main() -> None:
     )
     p.add_argument("-n", type=int, default=10_000)
     p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--live", action="store_true", help="the receivers read all the time")
     args = p.parse_args()
-    seconds = measure(args.n, args.rounds)
+    seconds, cpu = measure(args.n, args.rounds, args.live)
     print(
         json.dumps(
             {
                 "sockets": args.n,
+                "live": args.live,
                 "ms": round(seconds * 1000, 1),
                 "us_per_send": round(seconds / args.n * 1e6, 2),
+                "cpu_us_per_send": round(cpu / args.n * 1e6, 2),
             }
         )
     )
