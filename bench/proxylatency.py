@@ -11,6 +11,14 @@ load changes by the minute upsets less than wrk's runs of seconds. Same
 placement as bench/proxy.py: the core on CPU 1, the gateways and this
 client on CPU 0.
 
+Two byte relays take their turns too, on the gateways' CPU in front of the
+same core, with no HTTP at all: ``pyrelay`` (bench/pyrelay.py, asyncio on
+uvloop, as the gateway runs) and, with ``socat`` on PATH (Debian's
+package), ``relay`` (C). What ``relay`` adds is what any proxy process adds
+on this machine before it does any work of its own (two more loopback hops,
+two more wake-ups); ``pyrelay`` adds Python's event loop to that; the
+gateway's figure beyond ``pyrelay`` is its own work on each request.
+
     .venv/bin/python -m bench.proxylatency --blocks 9 --save    # ~1 minute
 
 Needs PostgreSQL with bench/proxy.py's schema seeded (run it once) and Redis.
@@ -20,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import socket
 import statistics
 import sys
@@ -30,7 +39,7 @@ from pathlib import Path
 
 from bench.fanout import save_results
 from bench.proxy import BACK_CPU, FRONT_CPU, LOAD_CPU, make_tier
-from bench.rest import baseline_server, free_port, mint_token, serve
+from bench.rest import Server, baseline_server, free_port, mint_token, serve
 
 TARGET = "/api/projects?limit=20"
 
@@ -47,7 +56,7 @@ def block(port: int, token: str, requests: int) -> float:
             sock.sendall(head)
             data = b""
             while b"\r\n\r\n" not in data:
-                data += sock.recv(65536)
+                data += _received(sock)
             answer, _, body = data.partition(b"\r\n\r\n")
             if not answer.startswith(b"HTTP/1.1 200"):
                 raise RuntimeError(answer.decode("latin-1"))
@@ -57,11 +66,18 @@ def block(port: int, token: str, requests: int) -> float:
                 if line.lower().startswith(b"content-length:")
             )
             while len(body) < length:
-                body += sock.recv(65536)
+                body += _received(sock)
             times.append(time.perf_counter() - started)
     finally:
         sock.close()
     return 1000 * statistics.median(times[20:])
+
+
+def _received(sock: socket.socket) -> bytes:
+    data = sock.recv(65536)
+    if not data:
+        raise ConnectionError("the server closed the connection in the middle of an answer")
+    return data
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -78,7 +94,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     os.sched_setaffinity(0, {int(LOAD_CPU)})
     token = mint_token()
-    found: dict[str, list[float]] = {"core": [], "before": [], "now": []}
+    socat = shutil.which("socat")
+    found: dict[str, list[float]] = {"core": [], "before": [], "now": [], "pyrelay": []}
+    if socat is not None:
+        found["relay"] = []
     with tempfile.TemporaryDirectory(prefix="bench-proxylatency-") as tmp, ExitStack() as stack:
         logs = Path(tmp)
         tier = make_tier(args.database_url, args.schema, args.redis_url, logs)
@@ -88,20 +107,53 @@ def main(argv: list[str] | None = None) -> int:
         stack.enter_context(serve(now, ports["now"], token, logs, FRONT_CPU))
         before = baseline_server(args.baseline, now, "gateway-before", ports["before"], logs)
         stack.enter_context(serve(before, ports["before"], token, logs, FRONT_CPU))
-        order = ["core", "before", "now"]
+        ports["pyrelay"] = free_port()
+        target = f"127.0.0.1:{ports['core']}"
+        pyrelay = Server(
+            "pyrelay",
+            "Python relay",
+            (
+                sys.executable,
+                "-m",
+                "bench.pyrelay",
+                "--port",
+                str(ports["pyrelay"]),
+                "--target",
+                target,
+            ),
+            dict(os.environ),
+        )
+        stack.enter_context(serve(pyrelay, ports["pyrelay"], token, logs, FRONT_CPU))
+        if socat is not None:
+            ports["relay"] = free_port()
+            listen = f"TCP-LISTEN:{ports['relay']},bind=127.0.0.1,reuseaddr,fork,nodelay"
+            relay = Server(
+                "relay",
+                "socat relay",
+                (socat, listen, f"TCP:127.0.0.1:{ports['core']},nodelay"),
+                dict(os.environ),
+            )
+            stack.enter_context(serve(relay, ports["relay"], token, logs, FRONT_CPU))
+        order = list(found)
         for n in range(args.blocks):
             for name in order if n % 2 else order[::-1]:
                 found[name].append(block(ports[name], token, args.requests))
     report: dict[str, object] = {"blocks_ms": found, "baseline": args.baseline}
-    for name in ("core", "before", "now"):
+    for name in found:
         print(f"{name}: p50 per block " + ", ".join(f"{x:.2f}" for x in found[name]) + " ms")
-    for name in ("before", "now"):
+    paths = {
+        "before": args.baseline,
+        "now": "this tree",
+        "pyrelay": "bench/pyrelay.py, a byte relay in Python",
+        "relay": "socat, a byte relay in C",
+    }
+    for name in [n for n in found if n != "core"]:
         added = [b - a for a, b in zip(found["core"], found[name], strict=True)]
         share = [b / a - 1 for a, b in zip(found["core"], found[name], strict=True)]
         report[f"added_{name}_ms"] = statistics.median(added)
         report[f"added_{name}_share"] = statistics.median(share)
         print(
-            f"{name} ({args.baseline if name == 'before' else 'this tree'}): added p50 "
+            f"{name} ({paths[name]}): added p50 "
             f"{statistics.median(added):+.3f} ms ({statistics.median(share):+.0%}) over the core's "
             f"{statistics.median(found['core']):.3f} ms, median of {args.blocks} blocks"
         )
