@@ -329,6 +329,8 @@ class RestConnection(Adopted):
         self._listener = listener
         self._address = address
         self._peer = str(address[0]) if isinstance(address, tuple) and address else ""
+        # A connection keeps its peer: whether it is a trusted proxy is asked once, not per request.
+        self._peer_trusted = listener.proxies.trusts(self._peer)
         self._first: _Request | None = first
         self._buffer = buffered
         self._transport: asyncio.Transport | None = None
@@ -398,7 +400,7 @@ class RestConnection(Adopted):
         self._listener.reading(self, False)
         self._buffer = buffer[end:]
         client = self._peer
-        if self._listener.proxies.trusts(client):
+        if self._peer_trusted:
             client = self._listener.proxies.client_ip(client, _tornado_headers(head.headers))
         body = buffer[head.size : end]
         return _Request(head.method, head.target, head.headers, body, client, head.close)

@@ -68,6 +68,8 @@ class TrustedProxies:
         return bool(self.networks)
 
     def trusts(self, ip: str | _Address | None) -> bool:
+        if not self.networks:
+            return False  # no address to parse: nothing is trusted
         address = parse_ip(ip) if isinstance(ip, str) else ip
         return address is not None and any(address in net for net in self.networks)
 
