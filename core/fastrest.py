@@ -76,7 +76,7 @@ from core.infra.adoption import Adopted, take_over
 from core.infra.listener import Listener
 from core.request import Response
 
-__all__ = ["FastRest", "Head", "RestConnection", "parse_head"]
+__all__ = ["FastRest", "Head", "RestConnection", "RestRequest", "parse_head"]
 
 log = logging.getLogger("core.fastrest")
 access_log = logging.getLogger("gateway.access")
@@ -199,9 +199,14 @@ class FastRest(httputil.HTTPServerConnectionDelegate):
     """The core's delegate (`CoreHTTP` over `UpstreamCore`), adopting kept-alive connections."""
 
     def __init__(
-        self, api: CoreHTTP, max_body: int, paths: Callable[[str], bool] = is_api_path
+        self,
+        api: CoreHTTP,
+        max_body: int,
+        paths: Callable[[str], bool] = is_api_path,
+        connection: type[RestConnection] | None = None,
     ) -> None:
         self.api = api
+        self.connection = connection or RestConnection  # a subclass: gateway/passthrough.py
         self.max_body = max_body
         self.paths = paths  # the paths served here (the others go back to Tornado)
         self.listener: Listener | None = None  # set once the listener exists
@@ -227,18 +232,18 @@ class FastRest(httputil.HTTPServerConnectionDelegate):
         length = headers.get("Content-Length", "0")
         return _LENGTH.fullmatch(length) is not None and int(length) <= self.max_body
 
-    def adopt(self, conn: HTTP1Connection, first: _Request) -> None:
+    def adopt(self, conn: HTTP1Connection, first: RestRequest) -> None:
         """Take ``conn``'s socket off Tornado; a `RestConnection` answers ``first``, then the rest."""
         listener = self.listener
         assert listener is not None
 
         def make(address: Any, buffered: bytes) -> RestConnection:
-            return RestConnection(self, listener, address, first, buffered)
+            return self.connection(self, listener, address, first, buffered)
 
         take_over(conn, make, self.adopting, log)
 
 
-class _Request:
+class RestRequest:
     """One request to answer: from Tornado (the first) or from `parse_head`."""
 
     __slots__ = ("body", "client", "close", "headers", "method", "target")
@@ -301,7 +306,9 @@ class _First(httputil.HTTPMessageDelegate):
         start, headers = self._start, self._headers
         assert start is not None and headers is not None
         client = str(getattr(getattr(self._conn, "context", None), "remote_ip", ""))
-        first = _Request(start.method, start.path, headers, b"".join(self._chunks), client, False)
+        first = RestRequest(
+            start.method, start.path, headers, b"".join(self._chunks), client, False
+        )
         self._chunks = []
         self._proxy.adopt(cast(HTTP1Connection, self._conn), first)
 
@@ -321,7 +328,7 @@ class RestConnection(Adopted):
         proxy: FastRest,
         listener: Listener,
         address: Any,
-        first: _Request,
+        first: RestRequest,
         buffered: bytes,
     ) -> None:
         self._proxy = proxy
@@ -331,7 +338,7 @@ class RestConnection(Adopted):
         self._peer = str(address[0]) if isinstance(address, tuple) and address else ""
         # A connection keeps its peer: whether it is a trusted proxy is asked once, not per request.
         self._peer_trusted = listener.proxies.trusts(self._peer)
-        self._first: _Request | None = first
+        self._first: RestRequest | None = first
         self._buffer = buffered
         self._transport: asyncio.Transport | None = None
         self._busy = False  # a request is being answered
@@ -372,7 +379,7 @@ class RestConnection(Adopted):
             return
         self._start(request)
 
-    def _take(self) -> _Request | None:
+    def _take(self) -> RestRequest | None:
         """The next whole request off the buffer; None to wait (or once handed back)."""
         buffer = self._buffer
         if not self._waiting:
@@ -403,7 +410,7 @@ class RestConnection(Adopted):
         if self._peer_trusted:
             client = self._listener.proxies.client_ip(client, _tornado_headers(head.headers))
         body = buffer[head.size : end]
-        return _Request(head.method, head.target, head.headers, body, client, head.close)
+        return RestRequest(head.method, head.target, head.headers, body, client, head.close)
 
     def _admit(self, head: Head) -> bool:
         """Whether the listener's body policy lets ``head``'s body in (else Tornado refuses it)."""
@@ -418,11 +425,11 @@ class RestConnection(Adopted):
             return False
         return head.body_length <= limit
 
-    def _start(self, request: _Request) -> None:
+    def _start(self, request: RestRequest) -> None:
         self._busy = True
         self._api.track(self._answer(request))
 
-    async def _answer(self, request: _Request) -> None:
+    async def _answer(self, request: RestRequest) -> None:
         t0 = time.perf_counter()
         origin = self._api.cors_origin(request.headers.get("origin"))
         rid = request_id_of(request.headers.get("x-request-id", ""))
@@ -433,36 +440,50 @@ class RestConnection(Adopted):
             )
         except Exception as exc:  # logged with its traceback; the body says "internal error"
             resp = Response.error(from_exception(exc, f"{request.method} {path}"))
+        self._reply(request, resp, origin, rid, path, t0)
+
+    def _reply(
+        self,
+        request: RestRequest,
+        resp: Response,
+        origin: str | None,
+        rid: str,
+        path: str,
+        t0: float,
+    ) -> None:
+        """Write ``resp`` (CORS and the request id added) and log it; then the next request."""
         if origin is not None:
             resp.headers.update(cors_headers(origin))
         resp.headers["X-Request-Id"] = rid
-        self._write(request, resp)
-        status = resp.status
+        try:
+            data = answer_bytes(resp, request.method, self._api.date(), request.close)
+        except ValueError as exc:
+            log.warning("answer not written: %s", exc)
+            self._busy = False
+            self._abort()
+            return
+        self._send(request, data)
+        self._logged(request.method, path, resp.status, rid, t0)
+
+    def _logged(self, method: str, path: str, status: int, rid: str, t0: float) -> None:
         level = logging.INFO if status < 400 else logging.WARNING if status < 500 else logging.ERROR
         if access_log.isEnabledFor(level):
             ms = 1000.0 * (time.perf_counter() - t0)
             context = {
                 "request_id": rid,
                 "status": status,
-                "method": request.method,
+                "method": method,
                 "path": path,
                 "ms": round(ms, 2),
             }
-            access_log.log(
-                level, "%d %s %s %.2fms", status, request.method, path, ms, extra=context
-            )
+            access_log.log(level, "%d %s %s %.2fms", status, method, path, ms, extra=context)
 
-    def _write(self, request: _Request, resp: Response) -> None:
+    def _send(self, request: RestRequest, data: bytes) -> None:
+        """Write one whole answer, then read on (or close, after ``Connection: close``)."""
         self._busy = False
         transport = self._transport
         if transport is None or self._gone:
             return  # the client went away meanwhile
-        try:
-            data = answer_bytes(resp, request.method, self._api.date(), request.close)
-        except ValueError as exc:
-            log.warning("answer not written: %s", exc)
-            transport.abort()
-            return
         transport.write(data)
         if request.close:
             self._gone = True

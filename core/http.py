@@ -15,6 +15,7 @@ It never raises into Tornado.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import time
@@ -43,6 +44,7 @@ __all__ = [
     "api_router",
     "cors_headers",
     "is_api_path",
+    "make_request",
     "request_id_of",
     "unauthorized",
 ]
@@ -103,6 +105,8 @@ class CoreHTTP(httputil.HTTPServerConnectionDelegate):
         self.cors_origins = frozenset(cors_origins)
         self.date = _Date()
         self._tasks = TaskSet(log)
+        self._held = 0  # requests answered without a task
+        self._quiet: asyncio.Event | None = None
 
     def start_request(
         self, server_conn: object, request_conn: httputil.HTTPConnection
@@ -125,17 +129,7 @@ class CoreHTTP(httputil.HTTPServerConnectionDelegate):
             caller = self.caller(method, path, headers.get("authorization"))
         except AuthError as exc:
             return unauthorized(exc)
-        req = Request(
-            method,
-            path,
-            query=parse_qs(query, keep_blank_values=True) if query else None,
-            headers=headers,
-            body=body,
-            caller=caller,
-            client=client,
-            query_string=query,
-            request_id=request_id,
-        )
+        req = make_request(method, path, query, headers, body, caller, client, request_id)
         return await self.core.dispatch(req)
 
     def caller(self, method: str, path: str, authorization: str | None) -> Identity | None:
@@ -154,7 +148,22 @@ class CoreHTTP(httputil.HTTPServerConnectionDelegate):
 
     async def wait_idle(self) -> None:
         """Return once every request being answered has been answered."""
-        await self._tasks.wait()
+        while True:
+            await self._tasks.wait()
+            if not self._held:
+                return
+            self._quiet = asyncio.Event()
+            await self._quiet.wait()
+
+    def hold(self) -> None:
+        """A request is being answered without a task (gateway/passthrough.py): `wait_idle` waits."""
+        self._held += 1
+
+    def release(self) -> None:
+        """The request `hold` counted is answered."""
+        self._held -= 1
+        if not self._held and self._quiet is not None:
+            self._quiet.set()
 
     def spawn(self, exchange: _Exchange) -> None:
         self._tasks.spawn(exchange.run())
@@ -287,6 +296,30 @@ class _Exchange(httputil.HTTPMessageDelegate):
 
 _CORS_REQUEST_HEADERS = "Authorization, Content-Type, If-Match, If-None-Match, Idempotency-Key"
 _CORS_EXPOSED = "ETag, Location, Retry-After, Idempotent-Replayed"
+
+
+def make_request(
+    method: str,
+    path: str,
+    query: str,
+    headers: Mapping[str, str],
+    body: bytes,
+    caller: Identity | None,
+    client: str,
+    request_id: str,
+) -> Request:
+    """The core's `Request` for an HTTP request (its query parsed as Tornado's path parses it)."""
+    return Request(
+        method,
+        path,
+        query=parse_qs(query, keep_blank_values=True) if query else None,
+        headers=headers,
+        body=body,
+        caller=caller,
+        client=client,
+        query_string=query,
+        request_id=request_id,
+    )
 
 
 def unauthorized(refused: AuthError) -> Response:

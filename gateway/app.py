@@ -63,6 +63,7 @@ from gateway.hooks.session import session_factory
 from gateway.hub import Hub
 from gateway.keymirror import KeyMirror
 from gateway.node import Node
+from gateway.passthrough import ForwardConnection
 from gateway.router import FirstRoute, is_core_path
 from gateway.serverapi.dispatch import ServerAPI, ServerBodyPolicy
 from gateway.serverapi.operations import Operations
@@ -185,7 +186,9 @@ class Gateway:
         policy = ServerBodyPolicy(server_api, ctx.verifier, limits)
         proxies = TrustedProxies(s.trusted_proxies, s.forwarded_header)
         # Kept-alive REST connections are then served off Tornado (the core here or behind CORE_URL).
-        fast = FastRest(api, s.max_body_bytes, is_core_path)
+        # Behind CORE_URL, their requests are forwarded with callbacks, not a task each.
+        forward = ForwardConnection if isinstance(ctx.core, UpstreamCore) else None
+        fast = FastRest(api, s.max_body_bytes, is_core_path, forward)
         routes = FirstRoute(fast, sockets_first)  # /api/ first, unparsed
         self.server = Listener(routes, s, ctx.metrics, policy, proxies,
                                fast={"/ws": websockets.accept})  # fmt: skip

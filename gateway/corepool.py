@@ -30,12 +30,14 @@ import collections
 import re
 import ssl
 import time
+from collections.abc import Callable
 from typing import cast
 from urllib.parse import quote
 
 __all__ = [
     "Answer",
     "ConnectionLost",
+    "CoreConnection",
     "CorePool",
     "ProtocolError",
     "ResponseReader",
@@ -257,14 +259,19 @@ def _parse_head(head: bytes) -> tuple[int, list[tuple[str, str]], bool, int | No
     return int(code), headers, keep_alive, None if chunked else length, chunked
 
 
-class _Connection(asyncio.Protocol):
-    """One connection to the core: one request at a time."""
+class CoreConnection(asyncio.Protocol):
+    """One connection to the core: one request at a time.
+
+    The answer goes to a future (`send`) or to a callback (`forward`, for a
+    caller that runs no task per request: gateway/passthrough.py).
+    """
 
     def __init__(self, pool: CorePool) -> None:
         self.pool = pool
         self.transport: asyncio.Transport | None = None
         self.reader: ResponseReader | None = None
         self.waiter: asyncio.Future[Answer] | None = None
+        self.sink: Callable[[Answer | Exception], None] | None = None
         self.born = time.monotonic()
         self.used = self.born
         self.reused = False
@@ -274,41 +281,72 @@ class _Connection(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
 
     def send(self, head: bytes, body: bytes, no_body: bool) -> asyncio.Future[Answer]:
+        self._write(head, body, no_body)
+        self.waiter = asyncio.get_running_loop().create_future()
+        return self.waiter
+
+    def forward(
+        self, head: bytes, body: bytes, no_body: bool, sink: Callable[[Answer | Exception], None]
+    ) -> None:
+        """Send a request; ``sink`` is called once, later, with the answer or what went wrong."""
+        self._write(head, body, no_body)
+        self.sink = sink
+
+    def detach(self) -> None:
+        """Forget the request under way (given up): its sink is not called, the connection closes."""
+        self.sink = None
+        self.close()
+
+    def _write(self, head: bytes, body: bytes, no_body: bool) -> None:
         if self.closed or self.transport is None or self.transport.is_closing():
             raise ConnectionLost("the connection closed before the request", answered=False)
         self.reader = ResponseReader(no_body)
-        self.waiter = asyncio.get_running_loop().create_future()
         self.transport.write(head + body if body else head)
-        return self.waiter
+
+    def _expecting(self) -> bool:
+        return self.sink is not None or (self.waiter is not None and not self.waiter.done())
+
+    def _settle(self, result: Answer | Exception) -> None:
+        sink = self.sink
+        if sink is not None:
+            self.sink = None
+            sink(result)
+            return
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            if isinstance(result, Answer):
+                waiter.set_result(result)
+            else:
+                waiter.set_exception(result)
 
     def data_received(self, data: bytes) -> None:
-        if self.waiter is None or self.reader is None or self.waiter.done():
+        if self.reader is None or not self._expecting():
             self.close()  # bytes nobody asked for: this connection cannot be trusted
             return
         try:
             answer = self.reader.feed(data)
         except ProtocolError as exc:
-            self.waiter.set_exception(exc)
             self.close()
+            self._settle(exc)
             return
         if answer is not None:
-            self.waiter.set_result(answer)
+            self._settle(answer)
 
     def eof_received(self) -> bool:
-        if self.waiter is not None and not self.waiter.done() and self.reader is not None:
-            if self.reader.started:
-                try:
-                    self.waiter.set_result(self.reader.feed_eof())
-                except ProtocolError as exc:
-                    self.waiter.set_exception(ConnectionLost(str(exc), answered=True))
+        if self.reader is not None and self.reader.started and self._expecting():
+            try:
+                answer = self.reader.feed_eof()
+            except ProtocolError as exc:
+                self._settle(ConnectionLost(str(exc), answered=True))
+            else:
+                self._settle(answer)
         return False  # close the transport
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        waiter = self.waiter
-        if waiter is not None and not waiter.done():
+        if self._expecting():
             started = self.reader is not None and self.reader.started
-            waiter.set_exception(ConnectionLost("the core closed the connection", started))
+            self._settle(ConnectionLost("the core closed the connection", started))
         self.pool._lost(self)
 
     def close(self) -> None:
@@ -338,9 +376,11 @@ class CorePool:
         self.limit = limit
         self.max_age = max_age
         self.idle_for = idle
-        self._idle: collections.deque[_Connection] = collections.deque()
-        self._waiters: collections.deque[asyncio.Future[_Connection | None]] = collections.deque()
-        self._all: set[_Connection] = set()
+        self._idle: collections.deque[CoreConnection] = collections.deque()
+        self._waiters: collections.deque[asyncio.Future[CoreConnection | None]] = (
+            collections.deque()
+        )
+        self._all: set[CoreConnection] = set()
         self._opening = 0
         self.in_use = 0
         self._closed = False
@@ -381,9 +421,24 @@ class CorePool:
                 self._release(conn, done and answer.keep_alive)
             return answer
 
-    async def _acquire(self) -> _Connection:
-        if self._closed:
-            raise ConnectionLost("the pool is closed", answered=False)
+    def take(self) -> CoreConnection | None:
+        """An idle connection to use now, counted in use (`give` returns it); None if none is.
+
+        None too while requests wait: they are served first, in order.
+        """
+        if self._closed or self._waiters:
+            return None
+        conn = self._idle_one()
+        if conn is not None:
+            self.in_use += 1
+        return conn
+
+    def give(self, conn: CoreConnection, reusable: bool) -> None:
+        """Return a connection `take` gave; ``reusable``: its last answer left it fit for more."""
+        self.in_use -= 1
+        self._release(conn, reusable)
+
+    def _idle_one(self) -> CoreConnection | None:
         now = time.monotonic()
         while self._idle:
             conn = self._idle.pop()  # the most recently used: the likeliest alive
@@ -393,10 +448,18 @@ class CorePool:
                 continue
             conn.reused = True
             return conn
+        return None
+
+    async def _acquire(self) -> CoreConnection:
+        if self._closed:
+            raise ConnectionLost("the pool is closed", answered=False)
+        conn = self._idle_one()
+        if conn is not None:
+            return conn
         if self.size < self.limit and not self._waiters:
             self._opening += 1
             return await self._open()
-        waiter: asyncio.Future[_Connection | None] = asyncio.get_running_loop().create_future()
+        waiter: asyncio.Future[CoreConnection | None] = asyncio.get_running_loop().create_future()
         self._waiters.append(waiter)
         try:
             given = await waiter
@@ -411,11 +474,11 @@ class CorePool:
         given.reused = True
         return given
 
-    async def _open(self) -> _Connection:
+    async def _open(self) -> CoreConnection:
         """A new connection, its place in the pool reserved already (``_opening``)."""
         try:
             _, conn = await asyncio.get_running_loop().create_connection(
-                lambda: _Connection(self),
+                lambda: CoreConnection(self),
                 self.host,
                 self.port,
                 ssl=self.tls,
@@ -432,8 +495,8 @@ class CorePool:
             raise ConnectionLost("the pool is closed", answered=False)
         return conn
 
-    def _release(self, conn: _Connection, reusable: bool) -> None:
-        conn.waiter = conn.reader = None
+    def _release(self, conn: CoreConnection, reusable: bool) -> None:
+        conn.waiter = conn.reader = conn.sink = None
         conn.reused = False
         now = time.monotonic()
         if reusable and not conn.closed and not self._closed and now - conn.born < self.max_age:
@@ -447,19 +510,19 @@ class CorePool:
             conn.close()
             self._forget(conn)
 
-    def _give_back(self, given: _Connection | None) -> None:
+    def _give_back(self, given: CoreConnection | None) -> None:
         if given is None:
             self._opening -= 1
             self._free_place()
         else:
             self._release(given, True)
 
-    def _lost(self, conn: _Connection) -> None:
+    def _lost(self, conn: CoreConnection) -> None:
         if conn in self._idle:
             self._idle.remove(conn)
         self._forget(conn)
 
-    def _forget(self, conn: _Connection) -> None:
+    def _forget(self, conn: CoreConnection) -> None:
         if conn in self._all:
             self._all.remove(conn)
             self._free_place()
@@ -472,7 +535,7 @@ class CorePool:
                 self._opening += 1
                 waiter.set_result(None)
 
-    def _next_waiter(self) -> asyncio.Future[_Connection | None] | None:
+    def _next_waiter(self) -> asyncio.Future[CoreConnection | None] | None:
         while self._waiters:
             waiter = self._waiters.popleft()
             if not waiter.done():

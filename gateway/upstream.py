@@ -38,6 +38,7 @@ import math
 import secrets
 import ssl
 import time
+from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -50,10 +51,17 @@ from core.infra.revocation import Revocations
 from core.infra.settings import Settings
 from core.request import Request, Response
 from core.service import offline_routes
-from gateway.corepool import CorePool, ProtocolError
+from gateway.corepool import Answer, CorePool, ProtocolError
 from gateway.keymirror import KeyMirror
 
-__all__ = ["IDEMPOTENT", "UpstreamCore"]
+__all__ = [
+    "IDEMPOTENT",
+    "RETRY_STATUS",
+    "UpstreamCore",
+    "forward_headers",
+    "repeatable_request",
+    "response_of",
+]
 
 log = logging.getLogger("gateway.upstream")
 
@@ -99,7 +107,7 @@ _SPELLING = {
         "Cache-Control",
     )
 }
-_RETRY_STATUS = frozenset({502, 503})
+RETRY_STATUS = frozenset({502, 503})
 _FAILURE_STATUS = frozenset({502, 503, 504})
 
 
@@ -121,7 +129,7 @@ class UpstreamCore:
         if where.scheme not in ("http", "https") or not where.hostname:
             raise ValueError(f"CORE_URL must be http://host[:port]: {settings.core_url!r}")
         tls = ssl.create_default_context() if where.scheme == "https" else None
-        self._prefix = where.path
+        self.prefix = where.path
         self.pool = CorePool(
             where.hostname,
             where.port or (443 if tls else 80),
@@ -131,12 +139,12 @@ class UpstreamCore:
         )
         self.routes, self.router = offline_routes()
         self.breaker = Breaker(settings.core_breaker_failures, settings.core_breaker_seconds)
-        self._retries = settings.core_retries
-        self._timeout = settings.core_timeout
+        self.retries = settings.core_retries
+        self.timeout = settings.core_timeout
         self._pool_size = settings.core_pool_size
         self._backoff = Backoff(0.05, 0.5)
         self._metrics = metrics
-        self._seconds = metrics.core_upstream_seconds
+        self.seconds = metrics.core_upstream_seconds
         self.last_error: str | None = None
         metrics.core_pool_size.set(self._pool_size)
         metrics.core_pool_in_use.set_function(lambda: self.pool.in_use)
@@ -166,23 +174,30 @@ class UpstreamCore:
             await self.keys.close()
         await self.pool.close()
 
-    async def dispatch(self, req: Request) -> Response:
-        """The core's answer to ``req``, or 503/504 when there is none; never raises."""
-        wait = self.breaker.refuse(time.monotonic())
-        if wait is not None:
-            self._metrics.core_upstream_errors.labels("breaker_open").inc()
-            seconds = max(1, math.ceil(wait))
-            return Response.error(_unavailable("the REST core is unavailable", seconds))
+    async def dispatch(self, req: Request, tried: int = 0) -> Response:
+        """The core's answer to ``req``, or 503/504 when there is none; never raises.
+
+        ``tried``: attempts made already (the pass-through's, gateway/passthrough.py),
+        counted against ``CORE_RETRIES``; the breaker was asked before them.
+        """
+        if not tried:
+            wait = self.breaker.refuse(time.monotonic())
+            if wait is not None:
+                self._metrics.core_upstream_errors.labels("breaker_open").inc()
+                seconds = max(1, math.ceil(wait))
+                return Response.error(_unavailable("the REST core is unavailable", seconds))
         query = req.query_string
-        target = self._prefix + req.path + ("?" + query if query else "")
-        headers = _headers(req)
-        repeatable = _repeatable(req)
-        retries = self._retries if repeatable else 0
-        for attempt in range(retries + 1):
+        target = self.prefix + req.path + ("?" + query if query else "")
+        token = getattr(req.caller, "token", None)
+        headers = forward_headers(req.headers, token, req.client, req.request_id)
+        repeatable = repeatable_request(req.method, req.headers)
+        retries = self.retries if repeatable else 0
+        resp: Response | ApiError = Unavailable("the REST core was not asked")
+        for attempt in range(tried, retries + 1):
             if attempt:
                 await asyncio.sleep(self._backoff.delay(attempt - 1))
             resp = await self._once(req.method, target, headers, req.body, repeatable)
-            if isinstance(resp, Response) and resp.status not in _RETRY_STATUS:
+            if isinstance(resp, Response) and resp.status not in RETRY_STATUS:
                 return resp
         return resp if isinstance(resp, Response) else Response.error(resp)
 
@@ -196,31 +211,37 @@ class UpstreamCore:
     ) -> Response | ApiError:
         started = time.perf_counter()
         try:
-            async with asyncio.timeout(self._timeout):
+            async with asyncio.timeout(self.timeout):
                 answer = await self.pool.request(method, target, headers, body, repeatable)
         except TimeoutError:
-            return self._failed(
-                "timeout", ApiError(504, "gateway_timeout", "the REST core did not answer in time")
-            )
+            return self.timed_out()
         except ValueError as exc:  # a header or path that cannot go over HTTP/1.1
             return ApiError(400, "bad_request", str(exc))
         except (OSError, ProtocolError) as exc:
-            self.last_error = f"{type(exc).__name__}: {exc}"
-            return self._failed("unreachable", _unavailable("the REST core is unreachable", 1))
-        self._seconds.observe(time.perf_counter() - started)
+            return self.unreachable(exc)
+        self.seconds.observe(time.perf_counter() - started)
         status = answer.status
-        out = {
-            _SPELLING.get(low, name): value
-            for name, value in answer.headers
-            if (low := name.lower()) not in _HOP
-        }
+        self.counted(status)
+        return response_of(answer)
+
+    def counted(self, status: int) -> None:
+        """What an answer with ``status`` tells the breaker and the error metric."""
         if status in _FAILURE_STATUS:
             self._metrics.core_upstream_errors.labels(f"status_{status}").inc()
             self.breaker.failure(time.monotonic())
         elif self.breaker.state != "closed" or self.breaker.failures:
             self.breaker.success()
-        payload = answer.body
-        return Response(status, payload if payload or status not in (204, 304) else None, out)
+
+    def timed_out(self) -> ApiError:
+        """The 504 of a request the core did not answer within ``CORE_TIMEOUT``, counted."""
+        return self._failed(
+            "timeout", ApiError(504, "gateway_timeout", "the REST core did not answer in time")
+        )
+
+    def unreachable(self, exc: Exception) -> ApiError:
+        """The 503 of a request that got no answer (``exc``), counted."""
+        self.last_error = f"{type(exc).__name__}: {exc}"
+        return self._failed("unreachable", _unavailable("the REST core is unreachable", 1))
 
     def _failed(self, kind: str, err: ApiError) -> ApiError:
         self._metrics.core_upstream_errors.labels(kind).inc()
@@ -234,7 +255,7 @@ class UpstreamCore:
         """The core answers its readiness probe within a second."""
         try:
             async with asyncio.timeout(1.0):
-                answer = await self.pool.request("GET", self._prefix + "/readyz", [], b"", True)
+                answer = await self.pool.request("GET", self.prefix + "/readyz", [], b"", True)
         except (TimeoutError, OSError, ProtocolError):
             return False
         return answer.status == 200
@@ -251,16 +272,28 @@ class UpstreamCore:
         }
 
 
-def _repeatable(req: Request) -> bool:
-    return req.method in IDEMPOTENT or (
-        req.method in ("POST", "PATCH") and bool(req.headers.get("idempotency-key"))
+def response_of(answer: Answer) -> Response:
+    """The core's answer as the in-process core gives it: the hop's own headers left out."""
+    out = {
+        _SPELLING.get(low, name): value
+        for name, value in answer.headers
+        if (low := name.lower()) not in _HOP
+    }
+    status, payload = answer.status, answer.body
+    return Response(status, payload if payload or status not in (204, 304) else None, out)
+
+
+def repeatable_request(method: str, headers: Mapping[str, str]) -> bool:
+    """Whether sending the request twice does no more than once (lower-case header names)."""
+    return method in IDEMPOTENT or (
+        method in ("POST", "PATCH") and bool(headers.get("idempotency-key"))
     )
 
 
-def _headers(req: Request) -> list[tuple[str, str]]:
+def forward_headers(
+    given: Mapping[str, str], token: str | None, client: str, request_id: str
+) -> list[tuple[str, str]]:
     """What the core is told: the credential, the body's type, conditions, who and which."""
-    given = req.headers
-    token = getattr(req.caller, "token", None)
     out = [
         (name, value)
         for key, name in _FORWARDED
@@ -268,9 +301,9 @@ def _headers(req: Request) -> list[tuple[str, str]]:
     ]
     if token:  # the credential the gateway verified (an rpc frame's: its socket's)
         out.append(("Authorization", f"Bearer {token}"))
-    if req.client:  # replaces what the client sent (resolved already)
-        out.append(("X-Forwarded-For", req.client))
-    out.append(("X-Request-Id", req.request_id or secrets.token_hex(8)))
+    if client:  # replaces what the client sent (resolved already)
+        out.append(("X-Forwarded-For", client))
+    out.append(("X-Request-Id", request_id or secrets.token_hex(8)))
     return out
 
 

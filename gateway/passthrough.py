@@ -1,0 +1,241 @@
+"""Kept-alive REST connections behind ``CORE_URL``: each request forwarded with callbacks only.
+
+`core.fastrest.RestConnection` answers an adopted connection's requests
+with a task each: `CoreHTTP.serve` makes a `Request`, checks the caller and
+awaits `UpstreamCore.dispatch`, which sends the request under
+``asyncio.timeout`` through `CorePool.request` and makes a `Response` of the
+answer. With one connection that machinery was most of the gateway's CPU
+per forwarded request, and most of the latency its hop added (issue 16,
+docs/performance.md). `ForwardConnection` does the same work without a
+task, a future or a timeout context per request:
+
+* a request `parse_head` read (or the first, Tornado's) is checked as
+  `CoreHTTP.serve` checks it (the caller's token: 401 before the core is
+  asked; CORS; the request id), and its head for the core is written at
+  once on an idle pooled connection (`CorePool.take`), with the headers
+  `UpstreamCore` sends (`forward_headers`: the verified credential, the
+  client's address as resolved, the request id) and one timer for
+  ``CORE_TIMEOUT``;
+* the answer, once `ResponseReader` has it whole, is written to the client
+  as the task path writes it, byte for byte (`response_of`, then
+  `RestConnection._reply`); the latency metric, the breaker's count and the
+  access log come after the write.
+
+What this class does not do itself, the task path does, with everything it
+does: a request finds no idle connection (the pool opens one or waits for
+one, in order); the breaker is not closed (503, or the probe); a request
+whose first attempt failed is retried if repeating it is harmless (GET,
+HEAD, PUT, DELETE, OPTIONS, a POST or PATCH with an ``Idempotency-Key``),
+from the second attempt on, so the attempts are ``CORE_RETRIES + 1`` in all
+as before; a reused connection the core had closed is tried once more on a
+new one, as `CorePool.request` does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from core.errormap import from_exception
+from core.fastrest import FastRest, RestConnection, RestRequest
+from core.http import make_request, request_id_of, unauthorized
+from core.infra.errors import ApiError
+from core.infra.identity import AuthError, Identity
+from core.infra.listener import Listener
+from core.request import Response
+from gateway.corepool import Answer, ConnectionLost, CoreConnection, request_head
+from gateway.upstream import (
+    RETRY_STATUS,
+    UpstreamCore,
+    forward_headers,
+    repeatable_request,
+    response_of,
+)
+
+__all__ = ["ForwardConnection"]
+
+
+class _Pending:
+    """The request a `ForwardConnection` has forwarded and waits for the answer of."""
+
+    __slots__ = (
+        "caller",
+        "origin",
+        "path",
+        "query",
+        "repeatable",
+        "request",
+        "rid",
+        "sent",
+        "t0",
+        "timer",
+        "upstream",
+    )
+
+    def __init__(
+        self,
+        request: RestRequest,
+        path: str,
+        query: str,
+        origin: str | None,
+        rid: str,
+        caller: Identity | None,
+        t0: float,
+    ) -> None:
+        self.request = request
+        self.path = path
+        self.query = query
+        self.origin = origin
+        self.rid = rid
+        self.caller = caller
+        self.t0 = t0
+        self.sent = 0.0
+        self.repeatable = repeatable_request(request.method, request.headers)
+        self.upstream: CoreConnection | None = None
+        self.timer: asyncio.TimerHandle | None = None
+
+
+class ForwardConnection(RestConnection):
+    """A kept-alive ``/api/`` connection whose requests go to the core without a task each."""
+
+    def __init__(
+        self,
+        proxy: FastRest,
+        listener: Listener,
+        address: Any,
+        first: RestRequest,
+        buffered: bytes,
+    ) -> None:
+        super().__init__(proxy, listener, address, first, buffered)
+        core = proxy.api.core
+        assert isinstance(core, UpstreamCore)
+        self._core = core
+        self._loop = asyncio.get_running_loop()
+        self._pending: _Pending | None = None
+
+    def _start(self, request: RestRequest) -> None:
+        core = self._core
+        if core.breaker.state != "closed":
+            super()._start(request)  # 503 at once, or the probe
+            return
+        upstream = core.pool.take()
+        if upstream is None:
+            super()._start(request)  # the pool opens a connection, or waits for one
+            return
+        self._busy = True
+        t0 = time.perf_counter()
+        api = self._api
+        headers = request.headers
+        method = request.method
+        path, _, query = request.target.partition("?")
+        rid = request_id_of(headers.get("x-request-id", ""))
+        origin = api.cors_origin(headers.get("origin"))
+        try:
+            caller = api.caller(method, path, headers.get("authorization"))
+            fields = forward_headers(headers, getattr(caller, "token", None), request.client, rid)
+            target = core.prefix + path + ("?" + query if query else "")
+            head = request_head(method, target, core.pool.authority, fields, len(request.body))
+        except AuthError as exc:
+            core.pool.give(upstream, True)
+            self._reply(request, unauthorized(exc), origin, rid, path, t0)
+            return
+        except ValueError as exc:  # a header or path that cannot go over HTTP/1.1
+            core.pool.give(upstream, True)
+            bad = Response.error(ApiError(400, "bad_request", str(exc)))
+            self._reply(request, bad, origin, rid, path, t0)
+            return
+        except Exception as exc:  # logged with its traceback; the body says "internal error"
+            core.pool.give(upstream, True)
+            failed = Response.error(from_exception(exc, f"{method} {path}"))
+            self._reply(request, failed, origin, rid, path, t0)
+            return
+        pending = _Pending(request, path, query, origin, rid, caller, t0)
+        try:
+            upstream.forward(head, request.body, method == "HEAD", self._answered)
+        except ConnectionLost:  # closed as it lay idle: the task path opens another
+            core.pool.give(upstream, False)
+            self._again(pending, 0)
+            return
+        pending.sent = time.perf_counter()
+        pending.upstream = upstream
+        loop = self._loop
+        pending.timer = loop.call_at(loop.time() + core.timeout, self._timed_out)
+        self._pending = pending
+        api.hold()
+
+    def _answered(self, result: Answer | Exception) -> None:
+        """The upstream connection's callback: the core's answer, or what went wrong."""
+        pending = self._taken()
+        upstream = pending.upstream
+        assert upstream is not None
+        core = self._core
+        if isinstance(result, Answer):
+            core.pool.give(upstream, result.keep_alive)
+            status = result.status
+            if status in RETRY_STATUS and pending.repeatable and core.retries:
+                core.seconds.observe(time.perf_counter() - pending.sent)
+                core.counted(status)
+                self._again(pending, 1)
+                return
+            self._answer_with(pending, response_of(result))
+            core.seconds.observe(time.perf_counter() - pending.sent)
+            core.counted(status)
+            return
+        core.pool.give(upstream, False)
+        if (
+            isinstance(result, ConnectionLost)
+            and upstream.reused
+            and not result.answered
+            and pending.repeatable
+        ):
+            self._again(pending, 0)  # closed by the core as it was taken: once more, uncounted
+            return
+        self._failed(pending, core.unreachable(result))
+
+    def _timed_out(self) -> None:
+        pending = self._taken()
+        upstream = pending.upstream
+        assert upstream is not None
+        upstream.detach()
+        self._core.pool.give(upstream, False)
+        self._failed(pending, self._core.timed_out())
+
+    def _taken(self) -> _Pending:
+        pending, self._pending = self._pending, None
+        assert pending is not None and pending.timer is not None
+        pending.timer.cancel()
+        self._api.release()
+        return pending
+
+    def _failed(self, pending: _Pending, err: ApiError) -> None:
+        if pending.repeatable and self._core.retries:
+            self._again(pending, 1)
+            return
+        self._answer_with(pending, Response.error(err))
+
+    def _again(self, pending: _Pending, tried: int) -> None:
+        """Go on on the task path (`UpstreamCore.dispatch`), ``tried`` attempts made already."""
+        self._api.track(self._dispatch(pending, tried))
+
+    async def _dispatch(self, pending: _Pending, tried: int) -> None:
+        request = pending.request
+        headers, body, client = request.headers, request.body, request.client
+        req = make_request(
+            request.method,
+            pending.path,
+            pending.query,
+            headers,
+            body,
+            pending.caller,
+            client,
+            pending.rid,
+        )
+        try:
+            resp = await self._core.dispatch(req, tried)
+        except Exception as exc:  # logged with its traceback; the body says "internal error"
+            resp = Response.error(from_exception(exc, f"{request.method} {pending.path}"))
+        self._answer_with(pending, resp)
+
+    def _answer_with(self, pending: _Pending, resp: Response) -> None:
+        self._reply(pending.request, resp, pending.origin, pending.rid, pending.path, pending.t0)
