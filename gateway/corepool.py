@@ -31,7 +31,7 @@ import re
 import ssl
 import time
 from collections.abc import Callable
-from typing import cast
+from typing import Protocol, cast
 from urllib.parse import quote
 
 __all__ = [
@@ -40,7 +40,9 @@ __all__ = [
     "CoreConnection",
     "CorePool",
     "ProtocolError",
+    "Reader",
     "ResponseReader",
+    "head_end",
     "request_head",
 ]
 
@@ -110,6 +112,27 @@ def request_head(
 _WITH_BODY = frozenset({"POST", "PUT", "PATCH"})
 
 
+class Reader(Protocol):
+    """What cuts one answer out of a connection's bytes (`ResponseReader`, or a caller's own)."""
+
+    @property
+    def started(self) -> bool: ...
+
+    def feed(self, data: bytes) -> object | None:
+        """The answer once whole, else None; `ProtocolError` for bytes that are no answer."""
+
+    def feed_eof(self) -> object:
+        """The answer the close ends; `ProtocolError` when it was cut short."""
+
+
+def head_end(buf: bytes) -> int:
+    """Where the answer head at the start of ``buf`` ends (its blank line), -1 if not in yet."""
+    end = buf.find(b"\r\n\r\n")
+    if end < 0 and len(buf) > MAX_HEAD:
+        raise ProtocolError("answer head too long")
+    return end
+
+
 class ResponseReader:
     """Cuts one HTTP/1.1 answer out of the bytes fed to it; no I/O.
 
@@ -136,10 +159,8 @@ class ResponseReader:
     def feed(self, data: bytes) -> Answer | None:
         buf = self._buf + data if self._buf else data
         while self._head is None:
-            end = buf.find(b"\r\n\r\n")
+            end = head_end(buf)
             if end < 0:
-                if len(buf) > MAX_HEAD:
-                    raise ProtocolError("answer head too long")
                 self._buf = buf
                 return None
             status, headers, keep_alive, length, chunked = _parse_head(buf[:end])
@@ -269,9 +290,9 @@ class CoreConnection(asyncio.Protocol):
     def __init__(self, pool: CorePool) -> None:
         self.pool = pool
         self.transport: asyncio.Transport | None = None
-        self.reader: ResponseReader | None = None
+        self.reader: Reader | None = None
         self.waiter: asyncio.Future[Answer] | None = None
-        self.sink: Callable[[Answer | Exception], None] | None = None
+        self.sink: Callable[[object], None] | None = None
         self.born = time.monotonic()
         self.used = self.born
         self.reused = False
@@ -281,15 +302,14 @@ class CoreConnection(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
 
     def send(self, head: bytes, body: bytes, no_body: bool) -> asyncio.Future[Answer]:
-        self._write(head, body, no_body)
+        self._write(head, body, ResponseReader(no_body))
         self.waiter = asyncio.get_running_loop().create_future()
         return self.waiter
 
-    def forward(
-        self, head: bytes, body: bytes, no_body: bool, sink: Callable[[Answer | Exception], None]
-    ) -> None:
-        """Send a request; ``sink`` is called once, later, with the answer or what went wrong."""
-        self._write(head, body, no_body)
+    def forward(self, data: bytes, reader: Reader, sink: Callable[[object], None]) -> None:
+        """Send a request (``data``, head and body); ``sink`` is called once, later, with what
+        ``reader`` cut out of the answer, or the exception that ended the wait for it."""
+        self._write(data, b"", reader)
         self.sink = sink
 
     def detach(self) -> None:
@@ -297,16 +317,16 @@ class CoreConnection(asyncio.Protocol):
         self.sink = None
         self.close()
 
-    def _write(self, head: bytes, body: bytes, no_body: bool) -> None:
+    def _write(self, head: bytes, body: bytes, reader: Reader) -> None:
         if self.closed or self.transport is None or self.transport.is_closing():
             raise ConnectionLost("the connection closed before the request", answered=False)
-        self.reader = ResponseReader(no_body)
+        self.reader = reader
         self.transport.write(head + body if body else head)
 
     def _expecting(self) -> bool:
         return self.sink is not None or (self.waiter is not None and not self.waiter.done())
 
-    def _settle(self, result: Answer | Exception) -> None:
+    def _settle(self, result: object) -> None:
         sink = self.sink
         if sink is not None:
             self.sink = None
@@ -314,10 +334,10 @@ class CoreConnection(asyncio.Protocol):
             return
         waiter = self.waiter
         if waiter is not None and not waiter.done():
-            if isinstance(result, Answer):
-                waiter.set_result(result)
-            else:
+            if isinstance(result, BaseException):
                 waiter.set_exception(result)
+            else:
+                waiter.set_result(cast(Answer, result))
 
     def data_received(self, data: bytes) -> None:
         if self.reader is None or not self._expecting():

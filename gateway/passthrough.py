@@ -16,10 +16,20 @@ task, a future or a timeout context per request:
   `UpstreamCore` sends (`forward_headers`: the verified credential, the
   client's address as resolved, the request id) and one timer for
   ``CORE_TIMEOUT``;
-* the answer, once `ResponseReader` has it whole, is written to the client
-  as the task path writes it, byte for byte (`response_of`, then
-  `RestConnection._reply`); the latency metric, the breaker's count and the
-  access log come after the write.
+* the answer, once whole, is written to the client as the task path writes
+  it, byte for byte. Most answers are already those bytes: the core writes
+  its answers as the gateway does (`core.fastrest.answer_bytes`) and echoes
+  the request id it was sent, so `VerbatimReader` checks that an answer's
+  head has exactly that shape (the status line, fields the gateway keeps,
+  spelled as it spells them, each once, the request id sent, ``Date``,
+  ``Content-Type: application/json``, ``Content-Length``, nothing about the
+  connection) and then passes its bytes through as they came, ``Date``
+  included (the core's clock, not the gateway's; the same second in
+  practice). Any other answer, and every answer to a ``HEAD``, to a
+  request with ``Connection: close`` or to a CORS request, is read by
+  `ResponseReader` and written anew (`response_of`, then
+  `RestConnection._reply`). The latency metric, the breaker's count and
+  the access log come after the write.
 
 What this class does not do itself, the task path does, with everything it
 does: a request finds no idle connection (the pool opens one or waits for
@@ -34,17 +44,27 @@ new one, as `CorePool.request` does.
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from typing import Any
 
 from core.errormap import from_exception
 from core.fastrest import FastRest, RestConnection, RestRequest
-from core.http import make_request, request_id_of, unauthorized
+from core.http import REASONS, make_request, request_id_of, unauthorized
 from core.infra.errors import ApiError
 from core.infra.identity import AuthError, Identity
 from core.infra.listener import Listener
 from core.request import Response
-from gateway.corepool import Answer, ConnectionLost, CoreConnection, request_head
+from gateway.corepool import (
+    MAX_BODY,
+    Answer,
+    ConnectionLost,
+    CoreConnection,
+    ProtocolError,
+    ResponseReader,
+    head_end,
+    request_head,
+)
 from gateway.upstream import (
     RETRY_STATUS,
     UpstreamCore,
@@ -53,7 +73,94 @@ from gateway.upstream import (
     response_of,
 )
 
-__all__ = ["ForwardConnection"]
+__all__ = ["ForwardConnection", "Verbatim", "VerbatimReader"]
+
+#: An answer head exactly as `core.fastrest.answer_bytes` writes it for a client that
+#: sent no Origin and keeps its connection: fields the gateway passes on (none it
+#: writes itself or drops), names spelled as it spells them, values with no space
+#: around them, then the request id, Date, Content-Type and Content-Length.
+_VERBATIM = re.compile(
+    rb"HTTP/1\.1 ([2-5][0-9][0-9]) ([A-Za-z][\x20-\x7e]*)\r\n"
+    rb"((?:(?!(?:Connection|Keep-Alive|Transfer-Encoding|Content-Encoding|Content-Length"
+    rb"|Content-Type|Date|Server|Vary|X-Request-Id|Access-Control-[A-Za-z0-9-]*):)"
+    rb"[A-Z][a-z0-9]*(?:-[A-Z][a-z0-9]*)*: (?:[\x21-\x7e]+(?: [\x21-\x7e]+)*)?\r\n)*)"
+    rb"X-Request-Id: ([A-Za-z0-9._:-]{1,64})\r\n"
+    rb"Date: [\x21-\x7e]+(?: [\x21-\x7e]+)*\r\n"
+    rb"Content-Type: application/json\r\n"
+    rb"Content-Length: ([0-9]{1,10})\r\n\r\n"
+)
+_NAME = re.compile(rb"(?m)^([^:\r\n]+):")
+_REASONS = {status: phrase.encode("ascii") for status, phrase in REASONS.items()}
+
+
+class Verbatim:
+    """An answer to pass on as it came: its status and all its bytes."""
+
+    __slots__ = ("data", "status")
+
+    def __init__(self, status: int, data: bytes) -> None:
+        self.status = status
+        self.data = data
+
+
+class VerbatimReader:
+    """Cuts one answer out of the bytes fed to it: a `Verbatim` when its head has the
+    shape the client is to get (`_VERBATIM`, answering ``request_id``), else what a
+    `ResponseReader` makes of it (an `Answer`). No I/O; `ProtocolError` as that reader."""
+
+    __slots__ = ("_buf", "_inner", "_need", "_rid", "_status")
+
+    def __init__(self, request_id: str) -> None:
+        self._rid = request_id.encode("ascii")
+        self._buf = b""
+        self._need = -1  # the answer's length in bytes, once its head is in
+        self._status = 0
+        self._inner: ResponseReader | None = None
+
+    @property
+    def started(self) -> bool:
+        return bool(self._buf) or self._need >= 0 or self._inner is not None
+
+    def feed(self, data: bytes) -> Verbatim | Answer | None:
+        if self._inner is not None:
+            return self._inner.feed(data)
+        buf = self._buf + data if self._buf else data
+        if self._need < 0:
+            end = head_end(buf)
+            if end < 0:
+                self._buf = buf
+                return None
+            shape = _VERBATIM.match(buf, 0, end + 4)
+            if shape is None or not self._same(shape):
+                self._buf = b""
+                self._inner = ResponseReader()
+                return self._inner.feed(buf)
+            self._status = int(shape.group(1))
+            self._need = end + 4 + int(shape.group(5))
+        if len(buf) < self._need:
+            self._buf = buf
+            return None
+        if len(buf) > self._need:
+            raise ProtocolError("bytes past the answer")
+        self._buf = b""
+        return Verbatim(self._status, buf)
+
+    def _same(self, shape: re.Match[bytes]) -> bool:
+        """Whether the head that has the shape is what the gateway would write, byte for byte."""
+        if shape.group(4) != self._rid or int(shape.group(5)) > MAX_BODY:
+            return False
+        if _REASONS.get(int(shape.group(1))) != shape.group(2):
+            return False
+        fields = shape.group(3)
+        if not fields:
+            return True
+        names = _NAME.findall(fields)  # each once: the gateway would keep only the last
+        return len(set(names)) == len(names)
+
+    def feed_eof(self) -> Answer:
+        if self._inner is not None:
+            return self._inner.feed_eof()
+        raise ProtocolError("connection closed in the middle of an answer")
 
 
 class _Pending:
@@ -151,8 +258,12 @@ class ForwardConnection(RestConnection):
             self._reply(request, failed, origin, rid, path, t0)
             return
         pending = _Pending(request, path, query, origin, rid, caller, t0)
+        if origin is None and not request.close and method != "HEAD":
+            reader: VerbatimReader | ResponseReader = VerbatimReader(rid)
+        else:
+            reader = ResponseReader(method == "HEAD")
         try:
-            upstream.forward(head, request.body, method == "HEAD", self._answered)
+            upstream.forward(head + request.body if request.body else head, reader, self._answered)
         except ConnectionLost:  # closed as it lay idle: the task path opens another
             core.pool.give(upstream, False)
             self._again(pending, 0)
@@ -164,24 +275,30 @@ class ForwardConnection(RestConnection):
         self._pending = pending
         api.hold()
 
-    def _answered(self, result: Answer | Exception) -> None:
+    def _answered(self, result: object) -> None:
         """The upstream connection's callback: the core's answer, or what went wrong."""
         pending = self._taken()
         upstream = pending.upstream
         assert upstream is not None
         core = self._core
-        if isinstance(result, Answer):
-            core.pool.give(upstream, result.keep_alive)
+        if isinstance(result, Verbatim | Answer):
+            core.pool.give(upstream, isinstance(result, Verbatim) or result.keep_alive)
             status = result.status
             if status in RETRY_STATUS and pending.repeatable and core.retries:
                 core.seconds.observe(time.perf_counter() - pending.sent)
                 core.counted(status)
                 self._again(pending, 1)
                 return
-            self._answer_with(pending, response_of(result))
+            if isinstance(result, Verbatim):
+                request = pending.request
+                self._send(request, result.data)
+                self._logged(request.method, pending.path, status, pending.rid, pending.t0)
+            else:
+                self._answer_with(pending, response_of(result))
             core.seconds.observe(time.perf_counter() - pending.sent)
             core.counted(status)
             return
+        assert isinstance(result, Exception)
         core.pool.give(upstream, False)
         if (
             isinstance(result, ConnectionLost)
