@@ -331,7 +331,7 @@ def unauthorized(refused: AuthError) -> Response:
 
 def request_id_of(given: str) -> str:
     """The caller's ``X-Request-Id`` when it is a sane one, else a new one."""
-    return given if _REQUEST_ID.fullmatch(given) else unique_hex(16)
+    return given if given and _REQUEST_ID.fullmatch(given) else unique_hex(16)
 
 
 def cors_headers(origin: str) -> dict[str, str]:

@@ -14,8 +14,8 @@ task, a future or a timeout context per request:
   asked; CORS; the request id), and its head for the core is written at
   once on an idle pooled connection (`CorePool.take`), with the headers
   `UpstreamCore` sends (`forward_headers`: the verified credential, the
-  client's address as resolved, the request id) and one timer for
-  ``CORE_TIMEOUT``;
+  client's address as resolved, the request id), and its deadline
+  (``CORE_TIMEOUT``) noted for `UpstreamCore`'s sweep;
 * the answer, once whole, is written to the client as the task path writes
   it, byte for byte. Most answers are already those bytes: the core writes
   its answers as the gateway does (`core.fastrest.answer_bytes`) and echoes
@@ -43,7 +43,6 @@ new one, as `CorePool.request` does.
 
 from __future__ import annotations
 
-import asyncio
 import re
 import time
 from typing import Any
@@ -176,7 +175,6 @@ class _Pending:
         "rid",
         "sent",
         "t0",
-        "timer",
         "upstream",
     )
 
@@ -200,7 +198,6 @@ class _Pending:
         self.sent = 0.0
         self.repeatable = repeatable_request(request.method, request.headers)
         self.upstream: CoreConnection | None = None
-        self.timer: asyncio.TimerHandle | None = None
 
 
 class ForwardConnection(RestConnection):
@@ -218,7 +215,6 @@ class ForwardConnection(RestConnection):
         core = proxy.api.core
         assert isinstance(core, UpstreamCore)
         self._core = core
-        self._loop = asyncio.get_running_loop()
         self._pending: _Pending | None = None
 
     def _start(self, request: RestRequest) -> None:
@@ -257,11 +253,11 @@ class ForwardConnection(RestConnection):
             failed = Response.error(from_exception(exc, f"{method} {path}"))
             self._reply(request, failed, origin, rid, path, t0)
             return
-        pending = _Pending(request, path, query, origin, rid, caller, t0)
         if origin is None and not request.close and method != "HEAD":
             reader: VerbatimReader | ResponseReader = VerbatimReader(rid)
         else:
             reader = ResponseReader(method == "HEAD")
+        pending = _Pending(request, path, query, origin, rid, caller, t0)
         try:
             upstream.forward(head + request.body if request.body else head, reader, self._answered)
         except ConnectionLost:  # closed as it lay idle: the task path opens another
@@ -270,9 +266,8 @@ class ForwardConnection(RestConnection):
             return
         pending.sent = time.perf_counter()
         pending.upstream = upstream
-        loop = self._loop
-        pending.timer = loop.call_at(loop.time() + core.timeout, self._timed_out)
         self._pending = pending
+        core.deadlines[self] = time.monotonic() + core.timeout  # `timed_out` past it
         api.hold()
 
     def _answered(self, result: object) -> None:
@@ -310,7 +305,8 @@ class ForwardConnection(RestConnection):
             return
         self._failed(pending, core.unreachable(result))
 
-    def _timed_out(self) -> None:
+    def timed_out(self) -> None:
+        """The core did not answer within ``CORE_TIMEOUT`` (`UpstreamCore` keeps the time)."""
         pending = self._taken()
         upstream = pending.upstream
         assert upstream is not None
@@ -320,8 +316,8 @@ class ForwardConnection(RestConnection):
 
     def _taken(self) -> _Pending:
         pending, self._pending = self._pending, None
-        assert pending is not None and pending.timer is not None
-        pending.timer.cancel()
+        assert pending is not None
+        self._core.deadlines.pop(self, None)
         self._api.release()
         return pending
 

@@ -39,7 +39,7 @@ import secrets
 import ssl
 import time
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 from core.infra import control
@@ -111,6 +111,16 @@ RETRY_STATUS = frozenset({502, 503})
 _FAILURE_STATUS = frozenset({502, 503, 504})
 
 
+#: How often requests forwarded with callbacks are checked against ``CORE_TIMEOUT``.
+SWEEP_SECONDS = 0.05
+
+
+class Expiring(Protocol):
+    """A request forwarded with callbacks, told when its deadline passes."""
+
+    def timed_out(self) -> None: ...
+
+
 class UpstreamCore:
     """Where the gateway's REST core would be: a client of the core service."""
 
@@ -146,6 +156,10 @@ class UpstreamCore:
         self._metrics = metrics
         self.seconds = metrics.core_upstream_seconds
         self.last_error: str | None = None
+        #: Requests forwarded with callbacks (gateway/passthrough.py) and their deadlines:
+        #: a sweep every `SWEEP_SECONDS` times out those past theirs, with no timer each.
+        self.deadlines: dict[Expiring, float] = {}
+        self._sweeper: asyncio.TimerHandle | None = None
         metrics.core_pool_size.set(self._pool_size)
         metrics.core_pool_in_use.set_function(lambda: self.pool.in_use)
         metrics.core_breaker_open.set_function(lambda: 0 if self.breaker.state == "closed" else 1)
@@ -155,6 +169,7 @@ class UpstreamCore:
         return self.pool.in_use
 
     async def open(self) -> UpstreamCore:
+        self._sweep()
         log.info("REST core at %s (up to %d connections)", self.url, self._pool_size)
         if self.keys is not None:
             if not await self.keys.reload():
@@ -169,7 +184,18 @@ class UpstreamCore:
         if self.keys is not None:
             self.keys.on_control(message)
 
+    def _sweep(self) -> None:
+        now = time.monotonic()
+        late = [waiting for waiting, deadline in self.deadlines.items() if deadline <= now]
+        for waiting in late:
+            del self.deadlines[waiting]
+            waiting.timed_out()
+        period = max(0.005, min(SWEEP_SECONDS, self.timeout / 4))
+        self._sweeper = asyncio.get_running_loop().call_later(period, self._sweep)
+
     async def close(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
         if self.keys is not None:
             await self.keys.close()
         await self.pool.close()
