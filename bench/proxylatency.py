@@ -1,15 +1,21 @@
 """The p50 the CORE_URL hop adds at one connection, A/B against another commit's gateway.
 
-One kept-alive connection, one request at a time (``GET
-/api/projects?limit=20``, 15 KB), in blocks of ``--requests`` requests: to
-the core straight, through the gateway of ``--baseline`` (``git archive``)
-and through this tree's gateway, both with ``CORE_URL`` at the same core,
-the three taking turns block by block (order alternating). Each block's
-median is its p50; the added p50 is the median over blocks of each
-gateway's block minus the core's block next to it, which a machine whose
-load changes by the minute upsets less than wrk's runs of seconds. Same
-placement as bench/proxy.py: the core on CPU 1, the gateways and this
-client on CPU 0.
+One kept-alive connection to each target, one request at a time (``GET
+/api/projects?limit=20``, 15 KB): to the core straight, through the gateway
+of ``--baseline`` (``git archive``) and through this tree's gateway, both
+with ``CORE_URL`` at the same core. The targets take turns of ``--run``
+requests in a row (20; the order of the targets rotating, a first request
+to warm up after the others' turns), in blocks of ``--requests`` requests to
+each. Each block's median is a target's p50 in it; the added p50 is the
+median over blocks of each target's p50 minus the core's in the same block.
+Turns of a few milliseconds make the comparison immune to what the machine
+does from one second to the next (a noisy neighbour, a frequency change),
+which turns of whole blocks were not, while each process still serves
+requests back to back, as under load. With ``--run 1`` every request finds
+its process idle since its last one (all the others were served
+meanwhile): the regime of sporadic traffic, where every process's caches
+are cold and Python's work costs several times more. Same placement as
+bench/proxy.py: the core on CPU 1, the gateways and this client on CPU 0.
 
 Two byte relays take their turns too, on the gateways' CPU in front of the
 same core, with no HTTP at all: ``pyrelay`` (bench/pyrelay.py, asyncio on
@@ -44,33 +50,54 @@ from bench.rest import Server, baseline_server, free_port, mint_token, serve
 TARGET = "/api/projects?limit=20"
 
 
-def block(port: int, token: str, requests: int) -> float:
-    """The median milliseconds of ``requests`` sequential GETs on one connection (20 warm-up)."""
-    sock = socket.create_connection(("127.0.0.1", port))
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    head = f"GET {TARGET} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\r\n".encode()
-    times = []
-    try:
-        for _ in range(requests + 20):
-            started = time.perf_counter()
-            sock.sendall(head)
-            data = b""
-            while b"\r\n\r\n" not in data:
-                data += _received(sock)
-            answer, _, body = data.partition(b"\r\n\r\n")
-            if not answer.startswith(b"HTTP/1.1 200"):
-                raise RuntimeError(answer.decode("latin-1"))
-            length = next(
-                int(line.partition(b":")[2])
-                for line in answer.split(b"\r\n")
-                if line.lower().startswith(b"content-length:")
-            )
-            while len(body) < length:
-                body += _received(sock)
-            times.append(time.perf_counter() - started)
-    finally:
-        sock.close()
-    return 1000 * statistics.median(times[20:])
+class Client:
+    """One kept-alive connection to one target, one request at a time."""
+
+    def __init__(self, port: int, token: str) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port))
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.head = (
+            f"GET {TARGET} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\r\n"
+        ).encode()
+
+    def once(self) -> float:
+        """Seconds from sending the request to the last byte of its answer."""
+        sock = self.sock
+        started = time.perf_counter()
+        sock.sendall(self.head)
+        data = b""
+        while b"\r\n\r\n" not in data:
+            data += _received(sock)
+        answer, _, body = data.partition(b"\r\n\r\n")
+        if not answer.startswith(b"HTTP/1.1 200"):
+            raise RuntimeError(answer.decode("latin-1"))
+        length = next(
+            int(line.partition(b":")[2])
+            for line in answer.split(b"\r\n")
+            if line.lower().startswith(b"content-length:")
+        )
+        while len(body) < length:
+            body += _received(sock)
+        return time.perf_counter() - started
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def block(clients: dict[str, Client], requests: int, run: int, turn: int) -> dict[str, float]:
+    """Each target's median milliseconds over ``requests`` requests, the targets taking turns
+    of ``run`` requests each (the order rotating), the first of each turn left out (a warm-up
+    after the other targets' turns), so that whatever the machine does meanwhile falls on all
+    of them alike while each still serves requests back to back."""
+    names = list(clients)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for n in range(-(-requests // run)):
+        k = (n + turn) % len(names)
+        for name in names[k:] + names[:k]:
+            client = clients[name]
+            client.once()
+            times[name].extend(client.once() for _ in range(run))
+    return {name: 1000 * statistics.median(found) for name, found in times.items()}
 
 
 def _received(sock: socket.socket) -> bytes:
@@ -84,6 +111,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.proxylatency", description=__doc__)
     parser.add_argument("--blocks", type=int, default=9)
     parser.add_argument("--requests", type=int, default=400, help="requests per block")
+    parser.add_argument(
+        "--run", type=int, default=20, help="requests in a row to one target (a turn)"
+    )
     parser.add_argument("--baseline", default="main", help="the commit whose gateway is 'before'")
     parser.add_argument("--database-url", default="postgresql://127.0.0.1:5432/test")
     parser.add_argument("--schema", default="bench_proxy")
@@ -134,11 +164,20 @@ def main(argv: list[str] | None = None) -> int:
                 dict(os.environ),
             )
             stack.enter_context(serve(relay, ports["relay"], token, logs, FRONT_CPU))
-        order = list(found)
-        for n in range(args.blocks):
-            for name in order if n % 2 else order[::-1]:
-                found[name].append(block(ports[name], token, args.requests))
-    report: dict[str, object] = {"blocks_ms": found, "baseline": args.baseline}
+        clients = {name: Client(ports[name], token) for name in found}
+        try:
+            for n in range(args.blocks):
+                for name, ms in block(clients, args.requests, args.run, n).items():
+                    found[name].append(ms)
+        finally:
+            for client in clients.values():
+                client.close()
+    report: dict[str, object] = {
+        "blocks_ms": found,
+        "baseline": args.baseline,
+        "requests": args.requests,
+        "run": args.run,
+    }
     for name in found:
         print(f"{name}: p50 per block " + ", ".join(f"{x:.2f}" for x in found[name]) + " ms")
     paths = {
