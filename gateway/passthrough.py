@@ -43,6 +43,7 @@ new one, as `CorePool.request` does.
 
 from __future__ import annotations
 
+import logging
 import re
 import time
 from typing import Any
@@ -73,6 +74,8 @@ from gateway.upstream import (
 )
 
 __all__ = ["ForwardConnection", "Verbatim", "VerbatimReader"]
+
+log = logging.getLogger("gateway.passthrough")
 
 #: An answer head exactly as `core.fastrest.answer_bytes` writes it for a client that
 #: sent no Origin and keeps its connection: fields the gateway passes on (none it
@@ -218,13 +221,28 @@ class ForwardConnection(RestConnection):
         self._pending: _Pending | None = None
 
     def _start(self, request: RestRequest) -> None:
+        try:
+            self._forward(request)
+        except Exception:  # a fault of this class: the client is not left waiting
+            log.exception("forwarding a REST request failed")
+            self._give_up()
+
+    def _give_up(self) -> None:
+        """Close the client's connection, and the upstream one a request may be under way on."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            self._core.deadlines.pop(self, None)
+            self._api.release()
+            if pending.upstream is not None:
+                pending.upstream.detach()
+                self._core.pool.give(pending.upstream, False)
+        self._busy = False
+        self._abort()
+
+    def _forward(self, request: RestRequest) -> None:
         core = self._core
         if core.breaker.state != "closed":
             super()._start(request)  # 503 at once, or the probe
-            return
-        upstream = core.pool.take()
-        if upstream is None:
-            super()._start(request)  # the pool opens a connection, or waits for one
             return
         self._busy = True
         t0 = time.perf_counter()
@@ -240,16 +258,13 @@ class ForwardConnection(RestConnection):
             target = core.prefix + path + ("?" + query if query else "")
             head = request_head(method, target, core.pool.authority, fields, len(request.body))
         except AuthError as exc:
-            core.pool.give(upstream, True)
             self._reply(request, unauthorized(exc), origin, rid, path, t0)
             return
         except ValueError as exc:  # a header or path that cannot go over HTTP/1.1
-            core.pool.give(upstream, True)
             bad = Response.error(ApiError(400, "bad_request", str(exc)))
             self._reply(request, bad, origin, rid, path, t0)
             return
         except Exception as exc:  # logged with its traceback; the body says "internal error"
-            core.pool.give(upstream, True)
             failed = Response.error(from_exception(exc, f"{method} {path}"))
             self._reply(request, failed, origin, rid, path, t0)
             return
@@ -258,6 +273,10 @@ class ForwardConnection(RestConnection):
         else:
             reader = ResponseReader(method == "HEAD")
         pending = _Pending(request, path, query, origin, rid, caller, t0)
+        upstream = core.pool.take()
+        if upstream is None:  # the task path opens a connection, or waits for one
+            self._again(pending, 0)
+            return
         try:
             upstream.forward(head + request.body if request.body else head, reader, self._answered)
         except ConnectionLost:  # closed as it lay idle: the task path opens another
@@ -272,6 +291,13 @@ class ForwardConnection(RestConnection):
 
     def _answered(self, result: object) -> None:
         """The upstream connection's callback: the core's answer, or what went wrong."""
+        try:
+            self._settle(result)
+        except Exception:  # a fault of this class: the client is not left waiting
+            log.exception("answering a forwarded REST request failed")
+            self._give_up()
+
+    def _settle(self, result: object) -> None:
         pending = self._taken()
         upstream = pending.upstream
         assert upstream is not None
@@ -307,6 +333,13 @@ class ForwardConnection(RestConnection):
 
     def timed_out(self) -> None:
         """The core did not answer within ``CORE_TIMEOUT`` (`UpstreamCore` keeps the time)."""
+        try:
+            self._expired()
+        except Exception:  # a fault of this class: the client is not left waiting
+            log.exception("timing out a forwarded REST request failed")
+            self._give_up()
+
+    def _expired(self) -> None:
         pending = self._taken()
         upstream = pending.upstream
         assert upstream is not None

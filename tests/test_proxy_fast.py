@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import signal
 import urllib.request
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -24,6 +25,7 @@ from core.fastrest import INCOMPLETE, Head, parse_head
 from gateway.router import is_core_path
 from tests.harness import SECRET, ApiClient, unique_prefix
 from tests.servers import UNIT
+from tests.stallproxy import stall_proxy
 from tests.test_accounts import ADA
 from tests.test_core_rest import PROJECT
 from tests.test_processes import GatewayProcess
@@ -527,6 +529,52 @@ async def test_cors_and_the_core_going_away_on_an_adopted_connection(
     finally:
         cors.stop()
         t.stop()
+
+
+async def test_a_core_that_stops_answering_times_out_and_a_drain_waits_for_answers(
+    tmp_path, data_dir, redis_url, clean_db
+):
+    """Requests forwarded with callbacks (gateway/passthrough.py) keep CORE_TIMEOUT (504, the
+    connection to the core closed, the next request served), and a draining gateway answers
+    those under way before it exits."""
+    t = Tier(tmp_path, data_dir, redis_url, clean_db)
+    async with stall_proxy(("127.0.0.1", t.core.port)) as link:
+        slow = GatewayProcess(
+            tmp_path,
+            data_dir,
+            "gateway",
+            **t.shared,
+            CORE_URL=f"http://127.0.0.1:{link.port}",
+            CORE_TIMEOUT="1",
+            CORE_RETRIES="0",
+            SHUTDOWN_TIMEOUT="10",
+            DRAIN_SECONDS="0",
+        )
+        await asyncio.to_thread(slow.start)
+        try:
+            token = await token_of(slow.port)
+            async with adopted_conn(slow.port, token) as conn:
+                link.stall()
+                started = asyncio.get_running_loop().time()
+                conn.send(request("GET", "/api/projects", token))
+                status, _, body, _ = await conn.answer()
+                took = asyncio.get_running_loop().time() - started
+                assert status == 504 and json.loads(body)["error"]["code"] == "gateway_timeout"
+                assert 0.9 <= took < 1.9 * UNIT + 0.5
+                link.flow()
+                conn.send(request("GET", "/api/projects", token))
+                assert (await conn.answer())[0] == 200  # on another connection to the core
+                link.stall()
+                conn.send(request("GET", "/api/projects?limit=1", token))
+                await asyncio.sleep(0.3)
+                slow.proc.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
+                await asyncio.sleep(0.3)
+                link.flow()
+                assert (await conn.answer())[0] == 200  # answered before the gateway exits
+            assert await asyncio.to_thread(slow.proc.wait, 15) == 0  # type: ignore[union-attr]
+        finally:
+            await asyncio.to_thread(slow.stop)
+            t.stop()
 
 
 # -- the head parser alone -------------------------------------------------------------------
