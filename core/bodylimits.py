@@ -24,6 +24,7 @@ health, metrics) takes no body (0).
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from urllib.parse import parse_qs
 
 import tornado.web
@@ -68,7 +69,7 @@ class RouteLimits:
         self.core_limit = settings.max_body_bytes
         self.handlers: dict[type, HandlerLimit] = dict(handlers or {})
 
-    def __call__(self, start: httputil.RequestStartLine, headers: httputil.HTTPHeaders) -> int:
+    def __call__(self, start: httputil.RequestStartLine, headers: Mapping[str, str]) -> int:
         path, _, query = start.path.partition("?")
         if path == "/ws":
             return 0
@@ -83,6 +84,8 @@ class RouteLimits:
                     raise ApiError(403, "forbidden", "this API key may not call the REST API")
                 check(route.access, identity, params)
             return self.core_limit if route.max_body is None else route.max_body
+        if not isinstance(headers, httputil.HTTPHeaders):
+            headers = httputil.HTTPHeaders(headers)
         request = httputil.HTTPServerRequest(start_line=start, headers=headers)
         handler = self.app.find_handler(request).handler_class
         if handler is tornado.web.ErrorHandler or handler is self.app.settings.get(
@@ -97,7 +100,7 @@ class RouteLimits:
         return limit
 
     def _authenticate(
-        self, headers: httputil.HTTPHeaders, query_token: str | None, *, required: bool
+        self, headers: Mapping[str, str], query_token: str | None, *, required: bool
     ) -> Identity | None:
         token = token_from_header(headers.get("Authorization")) or query_token
         if token is None:

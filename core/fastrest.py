@@ -57,7 +57,7 @@ import asyncio
 import logging
 import re
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from functools import lru_cache
 from typing import Any, cast
 
@@ -420,7 +420,7 @@ class RestConnection(Adopted):
             return True  # as the guard: "Content-Length: 0" has no body
         start = httputil.RequestStartLine(head.method, head.target, "HTTP/1.1")
         try:
-            limit = self._listener.policy(start, _tornado_headers(head.headers))
+            limit = self._listener.policy(start, Fields(head.headers))
         except Exception:  # ApiError (refused) or a failure: Tornado's guard answers it
             return False
         return head.body_length <= limit
@@ -499,6 +499,31 @@ class RestConnection(Adopted):
             self._reading = True
             assert self._transport is not None
             self._transport.resume_reading()
+
+
+class Fields(Mapping[str, str]):
+    """A head's fields by lower-case name (`parse_head`'s, each once), read in any spelling,
+    as Tornado's `HTTPHeaders` reads them, without building one (6 us for four fields)."""
+
+    __slots__ = ("_fields",)
+
+    def __init__(self, fields: dict[str, str]) -> None:
+        self._fields = fields
+
+    def __getitem__(self, name: str) -> str:
+        return self._fields[name.lower()]
+
+    def get(self, name: str, default: Any = None) -> Any:
+        return self._fields.get(name.lower(), default)
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and name.lower() in self._fields
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._fields)
+
+    def __len__(self) -> int:
+        return len(self._fields)
 
 
 def _tornado_headers(headers: Mapping[str, str]) -> httputil.HTTPHeaders:

@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from core.fastrest import INCOMPLETE, Head, parse_head
+from core.fastrest import INCOMPLETE, Fields, Head, parse_head
 from gateway.router import is_core_path
 from tests.harness import SECRET, ApiClient, unique_prefix
 from tests.servers import UNIT
@@ -613,3 +613,18 @@ def test_parse_head_takes_only_the_strict_subset():
     ]
     assert [parse_head(r, 8192, 1000, is_core_path) for r in refused] == [None] * len(refused)
     assert parse_head(b"GET /api/x HTTP/1.1\r\n" + b"X: y\r\n" * 2000, 8192, 1000) is None
+
+
+def test_fields_read_a_head_s_headers_in_any_spelling_as_tornado_s_headers_do():
+    head = parse_head(
+        b"POST /api/projects HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer t\r\n"
+        b"Content-Length: 2\r\n\r\n{}",
+        8192,
+        1000,
+    )
+    assert isinstance(head, Head)
+    fields = Fields(head.headers)
+    assert fields.get("Authorization") == fields["authorization"] == "Bearer t"
+    assert "CONTENT-LENGTH" in fields and "Origin" not in fields and 7 not in fields
+    assert fields.get("Origin", "none") == "none" and len(fields) == 3
+    assert dict(fields.items()) == {"host": "a", "authorization": "Bearer t", "content-length": "2"}

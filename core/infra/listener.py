@@ -58,7 +58,7 @@ import logging
 import socket
 import time
 from asyncio import Future
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from functools import partial
 from http import HTTPStatus
 from typing import Any, Protocol
@@ -92,7 +92,9 @@ _ACCEPTS_PER_EVENT = 128
 _UNBOUNDED = 1 << 62
 
 
-BodyPolicy = Callable[[httputil.RequestStartLine, httputil.HTTPHeaders], int]
+#: A request head's fields come as Tornado's `HTTPHeaders` or an adopted connection's
+#: `core.fastrest.Fields`: read with ``get`` (any spelling of the name).
+BodyPolicy = Callable[[httputil.RequestStartLine, Mapping[str, str]], int]
 """The largest body a request may send, called at its headers (only when it has a body).
 
 Raises `ApiError` to answer before the body is read (unknown route, missing

@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import msgspec
@@ -45,7 +45,7 @@ __all__ = ["ServerAPI", "ServerBodyPolicy"]
 log = logging.getLogger("gateway.serverapi")
 
 #: The bound of the core's body policy: ``(start line, headers) -> largest body``.
-BodyPolicy = Callable[[httputil.RequestStartLine, httputil.HTTPHeaders], int]
+BodyPolicy = Callable[[httputil.RequestStartLine, Mapping[str, str]], int]
 _BEARER = {"WWW-Authenticate": "Bearer"}
 
 
@@ -137,7 +137,7 @@ class ServerBodyPolicy:
         self._verifier = verifier
         self._inner = inner
 
-    def __call__(self, start: httputil.RequestStartLine, headers: httputil.HTTPHeaders) -> int:
+    def __call__(self, start: httputil.RequestStartLine, headers: Mapping[str, str]) -> int:
         path = start.path.partition("?")[0]
         if not path.startswith(PREFIX):
             return self._inner(start, headers)
