@@ -185,13 +185,13 @@ class UpstreamCore:
             self.keys.on_control(message)
 
     def _sweep(self) -> None:
+        period = max(0.005, min(SWEEP_SECONDS, self.timeout / 4))
+        self._sweeper = asyncio.get_running_loop().call_later(period, self._sweep)  # first
         now = time.monotonic()
         late = [waiting for waiting, deadline in self.deadlines.items() if deadline <= now]
         for waiting in late:
             del self.deadlines[waiting]
             waiting.timed_out()
-        period = max(0.005, min(SWEEP_SECONDS, self.timeout / 4))
-        self._sweeper = asyncio.get_running_loop().call_later(period, self._sweep)
 
     async def close(self) -> None:
         if self._sweeper is not None:
