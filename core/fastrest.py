@@ -408,7 +408,7 @@ class RestConnection(Adopted):
         self._buffer = buffer[end:]
         client = self._peer
         if self._peer_trusted:
-            client = self._listener.proxies.client_ip(client, _tornado_headers(head.headers))
+            client = self._listener.proxies.client_ip(client, Fields(head.headers))
         body = buffer[head.size : end]
         return RestRequest(head.method, head.target, head.headers, body, client, head.close)
 
@@ -519,15 +519,13 @@ class Fields(Mapping[str, str]):
     def __contains__(self, name: object) -> bool:
         return isinstance(name, str) and name.lower() in self._fields
 
+    def get_list(self, name: str) -> list[str]:
+        """``name``'s values, as `HTTPHeaders.get_list` gives them (one at most here)."""
+        value = self._fields.get(name.lower())
+        return [] if value is None else [value]
+
     def __iter__(self) -> Iterator[str]:
         return iter(self._fields)
 
     def __len__(self) -> int:
         return len(self._fields)
-
-
-def _tornado_headers(headers: Mapping[str, str]) -> httputil.HTTPHeaders:
-    out = httputil.HTTPHeaders()
-    for name, value in headers.items():
-        out.add(name, value)
-    return out
