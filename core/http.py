@@ -23,7 +23,6 @@ from collections.abc import Coroutine, Mapping
 from email.utils import formatdate
 from http import HTTPStatus
 from typing import Any, Protocol
-from urllib.parse import parse_qs
 
 from tornado import httputil
 from tornado.routing import AnyMatches, PathMatches, Rule, RuleRouter
@@ -308,11 +307,10 @@ def make_request(
     client: str,
     request_id: str,
 ) -> Request:
-    """The core's `Request` for an HTTP request (its query parsed as Tornado's path parses it)."""
+    """The core's `Request` for an HTTP request (its query parsed when first read)."""
     return Request(
         method,
         path,
-        query=parse_qs(query, keep_blank_values=True) if query else None,
         headers=headers,
         body=body,
         caller=caller,

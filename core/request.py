@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from typing import Any, Protocol
+from urllib.parse import parse_qs
 
 from core.infra.errors import ApiError
 
@@ -24,7 +25,7 @@ class Caller(Protocol):
 
 class Request:
     __slots__ = (
-        "args", "body", "caller", "client", "data", "headers", "method", "params", "path", "query",
+        "_query", "args", "body", "caller", "client", "data", "headers", "method", "params", "path",
         "query_string", "request_id",
     )  # fmt: skip
 
@@ -43,7 +44,7 @@ class Request:
     ) -> None:
         self.method = method
         self.path = path
-        self.query: Mapping[str, list[str]] = query or {}
+        self._query = query
         self.headers: Mapping[str, str] = headers or {}
         self.body = body
         self.caller = caller
@@ -53,6 +54,16 @@ class Request:
         self.params: dict[str, str] = {}
         self.args: Any = None  # the route's query Struct, once validated
         self.data: Any = None  # the route's body Struct, once validated
+
+    @property
+    def query(self) -> Mapping[str, list[str]]:
+        """The query's fields: ``query`` as given, else ``query_string`` parsed when first
+        asked (as Tornado parses a path's; a core elsewhere is sent the string only)."""
+        query = self._query
+        if query is None:
+            text = self.query_string
+            query = self._query = parse_qs(text, keep_blank_values=True) if text else {}
+        return query
 
     def header(self, name: str) -> str | None:
         return self.headers.get(name)

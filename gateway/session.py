@@ -15,7 +15,6 @@ import secrets
 import time
 from collections.abc import Awaitable, Callable, Container, Coroutine
 from typing import Any, ClassVar, Protocol
-from urllib.parse import parse_qs
 
 from core.infra.broker import BrokerUnavailable
 from core.infra.control import ConnectionInfo
@@ -185,13 +184,13 @@ class Session:
             return
         if not self._allowed(cmd):
             return
-        op = type(cmd).__name__.lower()
-        self.metrics.messages_in.labels(op).inc()
+        received, seconds = self.metrics.command(type(cmd).__name__.lower())
+        received.inc()
         started = time.perf_counter()
         try:
             await self._run(cmd)
         finally:
-            self.metrics.command_seconds.labels(op).observe(time.perf_counter() - started)
+            seconds.observe(time.perf_counter() - started)
 
     async def _run(self, cmd: Command) -> None:
         conn = self.conn
@@ -467,7 +466,6 @@ class Session:
         req = Request(
             cmd.method,
             path,
-            query=parse_qs(query, keep_blank_values=True) if query else None,
             headers={k.lower(): v for k, v in cmd.headers.items()},
             body=body,
             caller=self.identity,
