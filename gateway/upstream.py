@@ -51,7 +51,14 @@ from core.infra.revocation import Revocations
 from core.infra.settings import Settings
 from core.request import Request, Response
 from core.service import offline_routes
-from gateway.corepool import Answer, CorePool, ProtocolError
+from gateway.corepool import (
+    Answer,
+    ConnectionLost,
+    CorePool,
+    ProtocolError,
+    ResponseReader,
+    request_head,
+)
 from gateway.keymirror import KeyMirror
 
 __all__ = [
@@ -119,6 +126,30 @@ class Expiring(Protocol):
     """A request forwarded with callbacks, told when its deadline passes."""
 
     def timed_out(self) -> None: ...
+
+
+#: What `_Awaited` holds once the sweep found its request past ``CORE_TIMEOUT``.
+_TIMED_OUT = object()
+
+
+class _Awaited:
+    """A request `UpstreamCore._once` sent on an idle connection: what ends it, as a future.
+
+    The connection's sink sets the answer or the exception that ended the
+    wait, the sweep `_TIMED_OUT`; whichever comes first (both are values).
+    """
+
+    __slots__ = ("future",)
+
+    def __init__(self, future: asyncio.Future[object]) -> None:
+        self.future = future
+
+    def settle(self, result: object) -> None:
+        if not self.future.done():
+            self.future.set_result(result)
+
+    def timed_out(self) -> None:
+        self.settle(_TIMED_OUT)
 
 
 class UpstreamCore:
@@ -218,13 +249,15 @@ class UpstreamCore:
         headers = forward_headers(req.headers, token, req.client, req.request_id)
         repeatable = repeatable_request(req.method, req.headers)
         retries = self.retries if repeatable else 0
-        resp: Response | ApiError = Unavailable("the REST core was not asked")
+        resp: Response | ApiError | None = None
         for attempt in range(tried, retries + 1):
             if attempt:
                 await asyncio.sleep(self._backoff.delay(attempt - 1))
             resp = await self._once(req.method, target, headers, req.body, repeatable)
             if isinstance(resp, Response) and resp.status not in RETRY_STATUS:
                 return resp
+        if resp is None:
+            resp = Unavailable("the REST core was not asked")
         return resp if isinstance(resp, Response) else Response.error(resp)
 
     async def _once(
@@ -235,9 +268,59 @@ class UpstreamCore:
         body: bytes,
         repeatable: bool,
     ) -> Response | ApiError:
+        """One attempt: on an idle connection with no timer of its own (the sweep keeps
+        ``CORE_TIMEOUT``, as for gateway/passthrough.py), else as the pool gives one."""
         started = time.perf_counter()
+        pool = self.pool
+        conn = pool.take()
+        if conn is None:
+            return await self._pooled(method, target, headers, body, repeatable, started)
         try:
-            async with asyncio.timeout(self.timeout):
+            head = request_head(method, target, pool.authority, headers, len(body))
+            awaited = _Awaited(asyncio.get_running_loop().create_future())
+            conn.forward(
+                head + body if body else head, ResponseReader(method == "HEAD"), awaited.settle
+            )
+        except ValueError as exc:  # a header or path that cannot go over HTTP/1.1
+            pool.give(conn, True)
+            return ApiError(400, "bad_request", str(exc))
+        except ConnectionLost:  # closed as it lay idle: the pool opens another
+            pool.give(conn, False)
+            return await self._pooled(method, target, headers, body, repeatable, started)
+        self.deadlines[awaited] = time.monotonic() + self.timeout
+        reused = conn.reused
+        try:
+            result = await awaited.future
+        except BaseException:  # cancelled: the connection, mid-request, is not used again
+            pool.give(conn, False)
+            raise
+        finally:
+            self.deadlines.pop(awaited, None)
+        if isinstance(result, Answer):
+            pool.give(conn, result.keep_alive)
+            return self._answered(result, started)
+        pool.give(conn, False)
+        if result is _TIMED_OUT:
+            return self.timed_out()
+        if isinstance(result, ConnectionLost) and reused and not result.answered and repeatable:
+            # closed by the core as it was taken: once more, on another connection
+            return await self._pooled(method, target, headers, body, repeatable, started)
+        assert isinstance(result, Exception)
+        return self.unreachable(result)
+
+    async def _pooled(
+        self,
+        method: str,
+        target: str,
+        headers: list[tuple[str, str]],
+        body: bytes,
+        repeatable: bool,
+        started: float,
+    ) -> Response | ApiError:
+        """`_once` when no connection is idle: the pool opens one, or the request waits."""
+        left = max(0.0, self.timeout - (time.perf_counter() - started))
+        try:
+            async with asyncio.timeout(left):
                 answer = await self.pool.request(method, target, headers, body, repeatable)
         except TimeoutError:
             return self.timed_out()
@@ -245,9 +328,11 @@ class UpstreamCore:
             return ApiError(400, "bad_request", str(exc))
         except (OSError, ProtocolError) as exc:
             return self.unreachable(exc)
+        return self._answered(answer, started)
+
+    def _answered(self, answer: Answer, started: float) -> Response:
         self.seconds.observe(time.perf_counter() - started)
-        status = answer.status
-        self.counted(status)
+        self.counted(answer.status)
         return response_of(answer)
 
     def counted(self, status: int) -> None:

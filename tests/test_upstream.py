@@ -159,3 +159,107 @@ def test_a_core_url_that_is_not_http_is_a_configuration_error(monkeypatch, url):
     monkeypatch.setenv("CORE_URL", url)
     with pytest.raises(SettingsError, match="CORE_URL"):
         Settings.from_env()
+
+
+class _RawCore:
+    """A core on a real port, in bytes: ``/api/x`` answers at once, ``/api/slow`` once
+    ``go`` is set, ``/api/drop`` closes the connection unanswered while ``drops`` last."""
+
+    def __init__(self) -> None:
+        self.go = asyncio.Event()
+        self.slow = asyncio.Event()  # a request for /api/slow came
+        self.drops = 0
+        self.hits: dict[str, int] = {}
+        self.peers: set[int] = set()
+        self.server: asyncio.Server | None = None
+        self.serving: dict[asyncio.Task[None], asyncio.StreamWriter] = {}
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self.serving[task] = writer
+        self.peers.add(writer.get_extra_info("peername")[1])
+        try:
+            while head := await reader.readuntil(b"\r\n\r\n"):
+                path = head.split(b" ", 2)[1].decode()
+                self.hits[path] = self.hits.get(path, 0) + 1
+                if path == "/api/slow":
+                    self.slow.set()
+                    await self.go.wait()
+                elif path == "/api/drop" and self.drops:
+                    self.drops -= 1
+                    break
+                body = b'{"path":"%s"}' % path.encode()
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        writer.close()
+        del self.serving[task]
+
+    async def close(self) -> None:
+        assert self.server is not None
+        self.server.close()
+        self.go.set()
+        for writer in list(self.serving.values()):
+            writer.close()
+        await asyncio.gather(*self.serving, return_exceptions=True)
+
+
+@pytest.fixture
+async def raw(request):
+    fake = _RawCore()
+    fake.server = await asyncio.start_server(fake.serve, "127.0.0.1", 0)
+    port = fake.server.sockets[0].getsockname()[1]
+    settings = {"core_retries": 0, "core_timeout": 0.3} | getattr(request, "param", {})
+    core = UpstreamCore(Settings(core_url=f"http://127.0.0.1:{port}", **settings), Metrics())
+    await core.open()
+    yield core, fake
+    await core.close()
+    await fake.close()
+
+
+async def test_a_request_the_core_does_not_answer_in_time_is_504_and_its_connection_dropped(raw):
+    core, fake = raw
+    assert (await core.dispatch(Request("GET", "/api/x"))).status == 200
+    started = asyncio.get_running_loop().time()
+    async with asyncio.timeout(2):  # (a request nobody times out would wait forever)
+        late = await core.dispatch(Request("GET", "/api/slow"))  # on the kept-alive connection
+    waited = asyncio.get_running_loop().time() - started
+    assert late.status == 504 and b'"code":"gateway_timeout"' in (late.body or b"")
+    assert 0.25 <= waited < 1.0  # CORE_TIMEOUT, kept by the sweep (every 75 ms here)
+    fake.go.set()  # its answer comes now, to a connection no longer used
+    resp = await core.dispatch(Request("GET", "/api/x"))
+    assert (resp.status, resp.body) == (200, b'{"path":"/api/x"}')
+    assert len(fake.peers) == 2 and core.pool.in_use == 0 and not core.deadlines
+
+
+async def test_a_request_given_up_by_its_caller_frees_its_connection(raw):
+    core, fake = raw
+    assert (await core.dispatch(Request("GET", "/api/x"))).status == 200
+    waiting = asyncio.ensure_future(core.dispatch(Request("GET", "/api/slow")))
+    await fake.slow.wait()
+    waiting.cancel()  # as a socket that closes with an rpc under way
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    assert core.pool.in_use == 0 and not core.deadlines
+    fake.go.set()
+    resp = await core.dispatch(Request("GET", "/api/x"))
+    assert (resp.status, resp.body) == (200, b'{"path":"/api/x"}')
+    assert len(fake.peers) == 2  # the connection the answer was owed on was not reused
+
+
+@pytest.mark.parametrize(
+    ("method", "headers", "status", "hits"),
+    [("GET", {}, 200, 2), ("POST", {}, 503, 1), ("POST", {"idempotency-key": "k"}, 200, 2)],
+)
+async def test_a_kept_alive_connection_the_core_closed_is_replaced_only_when_harmless(
+    raw, method, headers, status, hits
+):
+    core, fake = raw
+    assert (await core.dispatch(Request("GET", "/api/x"))).status == 200
+    fake.drops = 1  # the core closes the kept-alive connection as the request comes
+    resp = await core.dispatch(Request(method, "/api/drop", headers=headers, body=b"{}"))
+    assert (resp.status, fake.hits["/api/drop"]) == (status, hits)
+    assert core.pool.in_use == 0
+    if status == 200:  # sent again on a new connection, not counted as a failure
+        assert resp.body == b'{"path":"/api/drop"}' and core.breaker.failures == 0
