@@ -26,9 +26,9 @@ request is left out (and the exit status is 1).
    has hosts of its own, and the ratio says whether the gateway spreads the
    load over the core processes. ``--quota-only`` runs only that layout.
 
-``--baseline REF`` adds to measurement 1 the gateway of commit REF (``git
-archive``) in front of the same core, in the same rounds: an A/B of the
-gateway's CPU per request and p50.
+``--baseline REF`` adds to measurements 1 and 2 the gateway of commit REF
+(``git archive``) with ``CORE_URL`` at the same core, in the same rounds: an
+A/B of the gateway's CPU per request and p50, for REST and for ``rpc``.
 
 Placement (``taskset``) for 1 and 2: the process that queries PostgreSQL
 (the core, or the gateway hosting it) on CPU 1; the load generator, and the
@@ -407,6 +407,10 @@ class Setup:
     records: list[tuple[Any, ...]]  # the seed, written again at each round
 
 
+#: Measurement 2's modes: the core in the gateway, behind CORE_URL, and ``--baseline``'s.
+RPC_MODES = ("in-process", "CORE_URL", "baseline")
+
+
 def measure_rest_and_rpc(setup: Setup) -> Results:
     """Measurements 1 and 2: one core, the CORE_URL gateway in front, a gateway hosting the core."""
     tier, args, token, logs, pg = setup.tier, setup.args, setup.token, setup.logs, setup.pg
@@ -440,6 +444,8 @@ def measure_rest_and_rpc(setup: Setup) -> Results:
         rpc = {"CORE_URL": proxied}
         if hosting is not None:
             rpc["in-process"] = (ports["hosting"], CpuWatch({"gateway": [hosting.pid]}, pg))
+        if args.baseline:  # its rpc path too, behind the same core
+            rpc["baseline"] = rest["baseline"]
         for round_ in range(1, args.rounds + 1):
             asyncio.run(reseed(args.database_url, args.schema, setup.records))
             for endpoint in setup.endpoints if "rest" in args.parts else []:
@@ -450,7 +456,7 @@ def measure_rest_and_rpc(setup: Setup) -> Results:
                         sample = wrk_sample(url, endpoint, args, n, watch, round_)
                         add(results, f"rest|{endpoint.name}|{n}|{mode}", sample)
             for n in args.connections if hosting is not None else []:
-                for mode in alternate(["in-process", "CORE_URL"], round_):
+                for mode in alternate([m for m in RPC_MODES if m in rpc], round_):
                     port, watch = rpc[mode]
                     add(results, f"rpc|{n}|{mode}", rpc_sample(port, token, args, n, watch, round_))
     return results
@@ -677,10 +683,10 @@ def _scaling_table(s: dict[str, dict[str, Any]]) -> list[str]:
     return [*lines, "", "CPU, median shares of one CPU:", "", *cpu_lines, ""]
 
 
-def _ab_table(rows: list[tuple[str, dict[str, Any], dict[str, Any]]]) -> list[str]:
+def _ab_table(title: str, rows: list[tuple[str, dict[str, Any], dict[str, Any]]]) -> list[str]:
     """The gateway before (``--baseline``) and now, in front of the same core, same rounds."""
     lines = [
-        "**1b. A/B: the gateway of --baseline and this one, in front of the same core**",
+        f"**{title}: the gateway of --baseline and this one, in front of the same core**",
         "",
         "| endpoint | connections | before req/s | now req/s | before p50 | now p50 | now - before p50 "
         "| before p99 | now p99 | gateway CPU/request before | now | change |",
@@ -739,7 +745,7 @@ def render(s: dict[str, dict[str, Any]]) -> str:
             if f"{k}|baseline" in s
         ]
         if ab:
-            lines += _ab_table(ab)
+            lines += _ab_table("1b. A/B, REST", ab)
     rpc = sorted({int(k.split("|")[1]) for k in s if k.startswith("rpc|")})
     if rpc:
         rows = [(str(n), s[f"rpc|{n}|in-process"], s[f"rpc|{n}|CORE_URL"]) for n in rpc]
@@ -749,6 +755,9 @@ def render(s: dict[str, dict[str, Any]]) -> str:
             rows,
             ("in-process", "CORE_URL"),
         )
+        if all(f"rpc|{n}|baseline" in s for n in rpc):
+            ab = [(f"rpc | {n}", s[f"rpc|{n}|baseline"], s[f"rpc|{n}|CORE_URL"]) for n in rpc]
+            lines += _ab_table("2b. A/B, socket rpc", ab)
     if any(k.startswith("scaling|") for k in s):
         lines += _scaling_table(s)
     return "\n".join(lines)
