@@ -35,7 +35,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import secrets
 import ssl
 import time
 from collections.abc import Mapping
@@ -46,6 +45,7 @@ from core.infra import control
 from core.infra.backoff import Backoff
 from core.infra.breaker import Breaker
 from core.infra.errors import ApiError, Unavailable
+from core.infra.ids import unique_hex
 from core.infra.metrics import Metrics
 from core.infra.revocation import Revocations
 from core.infra.settings import Settings
@@ -414,7 +414,7 @@ def forward_headers(
         out.append(("Authorization", f"Bearer {token}"))
     if client:  # replaces what the client sent (resolved already)
         out.append(("X-Forwarded-For", client))
-    out.append(("X-Request-Id", request_id or secrets.token_hex(8)))
+    out.append(("X-Request-Id", request_id or unique_hex(16)))
     return out
 
 
