@@ -28,7 +28,8 @@ request is left out (and the exit status is 1).
 
 ``--baseline REF`` adds to measurements 1 and 2 the gateway of commit REF
 (``git archive``) with ``CORE_URL`` at the same core, in the same rounds: an
-A/B of the gateway's CPU per request and p50, for REST and for ``rpc``.
+A/B of the gateway's CPU per request and p50, for REST and for ``rpc``; and
+to measurement 1 the core of REF alone beside this tree's (the direct runs).
 
 Placement (``taskset``) for 1 and 2: the process that queries PostgreSQL
 (the core, or the gateway hosting it) on CPU 1; the load generator, and the
@@ -428,6 +429,13 @@ def measure_rest_and_rpc(setup: Setup) -> Results:
             before = baseline_server(args.baseline, front_server, "gateway-baseline", port, logs)
             old = stack.enter_context(serve(before, port, token, logs, FRONT_CPU))
             modes.append("baseline")
+            # and the core of REF alone, as the direct runs (the same database)
+            port = ports["core-baseline"] = free_port()
+            core_before = baseline_server(
+                args.baseline, tier.core(port), "core-baseline", port, logs
+            )
+            old_core = stack.enter_context(serve(core_before, port, token, logs, BACK_CPU))
+            modes.append("core-baseline")
         hosting = None
         if "rpc" in args.parts:
             hosting_server = tier.gateway(ports["hosting"], None, key="gateway-hosting")
@@ -440,6 +448,10 @@ def measure_rest_and_rpc(setup: Setup) -> Results:
             rest["baseline"] = (
                 ports["baseline"],
                 CpuWatch({"gateway": [old.pid], "core": [core.pid]}, pg),
+            )
+            rest["core-baseline"] = (
+                ports["core-baseline"],
+                CpuWatch({"core": [old_core.pid]}, pg),
             )
         rpc = {"CORE_URL": proxied}
         if hosting is not None:
@@ -683,13 +695,15 @@ def _scaling_table(s: dict[str, dict[str, Any]]) -> list[str]:
     return [*lines, "", "CPU, median shares of one CPU:", "", *cpu_lines, ""]
 
 
-def _ab_table(title: str, rows: list[tuple[str, dict[str, Any], dict[str, Any]]]) -> list[str]:
-    """The gateway before (``--baseline``) and now, in front of the same core, same rounds."""
+def _ab_table(
+    title: str, rows: list[tuple[str, dict[str, Any], dict[str, Any]]], role: str = "gateway"
+) -> list[str]:
+    """``role`` before (``--baseline``) and now, in the same rounds."""
     lines = [
-        f"**{title}: the gateway of --baseline and this one, in front of the same core**",
+        f"**{title}**",
         "",
         "| endpoint | connections | before req/s | now req/s | before p50 | now p50 | now - before p50 "
-        "| before p99 | now p99 | gateway CPU/request before | now | change |",
+        f"| before p99 | now p99 | {role} CPU/request before | now | change |",
         "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for label, before, now in rows:
@@ -699,23 +713,23 @@ def _ab_table(title: str, rows: list[tuple[str, dict[str, Any], dict[str, Any]]]
             if pairs
             else "—"
         )
-        hop0, hop1 = _cost(before, "gateway"), _cost(now, "gateway")
+        hop0, hop1 = _cost(before, role), _cost(now, role)
         change = f"{hop1 / hop0 - 1:+.0%}" if hop0 and hop1 else "—"
         cells = [label, *(_num(r["requests_per_s"], "{:,.0f}") for r in (before, now))]
         cells += [_num(r["p50_ms"], "{:.2f} ms") for r in (before, now)] + [added]
         cells += [_num(r["p99_ms"], "{:.2f} ms") for r in (before, now)]
         cells += [_num(h and 1000 * h, "{:.3f} ms") for h in (hop0, hop1)] + [change]
         lines.append(f"| {' | '.join(cells)} |")
-    lines += ["", "Round by round, now against before: p50 change, gateway CPU/request change:", ""]
+    lines += ["", f"Round by round, now against before: p50 change, {role} CPU/request change:", ""]
     for label, before, now in rows:
         pairs = _by_round(before, now)
         p50 = ", ".join(f"{y['p50_ms'] / x['p50_ms'] - 1:+.0%}" for x, y in pairs)
         cpu = ", ".join(
-            f"{(y['cpu']['gateway'] / y['requests_per_s']) / (x['cpu']['gateway'] / x['requests_per_s']) - 1:+.0%}"
+            f"{(y['cpu'][role] / y['requests_per_s']) / (x['cpu'][role] / x['requests_per_s']) - 1:+.0%}"
             for x, y in pairs
-            if x["requests_per_s"] and y["requests_per_s"] and x["cpu"].get("gateway")
+            if x["requests_per_s"] and y["requests_per_s"] and x["cpu"].get(role)
         )
-        lines.append(f"* {label}: p50 {p50}; gateway CPU/request {cpu}")
+        lines.append(f"* {label}: p50 {p50}; {role} CPU/request {cpu}")
     return [*lines, ""]
 
 
@@ -724,9 +738,10 @@ def render(s: dict[str, dict[str, Any]]) -> str:
     lines: list[str] = []
     rest = sorted({k.rpartition("|")[0] for k in s if k.startswith("rest|")}, reverse=True)
     if rest:
+        ordered = sorted(rest, key=lambda k: (k.split("|")[1], int(k.split("|")[2])))
         rows = [
             (f"{k.split('|')[1]} | {k.split('|')[2]}", s[f"{k}|direct"], s[f"{k}|gateway"])
-            for k in sorted(rest, key=lambda k: (k.split("|")[1], int(k.split("|")[2])))
+            for k in ordered
         ]
         lines += _pair_table(
             "1. REST: straight to the core, and through the gateway (CORE_URL)",
@@ -737,15 +752,23 @@ def render(s: dict[str, dict[str, Any]]) -> str:
         lines += _hop_table(rows)
         ab = [
             (label, s[f"{k}|baseline"], s[f"{k}|gateway"])
-            for (label, _, _), k in zip(
-                rows,
-                sorted(rest, key=lambda k: (k.split("|")[1], int(k.split("|")[2]))),
-                strict=True,
-            )
+            for (label, _, _), k in zip(rows, ordered, strict=True)
             if f"{k}|baseline" in s
         ]
         if ab:
-            lines += _ab_table("1b. A/B, REST", ab)
+            title = (
+                "1b. A/B, REST: the gateway of --baseline and this one, in front of the same core"
+            )
+            lines += _ab_table(title, ab)
+        alone = [
+            (label, s[f"{k}|core-baseline"], s[f"{k}|direct"])
+            for (label, _, _), k in zip(rows, ordered, strict=True)
+            if f"{k}|core-baseline" in s
+        ]
+        if alone:
+            lines += _ab_table(
+                "1c. A/B, REST: the core of --baseline and this one, alone", alone, "core"
+            )
     rpc = sorted({int(k.split("|")[1]) for k in s if k.startswith("rpc|")})
     if rpc:
         rows = [(str(n), s[f"rpc|{n}|in-process"], s[f"rpc|{n}|CORE_URL"]) for n in rpc]
@@ -757,7 +780,8 @@ def render(s: dict[str, dict[str, Any]]) -> str:
         )
         if all(f"rpc|{n}|baseline" in s for n in rpc):
             ab = [(f"rpc | {n}", s[f"rpc|{n}|baseline"], s[f"rpc|{n}|CORE_URL"]) for n in rpc]
-            lines += _ab_table("2b. A/B, socket rpc", ab)
+            title = "2b. A/B, socket rpc: the gateway of --baseline and this one, in front of the same core"
+            lines += _ab_table(title, ab)
     if any(k.startswith("scaling|") for k in s):
         lines += _scaling_table(s)
     return "\n".join(lines)
