@@ -34,6 +34,13 @@ to measurement 1 the core of REF alone beside this tree's (the direct runs).
 Placement (``taskset``) for 1 and 2: the process that queries PostgreSQL
 (the core, or the gateway hosting it) on CPU 1; the load generator, and the
 ``CORE_URL`` gateway beside it, on CPU 0; PostgreSQL and Redis unpinned.
+With ``--pg-cpu 1`` PostgreSQL is held to CPU 1 too, so each tier has a CPU
+of its own (front: the load and the gateway; back: the core and its
+database), as when they run on hosts of their own. Unpinned, PostgreSQL
+also runs on CPU 0: straight to the core, the back tier then has more than
+one CPU, and through the gateway the gateway competes with it for CPU 0.
+Neither layout is the deployment (each process on hosts of its own, which
+takes four CPUs or more); the report says which one ran.
 Every run records the CPU share of each process (of one CPU: 1.0 is a whole
 core), of PostgreSQL (all of its processes, other users' included), of the
 load generator, and of everything else on the machine ("other"), so a
@@ -241,6 +248,29 @@ def _processes_of(parent: int) -> list[int]:
         except (OSError, ValueError):
             continue
     return pids
+
+
+@contextmanager
+def postgres_on(cpu: str | None, pg: int | None) -> Iterator[None]:
+    """PostgreSQL's processes held to ``cpu`` meanwhile (``--pg-cpu``), as they were after.
+
+    New backends are forked by the postmaster and take its CPUs. Needs the
+    right to set their affinity (root, or their owner); None: left alone.
+    """
+    if cpu is None or pg is None:
+        yield
+        return
+    before = {pid: os.sched_getaffinity(pid) for pid in _processes_of(pg)}
+    try:
+        for pid in before:
+            os.sched_setaffinity(pid, {int(cpu)})
+        yield
+    finally:
+        for pid in _processes_of(pg):
+            try:
+                os.sched_setaffinity(pid, before.get(pid, before[pg]))
+            except OSError:
+                pass  # a backend that exited meanwhile
 
 
 def _machine_busy_seconds() -> float:
@@ -828,6 +858,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="measurement 3 only with --core-quota (not unpinned, not with the load on CPU 0)",
     )
+    parser.add_argument(
+        "--pg-cpu",
+        metavar="CPU",
+        help="hold PostgreSQL (a server on this machine) to CPU for the run, beside the core "
+        f"(BACK_CPU is {BACK_CPU}): each tier on a CPU of its own, the load and the gateway on "
+        "the other; its CPUs are given back after. Default: PostgreSQL unpinned",
+    )
     parser.add_argument("--save", action="store_true", help="write bench/results/proxy-<date>.json")
     parser.add_argument(
         "--table-from",
@@ -866,10 +903,11 @@ def main(argv: list[str] | None = None) -> int:
         subprocess.run(migrate, cwd=ROOT, env=tier.env | tier.db, check=True, capture_output=True)
         endpoints = [e for e in make_endpoints(token, logs) if e.name.split()[0] in args.endpoints]
         setup = Setup(tier, args, token, endpoints, logs, pg, records)
-        if args.parts & {"rest", "rpc"}:
-            results |= measure_rest_and_rpc(setup)
-        if "scaling" in args.parts:
-            results |= measure_scaling(setup)
+        with postgres_on(args.pg_cpu, pg):
+            if args.parts & {"rest", "rpc"}:
+                results |= measure_rest_and_rpc(setup)
+            if "scaling" in args.parts:
+                results |= measure_scaling(setup)
     summaries = {key: summary(samples) for key, samples in results.items()}
     table = render(summaries)
     print(table)
@@ -879,7 +917,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{machine['wrk']}, PostgreSQL {machine['postgresql']}, Linux {machine['kernel']}, "
         f"load average at start {machine['loadavg_at_start']}, at end "
         f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}; {args.duration} s runs after "
-        f"{args.warmup} s warm-up, medians of {args.rounds} round(s); Redis "
+        f"{args.warmup} s warm-up, medians of {args.rounds} round(s); PostgreSQL "
+        f"{'on CPU ' + args.pg_cpu if args.pg_cpu is not None else 'unpinned'}; Redis "
         f"{'on' if args.redis_url else 'off'}. CPU shares are of one CPU (this machine has "
         f"{os.cpu_count()}): 'machine' is all of them busy, 'other' what none of ours used."
     )

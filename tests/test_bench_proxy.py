@@ -9,6 +9,7 @@ failed) and the report holds its three tables.
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -35,3 +36,15 @@ def test_the_proxy_bench_runs_every_part(clean_db, redis_url):
     for table in (*tables, "3. REST through one gateway"):
         assert table in done.stdout
     assert "INVALID" not in done.stderr
+
+
+def test_pg_cpu_holds_postgresql_to_one_cpu_and_gives_its_cpus_back(clean_db):
+    from bench.proxy import _processes_of, postgres_on, postmaster
+
+    pg = postmaster(clean_db["database_url"])
+    assert pg is not None  # the tests' PostgreSQL runs here (the service, or pgserver's)
+    before = {pid: os.sched_getaffinity(pid) for pid in _processes_of(pg)}
+    with postgres_on("0", pg):  # backends forked meanwhile take the postmaster's CPUs
+        assert all(os.sched_getaffinity(pid) == {0} for pid in _processes_of(pg))
+    after = {pid: os.sched_getaffinity(pid) for pid in _processes_of(pg) if pid in before}
+    assert after == {pid: cpus for pid, cpus in before.items() if pid in after}
