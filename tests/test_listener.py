@@ -350,6 +350,25 @@ def test_client_ip_resolution():
     assert rfc.client_ip("10.0.0.5", HTTPHeaders({"Forwarded": "for=unknown"})) == "10.0.0.5"
 
 
+def test_only_short_forwarding_headers_of_trusted_peers_are_remembered():
+    from tornado.httputil import HTTPHeaders
+
+    proxies = TrustedProxies(["10.0.0.0/8"])
+
+    def ip(peer: str, forwarded: str) -> str:
+        return proxies.client_ip(peer, HTTPHeaders({"X-Forwarded-For": forwarded}))
+
+    for _ in range(2):  # the second time from memory, the same
+        assert ip("10.0.0.5", "6.6.6.6, 198.51.100.1") == "198.51.100.1"
+    assert proxies._resolved.cache_info()[:4] == (1, 1, 4096, 1)  # hits, misses, max, size
+    # A client behind the proxy making its header long, or an untrusted peer: resolved
+    # as ever, never remembered, so that memory cannot be filled with their headers.
+    long = ", ".join(f"6.6.6.{i}" for i in range(40)) + ", 198.51.100.2"
+    assert ip("10.0.0.5", long) == "198.51.100.2"
+    assert ip("192.0.2.1", "198.51.100.3") == "192.0.2.1"
+    assert proxies._resolved.cache_info().currsize == 1
+
+
 # -- PROXY protocol --------------------------------------------------------------
 
 

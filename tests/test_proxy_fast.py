@@ -628,3 +628,5 @@ def test_fields_read_a_head_s_headers_in_any_spelling_as_tornado_s_headers_do():
     assert "CONTENT-LENGTH" in fields and "Origin" not in fields and 7 not in fields
     assert fields.get("Origin", "none") == "none" and len(fields) == 3
     assert dict(fields.items()) == {"host": "a", "authorization": "Bearer t", "content-length": "2"}
+    # as TrustedProxies reads a forwarding header (each field is once in a head read here)
+    assert fields.get_list("Host") == ["a"] and fields.get_list("X-Forwarded-For") == []

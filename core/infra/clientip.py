@@ -23,6 +23,9 @@ __all__ = ["HeaderLists", "TrustedProxies", "limit_key", "parse_ip"]
 
 #: Addresses, and trusted peers' forwarding headers, whose outcome is remembered.
 _REMEMBERED = 4096
+#: The longest forwarding header remembered (a few hops): a client behind a trusted
+#: proxy can make its header as long as the proxy lets it, and each one different.
+_REMEMBERED_HEADER = 256
 
 _Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 _Address = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -90,12 +93,17 @@ class TrustedProxies:
 
         Both steps are remembered (`_REMEMBERED` of each, least recently used
         out first): Python's address parsing cost 30 us a request behind a
-        gateway. Only a trusted peer's headers are: no client fills that memory.
+        gateway. Only a trusted peer's headers are, and only short ones: that
+        memory holds at most `_REMEMBERED` times `_REMEMBERED_HEADER` characters,
+        whatever the clients behind the proxy write.
         """
         if not self.networks or not self.trusts(peer):
             return peer
         name = "Forwarded" if self.header == "forwarded" else "X-Forwarded-For"
-        return self._resolved(peer, ",".join(headers.get_list(name)))
+        forwarded = ",".join(headers.get_list(name))
+        if len(forwarded) > _REMEMBERED_HEADER:
+            return self._resolved_uncached(peer, forwarded)
+        return self._resolved(peer, forwarded)
 
     def _trusts_text_uncached(self, ip: str) -> bool:
         return self.trusts(parse_ip(ip))
