@@ -320,13 +320,7 @@ class ForwardConnection(RestConnection):
             core.counted(status)
             return
         assert isinstance(result, Exception)
-        core.pool.give(upstream, False)
-        if (
-            isinstance(result, ConnectionLost)
-            and upstream.reused
-            and not result.answered
-            and pending.repeatable
-        ):
+        if core.replaced(upstream, result, pending.repeatable):
             self._again(pending, 0)  # closed by the core as it was taken: once more, uncounted
             return
         self._failed(pending, core.unreachable(result))

@@ -54,6 +54,7 @@ from core.service import offline_routes
 from gateway.corepool import (
     Answer,
     ConnectionLost,
+    CoreConnection,
     CorePool,
     ProtocolError,
     ResponseReader,
@@ -288,7 +289,6 @@ class UpstreamCore:
             pool.give(conn, False)
             return await self._pooled(method, target, headers, body, repeatable, started)
         self.deadlines[awaited] = time.monotonic() + self.timeout
-        reused = conn.reused
         try:
             result = await awaited.future
         except BaseException:  # cancelled: the connection, mid-request, is not used again
@@ -299,14 +299,26 @@ class UpstreamCore:
         if isinstance(result, Answer):
             pool.give(conn, result.keep_alive)
             return self._answered(result, started)
-        pool.give(conn, False)
         if result is _TIMED_OUT:
+            pool.give(conn, False)
             return self.timed_out()
-        if isinstance(result, ConnectionLost) and reused and not result.answered and repeatable:
-            # closed by the core as it was taken: once more, on another connection
-            return await self._pooled(method, target, headers, body, repeatable, started)
         assert isinstance(result, Exception)
+        if self.replaced(conn, result, repeatable):
+            return await self._pooled(method, target, headers, body, repeatable, started)
         return self.unreachable(result)
+
+    def replaced(self, conn: CoreConnection, failure: Exception, repeatable: bool) -> bool:
+        """Give back ``conn``, whose request ``failure`` ended; whether to send the request
+        again on another connection, at once and uncounted: the core closed the kept-alive
+        connection as the request came, before answering, and repeating it is harmless."""
+        again = (
+            isinstance(failure, ConnectionLost)
+            and conn.reused  # (`give` forgets it)
+            and not failure.answered
+            and repeatable
+        )
+        self.pool.give(conn, False)
+        return again
 
     async def _pooled(
         self,

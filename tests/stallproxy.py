@@ -5,6 +5,8 @@
 drops packets would: the peers see silence, not a closed connection. `flow` delivers what
 was held and forwards again, as TCP's retransmissions would after a partition heals. For
 tests that need a PostgreSQL (or any server) out of reach without network namespaces.
+`cut` closes the connection the next request comes on, unanswered and unforwarded, as a
+server closing an idle kept-alive connection just as a request reaches it.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ class StallProxy:
         self.port = 0
         self._flowing = asyncio.Event()
         self._flowing.set()
+        self._cuts = 0
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._writers: set[asyncio.StreamWriter] = set()
@@ -36,6 +39,9 @@ class StallProxy:
 
     def flow(self) -> None:
         self._flowing.set()
+
+    def cut(self) -> None:
+        self._cuts += 1
 
     async def close(self) -> None:
         if self._server is not None:
@@ -57,7 +63,7 @@ class StallProxy:
             up_reader, up_writer = await asyncio.open_connection(*self.target)
             self._writers.add(up_writer)
             pipes = [
-                asyncio.ensure_future(self._pipe(reader, up_writer)),
+                asyncio.ensure_future(self._pipe(reader, up_writer, cuttable=True)),
                 asyncio.ensure_future(self._pipe(up_reader, writer)),
             ]
             for pipe in pipes:
@@ -68,9 +74,14 @@ class StallProxy:
         except (OSError, asyncio.CancelledError):
             writer.transport.abort()
 
-    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _pipe(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, cuttable: bool = False
+    ) -> None:
         with contextlib.suppress(OSError):
             while data := await reader.read(65536):
+                if cuttable and self._cuts:
+                    self._cuts -= 1
+                    return  # both ends close, the request neither forwarded nor answered
                 await self._flowing.wait()
                 writer.write(data)
                 await writer.drain()

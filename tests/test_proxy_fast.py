@@ -577,6 +577,41 @@ async def test_a_core_that_stops_answering_times_out_and_a_drain_waits_for_answe
             t.stop()
 
 
+async def test_a_kept_alive_core_connection_closed_as_a_request_comes_is_replaced_when_harmless(
+    tmp_path, data_dir, redis_url, clean_db
+):
+    """The core closing an idle kept-alive connection just as an adopted connection's request
+    is sent on it: a GET goes again on a new connection, at once and uncounted (no retries
+    are allowed here, so it could not be a retry); a POST is not repeated (503)."""
+    t = Tier(tmp_path, data_dir, redis_url, clean_db)
+    async with stall_proxy(("127.0.0.1", t.core.port)) as link:
+        gw = GatewayProcess(
+            tmp_path,
+            data_dir,
+            "gateway",
+            **t.shared,
+            CORE_URL=f"http://127.0.0.1:{link.port}",
+            CORE_RETRIES="0",
+        )
+        await asyncio.to_thread(gw.start)
+        try:
+            token = await token_of(gw.port)
+            async with adopted_conn(gw.port, token) as conn:
+                link.cut()
+                conn.send(request("GET", "/api/projects", token))
+                assert (await conn.answer())[0] == 200
+                link.cut()
+                conn.send(request("POST", "/api/projects", token, PROJECT_JSON))
+                status, _, body, _ = await conn.answer()
+                assert status == 503 and json.loads(body)["error"]["code"] == "unavailable"
+                conn.send(request("GET", "/api/projects", token))
+                status, _, body, _ = await conn.answer()
+                assert status == 200 and json.loads(body)["items"] == []  # the POST never went
+        finally:
+            await asyncio.to_thread(gw.stop)
+            t.stop()
+
+
 # -- the head parser alone -------------------------------------------------------------------
 
 
