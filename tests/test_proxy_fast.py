@@ -25,7 +25,7 @@ from core.fastrest import INCOMPLETE, Fields, Head, parse_head
 from gateway.router import is_core_path
 from tests.harness import SECRET, ApiClient, unique_prefix
 from tests.servers import UNIT
-from tests.stallproxy import stall_proxy
+from tests.stallproxy import StallProxy, stall_proxy
 from tests.test_accounts import ADA
 from tests.test_core_rest import PROJECT
 from tests.test_processes import GatewayProcess
@@ -531,6 +531,12 @@ async def test_cors_and_the_core_going_away_on_an_adopted_connection(
         t.stop()
 
 
+def behind(link: StallProxy, t: Tier, **settings: str) -> GatewayProcess:
+    """A gateway whose CORE_URL is ``link`` (to ``t``'s core), with no retries unless told."""
+    where = {"CORE_URL": f"http://127.0.0.1:{link.port}", "CORE_RETRIES": "0"}
+    return GatewayProcess(t.tmp_path, t.data_dir, "gateway", **t.shared, **(where | settings))
+
+
 async def test_a_core_that_stops_answering_times_out_and_a_drain_waits_for_answers(
     tmp_path, data_dir, redis_url, clean_db
 ):
@@ -539,17 +545,7 @@ async def test_a_core_that_stops_answering_times_out_and_a_drain_waits_for_answe
     those under way before it exits."""
     t = Tier(tmp_path, data_dir, redis_url, clean_db)
     async with stall_proxy(("127.0.0.1", t.core.port)) as link:
-        slow = GatewayProcess(
-            tmp_path,
-            data_dir,
-            "gateway",
-            **t.shared,
-            CORE_URL=f"http://127.0.0.1:{link.port}",
-            CORE_TIMEOUT="1",
-            CORE_RETRIES="0",
-            SHUTDOWN_TIMEOUT="10",
-            DRAIN_SECONDS="0",
-        )
+        slow = behind(link, t, CORE_TIMEOUT="1", SHUTDOWN_TIMEOUT="10", DRAIN_SECONDS="0")
         await asyncio.to_thread(slow.start)
         try:
             token = await token_of(slow.port)
@@ -585,14 +581,7 @@ async def test_a_kept_alive_core_connection_closed_as_a_request_comes_is_replace
     are allowed here, so it could not be a retry); a POST is not repeated (503)."""
     t = Tier(tmp_path, data_dir, redis_url, clean_db)
     async with stall_proxy(("127.0.0.1", t.core.port)) as link:
-        gw = GatewayProcess(
-            tmp_path,
-            data_dir,
-            "gateway",
-            **t.shared,
-            CORE_URL=f"http://127.0.0.1:{link.port}",
-            CORE_RETRIES="0",
-        )
+        gw = behind(link, t)
         await asyncio.to_thread(gw.start)
         try:
             token = await token_of(gw.port)
