@@ -82,9 +82,19 @@ log = logging.getLogger("core.fastrest")
 access_log = logging.getLogger("gateway.access")
 
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"})
-_REQUEST_LINE = re.compile(rb"(GET|HEAD|POST|PUT|PATCH|DELETE) (/api/[\x21-\x7e]*) HTTP/1\.1")
-_NAME = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
-_VALUE = re.compile(rb"[\x20-\x7e]*")
+_REQUEST_LINE = re.compile(r"(GET|HEAD|POST|PUT|PATCH|DELETE) (/api/[\x21-\x7e]*) HTTP/1\.1\r\n")
+#: One header line: a token, a colon, the value (printable ASCII) between optional spaces and
+#: tabs, CRLF. `_FIELDS` checks a head's lines all at once, `_FIELD` then reads them. The
+#: spaces and tabs around a value are taken possessively (``*+``): a value starts and ends
+#: with a visible character, so giving them back never helps, and trying to would make a
+#: hostile line of spaces and tabs cost time in the square of its length.
+_LINE = (
+    r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[ \t]*+(?:[\x21-\x7e](?:[\x20-\x7e]*[\x21-\x7e])?)?[ \t]*+\r\n"
+)
+_FIELDS = re.compile(f"(?:{_LINE})*")
+_FIELD = re.compile(
+    r"([!#$%&'*+\-.^_`|~0-9A-Za-z]+):[ \t]*+((?:[\x21-\x7e](?:[\x20-\x7e]*[\x21-\x7e])?)?)[ \t]*+\r\n"
+)
 _HOST = re.compile(r"[A-Za-z0-9.\-]+(:[0-9]{1,5})?|\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?")
 _LENGTH = re.compile(r"[0-9]{1,18}")
 #: Request headers this class leaves to Tornado (framing and protocol changes).
@@ -128,23 +138,16 @@ def parse_head(
         rest = data.replace(b"\r\n", b"")
         # A bare LF or CR: Tornado reads (or refuses) such a head, here it never ends.
         return None if b"\n" in rest or b"\r" in rest[:-1] else INCOMPLETE
-    lines = data[:end].split(b"\r\n")
-    first = _REQUEST_LINE.fullmatch(lines[0])
-    if first is None:
-        return None
-    headers: dict[str, str] = {}
-    for line in lines[1:]:
-        name, colon, value = line.partition(b":")
-        if not colon or _NAME.fullmatch(name) is None:
-            return None  # obs-fold, whitespace before the colon, a bare CR or LF...
-        value = value.strip(b" \t")
-        if _VALUE.fullmatch(value) is None:
-            return None
-        key = name.decode("ascii").lower()
-        if key in headers or key in _UNUSUAL:
-            return None
-        headers[key] = value.decode("ascii")
-    method, target = first.group(1).decode("ascii"), first.group(2).decode("ascii")
+    # Latin-1 maps each byte to one character: the patterns, all ASCII, refuse the others.
+    text = data[: end + 2].decode("latin-1")
+    first = _REQUEST_LINE.match(text)
+    if first is None or _FIELDS.fullmatch(text, first.end()) is None:
+        return None  # obs-fold, whitespace before a colon, a bare CR or LF, a control byte...
+    fields = _FIELD.findall(text, first.end())
+    headers = {name.lower(): value for name, value in fields}
+    if len(headers) != len(fields) or not _UNUSUAL.isdisjoint(headers):
+        return None  # a name twice (in any spelling), or framing left to Tornado
+    method, target = first.group(1), first.group(2)
     host = headers.get("host")
     if host is None or _HOST.fullmatch(host) is None:
         return None

@@ -20,6 +20,8 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from core.fastrest import INCOMPLETE, Fields, Head, parse_head
 from gateway.router import is_core_path
@@ -637,6 +639,107 @@ def test_parse_head_takes_only_the_strict_subset():
     ]
     assert [parse_head(r, 8192, 1000, is_core_path) for r in refused] == [None] * len(refused)
     assert parse_head(b"GET /api/x HTTP/1.1\r\n" + b"X: y\r\n" * 2000, 8192, 1000) is None
+
+
+_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_PRINTABLE = re.compile(rb"[\x20-\x7e]*")
+_LINE_1 = re.compile(rb"(GET|HEAD|POST|PUT|PATCH|DELETE) (/api/[\x21-\x7e]*) HTTP/1\.1")
+_UNUSUAL = {"transfer-encoding", "expect", "upgrade", "te", "trailer"}
+
+
+def _fields_line_by_line(head: bytes) -> dict[str, str] | None:
+    """The headers of ``head`` (no blank line) read a line at a time, as the module's
+    docstring states the subset: None for a head it leaves to Tornado."""
+    lines = head.split(b"\r\n")
+    if _LINE_1.fullmatch(lines[0]) is None:
+        return None
+    headers: dict[str, str] = {}
+    for line in lines[1:]:
+        name, colon, value = line.partition(b":")
+        value = value.strip(b" \t")
+        if not colon or _TOKEN.fullmatch(name) is None or _PRINTABLE.fullmatch(value) is None:
+            return None
+        key = name.decode("ascii").lower()
+        if key in headers or key in _UNUSUAL:
+            return None
+        headers[key] = value.decode("ascii")
+    return headers
+
+
+_PIECES = [
+    b"host:a",
+    b"X-Forwarded-For: 1.2.3.4",
+    b"Authorization: Bearer t.u.v",
+    b"Connection: close",
+    b"Content-Length: 0",
+    b"Transfer-Encoding: chunked",
+    b"X:",
+    b"X: \t",
+    b"X:\ta b\t",
+    b"X: a\tb",
+    b"X : a",
+    b" X: a",
+    b"X",
+    b"X: \xe9",
+    b"X: a\rb",
+    b"X: a\nb",
+    b"X: a\x00",
+    b"X: a\x7f",
+    b"Y: a:b: c",
+    b"",
+]
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.lists(st.sampled_from(_PIECES), max_size=5),
+    st.integers(0, 5),
+    st.lists(st.tuples(st.integers(0, 200), st.binary(min_size=1, max_size=2)), max_size=2),
+)
+def test_parse_head_reads_headers_as_a_line_by_line_reading_of_the_subset_does(
+    lines: list[bytes], host: int, edits: list[tuple[int, bytes]]
+) -> None:
+    # The patterns read all the lines at once; the subset they accept is the one read line
+    # by line here: the same headers, or both leave the head to Tornado.
+    lines.insert(host, b"HOST: a ")
+    head = b"\r\n".join([b"GET /api/projects?limit=1 HTTP/1.1", *lines])
+    for at, data in edits:
+        at = min(at, len(head))
+        head = head[:at] + data + head[at:]
+    if (head + b"\r\n\r\n").find(b"\r\n\r\n") != len(head):
+        return  # the head would end sooner: not this comparison's
+    expected = _fields_line_by_line(head)
+    if expected is not None and (
+        "host" not in expected or not re.fullmatch(r"[A-Za-z0-9.\-]+", expected["host"])
+    ):
+        expected = None  # no Host, or one the parser refuses
+    if expected is not None and expected.get("connection", "keep-alive").lower() not in (
+        "keep-alive",
+        "close",
+    ):
+        expected = None
+    if expected is not None and expected.get("content-length", "0") != "0":
+        expected = None
+    found = parse_head(head + b"\r\n\r\n", 8192, 1000, is_core_path)
+    assert (found.headers if isinstance(found, Head) else found) == expected, head
+
+
+def test_parse_head_takes_time_in_proportion_to_a_hostile_head():
+    # Values that make a backtracking pattern try every split: 64 KB of each is refused in
+    # milliseconds when the patterns are linear, and would take minutes if they were not.
+    import time
+
+    hostile = [
+        b"X: a" + b" " * 65000 + b"\x01",
+        b"X: " + b"a " * 32000 + b"\x01",
+        b"X:" + b" \t" * 32000 + b"a\tb",
+        b"\r\n".join([b"X: a" + b" " * 60] * 1000) + b"\r\nY: \x01",
+    ]
+    for value in hostile:
+        head = b"GET /api/x HTTP/1.1\r\nHost: a\r\n" + value + b"\r\n\r\n"
+        started = time.perf_counter()
+        assert parse_head(head, 1 << 17, 1000) is None
+        assert time.perf_counter() - started < 1.0
 
 
 def test_fields_read_a_head_s_headers_in_any_spelling_as_tornado_s_headers_do():
