@@ -212,3 +212,22 @@ async def test_readiness_reports_broker_and_database(clean_db):
             assert body == {"status": "ok", "broker": True, "database": None}
     finally:
         http.close()
+
+
+def test_the_loop_histogram_is_exposed_as_prometheus_client_s_histogram():
+    from prometheus_client import CollectorRegistry, Histogram, generate_latest
+
+    from core.infra.metrics import LoopHistogram
+
+    buckets = (0.0005, 0.001, 0.0025, 1.0)
+    ours, theirs = CollectorRegistry(), CollectorRegistry()
+    loop = LoopHistogram("t_seconds", "Time.", buckets, ours)
+    reference = Histogram("t_seconds", "Time.", buckets=buckets, registry=theirs)
+    for seconds in (0.0001, 0.0005, 0.0007, 0.001, 0.003, 1.0, 1.5, 100.0):
+        loop.observe(seconds)
+        reference.observe(seconds)
+    expected = [
+        line for line in generate_latest(theirs).decode().splitlines() if "_created" not in line
+    ]
+    assert generate_latest(ours).decode().splitlines() == expected
+    assert 't_seconds_bucket{le="0.0005"} 2.0' in expected  # a bound holds what equals it
