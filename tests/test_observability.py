@@ -223,11 +223,21 @@ def test_the_loop_histogram_is_exposed_as_prometheus_client_s_histogram():
     ours, theirs = CollectorRegistry(), CollectorRegistry()
     loop = LoopHistogram("t_seconds", "Time.", buckets, ours)
     reference = Histogram("t_seconds", "Time.", buckets=buckets, registry=theirs)
-    for seconds in (0.0001, 0.0005, 0.0007, 0.001, 0.003, 1.0, 1.5, 100.0):
+    by_op = LoopHistogram("u_seconds", "Time by op.", buckets, ours, ("op",))
+    reference_by_op = Histogram(
+        "u_seconds", "Time by op.", ["op"], buckets=buckets, registry=theirs
+    )
+    for n, seconds in enumerate((0.0001, 0.0005, 0.0007, 0.001, 0.003, 1.0, 1.5, 100.0)):
         loop.observe(seconds)
         reference.observe(seconds)
+        op = ("sub", "rpc")[n % 2]
+        by_op.labels(op).observe(seconds)
+        reference_by_op.labels(op).observe(seconds)
     expected = [
         line for line in generate_latest(theirs).decode().splitlines() if "_created" not in line
     ]
     assert generate_latest(ours).decode().splitlines() == expected
     assert 't_seconds_bucket{le="0.0005"} 2.0' in expected  # a bound holds what equals it
+    assert 'u_seconds_bucket{le="+Inf",op="rpc"} 4.0' in expected
+    with pytest.raises(ValueError):
+        by_op.labels("sub", "extra")
