@@ -75,7 +75,8 @@ def user_id(caller: Caller | None) -> int | None:
     if caller is None or _role(caller) == "service" or not getattr(caller, "local", True):
         return None
     sub = caller.sub
-    return int(sub) if sub.isdigit() and len(sub) <= 18 else None
+    # ASCII digits: int() also reads other scripts' digits ("١٢" is 12)
+    return int(sub) if sub.isascii() and sub.isdigit() and len(sub) <= 18 else None
 
 
 def check(access: Access, caller: Caller, params: Mapping[str, str]) -> None:

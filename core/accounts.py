@@ -372,6 +372,6 @@ def _session_caller(req: Request) -> tuple[int, str]:
     caller = req.caller
     sid = getattr(caller, "sid", None)
     sub = caller.sub if caller is not None else ""
-    if sid is None or not sub.isdigit():
+    if sid is None or not (sub.isascii() and sub.isdigit()):
         raise ApiError(403, "no_session", "this token was not issued by a login here")
     return int(sub), sid

@@ -26,7 +26,7 @@ import asyncpg
 import msgspec
 from msgspec import Meta
 
-from core.access import Access
+from core.access import Access, user_id
 from core.db import one
 from core.infra import control
 from core.infra.broker.base import Broker, BrokerUnavailable, Publisher
@@ -125,7 +125,7 @@ class ApiKeys:
         data: ApiKeyIn = req.data
         key = API_KEY_PREFIX + secrets.token_urlsafe(32)
         digest = hashlib.sha256(key.encode()).digest()
-        creator = int(req.caller.sub) if req.caller and req.caller.sub.isdigit() else None
+        creator = user_id(req.caller)  # a user of this deployment, or None
         (body,) = await one(
             self._pool,
             _CREATE,

@@ -57,6 +57,7 @@ _CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,16}")
 _TARGET_SAFE = "/?&=%:@!$'()*+,;~-._"
 _UNSAFE_TARGET = re.compile(r"[^A-Za-z0-9/?&=%:@!$'()*+,;~\-._]")
 _UNSAFE_VALUE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+_DIGITS = re.compile(r"[0-9]{1,18}")
 
 
 class ProtocolError(Exception):
@@ -251,7 +252,11 @@ def _parse_head(head: bytes) -> tuple[int, list[tuple[str, str]], bool, int | No
     lines = head.decode("latin-1").split("\r\n")
     version, _, rest = lines[0].partition(" ")
     code = rest[:3]
-    if version not in ("HTTP/1.1", "HTTP/1.0") or len(code) != 3 or not code.isdigit():
+    if (
+        version not in ("HTTP/1.1", "HTTP/1.0")
+        or len(code) != 3
+        or not (code.isascii() and code.isdigit())
+    ):
         raise ProtocolError("bad status line")
     keep_alive = version == "HTTP/1.1"
     length: int | None = None
@@ -263,8 +268,8 @@ def _parse_head(head: bytes) -> tuple[int, list[tuple[str, str]], bool, int | No
             raise ProtocolError("bad header line")
         value = value.strip()
         low = name.lower()
-        if low == "content-length":
-            if not value.isdigit() or (length is not None and int(value) != length):
+        if low == "content-length":  # ASCII digits: isdigit() admits "²", which int() refuses
+            if _DIGITS.fullmatch(value) is None or (length is not None and int(value) != length):
                 raise ProtocolError("bad Content-Length")
             length = int(value)
             if length > MAX_BODY:

@@ -8,6 +8,7 @@ one PostgreSQL.
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import asyncpg
 import pytest
@@ -226,21 +227,26 @@ async def _status(api: ApiClient, method: str, path: str, expected: int) -> bool
     return (await api.call(method, path))[0] == expected
 
 
+def _outside_identity_provider() -> tuple[Any, str]:
+    """An IdP's RSA key, and its public half as JWT_PUBLIC_KEY takes it (PEM)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    idp = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    public = idp.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return idp, public.decode()
+
+
 async def test_a_token_from_an_outside_identity_provider_is_no_core_user_nor_admin(clean_db):
     """An IdP (JWT_PUBLIC_KEY) that hands out ``sub: "<n>"`` and ``role: admin`` must not
     make its holder the core's user n, nor a core admin."""
     import time
 
     import jwt
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import rsa
 
-    idp = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    public = (
-        idp.public_key()
-        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
-        .decode()
-    )
+    idp, public = _outside_identity_provider()
     async with running_gateway(**clean_db, jwt_public_key=public, rate_login_ip=None) as gw:
         victim = await new_person(gw, clean_db)
         owner = ApiClient(gw.port, victim.tokens["access_token"])
@@ -299,3 +305,53 @@ async def test_no_one_takes_over_projects_by_claiming_their_owners_address(gw, c
     finally:
         for c in (root, mallory, anon):
             c.close()
+
+
+async def test_a_token_from_an_outside_identity_provider_cannot_end_a_core_user_s_sessions(
+    clean_db,
+):
+    """The IdP's ``sub: "<n>"`` with a ``sid`` claim is no login here: it neither lists
+    nor ends user n's sessions (and an ``sub`` of other digits names no one)."""
+    import time
+
+    import jwt
+
+    idp, public = _outside_identity_provider()
+    async with running_gateway(**clean_db, jwt_public_key=public, rate_login_ip=None) as gw:
+        victim = await new_person(gw, clean_db)
+        owner = ApiClient(gw.port, victim.tokens["access_token"])
+        status, _, mine = await owner.call("GET", "/api/auth/sessions")
+        assert status == 200 and mine["items"]
+        sid = mine["items"][0]["id"]
+        outsiders = [
+            {"sub": str(victim.id), "sid": sid},
+            {"sub": "".join(chr(0x0660 + int(d)) for d in str(victim.id)), "sid": sid},
+        ]
+        try:
+            for extra in outsiders:
+                claims = {**extra, "role": "admin", "exp": int(time.time()) + 600}
+                outsider = ApiClient(gw.port, jwt.encode(claims, idp, algorithm="RS256"))
+                try:
+                    assert (await outsider.call("GET", "/api/auth/sessions"))[0] == 403
+                    assert (await outsider.call("DELETE", f"/api/auth/sessions/{sid}"))[0] == 403
+                    assert (await outsider.call("POST", "/api/auth/logout"))[0] == 403
+                    assert (await outsider.call("POST", "/api/auth/logout-all"))[0] == 403
+                finally:
+                    outsider.close()
+            status, _, still = await owner.call("GET", "/api/auth/sessions")
+            assert status == 200 and still["items"] == mine["items"]
+        finally:
+            owner.close()
+
+
+def test_only_ascii_digits_name_a_user_of_this_deployment():
+    from types import SimpleNamespace
+
+    from core.access import user_id
+
+    def caller(sub: str) -> SimpleNamespace:
+        return SimpleNamespace(sub=sub, role="user", local=True)
+
+    assert user_id(caller("12")) == 12
+    assert user_id(caller("\u0661\u0662")) is None  # "١٢": int() reads it as 12
+    assert user_id(caller("\u00b2")) is None  # "²": isdigit() says yes, int() refuses

@@ -492,3 +492,13 @@ def test_per_address_limits_count_an_ipv6_host_by_its_64():
     assert limit_key("2001:db8:1:3::1") != limit_key("2001:db8:1:2::1")
     assert limit_key("203.0.113.7") == "203.0.113.7"
     assert limit_key("") == "" and limit_key("not an ip:") == "not an ip:"
+
+
+@pytest.mark.parametrize("length", [b"\xb2", b"\xb9\xb2"])  # "²", "¹²": str.isdigit() says yes
+async def test_a_content_length_of_other_digits_is_a_400_not_a_failure(length, caplog):
+    async with running_gateway() as gw, raw(gw.port) as c:
+        head = request("POST", "/api/projects", {"Authorization": f"Bearer {token_for(gw)}"})
+        await c.send(head[:-2] + b"Content-Length: " + length + b"\r\n\r\n")
+        status, _, _ = await c.response(1 * UNIT)
+    assert status == 400
+    assert not [r for r in caplog.records if r.levelname == "ERROR"], caplog.text

@@ -55,6 +55,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import re
 import socket
 import time
 from asyncio import Future
@@ -88,6 +89,7 @@ ACCEPT_PAUSE = 0.1
 _OUT_OF_FILES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 #: Accepts per readiness event, as Tornado's own loop (its listen backlog).
 _ACCEPTS_PER_EVENT = 128
+_LENGTH = re.compile(r"[0-9]{1,18}")
 #: No body may be larger than this whatever the route (Tornado's own backstop).
 _UNBOUNDED = 1 << 62
 
@@ -529,7 +531,13 @@ class _Guard(httputil.HTTPMessageDelegate):
             try:
                 self._limit = listener.policy(start_line, headers)
                 length = headers.get("Content-Length")
-                if length is not None and length.strip().isdigit() and int(length) > self._limit:
+                # ASCII digits only: "²" is a digit to str.isdigit() and none to int();
+                # Tornado refuses a Content-Length that is not one (400)
+                if (
+                    length is not None
+                    and _LENGTH.fullmatch(length.strip())
+                    and int(length) > self._limit
+                ):
                     raise _too_large(self._limit)
             except ApiError as refusal:
                 self._refuse(start_line, client, refusal)
