@@ -211,14 +211,14 @@ class Accounts:
                       "password": "$request.body#/password"}}}),
             Route("POST", "/api/auth/token", self.token, "Log in or refresh (OAuth2)",
                   "token", tag, responses={200: TokenOut}, form=TokenForm, access=Access.PUBLIC,
-                  max_body=AUTH_BODY, errors=("invalid_grant",), links=_AFTER_LOGIN,
+                  max_body=AUTH_BODY, errors=("invalid_grant", "not_implemented"), links=_AFTER_LOGIN,
                   description="OAuth2 password grant (`grant_type=password`, `username` is "
                   "the e-mail) or refresh grant (`grant_type=refresh_token`), form-encoded. "
                   "Wrong credentials and unusable refresh tokens are 400 `invalid_grant`. "
                   "Anyone may call it; an `Authorization` header is ignored."),
             Route("POST", "/api/auth/refresh", self.refresh, "Rotate a refresh token",
                   "refresh", tag, responses={200: TokenOut}, body=RefreshIn, access=Access.PUBLIC,
-                  max_body=AUTH_BODY, errors=("invalid_grant",), links=_AFTER_LOGIN,
+                  max_body=AUTH_BODY, errors=("invalid_grant", "not_implemented"), links=_AFTER_LOGIN,
                   description="Uses up the refresh token and returns new tokens. Presenting "
                   "a used refresh token again revokes the whole session. Anyone may call it; "
                   "an `Authorization` header is ignored."),
@@ -322,8 +322,12 @@ class Accounts:
         return Response(200, _encode(out), {"Cache-Control": "no-store"})
 
     def _require_issuer(self) -> None:
+        # 501, not 503: nothing is down, and a gateway in front (CORE_URL) counts 502-504
+        # as the core failing; anyone could open its breaker with this route otherwise.
         if not self.issuer.ready:
-            raise ApiError(503, "unavailable", "this deployment verifies tokens but issues none")
+            raise ApiError(
+                501, "not_implemented", "this deployment verifies tokens but issues none"
+            )
 
     # -- sessions -------------------------------------------------------------------
 

@@ -132,10 +132,15 @@ ERRORS: Final[dict[str, ErrorDoc]] = {
         "A gateway that forwards to a separate core (`CORE_URL`) got no answer in `CORE_TIMEOUT`.",
         "the REST core did not answer in time",
     ),
+    "not_implemented": ErrorDoc(
+        501,
+        "This deployment verifies tokens but issues none (`JWT_PUBLIC_KEY` or `JWT_JWKS_FILE` "
+        "and no `JWT_SECRET` or signing keys): logging in is another service's.",
+        "this deployment verifies tokens but issues none",
+    ),
     "unavailable": ErrorDoc(
         503,
-        "The database is unreachable or overloaded (retry after `Retry-After` seconds), or "
-        "this deployment issues no tokens.",
+        "The database is unreachable or overloaded (retry after `Retry-After` seconds).",
         "service unavailable, retry later",
         retry_after="sometimes",
     ),

@@ -355,3 +355,22 @@ def test_only_ascii_digits_name_a_user_of_this_deployment():
     assert user_id(caller("12")) == 12
     assert user_id(caller("\u0661\u0662")) is None  # "١٢": int() reads it as 12
     assert user_id(caller("\u00b2")) is None  # "²": isdigit() says yes, int() refuses
+
+
+async def test_a_deployment_that_issues_no_tokens_refuses_logins_with_501(clean_db):
+    # Not 503: a gateway in front (CORE_URL) counts 502-504 as the core failing, and these
+    # routes need no token, so anyone could open its breaker with them.
+    _, public = _outside_identity_provider()
+    settings = {"jwt_secret": None, "jwt_public_key": public, "rate_login_ip": None}
+    async with running_gateway(**clean_db, **settings) as gw:
+        anon = ApiClient(gw.port, None)
+        try:
+            form = {"Content-Type": "application/x-www-form-urlencoded"}
+            for path, raw, headers in [
+                ("/api/auth/refresh", b'{"refresh_token": "%s"}' % (b"x" * 43), None),
+                ("/api/auth/token", b"grant_type=password&username=a%40b.c&password=pw", form),
+            ]:
+                status, _, answer = await anon.call("POST", path, raw=raw, headers=headers)
+                assert (status, answer["error"]["code"]) == (501, "not_implemented"), path
+        finally:
+            anon.close()

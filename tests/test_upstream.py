@@ -31,8 +31,9 @@ class _Flaky(tornado.web.RequestHandler):
         peers = self.state.setdefault("peers", set())  # type: ignore[arg-type]
         peers.add(self.request.connection.stream.socket.getpeername()[1])  # type: ignore[union-attr]
         if self.state["hits"] <= self.state["fail"]:
-            self.set_status(503)
-            self.finish(b'{"error":{"status":503,"code":"unavailable","message":"busy"}}')
+            status = self.state.get("status", 503)
+            self.set_status(status)
+            self.finish(b'{"error":{"status":%d,"code":"x","message":"busy"}}' % status)
             return
         self.set_header("ETag", '"3"')
         self.finish(
@@ -76,7 +77,7 @@ async def test_only_harmless_requests_are_retried(flaky, method, headers, hits, 
     resp = await core.dispatch(Request(method, "/api/projects", headers=headers, body=b"{}"))
     assert (state["hits"], resp.status) == (hits, status)
     if status == 503:  # the core's own error passes through unchanged
-        assert resp.body == b'{"error":{"status":503,"code":"unavailable","message":"busy"}}'
+        assert resp.body == b'{"error":{"status":503,"code":"x","message":"busy"}}'
     else:
         assert resp.headers["ETag"] == '"3"'
 
@@ -99,6 +100,16 @@ async def test_a_core_that_keeps_failing_opens_the_breaker(flaky):
     assert refused.status == 503 and int(refused.headers["Retry-After"]) > 50
     assert state["hits"] == hits  # answered at once, without calling the core
     assert core.state()["breaker"] == "open"
+
+
+async def test_answers_the_core_means_open_no_breaker(flaky):
+    # 501 (a deployment that issues no tokens, core/accounts.py) is the core answering, not
+    # failing: anyone may ask for it, and must not shut REST off for everyone by asking.
+    core, state = flaky
+    state["fail"], state["status"] = 1000, 501
+    for _ in range(10):
+        assert (await core.dispatch(Request("POST", "/api/auth/refresh"))).status == 501
+    assert core.state()["breaker"] == "closed" and state["hits"] == 10
 
 
 async def test_an_unreachable_core_is_503_with_retry_after_quickly():
