@@ -349,6 +349,12 @@ class RestConnection(Adopted):
         self._reading = True
         self._gone = False  # closed, or handed back to Tornado
         self._waiting = ""  # "head" or "body": which deadline the listener keeps now
+        # A head read while its body comes: the body's pieces are kept apart, and joined once
+        # all are in (`data_received`), so a body sent a byte at a time costs no more to read
+        # than one sent whole (the head is not read again, the buffer not copied per piece).
+        self._head: Head | None = None
+        self._pieces: list[bytes] = []
+        self._short = 0  # bytes of its body still to come
         self._max_head = listener.max_header_bytes
         self._max_buffer = 2 * listener.max_header_bytes
 
@@ -362,6 +368,18 @@ class RestConnection(Adopted):
 
     def _idle(self) -> bool:
         return not self._busy
+
+    def data_received(self, data: bytes) -> None:
+        if self._head is None:
+            super().data_received(data)
+            return
+        self._pieces.append(data)
+        self._short -= len(data)
+        if self._short <= 0:  # the body is all in: one buffer again, and the request is read
+            self._buffer = b"".join([self._buffer, *self._pieces])
+            self._pieces = []
+            if self._idle() and not self._paused:
+                self._next()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._lost()
@@ -388,24 +406,29 @@ class RestConnection(Adopted):
         if not self._waiting:
             self._waiting = "head"
             self._listener.await_request(self)  # HEADER_TIMEOUT from now
-        head = (
-            parse_head(buffer, self._max_head, self._proxy.max_body, self._proxy.paths)
-            if buffer
-            else INCOMPLETE
-        )
-        if head is INCOMPLETE:
-            self._resume_reading()
-            return None
-        if not isinstance(head, Head) or (self._waiting == "head" and not self._admit(head)):
-            self._hand_back()
-            return None
+        head = self._head
+        if head is None:
+            read = (
+                parse_head(buffer, self._max_head, self._proxy.max_body, self._proxy.paths)
+                if buffer
+                else INCOMPLETE
+            )
+            if read is INCOMPLETE:
+                self._resume_reading()
+                return None
+            if not isinstance(read, Head) or not self._admit(read):
+                self._hand_back()
+                return None
+            head = read
         end = head.size + head.body_length
         if len(buffer) < end:
-            if self._waiting == "head":
+            if self._head is None:
+                self._head, self._short = head, end - len(buffer)
                 self._waiting = "body"
                 self._listener.reading(self, True)  # BODY_TIMEOUT from now
             self._resume_reading()
             return None
+        self._head = None
         self._waiting = ""
         self._listener.reading(self, False)
         self._buffer = buffer[end:]

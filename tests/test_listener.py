@@ -502,3 +502,34 @@ async def test_a_content_length_of_other_digits_is_a_400_not_a_failure(length, c
         status, _, _ = await c.response(1 * UNIT)
     assert status == 400
     assert not [r for r in caplog.records if r.levelname == "ERROR"], caplog.text
+
+
+async def test_a_body_sent_a_few_bytes_at_a_time_on_a_kept_alive_connection_is_read_once(
+    clean_db, monkeypatch
+):
+    """Each piece of a body used to read its head again (and copy all it had): a head near
+    MAX_HEADER_BYTES and a body sent a byte at a time held the event loop."""
+    from core import fastrest
+    from tests.test_core_rest import PROJECT
+
+    reads = []
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        reads.append(1)
+        return parse(*args, **kwargs)
+
+    parse = fastrest.parse_head
+    monkeypatch.setattr(fastrest, "parse_head", counted)
+    async with running_gateway(**clean_db) as gw, raw(gw.port) as c:
+        auth = {"Authorization": f"Bearer {token_for(gw, extra={'role': 'admin'})}"}
+        await c.send(request("GET", "/api/projects?limit=1", auth))  # Tornado's: then adopted
+        assert (await c.response())[0] == 200
+        body = json.dumps(PROJECT).encode()
+        head = request("POST", "/api/projects", {**auth, "Content-Length": str(len(body))})
+        await c.send(head)
+        for at in range(0, len(body), 2):
+            await c.send(body[at : at + 2])
+            await asyncio.sleep(0.002)
+        status, _, created = await c.response()
+    assert status == 201 and created["name"] == PROJECT["name"]
+    assert len(body) > 100 and len(reads) <= 2  # the POST's head, once (and no more)
