@@ -426,6 +426,9 @@ def forward_headers(
         out.append(("Authorization", f"Bearer {token}"))
     if client:  # replaces what the client sent (resolved already)
         out.append(("X-Forwarded-For", client))
+        # The same in RFC 7239's words, for a core that reads that header instead
+        # (FORWARDED_HEADER=forwarded, which a ConfigMap shared with the gateways may set).
+        out.append(("Forwarded", f'for="[{client}]"' if ":" in client else f"for={client}"))
     out.append(("X-Request-Id", request_id or unique_hex(16)))
     return out
 

@@ -274,3 +274,19 @@ async def test_a_kept_alive_connection_the_core_closed_is_replaced_only_when_har
     assert core.pool.in_use == 0
     if status == 200:  # sent again on a new connection, not counted as a failure
         assert resp.body == b'{"path":"/api/drop"}' and core.breaker.failures == 0
+
+
+@pytest.mark.parametrize("header", ["x-forwarded-for", "forwarded"])
+@pytest.mark.parametrize("client", ["203.0.113.9", "2001:db8::17"])
+def test_the_core_reads_the_client_s_address_whichever_forwarding_header_it_reads(header, client):
+    from tornado.httputil import HTTPHeaders
+
+    from core.infra.clientip import TrustedProxies
+    from gateway.upstream import forward_headers
+
+    forged = {"x-forwarded-for": "198.51.100.66", "forwarded": "for=198.51.100.66"}
+    sent = HTTPHeaders()
+    for name, value in forward_headers(forged, None, client, "r-1"):
+        sent.add(name, value)
+    core = TrustedProxies(["127.0.0.1/32"], header)  # the gateway's address is trusted
+    assert core.client_ip("127.0.0.1", sent) == client
