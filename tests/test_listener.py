@@ -533,3 +533,45 @@ async def test_a_body_sent_a_few_bytes_at_a_time_on_a_kept_alive_connection_is_r
         status, _, created = await c.response()
     assert status == 201 and created["name"] == PROJECT["name"]
     assert len(body) > 100 and len(reads) <= 2  # the POST's head, once (and no more)
+
+
+async def test_a_head_read_looks_at_each_byte_a_few_times_not_at_every_packet():
+    """Tornado's stream searched all it held for the head's end at every packet: 60 KB of
+    head, then a byte at a time, held the event loop for HEADER_TIMEOUT on 20 KB/s."""
+    from core.infra.httpstream import HEAD_END, HTTPStream
+
+    scanned: list[int] = []
+
+    class Counting:
+        pattern = HEAD_END
+
+        def __init__(self, inner: Any) -> None:
+            self.inner = inner
+
+        def search(self, buf: bytearray, pos: int = 0) -> Any:
+            scanned.append(len(buf) - pos)
+            return self.inner.search(buf, pos)
+
+    ours, theirs = socket.socketpair()
+    stream = HTTPStream(ours)
+    try:
+        head = stream.read_until_regex(HEAD_END, max_bytes=65536)
+        stream._read_regex = Counting(stream._read_regex)  # type: ignore[assignment]
+        theirs.sendall(b"GET / HTTP/1.1\r\nX: " + b"y" * 60000)
+        await asyncio.sleep(0.05)
+        for piece in [b"y"] * 200 + [b"\r", b"\n", b"\r", b"\n"]:  # the end split up too
+            theirs.send(piece)
+            await asyncio.sleep(0.001)
+        got = await asyncio.wait_for(head, 5 * UNIT)
+    finally:
+        stream.close()
+        theirs.close()
+    assert got.endswith(b"y\r\n\r\n") and len(got) == 60000 + 19 + 200 + 4
+    assert sum(scanned) < 5 * len(got)  # 24 MB before
+
+
+async def test_a_request_sent_a_byte_at_a_time_is_answered():
+    async with running_gateway() as gw, raw(gw.port) as c:
+        for byte in request("GET", "/healthz"):
+            await c.send(bytes([byte]))
+        assert (await c.response())[0] == 200
