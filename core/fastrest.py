@@ -123,21 +123,33 @@ INCOMPLETE = object()
 
 
 def parse_head(
-    data: bytes, max_head: int, max_body: int, paths: Callable[[str], bool] = is_api_path
+    data: bytes,
+    max_head: int,
+    max_body: int,
+    paths: Callable[[str], bool] = is_api_path,
+    searched: int = 0,
 ) -> Head | object | None:
     """The head at the start of ``data``, `INCOMPLETE`, or None when it is not for this class.
 
     None for anything outside the strict subset in the module's docstring
     (Tornado reads it), including a path ``paths`` refuses, a head over
     ``max_head`` bytes or a body over ``max_body``; no input raises.
+    ``searched``: how many bytes of ``data`` an earlier call found `INCOMPLETE`
+    (only what came since is searched: a head sent a byte at a time is read
+    in time proportional to its size, not to its size times its bytes).
     """
-    end = data.find(b"\r\n\r\n", 0, max_head + 4)
+    # As Tornado's: the blank line within the limit
+    end = data.find(b"\r\n\r\n", max(0, searched - 3), max_head)
     if end < 0:
-        if len(data) >= max_head + 4:
+        if len(data) >= max_head:
             return None
-        rest = data.replace(b"\r\n", b"")
-        # A bare LF or CR: Tornado reads (or refuses) such a head, here it never ends.
-        return None if b"\n" in rest or b"\r" in rest[:-1] else INCOMPLETE
+        # What came since, from the CR before it if it ended there (a CRLF is not cut)
+        since = searched - 1 if searched and data[searched - 1] == 13 else searched
+        rest = data[since:].replace(b"\r\n", b"")
+        # A bare LF or CR (but a last CR, whose LF may come): Tornado reads (or refuses) such
+        # a head, here it never ends.
+        bare_cr = b"\r" in (rest[:-1] if data.endswith(b"\r") else rest)
+        return None if b"\n" in rest or bare_cr else INCOMPLETE
     # Latin-1 maps each byte to one character: the patterns, all ASCII, refuse the others.
     text = data[: end + 2].decode("latin-1")
     first = _REQUEST_LINE.match(text)
@@ -148,6 +160,10 @@ def parse_head(
     if len(headers) != len(fields) or not _UNUSUAL.isdisjoint(headers):
         return None  # a name twice (in any spelling), or framing left to Tornado
     method, target = first.group(1), first.group(2)
+    if end - 10 + len(fields) > max_head and (
+        len(method) + len(target) + sum(len(n) + len(v) + 4 for n, v in fields) > max_head
+    ):
+        return None  # over the listener's measure of a head: Tornado answers 431
     host = headers.get("host")
     if host is None or _HOST.fullmatch(host) is None:
         return None
@@ -355,6 +371,7 @@ class RestConnection(Adopted):
         self._head: Head | None = None
         self._pieces: list[bytes] = []
         self._short = 0  # bytes of its body still to come
+        self._searched = 0  # bytes of the buffer holding no whole head (`parse_head`)
         self._max_head = listener.max_header_bytes
         self._max_buffer = 2 * listener.max_header_bytes
 
@@ -408,14 +425,17 @@ class RestConnection(Adopted):
             self._listener.await_request(self)  # HEADER_TIMEOUT from now
         head = self._head
         if head is None:
+            proxy = self._proxy
             read = (
-                parse_head(buffer, self._max_head, self._proxy.max_body, self._proxy.paths)
+                parse_head(buffer, self._max_head, proxy.max_body, proxy.paths, self._searched)
                 if buffer
                 else INCOMPLETE
             )
             if read is INCOMPLETE:
+                self._searched = len(buffer)
                 self._resume_reading()
                 return None
+            self._searched = 0
             if not isinstance(read, Head) or not self._admit(read):
                 self._hand_back()
                 return None

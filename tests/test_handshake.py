@@ -294,3 +294,31 @@ async def test_an_upgrade_admitted_at_once_is_checked_at_the_accept(monkeypatch)
         refused = handshake_request(f"127.0.0.1:{gw.port}", "/ws", "not-a-token")
         async with raw(gw.port, before_accept=refused) as c:
             assert (await c.response())[0] == 401
+
+
+async def test_an_upgrade_whose_head_tornado_ends_sooner_is_cut_where_tornado_cuts_it():
+    """A bare LF pair ends a head for Tornado: the fast route must not read past it (one
+    reading of where a request ends, whoever serves it)."""
+    async with running_gateway() as gw:
+        upgrade = handshake_request(f"127.0.0.1:{gw.port}", "/ws", token_for(gw))
+        early = upgrade.replace(b"\r\nUpgrade:", b"\n\nUpgrade:", 1)  # ends after the Host
+        async with raw(gw.port, before_accept=early) as c:
+            status, _, _ = await c.response()
+        assert status != 101 and gw.hub.connection_count() == 0
+
+
+def test_a_head_of_bare_lf_lines_said_within_the_limit_is_not_oversized():
+    from tornado import httputil
+
+    from core.infra.listener import _oversized
+    from core.infra.requesthead import within
+
+    data = (
+        b"GET /ws HTTP/1.1\r\nHost: a" + b"".join(b"\nX%d:" % n for n in range(560)) + b"\r\n\r\n"
+    )
+    end = data.find(b"\r\n\r\n")
+    text = data[:end].decode()
+    start = httputil.parse_request_start_line(text.partition("\r\n")[0])
+    headers = httputil.HTTPHeaders.parse(text.partition("\r\n")[2])
+    assert _oversized(start, headers, 4096) is not None  # the measure says 431
+    assert not within(data, end, 4096)  # so it must not be spared

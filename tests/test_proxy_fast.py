@@ -742,6 +742,47 @@ def test_parse_head_takes_time_in_proportion_to_a_hostile_head():
         assert time.perf_counter() - started < 1.0
 
 
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"GET /api/projects HTTP/1.1\r\nHost: a\r\nX: y\r\n\r\n",
+        b"GET /api/projects HTTP/1.1\r\nHost: a\r\nX: y\r\r\n\r\n",
+        b"GET /api/projects HTTP/1.1\r\nHost: a\r\nX: y\n\r\n",
+        b"GET /api/projects HTTP/1.1\r\nHost: a\rX: y\r\n\r\n",
+    ],
+)
+def test_a_head_read_in_pieces_is_read_as_a_head_read_whole(data):
+    # Each call searches only what came since the last: wherever the pieces are cut (a CRLF
+    # or the blank line split between two), the outcome is the one of reading it whole.
+    def outcome(head: object) -> object:
+        return (head.size, head.headers) if isinstance(head, Head) else head
+
+    whole = outcome(parse_head(data, 8192, 1000))
+    for cut in range(1, len(data)):
+        first = parse_head(data[:cut], 8192, 1000)
+        if first is INCOMPLETE:
+            assert outcome(parse_head(data, 8192, 1000, searched=cut)) == whole, cut
+            more = data[: cut + 1]  # one byte more, perhaps still not a whole head
+            expected = outcome(parse_head(more, 8192, 1000))
+            assert outcome(parse_head(more, 8192, 1000, searched=cut)) == expected, cut
+        else:
+            assert first is None and whole is None, cut
+
+
+def test_parse_head_keeps_tornado_s_limits():
+    head = b"GET /api/projects HTTP/1.1\r\nHost: a\r\n\r\n"
+    assert isinstance(parse_head(head, len(head), 1000), Head)  # the blank line counts
+    assert parse_head(head, len(head) - 1, 1000) is None  # Tornado's 431
+    # The listener measures a head as the method, the target and each name and value plus
+    # 4: headers with no space after the colon measure more than their bytes.
+    fields = b"".join(b"X%03d:v\r\n" % n for n in range(40))
+    dense = b"GET /api/projects HTTP/1.1\r\nHost:a\r\n" + fields + b"\r\n"
+    measure = len("GET") + len("/api/projects") + (4 + 1 + 4) + 40 * (4 + 1 + 4)
+    assert len(dense) < measure
+    assert isinstance(parse_head(dense, measure, 1000), Head)
+    assert parse_head(dense, measure - 1, 1000) is None  # Tornado's path answers it 431
+
+
 def test_fields_read_a_head_s_headers_in_any_spelling_as_tornado_s_headers_do():
     head = parse_head(
         b"POST /api/projects HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer t\r\n"

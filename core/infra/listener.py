@@ -268,7 +268,7 @@ class Listener(HTTPServer):
             conn.close()  # closed before a byte: nothing to serve
             return None
         end = data.find(b"\r\n\r\n")
-        if end < 0 or not data.startswith(b"GET /"):
+        if end < 0 or not data.startswith(b"GET /") or _ends_sooner(data, end):
             return data
         try:
             start, headers = parse_head(data, end)
@@ -575,6 +575,12 @@ class _Guard(httputil.HTTPMessageDelegate):
     def on_connection_close(self) -> None:
         if not self._refused:
             self._inner.on_connection_close()
+
+
+def _ends_sooner(data: bytes, end: int) -> bool:
+    """Whether Tornado ends the head before ``end`` (its ``\\r?\\n\\r?\\n``, where a bare LF
+    ends a line too): then Tornado reads it, so that it is cut in one place only."""
+    return data.find(b"\n\n", 0, end + 2) >= 0 or data.find(b"\n\r\n", 0, end + 2) >= 0
 
 
 def _oversized(

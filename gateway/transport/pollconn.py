@@ -100,6 +100,7 @@ class PollConnection(Adopted):
         "_max_head",
         "_on_ready",
         "_poll",
+        "_searched",
         "_started",
         "_target",
     )
@@ -118,6 +119,7 @@ class PollConnection(Adopted):
         self._address = address
         self._first: tuple[PollSession, int] | None = (poll, cursor)
         self._buffer = buffered
+        self._searched = 0  # bytes of the buffer holding no whole head (`parse`)
         self._max_head = ctx.settings.max_header_bytes
         self._max_buffer = 2 * self._max_head
         self._transport: asyncio.Transport | None = None
@@ -158,9 +160,11 @@ class PollConnection(Adopted):
         """Serve the requests buffered, in order, while each is answered at once."""
         try:
             while self._poll is None and not self._paused and not self._gone:
-                request = parse(self._buffer, self._max_head)
+                request = parse(self._buffer, self._max_head, self._searched)
                 if request is INCOMPLETE:
+                    self._searched = len(self._buffer)
                     break
+                self._searched = 0
                 if not isinstance(request, PollRequest):
                     self._hand_back()
                     return
