@@ -25,7 +25,19 @@ on this machine before it does any work of its own (two more loopback hops,
 two more wake-ups); ``pyrelay`` adds Python's event loop to that; the
 gateway's figure beyond ``pyrelay`` is its own work on each request.
 
+Each proxy's CPU per request (user and system time over the requests sent
+to it) is reported too: unlike the added p50, it does not depend on how
+long the core took.
+
+``--instant-core`` puts bench/instantcore.py where the core was: an answer
+of the same size at once, with no database, so that between two requests
+nothing runs but this client and the hop. What the hop adds then is its
+cost on a CPU whose caches stay warm, as under steady load; with the real
+core, PostgreSQL and the core run between two requests and the same work
+takes longer.
+
     .venv/bin/python -m bench.proxylatency --blocks 9 --save    # ~1 minute
+    .venv/bin/python -m bench.proxylatency --blocks 9 --instant-core
 
 Needs PostgreSQL with bench/proxy.py's schema seeded (run it once) and Redis.
 """
@@ -45,7 +57,7 @@ from pathlib import Path
 
 from bench.fanout import save_results
 from bench.proxy import BACK_CPU, FRONT_CPU, LOAD_CPU, make_tier
-from bench.rest import Server, baseline_server, free_port, mint_token, serve
+from bench.rest import Server, baseline_server, cpu_seconds, free_port, mint_token, serve
 
 TARGET = "/api/projects?limit=20"
 
@@ -84,7 +96,9 @@ class Client:
         self.sock.close()
 
 
-def block(clients: dict[str, Client], requests: int, run: int, turn: int) -> dict[str, float]:
+def block(
+    clients: dict[str, Client], requests: int, run: int, turn: int, sent: dict[str, int]
+) -> dict[str, float]:
     """Each target's median milliseconds over ``requests`` requests, the targets taking turns
     of ``run`` requests each (the order rotating), the first of each turn left out (a warm-up
     after the other targets' turns), so that whatever the machine does meanwhile falls on all
@@ -97,6 +111,7 @@ def block(clients: dict[str, Client], requests: int, run: int, turn: int) -> dic
             client = clients[name]
             client.once()
             times[name].extend(client.once() for _ in range(run))
+            sent[name] += run + 1
     return {name: 1000 * statistics.median(found) for name, found in times.items()}
 
 
@@ -119,6 +134,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--schema", default="bench_proxy")
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
     parser.add_argument(
+        "--instant-core",
+        action="store_true",
+        help="bench/instantcore.py in the core's place: the hop's cost with warm caches",
+    )
+    parser.add_argument(
         "--save", action="store_true", help="bench/results/proxylatency-<date>.json"
     )
     args = parser.parse_args(argv)
@@ -132,11 +152,17 @@ def main(argv: list[str] | None = None) -> int:
         logs = Path(tmp)
         tier = make_tier(args.database_url, args.schema, args.redis_url, logs)
         ports = {"core": free_port(), "now": free_port(), "before": free_port()}
-        stack.enter_context(serve(tier.core(ports["core"]), ports["core"], token, logs, BACK_CPU))
+        core = tier.core(ports["core"])
+        if args.instant_core:
+            argv = ("-m", "bench.instantcore", "--port", str(ports["core"]))
+            core = Server("core", "instant core", (sys.executable, *argv), dict(os.environ))
+        pids = {"core": stack.enter_context(serve(core, ports["core"], token, logs, BACK_CPU)).pid}
         now = tier.gateway(ports["now"], ports["core"], key="gateway-now")
-        stack.enter_context(serve(now, ports["now"], token, logs, FRONT_CPU))
+        pids["now"] = stack.enter_context(serve(now, ports["now"], token, logs, FRONT_CPU)).pid
         before = baseline_server(args.baseline, now, "gateway-before", ports["before"], logs)
-        stack.enter_context(serve(before, ports["before"], token, logs, FRONT_CPU))
+        pids["before"] = stack.enter_context(
+            serve(before, ports["before"], token, logs, FRONT_CPU)
+        ).pid
         ports["pyrelay"] = free_port()
         target = f"127.0.0.1:{ports['core']}"
         pyrelay = Server(
@@ -153,7 +179,9 @@ def main(argv: list[str] | None = None) -> int:
             ),
             dict(os.environ),
         )
-        stack.enter_context(serve(pyrelay, ports["pyrelay"], token, logs, FRONT_CPU))
+        pids["pyrelay"] = stack.enter_context(
+            serve(pyrelay, ports["pyrelay"], token, logs, FRONT_CPU)
+        ).pid
         if socat is not None:
             ports["relay"] = free_port()
             listen = f"TCP-LISTEN:{ports['relay']},bind=127.0.0.1,reuseaddr,fork,nodelay"
@@ -165,10 +193,18 @@ def main(argv: list[str] | None = None) -> int:
             )
             stack.enter_context(serve(relay, ports["relay"], token, logs, FRONT_CPU))
         clients = {name: Client(ports[name], token) for name in found}
+        sent = dict.fromkeys(found, 0)
+        spent = {name: cpu_seconds(pid) for name, pid in pids.items()}
         try:
             for n in range(args.blocks):
-                for name, ms in block(clients, args.requests, args.run, n).items():
+                for name, ms in block(clients, args.requests, args.run, n, sent).items():
                     found[name].append(ms)
+            # Each proxy serves only its own turns (the core serves every target's).
+            per_request = {
+                name: (cpu_seconds(pid) - spent[name]) / sent[name]
+                for name, pid in pids.items()
+                if name != "core"
+            }
         finally:
             for client in clients.values():
                 client.close()
@@ -177,7 +213,11 @@ def main(argv: list[str] | None = None) -> int:
         "baseline": args.baseline,
         "requests": args.requests,
         "run": args.run,
+        "instant_core": args.instant_core,
+        "cpu_per_request_ms": {name: 1000 * x for name, x in per_request.items()},
     }
+    if args.instant_core:
+        print("core: bench/instantcore.py (an answer of the same size at once, no database)")
     for name in found:
         print(f"{name}: p50 per block " + ", ".join(f"{x:.2f}" for x in found[name]) + " ms")
     paths = {
@@ -195,10 +235,15 @@ def main(argv: list[str] | None = None) -> int:
             f"{name} ({paths[name]}): added p50 "
             f"{statistics.median(added):+.3f} ms ({statistics.median(share):+.0%}) over the core's "
             f"{statistics.median(found['core']):.3f} ms, median of {args.blocks} blocks"
+            + (
+                f"; CPU {1000 * per_request[name]:.3f} ms per request"
+                if name in per_request
+                else ""
+            )
         )
     report["loadavg"] = os.getloadavg()
     if args.save:
-        save_results("proxylatency", report)
+        save_results("proxylatency-instant" if args.instant_core else "proxylatency", report)
     return 0
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 
 from bench import pyrelay
-from tests.servers import UNIT, free_port
+from tests.servers import UNIT, connect_once_listening, free_port
 
 
 async def test_bytes_go_both_ways_from_the_first() -> None:
@@ -24,12 +24,7 @@ async def test_bytes_go_both_ways_from_the_first() -> None:
     port = free_port()
     relay = asyncio.create_task(pyrelay._serve(port, "127.0.0.1", target))
     try:
-        for _ in range(100):  # until it listens
-            try:
-                reader, writer = await asyncio.open_connection("127.0.0.1", port)
-                break
-            except OSError:
-                await asyncio.sleep(0.02)
+        reader, writer = await connect_once_listening(port)
         writer.write(b"sent at once")  # before the relay's own connection is up
         assert await asyncio.wait_for(reader.readexactly(12), 5 * UNIT) == b"SENT AT ONCE"
         writer.write(b"and again")
