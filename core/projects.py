@@ -192,7 +192,7 @@ class Projects:
         async with self._writing(req, id, req.data.owner_email) as conn:
             row = await conn.fetchrow(_REPLACE, id, *_values(req.data), _expected(req))
             if row is None:
-                await self._missing_or_stale(id)
+                await _missing_or_stale(conn, id)
         return await self._written("updated", *row)
 
     async def patch(self, req: Request) -> Response:
@@ -217,7 +217,7 @@ class Projects:
         async with self._writing(req, id, None) as conn:
             version = await conn.fetchval(_DELETE, id, _expected(req))
             if version is None:
-                await self._missing_or_stale(id)
+                await _missing_or_stale(conn, id)
         await self._events.changed("projects", "deleted", id, version, None)
         return Response(204)
 
@@ -234,11 +234,6 @@ class Projects:
             await require_owner(conn, req.caller, id, new_owner)
             yield conn
 
-    async def _missing_or_stale(self, id: int) -> NoReturn:
-        if await self._pool.fetchval(_VERSION, id) is None:
-            raise NotFound("no such project")
-        raise PreconditionFailed()
-
     async def _written(
         self, kind: ChangeKind, id: int, version: int, body: str, status: int = 200
     ) -> Response:
@@ -251,6 +246,19 @@ class Projects:
 
 
 _WRITABLE = tuple(f.name for f in msgspec.structs.fields(ProjectIn))
+
+
+async def _missing_or_stale(db: Queryable, id: int) -> NoReturn:
+    """Why a write of project ``id`` matched no row: 404, or 412 for a stale ``If-Match``.
+
+    Asked of ``db``, the connection the write holds (with the row locked), never of the
+    pool: a second connection asked for while holding one is a deadlock PostgreSQL cannot
+    see, once every connection is held by a write waiting for the lock (a user's burst of
+    stale writes to one project stalled every request for ``DB_COMMAND_TIMEOUT``).
+    """
+    if await db.fetchval(_VERSION, id) is None:
+        raise NotFound("no such project")
+    raise PreconditionFailed()
 
 
 def _merge(current: Project, patch: ProjectPatch) -> ProjectIn:

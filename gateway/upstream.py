@@ -238,28 +238,38 @@ class UpstreamCore:
         ``tried``: attempts made already (the pass-through's, gateway/passthrough.py),
         counted against ``CORE_RETRIES``; the breaker was asked before them.
         """
+        breaker = self.breaker
+        probe = False
         if not tried:
-            wait = self.breaker.refuse(time.monotonic())
+            wait = breaker.refuse(time.monotonic())
             if wait is not None:
                 self._metrics.core_upstream_errors.labels("breaker_open").inc()
                 seconds = max(1, math.ceil(wait))
                 return Response.error(_unavailable("the REST core is unavailable", seconds))
-        query = req.query_string
-        target = self.prefix + req.path + ("?" + query if query else "")
-        token = getattr(req.caller, "token", None)
-        headers = forward_headers(req.headers, token, req.client, req.request_id)
-        repeatable = repeatable_request(req.method, req.headers)
-        retries = self.retries if repeatable else 0
-        resp: Response | ApiError | None = None
-        for attempt in range(tried, retries + 1):
-            if attempt:
-                await asyncio.sleep(self._backoff.delay(attempt - 1))
-            resp = await self._once(req.method, target, headers, req.body, repeatable)
-            if isinstance(resp, Response) and resp.status not in RETRY_STATUS:
-                return resp
-        if resp is None:
-            resp = Unavailable("the REST core was not asked")
-        return resp if isinstance(resp, Response) else Response.error(resp)
+            probe = breaker.state == "half_open"  # this request is the breaker's probe
+        try:
+            query = req.query_string
+            target = self.prefix + req.path + ("?" + query if query else "")
+            token = getattr(req.caller, "token", None)
+            headers = forward_headers(req.headers, token, req.client, req.request_id)
+            repeatable = repeatable_request(req.method, req.headers)
+            retries = self.retries if repeatable else 0
+            resp: Response | ApiError | None = None
+            for attempt in range(tried, retries + 1):
+                if attempt:
+                    await asyncio.sleep(self._backoff.delay(attempt - 1))
+                resp = await self._once(req.method, target, headers, req.body, repeatable)
+                if isinstance(resp, Response) and resp.status not in RETRY_STATUS:
+                    return resp
+            if resp is None:
+                resp = Unavailable("the REST core was not asked")
+            return resp if isinstance(resp, Response) else Response.error(resp)
+        finally:
+            # A probe that ends with no verdict (refused here: a header that cannot go
+            # over HTTP/1.1; or given up) lets the next request probe, or the breaker
+            # would refuse every request for good.
+            if probe and breaker.state == "half_open":
+                breaker.abandon()
 
     async def _once(
         self,

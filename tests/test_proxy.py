@@ -9,6 +9,7 @@ play clients.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import urllib.request
 from typing import Any
@@ -277,6 +278,35 @@ async def test_an_api_key_made_at_the_core_works_on_the_gateway_and_dies_there(t
         service.close()
     finally:
         admin.close()
+
+
+def core_state(port: int) -> dict[str, Any]:
+    """The readiness detail of the gateway on ``port``: the core's URL, breaker, pool."""
+    return dict(json.loads(_get(port, "/readyz")[1])["core"])
+
+
+async def test_a_probe_the_gateway_refuses_itself_does_not_leave_the_breaker_half_open(tier):
+    """The breaker's probe was a socket user's ``rpc`` with a header that cannot go over
+    HTTP/1.1: answered 400 by the gateway, it told the breaker nothing, and every REST call
+    and ``rpc`` was a 503 until the gateway restarted. Found by a review."""
+    ada = await user(tier.gateway.port, ADA)
+    grace = await user(tier.gateway.port, GRACE)
+    try:
+        async with ws_client(tier.gateway.port, ada.token) as socket:
+            await asyncio.to_thread(tier.core.stop)  # the breaker opens (for any reason)
+            for _ in range(3):
+                assert (await grace.call("GET", "/api/projects"))[0] == 503
+            await asyncio.to_thread(tier.restart_core)
+            await asyncio.sleep(1.2)  # past CORE_BREAKER_SECONDS: the next call probes
+            probe = await socket.request(
+                "rpc", method="GET", path="/api/projects", headers={"If-None-Match": "a\x01b"}
+            )
+            assert probe["status"] == 400
+        status, _, body = await grace.call("GET", "/api/projects")
+        assert (status, core_state(tier.gateway.port)["breaker"]) == (200, "closed"), body
+    finally:
+        ada.close()
+        grace.close()
 
 
 def test_a_gateway_with_core_url_starts_no_embedded_database(tier):

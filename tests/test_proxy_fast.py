@@ -31,7 +31,7 @@ from tests.stallproxy import StallProxy, stall_proxy
 from tests.test_accounts import ADA
 from tests.test_core_rest import PROJECT
 from tests.test_processes import GatewayProcess
-from tests.test_proxy import Tier, user
+from tests.test_proxy import GRACE, Tier, core_state, user
 
 PROJECT_JSON = json.dumps(PROJECT).encode()
 
@@ -537,6 +537,41 @@ def behind(link: StallProxy, t: Tier, **settings: str) -> GatewayProcess:
     """A gateway whose CORE_URL is ``link`` (to ``t``'s core), with no retries unless told."""
     where = {"CORE_URL": f"http://127.0.0.1:{link.port}", "CORE_RETRIES": "0"}
     return GatewayProcess(t.tmp_path, t.data_dir, "gateway", **t.shared, **(where | settings))
+
+
+async def test_one_user_s_stale_writes_stall_no_one_else(tier):
+    """Each write of a project that matched no row (a stale ``If-Match``) held a pooled
+    database connection, with the row locked, and asked the pool for a second one to say
+    404 or 412: a dozen at once held all ten (``DB_POOL_MAX``) waiting for each other until
+    ``DB_COMMAND_TIMEOUT``, and every user's requests waited too (behind CORE_URL: 504s,
+    retried, and the breaker open for everyone). Found by a review."""
+    port = tier.gateway.port
+    ada = await user(port, ADA)
+    grace = await user(port, GRACE)
+    conns: list[Conn] = []
+    try:
+        status, _, created = await ada.call("POST", "/api/projects", PROJECT)
+        assert status == 201
+        path = f"/api/projects/{created['id']}"
+        stale = request("PUT", path, ada.token, json.dumps(PROJECT).encode(), If_Match='"99"')
+        for _ in range(12):  # Ada, on her own project, a dozen at once
+            conn = await Conn.open(port)
+            conn.send(stale)
+            conns.append(conn)
+        await asyncio.sleep(0.5)
+        started = asyncio.get_running_loop().time()
+        status, _, _ = await grace.call("GET", "/api/projects")
+        took = asyncio.get_running_loop().time() - started
+        assert status == 200 and took < 1.0 * UNIT, (status, took)
+        for conn in conns:  # and each of Ada's is answered: the version is not the one held
+            assert (await conn.answer())[0] == 412
+        if isinstance(tier, Tier):
+            assert core_state(port)["breaker"] == "closed"
+    finally:
+        for conn in conns:
+            conn.close()
+        ada.close()
+        grace.close()
 
 
 async def test_a_core_that_stops_answering_times_out_and_a_drain_waits_for_answers(

@@ -138,6 +138,43 @@ def test_breaker_opens_after_failures_in_a_row_and_one_probe_closes_it():
     assert b.state == "closed" and b.refuse(22.0) is None
 
 
+def test_a_probe_that_ends_with_no_verdict_lets_the_next_call_probe():
+    b = Breaker(failures=1, open_for=10.0)
+    b.failure(0.0)
+    assert b.refuse(10.0) is None and b.state == "half_open"  # the probe goes...
+    b.abandon()  # ...and ends with no answer from the service (refused before it went)
+    assert b.refuse(10.0) is None and b.state == "half_open"  # the next call probes
+    b.success()
+    b.abandon()  # only a probe is abandoned
+    assert b.state == "closed"
+
+
+@pytest.mark.parametrize(
+    "flaky", [{"core_breaker_failures": 1, "core_breaker_seconds": 0.05}], indirect=True
+)
+@pytest.mark.parametrize("ending", ["refused here", "given up"])
+async def test_a_probe_that_ends_with_no_verdict_does_not_keep_the_breaker_half_open(flaky, ending):
+    # The probe told the breaker nothing, and every request after it was a 503 for good:
+    # a socket user's rpc with a header that cannot go over HTTP/1.1 (answered 400 here),
+    # or a probe whose caller went away (a socket closed, a drain's deadline).
+    core, state = flaky
+    state["fail"] = 2  # a GET and its retry
+    assert (await core.dispatch(Request("GET", "/api/x"))).status == 503
+    assert core.state()["breaker"] == "open"
+    await asyncio.sleep(0.06)  # past CORE_BREAKER_SECONDS: the next request is the probe
+    if ending == "refused here":
+        forged = {"if-none-match": "a\x01b"}
+        assert (await core.dispatch(Request("GET", "/api/x", headers=forged))).status == 400
+    else:
+        probe = asyncio.ensure_future(core.dispatch(Request("GET", "/api/x")))
+        await asyncio.sleep(0)  # it has taken the probe's turn, and is on its way
+        assert core.breaker.state == "half_open"
+        probe.cancel()
+        await asyncio.gather(probe, return_exceptions=True)
+    assert (await core.dispatch(Request("GET", "/api/x"))).status == 200
+    assert core.state()["breaker"] == "closed"
+
+
 @pytest.mark.parametrize("flaky", [{"core_connection_max_age": 0.05}], indirect=True)
 async def test_connections_are_renewed_so_new_core_pods_get_their_share(flaky):
     core, state = flaky

@@ -4,8 +4,9 @@
 ``open``: calls are refused for ``open_for`` seconds (`refuse` says how long
 is left, for ``Retry-After``). Then ``half_open``: one call goes through as a
 probe while the others are still refused; its success closes the breaker,
-its failure opens it again. Time is passed in, so the states are tested
-without waiting.
+its failure opens it again, and a probe that ends with neither (refused
+before it was sent, or given up) is `abandon`ed: the next call probes.
+Time is passed in, so the states are tested without waiting.
 """
 
 from __future__ import annotations
@@ -35,6 +36,16 @@ class Breaker:
             self.state = "half_open"  # this caller is the probe
             return None
         return 1.0  # half open: the probe's answer decides (within CORE_TIMEOUT)
+
+    def abandon(self) -> None:
+        """The probe ended with no verdict on the service: the next call is the probe.
+
+        Without this, a half-open breaker whose probe never reported (a request
+        refused before it was sent, a cancelled call) refused every call for good.
+        """
+        if self.state == "half_open":
+            self.state = "open"
+            self._until = 0.0
 
     def success(self) -> None:
         self.state = "closed"
