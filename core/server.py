@@ -111,6 +111,7 @@ class StandaloneCore:
         if settings.redis_url:
             broker = make_broker(settings)  # a Redis Cluster too, with REDIS_CLUSTER
             revocations.publisher = broker
+            revocations.store = broker  # read by gateways with CORE_URL
 
             def on_publication(ch: str, data: bytes, position: Position | None) -> None:
                 if ch == CONTROL and control:  # the only channel a core listens to

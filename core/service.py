@@ -189,6 +189,9 @@ class Core:
         n = self.revocations.apply(sids)
         if n:
             log.info("applied %d session revocation(s) from the database", n)
+        restored = await self.revocations.restore(sids)  # for gateways with CORE_URL
+        if restored:
+            log.info("stored %d session revocation(s) the broker had lost", restored)
 
     async def dispatch(self, req: Request) -> Response:
         """Answer ``req``; `observe`, when set, gets its route, status and duration."""

@@ -284,7 +284,8 @@ async def open_core(
     if settings.core_url:
         if settings.database_url:
             log.warning("CORE_URL is set: DATABASE_URL is not used by the gateway (remove it)")
-        mirror = KeyMirror(node.broker, KeyRing(api_keys, settings.core_channels, close_key))
+        keys = KeyRing(api_keys, settings.core_channels, close_key)
+        mirror = KeyMirror(node.broker, keys, revocations)
         return await UpstreamCore(settings, metrics, revocations, mirror).open()
     if not settings.database_url:
         return CoreUnavailable("the REST core has no database (set DATABASE_URL or CORE_URL)")
@@ -342,9 +343,13 @@ async def make_app(
     )
     node.events = event_recorder(settings, node, metrics)
     revocations = Revocations(
-        settings.access_token_ttl + settings.jwt_leeway, node, on_revoked=hub.close_session
+        settings.access_token_ttl + settings.jwt_leeway,
+        node,
+        on_revoked=hub.close_session,
+        store=node.broker,
     )
     node.on_control = revocations.on_control
+    hub.revoked = revocations
     api_keys: dict[bytes, Identity] = {}
     verifier = Verifier(settings, revocations, api_keys)
     limiter = make_limiter(settings, node.broker)

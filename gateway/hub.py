@@ -15,6 +15,7 @@ import asyncio
 import collections
 import logging
 import time
+from collections.abc import Container
 from typing import Protocol
 
 from core.infra.metrics import Metrics
@@ -214,6 +215,9 @@ class Hub:
         self._subscriptions = 0
         self._expiry: ExpiryWheel[Member] = ExpiryWheel()
         self._by_session: dict[str, set[Member]] = {}
+        #: The revoked login sessions (core/infra/revocation.py), for a connection that
+        #: joins after its session was revoked while it was being admitted.
+        self.revoked: Container[str] = frozenset()
         self._idle: asyncio.Event | None = None
         metrics.watch(
             connections=self.count_by_transport,

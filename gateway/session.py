@@ -161,10 +161,15 @@ class Session:
         return self.identity.sub
 
     def open(self) -> None:
-        self.node.hub.connect(self, self.identity.exp, self.identity.sid)
+        hub, sid = self.node.hub, self.identity.sid
+        hub.connect(self, self.identity.exp, sid)
         self.metrics.handshakes.labels(self.transport.kind).inc()
         if self.node.events is not None:
             self.node.events.connected(self)
+        if sid is not None and sid in hub.revoked:
+            # Revoked after its token was checked, while it was admitted (a connect hook
+            # answering): the revocation found no connection of it to close.
+            self.close(CloseCode.SESSION_REVOKED)
 
     def boot(self) -> Coroutine[Any, Any, None] | None:
         """What must run once opened, before the client's first command (None: nothing).

@@ -16,12 +16,14 @@ from tornado.netutil import bind_sockets
 from core.errormap import JsonErrors
 from core.infra import control
 from core.infra.backoff import Backoff
+from core.infra.broker.base import BrokerUnavailable
 from core.infra.broker.cluster import RedisClusterBroker
 from core.infra.broker.memory import MemoryBroker
 from core.infra.broker.redis import RedisBroker
 from core.infra.errors import ApiError, TooManyRequests
-from core.infra.revocation import Revocations
+from core.infra.revocation import REVOKED_KEY, Revocations
 from core.infra.tasks import TaskSet
+from tests.harness import unique_prefix
 
 # -- background tasks -------------------------------------------------------------------
 
@@ -109,6 +111,50 @@ async def test_a_revocation_reaches_another_process_through_the_control_channel(
         await broker.close()
     assert received == [control.SessionsRevoked(["sid-1", "sid-2"])]
     assert "sid-1" in there and "sid-2" in there and "sid-3" not in there
+
+
+async def test_a_process_without_the_database_learns_the_revocations_it_missed(redis_url):
+    """A gateway with CORE_URL that started after a logout, or whose broker link was down
+    when it was broadcast, used to honour the session's tokens until they expired: it has
+    no database to catch up from. It reads the store the revoking process writes."""
+    prefix = unique_prefix()
+    core_side, gateway_side = RedisBroker(redis_url, prefix), RedisBroker(redis_url, prefix)
+    for broker in (core_side, gateway_side):
+        await broker.start(lambda ch, data, position: None)
+    try:
+        here = Revocations(60.0, store=core_side)  # the core, which revokes
+        there = Revocations(60.0, store=gateway_side)  # a gateway that heard no broadcast
+        await here.revoke(["sid-1"])
+        assert "sid-1" not in there
+        assert await there.catch_up() == 1 and "sid-1" in there
+        assert await there.catch_up() == 0  # known already
+        # Redis restarted: the store is empty, and the core's sync puts back what the
+        # database holds (once; nothing is written while nothing is lost).
+        await core_side._pub_client.delete(core_side._expiring_key(REVOKED_KEY))
+        later = Revocations(60.0, store=gateway_side)
+        assert await later.catch_up() == 0
+        assert await here.restore(["sid-1", "sid-2"]) == 2
+        assert await here.restore(["sid-1", "sid-2"]) == 0
+        assert await later.catch_up() == 2 and "sid-1" in later and "sid-2" in later
+    finally:
+        await core_side._pub_client.delete(core_side._expiring_key(REVOKED_KEY))
+        for broker in (core_side, gateway_side):
+            await broker.close()
+
+
+async def test_a_store_out_of_reach_loses_no_revocation_already_known():
+    class Down:
+        async def expiring_add(self, key: str, member: str, until: float) -> None:
+            raise BrokerUnavailable("down")
+
+        async def expiring_members(self, key: str, now: float) -> dict[str, float]:
+            raise BrokerUnavailable("down")
+
+    revocations = Revocations(60.0, store=Down())
+    await revocations.revoke(["sid-1"])  # applied here all the same, and logged
+    assert "sid-1" in revocations
+    assert await revocations.catch_up() == 0 and "sid-1" in revocations
+    assert await revocations.restore(["sid-1"]) == 0
 
 
 # -- the one error type and mapping ------------------------------------------------------

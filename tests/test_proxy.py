@@ -15,9 +15,12 @@ import urllib.request
 from typing import Any
 
 import pytest
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from proto import CloseCode
 from tests.harness import SECRET, ApiClient, unique_prefix, ws_client
+from tests.hookbackend import SECRET as HOOK_SECRET
+from tests.hookbackend import HookBackend
 from tests.servers import UNIT
 from tests.test_accounts import ADA, login, register
 from tests.test_apikeys import promote
@@ -405,3 +408,88 @@ async def test_a_request_lost_on_the_way_is_retried_only_when_repeating_it_is_ha
         dropper.close()
         for process in (gateway, core):
             await asyncio.to_thread(process.stop)
+
+
+# -- a withdrawn session at gateways that did not hear of it ---------------------------------
+
+#: What a logged-out admin's access token gets: REST, a publication, the server API, a socket.
+REFUSED = {"rest": 401, "publish": 401, "server": 401, "socket": 401}
+
+
+async def _admin_token(tier: Tier, clean_db: dict) -> str:
+    (await user(tier.gateway.port, ADA)).close()
+    await asyncio.to_thread(promote, clean_db, ADA["email"])
+    return str((await login(ApiClient(tier.gateway.port, None)))[1]["access_token"])
+
+
+async def _logout(port: int, token: str) -> None:
+    assert (await ApiClient(port, token).call("POST", "/api/auth/logout"))[0] == 204
+
+
+async def _uses(port: int, token: str) -> dict[str, int]:
+    """What ``token`` gets at the gateway on ``port``."""
+    api = ApiClient(port, token)
+    seen = {
+        "rest": (await api.call("GET", "/api/projects"))[0],
+        "publish": (await api.call("POST", "/api/publish", {"ch": "user:1", "data": 1}))[0],
+        "server": (await api.call("POST", "/api/server/publish", {"ch": "room:1", "data": 1}))[0],
+    }
+    try:
+        async with ws_client(port, token) as client:
+            seen["socket"] = 101 if (await client.request("sub", ch="room:1"))["ok"] else 0
+    except InvalidStatus as refused:
+        seen["socket"] = refused.response.status_code
+    return seen
+
+
+def _another_gateway(tier: Tier, **env: str) -> GatewayProcess:
+    core = f"http://127.0.0.1:{tier.core.port}"
+    return GatewayProcess(
+        tier.tmp_path, tier.data_dir, "gateway", **tier.shared, CORE_URL=core, **env
+    )
+
+
+async def test_a_gateway_started_after_a_logout_refuses_the_session_s_tokens(tier, clean_db):
+    """A gateway with CORE_URL has no database to catch up from: one that started after
+    the logout (a deploy, a scale-out, a respawned worker) let the session's tokens open
+    sockets, publish and use the server API until they expired (15 minutes). It now reads
+    the revocations the core keeps in Redis. Found by a review."""
+    token = await _admin_token(tier, clean_db)
+    await _logout(tier.gateway.port, token)
+    assert await _uses(tier.gateway.port, token) == REFUSED  # the gateway that heard it
+    late = await asyncio.to_thread(_another_gateway(tier).start)
+    try:
+        assert await _uses(late.port, token) == REFUSED
+    finally:
+        await asyncio.to_thread(late.stop)
+
+
+async def test_a_logout_while_a_socket_is_admitted_closes_it(tier, clean_db, tmp_path):
+    """The token was checked, then the connect hook answered (2 s), then the socket
+    joined: a logout in between found no connection of the session to close, and the
+    socket stayed open until its token expired. Found by a review."""
+    backend = HookBackend(tmp_path / "backend.log")
+    token = await _admin_token(tier, clean_db)
+    slow = backend.url("/slow/connect?seconds=2")
+    hooked = _another_gateway(
+        tier, HOOK_SECRET=HOOK_SECRET, HOOK_CONNECT_URL=slow, HOOK_TIMEOUT="5"
+    )
+    await asyncio.to_thread(hooked.start)
+    try:
+
+        async def logout_soon() -> None:
+            await asyncio.sleep(0.5)  # the token is checked; the hook has not answered
+            await _logout(tier.core.port, token)
+
+        later = asyncio.ensure_future(logout_soon())
+        async with ws_client(hooked.port, token, open_timeout=10 * UNIT) as client:
+            await later
+            with pytest.raises(ConnectionClosed) as closed:
+                for _ in range(10):
+                    await client.request("ping")
+                    await asyncio.sleep(0.5)
+        assert closed.value.rcvd is not None
+        assert closed.value.rcvd.code == CloseCode.SESSION_REVOKED
+    finally:
+        await asyncio.to_thread(hooked.stop)
+        backend.stop()

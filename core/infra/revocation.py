@@ -10,22 +10,39 @@ tokens are refused; and open sockets of the session are closed with 4502.
 
 An id stays listed for as long as an access token of the session can still
 be valid (``ACCESS_TOKEN_TTL`` plus leeway). A process that missed a
-broadcast (its broker link was down) catches up from the database: the core
-reloads recent revocations every ``sync_every`` seconds.
+broadcast (its broker link was down, or it started later) catches up: the
+core reloads recent revocations from the database every
+``REVOCATION_SYNC`` seconds. A gateway with ``CORE_URL`` has no database:
+the processes that revoke keep each revoked id in the broker's store too
+(an expiring set, `REVOKED_KEY`, each id until its tokens are dead), the
+core's sync puts back what the store lost (Redis restarted), and such a
+gateway reads the store when it starts and every 30 s (gateway/keymirror.py).
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
+from typing import Protocol
 
 from core.infra import control
 from core.infra.broker.base import Publisher
 
-__all__ = ["Revocations"]
+__all__ = ["REVOKED_KEY", "RevocationStore", "Revocations"]
 
 log = logging.getLogger("core.infra.revocation")
+
+#: The broker's expiring set of revoked session ids (each until its tokens are dead).
+REVOKED_KEY = "revoked_sessions"
+
+
+class RevocationStore(Protocol):
+    """Where revocations are kept for processes without the database (the broker)."""
+
+    async def expiring_add(self, key: str, member: str, until: float) -> None: ...
+
+    async def expiring_members(self, key: str, now: float) -> dict[str, float]: ...
 
 
 class Revocations:
@@ -34,10 +51,12 @@ class Revocations:
         ttl: float,
         publisher: Publisher | None = None,
         on_revoked: Callable[[str], object] | None = None,
+        store: RevocationStore | None = None,
     ) -> None:
         self.ttl = ttl
         self.publisher = publisher
         self.on_revoked = on_revoked
+        self.store = store
         self._until: dict[str, float] = {}
 
     def __contains__(self, sid: object) -> bool:
@@ -59,10 +78,11 @@ class Revocations:
         return new
 
     async def revoke(self, sids: list[str]) -> None:
-        """Apply here, then tell every other process through the broker."""
+        """Apply here, keep in the store, then tell every other process through the broker."""
         if not sids:
             return
         self.apply(sids)
+        await self.remember(sids)
         if self.publisher is None:
             return
         try:
@@ -70,6 +90,44 @@ class Revocations:
         except Exception as exc:
             # Other processes catch up from the database within a sync period.
             log.warning("revocation of %d session(s) not broadcast: %s", len(sids), exc)
+
+    async def remember(self, sids: Iterable[str]) -> None:
+        """Keep ``sids`` in the store, for as long as their tokens can be valid."""
+        if self.store is None:
+            return
+        until = time.time() + self.ttl
+        try:
+            for sid in sids:
+                await self.store.expiring_add(REVOKED_KEY, sid, until)
+        except Exception as exc:  # the core's next sync puts them back
+            log.warning("revoked sessions not stored for gateways without a database: %s", exc)
+
+    async def restore(self, sids: Collection[str]) -> int:
+        """Put back in the store those of ``sids`` (the database's recent revocations) it
+        lacks (Redis restarted, a write failed); returns how many."""
+        held = await self._stored() if sids else None
+        if held is None:
+            return 0
+        missing = [sid for sid in sids if sid not in held]
+        await self.remember(missing)
+        return len(missing)
+
+    async def catch_up(self) -> int:
+        """Apply what the store holds (a process without the database); returns how many
+        were new. The store unreachable: the list stays as it is."""
+        self.purge()
+        held = await self._stored()
+        return 0 if held is None else self.apply(held)
+
+    async def _stored(self) -> dict[str, float] | None:
+        """The revoked sessions the store holds; None without one, or out of reach."""
+        if self.store is None:
+            return None
+        try:
+            return await self.store.expiring_members(REVOKED_KEY, time.time())
+        except Exception as exc:
+            log.warning("revoked sessions not read from the store: %s", exc)
+            return None
 
     def on_control(self, message: control.ControlMessage) -> None:
         """Handle a control-channel message (others are not ours: ignored)."""
