@@ -150,11 +150,12 @@ class Core:
         ``api_keys`` is the verifier's mapping of active keys, kept current here;
         ``on_key_revoked`` is called with the subject (``apikey:<id>``) of each
         key found revoked, here or on another process, to close its sockets.
-        ``store`` (the broker) receives the API-key snapshot that gateways
-        without a database read (core/infra/keyring.py).
+        ``store`` (the broker) receives the API-key snapshot and the revoked sessions that
+        gateways without a database read (core/infra/keyring.py, core/infra/revocation.py).
         """
         if revocations is None:
-            revocations = Revocations(settings.access_token_ttl + settings.jwt_leeway, publisher)
+            ttl = settings.access_token_ttl + settings.jwt_leeway
+            revocations = Revocations(ttl, publisher, store=store)
         keys = api_keys if api_keys is not None else {}
         limits = limiter if limiter is not None else MemoryRateLimiter()
         db = await Database.open(settings)
