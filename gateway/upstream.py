@@ -239,14 +239,15 @@ class UpstreamCore:
         counted against ``CORE_RETRIES``; the breaker was asked before them.
         """
         breaker = self.breaker
-        probe = False
+        probe = 0  # this request's number as the breaker's probe; 0: not a probe
         if not tried:
             wait = breaker.refuse(time.monotonic())
             if wait is not None:
                 self._metrics.core_upstream_errors.labels("breaker_open").inc()
                 seconds = max(1, math.ceil(wait))
                 return Response.error(_unavailable("the REST core is unavailable", seconds))
-            probe = breaker.state == "half_open"  # this request is the breaker's probe
+            if breaker.state == "half_open":  # this request is the breaker's probe
+                probe = breaker.probes
         try:
             query = req.query_string
             target = self.prefix + req.path + ("?" + query if query else "")
@@ -261,6 +262,8 @@ class UpstreamCore:
                 resp = await self._once(req.method, target, headers, req.body, repeatable)
                 if isinstance(resp, Response) and resp.status not in RETRY_STATUS:
                     return resp
+                if isinstance(resp, ApiError) and resp.status < 500:
+                    break  # refused here (a header that cannot be sent): the same again
             if resp is None:
                 resp = Unavailable("the REST core was not asked")
             return resp if isinstance(resp, Response) else Response.error(resp)
@@ -268,8 +271,8 @@ class UpstreamCore:
             # A probe that ends with no verdict (refused here: a header that cannot go
             # over HTTP/1.1; or given up) lets the next request probe, or the breaker
             # would refuse every request for good.
-            if probe and breaker.state == "half_open":
-                breaker.abandon()
+            if probe:
+                breaker.abandon(probe)
 
     async def _once(
         self,

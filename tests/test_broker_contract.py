@@ -307,6 +307,10 @@ async def test_expiring_sets_are_shared_and_forget_what_expired(started):
     await other.expiring_remove("nodes", "never-there")
     assert await one.expiring_members("nodes", 0.0) == {}
     assert await one.expiring_members("other-key", 0.0) == {}
+    await one.expiring_add_many("many", {"a": 1000.0, "b": 2000.0})  # one round trip
+    await other.expiring_add_many("many", {"a": 3000.0})
+    await other.expiring_add_many("many", {})
+    assert await other.expiring_members("many", 1500.0) == {"a": 3000.0, "b": 2000.0}
 
 
 async def test_history_lost_with_redis_starts_a_new_epoch(throwaway_redis):

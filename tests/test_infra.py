@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+from collections.abc import Mapping
 
 import asyncpg
 import pytest
@@ -123,11 +124,15 @@ async def test_a_process_without_the_database_learns_the_revocations_it_missed(r
         await broker.start(lambda ch, data, position: None)
     try:
         here = Revocations(60.0, store=core_side)  # the core, which revokes
-        there = Revocations(60.0, store=gateway_side)  # a gateway that heard no broadcast
+        closed: list[str] = []
+        # A gateway that heard no broadcast (its own TTL shorter than the core's)
+        there = Revocations(0.01, store=gateway_side, on_revoked=closed.append)
         await here.revoke(["sid-1"])
         assert "sid-1" not in there
-        assert await there.catch_up() == 1 and "sid-1" in there
-        assert await there.catch_up() == 0  # known already
+        assert await there.catch_up() == 1 and "sid-1" in there and closed == ["sid-1"]
+        await asyncio.sleep(0.05)  # past the gateway's TTL, not the store's
+        assert await there.catch_up() == 0 and "sid-1" in there  # known still, applied once
+        assert closed == ["sid-1"]
         # Redis restarted: the store is empty, and the core's sync puts back what the
         # database holds (once; nothing is written while nothing is lost).
         await core_side._pub_client.delete(core_side._expiring_key(REVOKED_KEY))
@@ -144,7 +149,7 @@ async def test_a_process_without_the_database_learns_the_revocations_it_missed(r
 
 async def test_a_store_out_of_reach_loses_no_revocation_already_known():
     class Down:
-        async def expiring_add(self, key: str, member: str, until: float) -> None:
+        async def expiring_add_many(self, key: str, members: Mapping[str, float]) -> None:
             raise BrokerUnavailable("down")
 
         async def expiring_members(self, key: str, now: float) -> dict[str, float]:

@@ -27,6 +27,7 @@ from tests.test_apikeys import promote
 from tests.test_authz_attacks import _closed_with
 from tests.test_core_rest import PROJECT, project
 from tests.test_processes import GatewayProcess
+from tests.test_sse import sse
 
 GRACE = {"email": "grace@example.com", "display_name": "Grace", "password": "another long phrase"}
 
@@ -465,31 +466,78 @@ async def test_a_gateway_started_after_a_logout_refuses_the_session_s_tokens(tie
 
 
 async def test_a_logout_while_a_socket_is_admitted_closes_it(tier, clean_db, tmp_path):
-    """The token was checked, then the connect hook answered (2 s), then the socket
+    """The token was checked, then the connect hook answered (3 s), then the socket
     joined: a logout in between found no connection of the session to close, and the
     socket stayed open until its token expired. Found by a review."""
     backend = HookBackend(tmp_path / "backend.log")
     token = await _admin_token(tier, clean_db)
-    slow = backend.url("/slow/connect?seconds=2")
+    slow = backend.url(f"/slow/connect?seconds={3 * UNIT}")
     hooked = _another_gateway(
-        tier, HOOK_SECRET=HOOK_SECRET, HOOK_CONNECT_URL=slow, HOOK_TIMEOUT="5"
+        tier, HOOK_SECRET=HOOK_SECRET, HOOK_CONNECT_URL=slow, HOOK_TIMEOUT=str(6 * UNIT)
     )
     await asyncio.to_thread(hooked.start)
     try:
+        loop = asyncio.get_running_loop()
 
-        async def logout_soon() -> None:
-            await asyncio.sleep(0.5)  # the token is checked; the hook has not answered
+        async def logout_soon() -> float:
+            await asyncio.sleep(0.5 * UNIT)  # the token is checked; the hook has not answered
             await _logout(tier.core.port, token)
+            return loop.time()
 
         later = asyncio.ensure_future(logout_soon())
         async with ws_client(hooked.port, token, open_timeout=10 * UNIT) as client:
-            await later
+            admitted = loop.time()
+            assert admitted > await later  # after the logout: the case this test is about
             with pytest.raises(ConnectionClosed) as closed:
                 for _ in range(10):
                     await client.request("ping")
                     await asyncio.sleep(0.5)
         assert closed.value.rcvd is not None
         assert closed.value.rcvd.code == CloseCode.SESSION_REVOKED
+    finally:
+        await asyncio.to_thread(hooked.stop)
+        backend.stop()
+
+
+async def test_a_stream_whose_session_was_revoked_as_it_opened_joins_nothing(
+    tier, clean_db, tmp_path
+):
+    """An event stream closed as it opened (4502, as above) still subscribed to its
+    channels: a Redis subscription, history, and a presence join and leave pushed to
+    the channel's members. Found by a review."""
+    backend = HookBackend(tmp_path / "backend.log")
+    token = await _admin_token(tier, clean_db)
+    # The room's member: Ada on another login session, which the logout leaves alone.
+    other = str((await login(ApiClient(tier.gateway.port, None)))[1]["access_token"])
+    slow = backend.url(f"/slow/connect?seconds={3 * UNIT}")
+    hooked = _another_gateway(
+        tier,
+        HOOK_SECRET=HOOK_SECRET,
+        HOOK_CONNECT_URL=slow,
+        HOOK_TIMEOUT=str(6 * UNIT),
+        PRESENCE_CHANNELS="room:*",
+    )
+    await asyncio.to_thread(hooked.start)
+    try:
+        loop = asyncio.get_running_loop()
+        async with ws_client(hooked.port, other, open_timeout=10 * UNIT) as member:
+            assert (await member.request("sub", ch="room:1"))["ok"]
+            assert (await member.recv())["op"] == "join"  # its own
+
+            async def logout_soon() -> float:
+                await asyncio.sleep(0.5 * UNIT)  # the token is checked; the hook answers later
+                await _logout(tier.core.port, token)
+                return loop.time()
+
+            later = asyncio.ensure_future(logout_soon())
+            async with sse(hooked.port, token, ["room:1"]) as stream:
+                assert stream.status == 200 and loop.time() > await later
+                close = json.loads((await stream.next_of("close"))["data"])
+                assert close["code"] == CloseCode.SESSION_REVOKED
+            with pytest.raises(TimeoutError):  # no join (nor leave) of the revoked session
+                async with asyncio.timeout(1.0 * UNIT):
+                    pushed = await member.recv()
+                    raise AssertionError(f"the room's member was sent {pushed}")
     finally:
         await asyncio.to_thread(hooked.stop)
         backend.stop()

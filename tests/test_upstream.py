@@ -141,12 +141,22 @@ def test_breaker_opens_after_failures_in_a_row_and_one_probe_closes_it():
 def test_a_probe_that_ends_with_no_verdict_lets_the_next_call_probe():
     b = Breaker(failures=1, open_for=10.0)
     b.failure(0.0)
-    assert b.refuse(10.0) is None and b.state == "half_open"  # the probe goes...
-    b.abandon()  # ...and ends with no answer from the service (refused before it went)
-    assert b.refuse(10.0) is None and b.state == "half_open"  # the next call probes
+    assert b.refuse(10.0) is None and b.state == "half_open"  # probe 1 goes...
+    b.abandon(1)  # ...and ends with no answer from the service (refused before it went)
+    assert b.refuse(10.0) is None and b.probes == 2  # the next call probes
     b.success()
-    b.abandon()  # only a probe is abandoned
+    b.abandon(2)  # a verdict came: nothing to abandon
     assert b.state == "closed"
+
+
+def test_only_the_probe_under_way_is_abandoned():
+    b = Breaker(failures=1, open_for=5.0)
+    b.failure(0.0)
+    assert b.refuse(5.0) is None  # probe 1 goes, and takes its time
+    b.failure(6.0)  # a request sent before the breaker opened fails: open again
+    assert b.refuse(11.0) is None and b.probes == 2  # probe 2 goes
+    b.abandon(1)  # probe 1's caller gives up: probe 2 is still the one
+    assert b.state == "half_open" and b.refuse(11.0) == 1.0
 
 
 @pytest.mark.parametrize(

@@ -24,6 +24,8 @@ class Breaker:
         self.open_for = open_for
         self.state: State = "closed"
         self.failures = 0
+        #: How many probes have gone: a probe's number, for `abandon`.
+        self.probes = 0
         self._until = 0.0
 
     def refuse(self, now: float) -> float | None:
@@ -34,16 +36,19 @@ class Breaker:
             if now < self._until:
                 return self._until - now
             self.state = "half_open"  # this caller is the probe
+            self.probes += 1
             return None
         return 1.0  # half open: the probe's answer decides (within CORE_TIMEOUT)
 
-    def abandon(self) -> None:
-        """The probe ended with no verdict on the service: the next call is the probe.
+    def abandon(self, probe: int) -> None:
+        """Probe number ``probe`` (`probes` as it went) ended with no verdict on the
+        service: the next call is the probe, unless a verdict came meanwhile or a later
+        probe is under way.
 
         Without this, a half-open breaker whose probe never reported (a request
         refused before it was sent, a cancelled call) refused every call for good.
         """
-        if self.state == "half_open":
+        if self.state == "half_open" and probe == self.probes:
             self.state = "open"
             self._until = 0.0
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Callable, Collection, Iterable, Mapping
 from typing import Protocol
 
 from core.infra import control
@@ -40,7 +40,7 @@ REVOKED_KEY = "revoked_sessions"
 class RevocationStore(Protocol):
     """Where revocations are kept for processes without the database (the broker)."""
 
-    async def expiring_add(self, key: str, member: str, until: float) -> None: ...
+    async def expiring_add_many(self, key: str, members: Mapping[str, float]) -> None: ...
 
     async def expiring_members(self, key: str, now: float) -> dict[str, float]: ...
 
@@ -82,14 +82,13 @@ class Revocations:
         if not sids:
             return
         self.apply(sids)
+        if self.publisher is not None:  # first: open sockets elsewhere are what matters most
+            try:
+                await control.broadcast(self.publisher, control.SessionsRevoked(sids))
+            except Exception as exc:
+                # Other processes catch up from the database (or the store) within a sync.
+                log.warning("revocation of %d session(s) not broadcast: %s", len(sids), exc)
         await self.remember(sids)
-        if self.publisher is None:
-            return
-        try:
-            await control.broadcast(self.publisher, control.SessionsRevoked(sids))
-        except Exception as exc:
-            # Other processes catch up from the database within a sync period.
-            log.warning("revocation of %d session(s) not broadcast: %s", len(sids), exc)
 
     async def remember(self, sids: Iterable[str]) -> None:
         """Keep ``sids`` in the store, for as long as their tokens can be valid."""
@@ -97,8 +96,7 @@ class Revocations:
             return
         until = time.time() + self.ttl
         try:
-            for sid in sids:
-                await self.store.expiring_add(REVOKED_KEY, sid, until)
+            await self.store.expiring_add_many(REVOKED_KEY, dict.fromkeys(sids, until))
         except Exception as exc:  # the core's next sync puts them back
             log.warning("revoked sessions not stored for gateways without a database: %s", exc)
 
@@ -117,7 +115,15 @@ class Revocations:
         were new. The store unreachable: the list stays as it is."""
         self.purge()
         held = await self._stored()
-        return 0 if held is None else self.apply(held)
+        if held is None:
+            return 0
+        fresh = {sid for sid in held if sid not in self._until}
+        new = self.apply(fresh)
+        # Each kept as long as the store keeps it: not dropped here while the store still
+        # holds it (it would be applied again at the next catch-up), nor kept longer.
+        for sid, until in held.items():
+            self._until[sid] = until if sid in fresh else max(self._until[sid], until)
+        return new
 
     async def _stored(self) -> dict[str, float] | None:
         """The revoked sessions the store holds; None without one, or out of reach."""

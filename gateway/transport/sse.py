@@ -132,6 +132,8 @@ class SSEHandler(JsonErrors):
         )
         session.open()
         try:
+            if self._ended.is_set():  # closed as it opened (its session revoked meanwhile)
+                return
             boot = session.boot()
             if boot is not None:
                 await boot

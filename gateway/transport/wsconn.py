@@ -283,7 +283,8 @@ class WSConnection(asyncio.Protocol):
         self.session = session = make_session(self)
         session.open()
         log.info("socket open", extra={"conn": session.client_id, "user": session.identity.sub})
-        boot = session.boot()
+        # Closed as it opened (its session revoked meanwhile): nothing to set up.
+        boot = None if self._closing else session.boot()
         if boot is not None:  # the client's frames wait in the inbox until it is done
             self._running = True
             _RUNNING.spawn(self._boot(boot))

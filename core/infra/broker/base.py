@@ -68,7 +68,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Protocol, cast, runtime_checkable
 
 from proto import Position
@@ -222,6 +222,10 @@ class Broker(abc.ABC):
     @abc.abstractmethod
     async def expiring_add(self, key: str, member: str, until: float) -> None:
         """Keep ``member`` in the set ``key`` until ``until`` (Unix seconds), for every process."""
+
+    @abc.abstractmethod
+    async def expiring_add_many(self, key: str, members: Mapping[str, float]) -> None:
+        """`expiring_add` for each of ``members`` (member: until), in one round trip."""
 
     @abc.abstractmethod
     async def expiring_remove(self, key: str, member: str) -> None: ...

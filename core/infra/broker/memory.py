@@ -7,6 +7,7 @@ import collections
 import logging
 import secrets
 import time
+from collections.abc import Mapping
 
 from core.infra.broker.base import (
     CONTROL,
@@ -128,6 +129,10 @@ class MemoryBroker(Broker):
 
     async def expiring_add(self, key: str, member: str, until: float) -> None:
         self._expiring.setdefault(key, {})[member] = until
+
+    async def expiring_add_many(self, key: str, members: Mapping[str, float]) -> None:
+        if members:
+            self._expiring.setdefault(key, {}).update(members)
 
     async def expiring_remove(self, key: str, member: str) -> None:
         self._expiring.get(key, {}).pop(member, None)

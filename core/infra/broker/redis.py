@@ -20,7 +20,7 @@ import asyncio
 import contextlib
 import logging
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -497,6 +497,14 @@ class RedisBroker(Broker):
     async def expiring_add(self, key: str, member: str, until: float) -> None:
         try:
             await self._pub_client.zadd(self._expiring_key(key), {member: until})
+        except BACKEND_ERRORS as exc:
+            raise BrokerUnavailable(f"updating {key} failed: {exc}") from exc
+
+    async def expiring_add_many(self, key: str, members: Mapping[str, float]) -> None:
+        if not members:
+            return
+        try:
+            await self._pub_client.zadd(self._expiring_key(key), dict(members))
         except BACKEND_ERRORS as exc:
             raise BrokerUnavailable(f"updating {key} failed: {exc}") from exc
 
