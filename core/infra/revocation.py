@@ -78,7 +78,7 @@ class Revocations:
         return new
 
     async def revoke(self, sids: list[str]) -> None:
-        """Apply here, keep in the store, then tell every other process through the broker."""
+        """Apply here, tell every other process through the broker, then keep in the store."""
         if not sids:
             return
         self.apply(sids)
