@@ -12,6 +12,8 @@ import asyncio
 import json
 import time
 import urllib.request
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
@@ -465,28 +467,43 @@ async def test_a_gateway_started_after_a_logout_refuses_the_session_s_tokens(tie
         await asyncio.to_thread(late.stop)
 
 
+@asynccontextmanager
+async def _slow_admission(tier: Tier, tmp_path: Any, **env: str) -> AsyncIterator[GatewayProcess]:
+    """Another gateway with CORE_URL, whose connect hook answers after 3 s."""
+    backend = HookBackend(tmp_path / "backend.log")
+    slow = backend.url(f"/slow/connect?seconds={3 * UNIT}")
+    hooked = _another_gateway(
+        tier, HOOK_SECRET=HOOK_SECRET, HOOK_CONNECT_URL=slow, HOOK_TIMEOUT=str(6 * UNIT), **env
+    )
+    try:
+        await asyncio.to_thread(hooked.start)
+        yield hooked
+    finally:
+        await asyncio.to_thread(hooked.stop)
+        backend.stop()
+
+
+def _logout_soon(port: int, token: str) -> asyncio.Future[float]:
+    """A logout half a second from now (the token checked, the hook not answered yet);
+    the future is when it was done."""
+
+    async def logout() -> float:
+        await asyncio.sleep(0.5 * UNIT)
+        await _logout(port, token)
+        return asyncio.get_running_loop().time()
+
+    return asyncio.ensure_future(logout())
+
+
 async def test_a_logout_while_a_socket_is_admitted_closes_it(tier, clean_db, tmp_path):
     """The token was checked, then the connect hook answered (3 s), then the socket
     joined: a logout in between found no connection of the session to close, and the
     socket stayed open until its token expired. Found by a review."""
-    backend = HookBackend(tmp_path / "backend.log")
     token = await _admin_token(tier, clean_db)
-    slow = backend.url(f"/slow/connect?seconds={3 * UNIT}")
-    hooked = _another_gateway(
-        tier, HOOK_SECRET=HOOK_SECRET, HOOK_CONNECT_URL=slow, HOOK_TIMEOUT=str(6 * UNIT)
-    )
-    await asyncio.to_thread(hooked.start)
-    try:
-        loop = asyncio.get_running_loop()
-
-        async def logout_soon() -> float:
-            await asyncio.sleep(0.5 * UNIT)  # the token is checked; the hook has not answered
-            await _logout(tier.core.port, token)
-            return loop.time()
-
-        later = asyncio.ensure_future(logout_soon())
+    async with _slow_admission(tier, tmp_path) as hooked:
+        later = _logout_soon(tier.core.port, token)
         async with ws_client(hooked.port, token, open_timeout=10 * UNIT) as client:
-            admitted = loop.time()
+            admitted = asyncio.get_running_loop().time()
             assert admitted > await later  # after the logout: the case this test is about
             with pytest.raises(ConnectionClosed) as closed:
                 for _ in range(10):
@@ -494,9 +511,6 @@ async def test_a_logout_while_a_socket_is_admitted_closes_it(tier, clean_db, tmp
                     await asyncio.sleep(0.5)
         assert closed.value.rcvd is not None
         assert closed.value.rcvd.code == CloseCode.SESSION_REVOKED
-    finally:
-        await asyncio.to_thread(hooked.stop)
-        backend.stop()
 
 
 async def test_a_stream_whose_session_was_revoked_as_it_opened_joins_nothing(
@@ -505,39 +519,22 @@ async def test_a_stream_whose_session_was_revoked_as_it_opened_joins_nothing(
     """An event stream closed as it opened (4502, as above) still subscribed to its
     channels: a Redis subscription, history, and a presence join and leave pushed to
     the channel's members. Found by a review."""
-    backend = HookBackend(tmp_path / "backend.log")
     token = await _admin_token(tier, clean_db)
     # The room's member: Ada on another login session, which the logout leaves alone.
     other = str((await login(ApiClient(tier.gateway.port, None)))[1]["access_token"])
-    slow = backend.url(f"/slow/connect?seconds={3 * UNIT}")
-    hooked = _another_gateway(
-        tier,
-        HOOK_SECRET=HOOK_SECRET,
-        HOOK_CONNECT_URL=slow,
-        HOOK_TIMEOUT=str(6 * UNIT),
-        PRESENCE_CHANNELS="room:*",
-    )
-    await asyncio.to_thread(hooked.start)
-    try:
-        loop = asyncio.get_running_loop()
-        async with ws_client(hooked.port, other, open_timeout=10 * UNIT) as member:
-            assert (await member.request("sub", ch="room:1"))["ok"]
-            assert (await member.recv())["op"] == "join"  # its own
-
-            async def logout_soon() -> float:
-                await asyncio.sleep(0.5 * UNIT)  # the token is checked; the hook answers later
-                await _logout(tier.core.port, token)
-                return loop.time()
-
-            later = asyncio.ensure_future(logout_soon())
-            async with sse(hooked.port, token, ["room:1"]) as stream:
-                assert stream.status == 200 and loop.time() > await later
-                close = json.loads((await stream.next_of("close"))["data"])
-                assert close["code"] == CloseCode.SESSION_REVOKED
-            with pytest.raises(TimeoutError):  # no join (nor leave) of the revoked session
-                async with asyncio.timeout(1.0 * UNIT):
-                    pushed = await member.recv()
-                    raise AssertionError(f"the room's member was sent {pushed}")
-    finally:
-        await asyncio.to_thread(hooked.stop)
-        backend.stop()
+    async with (
+        _slow_admission(tier, tmp_path, PRESENCE_CHANNELS="room:*") as hooked,
+        ws_client(hooked.port, other, open_timeout=10 * UNIT) as member,
+    ):
+        assert (await member.request("sub", ch="room:1"))["ok"]
+        assert (await member.recv())["op"] == "join"  # its own
+        later = _logout_soon(tier.core.port, token)
+        async with sse(hooked.port, token, ["room:1"]) as stream:
+            admitted = asyncio.get_running_loop().time()
+            assert stream.status == 200 and admitted > await later
+            close = json.loads((await stream.next_of("close"))["data"])
+            assert close["code"] == CloseCode.SESSION_REVOKED
+        with pytest.raises(TimeoutError):  # no join (nor leave) of the revoked session
+            async with asyncio.timeout(1.0 * UNIT):
+                pushed = await member.recv()
+                raise AssertionError(f"the room's member was sent {pushed}")
