@@ -377,6 +377,13 @@ class Hub:
                 notified += 1
         return notified
 
+    def gap(self, ch: str) -> int:
+        """Tell the subscribers of ``ch`` that they may have missed publications on it."""
+        members = list(self._channels.get(ch, ()))
+        for member in members:
+            member.gap(ch)
+        return len(members)
+
     def has_subscribers(self, ch: str) -> bool:
         return ch in self._channels
 

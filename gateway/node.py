@@ -34,6 +34,7 @@ __all__ = ["Node"]
 log = logging.getLogger("gateway.node")
 
 _dropped = ThrottledLog(log)
+_jumped = ThrottledLog(log)
 
 #: Channels in one UNSUBSCRIBE sent for channels that lost their last member.
 UNSUBSCRIBE_BATCH = 256
@@ -80,6 +81,8 @@ class Node:
         ] = {}
         #: The last position broadcast here, per history channel with members.
         self._seen: dict[str, Position] = {}
+        #: Channels whose members were told of a gap since the last publication seen on them.
+        self._told: set[str] = set()
         self._pending: dict[str, _Pending] = {}
         #: Channels whose last local member left, to UNSUBSCRIBE in batches.
         self._leaving: dict[str, None] = {}
@@ -246,7 +249,7 @@ class Node:
         return await self.publisher.publish_each(channels, data)
 
     def seen(self, ch: str) -> Position | None:
-        """The last position of ``ch`` broadcast to this node's members (None: none yet).
+        """The last position of ``ch`` that reached this node (None: none yet).
 
         A subscriber notes it when it begins to hold live publications and
         passes it to `history` as ``covering``.
@@ -317,6 +320,7 @@ class Node:
         elif self._was_down:
             # Whatever was published while the link was down did not reach us.
             n = self.hub.notify_gap()
+            self._told.update(self._seen)
             log.info("broker link back: %d subscriptions told they may have a gap", n)
 
     def _on_publication(self, ch: str, data: bytes, position: Position | None) -> None:
@@ -336,13 +340,38 @@ class Node:
             self.hub.broadcast_event(ch, event)
             return
         self._metrics.publications.inc()
+        if position is not None:
+            self._follow(ch, position)
         if not self.hub.has_subscribers(ch):
             return
         payload = self._publishable(ch, data, "live")
         if payload is not None:
-            if position is not None:
-                self._seen[ch] = position
             self._broadcast(ch, payload, position)
+
+    def _follow(self, ch: str, position: Position) -> None:
+        """Note where ``ch`` stands; a step that is not the next offset tells its members first.
+
+        The broker link dropped publications (the gap push of a reconnect may
+        come after the first new one), or the history went on from another
+        state than the one this node followed (a new epoch: a failover, a
+        restart, history expired). The members hold this publication and
+        the next ones while they check their position against history.
+        """
+        last = self._seen.get(ch)
+        self._seen[ch] = position
+        if self._told and ch in self._told:
+            self._told.discard(ch)  # told when the link came back: they check from here on
+            return
+        if last is None or (position.epoch == last.epoch and position.offset == last.offset + 1):
+            return
+        n = self.hub.gap(ch)
+        if n:
+            _jumped.log(
+                logging.INFO,
+                "publications on %r went from offset %d (epoch %s) to %d (epoch %s): "
+                "%d subscribers told they may have a gap",
+                ch, last.offset, last.epoch, position.offset, position.epoch, n,
+            )  # fmt: skip
 
     # -- the admin console's busiest channels ------------------------------
 
@@ -367,6 +396,7 @@ class Node:
     def _forget(self, ch: str) -> None:
         """``ch`` leaves the broker: what was seen and read before never covers a later member."""
         self._seen.pop(ch, None)
+        self._told.discard(ch)
         for key in [key for key in self._reading if key[0] == ch]:
             del self._reading[key]
 

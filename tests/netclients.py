@@ -52,6 +52,16 @@ class Reader:
             isinstance(e, Gap) and (channel is None or e.channel == channel) for _, e in self.events
         )
 
+    def trace(self, channel: str) -> str:
+        """Its events on ``channel``, briefly (``n@offset/epoch``, ``GAP(reason, position)``)."""
+        return " ".join(
+            f"{e.data['n']}@{e.offset}/{e.epoch}"
+            if isinstance(e, Publication)
+            else f"GAP({e.reason}, {e.position})"
+            for _, e in self.events
+            if e.channel == channel
+        )
+
     def verdict(self, owed: set[int], channel: str | None = None) -> Verdict:
         """Each of ``owed`` exactly once, or missing where a Gap was reported around it."""
         seen = self.numbers(channel)
@@ -175,12 +185,16 @@ class Load:
         return self.publisher.all_acked()
 
     async def caught_up(self, readers: list[Reader], timeout: float = 15) -> None:
-        """Until each reader has the last acknowledged publication (or a gap after it)."""
+        """Until each reader has, on each channel, its last acknowledged publication or a gap.
+
+        Per channel: after a shard of a Redis Cluster fails over, the other
+        shards' channels deliver again before its own do.
+        """
         assert self.publisher is not None
-        last = max(self.publisher.all_acked())
+        last = {ch: max(acked) for ch, acked in self.publisher.acked.items() if acked}
 
         def done() -> bool:
-            return all(last in r.numbers() or r.gaps() for r in readers)
+            return all(n in r.numbers(ch) or r.gaps(ch) for r in readers for ch, n in last.items())
 
         await wait_for(done, timeout)
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import msgspec
 import pytest
+import redis.asyncio as aioredis
 
 from core.infra.broker import RedisBroker
 from gateway.client import (
@@ -196,7 +197,10 @@ async def test_unrecoverable_position_is_a_gap():
             assert gap.position == sub.position and sub.position is not None
 
 
-async def test_a_gap_push_is_repaired_from_history(monkeypatch):
+@pytest.mark.parametrize("pushed", [True, False], ids=["gap push", "offsets jump"])
+async def test_a_gap_is_repaired_from_history(monkeypatch, pushed):
+    """Publications the broker link dropped: the gateway says so with a gap push when
+    the link comes back, or, when nothing noticed, before the next one (its offset jumps)."""
     async with running_gateway(history_channels=("feed:*",)) as gw:
         token = token_for(gw, channels=("feed:*", "room:*"))
         async with Client(url(gw), token=token, backoff=FAST) as c:
@@ -209,14 +213,38 @@ async def test_a_gap_push_is_repaired_from_history(monkeypatch):
             await gw.ctx.node.publish("feed:5", b"2")
             await gw.ctx.node.publish("feed:5", b"3")
             monkeypatch.undo()
-            for member in gw.hub.connections:
-                member.gap("feed:5")
-                member.gap("room:5")
+            if pushed:
+                for member in gw.hub.connections:
+                    member.gap("feed:5")
+                    member.gap("room:5")
             await gw.ctx.node.publish("feed:5", b"4")
             got = [await next_event(feed) for _ in range(3)]
             assert [(e.offset, e.data) for e in got] == [(2, 2), (3, 3), (4, 4)]
-            gap = await next_event(room)  # no history to repair from
-            assert isinstance(gap, Gap) and gap.reason == "broker"
+            if pushed:
+                gap = await next_event(room)  # no history to repair from
+                assert isinstance(gap, Gap) and gap.reason == "broker"
+
+
+async def test_a_new_epoch_on_the_live_stream_is_a_gap_before_its_first_publication(redis_url):
+    """The history went on from another state (here: deleted): the client is told, then served."""
+    prefix = unique_prefix()
+    async with running_gateway(RedisBroker(redis_url, prefix), history_channels=("feed:*",)) as gw:
+        token = token_for(gw, channels=("feed:*",))
+        async with Client(url(gw), token=token, backoff=FAST) as c:
+            feed = await c.subscribe("feed:6")
+            await gw.ctx.node.publish("feed:6", b"1")
+            await gw.ctx.node.publish("feed:6", b"2")
+            old = [await next_event(feed) for _ in range(2)]
+            async with aioredis.from_url(redis_url) as r:
+                assert await r.delete(f"{prefix}m:{{feed:6}}") == 1
+            await gw.ctx.node.publish("feed:6", b"3")
+            gap = await next_event(feed)  # reload the state as of its position, which holds 3
+            assert isinstance(gap, Gap) and gap.position is not None
+            assert gap.position.epoch != old[-1].epoch and gap.position.offset == 1
+            await gw.ctx.node.publish("feed:6", b"4")
+            new = await next_event(feed)
+            assert isinstance(new, Publication) and (new.offset, new.data) == (2, 4)
+            assert new.epoch == gap.position.epoch
 
 
 async def test_token_is_refreshed_in_band_on_expiring():

@@ -421,10 +421,13 @@ async def test_a_cluster_primary_killed_under_load_fails_over_and_clients_are_to
         ch: [r.verdict(run.publisher.acked.get(ch, set()), ch) for r in readers] for ch in channels
     }
     for ch, verdicts in per_channel.items():
-        for v in verdicts:
-            assert v.duplicates == 0 and v.silently_lost == [], (ch, v)
+        for r, v in zip(readers, verdicts, strict=True):
+            assert v.duplicates == 0 and v.silently_lost == [], f"{ch} {v} {r.name}: {r.trace(ch)}"
     victims = per_channel["nf:c0"]
     assert "gw:{nf:c0}" in held, "the gateways resubscribed the shard on the promoted replica"
+    # The promoted replica may lack what the dead primary acknowledged last, and
+    # cannot say: every client of its channels is told, none silently misses one.
+    assert min(r.gaps("nf:c0") for r in readers) >= 1
     epochs = {e.epoch for r in readers for _, e in r.events if isinstance(e, Publication)
               and e.channel == "nf:c0"}  # fmt: skip
     record(

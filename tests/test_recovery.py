@@ -6,12 +6,14 @@ import asyncio
 import signal
 
 import pytest
+import redis.asyncio as aioredis
 from websockets.exceptions import ConnectionClosed
 
 from core.infra.broker import RedisBroker
+from gateway.client import Backoff, Client, Gap, Publication
 from proto import ErrorCode
 from tests.harness import SECRET, running_gateway, token_for, unique_prefix, ws_client
-from tests.servers import UNIT
+from tests.servers import UNIT, ThrowawayRedis
 from tests.test_processes import mint, processes  # noqa: F401  (fixture)
 
 FEED = {"history_channels": ("feed:*",), "history_size": 50}
@@ -220,10 +222,78 @@ async def test_redis_restart_mid_stream_tells_clients_and_starts_a_new_epoch(thr
                     gap = msg
         assert gap == {"op": "gap", "ch": "feed:x"}
         await publish(gw, "feed:x", 4)
-        after = await c.next_push()
+        after = await c.recv(timeout=2 * UNIT)  # told once: the new epoch is no second gap
         assert after["data"] == {"n": 4} and after["offset"] == 1 and after["epoch"] != epoch
         page = await c.request("history", ch="feed:x", since=3)
         assert page["epoch"] != epoch  # the client sees its old position is gone: reload
+
+
+async def test_a_redis_restarted_from_an_older_snapshot_loses_nothing_silently(throwaway_redis):
+    """Publications acknowledged after Redis's last snapshot are gone once it restarts from it.
+
+    The channel's history then ends before what the client last saw, under the
+    same epoch: the next publications would reuse those offsets, and a client
+    would take them for repeats. The client is told instead, and gets every
+    later publication.
+    """
+    broker = RedisBroker(
+        throwaway_redis.url, unique_prefix(), backoff_initial=0.02, backoff_max=0.2
+    )
+    async with (
+        running_gateway(broker, **FEED) as gw,
+        Client(
+            f"ws://127.0.0.1:{gw.port}/ws",
+            token=token_for(gw, channels=("feed:*",)),
+            backoff=Backoff(base=0.05, cap=0.2),
+        ) as client,
+    ):
+        sub = await client.subscribe("feed:x")
+        await publish(gw, "feed:x", 1, 2)
+        async with aioredis.from_url(throwaway_redis.url) as r:
+            await r.save()
+        await publish(gw, "feed:x", 3, 4)
+        seen = [await asyncio.wait_for(anext(sub), 2 * UNIT) for _ in range(4)]
+        assert [(e.offset, e.data) for e in seen] == [(1, {"n": 1}), (2, {"n": 2}),
+                                                      (3, {"n": 3}), (4, {"n": 4})]  # fmt: skip
+        throwaway_redis.kill()
+        throwaway_redis.start()  # from the snapshot: 3 and 4 are gone
+        gap = await asyncio.wait_for(anext(sub), 10 * UNIT)
+        assert isinstance(gap, Gap) and gap.position is not None
+        assert gap.position.epoch != seen[-1].epoch
+        await publish(gw, "feed:x", 5)
+        after = await asyncio.wait_for(anext(sub), 2 * UNIT)
+        assert isinstance(after, Publication) and after.data == {"n": 5}
+        assert after.epoch != seen[-1].epoch
+
+
+async def test_a_replica_promoted_without_the_last_publications_starts_a_new_epoch(tmp_path):
+    """A failover: the replica had publications 1 and 2, the primary had acknowledged 3 and 4."""
+    primary = ThrowawayRedis(tmp_path / "primary").start()
+    replica = ThrowawayRedis(
+        tmp_path / "replica", args=("--replicaof", "127.0.0.1", str(primary.port))
+    )
+    replica.start()
+    old = RedisBroker(primary.url, "gw:")
+    new = RedisBroker(replica.url, "gw:")
+    try:
+        first = [await old.publish_history("feed:x", b"%d" % n, 50, 60) for n in (1, 2)]
+        async with aioredis.from_url(primary.url) as r:
+            assert await r.execute_command("WAIT", 1, int(5000 * UNIT)) == 1
+        async with aioredis.from_url(replica.url) as r:
+            await r.execute_command("REPLICAOF", "NO", "ONE")  # promoted, without what follows
+        lost = [await old.publish_history("feed:x", b"%d" % n, 50, 60) for n in (3, 4)]
+        assert {p.epoch for p in first + lost} == {first[0].epoch}
+        entries, top = await new.history("feed:x", 2, 10)
+        assert top is not None and top.epoch != first[0].epoch and entries == []
+        after = await new.publish_history("feed:x", b"5", 50, 60)
+        assert after.epoch == top.epoch and after.offset == 1
+        entries, again = await new.history("feed:x", 0, 10)  # the new epoch holds from now on
+        assert again == after and entries == [(1, b"5")]
+    finally:
+        await old.close()
+        await new.close()
+        replica.stop()
+        primary.stop()
 
 
 async def test_killed_node_long_poll_client_resumes_on_another_with_every_message_once(

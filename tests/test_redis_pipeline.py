@@ -56,6 +56,17 @@ async def test_publishing_with_history_survives_a_script_flush(redis_url):
         await broker.close()
 
 
+async def test_reading_history_survives_a_script_flush(redis_url):
+    broker = RedisBroker(redis_url, unique_prefix())
+    try:
+        first = await broker.publish_history("room", b"1", 10, 60)
+        async with aioredis.Redis.from_url(redis_url) as admin:
+            await admin.script_flush()
+        assert await broker.history("room", 0, 10) == ([(1, b"1")], first)
+    finally:
+        await broker.close()
+
+
 async def test_an_item_that_fails_fails_alone_and_a_failed_trip_fails_its_batch():
     trips: list[list[int]] = []
 

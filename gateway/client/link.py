@@ -542,6 +542,7 @@ class Connection:
                     or now.epoch != since.epoch
                     or (bool(items) and items[0].offset > since.offset + 1)
                 ):
+                    sub.position = now  # live ones continue after it (as after a `sub`)
                     sub.put(Gap(sub.channel, "broker", now))
                     return
                 for item in items:

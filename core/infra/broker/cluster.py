@@ -38,6 +38,7 @@ from redis.exceptions import ResponseError
 from core.infra.broker.base import CONTROL, BrokerUnavailable
 from core.infra.broker.redis import (
     BACKEND_ERRORS,
+    HISTORY_TOP,
     PUBLISH_WITH_HISTORY,
     SUBSCRIBE_ERRORS,
     RedisBroker,
@@ -54,6 +55,14 @@ SPUBLISH_WITH_HISTORY = PUBLISH_WITH_HISTORY.replace(
     "redis.call('PUBLISH',", "redis.call('SPUBLISH',"
 )
 assert SPUBLISH_WITH_HISTORY.count("'SPUBLISH'") == 1
+
+#: `HISTORY_TOP` that also reads the entries (ARGV: fresh epoch, first id, count):
+#: a cluster pipeline carries no script, so no MULTI of it and XRANGE.
+HISTORY_READ = HISTORY_TOP.replace(
+    "return {meta[1], meta[2]}",
+    "return {meta[1], meta[2], redis.call('XRANGE', KEYS[1], ARGV[2], '+', 'COUNT', ARGV[3])}",
+)
+assert HISTORY_READ.count("'XRANGE'") == 1
 
 
 class _SlotMoved(ResponseError):
@@ -91,6 +100,7 @@ def _by_slot(keys: set[bytes]) -> list[list[bytes]]:
 
 class RedisClusterBroker(RedisBroker):
     publish_with_history = SPUBLISH_WITH_HISTORY
+    history_top = HISTORY_READ
     publish_command = "SPUBLISH"
     kind = "Redis Cluster"
 
@@ -106,6 +116,15 @@ class RedisClusterBroker(RedisBroker):
 
     def _publisher(self, url: str) -> RedisCluster:
         return RedisCluster.from_url(url, socket_timeout=5)
+
+    async def _read_history(
+        self, keys: list[str], fresh: str, start: str, limit: int
+    ) -> tuple[list[Any], list[tuple[bytes, bytes]]]:
+        """One script (`HISTORY_READ`): its entries come back as ``[id, ['d', data]]``."""
+        reply = await self._history_top(keys=keys, args=[fresh, start, limit])
+        if not reply:
+            return [], []
+        return reply[:2], [(id, fields[1]) for id, fields in reply[2]]
 
     def _named(self, kind: str, ch: str) -> str:
         """``<prefix><kind>{<ch>}``, hashed on ``ch`` (up to its first ``}``).

@@ -88,6 +88,8 @@ _HISTORY_MARK = b"\x1e"
 PUBLISH_WITH_HISTORY = script("publish_with_history")
 #: The same for one message on several channels, in one call (lua/publish_each_with_history.lua).
 PUBLISH_EACH_WITH_HISTORY = script("publish_each_with_history")
+#: Where a channel's history stands, with a new epoch where it cannot be trusted (lua/history_top.lua).
+HISTORY_TOP = script("history_top")
 
 
 #: Read a channel's presence, dropping expired entries (lua/presence_read.lua).
@@ -121,6 +123,8 @@ class _Liveness:
 class RedisBroker(Broker):
     #: The script behind `publish_history`; the cluster broker's SPUBLISHes.
     publish_with_history = PUBLISH_WITH_HISTORY
+    #: The script behind `history`; the cluster broker's reads the entries too.
+    history_top = HISTORY_TOP
     #: How a plain publication is sent; the cluster broker's is SPUBLISH.
     publish_command = "PUBLISH"
     #: What `description` calls this broker.
@@ -171,6 +175,7 @@ class RedisBroker(Broker):
         )
         self._publish_script = self._pub_client.register_script(self.publish_with_history)
         self._publish_each_script = self._pub_client.register_script(PUBLISH_EACH_WITH_HISTORY)
+        self._history_top = self._pub_client.register_script(self.history_top)
         self._presence_read = self._pub_client.register_script(PRESENCE_READ)
         self._presence_add = self._pub_client.register_script(PRESENCE_ADD)
         self._events_append = self._pub_client.register_script(EVENTS_APPEND)
@@ -603,18 +608,35 @@ class RedisBroker(Broker):
         return [(id.decode(), fields[b"event"]) for id, fields in rows]
 
     async def history(self, ch: str, after: int, limit: int) -> tuple[list[Entry], Position | None]:
-        stream, meta = self._history_keys(ch)
         try:
-            async with self._pub_client.pipeline(transaction=True) as pipe:
-                pipe.hmget(meta, "e", "o")
-                pipe.xrange(stream, f"{after + 1}-0", "+", count=limit)
-                (epoch, top), rows = await pipe.execute()
+            top, rows = await self._read_history(
+                self._history_keys(ch), unique_hex(8), f"{after + 1}-0", limit
+            )
         except BACKEND_ERRORS as exc:
             raise BrokerUnavailable(f"history read failed: {exc}") from exc
-        if epoch is None:
+        if not top:
             return [], None
-        entries = [(int(id.split(b"-", 1)[0]), fields[b"d"]) for id, fields in rows]
-        return entries, Position(int(top), epoch.decode())
+        entries = [(int(id.split(b"-", 1)[0]), data) for id, data in rows]
+        return entries, Position(int(top[1]), top[0].decode())
+
+    async def _read_history(
+        self, keys: list[str], fresh: str, start: str, limit: int
+    ) -> tuple[list[Any], list[tuple[bytes, bytes]]]:
+        """Where the history stands (``[]`` or epoch and offset) and its rows from ``start``, at once."""
+        client = self._pub_client
+        assert isinstance(client, aioredis.Redis)
+        for attempt in (1, 2):
+            try:
+                async with client.pipeline(transaction=True) as pipe:
+                    pipe.evalsha(self._history_top.sha, len(keys), *keys, fresh)
+                    pipe.xrange(keys[0], start, "+", count=limit)
+                    top, rows = await pipe.execute()
+                return top, [(id, fields[b"d"]) for id, fields in rows]
+            except NoScriptError:  # Redis restarted or flushed its scripts: load it again
+                if attempt == 2:
+                    raise
+                await client.script_load(self.history_top)
+        raise AssertionError("unreachable")
 
     # -- reader ------------------------------------------------------------
 
