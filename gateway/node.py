@@ -74,10 +74,11 @@ class Node:
         #: History reads under way, by (channel, after, limit): a storm of
         #: sockets recovering one channel reads it once (`history`).
         #: Each with the last position broadcast here when it was issued (its
-        #: answer holds at least that much).
+        #: answer holds at least that much), and whether the channel was then
+        #: subscribed here (so that everything after the read reached this node).
         self._reading: dict[
             tuple[str, int, int],
-            tuple[Position | None, asyncio.Future[tuple[list[Entry], Position | None]]],
+            tuple[Position | None, asyncio.Future[tuple[list[Entry], Position | None]], bool],
         ] = {}
         #: The last position broadcast here, per history channel with members.
         self._seen: dict[str, Position] = {}
@@ -91,6 +92,7 @@ class Node:
         self._reconciling = False
         self._tasks = TaskSet(log)
         self._was_down = False
+        self._down = False  # between a broker state change to down and the next to up
         #: Called with each message on the control channel (revocations).
         self.on_control: Callable[[control.ControlMessage], None] | None = None
         #: This gateway's inbox (``__reply:<node id>``), and what reads it: the
@@ -257,7 +259,13 @@ class Node:
         return self._seen.get(ch)
 
     async def history(
-        self, ch: str, after: int, limit: int, *, covering: Position | None = None
+        self,
+        ch: str,
+        after: int,
+        limit: int,
+        *,
+        covering: Position | None = None,
+        holding: bool = False,
     ) -> tuple[list[Entry], Position | None]:
         """Kept publications of ``ch`` after offset ``after``, and where it stands.
 
@@ -269,15 +277,23 @@ class Node:
         this node had broadcast ``covering`` shares a read only if it was
         issued after that broadcast (so its answer holds it, and everything
         later was held). A reconnect storm on one channel reads it a few
-        times, not once per socket.
+        times, not once per socket. A subscriber (``holding``) that began
+        to hold before anything reached this node (``covering`` None) shares
+        only a read issued while the channel was subscribed here: one issued
+        before (a `history` command of a client not subscribed) can miss what
+        was published before the subscription took effect.
         """
         key = (ch, after, limit)
         under_way = self._reading.get(key)
-        if under_way is not None and _covers(under_way[0], covering):
+        if (
+            under_way is not None
+            and _covers(under_way[0], covering)
+            and (covering is not None or under_way[2] or not holding)
+        ):
             return await asyncio.shield(under_way[1])
         reading = asyncio.ensure_future(self._read_history(*key))
         reading.add_done_callback(lambda f: self._read(key, f))
-        self._reading[key] = (self._seen.get(ch), reading)
+        self._reading[key] = (self._seen.get(ch), reading, self._settled(ch))
         return await asyncio.shield(reading)
 
     def _read(self, key: tuple[str, int, int], reading: asyncio.Future[Any]) -> None:
@@ -315,12 +331,14 @@ class Node:
 
     def _on_state(self, up: bool) -> None:
         self._metrics.broker_state(up)
+        self._down = not up
         if not up:
             self._was_down = True
+            self._told.clear()  # gaps told from now on are this outage's
         elif self._was_down:
             # Whatever was published while the link was down did not reach us.
             n = self.hub.notify_gap()
-            self._told.update(self._seen)
+            self._told = set(self._seen)
             log.info("broker link back: %d subscriptions told they may have a gap", n)
 
     def _on_publication(self, ch: str, data: bytes, position: Position | None) -> None:
@@ -340,9 +358,10 @@ class Node:
             self.hub.broadcast_event(ch, event)
             return
         self._metrics.publications.inc()
-        if position is not None:
+        held = self.hub.has_subscribers(ch)
+        if position is not None and (held or ch in self._leaving):
             self._follow(ch, position)
-        if not self.hub.has_subscribers(ch):
+        if not held:
             return
         payload = self._publishable(ch, data, "live")
         if payload is not None:
@@ -360,17 +379,27 @@ class Node:
         last = self._seen.get(ch)
         self._seen[ch] = position
         if self._told and ch in self._told:
-            self._told.discard(ch)  # told when the link came back: they check from here on
-            return
-        if last is None or (position.epoch == last.epoch and position.offset == last.offset + 1):
+            if not self._down:  # told when the link came back: they check from here on
+                self._told.discard(ch)
+            return  # (or told already in this outage)
+        if last is None:
+            # The first since its members joined, whose own reads cover what came
+            # before; unless the link is down: a shard back before the others, or
+            # its resubscription confirmed before the link counts as up.
+            if not self._down:
+                return
+        elif position.epoch == last.epoch and position.offset == last.offset + 1:
             return
         n = self.hub.gap(ch)
+        if self._down:
+            self._told.add(ch)
         if n:
             _jumped.log(
                 logging.INFO,
-                "publications on %r went from offset %d (epoch %s) to %d (epoch %s): "
+                "publications on %r went from %s to offset %d (epoch %s)%s: "
                 "%d subscribers told they may have a gap",
-                ch, last.offset, last.epoch, position.offset, position.epoch, n,
+                ch, "nothing" if last is None else f"offset {last.offset} (epoch {last.epoch})",
+                position.offset, position.epoch, " with the broker link down" if self._down else "", n,
             )  # fmt: skip
 
     # -- the admin console's busiest channels ------------------------------

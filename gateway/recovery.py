@@ -58,7 +58,7 @@ async def subscribe_recovering(
         await session.node.subscribe(ch, session)
         after = since.offset if since is not None else MAX_OFFSET
         size = session.node.history_policy.size
-        entries, top = await session.node.history(ch, after, size, covering=seen)
+        entries, top = await session.node.history(ch, after, size, covering=seen, holding=True)
     except BaseException:
         held.pop(ch, None)
         session.node.unsubscribe(ch, session)

@@ -184,6 +184,22 @@ async def test_history_and_presence_run_on_the_channels_shard(redis_cluster, ch)
         assert await broker.presence(ch) == {}
 
 
+async def test_history_written_by_another_redis_starts_a_new_epoch_on_its_shard(redis_cluster):  # noqa: F811
+    """As after a failover: the history's replication id is not its shard's."""
+    async with cluster_broker(redis_cluster, unique_prefix(), ["feed:1"]) as (broker, _):
+        first = await broker.publish_history("feed:1", b"1", 10, 60)
+        client = RedisCluster.from_url(redis_cluster.url)
+        try:
+            await client.hset(broker._history_keys("feed:1")[1], "r", "0" * 40)
+        finally:
+            await client.aclose()
+        entries, top = await broker.history("feed:1", 0, 10)
+        assert top is not None and top.epoch != first.epoch and (top.offset, entries) == (0, [])
+        again = await broker.publish_history("feed:1", b"2", 10, 60)
+        assert (again.offset, again.epoch) == (1, top.epoch)
+        assert await broker.history("feed:1", 0, 10) == ([(1, b"2")], again)
+
+
 async def kill_subscribers(port: int) -> int:
     """CLIENT KILL every pub/sub connection on one node: the broker's link to that shard."""
     async with node_client(port) as client:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 
+import pytest
 import redis.asyncio as aioredis
 
 from core.infra.broker import RedisBroker
@@ -63,6 +65,30 @@ async def test_reading_history_survives_a_script_flush(redis_url):
         async with aioredis.Redis.from_url(redis_url) as admin:
             await admin.script_flush()
         assert await broker.history("room", 0, 10) == ([(1, b"1")], first)
+    finally:
+        await broker.close()
+
+
+@pytest.mark.parametrize("has_id", [True, False], ids=["replication id", "none"])
+async def test_a_redis_without_a_replication_id_is_warned_about(
+    redis_url, monkeypatch, caplog, has_id
+):
+    """A compatible server without ``master_replid``: failovers would go unnoticed; say so once."""
+    broker = RedisBroker(redis_url, unique_prefix())
+    client = broker.command_client
+    assert client is not None
+    real = client.info
+
+    async def info(section: str | None = None, *args: object, **kwargs: object) -> dict:
+        reply = await real(section, *args, **kwargs)
+        return reply if has_id else {k: v for k, v in reply.items() if k != "master_replid"}
+
+    monkeypatch.setattr(client, "info", info)
+    try:
+        with caplog.at_level(logging.WARNING, "core.infra.broker"):
+            await broker.start(lambda *_: None)
+        warned = [r for r in caplog.records if "no master_replid" in r.getMessage()]
+        assert len(warned) == (0 if has_id else 1)
     finally:
         await broker.close()
 

@@ -267,6 +267,26 @@ class RedisBroker(Broker):
         # client arrives; an unreachable one does not stop the gateway.
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._first_connect.wait(), wait)
+        if self._first_connect.is_set():
+            await self._check_replication_id()
+
+    async def _check_replication_id(self) -> None:
+        """Warn when Redis has no replication id: the history scripts tell failovers by it."""
+        client = self.command_client
+        if client is None:  # a Redis Cluster: Redis 7 or later, which has one
+            return
+        try:
+            async with asyncio.timeout(2.0):
+                info = await client.info("replication")
+        except BACKEND_ERRORS:  # TimeoutError is an OSError
+            return
+        if "master_replid" not in info:
+            log.warning(
+                "this Redis reports no master_replid (INFO replication): after a failover or "
+                "a restart, history channels would carry on under the same epoch, and a "
+                "publication the old primary acknowledged but lost would go unnoticed "
+                "(docs/protocol.md, 'Failovers and snapshots')"
+            )
 
     async def close(self) -> None:
         self._handler = None
