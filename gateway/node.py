@@ -372,9 +372,13 @@ class Node:
 
         The broker link dropped publications (the gap push of a reconnect may
         come after the first new one), or the history went on from another
-        state than the one this node followed (a new epoch: a failover, a
-        restart, history expired). The members hold this publication and
-        the next ones while they check their position against history.
+        state than the one this node followed (a new epoch after a failover
+        or a restart, whose first publications did not reach this node). The
+        members hold this publication and the next ones while they check
+        their position against history. A new epoch's first publication
+        while the link is up follows on from the last (history that expired
+        while quiet): no gap there, or every quiet channel's subscribers
+        would reload each time it wakes up.
         """
         last = self._seen.get(ch)
         self._seen[ch] = position
@@ -388,7 +392,13 @@ class Node:
             # its resubscription confirmed before the link counts as up.
             if not self._down:
                 return
-        elif position.epoch == last.epoch and position.offset == last.offset + 1:
+        elif position.epoch == last.epoch:
+            if position.offset == last.offset + 1:
+                return
+        elif position.offset == 1 and not self._down:
+            # The first publication of a history begun afresh while the link was
+            # up (it expired while quiet, was evicted, or a replica was promoted
+            # by hand and the link held): nothing came in between, nothing missed.
             return
         n = self.hub.gap(ch)
         if self._down:

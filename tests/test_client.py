@@ -225,8 +225,13 @@ async def test_a_gap_is_repaired_from_history(monkeypatch, pushed):
                 assert isinstance(gap, Gap) and gap.reason == "broker"
 
 
-async def test_a_new_epoch_on_the_live_stream_is_a_gap_before_its_first_publication(redis_url):
-    """The history went on from another state (here: deleted): the client is told, then served."""
+@pytest.mark.parametrize("missed", [False, True], ids=["from its first", "first one missed"])
+async def test_a_history_begun_afresh_is_a_gap_only_when_something_was_missed(
+    redis_url, missed, monkeypatch
+):
+    """The history is gone (expired while quiet; here deleted) and starts a new epoch. Its
+    first publication follows on from the last one: no gap, no reload. A later one (the
+    first did not reach this gateway) may hide a loss: a gap before it."""
     prefix = unique_prefix()
     async with running_gateway(RedisBroker(redis_url, prefix), history_channels=("feed:*",)) as gw:
         token = token_for(gw, channels=("feed:*",))
@@ -237,14 +242,26 @@ async def test_a_new_epoch_on_the_live_stream_is_a_gap_before_its_first_publicat
             old = [await next_event(feed) for _ in range(2)]
             async with aioredis.from_url(redis_url) as r:
                 assert await r.delete(f"{prefix}m:{{feed:6}}") == 1
-            await gw.ctx.node.publish("feed:6", b"3")
-            gap = await next_event(feed)  # reload the state as of its position, which holds 3
-            assert isinstance(gap, Gap) and gap.position is not None
-            assert gap.position.epoch != old[-1].epoch and gap.position.offset == 1
-            await gw.ctx.node.publish("feed:6", b"4")
+            if missed:
+                broker, dropped = gw.ctx.node.broker, asyncio.Event()
+                monkeypatch.setattr(broker, "_handler", lambda *args: dropped.set())
+                await gw.ctx.node.publish("feed:6", b"3")
+                await asyncio.wait_for(dropped.wait(), 2 * UNIT)
+                monkeypatch.undo()
+                await gw.ctx.node.publish("feed:6", b"4")
+                gap = await next_event(feed)  # reload the state as of its position: 3 and 4
+                assert isinstance(gap, Gap) and gap.position is not None
+                assert gap.position.epoch != old[-1].epoch and gap.position.offset == 2
+            else:
+                await gw.ctx.node.publish("feed:6", b"3")
+                await gw.ctx.node.publish("feed:6", b"4")
+                got = [await next_event(feed) for _ in range(2)]
+                assert [(e.offset, e.data) for e in got] == [(1, 3), (2, 4)]
+                assert got[0].epoch != old[-1].epoch
+            await gw.ctx.node.publish("feed:6", b"5")
             new = await next_event(feed)
-            assert isinstance(new, Publication) and (new.offset, new.data) == (2, 4)
-            assert new.epoch == gap.position.epoch
+            assert isinstance(new, Publication) and (new.offset, new.data) == (3, 5)
+            assert new.epoch != old[-1].epoch
 
 
 async def test_token_is_refreshed_in_band_on_expiring():
