@@ -18,7 +18,7 @@ from collections.abc import Callable, Coroutine, Iterable, Sequence
 from typing import Any
 
 from core.infra import control
-from core.infra.broker import CONTROL, Broker, Entry, Position
+from core.infra.broker import CONTROL, UNTRUSTED_EPOCH, Broker, Entry, Position
 from core.infra.history import HistoryPolicy, HistoryPublisher
 from core.infra.metrics import Metrics
 from core.infra.tasks import TaskSet
@@ -334,7 +334,7 @@ class Node:
         self._down = not up
         if not up:
             self._was_down = True
-            self._told.clear()  # gaps told from now on are this outage's
+            self._told.clear()
         elif self._was_down:
             # Whatever was published while the link was down did not reach us.
             n = self.hub.notify_gap()
@@ -375,34 +375,34 @@ class Node:
         state than the one this node followed (a new epoch after a failover
         or a restart, whose first publications did not reach this node). The
         members hold this publication and the next ones while they check
-        their position against history. A new epoch's first publication
-        while the link is up follows on from the last (history that expired
-        while quiet): no gap there, or every quiet channel's subscribers
-        would reload each time it wakes up.
+        their position against history. The first publication of an epoch
+        begun because the history was gone (expired while quiet), while the
+        link is up, follows on from the last: no gap there, or every quiet
+        channel's subscribers would reload each time it wakes up. One begun
+        because the history could not be trusted (`UNTRUSTED_EPOCH`: a
+        failover, which may have kept this node's link, on a demoted primary)
+        is a gap.
         """
         last = self._seen.get(ch)
         self._seen[ch] = position
-        if self._told and ch in self._told:
-            if not self._down:  # told when the link came back: they check from here on
-                self._told.discard(ch)
-            return  # (or told already in this outage)
-        if last is None:
-            # The first since its members joined, whose own reads cover what came
-            # before; unless the link is down: a shard back before the others, or
-            # its resubscription confirmed before the link counts as up.
-            if not self._down:
-                return
-        elif position.epoch == last.epoch:
+        if self._told and not self._down and ch in self._told:
+            self._told.discard(ch)  # told when the link came back: they check from here on
+            return
+        if last is not None and position.epoch == last.epoch:
             if position.offset == last.offset + 1:
                 return
-        elif position.offset == 1 and not self._down:
-            # The first publication of a history begun afresh while the link was
-            # up (it expired while quiet, was evicted, or a replica was promoted
-            # by hand and the link held): nothing came in between, nothing missed.
+        elif self._down:
+            # While the link is down (a shard back before the others, or its
+            # resubscription confirmed before the link counts as up) every step
+            # that is not the next one is a gap, a channel's first one too.
+            pass
+        elif last is None:
+            return  # the first since its members joined, whose own reads cover what came before
+        elif position.offset == 1 and not position.epoch.startswith(UNTRUSTED_EPOCH):
+            # The first publication of a history begun again because it was gone
+            # (expired while quiet, evicted): nothing came in between.
             return
         n = self.hub.gap(ch)
-        if self._down:
-            self._told.add(ch)
         if n:
             _jumped.log(
                 logging.INFO,

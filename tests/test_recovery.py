@@ -13,7 +13,7 @@ from core.infra.broker import Position, RedisBroker
 from gateway.client import Backoff, Client, Gap, Publication
 from proto import ErrorCode
 from tests.harness import SECRET, running_gateway, token_for, unique_prefix, until, ws_client
-from tests.servers import UNIT, ThrowawayRedis
+from tests.servers import UNIT, ThrowawayRedis, free_port
 from tests.test_processes import mint, processes  # noqa: F401  (fixture)
 
 FEED = {"history_channels": ("feed:*",), "history_size": 50}
@@ -22,6 +22,14 @@ FEED = {"history_channels": ("feed:*",), "history_size": 50}
 async def publish(gw, ch: str, *values: int) -> None:
     for v in values:
         await gw.ctx.node.publish(ch, b'{"n":%d}' % v)
+
+
+def feed_client(gw) -> Client:
+    """The Python client on ``gw``, allowed ``feed:*``, reconnecting at once."""
+    url = f"ws://127.0.0.1:{gw.port}/ws"
+    return Client(
+        url, token=token_for(gw, channels=("feed:*",)), backoff=Backoff(base=0.05, cap=0.2)
+    )
 
 
 async def test_sub_reports_the_position_and_pushes_carry_offsets():
@@ -241,11 +249,7 @@ async def test_a_redis_restarted_from_an_older_snapshot_loses_nothing_silently(t
     )
     async with (
         running_gateway(broker, **FEED) as gw,
-        Client(
-            f"ws://127.0.0.1:{gw.port}/ws",
-            token=token_for(gw, channels=("feed:*",)),
-            backoff=Backoff(base=0.05, cap=0.2),
-        ) as client,
+        feed_client(gw) as client,
     ):
         sub = await client.subscribe("feed:x")
         await publish(gw, "feed:x", 1, 2)
@@ -350,6 +354,82 @@ async def test_a_recovering_subscriber_shares_no_read_issued_before_its_subscrip
         assert (await sub)["recovered"] is True
         await publish(gw, "feed:s", 4)
         assert [(await c.next_push())["data"] for _ in range(2)] == [{"n": 3}, {"n": 4}]
+
+
+async def test_each_break_while_the_link_is_down_comes_after_a_gap():
+    """On a Redis Cluster one shard can drop and come back, twice, while another is down
+    (the broker counts as down throughout): each time, a gap before the next publication."""
+    async with (
+        running_gateway(**FEED) as gw,
+        ws_client(gw.port, token_for(gw, channels=("feed:*",))) as c,
+    ):
+        node = gw.ctx.node
+        real, dropping = node.broker._handler, [False]
+        node.broker._handler = lambda ch, d, p: None if dropping[0] else real(ch, d, p)
+        assert (await c.request("sub", ch="feed:q"))["ok"]
+        await publish(gw, "feed:q", 1)
+        assert (await c.recv())["offset"] == 1
+        node._on_state(False)  # another shard is lost
+        for dropped, after in (((2, 3), 4), ((5, 6), 7)):  # this shard drops and is back, twice
+            dropping[0] = True
+            await publish(gw, "feed:q", *dropped)
+            await asyncio.sleep(0.05 * UNIT)  # delivered (to no one)
+            dropping[0] = False
+            await publish(gw, "feed:q", after)
+            frames = [await c.recv(), await c.recv()]
+            assert [(f["op"], f.get("offset")) for f in frames] == [("gap", None), ("msg", after)]
+
+
+async def test_a_link_held_through_a_failover_is_told_of_a_loss_behind_the_new_epoch(tmp_path):
+    """A manual failover keeps the gateway's link (its Redis becomes a replica and goes on
+    passing publications); the new primary acknowledges 5 and dies before the replica has
+    it; the replica is promoted back. The link never dropped, and the next publication is
+    the first of a new epoch: the client is told instead of moving on."""
+    a = ThrowawayRedis(tmp_path / "a").start()
+    b = ThrowawayRedis(tmp_path / "b", args=("--replicaof", "127.0.0.1", str(a.port))).start()
+    prefix = unique_prefix()
+    broker = RedisBroker(a.url, prefix, backoff_initial=0.02, backoff_max=0.2)
+    on_b = RedisBroker(b.url, prefix)
+    ra, rb = aioredis.from_url(a.url), aioredis.from_url(b.url)
+
+    async def following() -> bool:
+        return (await ra.info("replication")).get("master_link_status") == "up"
+
+    try:
+        async with (
+            running_gateway(broker, **FEED) as gw,
+            feed_client(gw) as client,
+        ):
+            sub = await client.subscribe("feed:x")
+            await publish(gw, "feed:x", 1, 2)
+            assert await ra.execute_command("WAIT", 1, int(5000 * UNIT)) == 1
+            await rb.execute_command("REPLICAOF", "NO", "ONE")  # b takes over
+            await ra.execute_command("REPLICAOF", "127.0.0.1", b.port)  # a follows, link held
+            await until(following)
+            got = [await asyncio.wait_for(anext(sub), 3 * UNIT) for _ in range(2)]
+            # b cannot tell whether it had everything: a new epoch, the client told.
+            await on_b.publish_history("feed:x", b'{"n":3}', 50, 60)
+            told = await asyncio.wait_for(anext(sub), 3 * UNIT)
+            assert isinstance(told, Gap) and told.position is not None
+            assert told.position.epoch != got[-1].epoch
+            await on_b.publish_history("feed:x", b'{"n":4}', 50, 60)
+            got.append(await asyncio.wait_for(anext(sub), 3 * UNIT))
+            assert isinstance(got[-1], Publication) and got[-1].data == {"n": 4}
+            await ra.execute_command("REPLICAOF", "127.0.0.1", free_port())  # a loses b
+            await on_b.publish_history("feed:x", b'{"n":5}', 50, 60)  # acknowledged, then lost
+            b.kill()
+            await ra.execute_command("REPLICAOF", "NO", "ONE")  # a promoted; its clients stay
+            assert broker.reconnects == 0
+            await publish(gw, "feed:x", 6)
+            gap = await asyncio.wait_for(anext(sub), 3 * UNIT)
+            assert isinstance(gap, Gap) and gap.position is not None
+            assert gap.position.epoch != got[-1].epoch
+    finally:
+        await on_b.close()
+        await ra.aclose()
+        await rb.aclose()
+        b.stop()
+        a.stop()
 
 
 async def test_publications_on_channels_nobody_here_holds_leave_nothing_behind():

@@ -6,6 +6,7 @@ from typing import Any
 
 from core.infra.broker.base import (
     CONTROL,
+    UNTRUSTED_EPOCH,
     Broker,
     BrokerUnavailable,
     Entry,
@@ -21,6 +22,7 @@ from core.infra.settings import Settings
 
 __all__ = [
     "CONTROL",
+    "UNTRUSTED_EPOCH",
     "Broker",
     "BrokerUnavailable",
     "Entry",

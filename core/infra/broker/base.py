@@ -92,6 +92,11 @@ __all__ = [
 #: start with ``__`` (proto/connection.py), so no client reads or forges it.
 CONTROL = "__control"
 
+#: An epoch that a history begun again because it could not be trusted (a
+#: failover, a restart from a snapshot: core/infra/lua/publish_with_history.lua)
+#: starts with this; one begun because the history was gone (expired) does not.
+UNTRUSTED_EPOCH = "~"
+
 #: ``handler(channel, data_json, position)``; must not block or raise.
 #: ``position`` is None for publications without history.
 PublicationHandler = Callable[[str, bytes, Position | None], None]

@@ -61,7 +61,7 @@ assert SPUBLISH_WITH_HISTORY.count("'SPUBLISH'") == 1
 HISTORY_READ = HISTORY_TOP.replace(
     "return {meta[1], meta[2]}",
     "return {meta[1], meta[2], redis.call('XRANGE', KEYS[1], ARGV[2], '+', 'COUNT', ARGV[3])}",
-).replace("return {ARGV[1], 0}", "return {ARGV[1], 0, {}}")
+).replace("return {epoch, 0}", "return {epoch, 0, {}}")
 assert HISTORY_READ.count("'XRANGE'") == 1 and HISTORY_READ.count("0, {}}") == 1
 
 

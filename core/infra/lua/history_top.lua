@@ -12,9 +12,10 @@ end
 if meta[3] then
     local rid = string.match(redis.call('INFO', 'replication'), 'master_replid:(%x+)') or ''
     if meta[3] ~= rid then
+        local epoch = '~' .. ARGV[1] -- as publish_with_history.lua
         redis.call('DEL', KEYS[1])
-        redis.call('HSET', KEYS[2], 'e', ARGV[1], 'o', 0, 'r', rid)
-        return {ARGV[1], 0}
+        redis.call('HSET', KEYS[2], 'e', epoch, 'o', 0, 'r', rid)
+        return {epoch, 0}
     end
 end
 return {meta[1], meta[2]}

@@ -12,7 +12,7 @@ for i = 1, #KEYS / 2 do
     local kept = redis.call('HMGET', meta, 'e', 'r')
     local epoch = kept[1]
     if not epoch or (kept[2] and kept[2] ~= rid) then
-        epoch = fresh
+        epoch = (epoch and '~' or '') .. fresh -- as publish_with_history.lua
         redis.call('DEL', stream)
         redis.call('HSET', meta, 'e', epoch, 'o', 0, 'r', rid)
     elseif not kept[2] then

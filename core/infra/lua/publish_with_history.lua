@@ -10,11 +10,14 @@
 -- from a snapshot, either of which may have lost the last publications after
 -- they were delivered and acknowledged: the channel then starts a new epoch, so
 -- that clients are told (recovered: false) instead of their offsets being reused.
+-- Such an epoch starts with '~', so that a gateway that sees its first
+-- publication knows something may have been lost before it (an epoch begun
+-- because the history expired does not).
 local rid = string.match(redis.call('INFO', 'replication'), 'master_replid:(%x+)') or ''
 local meta = redis.call('HMGET', KEYS[2], 'e', 'r')
 local epoch = meta[1]
 if not epoch or (meta[2] and meta[2] ~= rid) then
-    epoch = ARGV[5]
+    epoch = (epoch and '~' or '') .. ARGV[5]
     redis.call('DEL', KEYS[1])
     redis.call('HSET', KEYS[2], 'e', epoch, 'o', 0, 'r', rid)
 elseif not meta[2] then
