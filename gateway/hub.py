@@ -370,12 +370,7 @@ class Hub:
 
     def notify_gap(self) -> int:
         """Tell every subscriber of every channel that it may have missed publications."""
-        notified = 0
-        for ch, members in list(self._channels.items()):
-            for member in list(members):
-                member.gap(ch)
-                notified += 1
-        return notified
+        return sum(self.gap(ch) for ch in list(self._channels))
 
     def gap(self, ch: str) -> int:
         """Tell the subscribers of ``ch`` that they may have missed publications on it."""

@@ -82,7 +82,8 @@ class Node:
         ] = {}
         #: The last position broadcast here, per history channel with members.
         self._seen: dict[str, Position] = {}
-        #: Channels whose members were told of a gap since the last publication seen on them.
+        #: Channels whose members were told of a gap when the broker link came
+        #: back, until their next publication (`_follow`).
         self._told: set[str] = set()
         self._pending: dict[str, _Pending] = {}
         #: Channels whose last local member left, to UNSUBSCRIBE in batches.
@@ -91,7 +92,6 @@ class Node:
         self._reconciled = time.monotonic()
         self._reconciling = False
         self._tasks = TaskSet(log)
-        self._was_down = False
         self._down = False  # between a broker state change to down and the next to up
         #: Called with each message on the control channel (revocations).
         self.on_control: Callable[[control.ControlMessage], None] | None = None
@@ -331,11 +331,10 @@ class Node:
 
     def _on_state(self, up: bool) -> None:
         self._metrics.broker_state(up)
-        self._down = not up
+        was_down, self._down = self._down, not up
         if not up:
-            self._was_down = True
             self._told.clear()
-        elif self._was_down:
+        elif was_down:
             # Whatever was published while the link was down did not reach us.
             n = self.hub.notify_gap()
             self._told = set(self._seen)
