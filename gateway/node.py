@@ -80,7 +80,8 @@ class Node:
             tuple[str, int, int],
             tuple[Position | None, asyncio.Future[tuple[list[Entry], Position | None]], bool],
         ] = {}
-        #: The last position broadcast here, per history channel with members.
+        #: The last position that reached here, per history channel with members
+        #: (or leaving, its UNSUBSCRIBE not sent yet).
         self._seen: dict[str, Position] = {}
         #: Channels whose members were told of a gap when the broker link came
         #: back, until their next publication (`_follow`).
