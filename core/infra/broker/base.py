@@ -224,9 +224,9 @@ class Broker(abc.ABC):
     async def get_value(self, key: str) -> bytes | None:
         """What `put_value` last stored under ``key`` (by any process), or None."""
 
-    @abc.abstractmethod
     async def expiring_add(self, key: str, member: str, until: float) -> None:
         """Keep ``member`` in the set ``key`` until ``until`` (Unix seconds), for every process."""
+        await self.expiring_add_many(key, {member: until})
 
     @abc.abstractmethod
     async def expiring_add_many(self, key: str, members: Mapping[str, float]) -> None:

@@ -127,9 +127,6 @@ class MemoryBroker(Broker):
     async def get_value(self, key: str) -> bytes | None:
         return self._values.get(key)
 
-    async def expiring_add(self, key: str, member: str, until: float) -> None:
-        self._expiring.setdefault(key, {})[member] = until
-
     async def expiring_add_many(self, key: str, members: Mapping[str, float]) -> None:
         if members:
             self._expiring.setdefault(key, {}).update(members)

@@ -519,12 +519,6 @@ class RedisBroker(Broker):
     def _expiring_key(self, key: str) -> str:
         return f"{self._prefix}z:{key}"
 
-    async def expiring_add(self, key: str, member: str, until: float) -> None:
-        try:
-            await self._pub_client.zadd(self._expiring_key(key), {member: until})
-        except BACKEND_ERRORS as exc:
-            raise BrokerUnavailable(f"updating {key} failed: {exc}") from exc
-
     async def expiring_add_many(self, key: str, members: Mapping[str, float]) -> None:
         if not members:
             return
