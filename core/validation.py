@@ -2,7 +2,10 @@
 
 msgspec stops at the first bad field. Good requests take that fast path
 only; a bad one is examined again field by field (recursing into lists of
-objects) so the 422 lists every bad field as ``{path, message}``.
+objects) so the 422 lists every bad field as ``{path, message}``, up to
+`MAX_DETAILS` of them: a body of a million bad items is refused as cheaply as
+one of a hundred. A list longer than its limit is one problem, its items
+are not examined.
 
 Rules msgspec cannot express (a Decimal's range, one field against
 another) live in a Struct's ``problems()`` classmethod, which takes a getter
@@ -15,6 +18,7 @@ the raw JSON value: numbers arrive as exact `Decimal`, never binary floats.
 
 from __future__ import annotations
 
+import functools
 import re
 import typing
 from collections.abc import Callable, Mapping
@@ -31,6 +35,11 @@ __all__ = ["Checked", "decode_body", "parse_form", "parse_query", "too_deep", "v
 T = TypeVar("T")
 
 _AT = re.compile(r"^(.*) - at `\$(.*)`$")
+
+#: The most problems one 422 lists (the rest are left out).
+MAX_DETAILS = 100
+#: msgspec's message for a list over its ``max_length`` (checked before its items).
+_TOO_LONG = "Expected `array` of length <="
 
 
 class Checked(msgspec.Struct):
@@ -82,18 +91,33 @@ def _struct_items(tp: Any) -> type[msgspec.Struct] | None:
     return None
 
 
-def _collect(tp: type[msgspec.Struct], value: Any, path: str) -> list[ErrorDetail]:
-    """Every problem of ``value`` (decoded JSON) as an instance of ``tp``."""
-    if not isinstance(value, dict):
-        return [ErrorDetail(path or "$", f"Expected `object`, got `{type(value).__name__}`")]
-    problems: list[ErrorDetail] = []
-    good: dict[str, Any] = {}
+@functools.cache
+def _fields(
+    tp: type[msgspec.Struct],
+) -> tuple[tuple[msgspec.structs.FieldInfo, ...], frozenset[str]]:
+    """``tp``'s fields and their JSON names (msgspec evaluates the annotations on each call)."""
     fields = msgspec.structs.fields(tp)
-    known = {f.encode_name for f in fields}
+    return fields, frozenset(f.encode_name for f in fields)
+
+
+def _collect(tp: type[msgspec.Struct], value: Any, path: str, problems: list[ErrorDetail]) -> None:
+    """Add the problems of ``value`` (decoded JSON) as an instance of ``tp`` to
+    ``problems``, until it holds `MAX_DETAILS`."""
+    if not isinstance(value, dict):
+        problems.append(
+            ErrorDetail(path or "$", f"Expected `object`, got `{type(value).__name__}`")
+        )
+        return
+    good: dict[str, Any] = {}
+    fields, known = _fields(tp)
     for name in value:
         if name not in known:
+            if len(problems) >= MAX_DETAILS:
+                return
             problems.append(ErrorDetail(f"{path}.{name}", "unknown field"))
     for f in fields:
+        if len(problems) >= MAX_DETAILS:
+            return
         where = f"{path}.{f.encode_name}"
         if f.encode_name not in value:
             if f.required:
@@ -106,14 +130,16 @@ def _collect(tp: type[msgspec.Struct], value: Any, path: str) -> list[ErrorDetai
         except msgspec.ValidationError as exc:
             first = _split(str(exc), where)
         item = _struct_items(f.type)
-        inner: list[ErrorDetail] = []
-        if item is not None and isinstance(raw, list):
+        before = len(problems)
+        if item is not None and isinstance(raw, list) and not first.message.startswith(_TOO_LONG):
             for i, element in enumerate(raw):
-                inner += _collect(item, element, f"{where}[{i}]")
-        problems += inner or [first]
+                if len(problems) >= MAX_DETAILS:
+                    return
+                _collect(item, element, f"{where}[{i}]", problems)
+        if len(problems) == before:
+            problems.append(first)
     if issubclass(tp, Checked):
         problems += [ErrorDetail(path + d.path[1:], d.message) for d in tp.problems(good.get)]
-    return problems
 
 
 def validate(tp: type[T], value: Any) -> T:
@@ -125,8 +151,10 @@ def validate(tp: type[T], value: Any) -> T:
     if obj is not None:
         _check(obj)
         return obj
-    details = _collect(tp, value, "$") if issubclass(tp, msgspec.Struct) else []
-    raise ValidationFailed(details or [ErrorDetail("$", "invalid value")])
+    details: list[ErrorDetail] = []
+    if issubclass(tp, msgspec.Struct):
+        _collect(tp, value, "$", details)
+    raise ValidationFailed(details[:MAX_DETAILS] or [ErrorDetail("$", "invalid value")])
 
 
 def _check(obj: object) -> None:

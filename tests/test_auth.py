@@ -125,6 +125,18 @@ def test_oversized_and_garbage_tokens_are_refused():
         assert refused(v, junk) in ("invalid", "algorithm")
 
 
+@pytest.mark.parametrize("part", ["header", "payload"])
+def test_deeply_nested_segments_are_refused_not_raised(part, rsa_key):
+    # 1,000 brackets: far under MAX_TOKEN_BYTES; a RecursionError from it was a 500.
+    def b64(raw: bytes) -> str:
+        return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+    nested, plain = b64(b"[" * 1000), b64(b'{"alg":"HS256"}')
+    token = f"{nested}.{b64(b'{}')}.AAAA" if part == "header" else f"{plain}.{nested}.AAAA"
+    for settings in (Settings(jwt_secret=SECRET), Settings(jwt_public_key=pem(rsa_key))):
+        assert refused(Verifier(settings), token) in ("invalid", "algorithm", "bad_signature")
+
+
 def test_rs256_with_public_key(rsa_key):
     v = Verifier(Settings(jwt_public_key=pem(rsa_key)))
     token = jwt.encode(base_claims(), rsa_key, algorithm="RS256")

@@ -10,6 +10,7 @@ import msgspec
 import pytest
 
 from core.schemas import Project, ProjectPage, User
+from core.validation import MAX_DETAILS
 from tests.harness import ApiClient, KeptAliveClient, running_gateway, token_for
 
 PROJECT = {
@@ -228,6 +229,19 @@ async def test_budget_range_and_two_places_are_enforced(api, budget, ok):
 async def test_collection_and_length_limits(api, changes):
     status, _, body = await api.call("POST", "/api/projects", project(**changes))
     assert status == 422 and len(body["error"]["details"]) == 1
+
+
+async def test_a_body_of_many_bad_items_is_one_short_answer(api):
+    # A list over its limit is one problem, however many bad items it holds (not one
+    # per item: each cost 35 µs of the event loop, 300,000 of them 14 s).
+    many = project(milestones=[{}] * 10_000)
+    status, _, body = await api.call("POST", "/api/projects", many)
+    assert status == 422
+    assert [d["path"] for d in body["error"]["details"]] == ["$.milestones"]
+    # Unknown fields by the thousand: the answer lists the first MAX_DETAILS.
+    unknown = project(**{f"f{i}": 0 for i in range(2_000)})
+    status, _, body = await api.call("POST", "/api/projects", unknown)
+    assert status == 422 and len(body["error"]["details"]) == MAX_DETAILS
 
 
 async def test_malformed_json_empty_and_oversized_bodies(api):

@@ -198,7 +198,7 @@ class Verifier:
             return None  # not canonical base64url: PyJWT refuses it
         try:
             header = msgspec.json.decode(header_json)
-        except msgspec.DecodeError:
+        except (msgspec.DecodeError, RecursionError):  # too deep: PyJWT refuses it too
             return None
         if not isinstance(header, dict) or not header.keys() <= _PLAIN_HEADER:
             return None
@@ -264,7 +264,7 @@ class Verifier:
             ) from None
         except jwt.InvalidSignatureError:
             raise AuthError("bad_signature", "token signature invalid") from None
-        except (jwt.PyJWTError, ValueError, TypeError, KeyError):
+        except (jwt.PyJWTError, ValueError, TypeError, KeyError, RecursionError):
             raise AuthError("invalid", "invalid token") from None
         sub = claims.get("sub")
         if not isinstance(sub, str) or not sub:
