@@ -25,6 +25,7 @@ import asyncpg
 import msgspec
 
 from core.infra.errors import ApiError, ErrorDetail, ValidationFailed
+from core.infra.identity import principal
 from core.request import Request, Response
 from core.routing import Handler
 
@@ -82,7 +83,7 @@ class IdempotencyStore:
                     )
                 ]
             )
-        owner = req.caller.sub
+        owner = principal(req.caller)
         digest = hashlib.sha256(b"%s %s\n%s" % (req.method.encode(), req.path.encode(), req.body))
         request_hash = digest.digest()
         for _ in range(2):  # a second pass only after dropping an expired row

@@ -27,7 +27,7 @@ from core.idempotency import IdempotencyStore
 from core.infra.broker.base import Broker, Publisher
 from core.infra.control import ControlMessage
 from core.infra.errors import ApiError, TooManyRequests
-from core.infra.identity import Identity
+from core.infra.identity import Identity, principal
 from core.infra.ratelimit import MemoryRateLimiter, RateLimiter, over_limit
 from core.infra.revocation import Revocations
 from core.infra.settings import Settings
@@ -217,7 +217,9 @@ class Core:
                     raise ApiError(403, "forbidden", "this API key may not call the REST API")
                 assert route.access is not None  # the Router refuses routes without a rule
                 check(route.access, caller, req.params)
-                wait = await over_limit(self.limiter, f"rest:{caller.sub}", self.settings.rate_rest)
+                wait = await over_limit(
+                    self.limiter, f"rest:{principal(caller)}", self.settings.rate_rest
+                )
                 if wait is not None:
                     raise TooManyRequests(wait)
             if route.query is not None:

@@ -19,7 +19,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from core.errormap import JsonErrors
 from core.infra.broker import BrokerUnavailable
 from core.infra.errors import ApiError, ErrorDetail, TooManyRequests, Unavailable
-from core.infra.identity import AuthError, Identity, token_from_header
+from core.infra.identity import AuthError, Identity, principal, token_from_header
 from core.infra.metrics import METRICS_CHALLENGE, METRICS_REFUSED, scrape_allowed
 from core.infra.metricsmerge import scrape_view
 from core.infra.ratelimit import over_limit
@@ -81,7 +81,7 @@ class PublishHandler(JsonHandler):
     async def post(self) -> None:
         identity = self.authenticate()
         wait = await over_limit(
-            self.ctx.limiter, f"rest:{identity.sub}", self.ctx.settings.rate_rest
+            self.ctx.limiter, f"rest:{principal(identity)}", self.ctx.settings.rate_rest
         )
         if wait is not None:
             raise TooManyRequests(wait)

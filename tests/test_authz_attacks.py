@@ -274,6 +274,42 @@ async def test_a_token_from_an_outside_identity_provider_is_no_core_user_nor_adm
             outsider.close()
 
 
+async def test_an_outside_token_naming_a_users_id_shares_neither_keys_nor_limits(clean_db):
+    """Idempotency keys and REST rate limits belong to a principal: an IdP's
+    ``sub: "<n>"`` is not user n's, so it may neither replay n's stored answers, burn
+    n's keys, nor spend n's allowance."""
+    import time
+
+    import jwt
+
+    from core.infra.rate import Rate
+
+    idp, public = _outside_identity_provider()
+    settings = {"jwt_public_key": public, "rate_login_ip": None, "rate_rest": Rate(6, 60.0)}
+    async with running_gateway(**clean_db, **settings) as gw:
+        victim = await new_person(gw, clean_db)
+        owner = ApiClient(gw.port, victim.tokens["access_token"])
+        claims = {"sub": str(victim.id), "exp": int(time.time()) + 600}
+        outsider = ApiClient(gw.port, jwt.encode(claims, idp, algorithm="RS256"))
+        try:
+            mine = project(owner_email=victim.email)
+            key = {"Idempotency-Key": "k1"}
+            assert (await owner.call("POST", "/api/projects", mine, headers=key))[0] == 201
+            status, headers, _ = await outsider.call("POST", "/api/projects", mine, headers=key)
+            assert status == 403 and "Idempotent-Replayed" not in headers  # not n's 201
+            theirs = project(owner_email="someone@example.com")
+            key = {"Idempotency-Key": "k2"}
+            assert (await outsider.call("POST", "/api/projects", theirs, headers=key))[0] == 403
+            assert (await owner.call("POST", "/api/projects", mine, headers=key))[0] == 201
+            for _ in range(6):  # the outsider's allowance, spent
+                await outsider.call("GET", "/api/projects")
+            assert (await outsider.call("GET", "/api/projects"))[0] == 429
+            assert (await owner.call("GET", "/api/projects"))[0] == 200  # n's is n's
+        finally:
+            owner.close()
+            outsider.close()
+
+
 async def test_no_one_takes_over_projects_by_claiming_their_owners_address(gw, clean_db):
     """No e-mail verification: an address that projects name is no one's to claim,
     neither by registering it nor by changing one's own e-mail to it."""

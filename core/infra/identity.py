@@ -8,9 +8,11 @@ session and role. ``API_KEY_PREFIX`` tells an API key from a JWT, and
 
 from __future__ import annotations
 
+from typing import Protocol
+
 from proto import Grants
 
-__all__ = ["API_KEY_PREFIX", "AuthError", "Identity", "token_from_header"]
+__all__ = ["API_KEY_PREFIX", "AuthError", "Identity", "principal", "token_from_header"]
 
 #: API keys look like ``gwk_<43 characters>``; anything else is a JWT.
 API_KEY_PREFIX = "gwk_"
@@ -71,6 +73,22 @@ class Identity:
             f"Identity(sub={self.sub!r}, sid={self.sid!r}, role={self.role!r}, "
             f"exp={self.exp!r}, grants={self.grants!r})"
         )
+
+
+class _Named(Protocol):
+    @property
+    def sub(self) -> str: ...
+
+
+def principal(caller: _Named) -> str:
+    """Whose state a caller's requests share (idempotency keys, rate limits).
+
+    Its ``sub``, unless an outside identity provider vouched for it (``local``
+    false): such a ``sub`` may be any string, a users row's id or
+    ``apikey:<id>`` too, and must not reach their keys or spend their limits.
+    """
+    sub = caller.sub
+    return sub if getattr(caller, "local", True) else f"ext:{sub}"
 
 
 def token_from_header(value: str | None) -> str | None:

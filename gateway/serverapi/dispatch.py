@@ -31,7 +31,7 @@ from tornado import httputil
 from core.access import Access, check
 from core.errormap import from_exception
 from core.infra.errors import ApiError, TooManyRequests
-from core.infra.identity import AuthError, token_from_header
+from core.infra.identity import AuthError, principal, token_from_header
 from core.infra.ratelimit import RateLimiter, over_limit
 from core.infra.settings import Settings
 from core.infra.verify import Verifier
@@ -93,7 +93,9 @@ class ServerAPI:
         if caller is None:
             raise ApiError(401, "unauthorized", "missing token", headers=_BEARER)
         check(Access.SERVER, caller, req.params)
-        wait = await over_limit(self._limiter, f"rest:{caller.sub}", self._settings.rate_rest)
+        wait = await over_limit(
+            self._limiter, f"rest:{principal(caller)}", self._settings.rate_rest
+        )
         if wait is not None:
             raise TooManyRequests(wait)
         assert route.body is not None  # every server route takes a JSON body (``{}`` at least)
