@@ -21,7 +21,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 from redis.crc import key_slot
 
-from core.infra.broker import RedisBroker, RedisClusterBroker, make_broker
+from core.infra.broker import UNTRUSTED_EPOCH, RedisBroker, RedisClusterBroker, make_broker
 from core.infra.broker.cluster import SPUBLISH_WITH_HISTORY
 from core.infra.broker.redis import PUBLISH_WITH_HISTORY
 from core.infra.ratelimit import RedisRateLimiter
@@ -182,6 +182,27 @@ async def test_history_and_presence_run_on_the_channels_shard(redis_cluster, ch)
         assert await broker.presence(ch) == {"c1": b'{"user":"u"}'}
         await broker.presence_remove(ch, ["c1"])
         assert await broker.presence(ch) == {}
+
+
+async def test_a_backends_own_stream_entries_are_dropped_on_its_shard(redis_cluster):  # noqa: F811
+    """As with one Redis (test_redis_pipeline.py): a backend's own XADDs are left out of
+    reads, and the next publication starts the history again rather than failing."""
+    async with cluster_broker(redis_cluster, unique_prefix(), ["feed:1"]) as (broker, _):
+        first = await broker.publish_history("feed:1", b"1", 10, 60)
+        client = RedisCluster.from_url(redis_cluster.url)
+        try:
+            stream, meta = broker._history_keys("feed:1")
+            await client.hincrby(meta, "o", 1)  # offset 2: a backend's, without field d
+            await client.xadd(stream, {"x": "y", "data": "2"}, id="2-1")
+            entries, top = await broker.history("feed:1", 0, 10)
+            assert entries == [(1, b"1")] and top is not None
+            assert (top.offset, top.epoch) == (2, first.epoch)
+            await client.xadd(stream, {"x": "y", "d": "3"})
+        finally:
+            await client.aclose()
+        again = await broker.publish_history("feed:1", b"4", 10, 60)
+        assert again.offset == 1 and again.epoch.startswith(UNTRUSTED_EPOCH)
+        assert await broker.history("feed:1", 0, 10) == ([(1, b"4")], again)
 
 
 async def test_history_written_by_another_redis_starts_a_new_epoch_on_its_shard(redis_cluster):  # noqa: F811

@@ -8,7 +8,7 @@ import logging
 import pytest
 import redis.asyncio as aioredis
 
-from core.infra.broker import RedisBroker
+from core.infra.broker import UNTRUSTED_EPOCH, Position, RedisBroker
 from core.infra.coalesce import Coalescer
 from tests.harness import unique_prefix, until
 
@@ -112,3 +112,36 @@ async def test_an_item_that_fails_fails_alone_and_a_failed_trip_fails_its_batch(
     lost = await asyncio.gather(*map(coalescer.submit, (5, 6, 13)), return_exceptions=True)
     assert lost[0] == 10 and all(isinstance(r, ConnectionError) for r in lost[1:])
     assert await coalescer.submit(7) == 14  # and the next trip goes
+
+
+async def test_a_backends_own_stream_entries_are_dropped_and_start_the_history_again(redis_url):
+    """A backend XADDs to a channel's history stream itself: an entry without field
+    ``d``, and one with an id of Redis's choosing (``*``), past every offset. Reads
+    leave them out (counted as malformed), and the next publication, which could not
+    follow them, starts an untrusted epoch rather than failing until the stream expires."""
+    faults: list[str] = []
+    broker = RedisBroker(redis_url, unique_prefix())
+    broker.on_fault = faults.append
+    try:
+        first = await broker.publish_history("feed", b"1", 10, 60)
+        stream = broker._history_keys("feed")[0]
+        async with aioredis.Redis.from_url(redis_url) as backend:
+            await backend.xadd(stream, {"data": "2"}, id="1-2")
+            assert await broker.history("feed", 0, 10) == ([(1, b"1")], first)
+            assert faults == ["malformed"]
+            await backend.xadd(stream, {"d": "3"})  # id: now in milliseconds
+        assert await broker.history("feed", 0, 10) == ([(1, b"1")], first)
+        again = await broker.publish_history("feed", b"4", 10, 60)
+        assert again.offset == 1 and again.epoch.startswith(UNTRUSTED_EPOCH)
+        assert await broker.history("feed", 0, 10) == ([(1, b"4")], again)
+        both = await broker.publish_many([("feed", (10, 60)), ("other", (10, 60))], b"5")
+        assert isinstance(both[1], Position)
+        assert both == [Position(2, again.epoch), Position(1, both[1].epoch)]
+        async with aioredis.Redis.from_url(redis_url) as backend:
+            await backend.delete(stream)
+            await backend.set(stream, "not a stream")
+        (then, _) = await broker.publish_many([("feed", (10, 60)), ("other", (10, 60))], b"6")
+        assert isinstance(then, Position) and then.offset == 1 and then.epoch != again.epoch
+        assert then.epoch.startswith(UNTRUSTED_EPOCH)
+    finally:
+        await broker.close()

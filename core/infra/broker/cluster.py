@@ -119,12 +119,12 @@ class RedisClusterBroker(RedisBroker):
 
     async def _read_history(
         self, keys: list[str], fresh: str, start: str, limit: int
-    ) -> tuple[list[Any], list[tuple[bytes, bytes]]]:
+    ) -> tuple[list[Any], list[tuple[bytes, bytes | None]]]:
         """One script (`HISTORY_READ`): its entries come back as ``[id, ['d', data]]``."""
         reply = await self._history_top(keys=keys, args=[fresh, start, limit])
         if not reply:
             return [], []
-        return reply[:2], [(id, fields[1]) for id, fields in reply[2]]
+        return reply[:2], [(id, _field_d(fields)) for id, fields in reply[2]]
 
     def _named(self, kind: str, ch: str) -> str:
         """``<prefix><kind>{<ch>}``, hashed on ``ch`` (up to its first ``}``).
@@ -413,3 +413,11 @@ class RedisClusterBroker(RedisBroker):
                 self._restart(target)  # resubscribes everything, the moved key too
             log.info("Redis Cluster: %r moved from %s to %s", key, link.name, node.name)
         self._update_state()
+
+
+def _field_d(fields: list[bytes]) -> bytes | None:
+    """Field ``d`` of a stream entry's ``[name, value, ...]``, or None."""
+    for i in range(0, len(fields) - 1, 2):
+        if fields[i] == b"d":
+            return fields[i + 1]
+    return None

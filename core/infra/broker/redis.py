@@ -630,13 +630,26 @@ class RedisBroker(Broker):
             raise BrokerUnavailable(f"history read failed: {exc}") from exc
         if not top:
             return [], None
-        entries = [(int(id.split(b"-", 1)[0]), data) for id, data in rows]
-        return entries, Position(int(top[1]), top[0].decode())
+        position = Position(int(top[1]), top[0].decode())
+        entries: list[Entry] = []
+        for id, data in rows:
+            offset = _offset(id)
+            if data is None or offset is None or offset > position.offset:
+                # Not a publication of the channel's (a backend's own XADD): the
+                # next one starts the history again (publish_with_history.lua).
+                self._fault("malformed")
+                _dropped.warning(
+                    "dropped a history entry %r on %r not written by a publication", id, ch
+                )
+                continue
+            entries.append((offset, data))
+        return entries, position
 
     async def _read_history(
         self, keys: list[str], fresh: str, start: str, limit: int
-    ) -> tuple[list[Any], list[tuple[bytes, bytes]]]:
-        """Where the history stands (``[]`` or epoch and offset) and its rows from ``start``, at once."""
+    ) -> tuple[list[Any], list[tuple[bytes, bytes | None]]]:
+        """Where the history stands (``[]`` or epoch and offset) and its rows from
+        ``start``, at once: each row's id and its field ``d`` (None if it has none)."""
         client = self._pub_client
         assert isinstance(client, aioredis.Redis)
         for attempt in (1, 2):
@@ -645,7 +658,7 @@ class RedisBroker(Broker):
                     pipe.evalsha(self._history_top.sha, len(keys), *keys, fresh)
                     pipe.xrange(keys[0], start, "+", count=limit)
                     top, rows = await pipe.execute()
-                return top, [(id, fields[b"d"]) for id, fields in rows]
+                return top, [(id, fields.get(b"d")) for id, fields in rows]
             except NoScriptError:  # Redis restarted or flushed its scripts: load it again
                 if attempt == 2:
                     raise
@@ -789,3 +802,9 @@ class RedisBroker(Broker):
     async def _drop(pubsub: PubSub) -> None:
         with contextlib.suppress(*BACKEND_ERRORS):
             await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+
+def _offset(entry_id: bytes) -> int | None:
+    """The offset of a history entry's id (``<offset>-1``), or None for another id."""
+    offset, dash, seq = entry_id.partition(b"-")
+    return int(offset) if dash and seq == b"1" and offset.isdigit() else None

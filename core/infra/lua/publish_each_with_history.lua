@@ -19,7 +19,13 @@ for i = 1, #KEYS / 2 do
         redis.call('HSET', meta, 'r', rid)
     end
     local offset = redis.call('HINCRBY', meta, 'o', 1)
-    redis.call('XADD', stream, 'MAXLEN', size, offset .. '-1', 'd', data)
+    local added = redis.pcall('XADD', stream, 'MAXLEN', size, offset .. '-1', 'd', data)
+    if type(added) == 'table' and added.err then
+        epoch, offset = '~' .. fresh, 1 -- as publish_with_history.lua
+        redis.call('DEL', stream)
+        redis.call('HSET', meta, 'e', epoch, 'o', offset, 'r', rid)
+        redis.call('XADD', stream, 'MAXLEN', size, '1-1', 'd', data)
+    end
     redis.call('EXPIRE', stream, ttl)
     redis.call('EXPIRE', meta, ttl)
     redis.call('PUBLISH', ARGV[4 + i], '\30' .. offset .. ' ' .. epoch .. ' ' .. data)

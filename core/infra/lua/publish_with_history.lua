@@ -24,7 +24,17 @@ elseif not meta[2] then
     redis.call('HSET', KEYS[2], 'r', rid) -- kept by an older release: adopt it
 end
 local offset = redis.call('HINCRBY', KEYS[2], 'o', 1)
-redis.call('XADD', KEYS[1], 'MAXLEN', ARGV[3], offset .. '-1', 'd', ARGV[2])
+local added = redis.pcall('XADD', KEYS[1], 'MAXLEN', ARGV[3], offset .. '-1', 'd', ARGV[2])
+if type(added) == 'table' and added.err then
+    -- Something else wrote the key: an entry with an id of its own (XADD *) is
+    -- past this offset, or the key is not a stream. What it holds cannot be told
+    -- from this channel's publications, so the history starts again, untrusted.
+    epoch = '~' .. ARGV[5]
+    offset = 1
+    redis.call('DEL', KEYS[1])
+    redis.call('HSET', KEYS[2], 'e', epoch, 'o', offset, 'r', rid)
+    redis.call('XADD', KEYS[1], 'MAXLEN', ARGV[3], '1-1', 'd', ARGV[2])
+end
 redis.call('EXPIRE', KEYS[1], ARGV[4])
 redis.call('EXPIRE', KEYS[2], ARGV[4])
 redis.call('PUBLISH', ARGV[1], '\30' .. offset .. ' ' .. epoch .. ' ' .. ARGV[2])
