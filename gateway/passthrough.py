@@ -190,6 +190,7 @@ class _Pending:
         rid: str,
         caller: Identity | None,
         t0: float,
+        repeatable: bool,
     ) -> None:
         self.request = request
         self.path = path
@@ -199,7 +200,7 @@ class _Pending:
         self.caller = caller
         self.t0 = t0
         self.sent = 0.0
-        self.repeatable = repeatable_request(request.method, request.headers)
+        self.repeatable = repeatable
         self.upstream: CoreConnection | None = None
 
 
@@ -272,7 +273,8 @@ class ForwardConnection(RestConnection):
             reader: VerbatimReader | ResponseReader = VerbatimReader(rid)
         else:
             reader = ResponseReader(method == "HEAD")
-        pending = _Pending(request, path, query, origin, rid, caller, t0)
+        repeatable = repeatable_request(method, path, headers, core.router)
+        pending = _Pending(request, path, query, origin, rid, caller, t0, repeatable)
         upstream = core.pool.take()
         if upstream is None:  # the task path opens a connection, or waits for one
             self._again(pending, 0)

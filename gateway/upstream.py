@@ -50,6 +50,7 @@ from core.infra.metrics import Metrics
 from core.infra.revocation import Revocations
 from core.infra.settings import Settings
 from core.request import Request, Response
+from core.routing import Router
 from core.service import offline_routes
 from gateway.corepool import (
     Answer,
@@ -82,6 +83,7 @@ _FORWARDED = (
     ("if-match", "If-Match"),
     ("if-none-match", "If-None-Match"),
     ("idempotency-key", "Idempotency-Key"),
+    ("user-agent", "User-Agent"),  # shown in a user's list of sessions
 )
 #: Response headers that belong to the hop, not to the answer (the gateway's
 #: delegate writes its own Content-Type, Content-Length, Date, request id and CORS).
@@ -253,7 +255,7 @@ class UpstreamCore:
             target = self.prefix + req.path + ("?" + query if query else "")
             token = getattr(req.caller, "token", None)
             headers = forward_headers(req.headers, token, req.client, req.request_id)
-            repeatable = repeatable_request(req.method, req.headers)
+            repeatable = repeatable_request(req.method, req.path, req.headers, self.router)
             retries = self.retries if repeatable else 0
             resp: Response | ApiError | None = None
             for attempt in range(tried, retries + 1):
@@ -419,11 +421,22 @@ def response_of(answer: Answer) -> Response:
     return Response(status, payload if payload or status not in (204, 304) else None, out)
 
 
-def repeatable_request(method: str, headers: Mapping[str, str]) -> bool:
-    """Whether sending the request twice does no more than once (lower-case header names)."""
-    return method in IDEMPOTENT or (
-        method in ("POST", "PATCH") and bool(headers.get("idempotency-key"))
-    )
+def repeatable_request(method: str, path: str, headers: Mapping[str, str], router: Router) -> bool:
+    """Whether sending the request twice does no more than once (lower-case header names).
+
+    A ``POST`` or ``PATCH`` is, with an ``Idempotency-Key``, on a route of the
+    core's that keeps such keys (``idempotent``) and nowhere else: the key of a
+    refresh would not stop the core seeing its token used twice.
+    """
+    if method in IDEMPOTENT:
+        return True
+    if method not in ("POST", "PATCH") or not headers.get("idempotency-key"):
+        return False
+    try:
+        route, _ = router.match(method, path)
+    except ApiError:  # no such route: the core's 404 or 405, whatever the key
+        return False
+    return route.idempotent
 
 
 def forward_headers(

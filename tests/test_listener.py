@@ -235,6 +235,18 @@ async def test_a_route_that_needs_a_token_answers_401_before_reading_the_body():
                 assert headers_out["www-authenticate"] == "Bearer"
 
 
+async def test_a_head_refused_before_its_body_is_answered_without_one(caplog):
+    """A refusal's JSON body written to a HEAD was more than its Content-Length allows:
+    Tornado raised, the client got no answer and each such request logged a traceback."""
+    async with running_gateway() as gw, raw(gw.port) as c:
+        await c.send(request("HEAD", "/api/projects", {"Content-Length": "5"}))
+        async with asyncio.timeout(1 * UNIT):
+            head = await c.reader.readuntil(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 4"), head  # 405: HEAD is no method of the route
+        assert await c.closed_within(1 * UNIT)  # with nothing after the head
+    assert not [r for r in caplog.records if r.exc_info], caplog.text
+
+
 async def test_a_chunked_body_is_cut_with_413_when_it_passes_the_limit():
     async with running_gateway(max_publish_bytes=1000) as gw, raw(gw.port) as c:
         head = {"Authorization": f"Bearer {token_for(gw)}", "Transfer-Encoding": "chunked"}

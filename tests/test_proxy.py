@@ -142,6 +142,22 @@ async def test_http_crud_through_the_gateway_is_the_core_s_answer(tier, clean_db
     assert '"request_id": "proxy-test-1"' in tier.core.output()
 
 
+async def test_sessions_opened_through_the_gateway_are_listed_with_their_user_agent(tier):
+    anon = ApiClient(tier.gateway.port, None)
+    try:
+        await register(anon, ADA)
+        status, tokens = await login(anon, **{"User-Agent": "Browser/1.0"})
+        assert status == 200, tokens
+    finally:
+        anon.close()
+    ada = ApiClient(tier.gateway.port, tokens["access_token"])
+    try:
+        status, _, sessions = await ada.call("GET", "/api/auth/sessions")
+    finally:
+        ada.close()
+    assert status == 200 and [s["user_agent"] for s in sessions["items"]] == ["Browser/1.0"]
+
+
 async def test_rpc_through_the_gateway_keeps_its_shape_and_the_socket_s_identity(tier):
     ada = await user(tier.gateway.port, ADA)
     grace = await user(tier.gateway.port, GRACE)
@@ -315,6 +331,34 @@ async def test_a_probe_the_gateway_refuses_itself_does_not_leave_the_breaker_hal
         grace.close()
 
 
+async def _status_line(port: int, raw: bytes) -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(raw)
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5 * UNIT)
+        return head.split(b"\r\n", 1)[0]
+    finally:
+        writer.close()
+
+
+async def test_heads_the_core_refuses_as_too_large_open_no_breaker(tier):
+    """A head within the gateway's MAX_HEADER_BYTES grows past the core's on the way
+    (the target percent-encoded, the forwarding headers added): the core answers 414 or
+    431 with a body and closes. To a HEAD, that body was "bytes past the answer", a
+    failing core: a few anonymous HEADs opened the breaker for every user. Found by a
+    review."""
+    heads = [
+        b"HEAD /api/projects?q=" + b'"' * 30000 + b" HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"HEAD /api/projects HTTP/1.1\r\nHost: x\r\nIf-None-Match: " + b"a" * 65400 + b"\r\n\r\n",
+    ]
+    for raw in heads * 2:
+        line = await _status_line(tier.gateway.port, raw)
+        assert line.split(b" ")[1] in (b"414", b"431"), line
+    assert core_state(tier.gateway.port)["breaker"] == "closed"
+    line = await _status_line(tier.gateway.port, b"GET /api/projects HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert line == b"HTTP/1.1 401 Unauthorized"  # the core's answer, not the breaker's 503
+
+
 def test_a_gateway_with_core_url_starts_no_embedded_database(tier):
     assert "embedded PostgreSQL" not in tier.gateway.output()
     assert not (tier.data_dir / "pg").exists()
@@ -406,6 +450,12 @@ async def test_a_request_lost_on_the_way_is_retried_only_when_repeating_it_is_ha
         again = await ada.call("POST", "/api/projects", PROJECT, headers=keyed)
         assert again[0] == 201 and again[2] == created and again[1]["Idempotent-Replayed"] == "true"
         assert await count() == 1
+        dropper.drop = 1  # a key where the core keeps none: not retried either
+        keyed = {"Idempotency-Key": "refresh-1"}
+        status, _, _ = await ada.call(
+            "POST", "/api/auth/refresh", {"refresh_token": "x"}, headers=keyed
+        )
+        assert status == 503 and dropper.dropped == 4
     finally:
         ada.close()
         dropper.close()

@@ -61,20 +61,27 @@ async def flaky(request):
     server.stop()
 
 
+KEYED = {"idempotency-key": "k-1"}
+
+
 @pytest.mark.parametrize(
-    ("method", "headers", "hits", "status"),
+    ("method", "path", "headers", "hits", "status"),
     [
-        ("GET", {}, 2, 200),
-        ("PUT", {}, 2, 200),
-        ("DELETE", {}, 2, 200),
-        ("POST", {}, 1, 503),
-        ("PATCH", {}, 1, 503),
-        ("POST", {"idempotency-key": "k-1"}, 2, 200),
+        ("GET", "/api/projects", {}, 2, 200),
+        ("PUT", "/api/projects/1", {}, 2, 200),
+        ("DELETE", "/api/projects/1", {}, 2, 200),
+        ("POST", "/api/projects", {}, 1, 503),
+        ("PATCH", "/api/projects/1", {}, 1, 503),
+        ("POST", "/api/projects", KEYED, 2, 200),
+        # A key where the core keeps none: a refresh sent twice revokes its session.
+        ("POST", "/api/auth/refresh", KEYED, 1, 503),
+        ("PATCH", "/api/projects/1", KEYED, 1, 503),
+        ("POST", "/api/nowhere", KEYED, 1, 503),
     ],
 )
-async def test_only_harmless_requests_are_retried(flaky, method, headers, hits, status):
+async def test_only_harmless_requests_are_retried(flaky, method, path, headers, hits, status):
     core, state = flaky
-    resp = await core.dispatch(Request(method, "/api/projects", headers=headers, body=b"{}"))
+    resp = await core.dispatch(Request(method, path, headers=headers, body=b"{}"))
     assert (state["hits"], resp.status) == (hits, status)
     if status == 503:  # the core's own error passes through unchanged
         assert resp.body == b'{"error":{"status":503,"code":"x","message":"busy"}}'
@@ -221,7 +228,8 @@ def test_a_core_url_that_is_not_http_is_a_configuration_error(monkeypatch, url):
 
 class _RawCore:
     """A core on a real port, in bytes: ``/api/x`` answers at once, ``/api/slow`` once
-    ``go`` is set, ``/api/drop`` closes the connection unanswered while ``drops`` last."""
+    ``go`` is set, ``/api/drop`` (and ``/api/projects``, a route that keeps idempotency
+    keys) closes the connection unanswered while ``drops`` last."""
 
     def __init__(self) -> None:
         self.go = asyncio.Event()
@@ -244,7 +252,7 @@ class _RawCore:
                 if path == "/api/slow":
                     self.slow.set()
                     await self.go.wait()
-                elif path == "/api/drop" and self.drops:
+                elif path in ("/api/drop", "/api/projects") and self.drops:
                     self.drops -= 1
                     break
                 body = b'{"path":"%s"}' % path.encode()
@@ -307,20 +315,25 @@ async def test_a_request_given_up_by_its_caller_frees_its_connection(raw):
 
 
 @pytest.mark.parametrize(
-    ("method", "headers", "status", "hits"),
-    [("GET", {}, 200, 2), ("POST", {}, 503, 1), ("POST", {"idempotency-key": "k"}, 200, 2)],
+    ("method", "path", "headers", "status", "hits"),
+    [
+        ("GET", "/api/drop", {}, 200, 2),
+        ("POST", "/api/drop", {}, 503, 1),
+        ("POST", "/api/projects", KEYED, 200, 2),
+        ("POST", "/api/drop", KEYED, 503, 1),  # no route of the core's keeps its key
+    ],
 )
 async def test_a_kept_alive_connection_the_core_closed_is_replaced_only_when_harmless(
-    raw, method, headers, status, hits
+    raw, method, path, headers, status, hits
 ):
     core, fake = raw
     assert (await core.dispatch(Request("GET", "/api/x"))).status == 200
     fake.drops = 1  # the core closes the kept-alive connection as the request comes
-    resp = await core.dispatch(Request(method, "/api/drop", headers=headers, body=b"{}"))
-    assert (resp.status, fake.hits["/api/drop"]) == (status, hits)
+    resp = await core.dispatch(Request(method, path, headers=headers, body=b"{}"))
+    assert (resp.status, fake.hits[path]) == (status, hits)
     assert core.pool.in_use == 0
     if status == 200:  # sent again on a new connection, not counted as a failure
-        assert resp.body == b'{"path":"/api/drop"}' and core.breaker.failures == 0
+        assert resp.body == b'{"path":"%s"}' % path.encode() and core.breaker.failures == 0
 
 
 @pytest.mark.parametrize("header", ["x-forwarded-for", "forwarded"])

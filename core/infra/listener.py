@@ -466,8 +466,9 @@ def _close_after_write(stream: IOStream, written: Future[None]) -> None:
     stream.close()
 
 
-def write_refusal(conn: httputil.HTTPConnection, refusal: ApiError) -> None:
-    """Answer with ``refusal``'s JSON error body and close once it is written."""
+def write_refusal(conn: httputil.HTTPConnection, refusal: ApiError, method: str = "GET") -> None:
+    """Answer with ``refusal``'s JSON error body (none to a ``HEAD``: its length only)
+    and close once it is written."""
     body = refusal.body()
     out = httputil.HTTPHeaders(refusal.headers)
     out["Content-Type"] = "application/json"
@@ -477,7 +478,7 @@ def write_refusal(conn: httputil.HTTPConnection, refusal: ApiError) -> None:
         out["WWW-Authenticate"] = "Bearer"
     line = httputil.ResponseStartLine("HTTP/1.1", refusal.status, HTTPStatus(refusal.status).phrase)
     try:
-        conn.write_headers(line, out, body)
+        conn.write_headers(line, out, b"" if method == "HEAD" else body)
         conn.finish()  # the body still unread is dropped, and the connection closed
     except (StreamClosedError, OSError) as exc:
         log.debug("refusal not written: %s", exc)
@@ -550,7 +551,7 @@ class _Guard(httputil.HTTPMessageDelegate):
 
     def _refuse(self, start: httputil.RequestStartLine, client: str, refusal: ApiError) -> None:
         self._refused = True
-        write_refusal(self._conn, refusal)
+        write_refusal(self._conn, refusal, start.method)
         path = start.path.partition("?")[0]
         access_log.warning("%d %s %s (%s) refused before its body", refusal.status, start.method,
                            path, client, extra={"status": refusal.status, "method": start.method,
