@@ -5,11 +5,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 from collections.abc import AsyncIterator
 from urllib.parse import urlencode
 
+from gateway.loadtest.wsclient import client_frame
 from tests.harness import running_gateway, token_for
 from tests.servers import UNIT
+from tests.test_wsconn import raw_socket
 
 FEED = {"history_channels": ("feed:*",), "history_size": 50}
 
@@ -42,6 +45,32 @@ class EventStream:
             event = await self.next()
             if event.get("event") == name:
                 return event
+
+
+def eventsource_events(text: str) -> list[dict[str, str]]:
+    """The events an ``EventSource`` dispatches from ``text`` (the HTML standard's parsing).
+
+    Lines end at CR, LF or CRLF; ``data`` lines are joined with LF; an empty
+    line dispatches the event, if it has data. The last, unfinished line is left.
+    """
+    events: list[dict[str, str]] = []
+    event: dict[str, str] = {}
+    data: list[str] = []
+    for line in re.split(r"\r\n|\r|\n", text)[:-1]:
+        if not line:
+            if data:
+                events.append({**event, "data": "\n".join(data)})
+            event, data = {}, []
+            continue
+        if line.startswith(":"):
+            continue
+        field, _, value = line.partition(":")
+        value = value.removeprefix(" ")
+        if field == "data":
+            data.append(value)
+        else:
+            event[field] = value
+    return events
 
 
 @contextlib.asynccontextmanager
@@ -137,3 +166,34 @@ async def test_a_subscription_that_cannot_be_made_ends_the_stream_with_4004():
                 await s.next()
                 raise AssertionError("the stream went on after its close event")
         assert gw.hub.connection_count() == 0 and not gw.hub.has_subscribers("room:up")
+
+
+async def test_publications_with_line_breaks_between_tokens_arrive_whole():
+    """JSON may break lines between tokens; each line is a data: line, which EventSource joins."""
+    async with running_gateway() as gw:
+        token = token_for(gw)
+        async with sse(gw.port, token, ["room:1"]) as s:
+            assert s.status == 200
+            received = b""
+
+            async def events_until(last: str) -> list[dict[str, str]]:
+                nonlocal received
+                async with asyncio.timeout(3 * UNIT):
+                    while not any(last in e["data"] for e in eventsource_events(received.decode())):
+                        chunk = await s.reader.read(65536)
+                        assert chunk, "the stream ended"
+                        received += chunk
+                return eventsource_events(received.decode())
+
+            await events_until('"ok":true')  # the reply: subscribed
+            async with raw_socket(gw, token) as ws:
+                ws.send(
+                    client_frame(b'{"op":"pub","ch":"room:1","id":1,"data":{"a":\n\n1,"b":\r2}}')
+                )
+                ws.send(client_frame(b'{"op":"pub","ch":"room:1","id":2,"data":{"last":true}}'))
+                assert [await ws.json() for _ in range(2)] == [
+                    {"id": 1, "ok": True}, {"id": 2, "ok": True}
+                ]  # fmt: skip
+                events = await events_until('"last"')
+    msgs = [json.loads(e["data"]) for e in events if e.get("event") == "msg"]
+    assert [m["data"] for m in msgs] == [{"a": 1, "b": 2}, {"last": True}]

@@ -18,6 +18,10 @@ errors and recovery are the socket's too. The stream carries:
 * ``: ping`` comments on the liveness schedule, which keep proxies from
   timing out an idle stream.
 
+An event's JSON is one ``data:`` line, or one for each of its lines when it
+breaks lines between tokens (a publication may): ``EventSource`` joins them
+with LF, which JSON reads as whitespace.
+
 The stream's write buffer is bounded like a socket's: a reader that falls
 behind by ``SEND_BUFFER_BYTES`` is cut off (and recovers on reconnect).
 """
@@ -186,6 +190,10 @@ class SSEHandler(JsonErrors):
         head = b"event: " + name.encode() + b"\n"
         if event_id is not None:
             head = b"id: " + event_id.encode() + b"\n" + head
+        if b"\n" in data or b"\r" in data:
+            # JSON may break lines between tokens (a publication's data, a hook's):
+            # a line each, which EventSource joins with LF, lest an empty one end the event.
+            data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\ndata: ")
         self._write(head + b"data: " + data + b"\n\n")
 
     def _write(self, chunk: bytes) -> None:
