@@ -197,3 +197,24 @@ async def test_publications_with_line_breaks_between_tokens_arrive_whole():
                 events = await events_until('"last"')
     msgs = [json.loads(e["data"]) for e in events if e.get("event") == "msg"]
     assert [m["data"] for m in msgs] == [{"a": 1, "b": 2}, {"last": True}]
+
+
+async def test_a_full_process_refuses_new_streams_with_503_as_it_refuses_sockets():
+    async with running_gateway(max_connections=2) as gw:
+        token = token_for(gw)
+        async with sse(gw.port, token, ["room:1"]) as a, sse(gw.port, token, ["room:2"]) as b:
+            assert (a.status, b.status) == (200, 200)
+            await a.next_of("reply")
+            await b.next_of("reply")
+            reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+            writer.write(
+                f"GET /sse?ch=room:3 HTTP/1.0\r\nAuthorization: Bearer {token}\r\n\r\n".encode()
+            )
+            try:
+                async with asyncio.timeout(3 * UNIT):
+                    head = await reader.readuntil(b"\r\n\r\n")
+                    assert head.startswith(b"HTTP/1.1 503") and b"\r\nRetry-After: 1\r\n" in head
+                    assert json.loads(await reader.read())["error"]["code"] == "unavailable"
+            finally:
+                writer.close()
+        assert gw.ctx.metrics.handshake_failures.labels("capacity")._value.get() == 1

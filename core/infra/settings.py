@@ -608,7 +608,7 @@ class Settings:
     max_connections: int = _setting(
         0,
         "MAX_CONNECTIONS",
-        "Sockets one process holds before refusing more with 503 "
+        "Sockets and SSE streams one process holds before refusing more with 503 "
         "(0: the open-file limit less 256 kept for everything else).",
         _non_negative_int,
     )

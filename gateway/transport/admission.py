@@ -35,6 +35,7 @@ __all__ = [
     "admit_request",
     "admits_at_once",
     "hooked_admission",
+    "refuse_full",
 ]
 
 log = logging.getLogger("gateway.admission")
@@ -103,6 +104,36 @@ def admit_now(
     identity = _admit_token(ctx, remote_ip, headers, query_token, True)
     assert identity is not None  # without a connect hook, a token is required
     return identity
+
+
+def refuse_full(ctx: Context) -> None:
+    """503 ``unavailable`` once the process holds ``MAX_CONNECTIONS`` sockets and event streams.
+
+    Long-poll sessions are members of the hub too, but have their own
+    ``MAX_LONGPOLL_SESSIONS``. Checked after the token and before any
+    connect hook, by every transport alike (`capacity` failures, a log line
+    every 10 s at most).
+    """
+    limit = ctx.max_connections
+    if ctx.node.hub.connection_count() - ctx.longpoll.open_count >= limit:
+        ctx.metrics.handshake_failures.labels("capacity").inc()
+        _log_full(limit)
+        raise ApiError(503, "unavailable", f"this process holds its limit of {limit} connections",
+                       headers={"Retry-After": "1"})  # fmt: skip
+
+
+_last_full_log = 0.0
+
+
+def _log_full(limit: int) -> None:
+    """Log a full process at most every 10 s."""
+    global _last_full_log
+    now = time.monotonic()
+    if now - _last_full_log > 10:
+        _last_full_log = now
+        log.warning(
+            "refusing new connections: this process holds its limit of %d connections", limit
+        )
 
 
 def _refuse_draining(ctx: Context) -> None:

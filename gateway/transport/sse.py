@@ -1,7 +1,7 @@
 """Server-Sent Events: ``GET /sse?ch=projects&ch=user:42`` for ``EventSource``.
 
 Admission is the socket's (token in ``Authorization`` or ``?token=``,
-grants, limits); each ``ch`` is subscribed through the same session, so
+grants, limits, a full process's 503); each ``ch`` is subscribed through the same session, so
 errors and recovery are the socket's too. The stream carries:
 
 * ``event: reply`` - the reply to each subscription (``recovered``,
@@ -45,7 +45,7 @@ from gateway.context import Context
 from gateway.hooks.connect import Disconnected
 from gateway.hub import Prepared
 from gateway.session import Session
-from gateway.transport.admission import admit, admit_hooked_request
+from gateway.transport.admission import admit, admit_hooked_request, refuse_full
 from proto import JSON_CODEC, CloseCode, Codec, Connection
 
 __all__ = ["SSEHandler", "decode_positions", "encode_positions"]
@@ -95,6 +95,7 @@ class SSEHandler(JsonErrors):
     async def prepare(self) -> None:
         ctx = self.ctx
         identity = await admit(self, ctx)
+        refuse_full(ctx)
         if ctx.hooks is not None and ctx.hooks.connect is not None:
             self._channels()  # a request the gateway refuses is not the backend's to see
             try:

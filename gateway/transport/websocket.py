@@ -26,9 +26,12 @@ the same checks at the accept, and only the upgrade is a task), and then:
   behind its request (Tornado's stream had already read them).
 
 Capacity: a process refuses new sockets once it holds ``MAX_CONNECTIONS``
-sockets (long-poll sessions have their own ``MAX_LONGPOLL_SESSIONS``; by default the open-file limit less a reserve for everything else), with a
-503 and a log line, so reaching the file limit is a clear refusal rather
-than failing ``accept`` calls.
+sockets and SSE streams together (by default the open-file limit less a
+reserve for everything else; long-poll sessions have their own
+``MAX_LONGPOLL_SESSIONS``), with a 503 and a log line
+(`gateway.transport.admission.refuse_full`, which SSE checks too), so
+reaching the file limit is a clear refusal rather than failing ``accept``
+calls.
 """
 
 from __future__ import annotations
@@ -38,7 +41,6 @@ import base64
 import hashlib
 import logging
 import socket
-import time
 from http import HTTPStatus
 from urllib.parse import parse_qs
 
@@ -55,7 +57,13 @@ from core.infra.tasks import TaskSet
 from gateway.context import Context
 from gateway.hooks.connect import Disconnected
 from gateway.session import Session
-from gateway.transport.admission import admit_hooked, admit_now, admit_request, admits_at_once
+from gateway.transport.admission import (
+    admit_hooked,
+    admit_now,
+    admit_request,
+    admits_at_once,
+    refuse_full,
+)
 from gateway.transport.delegate import BodylessRequest
 from gateway.transport.wsconn import WSConnection
 from proto import Codec, select_codec
@@ -311,12 +319,7 @@ def _handshake(
     if origin is not None and "*" not in allowed and origin not in allowed:
         ctx.metrics.handshake_failures.labels("origin").inc()
         raise ApiError(403, "forbidden", f"origin {origin} is not allowed")
-    limit = ctx.max_connections
-    if ctx.node.hub.connection_count() - ctx.longpoll.open_count >= limit:
-        ctx.metrics.handshake_failures.labels("capacity").inc()
-        _log_full(limit)
-        raise ApiError(503, "unavailable", f"this process holds its limit of {limit} connections",
-                       headers={"Retry-After": "1"})  # fmt: skip
+    refuse_full(ctx)
     offered = [p.strip() for p in headers.get("Sec-WebSocket-Protocol", "").split(",") if p.strip()]
     codec, name = select_codec(offered)
     agreement = None
@@ -359,15 +362,3 @@ def _upgrade_key(start: httputil.RequestStartLine, headers: httputil.HTTPHeaders
         raise ApiError(400, "bad_request",
                        "Sec-WebSocket-Key must be the base64 of 16 bytes (RFC 6455 section 4.2.1)")  # fmt: skip
     return key
-
-
-_last_full_log = 0.0
-
-
-def _log_full(limit: int) -> None:
-    """Log a full process at most every 10 s."""
-    global _last_full_log
-    now = time.monotonic()
-    if now - _last_full_log > 10:
-        _last_full_log = now
-        log.warning("refusing new sockets: this process holds its limit of %d connections", limit)
