@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from urllib.parse import urlencode
 
 from gateway.loadtest.wsclient import client_frame
+from gateway.transport.sse import decode_positions, encode_positions
 from tests.harness import running_gateway, token_for
 from tests.servers import UNIT
 from tests.test_wsconn import raw_socket
@@ -218,3 +219,15 @@ async def test_a_full_process_refuses_new_streams_with_503_as_it_refuses_sockets
             finally:
                 writer.close()
         assert gw.ctx.metrics.handshake_failures.labels("capacity")._value.get() == 1
+
+
+async def test_an_event_id_holds_only_the_streams_own_positions():
+    """Positions of other channels in Last-Event-ID are dropped, not carried in every id after."""
+    junk = {f"feed:other{i}": (i, "9f3ac2d1") for i in range(600)}
+    async with running_gateway(**FEED) as gw:
+        token = token_for(gw, channels=("feed:*",))
+        async with sse(gw.port, token, ["feed:a"], encode_positions(junk)) as s:
+            await s.next_of("reply")
+            await gw.ctx.node.publish("feed:a", b'{"n":1}')
+            event = await s.next_of("msg")
+    assert set(decode_positions(event["id"])) == {"feed:a"}

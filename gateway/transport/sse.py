@@ -9,7 +9,7 @@ errors and recovery are the socket's too. The stream carries:
 * ``event: msg`` - a publication, the socket's push as ``data``; on history
   channels with an ``id:`` holding every history channel's position, so the
   browser's automatic reconnect (``Last-Event-ID``) recovers what it missed
-  on all of them;
+  on all of them (positions it gives for other channels are dropped);
 * ``event: expiring`` / ``gap`` / ``unsubscribed`` - the socket's pushes;
 * ``event: close`` - ``{"code": 4002}`` and the like, then the stream ends;
   a subscription refused with a temporary error (Redis unavailable) ends
@@ -117,7 +117,10 @@ class SSEHandler(JsonErrors):
         last = self.request.headers.get("Last-Event-ID") or self.get_query_argument(
             "last_event_id", None
         )
-        self._positions = decode_positions(last)
+        # Only the stream's own history channels: a position for any other
+        # would be carried in the id of every msg from now on.
+        given, history = decode_positions(last), ctx.node.history_policy
+        self._positions = {ch: given[ch] for ch in channels if ch in given and history.applies(ch)}
         self.set_header("Content-Type", "text/event-stream")
         self.set_header("Cache-Control", "no-store")
         self.set_header("X-Accel-Buffering", "no")  # nginx: do not buffer the stream
