@@ -29,10 +29,18 @@ MAX_OFFSET = 2**53 - 1
 
 
 def recovers(since: Position, entries: list[tuple[int, bytes]], top: Position | None) -> bool:
-    """Whether ``entries`` hold every publication after ``since`` (same epoch, no gap)."""
+    """Whether ``entries`` hold every publication after ``since`` (same epoch, no gap).
+
+    They must reach the top too: a read stops at this gateway's
+    ``HISTORY_SIZE``, and a publisher may keep more (another setting, a
+    rollout that changes it). A client that missed more than a read holds
+    is told it cannot recover, as when the history lost them.
+    """
     if top is None or top.epoch != since.epoch or since.offset > top.offset:
         return False
-    return since.offset == top.offset or (bool(entries) and entries[0][0] == since.offset + 1)
+    return since.offset == top.offset or (
+        bool(entries) and entries[0][0] == since.offset + 1 and entries[-1][0] == top.offset
+    )
 
 
 #: The frame that answers a subscription, from ``recovered`` (None: no ``since``)

@@ -82,6 +82,21 @@ async def test_unrecoverable_gaps_say_recovered_false(case):
             assert push["offset"] == 9 and c.pushes == []
 
 
+async def test_more_missed_than_this_gateway_reads_is_not_recovered():
+    """A publisher keeps more history (10) than this gateway reads (HISTORY_SIZE 3): a
+    client that missed 7 got the first 3, ``recovered: true``, and never the other 4."""
+    async with running_gateway(history_channels=("feed:*",), history_size=3) as gw:
+        broker = gw.ctx.node.broker
+        for n in range(1, 9):
+            first = await broker.publish_history("feed:6", b'{"n":%d}' % n, 10, 300)
+            if n == 1:
+                since = {"offset": first.offset, "epoch": first.epoch}
+        async with ws_client(gw.port, token_for(gw, channels=("feed:*",))) as c:
+            reply = await c.request("sub", ch="feed:6", since=since)
+            assert reply["recovered"] is False and reply["offset"] == 8
+            assert (await c.request("ping"))["ok"] and c.pushes == []
+
+
 async def test_nothing_missed_is_recovered_with_nothing_to_send():
     async with running_gateway(**FEED) as gw:
         token = token_for(gw, channels=("feed:*",))
