@@ -308,12 +308,27 @@ class Node:
         self, ch: str, after: int, limit: int
     ) -> tuple[list[Entry], Position | None]:
         entries, top = await self.broker.history(ch, after, limit)
+        return self._kept(ch, entries), top
+
+    async def history_page(
+        self, ch: str, after: int, limit: int
+    ) -> tuple[list[Entry], Position | None, int | None]:
+        """A page of ``ch``'s history for a backend paging through it (not shared, as
+        `history`'s reads are): its entries, where the channel stands, and the offset
+        the next page follows (None: this one reached the top). A page short of its
+        entries left out (`history`) still leads on to the next."""
+        entries, top = await self.broker.history(ch, after, limit)
+        last = entries[-1][0] if entries and len(entries) == limit else None
+        following = last if last is not None and top is not None and last < top.offset else None
+        return self._kept(ch, entries), top, following
+
+    def _kept(self, ch: str, entries: list[Entry]) -> list[Entry]:
         kept: list[Entry] = []
         for offset, data in entries:
             payload = self._publishable(ch, data, "history")
             if payload is not None:
                 kept.append((offset, payload))
-        return kept, top
+        return kept
 
     def _publishable(self, ch: str, data: bytes, source: str) -> bytes | None:
         """The JSON form of a publication read from the broker, or None to drop it."""

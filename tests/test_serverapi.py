@@ -449,3 +449,30 @@ async def test_broadcast_presence_and_history(redis_url):
         assert page["offset"] == 5 and page["epoch"] == sent["results"][1]["epoch"]
         last = (await call(b, root, "history", {"ch": "feed:2", "since": 4}))[2]
         assert [p["data"] for p in last["publications"]] == [5] and "next" not in last
+
+
+async def test_history_pages_lead_on_past_an_entry_left_out(redis_url):
+    """A page short of an entry left out (a backend's malformed publication) said no
+    ``next``: a backend paging with it stopped there, short of everything after."""
+    import redis.asyncio as aioredis
+
+    async with running_gateway(redis_url=redis_url, redis_prefix=unique_prefix(), **FEATURES) as gw:
+        root = admin_token(gw)
+        await gw.ctx.node.publish("feed:p", b'{"n":1}')
+        stream, meta = gw.ctx.node.broker._history_keys("feed:p")
+        async with aioredis.Redis.from_url(redis_url) as backend:
+            await backend.hincrby(meta, "o", 1)  # offset 2, as the script would, but not JSON
+            await backend.xadd(stream, {"d": "{broken"}, id="2-1")
+        for n in (3, 4, 5):
+            await gw.ctx.node.publish("feed:p", b'{"n":%d}' % n)
+        seen, since = [], 0
+        for _ in range(5):
+            status, _, page = await call(
+                gw, root, "history", {"ch": "feed:p", "since": since, "limit": 2}
+            )
+            assert status == 200, page
+            seen += [p["offset"] for p in page["publications"]]
+            if "next" not in page:
+                break
+            since = page["next"]
+        assert seen == [1, 3, 4, 5] and page["offset"] == 5

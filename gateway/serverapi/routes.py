@@ -376,17 +376,16 @@ class ServerRoutes:
         if not node.history_policy.applies(body.ch):
             raise NotFound(f"{body.ch} keeps no history (HISTORY_CHANNELS)")
         try:
-            entries, top = await node.history(body.ch, body.since, body.limit)
+            entries, top, following = await node.history_page(body.ch, body.since, body.limit)
         except BrokerUnavailable as exc:
             raise Unavailable(f"broker unavailable, retry later: {exc}") from None
         items = [HistoryItem(offset, msgspec.Raw(data)) for offset, data in entries]
-        more = len(items) == body.limit and top is not None and items[-1].offset < top.offset
         return _ok(
             HistoryOut(
                 publications=items,
                 offset=top.offset if top is not None else None,
                 epoch=top.epoch if top is not None else None,
-                next=items[-1].offset if more else None,
+                next=following,
             )
         )
 
