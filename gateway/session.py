@@ -113,6 +113,8 @@ class Session:
         "publishes",
         "refused",
         "remote_ip",
+        "server_held",
+        "subscribing",
         "transport",
         "verify",
     )
@@ -147,6 +149,11 @@ class Session:
         self._commands_tat = self._publishes_tat = 0
         self.refused = 0  # refusals in a row, for the abuse close
         self.held: dict[str, list[Prepared]] | None = None  # channels being recovered
+        #: Channels whose subscription is under way (a ``sub``, the server API's), so
+        #: that no second one begins meanwhile; None while there is none.
+        self.subscribing: set[str] | None = None
+        #: Channels the server API subscribed this connection to (no refresh ends them).
+        self.server_held: set[str] | None = None
         #: This connection, in presence (and to hooks, which named it before it opened).
         self.client_id = client_id if client_id is not None else secrets.token_hex(8)
         self.remote_ip = remote_ip  # the client's IP, for the core's per-IP limits (rpc)
@@ -237,6 +244,18 @@ class Session:
         self, cmd: Sub, data_json: bytes | None = None, info: bytes | None = None
     ) -> None:
         """Subscribe and reply (with ``data_json`` when given); enter presence with ``info``."""
+        code = self._claim(cmd.ch)
+        if code is not None:
+            self._reply_error(self.conn.error_reply(cmd, code, cmd.ch), code)
+            return
+        try:
+            await self._subscribe_claimed(cmd, data_json, info)
+        finally:
+            self._unclaim(cmd.ch)
+
+    async def _subscribe_claimed(
+        self, cmd: Sub, data_json: bytes | None, info: bytes | None
+    ) -> None:
         conn = self.conn
         if self.node.history_policy.applies(cmd.ch):
             cid, data = cmd.id, None if data_json is None else self.codec.json_to_raw(data_json)
@@ -265,6 +284,33 @@ class Session:
         if not conn.closed:
             reply = conn.ok(cmd) if data_json is None else self.codec.data_reply(cmd.id, data_json)
             self.transport.send(reply)
+
+    def _claim(self, ch: str) -> ErrorCode | None:
+        """Begin a subscription to ``ch``; the error if it is held, under way or one too many.
+
+        Commands of one socket run one at a time, but the server API's, a
+        long-poll session's concurrent polls and a subscribe hook's wait can
+        overlap a ``sub``: two subscriptions of one channel at once would share
+        its recovery's held publications (`subscribe_recovering`).
+        """
+        conn = self.conn
+        subscribing = self.subscribing
+        if ch in conn.subscriptions or (subscribing is not None and ch in subscribing):
+            return ErrorCode.ALREADY_SUBSCRIBED
+        under_way = len(subscribing) if subscribing is not None else 0
+        if len(conn.subscriptions) + under_way >= conn.max_subscriptions:
+            return ErrorCode.LIMIT_EXCEEDED
+        if subscribing is None:
+            subscribing = self.subscribing = set()
+        subscribing.add(ch)
+        return None
+
+    def _unclaim(self, ch: str) -> None:
+        subscribing = self.subscribing
+        if subscribing is not None:
+            subscribing.discard(ch)
+            if not subscribing:
+                self.subscribing = None
 
     def _failed(self, cmd: Command, exc: Exception) -> None:
         """The error reply for a command that raised ``exc``."""
@@ -356,10 +402,20 @@ class Session:
         draining or closed. Raises `BrokerUnavailable` as a ``sub`` would.
         """
         conn = self.conn
-        if conn.state is not State.OPEN or ch in conn.subscriptions:
+        if conn.state is not State.OPEN or self._claim(ch) is not None:
             return False
-        if len(conn.subscriptions) >= conn.max_subscriptions:
-            return False
+        try:
+            done = await self._server_subscribe_claimed(ch)
+        finally:
+            self._unclaim(ch)
+        if done:
+            if self.server_held is None:
+                self.server_held = set()
+            self.server_held.add(ch)
+        return done
+
+    async def _server_subscribe_claimed(self, ch: str) -> bool:
+        conn = self.conn
         if self.node.history_policy.applies(ch):
             await subscribe_recovering(
                 self,
@@ -405,7 +461,7 @@ class Session:
 
     def _server_channels(self) -> Container[str]:
         """Channels the server subscribed this connection to, which no regrant ends."""
-        return ()
+        return self.server_held or ()
 
     async def _join(self, ch: str, info: bytes | None = None) -> None:
         """Once subscribed to ``ch``: record the event, and enter presence (if ``ch`` keeps
@@ -427,6 +483,8 @@ class Session:
     def _left(self, ch: str) -> None:
         """The subscription to ``ch`` ended: its unsub, or a refresh that no longer allows it."""
         self.node.unsubscribe(ch, self)
+        if self.server_held is not None:
+            self.server_held.discard(ch)
         if self.node.events is not None:
             self.node.events.unsubscribed(self, ch)
 

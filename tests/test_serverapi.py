@@ -476,3 +476,62 @@ async def test_history_pages_lead_on_past_an_entry_left_out(redis_url):
                 break
             since = page["next"]
         assert seen == [1, 3, 4, 5] and page["offset"] == 5
+
+
+async def test_a_refresh_keeps_a_server_side_subscription_and_a_client_unsub_ends_it(redis_url):
+    """A refresh with the very grants of before ended what the server API had subscribed
+    (``unsubscribed`` 103: "the refreshed token does not allow this channel")."""
+    async with running_gateway(redis_url=redis_url, redis_prefix=unique_prefix()) as gw:
+        root = admin_token(gw)
+        async with ws_client(gw.port, token_for(gw, "alice")) as c:
+            assert (await c.request("ping"))["ok"]
+            status, _, done = await call(gw, root, "subscribe", {"user": "alice", "ch": "news:1"})
+            assert status == 200 and done["count"] == 1
+            assert await next_op(c, "subscribed") == {"op": "subscribed", "ch": "news:1"}
+            assert (await c.request("refresh", token=token_for(gw, "alice")))["ok"]
+            await call(gw, root, "publish", {"ch": "news:1", "data": "kept"})
+            assert await c.next_push() == {"op": "msg", "ch": "news:1", "data": "kept"}
+            # Once the client leaves it, its own grants decide again.
+            assert (await c.request("unsub", ch="news:1"))["ok"]
+            assert (await c.request("sub", ch="news:1"))["error"]["code"] == 103
+
+
+async def test_a_server_side_subscribe_and_the_clients_own_sub_at_once_subscribe_once(caplog):
+    """The server API subscribed a connection to a history channel while its own ``sub``
+    of it was under way: both recovered into one buffer, and the one that finished
+    second failed (111 internal to the client, with a KeyError logged)."""
+    import asyncio
+
+    from gateway.session import Session
+
+    async with running_gateway(**FEATURES) as gw:
+        broker = gw.ctx.node.broker
+        original = broker.subscribe
+
+        async def slow_subscribe(ch: str) -> None:
+            await asyncio.sleep(0.2 * UNIT)
+            await original(ch)
+
+        broker.subscribe = slow_subscribe  # type: ignore[method-assign]
+        await gw.ctx.node.publish("feed:1", b'{"n":1}')
+        async with ws_client(gw.port, token_for(gw, "alice", channels=("feed:*",))) as c:
+            assert (await c.request("ping"))["ok"]
+            (session,) = [m for m in gw.hub.connections if isinstance(m, Session)]
+            await c.ws.send('{"id": 50, "op": "sub", "ch": "feed:1"}')
+            await asyncio.sleep(0.05 * UNIT)  # the client's sub waits for its SUBSCRIBE
+            assert await session.server_subscribe("feed:1") is False  # under way already
+            reply = await next_reply(c, 50)
+            assert reply["ok"] and reply["offset"] == 1, reply
+            assert await session.server_subscribe("feed:1") is False  # held
+            held = asyncio.ensure_future(session.server_subscribe("feed:2"))
+            await asyncio.sleep(0.05 * UNIT)
+            assert (await c.request("sub", ch="feed:2"))["error"]["code"] == 104
+            assert await held is True
+        assert not [r for r in caplog.records if r.exc_info], caplog.text
+
+
+async def next_reply(c, id: int, timeout: float = 3 * UNIT) -> dict[str, Any]:
+    while True:
+        msg = await c.recv(timeout)
+        if msg.get("id") == id:
+            return msg

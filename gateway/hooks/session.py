@@ -137,7 +137,8 @@ class HookedSession(Session):
 
     def _server_channels(self) -> Container[str]:
         identity = self.identity
-        return identity.subscribe if isinstance(identity, HookedIdentity) else ()
+        hooked = identity.subscribe if isinstance(identity, HookedIdentity) else ()
+        return {*hooked, *self.server_held} if self.server_held else hooked
 
     # -- commands ------------------------------------------------------------------
 
