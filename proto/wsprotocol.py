@@ -13,7 +13,9 @@ The rules it enforces, per RFC 6455:
   message once permessage-deflate was negotiated, RFC 7692 §6), known opcodes, client frames masked and
   server frames not, control frames unfragmented and at most 125 bytes, a frame
   or a reassembled message at most ``max_size`` bytes (1009, refused at the
-  frame's header, before its payload is buffered);
+  frame's header, before its payload is buffered). A message is reassembled
+  in one buffer, so however it is fragmented (into one-byte or empty
+  continuation frames too) it holds no more memory than its own size;
 * fragmentation (§5.4): a continuation only inside a message, no new message
   inside one, control frames allowed between fragments;
 * UTF-8 (§8.1): text messages and close reasons must be valid UTF-8 (1007). The
@@ -145,7 +147,6 @@ class WebSocketProtocol:
         "_inflate",
         "_max_size",
         "_out",
-        "_size",
         "_text",
         "_utf8",
         "close_code",
@@ -171,8 +172,9 @@ class WebSocketProtocol:
         self.state = WSState.OPEN
         self._buffer = b""
         self._out = b""  # control frames to send (rare: no list held per connection)
-        self._fragments: list[bytes] | None = None  # the message being reassembled
-        self._size = 0  # its bytes so far
+        # The message being reassembled, in one buffer: a list of fragments would
+        # hold an object per fragment (~40 times the payload of one-byte ones).
+        self._fragments: bytearray | None = None
         self._text = False  # whether it is a text message
         self._utf8: codecs.IncrementalDecoder | None = None  # its UTF-8 check, when spread out
         self._checked = 0  # payload bytes of the buffered, incomplete frame already checked
@@ -337,10 +339,9 @@ class WebSocketProtocol:
         if opcode == OP_CONT:
             if fragments is None:
                 raise FrameError(PROTOCOL_ERROR, "continuation frame without a message")
-            self._size += len(payload)
-            if self._size > self._max_size:
+            if len(fragments) + len(payload) > self._max_size:
                 raise FrameError(TOO_BIG, f"message over {self._max_size} bytes")
-            fragments.append(payload)
+            fragments += payload
         elif fragments is not None:
             raise FrameError(PROTOCOL_ERROR, "new message inside a fragmented one")
         else:
@@ -355,8 +356,7 @@ class WebSocketProtocol:
                     else:
                         _decode(decoder, payload[checked:], final=True)
                 return payload
-            self._fragments = fragments = [payload]
-            self._size = len(payload)
+            self._fragments = fragments = bytearray(payload)
             self._compressed = compressed
         if self._compressed:
             if not fin:
@@ -364,7 +364,7 @@ class WebSocketProtocol:
             self._fragments = None
             self._compressed = False
             assert self._inflate is not None
-            message = self._inflate(b"".join(fragments), self._max_size)
+            message = self._inflate(bytes(fragments), self._max_size)
             if self._text and not message.isascii():
                 _check_utf8(message)
             return message
@@ -377,7 +377,7 @@ class WebSocketProtocol:
             return None
         self._fragments = None
         self._utf8 = None
-        return fragments[0] if len(fragments) == 1 else b"".join(fragments)
+        return bytes(fragments)
 
     def _control(self, opcode: int, payload: bytes) -> None:
         if opcode == OP_PING:

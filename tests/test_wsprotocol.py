@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import tracemalloc
+
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -331,6 +333,29 @@ def test_structured_frames_split_anywhere_give_one_outcome(parts, cuts):
     assert (split.close_code, split.state) == (whole.close_code, whole.state)
     for message in expected:
         assert len(message) <= MAX
+
+
+def test_a_fragmented_message_holds_about_its_own_size_in_memory():
+    # Kept as one bytes object per fragment, 1-byte continuations held ~40 times max_size,
+    # and empty ones (6 bytes on the wire, counted as 0 against max_size) grew without bound.
+    def held_after(continuation: bytes, reads: int) -> tuple[int, WebSocketProtocol]:
+        p = WebSocketProtocol(MAX)
+        assert p.receive(raw(OP_TEXT, b"a", fin=False)) == []
+        tracemalloc.start()
+        try:
+            before = tracemalloc.get_traced_memory()[0]
+            for _ in range(reads):
+                p.receive(continuation * 10_000)
+            return tracemalloc.get_traced_memory()[0] - before, p
+        finally:
+            tracemalloc.stop()
+
+    held, p = held_after(raw(OP_CONT, b"b", fin=False), 6)  # 60,000 bytes of 65,536
+    assert p.failure is None and p.state is WSState.OPEN and held <= 2 * MAX, held
+    assert p.receive(raw(OP_CONT, b"c")) == [b"a" + b"b" * 60_000 + b"c"]
+    held, p = held_after(raw(OP_CONT, b"", fin=False), 20)  # 200,000 frames of nothing
+    assert p.failure is None and held <= 2 * MAX, held
+    assert p.receive(raw(OP_CONT, b"z")) == [b"az"]
 
 
 def test_masked_frame_round_trips_through_the_server_side():
