@@ -18,6 +18,7 @@ from gateway.hub import Prepared
 from gateway.loadtest.handshake import handshake_request
 from gateway.loadtest.wsclient import client_frame
 from gateway.transport.wsconn import Coalescer, WSConnection
+from proto import CloseCode
 from proto.codec import JSON
 from proto.wsframe import (
     OP_CLOSE,
@@ -26,7 +27,7 @@ from proto.wsframe import (
     close_frame,
     parse_header,
 )
-from tests.harness import running_gateway, token_for
+from tests.harness import running_gateway, token_for, until
 from tests.servers import UNIT
 
 # -- the transport, over a raw socket -------------------------------------------
@@ -250,6 +251,24 @@ async def test_commands_before_the_peers_close_in_the_same_write_are_answered_fi
         assert (await ws.json()) == {"id": 1, "ok": True}
         assert await ws.close_code() == 1000
         await _eof_within(ws, 1.0)
+
+
+async def test_a_frame_sent_before_the_clients_close_does_not_end_the_tcp_connection(gw):
+    # Once the gateway's close frame is out, a frame the client sent before seeing it (a
+    # ping, a command in flight) is ignored: the gateway waits for the client's close frame.
+    async with raw_socket(gw, token_for(gw)) as ws:
+        await until(lambda: gw.hub.connection_count() == 1)
+        (member,) = gw.hub.connections
+        member.close(CloseCode.SHUTDOWN)
+        assert await ws.close_code() == CloseCode.SHUTDOWN
+        ws.send(client_frame(b"still here", OP_PING) + client_frame(b'{"op":"ping","id":1}'))
+        await ws.writer.drain()
+        eof = asyncio.ensure_future(ws.reader.read(65536))
+        done, _ = await asyncio.wait({eof}, timeout=0.5 * UNIT)
+        assert not done, "the gateway closed the TCP connection before the client's close"
+        ws.send(client_frame((1000).to_bytes(2, "big"), OP_CLOSE))
+        await ws.writer.drain()
+        assert await asyncio.wait_for(eof, 2 * UNIT) == b""  # no pong, no reply: then the end
 
 
 class _Backlog:

@@ -344,7 +344,9 @@ class WSConnection(asyncio.Protocol):
             pongs = protocol.data_to_send()
             if pongs:
                 self._write(pongs)
-        elif self._end is None:
+        # CLOSING (our close frame is out) ends only with the peer's close frame or a
+        # violation: a frame the peer sent before it saw ours is no reason to hang up.
+        elif protocol.state is WSState.CLOSED and self._end is None:
             self._ended()
 
     def eof_received(self) -> bool:
