@@ -17,6 +17,7 @@ from core.infra.metrics import Metrics
 from gateway.hub import Prepared
 from gateway.loadtest.handshake import handshake_request
 from gateway.loadtest.wsclient import client_frame
+from gateway.transport import wsconn
 from gateway.transport.wsconn import Coalescer, WSConnection
 from proto import CloseCode
 from proto.codec import JSON
@@ -269,6 +270,32 @@ async def test_a_frame_sent_before_the_clients_close_does_not_end_the_tcp_connec
         ws.send(client_frame((1000).to_bytes(2, "big"), OP_CLOSE))
         await ws.writer.drain()
         assert await asyncio.wait_for(eof, 2 * UNIT) == b""  # no pong, no reply: then the end
+
+
+async def test_a_slow_consumer_whose_backlog_all_reached_its_kernel_reads_it_to_the_close(
+    monkeypatch,
+):
+    # Everything queued, the close frame too, is in the client's kernel while the client
+    # still reads through it: a reset would throw that away (the client would see 1006).
+    monkeypatch.setattr(wsconn, "CLOSE_TIMEOUT", 0.3 * UNIT)  # far less than the reading takes
+    settings = {"send_buffer_bytes": 64 << 20, "send_buffer_total_bytes": 2 << 20}
+    async with running_gateway(**settings) as gw, raw_socket(gw, token_for(gw)) as ws:
+        ws.send(client_frame(b'{"op":"sub","ch":"room:big","id":1}'))
+        assert (await ws.json())["ok"]
+        chunk = json.dumps("z" * 60_000).encode()
+        for _ in range(2000):  # it reads nothing meanwhile
+            gw.hub.broadcast("room:big", chunk)
+            if gw.ctx.metrics.slow_consumers._value.get():
+                break
+            await asyncio.sleep(0.001)
+        assert gw.ctx.metrics.slow_consumers._value.get() == 1
+        started, n = asyncio.get_running_loop().time(), 0
+        while (frame := await ws.frame())[0] != OP_CLOSE:  # no reset, no EOF before the close
+            n += 1
+            await asyncio.sleep(0.02 * UNIT)  # a slow reader, but a reader
+        took = asyncio.get_running_loop().time() - started
+        assert int.from_bytes(frame[1][:2], "big") == CloseCode.SLOW_CONSUMER, n
+        assert took > 2 * wsconn.CLOSE_TIMEOUT, "the reading must outlast the close timeout"
 
 
 class _Backlog:

@@ -32,6 +32,9 @@ coroutine or task: only the transport, this protocol and its `Session`.
   seconds for the peer's before dropping the socket; a peer still reading
   through what was queued before the close (a closed slow consumer) gets
   another `CLOSE_TIMEOUT` while its backlog shrinks, a minute at most.
+  Once everything, the close frame too, is in the peer's kernel, the
+  socket is closed with a FIN (the peer reads on to the close frame); a
+  backlog the peer does not read is dropped with a reset.
 """
 
 from __future__ import annotations
@@ -537,16 +540,23 @@ class WSConnection(asyncio.Protocol):
         )
 
     def _closing_timer(self, left: int, rounds: int) -> None:
-        """Drop the socket, unless the peer is still reading what precedes our close.
+        """End the TCP connection, unless the peer is still reading what precedes our close.
 
         A slow consumer closed with 4001 that reads again gets everything
         queued and then the close frame: while its backlog shrinks, it is
-        given another `CLOSE_TIMEOUT` (`MAX_CLOSE_ROUNDS` at most).
+        given another `CLOSE_TIMEOUT` (`MAX_CLOSE_ROUNDS` at most). Once all
+        of it is in the peer's kernel, the connection ends with a FIN; one
+        that holds a backlog its peer does not read ends with a reset.
         """
         transport = self.transport
         if transport is None:
             return
         now_left = _unsent(transport)
+        if now_left == 0:
+            # The close frame reached the peer's kernel; a reset would discard what
+            # its reader has not taken yet, and there is no queue of ours to free.
+            transport.close()
+            return
         if now_left < left and rounds < MAX_CLOSE_ROUNDS:  # progress (even to the last byte)
             loop = asyncio.get_running_loop()
             self._timer = loop.call_later(CLOSE_TIMEOUT, self._closing_timer, now_left, rounds + 1)
