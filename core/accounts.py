@@ -138,6 +138,16 @@ _NEW_SESSION = """
 insert into auth_sessions (user_id, expires_at, user_agent, ip)
 values ($1, now() + make_interval(secs => $2), $3, $4) returning id::text
 """
+#: Live sessions one account keeps: a login beyond them ends the oldest (ended
+#: sessions' tokens stop working everywhere, as after a logout).
+MAX_SESSIONS = 100
+_END_OLDEST = """
+update auth_sessions set revoked_at = now(), revoked_reason = 'too_many_sessions'
+where id in (select id from auth_sessions
+             where user_id = $1 and revoked_at is null and expires_at > now()
+             order by created_at desc, id offset $2)
+returning id::text
+"""
 _NEW_REFRESH = "insert into refresh_tokens (token_hash, session_id) values ($1, $2::uuid)"
 _FIND_REFRESH = """
 select r.session_id::text as sid, r.used_at is not null as used, s.user_id,
@@ -285,6 +295,9 @@ class Accounts:
                 _NEW_SESSION, user_id, self._settings.session_ttl, user_agent, req.client
             )
             await conn.execute(_NEW_REFRESH, refresh_hash(refresh), sid)
+            ended = await conn.fetch(_END_OLDEST, user_id, MAX_SESSIONS)
+        if ended:
+            await self._revoker.revoke([r[0] for r in ended])
         return self._tokens(user_id, role, sid, refresh, row["display_name"])
 
     async def _rotate(self, token: str) -> Response:

@@ -241,6 +241,25 @@ async def test_logout_all_ends_every_session(gw, anon):
             client.close()
 
 
+async def test_a_login_beyond_the_live_sessions_an_account_keeps_ends_the_oldest(
+    gw, anon, monkeypatch
+):
+    """Logins made live sessions without bound, and the list of them had no page."""
+    from core import accounts
+
+    monkeypatch.setattr(accounts, "MAX_SESSIONS", 3)
+    await register(anon)
+    sessions = [(await login(anon))[1] for _ in range(5)]
+    for n, tokens in enumerate(sessions):
+        client = as_user(gw, tokens)
+        try:
+            status, _, listed = await client.call("GET", "/api/auth/sessions")
+        finally:
+            client.close()
+        assert status == (401 if n < 2 else 200)  # the two oldest ended
+    assert len(listed["items"]) == 3 and listed["items"][0]["current"]
+
+
 @pytest.mark.parametrize("bearer", ["revoked", "garbage"])
 async def test_the_operations_anyone_may_call_ignore_a_bearer_token(gw, anon, bearer):
     """A logged-out client that still sends its old token can register, log in and refresh:
