@@ -204,7 +204,8 @@ class Node:
 
         The node and the broker must agree on every channel; should they
         not (a lost race, a command lost with a connection), this repairs it,
-        counts it and says so. Returns the number of channels repaired.
+        counts it, says so and tells the channel's members of a gap. Returns
+        the number of channels repaired.
         """
         if not self.broker.connected:
             return 0  # the reconnect resubscribes everything
@@ -215,6 +216,7 @@ class Node:
             for ch in await self.broker.verify(expected):
                 if self._settled(ch):
                     await self.broker.resubscribe(ch)
+                    self.hub.gap(ch)  # what was published meanwhile never came
                     repaired += 1
         except Exception as exc:  # BrokerUnavailable, mostly: the next round tries again
             log.warning("subscription reconciliation failed: %s", exc)

@@ -146,6 +146,9 @@ async def test_reconciliation_repairs_a_channel_redis_no_longer_delivers(redis_u
             await until(lambda: _numsub(redis, f"{prefix}room:1", 1))
             await redis.publish(f"{prefix}room:1", b'"delivered again"')
             await until(t.pushes)
+            # Told first that what was published while it was lost never came.
+            ops = [m["op"] for m in t.sent if "op" in m]
+            assert ops == ["gap", "msg"], t.sent
         finally:
             await redis.aclose()
     finally:
