@@ -635,8 +635,8 @@ class RedisBroker(Broker):
         for id, data in rows:
             offset = _offset(id)
             if data is None or offset is None or offset > position.offset:
-                # Not a publication of the channel's (a backend's own XADD): the
-                # next one starts the history again (publish_with_history.lua).
+                # Not a publication (no field d, or past the top: a backend's XADD *);
+                # the next one starts the history again (publish_with_history.lua).
                 self._fault("malformed")
                 _dropped.warning(
                     "dropped a history entry %r on %r not written by a publication", id, ch
@@ -805,6 +805,7 @@ class RedisBroker(Broker):
 
 
 def _offset(entry_id: bytes) -> int | None:
-    """The offset of a history entry's id (``<offset>-1``), or None for another id."""
-    offset, dash, seq = entry_id.partition(b"-")
-    return int(offset) if dash and seq == b"1" and offset.isdigit() else None
+    """The offset of a history entry's id (``<offset>-<n>``: the script writes ``-1``, a
+    backend appending its own entry to an offset something else), or None."""
+    offset, dash, _ = entry_id.partition(b"-")
+    return int(offset) if dash and offset.isdigit() else None
