@@ -15,7 +15,7 @@ import itertools
 import logging
 import time
 from collections.abc import Callable, Coroutine, Iterable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 from core.infra import control
 from core.infra.broker import CONTROL, UNTRUSTED_EPOCH, Broker, Entry, Position
@@ -29,7 +29,7 @@ from gateway.presence import Presence, decode_change
 from proto import InvalidData, Join, Leave, PresenceInfo
 from proto.publication import DEFAULT_MAX_BYTES, from_broker
 
-__all__ = ["Node"]
+__all__ = ["HistoryRead", "Node"]
 
 log = logging.getLogger("gateway.node")
 
@@ -40,6 +40,19 @@ _jumped = ThrottledLog(log)
 UNSUBSCRIBE_BATCH = 256
 #: Seconds between two reconciliations of the node's channels with the broker's.
 RECONCILE_EVERY = 30.0
+
+
+class HistoryRead(NamedTuple):
+    """A read of a channel's history (`Node.history`)."""
+
+    #: The publishable entries after the offset asked for, oldest first.
+    entries: list[Entry]
+    #: Where the channel stands (None: it keeps no history).
+    top: Position | None
+    #: The first and last offsets read, publishable or not (None: none): whether
+    #: the read began where it was asked to and reached ``top`` does not depend
+    #: on which entries were left out.
+    span: tuple[int, int] | None
 
 
 class _Pending:
@@ -78,7 +91,7 @@ class Node:
         #: subscribed here (so that everything after the read reached this node).
         self._reading: dict[
             tuple[str, int, int],
-            tuple[Position | None, asyncio.Future[tuple[list[Entry], Position | None]], bool],
+            tuple[Position | None, asyncio.Future[HistoryRead], bool],
         ] = {}
         #: The last position that reached here, per history channel with members
         #: (or leaving, its UNSUBSCRIBE not sent yet).
@@ -269,7 +282,7 @@ class Node:
         *,
         covering: Position | None = None,
         holding: bool = False,
-    ) -> tuple[list[Entry], Position | None]:
+    ) -> HistoryRead:
         """Kept publications of ``ch`` after offset ``after``, and where it stands.
 
         Entries that are not publishable (a backend may append to history
@@ -306,31 +319,14 @@ class Node:
         if not reading.cancelled():
             reading.exception()  # retrieved: every waiter got it, or none was left
 
-    async def _read_history(
-        self, ch: str, after: int, limit: int
-    ) -> tuple[list[Entry], Position | None]:
+    async def _read_history(self, ch: str, after: int, limit: int) -> HistoryRead:
         entries, top = await self.broker.history(ch, after, limit)
-        return self._kept(ch, entries), top
-
-    async def history_page(
-        self, ch: str, after: int, limit: int
-    ) -> tuple[list[Entry], Position | None, int | None]:
-        """A page of ``ch``'s history for a backend paging through it (not shared, as
-        `history`'s reads are): its entries, where the channel stands, and the offset
-        the next page follows (None: this one reached the top). A page short of its
-        entries left out (`history`) still leads on to the next."""
-        entries, top = await self.broker.history(ch, after, limit)
-        last = entries[-1][0] if entries and len(entries) == limit else None
-        following = last if last is not None and top is not None and last < top.offset else None
-        return self._kept(ch, entries), top, following
-
-    def _kept(self, ch: str, entries: list[Entry]) -> list[Entry]:
         kept: list[Entry] = []
         for offset, data in entries:
             payload = self._publishable(ch, data, "history")
             if payload is not None:
                 kept.append((offset, payload))
-        return kept
+        return HistoryRead(kept, top, (entries[0][0], entries[-1][0]) if entries else None)
 
     def _publishable(self, ch: str, data: bytes, source: str) -> bytes | None:
         """The JSON form of a publication read from the broker, or None to drop it."""

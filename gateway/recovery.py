@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from gateway.hub import Prepared
+from gateway.node import HistoryRead
 from proto import ErrorCode, History, HistoryItem, Position, Reply, Subscribed
 
 if TYPE_CHECKING:
@@ -28,18 +29,21 @@ MAX_HELD = 10_000
 MAX_OFFSET = 2**53 - 1
 
 
-def recovers(since: Position, entries: list[tuple[int, bytes]], top: Position | None) -> bool:
-    """Whether ``entries`` hold every publication after ``since`` (same epoch, no gap).
+def recovers(since: Position, read: HistoryRead) -> bool:
+    """Whether ``read`` holds every publication after ``since`` (same epoch, no gap).
 
-    They must reach the top too: a read stops at this gateway's
-    ``HISTORY_SIZE``, and a publisher may keep more (another setting, a
-    rollout that changes it). A client that missed more than a read holds
-    is told it cannot recover, as when the history lost them.
+    It must begin right after ``since`` and reach the top: a read stops at
+    this gateway's ``HISTORY_SIZE``, and a publisher may keep more (another
+    setting, a rollout that changes it). A client that missed more than a
+    read holds is told it cannot recover, as when the history lost them.
+    Entries left out as not publishable (`Node.history`) count as read:
+    their live publication was left out too.
     """
+    top, span = read.top, read.span
     if top is None or top.epoch != since.epoch or since.offset > top.offset:
         return False
     return since.offset == top.offset or (
-        bool(entries) and entries[0][0] == since.offset + 1 and entries[-1][0] == top.offset
+        span is not None and span[0] == since.offset + 1 and span[1] == top.offset
     )
 
 
@@ -66,7 +70,7 @@ async def subscribe_recovering(
         await session.node.subscribe(ch, session)
         after = since.offset if since is not None else MAX_OFFSET
         size = session.node.history_policy.size
-        entries, top = await session.node.history(ch, after, size, covering=seen, holding=True)
+        read = await session.node.history(ch, after, size, covering=seen, holding=True)
     except BaseException:
         held.pop(ch, None)
         session.node.unsubscribe(ch, session)
@@ -77,9 +81,10 @@ async def subscribe_recovering(
         return
     conn.subscribed(ch)
     recovered = None
+    entries, top, _ = read
     last = top.offset if top is not None else 0
     if since is not None:
-        recovered = recovers(since, entries, top)
+        recovered = recovers(since, read)
         if recovered:
             last = since.offset
     session.transport.send(session.codec.encode(answer(recovered, top)))
@@ -99,7 +104,7 @@ async def history(session: Session, cmd: History) -> None:
         code = ErrorCode.NO_HISTORY
         session._reply_error(session.conn.error_reply(cmd, code, cmd.ch), code)
         return
-    entries, top = await session.node.history(cmd.ch, cmd.since, cmd.limit)
+    entries, top, _ = await session.node.history(cmd.ch, cmd.since, cmd.limit)
     items = [HistoryItem(offset, session.codec.json_to_raw(data)) for offset, data in entries]
     reply = Reply(
         id=cmd.id,

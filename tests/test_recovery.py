@@ -97,6 +97,23 @@ async def test_more_missed_than_this_gateway_reads_is_not_recovered():
             assert (await c.request("ping"))["ok"] and c.pushes == []
 
 
+@pytest.mark.parametrize("where", ["first", "last"])
+async def test_an_unpublishable_entry_among_the_missed_does_not_defeat_recovery(where):
+    """An entry left out as not publishable (its live publication was too) is read all the
+    same: a read that began or ended with one still covers what was missed."""
+    async with running_gateway(history_channels=("feed:*",), history_size=10) as gw:
+        broker = gw.ctx.node.broker
+        first = await broker.publish_history("feed:7", b'{"n":1}', 10, 300)
+        bodies = [b"{broken", b'{"n":2}'] if where == "first" else [b'{"n":2}', b"{broken"]
+        for body in bodies:
+            await broker.publish_history("feed:7", body, 10, 300)
+        since = {"offset": first.offset, "epoch": first.epoch}
+        async with ws_client(gw.port, token_for(gw, channels=("feed:*",))) as c:
+            reply = await c.request("sub", ch="feed:7", since=since)
+            assert reply["recovered"] is True and reply["offset"] == 3, reply
+            assert (await c.next_push())["data"] == {"n": 2}
+
+
 async def test_nothing_missed_is_recovered_with_nothing_to_send():
     async with running_gateway(**FEED) as gw:
         token = token_for(gw, channels=("feed:*",))

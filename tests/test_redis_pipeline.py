@@ -145,3 +145,18 @@ async def test_a_backends_own_stream_entries_are_dropped_and_start_the_history_a
         assert then.epoch.startswith(UNTRUSTED_EPOCH)
     finally:
         await broker.close()
+
+
+async def test_a_backends_entry_beside_a_publication_is_no_second_one_at_its_offset(redis_url):
+    """An entry a backend adds at an offset a publication holds (id ``1-2`` beside the
+    script's ``1-1``) would be delivered twice at that offset on recovery."""
+    broker = RedisBroker(redis_url, unique_prefix())
+    try:
+        first = await broker.publish_history("feed", b"1", 10, 60)
+        async with aioredis.Redis.from_url(redis_url) as backend:
+            await backend.xadd(broker._history_keys("feed")[0], {"d": "9"}, id="1-2")
+        second = await broker.publish_history("feed", b"2", 10, 60)
+        assert await broker.history("feed", 0, 10) == ([(1, b"1"), (2, b"2")], second)
+        assert second.epoch == first.epoch
+    finally:
+        await broker.close()

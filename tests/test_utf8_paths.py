@@ -89,7 +89,8 @@ async def test_invalid_utf8_by_every_entry_path_reaches_no_one_and_disconnects_n
                 await redis.publish(f"{prefix}room:1", b'"' + bad + b'"')
             # 6. an entry written straight into the history stream, where recovery reads next
             stream = f"{prefix}h:{{room:1}}"
-            await redis.xadd(stream, {"d": b'"\xed\xa0\x80"'}, id=f"{first['offset'] + 1}-0")
+            await redis.hincrby(f"{prefix}m:{{room:1}}", "o", 1)  # as the script would
+            await redis.xadd(stream, {"d": b'"\xed\xa0\x80"'}, id=f"{first['offset'] + 1}-1")
             # msgpack bin is carried, as base64, to JSON and msgpack subscribers alike
             assert (await attacker_mp.request("pub", ch="room:1", data=b"\xff\x00"))["ok"]
             assert (await attacker.request("pub", ch="room:1", data="after"))["ok"]

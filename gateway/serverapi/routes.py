@@ -376,10 +376,15 @@ class ServerRoutes:
         if not node.history_policy.applies(body.ch):
             raise NotFound(f"{body.ch} keeps no history (HISTORY_CHANNELS)")
         try:
-            entries, top, following = await node.history_page(body.ch, body.since, body.limit)
+            entries, top, span = await node.history(body.ch, body.since, body.limit)
         except BrokerUnavailable as exc:
             raise Unavailable(f"broker unavailable, retry later: {exc}") from None
         items = [HistoryItem(offset, msgspec.Raw(data)) for offset, data in entries]
+        # Where this page's read ended, entries left out included: a page short of
+        # them still leads on to the next.
+        following = (
+            span[1] if span is not None and top is not None and span[1] < top.offset else None
+        )
         return _ok(
             HistoryOut(
                 publications=items,

@@ -635,8 +635,9 @@ class RedisBroker(Broker):
         for id, data in rows:
             offset = _offset(id)
             if data is None or offset is None or offset > position.offset:
-                # Not a publication (no field d, or past the top: a backend's XADD *);
-                # the next one starts the history again (publish_with_history.lua).
+                # Not a publication: no field d, an id of a backend's own (past the
+                # top, from XADD *: the next publication starts the history again,
+                # publish_with_history.lua), or one beside a publication's offset.
                 self._fault("malformed")
                 _dropped.warning(
                     "dropped a history entry %r on %r not written by a publication", id, ch
@@ -805,7 +806,7 @@ class RedisBroker(Broker):
 
 
 def _offset(entry_id: bytes) -> int | None:
-    """The offset of a history entry's id (``<offset>-<n>``: the script writes ``-1``, a
-    backend appending its own entry to an offset something else), or None."""
-    offset, dash, _ = entry_id.partition(b"-")
-    return int(offset) if dash and offset.isdigit() else None
+    """The offset of a history entry's id as the script writes it (``<offset>-1``), or
+    None for another id (a backend's own entry, which would repeat an offset)."""
+    offset, dash, seq = entry_id.partition(b"-")
+    return int(offset) if dash and seq == b"1" and offset.isdigit() else None
