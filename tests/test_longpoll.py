@@ -340,3 +340,17 @@ async def test_a_poll_whose_client_went_away_loses_nothing_and_a_second_poll_end
             assert [m["data"] for m in late["messages"]] == [{"n": 2}]
         finally:
             p.close()
+
+
+async def test_a_poll_body_nested_too_deeply_is_a_400_not_a_500(caplog):
+    async with running_gateway() as gw:
+        api = ApiClient(gw.port, token_for(gw))
+        try:
+            status, _, body = await api.call("POST", "/lp", raw=b"")
+            assert status == 201, body
+            deep = b"[" * 2000 + b"]" * 2000
+            status, _, body = await api.call("POST", f"/lp/{body['session']}", raw=deep)
+            assert status == 400 and body["error"]["code"] == "malformed_json", body
+        finally:
+            api.close()
+    assert not [r for r in caplog.records if r.exc_info], caplog.text

@@ -143,6 +143,8 @@ class LongPollHandler(JsonHandler):
             frames = _frames.decode(self.request.body)
         except msgspec.DecodeError as exc:
             raise ApiError(400, "malformed_json", f"send a JSON array of frames: {exc}") from None
+        except RecursionError:  # nested beyond what the decoder follows
+            raise ApiError(400, "malformed_json", "request body is nested too deeply") from None
         for frame in frames:
             await poll.session.handle(bytes(frame))
         self.write_json({"accepted": len(frames)}, 202)
