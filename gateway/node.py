@@ -230,6 +230,8 @@ class Node:
                 if self._settled(ch):
                     await self.broker.resubscribe(ch)
                     self.hub.gap(ch)  # what was published meanwhile never came
+                    if ch in self._seen:
+                        self._told.add(ch)  # told: the next offset's jump is no second gap
                     repaired += 1
         except Exception as exc:  # BrokerUnavailable, mostly: the next round tries again
             log.warning("subscription reconciliation failed: %s", exc)

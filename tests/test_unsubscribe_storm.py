@@ -8,6 +8,7 @@ import contextlib
 import redis.asyncio as aioredis
 
 from core.infra.broker import RedisBroker
+from core.infra.history import HistoryPolicy
 from core.infra.metrics import Metrics
 from gateway.hub import Hub
 from gateway.node import UNSUBSCRIBE_BATCH, Node
@@ -152,6 +153,31 @@ async def test_reconciliation_repairs_a_channel_redis_no_longer_delivers(redis_u
         finally:
             await redis.aclose()
     finally:
+        await node.close()
+
+
+async def test_a_reconciled_history_channel_tells_its_gap_once(redis_url):
+    prefix = unique_prefix()
+    metrics = Metrics()
+    history = HistoryPolicy(("feed:*",), 10, 60.0)
+    node = Node(Hub(metrics), RedisBroker(redis_url, prefix), metrics, history=history)
+    await node.start()
+    redis = aioredis.Redis.from_url(redis_url)
+    try:
+        s, t = session(node, channels=("feed:*",))
+        await s.handle('{"id": 1, "op": "sub", "ch": "feed:1"}')
+        await node.publish("feed:1", b'{"n":1}')
+        await until(t.pushes)
+        await node.broker._pubsub.unsubscribe(f"{prefix}feed:1".encode())
+        await until(lambda: _numsub(redis, f"{prefix}feed:1", 0))
+        await node.publish("feed:1", b'{"n":2}')  # never delivered: the gap
+        assert await node.reconcile() == 1
+        await until(lambda: _numsub(redis, f"{prefix}feed:1", 1))
+        await node.publish("feed:1", b'{"n":3}')
+        await until(lambda: len(t.pushes()) == 2)
+        assert [m["op"] for m in t.sent if "op" in m] == ["msg", "gap", "msg"], t.sent
+    finally:
+        await redis.aclose()
         await node.close()
 
 
