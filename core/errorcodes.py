@@ -106,7 +106,7 @@ ERRORS: Final[dict[str, ErrorDoc]] = {
     "validation_error": ErrorDoc(
         422,
         "`details` lists every bad field by path (`$.milestones[1].title`, `query.limit`, "
-        "`header.Idempotency-Key`), unknown fields included.",
+        "`header.Idempotency-Key`), unknown fields included, up to 100 of them.",
         "invalid request",
     ),
     "idempotency_key_reused": ErrorDoc(

@@ -38,8 +38,6 @@ _AT = re.compile(r"^(.*) - at `\$(.*)`$")
 
 #: The most problems one 422 lists (the rest are left out).
 MAX_DETAILS = 100
-#: msgspec's message for a list over its ``max_length`` (checked before its items).
-_TOO_LONG = "Expected `array` of length <="
 
 
 class Checked(msgspec.Struct):
@@ -91,6 +89,16 @@ def _struct_items(tp: Any) -> type[msgspec.Struct] | None:
     return None
 
 
+def _max_length(tp: Any) -> float:
+    """The ``max_length`` of an annotated list type (infinity without one)."""
+    while typing.get_origin(tp) is typing.Annotated:
+        for meta in typing.get_args(tp)[1:]:
+            if isinstance(meta, msgspec.Meta) and meta.max_length is not None:
+                return meta.max_length
+        tp = typing.get_args(tp)[0]
+    return float("inf")
+
+
 @functools.cache
 def _fields(
     tp: type[msgspec.Struct],
@@ -131,7 +139,7 @@ def _collect(tp: type[msgspec.Struct], value: Any, path: str, problems: list[Err
             first = _split(str(exc), where)
         item = _struct_items(f.type)
         before = len(problems)
-        if item is not None and isinstance(raw, list) and not first.message.startswith(_TOO_LONG):
+        if item is not None and isinstance(raw, list) and len(raw) <= _max_length(f.type):
             for i, element in enumerate(raw):
                 if len(problems) >= MAX_DETAILS:
                     return

@@ -127,12 +127,17 @@ def test_oversized_and_garbage_tokens_are_refused():
 
 @pytest.mark.parametrize("part", ["header", "payload"])
 def test_deeply_nested_segments_are_refused_not_raised(part, rsa_key):
-    # 1,000 brackets: far under MAX_TOKEN_BYTES; a RecursionError from it was a 500.
+    # 1,000 brackets: far under MAX_TOKEN_BYTES; a RecursionError from the header was a
+    # 500. The payload is signed, so that it is read (after its signature is checked).
     def b64(raw: bytes) -> str:
         return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
 
-    nested, plain = b64(b"[" * 1000), b64(b'{"alg":"HS256"}')
-    token = f"{nested}.{b64(b'{}')}.AAAA" if part == "header" else f"{plain}.{nested}.AAAA"
+    nested, plain = b64(b"[" * 1000 + b"]" * 1000), b64(b'{"alg":"HS256"}')
+    if part == "header":
+        token = f"{nested}.{b64(b'{}')}.AAAA"
+    else:
+        signature = hmac.new(SECRET.encode(), f"{plain}.{nested}".encode(), hashlib.sha256)
+        token = f"{plain}.{nested}.{b64(signature.digest())}"
     for settings in (Settings(jwt_secret=SECRET), Settings(jwt_public_key=pem(rsa_key))):
         assert refused(Verifier(settings), token) in ("invalid", "algorithm", "bad_signature")
 

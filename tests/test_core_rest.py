@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import copy
+from typing import Annotated
 
 import asyncpg
 import msgspec
 import pytest
 
+from core.infra.errors import ValidationFailed
 from core.schemas import Project, ProjectPage, User
-from core.validation import MAX_DETAILS
+from core.validation import MAX_DETAILS, validate
 from tests.harness import ApiClient, KeptAliveClient, running_gateway, token_for
 
 PROJECT = {
@@ -242,6 +244,21 @@ async def test_a_body_of_many_bad_items_is_one_short_answer(api):
     unknown = project(**{f"f{i}": 0 for i in range(2_000)})
     status, _, body = await api.call("POST", "/api/projects", unknown)
     assert status == 422 and len(body["error"]["details"]) == MAX_DETAILS
+
+
+class _Inner(msgspec.Struct, forbid_unknown_fields=True):
+    x: int
+    tags: Annotated[list[int], msgspec.Meta(max_length=1)] = []
+
+
+class _Outer(msgspec.Struct, forbid_unknown_fields=True):
+    items: Annotated[list[_Inner], msgspec.Meta(max_length=3)]
+
+
+def test_a_nested_list_over_its_limit_hides_no_other_items_problems():
+    with pytest.raises(ValidationFailed) as caught:
+        validate(_Outer, {"items": [{"x": 1, "tags": [1, 2]}, {"x": "bad"}]})
+    assert [d.path for d in caught.value.details] == ["$.items[0].tags", "$.items[1].x"]
 
 
 async def test_malformed_json_empty_and_oversized_bodies(api):
