@@ -123,12 +123,16 @@ class HookedSession(Session):
         for ch in channels:
             if conn.closed:
                 return
+            if self._claim(ch) is not None:
+                continue  # the server API's subscribe of it came first
             try:
                 await self.node.subscribe(ch, self)
             except Exception as exc:
                 log.warning("closing %s: its subscription to %s failed: %s", self.subject, ch, exc)
                 self.transport.disconnect(CloseCode.UNAVAILABLE)
                 return
+            finally:
+                self._unclaim(ch)
             if conn.closed:
                 self.node.unsubscribe(ch, self)
                 return
