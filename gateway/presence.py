@@ -9,6 +9,7 @@ of a process that dies without saying so expire by themselves.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Coroutine
@@ -71,14 +72,26 @@ class Presence(ChannelPatterns):
         self._local: dict[str, dict[str, bytes]] = {}
         self._refreshed = time.monotonic()
         self._tasks = TaskSet(log)
+        #: Joins whose entry is on its way to the broker, by (channel, client): a
+        #: leave meanwhile waits for it, or its removal could land first (another
+        #: pooled connection) and leave the entry behind until it expires.
+        self._joining: dict[tuple[str, str], asyncio.Future[None]] = {}
 
     async def join(self, ch: str, user: str, client: str, info: bytes | None = None) -> None:
         extra = msgspec.json.decode(info, type=dict[str, Any]) if info is not None else None
         entry = PresenceEntry(user, client, extra)
         encoded = msgspec.json.encode(entry)
         self._local.setdefault(ch, {})[client] = encoded
-        await self._broker.presence_add(ch, {client: encoded}, self.ttl)
-        await self._announce(ch, "join", entry)
+        key = (ch, client)
+        added = self._joining[key] = asyncio.get_running_loop().create_future()
+        try:
+            await self._broker.presence_add(ch, {client: encoded}, self.ttl)
+        finally:
+            if self._joining.get(key) is added:
+                del self._joining[key]
+            added.set_result(None)
+        if self._local.get(ch, {}).get(client) is encoded:  # not gone meanwhile
+            await self._announce(ch, "join", entry)
 
     def leave(self, ch: str, client: str) -> None:
         room = self._local.get(ch)
@@ -90,6 +103,9 @@ class Presence(ChannelPatterns):
         self._spawn(self._gone(ch, _entry.decode(info)))
 
     async def _gone(self, ch: str, entry: PresenceEntry) -> None:
+        joining = self._joining.get((ch, entry.client))
+        if joining is not None:
+            await joining  # its entry first, then its removal
         await self._broker.presence_remove(ch, [entry.client])
         await self._announce(ch, "leave", entry)
 

@@ -172,3 +172,22 @@ async def test_an_oversized_or_odd_info_claim_is_refused():
         for info in ({"x": "y" * 2000}, "a string"):
             with pytest.raises(AuthError):
                 gw.ctx.verifier.verify(token_for(gw, "eve", extra={"info": info}))
+
+
+async def test_a_client_gone_while_its_join_is_on_its_way_leaves_no_entry_behind():
+    """The join's entry and the leave's removal went over different pooled connections:
+    the removal could land first, and the entry stayed listed until PRESENCE_TTL."""
+    from gateway.presence import Presence
+
+    class SlowAdd(MemoryBroker):
+        async def presence_add(self, ch: str, entries: dict[str, bytes], ttl: float) -> None:
+            await asyncio.sleep(0.05)
+            await super().presence_add(ch, entries, ttl)
+
+    presence = Presence(SlowAdd(), ("room:*",), 60.0)
+    joining = asyncio.ensure_future(presence.join("room:1", "alice", "c1"))
+    await asyncio.sleep(0)  # the join is under way
+    presence.leave("room:1", "c1")  # the socket closed meanwhile
+    await joining
+    await presence.close()
+    assert await presence.who("room:1") == []
