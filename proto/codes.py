@@ -87,6 +87,7 @@ class CloseCode(enum.IntEnum):
     GOING_AWAY = 1001
     PROTOCOL_ERROR = 1002
     INVALID_DATA = 1007
+    POLICY_VIOLATION = 1008
     MESSAGE_TOO_BIG = 1009
     SERVER_ERROR = 1011
     # 4000-4499: reconnect.
@@ -134,6 +135,7 @@ _CLOSE_REASONS: dict[CloseCode, str] = {
     CloseCode.GOING_AWAY: "going away",
     CloseCode.PROTOCOL_ERROR: "protocol error",
     CloseCode.INVALID_DATA: "invalid data",
+    CloseCode.POLICY_VIOLATION: "policy violation",
     CloseCode.MESSAGE_TOO_BIG: "message too big",
     CloseCode.SERVER_ERROR: "server error",
     CloseCode.SHUTDOWN: "server shutting down, reconnect",
@@ -174,10 +176,11 @@ COMMAND_ERRORS: dict[str, tuple[ErrorCode, ...]] = {
 
 C = CloseCode
 #: What a client's frames can make a socket close with: broken framing (1002), text that
-#: is not UTF-8 (1007), a frame over MAX_FRAME_BYTES (1009), commands kept up while
-#: rate limited (4503). A close the client starts is answered with its own code.
-COMMAND_CLOSES: tuple[CloseCode, ...] = (C.PROTOCOL_ERROR, C.INVALID_DATA, C.MESSAGE_TOO_BIG,
-                                         C.RATE_LIMITED)  # fmt: skip
+#: is not UTF-8 (1007), a run of control frames (pings, pongs) without a message past
+#: `proto.wsprotocol.MAX_CONTROL_RUN` (1008), a frame over MAX_FRAME_BYTES (1009), commands
+#: kept up while rate limited (4503). A close the client starts is answered with its own code.
+COMMAND_CLOSES: tuple[CloseCode, ...] = (C.PROTOCOL_ERROR, C.INVALID_DATA, C.POLICY_VIOLATION,
+                                         C.MESSAGE_TOO_BIG, C.RATE_LIMITED)  # fmt: skip
 #: What the gateway ends any connection with on its own: draining, a client that does not
 #: read, an expired token, an ended login session, a revoked API key, the server API's
 #: ``disconnect`` (which may also give any code of 4000-4999).

@@ -30,6 +30,26 @@ The rules it enforces, per RFC 6455:
   send (0-999, 1004-1006, 1015, 1016-2999, 5000 and up) fails with 1002; a valid
   one is answered with its own code (an empty one with an empty one).
 
+Control frames have a budget, or a peer could keep its reader busy with
+pings that cost it 6 bytes each (~43,000 in one 256 KiB read, each parsed
+and, unbounded, each answered):
+
+* pongs (§5.5.2, §5.5.3): at most `MAX_PONGS` (16) per `receive`. The first 15
+  pings of one call are answered one for one; any after them, by one pong
+  carrying the last one's payload, queued once the call's frames are read
+  (before a close frame that follows them). §5.5.3 lets an endpoint answer
+  only the most recent of the pings it has not answered yet; a client that
+  pings now and then gets each ping answered;
+* runs (policy, not RFC): more than `MAX_CONTROL_RUN` (256) pings and pongs
+  in a row fail the connection with 1008 (policy violation), at the first
+  frame past the limit (the rest of the read is not parsed). A run ends at
+  a complete data message (not at a continuation frame, or empty fragments
+  would reset it for free) and when the adapter says a ping of ours went out
+  or the peer paused (`reset_control_run`; `ping` does it too): so pongs
+  answering our pings, and a client's own keep-alive pings, never add up.
+  Close frames are not counted: the closing handshake always works. The
+  count costs the data path one attribute store per message.
+
 Every frame that precedes a violation in the same `receive` is processed: its
 messages are returned along with the failure.
 
@@ -74,6 +94,9 @@ from proto.wsframe import (
 
 __all__ = [
     "INVALID_DATA",
+    "MAX_CONTROL_RUN",
+    "MAX_PONGS",
+    "POLICY_VIOLATION",
     "TRANSITIONS",
     "Event",
     "WSState",
@@ -84,6 +107,14 @@ __all__ = [
 
 #: Close code for a text message or close reason that is not UTF-8 (RFC 6455 §7.4.1).
 INVALID_DATA: Final = int(CloseCode.INVALID_DATA)
+#: Close code for a peer past a budget of this module (RFC 6455 §7.4.1: policy violation).
+POLICY_VIOLATION: Final = int(CloseCode.POLICY_VIOLATION)
+#: Control frames (pings, pongs) in a row before the connection fails with 1008. A run
+#: ends at a data message and at `reset_control_run` (a ping of ours, a pause of the
+#: peer's): no client sends hundreds in one; a flood of empty pings reaches it in 1.5 KB.
+MAX_CONTROL_RUN: Final = 256
+#: Pongs queued in one `receive` at most: past 15 pings, only the last is answered.
+MAX_PONGS: Final = 16
 _NO_STATUS: Final = 1005
 
 
@@ -147,6 +178,9 @@ class WebSocketProtocol:
         "_inflate",
         "_max_size",
         "_out",
+        "_pong",
+        "_pongs",
+        "_run",
         "_text",
         "_utf8",
         "close_code",
@@ -172,6 +206,9 @@ class WebSocketProtocol:
         self.state = WSState.OPEN
         self._buffer = b""
         self._out = b""  # control frames to send (rare: no list held per connection)
+        self._pongs = 0  # pongs for this receive's pings: queued in _out, or the one held
+        self._pong: bytes | None = None  # the payload of the latest ping past MAX_PONGS - 1
+        self._run = 0  # control frames since the last data message (or reset_control_run)
         # The message being reassembled, in one buffer: a list of fragments would
         # hold an object per fragment (~40 times the payload of one-byte ones).
         self._fragments: bytearray | None = None
@@ -200,6 +237,8 @@ class WebSocketProtocol:
         except FrameError as exc:
             self._violation(exc)
             return messages
+        if self._pongs:
+            self._end_pongs()
         if used < len(data) and not self._closed():
             self._buffer = data[used:]
         return messages
@@ -208,6 +247,14 @@ class WebSocketProtocol:
         """The control frames to send now (pongs, a close frame), once; b"" if none."""
         out, self._out = self._out, b""
         return out
+
+    def reset_control_run(self) -> None:
+        """Start a new run of the peer's control frames (`MAX_CONTROL_RUN`).
+
+        For the adapter: a ping of ours went out (built elsewhere; `ping` resets
+        too), so the pong answering it is no flood; or the peer had paused.
+        """
+        self._run = 0
 
     # -- out ---------------------------------------------------------------
 
@@ -224,6 +271,8 @@ class WebSocketProtocol:
         return self._frame(OP_PONG, payload)
 
     def ping(self, payload: bytes = b"") -> bytes:
+        """A ping frame; the peer's control frames start a new run (its pong is no flood)."""
+        self._run = 0
         return self._frame(OP_PING, payload)
 
     def message(self, payload: bytes, binary: bool) -> bytes:
@@ -248,6 +297,7 @@ class WebSocketProtocol:
         self.state = TRANSITIONS.get((self.state, event), self.state)
 
     def _violation(self, exc: FrameError) -> None:
+        self._end_pongs()  # the pings before the violation are answered first
         if self.state is WSState.OPEN:
             self._out += self._frame(OP_CLOSE, close_payload(exc.code, exc.reason))
         self._move(Event.VIOLATION)
@@ -311,8 +361,10 @@ class WebSocketProtocol:
                     return pos
             else:
                 message = self._data(opcode, bool(b0 & 0x80), payload, bool(rsv))
-                if message is not None and self.state is WSState.OPEN:
-                    messages.append(message)
+                if message is not None:
+                    self._run = 0
+                    if self.state is WSState.OPEN:
+                        messages.append(message)
         return pos
 
     def _check_partial(self, opcode: int, data: bytes, start: int, end: int, mask: bytes) -> None:
@@ -380,17 +432,38 @@ class WebSocketProtocol:
         return bytes(fragments)
 
     def _control(self, opcode: int, payload: bytes) -> None:
-        if opcode == OP_PING:
-            if self.state is WSState.OPEN:
-                self._out += self._frame(OP_PONG, payload)
-        elif opcode == OP_CLOSE:
+        if opcode == OP_CLOSE:  # never counted: the closing handshake always works
             code, reason = _parse_close(payload)
             if self.state is WSState.OPEN:
+                self._end_pongs()  # a ping before the close is answered before it
                 self.close_code, self.close_reason = code, reason
                 reply = b"" if code == _NO_STATUS else code.to_bytes(2, "big")
                 self._out += self._frame(OP_CLOSE, reply)
             self._move(Event.CLOSE_RECEIVED)
             self._buffer = b""
+            return
+        run = self._run + 1
+        if run > MAX_CONTROL_RUN:
+            raise FrameError(
+                POLICY_VIOLATION, f"over {MAX_CONTROL_RUN} control frames without a message"
+            )
+        self._run = run
+        if opcode == OP_PING and self.state is WSState.OPEN:
+            pongs = self._pongs
+            if pongs < MAX_PONGS - 1:
+                self._pongs = pongs + 1
+                self._out += self._frame(OP_PONG, payload)
+            else:  # answered once this receive's frames are read, if no later ping replaces it
+                self._pongs = MAX_PONGS
+                self._pong = payload
+
+    def _end_pongs(self) -> None:
+        """Queue the pong held for this receive's last ping, if any; the next call starts at 0."""
+        self._pongs = 0
+        pong = self._pong
+        if pong is not None:
+            self._pong = None
+            self._out += self._frame(OP_PONG, pong)
 
 
 def _decode(decoder: codecs.IncrementalDecoder, data: bytes, final: bool) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import time
 from collections.abc import AsyncIterator
 
 import pytest
@@ -24,10 +25,12 @@ from proto.codec import JSON
 from proto.wsframe import (
     OP_CLOSE,
     OP_PING,
+    OP_PONG,
     OP_TEXT,
     close_frame,
     parse_header,
 )
+from proto.wsprotocol import MAX_CONTROL_RUN, WSState
 from tests.harness import running_gateway, token_for, until
 from tests.servers import UNIT
 
@@ -121,6 +124,67 @@ async def test_broken_frames_close_with_the_rfc_code_and_others_live_on(gw, raw,
             assert await ws.close_code() == code
         bystander.send(client_frame(b'{"op":"ping","id":7}'))
         assert (await bystander.json()) == {"id": 7, "ok": True}
+
+
+async def test_a_flood_of_pings_closes_with_1008_while_another_client_is_answered(gw):
+    # Empty pings are 6 bytes: one read of them used to be parsed and answered pong by
+    # pong (~43,000 in 256 KiB), keeping the event loop from every other client.
+    async with raw_socket(gw, token_for(gw)) as bystander:
+        async with raw_socket(gw, token_for(gw)) as ws:
+            ws.send(client_frame(b"", OP_PING) * 2000)  # 12 KB, one write (one read)
+            assert await ws.close_code() == 1008
+            await _eof_within(ws, 1.0)
+        bystander.send(client_frame(b"still there?", OP_PING))
+        assert await bystander.frame() == (OP_PONG, b"still there?")
+        bystander.send(client_frame(b'{"op":"ping","id":7}'))
+        assert (await bystander.json()) == {"id": 7, "ok": True}
+
+
+class _Wire:
+    """A transport that keeps what is written and whether it was closed."""
+
+    def __init__(self) -> None:
+        self.written: list[bytes] = []
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        self.written.append(data)
+
+    def writelines(self, data: list[bytes]) -> None:
+        self.written.extend(data)
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+    def get_extra_info(self, name: str, default: object = None) -> object:
+        return default
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def close(self) -> None:
+        self.closed = True
+
+    abort = close
+
+
+async def test_pongs_to_the_heartbeat_and_pings_after_a_pause_start_a_new_control_run():
+    conn = WSConnection(b"", JSON, lambda c: None, Metrics(), 1 << 20, Coalescer())  # type: ignore
+    wire = conn.transport = _Wire()
+    pong = client_frame(b"", 0xA)
+    for _ in range(3):  # each heartbeat ping of ours starts a new run
+        conn.heartbeat(time.monotonic(), 100.0)
+        conn.data_received(pong * (MAX_CONTROL_RUN - 1))
+    assert wire.written.count(wsconn._PING) == 3
+    for _ in range(3):  # so does a pause of the client's (its own keep-alive pings)
+        conn._last_seen -= wsconn.CONTROL_QUIET
+        conn.data_received(client_frame(b"", OP_PING) * (MAX_CONTROL_RUN - 1))
+    assert conn._protocol.state is WSState.OPEN and not wire.closed
+    conn.data_received(pong * 2)  # neither: past the run
+    assert conn._protocol.close_code == 1008 and wire.closed
+    assert wire.written[-1].startswith(b"\x88") and wire.written[-1][2:4] == b"\x03\xf0"
+    if conn._timer is not None:
+        conn._timer.cancel()
 
 
 async def test_client_close_is_echoed_and_the_connection_leaves_the_hub(gw):

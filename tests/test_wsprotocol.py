@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
+import time
 import tracemalloc
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from proto import wsprotocol
 from proto.wsframe import OP_BINARY, OP_CLOSE, OP_CONT, OP_PING, OP_PONG, OP_TEXT, parse_header
-from proto.wsprotocol import WebSocketProtocol, WSState, masked_frame, receivable
+from proto.wsprotocol import (
+    MAX_CONTROL_RUN,
+    MAX_PONGS,
+    WebSocketProtocol,
+    WSState,
+    masked_frame,
+    receivable,
+)
 
 MAX = 1 << 16
 
@@ -82,6 +91,123 @@ def test_frames_before_a_violation_in_the_same_read_are_processed():
     ]
     assert p.state is WSState.CLOSED and p.close_code == 1002
     assert p.receive(raw(OP_TEXT, b"more")) == [] and p.data_to_send() == b""
+
+
+# -- control frames: a budget ---------------------------------------------------
+
+
+def pings(n: int, start: int = 0) -> bytes:
+    """``n`` pings, each carrying its own number."""
+    return b"".join(raw(OP_PING, b"%d" % i) for i in range(start, start + n))
+
+
+def test_many_pings_in_one_read_get_at_most_max_pongs_the_last_answering_the_latest():
+    p = WebSocketProtocol(MAX)
+    assert p.receive(pings(200)) == []  # under MAX_CONTROL_RUN
+    got = server_frames(p.data_to_send())
+    assert len(got) == MAX_PONGS == 16
+    assert got == [(OP_PONG, b"%d" % i) for i in range(15)] + [(OP_PONG, b"199")]
+    assert p.failure is None and p.state is WSState.OPEN
+    # the next read starts over, and a few pings are each answered
+    p.receive(raw(OP_TEXT, b"m") + pings(3, 1000))
+    assert server_frames(p.data_to_send()) == [(OP_PONG, b"%d" % i) for i in range(1000, 1003)]
+
+
+def test_a_thousand_pings_in_one_read_fail_with_1008_at_the_first_past_the_run():
+    p = WebSocketProtocol(MAX)
+    assert p.receive(pings(1000)) == []
+    assert p.state is WSState.CLOSED and p.close_code == 1008
+    assert p.failure is not None and "256 control frames" in p.failure.reason
+    got = server_frames(p.data_to_send())
+    # the pings before the violation are answered (15, then the 256th), then the close
+    assert got[:-1] == [(OP_PONG, b"%d" % i) for i in range(15)] + [(OP_PONG, b"255")]
+    assert got[-1] == (OP_CLOSE, b"\x03\xf0over 256 control frames without a message")
+    assert p.receive(pings(10)) == [] and p.data_to_send() == b""
+
+
+def test_a_message_after_a_run_too_long_comes_too_late():
+    p = WebSocketProtocol(MAX)
+    assert p.receive(pings(300) + raw(OP_TEXT, b"hello")) == []
+    assert p.close_code == 1008 and close_of(p.data_to_send()) == 1008
+
+
+def test_a_run_is_counted_across_reads_and_up_to_the_limit_passes():
+    p = WebSocketProtocol(MAX)
+    p.receive(pings(MAX_CONTROL_RUN - 1))
+    p.receive(raw(OP_PONG, b"unsolicited"))  # pongs count as well
+    assert p.failure is None
+    p.receive(raw(OP_PING))
+    assert p.close_code == 1008
+
+
+def test_pings_with_messages_between_them_never_fail():
+    p = WebSocketProtocol(MAX)
+    data = pings(100) + raw(OP_TEXT, b"msg") + pings(100, 100)
+    assert p.receive(data) == [b"msg"]
+    assert p.failure is None and p.state is WSState.OPEN
+    pongs = server_frames(p.data_to_send())
+    assert len(pongs) == MAX_PONGS and pongs[-1] == (OP_PONG, b"199")
+    for _ in range(10):  # a long life of pings and messages, in any reads
+        assert p.receive(raw(OP_BINARY, b"\x00") + pings(200)) == [b"\x00"]
+    assert p.failure is None
+
+
+def test_a_continuation_frame_does_not_end_a_run():
+    # Empty fragments cost nothing against max_size: were they to reset the run, a flood
+    # of pings with one between every 255 would never end.
+    p = WebSocketProtocol(MAX)
+    data = raw(OP_TEXT, b"a", fin=False) + pings(200) + raw(OP_CONT, b"", fin=False) + pings(100)
+    assert p.receive(data) == [] and p.close_code == 1008
+
+
+def test_a_close_frame_after_a_full_run_closes_cleanly():
+    p = WebSocketProtocol(MAX)
+    assert p.receive(pings(MAX_CONTROL_RUN) + raw(OP_CLOSE, b"\x03\xe8")) == []
+    assert p.failure is None and p.state is WSState.CLOSED and p.close_code == 1000
+    got = server_frames(p.data_to_send())
+    assert got[-2:] == [(OP_PONG, b"255"), (OP_CLOSE, b"\x03\xe8")]  # the pong before the close
+    # and after our own close, the peer's is still taken
+    q = WebSocketProtocol(MAX)
+    q.receive(pings(MAX_CONTROL_RUN))
+    q.close(1001)
+    q.receive(raw(OP_CLOSE, b"\x03\xe9"))
+    assert q.failure is None and q.state is WSState.CLOSED
+
+
+def test_pongs_answering_our_pings_never_add_up():
+    p = WebSocketProtocol(MAX)
+    for _ in range(3 * MAX_CONTROL_RUN):  # hours of heartbeats on an idle socket
+        p.ping()  # ours went out
+        p.receive(raw(OP_PONG))
+    for _ in range(3):  # a ping the adapter built itself, and a pause, say the same
+        p.receive(raw(OP_PONG) * (MAX_CONTROL_RUN - 1))
+        p.reset_control_run()
+    assert p.failure is None and p.state is WSState.OPEN
+
+
+def test_a_flood_of_empty_pings_fails_fast_with_bounded_output(monkeypatch):
+    flood = raw(OP_PING) * ((256 << 10) // 6)  # one 256 KiB read: 43,690 pings of 6 bytes
+    assert len(flood) <= 256 << 10
+
+    def timed() -> tuple[float, WebSocketProtocol, bytes]:
+        p = WebSocketProtocol(MAX)
+        start = time.perf_counter()
+        p.receive(flood)
+        out = p.data_to_send()
+        return time.perf_counter() - start, p, out
+
+    # without the budget (what the gateway did): a pong per ping, no limit
+    with monkeypatch.context() as m:
+        m.setattr(wsprotocol, "MAX_CONTROL_RUN", 1 << 30)
+        m.setattr(wsprotocol, "MAX_PONGS", 1 << 30)
+        before, p, out = timed()
+    assert p.failure is None and len(out) == 2 * len(flood) // 6
+    after, p, out = timed()
+    print(f"\n256 KiB of empty pings: {before * 1000:.1f} ms without the budget, "
+          f"{after * 1000:.2f} ms with it ({len(out)} bytes queued)")  # fmt: skip
+    assert p.state is WSState.CLOSED and p.close_code == 1008
+    assert len(out) <= MAX_PONGS * 2 + 4 + len(p.close_reason.encode())
+    assert close_of(out) == 1008
 
 
 # -- framing ------------------------------------------------------------------

@@ -10,6 +10,13 @@ coroutine or task: only the transport, this protocol and its `Session`.
   messages they complete.
   Commands run in order, one task at a time, and only while there are
   some; past `MAX_INBOX` waiting frames the socket stops reading.
+* Control frames have a budget in the protocol object: at most 16 pongs
+  per read (past 15 pings, only the last is answered), and more than
+  `proto.wsprotocol.MAX_CONTROL_RUN` pings and pongs without a data message
+  close the socket with 1008. The run starts again at each ping of ours
+  (so the pongs answering the heartbeat never add up) and when the client
+  had been silent for `CONTROL_QUIET` seconds (so its own keep-alive pings
+  do not either, even with ``PING_INTERVAL=0``).
 * Writes are coalesced: frames for a socket queue in a list until the end
   of the event-loop iteration (or `MAX_PENDING` frames), then go to the
   transport as one write, one system call. When publications arrive faster
@@ -27,7 +34,7 @@ coroutine or task: only the transport, this protocol and its `Session`.
   client is a slow consumer and is closed with 4001.
 * A peer that sends its close frame, or breaks the protocol, gets the
   replies to the commands it sent before, then the close frame (its own
-  code, or 1002, 1007, 1009), and the TCP connection is closed.
+  code, or 1002, 1007, 1008, 1009), and the TCP connection is closed.
 * Closing sends the close frame once, then waits up to `CLOSE_TIMEOUT`
   seconds for the peer's before dropping the socket; a peer still reading
   through what was queued before the close (a closed slow consumer) gets
@@ -62,7 +69,15 @@ from proto.deflate import Agreement, Compressor
 from proto.wsframe import OP_PING
 from proto.wsprotocol import WebSocketProtocol, WSState
 
-__all__ = ["BUDGET_CHECK", "CLOSE_TIMEOUT", "MAX_INBOX", "MAX_PENDING", "Coalescer", "WSConnection"]
+__all__ = [
+    "BUDGET_CHECK",
+    "CLOSE_TIMEOUT",
+    "CONTROL_QUIET",
+    "MAX_INBOX",
+    "MAX_PENDING",
+    "Coalescer",
+    "WSConnection",
+]
 
 log = logging.getLogger("gateway.websocket")
 
@@ -77,6 +92,9 @@ MAX_INBOX = 32
 MAX_PENDING = 64
 #: Seconds between two sums of the send buffers against the process-wide budget.
 BUDGET_CHECK = 0.1
+#: Seconds of silence after which a client's control frames start a new run
+#: (`proto.wsprotocol.MAX_CONTROL_RUN`): keep-alive pings seconds apart never add up.
+CONTROL_QUIET = 1.0
 _PING = bytes((0x80 | OP_PING, 0))
 #: The command tasks running now, one per busy connection (idle ones hold none).
 _RUNNING = TaskSet(log)
@@ -339,8 +357,11 @@ class WSConnection(asyncio.Protocol):
         self._close(int(CloseCode.SLOW_CONSUMER), close_reason(CloseCode.SLOW_CONSUMER))
 
     def data_received(self, data: bytes) -> None:
-        self._last_seen = time.monotonic()
+        now = time.monotonic()
         protocol = self._protocol
+        if now - self._last_seen >= CONTROL_QUIET:
+            protocol.reset_control_run()
+        self._last_seen = now
         for payload in protocol.receive(data):
             self._message(payload)
         if protocol.state is WSState.OPEN:
@@ -363,7 +384,7 @@ class WSConnection(asyncio.Protocol):
         Either way the commands that came before (in the same read or
         earlier) still run, for at most `CLOSE_TIMEOUT`, with reading
         stopped; their replies go out, then the close frame (the answer to
-        the peer's, or 1002/1007/1009), then the TCP connection is closed.
+        the peer's, or 1002/1007/1008/1009), then the TCP connection is closed.
         """
         protocol = self._protocol
         transport = self.transport
@@ -480,6 +501,7 @@ class WSConnection(asyncio.Protocol):
             self.abort()
             return
         self._pinged = now
+        self._protocol.reset_control_run()  # the pong that answers this is no flood
         self.transport.write(_PING)
 
     def abort(self) -> None:
