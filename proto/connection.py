@@ -173,12 +173,12 @@ class Connection:
     def regrant(self, grants: Grants, keep: Container[str] = ()) -> list[str]:
         """Take new grants; returns the subscriptions they no longer allow (now dropped).
 
-        Channels in ``keep`` (the server subscribed the connection there itself) stay.
+        Channels in ``keep`` (the server subscribed the connection there itself) stay;
+        the others are asked as a ``sub`` is (`may_read`: a system channel such as the
+        admin console's by the grants' ``system`` ones, not by their patterns).
         """
         self.grants = grants
-        lost = sorted(
-            ch for ch in self.subscriptions if not grants.can_subscribe(ch) and ch not in keep
-        )
+        lost = sorted(ch for ch in self.subscriptions if not self.may_read(ch) and ch not in keep)
         self.subscriptions.difference_update(lost)
         return lost
 

@@ -341,3 +341,15 @@ def test_a_regrant_keeps_the_channels_the_server_subscribed():
         c.subscribed(ch)
     assert c.regrant(Grants.from_claims({"channels": []}), keep={"user:ada"}) == ["room:1"]
     assert c.subscriptions == {"user:ada"}
+
+
+def test_a_regrant_asks_for_a_system_channel_as_a_sub_does():
+    """The admin console's channel is held by the grants' system channels, not by their
+    patterns: a refresh to a token that is no admin's ended it only if no pattern matched
+    it (``*`` did), and a refresh that kept the admin ended it if none did."""
+    admin = Grants.from_claims({"channels": ["*"]}, system=("__admin",))
+    c = conn(grants=admin)
+    c.subscribed("__admin")
+    assert c.regrant(Grants.from_claims({"channels": []}, system=("__admin",))) == []
+    assert c.regrant(Grants.from_claims({"channels": ["*"]})) == ["__admin"]
+    assert c.subscriptions == set()
