@@ -47,6 +47,18 @@ async def handshake_status(gw, token, **kw) -> tuple[int, dict]:
 # -- handshake ---------------------------------------------------------------
 
 
+async def shed_one(gw, ch: str, pause: float = 0.001) -> None:
+    """Broadcast 60 KB publications on ``ch`` until a subscriber that reads nothing is
+    shed as a slow consumer (the process budget, or its own buffer)."""
+    chunk = json.dumps("z" * 60_000).encode()
+    for _ in range(2000):
+        gw.hub.broadcast(ch, chunk)
+        if gw.ctx.metrics.slow_consumers._value.get():
+            break
+        await asyncio.sleep(pause)
+    assert gw.ctx.metrics.slow_consumers._value.get() == 1
+
+
 async def test_missing_token_is_401_before_upgrade(gw):
     status, body = await handshake_status(gw, None)
     assert status == 401 and body["error"]["code"] == "unauthorized"
@@ -419,13 +431,7 @@ async def test_a_shed_socket_that_reads_nothing_is_reset_and_its_kernel_queue_fr
             assert (await loop.sock_recv(sock, 4096)).startswith(b"HTTP/1.1 101")
             await loop.sock_sendall(sock, client_frame(b'{"id":1,"op":"sub","ch":"room:big"}'))
             await until(lambda: gw.hub.subscriber_count("room:big") == 1)
-            chunk = json.dumps("z" * 60_000).encode()
-            for _ in range(2000):  # it reads nothing from here on
-                gw.hub.broadcast("room:big", chunk)
-                if gw.ctx.metrics.slow_consumers._value.get():
-                    break
-                await asyncio.sleep(0)
-            assert gw.ctx.metrics.slow_consumers._value.get() == 1
+            await shed_one(gw, "room:big", pause=0)  # it reads nothing from here on
 
             def reset() -> bool:
                 return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)[0] == 7  # CLOSE
@@ -444,13 +450,7 @@ async def test_a_closed_slow_consumer_that_reads_slowly_still_gets_its_close_fra
     async with running_gateway(**settings) as gw:
         async with ws_client(gw.port, token_for(gw), max_queue=1, max_size=None) as slow:
             assert (await slow.request("sub", ch="room:big"))["ok"]
-            chunk = json.dumps("z" * 60_000).encode()
-            for _ in range(2000):
-                gw.hub.broadcast("room:big", chunk)
-                if gw.ctx.metrics.slow_consumers._value.get():
-                    break
-                await asyncio.sleep(0.001)
-            assert gw.ctx.metrics.slow_consumers._value.get() == 1
+            await shed_one(gw, "room:big")
             started, n = asyncio.get_running_loop().time(), 0
             with pytest.raises(ConnectionClosed) as info:
                 while True:

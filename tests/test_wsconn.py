@@ -33,6 +33,7 @@ from proto.wsframe import (
 from proto.wsprotocol import MAX_CONTROL_RUN, WSState
 from tests.harness import running_gateway, token_for, until
 from tests.servers import UNIT
+from tests.test_websocket import shed_one
 
 # -- the transport, over a raw socket -------------------------------------------
 
@@ -346,13 +347,7 @@ async def test_a_slow_consumer_whose_backlog_all_reached_its_kernel_reads_it_to_
     async with running_gateway(**settings) as gw, raw_socket(gw, token_for(gw)) as ws:
         ws.send(client_frame(b'{"op":"sub","ch":"room:big","id":1}'))
         assert (await ws.json())["ok"]
-        chunk = json.dumps("z" * 60_000).encode()
-        for _ in range(2000):  # it reads nothing meanwhile
-            gw.hub.broadcast("room:big", chunk)
-            if gw.ctx.metrics.slow_consumers._value.get():
-                break
-            await asyncio.sleep(0.001)
-        assert gw.ctx.metrics.slow_consumers._value.get() == 1
+        await shed_one(gw, "room:big")  # it reads nothing meanwhile
         started, n = asyncio.get_running_loop().time(), 0
         while (frame := await ws.frame())[0] != OP_CLOSE:  # no reset, no EOF before the close
             n += 1
