@@ -180,6 +180,7 @@ class WebSocketProtocol:
         "_out",
         "_pong",
         "_pongs",
+        "_pos",
         "_run",
         "_text",
         "_utf8",
@@ -204,7 +205,10 @@ class WebSocketProtocol:
         self._inflate = inflate if deflate else None
         self._compressed = False  # whether the message being reassembled is
         self.state = WSState.OPEN
-        self._buffer = b""
+        self._buffer = b""  # bytes received and not parsed yet
+        # Where the frames held back by a budget of `receive` begin in _buffer
+        # (-1: none are; _buffer holds at most the start of one frame).
+        self._pos = -1
         self._out = b""  # control frames to send (rare: no list held per connection)
         self._pongs = 0  # pongs for this receive's pings: queued in _out, or the one held
         self._pong: bytes | None = None  # the payload of the latest ping past MAX_PONGS - 1
@@ -224,24 +228,47 @@ class WebSocketProtocol:
 
     # -- in ----------------------------------------------------------------
 
-    def receive(self, data: bytes) -> list[bytes]:
-        """Take bytes from the peer; returns the data messages they complete, in order."""
+    def receive(
+        self, data: bytes, max_messages: int | None = None, max_frames: int | None = None
+    ) -> list[bytes]:
+        """Take bytes from the peer; returns the data messages they complete, in order.
+
+        With ``max_messages`` or ``max_frames``, parsing stops once that many
+        messages were completed or frames read: the frames after them are
+        held back (`held`) until a later call (``receive(b"")`` parses on).
+        """
         if self._closed():
             return []
-        if self._buffer:
-            data = self._buffer + data
+        start = 0
+        buffer = self._buffer
+        if buffer:
+            if self._pos < 0:
+                data = buffer + data
+            elif data:
+                data = buffer[self._pos :] + data
+            else:
+                data, start = buffer, self._pos
             self._buffer = b""
+        self._pos = -1
         messages: list[bytes] = []
         try:
-            used = self._parse(data, messages)
+            used = self._parse(data, start, messages, max_messages, max_frames)
         except FrameError as exc:
             self._violation(exc)
             return messages
         if self._pongs:
             self._end_pongs()
         if used < len(data) and not self._closed():
-            self._buffer = data[used:]
+            if self._pos >= 0:  # a budget stopped it: the frames from _pos wait
+                self._buffer = data
+            else:
+                self._buffer = data[used:]
         return messages
+
+    @property
+    def held(self) -> bool:
+        """Whether a budget of `receive` stopped it before the end of what came (call again)."""
+        return self._pos >= 0
 
     def data_to_send(self) -> bytes:
         """The control frames to send now (pongs, a close frame), once; b"" if none."""
@@ -305,17 +332,39 @@ class WebSocketProtocol:
         self.close_code = exc.code
         self.close_reason = exc.reason
         self._buffer = b""
+        self._pos = -1
         self._fragments = None
         self._compressed = False
         self._utf8 = None
 
-    def _parse(self, data: bytes, messages: list[bytes]) -> int:
-        """Handle the complete frames at the start of ``data``; returns the bytes they took."""
-        pos = 0
+    def _parse(
+        self,
+        data: bytes,
+        pos: int,
+        messages: list[bytes],
+        max_messages: int | None,
+        max_frames: int | None,
+    ) -> int:
+        """Handle the complete frames of ``data`` from ``pos`` on, within the budgets.
+
+        Returns where parsing stopped; when a budget stopped it, that is also
+        `_pos` (else what is left is at most the start of one frame).
+        """
         size = len(data)
         masked = 0 if self._client else 0x80
         max_size = self._max_size
+        frames = -1 if max_frames is None else max_frames
+        if max_messages is None:
+            max_messages = -1
+        elif max_messages <= 0:
+            if pos < size:
+                self._pos = pos
+            return pos
         while size - pos >= 2:
+            if not frames:
+                self._pos = pos
+                return pos
+            frames -= 1
             b0, b1 = data[pos], data[pos + 1]
             opcode = b0 & 0x0F
             rsv = b0 & 0x70
@@ -365,6 +414,9 @@ class WebSocketProtocol:
                     self._run = 0
                     if self.state is WSState.OPEN:
                         messages.append(message)
+                        if len(messages) == max_messages and pos < size:
+                            self._pos = pos
+                            return pos
         return pos
 
     def _check_partial(self, opcode: int, data: bytes, start: int, end: int, mask: bytes) -> None:
@@ -391,6 +443,9 @@ class WebSocketProtocol:
         if opcode == OP_CONT:
             if fragments is None:
                 raise FrameError(PROTOCOL_ERROR, "continuation frame without a message")
+            if not payload and not fin:  # a no-op, as cheap to send as a ping: counted as one
+                self._count()
+                return None
             if len(fragments) + len(payload) > self._max_size:
                 raise FrameError(TOO_BIG, f"message over {self._max_size} bytes")
             fragments += payload
@@ -441,13 +496,9 @@ class WebSocketProtocol:
                 self._out += self._frame(OP_CLOSE, reply)
             self._move(Event.CLOSE_RECEIVED)
             self._buffer = b""
+            self._pos = -1
             return
-        run = self._run + 1
-        if run > MAX_CONTROL_RUN:
-            raise FrameError(
-                POLICY_VIOLATION, f"over {MAX_CONTROL_RUN} control frames without a message"
-            )
-        self._run = run
+        self._count()
         if opcode == OP_PING and self.state is WSState.OPEN:
             pongs = self._pongs
             if pongs < MAX_PONGS - 1:
@@ -456,6 +507,16 @@ class WebSocketProtocol:
             else:  # answered once this receive's frames are read, if no later ping replaces it
                 self._pongs = MAX_PONGS
                 self._pong = payload
+
+    def _count(self) -> None:
+        """One more frame in the peer's run of frames that carry nothing (`MAX_CONTROL_RUN`)."""
+        run = self._run + 1
+        if run > MAX_CONTROL_RUN:
+            raise FrameError(
+                POLICY_VIOLATION,
+                f"over {MAX_CONTROL_RUN} control or empty frames without a message",
+            )
+        self._run = run
 
     def _end_pongs(self) -> None:
         """Queue the pong held for this receive's last ping, if any; the next call starts at 0."""

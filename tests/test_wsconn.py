@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import json
 import time
+import types
 from collections.abc import AsyncIterator
 
 import pytest
@@ -167,6 +168,93 @@ class _Wire:
         self.closed = True
 
     abort = close
+
+    reading = True
+
+    def pause_reading(self) -> None:
+        self.reading = False
+
+    def resume_reading(self) -> None:
+        self.reading = True
+
+
+class _Commands:
+    """A session that records the commands it is given, each taking ``delay`` seconds."""
+
+    client_id = "c1"
+    identity = types.SimpleNamespace(sub="42")
+
+    def __init__(self, conn: WSConnection, delay: float = 0.0) -> None:
+        self.conn, self.delay = conn, delay
+        self.handled: list[bytes] = []
+        self.most_waiting = 0
+
+    def open(self) -> None:
+        pass
+
+    def boot(self) -> None:
+        return None
+
+    def closed(self, code: int, reason: str = "") -> None:
+        pass
+
+    async def handle(self, payload: bytes) -> None:
+        waiting = len(self.conn._inbox or ())
+        self.most_waiting = max(self.most_waiting, waiting)
+        await asyncio.sleep(self.delay)
+        self.handled.append(payload)
+
+
+def _with_session(delay: float = 0.0) -> tuple[WSConnection, _Wire, _Commands]:
+    sessions: list[_Commands] = []
+
+    def make(conn: WSConnection) -> _Commands:
+        sessions.append(_Commands(conn, delay))
+        return sessions[0]
+
+    conn = WSConnection(b"", JSON, make, Metrics(), 1 << 20, Coalescer())  # type: ignore[arg-type]
+    wire = _Wire()
+    conn.connection_made(wire)  # type: ignore[arg-type]
+    return conn, wire, sessions[0]
+
+
+async def test_a_read_of_many_commands_waits_unparsed_not_in_an_unbounded_inbox():
+    # One 256 KiB read of tiny frames was parsed whole (~80 ms with the loop held), and
+    # every message queued: ~32,000 of them, 1.4 MB, past MAX_INBOX.
+    conn, wire, session = _with_session(delay=0.001)
+    sent = [b"%d" % i for i in range(2000)]
+    conn.data_received(b"".join(client_frame(m) for m in sent))
+    assert len(conn._inbox or ()) <= wsconn.MAX_INBOX and conn._protocol.held
+    assert not wire.reading  # the rest waits in the socket, for the client to be told
+    await until(lambda: len(session.handled) == len(sent), timeout=20)
+    assert session.handled == sent  # all of them, in order
+    assert session.most_waiting <= wsconn.MAX_INBOX
+    assert wire.reading and not conn._protocol.held
+
+
+async def test_one_event_loop_turn_parses_at_most_frames_per_turn_frames():
+    conn, wire, session = _with_session()
+    pieces = 4 * wsconn.FRAMES_PER_TURN  # one message in one-byte fragments
+    data = _with_first_byte(0x01, b"a") + _with_first_byte(0x00, b"b") * (pieces - 2)
+    conn.data_received(data + _with_first_byte(0x80, b"c"))
+    assert conn._protocol.held and not wire.reading and session.handled == []
+    turns = 0
+    while not session.handled:
+        turns += 1  # other callbacks (other sockets) run between these turns
+        await asyncio.sleep(0)
+    assert session.handled == [b"a" + b"b" * (pieces - 2) + b"c"]
+    assert turns >= 3 and wire.reading
+
+
+async def test_thousands_of_commands_in_one_write_are_all_answered_in_order():
+    async with running_gateway(rate_socket_commands=None) as gateway:
+        async with raw_socket(gateway, token_for(gateway)) as ws:
+            n = 5000
+            ws.send(b"".join(client_frame(b'{"op":"ping","id":%d}' % i) for i in range(n)))
+            for i in range(n):
+                assert (await ws.json()) == {"id": i, "ok": True}
+            ws.send(client_frame(b"after", OP_PING))
+            assert await ws.frame() == (OP_PONG, b"after")
 
 
 async def test_pongs_to_the_heartbeat_and_pings_after_a_pause_start_a_new_control_run():

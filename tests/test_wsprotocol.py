@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import time
 import tracemalloc
 
@@ -117,11 +118,11 @@ def test_a_thousand_pings_in_one_read_fail_with_1008_at_the_first_past_the_run()
     p = WebSocketProtocol(MAX)
     assert p.receive(pings(1000)) == []
     assert p.state is WSState.CLOSED and p.close_code == 1008
-    assert p.failure is not None and "256 control frames" in p.failure.reason
+    assert p.failure is not None and "256 control or empty frames" in p.failure.reason
     got = server_frames(p.data_to_send())
     # the pings before the violation are answered (15, then the 256th), then the close
     assert got[:-1] == [(OP_PONG, b"%d" % i) for i in range(15)] + [(OP_PONG, b"255")]
-    assert got[-1] == (OP_CLOSE, b"\x03\xf0over 256 control frames without a message")
+    assert got[-1] == (OP_CLOSE, b"\x03\xf0over 256 control or empty frames without a message")
     assert p.receive(pings(10)) == [] and p.data_to_send() == b""
 
 
@@ -461,6 +462,39 @@ def test_structured_frames_split_anywhere_give_one_outcome(parts, cuts):
         assert len(message) <= MAX
 
 
+@settings(max_examples=300, deadline=None)
+@given(
+    parts=st.lists(frames, max_size=8),
+    cuts=st.lists(st.integers(0, 2000), max_size=4),
+    budgets=st.lists(st.tuples(st.integers(1, 3), st.integers(1, 3)), min_size=1, max_size=8),
+)
+def test_budgets_hold_frames_back_without_changing_the_outcome(parts, cuts, budgets):
+    data = b"".join(raw(op, payload, fin=fin, rsv=rsv) for op, payload, fin, rsv in parts)
+    whole = WebSocketProtocol(MAX)
+    expected = whole.receive(data)
+    expected_out = whole.data_to_send()
+    p = WebSocketProtocol(MAX)
+    got: list[bytes] = []
+    out = b""
+    turn = 0
+    for chunk in (data[a:b] for a, b in itertools.pairwise([0, *sorted(cuts), len(data)])):
+        while True:
+            messages, frames_ = budgets[turn % len(budgets)]
+            turn += 1
+            batch = p.receive(chunk, max_messages=messages, max_frames=frames_)
+            assert len(batch) <= messages
+            got += batch
+            out += p.data_to_send()
+            chunk = b""
+            if not p.held:
+                break
+    assert got == expected
+    assert (p.close_code, p.state) == (whole.close_code, whole.state)
+    # the same answers (pongs, close) go out, though perhaps split across calls:
+    # past MAX_PONGS in one call only the latest ping is answered, so compare closes
+    assert close_of(out) == close_of(expected_out)
+
+
 def test_a_fragmented_message_holds_about_its_own_size_in_memory():
     # Kept as one bytes object per fragment, 1-byte continuations held ~40 times max_size,
     # and empty ones (6 bytes on the wire, counted as 0 against max_size) grew without bound.
@@ -479,9 +513,71 @@ def test_a_fragmented_message_holds_about_its_own_size_in_memory():
     held, p = held_after(raw(OP_CONT, b"b", fin=False), 6)  # 60,000 bytes of 65,536
     assert p.failure is None and p.state is WSState.OPEN and held <= 2 * MAX, held
     assert p.receive(raw(OP_CONT, b"c")) == [b"a" + b"b" * 60_000 + b"c"]
-    held, p = held_after(raw(OP_CONT, b"", fin=False), 20)  # 200,000 frames of nothing
-    assert p.failure is None and held <= 2 * MAX, held
-    assert p.receive(raw(OP_CONT, b"z")) == [b"az"]
+
+
+def test_empty_continuations_are_a_run_like_pings():
+    # They cost 6 bytes each and carry nothing: unbounded, 43,000 in one 256 KiB read
+    # kept the reader busy for ~90 ms. As many as a run allows still make a message.
+    empty = raw(OP_CONT, b"", fin=False)
+    p = WebSocketProtocol(MAX)
+    first = raw(OP_TEXT, b"a", fin=False) + empty * MAX_CONTROL_RUN + raw(OP_CONT, b"z")
+    assert p.receive(first) == [b"az"]
+    # a complete message starts a new run: the same again passes
+    assert p.receive(first + raw(OP_PING)) == [b"az"] and p.failure is None
+    p = WebSocketProtocol(MAX)
+    flood = raw(OP_TEXT, b"ok") + raw(OP_TEXT, b"a", fin=False) + empty * 10_000
+    assert p.receive(flood + raw(OP_CONT, b"z")) == [b"ok"]  # what came before is returned
+    assert p.state is WSState.CLOSED and p.close_code == 1008
+    assert close_of(p.data_to_send()) == 1008
+    # pings and empty continuations add up in one run
+    p = WebSocketProtocol(MAX)
+    p.receive(raw(OP_TEXT, b"a", fin=False) + pings(MAX_CONTROL_RUN // 2))
+    p.receive(empty * (MAX_CONTROL_RUN // 2))
+    assert p.failure is None
+    p.receive(empty)
+    assert p.close_code == 1008
+
+
+# -- budgets of one receive ------------------------------------------------------
+
+
+def test_max_messages_holds_back_the_rest_until_asked_in_order():
+    p = WebSocketProtocol(MAX)
+    data = b"".join(raw(OP_TEXT, b"m%d" % i) for i in range(5)) + raw(OP_TEXT, b"tail")
+    assert p.receive(data[:-2], max_messages=2) == [b"m0", b"m1"]
+    assert p.held
+    assert p.receive(b"", max_messages=2) == [b"m2", b"m3"] and p.held
+    # bytes that arrive while frames are held back come after them
+    assert p.receive(data[-2:], max_messages=0) == [] and p.held
+    assert p.receive(b"") == [b"m4", b"tail"] and not p.held
+    assert p.receive(b"") == [] and not p.held
+    assert p.receive(b"", max_messages=0) == [] and not p.held  # nothing to hold back
+    assert p.receive(raw(OP_TEXT, b"n"), max_messages=0) == [] and p.held
+    assert p.receive(b"", max_messages=1) == [b"n"] and not p.held
+
+
+def test_max_frames_counts_every_frame_and_held_pings_are_answered_later():
+    p = WebSocketProtocol(MAX)
+    data = pings(3) + raw(OP_TEXT, b"a", fin=False) + raw(OP_CONT, b"b") + raw(OP_TEXT, b"c")
+    assert p.receive(data, max_frames=2) == [] and p.held
+    assert server_frames(p.data_to_send()) == [(OP_PONG, b"0"), (OP_PONG, b"1")]
+    assert p.receive(b"", max_frames=3) == [b"ab"] and p.held
+    assert server_frames(p.data_to_send()) == [(OP_PONG, b"2")]
+    assert p.receive(b"", max_frames=3) == [b"c"] and not p.held
+
+
+def test_a_partial_frame_behind_held_frames_completes_with_the_next_bytes():
+    p = WebSocketProtocol(MAX)
+    last = raw(OP_TEXT, "é".encode() * 100)
+    data = raw(OP_TEXT, b"x") * 3 + last
+    assert p.receive(data[:-50], max_messages=1) == [b"x"] and p.held
+    assert p.receive(b"", max_messages=5) == [b"x", b"x"] and not p.held
+    assert p.receive(data[-50:]) == ["é".encode() * 100]
+    # invalid UTF-8 in a held-back frame fails when it is parsed, not before
+    p = WebSocketProtocol(MAX)
+    assert p.receive(raw(OP_TEXT, b"x") + raw(OP_TEXT, b"\xff"), max_messages=1) == [b"x"]
+    assert p.failure is None
+    assert p.receive(b"") == [] and p.close_code == 1007
 
 
 def test_masked_frame_round_trips_through_the_server_side():

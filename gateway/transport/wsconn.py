@@ -9,7 +9,10 @@ coroutine or task: only the transport, this protocol and its `Session`.
   the closing handshake, inflating compressed messages), which returns the
   messages they complete.
   Commands run in order, one task at a time, and only while there are
-  some; past `MAX_INBOX` waiting frames the socket stops reading.
+  some. At most `MAX_INBOX` wait: frames past them stay unparsed, and
+  the socket stops reading, until the inbox empties. At most
+  `FRAMES_PER_TURN` frames are parsed per event-loop turn, so a read full
+  of tiny frames does not stall every other socket.
 * Control frames have a budget in the protocol object: at most 16 pongs
   per read (past 15 pings, only the last is answered), and more than
   `proto.wsprotocol.MAX_CONTROL_RUN` pings and pongs without a data message
@@ -73,6 +76,7 @@ __all__ = [
     "BUDGET_CHECK",
     "CLOSE_TIMEOUT",
     "CONTROL_QUIET",
+    "FRAMES_PER_TURN",
     "MAX_INBOX",
     "MAX_PENDING",
     "Coalescer",
@@ -88,6 +92,9 @@ CLOSE_TIMEOUT = 5.0
 MAX_CLOSE_ROUNDS = 12
 #: Frames waiting for the connection's running command before reading pauses.
 MAX_INBOX = 32
+#: Frames of one socket parsed in one event-loop turn at most (~1 ms): a read
+#: of 256 KiB of tiny frames is parsed over several turns, not in one stall.
+FRAMES_PER_TURN = 512
 #: Frames queued for one socket within one loop iteration before they are written.
 MAX_PENDING = 64
 #: Seconds between two sums of the send buffers against the process-wide budget.
@@ -358,11 +365,31 @@ class WSConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         now = time.monotonic()
-        protocol = self._protocol
         if now - self._last_seen >= CONTROL_QUIET:
-            protocol.reset_control_run()
+            self._protocol.reset_control_run()
         self._last_seen = now
-        for payload in protocol.receive(data):
+        self._take(data)
+
+    def eof_received(self) -> bool:
+        return False  # close the transport
+
+    # -- frames in ---------------------------------------------------------
+
+    def _take(self, data: bytes) -> None:
+        """Parse ``data`` (and frames held back before it) as far as the budgets allow.
+
+        At most `FRAMES_PER_TURN` frames per event-loop turn, and no more
+        messages than the inbox has room for: frames past either wait in
+        the protocol object, unparsed, with reading paused, until the next
+        turn (`call_soon`) or until the inbox empties (`_next`).
+        """
+        transport = self.transport
+        if transport is None:
+            return
+        protocol = self._protocol
+        inbox = self._inbox
+        room = MAX_INBOX - len(inbox) if inbox else MAX_INBOX
+        for payload in protocol.receive(data, room, FRAMES_PER_TURN):
             self._message(payload)
         if protocol.state is WSState.OPEN:
             pongs = protocol.data_to_send()
@@ -370,13 +397,28 @@ class WSConnection(asyncio.Protocol):
                 self._write(pongs)
         # CLOSING (our close frame is out) ends only with the peer's close frame or a
         # violation: a frame the peer sent before it saw ours is no reason to hang up.
-        elif protocol.state is WSState.CLOSED and self._end is None:
-            self._ended()
+        elif protocol.state is WSState.CLOSED:
+            if self._end is None:
+                self._ended()
+            return
+        if not protocol.held:
+            if not data:  # parsing on from a pause: reading was paused, and nothing came since
+                transport.resume_reading()
+            return
+        transport.pause_reading()
+        inbox = self._inbox
+        if not inbox or len(inbox) < MAX_INBOX:  # the frame budget, not the inbox, stopped it
+            asyncio.get_running_loop().call_soon(self._take, b"")
 
-    def eof_received(self) -> bool:
-        return False  # close the transport
-
-    # -- frames in ---------------------------------------------------------
+    def _next(self) -> bytes | None:
+        """The next command waiting for this connection's task, if any."""
+        if self._closing:
+            return None
+        inbox = self._inbox
+        if not inbox and self._protocol.held:
+            self._take(b"")  # the inbox is empty: parse the frames held back for it
+            inbox = self._inbox
+        return inbox.popleft() if inbox else None
 
     def _ended(self) -> None:
         """The protocol closed: the peer's close frame came, or the peer broke the protocol.
@@ -423,9 +465,7 @@ class WSConnection(asyncio.Protocol):
             inbox = self._inbox
             if inbox is None:
                 inbox = self._inbox = collections.deque()
-            inbox.append(payload)
-            if len(inbox) >= MAX_INBOX and self.transport is not None:
-                self.transport.pause_reading()
+            inbox.append(payload)  # within MAX_INBOX: `_take` parses no more than fit
             return
         self._running = True
         _RUNNING.spawn(self._run(payload))
@@ -436,27 +476,20 @@ class WSConnection(asyncio.Protocol):
             await boot
         except Exception:
             log.exception("opening a socket's session failed")
-        inbox = self._inbox
-        if inbox and not self._closing and self.session is not None:
-            if len(inbox) == MAX_INBOX and self.transport is not None:
-                self.transport.resume_reading()
-            await self._run(inbox.popleft())
+        payload = self._next() if self.session is not None else None
+        if payload is not None:
+            await self._run(payload)
             return
         self._running = False
         if self._end is not None:  # the connection failed while its session was opening
             self._hang_up()
 
-    async def _run(self, payload: bytes) -> None:
+    async def _run(self, payload: bytes | None) -> None:
         """Run this connection's commands in order until none is waiting."""
         try:
-            while self.session is not None:
+            while payload is not None and self.session is not None:
                 await self.session.handle(payload)
-                inbox = self._inbox
-                if not inbox or self._closing:
-                    return
-                if len(inbox) == MAX_INBOX and self.transport is not None:
-                    self.transport.resume_reading()
-                payload = inbox.popleft()
+                payload = self._next()
         finally:
             self._running = False
             if self._end is not None:  # the connection failed while commands were waiting
