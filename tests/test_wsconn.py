@@ -246,6 +246,20 @@ async def test_one_event_loop_turn_parses_at_most_frames_per_turn_frames():
     assert turns >= 3 and wire.reading
 
 
+async def test_a_socket_lost_before_its_shedding_is_not_counted_as_departed_forever():
+    conn, _, _ = _with_session()
+    conn.shed("test")  # leaving the hub waits for the next loop turn
+    conn.connection_lost(None)
+    await asyncio.sleep(0)
+    assert not conn._coalescer.departed
+    conn, _, _ = _with_session()
+    conn.shed("test")
+    await asyncio.sleep(0)
+    assert conn._coalescer.departed == {conn}
+    conn.connection_lost(None)
+    assert not conn._coalescer.departed
+
+
 async def test_thousands_of_commands_in_one_write_are_all_answered_in_order():
     async with running_gateway(rate_socket_commands=None) as gateway:
         async with raw_socket(gateway, token_for(gateway)) as ws:
@@ -324,6 +338,27 @@ async def test_a_full_process_refuses_new_sockets_with_503():
             if gw.hub.connection_count() < 2:
                 break
             await asyncio.sleep(0.02)
+        async with raw_socket(gw, token_for(gw)) as ws:
+            ws.send(client_frame(b'{"op":"ping","id":1}'))
+            assert (await ws.json()) == {"id": 1, "ok": True}
+
+
+async def test_a_shed_socket_counts_against_max_connections_until_its_tcp_connection_ends():
+    # A shed slow consumer leaves the hub at once but holds its file descriptor (and its
+    # backlog) while it reads on, a minute at most: counting only hub members let a
+    # client that gets itself shed and reconnects hold descriptors past MAX_CONNECTIONS.
+    settings = {"max_connections": 2, "send_buffer_total_bytes": 2 << 20}
+    async with running_gateway(**settings) as gw:
+        request = handshake_request(f"127.0.0.1:{gw.port}", "/ws", token_for(gw))
+        async with raw_socket(gw, token_for(gw)) as slow:
+            slow.send(client_frame(b'{"op":"sub","ch":"room:big","id":1}'))
+            assert (await slow.json())["ok"]
+            await shed_one(gw, "room:big")  # it reads nothing meanwhile
+            await until(lambda: gw.hub.connection_count() == 0)
+            async with raw_socket(gw, token_for(gw)):
+                status, body = await _status(gw.port, request)
+                assert status == 503 and json.loads(body)["error"]["code"] == "unavailable"
+        await until(lambda: not gw.ctx.coalescer.departed)  # the slow one's connection ended
         async with raw_socket(gw, token_for(gw)) as ws:
             ws.send(client_frame(b'{"op":"ping","id":1}'))
             assert (await ws.json()) == {"id": 1, "ok": True}

@@ -110,12 +110,14 @@ def refuse_full(ctx: Context) -> None:
     """503 ``unavailable`` once the process holds ``MAX_CONNECTIONS`` sockets and event streams.
 
     Long-poll sessions are members of the hub too, but have their own
-    ``MAX_LONGPOLL_SESSIONS``. Checked after the token and before any
+    ``MAX_LONGPOLL_SESSIONS``. Sockets that left the hub but not yet their
+    TCP connection (shed slow consumers reading their backlog) still count. Checked after the token and before any
     connect hook, by every transport alike (`capacity` failures, a log line
     every 10 s at most).
     """
     limit = ctx.max_connections
-    if ctx.node.hub.connection_count() - ctx.longpoll.open_count >= limit:
+    held = ctx.node.hub.connection_count() - ctx.longpoll.open_count + len(ctx.coalescer.departed)
+    if held >= limit:
         ctx.metrics.handshake_failures.labels("capacity").inc()
         _log_full(limit)
         raise ApiError(503, "unavailable", f"this process holds its limit of {limit} connections",

@@ -156,6 +156,7 @@ class Coalescer:
         "_scheduled",
         "_since",
         "buffered",
+        "departed",
     )
 
     def __init__(self, lag: Histogram | None = None, budget: int | None = None) -> None:
@@ -168,6 +169,10 @@ class Coalescer:
         self._checked = 0.0
         #: Bytes in send buffers at the last check (gateway_send_buffered_bytes).
         self.buffered = 0
+        #: Sockets that left the hub before their TCP connection ended (a shed slow
+        #: consumer reading its backlog, a minute at most): still file descriptors
+        #: and memory, so still counted against MAX_CONNECTIONS.
+        self.departed: set[WSConnection] = set()
 
     def mark(self, conn: WSConnection) -> None:
         self._dirty.append(conn)
@@ -323,6 +328,7 @@ class WSConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
         self._closing = True
+        self._coalescer.departed.discard(self)
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -359,9 +365,14 @@ class WSConnection(asyncio.Protocol):
         self._closing = True  # nothing more is queued for this client
 
     def _close_slow(self) -> None:
-        if self.session is not None:  # leaves the hub now, not when the socket ends
-            self.session.closed(int(CloseCode.SLOW_CONSUMER))
+        self._depart(int(CloseCode.SLOW_CONSUMER))  # leaves the hub now, not when the socket ends
         self._close(int(CloseCode.SLOW_CONSUMER), close_reason(CloseCode.SLOW_CONSUMER))
+
+    def _depart(self, code: int, reason: str = "") -> None:
+        """Leave the hub (every channel) before the TCP connection ends."""
+        if self.session is not None and self.transport is not None:
+            self._coalescer.departed.add(self)
+            self.session.closed(code, reason)
 
     def data_received(self, data: bytes) -> None:
         now = time.monotonic()
@@ -528,8 +539,7 @@ class WSConnection(asyncio.Protocol):
             sub = self.session.identity.sub if self.session else "?"
             log.info("dropping %s: nothing heard for %.0fs", sub, now - self._last_seen)
             self._metrics.dead_peers.inc()
-            if self.session is not None:
-                self.session.closed(1006, "no answer to ping")
+            self._depart(1006, "no answer to ping")
             # No close handshake: a peer that answers nothing would not answer it.
             self.abort()
             return
