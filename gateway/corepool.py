@@ -39,6 +39,7 @@ __all__ = [
     "ConnectionLost",
     "CoreConnection",
     "CorePool",
+    "PoolTimeout",
     "ProtocolError",
     "Reader",
     "ResponseReader",
@@ -70,6 +71,14 @@ class ConnectionLost(ConnectionError):
     def __init__(self, message: str, answered: bool) -> None:
         super().__init__(message)
         self.answered = answered
+
+
+class PoolTimeout(TimeoutError):
+    """The deadline passed while the request waited for a connection of the pool.
+
+    The core was not asked: every connection the pool may hold was busy
+    (with other requests, perhaps slow ones, which count for themselves).
+    """
 
 
 class Answer:
@@ -426,20 +435,25 @@ class CorePool:
         headers: list[tuple[str, str]],
         body: bytes = b"",
         repeatable: bool = False,
+        deadline: float | None = None,
     ) -> Answer:
         """The core's answer; ValueError for a request that cannot be sent, OSError if no answer.
 
-        The caller bounds the time (``asyncio.timeout``): cancelled, the
+        ``deadline`` (the event loop's clock) bounds the whole request:
+        `PoolTimeout` if it passes while the request waits for a connection,
+        TimeoutError once the request is sent. Without one the caller bounds
+        the time (``asyncio.timeout``). Cancelled or timed out, the
         connection in use is closed, never reused.
         """
         head = request_head(method, target, self.authority, headers, len(body))
         no_body = method == "HEAD"
         while True:
-            conn = await self._acquire()
+            conn = await self._acquire(deadline)
             self.in_use += 1
             done = False
             try:
-                answer = await conn.send(head, body, no_body)
+                async with asyncio.timeout_at(deadline):
+                    answer = await conn.send(head, body, no_body)
                 done = True
             except ConnectionLost as exc:
                 if conn.reused and not exc.answered and repeatable:
@@ -479,7 +493,7 @@ class CorePool:
             return conn
         return None
 
-    async def _acquire(self) -> CoreConnection:
+    async def _acquire(self, deadline: float | None = None) -> CoreConnection:
         if self._closed:
             raise ConnectionLost("the pool is closed", answered=False)
         conn = self._idle_one()
@@ -487,19 +501,24 @@ class CorePool:
             return conn
         if self.size < self.limit and not self._waiters:
             self._opening += 1
-            return await self._open()
+            async with asyncio.timeout_at(deadline):
+                return await self._open()
         waiter: asyncio.Future[CoreConnection | None] = asyncio.get_running_loop().create_future()
         self._waiters.append(waiter)
         try:
-            given = await waiter
-        except BaseException:
+            async with asyncio.timeout_at(deadline):
+                given = await waiter
+        except BaseException as exc:
             if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
                 self._give_back(waiter.result())  # handed over as this request was cancelled
             elif waiter in self._waiters:
                 self._waiters.remove(waiter)
+            if isinstance(exc, TimeoutError):
+                raise PoolTimeout("every connection to the core stayed busy") from None
             raise
         if given is None:  # a free place, counted as opening already
-            return await self._open()
+            async with asyncio.timeout_at(deadline):
+                return await self._open()
         given.reused = True
         return given
 

@@ -57,6 +57,7 @@ from gateway.corepool import (
     ConnectionLost,
     CoreConnection,
     CorePool,
+    PoolTimeout,
     ProtocolError,
     ResponseReader,
     request_head,
@@ -155,6 +156,10 @@ class _Awaited:
         self.settle(_TIMED_OUT)
 
 
+class PoolBusy(Unavailable):
+    """503: no pooled connection to the core came free within ``CORE_TIMEOUT``."""
+
+
 class UpstreamCore:
     """Where the gateway's REST core would be: a client of the core service."""
 
@@ -190,6 +195,7 @@ class UpstreamCore:
         self._metrics = metrics
         self.seconds = metrics.core_upstream_seconds
         self.last_error: str | None = None
+        self._busy_logged = -math.inf  # when a full pool was last logged (every 10 s at most)
         #: Requests forwarded with callbacks (gateway/passthrough.py) and their deadlines:
         #: a sweep every `SWEEP_SECONDS` times out those past theirs, with no timer each.
         self.deadlines: dict[Expiring, float] = {}
@@ -264,8 +270,8 @@ class UpstreamCore:
                 resp = await self._once(req.method, target, headers, req.body, repeatable)
                 if isinstance(resp, Response) and resp.status not in RETRY_STATUS:
                     return resp
-                if isinstance(resp, ApiError) and resp.status < 500:
-                    break  # refused here (a header that cannot be sent): the same again
+                if isinstance(resp, ApiError) and (resp.status < 500 or isinstance(resp, PoolBusy)):
+                    break  # refused here (a header that cannot be sent, a full pool)
             if resp is None:
                 resp = Unavailable("the REST core was not asked")
             return resp if isinstance(resp, Response) else Response.error(resp)
@@ -346,9 +352,11 @@ class UpstreamCore:
     ) -> Response | ApiError:
         """`_once` when no connection is idle: the pool opens one, or the request waits."""
         left = max(0.0, self.timeout - (time.perf_counter() - started))
+        deadline = asyncio.get_running_loop().time() + left
         try:
-            async with asyncio.timeout(left):
-                answer = await self.pool.request(method, target, headers, body, repeatable)
+            answer = await self.pool.request(method, target, headers, body, repeatable, deadline)
+        except PoolTimeout:
+            return self.busy()
         except TimeoutError:
             return self.timed_out()
         except ValueError as exc:  # a header or path that cannot go over HTTP/1.1
@@ -375,6 +383,20 @@ class UpstreamCore:
         return self._failed(
             "timeout", ApiError(504, "gateway_timeout", "the REST core did not answer in time")
         )
+
+    def busy(self) -> ApiError:
+        """The 503 of a request that waited ``CORE_TIMEOUT`` for a pooled connection.
+
+        Not a failure of the core's (it was not asked, and the requests that
+        held the connections count for themselves): the breaker is not told,
+        and the request is not retried.
+        """
+        self._metrics.core_upstream_errors.labels("pool_timeout").inc()
+        if time.monotonic() - self._busy_logged > 10:
+            self._busy_logged = time.monotonic()
+            log.warning("every connection to the REST core stayed busy for %.1f s "
+                        "(CORE_POOL_SIZE %d): answering 503", self.timeout, self._pool_size)  # fmt: skip
+        return PoolBusy("the gateway's connections to the REST core are all busy")
 
     def unreachable(self, exc: Exception) -> ApiError:
         """The 503 of a request that got no answer (``exc``), counted."""

@@ -18,6 +18,7 @@ from gateway.corepool import (
     MAX_BODY,
     ConnectionLost,
     CorePool,
+    PoolTimeout,
     ProtocolError,
     ResponseReader,
     request_head,
@@ -228,6 +229,24 @@ async def test_a_request_given_up_closes_its_connection_and_frees_its_place(serv
     assert pool.size == 0 and pool.in_use == 0  # its answer may still come: not reusable
     state["go"].set()
     assert (await pool.request("GET", "/plain", [])).status == 200
+    await pool.close()
+
+
+async def test_a_deadline_tells_a_wait_for_the_pool_from_a_core_that_is_slow(server):
+    port, state = server
+    pool = CorePool("127.0.0.1", port, limit=1)
+    loop = asyncio.get_running_loop()
+    slow = asyncio.ensure_future(pool.request("GET", "/slow", [], deadline=loop.time() + 0.3))
+    await state["entered"].get()
+    with pytest.raises(PoolTimeout):  # the core was never asked
+        await pool.request("GET", "/plain", [], deadline=loop.time() + 0.05)
+    with pytest.raises(TimeoutError) as info:  # asked, and it did not answer in time
+        await slow
+    assert not isinstance(info.value, PoolTimeout)
+    assert pool.size == 0 and pool.in_use == 0 and not pool._waiters
+    state["go"].set()
+    answer = await pool.request("GET", "/plain", [], deadline=loop.time() + 1)
+    assert answer.status == 200
     await pool.close()
 
 

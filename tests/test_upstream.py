@@ -315,6 +315,33 @@ async def test_a_request_given_up_by_its_caller_frees_its_connection(raw):
 
 
 @pytest.mark.parametrize(
+    "raw", [{"core_pool_size": 1, "core_retries": 2, "core_breaker_failures": 2}], indirect=True
+)
+async def test_waiting_for_a_busy_pool_is_503_busy_and_no_failure_of_the_core(raw):
+    # Under a burst, requests that wait CORE_TIMEOUT for a pooled connection were 504s
+    # counted as the core failing: a few opened the breaker, and REST was off for all.
+    core, fake = raw
+    assert (await core.dispatch(Request("GET", "/api/x"))).status == 200
+    held = core.pool.take()  # the pool's one connection, busy as with a long request
+    assert held is not None
+    started = asyncio.get_running_loop().time()
+    answers = await asyncio.gather(*(core.dispatch(Request("GET", "/api/x")) for _ in range(4)))
+    waited = asyncio.get_running_loop().time() - started
+    for resp in answers:
+        assert resp.status == 503 and resp.headers["Retry-After"] == "1"
+        assert b"connections to the REST core are all busy" in (resp.body or b"")
+    assert 0.25 <= waited < 0.6  # one CORE_TIMEOUT: not retried (the core was never asked)
+    assert fake.hits["/api/x"] == 1 and core.breaker.state == "closed"
+    assert core.breaker.failures == 0
+    errors = core._metrics.core_upstream_errors
+    assert errors.labels("pool_timeout")._value.get() == 4
+    assert errors.labels("timeout")._value.get() == 0
+    core.pool.give(held, True)
+    assert (await core.dispatch(Request("GET", "/api/x"))).status == 200
+    assert core.pool.in_use == 0 and core.pool.size == 1
+
+
+@pytest.mark.parametrize(
     ("method", "path", "headers", "status", "hits"),
     [
         ("GET", "/api/drop", {}, 200, 2),
