@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Container, Coroutine
+from collections.abc import Awaitable, Callable, Container, Coroutine, Mapping
 from typing import Any, ClassVar, Protocol
 
 from core.infra.broker import BrokerUnavailable
@@ -38,6 +38,7 @@ from proto import (
     History,
     InvalidData,
     Ping,
+    Position,
     PresenceInfo,
     PresenceQuery,
     PresenceStats,
@@ -178,11 +179,14 @@ class Session:
             # answering): the revocation found no connection of it to close.
             self.close(CloseCode.SESSION_REVOKED)
 
-    def boot(self) -> Coroutine[Any, Any, None] | None:
+    def boot(
+        self, positions: Mapping[str, Position] | None = None
+    ) -> Coroutine[Any, Any, None] | None:
         """What must run once opened, before the client's first command (None: nothing).
 
         The transport awaits it, then runs the client's commands; a hooked
-        session subscribes there to the channels its connect hook named.
+        session subscribes there to the channels its connect hook named,
+        recovering those of ``positions`` (the client's, from its request).
         """
         return None
 
@@ -414,15 +418,15 @@ class Session:
             self.server_held.add(ch)
         return done
 
-    async def _server_subscribe_claimed(self, ch: str) -> bool:
+    async def _server_subscribe_claimed(self, ch: str, since: Position | None = None) -> bool:
         conn = self.conn
         if self.node.history_policy.applies(ch):
             await subscribe_recovering(
                 self,
                 ch,
-                None,
-                lambda _, top: Subscribed(
-                    ch, top.offset if top else None, top.epoch if top else None
+                since,
+                lambda recovered, top: Subscribed(
+                    ch, top.offset if top else None, top.epoch if top else None, recovered
                 ),
             )
         else:

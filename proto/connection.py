@@ -121,7 +121,10 @@ class Connection:
             if cmd.ch not in self.subscriptions:
                 raise ProtocolError(ErrorCode.NOT_SUBSCRIBED, cmd.id, cmd.ch)
         elif isinstance(cmd, History | PresenceQuery | PresenceStats):
-            if not self.may_read(cmd.ch):
+            # A channel held is readable: one the server subscribed the connection to
+            # (a connect hook's, the server API's) needs no grant, for its history
+            # is how a client back from a reconnect reads what it missed there.
+            if cmd.ch not in self.subscriptions and not self.may_read(cmd.ch):
                 raise ProtocolError(ErrorCode.PERMISSION_DENIED, cmd.id, cmd.ch)
         elif isinstance(cmd, Pub):
             if cmd.ch.startswith(RESERVED_PREFIX) or not self.grants.can_publish(cmd.ch):
@@ -151,10 +154,10 @@ class Connection:
     def _check_sub(self, cmd: Sub) -> None:
         if self.state is State.DRAINING:
             raise ProtocolError(ErrorCode.CLOSING, cmd.id)
+        if cmd.ch in self.subscriptions:  # the client's, or one the server made (no grant)
+            raise ProtocolError(ErrorCode.ALREADY_SUBSCRIBED, cmd.id, cmd.ch)
         if not self.may_read(cmd.ch):
             raise ProtocolError(ErrorCode.PERMISSION_DENIED, cmd.id, cmd.ch)
-        if cmd.ch in self.subscriptions:
-            raise ProtocolError(ErrorCode.ALREADY_SUBSCRIBED, cmd.id, cmd.ch)
         if len(self.subscriptions) >= self.max_subscriptions:
             raise ProtocolError(
                 ErrorCode.LIMIT_EXCEEDED, cmd.id, f"at most {self.max_subscriptions} subscriptions"

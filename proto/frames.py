@@ -303,14 +303,17 @@ class Unsubscribed(msgspec.Struct, frozen=True, tag_field="op", tag="unsubscribe
 
 
 class Subscribed(msgspec.Struct, frozen=True, tag_field="op", tag="subscribed", omit_defaults=True):
-    """The server subscribed this connection to ``ch`` (the server API, not a ``sub``).
+    """The server subscribed this connection to ``ch`` (the server API or a connect hook).
 
     On a history channel, ``offset`` and ``epoch`` say where the channel
     stood when the subscription took effect: the pushes that follow come
     after it, and a client that reconnects recovers from it (``sub`` with
-    ``since``) as from any position it saw.
+    ``since``) as from any position it saw. ``recovered``: the subscription
+    was made from a position the client gave (an event stream's
+    ``Last-Event-ID``), and whether what was missed since follows.
     """
 
     ch: str
     offset: int | None = None
     epoch: str | None = None
+    recovered: bool | None = None

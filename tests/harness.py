@@ -69,6 +69,8 @@ class Client:
         self.binary = binary
         self._next_id = 0
         self.pushes: list[dict[str, Any]] = []
+        #: The first frame, when a test reads it apart (a connect hook's `subscribed`).
+        self.opened: dict[str, Any] | None = None
 
     def _encode(self, frame: dict[str, Any]) -> str | bytes:
         return msgspec.msgpack.encode(frame) if self.binary else json.dumps(frame)

@@ -27,6 +27,7 @@ from core.infra.settings import Settings, SettingsError
 from core.infra.verify import Verifier
 from gateway.app import Gateway
 from gateway.hooks import SIGNATURE_HEADER, TIMESTAMP_HEADER, sign, signed_headers, verify_signature
+from gateway.transport.sse import decode_positions, encode_positions
 from proto import CloseCode
 from tests import test_processes
 from tests.harness import SECRET as JWT_SECRET
@@ -69,9 +70,13 @@ def hooked(backend: HookBackend, **overrides: Any) -> dict[str, Any]:
 
 @contextlib.asynccontextmanager
 async def cookie_client(
-    gw: Any, cookie: str | None, *, msgpack: bool = False, **headers: str
+    gw: Any, cookie: str | None, *, msgpack: bool = False, opened: bool = True, **headers: str
 ) -> AsyncIterator[Client]:
-    """A socket with no token at all: a browser's cookie (and other headers) only."""
+    """A socket with no token at all: a browser's cookie (and other headers) only.
+
+    ``opened``: read the example hook's one server-side subscription first (its
+    ``subscribed`` push, kept as ``client.opened``), before anything else comes.
+    """
     if cookie is not None:
         headers["Cookie"] = cookie
     async with connect(
@@ -82,7 +87,11 @@ async def cookie_client(
         compression=None,
         open_timeout=5 * UNIT,
     ) as ws:
-        yield Client(ws, msgpack)
+        client = Client(ws, msgpack)
+        if opened:
+            client.opened = await client.recv()
+            assert client.opened["op"] == "subscribed", client.opened
+        yield client
 
 
 async def metrics_of(gw: Gateway) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -122,6 +131,7 @@ async def test_a_client_without_a_token_is_admitted_by_its_session_cookie(backen
             # Subscribed by the server to user:ada: no `sub` frame, no grant needed.
             await until(lambda: gw.hub.subscriber_count("user:ada") == 1)
             await gw.ctx.node.publish("user:ada", b'{"note": 1}')
+            assert c.opened == {"op": "subscribed", "ch": "user:ada"}
             assert await c.next_push() == {"op": "msg", "ch": "user:ada", "data": {"note": 1}}
             # The hook's grants: room:* yes, admin:* no.
             assert (await c.request("sub", ch="room:1"))["ok"]
@@ -133,6 +143,36 @@ async def test_a_client_without_a_token_is_admitted_by_its_session_cookie(backen
     assert asked["headers"]["Cookie"].startswith("session=")
     assert asked["headers"]["User-Agent"] == "test-browser"
     assert "Authorization" not in asked["headers"]
+
+
+async def test_a_hook_s_history_channel_says_where_it_stands_so_a_reconnect_reads_what_it_missed(
+    backend,
+):
+    # A connect hook's subscriptions carried no position: a client back from a reconnect
+    # could not know what it had missed on them (no `sub` with `since`: it is `104`).
+    cookie = backend.login("ada")
+    async with running_gateway(**hooked(backend, history_channels=("user:*",))) as gw:
+        node = gw.ctx.node
+        await node.publish("user:ada", b'{"n": 1}')
+        async with cookie_client(gw, cookie) as c:
+            opened = c.opened
+            assert opened["op"] == "subscribed" and opened["offset"] == 1, opened
+            epoch = opened["epoch"]
+            assert "recovered" not in opened  # it gave no position to recover from
+            await node.publish("user:ada", b'{"n": 2}')
+            assert await c.next_push() == {
+                "op": "msg", "ch": "user:ada", "data": {"n": 2}, "offset": 2, "epoch": epoch
+            }  # fmt: skip
+        await node.publish("user:ada", b'{"n": 3}')  # while it is away
+        await node.publish("user:ada", b'{"n": 4}')
+        async with cookie_client(gw, cookie) as c:
+            assert c.opened == {
+                "op": "subscribed", "ch": "user:ada", "offset": 4, "epoch": epoch
+            }  # fmt: skip
+            # What the client missed, from the last offset it saw: as after a `gap`.
+            missed = await c.request("history", ch="user:ada", since=2)
+            assert [p["data"] for p in missed["publications"]] == [{"n": 3}, {"n": 4}]
+            assert (await c.request("sub", ch="user:ada"))["error"]["code"] == 104
 
 
 async def test_refused_and_disconnected_before_anything_opens(backend):
@@ -148,7 +188,7 @@ async def test_refused_and_disconnected_before_anything_opens(backend):
                 pass
         assert forged.value.response.status_code == 401
         # Banned: the socket opens only to be closed with the backend's code and reason.
-        async with cookie_client(gw, backend.login("mallory")) as c:
+        async with cookie_client(gw, backend.login("mallory"), opened=False) as c:
             with pytest.raises(ConnectionClosed) as closed:
                 await c.recv()
         assert (closed.value.rcvd.code, closed.value.rcvd.reason) == (4501, "banned")
@@ -353,7 +393,10 @@ async def test_sse_and_long_poll_are_admitted_by_cookie_too(backend):
         assert status == 202
         status, polled = await _http(gw, "GET", f"/lp/{opened['session']}?cursor=0", headers=secret)
         assert status == 200
-        assert polled["messages"][0] == {"id": 1, "ok": True, "data": {"user": "ada"}}
+        assert polled["messages"][:2] == [
+            {"op": "subscribed", "ch": "user:ada"},  # the connect hook's, first
+            {"id": 1, "ok": True, "data": {"user": "ada"}},
+        ]
         # The cookie alone is no credential for a session; nor is another session's secret.
         status, _ = await _http(
             gw, "GET", f"/lp/{opened['session']}?cursor=0", headers={"Cookie": cookie}
@@ -362,6 +405,57 @@ async def test_sse_and_long_poll_are_admitted_by_cookie_too(backend):
         status, other = await _http(gw, "POST", "/lp", headers={"Cookie": backend.login("bob")})
         status, _ = await _http(gw, "GET", f"/lp/{other['session']}?cursor=0", headers=secret)
         assert status in (401, 404)
+
+
+async def test_an_event_stream_recovers_its_hook_s_channels_from_last_event_id(backend):
+    # The browser's own reconnect sends the last `id:`, which holds the position of the
+    # hook's history channel too: the stream picks it up from there, as for its `ch`.
+    cookie = backend.login("ada")
+    settings = hooked(backend, history_channels=("user:*", "room:*"))
+    async with running_gateway(**settings) as gw:
+        node = gw.ctx.node
+        for n in (1, 2):
+            await node.publish("user:ada", b'{"n": %d}' % n)
+
+        async def stream(last_event_id: str | None, until_text: bytes) -> bytes:
+            http = AsyncHTTPClient(force_instance=True)
+            chunks: list[bytes] = []
+            headers = {"Cookie": cookie}
+            if last_event_id is not None:
+                headers["Last-Event-ID"] = last_event_id
+            fetch = http.fetch(http_url(gw, "/sse?ch=room:1"), headers=headers,
+                               streaming_callback=chunks.append, request_timeout=10 * UNIT)  # fmt: skip
+            try:
+                await until(lambda: until_text in b"".join(chunks))
+                gw.hub.close_subject("ada", CloseCode.SHUTDOWN)
+                await fetch
+            finally:
+                http.close()
+            return b"".join(chunks)
+
+        first = await stream(None, b'event: reply\ndata: {"id":1,"ok":true')
+        subscribed = json.loads(first.split(b"event: subscribed\ndata: ")[1].split(b"\n")[0])
+        assert subscribed["offset"] == 2 and "recovered" not in subscribed
+        epoch = subscribed["epoch"]
+        await node.publish("user:ada", b'{"n": 3}')  # what a stream keeps, then misses
+        kept = encode_positions({"user:ada": (2, epoch)})
+        await node.publish("user:ada", b'{"n": 4}')
+        body = await stream(kept, b'event: reply\ndata: {"id":1,"ok":true')
+        subscribed = json.loads(body.split(b"event: subscribed\ndata: ")[1].split(b"\n")[0])
+        assert subscribed == {
+            "op": "subscribed", "ch": "user:ada", "offset": 4, "epoch": epoch, "recovered": True
+        }  # fmt: skip
+        got = [json.loads(line[6:])["data"] for line in body.split(b"\n")
+               if line.startswith(b'data: {"op":"msg"')]  # fmt: skip
+        assert got == [{"n": 3}, {"n": 4}]  # what it missed, after the push, in order
+        ids = [line[4:] for line in body.split(b"\n") if line.startswith(b"id: ")]
+        assert decode_positions(ids[-1].decode()) == {"user:ada": (4, epoch)}
+        # A position that is none (a crafted id) is left out: subscribed from now on.
+        bad = encode_positions({"user:ada": (-5, "x" * 100)})
+        body = await stream(bad, b'event: reply\ndata: {"id":1,"ok":true')
+        subscribed = json.loads(body.split(b"event: subscribed\ndata: ")[1].split(b"\n")[0])
+        assert subscribed["offset"] == 4 and "recovered" not in subscribed
+        assert b'"op":"msg"' not in body
 
 
 async def _http(

@@ -353,3 +353,25 @@ def test_a_regrant_asks_for_a_system_channel_as_a_sub_does():
     assert c.regrant(Grants.from_claims({"channels": []}, system=("__admin",))) == []
     assert c.regrant(Grants.from_claims({"channels": ["*"]})) == ["__admin"]
     assert c.subscriptions == set()
+
+
+def test_a_channel_the_server_subscribed_is_readable_without_a_grant():
+    # The history of a connect hook's channel is how a client back from a reconnect reads
+    # what it missed there: a channel the connection holds needs no grant to read.
+    c = conn(grants=Grants.from_claims({"channels": ["room:*"]}))
+    c.subscribed("user:ada")  # made by the server, not by a `sub`
+    for frame_obj in (
+        {"id": 1, "op": "history", "ch": "user:ada", "since": 2},
+        {"id": 2, "op": "presence", "ch": "user:ada"},
+    ):
+        assert c.receive(json.dumps(frame_obj)).ch == "user:ada"
+    with pytest.raises(ProtocolError) as held:  # held already: 104, whatever the grants
+        c.receive('{"id": 3, "op": "sub", "ch": "user:ada"}')
+    assert held.value.code == 104
+    with pytest.raises(ProtocolError) as other:  # another user's: no grant, no reading
+        c.receive('{"id": 4, "op": "history", "ch": "user:bob"}')
+    assert other.value.code == 103
+    c.unsubscribed("user:ada")
+    with pytest.raises(ProtocolError) as left:
+        c.receive('{"id": 5, "op": "history", "ch": "user:ada"}')
+    assert left.value.code == 103

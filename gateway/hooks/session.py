@@ -30,7 +30,7 @@ import functools
 import logging
 import random
 import time
-from collections.abc import Callable, Container, Coroutine
+from collections.abc import Callable, Container, Coroutine, Mapping
 from typing import Any, TypeVar
 
 import msgspec
@@ -60,6 +60,7 @@ from proto import (
     Command,
     ErrorCode,
     History,
+    Position,
     PresenceQuery,
     PresenceStats,
     Pub,
@@ -112,13 +113,17 @@ class HookedSession(Session):
 
     # -- opening -------------------------------------------------------------------
 
-    def boot(self) -> Coroutine[Any, Any, None] | None:
+    def boot(
+        self, positions: Mapping[str, Position] | None = None
+    ) -> Coroutine[Any, Any, None] | None:
         identity = self.identity
         if isinstance(identity, HookedIdentity) and identity.subscribe:
-            return self._subscribe_server_side(identity.subscribe)
+            return self._subscribe_server_side(identity.subscribe, positions or {})
         return None
 
-    async def _subscribe_server_side(self, channels: tuple[str, ...]) -> None:
+    async def _subscribe_server_side(
+        self, channels: tuple[str, ...], positions: Mapping[str, Position]
+    ) -> None:
         conn = self.conn
         for ch in channels:
             if conn.closed:
@@ -126,18 +131,16 @@ class HookedSession(Session):
             if self._claim(ch) is not None:
                 continue  # the server API's subscribe of it came first
             try:
-                await self.node.subscribe(ch, self)
+                # As the server API's: a `subscribed` push, with where a history
+                # channel stands, so that a client back from a reconnect can
+                # read what it missed (`history` from its own last offset).
+                await self._server_subscribe_claimed(ch, positions.get(ch))
             except Exception as exc:
                 log.warning("closing %s: its subscription to %s failed: %s", self.subject, ch, exc)
                 self.transport.disconnect(CloseCode.UNAVAILABLE)
                 return
             finally:
                 self._unclaim(ch)
-            if conn.closed:
-                self.node.unsubscribe(ch, self)
-                return
-            conn.subscribed(ch)
-            await self._join(ch)
 
     def _server_channels(self) -> Container[str]:
         identity = self.identity

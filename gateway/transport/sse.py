@@ -10,7 +10,9 @@ errors and recovery are the socket's too. The stream carries:
   channels with an ``id:`` holding every history channel's position, so the
   browser's automatic reconnect (``Last-Event-ID``) recovers what it missed
   on all of them (positions it gives for other channels are dropped);
-* ``event: expiring`` / ``gap`` / ``unsubscribed`` - the socket's pushes;
+* ``event: expiring`` / ``gap`` / ``subscribed`` / ``unsubscribed`` - the
+  socket's pushes; a connect hook's channels are recovered from
+  ``Last-Event-ID`` too, their ``subscribed`` saying ``recovered``;
 * ``event: close`` - ``{"code": 4002}`` and the like, then the stream ends;
   a subscription refused with a temporary error (Redis unavailable) ends
   the stream at once with ``4004`` and a jittered ``retry:``, so that no
@@ -42,11 +44,11 @@ from core.errormap import JsonErrors
 from core.infra.errors import ApiError
 from core.infra.identity import Identity
 from gateway.context import Context
-from gateway.hooks.connect import Disconnected
+from gateway.hooks.connect import Disconnected, HookedIdentity
 from gateway.hub import Prepared
 from gateway.session import Session
 from gateway.transport.admission import admit, admit_hooked_request, refuse_full
-from proto import JSON_CODEC, CloseCode, Codec, Connection
+from proto import JSON_CODEC, CloseCode, Codec, Connection, Position
 
 __all__ = ["SSEHandler", "decode_positions", "encode_positions"]
 
@@ -75,6 +77,17 @@ def decode_positions(event_id: str | None) -> dict[str, tuple[int, str]]:
         return _positions.decode(raw)
     except (binascii.Error, ValueError, msgspec.DecodeError):
         return {}
+
+
+def _valid(positions: dict[str, tuple[int, str]]) -> dict[str, Position]:
+    """The positions a client gave that are positions (an offset in range, an epoch's length)."""
+    valid = {}
+    for ch, (offset, epoch) in positions.items():
+        try:
+            valid[ch] = msgspec.convert({"offset": offset, "epoch": epoch}, Position)
+        except msgspec.ValidationError:
+            log.info("ignoring an invalid Last-Event-ID position for %s", ch)
+    return valid
 
 
 class SSEHandler(JsonErrors):
@@ -117,10 +130,14 @@ class SSEHandler(JsonErrors):
         last = self.request.headers.get("Last-Event-ID") or self.get_query_argument(
             "last_event_id", None
         )
-        # Only the stream's own history channels: a position for any other
-        # would be carried in the id of every msg from now on.
+        # Only the stream's own history channels (its ``ch``, and those its connect
+        # hook subscribes it to): a position for any other would be carried in the
+        # id of every msg from now on.
+        hooked = identity.subscribe if isinstance(identity, HookedIdentity) else ()
         given, history = decode_positions(last), ctx.node.history_policy
-        self._positions = {ch: given[ch] for ch in channels if ch in given and history.applies(ch)}
+        self._positions = {
+            ch: given[ch] for ch in (*channels, *hooked) if ch in given and history.applies(ch)
+        }
         self.set_header("Content-Type", "text/event-stream")
         self.set_header("Cache-Control", "no-store")
         self.set_header("X-Accel-Buffering", "no")  # nginx: do not buffer the stream
@@ -142,7 +159,8 @@ class SSEHandler(JsonErrors):
         try:
             if self._ended.is_set():  # closed as it opened (its session revoked meanwhile)
                 return
-            boot = session.boot()
+            boot = session.boot(_valid({ch: self._positions[ch] for ch in hooked
+                                        if ch in self._positions}))  # fmt: skip
             if boot is not None:
                 await boot
                 if self._ended.is_set():  # its server-side subscriptions failed (4004)
