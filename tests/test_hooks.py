@@ -26,6 +26,9 @@ from core.infra.mint import mint_token
 from core.infra.settings import Settings, SettingsError
 from core.infra.verify import Verifier
 from gateway.app import Gateway
+from gateway.client import Backoff, State, Subscription
+from gateway.client import Client as PythonClient
+from gateway.client.polling import open_longpoll
 from gateway.hooks import SIGNATURE_HEADER, TIMESTAMP_HEADER, sign, signed_headers, verify_signature
 from gateway.transport.sse import decode_positions, encode_positions
 from proto import CloseCode
@@ -173,6 +176,48 @@ async def test_a_hook_s_history_channel_says_where_it_stands_so_a_reconnect_read
             missed = await c.request("history", ch="user:ada", since=2)
             assert [p["data"] for p in missed["publications"]] == [{"n": 3}, {"n": 4}]
             assert (await c.request("sub", ch="user:ada"))["error"]["code"] == 104
+
+
+async def test_the_python_client_reads_what_it_missed_on_a_hook_s_channel_across_a_reconnect(
+    backend,
+):
+    cookie = backend.login("ada")
+    async with running_gateway(**hooked(backend, history_channels=("user:*",))) as gw:
+        node = gw.ctx.node
+        made: list[Subscription] = []
+        fast = Backoff(base=0.05, cap=0.2)
+        async with PythonClient(f"ws://127.0.0.1:{gw.port}/ws", headers={"Cookie": cookie},
+                          backoff=fast, on_subscribed=made.append) as c:  # fmt: skip
+            await until(lambda: len(made) == 1)
+            (mine,) = made
+            assert mine.channel == "user:ada" and c.subscription("user:ada") is mine
+            await node.publish("user:ada", b'{"n": 1}')
+            assert (await asyncio.wait_for(anext(mine), 2 * UNIT)).data == {"n": 1}
+            gw.ctx.status.draining = True  # reconnects refused (503) while publications go on
+            assert gw.hub.close_subject("ada", CloseCode.SHUTDOWN) == 1
+            await until(lambda: c.state is State.RECONNECTING)
+            for n in (2, 3):
+                await node.publish("user:ada", b'{"n": %d}' % n)
+            gw.ctx.status.draining = False
+            got = [await asyncio.wait_for(anext(mine), 2 * UNIT) for _ in range(2)]
+            assert [(p.offset, p.data) for p in got] == [(2, {"n": 2}), (3, {"n": 3})]
+            assert mine.recovered is True and c.connections == 2 and made == [mine]
+            await node.publish("user:ada", b'{"n": 4}')
+            assert (await asyncio.wait_for(anext(mine), 2 * UNIT)).data == {"n": 4}
+            assert c.subscription("user:ada") is mine  # kept, not ended by the `sub`'s 104
+
+
+async def test_the_python_client_s_long_poll_session_is_opened_by_cookie_then_its_secret(backend):
+    got: list[bytes | str] = []
+    async with running_gateway(**hooked(backend)) as gw:
+        poll = await open_longpoll(
+            f"ws://127.0.0.1:{gw.port}/ws", None, got.append, {"Cookie": backend.login("ada")}
+        )
+        try:
+            await until(lambda: got)
+            assert json.loads(got[0]) == {"op": "subscribed", "ch": "user:ada"}
+        finally:
+            poll.abort()
 
 
 async def test_refused_and_disconnected_before_anything_opens(backend):

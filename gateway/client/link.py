@@ -30,7 +30,7 @@ import enum
 import itertools
 import logging
 import ssl
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from types import TracebackType
 from typing import Final, Self
 
@@ -47,11 +47,12 @@ from gateway.client.exceptions import (
     SubscriptionEnded,
 )
 from gateway.client.polling import LongPoll, http_base, open_longpoll
-from gateway.client.subscription import Gap, Publication, Subscription
+from gateway.client.subscription import Gap, GapReason, Publication, Subscription
 from gateway.client.transport import WebSocket, open_websocket
 from proto import (
     CloseCode,
     Command,
+    ErrorCode,
     Expiring,
     History,
     Join,
@@ -117,7 +118,10 @@ class Connection:
     gateway/client/transport.py). ``on_subscribed`` is
     called with each `Subscription` the server made (the server API's
     ``subscribe``, a ``subscribed`` push): it is kept, recovered after a
-    reconnect and ended like one of the client's own.
+    reconnect and ended like one of the client's own. A connect hook's
+    channels come back by themselves on a new connection: what was missed
+    meanwhile is read from history. ``headers`` go with every opening
+    request (a ``Cookie``, for a connect hook that admits by session).
     """
 
     def __init__(
@@ -138,6 +142,7 @@ class Connection:
         compression: bool = True,
         transports: tuple[str, ...] = ("websocket", "longpoll"),
         on_subscribed: Callable[[Subscription], None] | None = None,
+        headers: Mapping[str, str] | None = None,
     ) -> None:
         if encoding not in ENCODINGS:
             raise ValueError(f"encoding must be one of {sorted(ENCODINGS)}")
@@ -152,6 +157,9 @@ class Connection:
         self.max_size = max_size
         self.ssl = ssl
         self.compression = compression
+        #: Headers sent with each opening request (a ``Cookie`` for a gateway whose
+        #: connect hook admits clients by their session).
+        self.headers = dict(headers or {})
         #: ``longpoll`` after WebSocket failed where plain HTTP works (JSON only).
         self.transports = transports if encoding == "json" else ("websocket",)
         self.transport = "websocket"
@@ -262,7 +270,9 @@ class Connection:
             if self.transport == "longpoll":
                 try:
                     async with asyncio.timeout(self.open_timeout):
-                        return await open_longpoll(self.url, self._token, self._on_message)
+                        return await open_longpoll(
+                            self.url, self._token, self._on_message, self.headers
+                        )
                 except HandshakeError as exc:
                     if not exc.retryable:
                         raise
@@ -276,7 +286,7 @@ class Connection:
                     return await open_websocket(
                         self.url, token=self._token, subprotocols=(self.encoding.name,),
                         on_message=self._on_message, max_size=self.max_size, ssl=self.ssl,
-                        compression=self.compression,
+                        compression=self.compression, headers=self.headers,
                     )  # fmt: skip
             except HandshakeError as exc:
                 if exc.status == 401 and self._get_token is not None and not refreshed:
@@ -365,6 +375,10 @@ class Connection:
                     await ask(sub, sub.position)
                     return
                 except ReplyError as exc:
+                    if exc.code == ErrorCode.ALREADY_SUBSCRIBED:
+                        # The server made it again on this connection (a connect hook's
+                        # channel): its `subscribed` push came first, and said where it stands.
+                        return
                     if exc.temporary and attempt + 1 < RESUBSCRIBE_ATTEMPTS:
                         # Never a silently dead channel: ask again, with backoff.
                         await asyncio.sleep(self.backoff.delay(attempt))
@@ -501,11 +515,13 @@ class Connection:
 
     def _server_subscribed(self, frame: Subscribed) -> None:
         """The server subscribed this connection: a subscription like the client's own."""
-        if frame.ch in self._subs:
-            return
         now = None
         if frame.offset is not None and frame.epoch is not None:
             now = Position(offset=frame.offset, epoch=frame.epoch)
+        kept = self._subs.get(frame.ch)
+        if kept is not None:
+            self._server_resubscribed(kept, now)
+            return
         sub = Subscription(
             frame.ch,
             now,
@@ -522,14 +538,30 @@ class Connection:
             except Exception:
                 log.exception("on_subscribed failed for %s", frame.ch)
 
+    def _server_resubscribed(self, sub: Subscription, now: Position | None) -> None:
+        """A subscription kept across a reconnect, made again by the server (a connect hook's
+        channel): what was published meanwhile is read from history, the live pushes held."""
+        since = sub.position
+        sub.confirmed = True
+        if since is None or now is None:
+            sub.subscribed(None, None, now, again=True)  # nothing to recover from: a gap
+        elif now.epoch != since.epoch:
+            sub.subscribed(since, False, now)  # the history was lost: a gap
+        elif now.offset <= since.offset:
+            sub.recovered = True  # nothing was missed
+        else:
+            sub.hold()
+            self._spawn(self._repair(sub, "not_recovered"))
+
     async def unsubscribe(self, channel: str) -> None:
         """Leave ``channel``: `Client` has the commands."""
         raise NotImplementedError
 
-    async def _repair(self, sub: Subscription) -> None:
+    async def _repair(self, sub: Subscription, reason: GapReason = "broker") -> None:
         """Fill a ``gap`` from history: what was missed, in order, then the live pushes held.
 
-        A `Gap` when history cannot: another epoch, or more missed than it keeps.
+        A `Gap` (with ``reason``) when history cannot: another epoch, or more missed than
+        it keeps. ``sub.recovered`` says which.
         """
         try:
             while (since := sub.position) is not None:
@@ -543,7 +575,8 @@ class Connection:
                     or (bool(items) and items[0].offset > since.offset + 1)
                 ):
                     sub.position = now  # live ones continue after it (as after a `sub`)
-                    sub.put(Gap(sub.channel, "broker", now))
+                    sub.recovered = False
+                    sub.put(Gap(sub.channel, reason, now))
                     return
                 for item in items:
                     value = self.encoding.value(item.data)
@@ -551,10 +584,12 @@ class Connection:
                         Publication(sub.channel, value, item.offset, now.epoch), live=False
                     )
                 if not items or items[-1].offset >= now.offset:
+                    sub.recovered = True
                     return
         except (ClientError, TimeoutError) as exc:
             log.warning("could not repair a gap on %s: %s", sub.channel, exc)
-            sub.put(Gap(sub.channel, "broker", sub.position))
+            sub.recovered = False
+            sub.put(Gap(sub.channel, reason, sub.position))
         finally:
             sub.release()
 

@@ -13,6 +13,7 @@ dropped socket. JSON only (the long-poll endpoint speaks JSON).
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -33,6 +34,7 @@ class _Poll(msgspec.Struct):
     cursor: int = 0
     session: str | None = None
     close: dict[str, Any] | None = None
+    token: str | None = None  # a session admitted without a token: its own secret
 
 
 _decode = msgspec.json.Decoder(_Poll).decode
@@ -118,10 +120,16 @@ class LongPoll:
         self._reading.set()
 
 
-async def open_longpoll(url: str, token: str | None, on_message: OnMessage) -> LongPoll:
-    """Make a session on the gateway of ``url`` (its ``/ws`` address is fine)."""
+async def open_longpoll(
+    url: str, token: str | None, on_message: OnMessage, extra: Mapping[str, str] | None = None
+) -> LongPoll:
+    """Make a session on the gateway of ``url`` (its ``/ws`` address is fine).
+
+    ``extra``: headers for the request that makes it (a ``Cookie``); a session
+    admitted without a token carries the secret the gateway gives it after that.
+    """
     base = http_base(url)
-    headers = {"Content-Type": "application/json"}
+    headers = {**(extra or {}), "Content-Type": "application/json"}
     if token:
         headers["Authorization"] = f"Bearer {token}"
     http = AsyncHTTPClient(force_instance=True)
@@ -134,6 +142,9 @@ async def open_longpoll(url: str, token: str | None, on_message: OnMessage) -> L
         raise OSError(f"cannot reach {base}: {resp.error}")
     if resp.code != 201:
         raise HandshakeError.refused(resp.code, resp.body or b"", resp.headers.get("Retry-After"))
-    sid = _decode(resp.body).session
+    opened = _decode(resp.body)
+    sid = opened.session
     assert sid is not None
+    if opened.token is not None:  # its own secret: the cookie alone opens no session's polls
+        headers = {"Content-Type": "application/json", "Authorization": f"Bearer {opened.token}"}
     return LongPoll(base, sid, headers, on_message)

@@ -42,7 +42,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl as ssl_module
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Final, NamedTuple
 from urllib.parse import urlsplit, urlunsplit
 
@@ -165,6 +165,7 @@ async def open_websocket(
     max_size: int = 2**24,
     ssl: ssl_module.SSLContext | None = None,
     compression: bool = True,
+    headers: Mapping[str, str] | None = None,
 ) -> WebSocket:
     """Connect to ``url`` (``ws://host:port/ws``) and complete the handshake.
 
@@ -179,7 +180,10 @@ async def open_websocket(
         conn = await connect(
             urlunsplit((scheme, *parts[1:])),
             subprotocols=[Subprotocol(p) for p in subprotocols],
-            additional_headers={"Authorization": f"Bearer {token}"} if token else None,
+            additional_headers={
+                **(headers or {}),
+                **({"Authorization": f"Bearer {token}"} if token else {}),
+            },
             compression="deflate" if compression else None,
             proxy=None,
             open_timeout=None,
