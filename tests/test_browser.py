@@ -26,7 +26,7 @@ from tornado.httpclient import AsyncHTTPClient
 
 from core.infra.mint import mint_token
 from core.infra.settings import Settings
-from proto.codes import should_reconnect
+from proto.codes import CloseCode, should_reconnect
 from tests import test_processes
 from tests.harness import SECRET, ApiClient, running_gateway, token_for, unique_prefix, until
 from tests.hookbackend import HookBackend
@@ -407,11 +407,67 @@ async def test_a_browser_without_a_token_is_admitted_by_its_cookie(chromium, tmp
     assert out["who"] == {"user": "ada"}
     assert out["got"] == [{"from": "ada", "text": "**** browsers"}]  # rewritten by the backend
     server_side = {"ch": "user:ada", "data": {"note": "for ada"}, "offset": None, "epoch": None}
-    assert out["server"] == [server_side]  # no Subscription object: a "publication" event
+    assert out["server"] == [server_side]  # no handler of the app's: a "publication" event
     assert out["refused"] == 403  # the backend's own code
     assert out["cookie"] == ""  # HttpOnly: the page never sees it, the gateway gets it
     assert asked[0]["user"] is None and asked[0]["headers"]["Cookie"].startswith("session=")
     assert asked[0]["headers"]["Origin"] == f"http://127.0.0.1:{gw.port}"
+    assert page.errors == []
+
+
+HOOKED_HISTORY_JS = """async ([kind]) => {
+  const { Gateway } = await import("/client/gateway.js");
+  const gw = new Gateway(location.origin, { tokenless: true, transports: [kind], minDelay: 50, maxDelay: 200 });
+  const state = (window.__hooked = { got: [], recovered: [], errors: [], made: 0 });
+  gw.on("subscribed", (sub) => {
+    state.made += 1;
+    sub.handlers.onMessage = (data, meta) => state.got.push([meta.offset, data.n]);
+    sub.handlers.onRecovered = (recovered) => state.recovered.push(recovered);
+  });
+  gw.on("error", (err) => state.errors.push(err.code));
+  await gw.connect();
+  if (kind === "sse") gw.subscribe("room:1"); // an event stream opens for a channel of its own
+  state.gw = gw;
+}"""
+
+
+@pytest.mark.parametrize("kind", ["websocket", "sse"])
+async def test_a_connect_hook_s_history_channel_loses_nothing_across_a_reconnect(
+    chromium, tmp_path, kind
+):
+    # The gateway makes the hook's channel again on the new connection: gateway.js reads
+    # what was missed from history (over SSE, the gateway recovers it from the id).
+    backend = HookBackend(tmp_path / "backend.log")
+    try:
+        settings = hooked(backend, history_channels=("user:*",))
+        async with running_gateway(**settings) as gw, browser(chromium) as b:
+            page = await Page.open(b, backend.url("/login?user=ada"))
+            await page.page.goto(f"http://127.0.0.1:{gw.port}/demo")
+            await page.page.evaluate(HOOKED_HISTORY_JS, [kind])
+
+            async def got(n: int) -> bool:
+                return len(await page.page.evaluate("window.__hooked.got")) >= n
+
+            await until(lambda: gw.hub.subscriber_count("user:ada") == 1)
+            await gw.ctx.node.publish("user:ada", b'{"n": 1}')
+            await until(lambda: got(1))
+            gw.ctx.status.draining = True  # reconnects refused (503) while publications go on
+            assert gw.hub.close_subject("ada", CloseCode.SHUTDOWN) == 1
+            await until(lambda: gw.hub.subscriber_count("user:ada") == 0)
+            for n in (2, 3):
+                await gw.ctx.node.publish("user:ada", b'{"n": %d}' % n)
+            gw.ctx.status.draining = False
+            await until(lambda: got(3), timeout=10 * UNIT)
+            await gw.ctx.node.publish("user:ada", b'{"n": 4}')
+            await until(lambda: got(4))
+            out = await page.page.evaluate(
+                "({ got: window.__hooked.got, recovered: window.__hooked.recovered,"
+                " errors: window.__hooked.errors, made: window.__hooked.made })"
+            )
+    finally:
+        backend.stop()
+    assert out["got"] == [[1, 1], [2, 2], [3, 3], [4, 4]]  # each once, in order
+    assert out["recovered"] == [True] and out["errors"] == [] and out["made"] == 1
     assert page.errors == []
 
 

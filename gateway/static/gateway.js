@@ -61,7 +61,10 @@
  *   Subscription like the app's own, announced by the "subscribed" event
  *   (set its handlers there); it is sent again after a reconnect with its
  *   last position, and dropped ("unsubscribed") if the token does not allow
- *   it. An `unsubscribed` push ends any subscription.
+ *   it. An `unsubscribed` push ends any subscription. A connect hook's
+ *   channels are made again by the server on each new connection: the same
+ *   Subscription goes on, what was missed read with `history` ("recovered"
+ *   says whether it all was; over SSE the gateway recovers them itself).
  * - A `gap` push on a history channel is repaired with `history` frames;
  *   pushes arriving meanwhile wait, so nothing is delivered twice or out of
  *   order.
@@ -440,7 +443,9 @@ class SSETransport {
       this.channels.set(ch, { offset: reply.offset, epoch: reply.epoch }); // where the next stream resumes
     }
     if (id !== undefined) this.sink.frame({ ...reply, id });
-    else if (!reply.ok) {
+    else if (!reply.ok && reply.error.code === 104) {
+      // carried over, and made again by the connect hook: its `subscribed` push came first
+    } else if (!reply.ok) {
       // a channel carried over from the previous stream that is now refused
       this.channels.delete(ch);
       this.sink.frame({ op: "unsubscribed", ch, code: reply.error.code, message: reply.error.message });
@@ -567,6 +572,7 @@ export class Subscription {
     this.position = since ?? null;
     this.active = false; // the server confirmed it at least once
     this.server = false; // made by the server (a `subscribed` push), not by subscribe()
+    this.remade = null; // the transport on which the server made it again (a connect hook's)
     this.held = null; // pushes held back while a gap is being repaired
     this.ready = new Promise((resolve, reject) => { this.settle = { resolve, reject }; });
     this.ready.catch(() => {}); // awaited or not, a refusal is also reported to onError
@@ -882,7 +888,12 @@ export class Gateway {
     } catch (err) {
       if (this.subscriptions.get(sub.channel) !== sub) return;
       if (err.code === "disconnected") return; // sent again on reconnect
-      if (err.code === 104) { this.emit("error", err); return; }
+      if (err.code === 104) {
+        // Made again by the server on this connection (a connect hook's channel):
+        // its `subscribed` push came first and said where it stands.
+        if (sub.remade !== this.transport) this.emit("error", err);
+        return;
+      }
       if (err.temporary) {
         // Never a silently dead channel: ask again, with backoff, while it is wanted.
         this.emit("error", err);
@@ -905,10 +916,11 @@ export class Gateway {
     if (recovering) this.recovered(sub, reply.recovered === true);
   }
 
-  serverSubscribed({ ch, offset, epoch }) {
-    // The server subscribed this connection (the server API): the pushes that
-    // follow come after {offset, epoch}, from which a reconnect recovers.
-    if (this.subscriptions.has(ch)) return;
+  serverSubscribed({ ch, offset, epoch, recovered }) {
+    // The server subscribed this connection (the server API, a connect hook): the
+    // pushes that follow come after {offset, epoch}, from which a reconnect recovers.
+    const kept = this.subscriptions.get(ch);
+    if (kept) { this.serverResubscribed(kept, offset, epoch, recovered); return; }
     // Until the app sets its own handlers ("subscribed" event), pushes are "publication"s.
     const handlers = { onMessage: (data, meta) => this.emit("publication", { ...meta, data }) };
     const sub = new Subscription(this, ch, handlers, offset != null ? { offset, epoch } : null);
@@ -917,6 +929,26 @@ export class Gateway {
     this.subscriptions.set(ch, sub);
     sub.settle.resolve({ ok: true, offset, epoch });
     this.emit("subscribed", sub);
+  }
+
+  serverResubscribed(sub, offset, epoch, recovered) {
+    // A subscription kept across a reconnect that the server made again (a connect
+    // hook's channel): what was published meanwhile is read from history.
+    sub.remade = this.transport; // its own `sub`, if sent, is answered 104
+    sub.active = true;
+    const seen = sub.position;
+    if (recovered != null) {
+      // An event stream recovered it from Last-Event-ID: what was missed follows.
+      if (!recovered && offset != null) sub.position = { offset, epoch };
+      this.recovered(sub, recovered);
+    } else if (offset == null || !seen || seen.epoch !== epoch) {
+      if (offset != null) sub.position = { offset, epoch };
+      this.recovered(sub, false); // nothing to recover from, or the history was lost
+    } else if (offset <= seen.offset) {
+      this.recovered(sub, true); // nothing was missed
+    } else {
+      this.fill(sub);
+    }
   }
 
   recovered(sub, recovered) {
@@ -940,9 +972,13 @@ export class Gateway {
   }
 
   async repairGap(sub) {
-    // Publications may have been missed (the gateway lost Redis for a while):
-    // fetch them from history, holding live pushes back until done.
+    // Publications may have been missed (the gateway lost Redis for a while).
     this.invoke(sub.handlers.onGap);
+    await this.fill(sub);
+  }
+
+  async fill(sub) {
+    // What was missed since sub.position, from history, holding live pushes back until done.
     if (sub.held) return;
     let recovered = false;
     sub.held = [];
