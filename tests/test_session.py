@@ -16,6 +16,9 @@ from core.infra.identity import Identity
 from core.infra.metrics import Metrics
 from core.infra.settings import Settings
 from core.infra.verify import Verifier
+from gateway.hooks.connect import hooked
+from gateway.hooks.service import Hooks
+from gateway.hooks.session import HookedSession
 from gateway.hub import Hub, Prepared
 from gateway.node import Node
 from gateway.session import Session
@@ -270,3 +273,40 @@ async def test_liveness_honours_the_interval_with_only_a_few_connections(node):
         node.hub.heartbeat(now=float(tick), interval=25.0, timeout=5.0)
     # Each once per interval: not once every 3 ticks.
     assert [len(t.heartbeats) for t in transports] == [1, 1, 1]
+
+
+@pytest.mark.parametrize("first", ["boot", "server API"])
+async def test_a_connect_hook_s_boot_and_the_server_api_subscribe_a_channel_once(node, first):
+    # Both may subscribe the connection to the same channel while the other's broker
+    # subscribe is under way: whichever claims it first makes it, the other stands back.
+    hooks = Hooks(Settings(jwt_secret="s" * 32, hook_secret="h" * 32), Metrics())
+    grants = Grants.from_claims({"channels": ["room:*"]})
+    identity = hooked(Identity("alice", grants, None), "c1")
+    identity.subscribe = ("projects:1", "room:2")
+    transport = RecordingTransport()
+    s = HookedSession(hooks, transport, Connection(JSON_CODEC, grants), identity, node, Metrics())
+    s.open()
+    broker = node.broker
+    assert isinstance(broker, RecordingBroker)
+    broker.gate = asyncio.Event()
+    boot = s.boot()
+    assert boot is not None
+    if first == "boot":
+        booting = asyncio.ensure_future(boot)
+        await settle()
+        assert await s.server_subscribe("projects:1") is False  # under way: not twice
+        broker.gate.set()
+        await booting
+    else:
+        api = asyncio.ensure_future(s.server_subscribe("projects:1"))
+        await settle()
+        booting = asyncio.ensure_future(boot)
+        await settle()
+        broker.gate.set()
+        await booting
+        assert await api is True
+    told = [m["ch"] for m in transport.sent if m.get("op") == "subscribed"]
+    assert sorted(told) == ["projects:1", "room:2"]  # each once
+    assert s.conn.subscriptions == {"projects:1", "room:2"}
+    assert broker.calls.count(("subscribe", "projects:1")) == 1
+    assert node.hub.subscriber_count("projects:1") == 1
