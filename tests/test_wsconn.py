@@ -19,6 +19,7 @@ from core.infra.metrics import Metrics
 from gateway.hub import Prepared
 from gateway.loadtest.handshake import handshake_request
 from gateway.loadtest.wsclient import client_frame
+from gateway.session import Session
 from gateway.transport import wsconn
 from gateway.transport.wsconn import Coalescer, WSConnection
 from proto import CloseCode
@@ -258,6 +259,112 @@ async def test_a_socket_lost_before_its_shedding_is_not_counted_as_departed_fore
     assert conn._coalescer.departed == {conn}
     conn.connection_lost(None)
     assert not conn._coalescer.departed
+
+
+class _Instant(_Commands):
+    """A session whose commands never wait (a frame that is not JSON, a refused ``pub``,
+    an ``unsub`` of a channel not held: each reply is written at once)."""
+
+    async def handle(self, payload: bytes) -> None:
+        self.handled.append(payload)
+
+
+class _Yielding(_Commands):
+    """A session where one command in four waits once (a ``pub``, say), the others not."""
+
+    async def handle(self, payload: bytes) -> None:
+        if len(self.handled) % 4 == 0:
+            await asyncio.sleep(0)
+        self.handled.append(payload)
+
+
+def _with(kind: type[_Commands]) -> tuple[WSConnection, _Wire, _Commands]:
+    made: list[_Commands] = []
+
+    def make(conn: WSConnection) -> _Commands:
+        made.append(kind(conn))
+        return made[0]
+
+    conn = WSConnection(b"", JSON, make, Metrics(), 1 << 20, Coalescer())  # type: ignore[arg-type]
+    wire = _Wire()
+    conn.connection_made(wire)  # type: ignore[arg-type]
+    return conn, wire, made[0]
+
+
+async def test_commands_that_never_wait_do_not_run_a_whole_read_in_one_turn():
+    # The inbox was refilled from the held frames inside the command task: a task
+    # whose commands never wait parsed and ran all of a read in one loop turn.
+    conn, _, session = _with(_Instant)
+    n = 40 * wsconn.FRAMES_PER_TURN
+    conn.data_received(client_frame(b"x") * n)
+    most = 0
+    for _ in range(10_000):
+        if len(session.handled) >= n:
+            break
+        before = len(session.handled)
+        await asyncio.sleep(0)  # one turn of the loop: other sockets run here
+        most = max(most, len(session.handled) - before)
+    assert len(session.handled) == n
+    assert most <= wsconn.FRAMES_PER_TURN + wsconn.MAX_INBOX, most
+
+
+async def test_a_socket_has_at_most_one_parse_of_held_frames_scheduled(monkeypatch):
+    # Each parse stopped by the frame budget scheduled another, and an emptied inbox
+    # one more: the chains added up, each parsing FRAMES_PER_TURN frames a turn.
+    conn, _, session = _with(_Yielding)
+    unit = client_frame(b"", OP_PING) * 200 + client_frame(b"x")  # runs under MAX_CONTROL_RUN
+    loop = asyncio.get_running_loop()
+    scheduled: list[int] = []
+    call_soon = loop.call_soon
+
+    def counting(callback, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if getattr(callback, "__func__", None) is WSConnection._parse_held:
+            scheduled.append(1)
+        return call_soon(callback, *args, **kwargs)
+
+    monkeypatch.setattr(loop, "call_soon", counting)
+    conn.data_received(unit * 600)
+    pending = []
+    for _ in range(1000):
+        if len(session.handled) >= 600 and not conn._protocol.held:
+            break
+        scheduled.clear()
+        await asyncio.sleep(0)
+        pending.append(len(scheduled))
+    monkeypatch.undo()
+    assert len(session.handled) == 600
+    assert max(pending) <= 1, pending
+
+
+async def test_a_read_of_frames_that_are_not_json_is_spread_over_turns(monkeypatch):
+    # Over a socket, default settings: a frame that is not JSON fails before the rate
+    # limit, and its error reply waits for nothing. Counted: commands per loop turn.
+    calls = [0]
+    handle = Session.handle
+
+    async def counted(self, data):  # type: ignore[no-untyped-def]
+        calls[0] += 1
+        await handle(self, data)
+
+    monkeypatch.setattr(Session, "handle", counted)
+    async with running_gateway() as gw, raw_socket(gw, token_for(gw)) as ws:
+        n = 36_000  # one 252 KB write of 7-byte frames
+
+        async def drain() -> None:
+            while await ws.reader.read(1 << 20):
+                pass
+
+        reader = asyncio.create_task(drain())
+        ws.send(client_frame(b"x") * n)
+        most, turns = 0, 0
+        while calls[0] < n and turns < 200_000:
+            before = calls[0]
+            await asyncio.sleep(0)
+            turns += 1
+            most = max(most, calls[0] - before)
+        reader.cancel()
+        assert calls[0] == n
+        assert most <= wsconn.FRAMES_PER_TURN + wsconn.MAX_INBOX, most
 
 
 async def test_thousands_of_commands_in_one_write_are_all_answered_in_order():

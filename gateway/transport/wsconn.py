@@ -103,6 +103,8 @@ BUDGET_CHECK = 0.1
 #: (`proto.wsprotocol.MAX_CONTROL_RUN`): keep-alive pings seconds apart never add up.
 CONTROL_QUIET = 1.0
 _PING = bytes((0x80 | OP_PING, 0))
+_TASK = 1  # WSConnection._busy: a task runs the connection's commands
+_PARSE = 2  # WSConnection._busy: the held frames are to be parsed on the next loop turn
 #: The command tasks running now, one per busy connection (idle ones hold none).
 _RUNNING = TaskSet(log)
 _LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() resets the connection
@@ -246,6 +248,7 @@ class WSConnection(asyncio.Protocol):
     kind: ClassVar[str] = "websocket"
 
     __slots__ = (
+        "_busy",
         "_closing",
         "_coalescer",
         "_code",
@@ -261,7 +264,6 @@ class WSConnection(asyncio.Protocol):
         "_pinged",
         "_protocol",
         "_response",
-        "_running",
         "_timer",
         "codec",
         "session",
@@ -298,7 +300,7 @@ class WSConnection(asyncio.Protocol):
         self._deflate_max = agreement.max_bytes if agreement is not None else 0
         self._end: bytes | None = None  # the protocol's last frames, once it closed
         self._inbox: collections.deque[bytes] | None = None
-        self._running = False
+        self._busy = 0  # _TASK | _PARSE
         self._closing = False
         self._timer: asyncio.TimerHandle | None = None
         self._last_seen = time.monotonic()
@@ -319,7 +321,7 @@ class WSConnection(asyncio.Protocol):
         # Closed as it opened (its session revoked meanwhile): nothing to set up.
         boot = None if self._closing else session.boot()
         if boot is not None:  # the client's frames wait in the inbox until it is done
-            self._running = True
+            self._busy |= _TASK
             _RUNNING.spawn(self._boot(boot))
         if self._early:
             early, self._early = self._early, b""
@@ -419,7 +421,17 @@ class WSConnection(asyncio.Protocol):
         transport.pause_reading()
         inbox = self._inbox
         if not inbox or len(inbox) < MAX_INBOX:  # the frame budget, not the inbox, stopped it
-            asyncio.get_running_loop().call_soon(self._take, b"")
+            self._parse_later()
+
+    def _parse_later(self) -> None:
+        """Parse the held frames on the next loop turn (once, however often asked)."""
+        if not self._busy & _PARSE:
+            self._busy |= _PARSE
+            asyncio.get_running_loop().call_soon(self._parse_held)
+
+    def _parse_held(self) -> None:
+        self._busy &= ~_PARSE
+        self._take(b"")
 
     def _next(self) -> bytes | None:
         """The next command waiting for this connection's task, if any."""
@@ -427,8 +439,10 @@ class WSConnection(asyncio.Protocol):
             return None
         inbox = self._inbox
         if not inbox and self._protocol.held:
-            self._take(b"")  # the inbox is empty: parse the frames held back for it
-            inbox = self._inbox
+            # Not here, in the command task: commands that never wait (refused
+            # ones) would parse the whole read in one turn. The next turn does.
+            self._parse_later()
+            return None
         return inbox.popleft() if inbox else None
 
     def _ended(self) -> None:
@@ -447,7 +461,7 @@ class WSConnection(asyncio.Protocol):
         self._code = protocol.close_code or 1005
         if protocol.failure is not None:
             log.info("closing a socket that broke the protocol: %s", protocol.failure.reason)
-        if self._running and not self._closing:
+        if self._busy & _TASK and not self._closing:
             transport.pause_reading()
             self._timer = asyncio.get_running_loop().call_later(CLOSE_TIMEOUT, self._hang_up)
             return
@@ -472,13 +486,13 @@ class WSConnection(asyncio.Protocol):
     def _message(self, payload: bytes) -> None:
         if self._closing:
             return
-        if self._running:
+        if self._busy & _TASK:
             inbox = self._inbox
             if inbox is None:
                 inbox = self._inbox = collections.deque()
             inbox.append(payload)  # within MAX_INBOX: `_take` parses no more than fit
             return
-        self._running = True
+        self._busy |= _TASK
         _RUNNING.spawn(self._run(payload))
 
     async def _boot(self, boot: Coroutine[Any, Any, None]) -> None:
@@ -491,7 +505,7 @@ class WSConnection(asyncio.Protocol):
         if payload is not None:
             await self._run(payload)
             return
-        self._running = False
+        self._busy &= ~_TASK
         if self._end is not None:  # the connection failed while its session was opening
             self._hang_up()
 
@@ -502,7 +516,7 @@ class WSConnection(asyncio.Protocol):
                 await self.session.handle(payload)
                 payload = self._next()
         finally:
-            self._running = False
+            self._busy &= ~_TASK
             if self._end is not None:  # the connection failed while commands were waiting
                 self._hang_up()
 
