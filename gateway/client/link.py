@@ -590,6 +590,11 @@ class Connection:
             log.warning("could not repair a gap on %s: %s", sub.channel, exc)
             sub.recovered = False
             sub.put(Gap(sub.channel, reason, sub.position))
+        except asyncio.CancelledError:
+            # The connection closed under the repair: the live pushes held come after
+            # a hole; dropped, the next connection recovers from sub.position instead.
+            sub.discard_held()
+            raise
         finally:
             sub.release()
 

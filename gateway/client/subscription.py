@@ -198,6 +198,11 @@ class Subscription:
         if self._held is None:
             self._held = []
 
+    def discard_held(self) -> None:
+        """Forget the live publications held back (history will bring them again)."""
+        if self._held is not None:
+            self._held = []
+
     def release(self) -> None:
         """Deliver the live publications held back (repeats of the history dropped)."""
         held, self._held = self._held or [], None
