@@ -206,11 +206,14 @@ class _Commands:
         self.handled.append(payload)
 
 
-def _with_session(delay: float = 0.0) -> tuple[WSConnection, _Wire, _Commands]:
+def _with_session(
+    delay: float = 0.0, kind: type[_Commands] = _Commands
+) -> tuple[WSConnection, _Wire, _Commands]:
+    """A connection on a recording wire, its session a ``kind``, opened."""
     sessions: list[_Commands] = []
 
     def make(conn: WSConnection) -> _Commands:
-        sessions.append(_Commands(conn, delay))
+        sessions.append(kind(conn, delay))
         return sessions[0]
 
     conn = WSConnection(b"", JSON, make, Metrics(), 1 << 20, Coalescer())  # type: ignore[arg-type]
@@ -278,23 +281,10 @@ class _Yielding(_Commands):
         self.handled.append(payload)
 
 
-def _with(kind: type[_Commands]) -> tuple[WSConnection, _Wire, _Commands]:
-    made: list[_Commands] = []
-
-    def make(conn: WSConnection) -> _Commands:
-        made.append(kind(conn))
-        return made[0]
-
-    conn = WSConnection(b"", JSON, make, Metrics(), 1 << 20, Coalescer())  # type: ignore[arg-type]
-    wire = _Wire()
-    conn.connection_made(wire)  # type: ignore[arg-type]
-    return conn, wire, made[0]
-
-
 async def test_commands_that_never_wait_do_not_run_a_whole_read_in_one_turn():
     # The inbox was refilled from the held frames inside the command task: a task
     # whose commands never wait parsed and ran all of a read in one loop turn.
-    conn, _, session = _with(_Instant)
+    conn, _, session = _with_session(kind=_Instant)
     n = 40 * wsconn.FRAMES_PER_TURN
     conn.data_received(client_frame(b"x") * n)
     most = 0
@@ -311,7 +301,7 @@ async def test_commands_that_never_wait_do_not_run_a_whole_read_in_one_turn():
 async def test_a_socket_has_at_most_one_parse_of_held_frames_scheduled(monkeypatch):
     # Each parse stopped by the frame budget scheduled another, and an emptied inbox
     # one more: the chains added up, each parsing FRAMES_PER_TURN frames a turn.
-    conn, _, session = _with(_Yielding)
+    conn, _, session = _with_session(kind=_Yielding)
     unit = client_frame(b"", OP_PING) * 200 + client_frame(b"x")  # runs under MAX_CONTROL_RUN
     loop = asyncio.get_running_loop()
     scheduled: list[int] = []
