@@ -24,6 +24,8 @@ import types
 from pathlib import Path
 from typing import Any
 
+__all__ = ["NullSession", "main"]
+
 ROOT = Path(__file__).resolve().parent.parent
 _FRAME_JSON = b'{"id":1,"op":"rpc","method":"GET","path":"/api/projects?limit=20"}'
 
@@ -56,12 +58,14 @@ class _Wire:
         pass
 
 
-class _Session:
+class NullSession:
+    """What a `WSConnection` needs of a session, doing nothing; ``handle`` counts."""
+
     client_id = "c1"
     identity = types.SimpleNamespace(sub="1")
 
     def __init__(self, conn: Any) -> None:
-        self.handled = 0
+        self.handled: Any = 0
 
     def open(self) -> None:
         pass
@@ -83,10 +87,10 @@ async def _measure(frames: int, repeats: int) -> float:
     from gateway.transport.wsconn import Coalescer, WSConnection
     from proto.codec import JSON
 
-    made: list[_Session] = []
+    made: list[NullSession] = []
 
-    def make(conn: Any) -> _Session:
-        made.append(_Session(conn))
+    def make(conn: Any) -> NullSession:
+        made.append(NullSession(conn))
         return made[0]
 
     conn = WSConnection(b"", JSON, make, Metrics(), 1 << 16, Coalescer())  # type: ignore[arg-type]

@@ -10,11 +10,11 @@ import asyncio
 import contextlib
 import json
 import time
-import types
 from collections.abc import AsyncIterator
 
 import pytest
 
+from bench.inbound import NullSession
 from core.infra.metrics import Metrics
 from gateway.hub import Prepared
 from gateway.loadtest.handshake import handshake_request
@@ -179,25 +179,13 @@ class _Wire:
         self.reading = True
 
 
-class _Commands:
+class _Commands(NullSession):
     """A session that records the commands it is given, each taking ``delay`` seconds."""
-
-    client_id = "c1"
-    identity = types.SimpleNamespace(sub="42")
 
     def __init__(self, conn: WSConnection, delay: float = 0.0) -> None:
         self.conn, self.delay = conn, delay
         self.handled: list[bytes] = []
         self.most_waiting = 0
-
-    def open(self) -> None:
-        pass
-
-    def boot(self) -> None:
-        return None
-
-    def closed(self, code: int, reason: str = "") -> None:
-        pass
 
     async def handle(self, payload: bytes) -> None:
         waiting = len(self.conn._inbox or ())
