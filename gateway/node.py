@@ -121,6 +121,8 @@ class Node:
         self.events: EventRecorder | None = None
 
     async def start(self) -> None:
+        if self.broker.reports_lost:
+            self.broker.on_lost = self._on_lost
         await self.broker.start(self._on_publication, self._on_state)
         log.info("using the %s", self.broker.description)
         if self.events is not None:
@@ -350,11 +352,22 @@ class Node:
         was_down, self._down = self._down, not up
         if not up:
             self._told.clear()
-        elif was_down:
+        elif was_down and not self.broker.reports_lost:
             # Whatever was published while the link was down did not reach us.
             n = self.hub.notify_gap()
             self._told = set(self._seen)
             log.info("broker link back: %d subscriptions told they may have a gap", n)
+
+    def _on_lost(self, channels: list[str]) -> None:
+        """The broker's link for ``channels`` (one shard's) was lost and is back: only
+        their members may have missed publications (`Broker.reports_lost`)."""
+        n = 0
+        for ch in channels:
+            n += self.hub.gap(ch)
+            if ch in self._seen:
+                self._told.add(ch)
+        log.info("broker link for %d channels back: %d subscriptions told they may have a gap",
+                 len(channels), n)  # fmt: skip
 
     def _on_publication(self, ch: str, data: bytes, position: Position | None) -> None:
         if ch == CONTROL:

@@ -27,7 +27,7 @@ from core.infra.broker.redis import PUBLISH_WITH_HISTORY
 from core.infra.ratelimit import RedisRateLimiter
 from core.infra.settings import Settings
 from gateway.publisher import Publisher
-from tests.harness import running_gateway, token_for, unique_prefix, ws_client
+from tests.harness import running_gateway, token_for, unique_prefix, until, ws_client
 from tests.servers import UNIT, ThrowawayRedisCluster
 from tests.test_broker_contract import Inbox, redis_cluster  # noqa: F401  (fixture)
 
@@ -294,6 +294,31 @@ async def test_a_publication_reaches_a_socket_through_the_gateway(redis_cluster)
             assert (await c.next_push())["data"] == {"after": "gap"}
         finally:
             await backend.aclose()
+
+
+async def test_a_shard_s_outage_is_a_gap_on_its_channels_only(redis_cluster):  # noqa: F811
+    # A gap went to every subscription when one shard's link came back: every client of
+    # every shard reloaded or read history at once, for one shard's outage.
+    prefix = unique_prefix()
+    broker = RedisClusterBroker(redis_cluster.url, prefix, backoff_initial=0.02, backoff_max=0.2)
+    async with running_gateway(broker) as gw, ws_client(gw.port, token_for(gw)) as c:
+        victim = await owner_port(redis_cluster, broker._channel_key("room:1"))
+        for i in range(2, 200):  # a channel on another shard
+            other = f"room:{i}"
+            if await owner_port(redis_cluster, broker._channel_key(other)) != victim:
+                break
+        for ch in ("room:1", other):
+            assert (await c.request("sub", ch=ch))["ok"]
+        await kill_subscribers(victim)
+        async with asyncio.timeout(5 * UNIT):
+            while (msg := await c.recv(timeout=5 * UNIT)).get("op") != "gap":
+                pass
+        assert msg == {"op": "gap", "ch": "room:1"}
+        await until(lambda: broker.connected)
+        for ch in (other, "room:1"):  # no gap on the healthy shard's channel: its publication
+            assert (await c.request("pub", ch=ch, data={"on": ch}))["ok"]
+            assert await c.recv() == {"op": "msg", "ch": ch, "data": {"on": ch}}
+        assert c.pushes == []  # nothing else came meanwhile: no gap for the other channel
 
 
 async def test_rate_limits_are_shared_through_the_cluster(redis_cluster):  # noqa: F811

@@ -20,7 +20,9 @@ Contract (tests/test_broker_contract.py runs it against every broker):
   subscribes to succeeds and delivers nothing.
 * After the backend is lost and comes back, the broker reconnects by itself
   (with backoff) and resubscribes every channel it holds; ``connected``
-  tells whether it currently can deliver.
+  tells whether it currently can deliver. A broker with `reports_lost`
+  (a cluster) also calls `on_lost` with the channels of a lost link once
+  they are delivered again: the others never stopped.
 * Publications on `CONTROL` (``__control``) are always delivered, subscribed
   or not: it carries node-wide messages such as session revocations.
 * ``publish_history(ch, data, size, ttl)`` also appends to the channel's
@@ -158,6 +160,14 @@ class BrokerUnavailable(Exception):
 class Broker(abc.ABC):
     #: Told of every message dropped and every reader restart (set by the node).
     on_fault: FaultListener | None = None
+    #: Whether the broker says which channels' deliveries were cut (`on_lost`): a
+    #: backend of several links (a cluster's shards), where one link lost is not
+    #: every channel's loss. Otherwise ``on_state(True)`` after a loss means that
+    #: any channel may have missed publications.
+    reports_lost: bool = False
+    #: Called with the channels that may have missed publications, once each is
+    #: delivered again (set by the node, when `reports_lost`).
+    on_lost: Callable[[list[str]], None] | None = None
 
     @abc.abstractmethod
     async def start(

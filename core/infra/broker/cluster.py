@@ -103,6 +103,7 @@ class RedisClusterBroker(RedisBroker):
     history_top = HISTORY_READ
     publish_command = "SPUBLISH"
     kind = "Redis Cluster"
+    reports_lost = True  # one shard's link lost is not every channel's loss
 
     def __init__(self, url: str, prefix: str = "gw:", **timing: Any) -> None:
         """``url`` names any node of the cluster; ``timing`` as for `RedisBroker`."""
@@ -112,6 +113,9 @@ class RedisClusterBroker(RedisBroker):
         self._control = self._channel_key(CONTROL)
         self._links: dict[str, _ShardLink] = {}
         self._link_of: dict[bytes, _ShardLink] = {}
+        #: Channels held on a link that was lost, until they are held again: then
+        #: `on_lost` is told them (and only them) that they may have missed some.
+        self._lost: set[bytes] = set()
         self._closed = False
 
     def _publisher(self, url: str) -> RedisCluster:
@@ -253,6 +257,7 @@ class RedisClusterBroker(RedisBroker):
     async def _detach(self, key: bytes) -> None:
         """Stop holding ``key``; close its link if nothing else is on it."""
         link = self._link_of.get(key)
+        self._lost.discard(key)
         if link is None:
             return
         self._unplace(link, key)
@@ -344,6 +349,8 @@ class RedisClusterBroker(RedisBroker):
                 await self._drop(pubsub)
                 raise
             except Exception as exc:  # the reader survives anything (base.py)
+                self._lost |= link.held  # their subscribers may miss publications now
+                self._lost.discard(self._control)
                 link.up = False
                 link.pubsub = None
                 link.confirming.clear()
@@ -389,9 +396,24 @@ class RedisClusterBroker(RedisBroker):
             link.up = True
             link.held |= link.confirming
             link.confirming.clear()
+            back = self._lost & link.held
+            if back:
+                self._lost -= back
+                self._tell_lost(back)
             self._update_state()
             return True
         return False
+
+    def _tell_lost(self, keys: set[bytes]) -> None:
+        on_lost = self.on_lost
+        if on_lost is None:
+            return
+        channels = sorted(ch for key in keys if (ch := self._channel_of(key)) is not None)
+        try:
+            on_lost(channels)
+        except Exception:  # the reader survives anything (base.py)
+            self._fault("handler")
+            log.exception("the handler of lost channels failed")
 
     async def _relocate(self, link: _ShardLink) -> None:
         """Refresh the slot map and hand channels whose slot moved to their new shard."""
