@@ -393,8 +393,9 @@ class WSConnection(asyncio.Protocol):
 
         At most `FRAMES_PER_TURN` frames per event-loop turn, and no more
         messages than the inbox has room for: frames past either wait in
-        the protocol object, unparsed, with reading paused, until the next
-        turn (`call_soon`) or until the inbox empties (`_next`).
+        the protocol object, unparsed, with reading paused, for a later turn
+        (`_parse_later`: at once when the frame budget stopped the parse, or
+        once the command task finds its inbox empty, `_next`).
         """
         transport = self.transport
         if transport is None:
