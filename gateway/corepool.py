@@ -501,8 +501,7 @@ class CorePool:
             return conn
         if self.size < self.limit and not self._waiters:
             self._opening += 1
-            async with asyncio.timeout_at(deadline):
-                return await self._open()
+            return await self._open(deadline)
         waiter: asyncio.Future[CoreConnection | None] = asyncio.get_running_loop().create_future()
         self._waiters.append(waiter)
         try:
@@ -517,21 +516,21 @@ class CorePool:
                 raise PoolTimeout("every connection to the core stayed busy") from None
             raise
         if given is None:  # a free place, counted as opening already
-            async with asyncio.timeout_at(deadline):
-                return await self._open()
+            return await self._open(deadline)
         given.reused = True
         return given
 
-    async def _open(self) -> CoreConnection:
+    async def _open(self, deadline: float | None) -> CoreConnection:
         """A new connection, its place in the pool reserved already (``_opening``)."""
         try:
-            _, conn = await asyncio.get_running_loop().create_connection(
-                lambda: CoreConnection(self),
-                self.host,
-                self.port,
-                ssl=self.tls,
-                server_hostname=self.host if self.tls is not None else None,
-            )
+            async with asyncio.timeout_at(deadline):
+                _, conn = await asyncio.get_running_loop().create_connection(
+                    lambda: CoreConnection(self),
+                    self.host,
+                    self.port,
+                    ssl=self.tls,
+                    server_hostname=self.host if self.tls is not None else None,
+                )
         except BaseException:
             self._opening -= 1
             self._free_place()

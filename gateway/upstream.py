@@ -49,6 +49,7 @@ from core.infra.ids import unique_hex
 from core.infra.metrics import Metrics
 from core.infra.revocation import Revocations
 from core.infra.settings import Settings
+from core.infra.throttled import ThrottledLog
 from core.request import Request, Response
 from core.routing import Router
 from core.service import offline_routes
@@ -74,6 +75,7 @@ __all__ = [
 ]
 
 log = logging.getLogger("gateway.upstream")
+_busy = ThrottledLog(log, 10.0)  # a full pool: once every 10 s at most, with the count
 
 #: Methods a retry cannot make do twice what was asked once.
 IDEMPOTENT = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS"})
@@ -195,7 +197,6 @@ class UpstreamCore:
         self._metrics = metrics
         self.seconds = metrics.core_upstream_seconds
         self.last_error: str | None = None
-        self._busy_logged = -math.inf  # when a full pool was last logged (every 10 s at most)
         #: Requests forwarded with callbacks (gateway/passthrough.py) and their deadlines:
         #: a sweep every `SWEEP_SECONDS` times out those past theirs, with no timer each.
         self.deadlines: dict[Expiring, float] = {}
@@ -392,10 +393,8 @@ class UpstreamCore:
         and the request is not retried.
         """
         self._metrics.core_upstream_errors.labels("pool_timeout").inc()
-        if time.monotonic() - self._busy_logged > 10:
-            self._busy_logged = time.monotonic()
-            log.warning("every connection to the REST core stayed busy for %.1f s "
-                        "(CORE_POOL_SIZE %d): answering 503", self.timeout, self._pool_size)  # fmt: skip
+        _busy.warning("every connection to the REST core stayed busy for %.1f s "
+                      "(CORE_POOL_SIZE %d): answering 503", self.timeout, self._pool_size)  # fmt: skip
         return PoolBusy("the gateway's connections to the REST core are all busy")
 
     def unreachable(self, exc: Exception) -> ApiError:
