@@ -40,8 +40,8 @@ and, unbounded, each answered):
   (before a close frame that follows them). §5.5.3 lets an endpoint answer
   only the most recent of the pings it has not answered yet; a client that
   pings now and then gets each ping answered;
-* runs (policy, not RFC): more than `MAX_CONTROL_RUN` (256) pings and pongs
-  in a row fail the connection with 1008 (policy violation), at the first
+* runs (policy, not RFC): more than `MAX_CONTROL_RUN` (256) pings, pongs
+  and empty non-final continuation frames (which carry nothing) in a row fail the connection with 1008 (policy violation), at the first
   frame past the limit (the rest of the read is not parsed). A run ends at
   a complete data message (not at a continuation frame, or empty fragments
   would reset it for free) and when the adapter says a ping of ours went out
@@ -49,6 +49,11 @@ and, unbounded, each answered):
   answering our pings, and a client's own keep-alive pings, never add up.
   Close frames are not counted: the closing handshake always works. The
   count costs the data path one attribute store per message.
+
+`receive` may be given budgets, for an adapter that must share its event
+loop: ``max_frames`` frames and ``max_messages`` messages at most per call.
+Parsing stops there, and the rest waits in the object unparsed (`held`)
+until ``receive(b"")``; however the parsing is split, the outcome is the same.
 
 Every frame that precedes a violation in the same `receive` is processed: its
 messages are returned along with the failure.
@@ -332,7 +337,6 @@ class WebSocketProtocol:
         self.close_code = exc.code
         self.close_reason = exc.reason
         self._buffer = b""
-        self._pos = -1
         self._fragments = None
         self._compressed = False
         self._utf8 = None
@@ -496,7 +500,6 @@ class WebSocketProtocol:
                 self._out += self._frame(OP_CLOSE, reply)
             self._move(Event.CLOSE_RECEIVED)
             self._buffer = b""
-            self._pos = -1
             return
         self._count()
         if opcode == OP_PING and self.state is WSState.OPEN:
