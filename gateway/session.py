@@ -58,6 +58,10 @@ __all__ = ["Dispatch", "Session", "Transport", "Verify"]
 
 log = logging.getLogger("gateway.session")
 
+#: Refusals by a rate limit have an allowance too: the rate's count per this
+#: many of its periods. Past it the connection is closed with 4503.
+REFUSALS_PERIODS = 10
+
 
 class Transport(Protocol):
     """What a session needs from the I/O side."""
@@ -101,6 +105,7 @@ class Session:
     __slots__ = (
         "_commands_tat",
         "_publishes_tat",
+        "_refused_tat",
         "client_id",
         "codec",
         "commands",
@@ -112,7 +117,6 @@ class Session:
         "node",
         "opened",
         "publishes",
-        "refused",
         "remote_ip",
         "server_held",
         "subscribing",
@@ -148,7 +152,7 @@ class Session:
         self.commands = commands or None
         self.publishes = publishes or None
         self._commands_tat = self._publishes_tat = 0
-        self.refused = 0  # refusals in a row, for the abuse close
+        self._refused_tat = 0  # the refusals' own allowance, for the abuse close (`_refuse`)
         self.held: dict[str, list[Prepared]] | None = None  # channels being recovered
         #: Channels whose subscription is under way (a ``sub``, the server API's), so
         #: that no second one begins meanwhile; None while there is none.
@@ -196,7 +200,10 @@ class Session:
         try:
             cmd = conn.receive(data)
         except ProtocolError as exc:
-            self._reply_error(conn.error(exc), exc.code)
+            # Counted like a command: a frame that is not one costs as much to
+            # decode and answer, and must not be a way past the limit.
+            if self._frame_allowed():
+                self._reply_error(conn.error(exc), exc.code)
             return
         if not self._allowed(cmd):
             return
@@ -342,19 +349,40 @@ class Session:
                 decision, self._commands_tat = local_hit(rate, self._commands_tat)
             if decision.allowed:
                 continue
-            self.refused += 1
             scope = "socket_publish" if publish else "socket_commands"
-            self.metrics.rate_limited.labels(scope).inc()
-            if self.refused > rate.limit:
-                log.warning("closing %s: kept sending while rate limited", self.identity.sub)
-                self.transport.disconnect(CloseCode.RATE_LIMITED)
-                return False
-            detail = f"retry in {decision.retry_after:.2f} s"
-            code = ErrorCode.RATE_LIMITED
-            self._reply_error(self.conn.error_reply(cmd, code, detail), code)
+            if self._refuse(rate, scope):
+                detail = f"retry in {decision.retry_after:.2f} s"
+                code = ErrorCode.RATE_LIMITED
+                self._reply_error(self.conn.error_reply(cmd, code, detail), code)
             return False
-        self.refused = 0
         return True
+
+    def _frame_allowed(self) -> bool:
+        """`_allowed` for a frame that is no command: counted against `commands`, unanswered past it."""
+        rate = self.commands
+        if rate is None:
+            return True
+        decision, self._commands_tat = local_hit(rate, self._commands_tat)
+        if decision.allowed:
+            return True
+        self._refuse(rate, "socket_commands")
+        return False
+
+    def _refuse(self, rate: Rate, scope: str) -> bool:
+        """Count a refusal; False once the connection is closed for them (4503).
+
+        Refusals have an allowance of their own: ``rate.limit`` of them per ten
+        periods. A client that sends on regardless passes it, however it paces
+        itself (an allowed command between refusals does not start it anew).
+        """
+        self.metrics.rate_limited.labels(scope).inc()
+        refusals = Rate(rate.limit, rate.period * REFUSALS_PERIODS)
+        decision, self._refused_tat = local_hit(refusals, self._refused_tat)
+        if decision.allowed:
+            return True
+        log.warning("closing %s: kept sending while rate limited", self.identity.sub)
+        self.transport.disconnect(CloseCode.RATE_LIMITED)
+        return False
 
     def _refresh(self, cmd: Refresh) -> None:
         """Continue under a new token: new expiry and grants, same subject."""

@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import json
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import msgspec
@@ -22,6 +22,7 @@ from core.infra.broker import Broker
 from core.infra.mint import mint_token
 from core.infra.settings import Settings
 from gateway.app import Gateway, make_app
+from gateway.session import Session
 from tests.servers import UNIT
 
 SECRET = "harness-secret-" + "0123456789abcdef" * 4
@@ -262,3 +263,27 @@ async def until(check: Any, timeout: float = 5 * UNIT, step: float = 0.01) -> No
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError(f"the condition never held within {timeout} s")
         await asyncio.sleep(step)
+
+
+class CommandTurns:
+    """Counts the frames sessions run (`Session.handle`), and the most in one loop turn."""
+
+    def __init__(self, monkeypatch: Any) -> None:
+        self.calls = 0
+        handle = Session.handle
+
+        async def counted(session: Session, data: bytes | str) -> None:
+            self.calls += 1
+            await handle(session, data)
+
+        monkeypatch.setattr(Session, "handle", counted)
+
+    async def most_per_turn(self, done: Callable[[], bool], turns: int = 200_000) -> int:
+        """Turn the event loop until ``done()``: the most frames run in one turn."""
+        most = 0
+        while turns and not done():
+            before = self.calls
+            await asyncio.sleep(0)  # one turn of the loop: other clients run here
+            most = max(most, self.calls - before)
+            turns -= 1
+        return most

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import json
+
 import pytest
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
@@ -9,6 +13,7 @@ from core.infra.broker import RedisBroker
 from core.infra.rate import Rate
 from proto import CloseCode, ErrorCode
 from tests.harness import ApiClient, running_gateway, token_for, unique_prefix, ws_client
+from tests.servers import UNIT
 from tests.test_accounts import ADA, login, register
 
 
@@ -94,6 +99,47 @@ async def test_socket_commands_are_refused_then_the_abuser_is_closed():
                 for _ in range(10):
                     await c.request("ping")
             assert info.value.rcvd.code == CloseCode.RATE_LIMITED
+
+
+async def test_frames_that_are_no_command_spend_the_allowance_too():
+    # Before, a frame that failed to decode was answered before the limit was
+    # consulted: 1,000 of them in one write got 1,000 replies and the socket lived.
+    async with running_gateway(rate_socket_commands=per_minute(5)) as gw:
+        async with ws_client(gw.port, token_for(gw)) as c:
+            for _ in range(200):
+                await c.send_raw("x")
+            codes = []
+            with pytest.raises(ConnectionClosed) as info:
+                for _ in range(200):
+                    codes.append((await c.recv())["error"]["code"])
+            assert info.value.rcvd.code == CloseCode.RATE_LIMITED
+            assert codes == [ErrorCode.BAD_FRAME] * 5  # the allowance; the rest unanswered
+
+
+async def test_a_client_that_paces_its_refusals_is_closed_all_the_same():
+    # Before, an allowed command started the count of refusals anew: a client at
+    # a few times its rate was refused forever and never closed. Each burst of
+    # three here gets about one allowed (10/s) and two refused.
+    async with running_gateway(rate_socket_commands=Rate(5, 0.5)) as gw:
+        async with ws_client(gw.port, token_for(gw)) as c:
+
+            async def read() -> list[bool]:
+                oks = []
+                with contextlib.suppress(ConnectionClosed):
+                    while True:
+                        oks.append((await c.recv(10 * UNIT))["ok"])
+                return oks
+
+            reading = asyncio.ensure_future(read())
+            for _ in range(100):  # 10 s at most; closed within a second or so
+                if reading.done():
+                    break
+                for _ in range(3):
+                    await c.send_raw(json.dumps({"id": 1, "op": "ping"}))
+                await asyncio.sleep(0.1)
+            oks = await reading
+            assert c.ws.close_code == CloseCode.RATE_LIMITED
+            assert True in oks[5:], "allowed commands came between the refusals"
 
 
 async def test_publishes_have_their_own_smaller_allowance():

@@ -10,8 +10,9 @@ import time
 import pytest
 from websockets.exceptions import InvalidStatus
 
+from gateway.transport.wsconn import FRAMES_PER_TURN
 from proto import CloseCode
-from tests.harness import ApiClient, running_gateway, token_for, until, ws_client
+from tests.harness import ApiClient, CommandTurns, running_gateway, token_for, until, ws_client
 from tests.servers import UNIT
 
 FEED = {"history_channels": ("feed:*",), "history_size": 50}
@@ -354,3 +355,38 @@ async def test_a_poll_body_nested_too_deeply_is_a_400_not_a_500(caplog):
         finally:
             api.close()
     assert not [r for r in caplog.records if r.exc_info], caplog.text
+
+
+async def test_a_post_of_many_frames_runs_in_turns_as_a_sockets_frames_do(monkeypatch):
+    # Before, one POST of 1 MiB of frames `0` (~500,000, each failing at once, so
+    # no `await` ever yielded) held the process's event loop for ~15 s.
+    turns = CommandTurns(monkeypatch)
+    # No rate limit and an outbox that holds every reply: nothing ends the session early.
+    async with running_gateway(rate_socket_commands=None, longpoll_outbox_bytes=1 << 20) as gw:
+        p = await Poller(gw, token_for(gw)).open()
+        try:
+            n = 5 * FRAMES_PER_TURN
+            raw = b"[" + b",".join([b"0"] * n) + b"]"
+            sent = asyncio.ensure_future(p.api.call("POST", f"/lp/{p.sid}", raw=raw))
+            most = await turns.most_per_turn(sent.done)
+            status, _, body = await sent
+            assert status == 202 and body == {"accepted": n} and turns.calls == n
+            assert most <= FRAMES_PER_TURN
+        finally:
+            p.close()
+
+
+async def test_a_post_that_passes_the_command_allowance_ends_the_session_at_once():
+    async with running_gateway() as gw:  # RATE_SOCKET_COMMANDS: 100/s
+        p = await Poller(gw, token_for(gw)).open()
+        try:
+            n = 20_000
+            raw = b"[" + b",".join([b"0"] * n) + b"]"
+            status, _, body = await p.api.call("POST", f"/lp/{p.sid}", raw=raw)
+            assert status == 202 and body["accepted"] < 1000  # the rest were never run
+            status, body = await p.poll()
+            assert status == 200 and len(body["messages"]) == 100  # BAD_FRAME, within the allowance
+            status, body = await p.poll()
+            assert status == 410 and body["close"]["code"] == CloseCode.RATE_LIMITED
+        finally:
+            p.close()

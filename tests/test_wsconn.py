@@ -19,7 +19,6 @@ from core.infra.metrics import Metrics
 from gateway.hub import Prepared
 from gateway.loadtest.handshake import handshake_request
 from gateway.loadtest.wsclient import client_frame
-from gateway.session import Session
 from gateway.transport import wsconn
 from gateway.transport.wsconn import Coalescer, WSConnection
 from proto import CloseCode
@@ -33,7 +32,7 @@ from proto.wsframe import (
     parse_header,
 )
 from proto.wsprotocol import MAX_CONTROL_RUN, WSState
-from tests.harness import running_gateway, token_for, until
+from tests.harness import CommandTurns, running_gateway, token_for, until
 from tests.servers import UNIT
 from tests.test_websocket import shed_one
 
@@ -315,17 +314,14 @@ async def test_a_socket_has_at_most_one_parse_of_held_frames_scheduled(monkeypat
 
 
 async def test_a_read_of_frames_that_are_not_json_is_spread_over_turns(monkeypatch):
-    # Over a socket, default settings: a frame that is not JSON fails before the rate
-    # limit, and its error reply waits for nothing. Counted: commands per loop turn.
-    calls = [0]
-    handle = Session.handle
-
-    async def counted(self, data):  # type: ignore[no-untyped-def]
-        calls[0] += 1
-        await handle(self, data)
-
-    monkeypatch.setattr(Session, "handle", counted)
-    async with running_gateway() as gw, raw_socket(gw, token_for(gw)) as ws:
+    # A frame that is not JSON fails at once and its error reply waits for nothing.
+    # With no rate limit (by default one closes such a client: tests/test_limits.py),
+    # all of a read's are answered. Counted: commands per loop turn.
+    turns = CommandTurns(monkeypatch)
+    async with (
+        running_gateway(rate_socket_commands=None) as gw,
+        raw_socket(gw, token_for(gw)) as ws,
+    ):
         n = 36_000  # one 252 KB write of 7-byte frames
 
         async def drain() -> None:
@@ -334,14 +330,9 @@ async def test_a_read_of_frames_that_are_not_json_is_spread_over_turns(monkeypat
 
         reader = asyncio.create_task(drain())
         ws.send(client_frame(b"x") * n)
-        most, turns = 0, 0
-        while calls[0] < n and turns < 200_000:
-            before = calls[0]
-            await asyncio.sleep(0)
-            turns += 1
-            most = max(most, calls[0] - before)
+        most = await turns.most_per_turn(lambda: turns.calls >= n)
         reader.cancel()
-        assert calls[0] == n
+        assert turns.calls == n
         assert most <= wsconn.FRAMES_PER_TURN + wsconn.MAX_INBOX, most
 
 
