@@ -100,10 +100,10 @@ class FrameError(Exception):
         self.reason = reason
 
 
-def unmask(mask: bytes, data: bytes) -> bytes:
+def unmask(mask: bytes | bytearray, data: bytes | bytearray) -> bytes:
     """``data`` XORed with the 4-byte ``mask`` repeated (masking and unmasking alike)."""
     n = len(data)
     if not n:
-        return data
+        return b""
     key = (mask * (n // 4 + 1))[:n]
     return (int.from_bytes(data, "big") ^ int.from_bytes(key, "big")).to_bytes(n, "big")

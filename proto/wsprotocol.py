@@ -13,7 +13,8 @@ The rules it enforces, per RFC 6455:
   message once permessage-deflate was negotiated, RFC 7692 §6), known opcodes, client frames masked and
   server frames not, control frames unfragmented and at most 125 bytes, a frame
   or a reassembled message at most ``max_size`` bytes (1009, refused at the
-  frame's header, before its payload is buffered). A message is reassembled
+  frame's header, before its payload is buffered; a continuation, too, by
+  what the message would hold with it). A message is reassembled
   in one buffer, so however it is fragmented (into one-byte or empty
   continuation frames too) it holds no more memory than its own size;
 * fragmentation (§5.4): a continuation only inside a message, no new message
@@ -25,7 +26,8 @@ The rules it enforces, per RFC 6455:
 * compression (RFC 7692, with ``deflate=True``): a compressed message is
   inflated once complete (`proto.deflate.inflate`: no context kept between
   messages, at most ``max_size`` bytes out, 1009 past it, 1002 if it is not
-  deflate);
+  deflate; the adapter may pass an ``inflate`` that keeps an allowance of
+  its own, 1008 past it);
 * closing (§5.5.1, §7.4): a close frame of one byte, with a code no endpoint may
   send (0-999, 1004-1006, 1015, 1016-2999, 5000 and up) fails with 1002; a valid
   one is answered with its own code (an empty one with an empty one).
@@ -210,7 +212,9 @@ class WebSocketProtocol:
         self._inflate = inflate if deflate else None
         self._compressed = False  # whether the message being reassembled is
         self.state = WSState.OPEN
-        self._buffer = b""  # bytes received and not parsed yet
+        # Bytes received and not parsed yet: a bytearray while they are the
+        # start of one frame, which each read extends in place.
+        self._buffer: bytes | bytearray = b""
         # Where the frames held back by a budget of `receive` begin in _buffer
         # (-1: none are; _buffer holds at most the start of one frame).
         self._pos = -1
@@ -246,28 +250,35 @@ class WebSocketProtocol:
             return []
         start = 0
         buffer = self._buffer
+        joined: bytes | bytearray = data
         if buffer:
-            if self._pos < 0:
-                data = buffer + data
-            elif data:
-                data = buffer[self._pos :] + data
+            if self._pos >= 0:
+                if data:
+                    joined = buffer[self._pos :] + data
+                else:
+                    joined, start = buffer, self._pos
+            elif isinstance(buffer, bytearray):  # the start of a frame: it grows in place
+                buffer += data
+                joined = buffer
             else:
-                data, start = buffer, self._pos
+                joined = buffer + data
             self._buffer = b""
         self._pos = -1
         messages: list[bytes] = []
         try:
-            used = self._parse(data, start, messages, max_messages, max_frames)
+            used = self._parse(joined, start, messages, max_messages, max_frames)
         except FrameError as exc:
             self._violation(exc)
             return messages
         if self._pongs:
             self._end_pongs()
-        if used < len(data) and not self._closed():
+        if used < len(joined) and not self._closed():
             if self._pos >= 0:  # a budget stopped it: the frames from _pos wait
-                self._buffer = data
-            else:
-                self._buffer = data[used:]
+                self._buffer = joined
+            elif isinstance(joined, bytearray):
+                self._buffer = joined[used:] if used else joined
+            else:  # kept in a bytearray, which the rest of the frame extends without a copy
+                self._buffer = bytearray(memoryview(joined)[used:])
         return messages
 
     @property
@@ -343,7 +354,7 @@ class WebSocketProtocol:
 
     def _parse(
         self,
-        data: bytes,
+        data: bytes | bytearray,
         pos: int,
         messages: list[bytes],
         max_messages: int | None,
@@ -395,7 +406,10 @@ class WebSocketProtocol:
                 raise FrameError(PROTOCOL_ERROR, "control frames are short and unfragmented")
             if n > max_size:
                 raise FrameError(TOO_BIG, f"frame over {max_size} bytes")
-            mask = b""
+            if opcode == OP_CONT and self._fragments is not None:
+                if len(self._fragments) + n > max_size:
+                    raise FrameError(TOO_BIG, f"message over {max_size} bytes")
+            mask: bytes | bytearray = b""
             if masked:
                 mask = data[pos + head : pos + head + 4]
                 head += 4
@@ -405,8 +419,7 @@ class WebSocketProtocol:
                     self._check_partial(opcode, data, pos + head, size, mask)
                 break
             payload = data[pos + head : end]
-            if masked:
-                payload = unmask(mask, payload)
+            payload = unmask(mask, payload) if masked else bytes(payload)
             pos = end
             if opcode >= OP_CLOSE:
                 self._control(opcode, payload)
@@ -423,7 +436,9 @@ class WebSocketProtocol:
                             return pos
         return pos
 
-    def _check_partial(self, opcode: int, data: bytes, start: int, end: int, mask: bytes) -> None:
+    def _check_partial(
+        self, opcode: int, data: bytes | bytearray, start: int, end: int, mask: bytes | bytearray
+    ) -> None:
         """Check the UTF-8 of a text frame's payload as far as it has arrived."""
         if self._fragments is None:
             text = opcode == OP_TEXT
@@ -450,9 +465,7 @@ class WebSocketProtocol:
             if not payload and not fin:  # a no-op, as cheap to send as a ping: counted as one
                 self._count()
                 return None
-            if len(fragments) + len(payload) > self._max_size:
-                raise FrameError(TOO_BIG, f"message over {self._max_size} bytes")
-            fragments += payload
+            fragments += payload  # within max_size: checked at the frame's header
         elif fragments is not None:
             raise FrameError(PROTOCOL_ERROR, "new message inside a fragmented one")
         else:
@@ -530,11 +543,17 @@ class WebSocketProtocol:
             self._out += self._frame(OP_PONG, pong)
 
 
-def _decode(decoder: codecs.IncrementalDecoder, data: bytes, final: bool) -> None:
+def _decode(decoder: codecs.IncrementalDecoder, data: bytes | bytearray, final: bool) -> None:
     try:
         decoder.decode(data, final)
     except UnicodeDecodeError as exc:
         raise FrameError(INVALID_DATA, "invalid UTF-8 in a text message") from exc
+    if not final:
+        # Python's decoder holds ED A0..ED BF back (for its surrogatepass handler):
+        # the start of a UTF-16 surrogate, which no byte after it can make valid.
+        pending = decoder.getstate()[0]
+        if len(pending) > 1 and pending[0] == 0xED and pending[1] >= 0xA0:
+            raise FrameError(INVALID_DATA, "invalid UTF-8 in a text message")
 
 
 def _check_utf8(data: bytes) -> None:
