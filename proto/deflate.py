@@ -40,6 +40,7 @@ import zlib
 from dataclasses import dataclass
 from typing import Final
 
+from proto.codes import CloseCode
 from proto.wsframe import PROTOCOL_ERROR, TOO_BIG, FrameError
 
 __all__ = [
@@ -208,17 +209,23 @@ class Compressor:
         return size >= self.min_bytes
 
 
-def inflate(data: bytes, max_size: int) -> bytes:
+def inflate(data: bytes, max_size: int, allowed: int | None = None) -> bytes:
     """One message compressed with no context takeover, inflated to at most ``max_size`` bytes.
 
     Raises `FrameError`: 1009 past ``max_size`` (a decompression bomb stops
-    there), 1002 for data that is not deflate.
+    there), 1002 for data that is not deflate; with ``allowed`` below
+    ``max_size``, 1008 past it (inflation stops there: a connection's
+    allowance, `gateway.transport.inflation`).
     """
+    limit = max_size if allowed is None or allowed >= max_size else allowed
     z = zlib.decompressobj(-15)
     try:
-        out = z.decompress(data + _TAIL, max_size + 1)
+        out = z.decompress(data + _TAIL, limit + 1)
     except zlib.error:
         raise FrameError(PROTOCOL_ERROR, "compressed message is not valid deflate") from None
-    if len(out) > max_size or z.unconsumed_tail:
+    if len(out) > limit or z.unconsumed_tail:
+        if limit < max_size:
+            reason = "inflating more than this connection may"
+            raise FrameError(int(CloseCode.POLICY_VIOLATION), reason)
         raise FrameError(TOO_BIG, f"message over {max_size} bytes once inflated")
     return out

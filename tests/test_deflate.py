@@ -7,6 +7,8 @@ which offers what browsers offer (``permessage-deflate; client_max_window_bits``
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import zlib
 
@@ -17,6 +19,7 @@ from websockets.exceptions import ConnectionClosed
 
 from core.infra.metrics import Metrics
 from gateway.hub import Prepared
+from gateway.transport import inflation
 from proto import JSON_CODEC, MSGPACK_CODEC
 from proto.deflate import UNLIMITED, Compressor, inflate, negotiate
 from proto.wsframe import OP_BINARY, OP_CLOSE, OP_CONT, OP_PING, OP_TEXT, FrameError
@@ -300,6 +303,65 @@ async def test_a_decompression_bomb_closes_with_1009_and_the_gateway_goes_on():
         async with ws_client(gw.port, token_for(gw), compression="deflate") as c:
             assert (await c.request("ping"))["ok"]
         await until(lambda: gw.hub.connection_count() == 0)
+
+
+async def _pings_answered(c, n: int, pad: int) -> tuple[int, int | None]:
+    """Send ``n`` pings padded to ``pad`` bytes at once: (answered, close code or None)."""
+    for i in range(n):
+        await c.ws.send(f'{{"id":{i},"op":"ping"}}' + " " * pad)
+    answered = 0
+    with contextlib.suppress(ConnectionClosed):
+        while answered < n:
+            assert (await c.recv())["ok"]
+            answered += 1
+    rcvd = c.ws.protocol.close_rcvd
+    return answered, None if rcvd is None else rcvd.code
+
+
+async def test_a_socket_inflates_within_its_allowance_then_is_closed_with_1008():
+    # Before, 86 bytes on the wire made the gateway inflate and parse 64 KiB, as
+    # often as a client liked: one client at 200 KiB/s kept a core ~80% busy.
+    async with running_gateway(
+        compression=True, max_frame_bytes=MAX, rate_socket_commands=None
+    ) as gw:
+        assert gw.ctx.settings.compression_inflate_rate == 256 << 10  # the default
+        async with ws_client(gw.port, token_for(gw), compression="deflate") as c:
+            answered, code = await _pings_answered(c, 200, MAX - 100)
+        assert code == 1008
+        assert 4 <= answered <= 8  # 4 frames of MAX_FRAME_BYTES at once, then 256 KiB/s
+        async with ws_client(gw.port, token_for(gw), compression="deflate") as c:
+            assert (await c.request("ping"))["ok"]  # the others' allowances are their own
+
+
+async def test_a_client_that_waits_for_its_allowance_is_never_closed():
+    async with running_gateway(
+        compression=True, max_frame_bytes=MAX, compression_inflate_rate=MAX * 4
+    ) as gw:
+        async with ws_client(gw.port, token_for(gw), compression="deflate") as c:
+            for _ in range(3):
+                assert await _pings_answered(c, 4, MAX - 100) == (4, None)
+                await asyncio.sleep(1.1)  # full again after a second
+
+
+def test_the_allowance_refills_at_its_rate(monkeypatch):
+    now = [100.0]
+    monkeypatch.setattr(inflation.time, "monotonic", lambda: now[0])
+    budget = inflation.InflateBudget(1000, 3000)
+    message = deflated(b"x" * 1000)
+    for _ in range(3):
+        assert budget(message, MAX) == b"x" * 1000
+    with pytest.raises(FrameError) as info:
+        budget(message, MAX)
+    assert info.value.code == 1008
+    now[0] += 0.5  # 500 bytes more
+    assert budget(deflated(b"y" * 500), MAX) == b"y" * 500
+    with pytest.raises(FrameError):
+        budget(deflated(b"z"), MAX)
+    now[0] += 10  # never more than the burst
+    for _ in range(3):
+        budget(message, MAX)
+    with pytest.raises(FrameError):
+        budget(message, MAX)
 
 
 def test_metrics_export_the_compressors_counts():

@@ -700,6 +700,13 @@ class Settings:
         "With COMPRESSION: the zlib level, 1 (fastest) to 9 (smallest).",
         _zlib_level,
     )
+    compression_inflate_rate: int = _setting(
+        262144,
+        "COMPRESSION_INFLATE_RATE",
+        "With COMPRESSION: bytes a second one socket may have the gateway inflate (4 times "
+        "MAX_FRAME_BYTES at once); past it, close 1008. 0: no limit.",
+        _non_negative_int,
+    )
     max_publish_bytes: int = _setting(
         65536, "MAX_PUBLISH_BYTES", "Largest data a client may publish (bytes).", _positive_int
     )

@@ -67,6 +67,7 @@ from core.infra.metrics import Metrics
 from core.infra.tasks import TaskSet
 from gateway.hub import Prepared
 from gateway.session import Session
+from gateway.transport.inflation import BURST_FRAMES, InflateBudget
 from proto import CloseCode, Codec, close_reason, frame, reason_for
 from proto.deflate import Agreement, Compressor
 from proto.wsframe import OP_PING
@@ -281,7 +282,9 @@ class WSConnection(asyncio.Protocol):
         early: bytes = b"",
         compressor: Compressor | None = None,
         agreement: Agreement | None = None,
+        inflate_rate: int = 0,
     ) -> None:
+        """``inflate_rate``: bytes a second this client may make us inflate (0: no limit)."""
         self._response = response  # the 101, written first
         self._early = early  # what the client sent behind its upgrade request
         self.codec = codec
@@ -294,7 +297,11 @@ class WSConnection(asyncio.Protocol):
         self._pending: list[bytes] | None = None
         self.transport: Any = None  # asyncio.Transport (uvloop's is not a subclass)
         self.session: Session | None = None
-        self._protocol = WebSocketProtocol(max_frame, deflate=agreement is not None)
+        if agreement is not None and inflate_rate:
+            budget = InflateBudget(inflate_rate, BURST_FRAMES * max_frame)
+            self._protocol = WebSocketProtocol(max_frame, deflate=True, inflate=budget)
+        else:
+            self._protocol = WebSocketProtocol(max_frame, deflate=agreement is not None)
         self._compressor = compressor if agreement is not None else None
         # The longest message compressed for this client (its window, RFC 7692 §7.1.2.1).
         self._deflate_max = agreement.max_bytes if agreement is not None else 0
