@@ -310,6 +310,33 @@ async def test_an_outside_token_naming_a_users_id_shares_neither_keys_nor_limits
             outsider.close()
 
 
+async def test_an_outside_token_naming_a_users_id_spends_none_of_their_long_poll_sessions():
+    """Long-poll sessions are counted and owned by a principal too: an IdP's
+    ``sub: "42"`` holding LONGPOLL_MAX_PER_USER sessions leaves user 42 theirs, and
+    neither reaches the other's sessions."""
+    import time
+
+    import jwt
+
+    idp, public = _outside_identity_provider()
+    async with running_gateway(jwt_public_key=public, longpoll_max_per_user=2) as gw:
+        claims = {"sub": "42", "channels": ["room:*"], "exp": int(time.time()) + 600}
+        outsider = ApiClient(gw.port, jwt.encode(claims, idp, algorithm="RS256"))
+        user = ApiClient(gw.port, token_for(gw, "42"))  # this deployment's user 42
+        try:
+            theirs = [await outsider.call("POST", "/lp", raw=b"") for _ in range(2)]
+            assert [status for status, _, _ in theirs] == [201, 201]
+            assert (await outsider.call("POST", "/lp", raw=b""))[0] == 429
+            status, _, mine = await user.call("POST", "/lp", raw=b"")
+            assert status == 201, mine  # 42's allowance is 42's
+            sid = theirs[0][2]["session"]
+            assert (await user.call("GET", f"/lp/{sid}?cursor=0"))[0] == 404
+            assert (await outsider.call("GET", f"/lp/{mine['session']}?cursor=0"))[0] == 404
+        finally:
+            outsider.close()
+            user.close()
+
+
 async def test_no_one_takes_over_projects_by_claiming_their_owners_address(gw, clean_db):
     """No e-mail verification: an address that projects name is no one's to claim,
     neither by registering it nor by changing one's own e-mail to it."""

@@ -641,7 +641,7 @@ class Settings:
     longpoll_max_per_user: int = _setting(
         8,
         "LONGPOLL_MAX_PER_USER",
-        "Open long-poll sessions per user (token sub); more: 429.",
+        "Open long-poll sessions per user (token sub; an outside IdP's sub is its own); more: 429.",
         _positive_int,
     )
     max_longpoll_sessions: int = _setting(

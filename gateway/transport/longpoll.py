@@ -36,7 +36,7 @@ import time
 import msgspec
 
 from core.infra.errors import ApiError
-from core.infra.identity import Identity
+from core.infra.identity import Identity, principal
 from gateway.context import Context
 from gateway.endpoints import JsonHandler
 from gateway.hooks.connect import Disconnected, hooked
@@ -110,7 +110,7 @@ class LongPollHandler(JsonHandler):
             self.write_json({"messages": [], "cursor": 0, "close": close}, 410)
             return
         if sid is None:
-            refusal = sessions.refusal(self.identity.sub)
+            refusal = sessions.refusal(principal(self.identity))
             if refusal == "user":
                 ctx.metrics.handshake_failures.labels("longpoll_per_user").inc()
                 raise ApiError(429, "rate_limited", f"at most {sessions.max_per_user} open "
@@ -126,7 +126,7 @@ class LongPollHandler(JsonHandler):
                 poll, JSON_CODEC, self.identity, self.request.remote_ip or ""
             )
             poll.session.open()
-            sessions.add(self.identity.sub, poll)
+            sessions.add(principal(self.identity), poll)
             opened: dict[str, object] = {"session": poll.sid, "cursor": 0}
             if self.secret is not None:
                 # Never expires by itself: the session closes when its identity does.
@@ -138,7 +138,7 @@ class LongPollHandler(JsonHandler):
                 await boot
             self.write_json(opened, 201)
             return
-        poll = _session(sessions.get(sid, self.identity.sub))
+        poll = _session(sessions.get(sid, principal(self.identity)))
         if poll.closed is not None or poll.session is None:
             raise ApiError(410, "gone", "this long-poll session is closed")
         try:

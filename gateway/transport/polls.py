@@ -38,7 +38,7 @@ from tornado.routing import Matcher
 
 from core.errormap import from_exception
 from core.infra.errors import ApiError
-from core.infra.identity import API_KEY_PREFIX, AuthError, Identity
+from core.infra.identity import API_KEY_PREFIX, AuthError, Identity, principal
 from core.infra.listener import Listener
 from core.infra.logs import redact
 from gateway.context import Context
@@ -152,7 +152,7 @@ class _Poll(BodylessRequest):
         if found is not None and found[1].holds(token, time.time(), ctx.verifier.revoked):
             return found[1]
         identity = self._verify(token)
-        if found is None or found[0] != identity.sub:
+        if found is None or found[0] != principal(identity):
             raise ApiError(404, "not_found", "no such long-poll session")
         if not token.startswith(API_KEY_PREFIX):  # a key's revocation is not in its bytes
             found[1].remember(token, identity)

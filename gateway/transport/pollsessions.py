@@ -243,9 +243,14 @@ class LongPollSessions:
         """Open sessions (each is a member of the hub)."""
         return self._open_total
 
-    def refusal(self, sub: str) -> str | None:
-        """Why ``sub`` may not open one more session now: ``"user"``, ``"process"``, or None."""
-        held = self._by_user.get(sub, set())
+    def refusal(self, owner: str) -> str | None:
+        """Why ``owner`` may not open one more session now: ``"user"``, ``"process"``, or None.
+
+        ``owner`` is the caller's `core.infra.identity.principal`, not its bare ``sub``: an
+        outside identity provider's ``sub: "42"`` is not this deployment's user 42, and
+        spends none of their sessions.
+        """
+        held = self._by_user.get(owner, set())
         if len(held) >= self.max_per_user:
             for sid in [sid for sid in held if self._sessions[sid][1].closed is not None]:
                 self._forget(sid)
@@ -255,9 +260,10 @@ class LongPollSessions:
             return "process"
         return None
 
-    def add(self, sub: str, poll: PollSession) -> None:
-        self._sessions[poll.sid] = (sub, poll)
-        self._by_user.setdefault(sub, set()).add(poll.sid)
+    def add(self, owner: str, poll: PollSession) -> None:
+        """Hold ``poll``, which belongs to ``owner`` (a principal, as for `refusal`)."""
+        self._sessions[poll.sid] = (owner, poll)
+        self._by_user.setdefault(owner, set()).add(poll.sid)
         if poll.closed is None:
             self._open_total += 1
             poll.on_close = self._closed
@@ -266,20 +272,20 @@ class LongPollSessions:
         self._open_total -= 1
 
     def _forget(self, sid: str) -> None:
-        sub, _ = self._sessions.pop(sid)
-        held = self._by_user[sub]
+        owner, _ = self._sessions.pop(sid)
+        held = self._by_user[owner]
         held.discard(sid)
         if not held:
-            del self._by_user[sub]
+            del self._by_user[owner]
 
     def find(self, sid: str) -> tuple[str, PollSession] | None:
-        """The session ``sid`` and the ``sub`` it belongs to."""
+        """The session ``sid`` and the principal it belongs to."""
         return self._sessions.get(sid)
 
-    def get(self, sid: str, sub: str) -> PollSession | None:
-        """The session ``sid`` if it belongs to ``sub``."""
+    def get(self, sid: str, owner: str) -> PollSession | None:
+        """The session ``sid`` if it belongs to ``owner`` (a principal)."""
         found = self._sessions.get(sid)
-        return found[1] if found is not None and found[0] == sub else None
+        return found[1] if found is not None and found[0] == owner else None
 
     def expire(self, now: float, idle: float) -> int:
         """Close sessions not polled for ``idle`` seconds, and forget closed ones."""
