@@ -155,6 +155,7 @@ BAD: list[tuple[str, bytes, int, str]] = [
     ),
     ("disconnect", b'{"user": "a", "timeout": 0}', 422, "validation_error"),
     ("subscribe", b'{"user": "a", "ch": "__admin"}', 403, "forbidden"),
+    ("unsubscribe", b'{"user": "root", "ch": "__admin"}', 403, "forbidden"),  # admins' consoles
     ("connections", b'{"user": "a", "client": "not hex"}', 422, "validation_error"),
     ("info", b"", 400, "malformed_json"),
     ("channels", b'{"limit": 0}', 422, "validation_error"),

@@ -158,7 +158,8 @@ class ServerRoutes:
                 "Subscribe a user's connections (or one of them)",
                 SubscriptionIn,
                 ActionOut,
-                "Server-side subscriptions: the client gets a `subscribed` push." + fanned,
+                "Server-side subscriptions: the client gets a `subscribed` push. A system "
+                "channel (`__…`) is 403." + fanned,
             ),
             post(
                 "unsubscribe",
@@ -166,7 +167,8 @@ class ServerRoutes:
                 "Unsubscribe a user's connections (or one of them)",
                 SubscriptionIn,
                 ActionOut,
-                "The client gets an `unsubscribed` push with code 118." + fanned,
+                "The client gets an `unsubscribed` push with code 118. A system channel "
+                "(`__…`, such as the admins' consoles' `__admin`) is 403." + fanned,
             ),
             post(
                 "connections",
@@ -298,15 +300,22 @@ class ServerRoutes:
             raise Unavailable(f"broker unavailable, retry later: {exc}") from None
         return _ok(_counted(await self._ask(req, control.Unblock(user=body.user), body.timeout)))
 
+    @staticmethod
+    def _not_system(ch: str) -> None:
+        """A system channel's subscribers are the gateway's own (admins' consoles on
+        ``__admin``): the server API neither adds nor removes any."""
+        if ch.startswith(RESERVED_PREFIX):
+            raise ApiError(403, "forbidden", f"$.ch: {ch} is a system channel")
+
     async def subscribe(self, req: Request) -> Response:
         body: SubscriptionIn = req.data
-        if body.ch.startswith(RESERVED_PREFIX):
-            raise ApiError(403, "forbidden", f"$.ch: {body.ch} is a system channel")
+        self._not_system(body.ch)
         action = control.Subscribe(user=body.user, client=body.client, ch=body.ch)
         return _ok(_counted(await self._ask(req, action, body.timeout)))
 
     async def unsubscribe(self, req: Request) -> Response:
         body: SubscriptionIn = req.data
+        self._not_system(body.ch)
         action = control.Unsubscribe(user=body.user, client=body.client, ch=body.ch)
         return _ok(_counted(await self._ask(req, action, body.timeout)))
 
