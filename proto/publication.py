@@ -32,6 +32,7 @@ __all__ = [
     "DEFAULT_MAX_BYTES",
     "MAX_DEPTH",
     "InvalidData",
+    "check_info",
     "check_json",
     "from_broker",
     "from_msgpack",
@@ -82,6 +83,22 @@ def check_json(data: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> bytes:
     if data.count(b"[") + data.count(b"{") > MAX_DEPTH:
         _check_depth(value, 0)
     return data
+
+
+def check_info(info: object, max_bytes: int) -> bytes:
+    """The JSON bytes of presence ``info``: an object that is publishable data of at
+    most ``max_bytes``. Raises `InvalidData` otherwise.
+
+    Every subscriber of a presence channel reads it (in ``presence``, ``join`` and
+    ``leave``), in its own codec: held to less, one party's info would fail them all.
+    """
+    if not isinstance(info, dict):
+        raise InvalidData("not an object")
+    try:
+        encoded: bytes = _json_encode(info)
+    except (TypeError, ValueError, RecursionError) as exc:  # lone surrogates, nesting
+        raise InvalidData(f"not valid JSON: {exc}") from None
+    return check_json(encoded, max_bytes)
 
 
 def from_msgpack(data: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> bytes:

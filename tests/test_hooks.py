@@ -274,6 +274,7 @@ def test_a_connect_result_cannot_make_a_token_someone_else():
         ConnectResult(subscribe=["__control"]),  # the system's channel
         ConnectResult(subscribe=[f"c{n}" for n in range(200)]),  # over MAX_SUBSCRIPTIONS
         ConnectResult(info={"x": "y" * 2000}),  # over 1 KiB
+        ConnectResult(info={"n": 2**70}),  # what MessagePack cannot carry
         ConnectResult(channels=["room:*"], pub=[1]),  # type: ignore[list-item]
     ):
         with pytest.raises(BadAnswer):
@@ -283,6 +284,21 @@ def test_a_connect_result_cannot_make_a_token_someone_else():
     same = _identity(hooks, ConnectResult(user="alice", expire_at=5.0), token, "c1")
     assert (same.sub, same.exp, same.grants, same.client) == ("alice", 5.0, token.grants, "c1")
     assert token.exp != 5.0  # the verified (cached, shared) identity is untouched
+
+
+@pytest.mark.parametrize(
+    "info",
+    [b'{"n": 1180591620717411303424}', b'{"a": ' + b"[" * 65 + b"]" * 65 + b"}", b'"text"'],
+)
+def test_a_subscribe_hooks_info_every_codec_cannot_carry_is_a_bad_answer(info):
+    """Every subscriber of the channel reads the info in presence, in its own codec: an
+    integer beyond MessagePack's range failed every MessagePack client's ``presence``."""
+    from gateway.hooks.answers import BadAnswer
+    from gateway.hooks.session import _read_subscribe
+
+    with pytest.raises(BadAnswer):
+        _read_subscribe(b'{"result": {"info": ' + info + b"}}")
+    assert _read_subscribe(b'{"result": {"info": {"n": 1}}}').result is not None
 
 
 async def test_a_spoofed_user_in_frames_or_headers_changes_nothing(backend):

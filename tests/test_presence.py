@@ -169,7 +169,12 @@ async def test_an_oversized_or_odd_info_claim_is_refused():
     from core.infra.identity import AuthError
 
     async with running_gateway(**ROOMS) as gw:
-        for info in ({"x": "y" * 2000}, "a string"):
+        deep: dict[str, object] = {"a": []}
+        for _ in range(64):
+            deep = {"a": deep}
+        # Shown to every subscriber in its own codec: as publications, integers within
+        # [-2**63, 2**64-1] (MessagePack's) and at most 64 levels.
+        for info in ({"x": "y" * 2000}, "a string", {"n": 2**70}, {"n": -(2**63) - 1}, deep):
             with pytest.raises(AuthError):
                 gw.ctx.verifier.verify(token_for(gw, "eve", extra={"info": info}))
 

@@ -36,7 +36,8 @@ from core.infra.identity import API_KEY_PREFIX, AuthError, Identity
 from core.infra.jwtclaims import plain_claims, segment
 from core.infra.keys import HMAC_ALGORITHMS, SigningKeys
 from core.infra.settings import Settings
-from proto import ADMIN_CHANNEL, Grants, InvalidGrants
+from proto import ADMIN_CHANNEL, Grants, InvalidData, InvalidGrants
+from proto.publication import check_info
 
 __all__ = ["MAX_INFO_BYTES", "Verifier"]
 
@@ -292,12 +293,13 @@ class Verifier:
         identity.local = local
         info = claims.get("info")
         if info is not None:
-            # Shown to others in presence: an object, small.
-            encoded = msgspec.json.encode(info) if isinstance(info, dict) else b""
-            if not encoded or len(encoded) > MAX_INFO_BYTES:
+            # Shown to others in presence: an object, small, that every codec carries.
+            try:
+                identity.info = check_info(info, MAX_INFO_BYTES)
+            except InvalidData as exc:
                 raise AuthError(
                     "bad_claims",
-                    f"claim 'info' must be an object of at most {MAX_INFO_BYTES} bytes",
-                )
-            identity.info = encoded
+                    f"claim 'info' must be an object of at most {MAX_INFO_BYTES} bytes of "
+                    f"publishable data ({exc.reason})",
+                ) from None
         return identity

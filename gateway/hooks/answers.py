@@ -20,7 +20,9 @@ from typing import Annotated, Any, Generic, TypeVar
 
 import msgspec
 
+from core.infra.verify import MAX_INFO_BYTES
 from proto.frames import Channel
+from proto.publication import InvalidData, check_info
 
 __all__ = [
     "Answer",
@@ -42,6 +44,7 @@ __all__ = [
     "SubscribeAnswer",
     "SubscribeRequest",
     "SubscribeResult",
+    "checked_info",
     "decoder",
 ]
 
@@ -51,6 +54,15 @@ MAX_MESSAGE = 256
 
 class BadAnswer(ValueError):
     """A backend's answer that is not one of the documented shapes."""
+
+
+def checked_info(info: dict[str, Any]) -> bytes:
+    """A hook's ``result.info`` as JSON bytes, held to the ``info`` claim's rule
+    (`proto.publication.check_info`); `BadAnswer` otherwise."""
+    try:
+        return check_info(info, MAX_INFO_BYTES)
+    except InvalidData as exc:
+        raise BadAnswer(f"result.info: {exc.reason}") from None
 
 
 # -- requests ----------------------------------------------------------------------

@@ -33,8 +33,14 @@ import msgspec
 from core.infra.errors import ApiError
 from core.infra.identity import API_KEY_PREFIX, Identity
 from core.infra.metrics import Metrics
-from core.infra.verify import MAX_INFO_BYTES
-from gateway.hooks.answers import BadAnswer, ConnectAnswer, ConnectRequest, ConnectResult, decoder
+from gateway.hooks.answers import (
+    BadAnswer,
+    ConnectAnswer,
+    ConnectRequest,
+    ConnectResult,
+    checked_info,
+    decoder,
+)
 from gateway.hooks.client import HookFailed
 from gateway.hooks.service import Hooks
 from proto import CLOSE_REASON_MAX_BYTES, RESERVED_PREFIX, Grants, InvalidGrants
@@ -175,10 +181,7 @@ def _identity(
             raise BadAnswer(str(exc)) from None
         admitted.own_grants = True
     if result.info is not None:
-        info = msgspec.json.encode(result.info)
-        if len(info) > MAX_INFO_BYTES:
-            raise BadAnswer(f"result.info over {MAX_INFO_BYTES} bytes")
-        admitted.info, admitted.own_info = info, True
+        admitted.info, admitted.own_info = checked_info(result.info), True
     channels = tuple(dict.fromkeys(result.subscribe))
     if len(channels) > hooks.max_subscriptions:
         raise BadAnswer(f"result.subscribe holds over {hooks.max_subscriptions} channels")

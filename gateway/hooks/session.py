@@ -36,10 +36,8 @@ from typing import Any, TypeVar
 import msgspec
 
 from core.infra.identity import Identity
-from core.infra.verify import MAX_INFO_BYTES
 from gateway.hooks.answers import (
     Answer,
-    BadAnswer,
     CallAnswer,
     CallRequest,
     PublishAnswer,
@@ -47,6 +45,7 @@ from gateway.hooks.answers import (
     RefreshRequest,
     SubscribeAnswer,
     SubscribeRequest,
+    checked_info,
     decoder,
 )
 from gateway.hooks.client import Endpoint, HookFailed
@@ -95,8 +94,8 @@ def _with_data(kind: type[S], data: bytes | None, client: str, user: str, name: 
 def _read_subscribe(body: bytes) -> SubscribeAnswer:
     answer = _read_answer(body)
     info = answer.result.info if answer.result is not None else None
-    if info is not None and len(msgspec.json.encode(info)) > MAX_INFO_BYTES:
-        raise BadAnswer(f"result.info over {MAX_INFO_BYTES} bytes")
+    if info is not None:
+        checked_info(info)
     return answer
 
 
