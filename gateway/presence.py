@@ -129,10 +129,18 @@ class Presence(ChannelPatterns):
 
     async def _refresh(self) -> None:
         for ch, entries in list(self._local.items()):
+            sent = dict(entries)
             try:
-                await self._broker.presence_add(ch, dict(entries), self.ttl)
+                await self._broker.presence_add(ch, sent, self.ttl)
             except Exception as exc:  # the next tick tries again
                 log.warning("presence refresh of %s failed: %s", ch, exc)
+            # A client that left meanwhile had its entry removed at once (another pooled
+            # connection), maybe before this add landed: remove it again, after. (The add
+            # may have landed even when it failed: a timeout.)
+            here = self._local.get(ch, {})
+            gone = [client for client in sent if client not in here]
+            if gone:
+                await self._broker.presence_remove(ch, gone)
 
     async def close(self, wait: float = 1.0) -> None:
         """Let removals and announcements under way finish (``wait`` s at most)."""

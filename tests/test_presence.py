@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
@@ -196,3 +197,30 @@ async def test_a_client_gone_while_its_join_is_on_its_way_leaves_no_entry_behind
     await joining
     await presence.close()
     assert await presence.who("room:1") == []
+
+
+async def test_a_client_gone_while_a_refresh_is_on_its_way_leaves_no_entry_behind():
+    """The periodic refresh re-adds a snapshot of this process's entries, channel by
+    channel: a leave meanwhile removed the entry at once (another pooled connection),
+    the refresh's add landed after it, and the gone client stayed listed (and counted)
+    until PRESENCE_TTL."""
+    from gateway.presence import Presence
+
+    class SlowAdd(MemoryBroker):
+        slow = False
+
+        async def presence_add(self, ch: str, entries: dict[str, bytes], ttl: float) -> None:
+            if self.slow:
+                await asyncio.sleep(0.05)
+            await super().presence_add(ch, entries, ttl)
+
+    broker = SlowAdd()
+    presence = Presence(broker, ("room:*",), 60.0)
+    await presence.join("room:1", "alice", "c1")
+    await presence.join("room:1", "bob", "c2")
+    broker.slow = True
+    presence.tick(time.monotonic() + 30)  # a third of the TTL has passed: refresh
+    await asyncio.sleep(0)  # the refresh is under way
+    presence.leave("room:1", "c1")  # the socket closed meanwhile
+    await presence.close()
+    assert [e.client for e in await presence.who("room:1")] == ["c2"]
