@@ -119,7 +119,12 @@ class Presence(ChannelPatterns):
             log.warning("presence %s on %s not announced: %s", op, ch, exc)
 
     async def who(self, ch: str) -> list[PresenceEntry]:
+        """Every entry of ``ch``: the broker reads and this process decodes them all."""
         return [_entry.decode(info) for info in (await self._broker.presence(ch)).values()]
+
+    async def stats(self, ch: str) -> tuple[int, int]:
+        """How many clients and distinct users ``ch`` has: counts the broker keeps."""
+        return await self._broker.presence_stats(ch)
 
     def tick(self, now: float) -> None:
         """Refresh this process's entries when a third of their TTL has passed."""

@@ -525,11 +525,11 @@ class Session:
             code = ErrorCode.NO_PRESENCE
             self._reply_error(self.conn.error_reply(cmd, code, cmd.ch), code)
             return
-        entries = await self.node.presence.who(cmd.ch)
         if isinstance(cmd, PresenceStats):
-            users = len({e.user for e in entries})
-            reply = Reply(id=cmd.id, ok=True, num_clients=len(entries), num_users=users)
+            clients, users = await self.node.presence.stats(cmd.ch)
+            reply = Reply(id=cmd.id, ok=True, num_clients=clients, num_users=users)
         else:
+            entries = await self.node.presence.who(cmd.ch)
             who = [PresenceInfo(e.user, e.client, e.info) for e in entries]
             reply = Reply(id=cmd.id, ok=True, presence=who)
         if not self.conn.closed:

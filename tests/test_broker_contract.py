@@ -313,6 +313,34 @@ async def test_expiring_sets_are_shared_and_forget_what_expired(started):
     assert await other.expiring_members("many", 1500.0) == {"a": 3000.0, "b": 2000.0}
 
 
+async def test_presence_counts_clients_and_users_through_joins_leaves_and_expiry(started):
+    one, _ = await started()
+    other = one if started.single_process else (await started())[0]
+
+    def entry(user: str, client: str) -> bytes:
+        return f'{{"user":"{user}","client":"{client}"}}'.encode()
+
+    await one.presence_add("room:1", {"a1": entry("ann", "a1"), "a2": entry("ann", "a2")}, 60)
+    await other.presence_add("room:1", {"b1": entry("bob", "b1")}, 60)
+    await one.presence_add("room:1", {"a1": entry("ann", "a1")}, 60)  # a refresh: no change
+    assert await other.presence_stats("room:1") == (3, 2)
+    await one.presence_remove("room:1", ["a1", "never-there"])
+    assert await other.presence_stats("room:1") == (2, 2)
+    await other.presence_remove("room:1", ["a1"])  # twice: counted once
+    assert await one.presence_stats("room:1") == (2, 2)
+    await one.presence_add("room:1", {"a2": entry("cat", "a2")}, 60)  # another user now
+    assert await other.presence_stats("room:1") == (2, 2)
+    await other.presence_remove("room:1", ["b1"])
+    assert await one.presence_stats("room:1") == (1, 1)
+    # A node that stops refreshing (died): its entries leave the counts as they expire.
+    await other.presence_add("room:1", {"d1": entry("dan", "d1"), "c2": entry("cat", "c2")}, 0.2)
+    assert await one.presence_stats("room:1") == (3, 2)
+    await asyncio.sleep(0.3 * UNIT)
+    assert await one.presence_stats("room:1") == (1, 1)
+    assert list(await other.presence("room:1")) == ["a2"]
+    assert await one.presence_stats("room:2") == (0, 0)
+
+
 async def test_history_lost_with_redis_starts_a_new_epoch(throwaway_redis):
     broker = RedisBroker(
         throwaway_redis.url, unique_prefix(), backoff_initial=0.02, backoff_max=0.2

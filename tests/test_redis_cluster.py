@@ -67,7 +67,7 @@ def test_a_channel_its_history_and_presence_share_one_slot(ch):
     assert broker._channel_of(key) == ch
     keys = [*broker._history_keys(ch), *broker._presence_keys(ch)]
     assert {key_slot(k.encode()) for k in keys} == {key_slot(key)}
-    assert len(set(keys)) == 4
+    assert len(set(keys)) == 5
 
 
 def test_the_usual_names_are_the_single_node_keys_with_the_channel_tagged():
@@ -180,8 +180,10 @@ async def test_history_and_presence_run_on_the_channels_shard(redis_cluster, ch)
         assert (await broker.history(ch, 0, 10)) == ([(1, b"1")], first)
         await broker.presence_add(ch, {"c1": b'{"user":"u"}'}, 10)
         assert await broker.presence(ch) == {"c1": b'{"user":"u"}'}
+        assert await broker.presence_stats(ch) == (1, 1)
         await broker.presence_remove(ch, ["c1"])
         assert await broker.presence(ch) == {}
+        assert await broker.presence_stats(ch) == (0, 0)
 
 
 async def test_a_backends_own_stream_entries_are_dropped_on_its_shard(redis_cluster):  # noqa: F811

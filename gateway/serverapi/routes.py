@@ -33,6 +33,7 @@ from core.infra.history import ChannelPatterns
 from core.request import Request, Response
 from core.routing import Route
 from gateway.context import Context
+from gateway.presence import Presence
 from gateway.serverapi.fleet import Answers
 from gateway.serverapi.operations import Operations
 from gateway.serverapi.schemas import (
@@ -363,19 +364,19 @@ class ServerRoutes:
 
     async def presence(self, req: Request) -> Response:
         body: ChannelIn = req.data
-        return _ok(PresenceOut(await self._who(body.ch)))
+        return _ok(PresenceOut(await self._presence_of(body.ch, Presence.who)))
 
     async def presence_stats(self, req: Request) -> Response:
         body: ChannelIn = req.data
-        entries = await self._who(body.ch)
-        return _ok(PresenceStatsOut(len(entries), len({e.user for e in entries})))
+        clients, users = await self._presence_of(body.ch, Presence.stats)
+        return _ok(PresenceStatsOut(clients, users))
 
-    async def _who(self, ch: str) -> Any:
+    async def _presence_of(self, ch: str, read: Callable[[Presence, str], Awaitable[T]]) -> T:
         presence = self.ctx.node.presence
         if not presence.applies(ch):
             raise NotFound(f"{ch} keeps no presence (PRESENCE_CHANNELS)")
         try:
-            return await presence.who(ch)
+            return await read(presence, ch)
         except BrokerUnavailable as exc:
             raise Unavailable(f"broker unavailable, retry later: {exc}") from None
 

@@ -159,7 +159,7 @@ class RedisClusterBroker(RedisBroker):
         return [self._named("h:", ch), self._named("m:", ch)]
 
     def _presence_keys(self, ch: str) -> list[str]:
-        return [self._named("p:", ch), self._named("pz:", ch)]
+        return [self._named(kind, ch) for kind in ("p:", "pz:", "pu:")]
 
     def _events_keys(self, node: str | None = None) -> list[str]:
         # `<prefix>events` hashes whole; the others are tagged with its name, so all

@@ -9,6 +9,8 @@ import secrets
 import time
 from collections.abc import Mapping
 
+import msgspec
+
 from core.infra.broker.base import (
     CONTROL,
     Broker,
@@ -60,12 +62,22 @@ class _Stream:
         return found[:limit]
 
 
+class _EntryUser(msgspec.Struct):
+    """The ``user`` of a presence entry (whose other fields are not read here)."""
+
+    user: str = ""
+
+
+_user_of = msgspec.json.Decoder(_EntryUser).decode
+
+
 class MemoryBroker(Broker):
     def __init__(self) -> None:
         self._handler: PublicationHandler | None = None
         self._channels: set[str] = {CONTROL}
         self._histories: dict[str, _History] = {}
-        self._presence: dict[str, dict[str, tuple[bytes, float]]] = {}
+        #: Per channel: client -> (entry, until, the entry's user).
+        self._presence: dict[str, dict[str, tuple[bytes, float, str]]] = {}
         self._values: dict[str, bytes] = {}
         self._expiring: dict[str, dict[str, float]] = {}
         self._events = _Stream()
@@ -119,7 +131,11 @@ class MemoryBroker(Broker):
         until = time.monotonic() + ttl
         room = self._presence.setdefault(ch, {})
         for client, info in entries.items():
-            room[client] = (info, until)
+            try:
+                user = _user_of(info).user
+            except msgspec.DecodeError:  # ValidationError too
+                user = ""
+            room[client] = (info, until, user)
 
     async def put_value(self, key: str, data: bytes) -> None:
         self._values[key] = data
@@ -148,11 +164,18 @@ class MemoryBroker(Broker):
             self._presence.pop(ch, None)
 
     async def presence(self, ch: str) -> dict[str, bytes]:
+        return {client: info for client, (info, _, _) in self._live_room(ch).items()}
+
+    async def presence_stats(self, ch: str) -> tuple[int, int]:
+        room = self._live_room(ch)
+        return len(room), len({user for _, _, user in room.values()})
+
+    def _live_room(self, ch: str) -> dict[str, tuple[bytes, float, str]]:
         now = time.monotonic()
         room = self._presence.get(ch, {})
-        for client in [c for c, (_, until) in room.items() if until <= now]:
+        for client in [c for c, (_, until, _) in room.items() if until <= now]:
             del room[client]
-        return {client: info for client, (info, _) in room.items()}
+        return room
 
     async def append_events(self, node: str, batch: EventBatch, ttl: float, maxlen: int) -> bool:
         self._events.append(batch.events, maxlen)

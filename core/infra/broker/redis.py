@@ -50,8 +50,7 @@ from core.infra.throttled import ThrottledLog
 
 __all__ = [
     "BACKEND_ERRORS",
-    "PRESENCE_ADD",
-    "PRESENCE_READ",
+    "PRESENCE",
     "PUBLISH_WITH_HISTORY",
     "SUBSCRIBE_ERRORS",
     "LinkStalled",
@@ -92,11 +91,9 @@ PUBLISH_EACH_WITH_HISTORY = script("publish_each_with_history")
 HISTORY_TOP = script("history_top")
 
 
-#: Read a channel's presence, dropping expired entries (lua/presence_read.lua).
-PRESENCE_READ = script("presence_read")
-
-#: Add or refresh presence entries (lua/presence_add.lua).
-PRESENCE_ADD = script("presence_add")
+#: A channel's presence: add, remove, read or count its entries, dropping the expired
+#: ones first (lua/presence.lua).
+PRESENCE = script("presence")
 
 #: The connection events' scripts (lua/events_*.lua, docs/events.md).
 EVENTS_APPEND = script("events_append")
@@ -176,8 +173,7 @@ class RedisBroker(Broker):
         self._publish_script = self._pub_client.register_script(self.publish_with_history)
         self._publish_each_script = self._pub_client.register_script(PUBLISH_EACH_WITH_HISTORY)
         self._history_top = self._pub_client.register_script(self.history_top)
-        self._presence_read = self._pub_client.register_script(PRESENCE_READ)
-        self._presence_add = self._pub_client.register_script(PRESENCE_ADD)
+        self._presence = self._pub_client.register_script(PRESENCE)
         self._events_append = self._pub_client.register_script(EVENTS_APPEND)
         self._events_lost = self._pub_client.register_script(EVENTS_LOST)
         self._events_claim = self._pub_client.register_script(EVENTS_CLAIM)
@@ -492,14 +488,15 @@ class RedisBroker(Broker):
         ]
 
     def _presence_keys(self, ch: str) -> list[str]:
-        return [f"{self._prefix}p:{{{ch}}}", f"{self._prefix}pz:{{{ch}}}"]
+        """The entries (hash), their expiry (zset) and each user's count (hash)."""
+        return [f"{self._prefix}{kind}:{{{ch}}}" for kind in ("p", "pz", "pu")]
 
     async def presence_add(self, ch: str, entries: dict[str, bytes], ttl: float) -> None:
-        args: list[bytes | str | int] = [max(1, round(ttl * 1000))]
+        args: list[bytes | str | int] = ["add", 0, max(1, round(ttl * 1000))]
         for client, info in entries.items():
             args += [client, info]
         try:
-            await self._presence_add(keys=self._presence_keys(ch), args=args)
+            await self._presence(keys=self._presence_keys(ch), args=args)
         except BACKEND_ERRORS as exc:
             raise BrokerUnavailable(f"presence update failed: {exc}") from exc
 
@@ -552,21 +549,24 @@ class RedisBroker(Broker):
     async def presence_remove(self, ch: str, clients: list[str]) -> None:
         if not clients:
             return
-        room, expiry = self._presence_keys(ch)
         try:
-            async with self._pub_client.pipeline(transaction=True) as pipe:
-                pipe.hdel(room, *clients)
-                pipe.zrem(expiry, *clients)
-                await pipe.execute()
+            await self._presence(keys=self._presence_keys(ch), args=["remove", 0, *clients])
         except BACKEND_ERRORS as exc:
             log.debug("presence removal on %s failed (%s); the entries expire", ch, exc)
 
     async def presence(self, ch: str) -> dict[str, bytes]:
+        flat = await self._presence_op(ch, "read")
+        return {flat[i].decode(): flat[i + 1] for i in range(0, len(flat), 2)}
+
+    async def presence_stats(self, ch: str) -> tuple[int, int]:
+        clients, users = await self._presence_op(ch, "stats")
+        return int(clients), int(users)
+
+    async def _presence_op(self, ch: str, op: str) -> Any:
         try:
-            flat = await self._presence_read(keys=self._presence_keys(ch), args=[0])
+            return await self._presence(keys=self._presence_keys(ch), args=[op, 0])
         except BACKEND_ERRORS as exc:
             raise BrokerUnavailable(f"presence read failed: {exc}") from exc
-        return {flat[i].decode(): flat[i + 1] for i in range(0, len(flat), 2)}
 
     def _events_keys(self, node: str | None = None) -> list[str]:
         """The event stream, the nodes' marks, and ``node``'s live connections."""
