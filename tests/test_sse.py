@@ -6,12 +6,13 @@ import asyncio
 import contextlib
 import json
 import re
+import socket
 from collections.abc import AsyncIterator
 from urllib.parse import urlencode
 
 from gateway.loadtest.wsclient import client_frame
 from gateway.transport.sse import decode_positions, encode_positions
-from tests.harness import running_gateway, token_for
+from tests.harness import running_gateway, token_for, until
 from tests.servers import UNIT
 from tests.test_wsconn import raw_socket
 
@@ -231,3 +232,68 @@ async def test_an_event_id_holds_only_the_streams_own_positions():
             await gw.ctx.node.publish("feed:a", b'{"n":1}')
             event = await s.next_of("msg")
     assert set(decode_positions(event["id"])) == {"feed:a"}
+
+
+def _silent_stream(port: int, token: str, ch: str) -> socket.socket:
+    """An event stream whose client then reads nothing (a small receive window)."""
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    s.connect(("127.0.0.1", port))
+    s.sendall(
+        f"GET /sse?ch={ch} HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {token}\r\n\r\n".encode()
+    )
+    return s
+
+
+async def _publish_until_cut_off(gw, ch: str, streams: int) -> None:
+    payload = b'{"x":"' + b"a" * 8000 + b'"}'
+    for _ in range(4000):
+        await gw.ctx.node.publish(ch, payload)
+        await asyncio.sleep(0)
+        if gw.ctx.metrics.slow_consumers._value.get() >= streams:
+            return
+    raise AssertionError("the streams were never cut off")
+
+
+def _ended(s: socket.socket) -> bool:
+    """Whether the gateway ended the connection: what it sent, then EOF or a reset."""
+    s.settimeout(3 * UNIT)
+    try:
+        while s.recv(1 << 16):
+            pass
+    except ConnectionResetError:
+        pass
+    except TimeoutError:
+        return False
+    return True
+
+
+async def test_a_slow_reader_is_cut_off_and_its_connection_ends_with_it():
+    # Before, a cut-off stream left the hub (and the count of MAX_CONNECTIONS) but
+    # kept its TCP connection, SEND_BUFFER_BYTES held for it, for as long as the
+    # client said nothing: ~1 MiB a stream, without bound.
+    async with running_gateway(send_buffer_bytes=128 << 10) as gw:
+        s = _silent_stream(gw.port, token_for(gw), "room:1")
+        try:
+            await until(lambda: gw.ctx.node.hub.connection_count() == 1)
+            await _publish_until_cut_off(gw, "room:1", 1)
+            assert _ended(s)
+            await until(lambda: gw.ctx.node.hub.connection_count() == 0)
+        finally:
+            s.close()
+
+
+async def test_event_streams_backlogs_count_in_the_process_budget():
+    # Before, only sockets counted in SEND_BUFFER_TOTAL_BYTES: four silent streams
+    # held 14.5 MB against a 256 KiB budget, never cut off.
+    budget = 256 << 10
+    async with running_gateway(send_buffer_bytes=16 << 20, send_buffer_total_bytes=budget) as gw:
+        held = [_silent_stream(gw.port, token_for(gw), "room:1") for _ in range(4)]
+        try:
+            await until(lambda: gw.ctx.node.hub.connection_count() == 4)
+            await _publish_until_cut_off(gw, "room:1", 4)
+            assert gw.ctx.coalescer.buffered > budget  # what the budget check saw
+            assert all(_ended(s) for s in held)
+        finally:
+            for s in held:
+                s.close()

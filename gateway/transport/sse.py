@@ -25,7 +25,10 @@ breaks lines between tokens (a publication may): ``EventSource`` joins them
 with LF, which JSON reads as whitespace.
 
 The stream's write buffer is bounded like a socket's: a reader that falls
-behind by ``SEND_BUFFER_BYTES`` is cut off (and recovers on reconnect).
+behind by ``SEND_BUFFER_BYTES`` is cut off, its TCP connection reset at
+once with what it held, and recovers on reconnect (``Last-Event-ID``). Its
+backlog counts in the process's ``SEND_BUFFER_TOTAL_BYTES`` with the
+sockets' (`Coalescer.backlogged`): past it, the largest are cut off first.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ import random
 from typing import ClassVar
 
 import msgspec
-from tornado.iostream import StreamBufferFullError, StreamClosedError
+from tornado.iostream import IOStream, StreamBufferFullError, StreamClosedError
 
 from core.errormap import JsonErrors
 from core.infra.errors import ApiError
@@ -48,6 +51,7 @@ from gateway.hooks.connect import Disconnected, HookedIdentity
 from gateway.hub import Prepared
 from gateway.session import Session
 from gateway.transport.admission import admit, admit_hooked_request, refuse_full
+from gateway.transport.wsconn import kernel_queue, reset_on_close
 from proto import JSON_CODEC, CloseCode, Codec, Connection, Position
 
 __all__ = ["SSEHandler", "decode_positions", "encode_positions"]
@@ -141,8 +145,7 @@ class SSEHandler(JsonErrors):
         self.set_header("Content-Type", "text/event-stream")
         self.set_header("Cache-Control", "no-store")
         self.set_header("X-Accel-Buffering", "no")  # nginx: do not buffer the stream
-        # HTTP1Connection has the stream (not the HTTPConnection interface).
-        stream = getattr(self.request.connection, "stream", None)
+        stream = self._stream()
         if stream is not None:
             stream.max_write_buffer_size = ctx.settings.send_buffer_bytes
         self.flush()
@@ -225,9 +228,44 @@ class SSEHandler(JsonErrors):
             self.write(chunk)
             self.flush()
         except StreamBufferFullError:
-            self.ctx.metrics.slow_consumers.inc()
-            log.warning("cutting off a slow event-stream reader")
-            self._code = int(CloseCode.SLOW_CONSUMER)
-            self._ended.set()
+            self.shed(f"over SEND_BUFFER_BYTES ({self.ctx.settings.send_buffer_bytes})")
         except StreamClosedError:
             self._ended.set()
+        else:
+            stream = self._stream()
+            if stream is not None and stream.writing():
+                self.ctx.coalescer.backlogged(self)
+
+    # -- Backlog (the process's SEND_BUFFER_TOTAL_BYTES) -----------------------------
+
+    @property
+    def closing(self) -> bool:
+        return self._ended.is_set()
+
+    def buffered(self) -> int:
+        stream = self._stream()
+        if stream is None or stream.closed():
+            return 0
+        held = getattr(stream, "_write_buffer", None)  # Tornado's own, not in its API
+        return (0 if held is None else len(held)) + kernel_queue(stream.socket)
+
+    def shed(self, why: str) -> None:
+        """Cut off a slow reader: 4001, and its connection reset with what it held."""
+        if self._ended.is_set():
+            return
+        self.ctx.metrics.slow_consumers.inc()
+        log.warning("cutting off a slow event-stream reader (%s)", why)
+        self._code = int(CloseCode.SLOW_CONSUMER)
+        self._ended.set()
+        self.abort()
+
+    def abort(self) -> None:
+        """Reset the TCP connection: a reader that reads nothing would hold its backlog for good."""
+        stream = self._stream()
+        if stream is not None and not stream.closed():
+            reset_on_close(stream.socket)
+            stream.close()
+
+    def _stream(self) -> IOStream | None:
+        # HTTP1Connection has the stream (not the HTTPConnection interface).
+        return getattr(self.request.connection, "stream", None)

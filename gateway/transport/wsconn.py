@@ -59,7 +59,7 @@ import struct
 import termios
 import time
 from collections.abc import Callable, Coroutine
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 from prometheus_client import Histogram
 
@@ -80,8 +80,11 @@ __all__ = [
     "FRAMES_PER_TURN",
     "MAX_INBOX",
     "MAX_PENDING",
+    "Backlog",
     "Coalescer",
     "WSConnection",
+    "kernel_queue",
+    "reset_on_close",
 ]
 
 log = logging.getLogger("gateway.websocket")
@@ -112,32 +115,57 @@ _LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() resets the
 
 
 def _unsent(transport: Any) -> int:
-    """Bytes written to ``transport`` that the peer has not yet acknowledged.
+    """Bytes written to ``transport`` that the peer has not yet acknowledged."""
+    return int(transport.get_write_buffer_size()) + kernel_queue(transport.get_extra_info("socket"))
 
-    The transport's own buffer plus the kernel's send queue (Linux
-    ``SIOCOUTQ``): the kernel moves bytes on only in large steps, so its
-    queue is what shows a slow reader making progress.
+
+def kernel_queue(sock: socket.socket | None) -> int:
+    """Bytes in ``sock``'s kernel send queue (Linux ``SIOCOUTQ``; 0 when unknown).
+
+    The kernel moves bytes on only in large steps, so its queue, added to
+    what the process holds, is what shows a slow reader making progress.
     """
-    size = int(transport.get_write_buffer_size())
-    sock = transport.get_extra_info("socket")
     if sock is not None:
         with contextlib.suppress(OSError, ValueError):
-            size += struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0"))[0]
-    return size
+            return int(
+                struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0" * 4))[0]
+            )
+    return 0
 
 
 def _reset(transport: Any) -> None:
-    """Abort ``transport`` with a TCP reset, so the kernel frees its send queue at once.
+    """Abort ``transport`` with a TCP reset (`reset_on_close`)."""
+    reset_on_close(transport.get_extra_info("socket"))
+    transport.abort()
+
+
+def reset_on_close(sock: socket.socket | None) -> None:
+    """Make closing ``sock`` a TCP reset, so the kernel frees its send queue at once.
 
     A plain close leaves what the peer has not read to an orphan socket that
     keeps probing a peer that reads nothing (a zero window) for minutes,
     holding that queue (up to the kernel's send buffer, 4 MB) the while.
     """
-    sock = transport.get_extra_info("socket")
     if sock is not None:
         with contextlib.suppress(OSError, ValueError):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
-    transport.abort()
+
+
+class Backlog(Protocol):
+    """A connection whose send buffer counts against `Coalescer`'s budget (sockets, event streams)."""
+
+    @property
+    def closing(self) -> bool:
+        """Whether it is ending: its backlog no longer leads to a reader."""
+
+    def buffered(self) -> int:
+        """Bytes queued for it and not yet taken by the peer."""
+
+    def shed(self, why: str) -> None:
+        """End it as a slow consumer (4001)."""
+
+    def abort(self) -> None:
+        """Drop it at once, what it holds with it."""
 
 
 class Coalescer:
@@ -168,7 +196,7 @@ class Coalescer:
         self._lag = lag  # gateway_delivery_lag_seconds
         self._since = 0.0
         self._budget = budget
-        self._backlogged: set[WSConnection] = set()
+        self._backlogged: set[Backlog] = set()
         self._checked = 0.0
         #: Bytes in send buffers at the last check (gateway_send_buffered_bytes).
         self.buffered = 0
@@ -203,6 +231,15 @@ class Coalescer:
         if self._backlogged and now - self._checked >= BUDGET_CHECK:
             self.check_budget(now)
 
+    def backlogged(self, conn: Backlog) -> None:
+        """``conn``, written to outside `flush` (an event stream), holds a backlog."""
+        if self._budget is None:
+            return
+        self._backlogged.add(conn)
+        now = time.perf_counter()
+        if now - self._checked >= BUDGET_CHECK:
+            self.check_budget(now)
+
     def check_budget(self, now: float) -> int:
         """Sum the backlogged sockets' buffers; past the budget, end the largest first.
 
@@ -213,7 +250,7 @@ class Coalescer:
         frame.
         """
         self._checked = now
-        sizes: list[tuple[int, WSConnection]] = []
+        sizes: list[tuple[int, Backlog]] = []
         for conn in list(self._backlogged):
             size = conn.buffered()
             if size:
