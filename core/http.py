@@ -28,7 +28,7 @@ from tornado import httputil
 from tornado.routing import AnyMatches, PathMatches, Rule, RuleRouter
 
 from core.errormap import from_exception
-from core.infra.errors import ApiError, NotFound
+from core.infra.errors import ApiError, NotFound, PayloadTooLarge
 from core.infra.identity import AuthError, Identity, token_from_header
 from core.infra.ids import unique_hex
 from core.infra.tasks import TaskSet
@@ -254,8 +254,7 @@ class _Exchange(httputil.HTTPMessageDelegate):
         start, headers, server = self._start, self._headers, self._server
         assert start is not None and headers is not None
         if self._size > server.max_body_bytes:
-            limit = server.max_body_bytes
-            return Response.error(ApiError(413, "payload_too_large", f"body over {limit} bytes"))
+            return Response.error(PayloadTooLarge(server.max_body_bytes))
         path, _, query = start.path.partition("?")
         body, self._chunks = b"".join(self._chunks), []
         return await server.serve(

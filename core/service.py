@@ -2,7 +2,7 @@
 
 `Core.dispatch` takes a `Request` whose caller the transport already
 authenticated (or None) and always returns a `Response`: routing, the
-route's access rule (core/access.py), body and query validation,
+route's access rule (core/access.py), its body limit, body and query validation,
 idempotency and the error mapping happen here once, so HTTP, ``rpc``
 frames and Lambda answer alike.
 """
@@ -26,7 +26,7 @@ from core.events import Events
 from core.idempotency import IdempotencyStore
 from core.infra.broker.base import Broker, Publisher
 from core.infra.control import ControlMessage
-from core.infra.errors import ApiError, TooManyRequests
+from core.infra.errors import ApiError, PayloadTooLarge, TooManyRequests
 from core.infra.identity import Identity, principal
 from core.infra.ratelimit import MemoryRateLimiter, RateLimiter, over_limit
 from core.infra.revocation import Revocations
@@ -224,11 +224,10 @@ class Core:
                     raise TooManyRequests(wait)
             if route.query is not None:
                 req.args = parse_query(route.query, req.query)
+            limit = self.settings.max_body_bytes if route.max_body is None else route.max_body
+            if len(req.body) > limit:  # over HTTP the listener refused it unread; rpc, Lambda
+                raise PayloadTooLarge(limit)
             if route.body is not None:
-                if len(req.body) > self.settings.max_body_bytes:
-                    raise ApiError(
-                        413, "payload_too_large", f"body over {self.settings.max_body_bytes} bytes"
-                    )
                 req.data = decode_body(route.body, req.body)
             elif route.form is not None:
                 req.data = parse_form(route.form, req.body)

@@ -26,6 +26,7 @@ __all__ = [
     "ErrorDetail",
     "ErrorResponse",
     "NotFound",
+    "PayloadTooLarge",
     "PreconditionFailed",
     "TooManyRequests",
     "Unavailable",
@@ -99,6 +100,14 @@ class Conflict(ApiError):
 class PreconditionFailed(ApiError):
     def __init__(self, message: str = "If-Match does not match the current version") -> None:
         super().__init__(412, "precondition_failed", message)
+
+
+class PayloadTooLarge(ApiError):
+    """413 for a body over ``limit`` bytes (0: the route takes none)."""
+
+    def __init__(self, limit: int) -> None:
+        what = "this route takes no request body" if limit == 0 else f"body over {limit} bytes"
+        super().__init__(413, "payload_too_large", what)
 
 
 class ValidationFailed(ApiError):

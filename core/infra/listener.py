@@ -70,7 +70,7 @@ from tornado.ioloop import IOLoop, PeriodicCallback
 from tornado.iostream import IOStream, StreamClosedError, UnsatisfiableReadError
 
 from core.infra.clientip import TrustedProxies, limit_key
-from core.infra.errors import ApiError, error_body
+from core.infra.errors import ApiError, PayloadTooLarge, error_body
 from core.infra.httpstream import HTTPStream
 from core.infra.metrics import Metrics
 from core.infra.proxyprotocol import ProxyHeaderError, read_proxy_header
@@ -539,7 +539,7 @@ class _Guard(httputil.HTTPMessageDelegate):
                     and _LENGTH.fullmatch(length.strip())
                     and int(length) > self._limit
                 ):
-                    raise _too_large(self._limit)
+                    raise PayloadTooLarge(self._limit)
             except ApiError as refusal:
                 self._refuse(start_line, client, refusal)
                 return None
@@ -564,7 +564,7 @@ class _Guard(httputil.HTTPMessageDelegate):
         if self._size > self._limit:
             self._inner.on_connection_close()  # drops what it buffered
             assert self._start is not None
-            self._refuse(self._start, self._client, _too_large(self._limit))
+            self._refuse(self._start, self._client, PayloadTooLarge(self._limit))
             return None
         return self._inner.data_received(chunk)
 
@@ -602,9 +602,3 @@ def _has_body(headers: httputil.HTTPHeaders) -> bool:
     if length is not None:
         return length.strip() != "0"
     return "Transfer-Encoding" in headers
-
-
-def _too_large(limit: int) -> ApiError:
-    if limit == 0:
-        return ApiError(413, "payload_too_large", "this route takes no request body")
-    return ApiError(413, "payload_too_large", f"body over {limit} bytes")
