@@ -67,7 +67,8 @@ class _EventV1(msgspec.Struct, rename="camel"):
 
 
 class BadEvent(ValueError):
-    """The event is not one of the three shapes, or its body does not decode."""
+    """The event is not one of the three shapes, its body does not decode, or it holds
+    a header no HTTP connection carries."""
 
 
 class Incoming:
@@ -102,11 +103,13 @@ def parse_event(event: object) -> Incoming:
             return _from_v1(msgspec.convert(event, _EventV1))
     except msgspec.ValidationError as exc:
         raise BadEvent(str(exc)) from None
+    except UnicodeError:  # a lone surrogate, which stands for no byte (in a query, say)
+        raise BadEvent("the event holds text that is not UTF-8 (a lone surrogate)") from None
     raise BadEvent("not an API Gateway (payload 1.0 or 2.0) or function URL event")
 
 
 def _from_v2(ev: _EventV2) -> Incoming:
-    headers = headers_of((ev.headers or {}).items())
+    headers = _received((ev.headers or {}).items())
     path = _without_stage(ev.raw_path, ev.request_context.stage)
     target = path + ("?" + ev.raw_query_string if ev.raw_query_string else "")
     body = _body(ev.body, ev.is_base64_encoded)
@@ -128,7 +131,7 @@ def _from_v1(ev: _EventV1) -> Incoming:
     source_ip = (identity.source_ip if identity is not None else None) or ""
     body = _body(ev.body, bool(ev.is_base64_encoded))
     target = path + ("?" + query if query else "")
-    return Incoming(ev.http_method.upper(), target, headers_of(pairs), body, source_ip, True)
+    return Incoming(ev.http_method.upper(), target, _received(pairs), body, source_ip, True)
 
 
 def headers_of(pairs: Iterable[tuple[str, str]]) -> httputil.HTTPHeaders:
@@ -136,6 +139,27 @@ def headers_of(pairs: Iterable[tuple[str, str]]) -> httputil.HTTPHeaders:
     for name, value in pairs:
         headers.add(name, value)
     return headers
+
+
+def _received(pairs: Iterable[tuple[str, str]]) -> httputil.HTTPHeaders:
+    """Request headers as an HTTP server reads them, or `BadEvent`.
+
+    The services hand on a header's bytes decoded as UTF-8 (``Srīperumbūdūr``); a server
+    reads each byte as one character (Tornado: latin-1) and drops the spaces around a
+    value. A name or value no connection could carry (a control character) is refused.
+    """
+    headers = httputil.HTTPHeaders()
+    for name, value in pairs:
+        try:
+            headers.add(name, _bytes(value).decode("latin-1").strip(" \t"))
+        except (httputil.HTTPInputError, UnicodeError):
+            raise BadEvent(f"header {name[:64]!r}: no HTTP connection carries it") from None
+    return headers
+
+
+def _bytes(text: str) -> bytes:
+    """The bytes ``text`` was decoded from (UTF-8; undecodable bytes as Python escapes them)."""
+    return text.encode("utf-8", "surrogateescape")
 
 
 def _without_stage(path: str, stage: str) -> str:
@@ -151,7 +175,7 @@ def _body(body: str | None, encoded: bool) -> bytes:
     if not body:
         return b""
     if not encoded:
-        return body.encode()
+        return _bytes(body)
     try:
         return base64.b64decode(body, validate=True)
     except binascii.Error:

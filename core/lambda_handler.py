@@ -30,9 +30,10 @@ freezes the process and the core's timers with it, so before serving, a core
 that has not caught up on revocations and API keys for `Core.REVOCATION_SYNC`
 seconds does so first.
 
-Nothing here raises into Lambda: an event of no known shape is 400, a core
-that cannot open is 503 (database unreachable) or 500, anything unexpected is
-500 with no internals in the body and the traceback in the log.
+Nothing here raises into Lambda: an event of no known shape, or with a header
+no HTTP connection carries, is 400, a core that cannot open is 503 (database
+unreachable) or 500, anything unexpected (in reading the event too) is 500
+with no internals in the body and the traceback in the log.
 """
 
 from __future__ import annotations
@@ -201,6 +202,8 @@ def handler(event: object, context: object) -> dict[str, Any]:
         req = parse_event(event)
     except BadEvent as exc:
         return _error(ApiError(400, "bad_request", str(exc)))
+    except Exception as exc:  # a fault of the parsing's, not the event's: logged, 500
+        return _error(from_exception(exc, "reading the event"))
     try:
         if _container is None:
             _container = _Container()

@@ -470,6 +470,19 @@ def test_header_names_are_case_insensitive(core_http, token):
     assert invoke(event)["statusCode"] == 200
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_header_values_are_read_as_an_http_server_reads_them(core_http, auth, kind):
+    """ALB and API Gateway hand on a UTF-8 header value decoded (Cloudflare's cf-ipcity:
+    "Srīperumbūdūr"); the handler raised on it, and on a value with a space after it,
+    into Lambda (API Gateway's 502)."""
+    pid = create(core_http, auth)["id"]
+    odd = {"X-City": "Srīperumbūdūr", "If-None-Match": '"1" '}
+    lam = via_lambda(kind, "GET", f"/api/projects/{pid}", headers={**auth, **odd})
+    on_the_wire = {**odd, "X-City": odd["X-City"].encode()}
+    web = core_http.call("GET", f"/api/projects/{pid}", headers={**auth, **on_the_wire})
+    assert lam.status == web.status == 304
+
+
 def test_single_valued_rest_event_without_multi_value_maps(core_http, auth):
     create(core_http, auth, name="solo")
     event = make_event("rest_api_v1", "GET", "/api/projects", headers=auth)
@@ -569,6 +582,29 @@ def test_a_body_that_is_not_base64_is_400(kind):
     assert reply["statusCode"] == 400 and "base64" in json.loads(reply["body"])["error"]["message"]
 
 
+@pytest.mark.parametrize(
+    ("field", "value", "code"),
+    [
+        ("x-note", "a\x01b", "bad_request"),  # a control character: no server reads it
+        ("x-note", "\ud800", "bad_request"),  # a surrogate that stands for no byte
+        ("body", '{"name": "\ud800"}', "bad_request"),
+        ("body", '{"name": "\udc80"}', "malformed_json"),  # the byte 0x80: not UTF-8
+    ],
+    ids=["control-character", "lone-surrogate-header", "lone-surrogate-body", "byte-0x80-body"],
+)
+def test_text_no_connection_carries_is_400_and_never_raises(core_http, auth, field, value, code):
+    body = json.dumps(PROJECT).encode()
+    event = make_event("http_api_v2", "POST", "/api/projects", headers=auth, body=body)
+    if field == "body":
+        event["body"] = value
+    else:
+        event["headers"][field] = value
+    reply = invoke(event)
+    assert reply["statusCode"] == 400, reply
+    assert reply["headers"]["Content-Type"] == "application/json"
+    assert json.loads(reply["body"])["error"]["code"] == code
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_an_unexpected_error_is_500_without_internals(core_http, auth, monkeypatch, caplog, kind):
     async def broken(self, req):
@@ -586,6 +622,16 @@ def test_an_unexpected_error_is_500_without_internals(core_http, auth, monkeypat
     # Logged once, by the one exception mapping, with the traceback.
     [record] = [r for r in caplog.records if r.name == "core.errormap"]
     assert "GET /api/projects" in record.getMessage() and record.exc_info is not None
+
+
+def test_a_fault_in_reading_the_event_is_500_not_a_raise(monkeypatch, caplog):
+    def broken(event):
+        raise RuntimeError("secret internals")
+
+    monkeypatch.setattr(lambda_handler, "parse_event", broken)
+    with caplog.at_level(logging.ERROR, logger="core.errormap"):
+        reply = invoke(make_event("http_api_v2", "GET", "/api/projects"))
+    assert reply["statusCode"] == 500 and "secret" not in reply["body"]
 
 
 def test_an_unreachable_database_is_503_and_retried_next_time(env, auth, monkeypatch, caplog):
