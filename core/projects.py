@@ -88,9 +88,10 @@ with created as (
 )
 select id, version, body from created order by id
 """
+#: Dates go as ISO text: asyncpg writes date.min and date.max as -infinity and infinity.
 _REPLACE = """
 update projects set name = $2, description = $3, owner_email = $4, budget = $5, status = $6,
-       tags = $7, starts_on = $8, ends_on = $9, milestones = $10::jsonb,
+       tags = $7, starts_on = $8::text::date, ends_on = $9::text::date, milestones = $10::jsonb,
        version = version + 1, updated_at = now()
 where id = $1 and ($11::integer is null or version = $11)
 returning id, version, project_json(projects)::text
@@ -104,8 +105,9 @@ _LOCK = "select project_json(p)::text, p.version from projects p where p.id = $1
 
 def _values(p: ProjectIn) -> tuple[Any, ...]:
     milestones = _encode_json(p.milestones).decode()
+    ends_on = None if p.ends_on is None else p.ends_on.isoformat()
     return (p.name, p.description, p.owner_email, p.budget, p.status, p.tags,
-            p.starts_on, p.ends_on, milestones)  # fmt: skip
+            p.starts_on.isoformat(), ends_on, milestones)  # fmt: skip
 
 
 def _id(req: Request) -> int:

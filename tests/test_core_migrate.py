@@ -4,6 +4,7 @@ applied migration whose file was edited is refused, by `migrate` and by the star
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import hashlib
 import subprocess
 import sys
@@ -11,11 +12,13 @@ import uuid
 from pathlib import Path
 
 import asyncpg
+import msgspec
 import pytest
 
 import core.migrate
 from core.db import check_schema
 from core.migrate import Migration, SchemaError, inspect, migrate, migrations
+from core.schemas import Project
 
 
 @pytest.fixture
@@ -200,3 +203,38 @@ def test_migrate_command_refuses_an_edited_migration(database_url, fresh_schema)
     out = subprocess.run(run, env=env, capture_output=True, text=True, timeout=60)
     assert out.returncode == 1 and "Traceback" not in out.stderr
     assert "refused" in out.stderr and "0001_users_projects" in out.stderr
+
+
+# -- repairs -----------------------------------------------------------------------------
+
+
+async def test_infinite_project_dates_get_back_the_dates_they_were_sent(
+    database_url, fresh_schema, monkeypatch
+):
+    """PUT and PATCH wrote 0001-01-01 and 9999-12-31 as asyncpg does: -infinity and infinity."""
+    older = [m for m in migrations() if m.label < "0006"]
+    conn = await asyncpg.connect(database_url)
+    try:
+        shipping(monkeypatch, older)
+        await migrate(conn, fresh_schema)
+        await conn.execute(f'set search_path to "{fresh_schema}"')
+        insert = (
+            "insert into projects (name, owner_email, budget, starts_on, ends_on) "
+            "values ($1, 'ada@example.com', 0, $2, $3)"
+        )
+        await conn.execute(insert, "written by PUT", dt.date.min, dt.date.max)
+        await conn.execute(insert, "untouched", dt.date(2026, 1, 1), None)
+        monkeypatch.undo()
+        await migrate(conn, fresh_schema)
+        rows = await conn.fetch("select project_json(p)::text from projects p order by id")
+        with pytest.raises(asyncpg.CheckViolationError):
+            await conn.execute(insert, "again", dt.date(2026, 1, 1), dt.date.max)
+    finally:
+        await conn.close()
+    repaired, untouched = (msgspec.json.decode(r[0], type=Project) for r in rows)
+    assert (repaired.starts_on, repaired.ends_on, repaired.version) == (
+        dt.date.min, dt.date.max, 2
+    )  # fmt: skip
+    assert (untouched.starts_on, untouched.ends_on, untouched.version) == (
+        dt.date(2026, 1, 1), None, 1
+    )  # fmt: skip

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import datetime as dt
 from typing import Annotated
 
 import asyncpg
@@ -327,6 +328,24 @@ async def test_patch_validates_the_merged_project(api):
         {"path": "$.ends_on", "message": "must not be before starts_on"}
     ]
     assert (await api.call("GET", url))[2]["version"] == 1  # nothing was written
+
+
+async def test_the_first_and_last_dates_are_kept_by_every_write(api):
+    # asyncpg writes date.min and date.max as -infinity and infinity: PUT and PATCH stored
+    # them so ("starts_on": "-infinity" is no date: every later PATCH of the project was
+    # 500), and a 9999-12-31 that POST stored became "infinity" at the next PATCH.
+    status, _, p = await api.call("POST", "/api/projects", project(ends_on="9999-12-31"))
+    assert status == 201 and p["ends_on"] == "9999-12-31"
+    url = f"/api/projects/{p['id']}"
+    status, _, body = await api.call("PATCH", url, {"name": "renamed"})
+    assert status == 200 and body["ends_on"] == "9999-12-31"
+    earliest = project(starts_on="0001-01-01", ends_on="9999-12-31")
+    status, _, body = await api.call("PUT", url, earliest)
+    assert status == 200 and (body["starts_on"], body["ends_on"]) == ("0001-01-01", "9999-12-31")
+    status, _, body = await api.call("PATCH", url, {"status": "done"})
+    assert status == 200 and body["version"] == 4
+    read = as_project((await api.call("GET", url))[2])
+    assert (read.starts_on, read.ends_on) == (dt.date.min, dt.date.max)
 
 
 async def test_delete_with_version_then_gone(api):
