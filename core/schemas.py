@@ -90,8 +90,20 @@ class Amount(Decimal):
                 raise ValueError("a budget as text is digits with at most two decimal places")
             return cls(value)
         if isinstance(value, int | Decimal) and not isinstance(value, bool):
-            return cls(value)
+            return cls(_in_cents(Decimal(value)))
         raise TypeError(f"Expected `number | str`, got `{type(value).__name__}`")
+
+
+def _in_cents(amount: Decimal) -> Decimal:
+    """``amount`` at the column's scale (two places) when that is exact, else as it is
+    (for `budget_problems` to refuse). ``0E-99999`` is 0.00: asyncpg, which PUT and
+    PATCH write through, cannot send that exponent, and PostgreSQL, which reads POST's
+    JSON, can."""
+    try:
+        cents = amount.quantize(_CENT)
+    except InvalidOperation:  # too many digits, or infinite
+        return amount
+    return cents if cents == amount else amount
 
 
 _BUDGET_DOC = "Amount with at most two decimal places, 0 to 1,000,000,000."

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import datetime as dt
+import json
 from typing import Annotated
 
 import asyncpg
@@ -218,6 +219,20 @@ async def test_budget_range_and_two_places_are_enforced(api, budget, ok):
         assert status == 201, body
     else:
         assert status == 422 and [d["path"] for d in body["error"]["details"]] == ["$.budget"]
+
+
+@pytest.mark.parametrize("budget", ["0E-99999", "1E+2", "12.300", "1e9"])
+async def test_put_and_patch_take_every_budget_post_takes(api, budget):
+    # 0E-99999 is the number 0: POST stored it (PostgreSQL reads the JSON), while PUT and
+    # PATCH handed the Decimal to asyncpg, which cannot send that exponent: 422.
+    raw = json.dumps(project(budget="B")).replace('"B"', budget).encode()
+    status, _, created = await api.call("POST", "/api/projects", raw=raw)
+    assert status == 201
+    url = f"/api/projects/{created['id']}"
+    status, _, replaced = await api.call("PUT", url, raw=raw)
+    assert status == 200 and replaced["budget"] == created["budget"], replaced
+    status, _, patched = await api.call("PATCH", url, raw=f'{{"budget": {budget}}}'.encode())
+    assert status == 200 and patched["budget"] == created["budget"], patched
 
 
 @pytest.mark.parametrize(
