@@ -68,6 +68,7 @@ from gateway.router import FirstRoute, is_core_path
 from gateway.serverapi.dispatch import ServerAPI, ServerBodyPolicy
 from gateway.serverapi.operations import Operations
 from gateway.serverapi.routes import ServerRoutes
+from gateway.transport.inflation import BURST_FRAMES, InflateLimits
 from gateway.transport.longpoll import LongPollHandler
 from gateway.transport.polls import PollMatches, PollServer
 from gateway.transport.pollsessions import LongPollSessions
@@ -379,7 +380,7 @@ async def make_app(
         coalescer=Coalescer(metrics.write_lag, settings.send_buffer_total_bytes),
         longpoll=LongPollSessions(settings.max_longpoll_sessions, settings.longpoll_max_per_user),
         ops=ops, hooks=hooks, new_session=session_factory(hooks),
-        compressor=_compressor(settings, metrics),
+        compressor=_compressor(settings, metrics), inflate=_inflate_limits(settings),
     )  # fmt: skip
     metrics.send_buffered.set_function(lambda: ctx.coalescer.buffered)
     if isinstance(core, Core):
@@ -395,6 +396,14 @@ async def make_app(
         log_function=log_request,
     )
     return Gateway(settings, ctx, app, server_api)
+
+
+def _inflate_limits(settings: Settings) -> InflateLimits | None:
+    """``COMPRESSION_INFLATE_RATE``, and `BURST_FRAMES` frames at once (None: off)."""
+    rate = settings.compression_inflate_rate
+    if not settings.compression or not rate:
+        return None
+    return InflateLimits.of(rate, BURST_FRAMES * settings.max_frame_bytes)
 
 
 def _compressor(settings: Settings, metrics: Metrics) -> Compressor | None:

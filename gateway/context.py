@@ -16,6 +16,7 @@ from gateway.hooks.service import Hooks
 from gateway.node import Node
 from gateway.serverapi.operations import Operations
 from gateway.session import Dispatch, Session, Transport, Verify
+from gateway.transport.inflation import InflateLimits
 from gateway.transport.pollsessions import LongPollSessions
 from gateway.transport.wsconn import Coalescer
 from gateway.upstream import UpstreamCore
@@ -49,6 +50,8 @@ class Context:
     hooks: Hooks | None = None
     #: The process's permessage-deflate compressor (None: ``COMPRESSION=off``).
     compressor: Compressor | None = None
+    #: What one compressing socket may have the process inflate (None: no limit).
+    inflate: InflateLimits | None = None
     #: What sessions are made with: `Session`, or with hooks `gateway.hooks.HookedSession`.
     new_session: Callable[..., Session] = Session
     # Bound once: `core.dispatch` and `verifier.verify` make a new method

@@ -346,7 +346,7 @@ async def test_a_client_that_waits_for_its_allowance_is_never_closed():
 def test_the_allowance_refills_at_its_rate(monkeypatch):
     now = [100.0]
     monkeypatch.setattr(inflation.time, "monotonic", lambda: now[0])
-    budget = inflation.InflateBudget(1000, 3000)
+    budget = inflation.InflateBudget(inflation.InflateLimits.of(1000, 3000))
     message = deflated(b"x" * 1000)
     for _ in range(3):
         assert budget(message, MAX) == b"x" * 1000

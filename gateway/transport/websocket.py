@@ -283,7 +283,7 @@ async def _upgrade(
 
     ws = WSConnection(response, codec, make_session, ctx.metrics, settings.max_frame_bytes,
                       ctx.coalescer, early, ctx.compressor if agreement else None, agreement,
-                      settings.compression_inflate_rate)  # fmt: skip
+                      ctx.inflate)  # fmt: skip
     try:
         transport, _ = await asyncio.get_running_loop().connect_accepted_socket(lambda: ws, sock)
     except OSError as exc:

@@ -67,7 +67,7 @@ from core.infra.metrics import Metrics
 from core.infra.tasks import TaskSet
 from gateway.hub import Prepared
 from gateway.session import Session
-from gateway.transport.inflation import BURST_FRAMES, InflateBudget
+from gateway.transport.inflation import InflateBudget, InflateLimits
 from proto import CloseCode, Codec, close_reason, frame, reason_for
 from proto.deflate import Agreement, Compressor
 from proto.wsframe import OP_PING
@@ -319,9 +319,9 @@ class WSConnection(asyncio.Protocol):
         early: bytes = b"",
         compressor: Compressor | None = None,
         agreement: Agreement | None = None,
-        inflate_rate: int = 0,
+        inflate: InflateLimits | None = None,
     ) -> None:
-        """``inflate_rate``: bytes a second this client may make us inflate (0: no limit)."""
+        """``inflate``: what this client may make us inflate (None: no limit)."""
         self._response = response  # the 101, written first
         self._early = early  # what the client sent behind its upgrade request
         self.codec = codec
@@ -334,8 +334,8 @@ class WSConnection(asyncio.Protocol):
         self._pending: list[bytes] | None = None
         self.transport: Any = None  # asyncio.Transport (uvloop's is not a subclass)
         self.session: Session | None = None
-        if agreement is not None and inflate_rate:
-            budget = InflateBudget(inflate_rate, BURST_FRAMES * max_frame)
+        if agreement is not None and inflate is not None:
+            budget = InflateBudget(inflate)
             self._protocol = WebSocketProtocol(max_frame, deflate=True, inflate=budget)
         else:
             self._protocol = WebSocketProtocol(max_frame, deflate=agreement is not None)
