@@ -304,6 +304,50 @@ async def test_the_webhooks_queue_is_bounded_and_a_batch_that_keeps_failing_is_d
     assert backend.accepted == []
 
 
+@pytest.mark.parametrize(
+    "framing",
+    [b"Content-Length: 100000000000", b"Transfer-Encoding: chunked"],
+    ids=["huge-content-length", "endless-chunks"],
+)
+async def test_the_webhook_reads_no_more_than_a_small_cap_of_an_endless_answer(
+    framing: bytes,
+) -> None:
+    sent = 0
+    connections = 0
+
+    async def endless(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal sent, connections
+        connections += 1
+        chunked = framing.startswith(b"Transfer")
+        chunk = b"x" * (1 << 20)
+        if chunked:
+            chunk = b"%x\r\n%s\r\n" % (len(chunk), chunk)
+        with contextlib.suppress(ConnectionError, OSError, asyncio.IncompleteReadError):
+            while True:  # kept alive: answer each POST the same way
+                await reader.readuntil(b"\r\n\r\n")
+                writer.write(b"HTTP/1.1 200 OK\r\n%s\r\n\r\n" % framing)
+                while True:
+                    writer.write(chunk)
+                    await writer.drain()
+                    sent += len(chunk)
+
+    server = await asyncio.start_server(endless, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/events"
+    metrics = Metrics()
+    hook = Webhook(url, SECRET, metrics, batch=1, retries=0, timeout=2 * UNIT)
+    await hook.start()
+    value = metrics.registry.get_sample_value
+    try:
+        hook.offer([b'{"n":1}', b'{"n":2}'])
+        await until(lambda: value("gateway_events_queued", {"target": "webhook"}) == 0)
+    finally:
+        await hook.close(0.1)
+        server.close()
+    assert sent < 16 << 20, f"the gateway took in {sent >> 20} MiB of the answers"
+    assert value("gateway_events_webhook_deliveries_total") == 2  # a 2xx delivers
+    assert connections == 2  # the half-read connection was closed, not used again
+
+
 # -- settings and documents --------------------------------------------------------------
 
 

@@ -7,7 +7,10 @@ one task sends them in order, ``batch`` at a time, as
 (`gateway.hooks.signature`). A POST that gets no 2xx answer within
 ``timeout`` seconds is sent again, the same bytes with a fresh signature,
 after a jittered backoff, up to ``retries`` times; then its events are
-dropped and counted. Redirects are not followed. The stream is the durable
+dropped and counted. Redirects are not followed. Only the status counts:
+at most ANSWER_CAP bytes of an answer's body are read, and a connection
+whose answer is longer is closed, not kept alive (its 2xx still delivers
+the batch). The stream is the durable
 copy; the webhook is at least once while the gateway runs and the backend
 answers within the retries.
 """
@@ -34,10 +37,13 @@ __all__ = ["Webhook"]
 log = logging.getLogger("gateway.events")
 _dropping = ThrottledLog(log, 10.0)
 _failing = ThrottledLog(log, 10.0)
+_long = ThrottledLog(log, 10.0)
 
 
 #: Waits between attempts of a failed POST.
 RETRY = Backoff(0.5, 10.0)
+#: Bytes of an answer's body read at most (the status is all the webhook needs).
+ANSWER_CAP = 64 * 1024
 
 
 class Webhook:
@@ -72,6 +78,7 @@ class Webhook:
         self._session = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=self._timeout),
             connector=aiohttp.TCPConnector(limit=1),  # one POST at a time, kept alive
+            auto_decompress=False,  # the body is skipped: never inflate it
         )
 
     def offer(self, events: list[bytes]) -> None:
@@ -133,8 +140,15 @@ class Webhook:
             async with self._session.post(
                 self.url, data=body, headers=headers, allow_redirects=False
             ) as response:
-                await response.read()
                 status = response.status
+                if not await _skipped(response):
+                    response.close()  # the rest is never read: this connection is not reused
+                    _long.warning(
+                        "the events webhook answered %d with a body over %d bytes: "
+                        "its connection was closed",
+                        status,
+                        ANSWER_CAP,
+                    )
         except TimeoutError:
             return "timeout"
         except aiohttp.ClientError:
@@ -153,3 +167,15 @@ class Webhook:
             log.warning("stopping with %d events not delivered to the webhook", len(self._queue))
         if self._session is not None:
             await self._session.close()
+
+
+async def _skipped(response: aiohttp.ClientResponse) -> bool:
+    """Read the rest of ``response``'s body and drop it; False if it is over ANSWER_CAP bytes."""
+    if (response.content_length or 0) > ANSWER_CAP:
+        return False
+    read = 0
+    while chunk := await response.content.read(ANSWER_CAP + 1 - read):
+        read += len(chunk)
+        if read > ANSWER_CAP:
+            return False
+    return True
