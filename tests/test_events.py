@@ -223,21 +223,27 @@ async def test_a_lost_nodes_connections_are_reported_by_another_once_and_it_come
 
 
 class Backend:
-    """An HTTP server that fails the first ``failures`` POSTs with 503, then accepts."""
+    """An HTTP server that fails the first ``failures`` POSTs with 503, then accepts.
+
+    While ``answering`` is clear, each POST waits for it before it is answered.
+    """
 
     def __init__(self, failures: int = 0) -> None:
         self.failures = failures
         self.posts: list[tuple[dict[str, str], bytes]] = []
         self.accepted: list[dict[str, Any]] = []
+        self.answering = asyncio.Event()
+        self.answering.set()
 
 
 class _Receive(tornado.web.RequestHandler):
     def initialize(self, backend: Backend) -> None:
         self.backend = backend
 
-    def post(self) -> None:
+    async def post(self) -> None:
         backend = self.backend
         backend.posts.append((dict(self.request.headers), self.request.body))
+        await backend.answering.wait()
         if len(backend.posts) <= backend.failures:
             self.set_status(503)
             return
@@ -302,6 +308,35 @@ async def test_the_webhooks_queue_is_bounded_and_a_batch_that_keeps_failing_is_d
     assert len(backend.posts) == 4  # two batches, each tried twice (one retry), then dropped
     assert value("gateway_events_dropped_total", {"target": "webhook"}) == 5
     assert backend.accepted == []
+
+
+async def test_subscribe_churn_leaves_the_webhooks_queue_room_for_connects_and_disconnects():
+    async with backend_server() as (backend, url):
+        backend.answering.clear()  # the backend takes its time: the queue fills
+        hook = Webhook(url, SECRET, Metrics(), batch=2, queue=8)
+        r = recorder(MemoryBroker(), webhook=hook)
+        await r.start()
+        mallory = Conn("m", "mallory")
+        for i in range(20):
+            r.subscribed(mallory, f"room:{i}")
+            r.unsubscribed(mallory, f"room:{i}")
+        await until(lambda: backend.posts)
+        bob = Conn("b", "bob")
+        r.connected(bob)
+        r.disconnected(bob, 1000)
+        await until(lambda: sample(r, "gateway_events_appended_total", type="disconnect") == 1)
+        value = hook._metrics.registry.get_sample_value
+        assert value("gateway_events_queued", {"target": "webhook"}) == 8
+        assert value("gateway_events_dropped_total", {"target": "webhook"}) == 40 - 6
+        backend.answering.set()
+        await until(lambda: value("gateway_events_queued", {"target": "webhook"}) == 0)
+        await r.close()
+    delivered = [e for b in backend.accepted for e in b["events"]]
+    assert [(e["user"], e["type"]) for e in delivered[-2:]] == [
+        ("bob", "connect"),
+        ("bob", "disconnect"),
+    ]
+    assert len(delivered) == 6 + 2  # 3/4 of the queue for mallory's churn, the rest kept
 
 
 @pytest.mark.parametrize(

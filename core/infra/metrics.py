@@ -287,7 +287,8 @@ class Metrics:
         self.events_dropped = Counter(
             "gateway_events_dropped",
             "Connection events dropped, by target: stream (Redis unreachable for long, "
-            "EVENTS_BUFFER full), webhook (EVENTS_WEBHOOK_QUEUE full, or retries exhausted).",
+            "EVENTS_BUFFER full), webhook (EVENTS_WEBHOOK_QUEUE full, its 3/4 share for "
+            "subscribes and unsubscribes full, or retries exhausted).",
             ["target"],
             registry=r,
         )

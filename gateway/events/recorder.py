@@ -108,6 +108,10 @@ class _Item(NamedTuple):
     lost: bytes | None = None  # a connect's disconnect event, should this node die
 
 
+def _membership(item: _Item) -> bool:
+    return item.kind in ("subscribe", "unsubscribe")
+
+
 class EventRecorder:
     def __init__(
         self,
@@ -266,8 +270,9 @@ class EventRecorder:
         self._refreshed = time.monotonic()
         for kind, group in itertools.groupby(items, key=lambda item: item.kind):
             self._metrics.events_appended.labels(kind).inc(sum(1 for _ in group))
-        if self._webhook is not None and items:
-            self._webhook.offer([item.event for item in items])
+        if self._webhook is not None:
+            for membership, group in itertools.groupby(items, key=_membership):
+                self._webhook.offer([item.event for item in group], membership=membership)
 
     def _announce_again(self) -> None:
         """This process was reported lost while alive: its connections are news again."""

@@ -1,8 +1,9 @@
 """The events webhook: connection events POSTed in signed batches (EVENTS_WEBHOOK_URL).
 
 The recorder offers each batch it appended to the stream; they wait in one
-bounded queue (``queue`` events; more are dropped, counted and logged) and
-one task sends them in order, ``batch`` at a time, as
+bounded queue (``queue`` events, of which subscribes and unsubscribes fill
+MEMBERSHIP_SHARE at most, so connects and disconnects always find room;
+more are dropped, counted and logged) and one task sends them in order, ``batch`` at a time, as
 ``{"events": [...]}``, signed with HOOK_SECRET as the hooks' requests are
 (`gateway.hooks.signature`). A POST that gets no 2xx answer within
 ``timeout`` seconds is sent again, the same bytes with a fresh signature,
@@ -42,6 +43,9 @@ _long = ThrottledLog(log, 10.0)
 
 #: Waits between attempts of a failed POST.
 RETRY = Backoff(0.5, 10.0)
+#: Share of the queue subscribe and unsubscribe events may fill: one user's churn of
+#: subscriptions never leaves the connects and disconnects of others without room.
+MEMBERSHIP_SHARE = 0.75
 #: Bytes of an answer's body read at most (the status is all the webhook needs).
 ANSWER_CAP = 64 * 1024
 
@@ -69,7 +73,9 @@ class Webhook:
         self._timeout = timeout
         self._backoff = backoff
         self._clock = clock
-        self._queue: collections.deque[bytes] = collections.deque()
+        self._membership_limit = int(queue * MEMBERSHIP_SHARE)
+        self._membership = 0  # subscribe and unsubscribe events in the queue
+        self._queue: collections.deque[tuple[bytes, bool]] = collections.deque()
         self._session: aiohttp.ClientSession | None = None
         self._sending: asyncio.Task[None] | None = None
         metrics.events_queued.labels("webhook").set_function(lambda: len(self._queue))
@@ -81,21 +87,35 @@ class Webhook:
             auto_decompress=False,  # the body is skipped: never inflate it
         )
 
-    def offer(self, events: list[bytes]) -> None:
-        """Queue ``events`` for delivery; those beyond the queue's bound are dropped."""
+    def offer(self, events: list[bytes], *, membership: bool = False) -> None:
+        """Queue ``events`` for delivery; those beyond the queue's bound are dropped.
+
+        ``membership``: they are subscribes and unsubscribes, which may fill
+        MEMBERSHIP_SHARE of the queue at most; connects and disconnects may
+        fill all of it, so they always find the rest.
+        """
         room = self._limit - len(self._queue)
+        if membership:
+            room = min(room, self._membership_limit - self._membership)
         if len(events) > room:
             dropped = len(events) - max(room, 0)
             self._metrics.events_dropped.labels("webhook").inc(dropped)
             _dropping.warning(
-                "dropped %d events for the webhook: %d wait (EVENTS_WEBHOOK_QUEUE)",
+                "dropped %d %s events for the webhook: %d wait, %d of them subscribes and "
+                "unsubscribes (at most %d: %d%% of EVENTS_WEBHOOK_QUEUE)",
                 dropped,
+                "subscribe/unsubscribe" if membership else "connect/disconnect",
                 len(self._queue),
+                self._membership,
+                self._membership_limit,
+                MEMBERSHIP_SHARE * 100,
             )
             events = events[: max(room, 0)]
         if not events:
             return
-        self._queue.extend(events)
+        self._queue.extend((event, membership) for event in events)
+        if membership:
+            self._membership += len(events)
         if self._sending is None and self._session is not None:
             self._sending = asyncio.get_running_loop().create_task(self._send_all())
 
@@ -103,7 +123,7 @@ class Webhook:
         try:
             while self._queue:
                 events = list(itertools.islice(self._queue, self._batch))
-                body = b'{"events":[%s]}' % b",".join(events)
+                body = b'{"events":[%s]}' % b",".join(event for event, _ in events)
                 if not await self._deliver(body):
                     self._metrics.events_dropped.labels("webhook").inc(len(events))
                     log.warning(
@@ -112,7 +132,8 @@ class Webhook:
                         self._retries + 1,
                     )
                 for _ in events:
-                    self._queue.popleft()
+                    _, membership = self._queue.popleft()
+                    self._membership -= membership
         except Exception:  # the sender survives anything; the next offer restarts it
             log.exception("the events webhook sender failed")
         finally:
