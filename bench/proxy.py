@@ -168,6 +168,7 @@ def make_tier(database_url: str, schema: str, redis_url: str, data_dir: Path) ->
         "RATE_REST": "off",
         "RATE_SOCKET_COMMANDS": "off",
         "RATE_CONNECT_IP": "off",
+        "MAX_CONNECTIONS_PER_USER": "0",
         "MAX_PENDING_PER_IP": "1000000",
     }
     if redis_url:

@@ -215,6 +215,9 @@ class Hub:
         self._subscriptions = 0
         self._expiry: ExpiryWheel[Member] = ExpiryWheel()
         self._by_session: dict[str, set[Member]] = {}
+        #: Connections per user (`core.infra.identity.principal`), for
+        #: MAX_CONNECTIONS_PER_USER: one entry per user, none per connection.
+        self._per_user: dict[str, int] = {}
         #: The revoked login sessions (core/infra/revocation.py), for a connection that
         #: joins after its session was revoked while it was being admitted.
         self.revoked: Container[str] = frozenset()
@@ -227,17 +230,37 @@ class Hub:
 
     # -- connections -------------------------------------------------------
 
-    def connect(self, member: Member, exp: float | None = None, sid: str | None = None) -> None:
+    def connect(
+        self, member: Member, exp: float | None = None, sid: str | None = None, user: str = ""
+    ) -> None:
         """Register a connection; one with ``exp`` is closed when it passes,
-        one with a login session ``sid`` when the session is revoked."""
+        one with a login session ``sid`` when the session is revoked; ``user``
+        counts it for `user_count`."""
+        if member in self._connections:
+            return
         self._connections.add(member)
         self._schedule(member, exp, sid)
+        if user:
+            self._per_user[user] = self._per_user.get(user, 0) + 1
 
-    def disconnect(self, member: Member, exp: float | None = None, sid: str | None = None) -> None:
+    def disconnect(
+        self, member: Member, exp: float | None = None, sid: str | None = None, user: str = ""
+    ) -> None:
+        """Forget a connection `connect` registered, with the same arguments."""
+        if member not in self._connections:
+            return
         self._connections.discard(member)
         self._unschedule(member, exp, sid)
+        if user:
+            left = self._per_user.pop(user, 1) - 1
+            if left > 0:
+                self._per_user[user] = left
         if not self._connections and self._idle is not None:
             self._idle.set()
+
+    def user_count(self, user: str) -> int:
+        """The connections of ``user`` here (what `connect` counted)."""
+        return self._per_user.get(user, 0)
 
     def reidentify(
         self,

@@ -18,7 +18,7 @@ from typing import Any, ClassVar, Protocol
 
 from core.infra.broker import BrokerUnavailable
 from core.infra.control import ConnectionInfo
-from core.infra.identity import AuthError, Identity
+from core.infra.identity import AuthError, Identity, principal
 from core.infra.metrics import Metrics
 from core.infra.rate import Rate
 from core.infra.ratelimit import local_hit
@@ -174,7 +174,7 @@ class Session:
 
     def open(self) -> None:
         hub, sid = self.node.hub, self.identity.sid
-        hub.connect(self, self.identity.exp, sid)
+        hub.connect(self, self.identity.exp, sid, principal(self.identity))
         self.metrics.handshakes.labels(self.transport.kind).inc()
         if self.node.events is not None:
             self.node.events.connected(self)
@@ -397,7 +397,7 @@ class Session:
                 conn.error_reply(cmd, ErrorCode.TOKEN_INVALID, exc.message), ErrorCode.TOKEN_INVALID
             )
             return
-        if identity.sub != self.identity.sub:
+        if principal(identity) != principal(self.identity):  # the same user, vouched for alike
             self._reply_error(
                 conn.error_reply(cmd, ErrorCode.PERMISSION_DENIED, "token is for another subject"),
                 ErrorCode.PERMISSION_DENIED,
@@ -609,6 +609,8 @@ class Session:
         for ch in self.conn.subscriptions:
             self.node.presence.leave(ch, self.client_id)
         self.conn.subscriptions.clear()
-        self.node.hub.disconnect(self, self.identity.exp, self.identity.sid)
+        self.node.hub.disconnect(
+            self, self.identity.exp, self.identity.sid, principal(self.identity)
+        )
         if self.node.events is not None:
             self.node.events.disconnected(self, code, reason)

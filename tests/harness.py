@@ -137,6 +137,17 @@ async def ws_client(
         yield Client(ws, msgpack)
 
 
+async def call_once(
+    port: int, token: str | None, method: str, path: str, raw: bytes | None = None
+) -> tuple[int, HTTPHeaders, Any]:
+    """One `ApiClient.call` on a client of its own, closed after it."""
+    api = ApiClient(port, token)
+    try:
+        return await api.call(method, path, raw=raw)
+    finally:
+        api.close()
+
+
 class ApiClient:
     """JSON over HTTP against a gateway's (or the core's) port, as one caller."""
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import asyncpg
 import pytest
-from websockets.exceptions import ConnectionClosed
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from proto import CloseCode, ErrorCode
 from tests.harness import SECRET, ApiClient, running_gateway, token_for, unique_prefix, ws_client
@@ -335,6 +335,28 @@ async def test_an_outside_token_naming_a_users_id_spends_none_of_their_long_poll
         finally:
             outsider.close()
             user.close()
+
+
+async def test_an_outside_token_naming_a_users_id_spends_none_of_their_connections():
+    """MAX_CONNECTIONS_PER_USER is counted by principal: an IdP's ``sub: "42"`` at
+    its limit leaves user 42 theirs, and a socket cannot be refreshed from one to
+    the other (they are not the same user)."""
+    import time
+
+    import jwt
+
+    idp, public = _outside_identity_provider()
+    async with running_gateway(jwt_public_key=public, max_connections_per_user=1) as gw:
+        claims = {"sub": "42", "channels": ["room:*"], "exp": int(time.time()) + 600}
+        outside = jwt.encode(claims, idp, algorithm="RS256")
+        async with ws_client(gw.port, outside) as theirs:
+            with pytest.raises(InvalidStatus):
+                async with ws_client(gw.port, outside):
+                    pass
+            async with ws_client(gw.port, token_for(gw, "42")) as mine:  # 42's allowance
+                refused = await mine.request("refresh", token=outside)
+                assert refused["error"]["code"] == ErrorCode.PERMISSION_DENIED
+                assert (await theirs.request("ping"))["ok"]
 
 
 async def test_no_one_takes_over_projects_by_claiming_their_owners_address(gw, clean_db):

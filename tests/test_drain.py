@@ -30,7 +30,7 @@ def _status(url: str) -> tuple[int, dict]:
 
 async def test_sigterm_drains_1000_sockets_paced_before_the_deadline(processes, data_dir):  # noqa: F811
     gp = processes(JWT_SECRET=SECRET, RATE_CONNECT_IP="off", DRAIN_SECONDS="2",
-                   SHUTDOWN_TIMEOUT="10")  # fmt: skip
+                   SHUTDOWN_TIMEOUT="10", MAX_CONNECTIONS_PER_USER="0")  # one token, 1,000 sockets  # fmt: skip
     token = mint(data_dir)
     url = f"ws://127.0.0.1:{gp.port}/ws?token={token}"
     sockets = [

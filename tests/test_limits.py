@@ -12,9 +12,18 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from core.infra.broker import RedisBroker
 from core.infra.rate import Rate
 from proto import CloseCode, ErrorCode
-from tests.harness import ApiClient, running_gateway, token_for, unique_prefix, ws_client
+from tests.harness import (
+    ApiClient,
+    call_once,
+    running_gateway,
+    token_for,
+    unique_prefix,
+    until,
+    ws_client,
+)
 from tests.servers import UNIT
 from tests.test_accounts import ADA, login, register
+from tests.test_sse import sse
 
 
 def per_minute(n: int) -> Rate:
@@ -85,6 +94,31 @@ async def test_new_connections_per_ip():
                 pass
         response = info.value.response
         assert response.status_code == 429 and int(response.headers["Retry-After"]) >= 1
+
+
+async def test_one_user_holds_at_most_max_connections_per_user_in_a_process():
+    # Before, one ordinary account could take all of a process's MAX_CONNECTIONS
+    # (from one address, within RATE_CONNECT_IP: 10,000 in under six minutes),
+    # and every other user was refused with 503.
+    async with running_gateway(max_connections_per_user=2) as gw:
+        alice = token_for(gw, "alice")
+        async with ws_client(gw.port, alice), sse(gw.port, alice, ["room:1"]) as stream:
+            assert stream.status == 200
+            with pytest.raises(InvalidStatus) as info:
+                async with ws_client(gw.port, alice):
+                    pass
+            response = info.value.response
+            assert response.status_code == 429 and int(response.headers["Retry-After"]) >= 1
+            async with sse(gw.port, alice, ["room:2"]) as third:
+                assert third.status == 429
+            status, _, body = await call_once(gw.port, alice, "POST", "/lp", raw=b"")
+            assert status == 429 and body["error"]["code"] == "rate_limited"
+            async with ws_client(gw.port, token_for(gw, "bob")) as bob:
+                assert (await bob.request("ping"))["ok"]  # others are not refused
+        await until(lambda: gw.ctx.node.hub.connection_count() == 0)
+        async with ws_client(gw.port, alice) as again:  # counted down as they closed
+            assert (await again.request("ping"))["ok"]
+        assert gw.ctx.metrics.handshake_failures.labels("per_user")._value.get() == 3
 
 
 async def test_socket_commands_are_refused_then_the_abuser_is_closed():

@@ -114,7 +114,7 @@ async def test_a_shared_read_older_than_what_a_socket_missed_is_read_again(redis
 
 async def test_hundreds_of_sockets_subscribing_with_recovery_at_once_get_no_unavailable(redis_url):
     broker = RedisBroker(redis_url, unique_prefix(), pool_size=4)
-    async with running_gateway(broker) as gw:
+    async with running_gateway(broker, max_connections_per_user=0) as gw:  # one token, 200 sockets
         token = token_for(gw, channels=("projects:*",))
         async with contextlib.AsyncExitStack() as stack:
             clients = [

@@ -21,7 +21,15 @@ from core.infra.control import ServerReply
 from gateway.app import Gateway
 from gateway.serverapi.registry import KEY
 from proto import CloseCode
-from tests.harness import ApiClient, running_gateway, token_for, unique_prefix, until, ws_client
+from tests.harness import (
+    ApiClient,
+    call_once,
+    running_gateway,
+    token_for,
+    unique_prefix,
+    until,
+    ws_client,
+)
 from tests.servers import UNIT
 from tests.test_longpoll import Poller
 from tests.test_sse import sse
@@ -334,11 +342,7 @@ async def test_disconnect_closes_every_transport_everywhere_and_blocks_reconnect
                 async with ws_client(gw.port, token):
                     pass
             assert refused.value.response.status_code == 403
-            api = ApiClient(gw.port, token)
-            try:
-                status, headers, body = await api.call("POST", "/lp", raw=b"")
-            finally:
-                api.close()
+            status, headers, body = await call_once(gw.port, token, "POST", "/lp", raw=b"")
             assert status == 403 and body["error"]["code"] == "blocked"
             assert 0 < int(headers["Retry-After"]) <= 60
         # Unblocked through one gateway, taken again by both at once.

@@ -612,6 +612,13 @@ class Settings:
         "(0: the open-file limit less 256 kept for everything else).",
         _non_negative_int,
     )
+    max_connections_per_user: int = _setting(
+        100,
+        "MAX_CONNECTIONS_PER_USER",
+        "Sockets, SSE streams and long-poll sessions one user (or API key) holds in one "
+        "process before refusing more with 429 (0: no limit).",
+        _non_negative_int,
+    )
     header_timeout: float = _setting(
         10.0,
         "HEADER_TIMEOUT",

@@ -20,8 +20,9 @@ from tornado.httputil import HTTPHeaders
 
 from core.infra.clientip import limit_key
 from core.infra.errors import ApiError, TooManyRequests
-from core.infra.identity import AuthError, Identity, token_from_header
+from core.infra.identity import AuthError, Identity, principal, token_from_header
 from core.infra.ratelimit import over_limit
+from core.infra.throttled import ThrottledLog
 from gateway.context import Context
 from gateway.hooks.connect import admit as hook_admit
 from gateway.hooks.connect import new_client_id
@@ -35,10 +36,12 @@ __all__ = [
     "admit_request",
     "admits_at_once",
     "hooked_admission",
+    "refuse_crowded",
     "refuse_full",
 ]
 
 log = logging.getLogger("gateway.admission")
+_log_crowded = ThrottledLog(log, 10.0)
 
 
 async def admit(
@@ -164,7 +167,24 @@ def _admit_token(
         ctx.metrics.handshake_failures.labels(exc.reason).inc()
         log.info("connection refused from %s: %s", remote_ip, exc.reason)
         raise ApiError(401, "unauthorized", exc.message) from None
-    return refuse_blocked(ctx, identity)
+    refuse_blocked(ctx, identity)
+    return refuse_crowded(ctx, identity) if new_connection else identity
+
+
+def refuse_crowded(ctx: Context, identity: Identity) -> Identity:
+    """``identity``, unless its user holds ``MAX_CONNECTIONS_PER_USER`` here: 429 then.
+
+    Counted by principal (an outside identity provider's ``sub`` is not a
+    user's of this deployment), over sockets, event streams and long-poll
+    sessions, at admission (handshakes under way are not counted yet).
+    """
+    limit = ctx.settings.max_connections_per_user
+    if not limit or ctx.node.hub.user_count(principal(identity)) < limit:
+        return identity
+    ctx.metrics.handshake_failures.labels("per_user").inc()
+    _log_crowded.log(logging.INFO, "connection of %s refused: %d connections held",
+                     identity.sub, limit)  # fmt: skip
+    raise TooManyRequests(5.0, f"connections of this user here (at most {limit})")
 
 
 def refuse_blocked(ctx: Context, identity: Identity) -> Identity:
@@ -212,4 +232,4 @@ async def admit_hooked(
         headers=headers,
         metrics=ctx.metrics,
     )
-    return refuse_blocked(ctx, admitted)
+    return refuse_crowded(ctx, refuse_blocked(ctx, admitted))
