@@ -123,6 +123,10 @@ MAX_CONTROL_RUN: Final = 256
 #: Pongs queued in one `receive` at most: past 15 pings, only the last is answered.
 MAX_PONGS: Final = 16
 _NO_STATUS: Final = 1005
+#: The start of a frame left by a read is kept in a bytearray, which later reads
+#: extend in place, from this size on; a shorter one is joined to the next read
+#: (parsing bytes is quicker, and its copy is small).
+_GROW_IN_PLACE: Final = 16384
 
 
 class WSState(enum.Enum):
@@ -275,6 +279,8 @@ class WebSocketProtocol:
         if used < len(joined) and not self._closed():
             if self._pos >= 0:  # a budget stopped it: the frames from _pos wait
                 self._buffer = joined
+            elif len(joined) - used < _GROW_IN_PLACE:  # a short start: joined to the next read
+                self._buffer = bytes(joined[used:])
             elif isinstance(joined, bytearray):
                 self._buffer = joined[used:] if used else joined
             else:  # kept in a bytearray, which the rest of the frame extends without a copy
@@ -367,6 +373,7 @@ class WebSocketProtocol:
         """
         size = len(data)
         masked = 0 if self._client else 0x80
+        grown = type(data) is bytearray  # a long frame's reads (its payload sliced is one)
         max_size = self._max_size
         frames = -1 if max_frames is None else max_frames
         if max_messages is None:
@@ -406,20 +413,25 @@ class WebSocketProtocol:
                 raise FrameError(PROTOCOL_ERROR, "control frames are short and unfragmented")
             if n > max_size:
                 raise FrameError(TOO_BIG, f"frame over {max_size} bytes")
-            if opcode == OP_CONT and self._fragments is not None:
-                if len(self._fragments) + n > max_size:
-                    raise FrameError(TOO_BIG, f"message over {max_size} bytes")
             mask: bytes | bytearray = b""
             if masked:
                 mask = data[pos + head : pos + head + 4]
                 head += 4
             end = pos + head + n
-            if end > size:
+            if end > size:  # the frame waits for the rest: first, whether it may
+                fragments = self._fragments
+                if opcode == OP_CONT and fragments is not None and len(fragments) + n > max_size:
+                    raise FrameError(TOO_BIG, f"message over {max_size} bytes")
                 if size - pos > head and not rsv:
                     self._check_partial(opcode, data, pos + head, size, mask)
                 break
-            payload = data[pos + head : end]
-            payload = unmask(mask, payload) if masked else bytes(payload)
+            payload: bytes
+            if masked:
+                payload = unmask(mask, data[pos + head : end])
+            elif grown:
+                payload = bytes(data[pos + head : end])
+            else:
+                payload = data[pos + head : end]  # type: ignore[assignment]  # bytes: not grown
             pos = end
             if opcode >= OP_CLOSE:
                 self._control(opcode, payload)
@@ -465,7 +477,9 @@ class WebSocketProtocol:
             if not payload and not fin:  # a no-op, as cheap to send as a ping: counted as one
                 self._count()
                 return None
-            fragments += payload  # within max_size: checked at the frame's header
+            if len(fragments) + len(payload) > self._max_size:  # come whole, unchecked yet
+                raise FrameError(TOO_BIG, f"message over {self._max_size} bytes")
+            fragments += payload
         elif fragments is not None:
             raise FrameError(PROTOCOL_ERROR, "new message inside a fragmented one")
         else:
