@@ -385,7 +385,8 @@ async def test_a_post_that_passes_the_command_allowance_ends_the_session_at_once
             status, _, body = await p.api.call("POST", f"/lp/{p.sid}", raw=raw)
             assert status == 202 and body["accepted"] < 1000  # the rest were never run
             status, body = await p.poll()
-            assert status == 200 and len(body["messages"]) == 100  # BAD_FRAME, within the allowance
+            # BAD_FRAME replies: the allowance (100), and what it regained meanwhile
+            assert status == 200 and 100 <= len(body["messages"]) < 200
             status, body = await p.poll()
             assert status == 410 and body["close"]["code"] == CloseCode.RATE_LIMITED
         finally:
