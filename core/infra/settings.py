@@ -613,7 +613,7 @@ class Settings:
         _non_negative_int,
     )
     max_connections_per_user: int = _setting(
-        100,
+        1000,
         "MAX_CONNECTIONS_PER_USER",
         "Sockets, SSE streams and long-poll sessions one user (or API key) holds in one "
         "process before refusing more with 429 (0: no limit).",
