@@ -144,8 +144,11 @@ class Presence(ChannelPatterns):
             # may have landed even when it failed: a timeout.)
             here = self._local.get(ch, {})
             gone = [client for client in sent if client not in here]
-            if gone:
-                await self._broker.presence_remove(ch, gone)
+            try:
+                if gone:
+                    await self._broker.presence_remove(ch, gone)
+            except Exception as exc:  # its entries expire with PRESENCE_TTL
+                log.warning("presence refresh of %s could not remove %d: %s", ch, len(gone), exc)
 
     async def close(self, wait: float = 1.0) -> None:
         """Let removals and announcements under way finish (``wait`` s at most)."""
