@@ -381,6 +381,7 @@ class Node:
             return
         change = decode_change(data)
         if change is not None:
+            self.presence.heard(change, ch)
             info = PresenceInfo(change.user, change.client, change.info)
             event = Join(ch, info) if change.op == "join" else Leave(ch, info)
             self.hub.broadcast_event(ch, event)

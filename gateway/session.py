@@ -21,7 +21,7 @@ from core.infra.control import ConnectionInfo
 from core.infra.identity import AuthError, Identity, principal
 from core.infra.metrics import Metrics
 from core.infra.rate import Rate
-from core.infra.ratelimit import local_hit
+from core.infra.ratelimit import local_hit, local_spend
 from core.request import Request, Response
 from gateway.hub import Prepared
 from gateway.node import Node
@@ -61,6 +61,9 @@ log = logging.getLogger("gateway.session")
 #: Refusals by a rate limit have an allowance too: the rate's count per this
 #: many of its periods. Past it the connection is closed with 4503.
 REFUSALS_PERIODS = 10
+#: A `presence` reply counts as one more command for each of this many
+#: entries past its first: a big room's list costs what as many commands do.
+PRESENCE_ENTRIES_PER_COMMAND = 100
 
 
 class Transport(Protocol):
@@ -532,6 +535,9 @@ class Session:
             entries = await self.node.presence.who(cmd.ch)
             who = [PresenceInfo(e.user, e.client, e.info) for e in entries]
             reply = Reply(id=cmd.id, ok=True, presence=who)
+            extra = (len(who) - 1) // PRESENCE_ENTRIES_PER_COMMAND
+            if extra > 0 and self.commands is not None:
+                self._commands_tat = local_spend(self.commands, self._commands_tat, extra)
         if not self.conn.closed:
             self.transport.send(self.codec.encode(reply))
 

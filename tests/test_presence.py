@@ -3,16 +3,32 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import time
+from collections.abc import AsyncIterator
 
 import pytest
 
 from core.infra.broker import MemoryBroker, RedisBroker
 from proto import ErrorCode
-from tests.harness import running_gateway, token_for, unique_prefix, until, ws_client
+from tests.harness import Client, running_gateway, token_for, unique_prefix, until, ws_client
 from tests.servers import UNIT
 
 ROOMS = {"presence_channels": ("room:*",)}
+
+
+@contextlib.asynccontextmanager
+async def alice_and_bob_apart(redis_url: str) -> AsyncIterator[tuple[Client, Client]]:
+    """Alice's socket on one gateway process, Bob's on another, both on one Redis."""
+    prefix = unique_prefix()
+    async with (
+        running_gateway(RedisBroker(redis_url, prefix), **ROOMS) as a,
+        running_gateway(RedisBroker(redis_url, prefix), **ROOMS) as b,
+        ws_client(a.port, token_for(a, "alice")) as on_a,
+        ws_client(b.port, token_for(b, "bob")) as on_b,
+    ):
+        yield on_a, on_b
 
 
 def who(reply: dict) -> list[tuple[str, str]]:
@@ -54,13 +70,7 @@ async def test_presence_refusals():
 
 
 async def test_presence_is_shared_across_processes(redis_url):
-    prefix = unique_prefix()
-    async with (
-        running_gateway(RedisBroker(redis_url, prefix), **ROOMS) as a,
-        running_gateway(RedisBroker(redis_url, prefix), **ROOMS) as b,
-        ws_client(a.port, token_for(a, "alice")) as on_a,
-        ws_client(b.port, token_for(b, "bob")) as on_b,
-    ):
+    async with alice_and_bob_apart(redis_url) as (on_a, on_b):
         assert (await on_a.request("sub", ch="room:9"))["ok"]
         assert (await on_b.request("sub", ch="room:9"))["ok"]
         assert [u for u, _ in who(await on_a.request("presence", ch="room:9"))] == ["alice", "bob"]
@@ -84,32 +94,39 @@ async def test_entries_of_a_node_that_stops_refreshing_expire(kind, request):
         await broker.close()
 
 
+async def big_room(broker, ch: str, n: int, users: int | None = None) -> list[int]:
+    """``n`` entries on ``ch`` (of ``users`` distinct users; ``n`` by default); returns the
+    list that each read of the whole list appends its size to."""
+    import msgspec
+
+    from gateway.presence import PresenceEntry
+
+    entries = {
+        f"{i:016x}": msgspec.json.encode(PresenceEntry(str(i % (users or n)), f"{i:016x}"))
+        for i in range(n)
+    }
+    await broker.presence_add(ch, entries, 600)
+    read: list[int] = []
+    whole = broker.presence
+
+    async def counted(ch: str) -> dict[str, bytes]:
+        found = await whole(ch)
+        read.append(len(found))
+        return found
+
+    broker.presence = counted  # type: ignore[method-assign]
+    return read
+
+
 async def test_presence_stats_of_a_big_room_reads_no_entry(redis_url):
     """docs/protocol.md: `presence_stats` is the cheap call for big rooms. It read and
     decoded every entry, as `presence` does: ~10 ms of Redis (shared by every gateway)
     and ~14 ms of the gateway for 5,000 entries, for a command any member may send
     RATE_SOCKET_COMMANDS times a second. Now it reads counts that Redis keeps."""
-    import msgspec
-
-    from gateway.presence import PresenceEntry
-
     broker = RedisBroker(redis_url, unique_prefix())
     async with running_gateway(broker, **ROOMS) as gw:
         n = 5000
-        entries = {
-            f"{i:016x}": msgspec.json.encode(PresenceEntry(str(i % 4000), f"{i:016x}"))
-            for i in range(n)
-        }
-        await broker.presence_add("room:big", entries, 600)
-        read: list[int] = []
-        whole = broker.presence
-
-        async def counted(ch: str) -> dict[str, bytes]:
-            found = await whole(ch)
-            read.append(len(found))
-            return found
-
-        broker.presence = counted  # type: ignore[method-assign]
+        read = await big_room(broker, "room:big", n, users=4000)
         async with ws_client(gw.port, token_for(gw, "alice")) as a:
             stats = await a.request("presence_stats", ch="room:big")
             assert (stats["num_clients"], stats["num_users"]) == (n, 4000)
@@ -153,13 +170,7 @@ async def test_joins_and_leaves_are_pushed_to_subscribers():
 
 
 async def test_joins_reach_subscribers_on_other_processes(redis_url):
-    prefix = unique_prefix()
-    async with (
-        running_gateway(RedisBroker(redis_url, prefix), **ROOMS) as a,
-        running_gateway(RedisBroker(redis_url, prefix), **ROOMS) as b,
-        ws_client(a.port, token_for(a, "alice")) as on_a,
-        ws_client(b.port, token_for(b, "bob")) as on_b,
-    ):
+    async with alice_and_bob_apart(redis_url) as (on_a, on_b):
         assert (await on_a.request("sub", ch="room:3"))["ok"]
         assert (await on_b.request("sub", ch="room:3"))["ok"]
         assert (await next_event(on_a, "join"))["info"]["user"] == "bob"
@@ -258,3 +269,69 @@ async def test_a_client_gone_while_a_refresh_is_on_its_way_leaves_no_entry_behin
     presence.leave("room:1", "c1")  # the socket closed meanwhile
     await presence.close()
     assert [e.client for e in await presence.who("room:1")] == ["c2"]
+
+
+async def test_presence_asked_by_many_sockets_reads_redis_once_a_second(redis_url):
+    """`presence` read and decoded every entry from Redis at each call: ~8 ms of Redis
+    (single-threaded, shared by every gateway) and ~12 ms of the gateway for 5,000
+    entries. A few members of a big room asking it in a loop kept Redis busy for the
+    whole fleet. Now a process reads a channel's entries at most once a second, for
+    every socket that asks, and keeps them up to date with the joins and leaves it
+    makes and hears meanwhile."""
+    broker = RedisBroker(redis_url, unique_prefix())
+    async with running_gateway(broker, **ROOMS) as gw:
+        read = await big_room(broker, "room:big", 2000)
+        tokens = [token_for(gw, f"member{i}") for i in range(4)]
+        async with (
+            ws_client(gw.port, tokens[0]) as a,
+            ws_client(gw.port, tokens[1]) as b,
+            ws_client(gw.port, tokens[2]) as c,
+            ws_client(gw.port, tokens[3]) as d,
+        ):
+            replies = []
+            for _ in range(2):
+                asks = [s.request("presence", ch="room:big") for s in (a, b, c, d)]
+                replies += await asyncio.gather(*asks)
+            assert [len(r["presence"]) for r in replies] == [2000] * 8
+            # One read; two if this machine stalled past a second meanwhile.
+            assert len(read) <= 2, f"{len(read)} reads of the whole room for 8 asks"
+            # A join and a leave here are seen at once, without another read.
+            assert (await a.request("sub", ch="room:big"))["ok"]
+            listed = {p["user"] for p in (await b.request("presence", ch="room:big"))["presence"]}
+            assert "member0" in listed and len(listed) == 2001
+            assert (await a.request("unsub", ch="room:big"))["ok"]
+            listed = {p["user"] for p in (await b.request("presence", ch="room:big"))["presence"]}
+            assert "member0" not in listed and len(listed) == 2000
+            assert len(read) <= 2
+
+
+async def test_a_join_on_another_process_is_listed_once_its_push_arrives(redis_url):
+    """The list a process keeps for a second follows the joins and leaves pushed to it."""
+    async with alice_and_bob_apart(redis_url) as (on_a, on_b):
+        assert (await on_a.request("sub", ch="room:5"))["ok"]
+        assert [u for u, _ in who(await on_a.request("presence", ch="room:5"))] == ["alice"]
+        assert (await on_b.request("sub", ch="room:5"))["ok"]
+        await next_event(on_a, "join")
+        assert [u for u, _ in who(await on_a.request("presence", ch="room:5"))] == ["alice", "bob"]
+        assert (await on_b.request("unsub", ch="room:5"))["ok"]
+        await next_event(on_a, "leave")
+        assert [u for u, _ in who(await on_a.request("presence", ch="room:5"))] == ["alice"]
+
+
+async def test_a_presence_reply_counts_one_command_per_hundred_entries(redis_url):
+    """Sending a 1,000-entry list costs the gateway as much as a dozen other commands:
+    a socket asking for it in a loop took ~14 times its share of the process. Now each
+    started hundred entries beyond the first counts as one more command against
+    RATE_SOCKET_COMMANDS (100 a second here): about nine such replies a second."""
+    broker = RedisBroker(redis_url, unique_prefix())
+    async with running_gateway(broker, **ROOMS) as gw:
+        await big_room(broker, "room:big", 1000)
+        async with ws_client(gw.port, token_for(gw, "alice")) as a:
+            for i in range(20):
+                await a.send_raw(json.dumps({"id": i + 1, "op": "presence", "ch": "room:big"}))
+            replies = [await a.recv() for _ in range(20)]
+            answered = [r for r in replies if r.get("ok")]
+            refused = [r for r in replies if not r.get("ok")]
+            assert 5 <= len(answered) <= 12, f"{len(answered)} of 20 answered"
+            assert {r["error"]["code"] for r in refused} == {ErrorCode.RATE_LIMITED}
+            assert all(len(r["presence"]) == 1000 for r in answered)

@@ -61,6 +61,7 @@ __all__ = [
     "RateLimiter",
     "RedisRateLimiter",
     "local_hit",
+    "local_spend",
     "make_limiter",
     "over_limit",
 ]
@@ -121,6 +122,14 @@ def local_hit(rate: Rate, tat: int, now: float | None = None) -> tuple[Decision,
     interval = interval_us(rate.limit, rate.period, 1)
     now_us = round((time.monotonic() if now is None else now) * US)
     return _gcra(tat, now_us, interval, rate.limit, 1)
+
+
+def local_spend(rate: Rate, tat: int, cost: int, now: float | None = None) -> int:
+    """The TAT after ``cost`` more hits, taken whatever the allowance (work that turned
+    out dearer than one hit): the hits after it wait until it is paid back."""
+    interval = interval_us(rate.limit, rate.period, 1)
+    now_us = round((time.monotonic() if now is None else now) * US)
+    return max(tat, now_us) + cost * interval
 
 
 class LocalLimit:
