@@ -191,7 +191,28 @@ class ReadyHandler(JsonHandler):
             self.write_json({"status": "draining"}, 503)
             return
         status, body = await self.check()
+        authorization = self.request.headers.get("Authorization")
+        if not scrape_allowed(self.ctx.settings.metrics_token, authorization):
+            body = _states_only(body)
         self.write_json(body, status)
+
+
+#: What anyone may read of ``/readyz``'s ``core`` and of each of its ``hooks``: their state.
+#: Where they are (internal URLs), their load and their last error (an internal address,
+#: often) only with ``METRICS_TOKEN`` when one is set, as ``/metrics``.
+_STATES = ("reachable", "breaker")
+
+
+def _states_only(body: dict[str, Any]) -> dict[str, Any]:
+    out = dict(body)
+    if "core" in out:
+        out["core"] = {k: v for k, v in out["core"].items() if k in _STATES}
+    if "hooks" in out:
+        out["hooks"] = {
+            name: {k: v for k, v in hook.items() if k in _STATES}
+            for name, hook in out["hooks"].items()
+        }
+    return out
 
 
 def readiness(ctx: Context) -> Readiness:

@@ -305,6 +305,35 @@ async def test_the_standalone_core_s_readiness_is_checked_once_a_second(clean_db
         await server.close()
 
 
+async def test_readiness_tells_where_the_core_and_hooks_are_only_to_the_scraper():
+    """``/readyz`` is anyone's: it told every client without a token the core's and the hooks'
+    internal URLs, the core pool's load and their last errors (internal addresses). With
+    ``METRICS_TOKEN`` set, they are for its bearer; anyone sees the states."""
+    scrape = "scrape-" + "x" * 32
+    hooked = "http://10.0.0.7:8001/internal/subscribe"
+    async with running_gateway(
+        core_url="http://127.0.0.1:1/core", hook_subscribe_url=hooked,
+        hook_secret="h" * 32, metrics_token=scrape,
+    ) as gw:  # fmt: skip
+        api = ApiClient(gw.port, token_for(gw))
+        try:
+            assert (await api.call("GET", "/api/projects"))[0] == 503  # the core is unreachable
+            _, _, anyone = await api.call("GET", "/readyz", headers={"Authorization": ""})
+            await asyncio.sleep(1.0)  # a new check: the scraper sees the same moment's
+            _, _, scraper = await api.call(
+                "GET", "/readyz", headers={"Authorization": f"Bearer {scrape}"}
+            )
+        finally:
+            api.close()
+    text = json.dumps(anyone)
+    assert "10.0.0.7" not in text and "127.0.0.1" not in text and "Errno" not in text, text
+    assert anyone["core"] == {"reachable": False, "breaker": "closed"}
+    assert anyone["hooks"] == {"subscribe": {"breaker": "closed"}}
+    assert scraper["core"]["url"] == "http://127.0.0.1:1/core"
+    assert "Errno" in scraper["core"]["last_error"] and scraper["core"]["pool"] == 64
+    assert scraper["hooks"]["subscribe"]["url"] == hooked
+
+
 def test_the_loop_histogram_is_exposed_as_prometheus_client_s_histogram():
     from prometheus_client import CollectorRegistry, Histogram, generate_latest
 
