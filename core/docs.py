@@ -80,6 +80,11 @@ def doc_routes(routes: tuple[Route, ...], title: str, version: str) -> list[Any]
          {"content": _SWAGGER.format(title=title).encode(), "content_type": "text/html"}),
         (r"/redoc/?", DocsHandler,
          {"content": _REDOC.format(title=title).encode(), "content_type": "text/html"}),
-        (r"/docs/static/(.*)", static, {"path": str(Path(swagger_ui.static_path))}),
-        (r"/redoc/static/(.*)", static, {"path": str(Path(redoc.static_path))}),
+        # Only the files the pages load: the bundles' folders also hold demo pages that
+        # load a spec from the internet, and Tornado's handler answers odd paths (a NUL)
+        # with a 500 and a traceback. Anything else is the application's JSON 404.
+        (r"/docs/static/(swagger-ui\.css|swagger-ui-bundle\.js)", static,
+         {"path": str(Path(swagger_ui.static_path))}),
+        (r"/redoc/static/(redoc\.standalone\.js)", static,
+         {"path": str(Path(redoc.static_path))}),
     ]  # fmt: skip

@@ -43,6 +43,7 @@ from core.infra.metricsmerge import scrape_view
 from core.infra.ratelimit import make_limiter
 from core.infra.revocation import Revocations
 from core.infra.settings import Settings
+from core.infra.sharedcheck import SharedCheck
 from core.infra.verify import Verifier
 from core.service import Core
 
@@ -52,11 +53,13 @@ log = logging.getLogger("core")
 
 
 class _Health(tornado.web.RequestHandler):
-    def initialize(self, core: Core | None = None) -> None:
-        self.core = core
+    """``/healthz`` (no check), ``/readyz`` (PostgreSQL, asked at most once a second)."""
+
+    def initialize(self, check: SharedCheck[bool] | None = None) -> None:
+        self.check = check
 
     async def get(self) -> None:
-        ok = True if self.core is None else await self.core.db.healthy()
+        ok = True if self.check is None else await self.check()
         self.set_status(200 if ok else 503)
         self.set_header("Content-Type", "application/json")
         self.finish(b'{"status":"ok"}' if ok else b'{"status":"unavailable","database":false}')
@@ -173,7 +176,7 @@ class CoreServer:
         core.db.on_refused = metrics.db_refused.inc
         handlers: list[Any] = [
             (r"/healthz", _Health),
-            (r"/readyz", _Health, {"core": core}),
+            (r"/readyz", _Health, {"check": SharedCheck(core.db.healthy)}),
             (r"/metrics", _Metrics, {"registry": metrics.registry, "token": scrape_token}),
             *doc_routes(core.routes, "tornado-gateway REST core", __version__),
             jwks_route(core.accounts.issuer.jwks()),

@@ -56,6 +56,7 @@ from gateway.endpoints import (
     MetricsHandler,
     PublishHandler,
     ReadyHandler,
+    readiness,
 )
 from gateway.events import EventRecorder, Webhook
 from gateway.hooks.service import Hooks
@@ -252,7 +253,7 @@ def routes(ctx: Context, server_routes: tuple[Route, ...] = ()) -> list[Any]:
         (r"/lp/([A-Za-z0-9_-]{1,64})", LongPollHandler, kw),
         (r"/api/publish", PublishHandler, kw),
         (r"/healthz", HealthHandler, kw),
-        (r"/readyz", ReadyHandler, kw),
+        (r"/readyz", ReadyHandler, {**kw, "check": readiness(ctx)}),
         (r"/metrics", MetricsHandler, kw),
         *doc_routes((*ctx.core.routes, *server_routes), "tornado-gateway", __version__),
         asyncapi_route(__version__, f"{ctx.settings.host}:{ctx.settings.port}"),

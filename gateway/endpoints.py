@@ -23,6 +23,7 @@ from core.infra.identity import AuthError, Identity, principal, token_from_heade
 from core.infra.metrics import METRICS_CHALLENGE, METRICS_REFUSED, scrape_allowed
 from core.infra.metricsmerge import scrape_view
 from core.infra.ratelimit import over_limit
+from core.infra.sharedcheck import SharedCheck
 from core.service import Core
 from gateway.context import Context
 from gateway.hooks.answers import Answer
@@ -39,11 +40,14 @@ __all__ = [
     "MetricsHandler",
     "PublishHandler",
     "ReadyHandler",
+    "readiness",
 ]
 
 log = logging.getLogger("gateway.endpoints")
 
 ExcInfo = tuple[type[BaseException], BaseException, TracebackType] | None
+#: ``/readyz``'s status and body, checked at most once a second (`readiness`).
+Readiness = SharedCheck[tuple[int, dict[str, Any]]]
 
 
 class JsonHandler(JsonErrors):
@@ -173,14 +177,50 @@ class ReadyHandler(JsonHandler):
     make the gateway unready: its sockets work without it. Nor do hooks'
     backends (``hooks``: each one's breaker and last error): connections that
     need no hook are served whatever they do.
+
+    Anyone may ask, so the checks are shared (`readiness`): draining is
+    answered at once, the rest is at most a second old.
     """
+
+    def initialize(self, ctx: Context, check: Readiness) -> None:  # type: ignore[override]
+        super().initialize(ctx)
+        self.check = check
 
     async def get(self) -> None:
         if self.ctx.status.draining:
             self.write_json({"status": "draining"}, 503)
             return
-        broker = await self.ctx.node.broker.healthy()
-        core = self.ctx.core
+        status, body = await self.check()
+        authorization = self.request.headers.get("Authorization")
+        if not scrape_allowed(self.ctx.settings.metrics_token, authorization):
+            body = _states_only(body)
+        self.write_json(body, status)
+
+
+#: What anyone may read of ``/readyz``'s ``core`` and of each of its ``hooks``: their state.
+#: Where they are (internal URLs), their load and their last error (an internal address,
+#: often) only with ``METRICS_TOKEN`` when one is set, as ``/metrics``.
+_STATES = ("reachable", "breaker")
+
+
+def _states_only(body: dict[str, Any]) -> dict[str, Any]:
+    out = dict(body)
+    if "core" in out:
+        out["core"] = {k: v for k, v in out["core"].items() if k in _STATES}
+    if "hooks" in out:
+        out["hooks"] = {
+            name: {k: v for k, v in hook.items() if k in _STATES}
+            for name, hook in out["hooks"].items()
+        }
+    return out
+
+
+def readiness(ctx: Context) -> Readiness:
+    """The status and body of ``/readyz`` once not draining, checked at most once a second."""
+
+    async def check() -> tuple[int, dict[str, Any]]:
+        broker = await ctx.node.broker.healthy()
+        core = ctx.core
         database = await core.db.healthy() if isinstance(core, Core) else None
         ok = broker and database is not False
         body: dict[str, Any] = {
@@ -190,9 +230,11 @@ class ReadyHandler(JsonHandler):
         }
         if isinstance(core, UpstreamCore):
             body["core"] = {"reachable": await core.healthy(), **core.state()}
-        if self.ctx.hooks is not None:
-            body["hooks"] = self.ctx.hooks.state()
-        self.write_json(body, 200 if ok else 503)
+        if ctx.hooks is not None:
+            body["hooks"] = ctx.hooks.state()
+        return (200 if ok else 503), body
+
+    return SharedCheck(check)
 
 
 class MetricsHandler(JsonHandler):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import re
 import sys
@@ -202,6 +203,36 @@ async def test_docs_pages_and_assets_are_served_without_a_cdn():
                 assert r.code == 200 and len(r.body) > 100_000
         finally:
             client.close()
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/docs/static/index.html",  # the bundle's demo page: it loads petstore.swagger.io
+        "/redoc/static/index.html",
+        "/docs/static/favicon-32x32.png",
+        "/docs/static/%00",  # Tornado's static handler raised: a 500 and a traceback each
+        "/redoc/static/redoc.standalone.js%00",
+        "/docs/static/..%2f..%2f..%2fetc%2fpasswd",
+        "/docs/static/",
+    ],
+)
+async def test_only_the_assets_the_doc_pages_load_are_served(path, caplog):
+    """The pages' folders were served whole, to anyone: the bundles' own demo pages, which
+    load a spec from the internet, and a path with a NUL was a 500 with a traceback logged
+    at ERROR for each request (found by the operations review of 2026-12-02)."""
+    async with running_gateway() as gw:
+        client = ApiClient(gw.port, None)
+        try:
+            for asset in ("/docs/static/swagger-ui.css", "/docs/static/swagger-ui-bundle.js",
+                          "/redoc/static/redoc.standalone.js"):  # fmt: skip
+                assert (await client._http.fetch(client.base + asset)).code == 200
+            caplog.clear()
+            status, _, body = await client.call("GET", path)
+        finally:
+            client.close()
+    assert status == 404 and body["error"]["code"] == "not_found"
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 
 #: The run's account: an admin logged in here, so every operation is open to it.

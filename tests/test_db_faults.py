@@ -121,6 +121,7 @@ async def test_postgresql_out_of_reach_costs_one_timeout_then_503_at_once_and_he
                             await asyncio.sleep(0.2)
                             status, _, body = await api.call("GET", "/api/projects")
                     assert len(body["items"]) == 1
+                    await asyncio.sleep(1.0)  # readiness is checked at most once a second
                     assert (await fetch(http, http_url(gw, "/readyz"))).code == 200
                     scraped = await fetch_metrics(gw)
                     assert "gateway_db_breaker_open 0.0" in scraped

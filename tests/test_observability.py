@@ -6,14 +6,26 @@ import asyncio
 import json
 import logging
 import re
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from core.infra.logs import JsonFormatter, TextFormatter
-from tests.harness import ApiClient, http_url, running_gateway, token_for, ws_client
+from core.infra.settings import Settings
+from core.server import CoreServer
+from tests.harness import (
+    SECRET,
+    ApiClient,
+    http_url,
+    running_gateway,
+    token_for,
+    unique_prefix,
+    ws_client,
+)
 from tests.test_core_rest import PROJECT
 from tests.test_websocket import fetch
 
@@ -204,6 +216,7 @@ async def test_readiness_reports_broker_and_database(clean_db):
             assert ok.code == 200
             assert json.loads(ok.body) == {"status": "ok", "broker": True, "database": True}
             await gw.ctx.core.db.pool.close()  # the database is gone for this process
+            await asyncio.sleep(1.0)  # readiness is checked at most once a second
             down = await fetch(http, http_url(gw, "/readyz"))
             assert down.code == 503 and json.loads(down.body)["database"] is False
             assert (await fetch(http, http_url(gw, "/healthz"))).code == 200
@@ -212,6 +225,113 @@ async def test_readiness_reports_broker_and_database(clean_db):
             assert body == {"status": "ok", "broker": True, "database": None}
     finally:
         http.close()
+
+
+class _CountingPool:
+    """A pool that counts the ``select 1`` it runs (readiness checks); the rest is the pool's."""
+
+    def __init__(self, pool: Any) -> None:
+        self._pool = pool
+        self.checks = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._pool, name)
+
+    async def fetchval(self, query: str, *args: Any, **kw: Any) -> Any:
+        self.checks += query == "select 1"
+        return await self._pool.fetchval(query, *args, **kw)
+
+
+async def _ask_readiness(port: int, connections: int, seconds: float) -> dict[bytes, int]:
+    """``connections`` clients, no token, each asking ``/readyz`` again as soon as answered."""
+    statuses: dict[bytes, int] = {}
+
+    async def one() -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            end = time.monotonic() + seconds
+            while time.monotonic() < end:
+                writer.write(b"GET /readyz HTTP/1.1\r\nHost: gw\r\n\r\n")
+                head = await reader.readuntil(b"\r\n\r\n")
+                status = head.split(b" ", 2)[1]
+                statuses[status] = statuses.get(status, 0) + 1
+                length = re.search(rb"(?i)content-length: *(\d+)", head)
+                await reader.readexactly(int(length[1]) if length else 0)
+        finally:
+            writer.close()
+
+    await asyncio.gather(*(one() for _ in range(connections)))
+    return statuses
+
+
+async def test_anyone_s_readiness_flood_costs_one_check_a_second(clean_db, redis_url):
+    """200 clients without a token asking ``/readyz`` in a loop ran a ``select 1`` on the REST
+    pool and a Redis PING for each answer (~1,000 a second), and the checks that waited past
+    their second opened the database's breaker (REST 503 for every user, readiness red)."""
+    async with running_gateway(**clean_db, redis_url=redis_url, redis_prefix=unique_prefix()) as gw:
+        db = gw.ctx.core.db
+        pool = db.pool = _CountingPool(db.pool)
+        broker = gw.ctx.node.broker
+        pings = 0
+        ping = broker.healthy
+
+        async def counted() -> bool:
+            nonlocal pings
+            pings += 1
+            return await ping()
+
+        broker.healthy = counted
+        started = time.monotonic()
+        statuses = await _ask_readiness(gw.port, 200, 1.5)
+        took = time.monotonic() - started
+        assert statuses == {b"200": statuses.get(b"200", 0)}, statuses
+        assert sum(statuses.values()) >= 200
+        assert pool.checks <= took + 2 and pings <= took + 2, (pool.checks, pings, statuses)
+        assert db.breaker.state == "closed"
+
+
+async def test_the_standalone_core_s_readiness_is_checked_once_a_second(clean_db):
+    settings = Settings(jwt_secret=SECRET, host="127.0.0.1", port=0, **clean_db)
+    server = await CoreServer.start(settings)
+    try:
+        db = server.core.db
+        pool = db.pool = _CountingPool(db.pool)
+        started = time.monotonic()
+        statuses = await _ask_readiness(server.port, 100, 1.0)
+        took = time.monotonic() - started
+        assert statuses == {b"200": statuses.get(b"200", 0)} and sum(statuses.values()) >= 100
+        assert pool.checks <= took + 2, (pool.checks, statuses)
+    finally:
+        await server.close()
+
+
+async def test_readiness_tells_where_the_core_and_hooks_are_only_to_the_scraper():
+    """``/readyz`` is anyone's: it told every client without a token the core's and the hooks'
+    internal URLs, the core pool's load and their last errors (internal addresses). With
+    ``METRICS_TOKEN`` set, they are for its bearer; anyone sees the states."""
+    scrape = "scrape-" + "x" * 32
+    hooked = "http://10.0.0.7:8001/internal/subscribe"
+    async with running_gateway(
+        core_url="http://127.0.0.1:1/core", hook_subscribe_url=hooked,
+        hook_secret="h" * 32, metrics_token=scrape,
+    ) as gw:  # fmt: skip
+        api = ApiClient(gw.port, token_for(gw))
+        try:
+            assert (await api.call("GET", "/api/projects"))[0] == 503  # the core is unreachable
+            _, _, anyone = await api.call("GET", "/readyz", headers={"Authorization": ""})
+            await asyncio.sleep(1.0)  # a new check: the scraper sees the same moment's
+            _, _, scraper = await api.call(
+                "GET", "/readyz", headers={"Authorization": f"Bearer {scrape}"}
+            )
+        finally:
+            api.close()
+    text = json.dumps(anyone)
+    assert "10.0.0.7" not in text and "127.0.0.1" not in text and "Errno" not in text, text
+    assert anyone["core"] == {"reachable": False, "breaker": "closed"}
+    assert anyone["hooks"] == {"subscribe": {"breaker": "closed"}}
+    assert scraper["core"]["url"] == "http://127.0.0.1:1/core"
+    assert "Errno" in scraper["core"]["last_error"] and scraper["core"]["pool"] == 64
+    assert scraper["hooks"]["subscribe"]["url"] == hooked
 
 
 def test_the_loop_histogram_is_exposed_as_prometheus_client_s_histogram():

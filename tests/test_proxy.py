@@ -265,6 +265,7 @@ async def test_core_down_then_back_sockets_unaffected(tier):
             rpc = await c.request("rpc", method="GET", path="/api/projects")
             assert rpc["status"] == 503
             assert (await c.request("ping"))["ok"]  # the socket carries on
+            await asyncio.sleep(1.0)  # readiness is checked at most once a second
             status, ready = await asyncio.to_thread(_get, tier.gateway.port, "/readyz")
             assert status == 200 and '"reachable":false' in ready and '"breaker":"open"' in ready
             await asyncio.to_thread(tier.restart_core)

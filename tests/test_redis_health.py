@@ -40,4 +40,5 @@ async def test_a_stalled_redis_is_a_lost_link_and_subscribers_are_told(throwaway
             assert await c.recv(5 * UNIT) == {"op": "gap", "ch": "room:1"}
             assert (await c.request("pub", ch="room:1", data="after"))["ok"]
             assert (await c.next_push())["data"] == "after"
+            await asyncio.sleep(1.0)  # readiness is checked at most once a second
             assert await _ready(gw) == 200

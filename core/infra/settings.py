@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import logging
+import math
 import os
 import re
 import urllib.parse
@@ -90,8 +92,20 @@ def _non_negative_int(raw: str) -> int:
     return value
 
 
-def _positive_float(raw: str) -> float:
+def _finite(raw: str) -> float:
+    """A number of seconds: ``nan`` and ``inf`` (``1e999`` too) are no such thing.
+
+    A ``JWT_LEEWAY`` of ``nan`` or ``inf`` made every expired token valid, a
+    ``HEADER_TIMEOUT`` of ``inf`` turned the header deadline off.
+    """
     value = float(raw)
+    if not math.isfinite(value):
+        raise ValueError(f"expected a finite number, got {raw!r}")
+    return value
+
+
+def _positive_float(raw: str) -> float:
+    value = _finite(raw)
     if not value > 0:
         raise ValueError(f"expected a number > 0, got {raw!r}")
     return value
@@ -104,7 +118,7 @@ def _identifier(raw: str) -> str:
 
 
 def _non_negative_float(raw: str) -> float:
-    value = float(raw)
+    value = _finite(raw)
     if value < 0:
         raise ValueError(f"expected a number >= 0, got {raw!r}")
     return value
@@ -124,6 +138,28 @@ def _url(raw: str) -> str | None:
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError(f"expected an http:// or https:// URL, got {raw!r}")
     return raw
+
+
+def _log_level(raw: str) -> str:
+    value = raw.strip().upper()
+    if value not in logging.getLevelNamesMapping() or value == "NOTSET":
+        raise ValueError(f"expected DEBUG, INFO, WARNING, ERROR or CRITICAL, got {raw!r}")
+    return value
+
+
+def _scheme_url(*schemes: str) -> Callable[[str], str | None]:
+    """A URL of one of ``schemes`` (empty: unset), said at start rather than by a traceback."""
+
+    def parse(raw: str) -> str | None:
+        if not raw:
+            return None
+        scheme = urllib.parse.urlsplit(raw).scheme.lower()
+        if scheme not in schemes:
+            allowed = " or ".join(f"{s}://" for s in schemes)
+            raise ValueError(f"expected a {allowed} URL, got one starting {raw.split(':')[0]!r}")
+        return raw
+
+    return parse
 
 
 def _header_names(raw: str) -> tuple[str, ...]:
@@ -150,7 +186,10 @@ class Settings:
         _non_negative_int,
     )
     redis_url: str | None = _setting(
-        None, "REDIS_URL", "Redis for cross-process fan-out; unset: in-memory broker.", _optional
+        None,
+        "REDIS_URL",
+        "Redis for cross-process fan-out; unset: in-memory broker.",
+        _scheme_url("redis", "rediss", "unix"),
     )
     redis_prefix: str = _setting(
         "gw:", "REDIS_PREFIX", "Prefix of Redis channel names (gw:room:1 for room:1).", str
@@ -193,7 +232,7 @@ class Settings:
         None,
         "DATABASE_URL",
         "PostgreSQL for the REST core; unset: embedded PostgreSQL under DATA_DIR (make run).",
-        _optional,
+        _scheme_url("postgresql", "postgres"),
     )
     database_schema: str = _setting(
         "public",
@@ -751,7 +790,7 @@ class Settings:
         _list,
     )
     data_dir: str = _setting(".data", "DATA_DIR", "Folder for embedded-mode state.", str)
-    log_level: str = _setting("INFO", "LOG_LEVEL", "DEBUG, INFO, WARNING or ERROR.", str)
+    log_level: str = _setting("INFO", "LOG_LEVEL", "DEBUG, INFO, WARNING or ERROR.", _log_level)
     log_format: str = _setting(
         "auto",
         "LOG_FORMAT",
@@ -801,6 +840,10 @@ class Settings:
     )
 
     def __post_init__(self) -> None:
+        if self.db_pool_min > self.db_pool_max:
+            raise SettingsError(
+                f"DB_POOL_MIN: {self.db_pool_min} is more than DB_POOL_MAX ({self.db_pool_max})"
+            )
         if self.events_webhook_url and not self.events_stream:
             raise SettingsError("EVENTS_WEBHOOK_URL: needs EVENTS_STREAM=true")
         if self.events_webhook_url and len(self.hook_secret or "") < 32:
