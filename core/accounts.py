@@ -254,7 +254,7 @@ class Accounts:
             f"login-ip:{limit_key(req.client)}", self._settings.rate_login_ip, "attempts"
         )
         data: RegisterIn = req.data
-        password_hash = await self._passwords.hash(data.password)
+        password_hash = await self._passwords.hash(data.password, limit_key(req.client))
         async with self._pool.acquire() as conn, conn.transaction():
             row = await conn.fetchrow(_NEW_USER, data.email, data.display_name)
             if row is None:
@@ -281,13 +281,16 @@ class Accounts:
         self._require_issuer()
         attempt = await self._logins.begin(email, req.client)
         row = await self._pool.fetchrow(_LOGIN, email)
-        ok, rehash = await self._passwords.verify(row["password_hash"] if row else None, password)
+        who = limit_key(req.client)
+        ok, rehash = await self._passwords.verify(
+            row["password_hash"] if row else None, password, who
+        )
         if row is None or not ok:
             raise _invalid_grant("wrong e-mail or password")
         await attempt.succeeded()  # only failures count (core/logins.py)
         user_id, role = row["id"], row["role"]
         if rehash:
-            await self._pool.execute(_REHASH, user_id, await self._passwords.hash(password))
+            await self._pool.execute(_REHASH, user_id, await self._passwords.hash(password, who))
         user_agent = (req.header("user-agent") or "")[:256]
         refresh = new_refresh_token()
         async with self._pool.acquire() as conn, conn.transaction():
