@@ -317,6 +317,9 @@ class Accounts:
                     _REVOKE_ONE, sid, row["user_id"], "refresh_token_reuse"
                 )
             else:
+                # A refresh is the account's call like any other: without this, it was the
+                # one write no limit counted (a row a refresh, kept for the session's life).
+                await self._limit(f"rest:{row['user_id']}", self._settings.rate_rest, "requests")
                 refresh = new_refresh_token()
                 await conn.execute(_USE_REFRESH, digest)
                 await conn.execute(_NEW_REFRESH, refresh_hash(refresh), sid)

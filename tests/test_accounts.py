@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 from urllib.parse import urlencode
 
+import asyncpg
 import jwt
 import pytest
 from websockets.exceptions import ConnectionClosed
 
 from core.infra.broker import RedisBroker
+from core.infra.rate import Rate
 from proto import CloseCode, ErrorCode
 from tests.harness import SECRET, ApiClient, running_gateway, token_for, unique_prefix, ws_client
 from tests.servers import UNIT
@@ -150,6 +152,50 @@ async def test_refresh_grant_on_the_token_endpoint(anon):
     assert status == 200 and body["session_id"] == first["session_id"]
     status, _, body = await anon.call("POST", "/api/auth/refresh", {"refresh_token": "made-up"})
     assert status == 400 and body["error"]["code"] == "invalid_grant"
+
+
+async def test_refreshes_spend_the_accounts_rest_allowance(clean_db):
+    # Refresh routes take no token, so no limit counted them: one account rotated its
+    # refresh tokens ~900 times a second (8 sessions, kept-alive connections), each a
+    # transaction and a refresh_tokens row (~200 bytes with its indexes) kept until the
+    # session expires (30 days): ~16 GB a day of rows from one ordinary account.
+    async with running_gateway(**clean_db, rate_rest=Rate(5, 60.0)) as gw:
+        anon = ApiClient(gw.port, None)
+        try:
+            await register(anon)
+            _, tokens = await login(anon)
+            statuses = []
+            for _ in range(8):
+                status, headers, body = await anon.call(
+                    "POST", "/api/auth/refresh", {"refresh_token": tokens["refresh_token"]}
+                )
+                statuses.append(status)
+                if status == 200:
+                    tokens = body
+            assert statuses == [200] * 5 + [429] * 3
+            assert body["error"]["code"] == "rate_limited" and int(headers["Retry-After"]) > 0
+            # A refused refresh uses nothing up: the token is still the session's next one.
+            schema = clean_db["database_schema"]
+            conn = await asyncpg.connect(clean_db["database_url"])
+            try:
+                rows = await conn.fetch(
+                    f'select used_at is null as unused from "{schema}".refresh_tokens'
+                )
+            finally:
+                await conn.close()
+            assert sorted(r["unused"] for r in rows) == [False] * 5 + [True]
+            # The user's other calls spend the same allowance, and the grant route too.
+            me = as_user(gw, tokens)
+            try:
+                assert (await me.call("GET", "/api/projects"))[0] == 429
+            finally:
+                me.close()
+            form = urlencode(
+                {"grant_type": "refresh_token", "refresh_token": tokens["refresh_token"]}
+            )
+            assert (await anon.call("POST", "/api/auth/token", raw=form.encode()))[0] == 429
+        finally:
+            anon.close()
 
 
 # -- sessions and revocation -----------------------------------------------------------
