@@ -181,7 +181,13 @@ where user_id = $1 and revoked_at is null and expires_at > now()
 _RECENTLY_REVOKED = """
 select id::text from auth_sessions where revoked_at > now() - make_interval(secs => $1)
 """
-_PURGE = "delete from auth_sessions where expires_at < now() - interval '1 day'"
+#: An ended session is kept as long as an access token of it may still be valid ($1 s),
+#: for processes that missed its revocation to read; its refresh tokens go with it, and
+#: are refused after as before. Else logging in again and again filled the table.
+_PURGE = """
+delete from auth_sessions
+where expires_at < now() - interval '1 day' or revoked_at < now() - make_interval(secs => $1)
+"""
 
 _encode = msgspec.json.encode
 
@@ -386,7 +392,9 @@ class Accounts:
         return [r[0] for r in await self._pool.fetch(_RECENTLY_REVOKED, within)]
 
     async def purge(self) -> int:
-        status = await self._pool.execute(_PURGE)
+        """Delete expired sessions, and ended ones whose access tokens have all expired."""
+        window = self._settings.access_token_ttl + self._settings.jwt_leeway
+        status = await self._pool.execute(_PURGE, window)
         return int(status.rsplit(" ", 1)[-1])
 
 

@@ -306,6 +306,40 @@ async def test_a_login_beyond_the_live_sessions_an_account_keeps_ends_the_oldest
     assert len(listed["items"]) == 3 and listed["items"][0]["current"]
 
 
+async def test_ended_sessions_leave_the_table_once_their_tokens_have_expired(clean_db, monkeypatch):
+    """Only live sessions were bounded: an ended one stayed, with its refresh tokens, until
+    it would have expired (30 days), so logging in again and again still filled the table
+    (~6 logins a second from one address at the production cost: ~500,000 rows a day)."""
+    from core import accounts
+
+    monkeypatch.setattr(accounts, "MAX_SESSIONS", 2)
+    schema = clean_db["database_schema"]
+    async with running_gateway(**clean_db, access_token_ttl=1.0) as gw:
+        anon = ApiClient(gw.port, None)
+        conn = await asyncpg.connect(clean_db["database_url"])
+        try:
+            await register(anon)
+            sessions = [(await login(anon))[1] for _ in range(6)]
+            count = f'select count(*) from "{schema}".auth_sessions'
+            assert await conn.fetchval(count) == 6
+            core = gw.ctx.core
+            await core.accounts.purge()  # ended, but their access tokens may still be out
+            assert await conn.fetchval(count) == 6
+            await asyncio.sleep(1.2)  # ACCESS_TOKEN_TTL: no token of theirs is valid now
+            await core.accounts.purge()
+            assert await conn.fetchval(count) == 2
+            # What a process that missed their revocation still reads is only what could
+            # matter: sessions ended within a token's lifetime.
+            assert await core.accounts.recently_revoked(core.revocations.ttl) == []
+            # The live ones are untouched, and an ended one's refresh token stays refused.
+            for tokens, expected in ((sessions[-1], 200), (sessions[0], 400)):
+                body = {"refresh_token": tokens["refresh_token"]}
+                assert (await anon.call("POST", "/api/auth/refresh", body))[0] == expected
+        finally:
+            await conn.close()
+            anon.close()
+
+
 @pytest.mark.parametrize("bearer", ["revoked", "garbage"])
 async def test_the_operations_anyone_may_call_ignore_a_bearer_token(gw, anon, bearer):
     """A logged-out client that still sends its old token can register, log in and refresh:
