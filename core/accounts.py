@@ -286,7 +286,10 @@ class Accounts:
     async def _login(self, req: Request, email: str, password: str) -> Response:
         self._require_issuer()
         attempt = await self._logins.begin(email, req.client)
-        row = await self._pool.fetchrow(_LOGIN, email)
+        # Addresses are ASCII (schemas.EMAIL_PATTERN). PostgreSQL's lower() maps some other
+        # letters to ASCII ones ("\u0130" to "i") where Python's, which keys the count, does
+        # not: such a spelling would be counted apart yet checked against the account.
+        row = await self._pool.fetchrow(_LOGIN, email) if email.isascii() else None
         who = limit_key(req.client)
         ok, rehash = await self._passwords.verify(
             row["password_hash"] if row else None, password, who

@@ -89,6 +89,27 @@ async def test_successes_never_count_and_cannot_wipe_failures_against_others(cle
             eve.close()
 
 
+async def test_another_spelling_of_an_address_gets_no_allowance_of_its_own(clean_db):
+    # PostgreSQL's lower() maps "\u0130" (I with a dot above) to "i", Python's to "i" and a
+    # combining dot: "\u0130da@example.com" was counted apart from ida@example.com, yet
+    # checked against Ida's password. Each "i" of an address spelled either way gave an
+    # attacker RATE_LOGIN_ACCOUNT more guesses at it from one address.
+    ida = {"email": "ida@example.com", "display_name": "Ida", "password": "ida's own passphrase"}
+    async with running_gateway(
+        **clean_db, rate_login_account=per_minute(2), rate_login_ip=per_minute(50)
+    ) as gw:
+        attacker = ApiClient(gw.port, None, source_ip=ATTACKER_IP)
+        try:
+            await register(attacker, ida)
+            guesses = [(await login(attacker, ida["email"], f"guess {i}"))[0] for i in range(3)]
+            assert guesses == [400, 400, 429]
+            for spelling in ("\u0130da@example.com", "IDA@EXAMPLE.COM"):
+                status, body = await login(attacker, spelling, ida["password"])
+                assert status != 200, (spelling, body)
+        finally:
+            attacker.close()
+
+
 class _Slow:
     """A password hasher whose verifications take 0.1 s, counting how many run at once."""
 
