@@ -181,7 +181,13 @@ where user_id = $1 and revoked_at is null and expires_at > now()
 _RECENTLY_REVOKED = """
 select id::text from auth_sessions where revoked_at > now() - make_interval(secs => $1)
 """
-_PURGE = "delete from auth_sessions where expires_at < now() - interval '1 day'"
+#: An ended session is kept as long as an access token of it may still be valid ($1 s),
+#: for processes that missed its revocation to read; its refresh tokens go with it, and
+#: are refused after as before. Else logging in again and again filled the table.
+_PURGE = """
+delete from auth_sessions
+where expires_at < now() - interval '1 day' or revoked_at < now() - make_interval(secs => $1)
+"""
 
 _encode = msgspec.json.encode
 
@@ -254,7 +260,7 @@ class Accounts:
             f"login-ip:{limit_key(req.client)}", self._settings.rate_login_ip, "attempts"
         )
         data: RegisterIn = req.data
-        password_hash = await self._passwords.hash(data.password)
+        password_hash = await self._passwords.hash(data.password, limit_key(req.client))
         async with self._pool.acquire() as conn, conn.transaction():
             row = await conn.fetchrow(_NEW_USER, data.email, data.display_name)
             if row is None:
@@ -280,14 +286,20 @@ class Accounts:
     async def _login(self, req: Request, email: str, password: str) -> Response:
         self._require_issuer()
         attempt = await self._logins.begin(email, req.client)
-        row = await self._pool.fetchrow(_LOGIN, email)
-        ok, rehash = await self._passwords.verify(row["password_hash"] if row else None, password)
+        # Addresses are ASCII (schemas.EMAIL_PATTERN). PostgreSQL's lower() maps some other
+        # letters to ASCII ones ("\u0130" to "i") where Python's, which keys the count, does
+        # not: such a spelling would be counted apart yet checked against the account.
+        row = await self._pool.fetchrow(_LOGIN, email) if email.isascii() else None
+        who = limit_key(req.client)
+        ok, rehash = await self._passwords.verify(
+            row["password_hash"] if row else None, password, who
+        )
         if row is None or not ok:
             raise _invalid_grant("wrong e-mail or password")
         await attempt.succeeded()  # only failures count (core/logins.py)
         user_id, role = row["id"], row["role"]
         if rehash:
-            await self._pool.execute(_REHASH, user_id, await self._passwords.hash(password))
+            await self._pool.execute(_REHASH, user_id, await self._passwords.hash(password, who))
         user_agent = (req.header("user-agent") or "")[:256]
         refresh = new_refresh_token()
         async with self._pool.acquire() as conn, conn.transaction():
@@ -314,6 +326,9 @@ class Accounts:
                     _REVOKE_ONE, sid, row["user_id"], "refresh_token_reuse"
                 )
             else:
+                # A refresh is the account's call like any other: without this, it was the
+                # one write no limit counted (a row a refresh, kept for the session's life).
+                await self._limit(f"rest:{row['user_id']}", self._settings.rate_rest, "requests")
                 refresh = new_refresh_token()
                 await conn.execute(_USE_REFRESH, digest)
                 await conn.execute(_NEW_REFRESH, refresh_hash(refresh), sid)
@@ -380,7 +395,9 @@ class Accounts:
         return [r[0] for r in await self._pool.fetch(_RECENTLY_REVOKED, within)]
 
     async def purge(self) -> int:
-        status = await self._pool.execute(_PURGE)
+        """Delete expired sessions, and ended ones whose access tokens have all expired."""
+        window = self._settings.access_token_ttl + self._settings.jwt_leeway
+        status = await self._pool.execute(_PURGE, window)
         return int(status.rsplit(" ", 1)[-1])
 
 

@@ -10,15 +10,23 @@ so passphrases fit), any Unicode, no composition rules; refused when common
 (a shipped list of 10,000, `common_passwords`), only whitespace, one or two
 characters repeated, a run like ``abcdefgh``, or built on the account's
 e-mail name. `password_problems` says which, for a 422.
+
+Hashes take turns by client address (`PER_ADDRESS`): the rate limits of
+core/logins.py count failures only, so a client that knows its own password
+could otherwise have every worker thread hash for it, and everyone else's
+logins wait behind its queue.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import gzip
 import itertools
+from collections.abc import AsyncIterator, Callable
 from importlib.resources import files
+from typing import TypeVar
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
@@ -26,7 +34,13 @@ from argon2.exceptions import InvalidHashError, VerificationError
 from core.infra.errors import ErrorDetail
 from core.infra.settings import Settings
 
-__all__ = ["Passwords", "common_passwords", "password_problems"]
+__all__ = ["PER_ADDRESS", "Passwords", "common_passwords", "password_problems"]
+
+_T = TypeVar("_T")
+
+#: Hashes one client address (`core.infra.clientip.limit_key`) has computed at once in a
+#: process; its others wait their turn. A hash already runs on two lanes (parallelism 2).
+PER_ADDRESS = 2
 
 #: Where the rules put their message in a 422 (the registration body's field).
 _FIELD = "$.password"
@@ -73,6 +87,36 @@ def _uses_email(folded: str, email: str) -> bool:
     return len(name) >= _MIN_NAME_INSIDE and name in folded
 
 
+class _Gate:
+    __slots__ = ("slots", "users")
+
+    def __init__(self, size: int) -> None:
+        self.slots = asyncio.Semaphore(size)
+        self.users = 0  # holding a slot or waiting for one
+
+
+class _Turns:
+    """At most ``per_key`` holders of a turn per key at once; the others wait, first come first."""
+
+    def __init__(self, per_key: int) -> None:
+        self._per_key = per_key
+        self._gates: dict[str, _Gate] = {}  # only keys someone holds or waits for
+
+    @contextlib.asynccontextmanager
+    async def turn(self, key: str) -> AsyncIterator[None]:
+        gate = self._gates.get(key)
+        if gate is None:
+            gate = self._gates[key] = _Gate(self._per_key)
+        gate.users += 1
+        try:
+            async with gate.slots:
+                yield
+        finally:
+            gate.users -= 1
+            if not gate.users:
+                del self._gates[key]
+
+
 class Passwords:
     def __init__(self, settings: Settings) -> None:
         self._hasher = PasswordHasher(
@@ -84,13 +128,27 @@ class Passwords:
         # for an unknown e-mail takes as long as one with a wrong password.
         # Made on first use, in the worker thread: a hash blocks for its cost.
         self._decoy: str | None = None
+        self._turns = _Turns(PER_ADDRESS)
 
-    async def hash(self, password: str) -> str:
-        return await asyncio.to_thread(self._hasher.hash, password)
+    async def hash(self, password: str, who: str) -> str:
+        """The hash of ``password``, computed in turn with the other hashes for ``who``."""
+        return await self._in_turn(who, self._hasher.hash, password)
 
-    async def verify(self, stored: str | None, password: str) -> tuple[bool, bool]:
-        """(matches, needs rehash) of ``password`` against ``stored`` (None: no account)."""
-        return await asyncio.to_thread(self._check, stored, password)
+    async def verify(self, stored: str | None, password: str, who: str) -> tuple[bool, bool]:
+        """(matches, needs rehash) of ``password`` against ``stored`` (None: no account).
+
+        ``who`` is the client's address key: its hashes take turns (`PER_ADDRESS`).
+        """
+        return await self._in_turn(who, self._check, stored, password)
+
+    async def _in_turn(self, who: str, work: Callable[..., _T], *args: object) -> _T:
+        async def run() -> _T:
+            async with self._turns.turn(who):
+                return await asyncio.to_thread(work, *args)
+
+        # A caller that gives up (its socket closed) leaves the turn held until the
+        # worker thread is done: the thread cannot be stopped.
+        return await asyncio.shield(run())
 
     def _check(self, stored: str | None, password: str) -> tuple[bool, bool]:
         if stored is None and self._decoy is None:

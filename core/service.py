@@ -248,7 +248,7 @@ class Core:
         keys = await self.idempotency.purge()
         sessions = await self.accounts.purge()
         if keys or sessions:
-            log.info("purged %d idempotency keys and %d expired sessions", keys, sessions)
+            log.info("purged %d idempotency keys and %d expired or ended sessions", keys, sessions)
 
     async def _every(self, seconds: float, job: Callable[[], Awaitable[None]]) -> None:
         while True:

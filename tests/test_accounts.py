@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 from urllib.parse import urlencode
 
+import asyncpg
 import jwt
 import pytest
 from websockets.exceptions import ConnectionClosed
 
 from core.infra.broker import RedisBroker
+from core.infra.rate import Rate
 from proto import CloseCode, ErrorCode
 from tests.harness import SECRET, ApiClient, running_gateway, token_for, unique_prefix, ws_client
 from tests.servers import UNIT
@@ -152,6 +154,50 @@ async def test_refresh_grant_on_the_token_endpoint(anon):
     assert status == 400 and body["error"]["code"] == "invalid_grant"
 
 
+async def test_refreshes_spend_the_accounts_rest_allowance(clean_db):
+    # Refresh routes take no token, so no limit counted them: one account rotated its
+    # refresh tokens ~900 times a second (8 sessions, kept-alive connections), each a
+    # transaction and a refresh_tokens row (~200 bytes with its indexes) kept until the
+    # session expires (30 days): ~16 GB a day of rows from one ordinary account.
+    async with running_gateway(**clean_db, rate_rest=Rate(5, 60.0)) as gw:
+        anon = ApiClient(gw.port, None)
+        try:
+            await register(anon)
+            _, tokens = await login(anon)
+            statuses = []
+            for _ in range(8):
+                status, headers, body = await anon.call(
+                    "POST", "/api/auth/refresh", {"refresh_token": tokens["refresh_token"]}
+                )
+                statuses.append(status)
+                if status == 200:
+                    tokens = body
+            assert statuses == [200] * 5 + [429] * 3
+            assert body["error"]["code"] == "rate_limited" and int(headers["Retry-After"]) > 0
+            # A refused refresh uses nothing up: the token is still the session's next one.
+            schema = clean_db["database_schema"]
+            conn = await asyncpg.connect(clean_db["database_url"])
+            try:
+                rows = await conn.fetch(
+                    f'select used_at is null as unused from "{schema}".refresh_tokens'
+                )
+            finally:
+                await conn.close()
+            assert sorted(r["unused"] for r in rows) == [False] * 5 + [True]
+            # The user's other calls spend the same allowance, and the grant route too.
+            me = as_user(gw, tokens)
+            try:
+                assert (await me.call("GET", "/api/projects"))[0] == 429
+            finally:
+                me.close()
+            form = urlencode(
+                {"grant_type": "refresh_token", "refresh_token": tokens["refresh_token"]}
+            )
+            assert (await anon.call("POST", "/api/auth/token", raw=form.encode()))[0] == 429
+        finally:
+            anon.close()
+
+
 # -- sessions and revocation -----------------------------------------------------------
 
 
@@ -258,6 +304,40 @@ async def test_a_login_beyond_the_live_sessions_an_account_keeps_ends_the_oldest
             client.close()
         assert status == (401 if n < 2 else 200)  # the two oldest ended
     assert len(listed["items"]) == 3 and listed["items"][0]["current"]
+
+
+async def test_ended_sessions_leave_the_table_once_their_tokens_have_expired(clean_db, monkeypatch):
+    """Only live sessions were bounded: an ended one stayed, with its refresh tokens, until
+    it would have expired (30 days), so logging in again and again still filled the table
+    (~6 logins a second from one address at the production cost: ~500,000 rows a day)."""
+    from core import accounts
+
+    monkeypatch.setattr(accounts, "MAX_SESSIONS", 2)
+    schema = clean_db["database_schema"]
+    async with running_gateway(**clean_db, access_token_ttl=1.0) as gw:
+        anon = ApiClient(gw.port, None)
+        conn = await asyncpg.connect(clean_db["database_url"])
+        try:
+            await register(anon)
+            sessions = [(await login(anon))[1] for _ in range(6)]
+            count = f'select count(*) from "{schema}".auth_sessions'
+            assert await conn.fetchval(count) == 6
+            core = gw.ctx.core
+            await core.accounts.purge()  # ended, but their access tokens may still be out
+            assert await conn.fetchval(count) == 6
+            await asyncio.sleep(1.2)  # ACCESS_TOKEN_TTL: no token of theirs is valid now
+            await core.accounts.purge()
+            assert await conn.fetchval(count) == 2
+            # What a process that missed their revocation still reads is only what could
+            # matter: sessions ended within a token's lifetime.
+            assert await core.accounts.recently_revoked(core.revocations.ttl) == []
+            # The live ones are untouched, and an ended one's refresh token stays refused.
+            for tokens, expected in ((sessions[-1], 200), (sessions[0], 400)):
+                body = {"refresh_token": tokens["refresh_token"]}
+                assert (await anon.call("POST", "/api/auth/refresh", body))[0] == expected
+        finally:
+            await conn.close()
+            anon.close()
 
 
 @pytest.mark.parametrize("bearer", ["revoked", "garbage"])

@@ -7,9 +7,13 @@ other machines: the gateway sees their real source address.
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
+from typing import Any
 from urllib.parse import urlencode
 
 from core.infra.rate import Rate
+from core.passwords import PER_ADDRESS
 from tests.harness import ApiClient, running_gateway, token_for, ws_client
 from tests.test_accounts import ADA, login, register
 
@@ -83,6 +87,91 @@ async def test_successes_never_count_and_cannot_wipe_failures_against_others(cle
                 other.close()
         finally:
             eve.close()
+
+
+async def test_another_spelling_of_an_address_gets_no_allowance_of_its_own(clean_db):
+    # PostgreSQL's lower() maps "\u0130" (I with a dot above) to "i", Python's to "i" and a
+    # combining dot: "\u0130da@example.com" was counted apart from ida@example.com, yet
+    # checked against Ida's password. Each "i" of an address spelled either way gave an
+    # attacker RATE_LOGIN_ACCOUNT more guesses at it from one address.
+    ida = {"email": "ida@example.com", "display_name": "Ida", "password": "ida's own passphrase"}
+    async with running_gateway(
+        **clean_db, rate_login_account=per_minute(2), rate_login_ip=per_minute(50)
+    ) as gw:
+        attacker = ApiClient(gw.port, None, source_ip=ATTACKER_IP)
+        try:
+            await register(attacker, ida)
+            guesses = [(await login(attacker, ida["email"], f"guess {i}"))[0] for i in range(3)]
+            assert guesses == [400, 400, 429]
+            for spelling in ("\u0130da@example.com", "IDA@EXAMPLE.COM"):
+                status, body = await login(attacker, spelling, ida["password"])
+                assert status != 200, (spelling, body)
+        finally:
+            attacker.close()
+
+
+class _Slow:
+    """A password hasher whose verifications take 0.1 s, counting how many run at once."""
+
+    def __init__(self, hasher: Any) -> None:
+        self._hasher = hasher
+        self._lock = threading.Lock()
+        self._now = 0
+        self.most = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._hasher, name)
+
+    def verify(self, stored: Any, password: Any) -> Any:
+        with self._lock:
+            self._now += 1
+            self.most = max(self.most, self._now)
+        try:
+            time.sleep(0.1)  # a hash's cost, whatever the machine
+            return self._hasher.verify(stored, password)
+        finally:
+            with self._lock:
+                self._now -= 1
+
+
+async def test_one_address_cannot_keep_every_password_hash_busy(clean_db, monkeypatch):
+    # Successful logins count against no limit (above), so one client that knows its own
+    # password kept every worker thread hashing for it (6 on 2 CPUs, each hash ~0.24 s at
+    # the production cost), and other users' logins waited behind its whole queue:
+    # 20 of them in flight took a bystander's login from 0.24 s to 2.7-4.3 s.
+    async with running_gateway(
+        **clean_db, rate_login_account=per_minute(100), rate_login_ip=per_minute(100)
+    ) as gw:
+        eve = ApiClient(gw.port, None, source_ip=ATTACKER_IP)
+        owner = ApiClient(gw.port, None, source_ip=OWNER_IP)
+        try:
+            await register(owner)
+            await register(eve, EVE)
+            passwords = gw.ctx.core.accounts._passwords
+            slow = _Slow(passwords._hasher)
+            monkeypatch.setattr(passwords, "_hasher", slow)
+            done: list[str] = []
+
+            async def eve_logs_in() -> int:
+                client = ApiClient(gw.port, None, source_ip=ATTACKER_IP)
+                try:
+                    status = (await login(client, EVE["email"], EVE["password"]))[0]
+                finally:
+                    client.close()
+                done.append("eve")
+                return status
+
+            storm = [asyncio.ensure_future(eve_logs_in()) for _ in range(16)]
+            await asyncio.sleep(0.05)  # all queued
+            assert (await login(owner))[0] == 200
+            done.append("owner")
+            assert await asyncio.gather(*storm) == [200] * 16  # nobody is refused
+            # Eve's hashes take turns: the owner waited for few of them, not for all.
+            assert done.index("owner") <= 2 * PER_ADDRESS, done
+            assert slow.most <= PER_ADDRESS + 1
+        finally:
+            eve.close()
+            owner.close()
 
 
 def _rpc_form(**fields: str) -> str:
