@@ -161,6 +161,15 @@ where r.token_hash = $1
 for update of r
 """
 _USE_REFRESH = "update refresh_tokens set used_at = now() where token_hash = $1"
+#: Used refresh tokens a session keeps, for reuse detection: a reuse of one of
+#: them ends the session; an older one is refused as an unknown token is.
+KEPT_USED_REFRESH = 20
+_FORGET_USED = """
+delete from refresh_tokens where session_id = $1::uuid and used_at is not null
+and token_hash not in (select token_hash from refresh_tokens
+                       where session_id = $1::uuid and used_at is not null
+                       order by used_at desc limit $2)
+"""
 _TOUCH = "update auth_sessions set last_used_at = now() where id = $1::uuid"
 _REVOKE_ONE = """
 update auth_sessions set revoked_at = now(), revoked_reason = $3
@@ -332,6 +341,7 @@ class Accounts:
                 refresh = new_refresh_token()
                 await conn.execute(_USE_REFRESH, digest)
                 await conn.execute(_NEW_REFRESH, refresh_hash(refresh), sid)
+                await conn.execute(_FORGET_USED, sid, KEPT_USED_REFRESH)
                 await conn.execute(_TOUCH, sid)
         if row["used"]:
             if reused is not None:

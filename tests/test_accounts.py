@@ -453,3 +453,47 @@ async def test_concurrent_refreshes_with_one_token_let_one_win(anon):
     )  # fmt: skip
     statuses = sorted(r[0] for r in results)
     assert statuses == [200, 400, 400, 400]
+
+
+async def test_a_session_keeps_its_last_used_refresh_tokens_only(clean_db, monkeypatch):
+    # Reuse detection kept every used refresh token for the session's life (30 days):
+    # an account refreshing within RATE_REST (1200 a minute) still added 1,200 rows a
+    # minute, ~1.7 million a day. A session now keeps its last KEPT_USED_REFRESH used
+    # tokens: a reuse among them still ends it, an older one is refused like any
+    # unknown token (the session stays: whoever holds it is refused).
+    import core.accounts
+
+    monkeypatch.setattr(core.accounts, "KEPT_USED_REFRESH", 3)
+    async with running_gateway(**clean_db) as gw:
+        anon = ApiClient(gw.port, None)
+        try:
+            await register(anon)
+            _, tokens = await login(anon)
+            seen = [tokens["refresh_token"]]
+            for _ in range(6):
+                status, _, tokens = await anon.call(
+                    "POST", "/api/auth/refresh", {"refresh_token": seen[-1]}
+                )
+                assert status == 200
+                seen.append(tokens["refresh_token"])
+            schema = clean_db["database_schema"]
+            conn = await asyncpg.connect(clean_db["database_url"])
+            try:
+                kept = await conn.fetchval(f'select count(*) from "{schema}".refresh_tokens')
+            finally:
+                await conn.close()
+            assert kept == 3 + 1  # three used, and the next one
+            status, _, body = await anon.call(
+                "POST", "/api/auth/refresh", {"refresh_token": seen[0]}
+            )
+            assert status == 400 and "not valid" in body["error"]["message"]
+            status, _, tokens = await anon.call(
+                "POST", "/api/auth/refresh", {"refresh_token": seen[-1]}
+            )
+            assert status == 200, "an old token refused ends nothing"
+            status, _, body = await anon.call(
+                "POST", "/api/auth/refresh", {"refresh_token": seen[-2]}
+            )
+            assert status == 400 and "revoked" in body["error"]["message"]
+        finally:
+            anon.close()
