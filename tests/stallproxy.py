@@ -6,7 +6,9 @@ drops packets would: the peers see silence, not a closed connection. `flow` deli
 was held and forwards again, as TCP's retransmissions would after a partition heals. For
 tests that need a PostgreSQL (or any server) out of reach without network namespaces.
 `cut` closes the connection the next request comes on, unanswered and unforwarded, as a
-server closing an idle kept-alive connection just as a request reaches it.
+server closing an idle kept-alive connection just as a request reaches it. `lose` closes the
+connection the next answer comes on, the request forwarded and the answer dropped, as a link
+lost just after the server acted.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ class StallProxy:
         self._flowing = asyncio.Event()
         self._flowing.set()
         self._cuts = 0
+        self._losses = 0
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._writers: set[asyncio.StreamWriter] = set()
@@ -42,6 +45,9 @@ class StallProxy:
 
     def cut(self) -> None:
         self._cuts += 1
+
+    def lose(self) -> None:
+        self._losses += 1
 
     async def close(self) -> None:
         if self._server is not None:
@@ -82,6 +88,9 @@ class StallProxy:
                 if cuttable and self._cuts:
                     self._cuts -= 1
                     return  # both ends close, the request neither forwarded nor answered
+                if not cuttable and self._losses:
+                    self._losses -= 1
+                    return  # both ends close, the request forwarded, its answer dropped
                 await self._flowing.wait()
                 writer.write(data)
                 await writer.drain()

@@ -675,3 +675,32 @@ async def test_a_repair_cut_short_by_a_reconnect_loses_nothing_silently():
     await asyncio.sleep(0.01)
     assert sub.position == Position(offset=5, epoch="e")  # the next connection recovers 6..
     assert not sub._events  # nothing delivered out of order, nothing lost silently
+
+
+async def test_a_socket_closed_during_the_resubscription_is_reconnected_at_once(monkeypatch):
+    # The socket closed while the client waited for its resubscriptions' replies (a
+    # reconnect storm, a gateway going down again): `_run` was inside `_resubscribe`, so
+    # no one failed the commands in flight and the client sat OPEN on a closed socket,
+    # receiving nothing, until `request_timeout` (10 s) ran out.
+    async with running_gateway(history_channels=("feed:*",)) as gw:
+        node = gw.ctx.node
+        real, armed = node.subscribe, [False]
+
+        async def closing_first(ch: str, member) -> None:  # type: ignore[no-untyped-def]
+            if armed[0]:
+                armed[0] = False
+                member.close(CloseCode.SHUTDOWN)  # closed before it answers
+            await real(ch, member)
+
+        monkeypatch.setattr(node, "subscribe", closing_first)
+        token = token_for(gw, channels=("feed:*",))
+        async with Client(url(gw), token=token, backoff=FAST, request_timeout=10.0) as c:
+            feed = await c.subscribe("feed:1")
+            await node.publish("feed:1", b'{"n":1}')
+            assert (await next_event(feed)).data == {"n": 1}
+            armed[0] = True
+            close_all(gw, CloseCode.SHUTDOWN)
+            await until(lambda: c.connections == 3 and gw.hub.has_subscribers("feed:1"), 3 * UNIT)
+            await node.publish("feed:1", b'{"n":2}')
+            got = await next_event(feed)
+            assert isinstance(got, Publication) and got.data == {"n": 2}

@@ -14,6 +14,7 @@ from gateway.client import Backoff, Client, Gap, Publication
 from proto import ErrorCode
 from tests.harness import SECRET, running_gateway, token_for, unique_prefix, until, ws_client
 from tests.servers import UNIT, ThrowawayRedis, free_port
+from tests.stallproxy import stall_proxy
 from tests.test_processes import mint, processes  # noqa: F401  (fixture)
 
 FEED = {"history_channels": ("feed:*",), "history_size": 50}
@@ -330,6 +331,46 @@ async def test_a_replica_promoted_without_the_last_publications_starts_a_new_epo
         await new.close()
         replica.stop()
         primary.stop()
+
+
+@pytest.mark.parametrize("each", [False, True], ids=["one channel", "several at once"])
+async def test_a_publication_whose_answer_was_lost_is_not_published_twice(throwaway_redis, each):
+    """The link to Redis is lost after the script ran and before its answer came: the
+    broker sends the batch once more on a new connection. It ran twice: the same data
+    at two offsets, in history and live, which no client can tell from two publications."""
+    prefix = unique_prefix()
+    channels = ["feed:x", "feed:x:1"] if each else ["feed:x"]
+    direct = RedisBroker(throwaway_redis.url, prefix)
+    live: list[tuple[str, bytes, Position | None]] = []
+    async with stall_proxy(("127.0.0.1", throwaway_redis.port)) as proxy:
+        via = RedisBroker(f"redis://127.0.0.1:{proxy.port}/0", prefix, health_interval=0)
+        try:
+            await direct.start(lambda ch, data, at: live.append((ch, data, at)))
+            for ch in channels:
+                await direct.subscribe(ch)
+            await via.start(lambda *_: None)
+
+            async def publish(data: bytes) -> list[Position | Exception | None]:
+                if each:
+                    return await via.publish_many([(ch, (50, 60)) for ch in channels], data)
+                return [await via.publish_history(channels[0], data, 50, 60)]
+
+            first = await publish(b"1")
+            proxy.lose()  # the next answer, the second publication's, is lost with its link
+            second = await publish(b"2")
+            await until(lambda: len(live) >= 2 * len(channels))
+            await asyncio.sleep(0.2 * UNIT)  # a repeat would have come by now
+            for ch, one, two in zip(channels, first, second, strict=True):
+                assert isinstance(one, Position) and isinstance(two, Position), (one, two)
+                assert two == Position(2, one.epoch)
+                entries, top = await direct.history(ch, 0, 50)
+                assert entries == [(1, b"1"), (2, b"2")] and top == two
+            assert sorted((ch, data) for ch, data, _ in live) == sorted(
+                (ch, data) for ch in channels for data in (b"1", b"2")
+            )
+        finally:
+            await via.close()
+            await direct.close()
 
 
 async def test_a_new_epoch_that_arrives_while_the_link_is_down_comes_after_a_gap():

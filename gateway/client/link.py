@@ -48,7 +48,7 @@ from gateway.client.exceptions import (
 )
 from gateway.client.polling import LongPoll, http_base, open_longpoll
 from gateway.client.subscription import Gap, GapReason, Publication, Subscription
-from gateway.client.transport import WebSocket, open_websocket
+from gateway.client.transport import Closed, WebSocket, open_websocket
 from proto import (
     CloseCode,
     Command,
@@ -253,6 +253,7 @@ class Connection:
         self._ws = ws
         self.connections += 1
         self._transition(State.OPEN)
+        ws.closed.add_done_callback(lambda closed: self._lost(ws, closed))
         if self._full:
             ws.pause_reading()
         if self.ping_interval:
@@ -398,6 +399,13 @@ class Connection:
                 await asyncio.gather(*(one(sub) for sub in subs))
         except TimeoutError:
             ws.abort()
+
+    def _lost(self, ws: Link, closed: asyncio.Future[Closed]) -> None:
+        """``ws`` closed: no command in flight on it will be answered. Failed at once, so
+        that a resubscription waiting for its replies (`_run` is then in `_resubscribe`,
+        not watching ``closed``) gives way to the next reconnect, not `request_timeout`."""
+        if self._ws is ws and not closed.cancelled():
+            self._fail_pending(ConnectionClosed(*closed.result()))
 
     def _fail_pending(self, why: ConnectionClosed) -> None:
         pending, self._pending = self._pending, {}

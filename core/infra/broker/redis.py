@@ -79,6 +79,11 @@ PUBLISH_TIMEOUT = 5.0
 #: Channels per PUBSUB NUMSUB when the node reconciles its subscriptions.
 VERIFY_BATCH = 500
 
+#: Hex digits of the id each call of a history script carries, so that one sent again
+#: after its connection was lost (it may have run) publishes nothing twice
+#: (lua/publish_with_history.lua); 64 bits: no two calls on a channel share one.
+PUBLICATION_ID_DIGITS = 16
+
 #: Publications with history reach subscribers as ``\x1e<offset> <epoch> <data>``:
 #: a byte no JSON starts with, so plain PUBLISHes pass untouched.
 _HISTORY_MARK = b"\x1e"
@@ -404,7 +409,8 @@ class RedisBroker(Broker):
     ) -> tuple[list[str], list[bytes | str | int]]:
         """The keys and arguments of the history script publishing ``data`` on ``ch``."""
         args: list[bytes | str | int] = [
-            self._channel_key(ch), data, size, max(1, math.ceil(ttl)), unique_hex(8)
+            self._channel_key(ch), data, size, max(1, math.ceil(ttl)), unique_hex(8),
+            unique_hex(PUBLICATION_ID_DIGITS),
         ]  # fmt: skip
         return self._history_keys(ch), args
 
@@ -470,6 +476,7 @@ class RedisBroker(Broker):
         keys = [key for ch in channels for key in self._history_keys(ch)]
         args: list[bytes | str | int] = [data, size, max(1, math.ceil(ttl)), unique_hex(8)]
         args += [self._channel_key(ch) for ch in channels]
+        args.append(unique_hex(PUBLICATION_ID_DIGITS))
         script = self._publish_each_script
         (outcome,) = await self._publishes.submit_many(
             [("EVALSHA", script.sha, len(keys), *keys, *args)]

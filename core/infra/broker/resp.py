@@ -13,7 +13,9 @@ What it keeps from the pool it replaces: the connection opens on first use
 and again after it is lost (``AUTH`` and ``SELECT`` from the URL); a batch
 whose connection is lost before its replies come is sent once more on a new
 one, as redis-py's one retry did (after a Redis restart the first write meets
-the closed socket); replies are awaited for ``timeout`` seconds at most (one
+the closed socket; what ran before the loss runs again, so the broker's
+history scripts carry an id that makes a second run answer the first one's
+position); replies are awaited for ``timeout`` seconds at most (one
 timer per connection, not per batch), after which the connection is dropped
 and every batch on it fails, not retried. An error reply fails its command
 alone; ``NOSCRIPT`` comes as redis-py's `NoScriptError`, which makes the
