@@ -2,7 +2,8 @@
 
 Runs ``publish_with_history.lua`` (one publication on one channel with
 history, as a ``pub`` frame makes) ``--calls`` times in pipelines of 100 on a
-real Redis, for this checkout's script and for the one at ``--baseline REF``
+real Redis (each with a fresh call id, as the gateway sends), for this
+checkout's script and for the one at ``--baseline REF``
 (``git show``), alternating rounds, and prints Redis's microseconds per call
 from ``INFO commandstats`` (``usec_per_call`` of EVALSHA, reset before each
 round): the time the script runs inside Redis, not the round trip, so other
@@ -59,7 +60,9 @@ async def publish_round(r: aioredis.Redis, lua: str, calls: int) -> float:
     for _ in range(calls // BATCH):
         async with r.pipeline(transaction=False) as pipe:
             for _ in range(BATCH):
-                pipe.evalsha(sha, 2, *keys, f"{ch}:x", DATA, 100, 60, "e0e0e0e0")
+                # A call id as the gateway sends (a baseline without ids ignores it).
+                call = uuid.uuid4().hex[:16]
+                pipe.evalsha(sha, 2, *keys, f"{ch}:x", DATA, 100, 60, "e0e0e0e0", call)
             await pipe.execute()
     spent = await usec(r, "evalsha")
     await r.delete(*keys)
