@@ -70,9 +70,9 @@ from core.http import (
     CoreHTTP,
     cors_headers,
     is_api_path,
-    request_id_of,
 )
 from core.infra.adoption import Adopted, take_over
+from core.infra.ids import request_id_of
 from core.infra.listener import Listener
 from core.request import Response
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import time
 from collections.abc import Coroutine, Mapping
 from email.utils import formatdate
@@ -30,7 +29,7 @@ from tornado.routing import AnyMatches, PathMatches, Rule, RuleRouter
 from core.errormap import from_exception
 from core.infra.errors import ApiError, NotFound, PayloadTooLarge
 from core.infra.identity import AuthError, Identity, token_from_header
-from core.infra.ids import unique_hex
+from core.infra.ids import request_id_of
 from core.infra.tasks import TaskSet
 from core.infra.verify import Verifier
 from core.request import Request, Response
@@ -44,7 +43,6 @@ __all__ = [
     "cors_headers",
     "is_api_path",
     "make_request",
-    "request_id_of",
     "unauthorized",
 ]
 
@@ -53,7 +51,6 @@ access_log = logging.getLogger("gateway.access")
 
 #: Reason phrases of the status lines written.
 REASONS = {s.value: s.phrase for s in HTTPStatus}
-_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 _NO_BODY = frozenset({204, 304})
 
 
@@ -324,11 +321,6 @@ def unauthorized(refused: AuthError) -> Response:
     return Response.error(
         ApiError(401, "unauthorized", refused.message), {"WWW-Authenticate": "Bearer"}
     )
-
-
-def request_id_of(given: str) -> str:
-    """The caller's ``X-Request-Id`` when it is a sane one, else a new one."""
-    return given if given and _REQUEST_ID.fullmatch(given) else unique_hex(16)
 
 
 def cors_headers(origin: str) -> dict[str, str]:

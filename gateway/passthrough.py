@@ -50,9 +50,10 @@ from typing import Any
 
 from core.errormap import from_exception
 from core.fastrest import FastRest, RestConnection, RestRequest
-from core.http import REASONS, make_request, request_id_of, unauthorized
+from core.http import REASONS, make_request, unauthorized
 from core.infra.errors import ApiError
 from core.infra.identity import AuthError, Identity
+from core.infra.ids import request_id_of
 from core.infra.listener import Listener
 from core.request import Response
 from gateway.corepool import (
