@@ -85,7 +85,10 @@ class CoreHTTP(httputil.HTTPServerConnectionDelegate):
     script needs exposed; a preflight (``OPTIONS`` with
     ``Access-Control-Request-Method``) is answered 204 with the path's methods.
     Tokens travel in ``Authorization``, never in cookies, so credentials are
-    not allowed.
+    not allowed. With any origin named, every answer (to no ``Origin``, a
+    refused one, an error, a preflight) carries ``Vary: Origin``
+    (`add_cors`): its headers depend on it, so a shared cache must not give
+    one origin's answer to another.
     """
 
     def __init__(
@@ -133,6 +136,19 @@ class CoreHTTP(httputil.HTTPServerConnectionDelegate):
         if authorization is None or self.core.router.is_public(method, path):
             return None
         return self.verifier.verify(token_from_header(authorization) or "")
+
+    def add_cors(self, headers: dict[str, str], origin: str | None) -> None:
+        """Add to an answer's ``headers`` what CORS asks: ``Vary: Origin`` whenever origins
+        are named, and the allowed ``origin``'s headers (`cors_origin`'s value, or None)."""
+        if not self.cors_origins:
+            return
+        vary = headers.get("Vary")
+        if not vary:
+            headers["Vary"] = "Origin"
+        elif "origin" not in vary.lower():
+            headers["Vary"] = vary + ", Origin"
+        if origin is not None:
+            headers.update(cors_headers(origin))
 
     def cors_origin(self, origin: str | None) -> str | None:
         """The ``Access-Control-Allow-Origin`` value for ``origin``, None if not allowed."""
@@ -219,8 +235,7 @@ class _Exchange(httputil.HTTPMessageDelegate):
             resp = Response.error(
                 from_exception(exc, f"{start.method} {start.path.partition('?')[0]}")
             )
-        if origin is not None:
-            resp.headers.update(cors_headers(origin))
+        self._server.add_cors(resp.headers, origin)
         resp.headers["X-Request-Id"] = self._id
         self._write(resp)
 
@@ -324,14 +339,11 @@ def unauthorized(refused: AuthError) -> Response:
 
 
 def cors_headers(origin: str) -> dict[str, str]:
-    """The headers of an answer to an allowed ``origin``."""
-    headers = {
+    """The headers of an answer to an allowed ``origin`` (``Vary``: `CoreHTTP.add_cors`)."""
+    return {
         "Access-Control-Allow-Origin": origin,
         "Access-Control-Expose-Headers": _CORS_EXPOSED,
     }
-    if origin != "*":
-        headers["Vary"] = "Origin"
-    return headers
 
 
 def _remote_ip(conn: httputil.HTTPConnection) -> str:

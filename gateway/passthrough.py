@@ -96,6 +96,13 @@ _NAME = re.compile(rb"(?m)^([^:\r\n]+):")
 _REASONS = {status: phrase.encode("ascii") for status, phrase in REASONS.items()}
 
 
+def _varied(answer: bytes) -> bytes:
+    """A verbatim answer with ``Vary: Origin`` after its status line (CORS origins named:
+    every answer's headers depend on Origin, an answer to no Origin too)."""
+    end = answer.index(b"\r\n") + 2
+    return answer[:end] + b"Vary: Origin\r\n" + answer[end:]
+
+
 class Verbatim:
     """An answer to pass on as it came: its status and all its bytes."""
 
@@ -315,7 +322,8 @@ class ForwardConnection(RestConnection):
                 return
             if isinstance(result, Verbatim):
                 request = pending.request
-                self._send(request, result.data)
+                data = result.data if not self._api.cors_origins else _varied(result.data)
+                self._send(request, data)
                 self._logged(request.method, pending.path, status, pending.rid, pending.t0)
             else:
                 self._answer_with(pending, response_of(result))
