@@ -200,3 +200,23 @@ def test_usable_key_files_and_host_start(tmp_path):
         finally:
             process.send_signal(signal.SIGTERM)
             process.wait(30 * UNIT)
+
+
+@pytest.mark.parametrize("program", ["gateway", "core"])
+@pytest.mark.parametrize("secret", ["hunter2", "s" * 31, "é" * 15 + "s"])
+def test_a_weak_jwt_secret_stops_the_process_with_one_line(program, secret, tmp_path):
+    """Found by the operations review of 2026-12-02: any ``JWT_SECRET`` was taken, ``secret``
+    too. An HS256 key needs 256 bits (RFC 7518 section 3.2): a short one is found offline from
+    one token a user holds, and then every token of anyone (an admin's) can be forged."""
+    result = _start(program, {"JWT_SECRET": secret}, tmp_path)
+    size = len(secret.encode())
+    _one_line(result, f"JWT_SECRET: {size} bytes is too short for an HMAC key: use 32 bytes")
+    assert secret not in result.stderr  # the line never shows the secret
+
+
+def test_a_secret_of_32_bytes_is_taken_wherever_settings_are_made():
+    assert Settings(jwt_secret="é" * 16).jwt_secret == "é" * 16  # 32 bytes, 16 characters
+    with pytest.raises(SettingsError, match=r"^JWT_SECRET: 31 bytes is too short"):
+        Settings(jwt_secret="s" * 31)  # the Lambda handler and tests make Settings directly
+    with pytest.raises(SettingsError, match=r"^JWT_SECRET: 6 bytes is too short"):
+        Settings.from_env({"JWT_SECRET": "secret"})
