@@ -21,6 +21,7 @@ from core.infra.keys import ensure_key_material
 from core.infra.logs import configure_logging
 from core.infra.runtime import run, wait_for_stop_signal
 from core.infra.settings import Settings, SettingsError
+from core.infra.startup import check_keys, check_listen
 from core.infra.workers import Worker, supervise, worker_count
 from core.migrate import SchemaError, migrate
 from core.server import CoreServer
@@ -116,6 +117,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         settings = Settings.from_env()
+        if args.command in (None, "serve"):
+            check_keys(settings)
+            check_listen(settings)
     except SettingsError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
         return 2

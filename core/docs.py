@@ -13,10 +13,11 @@ from typing import Any
 import tornado.web
 from openapi_ui_bundles import redoc, swagger_ui
 
+from core.errormap import JsonErrors
 from core.openapi import document
 from core.routing import Route
 
-__all__ = ["DocsHandler", "doc_routes", "jwks_route"]
+__all__ = ["DocsHandler", "StaticFiles", "doc_routes", "jwks_route"]
 
 
 _SWAGGER = """<!DOCTYPE html>
@@ -50,8 +51,8 @@ DESCRIPTION = (
 )
 
 
-class DocsHandler(tornado.web.RequestHandler):
-    """Serves one prebuilt document (the OpenAPI JSON or a UI page)."""
+class DocsHandler(JsonErrors):
+    """Serves one prebuilt document (the OpenAPI JSON or a UI page); errors are JSON."""
 
     def initialize(self, content: bytes, content_type: str) -> None:
         self.content = content
@@ -60,6 +61,10 @@ class DocsHandler(tornado.web.RequestHandler):
     def get(self) -> None:
         self.set_header("Content-Type", self.content_type)
         self.finish(self.content)
+
+
+class StaticFiles(JsonErrors, tornado.web.StaticFileHandler):
+    """Tornado's static files, whose errors (405, 404, 403) are the one JSON body, not HTML."""
 
 
 def jwks_route(jwks: dict[str, Any]) -> tuple[str, type[DocsHandler], dict[str, Any]]:
@@ -73,7 +78,7 @@ def doc_routes(routes: tuple[Route, ...], title: str, version: str) -> list[Any]
     """``/openapi.json``, ``/docs`` (Swagger UI) and ``/redoc``, all from package files."""
     doc = document(routes, title=title, version=version, description=DESCRIPTION)
     spec = json.dumps(doc, indent=1).encode()
-    static = tornado.web.StaticFileHandler
+    static = StaticFiles
     return [
         (r"/openapi\.json", DocsHandler, {"content": spec, "content_type": "application/json"}),
         (r"/docs/?", DocsHandler,

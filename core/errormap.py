@@ -20,12 +20,14 @@ from core.infra.errors import (
     ApiError,
     Conflict,
     ErrorDetail,
+    NotFound,
     Unavailable,
     ValidationFailed,
     default_code,
 )
+from core.infra.ids import request_id_of
 
-__all__ = ["JsonErrors", "from_exception", "write_error"]
+__all__ = ["JsonErrors", "NotFoundHandler", "from_exception", "write_error"]
 
 log = logging.getLogger("core.errormap")
 
@@ -84,6 +86,8 @@ def write_error(handler: tornado.web.RequestHandler, status: int, exc_info: obje
 
     ``exc_info`` is what Tornado passes; without an exception (a handler
     called ``send_error`` itself), the answer is ``status`` with its code.
+    The answer carries ``X-Request-Id`` as the REST answers do: the caller's
+    when it is a sane one, else a new one.
     """
     exc = exc_info[1] if isinstance(exc_info, tuple) and len(exc_info) == 3 else None
     if isinstance(exc, BaseException):
@@ -93,9 +97,12 @@ def write_error(handler: tornado.web.RequestHandler, status: int, exc_info: obje
     handler.set_status(err.status)
     for name, value in err.headers.items():
         handler.set_header(name, value)
-    if err.status == 401:
+    if err.status == 401 and "WWW-Authenticate" not in err.headers:
         handler.set_header("WWW-Authenticate", "Bearer")
     handler.set_header("Content-Type", "application/json")
+    handler.set_header(
+        "X-Request-Id", request_id_of(handler.request.headers.get("X-Request-Id", ""))
+    )
     handler.finish(err.body())
 
 
@@ -112,3 +119,11 @@ class JsonErrors(tornado.web.RequestHandler):
 
     def log_exception(self, *args: Any) -> None:
         pass
+
+
+class NotFoundHandler(JsonErrors):
+    """The ``default_handler_class`` of every `tornado.web.Application` here: a path no
+    route takes is the one JSON 404, whatever the method (Tornado's own is an HTML page)."""
+
+    def prepare(self) -> None:
+        raise NotFound(f"no route for {self.request.path}")

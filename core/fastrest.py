@@ -68,11 +68,10 @@ from core.errormap import from_exception
 from core.http import (
     REASONS,
     CoreHTTP,
-    cors_headers,
     is_api_path,
-    request_id_of,
 )
 from core.infra.adoption import Adopted, take_over
+from core.infra.ids import request_id_of
 from core.infra.listener import Listener
 from core.request import Response
 
@@ -498,8 +497,7 @@ class RestConnection(Adopted):
         t0: float,
     ) -> None:
         """Write ``resp`` (CORS and the request id added) and log it; then the next request."""
-        if origin is not None:
-            resp.headers.update(cors_headers(origin))
+        self._api.add_cors(resp.headers, origin)
         resp.headers["X-Request-Id"] = rid
         try:
             data = answer_bytes(resp, request.method, self._api.date(), request.close)

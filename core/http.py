@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import time
 from collections.abc import Coroutine, Mapping
 from email.utils import formatdate
@@ -30,7 +29,7 @@ from tornado.routing import AnyMatches, PathMatches, Rule, RuleRouter
 from core.errormap import from_exception
 from core.infra.errors import ApiError, NotFound, PayloadTooLarge
 from core.infra.identity import AuthError, Identity, token_from_header
-from core.infra.ids import unique_hex
+from core.infra.ids import request_id_of
 from core.infra.tasks import TaskSet
 from core.infra.verify import Verifier
 from core.request import Request, Response
@@ -44,7 +43,6 @@ __all__ = [
     "cors_headers",
     "is_api_path",
     "make_request",
-    "request_id_of",
     "unauthorized",
 ]
 
@@ -53,7 +51,6 @@ access_log = logging.getLogger("gateway.access")
 
 #: Reason phrases of the status lines written.
 REASONS = {s.value: s.phrase for s in HTTPStatus}
-_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 _NO_BODY = frozenset({204, 304})
 
 
@@ -88,7 +85,10 @@ class CoreHTTP(httputil.HTTPServerConnectionDelegate):
     script needs exposed; a preflight (``OPTIONS`` with
     ``Access-Control-Request-Method``) is answered 204 with the path's methods.
     Tokens travel in ``Authorization``, never in cookies, so credentials are
-    not allowed.
+    not allowed. With any origin named, every answer (to no ``Origin``, a
+    refused one, an error, a preflight) carries ``Vary: Origin``
+    (`add_cors`): its headers depend on it, so a shared cache must not give
+    one origin's answer to another.
     """
 
     def __init__(
@@ -136,6 +136,19 @@ class CoreHTTP(httputil.HTTPServerConnectionDelegate):
         if authorization is None or self.core.router.is_public(method, path):
             return None
         return self.verifier.verify(token_from_header(authorization) or "")
+
+    def add_cors(self, headers: dict[str, str], origin: str | None) -> None:
+        """Add to an answer's ``headers`` what CORS asks: ``Vary: Origin`` whenever origins
+        are named, and the allowed ``origin``'s headers (`cors_origin`'s value, or None)."""
+        if not self.cors_origins:
+            return
+        vary = headers.get("Vary")
+        if not vary:
+            headers["Vary"] = "Origin"
+        elif "origin" not in vary.lower():
+            headers["Vary"] = vary + ", Origin"
+        if origin is not None:
+            headers.update(cors_headers(origin))
 
     def cors_origin(self, origin: str | None) -> str | None:
         """The ``Access-Control-Allow-Origin`` value for ``origin``, None if not allowed."""
@@ -222,8 +235,7 @@ class _Exchange(httputil.HTTPMessageDelegate):
             resp = Response.error(
                 from_exception(exc, f"{start.method} {start.path.partition('?')[0]}")
             )
-        if origin is not None:
-            resp.headers.update(cors_headers(origin))
+        self._server.add_cors(resp.headers, origin)
         resp.headers["X-Request-Id"] = self._id
         self._write(resp)
 
@@ -326,20 +338,12 @@ def unauthorized(refused: AuthError) -> Response:
     )
 
 
-def request_id_of(given: str) -> str:
-    """The caller's ``X-Request-Id`` when it is a sane one, else a new one."""
-    return given if given and _REQUEST_ID.fullmatch(given) else unique_hex(16)
-
-
 def cors_headers(origin: str) -> dict[str, str]:
-    """The headers of an answer to an allowed ``origin``."""
-    headers = {
+    """The headers of an answer to an allowed ``origin`` (``Vary``: `CoreHTTP.add_cors`)."""
+    return {
         "Access-Control-Allow-Origin": origin,
         "Access-Control-Expose-Headers": _CORS_EXPOSED,
     }
-    if origin != "*":
-        headers["Vary"] = "Origin"
-    return headers
 
 
 def _remote_ip(conn: httputil.HTTPConnection) -> str:

@@ -21,12 +21,13 @@ from tornado.netutil import bind_sockets
 from core import __version__
 from core.bodylimits import RouteLimits
 from core.docs import doc_routes, jwks_route
+from core.errormap import JsonErrors, NotFoundHandler
 from core.fastrest import FastRest
 from core.http import CoreHTTP, api_router
 from core.infra.broker import CONTROL, Broker, Position, make_broker
 from core.infra.clientip import TrustedProxies
 from core.infra.control import decode as decode_control
-from core.infra.errors import error_body
+from core.infra.errors import ApiError
 from core.infra.history import HistoryPolicy, HistoryPublisher
 from core.infra.identity import Identity
 from core.infra.keys import ensure_key_material
@@ -52,7 +53,7 @@ __all__ = ["CoreServer", "StandaloneCore"]
 log = logging.getLogger("core")
 
 
-class _Health(tornado.web.RequestHandler):
+class _Health(JsonErrors):
     """``/healthz`` (no check), ``/readyz`` (PostgreSQL, asked at most once a second)."""
 
     def initialize(self, check: SharedCheck[bool] | None = None) -> None:
@@ -65,7 +66,7 @@ class _Health(tornado.web.RequestHandler):
         self.finish(b'{"status":"ok"}' if ok else b'{"status":"unavailable","database":false}')
 
 
-class _Metrics(tornado.web.RequestHandler):
+class _Metrics(JsonErrors):
     """The core's own Prometheus metrics: REST durations, the pool, the process.
 
     With worker processes (``WORKERS``), every worker's samples, labelled by
@@ -78,12 +79,7 @@ class _Metrics(tornado.web.RequestHandler):
 
     def get(self) -> None:
         if not scrape_allowed(self.token, self.request.headers.get("Authorization")):
-            self.set_status(401)
-            for name, value in METRICS_CHALLENGE.items():
-                self.set_header(name, value)
-            self.set_header("Content-Type", "application/json")
-            self.finish(error_body(401, "unauthorized", METRICS_REFUSED))
-            return
+            raise ApiError(401, "unauthorized", METRICS_REFUSED, headers=METRICS_CHALLENGE)
         self.set_header("Content-Type", CONTENT_TYPE_LATEST)
         self.finish(generate_latest(scrape_view(self.registry, time.time())))
 
@@ -181,7 +177,9 @@ class CoreServer:
             *doc_routes(core.routes, "tornado-gateway REST core", __version__),
             jwks_route(core.accounts.issuer.jwks()),
         ]
-        app = tornado.web.Application(handlers, log_function=log_request)
+        app = tornado.web.Application(
+            handlers, default_handler_class=NotFoundHandler, log_function=log_request
+        )
         # The gateway's listener: header timeout, pending cap, body limits, trusted proxies.
         policy = RouteLimits(settings, stack.api.verifier, core.router, app)
         proxies = TrustedProxies(settings.trusted_proxies, settings.forwarded_header)

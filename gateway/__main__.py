@@ -18,6 +18,7 @@ from core.infra.logs import configure_logging
 from core.infra.mint import mint_token
 from core.infra.runtime import raise_file_limit, run, wait_for_stop_signal
 from core.infra.settings import Settings, SettingsError
+from core.infra.startup import check_keys, check_listen
 from core.infra.workers import Worker, supervise, worker_count
 from core.migrate import SchemaError
 from gateway.app import make_app
@@ -183,6 +184,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         settings = Settings.from_env()
+        if args.command != "keygen":
+            check_keys(settings)
+        if args.command in (None, "run"):
+            check_listen(settings)
     except SettingsError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
         return 2

@@ -26,12 +26,12 @@ from tornado.routing import AnyMatches, PathMatches, Rule, RuleRouter
 from core import __version__
 from core.bodylimits import RouteLimits
 from core.docs import doc_routes, jwks_route
+from core.errormap import NotFoundHandler
 from core.fastrest import FastRest
 from core.http import CoreHTTP, api_router
 from core.infra.broker import Broker, make_broker
 from core.infra.clientip import TrustedProxies
 from core.infra.control import ControlMessage
-from core.infra.errors import ApiError
 from core.infra.history import HistoryPolicy
 from core.infra.identity import Identity
 from core.infra.keyring import KeyRing
@@ -52,7 +52,6 @@ from gateway.context import Context
 from gateway.demo import browser_routes
 from gateway.endpoints import (
     HealthHandler,
-    JsonHandler,
     MetricsHandler,
     PublishHandler,
     ReadyHandler,
@@ -83,11 +82,6 @@ from proto.deflate import Compressor
 __all__ = ["Gateway", "make_app"]
 
 log = logging.getLogger("gateway")
-
-
-class NotFoundHandler(JsonHandler):
-    def prepare(self) -> None:
-        raise ApiError(404, "not_found", f"no route for {self.request.path}")
 
 
 class Gateway:
@@ -393,7 +387,6 @@ async def make_app(
     app = tornado.web.Application(
         routes(ctx, server_api.routes),
         default_handler_class=NotFoundHandler,
-        default_handler_args={"ctx": ctx},
         log_function=log_request,
     )
     return Gateway(settings, ctx, app, server_api)

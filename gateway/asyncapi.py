@@ -16,13 +16,16 @@ from __future__ import annotations
 
 import enum
 import inspect
+import ipaddress
 import json
+import re
 import typing
+from collections import OrderedDict
 from typing import Any, Final
 
 import msgspec
 
-from core.docs import DocsHandler
+from core.errormap import JsonErrors
 from proto import (
     APP_CLOSES,
     APP_ERRORS,
@@ -45,7 +48,15 @@ from proto import (
 )
 from proto.codec import JSON, MSGPACK
 
-__all__ = ["COMMANDS", "PUSHES", "asyncapi_route", "document"]
+__all__ = [
+    "COMMANDS",
+    "PUSHES",
+    "AsyncAPIHandler",
+    "Documents",
+    "asyncapi_route",
+    "document",
+    "valid_host",
+]
 
 #: Client commands, in the order of docs/protocol.md.
 COMMANDS: Final[tuple[type[msgspec.Struct], ...]] = typing.get_args(Command)
@@ -428,7 +439,8 @@ def _operations() -> dict[str, Any]:
 
 
 def document(version: str, host: str = "127.0.0.1:8888") -> dict[str, Any]:
-    """The AsyncAPI 3.0 document; ``host`` is the default of the servers' ``host`` variable."""
+    """The AsyncAPI 3.0 document; ``host`` is the default of the servers' ``host`` variable
+    (served: the host the client reached, `Documents`)."""
     variables = {"host": {"default": host, "description": "The gateway's host and port."}}
     security = [
         _ref("#/components/securitySchemes/bearer"),
@@ -473,11 +485,82 @@ def document(version: str, host: str = "127.0.0.1:8888") -> dict[str, Any]:
     }
 
 
-def asyncapi_route(version: str, host: str) -> tuple[str, type[DocsHandler], dict[str, Any]]:
-    """``/asyncapi.json``, built once."""
-    content = json.dumps(document(version, host), indent=1).encode()
-    return (
-        r"/asyncapi\.json",
-        DocsHandler,
-        {"content": content, "content_type": "application/json"},
-    )
+class Documents:
+    """The served document's bytes by the ``host`` its servers name, at most `LIMIT` kept.
+
+    The document is encoded once, with a marker where the host goes; each
+    distinct host is one ``replace`` of it, kept (least recently asked first
+    out) so that the clients of one deployment, all naming one host, cost
+    nothing after the first.
+    """
+
+    #: Distinct hosts kept: a deployment is reached under a few names, a flood under many.
+    LIMIT = 16
+    _MARK = "\x00host\x00"
+
+    def __init__(self, version: str, fallback: str) -> None:
+        self.fallback = fallback
+        encoded = json.dumps(document(version, self._MARK), indent=1).encode()
+        self._template = encoded
+        self._mark = json.dumps(self._MARK).encode()
+        self._bodies: OrderedDict[str, bytes] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._bodies)
+
+    def body(self, host_header: str | None) -> bytes:
+        """The document naming ``host_header`` when it is a valid ``host[:port]``, else the
+        configured host (a crafted ``Host`` puts nothing of its own in the document)."""
+        host = host_header if host_header is not None and valid_host(host_header) else None
+        host = host or self.fallback
+        body = self._bodies.get(host)
+        if body is None:
+            body = self._template.replace(self._mark, json.dumps(host).encode())
+            self._bodies[host] = body
+            if len(self._bodies) > self.LIMIT:
+                self._bodies.popitem(last=False)
+        else:
+            self._bodies.move_to_end(host)
+        return body
+
+
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_HOST = re.compile(
+    rf"(?:{_LABEL}(?:\.{_LABEL})*\.?|\[(?P<ip6>[0-9A-Fa-f:.]{{2,45}})\])(?::(?P<port>[0-9]{{1,5}}))?"
+)
+
+
+def valid_host(value: str) -> bool:
+    """Whether ``value`` is a DNS name, an IPv4 address or a bracketed IPv6 address, with an
+    optional port: what a client may be told to connect to."""
+    found = _HOST.fullmatch(value)
+    if found is None or len(value) > 261:  # 253 for the name, ":65535"
+        return False
+    port = found.group("port")
+    if port is not None and not 0 < int(port) <= 65535:
+        return False
+    ip6 = found.group("ip6")
+    if ip6 is not None:
+        try:
+            ipaddress.IPv6Address(ip6)
+        except ValueError:
+            return False
+    return True
+
+
+class AsyncAPIHandler(JsonErrors):
+    """``GET /asyncapi.json``: the servers' ``host`` is the one the client reached (`Documents`)."""
+
+    def initialize(self, documents: Documents) -> None:
+        self.documents = documents
+
+    def get(self) -> None:
+        self.set_header("Content-Type", "application/json")
+        self.finish(self.documents.body(self.request.headers.get("Host")))
+
+
+def asyncapi_route(
+    version: str, host: str
+) -> tuple[str, type[AsyncAPIHandler], dict[str, Documents]]:
+    """``/asyncapi.json``, encoded once; ``host`` when the request's ``Host`` is not valid."""
+    return (r"/asyncapi\.json", AsyncAPIHandler, {"documents": Documents(version, host)})

@@ -18,6 +18,8 @@ from typing import Any
 
 import tornado.web
 
+from core.errormap import JsonErrors
+
 __all__ = ["STATIC_DIR", "BrowserFileHandler", "browser_routes"]
 
 STATIC_DIR = Path(__file__).resolve().with_name("static")
@@ -36,8 +38,10 @@ _PAGE_POLICY = (
 )
 
 
-class BrowserFileHandler(tornado.web.StaticFileHandler):
-    """One of the files in gateway/static/: ``filename``, or the one the URL names."""
+class BrowserFileHandler(JsonErrors, tornado.web.StaticFileHandler):
+    """One of the files in gateway/static/: ``filename``, or the one the URL names.
+
+    Its errors (a method other than GET or HEAD: 405) are the one JSON body, not HTML."""
 
     def initialize(self, path: str, filename: str | None = None) -> None:  # type: ignore[override]
         super().initialize(path)

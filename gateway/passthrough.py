@@ -50,9 +50,10 @@ from typing import Any
 
 from core.errormap import from_exception
 from core.fastrest import FastRest, RestConnection, RestRequest
-from core.http import REASONS, make_request, request_id_of, unauthorized
+from core.http import REASONS, make_request, unauthorized
 from core.infra.errors import ApiError
 from core.infra.identity import AuthError, Identity
+from core.infra.ids import request_id_of
 from core.infra.listener import Listener
 from core.request import Response
 from gateway.corepool import (
@@ -93,6 +94,13 @@ _VERBATIM = re.compile(
 )
 _NAME = re.compile(rb"(?m)^([^:\r\n]+):")
 _REASONS = {status: phrase.encode("ascii") for status, phrase in REASONS.items()}
+
+
+def _varied(answer: bytes) -> bytes:
+    """A verbatim answer with ``Vary: Origin`` after its status line (CORS origins named:
+    every answer's headers depend on Origin, an answer to no Origin too)."""
+    end = answer.index(b"\r\n") + 2
+    return answer[:end] + b"Vary: Origin\r\n" + answer[end:]
 
 
 class Verbatim:
@@ -314,7 +322,8 @@ class ForwardConnection(RestConnection):
                 return
             if isinstance(result, Verbatim):
                 request = pending.request
-                self._send(request, result.data)
+                data = result.data if not self._api.cors_origins else _varied(result.data)
+                self._send(request, data)
                 self._logged(request.method, pending.path, status, pending.rid, pending.t0)
             else:
                 self._answer_with(pending, response_of(result))

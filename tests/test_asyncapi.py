@@ -7,6 +7,7 @@ the repository).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -27,7 +28,7 @@ from core.infra.broker import BrokerUnavailable
 from core.infra.identity import AuthError, Identity
 from core.infra.metrics import Metrics
 from core.infra.rate import Rate
-from gateway.asyncapi import COMMANDS, PUSHES, document
+from gateway.asyncapi import COMMANDS, PUSHES, Documents, document
 from gateway.hub import Hub
 from gateway.node import Node
 from gateway.session import Session
@@ -65,6 +66,7 @@ from proto import (
     Unsubscribed,
 )
 from tests.harness import ApiClient, running_gateway
+from tests.servers import UNIT
 from tests.test_session import RecordingBroker, RecordingTransport
 
 PARSER_DIR = Path(
@@ -231,8 +233,53 @@ async def test_served_and_linked_from_the_rest_docs():
         finally:
             api.close()
     assert status == 200 and headers["Content-Type"] == "application/json"
-    assert served == document(__version__, "127.0.0.1:0")
+    assert served == document(__version__, f"127.0.0.1:{gw.port}")  # the host asked
     assert "(/asyncapi.json)" in openapi["info"]["description"]
+
+
+async def _served_host(port: int, host: bytes | None) -> Any:
+    """The servers' ``host`` default of ``/asyncapi.json`` asked with ``Host: host``."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        field = b"" if host is None else b"Host: " + host + b"\r\n"
+        version = b"HTTP/1.0" if host is None else b"HTTP/1.1"
+        writer.write(
+            b"GET /asyncapi.json " + version + b"\r\n" + field + b"Connection: close\r\n\r\n"
+        )
+        answer = await asyncio.wait_for(reader.read(), 5 * UNIT)
+    finally:
+        writer.close()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith((b"HTTP/1.1 200", b"HTTP/1.0 200")), head
+    servers = json.loads(body)["servers"]
+    hosts = {s["variables"]["host"]["default"] for s in servers.values()}
+    assert len(hosts) == 1, hosts
+    return hosts.pop()
+
+
+async def test_the_document_names_the_host_the_client_reached():
+    """Found by the operations review of 2026-12-02: the servers' ``host`` was the bind address,
+    ``0.0.0.0:8888`` with ``HOST=0.0.0.0`` (every container), of no use to a reader or a
+    generated client. It is the request's ``Host`` when that is a valid host[:port]; anything
+    else (which Tornado lets through) puts nothing of its own in the document."""
+    async with running_gateway(host="0.0.0.0") as gw:
+        configured = f"{gw.settings.host}:{gw.settings.port}"  # 0.0.0.0:0: as configured
+        for asked in (b"gw.example.com", b"gw.example.com:443", b"10.1.2.3:8888", b"[::1]:8888"):
+            assert await _served_host(gw.port, asked) == asked.decode()
+        crafted = [b"evil(1)", b"a%20b", b"x*y", b"it's", b"a_b.example", b"gw:99999", b"[::zz]"]
+        for asked in crafted:
+            assert await _served_host(gw.port, asked) == configured, asked
+        assert await _served_host(gw.port, None) == configured  # HTTP/1.0, no Host
+
+
+def test_documents_are_cached_per_host_and_bounded():
+    documents = Documents("1.0.0", "127.0.0.1:8888")
+    first = documents.body("gw.example.com")
+    assert documents.body("gw.example.com") is first  # built once per host
+    for i in range(5 * Documents.LIMIT):
+        documents.body(f"h{i}.example")
+    assert len(documents) == Documents.LIMIT
+    assert json.loads(documents.body("h0.example")) == document("1.0.0", "h0.example")
 
 
 _PARSE = """

@@ -226,7 +226,7 @@ def test_embedded_secret_is_generated_once_and_reused(tmp_path, caplog):
     assert (tmp_path / "jwt-secret").stat().st_mode & 0o777 == 0o600
     assert "JWT_SECRET is not set" in caplog.text
     assert first.jwt_secret not in caplog.text
-    configured = Settings(jwt_secret="x", data_dir=str(tmp_path / "other"))
+    configured = Settings(jwt_secret="x" * 32, data_dir=str(tmp_path / "other"))
     assert ensure_key_material(configured) is configured
 
 

@@ -172,7 +172,9 @@ async def test_a_second_gateway_cannot_share_a_port_in_use(spawn):
     # SO_REUSEPORT would let it: the two would split the port's connections.
     gp = spawn(WORKERS="2")
     await logged(gp, LISTENING, 2)
-    with pytest.raises(RuntimeError, match=r"cannot listen on .*Address already in use"):
+    with pytest.raises(
+        RuntimeError, match=r"configuration error: PORT: .* is in use .*Address already in use"
+    ):
         spawn(WORKERS="2", PORT=str(gp.port))
 
 

@@ -17,7 +17,7 @@ just enough of the gateway's protocol for ``gateway.loadtest``:
 uvicorn runs with its defaults: one worker, uvloop and httptools when they are
 installed, and its default WebSocket implementation (built on ``websockets``).
 
-    JWT_SECRET=bench-secret REDIS_URL=redis://127.0.0.1:6379/0 \\
+    JWT_SECRET=bench-secret-0123456789abcdef-0123456789 REDIS_URL=redis://127.0.0.1:6379/0 \\
     python -m bench.peers.fastapi_broadcast --port 8003
 """
 
@@ -91,7 +91,7 @@ async def relay(pubsub: PubSub) -> None:
 
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-    app.state.jwt_secret = os.environ.get("JWT_SECRET", "bench-secret")
+    app.state.jwt_secret = os.environ.get("JWT_SECRET", "bench-secret-0123456789abcdef-0123456789")
     redis = aioredis.Redis.from_url(os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"))
     pubsub = redis.pubsub(ignore_subscribe_messages=True)
     await pubsub.psubscribe(PREFIX + "*")

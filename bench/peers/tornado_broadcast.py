@@ -13,7 +13,7 @@ just enough of the gateway's protocol for ``gateway.loadtest``:
   the channel's waiters as ``{"op":"msg","ch":"<ch>","data":<payload>}``;
 * ``GET /healthz`` answers ``{"status": "ok"}``.
 
-    JWT_SECRET=bench-secret REDIS_URL=redis://127.0.0.1:6379/0 \\
+    JWT_SECRET=bench-secret-0123456789abcdef-0123456789 REDIS_URL=redis://127.0.0.1:6379/0 \\
     python -m bench.peers.tornado_broadcast --port 8002
 """
 
@@ -114,7 +114,7 @@ async def main(host: str, port: int) -> None:
     redis = aioredis.Redis.from_url(os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"))
     pubsub = redis.pubsub(ignore_subscribe_messages=True)
     await pubsub.psubscribe(PREFIX + "*")
-    app = make_app(os.environ.get("JWT_SECRET", "bench-secret"))
+    app = make_app(os.environ.get("JWT_SECRET", "bench-secret-0123456789abcdef-0123456789"))
     app.listen(port, host)
     try:
         await relay(pubsub)

@@ -11,6 +11,12 @@ response was flushed before the read began). What the client had already
 sent is read and dropped first, so that closing sends a FIN after the
 answer rather than a reset that could destroy it.
 
+Tornado answers a request it cannot parse (a malformed request line or
+header, a missing, repeated or malformed ``Host``, a bad ``Content-Length``
+or chunk) with a bare ``400`` of its own, no body and no type; this stream
+writes the JSON error body in its place (`MALFORMED_ANSWER`), so every
+answer a client can get is the one error shape.
+
 It also reads a request's head in time proportional to its size. Tornado's
 stream searches for the head's end (``\r?\n\r?\n``) from the first byte
 buffered every time bytes arrive, twice per read event: 60 KB of head and
@@ -27,6 +33,7 @@ it upgrades to.
 from __future__ import annotations
 
 import logging
+from asyncio import Future
 from collections.abc import Awaitable
 from http import HTTPStatus
 from types import TracebackType
@@ -36,7 +43,7 @@ from tornado.iostream import IOStream, UnsatisfiableReadError
 from core.infra.errors import error_body
 from core.infra.throttled import ThrottledLog
 
-__all__ = ["DRAIN_BYTES", "HTTPStream", "oversized_answer", "unread"]
+__all__ = ["DRAIN_BYTES", "MALFORMED_ANSWER", "HTTPStream", "oversized_answer", "unread"]
 
 log = logging.getLogger("core.infra.listener")
 _log_oversized = ThrottledLog(log)
@@ -66,6 +73,21 @@ def oversized_answer(head: bytes, limit: int) -> bytes:
     return head_lines.encode() + body
 
 
+#: What Tornado's HTTP1Connection writes, and nothing else, to a request it cannot parse.
+_TORNADO_MALFORMED = b"HTTP/1.1 400 Bad Request\r\n\r\n"
+_MALFORMED_BODY = error_body(
+    400, "bad_request", "malformed request: its request line, a header, Host or its body framing"
+)
+#: The answer written in its place (the connection closes after it, as Tornado's).
+MALFORMED_ANSWER = (
+    b"HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\n"
+    b"Content-Length: "
+    + str(len(_MALFORMED_BODY)).encode()
+    + b"\r\nConnection: close\r\n\r\n"
+    + _MALFORMED_BODY
+)
+
+
 #: The head's end as Tornado's HTTP1Connection reads it, and the most bytes a match spans.
 HEAD_END = b"\r?\n\r?\n"
 _HEAD_END_SPAN = 4
@@ -76,6 +98,11 @@ class HTTPStream(IOStream):
     and reads a head in time proportional to its size (not to its size times its packets)."""
 
     _searched = 0  # bytes of the buffer the pending head read has searched in vain
+
+    def write(self, data: bytes | memoryview) -> Future[None]:
+        if data == _TORNADO_MALFORMED:  # Tornado's HTTP1Connection refusing what it read
+            data = MALFORMED_ANSWER
+        return super().write(data)
 
     def read_until_regex(self, regex: bytes, max_bytes: int | None = None) -> Awaitable[bytes]:
         self._searched = 0

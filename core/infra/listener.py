@@ -72,6 +72,7 @@ from tornado.iostream import IOStream, StreamClosedError, UnsatisfiableReadError
 from core.infra.clientip import TrustedProxies, limit_key
 from core.infra.errors import ApiError, PayloadTooLarge, error_body
 from core.infra.httpstream import HTTPStream
+from core.infra.ids import request_id_of
 from core.infra.metrics import Metrics
 from core.infra.proxyprotocol import ProxyHeaderError, read_proxy_header
 from core.infra.requesthead import parse_head, within
@@ -466,11 +467,18 @@ def _close_after_write(stream: IOStream, written: Future[None]) -> None:
     stream.close()
 
 
-def write_refusal(conn: httputil.HTTPConnection, refusal: ApiError, method: str = "GET") -> None:
+def write_refusal(
+    conn: httputil.HTTPConnection,
+    refusal: ApiError,
+    method: str = "GET",
+    request_id: str | None = None,
+) -> None:
     """Answer with ``refusal``'s JSON error body (none to a ``HEAD``: its length only)
     and close once it is written."""
     body = refusal.body()
     out = httputil.HTTPHeaders(refusal.headers)
+    if request_id is not None:
+        out["X-Request-Id"] = request_id
     out["Content-Type"] = "application/json"
     out["Content-Length"] = str(len(body))
     out["Connection"] = "close"
@@ -487,8 +495,8 @@ def write_refusal(conn: httputil.HTTPConnection, refusal: ApiError, method: str 
 class _Guard(httputil.HTTPMessageDelegate):
     """One request's way through the limits, in front of the routed delegate."""
 
-    __slots__ = ("_client", "_conn", "_inner", "_limit", "_listener", "_refused", "_size",
-                 "_start", "_stream")  # fmt: skip
+    __slots__ = ("_client", "_conn", "_headers", "_inner", "_limit", "_listener", "_refused",
+                 "_size", "_start", "_stream")  # fmt: skip
 
     def __init__(
         self,
@@ -505,6 +513,7 @@ class _Guard(httputil.HTTPMessageDelegate):
         self._size = 0
         self._refused = False
         self._start: httputil.RequestStartLine | None = None
+        self._headers: httputil.HTTPHeaders | None = None
         self._client = ""
 
     def headers_received(
@@ -518,6 +527,7 @@ class _Guard(httputil.HTTPMessageDelegate):
         has_body = _has_body(headers)
         listener.reading(self._stream, has_body)
         self._start = start_line
+        self._headers = headers
         # The context outlives this request (keep-alive): resolve from the TCP peer each time.
         context = getattr(self._conn, "context", None)
         peer = str(getattr(context, "_orig_remote_ip", getattr(context, "remote_ip", "")))
@@ -551,7 +561,8 @@ class _Guard(httputil.HTTPMessageDelegate):
 
     def _refuse(self, start: httputil.RequestStartLine, client: str, refusal: ApiError) -> None:
         self._refused = True
-        write_refusal(self._conn, refusal, start.method)
+        given = "" if self._headers is None else self._headers.get("X-Request-Id", "")
+        write_refusal(self._conn, refusal, start.method, request_id_of(given))
         path = start.path.partition("?")[0]
         access_log.warning("%d %s %s (%s) refused before its body", refusal.status, start.method,
                            path, client, extra={"status": refusal.status, "method": start.method,

@@ -19,7 +19,11 @@ from typing import Any
 
 from core.infra.rate import Rate
 
-__all__ = ["Settings", "SettingsError"]
+__all__ = ["MIN_JWT_SECRET_BYTES", "Settings", "SettingsError"]
+
+#: The shortest ``JWT_SECRET``: an HS256 key has at least 256 bits (RFC 7518 section 3.2);
+#: a shorter one can be found offline from any one token, and then any token forged.
+MIN_JWT_SECRET_BYTES = 32
 
 
 class SettingsError(ValueError):
@@ -488,7 +492,10 @@ class Settings:
         _positive_float,
     )
     jwt_secret: str | None = _setting(
-        None, "JWT_SECRET", "HMAC secret for HS256/384/512 tokens.", _optional
+        None,
+        "JWT_SECRET",
+        f"HMAC secret for HS256/384/512 tokens ({MIN_JWT_SECRET_BYTES} bytes or more).",
+        _optional,
     )
     jwt_public_key: str | None = _setting(
         None,
@@ -840,6 +847,12 @@ class Settings:
     )
 
     def __post_init__(self) -> None:
+        if self.jwt_secret is not None and len(self.jwt_secret.encode()) < MIN_JWT_SECRET_BYTES:
+            raise SettingsError(
+                f"JWT_SECRET: {len(self.jwt_secret.encode())} bytes is too short for an HMAC key: "
+                f"use {MIN_JWT_SECRET_BYTES} bytes or more (RFC 7518 section 3.2), e.g. "
+                "python3 -c 'import secrets; print(secrets.token_urlsafe(48))'"
+            )
         if self.db_pool_min > self.db_pool_max:
             raise SettingsError(
                 f"DB_POOL_MIN: {self.db_pool_min} is more than DB_POOL_MAX ({self.db_pool_max})"

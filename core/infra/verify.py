@@ -39,7 +39,7 @@ from core.infra.settings import Settings
 from proto import ADMIN_CHANNEL, Grants, InvalidData, InvalidGrants
 from proto.publication import check_info
 
-__all__ = ["MAX_INFO_BYTES", "Verifier"]
+__all__ = ["MAX_INFO_BYTES", "Verifier", "algorithms_for"]
 
 MAX_INFO_BYTES = 1024
 _EC_ALGS = {"secp256r1": "ES256", "secp384r1": "ES384", "secp521r1": "ES512"}
@@ -48,7 +48,8 @@ _HMAC_HASHES = {"HS256": hashlib.sha256, "HS384": hashlib.sha384, "HS512": hashl
 _PLAIN_HEADER = frozenset({"alg", "typ", "kid"})
 
 
-def _algorithms_for(key: Any) -> tuple[str, ...]:
+def algorithms_for(key: Any) -> tuple[str, ...]:
+    """The JWT algorithms a public ``key`` verifies; `ValueError` for a type none does."""
     if isinstance(key, rsa.RSAPublicKey):
         return ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512")
     if isinstance(key, ec.EllipticCurvePublicKey):
@@ -98,7 +99,7 @@ class Verifier:
             if not pem.lstrip().startswith("-----BEGIN"):
                 pem = Path(pem).read_text()
             self._public = load_pem_public_key(pem.encode())
-            self._public_algs = _algorithms_for(self._public)
+            self._public_algs = algorithms_for(self._public)
         if settings.jwt_jwks_file:
             keyset = jwt.PyJWKSet.from_json(Path(settings.jwt_jwks_file).read_text())
             self._jwks = {k.key_id: k for k in keyset.keys if k.key_id}

@@ -9,9 +9,9 @@ channels at ``--rate`` per second through Redis or the gateway's HTTP API,
 and reports connections, connect rate, the server's memory per connection,
 delivery latency, deliveries per second, and whether every socket got every
 publication of its channels exactly once and in order. Example, against
-``make run`` with ``JWT_SECRET=s REDIS_URL=...``::
+``make run`` with ``JWT_SECRET=$SECRET REDIS_URL=...`` (32 bytes or more)::
 
-    python -m gateway.loadtest --secret s --connections 10000 --rate 20 --messages 200
+    python -m gateway.loadtest --secret "$SECRET" --connections 10000 --rate 20 --messages 200
 
 Each publication carries its channel, its sequence number in that channel
 and its send time, so every delivery is timed (wall clock: the tool and the

@@ -52,6 +52,7 @@ from core.errormap import from_exception
 from core.infra.errors import ApiError
 from core.infra.httpstream import unread
 from core.infra.identity import Identity
+from core.infra.ids import request_id_of
 from core.infra.logs import redact
 from core.infra.tasks import TaskSet
 from gateway.context import Context
@@ -218,7 +219,7 @@ async def _handshake_on(
         log.info("socket closed at once by the connect hook: %d", goodbye.code)
         return
     except Exception as exc:
-        _refuse(io, start, exc)
+        _refuse(io, start, headers, exc)
         return
     taken = io.take()
     if taken is not None:
@@ -239,7 +240,7 @@ def _handshake_now(
         identity = admit_now(ctx, remote_ip, headers, _query_token(start))
         codec, agreement, response = _handshake(ctx, start, headers)
     except Exception as exc:
-        _refuse(io, start, exc)
+        _refuse(io, start, headers, exc)
         return
     sock, early = io.take()
     tasks.spawn(_upgrade(ctx, sock, early, identity, codec, response, remote_ip, agreement))
@@ -256,12 +257,18 @@ def _query_token(start: httputil.RequestStartLine) -> str | None:
     return parse_qs(query).get("token", [None])[0] if query else None
 
 
-def _refuse(io: _Detached | _Accepted, start: httputil.RequestStartLine, exc: Exception) -> None:
+def _refuse(
+    io: _Detached | _Accepted,
+    start: httputil.RequestStartLine,
+    headers: httputil.HTTPHeaders,
+    exc: Exception,
+) -> None:
     """Answer ``io`` with the refusal ``exc`` stands for, and close it."""
     refusal = exc if isinstance(exc, ApiError) else from_exception(exc, "the WebSocket handshake")
     # A refused upgrade ends the connection, as python-websockets does:
     # what the client sent behind its request are frames, not a request.
-    io.answer(_refusal(refusal, head_only=start.method == "HEAD"))
+    request_id = request_id_of(headers.get("X-Request-Id", ""))
+    io.answer(_refusal(refusal, request_id, head_only=start.method == "HEAD"))
     access_log.warning("%d %s %s", refusal.status_code, start.method, redact(start.path))
 
 
@@ -293,11 +300,11 @@ async def _upgrade(
     transport.set_write_buffer_limits(high=settings.send_buffer_bytes)
 
 
-def _refusal(exc: ApiError, head_only: bool) -> bytes:
+def _refusal(exc: ApiError, request_id: str, head_only: bool) -> bytes:
     """The response refusing an upgrade: the JSON error body, then the connection closes."""
     status = exc.status_code
     body = exc.body()
-    headers = {**exc.headers, "Content-Type": "application/json",
+    headers = {**exc.headers, "X-Request-Id": request_id, "Content-Type": "application/json",
                "Content-Length": str(len(body)), "Connection": "close"}  # fmt: skip
     if status == 401:
         headers["WWW-Authenticate"] = "Bearer"
