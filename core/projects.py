@@ -7,7 +7,8 @@ the owner (``owner_email`` is their e-mail), an admin or an API key with
 Reads hand back the JSON PostgreSQL builds (``project_json``), so the hot
 path decodes no rows in Python. Lists asked for at once share their query
 (`Projects.list`). Writes are validated by `ProjectIn`, and
-each successful one publishes a change event (core/events.py).
+each successful one publishes a change event (core/events.py), stored in
+the outbox by the write's own statement (core/outbox.py).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from core.events import ChangeKind, Events
 from core.idempotency import IDEMPOTENCY_KEY_SCHEMA
 from core.infra.coalesce import Coalescer
 from core.infra.errors import NotFound, PreconditionFailed, ValidationFailed
+from core.outbox import with_events
 from core.paging import ANY, IF_MATCH_SCHEMA, decode_cursor, etag, if_match, none_match, page_body
 from core.request import Request, Response
 from core.routing import HeaderParam, Route, int_param
@@ -76,17 +78,14 @@ from (select p.id, project_json(p) as j, row_number() over (order by p.id) as rn
 _GET = "select project_json(p)::text, p.version from projects p where p.id = $1"
 _COLUMNS = "name, description, owner_email, budget, status, tags, starts_on, ends_on, milestones"
 #: Many creations in one statement (core/batch.py): rows are inserted in the
-#: order given, so ids ascend in that order and the result sorted by id
-#: matches it.
+#: order given, so ids ascend in that order and the result (sorted by id, by
+#: `core.outbox.with_events`) matches it.
 _CREATE_MANY = f"""
-with created as (
-    insert into projects ({_COLUMNS})
-    select {_COLUMNS}
-    from json_populate_recordset(null::projects, $1::json) with ordinality
-    order by ordinality
-    returning id, version, project_json(projects)::text as body
-)
-select id, version, body from created order by id
+insert into projects ({_COLUMNS})
+select {_COLUMNS}
+from json_populate_recordset(null::projects, $1::json) with ordinality
+order by ordinality
+returning id, version, project_json(projects)::text as body
 """
 #: Dates go as ISO text: asyncpg writes date.min and date.max as -infinity and infinity.
 _REPLACE = """
@@ -94,10 +93,11 @@ update projects set name = $2, description = $3, owner_email = $4, budget = $5, 
        tags = $7, starts_on = $8::text::date, ends_on = $9::text::date, milestones = $10::jsonb,
        version = version + 1, updated_at = now()
 where id = $1 and ($11::integer is null or version = $11)
-returning id, version, project_json(projects)::text
+returning id, version, project_json(projects)::text as body
 """
 _DELETE = """
-delete from projects where id = $1 and ($2::integer is null or version = $2) returning version
+delete from projects where id = $1 and ($2::integer is null or version = $2)
+returning id, version, null::text as body
 """
 _VERSION = "select version from projects where id = $1"
 _LOCK = "select project_json(p)::text, p.version from projects p where p.id = $1 for update"
@@ -124,7 +124,12 @@ class Projects:
     def __init__(self, pool: asyncpg.Pool, events: Events) -> None:
         self._pool = pool
         self._events = events
-        self._creations = Batcher(pool, _CREATE_MANY)
+        # Each write returns id, version, body, and its outbox row and call id (or nulls).
+        queue = events.queues
+        self._create = with_events(_CREATE_MANY, "projects", "created", queue=queue)
+        self._replace = with_events(_REPLACE, "projects", "updated", queue=queue)
+        self._delete = with_events(_DELETE, "projects", "deleted", queue=queue)
+        self._creations = Batcher(pool, self._create)
         self._pages: Coalescer[_Page, bytes] = Coalescer(self._read_pages, what="reads")
 
     def routes(self) -> list[Route]:
@@ -186,16 +191,16 @@ class Projects:
 
     async def create(self, req: Request) -> Response:
         await require_owner(self._pool, req.caller, None, req.data.owner_email)
-        id, version, body = await self._creations.submit(_encode_json(req.data))
-        return await self._written("created", id, version, body, 201)
+        row = await self._creations.submit(_encode_json(req.data))
+        return await self._written("created", row, 201)
 
     async def replace(self, req: Request) -> Response:
         id = _id(req)
         async with self._writing(req, id, req.data.owner_email) as conn:
-            row = await conn.fetchrow(_REPLACE, id, *_values(req.data), _expected(req))
+            row = await conn.fetchrow(self._replace, id, *_values(req.data), _expected(req))
             if row is None:
                 await _missing_or_stale(conn, id)
-        return await self._written("updated", *row)
+        return await self._written("updated", row)
 
     async def patch(self, req: Request) -> Response:
         id = _id(req)
@@ -211,16 +216,17 @@ class Projects:
             if expected is not None and expected != version:
                 raise PreconditionFailed()
             merged = _merge(_project.decode(current_json), patch)
-            row = await one(conn, _REPLACE, id, *_values(merged), None)
-        return await self._written("updated", *row)
+            row = await one(conn, self._replace, id, *_values(merged), None)
+        return await self._written("updated", row)
 
     async def delete(self, req: Request) -> Response:
         id = _id(req)
         async with self._writing(req, id, None) as conn:
-            version = await conn.fetchval(_DELETE, id, _expected(req))
-            if version is None:
+            row = await conn.fetchrow(self._delete, id, _expected(req))
+            if row is None:
                 await _missing_or_stale(conn, id)
-        await self._events.changed("projects", "deleted", id, version, None)
+        _, version, _, event, call = row
+        await self._events.changed("projects", "deleted", id, version, None, event, call)
         return Response(204)
 
     @contextlib.asynccontextmanager
@@ -236,11 +242,12 @@ class Projects:
             await require_owner(conn, req.caller, id, new_owner)
             yield conn
 
-    async def _written(
-        self, kind: ChangeKind, id: int, version: int, body: str, status: int = 200
-    ) -> Response:
+    async def _written(self, kind: ChangeKind, row: asyncpg.Record, status: int = 200) -> Response:
+        """The answer to a write that returned ``row`` (see `core.outbox.with_events`), its event
+        published."""
+        id, version, body, event, call = row
         data = body.encode()
-        await self._events.changed("projects", kind, id, version, data)
+        await self._events.changed("projects", kind, id, version, data, event, call)
         headers = {"ETag": etag(version)}
         if status == 201:
             headers["Location"] = f"/api/projects/{id}"

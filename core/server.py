@@ -170,6 +170,9 @@ class CoreServer:
         core.observe = metrics.rest_request
         metrics.watch_pool(core.db.pool, core.db.breaker)
         core.db.on_refused = metrics.db_refused.inc
+        if core.relay is not None:
+            metrics.outbox_pending.set_function(core.relay.count)
+            core.relay.on_relayed = metrics.outbox_relayed.inc
         handlers: list[Any] = [
             (r"/healthz", _Health),
             (r"/readyz", _Health, {"check": SharedCheck(core.db.healthy)}),

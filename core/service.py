@@ -31,8 +31,10 @@ from core.infra.identity import Identity, principal
 from core.infra.ratelimit import MemoryRateLimiter, RateLimiter, over_limit
 from core.infra.revocation import Revocations
 from core.infra.settings import Settings
+from core.outbox import Outbox
 from core.passwords import Passwords
 from core.projects import Projects
+from core.relay import Relay
 from core.request import Request, Response
 from core.routing import Route, Router
 from core.tokens import Issuer
@@ -117,7 +119,10 @@ class Core:
         self.db = db
         #: metrics hook: (route operation id, status, seconds) per request
         self.observe: Callable[[str, int, float], None] | None = None
-        self.events = Events(publisher)
+        #: The outbox (core/outbox.py) and its relay (core/relay.py): only with a publisher.
+        self.outbox = None if publisher is None else Outbox(db.pool)
+        self.events = Events(publisher, self.outbox)
+        self.relay = None if publisher is None else Relay(db.pool, self.events)
         self.revocations = revocations
         self.idempotency = IdempotencyStore(db.pool, settings.idempotency_ttl)
         self.accounts = Accounts(
@@ -132,6 +137,8 @@ class Core:
             asyncio.ensure_future(self._every(600.0, self._purge)),
             asyncio.ensure_future(self._every(self.REVOCATION_SYNC, self.sync)),
         ]
+        if self.relay is not None:
+            self.relay.start()
 
     @classmethod
     async def open(
@@ -171,6 +178,10 @@ class Core:
         for task in self._upkeep:
             task.cancel()
         await asyncio.gather(*self._upkeep, return_exceptions=True)
+        if self.relay is not None:
+            await self.relay.close()
+        if self.outbox is not None:
+            await self.outbox.close()  # rows published here are not published again
         await self.db.close()
 
     async def sync(self) -> None:

@@ -21,6 +21,7 @@ from core.accounts import Revoker
 from core.db import one
 from core.events import Events
 from core.infra.errors import Conflict, NotFound
+from core.outbox import with_events
 from core.paging import decode_cursor, page_body
 from core.projects import IDEMPOTENCY_KEY
 from core.request import Request, Response
@@ -48,11 +49,12 @@ update users set email = coalesce($2, email), display_name = coalesce($3, displa
        updated_at = now()
 where id = $1 returning user_json(users)::text
 """
-#: The projects of a user whose e-mail changed follow them.
+#: The projects of a user whose e-mail changed follow them (with their change
+#: events, queued in the outbox by the same statement: core/outbox.py).
 _MOVE_PROJECTS = """
 update projects set owner_email = $2, version = version + 1, updated_at = now()
 where lower(owner_email) = lower($1)
-returning id, version, project_json(projects)::text
+returning id, version, project_json(projects)::text as body
 """
 _OWNS_PROJECTS = "select exists(select 1 from projects where lower(owner_email) = lower($1))"
 _REVOKE_SESSIONS = """
@@ -73,6 +75,9 @@ class Users:
         self._pool = pool
         self._events = events
         self._revoker = revoker
+        self._move_projects = with_events(
+            _MOVE_PROJECTS, "projects", "updated", queue=events.queues
+        )
 
     def routes(self) -> list[Route]:
         tag = "users"
@@ -130,10 +135,10 @@ class Users:
                     # Projects name that address (a deleted account's, or an owner an
                     # admin recorded): only an admin hands them to someone.
                     raise Conflict(_TAKEN)
-                moved = await conn.fetch(_MOVE_PROJECTS, old, email)
-        for project, version, project_body in moved:
+                moved = await conn.fetch(self._move_projects, old, email)
+        for project, version, project_body, event, call in moved:
             await self._events.changed(
-                "projects", "updated", project, version, project_body.encode()
+                "projects", "updated", project, version, project_body.encode(), event, call
             )
         return Response(200, body.encode())
 

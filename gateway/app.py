@@ -382,6 +382,9 @@ async def make_app(
         metrics.watch_pool(core.db.pool, core.db.breaker)
         core.db.on_refused = metrics.db_refused.inc
         core.observe = metrics.rest_request
+        if core.relay is not None:
+            metrics.outbox_pending.set_function(core.relay.count)
+            core.relay.on_relayed = metrics.outbox_relayed.inc
     server_api = ServerAPI(ServerRoutes(ctx, ops).routes(), settings, limiter)
     server_api.observe = metrics.rest_request
     app = tornado.web.Application(

@@ -265,10 +265,10 @@ class Node:
         return await self.publisher.publish(ch, data, checked=checked, history=history)
 
     async def publish_each(
-        self, channels: Sequence[str], data: bytes
+        self, channels: Sequence[str], data: bytes, *, call: str | None = None
     ) -> list[Position | Exception | None]:
         """`publish` ``data`` on each of ``channels`` at once (`HistoryPublisher.publish_each`)."""
-        return await self.publisher.publish_each(channels, data)
+        return await self.publisher.publish_each(channels, data, call=call)
 
     def seen(self, ch: str) -> Position | None:
         """The last position of ``ch`` that reached this node (None: none yet).

@@ -135,7 +135,10 @@ async def clean_db(database_url: str, core_schema: str) -> dict[str, str]:
     """Empty core tables; returns the settings that point a gateway at them."""
     conn = await asyncpg.connect(database_url)
     try:
-        tables = ("projects", "users", "idempotency_keys", "accounts", "auth_sessions", "api_keys")
+        tables = (
+            "projects", "users", "idempotency_keys", "accounts", "auth_sessions", "api_keys",
+            "outbox",
+        )  # fmt: skip
         names = ", ".join(f'"{core_schema}".{t}' for t in tables)
         await conn.execute(f"truncate {names} restart identity cascade")
     finally:

@@ -288,6 +288,25 @@ async def test_history_keeps_the_last_size_publications(started):
     assert [o for o, _ in entries] == [5, 6, 7] and top is not None and top.offset == 7
 
 
+async def test_a_publication_made_again_with_its_call_id_is_published_once(started):
+    """An outbox row's events, published by their writer and again by a relay (core/relay.py)."""
+    broker, inbox = await started()
+    await broker.subscribe("feed:6")
+    first = await broker.publish_history("feed:6", b"1", 10, 60, call="o1.7")
+    second = await broker.publish_history("feed:6", b"2", 10, 60, call="o2.7")
+    assert await broker.publish_history("feed:6", b"1", 10, 60, call="o1.7") == first
+    (again,) = await broker.publish_many([("feed:6", (10, 60.0))], b"2", "o2.7")
+    assert again == second
+    other = await broker.publish_history("feed:8", b"1", 10, 60, call="o1.7")
+    assert other.offset == 1  # another channel had not seen it
+    entries, _ = await broker.history("feed:6", 0, 10)
+    assert entries == [(1, b"1"), (2, b"2")]
+    await broker.publish_history("feed:6", b"3", 10, 60)  # without one: each call is new
+    await broker.publish_history("feed:6", b"3", 10, 60)
+    await inbox.wait_for(4)
+    assert [p.offset for p in inbox.positions] == [1, 2, 3, 4]
+
+
 async def test_a_channel_without_history_has_no_position(started):
     broker, _ = await started()
     assert await broker.history("never:published", 0, 10) == ([], None)

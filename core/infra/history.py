@@ -84,16 +84,17 @@ class HistoryPublisher:
         return None
 
     async def publish_each(
-        self, channels: Sequence[str], data: bytes
+        self, channels: Sequence[str], data: bytes, *, call: str | None = None
     ) -> list[Position | Exception | None]:
         """`publish` ``data`` on each of ``channels`` (checked once, sent in one
         round trip where the broker can): each one's position, None, or its error.
 
         Raises `proto.InvalidData` (for all) when ``data`` is not publishable.
+        ``call``: the id of this publication on history channels (`Broker.publish_history`).
         """
         data = check_json(data, self.max_bytes)
         policy = self.policy
         history = (policy.size, policy.ttl)
         return await self.broker.publish_many(
-            [(ch, history if policy.applies(ch) else None) for ch in channels], data
+            [(ch, history if policy.applies(ch) else None) for ch in channels], data, call
         )

@@ -276,6 +276,21 @@ class Metrics:
             registry=r,
         )
 
+        # The outbox of change events: core/outbox.py, core/relay.py.
+        self.outbox_pending = Gauge(
+            "gateway_outbox_pending",
+            "Change events waiting in the outbox for a relay, as this process's relay last saw "
+            "them (every process's: one table): 0 when its last round left none past the "
+            "writers' grace; grows while the broker is down.",
+            registry=r,
+        )
+        self.outbox_relayed = Counter(
+            "gateway_outbox_relayed",
+            "Change events published by this process's outbox relay: left behind by their "
+            "writer (the broker was down, or the writing process died).",
+            registry=r,
+        )
+
         # Connection events (EVENTS_STREAM): gateway/events/.
         self.events_appended = Counter(
             "gateway_events_appended",

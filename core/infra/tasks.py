@@ -14,9 +14,22 @@ import logging
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
-__all__ = ["TaskSet"]
+__all__ = ["TaskSet", "finish"]
 
 T = TypeVar("T")
+
+
+async def finish(task: asyncio.Task[Any], grace: float) -> None:
+    """Wait up to ``grace`` s for ``task`` (told to stop) to end by itself, then cancel it.
+
+    For a loop that must not be cancelled mid-query: a query cancelled on a pool
+    connection closes that connection under the pool's feet (core/db.py).
+    """
+    try:
+        await asyncio.wait_for(asyncio.shield(task), grace)
+    except TimeoutError:
+        task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
 
 
 class TaskSet:

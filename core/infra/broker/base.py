@@ -130,9 +130,15 @@ class EachPublisher(Publisher, Protocol):
     message is checked once and, on Redis, sent in one round trip.
     """
 
-    async def publish_each(self, channels: Sequence[str], data: bytes) -> Sequence[object]:
+    async def publish_each(
+        self, channels: Sequence[str], data: bytes, *, call: str | None = None
+    ) -> Sequence[object]:
         """Publish ``data`` on each of ``channels``: each one's outcome, an
-        exception for one that failed. Raises `proto.InvalidData` (for all)."""
+        exception for one that failed. Raises `proto.InvalidData` (for all).
+
+        ``call``: an id of this publication, the same when it is made again (an
+        outbox row's, core/outbox.py): a history channel that has it among its
+        last 8 answers with that run's position and publishes nothing."""
 
 
 @dataclasses.dataclass(slots=True)
@@ -204,19 +210,22 @@ class Broker(abc.ABC):
     async def publish(self, ch: str, data: bytes) -> None: ...
 
     async def publish_many(
-        self, channels: Sequence[tuple[str, tuple[int, float] | None]], data: bytes
+        self,
+        channels: Sequence[tuple[str, tuple[int, float] | None]],
+        data: bytes,
+        call: str | None = None,
     ) -> list[Position | Exception | None]:
         """Publish ``data`` on each channel, with history where it comes with its
         ``(size, ttl)``: each one's position (None without history) or its error.
 
         One failing does not stop the others. Brokers with a server send them
-        in one round trip.
+        in one round trip. ``call``: as `publish_history`'s, for each channel.
         """
         outcomes = await asyncio.gather(
             *(
                 self.publish(ch, data)
                 if history is None
-                else self.publish_history(ch, data, *history)
+                else self.publish_history(ch, data, *history, call=call)
                 for ch, history in channels
             ),
             return_exceptions=True,
@@ -250,7 +259,16 @@ class Broker(abc.ABC):
         """The members of ``key`` live at ``now`` (Unix seconds), each with its ``until``."""
 
     @abc.abstractmethod
-    async def publish_history(self, ch: str, data: bytes, size: int, ttl: float) -> Position: ...
+    async def publish_history(
+        self, ch: str, data: bytes, size: int, ttl: float, call: str | None = None
+    ) -> Position:
+        """Append ``data`` to ``ch``'s history (``size`` kept, for ``ttl`` s) and publish it.
+
+        ``call``: an id of this publication, the same when it is made again
+        (no ``;`` nor ``=``): when the channel's last 8 calls hold it, the
+        first run's position is returned and nothing is published. Without
+        one, the broker makes one per call (its own resend of a lost answer).
+        """
 
     @abc.abstractmethod
     async def presence_add(self, ch: str, entries: dict[str, bytes], ttl: float) -> None:

@@ -29,13 +29,17 @@ log = logging.getLogger("core.infra.broker")
 
 
 class _History:
-    __slots__ = ("entries", "epoch", "expires", "offset")
+    __slots__ = ("calls", "entries", "epoch", "expires", "offset")
+
+    #: Call ids kept with their offsets, as the Redis script keeps them.
+    KEEP = 8
 
     def __init__(self, size: int) -> None:
         self.epoch = secrets.token_hex(4)
         self.offset = 0
         self.entries: collections.deque[Entry] = collections.deque(maxlen=size)
         self.expires = 0.0
+        self.calls: collections.deque[tuple[str, int]] = collections.deque(maxlen=self.KEEP)
 
 
 class _Stream:
@@ -108,11 +112,18 @@ class MemoryBroker(Broker):
     async def publish(self, ch: str, data: bytes) -> None:
         self._send(ch, data, None)
 
-    async def publish_history(self, ch: str, data: bytes, size: int, ttl: float) -> Position:
+    async def publish_history(
+        self, ch: str, data: bytes, size: int, ttl: float, call: str | None = None
+    ) -> Position:
         now = time.monotonic()
         history = self._live(ch, now)
         if history is None or history.entries.maxlen != size:
             history = self._histories[ch] = _History(size)
+        if call is not None:
+            for seen, offset in history.calls:
+                if seen == call:  # this very call, made again: it ran
+                    return Position(offset, history.epoch)
+            history.calls.append((call, history.offset + 1))
         history.offset += 1
         history.entries.append((history.offset, data))
         history.expires = now + ttl

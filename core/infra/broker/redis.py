@@ -405,17 +405,19 @@ class RedisBroker(Broker):
         return [f"{self._prefix}h:{{{ch}}}", f"{self._prefix}m:{{{ch}}}"]
 
     def _history_call(
-        self, ch: str, data: bytes, size: int, ttl: float
+        self, ch: str, data: bytes, size: int, ttl: float, call: str | None = None
     ) -> tuple[list[str], list[bytes | str | int]]:
         """The keys and arguments of the history script publishing ``data`` on ``ch``."""
         args: list[bytes | str | int] = [
             self._channel_key(ch), data, size, max(1, math.ceil(ttl)), unique_hex(8),
-            unique_hex(PUBLICATION_ID_DIGITS),
+            call or unique_hex(PUBLICATION_ID_DIGITS),
         ]  # fmt: skip
         return self._history_keys(ch), args
 
-    async def publish_history(self, ch: str, data: bytes, size: int, ttl: float) -> Position:
-        keys, args = self._history_call(ch, data, size, ttl)
+    async def publish_history(
+        self, ch: str, data: bytes, size: int, ttl: float, call: str | None = None
+    ) -> Position:
+        keys, args = self._history_call(ch, data, size, ttl, call)
         try:
             offset, epoch = await self._publish_with_history(keys, args)
         except BACKEND_ERRORS as exc:
@@ -432,14 +434,18 @@ class RedisBroker(Broker):
             return await script(keys=keys, args=args)
 
     async def publish_many(
-        self, channels: Sequence[tuple[str, tuple[int, float] | None]], data: bytes
+        self,
+        channels: Sequence[tuple[str, tuple[int, float] | None]],
+        data: bytes,
+        call: str | None = None,
     ) -> list[Position | Exception | None]:
         """All in the shared pipeline: no task per channel, one round trip."""
         if self._publishes is None:
-            return await super().publish_many(channels, data)
+            return await super().publish_many(channels, data, call)
         history = channels[0][1] if channels else None
         if len(channels) > 1 and history is not None and all(h == history for _, h in channels):
-            return await self._publish_each_with_history([ch for ch, _ in channels], data, *history)
+            chs = [ch for ch, _ in channels]
+            return await self._publish_each_with_history(chs, data, *history, call)
         sha = self._publish_script.sha
         calls: list[tuple[list[str], list[bytes | str | int]] | None] = []
         commands: list[tuple[Any, ...]] = []
@@ -448,20 +454,22 @@ class RedisBroker(Broker):
                 calls.append(None)
                 commands.append((self.publish_command, self._channel_key(ch), data))
             else:
-                keys, args = self._history_call(ch, data, *history)
+                keys, args = self._history_call(ch, data, *history, call)
                 calls.append((keys, args))
                 commands.append(("EVALSHA", sha, len(keys), *keys, *args))
         outcomes: list[Position | Exception | None] = []
-        for call, outcome in zip(calls, await self._publishes.submit_many(commands), strict=True):
-            if isinstance(outcome, NoScriptError) and call is not None:
+        for scripted, outcome in zip(
+            calls, await self._publishes.submit_many(commands), strict=True
+        ):
+            if isinstance(outcome, NoScriptError) and scripted is not None:
                 try:  # Redis restarted or flushed its scripts: load it again
-                    outcome = await self._publish_script(keys=call[0], args=call[1])
+                    outcome = await self._publish_script(keys=scripted[0], args=scripted[1])
                 except BACKEND_ERRORS as exc:
                     outcome = exc
             if isinstance(outcome, BACKEND_ERRORS):
-                what = "publish with history" if call else self.publish_command
+                what = "publish with history" if scripted else self.publish_command
                 outcomes.append(BrokerUnavailable(f"{what} failed: {outcome}"))
-            elif isinstance(outcome, Exception) or call is None:
+            elif isinstance(outcome, Exception) or scripted is None:
                 outcomes.append(outcome if isinstance(outcome, Exception) else None)
             else:
                 offset, epoch = outcome
@@ -469,14 +477,14 @@ class RedisBroker(Broker):
         return outcomes
 
     async def _publish_each_with_history(
-        self, channels: list[str], data: bytes, size: int, ttl: float
+        self, channels: list[str], data: bytes, size: int, ttl: float, call: str | None = None
     ) -> list[Position | Exception | None]:
         """``data`` on every channel, each with history, in one script call."""
         assert self._publishes is not None
         keys = [key for ch in channels for key in self._history_keys(ch)]
         args: list[bytes | str | int] = [data, size, max(1, math.ceil(ttl)), unique_hex(8)]
         args += [self._channel_key(ch) for ch in channels]
-        args.append(unique_hex(PUBLICATION_ID_DIGITS))
+        args.append(call or unique_hex(PUBLICATION_ID_DIGITS))
         script = self._publish_each_script
         (outcome,) = await self._publishes.submit_many(
             [("EVALSHA", script.sha, len(keys), *keys, *args)]

@@ -1,0 +1,153 @@
+"""The outbox relay: publishes the change events their writers left behind.
+
+Every process with a publisher runs one (`Relay.start`, `Relay.close`: with
+the core). Every `EVERY` seconds it claims, in one transaction, the
+outbox rows older than `GRACE` seconds (so it does not race a writer's own
+publication, core/outbox.py) with ``FOR UPDATE SKIP LOCKED``, at most `BATCH`
+of them, publishes them oldest first and deletes those published. Relays of
+several processes share the work without waiting on each other, and a dead
+process's rows are published by any other's.
+
+With the broker down, the first failure ends the round (the rows stay) and
+the next comes after a backoff (core/infra/backoff.py). A full batch is
+followed by the next one at once, so a backlog drains at the broker's pace.
+An event no channel can carry (`proto.InvalidData`) is logged and deleted:
+trying again would not help, and it would hold up nothing but itself.
+
+A row the writer did publish and could not yet delete is published again;
+its call id (the outbox's) makes history channels publish it once
+(core/events.py says when a client may see it twice).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+
+import asyncpg
+
+from core.events import Events
+from core.infra.backoff import Backoff
+from core.infra.tasks import finish
+from proto.publication import InvalidData
+
+__all__ = ["Relay"]
+
+log = logging.getLogger("core.relay")
+
+_CLAIM = """
+select id, channels, payload, outbox_call(id, created_at)
+from outbox
+where created_at < now() - make_interval(secs => $1)
+order by id
+limit $2
+for update skip locked
+"""
+_DELETE = "delete from outbox where id = any($1::bigint[])"
+#: Rows waiting, counted up to a bound along the primary key (no scan of the whole
+#: table, which holds the dead rows of every delete until it is vacuumed).
+_PENDING = "select count(*) from (select id from outbox order by id limit $1) waiting"
+PENDING_COUNTED = 100_000
+#: Waits after a failed round: the broker or the database is out.
+BACKOFF = Backoff(base=1.0, cap=30.0)
+
+
+class Relay:
+    #: Seconds between rounds.
+    EVERY = 1.0
+    #: Seconds a row is left to its writer.
+    GRACE = 2.0
+    #: Rows claimed at most per round.
+    BATCH = 200
+
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        events: Events,
+        *,
+        every: float = EVERY,
+        grace: float = GRACE,
+        batch: int = BATCH,
+        backoff: Backoff = BACKOFF,
+        on_relayed: Callable[[int], object] | None = None,
+    ) -> None:
+        self._pool = pool
+        self._events = events
+        self.every = every
+        self.grace = grace
+        self.batch = batch
+        self.backoff = backoff
+        #: Called with the number of events published by each round that published some.
+        self.on_relayed = on_relayed
+        #: Outbox rows waiting after the last round (every process's): 0 when the round
+        #: left nothing past the grace, else all of them, up to `PENDING_COUNTED`.
+        self.pending = 0
+        #: Events this relay published.
+        self.relayed = 0
+        self._stop = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def count(self) -> int:
+        """`pending` (a gauge reads it at scrape time)."""
+        return self.pending
+
+    def start(self) -> None:
+        """Relay in the background until `close`."""
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="outbox-relay")
+
+    async def close(self, grace: float = 5.0) -> None:
+        """Stop: a round under way ends first (up to ``grace`` s, `core.infra.tasks.finish`)."""
+        self._stop.set()
+        if self._task is not None:
+            await finish(self._task, grace)
+            self._task = None
+
+    async def _run(self) -> None:
+        failures = 0
+        while not self._stop.is_set():
+            try:
+                claimed, published = await self.round()
+            except Exception as exc:  # the database, usually: try again later
+                log.warning("outbox relay round failed: %s", exc)
+                claimed, published = 1, 0
+            if published < claimed:
+                wait = self.backoff.delay(failures)
+                failures += 1
+            else:
+                failures = 0
+                wait = 0.0 if claimed == self.batch else self.every
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(wait):
+                    await self._stop.wait()
+
+    async def round(self) -> tuple[int, int]:
+        """One round: (rows claimed, rows done: published, or dropped as not publishable)."""
+        sent = 0
+        done: list[int] = []
+        async with self._pool.acquire() as conn:
+            async with conn.transaction():
+                rows = await conn.fetch(_CLAIM, self.grace, self.batch)
+                for id, channels, payload, call in rows:
+                    failed = await self._events.publish(channels, payload, call)
+                    if any(isinstance(exc, InvalidData) for exc in failed):
+                        log.error("outbox row %d dropped, not publishable: %s", id, failed[0])
+                    elif failed:
+                        break  # the broker is out: the rest wait with this one
+                    else:
+                        sent += 1
+                    done.append(id)
+                if done:
+                    await conn.execute(_DELETE, done)
+            if len(rows) < self.batch and len(done) == len(rows):
+                self.pending = 0  # nothing past the grace is left (but other relays' rows)
+            else:  # a backlog: count it, only now
+                self.pending = await conn.fetchval(_PENDING, PENDING_COUNTED)
+        if sent:
+            self.relayed += sent
+            log.info("outbox relay published %d event(s) left by their writers", sent)
+            if self.on_relayed is not None:
+                self.on_relayed(sent)
+        return len(rows), len(done)
