@@ -17,16 +17,13 @@ import errno
 import json
 import socket
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
-import jwt
-from cryptography.hazmat.primitives.serialization import load_pem_public_key
 from tornado.netutil import bind_sockets
 
 from core.infra.keys import SigningKeys
 from core.infra.settings import Settings, SettingsError
-from core.infra.verify import Verifier, algorithms_for
+from core.infra.verify import Verifier, algorithms_for, is_pem, read_keyset, read_public_key
 
 __all__ = ["check_keys", "check_listen"]
 
@@ -44,7 +41,7 @@ def check_keys(settings: Settings) -> None:
             try:
                 load(path)
             except Exception as exc:  # whatever the loader meets, the file is of no use
-                where = "the PEM text" if _is_pem(path) else path
+                where = "the PEM text" if is_pem(path) else path
                 raise SettingsError(f"{env}: {where}: {_reason(exc)}") from None
     if settings.jwt_algorithms:
         keyed = settings.jwt_secret or settings.jwt_public_key or settings.jwt_jwks_file
@@ -75,24 +72,18 @@ def check_listen(settings: Settings) -> None:
         sock.close()
 
 
-def _is_pem(value: str) -> bool:
-    return value.lstrip().startswith("-----BEGIN")
-
-
 def _public_key(value: str) -> tuple[str, ...]:
     """The algorithms of ``JWT_PUBLIC_KEY`` (PEM text, or a file of it), as `Verifier` reads it."""
-    pem = value if _is_pem(value) else Path(value).read_text()
     try:
-        key = load_pem_public_key(pem.encode())
+        key = read_public_key(value)
     except ValueError:
         raise ValueError("not a PEM public key") from None
     return algorithms_for(key)
 
 
 def _public_keys(path: str) -> dict[str, Any]:
-    """The keys of a JWKS file that a token can name (they need a ``kid``)."""
-    keyset = jwt.PyJWKSet.from_json(Path(path).read_text())
-    keys = {k.key_id: k for k in keyset.keys if k.key_id}
+    """The keys of a JWKS file that a token can name, as `Verifier` reads them."""
+    keys = read_keyset(path)
     if not keys:
         raise ValueError("no key in it has a kid")
     return keys

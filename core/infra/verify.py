@@ -39,7 +39,14 @@ from core.infra.settings import Settings
 from proto import ADMIN_CHANNEL, Grants, InvalidData, InvalidGrants
 from proto.publication import check_info
 
-__all__ = ["MAX_INFO_BYTES", "Verifier", "algorithms_for"]
+__all__ = [
+    "MAX_INFO_BYTES",
+    "Verifier",
+    "algorithms_for",
+    "is_pem",
+    "read_keyset",
+    "read_public_key",
+]
 
 MAX_INFO_BYTES = 1024
 _EC_ALGS = {"secp256r1": "ES256", "secp384r1": "ES384", "secp521r1": "ES512"}
@@ -58,6 +65,23 @@ def algorithms_for(key: Any) -> tuple[str, ...]:
     if isinstance(key, ed25519.Ed25519PublicKey | ed448.Ed448PublicKey):
         return ("EdDSA",)
     raise ValueError(f"unsupported public key type {type(key).__name__}")
+
+
+def is_pem(value: str) -> bool:
+    """Whether a key setting holds PEM text itself, not the path of a file of it."""
+    return value.lstrip().startswith("-----BEGIN")
+
+
+def read_public_key(value: str) -> Any:
+    """``JWT_PUBLIC_KEY``'s key: PEM text, or the path of a file of it."""
+    pem = value if is_pem(value) else Path(value).read_text()
+    return load_pem_public_key(pem.encode())
+
+
+def read_keyset(path: str) -> dict[str, jwt.PyJWK]:
+    """The keys of a JWKS file that a token can name (those with a ``kid``), by ``kid``."""
+    keyset = jwt.PyJWKSet.from_json(Path(path).read_text())
+    return {k.key_id: k for k in keyset.keys if k.key_id}
 
 
 class Verifier:
@@ -95,22 +119,17 @@ class Verifier:
         self._public_algs: tuple[str, ...] = ()
         self._jwks: dict[str, jwt.PyJWK] = {}
         if settings.jwt_public_key:
-            pem = settings.jwt_public_key
-            if not pem.lstrip().startswith("-----BEGIN"):
-                pem = Path(pem).read_text()
-            self._public = load_pem_public_key(pem.encode())
+            self._public = read_public_key(settings.jwt_public_key)
             self._public_algs = algorithms_for(self._public)
         if settings.jwt_jwks_file:
-            keyset = jwt.PyJWKSet.from_json(Path(settings.jwt_jwks_file).read_text())
-            self._jwks = {k.key_id: k for k in keyset.keys if k.key_id}
+            self._jwks = read_keyset(settings.jwt_jwks_file)
         if settings.jwt_signing_keys:
             # Tokens we issue verify with the public halves of our signing keys.
             self._jwks.update(SigningKeys.load(settings.jwt_signing_keys).verification_keys())
         allowed: set[str] = set()
         issued: dict[str, jwt.PyJWK] = {}
         if settings.jwt_issued_keys:  # the public halves only (a gateway with CORE_URL)
-            published = jwt.PyJWKSet.from_json(Path(settings.jwt_issued_keys).read_text())
-            issued = {k.key_id: k for k in published.keys if k.key_id}
+            issued = read_keyset(settings.jwt_issued_keys)
             self._jwks.update(issued)
         #: Key ids of our own signing keys: tokens this deployment issued.
         self._own_kids: frozenset[str] = frozenset(
