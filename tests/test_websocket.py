@@ -85,6 +85,7 @@ async def test_disallowed_origin_is_refused():
             async with ws_client(gw.port, token_for(gw), origin="https://evil.example"):
                 pass
         assert info.value.response.status_code == 403
+        assert info.value.response.headers["Vary"] == "Origin"  # not cached for other origins
         async with ws_client(gw.port, token_for(gw), origin="https://app.example") as c:
             assert (await c.request("ping"))["ok"]
 

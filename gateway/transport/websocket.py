@@ -326,7 +326,9 @@ def _handshake(
     allowed = ctx.settings.allowed_origins
     if origin is not None and "*" not in allowed and origin not in allowed:
         ctx.metrics.handshake_failures.labels("origin").inc()
-        raise ApiError(403, "forbidden", f"origin {origin} is not allowed")
+        # The answer depends on Origin: a shared cache must not give it to another origin.
+        raise ApiError(403, "forbidden", f"origin {origin} is not allowed",
+                       headers={"Vary": "Origin"})  # fmt: skip
     refuse_full(ctx)
     offered = [p.strip() for p in headers.get("Sec-WebSocket-Protocol", "").split(",") if p.strip()]
     codec, name = select_codec(offered)
