@@ -238,3 +238,28 @@ async def test_infinite_project_dates_get_back_the_dates_they_were_sent(
     assert (untouched.starts_on, untouched.ends_on, untouched.version) == (
         dt.date(2026, 1, 1), None, 1
     )  # fmt: skip
+
+
+async def test_the_json_functions_are_inlined_into_the_statements_that_call_them(
+    database_url, fresh_schema
+):
+    """Declared no less volatile than their bodies (0008): no call of their own per row."""
+    conn = await asyncpg.connect(database_url, server_settings={"search_path": fresh_schema})
+    try:
+        await migrate(conn, fresh_schema)
+        plans = {
+            name: "\n".join(
+                row[0] for row in await conn.fetch(f"explain (verbose, costs off) {sql}")
+            )
+            for name, sql in {
+                "project_json": "select project_json(p)::text from projects p where id = 1",
+                "user_json": "select user_json(u)::text from users u where id = 1",
+                "change_event": "select change_event('created', 1, 1, '{}')",
+                "outbox_call": "select outbox_call(1, now())",
+            }.items()
+        }
+    finally:
+        await conn.close()
+    for name, plan in plans.items():
+        assert f"{name}(" not in plan, plan  # its body is in the plan, not a call
+    assert "row_to_json(p.*)" in plans["project_json"]
