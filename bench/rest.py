@@ -548,6 +548,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument(
+        "--warmup", type=int, default=WARMUP_S, help="seconds of warm-up before each run"
+    )
+    parser.add_argument(
         "--only",
         nargs="+",
         choices=[*OURS, *PEERS],
@@ -616,7 +619,8 @@ def main(argv: list[str] | None = None) -> int:
             for endpoint in endpoints:
                 for server in order:
                     url = f"http://127.0.0.1:{ports[server.key]}"
-                    wrk(url, endpoint, WARMUP_S, args.connections)
+                    if args.warmup:
+                        wrk(url, endpoint, args.warmup, args.connections)
                     run = measure(
                         url, endpoint, pids[server.key], args.duration, args.connections, round_
                     )
@@ -641,7 +645,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{machine['wrk']}, PostgreSQL {machine['postgresql']}, Linux {machine['kernel']}, "
         f"load average at start {machine['loadavg_at_start']}; "
         f"servers on CPU {SERVER_CPU}, wrk -t1 on CPU {WRK_CPU}, PostgreSQL unpinned; "
-        f"{args.connections} connections, {args.duration} s runs after {WARMUP_S} s warm-up, "
+        f"{args.connections} connections, {args.duration} s runs after {args.warmup} s warm-up, "
         f"medians of {args.rounds} round(s); ratio = ours / peer req/s; the gateway with "
         f"change events on (Redis), the core without."
     )
@@ -660,7 +664,7 @@ def main(argv: list[str] | None = None) -> int:
             "machine": machine,
             "settings": {
                 "duration_s": args.duration,
-                "warmup_s": WARMUP_S,
+                "warmup_s": args.warmup,
                 "connections": args.connections,
                 "rounds": args.rounds,
                 "seed_rows": SEED_ROWS,

@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
     shutil.which("wrk") is None, reason="wrk is not installed (apt-get install wrk)"
 )
 def test_the_rest_bench_runs_our_two_servers_and_both_peers(clean_db, redis_url):
-    argv = [sys.executable, "-m", "bench.rest", "--duration", "1", "--rounds", "1"]
+    argv = [sys.executable, "-m", "bench.rest", "--duration", "1", "--rounds", "1", "--warmup", "0"]
     argv += ["--connections", "2", "--redis-url", redis_url]
     argv += ["--database-url", clean_db["database_url"], "--schema", clean_db["database_schema"]]
     done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=300 * UNIT)
