@@ -43,8 +43,11 @@ core/infra/adoption.py) and gives it to the event loop's transport with a
   504), the same access log line;
 * requests are answered in order, one at a time; pipelined ones wait in a
   buffer (reading pauses past twice ``MAX_HEADER_BYTES``), and the next is
-  not read while an answer is still unsent. ``Connection: close`` closes
-  after its answer;
+  not read while an answer is still unsent. Requests answered at once (a
+  401 before the core) are taken in a loop, at most `_AT_ONCE` before the
+  event loop's other callbacks run: a thousand pipelined in one write once
+  recursed, answer into next request, to Python's limit (docs/security.md).
+  ``Connection: close`` closes after its answer;
 * between requests the connection has ``HEADER_TIMEOUT`` for the next head
   and ``BODY_TIMEOUT`` for a body (kept by the listener, as for Tornado's
   connections), and is closed with the listener's connections; answers
@@ -99,6 +102,8 @@ _LENGTH = re.compile(r"[0-9]{1,18}")
 #: Request headers this class leaves to Tornado (framing and protocol changes).
 _UNUSUAL = frozenset({"transfer-encoding", "expect", "upgrade", "te", "trailer"})
 _NO_BODY = frozenset({204, 304})
+#: Requests `RestConnection._next` answers in one go when each is answered at once.
+_AT_ONCE = 16
 
 
 class Head:
@@ -360,6 +365,7 @@ class RestConnection(Adopted):
         self._buffer = buffered
         self._transport: asyncio.Transport | None = None
         self._busy = False  # a request is being answered
+        self._starting = False  # `_next` is starting one (an answer written now returns to it)
         self._paused = False  # an answer is not all sent
         self._reading = True
         self._gone = False  # closed, or handed back to Tornado
@@ -403,18 +409,32 @@ class RestConnection(Adopted):
     # -- requests ----------------------------------------------------------------
 
     def _next(self) -> None:
-        """Start answering the next request buffered, or wait for the rest of it."""
-        if self._busy or self._paused or self._gone:
-            return
-        try:
-            request = self._take()
-        except Exception:
-            log.exception("reading a REST request failed")
-            self._abort()
-            return
-        if request is None:
-            return
-        self._start(request)
+        """Start answering the next requests buffered, or wait for the rest of one.
+
+        A request answered at once (a 401 before the core) is followed by the
+        next one here, in this loop, not from inside its own answer: at most
+        `_AT_ONCE` of them, then the rest after the loop's other callbacks.
+        """
+        for _ in range(_AT_ONCE):
+            transport = self._transport
+            if self._busy or self._paused or self._gone or transport is None:
+                return
+            if transport.is_closing():
+                return  # aborted by the answer just given
+            try:
+                request = self._take()
+            except Exception:
+                log.exception("reading a REST request failed")
+                self._abort()
+                return
+            if request is None:
+                return
+            self._starting = True
+            try:
+                self._start(request)
+            finally:
+                self._starting = False
+        asyncio.get_running_loop().call_soon(self._next)
 
     def _take(self) -> RestRequest | None:
         """The next whole request off the buffer; None to wait (or once handed back)."""
@@ -534,7 +554,8 @@ class RestConnection(Adopted):
             self._listener.release(self)
             transport.close()  # once written
             return
-        self._next()
+        if not self._starting:  # (else `_next`'s loop goes on)
+            self._next()
 
     # -- leaving -------------------------------------------------------------------
 

@@ -533,6 +533,23 @@ async def test_cors_and_the_core_going_away_on_an_adopted_connection(
         t.stop()
 
 
+async def test_many_pipelined_requests_answered_at_once_are_all_answered(tier):
+    """Requests the gateway answers without asking the core (401 for a bad token) wrote their
+    answer and read the next request from inside the previous one's answer: behind CORE_URL
+    a thousand pipelined in one write (60 KB, no token needed) reached Python's recursion
+    limit after 197 answers, the connection was reset and each overflow logged a 20 KB
+    traceback. Found by a review. Now all are answered, and the connection lives on."""
+    port = tier.gateway.port
+    token = await token_of(port)
+    count = 1000
+    async with adopted_conn(port, token) as conn:
+        conn.send(request("GET", "/api/projects", "not-a-token") * count)
+        statuses = Counter([(await conn.answer())[0] for _ in range(count)])
+        assert statuses == {401: count}
+        conn.send(request("GET", "/api/projects", token))
+        assert (await conn.answer())[0] == 200
+
+
 def behind(link: StallProxy, t: Tier, **settings: str) -> GatewayProcess:
     """A gateway whose CORE_URL is ``link`` (to ``t``'s core), with no retries unless told."""
     where = {"CORE_URL": f"http://127.0.0.1:{link.port}", "CORE_RETRIES": "0"}
