@@ -15,7 +15,8 @@ published at most a chunk whose delete did not commit, and the history
 scripts keep a channel's last 8 call ids, so those are published once. (A
 round in one transaction published its 200 rows again: 6 relay connections
 killed while a backlog of 1,000 drained put 1,200 duplicates in the
-``projects`` history, past its ``HISTORY_SIZE`` of 100.)
+``projects`` history, past its ``HISTORY_SIZE`` of 100.) The price: a backlog
+drains at about 2,200 rows a second instead of 3,300 (docs/performance.md).
 
 With the broker down, the first failure ends the round (the rows stay) and
 the next comes after a backoff (core/infra/backoff.py). A full batch is
