@@ -13,7 +13,7 @@ from typing import Any
 import tornado.web
 from openapi_ui_bundles import redoc, swagger_ui
 
-from core.errormap import JsonErrors
+from core.errormap import JsonErrors, write_error
 from core.openapi import document
 from core.routing import Route
 
@@ -64,7 +64,17 @@ class DocsHandler(JsonErrors):
 
 
 class StaticFiles(JsonErrors, tornado.web.StaticFileHandler):
-    """Tornado's static files, whose errors (405, 404, 403) are the one JSON body, not HTML."""
+    """Tornado's static files, whose errors (405, 404, 403, 416) are the one JSON body, not
+    HTML: a ``Range`` past the end was Tornado's ``416`` with ``text/plain`` and no body."""
+
+    async def get(self, path: str, include_body: bool = True) -> None:
+        await super().get(path, include_body)
+        if self.get_status() == 416 and not self._finished:
+            size = self._headers.get("Content-Range")
+            self.clear()
+            if size is not None:
+                self.set_header("Content-Range", size)
+            write_error(self, 416, None)
 
 
 def jwks_route(jwks: dict[str, Any]) -> tuple[str, type[DocsHandler], dict[str, Any]]:

@@ -18,9 +18,13 @@ Delivery is at least once. On a history channel (``HISTORY_CHANNELS``) a
 row published again carries its outbox call id and the history script
 publishes it once, unless more than 8 other publications came on that
 channel between the two attempts; on a channel without history a relayed
-event may arrive twice. Clients apply a change event only if its
-``version`` is newer than the one they hold (a deletion's is the last
-version the resource had).
+event may arrive twice. Events of one resource may also arrive out of
+order (each process publishes after its own commit; a relayed event comes
+late), an update after the deletion that followed it. Clients apply a
+change event only if its ``version`` is newer than the one they hold, and
+keep the version of each id they saw deleted (a deletion's is the last
+version the resource had; ids are never reused): a later event of that id
+that is not newer is stale (docs/rest.md, gateway/static/demo.js).
 """
 
 from __future__ import annotations

@@ -488,6 +488,9 @@ def document(version: str, host: str = "127.0.0.1:8888") -> dict[str, Any]:
 class Documents:
     """The served document's bytes by the ``host`` its servers name, at most `LIMIT` kept.
 
+    The answer says ``Vary: Host``, so that no shared cache gives the document
+    asked with one ``Host`` (an attacker's) to a client that sent another.
+
     The document is encoded once, with a marker where the host goes; each
     distinct host is one ``replace`` of it, kept (least recently asked first
     out) so that the clients of one deployment, all naming one host, cost
@@ -556,6 +559,9 @@ class AsyncAPIHandler(JsonErrors):
 
     def get(self) -> None:
         self.set_header("Content-Type", "application/json")
+        # The body names the Host asked: a shared cache whose key leaves Host out (nginx's
+        # default proxy_cache_key) would hand one client's (an attacker's Host) to everyone.
+        self.set_header("Vary", "Host")
         self.finish(self.documents.body(self.request.headers.get("Host")))
 
 

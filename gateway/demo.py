@@ -16,9 +16,7 @@ from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any
 
-import tornado.web
-
-from core.errormap import JsonErrors
+from core.docs import StaticFiles
 
 __all__ = ["STATIC_DIR", "BrowserFileHandler", "browser_routes"]
 
@@ -38,7 +36,7 @@ _PAGE_POLICY = (
 )
 
 
-class BrowserFileHandler(JsonErrors, tornado.web.StaticFileHandler):
+class BrowserFileHandler(StaticFiles):
     """One of the files in gateway/static/: ``filename``, or the one the URL names.
 
     Its errors (a method other than GET or HEAD: 405) are the one JSON body, not HTML."""

@@ -234,6 +234,9 @@ async def test_served_and_linked_from_the_rest_docs():
             api.close()
     assert status == 200 and headers["Content-Type"] == "application/json"
     assert served == document(__version__, f"127.0.0.1:{gw.port}")  # the host asked
+    # It names the Host it was asked with: a shared cache whose key leaves Host out (nginx's
+    # proxy_cache_key is $scheme$proxy_host$request_uri) must not give it to another client.
+    assert headers["Vary"] == "Host"
     assert "(/asyncapi.json)" in openapi["info"]["description"]
 
 

@@ -307,6 +307,22 @@ async def test_a_publication_made_again_with_its_call_id_is_published_once(start
     assert [p.offset for p in inbox.positions] == [1, 2, 3, 4]
 
 
+async def test_a_channel_keeps_its_last_8_call_ids(started):
+    """A relay that lost its transaction publishes its last chunk of 8 rows again (core/relay.py):
+    each is published once. (Redis kept 7: the 8th sent again was published again, and pushed
+    out the next, so all 8 were twice.)"""
+    broker, _ = await started()
+    for channels in (["feed:9"], ["feed:10", "feed:11"]):  # one script, and the one for several
+        for _ in range(2):
+            for i in range(1, 9):
+                await broker.publish_many(
+                    [(ch, (100, 60.0)) for ch in channels], b"%d" % i, f"o{i}.9"
+                )
+        for ch in channels:
+            entries, _ = await broker.history(ch, 0, 100)
+            assert [data for _, data in entries] == [b"%d" % i for i in range(1, 9)], ch
+
+
 async def test_a_channel_without_history_has_no_position(started):
     broker, _ = await started()
     assert await broker.history("never:published", 0, 10) == ([], None)

@@ -369,6 +369,37 @@ async def test_demo_is_live_across_pages_and_recovers_after_a_gateway_is_killed(
         print(f"\nscreenshots: {SHOTS} ({', '.join(p.name for p in shots)})")
 
 
+async def test_the_demo_keeps_a_deleted_project_deleted_when_an_older_event_comes_late(
+    chromium, clean_db
+):
+    """Two processes publish in the order their writes finish, and a relayed event comes
+    seconds late: an update can arrive after the deletion that followed it (docs/rest.md).
+    Two core processes, a PATCH and a DELETE of one project at once: 19 of 300 pairs
+    delivered ``deleted`` v2 and then ``updated`` v2, which put the project back on every
+    board (the demo applied what was not older than what it showed: nothing)."""
+    async with running_gateway(**clean_db) as gw, browser(chromium) as b:
+        admin = ApiClient(gw.port, mint_token(gw.settings, "admin", [], extra={"role": "admin"}))
+        try:
+            page = await Page.open(b, f"http://127.0.0.1:{gw.port}/demo")
+            await page.sign_in("ada@example.com", "Ada")
+            status, _, doomed = await admin.call(
+                "POST", "/api/projects", {**PROJECT, "name": "Doomed"}
+            )
+            assert status == 201
+            await expect(page.project("Doomed")).to_have_count(1, timeout=WAIT)
+            assert (await admin.call("DELETE", f"/api/projects/{doomed['id']}"))[0] == 204
+            late = {"type": "updated", "id": doomed["id"], "version": 1, "data": doomed}
+            await gw.ctx.node.publish("projects", msgspec.json.encode(late))
+            status, _, _ = await admin.call("POST", "/api/projects", {**PROJECT, "name": "Later"})
+            assert status == 201
+            # Events of one channel arrive in order: once Later is shown, the late one came.
+            await expect(page.project("Later")).to_have_count(1, timeout=WAIT)
+            assert await page.project("Doomed").count() == 0  # not put back
+            assert page.errors == []
+        finally:
+            admin.close()
+
+
 # -- Hooks: a browser with no token, admitted by its cookie -----------------------------
 
 COOKIE_JS = """async ([kind]) => {

@@ -125,3 +125,18 @@ async def test_every_error_of_the_standalone_core_is_the_json_body(clean_db):
         await assert_every_error_is_json(server.port, BOTH)
     finally:
         await server.close()
+
+
+async def test_a_range_past_a_file_s_end_is_the_json_body(clean_db):
+    """Tornado's static files answered an unsatisfiable ``Range`` with ``416``, ``text/plain``
+    and no body; it is the one JSON body, and still says the file's size (RFC 9110 15.5.17)."""
+    async with running_gateway(**clean_db) as gw:
+        assert gw.port is not None
+        for path in ("/client/gateway.js", "/demo", "/docs/static/swagger-ui.css"):
+            request = (
+                f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nRange: bytes=99999999-\r\n"
+                "Connection: close\r\n\r\n"
+            ).encode()
+            status, headers, body = await exchange(gw.port, request)
+            assert_error_body(status, headers, body, 416)
+            assert headers["content-range"].startswith("bytes */"), headers

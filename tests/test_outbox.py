@@ -294,3 +294,57 @@ async def test_the_writer_s_delete_buffer_is_bounded(clean_db):
         assert outbox.deleted == 4 and await rows(db.pool) == 6
     finally:
         await db.close()
+
+
+class _KillsTheRelay(HistoryPublisher):
+    """Terminates the relay's database connection (``pid``) after ``after`` publications."""
+
+    def __init__(self, broker: RedisBroker, killer: asyncpg.Pool, after: int) -> None:
+        super().__init__(broker, HistoryPolicy(("projects",), 1000, 60))
+        self.killer, self.after, self.pid = killer, after, 0
+
+    async def publish_each(self, channels: Any, data: bytes, *, call: str | None = None) -> Any:
+        outcome = await super().publish_each(channels, data, call=call)
+        self.after -= 1
+        if self.after == 0:
+            await self.killer.execute("select pg_terminate_backend($1)", self.pid)
+        return outcome
+
+
+async def test_a_relay_whose_connection_is_killed_mid_round_publishes_nothing_twice(
+    clean_db, redis_url
+):
+    """It publishes again only what it published since its last commit: no more than a
+    history channel's last 8 call ids (one transaction a round: all 50 were twice)."""
+    prefix = unique_prefix()
+    settings = settings_for(clean_db, redis_url, prefix)
+    broker, reader = RedisBroker(redis_url, prefix), RedisBroker(redis_url, prefix)
+    db = await Database.open(settings)
+    relays = await asyncpg.create_pool(
+        clean_db["database_url"], min_size=1, max_size=1,
+        server_settings={"search_path": clean_db["database_schema"]},
+    )  # fmt: skip
+    try:
+        await db.pool.execute(
+            "insert into outbox (channels, payload, created_at)"
+            " select array['projects'], convert_to('{\"n\":' || i || '}', 'UTF8'),"
+            " now() - interval '1 minute' from generate_series(1, 50) i"
+        )
+        publisher = _KillsTheRelay(broker, db.pool, after=30)
+        async with relays.acquire() as conn:
+            publisher.pid = conn.get_server_pid()  # the pool's one connection: the relay's
+        relay = Relay(relays, Events(publisher))
+        try:
+            await relay.round()
+        except (asyncpg.InterfaceError, asyncpg.PostgresError, OSError):
+            pass  # the connection went mid-round
+        while (await relay.round())[0]:
+            pass
+        assert await rows(db.pool) == 0
+        found = await history(reader, "projects")
+    finally:
+        await relays.close()
+        await db.close()
+        await broker.close()
+        await reader.close()
+    assert [event["n"] for _, event in found] == list(range(1, 51))

@@ -25,7 +25,7 @@ from core.infra.settings import Settings
 from core.infra.workers import worker_count
 from gateway.__main__ import _parser
 from proto import CloseCode
-from tests.harness import SECRET, unique_prefix, ws_client
+from tests.harness import SECRET, unique_prefix, until, ws_client
 from tests.servers import UNIT, free_port
 from tests.test_processes import GatewayProcess, _read
 
@@ -166,6 +166,17 @@ async def test_sigterm_drains_every_worker_and_the_master_exits_0(spawn):
     assert await asyncio.to_thread(gp.proc.wait, 15 * UNIT) == 0
     assert not [pid for pid in pids.values() if alive(pid)]
     assert gp.output().count("shutting down") == 2
+
+
+async def test_workers_stop_when_their_master_is_killed(spawn):
+    """A master killed by SIGKILL (the OOM killer) runs no handler: its workers kept serving,
+    orphaned, on its port, and the server started again exited 2, the port in use."""
+    gp = spawn(WORKERS="2")
+    await logged(gp, LISTENING, 2)
+    pids = worker_pids(gp)
+    gp.proc.kill()
+    await asyncio.to_thread(gp.proc.wait, 5 * UNIT)
+    await until(lambda: not [pid for pid in pids.values() if alive(pid)], 20 * UNIT)
 
 
 async def test_a_second_gateway_cannot_share_a_port_in_use(spawn):

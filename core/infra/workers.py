@@ -31,7 +31,9 @@ worker still alive ``SHUTDOWN_TIMEOUT`` + 5 s later is killed; the master
 exits 0 when all stopped cleanly. A worker that dies unexpectedly is logged
 with its exit status and started again, after a 1 s pause if it died within
 1 s of its start; after 5 such quick deaths in a row the master stops all
-workers and exits 1.
+workers and exits 1. A master that dies without a word (SIGKILL: the OOM
+killer) takes its workers along on Linux: the kernel sends each SIGTERM
+(``PR_SET_PDEATHSIG``) and it drains, so none keeps the port.
 
 Metrics: every worker writes a snapshot of its registry every second into
 a private temporary directory that the master creates, hands to the
@@ -42,6 +44,7 @@ answers, shows every worker's samples labelled ``worker="<index>"``
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import logging
 import os
@@ -165,6 +168,28 @@ def supervise(settings: Settings, count: int, serve: Serve) -> int:
         shutil.rmtree(directory, ignore_errors=True)
 
 
+#: prctl(2) option: the signal the kernel sends this process when its parent dies (Linux).
+_PR_SET_PDEATHSIG = 1
+
+
+def _stop_with(master: int) -> None:
+    """Have the kernel send this worker SIGTERM (it drains) when ``master`` dies, on Linux.
+
+    A master killed by SIGKILL (the OOM killer, ``kill -9``) runs no handler: its
+    workers kept serving, orphaned, on its port, and the server started again
+    exited 2 with the port in use.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+        log.warning(
+            "workers will outlive a killed master: prctl failed (errno %d)", ctypes.get_errno()
+        )
+    elif os.getppid() != master:  # it died before the call
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 @dataclasses.dataclass(slots=True)
 class _Child:
     index: int
@@ -186,6 +211,7 @@ class _Supervisor:
     kill_at: float | None = None
     failed: bool = False
     _wakeup: tuple[int, int] = dataclasses.field(default_factory=os.pipe)
+    master: int = dataclasses.field(default_factory=os.getpid)
     _mask: set[int | signal.Signals] = dataclasses.field(default_factory=set)
 
     def run(self, count: int) -> int:
@@ -265,6 +291,7 @@ class _Supervisor:
             signal.set_wakeup_fd(-1)
             for sig in _HANDLED:
                 signal.signal(sig, signal.SIG_DFL)
+            _stop_with(self.master)
             signal.signal(signal.SIGINT, signal.default_int_handler)
             os.close(self._wakeup[0])
             os.close(self._wakeup[1])

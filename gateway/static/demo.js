@@ -9,6 +9,11 @@ const $ = (selector) => document.querySelector(selector);
 let gw = null;
 let me = { sub: null, email: null };
 const projects = new Map(); // id -> project
+// id -> the version it was deleted at. Ids are never reused, so a later event of that id
+// that is not newer is stale: an update published after the deletion that followed it (two
+// processes publish in the order their writes finish; a relayed event comes late).
+const deletedAt = new Map();
+const DELETED_KEPT = 10_000; // the oldest are forgotten past this
 let held = null; // change events that arrive while the board loads
 const watchers = new Map(); // presence client id -> user id
 const names = new Map(); // user id -> display name (from presence info)
@@ -68,10 +73,15 @@ function claims(token) {
 
 function apply(event) {
   if (held) { held.push(event); return; }
+  const gone = deletedAt.get(event.id);
+  if (gone !== undefined && event.version <= gone) return; // its deletion came first
   const known = projects.get(event.id);
   if (known && known.version > event.version) return; // older than what is shown
-  if (event.type === "deleted") projects.delete(event.id);
-  else projects.set(event.id, event.data);
+  if (event.type === "deleted") {
+    projects.delete(event.id);
+    deletedAt.set(event.id, event.version);
+    if (deletedAt.size > DELETED_KEPT) deletedAt.delete(deletedAt.keys().next().value);
+  } else projects.set(event.id, event.data);
   render(event.id);
 }
 

@@ -38,7 +38,7 @@ for i = 1, #KEYS / 2 do
         end
         if id then
             local cut = 0
-            for _ = 1, KEEP - 1 do
+            for _ = 1, KEEP do -- as publish_with_history.lua
                 cut = string.find(done, ';', cut + 1, true)
                 if not cut then
                     break

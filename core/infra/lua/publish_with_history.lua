@@ -50,7 +50,7 @@ end
 -- The replication id too: a meta kept by an older release (without one) adopts it.
 if id then
     local cut = 0
-    for _ = 1, KEEP - 1 do
+    for _ = 1, KEEP do -- the KEEP-th ";" starts the first entry let go
         cut = string.find(done, ';', cut + 1, true)
         if not cut then
             break
