@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import subprocess
+import asyncio
 import sys
 import uuid
 from pathlib import Path
@@ -18,11 +18,16 @@ async def test_the_functions_bench_times_each_statement_both_ways_and_drops_its_
     schema = f"bench_fn_{uuid.uuid4().hex[:8]}"
     argv = [sys.executable, "-m", "bench.pgfunctions", "--database-url", database_url]
     argv += ["--schema", schema, "--rounds", "1", "--calls", "20"]
-    done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
+    proc = await asyncio.create_subprocess_exec(
+        *argv, cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    async with asyncio.timeout(120):
+        out, err = await proc.communicate()
+    assert proc.returncode == 0, err.decode()
+    stdout = out.decode()
     for statement in ("GET /api/projects/{id}", "GET /api/users/{id}", "POST /api/projects"):
-        assert f"{statement}" in done.stdout
-    assert done.stdout.count("immutable ") == 4 and done.stdout.count("stable ") == 4
+        assert statement in stdout
+    assert stdout.count("immutable ") == 4 and stdout.count("stable ") == 4
     conn = await asyncpg.connect(database_url)
     try:
         assert await conn.fetchval("select to_regnamespace($1)", schema) is None
