@@ -28,7 +28,11 @@ __all__ = ["Outbox", "with_events"]
 
 log = logging.getLogger("core.outbox")
 
-_DATABASE_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError)
+#: What a delete may fail with: the database's errors, and asyncpg's own on a connection
+#: the database's loss left mid-operation (``InternalClientError``, which is neither):
+#: the ids are kept, and a relay publishes their rows again if they are never deleted.
+_DATABASE_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError,
+                    asyncpg.InternalClientError)  # fmt: skip
 
 
 def with_events(write: str, resource: str, kind: str, *, queue: bool) -> str:

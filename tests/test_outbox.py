@@ -348,3 +348,40 @@ async def test_a_relay_whose_connection_is_killed_mid_round_publishes_nothing_tw
         await broker.close()
         await reader.close()
     assert [event["n"] for _, event in found] == list(range(1, 51))
+
+
+class _LostMidOperation:
+    """A real pool whose first delete fails as asyncpg fails on a connection the database's
+    loss left mid-operation (seen in tests/test_db_faults.py: ``InternalClientError``)."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self.pool, self.failed = pool, False
+
+    async def execute(self, query: str, *args: Any) -> str:
+        if not self.failed:
+            self.failed = True
+            raise asyncpg.InternalClientError("cannot switch to state 11; another operation (2)")
+        result: str = await self.pool.execute(query, *args)
+        return result
+
+
+async def test_a_delete_failing_inside_asyncpg_keeps_the_ids_and_never_breaks_close(clean_db):
+    settings = settings_for(clean_db, None, unique_prefix())
+    db = await Database.open(settings)
+    try:
+        ids = [
+            r[0]
+            for r in await db.pool.fetch(
+                "insert into outbox (channels, payload)"
+                " select array['room:1'], '{}'::bytea from generate_series(1, 3) returning id"
+            )
+        ]
+        outbox = Outbox(_LostMidOperation(db.pool), tick=0.01)  # type: ignore[arg-type]
+        for id in ids:
+            outbox.published(id)
+        await until(lambda: outbox.flushes >= 1, SLOW)
+        await outbox.close()  # the task lived on; what it kept is deleted now
+        assert outbox.deleted == 3 and outbox.dropped == 0
+        assert await rows(db.pool) == 0
+    finally:
+        await db.close()
