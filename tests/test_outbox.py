@@ -275,17 +275,23 @@ async def test_the_relay_claims_at_most_its_batch_a_round(clean_db, redis_url):
         await broker.close()
 
 
+async def queued(pool: asyncpg.Pool, count: int) -> list[int]:
+    """The ids of ``count`` new outbox rows, as writers leave them."""
+    return [
+        r[0]
+        for r in await pool.fetch(
+            "insert into outbox (channels, payload)"
+            " select array['room:1'], '{}'::bytea from generate_series(1, $1) returning id",
+            count,
+        )
+    ]
+
+
 async def test_the_writer_s_delete_buffer_is_bounded(clean_db):
     settings = settings_for(clean_db, None, unique_prefix())
     db = await Database.open(settings)
     try:
-        ids = [
-            r[0]
-            for r in await db.pool.fetch(
-                "insert into outbox (channels, payload)"
-                " select array['room:1'], '{}'::bytea from generate_series(1, 10) returning id"
-            )
-        ]
+        ids = await queued(db.pool, 10)
         outbox = Outbox(db.pool, tick=60.0, batch=100, limit=4)
         for id in ids:
             outbox.published(id)
@@ -369,13 +375,7 @@ async def test_a_delete_failing_inside_asyncpg_keeps_the_ids_and_never_breaks_cl
     settings = settings_for(clean_db, None, unique_prefix())
     db = await Database.open(settings)
     try:
-        ids = [
-            r[0]
-            for r in await db.pool.fetch(
-                "insert into outbox (channels, payload)"
-                " select array['room:1'], '{}'::bytea from generate_series(1, 3) returning id"
-            )
-        ]
+        ids = await queued(db.pool, 3)
         outbox = Outbox(_LostMidOperation(db.pool), tick=0.01)  # type: ignore[arg-type]
         for id in ids:
             outbox.published(id)
