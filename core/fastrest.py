@@ -548,7 +548,7 @@ class RestConnection(Adopted):
         transport = self._transport
         if transport is None or self._gone:
             return  # the client went away meanwhile
-        transport.write(data)
+        self._write(data)
         if request.close:
             self._gone = True
             self._listener.release(self)

@@ -58,7 +58,7 @@ DOCUMENTED: dict[str, set[str]] = {
     "gateway_hook_calls": {"hook", "answer"}, "gateway_hook_errors": {"hook", "kind"},
     "gateway_hook_seconds": {"hook"}, "gateway_hook_breaker_open": {"hook"},
     "gateway_hook_in_flight": set(), "gateway_outbox_pending": set(),
-    "gateway_outbox_relayed": set(),
+    "gateway_outbox_relayed": set(), "gateway_write_timeouts": set(),
 }  # fmt: skip
 _SUFFIXES = ("_total", "_bucket", "_count", "_sum", "_created")
 #: PromQL words that look like metric names but are not.

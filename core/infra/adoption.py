@@ -22,6 +22,7 @@ from typing import Any, cast
 from tornado.http1connection import HTTP1Connection
 
 from core.infra.listener import Listener, unread
+from core.infra.tcp import kernel_queue, reset_on_close
 
 __all__ = ["Adopted", "give_back", "take_over"]
 
@@ -88,7 +89,8 @@ def give_back(
 
 
 class Adopted(asyncio.Protocol):
-    """What the protocols of adopted connections do alike: the transport, the buffer, leaving.
+    """What the protocols of adopted connections do alike: the transport, the buffer, leaving,
+    the write deadline (an answer left unsent pauses writing: the listener's ``WRITE_TIMEOUT``).
 
     A subclass sets ``_listener``, ``_address``, ``_buffer``, ``_max_buffer``
     and ``_logger``, starts with ``_transport`` None, ``_gone``, ``_paused``
@@ -105,6 +107,7 @@ class Adopted(asyncio.Protocol):
         "_paused",
         "_reading",
         "_transport",
+        "_written",
     )
     _listener: Listener
     _address: Any
@@ -115,6 +118,7 @@ class Adopted(asyncio.Protocol):
     _gone: bool  # closed, or handed back to Tornado
     _paused: bool  # an answer is not all sent
     _reading: bool
+    _written: int  # bytes given to the transport
 
     def _idle(self) -> bool:
         raise NotImplementedError
@@ -125,6 +129,7 @@ class Adopted(asyncio.Protocol):
     def _made(self, transport: asyncio.BaseTransport) -> None:
         """`connection_made`'s common part: the transport kept, the listener told."""
         self._transport = cast(asyncio.Transport, transport)  # (uvloop's is not a subclass)
+        self._written = 0
         # Paused as soon as anything is left unsent: the next request waits for it.
         self._transport.set_write_buffer_limits(high=0)
         self._listener.adopt(self)
@@ -139,16 +144,25 @@ class Adopted(asyncio.Protocol):
     def eof_received(self) -> bool:
         return False  # the transport closes; connection_lost forgets what was under way
 
+    def _write(self, data: bytes) -> None:
+        """Send ``data`` (an answer) on the transport."""
+        assert self._transport is not None
+        self._written += len(data)
+        self._transport.write(data)
+
     def pause_writing(self) -> None:
         self._paused = True
+        self._listener.stalled(self)
 
     def resume_writing(self) -> None:
         self._paused = False
+        self._listener.flowing(self)
         if self._idle():
             self._next()
 
     def _lost(self) -> bool:
         """`connection_lost`'s common part; False when handed back (the socket lives on)."""
+        self._listener.flowing(self)  # (also after an answer with "Connection: close")
         if self._gone:
             return False
         self._gone = True
@@ -175,6 +189,33 @@ class Adopted(asyncio.Protocol):
         self._listener.release(self)
         buffered, self._buffer = self._buffer, b""
         give_back(transport, self._listener, self._address, buffered, self._logger)
+
+    def taken(self) -> int:
+        """Bytes of answers the client's TCP has acknowledged."""
+        transport = self._transport
+        if transport is None:
+            return self._written
+        sock = transport.get_extra_info("socket")
+        return self._written - transport.get_write_buffer_size() - kernel_queue(sock)
+
+    def unsent(self) -> int:
+        """Bytes of answers the transport holds (0 once closed)."""
+        transport = self._transport
+        return 0 if transport is None else transport.get_write_buffer_size()
+
+    def unacked(self) -> int:
+        """Bytes of answers the client's TCP has not acknowledged (transport and kernel)."""
+        transport = self._transport
+        if transport is None:
+            return 0
+        return transport.get_write_buffer_size() + kernel_queue(transport.get_extra_info("socket"))
+
+    def reset(self) -> None:
+        """Close with a TCP reset (``WRITE_TIMEOUT`` passed): what is unsent is dropped."""
+        transport = self._transport
+        if transport is not None:
+            reset_on_close(transport.get_extra_info("socket"))
+            transport.abort()
 
     def _abort(self) -> None:
         if self._transport is not None:

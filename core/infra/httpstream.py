@@ -25,6 +25,10 @@ loop busy for all of ``HEADER_TIMEOUT`` on about 20 KB/s, with no token.
 This stream resumes each search where the last one stopped (less the three
 bytes a match could start before it).
 
+It tells the listener when an answer stalls (bytes left that the socket
+would not take) and when it drains (`Writes`: ``WRITE_TIMEOUT`` is the
+listener's), and can be reset.
+
 `unread` is what a stream read past the request it served: the bytes a
 client sent right behind an upgrade request, which belong to the protocol
 it upgrades to.
@@ -37,13 +41,16 @@ from asyncio import Future
 from collections.abc import Awaitable
 from http import HTTPStatus
 from types import TracebackType
+from typing import Protocol
 
 from tornado.iostream import IOStream, UnsatisfiableReadError
 
 from core.infra.errors import error_body
+from core.infra.tcp import kernel_queue, reset_on_close
 from core.infra.throttled import ThrottledLog
 
-__all__ = ["DRAIN_BYTES", "MALFORMED_ANSWER", "HTTPStream", "oversized_answer", "unread"]
+__all__ = ["DRAIN_BYTES", "MALFORMED_ANSWER", "HTTPStream", "Writes", "oversized_answer",
+           "unread"]  # fmt: skip
 
 log = logging.getLogger("core.infra.listener")
 _log_oversized = ThrottledLog(log)
@@ -93,11 +100,54 @@ HEAD_END = b"\r?\n\r?\n"
 _HEAD_END_SPAN = 4
 
 
+class Writes(Protocol):
+    """Who keeps the write deadline (the listener's ``WRITE_TIMEOUT``)."""
+
+    def stalled(self, conn: HTTPStream) -> None:
+        """``conn`` holds bytes its socket would not take."""
+
+    def flowing(self, conn: HTTPStream) -> None:
+        """``conn`` holds none any more (or closed)."""
+
+
 class HTTPStream(IOStream):
     """An `IOStream` that answers 414/431 rather than closing on an oversized header read,
-    and reads a head in time proportional to its size (not to its size times its packets)."""
+    reads a head in time proportional to its size (not to its size times its packets), and
+    says when its writes stall."""
 
     _searched = 0  # bytes of the buffer the pending head read has searched in vain
+    writes: Writes | None = None  # told when writes stall and drain
+    _stalled = False
+
+    def _handle_write(self) -> None:
+        super()._handle_write()
+        writes = self.writes
+        if writes is None or self.closed():
+            return
+        if self._write_buffer:
+            if not self._stalled:
+                self._stalled = True
+                writes.stalled(self)
+        elif self._stalled:
+            self._stalled = False
+            writes.flowing(self)
+
+    def taken(self) -> int:
+        """Bytes written that the client's TCP has acknowledged."""
+        return self._total_write_done_index - kernel_queue(self.socket)
+
+    def unsent(self) -> int:
+        """Bytes written that the socket has not taken yet (0 once closed)."""
+        return 0 if self.closed() else len(self._write_buffer)
+
+    def unacked(self) -> int:
+        """Bytes written that the client's TCP has not acknowledged (process and kernel)."""
+        return 0 if self.closed() else len(self._write_buffer) + kernel_queue(self.socket)
+
+    def reset(self) -> None:
+        """Close with a TCP reset: the kernel drops what the client did not read."""
+        reset_on_close(self.socket)
+        self.close()
 
     def write(self, data: bytes | memoryview) -> Future[None]:
         if data == _TORNADO_MALFORMED:  # Tornado's HTTP1Connection refusing what it read
@@ -131,6 +181,9 @@ class HTTPStream(IOStream):
             and not self.writing()
         ):
             self._answer_oversized(self._read_max_bytes)
+        if self._stalled and self.writes is not None:
+            self._stalled = False
+            self.writes.flowing(self)
         super().close(exc_info)
 
     def _answer_oversized(self, limit: int) -> None:

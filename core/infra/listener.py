@@ -13,6 +13,17 @@ client reaches first:
   the guard measures each parsed request against it as well.
   ``BODY_TIMEOUT`` likewise bounds the time to send a body, so a route
   open to anyone (login) cannot be held by a dripped body.
+* ``WRITE_TIMEOUT``: an answer the process cannot hand to the kernel (the
+  client stopped reading, or reads a few bytes at a time) must move on: from
+  the moment bytes are left unsent, within each ``WRITE_TIMEOUT`` the client
+  must take `WRITE_PROGRESS` bytes of it (counted as acknowledged by the
+  client's TCP, the kernel's queue left out) or all that is left, or the
+  connection is reset and ``gateway_write_timeouts`` counts it. Without it
+  a client with no token that asked for a large document and read nothing
+  held a connection (and up to 64 KiB of answer plus a kernel send queue)
+  for good. Tornado's streams (`HTTPStream`) and adopted connections
+  (core/infra/adoption.py) say when they stall and when they drain; the
+  same timer as the header deadline checks the stalled ones.
 * ``MAX_PENDING_PER_IP``: connections from one TCP peer that have not
   finished their first request's headers; one more is answered 429 and
   closed at accept. (A kept-alive connection is not pending between
@@ -62,7 +73,7 @@ from asyncio import Future
 from collections.abc import Callable, Iterable, Mapping
 from functools import partial
 from http import HTTPStatus
-from typing import Any, Protocol
+from typing import Any, Protocol, cast, runtime_checkable
 
 from tornado import httputil
 from tornado.httpserver import HTTPServer
@@ -79,8 +90,8 @@ from core.infra.requesthead import parse_head, within
 from core.infra.settings import Settings
 from core.infra.throttled import ThrottledLog
 
-__all__ = ["ACCEPT_PAUSE", "Adopted", "BodyPolicy", "FastRoute", "Listener", "unread",
-           "write_refusal"]  # fmt: skip
+__all__ = ["ACCEPT_PAUSE", "WRITE_PROGRESS", "Adopted", "BodyPolicy", "FastRoute", "Listener",
+           "Writer", "unread", "write_refusal"]  # fmt: skip
 
 log = logging.getLogger("core.infra.listener")
 access_log = logging.getLogger("gateway.access")
@@ -88,6 +99,8 @@ access_log = logging.getLogger("gateway.access")
 #: Seconds the accept loop rests after running out of file descriptors.
 ACCEPT_PAUSE = 0.1
 _OUT_OF_FILES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+#: Bytes of a stalled answer its client must take within each ``WRITE_TIMEOUT`` (or all of it).
+WRITE_PROGRESS = 64 * 1024
 #: Accepts per readiness event, as Tornado's own loop (its listen backlog).
 _ACCEPTS_PER_EVENT = 128
 _LENGTH = re.compile(r"[0-9]{1,18}")
@@ -123,6 +136,23 @@ class Adopted(Protocol):
         """Close it (its ``HEADER_TIMEOUT`` passed, or the listener closes its connections)."""
 
 
+@runtime_checkable
+class Writer(Protocol):
+    """A connection that writes answers (`Listener.stalled`): Tornado's stream, or adopted."""
+
+    def taken(self) -> int:
+        """Bytes of its answers the client's TCP has acknowledged so far."""
+
+    def unsent(self) -> int:
+        """Bytes of its answers the process holds (0: drained, or closed)."""
+
+    def unacked(self) -> int:
+        """Bytes of its answers the client's TCP has not acknowledged (process and kernel)."""
+
+    def reset(self) -> None:
+        """Close it with a TCP reset, dropping what is unsent."""
+
+
 class Listener(HTTPServer):
     """`HTTPServer` with the limits above; ``policy`` and the proxies come from `Gateway.listen`."""
 
@@ -155,11 +185,17 @@ class Listener(HTTPServer):
         self.max_header_bytes = settings.max_header_bytes
         self.header_timeout = settings.header_timeout
         self.body_timeout = settings.body_timeout
+        self.write_timeout = settings.write_timeout
+        #: Connection whose answer stalled -> (monotonic time of its next check,
+        #: bytes its client had taken at the last one).
+        self._stalled: dict[Writer, tuple[float, int]] = {}
+        self._log_stalled = ThrottledLog(log)
         #: Stream (or adopted connection) -> monotonic time by which its headers
         #: (or its body) must be in.
         self._deadlines: dict[object, float] = {}
         self._adopted: set[Adopted] = set()
-        every = max(0.05, min(settings.header_timeout, settings.body_timeout, 4.0) / 4)
+        shortest = min(settings.header_timeout, settings.body_timeout, settings.write_timeout)
+        every = max(0.05, min(shortest, 4.0) / 4)
         self._expiry = PeriodicCallback(self._expire, every * 1000)
         self.proxy_protocol = settings.proxy_protocol
         self._log_proxy = ThrottledLog(log)
@@ -246,6 +282,7 @@ class Listener(HTTPServer):
                     return  # served by its fast route, or gone
             stream = HTTPStream(conn, max_buffer_size=self.max_buffer_size,
                                 read_chunk_size=self.read_chunk_size)  # fmt: skip
+            stream.writes = self
             if first:
                 _refill(stream, first)
             self.handle_stream(stream, address)
@@ -363,19 +400,49 @@ class Listener(HTTPServer):
         else:
             self._deadlines.pop(stream, None)
 
+    def stalled(self, conn: Writer) -> None:
+        """``conn`` holds answer bytes it could not send: from now its client must move on."""
+        if conn not in self._stalled:
+            self._stalled[conn] = (time.monotonic() + self.write_timeout, conn.taken())
+
+    def flowing(self, conn: Writer) -> None:
+        """``conn`` sent all it held (or closed): no write deadline."""
+        self._stalled.pop(conn, None)
+
     def _expire(self) -> None:
         """Close the connections past their header or body deadline (``HEADER_TIMEOUT``...)."""
         now = time.monotonic()
+        if self._stalled:
+            self._expire_writes(now)
         late = [stream for stream, deadline in self._deadlines.items() if deadline <= now]
         for stream in late:
             del self._deadlines[stream]
             if isinstance(stream, IOStream):
                 log.debug("closing a connection that sent no complete request in time")
-                stream.close()
+                _close_idle(stream)
             elif stream in self._adopted:
                 log.debug("closing a connection that sent no complete request in time")
                 self._adopted.discard(stream)
-                stream.close()
+                _close_idle(stream)
+
+    def _expire_writes(self, now: float) -> None:
+        """Reset the stalled connections whose client took under `WRITE_PROGRESS` in a
+        ``WRITE_TIMEOUT`` (``WRITE_TIMEOUT``)."""
+        due = [(conn, taken) for conn, (at, taken) in self._stalled.items() if at <= now]
+        for conn, before in due:
+            if not conn.unsent():
+                del self._stalled[conn]
+                continue
+            taken = conn.taken()
+            if taken - before >= WRITE_PROGRESS:
+                self._stalled[conn] = (now + self.write_timeout, taken)
+                continue
+            del self._stalled[conn]
+            self.metrics.write_timeouts.inc()
+            self._log_stalled.log(logging.WARNING, "reset a connection whose client took %d "
+                                  "bytes of its answer in %gs (WRITE_TIMEOUT)", taken - before,
+                                  self.write_timeout)  # fmt: skip
+            conn.reset()
 
     # -- adopted connections ---------------------------------------------------
 
@@ -408,6 +475,7 @@ class Listener(HTTPServer):
         """
         stream = HTTPStream(sock, max_buffer_size=self.max_buffer_size,
                             read_chunk_size=self.read_chunk_size)  # fmt: skip
+        stream.writes = self
         if buffered:
             _refill(stream, buffered)
         HTTPServer.handle_stream(self, stream, address)
@@ -460,6 +528,16 @@ def _refill(stream: IOStream, data: bytes) -> None:
     assert not stream._read_buffer_size
     stream._read_buffer += data
     stream._read_buffer_size += len(data)
+
+
+def _close_idle(conn: object) -> None:
+    """Close ``conn``, past its ``HEADER_TIMEOUT``; with a reset when its client left some of
+    its last answer unread, so that the kernel does not keep probing it with those bytes
+    for minutes."""
+    if isinstance(conn, Writer) and conn.unacked():
+        conn.reset()
+    else:
+        cast(Adopted, conn).close()
 
 
 def _close_after_write(stream: IOStream, written: Future[None]) -> None:

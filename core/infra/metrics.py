@@ -146,6 +146,12 @@ class Metrics:
             ["errno"],
             registry=r,
         )
+        self.write_timeouts = Counter(
+            "gateway_write_timeouts",
+            "HTTP connections reset because their client took too little of an answer within "
+            "WRITE_TIMEOUT.",
+            registry=r,
+        )
         self.rate_limited = Counter(
             "gateway_rate_limited",
             "Requests and commands refused by a rate limit, by scope.",

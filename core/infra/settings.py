@@ -678,6 +678,13 @@ class Settings:
         "Seconds a request has to send its whole body once its headers are in; slower: closed.",
         _positive_float,
     )
+    write_timeout: float = _setting(
+        30.0,
+        "WRITE_TIMEOUT",
+        "Seconds an HTTP answer's client has to take 64 KiB of it (or all that is left) "
+        "once the process holds bytes it cannot send; slower: the connection is reset.",
+        _positive_float,
+    )
     max_header_bytes: int = _setting(
         65536,
         "MAX_HEADER_BYTES",

@@ -232,7 +232,7 @@ class PollConnection(Adopted):
             status = 410
             body += poll.close_field()
         body += b"}"
-        transport.write(
+        self._write(
             b"%s%d%s%s" % (_HEADS[status], len(body), _CLOSE if self._close else _KEEP, body)
         )
         self._log(status)

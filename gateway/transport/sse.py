@@ -46,12 +46,12 @@ from tornado.iostream import IOStream, StreamBufferFullError, StreamClosedError
 from core.errormap import JsonErrors
 from core.infra.errors import ApiError
 from core.infra.identity import Identity
+from core.infra.tcp import kernel_queue, reset_on_close
 from gateway.context import Context
 from gateway.hooks.connect import Disconnected, HookedIdentity
 from gateway.hub import Prepared
 from gateway.session import Session
 from gateway.transport.admission import admit, admit_hooked_request, refuse_full
-from gateway.transport.wsconn import kernel_queue, reset_on_close
 from proto import JSON_CODEC, CloseCode, Codec, Connection, Position
 
 __all__ = ["SSEHandler", "decode_positions", "encode_positions"]

@@ -51,12 +51,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
-import fcntl
 import logging
-import socket
-import struct
-import termios
 import time
 from collections.abc import Callable, Coroutine
 from typing import Any, ClassVar, Protocol
@@ -65,6 +60,7 @@ from prometheus_client import Histogram
 
 from core.infra.metrics import Metrics
 from core.infra.tasks import TaskSet
+from core.infra.tcp import kernel_queue, reset_on_close
 from gateway.hub import Prepared
 from gateway.session import Session
 from gateway.transport.inflation import InflateBudget, InflateLimits
@@ -83,8 +79,6 @@ __all__ = [
     "Backlog",
     "Coalescer",
     "WSConnection",
-    "kernel_queue",
-    "reset_on_close",
 ]
 
 log = logging.getLogger("gateway.websocket")
@@ -111,7 +105,6 @@ _TASK = 1  # WSConnection._busy: a task runs the connection's commands
 _PARSE = 2  # WSConnection._busy: the held frames are to be parsed on the next loop turn
 #: The command tasks running now, one per busy connection (idle ones hold none).
 _RUNNING = TaskSet(log)
-_LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() resets the connection
 
 
 def _unsent(transport: Any) -> int:
@@ -119,36 +112,10 @@ def _unsent(transport: Any) -> int:
     return int(transport.get_write_buffer_size()) + kernel_queue(transport.get_extra_info("socket"))
 
 
-def kernel_queue(sock: socket.socket | None) -> int:
-    """Bytes in ``sock``'s kernel send queue (Linux ``SIOCOUTQ``; 0 when unknown).
-
-    The kernel moves bytes on only in large steps, so its queue, added to
-    what the process holds, is what shows a slow reader making progress.
-    """
-    if sock is not None:
-        with contextlib.suppress(OSError, ValueError):
-            return int(
-                struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0" * 4))[0]
-            )
-    return 0
-
-
 def _reset(transport: Any) -> None:
     """Abort ``transport`` with a TCP reset (`reset_on_close`)."""
     reset_on_close(transport.get_extra_info("socket"))
     transport.abort()
-
-
-def reset_on_close(sock: socket.socket | None) -> None:
-    """Make closing ``sock`` a TCP reset, so the kernel frees its send queue at once.
-
-    A plain close leaves what the peer has not read to an orphan socket that
-    keeps probing a peer that reads nothing (a zero window) for minutes,
-    holding that queue (up to the kernel's send buffer, 4 MB) the while.
-    """
-    if sock is not None:
-        with contextlib.suppress(OSError, ValueError):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
 
 
 class Backlog(Protocol):

@@ -1,0 +1,185 @@
+"""``WRITE_TIMEOUT``: an HTTP answer whose client stops taking it does not hold its connection.
+
+A client (with no token, or an ordinary account's) asks for something larger
+than the kernel's buffers and then reads nothing, or a few bytes at a time:
+before, its connection, a file descriptor and up to the answer's bytes were
+held for as long as the client liked, outside every connection count. Now,
+once the process holds bytes the socket would not take, the client must take
+`WRITE_PROGRESS` bytes within each ``WRITE_TIMEOUT`` (or all that is left),
+or the connection is reset. A slow reader that keeps reading is served whole.
+Raw sockets with small receive buffers, so that what the client reads is the
+test's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import socket
+import struct
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from openapi_ui_bundles import swagger_ui
+
+from core.infra.listener import WRITE_PROGRESS
+from tests.harness import ApiClient, KeptAliveClient, running_gateway, token_for
+from tests.servers import UNIT
+
+BUNDLE = Path(swagger_ui.static_path) / "swagger-ui-bundle.js"  # ~1.4 MB, for anyone
+_TCP_CLOSE = 7  # tcpi_state of a connection the peer reset
+
+
+def _client(rcvbuf: int) -> socket.socket:
+    """A non-blocking TCP socket whose receive buffer is ``rcvbuf`` (no autotuning)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    sock.setblocking(False)
+    return sock
+
+
+@contextlib.asynccontextmanager
+async def _asking(port: int, rcvbuf: int, requests: bytes) -> AsyncIterator[socket.socket]:
+    """A connection with a receive buffer of ``rcvbuf`` that has sent ``requests``."""
+    sock = _client(rcvbuf)
+    loop = asyncio.get_running_loop()
+    try:
+        await loop.sock_connect(sock, ("127.0.0.1", port))
+        await loop.sock_sendall(sock, requests)
+        yield sock
+    finally:
+        sock.close()
+
+
+def _get(path: str, token: str | None = None) -> bytes:
+    auth = f"Authorization: Bearer {token}\r\n" if token else ""
+    return f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n{auth}\r\n".encode()
+
+
+def _reset(sock: socket.socket) -> bool:
+    """Whether the server reset ``sock`` (read without reading a byte: TCP_INFO's state)."""
+    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)
+    return struct.unpack("B", info[:1])[0] == _TCP_CLOSE
+
+
+async def _reset_within(sock: socket.socket, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if _reset(sock):
+            return True
+        await asyncio.sleep(0.02)
+    return _reset(sock)
+
+
+async def _answer(sock: socket.socket) -> tuple[int, bytes]:
+    """Read one whole answer (status, body) off ``sock``."""
+    loop = asyncio.get_running_loop()
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += await asyncio.wait_for(loop.sock_recv(sock, 65536), 5 * UNIT)
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = int(next(line for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")).split(b":")[1])  # fmt: skip
+    while len(body) < length:
+        body += await asyncio.wait_for(loop.sock_recv(sock, 65536), 5 * UNIT)
+    return int(head.split()[1]), body
+
+
+def _timeouts(gw: object) -> float:
+    registry = gw.ctx.metrics.registry  # type: ignore[attr-defined]
+    return registry.get_sample_value("gateway_write_timeouts_total") or 0.0
+
+
+#: Pipelined requests for the bundle: more than the kernel's send buffer (up to 4 MB) holds.
+PIPELINED = 4
+
+
+async def test_a_client_with_no_token_that_reads_nothing_of_large_files_is_reset():
+    timeout = 0.5 * UNIT
+    async with (
+        running_gateway(write_timeout=timeout) as gw,
+        _asking(gw.port, 4096, _get("/docs/static/swagger-ui-bundle.js") * PIPELINED) as sock,
+    ):
+        await asyncio.sleep(timeout / 2)
+        assert not _reset(sock)  # it is served while it could take bytes
+        assert await _reset_within(sock, 3 * timeout + 1.0 * UNIT)
+        assert _timeouts(gw) == 1
+        # Everyone else is served as before.
+        anyone = ApiClient(gw.port, None)
+        try:
+            assert (await anyone.call("GET", "/healthz"))[0] == 200
+        finally:
+            anyone.close()
+
+
+async def test_an_answer_left_unread_in_the_kernel_is_reset_at_the_header_timeout():
+    # One bundle fits the kernel's send buffer: the process holds nothing, and the
+    # connection waits for its next request. Closed at HEADER_TIMEOUT as ever, but with a
+    # reset: a plain close left the kernel probing the client with ~1.4 MB for minutes.
+    header_timeout = 0.5 * UNIT
+    async with (
+        running_gateway(header_timeout=header_timeout) as gw,
+        _asking(gw.port, 4096, _get("/docs/static/swagger-ui-bundle.js")) as sock,
+    ):
+        assert await _reset_within(sock, 3 * header_timeout + 1.0 * UNIT)
+        assert _timeouts(gw) == 0  # not a write timeout: the idle one
+
+
+async def test_a_slow_reader_that_keeps_reading_gets_every_file_whole():
+    timeout = 0.2 * UNIT
+    bundle = BUNDLE.read_bytes()
+    async with (
+        running_gateway(write_timeout=timeout) as gw,
+        _asking(gw.port, 64 * 1024, _get("/docs/static/swagger-ui-bundle.js") * PIPELINED) as sock,
+    ):
+        assert gw.server is not None
+        data = b""
+        stalled = 0  # reads during which the process held bytes it could not send
+        while data.count(bundle) < PIPELINED:
+            # About WRITE_PROGRESS per 0.02 s: slower than the server, but on the move.
+            await asyncio.sleep(0.02)
+            stalled += bool(gw.server._stalled)
+            try:
+                chunk = sock.recv(WRITE_PROGRESS)
+            except BlockingIOError:
+                continue
+            assert chunk, f"closed after {len(data)} bytes"
+            data += chunk
+        assert data.count(b"HTTP/1.1 200 OK") == PIPELINED
+        assert stalled * 0.02 > 2 * timeout  # the answers did wait on it for several deadlines
+        assert _timeouts(gw) == 0
+
+
+async def test_a_kept_alive_rest_client_that_stops_reading_a_large_page_is_reset(clean_db):
+    timeout = 0.5 * UNIT
+    async with running_gateway(**clean_db, write_timeout=timeout) as gw:
+        token = token_for(gw, "alice", extra={"role": "admin"})
+        # Projects of the largest kind, each character escaped six times over: ~96 KB each.
+        title = "\x01" * 200
+        big = {
+            "name": title,
+            "description": "\x01" * 5000,
+            "owner_email": "ada@example.com",
+            "budget": 1,
+            "starts_on": "2026-01-01",
+            "milestones": [{"title": title, "due": "2026-06-01"}] * 50,
+        }
+        ada = KeptAliveClient(gw.port, token)
+        try:
+            for _ in range(100):
+                status, _, body = await ada.call("POST", "/api/projects", big)
+                assert status == 201, body
+        finally:
+            ada.close()
+        loop = asyncio.get_running_loop()
+        async with _asking(gw.port, 4096, _get("/api/projects?limit=1", token)) as sock:
+            status, body = await _answer(sock)  # read by Tornado; the connection is then adopted
+            assert status == 200 and len(json.loads(body)["items"]) == 1
+            assert gw.server is not None and gw.server.adopted == 1
+            await loop.sock_sendall(sock, _get("/api/projects?limit=100", token))  # ~9.6 MB
+            await asyncio.sleep(timeout / 2)
+            assert not _reset(sock)
+            assert await _reset_within(sock, 3 * timeout + 1.0 * UNIT)
+            assert _timeouts(gw) == 1
+            assert gw.server.adopted == 0
