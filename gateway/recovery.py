@@ -14,6 +14,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from core.infra.broker import Entry
+from core.infra.ratelimit import local_spend
 from gateway.hub import Prepared
 from gateway.node import HistoryRead
 from proto import ErrorCode, History, HistoryItem, Position, Reply, Subscribed
@@ -21,11 +23,27 @@ from proto import ErrorCode, History, HistoryItem, Position, Reply, Subscribed
 if TYPE_CHECKING:
     from gateway.session import Session
 
-__all__ = ["MAX_HELD", "MAX_OFFSET", "Answer", "history", "recovers", "subscribe_recovering"]
+__all__ = [
+    "MAX_HELD",
+    "MAX_OFFSET",
+    "MAX_PAGE_BYTES",
+    "Answer",
+    "could_recover",
+    "history",
+    "recovers",
+    "subscribe_recovering",
+]
 
 
 #: Live publications held per channel while its history is read.
 MAX_HELD = 10_000
+#: Data a ``history`` reply carries at most (but always one publication): a page of
+#: large publications in one frame passed a connection's `SEND_BUFFER_BYTES` (1 MiB),
+#: and the client asking was closed as a slow consumer (4001) however fast it read.
+MAX_PAGE_BYTES = 256 * 1024
+#: A ``history`` read counts one more command for each this many bytes read, as a
+#: big ``presence`` does: a socket pages through at most ~12 MB a second.
+PAGE_BYTES_PER_COMMAND = MAX_PAGE_BYTES // 2
 MAX_OFFSET = 2**53 - 1
 
 
@@ -45,6 +63,42 @@ def recovers(since: Position, read: HistoryRead) -> bool:
     return since.offset == top.offset or (
         span is not None and span[0] == since.offset + 1 and span[1] == top.offset
     )
+
+
+def could_recover(since: Position, top: Position | None, size: int) -> bool:
+    """Whether a read of ``size`` entries after ``since`` could recover, ``top`` being the top.
+
+    False only where `recovers` is False whatever the read holds: another
+    epoch, a position ahead of the top, or more missed than one read holds
+    (offsets are consecutive, so a read that reaches the top from ``since``
+    spans ``top.offset - since.offset`` of them).
+    """
+    return top is not None and top.epoch == since.epoch and 0 <= top.offset - since.offset <= size
+
+
+async def _read(
+    session: Session, ch: str, since: Position | None, seen: Position | None
+) -> HistoryRead:
+    """The history read a subscription from ``since`` needs: its entries only if usable.
+
+    A ``since`` of another epoch, or too far behind, cannot be recovered, and
+    reading its entries anyway had Redis send up to ``HISTORY_SIZE`` of them
+    (each up to `MAX_PUBLICATION_BYTES`) for a 100-byte ``sub`` that answers
+    ``recovered: false``. Where this node's last position (``seen``) says the
+    client may recover, the entries are read at once, as before; otherwise
+    where the channel stands is read first (as a ``sub`` without ``since``
+    reads it, shared with those), and the entries only if they could serve.
+    """
+    node, size = session.node, session.node.history_policy.size
+    if since is not None and seen is not None and could_recover(since, seen, size):
+        return await node.history(ch, since.offset, size, covering=seen, holding=True)
+    read = await node.history(ch, MAX_OFFSET, size, covering=seen, holding=True)
+    top = read.top
+    if since is None or top is None or since.offset == top.offset:
+        return read  # (nothing missed: `recovers` says so from the top alone)
+    if not could_recover(since, top, size):
+        return read
+    return await node.history(ch, since.offset, size, covering=seen, holding=True)
 
 
 #: The frame that answers a subscription, from ``recovered`` (None: no ``since``)
@@ -68,9 +122,7 @@ async def subscribe_recovering(
     seen = session.node.seen(ch)  # from here on, live publications are held
     try:
         await session.node.subscribe(ch, session)
-        after = since.offset if since is not None else MAX_OFFSET
-        size = session.node.history_policy.size
-        read = await session.node.history(ch, after, size, covering=seen, holding=True)
+        read = await _read(session, ch, since, seen)
     except BaseException:
         held.pop(ch, None)
         session.node.unsubscribe(ch, session)
@@ -99,12 +151,49 @@ async def subscribe_recovering(
             session.transport.deliver(prepared, session.codec)
 
 
+async def _page(
+    session: Session, ch: str, after: int, limit: int
+) -> tuple[list[Entry], Position | None, int]:
+    """Up to ``limit`` publications after ``after`` within `MAX_PAGE_BYTES` (at least
+    one), where the channel stands, and the bytes read for them.
+
+    Read a few at a time: one first, then as many as its size says fit, so that
+    Redis sends little more than the page, whatever size the publications are.
+    """
+    node = session.node
+    entries: list[Entry] = []
+    size = read = 0
+    want = 1
+    while True:
+        got = await node.history(ch, after, want)
+        top, span = got.top, got.span
+        for offset, data in got.entries:
+            read += len(data)
+            if entries and size + len(data) > MAX_PAGE_BYTES:
+                return entries, top, read  # the client asks again from the last offset
+            entries.append((offset, data))
+            size += len(data)
+        if span is None or top is None or span[1] >= top.offset:
+            return entries, top, read
+        limit -= len(got.entries)
+        after = span[1]
+        if limit <= 0:
+            return entries, top, read
+        each, room = max(1, size // max(1, len(entries))), MAX_PAGE_BYTES - size
+        if room < each:
+            return entries, top, read  # the next one would hardly fit: the page is full
+        want = min(limit, room // each)
+
+
 async def history(session: Session, cmd: History) -> None:
     if not session.node.history_policy.applies(cmd.ch):
         code = ErrorCode.NO_HISTORY
         session._reply_error(session.conn.error_reply(cmd, code, cmd.ch), code)
         return
-    entries, top, _ = await session.node.history(cmd.ch, cmd.since, cmd.limit)
+    entries, top, read = await _page(session, cmd.ch, cmd.since, cmd.limit)
+    extra = read // PAGE_BYTES_PER_COMMAND
+    if extra > 0 and session.commands is not None:
+        session._commands_tat = local_spend(session.commands, session._commands_tat, extra)
     items = [HistoryItem(offset, session.codec.json_to_raw(data)) for offset, data in entries]
     reply = Reply(
         id=cmd.id,

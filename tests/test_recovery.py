@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 
 import pytest
@@ -11,6 +12,7 @@ from websockets.exceptions import ConnectionClosed
 
 from core.infra.broker import Position, RedisBroker
 from gateway.client import Backoff, Client, Gap, Publication
+from gateway.recovery import MAX_PAGE_BYTES
 from proto import ErrorCode
 from tests.harness import SECRET, running_gateway, token_for, unique_prefix, until, ws_client
 from tests.servers import UNIT, ThrowawayRedis, free_port
@@ -580,3 +582,78 @@ async def test_killed_node_long_poll_client_resumes_on_another_with_every_messag
         await publisher.close()
     assert recovered is True
     assert received == list(range(1, total + 1))  # every message exactly once, in order
+
+
+#: A publication of 60 KB on ``feed:big`` (`big_feed`).
+BIG = b'{"s":"%s"}' % (b"x" * 60_000)
+
+
+@contextlib.asynccontextmanager
+async def big_feed(redis_url: str, monkeypatch, published: int):
+    """A gateway on Redis whose ``feed:big`` holds the last 100 of ``published`` `BIG`
+    publications, a client allowed ``feed:*``, the last position, and a list whose one
+    item counts the bytes of entries Redis sends for history reads from then on."""
+    prefix = unique_prefix()
+    async with (
+        running_gateway(
+            RedisBroker(redis_url, prefix),
+            redis_url=redis_url,
+            redis_prefix=prefix,
+            history_channels=("feed:*",),
+            history_size=100,
+        ) as gw,  # fmt: skip
+        ws_client(gw.port, token_for(gw, channels=("feed:*",)), max_size=None) as c,
+    ):
+        node = gw.ctx.node
+        for _ in range(published):
+            at = await node.publish("feed:big", BIG)
+        read, real = [0], node.broker.history
+
+        async def counted(ch: str, after: int, limit: int):
+            entries, top = await real(ch, after, limit)
+            read[0] += sum(len(data) for _, data in entries)
+            return entries, top
+
+        monkeypatch.setattr(node.broker, "history", counted)
+        yield c, at, read
+
+
+async def test_a_sub_that_cannot_recover_reads_no_entries(redis_url, monkeypatch):
+    """A ``since`` of another epoch, or missing more than history holds, answers
+    ``recovered: false`` without Redis sending the entries: each such ``sub`` (100 bytes)
+    had Redis send the whole history (here 100 entries of 60 KB, 6 MB) to be thrown away.
+    One that can recover still reads them."""
+    async with big_feed(redis_url, monkeypatch, 120) as (c, at, read):  # 21-120 kept
+        for since in (
+            {"offset": 50, "epoch": "bogus"},  # another epoch
+            {"offset": 1, "epoch": at.epoch},  # more missed than is kept
+            {"offset": at.offset + 5, "epoch": at.epoch},  # ahead
+        ):
+            for _ in range(3):
+                reply = await c.request("sub", ch="feed:big", since=since)
+                assert reply["ok"] and reply["recovered"] is False and reply["offset"] == 120
+                assert (await c.request("unsub", ch="feed:big"))["ok"]
+        assert read[0] == 0  # before: 30.6 MB over the 9
+        since = {"offset": at.offset - 2, "epoch": at.epoch}
+        reply = await c.request("sub", ch="feed:big", since=since)
+        assert reply["recovered"] is True and read[0] == 2 * len(BIG)
+        assert [(await c.next_push())["offset"] for _ in range(2)] == [119, 120]
+
+
+async def test_history_of_large_publications_comes_in_pages_that_keep_the_socket(
+    redis_url, monkeypatch
+):
+    """One user's large publications (here 100 of 60 KB) made a ``history`` page of the
+    channel 6 MB in one frame, past ``SEND_BUFFER_BYTES``: every client that asked was
+    closed as a slow consumer (4001) behind it, and Redis sent all 100 for each ask. Now a
+    page carries at most ``MAX_PAGE_BYTES``, Redis sends little more, and the client pages on."""
+    async with big_feed(redis_url, monkeypatch, 100) as (c, at, read):
+        got: list[int] = []
+        while not got or got[-1] < at.offset:
+            page = await c.request("history", ch="feed:big", since=got[-1] if got else 0)
+            assert page["ok"] and page["offset"] == at.offset, page
+            assert 0 < len(page["publications"]) <= MAX_PAGE_BYTES // len(BIG)
+            got += [p["offset"] for p in page["publications"]]
+        assert got == list(range(1, 101))
+        assert read[0] < 1.1 * 100 * len(BIG)  # before: 100 entries for each ask
+        assert (await c.request("ping"))["ok"]
