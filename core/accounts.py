@@ -283,14 +283,14 @@ class Accounts:
         if form.grant_type == "refresh_token":
             if not form.refresh_token:
                 raise _invalid_grant("refresh_token is required")
-            return await self._rotate(form.refresh_token)
+            return await self._rotate(req, form.refresh_token)
         if not form.username or not form.password:
             raise _invalid_grant("username and password are required")
         return await self._login(req, form.username, form.password)
 
     async def refresh(self, req: Request) -> Response:
         data: RefreshIn = req.data
-        return await self._rotate(data.refresh_token)
+        return await self._rotate(req, data.refresh_token)
 
     async def _login(self, req: Request, email: str, password: str) -> Response:
         self._require_issuer()
@@ -321,12 +321,16 @@ class Accounts:
             await self._revoker.revoke([r[0] for r in ended])
         return self._tokens(user_id, role, sid, refresh, row["display_name"])
 
-    async def _rotate(self, token: str) -> Response:
+    async def _rotate(self, req: Request, token: str) -> Response:
         self._require_issuer()
+        # A made-up token is a guess: it counts as a failed login from its address.
+        attempt = await self._logins.begin_refresh(req.client)
         digest = refresh_hash(token)
         reused: str | None = None
         async with self._pool.acquire() as conn, conn.transaction():
             row = await conn.fetchrow(_FIND_REFRESH, digest)
+            if row is not None:
+                await attempt.succeeded()
             if row is None or row["revoked"] or row["expired"]:
                 raise _invalid_grant("refresh token is not valid")
             sid = row["sid"]

@@ -12,6 +12,10 @@ keep what they counted:
   logging in to one's own account cannot reset the count of failures
   against others.
 
+A refresh with a refresh token nobody issued counts as a failure against
+``RATE_LOGIN_IP`` too (`LoginGuard.begin_refresh`): it is a guess like a
+wrong password, and each costs the database a transaction and a query.
+
 Counting first and refunding on success (rather than checking, then
 counting failures) means a thousand concurrent guesses cannot all pass one
 check. Requests with no known IP (none should remain) share the key ``-``.
@@ -48,11 +52,25 @@ class LoginGuard:
             counted.append((key, rate))
         return attempt
 
+    async def begin_refresh(self, client: str) -> LoginAttempt:
+        """Count a refresh from ``client`` against ``RATE_LOGIN_IP``; `TooManyRequests` when over.
+
+        `LoginAttempt.succeeded` once the token is found (issued here: valid,
+        used, expired or revoked alike); one nobody issued keeps its count.
+        """
+        ip = limit_key(client) if client else "-"
+        attempt = LoginAttempt(self, f"login-fail-ip:{ip}", None)
+        if self._per_ip is not None:
+            decision = await self._limiter.hit(attempt.ip_key, *self._per_ip)
+            if not decision.allowed:
+                raise TooManyRequests(decision.retry_after, "failed login attempts")
+        return attempt
+
 
 class LoginAttempt:
     """One counted attempt: a failure keeps it counted, `succeeded` gives it back."""
 
-    def __init__(self, guard: LoginGuard, ip_key: str, account_key: str) -> None:
+    def __init__(self, guard: LoginGuard, ip_key: str, account_key: str | None) -> None:
         self._guard = guard
         self.ip_key = ip_key
         self.account_key = account_key
@@ -60,11 +78,11 @@ class LoginAttempt:
     def keys(self) -> list[tuple[str, Rate]]:
         guard = self._guard
         pairs = ((self.ip_key, guard._per_ip), (self.account_key, guard._per_account))
-        return [(key, rate) for key, rate in pairs if rate is not None]
+        return [(key, rate) for key, rate in pairs if rate is not None and key is not None]
 
     async def succeeded(self) -> None:
         guard = self._guard
         if guard._per_ip is not None:
             await guard._limiter.refund(self.ip_key, *guard._per_ip)
-        if guard._per_account is not None:
+        if guard._per_account is not None and self.account_key is not None:
             await guard._limiter.reset(self.account_key)

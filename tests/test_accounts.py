@@ -154,6 +154,42 @@ async def test_refresh_grant_on_the_token_endpoint(anon):
     assert status == 400 and body["error"]["code"] == "invalid_grant"
 
 
+async def test_made_up_refresh_tokens_count_as_failed_logins_from_their_address(clean_db):
+    # A refresh needs no token: a made-up refresh token cost a transaction and a query and
+    # counted against no limit. Now it is a failed login of its address (RATE_LOGIN_IP);
+    # refreshes with issued tokens use nothing up.
+    async with running_gateway(**clean_db, rate_login_ip=Rate(3, 60.0)) as gw:
+        anon = ApiClient(gw.port, None)
+        other = ApiClient(gw.port, None, source_ip="127.0.0.2")
+        try:
+            await register(anon)
+            _, tokens = await login(anon)
+            for _ in range(5):
+                status, _, tokens = await anon.call(
+                    "POST", "/api/auth/refresh", {"refresh_token": tokens["refresh_token"]}
+                )
+                assert status == 200
+            statuses = []
+            for n in range(5):
+                status, headers, body = await anon.call(
+                    "POST", "/api/auth/refresh", {"refresh_token": f"made-up-{n}"}
+                )
+                statuses.append(status)
+            assert statuses == [400] * 3 + [429] * 2
+            assert body["error"]["code"] == "rate_limited" and int(headers["Retry-After"]) > 0
+            # The same address's password guesses share that allowance; another address
+            # has its own.
+            status, _ = await login(anon, password="wrong password")
+            assert status == 429
+            status, _, body = await other.call(
+                "POST", "/api/auth/refresh", {"refresh_token": "made-up"}
+            )
+            assert status == 400 and body["error"]["code"] == "invalid_grant"
+        finally:
+            anon.close()
+            other.close()
+
+
 async def test_refreshes_spend_the_accounts_rest_allowance(clean_db):
     # Refresh routes take no token, so no limit counted them: one account rotated its
     # refresh tokens ~900 times a second (8 sessions, kept-alive connections), each a

@@ -585,7 +585,8 @@ class Settings:
     rate_login_ip: Rate | None = _setting(
         Rate(20, 60.0),
         "RATE_LOGIN_IP",
-        "Failed logins (any account), and registrations, per client IP (n/seconds).",
+        "Failed logins (any account; a refresh with a token nobody issued is one), and "
+        "registrations, per client IP (n/seconds).",
         _rate,
     )
     rate_login_account: Rate | None = _setting(
