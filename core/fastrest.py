@@ -72,6 +72,7 @@ from core.http import (
     REASONS,
     CoreHTTP,
     is_api_path,
+    length_only,
 )
 from core.infra.adoption import Adopted, take_over
 from core.infra.ids import request_id_of
@@ -205,7 +206,7 @@ def answer_bytes(resp: Response, method: str, date: str, close: bool) -> bytes:
         if method == "HEAD":
             body = None
     elif status not in _NO_BODY:
-        out["Content-Length"] = "0"
+        length_only(out, resp.length)
     if close:
         out["Connection"] = "close"
     lines = [f"HTTP/1.1 {status} {REASONS.get(status, 'Unknown')}\r\n"]

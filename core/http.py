@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Coroutine, Mapping
+from collections.abc import Coroutine, Mapping, MutableMapping
 from email.utils import formatdate
 from http import HTTPStatus
 from typing import Any, Protocol
@@ -42,6 +42,7 @@ __all__ = [
     "api_router",
     "cors_headers",
     "is_api_path",
+    "length_only",
     "make_request",
     "unauthorized",
 ]
@@ -75,6 +76,16 @@ class _Date:
         if now != self._second:
             self._second, self._value = now, formatdate(now, usegmt=True)
         return self._value
+
+
+def length_only(out: MutableMapping[str, str], length: int | None) -> None:
+    """The length fields of an answer with no body here: ``length`` is a ``HEAD``'s JSON
+    body's (`Response.length`, behind ``CORE_URL``), else there is no body."""
+    if length is None:
+        out["Content-Length"] = "0"
+    else:
+        out["Content-Type"] = "application/json"
+        out["Content-Length"] = str(length)
 
 
 class CoreHTTP(httputil.HTTPServerConnectionDelegate):
@@ -285,7 +296,7 @@ class _Exchange(httputil.HTTPMessageDelegate):
             if self._start.method == "HEAD":
                 body = None
         elif status not in _NO_BODY:
-            out["Content-Length"] = "0"
+            length_only(out, resp.length)
         line = httputil.ResponseStartLine("HTTP/1.1", status, REASONS.get(status, "Unknown"))
         try:
             self._conn.write_headers(line, out, body)

@@ -70,7 +70,7 @@ class Request:
 
 
 class Response:
-    __slots__ = ("body", "headers", "status")
+    __slots__ = ("body", "headers", "length", "status")
 
     def __init__(
         self, status: int, body: bytes | None = None, headers: dict[str, str] | None = None
@@ -78,6 +78,9 @@ class Response:
         self.status = status
         self.body = body
         self.headers = headers if headers is not None else {}
+        #: A JSON body's length where the body itself is not here: the core's answer to a
+        #: ``HEAD`` behind ``CORE_URL``, written with that length and no body.
+        self.length: int | None = None
 
     @classmethod
     def error(cls, err: ApiError, extra: dict[str, str] | None = None) -> Response:

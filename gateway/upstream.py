@@ -439,7 +439,13 @@ def response_of(answer: Answer) -> Response:
         if (low := name.lower()) not in _HOP
     }
     status, payload = answer.status, answer.body
-    return Response(status, payload if payload or status not in (204, 304) else None, out)
+    if payload or status in (204, 304):
+        return Response(status, payload or None, out)
+    resp = Response(status, payload, out)
+    for name, value in answer.headers:  # an answer to HEAD: its length, with no body
+        if name.lower() == "content-length" and value.isdigit() and int(value):
+            resp.body, resp.length = None, int(value)
+    return resp
 
 
 def repeatable_request(method: str, path: str, headers: Mapping[str, str], router: Router) -> bool:

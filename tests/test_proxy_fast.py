@@ -209,6 +209,43 @@ async def test_kept_alive_connections_are_adopted_and_answer_as_tornado_does(tie
         conn.close()
 
 
+async def test_a_head_behind_core_url_says_the_length_the_core_says(tmp_path, data_dir, redis_url,
+                                                                   clean_db):  # fmt: skip
+    # The gateway's answer to a HEAD said "Content-Length: 0" and no type, where the core
+    # (and a gateway embedding it) give the GET's: RFC 9110 allows that length or none.
+    tier = Tier(tmp_path, data_dir, redis_url, clean_db)
+    try:
+        token = await token_of(tier.gateway.port)
+        cases = [
+            request("HEAD", "/api/projects?limit=2", token),
+            request("HEAD", "/api/projects/999999", token),
+            request("HEAD", "/api/projects", None),  # 401 from the core
+            request("HEAD", "/api/nowhere", token),
+        ]
+        for case in cases:
+            core = await Conn.open(tier.core.port)
+            try:
+                core.send(case)
+                status, headers, _, _ = await core.answer(head_only=True)
+            finally:
+                core.close()
+            assert int(headers["content-length"]) > 0
+            want = (status, headers["content-length"], headers["content-type"])
+            fresh = await Conn.open(tier.gateway.port)
+            try:
+                async with adopted_conn(tier.gateway.port, token) as kept:
+                    for conn in (fresh, kept):  # Tornado's path, then the adopted one
+                        conn.send(case)
+                        got, headers, _, _ = await conn.answer(head_only=True)
+                        assert (got, headers["content-length"], headers.get("content-type")) == want
+                        conn.send(request("GET", "/api/projects?limit=1", token))
+                        assert (await conn.answer())[0] == 200  # no body came after the head
+            finally:
+                fresh.close()
+    finally:
+        tier.stop()
+
+
 async def test_answers_are_byte_for_byte_those_of_tornados_writer(tier):
     """``Connection: close`` keeps a request on Tornado's path (`CoreHTTP` writes it): the same
     request as an adopted connection's last gets the same bytes but Date and request id."""
