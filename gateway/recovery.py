@@ -27,6 +27,7 @@ __all__ = [
     "MAX_HELD",
     "MAX_OFFSET",
     "MAX_PAGE_BYTES",
+    "MAX_RECOVERY_BYTES",
     "Answer",
     "could_recover",
     "history",
@@ -41,6 +42,11 @@ MAX_HELD = 10_000
 #: large publications in one frame passed a connection's `SEND_BUFFER_BYTES` (1 MiB),
 #: and the client asking was closed as a slow consumer (4001) however fast it read.
 MAX_PAGE_BYTES = 256 * 1024
+#: Data a recovering ``sub`` sends on a socket before the rest is left to ``history``
+#: pages (a ``gap`` follows what was sent): 100 missed publications of 60 KB went out at
+#: once, past the socket's ``SEND_BUFFER_BYTES``, and closed a client that read them all
+#: as a slow consumer (4001). Event streams, which cannot ask ``history``, get it all.
+MAX_RECOVERY_BYTES = MAX_PAGE_BYTES
 #: A ``history`` read counts one more command for each this many bytes read, as a
 #: big ``presence`` does: a socket pages through at most ~12 MB a second.
 PAGE_BYTES_PER_COMMAND = MAX_PAGE_BYTES // 2
@@ -114,7 +120,10 @@ async def subscribe_recovering(
     Live publications are held while the history is read; afterwards the
     answer, the missed publications and the held ones (those after the
     last offset sent) go out in one synchronous run, so nothing live can
-    slip in between.
+    slip in between. On a socket, missed publications past
+    `MAX_RECOVERY_BYTES` are not sent: a ``gap`` follows those that were,
+    and the client pages the rest with ``history`` as after any ``gap``
+    (the held ones come after it, as a ``gap``'s live publications do).
     """
     conn = session.conn
     held = session.held = session.held if session.held is not None else {}
@@ -143,9 +152,15 @@ async def subscribe_recovering(
     epoch = top.epoch if top is not None else None
     if recovered:
         assert epoch is not None  # recovery implies a history
+        limit = MAX_RECOVERY_BYTES if session.transport.kind == "websocket" else None
+        sent = 0
         for offset, data in entries:
+            if limit is not None and sent and sent + len(data) > limit:
+                session.gap(ch)  # the rest from `history`, after `last`
+                break
             session.transport.deliver(Prepared(ch, data, Position(offset, epoch)), session.codec)
             last = offset
+            sent += len(data)
     for prepared in buffered:
         if prepared.offset is None or prepared.epoch != epoch or prepared.offset > last:
             session.transport.deliver(prepared, session.codec)

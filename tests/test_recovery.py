@@ -12,7 +12,7 @@ from websockets.exceptions import ConnectionClosed
 
 from core.infra.broker import Position, RedisBroker
 from gateway.client import Backoff, Client, Gap, Publication
-from gateway.recovery import MAX_PAGE_BYTES
+from gateway.recovery import MAX_PAGE_BYTES, MAX_RECOVERY_BYTES
 from proto import ErrorCode
 from tests.harness import SECRET, running_gateway, token_for, unique_prefix, until, ws_client
 from tests.servers import UNIT, ThrowawayRedis, free_port
@@ -657,3 +657,51 @@ async def test_history_of_large_publications_comes_in_pages_that_keep_the_socket
         assert got == list(range(1, 101))
         assert read[0] < 1.1 * 100 * len(BIG)  # before: 100 entries for each ask
         assert (await c.request("ping"))["ok"]
+
+
+async def test_a_large_recovery_leaves_the_rest_to_history_and_keeps_the_socket(
+    redis_url, monkeypatch
+):
+    """A ``sub`` that recovered 99 publications of 60 KB sent them all at once, past
+    ``SEND_BUFFER_BYTES``: the client read every one, then was closed as a slow consumer
+    (4001). Now a socket gets `MAX_RECOVERY_BYTES` of them, then a ``gap``: it pages the
+    rest from ``history``, and stays."""
+    async with big_feed(redis_url, monkeypatch, 100) as (c, at, _):
+        reply = await c.request("sub", ch="feed:big", since={"offset": 1, "epoch": at.epoch})
+        assert reply["ok"] and reply["recovered"] is True and reply["offset"] == at.offset
+        got: list[int] = []
+        while (push := await c.recv())["op"] == "msg":
+            got.append(push["offset"])
+        assert push == {"op": "gap", "ch": "feed:big"}
+        assert got == list(range(2, 2 + MAX_RECOVERY_BYTES // len(BIG)))
+        while got[-1] < at.offset:
+            page = await c.request("history", ch="feed:big", since=got[-1])
+            got += [p["offset"] for p in page["publications"]]
+        assert got == list(range(2, 101))
+        assert (await c.request("ping"))["ok"]
+
+
+async def test_the_python_client_recovers_a_large_backlog_whole_on_one_connection(redis_url):
+    prefix = unique_prefix()
+    async with running_gateway(
+        RedisBroker(redis_url, prefix), redis_url=redis_url, redis_prefix=prefix,
+        history_channels=("feed:*",), history_size=100,
+    ) as gw:  # fmt: skip
+        node = gw.ctx.node
+        first = await node.publish("feed:big", BIG)
+        for _ in range(99):
+            await node.publish("feed:big", BIG)
+        token = token_for(gw, channels=("feed:*",))
+        url = f"ws://127.0.0.1:{gw.port}/ws"
+        async with Client(url, token=token, backoff=Backoff(base=0.05, cap=0.2)) as c:
+            sub = await c.subscribe("feed:big", since=first)
+            got = []
+            while len(got) < 99:
+                event = await asyncio.wait_for(anext(sub), 5 * UNIT)
+                assert isinstance(event, Publication), event  # no Gap reaches the application
+                got.append(event.offset)
+            assert got == list(range(2, 101))
+            live = await node.publish("feed:big", b'{"n":1}')
+            event = await asyncio.wait_for(anext(sub), 5 * UNIT)
+            assert isinstance(event, Publication) and event.offset == live.offset
+            assert c.connections == 1  # before: closed with 4001 once the backlog was sent
