@@ -553,6 +553,7 @@ class RestConnection(Adopted):
         if request.close:
             self._gone = True
             self._listener.release(self)
+            self._linger()
             transport.close()  # once written
             return
         if not self._starting:  # (else `_next`'s loop goes on)

@@ -50,6 +50,7 @@ def take_over(
     except OSError:
         return
     finally:
+        stream.writes = None  # type: ignore[attr-defined]  # the connection lives on: no linger
         stream.close()
     protocol = make(address, buffered)
     task = asyncio.ensure_future(
@@ -142,6 +143,7 @@ class Adopted(asyncio.Protocol):
             self._pause_reading()
 
     def eof_received(self) -> bool:
+        self._linger()
         return False  # the transport closes; connection_lost forgets what was under way
 
     def _write(self, data: bytes) -> None:
@@ -157,8 +159,18 @@ class Adopted(asyncio.Protocol):
     def resume_writing(self) -> None:
         self._paused = False
         self._listener.flowing(self)
-        if self._idle():
+        transport = self._transport
+        if transport is not None and transport.is_closing():
+            self._linger()  # its last answer is all in the kernel: the socket closes now
+        elif self._idle():
             self._next()
+
+    def _linger(self) -> None:
+        """The transport closes once it has sent all it holds: if that is now, the listener
+        keeps the connection until the client has taken it (`Listener.linger`)."""
+        transport = self._transport
+        if transport is not None and not transport.get_write_buffer_size():
+            self._listener.linger(transport.get_extra_info("socket"))
 
     def _lost(self) -> bool:
         """`connection_lost`'s common part; False when handed back (the socket lives on)."""

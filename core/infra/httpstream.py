@@ -26,8 +26,10 @@ This stream resumes each search where the last one stopped (less the three
 bytes a match could start before it).
 
 It tells the listener when an answer stalls (bytes left that the socket
-would not take) and when it drains (`Writes`: ``WRITE_TIMEOUT`` is the
-listener's), and can be reset.
+would not take), when it drains, and when it closes with bytes its client
+has not taken (`Writes`: ``WRITE_TIMEOUT`` is the listener's), and can be
+reset. A stream whose socket lives on elsewhere (taken off Tornado) drops
+its ``writes`` before it closes.
 
 `unread` is what a stream read past the request it served: the bytes a
 client sent right behind an upgrade request, which belong to the protocol
@@ -37,6 +39,7 @@ it upgrades to.
 from __future__ import annotations
 
 import logging
+import socket
 from asyncio import Future
 from collections.abc import Awaitable
 from http import HTTPStatus
@@ -108,6 +111,9 @@ class Writes(Protocol):
 
     def flowing(self, conn: HTTPStream) -> None:
         """``conn`` holds none any more (or closed)."""
+
+    def linger(self, sock: socket.socket) -> None:
+        """``sock``'s connection ends: keep it until its client took what it was sent."""
 
 
 class HTTPStream(IOStream):
@@ -181,9 +187,13 @@ class HTTPStream(IOStream):
             and not self.writing()
         ):
             self._answer_oversized(self._read_max_bytes)
-        if self._stalled and self.writes is not None:
-            self._stalled = False
-            self.writes.flowing(self)
+        writes = self.writes
+        if writes is not None:
+            if self._stalled:
+                self._stalled = False
+                writes.flowing(self)
+            if not exc_info and not self.closed():
+                writes.linger(self.socket)  # (a reset asked for, or all taken: nothing to keep)
         super().close(exc_info)
 
     def _answer_oversized(self, limit: int) -> None:

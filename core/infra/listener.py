@@ -23,7 +23,13 @@ client reaches first:
   held a connection (and up to 64 KiB of answer plus a kernel send queue)
   for good. Tornado's streams (`HTTPStream`) and adopted connections
   (core/infra/adoption.py) say when they stall and when they drain; the
-  same timer as the header deadline checks the stalled ones.
+  same timer as the header deadline checks the stalled ones. A connection
+  that ends (``Connection: close``, or the client's FIN) while its client
+  has not acknowledged all it was sent *lingers* (`Listener.linger`): a FIN
+  goes behind the bytes, and a duplicate descriptor keeps the connection
+  under the same rule until the client has taken them, then closes it; a
+  plain close left them to an orphan socket that the kernel kept probing
+  a client that reads nothing for minutes, outside every count.
 * ``MAX_PENDING_PER_IP``: connections from one TCP peer that have not
   finished their first request's headers; one more is answered 429 and
   closed at accept. (A kept-alive connection is not pending between
@@ -66,6 +72,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import os
 import re
 import socket
 import time
@@ -88,6 +95,7 @@ from core.infra.metrics import Metrics
 from core.infra.proxyprotocol import ProxyHeaderError, read_proxy_header
 from core.infra.requesthead import parse_head, within
 from core.infra.settings import Settings
+from core.infra.tcp import kernel_queue, reset_on_close, resetting
 from core.infra.throttled import ThrottledLog
 
 __all__ = ["ACCEPT_PAUSE", "WRITE_PROGRESS", "Adopted", "BodyPolicy", "FastRoute", "Listener",
@@ -189,6 +197,9 @@ class Listener(HTTPServer):
         #: Connection whose answer stalled -> (monotonic time of its next check,
         #: bytes its client had taken at the last one).
         self._stalled: dict[Writer, tuple[float, int]] = {}
+        #: Ended connection, kept until its client took what it was sent (`linger`) ->
+        #: (monotonic time of its next check, bytes unacknowledged at the last one).
+        self._lingering: dict[socket.socket, tuple[float, int]] = {}
         self._log_stalled = ThrottledLog(log)
         #: Stream (or adopted connection) -> monotonic time by which its headers
         #: (or its body) must be in.
@@ -382,6 +393,7 @@ class Listener(HTTPServer):
 
     def stop(self) -> None:
         self._expiry.stop()
+        self._drop_lingering()
         super().stop()
 
     def start_request(
@@ -409,11 +421,38 @@ class Listener(HTTPServer):
         """``conn`` sent all it held (or closed): no write deadline."""
         self._stalled.pop(conn, None)
 
+    def linger(self, sock: socket.socket) -> None:
+        """``sock``'s connection ends (its descriptor is about to close): if its client has
+        not acknowledged all it was sent, send a FIN behind that and keep the connection
+        (a duplicate descriptor) until it has, under ``WRITE_TIMEOUT``'s rule."""
+        if not kernel_queue(sock):
+            return
+        try:  # (the event loop's transports give a stand-in for the socket: its descriptor)
+            held = socket.socket(fileno=os.dup(sock.fileno()))
+        except OSError:
+            return
+        try:
+            if resetting(held):
+                held.close()
+                return
+            held.shutdown(socket.SHUT_WR)  # (the bytes queued go first)
+        except OSError:
+            held.close()
+            return
+        self._lingering[held] = (time.monotonic() + self.write_timeout, kernel_queue(held))
+
+    @property
+    def lingering(self) -> int:
+        """Ended connections kept until their clients take the rest of their answers."""
+        return len(self._lingering)
+
     def _expire(self) -> None:
         """Close the connections past their header or body deadline (``HEADER_TIMEOUT``...)."""
         now = time.monotonic()
         if self._stalled:
             self._expire_writes(now)
+        if self._lingering:
+            self._expire_lingering(now)
         late = [stream for stream, deadline in self._deadlines.items() if deadline <= now]
         for stream in late:
             del self._deadlines[stream]
@@ -438,11 +477,38 @@ class Listener(HTTPServer):
                 self._stalled[conn] = (now + self.write_timeout, taken)
                 continue
             del self._stalled[conn]
-            self.metrics.write_timeouts.inc()
-            self._log_stalled.log(logging.WARNING, "reset a connection whose client took %d "
-                                  "bytes of its answer in %gs (WRITE_TIMEOUT)", taken - before,
-                                  self.write_timeout)  # fmt: skip
+            self._timed_out(taken - before)
             conn.reset()
+
+    def _timed_out(self, taken: int) -> None:
+        """Count and log a connection reset for ``WRITE_TIMEOUT`` (its client took ``taken``)."""
+        self.metrics.write_timeouts.inc()
+        self._log_stalled.log(logging.WARNING, "reset a connection whose client took %d bytes "
+                              "of its answer in %gs (WRITE_TIMEOUT)", taken,
+                              self.write_timeout)  # fmt: skip
+
+    def _expire_lingering(self, now: float) -> None:
+        """Close the lingering connections whose clients took it all; reset those that took
+        under `WRITE_PROGRESS` in a ``WRITE_TIMEOUT`` (counted as write timeouts)."""
+        for held, (at, before) in list(self._lingering.items()):
+            left = kernel_queue(held)
+            if not left or held.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):
+                del self._lingering[held]
+                held.close()  # all acknowledged (the FIN too), or the client reset it
+            elif at <= now:
+                if before - left >= WRITE_PROGRESS:
+                    self._lingering[held] = (now + self.write_timeout, left)
+                    continue
+                del self._lingering[held]
+                self._timed_out(before - left)
+                reset_on_close(held)
+                held.close()
+
+    def _drop_lingering(self) -> None:
+        for held in self._lingering:
+            reset_on_close(held)
+            held.close()
+        self._lingering.clear()
 
     # -- adopted connections ---------------------------------------------------
 
@@ -485,6 +551,7 @@ class Listener(HTTPServer):
             conn.close()
         self._adopted.clear()
         await super().close_all_connections()
+        self._drop_lingering()
 
     def headers_done(self, stream: object) -> None:
         """The connection on ``stream`` sent its first headers: it is pending no more."""

@@ -1,5 +1,5 @@
-"""Two facts about a TCP socket the event loop's transports do not give: its kernel send
-queue, and closing it with a reset.
+"""Three facts about a TCP socket the event loop's transports do not give: its kernel send
+queue, closing it with a reset, and whether a reset was asked for.
 
 Both serve the cut-offs of clients that read too slowly (a socket's send budget, an event
 stream's, an HTTP answer's ``WRITE_TIMEOUT``): the kernel moves bytes on only in large
@@ -15,7 +15,7 @@ import socket
 import struct
 import termios
 
-__all__ = ["kernel_queue", "reset_on_close"]
+__all__ = ["kernel_queue", "reset_on_close", "resetting"]
 
 _LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() resets the connection
 
@@ -41,3 +41,10 @@ def reset_on_close(sock: socket.socket | None) -> None:
     if sock is not None:
         with contextlib.suppress(OSError, ValueError):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+
+
+def resetting(sock: socket.socket) -> bool:
+    """Whether closing ``sock`` resets the connection (`reset_on_close` was called)."""
+    with contextlib.suppress(OSError, ValueError):
+        return sock.getsockopt(socket.SOL_SOCKET, socket.SO_LINGER, 8) == _LINGER_RESET
+    return False

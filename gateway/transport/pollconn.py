@@ -239,6 +239,7 @@ class PollConnection(Adopted):
         if self._close:
             self._gone = True
             self._listener.release(self)
+            self._linger()
             transport.close()  # once the answer is sent
         else:
             self._listener.await_request(self)

@@ -165,6 +165,7 @@ class _Detached:
         except OSError:
             return None  # the client is already gone
         finally:
+            stream.writes = None  # type: ignore[attr-defined]  # the socket lives on: no linger
             stream.close()
 
     def answer(self, data: bytes) -> None:

@@ -44,7 +44,9 @@ coroutine or task: only the transport, this protocol and its `Session`.
   another `CLOSE_TIMEOUT` while its backlog shrinks, a minute at most.
   Once everything, the close frame too, is in the peer's kernel, the
   socket is closed with a FIN (the peer reads on to the close frame); a
-  backlog the peer does not read is dropped with a reset.
+  backlog the peer does not read is dropped with a reset. So is one left
+  behind the peer's own close frame or FIN (`_linger`): closing outright
+  would wait on it for good, or leave it to an orphan socket for minutes.
 """
 
 from __future__ import annotations
@@ -269,6 +271,7 @@ class WSConnection(asyncio.Protocol):
         "_pinged",
         "_protocol",
         "_response",
+        "_shut",
         "_timer",
         "codec",
         "session",
@@ -317,6 +320,7 @@ class WSConnection(asyncio.Protocol):
         self._last_seen = time.monotonic()
         self._pinged = 0.0
         self._code = 1006  # the close code, once one was sent or received
+        self._shut = False  # our FIN is sent (`_linger`)
 
     # -- asyncio.Protocol --------------------------------------------------
 
@@ -395,7 +399,18 @@ class WSConnection(asyncio.Protocol):
         self._take(data)
 
     def eof_received(self) -> bool:
-        return False  # close the transport
+        """The peer's FIN. With nothing of ours unacknowledged the connection closes now;
+        else it ends as a closing one does (`_closing_timer`): a FIN once the peer took it
+        all, a reset if it reads nothing. A plain close would wait for good on a backlog
+        that the peer never reads, or leave it to an orphan socket for minutes."""
+        transport = self.transport
+        if transport is None or not _unsent(transport):
+            return False
+        if self._timer is None:  # no close under way: the peer left without a close frame
+            self._depart(1006, "")
+            self._closing = True
+            self._linger(transport)
+        return True  # reading stops; the timer ends the connection
 
     # -- frames in ---------------------------------------------------------
 
@@ -482,7 +497,7 @@ class WSConnection(asyncio.Protocol):
     def _hang_up(self) -> None:
         """Write what is queued and the protocol's last frames, then close the TCP connection."""
         transport = self.transport
-        if transport is None or transport.is_closing():
+        if transport is None or transport.is_closing() or self._shut:
             return
         if self._pending and not self._closing:
             pending, self._pending = self._pending, []
@@ -490,10 +505,27 @@ class WSConnection(asyncio.Protocol):
         self._closing = True
         if self._end:
             transport.write(self._end)
-        transport.close()  # after what is buffered, which a peer that does not read never takes
         if self._timer is not None:
             self._timer.cancel()
-        self._timer = asyncio.get_running_loop().call_later(CLOSE_TIMEOUT, self.abort)
+        self._linger(transport)
+
+    def _linger(self, transport: Any) -> None:
+        """Send a FIN behind what is queued, and close once the peer has taken it all.
+
+        Reading on, the peer's own FIN closes it (`eof_received`); one that reads
+        nothing is reset by `_closing_timer`. Closing at once would leave what it
+        did not read to an orphan socket that the kernel keeps for minutes.
+        """
+        if self._shut:
+            return
+        self._shut = True
+        if not _unsent(transport):  # all taken already
+            transport.close()
+            return
+        transport.write_eof()
+        self._timer = asyncio.get_running_loop().call_later(
+            CLOSE_TIMEOUT, self._closing_timer, _unsent(transport), 1
+        )
 
     def _message(self, payload: bytes) -> None:
         if self._closing:
