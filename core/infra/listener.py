@@ -424,8 +424,13 @@ class Listener(HTTPServer):
     def linger(self, sock: socket.socket) -> None:
         """``sock``'s connection ends (its descriptor is about to close): if its client has
         not acknowledged all it was sent, send a FIN behind that and keep the connection
-        (a duplicate descriptor) until it has, under ``WRITE_TIMEOUT``'s rule."""
-        if not kernel_queue(sock):
+        (a duplicate descriptor) until it has, under ``WRITE_TIMEOUT``'s rule.
+
+        Under `WRITE_PROGRESS` unacknowledged, the close is a plain one: that much is
+        what a client far away has in flight at any time, and the kernel delivers it
+        (holding a descriptor for each would take many from a busy process).
+        """
+        if kernel_queue(sock) < WRITE_PROGRESS:
             return
         try:  # (the event loop's transports give a stand-in for the socket: its descriptor)
             held = socket.socket(fileno=os.dup(sock.fileno()))
