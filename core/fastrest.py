@@ -77,6 +77,7 @@ from core.http import (
 from core.infra.adoption import Adopted, take_over
 from core.infra.ids import request_id_of
 from core.infra.listener import Listener
+from core.infra.logs import access_level
 from core.request import Response
 
 __all__ = ["FastRest", "Head", "RestConnection", "RestRequest", "parse_head"]
@@ -531,7 +532,7 @@ class RestConnection(Adopted):
         self._logged(request.method, path, resp.status, rid, t0)
 
     def _logged(self, method: str, path: str, status: int, rid: str, t0: float) -> None:
-        level = logging.INFO if status < 400 else logging.WARNING if status < 500 else logging.ERROR
+        level = access_level(status)
         if access_log.isEnabledFor(level):
             ms = 1000.0 * (time.perf_counter() - t0)
             context = {

@@ -30,6 +30,7 @@ from core.errormap import from_exception
 from core.infra.errors import ApiError, NotFound, PayloadTooLarge
 from core.infra.identity import AuthError, Identity, token_from_header
 from core.infra.ids import request_id_of
+from core.infra.logs import access_level
 from core.infra.tasks import TaskSet
 from core.infra.verify import Verifier
 from core.request import Request, Response
@@ -303,7 +304,7 @@ class _Exchange(httputil.HTTPMessageDelegate):
             self._conn.finish()
         except Exception as exc:  # the client went away meanwhile
             log.debug("response not written: %s", exc)
-        level = logging.INFO if status < 400 else logging.WARNING if status < 500 else logging.ERROR
+        level = access_level(status)
         if access_log.isEnabledFor(level):
             ms = 1000.0 * (time.perf_counter() - self._t0)
             # The query is left out: it may carry anything; the path names the resource.

@@ -91,6 +91,7 @@ from core.infra.clientip import TrustedProxies, limit_key
 from core.infra.errors import ApiError, PayloadTooLarge, error_body
 from core.infra.httpstream import HTTPStream
 from core.infra.ids import request_id_of
+from core.infra.logs import access_level
 from core.infra.metrics import Metrics
 from core.infra.proxyprotocol import ProxyHeaderError, read_proxy_header
 from core.infra.requesthead import parse_head, within
@@ -714,9 +715,15 @@ class _Guard(httputil.HTTPMessageDelegate):
         given = "" if self._headers is None else self._headers.get("X-Request-Id", "")
         write_refusal(self._conn, refusal, start.method, request_id_of(given))
         path = start.path.partition("?")[0]
-        access_log.warning("%d %s %s (%s) refused before its body", refusal.status, start.method,
-                           path, client, extra={"status": refusal.status, "method": start.method,
-                                                "path": path})  # fmt: skip
+        access_log.log(
+            access_level(refusal.status),
+            "%d %s %s (%s) refused before its body",
+            refusal.status,
+            start.method,
+            path,
+            client,
+            extra={"status": refusal.status, "method": start.method, "path": path},
+        )
 
     def data_received(self, chunk: bytes) -> Any:
         if self._refused:

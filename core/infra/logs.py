@@ -7,6 +7,7 @@ import logging
 import re
 import sys
 from datetime import UTC, datetime
+from typing import Any
 from urllib.parse import unquote_plus
 
 import tornado.web
@@ -15,6 +16,7 @@ __all__ = [
     "CONTEXT_FIELDS",
     "JsonFormatter",
     "TextFormatter",
+    "access_level",
     "configure_logging",
     "log_request",
     "redact",
@@ -34,6 +36,21 @@ def _redact_param(m: re.Match[str]) -> str:
     if name in _SECRET_PARAMS:
         return f"{m.group(1)}{m.group(2)}=[redacted]"
     return m.group(0)
+
+
+def access_level(status: int) -> int:
+    """The level of an access log line: ``INFO`` below 500, ``WARNING`` for 503, else ``ERROR``.
+
+    A 4xx is the client's doing, and any client can ask for as many as it
+    sends requests: at ``WARNING`` one client with no token made thousands
+    of warnings a second, past a ``LOG_LEVEL=WARNING`` meant to keep
+    per-request lines out (metrics count them by route and status). A 503
+    says the process is draining, full or without its database, which it
+    logs where it finds it out.
+    """
+    if status < 500:
+        return logging.INFO
+    return logging.WARNING if status == 503 else logging.ERROR
 
 
 def redact(uri: str) -> str:
@@ -69,16 +86,40 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(line, default=str)
 
 
+#: What a terminal acts on or a log reader splits lines at: C0 controls but tab, DEL, C1
+#: (NEL, CSI) and the Unicode line and paragraph separators.
+_CONTROL = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029]")
+_CONTROL_BUT_LF = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def _escape(m: re.Match[str]) -> str:
+    return m[0].encode("unicode_escape").decode("ascii")
+
+
 class TextFormatter(logging.Formatter):
-    """The terminal's format, context fields appended as ``key=value``, redacted too."""
+    """The terminal's format, context fields appended as ``key=value``, redacted too.
+
+    Control characters a client sent (a path's C1 bytes, a claim) are
+    written escaped (``\\x1b``, ``\\n``): they would act on the terminal
+    (ANSI escapes) or forge a line. A traceback keeps its line breaks.
+    """
 
     def __init__(self) -> None:
         super().__init__(_TEXT)
 
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        return _CONTROL.sub(_escape, super().formatMessage(record))
+
+    def formatException(self, ei: Any) -> str:
+        return _CONTROL_BUT_LF.sub(_escape, super().formatException(ei))
+
+    def formatStack(self, stack_info: str) -> str:
+        return _CONTROL_BUT_LF.sub(_escape, super().formatStack(stack_info))
+
     def format(self, record: logging.LogRecord) -> str:
         text = redact(super().format(record))
         extras = [
-            f"{n}={record.__dict__[n]}"
+            f"{n}={_CONTROL.sub(_escape, str(record.__dict__[n]))}"
             for n in CONTEXT_FIELDS
             if record.__dict__.get(n) is not None
         ]
@@ -97,15 +138,9 @@ def configure_logging(level: str, fmt: str = "auto") -> None:
 def log_request(handler: tornado.web.RequestHandler) -> None:
     """Tornado's ``log_function``: one line per request, query redacted."""
     status = handler.get_status()
-    if status < 400:
-        level = logging.INFO
-    elif status < 500:
-        level = logging.WARNING
-    else:
-        level = logging.ERROR
     request = handler.request
     access_log.log(
-        level,
+        access_level(status),
         "%d %s %s (%s) %.2fms",
         status,
         request.method,

@@ -32,6 +32,7 @@ from core.access import Access, check
 from core.errormap import from_exception
 from core.infra.errors import ApiError, TooManyRequests
 from core.infra.identity import AuthError, principal, token_from_header
+from core.infra.logs import access_level
 from core.infra.ratelimit import RateLimiter, over_limit
 from core.infra.settings import Settings
 from core.infra.verify import Verifier
@@ -77,9 +78,8 @@ class ServerAPI:
         if self.observe is not None:
             self.observe(op, resp.status, time.perf_counter() - started)
         who = caller_name(req.caller) if req.caller is not None else "anonymous"
-        level = logging.INFO if resp.status < 400 else logging.WARNING
         log.log(
-            level,
+            access_level(resp.status),
             "server API %s by %s: %d",
             op,
             who,
@@ -156,7 +156,8 @@ class ServerBodyPolicy:
             who = caller_name(identity)
             check(Access.SERVER, identity, params)
         except ApiError as exc:
-            log.warning(
+            log.log(
+                access_level(exc.status),
                 "server API %s by %s: %d (at the headers)",
                 route.operation_id,
                 who,

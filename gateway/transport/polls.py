@@ -40,7 +40,7 @@ from core.errormap import from_exception
 from core.infra.errors import ApiError
 from core.infra.identity import API_KEY_PREFIX, AuthError, Identity, principal
 from core.infra.listener import Listener
-from core.infra.logs import redact
+from core.infra.logs import access_level, redact
 from gateway.context import Context
 from gateway.transport.delegate import BodylessRequest
 from gateway.transport.pollconn import adopt
@@ -207,7 +207,7 @@ class _Poll(BodylessRequest):
             self._log(status)
 
     def _log(self, status: int) -> None:
-        level = logging.INFO if status < 400 else logging.WARNING
+        level = access_level(status)
         if access_log.isEnabledFor(level):
             start = self._start
             remote_ip = getattr(getattr(self._conn, "context", None), "remote_ip", "")

@@ -53,7 +53,7 @@ from core.infra.errors import ApiError
 from core.infra.httpstream import unread
 from core.infra.identity import Identity
 from core.infra.ids import request_id_of
-from core.infra.logs import redact
+from core.infra.logs import access_level, redact
 from core.infra.tasks import TaskSet
 from gateway.context import Context
 from gateway.hooks.connect import Disconnected
@@ -270,7 +270,8 @@ def _refuse(
     # what the client sent behind its request are frames, not a request.
     request_id = request_id_of(headers.get("X-Request-Id", ""))
     io.answer(_refusal(refusal, request_id, head_only=start.method == "HEAD"))
-    access_log.warning("%d %s %s", refusal.status_code, start.method, redact(start.path))
+    status = refusal.status_code
+    access_log.log(access_level(status), "%d %s %s", status, start.method, redact(start.path))
 
 
 async def _upgrade(
