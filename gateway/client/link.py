@@ -177,6 +177,7 @@ class Connection:
         self._subs: dict[str, Subscription] = {}
         self.on_subscribed = on_subscribed
         self._full: set[Subscription] = set()
+        self._odd_frames = 0  # frames of the current connection the client could not use
         self._ready = asyncio.Event()  # OPEN and resubscribed, or CLOSED
         self._stopped: ConnectionClosed | None = None
         self._runner: asyncio.Task[None] | None = None
@@ -251,6 +252,7 @@ class Connection:
 
     def _opened(self, ws: Link) -> None:
         self._ws = ws
+        self._odd_frames = 0
         self.connections += 1
         self._transition(State.OPEN)
         ws.closed.add_done_callback(lambda closed: self._lost(ws, closed))
@@ -479,12 +481,19 @@ class Connection:
         try:
             frame: ServerFrame = self.encoding.decode(payload)
         except msgspec.DecodeError as exc:
-            log.warning("undecodable frame from the gateway: %s", exc)
+            self._odd("undecodable frame from the gateway: %s", exc)
             return
         if type(frame) is Push:
             sub = self._subs.get(frame.ch)
             if sub is not None:
                 sub.publication(Publication(frame.ch, frame.data, frame.offset, frame.epoch))
+                if sub.overheld and self._ws is not None:
+                    # As the gateway does with its own held ones (4001): the next
+                    # connection recovers from sub.position, whatever was held goes.
+                    log.warning("a repair of %s fell %d live publications behind: reconnecting",
+                                sub.channel, self.max_queue)  # fmt: skip
+                    sub.discard_held()
+                    self._ws.abort()
         elif isinstance(frame, Reply):
             pending = self._pending.get(frame.id) if frame.id is not None else None
             if pending is not None and not pending[0].done():
@@ -493,7 +502,7 @@ class Connection:
                     on_ok(frame)
                 fut.set_result(frame)
             elif frame.error is not None:
-                log.warning("error reply to no pending command: %s", frame.error.message)
+                self._odd("error reply to no pending command: %s", frame.error.message)
         elif isinstance(frame, Join | Leave):
             sub = self._subs.get(frame.ch)
             if sub is not None:
@@ -517,6 +526,15 @@ class Connection:
             else:
                 log.warning("the token expires at %d and no get_token was given", frame.exp)
 
+    def _odd(self, message: str, *args: object) -> None:
+        """A frame the client cannot use: one WARNING per connection, DEBUG after it
+        (a faulty gateway may send thousands)."""
+        self._odd_frames += 1
+        if self._odd_frames == 1:
+            log.warning(message + " (more on this connection are logged at DEBUG)", *args)
+        else:
+            log.debug(message, *args)
+
     def subscription(self, channel: str) -> Subscription | None:
         """The live subscription to ``channel`` (the client's, or one the server made)."""
         return self._subs.get(channel)
@@ -537,6 +555,7 @@ class Connection:
             pause=self._pause,
             resume=self._resume,
             unsubscribe=self.unsubscribe,
+            unread=True,  # the application may not know of it: it must not stop the socket
         )
         sub.confirmed = True  # resubscribed with its position after a reconnect
         self._subs[frame.ch] = sub
@@ -581,6 +600,7 @@ class Connection:
                     now is None
                     or now.epoch != since.epoch
                     or (bool(items) and items[0].offset > since.offset + 1)
+                    or (bool(items) and items[-1].offset <= since.offset)  # no progress
                 ):
                     sub.position = now  # live ones continue after it (as after a `sub`)
                     sub.recovered = False
@@ -594,6 +614,10 @@ class Connection:
                 if not items or items[-1].offset >= now.offset:
                     sub.recovered = True
                     return
+        except ConnectionClosed:
+            # As when cancelled below: the next connection recovers from sub.position
+            # (or the client stopped, and the subscription ended).
+            sub.discard_held()
         except (ClientError, TimeoutError) as exc:
             log.warning("could not repair a gap on %s: %s", sub.channel, exc)
             sub.recovered = False

@@ -72,6 +72,8 @@ class LongPoll:
                 return
             cursor = poll.cursor
             for message in poll.messages:
+                if self.closed.done():
+                    return  # aborted by the client: the rest is dropped with the session
                 self._on_message(bytes(message))
             if resp.code == 410:
                 code = int((poll.close or {}).get("code", _ABNORMAL))

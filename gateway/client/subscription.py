@@ -10,6 +10,11 @@ The queue is bounded: when ``max_queue`` events wait, the client stops
 reading the socket (``pause``) until the consumer has taken half of them
 (``resume``). A consumer that stays behind makes the gateway close the
 socket as a slow consumer (4001); the client then reconnects and recovers.
+A subscription the server made (``unread=True``) does not stop the socket
+before its first read: nobody may know it exists, and every reply, ping
+and channel would wait behind it. Its queue keeps the newest events after
+a `Gap` (``unread``) instead. Live publications held back while a gap is
+repaired are bounded by ``max_queue`` too (`overheld`).
 """
 
 from __future__ import annotations
@@ -45,9 +50,11 @@ class Publication:
 #: replay what was missed (``recovered: false``). ``no_position``: resubscribed
 #: without a position to recover from (a channel without history, or one with
 #: no publication seen yet). ``broker``: the gateway's link to Redis was lost
-#: (the ``gap`` push) and history could not fill the hole. In every case
-#: reload the state, e.g. over ``rpc``.
-GapReason = Literal["not_recovered", "no_position", "broker"]
+#: (the ``gap`` push) and history could not fill the hole. ``unread``: a
+#: subscription the server made (a ``subscribed`` push) that nobody had read
+#: yet got more than ``max_queue`` events, and the oldest were dropped rather
+#: than stopping the socket. In every case reload the state, e.g. over ``rpc``.
+GapReason = Literal["not_recovered", "no_position", "broker", "unread"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +80,7 @@ class Subscription:
         "_pause",
         "_paused",
         "_resume",
+        "_unread",
         "_unsubscribe",
         "_waiter",
         "channel",
@@ -90,6 +98,7 @@ class Subscription:
         pause: Callable[[Subscription], None],
         resume: Callable[[Subscription], None],
         unsubscribe: Callable[[str], Awaitable[None]],
+        unread: bool = False,
     ) -> None:
         self.channel = channel
         #: The last position received (or given as ``since``): what a
@@ -108,6 +117,7 @@ class Subscription:
         self._pause = pause
         self._resume = resume
         self._unsubscribe = unsubscribe
+        self._unread = unread
 
     def __repr__(self) -> str:
         return f"<Subscription {self.channel} position={self.position} recovered={self.recovered}>"
@@ -126,6 +136,7 @@ class Subscription:
         return self
 
     async def __anext__(self) -> Event:
+        self._unread = False
         while not self._events:
             if self._end is not None:
                 if isinstance(self._end, StopAsyncIteration):
@@ -162,9 +173,12 @@ class Subscription:
     def put(self, event: Event) -> None:
         if self._end is not None:
             return
+        if self._unread and len(self._events) >= self._high:
+            self._events.clear()  # nobody reads it (yet): never stop the socket for it
+            self._events.append(Gap(self.channel, "unread", self.position))
         self._events.append(event)
         self._wake()
-        if not self._paused and len(self._events) >= self._high:
+        if not self._paused and not self._unread and len(self._events) >= self._high:
             self._paused = True
             self._pause(self)
 
@@ -192,6 +206,11 @@ class Subscription:
     @property
     def holding(self) -> bool:
         return self._held is not None
+
+    @property
+    def overheld(self) -> bool:
+        """More live publications held back than ``max_queue``: the repair fell behind."""
+        return self._held is not None and len(self._held) > self._high
 
     def hold(self) -> None:
         """Keep live publications back while what was missed is fetched from history."""

@@ -23,7 +23,10 @@ handshake code of its own. What stays here is the adapter that gives the
   (retried, and counted towards the long-poll fallback), a closed socket a
   `ConnectionClosed` with its code.
 
-The token travels in ``Authorization`` (never in the URL); ``wss://`` uses
+The token travels in ``Authorization`` (never in the URL), and the debug
+lines `websockets` writes (every header, the start of every frame) go to the
+``gateway.client.wire`` logger with it, a ``Cookie`` and a ``refresh``
+frame's token redacted (`_Redact`); ``wss://`` uses
 ``ssl`` or a default context. Pings are the client's own app-level ``ping``
 commands (`Connection`), so `websockets`' keepalive is off; so are proxies
 from the environment (as the long-poll fallback's HTTP client).
@@ -41,6 +44,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import ssl as ssl_module
 from collections.abc import Callable, Mapping, Sequence
 from typing import Final, NamedTuple
@@ -56,6 +60,28 @@ from gateway.client.exceptions import ConnectionClosed, HandshakeError
 __all__ = ["Closed", "OnMessage", "WebSocket", "open_websocket"]
 
 log = logging.getLogger("gateway.client")
+
+
+class _Redact(logging.Filter):
+    """Credentials out of `websockets`' debug lines: the ``Authorization`` and ``Cookie``
+    headers, and a ``refresh`` frame (its start and end are shown, the token among them)."""
+
+    _HEADER: Final = re.compile(r"(?i)^([<>] (?:authorization|cookie|set-cookie): ).+")
+    _REFRESH: Final = re.compile(
+        r"^(> (?:TEXT|BINARY) ).*(?:refresh|72 65 66 72 65 73 68).*( \[.*\])$"
+    )
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        redacted = self._REFRESH.sub(r"\1[redacted]\2", self._HEADER.sub(r"\1[redacted]", text))
+        if redacted != text:
+            record.msg, record.args = redacted, ()
+        return True
+
+
+#: `websockets`' own logger for the client's sockets: its DEBUG lines, redacted.
+wire_log = logging.getLogger("gateway.client.wire")
+wire_log.addFilter(_Redact())
 
 _ABNORMAL: Final = 1006
 _CLOSE_TIMEOUT: Final = 5.0  # seconds for the server's end of a closing handshake
@@ -82,6 +108,7 @@ class WebSocket:
         self._on_message = on_message
         self._reading = asyncio.Event()
         self._reading.set()
+        self._aborted = False
         self._reader = asyncio.create_task(self._read())
 
     @property
@@ -99,7 +126,10 @@ class WebSocket:
                     resumed.cancel()
                     if not self._reading.is_set():
                         break  # the connection ended while paused: what it held is dropped
-                self._on_message(await conn.recv())
+                message = await conn.recv()
+                if self._aborted:
+                    break  # dropped by the client: nothing it still held is handed over
+                self._on_message(message)
         except ws.ConnectionClosed:
             pass  # every message before the close was handed over
         except Exception:
@@ -132,7 +162,11 @@ class WebSocket:
         return await asyncio.shield(self.closed)
 
     def abort(self) -> None:
-        """Drop the TCP connection at once (``closed`` says 1006 unless a close frame passed)."""
+        """Drop the TCP connection at once (``closed`` says 1006 unless a close frame passed).
+
+        Messages already received and not yet handed over are dropped with it.
+        """
+        self._aborted = True
         self.conn.transport.abort()
 
     def pause_reading(self) -> None:
@@ -191,6 +225,7 @@ async def open_websocket(
             close_timeout=_CLOSE_TIMEOUT,
             max_size=max_size,
             max_queue=_FRAMES_AHEAD,
+            logger=wire_log,
             ssl=(ssl or True) if scheme == "wss" else None,  # True: a default context
         )
     except ws.InvalidHandshake as exc:
