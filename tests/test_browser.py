@@ -24,6 +24,7 @@ import msgspec
 import pytest
 from tornado.httpclient import AsyncHTTPClient
 
+from core.infra.broker import RedisBroker
 from core.infra.mint import mint_token
 from core.infra.settings import Settings
 from proto.codes import CloseCode, should_reconnect
@@ -31,8 +32,10 @@ from tests import test_processes
 from tests.harness import SECRET, ApiClient, running_gateway, token_for, unique_prefix, until
 from tests.hookbackend import HookBackend
 from tests.servers import UNIT
+from tests.test_client_hostile import commands, fake_gateway, frame, subscribed_then_gap
 from tests.test_core_rest import PROJECT
 from tests.test_hooks import hooked
+from tests.test_recovery import BIG
 
 async_api = pytest.importorskip(
     "playwright.async_api", reason="playwright is not installed (pip install -e '.[test]')"
@@ -542,3 +545,132 @@ async def test_chromium_negotiates_compression_and_gets_compressed_publications(
     assert compressor.delivered == 2
     assert compressor.delivered_bytes < compressor.delivered_plain / 4
     assert page.errors == []
+
+
+# -- Against a large recovery, and a faulty or hostile gateway (docs/security.md) -----------
+
+BACKLOG_JS = """async ([token, since]) => {
+  const { Gateway } = await import("/client/gateway.js");
+  const gw = new Gateway(location.origin, { token });
+  const out = (window.__backlog = { states: [], got: [], gaps: 0, recovered: [] });
+  gw.on("state", (s) => out.states.push(s));
+  gw.subscribe("feed:big", { since, onMessage: (data, { offset }) => out.got.push(offset),
+                             onGap: () => out.gaps++, onRecovered: (r) => out.recovered.push(r) });
+  await gw.connect();
+}"""
+
+
+async def test_the_browser_client_recovers_a_large_backlog_whole_on_one_connection(
+    chromium, redis_url
+):
+    # 99 missed publications of 60 KB: the gateway sends 256 KiB of them after its
+    # `recovered: true`, then a `gap`; gateway.js pages the rest with `history`. Every
+    # one arrives once, in order, on one connection; onGap was called for that gap
+    # although nothing was lost (an application reloading its state on it, for nothing).
+    prefix = unique_prefix()
+    async with running_gateway(
+        RedisBroker(redis_url, prefix), redis_url=redis_url, redis_prefix=prefix,
+        history_channels=("feed:*",), history_size=100,
+    ) as gw, browser(chromium) as b:  # fmt: skip
+        node = gw.ctx.node
+        first = await node.publish("feed:big", BIG)
+        for _ in range(99):
+            await node.publish("feed:big", BIG)
+        page = await Page.open(b, f"http://127.0.0.1:{gw.port}/demo")
+        since = {"offset": first.offset, "epoch": first.epoch}
+        await page.page.evaluate(BACKLOG_JS, [token_for(gw, channels=("feed:*",)), since])
+
+        async def got(n: int) -> bool:
+            return len(await page.page.evaluate("window.__backlog.got")) >= n
+
+        await until(lambda: got(99))
+        live = await node.publish("feed:big", b'{"n":1}')
+        await until(lambda: got(100))
+        out = await page.page.evaluate("window.__backlog")
+    assert out["got"] == [*range(2, 101), live.offset]
+    assert (
+        out["gaps"] == 0 and all(out["recovered"]) and out["states"] == ["connecting", "connected"]
+    )
+    assert page.errors == []
+
+
+HOSTILE_JS = """async ([url, script]) => {
+  const { Gateway } = await import("/client/gateway.js");
+  const gw = new Gateway(url, { token: "t", timeout: 2000, minDelay: 10, maxDelay: 50, pingInterval: 0 });
+  const out = (window.__hostile = { states: [], got: [], gaps: 0, errors: [], replies: [] });
+  gw.on("state", (s) => out.states.push(s));
+  gw.on("error", (e) => out.errors.push(String(e.code)));
+  gw.subscribe("c", { onMessage: (data, { offset }) => out.got.push(offset), onGap: () => out.gaps++ });
+  await gw.connect();
+  if (script === "frames") {
+    for (let i = 0; i < 2; i++) out.replies.push(await gw.ping().then(() => "ok", (e) => String(e.code)));
+  }
+}"""
+
+
+async def _hostile(b: Any, page_gw: Any, handler: Any, script: str, done: str) -> Any:
+    """What gateway.js saw connected to the fake gateway ``handler``, once ``done``."""
+    page = await Page.open(b, f"http://127.0.0.1:{page_gw.port}/demo")
+    async with fake_gateway(handler) as url:
+        await page.page.evaluate(HOSTILE_JS, [url, script])
+
+        async def settled() -> bool:
+            return bool(
+                await page.page.evaluate(f"(({{got, replies}}) => {done})(window.__hostile)")
+            )
+
+        await until(settled)
+        out = await page.page.evaluate("window.__hostile")
+    assert page.errors == []  # nothing thrown in the page
+    return out
+
+
+async def test_the_browser_client_bounds_a_repair_and_skips_frames_it_cannot_use(chromium):
+    # A gap, then live pushes and no history answer: gateway.js held every one (without
+    # bound) and waited for `timeout`, then delivered them after the hole. A history page
+    # of publications already seen, its top ahead: it asked again forever. A frame that is
+    # not JSON, `null`, or an error reply without `error` threw in the page, and the command
+    # answered so never settled.
+    async def repair(ws: Any, n: int) -> None:
+        async for cmd in commands(ws):
+            if cmd["op"] == "sub" and n == 1:
+                await subscribed_then_gap(ws, cmd)
+            elif cmd["op"] == "history" and n == 1:
+                for offset in range(100, 1200):  # live ones; the history never answers
+                    await ws.send(frame(op="msg", ch="c", data=0, offset=offset, epoch="e"))
+            elif cmd["op"] == "sub" and n == 2:  # recovers from 6, then the same trick
+                assert cmd["since"] == {"offset": 6, "epoch": "e"}
+                await ws.send(frame(id=cmd["id"], ok=True, recovered=True, offset=7, epoch="e"))
+                await ws.send(frame(op="msg", ch="c", data=7, offset=7, epoch="e"))
+                await ws.send(frame(op="gap", ch="c"))
+            elif cmd["op"] == "history":
+                stale = [{"offset": cmd["since"], "data": 0}]
+                await ws.send(
+                    frame(id=cmd["id"], ok=True, offset=900, epoch="e", publications=stale)
+                )
+                await ws.send(frame(op="msg", ch="c", data=901, offset=901, epoch="e"))
+
+    async def frames(ws: Any, n: int) -> None:
+        async for cmd in commands(ws):
+            if cmd["op"] == "ping":
+                for odd in ("{not json", "null", "[]", frame(id=10**6, ok=False),
+                            frame(op="msg", ch=5), frame(op="future")):  # fmt: skip
+                    await ws.send(odd)
+                answer = (
+                    {"id": cmd["id"], "ok": False}
+                    if cmd["id"] == 2
+                    else {"id": cmd["id"], "ok": True}
+                )
+                await ws.send(frame(**answer))
+            else:
+                await ws.send(frame(id=cmd["id"], ok=True))
+
+    async with running_gateway() as gw, browser(chromium) as b:
+        out = await _hostile(b, gw, repair, "repair", "got.length >= 3")
+        assert out["got"] == [6, 7, 901] and out["gaps"] == 1  # the stale page: a gap, once
+        assert out["states"] == ["connecting", "connected", "reconnecting", "connected"]
+
+        out = await _hostile(b, gw, frames, "frames", "replies.length >= 2")
+        assert out["replies"] == ["111", "ok"]  # an error reply without its error is one
+        assert out["errors"] == ["bad_frame"]  # once per connection
+        assert out["states"] == ["connecting", "connected"]

@@ -66,8 +66,12 @@
  *   Subscription goes on, what was missed read with `history` ("recovered"
  *   says whether it all was; over SSE the gateway recovers them itself).
  * - A `gap` push on a history channel is repaired with `history` frames;
- *   pushes arriving meanwhile wait, so nothing is delivered twice or out of
- *   order.
+ *   pushes arriving meanwhile wait (1024 at most: past that the client
+ *   reconnects and recovers from the last position), so nothing is
+ *   delivered twice or out of order. onGap is called when history cannot
+ *   fill the hole.
+ * - A frame it cannot use (not JSON/MessagePack, a wrong type) is skipped;
+ *   the first on each connection is an "error" event with code "bad_frame".
  * - Failures reject with a GatewayError {code, message, temporary}: the
  *   server's numeric codes (docs/protocol.md), or the client's own
  *   "timeout", "disconnected" (the connection was lost before the reply),
@@ -98,6 +102,9 @@ const TRANSITIONS = {
   connected: ["reconnecting", "disconnected"],
   reconnecting: ["connected", "disconnected"],
 };
+
+/** Live pushes held back while a gap is repaired from history, at most (the Python client's max_queue). */
+const MAX_HELD = 1024;
 
 const DEFAULTS = {
   transports: ["websocket", "sse", "longpoll"],
@@ -320,7 +327,16 @@ class WebSocketTransport {
     const ws = (this.ws = new WebSocket(`${this.urls.ws}${query}`, [this.codec.subprotocol]));
     ws.binaryType = "arraybuffer";
     ws.onopen = () => this.sink.open();
-    ws.onmessage = (event) => this.sink.frame(this.codec.decode(event.data));
+    ws.onmessage = (event) => {
+      let frame;
+      try {
+        frame = this.codec.decode(event.data);
+      } catch (err) {
+        this.sink.odd(err); // not JSON / MessagePack: skipped
+        return;
+      }
+      this.sink.frame(frame);
+    };
     ws.onclose = (event) => { this.ws = null; this.sink.close(event.code, event.reason); };
   }
 
@@ -415,10 +431,19 @@ class SSETransport {
       query.set("last_event_id", b64.replace(/\+/g, "-").replace(/\//g, "_").replace(/=+$/, ""));
     }
     const es = (this.es = new EventSource(`${this.urls.http}/sse?${query}`));
-    es.addEventListener("reply", (event) => this.onReply(JSON.parse(event.data)));
+    const parse = (event) => {
+      try {
+        return JSON.parse(event.data);
+      } catch (err) {
+        this.sink.odd(err);
+        return null;
+      }
+    };
+    es.addEventListener("reply", (event) => { const reply = parse(event); if (reply?.ok != null) this.onReply(reply); });
     for (const name of SSETransport.PUSHES) {
       es.addEventListener(name, (event) => {
-        const push = JSON.parse(event.data);
+        const push = parse(event);
+        if (push === null || typeof push !== "object") return;
         if (push.op === "msg" && push.offset != null) this.channels.set(push.ch, { offset: push.offset, epoch: push.epoch });
         if (push.op === "unsubscribed") this.channels.delete(push.ch);
         if (push.op === "subscribed") { // the server's: a restarted stream carries it on
@@ -428,7 +453,7 @@ class SSETransport {
       });
     }
     es.addEventListener("close", (event) => {
-      const { code, reason } = JSON.parse(event.data);
+      const { code = 1006, reason } = parse(event) ?? {};
       this.fail(code, reason ?? "closed by the gateway");
     });
     // EventSource would reconnect by itself; the Gateway does it instead, with backoff.
@@ -515,8 +540,10 @@ class LongPollTransport {
       }
       if (this.closed) return;
       if (r.status !== 200 && r.status !== 410) return this.fail(1006, `long-poll: HTTP ${r.status}`);
-      this.cursor = r.body.cursor;
-      for (const message of r.body.messages ?? []) if (!this.closed) this.sink.frame(message);
+      const { cursor, messages = [] } = r.body ?? {};
+      if (!Number.isSafeInteger(cursor) || !Array.isArray(messages)) return this.fail(1006, "long-poll: a malformed poll");
+      this.cursor = cursor;
+      for (const message of messages) if (!this.closed) this.sink.frame(message);
       if (r.status === 410) return this.fail(r.body.close?.code ?? 1006, "long-poll session closed");
     }
   }
@@ -604,6 +631,7 @@ export class Gateway {
     this.pingTimer = null;
     this.lastClose = null;
     this.refreshing = false;
+    this.oddFrames = 0; // frames of this connection the client could not use
   }
 
   // -- Events --------------------------------------------------------------------
@@ -697,7 +725,15 @@ export class Gateway {
     const live = () => generation === this.generation;
     const transport = new Kind(this.urls, token, this.codec, {
       open: () => { if (live()) { opened = true; this.opened(transport); } },
-      frame: (frame) => { if (live()) this.receive(frame); },
+      frame: (frame) => {
+        if (!live()) return;
+        try {
+          this.receive(frame);
+        } catch (err) {
+          this.odd(err); // a frame of the wrong shape: skipped, the connection goes on
+        }
+      },
+      odd: (err) => { if (live()) this.odd(err); },
       close: async (code, reason) => {
         if (!live()) return;
         this.transport = null;
@@ -736,6 +772,7 @@ export class Gateway {
     this.attempt = 0;
     this.failedOpens = 0;
     this.lastClose = null;
+    this.oddFrames = 0;
     for (const sub of this.subscriptions.values()) this.sendSub(sub);
     for (const [id, entry] of this.pending) {
       if (!entry.sent) { entry.sent = true; transport.send({ id, ...entry.frame }); }
@@ -805,17 +842,26 @@ export class Gateway {
     }
   }
 
+  /** A frame the client cannot use (not JSON, a wrong type): one "error" per connection. */
+  odd(err) {
+    if (this.oddFrames++ > 0) return;
+    const error = new GatewayError("bad_frame", `a frame from the gateway was skipped: ${err.message}`);
+    if (this.listeners.get("error")?.size) this.emit("error", error);
+    else console.warn("gateway.js:", error.message);
+  }
+
   receive(frame) {
     if ("ok" in frame) {
       const entry = this.pending.get(frame.id);
+      const { code = 111, message = "error reply without an error", temporary = true } = frame.error ?? {};
       if (!entry) {
-        if (!frame.ok) this.emit("error", new GatewayError(frame.error.code, frame.error.message));
+        if (!frame.ok) this.odd(new GatewayError(code, `an error reply to no command: ${message}`));
         return;
       }
       this.pending.delete(frame.id);
       clearTimeout(entry.timer);
       if (frame.ok) entry.resolve(frame);
-      else entry.reject(new GatewayError(frame.error.code, frame.error.message, frame.error.temporary));
+      else entry.reject(new GatewayError(code, message, temporary));
       return;
     }
     const sub = this.subscriptions.get(frame.ch);
@@ -837,7 +883,16 @@ export class Gateway {
   }
 
   deliver(sub, frame) {
-    if (sub.held) { sub.held.push(frame); return; }
+    if (sub.held) {
+      if (sub.held.length < MAX_HELD) { sub.held.push(frame); return; }
+      // The repair fell too far behind (as the gateway does with its own held ones, 4001):
+      // a new connection recovers from sub.position, and what was held goes.
+      sub.held = [];
+      const transport = this.transport;
+      transport?.close();
+      transport?.sink.close(1006, `a repair of ${sub.channel} fell ${MAX_HELD} publications behind`);
+      return;
+    }
     const { ch, offset, epoch, data } = frame;
     if (offset != null) {
       const seen = sub.position;
@@ -972,34 +1027,40 @@ export class Gateway {
   }
 
   async repairGap(sub) {
-    // Publications may have been missed (the gateway lost Redis for a while).
-    this.invoke(sub.handlers.onGap);
-    await this.fill(sub);
+    // Publications may have been missed (the gateway lost Redis for a while, or
+    // sent a large recovery in part): onGap only when history cannot fill the hole.
+    if ((await this.fill(sub)) === false) this.invoke(sub.handlers.onGap);
   }
 
   async fill(sub) {
     // What was missed since sub.position, from history, holding live pushes back until done.
-    if (sub.held) return;
+    if (sub.held) return undefined;
     let recovered = false;
     sub.held = [];
     try {
       if (sub.position) recovered = await this.catchUp(sub);
-    } catch {
+    } catch (err) {
+      if (err.code === "disconnected" || err.code === "closed") {
+        sub.held = null; // the next connection's `sub` recovers from sub.position
+        return undefined;
+      }
       recovered = false; // no history on this channel, or it failed: reload
     }
     const held = sub.held;
     sub.held = null;
     for (const frame of held) this.deliver(sub, frame);
     this.recovered(sub, recovered);
+    return recovered;
   }
 
   async catchUp(sub) {
     for (;;) {
       const seen = sub.position;
       const { offset, epoch, publications } = await this.history(sub.channel, { since: seen.offset });
-      if (epoch !== seen.epoch || publications[0]?.offset > seen.offset + 1) {
+      const last = publications[publications.length - 1]?.offset;
+      if (epoch !== seen.epoch || publications[0]?.offset > seen.offset + 1 || last <= seen.offset) {
         sub.position = { offset, epoch };
-        return false; // the history was lost, or no longer reaches back far enough
+        return false; // the history was lost, no longer reaches back far enough, or went nowhere
       }
       for (const { offset: at, data } of publications) {
         if (at <= sub.position.offset) continue;
