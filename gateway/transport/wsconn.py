@@ -105,6 +105,7 @@ CONTROL_QUIET = 1.0
 _PING = bytes((0x80 | OP_PING, 0))
 _TASK = 1  # WSConnection._busy: a task runs the connection's commands
 _PARSE = 2  # WSConnection._busy: the held frames are to be parsed on the next loop turn
+_SHUT = 4  # WSConnection._busy: our FIN is sent (`_linger`); a flag here, not a slot of its own
 #: The command tasks running now, one per busy connection (idle ones hold none).
 _RUNNING = TaskSet(log)
 
@@ -271,7 +272,6 @@ class WSConnection(asyncio.Protocol):
         "_pinged",
         "_protocol",
         "_response",
-        "_shut",
         "_timer",
         "codec",
         "session",
@@ -314,13 +314,12 @@ class WSConnection(asyncio.Protocol):
         self._deflate_max = agreement.max_bytes if agreement is not None else 0
         self._end: bytes | None = None  # the protocol's last frames, once it closed
         self._inbox: collections.deque[bytes] | None = None
-        self._busy = 0  # _TASK | _PARSE
+        self._busy = 0  # _TASK | _PARSE | _SHUT
         self._closing = False
         self._timer: asyncio.TimerHandle | None = None
         self._last_seen = time.monotonic()
         self._pinged = 0.0
         self._code = 1006  # the close code, once one was sent or received
-        self._shut = False  # our FIN is sent (`_linger`)
 
     # -- asyncio.Protocol --------------------------------------------------
 
@@ -497,7 +496,7 @@ class WSConnection(asyncio.Protocol):
     def _hang_up(self) -> None:
         """Write what is queued and the protocol's last frames, then close the TCP connection."""
         transport = self.transport
-        if transport is None or transport.is_closing() or self._shut:
+        if transport is None or transport.is_closing() or self._busy & _SHUT:
             return
         if self._pending and not self._closing:
             pending, self._pending = self._pending, []
@@ -516,9 +515,9 @@ class WSConnection(asyncio.Protocol):
         nothing is reset by `_closing_timer`. Closing at once would leave what it
         did not read to an orphan socket that the kernel keeps for minutes.
         """
-        if self._shut:
+        if self._busy & _SHUT:
             return
-        self._shut = True
+        self._busy |= _SHUT
         if not _unsent(transport):  # all taken already
             transport.close()
             return
