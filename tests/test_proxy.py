@@ -23,7 +23,7 @@ from proto import CloseCode
 from tests.harness import SECRET, ApiClient, unique_prefix, ws_client
 from tests.hookbackend import SECRET as HOOK_SECRET
 from tests.hookbackend import HookBackend
-from tests.servers import UNIT
+from tests.servers import UNIT, postgres_dir
 from tests.test_accounts import ADA, login, register
 from tests.test_apikeys import promote
 from tests.test_authz_attacks import _closed_with
@@ -85,8 +85,31 @@ class Tier:
                 process.stop()
 
 
+@pytest.fixture(scope="module")
+def started_tier(tmp_path_factory, redis_url, database_url, core_schema):
+    """One tier for the module's tests that leave the core running: starting two processes
+    for each took 1.3 s. Each test gets clean tables (``tier``); what a test leaves in the
+    processes (revoked sessions and keys, counters) names nothing a later test makes.
+    Each test registers an account or two from 127.0.0.1 (RATE_LOGIN_IP allows 20 a minute).
+    """
+    db = {"database_url": database_url, "database_schema": core_schema}
+    with postgres_dir() as data_dir:
+        t = Tier(tmp_path_factory.mktemp("tier"), data_dir, redis_url, db)
+        try:
+            yield t
+        finally:
+            t.stop()
+
+
 @pytest.fixture
-def tier(tmp_path, data_dir, redis_url, clean_db):
+def tier(started_tier, clean_db):
+    """The module's tier, over empty tables."""
+    return started_tier
+
+
+@pytest.fixture
+def own_tier(tmp_path, data_dir, redis_url, clean_db):
+    """A tier of the test's own, for a test that stops its core."""
     t = Tier(tmp_path, data_dir, redis_url, clean_db)
     yield t
     t.stop()
@@ -241,7 +264,8 @@ async def test_change_events_reach_sockets_and_are_recovered_after_a_reconnect(t
         ada.close()
 
 
-async def test_core_down_then_back_sockets_unaffected(tier):
+async def test_core_down_then_back_sockets_unaffected(own_tier):
+    tier = own_tier
     ada = await user(tier.gateway.port, ADA)
     try:
         async with ws_client(tier.gateway.port, ada.token) as c:
@@ -308,10 +332,11 @@ def core_state(port: int) -> dict[str, Any]:
     return dict(json.loads(_get(port, "/readyz")[1])["core"])
 
 
-async def test_a_probe_the_gateway_refuses_itself_does_not_leave_the_breaker_half_open(tier):
+async def test_a_probe_the_gateway_refuses_itself_does_not_leave_the_breaker_half_open(own_tier):
     """The breaker's probe was a socket user's ``rpc`` with a header that cannot go over
     HTTP/1.1: answered 400 by the gateway, it told the breaker nothing, and every REST call
     and ``rpc`` was a 503 until the gateway restarted. Found by a review."""
+    tier = own_tier
     ada = await user(tier.gateway.port, ADA)
     grace = await user(tier.gateway.port, GRACE)
     try:
