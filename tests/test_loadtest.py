@@ -107,12 +107,13 @@ async def test_many_channels_each_socket_gets_each_publication_exactly_once():
 
 @pytest.mark.parametrize("mode", ["ws", "sse"])
 async def test_a_killed_gateways_sockets_reconnect_to_another_and_recover_late_not_lost(
-    tmp_path, data_dir, redis_url, mode
+    tmp_path, data_dir, redis_url, database_url, core_schema, mode
 ):
     prefix = unique_prefix()
     env = {
         "REDIS_URL": redis_url, "REDIS_PREFIX": prefix, "JWT_SECRET": SECRET,
         "RATE_CONNECT_IP": "off", "HISTORY_CHANNELS": "load:*,everyone",
+        "DATABASE_URL": database_url, "DATABASE_SCHEMA": core_schema,  # no embedded one
     }  # fmt: skip
     a = GatewayProcess(tmp_path, data_dir, **env).start()
     b = GatewayProcess(tmp_path, data_dir, **env).start()
@@ -153,11 +154,14 @@ async def test_a_killed_gateways_sockets_reconnect_to_another_and_recover_late_n
 
 
 @pytest.mark.parametrize("history", ["none", "too short"])
-async def test_what_recovery_cannot_bring_back_is_reported(tmp_path, data_dir, redis_url, history):
+async def test_what_recovery_cannot_bring_back_is_reported(
+    tmp_path, data_dir, redis_url, database_url, core_schema, history
+):
     prefix = unique_prefix()
     patterns = "elsewhere" if history == "none" else "load:*"
     env = {"REDIS_URL": redis_url, "REDIS_PREFIX": prefix, "JWT_SECRET": SECRET,
-           "RATE_CONNECT_IP": "off", "HISTORY_CHANNELS": patterns, "HISTORY_SIZE": "2"}  # fmt: skip
+           "RATE_CONNECT_IP": "off", "HISTORY_CHANNELS": patterns, "HISTORY_SIZE": "2",
+           "DATABASE_URL": database_url, "DATABASE_SCHEMA": core_schema}  # fmt: skip
     a = GatewayProcess(tmp_path, data_dir, **env).start()
     b = GatewayProcess(tmp_path, data_dir, **env).start()
     try:

@@ -115,9 +115,12 @@ def mint(data_dir: Path, *extra: str, secret: str | None = SECRET) -> str:
     return out.stdout.strip()
 
 
-async def test_plain_redis_publish_reaches_sockets_on_two_processes(processes, redis_url, data_dir):
+async def test_plain_redis_publish_reaches_sockets_on_two_processes(
+    processes, redis_url, data_dir, database_url, core_schema
+):
     prefix = unique_prefix()
-    env = {"REDIS_URL": redis_url, "REDIS_PREFIX": prefix, "JWT_SECRET": SECRET}
+    env = {"REDIS_URL": redis_url, "REDIS_PREFIX": prefix, "JWT_SECRET": SECRET,
+           "DATABASE_URL": database_url, "DATABASE_SCHEMA": core_schema}  # fmt: skip
     a, b = processes(**env), processes(**env)
     token = mint(data_dir)
     async with ws_client(a.port, token) as ca, ws_client(b.port, token) as cb:
@@ -137,8 +140,11 @@ async def test_plain_redis_publish_reaches_sockets_on_two_processes(processes, r
         assert await ca.next_push() == {"op": "msg", "ch": "room:1", "data": {"from": "a"}}
 
 
-async def test_sigterm_closes_sockets_with_reconnect_code_and_exits(processes, redis_url, data_dir):
-    gp = processes(REDIS_URL=redis_url, REDIS_PREFIX=unique_prefix(), JWT_SECRET=SECRET)
+async def test_sigterm_closes_sockets_with_reconnect_code_and_exits(
+    processes, redis_url, data_dir, database_url, core_schema
+):
+    gp = processes(REDIS_URL=redis_url, REDIS_PREFIX=unique_prefix(), JWT_SECRET=SECRET,
+                   DATABASE_URL=database_url, DATABASE_SCHEMA=core_schema)  # fmt: skip
     async with ws_client(gp.port, mint(data_dir)) as c:
         assert (await c.request("sub", ch="room:1"))["ok"]
         gp.proc.send_signal(signal.SIGTERM)

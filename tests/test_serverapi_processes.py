@@ -164,9 +164,10 @@ async def test_every_call_made_to_a_acts_on_b(two_processes):
 
 
 async def test_presence_across_processes_and_a_killed_node_named_until_it_expires(
-    processes, redis_url, data_dir
+    processes, redis_url, data_dir, database_url, core_schema
 ):
-    env = gateway_env(redis_url, **FEATURES)
+    db = {"database_url": database_url, "database_schema": core_schema}  # no embedded one
+    env = gateway_env(redis_url, db, **FEATURES)
     a, b = processes(**env), processes(**env)
     on_a = Server(a, token("root", role="admin"))
     try:
