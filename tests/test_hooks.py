@@ -767,7 +767,7 @@ async def test_a_rewritten_publication_reaches_every_subscriber_on_two_processes
         "HOOK_PUBLISH_URL": backend.url("/publish"),
         "HOOK_PUBLISH_CHANNELS": "chat:*",
     }
-    a, b = processes(**env), processes(**env)
+    a, b = processes.together(2, **env)
     carol = mint_token(Settings(jwt_secret=JWT_SECRET), "carol", ["chat:*"])
     async with (
         cookie_client(a, backend.login("ada")) as ada,

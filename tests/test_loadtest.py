@@ -21,7 +21,7 @@ from gateway.loadtest.worker import WorkerSpec, _Worker
 from gateway.transport import wsconn
 from tests.harness import SECRET, running_gateway, unique_prefix
 from tests.servers import UNIT
-from tests.test_processes import GatewayProcess
+from tests.test_processes import GatewayProcess, start_together
 
 
 async def loadtest(*args: str) -> tuple[int, dict]:
@@ -115,8 +115,7 @@ async def test_a_killed_gateways_sockets_reconnect_to_another_and_recover_late_n
         "RATE_CONNECT_IP": "off", "HISTORY_CHANNELS": "load:*,everyone",
         "DATABASE_URL": database_url, "DATABASE_SCHEMA": core_schema,  # no embedded one
     }  # fmt: skip
-    a = GatewayProcess(tmp_path, data_dir, **env).start()
-    b = GatewayProcess(tmp_path, data_dir, **env).start()
+    a, b = start_together(*(GatewayProcess(tmp_path, data_dir, **env) for _ in range(2)))
     try:
         assert a.proc is not None
         # 200 sockets on A; A is SIGKILLed 1.5 s into 3 s of publishing (when every channel
@@ -162,8 +161,7 @@ async def test_what_recovery_cannot_bring_back_is_reported(
     env = {"REDIS_URL": redis_url, "REDIS_PREFIX": prefix, "JWT_SECRET": SECRET,
            "RATE_CONNECT_IP": "off", "HISTORY_CHANNELS": patterns, "HISTORY_SIZE": "2",
            "DATABASE_URL": database_url, "DATABASE_SCHEMA": core_schema}  # fmt: skip
-    a = GatewayProcess(tmp_path, data_dir, **env).start()
-    b = GatewayProcess(tmp_path, data_dir, **env).start()
+    a, b = start_together(*(GatewayProcess(tmp_path, data_dir, **env) for _ in range(2)))
     try:
         assert a.proc is not None
         # Away for 0.5-1 s at 20 publications/s over 2 channels: more than 2 per channel.

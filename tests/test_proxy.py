@@ -29,7 +29,7 @@ from tests.test_accounts import ADA, login, register
 from tests.test_apikeys import promote
 from tests.test_authz_attacks import _closed_with
 from tests.test_core_rest import PROJECT, project
-from tests.test_processes import GatewayProcess
+from tests.test_processes import GatewayProcess, start_together
 from tests.test_sse import sse
 
 GRACE = {"email": "grace@example.com", "display_name": "Grace", "password": "another long phrase"}
@@ -59,7 +59,7 @@ class Tier:
         self.core_env = {"TRUSTED_PROXIES": "127.0.0.1/32", **core_env}
         self.core = GatewayProcess(
             tmp_path, data_dir, "core", **self.shared, **self.db, **self.core_env
-        ).start()
+        )
         self.gateway = GatewayProcess(
             tmp_path,
             data_dir,
@@ -69,7 +69,8 @@ class Tier:
             CORE_BREAKER_FAILURES="2",
             CORE_BREAKER_SECONDS="1",
             CORE_TIMEOUT="3",
-        ).start()
+        )
+        start_together(self.core, self.gateway)  # the gateway's readiness waits for no core
 
     def restart_core(self) -> None:
         """The core again, on the same port."""

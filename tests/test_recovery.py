@@ -140,7 +140,7 @@ async def test_killed_node_client_resumes_on_another_with_every_message_once(
     env = {"REDIS_URL": redis_url, "REDIS_PREFIX": prefix, "JWT_SECRET": SECRET,
            "HISTORY_CHANNELS": "feed:*", "HISTORY_SIZE": "1000",
            "DATABASE_URL": database_url, "DATABASE_SCHEMA": core_schema}  # fmt: skip
-    a, b = processes(**env), processes(**env)
+    a, b = processes.together(2, **env)
     token = mint(data_dir, "--channels", "feed:*")
     publisher = RedisBroker(redis_url, prefix)  # a backend publishing with history
     await publisher.start(lambda *_: None)
@@ -532,7 +532,7 @@ async def test_killed_node_long_poll_client_resumes_on_another_with_every_messag
     env = {"REDIS_URL": redis_url, "REDIS_PREFIX": prefix, "JWT_SECRET": SECRET,
            "HISTORY_CHANNELS": "feed:*", "HISTORY_SIZE": "1000", "LONGPOLL_TIMEOUT": "1",
            "DATABASE_URL": database_url, "DATABASE_SCHEMA": core_schema}  # fmt: skip
-    a, b = processes(**env), processes(**env)
+    a, b = processes.together(2, **env)
     token = mint(data_dir, "--channels", "feed:*")
     publisher = RedisBroker(redis_url, prefix)
     await publisher.start(lambda *_: None)
