@@ -6,6 +6,8 @@ by another process meanwhile), writes it to F, and serves
 examples/hooks_backend.py's hooks at ``/<hook>``, and for any hook:
 
 * ``/slow/<hook>?seconds=S``: answers, but only after S seconds;
+* ``/held/<hook>``: answers once the gate is open (it is at first): ``DELETE /gate``
+  closes it, ``PUT /gate`` opens it, ``GET /gate`` says how many calls it holds;
 * ``/fail/<hook>``: ``500``; ``/garbage/<hook>``: ``200`` that is not JSON;
   ``/huge/<hook>``: ``200`` with 2 MiB of JSON; ``/wrong/<hook>``: ``200``
   JSON of the wrong shape;
@@ -51,6 +53,10 @@ def load_example() -> Any:
 
 
 REQUESTS: list[dict[str, Any]] = []
+#: Open: ``/held/<hook>`` answers at once; closed: it waits until it opens.
+GATE = asyncio.Event()
+GATE.set()
+HELD: list[int] = [0]  # the calls waiting at the gate
 
 
 class Recorded(tornado.web.RequestHandler):
@@ -59,6 +65,17 @@ class Recorded(tornado.web.RequestHandler):
 
     def delete(self) -> None:
         REQUESTS.clear()
+
+
+class Gate(tornado.web.RequestHandler):
+    def get(self) -> None:
+        self.finish({"open": GATE.is_set(), "held": HELD[0]})
+
+    def put(self) -> None:
+        GATE.set()
+
+    def delete(self) -> None:
+        GATE.clear()
 
 
 class Misbehaving(tornado.web.RequestHandler):
@@ -70,6 +87,13 @@ class Misbehaving(tornado.web.RequestHandler):
     async def post(self, how: str, hook: str) -> None:
         if how == "slow":
             await asyncio.sleep(float(self.get_query_argument("seconds", "5")))
+            self.finish(json.dumps(self.example.HOOKS[hook](json.loads(self.request.body))))
+        elif how == "held":
+            HELD[0] += 1
+            try:
+                await GATE.wait()
+            finally:
+                HELD[0] -= 1
             self.finish(json.dumps(self.example.HOOKS[hook](json.loads(self.request.body))))
         elif how == "fail":
             self.set_status(500)
@@ -100,7 +124,8 @@ def make_app(secret: str) -> tornado.web.Application:
         r".*",
         [
             (r"/requests", Recorded),
-            (r"/(slow|fail|garbage|huge|wrong)/(\w+)", Misbehaving, {"example": example}),
+            (r"/gate", Gate),
+            (r"/(slow|held|fail|garbage|huge|wrong)/(\w+)", Misbehaving, {"example": example}),
         ],
     )
     return app
@@ -148,6 +173,14 @@ class HookBackend:
         request = urllib.request.Request(self.url("/requests"), method="DELETE")
         with urllib.request.urlopen(request, timeout=5):
             pass
+
+    def gate(self, method: str = "GET") -> dict[str, Any]:
+        """The gate of ``/held/<hook>``: ``PUT`` opens it, ``DELETE`` closes it; what it holds."""
+        data = b"" if method == "PUT" else None
+        request = urllib.request.Request(self.url("/gate"), data=data, method=method)
+        with urllib.request.urlopen(request, timeout=5) as answer:
+            body = answer.read()
+        return dict(json.loads(body)) if body else {}
 
     def login(self, user: str) -> str:
         """The session cookie of ``user`` (``session=…``), from the application's login."""

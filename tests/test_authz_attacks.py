@@ -19,7 +19,7 @@ from tests.harness import SECRET, ApiClient, running_gateway, token_for, unique_
 from tests.servers import UNIT
 from tests.test_authz import make_world, new_person
 from tests.test_core_rest import project
-from tests.test_processes import GatewayProcess
+from tests.test_processes import GatewayProcess, start_together
 
 
 @pytest.fixture
@@ -138,7 +138,7 @@ def two_processes(tmp_path, data_dir, redis_url, clean_db):
         "PASSWORD_MEMORY_KIB": "8192",
         "RATE_LOGIN_IP": "off",
     }
-    started = [GatewayProcess(tmp_path, data_dir, **env).start() for _ in range(2)]
+    started = start_together(*(GatewayProcess(tmp_path, data_dir, **env) for _ in range(2)))
     yield started
     for gp in started:
         gp.stop()

@@ -28,9 +28,15 @@ def _status(url: str) -> tuple[int, dict]:
         return e.code, json.loads(e.read())
 
 
-async def test_sigterm_drains_1000_sockets_paced_before_the_deadline(processes, data_dir):  # noqa: F811
+async def test_sigterm_drains_1000_sockets_paced_before_the_deadline(
+    processes,  # noqa: F811
+    data_dir,
+    database_url,
+    core_schema,
+):
     gp = processes(JWT_SECRET=SECRET, RATE_CONNECT_IP="off", DRAIN_SECONDS="2",
-                   SHUTDOWN_TIMEOUT="10", MAX_CONNECTIONS_PER_USER="0")  # one token, 1,000 sockets  # fmt: skip
+                   SHUTDOWN_TIMEOUT="10", MAX_CONNECTIONS_PER_USER="0",  # one token, 1,000 sockets
+                   DATABASE_URL=database_url, DATABASE_SCHEMA=core_schema)  # fmt: skip
     token = mint(data_dir)
     url = f"ws://127.0.0.1:{gp.port}/ws?token={token}"
     sockets = [

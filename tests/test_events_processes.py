@@ -103,7 +103,7 @@ async def test_a_killed_nodes_connections_reach_the_stream_and_a_group_loses_not
     redis = aioredis.Redis.from_url(redis_url)
     consumer = Consumer(redis, f"{prefix}events")
     await consumer.create()
-    a, b = processes(**env), processes(**env)
+    a, b = processes.together(2, **env)
     users = ("u1", "u2", "u3", "u4")
     token = {user: mint_token(TOKENS, user, ["room:*"]) for user in users}
     try:

@@ -53,8 +53,11 @@ async def test_an_upgrade_dripped_a_byte_a_second_is_cut_within_the_header_timeo
         assert gw.hub.connection_count() == 0
 
 
-async def test_a_gateway_process_cuts_a_dripped_upgrade_too(tmp_path, data_dir, redis_url):
-    env = {"REDIS_URL": redis_url, "REDIS_PREFIX": unique_prefix(), "JWT_SECRET": SECRET}
+async def test_a_gateway_process_cuts_a_dripped_upgrade_too(
+    tmp_path, data_dir, redis_url, database_url, core_schema
+):
+    env = {"REDIS_URL": redis_url, "REDIS_PREFIX": unique_prefix(), "JWT_SECRET": SECRET,
+           "DATABASE_URL": database_url, "DATABASE_SCHEMA": core_schema}  # fmt: skip
     gp = GatewayProcess(tmp_path, data_dir, HEADER_TIMEOUT=str(2.0 * UNIT), **env).start()
     try:
         async with raw(gp.port) as c:

@@ -754,18 +754,20 @@ processes = test_processes.processes  # the fixture: real `python -m gateway` pr
 
 
 async def test_a_rewritten_publication_reaches_every_subscriber_on_two_processes(
-    processes, redis_url, backend
+    processes, redis_url, database_url, core_schema, backend
 ):
     env = {
         "REDIS_URL": redis_url,
         "REDIS_PREFIX": unique_prefix(),
         "JWT_SECRET": JWT_SECRET,
+        "DATABASE_URL": database_url,  # no embedded PostgreSQL
+        "DATABASE_SCHEMA": core_schema,
         "HOOK_SECRET": SECRET,
         "HOOK_CONNECT_URL": backend.url("/connect"),
         "HOOK_PUBLISH_URL": backend.url("/publish"),
         "HOOK_PUBLISH_CHANNELS": "chat:*",
     }
-    a, b = processes(**env), processes(**env)
+    a, b = processes.together(2, **env)
     carol = mint_token(Settings(jwt_secret=JWT_SECRET), "carol", ["chat:*"])
     async with (
         cookie_client(a, backend.login("ada")) as ada,

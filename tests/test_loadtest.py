@@ -21,7 +21,7 @@ from gateway.loadtest.worker import WorkerSpec, _Worker
 from gateway.transport import wsconn
 from tests.harness import SECRET, running_gateway, unique_prefix
 from tests.servers import UNIT
-from tests.test_processes import GatewayProcess
+from tests.test_processes import GatewayProcess, start_together
 
 
 async def loadtest(*args: str) -> tuple[int, dict]:
@@ -107,15 +107,15 @@ async def test_many_channels_each_socket_gets_each_publication_exactly_once():
 
 @pytest.mark.parametrize("mode", ["ws", "sse"])
 async def test_a_killed_gateways_sockets_reconnect_to_another_and_recover_late_not_lost(
-    tmp_path, data_dir, redis_url, mode
+    tmp_path, data_dir, redis_url, database_url, core_schema, mode
 ):
     prefix = unique_prefix()
     env = {
         "REDIS_URL": redis_url, "REDIS_PREFIX": prefix, "JWT_SECRET": SECRET,
         "RATE_CONNECT_IP": "off", "HISTORY_CHANNELS": "load:*,everyone",
+        "DATABASE_URL": database_url, "DATABASE_SCHEMA": core_schema,  # no embedded one
     }  # fmt: skip
-    a = GatewayProcess(tmp_path, data_dir, **env).start()
-    b = GatewayProcess(tmp_path, data_dir, **env).start()
+    a, b = start_together(*(GatewayProcess(tmp_path, data_dir, **env) for _ in range(2)))
     try:
         assert a.proc is not None
         # 200 sockets on A; A is SIGKILLed 1.5 s into 3 s of publishing (when every channel
@@ -153,13 +153,15 @@ async def test_a_killed_gateways_sockets_reconnect_to_another_and_recover_late_n
 
 
 @pytest.mark.parametrize("history", ["none", "too short"])
-async def test_what_recovery_cannot_bring_back_is_reported(tmp_path, data_dir, redis_url, history):
+async def test_what_recovery_cannot_bring_back_is_reported(
+    tmp_path, data_dir, redis_url, database_url, core_schema, history
+):
     prefix = unique_prefix()
     patterns = "elsewhere" if history == "none" else "load:*"
     env = {"REDIS_URL": redis_url, "REDIS_PREFIX": prefix, "JWT_SECRET": SECRET,
-           "RATE_CONNECT_IP": "off", "HISTORY_CHANNELS": patterns, "HISTORY_SIZE": "2"}  # fmt: skip
-    a = GatewayProcess(tmp_path, data_dir, **env).start()
-    b = GatewayProcess(tmp_path, data_dir, **env).start()
+           "RATE_CONNECT_IP": "off", "HISTORY_CHANNELS": patterns, "HISTORY_SIZE": "2",
+           "DATABASE_URL": database_url, "DATABASE_SCHEMA": core_schema}  # fmt: skip
+    a, b = start_together(*(GatewayProcess(tmp_path, data_dir, **env) for _ in range(2)))
     try:
         assert a.proc is not None
         # Away for 0.5-1 s at 20 publications/s over 2 channels: more than 2 per channel.

@@ -49,12 +49,20 @@ class GatewayProcess:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> GatewayProcess:
+        return self.spawn().ready()
+
+    def spawn(self) -> GatewayProcess:
+        """Run the process; `ready` waits until it answers (15 s from now at most)."""
         with open(self.log, "wb") as out:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", self.module], cwd=ROOT, env=self.env, stdout=out, stderr=out
             )
-        deadline = time.monotonic() + 15 * UNIT
-        while time.monotonic() < deadline:
+        self._deadline = time.monotonic() + 15 * UNIT
+        return self
+
+    def ready(self) -> GatewayProcess:
+        assert self.proc is not None, "spawn() first"
+        while time.monotonic() < self._deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"gateway exited: {self.log.read_text()}")
             try:
@@ -79,17 +87,44 @@ class GatewayProcess:
         return self.log.read_text()
 
 
+def start_together(*processes: GatewayProcess) -> list[GatewayProcess]:
+    """Run ``processes`` at once, then wait for each to answer: their start-ups (~0.6 s of
+    imports each, on a core of its own when one is free) overlap. If one fails, every one
+    still running is killed."""
+    try:
+        for gp in processes:
+            gp.spawn()
+        return [gp.ready() for gp in processes]
+    except BaseException:
+        for gp in processes:
+            if gp.proc is not None and gp.proc.poll() is None:
+                gp.proc.kill()
+                gp.proc.wait()
+        raise
+
+
+class Processes:
+    """What the ``processes`` fixture gives: ``processes(**env)`` starts one and waits for it,
+    ``processes.together(2, **env)`` starts two alike at once. All are killed after the test."""
+
+    def __init__(self, tmp_path: Path, data_dir: Path) -> None:
+        self.tmp_path, self.data_dir = tmp_path, data_dir
+        self.started: list[GatewayProcess] = []
+
+    def __call__(self, module: str = "gateway", **env: str) -> GatewayProcess:
+        return self.together(1, module, **env)[0]
+
+    def together(self, count: int, module: str = "gateway", **env: str) -> list[GatewayProcess]:
+        made = [GatewayProcess(self.tmp_path, self.data_dir, module, **env) for _ in range(count)]
+        self.started += made
+        return start_together(*made)
+
+
 @pytest.fixture
 def processes(tmp_path, data_dir):
-    started: list[GatewayProcess] = []
-
-    def spawn(module: str = "gateway", **env: str) -> GatewayProcess:
-        gp = GatewayProcess(tmp_path, data_dir, module, **env).start()
-        started.append(gp)
-        return gp
-
-    yield spawn
-    for gp in started:
+    spawned = Processes(tmp_path, data_dir)
+    yield spawned
+    for gp in spawned.started:
         if gp.proc is not None and gp.proc.poll() is None:
             gp.stop(signal.SIGKILL)
 
@@ -115,10 +150,13 @@ def mint(data_dir: Path, *extra: str, secret: str | None = SECRET) -> str:
     return out.stdout.strip()
 
 
-async def test_plain_redis_publish_reaches_sockets_on_two_processes(processes, redis_url, data_dir):
+async def test_plain_redis_publish_reaches_sockets_on_two_processes(
+    processes, redis_url, data_dir, database_url, core_schema
+):
     prefix = unique_prefix()
-    env = {"REDIS_URL": redis_url, "REDIS_PREFIX": prefix, "JWT_SECRET": SECRET}
-    a, b = processes(**env), processes(**env)
+    env = {"REDIS_URL": redis_url, "REDIS_PREFIX": prefix, "JWT_SECRET": SECRET,
+           "DATABASE_URL": database_url, "DATABASE_SCHEMA": core_schema}  # fmt: skip
+    a, b = processes.together(2, **env)
     token = mint(data_dir)
     async with ws_client(a.port, token) as ca, ws_client(b.port, token) as cb:
         assert (await ca.request("sub", ch="room:1"))["ok"]
@@ -137,8 +175,11 @@ async def test_plain_redis_publish_reaches_sockets_on_two_processes(processes, r
         assert await ca.next_push() == {"op": "msg", "ch": "room:1", "data": {"from": "a"}}
 
 
-async def test_sigterm_closes_sockets_with_reconnect_code_and_exits(processes, redis_url, data_dir):
-    gp = processes(REDIS_URL=redis_url, REDIS_PREFIX=unique_prefix(), JWT_SECRET=SECRET)
+async def test_sigterm_closes_sockets_with_reconnect_code_and_exits(
+    processes, redis_url, data_dir, database_url, core_schema
+):
+    gp = processes(REDIS_URL=redis_url, REDIS_PREFIX=unique_prefix(), JWT_SECRET=SECRET,
+                   DATABASE_URL=database_url, DATABASE_SCHEMA=core_schema)  # fmt: skip
     async with ws_client(gp.port, mint(data_dir)) as c:
         assert (await c.request("sub", ch="room:1"))["ok"]
         gp.proc.send_signal(signal.SIGTERM)

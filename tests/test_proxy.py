@@ -9,6 +9,7 @@ play clients.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 import urllib.request
@@ -20,15 +21,15 @@ import pytest
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from proto import CloseCode
-from tests.harness import SECRET, ApiClient, unique_prefix, ws_client
+from tests.harness import SECRET, ApiClient, unique_prefix, until, ws_client
 from tests.hookbackend import SECRET as HOOK_SECRET
 from tests.hookbackend import HookBackend
-from tests.servers import UNIT
+from tests.servers import UNIT, postgres_dir
 from tests.test_accounts import ADA, login, register
 from tests.test_apikeys import promote
 from tests.test_authz_attacks import _closed_with
 from tests.test_core_rest import PROJECT, project
-from tests.test_processes import GatewayProcess
+from tests.test_processes import GatewayProcess, start_together
 from tests.test_sse import sse
 
 GRACE = {"email": "grace@example.com", "display_name": "Grace", "password": "another long phrase"}
@@ -58,7 +59,7 @@ class Tier:
         self.core_env = {"TRUSTED_PROXIES": "127.0.0.1/32", **core_env}
         self.core = GatewayProcess(
             tmp_path, data_dir, "core", **self.shared, **self.db, **self.core_env
-        ).start()
+        )
         self.gateway = GatewayProcess(
             tmp_path,
             data_dir,
@@ -68,7 +69,8 @@ class Tier:
             CORE_BREAKER_FAILURES="2",
             CORE_BREAKER_SECONDS="1",
             CORE_TIMEOUT="3",
-        ).start()
+        )
+        start_together(self.core, self.gateway)  # the gateway's readiness waits for no core
 
     def restart_core(self) -> None:
         """The core again, on the same port."""
@@ -85,8 +87,31 @@ class Tier:
                 process.stop()
 
 
+@pytest.fixture(scope="module")
+def started_tier(tmp_path_factory, redis_url, database_url, core_schema):
+    """One tier for the module's tests that leave the core running: starting two processes
+    for each took 1.3 s. Each test gets clean tables (``tier``); what a test leaves in the
+    processes (revoked sessions and keys, counters) names nothing a later test makes.
+    Each test registers an account or two from 127.0.0.1 (RATE_LOGIN_IP allows 20 a minute).
+    """
+    db = {"database_url": database_url, "database_schema": core_schema}
+    with postgres_dir() as data_dir:
+        t = Tier(tmp_path_factory.mktemp("tier"), data_dir, redis_url, db)
+        try:
+            yield t
+        finally:
+            t.stop()
+
+
 @pytest.fixture
-def tier(tmp_path, data_dir, redis_url, clean_db):
+def tier(started_tier, clean_db):
+    """The module's tier, over empty tables."""
+    return started_tier
+
+
+@pytest.fixture
+def own_tier(tmp_path, data_dir, redis_url, clean_db):
+    """A tier of the test's own, for a test that stops its core."""
     t = Tier(tmp_path, data_dir, redis_url, clean_db)
     yield t
     t.stop()
@@ -241,7 +266,8 @@ async def test_change_events_reach_sockets_and_are_recovered_after_a_reconnect(t
         ada.close()
 
 
-async def test_core_down_then_back_sockets_unaffected(tier):
+async def test_core_down_then_back_sockets_unaffected(own_tier):
+    tier = own_tier
     ada = await user(tier.gateway.port, ADA)
     try:
         async with ws_client(tier.gateway.port, ada.token) as c:
@@ -308,10 +334,11 @@ def core_state(port: int) -> dict[str, Any]:
     return dict(json.loads(_get(port, "/readyz")[1])["core"])
 
 
-async def test_a_probe_the_gateway_refuses_itself_does_not_leave_the_breaker_half_open(tier):
+async def test_a_probe_the_gateway_refuses_itself_does_not_leave_the_breaker_half_open(own_tier):
     """The breaker's probe was a socket user's ``rpc`` with a header that cannot go over
     HTTP/1.1: answered 400 by the gateway, it told the breaker nothing, and every REST call
     and ``rpc`` was a 503 until the gateway restarted. Found by a review."""
+    tier = own_tier
     ada = await user(tier.gateway.port, ADA)
     grace = await user(tier.gateway.port, GRACE)
     try:
@@ -519,40 +546,56 @@ async def test_a_gateway_started_after_a_logout_refuses_the_session_s_tokens(tie
 
 
 @asynccontextmanager
-async def _slow_admission(tier: Tier, tmp_path: Any, **env: str) -> AsyncIterator[GatewayProcess]:
-    """Another gateway with CORE_URL, whose connect hook answers after 3 s."""
+async def _held_admission(
+    tier: Tier, tmp_path: Any, **env: str
+) -> AsyncIterator[tuple[GatewayProcess, HookBackend]]:
+    """Another gateway with CORE_URL, whose connect hook answers when the backend's gate is
+    open (it is at first; `_logout_while_held` closes it)."""
     backend = HookBackend(tmp_path / "backend.log")
-    slow = backend.url(f"/slow/connect?seconds={3 * UNIT}")
     hooked = _another_gateway(
-        tier, HOOK_SECRET=HOOK_SECRET, HOOK_CONNECT_URL=slow, HOOK_TIMEOUT=str(6 * UNIT), **env
+        tier,
+        HOOK_SECRET=HOOK_SECRET,
+        HOOK_CONNECT_URL=backend.url("/held/connect"),
+        HOOK_TIMEOUT=str(6 * UNIT),
+        **env,
     )
     try:
         await asyncio.to_thread(hooked.start)
-        yield hooked
+        yield hooked, backend
     finally:
+        with contextlib.suppress(OSError):  # nothing left held at the stop
+            backend.gate("PUT")
         await asyncio.to_thread(hooked.stop)
         backend.stop()
 
 
-def _logout_soon(port: int, token: str) -> asyncio.Future[float]:
-    """A logout half a second from now (the token checked, the hook not answered yet);
-    the future is when it was done."""
+async def _logout_while_held(backend: HookBackend, port: int, token: str) -> asyncio.Future[float]:
+    """Closes the connect hook's gate; then, once the hook holds a call (the token checked,
+    the hook not answered), a logout, and the gate opened again. The future is when the
+    logout was done. (A fixed wait of 0.5 s before the logout and 3 s before the hook's
+    answer did this in 3 s, and hoped the logout was quicker.)"""
+    await asyncio.to_thread(backend.gate, "DELETE")
 
     async def logout() -> float:
-        await asyncio.sleep(0.5 * UNIT)
+        async def holding() -> bool:
+            return bool((await asyncio.to_thread(backend.gate))["held"])
+
+        await until(holding, timeout=10 * UNIT, step=0.05)
         await _logout(port, token)
-        return asyncio.get_running_loop().time()
+        done = asyncio.get_running_loop().time()
+        await asyncio.to_thread(backend.gate, "PUT")
+        return done
 
     return asyncio.ensure_future(logout())
 
 
 async def test_a_logout_while_a_socket_is_admitted_closes_it(tier, clean_db, tmp_path):
-    """The token was checked, then the connect hook answered (3 s), then the socket
+    """The token was checked, then the connect hook answered, then the socket
     joined: a logout in between found no connection of the session to close, and the
     socket stayed open until its token expired. Found by a review."""
     token = await _admin_token(tier, clean_db)
-    async with _slow_admission(tier, tmp_path) as hooked:
-        later = _logout_soon(tier.core.port, token)
+    async with _held_admission(tier, tmp_path) as (hooked, backend):
+        later = await _logout_while_held(backend, tier.core.port, token)
         async with ws_client(hooked.port, token, open_timeout=10 * UNIT) as client:
             admitted = asyncio.get_running_loop().time()
             assert admitted > await later  # after the logout: the case this test is about
@@ -574,12 +617,12 @@ async def test_a_stream_whose_session_was_revoked_as_it_opened_joins_nothing(
     # The room's member: Ada on another login session, which the logout leaves alone.
     other = str((await login(ApiClient(tier.gateway.port, None)))[1]["access_token"])
     async with (
-        _slow_admission(tier, tmp_path, PRESENCE_CHANNELS="room:*") as hooked,
+        _held_admission(tier, tmp_path, PRESENCE_CHANNELS="room:*") as (hooked, backend),
         ws_client(hooked.port, other, open_timeout=10 * UNIT) as member,
     ):
         assert (await member.request("sub", ch="room:1"))["ok"]
         assert (await member.recv())["op"] == "join"  # its own
-        later = _logout_soon(tier.core.port, token)
+        later = await _logout_while_held(backend, tier.core.port, token)
         async with sse(hooked.port, token, ["room:1"]) as stream:
             admitted = asyncio.get_running_loop().time()
             assert stream.status == 200 and admitted > await later

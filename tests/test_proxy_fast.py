@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 from core.fastrest import INCOMPLETE, Fields, Head, parse_head
 from gateway.router import is_core_path
 from tests.harness import SECRET, ApiClient, unique_prefix
-from tests.servers import UNIT
+from tests.servers import UNIT, postgres_dir
 from tests.stallproxy import StallProxy, stall_proxy
 from tests.test_accounts import ADA
 from tests.test_core_rest import PROJECT
@@ -142,16 +142,33 @@ class Alone:
         self.gateway.stop()
 
 
-@pytest.fixture(params=["core-url", "embedded", "core"])
-def tier(request, tmp_path, data_dir, redis_url, clean_db):
-    """What serves the REST calls: a gateway behind CORE_URL, one embedding the core, the core."""
-    if request.param == "core-url":
-        t: Tier | Alone = Tier(tmp_path, data_dir, redis_url, clean_db)
-    else:
-        module = "gateway" if request.param == "embedded" else "core"
-        t = Alone(module, tmp_path, data_dir, redis_url, clean_db)
-    yield t
-    t.stop()
+@pytest.fixture(scope="module", params=["core-url", "embedded", "core"])
+def started_tier(request, tmp_path_factory, redis_url, database_url, core_schema):
+    """What serves the REST calls: a gateway behind CORE_URL, one embedding the core, the core.
+
+    Started once for the module's tests of each kind (starting its processes was 34 of the
+    module's 91 s): each test gets clean tables (``tier``), and what a test changes in the
+    processes (counters, kept-alive connections) only grows, which is all they assert of it.
+    Each test registers one account from 127.0.0.1 (RATE_LOGIN_IP allows 20 a minute).
+    """
+    tmp_path = tmp_path_factory.mktemp(f"tier-{request.param}")
+    db = {"database_url": database_url, "database_schema": core_schema}
+    with postgres_dir() as data_dir:
+        if request.param == "core-url":
+            t: Tier | Alone = Tier(tmp_path, data_dir, redis_url, db)
+        else:
+            module = "gateway" if request.param == "embedded" else "core"
+            t = Alone(module, tmp_path, data_dir, redis_url, db)
+        try:
+            yield t
+        finally:
+            t.stop()
+
+
+@pytest.fixture
+def tier(started_tier, clean_db):
+    """The module's processes of one kind, over empty tables."""
+    return started_tier
 
 
 @asynccontextmanager

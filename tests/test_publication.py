@@ -24,7 +24,7 @@ from proto import JSON_CODEC, MSGPACK_CODEC, ErrorCode, InvalidData
 from proto.publication import MAX_DEPTH, check_json, from_broker, from_msgpack
 from tests.harness import SECRET, unique_prefix, ws_client
 from tests.servers import UNIT
-from tests.test_processes import GatewayProcess, mint
+from tests.test_processes import GatewayProcess, mint, start_together
 from tests.test_session import cmd, session, settle
 
 DEEP = b"[" * (MAX_DEPTH + 1) + b"]" * (MAX_DEPTH + 1)
@@ -182,8 +182,7 @@ async def test_poison_from_another_process_or_redis_silences_no_one(
         "DATABASE_URL": database_url,
         "DATABASE_SCHEMA": core_schema,
     }
-    a = GatewayProcess(tmp_path, data_dir, **env).start()
-    b = GatewayProcess(tmp_path, data_dir, **env).start()
+    a, b = start_together(*(GatewayProcess(tmp_path, data_dir, **env) for _ in range(2)))
     redis = aioredis.Redis.from_url(redis_url)
     try:
         token = mint(data_dir, "--pub", "yes")

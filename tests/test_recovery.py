@@ -133,11 +133,14 @@ async def test_killed_node_client_resumes_on_another_with_every_message_once(
     processes,  # noqa: F811
     redis_url,
     data_dir,
+    database_url,
+    core_schema,
 ):
     prefix = unique_prefix()
     env = {"REDIS_URL": redis_url, "REDIS_PREFIX": prefix, "JWT_SECRET": SECRET,
-           "HISTORY_CHANNELS": "feed:*", "HISTORY_SIZE": "1000"}  # fmt: skip
-    a, b = processes(**env), processes(**env)
+           "HISTORY_CHANNELS": "feed:*", "HISTORY_SIZE": "1000",
+           "DATABASE_URL": database_url, "DATABASE_SCHEMA": core_schema}  # fmt: skip
+    a, b = processes.together(2, **env)
     token = mint(data_dir, "--channels", "feed:*")
     publisher = RedisBroker(redis_url, prefix)  # a backend publishing with history
     await publisher.start(lambda *_: None)
@@ -520,13 +523,16 @@ async def test_killed_node_long_poll_client_resumes_on_another_with_every_messag
     processes,  # noqa: F811
     redis_url,
     data_dir,
+    database_url,
+    core_schema,
 ):
     from tests.harness import ApiClient
 
     prefix = unique_prefix()
     env = {"REDIS_URL": redis_url, "REDIS_PREFIX": prefix, "JWT_SECRET": SECRET,
-           "HISTORY_CHANNELS": "feed:*", "HISTORY_SIZE": "1000", "LONGPOLL_TIMEOUT": "1"}  # fmt: skip
-    a, b = processes(**env), processes(**env)
+           "HISTORY_CHANNELS": "feed:*", "HISTORY_SIZE": "1000", "LONGPOLL_TIMEOUT": "1",
+           "DATABASE_URL": database_url, "DATABASE_SCHEMA": core_schema}  # fmt: skip
+    a, b = processes.together(2, **env)
     token = mint(data_dir, "--channels", "feed:*")
     publisher = RedisBroker(redis_url, prefix)
     await publisher.start(lambda *_: None)

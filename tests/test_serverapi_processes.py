@@ -24,7 +24,7 @@ from proto import CloseCode
 from tests import test_processes
 from tests.harness import SECRET, ApiClient, unique_prefix, until, ws_client
 from tests.servers import UNIT
-from tests.test_processes import GatewayProcess
+from tests.test_processes import GatewayProcess, start_together
 
 pytestmark = pytest.mark.timeout(int(120 * UNIT))
 processes = test_processes.processes  # the fixture: real `python -m gateway` processes
@@ -47,7 +47,7 @@ def gateway_env(redis_url: str, clean_db: dict[str, str] | None = None, **extra:
 @pytest.fixture
 def two_processes(tmp_path, data_dir, redis_url, clean_db):
     env = gateway_env(redis_url, clean_db, **FEATURES)
-    started = [GatewayProcess(tmp_path, data_dir, **env).start() for _ in range(2)]
+    started = start_together(*(GatewayProcess(tmp_path, data_dir, **env) for _ in range(2)))
     yield started
     for gp in started:
         gp.stop()
@@ -164,10 +164,11 @@ async def test_every_call_made_to_a_acts_on_b(two_processes):
 
 
 async def test_presence_across_processes_and_a_killed_node_named_until_it_expires(
-    processes, redis_url, data_dir
+    processes, redis_url, data_dir, database_url, core_schema
 ):
-    env = gateway_env(redis_url, **FEATURES)
-    a, b = processes(**env), processes(**env)
+    db = {"database_url": database_url, "database_schema": core_schema}  # no embedded one
+    env = gateway_env(redis_url, db, **FEATURES)
+    a, b = processes.together(2, **env)
     on_a = Server(a, token("root", role="admin"))
     try:
         async with ws_client(b.port, token("alice")) as c, ws_client(a.port, token("bob")) as d:
