@@ -824,8 +824,9 @@ def test_parse_head_reads_headers_as_a_line_by_line_reading_of_the_subset_does(
         "close",
     ):
         expected = None
-    if expected is not None and expected.get("content-length", "0") != "0":
-        expected = None
+    length = expected.get("content-length", "0") if expected is not None else "0"
+    if not re.fullmatch(r"[0-9]{1,18}", length) or int(length) > 1000:
+        expected = None  # (any digits, as Tornado reads them: "00" is 0; within max_body)
     found = parse_head(head + b"\r\n\r\n", 8192, 1000, is_core_path)
     assert (found.headers if isinstance(found, Head) else found) == expected, head
 
