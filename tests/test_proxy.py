@@ -13,7 +13,7 @@ import contextlib
 import json
 import time
 import urllib.request
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -94,13 +94,21 @@ def started_tier(tmp_path_factory, redis_url, database_url, core_schema):
     processes (revoked sessions and keys, counters) names nothing a later test makes.
     Each test registers an account or two from 127.0.0.1 (RATE_LOGIN_IP allows 20 a minute).
     """
-    db = {"database_url": database_url, "database_schema": core_schema}
-    with postgres_dir() as data_dir:
-        t = Tier(tmp_path_factory.mktemp("tier"), data_dir, redis_url, db)
+    tmp_path = tmp_path_factory.mktemp("tier")
+    with module_processes(database_url, core_schema) as (data_dir, db):
+        t = Tier(tmp_path, data_dir, redis_url, db)
         try:
             yield t
         finally:
             t.stop()
+
+
+@contextlib.contextmanager
+def module_processes(database_url: str, core_schema: str) -> Iterator[tuple[Any, dict[str, str]]]:
+    """What a module's shared processes start with: a data directory (the embedded
+    database's, for those that use none of their own) and the suite's database."""
+    with postgres_dir() as data_dir:
+        yield data_dir, {"database_url": database_url, "database_schema": core_schema}
 
 
 @pytest.fixture

@@ -26,12 +26,12 @@ from hypothesis import strategies as st
 from core.fastrest import INCOMPLETE, Fields, Head, parse_head
 from gateway.router import is_core_path
 from tests.harness import SECRET, ApiClient, unique_prefix
-from tests.servers import UNIT, postgres_dir
+from tests.servers import UNIT
 from tests.stallproxy import StallProxy, stall_proxy
 from tests.test_accounts import ADA
 from tests.test_core_rest import PROJECT
 from tests.test_processes import GatewayProcess
-from tests.test_proxy import GRACE, Tier, core_state, user
+from tests.test_proxy import GRACE, Tier, core_state, module_processes, user
 
 PROJECT_JSON = json.dumps(PROJECT).encode()
 
@@ -152,8 +152,7 @@ def started_tier(request, tmp_path_factory, redis_url, database_url, core_schema
     Each test registers one account from 127.0.0.1 (RATE_LOGIN_IP allows 20 a minute).
     """
     tmp_path = tmp_path_factory.mktemp(f"tier-{request.param}")
-    db = {"database_url": database_url, "database_schema": core_schema}
-    with postgres_dir() as data_dir:
+    with module_processes(database_url, core_schema) as (data_dir, db):
         if request.param == "core-url":
             t: Tier | Alone = Tier(tmp_path, data_dir, redis_url, db)
         else:
