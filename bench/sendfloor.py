@@ -32,9 +32,38 @@ import time
 __all__ = ["measure"]
 
 
+#: Connections the child opens before it waits for the parent to accept them: well under
+#: the listen backlog. Opened all at once, 19,500 overflowed the accept queue of a busy
+#: machine; the client side of a connection whose last ACK was dropped there believes it
+#: is open, and the parent waited in accept() for good.
+BATCH = 1000
+
+
+def _connect(address: tuple[str, int], n: int, ctl: socket.socket) -> list[socket.socket]:
+    """Child process: ``n`` connections, `BATCH` at a time, each batch accepted before the next."""
+    clients: list[socket.socket] = []
+    while len(clients) < n:
+        clients += [socket.create_connection(address) for _ in range(min(BATCH, n - len(clients)))]
+        ctl.sendall(b"c")
+        if ctl.recv(1) != b"a":
+            os._exit(1)
+    return clients
+
+
+def _accept(listener: socket.socket, n: int, ctl: socket.socket) -> list[socket.socket]:
+    """The server sides of `_connect`'s connections, a batch at a time."""
+    servers: list[socket.socket] = []
+    while len(servers) < n:
+        servers += [listener.accept()[0] for _ in range(min(BATCH, n - len(servers)))]
+        if ctl.recv(1) != b"c":
+            raise RuntimeError("the client process stopped connecting")
+        ctl.sendall(b"a")
+    return servers
+
+
 def _hold_clients(address: tuple[str, int], n: int, ctl: socket.socket) -> None:
     """Child process: open ``n`` connections, then drain them each time the parent asks."""
-    clients = [socket.create_connection(address) for _ in range(n)]
+    clients = _connect(address, n, ctl)
     ctl.sendall(b"r")
     while ctl.recv(1) == b"d":
         for c in clients:
@@ -48,7 +77,7 @@ def _read_always(address: tuple[str, int], n: int, ctl: socket.socket) -> None:
     others = sorted(os.sched_getaffinity(0) ^ set(range(os.cpu_count() or 1)))
     if others:  # the sender is pinned (taskset): read on another CPU, as a client would
         os.sched_setaffinity(0, {others[0]})
-    clients = [socket.create_connection(address) for _ in range(n)]
+    clients = _connect(address, n, ctl)
     poll = select.epoll()
     by_fd = {}
     for c in clients:
@@ -87,7 +116,7 @@ def measure(n: int, rounds: int = 5, live: bool = False) -> tuple[float, float]:
         listener.close()
         (_read_always if live else _hold_clients)(address, n, child_ctl)
     child_ctl.close()
-    servers = [listener.accept()[0] for _ in range(n)]
+    servers = _accept(listener, n, ctl)
     assert ctl.recv(1) == b"r"
     try:
         frame = b"\x81\x3a" + b"x" * 58
