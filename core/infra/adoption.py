@@ -204,11 +204,7 @@ class Adopted(asyncio.Protocol):
 
     def taken(self) -> int:
         """Bytes of answers the client's TCP has acknowledged."""
-        transport = self._transport
-        if transport is None:
-            return self._written
-        sock = transport.get_extra_info("socket")
-        return self._written - transport.get_write_buffer_size() - kernel_queue(sock)
+        return self._written - self.unacked()
 
     def unsent(self) -> int:
         """Bytes of answers the transport holds (0 once closed)."""

@@ -518,12 +518,13 @@ class WSConnection(asyncio.Protocol):
         if self._busy & _SHUT:
             return
         self._busy |= _SHUT
-        if not _unsent(transport):  # all taken already
+        left = _unsent(transport)
+        if not left:  # all taken already
             transport.close()
             return
         transport.write_eof()
         self._timer = asyncio.get_running_loop().call_later(
-            CLOSE_TIMEOUT, self._closing_timer, _unsent(transport), 1
+            CLOSE_TIMEOUT, self._closing_timer, left, 1
         )
 
     def _message(self, payload: bytes) -> None:
