@@ -24,8 +24,9 @@ from pathlib import Path
 
 from openapi_ui_bundles import swagger_ui
 
+from bench.answers import LARGE_PROJECT
 from core.infra.listener import WRITE_PROGRESS
-from tests.harness import ApiClient, KeptAliveClient, running_gateway, token_for
+from tests.harness import ApiClient, KeptAliveClient, running_gateway, token_for, until
 from tests.servers import UNIT
 
 BUNDLE = Path(swagger_ui.static_path) / "swagger-ui-bundle.js"  # ~1.4 MB, for anyone
@@ -74,7 +75,7 @@ async def _reset_within(sock: socket.socket, seconds: float) -> bool:
 
 
 async def _answer(sock: socket.socket) -> tuple[int, bytes]:
-    """Read one whole answer (status, body) off ``sock``."""
+    """Read one whole answer (status, body) off ``sock`` (and drop what came behind it)."""
     loop = asyncio.get_running_loop()
     data = b""
     while b"\r\n\r\n" not in data:
@@ -83,7 +84,7 @@ async def _answer(sock: socket.socket) -> tuple[int, bytes]:
     length = int(next(line for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")).split(b":")[1])  # fmt: skip
     while len(body) < length:
         body += await asyncio.wait_for(loop.sock_recv(sock, 65536), 5 * UNIT)
-    return int(head.split()[1]), body
+    return int(head.split()[1]), body[:length]
 
 
 def _timeouts(gw: object) -> float:
@@ -151,27 +152,23 @@ async def test_a_slow_reader_that_keeps_reading_gets_every_file_whole():
         assert _timeouts(gw) == 0
 
 
+async def _large_projects(gw: object, count: int = 100) -> str:
+    """Create ``count`` large projects (a page of 100 is ~9.6 MB); an admin's token."""
+    token = token_for(gw, "alice", extra={"role": "admin"})  # type: ignore[arg-type]
+    ada = KeptAliveClient(gw.port, token)  # type: ignore[attr-defined]
+    try:
+        for _ in range(count):
+            status, _, body = await ada.call("POST", "/api/projects", LARGE_PROJECT)
+            assert status == 201, body
+    finally:
+        ada.close()
+    return token
+
+
 async def test_a_kept_alive_rest_client_that_stops_reading_a_large_page_is_reset(clean_db):
     timeout = 0.5 * UNIT
     async with running_gateway(**clean_db, write_timeout=timeout) as gw:
-        token = token_for(gw, "alice", extra={"role": "admin"})
-        # Projects of the largest kind, each character escaped six times over: ~96 KB each.
-        title = "\x01" * 200
-        big = {
-            "name": title,
-            "description": "\x01" * 5000,
-            "owner_email": "ada@example.com",
-            "budget": 1,
-            "starts_on": "2026-01-01",
-            "milestones": [{"title": title, "due": "2026-06-01"}] * 50,
-        }
-        ada = KeptAliveClient(gw.port, token)
-        try:
-            for _ in range(100):
-                status, _, body = await ada.call("POST", "/api/projects", big)
-                assert status == 201, body
-        finally:
-            ada.close()
+        token = await _large_projects(gw)
         loop = asyncio.get_running_loop()
         async with _asking(gw.port, 4096, _get("/api/projects?limit=1", token)) as sock:
             status, body = await _answer(sock)  # read by Tornado; the connection is then adopted
@@ -183,3 +180,59 @@ async def test_a_kept_alive_rest_client_that_stops_reading_a_large_page_is_reset
             assert await _reset_within(sock, 3 * timeout + 1.0 * UNIT)
             assert _timeouts(gw) == 1
             assert gw.server.adopted == 0
+
+
+def _answers_buffered(gw: object) -> float:
+    registry = gw.ctx.metrics.registry  # type: ignore[attr-defined]
+    return registry.get_sample_value("gateway_answer_buffered_bytes") or 0.0
+
+
+async def test_slow_readers_of_large_answers_are_reset_the_largest_first_past_the_budget(
+    clean_db,
+):
+    # An ordinary account (any reader of the projects) asks a ~9.6 MB page on several
+    # connections and takes none of it, within WRITE_TIMEOUT's leave for a slow reader:
+    # each held ~6.6 MB in the process for as long as it liked, 40 of them 313 MB.
+    # ANSWER_BUFFER_TOTAL_BYTES bounds them all: past it the largest are reset.
+    budget = 16 << 20
+    async with running_gateway(
+        **clean_db, write_timeout=60 * UNIT, answer_buffer_total_bytes=budget
+    ) as gw:
+        await _large_projects(gw)
+        reader = token_for(gw, "bob")
+        assert gw.server is not None
+        loop = asyncio.get_running_loop()
+        async with contextlib.AsyncExitStack() as stack:
+            socks = []
+            for kept_alive in (False, True, False, True, False, True):
+                first = "/api/projects?limit=1" if kept_alive else "/api/projects?limit=100"
+                sock = await stack.enter_async_context(_asking(gw.port, 4096, _get(first, reader)))
+                if kept_alive:  # the page on an adopted connection (core/fastrest.py)
+                    status, _ = await _answer(sock)
+                    assert status == 200
+                    await loop.sock_sendall(sock, _get("/api/projects?limit=100", reader))
+                socks.append(sock)
+            # A reader with an ordinary answer, a moment behind, is not among the largest.
+            small = await stack.enter_async_context(
+                _asking(gw.port, 4096, _get("/api/projects?limit=1", reader) * 64)
+            )
+            await until(lambda: sum(map(_reset, socks)) >= 3, 10 * UNIT)
+            await asyncio.sleep(0.3)  # (a check every 0.1 s at most)
+            held = _answers_buffered(gw)
+            assert 0 < held <= budget
+            reset = sum(map(_reset, socks))
+            assert 3 <= reset < len(socks)
+            assert (
+                gw.ctx.metrics.registry.get_sample_value("gateway_answer_budget_resets_total")
+                == reset
+            )
+            assert _timeouts(gw) == 0  # not the deadline: the budget
+            assert not _reset(small)
+            status, body = await _answer(small)
+            assert status == 200 and len(json.loads(body)["items"]) == 1
+            # Everyone else is served as before.
+            anyone = ApiClient(gw.port, reader)
+            try:
+                assert (await anyone.call("GET", "/api/projects?limit=1"))[0] == 200
+            finally:
+                anyone.close()

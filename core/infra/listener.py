@@ -87,6 +87,7 @@ from tornado.httpserver import HTTPServer
 from tornado.ioloop import IOLoop, PeriodicCallback
 from tornado.iostream import IOStream, StreamClosedError, UnsatisfiableReadError
 
+from core.infra.answerbudget import AnswerBudget
 from core.infra.clientip import TrustedProxies, limit_key
 from core.infra.errors import ApiError, PayloadTooLarge, error_body
 from core.infra.httpstream import HTTPStream
@@ -202,6 +203,13 @@ class Listener(HTTPServer):
         #: (monotonic time of its next check, bytes unacknowledged at the last one).
         self._lingering: dict[socket.socket, tuple[float, int]] = {}
         self._log_stalled = ThrottledLog(log)
+        self.answers = AnswerBudget(
+            settings.answer_buffer_total_bytes,
+            self._stalled.keys,
+            self.flowing,  # type: ignore[arg-type]  # (a Writer is Held)
+            metrics.answer_budget_resets,
+        )
+        metrics.answer_buffered.set_function(self.answers.held)
         #: Stream (or adopted connection) -> monotonic time by which its headers
         #: (or its body) must be in.
         self._deadlines: dict[object, float] = {}
@@ -417,6 +425,7 @@ class Listener(HTTPServer):
         """``conn`` holds answer bytes it could not send: from now its client must move on."""
         if conn not in self._stalled:
             self._stalled[conn] = (time.monotonic() + self.write_timeout, conn.taken())
+            self.answers.stalled()
 
     def flowing(self, conn: Writer) -> None:
         """``conn`` sent all it held (or closed): no write deadline."""
@@ -457,6 +466,7 @@ class Listener(HTTPServer):
         now = time.monotonic()
         if self._stalled:
             self._expire_writes(now)
+            self.answers.stalled()  # (an event stream's answer grows while it stalls)
         if self._lingering:
             self._expire_lingering(now)
         late = [stream for stream, deadline in self._deadlines.items() if deadline <= now]

@@ -152,6 +152,18 @@ class Metrics:
             "WRITE_TIMEOUT.",
             registry=r,
         )
+        self.answer_budget_resets = Counter(
+            "gateway_answer_budget_resets",
+            "HTTP connections reset, the largest first, because the answers the process held "
+            "unsent exceeded ANSWER_BUFFER_TOTAL_BYTES.",
+            registry=r,
+        )
+        self.answer_buffered = Gauge(
+            "gateway_answer_buffered_bytes",
+            "Bytes of HTTP answers the process holds that their sockets would not take "
+            "(ANSWER_BUFFER_TOTAL_BYTES bounds it).",
+            registry=r,
+        )
         self.rate_limited = Counter(
             "gateway_rate_limited",
             "Requests and commands refused by a rate limit, by scope.",

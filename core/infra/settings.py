@@ -686,6 +686,14 @@ class Settings:
         "once the process holds bytes it cannot send; slower: the connection is reset.",
         _positive_float,
     )
+    answer_buffer_total_bytes: int = _setting(
+        64 << 20,
+        "ANSWER_BUFFER_TOTAL_BYTES",
+        "Bytes of HTTP answers all connections of a process may hold unsent together (their "
+        "clients read slowly or not at all); past it, the connections holding the most are "
+        "reset first.",
+        _positive_int,
+    )
     max_header_bytes: int = _setting(
         65536,
         "MAX_HEADER_BYTES",
