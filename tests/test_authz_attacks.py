@@ -17,6 +17,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from proto import CloseCode, ErrorCode
 from tests.harness import SECRET, ApiClient, running_gateway, token_for, unique_prefix, ws_client
 from tests.servers import UNIT
+from tests.test_accounts import login
 from tests.test_authz import make_world, new_person
 from tests.test_core_rest import project
 from tests.test_processes import GatewayProcess, start_together
@@ -459,3 +460,76 @@ async def test_a_deployment_that_issues_no_tokens_refuses_logins_with_501(clean_
                 assert (status, answer["error"]["code"]) == (501, "not_implemented"), path
         finally:
             anon.close()
+
+
+async def _blocked_by(watch: asyncpg.Connection, pid: int) -> list[int]:
+    """The backends waiting for a lock that backend ``pid`` holds."""
+    rows = await watch.fetch(
+        "select pid from pg_stat_activity where $1 = any(pg_blocking_pids(pid))", pid
+    )
+    return [r[0] for r in rows]
+
+
+@pytest.mark.timeout(60)
+async def test_a_login_under_way_does_not_outlive_the_account_s_deletion(gw, clean_db):
+    """A login whose session was written while an admin deleted the account (its
+    sessions revoked, then the row deleted) kept a session nobody revoked: its access
+    token read projects and opened sockets until it expired. Here the deletion is held
+    between its two steps by a lock the login does not wait for; without it, six
+    login loops racing 30 deletions kept 36 of 1,073 tokens working."""
+    schema = clean_db["database_schema"]
+    admin = await new_person(gw, clean_db, role="admin")
+    victim = await new_person(gw, clean_db)
+    holder = await asyncpg.connect(clean_db["database_url"])
+    watch = await asyncpg.connect(clean_db["database_url"])
+    root = ApiClient(gw.port, admin.token)
+    anon = ApiClient(gw.port, None)
+    holding = holder.transaction()
+    try:
+        await holding.start()
+        # What a login's foreign key takes too: it blocks a delete, not a login.
+        await holder.execute(
+            f'select 1 from "{schema}".users where id = $1 for key share', victim.id
+        )
+        deleting = asyncio.ensure_future(root.call("DELETE", f"/api/users/{victim.id}"))
+        held = holder.get_server_pid()
+
+        async def deletion_waits() -> bool:
+            return bool(await _blocked_by(watch, held))
+
+        await _until(deletion_waits, "the deletion never waited")
+        (deleter,) = await _blocked_by(watch, held)
+        logging_in = asyncio.ensure_future(login(anon, victim.email, "long enough pw"))
+
+        async def login_done_or_waiting() -> bool:
+            waiting = set(await _blocked_by(watch, held)) | set(await _blocked_by(watch, deleter))
+            return logging_in.done() or bool(waiting - {deleter})
+
+        await _until(login_done_or_waiting, "the login neither ended nor waited")
+        await holding.rollback()
+        assert (await deleting)[0] == 204
+        status, tokens = await logging_in
+        if status == 200:  # written before the deletion took the row: revoked with the rest
+            late = ApiClient(gw.port, tokens["access_token"])
+            try:
+                status, _, body = await late.call("GET", "/api/projects")
+                assert (status, body["error"]["message"]) == (401, "session revoked")
+            finally:
+                late.close()
+            with pytest.raises(InvalidStatus) as refused:
+                async with ws_client(gw.port, tokens["access_token"]):
+                    pass
+            assert refused.value.response.status_code == 401
+        else:  # it waited for the deletion, and found no account
+            assert (status, tokens["error"]["code"]) == (400, "invalid_grant")
+        live = await watch.fetchval(
+            f'select count(*) from "{schema}".auth_sessions where revoked_at is null '
+            "and (user_id is null or user_id = $1)",
+            victim.id,
+        )
+        assert live == 0
+    finally:
+        root.close()
+        anon.close()
+        await holder.close()
+        await watch.close()
