@@ -16,10 +16,12 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from proto import CloseCode, ErrorCode
 from tests.harness import SECRET, ApiClient, running_gateway, token_for, unique_prefix, ws_client
+from tests.hookbackend import HookBackend
 from tests.servers import UNIT
 from tests.test_accounts import login
 from tests.test_authz import make_world, new_person
 from tests.test_core_rest import project
+from tests.test_hooks import _http, cookie_client, hooked
 from tests.test_processes import GatewayProcess, start_together
 
 
@@ -533,3 +535,74 @@ async def test_a_login_under_way_does_not_outlive_the_account_s_deletion(gw, cle
         anon.close()
         await holder.close()
         await watch.close()
+
+
+# -- connections a browser authenticates by its cookies -------------------------------
+
+
+@pytest.fixture(scope="module")
+def backend(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """An application backend whose connect hook admits browsers by session cookie."""
+    started = HookBackend(tmp_path_factory.mktemp("hooks") / "backend.log")
+    yield started
+    started.stop()
+
+
+async def test_a_page_of_another_origin_cannot_connect_as_the_user_by_her_cookie(backend):
+    """With a connect hook that admits by session cookie, a socket handshake from any
+    page carrying the user's cookie (a browser sends it from any page of the same site,
+    from any site for ``SameSite=None``) was admitted as her with ``ALLOWED_ORIGINS=*``,
+    the default: the page read her private pushes and called and published as her.
+    A WebSocket has no CORS; the gateway must check the page's origin itself."""
+    backend.forget()
+    cookie = backend.login("ada")
+    async with running_gateway(**hooked(backend)) as gw:
+        own = f"http://127.0.0.1:{gw.port}"
+        for origin in ("https://evil.example", "http://127.0.0.1:1", "null", "*"):
+            with pytest.raises(InvalidStatus) as refused:
+                async with cookie_client(gw, cookie, Origin=origin):
+                    pass
+            assert refused.value.response.status_code == 403, origin
+            for path in ("/sse?ch=room:1", "/lp"):  # no CORS for them, but no session either
+                method = "POST" if path == "/lp" else "GET"
+                status, body = await _http(gw, method, path, headers={"Cookie": cookie,
+                                                                      "Origin": origin})  # fmt: skip
+                assert (status, body["error"]["code"]) == (403, "forbidden"), (path, origin)
+        assert backend.requests("connect") == []  # refused before the backend is asked
+        # The gateway's own pages (the demo) and clients that are no browser's page.
+        for headers in ({"Origin": own}, {"Origin": own.upper()}, {}):
+            async with cookie_client(gw, cookie, **headers) as c:
+                assert (await c.request("call", method="whoami"))["data"] == {"user": "ada"}
+        # A token proves itself, from any page, as before.
+        async with ws_client(gw.port, token_for(gw, "bob"), origin="https://evil.example") as c:
+            assert (await c.request("sub", ch="room:1"))["ok"]
+    allowed = hooked(backend, allowed_origins=("https://app.example",))
+    async with running_gateway(**allowed) as gw:
+        async with cookie_client(gw, cookie, Origin="https://app.example") as c:
+            assert (await c.request("call", method="whoami"))["data"] == {"user": "ada"}
+
+
+def test_the_gateway_s_own_origin_is_the_one_of_the_host_it_was_asked():
+    from gateway.transport.origins import may_connect_without_token, same_origin
+
+    assert same_origin("https://app.example", "app.example")
+    assert same_origin("https://app.example", "App.Example:443")
+    assert same_origin("http://127.0.0.1:8888", "127.0.0.1:8888")
+    assert same_origin("http://[::1]:8888", "[::1]:8888")
+    for origin, host in [
+        ("https://app.example", "app.example:8443"),
+        ("http://app.example", "app.example:443"),
+        ("https://evil.example", "app.example"),
+        ("https://app.example.evil.example", "app.example"),
+        ("https://user@app.example", "app.example"),
+        ("ftp://app.example", "app.example"),
+        ("null", "null"),
+        ("app.example", "app.example"),
+        ("http://[::1", "[::1"),
+        ("https://app.example", None),
+    ]:
+        assert not same_origin(origin, host), (origin, host)
+    assert may_connect_without_token(None, "app.example", ())  # no browser's page
+    assert may_connect_without_token("https://b.example", "a.example", ("https://b.example",))
+    assert not may_connect_without_token("https://b.example", "a.example", ("*",))
+    assert not may_connect_without_token("*", "a.example", ("*",))
