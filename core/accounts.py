@@ -311,12 +311,15 @@ class Accounts:
             await self._pool.execute(_REHASH, user_id, await self._passwords.hash(password, who))
         user_agent = (req.header("user-agent") or "")[:256]
         refresh = new_refresh_token()
-        async with self._pool.acquire() as conn, conn.transaction():
-            sid = await conn.fetchval(
-                _NEW_SESSION, user_id, self._settings.session_ttl, user_agent, req.client
-            )
-            await conn.execute(_NEW_REFRESH, refresh_hash(refresh), sid)
-            ended = await conn.fetch(_END_OLDEST, user_id, MAX_SESSIONS)
+        try:
+            async with self._pool.acquire() as conn, conn.transaction():
+                sid = await conn.fetchval(
+                    _NEW_SESSION, user_id, self._settings.session_ttl, user_agent, req.client
+                )
+                await conn.execute(_NEW_REFRESH, refresh_hash(refresh), sid)
+                ended = await conn.fetch(_END_OLDEST, user_id, MAX_SESSIONS)
+        except asyncpg.ForeignKeyViolationError:  # the account was deleted meanwhile
+            raise _invalid_grant("wrong e-mail or password") from None
         if ended:
             await self._revoker.revoke([r[0] for r in ended])
         return self._tokens(user_id, role, sid, refresh, row["display_name"])

@@ -61,6 +61,11 @@ _REVOKE_SESSIONS = """
 update auth_sessions set revoked_at = now(), revoked_reason = 'account_deleted'
 where user_id = $1 and revoked_at is null returning id::text
 """
+#: Taken first: a login's new session (its foreign key locks the row FOR KEY SHARE) then
+#: either committed before, and is revoked below, or waits and finds no user. Revoking
+#: first and deleting after let every login that inserted between the two keep a live
+#: session of a deleted account (its access token worked until it expired).
+_LOCK_USER = "select id from users where id = $1 for update"
 _DELETE = "delete from users where id = $1 returning id"
 _TAKEN = "this e-mail address cannot be used"
 ITEM = "/api/users/{id}"
@@ -145,8 +150,9 @@ class Users:
     async def delete(self, req: Request) -> Response:
         id = _id(req)
         async with self._pool.acquire() as conn, conn.transaction():
-            sids = [r[0] for r in await conn.fetch(_REVOKE_SESSIONS, id)]
-            if await conn.fetchval(_DELETE, id) is None:
+            if await conn.fetchval(_LOCK_USER, id) is None:
                 raise NotFound("no such user")
+            sids = [r[0] for r in await conn.fetch(_REVOKE_SESSIONS, id)]
+            await conn.execute(_DELETE, id)
         await self._revoker.revoke(sids)
         return Response(204)

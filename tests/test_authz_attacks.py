@@ -16,9 +16,12 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from proto import CloseCode, ErrorCode
 from tests.harness import SECRET, ApiClient, running_gateway, token_for, unique_prefix, ws_client
+from tests.hookbackend import HookBackend
 from tests.servers import UNIT
+from tests.test_accounts import login
 from tests.test_authz import make_world, new_person
 from tests.test_core_rest import project
+from tests.test_hooks import _http, cookie_client, hooked
 from tests.test_processes import GatewayProcess, start_together
 
 
@@ -459,3 +462,147 @@ async def test_a_deployment_that_issues_no_tokens_refuses_logins_with_501(clean_
                 assert (status, answer["error"]["code"]) == (501, "not_implemented"), path
         finally:
             anon.close()
+
+
+async def _blocked_by(watch: asyncpg.Connection, pid: int) -> list[int]:
+    """The backends waiting for a lock that backend ``pid`` holds."""
+    rows = await watch.fetch(
+        "select pid from pg_stat_activity where $1 = any(pg_blocking_pids(pid))", pid
+    )
+    return [r[0] for r in rows]
+
+
+@pytest.mark.timeout(60)
+async def test_a_login_under_way_does_not_outlive_the_account_s_deletion(gw, clean_db):
+    """A login whose session was written while an admin deleted the account (its
+    sessions revoked, then the row deleted) kept a session nobody revoked: its access
+    token read projects and opened sockets until it expired. Here the deletion is held
+    between its two steps by a lock the login does not wait for; without it, six
+    login loops racing 30 deletions kept 36 of 1,073 tokens working."""
+    schema = clean_db["database_schema"]
+    admin = await new_person(gw, clean_db, role="admin")
+    victim = await new_person(gw, clean_db)
+    holder = await asyncpg.connect(clean_db["database_url"])
+    watch = await asyncpg.connect(clean_db["database_url"])
+    root = ApiClient(gw.port, admin.token)
+    anon = ApiClient(gw.port, None)
+    holding = holder.transaction()
+    try:
+        await holding.start()
+        # What a login's foreign key takes too: it blocks a delete, not a login.
+        await holder.execute(
+            f'select 1 from "{schema}".users where id = $1 for key share', victim.id
+        )
+        deleting = asyncio.ensure_future(root.call("DELETE", f"/api/users/{victim.id}"))
+        held = holder.get_server_pid()
+
+        async def deletion_waits() -> bool:
+            return bool(await _blocked_by(watch, held))
+
+        await _until(deletion_waits, "the deletion never waited")
+        (deleter,) = await _blocked_by(watch, held)
+        logging_in = asyncio.ensure_future(login(anon, victim.email, "long enough pw"))
+
+        async def login_done_or_waiting() -> bool:
+            waiting = set(await _blocked_by(watch, held)) | set(await _blocked_by(watch, deleter))
+            return logging_in.done() or bool(waiting - {deleter})
+
+        await _until(login_done_or_waiting, "the login neither ended nor waited")
+        await holding.rollback()
+        assert (await deleting)[0] == 204
+        status, tokens = await logging_in
+        if status == 200:  # written before the deletion took the row: revoked with the rest
+            late = ApiClient(gw.port, tokens["access_token"])
+            try:
+                status, _, body = await late.call("GET", "/api/projects")
+                assert (status, body["error"]["message"]) == (401, "session revoked")
+            finally:
+                late.close()
+            with pytest.raises(InvalidStatus) as refused:
+                async with ws_client(gw.port, tokens["access_token"]):
+                    pass
+            assert refused.value.response.status_code == 401
+        else:  # it waited for the deletion, and found no account
+            assert (status, tokens["error"]["code"]) == (400, "invalid_grant")
+        live = await watch.fetchval(
+            f'select count(*) from "{schema}".auth_sessions where revoked_at is null '
+            "and (user_id is null or user_id = $1)",
+            victim.id,
+        )
+        assert live == 0
+    finally:
+        root.close()
+        anon.close()
+        await holder.close()
+        await watch.close()
+
+
+# -- connections a browser authenticates by its cookies -------------------------------
+
+
+@pytest.fixture(scope="module")
+def backend(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """An application backend whose connect hook admits browsers by session cookie."""
+    started = HookBackend(tmp_path_factory.mktemp("hooks") / "backend.log")
+    yield started
+    started.stop()
+
+
+async def test_a_page_of_another_origin_cannot_connect_as_the_user_by_her_cookie(backend):
+    """With a connect hook that admits by session cookie, a socket handshake from any
+    page carrying the user's cookie (a browser sends it from any page of the same site,
+    from any site for ``SameSite=None``) was admitted as her with ``ALLOWED_ORIGINS=*``,
+    the default: the page read her private pushes and called and published as her.
+    A WebSocket has no CORS; the gateway must check the page's origin itself."""
+    backend.forget()
+    cookie = backend.login("ada")
+    async with running_gateway(**hooked(backend)) as gw:
+        own = f"http://127.0.0.1:{gw.port}"
+        for origin in ("https://evil.example", "http://127.0.0.1:1", "null", "*"):
+            with pytest.raises(InvalidStatus) as refused:
+                async with cookie_client(gw, cookie, Origin=origin):
+                    pass
+            assert refused.value.response.status_code == 403, origin
+            for path in ("/sse?ch=room:1", "/lp"):  # no CORS for them, but no session either
+                method = "POST" if path == "/lp" else "GET"
+                status, body = await _http(gw, method, path, headers={"Cookie": cookie,
+                                                                      "Origin": origin})  # fmt: skip
+                assert (status, body["error"]["code"]) == (403, "forbidden"), (path, origin)
+        assert backend.requests("connect") == []  # refused before the backend is asked
+        # The gateway's own pages (the demo) and clients that are no browser's page.
+        for headers in ({"Origin": own}, {"Origin": own.upper()}, {}):
+            async with cookie_client(gw, cookie, **headers) as c:
+                assert (await c.request("call", method="whoami"))["data"] == {"user": "ada"}
+        # A token proves itself, from any page, as before.
+        async with ws_client(gw.port, token_for(gw, "bob"), origin="https://evil.example") as c:
+            assert (await c.request("sub", ch="room:1"))["ok"]
+    allowed = hooked(backend, allowed_origins=("https://app.example",))
+    async with running_gateway(**allowed) as gw:
+        async with cookie_client(gw, cookie, Origin="https://app.example") as c:
+            assert (await c.request("call", method="whoami"))["data"] == {"user": "ada"}
+
+
+def test_the_gateway_s_own_origin_is_the_one_of_the_host_it_was_asked():
+    from gateway.transport.origins import may_connect_without_token, same_origin
+
+    assert same_origin("https://app.example", "app.example")
+    assert same_origin("https://app.example", "App.Example:443")
+    assert same_origin("http://127.0.0.1:8888", "127.0.0.1:8888")
+    assert same_origin("http://[::1]:8888", "[::1]:8888")
+    for origin, host in [
+        ("https://app.example", "app.example:8443"),
+        ("http://app.example", "app.example:443"),
+        ("https://evil.example", "app.example"),
+        ("https://app.example.evil.example", "app.example"),
+        ("https://user@app.example", "app.example"),
+        ("ftp://app.example", "app.example"),
+        ("null", "null"),
+        ("app.example", "app.example"),
+        ("http://[::1", "[::1"),
+        ("https://app.example", None),
+    ]:
+        assert not same_origin(origin, host), (origin, host)
+    assert may_connect_without_token(None, "app.example", ())  # no browser's page
+    assert may_connect_without_token("https://b.example", "a.example", ("https://b.example",))
+    assert not may_connect_without_token("https://b.example", "a.example", ("*",))
+    assert not may_connect_without_token("*", "a.example", ("*",))

@@ -449,6 +449,38 @@ async def test_a_browser_without_a_token_is_admitted_by_its_cookie(chromium, tmp
     assert page.errors == []
 
 
+ANOTHER_PAGE_JS = """async ([port]) => {
+  const got = [];
+  const ws = new WebSocket(`ws://127.0.0.1:${port}/ws`, ["gw.v1.json"]);
+  ws.onmessage = (e) => got.push(JSON.parse(e.data));
+  const opened = await new Promise((resolve) => { ws.onopen = () => resolve(true); ws.onerror = () => resolve(false); });
+  if (opened) while (!got.some((m) => m.op === "msg")) await new Promise((r) => setTimeout(r, 10));
+  return { opened, got };
+}"""
+
+
+async def test_a_page_of_another_origin_cannot_open_a_socket_with_the_user_s_cookie(
+    chromium, tmp_path
+):
+    """Cross-site WebSocket hijacking: a page of another origin of the same site (here
+    the application's own, another port) opened a socket to the gateway; Chromium sent
+    the user's SameSite=Lax session cookie with it, the connect hook admitted her, and
+    the page read her private pushes (`ALLOWED_ORIGINS=*`, the default)."""
+    backend = HookBackend(tmp_path / "backend.log")
+    try:
+        async with running_gateway(**hooked(backend)) as gw, browser(chromium) as b:
+            page = await Page.open(b, backend.url("/login?user=ada"))  # not the gateway's origin
+            run = asyncio.create_task(page.page.evaluate(ANOTHER_PAGE_JS, [gw.port]))
+            await until(lambda: gw.hub.subscriber_count("user:ada") == 1 or run.done())
+            await gw.ctx.node.publish("user:ada", b'{"note":"for ada only"}')
+            out = await run
+        asked = backend.requests("connect")
+    finally:
+        backend.stop()
+    assert out == {"opened": False, "got": []}
+    assert asked == []  # refused before the application's backend was asked
+
+
 HOOKED_HISTORY_JS = """async ([kind]) => {
   const { Gateway } = await import("/client/gateway.js");
   const gw = new Gateway(location.origin, { tokenless: true, transports: [kind], minDelay: 50, maxDelay: 200 });

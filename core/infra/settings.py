@@ -804,7 +804,12 @@ class Settings:
         _positive_int,
     )
     allowed_origins: tuple[str, ...] = _setting(
-        ("*",), "ALLOWED_ORIGINS", "Origins allowed to open sockets (comma list, * for any).", _list
+        ("*",),
+        "ALLOWED_ORIGINS",
+        "Origins allowed to open sockets (comma list, * for any). A connection without a "
+        "token (admitted by its cookies through the connect hook) only from one listed here "
+        "or the gateway's own origin (its Host): * does not count for it.",
+        _list,
     )
     cors_origins: tuple[str, ...] = _setting(
         (),

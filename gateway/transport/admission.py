@@ -26,6 +26,7 @@ from core.infra.throttled import ThrottledLog
 from gateway.context import Context
 from gateway.hooks.connect import admit as hook_admit
 from gateway.hooks.connect import new_client_id
+from gateway.transport.origins import may_connect_without_token
 from proto import JSON_CODEC
 
 __all__ = [
@@ -37,6 +38,7 @@ __all__ = [
     "admits_at_once",
     "hooked_admission",
     "refuse_crowded",
+    "refuse_foreign_page",
     "refuse_full",
 ]
 
@@ -203,6 +205,20 @@ def refuse_blocked(ctx: Context, identity: Identity) -> Identity:
     )
 
 
+def refuse_foreign_page(ctx: Context, headers: HTTPHeaders) -> None:
+    """403 for a request without a token from a page the browser would let act as its user
+    by its cookies alone (gateway/transport/origins.py), before the connect hook is asked."""
+    origin = headers.get("Origin")
+    if may_connect_without_token(origin, headers.get("Host"), ctx.settings.allowed_origins):
+        return
+    ctx.metrics.handshake_failures.labels("origin").inc()
+    shown = (origin or "")[:100]
+    log.info("connection without a token refused from origin %r", shown)
+    raise ApiError(403, "forbidden",
+                   f"origin {shown} may not connect without a token (ALLOWED_ORIGINS)",
+                   headers={"Vary": "Origin"})  # fmt: skip
+
+
 def hooked_admission(ctx: Context) -> bool:
     """Whether new connections go through the connect hook."""
     return ctx.hooks is not None and ctx.hooks.connect is not None
@@ -222,6 +238,8 @@ async def admit_hooked(
     Raises `gateway.hooks.connect.Disconnected` when the hook ends the connection at once.
     """
     assert ctx.hooks is not None
+    if identity is None:
+        refuse_foreign_page(ctx, headers)
     admitted = await hook_admit(
         ctx.hooks,
         identity,
