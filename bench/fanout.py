@@ -78,6 +78,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import resource
 import shutil
 import socket
@@ -708,7 +709,9 @@ def kernel_floor(n: int) -> dict[str, Any] | None:
         done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=600,
                               check=True)  # fmt: skip
     except subprocess.SubprocessError as exc:
-        tail = (getattr(exc, "stderr", None) or "").strip().splitlines()[-3:]
+        # The last line of each traceback (the client process's, then its parent's).
+        tail = [line for line in (getattr(exc, "stderr", None) or "").splitlines()
+                if re.match(r"\w+(Error|Exception)\b", line)]  # fmt: skip
         print(f"kernel floor for {n:,} sockets not measured: {exc}", *tail, sep="\n  ",
               file=sys.stderr)  # fmt: skip
         return None
