@@ -21,13 +21,18 @@ sender was descheduled shows it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
 import select
+import signal
 import socket
 import statistics
 import time
+import traceback
+from collections.abc import Callable
+from typing import NoReturn
 
 __all__ = ["measure"]
 
@@ -37,6 +42,8 @@ __all__ = ["measure"]
 #: machine; the client side of a connection whose last ACK was dropped there believes it
 #: is open, and the parent waited in accept() for good.
 BATCH = 1000
+#: Seconds between looks at whether the client process still lives, while accepting.
+_ACCEPT_CHECK = 1.0
 
 
 def _connect(address: tuple[str, int], n: int, ctl: socket.socket) -> list[socket.socket]:
@@ -50,15 +57,47 @@ def _connect(address: tuple[str, int], n: int, ctl: socket.socket) -> list[socke
     return clients
 
 
-def _accept(listener: socket.socket, n: int, ctl: socket.socket) -> list[socket.socket]:
-    """The server sides of `_connect`'s connections, a batch at a time."""
+def _accept(listener: socket.socket, n: int, ctl: socket.socket, child: int) -> list[socket.socket]:
+    """The server sides of `_connect`'s connections, a batch at a time.
+
+    Raises RuntimeError, with the connections accepted so far closed, if the client
+    process ``child`` ends before it has opened them all: a connect that failed there
+    (its traceback is on stderr) left this process waiting in accept() for good.
+    """
     servers: list[socket.socket] = []
-    while len(servers) < n:
-        servers += [listener.accept()[0] for _ in range(min(BATCH, n - len(servers)))]
-        if ctl.recv(1) != b"c":
-            raise RuntimeError("the client process stopped connecting")
-        ctl.sendall(b"a")
+    listener.settimeout(_ACCEPT_CHECK)  # (the sockets accepted are blocking all the same)
+    try:
+        while len(servers) < n:
+            batch = min(BATCH, n - len(servers))
+            while batch:
+                try:
+                    servers.append(listener.accept()[0])
+                    batch -= 1
+                except TimeoutError:
+                    if os.waitpid(child, os.WNOHANG)[0]:
+                        raise RuntimeError(
+                            f"the client process ended after {len(servers):,} connections"
+                        ) from None
+            if ctl.recv(1) != b"c":
+                raise RuntimeError("the client process stopped connecting")
+            ctl.sendall(b"a")
+    except BaseException:
+        for s in servers:
+            s.close()
+        raise
     return servers
+
+
+def _child(target: Callable[[tuple[str, int], int, socket.socket], None],
+           address: tuple[str, int], n: int, ctl: socket.socket) -> NoReturn:  # fmt: skip
+    """The forked client process: ``target``, then exit, whatever happens (an exception
+    must not go on in a copy of the caller: its stack, a test runner's too)."""
+    try:
+        target(address, n, ctl)
+    except BaseException:
+        traceback.print_exc()
+        os._exit(1)
+    os._exit(0)
 
 
 def _hold_clients(address: tuple[str, int], n: int, ctl: socket.socket) -> None:
@@ -114,9 +153,18 @@ def measure(n: int, rounds: int = 5, live: bool = False) -> tuple[float, float]:
     pid = os.fork()
     if pid == 0:
         listener.close()
-        (_read_always if live else _hold_clients)(address, n, child_ctl)
+        _child(_read_always if live else _hold_clients, address, n, child_ctl)
     child_ctl.close()
-    servers = _accept(listener, n, ctl)
+    try:
+        servers = _accept(listener, n, ctl, pid)
+    except BaseException:
+        with contextlib.suppress(ChildProcessError):  # (raised when `_accept` reaped it)
+            if not os.waitpid(pid, os.WNOHANG)[0]:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+        ctl.close()
+        listener.close()
+        raise
     assert ctl.recv(1) == b"r"
     try:
         frame = b"\x81\x3a" + b"x" * 58
