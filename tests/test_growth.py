@@ -20,6 +20,7 @@ import asyncio
 import gc
 import tracemalloc
 
+from core.infra.broker import MemoryBroker
 from tests.harness import running_gateway
 from tests.servers import UNIT
 
@@ -74,3 +75,26 @@ async def test_long_header_names_from_a_client_with_no_token_are_not_kept() -> N
     assert statuses == [200] * 300 + [401] * 300
     # 600 names of 20 KB were sent (12 MB); before, ~24 MB of them were kept
     assert kept < 3_000_000, f"{kept:,} bytes kept after 600 requests"
+
+
+async def test_the_memory_broker_forgets_expired_histories_nobody_uses_again() -> None:
+    broker = MemoryBroker()
+    await broker.start(lambda ch, data, position: None)
+    ttl = 0.2 * UNIT
+    tracemalloc.start()
+    try:
+        gc.collect()
+        before = tracemalloc.get_traced_memory()[0]
+        for i in range(1000):  # a project's channel each, written once (50 MB)
+            data = b'"%d%s"' % (i, b"x" * 50_000)
+            await broker.publish_history(f"projects:{i}", data, 100, ttl)
+        await asyncio.sleep(2 * ttl)
+        await broker.publish_history("projects:next", b"1", 100, ttl)
+        gc.collect()
+        kept = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+        await broker.close()
+    assert await broker.history("projects:0", 0, 100) == ([], None)
+    # before, all 50 MB stayed until each channel was used again
+    assert kept < 1_000_000, f"{kept:,} bytes kept after the histories expired"
