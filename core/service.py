@@ -49,13 +49,18 @@ _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 
 
 def api_routes(
-    pool: asyncpg.Pool, events: Events, accounts: Accounts, keys: ApiKeys, revoker: Revoker
+    pool: asyncpg.Pool,
+    events: Events,
+    accounts: Accounts,
+    keys: ApiKeys,
+    revoker: Revoker,
+    max_projects_per_user: int = 0,
 ) -> tuple[Route, ...]:
     """The core's route table."""
     return (
         *accounts.routes(),
         *keys.routes(),
-        *Projects(pool, events).routes(),
+        *Projects(pool, events, max_projects_per_user).routes(),
         *Users(pool, events, revoker).routes(),
     )
 
@@ -131,7 +136,10 @@ class Core:
         self.api_keys = ApiKeys(
             db.pool, api_keys, publisher, settings.core_channels, on_key_revoked, store
         )
-        self.routes = api_routes(db.pool, self.events, self.accounts, self.api_keys, revocations)
+        self.routes = api_routes(
+            db.pool, self.events, self.accounts, self.api_keys, revocations,
+            settings.max_projects_per_user,
+        )  # fmt: skip
         self.router = Router(self.routes)
         self._upkeep = [
             asyncio.ensure_future(self._every(600.0, self._purge)),

@@ -19,10 +19,12 @@ from __future__ import annotations
 import asyncio
 import gc
 import tracemalloc
+from typing import Any
 
 from core.infra.broker import MemoryBroker
-from tests.harness import running_gateway
+from tests.harness import ApiClient, running_gateway
 from tests.servers import UNIT
+from tests.test_authz import new_person
 
 #: A header name no client needs, distinct per request.
 NAME_BYTES = 20_000
@@ -98,3 +100,39 @@ async def test_the_memory_broker_forgets_expired_histories_nobody_uses_again() -
     assert await broker.history("projects:0", 0, 100) == ([], None)
     # before, all 50 MB stayed until each channel was used again
     assert kept < 1_000_000, f"{kept:,} bytes kept after the histories expired"
+
+
+def _project(email: str) -> dict[str, Any]:
+    return {"name": "Mine", "owner_email": email, "budget": 1, "starts_on": "2026-01-01"}
+
+
+async def test_a_user_owns_at_most_max_projects_per_user_and_no_one_else_pays_for_it(
+    clean_db: dict[str, str],
+) -> None:
+    async with running_gateway(**clean_db, max_projects_per_user=3, rate_login_ip=None) as gw:
+        ada, bob = await new_person(gw, clean_db), await new_person(gw, clean_db)
+        admin = await new_person(gw, clean_db, "admin")
+        as_ada, as_bob, as_admin = (ApiClient(gw.port, p.token) for p in (ada, bob, admin))
+        try:
+            created = []
+            for _ in range(4):
+                status, _, body = await as_ada.call("POST", "/api/projects", _project(ada.email))
+                created.append((status, body.get("id") or body["error"]["code"]))
+            assert [s for s, _ in created] == [201, 201, 201, 409], created
+            assert created[3][1] == "limit_reached"
+            # another user, and an admin creating for Ada, are not held back by her projects
+            status, _, _ = await as_bob.call("POST", "/api/projects", _project(bob.email))
+            assert status == 201
+            status, _, _ = await as_admin.call("POST", "/api/projects", _project(ada.email))
+            assert status == 201
+            # Ada owns 4 now: deleting one leaves her at the limit, deleting two under it
+            for _, id in created[:2]:
+                status, _, _ = await as_ada.call("DELETE", f"/api/projects/{id}")
+                assert status == 204
+            status, _, body = await as_ada.call("POST", "/api/projects", _project(ada.email))
+            assert status == 201, body
+            status, _, body = await as_ada.call("POST", "/api/projects", _project(ada.email))
+            assert (status, body["error"]["code"]) == (409, "limit_reached")
+        finally:
+            for api in (as_ada, as_bob, as_admin):
+                api.close()
