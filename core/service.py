@@ -46,6 +46,10 @@ __all__ = ["Core", "CoreUnavailable", "api_routes", "offline_routes"]
 log = logging.getLogger("core")
 
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+#: A request counts against ``RATE_REST`` once more for each this many bytes of its body:
+#: what one caller may write a second (and the change events and history it makes) is
+#: bounded in bytes, not only in requests.
+REST_COST_BYTES = 8192
 
 
 def api_routes(
@@ -237,7 +241,10 @@ class Core:
                 assert route.access is not None  # the Router refuses routes without a rule
                 check(route.access, caller, req.params)
                 wait = await over_limit(
-                    self.limiter, f"rest:{principal(caller)}", self.settings.rate_rest
+                    self.limiter,
+                    f"rest:{principal(caller)}",
+                    self.settings.rate_rest,
+                    1 + len(req.body) // REST_COST_BYTES,
                 )
                 if wait is not None:
                     raise TooManyRequests(wait)

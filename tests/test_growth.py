@@ -22,6 +22,7 @@ import tracemalloc
 from typing import Any
 
 from core.infra.broker import MemoryBroker
+from core.infra.rate import Rate
 from tests.harness import ApiClient, running_gateway
 from tests.servers import UNIT
 from tests.test_authz import new_person
@@ -136,3 +137,23 @@ async def test_a_user_owns_at_most_max_projects_per_user_and_no_one_else_pays_fo
         finally:
             for api in (as_ada, as_bob, as_admin):
                 api.close()
+
+
+async def test_large_writes_spend_the_rest_allowance_by_their_size(
+    clean_db: dict[str, str],
+) -> None:
+    async with running_gateway(**clean_db, rate_rest=Rate(40, 60.0), rate_login_ip=None) as gw:
+        ada = await new_person(gw, clean_db)
+        as_ada = ApiClient(gw.port, ada.token)
+        try:
+            # 30 KB of JSON (each control character is 6 bytes escaped): 4 requests' worth
+            big = {**_project(ada.email), "description": "\x01" * 5000}
+            statuses = []
+            for _ in range(12):
+                status, _, _ = await as_ada.call("POST", "/api/projects", big)
+                statuses.append(status)
+        finally:
+            as_ada.close()
+    # before, all 12 were written (and 4 times as many such bytes a minute reached
+    # the table, the outbox and every history channel of them)
+    assert statuses == [201] * 10 + [429] * 2
