@@ -70,7 +70,7 @@ def _normalize_header(name: str) -> str:
 
 
 # Tornado's HTTPHeaders looks the function up in its module at each call.
-httputil._normalize_header = _normalize_header
+setattr(httputil, "_normalize_header", _normalize_header)  # noqa: B010 (its type is an LRU wrapper)
 
 
 def parse_head(data: bytes, end: int) -> tuple[httputil.RequestStartLine, httputil.HTTPHeaders]:
