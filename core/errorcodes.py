@@ -83,6 +83,11 @@ ERRORS: Final[dict[str, ErrorDoc]] = {
         "A unique value (an e-mail address) is already in use.",
         "this e-mail address cannot be used",
     ),
+    "limit_reached": ErrorDoc(
+        409,
+        "A user creating a project owns `MAX_PROJECTS_PER_USER` (1000) already: delete one first.",
+        "you own 1000 projects, the most a user may: delete one",
+    ),
     "idempotency_in_progress": ErrorDoc(
         409,
         "The first request with this `Idempotency-Key` is still running.",

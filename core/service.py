@@ -46,16 +46,25 @@ __all__ = ["Core", "CoreUnavailable", "api_routes", "offline_routes"]
 log = logging.getLogger("core")
 
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+#: A request counts against ``RATE_REST`` once more for each this many bytes of its body:
+#: what one caller may write a second (and the change events and history it makes) is
+#: bounded in bytes, not only in requests.
+REST_COST_BYTES = 8192
 
 
 def api_routes(
-    pool: asyncpg.Pool, events: Events, accounts: Accounts, keys: ApiKeys, revoker: Revoker
+    pool: asyncpg.Pool,
+    events: Events,
+    accounts: Accounts,
+    keys: ApiKeys,
+    revoker: Revoker,
+    max_projects_per_user: int = 0,
 ) -> tuple[Route, ...]:
     """The core's route table."""
     return (
         *accounts.routes(),
         *keys.routes(),
-        *Projects(pool, events).routes(),
+        *Projects(pool, events, max_projects_per_user).routes(),
         *Users(pool, events, revoker).routes(),
     )
 
@@ -131,7 +140,10 @@ class Core:
         self.api_keys = ApiKeys(
             db.pool, api_keys, publisher, settings.core_channels, on_key_revoked, store
         )
-        self.routes = api_routes(db.pool, self.events, self.accounts, self.api_keys, revocations)
+        self.routes = api_routes(
+            db.pool, self.events, self.accounts, self.api_keys, revocations,
+            settings.max_projects_per_user,
+        )  # fmt: skip
         self.router = Router(self.routes)
         self._upkeep = [
             asyncio.ensure_future(self._every(600.0, self._purge)),
@@ -229,7 +241,10 @@ class Core:
                 assert route.access is not None  # the Router refuses routes without a rule
                 check(route.access, caller, req.params)
                 wait = await over_limit(
-                    self.limiter, f"rest:{principal(caller)}", self.settings.rate_rest
+                    self.limiter,
+                    f"rest:{principal(caller)}",
+                    self.settings.rate_rest,
+                    1 + len(req.body) // REST_COST_BYTES,
                 )
                 if wait is not None:
                     raise TooManyRequests(wait)

@@ -146,11 +146,16 @@ class LocalLimit:
         return decision
 
 
-async def over_limit(limiter: RateLimiter, key: str, rate: Rate | None) -> float | None:
-    """Seconds ``key`` must wait when over ``rate``; None when allowed (or no limit)."""
+async def over_limit(
+    limiter: RateLimiter, key: str, rate: Rate | None, cost: int = 1
+) -> float | None:
+    """Seconds ``key`` must wait when over ``rate``; None when allowed (or no limit).
+
+    ``cost``: requests this one counts as (at most the rate's whole allowance).
+    """
     if rate is None:
         return None
-    decision = await limiter.hit(key, *rate)
+    decision = await limiter.hit(key, *rate, cost=max(1, min(cost, rate.limit)))
     return None if decision.allowed else decision.retry_after
 
 

@@ -23,6 +23,15 @@ heads). Anything else — another method or version, a byte outside printable
 ASCII, a repeated header, an odd ``Host`` — is Tornado's to parse and
 judge, exactly as before: `parse_head` then calls Tornado's own functions
 and raises its `HTTPInputError` for a head it refuses.
+
+Header names are spelled (``Http-Header-Case``) from a memory of the names
+met, here and in Tornado (`tornado.httputil._normalize_header`, an LRU of
+1,000 names). A name can be as long as ``MAX_HEADER_BYTES``, so both
+remember only names of at most `REMEMBERED_NAME` characters (the longest
+header a browser sends has 30): before, 1,000 requests from a client with no
+token, each with one made-up 60 KB name, left ~90 MB in a process for good
+(this module's memory) and ~120 MB more until other names pushed them out
+(Tornado's); longer names are spelled each time, as Tornado spells them.
 """
 
 from __future__ import annotations
@@ -31,7 +40,7 @@ import re
 
 from tornado import httputil
 
-__all__ = ["MAX_QUERY_FIELDS", "parse_head", "within"]
+__all__ = ["MAX_QUERY_FIELDS", "REMEMBERED_NAME", "parse_head", "within"]
 
 #: Query fields past which `_plain` leaves the head to Tornado (its limit is larger).
 MAX_QUERY_FIELDS = 64
@@ -43,6 +52,25 @@ _WHITESPACE = " \t"
 #: Valid header names met, as Tornado normalizes them (``Http-Header-Case``).
 _NAMES: dict[str, str] = {}
 _MAX_NAMES = 512
+#: The longest header name remembered, here and by Tornado (see the module's doc).
+REMEMBERED_NAME = 64
+
+
+def _spelled(name: str) -> str:
+    """``name`` in ``Http-Header-Case``, as Tornado spells it."""
+    return "-".join(w.capitalize() for w in name.split("-"))
+
+
+_tornado_spelling = httputil._normalize_header  # its LRU of 1,000 names
+
+
+def _normalize_header(name: str) -> str:
+    """Tornado's spelling of a header name, remembered only for names of a header's length."""
+    return _tornado_spelling(name) if len(name) <= REMEMBERED_NAME else _spelled(name)
+
+
+# Tornado's HTTPHeaders looks the function up in its module at each call.
+setattr(httputil, "_normalize_header", _normalize_header)  # noqa: B010 (its type is an LRU wrapper)
 
 
 def parse_head(data: bytes, end: int) -> tuple[httputil.RequestStartLine, httputil.HTTPHeaders]:
@@ -107,8 +135,8 @@ def _plain(data: bytes, end: int) -> tuple[httputil.RequestStartLine, httputil.H
         if name is None:
             if not _TOKEN.fullmatch(raw):
                 return None
-            name = "-".join(w.capitalize() for w in raw.split("-"))
-            if len(_NAMES) < _MAX_NAMES:
+            name = _spelled(raw)
+            if len(_NAMES) < _MAX_NAMES and len(raw) <= REMEMBERED_NAME:
                 _NAMES[raw] = name
         if name in seen:
             return None  # Tornado joins repeated values

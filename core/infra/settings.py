@@ -485,6 +485,13 @@ class Settings:
     max_body_bytes: int = _setting(
         1048576, "MAX_BODY_BYTES", "Largest REST request body (larger: 413).", _positive_int
     )
+    max_projects_per_user: int = _setting(
+        1000,
+        "MAX_PROJECTS_PER_USER",
+        "Projects a user may own; creating another is 409 limit_reached (admins and API keys "
+        "create without a limit; 0: no limit).",
+        _non_negative_int,
+    )
     idempotency_ttl: float = _setting(
         86400.0,
         "IDEMPOTENCY_TTL",

@@ -116,9 +116,13 @@ class MemoryBroker(Broker):
         self, ch: str, data: bytes, size: int, ttl: float, call: str | None = None
     ) -> Position:
         now = time.monotonic()
+        self._expire(now)
         history = self._live(ch, now)
         if history is None or history.entries.maxlen != size:
-            history = self._histories[ch] = _History(size)
+            history = _History(size)
+        else:
+            del self._histories[ch]  # to the end: the dict is in order of last publication
+        self._histories[ch] = history
         if call is not None:
             for seen, offset in history.calls:
                 if seen == call:  # this very call, made again: it ran
@@ -221,6 +225,18 @@ class MemoryBroker(Broker):
 
     async def read_events(self, after: str, limit: int) -> list[tuple[str, bytes]]:
         return self._events.read(after, limit)
+
+    def _expire(self, now: float) -> None:
+        """Forget the histories expired by ``now``, oldest publication first: a channel
+        nobody publishes on or reads again is forgotten all the same (with one TTL for
+        all, as the gateway's policy has, every expired one; a history kept longer
+        holds back only those published before it)."""
+        histories = self._histories
+        while histories:
+            ch = next(iter(histories))
+            if histories[ch].expires > now:
+                return
+            del histories[ch]
 
     def _live(self, ch: str, now: float) -> _History | None:
         history = self._histories.get(ch)
