@@ -39,7 +39,15 @@ from core.db import Queryable
 from core.infra.errors import ApiError, NotFound
 from core.request import Caller
 
-__all__ = ["Access", "check", "is_admin", "privileged", "require_owner", "user_id"]
+__all__ = [
+    "Access",
+    "check",
+    "is_admin",
+    "privileged",
+    "require_creator",
+    "require_owner",
+    "user_id",
+]
 
 
 class Access(enum.Enum):
@@ -106,30 +114,49 @@ from projects p left join users u on u.id = $2
 where p.id = $1
 for update of p
 """
-_IS_ME = "select lower(email) = lower($2::text) from users where id = $1"
+#: Whether $2 is user $1's e-mail, and how many projects it owns, counted up to $3 on the
+#: ``lower(owner_email)`` index (one round trip for both).
+_IS_ME = """
+select lower(u.email) = lower($2::text),
+       (select count(*) from (select 1 from projects
+                              where lower(owner_email) = lower($2::text) limit $3) p)
+from users u where u.id = $1
+"""
+
+
+async def require_creator(conn: Queryable, caller: Caller | None, owner: str, most: int) -> None:
+    """403 unless ``caller`` may create a project owned by ``owner`` (its own e-mail);
+    409 when it owns ``most`` already (`MAX_PROJECTS_PER_USER`; 0: no limit).
+
+    Admins and services pass without a query; a user's creation costs one.
+    Creations under way at once may pass ``most`` by as many as they are.
+    """
+    if privileged(caller):
+        return
+    me = user_id(caller)
+    row = None if me is None else await conn.fetchrow(_IS_ME, me, owner, most)
+    if row is None or not row[0]:
+        raise ApiError(403, "forbidden", "owner_email must be your own e-mail")
+    if most and row[1] >= most:
+        raise ApiError(409, "limit_reached", f"you own {most} projects, the most a user may: "
+                       "delete one")  # fmt: skip
 
 
 async def require_owner(
     conn: Queryable,
     caller: Caller | None,
-    project: int | None,
+    project: int,
     new_owner: str | None,
 ) -> None:
     """403 unless ``caller`` may write: its own ``project`` (locked here) and ``new_owner``.
 
-    ``project`` is None for a creation; ``new_owner`` is None when the write
-    keeps the owner. Call it inside the write's transaction: the row stays
-    locked until the write commits. Admins and services pass without a
-    query. A missing project is 404.
+    ``new_owner`` is None when the write keeps the owner. Call it inside the
+    write's transaction: the row stays locked until the write commits.
+    Admins and services pass without a query. A missing project is 404.
     """
     if privileged(caller):
         return
     me = user_id(caller)
-    if project is None:
-        mine = None if me is None else await conn.fetchval(_IS_ME, me, new_owner)
-        if not mine:
-            raise ApiError(403, "forbidden", "owner_email must be your own e-mail")
-        return
     row = await conn.fetchrow(_OWNS, project, me, new_owner)
     if row is None:
         raise NotFound("no such project")
