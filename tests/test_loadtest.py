@@ -6,6 +6,7 @@ import asyncio
 import json
 import multiprocessing
 import signal
+import socket
 import sys
 import threading
 import time
@@ -16,6 +17,7 @@ from core.infra.runtime import run
 from gateway.loadtest.laggard import Throttle, roles
 from gateway.loadtest.ledger import Ledger
 from gateway.loadtest.options import parse_sources
+from gateway.loadtest.sources import IP_BIND_ADDRESS_NO_PORT, connected
 from gateway.loadtest.stats import Histogram
 from gateway.loadtest.worker import WorkerSpec, _Worker
 from gateway.transport import wsconn
@@ -304,3 +306,17 @@ async def test_compression_is_offered_and_compressed_publications_are_counted(tm
     # Every delivery went out as the frame compressed once per publication.
     assert compressor.delivered == 100 and compressor.frames >= 5
     assert compressor.delivered_bytes < compressor.delivered_plain / 3
+
+
+async def test_a_load_socket_from_a_source_takes_its_port_at_the_connect():
+    # Bound to (source, 0) before its connect, each load socket held a port of the
+    # machine's ephemeral range against every other connect: after bench.fanout's
+    # 19,500 load sockets, bench.sendfloor's own connects failed (EADDRNOTAVAIL) after
+    # 13,232 of 19,000. Its port is now chosen at the connect, per address pair.
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        sock = await connected("127.0.0.1", listener.getsockname()[1], "127.0.0.2")
+        try:
+            assert sock.getsockname()[0] == "127.0.0.2"
+            assert sock.getsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT) == 1
+        finally:
+            sock.close()

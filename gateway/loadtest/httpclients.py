@@ -15,6 +15,7 @@ import msgspec
 
 from gateway.client.encoding import JSON
 from gateway.loadtest.ledger import Ledger
+from gateway.loadtest.sources import connected
 from gateway.loadtest.stats import Tally
 from gateway.loadtest.stream import Owner, StreamClient
 from gateway.loadtest.wsclient import parse_push
@@ -170,9 +171,12 @@ async def longpoll_client(
 ) -> None:
     """One long-poll session: create, subscribe, then poll until cancelled."""
     started = time.monotonic()
-    local = (source, 0) if source else None
     try:
-        reader, writer = await asyncio.open_connection(host, port, local_addr=local)
+        if source:
+            sock = await connected(host, port, source)
+            reader, writer = await asyncio.open_connection(sock=sock)
+        else:
+            reader, writer = await asyncio.open_connection(host, port)
     except OSError as exc:
         tally.errors[type(exc).__name__] += 1
         done.set_result(False)

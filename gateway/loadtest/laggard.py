@@ -41,7 +41,6 @@ __all__ = [
     "LaggardClient",
     "Throttle",
     "account",
-    "laggard_socket",
     "merge",
     "roles",
 ]
@@ -84,26 +83,6 @@ class Throttle:
             self.start = now
         self.taken += nbytes
         return max(0.0, self.start + self.taken / self.rate - now)
-
-
-async def laggard_socket(
-    host: str, port: int, source: str | None, mss: int, rcvbuf: int
-) -> socket.socket:
-    """A connected non-blocking socket with ``TCP_MAXSEG`` and ``SO_RCVBUF`` set (0: left)."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    try:
-        if mss:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG, mss)
-        if rcvbuf:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-        if source:
-            sock.bind((source, 0))
-        sock.setblocking(False)
-        await asyncio.get_running_loop().sock_connect(sock, (host, port))
-    except BaseException:
-        sock.close()
-        raise
-    return sock
 
 
 class LaggardClient(WSClient):

@@ -30,8 +30,9 @@ from multiprocessing.connection import Connection
 from core.infra.runtime import raise_file_limit, run
 from gateway.loadtest.handshake import handshake_request
 from gateway.loadtest.httpclients import SSEClient, longpoll_client, sse_request
-from gateway.loadtest.laggard import READER, ROLES, LaggardClient, account, laggard_socket
+from gateway.loadtest.laggard import READER, ROLES, LaggardClient, account
 from gateway.loadtest.ledger import Ledger
+from gateway.loadtest.sources import connected
 from gateway.loadtest.stats import Tally
 from gateway.loadtest.stream import StreamClient
 from gateway.loadtest.wsclient import WSClient
@@ -226,7 +227,6 @@ class _Worker:
         spec = self.spec
         loop = asyncio.get_running_loop()
         done: asyncio.Future[bool] = loop.create_future()
-        local = (source, 0) if source else None
         host, port = spec.urls[0]
         channels = [spec.names[c] for c in chans]
         ledger = Ledger(chans)
@@ -239,8 +239,8 @@ class _Worker:
                                               ledger, role=role, rate=spec.slow_rate)  # fmt: skip
                 self.clients.append(lag)
                 sock = await asyncio.wait_for(
-                    laggard_socket(host, port, source or None, spec.laggard_mss,
-                                   spec.laggard_rcvbuf), spec.timeout)  # fmt: skip
+                    connected(host, port, source, mss=spec.laggard_mss,
+                              rcvbuf=spec.laggard_rcvbuf), spec.timeout)  # fmt: skip
                 await loop.create_connection(lambda: lag, sock=sock)
             elif spec.mode == "longpoll":
                 client_run = longpoll_client(
@@ -259,7 +259,7 @@ class _Worker:
                                                 compression=spec.compression)  # fmt: skip
                     client = WSClient(request, channels, self.tally, done, ledger, owner)
                 self.clients.append(client)
-                await loop.create_connection(lambda: client, host, port, local_addr=local)
+                await self._connect_client(client, host, port, source)
             if await asyncio.wait_for(done, spec.timeout):
                 if laggard is not None:
                     self.laggards.append((laggard, ledger))
@@ -272,6 +272,16 @@ class _Worker:
             self.tally.errors[type(exc).__name__] += 1
         finally:
             gate.release()
+
+    @staticmethod
+    async def _connect_client(client: StreamClient, host: str, port: int, source: str) -> None:
+        """Connect ``client``'s transport, from ``source`` when one is given (`connected`)."""
+        loop = asyncio.get_running_loop()
+        if source:
+            sock = await connected(host, port, source)
+            await loop.create_connection(lambda: client, sock=sock)
+        else:
+            await loop.create_connection(lambda: client, host, port)
 
     # -- reconnecting ------------------------------------------------------
 
@@ -305,12 +315,7 @@ class _Worker:
         self.tally.reconnect_attempts += 1
         source = random.choice(spec.sources) if spec.sources else ""
         try:
-            await asyncio.wait_for(
-                loop.create_connection(
-                    lambda: client, host, port, local_addr=(source, 0) if source else None
-                ),
-                spec.timeout,
-            )
+            await asyncio.wait_for(self._connect_client(client, host, port, source), spec.timeout)
         except (OSError, TimeoutError) as exc:
             self.tally.errors[f"reconnect {type(exc).__name__}"] += 1
             self.lost(client)
