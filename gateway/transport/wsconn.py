@@ -47,6 +47,9 @@ coroutine or task: only the transport, this protocol and its `Session`.
   backlog the peer does not read is dropped with a reset. So is one left
   behind the peer's own close frame or FIN (`_linger`): closing outright
   would wait on it for good, or leave it to an orphan socket for minutes.
+  A peer that is gone (its kernel reset the connection: it closed its
+  socket as our close frame went out), or whose FIN comes once it took
+  everything, is let go at once: there is nothing left to wait for.
 """
 
 from __future__ import annotations
