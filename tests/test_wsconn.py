@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import socket
 import time
 from collections.abc import AsyncIterator
 
@@ -516,6 +517,45 @@ async def test_commands_before_the_peers_close_in_the_same_write_are_answered_fi
         assert (await ws.json()) == {"id": 1, "ok": True}
         assert await ws.close_code() == 1000
         await _eof_within(ws, 1.0)
+
+
+async def test_a_peer_that_closes_after_its_close_frame_and_a_command_is_let_go_at_once(
+    gw, monkeypatch
+):
+    # Reading stops while the command before the close frame runs; the gateway's FIN
+    # follows its answers. The client's own FIN then ends the connection: it does not
+    # hold its place in the hub (and a shutdown) until CLOSE_TIMEOUT.
+    monkeypatch.setattr(wsconn, "CLOSE_TIMEOUT", 60 * UNIT)
+    async with raw_socket(gw, token_for(gw)) as ws:
+        ws.send(
+            client_frame(b'{"op":"ping","id":1}')
+            + client_frame((1000).to_bytes(2, "big"), OP_CLOSE)
+        )
+        assert (await ws.json()) == {"id": 1, "ok": True}
+        assert await ws.close_code() == 1000
+        await _eof_within(ws, 1.0)
+    await until(lambda: gw.hub.connection_count() == 0, timeout=10 * UNIT)
+
+
+async def test_a_peer_gone_as_the_close_frame_goes_out_is_let_go_at_once(gw, monkeypatch):
+    # The client's FIN is in before the gateway's close frame goes out; its kernel
+    # answers the frame with a reset. Nothing sent can reach it any more, though the
+    # kernel still counts those bytes as unacknowledged: it is let go then, not a
+    # CLOSE_TIMEOUT later (a shutdown closing it waited that long for it).
+    monkeypatch.setattr(wsconn, "CLOSE_TIMEOUT", 60 * UNIT)
+    loop = asyncio.get_running_loop()
+    sock = socket.create_connection(("127.0.0.1", gw.port))
+    sock.setblocking(False)
+    await loop.sock_sendall(sock, handshake_request(f"127.0.0.1:{gw.port}", "/ws", token_for(gw)))
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += await asyncio.wait_for(loop.sock_recv(sock, 4096), 5 * UNIT)
+    assert head.startswith(b"HTTP/1.1 101"), head
+    await until(lambda: gw.hub.connection_count() == 1)
+    (member,) = gw.hub.connections
+    sock.close()  # the FIN reaches the gateway's kernel before the loop reads it
+    member.close(CloseCode.SHUTDOWN)
+    await until(lambda: gw.hub.connection_count() == 0, timeout=10 * UNIT)
 
 
 async def test_a_frame_sent_before_the_clients_close_does_not_end_the_tcp_connection(gw):

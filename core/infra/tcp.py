@@ -1,5 +1,6 @@
-"""Three facts about a TCP socket the event loop's transports do not give: its kernel send
-queue, closing it with a reset, and whether a reset was asked for.
+"""Four facts about a TCP socket the event loop's transports do not give: its kernel send
+queue, whether its connection has ended, closing it with a reset, and whether a reset was
+asked for.
 
 Both serve the cut-offs of clients that read too slowly (a socket's send budget, an event
 stream's, an HTTP answer's ``WRITE_TIMEOUT``): the kernel moves bytes on only in large
@@ -15,9 +16,10 @@ import socket
 import struct
 import termios
 
-__all__ = ["kernel_queue", "reset_on_close", "resetting"]
+__all__ = ["ended", "kernel_queue", "reset_on_close", "resetting"]
 
 _LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() resets the connection
+_TCP_CLOSE = 7  # Linux tcp_states.h: the connection is over (reset, or closed both ways)
 
 
 def kernel_queue(sock: socket.socket | None) -> int:
@@ -29,6 +31,19 @@ def kernel_queue(sock: socket.socket | None) -> int:
                 struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0" * 4))[0]
             )
     return 0
+
+
+def ended(sock: socket.socket | None) -> bool:
+    """Whether ``sock``'s connection is over in the kernel (TCP state CLOSE; False when unknown).
+
+    A peer that closed its socket answers what we write next with a reset: the
+    bytes stay counted in `kernel_queue` (SIOCOUTQ), but none of them will ever
+    be delivered or acknowledged, so there is nothing left to wait for.
+    """
+    if sock is not None:
+        with contextlib.suppress(OSError, ValueError):
+            return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)[0] == _TCP_CLOSE
+    return False
 
 
 def reset_on_close(sock: socket.socket | None) -> None:

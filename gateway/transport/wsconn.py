@@ -47,6 +47,9 @@ coroutine or task: only the transport, this protocol and its `Session`.
   backlog the peer does not read is dropped with a reset. So is one left
   behind the peer's own close frame or FIN (`_linger`): closing outright
   would wait on it for good, or leave it to an orphan socket for minutes.
+  A peer that is gone (its kernel reset the connection: it closed its
+  socket as our close frame went out), or whose FIN comes once it took
+  everything, is let go at once: there is nothing left to wait for.
 """
 
 from __future__ import annotations
@@ -62,7 +65,7 @@ from prometheus_client import Histogram
 
 from core.infra.metrics import Metrics
 from core.infra.tasks import TaskSet
-from core.infra.tcp import kernel_queue, reset_on_close
+from core.infra.tcp import ended, kernel_queue, reset_on_close
 from gateway.hub import Prepared
 from gateway.session import Session
 from gateway.transport.inflation import InflateBudget, InflateLimits
@@ -111,8 +114,12 @@ _RUNNING = TaskSet(log)
 
 
 def _unsent(transport: Any) -> int:
-    """Bytes written to ``transport`` that the peer has not yet acknowledged."""
-    return int(transport.get_write_buffer_size()) + kernel_queue(transport.get_extra_info("socket"))
+    """Bytes written to ``transport`` that the peer has not yet acknowledged (0 once it
+    reset the connection: none of them will ever be)."""
+    sock = transport.get_extra_info("socket")
+    if ended(sock):
+        return 0
+    return int(transport.get_write_buffer_size()) + kernel_queue(sock)
 
 
 def _reset(transport: Any) -> None:
@@ -523,6 +530,9 @@ class WSConnection(asyncio.Protocol):
             transport.close()
             return
         transport.write_eof()
+        # Reading was paused while the commands before the close ran (`_ended`): the
+        # peer's FIN would go unseen until the timer. What comes now is discarded.
+        transport.resume_reading()
         self._timer = asyncio.get_running_loop().call_later(
             CLOSE_TIMEOUT, self._closing_timer, left, 1
         )
