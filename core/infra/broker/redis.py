@@ -36,6 +36,7 @@ from redis.exceptions import (
     ReadOnlyError,
     RedisClusterException,
     RedisError,
+    ResponseError,
 )
 
 from core.infra.backoff import Backoff
@@ -49,7 +50,7 @@ from core.infra.broker.base import (
     PublicationHandler,
     StateListener,
 )
-from core.infra.broker.resp import RespLink, link_for
+from core.infra.broker.resp import RespLink, link_for, refused_by_replica
 from core.infra.coalesce import Coalescer
 from core.infra.ids import unique_hex
 from core.infra.lua import script
@@ -155,12 +156,20 @@ class _ReplicaRetry(Retry):
     async def call_with_retry(
         self, do: Callable[[], Awaitable[T]], fail: Callable[..., Any], *args: Any, **kwargs: Any
     ) -> T:
+        async def attempt() -> T:
+            try:
+                return await do()
+            except ResponseError as exc:
+                if refused_by_replica(exc) and not isinstance(exc, ReadOnlyError):
+                    raise ReadOnlyError(str(exc)) from exc  # a script's, on Redis 6
+                raise
+
         async def failed(error: Exception, *rest: Any) -> Any:
             if isinstance(error, ReadOnlyError):
                 self._on_replica.call()
             return await fail(error, *rest)
 
-        return await super().call_with_retry(do, failed, *args, **kwargs)
+        return await super().call_with_retry(attempt, failed, *args, **kwargs)
 
 
 class _Liveness:

@@ -37,7 +37,7 @@ from redis.asyncio.connection import Connection, UnixDomainSocketConnection
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ReadOnlyError, ResponseError
 
-__all__ = ["RespLink", "link_for"]
+__all__ = ["RespLink", "link_for", "refused_by_replica"]
 
 #: A command's words: what hiredis packs.
 Command = Sequence[bytes | str | int]
@@ -197,7 +197,7 @@ class RespLink:
             protocol, replies = await self._send(commands)
         except RedisConnectionError:  # once more, on a new connection (not after a timeout)
             protocol, replies = await self._send(commands)
-        refused = [i for i, reply in enumerate(replies) if _read_only(reply)]
+        refused = [i for i, reply in enumerate(replies) if refused_by_replica(reply)]
         if refused:
             replies = await self._moved(protocol, commands, replies, refused)
         return [_raised(reply) if isinstance(reply, ResponseError) else reply for reply in replies]
@@ -282,11 +282,17 @@ def _raised(error: ResponseError) -> ResponseError:
     message = str(error)
     if message.startswith("NOSCRIPT"):
         return NoScriptError(message)
-    if message.startswith("READONLY"):
+    if refused_by_replica(error):
         return ReadOnlyError(message)
     return error
 
 
-def _read_only(reply: Any) -> bool:
-    """Whether ``reply`` is a replica's refusal of a write (a script's included)."""
-    return isinstance(reply, ResponseError) and str(reply).startswith("READONLY")
+#: What a replica answers to a write (READONLY ...), however it is wrapped.
+_REPLICA_REFUSAL = "You can't write against a read only"
+
+
+def refused_by_replica(reply: object) -> bool:
+    """Whether ``reply`` is a replica's refusal of a write: READONLY, or (Redis 6) the
+    error of a script whose write was refused, which wraps it (``ERR Error running
+    script ... -READONLY You can't write ...``)."""
+    return isinstance(reply, ResponseError) and _REPLICA_REFUSAL in str(reply)
