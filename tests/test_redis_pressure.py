@@ -28,6 +28,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import OutOfMemoryError
 
 from core.infra.broker import BrokerUnavailable, RedisBroker
+from core.infra.coalesce import Coalescer
 from tests.harness import running_gateway, token_for, unique_prefix, until, ws_client
 from tests.servers import UNIT, ThrowawayRedis
 from tests.stallproxy import stall_proxy
@@ -231,3 +232,28 @@ async def test_after_a_failover_the_gateway_reconnects_and_tells_subscribers_of_
                     await new.aclose()
                 assert list(numsub.values()) == [1]
                 assert await gw.ctx.node.reconcile() == 0
+
+
+async def test_after_a_failover_publications_through_redis_py_move_too(redis_pair):
+    """With TLS (``rediss://``, ElastiCache's in-transit encryption) publications go in
+    redis-py pipelines, whose READONLY replies are no errors to its retry."""
+    primary, replica = redis_pair
+    await until(lambda: _in_sync(replica), 10 * UNIT)
+    async with stall_proxy(("127.0.0.1", primary.port)) as name:
+        broker = RedisBroker(f"redis://127.0.0.1:{name.port}/0", unique_prefix())
+        broker._link = None  # as for a TLS URL (core/infra/broker/resp.py speaks no TLS)
+        broker._publishes = Coalescer(broker._pipeline, max_batch=256, max_inflight=2)
+        await broker.start(lambda *_: None)
+        try:
+            history = (100, 300.0)
+            await broker.publish_history("room:1", b'"before"', *history)
+            await _fail_over(primary, replica)
+            name.target = ("127.0.0.1", replica.port)
+            outcomes = await broker.publish_many(
+                [("room:1", history), ("room:2", None), ("room:3", history)], b'"moved"'
+            )
+            assert not any(isinstance(o, Exception) for o in outcomes), outcomes
+            entries, top = await broker.history("room:1", 0, 10)
+            assert entries == [(1, b'"moved"')] and top is not None and top.epoch[0] == "~"
+        finally:
+            await broker.close()

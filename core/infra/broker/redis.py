@@ -490,6 +490,18 @@ class RedisBroker(Broker):
         for command in commands:
             pipe.execute_command(*command)
         replies: list[Any] = await pipe.execute(raise_on_error=False)
+        refused = [i for i, reply in enumerate(replies) if refused_by_replica(reply)]
+        if refused:
+            # A pipeline's error replies are no errors to its retry: reconnect here, as
+            # the publishing link does (resp.py), and run the refused ones once more.
+            self._replica_seen()
+            await client.connection_pool.disconnect(inuse_connections=False)
+            again = await asyncio.gather(
+                *(self._pub_client.execute_command(*commands[i]) for i in refused),
+                return_exceptions=True,
+            )
+            for i, reply in zip(refused, again, strict=True):
+                replies[i] = reply
         return replies
 
     async def _command(self, *command: Any) -> Any:
