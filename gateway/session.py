@@ -22,6 +22,7 @@ from core.infra.identity import AuthError, Identity, principal
 from core.infra.metrics import Metrics
 from core.infra.rate import Rate
 from core.infra.ratelimit import local_hit, local_spend
+from core.infra.throttled import ThrottledLog
 from core.request import Request, Response
 from gateway.hub import Prepared
 from gateway.node import Node
@@ -57,6 +58,9 @@ from proto import (
 __all__ = ["Dispatch", "Session", "Transport", "Verify"]
 
 log = logging.getLogger("gateway.session")
+#: Commands the broker could not serve: a line a second, whatever the sockets' pace
+#: (Redis past maxmemory refuses every publication with history, for as long as it lasts).
+_unavailable = ThrottledLog(log)
 
 #: Refusals by a rate limit have an allowance too: the rate's count per this
 #: many of its periods. Past it the connection is closed with 4503.
@@ -333,7 +337,7 @@ class Session:
             code = ErrorCode.INVALID_DATA
             self._reply_error(conn.error_reply(cmd, code, exc.reason), code)
         elif isinstance(exc, BrokerUnavailable):
-            log.warning("command %s failed: %s", type(cmd).__name__, exc)
+            _unavailable.warning("command %s failed: %s", type(cmd).__name__, exc)
             self._reply_error(conn.error_reply(cmd, ErrorCode.UNAVAILABLE), ErrorCode.UNAVAILABLE)
         else:
             name, sub = type(cmd).__name__, self.identity.sub
@@ -513,7 +517,7 @@ class Session:
         try:
             await presence.join(ch, self.identity.sub, self.client_id, info)
         except Exception as exc:  # presence is best effort; the subscription stands
-            log.warning("presence join on %s failed: %s", ch, exc)
+            _unavailable.warning("presence join on %s failed: %s", ch, exc)
 
     def _left(self, ch: str) -> None:
         """The subscription to ``ch`` ended: its unsub, or a refresh that no longer allows it."""

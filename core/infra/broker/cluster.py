@@ -38,7 +38,7 @@ from redis.exceptions import ResponseError
 from core.infra.broker.base import CONTROL, BrokerUnavailable
 from core.infra.broker.redis import (
     BACKEND_ERRORS,
-    HISTORY_TOP,
+    HISTORY_READ,
     PUBLISH_WITH_HISTORY,
     SUBSCRIBE_ERRORS,
     RedisBroker,
@@ -55,14 +55,6 @@ SPUBLISH_WITH_HISTORY = PUBLISH_WITH_HISTORY.replace(
     "redis.call('PUBLISH',", "redis.call('SPUBLISH',"
 )
 assert SPUBLISH_WITH_HISTORY.count("'SPUBLISH'") == 1
-
-#: `HISTORY_TOP` that also reads the entries (ARGV: fresh epoch, first id, count):
-#: a cluster pipeline carries no script, so no MULTI of it and XRANGE.
-HISTORY_READ = HISTORY_TOP.replace(
-    "return {meta[1], meta[2]}",
-    "return {meta[1], meta[2], redis.call('XRANGE', KEYS[1], ARGV[2], '+', 'COUNT', ARGV[3])}",
-).replace("return {epoch, 0}", "return {epoch, 0, {}}")
-assert HISTORY_READ.count("'XRANGE'") == 1 and HISTORY_READ.count("0, {}}") == 1
 
 
 class _SlotMoved(ResponseError):
@@ -100,7 +92,7 @@ def _by_slot(keys: set[bytes]) -> list[list[bytes]]:
 
 class RedisClusterBroker(RedisBroker):
     publish_with_history = SPUBLISH_WITH_HISTORY
-    history_top = HISTORY_READ
+    history_top = HISTORY_READ  # `_read_history` reads with it alone
     publish_command = "SPUBLISH"
     kind = "Redis Cluster"
     reports_lost = True  # one shard's link lost is not every channel's loss
@@ -124,11 +116,8 @@ class RedisClusterBroker(RedisBroker):
     async def _read_history(
         self, keys: list[str], fresh: str, start: str, limit: int
     ) -> tuple[list[Any], list[tuple[bytes, bytes | None]]]:
-        """One script (`HISTORY_READ`): its entries come back as ``[id, ['d', data]]``."""
-        reply = await self._history_top(keys=keys, args=[fresh, start, limit])
-        if not reply:
-            return [], []
-        return reply[:2], [(id, _field_d(fields)) for id, fields in reply[2]]
+        """One script (`HISTORY_READ`): a cluster pipeline carries no script."""
+        return await self._read_history_scripted(keys, fresh, start, limit)
 
     def _named(self, kind: str, ch: str) -> str:
         """``<prefix><kind>{<ch>}``, hashed on ``ch`` (up to its first ``}``).
@@ -435,11 +424,3 @@ class RedisClusterBroker(RedisBroker):
                 self._restart(target)  # resubscribes everything, the moved key too
             log.info("Redis Cluster: %r moved from %s to %s", key, link.name, node.name)
         self._update_state()
-
-
-def _field_d(fields: list[bytes]) -> bytes | None:
-    """Field ``d`` of a stream entry's ``[name, value, ...]``, or None."""
-    for i in range(0, len(fields) - 1, 2):
-        if fields[i] == b"d":
-            return fields[i + 1]
-    return None

@@ -20,8 +20,8 @@ import asyncio
 import contextlib
 import logging
 import math
-from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
 from redis.asyncio.client import PubSub
@@ -29,7 +29,15 @@ from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, RedisClusterException, RedisError
+from redis.exceptions import (
+    ExecAbortError,
+    NoScriptError,
+    OutOfMemoryError,
+    ReadOnlyError,
+    RedisClusterException,
+    RedisError,
+    ResponseError,
+)
 
 from core.infra.backoff import Backoff
 from core.infra.broker.base import (
@@ -42,10 +50,11 @@ from core.infra.broker.base import (
     PublicationHandler,
     StateListener,
 )
-from core.infra.broker.resp import RespLink, link_for
+from core.infra.broker.resp import RespLink, link_for, refused_by_replica
 from core.infra.coalesce import Coalescer
 from core.infra.ids import unique_hex
 from core.infra.lua import script
+from core.infra.tasks import TaskSet
 from core.infra.throttled import ThrottledLog
 
 __all__ = [
@@ -59,6 +68,7 @@ __all__ = [
 
 log = logging.getLogger("core.infra.broker")
 _dropped = ThrottledLog(log)
+T = TypeVar("T")
 
 #: What a lost or refusing backend raises (redis-py's cluster errors are not RedisErrors).
 BACKEND_ERRORS: tuple[type[Exception], ...] = (RedisError, RedisClusterException, OSError)
@@ -94,6 +104,14 @@ PUBLISH_WITH_HISTORY = script("publish_with_history")
 PUBLISH_EACH_WITH_HISTORY = script("publish_each_with_history")
 #: Where a channel's history stands, with a new epoch where it cannot be trusted (lua/history_top.lua).
 HISTORY_TOP = script("history_top")
+#: `HISTORY_TOP` that also reads the entries (ARGV: fresh epoch, first id, count), for
+#: where a MULTI of it and XRANGE cannot go: a cluster's pipelines carry no script, and
+#: past ``maxmemory`` (noeviction) Redis refuses every command queued in a MULTI.
+HISTORY_READ = HISTORY_TOP.replace(
+    "return {meta[1], meta[2]}",
+    "return {meta[1], meta[2], redis.call('XRANGE', KEYS[1], ARGV[2], '+', 'COUNT', ARGV[3])}",
+).replace("return {epoch, 0}", "return {epoch, 0, {}}")
+assert HISTORY_READ.count("'XRANGE'") == 1 and HISTORY_READ.count("0, {}}") == 1
 
 
 #: A channel's presence: add, remove, read or count its entries, dropping the expired
@@ -106,10 +124,52 @@ EVENTS_LOST = script("events_lost")
 EVENTS_CLAIM = script("events_claim")
 #: Lost nodes one `lost_nodes` call returns at most.
 LOST_NODES_LIMIT = 100
+#: Seconds between two moves of the subscriber link after Redis refused a write as a
+#: replica (a failover): while the name still points at the old primary, commands keep
+#: being refused, and the link moves again (the last move comes after the last refusal).
+RELINK_EVERY = 2.0
 
 
 class LinkStalled(RedisConnectionError):
     """A subscriber link answered nothing within its health timeout."""
+
+
+class _Shared:
+    """A callback that every copy of a retry calls (redis-py deep-copies it per connection)."""
+
+    __slots__ = ("call",)
+
+    def __init__(self, call: Callable[[], object]) -> None:
+        self.call = call
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> _Shared:
+        return self
+
+
+class _ReplicaRetry(Retry):
+    """redis-py's one retry (it reconnects first), telling who asked of READONLY refusals."""
+
+    def __init__(self, on_replica: Callable[[], object]) -> None:
+        super().__init__(NoBackoff(), 1)
+        self._on_replica = _Shared(on_replica)
+
+    async def call_with_retry(
+        self, do: Callable[[], Awaitable[T]], fail: Callable[..., Any], *args: Any, **kwargs: Any
+    ) -> T:
+        async def attempt() -> T:
+            try:
+                return await do()
+            except ResponseError as exc:
+                if refused_by_replica(exc) and not isinstance(exc, ReadOnlyError):
+                    raise ReadOnlyError(str(exc)) from exc  # a script's, on Redis 6
+                raise
+
+        async def failed(error: Exception, *rest: Any) -> Any:
+            if isinstance(error, ReadOnlyError):
+                self._on_replica.call()
+            return await fail(error, *rest)
+
+        return await super().call_with_retry(attempt, failed, *args, **kwargs)
 
 
 class _Liveness:
@@ -168,6 +228,9 @@ class RedisBroker(Broker):
         self._task: asyncio.Task[None] | None = None
         self._first_connect: asyncio.Event = asyncio.Event()
         self.reconnects = 0
+        self._relinked = -math.inf
+        self._relink: asyncio.TimerHandle | None = None
+        self._tasks = TaskSet(log)
         # Publishing goes through a small pool; subscribing through one
         # dedicated connection with retries off, so that a lost connection
         # surfaces at once in the reader loop, which owns recovery.
@@ -178,6 +241,7 @@ class RedisBroker(Broker):
         self._publish_script = self._pub_client.register_script(self.publish_with_history)
         self._publish_each_script = self._pub_client.register_script(PUBLISH_EACH_WITH_HISTORY)
         self._history_top = self._pub_client.register_script(self.history_top)
+        self._history_read = self._pub_client.register_script(HISTORY_READ)
         self._presence = self._pub_client.register_script(PRESENCE)
         self._events_append = self._pub_client.register_script(EVENTS_APPEND)
         self._events_lost = self._pub_client.register_script(EVENTS_LOST)
@@ -192,7 +256,9 @@ class RedisBroker(Broker):
         self._link: RespLink | None = None
         if isinstance(self._pub_client, aioredis.Redis):
             pool = self._pub_client.connection_pool
-            self._link = link_for(pool.connection_class, pool.connection_kwargs, PUBLISH_TIMEOUT)
+            self._link = link_for(
+                pool.connection_class, pool.connection_kwargs, PUBLISH_TIMEOUT, self._replica_seen
+            )
             self._publishes = Coalescer(
                 self._pipeline if self._link is None else self._link.execute,
                 max_batch=256,
@@ -202,15 +268,19 @@ class RedisBroker(Broker):
 
     def _publisher(self, url: str) -> aioredis.Redis | RedisCluster:
         # One retry on a lost connection: after a Redis restart every pooled
-        # connection is stale, and the first command on each would fail.
+        # connection is stale, and the first command on each would fail. And
+        # one on READONLY: a failover demotes the primary without closing its
+        # connections (the name moves to the new one), and each would be refused
+        # every write for good; the retry reconnects first (redis-py drops the
+        # connection before it retries). A refused write did not run.
         size, timeout = self._pool_size
         pool = aioredis.BlockingConnectionPool.from_url(
             url,
             max_connections=size,
             timeout=timeout,
             socket_timeout=PUBLISH_TIMEOUT,
-            retry=Retry(NoBackoff(), 1),
-            retry_on_error=[RedisConnectionError],
+            retry=_ReplicaRetry(self._replica_seen),
+            retry_on_error=[RedisConnectionError, ReadOnlyError],
         )
         return aioredis.Redis.from_pool(pool)
 
@@ -289,8 +359,42 @@ class RedisBroker(Broker):
                 "(docs/protocol.md, 'Failovers and snapshots')"
             )
 
+    def _replica_seen(self) -> None:
+        """Redis refused a write as a replica: a failover demoted the server this process
+        is connected to, and moved the URL's name to the new primary. Commands reconnect
+        by themselves (their retry); the subscriber link, which a replica would keep
+        serving, moves too (at most once every `RELINK_EVERY` seconds, and once after the
+        last refusal), so that it hears what the commands' server does: its subscribers
+        are told of a gap, as after any reconnect."""
+        if self._relink is not None or self._task is None or self._handler is None:
+            return
+        loop = asyncio.get_running_loop()
+        wait = max(0.0, self._relinked + RELINK_EVERY - loop.time())
+        self._relink = loop.call_later(wait, self._move_link)
+
+    def _move_link(self) -> None:
+        self._relink = None
+        if self._task is None or self._handler is None:
+            return
+        self._relinked = asyncio.get_running_loop().time()
+        log.warning(
+            "Redis refused a write as a replica (READONLY: a failover); reconnecting to %s",
+            _redact(self._url),
+        )
+        self._task.cancel()
+        self._task = asyncio.create_task(self._run(), name="redis-broker-reader")
+        # The idle pooled connections too: each would be refused once (and move the
+        # link again, a gap on every channel) whenever it is next used.
+        pool = getattr(self._pub_client, "connection_pool", None)
+        if isinstance(pool, aioredis.ConnectionPool):
+            self._tasks.spawn(pool.disconnect(inuse_connections=False), name="redis-pool-drop")
+
     async def close(self) -> None:
         self._handler = None
+        if self._relink is not None:
+            self._relink.cancel()
+            self._relink = None
+        await self._tasks.cancel()
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -386,6 +490,18 @@ class RedisBroker(Broker):
         for command in commands:
             pipe.execute_command(*command)
         replies: list[Any] = await pipe.execute(raise_on_error=False)
+        refused = [i for i, reply in enumerate(replies) if refused_by_replica(reply)]
+        if refused:
+            # A pipeline's error replies are no errors to its retry: reconnect here, as
+            # the publishing link does (resp.py), and run the refused ones once more.
+            self._replica_seen()
+            await client.connection_pool.disconnect(inuse_connections=False)
+            again = await asyncio.gather(
+                *(self._pub_client.execute_command(*commands[i]) for i in refused),
+                return_exceptions=True,
+            )
+            for i, reply in zip(refused, again, strict=True):
+                replies[i] = reply
         return replies
 
     async def _command(self, *command: Any) -> Any:
@@ -679,7 +795,20 @@ class RedisBroker(Broker):
                 if attempt == 2:
                     raise
                 await client.script_load(self.history_top)
+            except (OutOfMemoryError, ExecAbortError):
+                # Past maxmemory Redis refuses whatever is queued in a MULTI, reads too,
+                # and every `sub` of a history channel failed: one script reads instead.
+                return await self._read_history_scripted(keys, fresh, start, limit)
         raise AssertionError("unreachable")
+
+    async def _read_history_scripted(
+        self, keys: list[str], fresh: str, start: str, limit: int
+    ) -> tuple[list[Any], list[tuple[bytes, bytes | None]]]:
+        """`_read_history` in one script (`HISTORY_READ`): entries come as ``[id, ['d', data]]``."""
+        reply = await self._history_read(keys=keys, args=[fresh, start, limit])
+        if not reply:
+            return [], []
+        return reply[:2], [(id, _field_d(fields)) for id, fields in reply[2]]
 
     # -- reader ------------------------------------------------------------
 
@@ -825,3 +954,11 @@ def _offset(entry_id: bytes) -> int | None:
     None for another id (a backend's own entry, which would repeat an offset)."""
     offset, dash, seq = entry_id.partition(b"-")
     return int(offset) if dash and seq == b"1" and offset.isdigit() else None
+
+
+def _field_d(fields: list[bytes]) -> bytes | None:
+    """Field ``d`` of a stream entry's ``[name, value, ...]`` (as a script returns it), or None."""
+    for i in range(0, len(fields) - 1, 2):
+        if fields[i] == b"d":
+            return fields[i + 1]
+    return None

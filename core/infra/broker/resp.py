@@ -35,9 +35,9 @@ from typing import Any, cast
 import hiredis
 from redis.asyncio.connection import Connection, UnixDomainSocketConnection
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import NoScriptError, ReadOnlyError, ResponseError
 
-__all__ = ["RespLink", "link_for"]
+__all__ = ["RespLink", "link_for", "refused_by_replica"]
 
 #: A command's words: what hiredis packs.
 Command = Sequence[bytes | str | int]
@@ -46,9 +46,15 @@ Command = Sequence[bytes | str | int]
 _pack: Callable[[tuple[Any, ...]], bytes] = hiredis.pack_command
 
 
-def link_for(kind: type, kwargs: dict[str, Any], timeout: float) -> RespLink | None:
+def link_for(
+    kind: type,
+    kwargs: dict[str, Any],
+    timeout: float,
+    on_replica: Callable[[], object] | None = None,
+) -> RespLink | None:
     """A link to where a redis-py pool's connections go (its ``connection_class``
-    and ``connection_kwargs``); None for one it does not speak (TLS)."""
+    and ``connection_kwargs``); None for one it does not speak (TLS).
+    ``on_replica``: as for `RespLink`."""
     address: str | tuple[str, int]
     if kind is UnixDomainSocketConnection:
         address = str(kwargs["path"])
@@ -62,6 +68,7 @@ def link_for(kind: type, kwargs: dict[str, Any], timeout: float) -> RespLink | N
         password=kwargs.get("password"),
         db=int(kwargs.get("db") or 0),
         timeout=timeout,
+        on_replica=on_replica,
     )
 
 
@@ -162,9 +169,11 @@ class RespLink:
         password: str | None = None,
         db: int = 0,
         timeout: float = 5.0,
+        on_replica: Callable[[], object] | None = None,
     ) -> None:
         """``address``: a Unix socket's path or (host, port); ``timeout``: seconds for a
-        connection to open and for a batch's replies."""
+        connection to open and for a batch's replies; ``on_replica``: called when Redis
+        refused a write as a replica does (READONLY: a failover demoted it)."""
         self._address = address
         self._hello: list[Command] = []
         if password:
@@ -172,6 +181,7 @@ class RespLink:
         if db:
             self._hello.append(("SELECT", db))
         self._timeout = timeout
+        self._on_replica = on_replica
         self._protocol: _Protocol | None = None
         self._opening = asyncio.Lock()
         self.connects = 0  # for tests: connections opened
@@ -184,14 +194,43 @@ class RespLink:
         ``commands`` may or may not have run.
         """
         try:
-            replies = await self._send(commands)
+            protocol, replies = await self._send(commands)
         except RedisConnectionError:  # once more, on a new connection (not after a timeout)
-            replies = await self._send(commands)
+            protocol, replies = await self._send(commands)
+        refused = [i for i, reply in enumerate(replies) if refused_by_replica(reply)]
+        if refused:
+            replies = await self._moved(protocol, commands, replies, refused)
         return [_raised(reply) if isinstance(reply, ResponseError) else reply for reply in replies]
+
+    async def _moved(
+        self,
+        protocol: _Protocol,
+        commands: Sequence[Command],
+        replies: list[Any],
+        refused: list[int],
+    ) -> list[Any]:
+        """The replies once the commands a replica refused (``refused``) ran again.
+
+        A failover demotes the primary without closing its connections (and
+        moves its name to the new one): every write on them is refused, for
+        good. Those commands did not run, so they are sent again once, on a
+        new connection, which goes where the name points now (``protocol``, the
+        connection that refused them, is dropped unless another batch did it).
+        """
+        if not protocol.lost:
+            protocol.fail(RedisConnectionError("Redis became a replica"))
+        if self._on_replica is not None:
+            self._on_replica()
+        _, again = await self._send([commands[i] for i in refused])
+        replies = list(replies)
+        for i, reply in zip(refused, again, strict=True):
+            replies[i] = reply
+        return replies
 
     async def _send(
         self, commands: Sequence[Command], protocol: _Protocol | None = None
-    ) -> list[Any]:
+    ) -> tuple[_Protocol, list[Any]]:
+        """The connection ``commands`` went on, and their replies."""
         if protocol is None:
             protocol = self._protocol
             if protocol is None or protocol.lost:
@@ -201,7 +240,7 @@ class RespLink:
             protocol.fail(RedisConnectionError("Redis connection lost"))
             raise RedisConnectionError("Redis connection lost")
         data = b"".join([_pack(c if type(c) is tuple else tuple(c)) for c in commands])
-        return await protocol.send(data, len(commands))
+        return protocol, await protocol.send(data, len(commands))
 
     async def _open(self) -> _Protocol:
         """The connection, opened once however many batches ask for it at the same time."""
@@ -225,7 +264,8 @@ class RespLink:
             raise RedisConnectionError(f"connecting to Redis failed: {exc}") from exc
         self.connects += 1
         if self._hello:
-            for reply in await self._send(self._hello, protocol):
+            _, replies = await self._send(self._hello, protocol)
+            for reply in replies:
                 if isinstance(reply, ResponseError):
                     protocol.fail(RedisConnectionError(f"Redis refused the connection: {reply}"))
                     raise reply
@@ -242,4 +282,17 @@ def _raised(error: ResponseError) -> ResponseError:
     message = str(error)
     if message.startswith("NOSCRIPT"):
         return NoScriptError(message)
+    if refused_by_replica(error):
+        return ReadOnlyError(message)
     return error
+
+
+#: What a replica answers to a write (READONLY ...), however it is wrapped.
+_REPLICA_REFUSAL = "You can't write against a read only"
+
+
+def refused_by_replica(reply: object) -> bool:
+    """Whether ``reply`` is a replica's refusal of a write: READONLY, or (Redis 6) the
+    error of a script whose write was refused, which wraps it (``ERR Error running
+    script ... -READONLY You can't write ...``)."""
+    return isinstance(reply, ResponseError) and _REPLICA_REFUSAL in str(reply)

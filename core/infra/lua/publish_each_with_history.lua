@@ -19,8 +19,8 @@ for i = 1, #KEYS / 2 do
     if not epoch or (kept[2] and kept[2] ~= rid) then
         epoch = (epoch and '~' or '') .. fresh -- as publish_with_history.lua
         top, done = 0, ''
+        redis.call('HSET', meta, 'e', epoch) -- first, as publish_with_history.lua
         redis.call('DEL', stream)
-        redis.call('HSET', meta, 'e', epoch)
     elseif id then
         local _, at = string.find(done, ';' .. id .. '=', 1, true)
         if at then -- this very call, sent again: it ran
@@ -31,9 +31,14 @@ for i = 1, #KEYS / 2 do
         offset = top + 1
         local added = redis.pcall('XADD', stream, 'MAXLEN', size, offset .. '-1', 'd', data)
         if type(added) == 'table' and added.err then
-            epoch, offset, done = '~' .. fresh, 1, '' -- as publish_with_history.lua
-            redis.call('DEL', stream)
+            -- as publish_with_history.lua: a refused write fails the call (the first
+            -- write of the call: nothing was written), a foreign key starts again
+            if not (string.find(added.err, '^WRONGTYPE') or string.find(added.err, 'or smaller', 1, true)) then
+                return redis.error_reply(added.err)
+            end
+            epoch, offset, done = '~' .. fresh, 1, ''
             redis.call('HSET', meta, 'e', epoch)
+            redis.call('DEL', stream)
             redis.call('XADD', stream, 'MAXLEN', size, '1-1', 'd', data)
         end
         if id then

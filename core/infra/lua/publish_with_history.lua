@@ -28,8 +28,10 @@ local epoch, top, done = meta[1], tonumber(meta[3]) or 0, meta[4] or ''
 if not epoch or (meta[2] and meta[2] ~= rid) then
     epoch = (epoch and '~' or '') .. ARGV[5]
     top, done = 0, ''
-    redis.call('DEL', KEYS[1])
+    -- HSET first: a script's first write is the one Redis refuses past maxmemory
+    -- (after it, the script must run to its end), and DEL is never refused.
     redis.call('HSET', KEYS[2], 'e', epoch)
+    redis.call('DEL', KEYS[1])
 elseif id then
     local _, at = string.find(done, ';' .. id .. '=', 1, true)
     if at then -- this very call, sent again: it ran
@@ -39,12 +41,17 @@ end
 local offset = top + 1
 local added = redis.pcall('XADD', KEYS[1], 'MAXLEN', ARGV[3], offset .. '-1', 'd', ARGV[2])
 if type(added) == 'table' and added.err then
+    -- Redis refused the write (OOM past maxmemory, READONLY on a replica, MISCONF):
+    -- nothing was written, so the publication fails and the history stays as it is.
+    if not (string.find(added.err, '^WRONGTYPE') or string.find(added.err, 'or smaller', 1, true)) then
+        return redis.error_reply(added.err)
+    end
     -- Something else wrote the key: an entry with an id of its own (XADD *) is
     -- past this offset, or the key is not a stream. What it holds cannot be told
     -- from this channel's publications, so the history starts again, untrusted.
     epoch, offset, done = '~' .. ARGV[5], 1, ''
-    redis.call('DEL', KEYS[1])
     redis.call('HSET', KEYS[2], 'e', epoch)
+    redis.call('DEL', KEYS[1])
     redis.call('XADD', KEYS[1], 'MAXLEN', ARGV[3], '1-1', 'd', ARGV[2])
 end
 -- The replication id too: a meta kept by an older release (without one) adopts it.
