@@ -130,6 +130,22 @@ def prepare(env: dict[str, str], token: str) -> None:
                 os.environ[k] = v
 
 
+def fresh_schema(database_url: str) -> tuple[dict[str, str], str]:
+    """The settings of a new schema (not made yet) with no broker, and an admin's token."""
+    env = {
+        "DATABASE_URL": database_url,
+        "DATABASE_SCHEMA": f"bench_lambda_{uuid.uuid4().hex[:8]}",
+        "JWT_SECRET": JWT_SECRET,
+        "MIGRATE_ON_START": "false",  # the default: a cold start checks, the deploy migrated
+    }
+    os.environ.pop("REDIS_URL", None)  # the database alone: no broker, the memory limiter
+    from core.infra.mint import mint_token
+    from core.infra.settings import Settings
+
+    token = mint_token(Settings(jwt_secret=JWT_SECRET), "bench", [], extra={"role": "admin"})
+    return env, token
+
+
 def one_run(env: dict[str, str], token: str) -> dict[str, float]:
     spawned = time.time()
     proc = subprocess.run(
@@ -176,28 +192,24 @@ async def _execute(url: str, sql: str) -> None:
         await conn.close()
 
 
-def main() -> int:
+def arguments(doc: str | None) -> argparse.ArgumentParser:
+    """A bench's command line: its docstring, and where PostgreSQL is."""
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--runs", type=int, default=5)
     parser.add_argument(
         "--database-url",
         default=os.environ.get("DATABASE_URL") or "postgresql://127.0.0.1:5432/test",
     )
-    args = parser.parse_args()
-    schema = f"bench_lambda_{uuid.uuid4().hex[:8]}"
-    env = {
-        "DATABASE_URL": args.database_url,
-        "DATABASE_SCHEMA": schema,
-        "JWT_SECRET": JWT_SECRET,
-        "MIGRATE_ON_START": "false",  # the default: a cold start checks, the deploy migrated
-    }
-    os.environ.pop("REDIS_URL", None)  # the database alone: no broker, the memory limiter
-    from core.infra.mint import mint_token
-    from core.infra.settings import Settings
+    return parser
 
-    token = mint_token(Settings(jwt_secret=JWT_SECRET), "bench", [], extra={"role": "admin"})
+
+def main() -> int:
+    parser = arguments(__doc__)
+    parser.add_argument("--runs", type=int, default=5)
+    args = parser.parse_args()
+    env, token = fresh_schema(args.database_url)
+    schema = env["DATABASE_SCHEMA"]
     try:
         prepare(env, token)
         runs = []

@@ -28,7 +28,13 @@ limiter, broker) on its first invocation through `StandaloneCore`, as
 connections belong to the loop that opened them. Between invocations Lambda
 freezes the process and the core's timers with it, so before serving, a core
 that has not caught up on revocations and API keys for `Core.REVOCATION_SYNC`
-seconds does so first.
+seconds does so first, from the database. A broadcast revocation waits
+unread on the frozen container's socket until after the request that thaws
+it is verified; so with ``REDIS_URL``, a container that has not looked for
+`RECENT_CHECK` seconds first reads the session revocations stored since
+its last look (one Redis range read, `Revocations.catch_up_recent`): a
+logout elsewhere is refused here within about a second. Without
+``REDIS_URL`` there is no such store, and the 30 s sync is all.
 
 Nothing here raises into Lambda: an event of no known shape, or with a header
 no HTTP connection carries, is 400, a core that cannot open is 503 (database
@@ -58,6 +64,10 @@ from core.service import Core
 __all__ = ["handler", "opened", "shutdown"]
 
 log = logging.getLogger("core.lambda")
+
+#: Seconds a warm container trusts its list of revoked sessions before reading the
+#: revocations stored since (with ``REDIS_URL``).
+RECENT_CHECK = 1.0
 
 #: Response headers the service in front sets itself (from the body it sends on).
 _SERVICE_HEADERS = frozenset({"content-length", "date"})
@@ -145,12 +155,16 @@ class _Container:
     def __init__(self) -> None:
         self.loop = _new_loop()
         self.stack: StandaloneCore | None = None
-        self.synced = 0.0  # time.monotonic() of the last catch-up
+        self.synced = 0.0  # time.monotonic() of the last catch-up from the database
+        self.checked = 0.0  # time.monotonic() of the last look for recent revocations
+        self.seen = 0.0  # time.time() the last look (or catch-up) began: the next reads on
 
     async def open(self) -> StandaloneCore:
         if self.stack is None:
+            began = time.time()
             self.stack = await StandaloneCore.open(Settings.from_env())
-            self.synced = time.monotonic()
+            self.synced = self.checked = time.monotonic()
+            self.seen = began
             log.info("core opened (pool of schema %s)", self.stack.core.db.schema)
         return self.stack
 
@@ -178,13 +192,22 @@ class _Container:
 
     async def _catch_up(self, core: Core) -> None:
         now = time.monotonic()
-        if now - self.synced < core.REVOCATION_SYNC:
+        if now - self.synced >= core.REVOCATION_SYNC:
+            self.synced = now
+            began = time.time()
+            try:
+                await core.sync()
+            except Exception as exc:  # the store may still answer: looked at below
+                log.warning("catching up on revocations failed: %s", exc)
+            else:
+                self.checked, self.seen = now, began
+                return
+        if now - self.checked < RECENT_CHECK:
             return
-        self.synced = now
-        try:
-            await core.sync()
-        except Exception as exc:
-            log.warning("catching up on revocations failed: %s", exc)
+        self.checked = now
+        began = time.time()
+        if await core.revocations.catch_up_recent(self.seen) is not None:
+            self.seen = began
 
     async def close(self) -> None:
         stack, self.stack = self.stack, None

@@ -346,6 +346,11 @@ async def test_expiring_sets_are_shared_and_forget_what_expired(started):
     await other.expiring_add_many("many", {"a": 3000.0})
     await other.expiring_add_many("many", {})
     assert await other.expiring_members("many", 1500.0) == {"a": 3000.0, "b": 2000.0}
+    # A range read from an ``until`` on: only those kept that long, with nothing forgotten.
+    assert await one.expiring_members_from("many", 2000.0) == {"a": 3000.0, "b": 2000.0}
+    assert await other.expiring_members_from("many", 2000.5) == {"a": 3000.0}
+    assert await one.expiring_members_from("many", 3000.5) == {}
+    assert await one.expiring_members_from("other-key", 0.0) == {}
 
 
 async def test_presence_counts_clients_and_users_through_joins_leaves_and_expiry(started):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 from collections.abc import Mapping
 
 import asyncpg
@@ -147,6 +148,45 @@ async def test_a_process_without_the_database_learns_the_revocations_it_missed(r
             await broker.close()
 
 
+async def test_a_look_at_recent_revocations_reads_only_those_stored_since(redis_url):
+    """The core on Lambda reads, before answering, only the revocations stored since its
+    last look: the set's scores (stored time + TTL) grow with the revocation, so a range
+    read from the last look returns the new ones alone, also after Redis lost the set
+    and the core's sync put it back."""
+    prefix = unique_prefix()
+    core_side, lambda_side = RedisBroker(redis_url, prefix), RedisBroker(redis_url, prefix)
+    for broker in (core_side, lambda_side):
+        await broker.start(lambda ch, data, position: None)
+    key = core_side._expiring_key(REVOKED_KEY)
+    try:
+        here = Revocations(60.0, store=core_side)  # the core, which revokes
+        there = Revocations(60.0, store=lambda_side)
+        await here.revoke(["old"])
+        # Stored 11 s before now (TTL 60): read by a first look, not by a look from now on.
+        await core_side.expiring_add_many(REVOKED_KEY, {"long-ago": time.time() + 60.0 - 11.0})
+        assert await there.catch_up_recent(time.time() - 60.0) == 2  # the first look: all
+        first = time.time()
+        await here.revoke(["new"])
+        assert await there.catch_up_recent(first) == 1 and "new" in there
+        read = await lambda_side.expiring_members_from(REVOKED_KEY, first + 60.0 - 10.0)
+        assert set(read) == {"old", "new"}  # the overlap, not the whole set
+        await lambda_side.expiring_add_many(REVOKED_KEY, {"stale-clock": first + 60.0 - 11.0})
+        assert "stale-clock" not in await lambda_side.expiring_members_from(
+            REVOKED_KEY, first + 60.0 - 10.0
+        )
+        # Redis restarted: the set is gone; a revocation made meanwhile reached the
+        # database only, and the core's sync puts both back with fresh scores.
+        await core_side._pub_client.delete(key)
+        second = time.time()
+        assert await there.catch_up_recent(second) == 0
+        assert await here.restore(["new", "during-restart"]) == 2
+        assert await there.catch_up_recent(second) == 1 and "during-restart" in there
+    finally:
+        await core_side._pub_client.delete(key)
+        for broker in (core_side, lambda_side):
+            await broker.close()
+
+
 async def test_a_store_out_of_reach_loses_no_revocation_already_known():
     class Down:
         async def expiring_add_many(self, key: str, members: Mapping[str, float]) -> None:
@@ -155,11 +195,15 @@ async def test_a_store_out_of_reach_loses_no_revocation_already_known():
         async def expiring_members(self, key: str, now: float) -> dict[str, float]:
             raise BrokerUnavailable("down")
 
+        async def expiring_members_from(self, key: str, until: float) -> dict[str, float]:
+            raise BrokerUnavailable("down")
+
     revocations = Revocations(60.0, store=Down())
     await revocations.revoke(["sid-1"])  # applied here all the same, and logged
     assert "sid-1" in revocations
     assert await revocations.catch_up() == 0 and "sid-1" in revocations
     assert await revocations.restore(["sid-1"]) == 0
+    assert await revocations.catch_up_recent(0.0) is None and "sid-1" in revocations
 
 
 # -- the one error type and mapping ------------------------------------------------------

@@ -22,6 +22,8 @@ import importlib
 import json
 import logging
 import threading
+import time
+import types
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -36,6 +38,7 @@ from core.infra.mint import mint_token
 from core.infra.settings import Settings
 from core.server import CoreServer
 from core.service import Core
+from tests.harness import unique_prefix
 from tests.servers import UNIT, free_port, run_in_thread
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -547,6 +550,50 @@ def test_a_session_ended_elsewhere_is_refused_once_the_container_catches_up(core
     lambda_handler._container.synced -= Core.REVOCATION_SYNC
     late = via_lambda("http_api_v2", "GET", "/api/projects", headers=me)
     assert late.status == 401 and late.body["error"]["message"] == "session revoked"
+
+
+def _later(seconds: float) -> types.SimpleNamespace:
+    """`time` for the handler, its monotonic clock ``seconds`` ahead (the loop's is not)."""
+    return types.SimpleNamespace(
+        time=time.time, monotonic=lambda: time.monotonic() + seconds, perf_counter=time.perf_counter
+    )
+
+
+def test_a_warm_container_with_redis_refuses_a_session_ended_elsewhere_within_a_second(
+    env, redis_url, monkeypatch
+):
+    # Another core, sharing Redis with the container, ends the session. Between
+    # invocations the container's loop stands still (as Lambda freezes it), so the
+    # broadcast waits unread on its socket; what refuses the token is the read of the
+    # revocations stored since its last look, once a second has gone by, long before
+    # the 30 s catch-up from the database.
+    lambda_handler.shutdown()  # the module's container has no Redis
+    monkeypatch.setenv("REDIS_URL", redis_url)
+    monkeypatch.setenv("REDIS_PREFIX", unique_prefix())
+    ada = {"email": "ada@example.com", "display_name": "Ada", "password": "correct horse battery"}
+    form = urlencode(
+        {"grant_type": "password", "username": ada["email"], "password": ada["password"]}
+    )
+    form_type = {"Content-Type": "application/x-www-form-urlencoded"}
+    try:
+        with CoreThread(Settings.from_env()) as other:
+            assert (
+                other.call("POST", "/api/auth/register", body=json.dumps(ada).encode()).status
+                == 201
+            )
+            tokens = via_lambda(
+                "function_url", "POST", "/api/auth/token", headers=form_type, body=form.encode()
+            )
+            assert tokens.status == 200, tokens
+            me = {"Authorization": f"Bearer {tokens.body['access_token']}"}
+            assert via_lambda("function_url", "GET", "/api/projects", headers=me).status == 200
+            assert other.call("POST", "/api/auth/logout", headers=me).status == 204
+            monkeypatch.setattr(lambda_handler, "time", _later(1.5))
+            late = via_lambda("function_url", "GET", "/api/projects", headers=me)
+            assert late.status == 401, late
+            assert late.body["error"]["message"] == "session revoked"
+    finally:
+        lambda_handler.shutdown()
 
 
 # -- failures ----------------------------------------------------------------------------

@@ -17,6 +17,18 @@ the processes that revoke keep each revoked id in the broker's store too
 (an expiring set, `REVOKED_KEY`, each id until its tokens are dead), the
 core's sync puts back what the store lost (Redis restarted), and such a
 gateway reads the store when it starts and every 30 s (gateway/keymirror.py).
+
+A process whose loop stops between requests (the core on Lambda, frozen
+between invocations) reads the broadcast only after it has verified the
+request that woke it. Before answering, it reads from the store only the
+revocations added since its last read (`catch_up_recent`): each id is
+kept until the time it was stored plus ``ttl``, so the set's scores grow
+with the time of revocation, and a range read from the last read's time
+plus ``ttl`` (less `RECENT_OVERLAP`) returns the new ones alone. The
+core's `restore` stores what the store lost with a fresh score, so a
+range read sees it again; a revocation stored with an older score still
+(a clock more than `RECENT_OVERLAP` behind, a process with a shorter
+``ACCESS_TOKEN_TTL``) waits for the next full sync from the database.
 """
 
 from __future__ import annotations
@@ -29,12 +41,16 @@ from typing import Protocol
 from core.infra import control
 from core.infra.broker.base import Publisher
 
-__all__ = ["REVOKED_KEY", "RevocationStore", "Revocations"]
+__all__ = ["RECENT_OVERLAP", "REVOKED_KEY", "RevocationStore", "Revocations"]
 
 log = logging.getLogger("core.infra.revocation")
 
 #: The broker's expiring set of revoked session ids (each until its tokens are dead).
 REVOKED_KEY = "revoked_sessions"
+
+#: Seconds by which a revocation stored after a read may be stamped before that read's
+#: time: the revoking process takes the time, broadcasts, then stores; clocks differ.
+RECENT_OVERLAP = 10.0
 
 
 class RevocationStore(Protocol):
@@ -43,6 +59,8 @@ class RevocationStore(Protocol):
     async def expiring_add_many(self, key: str, members: Mapping[str, float]) -> None: ...
 
     async def expiring_members(self, key: str, now: float) -> dict[str, float]: ...
+
+    async def expiring_members_from(self, key: str, until: float) -> dict[str, float]: ...
 
 
 class Revocations:
@@ -115,8 +133,25 @@ class Revocations:
         were new. The store unreachable: the list stays as it is."""
         self.purge()
         held = await self._stored()
-        if held is None:
-            return 0
+        return 0 if held is None else self._take(held)
+
+    async def catch_up_recent(self, since: float) -> int | None:
+        """Apply the revocations stored since ``since`` (Unix seconds, this host's clock):
+        one range read of those alone. Returns how many were new; None when the store was
+        not read (none, or out of reach), so that the next read starts from ``since`` again.
+        """
+        if self.store is None:
+            return None
+        try:
+            held = await self.store.expiring_members_from(
+                REVOKED_KEY, since + self.ttl - RECENT_OVERLAP
+            )
+        except Exception as exc:
+            log.warning("recent revoked sessions not read from the store: %s", exc)
+            return None
+        return self._take(held)
+
+    def _take(self, held: Mapping[str, float]) -> int:
         fresh = {sid for sid in held if sid not in self._until}
         new = self.apply(fresh)
         # Each kept as long as the store keeps it: not dropped here while the store still

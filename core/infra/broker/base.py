@@ -38,8 +38,10 @@ Contract (tests/test_broker_contract.py runs it against every broker):
 * ``expiring_add(key, member, until)`` keeps ``member`` in the shared set
   ``key`` until ``until`` (Unix seconds, this host's clock; adding again
   moves it); ``expiring_members(key, now)`` returns the members live at
-  ``now`` with their ``until``, forgetting the others; ``expiring_remove``
-  drops one. The gateways' registry of live nodes and the block list of
+  ``now`` with their ``until``, forgetting the others;
+  ``expiring_members_from(key, until)`` returns only those whose ``until``
+  is at least ``until`` (one range read; what expired is not forgotten
+  there); ``expiring_remove`` drops one. The gateways' registry of live nodes and the block list of
   the server API are such sets.
 * ``append_events(node, batch, ttl, maxlen)`` does in one atomic step, for
   process ``node``: appends ``batch.events`` (JSON objects) to the event
@@ -257,6 +259,12 @@ class Broker(abc.ABC):
     @abc.abstractmethod
     async def expiring_members(self, key: str, now: float) -> dict[str, float]:
         """The members of ``key`` live at ``now`` (Unix seconds), each with its ``until``."""
+
+    @abc.abstractmethod
+    async def expiring_members_from(self, key: str, until: float) -> dict[str, float]:
+        """The members of ``key`` kept until ``until`` or later, each with its ``until``:
+        when every member is kept for one span from when it was added, those added since a
+        moment, in one read of those alone."""
 
     @abc.abstractmethod
     async def publish_history(

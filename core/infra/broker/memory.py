@@ -171,6 +171,9 @@ class MemoryBroker(Broker):
             del members[member]
         return dict(members)
 
+    async def expiring_members_from(self, key: str, until: float) -> dict[str, float]:
+        return {m: u for m, u in self._expiring.get(key, {}).items() if u >= until}
+
     async def presence_remove(self, ch: str, clients: list[str]) -> None:
         room = self._presence.get(ch, {})
         for client in clients:

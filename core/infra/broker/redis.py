@@ -677,6 +677,18 @@ class RedisBroker(Broker):
                 live[member.decode() if isinstance(member, bytes) else str(member)] = until
         return live
 
+    async def expiring_members_from(self, key: str, until: float) -> dict[str, float]:
+        try:
+            rows = await self._pub_client.zrangebyscore(
+                self._expiring_key(key), until, "+inf", withscores=True
+            )
+        except BACKEND_ERRORS as exc:
+            raise BrokerUnavailable(f"reading {key} failed: {exc}") from exc
+        return {
+            (row[0].decode() if isinstance(row[0], bytes) else str(row[0])): float(row[1])
+            for row in rows
+        }
+
     async def presence_remove(self, ch: str, clients: list[str]) -> None:
         if not clients:
             return
