@@ -71,16 +71,16 @@ class _ShardScript:
     on the shard of its keys and leaves it cached there.
     """
 
-    def __init__(self, client: RedisCluster, script: str) -> None:
+    def __init__(self, client: RedisCluster, script: Any) -> None:
         self.client = client
-        self.script = script
-        self.sha = hashlib.sha1(script.encode()).hexdigest()
+        self.script: str = script if isinstance(script, str) else bytes(script).decode()
+        self.sha = hashlib.sha1(self.script.encode()).hexdigest()
 
     async def __call__(self, keys: Sequence[Any] = (), args: Sequence[Any] = ()) -> Any:
         try:
-            return await self.client.evalsha(self.sha, len(keys), *keys, *args)  # type: ignore[misc]
+            return await self.client.evalsha(self.sha, len(keys), *keys, *args)
         except NoScriptError:
-            return await self.client.eval(self.script, len(keys), *keys, *args)  # type: ignore[misc]
+            return await self.client.eval(self.script, len(keys), *keys, *args)
 
 
 class _SlotMoved(ResponseError):
