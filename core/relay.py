@@ -18,8 +18,17 @@ killed while a backlog of 1,000 drained put 1,200 duplicates in the
 ``projects`` history, past its ``HISTORY_SIZE`` of 100.) The price: a backlog
 drains at about 2,200 rows a second instead of 3,300 (docs/performance.md).
 
-With the broker down, the first failure ends the round (the rows stay) and
-the next comes after a backoff (core/infra/backoff.py). A full batch is
+A row the broker could not publish stays, and so does every later row that
+names one of its channels (so no channel gets its events out of order, nor a
+row published again after later ones); the round goes on with the rest. With
+Redis Cluster and one shard down, the other shards' channels go on: the
+round used to end at the first failure, and every channel's events waited
+behind that shard's (tests/test_redis_cluster_faults.py). Failures that
+answer at once (a shard's connection refused) cost little; once the failed
+publications of a round have taken `FAILING` seconds (one that timed out: a
+silent Redis or shard), the round ends there, so a Redis that does not answer
+costs one timeout a round, not one a row. A round that left rows is followed
+by the next after a backoff (core/infra/backoff.py). A full batch is
 followed by the next one at once, so a backlog drains at the broker's pace.
 An event no channel can carry (`proto.InvalidData`) is logged and deleted:
 trying again would not help, and it would hold up nothing but itself.
@@ -34,6 +43,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable
 
 import asyncpg
@@ -51,7 +61,7 @@ log = logging.getLogger("core.relay")
 _CLAIM = """
 select id, channels, payload, outbox_call(id, created_at)
 from outbox
-where created_at < now() - make_interval(secs => $1)
+where created_at < now() - make_interval(secs => $1) and id > $3
 order by id
 limit $2
 for update skip locked
@@ -75,6 +85,9 @@ class Relay:
     #: Rows claimed, published and deleted per transaction: no more than the history
     #: scripts' call ids kept per channel (8), so a chunk published again is published once.
     CHUNK = 8
+    #: Seconds of failed publications after which a round ends (a publication that timed
+    #: out takes 5: `PUBLISH_TIMEOUT`).
+    FAILING = 4.0
 
     def __init__(
         self,
@@ -94,6 +107,7 @@ class Relay:
         self.grace = grace
         self.batch = batch
         self.chunk = chunk
+        self.failing = self.FAILING
         self.backoff = backoff
         #: Called with the number of events published by each round that published some.
         self.on_relayed = on_relayed
@@ -102,6 +116,7 @@ class Relay:
         self.pending = 0
         #: Events this relay published.
         self.relayed = 0
+        self._failing_for = 0.0  # seconds of failed publications this round
         self._stop = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
@@ -129,7 +144,9 @@ class Relay:
             except Exception as exc:  # the database, usually: try again later
                 log.warning("outbox relay round failed: %s", exc)
                 claimed, published = 1, 0
-            if published < claimed:
+            if claimed == self.batch and published > 0:
+                wait = 0.0  # a backlog, draining but for some rows left (a shard down)
+            elif published < claimed:
                 wait = self.backoff.delay(failures)
                 failures += 1
             else:
@@ -142,13 +159,17 @@ class Relay:
     async def round(self) -> tuple[int, int]:
         """One round: (rows claimed, rows done: published, or dropped as not publishable)."""
         claimed = done = sent = 0
+        # Channels of the rows left this round: later rows naming one wait too.
+        blocked: set[str] = set()
+        after = 0  # the last id claimed: rows left are not claimed again this round
+        self._failing_for = 0.0
         try:
             async with self._pool.acquire() as conn:
-                while claimed < self.batch:
+                while claimed < self.batch and self._failing_for < self.failing:
                     size = min(self.chunk, self.batch - claimed)
-                    rows, finished, published = await self._chunk(conn, size)
+                    rows, finished, published, after = await self._chunk(conn, size, after, blocked)
                     claimed, done, sent = claimed + rows, done + finished, sent + published
-                    if rows < size or finished < rows:
+                    if rows < size:
                         break
                 if claimed < self.batch and done == claimed:
                     self.pending = 0  # nothing past the grace is left (but other relays' rows)
@@ -162,22 +183,35 @@ class Relay:
                     self.on_relayed(sent)
         return claimed, done
 
-    async def _chunk(self, conn: Conn, size: int) -> tuple[int, int, int]:
-        """Claim, publish and delete up to ``size`` rows in one transaction: (claimed, done,
-        published); the rows published count once their delete committed."""
+    async def _chunk(
+        self, conn: Conn, size: int, after: int, blocked: set[str]
+    ) -> tuple[int, int, int, int]:
+        """Claim, publish and delete up to ``size`` rows past id ``after`` in one
+        transaction: (claimed, done, published, the last id claimed); the rows published
+        count once their delete committed. A row naming a ``blocked`` channel, or that
+        fails, stays, and its channels join ``blocked``."""
         sent = 0
         done: list[int] = []
         async with conn.transaction():
-            rows = await conn.fetch(_CLAIM, self.grace, size)
+            rows = await conn.fetch(_CLAIM, self.grace, size, after)
             for id, channels, payload, call in rows:
+                after = id
+                if not blocked.isdisjoint(channels):
+                    blocked.update(channels)  # waits behind an earlier row of its channels
+                    continue
+                if self._failing_for >= self.failing:
+                    continue  # the broker does not answer: the rest wait for the next round
+                started = time.monotonic()
                 failed = await self._events.publish(channels, payload, call)
                 if any(isinstance(exc, InvalidData) for exc in failed):
                     log.error("outbox row %d dropped, not publishable: %s", id, failed[0])
                 elif failed:
-                    break  # the broker is out: the rest wait with this one
+                    blocked.update(channels)  # the broker (or a shard of it) is out
+                    self._failing_for += time.monotonic() - started
+                    continue
                 else:
                     sent += 1
                 done.append(id)
             if done:
                 await conn.execute(_DELETE, done)
-        return len(rows), len(done), sent
+        return len(rows), len(done), sent, after

@@ -369,29 +369,34 @@ def redis_cluster_executable() -> tuple[str | None, str]:
 
 
 class ThrowawayRedisCluster:
-    """Private cluster-enabled ``redis-server``s on 127.0.0.1, primaries only, slots split evenly.
+    """Private cluster-enabled ``redis-server``s on 127.0.0.1, slots split evenly.
 
-    Each node lives in its own folder under ``directory`` (its ``nodes.conf``
-    there) with an explicit cluster bus port. ``start()`` joins them with
-    ``redis-cli --cluster create`` and returns once every node says
-    ``cluster_state:ok``.
+    ``size`` primaries, each with ``replicas`` replicas (0: primaries only;
+    with replicas, a primary silent for a second is failed over, as
+    tests/nethosts.py's cluster). Each node lives in its own folder under
+    ``directory`` (its ``nodes.conf`` there) with an explicit cluster bus port.
+    ``start()`` joins them with ``redis-cli --cluster create`` and returns once
+    every node says ``cluster_state:ok`` (and every replica is in sync).
     """
 
-    def __init__(self, directory: Path, executable: str, size: int = 3) -> None:
+    def __init__(self, directory: Path, executable: str, size: int = 3, replicas: int = 0) -> None:
         self.directory = directory
         self.executable = executable
+        self.replicas = replicas
         self.nodes = [
             ThrowawayRedis(directory / f"node{i}", executable=executable, args=self._node_args())
-            for i in range(size)
+            for i in range(size * (1 + replicas))
         ]
 
-    @staticmethod
-    def _node_args() -> list[str]:
-        return [
+    def _node_args(self) -> list[str]:
+        args = [
             "--cluster-enabled", "yes",
             "--cluster-config-file", "nodes.conf",
             "--cluster-port", str(free_port()),
         ]  # fmt: skip
+        if self.replicas:
+            args += ["--cluster-node-timeout", "1000", "--cluster-replica-validity-factor", "0"]
+        return args
 
     @property
     def url(self) -> str:
@@ -418,7 +423,7 @@ class ThrowawayRedisCluster:
         argv = [
             str(cli) if cli.is_file() else shutil.which("redis-cli") or "redis-cli",
             "--cluster", "create", *(f"127.0.0.1:{port}" for port in self.ports),
-            "--cluster-replicas", "0", "--cluster-yes",
+            "--cluster-replicas", str(self.replicas), "--cluster-yes",
         ]  # fmt: skip
         done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
         if done.returncode != 0:
@@ -432,7 +437,9 @@ class ThrowawayRedisCluster:
             probe = redis.Redis(port=node.port, socket_timeout=1, retry=Retry(NoBackoff(), 0))
             with probe:
                 info: dict[str, Any] = probe.cluster("info")
-            if info.get("cluster_state") == "ok":
+                role = probe.info("replication")
+            synced = role.get("role") == "master" or role.get("master_link_status") == "up"
+            if info.get("cluster_state") == "ok" and synced:
                 pending.pop(0)
             elif time.monotonic() > deadline:
                 raise RuntimeError(f"the cluster is not ok within {timeout:.1f} s: {info}")

@@ -26,14 +26,17 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import hashlib
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
 from redis.asyncio.client import PubSub
 from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.commands.core import AsyncScript
 from redis.crc import key_slot
-from redis.exceptions import ResponseError
+from redis.exceptions import NoScriptError, ResponseError
 
 from core.infra.broker.base import CONTROL, BrokerUnavailable
 from core.infra.broker.redis import (
@@ -55,6 +58,29 @@ SPUBLISH_WITH_HISTORY = PUBLISH_WITH_HISTORY.replace(
     "redis.call('PUBLISH',", "redis.call('SPUBLISH',"
 )
 assert SPUBLISH_WITH_HISTORY.count("'SPUBLISH'") == 1
+
+
+class _ShardScript:
+    """A Lua script run on its keys' shard alone, as redis-py's `AsyncScript` is called.
+
+    redis-py answers ``NOSCRIPT`` with ``SCRIPT LOAD``, which a cluster client
+    sends to every primary: with one primary down, a shard that lacked the
+    script (a replica promoted by a failover, a node restarted) could not run
+    it, and every publication with history, history read and presence update
+    of that healthy shard failed until the down one was back. ``EVAL`` runs it
+    on the shard of its keys and leaves it cached there.
+    """
+
+    def __init__(self, client: RedisCluster, script: Any) -> None:
+        self.client = client
+        self.script: str = script if isinstance(script, str) else bytes(script).decode()
+        self.sha = hashlib.sha1(self.script.encode()).hexdigest()
+
+    async def __call__(self, keys: Sequence[Any] = (), args: Sequence[Any] = ()) -> Any:
+        try:
+            return await self.client.evalsha(self.sha, len(keys), *keys, *args)
+        except NoScriptError:
+            return await self.client.eval(self.script, len(keys), *keys, *args)
 
 
 class _SlotMoved(ResponseError):
@@ -102,6 +128,9 @@ class RedisClusterBroker(RedisBroker):
         super().__init__(url, prefix, **timing)
         assert isinstance(self._pub_client, RedisCluster)
         self._cluster: RedisCluster = self._pub_client
+        for name, value in list(vars(self).items()):
+            if isinstance(value, AsyncScript):
+                setattr(self, name, _ShardScript(self._cluster, value.script))
         self._control = self._channel_key(CONTROL)
         self._links: dict[str, _ShardLink] = {}
         self._link_of: dict[bytes, _ShardLink] = {}
