@@ -9,6 +9,8 @@ never the shared Redis):
   answers ``NOSCRIPT`` with ``SCRIPT LOAD`` on every primary, and the down one
   failed it, so publications with history, history reads and presence updates
   on the healthy shards failed too, until the down shard was back.
+* A shard past ``maxmemory`` (noeviction): its publications fail and keep
+  the history, as on one Redis (checked, nothing to fix).
 * With one shard down (its primary and replica gone, the others serving:
   ``cluster-require-full-coverage no``), the outbox relay stopped at the first
   row for that shard: every change event of every channel waited behind it.
@@ -27,12 +29,13 @@ from redis.crc import key_slot
 from core.db import Database
 from core.events import Events
 from core.infra.backoff import Backoff
-from core.infra.broker import RedisClusterBroker
+from core.infra.broker import BrokerUnavailable, RedisClusterBroker
 from core.infra.history import HistoryPolicy, HistoryPublisher
 from core.relay import Relay
 from tests.harness import unique_prefix
 from tests.servers import ThrowawayRedis, ThrowawayRedisCluster, redis_cluster_executable
 from tests.test_outbox import settings_for
+from tests.test_redis_pressure import memory_full
 
 
 @pytest.fixture(scope="module")
@@ -167,5 +170,37 @@ async def test_with_one_shard_down_a_shard_without_the_scripts_still_runs_them(c
             await publisher.publish(up, b'"after"')
             entries, _ = await broker.history(up, 0, 10)
             assert [data for _, data in entries] == [b'"after"']
+    finally:
+        await broker.close()
+
+
+async def test_a_shard_past_maxmemory_fails_its_publications_and_keeps_their_history(cluster):
+    # The single-node fix (tests/test_redis_pressure.py) on a cluster's own script: a
+    # write the full shard refuses fails the publication, and the channel keeps its
+    # history and epoch; channels of the other shards go on.
+    prefix = unique_prefix()
+    broker = RedisClusterBroker(cluster.url, prefix)
+    history = (100, 300.0)
+    full = next(f"f{i}" for i in range(100) if key_slot(broker._channel_key(f"f{i}")) < 5461)
+    fine = next(f"g{i}" for i in range(100) if key_slot(broker._channel_key(f"g{i}")) > 10923)
+    await broker.start(lambda *_: None)
+    try:
+        for ch in (full, fine):
+            await broker.publish_history(ch, b'"first"', *history)
+        _, before = await broker.history(full, 0, 10)
+        async with memory_full(
+            f"redis://127.0.0.1:{await owner_of(cluster, broker._channel_key(full))}"
+        ):
+            with pytest.raises(BrokerUnavailable, match="maxmemory"):
+                await broker.publish_history(full, b'"refused"', *history)
+            await broker.publish_history(fine, b'"second"', *history)
+        entries, top = await broker.history(full, 0, 10)
+        assert entries == [(1, b'"first"')]
+        assert top is not None and before is not None and top.epoch == before.epoch
+        entries, _ = await broker.history(fine, 0, 10)
+        assert [data for _, data in entries] == [b'"first"', b'"second"']
+        await broker.publish_history(full, b'"after"', *history)  # memory freed: on it goes
+        entries, top = await broker.history(full, 0, 10)
+        assert [offset for offset, _ in entries] == [1, 2] and top.epoch == before.epoch
     finally:
         await broker.close()
