@@ -62,9 +62,15 @@ _CLAIM = """
 select id, channels, payload, outbox_call(id, created_at)
 from outbox
 where created_at < now() - make_interval(secs => $1) and id > $3
+  and not channels && $4::text[]
 order by id
 limit $2
 for update skip locked
+"""
+#: The channels of the rows past id $2 that name one of $3 (and so wait, `Relay._spread`).
+_SPREAD = """
+select coalesce(array_agg(distinct c), '{}') from outbox, unnest(channels) c
+where created_at < now() - make_interval(secs => $1) and id > $2 and channels && $3::text[]
 """
 _DELETE = "delete from outbox where id = any($1::bigint[])"
 #: Rows waiting, counted up to a bound along the primary key (no scan of the whole
@@ -144,7 +150,7 @@ class Relay:
             except Exception as exc:  # the database, usually: try again later
                 log.warning("outbox relay round failed: %s", exc)
                 claimed, published = 1, 0
-            if claimed == self.batch and published > 0:
+            if published >= self.batch:
                 wait = 0.0  # a backlog, draining but for some rows left (a shard down)
             elif published < claimed:
                 wait = self.backoff.delay(failures)
@@ -157,21 +163,34 @@ class Relay:
                     await self._stop.wait()
 
     async def round(self) -> tuple[int, int]:
-        """One round: (rows claimed, rows done: published, or dropped as not publishable)."""
+        """One round: (rows claimed, rows done: published, or dropped as not publishable).
+
+        Up to `batch` rows done and `batch` rows left: the rows left (and those of
+        their channels, which the claim passes over) do not take the place of others.
+        """
         claimed = done = sent = 0
         # Channels of the rows left this round: later rows naming one wait too.
         blocked: set[str] = set()
         after = 0  # the last id claimed: rows left are not claimed again this round
         self._failing_for = 0.0
+        drained = False
         try:
             async with self._pool.acquire() as conn:
-                while claimed < self.batch and self._failing_for < self.failing:
-                    size = min(self.chunk, self.batch - claimed)
+                while (
+                    done < self.batch
+                    and claimed - done < self.batch
+                    and self._failing_for < self.failing
+                ):
+                    size = min(self.chunk, self.batch - done)
+                    waiting = len(blocked)
                     rows, finished, published, after = await self._chunk(conn, size, after, blocked)
+                    if len(blocked) > waiting:
+                        await self._spread(conn, after, blocked)
                     claimed, done, sent = claimed + rows, done + finished, sent + published
                     if rows < size:
+                        drained = True
                         break
-                if claimed < self.batch and done == claimed:
+                if drained and done == claimed:
                     self.pending = 0  # nothing past the grace is left (but other relays' rows)
                 else:  # a backlog: count it, only now
                     self.pending = await conn.fetchval(_PENDING, PENDING_COUNTED)
@@ -183,6 +202,17 @@ class Relay:
                     self.on_relayed(sent)
         return claimed, done
 
+    async def _spread(self, conn: Conn, after: int, blocked: set[str]) -> None:
+        """Add to ``blocked`` the channels of every row past ``after`` that names one: the
+        claims pass those rows over, and a row naming one of theirs must wait behind them.
+        (It may hold up a row of such a channel older than the one that names both:
+        later, never out of order.)"""
+        while True:
+            found = await conn.fetchval(_SPREAD, self.grace, after, list(blocked))
+            if blocked.issuperset(found):
+                return
+            blocked.update(found)
+
     async def _chunk(
         self, conn: Conn, size: int, after: int, blocked: set[str]
     ) -> tuple[int, int, int, int]:
@@ -193,7 +223,7 @@ class Relay:
         sent = 0
         done: list[int] = []
         async with conn.transaction():
-            rows = await conn.fetch(_CLAIM, self.grace, size, after)
+            rows = await conn.fetch(_CLAIM, self.grace, size, after, list(blocked))
             for id, channels, payload, call in rows:
                 after = id
                 if not blocked.isdisjoint(channels):
