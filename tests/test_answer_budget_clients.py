@@ -11,9 +11,12 @@ rest fit.
 
 from __future__ import annotations
 
+import socket
+
 from prometheus_client import CollectorRegistry, Counter
 
 from core.infra.answerbudget import AnswerBudget
+from core.infra.httpstream import HTTPStream
 
 MB = 1_000_000
 
@@ -58,3 +61,13 @@ def test_a_client_holding_more_in_all_loses_an_answer_before_one_with_a_larger_a
     one = _Answer("b", 5 * MB)
     assert _budget([*many, one], 13 * MB).check() == 1
     assert sum(a.was_reset for a in many) == 1 and not one.was_reset
+
+
+def test_a_stream_serves_its_client_by_its_address_an_ipv6_one_by_its_64():
+    with socket.socket() as sock:
+        stream = HTTPStream(sock)
+        assert stream.client() == ""
+        stream.serves(("2001:db8::1", 443, 0, 0))
+        assert stream.client() == "2001:db8::/64"
+        stream.serves("198.51.100.7")  # a PROXY header's source
+        assert stream.client() == "198.51.100.7"
