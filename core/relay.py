@@ -62,15 +62,23 @@ _CLAIM = """
 select id, channels, payload, outbox_call(id, created_at)
 from outbox
 where created_at < now() - make_interval(secs => $1) and id > $3
-  and not channels && $4::text[]
 order by id
 limit $2
 for update skip locked
 """
-#: The channels of the rows past id $2 that name one of $3 (and so wait, `Relay._spread`).
-_SPREAD = """
-select coalesce(array_agg(distinct c), '{}') from outbox, unnest(channels) c
-where created_at < now() - make_interval(secs => $1) and id > $2 and channels && $3::text[]
+#: Once some rows wait: the next rows (ids and channels only, no lock), to pick those that
+#: do not wait (`Relay._passing`), then claimed by id (`_CLAIM_IDS`).
+_SCAN = """
+select id, channels from outbox
+where created_at < now() - make_interval(secs => $1) and id > $2
+order by id
+limit $3
+"""
+_CLAIM_IDS = """
+select id, channels, payload, outbox_call(id, created_at)
+from outbox where id = any($1::bigint[])
+order by id
+for update skip locked
 """
 _DELETE = "delete from outbox where id = any($1::bigint[])"
 #: Rows waiting, counted up to a bound along the primary key (no scan of the whole
@@ -91,6 +99,8 @@ class Relay:
     #: Rows claimed, published and deleted per transaction: no more than the history
     #: scripts' call ids kept per channel (8), so a chunk published again is published once.
     CHUNK = 8
+    #: Rows read at a time (ids and channels) to pass over those that wait (`_passing`).
+    SCAN = 512
     #: Seconds of failed publications after which a round ends (a publication that timed
     #: out takes 5: `PUBLISH_TIMEOUT`).
     FAILING = 4.0
@@ -165,13 +175,14 @@ class Relay:
     async def round(self) -> tuple[int, int]:
         """One round: (rows claimed, rows done: published, or dropped as not publishable).
 
-        Up to `batch` rows done and `batch` rows left: the rows left (and those of
-        their channels, which the claim passes over) do not take the place of others.
+        Up to `batch` rows done and `batch` rows left. Once a row is left, the
+        rows that wait behind it are passed over (`_passing`), so that they do not
+        take the place of others in the round.
         """
         claimed = done = sent = 0
         # Channels of the rows left this round: later rows naming one wait too.
         blocked: set[str] = set()
-        after = 0  # the last id claimed: rows left are not claimed again this round
+        after = 0  # the last id claimed or passed over: not looked at again this round
         self._failing_for = 0.0
         drained = False
         try:
@@ -182,13 +193,21 @@ class Relay:
                     and self._failing_for < self.failing
                 ):
                     size = min(self.chunk, self.batch - done)
-                    waiting = len(blocked)
-                    rows, finished, published, after = await self._chunk(conn, size, after, blocked)
-                    if len(blocked) > waiting:
-                        await self._spread(conn, after, blocked)
+                    ids: list[int] | None = None
+                    if blocked:
+                        ids, after, drained = await self._passing(conn, size, after, blocked)
+                        if not ids:
+                            break
+                    rows, finished, published, last = await self._chunk(
+                        conn, size, after, blocked, ids
+                    )
                     claimed, done, sent = claimed + rows, done + finished, sent + published
-                    if rows < size:
-                        drained = True
+                    if ids is None:
+                        after = last
+                        if rows < size:
+                            drained = True
+                            break
+                    elif drained and len(ids) < size:
                         break
                 if drained and done == claimed:
                     self.pending = 0  # nothing past the grace is left (but other relays' rows)
@@ -202,28 +221,52 @@ class Relay:
                     self.on_relayed(sent)
         return claimed, done
 
-    async def _spread(self, conn: Conn, after: int, blocked: set[str]) -> None:
-        """Add to ``blocked`` the channels of every row past ``after`` that names one: the
-        claims pass those rows over, and a row naming one of theirs must wait behind them.
-        (It may hold up a row of such a channel older than the one that names both:
-        later, never out of order.)"""
+    async def _passing(
+        self, conn: Conn, size: int, after: int, blocked: set[str]
+    ) -> tuple[list[int], int, bool]:
+        """Up to ``size`` ids of the next rows past ``after`` that wait for no row left:
+        (those ids, the id to go on from, whether the outbox ended). A row naming a
+        ``blocked`` channel is passed over, and its channels join ``blocked``; the
+        ids stop before a row naming a channel of one of them (its turn depends on
+        whether they are published)."""
+        ids: list[int] = []
+        theirs: set[str] = set()
         while True:
-            found = await conn.fetchval(_SPREAD, self.grace, after, list(blocked))
-            if blocked.issuperset(found):
-                return
-            blocked.update(found)
+            page = await conn.fetch(_SCAN, self.grace, after, self.SCAN)
+            for id, channels in page:
+                if not blocked.isdisjoint(channels):
+                    blocked.update(channels)
+                elif len(ids) == size or not theirs.isdisjoint(channels):
+                    return ids, after, False
+                else:
+                    ids.append(id)
+                    theirs.update(channels)
+                after = id
+            if len(page) < self.SCAN:
+                return ids, after, True
+            if ids:
+                return ids, after, False
 
     async def _chunk(
-        self, conn: Conn, size: int, after: int, blocked: set[str]
+        self,
+        conn: Conn,
+        size: int,
+        after: int,
+        blocked: set[str],
+        ids: list[int] | None = None,
     ) -> tuple[int, int, int, int]:
-        """Claim, publish and delete up to ``size`` rows past id ``after`` in one
-        transaction: (claimed, done, published, the last id claimed); the rows published
-        count once their delete committed. A row naming a ``blocked`` channel, or that
-        fails, stays, and its channels join ``blocked``."""
+        """Claim, publish and delete up to ``size`` rows past id ``after`` (or those of
+        ``ids``, `_passing`'s) in one transaction: (claimed, done,
+        published, the last id claimed); the rows published count once their delete
+        committed. A row naming a ``blocked`` channel, or that fails, stays, and its
+        channels join ``blocked``."""
         sent = 0
         done: list[int] = []
         async with conn.transaction():
-            rows = await conn.fetch(_CLAIM, self.grace, size, after, list(blocked))
+            if ids is None:
+                rows = await conn.fetch(_CLAIM, self.grace, size, after)
+            else:
+                rows = await conn.fetch(_CLAIM_IDS, ids)
             for id, channels, payload, call in rows:
                 after = id
                 if not blocked.isdisjoint(channels):

@@ -100,3 +100,22 @@ async def test_a_row_waits_behind_one_that_waits_on_a_failing_channel(clean_db):
         assert await rows(db.pool) == 4
     finally:
         await db.close()
+
+
+async def test_rows_waiting_behind_a_shared_channel_are_passed_over_page_by_page(clean_db):
+    # Every project's row names "projects" too: one left on it holds them all, and the
+    # relay reads past them (ids and channels, a page at a time) to a row of another channel.
+    db = await Database.open(settings_for(clean_db, None, unique_prefix()))
+    events = _ShardDown()
+    relay = Relay(db.pool, events, batch=10)  # type: ignore[arg-type]
+    relay.SCAN = 16
+    layout = [["down:x", "projects"]] + [["projects", f"projects:{i}"] for i in range(100)]
+    layout += [["users"], ["projects:7"], ["users"]]
+    try:
+        await _queue(db, layout)
+        claimed, done = await relay.round()
+        assert events.published == [("users", 101), ("users", 103)]
+        assert (claimed, done) == (8 + 2, 2) and events.tried == 3  # (a first chunk of 8)
+        assert await rows(db.pool) == 102
+    finally:
+        await db.close()
