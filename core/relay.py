@@ -20,7 +20,11 @@ drains at about 2,200 rows a second instead of 3,300 (docs/performance.md).
 
 A row the broker could not publish stays, and so does every later row that
 names one of its channels (so no channel gets its events out of order, nor a
-row published again after later ones); the round goes on with the rest. With
+row published again after later ones); the round goes on with the rest,
+reading past the rows that wait (ids and channels, `SCAN` at a time) rather
+than claiming them: they do not take the places of others in its `BATCH`
+(30 rows of a dead shard at the head of the outbox held every other
+channel's events for good, tests/test_relay_left_rows.py). With
 Redis Cluster and one shard down, the other shards' channels go on: the
 round used to end at the first failure, and every channel's events waited
 behind that shard's (tests/test_redis_cluster_faults.py). Failures that
