@@ -20,7 +20,11 @@ drains at about 2,200 rows a second instead of 3,300 (docs/performance.md).
 
 A row the broker could not publish stays, and so does every later row that
 names one of its channels (so no channel gets its events out of order, nor a
-row published again after later ones); the round goes on with the rest. With
+row published again after later ones); the round goes on with the rest,
+reading past the rows that wait (ids and channels, `SCAN` at a time) rather
+than claiming them: they do not take the places of others in its `BATCH`
+(30 rows of a dead shard at the head of the outbox held every other
+channel's events for good, tests/test_relay_left_rows.py). With
 Redis Cluster and one shard down, the other shards' channels go on: the
 round used to end at the first failure, and every channel's events waited
 behind that shard's (tests/test_redis_cluster_faults.py). Failures that
@@ -66,6 +70,20 @@ order by id
 limit $2
 for update skip locked
 """
+#: Once some rows wait: the next rows (ids and channels only, no lock), to pick those that
+#: do not wait (`Relay._passing`), then claimed by id (`_CLAIM_IDS`).
+_SCAN = """
+select id, channels from outbox
+where created_at < now() - make_interval(secs => $1) and id > $2
+order by id
+limit $3
+"""
+_CLAIM_IDS = """
+select id, channels, payload, outbox_call(id, created_at)
+from outbox where id = any($1::bigint[])
+order by id
+for update skip locked
+"""
 _DELETE = "delete from outbox where id = any($1::bigint[])"
 #: Rows waiting, counted up to a bound along the primary key (no scan of the whole
 #: table, which holds the dead rows of every delete until it is vacuumed).
@@ -85,6 +103,8 @@ class Relay:
     #: Rows claimed, published and deleted per transaction: no more than the history
     #: scripts' call ids kept per channel (8), so a chunk published again is published once.
     CHUNK = 8
+    #: Rows read at a time (ids and channels) to pass over those that wait (`_passing`).
+    SCAN = 512
     #: Seconds of failed publications after which a round ends (a publication that timed
     #: out takes 5: `PUBLISH_TIMEOUT`).
     FAILING = 4.0
@@ -144,7 +164,7 @@ class Relay:
             except Exception as exc:  # the database, usually: try again later
                 log.warning("outbox relay round failed: %s", exc)
                 claimed, published = 1, 0
-            if claimed == self.batch and published > 0:
+            if published >= self.batch:
                 wait = 0.0  # a backlog, draining but for some rows left (a shard down)
             elif published < claimed:
                 wait = self.backoff.delay(failures)
@@ -157,21 +177,43 @@ class Relay:
                     await self._stop.wait()
 
     async def round(self) -> tuple[int, int]:
-        """One round: (rows claimed, rows done: published, or dropped as not publishable)."""
+        """One round: (rows claimed, rows done: published, or dropped as not publishable).
+
+        Up to `batch` rows done and `batch` rows left. Once a row is left, the
+        rows that wait behind it are passed over (`_passing`), so that they do not
+        take the place of others in the round.
+        """
         claimed = done = sent = 0
         # Channels of the rows left this round: later rows naming one wait too.
         blocked: set[str] = set()
-        after = 0  # the last id claimed: rows left are not claimed again this round
+        after = 0  # the last id claimed or passed over: not looked at again this round
         self._failing_for = 0.0
+        drained = False
         try:
             async with self._pool.acquire() as conn:
-                while claimed < self.batch and self._failing_for < self.failing:
-                    size = min(self.chunk, self.batch - claimed)
-                    rows, finished, published, after = await self._chunk(conn, size, after, blocked)
+                while (
+                    done < self.batch
+                    and claimed - done < self.batch
+                    and self._failing_for < self.failing
+                ):
+                    size = min(self.chunk, self.batch - done)
+                    ids: list[int] | None = None
+                    if blocked:
+                        ids, after, drained = await self._passing(conn, size, after, blocked)
+                        if not ids:
+                            break
+                    rows, finished, published, last = await self._chunk(
+                        conn, size, after, blocked, ids
+                    )
                     claimed, done, sent = claimed + rows, done + finished, sent + published
-                    if rows < size:
+                    if ids is None:
+                        after = last
+                        if rows < size:
+                            drained = True
+                            break
+                    elif drained and len(ids) < size:
                         break
-                if claimed < self.batch and done == claimed:
+                if drained and done == claimed:
                     self.pending = 0  # nothing past the grace is left (but other relays' rows)
                 else:  # a backlog: count it, only now
                     self.pending = await conn.fetchval(_PENDING, PENDING_COUNTED)
@@ -183,17 +225,52 @@ class Relay:
                     self.on_relayed(sent)
         return claimed, done
 
-    async def _chunk(
+    async def _passing(
         self, conn: Conn, size: int, after: int, blocked: set[str]
+    ) -> tuple[list[int], int, bool]:
+        """Up to ``size`` ids of the next rows past ``after`` that wait for no row left:
+        (those ids, the id to go on from, whether the outbox ended). A row naming a
+        ``blocked`` channel is passed over, and its channels join ``blocked``; the
+        ids stop before a row naming a channel of one of them (its turn depends on
+        whether they are published)."""
+        ids: list[int] = []
+        theirs: set[str] = set()
+        while True:
+            page = await conn.fetch(_SCAN, self.grace, after, self.SCAN)
+            for id, channels in page:
+                if not blocked.isdisjoint(channels):
+                    blocked.update(channels)
+                elif len(ids) == size or not theirs.isdisjoint(channels):
+                    return ids, after, False
+                else:
+                    ids.append(id)
+                    theirs.update(channels)
+                after = id
+            if len(page) < self.SCAN:
+                return ids, after, True
+            if ids:
+                return ids, after, False
+
+    async def _chunk(
+        self,
+        conn: Conn,
+        size: int,
+        after: int,
+        blocked: set[str],
+        ids: list[int] | None = None,
     ) -> tuple[int, int, int, int]:
-        """Claim, publish and delete up to ``size`` rows past id ``after`` in one
-        transaction: (claimed, done, published, the last id claimed); the rows published
-        count once their delete committed. A row naming a ``blocked`` channel, or that
-        fails, stays, and its channels join ``blocked``."""
+        """Claim, publish and delete up to ``size`` rows past id ``after`` (or those of
+        ``ids``, `_passing`'s) in one transaction: (claimed, done,
+        published, the last id claimed); the rows published count once their delete
+        committed. A row naming a ``blocked`` channel, or that fails, stays, and its
+        channels join ``blocked``."""
         sent = 0
         done: list[int] = []
         async with conn.transaction():
-            rows = await conn.fetch(_CLAIM, self.grace, size, after)
+            if ids is None:
+                rows = await conn.fetch(_CLAIM, self.grace, size, after)
+            else:
+                rows = await conn.fetch(_CLAIM_IDS, ids)
             for id, channels, payload, call in rows:
                 after = id
                 if not blocked.isdisjoint(channels):

@@ -222,6 +222,10 @@ async def test_slow_readers_of_large_answers_are_reset_the_largest_first_past_th
             assert 0 < held <= budget
             reset = sum(map(_reset, socks))
             assert 3 <= reset < len(socks)
+            # Each answer knows whom it serves (the budget cuts the client holding the most),
+            # on Tornado's streams and on adopted connections alike.
+            stalled = gw.server._stalled  # type: ignore[union-attr]
+            assert stalled and {conn.client() for conn in stalled} == {"127.0.0.1"}
             assert (
                 gw.ctx.metrics.registry.get_sample_value("gateway_answer_budget_resets_total")
                 == reset

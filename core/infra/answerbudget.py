@@ -12,9 +12,13 @@ held, +116 MB.
 
 `AnswerBudget` sums what the stalled connections hold (`Listener.stalled`
 hands them over) at most every `CHECK_EVERY` seconds while answers stall,
-and past the budget resets the connections holding the most first, until
-the rest fit: the connections a client made large are cut, a reader a
-moment behind with an ordinary answer is not. It is the sockets'
+and past the budget resets the largest answer of the client (its address,
+an IPv6 one by its /64) holding the most in all, again and again until the
+rest fit: the connections a client made large are cut, a reader a moment
+behind with an ordinary answer is not, even when the client spread what it
+holds over many answers each smaller than that reader's (largest first
+whoever held it: 100 answers of 700 KB from one client had another user's
+1 MB answer reset first). It is the sockets'
 ``SEND_BUFFER_TOTAL_BYTES`` rule (gateway/transport/wsconn.py `Coalescer`),
 for HTTP. Event streams are HTTP answers too and count in both.
 """
@@ -22,6 +26,7 @@ for HTTP. Event streams are HTTP answers too and count in both.
 from __future__ import annotations
 
 import asyncio
+import heapq
 import logging
 import time
 from collections.abc import Callable, Collection
@@ -42,6 +47,9 @@ CHECK_EVERY = 0.1
 class Held(Protocol):
     """A connection holding answer bytes its socket would not take."""
 
+    def client(self) -> str:
+        """Whom it serves: the client's address (``limit_key``), "" when unknown."""
+
     def unsent(self) -> int:
         """Bytes of its answers the process holds (0: drained, or closed)."""
 
@@ -50,7 +58,8 @@ class Held(Protocol):
 
 
 class AnswerBudget:
-    """Resets the largest stalled answers while all of them together exceed ``budget`` bytes."""
+    """Resets stalled answers, the largest of the client holding the most first, while all
+    of them together exceed ``budget`` bytes."""
 
     def __init__(
         self,
@@ -85,24 +94,35 @@ class AnswerBudget:
             loop.call_soon(self.check)
 
     def check(self) -> int:
-        """Sum the stalled answers; past the budget reset the largest first. Returns how many."""
+        """Sum the stalled answers; past the budget reset the largest of the client holding
+        the most, again until the rest fit. Returns how many."""
         self._due = False
         self._checked = time.monotonic()
         sizes = [(conn.unsent(), conn) for conn in self._stalled()]
         total = sum(size for size, _ in sizes)
         if total <= self.budget:
             return 0
-        sizes.sort(key=lambda item: item[0], reverse=True)
-        before, shed = total, 0
+        clients: dict[str, list[tuple[int, Held]]] = {}
         for size, conn in sizes:
-            if total <= self.budget:
-                break
+            clients.setdefault(conn.client(), []).append((size, conn))
+        # (-what the client holds, its name, its answers largest last): the most held first
+        heap = []
+        for name, held in clients.items():
+            held.sort(key=lambda item: item[0])
+            heap.append((-sum(size for size, _ in held), name, held))
+        heapq.heapify(heap)
+        before, shed = total, 0
+        while total > self.budget and heap:
+            most, name, held = heapq.heappop(heap)
+            size, conn = held.pop()
             self._forget(conn)
             conn.reset()
             total -= size
             shed += 1
+            if held:
+                heapq.heappush(heap, (most + size, name, held))
         self._shed.inc(shed)
-        self._log.log(logging.WARNING, "reset %d connection(s) holding the largest answers: "
+        self._log.log(logging.WARNING, "reset %d connection(s) of the clients holding the most: "
                       "%d bytes unsent in the process, over ANSWER_BUFFER_TOTAL_BYTES (%d)",
                       shed, before, self.budget)  # fmt: skip
         return shed

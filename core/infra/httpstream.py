@@ -48,6 +48,7 @@ from typing import Protocol
 
 from tornado.iostream import IOStream, UnsatisfiableReadError
 
+from core.infra.clientip import limit_key
 from core.infra.errors import error_body
 from core.infra.tcp import kernel_queue, reset_on_close
 from core.infra.throttled import ThrottledLog
@@ -124,6 +125,7 @@ class HTTPStream(IOStream):
     _searched = 0  # bytes of the buffer the pending head read has searched in vain
     writes: Writes | None = None  # told when writes stall and drain
     _stalled = False
+    _client = ""  # the client's address (``limit_key``), set by the listener
 
     def _handle_write(self) -> None:
         super()._handle_write()
@@ -137,6 +139,15 @@ class HTTPStream(IOStream):
         elif self._stalled:
             self._stalled = False
             writes.flowing(self)
+
+    def client(self) -> str:
+        """The client's address (``limit_key``; the PROXY header's), "" when unknown."""
+        return self._client
+
+    def serves(self, address: object) -> None:
+        """It serves the client at ``address`` (a socket address, or an IP)."""
+        ip = address[0] if isinstance(address, tuple) and address else address
+        self._client = limit_key(str(ip)) if ip else ""
 
     def taken(self) -> int:
         """Bytes written that the client's TCP has acknowledged."""

@@ -153,6 +153,9 @@ class Writer(Protocol):
     def taken(self) -> int:
         """Bytes of its answers the client's TCP has acknowledged so far."""
 
+    def client(self) -> str:
+        """Whom it serves: the client's address (``limit_key``), "" when unknown."""
+
     def unsent(self) -> int:
         """Bytes of its answers the process holds (0: drained, or closed)."""
 
@@ -305,6 +308,7 @@ class Listener(HTTPServer):
             stream.writes = self
             if first:
                 _refill(stream, first)
+            stream.serves(address)
             self.handle_stream(stream, address)
         except Exception:
             log.exception("serving a new connection failed")
@@ -398,6 +402,8 @@ class Listener(HTTPServer):
             if not self._admit(stream, source):
                 return
             address = (source, *address[1:])
+            if isinstance(stream, HTTPStream):
+                stream.serves(source)
         super().handle_stream(stream, address)
 
     def stop(self) -> None:
@@ -558,6 +564,7 @@ class Listener(HTTPServer):
         stream = HTTPStream(sock, max_buffer_size=self.max_buffer_size,
                             read_chunk_size=self.read_chunk_size)  # fmt: skip
         stream.writes = self
+        stream.serves(address)
         if buffered:
             _refill(stream, buffered)
         HTTPServer.handle_stream(self, stream, address)
