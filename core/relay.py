@@ -34,6 +34,10 @@ silent Redis or shard), the round ends there, so a Redis that does not answer
 costs one timeout a round, not one a row. A round that left rows is followed
 by the next after a backoff (core/infra/backoff.py). A full batch is
 followed by the next one at once, so a backlog drains at the broker's pace.
+A round stops at the first row (by id) still in its writer's grace: a write
+that began first and waited (a resource's row lock, or any write on the
+shared ``projects`` channel) takes the later id, so its row can be past the
+grace while an earlier row of its channel is not.
 An event no channel can carry (`proto.InvalidData`) is logged and deleted:
 trying again would not help, and it would hold up nothing but itself.
 
@@ -62,19 +66,28 @@ __all__ = ["Relay"]
 
 log = logging.getLogger("core.relay")
 
+#: The next rows, up to the first one still in its writer's grace: rows do not
+#: take ids in the order their transactions began (``created_at``), so a later
+#: row of a channel can be past the grace while an earlier one is not.
 _CLAIM = """
+with head as (
+    select id, created_at < now() - make_interval(secs => $1) as old
+    from outbox where id > $3 order by id limit $2
+)
 select id, channels, payload, outbox_call(id, created_at)
 from outbox
-where created_at < now() - make_interval(secs => $1) and id > $3
+where id in (
+    select id from head
+    where id < coalesce((select min(id) from head where not old), 9223372036854775807)
+)
 order by id
-limit $2
 for update skip locked
 """
 #: Once some rows wait: the next rows (ids and channels only, no lock), to pick those that
 #: do not wait (`Relay._passing`), then claimed by id (`_CLAIM_IDS`).
 _SCAN = """
-select id, channels from outbox
-where created_at < now() - make_interval(secs => $1) and id > $2
+select id, channels, created_at < now() - make_interval(secs => $1) as old from outbox
+where id > $2
 order by id
 limit $3
 """
@@ -237,7 +250,9 @@ class Relay:
         theirs: set[str] = set()
         while True:
             page = await conn.fetch(_SCAN, self.grace, after, self.SCAN)
-            for id, channels in page:
+            for id, channels, old in page:
+                if not old:  # in its writer's grace: it and every later row wait
+                    return ids, after, True
                 if not blocked.isdisjoint(channels):
                     blocked.update(channels)
                 elif len(ids) == size or not theirs.isdisjoint(channels):

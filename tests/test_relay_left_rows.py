@@ -119,3 +119,27 @@ async def test_rows_waiting_behind_a_shared_channel_are_passed_over_page_by_page
         assert await rows(db.pool) == 102
     finally:
         await db.close()
+
+
+async def test_a_row_still_in_its_writers_grace_is_not_overtaken_by_a_later_row_of_its_channel(
+    clean_db,
+):
+    # Ids follow the order writes took them (a resource's row lock orders its writes),
+    # ``created_at`` the order their transactions began: a write that began first and
+    # waited took the later id. Its row is past the grace while the earlier one is not.
+    db = await Database.open(settings_for(clean_db, None, unique_prefix()))
+    events = _ShardDown()
+    relay = Relay(db.pool, events)  # type: ignore[arg-type]
+    try:
+        await db.pool.executemany(
+            "insert into outbox (channels, payload, created_at)"
+            " values ($1, $2, now() - make_interval(secs => $3))",
+            [(["projects"], b'{"n": 0}', 0.5), (["projects"], b'{"n": 1}', 60.0)],
+        )
+        await relay.round()
+        assert events.published == [], "a later row of the channel went first"
+        await db.pool.execute("update outbox set created_at = now() - interval '1 minute'")
+        await relay.round()
+        assert events.published == [("projects", 0), ("projects", 1)]
+    finally:
+        await db.close()
