@@ -21,7 +21,7 @@ from typing import Any, cast
 
 from tornado.http1connection import HTTP1Connection
 
-from core.infra.clientip import limit_key
+from core.infra.clientip import address_key
 from core.infra.listener import Listener, unread
 from core.infra.tcp import kernel_queue, reset_on_close
 
@@ -209,9 +209,7 @@ class Adopted(asyncio.Protocol):
 
     def client(self) -> str:
         """The client's address (``limit_key``), "" when unknown."""
-        address = self._address
-        ip = address[0] if isinstance(address, tuple) and address else address
-        return limit_key(str(ip)) if ip else ""
+        return address_key(self._address)
 
     def unsent(self) -> int:
         """Bytes of answers the transport holds (0 once closed)."""

@@ -19,7 +19,7 @@ import ipaddress
 from collections.abc import Iterable
 from typing import Protocol
 
-__all__ = ["HeaderLists", "TrustedProxies", "limit_key", "parse_ip"]
+__all__ = ["HeaderLists", "TrustedProxies", "address_key", "limit_key", "parse_ip"]
 
 #: Addresses, and trusted peers' forwarding headers, whose outcome is remembered.
 _REMEMBERED = 4096
@@ -59,6 +59,12 @@ def limit_key(ip: str) -> str:
         return str(ipaddress.IPv6Network((ip, 64), strict=False))
     except ValueError:
         return ip
+
+
+def address_key(address: object) -> str:
+    """`limit_key` of a socket address (its first item the IP) or of an IP; "" for none."""
+    ip = address[0] if isinstance(address, tuple) and address else address
+    return limit_key(str(ip)) if ip else ""
 
 
 class HeaderLists(Protocol):

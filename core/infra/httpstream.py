@@ -48,7 +48,7 @@ from typing import Protocol
 
 from tornado.iostream import IOStream, UnsatisfiableReadError
 
-from core.infra.clientip import limit_key
+from core.infra.clientip import address_key
 from core.infra.errors import error_body
 from core.infra.tcp import kernel_queue, reset_on_close
 from core.infra.throttled import ThrottledLog
@@ -146,8 +146,7 @@ class HTTPStream(IOStream):
 
     def serves(self, address: object) -> None:
         """It serves the client at ``address`` (a socket address, or an IP)."""
-        ip = address[0] if isinstance(address, tuple) and address else address
-        self._client = limit_key(str(ip)) if ip else ""
+        self._client = address_key(address)
 
     def taken(self) -> int:
         """Bytes written that the client's TCP has acknowledged."""
