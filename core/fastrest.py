@@ -363,6 +363,8 @@ class RestConnection(Adopted):
         self._peer = str(address[0]) if isinstance(address, tuple) and address else ""
         # A connection keeps its peer: whether it is a trusted proxy is asked once, not per request.
         self._peer_trusted = listener.proxies.trusts(self._peer)
+        if self._peer_trusted:
+            self.serves(first.client)  # (the listener resolved it for Tornado's read)
         self._first: RestRequest | None = first
         self._buffer = buffered
         self._transport: asyncio.Transport | None = None
@@ -476,6 +478,7 @@ class RestConnection(Adopted):
         client = self._peer
         if self._peer_trusted:
             client = self._listener.proxies.client_ip(client, Fields(head.headers))
+            self.serves(client)
         body = buffer[head.size : end]
         return RestRequest(head.method, head.target, head.headers, body, client, head.close)
 

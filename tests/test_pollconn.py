@@ -363,3 +363,24 @@ async def test_released_polls_run_together_and_one_failing_costs_the_others_noth
     third.wait(lambda: ran.append("timeout"), 0.2 * UNIT)
     await until(lambda: "timeout" in ran, 2 * UNIT)
     assert not waits.waiting
+
+
+async def test_behind_a_trusted_proxy_an_adopted_poll_serves_the_forwarded_client():
+    # ANSWER_BUFFER_TOTAL_BYTES groups stalled answers by whom they serve: behind an HTTP
+    # reverse proxy, the client it forwards, poll by poll, not the proxy's own address.
+    async with running_gateway(
+        **FEED, longpoll_timeout=5.0, trusted_proxies=("127.0.0.0/8",)
+    ) as gw:
+        token = token_for(gw, channels=("feed:*",))
+        sid = await session(gw, token, "feed:a")
+        c = await Raw.open(gw.port)
+        try:
+            c.send(poll(sid, 0, token, "X-Forwarded-For: 203.0.113.9\r\n"))
+            status, _, body = await c.answer()  # through Tornado, then adopted
+            assert status == 200
+            await until(lambda: gw.server.adopted == 1)
+            c.send(poll(sid, body["cursor"], token, "X-Forwarded-For: 198.51.100.7\r\n"))
+            (conn,) = gw.server._adopted
+            await until(lambda: conn.client() == "198.51.100.7")
+        finally:
+            c.close()

@@ -22,6 +22,7 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import pytest
 from openapi_ui_bundles import swagger_ui
 
 from bench.answers import LARGE_PROJECT
@@ -240,3 +241,61 @@ async def test_slow_readers_of_large_answers_are_reset_the_largest_first_past_th
                 assert (await anyone.call("GET", "/api/projects?limit=1"))[0] == 200
             finally:
                 anyone.close()
+
+
+def _forwarded(path: str, token: str, client: str, close: bool = False) -> bytes:
+    """A request for ``path`` as a trusted reverse proxy sends it for ``client``."""
+    more = f"X-Forwarded-For: {client}\r\n" + ("Connection: close\r\n" if close else "")
+    return _get(path, token).replace(b"\r\n\r\n", f"\r\n{more}\r\n".encode())
+
+
+@pytest.mark.parametrize("kept_alive", [False, True], ids=["tornado", "kept-alive"])
+async def test_behind_a_reverse_proxy_the_budget_resets_the_client_holding_the_most(
+    clean_db, kept_alive
+):
+    # Behind an HTTP reverse proxy every connection comes from the proxy's address: the
+    # budget saw one client, and reset the largest answers whoever asked them. One client
+    # asking pages of ~5.8 MB on eight connections got another's one ~9.6 MB answer reset
+    # first. Now each answer serves the client the trusted proxy forwarded.
+    budget = 16 << 20
+    async with running_gateway(
+        **clean_db,
+        write_timeout=60 * UNIT,
+        answer_buffer_total_bytes=budget,
+        trusted_proxies=("127.0.0.0/8",),
+    ) as gw:
+        await _large_projects(gw)
+        reader = token_for(gw, "bob")
+        assert gw.server is not None
+        loop = asyncio.get_running_loop()
+        page = "/api/projects?limit=60"
+        async with contextlib.AsyncExitStack() as stack:
+            many = []
+            for _ in range(8):
+                # Tornado's stream answers a request that closes; a kept-alive connection's
+                # second request is read off Tornado (core/fastrest.py).
+                first = _forwarded("/api/projects?limit=1" if kept_alive else page, reader,
+                                   "203.0.113.9", close=not kept_alive)  # fmt: skip
+                sock = await stack.enter_async_context(_asking(gw.port, 4096, first))
+                if kept_alive:
+                    status, _ = await _answer(sock)
+                    assert status == 200
+                    await loop.sock_sendall(sock, _forwarded(page, reader, "203.0.113.9"))
+                many.append(sock)
+            # Another client's one larger answer, the first on its connection.
+            other = await stack.enter_async_context(
+                _asking(
+                    gw.port, 4096, _forwarded("/api/projects?limit=100", reader, "198.51.100.7")
+                )
+            )
+            await until(lambda: any(map(_reset, many)), 10 * UNIT)
+            await asyncio.sleep(0.3)  # (a check every 0.1 s at most)
+            assert 0 < _answers_buffered(gw) <= budget
+            assert not _reset(other), (
+                "another client's answer was reset for the one holding the most"
+            )
+            kind = "RestConnection" if kept_alive else "HTTPStream"
+            assert not any(type(conn).__name__ == kind and conn.client() == "127.0.0.1"
+                           for conn in gw.server._stalled)  # type: ignore[union-attr]  # fmt: skip
+            status, body = await _answer(other)
+            assert status == 200 and len(json.loads(body)["items"]) == 100

@@ -108,6 +108,7 @@ class Adopted(asyncio.Protocol):
         "_max_buffer",
         "_paused",
         "_reading",
+        "_served",
         "_transport",
         "_written",
     )
@@ -208,8 +209,14 @@ class Adopted(asyncio.Protocol):
         return self._written - self.unacked()
 
     def client(self) -> str:
-        """The client's address (``limit_key``), "" when unknown."""
-        return address_key(self._address)
+        """The client's address (``limit_key``), "" when unknown: the one a trusted proxy
+        forwarded for the request last read (`serves`), else the TCP peer's."""
+        served: str | None = getattr(self, "_served", None)  # (unset until a proxy forwards)
+        return address_key(self._address) if served is None else served
+
+    def serves(self, ip: str) -> None:
+        """Its request came from ``ip``, as a trusted proxy forwarded it (answer budget)."""
+        self._served = address_key(ip)
 
     def unsent(self) -> int:
         """Bytes of answers the transport holds (0 once closed)."""

@@ -13,7 +13,8 @@ held, +116 MB.
 `AnswerBudget` sums what the stalled connections hold (`Listener.stalled`
 hands them over) at most every `CHECK_EVERY` seconds while answers stall,
 and past the budget resets the largest answer of the client (its address,
-an IPv6 one by its /64) holding the most in all, again and again until the
+an IPv6 one by its /64; behind a trusted proxy, the one it forwards for the
+request answered) holding the most in all, again and again until the
 rest fit: the connections a client made large are cut, a reader a moment
 behind with an ordinary answer is not, even when the client spread what it
 holds over many answers each smaller than that reader's (largest first

@@ -702,6 +702,8 @@ class _Guard(httputil.HTTPMessageDelegate):
         client = self._client = listener.proxies.client_ip(peer, headers)
         if context is not None:
             context.remote_ip = client
+        if listener.proxies and isinstance(self._stream, HTTPStream):
+            self._stream.serves(client)  # whom the answer serves, request by request
         oversized = _oversized(start_line, headers, listener.max_header_bytes)
         if oversized is not None:
             self._refuse(start_line, client, oversized)

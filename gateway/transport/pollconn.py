@@ -175,8 +175,10 @@ class PollConnection(Adopted):
                 self._buffer = self._buffer[request.size :]
                 self._listener.reading(self, False)
                 self._close = request.close
-                if access_log.isEnabledFor(logging.INFO):
-                    self.logged(request.target.decode("ascii"), self._client_of(request))
+                if self._listener.proxies or access_log.isEnabledFor(logging.INFO):
+                    client = self._client_of(request)
+                    self.serves(client)  # the answer budget groups by it
+                    self.logged(request.target.decode("ascii"), client)
                 self._started = time.monotonic()
                 if not self._begin(*admitted):
                     break  # waiting for the session
