@@ -19,7 +19,7 @@ from core.errormap import JsonErrors, write_error
 from core.openapi import document
 from core.routing import Route
 
-__all__ = ["DocsHandler", "StaticFiles", "doc_routes", "jwks_route", "page_policy"]
+__all__ = ["DocsHandler", "StaticFiles", "doc_routes", "jwks_route", "page_headers", "page_policy"]
 
 
 # Swagger UI keeps what Authorize got in memory only: persisted, it was written to the
@@ -71,6 +71,16 @@ def page_policy(*, script: str | None = None, styles: str = "'self'") -> str:
     )
 
 
+def page_headers(handler: tornado.web.RequestHandler, policy: str) -> None:
+    """What every HTML page of these servers carries: its ``policy`` (`page_policy`), no
+    sniffing, and no window of another site: without ``Cross-Origin-Opener-Policy``, a
+    page that opened the console kept a handle on it and could send that tab elsewhere (a
+    look-alike sign-in) while the admin used it."""
+    handler.set_header("Content-Security-Policy", policy)
+    handler.set_header("Cross-Origin-Opener-Policy", "same-origin")
+    handler.set_header("X-Content-Type-Options", "nosniff")
+
+
 class DocsHandler(JsonErrors):
     """Serves one prebuilt document (the OpenAPI JSON or a UI page); errors are JSON.
 
@@ -83,9 +93,10 @@ class DocsHandler(JsonErrors):
 
     def get(self) -> None:
         self.set_header("Content-Type", self.content_type)
-        self.set_header("X-Content-Type-Options", "nosniff")
         if self.policy is not None:
-            self.set_header("Content-Security-Policy", self.policy)
+            page_headers(self, self.policy)
+        else:
+            self.set_header("X-Content-Type-Options", "nosniff")
         self.finish(self.content)
 
 

@@ -34,6 +34,7 @@ async def test_every_page_forbids_framing_inline_scripts_and_sniffing():
                 )
                 assert r.headers["Content-Type"] == "text/html; charset=utf-8", path
                 assert r.headers.get("X-Content-Type-Options") == "nosniff", path
+                assert r.headers.get("Cross-Origin-Opener-Policy") == "same-origin", path
                 assert policy.get("frame-ancestors") == "'none'", (path, policy)
                 assert policy.get("object-src") == "'none'", (path, policy)
                 scripts = policy.get("script-src", policy.get("default-src", ""))
