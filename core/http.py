@@ -355,7 +355,8 @@ def make_request(
 def unauthorized(refused: AuthError) -> Response:
     """The 401 for a token `CoreHTTP.caller` refused."""
     return Response.error(
-        ApiError(401, "unauthorized", refused.message), {"WWW-Authenticate": "Bearer"}
+        ApiError(401, "unauthorized", refused.message),
+        {"WWW-Authenticate": "Bearer", "Cache-Control": "no-store"},  # as `CoreHTTP.serve`'s
     )
 
 
