@@ -6,6 +6,8 @@ this process: the pages load nothing from a CDN.
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -17,16 +19,20 @@ from core.errormap import JsonErrors, write_error
 from core.openapi import document
 from core.routing import Route
 
-__all__ = ["DocsHandler", "StaticFiles", "doc_routes", "jwks_route"]
+__all__ = ["DocsHandler", "StaticFiles", "doc_routes", "jwks_route", "page_headers", "page_policy"]
 
 
+# Swagger UI keeps what Authorize got in memory only: persisted, it was written to the
+# origin's localStorage (the password, the access and the refresh token, in clear), where
+# every page and script of the gateway's origin could read it, long after the tab closed.
+_SWAGGER_INIT = """window.ui = SwaggerUIBundle({url: "/openapi.json", dom_id: "#swagger-ui",
+  deepLinking: true, persistAuthorization: false});"""
 _SWAGGER = """<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{title} - Swagger UI</title>
 <link rel="stylesheet" href="/docs/static/swagger-ui.css"></head>
 <body><div id="swagger-ui"></div>
 <script src="/docs/static/swagger-ui-bundle.js"></script>
-<script>window.ui = SwaggerUIBundle({{url: "/openapi.json", dom_id: "#swagger-ui",
-  deepLinking: true, persistAuthorization: true}});</script>
+<script>{init}</script>
 </body></html>
 """
 _REDOC = """<!DOCTYPE html>
@@ -51,15 +57,46 @@ DESCRIPTION = (
 )
 
 
-class DocsHandler(JsonErrors):
-    """Serves one prebuilt document (the OpenAPI JSON or a UI page); errors are JSON."""
+def page_policy(*, script: str | None = None, styles: str = "'self'") -> str:
+    """The ``Content-Security-Policy`` of a documentation page: nothing from elsewhere, never
+    framed, and of inline code only ``script`` (by its hash), never ``'unsafe-inline'``."""
+    scripts = "'self'"
+    if script is not None:
+        digest = base64.b64encode(hashlib.sha256(script.encode()).digest()).decode()
+        scripts += f" 'sha256-{digest}'"
+    return (
+        f"default-src 'self'; script-src {scripts}; style-src {styles}; "
+        "img-src 'self' data:; worker-src 'self' blob:; object-src 'none'; base-uri 'none'; "
+        "form-action 'self'; frame-ancestors 'none'"
+    )
 
-    def initialize(self, content: bytes, content_type: str) -> None:
+
+def page_headers(handler: tornado.web.RequestHandler, policy: str) -> None:
+    """What every HTML page of these servers carries: its ``policy`` (`page_policy`), no
+    sniffing, and no window of another site: without ``Cross-Origin-Opener-Policy``, a
+    page that opened the console kept a handle on it and could send that tab elsewhere (a
+    look-alike sign-in) while the admin used it."""
+    handler.set_header("Content-Security-Policy", policy)
+    handler.set_header("Cross-Origin-Opener-Policy", "same-origin")
+    handler.set_header("X-Content-Type-Options", "nosniff")
+
+
+class DocsHandler(JsonErrors):
+    """Serves one prebuilt document (the OpenAPI JSON or a UI page); errors are JSON.
+
+    Every answer is ``nosniff``; a page carries its ``policy`` (`page_policy`)."""
+
+    def initialize(self, content: bytes, content_type: str, policy: str | None = None) -> None:
         self.content = content
         self.content_type = content_type
+        self.policy = policy
 
     def get(self) -> None:
         self.set_header("Content-Type", self.content_type)
+        if self.policy is not None:
+            page_headers(self, self.policy)
+        else:
+            self.set_header("X-Content-Type-Options", "nosniff")
         self.finish(self.content)
 
 
@@ -89,12 +126,17 @@ def doc_routes(routes: tuple[Route, ...], title: str, version: str) -> list[Any]
     doc = document(routes, title=title, version=version, description=DESCRIPTION)
     spec = json.dumps(doc, indent=1).encode()
     static = StaticFiles
+    html = "text/html; charset=utf-8"
+    swagger = _SWAGGER.format(title=title, init=_SWAGGER_INIT).encode()
+    # ReDoc styles its page with <style> elements it writes (styled-components).
+    redoc_policy = page_policy(styles="'self' 'unsafe-inline'")
     return [
         (r"/openapi\.json", DocsHandler, {"content": spec, "content_type": "application/json"}),
         (r"/docs/?", DocsHandler,
-         {"content": _SWAGGER.format(title=title).encode(), "content_type": "text/html"}),
+         {"content": swagger, "content_type": html, "policy": page_policy(script=_SWAGGER_INIT)}),
         (r"/redoc/?", DocsHandler,
-         {"content": _REDOC.format(title=title).encode(), "content_type": "text/html"}),
+         {"content": _REDOC.format(title=title).encode(), "content_type": html,
+          "policy": redoc_policy}),
         # Only the files the pages load: the bundles' folders also hold demo pages that
         # load a spec from the internet, and Tornado's handler answers odd paths (a NUL)
         # with a 500 and a traceback. Anything else is the application's JSON 404.

@@ -135,13 +135,22 @@ class CoreHTTP(httputil.HTTPServerConnectionDelegate):
         request_id: str,
     ) -> Response:
         """Check the caller, then dispatch: the answer to one request, however it was read
-        (Tornado's `_Exchange` or an adopted connection's `core.fastrest.RestConnection`)."""
+        (Tornado's `_Exchange` or an adopted connection's `core.fastrest.RestConnection`).
+
+        An answer to a request with credentials is ``Cache-Control: no-store`` unless it
+        says otherwise: a browser kept it in its disk cache (a user's sessions with their
+        addresses, her projects), after she logged out and closed it."""
+        authorization = headers.get("authorization")
         try:
-            caller = self.caller(method, path, headers.get("authorization"))
+            caller = self.caller(method, path, authorization)
         except AuthError as exc:
-            return unauthorized(exc)
-        req = make_request(method, path, query, headers, body, caller, client, request_id)
-        return await self.core.dispatch(req)
+            resp = unauthorized(exc)
+        else:
+            req = make_request(method, path, query, headers, body, caller, client, request_id)
+            resp = await self.core.dispatch(req)
+        if authorization is not None:
+            resp.headers.setdefault("Cache-Control", "no-store")
+        return resp
 
     def caller(self, method: str, path: str, authorization: str | None) -> Identity | None:
         """Who calls (None: no token, or an operation anyone may call); `AuthError` if refused."""
@@ -346,7 +355,8 @@ def make_request(
 def unauthorized(refused: AuthError) -> Response:
     """The 401 for a token `CoreHTTP.caller` refused."""
     return Response.error(
-        ApiError(401, "unauthorized", refused.message), {"WWW-Authenticate": "Bearer"}
+        ApiError(401, "unauthorized", refused.message),
+        {"WWW-Authenticate": "Bearer", "Cache-Control": "no-store"},  # as `CoreHTTP.serve`'s
     )
 
 

@@ -16,7 +16,7 @@ from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any
 
-from core.docs import StaticFiles
+from core.docs import StaticFiles, page_headers
 
 __all__ = ["STATIC_DIR", "BrowserFileHandler", "browser_routes"]
 
@@ -61,9 +61,10 @@ class BrowserFileHandler(StaticFiles):
     def set_extra_headers(self, path: str) -> None:
         if "v" not in self.request.arguments:
             self.set_header("Cache-Control", "no-cache")
-        self.set_header("X-Content-Type-Options", "nosniff")
         if path.endswith(".html"):
-            self.set_header("Content-Security-Policy", _PAGE_POLICY)
+            page_headers(self, _PAGE_POLICY)
+        else:
+            self.set_header("X-Content-Type-Options", "nosniff")
 
 
 def browser_routes() -> list[Any]:

@@ -101,6 +101,19 @@ async def test_if_none_match_answers_304(api):
     assert status == 304 and none is None
 
 
+async def test_answers_to_a_caller_with_a_token_are_kept_by_no_cache(api):
+    """A browser kept them in its disk cache (her projects, her sessions with their
+    addresses and user agents), still there after she logged out and closed it."""
+    _, _, body = await api.call("POST", "/api/projects", PROJECT)
+    for method, path in (("GET", "/api/projects"), ("GET", f"/api/projects/{body['id']}"),
+                         ("GET", "/api/projects/999999"), ("GET", "/api/users")):  # fmt: skip
+        status, headers, _ = await api.call(method, path)
+        assert headers.get("Cache-Control") == "no-store", (path, status)
+    status, headers, _ = await api.call("GET", f"/api/projects/{body['id']}",
+                                        headers={"If-None-Match": '"1"'})  # fmt: skip
+    assert status == 304 and headers["ETag"] == '"1"'  # asked for, a validator still works
+
+
 async def test_list_pages_through_everything_once_in_order(api):
     ids = []
     for i in range(7):

@@ -215,6 +215,8 @@ async def test_kept_alive_connections_are_adopted_and_answer_as_tornado_does(tie
             conn.send(case)
             fast = await conn.answer(head_only=case.startswith(b"HEAD"))
             _same(tornado, fast)
+            if b"\r\nAuthorization: " in case:  # a browser keeps none of it, even a refusal
+                assert fast[1].get("cache-control") == "no-store", (case, fast[0])
             if case.startswith(b"POST") and fast[0] == 201:
                 created.append(json.loads(fast[2])["id"])
                 assert fast[1]["idempotent-replayed"] == "true"

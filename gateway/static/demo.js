@@ -82,7 +82,7 @@ function apply(event) {
     deletedAt.set(event.id, event.version);
     if (deletedAt.size > DELETED_KEPT) deletedAt.delete(deletedAt.keys().next().value);
   } else projects.set(event.id, event.data);
-  render(event.id);
+  redraw(event.id);
 }
 
 async function loadBoard() {
@@ -104,32 +104,61 @@ async function loadBoard() {
   } finally {
     const events = held;
     held = null;
-    events.forEach(apply);
     render();
+    events.forEach(apply);
   }
 }
 
-function render(changed) {
-  const list = $("#projects");
-  list.replaceChildren(...[...projects.values()].sort((a, b) => b.id - a.id).map((p) => {
-    const item = document.createElement("li");
-    item.dataset.id = p.id;
-    if (p.id === changed) item.className = "fresh";
-    const text = document.createElement("span");
-    const name = document.createElement("b");
-    name.textContent = p.name;
-    const details = document.createElement("small");
-    details.textContent = `${p.status} · ${p.budget} · ${p.owner_email}`;
-    text.append(name, details);
-    const remove = document.createElement("button");
-    remove.textContent = "Delete";
-    remove.onclick = async () => {
-      const r = await gw.rpc("DELETE", `/api/projects/${p.id}`);
-      if (r.status !== 204 && r.status !== 404) log(`delete failed: ${problem(r)}`);
-    };
-    item.append(text, remove);
-    return item;
+const items = new Map(); // id -> its <li> on the board
+
+function item(p) {
+  const li = document.createElement("li");
+  li.dataset.id = p.id;
+  const text = document.createElement("span");
+  const name = document.createElement("b");
+  name.textContent = p.name;
+  const details = document.createElement("small");
+  details.textContent = `${p.status} · ${p.budget} · ${p.owner_email}`;
+  text.append(name, details);
+  const remove = document.createElement("button");
+  remove.textContent = "Delete";
+  remove.onclick = async () => {
+    const r = await gw.rpc("DELETE", `/api/projects/${p.id}`);
+    if (r.status !== 204 && r.status !== 404) log(`delete failed: ${problem(r)}`);
+  };
+  li.append(text, remove);
+  return li;
+}
+
+// The whole board, once loaded. A change redraws its own item only: redrawing every item
+// for each event kept a board of 5,000 projects busy ~130 ms an event, and anyone may
+// change their own projects twenty times a second.
+function render() {
+  items.clear();
+  const sorted = [...projects.values()].sort((a, b) => b.id - a.id);
+  $("#projects").replaceChildren(...sorted.map((p) => {
+    const li = item(p);
+    items.set(p.id, li);
+    return li;
   }));
+}
+
+function redraw(id) {
+  $("#projects .fresh")?.classList.remove("fresh");
+  const old = items.get(id);
+  const p = projects.get(id);
+  if (!p) {
+    old?.remove();
+    items.delete(id);
+    return;
+  }
+  const li = item(p);
+  li.className = "fresh";
+  items.set(id, li);
+  if (old) { old.replaceWith(li); return; }
+  let next = $("#projects").firstElementChild; // newest first: before the first older one
+  while (next && Number(next.dataset.id) > id) next = next.nextElementSibling;
+  $("#projects").insertBefore(li, next);
 }
 
 async function create(event) {

@@ -229,7 +229,14 @@ export function msgpackDecode(data) {
   const array = (n) => Array.from({ length: n }, read);
   const map = (n) => {
     const out = {};
-    for (let i = 0; i < n; i++) { const k = read(); out[k] = read(); }
+    for (let i = 0; i < n; i++) {
+      const k = read();
+      const v = read();
+      // As JSON.parse: a key "__proto__" is the object's own, never its prototype (a
+      // publisher's {"__proto__": {...}} would give msgpack subscribers inherited fields).
+      if (k === "__proto__") Object.defineProperty(out, k, { value: v, enumerable: true, writable: true, configurable: true });
+      else out[k] = v;
+    }
     return out;
   };
   const read = () => {
