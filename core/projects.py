@@ -75,6 +75,25 @@ from (select p.id, project_json(p) as j, row_number() over (order by p.id) as rn
       order by p.id
       limit $4 + 1) page
 """
+#: The projects a filtered page examines at most, after its cursor.
+SCAN = 5000
+#: A filtered page: the first `SCAN` projects after the cursor, those that match. Without
+#: the window PostgreSQL walked the ids until it had a page, and a tag or status that
+#: matched nothing walked the whole table (300,000 projects: ~100 ms a request). The
+#: last column is the id of the `SCAN`th project (null if there are fewer): the next
+#: cursor when the window held no more than a page.
+_LIST_FILTERED = """
+select coalesce(json_agg(j order by id) filter (where rn <= $4), '[]')::text,
+       max(id) filter (where rn <= $4), count(*),
+       case when count(*) <= $4 then
+           (select id from projects where id > $1 order by id offset $5 - 1 limit 1) end
+from (select w.id, project_json(w) as j, row_number() over (order by w.id) as rn
+      from (select * from projects p where p.id > $1 order by p.id limit $5) w
+      where ($2::text is null or w.status = $2)
+        and ($3::text is null or w.tags @> array[$3::text])
+      order by w.id
+      limit $4 + 1) page
+"""
 _GET = "select project_json(p)::text, p.version from projects p where p.id = $1"
 _COLUMNS = "name, description, owner_email, budget, status, tags, starts_on, ends_on, milestones"
 #: Many creations in one statement (core/batch.py): rows are inserted in the
@@ -179,8 +198,12 @@ class Projects:
         return [read[page] for page in pages]
 
     async def _read_page(self, page: _Page) -> bytes:
-        items, last, n = await one(self._pool, _LIST, *page)
-        return page_body(items, last if n > page[3] else None)
+        _, status, tag, limit = page
+        if status is None and tag is None:
+            items, last, n = await one(self._pool, _LIST, *page)
+            return page_body(items, last if n > limit else None)
+        items, last, n, scanned = await one(self._pool, _LIST_FILTERED, *page, SCAN)
+        return page_body(items, last if n > limit else scanned)
 
     async def get(self, req: Request) -> Response:
         row = await self._pool.fetchrow(_GET, _id(req))

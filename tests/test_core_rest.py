@@ -13,6 +13,7 @@ import msgspec
 import pytest
 
 from core.infra.errors import ValidationFailed
+from core.projects import SCAN
 from core.schemas import Project, ProjectPage, User
 from core.validation import MAX_DETAILS, validate
 from tests.harness import ApiClient, KeptAliveClient, running_gateway, token_for
@@ -142,6 +143,40 @@ async def test_list_filters_by_status_and_tag(api):
     assert await names("tag=x") == ["a", "b"]
     assert await names("status=active&tag=x") == ["b"]
     assert await names("tag=nope") == []
+
+
+async def test_a_filter_that_matches_nothing_examines_a_window_not_the_whole_board(api, clean_db):
+    # A tag nobody uses made PostgreSQL walk every project for one page (300,000 projects:
+    # ~100 ms a request, and one account at its RATE_REST kept PostgreSQL busy for everyone).
+    # Now a filtered page examines at most SCAN projects and says where to go on.
+    await api.call("POST", "/api/projects", project(name="first", tags=["rare"]))
+    conn = await asyncpg.connect(clean_db["database_url"])
+    try:
+        await conn.execute(
+            f"""insert into "{clean_db["database_schema"]}".projects
+                (name, owner_email, budget, starts_on)
+            select 'filler', 'ada@example.com', 1, '2026-01-01'
+            from generate_series(1, {SCAN})"""
+        )
+    finally:
+        await conn.close()
+    await api.call("POST", "/api/projects", project(name="last", tags=["rare"]))
+
+    pages, names, cursor = [], [], None
+    while True:
+        path = "/api/projects?tag=rare&limit=5" + (f"&cursor={cursor}" if cursor else "")
+        status, _, body = await api.call("GET", path)
+        assert status == 200, body
+        pages.append(len(body["items"]))
+        names += [p["name"] for p in body["items"]]
+        cursor = body["next_cursor"]
+        if cursor is None:
+            break
+    assert names == ["first", "last"]
+    assert pages == [1, 1]  # the first window ends among the fillers; the next holds "last"
+    # Unfiltered pages are full as before.
+    _, _, body = await api.call("GET", "/api/projects?limit=5")
+    assert len(body["items"]) == 5 and body["next_cursor"]
 
 
 @pytest.mark.parametrize(
