@@ -19,12 +19,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import statistics
-import time
-from typing import Any
 
 import asyncpg
 
+from bench.pgfunctions import timed
 from bench.rest import add_database_arguments, quote_ident
 from core.migrate import migrate
 from core.projects import _LIST, _LIST_FILTERED, SCAN
@@ -35,16 +33,6 @@ select 'p' || g, repeat('d', 200), 'o' || (g % 1000) || '@example.com', 1,
        (array['draft', 'active', 'done'])[1 + g % 3], array['t' || (g % 50)], '2026-01-01'
 from generate_series(1, $1) g
 """
-
-
-async def timed(conn: asyncpg.Connection, sql: str, values: tuple[Any, ...], calls: int) -> float:
-    """The median round trip of ``sql`` with ``values``, in milliseconds."""
-    spent = []
-    for _ in range(calls):
-        started = time.perf_counter()
-        await conn.fetchrow(sql, *values)
-        spent.append(time.perf_counter() - started)
-    return statistics.median(spent) * 1000
 
 
 async def main() -> None:
@@ -67,9 +55,13 @@ async def main() -> None:
             ("?tag=t7&limit=100", None, "t7"),
             ("?status=done&limit=100", "done", None),
         ):
-            before = await timed(conn, _LIST, (0, status, tag, 100), args.calls)
-            after = await timed(conn, _LIST_FILTERED, (0, status, tag, 100, SCAN), args.calls)
-            print(f"GET /api/projects{query}: whole board {before:.1f} ms, window {after:.1f} ms")
+            before = await timed(conn, _LIST, (0, status, tag, 100), args.calls, write=False)
+            window = (0, status, tag, 100, SCAN)
+            after = await timed(conn, _LIST_FILTERED, window, args.calls, write=False)
+            print(
+                f"GET /api/projects{query}: whole board {before / 1000:.1f} ms, "
+                f"window {after / 1000:.1f} ms"
+            )
     finally:
         await conn.execute(f"drop schema if exists {schema} cascade")
         await conn.close()
