@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 from collections.abc import AsyncIterator, Sequence
 from decimal import Decimal
 from typing import Any, NoReturn
@@ -34,7 +35,15 @@ from core.outbox import with_events
 from core.paging import ANY, IF_MATCH_SCHEMA, decode_cursor, etag, if_match, none_match, page_body
 from core.request import Request, Response
 from core.routing import HeaderParam, Route, int_param
-from core.schemas import Project, ProjectIn, ProjectPage, ProjectPatch, ProjectQuery
+from core.schemas import (
+    Milestone,
+    Project,
+    ProjectIn,
+    ProjectPage,
+    ProjectPatch,
+    ProjectQuery,
+    Status,
+)
 
 __all__ = ["Projects"]
 
@@ -43,7 +52,25 @@ _JSON = "application/json"
 _Page = tuple[int, str | None, str | None, int]
 #: A request's `Amount` is written as the plain Decimal it is.
 _encode_json = msgspec.json.Encoder(decimal_format="number", enc_hook=Decimal).encode
-_project = msgspec.json.Decoder(Project)
+
+
+class _Stored(msgspec.Struct, kw_only=True):
+    """A stored project as a merge patch reads it: its fields' types, not the rules a
+    request is held to. A row written under earlier rules (an address the first release
+    took, ``ada@exa_mple.com``) stays patchable; before, every PATCH of it was a 500."""
+
+    name: str
+    description: str
+    owner_email: str
+    budget: Decimal
+    status: Status
+    tags: list[str]
+    starts_on: dt.date
+    ends_on: dt.date | None
+    milestones: list[Milestone]
+
+
+_stored = msgspec.json.Decoder(_Stored)
 
 ITEM = "/api/projects/{id}"
 IF_MATCH = HeaderParam(
@@ -243,7 +270,7 @@ class Projects:
             current_json, version = row
             if expected is not None and expected != version:
                 raise PreconditionFailed()
-            merged = _merge(_project.decode(current_json), patch)
+            merged = _merge(_stored.decode(current_json), patch)
             row = await one(conn, self._replace, id, *_values(merged), None)
         return await self._written("updated", row)
 
@@ -298,7 +325,7 @@ async def _missing_or_stale(db: Queryable, id: int) -> NoReturn:
     raise PreconditionFailed()
 
 
-def _merge(current: Project, patch: ProjectPatch) -> ProjectIn:
+def _merge(current: _Stored, patch: ProjectPatch) -> ProjectIn:
     """The project after a merge patch; 422 if the whole breaks a rule (dates).
 
     Each patched field was validated when the body was decoded, and stored

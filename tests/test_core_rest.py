@@ -398,6 +398,32 @@ async def test_the_first_and_last_dates_are_kept_by_every_write(api):
     assert (read.starts_on, read.ends_on) == (dt.date.min, dt.date.max)
 
 
+@pytest.mark.parametrize(
+    "address", ["ada@exa_mple.com", "Ada@b\u00fccher.de", "a..b@example.com", "ada@example.com\n"]
+)
+async def test_a_project_stored_under_earlier_rules_can_still_be_patched(api, clean_db, address):
+    # The first release took any `^[^@\s]+@[^@\s]+\.[^@\s]+$` address (and a final newline,
+    # as `$` does); the rules are stricter now. A PATCH read the stored project back
+    # through the request's rules: every PATCH of such a project was a 500.
+    conn = await asyncpg.connect(clean_db["database_url"])
+    try:
+        id = await conn.fetchval(
+            f"""insert into "{clean_db["database_schema"]}".projects
+                (name, owner_email, budget, starts_on) values ('old', $1, 1, '2026-01-01')
+            returning id""",
+            address,
+        )
+    finally:
+        await conn.close()
+    status, _, body = await api.call("PATCH", f"/api/projects/{id}", {"name": "new"})
+    assert status == 200, body
+    assert (body["name"], body["owner_email"], body["version"]) == ("new", address, 2)
+    status, _, body = await api.call(
+        "PATCH", f"/api/projects/{id}", {"owner_email": "ada@example.com"}
+    )
+    assert (status, body["owner_email"]) == (200, "ada@example.com")
+
+
 async def test_delete_with_version_then_gone(api):
     _, _, p = await api.call("POST", "/api/projects", PROJECT)
     url = f"/api/projects/{p['id']}"
