@@ -107,13 +107,17 @@ def check(access: Access, caller: Caller, params: Mapping[str, str]) -> None:
             raise NotFound(f"no user {target[:40]}")
 
 
+#: The row of project $1 if user $2 owns it and stays its owner ($3: the new owner, or null),
+#: locked. Only an owner's row is locked: a refused caller takes no lock, so another user's
+#: writes never wait behind it (before, 250 refused PATCHes of her project, each locking the
+#: row in turn, held the owner's own PATCH 0.6 s and as many pool connections as they could).
 _OWNS = """
-select coalesce(lower(p.owner_email) = lower(u.email)
-                and lower(coalesce($3::text, p.owner_email)) = lower(u.email), false)
-from projects p left join users u on u.id = $2
-where p.id = $1
+select true from projects p join users u on u.id = $2
+where p.id = $1 and lower(p.owner_email) = lower(u.email)
+  and lower(coalesce($3::text, p.owner_email)) = lower(u.email)
 for update of p
 """
+_EXISTS = "select true from projects where id = $1"
 #: Whether $2 is user $1's e-mail, and how many projects it owns, counted up to $3 on the
 #: ``lower(owner_email)`` index (one round trip for both).
 _IS_ME = """
@@ -157,10 +161,10 @@ async def require_owner(
     if privileged(caller):
         return
     me = user_id(caller)
-    row = await conn.fetchrow(_OWNS, project, me, new_owner)
-    if row is None:
+    if await conn.fetchval(_OWNS, project, me, new_owner):
+        return
+    if await conn.fetchval(_EXISTS, project) is None:
         raise NotFound("no such project")
-    if not row[0]:
-        raise ApiError(
-            403, "forbidden", "only the owner or an admin may change a project, or its owner"
-        )
+    raise ApiError(
+        403, "forbidden", "only the owner or an admin may change a project, or its owner"
+    )

@@ -297,8 +297,11 @@ class Accounts:
         attempt = await self._logins.begin(email, req.client)
         # Addresses are ASCII (schemas.EMAIL_PATTERN). PostgreSQL's lower() maps some other
         # letters to ASCII ones ("\u0130" to "i") where Python's, which keys the count, does
-        # not: such a spelling would be counted apart yet checked against the account.
-        row = await self._pool.fetchrow(_LOGIN, email) if email.isascii() else None
+        # not: such a spelling would be counted apart yet checked against the account. A NUL
+        # names no account either: PostgreSQL refuses it (before, a 422 at `$` and a
+        # WARNING line for each such login, which anyone without a token could send).
+        usable = email.isascii() and "\x00" not in email
+        row = await self._pool.fetchrow(_LOGIN, email) if usable else None
         who = limit_key(req.client)
         ok, rehash = await self._passwords.verify(
             row["password_hash"] if row else None, password, who

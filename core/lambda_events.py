@@ -164,6 +164,9 @@ def _bytes(text: str) -> bytes:
 
 def _without_stage(path: str, stage: str) -> str:
     path = (path or "/").replace("?", "%3F")  # a decoded "?" is not the query's
+    # A lone surrogate stands for no byte of a request line: refused here (UnicodeError),
+    # else every answer naming the path (a 404's message) failed to encode, a 500.
+    path.encode("utf-8")
     if stage and stage != "$default":
         prefix = "/" + stage
         if path == prefix or path.startswith(prefix + "/"):

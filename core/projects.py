@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 from collections.abc import AsyncIterator, Sequence
 from decimal import Decimal
 from typing import Any, NoReturn
@@ -34,7 +35,15 @@ from core.outbox import with_events
 from core.paging import ANY, IF_MATCH_SCHEMA, decode_cursor, etag, if_match, none_match, page_body
 from core.request import Request, Response
 from core.routing import HeaderParam, Route, int_param
-from core.schemas import Project, ProjectIn, ProjectPage, ProjectPatch, ProjectQuery
+from core.schemas import (
+    Milestone,
+    Project,
+    ProjectIn,
+    ProjectPage,
+    ProjectPatch,
+    ProjectQuery,
+    Status,
+)
 
 __all__ = ["Projects"]
 
@@ -43,7 +52,25 @@ _JSON = "application/json"
 _Page = tuple[int, str | None, str | None, int]
 #: A request's `Amount` is written as the plain Decimal it is.
 _encode_json = msgspec.json.Encoder(decimal_format="number", enc_hook=Decimal).encode
-_project = msgspec.json.Decoder(Project)
+
+
+class _Stored(msgspec.Struct, kw_only=True):
+    """A stored project as a merge patch reads it: its fields' types, not the rules a
+    request is held to. A row written under earlier rules (an address the first release
+    took, ``ada@exa_mple.com``) stays patchable; before, every PATCH of it was a 500."""
+
+    name: str
+    description: str
+    owner_email: str
+    budget: Decimal
+    status: Status
+    tags: list[str]
+    starts_on: dt.date
+    ends_on: dt.date | None
+    milestones: list[Milestone]
+
+
+_stored = msgspec.json.Decoder(_Stored)
 
 ITEM = "/api/projects/{id}"
 IF_MATCH = HeaderParam(
@@ -73,6 +100,25 @@ from (select p.id, project_json(p) as j, row_number() over (order by p.id) as rn
         and ($2::text is null or p.status = $2)
         and ($3::text is null or p.tags @> array[$3::text])
       order by p.id
+      limit $4 + 1) page
+"""
+#: The projects a filtered page examines at most, after its cursor.
+SCAN = 5000
+#: A filtered page: the first `SCAN` projects after the cursor, those that match. Without
+#: the window PostgreSQL walked the ids until it had a page, and a tag or status that
+#: matched nothing walked the whole table (300,000 projects: ~100 ms a request). The
+#: last column is the id of the `SCAN`th project (null if there are fewer): the next
+#: cursor when the window held no more than a page.
+_LIST_FILTERED = """
+select coalesce(json_agg(j order by id) filter (where rn <= $4), '[]')::text,
+       max(id) filter (where rn <= $4), count(*),
+       case when count(*) <= $4 then
+           (select id from projects where id > $1 order by id offset $5 - 1 limit 1) end
+from (select w.id, project_json(w) as j, row_number() over (order by w.id) as rn
+      from (select * from projects p where p.id > $1 order by p.id limit $5) w
+      where ($2::text is null or w.status = $2)
+        and ($3::text is null or w.tags @> array[$3::text])
+      order by w.id
       limit $4 + 1) page
 """
 _GET = "select project_json(p)::text, p.version from projects p where p.id = $1"
@@ -179,8 +225,12 @@ class Projects:
         return [read[page] for page in pages]
 
     async def _read_page(self, page: _Page) -> bytes:
-        items, last, n = await one(self._pool, _LIST, *page)
-        return page_body(items, last if n > page[3] else None)
+        _, status, tag, limit = page
+        if status is None and tag is None:
+            items, last, n = await one(self._pool, _LIST, *page)
+            return page_body(items, last if n > limit else None)
+        items, last, n, scanned = await one(self._pool, _LIST_FILTERED, *page, SCAN)
+        return page_body(items, last if n > limit else scanned)
 
     async def get(self, req: Request) -> Response:
         row = await self._pool.fetchrow(_GET, _id(req))
@@ -220,7 +270,7 @@ class Projects:
             current_json, version = row
             if expected is not None and expected != version:
                 raise PreconditionFailed()
-            merged = _merge(_project.decode(current_json), patch)
+            merged = _merge(_stored.decode(current_json), patch)
             row = await one(conn, self._replace, id, *_values(merged), None)
         return await self._written("updated", row)
 
@@ -275,7 +325,7 @@ async def _missing_or_stale(db: Queryable, id: int) -> NoReturn:
     raise PreconditionFailed()
 
 
-def _merge(current: Project, patch: ProjectPatch) -> ProjectIn:
+def _merge(current: _Stored, patch: ProjectPatch) -> ProjectIn:
     """The project after a merge patch; 422 if the whole breaks a rule (dates).
 
     Each patched field was validated when the body was decoded, and stored

@@ -229,7 +229,11 @@ class Page(msgspec.Struct, kw_only=True):
 
 
 class ProjectPage(Page, kw_only=True):
-    """One page of projects by ascending id; ``next_cursor`` is null on the last."""
+    """One page of projects by ascending id; ``next_cursor`` is null on the last.
+
+    A filtered page examines at most 5,000 projects: it may hold fewer than
+    ``limit``, or none, and still have a ``next_cursor``.
+    """
 
     items: list[Project]
 

@@ -28,6 +28,7 @@ from core.infra.broker.base import Broker, Publisher
 from core.infra.control import ControlMessage
 from core.infra.errors import ApiError, PayloadTooLarge, TooManyRequests
 from core.infra.identity import Identity, principal
+from core.infra.rate import Rate
 from core.infra.ratelimit import MemoryRateLimiter, RateLimiter, over_limit
 from core.infra.revocation import Revocations
 from core.infra.settings import Settings
@@ -59,13 +60,15 @@ def api_routes(
     keys: ApiKeys,
     revoker: Revoker,
     max_projects_per_user: int = 0,
+    limiter: RateLimiter | None = None,
+    rate_rest: Rate | None = None,
 ) -> tuple[Route, ...]:
     """The core's route table."""
     return (
         *accounts.routes(),
         *keys.routes(),
         *Projects(pool, events, max_projects_per_user).routes(),
-        *Users(pool, events, revoker).routes(),
+        *Users(pool, events, revoker, limiter, rate_rest).routes(),
     )
 
 
@@ -142,7 +145,7 @@ class Core:
         )
         self.routes = api_routes(
             db.pool, self.events, self.accounts, self.api_keys, revocations,
-            settings.max_projects_per_user,
+            settings.max_projects_per_user, limiter, settings.rate_rest,
         )  # fmt: skip
         self.router = Router(self.routes)
         self._upkeep = [

@@ -79,7 +79,9 @@ async def test_register_then_log_in_with_the_password_grant(gw, anon):
 
 
 @pytest.mark.parametrize("email, password", [("ada@example.com", "wrong password"),
-                                             ("nobody@example.com", "correct horse battery")])  # fmt: skip
+                                             ("nobody@example.com", "correct horse battery"),
+                                             ("ada@example.com\x00", "correct horse battery"),
+                                             ("a\x00@example.com", "wrong password")])  # fmt: skip
 async def test_wrong_credentials_are_one_invalid_grant(anon, email, password):
     await register(anon)
     status, body = await login(anon, email, password)

@@ -606,3 +606,42 @@ def test_the_gateway_s_own_origin_is_the_one_of_the_host_it_was_asked():
     assert may_connect_without_token("https://b.example", "a.example", ("https://b.example",))
     assert not may_connect_without_token("https://b.example", "a.example", ("*",))
     assert not may_connect_without_token("*", "a.example", ("*",))
+
+
+@pytest.mark.parametrize("method", ["PUT", "PATCH", "DELETE"])
+async def test_a_refused_write_of_someone_else_s_project_takes_no_lock_on_it(gw, clean_db, method):
+    # A non-owner's write locked the row before it was refused: 250 refused PATCHes at once
+    # held the owner's own PATCH 0.6 s, each waiting for the row with a pool connection.
+    # Here the owner's write is under way (the row locked) and the refusal must not wait.
+    owner = await new_person(gw, clean_db)
+    other = await new_person(gw, clean_db)
+    mine, theirs = ApiClient(gw.port, owner.token), ApiClient(gw.port, other.token)
+    conn = await asyncpg.connect(clean_db["database_url"])
+    schema = clean_db["database_schema"]
+    try:
+        _, _, p = await mine.call("POST", "/api/projects", project(owner_email=owner.email))
+        body = None if method == "DELETE" else project(owner_email=owner.email, name="taken")
+        if method == "PATCH":
+            body = {"name": "taken"}
+        async with conn.transaction():
+            await conn.execute(
+                f'select 1 from "{schema}".projects where id = $1 for update', p["id"]
+            )
+            refused = asyncio.ensure_future(theirs.call(method, f"/api/projects/{p['id']}", body))
+            for _ in range(1000):
+                if refused.done():
+                    break
+                waiting = await conn.fetchval(  # sessions waiting for this one's lock
+                    "select count(*) from pg_stat_activity "
+                    "where pg_backend_pid() = any(pg_blocking_pids(pid))"
+                )
+                assert waiting == 0, "a refused write waited for the owner's lock"
+                await asyncio.sleep(0.01)
+            status, _, answer = await refused
+        assert status == 403 and answer["error"]["code"] == "forbidden"
+        status, _, current = await mine.call("GET", f"/api/projects/{p['id']}")
+        assert status == 200 and current["name"] == p["name"]
+    finally:
+        await conn.close()
+        mine.close()
+        theirs.close()

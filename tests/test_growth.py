@@ -21,6 +21,8 @@ import gc
 import tracemalloc
 from typing import Any
 
+import asyncpg
+
 from core.infra.broker import MemoryBroker
 from core.infra.rate import Rate
 from tests.harness import ApiClient, running_gateway
@@ -157,3 +159,39 @@ async def test_large_writes_spend_the_rest_allowance_by_their_size(
     # before, all 12 were written (and 4 times as many such bytes a minute reached
     # the table, the outbox and every history channel of them)
     assert statuses == [201] * 10 + [429] * 2
+
+
+async def test_an_e_mail_change_spends_one_request_per_project_it_moves(
+    clean_db: dict[str, str],
+) -> None:
+    # One PATCH of one's own address moved every project of the account (up to
+    # MAX_PROJECTS_PER_USER), each with its change events to every subscriber of
+    # `projects`: 10 such requests pushed 10,000 events (54 MB) to each of them.
+    async with running_gateway(**clean_db, rate_rest=Rate(40, 60.0), rate_login_ip=None) as gw:
+        ada = await new_person(gw, clean_db)
+        conn = await asyncpg.connect(clean_db["database_url"])
+        try:
+            await conn.execute(
+                f"""insert into "{clean_db["database_schema"]}".projects
+                    (name, owner_email, budget, starts_on)
+                select 'p' || g, $1, 1, '2026-01-01' from generate_series(1, 30) g""",
+                ada.email,
+            )
+        finally:
+            await conn.close()
+        as_ada = ApiClient(gw.port, ada.token)
+        try:
+            path = f"/api/users/{ada.id}"
+            status, _, _ = await as_ada.call("PATCH", path, {"email": "ada.1@example.com"})
+            assert status == 200
+            status, _, body = await as_ada.call("PATCH", path, {"email": "ada.2@example.com"})
+            assert (status, body["error"]["code"]) == (429, "rate_limited")
+            # A change that moves nothing costs one request, as before.
+            status, _, _ = await as_ada.call("PATCH", path, {"display_name": "Ada"})
+            assert status == 200
+            _, _, me = await as_ada.call("GET", path)
+            assert me["email"] == "ada.1@example.com"
+            _, _, page = await as_ada.call("GET", "/api/projects?limit=100")
+            assert {p["owner_email"] for p in page["items"]} == {"ada.1@example.com"}
+        finally:
+            as_ada.close()

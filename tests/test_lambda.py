@@ -636,14 +636,25 @@ def test_a_body_that_is_not_base64_is_400(kind):
         ("x-note", "\ud800", "bad_request"),  # a surrogate that stands for no byte
         ("body", '{"name": "\ud800"}', "bad_request"),
         ("body", '{"name": "\udc80"}', "malformed_json"),  # the byte 0x80: not UTF-8
+        ("path", "/api/projects/\udc80", "bad_request"),  # was a 500 and a traceback
+        ("path", "/api/\ud800", "bad_request"),
     ],
-    ids=["control-character", "lone-surrogate-header", "lone-surrogate-body", "byte-0x80-body"],
+    ids=[
+        "control-character",
+        "lone-surrogate-header",
+        "lone-surrogate-body",
+        "byte-0x80-body",
+        "lone-surrogate-path",
+        "lone-surrogate-unrouted-path",
+    ],
 )
 def test_text_no_connection_carries_is_400_and_never_raises(core_http, auth, field, value, code):
     body = json.dumps(PROJECT).encode()
     event = make_event("http_api_v2", "POST", "/api/projects", headers=auth, body=body)
     if field == "body":
         event["body"] = value
+    elif field == "path":
+        event["rawPath"] = value
     else:
         event["headers"][field] = value
     reply = invoke(event)
