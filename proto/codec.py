@@ -11,7 +11,8 @@ per publication; the hub then writes the same bytes to every subscriber.
 
 from __future__ import annotations
 
-from typing import Final
+import re
+from typing import Any, Final
 
 import msgspec
 
@@ -66,6 +67,18 @@ class ProtocolError(Exception):
         return f"{base}: {self.detail}" if self.detail else base
 
 
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")  # an escaped UTF-16 surrogate
+_SURROGATE = (
+    "a string holds a lone surrogate (an escape in \\ud800-\\udfff), which no codec carries"
+)
+
+
+def _id_of(frame: ClientFrame) -> Any:
+    """A failed frame's ``id``, when it is one a reply can carry (else None)."""
+    fid = frame.id
+    return fid if type(fid) is int and 0 <= fid <= MAX_ID else None
+
+
 class Codec:
     """Base codec: subclasses set the msgspec encoder/decoder pair."""
 
@@ -88,8 +101,15 @@ class Codec:
             try:
                 lenient: ClientFrame | None = self._lenient.decode(data)  # type: ignore[arg-type]
             except (msgspec.DecodeError, RecursionError):
-                lenient = None
+                lenient = self._salvage(data)
+                if lenient is not None:  # readable, but past what any codec carries
+                    raise ProtocolError(ErrorCode.BAD_FRAME, _id_of(lenient), _SURROGATE) from None
             raise self._explain(lenient, exc) from None
+
+    def _salvage(self, data: bytes | str) -> ClientFrame | None:
+        """The id and op of a frame the lenient decoder cannot read either, where the
+        codec's grammar still allows it (None: it does not)."""
+        return None
 
     def encode(self, obj: object) -> bytes:
         raise NotImplementedError
@@ -143,8 +163,7 @@ class Codec:
     def _explain(self, lenient: ClientFrame | None, exc: msgspec.DecodeError) -> ProtocolError:
         if lenient is None:
             return ProtocolError(ErrorCode.BAD_FRAME, None, str(exc))
-        fid = lenient.id
-        id = fid if type(fid) is int and 0 <= fid <= MAX_ID else None
+        id = _id_of(lenient)
         if isinstance(lenient.op, str) and lenient.op not in _KNOWN_OPS:
             return ProtocolError(ErrorCode.UNKNOWN_OP, id, repr(lenient.op)[:64])
         if "`$.ch`" in str(exc):
@@ -162,6 +181,18 @@ class JsonCodec(Codec):
     _decoder = msgspec.json.Decoder(Command)
     _lenient = msgspec.json.Decoder(ClientFrame)
     _encoder: Final = msgspec.json.Encoder()
+
+    def _salvage(self, data: bytes | str) -> ClientFrame | None:
+        # JSON's grammar allows an escaped lone surrogate ("\ud800", what a browser's
+        # JSON.stringify writes for a sliced emoji), which msgspec refuses, and the
+        # frame's id with it: the sender's command then waited for its timeout.
+        try:
+            if isinstance(data, str):
+                data = data.encode()
+            readable = _SURROGATE_ESCAPE.sub(rb"\\ufffd", data)
+            return None if readable == data else self._lenient.decode(readable)
+        except (msgspec.DecodeError, RecursionError, UnicodeEncodeError):
+            return None
 
     def encode(self, obj: object) -> bytes:
         return self._encoder.encode(obj)

@@ -109,6 +109,17 @@ def test_json_push_embeds_data_verbatim():
         ('{"id": 8, "op": "sub", "ch": "a", "extra": 1}', ErrorCode.BAD_FRAME, 8),
         ('{"id": 8, "op": "pub", "ch": "a"}', ErrorCode.BAD_FRAME, 8),
         ('{"id": 8, "op": "pub", "ch": "a", "data": }', ErrorCode.BAD_FRAME, None),
+        # A lone surrogate escape (a browser's JSON.stringify of a sliced emoji) is JSON no
+        # codec carries: the sender is told which command failed, not left to its timeout.
+        ('{"id": 9, "op": "pub", "ch": "a", "data": {"t": "\\ud83d"}}', ErrorCode.BAD_FRAME, 9),
+        ('{"id": 9, "op": "pub", "ch": "a", "data": "\\ude00!"}', ErrorCode.BAD_FRAME, 9),
+        ('{"id": 9, "op": "sub", "ch": "a\\udbff"}', ErrorCode.BAD_FRAME, 9),
+        (
+            '{"id": 9, "op": "pub", "ch": "a", "data": NaN, "t": "\\ud83d"}',
+            ErrorCode.BAD_FRAME,
+            None,
+        ),
+        ('{"id": "9", "op": "pub", "ch": "a", "data": "\\ud83d"}', ErrorCode.BAD_FRAME, None),
     ],
 )
 def test_bad_frames_become_error_replies_with_the_id_when_known(raw, code, id):
