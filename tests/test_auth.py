@@ -282,6 +282,17 @@ def _outcome(v: Verifier, token: str) -> str:
     return f"ok {ident.sub} {ident.exp} {ident.grants!r} {ident.sid} {ident.role} {ident.info!r}"
 
 
+@pytest.mark.parametrize("exp", [b"NaN", b"Infinity", b"1e999", str(10**400).encode()])
+def test_an_exp_no_clock_reaches_is_refused(exp):
+    """PyJWT reads ``NaN``, ``Infinity`` and ``1e999`` (``json.loads``): such a token was taken,
+    for ever, and its socket upgraded and left hanging (the hub's expiry wheel cannot file
+    it, so neither connect nor disconnect finished); ``10**400`` was a 500."""
+    token = _forge({"alg": "HS256", "typ": "JWT"}, b'{"sub": "alice", "exp": %s}' % exp)
+    assert refused(Verifier(Settings(jwt_secret=SECRET)), token) == "invalid"
+    big = _forge({"alg": "HS256", "typ": "JWT"}, b'{"sub": "alice", "exp": 1e308}')
+    assert Verifier(Settings(jwt_secret=SECRET)).verify(big).exp == 1e308  # far, but a time
+
+
 def test_the_secrets_own_check_decides_as_pyjwt_alone():
     """HMAC tokens whose signature the verifier checks itself are judged as PyJWT judges them."""
     now = int(time.time())

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import math
 import time
 from collections.abc import Container, Mapping
 from pathlib import Path
@@ -302,11 +303,8 @@ class Verifier:
             grants = Grants.from_claims(claims, reserved=self._reserved_channels, system=system)
         except InvalidGrants as exc:
             raise AuthError("bad_claims", str(exc)) from None
-        exp = claims.get("exp")
-        if exp is not None and (not isinstance(exp, int | float) or isinstance(exp, bool)):
-            raise AuthError("invalid", "invalid token")
         # The socket is closed when exp passes, with the same leeway as here.
-        expires = None if exp is None else float(exp) + self._leeway
+        expires = _expires(claims.get("exp"), self._leeway)
         if expires is not None and now >= expires:
             raise AuthError("expired", "token expired")
         identity = Identity(sub, grants, expires, sid, role)
@@ -323,3 +321,21 @@ class Verifier:
                     f"publishable data ({exc.reason})",
                 ) from None
         return identity
+
+
+def _expires(exp: object, leeway: float) -> float | None:
+    """When a token with claim ``exp`` expires (None: never); `AuthError` for an ``exp`` no
+    clock reaches: not a number, or ``NaN``, ``Infinity`` or ``1e999`` (which PyJWT's
+    ``json.loads`` reads, and which no expiry wheel can file: such a socket was upgraded,
+    then left hanging in the hub) or an integer too big for a float."""
+    if exp is None:
+        return None
+    if not isinstance(exp, int | float) or isinstance(exp, bool):
+        raise AuthError("invalid", "invalid token")
+    try:
+        expires = float(exp) + leeway
+    except OverflowError:
+        expires = math.inf
+    if not math.isfinite(expires):
+        raise AuthError("invalid", "invalid token: claim 'exp' must be a finite number")
+    return expires
