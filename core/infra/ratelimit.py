@@ -104,7 +104,10 @@ class RateLimiter(abc.ABC):
 
 
 def _gcra(tat: int, now: int, interval: int, limit: int, cost: int) -> tuple[Decision, int]:
-    """The decision and the TAT to store; the Lua script below is this, line for line."""
+    """The decision and the TAT to store; the Lua script below is this, line for line, but
+    for one bound: a TAT more than the allowance ahead of the Redis server's clock, stored
+    before that clock stepped back, counts there as the allowance spent. (Here the clock is
+    monotonic, and such a TAT is a debt `local_spend` left on purpose.)"""
     tat = max(tat, now)
     new_tat = tat + cost * interval
     over = new_tat - now - interval * limit
