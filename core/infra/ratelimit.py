@@ -7,7 +7,9 @@ more than ``period`` ahead of now, and that becomes the new TAT. So an idle
 key allows a burst of ``limit``, then one request every ``period / limit``
 seconds: the long-run rate is ``limit / period``, but a window of ``period``
 seconds that starts with a full burst can see up to ``2 * limit - 1``. A
-refused request changes nothing: hammering does not lengthen the wait.
+refused request changes nothing: hammering does not lengthen the wait. (In
+Redis, a TAT left more than the allowance ahead by a server clock that
+stepped back is brought back to the allowance spent: lua/gcra.lua.)
 Arithmetic is in integer microseconds, the interval rounded up (so the rate
 is never exceeded), which makes ``retry_after`` exact: a hit at ``now +
 retry_after`` is allowed, any earlier one refused.
