@@ -282,6 +282,35 @@ def _outcome(v: Verifier, token: str) -> str:
     return f"ok {ident.sub} {ident.exp} {ident.grants!r} {ident.sid} {ident.role} {ident.info!r}"
 
 
+def test_a_token_issued_by_a_clock_a_little_ahead_is_taken(rsa_key):
+    """With ``JWT_LEEWAY`` at 0 (the default), a token whose ``iat`` was ahead of the
+    verifier's clock was refused as "not yet valid": a gateway 0.5 s behind the host that
+    logged the user in refused 20 of 40 fresh tokens, 2 s behind all 40. ``iat`` says when
+    it was issued, not from when it holds (``nbf`` does, and still is checked)."""
+    ahead = int(time.time()) + 2
+    assert Verifier(Settings(jwt_secret=SECRET)).verify(hs(base_claims(iat=ahead))).sub == "alice"
+    rs = jwt.encode(base_claims(iat=ahead), rsa_key, algorithm="RS256")
+    assert Verifier(Settings(jwt_public_key=pem(rsa_key))).verify(rs).sub == "alice"
+    for iat in ("yesterday", True, None, [1]):
+        assert refused(Verifier(Settings(jwt_secret=SECRET)), hs(base_claims(iat=iat))) == (
+            "invalid"
+        ), iat
+    assert refused(Verifier(Settings(jwt_secret=SECRET)), hs(base_claims(nbf=ahead))) == (
+        "not_yet_valid"
+    )
+
+
+@pytest.mark.parametrize("exp", [b"NaN", b"Infinity", b"1e999", str(10**400).encode()])
+def test_an_exp_no_clock_reaches_is_refused(exp):
+    """PyJWT reads ``NaN``, ``Infinity`` and ``1e999`` (``json.loads``): such a token was taken,
+    for ever, and its socket upgraded and left hanging (the hub's expiry wheel cannot file
+    it, so neither connect nor disconnect finished); ``10**400`` was a 500."""
+    token = _forge({"alg": "HS256", "typ": "JWT"}, b'{"sub": "alice", "exp": %s}' % exp)
+    assert refused(Verifier(Settings(jwt_secret=SECRET)), token) == "invalid"
+    big = _forge({"alg": "HS256", "typ": "JWT"}, b'{"sub": "alice", "exp": 1e308}')
+    assert Verifier(Settings(jwt_secret=SECRET)).verify(big).exp == 1e308  # far, but a time
+
+
 def test_the_secrets_own_check_decides_as_pyjwt_alone():
     """HMAC tokens whose signature the verifier checks itself are judged as PyJWT judges them."""
     now = int(time.time())

@@ -353,6 +353,18 @@ async def test_expiring_sets_are_shared_and_forget_what_expired(started):
     assert await one.expiring_members_from("other-key", 0.0) == {}
 
 
+async def test_a_reader_whose_clock_runs_ahead_takes_nothing_from_the_others(started):
+    """A gateway an hour fast read the block list (and the revoked sessions) with its own
+    ``now``, and Redis forgot for everyone what had not expired for them: a user blocked for
+    600 s through a gateway with a true clock was taken back by it 60 s later."""
+    one, _ = await started()
+    other = one if started.single_process else (await started())[0]
+    now = time.time()
+    await one.expiring_add("blocked", "alice", now + 600)
+    assert await other.expiring_members("blocked", now + 3600) == {}  # expired for the fast one
+    assert await one.expiring_members("blocked", time.time()) == {"alice": now + 600}
+
+
 async def test_presence_counts_clients_and_users_through_joins_leaves_and_expiry(started):
     one, _ = await started()
     other = one if started.single_process else (await started())[0]

@@ -692,7 +692,8 @@ def test_the_signature_helper_accepts_what_the_gateway_signs_and_nothing_else():
     assert not verify_signature(SECRET, ts, body, sig, now=1_799_999_699)  # from the future
     for bad in (None, "", "sha256=", sig.upper(), sig[:-1], "md5=" + sig[7:], "é" * 71):
         assert not verify_signature(SECRET, ts, body, bad, now=1_800_000_100)
-    for stamp in (None, "", "-1", "1e9", "١٨٠٠٠٠٠٠٠٠", " 1800000000"):
+    # 5,000 digits: a ValueError out of int() (Python's 4,300 digits), a 500 from a backend.
+    for stamp in (None, "", "-1", "1e9", "١٨٠٠٠٠٠٠٠٠", " 1800000000", "9" * 5000):
         assert not verify_signature(SECRET, stamp, body, sig, now=1_800_000_100)
 
 
@@ -711,6 +712,10 @@ async def test_the_backend_refuses_a_tampered_request_and_answers_a_signed_one(b
             old = signed_headers(SECRET, body, now=time.time() - 600)
             await http.fetch(backend.url("/call"), method="POST", body=body, headers=old)
         assert stale.value.code == 401
+        with pytest.raises(HTTPClientError) as huge:
+            endless = {**signed, TIMESTAMP_HEADER: "9" * 5000}
+            await http.fetch(backend.url("/call"), method="POST", body=body, headers=endless)
+        assert huge.value.code == 401
     finally:
         http.close()
 

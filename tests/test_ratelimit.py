@@ -206,6 +206,23 @@ async def test_redis_limiters_share_one_limit(redis_url):
             await limiter.close()
 
 
+async def test_a_redis_clock_stepped_back_refuses_no_one_for_the_step(redis_url):
+    """Redis's clock stepped back an hour (NTP) under a gateway: every client that had made a
+    request in the last period (one, or its whole allowance) was refused for an hour
+    (20 of 20 REST clients, Retry-After 3552..3606 s). Now they count as having spent their
+    allowance: one interval's wait at most, then the steady rate."""
+    limiter = RedisRateLimiter(redis_url, rl_prefix())
+    try:
+        await limiter.hit("one", 10, 60, now=T0)
+        await hits(limiter, 10, "all", limit=10, period=60, now=T0)
+        back = T0 - 3600
+        for key in ("one", "all"):
+            assert await limiter.hit(key, 10, 60, now=back) == Decision(False, 0, 6.0)
+            assert await limiter.hit(key, 10, 60, now=back + 6) == Decision(True, 0, 0.0)
+    finally:
+        await limiter.close()
+
+
 async def test_redis_key_is_prefixed_and_expires_when_irrelevant(redis_url):
     prefix = rl_prefix()
     limiter = RedisRateLimiter(redis_url, prefix)

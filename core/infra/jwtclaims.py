@@ -23,8 +23,9 @@ Answered only when:
   ``json.loads`` takes; where both read a document they read the same
   values), nested at most `MAX_NESTING` deep;
 * ``sub`` is a string; ``jti``, if any, a string; ``iat`` and ``nbf``, if
-  any, integers (not floats, not booleans) no later than now plus the
-  leeway (PyJWT truncates a float with ``int()``: left to it);
+  any, integers (not floats, not booleans: left to PyJWT), ``nbf`` no later
+  than now plus the leeway (``iat`` is not compared with the clock: `Verifier`
+  has PyJWT leave it alone too, and checks only that it is a number);
 * ``iss`` is the configured issuer when there is one (PyJWT: exact match);
 * with an audience configured, ``aud`` is it or a list of strings holding
   it (without one, `Verifier` has PyJWT leave ``aud`` alone, as here).
@@ -98,12 +99,12 @@ def plain_claims(
         return None
     if "jti" in claims and not isinstance(claims["jti"], str):
         return None
-    now = time.time()  # as PyJWT reads the clock for iat and nbf
-    for name in ("iat", "nbf"):
-        if name in claims:
-            value = claims[name]
-            if type(value) is not int or value > now + leeway:
-                return None
+    if "iat" in claims and type(claims["iat"]) is not int:
+        return None
+    if "nbf" in claims:
+        nbf = claims["nbf"]
+        if type(nbf) is not int or nbf > time.time() + leeway:  # as PyJWT reads the clock
+            return None
     if issuer is not None and claims.get("iss") != issuer:
         return None
     if audience is not None:  # else PyJWT does not look at aud (verify_aud off)

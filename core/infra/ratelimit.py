@@ -7,7 +7,9 @@ more than ``period`` ahead of now, and that becomes the new TAT. So an idle
 key allows a burst of ``limit``, then one request every ``period / limit``
 seconds: the long-run rate is ``limit / period``, but a window of ``period``
 seconds that starts with a full burst can see up to ``2 * limit - 1``. A
-refused request changes nothing: hammering does not lengthen the wait.
+refused request changes nothing: hammering does not lengthen the wait. (In
+Redis, a TAT left more than the allowance ahead by a server clock that
+stepped back is brought back to the allowance spent: lua/gcra.lua.)
 Arithmetic is in integer microseconds, the interval rounded up (so the rate
 is never exceeded), which makes ``retry_after`` exact: a hit at ``now +
 retry_after`` is allowed, any earlier one refused.
@@ -104,7 +106,10 @@ class RateLimiter(abc.ABC):
 
 
 def _gcra(tat: int, now: int, interval: int, limit: int, cost: int) -> tuple[Decision, int]:
-    """The decision and the TAT to store; the Lua script below is this, line for line."""
+    """The decision and the TAT to store; the Lua script below is this, line for line, but
+    for one bound: a TAT more than the allowance ahead of the Redis server's clock, stored
+    before that clock stepped back, counts there as the allowance spent. (Here the clock is
+    monotonic, and such a TAT is a debt `local_spend` left on purpose.)"""
     tat = max(tat, now)
     new_tat = tat + cost * interval
     over = new_tat - now - interval * limit

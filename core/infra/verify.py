@@ -21,10 +21,11 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import math
 import time
 from collections.abc import Container, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 import jwt
 import msgspec
@@ -112,7 +113,7 @@ class Verifier:
         #: What PyJWT checks after `_signed_by_secret` (claims; every verify_* but the signature).
         self._claim_options: dict[str, Any] = {
             "verify_signature": False, "verify_exp": False, "verify_nbf": True,
-            "verify_iat": True, "verify_aud": self._audience is not None, "verify_iss": True,
+            "verify_iat": False, "verify_aud": self._audience is not None, "verify_iss": True,
             "verify_sub": True, "verify_jti": True, "require": ["sub"],
         }  # fmt: skip
         self._public: Any = None
@@ -271,6 +272,7 @@ class Verifier:
                         "require": ["sub"],
                         "verify_aud": self._audience is not None,
                         "verify_exp": False,
+                        "verify_iat": False,  # checked below, with no clock
                     },
                 )
         except AuthError:
@@ -302,11 +304,10 @@ class Verifier:
             grants = Grants.from_claims(claims, reserved=self._reserved_channels, system=system)
         except InvalidGrants as exc:
             raise AuthError("bad_claims", str(exc)) from None
-        exp = claims.get("exp")
-        if exp is not None and (not isinstance(exp, int | float) or isinstance(exp, bool)):
-            raise AuthError("invalid", "invalid token")
         # The socket is closed when exp passes, with the same leeway as here.
-        expires = None if exp is None else float(exp) + self._leeway
+        expires = _expires(claims.get("exp"), self._leeway)
+        if "iat" in claims and not _is_time(claims["iat"]):
+            raise AuthError("invalid", "invalid token: claim 'iat' must be a number")
         if expires is not None and now >= expires:
             raise AuthError("expired", "token expired")
         identity = Identity(sub, grants, expires, sid, role)
@@ -323,3 +324,26 @@ class Verifier:
                     f"publishable data ({exc.reason})",
                 ) from None
         return identity
+
+
+def _is_time(value: object) -> TypeGuard[int | float]:
+    """Whether ``value`` is a number of seconds (an int or a float; not a boolean)."""
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _expires(exp: object, leeway: float) -> float | None:
+    """When a token with claim ``exp`` expires (None: never); `AuthError` for an ``exp`` no
+    clock reaches: not a number, or ``NaN``, ``Infinity`` or ``1e999`` (which PyJWT's
+    ``json.loads`` reads, and which no expiry wheel can file: such a socket was upgraded,
+    then left hanging in the hub) or an integer too big for a float."""
+    if exp is None:
+        return None
+    if not _is_time(exp):
+        raise AuthError("invalid", "invalid token")
+    try:
+        expires = float(exp) + leeway
+    except OverflowError:
+        expires = math.inf
+    if not math.isfinite(expires):
+        raise AuthError("invalid", "invalid token: claim 'exp' must be a finite number")
+    return expires

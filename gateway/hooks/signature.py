@@ -33,6 +33,8 @@ __all__ = [
 ]
 
 TIMESTAMP_HEADER = "X-Gateway-Timestamp"
+#: Digits of a timestamp at most (Unix seconds have 10 until the year 2286).
+_MAX_TIMESTAMP_DIGITS = 12
 SIGNATURE_HEADER = "X-Gateway-Signature"
 SIGNATURE_PREFIX = "sha256="
 
@@ -68,6 +70,8 @@ def verify_signature(
     signature, and a timestamp too old, or too far ahead, is refused.
     """
     if not timestamp or not signature or not timestamp.isascii() or not timestamp.isdigit():
+        return False
+    if len(timestamp) > _MAX_TIMESTAMP_DIGITS:  # int() of 4,301 digits raises ValueError
         return False
     now = time.time() if now is None else now
     if abs(now - int(timestamp)) > max_age:

@@ -38,7 +38,9 @@ Contract (tests/test_broker_contract.py runs it against every broker):
 * ``expiring_add(key, member, until)`` keeps ``member`` in the shared set
   ``key`` until ``until`` (Unix seconds, this host's clock; adding again
   moves it); ``expiring_members(key, now)`` returns the members live at
-  ``now`` with their ``until``, forgetting the others;
+  ``now`` with their ``until``, forgetting the others, but only those
+  expired by the backend's own clock as well (a reader whose clock runs
+  ahead leaves the others what is still live for them);
   ``expiring_members_from(key, until)`` returns only those whose ``until``
   is at least ``until`` (one range read; what expired is not forgotten
   there); ``expiring_remove`` drops one. The gateways' registry of live nodes and the block list of

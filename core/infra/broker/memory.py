@@ -167,9 +167,10 @@ class MemoryBroker(Broker):
 
     async def expiring_members(self, key: str, now: float) -> dict[str, float]:
         members = self._expiring.get(key, {})
-        for member in [m for m, until in members.items() if until <= now]:
+        gone = min(now, time.time())  # as Redis: never past this process's own clock
+        for member in [m for m, until in members.items() if until <= gone]:
             del members[member]
-        return dict(members)
+        return {m: until for m, until in members.items() if until > now}
 
     async def expiring_members_from(self, key: str, until: float) -> dict[str, float]:
         return {m: u for m, u in self._expiring.get(key, {}).items() if u >= until}

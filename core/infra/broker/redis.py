@@ -122,6 +122,8 @@ PRESENCE = script("presence")
 EVENTS_APPEND = script("events_append")
 EVENTS_LOST = script("events_lost")
 EVENTS_CLAIM = script("events_claim")
+#: An expiring set's members, the expired forgotten by the earlier of two clocks (lua/expiring_read.lua).
+EXPIRING_READ = script("expiring_read")
 #: Lost nodes one `lost_nodes` call returns at most.
 LOST_NODES_LIMIT = 100
 #: Seconds between two moves of the subscriber link after Redis refused a write as a
@@ -246,6 +248,7 @@ class RedisBroker(Broker):
         self._events_append = self._pub_client.register_script(EVENTS_APPEND)
         self._events_lost = self._pub_client.register_script(EVENTS_LOST)
         self._events_claim = self._pub_client.register_script(EVENTS_CLAIM)
+        self._expiring_read = self._pub_client.register_script(EXPIRING_READ)
         # Publications made at once (a write's change events, a burst of
         # socket publishes) share one pipeline: one round trip, one read and
         # one reply on Redis for many (core/infra/coalesce.py). Not on a
@@ -662,17 +665,13 @@ class RedisBroker(Broker):
             raise BrokerUnavailable(f"updating {key} failed: {exc}") from exc
 
     async def expiring_members(self, key: str, now: float) -> dict[str, float]:
-        # Two commands on one key (a cluster has no transaction across nodes, and
-        # needs none here): forget the expired, then read the rest.
-        name = self._expiring_key(key)
         try:
-            await self._pub_client.zremrangebyscore(name, "-inf", now)
-            rows = await self._pub_client.zrange(name, 0, -1, withscores=True)
+            flat = await self._expiring_read(keys=[self._expiring_key(key)], args=[repr(now)])
         except BACKEND_ERRORS as exc:
             raise BrokerUnavailable(f"reading {key} failed: {exc}") from exc
         live: dict[str, float] = {}
-        for row in rows:
-            member, until = row[0], float(row[1])
+        for i in range(0, len(flat), 2):
+            member, until = flat[i], float(flat[i + 1])
             if until > now:
                 live[member.decode() if isinstance(member, bytes) else str(member)] = until
         return live
