@@ -128,7 +128,9 @@ class ServerRoutes:
                 "Publish to a channel",
                 PublishIn,
                 PublishOut,
-                "History is kept on history channels (HISTORY_CHANNELS).",
+                "History is kept on history channels (HISTORY_CHANNELS). Sent again with the "
+                "same `Idempotency-Key` header (after a lost answer), a publication on a "
+                "history channel answers the first one's position and is published once.",
             ),
             post(
                 "broadcast",
