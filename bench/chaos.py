@@ -18,7 +18,9 @@ watches one). Meanwhile one fault is made ``--repeat`` times:
 * ``redis-kill``: SIGKILL Redis and start it again (``--save ""``: history lost);
 * ``redis-restart``: ``SHUTDOWN`` (append-only file kept) and start it again;
 * ``redis-sleep``: ``DEBUG SLEEP`` for ``--pause`` seconds;
-* ``redis-pause``: ``CLIENT PAUSE`` for ``--pause`` seconds.
+* ``redis-pause``: ``CLIENT PAUSE`` for ``--pause`` seconds;
+* ``kill-and-redis-kill``: SIGKILL a gateway and, 0.5 s later, Redis (down for
+  ``--pause`` seconds) while its clients reconnect to the other.
 
 Each socket acts as the Python and browser clients do: it resubscribes with
 ``since`` its last position after any reconnect (to the other gateway, with
@@ -775,10 +777,15 @@ async def _drive(args: argparse.Namespace, redis: Redis, gws: list[Gateway]) -> 
         gw = gws[target[0]]
         at = time.monotonic()
         what, answer = args.fault, ""
-        if what == "kill":
+        if what in ("kill", "kill-and-redis-kill"):
             assert gw.proc is not None
             gw.proc.kill()
             gw.proc.wait()
+            if what != "kill":  # its clients reconnect while Redis is away, then back
+                await asyncio.sleep(0.5)
+                redis.stop()
+                await asyncio.sleep(args.pause)
+                redis.start()
         elif what == "drain":
             assert gw.proc is not None
             gw.proc.send_signal(signal.SIGTERM)
@@ -798,11 +805,11 @@ async def _drive(args: argparse.Namespace, redis: Redis, gws: list[Gateway]) -> 
         elif what == "redis-pause":
             answer = redis.cli("CLIENT", "PAUSE", str(int(args.pause * 1000)), "ALL")
         await asyncio.sleep(1)
-        if what in ("kill", "drain"):
+        if what in ("kill", "drain", "kill-and-redis-kill"):
             await until(gw.dead, 60)
         await until(lambda: back() >= args.sockets, 120)
         all_back = time.monotonic() - at
-        if what in ("kill", "drain"):
+        if what in ("kill", "drain", "kill-and-redis-kill"):
             gw.start()
         faults.append({"fault": what, "gateway": gw.port, "answer": answer,
                        "all_back_seconds": round(all_back, 2)})  # fmt: skip
@@ -863,7 +870,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--fault", required=True,
                    choices=["none", "kill", "drain", "redis-kill", "redis-restart",
-                            "redis-sleep", "redis-pause"])  # fmt: skip
+                            "redis-sleep", "redis-pause", "kill-and-redis-kill"])  # fmt: skip
     p.add_argument("--sockets", type=int, default=4000)
     p.add_argument("--groups", type=int, default=40)
     p.add_argument("--wide", type=int, default=4)
