@@ -333,6 +333,11 @@ class Sock(asyncio.Protocol):
             c[f"history error {f.error.code if f.error else '?'}"] += 1
         elif f.epoch != self.epoch[slot]:
             c["history of another epoch"] += 1  # the gap stays told
+        elif f.publications and (
+            f.publications[0].offset > self.offset[slot] + 1
+            or f.publications[-1].offset <= self.offset[slot]
+        ):
+            c["history short of the gap"] += 1  # the gap stays told (the Python client's `Gap`)
         else:
             for item in f.publications or ():
                 if item.offset > self.offset[slot] and item.data.s >= 0:
@@ -340,6 +345,11 @@ class Sock(asyncio.Protocol):
             if f.publications and f.offset is not None and self.offset[slot] < f.offset:
                 done = False
                 self.ask_history(slot)
+            else:
+                # Repaired up to where the channel stands: what is held must follow on. The
+                # Python and browser clients deliver it without looking, so a hole there
+                # (a stale read) would be lost silently: counted so.
+                self.told[slot] = False
         if done:
             self.held[slot] = None
             for one in held:
