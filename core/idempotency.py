@@ -29,7 +29,7 @@ from core.infra.identity import principal
 from core.request import Request, Response
 from core.routing import Handler
 
-__all__ = ["IDEMPOTENCY_KEY_SCHEMA", "IdempotencyStore"]
+__all__ = ["IDEMPOTENCY_KEY_SCHEMA", "IdempotencyStore", "checked_key"]
 
 log = logging.getLogger("core.idempotency")
 
@@ -65,6 +65,16 @@ _PURGE = "delete from idempotency_keys where expires_at < now()"
 _headers = msgspec.json.Decoder(dict[str, str])
 
 
+def checked_key(key: str) -> str:
+    """``key`` when it is a valid ``Idempotency-Key``; else a 422 naming the header."""
+    if not re.match(_KEY_PATTERN, key):
+        detail = ErrorDetail(
+            "header.Idempotency-Key", f"1 to {MAX_KEY_LENGTH} printable ASCII characters"
+        )
+        raise ValidationFailed([detail])
+    return key
+
+
 class IdempotencyStore:
     def __init__(self, pool: asyncpg.Pool, ttl: float) -> None:
         self._pool = pool
@@ -74,15 +84,7 @@ class IdempotencyStore:
         key = req.header("idempotency-key")
         if key is None or req.caller is None:
             return await handler(req)
-        if not re.match(_KEY_PATTERN, key):
-            raise ValidationFailed(
-                [
-                    ErrorDetail(
-                        "header.Idempotency-Key",
-                        f"1 to {MAX_KEY_LENGTH} printable ASCII characters",
-                    )
-                ]
-            )
+        checked_key(key)
         owner = principal(req.caller)
         digest = hashlib.sha256(b"%s %s\n%s" % (req.method.encode(), req.path.encode(), req.body))
         request_hash = digest.digest()

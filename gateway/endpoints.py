@@ -17,8 +17,10 @@ import msgspec
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from core.errormap import JsonErrors
+from core.idempotency import checked_key
 from core.infra.broker import BrokerUnavailable
 from core.infra.errors import ApiError, ErrorDetail, TooManyRequests, Unavailable
+from core.infra.history import call_of
 from core.infra.identity import AuthError, Identity, principal, token_from_header
 from core.infra.metrics import METRICS_CHALLENGE, METRICS_REFUSED, scrape_allowed
 from core.infra.metricsmerge import scrape_view
@@ -109,6 +111,8 @@ class PublishHandler(JsonHandler):
             raise ApiError(403, "forbidden", f"token does not allow publishing on {req.ch}")
         if len(req.data) > limit:
             raise ApiError(413, "payload_too_large", f"data over {limit} bytes")
+        key = self.request.headers.get("Idempotency-Key")
+        call = None if key is None else call_of(principal(identity), checked_key(key))
         try:
             data, history = check_json(bytes(req.data), limit), True
             hooks = self.ctx.hooks
@@ -119,7 +123,7 @@ class PublishHandler(JsonHandler):
                 and hooks.publish_channels.applies(req.ch)
             ):
                 data, history = await _hooked(hooks, identity, req.ch, data, self.ctx)
-            await self.ctx.node.publish(req.ch, data, checked=True, history=history)
+            await self.ctx.node.publish(req.ch, data, checked=True, history=history, call=call)
         except InvalidData as exc:
             raise ApiError(
                 422,

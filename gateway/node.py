@@ -253,16 +253,22 @@ class Node:
         return self.hub.has_subscribers(ch) and ch not in self._pending and ch not in self._leaving
 
     async def publish(
-        self, ch: str, data: bytes, *, checked: bool = False, history: bool = True
+        self,
+        ch: str,
+        data: bytes,
+        *,
+        checked: bool = False,
+        history: bool = True,
+        call: str | None = None,
     ) -> Position | None:
         """Publish JSON bytes to every subscriber of ``ch`` on every node.
 
         On a history channel the publication is also kept (unless not
         ``history``), and its position returned. Raises `proto.InvalidData`
         for data that is not publishable (``checked``: the caller's codec
-        checked it already).
+        checked it already). ``call``: `HistoryPublisher.publish`'s.
         """
-        return await self.publisher.publish(ch, data, checked=checked, history=history)
+        return await self.publisher.publish(ch, data, checked=checked, history=history, call=call)
 
     async def publish_each(
         self, channels: Sequence[str], data: bytes, *, call: str | None = None

@@ -30,7 +30,7 @@ import msgspec
 
 from core.infra.broker.cluster import RedisClusterBroker
 from core.infra.broker.redis import RedisBroker
-from core.infra.history import HistoryPolicy, HistoryPublisher
+from core.infra.history import HistoryPolicy, HistoryPublisher, call_of
 from gateway.serverclient import Closing, ServerClient, ServerError
 from proto import Position
 from proto.publication import check_json
@@ -55,16 +55,20 @@ class Publisher(Closing):
         policy = HistoryPolicy(history_channels, history_size, history_ttl)
         self._publisher = HistoryPublisher(self._broker, policy)
 
-    async def publish(self, ch: str, data: Any) -> Position | None:
+    async def publish(self, ch: str, data: Any, *, key: str | None = None) -> Position | None:
         """Publish ``data`` (JSON-serializable, or JSON bytes) on ``ch``.
 
         Returns the publication's position on a history channel, else None.
-        Raises `core.infra.broker.BrokerUnavailable` when Redis cannot take it,
-        and `proto.InvalidData` for data that not every codec and client can
-        carry (docs/protocol.md, Publishable data): nothing is published.
+        Raises `proto.InvalidData` for data that not every codec and client can
+        carry (docs/protocol.md, Publishable data): nothing is published. Raises
+        `core.infra.broker.BrokerUnavailable` when Redis did not take it in time:
+        a Redis that stalled (a slow script, a fork) may still run it once it
+        wakes, so send it again with the same ``key`` (any string naming this
+        publication): on a history channel it is then published once.
         """
         payload = data if isinstance(data, bytes) else msgspec.json.encode(data)
-        return await self._publisher.publish(ch, payload)
+        call = None if key is None else call_of("", key)
+        return await self._publisher.publish(ch, payload, call=call)
 
     async def broadcast(self, channels: list[str], data: Any) -> list[Position | None]:
         """Publish ``data`` on each of ``channels`` (history kept per channel, as `publish`).

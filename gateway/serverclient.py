@@ -85,14 +85,17 @@ class ServerClient(Closing):
         """``POST /api/server/<name>`` with ``body``: the decoded answer, or `ServerError`."""
         return msgspec.json.decode(await self._post(name, body))
 
-    async def _typed(self, name: str, body: dict[str, Any], kind: type[T]) -> T:
-        return msgspec.json.decode(await self._post(name, body), type=kind)
+    async def _typed(
+        self, name: str, body: dict[str, Any], kind: type[T], key: str | None = None
+    ) -> T:
+        return msgspec.json.decode(await self._post(name, body, key), type=kind)
 
-    async def _post(self, name: str, body: dict[str, Any]) -> bytes:
+    async def _post(self, name: str, body: dict[str, Any], key: str | None = None) -> bytes:
         if self._session is None:
             self._session = aiohttp.ClientSession(timeout=self._timeout, headers=self._headers)
         url = f"{self.url}/api/server/{name}"
-        async with self._session.post(url, data=msgspec.json.encode(body)) as resp:
+        headers = None if key is None else {"Idempotency-Key": key}
+        async with self._session.post(url, data=msgspec.json.encode(body), headers=headers) as resp:
             raw = await resp.read()
             status = resp.status
         if status == 200:
@@ -110,9 +113,13 @@ class ServerClient(Closing):
 
     # -- the calls -------------------------------------------------------------------
 
-    async def publish(self, ch: str, data: Any) -> Position | None:
-        """Publish ``data`` on ``ch``; its position on a history channel, else None."""
-        out = await self._typed("publish", {"ch": ch, "data": data}, PublishOut)
+    async def publish(self, ch: str, data: Any, *, key: str | None = None) -> Position | None:
+        """Publish ``data`` on ``ch``; its position on a history channel, else None.
+
+        ``key`` (an ``Idempotency-Key``): the same publication sent again with the same
+        key, because its answer did not come, is published once (history channels only).
+        """
+        out = await self._typed("publish", {"ch": ch, "data": data}, PublishOut, key)
         return Position(out.offset, out.epoch) if out.offset is not None and out.epoch else None
 
     async def broadcast(self, channels: list[str], data: Any) -> BroadcastOut:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import signal
 
 import pytest
@@ -711,3 +712,40 @@ async def test_the_python_client_recovers_a_large_backlog_whole_on_one_connectio
             event = await asyncio.wait_for(anext(sub), 5 * UNIT)
             assert isinstance(event, Publication) and event.offset == live.offset
             assert c.connections == 1  # before: closed with 4001 once the backlog was sent
+
+
+async def test_an_http_publication_sent_again_with_its_idempotency_key_is_published_once():
+    """A backend whose ``POST /api/publish`` lost its answer (the gateway killed or drained
+    before it answered, a proxy's timeout) sends it again. Without a key it was published
+    twice, at two offsets: every subscriber got it twice and could not tell (bench.chaos:
+    2,000 such duplicates in three kills). With the same ``Idempotency-Key`` it is
+    published once; another caller's same key is its own."""
+    from tornado.httpclient import AsyncHTTPClient
+
+    async with running_gateway(history_channels=("feed:*",)) as gw:
+        http = AsyncHTTPClient(force_instance=True)
+
+        async def post(sub: str, key: str, n: int) -> tuple[int, dict]:
+            r = await http.fetch(
+                f"http://127.0.0.1:{gw.port}/api/publish", method="POST", raise_error=False,
+                headers={"Authorization": f"Bearer {token_for(gw, sub, channels=('feed:*',))}",
+                         "Idempotency-Key": key},
+                body=b'{"ch": "feed:9", "data": {"n": %d}}' % n,
+            )  # fmt: skip
+            return r.code, json.loads(r.body)
+
+        try:
+            async with ws_client(gw.port, token_for(gw, channels=("feed:*",))) as c:
+                assert (await c.request("sub", ch="feed:9"))["ok"]
+                assert await post("alice", "order-7", 1) == (200, {"ok": True})
+                assert await post("alice", "order-7", 1) == (200, {"ok": True})  # the retry
+                assert (await post("bob", "order-7", 2))[0] == 200
+                assert (await post("alice", "order-8", 3))[0] == 200
+                assert (await c.request("ping"))["ok"]
+                got = [(m["data"]["n"], m["offset"]) for m in c.pushes]
+                assert got == [(1, 1), (2, 2), (3, 3)]
+            status, body = await post("alice", "k" * 256, 4)
+            assert status == 422
+            assert body["error"]["details"][0]["path"] == "header.Idempotency-Key"
+        finally:
+            http.close()

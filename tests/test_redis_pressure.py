@@ -257,3 +257,31 @@ async def test_after_a_failover_publications_through_redis_py_move_too(redis_pai
             assert entries == [(1, b'"moved"')] and top is not None and top.epoch[0] == "~"
         finally:
             await broker.close()
+
+
+async def test_a_reconciliation_caught_by_a_lost_link_keeps_the_channel_delivered(tmp_path):
+    """The node's reconciliation (every 30 s) found a channel missing on the server while
+    the subscriber link was being lost (`CLIENT PAUSE` past the link's `PING`: its
+    subscriptions are gone until the reconnect) and resubscribed it on the link that was
+    down: refused, and the broker forgot the channel, so the reconnect left it out
+    ("32 channels resubscribed" instead of 33, bench.chaos) and its members got nothing,
+    without a `gap`, until the next reconciliation. Now the channel stays held and the
+    reconnect subscribes it again."""
+    redis = ThrowawayRedis(tmp_path / "redis").start()
+    broker = RedisBroker(redis.url, unique_prefix(), backoff_initial=0.02, backoff_max=0.2)
+    try:
+        async with running_gateway(broker, **HISTORY) as gw:
+            async with ws_client(gw.port, token_for(gw)) as c:
+                assert (await c.request("sub", ch="room:1"))["ok"]
+                redis.stop()
+                await until(lambda: not broker.connected)
+                with pytest.raises(BrokerUnavailable):
+                    await broker.resubscribe("room:1")  # the reconciliation's step
+                redis.start()
+                await until(lambda: broker.connected)
+                await gw.ctx.node.publish("room:1", b'{"n":1}')
+                frames = await _drain(c)
+                assert {"op": "gap", "ch": "room:1"} in frames
+                assert [f["data"] for f in frames if f.get("op") == "msg"] == [{"n": 1}]
+    finally:
+        redis.stop()

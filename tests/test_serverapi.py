@@ -543,3 +543,17 @@ async def test_history_pages_lead_on_past_an_entry_left_out(redis_url, entry):
                 break
             since = page["next"]
         assert seen == ([1, 3, 4, 5] if entry == "unpublishable" else [1, 2, 3, 4, 5]), page
+
+
+async def test_a_publication_sent_again_with_its_idempotency_key_keeps_its_one_offset():
+    """The server API's publish, sent again after a lost answer with the same
+    ``Idempotency-Key``, answers the first one's position and publishes nothing more."""
+    async with running_gateway(**FEATURES) as gw:
+        token, key = admin_token(gw), {"Idempotency-Key": "invoice-41"}
+        body = {"ch": "feed:4", "data": {"n": 1}}
+        first = await call(gw, token, "publish", body, headers=key)
+        again = await call(gw, token, "publish", body, headers=key)
+        other = await call(gw, token, "publish", {"ch": "feed:4", "data": {"n": 2}})
+        offsets = [answer[2]["offset"] for answer in (first, again, other)]
+        assert offsets == [1, 1, 2]
+        assert (await call(gw, token, "publish", body, headers={"Idempotency-Key": ""}))[0] == 422

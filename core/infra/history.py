@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import fnmatch
 import functools
+import hashlib
 import re
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
@@ -20,7 +21,16 @@ from proto.publication import DEFAULT_MAX_BYTES, InvalidData, check_json
 if TYPE_CHECKING:
     from core.infra.broker.base import Broker, Position
 
-__all__ = ["ChannelPatterns", "HistoryPolicy", "HistoryPublisher"]
+__all__ = ["ChannelPatterns", "HistoryPolicy", "HistoryPublisher", "call_of"]
+
+
+def call_of(owner: str, key: str) -> str:
+    """The history script's call id of a publication its caller named ``key``
+    (``Idempotency-Key``): a publication sent again after a lost answer (a gateway
+    killed, drained or timed out before it answered) is then published once. Kept
+    apart per ``owner`` (`core.infra.identity.principal`), so one caller's key never
+    stops another's publication."""
+    return hashlib.sha256(f"{owner}\0{key}".encode()).hexdigest()[:16]
 
 
 class ChannelPatterns:
@@ -63,7 +73,13 @@ class HistoryPublisher:
         self.max_bytes = max_bytes
 
     async def publish(
-        self, ch: str, data: bytes, *, checked: bool = False, history: bool = True
+        self,
+        ch: str,
+        data: bytes,
+        *,
+        checked: bool = False,
+        history: bool = True,
+        call: str | None = None,
     ) -> Position | None:
         """Publish JSON ``data`` on ``ch``, through history when the policy says so (its position).
 
@@ -71,7 +87,8 @@ class HistoryPublisher:
         history) that not every codec can carry: raises `proto.InvalidData`.
         ``checked``: a codec's `data_to_json` already checked ``data``.
         ``history=False``: live only, even on a history channel (a publish hook's
-        ``skip_history``).
+        ``skip_history``). ``call``: the publication's id on a history channel
+        (`Broker.publish_history`: the same id again publishes nothing twice).
         """
         if not checked:
             data = check_json(data, self.max_bytes)
@@ -79,7 +96,7 @@ class HistoryPublisher:
             raise InvalidData(f"data over {self.max_bytes} bytes")
         policy = self.policy
         if history and policy.applies(ch):
-            return await self.broker.publish_history(ch, data, policy.size, policy.ttl)
+            return await self.broker.publish_history(ch, data, policy.size, policy.ttl, call)
         await self.broker.publish(ch, data)
         return None
 

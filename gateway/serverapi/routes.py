@@ -26,10 +26,12 @@ from typing import Any, TypeVar
 import msgspec
 
 from core.access import Access
+from core.idempotency import checked_key
 from core.infra import control
 from core.infra.broker import BrokerUnavailable
 from core.infra.errors import ApiError, ErrorDetail, NotFound, Unavailable
-from core.infra.history import ChannelPatterns
+from core.infra.history import ChannelPatterns, call_of
+from core.infra.identity import principal
 from core.request import Request, Response
 from core.routing import Route
 from gateway.context import Context
@@ -126,7 +128,9 @@ class ServerRoutes:
                 "Publish to a channel",
                 PublishIn,
                 PublishOut,
-                "History is kept on history channels (HISTORY_CHANNELS).",
+                "History is kept on history channels (HISTORY_CHANNELS). Sent again with the "
+                "same `Idempotency-Key` header (after a lost answer), a publication on a "
+                "history channel answers the first one's position and is published once.",
             ),
             post(
                 "broadcast",
@@ -243,8 +247,11 @@ class ServerRoutes:
         body: PublishIn = req.data
         self._may_publish(body.ch, "$.ch")
         payload = self._checked(body.data)
+        key = req.header("idempotency-key")
+        owner = principal(req.caller) if req.caller is not None else ""
+        call = None if key is None else call_of(owner, checked_key(key))
         try:
-            position = await self.ctx.node.publish(body.ch, payload, checked=True)
+            position = await self.ctx.node.publish(body.ch, payload, checked=True, call=call)
         except BrokerUnavailable as exc:
             raise Unavailable(f"broker unavailable, retry later: {exc}") from None
         if position is None:

@@ -232,6 +232,12 @@ class RedisClusterBroker(RedisBroker):
     async def unsubscribe(self, ch: str) -> None:
         await self.unsubscribe_many([ch])
 
+    async def resubscribe(self, ch: str) -> None:
+        # Placed per shard: a channel refused here is no longer held, and the next
+        # reconciliation (`verify`, against this broker's own view) finds it again.
+        self._channels.discard(ch)
+        await self.subscribe(ch)
+
     async def verify(self, channels: list[str]) -> list[str]:
         # Shard channels live on their shards: checked against this broker's own view.
         return [ch for ch in channels if ch not in self._channels]

@@ -467,6 +467,11 @@ class RedisBroker(Broker):
         return missing
 
     async def resubscribe(self, ch: str) -> None:
+        if self._pubsub is None or not self._connected:
+            # Kept: the link's reconnect subscribes every channel held. Forgotten here
+            # (a reconciliation that met a link being lost), it was left out of the
+            # reconnect and its members got nothing, with no gap, until the next one.
+            raise BrokerUnavailable("Redis is not connected")
         self._channels.discard(ch)
         await self.subscribe(ch)
 
