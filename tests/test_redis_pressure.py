@@ -18,6 +18,7 @@ throwaway ``redis-server`` (never the shared one):
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
@@ -282,6 +283,37 @@ async def test_a_reconciliation_caught_by_a_lost_link_keeps_the_channel_delivere
                 await gw.ctx.node.publish("room:1", b'{"n":1}')
                 frames = await _drain(c)
                 assert {"op": "gap", "ch": "room:1"} in frames
+                assert [f["data"] for f in frames if f.get("op") == "msg"] == [{"n": 1}]
+    finally:
+        redis.stop()
+
+
+async def test_a_reconciliation_whose_subscribe_goes_unanswered_keeps_the_channel(tmp_path):
+    """The same race a moment later: the link was up when the reconciliation resubscribed,
+    and its `SUBSCRIBE` went unanswered (`CLIENT PAUSE`, then the link lost). The failed
+    subscription forgot the channel, so the link's reconnect left it out, silently."""
+    redis = ThrowawayRedis(tmp_path / "redis").start()
+    broker = RedisBroker(
+        redis.url, unique_prefix(), backoff_initial=0.02, backoff_max=0.2, subscribe_timeout=0.3
+    )
+    try:
+        async with running_gateway(broker, **HISTORY) as gw:
+            async with ws_client(gw.port, token_for(gw)) as c:
+                assert (await c.request("sub", ch="room:1"))["ok"]
+                admin = aioredis.Redis.from_url(redis.url)
+                try:
+                    await admin.execute_command("CLIENT", "PAUSE", "1000", "ALL")
+                    with pytest.raises(BrokerUnavailable):
+                        await broker.resubscribe("room:1")  # the reconciliation's step
+                    await asyncio.sleep(1.0)  # the pause ends
+                    # The link is lost (a failover, a proxy's reset): it reconnects.
+                    await admin.execute_command("CLIENT", "KILL", "TYPE", "pubsub")
+                finally:
+                    await admin.aclose()
+                await until(lambda: broker.connected)
+                await asyncio.sleep(0.3)
+                await gw.ctx.node.publish("room:1", b'{"n":1}')
+                frames = await _drain(c)
                 assert [f["data"] for f in frames if f.get("op") == "msg"] == [{"n": 1}]
     finally:
         redis.stop()

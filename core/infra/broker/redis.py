@@ -473,7 +473,13 @@ class RedisBroker(Broker):
             # reconnect and its members got nothing, with no gap, until the next one.
             raise BrokerUnavailable("Redis is not connected")
         self._channels.discard(ch)
-        await self.subscribe(ch)
+        try:
+            await self.subscribe(ch)
+        except BrokerUnavailable:
+            self._channels.add(
+                ch
+            )  # the same, for a link lost (or a SUBSCRIBE unanswered) meanwhile
+            raise
 
     async def unsubscribe_many(self, channels: list[str]) -> None:
         keys = [self._channel_key(ch) for ch in channels if ch in self._channels]
