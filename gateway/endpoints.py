@@ -112,7 +112,9 @@ class PublishHandler(JsonHandler):
         if len(req.data) > limit:
             raise ApiError(413, "payload_too_large", f"data over {limit} bytes")
         key = self.request.headers.get("Idempotency-Key")
-        call = None if key is None else call_of(principal(identity), checked_key(key))
+        call = (
+            None if key is None else call_of(principal(identity), checked_key(key), bytes(req.data))
+        )
         try:
             data, history = check_json(bytes(req.data), limit), True
             hooks = self.ctx.hooks

@@ -67,7 +67,7 @@ class Publisher(Closing):
         publication): on a history channel it is then published once.
         """
         payload = data if isinstance(data, bytes) else msgspec.json.encode(data)
-        call = None if key is None else call_of("", key)
+        call = None if key is None else call_of("", key, payload)
         return await self._publisher.publish(ch, payload, call=call)
 
     async def broadcast(self, channels: list[str], data: Any) -> list[Position | None]:

@@ -741,10 +741,12 @@ async def test_an_http_publication_sent_again_with_its_idempotency_key_is_publis
                 assert await post("alice", "order-7", 1) == (200, {"ok": True})  # the retry
                 assert (await post("bob", "order-7", 2))[0] == 200
                 assert (await post("alice", "order-8", 3))[0] == 200
+                # A key used again for other data publishes it: nothing is dropped.
+                assert (await post("alice", "order-8", 4))[0] == 200
                 assert (await c.request("ping"))["ok"]
                 got = [(m["data"]["n"], m["offset"]) for m in c.pushes]
-                assert got == [(1, 1), (2, 2), (3, 3)]
-            status, body = await post("alice", "k" * 256, 4)
+                assert got == [(1, 1), (2, 2), (3, 3), (4, 4)]
+            status, body = await post("alice", "k" * 256, 5)
             assert status == 422
             assert body["error"]["details"][0]["path"] == "header.Idempotency-Key"
         finally:

@@ -24,13 +24,16 @@ if TYPE_CHECKING:
 __all__ = ["ChannelPatterns", "HistoryPolicy", "HistoryPublisher", "call_of"]
 
 
-def call_of(owner: str, key: str) -> str:
-    """The history script's call id of a publication its caller named ``key``
-    (``Idempotency-Key``): a publication sent again after a lost answer (a gateway
-    killed, drained or timed out before it answered) is then published once. Kept
-    apart per ``owner`` (`core.infra.identity.principal`), so one caller's key never
-    stops another's publication."""
-    return hashlib.sha256(f"{owner}\0{key}".encode()).hexdigest()[:16]
+def call_of(owner: str, key: str, data: bytes) -> str:
+    """The history script's call id of a publication of ``data`` its caller named
+    ``key`` (``Idempotency-Key``): a publication sent again after a lost answer (a
+    gateway killed, drained or timed out before it answered) is then published once.
+    Kept apart per ``owner`` (`core.infra.identity.principal`), so one caller's key
+    never stops another's publication, and per ``data``, so a key used again for
+    other data publishes that data rather than answer for the first and drop it."""
+    digest = hashlib.sha256(f"{owner}\0{key}\0".encode())
+    digest.update(data)
+    return digest.hexdigest()[:16]
 
 
 class ChannelPatterns:

@@ -249,7 +249,7 @@ class ServerRoutes:
         payload = self._checked(body.data)
         key = req.header("idempotency-key")
         owner = principal(req.caller) if req.caller is not None else ""
-        call = None if key is None else call_of(owner, checked_key(key))
+        call = None if key is None else call_of(owner, checked_key(key), payload)
         try:
             position = await self.ctx.node.publish(body.ch, payload, checked=True, call=call)
         except BrokerUnavailable as exc:
