@@ -111,7 +111,11 @@ def parse_event(event: object) -> Incoming:
 def _from_v2(ev: _EventV2) -> Incoming:
     headers = _received((ev.headers or {}).items())
     path = _without_stage(ev.raw_path, ev.request_context.stage)
-    target = path + ("?" + ev.raw_query_string if ev.raw_query_string else "")
+    query = ev.raw_query_string
+    # As the path's: before, a lone surrogate here was a 500 with a traceback from the
+    # query's validation (payload 1.0's parameters are refused in `parse_event`).
+    query.encode("utf-8")
+    target = path + ("?" + query if query else "")
     body = _body(ev.body, ev.is_base64_encoded)
     method = ev.request_context.http.method.upper()
     return Incoming(method, target, headers, body, ev.request_context.http.source_ip, False)

@@ -13,7 +13,7 @@ from urllib.parse import parse_qs
 
 from core.infra.errors import ApiError
 
-__all__ = ["Caller", "Request", "Response"]
+__all__ = ["REST_COST_BYTES", "Caller", "Request", "Response", "rest_cost"]
 
 
 class Caller(Protocol):
@@ -67,6 +67,18 @@ class Request:
 
     def header(self, name: str) -> str | None:
         return self.headers.get(name)
+
+
+#: A request counts against ``RATE_REST`` once more for each this many bytes of its body:
+#: what one caller may write a second (and the change events and history it makes) is
+#: bounded in bytes, not only in requests.
+REST_COST_BYTES = 8192
+
+
+def rest_cost(req: Request) -> int:
+    """The requests ``req`` counts as against ``RATE_REST``: one, and one more a
+    `REST_COST_BYTES` of its body."""
+    return 1 + len(req.body) // REST_COST_BYTES
 
 
 class Response:

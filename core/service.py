@@ -36,7 +36,7 @@ from core.outbox import Outbox
 from core.passwords import Passwords
 from core.projects import Projects
 from core.relay import Relay
-from core.request import Request, Response
+from core.request import Request, Response, rest_cost
 from core.routing import Route, Router
 from core.tokens import Issuer
 from core.users import Users
@@ -47,10 +47,6 @@ __all__ = ["Core", "CoreUnavailable", "api_routes", "offline_routes"]
 log = logging.getLogger("core")
 
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
-#: A request counts against ``RATE_REST`` once more for each this many bytes of its body:
-#: what one caller may write a second (and the change events and history it makes) is
-#: bounded in bytes, not only in requests.
-REST_COST_BYTES = 8192
 
 
 def api_routes(
@@ -247,7 +243,7 @@ class Core:
                     self.limiter,
                     f"rest:{principal(caller)}",
                     self.settings.rate_rest,
-                    1 + len(req.body) // REST_COST_BYTES,
+                    rest_cost(req),
                 )
                 if wait is not None:
                     raise TooManyRequests(wait)

@@ -27,7 +27,7 @@ from core.infra.ratelimit import RateLimiter, over_limit
 from core.outbox import with_events
 from core.paging import decode_cursor, page_body
 from core.projects import IDEMPOTENCY_KEY
-from core.request import Request, Response
+from core.request import Request, Response, rest_cost
 from core.routing import Route, int_param
 from core.schemas import User, UserIn, UserPage, UserPatch, UserQuery
 
@@ -172,15 +172,25 @@ class Users:
         (`RATE_REST`): each move is a write and two change events, as a PATCH of the
         project is. Before, one PATCH of one's own address moved up to
         `MAX_PROJECTS_PER_USER` projects: 10 such requests pushed 10,000 events (54 MB)
-        to every subscriber of ``projects``. 429 (nothing changed) when over."""
-        if self._limiter is None or self._rate is None or req.caller is None:
+        to every subscriber of ``projects``. 429 (nothing changed) when over.
+
+        The request itself has counted already (`core.service`, by its size): the moves
+        count at most the rest of the allowance, or a change moving as many projects as
+        ``RATE_REST`` allows was refused for ever (each retry counted itself first); and
+        the wait said covers the retry's own count too."""
+        rate = self._rate
+        if self._limiter is None or rate is None or req.caller is None:
             return
+        counted = rest_cost(req)  # as `core.service` counted the request
+        room = rate.limit - counted
+        if room < 1:
+            return  # an allowance of one request a period: the request is all it spends
         moving = await self._pool.fetchval(_MOVING, id, email)
         if moving:
             key = f"rest:{principal(req.caller)}"
-            wait = await over_limit(self._limiter, key, self._rate, moving)
+            wait = await over_limit(self._limiter, key, rate, min(moving, room))
             if wait is not None:
-                raise TooManyRequests(wait)
+                raise TooManyRequests(wait + counted * rate.period / rate.limit)
 
     async def delete(self, req: Request) -> Response:
         id = _id(req)

@@ -11,7 +11,6 @@ per publication; the hub then writes the same bytes to every subscriber.
 
 from __future__ import annotations
 
-import re
 from typing import Any, Final
 
 import msgspec
@@ -67,7 +66,6 @@ class ProtocolError(Exception):
         return f"{base}: {self.detail}" if self.detail else base
 
 
-_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")  # an escaped UTF-16 surrogate
 _SURROGATE = (
     "a string holds a lone surrogate (an escape in \\ud800-\\udfff), which no codec carries"
 )
@@ -189,7 +187,10 @@ class JsonCodec(Codec):
         try:
             if isinstance(data, str):
                 data = data.encode()
-            readable = _SURROGATE_ESCAPE.sub(rb"\\ufffd", data)
+            # Each escape \udXYZ becomes \u0XYZ, no surrogate (only the id is read): two
+            # scans at memory speed, where a regular expression's replacements took 1 ms
+            # a 64 KB frame of escapes (12 times a plain malformed frame's cost).
+            readable = data.replace(b"\\ud", b"\\u0").replace(b"\\uD", b"\\u0")
             return None if readable == data else self._lenient.decode(readable)
         except (msgspec.DecodeError, RecursionError, UnicodeEncodeError):
             return None

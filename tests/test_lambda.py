@@ -663,6 +663,17 @@ def test_text_no_connection_carries_is_400_and_never_raises(core_http, auth, fie
     assert json.loads(reply["body"])["error"]["code"] == code
 
 
+@pytest.mark.parametrize("kind", ["http_api_v2", "function_url"])
+def test_a_query_with_a_lone_surrogate_is_400_and_never_raises(core_http, auth, kind):
+    # Payload 2.0 hands the query on as text: "\ud800" in it stands for no byte, and the
+    # list's query validation raised (a 500 with a traceback), as the path did.
+    event = make_event(kind, "GET", "/api/projects", headers=auth)
+    event["rawQueryString"] = "limit=\ud800"
+    reply = invoke(event)
+    assert reply["statusCode"] == 400, reply
+    assert json.loads(reply["body"])["error"]["code"] == "bad_request"
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_an_unexpected_error_is_500_without_internals(core_http, auth, monkeypatch, caplog, kind):
     async def broken(self, req):

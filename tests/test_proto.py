@@ -114,6 +114,7 @@ def test_json_push_embeds_data_verbatim():
         ('{"id": 9, "op": "pub", "ch": "a", "data": {"t": "\\ud83d"}}', ErrorCode.BAD_FRAME, 9),
         ('{"id": 9, "op": "pub", "ch": "a", "data": "\\ude00!"}', ErrorCode.BAD_FRAME, 9),
         ('{"id": 9, "op": "sub", "ch": "a\\udbff"}', ErrorCode.BAD_FRAME, 9),
+        ('{"id": 9, "op": "sub", "ch": "a\\uDBFF\\\\ud800"}', ErrorCode.BAD_FRAME, 9),
         (
             '{"id": 9, "op": "pub", "ch": "a", "data": NaN, "t": "\\ud83d"}',
             ErrorCode.BAD_FRAME,

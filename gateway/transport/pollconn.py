@@ -39,13 +39,19 @@ import time
 from typing import Any
 
 from tornado.http1connection import HTTP1Connection
-from tornado.httputil import HTTPHeaders
 
 from core.infra.adoption import Adopted, take_over
 from core.infra.listener import Listener
 from core.infra.logs import redact
 from gateway.context import Context
-from gateway.transport.pollrequest import INCOMPLETE, PollRequest, cursor_of, parse, token_of
+from gateway.transport.pollrequest import (
+    INCOMPLETE,
+    HeadFields,
+    PollRequest,
+    cursor_of,
+    parse,
+    token_of,
+)
 from gateway.transport.pollsessions import PollSession
 
 __all__ = ["PollConnection", "adopt"]
@@ -260,5 +266,4 @@ class PollConnection(Adopted):
         peer = str(self._address[0]) if isinstance(self._address, tuple) else ""
         if not self._listener.proxies.trusts(peer):
             return peer
-        head = request.head.decode("latin-1").partition("\r\n")[2]
-        return self._listener.proxies.client_ip(peer, HTTPHeaders.parse(head))
+        return self._listener.proxies.client_ip(peer, HeadFields(request.head))

@@ -28,7 +28,7 @@ from urllib.parse import parse_qs
 
 from core.infra.identity import token_from_header
 
-__all__ = ["INCOMPLETE", "OTHER", "PollRequest", "cursor_of", "parse", "token_of"]
+__all__ = ["INCOMPLETE", "OTHER", "HeadFields", "PollRequest", "cursor_of", "parse", "token_of"]
 
 INCOMPLETE: Final = "incomplete"
 OTHER: Final = "other"
@@ -70,6 +70,27 @@ class PollRequest:
         #: Request line and headers, without the final CRLF (client address, logs).
         self.head = head
         self.size = size
+
+
+class HeadFields:
+    """A poll's head as `core.infra.clientip.HeaderLists` reads it: one field's values, in
+    order, as Tornado's ``HTTPHeaders.get_list`` gives them (`parse` took only lines of a
+    name, a colon and a value). A trusted proxy's forwarding header is found without
+    parsing every field: ``HTTPHeaders.parse`` of a poll's head took 26 us a poll."""
+
+    __slots__ = ("_head",)
+
+    def __init__(self, head: bytes) -> None:
+        self._head = head
+
+    def get_list(self, name: str) -> list[str]:
+        key = name.lower().encode("ascii")
+        values = []
+        for line in self._head.split(b"\r\n")[1:]:
+            field, _, value = line.partition(b":")
+            if field.lower() == key:
+                values.append(value.strip(b" \t").decode("latin-1"))
+        return values
 
 
 def parse(data: bytes, max_bytes: int, searched: int = 0) -> PollRequest | str:
