@@ -363,3 +363,34 @@ async def test_a_channel_left_during_an_unanswered_resubscription_is_not_held_on
         await elsewhere.aclose()
         await other.aclose()
         redis.stop()
+
+
+async def test_a_channel_left_while_its_resubscription_met_a_lost_link_is_not_subscribed_again(
+    tmp_path,
+):
+    """The same, with the link lost while the resubscription waited: the channel was taken
+    back though nobody here was on it any more, and the reconnect subscribed it, so Redis
+    sent this gateway every publication of a channel it had no member on."""
+    redis = ThrowawayRedis(tmp_path / "redis").start()
+    prefix = unique_prefix()
+    broker = RedisBroker(
+        redis.url, prefix, backoff_initial=0.02, backoff_max=0.2,
+        health_interval=0.2, health_timeout=0.3,
+    )  # fmt: skip
+    try:
+        async with running_gateway(broker, **HISTORY) as gw:
+            async with ws_client(gw.port, token_for(gw)) as c:
+                assert (await c.request("sub", ch="room:1"))["ok"]
+                async with paused(redis.url) as admin:
+                    step = asyncio.create_task(broker.resubscribe("room:1"))
+                    await asyncio.sleep(0.1)
+                    assert (await c.request("unsub", ch="room:1"))["ok"]  # the last one
+                    with pytest.raises(BrokerUnavailable):
+                        await step  # the link's PING went unanswered: lost
+                    await until(lambda: broker.connected)  # once the pause ends
+                    await asyncio.sleep(0.2)
+                    assert await admin.pubsub_numsub(f"{prefix}room:1") == [
+                        (f"{prefix}room:1".encode(), 0)
+                    ]
+    finally:
+        redis.stop()
