@@ -70,16 +70,21 @@ class Publisher(Closing):
         call = None if key is None else call_of("", key, payload)
         return await self._publisher.publish(ch, payload, call=call)
 
-    async def broadcast(self, channels: list[str], data: Any) -> list[Position | None]:
+    async def broadcast(
+        self, channels: list[str], data: Any, *, key: str | None = None
+    ) -> list[Position | None]:
         """Publish ``data`` on each of ``channels`` (history kept per channel, as `publish`).
 
         The positions, in the order of ``channels``. The data is checked once:
         `proto.InvalidData` publishes nothing; a broker failure midway raises
-        with the channels before it published.
+        with the channels before it published: sent again with the same ``key``
+        (as `publish`'s), those are not published twice.
         """
         payload = data if isinstance(data, bytes) else msgspec.json.encode(data)
         payload = check_json(payload, self._publisher.max_bytes)
-        return [await self._publisher.publish(ch, payload, checked=True) for ch in channels]
+        call = None if key is None else call_of("", key, payload)
+        publish = self._publisher.publish
+        return [await publish(ch, payload, checked=True, call=call) for ch in channels]
 
     async def close(self) -> None:
         await self._broker.close()

@@ -122,8 +122,12 @@ class ServerClient(Closing):
         out = await self._typed("publish", {"ch": ch, "data": data}, PublishOut, key)
         return Position(out.offset, out.epoch) if out.offset is not None and out.epoch else None
 
-    async def broadcast(self, channels: list[str], data: Any) -> BroadcastOut:
-        return await self._typed("broadcast", {"channels": channels, "data": data}, BroadcastOut)
+    async def broadcast(
+        self, channels: list[str], data: Any, *, key: str | None = None
+    ) -> BroadcastOut:
+        """``data`` on each of ``channels``; ``key`` as `publish`'s, for each channel."""
+        body = {"channels": channels, "data": data}
+        return await self._typed("broadcast", body, BroadcastOut, key)
 
     async def disconnect(
         self,

@@ -54,6 +54,18 @@ async def memory_full(url: str) -> AsyncIterator[None]:
         await client.aclose()
 
 
+@contextlib.asynccontextmanager
+async def paused(url: str) -> AsyncIterator[aioredis.Redis]:
+    """Redis paused for a second (`CLIENT PAUSE 1000 ALL`) from the block's start; an
+    admin client for the block."""
+    admin = aioredis.Redis.from_url(url)
+    try:
+        await admin.execute_command("CLIENT", "PAUSE", "1000", "ALL")
+        yield admin
+    finally:
+        await admin.aclose()
+
+
 async def _drain(client, quiet: float = 0.5 * UNIT) -> list[dict]:
     """Every frame that arrives until none has for ``quiet`` seconds."""
     frames = list(client.pushes)
@@ -300,20 +312,85 @@ async def test_a_reconciliation_whose_subscribe_goes_unanswered_keeps_the_channe
         async with running_gateway(broker, **HISTORY) as gw:
             async with ws_client(gw.port, token_for(gw)) as c:
                 assert (await c.request("sub", ch="room:1"))["ok"]
-                admin = aioredis.Redis.from_url(redis.url)
-                try:
-                    await admin.execute_command("CLIENT", "PAUSE", "1000", "ALL")
+                async with paused(redis.url) as admin:
                     with pytest.raises(BrokerUnavailable):
                         await broker.resubscribe("room:1")  # the reconciliation's step
                     await asyncio.sleep(1.0)  # the pause ends
                     # The link is lost (a failover, a proxy's reset): it reconnects.
                     await admin.execute_command("CLIENT", "KILL", "TYPE", "pubsub")
-                finally:
-                    await admin.aclose()
                 await until(lambda: broker.connected)
                 await asyncio.sleep(0.3)
                 await gw.ctx.node.publish("room:1", b'{"n":1}')
                 frames = await _drain(c)
                 assert [f["data"] for f in frames if f.get("op") == "msg"] == [{"n": 1}]
+    finally:
+        redis.stop()
+
+
+async def test_a_channel_left_during_an_unanswered_resubscription_is_not_held_on(tmp_path):
+    """The reconciliation's `SUBSCRIBE` goes unanswered (`CLIENT PAUSE`) and the channel's
+    last member leaves meanwhile: its `UNSUBSCRIBE` follows on the link. The failed
+    resubscription took the channel back, so the broker held a channel Redis (after
+    the pause: SUBSCRIBE, then UNSUBSCRIBE) did not: the next member's `sub` was answered
+    without a `SUBSCRIBE` and got nothing, and the reconciliation, which counts every
+    process's subscribers (another gateway held it), never repaired it."""
+    redis = ThrowawayRedis(tmp_path / "redis").start()
+    prefix = unique_prefix()
+    broker = RedisBroker(
+        redis.url, prefix, backoff_initial=0.02, backoff_max=0.2, subscribe_timeout=0.3
+    )
+    other = aioredis.Redis.from_url(redis.url)  # another gateway, holding the channel
+    elsewhere = other.pubsub()
+    try:
+        await elsewhere.subscribe(f"{prefix}room:1")
+        async with running_gateway(broker, **HISTORY) as gw:
+            async with ws_client(gw.port, token_for(gw)) as c:
+                assert (await c.request("sub", ch="room:1"))["ok"]
+                async with paused(redis.url):
+                    step = asyncio.create_task(broker.resubscribe("room:1"))
+                    await asyncio.sleep(0.1)
+                    assert (await c.request("unsub", ch="room:1"))["ok"]  # the last one
+                    with pytest.raises(BrokerUnavailable):
+                        await step
+                    await asyncio.sleep(1.0)  # the pause ends: SUBSCRIBE, UNSUBSCRIBE
+            async with ws_client(gw.port, token_for(gw)) as c:
+                assert (await c.request("sub", ch="room:1"))["ok"]
+                assert await gw.ctx.node.reconcile() == 0
+                await gw.ctx.node.publish("room:1", b'{"n":1}')
+                frames = await _drain(c)
+                assert [f["data"] for f in frames if f.get("op") == "msg"] == [{"n": 1}]
+    finally:
+        await elsewhere.aclose()
+        await other.aclose()
+        redis.stop()
+
+
+async def test_a_channel_left_while_its_resubscription_met_a_lost_link_is_not_subscribed_again(
+    tmp_path,
+):
+    """The same, with the link lost while the resubscription waited: the channel was taken
+    back though nobody here was on it any more, and the reconnect subscribed it, so Redis
+    sent this gateway every publication of a channel it had no member on."""
+    redis = ThrowawayRedis(tmp_path / "redis").start()
+    prefix = unique_prefix()
+    broker = RedisBroker(
+        redis.url, prefix, backoff_initial=0.02, backoff_max=0.2,
+        health_interval=0.2, health_timeout=0.3,
+    )  # fmt: skip
+    try:
+        async with running_gateway(broker, **HISTORY) as gw:
+            async with ws_client(gw.port, token_for(gw)) as c:
+                assert (await c.request("sub", ch="room:1"))["ok"]
+                async with paused(redis.url) as admin:
+                    step = asyncio.create_task(broker.resubscribe("room:1"))
+                    await asyncio.sleep(0.1)
+                    assert (await c.request("unsub", ch="room:1"))["ok"]  # the last one
+                    with pytest.raises(BrokerUnavailable):
+                        await step  # the link's PING went unanswered: lost
+                    await until(lambda: broker.connected)  # once the pause ends
+                    await asyncio.sleep(0.2)
+                    assert await admin.pubsub_numsub(f"{prefix}room:1") == [
+                        (f"{prefix}room:1".encode(), 0)
+                    ]
     finally:
         redis.stop()

@@ -557,3 +557,17 @@ async def test_a_publication_sent_again_with_its_idempotency_key_keeps_its_one_o
         offsets = [answer[2]["offset"] for answer in (first, again, other)]
         assert offsets == [1, 1, 2]
         assert (await call(gw, token, "publish", body, headers={"Idempotency-Key": ""}))[0] == 422
+
+
+async def test_a_broadcast_sent_again_with_its_idempotency_key_publishes_each_channel_once():
+    """A broadcast answers per channel, ``error`` where the broker failed, which invites
+    sending it again; so does a lost answer. Its ``Idempotency-Key`` was ignored: every
+    channel that had it got it twice, at two offsets."""
+    async with running_gateway(**FEATURES) as gw:
+        token, key = admin_token(gw), {"Idempotency-Key": "newsletter-12"}
+        body = {"channels": ["feed:5", "feed:6"], "data": {"n": 1}}
+        first = await call(gw, token, "broadcast", body, headers=key)
+        again = await call(gw, token, "broadcast", body, headers=key)
+        offsets = [[r["offset"] for r in answer[2]["results"]] for answer in (first, again)]
+        assert offsets == [[1, 1], [1, 1]]
+        assert (await call(gw, token, "broadcast", body, headers={"Idempotency-Key": ""}))[0] == 422

@@ -41,6 +41,8 @@ async def test_every_call_of_the_python_library(redis_url):
             assert sent.results[1].offset == 2
             sent_again = [await api.publish("feed:1", 3, key="k") for _ in range(2)]
             assert [p.offset for p in sent_again if p] == [3, 3]  # sent again: published once
+            twice = [await api.broadcast(["feed:1"], 4, key="k4") for _ in range(2)]
+            assert [out.results[0].offset for out in twice] == [4, 4]
             assert [ch.ch for ch in (await api.channels(pattern="feed:*")).channels] == ["feed:1"]
             assert [p.user for p in await api.presence("room:1")] == ["alice"]
             assert (await api.presence_stats("room:1")).num_clients == 1
@@ -113,6 +115,8 @@ async def test_a_publication_sent_again_with_its_key_is_published_once(redis_url
         other = await pub.publish("feed:k", {"n": 2}, key="order-8")
         assert first is not None and other is not None
         assert (again, other.offset) == (first, first.offset + 1)
+        twice = [await pub.broadcast(["feed:k", "feed:l"], 3, key="all-9") for _ in range(2)]
+        assert twice[0] == twice[1] and twice[0][0] == Position(3, first.epoch)
 
 
 async def _cli(*args: str) -> tuple[int, str, str]:

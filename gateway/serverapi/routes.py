@@ -79,6 +79,16 @@ def caller_name(caller: Any) -> str:
     return f"{caller.sub} ({getattr(caller, 'role', 'user')})"
 
 
+def _call(req: Request, payload: bytes) -> str | None:
+    """The history script's call id of a publication of ``payload`` that the request's
+    ``Idempotency-Key`` names (None without one), kept apart per caller."""
+    key = req.header("idempotency-key")
+    if key is None:
+        return None
+    owner = principal(req.caller) if req.caller is not None else ""
+    return call_of(owner, checked_key(key), payload)
+
+
 def _ok(body: msgspec.Struct) -> Response:
     return Response(200, _encoder.encode(body))
 
@@ -138,7 +148,9 @@ class ServerRoutes:
                 "Publish one payload to many channels",
                 BroadcastIn,
                 BroadcastOut,
-                "Each channel keeps history as a publish would.",
+                "Each channel keeps history as a publish would, and its `Idempotency-Key` "
+                "too: sent again, each history channel that had it answers its position "
+                "and publishes nothing more.",
             ),
             post(
                 "disconnect",
@@ -247,9 +259,7 @@ class ServerRoutes:
         body: PublishIn = req.data
         self._may_publish(body.ch, "$.ch")
         payload = self._checked(body.data)
-        key = req.header("idempotency-key")
-        owner = principal(req.caller) if req.caller is not None else ""
-        call = None if key is None else call_of(owner, checked_key(key), payload)
+        call = _call(req, payload)
         try:
             position = await self.ctx.node.publish(body.ch, payload, checked=True, call=call)
         except BrokerUnavailable as exc:
@@ -264,12 +274,13 @@ class ServerRoutes:
         for i, ch in enumerate(channels):
             self._may_publish(ch, f"$.channels[{i}]")
         payload = self._checked(body.data)
+        call = _call(req, payload)
         gate = asyncio.Semaphore(BROADCAST_CONCURRENCY)
 
         async def one(ch: str) -> BroadcastResult:
             async with gate:
                 try:
-                    position = await self.ctx.node.publish(ch, payload, checked=True)
+                    position = await self.ctx.node.publish(ch, payload, checked=True, call=call)
                 except BrokerUnavailable:
                     return BroadcastResult(ch, error="broker unavailable")
             if position is None:

@@ -224,6 +224,8 @@ class RedisBroker(Broker):
         self._on_state: StateListener | None = None
         self._handler: PublicationHandler | None = None
         self._channels: set[str] = set()
+        #: Channels a `resubscribe` is subscribing again, until one leaves them.
+        self._resubscribing: set[str] = set()
         self._confirm: dict[bytes, list[asyncio.Future[None]]] = {}
         self._pubsub: PubSub | None = None
         self._connected = False
@@ -473,17 +475,25 @@ class RedisBroker(Broker):
             # reconnect and its members got nothing, with no gap, until the next one.
             raise BrokerUnavailable("Redis is not connected")
         self._channels.discard(ch)
+        self._resubscribing.add(ch)
         try:
             await self.subscribe(ch)
         except BrokerUnavailable:
-            self._channels.add(
-                ch
-            )  # the same, for a link lost (or a SUBSCRIBE unanswered) meanwhile
+            # The same, for a link lost (or a SUBSCRIBE unanswered) meanwhile; unless the
+            # channel was left meanwhile: its UNSUBSCRIBE follows the SUBSCRIBE on the link,
+            # and a channel held that Redis does not deliver answers its next member's
+            # `subscribe` at once, with nothing (held elsewhere too, no reconciliation
+            # finds it).
+            if ch in self._resubscribing:
+                self._channels.add(ch)
             raise
+        finally:
+            self._resubscribing.discard(ch)
 
     async def unsubscribe_many(self, channels: list[str]) -> None:
         keys = [self._channel_key(ch) for ch in channels if ch in self._channels]
         self._channels.difference_update(channels)
+        self._resubscribing.difference_update(channels)
         pubsub = self._pubsub
         if pubsub is None or not keys:
             return  # not resubscribed on reconnect: nothing to undo
