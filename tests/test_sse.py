@@ -130,6 +130,25 @@ async def test_last_event_id_recovers_what_was_missed():
         ]  # fmt: skip
 
 
+async def test_a_channel_quiet_since_the_stream_opened_is_recovered_from_last_event_id():
+    """The reply's position is in the event id: a channel with no msg yet is not resubscribed
+    afresh after a reconnect, losing what it missed meanwhile without a word."""
+    async with running_gateway(**FEED) as gw:
+        token = token_for(gw, channels=("feed:*",))
+        await gw.ctx.node.publish("feed:b", b'{"n":1}')  # it stands somewhere before the stream
+        async with sse(gw.port, token, ["feed:a", "feed:b"]) as s:
+            await s.next_of("reply")
+            await s.next_of("reply")
+            await gw.ctx.node.publish("feed:a", b'{"n":1}')
+            last_id = (await s.next_of("msg"))["id"]  # feed:b had nothing since the stream opened
+        await gw.ctx.node.publish("feed:b", b'{"n":2}')  # while away
+        async with sse(gw.port, token, ["feed:a", "feed:b"], last_id) as s:
+            replies = [json.loads((await s.next_of("reply"))["data"]) for _ in range(2)]
+            assert [r.get("recovered") for r in replies] == [True, True], replies
+            got = json.loads((await s.next_of("msg"))["data"])
+        assert (got["ch"], got["data"]) == ("feed:b", {"n": 2})
+
+
 async def test_refusals_are_plain_http():
     async with running_gateway(**FEED) as gw:
         async with sse(gw.port, None, ["feed:1"]) as s:

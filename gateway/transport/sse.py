@@ -68,6 +68,20 @@ class _Op(msgspec.Struct):
 _push_op = msgspec.json.Decoder(_Op)
 
 
+class _Stands(msgspec.Struct):
+    """Where a reply to a ``sub`` (or a ``subscribed`` push) says a channel stands."""
+
+    id: int | None = None
+    ch: str | None = None
+    ok: bool = True
+    offset: int | None = None
+    epoch: str | None = None
+    recovered: bool | None = None
+
+
+_stands = msgspec.json.Decoder(_Stands)
+
+
 def encode_positions(positions: dict[str, tuple[int, str]]) -> str:
     return base64.urlsafe_b64encode(msgspec.json.encode(positions)).rstrip(b"=").decode()
 
@@ -102,6 +116,7 @@ class SSEHandler(JsonErrors):
         self.ctx = ctx
         self._identity: Identity | None = None
         self._positions: dict[str, tuple[int, str]] = {}
+        self._channels: list[str] = []  # its ``ch``s: the reply with id n answers the nth
         self._ended: asyncio.Event = asyncio.Event()
         self._session: Session | None = None
         self._refused = False  # a subscription failed with a temporary error
@@ -114,14 +129,14 @@ class SSEHandler(JsonErrors):
         identity = await admit(self, ctx)
         refuse_full(ctx)
         if ctx.hooks is not None and ctx.hooks.connect is not None:
-            self._channels()  # a request the gateway refuses is not the backend's to see
+            self._requested()  # a request the gateway refuses is not the backend's to see
             try:
                 identity = await admit_hooked_request(self, ctx, identity, self.kind)
             except Disconnected as goodbye:
                 self._goodbye = goodbye
         self._identity = identity
 
-    def _channels(self) -> list[str]:
+    def _requested(self) -> list[str]:
         channels = list(dict.fromkeys(self.get_query_arguments("ch")))
         if not 1 <= len(channels) <= self.ctx.settings.max_subscriptions:
             limit = self.ctx.settings.max_subscriptions
@@ -130,7 +145,7 @@ class SSEHandler(JsonErrors):
 
     async def get(self) -> None:
         ctx, identity = self.ctx, self._identity
-        channels = self._channels()
+        channels = self._channels = self._requested()
         last = self.request.headers.get("Last-Event-ID") or self.get_query_argument(
             "last_event_id", None
         )
@@ -192,7 +207,32 @@ class SSEHandler(JsonErrors):
         op = _push_op.decode(payload).op if payload.startswith(b'{"op"') else "reply"
         if op == "reply" and b'"temporary":true' in payload:
             self._refused = True
-        self._event(op or "reply", payload)
+        event_id = self._stands(payload) if op in ("reply", "subscribed") else None
+        self._event(op or "reply", payload, event_id)
+
+    def _stands(self, payload: bytes) -> str | None:
+        """The event id for a channel's reply or ``subscribed`` push that says where it stands.
+
+        Live pushes continue after that position (unless the reply says
+        ``recovered: true``: the missed ones follow, each with its id), so it is
+        where the stream resumes. Without it, a channel with nothing published
+        since the stream opened was missing from ``Last-Event-ID`` and, after a
+        reconnect, subscribed afresh: what it missed meanwhile was lost, unsaid.
+        """
+        stands = _stands.decode(payload)
+        ch = stands.ch
+        if ch is None and stands.id is not None and 0 < stands.id <= len(self._channels):
+            ch = self._channels[stands.id - 1]
+        if (
+            ch is None
+            or not stands.ok
+            or stands.recovered is True
+            or stands.offset is None
+            or stands.epoch is None
+        ):
+            return None
+        self._positions[ch] = (stands.offset, stands.epoch)
+        return encode_positions(self._positions)
 
     def deliver(self, prepared: Prepared, codec: Codec) -> None:
         event_id = None
