@@ -139,6 +139,7 @@ class Spec:
     wide: int
     backoff: float
     backoff_max: float
+    transport: str = "ws"
 
 
 class Counts:
@@ -200,6 +201,10 @@ class Sock(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
+        self.dropped()
+
+    def dropped(self) -> None:
+        """The connection is gone (any transport's): count it, and come back unless told not to."""
         was = self.subscribed
         self.subscribed = False
         self.held = [None] * len(self.chans)  # the next connection recovers from the position
@@ -226,6 +231,11 @@ class Sock(asyncio.Protocol):
     def send(self, obj: dict[str, Any]) -> None:
         if self.transport is not None:
             self.transport.write(client_frame(msgspec.json.encode(obj)))
+
+    def abort(self) -> None:
+        """Drop the connection at once (``dropped`` follows unless the driver is stopping)."""
+        if self.transport is not None:
+            self.transport.abort()
 
     # -- bytes in -----------------------------------------------------------
 
@@ -298,8 +308,7 @@ class Sock(asyncio.Protocol):
         c = self.owner.counts.c
         if not f.ok:
             c[f"sub error {f.error.code if f.error else '?'}"] += 1
-            if self.transport is not None:
-                self.transport.abort()  # connection_lost reconnects
+            self.abort()  # dropped() reconnects
             return
         if f.recovered is None:
             c["subscribed" if not self.ever else "resubscribed without since"] += 1
@@ -417,10 +426,16 @@ class Worker:
         self.counts = Counts()
         self.stopping = False
         self.tasks: set[asyncio.Task[None]] = set()
+        self.http: Any = None  # an aiohttp session, for bench.chaos_http's clients
         names = spec.names
         grants = [PATTERN, "projects:*"]
         now = int(time.time())
-        self.socks = []
+        self.socks: list[Sock] = []
+        kind: type[Sock] = Sock
+        if spec.transport != "ws":  # bench.chaos_http's clients
+            from bench.chaos_http import LongPollSock, SSESock
+
+            kind = SSESock if spec.transport == "sse" else LongPollSock
         for i in range(spec.first, spec.first + spec.count):
             token = jwt.encode({"sub": f"chaos-{i}", "channels": grants, "iat": now,
                                 "exp": now + 86400}, SECRET, algorithm="HS256")  # fmt: skip
@@ -428,7 +443,7 @@ class Worker:
             if len(names) > spec.groups + spec.wide:  # the projects' channels
                 chans += (spec.groups + spec.wide + i % (len(names) - spec.groups - spec.wide),)
             assert all(c < len(names) for c in chans)
-            self.socks.append(Sock(self, i, token, chans))
+            self.socks.append(kind(self, i, token, chans))
 
     def spawn(self, coro: Any) -> None:
         task = asyncio.ensure_future(coro)
@@ -436,6 +451,10 @@ class Worker:
         task.add_done_callback(self.tasks.discard)
 
     async def main(self) -> None:
+        if self.spec.transport != "ws":
+            import aiohttp
+
+            self.http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
         gate = asyncio.Semaphore(200)
 
         async def first(sock: Sock) -> None:
@@ -464,8 +483,9 @@ class Worker:
             sock.account(result, c, self.counts.events)
             if not sock.subscribed:
                 c["sockets not back at the end"] += 1
-            if sock.transport is not None:
-                sock.transport.abort()
+            sock.abort()
+        if self.http is not None:
+            await self.http.close()
         os.set_blocking(self.pipe.fileno(), True)
         self.pipe.send((dict(c), dict(self.counts.events), self.counts.recover_seconds))
 
@@ -564,6 +584,20 @@ class Gateway:
             return None
         rss = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS"))
         return rss / 1024, (int(stat[11]) + int(stat[12])) / os.sysconf("SC_CLK_TCK")
+
+    def connections(self) -> dict[str, int]:
+        """Its open connections by transport (``gateway_connections``); none when it is down."""
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=2) as r:
+                text = r.read().decode()
+        except OSError:
+            return {}
+        found = {}
+        for line in text.splitlines():
+            if line.startswith("gateway_connections{"):
+                label, _, value = line.partition("} ")
+                found[label.partition('"')[2].rstrip('"')] = int(float(value))
+        return found
 
     def stop(self) -> None:
         if self.alive():
@@ -685,7 +719,8 @@ async def _drive(args: argparse.Namespace, redis: Redis, gws: list[Gateway]) -> 
         first = k * per
         count = min(per, args.sockets - first)
         spec = Spec(first, count, [("127.0.0.1", p) for p in args.ports], sources, names,
-                    args.groups, args.wide, args.backoff, args.backoff_max)  # fmt: skip
+                    args.groups, args.wide, args.backoff, args.backoff_max,
+                    args.transport)  # fmt: skip
         mine, theirs = ctx.Pipe()
         proc = ctx.Process(target=worker_main, args=(spec, theirs), daemon=True)
         proc.start()
@@ -828,6 +863,14 @@ async def _drive(args: argparse.Namespace, redis: Redis, gws: list[Gateway]) -> 
     stop.set()
     await asyncio.gather(*tasks[:1], *tasks[2:])
     await asyncio.sleep(args.drain_wait)
+    # What each gateway still holds, its clients all connected somewhere: a session or
+    # stream kept for a client that moved to the other one shows here (long-poll ones
+    # until LONGPOLL_IDLE, by design: --idle-wait waits past it and looks again).
+    run_in = asyncio.get_running_loop().run_in_executor
+    held = {str(gw.port): await run_in(None, gw.connections) for gw in gws}
+    if args.idle_wait:
+        await asyncio.sleep(args.idle_wait)
+        held_later = {str(gw.port): await run_in(None, gw.connections) for gw in gws}
     totals: Counter[str] = Counter()
     events: Counter[str] = Counter()
     recover: list[float] = []
@@ -870,6 +913,8 @@ async def _drive(args: argparse.Namespace, redis: Redis, gws: list[Gateway]) -> 
             "max": round(recover[-1], 2) if recover else None,
         },
         "gateways": peak,
+        "connections_held": held,
+        "connections_held_after_idle_wait": held_later if args.idle_wait else None,
         "gap_lines": {
             str(gw.port): gw.log.read_text().count("told they may have a gap") for gw in gws
         },
@@ -882,6 +927,8 @@ def main() -> int:
                    choices=["none", "kill", "drain", "redis-kill", "redis-restart",
                             "redis-sleep", "redis-pause", "kill-and-redis-kill"])  # fmt: skip
     p.add_argument("--sockets", type=int, default=4000)
+    p.add_argument("--transport", choices=["ws", "sse", "longpoll"], default="ws",
+                   help="how the clients connect (bench.chaos_http: sse, longpoll)")  # fmt: skip
     p.add_argument("--groups", type=int, default=40)
     p.add_argument("--wide", type=int, default=4)
     p.add_argument("--rate", type=float, default=200)
@@ -893,6 +940,8 @@ def main() -> int:
     p.add_argument("--settle", type=float, default=8)
     p.add_argument("--drain", type=float, default=5, help="the gateways' DRAIN_SECONDS")
     p.add_argument("--drain-wait", type=float, default=8)
+    p.add_argument("--idle-wait", type=float, default=0,
+                   help="then wait this long and count the gateways' connections again")  # fmt: skip
     p.add_argument("--processes", type=int, default=2)
     p.add_argument("--sources", type=int, default=8)
     p.add_argument("--backoff", type=float, default=0.5)
