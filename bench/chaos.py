@@ -109,6 +109,7 @@ class Item(msgspec.Struct):
 
 class Err(msgspec.Struct):
     code: int = 0
+    temporary: bool = False
 
 
 class Frame(msgspec.Struct):
@@ -232,6 +233,17 @@ class Sock(asyncio.Protocol):
         if self.transport is not None:
             self.transport.write(client_frame(msgspec.json.encode(obj)))
 
+    def sub_frame(self, slot: int) -> dict[str, Any]:
+        """The ``sub`` of a slot's channel, ``since`` its last position once it has one."""
+        sub: dict[str, Any] = {
+            "id": slot + 1,
+            "op": "sub",
+            "ch": self.owner.spec.names[self.chans[slot]],
+        }
+        if self.offset[slot] >= 0:
+            sub["since"] = {"offset": self.offset[slot], "epoch": self.epoch[slot]}
+        return sub
+
     def abort(self) -> None:
         """Drop the connection at once (``dropped`` follows unless the driver is stopping)."""
         if self.transport is not None:
@@ -254,11 +266,8 @@ class Sock(asyncio.Protocol):
                 return
             self.buffer = b""
             self.ws = WebSocketProtocol(2**24, client=True)
-            for slot, c in enumerate(self.chans):
-                sub: dict[str, Any] = {"id": slot + 1, "op": "sub", "ch": self.owner.spec.names[c]}
-                if self.offset[slot] >= 0:
-                    sub["since"] = {"offset": self.offset[slot], "epoch": self.epoch[slot]}
-                self.send(sub)
+            for slot in range(len(self.chans)):
+                self.send(self.sub_frame(slot))
             data = data[end + 4 :]
         ws = self.ws
         for message in ws.receive(data):

@@ -22,12 +22,13 @@ way it reaches the gateway, and resumes, differs:
 from __future__ import annotations
 
 import asyncio
+import random
 from typing import Any
 
 import aiohttp
 import msgspec
 
-from bench.chaos import Sock
+from bench.chaos import Frame, Sock
 
 __all__ = ["LongPollSock", "SSESock"]
 
@@ -135,6 +136,10 @@ class LongPollSock(_HttpSock):
     kind = "longpoll"
     sid: str | None = None
 
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.retries = [0] * len(self.chans)  # a slot's temporary refusals in a row
+
     def headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.token}", "Content-Type": "application/json"}
 
@@ -146,15 +151,9 @@ class LongPollSock(_HttpSock):
             if resp.status != 201:
                 c[f"HTTP {resp.status}"] += 1
                 return
-            opened = await resp.json()
+            opened = await resp.json(content_type=None)
         self.sid, cursor = opened["session"], opened["cursor"]
-        subs = []
-        for slot, ch in enumerate(self.chans):
-            sub: dict[str, Any] = {"id": slot + 1, "op": "sub", "ch": self.owner.spec.names[ch]}
-            if self.offset[slot] >= 0:
-                sub["since"] = {"offset": self.offset[slot], "epoch": self.epoch[slot]}
-            subs.append(sub)
-        if not await self.post(subs):
+        if not await self.post([self.sub_frame(slot) for slot in range(len(self.chans))]):
             return
         url = f"{self.base()}/lp/{self.sid}"
         while True:
@@ -163,13 +162,33 @@ class LongPollSock(_HttpSock):
                 if resp.status not in (200, 410):
                     c[f"poll HTTP {resp.status}"] += 1
                     return
-                poll = await resp.json()
+                poll = await resp.json(content_type=None)
             cursor = poll["cursor"]
             for message in poll["messages"]:
                 self.message(msgspec.json.encode(message))
             if resp.status == 410:
                 self.close_code = (poll.get("close") or {}).get("code", 1006)
                 return
+
+    def sub_reply(self, slot: int, f: Frame) -> None:
+        if f.ok or f.error is None or not f.error.temporary:
+            self.retries[slot] = 0
+            super().sub_reply(slot, f)
+            return
+        # gateway.js asks again on the same session, with backoff, while it is wanted
+        # (a new session each time would leave the last to idle out on the gateway).
+        self.owner.counts.c[f"sub error {f.error.code}, asked again"] += 1
+        spec, task = self.owner.spec, self.task
+        self.retries[slot] += 1
+        delay = min(spec.backoff_max, spec.backoff * 2 ** self.retries[slot]) * random.uniform(
+            0.5, 1
+        )
+
+        def again() -> None:
+            if self.task is task and task is not None:
+                self.send(self.sub_frame(slot))
+
+        asyncio.get_running_loop().call_later(delay, again)
 
     async def post(self, frames: list[dict[str, Any]]) -> bool:
         """Send frames on the session; False (and the session given up) when not taken."""
