@@ -5,7 +5,10 @@ grants, limits, a full process's 503); each ``ch`` is subscribed through the sam
 errors and recovery are the socket's too. The stream carries:
 
 * ``event: reply`` - the reply to each subscription (``recovered``,
-  ``offset``, ``epoch``, or an error), as on the socket;
+  ``offset``, ``epoch``, or an error), as on the socket; with the ``id:``
+  of a ``msg`` when it says where its channel stands (not ``recovered:
+  true``: the missed ones follow), so that a reconnect resumes a channel
+  that has had nothing since;
 * ``event: msg`` - a publication, the socket's push as ``data``; on history
   channels with an ``id:`` holding every history channel's position, so the
   browser's automatic reconnect (``Last-Event-ID``) recovers what it missed
