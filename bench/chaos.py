@@ -435,7 +435,7 @@ class Worker:
         self.counts = Counts()
         self.stopping = False
         self.tasks: set[asyncio.Task[None]] = set()
-        self.http: Any = None  # an aiohttp session, for bench.chaos_http's clients
+        self.http: Any = None  # aiohttp sessions (one a source), for bench.chaos_http's clients
         names = spec.names
         grants = [PATTERN, "projects:*"]
         now = int(time.time())
@@ -463,7 +463,13 @@ class Worker:
         if self.spec.transport != "ws":
             import aiohttp
 
-            self.http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+            # one an address: RATE_CONNECT_IP counts per address, as for the sockets
+            self.http = [
+                aiohttp.ClientSession(
+                    connector=aiohttp.TCPConnector(limit=0, local_addr=(source, 0))
+                )
+                for source in self.spec.sources
+            ]
         gate = asyncio.Semaphore(200)
 
         async def first(sock: Sock) -> None:
@@ -493,8 +499,8 @@ class Worker:
             if not sock.subscribed:
                 c["sockets not back at the end"] += 1
             sock.abort()
-        if self.http is not None:
-            await self.http.close()
+        for http in self.http or ():
+            await http.close()
         os.set_blocking(self.pipe.fileno(), True)
         self.pipe.send((dict(c), dict(self.counts.events), self.counts.recover_seconds))
 

@@ -49,8 +49,8 @@ class _HttpSock(Sock):
 
     @property
     def http(self) -> aiohttp.ClientSession:
-        session: aiohttp.ClientSession = self.owner.http
-        return session
+        sessions: list[aiohttp.ClientSession] = self.owner.http
+        return sessions[self.index % len(sessions)]
 
     async def connect(self) -> None:
         self.acked, self.close_code = 0, 0
