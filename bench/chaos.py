@@ -783,9 +783,10 @@ async def _drive(args: argparse.Namespace, redis: Redis, gws: list[Gateway]) -> 
         while not stop.is_set() and chans:
             c = chans[n % len(chans)]
             s = publisher.sent[c]
+            # the same body each time: a key sent again with other data publishes it again
+            body = {"ch": names[c], "data": {"s": s, "c": c, "t": time.time()}}
             while True:  # in order per channel: a failed one is sent again before the next
                 port = args.ports[1 - target[0]]
-                body = {"ch": names[c], "data": {"s": s, "c": c, "t": time.time()}}
                 code, _ = await rest(port, token, "POST", "/api/publish", body, f"chaos-{c}-{s}")
                 http_codes[code] += 1
                 if code == 200:
