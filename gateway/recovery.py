@@ -11,6 +11,7 @@ in docs/protocol.md.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -23,6 +24,7 @@ from proto import ErrorCode, History, HistoryItem, Position, Reply, Subscribed
 if TYPE_CHECKING:
     from gateway.session import Session
 
+log = logging.getLogger("gateway.recovery")
 __all__ = [
     "MAX_HELD",
     "MAX_OFFSET",
@@ -32,6 +34,7 @@ __all__ = [
     "could_recover",
     "history",
     "recovers",
+    "repair_gap",
     "subscribe_recovering",
 ]
 
@@ -163,6 +166,44 @@ async def subscribe_recovering(
             sent += len(data)
     for prepared in buffered:
         if prepared.offset is None or prepared.epoch != epoch or prepared.offset > last:
+            session.transport.deliver(prepared, session.codec)
+
+
+async def repair_gap(session: Session, ch: str, since: Position, tell: Callable[[], None]) -> None:
+    """Fill a ``gap`` on ``ch`` from history, for a transport that cannot ask (an event stream).
+
+    ``since`` is the last publication the client got. Live publications on
+    ``ch`` are held while the history after it is read; when that holds
+    every one since (`recovers`), they go out, then the held ones after them,
+    and the client never sees the gap. Otherwise (the history lost or moved
+    on, Redis failing again, a recovery of ``ch`` already under way) ``tell``
+    sends the ``gap`` before the held ones: the client was told, as before.
+    """
+    held = session.held = session.held if session.held is not None else {}
+    if ch in held:
+        tell()
+        return
+    held[ch] = []
+    seen = session.node.seen(ch)  # from here on, live publications are held
+    read: HistoryRead | None = None
+    try:
+        read = await _read(session, ch, since, seen)
+    except Exception as exc:  # told with the gap, as without a repair
+        log.info("could not repair a gap on %s: %s", ch, exc)
+    buffered = held.pop(ch)
+    if session.conn.closed:
+        return
+    last = since.offset
+    if read is not None and recovers(since, read):
+        for offset, data in read.entries:
+            if offset > last:
+                prepared = Prepared(ch, data, Position(offset, since.epoch))
+                session.transport.deliver(prepared, session.codec)
+                last = offset
+    else:
+        tell()
+    for prepared in buffered:
+        if prepared.offset is None or prepared.epoch != since.epoch or prepared.offset > last:
             session.transport.deliver(prepared, session.codec)
 
 

@@ -149,6 +149,31 @@ async def test_a_channel_quiet_since_the_stream_opened_is_recovered_from_last_ev
         assert (got["ch"], got["data"]) == ("feed:b", {"n": 2})
 
 
+async def test_a_gap_is_filled_from_history_for_a_stream_that_cannot_ask(monkeypatch):
+    """A stream cannot page ``history``: the gateway fills a gap itself, and sends ``gap``
+    only where the history cannot (here a channel without one)."""
+    async with running_gateway(**FEED) as gw:
+        token = token_for(gw, channels=("feed:*", "room:*"))
+        async with sse(gw.port, token, ["feed:5", "room:5"]) as s:
+            await s.next_of("reply")
+            await s.next_of("reply")
+            await gw.ctx.node.publish("feed:5", b'{"n":1}')
+            await s.next_of("msg")
+            # The broker link is down: history keeps publications, nobody gets them.
+            monkeypatch.setattr(gw.ctx.node.broker, "_send", lambda *args: None)
+            await gw.ctx.node.publish("feed:5", b'{"n":2}')
+            await gw.ctx.node.publish("feed:5", b'{"n":3}')
+            monkeypatch.undo()
+            for member in gw.hub.connections:  # the link is back: a gap on each channel
+                member.gap("feed:5")
+                member.gap("room:5")
+            await gw.ctx.node.publish("feed:5", b'{"n":4}')
+            events = [await s.next() for _ in range(4)]
+        got = [(e["event"], json.loads(e["data"]).get("data") or json.loads(e["data"])["ch"])
+               for e in events]  # fmt: skip
+        assert got == [("gap", "room:5"), ("msg", {"n": 2}), ("msg", {"n": 3}), ("msg", {"n": 4})]
+
+
 async def test_refusals_are_plain_http():
     async with running_gateway(**FEED) as gw:
         async with sse(gw.port, None, ["feed:1"]) as s:

@@ -53,6 +53,7 @@ from core.infra.tcp import kernel_queue, reset_on_close
 from gateway.context import Context
 from gateway.hooks.connect import Disconnected, HookedIdentity
 from gateway.hub import Prepared
+from gateway.recovery import repair_gap
 from gateway.session import Session
 from gateway.transport.admission import admit, admit_hooked_request, refuse_full
 from proto import JSON_CODEC, CloseCode, Codec, Connection, Position
@@ -120,6 +121,8 @@ class SSEHandler(JsonErrors):
         self._identity: Identity | None = None
         self._positions: dict[str, tuple[int, str]] = {}
         self._channels: list[str] = []  # its ``ch``s: the reply with id n answers the nth
+        self._repairs: set[asyncio.Task[None]] = set()  # gaps being filled from history
+        self._repairing: dict[str, bool] = {}  # their channels: another gap came meanwhile
         self._ended: asyncio.Event = asyncio.Event()
         self._session: Session | None = None
         self._refused = False  # a subscription failed with a temporary error
@@ -210,8 +213,37 @@ class SSEHandler(JsonErrors):
         op = _push_op.decode(payload).op if payload.startswith(b'{"op"') else "reply"
         if op == "reply" and b'"temporary":true' in payload:
             self._refused = True
+        if op == "gap" and self._repair(payload):
+            return
         event_id = self._stands(payload) if op in ("reply", "subscribed") else None
         self._event(op or "reply", payload, event_id)
+
+    def _repair(self, payload: bytes) -> bool:
+        """Fill a ``gap`` from history, as a reconnect with ``Last-Event-ID`` would: a stream
+        cannot ask ``history``, so the gap alone (a Redis link lost a moment) cost its client a
+        reload of every channel. The ``gap`` goes out only when the history cannot fill it."""
+        ch, session = _stands.decode(payload).ch, self._session
+        if ch is None or ch not in self._positions or session is None:
+            return False
+        if ch in self._repairing:  # another gap meanwhile: once this repair is done, again
+            self._repairing[ch] = True
+            return True
+        self._repairing[ch] = False
+        task = asyncio.ensure_future(self._repair_from_history(session, ch, payload))
+        self._repairs.add(task)
+        task.add_done_callback(self._repairs.discard)
+        return True
+
+    async def _repair_from_history(self, session: Session, ch: str, gap: bytes) -> None:
+        try:
+            while True:  # from the last one delivered (`deliver` moves it)
+                since = Position(*self._positions[ch])
+                await repair_gap(session, ch, since, lambda: self._event("gap", gap))
+                if not self._repairing[ch]:
+                    return
+                self._repairing[ch] = False
+        finally:
+            del self._repairing[ch]
 
     def _stands(self, payload: bytes) -> str | None:
         """The event id for a channel's reply or ``subscribed`` push that says where it stands.
