@@ -14,7 +14,8 @@ errors and recovery are the socket's too. The stream carries:
   browser's automatic reconnect (``Last-Event-ID``) recovers what it missed
   on all of them (positions it gives for other channels are dropped);
 * ``event: expiring`` / ``gap`` / ``subscribed`` / ``unsubscribed`` - the
-  socket's pushes; a connect hook's channels are recovered from
+  socket's pushes (a ``gap`` only where the history cannot fill it: the
+  gateway fills it itself, as the stream cannot ask ``history``); a connect hook's channels are recovered from
   ``Last-Event-ID`` too, their ``subscribed`` saying ``recovered``;
 * ``event: close`` - ``{"code": 4002}`` and the like, then the stream ends;
   a subscription refused with a temporary error (Redis unavailable) ends
