@@ -174,6 +174,26 @@ async def test_a_gap_is_filled_from_history_for_a_stream_that_cannot_ask(monkeyp
         assert got == [("gap", "room:5"), ("msg", {"n": 2}), ("msg", {"n": 3}), ("msg", {"n": 4})]
 
 
+async def test_a_gap_noticed_at_the_next_publication_is_filled_before_it(monkeypatch):
+    """Nothing told of the lost link: the gateway notices the offsets jump and sends the gap
+    just before the publication that jumped; the repair must hold that one back, not let it
+    carry the stream past the hole (then read from there, and find nothing missing)."""
+    async with running_gateway(**FEED) as gw:
+        token = token_for(gw, channels=("feed:*",))
+        async with sse(gw.port, token, ["feed:5"]) as s:
+            await s.next_of("reply")
+            await gw.ctx.node.publish("feed:5", b'{"n":1}')
+            await s.next_of("msg")
+            monkeypatch.setattr(gw.ctx.node.broker, "_send", lambda *args: None)
+            await gw.ctx.node.publish("feed:5", b'{"n":2}')
+            await gw.ctx.node.publish("feed:5", b'{"n":3}')
+            monkeypatch.undo()
+            await gw.ctx.node.publish("feed:5", b'{"n":4}')
+            events = [await s.next() for _ in range(3)]
+        got = [(e["event"], json.loads(e["data"]).get("data")) for e in events]
+        assert got == [("msg", {"n": 2}), ("msg", {"n": 3}), ("msg", {"n": 4})]
+
+
 async def test_refusals_are_plain_http():
     async with running_gateway(**FEED) as gw:
         async with sse(gw.port, None, ["feed:1"]) as s:

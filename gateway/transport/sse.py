@@ -42,7 +42,8 @@ import base64
 import binascii
 import logging
 import random
-from typing import ClassVar
+from collections.abc import Callable, Coroutine
+from typing import Any, ClassVar
 
 import msgspec
 from tornado.iostream import IOStream, StreamBufferFullError, StreamClosedError
@@ -229,20 +230,29 @@ class SSEHandler(JsonErrors):
         if ch in self._repairing:  # another gap meanwhile: once this repair is done, again
             self._repairing[ch] = True
             return True
+        fill = repair_gap(session, ch, Position(*self._positions[ch]), self._teller(payload))
+        if fill is None:
+            return True  # told at once
         self._repairing[ch] = False
-        task = asyncio.ensure_future(self._repair_from_history(session, ch, payload))
+        task = asyncio.ensure_future(self._repair_from_history(session, ch, fill, payload))
         self._repairs.add(task)
         task.add_done_callback(self._repairs.discard)
         return True
 
-    async def _repair_from_history(self, session: Session, ch: str, gap: bytes) -> None:
+    def _teller(self, gap: bytes) -> Callable[[], None]:
+        return lambda: self._event("gap", gap)
+
+    async def _repair_from_history(
+        self, session: Session, ch: str, fill: Coroutine[Any, Any, None] | None, gap: bytes
+    ) -> None:
         try:
-            while True:  # from the last one delivered (`deliver` moves it)
-                since = Position(*self._positions[ch])
-                await repair_gap(session, ch, since, lambda: self._event("gap", gap))
+            while fill is not None:  # and again from the last one delivered (`deliver` moves it)
+                await fill
                 if not self._repairing[ch]:
                     return
                 self._repairing[ch] = False
+                since = Position(*self._positions[ch])
+                fill = repair_gap(session, ch, since, self._teller(gap))
         finally:
             del self._repairing[ch]
 
