@@ -57,12 +57,15 @@ class _HttpSock(Sock):
         self.task = asyncio.ensure_future(self.run())
 
     async def run(self) -> None:
+        me = asyncio.current_task()
         try:
             await self.session()
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
             self.owner.counts.c[f"{self.kind} {type(exc).__name__}"] += 1
         except asyncio.CancelledError:
             return
+        if self.task is not me:
+            return  # aborted meanwhile (its cancel not yet seen): abort() came back once already
         self.task = None
         self.dropped()
 
