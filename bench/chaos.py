@@ -35,11 +35,17 @@ next publication arrived, or *silent* otherwise: the bug this hunts. A change
 event carries the whole project, so on ``projects:<id>`` only the last version
 written must arrive (a skipped one is counted, not lost).
 
+``--transport sse`` or ``longpoll`` drives event streams or long-poll
+sessions instead of sockets, with the same account (`bench.chaos_http`: an
+``EventSource`` that resumes with ``Last-Event-ID`` alone, and gateway.js's
+long-poll); keep them to about 1,000.
+
 Rerun (from the repository root; no shared Redis is touched)::
 
     .venv/bin/python -m bench.chaos --fault kill --sockets 4000 --repeat 3
     .venv/bin/python -m bench.chaos --fault redis-kill --sockets 4000 --repeat 3
     .venv/bin/python -m bench.chaos --fault kill --sources 2   # 2,000 clients an address
+    .venv/bin/python -m bench.chaos --transport sse --fault redis-sleep --sockets 1000 --repeat 2
 
 PostgreSQL at ``DATABASE_URL`` (default 127.0.0.1:5432/test) holds the
 projects, in the schema ``chaos16``.
