@@ -149,6 +149,16 @@ async def test_a_channel_quiet_since_the_stream_opened_is_recovered_from_last_ev
         assert (got["ch"], got["data"]) == ("feed:b", {"n": 2})
 
 
+async def _two_missed(gw, s: EventStream, monkeypatch) -> None:
+    """``n`` 1 on ``feed:5`` read, then 2 and 3 kept in history while the broker link is down."""
+    await gw.ctx.node.publish("feed:5", b'{"n":1}')
+    await s.next_of("msg")
+    monkeypatch.setattr(gw.ctx.node.broker, "_send", lambda *args: None)
+    await gw.ctx.node.publish("feed:5", b'{"n":2}')
+    await gw.ctx.node.publish("feed:5", b'{"n":3}')
+    monkeypatch.undo()
+
+
 async def test_a_gap_is_filled_from_history_for_a_stream_that_cannot_ask(monkeypatch):
     """A stream cannot page ``history``: the gateway fills a gap itself, and sends ``gap``
     only where the history cannot (here a channel without one)."""
@@ -157,13 +167,7 @@ async def test_a_gap_is_filled_from_history_for_a_stream_that_cannot_ask(monkeyp
         async with sse(gw.port, token, ["feed:5", "room:5"]) as s:
             await s.next_of("reply")
             await s.next_of("reply")
-            await gw.ctx.node.publish("feed:5", b'{"n":1}')
-            await s.next_of("msg")
-            # The broker link is down: history keeps publications, nobody gets them.
-            monkeypatch.setattr(gw.ctx.node.broker, "_send", lambda *args: None)
-            await gw.ctx.node.publish("feed:5", b'{"n":2}')
-            await gw.ctx.node.publish("feed:5", b'{"n":3}')
-            monkeypatch.undo()
+            await _two_missed(gw, s, monkeypatch)
             for member in gw.hub.connections:  # the link is back: a gap on each channel
                 member.gap("feed:5")
                 member.gap("room:5")
@@ -182,12 +186,7 @@ async def test_a_gap_noticed_at_the_next_publication_is_filled_before_it(monkeyp
         token = token_for(gw, channels=("feed:*",))
         async with sse(gw.port, token, ["feed:5"]) as s:
             await s.next_of("reply")
-            await gw.ctx.node.publish("feed:5", b'{"n":1}')
-            await s.next_of("msg")
-            monkeypatch.setattr(gw.ctx.node.broker, "_send", lambda *args: None)
-            await gw.ctx.node.publish("feed:5", b'{"n":2}')
-            await gw.ctx.node.publish("feed:5", b'{"n":3}')
-            monkeypatch.undo()
+            await _two_missed(gw, s, monkeypatch)
             await gw.ctx.node.publish("feed:5", b'{"n":4}')
             events = [await s.next() for _ in range(3)]
         got = [(e["event"], json.loads(e["data"]).get("data")) for e in events]
