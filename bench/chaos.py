@@ -35,11 +35,17 @@ next publication arrived, or *silent* otherwise: the bug this hunts. A change
 event carries the whole project, so on ``projects:<id>`` only the last version
 written must arrive (a skipped one is counted, not lost).
 
+``--transport sse`` or ``longpoll`` drives event streams or long-poll
+sessions instead of sockets, with the same account (`bench.chaos_http`: an
+``EventSource`` that resumes with ``Last-Event-ID`` alone, and gateway.js's
+long-poll); keep them to about 1,000.
+
 Rerun (from the repository root; no shared Redis is touched)::
 
     .venv/bin/python -m bench.chaos --fault kill --sockets 4000 --repeat 3
     .venv/bin/python -m bench.chaos --fault redis-kill --sockets 4000 --repeat 3
     .venv/bin/python -m bench.chaos --fault kill --sources 2   # 2,000 clients an address
+    .venv/bin/python -m bench.chaos --transport sse --fault redis-sleep --sockets 1000 --repeat 2
 
 PostgreSQL at ``DATABASE_URL`` (default 127.0.0.1:5432/test) holds the
 projects, in the schema ``chaos16``.
@@ -109,6 +115,7 @@ class Item(msgspec.Struct):
 
 class Err(msgspec.Struct):
     code: int = 0
+    temporary: bool = False
 
 
 class Frame(msgspec.Struct):
@@ -139,6 +146,7 @@ class Spec:
     wide: int
     backoff: float
     backoff_max: float
+    transport: str = "ws"
 
 
 class Counts:
@@ -200,6 +208,10 @@ class Sock(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
+        self.dropped()
+
+    def dropped(self) -> None:
+        """The connection is gone (any transport's): count it, and come back unless told not to."""
         was = self.subscribed
         self.subscribed = False
         self.held = [None] * len(self.chans)  # the next connection recovers from the position
@@ -227,6 +239,22 @@ class Sock(asyncio.Protocol):
         if self.transport is not None:
             self.transport.write(client_frame(msgspec.json.encode(obj)))
 
+    def sub_frame(self, slot: int) -> dict[str, Any]:
+        """The ``sub`` of a slot's channel, ``since`` its last position once it has one."""
+        sub: dict[str, Any] = {
+            "id": slot + 1,
+            "op": "sub",
+            "ch": self.owner.spec.names[self.chans[slot]],
+        }
+        if self.offset[slot] >= 0:
+            sub["since"] = {"offset": self.offset[slot], "epoch": self.epoch[slot]}
+        return sub
+
+    def abort(self) -> None:
+        """Drop the connection at once (``dropped`` follows unless the driver is stopping)."""
+        if self.transport is not None:
+            self.transport.abort()
+
     # -- bytes in -----------------------------------------------------------
 
     def data_received(self, data: bytes) -> None:
@@ -244,11 +272,8 @@ class Sock(asyncio.Protocol):
                 return
             self.buffer = b""
             self.ws = WebSocketProtocol(2**24, client=True)
-            for slot, c in enumerate(self.chans):
-                sub: dict[str, Any] = {"id": slot + 1, "op": "sub", "ch": self.owner.spec.names[c]}
-                if self.offset[slot] >= 0:
-                    sub["since"] = {"offset": self.offset[slot], "epoch": self.epoch[slot]}
-                self.send(sub)
+            for slot in range(len(self.chans)):
+                self.send(self.sub_frame(slot))
             data = data[end + 4 :]
         ws = self.ws
         for message in ws.receive(data):
@@ -298,8 +323,7 @@ class Sock(asyncio.Protocol):
         c = self.owner.counts.c
         if not f.ok:
             c[f"sub error {f.error.code if f.error else '?'}"] += 1
-            if self.transport is not None:
-                self.transport.abort()  # connection_lost reconnects
+            self.abort()  # dropped() reconnects
             return
         if f.recovered is None:
             c["subscribed" if not self.ever else "resubscribed without since"] += 1
@@ -417,10 +441,16 @@ class Worker:
         self.counts = Counts()
         self.stopping = False
         self.tasks: set[asyncio.Task[None]] = set()
+        self.http: Any = None  # aiohttp sessions (one a source), for bench.chaos_http's clients
         names = spec.names
         grants = [PATTERN, "projects:*"]
         now = int(time.time())
-        self.socks = []
+        self.socks: list[Sock] = []
+        kind: type[Sock] = Sock
+        if spec.transport != "ws":  # bench.chaos_http's clients
+            from bench.chaos_http import LongPollSock, SSESock
+
+            kind = SSESock if spec.transport == "sse" else LongPollSock
         for i in range(spec.first, spec.first + spec.count):
             token = jwt.encode({"sub": f"chaos-{i}", "channels": grants, "iat": now,
                                 "exp": now + 86400}, SECRET, algorithm="HS256")  # fmt: skip
@@ -428,7 +458,7 @@ class Worker:
             if len(names) > spec.groups + spec.wide:  # the projects' channels
                 chans += (spec.groups + spec.wide + i % (len(names) - spec.groups - spec.wide),)
             assert all(c < len(names) for c in chans)
-            self.socks.append(Sock(self, i, token, chans))
+            self.socks.append(kind(self, i, token, chans))
 
     def spawn(self, coro: Any) -> None:
         task = asyncio.ensure_future(coro)
@@ -436,6 +466,16 @@ class Worker:
         task.add_done_callback(self.tasks.discard)
 
     async def main(self) -> None:
+        if self.spec.transport != "ws":
+            import aiohttp
+
+            # one an address: RATE_CONNECT_IP counts per address, as for the sockets
+            self.http = [
+                aiohttp.ClientSession(
+                    connector=aiohttp.TCPConnector(limit=0, local_addr=(source, 0))
+                )
+                for source in self.spec.sources
+            ]
         gate = asyncio.Semaphore(200)
 
         async def first(sock: Sock) -> None:
@@ -464,8 +504,9 @@ class Worker:
             sock.account(result, c, self.counts.events)
             if not sock.subscribed:
                 c["sockets not back at the end"] += 1
-            if sock.transport is not None:
-                sock.transport.abort()
+            sock.abort()
+        for http in self.http or ():
+            await http.close()
         os.set_blocking(self.pipe.fileno(), True)
         self.pipe.send((dict(c), dict(self.counts.events), self.counts.recover_seconds))
 
@@ -564,6 +605,20 @@ class Gateway:
             return None
         rss = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS"))
         return rss / 1024, (int(stat[11]) + int(stat[12])) / os.sysconf("SC_CLK_TCK")
+
+    def connections(self) -> dict[str, int]:
+        """Its open connections by transport (``gateway_connections``); none when it is down."""
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=2) as r:
+                text = r.read().decode()
+        except OSError:
+            return {}
+        found = {}
+        for line in text.splitlines():
+            if line.startswith("gateway_connections{"):
+                label, _, value = line.partition("} ")
+                found[label.partition('"')[2].rstrip('"')] = int(float(value))
+        return found
 
     def stop(self) -> None:
         if self.alive():
@@ -685,7 +740,8 @@ async def _drive(args: argparse.Namespace, redis: Redis, gws: list[Gateway]) -> 
         first = k * per
         count = min(per, args.sockets - first)
         spec = Spec(first, count, [("127.0.0.1", p) for p in args.ports], sources, names,
-                    args.groups, args.wide, args.backoff, args.backoff_max)  # fmt: skip
+                    args.groups, args.wide, args.backoff, args.backoff_max,
+                    args.transport)  # fmt: skip
         mine, theirs = ctx.Pipe()
         proc = ctx.Process(target=worker_main, args=(spec, theirs), daemon=True)
         proc.start()
@@ -733,9 +789,10 @@ async def _drive(args: argparse.Namespace, redis: Redis, gws: list[Gateway]) -> 
         while not stop.is_set() and chans:
             c = chans[n % len(chans)]
             s = publisher.sent[c]
+            # the same body each time: a key sent again with other data publishes it again
+            body = {"ch": names[c], "data": {"s": s, "c": c, "t": time.time()}}
             while True:  # in order per channel: a failed one is sent again before the next
                 port = args.ports[1 - target[0]]
-                body = {"ch": names[c], "data": {"s": s, "c": c, "t": time.time()}}
                 code, _ = await rest(port, token, "POST", "/api/publish", body, f"chaos-{c}-{s}")
                 http_codes[code] += 1
                 if code == 200:
@@ -828,6 +885,14 @@ async def _drive(args: argparse.Namespace, redis: Redis, gws: list[Gateway]) -> 
     stop.set()
     await asyncio.gather(*tasks[:1], *tasks[2:])
     await asyncio.sleep(args.drain_wait)
+    # What each gateway still holds, its clients all connected somewhere: a session or
+    # stream kept for a client that moved to the other one shows here (long-poll ones
+    # until LONGPOLL_IDLE, by design: --idle-wait waits past it and looks again).
+    run_in = asyncio.get_running_loop().run_in_executor
+    held = {str(gw.port): await run_in(None, gw.connections) for gw in gws}
+    if args.idle_wait:
+        await asyncio.sleep(args.idle_wait)
+        held_later = {str(gw.port): await run_in(None, gw.connections) for gw in gws}
     totals: Counter[str] = Counter()
     events: Counter[str] = Counter()
     recover: list[float] = []
@@ -870,6 +935,8 @@ async def _drive(args: argparse.Namespace, redis: Redis, gws: list[Gateway]) -> 
             "max": round(recover[-1], 2) if recover else None,
         },
         "gateways": peak,
+        "connections_held": held,
+        "connections_held_after_idle_wait": held_later if args.idle_wait else None,
         "gap_lines": {
             str(gw.port): gw.log.read_text().count("told they may have a gap") for gw in gws
         },
@@ -882,6 +949,8 @@ def main() -> int:
                    choices=["none", "kill", "drain", "redis-kill", "redis-restart",
                             "redis-sleep", "redis-pause", "kill-and-redis-kill"])  # fmt: skip
     p.add_argument("--sockets", type=int, default=4000)
+    p.add_argument("--transport", choices=["ws", "sse", "longpoll"], default="ws",
+                   help="how the clients connect (bench.chaos_http: sse, longpoll)")  # fmt: skip
     p.add_argument("--groups", type=int, default=40)
     p.add_argument("--wide", type=int, default=4)
     p.add_argument("--rate", type=float, default=200)
@@ -893,6 +962,8 @@ def main() -> int:
     p.add_argument("--settle", type=float, default=8)
     p.add_argument("--drain", type=float, default=5, help="the gateways' DRAIN_SECONDS")
     p.add_argument("--drain-wait", type=float, default=8)
+    p.add_argument("--idle-wait", type=float, default=0,
+                   help="then wait this long and count the gateways' connections again")  # fmt: skip
     p.add_argument("--processes", type=int, default=2)
     p.add_argument("--sources", type=int, default=8)
     p.add_argument("--backoff", type=float, default=0.5)

@@ -11,8 +11,9 @@ in docs/protocol.md.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import TYPE_CHECKING
+import logging
+from collections.abc import Callable, Coroutine
+from typing import TYPE_CHECKING, Any
 
 from core.infra.broker import Entry
 from core.infra.ratelimit import local_spend
@@ -23,6 +24,7 @@ from proto import ErrorCode, History, HistoryItem, Position, Reply, Subscribed
 if TYPE_CHECKING:
     from gateway.session import Session
 
+log = logging.getLogger("gateway.recovery")
 __all__ = [
     "MAX_HELD",
     "MAX_OFFSET",
@@ -32,6 +34,7 @@ __all__ = [
     "could_recover",
     "history",
     "recovers",
+    "repair_gap",
     "subscribe_recovering",
 ]
 
@@ -51,6 +54,8 @@ MAX_RECOVERY_BYTES = MAX_PAGE_BYTES
 #: big ``presence`` does: a socket pages through at most ~12 MB a second.
 PAGE_BYTES_PER_COMMAND = MAX_PAGE_BYTES // 2
 MAX_OFFSET = 2**53 - 1
+#: History reads a gap's repair makes at most (`repair_gap`) before it tells the client.
+_FILL_READS = 5
 
 
 def recovers(since: Position, read: HistoryRead) -> bool:
@@ -162,6 +167,74 @@ async def subscribe_recovering(
             last = offset
             sent += len(data)
     for prepared in buffered:
+        if prepared.offset is None or prepared.epoch != epoch or prepared.offset > last:
+            session.transport.deliver(prepared, session.codec)
+
+
+def repair_gap(
+    session: Session, ch: str, since: Position, tell: Callable[[], None]
+) -> Coroutine[Any, Any, None] | None:
+    """Fill a ``gap`` on ``ch`` from history, for a transport that cannot ask (an event stream).
+
+    ``since`` is the last publication the client got. Live publications on
+    ``ch`` are held from this call on (call it as the gap arrives: one
+    delivered before would move the client past the hole), and the
+    coroutine returned reads the history after ``since``: when that holds
+    every one since (`recovers`), they go out, then the held ones, read
+    again wherever the held ones do not follow on (the link came back after
+    the read), and the client never sees the gap. Otherwise (the history
+    lost or moved on, Redis failing again, a recovery of ``ch`` under way)
+    ``tell`` sends the ``gap`` before the held ones, as without a repair.
+    """
+    held = session.held = session.held if session.held is not None else {}
+    if ch in held:
+        tell()
+        return None
+    held[ch] = []
+    return _fill(session, held, ch, since, tell)
+
+
+async def _fill(
+    session: Session,
+    held: dict[str, list[Prepared]],
+    ch: str,
+    since: Position,
+    tell: Callable[[], None],
+) -> None:
+    epoch, last = since.epoch, since.offset
+    for _ in range(_FILL_READS):
+        at = Position(last, epoch)
+        read: HistoryRead | None = None
+        try:
+            read = await _read(session, ch, at, session.node.seen(ch))
+        except Exception as exc:  # told with the gap, as without a repair
+            log.info("could not repair a gap on %s: %s", ch, exc)
+        if session.conn.closed:
+            held.pop(ch, None)
+            return
+        if read is None or not recovers(at, read):
+            break
+        for offset, data in read.entries:
+            if offset > last:
+                session.transport.deliver(
+                    Prepared(ch, data, Position(offset, epoch)), session.codec
+                )
+                last = offset
+        buffered = held[ch]
+        for n, prepared in enumerate(buffered):
+            if prepared.offset is not None and prepared.epoch == epoch:
+                if prepared.offset <= last:
+                    continue  # the history brought it
+                if prepared.offset > last + 1:
+                    held[ch] = buffered[n:]  # a hole before it: read again from ``last``
+                    break
+                last = prepared.offset
+            session.transport.deliver(prepared, session.codec)
+        else:
+            del held[ch]
+            return
+    tell()
+    for prepared in held.pop(ch, ()):
         if prepared.offset is None or prepared.epoch != epoch or prepared.offset > last:
             session.transport.deliver(prepared, session.codec)
 

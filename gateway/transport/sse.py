@@ -5,13 +5,17 @@ grants, limits, a full process's 503); each ``ch`` is subscribed through the sam
 errors and recovery are the socket's too. The stream carries:
 
 * ``event: reply`` - the reply to each subscription (``recovered``,
-  ``offset``, ``epoch``, or an error), as on the socket;
+  ``offset``, ``epoch``, or an error), as on the socket; with the ``id:``
+  of a ``msg`` when it says where its channel stands (not ``recovered:
+  true``: the missed ones follow), so that a reconnect resumes a channel
+  that has had nothing since;
 * ``event: msg`` - a publication, the socket's push as ``data``; on history
   channels with an ``id:`` holding every history channel's position, so the
   browser's automatic reconnect (``Last-Event-ID``) recovers what it missed
   on all of them (positions it gives for other channels are dropped);
 * ``event: expiring`` / ``gap`` / ``subscribed`` / ``unsubscribed`` - the
-  socket's pushes; a connect hook's channels are recovered from
+  socket's pushes (a ``gap`` only where the history cannot fill it: the
+  gateway fills it itself, as the stream cannot ask ``history``); a connect hook's channels are recovered from
   ``Last-Event-ID`` too, their ``subscribed`` saying ``recovered``;
 * ``event: close`` - ``{"code": 4002}`` and the like, then the stream ends;
   a subscription refused with a temporary error (Redis unavailable) ends
@@ -38,7 +42,8 @@ import base64
 import binascii
 import logging
 import random
-from typing import ClassVar
+from collections.abc import Callable, Coroutine
+from typing import Any, ClassVar
 
 import msgspec
 from tornado.iostream import IOStream, StreamBufferFullError, StreamClosedError
@@ -50,6 +55,7 @@ from core.infra.tcp import kernel_queue, reset_on_close
 from gateway.context import Context
 from gateway.hooks.connect import Disconnected, HookedIdentity
 from gateway.hub import Prepared
+from gateway.recovery import repair_gap
 from gateway.session import Session
 from gateway.transport.admission import admit, admit_hooked_request, refuse_full
 from proto import JSON_CODEC, CloseCode, Codec, Connection, Position
@@ -66,6 +72,20 @@ class _Op(msgspec.Struct):
 
 
 _push_op = msgspec.json.Decoder(_Op)
+
+
+class _Stands(msgspec.Struct):
+    """Where a reply to a ``sub`` (or a ``subscribed`` push) says a channel stands."""
+
+    id: int | None = None
+    ch: str | None = None
+    ok: bool = True
+    offset: int | None = None
+    epoch: str | None = None
+    recovered: bool | None = None
+
+
+_stands = msgspec.json.Decoder(_Stands)
 
 
 def encode_positions(positions: dict[str, tuple[int, str]]) -> str:
@@ -102,6 +122,9 @@ class SSEHandler(JsonErrors):
         self.ctx = ctx
         self._identity: Identity | None = None
         self._positions: dict[str, tuple[int, str]] = {}
+        self._channels: list[str] = []  # its ``ch``s: the reply with id n answers the nth
+        self._repairs: set[asyncio.Task[None]] = set()  # gaps being filled from history
+        self._repairing: dict[str, bool] = {}  # their channels: another gap came meanwhile
         self._ended: asyncio.Event = asyncio.Event()
         self._session: Session | None = None
         self._refused = False  # a subscription failed with a temporary error
@@ -114,14 +137,14 @@ class SSEHandler(JsonErrors):
         identity = await admit(self, ctx)
         refuse_full(ctx)
         if ctx.hooks is not None and ctx.hooks.connect is not None:
-            self._channels()  # a request the gateway refuses is not the backend's to see
+            self._requested()  # a request the gateway refuses is not the backend's to see
             try:
                 identity = await admit_hooked_request(self, ctx, identity, self.kind)
             except Disconnected as goodbye:
                 self._goodbye = goodbye
         self._identity = identity
 
-    def _channels(self) -> list[str]:
+    def _requested(self) -> list[str]:
         channels = list(dict.fromkeys(self.get_query_arguments("ch")))
         if not 1 <= len(channels) <= self.ctx.settings.max_subscriptions:
             limit = self.ctx.settings.max_subscriptions
@@ -130,7 +153,7 @@ class SSEHandler(JsonErrors):
 
     async def get(self) -> None:
         ctx, identity = self.ctx, self._identity
-        channels = self._channels()
+        channels = self._channels = self._requested()
         last = self.request.headers.get("Last-Event-ID") or self.get_query_argument(
             "last_event_id", None
         )
@@ -192,7 +215,70 @@ class SSEHandler(JsonErrors):
         op = _push_op.decode(payload).op if payload.startswith(b'{"op"') else "reply"
         if op == "reply" and b'"temporary":true' in payload:
             self._refused = True
-        self._event(op or "reply", payload)
+        if op == "gap" and self._repair(payload):
+            return
+        event_id = self._stands(payload) if op in ("reply", "subscribed") else None
+        self._event(op or "reply", payload, event_id)
+
+    def _repair(self, payload: bytes) -> bool:
+        """Fill a ``gap`` from history, as a reconnect with ``Last-Event-ID`` would: a stream
+        cannot ask ``history``, so the gap alone (a Redis link lost a moment) cost its client a
+        reload of every channel. The ``gap`` goes out only when the history cannot fill it."""
+        ch, session = _stands.decode(payload).ch, self._session
+        if ch is None or ch not in self._positions or session is None:
+            return False
+        if ch in self._repairing:  # another gap meanwhile: once this repair is done, again
+            self._repairing[ch] = True
+            return True
+        fill = repair_gap(session, ch, Position(*self._positions[ch]), self._teller(payload))
+        if fill is None:
+            return True  # told at once
+        self._repairing[ch] = False
+        task = asyncio.ensure_future(self._repair_from_history(session, ch, fill, payload))
+        self._repairs.add(task)
+        task.add_done_callback(self._repairs.discard)
+        return True
+
+    def _teller(self, gap: bytes) -> Callable[[], None]:
+        return lambda: self._event("gap", gap)
+
+    async def _repair_from_history(
+        self, session: Session, ch: str, fill: Coroutine[Any, Any, None] | None, gap: bytes
+    ) -> None:
+        try:
+            while fill is not None:  # and again from the last one delivered (`deliver` moves it)
+                await fill
+                if not self._repairing[ch]:
+                    return
+                self._repairing[ch] = False
+                since = Position(*self._positions[ch])
+                fill = repair_gap(session, ch, since, self._teller(gap))
+        finally:
+            del self._repairing[ch]
+
+    def _stands(self, payload: bytes) -> str | None:
+        """The event id for a channel's reply or ``subscribed`` push that says where it stands.
+
+        Live pushes continue after that position (unless the reply says
+        ``recovered: true``: the missed ones follow, each with its id), so it is
+        where the stream resumes. Without it, a channel with nothing published
+        since the stream opened was missing from ``Last-Event-ID`` and, after a
+        reconnect, subscribed afresh: what it missed meanwhile was lost, unsaid.
+        """
+        stands = _stands.decode(payload)
+        ch = stands.ch
+        if ch is None and stands.id is not None and 0 < stands.id <= len(self._channels):
+            ch = self._channels[stands.id - 1]
+        if (
+            ch is None
+            or not stands.ok
+            or stands.recovered is True
+            or stands.offset is None
+            or stands.epoch is None
+        ):
+            return None
+        self._positions[ch] = (stands.offset, stands.epoch)
+        return encode_positions(self._positions)
 
     def deliver(self, prepared: Prepared, codec: Codec) -> None:
         event_id = None
